@@ -1,0 +1,1 @@
+"""Command-line interface: ``increlora-fast finetune`` and ``increlora-fast bench``."""

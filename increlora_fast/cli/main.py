@@ -1,0 +1,35 @@
+"""Entry point of the ``increlora-fast`` console command.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
+modules are imported only when their subcommand runs, so ``--help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+SUBCOMMANDS = {
+    "finetune": ("increlora_fast.cli.finetune", "fine-tune a model with IncreLoRA (or a peer)"),
+    "bench": ("increlora_fast.cli.bench", "layer- and model-level speed and memory benchmarks"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="increlora-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

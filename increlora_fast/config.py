@@ -1,0 +1,175 @@
+"""`IncreLoRAConfig`: every knob of the method, validated when it is built.
+
+Field names follow peft where peft has the name (`target_modules`, `lora_alpha`, `lora_dropout`,
+`modules_to_save`); the IncreLoRA names follow the authors' code (see `shared/INCRELORA.md`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+# Name suffixes of the attention and FFN linears of the common transformers families
+# (BERT/RoBERTa, DeBERTa-v2, GPT-2, Llama); used when `target_modules` is left as None.
+DEFAULT_TARGET_MODULES = (
+    "query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense",
+    "query_proj", "key_proj", "value_proj",
+    "c_attn", "c_proj", "c_fc",
+    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+)
+
+# incre_rank_num per target_rank in the authors' GLUE scripts (spec section 4).
+_INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
+
+SCORE_KINDS = ("delta_w", "triplet")
+
+
+def _fail(name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"IncreLoRAConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class IncreLoRAConfig:
+    """Configuration of an IncreLoRA adapter and of its rank allocation.
+
+    Args:
+        target_modules: module-name suffixes (a name matches when it equals the suffix or ends with
+            ``"." + suffix``), or one regex string matched against the full module name. ``None``
+            targets the attention/FFN linears of common transformers families.
+        r_max: slot capacity per module; buffers are allocated with this many slots once.
+        init_r: active rank every module starts with.
+        target_rank: average active rank over modules at the end of allocation.
+        target_total_rank: total active rank over all modules; overrides ``target_rank``.
+        lora_alpha: scale numerator; the adapter output is scaled by ``lora_alpha / active_rank``.
+        lora_dropout: dropout on the adapter input.
+        init_warmup: no rank is added at or before this step.
+        incre_interval: ranks are added every ``incre_interval`` steps after ``init_warmup``.
+        top_h: at most this many modules grow per allocation round.
+        incre_rank_num: ranks a module gains when selected (and size of its reserve); ``None``
+            derives it from ``target_rank`` as the authors' scripts do.
+        advance_learning: reserve components train before they are activated.
+        reserve_lambda: fixed lambda of reserve components.
+        beta1, beta2: smoothing of the importance score and of its uncertainty.
+        orth_reg_weight: weight of the orthogonal regulariser.
+        warmup_steps: learning-rate warmup of every newly added slot (restart warmup).
+        total_step: step at which every learning rate reaches 0; ``None`` keeps it constant
+            after warmup.
+        modules_to_save: module-name suffixes trained in full and saved with the adapter
+            (e.g. a classifier head).
+        score: ``"delta_w"`` (exact module score of the spec) or ``"triplet"`` (AdaLoRA-style
+            per-slot sensitivity of A, B and lambda).
+    """
+
+    target_modules: Optional[Union[List[str], str]] = None
+    r_max: int = 8
+    init_r: int = 1
+    target_rank: int = 2
+    target_total_rank: Optional[int] = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    init_warmup: int = 100
+    incre_interval: int = 100
+    top_h: int = 2
+    incre_rank_num: Optional[int] = None
+    advance_learning: bool = True
+    reserve_lambda: float = 1e-5
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.1
+    warmup_steps: int = 0
+    total_step: Optional[int] = None
+    modules_to_save: Optional[List[str]] = None
+    score: str = "delta_w"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, tuple):
+            self.target_modules = list(self.target_modules)
+        if isinstance(self.modules_to_save, tuple):
+            self.modules_to_save = list(self.modules_to_save)
+        if self.incre_rank_num is None:
+            self.incre_rank_num = _INCRE_RANK_NUM_BY_TARGET.get(
+                self.target_rank, max(1, self.target_rank // 2))
+        self._validate()
+
+    def _validate(self) -> None:
+        tm = self.target_modules
+        if tm is not None and not isinstance(tm, str):
+            if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
+                _fail("target_modules", tm, "a non-empty list of module-name suffixes, "
+                      "one regex string, or None")
+        if self.modules_to_save is not None and not all(
+                isinstance(t, str) and t for t in self.modules_to_save):
+            _fail("modules_to_save", self.modules_to_save, "a list of module-name suffixes")
+        for name in ("r_max", "init_r", "incre_interval", "top_h", "incre_rank_num"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                _fail(name, value, "an integer >= 1")
+        for name in ("init_warmup", "warmup_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                _fail(name, value, "an integer >= 0")
+        if isinstance(self.target_rank, bool) or not isinstance(self.target_rank, int) \
+                or self.target_rank < self.init_r:
+            _fail("target_rank", self.target_rank, f"an integer >= init_r ({self.init_r})")
+        if self.target_total_rank is not None and (
+                not isinstance(self.target_total_rank, int) or self.target_total_rank < 1):
+            _fail("target_total_rank", self.target_total_rank, "None or an integer >= 1")
+        if self.total_step is not None and (
+                not isinstance(self.total_step, int) or self.total_step <= self.warmup_steps):
+            _fail("total_step", self.total_step,
+                  f"None or an integer > warmup_steps ({self.warmup_steps})")
+        if self.r_max < self.init_r + self.incre_rank_num:
+            _fail("r_max", self.r_max, f">= init_r + incre_rank_num = "
+                  f"{self.init_r} + {self.incre_rank_num} (room for the active and reserve slots)")
+        if self.target_rank > self.r_max:
+            _fail("target_rank", self.target_rank, f"<= r_max ({self.r_max})")
+        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+                and self.lora_alpha > 0):
+            _fail("lora_alpha", self.lora_alpha, "a finite number > 0")
+        if not (0.0 <= self.lora_dropout < 1.0):
+            _fail("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
+        for name in ("beta1", "beta2"):
+            if not (0.0 <= getattr(self, name) < 1.0):
+                _fail(name, getattr(self, name), "a number in [0, 1)")
+        if not (math.isfinite(self.reserve_lambda) and self.reserve_lambda >= 0):
+            _fail("reserve_lambda", self.reserve_lambda, "a finite number >= 0")
+        if not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+            _fail("orth_reg_weight", self.orth_reg_weight, "a finite number >= 0")
+        if self.score not in SCORE_KINDS:
+            _fail("score", self.score, f"one of {SCORE_KINDS}")
+
+    def total_budget(self, num_modules: int) -> int:
+        """Total active rank the allocation must reach for ``num_modules`` adapted modules.
+
+        Raises ValueError when the budget is below the starting rank or above what the modules
+        can hold.
+        """
+        total = self.target_total_rank if self.target_total_rank is not None \
+            else self.target_rank * num_modules
+        start = self.init_r * num_modules
+        if total < start:
+            _fail("target_total_rank" if self.target_total_rank is not None else "target_rank",
+                  self.target_total_rank or self.target_rank,
+                  f"a total rank >= init_r x modules = {start} ({num_modules} modules)")
+        if total > self.r_max * num_modules:
+            _fail("target_total_rank" if self.target_total_rank is not None else "target_rank",
+                  self.target_total_rank or self.target_rank,
+                  f"a total rank <= r_max x modules = {self.r_max * num_modules} "
+                  f"({num_modules} modules of capacity {self.r_max})")
+        return total
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "IncreLoRAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"IncreLoRAConfig got unknown fields {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)

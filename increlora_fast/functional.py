@@ -1,0 +1,70 @@
+"""The adapter computation on plain tensors, and the choice of backend.
+
+`adapter_delta` is what `IncreLoRALinear` calls: it returns ``x @ A.T @ diag(lam) @ B.T`` for a
+2-D ``x`` and, when a score accumulator is given, adds the exact module score
+``sum(|dW * G|) / sqrt(out * in)`` of this backward pass into it (``dW = B diag(lam) A``,
+``G = dL/d(dW) = dy.T @ x``). ``lam`` already carries the slot mask and the ``alpha / ranknum``
+scale, so inactive slots (lam == 0) receive exactly zero gradient in A and B.
+
+The PyTorch path below is the reference every kernel is tested against.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import torch
+
+BACKEND_ENV = "INCRELORA_BACKEND"
+BACKENDS = ("torch", "triton")
+
+
+def select_backend(x: torch.Tensor) -> str:
+    """`INCRELORA_BACKEND` if set (read at every call), else triton on CUDA and torch elsewhere."""
+    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if choice:
+        if choice not in BACKENDS:
+            raise ValueError(f"{BACKEND_ENV}={choice!r} is invalid: use one of {BACKENDS}")
+        return choice
+    return "triton" if x.is_cuda and triton_available() else "torch"
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def delta_w_score_dense(dw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum(|dW * (dy.T @ x)|) / sqrt(out * in) computed densely in float32 or wider."""
+    acc = torch.promote_types(dw.dtype, torch.float32)
+    grad = dy.to(acc).t() @ x.to(acc)
+    return (dw.to(acc) * grad).abs().sum() / math.sqrt(dw.numel())
+
+
+def adapter_delta_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                        lam: torch.Tensor, score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Reference path: two skinny GEMMs, and the dense score in a gradient hook when asked."""
+    out = ((x @ lora_A.t()) * lam) @ lora_B.t()
+    if score_out is not None and out.requires_grad:
+        x_saved = x.detach()
+        a, b, l = lora_A.detach(), lora_B.detach(), lam.detach()
+
+        def accumulate_score(dy: torch.Tensor) -> None:
+            with torch.no_grad():
+                score_out.add_(delta_w_score_dense((b * l) @ a, dy, x_saved).to(score_out.dtype))
+
+        out.register_hook(accumulate_score)
+    return out
+
+
+def adapter_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, lam: torch.Tensor,
+                  score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Low-rank adapter output for a 2-D input on the selected backend."""
+    if select_backend(x) == "triton":
+        from .kernels.lowrank import lowrank_adapter
+        return lowrank_adapter(x, lora_A, lora_B, lam, score_out)
+    return adapter_delta_torch(x, lora_A, lora_B, lam, score_out)

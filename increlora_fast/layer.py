@@ -1,0 +1,223 @@
+"""`IncreLoRALinear`: a frozen linear plus an SVD-shaped adapter on fixed-shape slot buffers.
+
+Every module owns ``r_max`` slots allocated once: ``lora_A`` (r_max, in), ``lora_B`` (out, r_max),
+``lora_lambda`` (r_max,). A slot is inactive, reserve or active (`SlotState`); the slots in use are
+always the leading ones, active first, then reserve. Growth flips slot states and never changes a
+shape, so optimizers, DDP and compiled graphs stay valid.
+
+The layer computes; when and where to grow is decided by `IncreLoRAController`, which calls
+`activate_reserve`, `add_reserve` and `retire_reserve` here.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from .functional import adapter_delta
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # transformers is a dependency, but the layer works on nn.Linear without it
+    Conv1D = None
+
+INIT_STD = 0.02
+
+
+class SlotState(enum.IntEnum):
+    INACTIVE = 0
+    RESERVE = 1
+    ACTIVE = 2
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+
+
+class IncreLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` or transformers ``Conv1D`` with an IncreLoRA adapter.
+
+    ``y = base(x) + dropout(x) @ A.T @ diag(lam_eff) @ B.T * lora_alpha / active_rank`` where
+    ``lam_eff`` is lambda on active slots, the fixed reserve lambda on reserve slots and 0 on
+    inactive ones.
+
+    Args:
+        base_layer: the layer to adapt; its parameters are frozen.
+        r_max: slot capacity.
+        init_r: number of slots active at the start.
+        reserve_rank: number of reserve slots at the start (``incre_rank_num``).
+        lora_alpha: scale numerator.
+        lora_dropout: dropout probability on the adapter input.
+        reserve_lambda: lambda of reserve slots.
+        advance_learning: reserve slots train A and B before activation; when False their lambda
+            is 0 and they receive no gradient.
+    """
+
+    def __init__(self, base_layer: nn.Module, r_max: int = 8, init_r: int = 1,
+                 reserve_rank: int = 1, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
+                 reserve_lambda: float = 1e-5, advance_learning: bool = True) -> None:
+        super().__init__()
+        if not is_supported_base(base_layer):
+            raise TypeError(f"IncreLoRALinear wraps nn.Linear or transformers Conv1D, "
+                            f"got {type(base_layer).__name__}")
+        if not (1 <= init_r and init_r + reserve_rank <= r_max and reserve_rank >= 0):
+            raise ValueError(f"need 1 <= init_r and init_r + reserve_rank <= r_max, got "
+                             f"init_r={init_r}, reserve_rank={reserve_rank}, r_max={r_max}")
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        weight = base_layer.weight
+        if self.is_conv1d:
+            self.in_features, self.out_features = weight.shape
+        else:
+            self.out_features, self.in_features = weight.shape
+        self.r_max = r_max
+        self.lora_alpha = float(lora_alpha)
+        self.reserve_lambda = float(reserve_lambda)
+        self.advance_learning = bool(advance_learning)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        factory = dict(device=weight.device, dtype=weight.dtype if weight.is_floating_point()
+                       else torch.float32)
+        self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
+        self.lora_lambda = nn.Parameter(torch.zeros(r_max, **factory))
+        idx = dict(device=weight.device)
+        self.register_buffer("slot_state", torch.zeros(r_max, dtype=torch.int8, **idx))
+        self.register_buffer("slot_alloc_step", torch.full((r_max,), -1, dtype=torch.long, **idx))
+        self.register_buffer("slot_active_step", torch.full((r_max,), -1, dtype=torch.long, **idx))
+        # Exact module score of the backward passes since the controller last read it.
+        self.register_buffer("score_sum", torch.zeros((), dtype=torch.float32, **idx),
+                             persistent=False)
+        self.score_enabled = False
+        self.merged = False
+        self.adapter_enabled = True
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=INIT_STD)
+            nn.init.normal_(self.lora_B, std=INIT_STD)
+            self.slot_state[:init_r] = SlotState.ACTIVE
+            self.slot_alloc_step[:init_r] = 0
+            self.slot_active_step[:init_r] = 0
+        self.add_reserve(reserve_rank, step=0)
+
+    # ------------------------------------------------------------------ slot bookkeeping
+    @property
+    def active_mask(self) -> torch.Tensor:
+        return self.slot_state == SlotState.ACTIVE
+
+    @property
+    def reserve_mask(self) -> torch.Tensor:
+        return self.slot_state == SlotState.RESERVE
+
+    @property
+    def active_rank(self) -> int:
+        return int(self.active_mask.sum())
+
+    @property
+    def reserve_rank(self) -> int:
+        return int(self.reserve_mask.sum())
+
+    @property
+    def used_rank(self) -> int:
+        """Active plus reserve slots: the leading slots the computation has to visit."""
+        return int((self.slot_state != SlotState.INACTIVE).sum())
+
+    def trainable_slot_masks(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(slots whose A row and B column train, slots whose lambda trains)."""
+        active = self.active_mask
+        ab = active | self.reserve_mask if self.advance_learning else active
+        return ab, active
+
+    @torch.no_grad()
+    def activate_reserve(self, n: int, step: int) -> int:
+        """Turn the first ``n`` reserve slots active; their trained A, B and lambda are kept."""
+        idx = torch.nonzero(self.reserve_mask).flatten()[:n]
+        self.slot_state[idx] = SlotState.ACTIVE
+        self.slot_active_step[idx] = step
+        return int(idx.numel())
+
+    @torch.no_grad()
+    def add_reserve(self, n: int, step: int) -> int:
+        """Append up to ``n`` fresh reserve slots after the used ones; returns how many fit."""
+        start = self.used_rank
+        idx = torch.arange(start, min(start + n, self.r_max), device=self.slot_state.device)
+        self.lora_A[idx] = torch.randn_like(self.lora_A[idx]) * INIT_STD
+        self.lora_B[:, idx] = torch.randn_like(self.lora_B[:, idx]) * INIT_STD
+        self.lora_lambda[idx] = self.reserve_lambda if self.advance_learning else 0.0
+        self.slot_state[idx] = SlotState.RESERVE
+        self.slot_alloc_step[idx] = step
+        self.slot_active_step[idx] = -1
+        return int(idx.numel())
+
+    @torch.no_grad()
+    def retire_reserve(self) -> None:
+        """End of allocation: reserve slots stop affecting the output and stop training."""
+        idx = torch.nonzero(self.reserve_mask).flatten()
+        self.lora_lambda[idx] = 0.0
+        self.slot_state[idx] = SlotState.INACTIVE
+        self.slot_alloc_step[idx] = -1
+
+    # ------------------------------------------------------------------ computation
+    def scale(self) -> torch.Tensor:
+        return self.lora_alpha / self.active_mask.sum().clamp(min=1).to(self.lora_lambda.dtype)
+
+    def effective_lambda(self) -> torch.Tensor:
+        """lambda with the slot mask and the scale applied; only active entries carry gradient."""
+        lam = self.lora_lambda
+        masked = torch.where(self.active_mask, lam,
+                             torch.where(self.reserve_mask, lam.detach(), torch.zeros_like(lam)))
+        return masked * self.scale()
+
+    def delta_weight(self) -> torch.Tensor:
+        """The adapter as a dense (out, in) matrix, reserve slots included, without gradient."""
+        with torch.no_grad():
+            return (self.lora_B * self.effective_lambda()) @ self.lora_A
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.merged or not self.adapter_enabled:
+            return result
+        lora_dtype = self.lora_A.dtype
+        x_in = self.lora_dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            x_in = x_in.to(lora_dtype)
+        track = self.score_enabled and self.training and torch.is_grad_enabled()
+        delta = adapter_delta(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B,
+                              self.effective_lambda(), self.score_sum if track else None)
+        return result + delta.reshape(*result.shape[:-1], self.out_features).to(result.dtype)
+
+    def take_score(self) -> torch.Tensor:
+        """Return the accumulated exact score and reset the accumulator."""
+        value = self.score_sum.clone()
+        self.score_sum.zero_()
+        return value
+
+    # ------------------------------------------------------------------ merging
+    def _base_weight_delta(self) -> torch.Tensor:
+        delta = self.delta_weight()
+        return delta.t() if self.is_conv1d else delta
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight; forward then skips the adapter."""
+        if self.merged:
+            raise RuntimeError("IncreLoRALinear is already merged")
+        w = self.base_layer.weight
+        w.add_(self._base_weight_delta().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the adapter from the base weight again."""
+        if not self.merged:
+            raise RuntimeError("IncreLoRALinear is not merged")
+        w = self.base_layer.weight
+        w.sub_(self._base_weight_delta().to(w.dtype))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"r_max={self.r_max}, lora_alpha={self.lora_alpha}")
