@@ -1,0 +1,179 @@
+"""`IncreLoRAController`: importance scores, incremental rank allocation, orthogonal penalty.
+
+The controller decides; the layers compute. Call ``step(step)`` once per optimizer step, after
+backward (and gradient clipping) and before ``optimizer.step()``; ``step`` is the 0-based index of
+that optimizer step.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import defaultdict
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from .config import IncreLoRAConfig
+from .layer import IncreLoRALinear, SlotState
+from .model import get_config, increlora_layers
+
+logger = logging.getLogger("increlora_fast")
+
+
+def triplet_score(layer: IncreLoRALinear) -> torch.Tensor:
+    """AdaLoRA-style sensitivity of a module from the current gradients: the mean over active
+    slots of |lambda*dlambda| + mean_in |A*dA| + mean_out |B*dB|."""
+    zero = torch.zeros((), device=layer.lora_A.device)
+    g_a, g_b, g_l = (getattr(layer, k).grad for k in ("lora_A", "lora_B", "lora_lambda"))
+    per_slot = torch.zeros(layer.r_max, dtype=torch.float32, device=layer.lora_A.device)
+    if g_l is not None:
+        per_slot += (layer.lora_lambda * g_l).abs().float()
+    if g_a is not None:
+        per_slot += (layer.lora_A * g_a).abs().float().mean(dim=1)
+    if g_b is not None:
+        per_slot += (layer.lora_B * g_b).abs().float().mean(dim=0)
+    active = layer.active_mask
+    return torch.where(active, per_slot, zero).sum() / active.sum().clamp(min=1)
+
+
+class IncreLoRAController:
+    """Tracks module importance and grows ranks until the total budget is met.
+
+    Args:
+        model: a model returned by `inject_increlora`.
+        config: defaults to the config attached to the model.
+    """
+
+    def __init__(self, model: nn.Module, config: Optional[IncreLoRAConfig] = None) -> None:
+        self.config = config or get_config(model)
+        named = list(increlora_layers(model))
+        if not named:
+            raise ValueError("model has no IncreLoRA layers: call inject_increlora first")
+        self.names: List[str] = [n for n, _ in named]
+        self.layers: List[IncreLoRALinear] = [m for _, m in named]
+        self.total_budget = self.config.total_budget(len(self.layers))
+        self.ipt = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.unc = torch.zeros(len(self.layers), dtype=torch.float64)
+        self.allocation_log: List[dict] = []
+        self.budget_reached = False
+        self._warned_nonfinite = False
+        if self.current_total_rank() >= self.total_budget:
+            self._finish()
+        self._set_tracking(not self.budget_reached)
+
+    # ------------------------------------------------------------------ queries
+    def current_total_rank(self) -> int:
+        return sum(layer.active_rank for layer in self.layers)
+
+    def rank_pattern(self) -> Dict[str, int]:
+        """{module name: active rank}."""
+        return {n: layer.active_rank for n, layer in zip(self.names, self.layers)}
+
+    def importance(self) -> torch.Tensor:
+        """Final module scores (smoothed importance x uncertainty), in module order."""
+        return self.ipt * self.unc
+
+    # ------------------------------------------------------------------ the step
+    def step(self, step: int) -> None:
+        """Update scores from this step's gradients and grow ranks when the schedule says so."""
+        if self.budget_reached:
+            return
+        if all(layer.lora_lambda.grad is None for layer in self.layers):
+            return  # no backward since the last step (e.g. a skipped AMP step): nothing to learn
+        scores = self._collect_scores()
+        if torch.isfinite(scores).all():
+            b1, b2 = self.config.beta1, self.config.beta2
+            self.ipt = b1 * self.ipt + (1 - b1) * scores
+            self.unc = b2 * self.unc + (1 - b2) * (scores - self.ipt).abs()
+        elif not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            warnings.warn(f"IncreLoRA: non-finite importance scores at step {step}; the smoothed "
+                          "scores keep their previous values (warned once)", RuntimeWarning)
+        cfg = self.config
+        if step > cfg.init_warmup and step % cfg.incre_interval == 0:
+            self._allocate(step)
+
+    def _collect_scores(self) -> torch.Tensor:
+        if self.config.score == "triplet":
+            raw = [triplet_score(layer) for layer in self.layers]
+        else:
+            raw = [layer.take_score() for layer in self.layers]
+        return torch.stack([r.to(self.layers[0].lora_A.device) for r in raw]).double().cpu()
+
+    def _allocate(self, step: int) -> None:
+        cfg = self.config
+        remaining = self.total_budget - self.current_total_rank()
+        score = torch.nan_to_num(self.importance(), nan=-math.inf)
+        eligible = [i for i, layer in enumerate(self.layers) if layer.reserve_rank > 0]
+        # Highest score first; equal scores keep module order (sorted() is stable).
+        ranked = sorted(eligible, key=lambda i: -float(score[i]))
+        n_modules = min(cfg.top_h, math.ceil(remaining / cfg.incre_rank_num))
+        for i in ranked[:n_modules]:
+            if remaining <= 0:
+                break
+            layer = self.layers[i]
+            added = layer.activate_reserve(min(cfg.incre_rank_num, remaining), step)
+            remaining -= added
+            if remaining > 0:
+                layer.add_reserve(cfg.incre_rank_num, step)
+            entry = {"step": step, "module": self.names[i], "new_rank": layer.active_rank,
+                     "score": float(score[i])}
+            self.allocation_log.append(entry)
+            logger.info("step %d: %s -> rank %d (score %.4g)", step, entry["module"],
+                        entry["new_rank"], entry["score"])
+        if remaining <= 0:
+            self._finish()
+            self._set_tracking(False)
+            logger.info("step %d: rank budget %d reached", step, self.total_budget)
+
+    def _finish(self) -> None:
+        for layer in self.layers:
+            layer.retire_reserve()
+        self.budget_reached = True
+
+    def _set_tracking(self, on: bool) -> None:
+        for layer in self.layers:
+            layer.score_enabled = on and self.config.score == "delta_w"
+            layer.score_sum.zero_()
+
+    # ------------------------------------------------------------------ regularisation
+    def regularization_loss(self) -> torch.Tensor:
+        """orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules),
+        over active and reserve slots, batched over modules of the same shape."""
+        device = self.layers[0].lora_A.device
+        if self.config.orth_reg_weight == 0:
+            return torch.zeros((), device=device)
+        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
+        for layer in self.layers:
+            groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
+        total = torch.zeros((), device=device)
+        for members in groups.values():
+            used = torch.stack([m.slot_state != SlotState.INACTIVE for m in members])
+            w = used.to(members[0].lora_A.dtype)
+            a = torch.stack([m.lora_A for m in members]) * w[:, :, None]
+            b = torch.stack([m.lora_B for m in members]) * w[:, None, :]
+            eye = torch.diag_embed(w)
+            total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
+                + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
+        return self.config.orth_reg_weight * total / (2 * len(self.layers))
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        """Everything needed to resume; the slot states themselves live in the model."""
+        return {"ipt": self.ipt.clone(), "unc": self.unc.clone(),
+                "budget_reached": self.budget_reached, "names": list(self.names),
+                "allocation_log": [dict(e) for e in self.allocation_log],
+                "warned_nonfinite": self._warned_nonfinite}
+
+    def load_state_dict(self, state: dict) -> None:
+        if list(state["names"]) != self.names:
+            raise ValueError("controller state is for other modules: "
+                             f"{len(state['names'])} saved vs {len(self.names)} in the model")
+        self.ipt = state["ipt"].clone().double()
+        self.unc = state["unc"].clone().double()
+        self.budget_reached = bool(state["budget_reached"])
+        self.allocation_log = [dict(e) for e in state["allocation_log"]]
+        self._warned_nonfinite = bool(state["warned_nonfinite"])
+        self._set_tracking(not self.budget_reached)

@@ -1,0 +1,74 @@
+"""Rank observability: a rank-pattern table and a layers x module-type heatmap PNG."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Dict, List, Tuple, Union
+
+_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def split_module_name(name: str) -> Tuple[str, str]:
+    """('layer index', 'module type') of a module name such as ``encoder.layer.3.attention.self.query``.
+
+    The layer is the last integer component; the module type is what follows it.
+    """
+    matches = list(_LAYER_INDEX.finditer(f".{name}."))
+    if not matches:
+        return "-", name
+    last = matches[-1]
+    return last.group(1), f".{name}."[last.end():].strip(".") or name
+
+
+def rank_table(rank_pattern: Dict[str, int]) -> str:
+    """The rank pattern as a text table: one row per layer, one column per module type."""
+    layers, kinds, grid = _grid(rank_pattern)
+    width = max([len(k) for k in kinds] + [4])
+    head = "layer | " + " | ".join(k.rjust(width) for k in kinds)
+    rows = [head, "-" * len(head)]
+    for layer in layers:
+        cells = [str(grid.get((layer, k), "")).rjust(width) for k in kinds]
+        rows.append(f"{layer:>5} | " + " | ".join(cells))
+    rows.append(f"total rank {sum(rank_pattern.values())} over {len(rank_pattern)} modules")
+    return "\n".join(rows)
+
+
+def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], int]]:
+    grid = {split_module_name(n): r for n, r in rank_pattern.items()}
+    layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    kinds = list(dict.fromkeys(k for _, k in grid))
+    return layers, kinds, grid
+
+
+def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
+                      title: str = "IncreLoRA rank pattern") -> Path:
+    """Write a PNG heatmap of active ranks (rows: layers, columns: module types); returns the path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers, kinds, grid = _grid(rank_pattern)
+    data = np.full((len(layers), len(kinds)), np.nan)
+    for (layer, kind), r in grid.items():
+        data[layers.index(layer), kinds.index(kind)] = r
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.45 * len(layers)))
+    im = ax.imshow(data, cmap="viridis", aspect="auto")
+    bright = np.nanmin(data) + 0.6 * (np.nanmax(data) - np.nanmin(data))
+    for i in range(len(layers)):
+        for j in range(len(kinds)):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, int(data[i, j]), ha="center", va="center", fontsize=8,
+                        color="k" if data[i, j] > bright else "w")
+    ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=8)
+    ax.set_xlabel("module type")
+    ax.set_ylabel("layer")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="active rank")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
