@@ -1,0 +1,131 @@
+"""Hugging Face `Trainer` integration.
+
+- `IncreLoRATrainer`: a `Trainer` that does everything with no manual calls: the per-slot AdamW
+  (restart warmup), the orthogonal penalty added to the training loss, scores and allocation after
+  gradient clipping, and the controller saved into / restored from every checkpoint.
+- `IncreLoRACallback`: the same scores, allocation and checkpointing for a plain `Trainer`. A
+  plain Trainer builds its own optimizer, so restart warmup is only active if you pass
+  ``optimizers=increlora_optimizers(...)``; the orthogonal penalty's gradient is then added after
+  clipping (the callback has no access to the loss). The callback warns about both.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..controller import IncreLoRAController
+from ..model import get_config
+from ..optimizer import IncreLoRAAdamW, create_optimizer
+from ..persistence import atomic_write_bytes
+
+CONTROLLER_FILE = "increlora_controller.pt"
+
+
+def save_controller(controller: IncreLoRAController, directory: str) -> None:
+    """Write the controller state into ``directory`` atomically."""
+    import io
+    from pathlib import Path
+
+    buf = io.BytesIO()
+    torch.save(controller.state_dict(), buf)
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(Path(directory) / CONTROLLER_FILE, buf.getvalue())
+
+
+def load_controller(controller: IncreLoRAController, directory: str) -> None:
+    """Restore the controller state from ``directory``; a missing file is an error."""
+    path = os.path.join(directory, CONTROLLER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {directory} has no {CONTROLLER_FILE}: it was not "
+                                "written by an IncreLoRA run, so allocation cannot resume")
+    controller.load_state_dict(torch.load(path, weights_only=False))
+
+
+def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                         ) -> Tuple[IncreLoRAAdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """(optimizer, scheduler) for ``Trainer(optimizers=...)``: the per-slot AdamW and a constant
+    scheduler (the schedule lives inside the optimizer)."""
+    optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+
+class IncreLoRACallback(TrainerCallback):
+    """Scores, allocation and controller checkpoints for a `Trainer`.
+
+    Args:
+        controller: the run's controller.
+        apply_regularization: add the orthogonal penalty's gradient before each optimizer step
+            (needed under a plain Trainer; `IncreLoRATrainer` adds the penalty to the loss and
+            turns this off).
+    """
+
+    def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True) -> None:
+        self.controller = controller
+        self.apply_regularization = apply_regularization
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step > 0 and not getattr(self, "_restored", False):
+            load_controller(self.controller,
+                            os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if optimizer is not None and not isinstance(getattr(optimizer, "optimizer", optimizer),
+                                                    IncreLoRAAdamW):
+            warnings.warn("IncreLoRACallback: the Trainer's optimizer is not IncreLoRAAdamW, so "
+                          "new slots get no restart warmup; use IncreLoRATrainer or "
+                          "optimizers=increlora_optimizers(model, lr)", UserWarning)
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.apply_regularization and self.controller.config.orth_reg_weight > 0:
+            with torch.enable_grad():
+                self.controller.regularization_loss().backward()
+        self.controller.step(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        save_controller(self.controller,
+                        os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+
+class IncreLoRATrainer(Trainer):
+    """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
+
+    ``config.total_step`` defaults to the Trainer's number of training steps when left as None.
+    """
+
+    def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.increlora_controller = controller or IncreLoRAController(self.model)
+        self.increlora_callback = IncreLoRACallback(self.increlora_controller,
+                                                    apply_regularization=False)
+        self.add_callback(self.increlora_callback)
+
+    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
+        config = self.increlora_controller.config
+        if self.optimizer is None:
+            self.optimizer = create_optimizer(self.model, config, lr=self.args.learning_rate,
+                                              weight_decay=self.args.weight_decay,
+                                              betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                              eps=self.args.adam_epsilon)
+            if config.total_step is None:
+                for group in self.optimizer.param_groups:
+                    group["total_step"] = num_training_steps
+        if self.lr_scheduler is None:
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+
+    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+        penalty = self.increlora_controller.regularization_loss()
+        if self.model_accepts_loss_kwargs and kwargs.get("num_items_in_batch") is not None:
+            # The Trainer does not divide this loss by the accumulation steps: keep the
+            # penalty counted once per optimizer step.
+            penalty = penalty / self.current_gradient_accumulation_steps
+        if return_outputs:
+            return result[0] + penalty, result[1]
+        return result + penalty
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        load_controller(self.increlora_controller, resume_from_checkpoint)
+        self.increlora_callback._restored = True
