@@ -131,10 +131,16 @@ class IncreLoRALinear(nn.Module):
         ab = active | self.reserve_mask if self.advance_learning else active
         return ab, active
 
+    def reserve_value(self) -> float:
+        """The fixed lambda every reserve slot computes with (0 without advance learning)."""
+        return self.reserve_lambda if self.advance_learning else 0.0
+
     @torch.no_grad()
     def activate_reserve(self, n: int, step: int) -> int:
-        """Turn the first ``n`` reserve slots active; their trained A, B and lambda are kept."""
+        """Turn the first ``n`` reserve slots active; their trained A and B are kept and their
+        lambda starts from the reserve value they computed with."""
         idx = torch.nonzero(self.reserve_mask).flatten()[:n]
+        self.lora_lambda[idx] = self.reserve_value()
         self.slot_state[idx] = SlotState.ACTIVE
         self.slot_active_step[idx] = step
         return int(idx.numel())
@@ -146,7 +152,7 @@ class IncreLoRALinear(nn.Module):
         idx = torch.arange(start, min(start + n, self.r_max), device=self.slot_state.device)
         self.lora_A[idx] = torch.randn_like(self.lora_A[idx]) * INIT_STD
         self.lora_B[:, idx] = torch.randn_like(self.lora_B[:, idx]) * INIT_STD
-        self.lora_lambda[idx] = self.reserve_lambda if self.advance_learning else 0.0
+        self.lora_lambda[idx] = self.reserve_value()
         self.slot_state[idx] = SlotState.RESERVE
         self.slot_alloc_step[idx] = step
         self.slot_active_step[idx] = -1
@@ -154,21 +160,28 @@ class IncreLoRALinear(nn.Module):
 
     @torch.no_grad()
     def retire_reserve(self) -> None:
-        """End of allocation: reserve slots stop affecting the output and stop training."""
+        """End of allocation: reserve slots stop affecting the output and stop training.
+
+        ``slot_alloc_step`` keeps its value, so a retired slot stays distinguishable from one that
+        was never used (-1)."""
         idx = torch.nonzero(self.reserve_mask).flatten()
         self.lora_lambda[idx] = 0.0
         self.slot_state[idx] = SlotState.INACTIVE
-        self.slot_alloc_step[idx] = -1
 
     # ------------------------------------------------------------------ computation
     def scale(self) -> torch.Tensor:
         return self.lora_alpha / self.active_mask.sum().clamp(min=1).to(self.lora_lambda.dtype)
 
     def effective_lambda(self) -> torch.Tensor:
-        """lambda with the slot mask and the scale applied; only active entries carry gradient."""
+        """lambda with the slot mask and the scale applied; only active entries carry gradient.
+
+        Reserve slots use the fixed `reserve_value`, not what ``lora_lambda`` stores there, so
+        an optimizer that touches those entries (weight decay) cannot change their effect.
+        """
         lam = self.lora_lambda
+        reserve = torch.full_like(lam, self.reserve_value())
         masked = torch.where(self.active_mask, lam,
-                             torch.where(self.reserve_mask, lam.detach(), torch.zeros_like(lam)))
+                             torch.where(self.reserve_mask, reserve, torch.zeros_like(lam)))
         return masked * self.scale()
 
     def delta_weight(self) -> torch.Tensor:

@@ -1,0 +1,112 @@
+"""Spec sections 2 and 4: allocation, budget, ties, reserve slots and advance learning."""
+import pytest
+import torch
+
+from increlora_fast.layer import SlotState
+
+from method_helpers import ParallelBranches, branch_config, make_run, train_steps
+
+
+def test_modules_that_cannot_matter_never_grow():
+    torch.manual_seed(0)
+    model = ParallelBranches(4, weights=[1.0, 0.0, 1.0, 0.0])
+    model, opt, ctl = make_run(model, branch_config(target_rank=3, top_h=2))
+    train_steps(model, opt, ctl, range(30))
+    pattern = ctl.rank_pattern()
+    assert ctl.budget_reached
+    assert pattern["branches.1"] == 1 and pattern["branches.3"] == 1
+    assert pattern["branches.0"] + pattern["branches.2"] == 12 - 2
+    assert all(e["module"] in ("branches.0", "branches.2") for e in ctl.allocation_log)
+
+
+def _tie_all_adapters(model):
+    """Identical bases and adapters: every module gets exactly the same score."""
+    first = model.branches[0]
+    with torch.no_grad():
+        for layer in model.branches[1:]:
+            for name in ("lora_A", "lora_B", "lora_lambda"):
+                getattr(layer, name).copy_(getattr(first, name))
+            layer.base_layer.load_state_dict(first.base_layer.state_dict())
+
+
+@pytest.mark.parametrize("n_modules,top_h,incre,total", [(5, 3, 2, 12), (4, 3, 1, 11), (3, 1, 2, 8)])
+def test_budget_met_exactly_with_ties_and_odd_top_h(n_modules, top_h, incre, total):
+    torch.manual_seed(0)
+    model = ParallelBranches(n_modules)
+    config = branch_config(r_max=7, target_total_rank=total, incre_rank_num=incre, top_h=top_h,
+                           init_warmup=1, incre_interval=1, orth_reg_weight=0.0)
+    model, opt, ctl = make_run(model, config)
+    _tie_all_adapters(model)
+    seen = []
+
+    def check(step):
+        seen.append(ctl.current_total_rank())
+        assert ctl.current_total_rank() <= total
+        assert all(layer.active_rank <= layer.r_max for layer in model.branches)
+
+    train_steps(model, opt, ctl, range(1, 40), on_step=check)
+    assert ctl.current_total_rank() == total and ctl.budget_reached
+    # Ties are broken in module order: the first round grows the first top_h modules.
+    first_step = ctl.allocation_log[0]["step"]
+    first_round = [e["module"] for e in ctl.allocation_log if e["step"] == first_step]
+    assert first_round == [f"branches.{i}" for i in range(len(first_round))]
+    assert len(first_round) == min(top_h, -(-(total - n_modules) // incre))
+
+
+def test_nan_scores_are_never_chosen_over_positive_ones():
+    torch.manual_seed(0)
+    model = ParallelBranches(3)
+    model, opt, ctl = make_run(model, branch_config(target_total_rank=4, top_h=1,
+                                                   init_warmup=0, incre_interval=1))
+    ctl.ipt = torch.tensor([float("nan"), 0.0, 2.0], dtype=torch.float64)
+    ctl.unc = torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    ctl._allocate(step=1)
+    assert ctl.rank_pattern() == {"branches.0": 1, "branches.1": 1, "branches.2": 2}
+
+
+def test_reserve_slots_advance_learning_and_retirement():
+    torch.manual_seed(0)
+    model = ParallelBranches(2)
+    model, opt, ctl = make_run(model, branch_config(target_rank=2, top_h=1, init_warmup=4,
+                                                   incre_interval=4))
+    layer = model.branches[0]
+    reserve_a = layer.lora_A[1].detach().clone()
+    train_steps(model, opt, ctl, range(4))
+    # Reserve slot 1: trained A (advance learning), lambda fixed at reserve_lambda.
+    assert layer.slot_state[1] == SlotState.RESERVE
+    assert not torch.equal(layer.lora_A[1], reserve_a)
+    assert float(layer.lora_lambda[1].detach()) == pytest.approx(1e-5)
+    train_steps(model, opt, ctl, range(4, 13))  # rounds at steps 8 and 12
+    assert ctl.budget_reached and ctl.current_total_rank() == 4
+    for l in model.branches:
+        assert not bool(l.reserve_mask.any())
+        assert torch.all(l.lora_lambda[l.slot_state == SlotState.INACTIVE] == 0)
+
+
+def test_activation_keeps_trained_reserve_and_appends_fresh_one():
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    model, opt, ctl = make_run(model, branch_config(target_rank=3, top_h=1, init_warmup=2,
+                                                   incre_interval=2))
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))  # step 2 == init_warmup: no growth yet
+    assert layer.active_rank == 1
+    trained = layer.lora_A[1].detach().clone()
+    x = torch.randn(4, 6)
+    model(x).sum().backward()
+    ctl.step(4)
+    assert layer.active_rank == 2 and torch.equal(layer.lora_A[1], trained)
+    assert layer.slot_state[2] == SlotState.RESERVE and int(layer.slot_alloc_step[2]) == 4
+    assert int(layer.slot_active_step[1]) == 4
+
+
+def test_without_advance_learning_reserve_is_frozen_and_silent():
+    torch.manual_seed(0)
+    model = ParallelBranches(2)
+    model, opt, ctl = make_run(model, branch_config(advance_learning=False, init_warmup=50,
+                                                   incre_interval=50))
+    layer = model.branches[0]
+    before = layer.lora_A[1].detach().clone(), layer.lora_B[:, 1].detach().clone()
+    train_steps(model, opt, ctl, range(5))
+    assert float(layer.lora_lambda[1]) == 0.0
+    assert torch.equal(layer.lora_A[1], before[0]) and torch.equal(layer.lora_B[:, 1], before[1])

@@ -1,0 +1,136 @@
+"""Spec section 5 on fixed shapes: per-slot restart warmup, fresh moments, masked updates."""
+import pytest
+import torch
+
+from increlora_fast.layer import SlotState
+from increlora_fast.optim_functional import masked_adamw_torch_
+from increlora_fast.optimizer import schedule_multiplier
+
+from method_helpers import ParallelBranches, branch_config, make_run, train_steps
+
+
+@pytest.mark.parametrize("step,start,expected", [
+    (20, 20, 0.0), (25, 20, 0.5), (29, 20, 0.9), (30, 20, 1.0), (65, 20, 0.5), (100, 20, 0.0),
+    (130, 20, 0.0), (5, 0, 0.5), (55, 0, 0.5), (10, 20, 0.0)])
+def test_schedule_multiplier_follows_linear_warmup_then_decay(step, start, expected):
+    # warmup 10 steps from `start`, then linear decay reaching 0 at step 100
+    got = float(schedule_multiplier(step, start, warmup_steps=10, total_step=100))
+    assert got == pytest.approx(expected, abs=1e-12)
+
+
+def test_schedule_without_total_step_stays_constant_after_warmup():
+    assert float(schedule_multiplier(500, 3, warmup_steps=4, total_step=None)) == 1.0
+    assert float(schedule_multiplier(4, 3, warmup_steps=4, total_step=None)) == 0.25
+
+
+def test_newly_activated_slot_learning_rate_restarts_at_its_activation_step():
+    """A fresh slot's first Adam update is lr x multiplier x sign(grad): check that multiplier."""
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(target_rank=3, top_h=1, init_warmup=2, incre_interval=2,
+                           warmup_steps=4, total_step=40, orth_reg_weight=0.0)
+    lr = 1e-2
+    model, opt, ctl = make_run(model, config, lr=lr, weight_decay=0.0)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))
+    x, y = torch.randn(8, 6), torch.randn(8, 5)
+    ((model(x) - y) ** 2).mean().backward()
+    ctl.step(4)                                  # slot 1 activated at step 4
+    assert int(layer.slot_active_step[1]) == 4
+    for t in (4, 5, 6):
+        before = layer.lora_lambda[1].item()
+        grad = layer.lora_lambda.grad[1].item()
+        opt.step()
+        mult = float(schedule_multiplier(t, 4, 4, 40))
+        state = opt.state[layer.lora_lambda]
+        if t == 4:
+            assert state["slot_count"][1] == 1  # fresh moments, own bias correction
+            assert layer.lora_lambda[1].item() == before  # multiplier 0 at its first step
+        else:
+            assert mult > 0
+            assert abs(layer.lora_lambda[1].item() - before) <= lr * mult * 3.2 + 1e-12
+            assert layer.lora_lambda[1].item() != before
+        opt.zero_grad()
+        ((model(x) - y) ** 2).mean().backward()
+
+
+def test_fresh_moments_after_activation_and_reserve_reinitialisation():
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    model, opt, ctl = make_run(model, branch_config(target_rank=3, top_h=1, init_warmup=2,
+                                                   incre_interval=2))
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))
+    a_state = opt.state[layer.lora_A]
+    assert a_state["slot_count"][1] == 4 and a_state["exp_avg"][2].abs().sum() == 0
+    train_steps(model, opt, ctl, range(4, 5))  # step 4: slot 1 active, slot 2 new reserve
+    lam_state = opt.state[layer.lora_lambda]
+    assert lam_state["slot_count"][1] == 1      # lambda 1 starts its own moments
+    assert a_state["slot_count"][1] == 5        # A row 1 keeps its advance-learning moments
+    assert a_state["slot_count"][2] == 1        # new reserve row starts fresh
+
+
+def test_inactive_slots_and_reserve_lambdas_bitwise_unchanged_with_weight_decay():
+    torch.manual_seed(0)
+    model = ParallelBranches(3)
+    model, opt, ctl = make_run(model, branch_config(r_max=8, target_rank=3, init_warmup=5,
+                                                   incre_interval=5), weight_decay=0.5)
+    snapshots = {}
+    for i, layer in enumerate(model.branches):
+        inactive = layer.slot_state == SlotState.INACTIVE
+        snapshots[i] = (inactive.clone(), layer.lora_A.detach().clone(),
+                        layer.lora_B.detach().clone(), layer.lora_lambda.detach().clone())
+
+    def check(step):
+        for i, layer in enumerate(model.branches):
+            never_used, a0, b0, l0 = snapshots[i]
+            still = never_used & (layer.slot_state == SlotState.INACTIVE) & (layer.slot_alloc_step == -1)
+            assert torch.equal(layer.lora_A[still], a0[still])
+            assert torch.equal(layer.lora_B[:, still], b0[:, still])
+            assert torch.equal(layer.lora_lambda[still], l0[still])
+            reserve = layer.reserve_mask
+            assert torch.all(layer.lora_lambda[reserve] == torch.tensor(1e-5))
+
+    train_steps(model, opt, ctl, range(40), on_step=check)
+    assert ctl.budget_reached
+    assert any(bool((s[0] & (l.slot_state == SlotState.INACTIVE)).any())
+               for s, l in zip(snapshots.values(), model.branches))
+
+
+def test_masked_adamw_reference_matches_torch_adamw_on_unmasked_slots():
+    torch.manual_seed(0)
+    p = torch.randn(5, 7)
+    ref = p.clone().requires_grad_()
+    torch_opt = torch.optim.AdamW([ref], lr=1e-2, weight_decay=0.1, eps=1e-8)
+    m, v = torch.zeros_like(p), torch.zeros_like(p)
+    mask = torch.tensor([True, False, True, True, False])
+    for n in range(1, 4):
+        g = torch.randn(5, 7)
+        ref.grad = g.clone()
+        torch_opt.step()
+        masked_adamw_torch_(p, g, m, v, mask, torch.full((5,), 1e-2), torch.full((5,), float(n)),
+                            0, 0.9, 0.999, 1e-8, 0.1)
+    # fp32: same math, different operation order than torch.optim.AdamW
+    torch.testing.assert_close(p[mask], ref.detach()[mask], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(p[~mask], ref.detach()[~mask])
+
+
+def test_classifier_follows_ordinary_warmup_and_decay():
+    torch.manual_seed(0)
+    from torch import nn
+    from increlora_fast import IncreLoRAConfig, create_optimizer, inject_increlora
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    config = IncreLoRAConfig(target_modules=["0"], r_max=3, warmup_steps=2, total_step=10,
+                             modules_to_save=["1"])
+    inject_increlora(model, config)
+    opt = create_optimizer(model, config, lr=0.1)
+    head = model[1].weight
+    changes = []
+    for _ in range(3):
+        before = head.detach().clone()
+        model(torch.randn(3, 4)).sum().backward()
+        opt.step(); opt.zero_grad()
+        changes.append((head - before).abs().max().item())
+    assert changes[0] == 0.0                        # multiplier 0 at step 0
+    assert changes[1] == pytest.approx(0.05, rel=1e-3)   # 0.1 x 1/2, |adam step| == 1
+    assert changes[2] == pytest.approx(0.1, rel=1e-2)

@@ -1,0 +1,80 @@
+"""Issue 3 (g): HF Trainer end to end grows ranks to the budget and resumes exactly."""
+import warnings
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+
+from increlora_fast import IncreLoRAConfig, inject_increlora
+from increlora_fast.controller import IncreLoRAController
+from increlora_fast.integrations.trainer import IncreLoRACallback, IncreLoRATrainer
+
+STEPS = 12
+
+
+class TinyTask(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long),
+                "labels": int(ids[0] % 2)}
+
+
+def _model():
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2))
+    config = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, target_rank=2,
+                             init_warmup=2, incre_interval=2, top_h=1, warmup_steps=2,
+                             modules_to_save=["classifier"])
+    return inject_increlora(model, config), config
+
+
+def _args(out, **kw):
+    return TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8,
+                             learning_rate=1e-2, save_steps=6, logging_steps=100, report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True, **kw)
+
+
+def test_increlora_trainer_grows_to_budget_and_resumes_exactly(tmp_path):
+    model, config = _model()
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path / "a"), train_dataset=TinyTask())
+    trainer.train()
+    ctl = trainer.increlora_controller
+    assert ctl.budget_reached and ctl.current_total_rank() == 2 * 4
+    assert [e["step"] for e in ctl.allocation_log] == [4, 6, 8, 10]
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    resumed_model, _ = _model()
+    resumed = IncreLoRATrainer(model=resumed_model, args=_args(tmp_path / "a"),
+                               train_dataset=TinyTask())
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    assert resumed.increlora_controller.allocation_log == ctl.allocation_log
+    state = resumed_model.state_dict()
+    for key, value in reference.items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_resume_without_controller_state_fails_clearly(tmp_path):
+    model, _ = _model()
+    IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask()).train()
+    (tmp_path / "checkpoint-6" / "increlora_controller.pt").unlink()
+    again, _ = _model()
+    with pytest.raises(FileNotFoundError, match="increlora_controller.pt"):
+        IncreLoRATrainer(model=again, args=_args(tmp_path), train_dataset=TinyTask()).train(
+            resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
+
+
+def test_plain_trainer_with_callback_allocates_and_warns_about_warmup(tmp_path):
+    model, config = _model()
+    controller = IncreLoRAController(model, config)
+    trainer = Trainer(model=model, args=_args(tmp_path, save_strategy="no"), train_dataset=TinyTask(),
+                      callbacks=[IncreLoRACallback(controller)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    assert any("restart warmup" in str(w.message) for w in caught)
+    assert controller.budget_reached and controller.current_total_rank() == 8
