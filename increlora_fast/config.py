@@ -30,6 +30,15 @@ def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"IncreLoRAConfig.{name}={value!r} is invalid: {allowed}")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    """A real number (bool excluded); NaN and inf count, range checks reject them."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 @dataclass
 class IncreLoRAConfig:
     """Configuration of an IncreLoRA adapter and of its rank allocation.
@@ -60,6 +69,11 @@ class IncreLoRAConfig:
             (e.g. a classifier head).
         score: ``"delta_w"`` (exact module score of the spec) or ``"triplet"`` (AdaLoRA-style
             per-slot sensitivity of A, B and lambda).
+        exact_step_score: for ``score="delta_w"``, compute the score from the gradient of the
+            whole optimizer step (all accumulated micro-batches, averaged over data-parallel
+            ranks) instead of summing per-pass scores; costs one dense (out, in) float32 buffer
+            per module while allocating. ``None``: on exactly when torch.distributed runs with
+            more than one process.
     """
 
     target_modules: Optional[Union[List[str], str]] = None
@@ -82,6 +96,7 @@ class IncreLoRAConfig:
     total_step: Optional[int] = None
     modules_to_save: Optional[List[str]] = None
     score: str = "delta_w"
+    exact_step_score: Optional[bool] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -104,20 +119,19 @@ class IncreLoRAConfig:
             _fail("modules_to_save", self.modules_to_save, "a list of module-name suffixes")
         for name in ("r_max", "init_r", "incre_interval", "top_h", "incre_rank_num"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _is_int(value) or value < 1:
                 _fail(name, value, "an integer >= 1")
         for name in ("init_warmup", "warmup_steps"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if not _is_int(value) or value < 0:
                 _fail(name, value, "an integer >= 0")
-        if isinstance(self.target_rank, bool) or not isinstance(self.target_rank, int) \
-                or self.target_rank < self.init_r:
+        if not _is_int(self.target_rank) or self.target_rank < self.init_r:
             _fail("target_rank", self.target_rank, f"an integer >= init_r ({self.init_r})")
         if self.target_total_rank is not None and (
-                not isinstance(self.target_total_rank, int) or self.target_total_rank < 1):
+                not _is_int(self.target_total_rank) or self.target_total_rank < 1):
             _fail("target_total_rank", self.target_total_rank, "None or an integer >= 1")
         if self.total_step is not None and (
-                not isinstance(self.total_step, int) or self.total_step <= self.warmup_steps):
+                not _is_int(self.total_step) or self.total_step <= self.warmup_steps):
             _fail("total_step", self.total_step,
                   f"None or an integer > warmup_steps ({self.warmup_steps})")
         if self.r_max < self.init_r + self.incre_rank_num:
@@ -125,18 +139,24 @@ class IncreLoRAConfig:
                   f"{self.init_r} + {self.incre_rank_num} (room for the active and reserve slots)")
         if self.target_rank > self.r_max:
             _fail("target_rank", self.target_rank, f"<= r_max ({self.r_max})")
-        if not (isinstance(self.lora_alpha, (int, float)) and math.isfinite(self.lora_alpha)
+        if not (_is_real(self.lora_alpha) and math.isfinite(self.lora_alpha)
                 and self.lora_alpha > 0):
             _fail("lora_alpha", self.lora_alpha, "a finite number > 0")
-        if not (0.0 <= self.lora_dropout < 1.0):
+        if not (_is_real(self.lora_dropout) and 0.0 <= self.lora_dropout < 1.0):
             _fail("lora_dropout", self.lora_dropout, "a probability in [0, 1)")
         for name in ("beta1", "beta2"):
-            if not (0.0 <= getattr(self, name) < 1.0):
+            if not (_is_real(getattr(self, name)) and 0.0 <= getattr(self, name) < 1.0):
                 _fail(name, getattr(self, name), "a number in [0, 1)")
-        if not (math.isfinite(self.reserve_lambda) and self.reserve_lambda >= 0):
+        if not (_is_real(self.reserve_lambda) and math.isfinite(self.reserve_lambda)
+                and self.reserve_lambda >= 0):
             _fail("reserve_lambda", self.reserve_lambda, "a finite number >= 0")
-        if not (math.isfinite(self.orth_reg_weight) and self.orth_reg_weight >= 0):
+        if not (_is_real(self.orth_reg_weight) and math.isfinite(self.orth_reg_weight)
+                and self.orth_reg_weight >= 0):
             _fail("orth_reg_weight", self.orth_reg_weight, "a finite number >= 0")
+        if not isinstance(self.advance_learning, bool):
+            _fail("advance_learning", self.advance_learning, "True or False")
+        if self.exact_step_score is not None and not isinstance(self.exact_step_score, bool):
+            _fail("exact_step_score", self.exact_step_score, "None, True or False")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
 

@@ -13,6 +13,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from .config import IncreLoRAConfig
@@ -20,6 +21,10 @@ from .layer import IncreLoRALinear, SlotState
 from .model import get_config, increlora_layers
 
 logger = logging.getLogger("increlora_fast")
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def triplet_score(layer: IncreLoRALinear) -> torch.Tensor:
@@ -58,7 +63,10 @@ class IncreLoRAController:
         self.unc = torch.zeros(len(self.layers), dtype=torch.float64)
         self.allocation_log: List[dict] = []
         self.budget_reached = False
+        self.round_pending = False
         self._warned_nonfinite = False
+        exact = self.config.exact_step_score
+        self.exact_step_score = _world_size() > 1 if exact is None else exact
         if self.current_total_rank() >= self.total_budget:
             self._finish()
         self._set_tracking(not self.budget_reached)
@@ -76,31 +84,58 @@ class IncreLoRAController:
         return self.ipt * self.unc
 
     # ------------------------------------------------------------------ the step
-    def step(self, step: int) -> None:
-        """Update scores from this step's gradients and grow ranks when the schedule says so."""
+    def step(self, step: int, loss_scale: float = 1.0) -> None:
+        """Update scores from this step's gradients and grow ranks when the schedule says so.
+
+        Args:
+            step: 0-based index of the optimizer step about to be taken.
+            loss_scale: the factor the loss was multiplied by before backward (fp16
+                ``GradScaler.get_scale()``); the fused score is divided by it.
+
+        A step with non-finite scores (overflow, NaN loss) changes nothing, and an allocation
+        round due at it waits for the next finite step.
+        """
         if self.budget_reached:
             return
         if all(layer.lora_lambda.grad is None for layer in self.layers):
             return  # no backward since the last step (e.g. a skipped AMP step): nothing to learn
-        scores = self._collect_scores()
-        if torch.isfinite(scores).all():
-            b1, b2 = self.config.beta1, self.config.beta2
-            self.ipt = b1 * self.ipt + (1 - b1) * scores
-            self.unc = b2 * self.unc + (1 - b2) * (scores - self.ipt).abs()
-        elif not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(f"IncreLoRA: non-finite importance scores at step {step}; the smoothed "
-                          "scores keep their previous values (warned once)", RuntimeWarning)
         cfg = self.config
-        if step > cfg.init_warmup and step % cfg.incre_interval == 0:
+        due = self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
+        scores = self._collect_scores() / loss_scale
+        if not torch.isfinite(scores).all():
+            self.round_pending = due
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(f"IncreLoRA: non-finite importance scores at step {step}; scores "
+                              "and allocation skip this step (warned once)", RuntimeWarning)
+            return
+        b1, b2 = cfg.beta1, cfg.beta2
+        self.ipt = b1 * self.ipt + (1 - b1) * scores
+        self.unc = b2 * self.unc + (1 - b2) * (scores - self.ipt).abs()
+        self.round_pending = False
+        if due:
             self._allocate(step)
 
     def _collect_scores(self) -> torch.Tensor:
+        device = self.layers[0].lora_A.device
         if self.config.score == "triplet":
             raw = [triplet_score(layer) for layer in self.layers]
+        elif self.exact_step_score:
+            raw = [self._exact_score(layer) for layer in self.layers]
         else:
             raw = [layer.take_score() for layer in self.layers]
-        return torch.stack([r.to(self.layers[0].lora_A.device) for r in raw]).double().cpu()
+        scores = torch.stack([r.to(device) for r in raw]).double()
+        if _world_size() > 1:
+            dist.broadcast(scores, src=0)  # every rank takes the very same decisions
+        return scores.cpu()
+
+    def _exact_score(self, layer: IncreLoRALinear) -> torch.Tensor:
+        grad = layer.take_score_grad()
+        world = _world_size()
+        if world > 1:
+            dist.all_reduce(grad)
+            grad /= world
+        return (layer.delta_weight().float() * grad).abs().sum() / math.sqrt(grad.numel())
 
     def _allocate(self, step: int) -> None:
         cfg = self.config
@@ -136,7 +171,8 @@ class IncreLoRAController:
     def _set_tracking(self, on: bool) -> None:
         for layer in self.layers:
             layer.score_enabled = on and self.config.score == "delta_w"
-            layer.score_sum.zero_()
+            layer.exact_step_score = self.exact_step_score
+            layer.release_score_buffers()
 
     # ------------------------------------------------------------------ regularisation
     def regularization_loss(self) -> torch.Tensor:
@@ -163,7 +199,8 @@ class IncreLoRAController:
     def state_dict(self) -> dict:
         """Everything needed to resume; the slot states themselves live in the model."""
         return {"ipt": self.ipt.clone(), "unc": self.unc.clone(),
-                "budget_reached": self.budget_reached, "names": list(self.names),
+                "budget_reached": self.budget_reached, "round_pending": self.round_pending,
+                "names": list(self.names),
                 "allocation_log": [dict(e) for e in self.allocation_log],
                 "warned_nonfinite": self._warned_nonfinite}
 
@@ -174,6 +211,7 @@ class IncreLoRAController:
         self.ipt = state["ipt"].clone().double()
         self.unc = state["unc"].clone().double()
         self.budget_reached = bool(state["budget_reached"])
+        self.round_pending = bool(state.get("round_pending", False))
         self.allocation_log = [dict(e) for e in state["allocation_log"]]
         self._warned_nonfinite = bool(state["warned_nonfinite"])
         self._set_tracking(not self.budget_reached)

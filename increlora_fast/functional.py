@@ -61,10 +61,32 @@ def adapter_delta_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Ten
     return out
 
 
+def accumulate_weight_grad(out: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+    """Add G = dL/d(dW) = dy.T @ x of the coming backward pass into ``grad_out`` (out, in)."""
+    if not out.requires_grad:
+        return
+    x_saved = x.detach()
+
+    def hook(dy: torch.Tensor) -> None:
+        with torch.no_grad():
+            grad_out.addmm_(dy.t().to(grad_out.dtype), x_saved.to(grad_out.dtype))
+
+    out.register_hook(hook)
+
+
 def adapter_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, lam: torch.Tensor,
-                  score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Low-rank adapter output for a 2-D input on the selected backend."""
+                  score_out: Optional[torch.Tensor] = None,
+                  grad_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Low-rank adapter output for a 2-D input on the selected backend.
+
+    ``score_out`` (0-d) receives the fused per-pass score; ``grad_out`` (out, in) receives the
+    dense G of every pass instead, for scores of a whole accumulated, synchronised step.
+    """
     if select_backend(x) == "triton":
         from .kernels.lowrank import lowrank_adapter
-        return lowrank_adapter(x, lora_A, lora_B, lam, score_out)
-    return adapter_delta_torch(x, lora_A, lora_B, lam, score_out)
+        out = lowrank_adapter(x, lora_A, lora_B, lam, score_out)
+    else:
+        out = adapter_delta_torch(x, lora_A, lora_B, lam, score_out)
+    if grad_out is not None:
+        accumulate_weight_grad(out, x, grad_out)
+    return out

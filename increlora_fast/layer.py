@@ -92,7 +92,11 @@ class IncreLoRALinear(nn.Module):
         # Exact module score of the backward passes since the controller last read it.
         self.register_buffer("score_sum", torch.zeros((), dtype=torch.float32, **idx),
                              persistent=False)
+        # score_enabled: accumulate the module score during backward. With exact_step_score the
+        # layer keeps the dense gradient G of the whole optimizer step in `score_grad` instead.
         self.score_enabled = False
+        self.exact_step_score = False
+        self.score_grad: Optional[torch.Tensor] = None
         self.merged = False
         self.adapter_enabled = True
         with torch.no_grad():
@@ -198,8 +202,16 @@ class IncreLoRALinear(nn.Module):
         if not torch.is_autocast_enabled(x.device.type):
             x_in = x_in.to(lora_dtype)
         track = self.score_enabled and self.training and torch.is_grad_enabled()
+        score_out = grad_out = None
+        if track and self.exact_step_score:
+            if self.score_grad is None:
+                self.score_grad = torch.zeros(self.out_features, self.in_features,
+                                              dtype=torch.float32, device=self.lora_A.device)
+            grad_out = self.score_grad
+        elif track:
+            score_out = self.score_sum
         delta = adapter_delta(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B,
-                              self.effective_lambda(), self.score_sum if track else None)
+                              self.effective_lambda(), score_out, grad_out)
         return result + delta.reshape(*result.shape[:-1], self.out_features).to(result.dtype)
 
     def take_score(self) -> torch.Tensor:
@@ -207,6 +219,18 @@ class IncreLoRALinear(nn.Module):
         value = self.score_sum.clone()
         self.score_sum.zero_()
         return value
+
+    def take_score_grad(self) -> torch.Tensor:
+        """Return the dense G accumulated since the last call (zeros if none) and reset it."""
+        if self.score_grad is None:
+            return torch.zeros(self.out_features, self.in_features, device=self.lora_A.device)
+        value = self.score_grad.clone()
+        self.score_grad.zero_()
+        return value
+
+    def release_score_buffers(self) -> None:
+        self.score_sum.zero_()
+        self.score_grad = None
 
     # ------------------------------------------------------------------ merging
     def _base_weight_delta(self) -> torch.Tensor:

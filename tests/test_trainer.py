@@ -8,6 +8,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from increlora_fast import IncreLoRAConfig, inject_increlora
 from increlora_fast.controller import IncreLoRAController
 from increlora_fast.integrations.trainer import IncreLoRACallback, IncreLoRATrainer
+from increlora_fast.optimizer import IncreLoRAAdamW
 
 STEPS = 12
 
@@ -43,6 +44,8 @@ def test_increlora_trainer_grows_to_budget_and_resumes_exactly(tmp_path):
     model, config = _model()
     trainer = IncreLoRATrainer(model=model, args=_args(tmp_path / "a"), train_dataset=TinyTask())
     trainer.train()
+    assert isinstance(trainer.optimizer.optimizer, IncreLoRAAdamW)
+    assert trainer.optimizer.optimizer.param_groups[0]["total_step"] == STEPS
     ctl = trainer.increlora_controller
     assert ctl.budget_reached and ctl.current_total_rank() == 2 * 4
     assert [e["step"] for e in ctl.allocation_log] == [4, 6, 8, 10]

@@ -101,18 +101,24 @@ class IncreLoRATrainer(Trainer):
                                                     apply_regularization=False)
         self.add_callback(self.increlora_callback)
 
-    def create_optimizer_and_scheduler(self, num_training_steps: int) -> None:
-        config = self.increlora_controller.config
+    def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:
-            self.optimizer = create_optimizer(self.model, config, lr=self.args.learning_rate,
+            self.optimizer = create_optimizer(model or self.model, self.increlora_controller.config,
+                                              lr=self.args.learning_rate,
                                               weight_decay=self.args.weight_decay,
                                               betas=(self.args.adam_beta1, self.args.adam_beta2),
                                               eps=self.args.adam_epsilon)
-            if config.total_step is None:
-                for group in self.optimizer.param_groups:
-                    group["total_step"] = num_training_steps
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        optimizer = optimizer or self.optimizer
+        if self.increlora_controller.config.total_step is None:
+            for group in optimizer.param_groups:
+                group["total_step"] = num_training_steps
         if self.lr_scheduler is None:
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: 1.0)
+            # The schedule lives inside the optimizer, per slot.
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
