@@ -21,6 +21,17 @@ def test_readme_example_runs_and_grows_to_the_budget(tmp_path, monkeypatch):
     assert (tmp_path / "my_adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_readme_trainer_example_runs_and_grows_to_the_budget(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    blocks = _python_blocks()
+    assert len(blocks) >= 2, "README has no Trainer example"
+    namespace = {}
+    exec(compile(blocks[1], "README.md", "exec"), namespace)
+    controller = namespace["trainer"].increlora_controller
+    assert controller.budget_reached
+    assert sum(controller.rank_pattern().values()) == 2 * 4
+
+
 def test_ci_runs_the_readme_test_command():
     ci = (README.parent / ".ci" / "run").read_text()
     assert "test-command" in ci

@@ -1,0 +1,42 @@
+"""Issue 3 item 7: allocation log through logging, rank-pattern table, rank heatmap PNG."""
+import logging
+
+import torch
+
+from increlora_fast.visualize import rank_table, save_rank_heatmap, split_module_name
+
+from method_helpers import ParallelBranches, branch_config, make_run, train_steps
+
+
+def test_allocation_is_logged_with_step_module_rank_and_score(caplog):
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(3), branch_config(target_rank=2, top_h=1))
+    with caplog.at_level(logging.INFO, logger="increlora_fast"):
+        train_steps(model, opt, ctl, range(12))
+    grown = [r.getMessage() for r in caplog.records if "-> rank" in r.getMessage()]
+    assert len(grown) == len(ctl.allocation_log) == 3
+    for message, entry in zip(grown, ctl.allocation_log):
+        assert f"step {entry['step']}: {entry['module']} -> rank {entry['new_rank']}" in message
+    assert any("budget 6 reached" in r.getMessage() for r in caplog.records)
+
+
+def test_split_module_name_finds_layer_and_type():
+    assert split_module_name("bert.encoder.layer.3.attention.self.query") == ("3", "attention.self.query")
+    assert split_module_name("h.11.mlp.c_fc") == ("11", "mlp.c_fc")
+    assert split_module_name("proj") == ("-", "proj")
+
+
+def test_rank_table_lists_every_module_once():
+    pattern = {f"enc.layer.{i}.{k}": i + j for i in range(3) for j, k in enumerate(["q", "v"])}
+    table = rank_table(pattern).splitlines()
+    assert table[0].split("|")[1].strip() == "q" and table[0].split("|")[2].strip() == "v"
+    assert [row.split("|")[0].strip() for row in table[2:5]] == ["0", "1", "2"]
+    assert table[4].split("|")[2].strip() == str(pattern["enc.layer.2.v"])
+    assert table[-1] == f"total rank {sum(pattern.values())} over 6 modules"
+
+
+def test_heatmap_png_is_written(tmp_path):
+    pattern = {f"enc.layer.{i}.{k}": 1 + (i * j) % 3 for i in range(4) for j, k in enumerate(["q", "k", "v"])}
+    path = save_rank_heatmap(pattern, tmp_path / "sub" / "ranks.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
