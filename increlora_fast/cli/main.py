@@ -1,7 +1,7 @@
 """Entry point of the ``increlora-fast`` console command.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
-modules are imported only when their subcommand runs, so ``--help`` stays fast.
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``.
+Those modules keep torch, transformers and peft imports inside ``run`` so ``--help`` stays fast.
 """
 from __future__ import annotations
 
