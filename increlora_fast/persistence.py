@@ -12,6 +12,7 @@ Two layouts:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -53,6 +54,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order.
+
+    safetensors carries no checksum of its own, so flipped bytes inside tensor data would
+    otherwise load silently.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def rank_pattern(model: nn.Module) -> Dict[str, int]:
     """{module name: active rank} of every IncreLoRA layer."""
     return {name: layer.active_rank for name, layer in increlora_layers(model)}
@@ -85,7 +100,8 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     pattern = rank_pattern(model)
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "config": config.to_json(), "rank_pattern": json.dumps(pattern),
-              "training_state": "1" if training_state else "0"}
+              "training_state": "1" if training_state else "0",
+              "sha256": tensors_digest(tensors)}
     atomic_write_bytes(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=header))
     summary = dict(config.to_dict(), adapter_type="INCRELORA", format_version=FORMAT_VERSION,
                    rank_pattern=pattern, training_state=training_state)
@@ -104,6 +120,9 @@ def _read(path: Path):
                          f"(truncated or corrupted?): {err}") from err
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path} is not an increlora_fast adapter (metadata {sorted(meta)})")
+    if meta.get("sha256") != tensors_digest(tensors):
+        raise ValueError(f"{path} is corrupted: its tensors do not match the checksum saved "
+                         "with them")
     return meta, tensors
 
 

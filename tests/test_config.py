@@ -1,0 +1,122 @@
+"""IncreLoRAConfig: validation messages, impossible combinations, budgets and (de)serialisation."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from increlora_fast import IncreLoRAConfig
+
+# (field, bad value, fragment of the "what is allowed" part of the message)
+BAD_VALUES = [
+    ("target_modules", [], "non-empty list"),
+    ("target_modules", ["q", ""], "non-empty list"),
+    ("target_modules", 7, "regex string"),
+    ("modules_to_save", ["head", 3], "list of module-name suffixes"),
+    ("r_max", 0, "integer >= 1"),
+    ("r_max", 4.0, "integer >= 1"),
+    ("r_max", True, "integer >= 1"),
+    ("init_r", 0, "integer >= 1"),
+    ("incre_interval", 0, "integer >= 1"),
+    ("top_h", -2, "integer >= 1"),
+    ("incre_rank_num", 0, "integer >= 1"),
+    ("init_warmup", -1, "integer >= 0"),
+    ("warmup_steps", -5, "integer >= 0"),
+    ("target_rank", 0, "integer >= init_r"),
+    ("target_rank", 9, "<= r_max"),
+    ("target_total_rank", 0, "integer >= 1"),
+    ("target_total_rank", True, "integer >= 1"),
+    ("total_step", 0, "integer > warmup_steps"),
+    ("total_step", 2.5, "integer > warmup_steps"),
+    ("lora_alpha", 0, "finite number > 0"),
+    ("lora_alpha", math.inf, "finite number > 0"),
+    ("lora_alpha", "16", "finite number > 0"),
+    ("lora_dropout", 1.0, "[0, 1)"),
+    ("lora_dropout", -0.1, "[0, 1)"),
+    ("lora_dropout", "0.1", "[0, 1)"),
+    ("beta1", 1.0, "[0, 1)"),
+    ("beta2", -0.5, "[0, 1)"),
+    ("beta2", None, "[0, 1)"),
+    ("reserve_lambda", -1e-5, "finite number >= 0"),
+    ("reserve_lambda", math.nan, "finite number >= 0"),
+    ("reserve_lambda", "tiny", "finite number >= 0"),
+    ("orth_reg_weight", -0.1, "finite number >= 0"),
+    ("orth_reg_weight", "0.1", "finite number >= 0"),
+    ("advance_learning", "yes", "True or False"),
+    ("score", "fisher", "delta_w"),
+]
+
+
+@pytest.mark.parametrize("field,value,allowed", BAD_VALUES,
+                         ids=[f"{f}={v!r}" for f, v, _ in BAD_VALUES])
+def test_invalid_value_names_field_value_and_allowed(field, value, allowed):
+    with pytest.raises(ValueError) as err:
+        IncreLoRAConfig(**{field: value})
+    message = str(err.value)
+    assert field in message
+    assert repr(value) in message
+    assert allowed in message
+
+
+def test_defaults_are_valid_and_follow_the_spec():
+    config = IncreLoRAConfig()
+    assert config.lora_dropout == 0.0
+    assert config.advance_learning is True
+    assert config.reserve_lambda == 1e-5
+    assert (config.beta1, config.beta2) == (0.85, 0.85)
+    assert config.orth_reg_weight == 0.1
+    assert config.score == "delta_w"
+
+
+@pytest.mark.parametrize("target_rank,expected", [(2, 1), (4, 2), (6, 3), (8, 4)])
+def test_incre_rank_num_derived_from_target_rank(target_rank, expected):
+    assert IncreLoRAConfig(target_rank=target_rank, r_max=12).incre_rank_num == expected
+
+
+def test_r_max_must_hold_init_r_plus_reserve():
+    with pytest.raises(ValueError) as err:
+        IncreLoRAConfig(r_max=4, init_r=2, target_rank=3, incre_rank_num=3)
+    message = str(err.value)
+    assert "r_max" in message and "4" in message and "init_r + incre_rank_num" in message
+    IncreLoRAConfig(r_max=5, init_r=2, target_rank=3, incre_rank_num=3)
+
+
+@pytest.mark.parametrize("num_modules", [1, 3, 7])
+def test_total_budget_from_target_rank_and_total(num_modules):
+    assert IncreLoRAConfig(r_max=6, target_rank=3).total_budget(num_modules) == 3 * num_modules
+    config = IncreLoRAConfig(r_max=6, target_rank=3, target_total_rank=2 * num_modules + 1)
+    assert config.total_budget(num_modules) == 2 * num_modules + 1
+
+
+@pytest.mark.parametrize("total,bound", [(3 * 6 + 1, "r_max x modules"), (3 - 1, "init_r x modules")])
+def test_total_budget_outside_what_modules_hold(total, bound):
+    config = IncreLoRAConfig(r_max=6, init_r=1, target_rank=2, target_total_rank=total)
+    with pytest.raises(ValueError) as err:
+        config.total_budget(3)
+    message = str(err.value)
+    assert "target_total_rank" in message and repr(total) in message and bound in message
+
+
+def test_from_dict_rejects_unknown_keys():
+    data = IncreLoRAConfig().to_dict()
+    data["rank"] = 4
+    data["lora_alhpa"] = 8
+    with pytest.raises(ValueError) as err:
+        IncreLoRAConfig.from_dict(data)
+    assert "rank" in str(err.value) and "lora_alhpa" in str(err.value)
+
+
+def test_from_dict_validates_values():
+    with pytest.raises(ValueError, match="lora_dropout"):
+        IncreLoRAConfig.from_dict({"lora_dropout": 2.0})
+
+
+def test_json_round_trip():
+    config = IncreLoRAConfig(target_modules=("q_proj", "v_proj"), r_max=10, init_r=2,
+                             target_rank=4, lora_alpha=32, modules_to_save=("classifier",),
+                             score="triplet", total_step=500, warmup_steps=10)
+    assert config.target_modules == ["q_proj", "v_proj"]
+    again = IncreLoRAConfig.from_dict(json.loads(config.to_json()))
+    assert again == config
+    assert IncreLoRAConfig(target_modules=r".*\.(query|value)").target_modules == r".*\.(query|value)"

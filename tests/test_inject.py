@@ -1,0 +1,159 @@
+"""inject_increlora: target matching, freezing, errors, and the trainable-parameter counts."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from increlora_fast import (IncreLoRAConfig, IncreLoRALinear, count_trainable_parameters,
+                            increlora_layers, inject_increlora)
+
+ALL_TARGETS = {"blocks.0.fc", "blocks.0.proj", "blocks.1.fc", "blocks.1.proj"}
+
+
+def config(**kwargs) -> IncreLoRAConfig:
+    kwargs.setdefault("target_modules", ["fc", "proj"])
+    kwargs.setdefault("r_max", 6)
+    kwargs.setdefault("target_rank", 3)
+    return IncreLoRAConfig(**kwargs)
+
+
+def adapted(model: nn.Module) -> set:
+    return {name for name, _ in increlora_layers(model)}
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {"types": {n: type(m) for n, m in model.named_modules()},
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()}}
+
+
+@pytest.mark.parametrize("targets,expected", [
+    (["fc", "proj"], ALL_TARGETS),
+    (["fc"], {"blocks.0.fc", "blocks.1.fc"}),
+    (["0.fc", "blocks.1.proj"], {"blocks.0.fc", "blocks.1.proj"}),
+    (r"blocks\.1\.(fc|proj)", {"blocks.1.fc", "blocks.1.proj"}),
+    (r".*\.fc", {"blocks.0.fc", "blocks.1.fc"}),
+    (r"head|blocks\.0\.proj", {"head", "blocks.0.proj"}),
+])
+def test_targets_by_suffix_list_and_regex(tiny_net, targets, expected):
+    model = inject_increlora(tiny_net, config(target_modules=targets))
+    assert adapted(model) == expected
+    for name in ({"head"} | ALL_TARGETS) - expected:
+        assert type(model.get_submodule(name)) is nn.Linear
+
+
+@pytest.mark.parametrize("targets,missing,similar", [
+    (["fc", "fcc"], "'fcc'", "fc"),
+    (["blocks.2.fc"], "'blocks.2.fc'", "blocks.1.fc"),
+    (r"block\.\d\.fc", repr(r"block\.\d\.fc"), "blocks.0.fc"),
+])
+def test_target_matching_nothing_names_it_and_lists_similar(tiny_net, targets, missing, similar):
+    before = snapshot(tiny_net)
+    with pytest.raises(ValueError) as err:
+        inject_increlora(tiny_net, config(target_modules=targets))
+    message = str(err.value)
+    assert missing in message and similar in message
+    assert snapshot(tiny_net) == before
+
+
+def test_target_that_is_not_a_linear(tiny_net):
+    with pytest.raises(TypeError, match="blocks.0.norm.*LayerNorm"):
+        inject_increlora(tiny_net, config(target_modules=["norm"]))
+
+
+def test_default_targets_need_known_names(tiny_net):
+    with pytest.raises(ValueError, match="target_modules"):
+        inject_increlora(tiny_net, config(target_modules=None))
+
+
+def test_freezing_and_modules_to_save(tiny_net):
+    model = inject_increlora(tiny_net, config(modules_to_save=["head"]))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected = {f"{t}.{k}" for t in ALL_TARGETS for k in ("lora_A", "lora_B", "lora_lambda")}
+    assert trainable == expected | {"head.weight", "head.bias"}
+    assert all(not p.requires_grad for n, p in model.named_parameters()
+               if "base_layer" in n or "norm" in n)
+
+
+def test_without_modules_to_save_only_adapters_train(tiny_net):
+    model = inject_increlora(tiny_net, config())
+    trainable = {n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"lora_A", "lora_B", "lora_lambda"}
+
+
+def test_modules_to_save_matching_nothing(tiny_net):
+    before = snapshot(tiny_net)
+    with pytest.raises(ValueError, match="'haed'.*head"):
+        inject_increlora(tiny_net, config(modules_to_save=["haed"]))
+    assert snapshot(tiny_net) == before
+
+
+def test_double_injection_raises(tiny_net):
+    model = inject_increlora(tiny_net, config())
+    with pytest.raises(ValueError, match="already"):
+        inject_increlora(model, config())
+    assert adapted(model) == ALL_TARGETS
+
+
+@pytest.mark.parametrize("total,bound", [(6 * 4 + 1, "r_max x modules = 24"),
+                                         (2 * 4 - 1, "init_r x modules = 8")])
+def test_budget_that_the_modules_cannot_hold(tiny_net, total, bound):
+    before = snapshot(tiny_net)
+    with pytest.raises(ValueError) as err:
+        inject_increlora(tiny_net, config(init_r=2, target_total_rank=total))
+    assert "target_total_rank" in str(err.value) and bound in str(err.value)
+    assert snapshot(tiny_net) == before
+
+
+def test_layers_get_the_config_values(tiny_net):
+    cfg = config(init_r=2, incre_rank_num=3, lora_alpha=7.0, lora_dropout=0.1,
+                 reserve_lambda=2e-5, advance_learning=False)
+    model = inject_increlora(tiny_net, cfg)
+    assert model.increlora_config is cfg
+    for _, layer in increlora_layers(model):
+        assert (layer.r_max, layer.active_rank, layer.reserve_rank) == (6, 2, 3)
+        assert layer.lora_alpha == 7.0 and layer.reserve_lambda == 2e-5
+        assert not layer.advance_learning
+        assert isinstance(layer.lora_dropout, nn.Dropout) and layer.lora_dropout.p == 0.1
+
+
+def test_injected_model_equals_base_model_at_init(tiny_net):
+    x = torch.randn(4, 5, 12)
+    expected = tiny_net(x)
+    exact = inject_increlora(copy.deepcopy(tiny_net), config(advance_learning=False))
+    assert torch.equal(exact(x), expected)
+    near = inject_increlora(copy.deepcopy(tiny_net), config())
+    torch.testing.assert_close(near(x), expected, rtol=0, atol=1e-5)
+
+
+def test_injection_keeps_dtype(tiny_net):
+    model = inject_increlora(tiny_net.double(), config())
+    for _, layer in increlora_layers(model):
+        assert layer.lora_A.dtype == layer.lora_lambda.dtype == torch.float64
+    assert model(torch.randn(2, 12, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_count_trainable_parameters_by_hand(tiny_net):
+    # TinyNet: 2 blocks of fc 12->20 and proj 20->12; head 12->3 with bias
+    model = inject_increlora(tiny_net, config(init_r=2, incre_rank_num=1,
+                                              modules_to_save=["head"]))
+    per_slot = 12 + 20 + 1
+    head = 12 * 3 + 3
+    counts = count_trainable_parameters(model)
+    assert counts == {"active": 4 * 2 * per_slot + head, "padded": 4 * 6 * per_slot + head,
+                      "other": head}
+    assert counts["padded"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    dict(increlora_layers(model))["blocks.1.fc"].activate_reserve(1, step=5)
+    assert count_trainable_parameters(model)["active"] == (4 * 2 + 1) * per_slot + head
+    assert count_trainable_parameters(model)["padded"] == counts["padded"]
+
+
+def test_wrapped_layer_types(tiny_net):
+    model = inject_increlora(tiny_net, config())
+    for name in ALL_TARGETS:
+        layer = model.get_submodule(name)
+        assert isinstance(layer, IncreLoRALinear)
+        assert type(layer.base_layer) is nn.Linear

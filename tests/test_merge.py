@@ -1,0 +1,103 @@
+"""Merging: layer.merge()/unmerge() in place, and merge_and_unload back to plain base layers."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from increlora_fast import (IncreLoRAConfig, IncreLoRALinear, increlora_layers, inject_increlora,
+                            merge_and_unload)
+
+
+def perturb(model: nn.Module) -> None:
+    """Give every adapter random, clearly nonzero values and a mix of slot states."""
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(increlora_layers(model)):
+            layer.activate_reserve(i % 2, step=1)
+            layer.add_reserve(1, step=1)
+            layer.lora_A.normal_(std=0.1)
+            layer.lora_B.normal_(std=0.1)
+            layer.lora_lambda.normal_()
+
+
+def tiny_config(**kwargs) -> IncreLoRAConfig:
+    return IncreLoRAConfig(target_modules=["fc", "proj", "head"], r_max=5, init_r=1,
+                           target_rank=2, lora_dropout=0.1, reserve_lambda=0.2, **kwargs)
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_layer_merge_unmerge_round_trip(conv1d):
+    base = Conv1D(10, 14) if conv1d else nn.Linear(14, 10)
+    original = base.weight.detach().clone()
+    layer = IncreLoRALinear(base, r_max=6, init_r=2, reserve_rank=2, reserve_lambda=0.1)
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+        layer.lora_B.normal_(std=0.3)
+    layer.eval()
+    x = torch.randn(3, 4, 14)
+    y = layer(x)
+
+    layer.merge()
+    assert layer.merged
+    expected = original + (layer.delta_weight().t() if conv1d else layer.delta_weight())
+    torch.testing.assert_close(base.weight, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(base.weight, original, atol=1e-3)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="already merged"):
+        layer.merge()
+
+    layer.unmerge()
+    assert not layer.merged
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="not merged"):
+        layer.unmerge()
+
+
+def test_merge_and_unload_gives_plain_layers_and_same_outputs(tiny_net):
+    reference = copy.deepcopy(tiny_net)
+    model = inject_increlora(tiny_net, tiny_config())
+    perturb(model)
+    model.eval()
+    x = torch.randn(4, 6, 12)
+    y = model(x)
+    assert not torch.allclose(y, reference(x), atol=1e-3)
+
+    merged = merge_and_unload(model)
+    assert merged is model
+    assert not any(isinstance(m, IncreLoRALinear) for m in merged.modules())
+    assert {type(merged.get_submodule(n)) for n in
+            ("blocks.0.fc", "blocks.1.proj", "head")} == {nn.Linear}
+    assert set(merged.state_dict()) == set(reference.state_dict())
+    assert not hasattr(merged, "increlora_config")
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_on_an_already_merged_layer(tiny_net):
+    model = inject_increlora(tiny_net, tiny_config())
+    perturb(model)
+    model.eval()
+    x = torch.randn(5, 12)
+    y = model(x)
+    model.get_submodule("blocks.0.fc").merge()
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+    merged = merge_and_unload(model)
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_conv1d():
+    model = nn.Sequential(Conv1D(16, 8), nn.GELU(), Conv1D(8, 16))
+    reference = copy.deepcopy(model)
+    model = inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4,
+                                                    target_rank=2, reserve_lambda=0.3))
+    perturb(model)
+    x = torch.randn(3, 7, 8)
+    y = model(x)
+    assert not torch.allclose(y, reference(x), atol=1e-3)
+    merged = merge_and_unload(model)
+    assert type(merged[0]) is Conv1D and type(merged[2]) is Conv1D
+    assert merged[0].weight.shape == reference[0].weight.shape
+    torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,272 @@
+"""save_adapter / load_adapter: round trips, the config file, files that do not fit, atomic writes."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
+                            load_config, rank_pattern, save_adapter)
+from increlora_fast import persistence
+
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def make_config(**kwargs) -> IncreLoRAConfig:
+    values = dict(target_modules=["fc", "proj"], r_max=6, init_r=1, target_rank=3,
+                  modules_to_save=["head"], reserve_lambda=0.05)
+    values.update(kwargs)
+    return IncreLoRAConfig(**values)
+
+
+def trained(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
+    """An injected copy of ``base`` whose adapters and head look trained: random values and an
+    uneven rank pattern (0 to 2 extra ranks per module, each followed by a fresh reserve)."""
+    model = inject_increlora(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(increlora_layers(model)):
+            for _ in range(i % 3):
+                layer.activate_reserve(config.incre_rank_num, step=10 * (i + 1))
+                layer.add_reserve(config.incre_rank_num, step=10 * (i + 1))
+            layer.lora_A.normal_(std=0.2)
+            layer.lora_B.normal_(std=0.2)
+            layer.lora_lambda.normal_()
+        model.head.weight.normal_()
+    return model
+
+
+def fresh(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
+    return inject_increlora(copy.deepcopy(base), config)
+
+
+def state(model: nn.Module) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(model: nn.Module, before: dict) -> None:
+    after = model.state_dict()
+    assert set(after) == set(before)
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_net):
+    """(base model, config, trained model, directory holding its inference-layout adapter)."""
+    config = make_config()
+    model = trained(tiny_net, config)
+    save_adapter(model, tmp_path / "adapter")
+    return tiny_net, config, model, tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_round_trip_gives_identical_outputs(tmp_path, tiny_net, training_state, dtype):
+    config = make_config()
+    tiny_net.to(dtype)
+    source = trained(tiny_net, config)
+    save_adapter(source, tmp_path, training_state=training_state)
+    target = fresh(tiny_net, config)
+    x = torch.randn(3, 4, 12, dtype=dtype)
+    assert not torch.allclose(target(x), source(x), atol=1e-2)
+
+    assert load_adapter(target, tmp_path) is target
+    assert torch.equal(target(x), source(x))
+    assert rank_pattern(target) == rank_pattern(source)
+    assert torch.equal(target.head.weight, source.head.weight)
+    src_layers = dict(increlora_layers(source))
+    for name, layer in increlora_layers(target):
+        assert torch.equal(layer.slot_state, src_layers[name].slot_state)
+    if training_state:
+        assert_same_state(target, source.state_dict())
+
+
+def test_saved_file_sizes_follow_the_layout(tmp_path, tiny_net):
+    source = trained(tiny_net, make_config())
+    save_adapter(source, tmp_path / "inference")
+    save_adapter(source, tmp_path / "training", training_state=True)
+    with safe_open(str(tmp_path / "inference" / WEIGHTS), "pt") as f:
+        for name, layer in increlora_layers(source):
+            assert f.get_slice(f"{name}.lora_A").get_shape() == [layer.used_rank, 12 if
+                                                                  name.endswith("fc") else 20]
+            assert f"{name}.slot_active_step" not in f.keys()
+    with safe_open(str(tmp_path / "training" / WEIGHTS), "pt") as f:
+        for name, layer in increlora_layers(source):
+            assert f.get_slice(f"{name}.lora_A").get_shape()[0] == layer.r_max
+            assert torch.equal(f.get_tensor(f"{name}.slot_alloc_step"), layer.slot_alloc_step)
+
+
+def test_adapter_config_json(saved):
+    _, config, model, directory = saved
+    data = json.loads((directory / CONFIG).read_text())
+    pattern = {name: layer.active_rank for name, layer in increlora_layers(model)}
+    assert len(set(pattern.values())) > 1
+    assert data["rank_pattern"] == pattern
+    for key, value in config.to_dict().items():
+        assert data[key] == value, key
+    assert data["training_state"] is False
+    assert load_config(directory) == config
+
+
+def test_other_config_is_rejected(saved):
+    base, _, _, directory = saved
+    target = fresh(base, make_config(lora_alpha=8.0))
+    before = state(target)
+    with pytest.raises(ValueError, match=r"lora_alpha \(file 16.0, model 8.0\)"):
+        load_adapter(target, directory)
+    assert_same_state(target, before)
+
+
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_other_shapes_are_rejected(tmp_path, tiny_net, make_tiny_net, training_state):
+    config = make_config()
+    save_adapter(trained(tiny_net, config), tmp_path, training_state=training_state)
+    target = fresh(make_tiny_net(hidden=24), config)
+    before = state(target)
+    with pytest.raises(ValueError, match=r"does not fit.*shape"):
+        load_adapter(target, tmp_path)
+    assert_same_state(target, before)
+
+
+def test_other_module_names_are_rejected(tmp_path, tiny_net, make_tiny_net):
+    config = make_config()
+    save_adapter(trained(make_tiny_net(depth=3), config), tmp_path)
+    target = fresh(tiny_net, config)
+    before = state(target)
+    with pytest.raises(ValueError, match=r"unknown tensors.*blocks\.2\."):
+        load_adapter(target, tmp_path)
+    assert_same_state(target, before)
+
+    save_adapter(trained(make_tiny_net(depth=1), config), tmp_path)
+    with pytest.raises(ValueError, match=r"missing tensors.*blocks\.1\."):
+        load_adapter(target, tmp_path)
+    assert_same_state(target, before)
+
+
+def _header_length(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 2 // 3])
+
+
+def _corrupt_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = 8 + _header_length(path) // 3
+    data[start:start + 6] = b"\xff\x00\xfe\x01\xfd\x02"
+    path.write_bytes(bytes(data))
+
+
+def _corrupt_data(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    start = 8 + _header_length(path)
+    middle = start + (len(data) - start) // 2
+    for i in range(middle, middle + 16):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+
+
+def _random_bytes(path: Path) -> None:
+    path.write_bytes(os.urandom(4096))
+
+
+def _not_ours(path: Path) -> None:
+    save_file({"weight": torch.randn(4, 4)}, str(path))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate, "truncated or corrupted"),
+    (_corrupt_header, "truncated or corrupted"),
+    (_corrupt_data, "corrupted"),
+    (_random_bytes, "truncated or corrupted"),
+    (_not_ours, "not an increlora_fast adapter"),
+], ids=["truncated", "header", "data", "random", "foreign"])
+def test_damaged_file_is_rejected(saved, damage, message):
+    base, config, _, directory = saved
+    damage(directory / WEIGHTS)
+    target = fresh(base, config)
+    before = state(target)
+    with pytest.raises(ValueError, match=message) as err:
+        load_adapter(target, directory)
+    assert WEIGHTS in str(err.value)
+    assert_same_state(target, before)
+
+
+def test_missing_directory(tmp_path, tiny_net):
+    target = fresh(tiny_net, make_config())
+    with pytest.raises(FileNotFoundError, match="no adapter file"):
+        load_adapter(target, tmp_path / "nowhere")
+
+
+def test_model_without_adapter(saved):
+    base, _, _, directory = saved
+    with pytest.raises(ValueError, match="inject_increlora"):
+        load_adapter(copy.deepcopy(base), directory)
+    with pytest.raises(ValueError, match="inject_increlora"):
+        save_adapter(copy.deepcopy(base), directory)
+
+
+def _files(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def _crash(*args, **kwargs):
+    raise OSError("simulated crash")
+
+
+@pytest.mark.parametrize("target", ["os.replace", "serializer"])
+def test_crash_during_write_keeps_previous_checkpoint(saved, monkeypatch, target):
+    base, config, model, directory = saved
+    previous = _files(directory)
+    assert set(previous) == {WEIGHTS, CONFIG}
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.add_(1.0)
+    if target == "os.replace":
+        monkeypatch.setattr(persistence.os, "replace", _crash)
+    else:
+        monkeypatch.setattr(persistence, "safetensors_bytes", _crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_adapter(model, directory)
+    monkeypatch.undo()
+    assert _files(directory) == previous
+    target_model = fresh(base, config)
+    load_adapter(target_model, directory)
+    x = torch.randn(2, 12)
+    assert not torch.allclose(target_model(x), model(x), atol=1e-3)
+
+
+def test_crash_between_the_two_files_leaves_a_loadable_adapter(saved, monkeypatch):
+    """The weights file is complete on its own; only the JSON summary is stale."""
+    base, config, model, directory = saved
+    previous_json = (directory / CONFIG).read_bytes()
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.activate_reserve(1, step=99)
+    real_replace = os.replace
+
+    def replace_weights_only(src, dst):
+        if str(dst).endswith(CONFIG):
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(persistence.os, "replace", replace_weights_only)
+    with pytest.raises(OSError):
+        save_adapter(model, directory)
+    monkeypatch.undo()
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG, WEIGHTS]
+    assert (directory / CONFIG).read_bytes() == previous_json
+    target = fresh(base, config)
+    load_adapter(target, directory)
+    x = torch.randn(2, 12)
+    assert torch.equal(target(x), model(x))
+    assert rank_pattern(target) == rank_pattern(model)
