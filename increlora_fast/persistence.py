@@ -137,10 +137,23 @@ def _check(cond: bool, path: Path, message: str) -> None:
         raise ValueError(f"adapter {path} does not fit this model: {message}")
 
 
+def _check_slot_layout(states: torch.Tensor, path: Path, name: str) -> None:
+    """Slot states must be known values laid out active, then reserve, then inactive, with at
+    least one active slot: the layout every computation relies on."""
+    values = states.to(torch.long)
+    _check(bool(((values >= SlotState.INACTIVE) & (values <= SlotState.ACTIVE)).all()), path,
+           f"{name}.slot_state holds unknown states {sorted(set(values.tolist()))}")
+    _check(bool((values[:-1] >= values[1:]).all()) and int((values == SlotState.ACTIVE).sum()) > 0,
+           path, f"{name}.slot_state {values.tolist()} is not laid out active, reserve, inactive "
+           "with at least one active slot")
+
+
 def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training: bool,
                 path: Path, name: str) -> Dict[str, torch.Tensor]:
     """Target values for every slot buffer of ``layer``, validated against its shapes."""
     r, n_in, n_out = layer.r_max, layer.in_features, layer.out_features
+    _check(found["slot_state"].dim() == 1, path, f"{name}.slot_state is not a vector")
+    _check_slot_layout(found["slot_state"], path, name)
     if training:
         expected = {"lora_A": (r, n_in), "lora_B": (n_out, r), "lora_lambda": (r,),
                     "slot_state": (r,), "slot_alloc_step": (r,), "slot_active_step": (r,)}

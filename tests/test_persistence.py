@@ -270,3 +270,33 @@ def test_crash_between_the_two_files_leaves_a_loadable_adapter(saved, monkeypatc
     x = torch.randn(2, 12)
     assert torch.equal(target(x), model(x))
     assert rank_pattern(target) == rank_pattern(model)
+
+
+def _rewrite_slot_state(path: Path, module: str, states: list) -> None:
+    """Re-save the adapter with another slot_state for ``module`` and a matching checksum."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    key = f"{module}.slot_state"
+    tensors[key] = torch.tensor(states, dtype=tensors[key].dtype)
+    meta["sha256"] = persistence.tensors_digest(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("states,message", [
+    ([2, 7, 0, 0, 0, 0], "unknown states"),
+    ([1, 2, 0, 0, 0, 0], "not laid out"),
+    ([2, 0, 1, 0, 0, 0], "not laid out"),
+    ([1, 1, 0, 0, 0, 0], "at least one active"),
+])
+def test_impossible_slot_states_are_rejected(tmp_path, tiny_net, states, message):
+    config = make_config()
+    model = trained(tiny_net, config)
+    save_adapter(model, tmp_path, training_state=True)
+    module = next(iter(rank_pattern(model)))
+    _rewrite_slot_state(tmp_path / WEIGHTS, module, states)
+    target = fresh(tiny_net, config)
+    before = state(target)
+    with pytest.raises(ValueError, match=message):
+        load_adapter(target, tmp_path)
+    assert_same_state(target, before)
