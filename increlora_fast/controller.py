@@ -153,6 +153,7 @@ class IncreLoRAController:
             remaining -= added
             if remaining > 0:
                 layer.add_reserve(cfg.incre_rank_num, step)
+                self._sync_from_rank0(layer)
             entry = {"step": step, "module": self.names[i], "new_rank": layer.active_rank,
                      "score": float(score[i])}
             self.allocation_log.append(entry)
@@ -162,6 +163,13 @@ class IncreLoRAController:
             self._finish()
             self._set_tracking(False)
             logger.info("step %d: rank budget %d reached", step, self.total_budget)
+
+    @staticmethod
+    def _sync_from_rank0(layer: IncreLoRALinear) -> None:
+        """Fresh reserve slots come from each process's own RNG: give every rank rank 0's."""
+        if _world_size() > 1:
+            for tensor in (layer.lora_A, layer.lora_B, layer.lora_lambda):
+                dist.broadcast(tensor.data, src=0)
 
     def _finish(self) -> None:
         for layer in self.layers:

@@ -1,0 +1,169 @@
+"""Export an IncreLoRA adapter as a standard peft LoRA adapter directory.
+
+The written directory is what ``peft.PeftModel.from_pretrained(base_model, directory)`` loads
+(checked against peft 0.21.2), so any tool that serves peft LoRA adapters serves ours:
+
+- ``adapter_model.safetensors``: per adapted module ``base_model.model.<module>.lora_A.weight``
+  (r_i, in) and ``.lora_B.weight`` (out, r_i); per module to save its state under
+  ``base_model.model.<module>.<param>`` (peft strips its ``modules_to_save.default`` wrapper
+  from saved keys).
+- ``adapter_config.json``: ``peft_type`` LORA, ``r`` = the largest exported rank,
+  ``rank_pattern`` with every module's own rank, and alphas chosen so that peft's scaling
+  ``lora_alpha / r`` is exactly 1 for every module (``lora_alpha = r`` and
+  ``alpha_pattern[module] = r_i``). The effective lambda and our scale ``alpha / active_rank``
+  are folded into the factors instead, split evenly as ``sqrt(|s|)`` on A and ``sign(s) sqrt(|s|)``
+  on B. A consumer that ignores ``alpha_pattern`` still computes scaling 1.
+
+Exported slots per module: every active slot, plus the reserve slots that still change the output
+(nonzero effective lambda, i.e. before the budget is reached with advance learning on).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from ..layer import IncreLoRALinear, SlotState
+from ..model import get_config, increlora_layers, saved_module_parameters
+from ..persistence import atomic_write_bytes
+
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+
+PathLike = Union[str, os.PathLike]
+
+
+def _suffix_match(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def exported_factors(layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A (r_i, in), B (out, r_i)) with ``B @ A`` equal to the layer's ``delta_weight()``.
+
+    Raises ValueError for a merged layer: its adapter already lives in the base weight.
+    """
+    if layer.merged:
+        raise ValueError("export_peft needs unmerged IncreLoRA layers: a merged layer's adapter "
+                         "is already inside its base weight; call unmerge() first")
+    with torch.no_grad():
+        s = layer.effective_lambda().to(torch.float64)
+        keep = (layer.slot_state == SlotState.ACTIVE) | (
+            (layer.slot_state == SlotState.RESERVE) & (s != 0))
+        idx = torch.nonzero(keep).flatten()
+        s = s[idx]
+        root = s.abs().sqrt()
+        a = layer.lora_A[idx].to(torch.float64) * root[:, None]
+        b = layer.lora_B[:, idx].to(torch.float64) * (torch.sign(s) * root)[None, :]
+        dtype = layer.lora_A.dtype
+        return a.to(dtype).contiguous(), b.to(dtype).contiguous()
+
+
+def _pattern_key(name: str, names: List[str]) -> str:
+    """The rank_pattern key selecting exactly ``name``.
+
+    peft picks the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module_name)``, so a plain
+    module name also selects any module whose name ends with ``"." + name``; such names are
+    anchored and escaped instead.
+    """
+    ambiguous = any(other != name and re.match(rf"(.*\.)?({name})$", other) for other in names)
+    return "^" + re.escape(name) if ambiguous else name
+
+
+def _saved_roots(model: nn.Module) -> List[str]:
+    """Names of the modules whose full state peft must carry (``modules_to_save``).
+
+    The configured modules to save, plus the owner of any other trainable parameter outside the
+    adapters, so nothing the run trained is lost.
+    """
+    config = get_config(model)
+    names = [n for n, _ in model.named_modules() if n]
+    roots = [n for n in names if any(_suffix_match(n, key) for key in config.modules_to_save or [])]
+    roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
+    for param_name in saved_module_parameters(model):
+        owner = param_name.rpartition(".")[0]
+        if not any(owner == r or owner.startswith(r + ".") for r in roots):
+            roots.append(owner)
+    adapted = [n for n, _ in increlora_layers(model)]
+    for root in roots:
+        inside = [n for n in adapted if n == root or n.startswith(root + ".")]
+        if inside or not root:
+            raise ValueError(f"module to save {root or '<the whole model>'!r} contains adapted "
+                             f"layers {inside[:3]}: peft cannot both train a module in full and "
+                             "put LoRA inside it")
+    return roots
+
+
+def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[str] = None,
+                base_model_name_or_path: Optional[str] = None) -> Dict[str, int]:
+    """Write the adapter of ``model`` as a peft LoRA adapter into ``save_directory``.
+
+    Args:
+        model: a model returned by `inject_increlora` (not merged).
+        save_directory: created if missing; existing peft adapter files there are replaced.
+        task_type: peft ``task_type`` written to the config (e.g. ``"CAUSAL_LM"``), used by
+            ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``.
+        base_model_name_or_path: recorded in the config; defaults to the model's
+            ``config._name_or_path`` when it has one.
+
+    Returns:
+        The rank of every exported module, ``{module name: r_i}``.
+
+    Raises:
+        ValueError: a layer is merged, or a module to save contains adapted layers.
+    """
+    if task_type is not None and not isinstance(task_type, str):
+        raise ValueError(f"export_peft task_type={task_type!r} is invalid: a peft TaskType "
+                         "name such as 'CAUSAL_LM', or None")
+    config = get_config(model)
+    layers = list(increlora_layers(model))
+    names = [n for n, _ in layers]
+    tensors: Dict[str, torch.Tensor] = {}
+    ranks: Dict[str, int] = {}
+    conv1d = False
+    for name, layer in layers:
+        a, b = exported_factors(layer)
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.cpu()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.cpu()
+        ranks[name] = a.shape[0]
+        conv1d = conv1d or layer.is_conv1d
+    roots = _saved_roots(model)
+    for root in roots:
+        for key, value in model.get_submodule(root).state_dict().items():
+            tensors[f"{PEFT_PREFIX}{root}.{key}"] = value.detach().cpu().contiguous()
+    r = max(ranks.values())
+    pattern = {_pattern_key(n, names): ranks[n] for n in names}
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) \
+            or None
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": r,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": names,
+        "modules_to_save": roots or None,
+        "lora_dropout": config.lora_dropout,
+        "fan_in_fan_out": conv1d,
+        "bias": "none",
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / PEFT_WEIGHTS_NAME,
+                       safetensors_bytes(tensors, metadata={"format": "pt"}))
+    atomic_write_bytes(out / PEFT_CONFIG_NAME,
+                       json.dumps(peft_config, indent=2, sort_keys=True).encode())
+    return ranks

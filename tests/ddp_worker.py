@@ -1,0 +1,197 @@
+"""Data-parallel worker for tests/test_ddp.py, and the single-process reference it is compared to.
+
+Launched as one of 2 CPU processes (gloo), either by
+``python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_worker.py torchrun OUT``
+(DDP with ``no_sync`` micro-batches; FSDP2 sharding the frozen base; DDP with per-rank seeds) or
+by ``accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py accelerate OUT``
+(`Accelerator.prepare` + ``accumulate``). In every run each rank takes its half of the same global
+batch in ``MICRO`` micro-batches and trains; ``OUT/rank<r>.pt`` maps run name to allocation log,
+rank pattern, smoothed scores and model state.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+from torch import nn
+
+from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
+
+from method_helpers import ParallelBranches
+
+STEPS = 20
+GLOBAL_BATCH = 16
+MICRO = 2
+D_IN, D_HID, CLASSES = 6, 8, 3
+
+
+class Net(nn.Module):
+    """Adapted parallel branches of unequal weight, then a trained classifier head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = ParallelBranches(4, d_in=D_IN, d_out=D_HID, weights=[1.0, 0.3, 2.0, 0.7])
+        self.head = nn.Linear(D_HID, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.body(x)))
+
+
+def build() -> Tuple[Net, IncreLoRAConfig]:
+    torch.manual_seed(0)
+    config = IncreLoRAConfig(target_modules=r"body\.branches\.\d+", r_max=5, init_r=1,
+                             target_rank=3, incre_rank_num=1, init_warmup=2, incre_interval=2,
+                             top_h=1, warmup_steps=2, total_step=STEPS, modules_to_save=["head"])
+    return inject_increlora(Net(), config), config
+
+
+def global_batch(step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(2000 + step)
+    return torch.randn(GLOBAL_BATCH, D_IN, generator=g), torch.randint(0, CLASSES, (GLOBAL_BATCH,),
+                                                                       generator=g)
+
+
+def shard(step: int, rank: int, world: int, micro: int) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's equal slice of the global batch, cut into ``micro`` equal micro-batches."""
+    x, y = global_batch(step)
+    per = GLOBAL_BATCH // world
+    x, y = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+    return list(zip(x.chunk(micro), y.chunk(micro)))
+
+
+def loss_fn(model: nn.Module, controller: IncreLoRAController, x: torch.Tensor,
+            y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(model(x), y) + controller.regularization_loss()
+
+
+def result(model: Net, controller: IncreLoRAController) -> Dict[str, object]:
+    return {"allocation_log": controller.allocation_log, "rank_pattern": controller.rank_pattern(),
+            "ipt": controller.ipt, "unc": controller.unc,
+            "exact_step_score": controller.exact_step_score,
+            "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+
+
+def run_single_process() -> Dict[str, object]:
+    """The reference: one process, the whole global batch in one pass per step."""
+    model, config = build()
+    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
+    controller = IncreLoRAController(model, config)
+    for step in range(STEPS):
+        x, y = global_batch(step)
+        loss_fn(model, controller, x, y).backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    return result(model, controller)
+
+
+def _steps(rank: int, world: int) -> Iterator[Tuple[int, List[Tuple[torch.Tensor, torch.Tensor]]]]:
+    for step in range(STEPS):
+        yield step, shard(step, rank, world, MICRO)
+
+
+def _ddp(rank: int, world: int, rank_seeds: bool = False) -> Dict[str, object]:
+    """DDP with ``no_sync`` on all micro-batches but the last. ``rank_seeds``: every rank reseeds
+    its global RNG differently after the model is built (as per-rank seeding does)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, config = build()
+    ddp = DistributedDataParallel(model)
+    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
+    controller = IncreLoRAController(model, config)
+    if rank_seeds:
+        torch.manual_seed(100 + rank)
+    for step, micro in _steps(rank, world):
+        for i, (x, y) in enumerate(micro):
+            last = i == len(micro) - 1
+            with contextlib.nullcontext() if last else ddp.no_sync():
+                (loss_fn(ddp, controller, x, y) / len(micro)).backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    return result(model, controller)
+
+
+def _fsdp2(rank: int, world: int) -> Dict[str, object]:
+    """FSDP2 shards the frozen base weights; the trainable tensors (adapter slots, head) are left
+    out of sharding (``ignored_params``), kept whole on every rank and averaged by hand."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model, config = build()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for branch in model.body.branches:
+        fully_shard(branch, ignored_params=set(trainable))
+    fully_shard(model, ignored_params=set(trainable))
+    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
+    controller = IncreLoRAController(model, config)
+    for step, micro in _steps(rank, world):
+        for x, y in micro:
+            (loss_fn(model, controller, x, y) / len(micro)).backward()
+        for p in trainable:  # in model order, so every rank issues the same collectives
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    out = result(model, controller)
+    out["sharded"] = sorted(k for k, v in model.state_dict().items() if isinstance(v, DTensor))
+    out["state"] = {k: v.full_tensor() if isinstance(v, DTensor) else v
+                    for k, v in out["state"].items()}
+    return out
+
+
+def run_torchrun() -> Dict[str, Dict[str, object]]:
+    """DDP, FSDP2 (when this torch has ``fully_shard``) and DDP with per-rank seeds."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    runs = {"ddp": _ddp(rank, world), "ddp_rank_seeds": _ddp(rank, world, rank_seeds=True)}
+    try:
+        from torch.distributed.fsdp import fully_shard  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        runs["fsdp2"] = _fsdp2(rank, world)
+    dist.destroy_process_group()
+    return runs
+
+
+def run_accelerate() -> Dict[str, Dict[str, object]]:
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=MICRO)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    model, config = build()
+    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
+    controller = IncreLoRAController(model, config)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    for step, micro in _steps(rank, world):
+        for x, y in micro:
+            with accelerator.accumulate(wrapped):
+                accelerator.backward(loss_fn(wrapped, controller, x, y))
+                if accelerator.sync_gradients:
+                    controller.step(step)
+                optimizer.step()
+                optimizer.zero_grad()
+    return {"accelerate": result(accelerator.unwrap_model(wrapped), controller)}
+
+
+def main(argv: List[str]) -> None:
+    if len(argv) != 2 or argv[0] not in ("torchrun", "accelerate"):
+        raise SystemExit("usage: ddp_worker.py {torchrun|accelerate} OUT_DIR")
+    torch.set_num_threads(1)
+    out = run_torchrun() if argv[0] == "torchrun" else run_accelerate()
+    rank = int(os.environ["RANK"])
+    for run in out.values():
+        run["world_size"] = int(os.environ["WORLD_SIZE"])
+    torch.save(out, os.path.join(argv[1], f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,114 @@
+"""Issue 7 (1): 2-process data parallel training (gloo, CPU) allocates exactly as one process does.
+
+torchrun (DDP, and FSDP2 sharding the frozen base) and accelerate launch run tests/ddp_worker.py:
+each rank takes half of the same global batch in two micro-batches; the reference is one process
+on the whole global batch in one pass.
+"""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ddp_worker
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is needed")
+
+
+def _env():
+    """CPU only, one thread per process, and the repository importable by the workers."""
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(cmd, out_dir):
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, \
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return ddp_worker.run_single_process()
+
+
+@pytest.fixture(scope="module")
+def torchrun_runs(tmp_path_factory):
+    """One torchrun launch of 2 processes: runs "ddp", "ddp_rank_seeds" and "fsdp2"."""
+    out = tmp_path_factory.mktemp("torchrun")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(TESTS / "ddp_worker.py"), "torchrun", str(out)]
+    return _launch(cmd, out)
+
+
+def _same_on_both_ranks(r0, r1):
+    assert r0["world_size"] == r1["world_size"] == 2
+    assert r0["exact_step_score"] and r1["exact_step_score"]  # auto-enabled by the process group
+    assert r0["allocation_log"] == r1["allocation_log"] and r0["allocation_log"]
+    assert r0["rank_pattern"] == r1["rank_pattern"]
+    for key, value in r0["state"].items():
+        assert torch.equal(value, r1["state"][key]), key
+
+
+def _equal_to_single_process(run, reference):
+    assert not reference["exact_step_score"]
+    assert len(set(run["rank_pattern"].values())) > 1  # the budget went to some modules only
+    ref_log = reference["allocation_log"]
+    assert [(e["step"], e["module"], e["new_rank"]) for e in run["allocation_log"]] == \
+        [(e["step"], e["module"], e["new_rank"]) for e in ref_log]
+    for ours, theirs in zip(run["allocation_log"], ref_log):
+        assert ours["score"] == pytest.approx(theirs["score"], rel=1e-4)
+    assert run["rank_pattern"] == reference["rank_pattern"]
+    torch.testing.assert_close(run["ipt"], reference["ipt"], rtol=1e-4, atol=0)
+    torch.testing.assert_close(run["unc"], reference["unc"], rtol=1e-3, atol=0)
+    for key, value in reference["state"].items():
+        torch.testing.assert_close(run["state"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_torchrun_ddp_two_ranks_equal_one_process(torchrun_runs, reference):
+    r0, r1 = (r["ddp"] for r in torchrun_runs)
+    _same_on_both_ranks(r0, r1)
+    _equal_to_single_process(r0, reference)
+
+
+def test_torchrun_fsdp2_sharded_base_equals_one_process(torchrun_runs, reference):
+    if "fsdp2" not in torchrun_runs[0]:
+        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard")
+    r0, r1 = (r["fsdp2"] for r in torchrun_runs)
+    assert r0["sharded"] and all(".base_layer." in k for k in r0["sharded"])
+    _same_on_both_ranks(r0, r1)
+    _equal_to_single_process(r0, reference)
+
+
+def test_ranks_with_different_seeds_keep_identical_parameters(torchrun_runs):
+    r0, r1 = (r["ddp_rank_seeds"] for r in torchrun_runs)
+    _same_on_both_ranks(r0, r1)
+
+
+def test_accelerate_launch_two_ranks_equal_one_process(tmp_path, reference):
+    pytest.importorskip("accelerate")
+    # `--cpu` selects accelerate's single-process (or mpirun) launcher; `--multi_gpu` on a machine
+    # whose GPUs are hidden starts 2 torch.distributed processes that Accelerate runs as MULTI_CPU
+    # with gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+           "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
+           str(TESTS / "ddp_worker.py"), "accelerate", str(tmp_path)]
+    r0, r1 = (r["accelerate"] for r in _launch(cmd, tmp_path))
+    _same_on_both_ranks(r0, r1)
+    _equal_to_single_process(r0, reference)

@@ -1,0 +1,175 @@
+"""Issue 7 (2): `export_peft` writes a peft LoRA adapter that peft loads with our outputs."""
+import json
+import re
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel,
+                          LlamaConfig, LlamaForCausalLM)
+
+from increlora_fast import (IncreLoRAConfig, IncreLoRAController, create_optimizer,
+                            increlora_layers, inject_increlora)
+from increlora_fast.integrations.peft_export import export_peft
+
+peft = pytest.importorskip("peft")
+
+VOCAB = 64
+STEPS = 7  # allocation rounds at steps 2..6 (init_warmup=1, incre_interval=1, top_h=1)
+
+
+def _bert():
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3))
+
+
+def _gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=16, n_layer=2, n_head=2,
+                                      n_positions=16, bos_token_id=0, eos_token_id=0))
+
+
+def _llama():
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0))
+
+
+FAMILIES = {
+    "bert": (_bert, ["query", "value", "output.dense"], ["classifier"]),
+    "gpt2": (_gpt2, ["c_attn", "c_fc"], None),
+    "llama": (_llama, ["q_proj", "v_proj", "down_proj"], None),
+}
+
+
+def _batch(step, family):
+    g = torch.Generator().manual_seed(500 + step)
+    ids = torch.randint(1, VOCAB, (4, 10), generator=g)
+    labels = torch.randint(0, 3, (4,), generator=g) if family == "bert" else ids
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _fresh_base(family):
+    torch.manual_seed(7)
+    return FAMILIES[family][0]().eval()
+
+
+def _trained(family, steps, top_h=1):
+    _, targets, to_save = FAMILIES[family]
+    model = _fresh_base(family)
+    config = IncreLoRAConfig(target_modules=targets, r_max=5, init_r=1, target_rank=3,
+                             incre_rank_num=1, init_warmup=1, incre_interval=1, top_h=top_h,
+                             lora_alpha=8.0, lora_dropout=0.1, modules_to_save=to_save)
+    inject_increlora(model, config)
+    model.train()
+    optimizer = create_optimizer(model, config, lr=2e-2)
+    controller = IncreLoRAController(model, config)
+    for step in range(steps):
+        loss = model(**_batch(step, family)).loss + controller.regularization_loss()
+        loss.backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval(), controller
+
+
+def _outputs(model, family):
+    ids = torch.randint(1, VOCAB, (3, 9), generator=torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_peft_loads_export_with_equal_outputs(tmp_path, family):
+    model, controller = _trained(family, STEPS)
+    ranks = export_peft(model, tmp_path)
+    active = controller.rank_pattern()
+    assert len(set(active.values())) > 1, active  # the run gave modules different ranks
+    # mid-allocation: every module exports its active slots plus its contributing reserve slots
+    assert not controller.budget_reached
+    layers = dict(increlora_layers(model))
+    assert ranks == {n: r + layers[n].reserve_rank for n, r in active.items()}
+    assert sum(layers[n].reserve_rank for n in active) > 0
+
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA" and saved["r"] == max(ranks.values())
+    assert saved["rank_pattern"] == ranks and saved["alpha_pattern"] == ranks
+    assert saved["fan_in_fan_out"] == (family == "gpt2")
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for name, r in ranks.items():
+            a = f.get_tensor(f"base_model.model.{name}.lora_A.weight")
+            b = f.get_tensor(f"base_model.model.{name}.lora_B.weight")
+            assert a.shape[0] == r and b.shape[1] == r
+    if family == "bert":
+        assert {"base_model.model.classifier.weight", "base_model.model.classifier.bias"} <= keys
+
+    ours = _outputs(model, family)
+    base_out = _outputs(_fresh_base(family), family)
+    loaded = peft.PeftModel.from_pretrained(_fresh_base(family), str(tmp_path)).eval()
+    theirs = _outputs(loaded, family)
+    assert (ours - base_out).abs().max() > 1e-3  # the adapter matters, so equality means something
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_after_budget_drops_retired_reserve(tmp_path):
+    model, controller = _trained("llama", STEPS, top_h=6)
+    assert controller.budget_reached
+    ranks = export_peft(model, tmp_path)
+    assert ranks == controller.rank_pattern()
+    loaded = peft.PeftModel.from_pretrained(_fresh_base("llama"), str(tmp_path)).eval()
+    torch.testing.assert_close(_outputs(loaded, "llama"), _outputs(model, "llama"),
+                               rtol=1e-5, atol=1e-5)
+
+
+class Nested(nn.Module):
+    """Two adapted linears whose names are dot-suffixes of each other ("fc" and "inner.fc")."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.inner = nn.Module()
+        self.inner.fc = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.head(self.inner.fc(torch.tanh(self.fc(x))))
+
+
+def test_rank_pattern_keys_select_exactly_one_module(tmp_path):
+    torch.manual_seed(3)
+    model = Nested()
+    config = IncreLoRAConfig(target_modules=r"(inner\.)?fc", r_max=4, init_r=1, target_rank=2,
+                             incre_rank_num=1, modules_to_save=["head"])
+    inject_increlora(model, config)
+    with torch.no_grad():  # give the modules different ranks and a nonzero adapter
+        model.fc.activate_reserve(1, step=1)
+        model.fc.add_reserve(1, step=1)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    ranks = export_peft(model, tmp_path)
+    assert ranks == {"fc": 3, "inner.fc": 2}
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern == {"^" + re.escape("fc"): 3, "inner.fc": 2}
+    base = Nested()
+    base.load_state_dict({k.replace("base_layer.", ""): v for k, v in model.state_dict().items()
+                          if "lora_" not in k and "slot_" not in k}, strict=True)
+    with torch.no_grad():
+        base.head.weight.normal_()  # must come back from the adapter's modules_to_save
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_merged_layers(tmp_path):
+    torch.manual_seed(4)
+    model = inject_increlora(Nested(), IncreLoRAConfig(target_modules=["fc"], r_max=4,
+                                                       target_rank=2, incre_rank_num=1))
+    model.fc.merge()
+    with pytest.raises(ValueError, match="unmerge"):
+        export_peft(model, tmp_path)
+    assert not (tmp_path / "adapter_model.safetensors").exists()
