@@ -9,7 +9,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["increlora_fast", "increlora_fast.*"]),
     install_requires=[
-        "torch>=2.1",
+        "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         "transformers>=4.40",
         "safetensors>=0.4",

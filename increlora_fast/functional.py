@@ -18,6 +18,8 @@ import torch
 
 BACKEND_ENV = "INCRELORA_BACKEND"
 BACKENDS = ("torch", "triton")
+# "1" makes IncreLoRALinear run the base layer and the adapter in one Triton GEMM where it can.
+FUSED_LINEAR_ENV = "INCRELORA_FUSED_LINEAR"
 
 
 def select_backend(x: torch.Tensor) -> str:
@@ -90,3 +92,31 @@ def adapter_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, l
     if grad_out is not None:
         accumulate_weight_grad(out, x, grad_out)
     return out
+
+
+def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         lora_A: torch.Tensor, dropout_active: bool) -> bool:
+    """Whether a layer may compute base and adapter in one GEMM (`fused_linear_adapter`).
+
+    Needs ``INCRELORA_FUSED_LINEAR=1`` (read at every call), the triton backend for ``x``, no
+    active adapter dropout, a frozen base, and one dtype for x, the base weight and the adapter
+    (or autocast). Off by default: the unfused path (cuBLAS base, Triton adapter) stays the CUDA
+    default until a GPU benchmark shows the fused GEMM is faster (docs/kernels.md).
+    """
+    if os.environ.get(FUSED_LINEAR_ENV, "").strip() != "1" or dropout_active:
+        return False
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        return False
+    if not (torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype == lora_A.dtype):
+        return False
+    return select_backend(x) == "triton"
+
+
+def linear_adapter_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         weight_in_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                         lam: torch.Tensor,
+                         score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x @ W.T + bias + x @ A.T @ diag(lam) @ B.T`` for a 2-D ``x`` in one Triton GEMM."""
+    from .kernels.fused_linear import fused_linear_adapter
+    return fused_linear_adapter(x, weight, bias, lora_A, lora_B, lam, score_out,
+                                weight_in_out=weight_in_out)

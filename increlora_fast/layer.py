@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .functional import adapter_delta
+from .functional import adapter_delta, fused_linear_applies, linear_adapter_fused
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -110,11 +110,12 @@ class IncreLoRALinear(nn.Module):
     # ------------------------------------------------------------------ slot bookkeeping
     @property
     def active_mask(self) -> torch.Tensor:
-        return self.slot_state == SlotState.ACTIVE
+        # int(): torch.compile folds ``tensor == IntEnum`` to a Python bool (torch 2.13).
+        return self.slot_state == int(SlotState.ACTIVE)
 
     @property
     def reserve_mask(self) -> torch.Tensor:
-        return self.slot_state == SlotState.RESERVE
+        return self.slot_state == int(SlotState.RESERVE)
 
     @property
     def active_rank(self) -> int:
@@ -194,6 +195,8 @@ class IncreLoRALinear(nn.Module):
             return (self.lora_B * self.effective_lambda()) @ self.lora_A
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if not (args or kwargs) and self._fused_linear_ok(x):
+            return self._forward_fused_linear(x)
         result = self.base_layer(x, *args, **kwargs)
         if self.merged or not self.adapter_enabled:
             return result
@@ -213,6 +216,24 @@ class IncreLoRALinear(nn.Module):
         delta = adapter_delta(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B,
                               self.effective_lambda(), score_out, grad_out)
         return result + delta.reshape(*result.shape[:-1], self.out_features).to(result.dtype)
+
+    def _fused_linear_ok(self, x: torch.Tensor) -> bool:
+        """Whether forward runs base and adapter in one Triton GEMM (`fused_linear_applies`);
+        the dense per-step G of ``exact_step_score`` is left to the unfused path."""
+        if self.merged or not self.adapter_enabled or (self.score_enabled
+                                                       and self.exact_step_score):
+            return False
+        base = self.base_layer
+        return fused_linear_applies(
+            x, base.weight, base.bias, self.lora_A,
+            dropout_active=self.training and isinstance(self.lora_dropout, nn.Dropout))
+
+    def _forward_fused_linear(self, x: torch.Tensor) -> torch.Tensor:
+        track = self.score_enabled and self.training and torch.is_grad_enabled()
+        y = linear_adapter_fused(x.reshape(-1, self.in_features), self.base_layer.weight,
+                                 self.base_layer.bias, self.is_conv1d, self.lora_A, self.lora_B,
+                                 self.effective_lambda(), self.score_sum if track else None)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def take_score(self) -> torch.Tensor:
         """Return the accumulated exact score and reset the accumulator."""

@@ -1,0 +1,114 @@
+"""The fused masked AdamW kernel against `masked_adamw_torch_`, its reference.
+
+On CPU the kernel runs under the Triton interpreter (TRITON_INTERPRET=1, set before triton is
+imported); on a CUDA machine the same tests run the compiled kernel on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from increlora_fast.kernels import launch_counts, reset_launch_counts  # noqa: E402
+from increlora_fast.kernels.adamw import _masked_adamw_kernel, masked_adamw_triton_  # noqa: E402
+from increlora_fast.kernels.utils import is_interpreted  # noqa: E402
+from increlora_fast.optim_functional import masked_adamw_torch_  # noqa: E402
+
+if DEVICE == "cpu" and not is_interpreted(_masked_adamw_kernel):
+    raise RuntimeError("increlora_fast.kernels was imported before TRITON_INTERPRET=1 was set")
+
+# Moments: the same float32 operations in the same order as the reference [bitwise equal on
+# CPU]. float32 parameter: beta**n comes from exp2/log2 and may differ from torch's pow by one
+# ulp [bitwise equal on all but <= 3 of 333 elements; 5e-7 relative where p nearly cancels],
+# so the absolute tolerance is relative to the size of the step. bfloat16 / float16 parameter:
+# one ulp, as the Triton interpreter truncates float32 -> bfloat16 where GPUs round to nearest.
+PARAM_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+STEP_ATOL = 1e-6
+MOMENT_RTOL = 1e-6
+
+
+def make_state(shape, slot_dim, dtype, moment_dtype=torch.float32):
+    r = shape[slot_dim]
+    tensors = [torch.randn(shape, device=DEVICE).to(dtype),
+               torch.randn(shape, device=DEVICE).to(dtype),
+               (torch.randn(shape, device=DEVICE) * 0.1).to(moment_dtype),
+               (torch.rand(shape, device=DEVICE) * 0.01).to(moment_dtype)]
+    mask = torch.rand(r, device=DEVICE) > 0.4
+    mask[-1], mask[0] = False, True  # r = 1 (a dense tensor as one slot) stays masked in
+    lr = torch.rand(r, device=DEVICE) * 1e-2
+    count = torch.randint(1, 60, (r,), device=DEVICE).float()
+    return tensors, mask, lr, count
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,slot_dim", [((8, 19), 0), ((40, 16), 1), ((128,), 0),
+                                            ((1, 333), 0)])
+def test_matches_reference(dtype, shape, slot_dim):
+    tensors, mask, lr, count = make_state(shape, slot_dim, dtype)
+    before = [t.clone() for t in tensors]
+    ref = [t.clone() for t in tensors]
+    reset_launch_counts()
+    masked_adamw_triton_(*tensors, mask, lr, count, slot_dim, 0.9, 0.999, 1e-8, 0.01)
+    masked_adamw_torch_(*ref, mask, lr, count, slot_dim, 0.9, 0.999, 1e-8, 0.01)
+    assert launch_counts() == {"_masked_adamw_kernel": 1}
+
+    along = [1] * len(shape)
+    along[slot_dim] = -1
+    on = mask.view(along).expand(shape)
+    for got, old in zip(tensors, before):
+        assert torch.equal(got[~on], old[~on])  # masked-out slots bitwise unchanged
+    p, _, m, v = tensors
+    p_ref, _, m_ref, v_ref = ref
+    torch.testing.assert_close(m, m_ref, rtol=MOMENT_RTOL, atol=0)
+    torch.testing.assert_close(v, v_ref, rtol=MOMENT_RTOL, atol=0)
+    step = (p_ref.float() - before[0].float()).abs().max().item()
+    torch.testing.assert_close(p.float(), p_ref.float(), rtol=PARAM_RTOL[dtype],
+                               atol=STEP_ATOL * step)
+    assert not torch.equal(p[on], before[0][on])  # the step did update the masked-in slots
+
+
+def test_bfloat16_moments_and_weight_decay_only_step():
+    """Zero gradient: the update is pure weight decay plus the decaying moments."""
+    tensors, mask, lr, count = make_state((16, 8), 1, torch.float32, torch.bfloat16)
+    tensors[1].zero_()
+    p_before = tensors[0].clone()
+    ref = [t.clone() for t in tensors]
+    masked_adamw_triton_(*tensors, mask, lr, count, 1, 0.85, 0.99, 1e-6, 0.1)
+    masked_adamw_torch_(*ref, mask, lr, count, 1, 0.85, 0.99, 1e-6, 0.1)
+    for got, want in zip(tensors, ref):  # bfloat16 moments: one ulp (interpreter truncation)
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-12)
+    assert not torch.equal(tensors[0][:, mask], p_before[:, mask])
+    assert torch.equal(tensors[0][:, ~mask], p_before[:, ~mask])
+
+
+@pytest.mark.parametrize("change,match", [
+    ("grad_shape", "grad has shape"),
+    ("noncontiguous", "param must be contiguous"),
+    ("mask_len", "slot_mask must have shape \\(8,\\)"),
+    ("mask_dtype", "slot_mask must be bool"),
+    ("slot_dim", "slot_dim=2 is out of range"),
+    ("beta", "beta1=1.0 must lie in"),
+])
+def test_rejects_bad_arguments(change, match):
+    (p, g, m, v), mask, lr, count = make_state((8, 6), 0, torch.float32)
+    slot_dim, beta1 = 0, 0.9
+    if change == "grad_shape":
+        g = g[:, :5]
+    elif change == "noncontiguous":
+        p = torch.randn(6, 8, device=DEVICE).t()
+    elif change == "mask_len":
+        mask = mask[:7]
+    elif change == "mask_dtype":
+        mask = mask.float()
+    elif change == "slot_dim":
+        slot_dim = 2
+    else:
+        beta1 = 1.0
+    with pytest.raises((ValueError, TypeError), match=match):
+        masked_adamw_triton_(p, g, m, v, mask, lr, count, slot_dim, beta1, 0.999, 1e-8, 0.0)
