@@ -1,0 +1,8 @@
+"""Speed and memory benchmarks of IncreLoRA against its baselines (``increlora-fast bench``).
+
+Modules: `timing` (median of repeated runs, peak memory), `methods` (layer-level method
+factories), `dense_increlora` (the authors' dense layer, re-implemented as a baseline), `layer` and
+`model` (the two benchmark levels), `plans` (quick and full shape grids), `records` (JSON/CSV
+records), `report` (tables, plot, ``bench/RESULTS.md``) and `targets` (the issue's targets checked
+against the records). The core library never imports this package.
+"""

@@ -1,0 +1,333 @@
+"""Model level: whole training steps (forward, backward, allocation, optimizer) per method.
+
+Models are built from their configs with random weights (offline, nothing downloaded). Every
+method trains the same modules: the adapters on the preset's targets plus the pooler and the
+classifier head. Each method runs one short training run of ``plan.steps`` steps; the first
+``plan.warmup_steps`` are not timed. The schedules are compressed so that a run of a few dozen
+steps has both phases:
+
+- IncreLoRA (ours): ``init_r`` active, ranks added every step from step 2 and ``top_h`` chosen so
+  that the budget (``target_rank`` per module on average) is reached at mid-run; ``alloc`` steps
+  track the exact importance score, ``final`` steps do not.
+- peft AdaLoRA: ``init_r = r_max`` pruned to ``target_r = target_rank``; ``tinit = steps // 8``,
+  ``tfinal = steps // 4``, ``deltaT = 1``; ``update_and_allocate(step)`` after every optimizer
+  step, before ``zero_grad``, as a plain loop must call it. ``alloc`` = steps before ``tfinal``.
+- peft LoRA: rank ``r_max`` everywhere, one phase.
+
+A record's ``median_ms`` is the median step over the timed steps, ``mean_ms`` their mean (the
+run average, allocation included) and ``steps_per_s`` = 1000 / ``mean_ms``. The timed steps of
+all methods are interleaved (`measure_models`). Peak memory is over the method's untimed warmup
+steps (model, optimizer state, activations of allocation-phase steps) above what was allocated
+before its model was built.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .methods import LORA_ALPHA, MethodEnv, triton_status
+from .plans import DTYPES, ModelPlan
+from .timing import PeakMemory, Timer
+
+DEBERTA_TARGETS = ("query_proj", "key_proj", "value_proj", "attention.output.dense",
+                   "intermediate.dense", "output.dense")
+BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                "output.dense")
+MODULES_TO_SAVE = ("pooler", "classifier")
+ORTH_REG_WEIGHT = 0.1
+MODEL_METHODS = ("increlora-torch", "increlora-triton", "peft-lora", "peft-adalora")
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A transformers sequence classifier (``model_class``) built from ``config_kwargs``."""
+
+    name: str
+    model_class: str
+    config_class: str
+    config_kwargs: Dict[str, object]
+    targets: Tuple[str, ...]
+    n_targets: int
+
+    def classes(self) -> Tuple[type, type]:
+        import transformers
+
+        return getattr(transformers, self.model_class), getattr(transformers, self.config_class)
+
+    def build(self) -> nn.Module:
+        """The model with random weights (the caller seeds torch)."""
+        model_cls, config_cls = self.classes()
+        return model_cls(config_cls(num_labels=2, **self.config_kwargs))
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config_kwargs["vocab_size"])
+
+
+def _bert(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> Dict[str, object]:
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, intermediate_size=intermediate)
+
+
+# The architecture of microsoft/deberta-v3-base's config.json.
+DEBERTA_V3_BASE = dict(
+    vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+    intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0,
+    relative_attention=True, max_relative_positions=-1, position_buckets=256,
+    norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+    position_biased_input=False, layer_norm_eps=1e-7, pooler_hidden_size=768)
+
+MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
+    ModelPreset("deberta-v3-base", "DebertaV2ForSequenceClassification", "DebertaV2Config",
+                DEBERTA_V3_BASE, DEBERTA_TARGETS, 72),
+    # MiniLM-L6-H384 (all-MiniLM-L6-v2): a 6-layer BERT of width 384.
+    ModelPreset("minilm-l6", "BertForSequenceClassification", "BertConfig",
+                _bert(384, 6, 12, 1536, 30522), BERT_TARGETS, 36),
+    ModelPreset("tiny-bert", "BertForSequenceClassification", "BertConfig",
+                _bert(32, 2, 2, 64, 128), BERT_TARGETS, 12),
+)}
+
+
+def increlora_schedule(plan: ModelPlan, n_targets: int) -> Dict[str, int]:
+    """IncreLoRA settings that reach the budget at mid-run: one round per step from step 2."""
+    from ..config import IncreLoRAConfig
+
+    incre = IncreLoRAConfig(r_max=plan.r_max, init_r=plan.init_r,
+                            target_rank=plan.target_rank).incre_rank_num
+    rounds = max(1, plan.steps // 2 - 1)
+    grants = math.ceil((plan.target_rank - plan.init_r) * n_targets / incre)
+    top_h = min(n_targets, max(1, math.ceil(grants / rounds)))
+    return {"init_warmup": 1, "incre_interval": 1, "top_h": top_h, "incre_rank_num": incre}
+
+
+def adalora_schedule(plan: ModelPlan) -> Dict[str, int]:
+    return {"total_step": plan.steps, "tinit": plan.steps // 8,
+            "tfinal": max(1, plan.steps // 4), "deltaT": 1}
+
+
+def _batches(preset: ModelPreset, plan: ModelPlan, device: torch.device) -> List[dict]:
+    gen = torch.Generator().manual_seed(2)
+    shape = (plan.batch_size, plan.seq_len)
+    return [{"input_ids": torch.randint(1, preset.vocab_size, shape, generator=gen).to(device),
+             "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
+             "labels": torch.randint(0, 2, (plan.batch_size,), generator=gen).to(device)}
+            for _ in range(4)]
+
+
+class _IncreLoRARun:
+    """Ours in the plain loop of the README; ``phase(i)`` names the step about to run."""
+
+    def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan) -> None:
+        from .. import (IncreLoRAConfig, IncreLoRAController, create_optimizer, increlora_layers,
+                       inject_increlora)
+
+        sched = increlora_schedule(plan, preset.n_targets)
+        config = IncreLoRAConfig(
+            target_modules=list(preset.targets), r_max=plan.r_max, init_r=plan.init_r,
+            target_rank=plan.target_rank, lora_alpha=LORA_ALPHA, init_warmup=sched["init_warmup"],
+            incre_interval=sched["incre_interval"], top_h=sched["top_h"],
+            orth_reg_weight=ORTH_REG_WEIGHT, modules_to_save=list(MODULES_TO_SAVE))
+        self.model = inject_increlora(model, config)
+        found = len(list(increlora_layers(self.model)))
+        if found != preset.n_targets:
+            raise RuntimeError(f"{preset.name}: {found} target modules injected, expected "
+                               f"{preset.n_targets}; the preset's target names are stale")
+        self.optimizer = create_optimizer(self.model, config, lr=plan.lr,
+                                          weight_decay=plan.weight_decay)
+        self.controller = IncreLoRAController(self.model, config)
+        self.settings = (f"r_max={plan.r_max} init_r={plan.init_r} target_rank="
+                         f"{plan.target_rank} incre_rank_num={sched['incre_rank_num']} "
+                         f"top_h={sched['top_h']} rounds every step from step 2, "
+                         f"orth_reg={ORTH_REG_WEIGHT}, IncreLoRAAdamW")
+
+    def phase(self, i: int) -> str:
+        return "final" if self.controller.budget_reached else "alloc"
+
+    def step(self, i: int, batch: dict) -> None:
+        loss = self.model(**batch).loss + self.controller.regularization_loss()
+        loss.backward()
+        self.controller.step(i)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class _PeftRun:
+    """peft LoRA or AdaLoRA with torch AdamW in a plain loop."""
+
+    def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
+                 adalora: bool) -> None:
+        from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
+
+        common = dict(task_type=TaskType.SEQ_CLS, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
+                      target_modules=list(preset.targets), modules_to_save=list(MODULES_TO_SAVE))
+        self.adalora = adalora
+        if adalora:
+            self.sched = adalora_schedule(plan)
+            config = AdaLoraConfig(init_r=plan.r_max, target_r=plan.target_rank, beta1=0.85,
+                                   beta2=0.85, orth_reg_weight=ORTH_REG_WEIGHT, **self.sched,
+                                   **common)
+            self.settings = (f"init_r={plan.r_max} target_r={plan.target_rank} tinit="
+                             f"{self.sched['tinit']} tfinal={self.sched['tfinal']} deltaT=1 "
+                             f"orth_reg={ORTH_REG_WEIGHT}, torch AdamW")
+        else:
+            config = LoraConfig(r=plan.r_max, **common)
+            self.settings = f"r={plan.r_max}, no penalty, torch AdamW"
+        self.model = get_peft_model(model, config)
+        self.optimizer = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=plan.lr,
+            weight_decay=plan.weight_decay)
+
+    def phase(self, i: int) -> str:
+        if not self.adalora:
+            return "run"
+        return "alloc" if i < self.sched["total_step"] - self.sched["tfinal"] else "final"
+
+    def step(self, i: int, batch: dict) -> None:
+        self.model(**batch).loss.backward()
+        self.optimizer.step()
+        if self.adalora:
+            self.model.base_model.update_and_allocate(i)
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def _build_run(method: str, model: nn.Module, preset: ModelPreset, plan: ModelPlan
+               ) -> Union[_IncreLoRARun, _PeftRun]:
+    if method.startswith("increlora-"):
+        return _IncreLoRARun(model, preset, plan)
+    return _PeftRun(model, preset, plan, adalora=method == "peft-adalora")
+
+
+def _median(values: List[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def _check_args(method: str, preset_name: str) -> ModelPreset:
+    if method not in MODEL_METHODS:
+        raise ValueError(f"method={method!r} is not a model method: {list(MODEL_METHODS)}")
+    if preset_name not in MODEL_PRESETS:
+        raise ValueError(f"model={preset_name!r} is unknown: use one of {list(MODEL_PRESETS)}")
+    return MODEL_PRESETS[preset_name]
+
+
+def method_env(method: str) -> Dict[str, str]:
+    """The environment a model method runs under (ours: its backend)."""
+    if method.startswith("increlora-"):
+        return {"INCRELORA_BACKEND": method.split("-", 1)[1], "INCRELORA_FUSED_LINEAR": "0"}
+    return {}
+
+
+def prepare_run(method: str, preset_name: str, plan: ModelPlan, device: torch.device
+                ) -> Tuple[Union[_IncreLoRARun, _PeftRun], List[dict]]:
+    """A fresh model of the preset (seeded random weights) set up for ``method``, and the
+    batches to cycle through. Call it inside ``MethodEnv(method_env(method))``."""
+    preset = _check_args(method, preset_name)
+    torch.manual_seed(0)
+    model = preset.build().to(device).train()
+    return _build_run(method, model, preset, plan), _batches(preset, plan, device)
+
+
+def _step(run: Union[_IncreLoRARun, _PeftRun], i: int, batches: List[dict],
+          device: torch.device, dtype: str) -> None:
+    with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
+        run.step(i, batches[i % len(batches)])
+
+
+def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype: str,
+                   device: torch.device) -> Dict[str, dict]:
+    """Train ``plan.steps`` steps of every method on the preset; the timing fields per method.
+
+    Each method is built and runs its ``warmup_steps`` alone (its peak memory is taken there,
+    above what was allocated before its model was built, the other methods' models included);
+    then the timed steps go round-robin over the methods, so that load which comes and goes on
+    a shared machine falls on all of them alike.
+    """
+    for method in methods:
+        _check_args(method, preset_name)
+    preset = MODEL_PRESETS[preset_name]
+    if plan.warmup_steps < 1 or plan.steps < plan.warmup_steps + 2:
+        raise ValueError(f"model steps={plan.steps}, warmup_steps={plan.warmup_steps}: need "
+                         "warmup_steps >= 1 and steps >= warmup_steps + 2")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: use one of {list(DTYPES)}")
+    preset.classes()  # import the model code (and peft) before any memory baseline
+    if any(m.startswith("peft-") for m in methods):
+        import peft  # noqa: F401
+    runs, peaks = {}, {}
+    for method in methods:
+        with MethodEnv(method_env(method)):
+            peak = PeakMemory(device)
+            peak.start()
+            run, batches = prepare_run(method, preset_name, plan, device)
+            for i in range(plan.warmup_steps):
+                _step(run, i, batches, device, dtype)
+            peaks[method] = (peak.peak_mb(), peak.kind)
+        runs[method] = (run, batches)
+    times = {m: {"alloc": [], "final": [], "run": []} for m in methods}
+    for n, i in enumerate(range(plan.warmup_steps, plan.steps)):
+        shift = n % len(methods)
+        for method in methods[shift:] + methods[:shift]:
+            run, batches = runs[method]
+            with MethodEnv(method_env(method)):
+                phase = run.phase(i)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                with Timer(device) as timer:
+                    _step(run, i, batches, device, dtype)
+            times[method]["run"].append(timer.ms)
+            if phase != "run":
+                times[method][phase].append(timer.ms)
+    out = {}
+    for method in methods:
+        t = times[method]
+        mean = statistics.fmean(t["run"])
+        out[method] = {
+            "median_ms": statistics.median(t["run"]), "mean_ms": mean,
+            "steps_per_s": 1000.0 / mean, "alloc_median_ms": _median(t["alloc"]),
+            "final_median_ms": _median(t["final"]), "alloc_steps": len(t["alloc"]),
+            "final_steps": len(t["final"]), "peak_mem_mb": peaks[method][0],
+            "mem_kind": peaks[method][1], "repeats": len(t["run"]),
+            "settings": runs[method][0].settings, "n_targets": preset.n_targets}
+    return out
+
+
+def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, env: Dict,
+                    log: Callable[[str], None] = print) -> List[dict]:
+    """One record per (model, dtype, method); Triton runs on CUDA only (no interpreter here)."""
+    unknown = [m for m in methods if m not in MODEL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown model methods {unknown}; known: {list(MODEL_METHODS)}")
+    triton_ok, triton_note = triton_status(device)
+    skipped = {}
+    if "increlora-triton" in methods and device.type != "cuda":
+        skipped["increlora-triton"] = ("skipped: Triton kernels need CUDA; the interpreter is "
+                                       "far too slow for a whole model")
+    elif "increlora-triton" in methods and not triton_ok:
+        skipped["increlora-triton"] = triton_note
+    common = (f"batch {plan.batch_size} x seq {plan.seq_len}, {plan.steps} steps "
+              f"({plan.warmup_steps} untimed), lr {plan.lr}, weight decay {plan.weight_decay}")
+    records = []
+    for name in plan.models:
+        for dtype in plan.dtypes:
+            measured = measure_models([m for m in methods if m not in skipped], name, plan,
+                                      dtype, device)
+            for method in methods:
+                rec = dict(env, level="model", method=method,
+                           shape=f"{name} b{plan.batch_size}x{plan.seq_len}",
+                           tokens=plan.batch_size * plan.seq_len, r_max=plan.r_max,
+                           dtype=dtype if dtype == "fp32" else f"{dtype}-autocast", phase="run",
+                           status="ok", note="", median_ms=None, mean_ms=None, peak_mem_mb=None,
+                           run_settings=common)
+                if method in skipped:
+                    rec.update(status="skipped", note=skipped[method])
+                else:
+                    rec.update(measured[method])
+                    log(f"model {rec['shape']} {rec['dtype']} {method:18s} median "
+                        f"{rec['median_ms']:9.1f} ms  mean {rec['mean_ms']:9.1f} ms  "
+                        f"{rec['steps_per_s']:6.2f} steps/s  {rec['peak_mem_mb']:8.1f} MiB")
+                records.append(rec)
+    return records

@@ -1,0 +1,118 @@
+"""Benchmark records: one flat dict per measurement, written as JSON and appended to a CSV.
+
+Every record carries the environment it was measured in (device name, library versions, git
+commit, date, threads), so records from different machines can sit in one file and one report.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import json
+import os
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional
+
+import torch
+
+# The fields every record has; anything else a record holds goes to the CSV's "extra" column.
+CSV_COLUMNS = [
+    "date", "git_commit", "mode", "level", "method", "shape", "tokens", "r_max", "dtype", "phase",
+    "device", "device_type", "status", "median_ms", "mean_ms", "steps_per_s", "peak_mem_mb",
+    "mem_kind", "repeats", "torch", "triton", "peft", "transformers", "threads", "note",
+]
+REQUIRED = ("level", "method", "shape", "dtype", "device", "median_ms", "peak_mem_mb", "torch",
+            "triton", "date", "git_commit")
+
+
+def _version(dist: str) -> Optional[str]:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str:
+    """HEAD of the checkout this package runs from, ``+dirty`` when tracked files differ."""
+    here = Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def environment(device: torch.device, mode: str) -> Dict[str, object]:
+    """The fields shared by every record of one run."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "git_commit": _git_commit(),
+        "mode": mode,
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+        "peft": _version("peft"),
+        "transformers": _version("transformers"),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def check_record(record: dict) -> None:
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise ValueError(f"benchmark record lacks {missing}: {record}")
+
+
+def write_json(records: List[dict], path: str) -> None:
+    for r in records:
+        check_record(r)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(records, f, indent=1)
+
+
+def read_json(path: str) -> List[dict]:
+    with open(path) as f:
+        records = json.load(f)
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of benchmark records")
+    for r in records:
+        check_record(r)
+    return records
+
+
+def append_csv(records: Iterable[dict], path: str) -> None:
+    """Append records to ``path`` (header written when the file is new or empty)."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    new = not p.exists() or p.stat().st_size == 0
+    with open(p, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS + ["extra"])
+        if new:
+            writer.writeheader()
+        for r in records:
+            row = {k: r.get(k) for k in CSV_COLUMNS}
+            extra = {k: v for k, v in r.items() if k not in CSV_COLUMNS}
+            row["extra"] = json.dumps(extra, sort_keys=True) if extra else ""
+            writer.writerow(row)

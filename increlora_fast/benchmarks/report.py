@@ -1,0 +1,286 @@
+"""Tables (console and Markdown) with ratios to ``floor`` and ``peft-lora``, the time-vs-tokens
+plot, and ``bench/RESULTS.md``, all computed from benchmark records."""
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .methods import INTERPRETER_NOTE, LAYER_METHODS
+from .model import MODEL_METHODS
+from .plans import PHASES
+from .targets import all_verdicts
+
+LAYER_COLUMNS = ("shape", "tokens", "r_max", "dtype", "phase", "method", "median_ms", "x_floor",
+                 "x_peft_lora", "peak_mem_mb")
+MODEL_COLUMNS = ("model", "dtype", "method", "steps_per_s", "mean_ms", "median_ms",
+                 "alloc_median_ms", "final_median_ms", "x_peft_lora_mean", "x_peft_lora_final",
+                 "peak_mem_mb", "x_peft_lora_mem")
+INTERP_MARK = " (interp.)"
+
+
+def run_key(record: dict) -> Tuple[str, str]:
+    """Records of one CLI run share their device and start date."""
+    return record["device"], record["date"]
+
+
+def group_runs(records: Sequence[dict]) -> "OrderedDict[Tuple[str, str], List[dict]]":
+    runs: "OrderedDict[Tuple[str, str], List[dict]]" = OrderedDict()
+    for r in records:
+        runs.setdefault(run_key(r), []).append(r)
+    return runs
+
+
+def _ratio(value: Optional[float], ref: Optional[float]) -> Optional[float]:
+    if value is None or ref is None or ref <= 0:
+        return None
+    return value / ref
+
+
+def _method_order(name: str, known: Sequence[str]) -> int:
+    return list(known).index(name) if name in known else len(known)
+
+
+def layer_rows(records: Sequence[dict]) -> List[dict]:
+    """Measured layer rows of one run with ``x_floor`` and ``x_peft_lora``, in table order."""
+    ok = [r for r in records if r["level"] == "layer" and r.get("status") == "ok"]
+    floor = {(r["shape"], r["tokens"], r["dtype"], r["phase"]): r["median_ms"]
+             for r in ok if r["method"] == "floor"}
+    lora = {(r["shape"], r["tokens"], r["r_max"], r["dtype"], r["phase"]): r["median_ms"]
+            for r in ok if r["method"] == "peft-lora"}
+    rows = []
+    for r in ok:
+        row = dict(r)
+        row["x_floor"] = _ratio(r["median_ms"], floor.get((r["shape"], r["tokens"], r["dtype"],
+                                                           r["phase"])))
+        row["x_peft_lora"] = None if r["method"] == "floor" else _ratio(
+            r["median_ms"], lora.get((r["shape"], r["tokens"], r["r_max"], r["dtype"],
+                                      r["phase"])))
+        if r.get("note") == INTERPRETER_NOTE:
+            row["method"] = r["method"] + INTERP_MARK
+        rows.append(row)
+    phase_order = {p: i for i, p in enumerate(("fwd+bwd", "fwd", "bwd"))}
+
+    def key(row: dict):
+        return (row["dtype"], phase_order.get(row["phase"], len(PHASES)),
+                bool(row.get("interpreter_point")), int(row["shape"].split("x")[0]),
+                int(row["shape"].split("x")[1]), row["tokens"], row["r_max"] or 0,
+                _method_order(row["method"].replace(INTERP_MARK, ""), list(LAYER_METHODS)))
+    return sorted(rows, key=key)
+
+
+def model_rows(records: Sequence[dict]) -> List[dict]:
+    """Measured model rows of one run with their ratios to peft-lora (time and memory)."""
+    ok = [r for r in records if r["level"] == "model" and r.get("status") == "ok"]
+    lora = {(r["shape"], r["dtype"]): r for r in ok if r["method"] == "peft-lora"}
+    rows = []
+    for r in ok:
+        ref = lora.get((r["shape"], r["dtype"]))
+        row = dict(r, model=r["shape"])
+        row["x_peft_lora_mean"] = _ratio(r["mean_ms"], ref and ref["mean_ms"])
+        row["x_peft_lora_final"] = _ratio(r.get("final_median_ms") or r["median_ms"],
+                                          ref and ref["median_ms"])
+        row["x_peft_lora_mem"] = _ratio(r["peak_mem_mb"], ref and ref["peak_mem_mb"])
+        rows.append(row)
+    return sorted(rows, key=lambda row: (row["shape"], row["dtype"],
+                                         _method_order(row["method"], MODEL_METHODS)))
+
+
+def skipped_summary(records: Sequence[dict]) -> List[str]:
+    """One line per (method, reason) among the skipped rows."""
+    seen: "OrderedDict[Tuple[str, str, str], int]" = OrderedDict()
+    for r in records:
+        if r.get("status") == "skipped":
+            key = (r["level"], r["method"], r.get("note", ""))
+            seen[key] = seen.get(key, 0) + 1
+    return [f"{level} `{method}`: {note} ({n} rows)" for (level, method, note), n in seen.items()]
+
+
+def _fmt(value, column: str) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if column.startswith("x_"):
+            return f"{value:.2f}x"
+        if column == "steps_per_s":
+            return f"{value:.3f}"
+        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def text_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """A fixed-width table for the console."""
+    cells = [[_fmt(row.get(c), c) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
+    return "\n".join(lines)
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(c), c) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def console_report(records: Sequence[dict]) -> str:
+    """What the CLI prints at the end of a run."""
+    parts = []
+    layer, model = layer_rows(records), model_rows(records)
+    if layer:
+        parts += ["LAYER LEVEL (median ms of repeats; x_floor, x_peft_lora = ratio of medians; "
+                  "peak_mem_mb above the run's baseline)", text_table(layer, LAYER_COLUMNS)]
+    if model:
+        parts += ["MODEL LEVEL (one training step: forward, backward, allocation, optimizer)",
+                  text_table(model, MODEL_COLUMNS)]
+    skipped = skipped_summary(records)
+    if skipped:
+        parts.append("\n".join(["SKIPPED"] + skipped))
+    if any(r.get("note") == INTERPRETER_NOTE for r in records):
+        parts.append(f"{INTERP_MARK.strip()}: {INTERPRETER_NOTE}")
+    return "\n\n".join(parts)
+
+
+def plot_time_vs_tokens(records: Sequence[dict], path: str) -> Optional[str]:
+    """Layer fwd+bwd time against tokens, one line per method, one panel per shape and one row
+    per (dtype, r_max); only shapes measured at two or more token counts. Returns the path, or
+    None when nothing qualifies."""
+    rows = [r for r in records if r["level"] == "layer" and r.get("status") == "ok"
+            and r["phase"] == "fwd+bwd" and not r.get("interpreter_point")]
+    tokens_by_shape: Dict[str, set] = {}
+    for r in rows:
+        tokens_by_shape.setdefault(r["shape"], set()).add(r["tokens"])
+    shapes = sorted((s for s, t in tokens_by_shape.items() if len(t) >= 2),
+                    key=lambda s: tuple(int(v) for v in s.split("x")))
+    combos = sorted({(r["dtype"], r["r_max"]) for r in rows if r["r_max"] is not None})
+    if not shapes or not combos:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(combos), len(shapes), squeeze=False,
+                             figsize=(4.2 * len(shapes) + 3.0, 3.4 * len(combos) + 0.6))
+    for i, (dtype, r_max) in enumerate(combos):
+        for j, shape in enumerate(shapes):
+            ax = axes[i][j]
+            for method in LAYER_METHODS:
+                pts = sorted((r["tokens"], r["median_ms"]) for r in rows
+                             if r["method"] == method and r["shape"] == shape
+                             and r["dtype"] == dtype and r["r_max"] in (r_max, None))
+                if len(pts) >= 2:
+                    style = dict(color="black", linestyle="--") if method == "floor" else {}
+                    ax.plot(*zip(*pts), marker="o", label=method, **style)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{shape} {dtype} r_max={r_max}", fontsize=9)
+            ax.set_xlabel("tokens")
+            ax.set_ylabel("fwd+bwd median ms")
+            ax.grid(True, which="both", alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.suptitle(f"Layer fwd+bwd time vs tokens - {rows[0]['device']}", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1 - 3.0 / fig.get_figwidth(), 0.95))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+LEGEND = """\
+Methods (`+score` = importance tracking on, the allocation phase; without it tracking is off):
+`floor` the frozen base linear alone (forward + input gradient, what every LoRA pays);
+`peft-lora` peft LoRA at r = r_max; `peft-adalora` peft AdaLoRA SVDLinear at r = r_max with
+`update_and_allocate` after each backward; `dense-increlora` the authors' layer (dense dW
+materialised in forward, dense dL/d(dW) in backward, module score in a hook when `+score`);
+`increlora-torch` ours, PyTorch reference path (its exact score is dense: dy^T x and dW per pass);
+`increlora-triton` ours, Triton low-rank kernels, fused exact score; `increlora-triton-fused` ours
+with the base GEMM and the adapter in one Triton kernel (`INCRELORA_FUSED_LINEAR=1`).
+Layer rows: median of interleaved repeats; `x_floor` and `x_peft_lora` are ratios of medians at
+the same shape, tokens, r_max, dtype and phase; `peak_mem_mb` is the peak of one run above what
+was allocated before it (weights and input excluded). Model rows: one training step (forward,
+backward, controller or AdaLoRA update, optimizer); `mean_ms` is the run average (allocation
+phase included), `alloc_median_ms`/`final_median_ms` the medians of the steps before/after the
+allocation phase ended; the timed steps of all methods run round-robin; `peak_mem_mb` is the
+peak over the method's untimed first steps (allocation phase) above the memory before its model
+was built (weights, optimizer state and activations included)."""
+
+
+def _environment_lines(records: Sequence[dict]) -> List[str]:
+    r = records[0]
+    kinds = sorted({str(x.get("mem_kind")) for x in records if x.get("mem_kind")})
+    timing = ("torch.cuda.Event pairs" if r["device_type"] == "cuda"
+              else "time.perf_counter")
+    lines = [f"- device: {r['device']} ({r['device_type']}), {r.get('threads')} torch threads",
+             f"- torch {r['torch']}, triton {r.get('triton')}, peft {r.get('peft')}, "
+             f"transformers {r.get('transformers')}",
+             f"- git commit {r['git_commit']}, started {r['date']}, mode `{r.get('mode')}`",
+             f"- timing: {timing}; memory: {', '.join(kinds) or '-'}"]
+    if r.get("load_start") is not None:
+        lines.append(f"- 1-minute load average at start / end: {r['load_start']:.2f} / "
+                     f"{r.get('load_end', float('nan')):.2f} on {r.get('cpu_count')} logical CPUs")
+    if r.get("command"):
+        lines.append(f"- command: `{r['command']}`")
+    return lines
+
+
+def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
+    r0 = records[0]
+    out = [f"## {r0['device_type'].upper()}: {r0['device']} ({r0.get('mode')} mode, {r0['date']})",
+           ""] + _environment_lines(records) + [""]
+    layer = layer_rows(records)
+    for dtype in sorted({row["dtype"] for row in layer}):
+        for phase in ("fwd+bwd", "fwd", "bwd"):
+            rows = [row for row in layer if row["dtype"] == dtype and row["phase"] == phase]
+            if rows:
+                out += [f"### Layer level, {phase}, {dtype}", "",
+                        markdown_table(rows, LAYER_COLUMNS), ""]
+    if any(INTERP_MARK in row["method"] for row in layer):
+        out += [f"`{INTERP_MARK.strip()}`: {INTERPRETER_NOTE}.", ""]
+    if plot_rel:
+        out += [f"![layer fwd+bwd time vs tokens]({plot_rel})", ""]
+    model = model_rows(records)
+    if model:
+        out += ["### Model level (one training step)", "", markdown_table(model, MODEL_COLUMNS),
+                ""]
+        settings = OrderedDict((row["method"], row.get("settings")) for row in model)
+        out += ["Settings, beside the numbers: " + model[0].get("run_settings", "") + "; "
+                "same random batches, dropout of the model config, adapter dropout 0, adapters "
+                "on the same targets, pooler and classifier trained by every method."]
+        out += [f"- `{m}`: {s}" for m, s in settings.items()] + [""]
+    skipped = skipped_summary(records)
+    if skipped:
+        out += ["Not measured in this run:", ""] + [f"- {line}" for line in skipped] + [""]
+    if any(row.get("interpreter_point") for row in layer):
+        out += ["The rows at the Triton interpreter point (the smallest shape, after the grid) "
+                "only show that every method runs; none of their times means anything.", ""]
+    out += ["### Issue 5 item-7 targets", "",
+            "| target | scope | verdict | measured |", "|---|---|---|---|"]
+    out += [f"| {v.target} | {v.scope} | **{v.status}** | {v.detail} |"
+            for v in all_verdicts(records)]
+    return out + [""]
+
+
+def results_markdown(records: Sequence[dict], plots: Dict[Tuple[str, str], str],
+                     md_path: str, notes: Optional[str] = None) -> str:
+    """The whole ``RESULTS.md``: one section per run (CPU and GPU runs alike), then the notes.
+
+    ``plots`` maps a run key to its PNG; links are made relative to ``md_path``.
+    """
+    base = Path(md_path).resolve().parent
+    out = ["# Benchmark results", "",
+           "Generated by `increlora-fast bench` (`--results-md` or `--report-only`) from "
+           "benchmark records (`increlora_fast/benchmarks/report.py`); do not edit by hand. "
+           "To regenerate it, or to add a GPU run: `increlora-fast bench --report-only "
+           "--include-json "
+           "bench/records/<run>.json [--include-json ...] --notes bench/NOTES.md`.", "",
+           LEGEND, ""]
+    for key, run in group_runs(records).items():
+        plot = plots.get(key)
+        rel = os.path.relpath(Path(plot).resolve(), base) if plot else None
+        out += _run_section(run, rel)
+    if notes:
+        out += ["## Notes", "", notes.strip(), ""]
+    return "\n".join(out)

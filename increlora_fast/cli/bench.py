@@ -1,0 +1,242 @@
+"""`increlora-fast bench`: layer- and model-level speed and memory of IncreLoRA and its baselines.
+
+``--quick``: small shapes on CPU in a few minutes. Without it (full mode): DeBERTa-v3-base and
+7B-class shapes, 2k-32k tokens, r_max 8/16/64, fp32 and bf16, and whole training steps of
+DeBERTa-v3-base and MiniLM-L6, on a CUDA GPU. Prints the tables, appends every record to
+``bench/results.csv``, draws the time-vs-tokens plot, and with ``--json`` / ``--results-md``
+writes the records and ``bench/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from typing import List, Tuple
+
+DEFAULT_CSV = "bench/results.csv"
+DEFAULT_RESULTS_MD = "bench/RESULTS.md"
+DEFAULT_PLOT_DIR = "bench/plots"
+
+
+def _csv_list(text: str) -> List[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+    return items
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        values = [int(t) for t in _csv_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers")
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: every value must be >= 1")
+    return values
+
+
+def _dims(text: str, n: int) -> Tuple[int, ...]:
+    parts = text.lower().split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != n or any(d < 1 for d in dims):
+        form = "x".join(["IN", "OUT", "TOKENS"][:n])
+        raise argparse.ArgumentTypeError(f"{text!r} is not of the form {form} (positive integers)")
+    return dims
+
+
+def _shapes(text: str) -> List[Tuple[int, int]]:
+    return [_dims(t, 2) for t in _csv_list(text)]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true",
+                        help="small shapes and MiniLM-L6 on CPU, a few minutes")
+    parser.add_argument("--device", default=None,
+                        help="cpu | cuda | cuda:N (default: cpu with --quick, else cuda)")
+    parser.add_argument("--levels", type=_csv_list, default=["layer", "model"],
+                        help="layer,model (default both)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", dest="json_path", metavar="PATH",
+                     help="write this run's records as a JSON list")
+    out.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
+                     help=f"append the records to this CSV (default {DEFAULT_CSV}; '' = off)")
+    out.add_argument("--plot", default=None, metavar="PATH",
+                     help=f"time-vs-tokens PNG (default {DEFAULT_PLOT_DIR}/layer_<device>_<mode>"
+                          ".png; '' = off)")
+    out.add_argument("--results-md", nargs="?", const=DEFAULT_RESULTS_MD, default=None,
+                     metavar="PATH", help=f"write RESULTS.md (default {DEFAULT_RESULTS_MD}) "
+                                          "from this run plus --include-json records")
+    out.add_argument("--include-json", action="append", default=[], metavar="PATH",
+                     help="records of other runs (e.g. a GPU run) to put in RESULTS.md")
+    out.add_argument("--notes", metavar="PATH",
+                     help="a Markdown file of notes to put under the tables of RESULTS.md")
+    out.add_argument("--report-only", action="store_true",
+                     help="measure nothing: build RESULTS.md from --include-json records")
+    layer = parser.add_argument_group("layer level (overrides of the quick/full grid)")
+    layer.add_argument("--methods", type=_csv_list, help="layer methods (default: all)")
+    layer.add_argument("--shapes", type=_shapes, help="e.g. 768x768,768x3072 (IN x OUT)")
+    layer.add_argument("--tokens", type=_ints, help="e.g. 2048,16384")
+    layer.add_argument("--r-max", type=_ints, help="e.g. 8,16,64")
+    layer.add_argument("--dtypes", type=_csv_list, help="fp32,bf16,fp16")
+    layer.add_argument("--phases", type=_csv_list, help="fwd,bwd,fwd+bwd")
+    layer.add_argument("--warmup", type=int, help="untimed runs per method before timing")
+    layer.add_argument("--repeats", type=int, help="timed runs per method (median reported)")
+    layer.add_argument("--interpreter-point", type=lambda t: _dims(t, 3),
+                       help="IN x OUT x TOKENS where Triton runs under its interpreter on CPU")
+    model = parser.add_argument_group("model level (overrides)")
+    model.add_argument("--model-methods", type=_csv_list, help="default: all")
+    model.add_argument("--models", type=_csv_list,
+                       help="deberta-v3-base, minilm-l6, tiny-bert")
+    model.add_argument("--batch-size", type=int)
+    model.add_argument("--seq-len", type=int)
+    model.add_argument("--model-steps", type=int, help="training steps per method")
+    model.add_argument("--model-warmup-steps", type=int, help="of those, untimed")
+    model.add_argument("--model-dtypes", type=_csv_list, help="fp32, bf16 (autocast)")
+
+
+def _fail(message: str) -> int:
+    print(f"increlora-fast bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _plans(args: argparse.Namespace):
+    from ..benchmarks.plans import DTYPES, PHASES, full_plans, quick_plans
+
+    layer, model = quick_plans() if args.quick else full_plans()
+    for attr, name in (("shapes", "shapes"), ("tokens", "tokens"), ("r_max", "r_max"),
+                       ("dtypes", "dtypes"), ("phases", "phases"), ("warmup", "warmup"),
+                       ("repeats", "repeats"), ("interpreter_point", "interpreter_point")):
+        if getattr(args, attr) is not None:
+            setattr(layer, name, getattr(args, attr))
+    for attr, name in (("models", "models"), ("batch_size", "batch_size"),
+                       ("seq_len", "seq_len"), ("model_steps", "steps"),
+                       ("model_warmup_steps", "warmup_steps"), ("model_dtypes", "dtypes")):
+        if getattr(args, attr) is not None:
+            setattr(model, name, getattr(args, attr))
+    for d in list(layer.dtypes) + list(model.dtypes):
+        if d not in DTYPES:
+            raise ValueError(f"dtype {d!r} is invalid: use {list(DTYPES)}")
+    for p in layer.phases:
+        if p not in PHASES:
+            raise ValueError(f"--phases entry {p!r} is invalid: use {list(PHASES)}")
+    if layer.warmup < 0 or layer.repeats < 1:
+        raise ValueError(f"--warmup={layer.warmup} must be >= 0 and --repeats={layer.repeats} "
+                         ">= 1")
+    return layer, model
+
+
+def _device(args: argparse.Namespace):
+    import torch
+
+    name = args.device or ("cpu" if args.quick else "cuda")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; the full mode is meant "
+                         "for a GPU (use --quick, or --device cpu to force the full grid on CPU)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r} is invalid: use cpu, cuda or cuda:N")
+    return device
+
+
+def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
+    import torch
+
+    from ..benchmarks.layer import run_layer_level
+    from ..benchmarks.methods import LAYER_METHODS
+    from ..benchmarks.model import MODEL_METHODS, run_model_level
+    from ..benchmarks.records import environment
+
+    layer_plan, model_plan = _plans(args)
+    env = environment(device, mode)
+    env.update(command=_command_line(), cpu_count=os.cpu_count(),
+               load_start=os.getloadavg()[0])
+    records: List[dict] = []
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    for level in args.levels:
+        if level == "layer":
+            records += run_layer_level(layer_plan, args.methods or list(LAYER_METHODS), device,
+                                       env, log)
+        elif level == "model":
+            records += run_model_level(model_plan, args.model_methods or list(MODEL_METHODS),
+                                       device, env, log)
+        else:
+            raise ValueError(f"--levels entry {level!r} is invalid: use layer, model")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    load_end = os.getloadavg()[0]
+    for r in records:
+        r["load_end"] = load_end
+    return records
+
+
+def _command_line() -> str:
+    argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
+    return "increlora-fast bench " + " ".join(map(shlex.quote, argv)) if argv is not None \
+        else "(called in-process)"
+
+
+def _plot_path(record: dict) -> str:
+    return os.path.join(DEFAULT_PLOT_DIR,
+                        f"layer_{record['device_type']}_{record.get('mode', 'run')}.png")
+
+
+def run(args: argparse.Namespace) -> int:
+    mode = "quick" if args.quick else "full"
+    try:
+        if args.report_only and not args.include_json:
+            raise ValueError("--report-only needs at least one --include-json PATH")
+        if args.report_only and not args.results_md:
+            args.results_md = DEFAULT_RESULTS_MD
+        device = None if args.report_only else _device(args)
+        if device is not None and device.type == "cpu":
+            # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        import torch
+
+        from ..benchmarks import records as rec_io
+        from ..benchmarks import report
+
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads={args.threads} must be >= 1")
+            torch.set_num_threads(args.threads)
+        included = [r for path in args.include_json for r in rec_io.read_json(path)]
+        records = [] if device is None else _measure(args, device, mode)
+    except (ValueError, OSError) as err:
+        return _fail(str(err))
+    if records:
+        print()
+        print(report.console_report(records))
+    if args.json_path:
+        rec_io.write_json(records, args.json_path)
+        print(f"\nrecords: {args.json_path}")
+    if records and args.csv:
+        rec_io.append_csv(records, args.csv)
+        print(f"appended {len(records)} rows to {args.csv}")
+    plots = {}
+    runs = report.group_runs(records + included)
+    for key, run_records in runs.items():
+        this_run = bool(records) and key == report.run_key(records[0])
+        if not (this_run or args.results_md):
+            continue
+        path = args.plot if this_run and args.plot is not None else _plot_path(run_records[0])
+        if path and report.plot_time_vs_tokens(run_records, path):
+            plots[key] = path
+            print(f"plot: {path}")
+    if args.results_md:
+        notes = None
+        if args.notes:
+            with open(args.notes) as f:
+                notes = f.read()
+        text = report.results_markdown(records + included, plots, args.results_md, notes)
+        os.makedirs(os.path.dirname(os.path.abspath(args.results_md)), exist_ok=True)
+        with open(args.results_md, "w") as f:
+            f.write(text)
+        print(f"results: {args.results_md}")
+    return 0
