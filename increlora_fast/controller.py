@@ -65,6 +65,7 @@ class IncreLoRAController:
         self.budget_reached = False
         self.round_pending = False
         self._warned_nonfinite = False
+        self._warned_no_data = False
         exact = self.config.exact_step_score
         self.exact_step_score = _world_size() > 1 if exact is None else exact
         if self.current_total_rank() >= self.total_budget:
@@ -90,18 +91,29 @@ class IncreLoRAController:
         Args:
             step: 0-based index of the optimizer step about to be taken.
             loss_scale: the factor the loss was multiplied by before backward (fp16
-                ``GradScaler.get_scale()``); the fused score is divided by it.
+                ``GradScaler.get_scale()``); the ``delta_w`` score, taken from the scaled output
+                gradient, is divided by it (triplet scores read the unscaled ``.grad``: call
+                ``scaler.unscale_(optimizer)`` first, as for clipping).
 
         A step with non-finite scores (overflow, NaN loss) changes nothing, and an allocation
         round due at it waits for the next finite step.
         """
         if self.budget_reached:
             return
-        if all(layer.lora_lambda.grad is None for layer in self.layers):
-            return  # no backward since the last step (e.g. a skipped AMP step): nothing to learn
         cfg = self.config
         due = self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
-        scores = self._collect_scores() / loss_scale
+        if not self._has_backward_data():
+            self.round_pending = due
+            if not self._warned_no_data:
+                self._warned_no_data = True
+                warnings.warn(f"IncreLoRA: controller.step({step}) found no gradients or scores; "
+                              "call it after backward and before optimizer.zero_grad() (a due "
+                              "allocation round waits for the next step; warned once)",
+                              RuntimeWarning)
+            return
+        scores = self._collect_scores()
+        if cfg.score == "delta_w":
+            scores = scores / loss_scale  # fused/exact scores come from the scaled dy
         if not torch.isfinite(scores).all():
             self.round_pending = due
             if not self._warned_nonfinite:
@@ -115,6 +127,14 @@ class IncreLoRAController:
         self.round_pending = False
         if due:
             self._allocate(step)
+
+    def _has_backward_data(self) -> bool:
+        if any(layer.lora_lambda.grad is not None for layer in self.layers):
+            return True
+        if self.config.score == "delta_w":
+            return any(bool(layer.score_sum != 0) or layer.score_grad is not None
+                       for layer in self.layers)
+        return False
 
     def _collect_scores(self) -> torch.Tensor:
         device = self.layers[0].lora_A.device
@@ -195,9 +215,13 @@ class IncreLoRAController:
         total = torch.zeros((), device=device)
         for members in groups.values():
             used = torch.stack([m.slot_state != SlotState.INACTIVE for m in members])
+            trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
             w = used.to(members[0].lora_A.dtype)
-            a = torch.stack([m.lora_A for m in members]) * w[:, :, None]
-            b = torch.stack([m.lora_B for m in members]) * w[:, None, :]
+            # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
+            a = torch.stack([m.lora_A for m in members])
+            a = torch.where(trains[:, :, None], a, a.detach()) * w[:, :, None]
+            b = torch.stack([m.lora_B for m in members])
+            b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
             eye = torch.diag_embed(w)
             total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
                 + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()

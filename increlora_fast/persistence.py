@@ -191,6 +191,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike) -> nn.Module:
     meta, tensors = _read(path)
     saved_config = IncreLoRAConfig.from_dict(json.loads(meta["config"]))
     config = get_config(model)
+    merged = [n for n, layer in increlora_layers(model) if layer.merged]
+    if merged:
+        raise ValueError(f"cannot load an adapter into merged layers {merged[:3]}: unmerge them "
+                         "first, or the old adapter would stay folded into the base weights")
     diff = sorted(k for k, v in config.to_dict().items() if saved_config.to_dict()[k] != v)
     _check(not diff, path, "config differs in " + ", ".join(
         f"{k} (file {saved_config.to_dict()[k]!r}, model {config.to_dict()[k]!r})" for k in diff))

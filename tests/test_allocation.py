@@ -110,3 +110,27 @@ def test_without_advance_learning_reserve_is_frozen_and_silent():
     train_steps(model, opt, ctl, range(5))
     assert float(layer.lora_lambda[1]) == 0.0
     assert torch.equal(layer.lora_A[1], before[0]) and torch.equal(layer.lora_B[:, 1], before[1])
+
+
+def test_step_without_gradients_warns_and_keeps_the_round():
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=2, top_h=1,
+                                                                 init_warmup=2, incre_interval=2))
+    train_steps(model, opt, ctl, range(4))
+    assert ctl.current_total_rank() == 2          # the round at step 4 has not come yet
+    with pytest.warns(RuntimeWarning, match="no gradients"):
+        ctl.step(4)                               # misuse: no backward since the last step
+    assert ctl.round_pending and ctl.current_total_rank() == 2
+    train_steps(model, opt, ctl, range(5, 6))     # next real step runs the waiting round
+    assert ctl.current_total_rank() == 3 and ctl.allocation_log[0]["step"] == 5
+
+
+def test_penalty_sends_no_gradient_to_frozen_reserve_slots():
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(advance_learning=False))
+    ctl.regularization_loss().backward()
+    for layer in model.branches:
+        reserve = layer.reserve_mask
+        assert torch.all(layer.lora_A.grad[reserve] == 0)
+        assert torch.all(layer.lora_B.grad[:, reserve] == 0)
+        assert layer.lora_A.grad[layer.active_mask].abs().sum() > 0

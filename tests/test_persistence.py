@@ -300,3 +300,13 @@ def test_impossible_slot_states_are_rejected(tmp_path, tiny_net, states, message
     with pytest.raises(ValueError, match=message):
         load_adapter(target, tmp_path)
     assert_same_state(target, before)
+
+
+def test_loading_into_merged_layers_is_refused(saved):
+    base, config, model, directory = saved
+    target = fresh(base, config)
+    next(iter(increlora_layers(target)))[1].merge()
+    before = state(target)
+    with pytest.raises(ValueError, match="merged"):
+        load_adapter(target, directory)
+    assert_same_state(target, before)

@@ -81,3 +81,19 @@ def test_plain_trainer_with_callback_allocates_and_warns_about_warmup(tmp_path):
         trainer.train()
     assert any("restart warmup" in str(w.message) for w in caught)
     assert controller.budget_reached and controller.current_total_rank() == 8
+
+
+def test_evaluation_loss_is_the_model_loss_without_penalty(tmp_path):
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2),
+                               train_dataset=TinyTask(), eval_dataset=TinyTask())
+    before = trainer.evaluate()["eval_loss"]            # works before any training step
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]
+    model.eval()
+    with torch.no_grad():
+        batch = [TinyTask()[i] for i in range(64)]
+        inputs = {k: torch.stack([torch.as_tensor(b[k]) for b in batch]) for k in batch[0]}
+        own = model(**inputs).loss.item()
+    assert trainer.increlora_controller.regularization_loss().item() > 1e-3
+    assert after == pytest.approx(own, rel=1e-5) and before != after

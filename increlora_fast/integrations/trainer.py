@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -63,25 +63,33 @@ class IncreLoRACallback(TrainerCallback):
             turns this off).
     """
 
-    def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True) -> None:
+    def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True,
+                 loss_scale: Optional[Callable[[], float]] = None) -> None:
         self.controller = controller
         self.apply_regularization = apply_regularization
+        self.loss_scale = loss_scale or (lambda: 1.0)
+        self.restored = False
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step > 0 and not getattr(self, "_restored", False):
-            load_controller(self.controller,
-                            os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        if state.global_step > 0 and not self.restored:
+            checkpoint = args.resume_from_checkpoint or os.path.join(
+                args.output_dir, f"checkpoint-{state.global_step}")
+            load_controller(self.controller, checkpoint)
         if optimizer is not None and not isinstance(getattr(optimizer, "optimizer", optimizer),
                                                     IncreLoRAAdamW):
             warnings.warn("IncreLoRACallback: the Trainer's optimizer is not IncreLoRAAdamW, so "
                           "new slots get no restart warmup; use IncreLoRATrainer or "
                           "optimizers=increlora_optimizers(model, lr)", UserWarning)
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         if self.apply_regularization and self.controller.config.orth_reg_weight > 0:
             with torch.enable_grad():
                 self.controller.regularization_loss().backward()
-        self.controller.step(state.global_step)
+        self.controller.step(state.global_step, loss_scale=self.loss_scale())
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, IncreLoRAAdamW):
+            # One clock for slot stamps and schedules, also across skipped fp16 steps.
+            inner.global_step = state.global_step
 
     def on_save(self, args, state, control, **kwargs):
         save_controller(self.controller,
@@ -98,8 +106,13 @@ class IncreLoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.increlora_controller = controller or IncreLoRAController(self.model)
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
-                                                    apply_regularization=False)
+                                                    apply_regularization=False,
+                                                    loss_scale=self._loss_scale)
         self.add_callback(self.increlora_callback)
+
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.accelerator, "scaler", None)
+        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:
@@ -112,6 +125,11 @@ class IncreLoRATrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         optimizer = optimizer or self.optimizer
+        hf_warmup = self.args.get_warmup_steps(num_training_steps)
+        if hf_warmup != self.increlora_controller.config.warmup_steps:
+            warnings.warn(f"IncreLoRATrainer: TrainingArguments ask for {hf_warmup} warmup steps; "
+                          f"IncreLoRAConfig.warmup_steps={self.increlora_controller.config.warmup_steps}"
+                          " is used for every schedule (base and per slot)", UserWarning)
         if self.increlora_controller.config.total_step is None:
             for group in optimizer.param_groups:
                 group["total_step"] = num_training_steps
@@ -120,18 +138,28 @@ class IncreLoRATrainer(Trainer):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
         return self.lr_scheduler
 
-    def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **kwargs)
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                      num_items_in_batch=num_items_in_batch, **kwargs)
+        if not model.training:
+            return result  # evaluation losses stay the model's own
         penalty = self.increlora_controller.regularization_loss()
-        if self.model_accepts_loss_kwargs and kwargs.get("num_items_in_batch") is not None:
-            # The Trainer does not divide this loss by the accumulation steps: keep the
-            # penalty counted once per optimizer step.
-            penalty = penalty / self.current_gradient_accumulation_steps
+        if self._loss_is_scaled_for_ga(num_items_in_batch):
+            # The Trainer will not divide this loss by the accumulation steps: count the penalty
+            # once per optimizer step all the same.
+            penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
         if return_outputs:
             return result[0] + penalty, result[1]
         return result + penalty
 
+    def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
+        """The rule `Trainer.training_step` applies before dividing by the accumulation steps."""
+        if self.loss_is_scaled_for_ga is not None:
+            return bool(self.loss_is_scaled_for_ga)
+        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
+                    or self.compute_loss_func is not None)
+
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
         load_controller(self.increlora_controller, resume_from_checkpoint)
-        self.increlora_callback._restored = True
+        self.increlora_callback.restored = True
