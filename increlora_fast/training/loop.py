@@ -1,0 +1,98 @@
+"""The plain training loop shared by every method, and dev-set evaluation."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .batches import Batches
+from .methods import MethodRun
+
+
+@dataclass
+class LoopState:
+    """Where a run stands: the next step to take and the task loss of every step taken."""
+
+    step: int = 0
+    losses: List[float] = field(default_factory=list)
+    train_seconds: float = 0.0
+
+
+def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: float,
+               state: LoopState, progress: bool = True,
+               on_step_end: Optional[Callable[[LoopState], None]] = None) -> LoopState:
+    """Train from ``state.step`` to ``max_steps``; ``on_step_end`` runs after every step (the
+    caller writes checkpoints there). The progress bar shows the task loss (without penalties,
+    so methods compare) and the current total rank."""
+    from tqdm.auto import tqdm
+
+    model = run.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    bar = tqdm(total=max_steps, initial=state.step, disable=not progress, desc=run.name,
+               dynamic_ncols=True, mininterval=1.0)
+    model.train()
+    try:
+        while state.step < max_steps:
+            t0 = time.perf_counter()
+            step = state.step
+            batch = batches.train_batch(step)
+            out = model(**batch)
+            loss = out.loss
+            penalty = run.penalty()
+            if penalty is not None:
+                loss = loss + penalty
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+            run.before_optimizer_step(step)
+            run.optimizer.step()
+            run.after_optimizer_step(step)
+            run.optimizer.zero_grad(set_to_none=True)
+            task_loss = float(F.cross_entropy(out.logits.detach().float(), batch["labels"]))
+            if not torch.isfinite(torch.tensor(task_loss)):
+                raise FloatingPointError(f"{run.name}: the training loss became {task_loss} at "
+                                         f"step {step}; lower --lr")
+            state.losses.append(task_loss)
+            state.step += 1
+            state.train_seconds += time.perf_counter() - t0
+            postfix = {"loss": f"{sum(state.losses[-20:]) / len(state.losses[-20:]):.4f}"}
+            rank = run.total_rank()
+            if rank is not None:
+                postfix["rank"] = rank
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if on_step_end is not None:
+                on_step_end(state)
+    finally:
+        bar.close()
+    return state
+
+
+@torch.no_grad()
+def evaluate(run: MethodRun, batches: Batches) -> Dict[str, float]:
+    """Dev accuracy, macro-F1 and cross-entropy of the model as it stands."""
+    model = run.model
+    was_training = model.training
+    model.eval()
+    preds, labels, loss_sum = [], [], 0.0
+    for batch in batches.eval_batches():
+        y = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        preds.append(logits.argmax(-1))
+        labels.append(y)
+    model.train(was_training)
+    pred, gold = torch.cat(preds), torch.cat(labels)
+    n_classes = int(max(pred.max(), gold.max())) + 1
+    f1s = []
+    for c in range(n_classes):
+        tp = int(((pred == c) & (gold == c)).sum())
+        fp = int(((pred == c) & (gold != c)).sum())
+        fn = int(((pred != c) & (gold == c)).sum())
+        if tp + fp + fn:
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"eval_accuracy": int((pred == gold).sum()) / len(gold),
+            "eval_macro_f1": sum(f1s) / len(f1s), "eval_loss": loss_sum / len(gold),
+            "eval_examples": len(gold)}

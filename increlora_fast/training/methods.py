@@ -1,0 +1,112 @@
+"""The fine-tuning methods behind one interface: a model, its optimizer and per-step hooks.
+
+The plain loop (`loop.train_loop`) calls, per optimizer step: forward, ``penalty()``, backward,
+gradient clipping, ``before_optimizer_step(step)``, ``optimizer.step()``,
+``after_optimizer_step(step)``, ``zero_grad``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .settings import RunSettings
+
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """Linear warmup from 0, then linear decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return step / max(1, warmup_steps)
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def matches_suffix(name: str, suffixes: List[str]) -> bool:
+    return any(name == s or name.endswith("." + s) for s in suffixes)
+
+
+class MethodRun:
+    """Base: the model trains every parameter with ``requires_grad`` under AdamW and a linear
+    schedule (this is also full fine-tuning as it stands)."""
+
+    name = "full"
+
+    def __init__(self, model: nn.Module, settings: RunSettings) -> None:
+        self.model = model
+        self.settings = settings
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=settings.lr,
+                                           weight_decay=settings.weight_decay)
+        self.scheduler = linear_schedule(self.optimizer, settings.warmup_steps, settings.max_steps)
+
+    def penalty(self) -> Optional[torch.Tensor]:
+        """Extra loss term added before backward (None: nothing to add)."""
+        return None
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Called after backward and gradient clipping, before ``optimizer.step()``."""
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Called after ``optimizer.step()``, before ``zero_grad``."""
+        self.scheduler.step()
+
+    def total_rank(self) -> Optional[int]:
+        """Current total adapter rank (None when the method has no rank)."""
+        return None
+
+    def rank_pattern(self) -> Dict[str, int]:
+        """{module name: rank}; empty when the method has no rank."""
+        return {}
+
+    def allocation_log(self) -> List[dict]:
+        return []
+
+    def describe(self) -> Dict[str, object]:
+        """The method's own settings, printed beside its results."""
+        return {"lr": self.settings.lr, "weight_decay": self.settings.weight_decay}
+
+    def parameter_counts(self) -> Dict[str, int]:
+        """Trainable parameters: ``active`` (those in use now) and ``padded`` (allocated)."""
+        n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        return {"active": n, "padded": n}
+
+    def save_artifacts(self, out_dir: Path) -> None:
+        """The trained model or adapter, in the method's usual format."""
+        self.model.save_pretrained(str(out_dir))
+
+    def save_state(self, ckpt_dir: Path) -> dict:
+        """Write the trainable weights into ``ckpt_dir``; return the rest of the method's state."""
+        save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                   if p.requires_grad}, str(ckpt_dir / TRAINABLE_FILE))
+        return {"scheduler": self.scheduler.state_dict()}
+
+    def load_state(self, ckpt_dir: Path, state: dict) -> None:
+        """Inverse of `save_state`, on a run built from the same settings."""
+        tensors = load_file(str(ckpt_dir / TRAINABLE_FILE))
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        if set(tensors) != set(params):
+            raise ValueError(f"checkpoint {ckpt_dir} holds other trainable tensors than this run "
+                             f"({len(tensors)} vs {len(params)})")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_method(model: nn.Module, settings: RunSettings) -> MethodRun:
+    """Wrap a freshly loaded classification model for ``settings.method``."""
+    if settings.method == "increlora":
+        from .increlora_method import IncreLoRARun
+        return IncreLoRARun(model, settings)
+    if settings.method in ("lora", "adalora"):
+        from .peft_methods import AdaLoRARun, LoRARun
+        return (LoRARun if settings.method == "lora" else AdaLoRARun)(model, settings)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return MethodRun(model, settings)

