@@ -7,13 +7,46 @@ parameter and moments alike.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
 
-def _along(v: torch.Tensor, slot_dim: int, ndim: int) -> torch.Tensor:
+def along_slot_dim(v: torch.Tensor, slot_dim: int, ndim: int) -> torch.Tensor:
+    """Per-slot values ``v`` of shape (..., r) shaped to broadcast against tensors of shape
+    (..., *shape) with ``ndim`` = len(shape) and the slots along ``slot_dim`` of ``shape``."""
     shape = [1] * ndim
     shape[slot_dim] = -1
-    return v.reshape(shape)
+    return v.reshape(*v.shape[:-1], *shape)
+
+
+@torch.no_grad()
+def masked_adamw_values(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                        exp_avg_sq: torch.Tensor, mask: torch.Tensor, lr: torch.Tensor,
+                        count: torch.Tensor, beta1: float, beta2: float, eps: float,
+                        weight_decay: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(param, exp_avg, exp_avg_sq) after the step of `masked_adamw_torch_`, as new tensors.
+
+    ``mask`` (bool), ``lr`` and ``count`` (float32) broadcast against ``param``. Where ``mask``
+    is false the results hold the inputs' own elements, bit for bit, whatever was computed there.
+    """
+    # The float32 operations of the formula, in its order (the fused kernel follows it too).
+    g = grad.float()
+    m = exp_avg.float() * beta1
+    m += (1 - beta1) * g
+    v = exp_avg_sq.float() * beta2
+    v += (1 - beta2) * g * g
+    n = count.float().clamp(min=1)
+    step = m / (1 - beta1 ** n)
+    step *= lr
+    denom = v / (1 - beta2 ** n)
+    denom.sqrt_()
+    denom += eps
+    step /= denom
+    p = param.float() * (1 - lr * weight_decay)
+    p -= step
+    return tuple(torch.where(mask, new.to(old.dtype), old)
+                 for new, old in ((p, param), (m, exp_avg), (v, exp_avg_sq)))
 
 
 @torch.no_grad()
@@ -39,16 +72,10 @@ def masked_adamw_torch_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
     computed in float32 and written back in the parameter's dtype.
     """
     nd = param.dim()
-    mask = _along(slot_mask, slot_dim, nd)
-    lr = _along(slot_lr.float(), slot_dim, nd)
-    n = _along(slot_count.float().clamp(min=1), slot_dim, nd)
-    g = grad.float()
-    m = torch.where(mask, beta1 * exp_avg.float() + (1 - beta1) * g, exp_avg.float())
-    v = torch.where(mask, beta2 * exp_avg_sq.float() + (1 - beta2) * g * g, exp_avg_sq.float())
-    bc1 = 1 - beta1 ** n
-    bc2 = 1 - beta2 ** n
-    p = param.float()
-    new_p = p * (1 - lr * weight_decay) - lr * (m / bc1) / ((v / bc2).sqrt() + eps)
-    param.copy_(torch.where(mask, new_p, p).to(param.dtype))
-    exp_avg.copy_(m.to(exp_avg.dtype))
-    exp_avg_sq.copy_(v.to(exp_avg_sq.dtype))
+    new = masked_adamw_values(param, grad, exp_avg, exp_avg_sq,
+                              along_slot_dim(slot_mask, slot_dim, nd),
+                              along_slot_dim(slot_lr.float(), slot_dim, nd),
+                              along_slot_dim(slot_count, slot_dim, nd),
+                              beta1, beta2, eps, weight_decay)
+    for dst, src in zip((param, exp_avg, exp_avg_sq), new):
+        dst.copy_(src)

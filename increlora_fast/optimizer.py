@@ -8,10 +8,19 @@ For adapter tensors every slot (row of A, column of B, entry of lambda) has
   comparing the layer's ``slot_alloc_step`` / ``slot_active_step`` with what the optimizer last saw;
 - a mask: inactive slots, and reserve lambdas, are left bitwise unchanged (no weight-decay drift).
 Other trainable parameters (e.g. a classifier) follow the ordinary warmup + linear decay from step 0.
+
+A step works per parameter group and device: the masks, stamps, step counts and schedules of all
+its slots are handled at once as flat vectors (each layer's masks computed once for its A, B and
+lambda). On CUDA each tensor then gets one fused Triton kernel; elsewhere (and with
+``INCRELORA_BACKEND=torch``) tensors of one shape, slot dimension and dtype are stacked and
+updated together (`masked_adamw_values`, the math of `masked_adamw_torch_`): a few stacked
+operations per distinct shape instead of a dozen small ones per tensor.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from collections import defaultdict
+from itertools import chain
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import nn
@@ -20,9 +29,11 @@ from .config import IncreLoRAConfig
 from .functional import select_backend
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
-from .optim_functional import masked_adamw_torch_
+from .optim_functional import along_slot_dim, masked_adamw_values
 
 ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
+# State that keeps its own dtype; torch's load_state_dict casts the rest to the parameter's.
+BOOKKEEPING_STATE = ("step", "slot_count", "seen_alloc", "seen_active")
 
 
 def schedule_multiplier(step: torch.Tensor, start: torch.Tensor, warmup_steps: int,
@@ -46,12 +57,29 @@ def schedule_multiplier(step: torch.Tensor, start: torch.Tensor, warmup_steps: i
     return torch.where(since < warmup_steps, warm, decay).clamp(min=0)
 
 
-def _masked_adamw(param: torch.Tensor, *args, **kwargs) -> None:
-    if param.is_cuda and select_backend(param) == "triton":
-        from .kernels.adamw import masked_adamw_triton_
-        masked_adamw_triton_(param, *args, **kwargs)
-    else:
-        masked_adamw_torch_(param, *args, **kwargs)
+def _fused_kernel_applies(p: torch.Tensor) -> bool:
+    """Whether ``p`` is stepped by the fused Triton kernel, one launch per tensor."""
+    return p.is_cuda and select_backend(p) == "triton"
+
+
+class _Slots(NamedTuple):
+    """A parameter seen as slots along ``slot_dim``; a dense parameter is one slot (1, numel)."""
+
+    tensors: Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # p, grad, m, v
+    slot_dim: int
+    mask: torch.Tensor   # (r,) bool: slots that train this step
+    start: torch.Tensor  # (r,) long: step each slot's schedule began at
+    count: torch.Tensor  # (r,) float32 Adam step count, a view of the state
+
+
+def _step_stack(members: List[_Slots], per_slot: List[torch.Tensor], hyper: tuple) -> None:
+    """One step of tensors of one shape, slot dimension and dtypes, stacked: ``per_slot`` holds
+    their (mask, lr, count), one row per tensor."""
+    dim, ndim = members[0].slot_dim, members[0].tensors[0].dim()
+    stacked = [torch.stack(ts) for ts in zip(*(s.tensors for s in members))]
+    new = masked_adamw_values(*stacked, *(along_slot_dim(v, dim, ndim) for v in per_slot), *hyper)
+    for i, values in zip((0, 2, 3), new):  # param, exp_avg, exp_avg_sq
+        torch._foreach_copy_([s.tensors[i] for s in members], values.unbind(0))
 
 
 class IncreLoRAAdamW(torch.optim.Optimizer):
@@ -82,6 +110,12 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self.global_step = int(state_dict.pop("global_step", 0))
         super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if key in BOOKKEEPING_STATE:  # e.g. bfloat16 would round step stamps above 256
+                    self.state[p][key] = value.to(device=p.device, copy=True)
 
     def current_lr_multiplier(self, start: int = 0) -> float:
         """Schedule multiplier the next step applies to a schedule that began at ``start``."""
@@ -94,68 +128,108 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        t = self.global_step
         for group in self.param_groups:
+            by_device = defaultdict(list)
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if id(p) in self._slots:
-                    self._step_adapter(p, group, t)
-                else:
-                    self._step_dense(p, group, t)
+                if p.grad is not None:
+                    by_device[p.device].append(p)
+            for params in by_device.values():
+                self._step_params(params, group)
         self.global_step += 1
         return loss
 
-    def _step_dense(self, p: torch.Tensor, group: dict, t: int) -> None:
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
+    def _step_params(self, params: List[torch.Tensor], group: dict) -> None:
+        """One step of ``params``, all of one group and one device."""
+        layer_masks: Dict[IncreLoRALinear, Tuple[torch.Tensor, torch.Tensor]] = {}
+        stacks: Dict[tuple, List[_Slots]] = defaultdict(list)
+        for p in params:
+            s = self._as_slots(p, layer_masks)
+            stacks[(s.slot_dim, s.tensors[0].shape, *(t.dtype for t in s.tensors))].append(s)
+        self._restart_fresh_slots([p for p in params if id(p) in self._slots])
+        # Slots in stack order: each stack's per-slot values are one slice of the flat vectors.
+        slots = [s for members in stacks.values() for s in members]
+        sizes = [len(s.mask) for s in slots]
+        mask = torch.cat([s.mask for s in slots])
+        torch._foreach_add_([s.count for s in slots], mask.to(torch.float32).split(sizes))
+        mult = schedule_multiplier(torch.tensor(self.global_step),
+                                   torch.cat([s.start for s in slots]).cpu(),
+                                   group["warmup_steps"], group["total_step"])
+        lr = (group["lr"] * mult).to(device=params[0].device, dtype=torch.float32)
         beta1, beta2 = group["betas"]
-        lr = group["lr"] * float(schedule_multiplier(t, 0, group["warmup_steps"], group["total_step"]))
-        one = torch.ones(1, dtype=torch.bool, device=p.device)
-        flat = lambda v: v.view(1, -1)  # noqa: E731 - one slot holding the whole tensor
-        _masked_adamw(flat(p), flat(p.grad), flat(state["exp_avg"]), flat(state["exp_avg_sq"]),
-                      one, torch.full((1,), lr, device=p.device),
-                      state["step"].reshape(1).to(p.device), 0, beta1, beta2, group["eps"],
-                      group["weight_decay"])
+        hyper = (beta1, beta2, group["eps"], group["weight_decay"])
+        if _fused_kernel_applies(params[0]):
+            from .kernels.adamw import masked_adamw_triton_
+            for s, slot_lr in zip(slots, lr.split(sizes)):
+                masked_adamw_triton_(*s.tensors, s.mask, slot_lr, s.count, s.slot_dim, *hyper)
+            return
+        per_slot = (mask, lr, torch.cat([s.count for s in slots]))
+        offset = 0
+        for members in stacks.values():
+            n, r = len(members), len(members[0].mask)
+            _step_stack(members, [v[offset:offset + n * r].view(n, r) for v in per_slot], hyper)
+            offset += n * r
 
-    def _step_adapter(self, p: torch.Tensor, group: dict, t: int) -> None:
-        layer, kind = self._slots[id(p)]
-        slot_dim = ADAPTER_SLOT_DIM[kind]
-        r = layer.r_max
+    def _as_slots(self, p: torch.Tensor,
+                  layer_masks: Dict[IncreLoRALinear, Tuple[torch.Tensor, torch.Tensor]]) -> _Slots:
+        """``p`` as slots, its state created on its first step; ``layer_masks`` caches each
+        layer's `trainable_slot_masks` for its three tensors."""
         state = self.state[p]
         if not state:
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-            state["slot_count"] = torch.zeros(r, dtype=torch.float32, device=p.device)
-            state["seen_alloc"] = torch.full((r,), -2, dtype=torch.long, device=p.device)
-            state["seen_active"] = torch.full((r,), -2, dtype=torch.long, device=p.device)
-        fresh = state["seen_alloc"] != layer.slot_alloc_step
+            self._init_state(p, state)
+        tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
+        if id(p) not in self._slots:
+            return _Slots(tuple(t.view(1, -1) for t in tensors), 0,
+                          torch.ones(1, dtype=torch.bool, device=p.device),
+                          torch.zeros(1, dtype=torch.long, device=p.device), state["step"].view(1))
+        layer, kind = self._slots[id(p)]
+        if layer not in layer_masks:
+            layer_masks[layer] = layer.trainable_slot_masks()
+        ab_mask, lam_mask = layer_masks[layer]
         if kind == "lora_lambda":
-            fresh |= state["seen_active"] != layer.slot_active_step
-        if bool(fresh.any()):
-            keep = (~fresh).to(p.dtype)
-            shape = [1] * p.dim()
-            shape[slot_dim] = r
-            state["exp_avg"].mul_(keep.view(shape))
-            state["exp_avg_sq"].mul_(keep.view(shape))
+            return _Slots(tensors, 0, lam_mask, layer.slot_active_step, state["slot_count"])
+        return _Slots(tensors, ADAPTER_SLOT_DIM[kind], ab_mask, layer.slot_alloc_step,
+                      state["slot_count"])
+
+    def _init_state(self, p: torch.Tensor, state: dict) -> None:
+        state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if id(p) not in self._slots:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            return
+        r = self._slots[id(p)][0].r_max
+        state["slot_count"] = torch.zeros(r, dtype=torch.float32, device=p.device)
+        # -2: never seen, so every slot starts fresh (an unused slot's stamp is -1)
+        state["seen_alloc"] = torch.full((r,), -2, dtype=torch.long, device=p.device)
+        state["seen_active"] = torch.full((r,), -2, dtype=torch.long, device=p.device)
+
+    def _restart_fresh_slots(self, params: List[torch.Tensor]) -> None:
+        """Zero moments and step counts of the slots each adapter tensor has not seen yet: A and
+        B slots (re-)allocated since its last step, lambda slots also newly activated. One
+        comparison covers all tensors; only those with news are touched."""
+        if not params:
+            return
+        states = [self.state[p] for p in params]
+        layers = [self._slots[id(p)][0] for p in params]
+        seen_alloc = torch.cat([state["seen_alloc"] for state in states])
+        seen_active = torch.cat([state["seen_active"] for state in states])
+        changed = ((seen_alloc != torch.cat([layer.slot_alloc_step for layer in layers]))
+                   | (seen_active != torch.cat([layer.slot_active_step for layer in layers])))
+        changed = changed.tolist()
+        end = 0
+        for p, state, layer in zip(params, states, layers):
+            end += layer.r_max
+            if not any(changed[end - layer.r_max:end]):
+                continue
+            kind = self._slots[id(p)][1]
+            fresh = state["seen_alloc"] != layer.slot_alloc_step
+            if kind == "lora_lambda":
+                fresh |= state["seen_active"] != layer.slot_active_step
+            fresh_along = along_slot_dim(fresh, ADAPTER_SLOT_DIM[kind], p.dim())
+            state["exp_avg"].masked_fill_(fresh_along, 0)
+            state["exp_avg_sq"].masked_fill_(fresh_along, 0)
             state["slot_count"].masked_fill_(fresh, 0)
             state["seen_alloc"].copy_(layer.slot_alloc_step)
             state["seen_active"].copy_(layer.slot_active_step)
-        ab_mask, lam_mask = layer.trainable_slot_masks()
-        mask = lam_mask if kind == "lora_lambda" else ab_mask
-        start = layer.slot_active_step if kind == "lora_lambda" else layer.slot_alloc_step
-        state["slot_count"] += mask.to(torch.float32)
-        mult = schedule_multiplier(torch.tensor(t), start.cpu(), group["warmup_steps"],
-                                   group["total_step"])
-        slot_lr = (group["lr"] * mult).to(device=p.device, dtype=torch.float32)
-        beta1, beta2 = group["betas"]
-        _masked_adamw(p, p.grad, state["exp_avg"], state["exp_avg_sq"], mask, slot_lr,
-                      state["slot_count"], slot_dim, beta1, beta2, group["eps"],
-                      group["weight_decay"])
 
 
 def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None, lr: float = 1e-3,

@@ -1,0 +1,194 @@
+"""The stacked multi-tensor step of `IncreLoRAAdamW` against a per-tensor reference.
+
+The reference follows the documented semantics tensor by tensor: fresh moments for slots whose
+stamps changed, step counts, the per-slot schedule and `masked_adamw_torch_`. The optimizer must
+give bitwise the same parameters and moments, and leave masked-out slots bitwise unchanged even
+when they hold NaN, inf or -0.0 and their gradient is NaN. The fused-kernel path (CUDA; on CPU
+forced through the Triton interpreter) must agree with it too.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before increlora_fast.kernels is first imported
+
+import increlora_fast.optimizer as optimizer_module  # noqa: E402
+from increlora_fast import IncreLoRAConfig, create_optimizer, increlora_layers  # noqa: E402
+from increlora_fast import inject_increlora  # noqa: E402
+from increlora_fast.layer import SlotState  # noqa: E402
+from increlora_fast.optim_functional import along_slot_dim, masked_adamw_torch_  # noqa: E402
+from increlora_fast.optimizer import ADAPTER_SLOT_DIM, schedule_multiplier  # noqa: E402
+
+R_MAX = 5
+HYPER = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-8}
+
+
+def _model(dtype, device="cpu"):
+    """Linears of three shapes (two layers share one) and a trained head, in ``dtype``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 5), nn.Linear(5, 5), nn.Linear(5, 7),
+                          nn.Linear(7, 3)).to(device=device, dtype=dtype)
+    config = IncreLoRAConfig(target_modules=["0", "1", "2", "3"], r_max=R_MAX, init_r=1,
+                             warmup_steps=2, total_step=30, modules_to_save=["4"])
+    inject_increlora(model, config)
+    layers = [layer for _, layer in increlora_layers(model)]
+    layers[2].advance_learning = False  # its reserve A, B stay frozen
+    return model, config, layers
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@torch.no_grad()
+def _scramble(model, layers, step, gen):
+    """A random valid slot layout with fresh stamps on some slots, fresh gradients, and hostile
+    values (NaN, inf, -0.0) in the parameters and gradients of the slots that do not train."""
+    for layer in layers:
+        active = int(torch.randint(1, R_MAX, (), generator=gen))
+        reserve = int(torch.randint(0, R_MAX - active + 1, (), generator=gen))
+        layer.slot_state.fill_(SlotState.INACTIVE)
+        layer.slot_state[:active] = SlotState.ACTIVE
+        layer.slot_state[active:active + reserve] = SlotState.RESERVE
+        renew = (torch.rand(R_MAX, generator=gen) < 0.3).to(layer.slot_state.device)
+        layer.slot_alloc_step[renew] = step
+        layer.slot_active_step[renew & layer.active_mask] = step
+        ab, lam = layer.trainable_slot_masks()
+        for kind, mask in (("lora_A", ab), ("lora_B", ab), ("lora_lambda", lam)):
+            p = getattr(layer, kind)
+            off = ~along_slot_dim(mask, ADAPTER_SLOT_DIM[kind], p.dim()).expand_as(p)
+            p.grad = torch.randn(p.shape, generator=gen).to(p)
+            p.grad[off] = float("nan")
+            hostile = torch.tensor([float("nan"), float("inf"), -0.0]).to(p)
+            p[off] = hostile[torch.randint(0, 3, (int(off.sum()),), generator=gen)]
+    for p in model[4].parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p)
+
+
+def _expected(opt, layers, head, step):
+    """Per tensor: parameter and moments after one step, computed tensor by tensor from copies,
+    the elements of slots that do not train, and the moments before the update."""
+    group = opt.param_groups[0]
+    beta1, beta2 = group["betas"]
+    out = {}
+    for layer in layers:
+        ab, lam = layer.trainable_slot_masks()
+        for kind, dim in ADAPTER_SLOT_DIM.items():
+            p = getattr(layer, kind)
+            st = opt.state[p]
+            m, v = (st[k].clone() if st else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq"))
+            count = st["slot_count"].clone() if st else torch.zeros(R_MAX)
+            seen_alloc = st["seen_alloc"] if st else torch.full((R_MAX,), -2)
+            seen_active = st["seen_active"] if st else torch.full((R_MAX,), -2)
+            fresh = seen_alloc != layer.slot_alloc_step
+            start, mask = layer.slot_alloc_step, ab
+            if kind == "lora_lambda":
+                fresh |= seen_active != layer.slot_active_step
+                start, mask = layer.slot_active_step, lam
+            m.masked_fill_(along_slot_dim(fresh, dim, p.dim()), 0)
+            v.masked_fill_(along_slot_dim(fresh, dim, p.dim()), 0)
+            count = count.masked_fill(fresh, 0) + mask
+            off = ~along_slot_dim(mask, dim, p.dim()).expand_as(p)
+            moments = (m.clone(), v.clone())
+            lr = (group["lr"] * schedule_multiplier(step, start, group["warmup_steps"],
+                                                    group["total_step"])).float()
+            new = p.detach().clone()
+            masked_adamw_torch_(new, p.grad, m, v, mask, lr, count, dim, beta1, beta2,
+                                group["eps"], group["weight_decay"])
+            out[p] = (new, m, v, off, moments)
+    for p in head.parameters():
+        st = opt.state[p]
+        m, v = (st[k].clone() if st else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq"))
+        count = (st["step"].clone() if st else torch.zeros(())) + 1
+        lr = group["lr"] * float(schedule_multiplier(step, 0, group["warmup_steps"],
+                                                     group["total_step"]))
+        new = p.detach().clone()
+        one = torch.ones(1, dtype=torch.bool)
+        masked_adamw_torch_(new.view(1, -1), p.grad.view(1, -1), m.view(1, -1), v.view(1, -1),
+                            one, torch.full((1,), lr), count.view(1), 0, beta1, beta2,
+                            group["eps"], group["weight_decay"])
+        out[p] = (new, m, v, torch.zeros_like(p, dtype=torch.bool), (m, v))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_step_matches_per_tensor_reference_bitwise(dtype):
+    model, config, layers = _model(dtype)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(7)
+    updated = set()
+    for step in range(6):
+        _scramble(model, layers, step, gen)
+        expected = _expected(opt, layers, model[4], step)
+        before = {p: p.detach().clone() for p in expected}
+        opt.step()
+        for p, (new, m, v, off, moments) in expected.items():
+            state = opt.state[p]
+            assert torch.equal(_bits(p.detach()), _bits(new))
+            assert torch.equal(_bits(state["exp_avg"]), _bits(m))
+            assert torch.equal(_bits(state["exp_avg_sq"]), _bits(v))
+            # masked out: untouched, NaN, inf and -0.0 included (not only "as the reference")
+            assert torch.equal(_bits(p.detach()[off]), _bits(before[p][off]))
+            for got, old in zip((state["exp_avg"], state["exp_avg_sq"]), moments):
+                assert torch.equal(_bits(got[off]), _bits(old[off]))
+        updated |= {p for p in expected if not torch.equal(_bits(p.detach()), _bits(before[p]))}
+    assert len(updated) == len(expected)  # not vacuous: every tensor took real steps
+
+
+def test_fused_kernel_path_matches_stacked_path(monkeypatch):
+    """Same slots, masks, learning rates and counts reach the kernel, one tensor at a time."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels import launch_counts, reset_launch_counts
+    from increlora_fast.kernels.adamw import _masked_adamw_kernel
+    from increlora_fast.kernels.utils import is_interpreted
+    if DEVICE == "cpu" and not is_interpreted(_masked_adamw_kernel):
+        pytest.skip("increlora_fast.kernels was imported before TRITON_INTERPRET=1 was set")
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p, on=fused: on)
+        model, config, layers = _model(torch.float32, DEVICE)
+        opt = create_optimizer(model, config, **HYPER)
+        gen = torch.Generator().manual_seed(3)
+        reset_launch_counts()
+        for step in range(4):
+            _scramble(model, layers, step, gen)
+            opt.step()
+        assert launch_counts().get("_masked_adamw_kernel", 0) == (14 * 4 if fused else 0)
+        runs.append((model, opt))
+    (fused_model, fused_opt), (model, opt) = runs
+    compared = 0
+    for (name, got), want in zip(fused_model.named_parameters(), model.parameters()):
+        if got.requires_grad:  # float32: the kernel's beta**n may differ by one ulp
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fused_opt.state[got][key], opt.state[want][key],
+                                           rtol=1e-5, atol=1e-9)
+            compared += 1
+    assert compared == 14
+
+
+def test_resume_keeps_step_stamps_and_counts_exact_for_bfloat16():
+    """torch casts loaded state to the parameter dtype; stamps and counts must not round."""
+    model, config, layers = _model(torch.bfloat16)
+    opt = create_optimizer(model, config, **HYPER)
+    for layer in layers:
+        layer.slot_alloc_step[:2] = 1001  # not a bfloat16 number
+        layer.slot_active_step[:1] = 1001
+    model(torch.randn(4, 6, dtype=torch.bfloat16)).float().square().mean().backward()
+    opt.global_step = 1001
+    for _ in range(3):
+        opt.step()
+    resumed = create_optimizer(model, config, **HYPER)
+    resumed.load_state_dict(opt.state_dict())
+    resumed.step()
+    for layer in layers:
+        state = resumed.state[layer.lora_A]
+        assert state["seen_alloc"].dtype == torch.long and int(state["seen_alloc"][0]) == 1001
+        assert state["slot_count"].dtype == torch.float32
+        assert float(state["slot_count"][0]) == 4.0  # not restarted by the load
