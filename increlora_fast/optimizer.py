@@ -54,7 +54,8 @@ def schedule_multiplier(step: torch.Tensor, start: torch.Tensor, warmup_steps: i
         decay = torch.ones_like(since)
     else:
         decay = ((total_step - step) / (total_step - start - warmup_steps).clamp(min=1)).clamp(min=0)
-    return torch.where(since < warmup_steps, warm, decay).clamp(min=0)
+    # min(): a schedule that starts within warmup_steps of the end still reaches 0 there.
+    return torch.where(since < warmup_steps, torch.minimum(warm, decay), decay).clamp(min=0)
 
 
 def _fused_kernel_applies(p: torch.Tensor) -> bool:
@@ -187,7 +188,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         ab_mask, lam_mask = layer_masks[layer]
         if kind == "lora_lambda":
             return _Slots(tensors, 0, lam_mask, layer.slot_active_step, state["slot_count"])
-        return _Slots(tensors, ADAPTER_SLOT_DIM[kind], ab_mask, layer.slot_alloc_step,
+        # Without advance learning, A and B only start training when their slot is activated.
+        ab_start = layer.slot_alloc_step if layer.advance_learning else layer.slot_active_step
+        return _Slots(tensors, ADAPTER_SLOT_DIM[kind], ab_mask, ab_start,
                       state["slot_count"])
 
     def _init_state(self, p: torch.Tensor, state: dict) -> None:

@@ -11,7 +11,8 @@ from method_helpers import ParallelBranches, branch_config, make_run, train_step
 
 @pytest.mark.parametrize("step,start,expected", [
     (20, 20, 0.0), (25, 20, 0.5), (29, 20, 0.9), (30, 20, 1.0), (65, 20, 0.5), (100, 20, 0.0),
-    (130, 20, 0.0), (5, 0, 0.5), (55, 0, 0.5), (10, 20, 0.0)])
+    (130, 20, 0.0), (5, 0, 0.5), (55, 0, 0.5), (10, 20, 0.0),
+    (97, 95, 0.2), (100, 95, 0.0)])  # started within warmup of the end: still 0 at step 100
 def test_schedule_multiplier_follows_linear_warmup_then_decay(step, start, expected):
     # warmup 10 steps from `start`, then linear decay reaching 0 at step 100
     got = float(schedule_multiplier(step, start, warmup_steps=10, total_step=100))
@@ -134,3 +135,24 @@ def test_classifier_follows_ordinary_warmup_and_decay():
     assert changes[0] == 0.0                        # multiplier 0 at step 0
     assert changes[1] == pytest.approx(0.05, rel=1e-3)   # 0.1 x 1/2, |adam step| == 1
     assert changes[2] == pytest.approx(0.1, rel=1e-2)
+
+
+def test_without_advance_learning_activated_slot_warms_up_from_activation():
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(advance_learning=False, target_rank=2, top_h=1, init_warmup=2,
+                           incre_interval=2, warmup_steps=4, total_step=40, orth_reg_weight=0.0)
+    # weight decay moves A whenever its multiplier is > 0, even with a zero gradient
+    model, opt, ctl = make_run(model, config, lr=1e-2, weight_decay=0.5)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))
+    x, y = torch.randn(8, 6), torch.randn(8, 5)
+    ((model(x) - y) ** 2).mean().backward()
+    ctl.step(4)                                  # slot 1 activated at step 4 (allocated at 0)
+    before = layer.lora_A[1].detach().clone()
+    opt.step()                                   # its first step: multiplier 0 from step 4
+    assert torch.equal(layer.lora_A[1], before)
+    opt.zero_grad()
+    ((model(x) - y) ** 2).mean().backward()
+    opt.step()                                   # multiplier 1/4 now: A moves
+    assert not torch.equal(layer.lora_A[1], before)
