@@ -16,6 +16,7 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
+        "finetune": ["matplotlib>=3.7", "peft>=0.10"],
         "dev": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10", "datasets>=2.14",
                 "matplotlib>=3.7", "accelerate>=0.26"],
     },
