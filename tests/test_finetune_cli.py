@@ -177,6 +177,28 @@ def test_compare_writes_mean_and_std(tiny, tmp_path, capsys):
     assert "| increlora |" in table and "| lora |" in table and table.strip() in printed
 
 
+def test_compare_reuses_finished_runs_and_keeps_other_ones(tiny, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "cmp"
+    args = tiny_args(tiny, out, "--compare", "--methods", "lora", "--seeds", "2", "--lrs",
+                     "0.001,0.004", "--max-steps", "4")
+    assert cli(args) == 0
+    first = json.loads((out / "compare.json").read_text())
+    capsys.readouterr()
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    assert cli(args) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 3
+    assert json.loads((out / "compare.json").read_text()) == first
+    before = (out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text()
+    assert cli(args[:-1] + ["5"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a finished run with other settings" in err and "max_steps: 4 there, 5 now" in err
+    assert (out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text() == before
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "imdb"], "unknown --task 'imdb'"),
     (["--task", "glue/stsb"], "regression"),

@@ -3,6 +3,11 @@
 Every method gets the same learning-rate sweep on the first seed; the best rate on the dev split
 is then run for the remaining seeds. Each method keeps its own schedule defaults (see
 `settings.resolve`); they are printed beside the numbers.
+
+Runs already finished in the output folder with the same resolved settings are reused, so an
+interrupted comparison continues where it stopped, and methods can be run by separate processes
+(``--methods lora`` in one, ``--methods adalora`` in another) before one full ``--compare``
+writes the table. A finished run with other settings is never overwritten.
 """
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .finetune import run_finetune
-from .settings import METHODS, RunSettings
+from .finetune import METRICS_FILE, load_data, run_finetune
+from .settings import METHODS, RunSettings, resolve
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
 DEFAULT_LRS = (1e-3, 2e-3, 4e-3)
@@ -25,6 +30,29 @@ def _lr_dir(lr: float) -> str:
     return f"lr{lr:g}"
 
 
+def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool,
+                  echo: Callable[[str], None]) -> Dict:
+    """The metrics of run ``s`` in ``run_dir``: read back when it already finished there with the
+    same resolved settings, trained otherwise."""
+    done = run_dir / METRICS_FILE
+    if done.exists():
+        metrics = json.loads(done.read_text())
+        wanted = resolve(s, train_size).to_dict()
+        stored = metrics.get("settings", {})
+        differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        if differing:
+            raise ValueError(
+                f"{run_dir} holds a finished run with other settings ("
+                + ", ".join(f"{k}: {stored.get(k)!r} there, {wanted[k]!r} now"
+                            for k in differing[:3])
+                + "); use another --output-dir or remove that folder")
+        echo(f"[compare] {s.method} lr={s.lr:g} seed={s.seed}: reusing the finished run in "
+             f"{run_dir}")
+        return metrics
+    echo(f"[compare] {s.method} lr={s.lr:g} seed={s.seed}")
+    return run_finetune(s, str(run_dir), progress=progress)
+
+
 def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], seeds: int,
                     output_dir: str, progress: bool = True,
                     echo: Callable[[str], None] = print) -> Dict:
@@ -34,23 +62,22 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
     if not lrs or any(lr <= 0 for lr in lrs):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
     out = Path(output_dir)
+    train_size = len(load_data(base).train)
     results: Dict[str, Dict] = {}
     for method in methods:
         sweep: Dict[str, float] = {}
         runs: Dict[float, Dict] = {}
         for lr in lrs:
-            echo(f"[compare] {method} lr={lr:g} seed={base.seed}")
             s = dataclasses.replace(base, method=method, lr=lr)
-            runs[lr] = run_finetune(s, str(out / method / _lr_dir(lr) / f"seed{base.seed}"),
-                                    progress=progress)
+            runs[lr] = _run_or_reuse(s, out / method / _lr_dir(lr) / f"seed{base.seed}",
+                                     train_size, progress, echo)
             sweep[f"{lr:g}"] = runs[lr]["eval_accuracy"]
         best = max(lrs, key=lambda lr: runs[lr]["eval_accuracy"])
         per_seed = [runs[best]]
         for seed in range(base.seed + 1, base.seed + seeds):
-            echo(f"[compare] {method} lr={best:g} seed={seed}")
             s = dataclasses.replace(base, method=method, lr=best, seed=seed)
-            per_seed.append(run_finetune(s, str(out / method / _lr_dir(best) / f"seed{seed}"),
-                                         progress=progress))
+            per_seed.append(_run_or_reuse(s, out / method / _lr_dir(best) / f"seed{seed}",
+                                          train_size, progress, echo))
         accs = [m["eval_accuracy"] for m in per_seed]
         first = per_seed[0]
         results[method] = {
