@@ -169,9 +169,7 @@ def run(args: argparse.Namespace) -> int:
             report = compare_methods(settings, methods_from_text(args.methods),
                                      args.lrs or list(DEFAULT_LRS), args.seeds, args.output_dir,
                                      progress=not args.no_progress)
-            print(f"\n{report['task']}: {args.seeds} seeds, "
-                  f"{report['methods'][next(iter(report['methods']))]['steps']} steps each")
-            print(format_table(report))
+            print("\n" + format_table(report))
             print(f"results in {args.output_dir}/compare.json and compare.md")
             return 0
         metrics = run_finetune(settings, args.output_dir, resume=args.resume,

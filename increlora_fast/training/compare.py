@@ -87,6 +87,7 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
             "trainable_params_active": first["trainable_params_active"],
             "trainable_params_padded": first["trainable_params_padded"],
             "total_rank": first["total_rank"], "steps": first["steps"],
+            "train_examples": first["train_examples"], "eval_examples": first["eval_examples"],
             "method_settings": first["method_settings"],
             "train_seconds": [m["train_seconds"] for m in per_seed],
         }
@@ -116,17 +117,30 @@ def _settings_text(method: str, ms: Dict) -> str:
 
 
 def format_table(report: Dict) -> str:
-    """The comparison as a Markdown table (mean ± sample std over seeds)."""
+    """The comparison as a line of common settings and a Markdown table (mean ± sample std over
+    seeds)."""
     n = report["seeds"]
-    lines = [f"| method | dev accuracy (mean ± std, {n} seeds) | trainable params (active / "
-             f"padded) | final total rank | lr (sweep {', '.join(f'{x:g}' for x in report['lrs'])}) "
+    c = report["common"]
+    any_run = next(iter(report["methods"].values()))
+    lines = [f"{report['task']} ({any_run['train_examples']:,} train / {any_run['eval_examples']:,} "
+             f"dev), {c['model']}: {any_run['steps']} steps x batch {c['batch_size']}, max_seq_len "
+             f"{c['max_seq_len']}, warmup {c['warmup_ratio']:g}, weight decay "
+             f"{c['weight_decay']:g}, grad clip {c['grad_clip']:g}, target rank "
+             f"{c['target_rank']}, seeds {c['seed']}..{c['seed'] + n - 1}; lr sweep "
+             f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all",
+             "",
+             f"| method | dev accuracy (mean ± std, {n} seeds) | per seed | trainable params "
+             "(active / padded) | final total rank | best lr | sweep (first seed) "
              "| method settings |",
-             "| --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method, r in report["methods"].items():
         rank = "-" if r["total_rank"] is None else str(r["total_rank"])
-        lines.append(f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | "
+        per_seed = " / ".join(f"{a:.3f}" for a in r["eval_accuracy"])
+        sweep = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in r["lr_sweep"].items())
+        lines.append(f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {per_seed} | "
                      f"{r['trainable_params_active']:,} / {r['trainable_params_padded']:,} | "
-                     f"{rank} | {r['lr']:g} | {_settings_text(method, r['method_settings'])} |")
+                     f"{rank} | {r['lr']:g} | {sweep} | "
+                     f"{_settings_text(method, r['method_settings'])} |")
     return "\n".join(lines)
 
 
