@@ -65,6 +65,19 @@ def test_increlora_run_writes_every_output(tiny, tmp_path, capsys):
     assert any(k.startswith("modules_to_save.classifier") for k in tensors)
 
 
+def test_no_advance_learning_ablation_reaches_the_adapter(tiny, tmp_path):
+    adapters = {}
+    for name, extra in (("advance", ()), ("frozen", ("--no-advance-learning",))):
+        assert cli(tiny_args(tiny, tmp_path / name, "--seed", "3", *extra)) == 0
+        config = json.loads((tmp_path / name / "adapter_config.json").read_text())
+        assert config["advance_learning"] is (name == "advance")
+        assert read_metrics(tmp_path / name)["settings"]["advance_learning"] is (name == "advance")
+        adapters[name] = load_file(str(tmp_path / name / "adapter_model.safetensors"))
+    # same seed and schedule: only the reserve slots' training before activation differs
+    advance, frozen = adapters["advance"], adapters["frozen"]
+    assert any(not torch.equal(advance[k], frozen[k]) for k in advance)
+
+
 def test_saved_adapter_reproduces_the_reported_accuracy(tiny, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -189,6 +202,11 @@ def test_compare_reuses_finished_runs_and_keeps_other_ones(tiny, tmp_path, capsy
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    # a run from before a setting existed ran with its default, so it is still reused
+    (older,) = (out / "lora").glob("lr*/seed1/metrics.json")
+    stored = json.loads(older.read_text())
+    del stored["settings"]["advance_learning"]
+    older.write_text(json.dumps(stored))
     assert cli(args) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 3
     assert json.loads((out / "compare.json").read_text()) == first

@@ -82,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="IncreLoRA: steps between growth rounds (default: 5%% of steps)")
     adapter.add_argument("--top-h", type=int, help="IncreLoRA: modules grown per round "
                                                    "(default: budget met by mid-training)")
+    adapter.add_argument("--no-advance-learning", dest="advance_learning", action="store_false",
+                         help="IncreLoRA ablation: reserve slots stay frozen (lambda 0) until "
+                              "they are activated")
     adapter.add_argument("--adalora-init-r", type=int, default=d.adalora_init_r)
     adapter.add_argument("--adalora-tinit", type=int, help="default: 10%% of steps")
     adapter.add_argument("--adalora-tfinal", type=int, help="default: 30%% of steps")

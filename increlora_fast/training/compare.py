@@ -38,7 +38,8 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
     if done.exists():
         metrics = json.loads(done.read_text())
         wanted = resolve(s, train_size).to_dict()
-        stored = metrics.get("settings", {})
+        # Settings added after a run finished read as their defaults, which it ran with.
+        stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
         differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
         if differing:
             raise ValueError(
@@ -106,7 +107,8 @@ def _settings_text(method: str, ms: Dict) -> str:
         return (f"init_r {ms['init_r']} -> avg {ms['target_rank']} (r_max {ms['r_max']}), "
                 f"alpha {ms['lora_alpha']:g}, +{ms['incre_rank_num']} x top_h {ms['top_h']} "
                 f"every {ms['incre_interval']} steps after {ms['init_warmup']}, "
-                f"restart warmup {ms['warmup_steps']}, orth {ms['orth_reg_weight']:g}")
+                f"restart warmup {ms['warmup_steps']}, orth {ms['orth_reg_weight']:g}"
+                + ("" if ms.get("advance_learning", True) else ", no advance learning"))
     if method == "adalora":
         return (f"init_r {ms['init_r']} -> avg {ms['target_r']}, alpha {ms['lora_alpha']:g}, "
                 f"tinit {ms['tinit']}, tfinal {ms['tfinal']}, deltaT {ms['deltaT']}, "

@@ -24,6 +24,7 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
         target_modules=list(s.target_modules), r_max=s.r_max, init_r=s.init_r,
         target_rank=s.target_rank, lora_alpha=s.lora_alpha, lora_dropout=s.lora_dropout,
         init_warmup=s.init_warmup, incre_interval=s.incre_interval, top_h=1,
+        advance_learning=s.advance_learning,
         orth_reg_weight=s.orth_reg_weight, warmup_steps=s.warmup_steps, total_step=s.max_steps,
         modules_to_save=list(s.modules_to_save) or None)
     n_targets = sum(1 for name, m in model.named_modules()
@@ -67,7 +68,8 @@ class IncreLoRARun(MethodRun):
         return dict(super().describe(), lora_alpha=c.lora_alpha, init_r=c.init_r,
                     target_rank=c.target_rank, r_max=c.r_max, init_warmup=c.init_warmup,
                     incre_interval=c.incre_interval, top_h=c.top_h,
-                    incre_rank_num=c.incre_rank_num, orth_reg_weight=c.orth_reg_weight,
+                    incre_rank_num=c.incre_rank_num, advance_learning=c.advance_learning,
+                    orth_reg_weight=c.orth_reg_weight,
                     warmup_steps=c.warmup_steps)
 
     def parameter_counts(self) -> Dict[str, int]:

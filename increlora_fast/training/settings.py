@@ -61,6 +61,7 @@ class RunSettings:
     init_warmup: Optional[int] = None
     incre_interval: Optional[int] = None
     top_h: Optional[int] = None
+    advance_learning: bool = True
     adalora_init_r: int = 3
     adalora_tinit: Optional[int] = None
     adalora_tfinal: Optional[int] = None
