@@ -56,6 +56,7 @@ def test_increlora_run_writes_every_output(tiny, tmp_path, capsys):
     assert len(m["rank_pattern"]) == 12 and m["total_rank"] == 24
     assert sum(m["rank_pattern"].values()) == 24 and max(m["rank_pattern"].values()) >= 2
     assert m["trainable_params_active"] < m["trainable_params_padded"]
+    assert m["delta_w_norm"] > 0
     log = [json.loads(line) for line in (out / "allocation_log.jsonl").read_text().splitlines()]
     assert len(log) == 12 and {"step", "module", "new_rank", "score"} <= set(log[0])
     assert (out / "rank_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

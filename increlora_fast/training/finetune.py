@@ -141,6 +141,7 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         "eval_seconds": round(time.perf_counter() - t_eval, 1),
         "trainable_params_active": counts["active"], "trainable_params_padded": counts["padded"],
         "total_rank": run.total_rank(), "rank_pattern": run.rank_pattern(),
+        "delta_w_norm": run.update_norm(),
         "method_settings": run.describe(), "settings": s.to_dict(),
         "resumed_from": str(resume) if resume else None,
     })

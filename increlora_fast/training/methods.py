@@ -76,6 +76,28 @@ class MethodRun:
         n = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         return {"active": n, "padded": n}
 
+    def update_norm(self) -> Optional[float]:
+        """Mean Frobenius norm of the weight change the adapters apply (scale included) over
+        the adapted target modules; None when nothing is wrapped (full fine-tuning).
+
+        Read off the modules' outputs, ``m(I) - m.base_layer(I)``, so it is the same measure for
+        every method whatever its parametrisation.
+        """
+        norms = []
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for name, m in self.model.named_modules():
+                base = getattr(m, "base_layer", None)
+                weight = getattr(base, "weight", None)
+                if weight is None or not matches_suffix(name, self.settings.target_modules):
+                    continue
+                in_features = weight.shape[1] if isinstance(base, nn.Linear) else weight.shape[0]
+                eye = torch.eye(in_features, dtype=weight.dtype, device=weight.device)
+                norms.append(float(torch.linalg.norm(m(eye) - base(eye))))
+        self.model.train(was_training)
+        return sum(norms) / len(norms) if norms else None
+
     def save_artifacts(self, out_dir: Path) -> None:
         """The trained model or adapter, in the method's usual format."""
         self.model.save_pretrained(str(out_dir))
