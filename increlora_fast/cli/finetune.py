@@ -10,7 +10,7 @@ import dataclasses
 import sys
 from typing import Dict, List
 
-from ..training.settings import BERT_TARGETS, DEFAULT_MAX_STEPS, METHODS, RunSettings
+from ..training.settings import BERT_TARGETS, DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, RunSettings
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
 SETTINGS_DESTS = [f.name for f in dataclasses.fields(RunSettings)]
@@ -55,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int, default=d.batch_size)
     train.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
     train.add_argument("--lr", type=float,
-                       help="learning rate (default per method: increlora/lora/adalora 2e-3, "
-                            "full 5e-5)")
+                       help="learning rate (default per method: " + ", ".join(
+                           f"{m} {lr:g}" for m, lr in DEFAULT_LR.items()) + ")")
     train.add_argument("--weight-decay", type=float, default=d.weight_decay)
     train.add_argument("--warmup-ratio", type=float, default=d.warmup_ratio,
                        help="linear warmup share of the steps (IncreLoRA: of every new slot)")
@@ -104,7 +104,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="methods of --compare")
     run.add_argument("--seeds", type=int, default=3, help="seeds per method in --compare")
     run.add_argument("--lrs", type=_csv_floats, default=None,
-                     help="learning rates swept in --compare (default 1e-3,2e-3,4e-3)")
+                     help="learning rates swept in --compare (default 1e-3,2e-3,4e-3,8e-3)")
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:

@@ -21,7 +21,7 @@ from .finetune import METRICS_FILE, load_data, run_finetune
 from .settings import METHODS, RunSettings, resolve
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
-DEFAULT_LRS = (1e-3, 2e-3, 4e-3)
+DEFAULT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
 RESULTS_JSON = "compare.json"
 RESULTS_TABLE = "compare.md"
 
