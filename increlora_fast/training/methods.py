@@ -92,8 +92,9 @@ class MethodRun:
                 weight = getattr(base, "weight", None)
                 if weight is None or not matches_suffix(name, self.settings.target_modules):
                     continue
-                in_features = weight.shape[1] if isinstance(base, nn.Linear) else weight.shape[0]
-                eye = torch.eye(in_features, dtype=weight.dtype, device=weight.device)
+                # our IncreLoRALinear and peft's LoRA/AdaLoRA layers both record in_features,
+                # whether the base is an nn.Linear or a transformers Conv1D
+                eye = torch.eye(m.in_features, dtype=weight.dtype, device=weight.device)
                 norms.append(float(torch.linalg.norm(m(eye) - base(eye))))
         self.model.train(was_training)
         return sum(norms) / len(norms) if norms else None
