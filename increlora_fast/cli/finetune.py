@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="write a resumable checkpoint-<step> every N steps (0: never)")
     run.add_argument("--resume", metavar="DIR",
                      help="continue a checkpoint-<step> folder exactly, with its settings")
+    run.add_argument("--device", default=d.device,
+                     help="auto (default: CUDA when available, else cpu) | cpu | cuda | cuda:N")
+    run.add_argument("--precision", default=d.precision,
+                     help="auto (default: bf16 autocast on GPUs with bfloat16, else fp32) | fp32 "
+                          "| bf16 (autocast; also on cpu) | fp16 (autocast + loss scaling; CUDA "
+                          "only)")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",
@@ -138,6 +144,11 @@ def _print_summary(m: Dict, out_dir: str) -> None:
           f"{m['trainable_params_padded']:,} padded")
     print(f"time              {m['total_seconds']:.0f} s (training {m['train_seconds']:.0f} s "
           f"for {m['steps']} steps, evaluation {m['eval_seconds']:.0f} s)")
+    speed = m.get("tokens_per_second")
+    peak = m.get("peak_device_memory_mb")
+    print(f"speed             {'-' if speed is None else f'{speed:,.0f}'} training tokens/s on "
+          f"{m.get('device')} ({m.get('precision')}), peak device memory "
+          + (f"{peak:,.0f} MiB" if peak is not None else f"- ({m.get('peak_device_memory_kind')})"))
     if m["rank_pattern"]:
         print(f"final rank pattern (total {m['total_rank']}):")
         print(rank_table(m["rank_pattern"]))

@@ -15,6 +15,7 @@ from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS
 from .batches import Batches
 from .checkpoint import load_checkpoint, read_checkpoint_settings, save_checkpoint
+from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
 from .loop import LoopState, evaluate, train_loop
 from .methods import MethodRun, build_method
 from .settings import RunSettings, resolve
@@ -64,12 +65,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_run(settings: RunSettings) -> Tuple[RunSettings, TaskData, MethodRun, Batches]:
-    """Resolved settings, data, the method wrapped around a fresh model, and the batches."""
+def build_run(settings: RunSettings, placement: Optional[Placement] = None
+              ) -> Tuple[RunSettings, TaskData, MethodRun, Batches]:
+    """Resolved settings, data, the method wrapped around a fresh model (on ``placement``'s
+    device, default CPU), and the batches."""
     data = load_data(settings)
     s = resolve(settings, len(data.train))
     seed_everything(s.seed)
     tokenizer, model = load_model(s, data)
+    if placement is not None:
+        model = model.to(placement.device)
     run = build_method(model, s)
     batches = Batches(tokenizer, data.train, data.eval, s.max_seq_len, s.batch_size,
                       s.eval_batch_size, s.seed)
@@ -120,17 +125,24 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
     t_start = time.perf_counter()
     if resume:
         settings = read_checkpoint_settings(Path(resume))
-    s, data, run, batches = build_run(settings)
+    place = Placement.from_text(settings.device, settings.precision)
+    reset_peak_memory(place.device)
+    s, data, run, batches = build_run(settings, place)
     state = load_checkpoint(Path(resume), run) if resume else LoopState()
     echo(f"{s.method} on {data.name} ({len(data.train):,} train / {len(data.eval):,} dev), "
          f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
-         f"seed {s.seed}" + (f", resuming at step {state.step}" if resume else ""))
+         f"seed {s.seed}, on {place.describe()}"
+         + (f", resuming at step {state.step}" if resume else ""))
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
-               on_step_end=_checkpointer(out, run, s, save_steps))
+               on_step_end=_checkpointer(out, run, s, save_steps), placement=place)
     t_eval = time.perf_counter()
-    metrics = evaluate(run, batches)
+    metrics = evaluate(run, batches, place)
+    metrics.update(peak_memory(place.device), device=str(place.device),
+                   precision=place.precision, train_tokens=state.session_tokens,
+                   tokens_per_second=tokens_per_second(state.session_tokens,
+                                                       state.session_seconds))
     counts = run.parameter_counts()
     tail = state.losses[-max(1, len(state.losses) // 10):]
     metrics.update({

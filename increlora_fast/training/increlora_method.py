@@ -48,8 +48,8 @@ class IncreLoRARun(MethodRun):
     def penalty(self) -> Optional[torch.Tensor]:
         return self.controller.regularization_loss()
 
-    def before_optimizer_step(self, step: int) -> None:
-        self.controller.step(step)
+    def before_optimizer_step(self, step: int, loss_scale: float = 1.0) -> None:
+        self.controller.step(step, loss_scale=loss_scale)
 
     def after_optimizer_step(self, step: int) -> None:
         """The schedule lives inside the optimizer (per-slot restart warmup)."""

@@ -1,4 +1,9 @@
-"""The plain training loop shared by every method, and dev-set evaluation."""
+"""The plain training loop shared by every method, and dev-set evaluation.
+
+Both run where a `device.Placement` says (its device and autocast precision; fp16 scales the
+loss with a ``GradScaler``, unscales before clipping and passes the scale to the method's
+``before_optimizer_step``); without one, on the CPU in fp32.
+"""
 from __future__ import annotations
 
 import time
@@ -9,26 +14,37 @@ import torch
 import torch.nn.functional as F
 
 from .batches import Batches
+from .device import Placement
 from .methods import MethodRun
 
 
 @dataclass
 class LoopState:
-    """Where a run stands: the next step to take and the task loss of every step taken."""
+    """Where a run stands: the next step to take and the task loss of every step taken.
+
+    ``session_tokens`` / ``session_seconds``: non-padding training tokens and training seconds of
+    the steps taken by this process (not restored from a checkpoint), for tokens per second.
+    """
 
     step: int = 0
     losses: List[float] = field(default_factory=list)
     train_seconds: float = 0.0
+    session_tokens: int = 0
+    session_seconds: float = 0.0
 
 
 def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: float,
                state: LoopState, progress: bool = True,
-               on_step_end: Optional[Callable[[LoopState], None]] = None) -> LoopState:
+               on_step_end: Optional[Callable[[LoopState], None]] = None,
+               placement: Optional[Placement] = None) -> LoopState:
     """Train from ``state.step`` to ``max_steps``; ``on_step_end`` runs after every step (the
     caller writes checkpoints there). The progress bar shows the task loss (without penalties,
-    so methods compare) and the current total rank."""
+    so methods compare) and the current total rank. ``placement``: where the model already is
+    and the precision to train in (default: CPU, fp32)."""
     from tqdm.auto import tqdm
 
+    place = placement or Placement(torch.device("cpu"), "fp32")
+    scaler = place.scaler
     model = run.model
     params = [p for p in model.parameters() if p.requires_grad]
     bar = tqdm(total=max_steps, initial=state.step, disable=not progress, desc=run.name,
@@ -38,16 +54,25 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
         while state.step < max_steps:
             t0 = time.perf_counter()
             step = state.step
-            batch = batches.train_batch(step)
-            out = model(**batch)
+            batch = place.to_device(batches.train_batch(step))
+            with place.autocast():
+                out = model(**batch)
             loss = out.loss
-            penalty = run.penalty()
+            penalty = run.penalty()  # in fp32, outside autocast
             if penalty is not None:
                 loss = loss + penalty
-            loss.backward()
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(run.optimizer)
+            else:
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            run.before_optimizer_step(step)
-            run.optimizer.step()
+            run.before_optimizer_step(step, loss_scale=place.loss_scale)
+            if scaler is not None:
+                scaler.step(run.optimizer)  # skipped when the scaled gradients overflowed
+                scaler.update()
+            else:
+                run.optimizer.step()
             run.after_optimizer_step(step)
             run.optimizer.zero_grad(set_to_none=True)
             task_loss = float(F.cross_entropy(out.logits.detach().float(), batch["labels"]))
@@ -56,7 +81,12 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                                          f"step {step}; lower --lr")
             state.losses.append(task_loss)
             state.step += 1
-            state.train_seconds += time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            state.train_seconds += elapsed
+            state.session_seconds += elapsed
+            mask = batch.get("attention_mask")
+            state.session_tokens += int(mask.sum()) if mask is not None else \
+                batch["input_ids"].numel()
             postfix = {"loss": f"{sum(state.losses[-20:]) / len(state.losses[-20:]):.4f}"}
             rank = run.total_rank()
             if rank is not None:
@@ -71,15 +101,20 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
 
 
 @torch.no_grad()
-def evaluate(run: MethodRun, batches: Batches) -> Dict[str, float]:
-    """Dev accuracy, macro-F1 and cross-entropy of the model as it stands."""
+def evaluate(run: MethodRun, batches: Batches,
+             placement: Optional[Placement] = None) -> Dict[str, float]:
+    """Dev accuracy, macro-F1 and cross-entropy of the model as it stands (on ``placement``'s
+    device and precision; default CPU, fp32)."""
+    place = placement or Placement(torch.device("cpu"), "fp32")
     model = run.model
     was_training = model.training
     model.eval()
     preds, labels, loss_sum = [], [], 0.0
     for batch in batches.eval_batches():
+        batch = place.to_device(batch)
         y = batch.pop("labels")
-        logits = model(**batch).logits.float()
+        with place.autocast():
+            logits = model(**batch).logits.float()
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         preds.append(logits.argmax(-1))
         labels.append(y)

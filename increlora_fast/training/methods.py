@@ -49,8 +49,9 @@ class MethodRun:
         """Extra loss term added before backward (None: nothing to add)."""
         return None
 
-    def before_optimizer_step(self, step: int) -> None:
-        """Called after backward and gradient clipping, before ``optimizer.step()``."""
+    def before_optimizer_step(self, step: int, loss_scale: float = 1.0) -> None:
+        """Called after backward and gradient clipping, before ``optimizer.step()``;
+        ``loss_scale`` is the fp16 GradScaler's factor on the loss (1 otherwise)."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after ``optimizer.step()``, before ``zero_grad``."""

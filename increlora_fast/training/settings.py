@@ -68,6 +68,9 @@ class RunSettings:
     adalora_tinit: Optional[int] = None
     adalora_tfinal: Optional[int] = None
     adalora_delta_t: Optional[int] = None
+    # where and how to compute (see `device`); kept as given, resolved when the run starts
+    device: str = "auto"
+    precision: str = "auto"
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +106,9 @@ def validate(s: RunSettings) -> None:
     _check(s.grad_clip > 0, "--grad-clip", s.grad_clip, "use a number > 0")
     _check(bool(s.target_modules), "--target-modules", s.target_modules,
            "name at least one module suffix")
+    from .device import PRECISIONS, validate_device_text
+    validate_device_text(s.device)
+    _check(s.precision in PRECISIONS, "--precision", s.precision, f"use one of {list(PRECISIONS)}")
     _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
            f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
 

@@ -1,0 +1,187 @@
+"""`finetune --device/--precision`: the resolvers (with fake hardware), the CLI's errors, and the
+speed and memory fields of metrics.json, on a tiny random BERT on CPU."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
+from increlora_fast.cli import finetune as finetune_cli
+from increlora_fast.training.device import (CPU_MEMORY_NOTE, Placement, peak_memory,
+                                            resolve_device, resolve_precision, tokens_per_second)
+
+CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
+
+
+def cli(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": str(write_tiny_bert(root / "bert")),
+            "train": str(write_csv(root / "train.csv", sentiment_rows(64, seed=0))),
+            "dev": str(write_csv(root / "dev.csv", sentiment_rows(24, seed=1)))}
+
+
+def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:
+    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
+            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
+            "--no-progress", "--max-steps", "4", "--save-steps", "0", *extra]
+
+
+@pytest.mark.parametrize("text, cuda, count, expected", [
+    ("cpu", True, 2, CPU), ("auto", False, 0, CPU), ("AUTO", True, 1, GPU),
+    ("cuda", True, 1, GPU), ("cuda:1", True, 2, torch.device("cuda", 1))])
+def test_resolve_device_with_fake_hardware(text, cuda, count, expected):
+    assert resolve_device(text, cuda_available=cuda, device_count=count) == expected
+
+
+@pytest.mark.parametrize("text, cuda, count, message", [
+    ("gpu", True, 1, "--device 'gpu' is invalid: use auto, cpu, cuda or cuda:N"),
+    ("cuda:x", True, 1, "is invalid"),
+    ("cuda", False, 0, "--device cuda: CUDA is not available here"),
+    ("cuda:0", False, 0, "CUDA is not available here"),
+    ("cuda:3", True, 2, "--device cuda:3: there is no CUDA device 3 (this machine has 2")])
+def test_resolve_device_errors_name_the_option(text, cuda, count, message):
+    with pytest.raises(ValueError) as info:
+        resolve_device(text, cuda_available=cuda, device_count=count)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text, device, bf16_ok, expected", [
+    ("auto", CPU, False, "fp32"), ("auto", CPU, True, "fp32"), ("auto", GPU, True, "bf16"),
+    ("auto", GPU, False, "fp32"), ("fp32", GPU, True, "fp32"), ("bf16", CPU, False, "bf16"),
+    ("fp16", GPU, False, "fp16"), ("BF16", GPU, True, "bf16")])
+def test_resolve_precision_with_fake_capability(text, device, bf16_ok, expected):
+    assert resolve_precision(text, device, bf16_ok=bf16_ok) == expected
+
+
+@pytest.mark.parametrize("text, device, bf16_ok, message", [
+    ("fp16", CPU, False, "--precision fp16 needs a CUDA device"),
+    ("bf16", GPU, False, "--precision bf16: cuda:0 has no native bfloat16"),
+    ("fp8", GPU, True, "--precision 'fp8' is invalid")])
+def test_resolve_precision_errors(text, device, bf16_ok, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("'", "'")):
+        resolve_precision(text, device, bf16_ok=bf16_ok)
+
+
+def test_tokens_per_second_and_cpu_peak_memory():
+    assert tokens_per_second(1000, 4.0) == 250.0
+    assert tokens_per_second(10, 0.0) is None
+    assert peak_memory(CPU) == {"peak_device_memory_mb": None,
+                                "peak_device_memory_kind": CPU_MEMORY_NOTE}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--device", "gpu"], "--device 'gpu' is invalid"),
+    (["--precision", "half"], "--precision 'half' is invalid"),
+    (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA device")])
+def test_cli_rejects_bad_values_in_one_line(tiny, tmp_path, capsys, extra, message):
+    assert cli(tiny_args(tiny, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("increlora-fast finetune: error: ") and message in err
+    assert len(err.splitlines()) == 1
+    assert not (tmp_path / "bad" / "metrics.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cli_cuda_without_a_gpu_is_a_clear_error(tiny, tmp_path, capsys):
+    assert cli(tiny_args(tiny, tmp_path / "nogpu", "--device", "cuda:0")) == 2
+    assert "--device cuda:0: CUDA is not available here" in capsys.readouterr().err
+
+
+def test_cpu_run_records_device_tokens_per_second_and_memory(tiny, tmp_path, capsys):
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.settings import RunSettings
+
+    out = tmp_path / "cpu"
+    device = "auto" if not torch.cuda.is_available() else "cpu"
+    assert cli(tiny_args(tiny, out, "--device", device)) == 0
+    printed = capsys.readouterr().out
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["device"] == "cpu" and m["precision"] == "fp32"
+    assert m["settings"]["device"] == device and m["settings"]["precision"] == "auto"
+    # the non-padding tokens of exactly the 4 training batches
+    _, _, _, batches = build_run(RunSettings(
+        model=tiny["model"], task=None, train_file=tiny["train"], eval_file=tiny["dev"],
+        batch_size=8, max_seq_len=16, max_steps=4))
+    expected = sum(int(batches.train_batch(s)["attention_mask"].sum()) for s in range(4))
+    assert m["train_tokens"] == expected
+    assert m["tokens_per_second"] > 0
+    # train_seconds is rounded to 0.1 s in metrics.json
+    seconds = m["train_seconds"]
+    assert expected / (seconds + 0.051) <= m["tokens_per_second"] <= \
+        expected / max(seconds - 0.051, 1e-3)
+    assert m["peak_device_memory_mb"] is None and m["peak_device_memory_kind"] == CPU_MEMORY_NOTE
+    assert f"{m['tokens_per_second']:,.0f} training tokens/s on cpu (fp32)" in printed
+    assert "peak device memory - (not measured on cpu" in printed
+
+
+def test_bf16_autocast_on_cpu_trains(tiny, tmp_path):
+    out = tmp_path / "bf16"
+    assert cli(tiny_args(tiny, out, "--device", "cpu", "--precision", "bf16")) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["precision"] == "bf16" and 0.0 <= m["eval_accuracy"] <= 1.0
+    assert m["total_rank"] == 24
+
+
+def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypatch):
+    """The loop's fp16 branch on CPU (the CLI allows fp16 only on CUDA): the controller is
+    called with the GradScaler's scale of the step's backward."""
+    from increlora_fast.controller import IncreLoRAController
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.loop import LoopState, train_loop
+    from increlora_fast.training.settings import RunSettings
+
+    seen = []
+    real_step = IncreLoRAController.step
+
+    def spy(self, step, loss_scale=1.0):
+        seen.append(loss_scale)
+        return real_step(self, step, loss_scale=loss_scale)
+    monkeypatch.setattr(IncreLoRAController, "step", spy)
+    place = Placement(CPU, "fp16")
+    s, _, run, batches = build_run(RunSettings(
+        model=tiny["model"], task=None, train_file=tiny["train"], eval_file=tiny["dev"],
+        batch_size=8, max_seq_len=16, max_steps=3), place)
+    scales = []
+    state = train_loop(run, batches, 3, s.grad_clip, LoopState(), progress=False,
+                       on_step_end=lambda st: scales.append(place.loss_scale), placement=place)
+    assert state.step == 3 and len(seen) == 3
+    assert seen[0] == 65536.0  # GradScaler's initial scale
+    # each step's controller call saw the scale its backward used (before scaler.update())
+    assert seen[1:] == scales[:-1]
+
+
+def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path, monkeypatch):
+    import dataclasses
+
+    from increlora_fast.training import compare
+    from increlora_fast.training.settings import RunSettings
+
+    calls = []
+
+    def fake_run(s, run_dir, progress=True):
+        calls.append((s.method, s.device, s.precision))
+        return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
+                "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,
+                "train_examples": 64, "eval_examples": 24, "method_settings": {},
+                "train_seconds": 1.0}
+    monkeypatch.setattr(compare, "run_finetune", fake_run)
+    monkeypatch.setattr(compare, "format_table", lambda report: "table")
+    base = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
+                       eval_file=tiny["dev"], device="cpu", precision="bf16")
+    compare.compare_methods(base, ["increlora", "lora", "adalora"], [1e-3, 2e-3], 2,
+                            str(tmp_path / "cmp"), progress=False, echo=lambda line: None)
+    assert len(calls) == 3 * (2 + 1)
+    assert {(d, p) for _, d, p in calls} == {("cpu", "bf16")}
+    assert dataclasses.asdict(base)["device"] == "cpu"
