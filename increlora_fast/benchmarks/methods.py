@@ -157,13 +157,12 @@ def triton_status(device: torch.device) -> Tuple[bool, str]:
     CUDA needs triton installed. Elsewhere they run only under the Triton interpreter
     (``TRITON_INTERPRET=1`` set before ``increlora_fast.kernels`` was first imported)."""
     try:
-        from ..kernels.lowrank import _project_kernel
-        from ..kernels.utils import is_interpreted
+        from ..kernels.utils import interpreter_active
     except ImportError as err:
         return False, f"skipped: triton is not importable ({err})"
     if device.type == "cuda":
         return True, ""
-    if os.environ.get("TRITON_INTERPRET") == "1" and is_interpreted(_project_kernel):
+    if interpreter_active():
         return True, INTERPRETER_NOTE
     return False, (f"skipped: Triton kernels need CUDA; on {device.type} only the Triton "
                    "interpreter (TRITON_INTERPRET=1 before the first import) can run them")

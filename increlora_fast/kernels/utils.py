@@ -103,3 +103,12 @@ def launch(kernel, grid: tuple, *args, **kwargs) -> None:
     if all(g > 0 for g in grid):
         count_launch(kernel.fn.__name__)
         kernel[grid](*args, **kwargs)
+
+
+def interpreter_active() -> bool:
+    """True when this package's Triton kernels were built by the Triton interpreter
+    (``TRITON_INTERPRET=1`` set before their modules were first imported), so they run on CPU
+    tensors. Imports the kernel modules if nothing has yet."""
+    from . import lowrank
+
+    return any(is_interpreted(obj) for obj in vars(lowrank).values())
