@@ -53,16 +53,19 @@ class ModelPreset:
     config_kwargs: Dict[str, object]
     targets: Tuple[str, ...]
     n_targets: int
+    modules_to_save: Tuple[str, ...] = MODULES_TO_SAVE
 
     def classes(self) -> Tuple[type, type]:
         import transformers
 
         return getattr(transformers, self.model_class), getattr(transformers, self.config_class)
 
-    def build(self) -> nn.Module:
-        """The model with random weights (the caller seeds torch)."""
+    def build(self, device: Optional[torch.device] = None) -> nn.Module:
+        """The model with random weights (the caller seeds torch), initialised on ``device``
+        (default: the CPU)."""
         model_cls, config_cls = self.classes()
-        return model_cls(config_cls(num_labels=2, **self.config_kwargs))
+        with torch.device(device or "cpu"):
+            return model_cls(config_cls(num_labels=2, **self.config_kwargs))
 
     @property
     def vocab_size(self) -> int:
@@ -82,6 +85,22 @@ DEBERTA_V3_BASE = dict(
     norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
     position_biased_input=False, layer_norm_eps=1e-7, pooler_hidden_size=768)
 
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _llama(hidden: int, layers: int, heads: int, intermediate: int, vocab: int
+           ) -> Dict[str, object]:
+    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=heads,
+                intermediate_size=intermediate, max_position_embeddings=4096, pad_token_id=0)
+
+
+def _tiny_deberta() -> Dict[str, object]:
+    return dict(DEBERTA_V3_BASE, vocab_size=128, hidden_size=32, num_hidden_layers=1,
+                num_attention_heads=2, intermediate_size=64, pooler_hidden_size=32,
+                position_buckets=8)
+
+
 MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
     ModelPreset("deberta-v3-base", "DebertaV2ForSequenceClassification", "DebertaV2Config",
                 DEBERTA_V3_BASE, DEBERTA_TARGETS, 72),
@@ -90,6 +109,14 @@ MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
                 _bert(384, 6, 12, 1536, 30522), BERT_TARGETS, 36),
     ModelPreset("tiny-bert", "BertForSequenceClassification", "BertConfig",
                 _bert(32, 2, 2, 64, 128), BERT_TARGETS, 12),
+    # Llama-2-7B's layer shapes (4096 wide, FFN 11008, 32 heads, vocab 32000), 2 of its 32 layers.
+    ModelPreset("llama-7b-2l", "LlamaForSequenceClassification", "LlamaConfig",
+                _llama(4096, 2, 32, 11008, 32000), LLAMA_TARGETS, 14, ("score",)),
+    # The same families at toy size (one layer), for `gpu-check --dry-run` on CPU.
+    ModelPreset("tiny-deberta", "DebertaV2ForSequenceClassification", "DebertaV2Config",
+                _tiny_deberta(), DEBERTA_TARGETS, 6),
+    ModelPreset("tiny-llama", "LlamaForSequenceClassification", "LlamaConfig",
+                _llama(32, 1, 2, 64, 128), LLAMA_TARGETS, 7, ("score",)),
 )}
 
 
@@ -131,7 +158,7 @@ class _IncreLoRARun:
             target_modules=list(preset.targets), r_max=plan.r_max, init_r=plan.init_r,
             target_rank=plan.target_rank, lora_alpha=LORA_ALPHA, init_warmup=sched["init_warmup"],
             incre_interval=sched["incre_interval"], top_h=sched["top_h"],
-            orth_reg_weight=ORTH_REG_WEIGHT, modules_to_save=list(MODULES_TO_SAVE))
+            orth_reg_weight=ORTH_REG_WEIGHT, modules_to_save=list(preset.modules_to_save))
         self.model = inject_increlora(model, config)
         found = len(list(increlora_layers(self.model)))
         if found != preset.n_targets:
@@ -164,7 +191,8 @@ class _PeftRun:
         from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
 
         common = dict(task_type=TaskType.SEQ_CLS, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
-                      target_modules=list(preset.targets), modules_to_save=list(MODULES_TO_SAVE))
+                      target_modules=list(preset.targets),
+                      modules_to_save=list(preset.modules_to_save))
         self.adalora = adalora
         if adalora:
             self.sched = adalora_schedule(plan)
@@ -227,7 +255,7 @@ def prepare_run(method: str, preset_name: str, plan: ModelPlan, device: torch.de
     batches to cycle through. Call it inside ``MethodEnv(method_env(method))``."""
     preset = _check_args(method, preset_name)
     torch.manual_seed(0)
-    model = preset.build().to(device).train()
+    model = preset.build(device).train()
     return _build_run(method, model, preset, plan), _batches(preset, plan, device)
 
 
@@ -287,7 +315,9 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
         mean = statistics.fmean(t["run"])
         out[method] = {
             "median_ms": statistics.median(t["run"]), "mean_ms": mean,
-            "steps_per_s": 1000.0 / mean, "alloc_median_ms": _median(t["alloc"]),
+            "steps_per_s": 1000.0 / mean,
+            "tokens_per_s": plan.batch_size * plan.seq_len * 1000.0 / mean,
+            "alloc_median_ms": _median(t["alloc"]),
             "final_median_ms": _median(t["final"]), "alloc_steps": len(t["alloc"]),
             "final_steps": len(t["final"]), "peak_mem_mb": peaks[method][0],
             "mem_kind": peaks[method][1], "repeats": len(t["run"]),
@@ -296,14 +326,16 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
 
 
 def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, env: Dict,
-                    log: Callable[[str], None] = print) -> List[dict]:
-    """One record per (model, dtype, method); Triton runs on CUDA only (no interpreter here)."""
+                    log: Callable[[str], None] = print, interpreter: bool = False) -> List[dict]:
+    """One record per (model, dtype, method). Triton runs on CUDA, and with ``interpreter`` also
+    under the Triton interpreter on CPU (tiny models only: it shows the path runs)."""
     unknown = [m for m in methods if m not in MODEL_METHODS]
     if unknown:
         raise ValueError(f"unknown model methods {unknown}; known: {list(MODEL_METHODS)}")
     triton_ok, triton_note = triton_status(device)
     skipped = {}
-    if "increlora-triton" in methods and device.type != "cuda":
+    if "increlora-triton" in methods and device.type != "cuda" and not (interpreter and
+                                                                         triton_ok):
         skipped["increlora-triton"] = ("skipped: Triton kernels need CUDA; the interpreter is "
                                        "far too slow for a whole model")
     elif "increlora-triton" in methods and not triton_ok:
@@ -326,6 +358,8 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
                     rec.update(status="skipped", note=skipped[method])
                 else:
                     rec.update(measured[method])
+                    if method == "increlora-triton" and device.type != "cuda":
+                        rec["note"] = triton_note
                     log(f"model {rec['shape']} {rec['dtype']} {method:18s} median "
                         f"{rec['median_ms']:9.1f} ms  mean {rec['mean_ms']:9.1f} ms  "
                         f"{rec['steps_per_s']:6.2f} steps/s  {rec['peak_mem_mb']:8.1f} MiB")

@@ -167,3 +167,64 @@ def all_verdicts(records: List[dict]) -> List[Verdict]:
     return (layer_verdicts(records, "cuda") + model_verdicts(records, "cuda")
             + cpu_model_verdicts(records)
             + layer_verdicts(records, "cpu") + model_verdicts(records, "cpu"))
+
+
+ISSUE13_LAYER = ("fwd+bwd, tracking off, <= 1.25x floor", "fwd+bwd, tracking off, <= 0.8x peft-lora",
+                 "fwd+bwd, tracking on, <= 1.6x floor")
+ISSUE13_MODEL = ("training step <= peft-lora (r = r_max)", "training step <= 0.8x peft-adalora",
+                 "peak memory <= peft-lora")
+
+
+def issue13_verdicts(records: List[dict]) -> List[Verdict]:
+    """The GPU targets of issue 13 (`gpu-check`): the layer at bf16, 16,384 tokens, 768x3072,
+    r_max 16 (ours = the better of the default and the fused Triton path) and the model step of
+    every preset measured (ours = increlora-triton, run-average step), all from CUDA records."""
+    rows, where = _layer_point(records, "cuda")
+    out: List[Verdict] = []
+    floor = lora = None
+    if rows is not None:
+        floor, lora = _one(rows, "floor"), _one(rows, "peft-lora")
+        off = [r for r in rows if r["method"] in GPU_OURS]
+        on = [r for r in rows if r["method"] in tuple(n + "+score" for n in GPU_OURS)]
+    if rows is None or floor is None or not off or not on:
+        why = f"{where}: floor or ours missing" if rows else "no CUDA layer records at that point"
+        out += [Verdict(n, "GPU", "not measurable", why) for n in ISSUE13_LAYER]
+    else:
+        f = floor["median_ms"]
+        best_off = min(off, key=lambda r: r["median_ms"])
+        best_on = min(on, key=lambda r: r["median_ms"])
+        out.append(Verdict(ISSUE13_LAYER[0], "GPU", _check(best_off["median_ms"] <= 1.25 * f),
+                           f"{where}: {best_off['method']} {best_off['median_ms'] / f:.2f}x floor"))
+        if lora is None:
+            out.append(Verdict(ISSUE13_LAYER[1], "GPU", "not measurable", f"{where}: no peft-lora"))
+        else:
+            ratio = best_off["median_ms"] / lora["median_ms"]
+            out.append(Verdict(ISSUE13_LAYER[1], "GPU", _check(ratio <= 0.8),
+                               f"{where}: {best_off['method']} {ratio:.2f}x peft-lora"))
+        out.append(Verdict(ISSUE13_LAYER[2], "GPU", _check(best_on["median_ms"] <= 1.6 * f),
+                           f"{where}: {best_on['method']} {best_on['median_ms'] / f:.2f}x floor"))
+    groups = _model_groups(records, "cuda")
+    model: List[Verdict] = []
+    for (shape, dtype), group in sorted(groups.items()):
+        ours, lora_m, ada = (_one(group, m) for m in ("increlora-triton", "peft-lora",
+                                                      "peft-adalora"))
+        if ours is None:
+            continue
+        where_m = f"{shape} {dtype}"
+        if lora_m is not None:
+            ratio = ours["mean_ms"] / lora_m["mean_ms"]
+            model.append(Verdict(ISSUE13_MODEL[0], "GPU", _check(ratio <= 1.0),
+                                 f"{where_m}: run mean {ratio:.2f}x peft-lora"))
+        if ada is not None:
+            ratio = ours["mean_ms"] / ada["mean_ms"]
+            model.append(Verdict(ISSUE13_MODEL[1], "GPU", _check(ratio <= 0.8),
+                                 f"{where_m}: run mean {ratio:.2f}x peft-adalora"))
+        if lora_m is not None:
+            ratio = ours["peak_mem_mb"] / max(lora_m["peak_mem_mb"], 1e-9)
+            model.append(Verdict(ISSUE13_MODEL[2], "GPU", _check(ratio <= 1.0),
+                                 f"{where_m}: {ours['peak_mem_mb']:.0f} vs "
+                                 f"{lora_m['peak_mem_mb']:.0f} MiB ({ratio:.2f}x)"))
+    if not model:
+        model = [Verdict(n, "GPU", "not measurable", "no CUDA model records")
+                 for n in ISSUE13_MODEL]
+    return out + model

@@ -13,6 +13,8 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "finetune": ("increlora_fast.cli.finetune", "fine-tune a model with IncreLoRA (or a peer)"),
     "bench": ("increlora_fast.cli.bench", "layer- and model-level speed and memory benchmarks"),
+    "gpu-check": ("increlora_fast.cli.gpu_check",
+                  "one-shot check of the GPU path: kernels, layer, model step, fine-tune"),
 }
 
 

@@ -1,0 +1,142 @@
+"""Markdown of a `gpu-check` report: ``gpu_check.md``, and its sections in ``bench/RESULTS.md``."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Dict, List
+
+from .report import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
+from .targets import issue13_verdicts
+
+KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
+MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tokens_per_s",
+                       "x_peft_lora_mean", "peak_mem_mb", "x_peft_lora_mem")
+PART_TITLES = OrderedDict((
+    ("kernels", "(a) kernel correctness against float64 references"),
+    ("layer", "(b) layer fwd+bwd, bf16"),
+    ("model", "(c) model training step"),
+    ("finetune", "(d) default fine-tune on the device"),
+))
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value).replace("|", "/").replace("\n", " ")
+
+
+def _table(rows: List[Dict], columns) -> List[str]:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
+    return lines
+
+
+def _environment(report: Dict) -> List[str]:
+    env = report.get("environment", {})
+    lines = [f"- device: {env.get('device')} ({env.get('device_type')})"
+             + (f", compute capability {env['capability']}, {env.get('gpu_memory_mb')} MiB, "
+                f"{env.get('multiprocessors')} SMs, {env.get('gpu_count')} GPU(s) visible"
+                if env.get("capability") else ""),
+             f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, "
+             f"transformers {env.get('transformers')}, peft {env.get('peft')}, "
+             f"Python {env.get('python')}",
+             f"- git commit {env.get('git_commit')}, started {report.get('date')}, "
+             f"{report.get('seconds')} s in all"
+             + (", dry run (toy sizes; on CPU the Triton kernels run under the interpreter, so "
+                "no time here says anything about speed)" if report.get("dry_run") else ""),
+             f"- command: `{env.get('command')}`"]
+    return lines + [f"- note: {n}" for n in report.get("notes", [])]
+
+
+def kernel_section(part: Dict) -> List[str]:
+    """Counts per (op, dtype), then every failing case."""
+    records = part.get("records", [])
+    if not records:
+        return []
+    groups: "OrderedDict[tuple, List[Dict]]" = OrderedDict()
+    for r in records:
+        groups.setdefault((r.get("op"), r.get("dtype")), []).append(r)
+    rows = []
+    for (op, dtype), rs in groups.items():
+        ratios = [r["max_rel_err"] / r["tol"] for r in rs
+                  if isinstance(r.get("max_rel_err"), (int, float))
+                  and isinstance(r.get("tol"), (int, float)) and r["tol"]]
+        rows.append({"op": op, "dtype": dtype, "checks": len(rs),
+                     "failed": sum(1 for r in rs if not r.get("ok")),
+                     "worst err / tol": max(ratios) if ratios else None,
+                     "largest M": max((r.get("M") or 0) for r in rs)})
+    lines = [f"{len(records)} checks, {sum(1 for r in records if not r.get('ok'))} failed.", ""]
+    lines += _table(rows, ("op", "dtype", "checks", "failed", "worst err / tol", "largest M"))
+    bad = [r for r in records if not r.get("ok")]
+    if bad:
+        lines += ["", "Failing cases:", ""] + _table(bad, KERNEL_COLUMNS)
+    return lines
+
+
+def layer_section(part: Dict) -> List[str]:
+    rows = layer_rows(part.get("records", []))
+    return [markdown_table(rows, LAYER_COLUMNS)] if rows else []
+
+
+def model_section(part: Dict) -> List[str]:
+    rows = model_rows(part.get("records", []))
+    if not rows:
+        return []
+    return [markdown_table(rows, MODEL_CHECK_COLUMNS)]
+
+
+def finetune_section(part: Dict) -> List[str]:
+    m = part.get("metrics")
+    if not m:
+        return []
+    keys = ("eval_accuracy", "eval_macro_f1", "eval_examples", "steps", "device", "precision",
+            "tokens_per_second", "peak_device_memory_mb", "train_seconds", "total_seconds",
+            "total_rank", "model", "task")
+    lines = _table([{k: m.get(k) for k in keys}], keys)
+    if part.get("min_accuracy") is not None:
+        lines += ["", f"Sanity floor on the dev accuracy: {part['min_accuracy']}."]
+    return lines
+
+
+def targets_section(report: Dict) -> List[str]:
+    from .gpu_check import bench_records
+
+    verdicts = issue13_verdicts(bench_records(report))
+    return (["| target | verdict | measured |", "|---|---|---|"]
+            + [f"| {v.target} | **{v.status}** | {v.detail} |" for v in verdicts])
+
+
+SECTIONS = {"kernels": kernel_section, "layer": layer_section, "model": model_section,
+            "finetune": finetune_section}
+
+
+def part_sections(report: Dict, level: str = "##") -> List[str]:
+    """The status table, each part's tables and errors, and the issue-13 targets."""
+    parts = report.get("parts", {})
+    lines = ["| part | status | seconds | error |", "|---|---|---|---|"]
+    for name, part in parts.items():
+        lines.append(f"| {PART_TITLES.get(name, name)} | **{part.get('status')}** | "
+                     f"{part.get('seconds')} | {_cell(part.get('error'))} |")
+    lines.append("")
+    for name, part in parts.items():
+        lines += [f"{level} {PART_TITLES.get(name, name)}: {part.get('status')}", ""]
+        body = SECTIONS.get(name, lambda p: [])(part)
+        lines += (body or ["Nothing measured."]) + [""]
+        if part.get("error"):
+            lines += [f"Error: {part['error']}", ""]
+        if part.get("traceback"):
+            lines += ["```text", part["traceback"].rstrip(), "```", ""]
+    lines += [f"{level} Issue 13 targets (bf16, 16,384 tokens, 768x3072, r_max 16; model steps "
+              "of every preset)", ""] + targets_section(report) + [""]
+    return lines
+
+
+def gpu_check_markdown(report: Dict) -> str:
+    """The whole ``gpu_check.md``."""
+    env = report.get("environment", {})
+    status = report.get("status", "running")
+    verdict = {"ok": "PASSED", "failed": "FAILED (" + ", ".join(report.get("failed_parts", []))
+               + ")"}.get(status, "INCOMPLETE (still running, or stopped from outside)")
+    out = [f"# GPU check: {env.get('device')}: {verdict}", ""] + _environment(report) + [""]
+    return "\n".join(out + part_sections(report)) + "\n"

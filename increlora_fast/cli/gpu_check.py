@@ -1,0 +1,103 @@
+"""`increlora-fast gpu-check`: check the GPU path in one command and write the evidence.
+
+On one CUDA GPU (a few minutes): the kernel correctness suite, the layer benchmark, model-level
+training steps against peft LoRA and AdaLoRA, and the default fine-tune with its accuracy, into
+``--out DIR`` as ``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy
+sizes (on a machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
+fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``).
+Exit code 0 when every part passed, 1 when one failed, 2 for bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+PART_NAMES = ("kernels", "layer", "model", "finetune")
+
+
+def _parts(text: str):
+    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    bad = [p for p in parts if p not in PART_NAMES]
+    if not parts or bad:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: give a comma-separated subset of "
+                                         f"{','.join(PART_NAMES)}")
+    return parts
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="new folder for gpu_check.json, gpu_check.md and the fine-tune")
+    parser.add_argument("--assets", metavar="DIR",
+                        help="the asset cache to use instead of ~/.cache/increlora_fast (same "
+                             "layout: unpacked/ and/or wheels/), read without network")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="toy sizes; without CUDA on CPU under the Triton interpreter")
+    parser.add_argument("--device", default=None,
+                        help="cuda | cuda:N (default: the current CUDA device; cpu for a dry "
+                             "run without CUDA)")
+    parser.add_argument("--parts", type=_parts, default=PART_NAMES,
+                        help="comma-separated subset of " + ",".join(PART_NAMES) + " (default all)")
+
+
+def _fail(message: str) -> int:
+    print(f"increlora-fast gpu-check: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _use_assets(path: str) -> None:
+    """Point the asset loader at ``path`` and keep every loader offline."""
+    root = Path(path).expanduser().resolve()
+    if not root.is_dir():
+        raise ValueError(f"--assets {path}: not a folder")
+    if not ((root / "unpacked").is_dir() or (root / "wheels").is_dir()):
+        raise ValueError(f"--assets {path}: holds neither unpacked/ nor wheels/ (copy "
+                         "~/.cache/increlora_fast there after one `increlora-fast finetune`)")
+    os.environ["INCRELORA_CACHE"] = str(root)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    for name in ("gpu_check.json", "finetune"):
+        if (out / name).exists():
+            return _fail(f"--out {out} already holds {name} from an earlier check; give a new "
+                         "folder (nothing there is overwritten)")
+    try:
+        if args.assets:
+            _use_assets(args.assets)
+    except ValueError as err:
+        return _fail(str(err))
+    os.environ.setdefault("INCRELORA_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    notes = []
+    cuda = torch.cuda.is_available()
+    if args.dry_run and not cuda and args.device in (None, "cpu"):
+        if "increlora_fast.kernels.lowrank" in sys.modules and \
+                os.environ.get("TRITON_INTERPRET") != "1":
+            notes.append("the kernels were imported before TRITON_INTERPRET=1 could be set; "
+                         "run the dry run in a fresh process")
+        os.environ["TRITON_INTERPRET"] = "1"  # before increlora_fast.kernels is imported
+    from ..training.device import resolve_device
+
+    try:
+        text = args.device or ("cuda" if cuda else "cpu" if args.dry_run else "cuda")
+        device = resolve_device(text)
+        if device.type != "cuda" and not args.dry_run:
+            raise ValueError(f"--device {text}: the full check needs a CUDA GPU; --dry-run runs "
+                             "it at toy sizes on CPU")
+    except ValueError as err:
+        return _fail(str(err))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    from ..benchmarks.gpu_check import JSON_FILE, MD_FILE, run_gpu_check
+
+    report = run_gpu_check(out, device, args.dry_run, tuple(args.parts),
+                           log=lambda line: print(line, flush=True), notes=notes)
+    print(f"\ngpu-check {report['status'].upper()}"
+          + (f" (failed: {', '.join(report['failed_parts'])})" if report["failed_parts"] else "")
+          + f" in {report['seconds']} s; {out / JSON_FILE}, {out / MD_FILE}")
+    return 0 if report["status"] == "ok" else 1
