@@ -246,8 +246,3 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
     write_report(report, out_dir)
     return report
 
-
-def bench_records(report: Dict) -> List[dict]:
-    """The layer and model records of a gpu-check report, as `increlora-fast bench` reads them."""
-    parts = report.get("parts", {})
-    return [r for name in ("layer", "model") for r in parts.get(name, {}).get("records", [])]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
+from .records import gpu_check_records
 from .report import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
 from .targets import issue13_verdicts
 
@@ -22,7 +23,7 @@ def _cell(value) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.3g}"
+        return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.3g}"
     return str(value).replace("|", "/").replace("\n", " ")
 
 
@@ -100,9 +101,7 @@ def finetune_section(part: Dict) -> List[str]:
 
 
 def targets_section(report: Dict) -> List[str]:
-    from .gpu_check import bench_records
-
-    verdicts = issue13_verdicts(bench_records(report))
+    verdicts = issue13_verdicts(gpu_check_records(report))
     return (["| target | verdict | measured |", "|---|---|---|"]
             + [f"| {v.target} | **{v.status}** | {v.detail} |" for v in verdicts])
 
@@ -111,8 +110,10 @@ SECTIONS = {"kernels": kernel_section, "layer": layer_section, "model": model_se
             "finetune": finetune_section}
 
 
-def part_sections(report: Dict, level: str = "##") -> List[str]:
-    """The status table, each part's tables and errors, and the issue-13 targets."""
+def part_sections(report: Dict, level: str = "##", tables: Sequence[str] = tuple(SECTIONS)
+                  ) -> List[str]:
+    """The status table, each part's errors and (for the parts in ``tables``) its tables, and
+    the issue-13 targets."""
     parts = report.get("parts", {})
     lines = ["| part | status | seconds | error |", "|---|---|---|---|"]
     for name, part in parts.items():
@@ -121,8 +122,11 @@ def part_sections(report: Dict, level: str = "##") -> List[str]:
     lines.append("")
     for name, part in parts.items():
         lines += [f"{level} {PART_TITLES.get(name, name)}: {part.get('status')}", ""]
-        body = SECTIONS.get(name, lambda p: [])(part)
-        lines += (body or ["Nothing measured."]) + [""]
+        if name in tables:
+            body = SECTIONS.get(name, lambda p: [])(part)
+            lines += (body or ["Nothing measured."]) + [""]
+        else:
+            lines += ["Its table is in the run section of the same device and date.", ""]
         if part.get("error"):
             lines += [f"Error: {part['error']}", ""]
         if part.get("traceback"):
@@ -140,3 +144,12 @@ def gpu_check_markdown(report: Dict) -> str:
                + ")"}.get(status, "INCOMPLETE (still running, or stopped from outside)")
     out = [f"# GPU check: {env.get('device')}: {verdict}", ""] + _environment(report) + [""]
     return "\n".join(out + part_sections(report)) + "\n"
+
+
+def results_section(report: Dict) -> List[str]:
+    """A gpu-check in ``bench/RESULTS.md``: environment, part status, kernel and fine-tune
+    tables, targets (its layer and model records form a run section of their own)."""
+    env = report.get("environment", {})
+    out = [f"## GPU check: {env.get('device')} ({report.get('date')}): "
+           f"{report.get('status')}", ""] + _environment(report) + [""]
+    return out + part_sections(report, "###", tables=("kernels", "finetune"))

@@ -13,7 +13,7 @@ import platform
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
@@ -92,14 +92,36 @@ def write_json(records: List[dict], path: str) -> None:
         json.dump(records, f, indent=1)
 
 
-def read_json(path: str) -> List[dict]:
+GPU_CHECK_KIND = "gpu_check"
+
+
+def gpu_check_records(report: dict) -> List[dict]:
+    """The layer and model records inside a `gpu-check` report (``gpu_check.json``)."""
+    parts = report.get("parts", {})
+    return [r for name in ("layer", "model") for r in parts.get(name, {}).get("records", [])]
+
+
+def read_report(path: str) -> Tuple[List[dict], Optional[dict]]:
+    """(records, gpu-check report or None) of a file written by ``bench --json`` (a JSON list
+    of records) or by ``gpu-check`` (``gpu_check.json``: its layer and model records)."""
     with open(path) as f:
-        records = json.load(f)
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of benchmark records")
+        data = json.load(f)
+    report = None
+    if isinstance(data, dict) and data.get("kind") == GPU_CHECK_KIND:
+        report, records = data, gpu_check_records(data)
+    elif isinstance(data, list):
+        records = data
+    else:
+        raise ValueError(f"{path}: expected a JSON list of benchmark records or a gpu-check "
+                         f"report ({GPU_CHECK_KIND}.json)")
     for r in records:
         check_record(r)
-    return records
+    return records, report
+
+
+def read_json(path: str) -> List[dict]:
+    """The benchmark records of ``path`` (see `read_report`)."""
+    return read_report(path)[0]
 
 
 def append_csv(records: Iterable[dict], path: str) -> None:

@@ -264,8 +264,10 @@ def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
 
 
 def results_markdown(records: Sequence[dict], plots: Dict[Tuple[str, str], str],
-                     md_path: str, notes: Optional[str] = None) -> str:
-    """The whole ``RESULTS.md``: one section per run (CPU and GPU runs alike), then the notes.
+                     md_path: str, notes: Optional[str] = None,
+                     gpu_checks: Sequence[dict] = ()) -> str:
+    """The whole ``RESULTS.md``: one section per run (CPU and GPU runs alike), one per
+    `gpu-check` report in ``gpu_checks`` (kernels, fine-tune, targets), then the notes.
 
     ``plots`` maps a run key to its PNG; links are made relative to ``md_path``.
     """
@@ -275,12 +277,17 @@ def results_markdown(records: Sequence[dict], plots: Dict[Tuple[str, str], str],
            "benchmark records (`increlora_fast/benchmarks/report.py`); do not edit by hand. "
            "To regenerate it, or to add a GPU run: `increlora-fast bench --report-only "
            "--include-json "
-           "bench/records/<run>.json [--include-json ...] --notes bench/NOTES.md`.", "",
+           "bench/records/<run>.json [--include-json <gpu-check out>/gpu_check.json ...] "
+           "--notes bench/NOTES.md`.", "",
            LEGEND, ""]
     for key, run in group_runs(records).items():
         plot = plots.get(key)
         rel = os.path.relpath(Path(plot).resolve(), base) if plot else None
         out += _run_section(run, rel)
+    if gpu_checks:
+        from .gpu_check_report import results_section
+        for check in gpu_checks:
+            out += results_section(check)
     if notes:
         out += ["## Notes", "", notes.strip(), ""]
     return "\n".join(out)

@@ -73,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      metavar="PATH", help=f"write RESULTS.md (default {DEFAULT_RESULTS_MD}) "
                                           "from this run plus --include-json records")
     out.add_argument("--include-json", action="append", default=[], metavar="PATH",
-                     help="records of other runs (e.g. a GPU run) to put in RESULTS.md")
+                     help="records of other runs (e.g. a GPU run), or a gpu-check's "
+                          "gpu_check.json, to put in RESULTS.md")
     out.add_argument("--notes", metavar="PATH",
                      help="a Markdown file of notes to put under the tables of RESULTS.md")
     out.add_argument("--report-only", action="store_true",
@@ -206,7 +207,12 @@ def run(args: argparse.Namespace) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads={args.threads} must be >= 1")
             torch.set_num_threads(args.threads)
-        included = [r for path in args.include_json for r in rec_io.read_json(path)]
+        included, gpu_checks = [], []
+        for path in args.include_json:
+            found, check = rec_io.read_report(path)
+            included += found
+            if check is not None:
+                gpu_checks.append(check)
         records = [] if device is None else _measure(args, device, mode)
     except (ValueError, OSError) as err:
         return _fail(str(err))
@@ -234,7 +240,8 @@ def run(args: argparse.Namespace) -> int:
         if args.notes:
             with open(args.notes) as f:
                 notes = f.read()
-        text = report.results_markdown(records + included, plots, args.results_md, notes)
+        text = report.results_markdown(records + included, plots, args.results_md, notes,
+                                       gpu_checks)
         os.makedirs(os.path.dirname(os.path.abspath(args.results_md)), exist_ok=True)
         with open(args.results_md, "w") as f:
             f.write(text)
