@@ -185,3 +185,15 @@ def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path
     assert len(calls) == 3 * (2 + 1)
     assert {(d, p) for _, d, p in calls} == {("cpu", "bf16")}
     assert dataclasses.asdict(base)["device"] == "cpu"
+
+
+def test_runs_without_matplotlib(tiny, tmp_path, monkeypatch):
+    """A bare CUDA image may lack matplotlib: the run still writes everything but the PNG."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    out = tmp_path / "noplot"
+    with pytest.warns(UserWarning, match="matplotlib is not installed"):
+        assert cli(tiny_args(tiny, out, "--device", "cpu")) == 0
+    assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    assert not (out / "rank_heatmap.png").exists()

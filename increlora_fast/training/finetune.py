@@ -5,6 +5,7 @@ import json
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
@@ -101,8 +102,14 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     run.save_artifacts(out)
     pattern = run.rank_pattern()
     if run.name in ("increlora", "adalora") and pattern:
-        from ..visualize import save_rank_heatmap
-        save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern")
+        try:
+            import matplotlib  # noqa: F401  (optional: a bare CUDA image may lack it)
+        except ImportError:
+            warnings.warn(f"matplotlib is not installed, so no {HEATMAP_FILE} is drawn (the rank "
+                          "pattern is in metrics.json); `pip install matplotlib` for it")
+        else:
+            from ..visualize import save_rank_heatmap
+            save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern")
     if run.name == "increlora":
         lines = [json.dumps(entry, sort_keys=True) for entry in run.allocation_log()]
         (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
