@@ -1,4 +1,5 @@
-"""Speed and memory benchmarks of IncreLoRA against its baselines (``increlora-fast bench``).
+"""Speed and memory benchmarks of IncreLoRA against its baselines (``increlora-fast bench``)
+and the one-shot GPU check (`gpu_check`, `gpu_check_report`; ``increlora-fast gpu-check``).
 
 Modules: `timing` (median of repeated runs, peak memory), `methods` (layer-level method
 factories), `dense_increlora` (the authors' dense layer, re-implemented as a baseline), `layer` and

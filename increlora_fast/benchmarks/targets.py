@@ -1,4 +1,5 @@
-"""The speed and memory targets of issue 5 (item 7), checked against benchmark records.
+"""The speed and memory targets of issue 5 (item 7) and of issue 13 (`issue13_verdicts`, for
+`gpu-check`), checked against benchmark records.
 
 A target is "met" or "missed" only from records of the kind it names (device type, dtype,
 shape, tokens, r_max); otherwise it is "not measurable" with the reason. For the GPU layer and
@@ -169,7 +170,8 @@ def all_verdicts(records: List[dict]) -> List[Verdict]:
             + layer_verdicts(records, "cpu") + model_verdicts(records, "cpu"))
 
 
-ISSUE13_LAYER = ("fwd+bwd, tracking off, <= 1.25x floor", "fwd+bwd, tracking off, <= 0.8x peft-lora",
+ISSUE13_LAYER = ("fwd+bwd, tracking off, <= 1.25x floor",
+                 "fwd+bwd, tracking off, <= 0.8x peft-lora",
                  "fwd+bwd, tracking on, <= 1.6x floor")
 ISSUE13_MODEL = ("training step <= peft-lora (r = r_max)", "training step <= 0.8x peft-adalora",
                  "peak memory <= peft-lora")
