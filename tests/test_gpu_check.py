@@ -77,6 +77,7 @@ def dry_run(tmp_path_factory):
     return proc, report, (out / "gpu_check.md").read_text(), out
 
 
+@pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
 def test_dry_run_passes_every_part(dry_run):
     proc, report, _, out = dry_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,6 +93,7 @@ def test_dry_run_passes_every_part(dry_run):
     assert env["torch"] and env["python"]
 
 
+@pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
 def test_dry_run_parts_hold_their_measurements(dry_run):
     _, report, _, out = dry_run
     kernels = report["parts"]["kernels"]["records"]
@@ -114,6 +116,7 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert saved["eval_accuracy"] == m["eval_accuracy"]
 
 
+@pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
 def test_dry_run_markdown_reports_every_part(dry_run):
     _, report, md, _ = dry_run
     assert md.startswith(f"# GPU check: {report['environment']['device']}: PASSED")
