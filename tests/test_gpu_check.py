@@ -291,3 +291,27 @@ def test_triton_status_uses_the_public_interpreter_test(interpret):
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == [str(interpret), str(interpret)]
+
+
+def test_one_failing_method_loses_only_its_own_rows(monkeypatch):
+    import torch
+
+    from increlora_fast.benchmarks import layer as layer_level
+
+    calls = []
+
+    def fake_level(plan, methods, device, env, log):
+        calls.append(list(methods))
+        if "increlora-triton-fused" in methods:
+            raise RuntimeError("no such variant on this GPU")
+        return [dict(method=m, status="ok", note="") for m in methods]
+    monkeypatch.setattr(layer_level, "run_layer_level", fake_level)
+    result = gpu_check.check_layer(torch.device("cpu"), gpu_check.dry_run_plan(), {},
+                                   lambda line: None)
+    assert calls[0] == list(LAYER_METHODS_CHECKED)  # all together first, then one by one
+    assert calls[1:] == [[m] for m in LAYER_METHODS_CHECKED]
+    ok = [r["method"] for r in result["records"]]
+    assert ok == [m for m in LAYER_METHODS_CHECKED if m != "increlora-triton-fused"]
+    assert result["error"].startswith("layer increlora-triton-fused: RuntimeError: no such "
+                                      "variant on this GPU")
+    assert "not measured: ['increlora-triton-fused']" in result["error"]

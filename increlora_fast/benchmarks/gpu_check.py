@@ -122,18 +122,57 @@ def check_kernels(device: torch.device, plan: CheckPlan, env: Dict, log: Callabl
     return out
 
 
+def measure_isolated(measure: Callable[[List[str]], List[dict]], methods: List[str],
+                     what: str, log: Callable) -> Tuple[List[dict], List[str]]:
+    """``measure(methods)``; when it raises, each method alone, so that one failing method
+    loses only its own rows. Returns (records, one error line per failure)."""
+    try:
+        return measure(methods), []
+    except Exception as err:  # a variant nobody has run on this GPU may fail in any way
+        log(traceback.format_exc())
+        log(f"{what}: {type(err).__name__}: {err}; measuring each method alone")
+    records: List[dict] = []
+    errors: List[str] = []
+    for method in methods:
+        try:
+            records += measure([method])
+        except Exception as err:
+            errors.append(f"{what} {method}: {type(err).__name__}: {err}")
+            log(traceback.format_exc())
+    return records, errors
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
-    """The layer benchmark; failed when a method could not be measured (on CUDA: any)."""
+    """The layer benchmark; failed when a method could not be measured. On CUDA each
+    (shape, tokens) point is measured on its own, so a failure loses only that point's rows."""
     from .layer import run_layer_level
 
-    records = run_layer_level(plan.layer, list(LAYER_METHODS_CHECKED), device, env, log)
+    lp = plan.layer
+    points = ([dataclasses.replace(lp, shapes=[shape], tokens=[tokens])
+               for shape in lp.shapes for tokens in lp.tokens]
+              if device.type == "cuda" else [lp])
+    records: List[dict] = []
+    errors: List[str] = []
+    for point in points:
+        found, failed = measure_isolated(
+            lambda methods: run_layer_level(point, methods, device, env, log),
+            list(LAYER_METHODS_CHECKED),
+            f"layer {point.shapes[0][0]}x{point.shapes[0][1]} tokens={point.tokens[0]}"
+            if len(points) > 1 else "layer", log)
+        records += found
+        errors += failed
+        _release(device)
     done = {r["method"] for r in records if r["status"] == "ok"}
-    out: Dict[str, object] = {"records": records}
     missing = [m for m in LAYER_METHODS_CHECKED if m not in done]
     if missing:
         notes = sorted({r["note"] for r in records if r["method"] in missing and r["note"]})
-        out["error"] = f"not measured: {missing} ({'; '.join(notes) or 'no reason recorded'})"
-    return out
+        errors.append(f"not measured: {missing} ({'; '.join(notes) or 'see the errors'})")
+    return {"records": records, "error": "; ".join(errors) or None}
 
 
 def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
@@ -143,20 +182,16 @@ def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
     records: List[dict] = []
     errors: List[str] = []
     for model_plan in plan.models:
-        try:
-            records += run_model_level(model_plan, list(MODEL_METHODS_CHECKED), device, env, log,
-                                       interpreter=True)
-        except Exception as err:  # one preset failing must not hide the other
-            errors.append(f"{model_plan.models[0]}: {type(err).__name__}: {err}")
-            log(traceback.format_exc())
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    skipped = [f"{r['shape']} {r['method']}: {r['note']}" for r in records
+        found, failed = measure_isolated(
+            lambda methods: run_model_level(model_plan, methods, device, env, log,
+                                            interpreter=True),
+            list(MODEL_METHODS_CHECKED), f"model {model_plan.models[0]}", log)
+        records += found
+        errors += failed
+        _release(device)
+    errors += [f"{r['shape']} {r['method']}: {r['note']}" for r in records
                if r["status"] != "ok"]
-    out: Dict[str, object] = {"records": records}
-    if errors or skipped:
-        out["error"] = "; ".join(errors + skipped)
-    return out
+    return {"records": records, "error": "; ".join(errors) or None}
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
