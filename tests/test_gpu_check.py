@@ -162,8 +162,11 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatc
     assert "6 checks, 2 failed." in md
 
 
-def test_cli_errors(tmp_path, capsys):
+def test_cli_errors(tmp_path, capsys, monkeypatch):
     import torch
+
+    for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INCRELORA_CACHE"):
+        monkeypatch.setenv(name, "1")  # what the command sets stays inside this test
 
     assert main(["gpu-check", "--out", str(tmp_path / "a"), "--assets",
                  str(tmp_path / "missing")]) == 2
