@@ -197,3 +197,22 @@ def test_runs_without_matplotlib(tiny, tmp_path, monkeypatch):
         assert cli(tiny_args(tiny, out, "--device", "cpu")) == 0
     assert (out / "metrics.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "rank_heatmap.png").exists()
+
+
+def test_a_half_precision_checkpoint_trains_in_float32(tiny, tmp_path):
+    """Checkpoints saved in fp16/bf16 (and a compact fp16 copy of the packaged model for
+    gpu-check --assets) load as float32 master weights; autocast decides the compute dtype."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.settings import RunSettings
+
+    half = tmp_path / "bert16"
+    AutoModel.from_pretrained(tiny["model"]).to(torch.bfloat16).save_pretrained(str(half))
+    AutoTokenizer.from_pretrained(tiny["model"]).save_pretrained(str(half))
+    _, _, run, _ = build_run(RunSettings(model=str(half), task=None, train_file=tiny["train"],
+                                         eval_file=tiny["dev"], max_steps=2))
+    assert {p.dtype for p in run.model.parameters()} == {torch.float32}
+    out = tmp_path / "run16"
+    assert cli(tiny_args(tiny, out, "--model", str(half), "--precision", "bf16")) == 0
+    assert json.loads((out / "metrics.json").read_text())["precision"] == "bf16"

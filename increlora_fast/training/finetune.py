@@ -46,7 +46,9 @@ def model_path(name: str) -> str:
 
 
 def load_model(s: RunSettings, data: TaskData):
-    """(tokenizer, sequence-classification model) with a fresh head for the task's labels."""
+    """(tokenizer, sequence-classification model) with a fresh head for the task's labels, in
+    float32 whatever dtype the checkpoint was saved in (the master weights of mixed precision;
+    `device.Placement` autocasts the compute)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -56,7 +58,8 @@ def load_model(s: RunSettings, data: TaskData):
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True)
+        label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True,
+        dtype=torch.float32)
     return tokenizer, model
 
 
