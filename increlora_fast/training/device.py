@@ -130,10 +130,11 @@ class Placement:
         return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
 
     def describe(self) -> str:
-        name = (torch.cuda.get_device_name(self.device) if self.device.type == "cuda"
-                else "cpu")
-        return f"{self.device} ({name}), {self.precision}" + \
-            (" autocast" if self.precision != "fp32" else "")
+        """E.g. ``cuda:0 (NVIDIA H100 80GB HBM3), bf16 autocast`` or ``cpu, fp32``."""
+        where = str(self.device)
+        if self.device.type == "cuda":
+            where += f" ({torch.cuda.get_device_name(self.device)})"
+        return f"{where}, {self.precision}" + (" autocast" if self.precision != "fp32" else "")
 
 
 def reset_peak_memory(device: torch.device) -> None:
