@@ -47,6 +47,88 @@ def delta_w_score_dense(dw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> 
     return (dw.to(acc) * grad).abs().sum() / math.sqrt(dw.numel())
 
 
+# Rows of G = dy.T @ x computed per chunk by the chunked exact score: a float32 chunk of about
+# 4 MB (it stays in L2 on a GPU), between 256 and 1024 rows.
+SCORE_CHUNK_BYTES = 4 << 20
+_MM_OUT_DTYPE: dict = {}
+
+
+def score_chunk_rows(out_features: int, in_features: int) -> int:
+    """Columns of dy (rows of G) per chunk of the chunked exact score."""
+    rows = max(256, min(1024, SCORE_CHUNK_BYTES // (4 * max(in_features, 1))))
+    return min(rows, out_features)
+
+
+def _mm_out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for ``dtype`` on ``device``
+    (cuBLAS on torch >= 2.8; no CPU kernel); probed once per (device type, dtype)."""
+    key = (device.type, dtype)
+    if key not in _MM_OUT_DTYPE:
+        try:
+            probe = torch.zeros(1, 1, dtype=dtype, device=device)
+            torch.mm(probe, probe, out_dtype=torch.float32)
+            _MM_OUT_DTYPE[key] = True
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[key] = False
+    return _MM_OUT_DTYPE[key]
+
+
+def weight_grad_chunks(dy: torch.Tensor, x: torch.Tensor, acc: torch.dtype, rows: int):
+    """Yield ``(n0, n1, G[n0:n1])`` for ``G = dy.T @ x``, every chunk written into one reused
+    ``(rows, in)`` buffer of dtype ``acc`` (float32 or float64).
+
+    Nothing of size M x out, M x in or out x in is allocated: each chunk is one GEMM on a view of
+    dy's columns (``out_dtype=acc`` where torch has it for half inputs), or, for mixed dtypes
+    and half inputs without that GEMM (CPU), a sum over blocks of ``rows`` rows converted to acc.
+    """
+    M, N = dy.shape
+    buf = torch.empty(rows, x.shape[1], dtype=acc, device=dy.device)
+    same = dy.dtype == x.dtype
+    direct = same and (dy.dtype == acc or (dy.dtype != torch.float64
+                                           and _mm_out_dtype_supported(dy.device, dy.dtype)))
+    for n0 in range(0, N, rows):
+        n1 = min(n0 + rows, N)
+        g = buf[:n1 - n0]
+        dy_c = dy[:, n0:n1]
+        if direct and dy.dtype == acc:
+            torch.mm(dy_c.t(), x, out=g)
+        elif direct:
+            torch.mm(dy_c.t(), x, out_dtype=acc, out=g)
+        else:
+            g.zero_()
+            for m0 in range(0, M, rows):
+                g.addmm_(dy_c[m0:m0 + rows].t().to(acc), x[m0:m0 + rows].to(acc))
+        yield n0, n1, g
+
+
+def delta_w_score_chunked(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
+                          lora_B: torch.Tensor, lam: torch.Tensor, score_out: torch.Tensor, *,
+                          chunk_rows: Optional[int] = None) -> None:
+    """Add ``sum(|B diag(lam) A * (dy.T @ x)|) / sqrt(out * in)`` into the 0-d ``score_out``,
+    in chunks of dy's columns (`weight_grad_chunks`), in torch ops.
+
+    dy (M, out) and x (M, in) of any float dtype; A, B, lam (the effective lambda) of any float
+    dtype; slots with lam == 0 are ignored. Accumulates in float32 (float64 when any input is
+    float64); chunks are summed in a fixed order, so the result is deterministic. The largest temporaries are two (rows, in)
+    chunks (G and dW), ``rows = score_chunk_rows(out, in)`` unless ``chunk_rows`` is given.
+    """
+    N, K = dy.shape[1], x.shape[1]
+    wide = torch.float64 in (dy.dtype, x.dtype, lora_A.dtype, lora_B.dtype, lam.dtype)
+    acc = torch.float64 if wide else torch.float32
+    rows = min(chunk_rows or score_chunk_rows(N, K), N)
+    lam = lam.detach().to(acc)
+    live = lam != 0  # dead slots are never read: NaN there cannot reach the score
+    a = torch.where(live[:, None], lora_A.detach().to(acc), 0.0)
+    b_lam = torch.where(live, lora_B.detach().to(acc) * lam, 0.0)
+    dw_buf = torch.empty(rows, K, dtype=acc, device=dy.device)
+    total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=dy.device)
+    for n0, n1, g in weight_grad_chunks(dy.detach(), x.detach(), acc, rows):
+        dw = dw_buf[:n1 - n0]
+        torch.mm(b_lam[n0:n1], a, out=dw)
+        total += dw.mul_(g).abs_().sum()
+    score_out.add_((total / math.sqrt(N * K)).to(score_out.dtype))
+
+
 def adapter_delta_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
                         lam: torch.Tensor, score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Reference path: two skinny GEMMs, and the dense score in a gradient hook when asked."""
