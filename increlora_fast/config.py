@@ -71,9 +71,18 @@ class IncreLoRAConfig:
             per-slot sensitivity of A, B and lambda).
         exact_step_score: for ``score="delta_w"``, compute the score from the gradient of the
             whole optimizer step (all accumulated micro-batches, averaged over data-parallel
-            ranks) instead of summing per-pass scores; costs one dense (out, in) float32 buffer
-            per module while allocating. ``None``: on exactly when torch.distributed runs with
-            more than one process.
+            ranks) instead of summing per-pass scores. Opt-in, and costly: on every tracked step
+            each target module holds a dense (out, in) float32 buffer (a float32 copy of every
+            target weight) and, under torch.distributed, all-reduces it. ``None`` means False,
+            with or without torch.distributed (there the per-module scores are summed over
+            ranks by one all-reduce of a (num_modules,) vector).
+        score_window: for ``score="delta_w"``, scores are tracked (and ipt/unc updated) only on
+            the ``score_window`` optimizer steps before each allocation round, the round's own
+            step included, and on every step while a round is pending; other steps run with
+            tracking off and cost nothing. ``None`` derives the smallest window in which the
+            EMAs' weight outside the window is under 1 %:
+            ``ceil(log(0.01) / log(max(beta1, beta2)))`` (29 at 0.85). A window of
+            ``incre_interval`` or more tracks every step of the allocation phase.
     """
 
     target_modules: Optional[Union[List[str], str]] = None
@@ -97,6 +106,7 @@ class IncreLoRAConfig:
     modules_to_save: Optional[List[str]] = None
     score: str = "delta_w"
     exact_step_score: Optional[bool] = None
+    score_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -157,6 +167,9 @@ class IncreLoRAConfig:
             _fail("advance_learning", self.advance_learning, "True or False")
         if self.exact_step_score is not None and not isinstance(self.exact_step_score, bool):
             _fail("exact_step_score", self.exact_step_score, "None, True or False")
+        if self.score_window is not None and (not _is_int(self.score_window)
+                                              or self.score_window < 1):
+            _fail("score_window", self.score_window, "None or an integer >= 1")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
 
