@@ -48,15 +48,16 @@ def delta_w_score_dense(dw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> 
 
 
 # Rows of G = dy.T @ x computed per chunk by the chunked exact score: a float32 chunk of about
-# 4 MB (it stays in L2 on a GPU), between 256 and 1024 rows.
+# 4 MB (it stays in L2 on a GPU), between 256 and 1024 rows, and at most half of out.
 SCORE_CHUNK_BYTES = 4 << 20
 _MM_OUT_DTYPE: dict = {}
 
 
 def score_chunk_rows(out_features: int, in_features: int) -> int:
-    """Columns of dy (rows of G) per chunk of the chunked exact score."""
+    """Columns of dy (rows of G) per chunk of the chunked exact score; under half of
+    ``out_features`` (when it is above 1), so no chunk is ever the whole (out, in) G."""
     rows = max(256, min(1024, SCORE_CHUNK_BYTES // (4 * max(in_features, 1))))
-    return min(rows, out_features)
+    return max(1, min(rows, (out_features + 1) // 2))
 
 
 def _mm_out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -109,24 +110,27 @@ def delta_w_score_chunked(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tenso
 
     dy (M, out) and x (M, in) of any float dtype; A, B, lam (the effective lambda) of any float
     dtype; slots with lam == 0 are ignored. Accumulates in float32 (float64 when any input is
-    float64); chunks are summed in a fixed order, so the result is deterministic. The largest temporaries are two (rows, in)
-    chunks (G and dW), ``rows = score_chunk_rows(out, in)`` unless ``chunk_rows`` is given.
+    float64); chunks are summed in a fixed order, so the result is deterministic. The largest
+    temporaries are two (rows, in) chunks (G and dW), ``rows = score_chunk_rows(out, in)``
+    unless ``chunk_rows`` is given.
     """
     N, K = dy.shape[1], x.shape[1]
     wide = torch.float64 in (dy.dtype, x.dtype, lora_A.dtype, lora_B.dtype, lam.dtype)
     acc = torch.float64 if wide else torch.float32
     rows = min(chunk_rows or score_chunk_rows(N, K), N)
-    lam = lam.detach().to(acc)
-    live = lam != 0  # dead slots are never read: NaN there cannot reach the score
-    a = torch.where(live[:, None], lora_A.detach().to(acc), 0.0)
-    b_lam = torch.where(live, lora_B.detach().to(acc) * lam, 0.0)
-    dw_buf = torch.empty(rows, K, dtype=acc, device=dy.device)
-    total = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=dy.device)
-    for n0, n1, g in weight_grad_chunks(dy.detach(), x.detach(), acc, rows):
-        dw = dw_buf[:n1 - n0]
-        torch.mm(b_lam[n0:n1], a, out=dw)
-        total += dw.mul_(g).abs_().sum()
-    score_out.add_((total / math.sqrt(N * K)).to(score_out.dtype))
+    with torch.no_grad():
+        lam = lam if lam.dtype == acc else lam.to(acc)
+        live = lam != 0  # dead slots are never read: NaN there cannot reach the score
+        a = torch.where(live[:, None], lora_A, 0.0).to(acc)
+        b_lam = torch.where(live, lora_B * lam, 0.0).to(acc)
+        dw_buf = torch.empty(rows, K, dtype=acc, device=dy.device)
+        total = None
+        for n0, n1, g in weight_grad_chunks(dy, x, acc, rows):
+            dw = dw_buf[:n1 - n0]
+            torch.mm(b_lam[n0:n1], a, out=dw)
+            part = dw.mul_(g).abs_().sum()
+            total = part if total is None else total.add_(part)
+        score_out.add_(total, alpha=1.0 / math.sqrt(N * K))
 
 
 def adapter_delta_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
