@@ -104,19 +104,21 @@ def _fused_linear_adapter_kernel(
                        OP, DOT, ACC, PRECISION)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "R"])
+# Tuned per power-of-two row bucket, not per exact M: a new batch size re-uses the tuning.
+@triton.autotune(configs=_configs(), key=["M_BUCKET", "N", "K", "R"])
 @triton.jit
 def _fused_linear_adapter_tuned_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
     M, N, K, R, alpha, reserve,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
-    stride_ym, stride_yn,
+    stride_ym, stride_yn, M_BUCKET,
     HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr, R_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """The same tile with autotuned block sizes (CUDA, 16-bit dtypes)."""
+    """The same tile with autotuned block sizes (CUDA, 16-bit dtypes); ``M_BUCKET`` is only the
+    autotune key."""
     _fused_linear_body(x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
                        M, N, K, R, alpha, reserve,
                        stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
@@ -155,5 +157,6 @@ def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        launch(_fused_linear_adapter_tuned_kernel, grid, *args, **consts)
+        launch(_fused_linear_adapter_tuned_kernel, grid, *args, triton.next_power_of_2(M),
+               **consts)
     return y
