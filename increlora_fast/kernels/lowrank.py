@@ -41,6 +41,9 @@ from .utils import (MAX_R_MAX, DotConfig, block, deterministic, is_interpreted, 
 
 ACTIVE = 2
 RESERVE = 1
+# Deterministic mode sums per-program partials of G_B in a fixed order; their total size is
+# capped here (fewer, longer programs beyond it).
+DET_PARTIAL_BYTES = 64 << 20
 
 
 @triton.jit
@@ -189,6 +192,9 @@ def _dy_pass_kernel(
                 t = tl.dot(dy.to(OP).to(DOT), b.to(OP).to(DOT), t,
                            input_precision=PRECISION, out_dtype=ACC)
                 tl.store(t_ptrs, t, mask=t_ok)
+                # The next column block reloads this tile: make the stores visible to every
+                # thread of the program, whatever layouts the compiler picks for load and store.
+                tl.debug_barrier()
             if NEED_GB:
                 h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -357,11 +363,14 @@ def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, slots: Slot
     bm, bn = (16, 16) if small else (64 if M >= 8192 else 32, 64 if br <= 32 else 32)
     m_blocks = triton.cdiv(M, bm)
     progs = max(1, min(m_blocks, 4 * multiprocessor_count(dy.device)))
+    det = deterministic()
+    if det and need_gb:  # per-program partials of G_B: keep them under DET_PARTIAL_BYTES
+        progs = max(1, min(progs, DET_PARTIAL_BYTES // (N * R * 4)))
     rows_per_prog = triton.cdiv(m_blocks, progs) * bm
     progs = triton.cdiv(M, rows_per_prog) if M else 0
     acc = cfg.acc_torch
     t = torch.empty((M, R), dtype=acc, device=dy.device) if need_t else None
-    use_atomic = not deterministic() and progs > 1
+    use_atomic = not det and progs > 1
     gb = None
     if need_gb:
         gb = (torch.zeros((N, R), dtype=acc, device=dy.device) if use_atomic or progs == 0
