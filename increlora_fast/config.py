@@ -24,6 +24,7 @@ DEFAULT_TARGET_MODULES = (
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 
 SCORE_KINDS = ("delta_w", "triplet")
+ADAPTER_DTYPES = ("auto", "float32", "base")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -76,6 +77,9 @@ class IncreLoRAConfig:
             target weight) and, under torch.distributed, all-reduces it. ``None`` means False,
             with or without torch.distributed (there the per-module scores are summed over
             ranks by one all-reduce of a (num_modules,) vector).
+        adapter_dtype: dtype of the adapter tensors and so of their optimizer moments:
+            ``"auto"`` (float32 on bfloat16/float16 and quantized bases, the base dtype
+            otherwise, as peft does), ``"float32"``, or ``"base"`` (the base weight's dtype).
         score_window: for ``score="delta_w"``, scores are tracked (and ipt/unc updated) only on
             the ``score_window`` optimizer steps before each allocation round, the round's own
             step included, and on every step while a round is pending; other steps run with
@@ -106,6 +110,7 @@ class IncreLoRAConfig:
     modules_to_save: Optional[List[str]] = None
     score: str = "delta_w"
     exact_step_score: Optional[bool] = None
+    adapter_dtype: str = "auto"
     score_window: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -172,6 +177,8 @@ class IncreLoRAConfig:
             _fail("score_window", self.score_window, "None or an integer >= 1")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            _fail("adapter_dtype", self.adapter_dtype, f"one of {ADAPTER_DTYPES}")
 
     def total_budget(self, num_modules: int) -> int:
         """Total active rank the allocation must reach for ``num_modules`` adapted modules.

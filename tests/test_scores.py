@@ -17,7 +17,7 @@ if DEVICE == "cpu":
 
 from increlora_fast import IncreLoRAConfig, inject_increlora  # noqa: E402
 from increlora_fast.controller import IncreLoRAController, triplet_score  # noqa: E402
-from increlora_fast.functional import delta_w_score_chunked  # noqa: E402
+from increlora_fast.reference import delta_w_score_chunked  # noqa: E402
 from increlora_fast.layer import SlotState  # noqa: E402
 
 from method_helpers import ParallelBranches  # noqa: E402
@@ -273,6 +273,6 @@ def test_chunked_score_allocates_nothing_activation_or_weight_sized(name, fn, dt
     # at most one (rows, in) float32 chunk or the (out, r_max) B diag(lam)
     assert chunked <= max(rows * k, n * r) * 4 < limit, (chunked, limit)
     # the dense reference allocates the (out, in) G: the measurement does see it
-    from increlora_fast.functional import delta_w_score_dense
+    from increlora_fast.reference import delta_w_score_dense
     dense = _largest_allocation(lambda: delta_w_score_dense((b * lam) @ a, dy, x))
     assert dense >= n * k * 4

@@ -1,7 +1,7 @@
 """The exact IncreLoRA module score ``sum(|dW * G|) / sqrt(out * in)``, in cuBLAS chunks.
 
 ``dW = B diag(lam) A`` and ``G = dy.T @ x`` are (out, in); neither is ever stored whole.
-`functional.weight_grad_chunks` computes G in chunks of ``rows`` columns of dy with cuBLAS
+`reference.weight_grad_chunks` computes G in chunks of ``rows`` columns of dy with cuBLAS
 (``torch.mm``, bf16/fp16 operands with a float32 output where torch supports it) into one reused
 float32 (rows, in) buffer, about 4 MB, which stays in L2. After each chunk `_delta_w_score_kernel`
 reads it once: every program builds its (BLOCK_N, BLOCK_K) tile of dW from the slot buffers by
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..functional import score_chunk_rows, weight_grad_chunks
+from ..reference import score_chunk_rows, weight_grad_chunks
 from .utils import is_interpreted, launch
 
 
@@ -66,7 +66,7 @@ def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
         lora_A, lora_B: (r_max, in) and (out, r_max) slot buffers, any float dtype.
         lam: (r_max,) effective lambda (mask and scale applied); slots with lam == 0 are skipped.
         score_out: 0-d float32 (or float64) accumulator.
-        chunk_rows: columns of dy per chunk; default `functional.score_chunk_rows`.
+        chunk_rows: columns of dy per chunk; default `reference.score_chunk_rows`.
 
     G and dW are accumulated in float32 (float64 when any input is float64).
     """
