@@ -63,8 +63,9 @@ def _mm_out_dtype_supported(device: torch.device, dtype: torch.dtype) -> bool:
     key = (device.type, dtype)
     if key not in _MM_OUT_DTYPE:
         try:
-            probe = torch.zeros(1, 1, dtype=dtype, device=device)
-            torch.mm(probe, probe, out_dtype=torch.float32)
+            probe = torch.zeros(2, 2, dtype=dtype, device=device)
+            out = torch.empty(2, 2, dtype=torch.float32, device=device)
+            torch.mm(probe.t(), probe, out_dtype=torch.float32, out=out)  # the form used below
             _MM_OUT_DTYPE[key] = True
         except (RuntimeError, TypeError, NotImplementedError):
             _MM_OUT_DTYPE[key] = False
@@ -76,26 +77,31 @@ def weight_grad_chunks(dy: torch.Tensor, x: torch.Tensor, acc: torch.dtype, rows
     ``(rows, in)`` buffer of dtype ``acc`` (float32 or float64).
 
     Nothing of size M x out, M x in or out x in is allocated: each chunk is one GEMM on a view of
-    dy's columns (``out_dtype=acc`` where torch has it for half inputs), or, for mixed dtypes
-    and half inputs without that GEMM (CPU), a sum over blocks of ``rows`` rows converted to acc.
+    dy's columns (``out_dtype=float32`` where torch has it for half inputs), or, for mixed dtypes
+    and half inputs without that GEMM (CPU), a sum over row blocks (at most 1024 rows and half
+    of M) converted to acc.
     """
     M, N = dy.shape
     buf = torch.empty(rows, x.shape[1], dtype=acc, device=dy.device)
-    same = dy.dtype == x.dtype
-    direct = same and (dy.dtype == acc or (dy.dtype != torch.float64
-                                           and _mm_out_dtype_supported(dy.device, dy.dtype)))
+    if dy.dtype == x.dtype == acc:
+        mode = "plain"
+    elif (dy.dtype == x.dtype and acc == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16)
+          and _mm_out_dtype_supported(dy.device, dy.dtype)):
+        mode = "out_dtype"
+    else:  # converted row blocks, each under half of M
+        mode, block = "blocks", max(1, min(1024, (M + 1) // 2))
     for n0 in range(0, N, rows):
         n1 = min(n0 + rows, N)
         g = buf[:n1 - n0]
         dy_c = dy[:, n0:n1]
-        if direct and dy.dtype == acc:
+        if mode == "plain":
             torch.mm(dy_c.t(), x, out=g)
-        elif direct:
+        elif mode == "out_dtype":
             torch.mm(dy_c.t(), x, out_dtype=acc, out=g)
         else:
             g.zero_()
-            for m0 in range(0, M, rows):
-                g.addmm_(dy_c[m0:m0 + rows].t().to(acc), x[m0:m0 + rows].to(acc))
+            for m0 in range(0, M, block):
+                g.addmm_(dy_c[m0:m0 + block].t().to(acc), x[m0:m0 + block].to(acc))
         yield n0, n1, g
 
 

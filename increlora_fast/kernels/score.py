@@ -79,7 +79,7 @@ def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
     if is_interpreted(_delta_w_score_kernel):
         bn, bk, warps = 16, 16, 1
     else:
-        bn, bk, warps = 32, 128, 4
+        bn, bk, warps = 32, 64, 4
     tiles = triton.cdiv(rows, bn) * triton.cdiv(K, bk)
     n_chunks = triton.cdiv(N, rows)
     parts = torch.zeros(n_chunks * tiles, dtype=acc, device=dy.device)
