@@ -78,8 +78,8 @@ def weight_grad_chunks(dy: torch.Tensor, x: torch.Tensor, acc: torch.dtype, rows
 
     Nothing of size M x out, M x in or out x in is allocated: each chunk is one GEMM on a view of
     dy's columns (``out_dtype=float32`` where torch has it for half inputs), or, for mixed dtypes
-    and half inputs without that GEMM (CPU), a sum over row blocks (at most 1024 rows and half
-    of M) converted to acc.
+    and half inputs without that GEMM (CPU), a sum over row blocks (at most 1024 rows and a
+    quarter of M) converted to acc.
     """
     M, N = dy.shape
     buf = torch.empty(rows, x.shape[1], dtype=acc, device=dy.device)
@@ -88,8 +88,8 @@ def weight_grad_chunks(dy: torch.Tensor, x: torch.Tensor, acc: torch.dtype, rows
     elif (dy.dtype == x.dtype and acc == torch.float32 and dy.dtype in (torch.bfloat16, torch.float16)
           and _mm_out_dtype_supported(dy.device, dy.dtype)):
         mode = "out_dtype"
-    else:  # converted row blocks, each under half of M
-        mode, block = "blocks", max(1, min(1024, (M + 1) // 2))
+    else:  # converted row blocks of at most a quarter of M: fewer bytes than half of x
+        mode, block = "blocks", max(1, min(1024, (M + 3) // 4))
     for n0 in range(0, N, rows):
         n1 = min(n0 + rows, N)
         g = buf[:n1 - n0]
