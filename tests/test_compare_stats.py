@@ -1,12 +1,17 @@
 """The paired-seed summariser of issue 15's experiments, on synthetic metrics folders."""
+import argparse
 import json
 import math
+import os
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from increlora_fast.training.compare_stats import (loss_around_growth, load_runs, main,
-                                                   mean_interval, paired_differences, t_cdf,
-                                                   t_quantile)
+from increlora_fast.training.compare_stats import (growth_profiles, loss_around_growth,
+                                                   load_runs, main, mean_interval,
+                                                   paired_differences, t_cdf, t_quantile)
 
 BASE = [0.80, 0.82, 0.81, 0.79, 0.83, 0.80, 0.81, 0.82]
 GAIN = [0.012, 0.008, 0.010, 0.015, 0.005, 0.011, 0.009, 0.010]
@@ -112,3 +117,53 @@ def test_loss_around_growth_averages_over_rounds(tmp_path):
     assert profile[5] == pytest.approx((15 + 25) / 2)  # 35 + 5 is past the end
     no_rounds = _write_run(tmp_path, "rt", "uniform", 0, 0.8, train_losses=losses)
     assert loss_around_growth(no_rounds) == {}
+
+
+def test_growth_profiles_average_seeds_per_variant(tmp_path):
+    log = json.dumps({"step": 4, "module": "a", "new_rank": 2}) + "\n"
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        for variant in ("default", "sp_growth"):
+            run = _write_run(tmp_path, "rt", variant, seed, 0.8,
+                             train_losses=[shift + i for i in range(10)])
+            (run / "allocation_log.jsonl").write_text(log)
+    profiles = growth_profiles(load_runs(tmp_path), ["sp_growth"], before=1, after=2)
+    assert profiles == {"rt": {"sp_growth": {"-1": 4.0, "0": 5.0, "1": 6.0, "2": 7.0}}}
+    out = tmp_path / "profile.json"
+    assert main([str(tmp_path), "--baseline", "default", "--growth-profile", str(out)]) == 0
+    assert set(json.loads(out.read_text())["rt"]) == {"default", "sp_growth"}
+
+
+def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
+    """Every run of docs/compare/run_issue15.sh parses and resolves as a fine-tune run, every
+    variant has seeds 0..n-1 on both tasks, and no two variants share a folder."""
+    from increlora_fast.cli.finetune import add_arguments, settings_from_args
+    from increlora_fast.training.settings import resolve
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "compare" / "run_issue15.sh"
+    env = dict(os.environ, DRY_RUN="1", ROOT=str(tmp_path / "runs"), SEEDS_CONTROLS="8",
+               SEEDS_OPTIONS="5", SEEDS_OTHER="3")
+    lines = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    seeds, methods = {}, {}
+    for line in lines:
+        folder, options = line.split("\t")
+        task, variant, seed_dir = Path(folder).parts[-3:]
+        settings = resolve(settings_from_args(parser.parse_args(shlex.split(options))), 8000)
+        assert (settings.task, f"seed{settings.seed}") == (task, seed_dir)
+        seeds.setdefault(variant, {}).setdefault(task, []).append(settings.seed)
+        methods[variant] = settings.method
+    assert len(lines) == len(set(lines))
+    for variant, per_task in seeds.items():
+        assert sorted(per_task) == ["rotten_tomatoes", "trec6"], variant
+        assert all(s == list(range(len(s))) for s in per_task.values()), variant
+    for control in ("default", "uniform2", "rank1", "random", "lora", "adalora"):
+        assert seeds[control]["trec6"] == list(range(8))
+    assert seeds["sp_growth"]["trec6"] == list(range(5))
+    assert methods["h1200_adalora_lr2e-3"] == "adalora"
+    assert {"norm_only", "no_reserve_penalty_lam1e-3", "schedule_authors", "rank8_increlora",
+            "adalora_pooler_alpha32"} <= set(seeds)
+    bad = subprocess.run(["bash", str(script), "nonsense"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown section 'nonsense'" in bad.stderr

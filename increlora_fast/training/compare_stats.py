@@ -8,7 +8,8 @@ difference per seed removes most of the seed-to-seed noise. The interval is Stud
 seeds' differences.
 
     python -m increlora_fast.training.compare_stats runs/issue15 --baseline default \\
-        --out table.md [--only 'rank*' --metric eval_macro_f1 --json-out summary.json]
+        --out table.md [--only 'rank*' --exclude 'h1200_*' --metric eval_macro_f1 \\
+        --json-out summary.json --growth-profile loss_around_growth.json]
 """
 from __future__ import annotations
 
@@ -132,10 +133,15 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     return runs
 
 
-def paired_differences(runs: Iterable[RunResult], baseline: str,
-                       only: Optional[str] = None) -> List[PairedDifference]:
-    """Every variant (matching the glob ``only``, if given) against ``baseline``, per task, over
-    the seeds both ran. Raises ValueError when no task has the baseline."""
+def _matches(name: str, globs: Optional[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g.strip()) for g in globs.split(",") if g.strip())
+
+
+def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[str] = None,
+                       exclude: Optional[str] = None) -> List[PairedDifference]:
+    """Every variant against ``baseline``, per task, over the seeds both ran; ``only`` and
+    ``exclude`` are comma-separated globs of variant names to keep and to leave out. Raises
+    ValueError when no task has the baseline."""
     table: Dict[str, Dict[str, Dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
         table[run.task][run.variant][run.seed] = run.value
@@ -148,7 +154,8 @@ def paired_differences(runs: Iterable[RunResult], baseline: str,
         if base is None:
             continue
         for variant in sorted(table[task]):
-            if variant == baseline or (only and not fnmatch.fnmatchcase(variant, only)):
+            if variant == baseline or (only and not _matches(variant, only)) or \
+                    (exclude and _matches(variant, exclude)):
                 continue
             values = table[task][variant]
             seeds = sorted(set(values) & set(base))
@@ -177,8 +184,8 @@ def markdown_table(rows: Sequence[PairedDifference], metric: str = "eval_accurac
     for task in sorted({r.task for r in rows}):
         task_rows = [r for r in rows if r.task == task]
         out += [f"### {task}: {metric}, paired on seeds against `{task_rows[0].baseline}`", "",
-                "| variant | seeds | variant mean | baseline mean | mean paired diff | 95 % interval"
-                " | verdict |",
+                "| variant | seeds | variant mean | baseline mean | mean paired diff "
+                "| 95 % interval | verdict |",
                 "| --- | --- | --- | --- | --- | --- | --- |"]
         for r in task_rows:
             interval = "n/a" if r.ci_low is None else \
@@ -210,20 +217,44 @@ def loss_around_growth(run_dir: Path, before: int = 5, after: int = 15) -> Dict[
     return {k: sum(v) / len(v) for k, v in sorted(profile.items())}
 
 
+def growth_profiles(runs: Iterable[RunResult], variants: Sequence[str], before: int = 5,
+                    after: int = 15) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{task: {variant: {offset: mean loss}}} of `loss_around_growth`, averaged over the seeds
+    of each listed variant (variants without rounds are left out)."""
+    sums: Dict[Tuple[str, str], Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.variant in variants:
+            for offset, loss in loss_around_growth(Path(run.path), before, after).items():
+                sums[run.task, run.variant][offset].append(loss)
+    out: Dict[str, Dict[str, Dict[str, float]]] = defaultdict(dict)
+    for (task, variant), profile in sorted(sums.items()):
+        out[task][variant] = {str(k): sum(v) / len(v) for k, v in sorted(profile.items())}
+    return dict(out)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m increlora_fast.training.compare_stats",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="folder of runs: <root>/<task>/<variant>/seed<k>/")
     parser.add_argument("--baseline", required=True, help="variant the others are paired with")
-    parser.add_argument("--only", help="glob of the variants to compare (default: all)")
+    parser.add_argument("--only", help="comma-separated globs of the variants to compare "
+                                       "(default: all)")
+    parser.add_argument("--exclude", help="comma-separated globs of variants to leave out")
     parser.add_argument("--metric", default="eval_accuracy",
                         help="metrics.json field (default eval_accuracy)")
     parser.add_argument("--out", help="write the Markdown table here (default: print it)")
     parser.add_argument("--json-out", help="also write the rows as JSON here")
+    parser.add_argument("--growth-profile", metavar="JSON",
+                        help="also write the mean training loss around growth rounds of the "
+                             "baseline and the compared variants here")
     args = parser.parse_args(argv)
     try:
-        rows = paired_differences(load_runs(Path(args.root), args.metric), args.baseline,
-                                  args.only)
+        runs = load_runs(Path(args.root), args.metric)
+        rows = paired_differences(runs, args.baseline, args.only, args.exclude)
+        if args.growth_profile:
+            variants = {args.baseline} | {r.variant for r in rows}
+            Path(args.growth_profile).write_text(
+                json.dumps(growth_profiles(runs, sorted(variants)), indent=2) + "\n")
     except ValueError as err:
         print(f"compare_stats: error: {err}", file=sys.stderr)
         return 2
