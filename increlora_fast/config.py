@@ -79,9 +79,13 @@ class IncreLoRAConfig:
         scale_preserving_growth: when a module grows, multiply its previously active lambdas by
             new_rank / old_rank so that its dW is unchanged at the moment of growth (the
             ``lora_alpha / active_rank`` scale otherwise shrinks it, e.g. halves it from rank 1
-            to 2). The rescaled lambdas keep their Adam moments: their gradient shrinks by
-            old_rank / new_rank exactly as it does without the option, so the option changes dW's
-            continuity and nothing else. A departure from the authors' code.
+            to 2). The rescaled lambdas keep their Adam moments and step counts: the gradient
+            reaching them carries the scale, which drops from lora_alpha / old_rank to
+            lora_alpha / new_rank whether or not they are rescaled, so the optimizer sees the
+            growth exactly as without the option and the option changes one thing, dW's
+            continuity (rescaling the moments too, m / c and v / c^2 for c = new / old rank,
+            would also undo the smaller gradient's damping of Adam's next updates). A departure
+            from the authors' code.
         reserve_in_penalty: reserve slots count in the orthogonal penalty (the authors' code).
             False leaves only active slots in it, so advance learning sees the task gradient
             alone (a departure from the authors' code).
