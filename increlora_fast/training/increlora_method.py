@@ -73,7 +73,10 @@ class IncreLoRARun(MethodRun):
                     incre_interval=c.incre_interval, top_h=c.top_h,
                     incre_rank_num=c.incre_rank_num, advance_learning=c.advance_learning,
                     orth_reg_weight=c.orth_reg_weight,
-                    warmup_steps=c.warmup_steps)
+                    warmup_steps=c.warmup_steps, score=c.score,
+                    scale_preserving_growth=c.scale_preserving_growth,
+                    reserve_in_penalty=c.reserve_in_penalty, reserve_lambda=c.reserve_lambda,
+                    normalize_on_activation=c.normalize_on_activation)
 
     def parameter_counts(self) -> Dict[str, int]:
         counts = count_trainable_parameters(self.model)
