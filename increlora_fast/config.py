@@ -24,6 +24,7 @@ DEFAULT_TARGET_MODULES = (
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 
 SCORE_KINDS = ("delta_w", "triplet", "random")
+ADAPTER_DTYPES = ("auto", "float32", "base")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -75,6 +76,9 @@ class IncreLoRAConfig:
             ranks) instead of summing per-pass scores; costs one dense (out, in) float32 buffer
             per module while allocating. ``None``: on exactly when torch.distributed runs with
             more than one process.
+        adapter_dtype: dtype of the adapter tensors and so of their optimizer moments:
+            ``"auto"`` (float32 on bfloat16/float16 and quantized bases, the base dtype
+            otherwise, as peft does), ``"float32"``, or ``"base"`` (the base weight's dtype).
         seed: seed of the choices the method draws itself (``score="random"``'s ranking).
         scale_preserving_growth: when a module grows, multiply its previously active lambdas by
             new_rank / old_rank so that its dW is unchanged at the moment of growth (the
@@ -115,6 +119,7 @@ class IncreLoRAConfig:
     modules_to_save: Optional[List[str]] = None
     score: str = "delta_w"
     exact_step_score: Optional[bool] = None
+    adapter_dtype: str = "auto"
     seed: int = 0
     scale_preserving_growth: bool = False
     reserve_in_penalty: bool = True
@@ -181,6 +186,8 @@ class IncreLoRAConfig:
             _fail("exact_step_score", self.exact_step_score, "None, True or False")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            _fail("adapter_dtype", self.adapter_dtype, f"one of {ADAPTER_DTYPES}")
         if not _is_int(self.seed) or self.seed < 0:
             _fail("seed", self.seed, "an integer >= 0")
         for name in ("scale_preserving_growth", "reserve_in_penalty", "normalize_on_activation"):
