@@ -128,9 +128,11 @@ def test_growth_profiles_average_seeds_per_variant(tmp_path):
             (run / "allocation_log.jsonl").write_text(log)
     profiles = growth_profiles(load_runs(tmp_path), ["sp_growth"], before=1, after=2)
     assert profiles == {"rt": {"sp_growth": {"-1": 4.0, "0": 5.0, "1": 6.0, "2": 7.0}}}
-    out = tmp_path / "profile.json"
-    assert main([str(tmp_path), "--baseline", "default", "--growth-profile", str(out)]) == 0
+    out, png = tmp_path / "profile.json", tmp_path / "profile.png"
+    assert main([str(tmp_path), "--baseline", "default", "--growth-profile", str(out),
+                 "--growth-plot", str(png)]) == 0
     assert set(json.loads(out.read_text())["rt"]) == {"default", "sp_growth"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_runner_queues_paired_seeds_with_valid_options(tmp_path):

@@ -147,7 +147,8 @@ summarize() {
   table rank8 rank8_lora --only 'rank8_*'
   python -m increlora_fast.training.compare_stats "$ROOT" --baseline default \
     --only 'sp_growth*,schedule_authors' --out /dev/null \
-    --growth-profile "$SUMMARY/loss_around_growth.json" || echo "(growth profile skipped)" >&2
+    --growth-profile "$SUMMARY/loss_around_growth.json" \
+    --growth-plot "$SUMMARY/loss_around_growth.png" || echo "(growth profile skipped)" >&2
   (cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) -print0 |
     tar --null -cf - -T -) | (mkdir -p "$SUMMARY/runs" && tar -xf - -C "$SUMMARY/runs")
   echo "summaries in $SUMMARY" >&2

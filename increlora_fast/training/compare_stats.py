@@ -9,7 +9,7 @@ seeds' differences.
 
     python -m increlora_fast.training.compare_stats runs/issue15 --baseline default \\
         --out table.md [--only 'rank*' --exclude 'h1200_*' --metric eval_macro_f1 \\
-        --json-out summary.json --growth-profile loss_around_growth.json]
+        --json-out summary.json --growth-profile loss.json --growth-plot loss.png]
 """
 from __future__ import annotations
 
@@ -232,6 +232,29 @@ def growth_profiles(runs: Iterable[RunResult], variants: Sequence[str], before: 
     return dict(out)
 
 
+def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path: Path) -> None:
+    """A PNG of `growth_profiles`: one panel per task, one line per variant, the mean training
+    loss against the step offset from the growth rounds (matplotlib, the ``finetune`` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(profiles)
+    if not tasks:
+        raise ValueError("no growth rounds to plot: none of the runs grew a rank")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for variant, profile in sorted(profiles[task].items()):
+            offsets = sorted(int(k) for k in profile)
+            ax.plot(offsets, [profile[str(k)] for k in offsets], marker=".", label=variant)
+        ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=task, xlabel="steps from the growth round", ylabel="mean training loss")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m increlora_fast.training.compare_stats",
                                      description=__doc__.split("\n\n")[0])
@@ -247,14 +270,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--growth-profile", metavar="JSON",
                         help="also write the mean training loss around growth rounds of the "
                              "baseline and the compared variants here")
+    parser.add_argument("--growth-plot", metavar="PNG",
+                        help="also plot that loss around growth rounds here")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(Path(args.root), args.metric)
         rows = paired_differences(runs, args.baseline, args.only, args.exclude)
-        if args.growth_profile:
+        if args.growth_profile or args.growth_plot:
             variants = {args.baseline} | {r.variant for r in rows}
-            Path(args.growth_profile).write_text(
-                json.dumps(growth_profiles(runs, sorted(variants)), indent=2) + "\n")
+            profiles = growth_profiles(runs, sorted(variants))
+            if args.growth_profile:
+                Path(args.growth_profile).write_text(json.dumps(profiles, indent=2) + "\n")
+            if args.growth_plot:
+                plot_growth_profiles(profiles, Path(args.growth_plot))
     except ValueError as err:
         print(f"compare_stats: error: {err}", file=sys.stderr)
         return 2
