@@ -142,6 +142,7 @@ summarize() {
   local other='h1200_*,rank4_*,rank8_*'
   table vs_default default --exclude "$other"
   table vs_lora lora --exclude "$other"
+  table vs_adalora adalora --exclude "$other"
   table h1200 h1200_lora_lr1e-3 --only 'h1200_*'
   table rank4 rank4_lora --only 'rank4_*'
   table rank8 rank8_lora --only 'rank8_*'
