@@ -1,0 +1,107 @@
+"""The memory one training step needs on top of what stays allocated, measured on a real model
+(`measure_step`) or fitted from small ones and scaled up (`estimate_step`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from .memory_methods import AdapterSetting, MemoryMethod
+from .memory_model import ModelSpec
+from .memory_probe import TensorPeak
+from .timing import release_memory
+
+
+@dataclass
+class StepMemory:
+    """Bytes of one training step (the second: the optimizer state exists by then).
+
+    ``static``: live when the step begins (weights, adapters, buffers, optimizer state);
+    ``forward_backward``: peak of forward and backward above ``static`` (the gradients
+    included); ``optimizer``: peak of the update (IncreLoRA's controller, the optimizer step,
+    AdaLoRA's allocator) above ``static`` (gradients included); ``kind``: the probe that counted
+    them.
+    """
+
+    static: int
+    forward_backward: int
+    optimizer: int
+    kind: str
+
+
+def measure_step(spec: ModelSpec, method: MemoryMethod, setting: AdapterSetting,
+                 batch_size: int, seq_len: int, device: torch.device,
+                 n_layers: Optional[int] = None) -> StepMemory:
+    """Build the model (random weights) and the method inside a `TensorPeak`, take one step to
+    create the optimizer state, then measure the next one phase by phase."""
+    device = torch.device(device)
+    batch = spec.batch(batch_size, seq_len, device)
+    torch.manual_seed(0)
+    with TensorPeak(device) as probe:
+        runner = method.build(spec.build(device, n_layers), setting)
+        runner.forward_backward(batch, 0)
+        runner.update(0)
+        static = probe.live_bytes()
+        probe.reset_peak()
+        runner.forward_backward(batch, 1)
+        forward_backward = probe.peak_so_far() - static
+        probe.reset_peak()
+        runner.update(1)
+        optimizer = probe.peak_so_far() - static
+        del runner
+    if device.type == "cuda":
+        release_memory(device)  # a model in a reference cycle would hold device memory
+    return StepMemory(static, forward_backward, optimizer, probe.kind)
+
+
+def _fit(xs: List[int], ys: List[float]) -> Tuple[float, float, float]:
+    """(c, a, b) of c + a x + b x^2 through three points; with a negative curvature (no
+    quadratic growth seen) the line through the last two points."""
+    a_mat = torch.tensor([[1.0, x, x * x] for x in xs], dtype=torch.float64)
+    c, a, b = torch.linalg.solve(a_mat, torch.tensor(ys, dtype=torch.float64)).tolist()
+    if b < 0:
+        slope = (ys[2] - ys[1]) / (xs[2] - xs[1])
+        return ys[2] - slope * xs[2], slope, 0.0
+    return c, a, b
+
+
+@dataclass
+class StepEstimate:
+    """Activations and optimizer temporaries scaled from small runs; ``how`` says from which."""
+
+    activations: int
+    optimizer: int
+    how: str
+
+
+def estimate_step(spec: ModelSpec, method: MemoryMethod, setting: AdapterSetting,
+                  grads: Callable[[Optional[int]], int], batch_size: int, seq_len: int,
+                  device: torch.device, small_seq: int) -> StepEstimate:
+    """Measure one step at batch 1, sequence lengths ``small_seq`` x (1, 2, 4) and 1 and 2
+    layers; fit each depth's activations as c + a S + b S^2 (``c``: what does not grow with the
+    tokens), take the per-layer growth from the difference of the depths, and scale to the
+    requested depth, batch (the S terms grow with it) and sequence length. ``grads(n_layers)``
+    gives the exact gradient bytes of a model of that depth (they are part of each peak).
+    Optimizer temporaries are taken as linear in the depth."""
+    seqs = [small_seq, 2 * small_seq, 4 * small_seq]
+    depths = [1, 2] if spec.n_layers else [None]
+    coeffs, opt = [], []
+    for depth in depths:
+        runs = [measure_step(spec, method, setting, 1, s, device, depth) for s in seqs]
+        g = grads(depth)
+        coeffs.append(_fit(seqs, [r.forward_backward - g for r in runs]))
+        opt.append(max(0, runs[0].optimizer - g))
+    if spec.n_layers:
+        per_layer = [y - x for x, y in zip(coeffs[0], coeffs[1])]
+        rest = [x - p for x, p in zip(coeffs[0], per_layer)]
+        n = spec.n_layers
+        c, a, b = (r + n * p for r, p in zip(rest, per_layer))
+        opt_full = opt[0] + (n - 1) * (opt[1] - opt[0])
+        scaled = f"1 and 2 layers scaled to {n}"
+    else:
+        (c, a, b), opt_full, scaled = coeffs[0], opt[0], "the full depth"
+    acts = c + batch_size * (a * seq_len + b * seq_len ** 2)
+    how = (f"measured at batch 1, seq {'/'.join(map(str, seqs))}, {scaled}; fitted "
+           "c + a*S + b*S^2 per depth, S terms times the batch")
+    return StepEstimate(max(0, round(acts)), max(0, round(opt_full)), how)
