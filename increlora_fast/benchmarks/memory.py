@@ -94,6 +94,12 @@ def _static_sum(sizes: Sizes, base: int, batch: int) -> int:
                               if k in sizes)
 
 
+def default_small_seq(seq_len: int) -> int:
+    """Shortest sequence `estimate_step` measures (it also takes 2x and 4x): long enough that the
+    activations, not fixed-size temporaries, make the peak."""
+    return max(32, min(128, seq_len // 8))
+
+
 def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
                 batch_size: int, seq_len: int, device: torch.device, quantized: str = "none",
                 estimate: bool = False, small_seq: Optional[int] = None) -> List[dict]:
@@ -112,21 +118,26 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
     stand_in = "" if quantized == "none" else f" (on a {spec.dtype} stand-in for the " \
         f"{quantized} base)"
     if estimate:
-        def grads_at(depth: Optional[int]) -> int:
-            return method.sizes(spec.build(device, n_layers=depth, meta=True), spec.dtype,
-                                setting)["grads"][0]
-        small = small_seq or max(16, min(64, seq_len // 4))
-        est = estimate_step(spec, method, setting, grads_at, batch_size, seq_len, device, small)
+        def exact_at(depth: Optional[int]) -> Tuple[int, int]:
+            small_meta = spec.build(device, n_layers=depth, meta=True)
+            small_base = base_weights(small_meta, "none")[0]
+            small_sizes = method.sizes(small_meta, spec.dtype, setting)
+            return small_sizes["grads"][0], _static_sum(small_sizes, small_base, 0)
+        small = small_seq or default_small_seq(seq_len)
+        est = estimate_step(spec, method, setting, exact_at, batch_size, seq_len, device, small)
         acts, opt, how, note = est.activations, est.optimizer, "estimated", est.how + stand_in
         total_note = "exact static part + estimated step"
     else:
         step = measure_step(spec, method, setting, batch_size, seq_len, device)
-        acts = max(0, step.forward_backward - grads)
-        opt = max(0, step.optimizer - grads)
-        how, note = "measured", (f"one training step at {batch_size} x {seq_len} ({step.kind})"
-                                 f"{stand_in}, gradients subtracted")
         exact_static = _static_sum(sizes, base_unquantized, 0)
-        total_note = (f"exact static part + measured step; static part measured "
+        # Held from one step into the next by the loss a loop keeps (its graph's hooks).
+        carried = max(0, step.static - exact_static)
+        acts = max(0, step.forward_backward - grads + carried)
+        opt = max(0, step.optimizer - grads + carried)
+        how, note = "measured", (f"one training step at {batch_size} x {seq_len} ({step.kind})"
+                                 f"{stand_in}, gradients subtracted, {carried} B the previous "
+                                 "step's loss still held included")
+        total_note = (f"exact static part + measured step; live at the step's start "
                       f"{step.static} B vs {exact_static} B exact")
     rows.append(_row(method.key, ACTIVATIONS, (acts, how, "peak of forward and backward: "
                                                + note)))

@@ -217,6 +217,7 @@ class StepRunner:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.controller = None
+        self.loss: Optional[torch.Tensor] = None
         if method.kind == "increlora":
             from .. import IncreLoRAController, create_optimizer, inject_increlora
 
@@ -235,10 +236,14 @@ class StepRunner:
         self.model.train()
 
     def forward_backward(self, batch: Dict[str, torch.Tensor], step: int) -> None:
+        """Like ``loss = model(**batch).loss; loss.backward()`` in a loop: the previous step's
+        loss (and whatever its graph still holds) lives until this one replaces it."""
         loss = self.model(**batch).loss
         if self.controller is not None:
             loss = loss + self.controller.regularization_loss()
-        loss.backward()
+        self.loss = loss
+        del loss
+        self.loss.backward()
 
     def update(self, step: int) -> None:
         """IncreLoRA's controller, the optimizer step, AdaLoRA's allocator, zero_grad."""

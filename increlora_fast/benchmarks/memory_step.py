@@ -17,7 +17,8 @@ from .timing import release_memory
 class StepMemory:
     """Bytes of one training step (the second: the optimizer state exists by then).
 
-    ``static``: live when the step begins (weights, adapters, buffers, optimizer state);
+    ``static``: live when the step begins (weights, adapters, buffers, optimizer state, and
+    what the previous step's loss still holds);
     ``forward_backward``: peak of forward and backward above ``static`` (the gradients
     included); ``optimizer``: peak of the update (IncreLoRA's controller, the optimizer step,
     AdaLoRA's allocator) above ``static`` (gradients included); ``kind``: the probe that counted
@@ -76,22 +77,25 @@ class StepEstimate:
 
 
 def estimate_step(spec: ModelSpec, method: MemoryMethod, setting: AdapterSetting,
-                  grads: Callable[[Optional[int]], int], batch_size: int, seq_len: int,
-                  device: torch.device, small_seq: int) -> StepEstimate:
+                  exact: Callable[[Optional[int]], Tuple[int, int]], batch_size: int,
+                  seq_len: int, device: torch.device, small_seq: int) -> StepEstimate:
     """Measure one step at batch 1, sequence lengths ``small_seq`` x (1, 2, 4) and 1 and 2
     layers; fit each depth's activations as c + a S + b S^2 (``c``: what does not grow with the
     tokens), take the per-layer growth from the difference of the depths, and scale to the
-    requested depth, batch (the S terms grow with it) and sequence length. ``grads(n_layers)``
-    gives the exact gradient bytes of a model of that depth (they are part of each peak).
-    Optimizer temporaries are taken as linear in the depth."""
+    requested depth, batch (the S terms grow with it) and sequence length. ``exact(n_layers)``
+    gives the exact (gradient, static) bytes of a model of that depth: the gradients are taken
+    out of each peak, and what is live beyond the exact static part (what the previous step's
+    loss still holds) put in, as `measure_step`'s callers do. Optimizer temporaries are taken as
+    linear in the depth."""
     seqs = [small_seq, 2 * small_seq, 4 * small_seq]
     depths = [1, 2] if spec.n_layers else [None]
     coeffs, opt = [], []
     for depth in depths:
         runs = [measure_step(spec, method, setting, 1, s, device, depth) for s in seqs]
-        g = grads(depth)
-        coeffs.append(_fit(seqs, [r.forward_backward - g for r in runs]))
-        opt.append(max(0, runs[0].optimizer - g))
+        grads, static = exact(depth)
+        coeffs.append(_fit(seqs, [r.forward_backward - grads + max(0, r.static - static)
+                                  for r in runs]))
+        opt.append(max(0, runs[0].optimizer - grads + max(0, runs[0].static - static)))
     if spec.n_layers:
         per_layer = [y - x for x, y in zip(coeffs[0], coeffs[1])]
         rest = [x - p for x, p in zip(coeffs[0], per_layer)]

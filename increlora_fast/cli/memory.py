@@ -59,8 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="do not run the full size: measure 1- and 2-layer models at batch 1 "
                            "and three short sequences and scale by the measured growth")
     step.add_argument("--small-seq", type=int, default=None,
-                      help="--estimate: shortest measured sequence (default: seq-len/4 in "
-                           "[16, 64]); also 2x and 4x it")
+                      help="--estimate: shortest measured sequence (default: seq-len/8 in "
+                           "[32, 128]); also 2x and 4x it")
     step.add_argument("--device", default=None,
                       help="where the step runs (default: cuda when available, else cpu)")
     out = parser.add_argument_group("output")
