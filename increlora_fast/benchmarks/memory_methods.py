@@ -214,8 +214,12 @@ class StepRunner:
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False  # training keeps no KV cache
         if setting.gradient_checkpointing:
-            model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
         self.controller = None
         self.loss: Optional[torch.Tensor] = None
         if method.kind == "increlora":
