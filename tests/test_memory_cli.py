@@ -11,6 +11,7 @@ import torch
 from increlora_fast.benchmarks.memory import (ACTIVATIONS, BASE, BUFFERS, COMPONENTS, GRADS,
                                               OPTIMIZER, PADDED, SCORE, TOTAL, build_spec,
                                               method_rows)
+from increlora_fast.benchmarks.memory_check import check_total
 from increlora_fast.benchmarks.memory_methods import AdapterSetting, MemoryMethod, methods_for
 from increlora_fast.benchmarks.memory_probe import TensorPeak
 from increlora_fast.cli.main import main
@@ -130,39 +131,14 @@ def test_exact_figures_equal_the_tensors_of_a_real_run(tmp_path, kind):
     assert sizes.get("buffers", (0,))[0] == real[BUFFERS]
 
 
-def _loop_peak(spec, batch_size: int, seq_len: int) -> int:
-    """Peak tensor bytes of a README-style IncreLoRA loop of three steps, everything (model,
-    batch, optimizer) created inside the measurement."""
-    from increlora_fast import (IncreLoRAController, create_optimizer, inject_increlora)
-
-    torch.manual_seed(0)
-    with TensorPeak(torch.device("cpu")) as peak:
-        model = spec.build(torch.device("cpu"))
-        model.config.use_cache = False
-        config = SETTING.increlora_config()
-        model = inject_increlora(model, config)
-        optimizer = create_optimizer(model, config, lr=1e-3)
-        controller = IncreLoRAController(model, config)
-        batch = spec.batch(batch_size, seq_len, torch.device("cpu"), seed=1)
-        for step in range(3):
-            loss = model(**batch).loss + controller.regularization_loss()
-            loss.backward()
-            controller.step(step)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        del loss, model, optimizer, controller, batch
-    return peak.peak_bytes
-
-
 def test_total_matches_the_measured_peak_of_a_real_loop(tmp_path):
     spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "fp32")
+    check = check_total(spec, SETTING, 2, 24, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
+    assert check["ok"], check
     rows = method_rows(methods_for(SETTING)[0], spec, SETTING, 2, 24, torch.device("cpu"))
-    total = by_component(rows, "increlora")[TOTAL]["bytes"]
     exact = sum(r["bytes"] for r in rows if r["how"] == "exact"
                 and r["component"] in (BASE, PADDED, BUFFERS, OPTIMIZER, SCORE, GRADS))
-    measured = _loop_peak(spec, 2, 24)
-    assert abs(total - measured) <= TOTAL_TOLERANCE * measured, (total, measured)
-    assert exact < total  # the step itself needs memory on top of what stays allocated
+    assert exact < check["measured"]  # the step itself needs memory on top of what stays
 
 
 def test_estimate_scales_small_runs_to_the_measured_activations(tmp_path):

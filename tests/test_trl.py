@@ -122,9 +122,11 @@ def test_checkpointing_leaves_the_scores_unchanged():
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         IncreLoRAController(model, config)  # turns score tracking on
-        ids = torch.randint(3, 3 + len(WORDS), (4, 12), generator=torch.Generator().manual_seed(1))
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, 3 + len(WORDS), (4, 12), generator=gen)
         model(input_ids=ids, labels=ids).loss.backward()
-        scores.append(torch.stack([layer.score_sum.clone() for _, layer in increlora_layers(model)]))
+        scores.append(torch.stack([layer.score_sum.clone()
+                                   for _, layer in increlora_layers(model)]))
     assert (scores[0] > 0).all()
     torch.testing.assert_close(scores[1], scores[0], rtol=1e-4, atol=0)
 
