@@ -201,6 +201,9 @@ def methods_for(setting: AdapterSetting) -> List[MemoryMethod]:
         out.append(MemoryMethod(f"peft-lora-r{setting.target_rank}", "lora",
                                 setting.target_rank))
     r = peft_rank(setting, True)
+    if r < setting.target_rank:
+        raise ValueError(f"--adalora-init-r {r} is invalid: AdaLoRA prunes from it to "
+                         f"--target-rank {setting.target_rank}, so it must be >= that")
     out.append(MemoryMethod(f"peft-adalora-r{r}", "adalora", r))
     return out
 

@@ -85,27 +85,27 @@ def estimate_step(spec: ModelSpec, method: MemoryMethod, setting: AdapterSetting
     requested depth, batch (the S terms grow with it) and sequence length. ``exact(n_layers)``
     gives the exact (gradient, static) bytes of a model of that depth: the gradients are taken
     out of each peak, and what is live beyond the exact static part (what the previous step's
-    loss still holds) put in, as `measure_step`'s callers do. Optimizer temporaries are taken as
-    linear in the depth."""
+    loss still holds) put in, as `measure_step`'s callers do. The update phase (optimizer
+    temporaries) is fitted and scaled the same way."""
     seqs = [small_seq, 2 * small_seq, 4 * small_seq]
     depths = [1, 2] if spec.n_layers else [None]
-    coeffs, opt = [], []
+    fits: List[Tuple[Tuple[float, float, float], Tuple[float, float, float]]] = []
     for depth in depths:
         runs = [measure_step(spec, method, setting, 1, s, device, depth) for s in seqs]
         grads, static = exact(depth)
-        coeffs.append(_fit(seqs, [r.forward_backward - grads + max(0, r.static - static)
-                                  for r in runs]))
-        opt.append(max(0, runs[0].optimizer - grads + max(0, runs[0].static - static)))
-    if spec.n_layers:
-        per_layer = [y - x for x, y in zip(coeffs[0], coeffs[1])]
-        rest = [x - p for x, p in zip(coeffs[0], per_layer)]
-        n = spec.n_layers
-        c, a, b = (r + n * p for r, p in zip(rest, per_layer))
-        opt_full = opt[0] + (n - 1) * (opt[1] - opt[0])
-        scaled = f"1 and 2 layers scaled to {n}"
-    else:
-        (c, a, b), opt_full, scaled = coeffs[0], opt[0], "the full depth"
-    acts = c + batch_size * (a * seq_len + b * seq_len ** 2)
+        carried = [max(0, r.static - static) for r in runs]
+        fits.append((_fit(seqs, [r.forward_backward - grads + k for r, k in zip(runs, carried)]),
+                     _fit(seqs, [r.optimizer - grads + k for r, k in zip(runs, carried)])))
+    n = spec.n_layers
+
+    def scale(phase: int) -> float:
+        one = fits[0][phase]
+        if n:
+            per_layer = [y - x for x, y in zip(one, fits[1][phase])]
+            one = [x + (n - 1) * p for x, p in zip(one, per_layer)]
+        c, a, b = one
+        return c + batch_size * (a * seq_len + b * seq_len ** 2)
+    scaled = f"1 and 2 layers scaled to {n}" if n else "the full depth"
     how = (f"measured at batch 1, seq {'/'.join(map(str, seqs))}, {scaled}; fitted "
            "c + a*S + b*S^2 per depth, S terms times the batch")
-    return StepEstimate(max(0, round(acts)), max(0, round(opt_full)), how)
+    return StepEstimate(max(0, round(scale(0))), max(0, round(scale(1))), how)
