@@ -20,11 +20,16 @@ _AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelFor
 
 
 def load_config(model: str):
-    """A transformers config from a folder holding ``config.json``, a path to a config file, or
-    a hub id (which needs the hub, or its cache)."""
+    """A transformers config from a folder holding ``config.json``, a path to a config file, a
+    packaged model name (``all-MiniLM-L6-v2``) or a hub id (which needs the hub, or its cache)."""
     from transformers import AutoConfig, PretrainedConfig
 
+    from ..data.assets import PACKAGED_MODELS, locate_asset
+
     path = Path(model)
+    if model in PACKAGED_MODELS and not path.exists():
+        path = Path(locate_asset(model))
+        model = str(path)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
@@ -47,8 +52,8 @@ def load_config(model: str):
 
 
 def resolve_head(config, head: str) -> str:
-    """The head to train: the one the config's ``architectures`` name, else a causal LM when the
-    family has one, else sequence classification."""
+    """The head to train: the one the config's ``architectures`` name, else sequence
+    classification for encoder families and a causal LM for decoder-only ones."""
     if head not in HEADS:
         raise ValueError(f"--head {head!r} is invalid: use one of {list(HEADS)}")
     if head != "auto":
@@ -60,9 +65,13 @@ def resolve_head(config, head: str) -> str:
             return "masked-lm"
         if arch.endswith("ForSequenceClassification"):
             return "seq-cls"
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
 
-    return "causal-lm" if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING else "seq-cls"
+    # Encoder families (BERT also has a causal head) are classified, decoders generate.
+    if type(config) in MODEL_FOR_MASKED_LM_MAPPING or type(config) not in \
+            MODEL_FOR_CAUSAL_LM_MAPPING:
+        return "seq-cls"
+    return "causal-lm"
 
 
 def with_layers(config, n_layers: Optional[int]):

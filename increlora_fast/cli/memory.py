@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--model", required=True,
                        help="a local folder with config.json, a path to a config JSON file, "
-                            "or a hub id (needs the hub)")
+                            "all-MiniLM-L6-v2 (packaged) or a hub id (needs the hub)")
     model.add_argument("--head", default="auto",
                        choices=("auto", "causal-lm", "masked-lm", "seq-cls"),
                        help="the head to train (auto: from the config's architectures)")
@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.memory import build_spec, format_notes, format_table, memory_breakdown, \
         write_json
     from ..benchmarks.memory_methods import AdapterSetting
+    from ..data.assets import AssetUnavailableError
 
     try:
         problem = _positive(args, ["r_max", "init_r", "target_rank", "adalora_init_r",
@@ -90,6 +91,8 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             raise ValueError(problem)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here")
         spec = build_spec(args.model, args.head, args.dtype)
         setting = AdapterSetting(
             target_modules=tuple(args.target_modules) if args.target_modules else None,
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
                                 quantized=args.quantized, estimate=args.estimate,
                                 small_seq=args.small_seq, progress=not args.no_progress)
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, AssetUnavailableError) as err:
         print(f"increlora-fast memory: error: {err}", file=sys.stderr)
         return 2
     print(f"{args.model} ({spec.head}, {args.dtype}"
