@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -138,6 +139,8 @@ class IncreLoRAController:
 
     def _collect_scores(self) -> torch.Tensor:
         device = self.layers[0].lora_A.device
+        if self.config.score == "random":  # the ranking ignores scores: compute none
+            return torch.zeros(len(self.layers), dtype=torch.float64)
         if self.config.score == "triplet":
             raw = [triplet_score(layer) for layer in self.layers]
         elif self.exact_step_score:
@@ -160,7 +163,10 @@ class IncreLoRAController:
     def _allocate(self, step: int) -> None:
         cfg = self.config
         remaining = self.total_budget - self.current_total_rank()
-        score = torch.nan_to_num(self.importance(), nan=-math.inf)
+        if cfg.score == "random":
+            score = self._random_scores(step)
+        else:
+            score = torch.nan_to_num(self.importance(), nan=-math.inf)
         eligible = [i for i, layer in enumerate(self.layers) if layer.reserve_rank > 0]
         # Highest score first; equal scores keep module order (sorted() is stable).
         ranked = sorted(eligible, key=lambda i: -float(score[i]))
@@ -169,7 +175,10 @@ class IncreLoRAController:
             if remaining <= 0:
                 break
             layer = self.layers[i]
+            old_rank = layer.active_rank
             added = layer.activate_reserve(min(cfg.incre_rank_num, remaining), step)
+            layer.condition_growth(old_rank, preserve_scale=cfg.scale_preserving_growth,
+                                   unit_norm=cfg.normalize_on_activation)
             remaining -= added
             if remaining > 0:
                 layer.add_reserve(cfg.incre_rank_num, step)
@@ -183,6 +192,12 @@ class IncreLoRAController:
             self._finish()
             self._set_tracking(False)
             logger.info("step %d: rank budget %d reached", step, self.total_budget)
+
+    def _random_scores(self, step: int) -> torch.Tensor:
+        """``score="random"``: one uniform draw per module from (config.seed, step) alone, so
+        every process, a resumed run and a rerun rank the modules the same way."""
+        rng = random.Random(f"increlora-random-score/{self.config.seed}/{step}")
+        return torch.tensor([rng.random() for _ in self.layers], dtype=torch.float64)
 
     @staticmethod
     def _sync_from_rank0(layer: IncreLoRALinear) -> None:
@@ -205,7 +220,8 @@ class IncreLoRAController:
     # ------------------------------------------------------------------ regularisation
     def regularization_loss(self) -> torch.Tensor:
         """orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules),
-        over active and reserve slots, batched over modules of the same shape."""
+        over active and reserve slots (active only with ``reserve_in_penalty=False``), batched
+        over modules of the same shape."""
         device = self.layers[0].lora_A.device
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=device)
@@ -214,7 +230,8 @@ class IncreLoRAController:
             groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
         total = torch.zeros((), device=device)
         for members in groups.values():
-            used = torch.stack([m.slot_state != SlotState.INACTIVE for m in members])
+            used = torch.stack([m.active_mask if not self.config.reserve_in_penalty
+                                else m.slot_state != SlotState.INACTIVE for m in members])
             trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
             w = used.to(members[0].lora_A.dtype)
             # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
