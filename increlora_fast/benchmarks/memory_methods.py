@@ -27,8 +27,8 @@ ADALORA_SCORE_COPIES = 3  # RankAllocator: ipt, exp_avg_ipt, exp_avg_unc per ada
 class AdapterSetting:
     """The adapter the breakdown is for.
 
-    ``adapter_dtype``: None (the library default: float32 on bf16/fp16 bases), ``"base"`` or a
-    dtype name, passed to `IncreLoRAConfig.adapter_dtype` where this version has that field.
+    ``adapter_dtype``: `IncreLoRAConfig.adapter_dtype` (``"auto"``: float32 on bf16/fp16 bases,
+    ``"float32"`` or ``"base"``).
     ``adalora_init_r``: AdaLoRA's starting rank (None: ``r_max``); it prunes to ``target_rank``.
     """
 
@@ -38,7 +38,7 @@ class AdapterSetting:
     target_rank: int = 2
     adalora_init_r: Optional[int] = None
     lora_alpha: float = 16.0
-    adapter_dtype: Optional[str] = None
+    adapter_dtype: str = "auto"
     exact_step_score: bool = False
     gradient_checkpointing: bool = False
 
@@ -48,12 +48,7 @@ class AdapterSetting:
         kwargs = dict(target_modules=list(targets or self.target_modules or []) or None,
                       r_max=self.r_max, init_r=self.init_r, target_rank=self.target_rank,
                       lora_alpha=self.lora_alpha, init_warmup=10 ** 6,
-                      exact_step_score=self.exact_step_score)
-        if "adapter_dtype" in {f.name for f in dataclasses.fields(IncreLoRAConfig)}:
-            kwargs["adapter_dtype"] = self.adapter_dtype
-        elif self.adapter_dtype not in (None, "base"):
-            raise ValueError(f"--adapter-dtype {self.adapter_dtype}: this version of "
-                             "IncreLoRAConfig has no adapter_dtype (adapters take the base dtype)")
+                      exact_step_score=self.exact_step_score, adapter_dtype=self.adapter_dtype)
         kwargs.update(overrides)
         return IncreLoRAConfig(**kwargs)
 

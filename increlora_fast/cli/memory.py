@@ -12,7 +12,8 @@ import argparse
 import sys
 from typing import List, Optional
 
-ADAPTER_DTYPES = ("auto", "float32", "bfloat16", "float16", "base")
+from ..config import ADAPTER_DTYPES
+
 
 
 def _csv_list(text: str) -> List[str]:
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
             target_modules=tuple(args.target_modules) if args.target_modules else None,
             r_max=args.r_max, init_r=args.init_r, target_rank=args.target_rank,
             adalora_init_r=args.adalora_init_r,
-            adapter_dtype=None if args.adapter_dtype == "auto" else args.adapter_dtype,
+            adapter_dtype=args.adapter_dtype,
             gradient_checkpointing=args.gradient_checkpointing)
         setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
