@@ -77,10 +77,11 @@ def test_cli_bert_config_folder_and_quantized_base(tmp_path, capsys):
     assert code == 0
     rows = json.loads((tmp_path / "q.json").read_text())
     base = by_component(rows, "increlora")[BASE]
+    assert by_component(rows, "increlora")[TOTAL]["how"] == "estimated"  # stand-in step
     full = build_spec(str(tmp_path), "auto", "fp32")
     from increlora_fast.benchmarks.memory import base_weights
     unquantized = base_weights(full.build(torch.device("cpu"), meta=True), "none")[0]
-    assert base["how"] == "estimated" and base["bytes"] < unquantized
+    assert base["how"] == "exact" and base["bytes"] < unquantized
     assert "seq-cls" in capsys.readouterr().out
 
 
@@ -181,3 +182,44 @@ def test_benchmark_cpu_memory_is_counted_per_tensor():
     m = measure_interleaved({"alloc": (run, None)}, torch.device("cpu"), warmup=1, repeats=1)
     assert m["alloc"].mem_kind == CPU_KIND
     assert m["alloc"].peak_mem_mb == 4.0
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_layout_matches_bitsandbytes(bits):
+    """The 4/8-bit base figure uses bitsandbytes' own layout (transformers' defaults: NF4 without
+    double quantization; LLM.int8 with a per-row scale), checked on real quantized linears."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from increlora_fast.benchmarks.memory import base_weights
+
+    class Tiny(nn.Module):
+        def __init__(self, linear=nn.Linear):
+            super().__init__()
+            self.proj = linear(256, 128)
+            self.lm_head = nn.Linear(128, 64)  # the last module stays unquantized
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+    try:
+        if bits == "4bit":
+            proj = bnb.nn.Linear4bit(256, 128, compress_statistics=False, quant_type="nf4")
+            proj.load_state_dict(nn.Linear(256, 128).state_dict())
+            proj = proj.to("cpu")
+            state = proj.weight.quant_state
+            quantized = nbytes(proj.weight) + nbytes(state.absmax) + nbytes(state.code)
+        else:
+            proj = bnb.nn.Linear8bitLt(256, 128, has_fp16_weights=False)
+            proj.load_state_dict(nn.Linear(256, 128).state_dict())
+            proj = proj.to("cpu")
+            quantized = nbytes(proj.weight) + nbytes(proj.weight.SCB)
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        pytest.skip(f"bitsandbytes cannot quantize on this CPU: {err}")
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        meta = Tiny()
+    meta.all_tied_weights_keys = {}
+    meta.get_output_embeddings = lambda: meta.lm_head
+    plain = base_weights(meta, "none")[0]
+    expected = plain - 256 * 128 * 4 + quantized
+    assert base_weights(meta, bits)[0] == expected

@@ -9,8 +9,9 @@ LoRA at r = r_max and at r = target_rank and peft AdaLoRA at its init_r. ``how``
 - ``measured``: one real training step of the model at the requested size (random weights),
   counted per tensor (`memory_probe.TensorPeak`: the CUDA allocator, or live tensor storages on
   CPU), minus the exact gradients;
-- ``estimated``: from small runs scaled by their measured growth (``estimate=True``), a 4/8-bit
-  base (bitsandbytes layout, computed, not measured here), or an active-rank share.
+- ``estimated``: from small runs scaled by their measured growth (``estimate=True``), the total
+  over a 4/8-bit base (its step is measured on a full-precision stand-in; the base itself is
+  exact in bitsandbytes' layout), or an active-rank share.
 
 The total peak is everything that stays allocated plus the gradients plus the larger of the
 activations (peak of forward and backward) and the optimizer step's temporaries.
@@ -78,9 +79,9 @@ def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
     else:
         size += sum(m.out_features * 4 for m in linears.values())
         layout = "LLM.int8: int8 weights and one fp32 scale per output row"
-    return (int(size), "estimated",
+    return (int(size), "exact",
             f"bitsandbytes {layout} on {len(linears)} linears ({', '.join(sorted(keep))} kept "
-            "in the base dtype); computed from the layout, not read from a quantized model")
+            "in the base dtype, transformers' default; llm_int8_skip_modules would keep more)")
 
 
 def _row(method: str, component: str, value: Tuple[int, str, str]) -> dict:
@@ -144,7 +145,8 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
     rows.append(_row(method.key, OPT_TEMPS, (opt, how, "peak of the update (controller, "
                                              "optimizer step, AdaLoRA allocator): " + note)))
     total = _static_sum(sizes, base[0], batch_bytes) + grads + max(acts, opt)
-    how_total = "estimated" if estimate or base[1] == "estimated" else "measured"
+    # A quantized base's step is measured on a full-precision stand-in: its total is estimated.
+    how_total = "estimated" if estimate or quantized != "none" else "measured"
     rows.append(_row(method.key, TOTAL, (total, how_total, total_note)))
     if "score_dense" in sizes:
         rows.append(_row(method.key, TOTAL_DENSE, (total + sizes["score_dense"][0], how_total,

@@ -34,8 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
                        help="dtype of the base weights and of the step")
     model.add_argument("--quantized", default="none", choices=("none", "4bit", "8bit"),
-                       help="bitsandbytes base weights (their size is computed from the layout; "
-                            "activations are measured on a --dtype stand-in)")
+                       help="bitsandbytes base weights (their size is exact in its layout; the "
+                            "step is measured on a --dtype stand-in, so the total is estimated)")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--target-modules", type=_csv_list, default=None,
                          help="comma-separated module-name suffixes (default: the attention and "
