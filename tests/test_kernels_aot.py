@@ -13,7 +13,7 @@ the way the JIT makes it:
   weight at 768 -> 3072, r_max 16 and 128) with ``launch`` replaced by a recorder, so no kernel
   and no base GEMM runs. Meta tensors keep the offsets of views, so pointer alignment is what a
   CUDA allocation (base 512-byte aligned) gives. ``multiprocessor_count`` returns the arch's SM
-  count (H100 132, RTX 4090 128, A100 108, RTX 3090 84), so the row-split paths are built
+  count (H100 132, RTX 4090 128, A100 108, RTX A6000 84), so the row-split paths are built
   (several programs, ``USE_ATOMIC=True``), and everything is recorded a second time under
   ``torch.use_deterministic_algorithms(True)`` (fixed-order partials, no atomics).
 - **Signatures.** Each launch is specialised by the kernel's own binder, as ``JITFunction.run``
@@ -56,7 +56,7 @@ ARCHS = (90, 89, 86, 80)
 MAX_SHARED = {90: 227 * 1024, 89: 99 * 1024, 86: 99 * 1024, 80: 163 * 1024}
 SM_COUNT = {90: 132, 89: 128, 86: 84, 80: 108}
 MAX_REGISTERS = 255
-# Dtype configurations compiled per arch: (name, activation/base dtype, adapter dtype).
+# Dtype configurations: name -> (activation and base weight dtype, adapter tensors' dtype).
 DTYPES = {"bf16": ("bfloat16", "bfloat16"), "amp": ("bfloat16", "float32"),
           "fp32": ("float32", "float32"), "fp16": ("float16", "float16")}
 # What the test builds; float16 (same code as bfloat16 but the dtype, ~45 s more per arch) only
@@ -91,7 +91,7 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
     the benchmark sizes, on meta tensors, with the SM count of ``arch``."""
     import torch
 
-    from increlora_fast.kernels import adamw, fused_linear, linear, lowrank, score, utils
+    from increlora_fast.kernels import adamw, fused_linear, linear, lowrank, score
 
     records, tag = [], [""]
 
@@ -101,7 +101,7 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
     for mod in (lowrank, score, fused_linear, adamw):
         mod.launch = recorder
     sms = SM_COUNT[arch]
-    lowrank.multiprocessor_count = utils.multiprocessor_count = lambda device: sms
+    lowrank.multiprocessor_count = lambda device: sms
     adamw.check_device = lambda *args, **kwargs: torch.device("meta")
 
     def meta(*shape, dtype):
@@ -122,7 +122,8 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
                         a, b = meta(r, k, dtype=ada), meta(n, r, dtype=ada)
                         lam, state = meta(r, dtype=ada), meta(r, dtype=torch.int8)
                         slots = (a, b, lam, state, 8.0, 0.0)
-                        for fused, xa in ((False, None), (True, None), (False, meta(TOKENS, k, dtype=act))):
+                        dropped = meta(TOKENS, k, dtype=act)  # a separate adapter input
+                        for fused, xa in ((False, None), (True, None), (False, dropped)):
                             _, h = linear.adapted_linear_forward(x, xa, w, bias, in_out, *slots,
                                                                  act, True, fused)
                             linear.adapted_linear_backward(
@@ -338,7 +339,9 @@ def test_jit_variants_compile_within_the_arch_limits(built, arch, dtype_name):
         {"_fused_linear_adapter_kernel", "_fused_linear_adapter_tuned_kernel"} - {fused})
     # The JIT's own specialisation was applied (by hand only where Triton lacks the binder):
     # unit inner strides are constexprs, pointers and sizes are known to be 16-divisible.
-    assert all(row["faithful"] == hasattr(jit, "create_function_from_signature") for row in rows)
+    binder = hasattr(jit, "create_function_from_signature")
+    assert all(row["faithful"] == binder for row in rows), \
+        "this Triton has the JIT's binder but specialising through it failed"
     for row in rows:
         if row["kernel"] == "_project_kernel":
             assert "stride_xk" in row["specialised"] and row["aligned"] >= 10, row
