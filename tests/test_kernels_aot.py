@@ -30,8 +30,8 @@ the way the JIT makes it:
 Identical variants (same kernel, signature, constexprs, attributes and options) are compiled once
 per arch. Each arch is built in its own child process, two at a time: the other kernel test
 modules switch Triton to interpreter mode in the pytest process (and the child must not inherit
-TRITON_INTERPRET). About 450 CPU-seconds in all (116 variants per arch), so about 4 minutes on
-2 cores with a cold Triton cache and under a minute with a warm one.
+TRITON_INTERPRET). Measured: 525 CPU-seconds in all with a cold Triton cache (116 variants per
+arch), so 4-4.5 minutes on 2 free cores; about 35 CPU-seconds with a warm cache.
 
 Also checked, on each GEMM-like kernel's TTIR: every product of a row index with a token-dimension
 stride is computed in 64 bits, so element offsets cannot wrap past 2**31 (the interpreter
