@@ -1,10 +1,44 @@
-"""Every bfloat16 kernel variant the host functions launch compiles for an H100 (sm_90), without
-a GPU: Triton's own ptxas builds the cubin and cuobjdump reports its resources.
+"""The kernel variants a GPU's Triton JIT really builds compile for sm_80, sm_86, sm_89 and sm_90
+within each arch's limits, without a GPU: Triton's own ptxas builds each cubin and cuobjdump
+reports its resources.
 
 The interpreter tests check the numbers; this checks the GPU lowering the interpreter skips
-(tl.dot layouts, shared memory, registers). It runs in a child process because the other kernel
-test modules switch Triton to interpreter mode in this one. Run the file directly to print the
-table: ``python tests/test_kernels_aot.py 90 bfloat16,float32``.
+(tl.dot layouts, pipelining, shared memory, registers, 64-bit addressing). How a variant is made
+the way the JIT makes it:
+
+- **Launches.** The host functions a training step calls (`linear.adapted_linear_forward` /
+  `adapted_linear_backward`, unfused, with ``fused_gemm`` and with a separate dropout input;
+  `score.delta_w_score_`; `adamw.masked_adamw_triton_` on A and on B) run on meta tensors at the
+  benchmark sizes (16,384 tokens, 768 -> 3072 with bias, 4096 -> 11008 without, Conv1D (in, out)
+  weight at 768 -> 3072, r_max 16 and 128) with ``launch`` replaced by a recorder, so no kernel
+  and no base GEMM runs. Meta tensors keep the offsets of views, so pointer alignment is what a
+  CUDA allocation (base 512-byte aligned) gives. ``multiprocessor_count`` returns the arch's SM
+  count (H100 132, RTX 4090 128, A100 108, RTX A6000 84), so the row-split paths are built
+  (several programs, ``USE_ATOMIC=True``), and everything is recorded a second time under
+  ``torch.use_deterministic_algorithms(True)`` (fixed-order partials, no atomics).
+- **Signatures.** Each launch is specialised by the kernel's own binder, as ``JITFunction.run``
+  does (`triton.runtime.jit.create_function_from_signature` and ``JITFunction._pack_args``):
+  ints equal to 1 become constexprs, ints divisible by 16 and 16-byte-aligned pointers get
+  ``tt.divisibility=16``, floats and bools are not specialised. Where that internal API is
+  missing (another Triton version), the same rules are applied here by hand.
+- **Autotune.** The autotuned fused GEMM is compiled once per config of its ``@triton.autotune``.
+- **Dtypes.** bfloat16, AMP (bfloat16 activations and base weight, float32 adapter tensors: the
+  default on bfloat16 bases) and float32 (IEEE dots, torch's default matmul precision) on all
+  four archs. float16 compiles the same code as bfloat16 but for the dtype and is left out to
+  keep the test near 4 minutes; build it with ``python tests/test_kernels_aot.py 90 fp16``.
+
+Identical variants (same kernel, signature, constexprs, attributes and options) are compiled once
+per arch. Each arch is built in its own child process, two at a time: the other kernel test
+modules switch Triton to interpreter mode in the pytest process (and the child must not inherit
+TRITON_INTERPRET). Measured: 525 CPU-seconds in all with a cold Triton cache (116 variants per
+arch), so 4-4.5 minutes on 2 free cores; about 35 CPU-seconds with a warm cache.
+
+Also checked, on each GEMM-like kernel's TTIR: every product of a row index with a token-dimension
+stride is computed in 64 bits, so element offsets cannot wrap past 2**31 (the interpreter
+computes in Python ints and cannot see that).
+
+Run the file directly to print the table of one arch, optionally for some dtype configurations
+only: ``python tests/test_kernels_aot.py 80 fp32,amp`` (``--json`` prints the rows).
 """
 from __future__ import annotations
 
@@ -13,11 +47,139 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-# H100: 227 KB of shared memory per block.
-MAX_SHARED = 232448
+ARCHS = (90, 89, 86, 80)
+# Max dynamic shared memory per block (bytes) and SM count of each arch's reference GPU.
+MAX_SHARED = {90: 227 * 1024, 89: 99 * 1024, 86: 99 * 1024, 80: 163 * 1024}
+SM_COUNT = {90: 132, 89: 128, 86: 84, 80: 108}
+MAX_REGISTERS = 255
+# Dtype configurations: name -> (activation and base weight dtype, adapter tensors' dtype).
+DTYPES = {"bf16": ("bfloat16", "bfloat16"), "amp": ("bfloat16", "float32"),
+          "fp32": ("float32", "float32"), "fp16": ("float16", "float16")}
+# What the test builds; float16 (same code as bfloat16 but the dtype, ~45 s more per arch) only
+# when asked for on the command line.
+DTYPES_PER_ARCH = {arch: ("bf16", "amp", "fp32") for arch in ARCHS}
+TOKENS = 16384
+# (in, out, bias, Conv1D weight layout)
+LAYERS = ((768, 3072, True, False), (4096, 11008, False, False), (768, 3072, True, True))
+R_MAX = (16, 128)
+# Token-dimension strides of the GEMM-like kernels: the products of a row index with these must
+# be 64-bit.
+TOKEN_STRIDES = {
+    "_project_kernel": ("stride_xm", "stride_hm"),
+    "_expand_kernel": ("stride_sm", "stride_om"),
+    "_dy_pass_kernel": ("stride_dym", "stride_hm", "stride_tm"),
+    "_reduce_rows_kernel": ("stride_sm", "stride_xm"),
+    "_delta_w_score_kernel": ("stride_dym", "stride_xm"),
+    "_fused_linear_adapter_kernel": ("stride_xm", "stride_hm", "stride_ym"),
+    "_fused_linear_adapter_tuned_kernel": ("stride_xm", "stride_hm", "stride_ym"),
+}
+KERNELS = set(TOKEN_STRIDES) | {"_finish_b_kernel", "_masked_adamw_kernel"}
+# Kernels known to compute a token offset in 32 bits, reported to the kernels' owner.
+KNOWN_NARROW = {
+    "_delta_w_score_kernel": "score.py: rm = m0 + arange with m0 from range(0, M) is int32, so "
+                             "rm * stride_dym and rm * stride_xm wrap past 2**31 elements",
+}
+
+
+# ------------------------------------------------------------------ child side: record launches
+def record_launches(arch: int, dtype_names: tuple) -> list:
+    """[(tag, kernel, args, kwargs)] of every launch of one training step's host functions at
+    the benchmark sizes, on meta tensors, with the SM count of ``arch``."""
+    import torch
+
+    from increlora_fast.kernels import adamw, fused_linear, linear, lowrank, score
+
+    records, tag = [], [""]
+
+    def recorder(kernel, grid, *args, **kwargs):
+        records.append((tag[0], kernel, args, kwargs))
+
+    for mod in (lowrank, score, fused_linear, adamw):
+        mod.launch = recorder
+    sms = SM_COUNT[arch]
+    lowrank.multiprocessor_count = lambda device: sms
+    adamw.check_device = lambda *args, **kwargs: torch.device("meta")
+
+    def meta(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    for name in dtype_names:
+        act, ada = (getattr(torch, d) for d in DTYPES[name])
+        for deterministic in (False, True):
+            torch.use_deterministic_algorithms(deterministic)
+            try:
+                for k, n, has_bias, in_out in LAYERS:
+                    x, dy = meta(TOKENS, k, dtype=act), meta(TOKENS, n, dtype=act)
+                    w = meta(k, n, dtype=act) if in_out else meta(n, k, dtype=act)
+                    bias = meta(n, dtype=act) if has_bias else None
+                    for r in R_MAX:
+                        tag[0] = f"{name} {k}->{n}{' Conv1D' if in_out else ''} r{r}" \
+                                 f"{' det' if deterministic else ''}"
+                        a, b = meta(r, k, dtype=ada), meta(n, r, dtype=ada)
+                        lam, state = meta(r, dtype=ada), meta(r, dtype=torch.int8)
+                        slots = (a, b, lam, state, 8.0, 0.0)
+                        dropped = meta(TOKENS, k, dtype=act)  # a separate adapter input
+                        for fused, xa in ((False, None), (True, None), (False, dropped)):
+                            _, h = linear.adapted_linear_forward(x, xa, w, bias, in_out, *slots,
+                                                                 act, True, fused)
+                            linear.adapted_linear_backward(
+                                dy, x, xa, w, in_out, *slots, h, meta(dtype=torch.float32),
+                                None, True, xa is not None, True, True, True)
+                        for p, slot_dim in ((a, 0), (b, 1)):
+                            adamw.masked_adamw_triton_(
+                                p, p, meta(*p.shape, dtype=ada), meta(*p.shape, dtype=ada),
+                                meta(r, dtype=torch.bool), meta(r, dtype=torch.float32),
+                                meta(r, dtype=torch.float32), slot_dim, 0.9, 0.999, 1e-8, 0.0)
+            finally:
+                torch.use_deterministic_algorithms(False)
+    return records
+
+
+# ------------------------------------------------------------- child side: specialise, compile
+def _manual_specialisation(fn, args, kwargs):
+    """(signature, constexprs, attrs, options) by the JIT's rules, for Tritons without the
+    binder API used by `jit_specialisation`."""
+    import torch
+    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
+           torch.float64: "*fp64", torch.uint8: "*u8", torch.int8: "*i8"}
+    signature, constexprs, attrs = {}, {}, {}
+    values = dict(zip(fn.arg_names, args))
+    values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})
+    for i, name in enumerate(fn.arg_names):
+        val = values[name]
+        if name in kwargs or (isinstance(val, int) and not isinstance(val, bool) and val == 1):
+            signature[name] = "constexpr"
+            constexprs[(i,)] = val
+        elif isinstance(val, torch.Tensor):
+            signature[name] = ptr[val.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]] if val.data_ptr() % 16 == 0 else []
+        elif isinstance(val, bool):
+            signature[name] = "u1"
+        elif isinstance(val, int):
+            signature[name] = "i32" if -2 ** 31 <= val < 2 ** 31 else "i64"
+            attrs[(i,)] = [["tt.divisibility", 16]] if val % 16 == 0 else []
+        else:
+            signature[name] = "fp32"
+    options = {k: v for k, v in kwargs.items() if k not in fn.arg_names}
+    return signature, constexprs, attrs, options
+
+
+def jit_specialisation(fn, backend, args, kwargs):
+    """(signature, constexprs, attrs, options dict, faithful) exactly as ``JITFunction.run``
+    builds them; ``faithful`` False where the by-hand rules had to be used."""
+    try:
+        from triton.runtime.jit import create_function_from_signature
+        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound,
+                                                              specialization, options)
+        return signature, constexprs, attrs, dict(options.__dict__), True
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return (*_manual_specialisation(fn, args, kwargs), False)
 
 
 def _resources(cubin: bytes, tool: str) -> dict:
@@ -31,84 +193,216 @@ def _resources(cubin: bytes, tool: str) -> dict:
     return {key: int(val) for key, val in re.findall(r"(REG|STACK|LOCAL):(\d+)", line)}
 
 
-def compile_launches(arch: int, dtype_names: list) -> list:
-    """Record the launches of the host functions at real sizes and compile each variant."""
-    import torch
+def _element_type(mlir_type: str) -> str:
+    """``i64`` of ``tensor<64x1xi64>`` or of ``i64``."""
+    return re.sub(r"^tensor<(?:\d+x)*|>$", "", mlir_type)
+
+
+def narrow_token_offsets(ttir: str, strides: tuple) -> dict:
+    """{stride name: [result types of its products that are not 64-bit]} plus, under key
+    ``"missing"``, the token strides that never enter a product (the check found nothing to
+    check). A product counts when one operand is the stride argument itself or derives from it
+    by splat / extsi / broadcast / expand_dims / reshape."""
+    defs = []
+    for line in ttir.splitlines():
+        m = re.match(r"\s*(%[\w.]+) = ([\w.]+) (.*)$", line)
+        if m:
+            body = m.group(3).split(" loc(")[0]
+            operands, _, types = body.partition(" : ")
+            defs.append((m.group(1), m.group(2), re.findall(r"%[\w.]+", operands), types))
+    result, missing = {}, []
+    for stride in strides:
+        derived = {"%" + stride}
+        for name, op, operands, _ in defs:
+            if op in ("tt.splat", "arith.extsi", "tt.broadcast", "tt.expand_dims", "tt.reshape") \
+                    and operands and operands[0] in derived:
+                derived.add(name)
+        products = [types.strip() for _, op, operands, types in defs
+                    if op == "arith.muli" and derived.intersection(operands)]
+        if not products:
+            missing.append(stride)
+        narrow = [t for t in products if _element_type(t) != "i64"]
+        if narrow:
+            result[stride] = narrow
+    if missing:
+        result["missing"] = missing
+    return result
+
+
+def _ptx_features(ptx: str) -> str:
+    found = [name for name, pat in (("wgmma", "wgmma.mma_async"), ("mma", "mma.sync"),
+                                    ("cp.async", "cp.async"), ("atomic", "atom.")) if pat in ptx]
+    return " ".join(found)
+
+
+def compile_launches(arch: int, dtype_names: tuple) -> list:
+    """One row per distinct variant the JIT would build for ``arch``: its constexprs, the
+    compiled resources (REG, STACK, LOCAL, shared), the PTX features used and, for GEMM-like
+    kernels, the token-offset products that are not 64-bit."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.compiler.compiler import make_backend
 
-    from increlora_fast.kernels import adamw, fused_linear, lowrank, score
+    from increlora_fast.kernels.utils import kernel_name
 
-    records = []
-    for mod in (lowrank, score, fused_linear, adamw):
-        mod.launch = lambda kernel, grid, *args, **kwargs: records.append((kernel, args, kwargs))
-    adamw.check_device = lambda *args, **kwargs: torch.device("cpu")
-    ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-           torch.float64: "*fp64", torch.uint8: "*u8"}
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    m, k, n = 256, 768, 3072
-    for dtype in [getattr(torch, name) for name in dtype_names]:
-        x = torch.randn(m, k, dtype=dtype)
-        dy = torch.randn(m, n, dtype=dtype)
-        for r in (16, 128):
-            a, b, lam = (torch.randn(r, k, dtype=dtype), torch.randn(n, r, dtype=dtype),
-                         torch.randn(r, dtype=dtype))
-            _, h = lowrank.lowrank_forward(x, a, b, lam, dtype, True)
-            lowrank.lowrank_backward(dy, x, a, b, lam, h, torch.zeros(()), torch.zeros(3, r),
-                                     torch.randn(m, k, dtype=dtype), True, True, True, True)
-            fused_linear.fused_linear_forward(x, torch.randn(n, k, dtype=dtype), None, False,
-                                              a, b, lam, dtype, True)
-        p = torch.randn(16, k, dtype=dtype)
-        adamw.masked_adamw_triton_(p, p.clone(), torch.zeros(16, k), torch.zeros(16, k),
-                                   torch.ones(16, dtype=torch.bool), torch.rand(16),
-                                   torch.ones(16), 0, 0.9, 0.999, 1e-8, 0.0)
-    seen, rows = set(), []
-    for kernel, args, kwargs in records:
-        consts = dict(kwargs)
-        num_warps = consts.pop("num_warps", 4)
-        sig = {}
-        for name, arg in zip(kernel.arg_names, args):
-            if isinstance(arg, torch.Tensor):
-                sig[name] = ptr[arg.dtype]
-            else:
-                sig[name] = "i1" if isinstance(arg, bool) else "i32" if isinstance(arg, int) \
-                    else "fp32"
-        sig.update({name: "constexpr" for name in consts})
-        key = repr((kernel.fn.__name__, sorted(sig.items()), sorted(map(str, consts.items()))))
-        if key in seen:
-            continue
-        seen.add(key)
-        compiled = triton.compile(ASTSource(kernel, sig, consts),
-                                  target=GPUTarget("cuda", arch, 32),
-                                  options={"num_warps": num_warps})
-        rows.append(dict(kernel=kernel.fn.__name__, shared=compiled.metadata.shared,
-                         num_warps=num_warps,
-                         blocks={c: v for c, v in consts.items() if c.startswith("BLOCK")},
-                         op=str(consts.get("OP", "")), **_resources(compiled.asm["cubin"], tool)))
+    seen, rows = {}, []
+    for tag, kernel, args, kwargs in record_launches(arch, dtype_names):
+        name = kernel_name(kernel)
+        variants = [dict(kwargs)]
+        if hasattr(kernel, "configs"):  # @triton.autotune: every config gets built
+            variants = [{**kwargs, **cfg.all_kwargs()} for cfg in kernel.configs]
+            kernel = kernel.fn
+        for kw in variants:
+            signature, constexprs, attrs, options, faithful = jit_specialisation(
+                kernel, backend, args, kw)
+            key = repr((name, sorted(signature.items()), sorted(constexprs.items()),
+                        sorted(attrs.items()), options.get("num_warps"),
+                        options.get("num_stages")))
+            if key in seen:
+                seen[key]["tags"].append(tag)
+                continue
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                      target=target, options=options)
+            consts = {kernel.arg_names[path[0]]: value for path, value in constexprs.items()}
+            row = dict(
+                kernel=name, arch=arch, tags=[tag], faithful=faithful,
+                num_warps=compiled.metadata.num_warps, num_stages=compiled.metadata.num_stages,
+                shared=compiled.metadata.shared,
+                consts={c: (str(v) if not isinstance(v, (bool, int)) else v)
+                        for c, v in consts.items() if c.isupper()},
+                specialised=sorted(c for c in consts if not c.isupper()),
+                aligned=sum(1 for a in attrs.values() if a),
+                ptx=_ptx_features(compiled.asm["ptx"]),
+                **_resources(compiled.asm["cubin"], tool))
+            if name in TOKEN_STRIDES:
+                row["narrow_offsets"] = narrow_token_offsets(compiled.asm["ttir"],
+                                                             TOKEN_STRIDES[name])
+            seen[key] = row
+            rows.append(row)
     return rows
 
 
-def test_bfloat16_kernels_compile_for_sm90_without_spills():
+# ------------------------------------------------------------------------------ pytest side
+def _toolchain():
     triton = pytest.importorskip("triton")
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     if not all(os.path.exists(os.path.join(bin_dir, tool)) for tool in ("ptxas", "cuobjdump")):
         pytest.skip("this triton has no bundled ptxas / cuobjdump")
+
+
+def _build(arch: int) -> list:
     env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    child = subprocess.run([sys.executable, __file__, "90", "bfloat16"], capture_output=True,
-                           text=True, env=env, timeout=600)
-    assert child.returncode == 0, child.stderr[-3000:]
-    rows = json.loads(child.stdout.strip().splitlines()[-1])
-    kernels = {row["kernel"] for row in rows}
-    assert kernels == {"_project_kernel", "_expand_kernel", "_reduce_rows_kernel",
-                       "_finalize_grad_kernel", "_delta_w_score_kernel",
-                       "_fused_linear_adapter_kernel", "_masked_adamw_kernel"}
+    child = subprocess.run([sys.executable, __file__, str(arch), "--json"], capture_output=True,
+                           text=True, env=env, timeout=900)
+    assert child.returncode == 0, f"sm_{arch}: {child.stderr[-3000:]}"
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def built() -> dict:
+    """{arch: rows}, each arch compiled in a child process, as many at once as there are CPUs
+    (at most two)."""
+    _toolchain()
+    with ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        return dict(zip(ARCHS, pool.map(_build, ARCHS)))
+
+
+def _rows_of(built: dict, arch: int, dtype_name: str) -> list:
+    return [row for row in built[arch] if any(t.split()[0] == dtype_name for t in row["tags"])]
+
+
+# Variants known not to fit, reported to the kernels' owner; strict, so a fix shows up as XPASS.
+_FP32_SPILLS = (
+    "float32 (IEEE, 255 registers): _dy_pass_kernel 64x64x16 (r16, 4 warps) spills 288-432 B "
+    "and 64x32x128 (r128, 8 warps) spills 920-1000 B (5.5 KB on sm_80) with 128 KB shared, over "
+    "the 99 KB of sm_86/sm_89; _expand_kernel 64x128x32 (r128, 8 warps) spills 296-376 B")
+KNOWN_FAILURES = {(arch, "fp32"): _FP32_SPILLS for arch in ARCHS}
+CASES = [pytest.param(arch, name, id=f"sm{arch}-{name}",
+                      marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(arch, name)])]
+                      if (arch, name) in KNOWN_FAILURES else [])
+         for arch in ARCHS for name in DTYPES_PER_ARCH[arch]]
+
+
+@pytest.mark.parametrize("arch, dtype_name", CASES)
+def test_jit_variants_compile_within_the_arch_limits(built, arch, dtype_name):
+    from triton.runtime import jit
+
+    rows = _rows_of(built, arch, dtype_name)
+    wide = DTYPES[dtype_name][0] == "float32"
+    fused = "_fused_linear_adapter_kernel" if wide else "_fused_linear_adapter_tuned_kernel"
+    assert {row["kernel"] for row in rows} == KERNELS - (
+        {"_fused_linear_adapter_kernel", "_fused_linear_adapter_tuned_kernel"} - {fused})
+    # The JIT's own specialisation was applied (by hand only where Triton lacks the binder):
+    # unit inner strides are constexprs, pointers and sizes are known to be 16-divisible.
+    binder = hasattr(jit, "create_function_from_signature")
+    assert all(row["faithful"] == binder for row in rows), \
+        "this Triton has the JIT's binder but specialising through it failed"
     for row in rows:
-        assert row["STACK"] == 0 and row["LOCAL"] == 0, row
-        assert row["shared"] <= MAX_SHARED, row
+        if row["kernel"] == "_project_kernel":
+            assert "stride_xk" in row["specialised"] and row["aligned"] >= 10, row
+    # The row-split paths with atomics and their deterministic twins were both built.
+    for name in ("_dy_pass_kernel", "_reduce_rows_kernel"):
+        atomic = {row["consts"]["USE_ATOMIC"] for row in rows if row["kernel"] == name}
+        assert atomic == {True, False}, (name, atomic)
+    if not wide:  # every autotune config of the fused GEMM; tensor cores in the GEMM-like ones
+        from increlora_fast.kernels.fused_linear import _configs
+        blocks = {(row["consts"]["BLOCK_M"], row["consts"]["BLOCK_N"], row["consts"]["BLOCK_K"])
+                  for row in rows if row["kernel"] == fused}
+        assert len(blocks) == len(_configs())
+        assert all("mma" in row["ptx"] for row in rows if row["kernel"] in TOKEN_STRIDES)
+    bad = [row for row in rows if row["STACK"] or row["LOCAL"] or row["REG"] > MAX_REGISTERS
+           or row["shared"] > MAX_SHARED[arch]]
+    assert not bad, f"sm_{arch} {dtype_name}: spills or over the limits " \
+                    f"(shared <= {MAX_SHARED[arch]}):\n" + markdown(bad)
+
+
+@pytest.mark.parametrize("kernel", [
+    pytest.param(name, marks=[pytest.mark.xfail(strict=True, reason=KNOWN_NARROW[name])]
+                 if name in KNOWN_NARROW else []) for name in sorted(TOKEN_STRIDES)])
+def test_token_offsets_are_64_bit(built, kernel):
+    """M x features may exceed 2**31 elements (150k tokens at 14,336 features): the row index
+    times a token-dimension stride must be a 64-bit product in every variant."""
+    rows = [row for row in built[90] if row["kernel"] == kernel]
+    assert rows
+    for row in rows:
+        assert row["narrow_offsets"] == {}, (kernel, row["consts"], row["narrow_offsets"])
+
+
+def test_narrow_offset_check_can_fail():
+    ttir = """
+    %rm = tt.make_range {end = 32 : i32, start = 0 : i32} : tensor<32xi32> loc(#loc1)
+    %a = tt.splat %stride_xm : i32 -> tensor<32xi32> loc(#loc2)
+    %b = arith.muli %rm, %a : tensor<32xi32> loc(#loc3)
+    %c = arith.extsi %stride_hm : i32 to i64 loc(#loc4)
+    %d = arith.muli %c, %c : i64 loc(#loc5)
+    """
+    assert narrow_token_offsets(ttir, ("stride_xm", "stride_hm")) == \
+        {"stride_xm": ["tensor<32xi32>"]}
+    assert narrow_token_offsets(ttir, ("stride_ym",)) == {"missing": ["stride_ym"]}
+
+
+def markdown(rows: list) -> str:
+    lines = ["| kernel | constexprs | warps/stages | REG | STACK | shared | PTX | dtypes |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in sorted(rows, key=lambda r: (r["kernel"], str(r["consts"]))):
+        consts = ", ".join(f"{k}={v}" for k, v in row["consts"].items()
+                           if k not in ("DOT", "ACC", "PRECISION", "R_ALL"))
+        dtypes = sorted({tag.split()[0] for tag in row["tags"]})
+        lines.append(f"| {row['kernel']} | {consts} | {row['num_warps']}/{row['num_stages']} | "
+                     f"{row['REG']} | {row['STACK']} | {row['shared']} | {row['ptx']} | "
+                     f"{','.join(dtypes)} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(json.dumps(compile_launches(int(sys.argv[1]), sys.argv[2].split(","))))
+    cli = [a for a in sys.argv[1:] if not a.startswith("--")]
+    arch_arg = int(cli[0])
+    names = tuple(cli[1].split(",")) if len(cli) > 1 else DTYPES_PER_ARCH[arch_arg]
+    built_rows = compile_launches(arch_arg, names)
+    print(json.dumps(built_rows) if "--json" in sys.argv else markdown(built_rows))

@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "bench": ("increlora_fast.cli.bench", "layer- and model-level speed and memory benchmarks"),
     "gpu-check": ("increlora_fast.cli.gpu_check",
                   "one-shot check of the GPU path: kernels, layer, model step, fine-tune"),
+    "memory": ("increlora_fast.cli.memory", "where the memory of a fine-tuning step goes, per "
+               "method (will it fit?)"),
 }
 
 

@@ -31,16 +31,18 @@ def _configs() -> list:
 
 
 @triton.jit
-def _fused_linear_body(
+def _fused_linear_adapter_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
     M, N, K, R, alpha, reserve,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
-    stride_ym, stride_yn,
+    stride_ym, stride_yn, M_BUCKET,
     HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr, R_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    """One (BLOCK_M, BLOCK_N) tile of y = x W^T + bias + (H * lam_eff) B^T; ``M_BUCKET`` (the
+    power of two above M) is only the autotune key."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
     tiles_n = tl.cdiv(N, BLOCK_N)
@@ -84,45 +86,11 @@ def _fused_linear_body(
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
-def _fused_linear_adapter_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
-    M, N, K, R, alpha, reserve,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr, R_ALL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """One (BLOCK_M, BLOCK_N) tile of y = x W^T + bias + (H * lam_eff) B^T (fixed blocks)."""
-    _fused_linear_body(x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
-                       M, N, K, R, alpha, reserve,
-                       stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
-                       stride_bn, stride_br, stride_ym, stride_yn,
-                       HAS_BIAS, SLOTS, R_ALL, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M,
-                       OP, DOT, ACC, PRECISION)
-
-
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "R"])
-@triton.jit
-def _fused_linear_adapter_tuned_kernel(
-    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
-    M, N, K, R, alpha, reserve,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
-    stride_ym, stride_yn,
-    HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr, R_ALL: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-    GROUP_M: tl.constexpr,
-    OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The same tile with autotuned block sizes (CUDA, 16-bit dtypes)."""
-    _fused_linear_body(x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
-                       M, N, K, R, alpha, reserve,
-                       stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr,
-                       stride_bn, stride_br, stride_ym, stride_yn,
-                       HAS_BIAS, SLOTS, R_ALL, BLOCK_M, BLOCK_N, BLOCK_K, BLOCK_R, GROUP_M,
-                       OP, DOT, ACC, PRECISION)
+# The same kernel with autotuned blocks (CUDA, 16-bit dtypes), tuned per power-of-two row bucket
+# rather than per exact M, so a new batch size reuses the tuning.
+_fused_linear_adapter_tuned = triton.autotune(configs=_configs(),
+                                              key=["M_BUCKET", "N", "K", "R"])(
+    _fused_linear_adapter_kernel)
 
 
 def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
@@ -139,7 +107,8 @@ def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
     args = (x, weight, bias if bias is not None else lam, h, lora_B, lam, state, y,
             M, N, K, R, slots.alpha, slots.reserve,
             x.stride(0), x.stride(1), stride_wn, stride_wk, h.stride(0), h.stride(1),
-            lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1))
+            lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+            triton.next_power_of_2(max(M, 1)))
     consts = dict(HAS_BIAS=bias is not None, **slots.consts(), BLOCK_R=16,
                   OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
     wide = x.dtype in (torch.float32, torch.float64)
@@ -155,5 +124,5 @@ def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        launch(_fused_linear_adapter_tuned_kernel, grid, *args, **consts)
+        launch(_fused_linear_adapter_tuned, grid, *args, **consts)
     return y

@@ -41,6 +41,9 @@ from .utils import (MAX_R_MAX, DotConfig, block, deterministic, is_interpreted, 
 
 ACTIVE = 2
 RESERVE = 1
+# Deterministic mode sums per-program partials of G_B in a fixed order; their total size is
+# capped here (fewer, longer programs beyond it).
+DET_PARTIAL_BYTES = 64 << 20
 
 
 @triton.jit
@@ -189,6 +192,9 @@ def _dy_pass_kernel(
                 t = tl.dot(dy.to(OP).to(DOT), b.to(OP).to(DOT), t,
                            input_precision=PRECISION, out_dtype=ACC)
                 tl.store(t_ptrs, t, mask=t_ok)
+                # The next column block reloads this tile: make the stores visible to every
+                # thread of the program, whatever layouts the compiler picks for load and store.
+                tl.debug_barrier()
             if NEED_GB:
                 h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
                             mask=m_ok[:, None] & r_ok[None, :], other=0.0)
@@ -335,7 +341,11 @@ def expand_(s: torch.Tensor, slots: Slots, w: torch.Tensor, out: torch.Tensor, c
     M, R = s.shape
     N = w.shape[1]
     small = is_interpreted(_expand_kernel)
-    bm, bn, br = (16, 16, 16) if small else (64, 128, block(R, 32))
+    if small:
+        bm, bn, br = 16, 16, 16
+    else:
+        wide = cfg.op in (tl.float32, tl.float64)  # IEEE dots on FMA: no spills at r_max 128
+        bm, bn, br = 64, 64 if wide else 128, block(R, 32)
     lam, state = slots.args()
     launch(_expand_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
            s, lam, state, w, out, M, N, R, slots.alpha, slots.reserve,
@@ -354,14 +364,22 @@ def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, slots: Slot
     br = block(R, MAX_R_MAX)
     if R > MAX_R_MAX:
         raise ValueError(f"the Triton adapter kernels support r_max <= {MAX_R_MAX}, got {R}")
-    bm, bn = (16, 16) if small else (64 if M >= 8192 else 32, 64 if br <= 32 else 32)
+    if small:
+        bm, bn = 16, 16
+    elif cfg.op in (tl.float32, tl.float64):  # IEEE dots on FMA: smaller tiles, no spills
+        bm, bn = (32, 32) if br <= 32 else (16, 16)
+    else:
+        bm, bn = (64 if M >= 8192 else 32, 64 if br <= 32 else 32)
     m_blocks = triton.cdiv(M, bm)
     progs = max(1, min(m_blocks, 4 * multiprocessor_count(dy.device)))
+    det = deterministic()
+    if det and need_gb:  # per-program partials of G_B: keep them under DET_PARTIAL_BYTES
+        progs = max(1, min(progs, DET_PARTIAL_BYTES // (N * R * 4)))
     rows_per_prog = triton.cdiv(m_blocks, progs) * bm
     progs = triton.cdiv(M, rows_per_prog) if M else 0
     acc = cfg.acc_torch
     t = torch.empty((M, R), dtype=acc, device=dy.device) if need_t else None
-    use_atomic = not deterministic() and progs > 1
+    use_atomic = not det and progs > 1
     gb = None
     if need_gb:
         gb = (torch.zeros((N, R), dtype=acc, device=dy.device) if use_atomic or progs == 0
@@ -377,7 +395,7 @@ def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, slots: Slot
            h.stride(0), h.stride(1), t_arg.stride(0), t_arg.stride(1), *g_strides,
            SLOTS=slots.state is not None, NEED_ALL=need_all, NEED_T=need_t, NEED_GB=need_gb,
            USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, **_dot(cfg),
-           num_warps=8 if br >= 64 else 4)
+           num_warps=8 if br >= 64 and bm * bn >= 1024 else 4)
     if gb is not None and gb.dim() == 3:
         gb = gb[0] if progs == 1 else gb.sum(0)
     return t, gb

@@ -23,6 +23,7 @@ from .settings import RunSettings, resolve
 
 METRICS_FILE = "metrics.json"
 HEATMAP_FILE = "rank_heatmap.png"
+RANK_OVER_TIME_FILE = "rank_over_time.png"
 ALLOCATION_LOG_FILE = "allocation_log.jsonl"
 CHECKPOINT_PREFIX = "checkpoint-"
 
@@ -100,8 +101,8 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings,
 
 
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
-    """Adapter (or model), metrics.json, and for rank-allocating methods the heatmap and the
-    allocation log."""
+    """Adapter (or model), metrics.json, and for rank-allocating methods the heatmap; for
+    IncreLoRA also the allocation log and each module's rank against the step."""
     run.save_artifacts(out)
     pattern = run.rank_pattern()
     if run.name in ("increlora", "adalora") and pattern:
@@ -116,6 +117,9 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     if run.name == "increlora":
         lines = [json.dumps(entry, sort_keys=True) for entry in run.allocation_log()]
         (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
+        from ..visualize import save_rank_over_time
+        save_rank_over_time({name: run.config.init_r for name in pattern}, run.allocation_log(),
+                            out / RANK_OVER_TIME_FILE, last_step=metrics.get("steps"))
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
 
@@ -159,7 +163,8 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         "method": s.method, "task": data.name, "model": s.model, "seed": s.seed,
         "train_examples": len(data.train), "label_names": data.label_names,
         "steps": state.step, "epochs": round(state.step / batches.steps_per_epoch, 3),
-        "train_loss": sum(tail) / len(tail), "train_seconds": round(state.train_seconds, 1),
+        "train_loss": sum(tail) / len(tail), "train_losses": [round(v, 6) for v in state.losses],
+        "train_seconds": round(state.train_seconds, 1),
         "eval_seconds": round(time.perf_counter() - t_eval, 1),
         "trainable_params_active": counts["active"], "trainable_params_padded": counts["padded"],
         "total_rank": run.total_rank(), "rank_pattern": run.rank_pattern(),
