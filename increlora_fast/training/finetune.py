@@ -100,26 +100,37 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings,
     return on_step_end
 
 
+def _matplotlib_available(missing: str) -> bool:
+    """Whether the plots can be drawn; warns, naming what is not drawn, when they cannot (a
+    bare CUDA image may lack matplotlib)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        warnings.warn(f"matplotlib is not installed, so {missing} not drawn (the numbers are in "
+                      "metrics.json and the allocation log); `pip install matplotlib` for it")
+        return False
+    return True
+
+
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, and for rank-allocating methods the heatmap; for
     IncreLoRA also the allocation log and each module's rank against the step."""
     run.save_artifacts(out)
     pattern = run.rank_pattern()
-    if run.name in ("increlora", "adalora") and pattern:
-        try:
-            import matplotlib  # noqa: F401  (optional: a bare CUDA image may lack it)
-        except ImportError:
-            warnings.warn(f"matplotlib is not installed, so no {HEATMAP_FILE} is drawn (the rank "
-                          "pattern is in metrics.json); `pip install matplotlib` for it")
-        else:
-            from ..visualize import save_rank_heatmap
-            save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern")
+    plots = run.name in ("increlora", "adalora") and bool(pattern) and _matplotlib_available(
+        f"{HEATMAP_FILE}" + (f" and {RANK_OVER_TIME_FILE} are" if run.name == "increlora"
+                             else " is"))
+    if plots:
+        from ..visualize import save_rank_heatmap
+        save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern")
     if run.name == "increlora":
         lines = [json.dumps(entry, sort_keys=True) for entry in run.allocation_log()]
         (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
-        from ..visualize import save_rank_over_time
-        save_rank_over_time({name: run.config.init_r for name in pattern}, run.allocation_log(),
-                            out / RANK_OVER_TIME_FILE, last_step=metrics.get("steps"))
+        if plots:
+            from ..visualize import save_rank_over_time
+            save_rank_over_time({name: run.config.init_r for name in pattern},
+                                run.allocation_log(), out / RANK_OVER_TIME_FILE,
+                                last_step=metrics.get("steps"))
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
 
