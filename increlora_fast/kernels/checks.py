@@ -168,7 +168,7 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
     and 128, M up to 32k unless ``quick``, and a tensor on a non-current device when there are
     two GPUs. One record per problem (see `check_problem`)."""
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
-    shapes = [(37, 24, 40), (129, 77, 51)] if quick else \
+    shapes = [(37, 24, 40)] if quick else \
         [(37, 24, 40), (1000, 769, 3071), (32768, 768, 3072), (4099, 4096, 1100)]
     records = []
     for dtype in dtypes:
