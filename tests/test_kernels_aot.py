@@ -314,7 +314,12 @@ def _rows_of(built: dict, arch: int, dtype_name: str) -> list:
 
 
 # Variants known not to fit, reported to the kernels' owner; strict, so a fix shows up as XPASS.
-KNOWN_FAILURES: dict = {}
+_SMALL_FRAMES = (
+    "a stack frame of 8-16 B at 64-128 registers (not register pressure): sm_90/80 float32 "
+    "_expand_kernel 64x64 (ACCUMULATE=False, the dropout path's dx), sm_80 AMP _dy_pass_kernel "
+    "64x64x16 deterministic; left for a GPU session to profile")
+KNOWN_FAILURES = {(90, "fp32"): _SMALL_FRAMES, (80, "amp"): _SMALL_FRAMES,
+                  (80, "fp32"): _SMALL_FRAMES}
 CASES = [pytest.param(arch, name, id=f"sm{arch}-{name}",
                       marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(arch, name)])]
                       if (arch, name) in KNOWN_FAILURES else [])
