@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
+from ..persistence import atomic_write_bytes
 from .settings import RunSettings
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -105,8 +106,9 @@ class MethodRun:
 
     def save_state(self, ckpt_dir: Path) -> dict:
         """Write the trainable weights into ``ckpt_dir``; return the rest of the method's state."""
-        save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
-                   if p.requires_grad}, str(ckpt_dir / TRAINABLE_FILE))
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                   if p.requires_grad}
+        atomic_write_bytes(ckpt_dir / TRAINABLE_FILE, safetensors_bytes(tensors))
         return {"scheduler": self.scheduler.state_dict()}
 
     def load_state(self, ckpt_dir: Path, state: dict) -> None:

@@ -68,6 +68,11 @@ class RunSettings:
     adalora_tinit: Optional[int] = None
     adalora_tfinal: Optional[int] = None
     adalora_delta_t: Optional[int] = None
+    # The data's identity, filled in by `finetune.with_data_identity`: sha256 of each data file
+    # (train_file and eval_file are then absolute paths), so a resume or a reused comparison run
+    # notices changed data.
+    train_file_sha256: Optional[str] = None
+    eval_file_sha256: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,8 +108,9 @@ def validate(s: RunSettings) -> None:
     _check(s.grad_clip > 0, "--grad-clip", s.grad_clip, "use a number > 0")
     _check(bool(s.target_modules), "--target-modules", s.target_modules,
            "name at least one module suffix")
-    _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
-           f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
+    if s.method == "adalora":
+        _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
+               f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
 
 
 def resolve(s: RunSettings, train_size: int) -> RunSettings:
