@@ -74,6 +74,9 @@ class IncreLoRAConfig:
             ranks) instead of summing per-pass scores; costs one dense (out, in) float32 buffer
             per module while allocating. ``None``: on exactly when torch.distributed runs with
             more than one process.
+        seed: seed of the controller's own random generator, from which fresh reserve slots are
+            drawn; saved in the controller's state_dict, so a resume is exact without the global
+            RNG and data-parallel ranks draw identical reserves.
     """
 
     target_modules: Optional[Union[List[str], str]] = None
@@ -97,6 +100,7 @@ class IncreLoRAConfig:
     modules_to_save: Optional[List[str]] = None
     score: str = "delta_w"
     exact_step_score: Optional[bool] = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -159,6 +163,8 @@ class IncreLoRAConfig:
             _fail("exact_step_score", self.exact_step_score, "None, True or False")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
+        if not _is_int(self.seed) or self.seed < 0:
+            _fail("seed", self.seed, "an integer >= 0")
 
     def total_budget(self, num_modules: int) -> int:
         """Total active rank the allocation must reach for ``num_modules`` adapted modules.

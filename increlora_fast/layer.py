@@ -151,12 +151,22 @@ class IncreLoRALinear(nn.Module):
         return int(idx.numel())
 
     @torch.no_grad()
-    def add_reserve(self, n: int, step: int) -> int:
-        """Append up to ``n`` fresh reserve slots after the used ones; returns how many fit."""
+    def add_reserve(self, n: int, step: int, generator: Optional[torch.Generator] = None) -> int:
+        """Append up to ``n`` fresh reserve slots after the used ones; returns how many fit.
+
+        Their A rows and B columns are drawn from ``generator`` (on its device, then moved) when
+        given, from the global RNG otherwise."""
         start = self.used_rank
         idx = torch.arange(start, min(start + n, self.r_max), device=self.slot_state.device)
-        self.lora_A[idx] = torch.randn_like(self.lora_A[idx]) * INIT_STD
-        self.lora_B[:, idx] = torch.randn_like(self.lora_B[:, idx]) * INIT_STD
+        if generator is None:
+            fresh_a = torch.randn_like(self.lora_A[idx])
+            fresh_b = torch.randn_like(self.lora_B[:, idx])
+        else:
+            draw = dict(generator=generator, device=generator.device, dtype=torch.float32)
+            fresh_a = torch.randn((idx.numel(), self.in_features), **draw).to(self.lora_A)
+            fresh_b = torch.randn((self.out_features, idx.numel()), **draw).to(self.lora_B)
+        self.lora_A[idx] = fresh_a * INIT_STD
+        self.lora_B[:, idx] = fresh_b * INIT_STD
         self.lora_lambda[idx] = self.reserve_value()
         self.slot_state[idx] = SlotState.RESERVE
         self.slot_alloc_step[idx] = step

@@ -67,9 +67,14 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     Every other parameter is frozen except those of ``config.modules_to_save``. The config is
     attached to the model as ``model.increlora_config``. Returns the model.
 
+    Everything is checked before the model is changed, and a failure while wrapping undoes
+    what was done: a call that raises leaves the model exactly as it was.
+
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
-            names), the model is already injected, or the rank budget does not fit the modules.
+            names), the model is already injected, the rank budget does not fit the modules,
+            or a target's weights are still on the meta device.
+        TypeError: a target is neither a linear layer nor contains one.
     """
     if getattr(model, CONFIG_ATTR, None) is not None or any(
             isinstance(m, IncreLoRALinear) for m in model.modules()):
@@ -87,17 +92,35 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             raise ValueError(f"modules_to_save entry {key!r} matches no module name; "
                              f"similar names: {_similar_names(key, names)}")
         save_roots.extend(found)
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in targets:
-        base = model.get_submodule(name)
-        _set_submodule(model, name, IncreLoRALinear(
+        for pname, p in model.get_submodule(name).named_parameters():
+            if p.is_meta:
+                raise ValueError(f"target module {name!r} has its {pname} on the meta device: "
+                                 "load the base weights first (e.g. to_empty() then "
+                                 "load_state_dict(), or from_pretrained), then inject; the "
+                                 "adapter's slot bookkeeping needs real tensors")
+    # Nothing has changed yet; build every layer first, and undo everything if one fails.
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    originals = {name: model.get_submodule(name) for name in targets}
+    try:
+        wrapped = {name: IncreLoRALinear(
             base, r_max=config.r_max, init_r=config.init_r, reserve_rank=config.incre_rank_num,
             lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            reserve_lambda=config.reserve_lambda, advance_learning=config.advance_learning))
-    for root in save_roots:
-        for p in model.get_submodule(root).parameters():
-            p.requires_grad_(True)
+            reserve_lambda=config.reserve_lambda, advance_learning=config.advance_learning)
+            for name, base in originals.items()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, layer in wrapped.items():
+            _set_submodule(model, name, layer)
+        for root in save_roots:
+            for p in model.get_submodule(root).parameters():
+                p.requires_grad_(True)
+    except BaseException:
+        for name, base in originals.items():
+            _set_submodule(model, name, base)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
     setattr(model, CONFIG_ATTR, config)
     return model
 

@@ -26,7 +26,7 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
         init_warmup=s.init_warmup, incre_interval=s.incre_interval, top_h=1,
         advance_learning=s.advance_learning,
         orth_reg_weight=s.orth_reg_weight, warmup_steps=s.warmup_steps, total_step=s.max_steps,
-        modules_to_save=list(s.modules_to_save) or None)
+        modules_to_save=list(s.modules_to_save) or None, seed=s.seed)
     n_targets = sum(1 for name, m in model.named_modules()
                     if is_supported_base(m) and matches_suffix(name, base.target_modules))
     return dataclasses.replace(base, top_h=default_top_h(s, n_targets, base.incre_rank_num))
