@@ -33,8 +33,20 @@ class SlotState(enum.IntEnum):
     ACTIVE = 2
 
 
+def is_quantized_base(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (nn.Linear subclasses whose ``weight``
+    holds quantized data): only ``module(x)`` computes with it."""
+    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
+
+
 def is_supported_base(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    """nn.Linear (bitsandbytes 4-bit and 8-bit linears included) or transformers Conv1D.
+
+    A subclass with its own ``forward`` (e.g. a router returning a tuple) is not a plain linear
+    map, so the adapter could not be added to its output: it is not supported."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward or is_quantized_base(module)
+    return Conv1D is not None and isinstance(module, Conv1D)
 
 
 class IncreLoRALinear(nn.Module):
@@ -70,11 +82,12 @@ class IncreLoRALinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        self.is_quantized = is_quantized_base(base_layer)
         weight = base_layer.weight
         if self.is_conv1d:
             self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
+        else:  # a quantized weight is packed: only the layer knows its feature sizes
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         self.r_max = r_max
         self.lora_alpha = float(lora_alpha)
         self.reserve_lambda = float(reserve_lambda)
@@ -106,6 +119,19 @@ class IncreLoRALinear(nn.Module):
             self.slot_alloc_step[:init_r] = 0
             self.slot_active_step[:init_r] = 0
         self.add_reserve(reserve_rank, step=0)
+
+    # ------------------------------------------------------------------ drop-in attributes
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight itself (not a copy), for code that reads the attributes of
+        the layer this one replaced (its dtype, device, shape). It does not include the
+        adapter: code that computes with it directly bypasses the adapter."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias itself (None when it has none)."""
+        return self.base_layer.bias
 
     # ------------------------------------------------------------------ slot bookkeeping
     @property
@@ -230,8 +256,8 @@ class IncreLoRALinear(nn.Module):
     def _fused_linear_ok(self, x: torch.Tensor) -> bool:
         """Whether forward runs base and adapter in one Triton GEMM (`fused_linear_applies`);
         the dense per-step G of ``exact_step_score`` is left to the unfused path."""
-        if self.merged or not self.adapter_enabled or (self.score_enabled
-                                                       and self.exact_step_score):
+        if self.merged or not self.adapter_enabled or self.is_quantized or (
+                self.score_enabled and self.exact_step_score):
             return False
         base = self.base_layer
         return fused_linear_applies(
@@ -273,9 +299,16 @@ class IncreLoRALinear(nn.Module):
         """Fold the adapter into the base weight; forward then skips the adapter."""
         if self.merged:
             raise RuntimeError("IncreLoRALinear is already merged")
+        self._refuse_quantized_merge()
         w = self.base_layer.weight
         w.add_(self._base_weight_delta().to(w.dtype))
         self.merged = True
+
+    def _refuse_quantized_merge(self) -> None:
+        if self.is_quantized:
+            raise RuntimeError(f"cannot merge into a quantized {type(self.base_layer).__name__} "
+                               "base: its weight holds quantized data; keep the adapter "
+                               "unmerged, or load the base in full precision to merge")
 
     @torch.no_grad()
     def unmerge(self) -> None:
