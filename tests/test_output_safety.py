@@ -190,3 +190,16 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_leaves_no_tmp(tiny, tmp_pat
     line = _one_error_line(capsys)
     assert "no space left on the device" in line and "checkpoint-" in line
     assert not list(out.glob("*.tmp")) and not list(out.rglob(".*.tmp"))
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    from increlora_fast.persistence import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644

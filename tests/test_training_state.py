@@ -120,8 +120,16 @@ def test_changed_data_is_refused_on_resume(run, tmp_path, capsys):
 
 
 def test_resume_from_another_working_directory(run, tmp_path, capsys, monkeypatch):
+    """The run was started with a relative data path; it resumes from elsewhere."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(run["train"], work / "data" / "good.csv")
+    monkeypatch.chdir(work)
+    assert cli(["--model", run["model"], "--train-file", "data/good.csv", "--batch-size", "8",
+                "--max-seq-len", "16", "--output-dir", "out", "--no-progress", "--max-steps",
+                "4", "--save-steps", "2"]) == 0
     monkeypatch.chdir(tmp_path)
-    code, err = _resume(run["ckpt"].resolve(), tmp_path, capsys)
+    code, err = _resume(work / "out" / "checkpoint-2", tmp_path, capsys)
     assert code == 0 and not err
 
 

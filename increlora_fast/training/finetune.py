@@ -19,7 +19,8 @@ from ..data.assets import PACKAGED_MODELS
 from .batches import Batches
 from .checkpoint import load_checkpoint, read_checkpoint_settings, save_checkpoint
 from .loop import LoopState, evaluate, train_loop
-from .methods import MethodRun, build_method
+from .methods import MethodRun
+from .registry import build_method
 from .outputs import CHECKPOINT_PREFIX, prepare_output_dir, remove_stale_outputs
 from .settings import RunSettings, resolve
 

@@ -118,20 +118,12 @@ class MethodRun:
         if set(tensors) != set(params):
             raise ValueError(f"checkpoint {ckpt_dir} holds other trainable tensors than this run "
                              f"({len(tensors)} vs {len(params)})")
+        wrong = [n for n, p in params.items() if tensors[n].shape != p.shape]
+        if wrong:
+            raise ValueError(f"checkpoint {ckpt_dir}: {wrong[0]} has shape "
+                             f"{tuple(tensors[wrong[0]].shape)}, this run needs "
+                             f"{tuple(params[wrong[0]].shape)}")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[n])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_method(model: nn.Module, settings: RunSettings) -> MethodRun:
-    """Wrap a freshly loaded classification model for ``settings.method``."""
-    if settings.method == "increlora":
-        from .increlora_method import IncreLoRARun
-        return IncreLoRARun(model, settings)
-    if settings.method in ("lora", "adalora"):
-        from .peft_methods import AdaLoRARun, LoRARun
-        return (LoRARun if settings.method == "lora" else AdaLoRARun)(model, settings)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return MethodRun(model, settings)
