@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -12,6 +13,15 @@ from .examples import Example, TaskData, fixed_split, label_names_for, to_label_
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = (".jsonl", ".json")
 MAX_AUTO_DEV = 1000
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the identity of a data file or a checkpoint part)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_rows(path: Path) -> List[Dict[str, object]]:

@@ -24,6 +24,7 @@ from typing import Dict
 import numpy as np
 import torch
 
+from ..data.files import file_sha256
 from ..persistence import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
@@ -54,14 +55,6 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _torch_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
@@ -89,7 +82,7 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                                 "train_seconds": state.train_seconds, "method": run.name,
                                 "optimizer": run.optimizer.state_dict(),
                                 "method_state": method_state, "rng": _rng_state()})
-        files = {p.name: _sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         envelope = {"format": STATE_FORMAT, "version": STATE_VERSION,
                     "sha256": hashlib.sha256(payload).hexdigest(), "files": files,
                     "payload": payload}
@@ -129,7 +122,7 @@ def _verified_envelope(directory: Path) -> Dict:
         part = directory / name
         if not part.is_file():
             raise ValueError(f"checkpoint {directory} is missing {name}")
-        if _sha256_file(part) != digest:
+        if file_sha256(part) != digest:
             raise ValueError(f"{part} is corrupted: it does not match the checksum in "
                              f"{STATE_FILE}")
     return envelope

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -16,6 +16,7 @@ import torch
 
 from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS
+from ..data.files import file_sha256
 from .batches import Batches
 from .checkpoint import load_checkpoint, read_checkpoint_settings, save_checkpoint
 from .loop import LoopState, evaluate, train_loop
@@ -34,14 +35,6 @@ DATA_FILE_KEYS = (("train_file", "train_file_sha256", "--train-file"),
 
 class TrainingDivergedError(FloatingPointError):
     """The run produced non-finite parameters or a non-finite evaluation loss."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def with_data_identity(s: RunSettings) -> RunSettings:
@@ -171,7 +164,10 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
             save_checkpoint(out / name, run, s, state)
             for old in [w for w in written if w != name]:
                 if (out / old).is_dir():
-                    shutil.rmtree(out / old)
+                    # renamed first: an interrupted delete leaves no half checkpoint-<step>
+                    doomed = out / f".{old}.deleting"
+                    os.replace(out / old, doomed)
+                    shutil.rmtree(doomed)
                 written.remove(old)
             if name not in written:
                 written.append(name)
