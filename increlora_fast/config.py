@@ -24,6 +24,7 @@ DEFAULT_TARGET_MODULES = (
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 
 SCORE_KINDS = ("delta_w", "triplet")
+ADAPTER_DTYPES = ("auto", "float32", "base")
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -74,6 +75,9 @@ class IncreLoRAConfig:
             ranks) instead of summing per-pass scores; costs one dense (out, in) float32 buffer
             per module while allocating. ``None``: on exactly when torch.distributed runs with
             more than one process.
+        adapter_dtype: dtype of the adapter tensors and so of their optimizer moments:
+            ``"auto"`` (float32 on bfloat16/float16 and quantized bases, the base dtype
+            otherwise, as peft does), ``"float32"``, or ``"base"`` (the base weight's dtype).
         seed: seed of the controller's own random generator, from which fresh reserve slots are
             drawn; saved in the controller's state_dict, so a resume is exact without the global
             RNG and data-parallel ranks draw identical reserves.
@@ -100,6 +104,7 @@ class IncreLoRAConfig:
     modules_to_save: Optional[List[str]] = None
     score: str = "delta_w"
     exact_step_score: Optional[bool] = None
+    adapter_dtype: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -163,6 +168,8 @@ class IncreLoRAConfig:
             _fail("exact_step_score", self.exact_step_score, "None, True or False")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
+        if self.adapter_dtype not in ADAPTER_DTYPES:
+            _fail("adapter_dtype", self.adapter_dtype, f"one of {ADAPTER_DTYPES}")
         if not _is_int(self.seed) or self.seed < 0:
             _fail("seed", self.seed, "an integer >= 0")
 

@@ -1,25 +1,50 @@
-"""The adapter computation on plain tensors, and the choice of backend.
+"""The one call an `IncreLoRALinear` makes, `adapted_linear`, and the choice of path behind it.
 
-`adapter_delta` is what `IncreLoRALinear` calls: it returns ``x @ A.T @ diag(lam) @ B.T`` for a
-2-D ``x`` and, when a score accumulator is given, adds the exact module score
-``sum(|dW * G|) / sqrt(out * in)`` of this backward pass into it (``dW = B diag(lam) A``,
-``G = dL/d(dW) = dy.T @ x``). ``lam`` already carries the slot mask and the ``alpha / ranknum``
-scale, so inactive slots (lam == 0) receive exactly zero gradient in A and B.
+Paths:
 
-The PyTorch path below is the reference every kernel is tested against.
+- ``torch``: `reference.adapted_linear_torch` (the CPU default and the reference of every
+  kernel test).
+- ``triton``: `kernels.linear.adapted_linear_triton`, one autograd op: cuBLAS base GEMM with the
+  adapter accumulated into its output in place (the CUDA default).
+- ``fused``: the same op with the base and the adapter in one Triton GEMM
+  (``INCRELORA_FUSED_LINEAR=1``; opt-in until a GPU benchmark shows it beats cuBLAS).
+
+``INCRELORA_BACKEND=torch|triton`` overrides the default choice (triton on CUDA, torch
+elsewhere) and is read at every call. The first time a Triton variant runs on a device it is
+checked once against the torch path on a small problem (`kernels.checks.check_variant`); on an
+exception or a mismatch one warning names the GPU and the versions, and that variant takes the
+torch path from then on. ``INCRELORA_KERNEL_CHECK=0`` turns the check off.
 """
 from __future__ import annotations
 
-import math
 import os
-from typing import Optional
+import warnings
+from typing import Callable, Dict, Optional
 
 import torch
 
+from .reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_score_dense,
+                        effective_lambda)
+
+__all__ = ["adapted_linear", "adapted_linear_torch", "effective_lambda", "delta_w_score_dense",
+           "accumulate_dense_grad_", "select_backend", "triton_available", "choose_path"]
+
 BACKEND_ENV = "INCRELORA_BACKEND"
 BACKENDS = ("torch", "triton")
-# "1" makes IncreLoRALinear run the base layer and the adapter in one Triton GEMM where it can.
 FUSED_LINEAR_ENV = "INCRELORA_FUSED_LINEAR"
+KERNEL_CHECK_ENV = "INCRELORA_KERNEL_CHECK"
+# The kernels handle r_max up to this many slots; larger buffers take the torch path.
+TRITON_MAX_R = 128
+
+_VARIANT_OK: Dict[tuple, bool] = {}
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def select_backend(x: torch.Tensor) -> str:
@@ -32,91 +57,115 @@ def select_backend(x: torch.Tensor) -> str:
     return "triton" if x.is_cuda and triton_available() else "torch"
 
 
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _variant(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
+             weight_in_out: bool, has_bias: bool, fused: bool, dropout: bool) -> tuple:
+    from .kernels.utils import compute_dtype
+    r = lora_A.shape[0]
+    bucket = next(b for b in (16, 32, 64, 128) if r <= b)
+    return (str(x.device), compute_dtype(x.device, x), lora_A.dtype,
+            None if weight is None else weight.dtype, weight_in_out, has_bias, fused, dropout,
+            bucket)
 
 
-def delta_w_score_dense(dw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum(|dW * (dy.T @ x)|) / sqrt(out * in) computed densely in float32 or wider."""
-    acc = torch.promote_types(dw.dtype, torch.float32)
-    grad = dy.to(acc).t() @ x.to(acc)
-    return (dw.to(acc) * grad).abs().sum() / math.sqrt(dw.numel())
+def _variant_ok(key: tuple) -> bool:
+    """Whether the Triton variant ``key`` passed its first-use check on its device."""
+    if key in _VARIANT_OK:
+        return _VARIANT_OK[key]
+    if os.environ.get(KERNEL_CHECK_ENV, "").strip() == "0" or torch.compiler.is_compiling():
+        return True
+    device = torch.device(key[0])
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return True
+    from .kernels.checks import check_variant
+    ok, detail = check_variant(device, *key[1:])
+    _VARIANT_OK[key] = ok
+    if not ok:
+        warnings.warn(_report(device, key, detail), RuntimeWarning, stacklevel=3)
+    return ok
 
 
-def adapter_delta_torch(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                        lam: torch.Tensor, score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Reference path: two skinny GEMMs, and the dense score in a gradient hook when asked."""
-    out = ((x @ lora_A.t()) * lam) @ lora_B.t()
-    if score_out is not None and out.requires_grad:
-        x_saved = x.detach()
-        a, b, l = lora_A.detach(), lora_B.detach(), lam.detach()
-
-        def accumulate_score(dy: torch.Tensor) -> None:
-            with torch.no_grad():
-                score_out.add_(delta_w_score_dense((b * l) @ a, dy, x_saved).to(score_out.dtype))
-
-        out.register_hook(accumulate_score)
-    return out
+def _report(device: torch.device, key: tuple, detail: str) -> str:
+    import triton
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    return (f"increlora_fast: the Triton kernels failed their first-use check on {name} "
+            f"(torch {torch.__version__}, triton {triton.__version__}, variant {key[1:]}): "
+            f"{detail}. This variant now runs on the torch path (slower, correct). Please report "
+            f"it with this message at the project's issue tracker; set {KERNEL_CHECK_ENV}=0 to "
+            f"skip the check.")
 
 
-def accumulate_weight_grad(out: torch.Tensor, x: torch.Tensor, grad_out: torch.Tensor) -> None:
-    """Add G = dL/d(dW) = dy.T @ x of the coming backward pass into ``grad_out`` (out, in)."""
-    if not out.requires_grad:
-        return
-    x_saved = x.detach()
-
-    def hook(dy: torch.Tensor) -> None:
-        with torch.no_grad():
-            grad_out.addmm_(dy.t().to(grad_out.dtype), x_saved.to(grad_out.dtype))
-
-    out.register_hook(hook)
+def reset_kernel_checks() -> None:
+    """Forget the first-use check results (tests; after changing GPUs or versions)."""
+    _VARIANT_OK.clear()
 
 
-def adapter_delta(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, lam: torch.Tensor,
-                  score_out: Optional[torch.Tensor] = None,
-                  grad_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Low-rank adapter output for a 2-D input on the selected backend.
+def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
+                weight_in_out: bool, has_bias: bool, dropout: bool,
+                exact_step: bool) -> str:
+    """``"torch"``, ``"triton"`` or ``"fused"`` for one call (see the module docstring)."""
+    if select_backend(x) != "triton" or lora_A.shape[0] > TRITON_MAX_R:
+        return "torch"
+    fused = (weight is not None and not dropout and not exact_step
+             and os.environ.get(FUSED_LINEAR_ENV, "").strip() == "1")
+    key = _variant(x, weight, lora_A, weight_in_out, has_bias, fused, dropout)
+    if not _variant_ok(key):
+        return "torch"
+    return "fused" if fused else "triton"
 
-    ``score_out`` (0-d) receives the fused per-pass score; ``grad_out`` (out, in) receives the
-    dense G of every pass instead, for scores of a whole accumulated, synchronised step.
+
+def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
+                   base_bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, lora_lambda: torch.Tensor,
+                   slot_state: Optional[torch.Tensor], lora_alpha: float,
+                   reserve_value: float, *, weight_in_out: bool = False,
+                   base_forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   dropout: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   score_out: Optional[torch.Tensor] = None,
+                   grad_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Base plus adapter for x of any leading shape, on the path `choose_path` picks.
+
+    Args:
+        x: (..., in).
+        base_weight, base_bias: the frozen base linear, (out, in) or with ``weight_in_out``
+            (in, out) like transformers Conv1D; ignored when ``base_forward`` is given.
+        base_forward: computes the base output itself (quantized or other bases); the adapter
+            is then added out of place on the torch or Triton adapter path.
+        lora_A, lora_B, lora_lambda, slot_state, lora_alpha, reserve_value: the slot buffers
+            and how lambda becomes effective (`reference.effective_lambda`).
+        dropout: applied to the adapter's input only (None or inactive: the adapter reads x).
+        score_out: 0-d float32 accumulator of the exact per-pass module score.
+        grad_out: (out, in) float32 accumulator of ``dy^T x`` (exact-step score mode).
     """
-    if select_backend(x) == "triton":
-        from .kernels.lowrank import lowrank_adapter
-        out = lowrank_adapter(x, lora_A, lora_B, lam, score_out)
+    in_features = lora_A.shape[1]
+    x_adapter = dropout(x) if dropout is not None else None
+    weight = None if base_forward is not None else base_weight
+    path = choose_path(x, weight, lora_A, weight_in_out, base_bias is not None,
+                       x_adapter is not None, grad_out is not None)
+    if path == "torch":
+        return adapted_linear_torch(x, base_weight, base_bias, lora_A, lora_B, lora_lambda,
+                                    slot_state, lora_alpha, reserve_value,
+                                    weight_in_out=weight_in_out, base_forward=base_forward,
+                                    x_adapter=x_adapter, score_out=score_out, grad_out=grad_out)
+    from .kernels.linear import adapted_linear_triton
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
+    if base_forward is not None:
+        y = base_forward(x).reshape(x2.shape[0], -1)
+        delta = adapted_linear_triton(x2 if xa2 is None else xa2, None, None, lora_A, lora_B,
+                                      lora_lambda, slot_state, lora_alpha, reserve_value,
+                                      score_out=score_out, grad_out=grad_out)
+        out = y + delta.to(y.dtype)
     else:
-        out = adapter_delta_torch(x, lora_A, lora_B, lam, score_out)
-    if grad_out is not None:
-        accumulate_weight_grad(out, x, grad_out)
-    return out
+        out = adapted_linear_triton(x2, weight, base_bias, lora_A, lora_B, lora_lambda,
+                                    slot_state, lora_alpha, reserve_value,
+                                    weight_in_out=weight_in_out, x_adapter=xa2,
+                                    score_out=score_out, grad_out=grad_out,
+                                    fused_gemm=path == "fused")
+    return out.reshape(*lead, out.shape[-1])
 
 
-def fused_linear_applies(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         lora_A: torch.Tensor, dropout_active: bool) -> bool:
-    """Whether a layer may compute base and adapter in one GEMM (`fused_linear_adapter`).
+def kernel_check_results() -> Dict[tuple, bool]:
+    """A copy of {variant: passed} of the first-use checks run in this process."""
+    return dict(_VARIANT_OK)
 
-    Needs ``INCRELORA_FUSED_LINEAR=1`` (read at every call), the triton backend for ``x``, no
-    active adapter dropout, a frozen base, and one dtype for x, the base weight and the adapter
-    (or autocast). Off by default: the unfused path (cuBLAS base, Triton adapter) stays the CUDA
-    default until a GPU benchmark shows the fused GEMM is faster (docs/kernels.md).
-    """
-    if os.environ.get(FUSED_LINEAR_ENV, "").strip() != "1" or dropout_active:
-        return False
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        return False
-    if not (torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype == lora_A.dtype):
-        return False
-    return select_backend(x) == "triton"
-
-
-def linear_adapter_fused(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         weight_in_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                         lam: torch.Tensor,
-                         score_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ W.T + bias + x @ A.T @ diag(lam) @ B.T`` for a 2-D ``x`` in one Triton GEMM."""
-    from .kernels.fused_linear import fused_linear_adapter
-    return fused_linear_adapter(x, weight, bias, lora_A, lora_B, lam, score_out,
-                                weight_in_out=weight_in_out)

@@ -17,7 +17,9 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from .functional import adapter_delta, fused_linear_applies, linear_adapter_fused
+from .config import ADAPTER_DTYPES
+from .functional import adapted_linear
+from .reference import effective_lambda as _effective_lambda
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -49,6 +51,27 @@ def is_supported_base(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
+def _plain_forward(module: nn.Module) -> bool:
+    """The module computes exactly ``x W^T + b`` (nn.Linear) or ``x W + b`` (Conv1D) from its
+    weight and bias, so the adapted op may run that GEMM itself."""
+    forward = type(module).forward
+    return forward is nn.Linear.forward or (Conv1D is not None and forward is Conv1D.forward)
+
+
+def adapter_dtype_for(weight: torch.Tensor, choice: str = "auto") -> torch.dtype:
+    """The dtype of the adapter tensors on a base weight: ``"auto"`` float32 on 16-bit or
+    non-float (quantized) bases and the base dtype otherwise, as peft does; ``"float32"``
+    always float32; ``"base"`` the base weight's dtype."""
+    if choice not in ADAPTER_DTYPES:
+        raise ValueError(f"adapter_dtype={choice!r} is invalid: one of {ADAPTER_DTYPES}")
+    if not weight.is_floating_point() or choice == "float32":
+        return torch.float32
+    if choice == "base":
+        return weight.dtype
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+
 class IncreLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` or transformers ``Conv1D`` with an IncreLoRA adapter.
 
@@ -66,11 +89,15 @@ class IncreLoRALinear(nn.Module):
         reserve_lambda: lambda of reserve slots.
         advance_learning: reserve slots train A and B before activation; when False their lambda
             is 0 and they receive no gradient.
+        adapter_dtype: dtype of A, B and lambda (and so of their optimizer moments):
+            `adapter_dtype_for` of the base weight; ``"auto"`` keeps them float32 on bf16 and
+            fp16 bases, where lambda updates below the base dtype's resolution would vanish.
     """
 
     def __init__(self, base_layer: nn.Module, r_max: int = 8, init_r: int = 1,
                  reserve_rank: int = 1, lora_alpha: float = 16.0, lora_dropout: float = 0.0,
-                 reserve_lambda: float = 1e-5, advance_learning: bool = True) -> None:
+                 reserve_lambda: float = 1e-5, advance_learning: bool = True,
+                 adapter_dtype: str = "auto") -> None:
         super().__init__()
         if not is_supported_base(base_layer):
             raise TypeError(f"IncreLoRALinear wraps nn.Linear or transformers Conv1D, "
@@ -93,8 +120,7 @@ class IncreLoRALinear(nn.Module):
         self.reserve_lambda = float(reserve_lambda)
         self.advance_learning = bool(advance_learning)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
-        factory = dict(device=weight.device, dtype=weight.dtype if weight.is_floating_point()
-                       else torch.float32)
+        factory = dict(device=weight.device, dtype=adapter_dtype_for(weight, adapter_dtype))
         self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
         self.lora_lambda = nn.Parameter(torch.zeros(r_max, **factory))
@@ -219,11 +245,8 @@ class IncreLoRALinear(nn.Module):
         Reserve slots use the fixed `reserve_value`, not what ``lora_lambda`` stores there, so
         an optimizer that touches those entries (weight decay) cannot change their effect.
         """
-        lam = self.lora_lambda
-        reserve = torch.full_like(lam, self.reserve_value())
-        masked = torch.where(self.active_mask, lam,
-                             torch.where(self.reserve_mask, reserve, torch.zeros_like(lam)))
-        return masked * self.scale()
+        return _effective_lambda(self.lora_lambda, self.slot_state, self.lora_alpha,
+                                 self.reserve_value()).to(self.lora_lambda.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense (out, in) matrix, reserve slots included, without gradient."""
@@ -231,15 +254,9 @@ class IncreLoRALinear(nn.Module):
             return (self.lora_B * self.effective_lambda()) @ self.lora_A
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if not (args or kwargs) and self._fused_linear_ok(x):
-            return self._forward_fused_linear(x)
-        result = self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
         if self.merged or not self.adapter_enabled:
-            return result
-        lora_dtype = self.lora_A.dtype
-        x_in = self.lora_dropout(x)
-        if not torch.is_autocast_enabled(x.device.type):
-            x_in = x_in.to(lora_dtype)
+            return base(x, *args, **kwargs)
         track = self.score_enabled and self.training and torch.is_grad_enabled()
         score_out = grad_out = None
         if track and self.exact_step_score:
@@ -249,27 +266,16 @@ class IncreLoRALinear(nn.Module):
             grad_out = self.score_grad
         elif track:
             score_out = self.score_sum
-        delta = adapter_delta(x_in.reshape(-1, self.in_features), self.lora_A, self.lora_B,
-                              self.effective_lambda(), score_out, grad_out)
-        return result + delta.reshape(*result.shape[:-1], self.out_features).to(result.dtype)
-
-    def _fused_linear_ok(self, x: torch.Tensor) -> bool:
-        """Whether forward runs base and adapter in one Triton GEMM (`fused_linear_applies`);
-        the dense per-step G of ``exact_step_score`` is left to the unfused path."""
-        if self.merged or not self.adapter_enabled or self.is_quantized or (
-                self.score_enabled and self.exact_step_score):
-            return False
-        base = self.base_layer
-        return fused_linear_applies(
-            x, base.weight, base.bias, self.lora_A,
-            dropout_active=self.training and isinstance(self.lora_dropout, nn.Dropout))
-
-    def _forward_fused_linear(self, x: torch.Tensor) -> torch.Tensor:
-        track = self.score_enabled and self.training and torch.is_grad_enabled()
-        y = linear_adapter_fused(x.reshape(-1, self.in_features), self.base_layer.weight,
-                                 self.base_layer.bias, self.is_conv1d, self.lora_A, self.lora_B,
-                                 self.effective_lambda(), self.score_sum if track else None)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        dropout = self.lora_dropout if self.training and isinstance(self.lora_dropout,
+                                                                    nn.Dropout) else None
+        plain = (not (args or kwargs) and _plain_forward(base) and not base.weight.requires_grad
+                 and (base.bias is None or not base.bias.requires_grad))
+        return adapted_linear(
+            x, base.weight if plain else None, base.bias if plain else None, self.lora_A,
+            self.lora_B, self.lora_lambda, self.slot_state, self.lora_alpha,
+            self.reserve_value(), weight_in_out=self.is_conv1d,
+            base_forward=None if plain else (lambda t: base(t, *args, **kwargs)),
+            dropout=dropout, score_out=score_out, grad_out=grad_out)
 
     def take_score(self) -> torch.Tensor:
         """Return the accumulated exact score and reset the accumulator."""

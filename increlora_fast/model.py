@@ -190,7 +190,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         wrapped = {name: IncreLoRALinear(
             base, r_max=config.r_max, init_r=config.init_r, reserve_rank=config.incre_rank_num,
             lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-            reserve_lambda=config.reserve_lambda, advance_learning=config.advance_learning)
+            reserve_lambda=config.reserve_lambda, advance_learning=config.advance_learning,
+            adapter_dtype=config.adapter_dtype)
             for name, base in originals.items()}
         for p in model.parameters():
             p.requires_grad_(False)

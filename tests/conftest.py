@@ -1,15 +1,41 @@
-"""Shared small fixtures: a seeded RNG per test and a tiny hand-written model."""
+"""Shared fixtures: a seeded RNG per test, a tiny hand-written model, and the device the Triton
+kernel tests run on.
+
+Kernel tests run the compiled kernels on a CUDA machine and, without one, the same kernels under
+the Triton interpreter on CPU tensors. Triton decides at decoration time, so ``TRITON_INTERPRET``
+is set here, before any test module imports ``increlora_fast.kernels``.
+"""
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
 from torch import nn
+
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if KERNEL_DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     """Every test draws fresh random numbers, reproducibly."""
     torch.manual_seed(1234)
+
+
+@pytest.fixture
+def kernel_device() -> str:
+    """"cuda", or "cpu" with the kernels under the Triton interpreter (skips without triton;
+    fails if the kernels were built before the interpreter was switched on); launch counts are
+    reset."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels import reset_launch_counts
+    from increlora_fast.kernels.utils import interpreter_active
+    if KERNEL_DEVICE == "cpu" and not interpreter_active():
+        raise RuntimeError("increlora_fast.kernels was imported before TRITON_INTERPRET=1 was set")
+    reset_launch_counts()
+    return KERNEL_DEVICE
 
 
 class TinyBlock(nn.Module):

@@ -5,23 +5,17 @@ imported); on a CUDA machine the same tests run the compiled kernel on the GPU.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
+from increlora_fast.optim_functional import masked_adamw_torch_
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
-pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("kernel_device")
+triton = pytest.importorskip("triton")
 
 from increlora_fast.kernels import launch_counts, reset_launch_counts  # noqa: E402
-from increlora_fast.kernels.adamw import _masked_adamw_kernel, masked_adamw_triton_  # noqa: E402
-from increlora_fast.kernels.utils import is_interpreted  # noqa: E402
-from increlora_fast.optim_functional import masked_adamw_torch_  # noqa: E402
-
-if DEVICE == "cpu" and not is_interpreted(_masked_adamw_kernel):
-    raise RuntimeError("increlora_fast.kernels was imported before TRITON_INTERPRET=1 was set")
+from increlora_fast.kernels.adamw import masked_adamw_triton_  # noqa: E402
 
 # Moments: the same float32 operations in the same order as the reference [bitwise equal on
 # CPU]. float32 parameter: beta**n comes from exp2/log2 and may differ from torch's pow by one

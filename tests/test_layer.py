@@ -18,7 +18,8 @@ EDGE_SLOTS = [(1, 0), (R_MAX, 0), (1, R_MAX - 1), (2, 3)]
 
 
 def random_layer(seed: int, advance_learning: bool = True, dtype=torch.float32,
-                 conv1d: bool = False, reserve_lambda: float = 0.3) -> IncreLoRALinear:
+                 conv1d: bool = False, reserve_lambda: float = 0.3,
+                 adapter_dtype: str = "auto") -> IncreLoRALinear:
     """A layer with a random number of active and reserve slots and random values everywhere.
 
     A and B are drawn larger than at init and every lambda (inactive and reserve slots included)
@@ -37,7 +38,7 @@ def random_layer(seed: int, advance_learning: bool = True, dtype=torch.float32,
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
     layer = IncreLoRALinear(base.to(dtype), r_max=R_MAX, init_r=init_r, reserve_rank=reserve,
                             lora_alpha=6.0, reserve_lambda=reserve_lambda,
-                            advance_learning=advance_learning)
+                            advance_learning=advance_learning, adapter_dtype=adapter_dtype)
     with torch.no_grad():
         layer.lora_A.copy_(torch.randn(R_MAX, IN, generator=gen) * 0.4)
         layer.lora_B.copy_(torch.randn(OUT, R_MAX, generator=gen) * 0.4)
@@ -145,11 +146,16 @@ def test_random_slot_states_cover_every_mix():
 LOW_PRECISION = [(torch.bfloat16, 5e-2), (torch.float16, 8e-3)]
 
 
+@pytest.mark.parametrize("adapter_dtype", ["auto", "base"])
 @pytest.mark.parametrize("dtype,tol", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("seed", SEEDS[:3])
-def test_low_precision_forward(dtype, tol, seed):
-    layer = random_layer(seed, dtype=dtype)
-    assert layer.lora_A.dtype == dtype
+def test_low_precision_forward(dtype, tol, seed, adapter_dtype):
+    """On a 16-bit base the adapter is float32 by default (peft's choice: lambda updates below
+    the base dtype's resolution would vanish), or the base dtype with adapter_dtype="base"; it
+    computes in the base dtype either way."""
+    layer = random_layer(seed, dtype=dtype, adapter_dtype=adapter_dtype)
+    expected = torch.float32 if adapter_dtype == "auto" else dtype
+    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.lora_lambda.dtype == expected
     x = torch.randn(3, 5, IN).to(dtype)
     y = layer(x)
     assert y.dtype == dtype

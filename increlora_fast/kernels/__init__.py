@@ -1,15 +1,16 @@
 """Fused Triton kernels of increlora_fast (Liger style: jit kernels, host launch functions,
 one ``torch.autograd.Function`` per op).
 
-Ops, one module each (each imports triton; this package itself does not):
+Modules (each imports triton; this package itself does not):
 
-- `lowrank`: ``((x @ A.T) * lam) @ B.T`` with its backward, the exact module score and the
-  per-slot triplet score (`lowrank.lowrank_adapter`).
-- `score`: the exact module score ``sum(|B diag(lam) A * dy.T x|) / sqrt(out * in)`` reduced tile
-  by tile, used by the backward of the two adapter ops.
-- `fused_linear`: one GEMM computing ``x W.T + bias + ((x A.T) * lam) B.T``
-  (`fused_linear.fused_linear_adapter`).
+- `linear`: the whole adapted linear ``x W^T + bias + ((x A^T) * lam_eff) B^T`` as one autograd
+  op (`linear.adapted_linear_triton`; `linear.lowrank_adapter` without a base).
+- `lowrank`: the adapter kernels and their host functions (project, expand, one pass over dy,
+  finish dB/dlambda, reduce dA).
+- `fused_linear`: the opt-in forward with base GEMM and adapter in one Triton GEMM.
+- `score`: the exact module score ``sum(|B diag(lam) A * dy.T x|) / sqrt(out * in)``.
 - `adamw`: the masked per-slot AdamW step (`adamw.masked_adamw_triton_`).
+- `checks`: correctness checks on a live device (first-use check, the GPU check's suite).
 
 Kernels run on CUDA tensors, or on CPU tensors when ``TRITON_INTERPRET=1`` was set before the
 op module was imported. See docs/kernels.md for the design.

@@ -1,48 +1,57 @@
-"""The base linear and the adapter in one GEMM: ``y = x W.T + bias + ((x A.T) * lam) B.T``.
+"""Opt-in forward of `linear.adapted_linear_triton` with ``fused_gemm=True``: the base linear and
+the adapter in one Triton GEMM, ``y = x W^T + bias + (H * lam_eff) B^T``.
 
-Each program owns one (BLOCK_M, BLOCK_N) tile of y: it runs the base GEMM over K, then for each
-slot block with a nonzero lam it builds ``H = x A.T`` for its rows (a second loop over the same
-x rows, which are hot in L2) and adds ``(H * lam) B.T`` to the accumulator before y is written.
-Passes: y is written once and never read back; x is read once per column tile by the base GEMM
-(as in any GEMM) and once more per live slot block. The programs of the first column tile also
-store H (float32, M x r_max) for the backward, visiting every slot block when lam requires a
-gradient (active slots start at lambda = 0).
+H = x A^T is computed once beforehand by `_project_kernel` (M x r_max float32, small); each
+program of this GEMM owns one (BLOCK_M, BLOCK_N) tile of y, runs the base GEMM over K, adds
+``(H * lam_eff) B^T`` for its rows from the stored H (no recomputation per column tile), then the
+bias, and writes y once. Programs are rastered in groups of GROUP_M row tiles so that the x rows
+of a group stay in L2 while the group sweeps the columns. Block sizes are autotuned on CUDA.
+The backward is the unfused one (cuBLAS dx plus the adapter kernels).
 
-Backward: dx of the base is one cuBLAS GEMM ``dy @ W``; the adapter part is added onto it inside
-the low-rank backward's expand kernel (no extra pass over dx). The base weight and bias must be
-frozen. Dropout on the adapter input is not supported here: the layer uses this op only when
-dropout is inactive.
+It stays opt-in (``INCRELORA_FUSED_LINEAR=1``) until a GPU benchmark shows it beats cuBLAS plus
+the in-place adapter kernel.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .lowrank import _any_nonzero, acc_dtype, check_adapter_args, lowrank_backward_op
-from .utils import block, check_dtype, compute_dtype, dot_config, is_interpreted, launch
+from .lowrank import Slots, _slot_lambda
+from .utils import DotConfig, is_interpreted, launch
 
-_OP = "fused_linear_adapter"
+
+def _configs() -> list:
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in ((128, 128, 64, 8, 4), (128, 256, 64, 8, 3),
+                                     (64, 128, 64, 4, 4), (128, 64, 32, 4, 4))]
 
 
 @triton.jit
 def _fused_linear_adapter_kernel(
-    x_ptr, w_ptr, bias_ptr, a_ptr, b_ptr, lam_ptr, y_ptr, h_ptr,
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_ar, stride_ak, stride_bn, stride_br,
-    stride_ym, stride_yn, stride_hm, stride_hr,
-    HAS_BIAS: tl.constexpr, ALL_SLOTS: tl.constexpr,
+    x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
+    M, N, K, R, alpha, reserve,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_hm, stride_hr, stride_bn, stride_br,
+    stride_ym, stride_yn, M_BUCKET,
+    HAS_BIAS: tl.constexpr, SLOTS: tl.constexpr, R_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One (BLOCK_M, BLOCK_N) tile of y = x W.T + bias + ((x A.T) * lam) B.T; column tile 0
-    also stores H = x A.T."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    """One (BLOCK_M, BLOCK_N) tile of y = x W^T + bias + (H * lam_eff) B^T; ``M_BUCKET`` (the
+    power of two above M) is only the autotune key."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
@@ -56,30 +65,19 @@ def _fused_linear_adapter_kernel(
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         acc = tl.dot(x.to(OP).to(DOT), w.to(OP).to(DOT), acc,
                      input_precision=PRECISION, out_dtype=ACC)
-    first_col = (pid_n == 0).to(tl.int32)
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        lam = tl.load(lam_ptr + rr, mask=r_ok, other=0.0).to(ACC)
-        live = _any_nonzero(lam)
-        h = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-        if live + first_col * ALL_SLOTS > 0:
-            for k0 in range(0, K, BLOCK_K):
-                rk = k0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < K
-                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-                a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                            mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-                h = tl.dot(x.to(OP).to(DOT), a.to(OP).to(DOT), h,
-                           input_precision=PRECISION, out_dtype=ACC)
-        if pid_n == 0:
-            tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
-                     h.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
-        if live > 0:
+        lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                     SLOTS, R_ALL, ACC)
+        live = lam_eff != 0
+        if tl.sum(live.to(tl.int32), axis=0) > 0:
+            h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
+            s = tl.where(live[None, :], h * lam_eff[None, :], 0.0)
             b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            s = h * lam[None, :]
+            b = tl.where(live[:, None], b, tl.zeros_like(b))
             acc = tl.dot(s.to(OP).to(DOT), b.to(OP).to(DOT), acc,
                          input_precision=PRECISION, out_dtype=ACC)
     if HAS_BIAS:
@@ -88,118 +86,43 @@ def _fused_linear_adapter_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         weight_in_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                         lam: torch.Tensor, out_dtype: torch.dtype,
-                         all_slots: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y, H) with H = x @ A.T in float32 for the backward.
+# The same kernel with autotuned blocks (CUDA, 16-bit dtypes), tuned per power-of-two row bucket
+# rather than per exact M, so a new batch size reuses the tuning.
+_fused_linear_adapter_tuned = triton.autotune(configs=_configs(),
+                                              key=["M_BUCKET", "N", "K", "R"])(
+    _fused_linear_adapter_kernel)
 
-    ``weight`` is (out, in) like nn.Linear, or (in, out) like transformers Conv1D when
-    ``weight_in_out``.
-    """
+
+def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         weight_in_out: bool, h: torch.Tensor, lora_B: torch.Tensor,
+                         slots: Slots, cfg: DotConfig) -> torch.Tensor:
+    """y (M, out) from x, the base weight ((out, in), or (in, out) when ``weight_in_out``), bias
+    and the precomputed H; all operands already in the compute dtype but the adapter's."""
     M, K = x.shape
-    R, N = lora_A.shape[0], lora_B.shape[0]
-    small = is_interpreted(_fused_linear_adapter_kernel)
-    cfg = dot_config(out_dtype, small)
-    if small:
-        bm, bn, bk, br = 16, 16, 16, 16
-    else:
-        # 128 x 128 tiles on tensor cores; IEEE float32 / float64 dots spill registers there.
-        wide = out_dtype in (torch.float32, torch.float64)
-        bm, bn, bk, br = (64, 64, 16, 16) if wide else (128, 128, 32, block(R, 32))
+    R, N = lora_B.shape[1], lora_B.shape[0]
     stride_wn, stride_wk = (weight.stride(1), weight.stride(0)) if weight_in_out \
         else (weight.stride(0), weight.stride(1))
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    h = torch.empty((M, R), dtype=cfg.acc_torch, device=x.device)
-    launch(_fused_linear_adapter_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
-           x, weight, bias if bias is not None else lam, lora_A, lora_B, lam, y, h,
-           M, N, K, R,
-           x.stride(0), x.stride(1), stride_wn, stride_wk,
-           lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-           y.stride(0), y.stride(1), h.stride(0), h.stride(1),
-           HAS_BIAS=bias is not None, ALL_SLOTS=int(all_slots),
-           BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=br,
-           OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision,
-           num_warps=8 if bm * bn >= 128 * 128 else 4)
-    return y, h
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    lam, state = slots.args()
+    args = (x, weight, bias if bias is not None else lam, h, lora_B, lam, state, y,
+            M, N, K, R, slots.alpha, slots.reserve,
+            x.stride(0), x.stride(1), stride_wn, stride_wk, h.stride(0), h.stride(1),
+            lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+            triton.next_power_of_2(max(M, 1)))
+    consts = dict(HAS_BIAS=bias is not None, **slots.consts(), BLOCK_R=16,
+                  OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
+    wide = x.dtype in (torch.float32, torch.float64)
+    if is_interpreted(_fused_linear_adapter_kernel) or wide:
+        # IEEE float32 / float64 dots spill registers on big tiles; the interpreter wants small.
+        bm, bn, bk = (16, 16, 16) if is_interpreted(_fused_linear_adapter_kernel) else (64, 64, 16)
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        launch(_fused_linear_adapter_kernel, grid, *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+               GROUP_M=8, **consts, num_warps=4)
+    else:
+        if M == 0:
+            return y
 
-
-@torch.library.custom_op("increlora::fused_linear_fwd", mutates_args=())
-def _fused_linear_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         weight_in_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                         lam: torch.Tensor, out_dtype: torch.dtype,
-                         all_slots: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return fused_linear_forward(x, weight, bias, weight_in_out, lora_A, lora_B, lam, out_dtype,
-                                all_slots)
-
-
-@_fused_linear_fwd_op.register_fake
-def _(x, weight, bias, weight_in_out, lora_A, lora_B, lam, out_dtype, all_slots):
-    M = x.shape[0]
-    return (x.new_empty((M, lora_B.shape[0]), dtype=out_dtype),
-            x.new_empty((M, lora_A.shape[0]), dtype=acc_dtype(out_dtype)))
-
-
-class FusedLinearAdapterFunction(torch.autograd.Function):
-    """Autograd of `fused_linear_adapter`; the base weight and bias get no gradient."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight_in_out, lora_A, lora_B, lam, score_out, triplet_out,
-                out_dtype):
-        y, h = _fused_linear_fwd_op(x, weight, bias, weight_in_out, lora_A, lora_B, lam,
-                                    out_dtype, ctx.needs_input_grad[6])
-        ctx.save_for_backward(x, weight, lora_A, lora_B, lam, h)
-        ctx.weight_in_out = weight_in_out
-        ctx.score_out = score_out
-        ctx.triplet_out = triplet_out
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, lora_A, lora_B, lam, h = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0],) + tuple(ctx.needs_input_grad[4:7])
-        dx_base = None
-        if needs[0]:
-            w = weight.to(dy.dtype)
-            dx_base = dy @ (w.t() if ctx.weight_in_out else w)
-        dx, da, db, dlam = lowrank_backward_op(dy, x, lora_A, lora_B, lam, h, ctx.score_out,
-                                               ctx.triplet_out, dx_base, needs)
-        return dx, None, None, None, da, db, dlam, None, None, None
-
-
-def fused_linear_adapter(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                         lora_A: torch.Tensor, lora_B: torch.Tensor, lam: torch.Tensor,
-                         score_out: Optional[torch.Tensor] = None,
-                         triplet_out: Optional[torch.Tensor] = None,
-                         weight_in_out: bool = False) -> torch.Tensor:
-    """``x @ W.T + bias + ((x @ lora_A.T) * lam) @ lora_B.T`` in one Triton GEMM.
-
-    Args:
-        x: (M, in), any strides.
-        weight: frozen base weight, (out, in), or (in, out) with ``weight_in_out=True``
-            (transformers Conv1D).
-        bias: frozen (out,) or None.
-        lora_A, lora_B, lam, score_out, triplet_out: as in `lowrank.lowrank_adapter`.
-
-    Returns:
-        (M, out) in the compute dtype (autocast dtype, else the promoted operand dtype).
-    """
-    device = check_adapter_args(_OP, x, lora_A, lora_B, lam, score_out, triplet_out)
-    check_dtype(_OP, "weight", weight)
-    n, k = lora_B.shape[0], x.shape[1]
-    expected = (k, n) if weight_in_out else (n, k)
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"{_OP}: weight must have shape {expected} (weight_in_out="
-                         f"{weight_in_out}), got {tuple(weight.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"{_OP}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError(f"{_OP}: the base weight and bias must be frozen (requires_grad=False)")
-    if weight.device != device or (bias is not None and bias.device != device):
-        raise ValueError(f"{_OP}: weight and bias must be on {device} like x")
-    out_dtype = compute_dtype(device, x, weight, lora_A, lora_B)
-    # The kernels index lam and bias with unit stride.
-    return FusedLinearAdapterFunction.apply(x, weight, None if bias is None else bias.contiguous(),
-                                            weight_in_out, lora_A, lora_B, lam.contiguous(),
-                                            score_out, triplet_out, out_dtype)
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+        launch(_fused_linear_adapter_tuned, grid, *args, **consts)
+    return y

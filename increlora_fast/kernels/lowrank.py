@@ -1,136 +1,264 @@
-"""The low-rank adapter op: ``out = ((x @ A.T) * lam) @ B.T`` over padded slot buffers.
+"""Triton kernels of the low-rank adapter ``((x @ A.T) * lam_eff) @ B.T`` over padded slot
+buffers, and the host functions that launch them.
 
-Shapes: x (M, in), A (r_max, in), B (out, r_max), lam (r_max,). ``lam`` already holds the slot
-mask and the scale, so it is 0 on inactive slots.
+Shapes: x (M, in), A (r_max, in), B (out, r_max), lambda (r_max,). Two ways to give lambda:
 
-Kernels and passes, on CUDA (the projection's slot block covers r_max <= 128, the reduction's
-64 slots, so r_max <= 64 means one block everywhere):
+- **slot mode** (what `IncreLoRALinear` uses): the kernels read ``lora_lambda``, the int8
+  ``slot_state`` and two scalars and build the effective lambda themselves:
+  ``lam_eff = where(active, lambda, where(reserve, reserve_value, 0)) * alpha / max(1, #active)``
+  and ``dlambda = where(active, dlam_eff * alpha / #active, 0)``. No torch op per forward builds
+  it, and a changed slot state is seen by the very next launch.
+- **direct mode** (``slot_state=None``): ``lam`` is used as given and its gradient is exact for
+  every slot.
 
-- forward: `_project_kernel` reads x once and writes ``H = x @ A.T`` (M, r_max, float32);
-  `_expand_kernel` writes ``out = (H * lam) @ B.T`` once. One pass over x, one write of out.
-- backward: `_project_kernel` reads dy once (``T = dy @ B`` plus ``dlam = sum_m H * T`` in its
-  epilogue); `_expand_kernel` writes ``dx = (T * lam) @ A`` (adding the base layer's dx in the same
-  pass when given); `_reduce_rows_kernel` reads x for ``dA = (T * lam).T @ x`` and dy for
-  ``dB = dy.T @ (H * lam)``, once per live slot block; `_finalize_grad_kernel` casts the float32
-  weight gradients and adds the triplet score ``sum |A * dA|`` / ``sum |B * dB|`` per slot. Two
-  passes over dy, one over x, one write of dx. The exact module score (`score.delta_w_score_`)
-  is one more GEMM-sized pass, on the steps that ask for it.
+Kernels (each reads its operands once; int64 element offsets on the token dimension, so
+M x features may exceed 2**31):
 
-Slot blocks whose lam is all zero contribute nothing to out, dx, dA and dB and are skipped there.
-The projections still visit them when lam requires a gradient: an active slot starts with
-lambda = 0 (spec section 1), and its lambda gradient ``sum_m H * T`` needs H and T.
+- `_project_kernel`: ``H = x @ A.T`` (M, r_max, float32) for the slots that need it.
+- `_expand_kernel`: ``out (+)= (S * lam_eff) @ W``, in place when accumulating (the forward adds
+  the adapter onto the base GEMM's y; the backward adds the adapter's dx onto the base's dx).
+- `_dy_pass_kernel`: one pass over dy giving both ``T = dy @ B`` (M, r_max) and
+  ``G_B = dy.T @ H`` (out, r_max); dB and dlambda are derived from G_B.
+- `_finish_b_kernel`: ``dB = G_B * lam_eff`` and ``dlam_eff = sum_out B * G_B``.
+- `_reduce_rows_kernel`: ``dA = (T * lam_eff).T @ x`` in one pass over x, rows split across
+  programs (atomics, or per-split partials summed in a fixed order in deterministic mode).
+
+Masking is by value, with ``tl.where``: a slot whose lam_eff is 0 contributes exactly nothing and
+gets exactly zero dA and dB, even when its A row or B column holds NaN or inf and it shares a slot
+block with live slots. Slot blocks with no slot in use are skipped altogether. Active slots with
+lambda 0 (every slot starts so, spec section 1) still get H and T, since their dlambda needs them.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from .score import delta_w_score_
-from .utils import (DotConfig, block, check_device, check_dtype, compute_dtype, dot_config,
-                    is_interpreted, launch, multiprocessor_count)
+from .utils import (MAX_R_MAX, DotConfig, block, deterministic, is_interpreted, launch,
+                    multiprocessor_count)
 
-_OP = "lowrank_adapter"
+ACTIVE = 2
+RESERVE = 1
+# Deterministic mode sums per-program partials of G_B in a fixed order; their total size is
+# capped here (fewer, longer programs beyond it).
+DET_PARTIAL_BYTES = 64 << 20
 
 
 @triton.jit
-def _any_nonzero(lam):
-    return tl.sum((lam != 0).to(tl.int32), axis=0)
+def _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                 SLOTS: tl.constexpr, R_ALL: tl.constexpr, ACC: tl.constexpr):
+    """(lam_eff, coef) of slots ``rr``: the effective lambda and d(lam_eff)/d(lambda)."""
+    lam = tl.load(lam_ptr + rr, mask=r_ok, other=0.0).to(ACC)
+    if SLOTS:
+        ra = tl.arange(0, R_ALL)
+        st_all = tl.load(state_ptr + ra, mask=ra < R, other=0)
+        n_active = tl.sum((st_all == 2).to(tl.int32), axis=0)
+        zero = tl.zeros_like(lam)
+        scale = (zero + alpha) / tl.maximum(n_active, 1).to(ACC)
+        st = tl.load(state_ptr + rr, mask=r_ok, other=0)
+        active = st == 2
+        lam_eff = tl.where(active, lam, tl.where(st == 1, zero + reserve, zero)) * scale
+        coef = tl.where(active, scale, zero)
+    else:
+        lam_eff = lam
+        coef = tl.where(r_ok, 1.0, 0.0).to(ACC)
+    return lam_eff, coef
 
 
 @triton.jit
 def _project_kernel(
-    x_ptr, w_ptr, lam_ptr, p_ptr, h_ptr, dlam_ptr,
-    M, K, R,
-    stride_xm, stride_xk, stride_wr, stride_wk, stride_pm, stride_pr, stride_hm, stride_hr,
-    ALL_SLOTS: tl.constexpr, WITH_DLAM: tl.constexpr,
+    x_ptr, a_ptr, lam_ptr, state_ptr, h_ptr,
+    M, K, R, alpha, reserve,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_hm, stride_hr,
+    SLOTS: tl.constexpr, NEED_ALL: tl.constexpr, R_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """P = X @ W.T on one (BLOCK_M, BLOCK_R) tile; with WITH_DLAM also dlam += sum_m H * P.
-
-    A slot block whose lam is all zero is written as zeros unless ALL_SLOTS is set.
-    """
+    """H = x @ A.T on one (BLOCK_M, BLOCK_R) tile; slots that need no H (lam_eff 0 and, with
+    NEED_ALL, no lambda gradient either) are stored as 0."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     m_ok = rm < M
     r_ok = rr < R
-    tile_ok = m_ok[:, None] & r_ok[None, :]
-    p_ptrs = p_ptr + rm[:, None] * stride_pm + rr[None, :] * stride_pr
-    lam = tl.load(lam_ptr + rr, mask=r_ok, other=0.0).to(ACC)
+    lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                 SLOTS, R_ALL, ACC)
+    need = (lam_eff != 0) | ((coef != 0) & NEED_ALL)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
-    if _any_nonzero(lam) + ALL_SLOTS > 0:
+    if tl.sum(need.to(tl.int32), axis=0) > 0:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + rk[:, None] * stride_wk + rr[None, :] * stride_wr,
+            a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
                         mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(OP).to(DOT), w.to(OP).to(DOT), acc,
+            acc = tl.dot(x.to(OP).to(DOT), a.to(OP).to(DOT), acc,
                          input_precision=PRECISION, out_dtype=ACC)
-        if WITH_DLAM:
-            h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
-                        mask=tile_ok, other=0.0).to(ACC)
-            tl.atomic_add(dlam_ptr + rr, tl.sum(h * acc, axis=0), mask=r_ok)
-    tl.store(p_ptrs, acc.to(p_ptr.dtype.element_ty), mask=tile_ok)
+        acc = tl.where(need[None, :], acc, 0.0)
+    tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
+             acc.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def _expand_kernel(
-    s_ptr, lam_ptr, w_ptr, init_ptr, out_ptr,
-    M, N, R,
-    stride_sm, stride_sr, stride_wr, stride_wn, stride_im, stride_in, stride_om, stride_on,
-    ACCUMULATE: tl.constexpr,
+    s_ptr, lam_ptr, state_ptr, w_ptr, out_ptr,
+    M, N, R, alpha, reserve,
+    stride_sm, stride_sr, stride_wr, stride_wn, stride_om, stride_on,
+    SLOTS: tl.constexpr, ACCUMULATE: tl.constexpr, R_ALL: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """out = [init +] (S * lam) @ W on one (BLOCK_M, BLOCK_N) tile, skipping all-zero lam blocks."""
+    """out = [out +] (S * lam_eff) @ W on one (BLOCK_M, BLOCK_N) tile. Each tile is read and
+    written by one program only, so accumulating in place is race-free; with ACCUMULATE and no
+    live slot the tile is left untouched (not even read)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
+    live_total = 0
     for r0 in range(0, R, BLOCK_R):
         rr = r0 + tl.arange(0, BLOCK_R)
         r_ok = rr < R
-        lam = tl.load(lam_ptr + rr, mask=r_ok, other=0.0).to(ACC)
-        if _any_nonzero(lam) > 0:
+        lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                     SLOTS, R_ALL, ACC)
+        live = lam_eff != 0
+        n_live = tl.sum(live.to(tl.int32), axis=0)
+        if n_live > 0:
             s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ACC) * lam[None, :]
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
+            s = tl.where(live[None, :], s * lam_eff[None, :], 0.0)
             w = tl.load(w_ptr + rr[:, None] * stride_wr + rn[None, :] * stride_wn,
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.where(live[:, None], w, tl.zeros_like(w))
             acc = tl.dot(s.to(OP).to(DOT), w.to(OP).to(DOT), acc,
                          input_precision=PRECISION, out_dtype=ACC)
+        live_total += n_live
     tile_ok = m_ok[:, None] & n_ok[None, :]
+    out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     if ACCUMULATE:
-        acc += tl.load(init_ptr + rm[:, None] * stride_im + rn[None, :] * stride_in,
-                       mask=tile_ok, other=0.0).to(ACC)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+        if live_total > 0:
+            acc += tl.load(out_ptrs, mask=tile_ok, other=0.0).to(ACC)
+            tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _dy_pass_kernel(
+    dy_ptr, b_ptr, h_ptr, lam_ptr, state_ptr, t_ptr, gb_ptr,
+    M, N, R, alpha, reserve, rows_per_prog,
+    stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr, stride_tm, stride_tr,
+    stride_gs, stride_gn, stride_gr,
+    SLOTS: tl.constexpr, NEED_ALL: tl.constexpr, NEED_T: tl.constexpr, NEED_GB: tl.constexpr,
+    USE_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """One program owns rows [pid * rows_per_prog, +rows_per_prog) and sweeps all columns of dy
+    once: T[rows] = dy[rows] @ B (complete, stored by this program alone) and its share of
+    G_B = dy.T @ H, added atomically (USE_ATOMIC) or stored as partial ``pid`` of gb."""
+    pid = tl.program_id(0)
+    rr = tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                 SLOTS, BLOCK_R, ACC)
+    need = (lam_eff != 0) | ((coef != 0) & NEED_ALL)
+    m_start = pid.to(tl.int64) * rows_per_prog
+    m_end = tl.minimum(M, m_start + rows_per_prog)
+    gb_base = gb_ptr if USE_ATOMIC else gb_ptr + pid.to(tl.int64) * stride_gs
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+        b = tl.where(need[None, :], b, tl.zeros_like(b))
+        g = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < m_end
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+            if NEED_T:
+                t_ptrs = t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr
+                t_ok = m_ok[:, None] & r_ok[None, :]
+                t = tl.load(t_ptrs, mask=t_ok & (n0 > 0), other=0.0)
+                t = tl.dot(dy.to(OP).to(DOT), b.to(OP).to(DOT), t,
+                           input_precision=PRECISION, out_dtype=ACC)
+                tl.store(t_ptrs, t, mask=t_ok)
+                # The next column block reloads this tile: make the stores visible to every
+                # thread of the program, whatever layouts the compiler picks for load and store.
+                tl.debug_barrier()
+            if NEED_GB:
+                h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
+                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                h = tl.where(need[None, :], h, 0.0)
+                g = tl.dot(tl.trans(dy.to(OP).to(DOT)), h.to(OP).to(DOT), g,
+                           input_precision=PRECISION, out_dtype=ACC)
+        if NEED_GB:
+            g_ptrs = gb_base + rn[:, None] * stride_gn + rr[None, :] * stride_gr
+            g_ok = n_ok[:, None] & r_ok[None, :]
+            if USE_ATOMIC:
+                tl.atomic_add(g_ptrs, g, mask=g_ok)
+            else:
+                tl.store(g_ptrs, g, mask=g_ok)
+
+
+@triton.jit
+def _finish_b_kernel(
+    gb_ptr, b_ptr, lam_ptr, state_ptr, db_ptr, dlam_ptr,
+    N, R, alpha, reserve,
+    stride_gn, stride_gr, stride_bn, stride_br, stride_dbn, stride_dbr,
+    SLOTS: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr, R_ALL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
+):
+    """dB = G_B * lam_eff (0 where lam_eff is 0) and dlambda = coef * sum_out B * G_B for one
+    slot block, summing over out in a fixed order."""
+    pid_r = tl.program_id(0)
+    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = rr < R
+    lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                 SLOTS, R_ALL, ACC)
+    live = lam_eff != 0
+    counted = coef != 0
+    dl = tl.zeros((BLOCK_R,), dtype=ACC)
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        tile_ok = (rn < N)[:, None] & r_ok[None, :]
+        g = tl.load(gb_ptr + rn[:, None] * stride_gn + rr[None, :] * stride_gr,
+                    mask=tile_ok, other=0.0).to(ACC)
+        if NEED_DB:
+            db = tl.where(live[None, :], g * lam_eff[None, :], 0.0)
+            tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr,
+                     db.to(db_ptr.dtype.element_ty), mask=tile_ok)
+        if NEED_DLAM:
+            b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                        mask=tile_ok, other=0.0).to(ACC)
+            dl += tl.sum(tl.where(counted[None, :], b * g, 0.0), axis=0)
+    if NEED_DLAM:
+        tl.store(dlam_ptr + rr, (dl * coef).to(dlam_ptr.dtype.element_ty), mask=r_ok)
 
 
 @triton.jit
 def _reduce_rows_kernel(
-    s_ptr, lam_ptr, x_ptr, ws_ptr,
-    M, K, R, rows_per_split,
-    stride_sm, stride_sr, stride_xm, stride_xk, stride_wr, stride_wk,
-    SPLIT: tl.constexpr,
+    s_ptr, lam_ptr, state_ptr, x_ptr, out_ptr,
+    M, K, R, alpha, reserve, rows_per_split,
+    stride_sm, stride_sr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
+    SLOTS: tl.constexpr, USE_ATOMIC: tl.constexpr, R_ALL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """ws[r, k] (+)= sum over this split's rows m of S[m, r] * lam[r] * X[m, k].
+    """out[r, k] (+)= sum over this split's rows m of S[m, r] * lam_eff[r] * X[m, k].
 
-    ws starts at zero; all-zero lam blocks are skipped. With SPLIT > 1 the row range is shared
-    by SPLIT programs that add atomically.
-    """
+    Without USE_ATOMIC every tile of split ``pid_s`` is stored (zeros included) at offset
+    ``pid_s * stride_os``, so the output needs no memset; with it, live tiles add atomically
+    into a zeroed output."""
     pid_r = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -138,98 +266,155 @@ def _reduce_rows_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     r_ok = rr < R
     k_ok = rk < K
-    lam = tl.load(lam_ptr + rr, mask=r_ok, other=0.0).to(ACC)
-    if _any_nonzero(lam) > 0:
-        m_start = pid_s * rows_per_split
+    lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                 SLOTS, R_ALL, ACC)
+    live = lam_eff != 0
+    n_live = tl.sum(live.to(tl.int32), axis=0)
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+    if n_live > 0:
+        m_start = pid_s.to(tl.int64) * rows_per_split
         m_end = tl.minimum(M, m_start + rows_per_split)
-        acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
         for m0 in range(m_start, m_end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_ok = rm < m_end
             s = tl.load(s_ptr + rr[:, None] * stride_sr + rm[None, :] * stride_sm,
-                        mask=r_ok[:, None] & m_ok[None, :], other=0.0).to(ACC) * lam[:, None]
+                        mask=r_ok[:, None] & m_ok[None, :], other=0.0).to(ACC)
+            s = tl.where(live[:, None], s * lam_eff[:, None], 0.0)
             x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)
             acc = tl.dot(s.to(OP).to(DOT), x.to(OP).to(DOT), acc,
                          input_precision=PRECISION, out_dtype=ACC)
-        ws_ptrs = ws_ptr + rr[:, None] * stride_wr + rk[None, :] * stride_wk
-        tile_ok = r_ok[:, None] & k_ok[None, :]
-        if SPLIT == 1:
-            tl.store(ws_ptrs, acc, mask=tile_ok)
-        else:
-            tl.atomic_add(ws_ptrs, acc, mask=tile_ok)
+    tile_ok = r_ok[:, None] & k_ok[None, :]
+    if USE_ATOMIC:
+        if n_live > 0:
+            tl.atomic_add(out_ptr + rr[:, None] * stride_or + rk[None, :] * stride_ok, acc,
+                          mask=tile_ok)
+    else:
+        base = out_ptr + pid_s.to(tl.int64) * stride_os
+        tl.store(base + rr[:, None] * stride_or + rk[None, :] * stride_ok,
+                 acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
-def _finalize_grad_kernel(
-    ws_ptr, grad_ptr, param_ptr, triplet_ptr,
-    R, K,
-    stride_wr, stride_wk, stride_gr, stride_gk, stride_pr, stride_pk,
-    TRIPLET: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """grad = ws in the gradient's dtype; with TRIPLET also triplet[r] += sum_k |param * grad|."""
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    r_ok = rr < R
-    tile_ok = r_ok[:, None] & (rk < K)[None, :]
-    g = tl.load(ws_ptr + rr[:, None] * stride_wr + rk[None, :] * stride_wk, mask=tile_ok, other=0.0)
-    tl.store(grad_ptr + rr[:, None] * stride_gr + rk[None, :] * stride_gk,
-             g.to(grad_ptr.dtype.element_ty), mask=tile_ok)
-    if TRIPLET:
-        p = tl.load(param_ptr + rr[:, None] * stride_pr + rk[None, :] * stride_pk,
-                    mask=tile_ok, other=0.0).to(g.dtype)
-        part = tl.sum(tl.abs(p * g), axis=1)
-        tl.atomic_add(triplet_ptr + rr, part.to(triplet_ptr.dtype.element_ty), mask=r_ok)
+# ------------------------------------------------------------------------------- host side
+class Slots:
+    """How the kernels get lambda: ``state`` None is direct mode (``lam`` as given)."""
+
+    __slots__ = ("lam", "state", "alpha", "reserve")
+
+    def __init__(self, lam: torch.Tensor, state: Optional[torch.Tensor], alpha: float = 1.0,
+                 reserve: float = 0.0) -> None:
+        self.lam, self.state, self.alpha, self.reserve = lam, state, float(alpha), float(reserve)
+
+    def args(self) -> tuple:
+        state = self.state if self.state is not None else self.lam
+        return self.lam, state
+
+    def consts(self) -> dict:
+        return dict(SLOTS=self.state is not None, R_ALL=block(self.lam.shape[0], MAX_R_MAX))
 
 
-def _dot_kwargs(cfg: DotConfig) -> dict:
+def _dot(cfg: DotConfig) -> dict:
     return dict(OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
 
 
-def project_(x: torch.Tensor, w_t: torch.Tensor, lam: torch.Tensor, out: torch.Tensor,
-             cfg: DotConfig, all_slots: bool, h: Optional[torch.Tensor] = None,
-             dlam: Optional[torch.Tensor] = None) -> None:
-    """out (M, R) = x @ w_t where w_t is (K, R); with ``h`` and ``dlam``: dlam += sum_m h * out."""
+def project_(x: torch.Tensor, lora_A: torch.Tensor, slots: Slots, h: torch.Tensor,
+             cfg: DotConfig, need_all: bool) -> None:
+    """h (M, R) = x @ A.T for the slots that need it (``need_all``: also every slot whose
+    lambda gets a gradient)."""
     M, K = x.shape
-    R = w_t.shape[1]
+    R = lora_A.shape[0]
     small = is_interpreted(_project_kernel)
-    bm, br = (16, 16) if small else (64, block(R, 128))
+    bm, br = (16, 16) if small else (64, block(R, MAX_R_MAX))
     bk = 16 if small else (64 if br <= 64 else 32)
-    with_dlam = dlam is not None
-    hh = h if with_dlam else out
+    lam, state = slots.args()
     launch(_project_kernel, (triton.cdiv(M, bm), triton.cdiv(R, br)),
-            x, w_t, lam, out, hh, dlam if with_dlam else lam,
-            M, K, R,
-            x.stride(0), x.stride(1), w_t.stride(1), w_t.stride(0),
-            out.stride(0), out.stride(1), hh.stride(0), hh.stride(1),
-            ALL_SLOTS=int(all_slots), WITH_DLAM=with_dlam,
-            BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk, **_dot_kwargs(cfg),
-            num_warps=8 if br >= 128 else 4)
+           x, lora_A, lam, state, h, M, K, R, slots.alpha, slots.reserve,
+           x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
+           h.stride(0), h.stride(1),
+           NEED_ALL=need_all, **slots.consts(), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
+           **_dot(cfg), num_warps=8 if br >= 128 else 4)
 
 
-def expand_(s: torch.Tensor, lam: torch.Tensor, w: torch.Tensor, out: torch.Tensor,
-            cfg: DotConfig, init: Optional[torch.Tensor] = None) -> None:
-    """out (M, N) = [init +] (s * lam) @ w where s is (M, R) and w is (R, N)."""
+def expand_(s: torch.Tensor, slots: Slots, w: torch.Tensor, out: torch.Tensor, cfg: DotConfig,
+            accumulate: bool) -> None:
+    """out (M, N) = [out +] (s * lam_eff) @ w where s is (M, R) and w is (R, N) (any strides)."""
     M, R = s.shape
     N = w.shape[1]
     small = is_interpreted(_expand_kernel)
     bm, bn, br = (16, 16, 16) if small else (64, 128, block(R, 32))
-    ii = init if init is not None else out
+    lam, state = slots.args()
     launch(_expand_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
-            s, lam, w, ii, out,
-            M, N, R,
-            s.stride(0), s.stride(1), w.stride(0), w.stride(1),
-            ii.stride(0), ii.stride(1), out.stride(0), out.stride(1),
-            ACCUMULATE=init is not None,
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, **_dot_kwargs(cfg),
-            num_warps=8 if br >= 32 else 4)
+           s, lam, state, w, out, M, N, R, slots.alpha, slots.reserve,
+           s.stride(0), s.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+           ACCUMULATE=accumulate, **slots.consts(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
+           **_dot(cfg), num_warps=8 if br >= 32 else 4)
 
 
-def reduce_rows(s: torch.Tensor, lam: torch.Tensor, x: torch.Tensor, ws: torch.Tensor,
-                cfg: DotConfig) -> None:
-    """ws (R, K) given as a strided view, zero on entry: ws = (s * lam).T @ x over all M rows."""
+def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, slots: Slots,
+            cfg: DotConfig, need_all: bool, need_t: bool,
+            need_gb: bool) -> tuple:
+    """(T (M, R) float32 or None, G_B (out, R) float32 or None) in one pass over dy."""
+    M, N = dy.shape
+    R = lora_B.shape[1]
+    small = is_interpreted(_dy_pass_kernel)
+    br = block(R, MAX_R_MAX)
+    if R > MAX_R_MAX:
+        raise ValueError(f"the Triton adapter kernels support r_max <= {MAX_R_MAX}, got {R}")
+    bm, bn = (16, 16) if small else (64 if M >= 8192 else 32, 64 if br <= 32 else 32)
+    m_blocks = triton.cdiv(M, bm)
+    progs = max(1, min(m_blocks, 4 * multiprocessor_count(dy.device)))
+    det = deterministic()
+    if det and need_gb:  # per-program partials of G_B: keep them under DET_PARTIAL_BYTES
+        progs = max(1, min(progs, DET_PARTIAL_BYTES // (N * R * 4)))
+    rows_per_prog = triton.cdiv(m_blocks, progs) * bm
+    progs = triton.cdiv(M, rows_per_prog) if M else 0
+    acc = cfg.acc_torch
+    t = torch.empty((M, R), dtype=acc, device=dy.device) if need_t else None
+    use_atomic = not det and progs > 1
+    gb = None
+    if need_gb:
+        gb = (torch.zeros((N, R), dtype=acc, device=dy.device) if use_atomic or progs == 0
+              else torch.empty((progs, N, R), dtype=acc, device=dy.device))
+    gb_arg = gb if gb is not None else h
+    lam, state = slots.args()
+    g_strides = ((0,) + gb_arg.stride()[-2:]) if gb_arg.dim() == 2 else gb_arg.stride()
+    t_arg = t if t is not None else h
+    launch(_dy_pass_kernel, (progs,),
+           dy, lora_B, h, lam, state, t_arg, gb_arg, M, N, R, slots.alpha, slots.reserve,
+           rows_per_prog,
+           dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
+           h.stride(0), h.stride(1), t_arg.stride(0), t_arg.stride(1), *g_strides,
+           SLOTS=slots.state is not None, NEED_ALL=need_all, NEED_T=need_t, NEED_GB=need_gb,
+           USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, **_dot(cfg),
+           num_warps=8 if br >= 64 else 4)
+    if gb is not None and gb.dim() == 3:
+        gb = gb[0] if progs == 1 else gb.sum(0)
+    return t, gb
+
+
+def finish_b(gb: torch.Tensor, lora_B: torch.Tensor, slots: Slots, need_db: bool,
+             need_dlam: bool, lam_dtype: torch.dtype) -> tuple:
+    """(dB like lora_B or None, dlambda (R,) or None) from G_B."""
+    N, R = gb.shape
+    db = torch.empty(lora_B.shape, dtype=lora_B.dtype, device=gb.device) if need_db else None
+    dlam = torch.empty((R,), dtype=lam_dtype, device=gb.device) if need_dlam else None
+    small = is_interpreted(_finish_b_kernel)
+    br, bn = (16, 16) if small else (16, 256)
+    lam, state = slots.args()
+    db_arg = db if db is not None else gb
+    launch(_finish_b_kernel, (triton.cdiv(R, br),),
+           gb, lora_B, lam, state, db_arg, dlam if dlam is not None else lam,
+           N, R, slots.alpha, slots.reserve,
+           gb.stride(0), gb.stride(1), lora_B.stride(0), lora_B.stride(1),
+           db_arg.stride(0), db_arg.stride(1),
+           NEED_DB=need_db, NEED_DLAM=need_dlam, **slots.consts(),
+           BLOCK_N=bn, BLOCK_R=br, ACC=tl.float64 if gb.dtype == torch.float64 else tl.float32)
+    return db, dlam
+
+
+def reduce_rows(s: torch.Tensor, slots: Slots, x: torch.Tensor, out_like: torch.Tensor,
+                cfg: DotConfig) -> torch.Tensor:
+    """(s * lam_eff).T @ x over all M rows, (R, K), in ``out_like``'s dtype."""
     M, R = s.shape
     K = x.shape[1]
     small = is_interpreted(_reduce_rows_kernel)
@@ -238,209 +423,22 @@ def reduce_rows(s: torch.Tensor, lam: torch.Tensor, x: torch.Tensor, ws: torch.T
     m_blocks = triton.cdiv(M, bm)
     split = max(1, min(m_blocks, 2 * multiprocessor_count(x.device) // tiles))
     rows_per_split = triton.cdiv(m_blocks, split) * bm
-    split = triton.cdiv(M, rows_per_split) if M else 1
+    split = max(1, triton.cdiv(M, rows_per_split))
+    acc = cfg.acc_torch
+    use_atomic = split > 1 and not deterministic()
+    if use_atomic:
+        out = torch.zeros((R, K), dtype=acc, device=x.device)
+    elif split == 1 and out_like.dtype == acc:
+        out = torch.empty((R, K), dtype=acc, device=x.device)
+    else:
+        out = torch.empty((split, R, K), dtype=acc, device=x.device)
+    strides = ((0,) + out.stride()) if out.dim() == 2 else out.stride()
+    lam, state = slots.args()
     launch(_reduce_rows_kernel, (triton.cdiv(R, br), triton.cdiv(K, bk), split),
-            s, lam, x, ws,
-            M, K, R, rows_per_split,
-            s.stride(0), s.stride(1), x.stride(0), x.stride(1), ws.stride(0), ws.stride(1),
-            SPLIT=split, BLOCK_R=br, BLOCK_K=bk, BLOCK_M=bm, **_dot_kwargs(cfg),
-            num_warps=8 if br >= 64 else 4)
-
-
-def finalize_grad(ws: torch.Tensor, param: torch.Tensor, slot_dim: int,
-                  triplet_row: Optional[torch.Tensor]) -> torch.Tensor:
-    """The gradient of ``param`` from its accumulator ``ws`` (same shape), adding the triplet
-    score ``sum |param * grad|`` per slot into ``triplet_row`` when given."""
-    if triplet_row is None and ws.dtype == param.dtype:
-        return ws
-    grad = torch.empty_like(param, memory_format=torch.contiguous_format)
-    other = 1 - slot_dim
-    R, K = param.shape[slot_dim], param.shape[other]
-    small = is_interpreted(_finalize_grad_kernel)
-    br, bk = (16, 16) if small else (16, 256)
-    tt = triplet_row if triplet_row is not None else ws
-    launch(_finalize_grad_kernel, (triton.cdiv(R, br), triton.cdiv(K, bk)),
-            ws, grad, param, tt, R, K,
-            ws.stride(slot_dim), ws.stride(other), grad.stride(slot_dim), grad.stride(other),
-            param.stride(slot_dim), param.stride(other),
-            TRIPLET=triplet_row is not None, BLOCK_R=br, BLOCK_K=bk)
-    return grad
-
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def lowrank_forward(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    lam: torch.Tensor, out_dtype: torch.dtype,
-                    all_slots: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(out, H) with H = x @ A.T (float32) kept for the backward; ``all_slots`` computes H on
-    slot blocks whose lam is all zero too (needed when lam requires a gradient)."""
-    M = x.shape[0]
-    R, N = lora_A.shape[0], lora_B.shape[0]
-    cfg = dot_config(out_dtype, is_interpreted(_project_kernel))
-    h = torch.empty((M, R), dtype=cfg.acc_torch, device=x.device)
-    project_(x, lora_A.t(), lam, h, cfg, all_slots)
-    out = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    expand_(h, lam, lora_B.t(), out, cfg)
-    return out, h
-
-
-def lowrank_backward(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, lam: torch.Tensor, h: torch.Tensor,
-                     score_out: Optional[torch.Tensor], triplet_out: Optional[torch.Tensor],
-                     dx_init: Optional[torch.Tensor], need_x: bool, need_a: bool, need_b: bool,
-                     need_lam: bool) -> Tuple[Optional[torch.Tensor], ...]:
-    """(dx, dA, dB, dlam), None where not needed; dx adds onto ``dx_init`` when given.
-
-    Also adds the exact module score into ``score_out`` and the triplet score into
-    ``triplet_out`` (3, r_max) when they are given.
-    """
-    M = x.shape[0]
-    R = lora_A.shape[0]
-    cfg = dot_config(dy.dtype, is_interpreted(_project_kernel))
-    dx = da = db = dlam = None
-    t = None
-    dlam_acc = None
-    if need_x or need_a or need_lam:
-        t = torch.empty((M, R), dtype=cfg.acc_torch, device=x.device)
-        dlam_acc = torch.zeros(R, dtype=cfg.acc_torch, device=x.device) if need_lam else None
-        project_(dy, lora_B, lam, t, cfg, need_lam, h=h, dlam=dlam_acc)
-    if need_x:
-        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        expand_(t, lam, lora_A, dx, cfg, init=dx_init)
-    if need_a:
-        ws = torch.zeros(lora_A.shape, dtype=cfg.acc_torch, device=x.device)
-        reduce_rows(t, lam, x, ws, cfg)
-        da = finalize_grad(ws, lora_A, 0, None if triplet_out is None else triplet_out[0])
-    if need_b:
-        ws = torch.zeros(lora_B.shape, dtype=cfg.acc_torch, device=x.device)
-        reduce_rows(h, lam, dy, ws.t(), cfg)
-        db = finalize_grad(ws, lora_B, 1, None if triplet_out is None else triplet_out[1])
-    if need_lam:
-        dlam = dlam_acc.to(lam.dtype)
-        if triplet_out is not None:
-            triplet_out[2].add_((lam.to(dlam_acc.dtype) * dlam_acc).abs().to(triplet_out.dtype))
-    if score_out is not None:
-        delta_w_score_(dy, x, lora_A, lora_B, lam, score_out)
-    return dx, da, db, dlam
-
-
-# ---------------------------------------------------------------- custom ops (torch.compile)
-@torch.library.custom_op("increlora::lowrank_fwd", mutates_args=())
-def _lowrank_fwd_op(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    lam: torch.Tensor, out_dtype: torch.dtype,
-                    all_slots: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    return lowrank_forward(x, lora_A, lora_B, lam, out_dtype, all_slots)
-
-
-@_lowrank_fwd_op.register_fake
-def _(x, lora_A, lora_B, lam, out_dtype, all_slots):
-    M = x.shape[0]
-    return (x.new_empty((M, lora_B.shape[0]), dtype=out_dtype),
-            x.new_empty((M, lora_A.shape[0]), dtype=acc_dtype(out_dtype)))
-
-
-@torch.library.custom_op("increlora::lowrank_bwd", mutates_args=("score_out", "triplet_out"))
-def _lowrank_bwd_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                    lora_B: torch.Tensor, lam: torch.Tensor, h: torch.Tensor,
-                    score_out: Optional[torch.Tensor], triplet_out: Optional[torch.Tensor],
-                    dx_init: Optional[torch.Tensor], need_x: bool, need_a: bool, need_b: bool,
-                    need_lam: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor]:
-    grads = lowrank_backward(dy, x, lora_A, lora_B, lam, h, score_out, triplet_out, dx_init,
-                             need_x, need_a, need_b, need_lam)
-    # A custom op returns tensors only: an empty one stands for "not needed".
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
-
-
-@_lowrank_bwd_op.register_fake
-def _(dy, x, lora_A, lora_B, lam, h, score_out, triplet_out, dx_init, need_x, need_a, need_b,
-      need_lam):
-    def like(t, needed):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if needed \
-            else x.new_empty(0)
-    return like(x, need_x), like(lora_A, need_a), like(lora_B, need_b), like(lam, need_lam)
-
-
-def lowrank_backward_op(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                        lora_B: torch.Tensor, lam: torch.Tensor, h: torch.Tensor,
-                        score_out: Optional[torch.Tensor], triplet_out: Optional[torch.Tensor],
-                        dx_init: Optional[torch.Tensor],
-                        needs: Tuple[bool, bool, bool, bool]) -> Tuple[Optional[torch.Tensor], ...]:
-    """`lowrank_backward` through its custom op, with None for the gradients not needed."""
-    grads = _lowrank_bwd_op(dy, x, lora_A, lora_B, lam, h, score_out, triplet_out, dx_init,
-                            *needs)
-    return tuple(g if need else None for g, need in zip(grads, needs))
-
-
-class LowRankAdapterFunction(torch.autograd.Function):
-    """Autograd of `lowrank_adapter`; the score accumulators are filled during backward."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, lam, score_out, triplet_out, out_dtype):
-        out, h = _lowrank_fwd_op(x, lora_A, lora_B, lam, out_dtype, ctx.needs_input_grad[3])
-        ctx.save_for_backward(x, lora_A, lora_B, lam, h)
-        ctx.score_out = score_out
-        ctx.triplet_out = triplet_out
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, lora_A, lora_B, lam, h = ctx.saved_tensors
-        dx, da, db, dlam = lowrank_backward_op(dy, x, lora_A, lora_B, lam, h, ctx.score_out,
-                                               ctx.triplet_out, None,
-                                               tuple(ctx.needs_input_grad[:4]))
-        return dx, da, db, dlam, None, None, None
-
-
-def check_adapter_args(op_name: str, x: torch.Tensor, lora_A: torch.Tensor,
-                       lora_B: torch.Tensor, lam: torch.Tensor, score_out: Optional[torch.Tensor],
-                       triplet_out: Optional[torch.Tensor]) -> torch.device:
-    """Validate the adapter operands of an op; returns their device."""
-    for name, t, nd in (("x", x, 2), ("lora_A", lora_A, 2), ("lora_B", lora_B, 2), ("lam", lam, 1)):
-        if t.dim() != nd:
-            raise ValueError(f"{op_name}: {name} must be {nd}-D, got shape {tuple(t.shape)}")
-        check_dtype(op_name, name, t)
-    r, k = lora_A.shape
-    if x.shape[1] != k or lora_B.shape[1] != r or lam.shape[0] != r:
-        raise ValueError(f"{op_name}: shapes do not chain: x {tuple(x.shape)}, lora_A "
-                         f"{tuple(lora_A.shape)}, lora_B {tuple(lora_B.shape)}, lam "
-                         f"{tuple(lam.shape)}; need x (M, in), A (r, in), B (out, r), lam (r,)")
-    if score_out is not None and (score_out.dim() != 0
-                                  or score_out.dtype not in (torch.float32, torch.float64)):
-        raise ValueError(f"{op_name}: score_out must be a 0-d float32 tensor, got shape "
-                         f"{tuple(score_out.shape)} dtype {score_out.dtype}")
-    if triplet_out is not None and (tuple(triplet_out.shape) != (3, r)
-                                    or triplet_out.dtype != torch.float32
-                                    or not triplet_out.is_contiguous()):
-        raise ValueError(f"{op_name}: triplet_out must be a contiguous (3, {r}) float32 tensor, "
-                         f"got shape {tuple(triplet_out.shape)} dtype {triplet_out.dtype} "
-                         f"strides {triplet_out.stride()}")
-    return check_device(_project_kernel, op_name, x=x, lora_A=lora_A, lora_B=lora_B, lam=lam,
-                        score_out=score_out, triplet_out=triplet_out)
-
-
-def lowrank_adapter(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                    lam: torch.Tensor, score_out: Optional[torch.Tensor] = None,
-                    triplet_out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``((x @ lora_A.T) * lam) @ lora_B.T`` on Triton kernels, differentiable in all four inputs.
-
-    Args:
-        x: (M, in), any strides; float32, bfloat16, float16 or float64.
-        lora_A: (r_max, in); lora_B: (out, r_max); lam: (r_max,), mask and scale included.
-        score_out: 0-d float32; each backward adds ``sum(|dW * G|) / sqrt(out * in)`` to it
-            (``dW = B diag(lam) A``, ``G = dy.T @ x``) without materialising dW or G.
-        triplet_out: (3, r_max) float32; each backward adds per slot ``sum_in |A * dA|``,
-            ``sum_out |B * dB|`` and ``|lam * dlam|`` (lam as passed here) to its rows.
-
-    Returns:
-        (M, out) in the compute dtype: the autocast dtype under autocast, else the promoted
-        dtype of x, lora_A and lora_B. Accumulation is float32 (float64 for float64 inputs).
-    """
-    device = check_adapter_args(_OP, x, lora_A, lora_B, lam, score_out, triplet_out)
-    out_dtype = compute_dtype(device, x, lora_A, lora_B)
-    # The kernels index lam with unit stride.
-    return LowRankAdapterFunction.apply(x, lora_A, lora_B, lam.contiguous(), score_out,
-                                        triplet_out, out_dtype)
+           s, lam, state, x, out, M, K, R, slots.alpha, slots.reserve, rows_per_split,
+           s.stride(0), s.stride(1), x.stride(0), x.stride(1), *strides,
+           USE_ATOMIC=use_atomic, **slots.consts(), BLOCK_R=br, BLOCK_K=bk, BLOCK_M=bm,
+           **_dot(cfg), num_warps=8 if br >= 64 else 4)
+    if out.dim() == 3:
+        out = out.sum(0) if split > 1 else out[0]
+    return out if out.dtype == out_like.dtype else out.to(out_like.dtype)

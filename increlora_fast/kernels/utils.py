@@ -1,4 +1,5 @@
-"""Host-side helpers shared by the kernel modules: dtypes of a launch, block sizes, checks."""
+"""Host-side helpers shared by the kernel modules: dtypes of a launch, block sizes, checks, and
+the launch itself (on the tensors' device, counted)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ TL_DTYPES = {
 SUPPORTED_DTYPES = tuple(TL_DTYPES)
 # Smallest tile edge tl.dot accepts.
 MIN_BLOCK = 16
+# Slot buffers up to this many slots are handled in one slot block by the kernels that need every
+# slot of a row at once (the pass over dy).
+MAX_R_MAX = 128
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class DotConfig:
         whose tl.dot multiplies bfloat16 bit patterns (triton-lang/triton#11584), so the operands,
         already rounded to bfloat16, are widened to float32 there.
     acc: accumulator dtype (float64 for float64 inputs, float32 otherwise).
-    precision: tl.dot input precision; fp32 follows ``torch.backends.cuda.matmul.allow_tf32``.
+    precision: tl.dot input precision of float32 operands: "tf32" when torch allows TF32 for
+        float32 matmuls (`tf32_enabled`), else "ieee".
     """
 
     op: tl.dtype
@@ -66,24 +71,48 @@ def check_dtype(op_name: str, name: str, t: torch.Tensor) -> None:
                         f"{[str(d) for d in SUPPORTED_DTYPES]}")
 
 
-def compute_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for ``device``, else the promoted input dtype."""
+def compute_dtype(device: torch.device, x: torch.Tensor) -> torch.dtype:
+    """The dtype an adapted linear computes in: the autocast dtype when autocast is on for
+    ``device``, else the dtype of the activation ``x`` (adapter tensors are rounded to it, as
+    the base layer's weight is; a float32 adapter on a bfloat16 base computes in bfloat16 and
+    accumulates in float32)."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
+    return x.dtype
+
+
+def tf32_enabled() -> bool:
+    """Whether torch lets float32 matmuls use TF32, read without touching the legacy
+    ``allow_tf32`` flag (torch 2.9+ raises on reading it once the new ``fp32_precision`` API was
+    used)."""
+    try:
+        mode = torch.backends.cuda.matmul.fp32_precision
+    except (AttributeError, RuntimeError):
+        mode = "none"
+    if mode in ("tf32", "ieee"):
+        return mode == "tf32"
+    return torch.get_float32_matmul_precision() != "highest"
 
 
 def dot_config(dtype: torch.dtype, interpreted: bool) -> DotConfig:
     op = TL_DTYPES[dtype]
     dot = tl.float32 if (interpreted and dtype == torch.bfloat16) else op
     wide = dtype == torch.float64
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    tf32 = dtype == torch.float32 and not interpreted and tf32_enabled()
     return DotConfig(op=op, dot=dot, acc=tl.float64 if wide else tl.float32,
                      acc_torch=torch.float64 if wide else torch.float32,
                      precision="tf32" if tf32 else "ieee")
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulator dtype of a compute dtype: float64 for float64, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def deterministic() -> bool:
+    """Whether kernels must avoid atomics and reduce in a fixed order (torch's
+    `torch.use_deterministic_algorithms`)."""
+    return torch.are_deterministic_algorithms_enabled()
 
 
 def block(n: int, cap: int) -> int:
@@ -98,8 +127,42 @@ def multiprocessor_count(device: torch.device) -> int:
     return 2
 
 
-def launch(kernel, grid: tuple, *args, **kwargs) -> None:
-    """Count and launch ``kernel`` on ``grid``; an empty grid launches nothing."""
-    if all(g > 0 for g in grid):
-        count_launch(kernel.fn.__name__)
+def row_major(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when its last dimension has unit stride, else a contiguous copy: kernels
+    compiled for unit inner strides vectorise and pipeline their loads (Liger does the same)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _first_tensor(args: tuple) -> Optional[torch.Tensor]:
+    return next((a for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def kernel_name(kernel) -> str:
+    """The Python name of a jit (or autotuned jit) kernel."""
+    fn = kernel
+    while hasattr(fn, "fn"):
+        fn = fn.fn
+    return fn.__name__
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """Count and launch ``kernel`` on ``grid`` (a tuple, or a function of the chosen meta
+    parameters for autotuned kernels) on the device of its first tensor argument, not the
+    current CUDA device (layers of one model can live on several GPUs). An empty grid launches
+    nothing."""
+    if not callable(grid) and not all(g > 0 for g in grid):
+        return
+    count_launch(kernel_name(kernel))
+    first = _first_tensor(args)
+    if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
+        with torch.cuda.device(first.device):
+            kernel[grid](*args, **kwargs)
+    else:
         kernel[grid](*args, **kwargs)
+
+
+def interpreter_active() -> bool:
+    """True when the kernel modules were built by the Triton interpreter (TRITON_INTERPRET=1 was
+    set before they were imported)."""
+    from .lowrank import _project_kernel
+    return is_interpreted(_project_kernel)

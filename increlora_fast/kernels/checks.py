@@ -1,0 +1,208 @@
+"""Correctness checks of the Triton adapted linear on a live device, against the float64 torch
+reference: the first-use check of one variant (`check_variant`, run by `functional` before a
+variant is trusted) and the whole suite (`run_kernel_checks`, run by ``increlora-fast
+gpu-check``). Needs nothing beyond torch and triton.
+
+Tolerances are relative to the largest magnitude of the float64 reference: float64 1e-10,
+float32 1e-4 (TF32 may be on), float16 5e-3, bfloat16 3e-2 (operands rounded to 8 bits; the
+interpreter truncates where GPUs round).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from ..reference import adapted_linear_torch
+from . import launches
+
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+NAMES = ("y", "dx", "dA", "dB", "dlambda", "score")
+# The score is accumulated in float32 for every dtype.
+SCORE_TOL = 1e-6
+
+
+@contextlib.contextmanager
+def _uncounted():
+    """Launches made by a check do not show in `launch_counts`."""
+    saved = launches.launch_counts()
+    try:
+        yield
+    finally:
+        launches.reset_launch_counts()
+        for name, n in saved.items():
+            launches._LAUNCHES[name] = n
+
+
+def _problem(device: torch.device, m: int, k: int, n: int, r_max: int, dtype: torch.dtype,
+             adapter_dtype: torch.dtype, weight_dtype: Optional[torch.dtype],
+             weight_in_out: bool, has_bias: bool, gen: torch.Generator) -> dict:
+    def rand(*shape, dt=torch.float32, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+
+    used = max(1, (3 * r_max) // 4 - 1)
+    state = torch.zeros(r_max, dtype=torch.int8)
+    state[:used - 1] = 2
+    state[used - 1] = 1
+    lam = torch.randn(r_max, generator=gen)
+    lam[0] = 0.0  # an active slot at lambda 0 (every slot starts so)
+    a = torch.randn(r_max, k, generator=gen) * 0.5
+    b = torch.randn(n, r_max, generator=gen) * 0.5
+    a[used:] = float("nan")  # dead slots must not poison anything
+    b[:, used:] = float("inf")
+    p = dict(x=rand(m, k, dt=dtype), dy=rand(m, n, dt=dtype),
+             A=a.to(device=device, dtype=adapter_dtype), B=b.to(device=device, dtype=adapter_dtype),
+             lam=lam.to(device=device, dtype=adapter_dtype), state=state.to(device),
+             alpha=16.0, reserve=1e-5, weight_in_out=weight_in_out, W=None, bias=None)
+    if weight_dtype is not None:
+        shape = (k, n) if weight_in_out else (n, k)
+        p["W"] = rand(*shape, dt=weight_dtype, scale=k ** -0.5)
+        p["bias"] = rand(n, dt=weight_dtype) if has_bias else None
+    return p
+
+
+def _run(p: dict, triton_path: bool, fused: bool, dropout_mask: Optional[torch.Tensor]
+         ) -> List[torch.Tensor]:
+    """y, dx, dA, dB, dlambda, score of one forward+backward. The torch path runs on float64
+    copies with the dead slots' A rows and B columns zeroed (they hold NaN and inf here, which
+    the kernels must ignore and the dense reference would propagate)."""
+    wide = not triton_path
+
+    def cast(t):
+        if t is None:
+            return None
+        t = t.detach()
+        return torch.nan_to_num(t.double(), nan=0.0, posinf=0.0, neginf=0.0) if wide else t
+    x = cast(p["x"]).requires_grad_(True)
+    leaves = [cast(p[k]).requires_grad_(True) for k in ("A", "B", "lam")]
+    score = torch.zeros((), dtype=torch.float64 if wide else torch.float32, device=x.device)
+    xa = None if dropout_mask is None else x * dropout_mask.to(x.dtype)
+    kwargs = dict(weight_in_out=p["weight_in_out"], score_out=score)
+    if triton_path:
+        from .linear import adapted_linear_triton
+        y = adapted_linear_triton(x, cast(p["W"]), cast(p["bias"]), *leaves, p["state"],
+                                  p["alpha"], p["reserve"], x_adapter=xa, fused_gemm=fused,
+                                  **kwargs)
+    else:
+        y = adapted_linear_torch(x, cast(p["W"]), cast(p["bias"]), *leaves, p["state"],
+                                 p["alpha"], p["reserve"], x_adapter=xa, **kwargs)
+    y.backward(cast(p["dy"]))
+    return [y.detach(), x.grad] + [t.grad for t in leaves] + [score]
+
+
+def _compare(got: List[torch.Tensor], ref: List[torch.Tensor], dtype: torch.dtype,
+             r_used: int) -> Tuple[float, str]:
+    worst, bad = 0.0, ""
+    for name, g, r in zip(NAMES, got, ref):
+        if g is None or r is None:
+            if (g is None) != (r is None):
+                return float("inf"), f"{name}: missing"
+            continue
+        if not torch.isfinite(g).all():
+            return float("inf"), f"{name}: non-finite values"
+        scale = r.abs().max().item() or 1.0
+        err = (g.double() - r).abs().max().item() / scale
+        if not err <= float("inf"):  # NaN in the reference
+            return float("inf"), f"{name}: the reference is not finite"
+        if name == "score":  # a float32 accumulator whatever the dtype
+            err = min(err, err * TOL[dtype] / SCORE_TOL) if err <= SCORE_TOL else err
+        if err > worst:
+            worst, bad = err, name
+    da, db = got[2], got[3]
+    if torch.count_nonzero(da[r_used:]) or torch.count_nonzero(db[:, r_used:]):
+        return float("inf"), "dead slots received a gradient"
+    return worst, bad
+
+
+def check_problem(device: torch.device, m: int, k: int, n: int, r_max: int, dtype: torch.dtype,
+                  adapter_dtype: torch.dtype, weight_dtype: Optional[torch.dtype],
+                  weight_in_out: bool = False, has_bias: bool = True, fused: bool = False,
+                  dropout: bool = False, seed: int = 0) -> Dict[str, object]:
+    """One forward+backward of the Triton op against float64 torch; a record for reports."""
+    gen = torch.Generator().manual_seed(seed)
+    p = _problem(device, m, k, n, r_max, dtype, adapter_dtype, weight_dtype, weight_in_out,
+                 has_bias, gen)
+    mask = None
+    if dropout:
+        mask = (torch.rand(m, k, generator=gen) > 0.25).to(device) / 0.75
+    record: Dict[str, object] = dict(op="adapted_linear" + ("_fused" if fused else ""),
+                                     dtype=str(dtype).replace("torch.", ""), M=m, K=k, N=n,
+                                     r_max=r_max, tol=TOL[dtype], ok=False, error="")
+    record["in"], record["out"] = record.pop("K"), record.pop("N")
+    start = time.perf_counter()
+    try:
+        with _uncounted(), torch.inference_mode(False), torch.enable_grad(), \
+                torch.autocast(device.type, enabled=False), warnings.catch_warnings():
+            # The interpreter evaluates both sides of tl.where in numpy: NaN * 0 in dead slots.
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+            got = _run(p, True, fused, mask)
+            ref = _run(p, False, False, mask)
+        err, where = _compare(got, ref, dtype, max(1, (3 * r_max) // 4 - 1))
+        record["max_rel_err"] = err
+        record["ok"] = err <= TOL[dtype]
+        if not record["ok"]:
+            record["error"] = f"{where}: relative error {err:.2e} > {TOL[dtype]:.0e}"
+    except Exception as exc:  # noqa: BLE001 - a check reports every failure
+        record["max_rel_err"] = float("nan")
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def check_variant(device: torch.device, dtype: torch.dtype, adapter_dtype: torch.dtype,
+                  weight_dtype: Optional[torch.dtype], weight_in_out: bool, has_bias: bool,
+                  fused: bool, dropout: bool, r_bucket: int) -> Tuple[bool, str]:
+    """The first-use check of one variant on a small odd problem: (passed, what failed)."""
+    if weight_dtype is not None and weight_dtype != dtype:
+        weight_dtype = dtype  # autocast casts the base weight to the compute dtype
+    rec = check_problem(device, 37, 24, 40, r_bucket, dtype, adapter_dtype, weight_dtype,
+                        weight_in_out, has_bias, fused, dropout)
+    return bool(rec["ok"]), str(rec["error"])
+
+
+def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, object]]:
+    """The kernel correctness suite: every variant family, fp32/bf16/fp16, odd shapes, r_max 16
+    and 128, M up to 32k unless ``quick``, and a tensor on a non-current device when there are
+    two GPUs. One record per problem (see `check_problem`)."""
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    shapes = [(37, 24, 40), (129, 77, 51)] if quick else \
+        [(37, 24, 40), (1000, 769, 3071), (32768, 768, 3072), (4099, 4096, 1100)]
+    records = []
+    for dtype in dtypes:
+        for (m, k, n) in shapes:
+            for r_max in (16, 128):
+                for adapter in ({dtype, torch.float32} if dtype != torch.float32 else {dtype}):
+                    records.append(check_problem(device, m, k, n, r_max, dtype, adapter, dtype))
+        records.append(check_problem(device, 53, 40, 24, 16, dtype, torch.float32, dtype,
+                                     weight_in_out=True, has_bias=True))
+        records.append(check_problem(device, 53, 40, 24, 16, dtype, torch.float32, None))
+        records.append(check_problem(device, 53, 40, 24, 16, dtype, torch.float32, dtype,
+                                     dropout=True))
+        if dtype != torch.float32:
+            records.append(check_problem(device, 130, 64, 96, 16, dtype, torch.float32, dtype,
+                                         fused=True))
+    with _deterministic():
+        records.append(dict(check_problem(device, 301, 40, 72, 16, torch.bfloat16,
+                                          torch.float32, torch.bfloat16),
+                            op="adapted_linear_deterministic"))
+    if device.type == "cuda" and torch.cuda.device_count() > 1:
+        other = torch.device("cuda", (device.index or 0) + 1 if (device.index or 0) + 1 <
+                             torch.cuda.device_count() else 0)
+        with torch.cuda.device(device):
+            records.append(dict(check_problem(other, 77, 40, 56, 16, torch.bfloat16,
+                                              torch.float32, torch.bfloat16),
+                                op="adapted_linear_other_device"))
+    return records
+
+
+@contextlib.contextmanager
+def _deterministic():
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)

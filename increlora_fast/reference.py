@@ -1,0 +1,113 @@
+"""The adapted linear in plain PyTorch: the CPU path and the reference every kernel is tested
+against. Tensors in, tensors out; nothing here imports triton or the rest of the package.
+
+``y = base(x) + ((x_a @ A.T) * lam_eff) @ B.T * 1`` where ``lam_eff`` (`effective_lambda`) is
+lambda on active slots, the fixed reserve value on reserve slots and 0 on inactive ones, times
+``alpha / active_rank``. Inactive slots (lam_eff == 0) receive exactly zero gradient in A and B.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+
+ACTIVE = 2
+RESERVE = 1
+
+
+def effective_lambda(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor],
+                     lora_alpha: float, reserve_value: float) -> torch.Tensor:
+    """lambda with the slot mask, the reserve value and the ``alpha / active_rank`` scale
+    applied (float32 or wider; differentiable in ``lora_lambda``, only active entries carry
+    gradient). ``slot_state`` None returns ``lora_lambda`` itself (direct mode)."""
+    if slot_state is None:
+        return lora_lambda
+    lam = lora_lambda if lora_lambda.dtype == torch.float64 else lora_lambda.float()
+    active = slot_state == ACTIVE
+    fixed = (slot_state == RESERVE).to(lam.dtype) * reserve_value
+    scale = lora_alpha / active.sum().clamp(min=1).to(lam.dtype)
+    return torch.where(active, lam, fixed) * scale
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device, else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def delta_w_score_dense(dw: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum(|dW * (dy.T @ x)|) / sqrt(out * in) computed densely in float32 or wider."""
+    acc = torch.promote_types(dw.dtype, torch.float32)
+    grad = dy.to(acc).t() @ x.to(acc)
+    return (dw.to(acc) * grad).abs().sum() / math.sqrt(dw.numel())
+
+
+def accumulate_dense_grad_(grad_out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
+    """``grad_out (out, in) += dy.T @ x`` in float32, from 16-bit operands without float32
+    copies where torch can (``out_dtype``; CUDA)."""
+    if dy.dtype == x.dtype and dy.dtype in (torch.bfloat16, torch.float16) and dy.is_cuda:
+        try:
+            grad_out.add_(torch.mm(dy.t(), x, out_dtype=grad_out.dtype))
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            pass
+    grad_out.addmm_(dy.t().to(grad_out.dtype), x.to(grad_out.dtype))
+
+
+def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
+                         base_bias: Optional[torch.Tensor], lora_A: torch.Tensor,
+                         lora_B: torch.Tensor, lora_lambda: torch.Tensor,
+                         slot_state: Optional[torch.Tensor], lora_alpha: float = 1.0,
+                         reserve_value: float = 0.0, *, weight_in_out: bool = False,
+                         base_forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                         x_adapter: Optional[torch.Tensor] = None,
+                         score_out: Optional[torch.Tensor] = None,
+                         grad_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The adapted linear on torch ops, for x of any leading shape.
+
+    The base is ``base_forward(x)`` when given (any module, e.g. a quantized linear), else
+    ``x W^T + bias`` (``x W + bias`` with ``weight_in_out``), else absent (the adapter alone).
+    The adapter reads ``x_adapter`` (dropout(x)) when given, computes in the base's compute
+    dtype (adapter tensors are rounded to it, float32 lam_eff and H) and is added into the base
+    output in place. ``score_out`` receives the exact module score of each backward and
+    ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook.
+    """
+    in_features = lora_A.shape[1]
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    xa2 = x2 if x_adapter is None else x_adapter.reshape(-1, in_features)
+    cdt = compute_dtype(x)
+    in_place = False
+    if base_forward is not None:
+        y = base_forward(x).reshape(-1, lora_B.shape[0])
+    elif base_weight is not None:
+        w = base_weight.t() if weight_in_out else base_weight
+        y = torch.nn.functional.linear(x2, w, base_bias)
+        in_place = y.dtype == cdt  # linear's backward does not need its output
+    else:
+        y = None
+    lam = effective_lambda(lora_lambda, slot_state, lora_alpha, reserve_value)
+    xa2 = xa2 if xa2.dtype == cdt else xa2.to(cdt)
+    h = xa2 @ lora_A.to(cdt).t()
+    s = (h.to(lam.dtype) * lam).to(cdt)
+    b_t = lora_B.to(cdt).t()
+    if in_place:
+        y = y.addmm_(s, b_t)
+    else:
+        delta = s @ b_t
+        y = delta if y is None else y + delta.to(y.dtype)
+    if (score_out is not None or grad_out is not None) and y.requires_grad:
+        xs, a, b, l = xa2.detach(), lora_A.detach(), lora_B.detach(), lam.detach()
+
+        def hook(dy: torch.Tensor) -> None:
+            with torch.no_grad():
+                if score_out is not None:
+                    dw = (b.to(l.dtype) * l) @ a.to(l.dtype)
+                    score_out.add_(delta_w_score_dense(dw, dy, xs).to(score_out.dtype))
+                if grad_out is not None:
+                    accumulate_dense_grad_(grad_out, dy, xs)
+
+        y.register_hook(hook)
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,320 @@
+"""The Triton adapted linear (`kernels.linear`) against the float64 torch reference, and the
+properties the GPU path promises: no extra activation-sized tensors, few torch ops, no atomics in
+deterministic mode, one compiled variant whatever the row count, launches on the tensors' device,
+TF32 read without raising, and the first-use safety net.
+
+On CPU the kernels run under the Triton interpreter (conftest), on CUDA compiled.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from increlora_fast import functional
+from increlora_fast.layer import IncreLoRALinear
+from increlora_fast.reference import adapted_linear_torch
+
+# (M, in, out, r_max): single and multi-tile, odd sizes, two slot blocks, r_max 128.
+SHAPES = [(1, 5, 19, 16), (37, 24, 40, 16), (70, 19, 33, 32), (33, 40, 5, 128)]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+
+
+def _seed() -> int:
+    return int(torch.randint(0, 2**31 - 1, ()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_slot_mode_matches_float64_reference(kernel_device, dtype, shape):
+    """Forward and every gradient (x, A, B, lambda) and the exact score, with active, reserve and
+    dead slots (NaN/inf in the dead slots' A rows and B columns, inside live slot blocks) and an
+    active slot at lambda 0; float32 adapters on 16-bit activations. Tolerances per dtype in
+    `kernels.checks.TOL`."""
+    from increlora_fast.kernels.checks import check_problem
+    m, k, n, r = shape
+    adapter = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    rec = check_problem(torch.device(kernel_device), m, k, n, r, dtype, adapter, dtype,
+                        seed=_seed())
+    assert rec["ok"], rec
+
+
+@pytest.mark.parametrize("case", ["conv1d", "no_bias", "no_base", "dropout", "fused",
+                                  "base_dtype_adapter"])
+def test_variants_match_float64_reference(kernel_device, case):
+    from increlora_fast.kernels.checks import check_problem
+    dtype = torch.float32
+    kw = dict(weight_in_out=case == "conv1d", has_bias=case != "no_bias",
+              fused=case == "fused", dropout=case == "dropout")
+    weight = None if case == "no_base" else dtype
+    adapter = torch.bfloat16 if case == "base_dtype_adapter" else dtype
+    act = torch.bfloat16 if case == "base_dtype_adapter" else dtype
+    rec = check_problem(torch.device(kernel_device), 45, 29, 38, 16, act, adapter,
+                        act if weight else None, seed=_seed(), **kw)
+    assert rec["ok"], rec
+
+
+@pytest.mark.parametrize("layout", ["strided", "transposed"])
+def test_direct_mode_any_strides(kernel_device, layout):
+    """lowrank_adapter: lam used as given (every slot's gradient exact), x as a strided or
+    transposed view (copied to unit inner stride first)."""
+    from increlora_fast.kernels.linear import lowrank_adapter
+    m, k, n, r = 13, 21, 17, 16
+    dev = kernel_device
+    x = (torch.randn(m, 2 * k + 1, dtype=torch.float64, device=dev)[:, 1::2] if layout == "strided"
+         else torch.randn(k, m, dtype=torch.float64, device=dev).t())
+    a = torch.randn(r, k, dtype=torch.float64, device=dev)
+    b = torch.randn(n, r, dtype=torch.float64, device=dev)
+    lam = torch.randn(r, dtype=torch.float64, device=dev)
+    lam[5:9] = 0.0
+    dy = torch.randn(m, n, dtype=torch.float64, device=dev)
+    leaves = [t.clone().requires_grad_() for t in (x, a, b, lam)]
+    out = lowrank_adapter(*leaves)
+    out.backward(dy)
+    ref_leaves = [t.clone().requires_grad_() for t in (x, a, b, lam)]
+    ref = adapted_linear_torch(ref_leaves[0], None, None, *ref_leaves[1:], None)
+    ref.backward(dy)
+    for got, want in [(out, ref)] + [(g.grad, w.grad) for g, w in zip(leaves, ref_leaves)]:
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(leaves[1].grad[5:9]) == 0  # lam == 0: no dA, dB
+    assert torch.count_nonzero(leaves[3].grad[5:9]) == 4  # but lambda's own gradient
+
+
+def _record_launches(monkeypatch) -> list:
+    from increlora_fast.kernels import fused_linear, lowrank
+    from increlora_fast.kernels import utils as kutils
+    calls = []
+    real = kutils.launch
+
+    def recording(kernel, grid, *args, **kwargs):
+        calls.append((kutils.kernel_name(kernel), grid, kwargs))
+        return real(kernel, grid, *args, **kwargs)
+    for mod in (lowrank, fused_linear):
+        monkeypatch.setattr(mod, "launch", recording)
+    return calls
+
+
+def _layer_step(m: int, dev: str, track: bool = False) -> None:
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3, reserve_rank=2).to(dev)
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    layer.score_enabled = track
+    x = torch.randn(m, 24, device=dev, requires_grad=True)
+    layer(x).sum().backward()
+
+
+@pytest.mark.parametrize("det", [False, True])
+def test_deterministic_mode_uses_no_atomics(kernel_device, monkeypatch, det):
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    calls = _record_launches(monkeypatch)
+    ctx = _deterministic() if det else contextlib.nullcontext()
+    with ctx:
+        _layer_step(301, kernel_device)
+    atomic = [name for name, _, kw in calls if kw.get("USE_ATOMIC")]
+    split = {name: grid for name, grid, _ in calls if name in ("_dy_pass_kernel",
+                                                               "_reduce_rows_kernel")}
+    assert split["_dy_pass_kernel"][0] > 1 and split["_reduce_rows_kernel"][2] > 1, split
+    assert (atomic == []) == det, atomic
+
+
+def test_deterministic_mode_is_bitwise_reproducible(kernel_device, monkeypatch):
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    grads = []
+    with _deterministic():
+        for _ in range(2):
+            torch.manual_seed(0)
+            layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+            x = torch.randn(301, 24, device=kernel_device, requires_grad=True)
+            layer(x).square().sum().backward()
+            grads.append([x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_lambda.grad])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_row_count_changes_no_constexpr(kernel_device, monkeypatch):
+    """The split of rows across programs is a runtime argument: two batch sizes launch every
+    kernel with the same constexprs, so no new variant is compiled per batch shape."""
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    calls = _record_launches(monkeypatch)
+    _layer_step(301, kernel_device)
+    first = {name: kw for name, _, kw in calls}
+    calls.clear()
+    _layer_step(77, kernel_device)
+    assert {name: kw for name, _, kw in calls} == first
+
+
+def _deterministic():
+    @contextlib.contextmanager
+    def ctx():
+        before = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(True)
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(before)
+    return ctx()
+
+
+def _activation_allocations(run, threshold: int) -> int:
+    """Ops that allocated at least ``threshold`` bytes themselves, seen by torch's profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return sum(1 for e in prof.events() if e.self_cpu_memory_usage >= threshold)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the non-view aten ops issued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU profiler counts CPU allocations")
+@pytest.mark.parametrize("track", [False, True])
+def test_no_extra_activation_allocations_and_few_ops(kernel_device, monkeypatch, track):
+    """One layer's forward+backward on the Triton path allocates no more activation-sized
+    tensors than the frozen nn.Linear (y and dx), with score tracking on or off, and issues at
+    most 10 non-view torch ops (tracking off)."""
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    m, k, n = 512, 48, 80
+    base = nn.Linear(k, n).requires_grad_(False)
+    layer = IncreLoRALinear(nn.Linear(k, n), r_max=16, init_r=3, reserve_rank=2).train()
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    layer.score_enabled = track
+    x = torch.randn(m, k, requires_grad=True)
+    dy = torch.randn(m, n)
+
+    def step(module):
+        def run():
+            for t in [x, *module.parameters()]:
+                t.grad = None  # no gradient accumulation (add_) into earlier .grad
+            module(x).backward(dy)
+        return run
+    step(layer)()  # first use: the safety-net check runs here, not below
+    threshold = m * min(k, n) * 4
+    floor = _activation_allocations(step(base), threshold)
+    ours = _activation_allocations(step(layer), threshold)
+    assert floor == 2 and ours <= floor, (floor, ours)
+    if not track:
+        # Count torch ops only: the interpreter's own bookkeeping ops are not the layer's, so
+        # the kernels are not run here (their results do not matter for the count).
+        from increlora_fast.kernels import lowrank
+        monkeypatch.setattr(lowrank, "launch", lambda *args, **kwargs: None)
+        counter = _OpCounter()
+        with counter:
+            step(layer)()
+        assert len(counter.ops) <= 10, counter.ops
+
+
+def test_tf32_read_through_the_new_api():
+    """torch 2.9+ raises on reading the legacy allow_tf32 flag once fp32_precision was set;
+    the kernels' dtype config reads the precision without raising."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels.utils import dot_config, tf32_enabled
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        assert tf32_enabled()
+        assert dot_config(torch.float32, interpreted=False).precision == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert dot_config(torch.float32, interpreted=False).precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_launch_runs_under_the_tensors_device(monkeypatch):
+    """A tensor on cuda:1 while cuda:0 is current: the launch happens inside
+    torch.cuda.device(cuda:1)."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels import utils as kutils
+
+    class OnCuda1(torch.Tensor):
+        @property
+        def is_cuda(self):
+            return True
+
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(dev):
+        entered.append(torch.device(dev))
+        yield
+
+    class FakeKernel:
+        fn = type("F", (), {"__name__": "_fake_kernel"})
+
+        def __getitem__(self, grid):
+            return lambda *a, **k: entered.append("launched")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    t = torch.zeros(2).as_subclass(OnCuda1)
+    kutils.launch(FakeKernel(), (1,), t)
+    assert entered == [torch.device("cuda", 1), "launched"]
+
+
+def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch):
+    """A variant that fails its first-use check: one warning naming the versions, then the torch
+    path for that variant (no kernel launches), with correct results."""
+    from increlora_fast.kernels import checks, launch_counts, reset_launch_counts
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    functional.reset_kernel_checks()
+    monkeypatch.setattr(checks, "check_variant", lambda *a: (False, "dy: relative error 1e+00"))
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    x = torch.randn(9, 24, device=kernel_device)
+    with pytest.warns(RuntimeWarning, match="first-use check.*torch .*triton .*report"):
+        y = layer(x)
+    reset_launch_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y2 = layer(x)
+    assert launch_counts() == {}
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    torch.testing.assert_close(y, layer(x))
+    torch.testing.assert_close(y2, y)
+    functional.reset_kernel_checks()
+
+
+def test_safety_net_catches_a_broken_kernel(kernel_device, monkeypatch):
+    """The real check: a kernel that raises on this device makes the check fail (not crash)."""
+    from increlora_fast.kernels import checks, linear
+    functional.reset_kernel_checks()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(linear, "adapted_linear_forward", broken)
+    ok, detail = checks.check_variant(torch.device(kernel_device), torch.float32, torch.float32,
+                                      torch.float32, False, True, False, False, 16)
+    assert not ok and "illegal memory access" in detail
+
+
+def test_safety_net_check_can_be_turned_off(kernel_device, monkeypatch):
+    from increlora_fast.kernels import checks
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    functional.reset_kernel_checks()
+    monkeypatch.setattr(checks, "check_variant", lambda *a: pytest.fail("check ran"))
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    layer(torch.randn(9, 24, device=kernel_device))
+    functional.reset_kernel_checks()
