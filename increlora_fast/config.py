@@ -23,7 +23,7 @@ DEFAULT_TARGET_MODULES = (
 # incre_rank_num per target_rank in the authors' GLUE scripts (spec section 4).
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 
-SCORE_KINDS = ("delta_w", "triplet")
+SCORE_KINDS = ("delta_w", "triplet", "random")
 ADAPTER_DTYPES = ("auto", "float32", "base")
 
 
@@ -68,19 +68,46 @@ class IncreLoRAConfig:
             after warmup.
         modules_to_save: module-name suffixes trained in full and saved with the adapter
             (e.g. a classifier head).
-        score: ``"delta_w"`` (exact module score of the spec) or ``"triplet"`` (AdaLoRA-style
-            per-slot sensitivity of A, B and lambda).
+        score: ``"delta_w"`` (exact module score of the spec), ``"triplet"`` (AdaLoRA-style
+            per-slot sensitivity of A, B and lambda) or ``"random"`` (a control: every round ranks
+            the modules in an order drawn from ``seed`` and the step, with no score computed).
         exact_step_score: for ``score="delta_w"``, compute the score from the gradient of the
             whole optimizer step (all accumulated micro-batches, averaged over data-parallel
-            ranks) instead of summing per-pass scores; costs one dense (out, in) float32 buffer
-            per module while allocating. ``None``: on exactly when torch.distributed runs with
-            more than one process.
+            ranks) instead of summing per-pass scores. Opt-in, and costly: on every tracked step
+            each target module holds a dense (out, in) float32 buffer (a float32 copy of every
+            target weight) and, under torch.distributed, all-reduces it. ``None`` means False,
+            with or without torch.distributed (there the per-module scores are summed over
+            ranks by one all-reduce of a (num_modules,) vector).
         adapter_dtype: dtype of the adapter tensors and so of their optimizer moments:
             ``"auto"`` (float32 on bfloat16/float16 and quantized bases, the base dtype
             otherwise, as peft does), ``"float32"``, or ``"base"`` (the base weight's dtype).
-        seed: seed of the controller's own random generator, from which fresh reserve slots are
-            drawn; saved in the controller's state_dict, so a resume is exact without the global
-            RNG and data-parallel ranks draw identical reserves.
+        seed: seed of the choices the method draws itself: the controller's own generator,
+            from which fresh reserve slots are drawn (saved in its state_dict, so a resume is
+            exact without the global RNG and data-parallel ranks draw identical reserves), and
+            ``score="random"``'s ranking.
+        scale_preserving_growth: when a module grows, multiply its previously active lambdas by
+            new_rank / old_rank so that its dW is unchanged at the moment of growth (the
+            ``lora_alpha / active_rank`` scale otherwise shrinks it, e.g. halves it from rank 1
+            to 2). The rescaled lambdas keep their Adam moments and step counts: the gradient
+            reaching them carries the scale, which drops from lora_alpha / old_rank to
+            lora_alpha / new_rank whether or not they are rescaled, so the optimizer sees the
+            growth exactly as without the option and the option changes one thing, dW's
+            continuity (rescaling the moments too, m / c and v / c^2 for c = new / old rank,
+            would also undo the smaller gradient's damping of Adam's next updates). A departure
+            from the authors' code.
+        reserve_in_penalty: reserve slots count in the orthogonal penalty (the authors' code).
+            False leaves only active slots in it, so advance learning sees the task gradient
+            alone (a departure from the authors' code).
+        normalize_on_activation: rescale the A row and B column of every newly activated slot to
+            unit norm (with ``advance_learning=False``: the norm-only control of advance learning,
+            whose reserves otherwise reach about unit norm through the penalty).
+        score_window: for ``score="delta_w"``, scores are tracked (and ipt/unc updated) only on
+            the ``score_window`` optimizer steps before each allocation round, the round's own
+            step included, and on every step while a round is pending; other steps run with
+            tracking off and cost nothing. ``None`` derives the smallest window in which the
+            EMAs' weight outside the window is under 1 %:
+            ``ceil(log(0.01) / log(max(beta1, beta2)))`` (29 at 0.85). A window of
+            ``incre_interval`` or more tracks every step of the allocation phase.
     """
 
     target_modules: Optional[Union[List[str], str]] = None
@@ -106,6 +133,10 @@ class IncreLoRAConfig:
     exact_step_score: Optional[bool] = None
     adapter_dtype: str = "auto"
     seed: int = 0
+    scale_preserving_growth: bool = False
+    reserve_in_penalty: bool = True
+    normalize_on_activation: bool = False
+    score_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
@@ -166,12 +197,18 @@ class IncreLoRAConfig:
             _fail("advance_learning", self.advance_learning, "True or False")
         if self.exact_step_score is not None and not isinstance(self.exact_step_score, bool):
             _fail("exact_step_score", self.exact_step_score, "None, True or False")
+        if self.score_window is not None and (not _is_int(self.score_window)
+                                              or self.score_window < 1):
+            _fail("score_window", self.score_window, "None or an integer >= 1")
         if self.score not in SCORE_KINDS:
             _fail("score", self.score, f"one of {SCORE_KINDS}")
         if self.adapter_dtype not in ADAPTER_DTYPES:
             _fail("adapter_dtype", self.adapter_dtype, f"one of {ADAPTER_DTYPES}")
         if not _is_int(self.seed) or self.seed < 0:
             _fail("seed", self.seed, "an integer >= 0")
+        for name in ("scale_preserving_growth", "reserve_in_penalty", "normalize_on_activation"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
 
     def total_budget(self, num_modules: int) -> int:
         """Total active rank the allocation must reach for ``num_modules`` adapted modules.

@@ -3,11 +3,17 @@
 The controller decides; the layers compute. Call ``step(step)`` once per optimizer step, after
 backward (and gradient clipping) and before ``optimizer.step()``; ``step`` is the 0-based index of
 that optimizer step.
+
+With ``score="delta_w"`` the exact score is tracked only inside the window of
+``IncreLoRAConfig.score_window`` steps before each allocation round (`IncreLoRAController.is_tracked`):
+at the end of ``step(s)`` the controller switches the layers' ``score_enabled`` on or off for the
+forward and backward passes of step ``s + 1``, so untracked steps pay nothing for the score.
 """
 from __future__ import annotations
 
 import logging
 import math
+import random
 import warnings
 from collections import defaultdict
 from typing import Dict, List, Optional
@@ -25,6 +31,15 @@ logger = logging.getLogger("increlora_fast")
 
 def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def default_score_window(beta1: float, beta2: float) -> int:
+    """Smallest window W with max(beta1, beta2) ** W < 1 %: the weight the EMAs give to steps
+    before the window (29 at 0.85)."""
+    beta = max(beta1, beta2)
+    if beta == 0:
+        return 1
+    return max(1, math.ceil(math.log(0.01) / math.log(beta)))
 
 
 def triplet_score(layer: IncreLoRALinear) -> torch.Tensor:
@@ -69,11 +84,17 @@ class IncreLoRAController:
         # Fresh reserve slots are drawn from the controller's own generator: every
         # data-parallel rank draws the same values, and state_dict() carries its state.
         self.generator = torch.Generator().manual_seed(self.config.seed)
-        exact = self.config.exact_step_score
-        self.exact_step_score = _world_size() > 1 if exact is None else exact
+        self._warned_untracked = False
+        self.exact_step_score = bool(self.config.exact_step_score)
+        window = self.config.score_window
+        self.score_window = window if window is not None else default_score_window(
+            self.config.beta1, self.config.beta2)
+        # The optimizer step the layers' tracking flags are set for (None: not known).
+        self._next_step: Optional[int] = 0
+        self._tracking = False
         if self.current_total_rank() >= self.total_budget:
             self._finish()
-        self._set_tracking(not self.budget_reached)
+        self._set_tracking(self.is_tracked(0))
 
     # ------------------------------------------------------------------ queries
     def current_total_rank(self) -> int:
@@ -87,6 +108,24 @@ class IncreLoRAController:
         """Final module scores (smoothed importance x uncertainty), in module order."""
         return self.ipt * self.unc
 
+    def is_tracked(self, step: int) -> bool:
+        """Whether optimizer step ``step`` updates the scores, given the current state.
+
+        False once the budget is reached. With ``score="delta_w"``: True while a round is pending
+        (it waits for the next finite step) and on the ``score_window`` steps up to and including
+        each allocation round; every step when the window is at least ``incre_interval``. The
+        triplet score, read from ``.grad``, is tracked on every step of the allocation phase.
+        """
+        if self.budget_reached:
+            return False
+        cfg = self.config
+        if cfg.score != "delta_w" or self.round_pending or self.score_window >= cfg.incre_interval:
+            return True
+        interval = cfg.incre_interval
+        first_round = (cfg.init_warmup // interval + 1) * interval
+        next_round = max(first_round, -(-step // interval) * interval)
+        return next_round - step < self.score_window
+
     # ------------------------------------------------------------------ the step
     def step(self, step: int, loss_scale: float = 1.0) -> None:
         """Update scores from this step's gradients and grow ranks when the schedule says so.
@@ -99,12 +138,35 @@ class IncreLoRAController:
                 ``scaler.unscale_(optimizer)`` first, as for clipping).
 
         A step with non-finite scores (overflow, NaN loss) changes nothing, and an allocation
-        round due at it waits for the next finite step.
+        round due at it waits for the next finite step. Steps outside the score window
+        (`is_tracked`) change nothing either; at the end the layers' tracking is set for
+        ``step + 1``.
         """
         if self.budget_reached:
             return
+        self._update(step, loss_scale)
+        if not self.budget_reached:
+            self._next_step = step + 1
+            self._set_tracking(self.is_tracked(step + 1))
+
+    def _update(self, step: int, loss_scale: float) -> None:
         cfg = self.config
         due = self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
+        if not self.is_tracked(step):
+            if self._tracking:  # passes tracked by a controller that did not know the step
+                for layer in self.layers:
+                    layer.release_score_buffers()
+            return
+        if cfg.score == "delta_w" and not self._tracking:
+            self.round_pending = due
+            if not self._warned_untracked:
+                self._warned_untracked = True
+                warnings.warn(f"IncreLoRA: controller.step({step}) is inside the score window but "
+                              f"its passes ran untracked (tracking was set for step "
+                              f"{self._next_step}); call step() once per optimizer step with "
+                              "consecutive indices (a due allocation round waits for the next "
+                              "step; warned once)", RuntimeWarning)
+            return
         if not self._has_backward_data():
             self.round_pending = due
             if not self._warned_no_data:
@@ -141,6 +203,8 @@ class IncreLoRAController:
 
     def _collect_scores(self) -> torch.Tensor:
         device = self.layers[0].lora_A.device
+        if self.config.score == "random":  # the ranking ignores scores: compute none
+            return torch.zeros(len(self.layers), dtype=torch.float64)
         if self.config.score == "triplet":
             raw = [triplet_score(layer) for layer in self.layers]
         elif self.exact_step_score:
@@ -148,7 +212,13 @@ class IncreLoRAController:
         else:
             raw = [layer.take_score() for layer in self.layers]
         scores = torch.stack([r.to(device) for r in raw]).double()
-        if _world_size() > 1:
+        world = _world_size()
+        if world > 1:
+            if self.config.score == "delta_w" and not self.exact_step_score:
+                # Per-pass scores of every rank's micro-batches: one all-reduce of a
+                # (num_modules,) vector, divided by the world size as DDP averages gradients.
+                dist.all_reduce(scores)
+                scores /= world
             dist.broadcast(scores, src=0)  # every rank takes the very same decisions
         return scores.cpu()
 
@@ -163,7 +233,10 @@ class IncreLoRAController:
     def _allocate(self, step: int) -> None:
         cfg = self.config
         remaining = self.total_budget - self.current_total_rank()
-        score = torch.nan_to_num(self.importance(), nan=-math.inf)
+        if cfg.score == "random":
+            score = self._random_scores(step)
+        else:
+            score = torch.nan_to_num(self.importance(), nan=-math.inf)
         eligible = [i for i, layer in enumerate(self.layers) if layer.reserve_rank > 0]
         # Highest score first; equal scores keep module order (sorted() is stable).
         ranked = sorted(eligible, key=lambda i: -float(score[i]))
@@ -172,7 +245,10 @@ class IncreLoRAController:
             if remaining <= 0:
                 break
             layer = self.layers[i]
+            old_rank = layer.active_rank
             added = layer.activate_reserve(min(cfg.incre_rank_num, remaining), step)
+            layer.condition_growth(old_rank, preserve_scale=cfg.scale_preserving_growth,
+                                   unit_norm=cfg.normalize_on_activation)
             remaining -= added
             if remaining > 0:
                 layer.add_reserve(cfg.incre_rank_num, step, generator=self.generator)
@@ -186,21 +262,33 @@ class IncreLoRAController:
             self._set_tracking(False)
             logger.info("step %d: rank budget %d reached", step, self.total_budget)
 
+    def _random_scores(self, step: int) -> torch.Tensor:
+        """``score="random"``: one uniform draw per module from (config.seed, step) alone, so
+        every process, a resumed run and a rerun rank the modules the same way."""
+        rng = random.Random(f"increlora-random-score/{self.config.seed}/{step}")
+        return torch.tensor([rng.random() for _ in self.layers], dtype=torch.float64)
+
     def _finish(self) -> None:
         for layer in self.layers:
             layer.retire_reserve()
         self.budget_reached = True
 
     def _set_tracking(self, on: bool) -> None:
+        """Switch the layers' score tracking; buffers are released (the dense G of exact-step
+        mode freed) whenever tracking turns on or off."""
+        on = on and self.config.score == "delta_w"
         for layer in self.layers:
-            layer.score_enabled = on and self.config.score == "delta_w"
+            if layer.score_enabled != on or layer.exact_step_score != self.exact_step_score:
+                layer.release_score_buffers()
+            layer.score_enabled = on
             layer.exact_step_score = self.exact_step_score
-            layer.release_score_buffers()
+        self._tracking = on
 
     # ------------------------------------------------------------------ regularisation
     def regularization_loss(self) -> torch.Tensor:
         """orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules),
-        over active and reserve slots, batched over modules of the same shape."""
+        over active and reserve slots (active only with ``reserve_in_penalty=False``), batched
+        over modules of the same shape."""
         device = self.layers[0].lora_A.device
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=device)
@@ -209,7 +297,8 @@ class IncreLoRAController:
             groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
         total = torch.zeros((), device=device)
         for members in groups.values():
-            used = torch.stack([m.slot_state != SlotState.INACTIVE for m in members])
+            used = torch.stack([m.active_mask if not self.config.reserve_in_penalty
+                                else m.slot_state != SlotState.INACTIVE for m in members])
             trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
             w = used.to(members[0].lora_A.dtype)
             # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
@@ -229,7 +318,7 @@ class IncreLoRAController:
                 "budget_reached": self.budget_reached, "round_pending": self.round_pending,
                 "names": list(self.names),
                 "allocation_log": [dict(e) for e in self.allocation_log],
-                "warned_nonfinite": self._warned_nonfinite,
+                "warned_nonfinite": self._warned_nonfinite, "next_step": self._next_step,
                 "generator": self.generator.get_state()}
 
     def check_state_dict(self, state: dict) -> None:
@@ -274,4 +363,7 @@ class IncreLoRAController:
         self.allocation_log = [dict(e) for e in state["allocation_log"]]
         self._warned_nonfinite = bool(state["warned_nonfinite"])
         self.generator = generator
-        self._set_tracking(not self.budget_reached)
+        # Older states do not say which step comes next: track it; it is dropped if untracked.
+        self._next_step = state.get("next_step")
+        self._set_tracking(not self.budget_reached if self._next_step is None
+                           else self.is_tracked(self._next_step))

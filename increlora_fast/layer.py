@@ -203,6 +203,25 @@ class IncreLoRALinear(nn.Module):
         return int(idx.numel())
 
     @torch.no_grad()
+    def condition_growth(self, old_rank: int, preserve_scale: bool = False,
+                         unit_norm: bool = False) -> None:
+        """Growth options, applied right after `activate_reserve` took the module from
+        ``old_rank`` active slots (the leading ones) to `active_rank`.
+
+        ``preserve_scale`` multiplies the previously active lambdas by active_rank / old_rank,
+        so that their part of dW (lambda x lora_alpha / active_rank) is what it was before the
+        growth; ``unit_norm`` rescales the A rows and B columns of the newly activated slots to
+        unit norm."""
+        new_rank = self.active_rank
+        if preserve_scale and new_rank > old_rank > 0:
+            self.lora_lambda[:old_rank] *= new_rank / old_rank
+        if unit_norm and new_rank > old_rank:
+            grown = slice(old_rank, new_rank)
+            self.lora_A[grown] /= self.lora_A[grown].norm(dim=1, keepdim=True).clamp(min=1e-12)
+            self.lora_B[:, grown] /= self.lora_B[:, grown].norm(dim=0, keepdim=True).clamp(
+                min=1e-12)
+
+    @torch.no_grad()
     def add_reserve(self, n: int, step: int, generator: Optional[torch.Generator] = None) -> int:
         """Append up to ``n`` fresh reserve slots after the used ones; returns how many fit.
 

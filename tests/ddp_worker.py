@@ -2,8 +2,9 @@
 
 Launched as one of 2 CPU processes (gloo), either by
 ``python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_worker.py torchrun OUT``
-(DDP with ``no_sync`` micro-batches; FSDP2 sharding the frozen base; DDP with per-rank seeds) or
-by ``accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py accelerate OUT``
+(DDP with ``no_sync`` micro-batches, with the exact-step score and with the default fused
+per-pass score; FSDP2 sharding the frozen base; DDP with per-rank seeds) or by
+``accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py accelerate OUT``
 (`Accelerator.prepare` + ``accumulate``). In every run each rank takes its half of the same global
 batch in ``MICRO`` micro-batches and trains; ``OUT/rank<r>.pt`` maps run name to allocation log,
 rank pattern, smoothed scores and model state.
@@ -13,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,11 +41,13 @@ class Net(nn.Module):
         return self.head(torch.tanh(self.body(x)))
 
 
-def build() -> Tuple[Net, IncreLoRAConfig]:
+def build(exact_step_score: Optional[bool] = True) -> Tuple[Net, IncreLoRAConfig]:
+    """``exact_step_score=None`` is the default (the fused per-pass score)."""
     torch.manual_seed(0)
     config = IncreLoRAConfig(target_modules=r"body\.branches\.\d+", r_max=5, init_r=1,
                              target_rank=3, incre_rank_num=1, init_warmup=2, incre_interval=2,
-                             top_h=1, warmup_steps=2, total_step=STEPS, modules_to_save=["head"])
+                             top_h=1, warmup_steps=2, total_step=STEPS, modules_to_save=["head"],
+                             exact_step_score=exact_step_score)
     return inject_increlora(Net(), config), config
 
 
@@ -74,14 +77,17 @@ def result(model: Net, controller: IncreLoRAController) -> Dict[str, object]:
             "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
-def run_single_process() -> Dict[str, object]:
-    """The reference: one process, the whole global batch in one pass per step."""
-    model, config = build()
+def run_single_process(micro: int = 1) -> Dict[str, object]:
+    """The reference: one process, the whole global batch per step, in ``micro`` equal
+    micro-batches (1: one pass) with the default fused per-pass score. With ``micro`` = ranks x
+    MICRO its per-pass scores are those of a data-parallel run's micro-batches, averaged over
+    ranks."""
+    model, config = build(exact_step_score=None)
     optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
     controller = IncreLoRAController(model, config)
     for step in range(STEPS):
-        x, y = global_batch(step)
-        loss_fn(model, controller, x, y).backward()
+        for x, y in shard(step, 0, 1, micro):
+            (loss_fn(model, controller, x, y) / micro).backward()
         controller.step(step)
         optimizer.step()
         optimizer.zero_grad()
@@ -93,12 +99,13 @@ def _steps(rank: int, world: int) -> Iterator[Tuple[int, List[Tuple[torch.Tensor
         yield step, shard(step, rank, world, MICRO)
 
 
-def _ddp(rank: int, world: int, rank_seeds: bool = False) -> Dict[str, object]:
+def _ddp(rank: int, world: int, rank_seeds: bool = False,
+         exact_step_score: Optional[bool] = True) -> Dict[str, object]:
     """DDP with ``no_sync`` on all micro-batches but the last. ``rank_seeds``: every rank reseeds
     its global RNG differently after the model is built (as per-rank seeding does)."""
     from torch.nn.parallel import DistributedDataParallel
 
-    model, config = build()
+    model, config = build(exact_step_score)
     ddp = DistributedDataParallel(model)
     optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
     controller = IncreLoRAController(model, config)
@@ -146,12 +153,14 @@ def _fsdp2(rank: int, world: int) -> Dict[str, object]:
 
 
 def run_torchrun() -> Dict[str, Dict[str, object]]:
-    """DDP, FSDP2 (when this torch has ``fully_shard``) and DDP with per-rank seeds."""
+    """DDP (exact-step score, and the default), FSDP2 (when this torch has ``fully_shard``) and
+    DDP with per-rank seeds."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    runs = {"ddp": _ddp(rank, world), "ddp_rank_seeds": _ddp(rank, world, rank_seeds=True)}
+    runs = {"ddp": _ddp(rank, world), "ddp_rank_seeds": _ddp(rank, world, rank_seeds=True),
+            "ddp_default": _ddp(rank, world, exact_step_score=None)}
     try:
         from torch.distributed.fsdp import fully_shard  # noqa: F401
     except ImportError:

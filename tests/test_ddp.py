@@ -1,8 +1,9 @@
 """Issue 7 (1): 2-process data parallel training (gloo, CPU) allocates exactly as one process does.
 
 torchrun (DDP, and FSDP2 sharding the frozen base) and accelerate launch run tests/ddp_worker.py:
-each rank takes half of the same global batch in two micro-batches; the reference is one process
-on the whole global batch in one pass.
+each rank takes half of the same global batch in two micro-batches. With the opt-in exact-step
+score the reference is one process on the whole global batch in one pass; with the default fused
+per-pass score (issue 13) it is one process on the global batch in 2 x 2 micro-batches.
 """
 import os
 import socket
@@ -48,6 +49,11 @@ def reference():
 
 
 @pytest.fixture(scope="module")
+def reference_micro():
+    return ddp_worker.run_single_process(micro=2 * ddp_worker.MICRO)
+
+
+@pytest.fixture(scope="module")
 def torchrun_runs(tmp_path_factory):
     """One torchrun launch of 2 processes: runs "ddp", "ddp_rank_seeds" and "fsdp2"."""
     out = tmp_path_factory.mktemp("torchrun")
@@ -56,9 +62,9 @@ def torchrun_runs(tmp_path_factory):
     return _launch(cmd, out)
 
 
-def _same_on_both_ranks(r0, r1):
+def _same_on_both_ranks(r0, r1, exact=True):
     assert r0["world_size"] == r1["world_size"] == 2
-    assert r0["exact_step_score"] and r1["exact_step_score"]  # auto-enabled by the process group
+    assert r0["exact_step_score"] is r1["exact_step_score"] is exact
     assert r0["allocation_log"] == r1["allocation_log"] and r0["allocation_log"]
     assert r0["rank_pattern"] == r1["rank_pattern"]
     for key, value in r0["state"].items():
@@ -84,6 +90,18 @@ def test_torchrun_ddp_two_ranks_equal_one_process(torchrun_runs, reference):
     r0, r1 = (r["ddp"] for r in torchrun_runs)
     _same_on_both_ranks(r0, r1)
     _equal_to_single_process(r0, reference)
+
+
+def test_torchrun_ddp_default_fused_score_summed_over_ranks(torchrun_runs, reference_micro,
+                                                           reference):
+    """exact_step_score=None is the fused per-pass score under torch.distributed too: each rank
+    scores its micro-batches, one all-reduce of the (num_modules,) vector averages them, so both
+    ranks decide as one process scoring the 4 micro-batches of the global batch."""
+    r0, r1 = (r["ddp_default"] for r in torchrun_runs)
+    _same_on_both_ranks(r0, r1, exact=False)
+    _equal_to_single_process(r0, reference_micro)
+    # not the one-pass score of the global batch (that is what exact_step_score=True gives)
+    assert not torch.allclose(r0["ipt"], reference["ipt"], rtol=1e-3)
 
 
 def test_torchrun_fsdp2_sharded_base_equals_one_process(torchrun_runs, reference):

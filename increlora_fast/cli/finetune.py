@@ -11,7 +11,9 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from ..training.settings import BERT_TARGETS, DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, RunSettings
+from ..config import SCORE_KINDS
+from ..training.settings import (BERT_TARGETS, DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS,
+                                 SCHEDULES, RunSettings)
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
 SETTINGS_DESTS = [f.name for f in dataclasses.fields(RunSettings)]
@@ -86,6 +88,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adapter.add_argument("--no-advance-learning", dest="advance_learning", action="store_false",
                          help="IncreLoRA ablation: reserve slots stay frozen (lambda 0) until "
                               "they are activated")
+    # IncreLoRA controls and options beyond the authors' method (issue 15), off by default.
+    adapter.add_argument("--score", default=d.score, choices=SCORE_KINDS,
+                         help="IncreLoRA module score: delta_w (the method), triplet, or random "
+                              "(control: modules ranked at random from --seed, same schedule)")
+    adapter.add_argument("--scale-preserving-growth", action="store_true",
+                         help="IncreLoRA option: when a module grows, rescale its active lambdas "
+                              "so that its dW is unchanged (no alpha/rank shock)")
+    adapter.add_argument("--no-reserve-penalty", dest="reserve_in_penalty", action="store_false",
+                         help="IncreLoRA option: reserve slots leave the orthogonal penalty, so "
+                              "advance learning follows the task gradient alone")
+    adapter.add_argument("--reserve-lambda", type=float, default=d.reserve_lambda,
+                         help="IncreLoRA: fixed lambda of reserve slots (default %(default)g)")
+    adapter.add_argument("--normalize-on-activation", action="store_true",
+                         help="IncreLoRA option: activated A rows and B columns are rescaled to "
+                              "unit norm (with --no-advance-learning: the norm-only control)")
+    adapter.add_argument("--schedule", default=d.schedule, choices=tuple(SCHEDULES),
+                         help="IncreLoRA derived schedule: default (restart warmup from "
+                              "--warmup-ratio, budget by 50%% of steps) or authors (warmup = "
+                              "growth interval, budget by 35%%)")
     adapter.add_argument("--adalora-init-r", type=int, default=d.adalora_init_r)
     adapter.add_argument("--adalora-tinit", type=int, help="default: 10%% of steps")
     adapter.add_argument("--adalora-tfinal", type=int, help="default: 30%% of steps")
@@ -115,6 +136,10 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run settings named on the command line."""
     if args.task and args.train_file:
         raise ValueError("give --task or --train-file, not both")
+    if getattr(args, "schedule", "default") == "authors" and \
+            getattr(args, "warmup_ratio", RunSettings().warmup_ratio) != RunSettings().warmup_ratio:
+        raise ValueError("--schedule authors sets the warmup to the growth interval; give "
+                         "--incre-interval instead of --warmup-ratio")
     values = {k: getattr(args, k) for k in SETTINGS_DESTS if hasattr(args, k)}
     if not args.task:
         values["task"] = None if args.train_file else RunSettings().task

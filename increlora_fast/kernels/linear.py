@@ -116,11 +116,9 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     if score_out is not None:
         from ..reference import effective_lambda
         from .score import delta_w_score_
+        # The score kernel never reads slots whose lam_eff is 0 (NaN there cannot count).
         lam = effective_lambda(lora_lambda, slot_state, alpha, reserve).detach()
-        live = lam != 0  # dead slots may hold anything, NaN included: they must not count
-        a = torch.where(live[:, None], lora_A, 0.0)
-        b = torch.where(live[None, :], lora_B, 0.0)
-        delta_w_score_(dy, xa, a, b, lam, score_out)
+        delta_w_score_(dy, xa, lora_A, lora_B, lam, score_out)
     if grad_out is not None:
         from ..reference import accumulate_dense_grad_
         accumulate_dense_grad_(grad_out, dy, xa)

@@ -1,85 +1,95 @@
-"""The exact IncreLoRA module score ``sum(|dW * G|) / sqrt(out * in)``, reduced tile by tile.
+"""The exact IncreLoRA module score ``sum(|dW * G|) / sqrt(out * in)``, in cuBLAS chunks.
 
-``dW = B diag(lam) A`` and ``G = dy.T @ x`` are (out, in); neither is ever stored. Each program
-owns one (BLOCK_N, BLOCK_K) tile: it builds the dW tile from the slot buffers (skipping slot
-blocks whose lam is all zero), and only when that tile has any live slot it builds the G tile by
-a loop over all M rows of dy and x, then adds ``sum |dW * G|`` atomically into the scalar.
-Passes: in/BLOCK_K over dy and out/BLOCK_N over x (it is the GEMM dy.T @ x), nothing written but
-one atomic add per tile. Called only on steps where a score accumulator is passed.
+``dW = B diag(lam) A`` and ``G = dy.T @ x`` are (out, in); neither is ever stored whole.
+`reference.weight_grad_chunks` computes G in chunks of ``rows`` columns of dy with cuBLAS
+(``torch.mm``, bf16/fp16 operands with a float32 output where torch supports it) into one reused
+float32 (rows, in) buffer, about 4 MB, which stays in L2. After each chunk `_delta_w_score_kernel`
+reads it once: every program builds its (BLOCK_N, BLOCK_K) tile of dW from the slot buffers by
+rank-1 updates (skipping slots whose lam is 0, so a dead slot's values are never read) and stores
+``sum |dW * G|`` of the tile into its own partial. The partials are summed once at the end, in a
+fixed order: no atomics, the result is deterministic.
+
+Per call: ceil(out / rows) GEMMs (dy read once in all, x once per chunk), as many epilogue
+launches, one reduction; nothing of size M x out, M x in or out x in is allocated.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from .utils import block, dot_config, is_interpreted, launch
+from ..reference import score_chunk_rows, weight_grad_chunks
+from .utils import is_interpreted, launch
 
 
 @triton.jit
 def _delta_w_score_kernel(
-    dy_ptr, x_ptr, a_ptr, b_ptr, lam_ptr, score_ptr,
-    M, N, K, R, inv_norm,
-    stride_dym, stride_dyn, stride_xm, stride_xk, stride_ar, stride_ak, stride_bn, stride_br,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-    OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+    g_ptr, a_ptr, b_ptr, lam_ptr, part_ptr,
+    N, K, R, part_offset,
+    stride_gn, stride_ar, stride_ak, stride_bn, stride_br,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
 ):
-    """score += inv_norm * sum over one (BLOCK_N, BLOCK_K) tile of |(B diag(lam) A) * (dy.T x)|."""
+    """part[part_offset + tile] = sum over one (BLOCK_N, BLOCK_K) tile of |(B diag(lam) A) * G|,
+    for one chunk: G (N, K) and B (N, R) are that chunk's rows."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
     n_ok = rn < N
     k_ok = rk < K
     dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    live = 0
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        lam = tl.load(lam_ptr + rr, mask=r_ok, other=0.0).to(ACC)
-        nonzero = tl.sum((lam != 0).to(tl.int32), axis=0)
-        if nonzero > 0:
-            b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(ACC) * lam[None, :]
-            a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
-                        mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-            dw = tl.dot(b.to(OP).to(DOT), a.to(OP).to(DOT), dw,
-                        input_precision=PRECISION, out_dtype=ACC)
-        live += nonzero
-    if live > 0:
-        g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-        for m0 in range(0, M, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            m_ok = rm < M
-            dy_t = tl.load(dy_ptr + rn[:, None] * stride_dyn + rm[None, :] * stride_dym,
-                           mask=n_ok[:, None] & m_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            g = tl.dot(dy_t.to(OP).to(DOT), x.to(OP).to(DOT), g,
-                       input_precision=PRECISION, out_dtype=ACC)
-        part = tl.sum(tl.sum(tl.abs(dw * g), axis=1), axis=0) * inv_norm
-        tl.atomic_add(score_ptr, part.to(score_ptr.dtype.element_ty))
+    for r in range(0, R):
+        lam = tl.load(lam_ptr + r).to(ACC)
+        if lam != 0:
+            b = tl.load(b_ptr + rn * stride_bn + r * stride_br, mask=n_ok, other=0.0).to(ACC)
+            a = tl.load(a_ptr + r * stride_ar + rk * stride_ak, mask=k_ok, other=0.0).to(ACC)
+            dw += (b * lam)[:, None] * a[None, :]
+    g = tl.load(g_ptr + rn[:, None] * stride_gn + rk[None, :],
+                mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    part = tl.sum(tl.sum(tl.abs(dw * g.to(ACC)), axis=1), axis=0)
+    tile = pid_n * tl.num_programs(1) + pid_k
+    tl.store(part_ptr + part_offset + tile, part)
 
 
 def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                   lora_B: torch.Tensor, lam: torch.Tensor, score_out: torch.Tensor) -> None:
+                   lora_B: torch.Tensor, lam: torch.Tensor, score_out: torch.Tensor, *,
+                   chunk_rows: Optional[int] = None) -> None:
     """Add ``sum(|B diag(lam) A * (dy.T @ x)|) / sqrt(out * in)`` into the 0-d ``score_out``.
 
-    dy (M, out) and x (M, in) may have any strides; the operands are rounded to dy's dtype
-    before each tl.dot and accumulated in float32 (float64 for float64).
+    Args:
+        dy: (M, out), any float dtype and strides.
+        x: (M, in), any float dtype and strides (may differ from dy's and from the adapter's).
+        lora_A, lora_B: (r_max, in) and (out, r_max) slot buffers, any float dtype.
+        lam: (r_max,) effective lambda (mask and scale applied); slots with lam == 0 are skipped.
+        score_out: 0-d float32 (or float64) accumulator.
+        chunk_rows: columns of dy per chunk; default `reference.score_chunk_rows`.
+
+    G and dW are accumulated in float32 (float64 when any input is float64).
     """
-    M, N = dy.shape
-    K = x.shape[1]
+    N, K = dy.shape[1], x.shape[1]
     R = lora_A.shape[0]
-    small = is_interpreted(_delta_w_score_kernel)
-    cfg = dot_config(dy.dtype, small)
-    bn, bk, bm, br = (16, 16, 16, 16) if small else (64, 64, 32, block(R, 32))
-    launch(_delta_w_score_kernel, (triton.cdiv(N, bn), triton.cdiv(K, bk)),
-           dy, x, lora_A, lora_B, lam, score_out,
-           M, N, K, R, 1.0 / math.sqrt(N * K),
-           dy.stride(0), dy.stride(1), x.stride(0), x.stride(1),
-           lora_A.stride(0), lora_A.stride(1), lora_B.stride(0), lora_B.stride(1),
-           BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, BLOCK_R=br,
-           OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
+    wide = torch.float64 in (dy.dtype, x.dtype, lora_A.dtype, lora_B.dtype, lam.dtype)
+    acc, acc_tl = (torch.float64, tl.float64) if wide else (torch.float32, tl.float32)
+    rows = min(chunk_rows or score_chunk_rows(N, K), N)
+    lam = lam.contiguous()
+    if is_interpreted(_delta_w_score_kernel):
+        bn, bk, warps = 16, 16, 1
+    else:
+        bn, bk, warps = 32, 64, 4
+    tiles = triton.cdiv(rows, bn) * triton.cdiv(K, bk)
+    n_chunks = triton.cdiv(N, rows)
+    parts = torch.zeros(n_chunks * tiles, dtype=acc, device=dy.device)
+    guard = torch.cuda.device(dy.device) if dy.is_cuda else contextlib.nullcontext()
+    with guard:
+        for i, (n0, n1, g) in enumerate(weight_grad_chunks(dy, x, acc, rows)):
+            b = lora_B[n0:n1]
+            launch(_delta_w_score_kernel, (triton.cdiv(n1 - n0, bn), triton.cdiv(K, bk)),
+                   g, lora_A, b, lam, parts,
+                   n1 - n0, K, R, i * tiles,
+                   g.stride(0), lora_A.stride(0), lora_A.stride(1), b.stride(0), b.stride(1),
+                   BLOCK_N=bn, BLOCK_K=bk, ACC=acc_tl, num_warps=warps)
+        score_out.add_((parts.sum() / math.sqrt(N * K)).to(score_out.dtype))

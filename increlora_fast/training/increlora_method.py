@@ -26,7 +26,10 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
         init_warmup=s.init_warmup, incre_interval=s.incre_interval, top_h=1,
         advance_learning=s.advance_learning,
         orth_reg_weight=s.orth_reg_weight, warmup_steps=s.warmup_steps, total_step=s.max_steps,
-        modules_to_save=list(s.modules_to_save) or None, seed=s.seed)
+        modules_to_save=list(s.modules_to_save) or None, score=s.score, seed=s.seed,
+        scale_preserving_growth=s.scale_preserving_growth,
+        reserve_in_penalty=s.reserve_in_penalty, reserve_lambda=s.reserve_lambda,
+        normalize_on_activation=s.normalize_on_activation)
     n_targets = sum(1 for name, m in model.named_modules()
                     if is_supported_base(m) and matches_suffix(name, base.target_modules))
     return dataclasses.replace(base, top_h=default_top_h(s, n_targets, base.incre_rank_num))
@@ -73,7 +76,10 @@ class IncreLoRARun(MethodRun):
                     incre_interval=c.incre_interval, top_h=c.top_h,
                     incre_rank_num=c.incre_rank_num, advance_learning=c.advance_learning,
                     orth_reg_weight=c.orth_reg_weight,
-                    warmup_steps=c.warmup_steps)
+                    warmup_steps=c.warmup_steps, score=c.score,
+                    scale_preserving_growth=c.scale_preserving_growth,
+                    reserve_in_penalty=c.reserve_in_penalty, reserve_lambda=c.reserve_lambda,
+                    normalize_on_activation=c.normalize_on_activation)
 
     def parameter_counts(self) -> Dict[str, int]:
         counts = count_trainable_parameters(self.model)

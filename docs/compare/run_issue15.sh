@@ -1,0 +1,169 @@
+#!/usr/bin/env bash
+# Issue 15's experiments, reproducibly: controls, options, the authors' recipe points, a longer
+# horizon and larger budgets, every variant on paired seeds (the same seed gives every variant
+# the same batches), then paired differences with 95 % t-intervals.
+#
+#   docs/compare/run_issue15.sh [SECTION ...]      (default: every section, then summary)
+#
+# Sections: controls options recipe horizon budgets summary.
+# Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
+# with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
+# metrics.json exists is skipped, so the script resumes where it stopped. `summary` writes
+# Markdown tables, their JSON and the loss around growth rounds to $SUMMARY, and copies every
+# run's metrics.json and allocation_log.jsonl (no weights) to $SUMMARY/runs/.
+#
+# Environment (defaults): ROOT=runs/issue15 SUMMARY=docs/compare/issue15 JOBS=2 THREADS=1
+#   TASKS="rotten_tomatoes trec6" SEEDS_CONTROLS=8 SEEDS_OPTIONS=8 SEEDS_OTHER=3
+#   DRY_RUN=1 prints "<run folder><TAB><finetune options>" per run instead of running.
+set -euo pipefail
+cd "$(dirname "$0")/../.."  # the repository root: ROOT and SUMMARY are relative to it
+
+ROOT=${ROOT:-runs/issue15}
+SUMMARY=${SUMMARY:-docs/compare/issue15}
+JOBS=${JOBS:-2}
+THREADS=${THREADS:-1}
+TASKS=${TASKS:-"rotten_tomatoes trec6"}
+SEEDS_CONTROLS=${SEEDS_CONTROLS:-8}
+SEEDS_OPTIONS=${SEEDS_OPTIONS:-8}
+SEEDS_OTHER=${SEEDS_OTHER:-3}
+DRY_RUN=${DRY_RUN:-0}
+FINETUNE=${FINETUNE:-increlora-fast finetune}
+
+QUEUE=$(mktemp)
+trap 'rm -f "$QUEUE"' EXIT
+
+# queue SEEDS VARIANT [finetune options...]: one run per task and seed 0..SEEDS-1.
+queue() {
+  local seeds=$1 variant=$2
+  shift 2
+  local task seed
+  for task in $TASKS; do
+    for ((seed = 0; seed < seeds; seed++)); do
+      printf '%s\t%s\n' "$ROOT/$task/$variant/seed$seed" "--task $task --seed $seed $*" >>"$QUEUE"
+    done
+  done
+}
+
+controls() {  # issue item 1: does allocation itself help?
+  local n=$SEEDS_CONTROLS
+  queue "$n" default
+  queue "$n" uniform2 --init-r 2 --target-rank 2     # same SVD form, uniform rank 2, no growth
+  queue "$n" rank1 --init-r 1 --target-rank 1        # the floor
+  queue "$n" random --score random                   # random module ranking, same schedule
+  queue "$n" lora --method lora
+  queue "$n" adalora --method adalora
+}
+
+options() {  # issue item 2: options beyond the authors', each against `default`
+  local n=$SEEDS_OPTIONS
+  queue "$n" sp_growth --scale-preserving-growth
+  queue "$n" no_reserve_penalty --no-reserve-penalty
+  queue "$n" reserve_lam1e-3 --reserve-lambda 1e-3
+  queue "$n" no_reserve_penalty_lam1e-3 --no-reserve-penalty --reserve-lambda 1e-3
+  queue "$n" no_advance --no-advance-learning
+  queue "$n" norm_only --no-advance-learning --normalize-on-activation
+  queue "$n" schedule_authors --schedule authors
+  queue "$n" sp_growth_schedule_authors --scale-preserving-growth --schedule authors
+  # the peers at the authors' warmup too (it is the interval, 5 % of steps), for a fair table
+  queue "$n" lora_schedule_authors --method lora --schedule authors
+  queue "$n" adalora_schedule_authors --method adalora --schedule authors
+}
+
+recipe() {  # issue item 3: the authors' recipe points, for every method
+  local n=$SEEDS_OTHER m prefix
+  for m in increlora lora adalora; do
+    prefix=$m
+    [[ $m == increlora ]] && prefix=default
+    queue "$n" "${prefix}_pooler" --method $m --modules-to-save classifier,pooler
+    queue "$n" "${prefix}_alpha32" --method $m --lora-alpha 32
+    queue "$n" "${prefix}_pooler_alpha32" --method $m --modules-to-save classifier,pooler \
+      --lora-alpha 32
+  done
+}
+
+horizon() {  # issue item 3: 1,200 steps, a 2-point lr sweep for every method, all seeds
+  local n=$SEEDS_OTHER lr
+  for lr in 4e-3 8e-3; do
+    queue "$n" "h1200_increlora_lr$lr" --max-steps 1200 --lr $lr
+    queue "$n" "h1200_increlora_authors_lr$lr" --max-steps 1200 --lr $lr --schedule authors
+    queue "$n" "h1200_increlora_sp_authors_lr$lr" --max-steps 1200 --lr $lr --schedule authors \
+      --scale-preserving-growth
+  done
+  for lr in 5e-4 1e-3; do
+    queue "$n" "h1200_lora_lr$lr" --max-steps 1200 --method lora --lr $lr
+  done
+  for lr in 2e-3 4e-3; do
+    queue "$n" "h1200_adalora_lr$lr" --max-steps 1200 --method adalora --lr $lr
+  done
+}
+
+budgets() {  # issue item 3: average rank 4 and 8 (the paper's budgets) besides 2
+  local n=$SEEDS_OTHER r m
+  for r in 4 8; do
+    # --adalora-init-r (1.5 x the target) is checked for every method, so every variant has it
+    local common="--target-rank $r --adalora-init-r $((r * 3 / 2))"
+    [[ $r == 8 ]] && common="$common --r-max 16"  # room for IncreLoRA to allocate unevenly
+    for m in increlora lora adalora; do queue "$n" "rank${r}_$m" --method $m $common; done
+  done
+}
+
+run_queue() {
+  if [[ $DRY_RUN == 1 ]]; then
+    cat "$QUEUE"
+    return
+  fi
+  local dir opts todo=0
+  while IFS=$'\t' read -r dir opts; do [[ -f $dir/metrics.json ]] || todo=$((todo + 1)); done \
+    <"$QUEUE"
+  echo "$todo runs to do ($(wc -l <"$QUEUE") queued), $JOBS at a time" >&2
+  export FINETUNE THREADS
+  while IFS=$'\t' read -r dir opts; do
+    [[ -f $dir/metrics.json ]] || printf '%s\0%s\0' "$dir" "$opts"
+  done <"$QUEUE" | xargs -0 -r -n 2 -P "$JOBS" bash -c '
+    mkdir -p "$1"
+    # shellcheck disable=SC2086  # the options are words without quotes
+    if $FINETUNE $2 --threads "$THREADS" --no-progress --save-steps 0 --output-dir "$1" \
+        >"$1.log" 2>&1; then echo "done $1" >&2; else echo "FAILED $1 (see $1.log)" >&2; fi' _
+}
+
+# table NAME BASELINE [compare_stats options...]: accuracy and macro-F1 tables of one comparison.
+table() {
+  local name=$1 baseline=$2 metric
+  shift 2
+  for metric in eval_accuracy eval_macro_f1; do
+    python -m increlora_fast.training.compare_stats "$ROOT" --baseline "$baseline" \
+      --metric $metric --out "$SUMMARY/${name}_$metric.md" \
+      --json-out "$SUMMARY/${name}_$metric.json" "$@" || echo "(table $name skipped)" >&2
+  done
+}
+
+summarize() {
+  mkdir -p "$SUMMARY"
+  local other='h1200_*,rank4_*,rank8_*'
+  table vs_default default --exclude "$other"
+  table vs_lora lora --exclude "$other"
+  table vs_adalora adalora --exclude "$other"
+  table h1200 h1200_lora_lr1e-3 --only 'h1200_*'
+  table rank4 rank4_lora --only 'rank4_*'
+  table rank8 rank8_lora --only 'rank8_*'
+  python -m increlora_fast.training.compare_stats "$ROOT" --baseline default \
+    --only 'sp_growth*,schedule_authors' --out /dev/null \
+    --growth-profile "$SUMMARY/loss_around_growth.json" \
+    --growth-plot "$SUMMARY/loss_around_growth.png" || echo "(growth profile skipped)" >&2
+  (cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) -print0 |
+    tar --null -cf - -T -) | (mkdir -p "$SUMMARY/runs" && tar -xf - -C "$SUMMARY/runs")
+  echo "summaries in $SUMMARY" >&2
+}
+
+sections=("$@")
+[[ ${#sections[@]} -eq 0 ]] && sections=(controls options recipe horizon budgets summary)
+for section in "${sections[@]}"; do
+  case $section in
+    controls | options | recipe | horizon | budgets) $section ;;
+    summary) ;;
+    *) echo "run_issue15.sh: unknown section '$section'; use controls options recipe horizon" \
+         "budgets summary" >&2; exit 2 ;;
+  esac
+done
+run_queue
+if [[ $DRY_RUN != 1 ]] && [[ " ${sections[*]} " == *" summary "* ]]; then summarize; fi

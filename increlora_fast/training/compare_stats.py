@@ -1,0 +1,301 @@
+"""Paired-seed comparison of a folder of fine-tuning runs: mean differences with 95 % intervals.
+
+A run is a folder holding the ``metrics.json`` of one ``increlora-fast finetune``; its variant is
+the name of the folder above it (``<root>/<task>/<variant>/seed<k>/metrics.json``, as
+``docs/compare/run_issue15.sh`` writes them), its task and seed come from the metrics. Two
+variants are paired on (task, seed): with the same seed every method sees the same batches, so a
+difference per seed removes most of the seed-to-seed noise. The interval is Student's t over the
+seeds' differences.
+
+    python -m increlora_fast.training.compare_stats runs/issue15 --baseline default \\
+        --out table.md [--only 'rank*' --exclude 'h1200_*' --metric eval_macro_f1 \\
+        --json-out summary.json --growth-profile loss.json --growth-plot loss.png]
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import functools
+import json
+import math
+import sys
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+METRICS_FILE = "metrics.json"
+ALLOCATION_LOG_FILE = "allocation_log.jsonl"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One run's metric and where it came from."""
+
+    task: str
+    variant: str
+    seed: int
+    value: float
+    path: str
+
+
+@dataclass
+class PairedDifference:
+    """``variant`` minus ``baseline`` on one task, over the seeds both have."""
+
+    task: str
+    variant: str
+    baseline: str
+    seeds: List[int]
+    variant_mean: float
+    baseline_mean: float
+    mean_diff: float
+    std_diff: Optional[float]  # None with a single pair
+    ci_low: Optional[float]
+    ci_high: Optional[float]
+
+    @property
+    def verdict(self) -> str:
+        """"better" / "worse" when the 95 % interval excludes 0, "tie" when it does not."""
+        if self.ci_low is None:
+            return "n/a (1 seed)"
+        if self.ci_low > 0:
+            return "better"
+        if self.ci_high < 0:
+            return "worse"
+        return "tie"
+
+
+def _t_density(x: float, df: int) -> float:
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return math.exp(log_c - (df + 1) / 2 * math.log1p(x * x / df))
+
+
+def t_cdf(x: float, df: int) -> float:
+    """Student's t distribution function (Simpson's rule on the density; error < 1e-9 for the
+    quantiles used here)."""
+    if x < 0:
+        return 1.0 - t_cdf(-x, df)
+    n = 4000
+    h = x / n
+    total = _t_density(0.0, df) + _t_density(x, df)
+    total += sum((4 if i % 2 else 2) * _t_density(i * h, df) for i in range(1, n))
+    return 0.5 + total * h / 3
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` >= 1 degrees of freedom."""
+    if not (0.5 < p < 1) or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def mean_interval(values: Sequence[float], level: float = 0.95
+                  ) -> Tuple[float, Optional[float], Optional[float], Optional[float]]:
+    """(mean, sample std, low, high) of the t-interval for the mean; std and bounds are None for
+    a single value."""
+    n = len(values)
+    if n == 0:
+        raise ValueError("mean_interval needs at least one value")
+    mean = sum(values) / n
+    if n == 1:
+        return mean, None, None, None
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
+    return mean, std, mean - half, mean + half
+
+
+def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
+    """Every run under ``root``; raises ValueError naming the file for a run without ``metric``
+    and for two runs of one (task, variant, seed)."""
+    runs, seen = [], {}
+    for path in sorted(Path(root).rglob(METRICS_FILE)):
+        data = json.loads(path.read_text())
+        if metric not in data:
+            raise ValueError(f"{path}: no {metric!r} in the metrics; known: {sorted(data)}")
+        run = RunResult(task=str(data["task"]), variant=path.parent.parent.name,
+                        seed=int(data["seed"]), value=float(data[metric]), path=str(path.parent))
+        key = (run.task, run.variant, run.seed)
+        if key in seen:
+            raise ValueError(f"{path}: task {run.task!r}, variant {run.variant!r}, seed "
+                             f"{run.seed} already comes from {seen[key]}")
+        seen[key] = path
+        runs.append(run)
+    if not runs:
+        raise ValueError(f"{root}: no {METRICS_FILE} found below it")
+    return runs
+
+
+def _matches(name: str, globs: Optional[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, g.strip()) for g in globs.split(",") if g.strip())
+
+
+def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[str] = None,
+                       exclude: Optional[str] = None) -> List[PairedDifference]:
+    """Every variant against ``baseline``, per task, over the seeds both ran; ``only`` and
+    ``exclude`` are comma-separated globs of variant names to keep and to leave out. Raises
+    ValueError when no task has the baseline."""
+    table: Dict[str, Dict[str, Dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    for run in runs:
+        table[run.task][run.variant][run.seed] = run.value
+    if not any(baseline in variants for variants in table.values()):
+        known = sorted({v for variants in table.values() for v in variants})
+        raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
+    rows = []
+    for task in sorted(table):
+        base = table[task].get(baseline)
+        if base is None:
+            continue
+        for variant in sorted(table[task]):
+            if variant == baseline or (only and not _matches(variant, only)) or \
+                    (exclude and _matches(variant, exclude)):
+                continue
+            values = table[task][variant]
+            seeds = sorted(set(values) & set(base))
+            if not seeds:
+                continue
+            diffs = [values[s] - base[s] for s in seeds]
+            mean, std, low, high = mean_interval(diffs)
+            rows.append(PairedDifference(
+                task=task, variant=variant, baseline=baseline, seeds=seeds,
+                variant_mean=sum(values[s] for s in seeds) / len(seeds),
+                baseline_mean=sum(base[s] for s in seeds) / len(seeds),
+                mean_diff=mean, std_diff=std, ci_low=low, ci_high=high))
+    return rows
+
+
+def _fmt(value: Optional[float], signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.4f}" if signed else f"{value:.4f}"
+
+
+def markdown_table(rows: Sequence[PairedDifference], metric: str = "eval_accuracy") -> str:
+    """One Markdown table per task: each variant's mean, the baseline's on the same seeds, the
+    mean paired difference, its 95 % t-interval and whether the interval excludes 0."""
+    out = []
+    for task in sorted({r.task for r in rows}):
+        task_rows = [r for r in rows if r.task == task]
+        out += [f"### {task}: {metric}, paired on seeds against `{task_rows[0].baseline}`", "",
+                "| variant | seeds | variant mean | baseline mean | mean paired diff "
+                "| 95 % interval | verdict |",
+                "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in task_rows:
+            interval = "n/a" if r.ci_low is None else \
+                f"[{_fmt(r.ci_low, True)}, {_fmt(r.ci_high, True)}]"
+            out.append(f"| {r.variant} | {len(r.seeds)} | {_fmt(r.variant_mean)} | "
+                       f"{_fmt(r.baseline_mean)} | {_fmt(r.mean_diff, True)} | {interval} | "
+                       f"{r.verdict} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def loss_around_growth(run_dir: Path, before: int = 5, after: int = 15) -> Dict[int, float]:
+    """{offset: mean training loss at round step + offset} over a run's allocation rounds, from
+    ``train_losses`` in metrics.json and the rounds of allocation_log.jsonl. The loss of step s
+    comes from the forward before that step's round, so offset 0 is the last loss before the
+    growth and offset 1 the first after it. Empty for a run without rounds."""
+    run_dir = Path(run_dir)
+    losses = json.loads((run_dir / METRICS_FILE).read_text()).get("train_losses")
+    if losses is None:
+        raise ValueError(f"{run_dir / METRICS_FILE}: no 'train_losses' (written since issue 15)")
+    log = run_dir / ALLOCATION_LOG_FILE
+    rounds = sorted({json.loads(line)["step"] for line in log.read_text().splitlines()
+                     if line.strip()}) if log.exists() else []
+    profile: Dict[int, List[float]] = defaultdict(list)
+    for step in rounds:
+        for offset in range(-before, after + 1):
+            if 0 <= step + offset < len(losses):
+                profile[offset].append(losses[step + offset])
+    return {k: sum(v) / len(v) for k, v in sorted(profile.items())}
+
+
+def growth_profiles(runs: Iterable[RunResult], variants: Sequence[str], before: int = 5,
+                    after: int = 15) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """{task: {variant: {offset: mean loss}}} of `loss_around_growth`, averaged over the seeds
+    of each listed variant (variants without rounds are left out)."""
+    sums: Dict[Tuple[str, str], Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        if run.variant in variants:
+            for offset, loss in loss_around_growth(Path(run.path), before, after).items():
+                sums[run.task, run.variant][offset].append(loss)
+    out: Dict[str, Dict[str, Dict[str, float]]] = defaultdict(dict)
+    for (task, variant), profile in sorted(sums.items()):
+        out[task][variant] = {str(k): sum(v) / len(v) for k, v in sorted(profile.items())}
+    return dict(out)
+
+
+def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path: Path) -> None:
+    """A PNG of `growth_profiles`: one panel per task, one line per variant, the mean training
+    loss against the step offset from the growth rounds (matplotlib, the ``finetune`` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(profiles)
+    if not tasks:
+        raise ValueError("no growth rounds to plot: none of the runs grew a rank")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for variant, profile in sorted(profiles[task].items()):
+            offsets = sorted(int(k) for k in profile)
+            ax.plot(offsets, [profile[str(k)] for k in offsets], marker=".", label=variant)
+        ax.axvline(0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set(title=task, xlabel="steps from the growth round", ylabel="mean training loss")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m increlora_fast.training.compare_stats",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder of runs: <root>/<task>/<variant>/seed<k>/")
+    parser.add_argument("--baseline", required=True, help="variant the others are paired with")
+    parser.add_argument("--only", help="comma-separated globs of the variants to compare "
+                                       "(default: all)")
+    parser.add_argument("--exclude", help="comma-separated globs of variants to leave out")
+    parser.add_argument("--metric", default="eval_accuracy",
+                        help="metrics.json field (default eval_accuracy)")
+    parser.add_argument("--out", help="write the Markdown table here (default: print it)")
+    parser.add_argument("--json-out", help="also write the rows as JSON here")
+    parser.add_argument("--growth-profile", metavar="JSON",
+                        help="also write the mean training loss around growth rounds of the "
+                             "baseline and the compared variants here")
+    parser.add_argument("--growth-plot", metavar="PNG",
+                        help="also plot that loss around growth rounds here")
+    args = parser.parse_args(argv)
+    try:
+        runs = load_runs(Path(args.root), args.metric)
+        rows = paired_differences(runs, args.baseline, args.only, args.exclude)
+        if args.growth_profile or args.growth_plot:
+            variants = {args.baseline} | {r.variant for r in rows}
+            profiles = growth_profiles(runs, sorted(variants))
+            if args.growth_profile:
+                Path(args.growth_profile).write_text(json.dumps(profiles, indent=2) + "\n")
+            if args.growth_plot:
+                plot_growth_profiles(profiles, Path(args.growth_plot))
+    except ValueError as err:
+        print(f"compare_stats: error: {err}", file=sys.stderr)
+        return 2
+    text = markdown_table(rows, args.metric)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            [dict(asdict(r), verdict=r.verdict) for r in rows], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""The paired-seed summariser of issue 15's experiments, on synthetic metrics folders."""
+import argparse
+import json
+import math
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from increlora_fast.training.compare_stats import (growth_profiles, loss_around_growth,
+                                                   load_runs, main, mean_interval,
+                                                   paired_differences, t_cdf, t_quantile)
+
+BASE = [0.80, 0.82, 0.81, 0.79, 0.83, 0.80, 0.81, 0.82]
+GAIN = [0.012, 0.008, 0.010, 0.015, 0.005, 0.011, 0.009, 0.010]
+
+
+def _write_run(root, task, variant, seed, value, **extra):
+    run = root / task / variant / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps(dict(task=task, seed=seed, eval_accuracy=value,
+                                                      eval_macro_f1=value - 0.1, **extra)))
+    return run
+
+
+@pytest.fixture
+def runs_root(tmp_path):
+    for seed, (base, gain) in enumerate(zip(BASE, GAIN)):
+        _write_run(tmp_path, "rt", "default", seed, base)
+        _write_run(tmp_path, "rt", "better", seed, base + gain)
+        _write_run(tmp_path, "rt", "same", seed, base + (0.01 if seed % 2 else -0.01))
+        _write_run(tmp_path, "trec", "default", seed, 0.9)
+    for seed in (0, 1, 2, 11):  # seed 11 has no baseline: it is not paired
+        _write_run(tmp_path, "rt", "three_seeds", seed, 0.5)
+    return tmp_path
+
+
+@pytest.mark.parametrize("df,expected", [(1, 12.7062), (2, 4.3027), (7, 2.3646), (30, 2.0423)])
+def test_t_quantile_matches_the_tables(df, expected):
+    assert t_quantile(0.975, df) == pytest.approx(expected, abs=1e-4)
+    assert t_cdf(t_quantile(0.975, df), df) == pytest.approx(0.975, abs=1e-9)
+
+
+def test_interval_of_the_mean_by_hand():
+    values = [1.0, 2.0, 4.0]
+    mean, std, low, high = mean_interval(values)
+    sd = math.sqrt(((1 - 7 / 3) ** 2 + (2 - 7 / 3) ** 2 + (4 - 7 / 3) ** 2) / 2)
+    assert (mean, std) == (pytest.approx(7 / 3), pytest.approx(sd))
+    assert high - mean == pytest.approx(4.302653 * sd / math.sqrt(3), rel=1e-6)
+    assert mean - low == pytest.approx(high - mean)
+    assert mean_interval([0.5])[1:] == (None, None, None)
+
+
+def test_paired_differences_per_task_and_variant(runs_root):
+    rows = {(r.task, r.variant): r for r in
+            paired_differences(load_runs(runs_root), baseline="default")}
+    assert set(rows) == {("rt", "better"), ("rt", "same"), ("rt", "three_seeds")}
+    better = rows["rt", "better"]
+    mean, _, low, high = mean_interval(GAIN)
+    assert better.seeds == list(range(8))
+    assert better.mean_diff == pytest.approx(0.0100, abs=1e-12)
+    assert (better.ci_low, better.ci_high) == (pytest.approx(low), pytest.approx(high))
+    assert better.verdict == "better" and 0 < better.ci_low < 0.01 < better.ci_high
+    assert better.baseline_mean == pytest.approx(sum(BASE) / 8)
+    same = rows["rt", "same"]
+    assert same.mean_diff == pytest.approx(0.0) and same.verdict == "tie"
+    three = rows["rt", "three_seeds"]
+    assert three.seeds == [0, 1, 2] and three.verdict == "worse"
+    assert three.baseline_mean == pytest.approx(sum(BASE[:3]) / 3)
+
+
+def test_only_filters_variants_and_metric_is_selectable(runs_root):
+    rows = paired_differences(load_runs(runs_root, metric="eval_macro_f1"), "default",
+                              only="b*")
+    assert [r.variant for r in rows] == ["better"]
+    assert rows[0].variant_mean == pytest.approx(sum(BASE) / 8 + 0.01 - 0.1)
+
+
+def test_errors_name_the_problem(runs_root, tmp_path_factory):
+    with pytest.raises(ValueError, match="baseline variant 'missing'.*better"):
+        paired_differences(load_runs(runs_root), baseline="missing")
+    with pytest.raises(ValueError, match="no 'eval_f2'"):
+        load_runs(runs_root, metric="eval_f2")
+    (runs_root / "copy" / "default").mkdir(parents=True)
+    dup = _write_run(runs_root / "copy", "rt", "better", 0, 0.1)
+    with pytest.raises(ValueError, match=str(dup / "metrics.json")):
+        load_runs(runs_root)
+    with pytest.raises(ValueError, match="no metrics.json"):
+        load_runs(tmp_path_factory.mktemp("empty"))
+
+
+def test_cli_writes_the_markdown_table_and_json(runs_root, tmp_path):
+    out, js = tmp_path / "table.md", tmp_path / "rows.json"
+    assert main([str(runs_root), "--baseline", "default", "--out", str(out),
+                 "--json-out", str(js)]) == 0
+    text = out.read_text()
+    assert "### rt: eval_accuracy, paired on seeds against `default`" in text
+    assert "| better | 8 | 0.8200 | 0.8100 | +0.0100 | [+0.0" in text
+    assert "| three_seeds | 3 |" in text and "worse" in text
+    rows = json.loads(js.read_text())
+    assert {r["variant"]: r["verdict"] for r in rows} == {"better": "better", "same": "tie",
+                                                          "three_seeds": "worse"}
+    assert main([str(runs_root), "--baseline", "nope"]) == 2
+
+
+def test_loss_around_growth_averages_over_rounds(tmp_path):
+    losses = [float(i) for i in range(40)]
+    run = _write_run(tmp_path, "rt", "default", 0, 0.8, train_losses=losses)
+    (run / "allocation_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "module": m, "new_rank": 2}) + "\n"
+        for s, m in ((10, "a"), (10, "b"), (20, "a"), (35, "c"))))
+    profile = loss_around_growth(run, before=2, after=5)
+    assert sorted(profile) == list(range(-2, 6))
+    assert profile[0] == pytest.approx((10 + 20 + 35) / 3)  # step 10 counted once
+    assert profile[5] == pytest.approx((15 + 25) / 2)  # 35 + 5 is past the end
+    no_rounds = _write_run(tmp_path, "rt", "uniform", 0, 0.8, train_losses=losses)
+    assert loss_around_growth(no_rounds) == {}
+
+
+def test_growth_profiles_average_seeds_per_variant(tmp_path):
+    log = json.dumps({"step": 4, "module": "a", "new_rank": 2}) + "\n"
+    for seed, shift in ((0, 0.0), (1, 2.0)):
+        for variant in ("default", "sp_growth"):
+            run = _write_run(tmp_path, "rt", variant, seed, 0.8,
+                             train_losses=[shift + i for i in range(10)])
+            (run / "allocation_log.jsonl").write_text(log)
+    profiles = growth_profiles(load_runs(tmp_path), ["sp_growth"], before=1, after=2)
+    assert profiles == {"rt": {"sp_growth": {"-1": 4.0, "0": 5.0, "1": 6.0, "2": 7.0}}}
+    out, png = tmp_path / "profile.json", tmp_path / "profile.png"
+    assert main([str(tmp_path), "--baseline", "default", "--growth-profile", str(out),
+                 "--growth-plot", str(png)]) == 0
+    assert set(json.loads(out.read_text())["rt"]) == {"default", "sp_growth"}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
+    """Every run of docs/compare/run_issue15.sh parses and resolves as a fine-tune run, every
+    variant has seeds 0..n-1 on both tasks, and no two variants share a folder."""
+    from increlora_fast.cli.finetune import add_arguments, settings_from_args
+    from increlora_fast.training.settings import resolve
+
+    script = Path(__file__).resolve().parents[1] / "docs" / "compare" / "run_issue15.sh"
+    env = dict(os.environ, DRY_RUN="1", ROOT=str(tmp_path / "runs"), SEEDS_CONTROLS="8",
+               SEEDS_OPTIONS="5", SEEDS_OTHER="3")
+    lines = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True,
+                           text=True).stdout.splitlines()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    seeds, methods = {}, {}
+    for line in lines:
+        folder, options = line.split("\t")
+        task, variant, seed_dir = Path(folder).parts[-3:]
+        settings = resolve(settings_from_args(parser.parse_args(shlex.split(options))), 8000)
+        assert (settings.task, f"seed{settings.seed}") == (task, seed_dir)
+        seeds.setdefault(variant, {}).setdefault(task, []).append(settings.seed)
+        methods[variant] = settings.method
+    assert len(lines) == len(set(lines))
+    for variant, per_task in seeds.items():
+        assert sorted(per_task) == ["rotten_tomatoes", "trec6"], variant
+        assert all(s == list(range(len(s))) for s in per_task.values()), variant
+    for control in ("default", "uniform2", "rank1", "random", "lora", "adalora"):
+        assert seeds[control]["trec6"] == list(range(8))
+    assert seeds["sp_growth"]["trec6"] == list(range(5))
+    assert methods["h1200_adalora_lr2e-3"] == "adalora"
+    assert {"norm_only", "no_reserve_penalty_lam1e-3", "schedule_authors", "rank8_increlora",
+            "adalora_pooler_alpha32"} <= set(seeds)
+    bad = subprocess.run(["bash", str(script), "nonsense"], env=env, capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "unknown section 'nonsense'" in bad.stderr
