@@ -17,8 +17,10 @@ setup(
     ],
     extras_require={
         "finetune": ["matplotlib>=3.7", "peft>=0.10"],
+        "memory": ["accelerate>=0.26", "peft>=0.10"],
+        "trl": ["trl>=0.20", "datasets>=2.14"],
         "dev": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10", "datasets>=2.14",
-                "matplotlib>=3.7", "accelerate>=0.26"],
+                "matplotlib>=3.7", "accelerate>=0.26", "trl>=0.20"],
     },
     entry_points={"console_scripts": ["increlora-fast=increlora_fast.cli.main:main"]},
 )

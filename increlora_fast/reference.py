@@ -191,9 +191,15 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
         delta = s @ b_t
         y = delta if y is None else y + delta.to(y.dtype)
     if (score_out is not None or grad_out is not None) and y.requires_grad:
-        xs, a, b, l = xa2.detach(), lora_A.detach(), lora_B.detach(), lam.detach()
+        # Held until the hook has run once, then dropped: a loop that keeps its loss alive into
+        # the next step must not keep every layer's input alive with it.
+        held = [xa2.detach(), lora_A.detach(), lora_B.detach(), lam.detach()]
 
         def hook(dy: torch.Tensor) -> None:
+            if not held:
+                return  # a second backward through a retained graph: scored once
+            xs, a, b, l = held
+            held.clear()
             with torch.no_grad():
                 if score_out is not None:
                     dw = (b.to(l.dtype) * l) @ a.to(l.dtype)

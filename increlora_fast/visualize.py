@@ -1,9 +1,10 @@
-"""Rank observability: a rank-pattern table and a layers x module-type heatmap PNG."""
+"""Rank observability: a rank-pattern table, a layers x module-type heatmap PNG, and each
+module's rank against the training step (PNG)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -72,3 +73,67 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def rank_history(initial: Dict[str, int], allocation_log: Iterable[dict]
+                 ) -> Dict[str, List[Tuple[int, int]]]:
+    """(step, rank) points of every module: its rank at step 0, then each ``new_rank`` of the
+    controller's allocation log (entries ``{"step", "module", "new_rank"}``), in step order."""
+    history = {name: [(0, rank)] for name, rank in initial.items()}
+    for entry in sorted(allocation_log, key=lambda e: e["step"]):
+        name = entry["module"]
+        if name not in history:
+            raise ValueError(f"allocation log names module {name!r}, which is not among the "
+                             f"{len(history)} modules of the initial rank pattern")
+        history[name].append((int(entry["step"]), int(entry["new_rank"])))
+    return history
+
+
+def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
+                        path: Union[str, Path], last_step: Optional[int] = None,
+                        title: str = "IncreLoRA rank over training") -> Path:
+    """Write a PNG of each module's active rank against the optimizer step (one step line per
+    module, coloured by module type, and the mean over modules in black); returns the path.
+
+    Args:
+        initial: {module: rank at step 0} (``init_r`` everywhere for IncreLoRA).
+        allocation_log: the controller's ``allocation_log``.
+        last_step: where the lines end (default: the last allocation step).
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = rank_history(initial, allocation_log)
+    if not history:
+        raise ValueError("save_rank_over_time needs at least one module")
+    end = max([last_step or 0] + [s for points in history.values() for s, _ in points])
+    kinds = list(dict.fromkeys(split_module_name(n)[1] for n in history))
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    for name, points in history.items():
+        steps = [s for s, _ in points] + [end]
+        ranks = [r for _, r in points] + [points[-1][1]]
+        kind = kinds.index(split_module_name(name)[1])
+        ax.step(steps, ranks, where="post", color=colors(kind % 10), alpha=0.45, linewidth=1)
+    change_steps = sorted({s for points in history.values() for s, _ in points} | {end})
+    mean = [sum(_rank_at(points, s) for points in history.values()) / len(history)
+            for s in change_steps]
+    ax.step(change_steps, mean, where="post", color="k", linewidth=2, label="mean over modules")
+    for i, kind in enumerate(kinds):
+        ax.plot([], [], color=colors(i % 10), label=kind)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("active rank")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _rank_at(points: List[Tuple[int, int]], step: int) -> int:
+    """The rank a history holds at ``step`` (its last point at or before it)."""
+    return [r for s, r in points if s <= step][-1]

@@ -63,6 +63,7 @@ def test_overwrite_replaces_the_earlier_run_entirely(tiny, tmp_path):
     # nothing of the IncreLoRA run stays beside the LoRA adapter
     assert not (out / "allocation_log.jsonl").exists()
     assert not (out / "rank_heatmap.png").exists() and not (out / "checkpoint-2").exists()
+    assert not (out / "rank_over_time.png").exists()
     assert json.loads((out / "metrics.json").read_text())["method"] == "lora"
 
 

@@ -2,17 +2,13 @@
 
 CUDA: each run is timed with a pair of ``torch.cuda.Event`` and the peak is
 ``torch.cuda.max_memory_allocated`` above what was allocated before the first run.
-CPU: ``time.perf_counter`` and the peak resident set size above the RSS before the first run
-(Linux: the kernel's high-water mark ``VmHWM``, reset through ``/proc/self/clear_refs``;
-elsewhere ``resource.getrusage``, whose high-water mark cannot be reset, so it reads 0 unless the
-runs set a new process-wide peak).
+CPU: ``time.perf_counter`` and the peak bytes of live tensor storages above those alive before
+the first run (`memory_probe.LiveTensorBytes`: per tensor, not the page-granular RSS).
 """
 from __future__ import annotations
 
 import ctypes
 import gc
-import re
-import resource
 import statistics
 import sys
 import time
@@ -21,9 +17,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-MIB = 1024 * 1024
-_STATUS = "/proc/self/status"
-_CLEAR_REFS = "/proc/self/clear_refs"
+from .memory_probe import MIB, TensorPeak
 
 
 @dataclass
@@ -56,59 +50,23 @@ def release_memory(device: torch.device) -> None:
             pass
 
 
-def _status_kib(key: str) -> Optional[int]:
-    try:
-        with open(_STATUS) as f:
-            match = re.search(rf"^{key}:\s+(\d+)\s+kB", f.read(), re.MULTILINE)
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
-def _reset_rss_peak() -> bool:
-    try:
-        with open(_CLEAR_REFS, "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _maxrss_kib() -> int:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss // 1024 if sys.platform == "darwin" else rss  # macOS reports bytes
-
-
 class PeakMemory:
-    """Peak memory above the baseline taken at `start`, in MiB, on one device."""
+    """Peak memory above the baseline taken at `start`, in MiB, on one device: per tensor
+    (`memory_probe.TensorPeak`: the CUDA allocator's count, or live tensor storages on CPU)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.kind = ""
-        self._base = 0
+        self._probe: Optional[TensorPeak] = None
 
     def start(self) -> None:
         release_memory(self.device)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self._base = torch.cuda.memory_allocated(self.device)
-            self.kind = "cuda_max_allocated"
-        elif _status_kib("VmRSS") is not None and _reset_rss_peak():
-            self._base = _status_kib("VmRSS") * 1024
-            self.kind = "cpu_peak_rss"
-        else:
-            self._base = _maxrss_kib() * 1024
-            self.kind = "cpu_maxrss_unresettable"
+        self._probe = TensorPeak(self.device).start()
+        self.kind = self._probe.kind
 
     def peak_mb(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            peak = torch.cuda.max_memory_allocated(self.device)
-        elif self.kind == "cpu_peak_rss":
-            peak = _status_kib("VmHWM") * 1024
-        else:
-            peak = _maxrss_kib() * 1024
-        return max(0.0, (peak - self._base) / MIB)
+        """The peak since `start`; ends the measurement (call once)."""
+        return self._probe.stop() / MIB
 
 
 class Timer:

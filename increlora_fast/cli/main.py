@@ -13,6 +13,8 @@ from typing import List, Optional
 SUBCOMMANDS = {
     "finetune": ("increlora_fast.cli.finetune", "fine-tune a model with IncreLoRA (or a peer)"),
     "bench": ("increlora_fast.cli.bench", "layer- and model-level speed and memory benchmarks"),
+    "memory": ("increlora_fast.cli.memory", "where the memory of a fine-tuning step goes, per "
+               "method (will it fit?)"),
 }
 
 

@@ -7,6 +7,10 @@
   plain Trainer builds its own optimizer, so restart warmup is only active if you pass
   ``optimizers=increlora_optimizers(...)``; the orthogonal penalty's gradient is then added after
   clipping (the callback has no access to the loss). The callback warns about both.
+
+Both log through the Trainer's own ``log`` (so whatever ``report_to`` names receives it): the
+total rank at every log, and at the first log after each allocation round (forced at that step)
+every module's rank and importance score; see `IncreLoRACallback.install`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from ..optimizer import IncreLoRAAdamW, create_optimizer
 from ..persistence import atomic_write_bytes
 
 CONTROLLER_FILE = "increlora_controller.pt"
+LOG_PREFIX = "increlora/"
 
 
 CONTROLLER_FORMAT = "increlora_fast.controller"
@@ -129,7 +134,10 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
 
 
 class IncreLoRACallback(TrainerCallback):
-    """Scores, allocation and controller checkpoints for a `Trainer`.
+    """Scores, allocation, rank logging and controller checkpoints for a `Trainer`.
+
+    Under a plain Trainer use ``IncreLoRACallback(controller).install(trainer)`` so that its log
+    entries reach the reporting callbacks too (`install`).
 
     Args:
         controller: the run's controller.
@@ -144,6 +152,44 @@ class IncreLoRACallback(TrainerCallback):
         self.apply_regularization = apply_regularization
         self.loss_scale = loss_scale or (lambda: 1.0)
         self.restored = False
+        self.logged_rounds = 0  # allocation-log entries already reported
+
+    def install(self, trainer: Trainer) -> "IncreLoRACallback":
+        """Add this callback to ``trainer`` ahead of the reporting callbacks (TensorBoard, W&B,
+        the printer...), so that the entries it adds to each log reach them; a callback passed
+        in ``callbacks=[...]`` or through ``add_callback`` comes after them and can only add to
+        ``trainer.state.log_history``. Returns the callback."""
+        callbacks = trainer.callback_handler.callbacks
+        if self in callbacks:
+            callbacks.remove(self)
+        callbacks.insert(0, self)
+        return self
+
+    def log_entries(self) -> Dict[str, float]:
+        """``increlora/total_rank``; after an allocation round not yet reported also
+        ``increlora/rank/<module>`` and ``increlora/importance/<module>`` of every module."""
+        ctrl = self.controller
+        entries: Dict[str, float] = {LOG_PREFIX + "total_rank": ctrl.current_total_rank()}
+        if len(ctrl.allocation_log) > self.logged_rounds:
+            self.logged_rounds = len(ctrl.allocation_log)
+            for name, rank in ctrl.rank_pattern().items():
+                entries[f"{LOG_PREFIX}rank/{name}"] = rank
+            for name, score in zip(ctrl.names, ctrl.importance().tolist()):
+                entries[f"{LOG_PREFIX}importance/{name}"] = score
+        return entries
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if len(self.controller.allocation_log) > self.logged_rounds:
+            control.should_log = True  # report the round at the step it happened
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs is None:
+            return
+        entries = self.log_entries()
+        logs.update(entries)
+        # Trainer.log appended {**logs, "step"} to the history just before calling on_log.
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entries)
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         if state.global_step > 0 and not self.restored:
@@ -182,8 +228,7 @@ class IncreLoRATrainer(Trainer):
         self.increlora_controller = controller or IncreLoRAController(self.model)
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
                                                     apply_regularization=False,
-                                                    loss_scale=self._loss_scale)
-        self.add_callback(self.increlora_callback)
+                                                    loss_scale=self._loss_scale).install(self)
 
     def _loss_scale(self) -> float:
         scaler = getattr(self.accelerator, "scaler", None)

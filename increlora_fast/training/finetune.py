@@ -27,6 +27,7 @@ from .settings import RunSettings, resolve
 
 METRICS_FILE = "metrics.json"
 HEATMAP_FILE = "rank_heatmap.png"
+RANK_OVER_TIME_FILE = "rank_over_time.png"
 ALLOCATION_LOG_FILE = "allocation_log.jsonl"
 LABELS_FILE = "labels.json"
 DATA_FILE_KEYS = (("train_file", "train_file_sha256", "--train-file"),
@@ -176,7 +177,8 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
 
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, labels.json (label id -> name), and for
-    rank-allocating methods the heatmap and the allocation log."""
+    rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
+    rank against the step."""
     run.save_artifacts(out)
     names = metrics.get("label_names") or []
     (out / LABELS_FILE).write_text(json.dumps(
@@ -189,6 +191,9 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     if run.name == "increlora":
         lines = [json.dumps(entry, sort_keys=True) for entry in run.allocation_log()]
         (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
+        from ..visualize import save_rank_over_time
+        save_rank_over_time({name: run.config.init_r for name in pattern}, run.allocation_log(),
+                            out / RANK_OVER_TIME_FILE, last_step=metrics.get("steps"))
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
 

@@ -16,7 +16,8 @@ from typing import Iterable, List, Optional
 CHECKPOINT_PREFIX = "checkpoint-"
 # Files a finished run leaves in its output folder (any method), and `--compare`'s.
 RUN_FILES = ("metrics.json", "adapter_model.safetensors", "adapter_config.json",
-             "model.safetensors", "config.json", "rank_heatmap.png", "allocation_log.jsonl",
+             "model.safetensors", "config.json", "rank_heatmap.png", "rank_over_time.png",
+             "allocation_log.jsonl",
              "labels.json", "compare.json", "compare.md", "settings.json", "trainer_state.pt",
              "trainable.safetensors")
 

@@ -1,0 +1,59 @@
+"""The memory breakdown checked against reality: its IncreLoRA total next to the peak of a real
+README-style training loop of the same model and size, on CPU or on a GPU."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from .memory import TOTAL, method_rows
+from .memory_methods import AdapterSetting, methods_for
+from .memory_model import ModelSpec
+from .memory_probe import TensorPeak
+from .timing import release_memory
+
+DEFAULT_TOLERANCE = 0.03
+
+
+def loop_peak(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len: int,
+              device: torch.device, steps: int = 3) -> int:
+    """Peak tensor bytes of ``steps`` steps of the README's IncreLoRA loop, everything (model,
+    batch, optimizer, controller) created inside the measurement."""
+    from .. import IncreLoRAController, create_optimizer, inject_increlora
+
+    device = torch.device(device)
+    release_memory(device)
+    torch.manual_seed(0)
+    with TensorPeak(device) as peak:
+        model = spec.build(device)
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False
+        config = setting.increlora_config()
+        model = inject_increlora(model, config)
+        optimizer = create_optimizer(model, config, lr=1e-3)
+        controller = IncreLoRAController(model, config)
+        batch = spec.batch(batch_size, seq_len, device, seed=1)
+        for step in range(steps):
+            loss = model(**batch).loss + controller.regularization_loss()
+            loss.backward()
+            controller.step(step)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        del loss, model, optimizer, controller, batch
+    release_memory(device)
+    return peak.peak_bytes
+
+
+def check_total(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len: int,
+                device: torch.device, tolerance: float = DEFAULT_TOLERANCE,
+                estimate: bool = False) -> Dict[str, object]:
+    """{"predicted", "measured", "rel_err", "tol", "ok", "kind"}: the breakdown's IncreLoRA
+    ``total peak`` against `loop_peak` at the same size on ``device``."""
+    device = torch.device(device)
+    rows = method_rows(methods_for(setting)[0], spec, setting, batch_size, seq_len, device,
+                       estimate=estimate)
+    predicted = next(r["bytes"] for r in rows if r["component"] == TOTAL)
+    measured = loop_peak(spec, setting, batch_size, seq_len, device)
+    rel = abs(predicted - measured) / max(1, measured)
+    return {"predicted": predicted, "measured": measured, "rel_err": rel, "tol": tolerance,
+            "ok": rel <= tolerance, "kind": TensorPeak(device).kind}

@@ -1,0 +1,257 @@
+"""The methods a memory breakdown compares (IncreLoRA, peft LoRA at two ranks, peft AdaLoRA):
+their exact static sizes from shapes and dtypes (on a meta-device model), and one training step
+of each on a real model, split into forward/backward and optimizer step."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+LR = 1e-4
+FP32, INT64, INT8 = 4, 8, 1
+# IncreLoRAAdamW keeps, per adapter tensor and slot: slot_count (fp32), seen_alloc and
+# seen_active (int64); per dense tensor: one fp32 step. torch AdamW: one fp32 step per tensor.
+INCRELORA_SLOT_STATE_BYTES = FP32 + 2 * INT64
+ADAMW_STEP_BYTES = FP32
+# Layer buffers per slot: slot_state (int8), slot_alloc_step and slot_active_step (int64).
+INCRELORA_SLOT_BUFFER_BYTES = INT8 + 2 * INT64
+# Per module: the layer's score_sum (fp32) and the controller's ipt and unc (float64).
+INCRELORA_SCORE_BYTES = FP32 + 2 * INT64
+ADALORA_SCORE_COPIES = 3  # RankAllocator: ipt, exp_avg_ipt, exp_avg_unc per adapter tensor
+
+
+@dataclass(frozen=True)
+class AdapterSetting:
+    """The adapter the breakdown is for.
+
+    ``adapter_dtype``: `IncreLoRAConfig.adapter_dtype` (``"auto"``: float32 on bf16/fp16 bases,
+    ``"float32"`` or ``"base"``).
+    ``adalora_init_r``: AdaLoRA's starting rank (None: ``r_max``); it prunes to ``target_rank``.
+    """
+
+    target_modules: Optional[Tuple[str, ...]] = None
+    r_max: int = 16
+    init_r: int = 1
+    target_rank: int = 2
+    adalora_init_r: Optional[int] = None
+    lora_alpha: float = 16.0
+    adapter_dtype: str = "auto"
+    exact_step_score: bool = False
+    gradient_checkpointing: bool = False
+
+    def increlora_config(self, targets: Optional[List[str]] = None, **overrides):
+        from ..config import IncreLoRAConfig
+
+        kwargs = dict(target_modules=list(targets or self.target_modules or []) or None,
+                      r_max=self.r_max, init_r=self.init_r, target_rank=self.target_rank,
+                      lora_alpha=self.lora_alpha, init_warmup=10 ** 6,
+                      exact_step_score=self.exact_step_score, adapter_dtype=self.adapter_dtype)
+        kwargs.update(overrides)
+        return IncreLoRAConfig(**kwargs)
+
+
+def target_names(meta_model: nn.Module, setting: AdapterSetting) -> List[str]:
+    """Full names of the modules IncreLoRA adapts (peft gets the same list)."""
+    from ..model import _find_targets
+
+    return _find_targets(meta_model, setting.increlora_config())
+
+
+def _in_out(module: nn.Module) -> Tuple[int, int]:
+    rows, cols = module.weight.shape
+    return (rows, cols) if not isinstance(module, nn.Linear) else (cols, rows)  # Conv1D: (in, out)
+
+
+def increlora_adapter_dtype(base_dtype: torch.dtype, setting: AdapterSetting) -> torch.dtype:
+    """The dtype `inject_increlora` gives adapters on a base of ``base_dtype``, read from a
+    one-weight model injected with the same setting."""
+    from ..model import inject_increlora
+
+    probe = nn.Sequential(nn.Linear(1, 1, dtype=base_dtype))
+    inject_increlora(probe, setting.increlora_config(["0"], r_max=2, init_r=1, target_rank=1,
+                                                     incre_rank_num=1))
+    return probe[0].lora_A.dtype
+
+
+Sizes = Dict[str, Tuple[int, str, str]]  # component -> (bytes, how, detail)
+
+
+def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
+                    setting: AdapterSetting) -> Sizes:
+    names = target_names(meta_model, setting)
+    dims = [_in_out(meta_model.get_submodule(n)) for n in names]
+    dtype = increlora_adapter_dtype(base_dtype, setting)
+    size = dtype.itemsize
+    r, n = setting.r_max, len(names)
+    padded = sum(r * (i + o + 1) for i, o in dims) * size
+    active = sum(setting.target_rank * (i + o + 1) for i, o in dims) * size
+    uniform = len(set(i + o for i, o in dims)) == 1
+    dense = sum(i * o for i, o in dims) * FP32
+    where = f"{n} modules, r_max={r}, {str(dtype).replace('torch.', '')}"
+    return {
+        "padded": (padded, "exact", f"A (r_max, in), B (out, r_max), lambda (r_max,); {where}"),
+        "active": (active, "exact" if uniform else "estimated",
+                   f"target_rank={setting.target_rank} slots per module at the end of "
+                   "allocation (inside the padded tensors)"
+                   + ("" if uniform else "; modules differ in size, so the real figure depends "
+                      "on where allocation puts the rank")),
+        "buffers": (n * r * INCRELORA_SLOT_BUFFER_BYTES, "exact",
+                    "slot_state int8, slot_alloc_step and slot_active_step int64 per slot"),
+        "grads": (padded, "exact", "one gradient per padded adapter tensor"),
+        "optimizer": (2 * padded + 3 * n * r * INCRELORA_SLOT_STATE_BYTES, "exact",
+                      "IncreLoRAAdamW: exp_avg, exp_avg_sq; per slot step count (fp32) and "
+                      "seen alloc/active stamps (int64)"),
+        "score": (n * INCRELORA_SCORE_BYTES, "exact",
+                  "per module: score_sum (fp32) in the layer, ipt and unc (float64) in the "
+                  "controller"),
+        "score_dense": (dense, "exact", "exact_step_score: one fp32 (out, in) gradient per "
+                        "module while allocating (plus a transient copy of one module's at "
+                        "each controller step)"),
+    }
+
+
+def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) -> Sizes:
+    """Sizes of a peft adapter built on ``meta_model`` (wrapped in place) on the meta device,
+    with peft's own choice of dtypes."""
+    from accelerate import init_empty_weights
+    from peft import get_peft_model
+
+    names = target_names(meta_model, setting)
+    with init_empty_weights():
+        model = get_peft_model(meta_model, peft_config(names, setting, adalora))
+    adapter = other = count = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if "lora_" in name:
+            adapter += nbytes
+            count += 1
+        elif "ranknum" in name:
+            other += nbytes
+    r = peft_rank(setting, adalora)
+    sizes = {
+        "padded": (adapter, "exact", f"peft {'AdaLoRA' if adalora else 'LoRA'} r={r}, "
+                   f"{len(names)} modules"),
+        "grads": (adapter, "exact", "one gradient per adapter tensor"),
+        "optimizer": (2 * adapter + count * ADAMW_STEP_BYTES, "exact",
+                      "torch AdamW: exp_avg, exp_avg_sq, one fp32 step per tensor"),
+    }
+    if adalora:
+        sizes["active"] = (adapter * setting.target_rank // r, "estimated",
+                           f"target_r={setting.target_rank} of init_r={r} triplets kept (the "
+                           "pruned ones stay allocated)")
+        sizes["buffers"] = (other, "exact", "ranknum per module")
+        sizes["score"] = (ADALORA_SCORE_COPIES * adapter, "exact",
+                          "RankAllocator: ipt, exp_avg_ipt, exp_avg_unc per adapter tensor")
+    else:
+        sizes["active"] = (adapter, "exact", "every allocated slot is in use")
+    return sizes
+
+
+def peft_rank(setting: AdapterSetting, adalora: bool, lora_r: Optional[int] = None) -> int:
+    if adalora:
+        return setting.adalora_init_r or setting.r_max
+    return lora_r or setting.r_max
+
+
+def peft_config(names: List[str], setting: AdapterSetting, adalora: bool,
+                lora_r: Optional[int] = None):
+    from peft import AdaLoraConfig, LoraConfig
+
+    common = dict(target_modules=list(names), lora_alpha=setting.lora_alpha, lora_dropout=0.0)
+    if adalora:
+        return AdaLoraConfig(init_r=peft_rank(setting, True), target_r=setting.target_rank,
+                             total_step=10 ** 6, tinit=10, tfinal=10, deltaT=10, **common)
+    return LoraConfig(r=peft_rank(setting, False, lora_r), **common)
+
+
+@dataclass(frozen=True)
+class MemoryMethod:
+    """One column of the breakdown: ``kind`` is increlora, lora or adalora."""
+
+    key: str
+    kind: str
+    rank: int
+
+    def sizes(self, meta_model: nn.Module, base_dtype: torch.dtype,
+              setting: AdapterSetting) -> Sizes:
+        """Exact static sizes; ``meta_model`` is a fresh meta-device model (peft wraps it)."""
+        if self.kind == "increlora":
+            return increlora_sizes(meta_model, base_dtype, setting)
+        if self.kind == "lora":
+            setting = dataclasses.replace(setting, r_max=self.rank)
+        return peft_sizes(meta_model, setting, adalora=self.kind == "adalora")
+
+    def build(self, model: nn.Module, setting: AdapterSetting) -> "StepRunner":
+        return StepRunner(self, model, setting)
+
+
+def methods_for(setting: AdapterSetting) -> List[MemoryMethod]:
+    """IncreLoRA, peft LoRA at r = r_max and at r = target_rank, peft AdaLoRA at its init_r."""
+    out = [MemoryMethod("increlora", "increlora", setting.r_max),
+           MemoryMethod(f"peft-lora-r{setting.r_max}", "lora", setting.r_max)]
+    if setting.target_rank != setting.r_max:
+        out.append(MemoryMethod(f"peft-lora-r{setting.target_rank}", "lora",
+                                setting.target_rank))
+    r = peft_rank(setting, True)
+    if r < setting.target_rank:
+        raise ValueError(f"--adalora-init-r {r} is invalid: AdaLoRA prunes from it to "
+                         f"--target-rank {setting.target_rank}, so it must be >= that")
+    out.append(MemoryMethod(f"peft-adalora-r{r}", "adalora", r))
+    return out
+
+
+class StepRunner:
+    """A method on a real model: `forward_backward` then `update` make one step, as the plain
+    loop of the README does it."""
+
+    def __init__(self, method: MemoryMethod, model: nn.Module, setting: AdapterSetting) -> None:
+        self.method = method
+        if getattr(model.config, "use_cache", None):
+            model.config.use_cache = False  # training keeps no KV cache
+        if setting.gradient_checkpointing:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(
+                    activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(
+                    gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.controller = None
+        self.loss: Optional[torch.Tensor] = None
+        if method.kind == "increlora":
+            from .. import IncreLoRAController, create_optimizer, inject_increlora
+
+            config = setting.increlora_config()
+            self.model = inject_increlora(model, config)
+            self.optimizer = create_optimizer(self.model, config, lr=LR)
+            self.controller = IncreLoRAController(self.model, config)
+        else:
+            from peft import get_peft_model
+
+            names = target_names(model, setting)
+            self.model = get_peft_model(model, peft_config(
+                names, setting, method.kind == "adalora", lora_r=method.rank))
+            self.optimizer = torch.optim.AdamW(
+                [p for p in self.model.parameters() if p.requires_grad], lr=LR)
+        self.model.train()
+
+    def forward_backward(self, batch: Dict[str, torch.Tensor], step: int) -> None:
+        """Like ``loss = model(**batch).loss; loss.backward()`` in a loop: the previous step's
+        loss (and whatever its graph still holds) lives until this one replaces it."""
+        loss = self.model(**batch).loss
+        if self.controller is not None:
+            loss = loss + self.controller.regularization_loss()
+        self.loss = loss
+        del loss
+        self.loss.backward()
+
+    def update(self, step: int) -> None:
+        """IncreLoRA's controller, the optimizer step, AdaLoRA's allocator, zero_grad."""
+        if self.controller is not None:
+            self.controller.step(step)
+        self.optimizer.step()
+        if self.method.kind == "adalora":
+            self.model.base_model.update_and_allocate(step)
+        self.optimizer.zero_grad(set_to_none=True)

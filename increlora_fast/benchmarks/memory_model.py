@@ -1,0 +1,138 @@
+"""The model a memory breakdown is about: its config (a folder, a ``config.json`` path or a hub
+id), its head, a copy on the meta device (shapes and dtypes, no weights) and real copies of any
+depth to run."""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                  "fp16": torch.float16}
+HEADS = ("auto", "causal-lm", "masked-lm", "seq-cls")
+_AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+                 "seq-cls": "AutoModelForSequenceClassification"}
+
+
+def load_config(model: str):
+    """A transformers config from a folder holding ``config.json``, a path to a config file, a
+    packaged model name (``all-MiniLM-L6-v2``) or a hub id (which needs the hub, or its cache)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    from ..data.assets import PACKAGED_MODELS, locate_asset
+
+    path = Path(model)
+    if model in PACKAGED_MODELS and not path.exists():
+        path = Path(locate_asset(model))
+        model = str(path)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--model {model}: not a readable JSON config ({err})") from None
+        if "model_type" not in data:
+            raise ValueError(f"--model {model}: the config has no 'model_type' field, so the "
+                             "model family is unknown")
+        data = dict(data)
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"--model {model}: the folder has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(model)
+    except OSError as err:
+        raise ValueError(f"--model {model}: no such folder or config file, and the hub id could "
+                         f"not be resolved (offline?): {str(err).splitlines()[0]}") from None
+    assert isinstance(config, PretrainedConfig)
+    return config
+
+
+def resolve_head(config, head: str) -> str:
+    """The head to train: the one the config's ``architectures`` name, else sequence
+    classification for encoder families and a causal LM for decoder-only ones."""
+    if head not in HEADS:
+        raise ValueError(f"--head {head!r} is invalid: use one of {list(HEADS)}")
+    if head != "auto":
+        return head
+    for arch in getattr(config, "architectures", None) or []:
+        if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
+            return "causal-lm"
+        if arch.endswith("ForMaskedLM"):
+            return "masked-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "seq-cls"
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_MASKED_LM_MAPPING
+
+    # Encoder families (BERT also has a causal head) are classified, decoders generate.
+    if type(config) in MODEL_FOR_MASKED_LM_MAPPING or type(config) not in \
+            MODEL_FOR_CAUSAL_LM_MAPPING:
+        return "seq-cls"
+    return "causal-lm"
+
+
+def with_layers(config, n_layers: Optional[int]):
+    """A copy of ``config`` with ``n_layers`` transformer blocks (None: unchanged); per-layer
+    lists (e.g. ``layer_types``) are cut to match."""
+    config = copy.deepcopy(config)
+    if n_layers is None:
+        return config
+    old = getattr(config, "num_hidden_layers", None)
+    if old is None:
+        raise ValueError(f"{type(config).__name__} has no num_hidden_layers: --estimate cannot "
+                         "vary the depth of this model")
+    for key, value in list(vars(config).items()):
+        if isinstance(value, list) and len(value) == old and key != "architectures":
+            setattr(config, key, value[:n_layers])
+    config.num_hidden_layers = n_layers
+    return config
+
+
+@dataclass
+class ModelSpec:
+    """What to build: a config, its head and the dtype of the base weights."""
+
+    config: object
+    head: str
+    dtype: torch.dtype
+
+    @property
+    def n_layers(self) -> Optional[int]:
+        return getattr(self.config, "num_hidden_layers", None)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    def build(self, device: torch.device, n_layers: Optional[int] = None,
+              meta: bool = False) -> nn.Module:
+        """The model with random weights on ``device`` (or with no weights on the meta device:
+        accelerate's ``init_empty_weights``; buffers stay real)."""
+        import transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        config = with_layers(self.config, n_layers)
+        if self.head == "seq-cls" and getattr(config, "pad_token_id", None) is None:
+            config.pad_token_id = 0  # decoder classifiers need it to find the last token
+        auto = getattr(transformers, _AUTO_CLASSES[self.head])
+        if meta:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights():
+                return auto.from_config(config, dtype=self.dtype)
+        with torch.device(device):
+            return auto.from_config(config, dtype=self.dtype).train()
+
+    def batch(self, batch_size: int, seq_len: int, device: torch.device,
+              seed: int = 0) -> Dict[str, torch.Tensor]:
+        """Random token ids, a full attention mask and the head's labels."""
+        gen = torch.Generator().manual_seed(seed)
+        ids = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=gen)
+        labels = torch.zeros(batch_size, dtype=torch.long) if self.head == "seq-cls" \
+            else ids.clone()
+        return {"input_ids": ids.to(device), "labels": labels.to(device),
+                "attention_mask": torch.ones_like(ids).to(device)}

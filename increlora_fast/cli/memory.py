@@ -1,0 +1,120 @@
+"""`increlora-fast memory`: will it fit? Where the memory of one fine-tuning step goes for
+IncreLoRA next to peft LoRA (r = r_max and r = target_rank) and peft AdaLoRA (its init_r).
+
+Weights, adapters, gradients, optimizer states, score buffers and the batch are exact from
+shapes and dtypes (a meta-device copy of the model: no weights, works offline from a
+``config.json``). Activations are measured by one real training step at the given size (on CUDA
+when there is one, else per tensor on CPU), or with ``--estimate`` from small runs scaled up.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from ..config import ADAPTER_DTYPES
+
+
+
+def _csv_list(text: str) -> List[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"{text!r} is an empty list")
+    return items
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", required=True,
+                       help="a local folder with config.json, a path to a config JSON file, "
+                            "all-MiniLM-L6-v2 (packaged) or a hub id (needs the hub)")
+    model.add_argument("--head", default="auto",
+                       choices=("auto", "causal-lm", "masked-lm", "seq-cls"),
+                       help="the head to train (auto: from the config's architectures)")
+    model.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
+                       help="dtype of the base weights and of the step")
+    model.add_argument("--quantized", default="none", choices=("none", "4bit", "8bit"),
+                       help="bitsandbytes base weights (their size is exact in its layout; the "
+                            "step is measured on a --dtype stand-in, so the total is estimated)")
+    adapter = parser.add_argument_group("adapter")
+    adapter.add_argument("--target-modules", type=_csv_list, default=None,
+                         help="comma-separated module-name suffixes (default: the attention and "
+                              "FFN linears of common families)")
+    adapter.add_argument("--r-max", type=int, default=16, help="IncreLoRA slot capacity; LoRA's "
+                                                               "larger rank")
+    adapter.add_argument("--init-r", type=int, default=1, help="IncreLoRA starting rank")
+    adapter.add_argument("--target-rank", type=int, default=2,
+                         help="IncreLoRA's final average rank; LoRA's smaller rank; AdaLoRA's "
+                              "target_r")
+    adapter.add_argument("--adalora-init-r", type=int, default=None,
+                         help="AdaLoRA's starting rank (default: --r-max)")
+    adapter.add_argument("--adapter-dtype", default="auto", choices=ADAPTER_DTYPES,
+                         help="IncreLoRA adapter dtype (auto: the library default, float32 on "
+                              "bf16/fp16 bases)")
+    adapter.add_argument("--gradient-checkpointing", action="store_true",
+                         help="measure with gradient checkpointing on")
+    step = parser.add_argument_group("step")
+    step.add_argument("--batch-size", type=int, default=1)
+    step.add_argument("--seq-len", type=int, default=512)
+    step.add_argument("--estimate", action="store_true",
+                      help="do not run the full size: measure 1- and 2-layer models at batch 1 "
+                           "and three short sequences and scale by the measured growth")
+    step.add_argument("--small-seq", type=int, default=None,
+                      help="--estimate: shortest measured sequence (default: seq-len/8 in "
+                           "[32, 128]); also 2x and 4x it")
+    step.add_argument("--device", default=None,
+                      help="where the step runs (default: cuda when available, else cpu)")
+    out = parser.add_argument_group("output")
+    out.add_argument("--json", default=None, help="write the rows to this JSON file")
+    out.add_argument("--notes", action="store_true", help="print how every figure was obtained")
+    out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+
+def _positive(args: argparse.Namespace, names: List[str]) -> Optional[str]:
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} {value}: must be >= 1"
+    return None
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmarks.memory import build_spec, format_notes, format_table, memory_breakdown, \
+        write_json
+    from ..benchmarks.memory_methods import AdapterSetting
+    from ..data.assets import AssetUnavailableError
+
+    try:
+        problem = _positive(args, ["r_max", "init_r", "target_rank", "adalora_init_r",
+                                   "batch_size", "seq_len", "small_seq"])
+        if problem:
+            raise ValueError(problem)
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: no CUDA device is available here")
+        spec = build_spec(args.model, args.head, args.dtype)
+        setting = AdapterSetting(
+            target_modules=tuple(args.target_modules) if args.target_modules else None,
+            r_max=args.r_max, init_r=args.init_r, target_rank=args.target_rank,
+            adalora_init_r=args.adalora_init_r,
+            adapter_dtype=args.adapter_dtype,
+            gradient_checkpointing=args.gradient_checkpointing)
+        setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
+        rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
+                                quantized=args.quantized, estimate=args.estimate,
+                                small_seq=args.small_seq, progress=not args.no_progress)
+    except (ValueError, TypeError, AssetUnavailableError) as err:
+        print(f"increlora-fast memory: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.model} ({spec.head}, {args.dtype}"
+          + (f", {args.quantized} base" if args.quantized != "none" else "")
+          + f"), batch {args.batch_size} x seq {args.seq_len} on {device}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
+    print(format_table(rows))
+    if args.notes:
+        print(format_notes(rows))
+    if args.json:
+        print(f"rows written to {write_json(rows, args.json)}")
+    return 0

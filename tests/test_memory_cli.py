@@ -1,0 +1,225 @@
+"""`increlora-fast memory`: the table for a config offline, exact figures equal to the tensors a
+real run allocates, the total within 3% of the measured peak of a real training loop, and the
+``--estimate`` scaling within 10% of the measured activations."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from increlora_fast.benchmarks.memory import (ACTIVATIONS, BASE, BUFFERS, COMPONENTS, GRADS,
+                                              OPT_TEMPS, OPTIMIZER, PADDED, SCORE, TOTAL,
+                                              build_spec, method_rows)
+from increlora_fast.benchmarks.memory_check import check_total
+from increlora_fast.benchmarks.memory_methods import AdapterSetting, MemoryMethod, methods_for
+from increlora_fast.benchmarks.memory_probe import TensorPeak
+from increlora_fast.cli.main import main
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96,
+         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+BERT = {"model_type": "bert", "architectures": ["BertForSequenceClassification"],
+        "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "max_position_embeddings": 64}
+SETTING = AdapterSetting(target_modules=("q_proj", "v_proj", "down_proj"), r_max=6, init_r=1,
+                         target_rank=2)
+TOTAL_TOLERANCE = 0.03     # exact + measured total vs the peak of a real loop
+ESTIMATE_TOLERANCE = 0.10  # --estimate vs the activations measured at the full size
+
+
+def write_config(tmp_path, config: dict, name: str = "config.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(config))
+    return path
+
+
+def by_component(rows, method):
+    return {r["component"]: r for r in rows if r["method"] == method}
+
+
+def test_cli_prints_the_table_and_writes_rows_offline(tmp_path, capsys):
+    config = write_config(tmp_path, LLAMA)
+    out = tmp_path / "rows.json"
+    code = main(["memory", "--model", str(config), "--target-modules", "q_proj,v_proj",
+                 "--r-max", "4", "--target-rank", "2", "--batch-size", "2", "--seq-len", "16",
+                 "--dtype", "fp32", "--json", str(out), "--no-progress", "--device", "cpu"])
+    assert code == 0
+    text = capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    methods = ["increlora", "peft-lora-r4", "peft-lora-r2", "peft-adalora-r4"]
+    assert list(dict.fromkeys(r["method"] for r in rows)) == methods
+    for row in rows:
+        assert {"method", "component", "bytes", "how"} <= set(row)
+        assert row["how"] in ("exact", "measured", "estimated")
+        assert isinstance(row["bytes"], int) and row["bytes"] >= 0
+        assert row["component"] in COMPONENTS
+    for method in methods:
+        comps = by_component(rows, method)
+        padded = [c for c in comps if "adapter" in c and "padded" in c]
+        assert len(padded) == 1 and comps[padded[0]]["bytes"] > 0
+        assert comps[BASE]["how"] == "exact" and comps[ACTIVATIONS]["how"] == "measured"
+        assert comps[ACTIVATIONS]["bytes"] > 0
+        assert method in text
+    for component in (BASE, PADDED, ACTIVATIONS, TOTAL):
+        assert component in text
+    # LoRA at r=4 holds twice the adapter of LoRA at r=2 (A and B both scale with r)
+    assert by_component(rows, "peft-lora-r4")[PADDED]["bytes"] == \
+        2 * by_component(rows, "peft-lora-r2")[PADDED]["bytes"]
+
+
+def test_cli_bert_config_folder_and_quantized_base(tmp_path, capsys):
+    write_config(tmp_path, BERT)
+    code = main(["memory", "--model", str(tmp_path), "--target-modules", "query,value",
+                 "--r-max", "4", "--batch-size", "1", "--seq-len", "8", "--dtype", "fp32",
+                 "--quantized", "4bit", "--json", str(tmp_path / "q.json"), "--no-progress",
+                 "--device", "cpu"])
+    assert code == 0
+    rows = json.loads((tmp_path / "q.json").read_text())
+    base = by_component(rows, "increlora")[BASE]
+    assert by_component(rows, "increlora")[TOTAL]["how"] == "estimated"  # stand-in step
+    full = build_spec(str(tmp_path), "auto", "fp32")
+    from increlora_fast.benchmarks.memory import base_weights
+    unquantized = base_weights(full.build(torch.device("cpu"), meta=True), "none")[0]
+    assert base["how"] == "exact" and base["bytes"] < unquantized
+    assert "seq-cls" in capsys.readouterr().out
+
+
+def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
+    assert main(["memory", "--model", str(tmp_path / "missing.json"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--model" in err
+    config = write_config(tmp_path, {"vocab_size": 3})
+    assert main(["memory", "--model", str(config), "--no-progress"]) == 2
+    assert "model_type" in capsys.readouterr().err
+    config = write_config(tmp_path, LLAMA, "llama.json")
+    assert main(["memory", "--model", str(config), "--seq-len", "0", "--no-progress"]) == 2
+    assert "--seq-len" in capsys.readouterr().err
+
+
+def _real_static(method: MemoryMethod, spec):
+    """Bytes of the tensors a real run of ``method`` holds after one step, by component."""
+    torch.manual_seed(0)
+    runner = method.build(spec.build(torch.device("cpu")), SETTING)
+    batch = spec.batch(1, 8, torch.device("cpu"))
+    runner.forward_backward(batch, 0)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in runner.model.parameters()
+                if p.grad is not None)
+    runner.update(0)
+
+    def nbytes(tensors):
+        return sum(t.numel() * t.element_size() for t in tensors)
+    params = {n: p for n, p in runner.model.named_parameters()}
+    adapter = nbytes(p for n, p in params.items() if "lora_" in n)
+    states = nbytes(t for s in runner.optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t))
+    buffers = nbytes(b for n, b in runner.model.named_buffers()
+                     if n.rsplit(".", 1)[-1] in ("slot_state", "slot_alloc_step",
+                                                 "slot_active_step"))
+    buffers += nbytes(p for n, p in params.items() if "ranknum" in n)
+    return {PADDED: adapter, GRADS: grads, OPTIMIZER: states, BUFFERS: buffers}
+
+
+@pytest.mark.parametrize("kind", ["increlora", "lora", "adalora"])
+def test_exact_figures_equal_the_tensors_of_a_real_run(tmp_path, kind):
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "fp32")
+    method = next(m for m in methods_for(SETTING) if m.kind == kind)
+    sizes = method.sizes(spec.build(torch.device("cpu"), meta=True), spec.dtype, SETTING)
+    real = _real_static(method, spec)
+    assert sizes["padded"][0] == real[PADDED]
+    assert sizes["grads"][0] == real[GRADS]
+    assert sizes["optimizer"][0] == real[OPTIMIZER]
+    assert sizes.get("buffers", (0,))[0] == real[BUFFERS]
+
+
+def test_total_matches_the_measured_peak_of_a_real_loop(tmp_path):
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "fp32")
+    check = check_total(spec, SETTING, 2, 24, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
+    assert check["ok"], check
+    rows = method_rows(methods_for(SETTING)[0], spec, SETTING, 2, 24, torch.device("cpu"))
+    exact = sum(r["bytes"] for r in rows if r["how"] == "exact"
+                and r["component"] in (BASE, PADDED, BUFFERS, OPTIMIZER, SCORE, GRADS))
+    assert exact < check["measured"]  # the step itself needs memory on top of what stays
+
+
+def test_estimate_scales_small_runs_to_the_measured_activations(tmp_path):
+    config = dict(LLAMA, num_hidden_layers=3)
+    spec = build_spec(str(write_config(tmp_path, config)), "auto", "fp32")
+    method = methods_for(SETTING)[0]
+    estimated = by_component(method_rows(method, spec, SETTING, 2, 384, torch.device("cpu"),
+                                         estimate=True, small_seq=32), "increlora")
+    assert estimated[ACTIVATIONS]["how"] == "estimated"
+    measured = by_component(method_rows(method, spec, SETTING, 2, 384, torch.device("cpu")),
+                            "increlora")
+    for component in (ACTIVATIONS, OPT_TEMPS, TOTAL):
+        est, real = estimated[component]["bytes"], measured[component]["bytes"]
+        assert abs(est - real) <= ESTIMATE_TOLERANCE * real, (component, est, real)
+
+
+def test_probe_counts_new_storages_once_and_frees_them():
+    layer = torch.nn.Linear(100, 50)
+    x = torch.randn(8, 100)
+    with TensorPeak(torch.device("cpu")) as peak:
+        y = layer(x)
+        view = y.view(-1)
+        assert peak.live_bytes() == 8 * 50 * 4  # the view adds nothing
+        del y, view
+        assert peak.live_bytes() == 0
+        layer(x).sum().backward()
+        assert peak.live_bytes() == (50 * 100 + 50) * 4  # the two gradients
+    assert (50 * 100 + 50) * 4 <= peak.peak_bytes < (50 * 100 + 50 + 2 * 8 * 50) * 4
+
+
+def test_benchmark_cpu_memory_is_counted_per_tensor():
+    """The benchmarks' peak is the tensors a run allocates, to the byte, not the process RSS."""
+    from increlora_fast.benchmarks.memory_probe import CPU_KIND
+    from increlora_fast.benchmarks.timing import measure_interleaved
+
+    def run() -> None:
+        a = torch.empty(3, 1024, 1024, dtype=torch.uint8)  # 3 MiB, then 1 MiB more while alive
+        b = torch.empty(1024, 1024, dtype=torch.uint8)
+        del a, b
+    m = measure_interleaved({"alloc": (run, None)}, torch.device("cpu"), warmup=1, repeats=1)
+    assert m["alloc"].mem_kind == CPU_KIND
+    assert m["alloc"].peak_mem_mb == 4.0
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_layout_matches_bitsandbytes(bits):
+    """The 4/8-bit base figure uses bitsandbytes' own layout (transformers' defaults: NF4 without
+    double quantization; LLM.int8 with a per-row scale), checked on real quantized linears."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from increlora_fast.benchmarks.memory import base_weights
+
+    class Tiny(nn.Module):
+        def __init__(self, linear=nn.Linear):
+            super().__init__()
+            self.proj = linear(256, 128)
+            self.lm_head = nn.Linear(128, 64)  # the last module stays unquantized
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+    try:
+        if bits == "4bit":
+            proj = bnb.nn.Linear4bit(256, 128, compress_statistics=False, quant_type="nf4")
+            proj.load_state_dict(nn.Linear(256, 128).state_dict())
+            proj = proj.to("cpu")
+            state = proj.weight.quant_state
+            quantized = nbytes(proj.weight) + nbytes(state.absmax) + nbytes(state.code)
+        else:
+            proj = bnb.nn.Linear8bitLt(256, 128, has_fp16_weights=False)
+            proj.load_state_dict(nn.Linear(256, 128).state_dict())
+            proj = proj.to("cpu")
+            quantized = nbytes(proj.weight) + nbytes(proj.weight.SCB)
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        pytest.skip(f"bitsandbytes cannot quantize on this CPU: {err}")
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        meta = Tiny()
+    meta.all_tied_weights_keys = {}
+    meta.get_output_embeddings = lambda: meta.lm_head
+    plain = base_weights(meta, "none")[0]
+    expected = plain - 256 * 128 * 4 + quantized
+    assert base_weights(meta, bits)[0] == expected

@@ -1,0 +1,59 @@
+"""`rank_over_time.png`: each module's rank against the step, from the allocation log, written
+next to the final heatmap by a fine-tune run."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
+from increlora_fast.cli import finetune as finetune_cli
+from increlora_fast.visualize import rank_history, save_rank_over_time
+
+PNG = b"\x89PNG\r\n\x1a\n"
+LOG = [{"step": 4, "module": "layer.1.query", "new_rank": 3, "score": 0.5},
+       {"step": 2, "module": "layer.0.query", "new_rank": 2, "score": 0.9},
+       {"step": 4, "module": "layer.0.query", "new_rank": 3, "score": 0.7}]
+INITIAL = {"layer.0.query": 1, "layer.1.query": 1, "layer.0.value": 1}
+
+
+def test_history_starts_at_the_initial_rank_and_follows_the_log_in_step_order():
+    history = rank_history(INITIAL, LOG)
+    assert history == {"layer.0.query": [(0, 1), (2, 2), (4, 3)],
+                       "layer.1.query": [(0, 1), (4, 3)], "layer.0.value": [(0, 1)]}
+
+
+def test_log_of_an_unknown_module_is_an_error():
+    with pytest.raises(ValueError, match="layer.9.key"):
+        rank_history(INITIAL, LOG + [{"step": 5, "module": "layer.9.key", "new_rank": 2}])
+
+
+def test_picture_is_drawn_and_depends_on_the_log(tmp_path):
+    import matplotlib.image as mpimg
+
+    grown = save_rank_over_time(INITIAL, LOG, tmp_path / "a" / "rank_over_time.png", last_step=8)
+    flat = save_rank_over_time(INITIAL, [], tmp_path / "flat.png", last_step=8)
+    assert grown.read_bytes()[:8] == PNG and flat.read_bytes()[:8] == PNG
+    a, b = mpimg.imread(str(grown)), mpimg.imread(str(flat))
+    assert a.shape == b.shape and a.std() > 0  # something is drawn
+    assert (a != b).any()                      # and it is the ranks' movement
+
+
+def test_finetune_writes_it_next_to_the_heatmap(tmp_path):
+    model = write_tiny_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=0))
+    dev = write_csv(tmp_path / "dev.csv", sentiment_rows(16, seed=1))
+    out = tmp_path / "run"
+    parser = argparse.ArgumentParser()
+    finetune_cli.add_arguments(parser)
+    args = parser.parse_args(["--model", str(model), "--train-file", str(train), "--eval-file",
+                              str(dev), "--batch-size", "8", "--max-seq-len", "16",
+                              "--output-dir", str(out), "--no-progress", "--max-steps", "6"])
+    assert finetune_cli.run(args) == 0
+    assert (out / "rank_heatmap.png").read_bytes()[:8] == PNG
+    assert (out / "rank_over_time.png").read_bytes()[:8] == PNG
+    log = [json.loads(line) for line in (out / "allocation_log.jsonl").read_text().splitlines()]
+    metrics = json.loads((out / "metrics.json").read_text())
+    history = rank_history({n: 1 for n in metrics["rank_pattern"]}, log)
+    assert {n: points[-1][1] for n, points in history.items()} == metrics["rank_pattern"]

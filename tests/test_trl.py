@@ -1,0 +1,161 @@
+"""LLM trainers: TRL's SFTTrainer with IncreLoRA (subclass, and stock SFTTrainer with the
+callback and increlora_optimizers), gradient checkpointing on; causal LMs through
+IncreLoRATrainer; the README's SFT example as written."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments
+
+from increlora_fast import IncreLoRAConfig, inject_increlora, increlora_layers
+from increlora_fast.controller import IncreLoRAController
+from increlora_fast.integrations.trainer import IncreLoRATrainer
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+WORDS = "the cat sat on a mat dog ran far away and then came back home".split()
+TARGETS = ["q_proj", "v_proj"]  # 2 layers x 2 = 4 modules; budget 4 x target_rank 2 = 8
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=3 + len(WORDS), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=0, eos_token_id=2))
+
+
+def tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "<eos>"] + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                   eos_token="<eos>")
+
+
+def texts(n: int = 48):
+    gen = torch.Generator().manual_seed(0)
+    return [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (10,), generator=gen))
+            for _ in range(n)]
+
+
+def increlora_model():
+    config = IncreLoRAConfig(target_modules=TARGETS, r_max=4, target_rank=2, init_warmup=2,
+                             incre_interval=2, top_h=1)
+    return inject_increlora(tiny_llama(), config), config
+
+
+def sft_config(out, **kw):
+    from trl import SFTConfig
+
+    return SFTConfig(output_dir=str(out), max_steps=12, per_device_train_batch_size=8,
+                     learning_rate=5e-3, gradient_checkpointing=True, max_length=16,
+                     save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                     disable_tqdm=True, logging_steps=4, **kw)
+
+
+def assert_grown_and_trained(model, controller: IncreLoRAController, before: dict) -> None:
+    assert controller.budget_reached and controller.current_total_rank() == 8
+    assert any(r > 1 for r in controller.rank_pattern().values())
+    assert torch.isfinite(controller.importance()).all() and controller.importance().sum() > 0
+    for name, layer in increlora_layers(model):
+        assert not torch.equal(layer.lora_B.detach(), before[name]), name
+
+
+def test_increlora_sft_trainer_with_gradient_checkpointing(tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from increlora_fast.integrations.sft import IncreLoRASFTTrainer
+
+    model, _ = increlora_model()
+    before = {n: layer.lora_B.detach().clone() for n, layer in increlora_layers(model)}
+    trainer = IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path),
+                                  train_dataset=Dataset.from_dict({"text": texts()}),
+                                  processing_class=tokenizer())
+    trainer.train()
+    assert model.is_gradient_checkpointing
+    assert_grown_and_trained(model, trainer.increlora_controller, before)
+    logged = [e for e in trainer.state.log_history if "increlora/total_rank" in e]
+    assert logged and logged[-1]["increlora/total_rank"] == 8
+
+
+def test_stock_sft_trainer_with_callback_and_increlora_optimizers(tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTTrainer
+    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
+
+    model, config = increlora_model()
+    before = {n: layer.lora_B.detach().clone() for n, layer in increlora_layers(model)}
+    controller = IncreLoRAController(model, config)
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts()}),
+                         processing_class=tokenizer(),
+                         optimizers=increlora_optimizers(model, lr=5e-3))
+    IncreLoRACallback(controller).install(trainer)
+    trainer.train()
+    assert_grown_and_trained(model, controller, before)
+
+
+def test_sft_trainer_refuses_a_peft_config(tmp_path):
+    pytest.importorskip("trl")
+    from peft import LoraConfig
+    from increlora_fast.integrations.sft import IncreLoRASFTTrainer
+
+    model, _ = increlora_model()
+    with pytest.raises(ValueError, match="peft_config"):
+        IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path), peft_config=LoraConfig())
+
+
+def test_checkpointing_leaves_the_scores_unchanged():
+    """A checkpointed block runs its forward twice; the score must still count once."""
+    scores = []
+    for checkpointing in (False, True):
+        model, config = increlora_model()
+        if checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        IncreLoRAController(model, config)  # turns score tracking on
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, 3 + len(WORDS), (4, 12), generator=gen)
+        model(input_ids=ids, labels=ids).loss.backward()
+        scores.append(torch.stack([layer.score_sum.clone()
+                                   for _, layer in increlora_layers(model)]))
+    assert (scores[0] > 0).all()
+    torch.testing.assert_close(scores[1], scores[0], rtol=1e-4, atol=0)
+
+
+def test_causal_lm_through_increlora_trainer(tmp_path):
+    model, _ = increlora_model()
+    before = {n: layer.lora_B.detach().clone() for n, layer in increlora_layers(model)}
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(48):
+        ids = torch.randint(3, 3 + len(WORDS), (12,), generator=gen)
+        data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    args = TrainingArguments(str(tmp_path), max_steps=12, per_device_train_batch_size=8,
+                             learning_rate=5e-3, gradient_checkpointing=True,
+                             save_strategy="no", report_to=[], use_cpu=True, seed=0,
+                             disable_tqdm=True)
+    trainer = IncreLoRATrainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    assert_grown_and_trained(model, trainer.increlora_controller, before)
+
+
+def test_readme_sft_example_runs_as_written(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+              if "SFTTrainer" in b]
+    assert len(blocks) == 1, "README has no (or several) SFTTrainer examples"
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(blocks[0], "README.md", "exec"), namespace)
+    controller = namespace["trainer"].increlora_controller
+    assert controller.budget_reached
+    assert controller.current_total_rank() == controller.total_budget
