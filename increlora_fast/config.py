@@ -81,7 +81,10 @@ class IncreLoRAConfig:
         adapter_dtype: dtype of the adapter tensors and so of their optimizer moments:
             ``"auto"`` (float32 on bfloat16/float16 and quantized bases, the base dtype
             otherwise, as peft does), ``"float32"``, or ``"base"`` (the base weight's dtype).
-        seed: seed of the choices the method draws itself (``score="random"``'s ranking).
+        seed: seed of the choices the method draws itself: the controller's own generator,
+            from which fresh reserve slots are drawn (saved in its state_dict, so a resume is
+            exact without the global RNG and data-parallel ranks draw identical reserves), and
+            ``score="random"``'s ranking.
         scale_preserving_growth: when a module grows, multiply its previously active lambdas by
             new_rank / old_rank so that its dW is unchanged at the moment of growth (the
             ``lora_alpha / active_rank`` scale otherwise shrinks it, e.g. halves it from rank 1

@@ -81,6 +81,9 @@ class IncreLoRAController:
         self.round_pending = False
         self._warned_nonfinite = False
         self._warned_no_data = False
+        # Fresh reserve slots are drawn from the controller's own generator: every
+        # data-parallel rank draws the same values, and state_dict() carries its state.
+        self.generator = torch.Generator().manual_seed(self.config.seed)
         self._warned_untracked = False
         self.exact_step_score = bool(self.config.exact_step_score)
         window = self.config.score_window
@@ -248,8 +251,7 @@ class IncreLoRAController:
                                    unit_norm=cfg.normalize_on_activation)
             remaining -= added
             if remaining > 0:
-                layer.add_reserve(cfg.incre_rank_num, step)
-                self._sync_from_rank0(layer)
+                layer.add_reserve(cfg.incre_rank_num, step, generator=self.generator)
             entry = {"step": step, "module": self.names[i], "new_rank": layer.active_rank,
                      "score": float(score[i])}
             self.allocation_log.append(entry)
@@ -265,13 +267,6 @@ class IncreLoRAController:
         every process, a resumed run and a rerun rank the modules the same way."""
         rng = random.Random(f"increlora-random-score/{self.config.seed}/{step}")
         return torch.tensor([rng.random() for _ in self.layers], dtype=torch.float64)
-
-    @staticmethod
-    def _sync_from_rank0(layer: IncreLoRALinear) -> None:
-        """Fresh reserve slots come from each process's own RNG: give every rank rank 0's."""
-        if _world_size() > 1:
-            for tensor in (layer.lora_A, layer.lora_B, layer.lora_lambda):
-                dist.broadcast(tensor.data, src=0)
 
     def _finish(self) -> None:
         for layer in self.layers:
@@ -323,18 +318,51 @@ class IncreLoRAController:
                 "budget_reached": self.budget_reached, "round_pending": self.round_pending,
                 "names": list(self.names),
                 "allocation_log": [dict(e) for e in self.allocation_log],
-                "warned_nonfinite": self._warned_nonfinite, "next_step": self._next_step}
+                "warned_nonfinite": self._warned_nonfinite, "next_step": self._next_step,
+                "generator": self.generator.get_state()}
+
+    def check_state_dict(self, state: dict) -> None:
+        """Raise ValueError unless `load_state_dict` can restore ``state`` completely."""
+        if not isinstance(state, dict):
+            raise ValueError(f"controller state must be a dict, got {type(state).__name__}")
+        required = ("ipt", "unc", "budget_reached", "names", "allocation_log", "warned_nonfinite")
+        missing = [k for k in required if k not in state]
+        if missing:
+            raise ValueError(f"controller state lacks {missing}")
+        if list(state["names"]) != self.names:
+            extra = sorted(set(state["names"]) - set(self.names))[:3]
+            absent = sorted(set(self.names) - set(state["names"]))[:3]
+            raise ValueError("controller state is for other modules: "
+                             f"{len(state['names'])} saved vs {len(self.names)} in the model "
+                             f"(saved only: {extra}; model only: {absent})")
+        for key in ("ipt", "unc"):
+            value = state[key]
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != (len(self.names),):
+                raise ValueError(f"controller state {key} must be a tensor of shape "
+                                 f"({len(self.names)},)")
+        generator = state.get("generator")
+        if generator is not None and not (isinstance(generator, torch.Tensor)
+                                          and generator.dtype == torch.uint8):
+            raise ValueError("controller state generator must be a torch.Generator state "
+                             "(a uint8 tensor)")
+        if not isinstance(state["allocation_log"], list):
+            raise ValueError("controller state allocation_log must be a list")
 
     def load_state_dict(self, state: dict) -> None:
-        if list(state["names"]) != self.names:
-            raise ValueError("controller state is for other modules: "
-                             f"{len(state['names'])} saved vs {len(self.names)} in the model")
+        """Restore `state_dict` output; everything is checked first (`check_state_dict`), so a
+        state that does not fit raises ValueError and changes nothing. A state saved before
+        the controller owned a generator keeps the generator seeded from the config."""
+        self.check_state_dict(state)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        if state.get("generator") is not None:
+            generator.set_state(state["generator"])
         self.ipt = state["ipt"].clone().double()
         self.unc = state["unc"].clone().double()
         self.budget_reached = bool(state["budget_reached"])
         self.round_pending = bool(state.get("round_pending", False))
         self.allocation_log = [dict(e) for e in state["allocation_log"]]
         self._warned_nonfinite = bool(state["warned_nonfinite"])
+        self.generator = generator
         # Older states do not say which step comes next: track it; it is dropped if untracked.
         self._next_step = state.get("next_step")
         self._set_tracking(not self.budget_reached if self._next_step is None

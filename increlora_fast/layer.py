@@ -35,8 +35,20 @@ class SlotState(enum.IntEnum):
     ACTIVE = 2
 
 
+def is_quantized_base(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` / ``Linear8bitLt`` (nn.Linear subclasses whose ``weight``
+    holds quantized data): only ``module(x)`` computes with it."""
+    return type(module).__module__.startswith("bitsandbytes") and isinstance(module, nn.Linear)
+
+
 def is_supported_base(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (Conv1D is not None and isinstance(module, Conv1D))
+    """nn.Linear (bitsandbytes 4-bit and 8-bit linears included) or transformers Conv1D.
+
+    A subclass with its own ``forward`` (e.g. a router returning a tuple) is not a plain linear
+    map, so the adapter could not be added to its output: it is not supported."""
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward or is_quantized_base(module)
+    return Conv1D is not None and isinstance(module, Conv1D)
 
 
 def _plain_forward(module: nn.Module) -> bool:
@@ -97,11 +109,12 @@ class IncreLoRALinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.is_conv1d = not isinstance(base_layer, nn.Linear)
+        self.is_quantized = is_quantized_base(base_layer)
         weight = base_layer.weight
         if self.is_conv1d:
             self.in_features, self.out_features = weight.shape
-        else:
-            self.out_features, self.in_features = weight.shape
+        else:  # a quantized weight is packed: only the layer knows its feature sizes
+            self.out_features, self.in_features = base_layer.out_features, base_layer.in_features
         self.r_max = r_max
         self.lora_alpha = float(lora_alpha)
         self.reserve_lambda = float(reserve_lambda)
@@ -132,6 +145,19 @@ class IncreLoRALinear(nn.Module):
             self.slot_alloc_step[:init_r] = 0
             self.slot_active_step[:init_r] = 0
         self.add_reserve(reserve_rank, step=0)
+
+    # ------------------------------------------------------------------ drop-in attributes
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight itself (not a copy), for code that reads the attributes of
+        the layer this one replaced (its dtype, device, shape). It does not include the
+        adapter: code that computes with it directly bypasses the adapter."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        """The base layer's bias itself (None when it has none)."""
+        return self.base_layer.bias
 
     # ------------------------------------------------------------------ slot bookkeeping
     @property
@@ -196,12 +222,22 @@ class IncreLoRALinear(nn.Module):
                 min=1e-12)
 
     @torch.no_grad()
-    def add_reserve(self, n: int, step: int) -> int:
-        """Append up to ``n`` fresh reserve slots after the used ones; returns how many fit."""
+    def add_reserve(self, n: int, step: int, generator: Optional[torch.Generator] = None) -> int:
+        """Append up to ``n`` fresh reserve slots after the used ones; returns how many fit.
+
+        Their A rows and B columns are drawn from ``generator`` (on its device, then moved) when
+        given, from the global RNG otherwise."""
         start = self.used_rank
         idx = torch.arange(start, min(start + n, self.r_max), device=self.slot_state.device)
-        self.lora_A[idx] = torch.randn_like(self.lora_A[idx]) * INIT_STD
-        self.lora_B[:, idx] = torch.randn_like(self.lora_B[:, idx]) * INIT_STD
+        if generator is None:
+            fresh_a = torch.randn_like(self.lora_A[idx])
+            fresh_b = torch.randn_like(self.lora_B[:, idx])
+        else:
+            draw = dict(generator=generator, device=generator.device, dtype=torch.float32)
+            fresh_a = torch.randn((idx.numel(), self.in_features), **draw).to(self.lora_A)
+            fresh_b = torch.randn((self.out_features, idx.numel()), **draw).to(self.lora_B)
+        self.lora_A[idx] = fresh_a * INIT_STD
+        self.lora_B[:, idx] = fresh_b * INIT_STD
         self.lora_lambda[idx] = self.reserve_value()
         self.slot_state[idx] = SlotState.RESERVE
         self.slot_alloc_step[idx] = step
@@ -288,9 +324,16 @@ class IncreLoRALinear(nn.Module):
         """Fold the adapter into the base weight; forward then skips the adapter."""
         if self.merged:
             raise RuntimeError("IncreLoRALinear is already merged")
+        self._refuse_quantized_merge()
         w = self.base_layer.weight
         w.add_(self._base_weight_delta().to(w.dtype))
         self.merged = True
+
+    def _refuse_quantized_merge(self) -> None:
+        if self.is_quantized:
+            raise RuntimeError(f"cannot merge into a quantized {type(self.base_layer).__name__} "
+                               "base: its weight holds quantized data; keep the adapter "
+                               "unmerged, or load the base in full precision to merge")
 
     @torch.no_grad()
     def unmerge(self) -> None:

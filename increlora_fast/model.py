@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import difflib
+import functools
+import inspect
 import re
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from torch import nn
 
@@ -48,11 +50,89 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
         if isinstance(module, IncreLoRALinear) or n.endswith(".base_layer"):
             continue
         if is_supported_base(module):
+            _refuse_weight_readers(model, n)
             targets.append(n)
         elif spec is not None and not any(is_supported_base(m) for m in module.modules()):
             raise TypeError(f"target module {n!r} is a {type(module).__name__}; IncreLoRA adapts "
                             "nn.Linear and transformers Conv1D layers")
     return targets
+
+
+def _parent(model: nn.Module, name: str) -> nn.Module:
+    parent_name = name.rpartition(".")[0]
+    return model.get_submodule(parent_name) if parent_name else model
+
+
+# Methods that set weights up rather than compute with them.
+_SETUP_METHODS = re.compile(r"(^__init__$|init|reset_parameters|extra_repr|__repr__|tie)")
+# Reading these from a weight only describes it (dtype casts, device checks): harmless.
+_METADATA = r"\.(dtype|device|shape|size|ndim|numel|requires_grad|is_\w+|element_size)\b"
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_reading_method(cls: type, child: str) -> Optional[str]:
+    """Name of a method of ``cls`` (torch's own classes included) whose source computes with
+    ``self.<child>.weight`` directly instead of calling ``self.<child>``, or None."""
+    pattern = re.compile(rf"(?<!isinstance\()self\.{re.escape(child)}\.weight\b(?!{_METADATA})")
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object):
+            break
+        for attr, fn in vars(klass).items():
+            if _SETUP_METHODS.search(attr) or not inspect.isfunction(fn):
+                continue
+            try:
+                source = inspect.getsource(fn)
+            except (OSError, TypeError):
+                continue
+            code = "\n".join(line.split("#")[0] for line in source.splitlines())
+            if pattern.search(code):
+                return f"{klass.__name__}.{attr}"
+    return None
+
+
+def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
+    """Why an adapter on module ``name`` would be skipped, or None when it is always called.
+
+    A parent that computes with its child's weight without calling the child (nn.MultiheadAttention
+    with out_proj, Mamba mixers with their projections) would bypass the adapter. Found by
+    reading the parent's source for ``self.<child>.weight`` used other than for its dtype,
+    device or shape; torch's TransformerEncoderLayer is adapted instead (its fast path is kept
+    off, see `_keep_module_path`).
+    """
+    parent, child = _parent(model, name), name.rpartition(".")[2]
+    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
+        return None
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return ("nn.MultiheadAttention reads out_proj.weight and out_proj.bias directly and "
+                "never calls out_proj")
+    method = _weight_reading_method(type(parent), child)
+    if method is not None:
+        return f"{method} computes with self.{child}.weight directly instead of calling it"
+    return None
+
+
+def _refuse_weight_readers(model: nn.Module, name: str) -> None:
+    """Refuse a target whose parent computes with the target's weight without calling it, so
+    an adapter there would be skipped (silently, now that the wrapper exposes ``weight``)."""
+    reason = direct_weight_reader(model, name)
+    if reason is not None:
+        raise ValueError(f"target module {name!r} cannot be adapted: {reason}, so its adapter "
+                         "would be skipped; target other modules")
+
+
+def _keep_module_path(module: nn.Module, args: tuple) -> None:
+    """A no-op forward pre-hook. torch's TransformerEncoderLayer skips its fused inference fast
+    path, which reads linear1/linear2 weights without calling them (and so would skip their
+    adapters), whenever one of its modules has a hook."""
+    return None
+
+
+def _keep_adapters_in_fast_paths(model: nn.Module, targets: List[str]) -> None:
+    for name in targets:
+        parent = _parent(model, name)
+        if isinstance(parent, nn.TransformerEncoderLayer) and not any(
+                hook is _keep_module_path for hook in parent._forward_pre_hooks.values()):
+            parent.register_forward_pre_hook(_keep_module_path)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -67,9 +147,14 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     Every other parameter is frozen except those of ``config.modules_to_save``. The config is
     attached to the model as ``model.increlora_config``. Returns the model.
 
+    Everything is checked before the model is changed, and a failure while wrapping undoes
+    what was done: a call that raises leaves the model exactly as it was.
+
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
-            names), the model is already injected, or the rank budget does not fit the modules.
+            names), the model is already injected, the rank budget does not fit the modules,
+            or a target's weights are still on the meta device.
+        TypeError: a target is neither a linear layer nor contains one.
     """
     if getattr(model, CONFIG_ATTR, None) is not None or any(
             isinstance(m, IncreLoRALinear) for m in model.modules()):
@@ -87,18 +172,43 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             raise ValueError(f"modules_to_save entry {key!r} matches no module name; "
                              f"similar names: {_similar_names(key, names)}")
         save_roots.extend(found)
-    for p in model.parameters():
-        p.requires_grad_(False)
     for name in targets:
-        base = model.get_submodule(name)
-        _set_submodule(model, name, IncreLoRALinear(
+        for pname, p in model.get_submodule(name).named_parameters():
+            if p.is_meta:
+                raise ValueError(f"target module {name!r} has its {pname} on the meta device: "
+                                 "load the base weights first (e.g. to_empty() then "
+                                 "load_state_dict(), or from_pretrained), then inject; the "
+                                 "adapter's slot bookkeeping needs real tensors")
+    # Nothing has changed yet; build every layer first, and undo everything if one fails.
+    requires_grad = {p: p.requires_grad for p in model.parameters()}
+    originals = {name: model.get_submodule(name) for name in targets}
+    names_of: Dict[int, List[str]] = {}
+    for alias, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(alias)
+    aliases = {name: names_of[id(module)] for name, module in originals.items()}
+    try:
+        wrapped = {name: IncreLoRALinear(
             base, r_max=config.r_max, init_r=config.init_r, reserve_rank=config.incre_rank_num,
             lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
             reserve_lambda=config.reserve_lambda, advance_learning=config.advance_learning,
-            adapter_dtype=config.adapter_dtype))
-    for root in save_roots:
-        for p in model.get_submodule(root).parameters():
-            p.requires_grad_(True)
+            adapter_dtype=config.adapter_dtype)
+            for name, base in originals.items()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, layer in wrapped.items():
+            for alias in aliases[name]:  # a module registered under several names
+                _set_submodule(model, alias, layer)
+        _keep_adapters_in_fast_paths(model, targets)
+        for root in save_roots:
+            for p in model.get_submodule(root).parameters():
+                p.requires_grad_(True)
+    except BaseException:
+        for name, base in originals.items():
+            for alias in aliases[name]:
+                _set_submodule(model, alias, base)
+        for p, flag in requires_grad.items():
+            p.requires_grad_(flag)
+        raise
     setattr(model, CONFIG_ATTR, config)
     return model
 
@@ -140,7 +250,22 @@ def count_trainable_parameters(model: nn.Module) -> Dict[str, int]:
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base weight and put the plain base layers back in place."""
+    """Fold every adapter into its base weight and put the plain base layers back in place.
+
+    Raises:
+        ValueError: a base is quantized (bitsandbytes 4-bit / 8-bit): its weight cannot take the
+            adapter exactly; nothing is changed. Keep such adapters unmerged (or `export_peft`).
+    """
+    quantized = [n for n, layer in increlora_layers(model) if layer.is_quantized]
+    if quantized:
+        raise ValueError(f"merge_and_unload refuses quantized bases {quantized[:3]}: a 4-bit or "
+                         "8-bit weight cannot hold the adapter exactly; keep the adapter "
+                         "unmerged, export it with export_peft, or load the base in full "
+                         "precision to merge")
+    for module in model.modules():
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if hook is _keep_module_path:
+                del module._forward_pre_hooks[key]
     for name, layer in list(increlora_layers(model)):
         if not layer.merged:
             layer.merge()

@@ -18,6 +18,7 @@ operations per distinct shape instead of a dozen small ones per tensor.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from itertools import chain
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
@@ -242,8 +243,22 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
 
     Adapter slots get restart warmup (``config.warmup_steps``, ``config.total_step``); other
     trainable parameters get the same warmup and decay from step 0.
+
+    Raises:
+        ValueError: ``lr``, ``eps``, ``weight_decay`` or ``betas`` are not finite numbers in
+            range, or the model holds no IncreLoRA layer.
     """
+    for name, value, low in (("lr", lr, "> 0"), ("eps", eps, "> 0"),
+                             ("weight_decay", weight_decay, ">= 0")):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            math.isfinite(value) and (value >= 0 if low == ">= 0" else value > 0)
+        if not ok:
+            raise ValueError(f"create_optimizer {name}={value!r} is invalid: use a finite "
+                             f"number {low}")
     config = config or get_config(model)
+    if not any(True for _ in increlora_layers(model)):
+        raise ValueError("create_optimizer: the model holds no IncreLoRA layer; call "
+                         "inject_increlora(model, config) first")
     slots: Dict[int, Tuple[IncreLoRALinear, str]] = {}
     adapter, dense = [], []
     for _, layer in increlora_layers(model):

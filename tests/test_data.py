@@ -222,8 +222,12 @@ def test_missing_column_and_unknown_eval_label(tmp_path):
 def test_label_names_and_fixed_split():
     assert label_names_for([2, "0", " 1 "]) == ["0", "1", "2"]
     assert label_names_for(["b", "a", "b"]) == ["a", "b"]
-    with pytest.raises(ValueError, match=">= 0"):
-        label_names_for([-1, 0])
+    # integers that are not 0..K-1 get a compact index; the names keep the values
+    assert label_names_for([-1, 1, 1]) == ["-1", "1"]
+    assert label_names_for(["0", "1000000"]) == ["0", "1000000"]
+    assert label_names_for(["1.0", "0.0"]) == ["0.0", "1.0"]
+    with pytest.raises(ValueError, match="continuous values .*discrete labels"):
+        label_names_for(["0.10", "1.30", "2.0"], "f.csv: column 'label'")
     examples = [Example(f"t{i}", i % 2) for i in range(50)]
     train, dev = fixed_split(examples, 7)
     assert len(dev) == 7 and sorted(train + dev, key=lambda e: int(e.text[1:])) == examples

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from increlora_fast.layer import IncreLoRALinear
-from increlora_fast.training.methods import build_method
+from increlora_fast.training.registry import build_method
 from increlora_fast.training.settings import RunSettings, resolve
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Dict, List
 
 from ..config import SCORE_KINDS
@@ -112,7 +113,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adapter.add_argument("--adalora-delta-t", type=int, help="default: 1%% of steps")
 
     run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)
+    run.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                     help="refused when it holds another run's files, unless --overwrite")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace another run's outputs and checkpoints in --output-dir")
     run.add_argument("--save-steps", type=int, default=100,
                      help="write a resumable checkpoint-<step> every N steps (0: never)")
     run.add_argument("--resume", metavar="DIR",
@@ -153,6 +157,8 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
     conflicts = []
     for key in SETTINGS_DESTS:
         given = getattr(args, key, None)
+        if key in ("train_file", "eval_file") and given is not None:
+            given = str(Path(given).expanduser().resolve())  # checkpoints store absolute paths
         if key in parser_defaults and given != parser_defaults[key] and \
                 given != getattr(saved, key):
             conflicts.append(f"--{key.replace('_', '-')} {given!r} (checkpoint: "
@@ -189,9 +195,11 @@ def run(args: argparse.Namespace) -> int:
                                     methods_from_text)
     from ..training.finetune import run_finetune
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
+        if args.threads is not None:
+            if args.threads < 1:
+                raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
+            torch.set_num_threads(args.threads)
         settings = settings_from_args(args)
         if args.resume:
             parser = argparse.ArgumentParser()
@@ -207,15 +215,19 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--compare cannot be combined with --resume")
             report = compare_methods(settings, methods_from_text(args.methods),
                                      args.lrs or list(DEFAULT_LRS), args.seeds, args.output_dir,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, overwrite=args.overwrite)
             print("\n" + format_table(report))
             print(f"results in {args.output_dir}/compare.json and compare.md")
             return 0
         metrics = run_finetune(settings, args.output_dir, resume=args.resume,
                                save_steps=args.save_steps, progress=not args.no_progress,
-                               echo=lambda line: print(line, flush=True))
+                               echo=lambda line: print(line, flush=True),
+                               overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, AssetUnavailableError) as err:
         print(f"increlora-fast finetune: error: {err}", file=sys.stderr)
         return 2
+    except (FloatingPointError, OSError) as err:  # diverged; a full or failing disk
+        print(f"increlora-fast finetune: error: {err}", file=sys.stderr)
+        return 1
     _print_summary(metrics, args.output_dir)
     return 0

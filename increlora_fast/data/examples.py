@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 SPLIT_SEED = 0  # dev splits never depend on --seed, so every run scores the same rows
-_INT_LABEL = re.compile(r"-?\d+")
+_INT_LABEL = re.compile(r"[-+]?\d+")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -71,22 +72,34 @@ def fixed_split(examples: Sequence[Example], n_dev: int) -> Tuple[List[Example],
             [examples[i] for i in dev])
 
 
-def label_names_for(raw_labels: Sequence[object]) -> List[str]:
-    """Names of the label ids: integer labels keep their value as id (names "0".."K-1"), any
-    other labels are mapped to ids in sorted order."""
+def label_names_for(raw_labels: Sequence[object], where: str = "the labels") -> List[str]:
+    """Names of the label ids, id ``i`` being ``names[i]``.
+
+    Integer labels are ordered by value and numbered 0..K-1 (labels 0..K-1 keep their value as
+    id; others such as {0, 1000000} or {-1, 1} get a compact index, the names keep the values).
+    Other labels are ordered as strings. Continuous numbers (0.1, 1.3, ...) are refused:
+    classification needs discrete labels.
+    """
     texts = [str(v).strip() for v in raw_labels]
     if all(_INT_LABEL.fullmatch(t) for t in texts):
-        values = sorted({int(t) for t in texts})
-        if values[0] < 0:
-            raise ValueError(f"integer labels must be >= 0, found {values[0]}")
-        return [str(i) for i in range(values[-1] + 1)]
+        return [str(v) for v in sorted({int(t) for t in texts})]
+    if all(_NUMBER.fullmatch(t) for t in texts):
+        fractional = sorted({t for t in texts if float(t) != int(float(t))}, key=float)
+        if fractional:
+            raise ValueError(f"{where} holds continuous values (e.g. {', '.join(fractional[:3])}):"
+                             " classification needs discrete labels; bin or name them (this "
+                             "command trains classifiers, not regression)")
     return sorted(set(texts))
+
+
+def _is_int_names(label_names: List[str]) -> bool:
+    return all(_INT_LABEL.fullmatch(n) for n in label_names)
 
 
 def to_label_id(raw: object, label_names: List[str], where: str) -> int:
     """Id of ``raw`` in ``label_names``; an unknown label names ``where`` it came from."""
     text = str(raw).strip()
-    if _INT_LABEL.fullmatch(text) and label_names == [str(i) for i in range(len(label_names))]:
+    if _INT_LABEL.fullmatch(text) and _is_int_names(label_names):
         text = str(int(text))
     if text not in label_names:
         raise ValueError(f"{where}: label {text!r} does not occur in the training data "

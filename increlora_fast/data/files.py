@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -13,33 +15,48 @@ JSON_SUFFIXES = (".jsonl", ".json")
 MAX_AUTO_DEV = 1000
 
 
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (the identity of a data file or a checkpoint part)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_rows(path: Path) -> List[Dict[str, object]]:
     """Rows of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line;
     a ``.json`` file holding one list of objects also works)."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
+    if suffix not in CSV_SUFFIXES and suffix not in JSON_SUFFIXES:
+        raise ValueError(f"data file {path} has suffix {suffix!r}; use one of "
+                         f"{sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES)}")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise ValueError(f"data file {path} is not UTF-8 text: line {line} holds byte "
+                         f"0x{raw[err.start]:02x}; save it as UTF-8") from err
     if suffix in CSV_SUFFIXES:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f, delimiter=CSV_SUFFIXES[suffix]))
-    if suffix in JSON_SUFFIXES:
-        text = path.read_text(encoding="utf-8-sig")
-        if suffix == ".json" and text.lstrip().startswith("["):
-            rows = json.loads(text)
-        else:
-            rows = []
-            for lineno, line in enumerate(text.splitlines(), 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from err
-        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
-        if bad is not None:
-            raise ValueError(f"{path}: record {bad + 1} is not a JSON object")
-        return rows
-    raise ValueError(f"data file {path} has suffix {suffix!r}; use one of "
-                     f"{sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES)}")
+        return list(csv.DictReader(io.StringIO(text, newline=""),
+                                   delimiter=CSV_SUFFIXES[suffix]))
+    if suffix == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    else:
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from err
+    bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: record {bad + 1} is not a JSON object")
+    return rows
 
 
 def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
@@ -72,7 +89,7 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     1,000 rows) becomes the dev split."""
     train_path = Path(train_file)
     texts, pairs, labels = _raw_examples(train_path, text_column, text_pair_column, label_column)
-    label_names = label_names_for(labels)
+    label_names = label_names_for(labels, f"{train_path}: column {label_column!r}")
     distinct = sorted({str(v).strip() for v in labels})
     if len(distinct) < 2:
         raise ValueError(f"{train_path}: column {label_column!r} holds a single label "

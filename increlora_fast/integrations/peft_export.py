@@ -44,6 +44,13 @@ def _suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
+def _peft_task_types() -> List[str]:
+    """The ``task_type`` values peft accepts (``peft.TaskType``)."""
+    from peft import TaskType
+
+    return [t.value for t in TaskType]
+
+
 def exported_factors(layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
     """(A (r_i, in), B (out, r_i)) with ``B @ A`` equal to the layer's ``delta_weight()``.
 
@@ -116,11 +123,13 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         The rank of every exported module, ``{module name: r_i}``.
 
     Raises:
-        ValueError: a layer is merged, or a module to save contains adapted layers.
+        ValueError: ``task_type`` is not one of peft's task types, a layer is merged, or a module
+            to save contains adapted layers.
     """
-    if task_type is not None and not isinstance(task_type, str):
-        raise ValueError(f"export_peft task_type={task_type!r} is invalid: a peft TaskType "
-                         "name such as 'CAUSAL_LM', or None")
+    task_types = _peft_task_types()
+    if task_type is not None and task_type not in task_types:
+        raise ValueError(f"export_peft task_type={task_type!r} is invalid: use None or one of "
+                         f"peft's task types {task_types}")
     config = get_config(model)
     layers = list(increlora_layers(model))
     names = [n for n, _ in layers]

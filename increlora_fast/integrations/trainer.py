@@ -14,8 +14,12 @@ every module's rank and importance score; see `IncreLoRACallback.install`.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import os
 import warnings
+from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
@@ -30,24 +34,95 @@ CONTROLLER_FILE = "increlora_controller.pt"
 LOG_PREFIX = "increlora/"
 
 
+CONTROLLER_FORMAT = "increlora_fast.controller"
+
+
 def save_controller(controller: IncreLoRAController, directory: str) -> None:
-    """Write the controller state into ``directory`` atomically."""
-    import io
-    from pathlib import Path
-
-    buf = io.BytesIO()
-    torch.save(controller.state_dict(), buf)
+    """Write the controller state into ``directory`` atomically, with a sha256 of its bytes."""
+    payload = _torch_bytes(controller.state_dict())
+    envelope = {"format": CONTROLLER_FORMAT, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": payload}
     Path(directory).mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(Path(directory) / CONTROLLER_FILE, buf.getvalue())
+    atomic_write_bytes(Path(directory) / CONTROLLER_FILE, _torch_bytes(envelope))
 
 
-def load_controller(controller: IncreLoRAController, directory: str) -> None:
-    """Restore the controller state from ``directory``; a missing file is an error."""
+def read_controller_state(directory: str) -> dict:
+    """The controller state saved in ``directory``, verified against its checksum.
+
+    Raises:
+        FileNotFoundError: the checkpoint has no controller file.
+        ValueError: the file is truncated, corrupted or not a controller state (names it).
+    """
     path = os.path.join(directory, CONTROLLER_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {directory} has no {CONTROLLER_FILE}: it was not "
                                 "written by an IncreLoRA run, so allocation cannot resume")
-    controller.load_state_dict(torch.load(path, weights_only=False))
+    try:
+        blob = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"{path} is not readable (truncated or corrupted?): "
+                         f"{type(err).__name__}: {err}") from err
+    if isinstance(blob, dict) and blob.get("format") == CONTROLLER_FORMAT:
+        payload = blob.get("payload")
+        if not isinstance(payload, bytes) or \
+                hashlib.sha256(payload).hexdigest() != blob.get("sha256"):
+            raise ValueError(f"{path} is corrupted: its contents do not match the checksum "
+                             "saved with them")
+        return torch.load(io.BytesIO(payload), weights_only=True)
+    if isinstance(blob, dict) and "names" in blob:
+        return blob  # written before controller files carried a checksum
+    raise ValueError(f"{path} is not an IncreLoRA controller state")
+
+
+def load_controller(controller: IncreLoRAController, directory: str) -> None:
+    """Restore the controller state from ``directory``; a missing or damaged file is an error
+    and leaves the controller unchanged."""
+    controller.load_state_dict(read_controller_state(directory))
+
+
+def check_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
+    """Check, without loading them, that the adapter tensors of the model weights in
+    ``directory`` (``model.safetensors``, sharded or not) are exactly the model's, with equal
+    shapes; ValueError naming the first difference otherwise. Other weight formats are not
+    checked here."""
+    from safetensors import safe_open
+
+    root = Path(directory)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+    elif (root / "model.safetensors").is_file():
+        files = [root / "model.safetensors"]
+    else:
+        return
+    saved: Dict[str, tuple] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for key in f.keys():
+                    saved[key] = tuple(f.get_slice(key).get_shape())
+        except Exception as err:  # safetensors raises its own error types
+            raise ValueError(f"{file} is not a readable safetensors file: {err}") from err
+    adapter_keys = ("lora_A", "lora_B", "lora_lambda", "slot_state", "slot_alloc_step",
+                    "slot_active_step")
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if k.rsplit(".", 1)[-1] in adapter_keys}
+    theirs = {k: v for k, v in saved.items() if k.rsplit(".", 1)[-1] in adapter_keys}
+    missing, unknown = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    if missing or unknown:
+        raise ValueError(f"checkpoint {directory} holds adapters for other modules than this "
+                         f"model (model only: {missing[:3]}; checkpoint only: {unknown[:3]}); "
+                         "nothing was loaded")
+    for key, shape in ours.items():
+        if theirs[key] != shape:
+            raise ValueError(f"checkpoint {directory}: {key} has shape {theirs[key]}, the model "
+                             f"needs {shape}; nothing was loaded")
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
@@ -205,6 +280,10 @@ class IncreLoRATrainer(Trainer):
                     or self.compute_loss_func is not None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # Everything is checked before the Trainer copies a single weight into the model.
+        state = read_controller_state(resume_from_checkpoint)
+        self.increlora_controller.check_state_dict(state)
+        check_model_checkpoint(model or self.model, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        load_controller(self.increlora_controller, resume_from_checkpoint)
+        self.increlora_controller.load_state_dict(state)
         self.increlora_callback.restored = True

@@ -1,26 +1,47 @@
-"""Checkpoints of the plain loop: everything needed to continue a run exactly.
+"""Checkpoints of the plain loop: everything needed to continue a run exactly, verified on load.
 
 A checkpoint folder holds ``settings.json`` (the resolved `RunSettings`), the method's weights
 (IncreLoRA: ``save_adapter(training_state=True)``; peft and full: the trainable tensors) and
 ``trainer_state.pt`` (step, losses, optimizer, method state such as the controller, RNG states).
-It is written into a temporary folder that replaces the old one only when complete.
+
+``trainer_state.pt`` is an envelope: the pickled state as bytes, its sha256, and the sha256 of
+every other file of the folder. Loading checks all of them before anything is restored, so a
+truncated, corrupted or missing part is a ValueError naming the file, never a silently wrong run.
+The folder is written as ``<name>.tmp`` and renamed over the old one only when complete; a
+failed write (a full disk) removes the ``.tmp`` folder and says why.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import random
 import shutil
 from pathlib import Path
+from typing import Dict
+
 import numpy as np
 import torch
 
+from ..data.files import file_sha256
+from ..persistence import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
+from .outputs import describe_os_error
 from .settings import RunSettings
 
 SETTINGS_FILE = "settings.json"
 STATE_FILE = "trainer_state.pt"
+STATE_FORMAT = "increlora_fast.trainer_state"
+STATE_VERSION = 2
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. the disk is full); nothing partial is left."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def _rng_state() -> dict:
@@ -34,40 +55,99 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                     state: LoopState) -> Path:
-    """Write a checkpoint of ``run`` after ``state.step`` steps into ``directory``."""
+    """Write a checkpoint of ``run`` after ``state.step`` steps into ``directory``.
+
+    Raises:
+        CheckpointWriteError: the folder could not be written (the message says why, e.g. no
+            space left); the previous checkpoint of that name, if any, is untouched.
+    """
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    method_state = run.save_state(tmp)
-    torch.save({"step": state.step, "losses": list(state.losses),
-                "train_seconds": state.train_seconds, "method": run.name,
-                "optimizer": run.optimizer.state_dict(), "method_state": method_state,
-                "rng": _rng_state()}, tmp / STATE_FILE)
-    (tmp / SETTINGS_FILE).write_text(json.dumps(settings.to_dict(), indent=2, sort_keys=True))
+    try:
+        tmp.mkdir(parents=True)
+        method_state = run.save_state(tmp)
+        atomic_write_bytes(tmp / SETTINGS_FILE,
+                           json.dumps(settings.to_dict(), indent=2, sort_keys=True).encode())
+        payload = _torch_bytes({"step": state.step, "losses": list(state.losses),
+                                "train_seconds": state.train_seconds, "method": run.name,
+                                "optimizer": run.optimizer.state_dict(),
+                                "method_state": method_state, "rng": _rng_state()})
+        files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        envelope = {"format": STATE_FORMAT, "version": STATE_VERSION,
+                    "sha256": hashlib.sha256(payload).hexdigest(), "files": files,
+                    "payload": payload}
+        atomic_write_bytes(tmp / STATE_FILE, _torch_bytes(envelope))
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(err.errno, f"cannot write checkpoint {directory}: "
+                                              f"{describe_os_error(err)}") from err
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         shutil.rmtree(directory)
     os.replace(tmp, directory)
     return directory
 
 
+def _verified_envelope(directory: Path) -> Dict:
+    """The checksummed envelope of ``directory/trainer_state.pt``, with every file it lists
+    verified; ValueError naming the file otherwise."""
+    path = directory / STATE_FILE
+    if not path.is_file():
+        raise ValueError(f"checkpoint {directory} has no {STATE_FILE}")
+    try:
+        envelope = torch.load(path, weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"{path} is not readable (truncated or corrupted, or written by an "
+                         f"older increlora-fast without checksums): {type(err).__name__}") \
+            from err
+    if not isinstance(envelope, dict) or envelope.get("format") != STATE_FORMAT or \
+            not isinstance(envelope.get("payload"), bytes):
+        raise ValueError(f"{path} is not an increlora-fast trainer state with checksums")
+    if hashlib.sha256(envelope["payload"]).hexdigest() != envelope.get("sha256"):
+        raise ValueError(f"{path} is corrupted: its contents do not match the checksum saved "
+                         "with them")
+    for name, digest in envelope.get("files", {}).items():
+        part = directory / name
+        if not part.is_file():
+            raise ValueError(f"checkpoint {directory} is missing {name}")
+        if file_sha256(part) != digest:
+            raise ValueError(f"{part} is corrupted: it does not match the checksum in "
+                             f"{STATE_FILE}")
+    return envelope
+
+
 def read_checkpoint_settings(directory: Path) -> RunSettings:
-    """The resolved settings a checkpoint was written with."""
-    path = Path(directory) / SETTINGS_FILE
-    if not path.is_file() or not (Path(directory) / STATE_FILE).is_file():
+    """The resolved settings a checkpoint was written with (the checkpoint is verified)."""
+    directory = Path(directory)
+    path = directory / SETTINGS_FILE
+    if not path.is_file() or not (directory / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {directory} is not a checkpoint written by "
                                 f"`increlora-fast finetune` (no {SETTINGS_FILE} / {STATE_FILE})")
-    return RunSettings.from_dict(json.loads(path.read_text()))
+    _verified_envelope(directory)
+    try:
+        return RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path} is not a valid settings file: {err}") from err
 
 
 def load_checkpoint(directory: Path, run: MethodRun) -> LoopState:
     """Restore ``run`` (built from the checkpoint's settings) and the RNG states; returns the
-    loop state to continue from."""
+    loop state to continue from. Every file is verified before anything is restored."""
     directory = Path(directory)
-    blob = torch.load(directory / STATE_FILE, weights_only=False)
+    envelope = _verified_envelope(directory)
+    blob = torch.load(io.BytesIO(envelope["payload"]), weights_only=False)
     if blob["method"] != run.name:
         raise ValueError(f"checkpoint {directory} is a {blob['method']} run, not {run.name}")
     run.load_state(directory, blob["method_state"])

@@ -17,7 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .finetune import METRICS_FILE, load_data, run_finetune
+from .finetune import DATA_FILE_KEYS, METRICS_FILE, load_data, run_finetune, with_data_identity
+from .outputs import check_writable
 from .settings import METHODS, RunSettings, resolve
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
@@ -30,10 +31,14 @@ def _lr_dir(lr: float) -> str:
     return f"lr{lr:g}"
 
 
+DATA_KEYS = {key for keys in DATA_FILE_KEYS for key in keys[:2]}
+
+
 def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool,
-                  echo: Callable[[str], None]) -> Dict:
+                  echo: Callable[[str], None], overwrite: bool = False) -> Dict:
     """The metrics of run ``s`` in ``run_dir``: read back when it already finished there with the
-    same resolved settings, trained otherwise."""
+    same resolved settings and the same data, trained otherwise (a run on other data, or on data
+    it recorded no checksum of, is trained again in its place)."""
     done = run_dir / METRICS_FILE
     if done.exists():
         metrics = json.loads(done.read_text())
@@ -41,6 +46,10 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
         # Settings added after a run finished read as their defaults, which it ran with.
         stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
         differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        if any(k in DATA_KEYS for k in differing):
+            echo(f"[compare] {s.method} lr={s.lr:g} seed={s.seed}: the run in {run_dir} used "
+                 "other data (or recorded no checksum of it); training it again")
+            return run_finetune(s, str(run_dir), progress=progress, overwrite=True)
         if differing:
             raise ValueError(
                 f"{run_dir} holds a finished run with other settings ("
@@ -51,18 +60,22 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
              f"{run_dir}")
         return metrics
     echo(f"[compare] {s.method} lr={s.lr:g} seed={s.seed}")
-    return run_finetune(s, str(run_dir), progress=progress)
+    return run_finetune(s, str(run_dir), progress=progress, overwrite=overwrite)
 
 
 def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], seeds: int,
                     output_dir: str, progress: bool = True,
-                    echo: Callable[[str], None] = print) -> Dict:
-    """Run the comparison; writes ``compare.json`` and ``compare.md`` and returns the results."""
+                    echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
+    """Run the comparison; writes ``compare.json`` and ``compare.md`` and returns the results.
+
+    ``overwrite`` lets a run replace unfinished leftovers in its own folder."""
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
     if not lrs or any(lr <= 0 for lr in lrs):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
     out = Path(output_dir)
+    check_writable(out)
+    base = with_data_identity(base)
     train_size = len(load_data(base).train)
     results: Dict[str, Dict] = {}
     for method in methods:
@@ -71,14 +84,14 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
         for lr in lrs:
             s = dataclasses.replace(base, method=method, lr=lr)
             runs[lr] = _run_or_reuse(s, out / method / _lr_dir(lr) / f"seed{base.seed}",
-                                     train_size, progress, echo)
+                                     train_size, progress, echo, overwrite)
             sweep[f"{lr:g}"] = runs[lr]["eval_accuracy"]
         best = max(lrs, key=lambda lr: runs[lr]["eval_accuracy"])
         per_seed = [runs[best]]
         for seed in range(base.seed + 1, base.seed + seeds):
             s = dataclasses.replace(base, method=method, lr=best, seed=seed)
             per_seed.append(_run_or_reuse(s, out / method / _lr_dir(best) / f"seed{seed}",
-                                          train_size, progress, echo))
+                                          train_size, progress, echo, overwrite))
         accs = [m["eval_accuracy"] for m in per_seed]
         first = per_seed[0]
         results[method] = {

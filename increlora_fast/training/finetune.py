@@ -1,31 +1,74 @@
 """One fine-tuning run end to end: data, model, method, loop, evaluation and output files."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import random
 import shutil
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS
+from ..data.files import file_sha256
 from .batches import Batches
 from .checkpoint import load_checkpoint, read_checkpoint_settings, save_checkpoint
 from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
 from .loop import LoopState, evaluate, train_loop
-from .methods import MethodRun, build_method
+from .methods import MethodRun
+from .registry import build_method
+from .outputs import CHECKPOINT_PREFIX, prepare_output_dir, remove_stale_outputs
 from .settings import RunSettings, resolve
 
 METRICS_FILE = "metrics.json"
 HEATMAP_FILE = "rank_heatmap.png"
 RANK_OVER_TIME_FILE = "rank_over_time.png"
 ALLOCATION_LOG_FILE = "allocation_log.jsonl"
-CHECKPOINT_PREFIX = "checkpoint-"
+LABELS_FILE = "labels.json"
+DATA_FILE_KEYS = (("train_file", "train_file_sha256", "--train-file"),
+                  ("eval_file", "eval_file_sha256", "--eval-file"))
+
+
+class TrainingDivergedError(FloatingPointError):
+    """The run produced non-finite parameters or a non-finite evaluation loss."""
+
+
+def with_data_identity(s: RunSettings) -> RunSettings:
+    """A copy with absolute data paths and the sha256 of each data file (a missing file is left
+    to `load_data`, which names it)."""
+    values = {}
+    for path_key, hash_key, _ in DATA_FILE_KEYS:
+        path = getattr(s, path_key)
+        if path is None:
+            values[hash_key] = None
+            continue
+        absolute = Path(path).expanduser().resolve()
+        values[path_key] = str(absolute)
+        values[hash_key] = file_sha256(absolute) if absolute.is_file() else None
+    return dataclasses.replace(s, **values)
+
+
+def check_data_identity(s: RunSettings, where: str) -> None:
+    """Refuse to continue ``s`` (read from ``where``) when a data file is gone or changed."""
+    for path_key, hash_key, option in DATA_FILE_KEYS:
+        path, saved = getattr(s, path_key), getattr(s, hash_key)
+        if path is None:
+            continue
+        if not Path(path).is_file():
+            raise ValueError(f"data file {path} (the {option} stored in {where}) does not exist")
+        if saved is None:
+            raise ValueError(f"{where} stores no checksum of the data file {path}, so an exact "
+                             "continuation cannot be verified; start a new run")
+        if file_sha256(Path(path)) != saved:
+            raise ValueError(f"data file {path} changed since {where} was written (its sha256 "
+                             "differs); resume with the same data or start a new run")
 
 
 def load_data(s: RunSettings) -> TaskData:
@@ -56,12 +99,32 @@ def load_model(s: RunSettings, data: TaskData):
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     path = model_path(s.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-        label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True,
-        dtype=torch.float32)
+    local = Path(path).expanduser()
+    looks_local = local.exists() or path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not local.is_dir():
+        raise ValueError(f"--model {s.model}: no such folder (give a model folder, "
+                         "all-MiniLM-L6-v2, or a hub id such as org/name)")
+    if looks_local and not (local / "config.json").is_file():
+        raise ValueError(f"--model {s.model} holds no transformers model (no config.json in "
+                         f"{local})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
+            label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True,
+            dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"--model {s.model} could not be loaded: {first}") from err
     return tokenizer, model
+
+
+def check_max_seq_len(s: RunSettings, model) -> None:
+    """--max-seq-len must fit the model's position embeddings."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and s.max_seq_len > positions:
+        raise ValueError(f"--max-seq-len {s.max_seq_len} is invalid: the model {s.model} has "
+                         f"{positions} positions; use at most {positions}")
 
 
 def seed_everything(seed: int) -> None:
@@ -78,6 +141,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None
     s = resolve(settings, len(data.train))
     seed_everything(s.seed)
     tokenizer, model = load_model(s, data)
+    check_max_seq_len(s, model)
     if placement is not None:
         model = model.to(placement.device)
     run = build_method(model, s)
@@ -86,17 +150,37 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None
     return s, data, run, batches
 
 
-def _checkpointer(out: Path, run: MethodRun, s: RunSettings,
-                  save_steps: int) -> Optional[Callable[[LoopState], None]]:
+def check_finite(run: MethodRun, step: int) -> None:
+    """Raise `TrainingDivergedError` when a trainable parameter holds NaN or inf after ``step``
+    optimizer steps."""
+    for name, p in run.model.named_parameters():
+        if p.requires_grad and not bool(torch.isfinite(p).all()):
+            raise TrainingDivergedError(
+                f"{run.name}: the parameters became non-finite by step {step} (first: {name}); "
+                f"its outputs were not written; lower --lr (it was {run.settings.lr:g})")
+
+
+def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
+                  written: List[str]) -> Optional[Callable[[LoopState], None]]:
+    """Saves a checkpoint every ``save_steps`` steps and removes the previous one this run
+    wrote (``written`` collects their names); checkpoints of other runs are never touched."""
     if save_steps <= 0:
         return None
 
     def on_step_end(state: LoopState) -> None:
         if state.step % save_steps == 0 and state.step < s.max_steps:
-            save_checkpoint(out / f"{CHECKPOINT_PREFIX}{state.step}", run, s, state)
-            for old in out.glob(f"{CHECKPOINT_PREFIX}*"):
-                if old.name != f"{CHECKPOINT_PREFIX}{state.step}" and old.is_dir():
-                    shutil.rmtree(old)
+            check_finite(run, state.step)
+            name = f"{CHECKPOINT_PREFIX}{state.step}"
+            save_checkpoint(out / name, run, s, state)
+            for old in [w for w in written if w != name]:
+                if (out / old).is_dir():
+                    # renamed first: an interrupted delete leaves no half checkpoint-<step>
+                    doomed = out / f".{old}.deleting"
+                    os.replace(out / old, doomed)
+                    shutil.rmtree(doomed)
+                written.remove(old)
+            if name not in written:
+                written.append(name)
     return on_step_end
 
 
@@ -113,9 +197,14 @@ def _matplotlib_available(missing: str) -> bool:
 
 
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
-    """Adapter (or model), metrics.json, and for rank-allocating methods the heatmap; for
-    IncreLoRA also the allocation log and each module's rank against the step."""
+    """Adapter (or model), metrics.json, labels.json (label id -> name), and for
+    rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
+    rank against the step."""
     run.save_artifacts(out)
+    names = metrics.get("label_names") or []
+    (out / LABELS_FILE).write_text(json.dumps(
+        {"id2label": {str(i): n for i, n in enumerate(names)},
+         "label2id": {n: i for i, n in enumerate(names)}}, indent=2))
     pattern = run.rank_pattern()
     plots = run.name in ("increlora", "adalora") and bool(pattern) and _matplotlib_available(
         f"{HEATMAP_FILE}" + (f" and {RANK_OVER_TIME_FILE} are" if run.name == "increlora"
@@ -136,20 +225,46 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
 
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
                  save_steps: int = 0, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> Dict:
+                 echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
     """Train, evaluate on the dev split and write the outputs; returns the metrics.
 
     Args:
         settings: the run; ignored in favour of the checkpoint's own when ``resume`` is given.
-        output_dir: created if missing.
-        resume: a ``checkpoint-<step>`` folder written by an earlier run.
-        save_steps: write a checkpoint every this many steps (0: never); only the newest is kept.
+        output_dir: created if missing, and checked before anything is loaded (see
+            `outputs.prepare_output_dir`).
+        resume: a ``checkpoint-<step>`` folder written by an earlier run; its files and the
+            data files it names are verified first.
+        save_steps: write a checkpoint every this many steps (0: never); only the newest this run
+            wrote is kept.
         progress: show a tqdm bar.
         echo: receives a one-line description of the run before training starts.
+        overwrite: replace another run's files in ``output_dir`` (otherwise refused).
+
+    Raises:
+        TrainingDivergedError: non-finite parameters or evaluation loss; nothing is written.
     """
     t_start = time.perf_counter()
+    out = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     if resume:
         settings = read_checkpoint_settings(Path(resume))
+        check_data_identity(settings, str(Path(resume) / "settings.json"))
+    else:
+        settings = with_data_identity(settings)
+    s, data, run, batches = build_run(settings)
+    state = load_checkpoint(Path(resume), run) if resume else LoopState()
+    echo(f"{s.method} on {data.name} ({len(data.train):,} train / {len(data.eval):,} dev), "
+         f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
+         f"seed {s.seed}" + (f", resuming at step {state.step}" if resume else ""))
+    written: List[str] = []
+    train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
+               on_step_end=_checkpointer(out, run, s, save_steps, written))
+    check_finite(run, state.step)
+    t_eval = time.perf_counter()
+    metrics = evaluate(run, batches)
+    if not math.isfinite(metrics["eval_loss"]):
+        raise TrainingDivergedError(f"{run.name}: the evaluation loss is {metrics['eval_loss']} "
+                                    f"after step {state.step}; its outputs were not written; "
+                                    f"lower --lr (it was {s.lr:g})")
     place = Placement.from_text(settings.device, settings.precision)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place)
@@ -184,5 +299,8 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         "resumed_from": str(resume) if resume else None,
     })
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
+    if overwrite:
+        # the run succeeded: the earlier run's outputs give way (none of another method stays)
+        remove_stale_outputs(out, written=written, keep=[Path(resume)] if resume else [])
     write_outputs(out, run, metrics)
     return metrics

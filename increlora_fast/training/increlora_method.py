@@ -43,7 +43,10 @@ class IncreLoRARun(MethodRun):
     def __init__(self, model: nn.Module, settings: RunSettings) -> None:
         self.settings = settings
         self.config = increlora_config(model, settings)
-        self.model = inject_increlora(model, self.config)
+        try:
+            self.model = inject_increlora(model, self.config)
+        except TypeError as err:  # a target that is not a linear layer
+            raise ValueError(f"--target-modules: {err}") from err
         self.optimizer = create_optimizer(self.model, self.config, lr=settings.lr,
                                           weight_decay=settings.weight_decay)
         self.controller = IncreLoRAController(self.model, self.config)

@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
+from ..persistence import atomic_write_bytes
 from .settings import RunSettings
 
 TRAINABLE_FILE = "trainable.safetensors"
@@ -106,8 +107,9 @@ class MethodRun:
 
     def save_state(self, ckpt_dir: Path) -> dict:
         """Write the trainable weights into ``ckpt_dir``; return the rest of the method's state."""
-        save_file({n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
-                   if p.requires_grad}, str(ckpt_dir / TRAINABLE_FILE))
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
+                   if p.requires_grad}
+        atomic_write_bytes(ckpt_dir / TRAINABLE_FILE, safetensors_bytes(tensors))
         return {"scheduler": self.scheduler.state_dict()}
 
     def load_state(self, ckpt_dir: Path, state: dict) -> None:
@@ -117,20 +119,12 @@ class MethodRun:
         if set(tensors) != set(params):
             raise ValueError(f"checkpoint {ckpt_dir} holds other trainable tensors than this run "
                              f"({len(tensors)} vs {len(params)})")
+        wrong = [n for n, p in params.items() if tensors[n].shape != p.shape]
+        if wrong:
+            raise ValueError(f"checkpoint {ckpt_dir}: {wrong[0]} has shape "
+                             f"{tuple(tensors[wrong[0]].shape)}, this run needs "
+                             f"{tuple(params[wrong[0]].shape)}")
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(tensors[n])
         self.scheduler.load_state_dict(state["scheduler"])
-
-
-def build_method(model: nn.Module, settings: RunSettings) -> MethodRun:
-    """Wrap a freshly loaded classification model for ``settings.method``."""
-    if settings.method == "increlora":
-        from .increlora_method import IncreLoRARun
-        return IncreLoRARun(model, settings)
-    if settings.method in ("lora", "adalora"):
-        from .peft_methods import AdaLoRARun, LoRARun
-        return (LoRARun if settings.method == "lora" else AdaLoRARun)(model, settings)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return MethodRun(model, settings)

@@ -84,6 +84,11 @@ class RunSettings:
     # where and how to compute (see `device`); kept as given, resolved when the run starts
     device: str = "auto"
     precision: str = "auto"
+    # The data's identity, filled in by `finetune.with_data_identity`: sha256 of each data file
+    # (train_file and eval_file are then absolute paths), so a resume or a reused comparison run
+    # notices changed data.
+    train_file_sha256: Optional[str] = None
+    eval_file_sha256: Optional[str] = None
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -126,8 +131,9 @@ def validate(s: RunSettings) -> None:
     from .device import PRECISIONS, validate_device_text
     validate_device_text(s.device)
     _check(s.precision in PRECISIONS, "--precision", s.precision, f"use one of {list(PRECISIONS)}")
-    _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
-           f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
+    if s.method == "adalora":
+        _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
+               f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
 
 
 def resolve(s: RunSettings, train_size: int) -> RunSettings:

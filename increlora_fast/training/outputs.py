@@ -1,0 +1,100 @@
+"""The output folder of a run: checked before anything is loaded, never losing another run's work.
+
+A run writes only into a folder that holds no other run's files, unless ``--overwrite`` says so
+or ``--resume`` continues a checkpoint inside it. Its checkpoint rotation removes only the
+checkpoints it wrote itself, and it never writes into the checkpoint it resumed from.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterable, List, Optional
+
+CHECKPOINT_PREFIX = "checkpoint-"
+# Files a finished run leaves in its output folder (any method), and `--compare`'s.
+RUN_FILES = ("metrics.json", "adapter_model.safetensors", "adapter_config.json",
+             "model.safetensors", "config.json", "rank_heatmap.png", "rank_over_time.png",
+             "allocation_log.jsonl",
+             "labels.json", "compare.json", "compare.md", "settings.json", "trainer_state.pt",
+             "trainable.safetensors")
+
+
+def run_files(directory: Path) -> List[str]:
+    """Names of the run outputs and checkpoint folders ``directory`` holds, sorted."""
+    if not directory.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (directory / name).exists()]
+    found += [p.name for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
+    return sorted(found)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def check_writable(directory: Path, option: str = "--output-dir") -> None:
+    """Create ``directory`` if missing and prove a file can be written there (ValueError if not)."""
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{option} {directory} is a file, not a folder: choose a folder")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"{option} {directory} is not writable: {describe_os_error(err)}") \
+            from err
+
+
+def prepare_output_dir(output_dir: str, overwrite: bool = False,
+                       resume: Optional[str] = None) -> Path:
+    """Check the output folder before any data or model is loaded; returns it (created).
+
+    Raises:
+        ValueError: it is a file or not writable; it holds another run's files and neither
+            ``overwrite`` is set nor ``resume`` lies inside it; or it is (inside) the checkpoint
+            being resumed, which the run would overwrite.
+    """
+    out = Path(output_dir)
+    if resume is not None and _inside(out, Path(resume)):
+        raise ValueError(f"--output-dir {out} is the checkpoint being resumed (--resume {resume}):"
+                         " its files would be replaced by the final outputs; write into its run "
+                         f"folder ({Path(resume).resolve().parent}) or another folder")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--output-dir {out} is a file, not a folder: choose a folder")
+    present = run_files(out)
+    resuming_here = resume is not None and _inside(Path(resume), out)
+    if present and not overwrite and not resuming_here:
+        shown = ", ".join(present[:6]) + (f" and {len(present) - 6} more" if len(present) > 6
+                                          else "")
+        raise ValueError(f"--output-dir {out} holds another run's files ({shown}); pass "
+                         "--overwrite to replace them, --resume one of its checkpoints to "
+                         "continue it, or choose another folder")
+    check_writable(out)
+    return out
+
+
+def remove_stale_outputs(out: Path, written: Iterable[str], keep: Iterable[Path] = ()) -> None:
+    """With ``--overwrite``, once the new run has succeeded: remove the earlier run's outputs
+    and checkpoints (all but ``written``, this run's checkpoints, and ``keep``) so that the
+    folder describes one run only (no other method's heatmap left beside a new adapter)."""
+    written, keep = set(written), {p.resolve() for p in keep}
+    for name in run_files(out):
+        path = out / name
+        if name in written or path.resolve() in keep:
+            continue
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def describe_os_error(err: OSError) -> str:
+    """An OSError as one line, saying 'no space left on the device' for a full disk."""
+    if err.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return err.strerror or str(err)

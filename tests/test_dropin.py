@@ -1,0 +1,268 @@
+"""Drop-in safety (issue 14 item 9): the wrapper looks like the layer it replaced, and no parent
+silently skips an adapter.
+
+Parametrised over every transformers text family that builds offline from a tiny config with
+random weights (enumerated from the auto mappings; one that cannot be built that way is skipped,
+except a core set that must build) and over torch's built-in transformer layers. Per model:
+output equals the base at init up to the reserve's 1e-5 lambda, every adapter that runs gets
+gradients (and no base parameter does), a non-zero adapter changes the output, and merging gives
+the unmerged output.
+"""
+from __future__ import annotations
+
+import inspect
+import warnings
+from typing import Dict, List
+
+import pytest
+import torch
+from torch import nn
+
+from increlora_fast import IncreLoRAConfig, IncreLoRALinear, increlora_layers, inject_increlora
+from increlora_fast import merge_and_unload
+from increlora_fast.layer import is_supported_base
+from increlora_fast.model import direct_weight_reader
+
+VOCAB = 64
+TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+            vocab_size=VOCAB, max_position_embeddings=64, num_key_value_heads=1, head_dim=16,
+            d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+            decoder_attention_heads=2, encoder_ffn_dim=37, decoder_ffn_dim=37, use_cache=False)
+MAX_PARAMS = 2_000_000
+# Families that build but are too slow for CI on a 2-core CPU (seconds per forward pass).
+TOO_SLOW = {"falcon_h1": "its pure-PyTorch Mamba scan takes about a minute on CPU"}
+# Families that must build from TINY (a failure to build them is a failure, not a skip).
+CORE = {"bert", "roberta", "deberta-v2", "gpt2", "llama", "bart", "opt", "mistral", "qwen2",
+        "gemma", "phi", "bloom", "gpt_neox", "electra", "distilbert", "albert", "mpnet"}
+
+
+def _family_names() -> List[str]:
+    from transformers.models.auto import modeling_auto as ma
+
+    names = set(ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES) | set(ma.MODEL_FOR_MASKED_LM_MAPPING_NAMES) \
+        | set(ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
+    return sorted(n for n in names if n in ma.MODEL_MAPPING_NAMES)
+
+
+def _build_family(name: str) -> nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    if name in TOO_SLOW:
+        pytest.skip(f"{name}: {TOO_SLOW[name]}")
+    try:
+        config = AutoConfig.for_model(name, **TINY)
+        with torch.device("meta"):
+            size = sum(p.numel() for p in AutoModel.from_config(config).parameters())
+        if size > MAX_PARAMS:
+            raise RuntimeError(f"the tiny config still gives {size:,} parameters")
+        torch.manual_seed(0)
+        model = AutoModel.from_config(config).eval()
+        _first_output(model(**_inputs(model)))
+    except Exception as err:  # any failure here means "not buildable offline from TINY"
+        if name in CORE:
+            raise
+        pytest.skip(f"{name} does not build from a tiny config: {type(err).__name__}: "
+                    f"{str(err)[:80]}")
+    return model
+
+
+def _inputs(model: nn.Module) -> Dict[str, torch.Tensor]:
+    ids = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    params = inspect.signature(model.forward).parameters
+    batch = {"input_ids": ids}
+    if "decoder_input_ids" in params:
+        batch["decoder_input_ids"] = ids
+    return batch
+
+
+def _float_outputs(out) -> List[torch.Tensor]:
+    """Every floating tensor of a model output (nested tuples included), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out] if out.is_floating_point() else []
+    values = out.to_tuple() if hasattr(out, "to_tuple") else out
+    if not isinstance(values, (tuple, list)):
+        return []
+    return [t for v in values for t in _float_outputs(v)]
+
+
+def _first_output(out) -> torch.Tensor:
+    return _float_outputs(out)[0]
+
+
+def _targets(model: nn.Module) -> List[str]:
+    """Every linear but the output head; those whose parent reads their weight directly are
+    checked to be refused by inject_increlora and left out."""
+    skip = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = [n for n, m in model.named_modules() if n and is_supported_base(m) and m is not skip]
+    refused = [n for n in names if direct_weight_reader(model, n)]
+    if refused:
+        with pytest.raises(ValueError, match=f"{refused[0]!r} cannot be adapted: .*directly"):
+            inject_increlora(model, IncreLoRAConfig(target_modules=[refused[0]], r_max=4))
+        assert not any(isinstance(m, IncreLoRALinear) for m in model.modules())
+    return [n for n in names if n not in refused]
+
+
+def _check_drop_in(model: nn.Module, run) -> None:
+    """The four properties of the module docstring; ``run(model)`` returns the output tensor."""
+    with torch.no_grad():
+        base = run(model).float().clone()
+    targets = _targets(model)
+    if not targets:
+        pytest.skip("no linear layers")
+    inject_increlora(model, IncreLoRAConfig(target_modules=targets, r_max=4, init_r=1,
+                                            target_rank=2, lora_alpha=8.0))
+    layers = [layer for _, layer in increlora_layers(model)]
+    for layer in layers:  # the attributes of the replaced layer, shared, not copied
+        assert layer.weight is layer.base_layer.weight
+        assert layer.bias is getattr(layer.base_layer, "bias", None)
+    ran = set()
+    hooks = [layer.register_forward_hook(lambda m, i, o: ran.add(id(m))) for layer in layers]
+    out = run(model)
+    for h in hooks:
+        h.remove()
+    assert ran, "no adapted layer was called"
+    torch.testing.assert_close(out.float(), base, rtol=1e-3, atol=1e-4)
+    out.float().pow(2).mean().backward()
+    for name, p in model.named_parameters():
+        if not name.rsplit(".", 1)[-1].startswith("lora_"):
+            assert p.grad is None, name
+    # Where the loss reaches a layer at all (its base weight would get a gradient), the adapter
+    # gets one too. (Some families leave a projection without signal at random init, e.g. an
+    # attention over a single position; those are told apart by the base weight's gradient.)
+    lam_grads = [layer.lora_lambda.grad for layer in layers]
+    model.zero_grad(set_to_none=True)
+    for layer in layers:
+        layer.base_layer.weight.requires_grad_(True)
+    run(model).float().pow(2).mean().backward()
+    for layer, lam_grad in zip(layers, lam_grads):
+        base_grad = layer.base_layer.weight.grad
+        layer.base_layer.weight.requires_grad_(False)
+        if id(layer) in ran and base_grad is not None and bool(base_grad.abs().sum() > 0):
+            assert lam_grad is not None and bool(lam_grad.abs().sum() > 0), layer
+    with torch.no_grad():
+        for layer in layers:
+            layer.lora_lambda.fill_(1.0)
+        adapted = run(model).float().clone()
+        assert float((adapted - base).abs().max()) > 1e-4, "the adapter does not change the output"
+        merge_and_unload(model)
+        assert not any(isinstance(m, IncreLoRALinear) for m in model.modules())
+        torch.testing.assert_close(run(model).float(), adapted, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", _family_names())
+def test_transformers_family_drop_in(name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = _build_family(name)
+        batch = _inputs(model)
+        _check_drop_in(model, lambda m: torch.cat([t.float().reshape(-1)
+                                                   for t in _float_outputs(m(**batch))]))
+
+
+def _encoder_layer():
+    return nn.TransformerEncoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+
+
+def _decoder_layer():
+    return nn.TransformerDecoderLayer(16, 2, dim_feedforward=24, dropout=0.0, batch_first=True)
+
+
+TORCH_MODELS = {
+    "encoder_layer": (_encoder_layer, lambda m, x: m(x)),
+    "encoder_stack": (lambda: nn.TransformerEncoder(_encoder_layer(), 2, enable_nested_tensor=False),
+                      lambda m, x: m(x)),
+    "decoder_layer": (_decoder_layer, lambda m, x: m(x, x)),
+    "transformer": (lambda: nn.Transformer(16, 2, 1, 1, 24, dropout=0.0, batch_first=True),
+                    lambda m, x: m(x, x)),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_MODELS))
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "inference"])
+def test_torch_transformer_layers_drop_in(name, grad):
+    """``inference``: eval and no_grad, where TransformerEncoderLayer's fused fast path would
+    read linear1/linear2's weights without calling them (it must not skip the adapters)."""
+    build, call = TORCH_MODELS[name]
+    torch.manual_seed(0)
+    model = build().eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not n.endswith("out_proj")]
+    base = call(model, x).clone()
+    inject_increlora(model, IncreLoRAConfig(target_modules=targets, r_max=4, lora_alpha=8.0))
+    with torch.no_grad():
+        torch.testing.assert_close(call(model, x), base, rtol=1e-3, atol=1e-4)
+    if grad:
+        call(model, x).pow(2).mean().backward()
+        assert all(layer.lora_lambda.grad is not None and bool(layer.lora_lambda.grad.any())
+                   for _, layer in increlora_layers(model))
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.fill_(1.0)
+        adapted = call(model, x).clone()
+        assert float((adapted - base).abs().max()) > 1e-3
+        merge_and_unload(model)
+        torch.testing.assert_close(call(model, x), adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_multihead_attention_out_proj_is_refused_with_the_reason():
+    model = nn.Module()
+    model.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="'attn.out_proj' cannot be adapted: "
+                                         "nn.MultiheadAttention reads out_proj.weight"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["attn.out_proj"], r_max=4))
+    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    x = torch.randn(2, 5, 16)
+    model.attn(x, x, x)  # still works
+
+
+def test_the_wrapper_exposes_the_replaced_layers_attributes():
+    base = nn.Linear(6, 4, dtype=torch.float64)
+    layer = IncreLoRALinear(base, r_max=4)
+    assert layer.weight is base.weight and layer.bias is base.bias
+    assert layer.weight.dtype == torch.float64 and layer.weight.device == base.weight.device
+    assert (layer.in_features, layer.out_features) == (6, 4)
+    assert all(p is not base.weight for n, p in layer.named_parameters() if n != "base_layer.weight")
+    assert IncreLoRALinear(nn.Linear(6, 4, bias=False), r_max=4).bias is None
+
+
+def test_a_parent_that_computes_with_a_childs_weight_is_refused():
+    class Mixer(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(8, 8)
+            self.dt_proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = self.inner(x).to(self.dt_proj.weight.dtype)  # reading the dtype is fine
+            return x @ self.dt_proj.weight.t()
+
+    model = nn.Module()
+    model.mixer = Mixer()
+    with pytest.raises(ValueError, match="'mixer.dt_proj' cannot be adapted: Mixer.forward "
+                                         "computes with self.dt_proj.weight directly"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["dt_proj"], r_max=4))
+    inject_increlora(model, IncreLoRAConfig(target_modules=["inner"], r_max=4))
+    assert isinstance(model.mixer.inner, IncreLoRALinear)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_not_a_target():
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    model = nn.Module()
+    model.router = Router(8, 4)
+    with pytest.raises(TypeError, match="'router' is a Router"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["router"], r_max=4))
+
+
+def test_a_module_registered_twice_is_adapted_under_both_names():
+    shared = nn.Linear(8, 8)
+    model = nn.Module()
+    model.a, model.b = shared, shared
+    inject_increlora(model, IncreLoRAConfig(target_modules=["a"], r_max=4))
+    assert isinstance(model.a, IncreLoRALinear) and model.b is model.a

@@ -1,0 +1,184 @@
+"""A failed call leaves the model exactly as it was; the API refuses what would silently break
+(issue 14 items 7 and 8)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+
+from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
+from increlora_fast.integrations import export_peft
+from increlora_fast.integrations.trainer import IncreLoRATrainer, save_controller
+
+from method_helpers import ParallelBranches, branch_config, train_steps
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {"tensors": {k: v.clone() for k, v in model.state_dict().items()},
+            "grad": {n: p.requires_grad for n, p in model.named_parameters()},
+            "modules": [(n, type(m)) for n, m in model.named_modules()]}
+
+
+def assert_unchanged(model: nn.Module, before: dict) -> None:
+    after = snapshot(model)
+    assert after["modules"] == before["modules"] and after["grad"] == before["grad"]
+    assert after["tensors"].keys() == before["tensors"].keys()
+    for key, value in before["tensors"].items():
+        assert torch.equal(after["tensors"][key], value), key
+
+
+def test_inject_on_the_meta_device_fails_before_touching_anything():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="'0' has its weight on the meta device"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert [type(m) for m in model.modules()] == types and not hasattr(model, "increlora_config")
+
+
+def test_inject_that_fails_while_wrapping_undoes_everything(monkeypatch):
+    import increlora_fast.model as model_mod
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = snapshot(model)
+    calls = {"n": 0}
+
+    class SecondFails(model_mod.IncreLoRALinear):
+        def __init__(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("out of memory")
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(model_mod, "IncreLoRALinear", SecondFails)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4))
+    assert_unchanged(model, before)
+    assert not hasattr(model, "increlora_config")
+
+
+def _trained(n: int = 3):
+    torch.manual_seed(0)
+    model = ParallelBranches(n)
+    config = branch_config(modules_to_save=None)
+    inject_increlora(model, config)
+    opt = create_optimizer(model, config, lr=1e-2)
+    ctl = IncreLoRAController(model, config)
+    train_steps(model, opt, ctl, range(6))
+    return model, ctl
+
+
+@pytest.mark.parametrize("damage", ["names", "ipt", "missing", "generator"])
+def test_controller_load_state_dict_checks_everything_first(damage):
+    _, source = _trained()
+    state = source.state_dict()
+    _, target = _trained()
+    target.ipt.fill_(7.0)
+    before = {k: (v.clone() if isinstance(v, torch.Tensor) else v)
+              for k, v in target.state_dict().items()}
+    if damage == "names":
+        state["names"] = state["names"][:2]
+    elif damage == "ipt":
+        state["ipt"] = state["ipt"][:2]
+    elif damage == "missing":
+        del state["warned_nonfinite"]
+    else:
+        state["generator"] = torch.zeros(3, dtype=torch.float32)
+    with pytest.raises(ValueError, match="controller state"):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    for key, value in before.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(after[key], value), key
+        else:
+            assert after[key] == value, key
+
+
+def _bert(targets):
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=2))
+    config = IncreLoRAConfig(target_modules=targets, r_max=4, target_rank=2, init_warmup=2,
+                             incre_interval=2, top_h=1, modules_to_save=["classifier"])
+    return inject_increlora(model, config)
+
+
+class _Task(torch.utils.data.Dataset):
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, i):
+        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
+        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long),
+                "labels": int(ids[0] % 2)}
+
+
+def _args(out):
+    return TrainingArguments(output_dir=str(out), max_steps=4, per_device_train_batch_size=8,
+                             learning_rate=1e-2, save_steps=2, logging_steps=100, report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True)
+
+
+def test_trainer_resume_into_other_targets_changes_nothing(tmp_path):
+    IncreLoRATrainer(model=_bert(["query", "key", "value"]), args=_args(tmp_path),
+                     train_dataset=_Task()).train()
+    other = _bert(["query", "value"])
+    before = snapshot(other)
+    trainer = IncreLoRATrainer(model=other, args=_args(tmp_path / "b"), train_dataset=_Task())
+    with pytest.raises(ValueError, match="other modules"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert_unchanged(other, before)
+
+
+def test_trainer_resume_with_a_damaged_controller_file_is_a_clear_error(tmp_path):
+    IncreLoRATrainer(model=_bert(["query", "value"]), args=_args(tmp_path),
+                     train_dataset=_Task()).train()
+    path = tmp_path / "checkpoint-2" / "increlora_controller.pt"
+    data = bytearray(path.read_bytes())
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    again = _bert(["query", "value"])
+    before = snapshot(again)
+    trainer = IncreLoRATrainer(model=again, args=_args(tmp_path / "b"), train_dataset=_Task())
+    with pytest.raises(ValueError, match="increlora_controller.pt is not readable"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert_unchanged(again, before)
+
+
+def test_controller_file_flip_is_caught_by_its_checksum(tmp_path):
+    from increlora_fast.integrations.trainer import read_controller_state
+
+    _, ctl = _trained()
+    save_controller(ctl, str(tmp_path))
+    path = tmp_path / "increlora_controller.pt"
+    data = bytearray(path.read_bytes())
+    payload_at = data.find(b"ipt")  # inside the pickled payload bytes
+    data[payload_at] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="increlora_controller.pt (is corrupted|is not readable)"):
+        read_controller_state(str(tmp_path))
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, -1.0])
+def test_create_optimizer_rejects_non_finite_or_non_positive_lr(lr):
+    model, _ = _trained()
+    with pytest.raises(ValueError, match="create_optimizer lr="):
+        create_optimizer(model, lr=lr)
+
+
+def test_create_optimizer_rejects_a_model_without_adapters():
+    model = nn.Sequential(nn.Linear(4, 4))
+    model.increlora_config = IncreLoRAConfig(target_modules=["0"], r_max=4)
+    with pytest.raises(ValueError, match="holds no IncreLoRA layer"):
+        create_optimizer(model, lr=1e-3)
+
+
+def test_export_peft_validates_task_type(tmp_path):
+    model, _ = _trained()
+    with pytest.raises(ValueError, match="task_type='NOT_A_TASK' is invalid.*SEQ_CLS"):
+        export_peft(model, tmp_path / "peft", task_type="NOT_A_TASK")
+    assert not (tmp_path / "peft").exists()
+    export_peft(model, tmp_path / "peft", task_type="SEQ_CLS")

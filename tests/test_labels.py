@@ -1,0 +1,72 @@
+"""Labels: integers that are not 0..K-1 get a compact index saved beside the adapter; continuous
+values are refused with one clear line (issue 14 item 5)."""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import List
+
+import pytest
+from safetensors.torch import load_file
+
+from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
+from increlora_fast.cli import finetune as finetune_cli
+from increlora_fast.data import load_files
+
+
+def cli(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(argv))
+
+
+def _relabel(rows, mapping):
+    return [dict(r, label=mapping[r["label"]]) for r in rows]
+
+
+def test_sparse_integer_labels_get_a_compact_index(tmp_path):
+    train = write_csv(tmp_path / "t.csv", _relabel(sentiment_rows(40, 0),
+                                                   {"neg": "0", "pos": "1000000"}))
+    dev = write_csv(tmp_path / "d.csv", _relabel(sentiment_rows(10, 1),
+                                                 {"neg": "0", "pos": "1000000"}))
+    data = load_files(str(train), str(dev))
+    assert data.num_labels == 2 and data.label_names == ["0", "1000000"]
+    assert {e.label for e in data.train + data.eval} == {0, 1}
+    negative = write_csv(tmp_path / "n.csv", _relabel(sentiment_rows(40, 0),
+                                                      {"neg": "-1", "pos": "1"}))
+    assert load_files(str(negative), None).label_names == ["-1", "1"]
+
+
+def test_sparse_labels_train_a_two_way_head_and_save_the_mapping(tmp_path):
+    model = write_tiny_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "t.csv", _relabel(sentiment_rows(64, 0),
+                                                   {"neg": "0", "pos": "1000000"}))
+    out = tmp_path / "out"
+    assert cli(["--model", str(model), "--train-file", str(train), "--batch-size", "8",
+                "--max-seq-len", "16", "--max-steps", "2", "--no-progress",
+                "--output-dir", str(out)]) == 0
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "0", "1": "1000000"}
+    assert labels["label2id"] == {"0": 0, "1000000": 1}
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    (head,) = [k for k in tensors if k.endswith("classifier.weight")]
+    assert tensors[head].shape[0] == 2
+
+
+def test_continuous_labels_are_one_clear_error(tmp_path, capsys):
+    rows = sentiment_rows(40, 0)
+    for i, r in enumerate(rows):
+        r["label"] = f"{0.1 * (i % 14) + 0.05:.2f}"
+    train = write_csv(tmp_path / "scores.csv", rows)
+    code = cli(["--model", str(tmp_path / "nowhere"), "--train-file", str(train),
+                "--output-dir", str(tmp_path / "out"), "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1
+    assert str(train) in err[0] and "continuous values" in err[0] and "discrete" in err[0]
+
+
+@pytest.mark.parametrize("labels", [("0.0", "1.0"), ("neg", "pos")])
+def test_discrete_labels_still_work(tmp_path, labels):
+    train = write_csv(tmp_path / "t.csv", _relabel(sentiment_rows(40, 0),
+                                                   dict(zip(("neg", "pos"), labels))))
+    assert load_files(str(train), None).label_names == sorted(labels)

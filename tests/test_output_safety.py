@@ -1,0 +1,206 @@
+"""Output folders never lose work; diverged runs and bad input are one clear `error:` line.
+
+Every case here comes from the fault-probe review (issue 14 items 1, 4, 6, 7).
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
+from increlora_fast.cli import finetune as finetune_cli
+
+
+def cli(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("tiny")
+    return {"model": str(write_tiny_bert(root / "bert")),
+            "train": str(write_csv(root / "train.csv", sentiment_rows(96, seed=0))),
+            "dev": str(write_csv(root / "dev.csv", sentiment_rows(24, seed=1)))}
+
+
+def args(tiny: dict, out: Path, *extra: str, steps: int = 4) -> List[str]:
+    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
+            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
+            "--no-progress", "--max-steps", str(steps), *extra]
+
+
+def digests(folder: Path) -> Dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_refuses_a_folder_that_holds_another_run(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    before = digests(out)
+    capsys.readouterr()
+    assert cli(args(tiny, out, "--seed", "1")) == 2
+    err = capsys.readouterr().err
+    assert "holds another run's files" in err and "metrics.json" in err
+    assert "checkpoint-2" in err and "--overwrite" in err
+    assert digests(out) == before
+
+
+def test_overwrite_replaces_the_earlier_run_entirely(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    assert (out / "allocation_log.jsonl").exists() and (out / "checkpoint-2").is_dir()
+    assert cli(args(tiny, out, "--method", "lora", "--overwrite")) == 0
+    # nothing of the IncreLoRA run stays beside the LoRA adapter
+    assert not (out / "allocation_log.jsonl").exists()
+    assert not (out / "rank_heatmap.png").exists() and not (out / "checkpoint-2").exists()
+    assert not (out / "rank_over_time.png").exists()
+    assert json.loads((out / "metrics.json").read_text())["method"] == "lora"
+
+
+def test_an_interrupted_runs_only_checkpoint_survives_a_new_run(tiny, tmp_path, capsys):
+    done = tmp_path / "done"
+    assert cli(args(tiny, done, "--save-steps", "2")) == 0
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(done / "checkpoint-2", interrupted / "checkpoint-2")
+    before = digests(interrupted)
+    assert cli(args(tiny, interrupted, "--save-steps", "1")) == 2
+    assert "checkpoint-2" in capsys.readouterr().err
+    assert digests(interrupted) == before
+
+
+def test_rotation_keeps_the_checkpoint_a_resume_started_from(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2", steps=6)) == 0
+    (out / "metrics.json").unlink()  # as if interrupted after checkpoint-4
+    kept = digests(out / "checkpoint-4")
+    assert cli(["--resume", str(out / "checkpoint-4"), "--output-dir", str(out),
+                "--no-progress", "--save-steps", "1"]) == 0
+    assert digests(out / "checkpoint-4") == kept  # this run wrote checkpoint-5 and kept both
+    assert (out / "checkpoint-5").is_dir()
+
+
+def test_a_resume_never_writes_into_its_own_checkpoint(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    ckpt = out / "checkpoint-2"
+    before = digests(ckpt)
+    capsys.readouterr()
+    assert cli(["--resume", str(ckpt), "--output-dir", str(ckpt), "--no-progress"]) == 2
+    assert "is the checkpoint being resumed" in capsys.readouterr().err
+    assert digests(ckpt) == before
+
+
+@pytest.mark.parametrize("kind", ["file", "under_a_file"])
+def test_bad_output_dir_is_refused_before_data_or_model_load(tiny, tmp_path, capsys, kind):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    out = afile if kind == "file" else afile / "sub"
+    # the data file does not exist either: the output folder must be checked first
+    argv = args(tiny, out)
+    argv[argv.index("--train-file") + 1] = str(tmp_path / "missing.csv")
+    assert cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--output-dir" in err[0]
+    assert ("is a file" if kind == "file" else "not writable") in err[0]
+    assert afile.read_text() == "not a folder"
+
+
+def test_a_diverged_run_exits_nonzero_and_keeps_the_good_adapter(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out)) == 0
+    good = digests(out)
+    capsys.readouterr()
+    assert cli(args(tiny, out, "--lr", "1e6", "--overwrite", steps=1)) == 1
+    err = capsys.readouterr().err
+    assert "error:" in err and "step 1" in err and "lower --lr" in err
+    assert digests(out) == good
+
+
+def test_target_rank_rule_of_adalora_does_not_apply_to_increlora(tiny, tmp_path, capsys):
+    assert cli(args(tiny, tmp_path / "ok", "--target-rank", "4")) == 0
+    assert json.loads((tmp_path / "ok" / "metrics.json").read_text())["total_rank"] == 4 * 12
+    capsys.readouterr()
+    assert cli(args(tiny, tmp_path / "ada", "--method", "adalora", "--target-rank", "4",
+                    steps=12)) == 2
+    assert "--adalora-init-r 3 is invalid" in capsys.readouterr().err
+
+
+def _one_error_line(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("increlora-fast finetune: error: "), err
+    return err[0]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--threads", "-1"], "--threads -1 is invalid"),
+    (["--threads", "0"], "--threads 0 is invalid"),
+    (["--target-modules", "embeddings"], "BertEmbeddings"),
+    (["--max-seq-len", "4096"], "--max-seq-len 4096 is invalid: the model"),
+])
+def test_bad_options_are_one_error_line(tiny, tmp_path, capsys, extra, message):
+    assert cli(args(tiny, tmp_path / "out", *extra)) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_bad_model_paths_are_one_error_line(tiny, tmp_path, capsys):
+    for model, message in ((str(tmp_path / "nonexistent" / "model"), "no such folder"),
+                           (str(Path(tiny["train"]).parent), "holds no transformers model")):
+        argv = args(tiny, tmp_path / "out")
+        argv[argv.index("--model") + 1] = model
+        assert cli(argv) == 2
+        line = _one_error_line(capsys)
+        assert message in line and model in line
+
+
+def test_non_utf8_data_names_the_file_and_line(tiny, tmp_path, capsys):
+    bad = tmp_path / "latin1.csv"
+    bad.write_bytes("text,label\ngood film,pos\ncaf\xe9 bad,neg\n".encode("latin-1"))
+    argv = args(tiny, tmp_path / "out")
+    argv[argv.index("--train-file") + 1] = str(bad)
+    assert cli(argv) == 2
+    line = _one_error_line(capsys)
+    assert str(bad) in line and "not UTF-8" in line and "line 3" in line
+
+
+def test_a_full_disk_during_a_checkpoint_says_so_and_leaves_no_tmp(tiny, tmp_path, capsys,
+                                                                   monkeypatch):
+    import increlora_fast.persistence as persistence
+
+    out = tmp_path / "run"
+    real_fsync, calls = persistence.os.fsync, {"n": 0}
+
+    def fsync_then_full(fd):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the first checkpoint's files are written, then the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(persistence.os, "fsync", fsync_then_full)
+    assert cli(args(tiny, out, "--save-steps", "1", steps=4)) == 1
+    line = _one_error_line(capsys)
+    assert "no space left on the device" in line and "checkpoint-" in line
+    assert not list(out.glob("*.tmp")) and not list(out.rglob(".*.tmp"))
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    from increlora_fast.persistence import atomic_write_bytes
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "f.json", b"{}")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,175 @@
+"""Everything a resume needs is verified, and the data is part of a run's identity (issue 14
+items 2, 3 and the broken-file cases of item 7)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
+from increlora_fast.cli import finetune as finetune_cli
+
+
+def cli(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> dict:
+    """A finished 4-step IncreLoRA run that kept checkpoint-2."""
+    root = tmp_path_factory.mktemp("state")
+    tiny = {"model": str(write_tiny_bert(root / "bert")),
+            "train": str(write_csv(root / "train.csv", sentiment_rows(96, seed=0))),
+            "dev": str(write_csv(root / "dev.csv", sentiment_rows(24, seed=1))), "root": root}
+    out = root / "run"
+    assert cli(["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file",
+                tiny["dev"], "--batch-size", "8", "--max-seq-len", "16", "--output-dir",
+                str(out), "--no-progress", "--max-steps", "4", "--save-steps", "2"]) == 0
+    tiny["ckpt"] = out / "checkpoint-2"
+    return tiny
+
+
+def _copy(run: dict, tmp_path: Path) -> Path:
+    ckpt = tmp_path / "copy" / "checkpoint-2"
+    shutil.copytree(run["ckpt"], ckpt)
+    return ckpt
+
+
+def _resume(ckpt: Path, tmp_path: Path, capsys) -> tuple:
+    capsys.readouterr()
+    code = cli(["--resume", str(ckpt), "--output-dir", str(tmp_path / "resumed"),
+                "--no-progress"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return code, err
+
+
+def test_an_intact_checkpoint_resumes(run, tmp_path, capsys):
+    code, err = _resume(_copy(run, tmp_path), tmp_path, capsys)
+    assert code == 0 and not err
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "empty"])
+def test_a_damaged_trainer_state_is_a_clear_error(run, tmp_path, capsys, damage):
+    ckpt = _copy(run, tmp_path)
+    path = ckpt / "trainer_state.pt"
+    data = bytearray(path.read_bytes())
+    if damage == "flip":  # one bit inside the optimizer state, as in the review
+        data[len(data) // 2] ^= 0x40
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray()
+    path.write_bytes(bytes(data))
+    code, err = _resume(ckpt, tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and "trainer_state.pt" in err[0], err
+    assert ("corrupted" in err[0]) or ("not readable" in err[0])
+    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["settings.json", "adapter_model.safetensors",
+                                  "adapter_config.json"])
+def test_every_part_of_the_checkpoint_is_checksummed(run, tmp_path, capsys, name):
+    ckpt = _copy(run, tmp_path)
+    path = ckpt / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+    code, err = _resume(ckpt, tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and name in err[0] and "corrupted" in err[0], err
+
+
+def test_a_missing_part_is_named(run, tmp_path, capsys):
+    ckpt = _copy(run, tmp_path)
+    (ckpt / "adapter_config.json").unlink()
+    code, err = _resume(ckpt, tmp_path, capsys)
+    assert code == 2 and "missing adapter_config.json" in err[0]
+
+
+def test_a_broken_settings_file_names_it(run, tmp_path):
+    from increlora_fast.training import checkpoint as ckpt_mod
+
+    ckpt = _copy(run, tmp_path)
+    path = ckpt / "settings.json"
+    path.write_text(path.read_text()[:25])
+    with pytest.raises(ValueError, match="settings.json"):
+        ckpt_mod.read_checkpoint_settings(ckpt)
+
+
+def test_changed_data_is_refused_on_resume(run, tmp_path, capsys):
+    ckpt = _copy(run, tmp_path)
+    settings = json.loads((ckpt / "settings.json").read_text())
+    assert Path(settings["train_file"]).is_absolute() and len(settings["train_file_sha256"]) == 64
+    train = Path(settings["train_file"])
+    original = train.read_bytes()
+    try:
+        rows = sentiment_rows(96, seed=0)
+        for r in rows:
+            r["label"] = "pos" if r["label"] == "neg" else "neg"
+        write_csv(train, rows)
+        code, err = _resume(ckpt, tmp_path, capsys)
+    finally:
+        train.write_bytes(original)
+    assert code == 2 and str(train) in err[0] and "changed" in err[0]
+
+
+def test_resume_from_another_working_directory(run, tmp_path, capsys, monkeypatch):
+    """The run was started with a relative data path; it resumes from elsewhere."""
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    shutil.copy(run["train"], work / "data" / "good.csv")
+    monkeypatch.chdir(work)
+    assert cli(["--model", run["model"], "--train-file", "data/good.csv", "--batch-size", "8",
+                "--max-seq-len", "16", "--output-dir", "out", "--no-progress", "--max-steps",
+                "4", "--save-steps", "2"]) == 0
+    monkeypatch.chdir(tmp_path)
+    code, err = _resume(work / "out" / "checkpoint-2", tmp_path, capsys)
+    assert code == 0 and not err
+
+
+def test_compare_reruns_instead_of_reusing_results_from_other_data(run, tmp_path, capsys):
+    train = tmp_path / "train.csv"
+    write_csv(train, sentiment_rows(96, seed=0))
+    out = tmp_path / "cmp"
+    argv = ["--model", run["model"], "--train-file", str(train), "--eval-file", run["dev"],
+            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
+            "--no-progress", "--max-steps", "2", "--compare", "--methods", "lora",
+            "--seeds", "1", "--lrs", "0.001"]
+    assert cli(argv) == 0
+    first = json.loads((out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text())
+    write_csv(train, sentiment_rows(96, seed=5))  # other contents, same path
+    capsys.readouterr()
+    assert cli(argv) == 0
+    printed = capsys.readouterr().out
+    assert "reusing" not in printed and "other data" in printed
+    again = json.loads((out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text())
+    assert again["settings"]["train_file_sha256"] != first["settings"]["train_file_sha256"]
+
+
+def test_checkpoint_write_failure_leaves_no_partial_folder(run, tmp_path, monkeypatch):
+    import increlora_fast.persistence as persistence
+    from increlora_fast.training.checkpoint import (CheckpointWriteError, load_checkpoint,
+                                                    save_checkpoint)
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.checkpoint import read_checkpoint_settings
+
+    s, _, method_run, _ = build_run(read_checkpoint_settings(run["ckpt"]))
+    state = load_checkpoint(run["ckpt"], method_run)
+    target = tmp_path / "checkpoint-2"
+    save_checkpoint(target, method_run, s, state)
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def full(fd):
+        raise OSError(28, os.strerror(28))
+
+    monkeypatch.setattr(persistence.os, "fsync", full)
+    with pytest.raises(CheckpointWriteError, match="no space left on the device"):
+        save_checkpoint(target, method_run, s, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
