@@ -170,7 +170,7 @@ def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path
 
     calls = []
 
-    def fake_run(s, run_dir, progress=True):
+    def fake_run(s, run_dir, progress=True, overwrite=False):
         calls.append((s.method, s.device, s.precision))
         return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
                 "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,

@@ -250,21 +250,6 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         check_data_identity(settings, str(Path(resume) / "settings.json"))
     else:
         settings = with_data_identity(settings)
-    s, data, run, batches = build_run(settings)
-    state = load_checkpoint(Path(resume), run) if resume else LoopState()
-    echo(f"{s.method} on {data.name} ({len(data.train):,} train / {len(data.eval):,} dev), "
-         f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
-         f"seed {s.seed}" + (f", resuming at step {state.step}" if resume else ""))
-    written: List[str] = []
-    train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
-               on_step_end=_checkpointer(out, run, s, save_steps, written))
-    check_finite(run, state.step)
-    t_eval = time.perf_counter()
-    metrics = evaluate(run, batches)
-    if not math.isfinite(metrics["eval_loss"]):
-        raise TrainingDivergedError(f"{run.name}: the evaluation loss is {metrics['eval_loss']} "
-                                    f"after step {state.step}; its outputs were not written; "
-                                    f"lower --lr (it was {s.lr:g})")
     place = Placement.from_text(settings.device, settings.precision)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place)
@@ -273,12 +258,16 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
          f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
          f"seed {s.seed}, on {place.describe()}"
          + (f", resuming at step {state.step}" if resume else ""))
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    written: List[str] = []
     train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
-               on_step_end=_checkpointer(out, run, s, save_steps), placement=place)
+               on_step_end=_checkpointer(out, run, s, save_steps, written), placement=place)
+    check_finite(run, state.step)
     t_eval = time.perf_counter()
     metrics = evaluate(run, batches, place)
+    if not math.isfinite(metrics["eval_loss"]):
+        raise TrainingDivergedError(f"{run.name}: the evaluation loss is {metrics['eval_loss']} "
+                                    f"after step {state.step}; its outputs were not written; "
+                                    f"lower --lr (it was {s.lr:g})")
     metrics.update(peak_memory(place.device), device=str(place.device),
                    precision=place.precision, train_tokens=state.session_tokens,
                    tokens_per_second=tokens_per_second(state.session_tokens,
