@@ -67,12 +67,7 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
     ax.set_ylabel("layer")
     ax.set_title(title)
     fig.colorbar(im, ax=ax, label="active rank")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def rank_history(initial: Dict[str, int], allocation_log: Iterable[dict]
@@ -126,6 +121,12 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     ax.set_ylabel("active rank")
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
+    return _save(fig, path)
+
+
+def _save(fig, path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

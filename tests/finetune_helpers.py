@@ -57,3 +57,13 @@ def write_csv(path: Path, rows: List[dict], columns: Optional[List[str]] = None)
 def write_jsonl(path: Path, rows: List[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def cli(argv: List[str]) -> int:
+    """``increlora-fast finetune ARGV`` in this process; returns its exit code."""
+    import argparse
+
+    from increlora_fast.cli import finetune as finetune_cli
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    return finetune_cli.run(parser.parse_args(argv))

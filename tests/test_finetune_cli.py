@@ -1,7 +1,6 @@
 """`increlora-fast finetune` end to end on a tiny random BERT and tiny files, offline."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
@@ -11,17 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import sentiment_rows, write_csv, write_jsonl, write_tiny_bert
-from increlora_fast.cli import finetune as finetune_cli
+from finetune_helpers import cli, sentiment_rows, write_csv, write_jsonl, write_tiny_bert
 from increlora_fast.data.assets import locate_asset
 
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
-
-
-def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
-    finetune_cli.add_arguments(parser)
-    return finetune_cli.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 speed and memory fields of metrics.json, on a tiny random BERT on CPU."""
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import List
@@ -10,18 +9,11 @@ from typing import List
 import pytest
 import torch
 
-from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
-from increlora_fast.cli import finetune as finetune_cli
+from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
 from increlora_fast.training.device import (CPU_MEMORY_NOTE, Placement, peak_memory,
                                             resolve_device, resolve_precision, tokens_per_second)
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
-
-
-def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
-    finetune_cli.add_arguments(parser)
-    return finetune_cli.run(parser.parse_args(argv))
 
 
 @pytest.fixture(scope="module")

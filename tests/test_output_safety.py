@@ -4,7 +4,6 @@ Every case here comes from the fault-probe review (issue 14 items 1, 4, 6, 7).
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import hashlib
 import json
@@ -14,14 +13,7 @@ from typing import Dict, List
 
 import pytest
 
-from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
-from increlora_fast.cli import finetune as finetune_cli
-
-
-def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
-    finetune_cli.add_arguments(parser)
-    return finetune_cli.run(parser.parse_args(argv))
+from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
 
 
 @pytest.fixture(scope="module")
