@@ -153,16 +153,22 @@ def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
         folder, options = line.split("\t")
         task, variant, seed_dir = Path(folder).parts[-3:]
         settings = resolve(settings_from_args(parser.parse_args(shlex.split(options))), 8000)
-        assert (settings.task, f"seed{settings.seed}") == (task, seed_dir)
+        if task == "amazon":  # the user-data section: a data set of one's own, by file
+            assert (settings.task, Path(settings.train_file).name) == (None, "train.csv")
+        else:
+            assert settings.task == task
+        assert f"seed{settings.seed}" == seed_dir
         seeds.setdefault(variant, {}).setdefault(task, []).append(settings.seed)
         methods[variant] = settings.method
     assert len(lines) == len(set(lines))
     for variant, per_task in seeds.items():
-        assert sorted(per_task) == ["rotten_tomatoes", "trec6"], variant
+        assert sorted(set(per_task) - {"amazon"}) == ["rotten_tomatoes", "trec6"], variant
         assert all(s == list(range(len(s))) for s in per_task.values()), variant
     for control in ("default", "uniform2", "rank1", "random", "lora", "adalora"):
         assert seeds[control]["trec6"] == list(range(8))
     assert seeds["sp_growth"]["trec6"] == list(range(5))
+    assert {v for v in seeds if "amazon" in seeds[v]} == {
+        "default", "default_pooler", "lora", "lora_pooler", "adalora", "adalora_pooler"}
     assert methods["h1200_adalora_lr2e-3"] == "adalora"
     assert {"norm_only", "no_reserve_penalty_lam1e-3", "schedule_authors", "rank8_increlora",
             "adalora_pooler_alpha32"} <= set(seeds)

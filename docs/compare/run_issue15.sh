@@ -5,7 +5,7 @@
 #
 #   docs/compare/run_issue15.sh [SECTION ...]      (default: every section, then summary)
 #
-# Sections: controls options recipe horizon budgets summary.
+# Sections: controls options recipe horizon budgets userdata summary.
 # Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
 # with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
 # metrics.json exists is skipped, so the script resumes where it stopped. `summary` writes
@@ -14,6 +14,7 @@
 #
 # Environment (defaults): ROOT=runs/issue15 SUMMARY=docs/compare/issue15 JOBS=2 THREADS=1
 #   TASKS="rotten_tomatoes trec6" SEEDS_CONTROLS=8 SEEDS_OPTIONS=8 SEEDS_OTHER=3
+#   DATA=runs/data/amazon (userdata: the small data set of one's own, made there if missing)
 #   DRY_RUN=1 prints "<run folder><TAB><finetune options>" per run instead of running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root: ROOT and SUMMARY are relative to it
@@ -26,6 +27,7 @@ TASKS=${TASKS:-"rotten_tomatoes trec6"}
 SEEDS_CONTROLS=${SEEDS_CONTROLS:-8}
 SEEDS_OPTIONS=${SEEDS_OPTIONS:-8}
 SEEDS_OTHER=${SEEDS_OTHER:-3}
+DATA=${DATA:-runs/data/amazon}
 DRY_RUN=${DRY_RUN:-0}
 FINETUNE=${FINETUNE:-increlora-fast finetune}
 
@@ -39,7 +41,9 @@ queue() {
   local task seed
   for task in $TASKS; do
     for ((seed = 0; seed < seeds; seed++)); do
-      printf '%s\t%s\n' "$ROOT/$task/$variant/seed$seed" "--task $task --seed $seed $*" >>"$QUEUE"
+      local source="--task $task"
+      [[ $task == amazon ]] && source="--train-file $DATA/train.csv --eval-file $DATA/dev.csv"
+      printf '%s\t%s\n' "$ROOT/$task/$variant/seed$seed" "$source --seed $seed $*" >>"$QUEUE"
     done
   done
 }
@@ -107,6 +111,20 @@ budgets() {  # issue item 3: average rank 4 and 8 (the paper's budgets) besides 
   done
 }
 
+userdata() {  # issue item 4: the defaults on a small 3-class data set through --train-file
+  local n=$SEEDS_OTHER
+  if [[ ! -f $DATA/train.csv && $DRY_RUN != 1 ]]; then
+    python docs/compare/make_amazon_snippets.py "$DATA"
+  fi
+  local TASKS=amazon m prefix
+  for m in increlora lora adalora; do
+    prefix=$m
+    [[ $m == increlora ]] && prefix=default
+    queue "$n" "$prefix" --method $m
+    queue "$n" "${prefix}_pooler" --method $m --modules-to-save classifier,pooler
+  done
+}
+
 run_queue() {
   if [[ $DRY_RUN == 1 ]]; then
     cat "$QUEUE"
@@ -149,20 +167,21 @@ summarize() {
   python -m increlora_fast.training.compare_stats "$ROOT" --baseline default \
     --only 'sp_growth*,schedule_authors' --out /dev/null \
     --growth-profile "$SUMMARY/loss_around_growth.json" \
-    --growth-plot "$SUMMARY/loss_around_growth.png" || echo "(growth profile skipped)" >&2
+    --growth-plot "$SUMMARY/loss_around_growth.png" \
+    --allocation-plot "$SUMMARY/allocation_default.png" || echo "(growth profile skipped)" >&2
   (cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) -print0 |
     tar --null -cf - -T -) | (mkdir -p "$SUMMARY/runs" && tar -xf - -C "$SUMMARY/runs")
   echo "summaries in $SUMMARY" >&2
 }
 
 sections=("$@")
-[[ ${#sections[@]} -eq 0 ]] && sections=(controls options recipe horizon budgets summary)
+[[ ${#sections[@]} -eq 0 ]] && sections=(controls options recipe horizon budgets userdata summary)
 for section in "${sections[@]}"; do
   case $section in
-    controls | options | recipe | horizon | budgets) $section ;;
+    controls | options | recipe | horizon | budgets | userdata) $section ;;
     summary) ;;
     *) echo "run_issue15.sh: unknown section '$section'; use controls options recipe horizon" \
-         "budgets summary" >&2; exit 2 ;;
+         "budgets userdata summary" >&2; exit 2 ;;
   esac
 done
 run_queue

@@ -9,7 +9,8 @@ seeds' differences.
 
     python -m increlora_fast.training.compare_stats runs/issue15 --baseline default \\
         --out table.md [--only 'rank*' --exclude 'h1200_*' --metric eval_macro_f1 \\
-        --json-out summary.json --growth-profile loss.json --growth-plot loss.png]
+        --json-out summary.json --growth-profile loss.json --growth-plot loss.png \\
+        --allocation-plot allocation.png]
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .allocation_stats import plot_allocation
 
 METRICS_FILE = "metrics.json"
 ALLOCATION_LOG_FILE = "allocation_log.jsonl"
@@ -272,6 +275,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "baseline and the compared variants here")
     parser.add_argument("--growth-plot", metavar="PNG",
                         help="also plot that loss around growth rounds here")
+    parser.add_argument("--allocation-plot", metavar="PNG",
+                        help="also plot the baseline's mean rank per module type and per layer "
+                             "over training here")
     args = parser.parse_args(argv)
     try:
         runs = load_runs(Path(args.root), args.metric)
@@ -283,6 +289,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                 Path(args.growth_profile).write_text(json.dumps(profiles, indent=2) + "\n")
             if args.growth_plot:
                 plot_growth_profiles(profiles, Path(args.growth_plot))
+        if args.allocation_plot:
+            by_task: Dict[str, List[Path]] = defaultdict(list)
+            for run in runs:
+                if run.variant == args.baseline:
+                    by_task[run.task].append(Path(run.path))
+            plot_allocation(by_task, Path(args.allocation_plot),
+                            title=f"allocation of {args.baseline!r}")
     except ValueError as err:
         print(f"compare_stats: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,101 @@
+"""How a run's ranks were allocated over training, from its allocation_log.jsonl.
+
+A run's modules and their initial rank come from its metrics.json (``rank_pattern`` keys and
+``method_settings.init_r``); every line of the allocation log raises one module to ``new_rank``
+at ``step``. `ranks_over_time` replays that; `allocation_by_group` averages the ranks per module
+type (``attention.self.query`` ...) or per layer over the seeds of a variant, and
+`plot_allocation` draws both, one row of panels per task.
+"""
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List
+
+METRICS_FILE = "metrics.json"
+ALLOCATION_LOG_FILE = "allocation_log.jsonl"
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def module_type(name: str) -> str:
+    """The part of a module name after its layer index (``attention.self.query``)."""
+    match = _LAYER.search(name)
+    return name[match.end():] if match else name
+
+
+def module_layer(name: str) -> str:
+    """The layer index in a module name (``"3"``), or the name when it has none."""
+    match = _LAYER.search(name)
+    return match.group(1) if match else name
+
+
+def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
+    """{step: {module: rank after that step's round}} at step 0, at every round's step and at
+    the last training step."""
+    run_dir = Path(run_dir)
+    metrics = json.loads((run_dir / METRICS_FILE).read_text())
+    pattern = metrics.get("rank_pattern")
+    init_r = (metrics.get("method_settings") or {}).get("init_r")
+    if not pattern or init_r is None:
+        raise ValueError(f"{run_dir / METRICS_FILE}: no rank_pattern / method_settings.init_r "
+                         "(not an IncreLoRA run)")
+    ranks = {name: int(init_r) for name in pattern}
+    out = {0: dict(ranks)}
+    log = run_dir / ALLOCATION_LOG_FILE
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
+        if log.exists() else []
+    for event in sorted(events, key=lambda e: e["step"]):
+        if event["module"] not in ranks:
+            raise ValueError(f"{log}: module {event['module']!r} is not in the run's "
+                             "rank_pattern")
+        ranks[event["module"]] = int(event["new_rank"])
+        out[int(event["step"])] = dict(ranks)
+    steps = metrics.get("steps")
+    if isinstance(steps, int) and steps > max(out):
+        out[steps] = dict(ranks)  # the pattern holds to the end of training
+    return out
+
+
+def allocation_by_group(run_dirs: Iterable[Path], group: Callable[[str], str] = module_type
+                        ) -> Dict[str, Dict[int, float]]:
+    """{group: {step: mean rank}} over the modules of each group and over the runs (which share
+    one schedule: the same round steps)."""
+    sums: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    for run_dir in run_dirs:
+        for step, ranks in ranks_over_time(run_dir).items():
+            per_group: Dict[str, List[int]] = defaultdict(list)
+            for name, rank in ranks.items():
+                per_group[group(name)].append(rank)
+            for name, values in per_group.items():
+                sums[name][step].append(sum(values) / len(values))
+    return {g: {s: sum(v) / len(v) for s, v in sorted(steps.items())}
+            for g, steps in sorted(sums.items())}
+
+
+def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "") -> None:
+    """A PNG: per task (rows), the mean rank per module type and per layer (columns) against
+    the training step, averaged over the given runs (matplotlib, the ``finetune`` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted(t for t, runs in by_task.items() if runs)
+    if not tasks:
+        raise ValueError("no runs to plot the allocation of")
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.4 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        for ax, (group, label) in zip(row, ((module_type, "module type"),
+                                            (module_layer, "layer"))):
+            for name, curve in allocation_by_group(by_task[task], group).items():
+                steps = sorted(curve)
+                ax.step(steps, [curve[s] for s in steps], where="post", label=name)
+            ax.set(title=f"{task}: mean rank per {label} ({len(by_task[task])} runs)",
+                   xlabel="training step", ylabel="mean rank")
+            ax.legend(fontsize="x-small", ncol=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,69 @@
+"""Replaying a run's allocation log into ranks over time, averaged per module type and layer."""
+import json
+
+import pytest
+
+from increlora_fast.training.allocation_stats import (allocation_by_group, module_layer,
+                                                      module_type, plot_allocation,
+                                                      ranks_over_time)
+from increlora_fast.training.compare_stats import main
+
+MODULES = ["enc.layer.0.attn.q", "enc.layer.0.ffn.up", "enc.layer.1.attn.q", "enc.layer.1.ffn.up"]
+
+
+def _run(root, name, events, init_r=1, steps=100, task="rt"):
+    run = root / task / name
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "task": task, "seed": int(name[-1]), "eval_accuracy": 0.8, "steps": steps,
+        "rank_pattern": {m: 0 for m in MODULES}, "method_settings": {"init_r": init_r}}))
+    (run / "allocation_log.jsonl").write_text("".join(
+        json.dumps({"step": s, "module": m, "new_rank": r}) + "\n" for s, m, r in events))
+    return run
+
+
+def test_names_split_into_type_and_layer():
+    assert module_type("bert.encoder.layer.3.attention.self.query") == "attention.self.query"
+    assert module_layer("bert.encoder.layer.3.attention.self.query") == "3"
+    assert module_type("classifier") == module_layer("classifier") == "classifier"
+
+
+def test_ranks_replay_the_log_from_the_initial_rank(tmp_path):
+    run = _run(tmp_path, "seed0", [(30, MODULES[1], 2), (10, MODULES[0], 2), (30, MODULES[1], 3)])
+    ranks = ranks_over_time(run)
+    assert sorted(ranks) == [0, 10, 30, 100]  # out-of-order lines are sorted; the end is kept
+    assert ranks[0] == {m: 1 for m in MODULES}
+    assert ranks[10][MODULES[0]] == 2 and ranks[10][MODULES[1]] == 1
+    assert ranks[30][MODULES[1]] == 3 and ranks[100] == ranks[30]
+
+
+def test_groups_average_modules_then_runs(tmp_path):
+    a = _run(tmp_path, "seed0", [(10, MODULES[1], 3)])  # layer 0's ffn.up: 1 -> 3
+    b = _run(tmp_path, "seed1", [(10, MODULES[3], 2)])  # layer 1's ffn.up: 1 -> 2
+    by_type = allocation_by_group([a, b], module_type)
+    assert by_type["attn.q"] == {0: 1.0, 10: 1.0, 100: 1.0}
+    assert by_type["ffn.up"][10] == pytest.approx(((3 + 1) / 2 + (1 + 2) / 2) / 2)
+    by_layer = allocation_by_group([a, b], module_layer)
+    assert by_layer["0"][10] == pytest.approx(((1 + 3) / 2 + 1.0) / 2)
+
+
+def test_errors_name_the_file(tmp_path):
+    run = _run(tmp_path, "seed0", [(10, "no.such.module", 2)])
+    with pytest.raises(ValueError, match="no.such.module"):
+        ranks_over_time(run)
+    (run / "metrics.json").write_text(json.dumps({"task": "rt", "seed": 0}))
+    with pytest.raises(ValueError, match="metrics.json: no rank_pattern"):
+        ranks_over_time(run)
+    with pytest.raises(ValueError, match="no runs"):
+        plot_allocation({}, tmp_path / "x.png")
+
+
+def test_cli_plots_the_baselines_allocation(tmp_path):
+    root = tmp_path / "runs"
+    (root / "rt" / "default").mkdir(parents=True)
+    for seed in (0, 1):
+        _run(root, f"default/seed{seed}", [(10, MODULES[seed], 2)])
+    png = tmp_path / "allocation.png"
+    assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
+                 "--allocation-plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
