@@ -105,6 +105,16 @@ def test_cli_writes_the_markdown_table_and_json(runs_root, tmp_path):
     assert main([str(runs_root), "--baseline", "nope"]) == 2
 
 
+def test_cli_plots_the_differences(runs_root, tmp_path):
+    png = tmp_path / "diff.png"
+    assert main([str(runs_root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
+                 "--diff-plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(runs_root), "--baseline", "default", "--only", "nothing*",
+                 "--diff-plot", str(tmp_path / "none.png")]) == 2  # nothing to plot: an error
+    assert not (tmp_path / "none.png").exists()
+
+
 def test_loss_around_growth_averages_over_rounds(tmp_path):
     losses = [float(i) for i in range(40)]
     run = _write_run(tmp_path, "rt", "default", 0, 0.8, train_losses=losses)

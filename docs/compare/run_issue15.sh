@@ -151,7 +151,8 @@ table() {
   for metric in eval_accuracy eval_macro_f1; do
     python -m increlora_fast.training.compare_stats "$ROOT" --baseline "$baseline" \
       --metric $metric --out "$SUMMARY/${name}_$metric.md" \
-      --json-out "$SUMMARY/${name}_$metric.json" "$@" || echo "(table $name skipped)" >&2
+      --json-out "$SUMMARY/${name}_$metric.json" --diff-plot "$SUMMARY/${name}_$metric.png" \
+      "$@" || echo "(table $name skipped)" >&2
   done
 }
 

@@ -10,7 +10,7 @@ seeds' differences.
     python -m increlora_fast.training.compare_stats runs/issue15 --baseline default \\
         --out table.md [--only 'rank*' --exclude 'h1200_*' --metric eval_macro_f1 \\
         --json-out summary.json --growth-profile loss.json --growth-plot loss.png \\
-        --allocation-plot allocation.png]
+        --diff-plot diff.png --allocation-plot allocation.png]
 """
 from __future__ import annotations
 
@@ -258,6 +258,37 @@ def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path:
     plt.close(fig)
 
 
+def plot_differences(rows: Sequence[PairedDifference], path: Path,
+                     metric: str = "eval_accuracy") -> None:
+    """A PNG of the paired differences: one panel per task, each variant's mean difference from
+    the baseline with its 95 % interval as a bar, 0 marked (matplotlib, the ``finetune`` extra)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r.task for r in rows})
+    if not tasks:
+        raise ValueError("no paired differences to plot")
+    height = max(2.5, 0.45 * max(sum(r.task == t for r in rows) for t in tasks) + 1.2)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), height), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        task_rows = [r for r in rows if r.task == task][::-1]
+        y = list(range(len(task_rows)))
+        means = [r.mean_diff for r in task_rows]
+        low = [r.mean_diff - (r.ci_low if r.ci_low is not None else r.mean_diff)
+               for r in task_rows]
+        high = [(r.ci_high if r.ci_high is not None else r.mean_diff) - r.mean_diff
+                for r in task_rows]
+        ax.errorbar(means, y, xerr=[low, high], fmt="o", capsize=3)
+        ax.axvline(0.0, color="grey", linestyle=":", linewidth=1)
+        ax.set_yticks(y, [f"{r.variant} ({len(r.seeds)})" for r in task_rows])
+        ax.set(title=f"{task}: {metric} minus {task_rows[0].baseline!r}",
+               xlabel="mean paired difference, 95 % interval (seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m increlora_fast.training.compare_stats",
                                      description=__doc__.split("\n\n")[0])
@@ -275,6 +306,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "baseline and the compared variants here")
     parser.add_argument("--growth-plot", metavar="PNG",
                         help="also plot that loss around growth rounds here")
+    parser.add_argument("--diff-plot", metavar="PNG",
+                        help="also plot the paired differences with their intervals here")
     parser.add_argument("--allocation-plot", metavar="PNG",
                         help="also plot the baseline's mean rank per module type and per layer "
                              "over training here")
@@ -289,6 +322,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 Path(args.growth_profile).write_text(json.dumps(profiles, indent=2) + "\n")
             if args.growth_plot:
                 plot_growth_profiles(profiles, Path(args.growth_plot))
+        if args.diff_plot:
+            plot_differences(rows, Path(args.diff_plot), args.metric)
         if args.allocation_plot:
             by_task: Dict[str, List[Path]] = defaultdict(list)
             for run in runs:
