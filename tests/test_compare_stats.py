@@ -185,3 +185,15 @@ def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
     bad = subprocess.run(["bash", str(script), "nonsense"], env=env, capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "unknown section 'nonsense'" in bad.stderr
+
+
+def test_the_task_is_the_folder_name(tmp_path):
+    """A run on a data file of one's own has task "file:train.csv" in its metrics; the table
+    names it by its folder, as the runner lays it out."""
+    for seed in (0, 1):
+        for variant, value in (("default", 0.6), ("lora", 0.7)):
+            run = _write_run(tmp_path, "amazon", variant, seed, value)
+            metrics = json.loads((run / "metrics.json").read_text())
+            (run / "metrics.json").write_text(json.dumps(dict(metrics, task="file:train.csv")))
+    rows = paired_differences(load_runs(tmp_path), "default")
+    assert [(r.task, r.variant, r.seeds) for r in rows] == [("amazon", "lora", [0, 1])]

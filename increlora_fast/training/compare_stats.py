@@ -1,8 +1,10 @@
 """Paired-seed comparison of a folder of fine-tuning runs: mean differences with 95 % intervals.
 
 A run is a folder holding the ``metrics.json`` of one ``increlora-fast finetune``; its variant is
-the name of the folder above it (``<root>/<task>/<variant>/seed<k>/metrics.json``, as
-``docs/compare/run_issue15.sh`` writes them), its task and seed come from the metrics. Two
+the name of the folder above it and its task the name of the folder above that
+(``<root>/<task>/<variant>/seed<k>/metrics.json``, as ``docs/compare/run_issue15.sh`` writes
+them, so a run on a data file of one's own has a readable task name); its seed comes from the
+metrics. Two
 variants are paired on (task, seed): with the same seed every method sees the same batches, so a
 difference per seed removes most of the seed-to-seed noise. The interval is Student's t over the
 seeds' differences.
@@ -123,7 +125,7 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
         data = json.loads(path.read_text())
         if metric not in data:
             raise ValueError(f"{path}: no {metric!r} in the metrics; known: {sorted(data)}")
-        run = RunResult(task=str(data["task"]), variant=path.parent.parent.name,
+        run = RunResult(task=path.parent.parent.parent.name, variant=path.parent.parent.name,
                         seed=int(data["seed"]), value=float(data[metric]), path=str(path.parent))
         key = (run.task, run.variant, run.seed)
         if key in seen:
