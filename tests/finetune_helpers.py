@@ -59,6 +59,15 @@ def write_jsonl(path: Path, rows: List[dict]) -> Path:
     return path
 
 
+def tiny_files(root: Path, train_rows: int = 96, dev_rows: int = 24) -> dict:
+    """A tiny BERT and sentiment train/dev CSVs under ``root``: {"model", "train", "dev" (paths
+    as str), "root"}."""
+    return {"model": str(write_tiny_bert(root / "bert")),
+            "train": str(write_csv(root / "train.csv", sentiment_rows(train_rows, seed=0))),
+            "dev": str(write_csv(root / "dev.csv", sentiment_rows(dev_rows, seed=1))),
+            "root": root}
+
+
 def cli(argv: List[str]) -> int:
     """``increlora-fast finetune ARGV`` in this process; returns its exit code."""
     import argparse

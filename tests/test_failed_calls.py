@@ -5,13 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
+from transformers import TrainingArguments
 
 from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
 from increlora_fast.integrations import export_peft
 from increlora_fast.integrations.trainer import IncreLoRATrainer, save_controller
 
 from method_helpers import ParallelBranches, branch_config, train_steps
+from trainer_helpers import TinyTask, tiny_increlora_bert
 
 
 def snapshot(model: nn.Module) -> dict:
@@ -98,23 +99,7 @@ def test_controller_load_state_dict_checks_everything_first(damage):
 
 
 def _bert(targets):
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=2))
-    config = IncreLoRAConfig(target_modules=targets, r_max=4, target_rank=2, init_warmup=2,
-                             incre_interval=2, top_h=1, modules_to_save=["classifier"])
-    return inject_increlora(model, config)
-
-
-class _Task(torch.utils.data.Dataset):
-    def __len__(self):
-        return 32
-
-    def __getitem__(self, i):
-        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long),
-                "labels": int(ids[0] % 2)}
+    return tiny_increlora_bert(targets)[0]
 
 
 def _args(out):
@@ -125,10 +110,10 @@ def _args(out):
 
 def test_trainer_resume_into_other_targets_changes_nothing(tmp_path):
     IncreLoRATrainer(model=_bert(["query", "key", "value"]), args=_args(tmp_path),
-                     train_dataset=_Task()).train()
+                     train_dataset=TinyTask(32)).train()
     other = _bert(["query", "value"])
     before = snapshot(other)
-    trainer = IncreLoRATrainer(model=other, args=_args(tmp_path / "b"), train_dataset=_Task())
+    trainer = IncreLoRATrainer(model=other, args=_args(tmp_path / "b"), train_dataset=TinyTask(32))
     with pytest.raises(ValueError, match="other modules"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert_unchanged(other, before)
@@ -136,13 +121,13 @@ def test_trainer_resume_into_other_targets_changes_nothing(tmp_path):
 
 def test_trainer_resume_with_a_damaged_controller_file_is_a_clear_error(tmp_path):
     IncreLoRATrainer(model=_bert(["query", "value"]), args=_args(tmp_path),
-                     train_dataset=_Task()).train()
+                     train_dataset=TinyTask(32)).train()
     path = tmp_path / "checkpoint-2" / "increlora_controller.pt"
     data = bytearray(path.read_bytes())
     path.write_bytes(bytes(data[: len(data) // 2]))
     again = _bert(["query", "value"])
     before = snapshot(again)
-    trainer = IncreLoRATrainer(model=again, args=_args(tmp_path / "b"), train_dataset=_Task())
+    trainer = IncreLoRATrainer(model=again, args=_args(tmp_path / "b"), train_dataset=TinyTask(32))
     with pytest.raises(ValueError, match="increlora_controller.pt is not readable"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     assert_unchanged(again, before)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import cli, sentiment_rows, write_csv, write_jsonl, write_tiny_bert
+from finetune_helpers import cli, sentiment_rows, tiny_files, write_jsonl
 from increlora_fast.data.assets import locate_asset
 
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
@@ -18,11 +18,7 @@ BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("tiny")
-    return {"model": str(write_tiny_bert(root / "bert")),
-            "train": str(write_csv(root / "train.csv", sentiment_rows(96, seed=0))),
-            "dev": str(write_csv(root / "dev.csv", sentiment_rows(40, seed=1))),
-            "root": root}
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
 
 
 def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:

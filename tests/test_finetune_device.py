@@ -9,7 +9,7 @@ from typing import List
 import pytest
 import torch
 
-from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
+from finetune_helpers import cli, tiny_files
 from increlora_fast.training.device import (CPU_MEMORY_NOTE, Placement, peak_memory,
                                             resolve_device, resolve_precision, tokens_per_second)
 
@@ -18,10 +18,7 @@ CPU, GPU = torch.device("cpu"), torch.device("cuda", 0)
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("tiny")
-    return {"model": str(write_tiny_bert(root / "bert")),
-            "train": str(write_csv(root / "train.csv", sentiment_rows(64, seed=0))),
-            "dev": str(write_csv(root / "dev.csv", sentiment_rows(24, seed=1)))}
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=64, dev_rows=24)
 
 
 def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:

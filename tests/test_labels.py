@@ -2,22 +2,13 @@
 values are refused with one clear line (issue 14 item 5)."""
 from __future__ import annotations
 
-import argparse
 import json
-from typing import List
 
 import pytest
 from safetensors.torch import load_file
 
-from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
-from increlora_fast.cli import finetune as finetune_cli
+from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
 from increlora_fast.data import load_files
-
-
-def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
-    finetune_cli.add_arguments(parser)
-    return finetune_cli.run(parser.parse_args(argv))
 
 
 def _relabel(rows, mapping):

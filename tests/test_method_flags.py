@@ -91,8 +91,7 @@ def test_unknown_choices_are_rejected_by_the_parser(argv):
 def test_end_to_end_random_control_logs_losses_and_repeats(tmp_path):
     """A tiny fine-tune with the options on: per-step losses in metrics.json, the loss around
     growth readable from them, and the same seed giving the same random allocation."""
-    from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
-    from increlora_fast.cli import finetune as finetune_cli
+    from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
     from increlora_fast.training.compare_stats import loss_around_growth
 
     model = str(write_tiny_bert(tmp_path / "bert"))
@@ -101,13 +100,11 @@ def test_end_to_end_random_control_logs_losses_and_repeats(tmp_path):
     logs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        parser = argparse.ArgumentParser()
-        finetune_cli.add_arguments(parser)
         argv = ["--model", model, "--train-file", train, "--eval-file", dev, "--batch-size", "8",
                 "--max-seq-len", "16", "--output-dir", str(out), "--no-progress",
                 "--max-steps", "8", "--score", "random", "--seed", "3",
                 "--scale-preserving-growth", "--schedule", "authors"]
-        assert finetune_cli.run(parser.parse_args(argv)) == 0
+        assert cli(argv) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         assert len(metrics["train_losses"]) == 8
         assert all(math.isfinite(v) and v > 0 for v in metrics["train_losses"])

@@ -13,15 +13,12 @@ from typing import Dict, List
 
 import pytest
 
-from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
+from finetune_helpers import cli, tiny_files
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
-    root = tmp_path_factory.mktemp("tiny")
-    return {"model": str(write_tiny_bert(root / "bert")),
-            "train": str(write_csv(root / "train.csv", sentiment_rows(96, seed=0))),
-            "dev": str(write_csv(root / "dev.csv", sentiment_rows(24, seed=1)))}
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=24)
 
 
 def args(tiny: dict, out: Path, *extra: str, steps: int = 4) -> List[str]:

@@ -2,13 +2,11 @@
 next to the final heatmap by a fine-tune run."""
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 
-from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
-from increlora_fast.cli import finetune as finetune_cli
+from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
 from increlora_fast.visualize import rank_history, save_rank_over_time
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -45,12 +43,9 @@ def test_finetune_writes_it_next_to_the_heatmap(tmp_path):
     train = write_csv(tmp_path / "train.csv", sentiment_rows(64, seed=0))
     dev = write_csv(tmp_path / "dev.csv", sentiment_rows(16, seed=1))
     out = tmp_path / "run"
-    parser = argparse.ArgumentParser()
-    finetune_cli.add_arguments(parser)
-    args = parser.parse_args(["--model", str(model), "--train-file", str(train), "--eval-file",
-                              str(dev), "--batch-size", "8", "--max-seq-len", "16",
-                              "--output-dir", str(out), "--no-progress", "--max-steps", "6"])
-    assert finetune_cli.run(args) == 0
+    assert cli(["--model", str(model), "--train-file", str(train), "--eval-file", str(dev),
+                "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
+                "--no-progress", "--max-steps", "6"]) == 0
     assert (out / "rank_heatmap.png").read_bytes()[:8] == PNG
     assert (out / "rank_over_time.png").read_bytes()[:8] == PNG
     log = [json.loads(line) for line in (out / "allocation_log.jsonl").read_text().splitlines()]

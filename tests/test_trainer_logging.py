@@ -2,26 +2,14 @@
 Trainer's own logging: a callback's ``on_log`` (as TensorBoard's or W&B's) receives them."""
 from __future__ import annotations
 
-import torch
-from transformers import (BertConfig, BertForSequenceClassification, Trainer, TrainerCallback,
-                          TrainingArguments)
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from increlora_fast import IncreLoRAConfig, inject_increlora
 from increlora_fast.controller import IncreLoRAController
 from increlora_fast.integrations.trainer import IncreLoRACallback, IncreLoRATrainer
+from trainer_helpers import TinyTask, tiny_increlora_bert
 
 STEPS = 12
 TOTAL = "increlora/total_rank"
-
-
-class TinyTask(torch.utils.data.Dataset):
-    def __len__(self):
-        return 64
-
-    def __getitem__(self, i):
-        ids = torch.randint(0, 50, (8,), generator=torch.Generator().manual_seed(i))
-        return {"input_ids": ids, "attention_mask": torch.ones(8, dtype=torch.long),
-                "labels": int(ids[0] % 2)}
 
 
 class Recorder(TrainerCallback):
@@ -35,14 +23,7 @@ class Recorder(TrainerCallback):
 
 
 def _model():
-    torch.manual_seed(0)
-    model = BertForSequenceClassification(BertConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=16, num_labels=2))
-    config = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, target_rank=2,
-                             init_warmup=2, incre_interval=2, top_h=1,
-                             modules_to_save=["classifier"])
-    return inject_increlora(model, config), config
+    return tiny_increlora_bert()
 
 
 def _args(out):

@@ -2,32 +2,21 @@
 items 2, 3 and the broken-file cases of item 7)."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import List
 
 import pytest
 
-from finetune_helpers import sentiment_rows, write_csv, write_tiny_bert
-from increlora_fast.cli import finetune as finetune_cli
-
-
-def cli(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
-    finetune_cli.add_arguments(parser)
-    return finetune_cli.run(parser.parse_args(argv))
+from finetune_helpers import cli, sentiment_rows, tiny_files, write_csv
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> dict:
     """A finished 4-step IncreLoRA run that kept checkpoint-2."""
     root = tmp_path_factory.mktemp("state")
-    tiny = {"model": str(write_tiny_bert(root / "bert")),
-            "train": str(write_csv(root / "train.csv", sentiment_rows(96, seed=0))),
-            "dev": str(write_csv(root / "dev.csv", sentiment_rows(24, seed=1))), "root": root}
+    tiny = tiny_files(root)
     out = root / "run"
     assert cli(["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file",
                 tiny["dev"], "--batch-size", "8", "--max-seq-len", "16", "--output-dir",
