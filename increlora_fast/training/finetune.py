@@ -24,13 +24,12 @@ from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
 from .loop import LoopState, evaluate, train_loop
 from .methods import MethodRun
 from .registry import build_method
-from .outputs import CHECKPOINT_PREFIX, prepare_output_dir, remove_stale_outputs
+from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, prepare_output_dir,
+                      remove_stale_outputs)
 from .settings import RunSettings, resolve
 
-METRICS_FILE = "metrics.json"
 HEATMAP_FILE = "rank_heatmap.png"
 RANK_OVER_TIME_FILE = "rank_over_time.png"
-ALLOCATION_LOG_FILE = "allocation_log.jsonl"
 LABELS_FILE = "labels.json"
 DATA_FILE_KEYS = (("train_file", "train_file_sha256", "--train-file"),
                   ("eval_file", "eval_file_sha256", "--eval-file"))

@@ -14,10 +14,12 @@ from pathlib import Path
 from typing import Iterable, List, Optional
 
 CHECKPOINT_PREFIX = "checkpoint-"
+METRICS_FILE = "metrics.json"
+ALLOCATION_LOG_FILE = "allocation_log.jsonl"
 # Files a finished run leaves in its output folder (any method), and `--compare`'s.
-RUN_FILES = ("metrics.json", "adapter_model.safetensors", "adapter_config.json",
+RUN_FILES = (METRICS_FILE, "adapter_model.safetensors", "adapter_config.json",
              "model.safetensors", "config.json", "rank_heatmap.png", "rank_over_time.png",
-             "allocation_log.jsonl",
+             ALLOCATION_LOG_FILE,
              "labels.json", "compare.json", "compare.md", "settings.json", "trainer_state.pt",
              "trainable.safetensors")
 
