@@ -15,6 +15,7 @@
 # Environment (defaults): ROOT=runs/issue15 SUMMARY=docs/compare/issue15 JOBS=2 THREADS=1
 #   TASKS="rotten_tomatoes trec6" SEEDS_CONTROLS=8 SEEDS_OPTIONS=8 SEEDS_OTHER=3
 #   DATA=runs/data/amazon (userdata: the small data set of one's own, made there if missing)
+#   DATA64=runs/data/amazon64 (userdata: the same snippets with 64 % in the majority class)
 #   DRY_RUN=1 prints "<run folder><TAB><finetune options>" per run instead of running.
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root: ROOT and SUMMARY are relative to it
@@ -28,6 +29,7 @@ SEEDS_CONTROLS=${SEEDS_CONTROLS:-8}
 SEEDS_OPTIONS=${SEEDS_OPTIONS:-8}
 SEEDS_OTHER=${SEEDS_OTHER:-3}
 DATA=${DATA:-runs/data/amazon}
+DATA64=${DATA64:-runs/data/amazon64}
 DRY_RUN=${DRY_RUN:-0}
 FINETUNE=${FINETUNE:-increlora-fast finetune}
 
@@ -42,7 +44,10 @@ queue() {
   for task in $TASKS; do
     for ((seed = 0; seed < seeds; seed++)); do
       local source="--task $task"
-      [[ $task == amazon ]] && source="--train-file $DATA/train.csv --eval-file $DATA/dev.csv"
+      case $task in
+        amazon) source="--train-file $DATA/train.csv --eval-file $DATA/dev.csv" ;;
+        amazon64) source="--train-file $DATA64/train.csv --eval-file $DATA64/dev.csv" ;;
+      esac
       printf '%s\t%s\n' "$ROOT/$task/$variant/seed$seed" "$source --seed $seed $*" >>"$QUEUE"
     done
   done
@@ -113,8 +118,10 @@ budgets() {  # issue item 3: average rank 4 and 8 (the paper's budgets) besides 
 
 userdata() {  # issue item 4: the defaults on a small 3-class data set through --train-file
   local n=$SEEDS_OTHER
-  if [[ ! -f $DATA/train.csv && $DRY_RUN != 1 ]]; then
-    python docs/compare/make_amazon_snippets.py "$DATA"
+  if [[ $DRY_RUN != 1 ]]; then
+    [[ -f $DATA/train.csv ]] || python docs/compare/make_amazon_snippets.py "$DATA"
+    [[ -f $DATA64/train.csv ]] ||
+      python docs/compare/make_amazon_snippets.py "$DATA64" --majority-share 0.64
   fi
   local TASKS=amazon m prefix
   for m in increlora lora adalora; do
@@ -122,6 +129,13 @@ userdata() {  # issue item 4: the defaults on a small 3-class data set through -
     [[ $m == increlora ]] && prefix=default
     queue "$n" "$prefix" --method $m
     queue "$n" "${prefix}_pooler" --method $m --modules-to-save classifier,pooler
+  done
+  # the issue's case: 64 % majority, 200 steps, as a new user would try it
+  TASKS=amazon64
+  for m in increlora lora; do
+    prefix=$m
+    [[ $m == increlora ]] && prefix=default
+    queue "$n" "$prefix" --method $m --max-steps 200
   done
 }
 
