@@ -145,6 +145,20 @@ def test_growth_profiles_average_seeds_per_variant(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_growth_profiles_pair_the_seeds_of_the_variants(tmp_path):
+    """A seed only the baseline ran (seed 2) does not enter its line: the lines stay paired."""
+    log = json.dumps({"step": 4, "module": "a", "new_rank": 2}) + "\n"
+    for variant, seeds in (("default", (0, 1, 2)), ("sp_growth", (0, 1))):
+        for seed in seeds:
+            run = _write_run(tmp_path, "rt", variant, seed, 0.8,
+                             train_losses=[10.0 * seed + i for i in range(10)])
+            (run / "allocation_log.jsonl").write_text(log)
+    _write_run(tmp_path, "rt", "uniform", 5, 0.8, train_losses=[0.0] * 10)  # no rounds
+    profiles = growth_profiles(load_runs(tmp_path), ["default", "sp_growth", "uniform"],
+                               before=0, after=0)
+    assert profiles == {"rt": {"default": {"0": 9.0}, "sp_growth": {"0": 9.0}}}
+
+
 def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
     """Every run of docs/compare/run_issue15.sh parses and resolves as a fine-tune run, every
     variant has seeds 0..n-1 on both tasks, and no two variants share a folder."""
@@ -163,8 +177,9 @@ def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
         folder, options = line.split("\t")
         task, variant, seed_dir = Path(folder).parts[-3:]
         settings = resolve(settings_from_args(parser.parse_args(shlex.split(options))), 8000)
-        if task == "amazon":  # the user-data section: a data set of one's own, by file
+        if task.startswith("amazon"):  # the user-data section: data sets of one's own, by file
             assert (settings.task, Path(settings.train_file).name) == (None, "train.csv")
+            assert Path(settings.train_file).parent.name == task
         else:
             assert settings.task == task
         assert f"seed{settings.seed}" == seed_dir
@@ -172,13 +187,15 @@ def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
         methods[variant] = settings.method
     assert len(lines) == len(set(lines))
     for variant, per_task in seeds.items():
-        assert sorted(set(per_task) - {"amazon"}) == ["rotten_tomatoes", "trec6"], variant
+        assert sorted(set(per_task) - {"amazon", "amazon64"}) == ["rotten_tomatoes", "trec6"], \
+            variant
         assert all(s == list(range(len(s))) for s in per_task.values()), variant
     for control in ("default", "uniform2", "rank1", "random", "lora", "adalora"):
         assert seeds[control]["trec6"] == list(range(8))
     assert seeds["sp_growth"]["trec6"] == list(range(5))
     assert {v for v in seeds if "amazon" in seeds[v]} == {
         "default", "default_pooler", "lora", "lora_pooler", "adalora", "adalora_pooler"}
+    assert {v for v in seeds if "amazon64" in seeds[v]} == {"default", "lora", "lora_lr4e-3"}
     assert methods["h1200_adalora_lr2e-3"] == "adalora"
     assert {"norm_only", "no_reserve_penalty_lam1e-3", "schedule_authors", "rank8_increlora",
             "adalora_pooler_alpha32"} <= set(seeds)

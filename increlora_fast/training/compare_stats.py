@@ -223,16 +223,28 @@ def loss_around_growth(run_dir: Path, before: int = 5, after: int = 15) -> Dict[
 
 def growth_profiles(runs: Iterable[RunResult], variants: Sequence[str], before: int = 5,
                     after: int = 15) -> Dict[str, Dict[str, Dict[str, float]]]:
-    """{task: {variant: {offset: mean loss}}} of `loss_around_growth`, averaged over the seeds
-    of each listed variant (variants without rounds are left out)."""
-    sums: Dict[Tuple[str, str], Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
+    """{task: {variant: {offset: mean loss}}} of `loss_around_growth`, averaged per task over
+    the seeds that every listed variant with rounds ran there (paired, so the distance between
+    two variants' lines is their mean paired difference; variants without rounds are left out,
+    and a task where they share no seed too)."""
+    profiles: Dict[Tuple[str, str], Dict[int, Dict[int, float]]] = defaultdict(dict)
     for run in runs:
         if run.variant in variants:
-            for offset, loss in loss_around_growth(Path(run.path), before, after).items():
-                sums[run.task, run.variant][offset].append(loss)
+            profile = loss_around_growth(Path(run.path), before, after)
+            if profile:
+                profiles[run.task, run.variant][run.seed] = profile
     out: Dict[str, Dict[str, Dict[str, float]]] = defaultdict(dict)
-    for (task, variant), profile in sorted(sums.items()):
-        out[task][variant] = {str(k): sum(v) / len(v) for k, v in sorted(profile.items())}
+    for task in sorted({task for task, _ in profiles}):
+        per_variant = {v: seeds for (t, v), seeds in sorted(profiles.items()) if t == task}
+        shared = set.intersection(*(set(seeds) for seeds in per_variant.values()))
+        for variant, seeds in per_variant.items():
+            if not shared:
+                break
+            sums: Dict[int, List[float]] = defaultdict(list)
+            for seed in sorted(shared):
+                for offset, loss in seeds[seed].items():
+                    sums[offset].append(loss)
+            out[task][variant] = {str(k): sum(v) / len(v) for k, v in sorted(sums.items())}
     return dict(out)
 
 
