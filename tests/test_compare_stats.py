@@ -187,8 +187,9 @@ def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
         methods[variant] = settings.method
     assert len(lines) == len(set(lines))
     for variant, per_task in seeds.items():
-        assert sorted(set(per_task) - {"amazon", "amazon64"}) == ["rotten_tomatoes", "trec6"], \
-            variant
+        if variant != "lora_lr4e-3":  # a check of LoRA's lr on the snippets only
+            assert sorted(set(per_task) - {"amazon", "amazon64"}) == \
+                ["rotten_tomatoes", "trec6"], variant
         assert all(s == list(range(len(s))) for s in per_task.values()), variant
     for control in ("default", "uniform2", "rank1", "random", "lora", "adalora"):
         assert seeds[control]["trec6"] == list(range(8))
