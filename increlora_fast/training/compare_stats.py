@@ -237,9 +237,9 @@ def growth_profiles(runs: Iterable[RunResult], variants: Sequence[str], before: 
     for task in sorted({task for task, _ in profiles}):
         per_variant = {v: seeds for (t, v), seeds in sorted(profiles.items()) if t == task}
         shared = set.intersection(*(set(seeds) for seeds in per_variant.values()))
+        if not shared:
+            continue
         for variant, seeds in per_variant.items():
-            if not shared:
-                break
             sums: Dict[int, List[float]] = defaultdict(list)
             for seed in sorted(shared):
                 for offset, loss in seeds[seed].items():
