@@ -113,6 +113,8 @@ budgets() {  # issue item 3: average rank 4 and 8 (the paper's budgets) besides 
     local common="--target-rank $r --adalora-init-r $((r * 3 / 2))"
     [[ $r == 8 ]] && common="$common --r-max 16"  # room for IncreLoRA to allocate unevenly
     for m in increlora lora adalora; do queue "$n" "rank${r}_$m" --method $m $common; done
+    # LoRA at rank 4 misses TREC-6's smallest class at its default lr: its second lr point
+    queue "$n" "rank${r}_lora_lr2e-3" --method lora --lr 2e-3 $common
   done
 }
 
