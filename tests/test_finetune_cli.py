@@ -38,6 +38,9 @@ def test_increlora_run_writes_every_output(tiny, tmp_path, capsys):
     m = read_metrics(out)
     assert 0.0 <= m["eval_accuracy"] <= 1.0 and m["eval_examples"] == 40
     assert f"dev accuracy      {m['eval_accuracy']:.4f}" in printed
+    # one F1 and one dev count per label; the counts cover the dev set
+    assert len(m["eval_f1_per_class"]) == len(m["label_names"]) == 2
+    assert sum(m["eval_support_per_class"]) == 40
     assert f"{m['trainable_params_active']:,} active / {m['trainable_params_padded']:,} padded" \
         in printed
     # 2 layers x 6 targets, average rank 2, grown from rank 1 within the 6 steps

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -102,14 +102,15 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
 
 @torch.no_grad()
 def evaluate(run: MethodRun, batches: Batches,
-             placement: Optional[Placement] = None) -> Dict[str, float]:
+             placement: Optional[Placement] = None) -> Dict[str, Any]:
     """Dev accuracy, macro-F1 and cross-entropy of the model as it stands (on ``placement``'s
-    device and precision; default CPU, fp32)."""
+    device and precision; default CPU, fp32), and each class's F1 and dev count, listed by
+    label id (see `classification_metrics`): a class the model never gets right has F1 0."""
     place = placement or Placement(torch.device("cpu"), "fp32")
     model = run.model
     was_training = model.training
     model.eval()
-    preds, labels, loss_sum = [], [], 0.0
+    preds, labels, loss_sum, n_classes = [], [], 0.0, 0
     for batch in batches.eval_batches():
         batch = place.to_device(batch)
         y = batch.pop("labels")
@@ -118,16 +119,29 @@ def evaluate(run: MethodRun, batches: Batches,
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         preds.append(logits.argmax(-1))
         labels.append(y)
+        n_classes = logits.shape[-1]
     model.train(was_training)
-    pred, gold = torch.cat(preds), torch.cat(labels)
-    n_classes = int(max(pred.max(), gold.max())) + 1
-    f1s = []
-    for c in range(n_classes):
+    metrics = classification_metrics(torch.cat(preds), torch.cat(labels), n_classes)
+    metrics["eval_loss"] = loss_sum / metrics["eval_examples"]
+    return metrics
+
+
+def classification_metrics(pred: torch.Tensor, gold: torch.Tensor,
+                           n_classes: int = 0) -> Dict[str, Any]:
+    """Accuracy, macro-F1 and per-class F1 and support of predicted against gold label ids
+    (1-D integer tensors of one length; ``n_classes`` at least, more if ``gold`` holds a higher
+    id). A class neither predicted nor present has F1 None and is left out of macro-F1."""
+    if pred.shape != gold.shape or gold.dim() != 1 or len(gold) == 0:
+        raise ValueError(f"classification_metrics: pred {tuple(pred.shape)} and gold "
+                         f"{tuple(gold.shape)} must be 1-D, non-empty and of one length")
+    f1s: List[Optional[float]] = []
+    for c in range(max(n_classes, int(gold.max()) + 1, int(pred.max()) + 1)):
         tp = int(((pred == c) & (gold == c)).sum())
         fp = int(((pred == c) & (gold != c)).sum())
         fn = int(((pred != c) & (gold == c)).sum())
-        if tp + fp + fn:
-            f1s.append(2 * tp / (2 * tp + fp + fn))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None)
+    present = [f for f in f1s if f is not None]
     return {"eval_accuracy": int((pred == gold).sum()) / len(gold),
-            "eval_macro_f1": sum(f1s) / len(f1s), "eval_loss": loss_sum / len(gold),
-            "eval_examples": len(gold)}
+            "eval_macro_f1": sum(present) / len(present), "eval_examples": len(gold),
+            "eval_f1_per_class": f1s,
+            "eval_support_per_class": torch.bincount(gold, minlength=len(f1s)).tolist()}

@@ -1,0 +1,65 @@
+"""Dev metrics: accuracy, macro-F1 and per-class F1/support (training/loop.py), and the
+finetune summary line that names a class the model never gets right."""
+import random
+
+import pytest
+import torch
+
+from increlora_fast.cli.finetune import _print_summary
+from increlora_fast.training.loop import classification_metrics
+
+
+def _f1_by_hand(pred, gold, c):
+    tp = sum(p == c and g == c for p, g in zip(pred, gold))
+    fp = sum(p == c and g != c for p, g in zip(pred, gold))
+    fn = sum(p != c and g == c for p, g in zip(pred, gold))
+    return None if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
+
+
+def test_matches_a_by_hand_count_on_random_labels():
+    rng = random.Random()
+    n, k = rng.randint(5, 40), rng.randint(2, 6)
+    gold = [rng.randrange(k) for _ in range(n)]
+    pred = [rng.randrange(k) for _ in range(n)]
+    m = classification_metrics(torch.tensor(pred), torch.tensor(gold), k)
+    expected = [_f1_by_hand(pred, gold, c) for c in range(k)]
+    assert m["eval_f1_per_class"] == pytest.approx(expected)
+    present = [f for f in expected if f is not None]
+    assert m["eval_macro_f1"] == pytest.approx(sum(present) / len(present))
+    assert m["eval_accuracy"] == pytest.approx(sum(p == g for p, g in zip(pred, gold)) / n)
+    assert m["eval_support_per_class"] == [gold.count(c) for c in range(k)]
+    assert m["eval_examples"] == n
+
+
+def test_majority_collapse_shows_as_zero_f1_and_an_absent_class_as_none():
+    gold = torch.tensor([0, 0, 0, 1, 1, 0])
+    pred = torch.zeros(6, dtype=torch.long)           # always the majority class
+    m = classification_metrics(pred, gold, n_classes=3)  # class 2: neither predicted nor present
+    assert m["eval_f1_per_class"][1] == 0.0
+    assert m["eval_f1_per_class"][2] is None
+    assert m["eval_support_per_class"] == [4, 2, 0]
+    assert m["eval_macro_f1"] == pytest.approx((2 * 4 / (2 * 4 + 2) + 0.0) / 2)
+
+
+def test_bad_shapes_are_an_error():
+    with pytest.raises(ValueError, match="classification_metrics"):
+        classification_metrics(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-empty"):
+        classification_metrics(torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+
+
+def _summary(f1s, support):
+    return {"eval_accuracy": 0.6, "eval_macro_f1": 0.4, "eval_loss": 1.0, "eval_examples": 10,
+            "label_names": ["neg", "neu", "pos"], "eval_f1_per_class": f1s,
+            "eval_support_per_class": support, "trainable_params_active": 1,
+            "trainable_params_padded": 1, "total_seconds": 1.0, "train_seconds": 1.0,
+            "steps": 1, "eval_seconds": 0.0, "rank_pattern": {}, "device": "cpu",
+            "precision": "fp32"}
+
+
+def test_summary_names_the_classes_never_right(capsys):
+    _print_summary(_summary([0.75, 0.0, None], [6, 4, 0]), "out")
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("never right")]
+    assert len(line) == 1 and "neu" in line[0] and "neg" not in line[0] and "pos" not in line[0]
+    _print_summary(_summary([0.75, 0.5, None], [6, 4, 0]), "out")
+    assert "never right" not in capsys.readouterr().out
