@@ -171,9 +171,8 @@ def _print_summary(m: Dict, out_dir: str) -> None:
 
     print(f"\ndev accuracy      {m['eval_accuracy']:.4f}  (macro-F1 {m['eval_macro_f1']:.4f}, "
           f"loss {m['eval_loss']:.4f}, {m['eval_examples']} examples)")
-    f1s, support = m.get("eval_f1_per_class") or [], m.get("eval_support_per_class") or []
-    names = m.get("label_names") or [str(c) for c in range(len(f1s))]
-    missed = [name for name, f1, n in zip(names, f1s, support) if n and not f1]
+    missed = [name for name, f1, n in zip(m["label_names"], m["eval_f1_per_class"],
+                                          m["eval_support_per_class"]) if n and not f1]
     if missed:
         print(f"never right on    {', '.join(missed)} (per-class F1 0 in metrics.json: the "
               f"model does not predict them correctly; try another --lr or more --max-steps)")

@@ -134,14 +134,14 @@ def classification_metrics(pred: torch.Tensor, gold: torch.Tensor,
     if pred.shape != gold.shape or gold.dim() != 1 or len(gold) == 0:
         raise ValueError(f"classification_metrics: pred {tuple(pred.shape)} and gold "
                          f"{tuple(gold.shape)} must be 1-D, non-empty and of one length")
-    f1s: List[Optional[float]] = []
-    for c in range(max(n_classes, int(gold.max()) + 1, int(pred.max()) + 1)):
-        tp = int(((pred == c) & (gold == c)).sum())
-        fp = int(((pred == c) & (gold != c)).sum())
-        fn = int(((pred != c) & (gold == c)).sum())
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None)
+    size = max(n_classes, int(gold.max()) + 1, int(pred.max()) + 1)
+    right = torch.bincount(gold[pred == gold], minlength=size).tolist()    # true positives
+    predicted = torch.bincount(pred, minlength=size).tolist()              # tp + fp
+    support = torch.bincount(gold, minlength=size).tolist()                # tp + fn
+    # F1 = 2 tp / (2 tp + fp + fn) = 2 tp / (predicted + support); None when both are 0
+    f1s: List[Optional[float]] = [2 * tp / (p + g) if p + g else None
+                                  for tp, p, g in zip(right, predicted, support)]
     present = [f for f in f1s if f is not None]
-    return {"eval_accuracy": int((pred == gold).sum()) / len(gold),
+    return {"eval_accuracy": sum(right) / len(gold),
             "eval_macro_f1": sum(present) / len(present), "eval_examples": len(gold),
-            "eval_f1_per_class": f1s,
-            "eval_support_per_class": torch.bincount(gold, minlength=len(f1s)).tolist()}
+            "eval_f1_per_class": f1s, "eval_support_per_class": support}
