@@ -10,16 +10,19 @@ Paths:
   (``INCRELORA_FUSED_LINEAR=1``; opt-in until a GPU benchmark shows it beats cuBLAS).
 
 ``INCRELORA_BACKEND=torch|triton`` overrides the default choice (triton on CUDA, torch
-elsewhere) and is read at every call. The first time a Triton variant runs on a device it is
-checked once against the torch path on a small problem (`kernels.checks.check_variant`); on an
-exception or a mismatch one warning names the GPU and the versions, and that variant takes the
-torch path from then on. ``INCRELORA_KERNEL_CHECK=0`` turns the check off.
+elsewhere). The environment variables are read when this module is imported and again by
+`refresh_settings()`: a layer call reads no environment, imports nothing and builds no key
+beyond one cached lookup. The first time a Triton variant runs on a device it is checked once
+against the torch path on a small problem (`kernels.checks.check_variant`); on an exception or a
+mismatch one warning names the GPU and the versions, and that variant takes the torch path from
+then on. ``INCRELORA_KERNEL_CHECK=0`` turns the check off.
 """
 from __future__ import annotations
 
+import functools
 import os
 import warnings
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -27,7 +30,8 @@ from .reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_sc
                         effective_lambda)
 
 __all__ = ["adapted_linear", "adapted_linear_torch", "effective_lambda", "delta_w_score_dense",
-           "accumulate_dense_grad_", "select_backend", "triton_available", "choose_path"]
+           "accumulate_dense_grad_", "select_backend", "triton_available", "choose_path",
+           "refresh_settings"]
 
 BACKEND_ENV = "INCRELORA_BACKEND"
 BACKENDS = ("torch", "triton")
@@ -37,8 +41,11 @@ KERNEL_CHECK_ENV = "INCRELORA_KERNEL_CHECK"
 TRITON_MAX_R = 128
 
 _VARIANT_OK: Dict[tuple, bool] = {}
+# Path decisions of the call keys seen so far (`choose_path`).
+_PATHS: Dict[tuple, str] = {}
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -47,9 +54,29 @@ def triton_available() -> bool:
     return True
 
 
+def _read_settings() -> Tuple[str, bool, bool]:
+    """(backend override or "", fused opt-in, first-use check on) from the environment."""
+    return (os.environ.get(BACKEND_ENV, "").strip().lower(),
+            os.environ.get(FUSED_LINEAR_ENV, "").strip() == "1",
+            os.environ.get(KERNEL_CHECK_ENV, "").strip() != "0")
+
+
+# Read at import and by `refresh_settings`, never inside a call (nor a compiled graph).
+_SETTINGS: Tuple[str, bool, bool] = _read_settings()
+
+
+def refresh_settings() -> None:
+    """Read ``INCRELORA_BACKEND``, ``INCRELORA_FUSED_LINEAR`` and ``INCRELORA_KERNEL_CHECK``
+    again (they are read when this module is imported and cached, so a layer call costs no
+    environment lookups)."""
+    global _SETTINGS
+    _SETTINGS = _read_settings()
+    _PATHS.clear()
+
+
 def select_backend(x: torch.Tensor) -> str:
-    """`INCRELORA_BACKEND` if set (read at every call), else triton on CUDA and torch elsewhere."""
-    choice = os.environ.get(BACKEND_ENV, "").strip().lower()
+    """`INCRELORA_BACKEND` if set, else triton on CUDA and torch elsewhere."""
+    choice = _SETTINGS[0]
     if choice:
         if choice not in BACKENDS:
             raise ValueError(f"{BACKEND_ENV}={choice!r} is invalid: use one of {BACKENDS}")
@@ -71,7 +98,7 @@ def _variant_ok(key: tuple) -> bool:
     """Whether the Triton variant ``key`` passed its first-use check on its device."""
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
-    if os.environ.get(KERNEL_CHECK_ENV, "").strip() == "0" or torch.compiler.is_compiling():
+    if not _SETTINGS[2] or torch.compiler.is_compiling():
         return True
     device = torch.device(key[0])
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
@@ -97,16 +124,34 @@ def _report(device: torch.device, key: tuple, detail: str) -> str:
 def reset_kernel_checks() -> None:
     """Forget the first-use check results (tests; after changing GPUs or versions)."""
     _VARIANT_OK.clear()
+    _PATHS.clear()
 
 
 def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
                 weight_in_out: bool, has_bias: bool, dropout: bool,
                 exact_step: bool) -> str:
-    """``"torch"``, ``"triton"`` or ``"fused"`` for one call (see the module docstring)."""
+    """``"torch"``, ``"triton"`` or ``"fused"`` for one call (see the module docstring); the
+    decision is cached per (devices, dtypes, autocast, r_max, flags)."""
+    device = x.device
+    autocast = torch.is_autocast_enabled(device.type)
+    key = (device, x.dtype, autocast and torch.get_autocast_dtype(device.type), lora_A.dtype,
+           lora_A.shape[0], None if weight is None else weight.dtype, weight_in_out, has_bias,
+           dropout, exact_step)
+    path = _PATHS.get(key)
+    if path is None:
+        path = _decide_path(x, weight, lora_A, weight_in_out, has_bias, dropout, exact_step)
+        # A variant checked while capturing or compiling is trusted unchecked: decide again.
+        if not (torch.compiler.is_compiling()
+                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            _PATHS[key] = path
+    return path
+
+
+def _decide_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
+                 weight_in_out: bool, has_bias: bool, dropout: bool, exact_step: bool) -> str:
     if select_backend(x) != "triton" or lora_A.shape[0] > TRITON_MAX_R:
         return "torch"
-    fused = (weight is not None and not dropout and not exact_step
-             and os.environ.get(FUSED_LINEAR_ENV, "").strip() == "1")
+    fused = weight is not None and not dropout and not exact_step and _SETTINGS[1]
     key = _variant(x, weight, lora_A, weight_in_out, has_bias, fused, dropout)
     if not _variant_ok(key):
         return "torch"

@@ -24,6 +24,25 @@ def _seed() -> None:
     torch.manual_seed(1234)
 
 
+@pytest.fixture(autouse=True)
+def _increlora_settings_follow_monkeypatch(monkeypatch):
+    """The library reads its INCRELORA_* environment once and caches it
+    (`functional.refresh_settings`); here every test starts from the current environment, and
+    ``monkeypatch.setenv`` / ``delenv`` make it read the environment again."""
+    from increlora_fast import functional
+    real_set, real_del = monkeypatch.setenv, monkeypatch.delenv
+
+    def setenv(name, value, prepend=None):
+        real_set(name, value, prepend)
+        functional.refresh_settings()
+
+    def delenv(name, raising=True):
+        real_del(name, raising)
+        functional.refresh_settings()
+    monkeypatch.setenv, monkeypatch.delenv = setenv, delenv
+    functional.refresh_settings()
+
+
 @pytest.fixture
 def kernel_device() -> str:
     """"cuda", or "cpu" with the kernels under the Triton interpreter (skips without triton;

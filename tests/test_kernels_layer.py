@@ -57,7 +57,7 @@ def test_layer_on_kernels_matches_torch_path(conv1d, fused, monkeypatch, kernel_
     got = run(layer, x, dy, monkeypatch, "triton", fused)
     assert ref[3] == {}
     counts = got[3]
-    assert counts.get("_project_kernel") == 1 and counts.get("_dy_pass_kernel") == 1, counts
+    assert counts.get("_project_kernel") == 1 and counts.get("_backward_rows_kernel") == 1, counts
     assert (counts.get(FUSED) == 1) == fused, counts
     assert got[0].shape == (2, 5, 40)
     assert rel_err(got[0], ref[0]) <= TOL64
@@ -78,7 +78,7 @@ def test_fused_gemm_falls_back_with_dropout_or_dense_step_score(monkeypatch, ker
     layer.exact_step_score = True
     ref = copy.deepcopy(layer)
     counts = run(layer, x, dy, monkeypatch, "triton", True)[3]
-    assert FUSED not in counts and counts.get("_dy_pass_kernel") == 1
+    assert FUSED not in counts and counts.get("_backward_rows_kernel") == 1
     run(ref, x, dy, monkeypatch, "torch", False)
     grad = layer.take_score_grad()
     assert torch.count_nonzero(grad) > 0

@@ -145,7 +145,7 @@ def test_no_score_kernel_runs_outside_the_window(monkeypatch):
         reset_launch_counts()
 
     def after(step, model, controller):
-        counts[step] = launch_counts().get("_delta_w_score_kernel", 0)
+        counts[step] = launch_counts().get("_score_tiles_kernel", 0)
 
     _run(range(8), before, after, **dict(WINDOWED, score_window=2))
     assert all(counts[s] == 0 for s in (0, 1, 2, 3, 4, 7)), counts

@@ -15,6 +15,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
+from ..functional import refresh_settings
 from .methods import LAYER_METHODS, LayerCase, MethodEnv, triton_status
 from .plans import DTYPES, PHASES, LayerPlan
 from .timing import Measurement, measure_interleaved
@@ -72,6 +73,7 @@ def build_cases(methods: List[str], in_f: int, out_f: int, tokens: int, r_max: i
 
         def setup_in_env(env: Dict[str, str] = case.env, setup: Callable = setup) -> None:
             os.environ.update(env)
+            refresh_settings()
             setup()
         cases[method] = (run, setup_in_env)
     return cases

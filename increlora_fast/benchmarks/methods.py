@@ -14,6 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
+from ..functional import refresh_settings
 from .dense_increlora import DenseIncreLoRALinear
 
 LORA_ALPHA = 16.0
@@ -182,6 +183,7 @@ class MethodEnv:
     def __enter__(self) -> "MethodEnv":
         self._saved = {k: os.environ.get(k) for k in set(self.env) | set(ENV_KEYS)}
         os.environ.update(self.env)
+        refresh_settings()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -190,3 +192,4 @@ class MethodEnv:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        refresh_settings()

@@ -1,36 +1,154 @@
 """The whole adapted linear as one autograd op: ``y = x W^T + bias + ((x A^T) * lam_eff) B^T``.
 
-Forward: cuBLAS writes y (the frozen layer's own GEMM), `_project_kernel` writes the small
-H = x A^T (M x r_max, float32) and `_expand_kernel` adds the adapter into y **in place**. With
-``fused_gemm`` one Triton GEMM writes y with the adapter already in its accumulator instead
+Forward (3 launches): cuBLAS writes y (the frozen layer's own GEMM), `_project_kernel` writes the
+small H = x A^T (M x r_max, float32) and `_expand_kernel` adds the adapter into y **in place**.
+With ``fused_gemm`` one Triton GEMM writes y with the adapter already in its accumulator instead
 (opt-in, `fused_linear.py`).
 
-Backward: cuBLAS writes dx = dy W; one pass over dy (`_dy_pass_kernel`) gives T = dy B and
-G_B = dy^T H; `_expand_kernel` adds the adapter's dx = (T * lam_eff) A into dx in place;
-`_finish_b_kernel` derives dB and dlambda from G_B; one pass over x (`_reduce_rows_kernel`) gives
-dA. No activation-sized tensor is allocated beyond the frozen layer's y and dx, and nothing of
-size out x in.
+Backward (3 launches; 4 with the score): cuBLAS writes dx = dy W; `_backward_rows_kernel` makes
+one pass over dy per row block giving T = dy B in registers, adds the adapter's dx = (T * lam_eff)
+A into dx in place and writes per-program partials of G_B = dy^T H, dA = (T * lam_eff)^T x and
+dlambda = sum H * T; when the score is tracked `score._score_tiles_kernel` writes per-tile
+partials of ``sum |dW * dy^T x|``; `_finish_kernel` sums every partial in a fixed order into dB,
+dA, dlambda and the score. No atomics, no memset, no activation-sized tensor beyond the frozen
+layer's y and dx, nothing of size out x in.
 
-The slot mask, the reserve value and the ``alpha / active_rank`` scale are applied inside the
-kernels (`lowrank.Slots`), so a forward+backward issues a handful of torch ops however many slots
-are in use. Eager calls run the Python implementation directly; under ``torch.compile`` the same
-code runs inside the custom ops ``increlora::adapted_linear_fwd`` / ``_bwd`` so dynamo sees
-opaque ops with fake implementations.
+Host work is paid once per (shapes, dtypes, device, flags): `_plan` validates the operands and
+picks block sizes and grids the first time it sees a key and caches the result; a call then
+looks its plan up, allocates outputs and launches. The frozen weight is cast to the compute
+dtype once per weight version (`_cast_cached`), not twice per step. The slot mask, the reserve
+value and the ``alpha / active_rank`` scale are applied inside the kernels from ``slot_state``,
+so a forward+backward issues the same launches however many slots are in use. Under
+``torch.compile`` the same code runs inside the custom ops ``increlora::adapted_linear_fwd`` /
+``_bwd`` so dynamo sees opaque ops with fake implementations.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import weakref
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from .lowrank import Slots, dy_pass, expand_, finish_b, project_, reduce_rows
-from .utils import (MAX_R_MAX, acc_dtype, check_device, check_dtype, compute_dtype,
-                    dot_config, is_interpreted, row_major)
+from .lowrank import (Slots, _backward_rows_kernel, _expand_kernel, _finish_kernel,
+                      _project_kernel)
+from .score import _score_tiles_kernel
+from .utils import (MAX_R_MAX, acc_dtype, block, check_device, check_dtype, compute_dtype,
+                    dot_config, is_interpreted, multiprocessor_count, row_major)
+from . import utils as _utils
 
 _OP = "adapted_linear_triton"
 
 
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    # Looked up at call time, so a benchmark or test that stubs `utils.launch` stubs this too.
+    _utils.launch(kernel, grid, *args, **kwargs)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# ---------------------------------------------------------------- cached host work
+class _Plan:
+    """The launch configuration of one (shapes, dtypes, device, flags) key, built once.
+
+    Everything except the row count M: grids that depend on M are two integer divisions per
+    call. ``dot`` holds the constexpr dtypes of the launches."""
+
+    __slots__ = ("dot", "slots_const", "br", "proj", "proj_warps", "exp", "exp_warps",
+                 "rows", "rows_warps", "sms", "fin", "score", "score_warps", "acc")
+
+    def __init__(self, out_dtype: torch.dtype, r: int, slots: bool, device: torch.device,
+                 interpreted: bool) -> None:
+        cfg = dot_config(out_dtype, interpreted)
+        self.dot = dict(OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
+        self.acc = cfg.acc_torch
+        br = block(r, MAX_R_MAX)
+        self.br = br
+        self.slots_const = slots
+        wide = out_dtype in (torch.float32, torch.float64)  # IEEE dots on FMA: smaller tiles
+        if interpreted:
+            self.proj = (16, 16, 16)          # BLOCK_M, BLOCK_R, BLOCK_K
+            self.exp = (16, 16, 16)           # BLOCK_M, BLOCK_N, BLOCK_R
+            self.rows = (16, 16, 16)          # BLOCK_M, BLOCK_N, BLOCK_K
+            self.fin = (16, 16, 16)           # BLOCK_N, BLOCK_K, BLOCK_S
+            self.score = (16, 16, 16)         # BLOCK_N, BLOCK_K, BLOCK_M
+            self.proj_warps = self.exp_warps = self.rows_warps = self.score_warps = 1
+        else:
+            self.proj = (64, br, 64 if br <= 64 else 32)
+            self.proj_warps = 8 if br >= 128 else 4
+            self.exp = (64, 64 if wide else 128, block(r, 32))
+            self.exp_warps = 8 if self.exp[2] >= 32 else 4
+            if wide:
+                self.rows = (32, 32, 32) if br <= 32 else (16, 16, 16)
+            else:
+                self.rows = (32, 64, 64) if br <= 32 else (32, 32, 64)
+            self.rows_warps = 8 if br >= 64 else 4
+            self.fin = (64, 64, 256)
+            self.score = (64, 64, 32) if br <= 32 and not wide else (32, 32, 32)
+            self.score_warps = 8 if br >= 64 else 4
+        self.sms = multiprocessor_count(device)
+
+
+_PLANS: Dict[tuple, _Plan] = {}
+
+
+def _plan(x: torch.Tensor, x_adapter: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+          bias: Optional[torch.Tensor], weight_in_out: bool, lora_A: torch.Tensor,
+          lora_B: torch.Tensor, lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor],
+          score_out: Optional[torch.Tensor], out_dtype: torch.dtype) -> _Plan:
+    """The cached plan of these operands; the first call of a key validates them
+    (`check_adapter_args`), later calls with the same key skip every check."""
+    key = (x.shape[1], lora_A.shape, lora_B.shape, lora_lambda.shape, x.dtype, lora_A.dtype,
+           lora_B.dtype, lora_lambda.dtype, x.device, lora_A.device, out_dtype,
+           None if weight is None else (weight.shape, weight.dtype, weight.device,
+                                        weight.requires_grad),
+           None if bias is None else (bias.shape, bias.dtype, bias.requires_grad),
+           weight_in_out, x_adapter is None, slot_state is None,
+           None if score_out is None else (score_out.shape, score_out.dtype),
+           _utils.tf32_enabled() if out_dtype == torch.float32 else None)
+    plan = _PLANS.get(key)
+    if plan is None:
+        device = check_adapter_args(_OP, x, lora_A, lora_B, lora_lambda, slot_state, score_out,
+                                    weight, bias, weight_in_out)
+        if x_adapter is not None and (x_adapter.shape != x.shape
+                                      or x_adapter.device != x.device):
+            raise ValueError(f"{_OP}: x_adapter must match x, got {tuple(x_adapter.shape)} on "
+                             f"{x_adapter.device} vs {tuple(x.shape)} on {x.device}")
+        plan = _Plan(out_dtype, lora_A.shape[0], slot_state is not None, device,
+                     is_interpreted(_project_kernel))
+        _PLANS[key] = plan
+    return plan
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached launch plan and weight cast (tests; after changing devices)."""
+    _PLANS.clear()
+    _CASTS.clear()
+
+
+# (id(tensor), dtype) -> (weak reference to the tensor, its version, its cast)
+_CASTS: Dict[tuple, tuple] = {}
+
+
+def _cast_cached(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """``t`` in ``dtype``: the frozen base weight (or bias) is cast once and reused until it is
+    changed in place (its version counter moves, e.g. by a merge) or freed."""
+    if t is None or t.dtype == dtype:
+        return t
+    if torch.compiler.is_compiling() or t.requires_grad:
+        return t.to(dtype)
+    key = (id(t), dtype)
+    hit = _CASTS.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
+        return hit[2]
+    cast = t.to(dtype)
+    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), t._version, cast)
+    return cast
+
+
+# ---------------------------------------------------------------- forward and backward
 def _base_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                   weight_in_out: bool) -> torch.Tensor:
     """cuBLAS ``x W^T + bias``, or ``x W + bias`` for a transformers Conv1D weight (in, out)."""
@@ -39,8 +157,13 @@ def _base_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _in_dtype(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _slot_args(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor]) -> tuple:
+    """(lam, state) kernel arguments: direct mode passes lambda in the state's place (unread)."""
+    return lora_lambda, slot_state if slot_state is not None else lora_lambda
 
 
 def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
@@ -52,25 +175,48 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, H). ``x`` and ``x_adapter`` are in ``out_dtype`` with unit inner stride; without a
     weight y is the adapter output alone."""
+    plan = _plan(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
+                 slot_state, None, out_dtype)
     xa = x if x_adapter is None else x_adapter
-    M = x.shape[0]
+    M, K = x.shape
     R, N = lora_A.shape[0], lora_B.shape[0]
-    cfg = dot_config(out_dtype, is_interpreted_backend())
-    slots = Slots(lora_lambda, slot_state, alpha, reserve)
-    h = torch.empty((M, R), dtype=cfg.acc_torch, device=x.device)
-    project_(xa, lora_A, slots, h, cfg, need_all)
+    lam, state = _slot_args(lora_lambda, slot_state)
+    h = torch.empty((M, R), dtype=plan.acc, device=x.device)
+    bm, br, bk = plan.proj
+    _launch(_project_kernel, (_cdiv(M, bm), _cdiv(R, br)),
+            xa, lora_A, lam, state, h, M, K, R, alpha, reserve,
+            xa.stride(0), xa.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
+            SLOTS=plan.slots_const, NEED_ALL=need_all, R_ALL=plan.br, BLOCK_M=bm, BLOCK_R=br,
+            BLOCK_K=bk, **plan.dot, num_warps=plan.proj_warps)
     if weight is None:
         y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-        expand_(h, slots, lora_B.t(), y, cfg, accumulate=False)
-        return y, h
-    w = _in_dtype(weight, out_dtype)
-    b = _in_dtype(bias, out_dtype)
-    if fused_gemm and x_adapter is None:
-        from .fused_linear import fused_linear_forward
-        return fused_linear_forward(x, w, b, weight_in_out, h, lora_B, slots, cfg), h
-    y = _base_forward(x, w, b, weight_in_out)
-    expand_(h, slots, lora_B.t(), y, cfg, accumulate=True)
+        accumulate = False
+    else:
+        w = _cast_cached(weight, out_dtype)
+        b = _cast_cached(bias, out_dtype)
+        if fused_gemm and x_adapter is None:
+            from .fused_linear import fused_linear_forward
+            cfg = dot_config(out_dtype, is_interpreted(_project_kernel))
+            slots = Slots(lora_lambda, slot_state, alpha, reserve)
+            return fused_linear_forward(x, w, b, weight_in_out, h, lora_B, slots, cfg), h
+        y = _base_forward(x, w, b, weight_in_out)
+        accumulate = True
+    _expand(h, lam, state, lora_B.t(), y, alpha, reserve, accumulate, plan)
     return y, h
+
+
+def _expand(s: torch.Tensor, lam: torch.Tensor, state: torch.Tensor, w: torch.Tensor,
+            out: torch.Tensor, alpha: float, reserve: float, accumulate: bool,
+            plan: _Plan) -> None:
+    """out (M, N) = [out +] (s * lam_eff) @ w, s (M, R), w (R, N) any strides."""
+    M, R = s.shape
+    N = w.shape[1]
+    bm, bn, br = plan.exp
+    _launch(_expand_kernel, (_cdiv(M, bm), _cdiv(N, bn)),
+            s, lam, state, w, out, M, N, R, alpha, reserve,
+            s.stride(0), s.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+            SLOTS=plan.slots_const, ACCUMULATE=accumulate, R_ALL=plan.br, BLOCK_M=bm,
+            BLOCK_N=bn, BLOCK_R=br, **plan.dot, num_warps=plan.exp_warps)
 
 
 def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Optional[torch.Tensor],
@@ -88,46 +234,83 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     module score into ``score_out`` and ``dy^T x`` into ``grad_out`` when given.
     """
     dy = row_major(dy)
+    out_dtype = dy.dtype
+    plan = _plan(x, x_adapter, weight, None, weight_in_out, lora_A, lora_B, lora_lambda,
+                 slot_state, score_out, out_dtype)
     xa = x if x_adapter is None else x_adapter
-    cfg = dot_config(dy.dtype, is_interpreted_backend())
-    slots = Slots(lora_lambda, slot_state, alpha, reserve)
+    M, K = xa.shape
+    R, N = lora_A.shape[0], lora_B.shape[0]
+    device = dy.device
+    lam, state = _slot_args(lora_lambda, slot_state)
     reads_x = x_adapter is None  # the adapter's input is x itself
     need_adapter_dx = need_x if reads_x else need_xa
     dx = dxa = None
     if need_x and weight is not None:
-        w = _in_dtype(weight, dy.dtype)
+        w = _cast_cached(weight, out_dtype)
         dx = torch.mm(dy, w.t() if weight_in_out else w)
-    t, gb = dy_pass(dy, lora_B, h, slots, cfg, need_all=need_lam,
-                    need_t=need_adapter_dx or need_a, need_gb=need_b or need_lam)
+    accumulate_dx = reads_x and dx is not None
+    target = None
     if need_adapter_dx:
-        if reads_x and dx is not None:
-            expand_(t, slots, lora_A, dx, cfg, accumulate=True)
+        target = dx if accumulate_dx else torch.empty(xa.shape, dtype=xa.dtype, device=device)
+        if reads_x:
+            dx = target
         else:
-            fresh = torch.empty(xa.shape, dtype=xa.dtype, device=xa.device)
-            expand_(t, slots, lora_A, fresh, cfg, accumulate=False)
-            if reads_x:
-                dx = fresh
-            else:
-                dxa = fresh
-    da = reduce_rows(t, slots, xa, lora_A, cfg) if need_a else None
-    db = dlam = None
-    if need_b or need_lam:
-        db, dlam = finish_b(gb, lora_B, slots, need_b, need_lam, lora_lambda.dtype)
+            dxa = target
+    bm, bn, bk = plan.rows
+    m_blocks = _cdiv(M, bm)
+    per_prog = _cdiv(m_blocks, max(1, min(m_blocks, plan.sms)))
+    progs = _cdiv(m_blocks, per_prog) if M else 0
+    acc = plan.acc
+    gb = torch.empty((progs, N, R), dtype=acc, device=device) if need_b else h
+    da = torch.empty((progs, R, K), dtype=acc, device=device) if need_a else h
+    dl = torch.empty((progs, R), dtype=acc, device=device) if need_lam else h
+    if need_adapter_dx or need_a or need_b or need_lam:
+        dx_arg = target if target is not None else h
+        _launch(_backward_rows_kernel, (progs,),
+                dy, lora_B, h, lora_A, xa, lam, state, dx_arg, gb, da, dl,
+                M, N, K, R, alpha, reserve, per_prog,
+                dy.stride(0), h.stride(0), xa.stride(0), dx_arg.stride(0),
+                lora_B.stride(0), lora_B.stride(1), lora_A.stride(0), lora_A.stride(1),
+                SLOTS=plan.slots_const, NEED_ALL=need_lam, NEED_DX=need_adapter_dx,
+                DX_ACCUMULATE=accumulate_dx, NEED_GB=need_b, NEED_DA=need_a,
+                NEED_DLAM=need_lam, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=plan.br,
+                **plan.dot, num_warps=plan.rows_warps)
+    parts = h
+    n_parts = 0
     if score_out is not None:
-        from ..reference import effective_lambda
-        from .score import delta_w_score_
-        # The score kernel never reads slots whose lam_eff is 0 (NaN there cannot count).
-        lam = effective_lambda(lora_lambda, slot_state, alpha, reserve).detach()
-        delta_w_score_(dy, xa, lora_A, lora_B, lam, score_out)
+        sn, sk, sm = plan.score
+        grid = (_cdiv(N, sn), _cdiv(K, sk))
+        n_parts = grid[0] * grid[1]
+        parts = torch.empty((n_parts,), dtype=acc, device=device)
+        _launch(_score_tiles_kernel, grid,
+                dy, xa, lora_A, lora_B, lam, state, parts, M, N, K, R, alpha, reserve,
+                dy.stride(0), xa.stride(0), lora_A.stride(0), lora_A.stride(1),
+                lora_B.stride(0), lora_B.stride(1),
+                SLOTS=plan.slots_const, BLOCK_N=sn, BLOCK_K=sk, BLOCK_M=sm, BLOCK_R=plan.br,
+                **plan.dot, num_warps=plan.score_warps)
+    db = torch.empty_like(lora_B) if need_b else None
+    d_a = torch.empty_like(lora_A) if need_a else None
+    dlam = torch.empty_like(lora_lambda) if need_lam else None
+    if need_a or need_b or need_lam or score_out is not None:
+        fn, fk, fs = plan.fin
+        tiles_db = _cdiv(N, fn) if need_b else 0
+        tiles_da = _cdiv(K, fk) if need_a else 0
+        db_arg = db if db is not None else lora_B
+        da_arg = d_a if d_a is not None else lora_A
+        _launch(_finish_kernel, (tiles_db + tiles_da + 1,),
+                gb, da, dl, parts, lora_B, lam, state, db_arg, da_arg,
+                dlam if dlam is not None else lam,
+                score_out if score_out is not None else parts,
+                N, K, R, progs, alpha, reserve, tiles_db, tiles_da, n_parts,
+                (N * K) ** -0.5, lora_B.stride(0), lora_B.stride(1),
+                db_arg.stride(0), db_arg.stride(1), da_arg.stride(0), da_arg.stride(1),
+                SLOTS=plan.slots_const, NEED_DB=need_b, NEED_DA=need_a, NEED_DLAM=need_lam,
+                NEED_SCORE=score_out is not None, BLOCK_R=plan.br, BLOCK_N=fn, BLOCK_K=fk,
+                BLOCK_S=fs, ACC=plan.dot["ACC"])
     if grad_out is not None:
         from ..reference import accumulate_dense_grad_
         accumulate_dense_grad_(grad_out, dy, xa)
-    return dx, dxa, da, db, dlam
-
-
-def is_interpreted_backend() -> bool:
-    from .lowrank import _project_kernel
-    return is_interpreted(_project_kernel)
+    return dx, dxa, d_a, db, dlam
 
 
 # ---------------------------------------------------------------- custom ops (torch.compile)
@@ -181,26 +364,28 @@ def _compiling() -> bool:
 
 
 class AdaptedLinearFunction(torch.autograd.Function):
-    """Autograd of `adapted_linear_triton`; the frozen base weight and bias get no gradient."""
+    """Autograd of `adapted_linear_triton`; the frozen base weight and bias get no gradient.
+
+    The differentiable inputs come first; everything else travels in one ``meta`` tuple
+    (weight_in_out, alpha, reserve, score_out, grad_out, out_dtype, fused_gemm), since every
+    argument of ``apply`` costs host time on every call."""
 
     @staticmethod
-    def forward(ctx, x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
-                slot_state, alpha, reserve, score_out, grad_out, out_dtype, fused_gemm):
-        need_all = ctx.needs_input_grad[7]
+    def forward(ctx, x, x_adapter, lora_A, lora_B, lora_lambda, weight, bias, slot_state, meta):
+        weight_in_out, alpha, reserve, _, _, out_dtype, fused_gemm = meta
         args = (x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
-                slot_state, alpha, reserve, out_dtype, need_all, fused_gemm)
+                slot_state, alpha, reserve, out_dtype, ctx.needs_input_grad[4], fused_gemm)
         y, h = _fwd_op(*args) if _compiling() else adapted_linear_forward(*args)
         ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h)
-        ctx.meta = (weight_in_out, alpha, reserve, score_out, grad_out)
+        ctx.meta = meta
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h = ctx.saved_tensors
-        weight_in_out, alpha, reserve, score_out, grad_out = ctx.meta
-        n = ctx.needs_input_grad
-        need = (n[0], n[1], n[5], n[6], n[7])
+        weight_in_out, alpha, reserve, score_out, grad_out, _, _ = ctx.meta
+        need = ctx.needs_input_grad[:5]
         args = (dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda,
                 slot_state, alpha, reserve, h, score_out, grad_out, *need)
         if _compiling():
@@ -208,8 +393,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         else:
             grads = adapted_linear_backward(*args)
         dx, dxa, da, db, dlam = grads
-        return (dx, dxa, None, None, None, da, db, dlam, None, None, None, None, None, None,
-                None)
+        return dx, dxa, da, db, dlam, None, None, None, None
 
 
 def check_adapter_args(op_name: str, x: torch.Tensor, lora_A: torch.Tensor,
@@ -254,7 +438,6 @@ def check_adapter_args(op_name: str, x: torch.Tensor, lora_A: torch.Tensor,
                              f"(requires_grad=False)")
         if bias is not None and tuple(bias.shape) != (n,):
             raise ValueError(f"{op_name}: bias must have shape ({n},), got {tuple(bias.shape)}")
-    from .lowrank import _project_kernel
     return check_device(_project_kernel, op_name, x=x, lora_A=lora_A, lora_B=lora_B,
                         lora_lambda=lora_lambda, slot_state=slot_state, score_out=score_out,
                         weight=weight, bias=bias)
@@ -291,16 +474,14 @@ def adapted_linear_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
     Returns:
         (M, out) in the compute dtype (autocast dtype under autocast, else x's dtype).
     """
-    device = check_adapter_args(_OP, x, lora_A, lora_B, lora_lambda, slot_state, score_out,
-                                weight, bias, weight_in_out)
-    out_dtype = compute_dtype(device, x)
+    out_dtype = compute_dtype(x.device, x)
     x = row_major(_in_dtype(x, out_dtype))
     if x_adapter is not None:
         x_adapter = row_major(_in_dtype(x_adapter, out_dtype))
-    return AdaptedLinearFunction.apply(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B,
-                                       lora_lambda, slot_state, float(lora_alpha),
-                                       float(reserve_value), score_out, grad_out, out_dtype,
-                                       fused_gemm)
+    return AdaptedLinearFunction.apply(
+        x, x_adapter, lora_A, lora_B, lora_lambda, weight, bias, slot_state,
+        (weight_in_out, float(lora_alpha), float(reserve_value), score_out, grad_out, out_dtype,
+         fused_gemm))
 
 
 def lowrank_adapter(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

@@ -1,5 +1,5 @@
 """Triton kernels of the low-rank adapter ``((x @ A.T) * lam_eff) @ B.T`` over padded slot
-buffers, and the host functions that launch them.
+buffers (the host side that launches them is `linear.py`).
 
 Shapes: x (M, in), A (r_max, in), B (out, r_max), lambda (r_max,). Two ways to give lambda:
 
@@ -17,11 +17,13 @@ M x features may exceed 2**31):
 - `_project_kernel`: ``H = x @ A.T`` (M, r_max, float32) for the slots that need it.
 - `_expand_kernel`: ``out (+)= (S * lam_eff) @ W``, in place when accumulating (the forward adds
   the adapter onto the base GEMM's y; the backward adds the adapter's dx onto the base's dx).
-- `_dy_pass_kernel`: one pass over dy giving both ``T = dy @ B`` (M, r_max) and
-  ``G_B = dy.T @ H`` (out, r_max); dB and dlambda are derived from G_B.
-- `_finish_b_kernel`: ``dB = G_B * lam_eff`` and ``dlam_eff = sum_out B * G_B``.
-- `_reduce_rows_kernel`: ``dA = (T * lam_eff).T @ x`` in one pass over x, rows split across
-  programs (atomics, or per-split partials summed in a fixed order in deterministic mode).
+- `_backward_rows_kernel`: the adapter's whole backward in one pass over dy per row block
+  (M-parallel grid, dy's columns swept inside a program, H loaded once per row block): T = dy @ B
+  in registers, the adapter's dx = (T * lam_eff) @ A added in place into the base's dx, and
+  per-program partials of ``G_B = dy.T @ H``, ``dA = (T * lam_eff).T @ x`` and the raw dlambda
+  ``sum_m H * T`` (``sum_out B * G_B`` regrouped).
+- `_finish_kernel`: sums those partials in a fixed order into ``dB = G_B * lam_eff``, dA,
+  ``dlambda = coef * sum H * T`` and the score (`score._score_tiles_kernel` partials).
 
 Masking is by value, with ``tl.where``: a slot whose lam_eff is 0 contributes exactly nothing and
 gets exactly zero dA and dB, even when its A row or B column holds NaN or inf and it shares a slot
@@ -36,14 +38,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import (MAX_R_MAX, DotConfig, block, deterministic, is_interpreted, launch,
-                    multiprocessor_count)
+from .utils import MAX_R_MAX, block
 
 ACTIVE = 2
 RESERVE = 1
-# Deterministic mode sums per-program partials of G_B in a fixed order; their total size is
-# capped here (fewer, longer programs beyond it).
-DET_PARTIAL_BYTES = 64 << 20
 
 
 @triton.jit
@@ -151,148 +149,150 @@ def _expand_kernel(
 
 
 @triton.jit
-def _dy_pass_kernel(
-    dy_ptr, b_ptr, h_ptr, lam_ptr, state_ptr, t_ptr, gb_ptr,
-    M, N, R, alpha, reserve, rows_per_prog,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_hm, stride_hr, stride_tm, stride_tr,
-    stride_gs, stride_gn, stride_gr,
-    SLOTS: tl.constexpr, NEED_ALL: tl.constexpr, NEED_T: tl.constexpr, NEED_GB: tl.constexpr,
-    USE_ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+def _backward_rows_kernel(
+    dy_ptr, b_ptr, h_ptr, a_ptr, x_ptr, lam_ptr, state_ptr, dx_ptr, gb_ptr, da_ptr, dl_ptr,
+    M, N, K, R, alpha, reserve, blocks_per_prog,
+    stride_dym, stride_hm, stride_xm, stride_dxm,
+    stride_bn, stride_br, stride_ar, stride_ak,
+    SLOTS: tl.constexpr, NEED_ALL: tl.constexpr, NEED_DX: tl.constexpr,
+    DX_ACCUMULATE: tl.constexpr, NEED_GB: tl.constexpr, NEED_DA: tl.constexpr,
+    NEED_DLAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program owns rows [pid * rows_per_prog, +rows_per_prog) and sweeps all columns of dy
-    once: T[rows] = dy[rows] @ B (complete, stored by this program alone) and its share of
-    G_B = dy.T @ H, added atomically (USE_ATOMIC) or stored as partial ``pid`` of gb."""
+    """The adapter's whole backward over one program's contiguous run of row blocks.
+
+    Per row block (BLOCK_M rows, every slot in one BLOCK_R block): H is loaded once; one sweep
+    over dy's columns accumulates T = dy @ B in registers and this program's partial of
+    G_B = dy.T @ H; then S = T * lam_eff gives the adapter's dx (added in place into the base's
+    dx with DX_ACCUMULATE, else stored), this program's partial of dA = S.T @ x, and of the raw
+    dlambda sum_m H * T. Partials live at offset ``pid`` of their workspaces, are written by
+    this program only (first block stores, later blocks add) and are summed in a fixed order by
+    `_finish_kernel`: no atomics, no memset, deterministic."""
     pid = tl.program_id(0)
     rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
     lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
                                  SLOTS, BLOCK_R, ACC)
     need = (lam_eff != 0) | ((coef != 0) & NEED_ALL)
-    m_start = pid.to(tl.int64) * rows_per_prog
-    m_end = tl.minimum(M, m_start + rows_per_prog)
-    gb_base = gb_ptr if USE_ATOMIC else gb_ptr + pid.to(tl.int64) * stride_gs
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        n_ok = rn < N
-        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                    mask=n_ok[:, None] & r_ok[None, :], other=0.0)
-        b = tl.where(need[None, :], b, tl.zeros_like(b))
-        g = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            m_ok = rm < m_end
-            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :] * stride_dyn,
-                         mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-            if NEED_T:
-                t_ptrs = t_ptr + rm[:, None] * stride_tm + rr[None, :] * stride_tr
-                t_ok = m_ok[:, None] & r_ok[None, :]
-                t = tl.load(t_ptrs, mask=t_ok & (n0 > 0), other=0.0)
-                t = tl.dot(dy.to(OP).to(DOT), b.to(OP).to(DOT), t,
-                           input_precision=PRECISION, out_dtype=ACC)
-                tl.store(t_ptrs, t, mask=t_ok)
-                # The next column block reloads this tile: make the stores visible to every
-                # thread of the program, whatever layouts the compiler picks for load and store.
-                tl.debug_barrier()
-            if NEED_GB:
-                h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
-                            mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                h = tl.where(need[None, :], h, 0.0)
-                g = tl.dot(tl.trans(dy.to(OP).to(DOT)), h.to(OP).to(DOT), g,
-                           input_precision=PRECISION, out_dtype=ACC)
-        if NEED_GB:
-            g_ptrs = gb_base + rn[:, None] * stride_gn + rr[None, :] * stride_gr
-            g_ok = n_ok[:, None] & r_ok[None, :]
-            if USE_ATOMIC:
-                tl.atomic_add(g_ptrs, g, mask=g_ok)
-            else:
-                tl.store(g_ptrs, g, mask=g_ok)
-
-
-@triton.jit
-def _finish_b_kernel(
-    gb_ptr, b_ptr, lam_ptr, state_ptr, db_ptr, dlam_ptr,
-    N, R, alpha, reserve,
-    stride_gn, stride_gr, stride_bn, stride_br, stride_dbn, stride_dbr,
-    SLOTS: tl.constexpr, NEED_DB: tl.constexpr, NEED_DLAM: tl.constexpr, R_ALL: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, ACC: tl.constexpr,
-):
-    """dB = G_B * lam_eff (0 where lam_eff is 0) and dlambda = coef * sum_out B * G_B for one
-    slot block, summing over out in a fixed order."""
-    pid_r = tl.program_id(0)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = rr < R
-    lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
-                                 SLOTS, R_ALL, ACC)
     live = lam_eff != 0
-    counted = coef != 0
+    pid64 = pid.to(tl.int64)
+    gb_base = gb_ptr + pid64 * N * R
+    da_base = da_ptr + pid64 * R * K
     dl = tl.zeros((BLOCK_R,), dtype=ACC)
-    for n0 in range(0, N, BLOCK_N):
-        rn = n0 + tl.arange(0, BLOCK_N)
-        tile_ok = (rn < N)[:, None] & r_ok[None, :]
-        g = tl.load(gb_ptr + rn[:, None] * stride_gn + rr[None, :] * stride_gr,
-                    mask=tile_ok, other=0.0).to(ACC)
-        if NEED_DB:
-            db = tl.where(live[None, :], g * lam_eff[None, :], 0.0)
-            tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr,
-                     db.to(db_ptr.dtype.element_ty), mask=tile_ok)
-        if NEED_DLAM:
+    for i in range(0, blocks_per_prog):
+        rm = (pid64 * blocks_per_prog + i) * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :],
+                    mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+        h = tl.where(need[None, :], h, 0.0).to(ACC)
+        h_op = h.to(OP).to(DOT)
+        t = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
+        for n0 in range(0, N, BLOCK_N):
+            rn = n0 + tl.arange(0, BLOCK_N)
+            n_ok = rn < N
+            dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
+                         mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(OP).to(DOT)
             b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
-                        mask=tile_ok, other=0.0).to(ACC)
-            dl += tl.sum(tl.where(counted[None, :], b * g, 0.0), axis=0)
+                        mask=n_ok[:, None] & r_ok[None, :], other=0.0)
+            b = tl.where(need[None, :], b, tl.zeros_like(b))
+            t = tl.dot(dy, b.to(OP).to(DOT), t, input_precision=PRECISION, out_dtype=ACC)
+            if NEED_GB:
+                g = tl.dot(tl.trans(dy), h_op, input_precision=PRECISION, out_dtype=ACC)
+                g_ptrs = gb_base + rn[:, None] * R + rr[None, :]
+                g_ok = n_ok[:, None] & r_ok[None, :]
+                if i > 0:
+                    g += tl.load(g_ptrs, mask=g_ok, other=0.0)
+                tl.store(g_ptrs, g, mask=g_ok)
+        if NEED_DLAM:
+            dl += tl.sum(h * t, axis=0)
+        s = tl.where(live[None, :], t * lam_eff[None, :], 0.0).to(OP).to(DOT)
+        if NEED_DX:
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                            mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+                a = tl.where(live[:, None], a, tl.zeros_like(a))
+                upd = tl.dot(s, a.to(OP).to(DOT), input_precision=PRECISION, out_dtype=ACC)
+                dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
+                dx_ok = m_ok[:, None] & k_ok[None, :]
+                if DX_ACCUMULATE:
+                    upd += tl.load(dx_ptrs, mask=dx_ok, other=0.0).to(ACC)
+                tl.store(dx_ptrs, upd.to(dx_ptr.dtype.element_ty), mask=dx_ok)
+        if NEED_DA:
+            s_t = tl.trans(s)
+            for k0 in range(0, K, BLOCK_K):
+                rk = k0 + tl.arange(0, BLOCK_K)
+                k_ok = rk < K
+                x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                            mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+                d = tl.dot(s_t, x.to(OP).to(DOT), input_precision=PRECISION, out_dtype=ACC)
+                d_ptrs = da_base + rr[:, None] * K + rk[None, :]
+                d_ok = r_ok[:, None] & k_ok[None, :]
+                if i > 0:
+                    d += tl.load(d_ptrs, mask=d_ok, other=0.0)
+                tl.store(d_ptrs, d, mask=d_ok)
     if NEED_DLAM:
-        tl.store(dlam_ptr + rr, (dl * coef).to(dlam_ptr.dtype.element_ty), mask=r_ok)
+        tl.store(dl_ptr + pid64 * R + rr, dl, mask=r_ok)
 
 
 @triton.jit
-def _reduce_rows_kernel(
-    s_ptr, lam_ptr, state_ptr, x_ptr, out_ptr,
-    M, K, R, alpha, reserve, rows_per_split,
-    stride_sm, stride_sr, stride_xm, stride_xk, stride_os, stride_or, stride_ok,
-    SLOTS: tl.constexpr, USE_ATOMIC: tl.constexpr, R_ALL: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-    OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
+def _finish_kernel(
+    gb_ptr, da_ptr, dl_ptr, sp_ptr, b_ptr, lam_ptr, state_ptr, db_ptr, dA_ptr, dlam_ptr,
+    score_ptr,
+    N, K, R, P, alpha, reserve, n_tiles_db, n_tiles_da, n_score_parts, score_scale,
+    stride_bn, stride_br, stride_dbn, stride_dbr, stride_dar, stride_dak,
+    SLOTS: tl.constexpr, NEED_DB: tl.constexpr, NEED_DA: tl.constexpr,
+    NEED_DLAM: tl.constexpr, NEED_SCORE: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr, ACC: tl.constexpr,
 ):
-    """out[r, k] (+)= sum over this split's rows m of S[m, r] * lam_eff[r] * X[m, k].
-
-    Without USE_ATOMIC every tile of split ``pid_s`` is stored (zeros included) at offset
-    ``pid_s * stride_os``, so the output needs no memset; with it, live tiles add atomically
-    into a zeroed output."""
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    pid_s = tl.program_id(2)
-    rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    """Sum the ``P`` per-program partials of `_backward_rows_kernel` in a fixed order: programs
+    [0, n_tiles_db) write dB = G_B * lam_eff by tiles of BLOCK_N rows, the next n_tiles_da
+    programs dA by tiles of BLOCK_K columns, and the last one dlambda = coef * sum H * T and,
+    with NEED_SCORE, adds sum(score parts) * score_scale into the 0-d score. Dead slots
+    (lam_eff 0) get exactly zero dA and dB."""
+    pid = tl.program_id(0)
+    rr = tl.arange(0, BLOCK_R)
     r_ok = rr < R
-    k_ok = rk < K
     lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
-                                 SLOTS, R_ALL, ACC)
+                                 SLOTS, BLOCK_R, ACC)
     live = lam_eff != 0
-    n_live = tl.sum(live.to(tl.int32), axis=0)
-    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
-    if n_live > 0:
-        m_start = pid_s.to(tl.int64) * rows_per_split
-        m_end = tl.minimum(M, m_start + rows_per_split)
-        for m0 in range(m_start, m_end, BLOCK_M):
-            rm = m0 + tl.arange(0, BLOCK_M)
-            m_ok = rm < m_end
-            s = tl.load(s_ptr + rr[:, None] * stride_sr + rm[None, :] * stride_sm,
-                        mask=r_ok[:, None] & m_ok[None, :], other=0.0).to(ACC)
-            s = tl.where(live[:, None], s * lam_eff[:, None], 0.0)
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            acc = tl.dot(s.to(OP).to(DOT), x.to(OP).to(DOT), acc,
-                         input_precision=PRECISION, out_dtype=ACC)
-    tile_ok = r_ok[:, None] & k_ok[None, :]
-    if USE_ATOMIC:
-        if n_live > 0:
-            tl.atomic_add(out_ptr + rr[:, None] * stride_or + rk[None, :] * stride_ok, acc,
-                          mask=tile_ok)
-    else:
-        base = out_ptr + pid_s.to(tl.int64) * stride_os
-        tl.store(base + rr[:, None] * stride_or + rk[None, :] * stride_ok,
-                 acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if NEED_DB:
+        if pid < n_tiles_db:
+            rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+            ok = (rn < N)[:, None] & r_ok[None, :]
+            acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
+            for p in range(0, P):
+                acc += tl.load(gb_ptr + p * (N * R) + rn[:, None] * R + rr[None, :],
+                               mask=ok, other=0.0)
+            db = tl.where(live[None, :], acc * lam_eff[None, :], 0.0)
+            tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr,
+                     db.to(db_ptr.dtype.element_ty), mask=ok)
+    if NEED_DA:
+        if (pid >= n_tiles_db) & (pid < n_tiles_db + n_tiles_da):
+            rk = (pid - n_tiles_db) * BLOCK_K + tl.arange(0, BLOCK_K)
+            ok = r_ok[:, None] & (rk < K)[None, :]
+            acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+            for p in range(0, P):
+                acc += tl.load(da_ptr + p * (R * K) + rr[:, None] * K + rk[None, :],
+                               mask=ok, other=0.0)
+            da = tl.where(live[:, None], acc, 0.0)
+            tl.store(dA_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
+                     da.to(dA_ptr.dtype.element_ty), mask=ok)
+    if pid == n_tiles_db + n_tiles_da:
+        if NEED_DLAM:
+            dl = tl.zeros((BLOCK_R,), dtype=ACC)
+            for p in range(0, P):
+                dl += tl.load(dl_ptr + p * R + rr, mask=r_ok, other=0.0)
+            tl.store(dlam_ptr + rr, (dl * coef).to(dlam_ptr.dtype.element_ty), mask=r_ok)
+        if NEED_SCORE:
+            total = tl.zeros((BLOCK_S,), dtype=ACC)
+            for s0 in range(0, n_score_parts, BLOCK_S):
+                rs = s0 + tl.arange(0, BLOCK_S)
+                total += tl.load(sp_ptr + rs, mask=rs < n_score_parts, other=0.0)
+            score = tl.load(score_ptr).to(ACC) + tl.sum(total, axis=0) * score_scale
+            tl.store(score_ptr, score.to(score_ptr.dtype.element_ty))
 
 
 # ------------------------------------------------------------------------------- host side
@@ -311,143 +311,3 @@ class Slots:
 
     def consts(self) -> dict:
         return dict(SLOTS=self.state is not None, R_ALL=block(self.lam.shape[0], MAX_R_MAX))
-
-
-def _dot(cfg: DotConfig) -> dict:
-    return dict(OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
-
-
-def project_(x: torch.Tensor, lora_A: torch.Tensor, slots: Slots, h: torch.Tensor,
-             cfg: DotConfig, need_all: bool) -> None:
-    """h (M, R) = x @ A.T for the slots that need it (``need_all``: also every slot whose
-    lambda gets a gradient)."""
-    M, K = x.shape
-    R = lora_A.shape[0]
-    small = is_interpreted(_project_kernel)
-    bm, br = (16, 16) if small else (64, block(R, MAX_R_MAX))
-    bk = 16 if small else (64 if br <= 64 else 32)
-    lam, state = slots.args()
-    launch(_project_kernel, (triton.cdiv(M, bm), triton.cdiv(R, br)),
-           x, lora_A, lam, state, h, M, K, R, slots.alpha, slots.reserve,
-           x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1),
-           h.stride(0), h.stride(1),
-           NEED_ALL=need_all, **slots.consts(), BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk,
-           **_dot(cfg), num_warps=8 if br >= 128 else 4)
-
-
-def expand_(s: torch.Tensor, slots: Slots, w: torch.Tensor, out: torch.Tensor, cfg: DotConfig,
-            accumulate: bool) -> None:
-    """out (M, N) = [out +] (s * lam_eff) @ w where s is (M, R) and w is (R, N) (any strides)."""
-    M, R = s.shape
-    N = w.shape[1]
-    small = is_interpreted(_expand_kernel)
-    if small:
-        bm, bn, br = 16, 16, 16
-    else:
-        wide = cfg.op in (tl.float32, tl.float64)  # IEEE dots on FMA: no spills at r_max 128
-        bm, bn, br = 64, 64 if wide else 128, block(R, 32)
-    lam, state = slots.args()
-    launch(_expand_kernel, (triton.cdiv(M, bm), triton.cdiv(N, bn)),
-           s, lam, state, w, out, M, N, R, slots.alpha, slots.reserve,
-           s.stride(0), s.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
-           ACCUMULATE=accumulate, **slots.consts(), BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br,
-           **_dot(cfg), num_warps=8 if br >= 32 else 4)
-
-
-def dy_pass(dy: torch.Tensor, lora_B: torch.Tensor, h: torch.Tensor, slots: Slots,
-            cfg: DotConfig, need_all: bool, need_t: bool,
-            need_gb: bool) -> tuple:
-    """(T (M, R) float32 or None, G_B (out, R) float32 or None) in one pass over dy."""
-    M, N = dy.shape
-    R = lora_B.shape[1]
-    small = is_interpreted(_dy_pass_kernel)
-    br = block(R, MAX_R_MAX)
-    if R > MAX_R_MAX:
-        raise ValueError(f"the Triton adapter kernels support r_max <= {MAX_R_MAX}, got {R}")
-    if small:
-        bm, bn = 16, 16
-    elif cfg.op in (tl.float32, tl.float64):  # IEEE dots on FMA: smaller tiles, no spills
-        bm, bn = (32, 32) if br <= 32 else (16, 16)
-    else:
-        bm, bn = (64 if M >= 8192 else 32, 64 if br <= 32 else 32)
-    m_blocks = triton.cdiv(M, bm)
-    progs = max(1, min(m_blocks, 4 * multiprocessor_count(dy.device)))
-    det = deterministic()
-    if det and need_gb:  # per-program partials of G_B: keep them under DET_PARTIAL_BYTES
-        progs = max(1, min(progs, DET_PARTIAL_BYTES // (N * R * 4)))
-    rows_per_prog = triton.cdiv(m_blocks, progs) * bm
-    progs = triton.cdiv(M, rows_per_prog) if M else 0
-    acc = cfg.acc_torch
-    t = torch.empty((M, R), dtype=acc, device=dy.device) if need_t else None
-    use_atomic = not det and progs > 1
-    gb = None
-    if need_gb:
-        gb = (torch.zeros((N, R), dtype=acc, device=dy.device) if use_atomic or progs == 0
-              else torch.empty((progs, N, R), dtype=acc, device=dy.device))
-    gb_arg = gb if gb is not None else h
-    lam, state = slots.args()
-    g_strides = ((0,) + gb_arg.stride()[-2:]) if gb_arg.dim() == 2 else gb_arg.stride()
-    t_arg = t if t is not None else h
-    launch(_dy_pass_kernel, (progs,),
-           dy, lora_B, h, lam, state, t_arg, gb_arg, M, N, R, slots.alpha, slots.reserve,
-           rows_per_prog,
-           dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1),
-           h.stride(0), h.stride(1), t_arg.stride(0), t_arg.stride(1), *g_strides,
-           SLOTS=slots.state is not None, NEED_ALL=need_all, NEED_T=need_t, NEED_GB=need_gb,
-           USE_ATOMIC=use_atomic, BLOCK_M=bm, BLOCK_N=bn, BLOCK_R=br, **_dot(cfg),
-           num_warps=8 if br >= 64 and bm * bn >= 1024 else 4)
-    if gb is not None and gb.dim() == 3:
-        gb = gb[0] if progs == 1 else gb.sum(0)
-    return t, gb
-
-
-def finish_b(gb: torch.Tensor, lora_B: torch.Tensor, slots: Slots, need_db: bool,
-             need_dlam: bool, lam_dtype: torch.dtype) -> tuple:
-    """(dB like lora_B or None, dlambda (R,) or None) from G_B."""
-    N, R = gb.shape
-    db = torch.empty(lora_B.shape, dtype=lora_B.dtype, device=gb.device) if need_db else None
-    dlam = torch.empty((R,), dtype=lam_dtype, device=gb.device) if need_dlam else None
-    small = is_interpreted(_finish_b_kernel)
-    br, bn = (16, 16) if small else (16, 256)
-    lam, state = slots.args()
-    db_arg = db if db is not None else gb
-    launch(_finish_b_kernel, (triton.cdiv(R, br),),
-           gb, lora_B, lam, state, db_arg, dlam if dlam is not None else lam,
-           N, R, slots.alpha, slots.reserve,
-           gb.stride(0), gb.stride(1), lora_B.stride(0), lora_B.stride(1),
-           db_arg.stride(0), db_arg.stride(1),
-           NEED_DB=need_db, NEED_DLAM=need_dlam, **slots.consts(),
-           BLOCK_N=bn, BLOCK_R=br, ACC=tl.float64 if gb.dtype == torch.float64 else tl.float32)
-    return db, dlam
-
-
-def reduce_rows(s: torch.Tensor, slots: Slots, x: torch.Tensor, out_like: torch.Tensor,
-                cfg: DotConfig) -> torch.Tensor:
-    """(s * lam_eff).T @ x over all M rows, (R, K), in ``out_like``'s dtype."""
-    M, R = s.shape
-    K = x.shape[1]
-    small = is_interpreted(_reduce_rows_kernel)
-    br, bk, bm = (16, 16, 16) if small else (block(R, 64), 128, 32)
-    tiles = triton.cdiv(R, br) * triton.cdiv(K, bk)
-    m_blocks = triton.cdiv(M, bm)
-    split = max(1, min(m_blocks, 2 * multiprocessor_count(x.device) // tiles))
-    rows_per_split = triton.cdiv(m_blocks, split) * bm
-    split = max(1, triton.cdiv(M, rows_per_split))
-    acc = cfg.acc_torch
-    use_atomic = split > 1 and not deterministic()
-    if use_atomic:
-        out = torch.zeros((R, K), dtype=acc, device=x.device)
-    elif split == 1 and out_like.dtype == acc:
-        out = torch.empty((R, K), dtype=acc, device=x.device)
-    else:
-        out = torch.empty((split, R, K), dtype=acc, device=x.device)
-    strides = ((0,) + out.stride()) if out.dim() == 2 else out.stride()
-    lam, state = slots.args()
-    launch(_reduce_rows_kernel, (triton.cdiv(R, br), triton.cdiv(K, bk), split),
-           s, lam, state, x, out, M, K, R, slots.alpha, slots.reserve, rows_per_split,
-           s.stride(0), s.stride(1), x.stride(0), x.stride(1), *strides,
-           USE_ATOMIC=use_atomic, **slots.consts(), BLOCK_R=br, BLOCK_K=bk, BLOCK_M=bm,
-           **_dot(cfg), num_warps=8 if br >= 64 else 4)
-    if out.dim() == 3:
-        out = out.sum(0) if split > 1 else out[0]
-    return out if out.dtype == out_like.dtype else out.to(out_like.dtype)

@@ -1,95 +1,95 @@
-"""The exact IncreLoRA module score ``sum(|dW * G|) / sqrt(out * in)``, in cuBLAS chunks.
+"""The exact IncreLoRA module score ``sum(|dW * G|) / sqrt(out * in)`` as one Triton kernel.
 
-``dW = B diag(lam) A`` and ``G = dy.T @ x`` are (out, in); neither is ever stored whole.
-`reference.weight_grad_chunks` computes G in chunks of ``rows`` columns of dy with cuBLAS
-(``torch.mm``, bf16/fp16 operands with a float32 output where torch supports it) into one reused
-float32 (rows, in) buffer, about 4 MB, which stays in L2. After each chunk `_delta_w_score_kernel`
-reads it once: every program builds its (BLOCK_N, BLOCK_K) tile of dW from the slot buffers by
-rank-1 updates (skipping slots whose lam is 0, so a dead slot's values are never read) and stores
-``sum |dW * G|`` of the tile into its own partial. The partials are summed once at the end, in a
-fixed order: no atomics, the result is deterministic.
-
-Per call: ceil(out / rows) GEMMs (dy read once in all, x once per chunk), as many epilogue
-launches, one reduction; nothing of size M x out, M x in or out x in is allocated.
+``dW = B diag(lam_eff) A`` and ``G = dy.T @ x`` are (out, in); neither is ever stored. Each
+program of `_score_tiles_kernel` owns one (BLOCK_N, BLOCK_K) tile: it computes that tile of G by
+a sweep over all M rows (a GEMM, pipelined by Triton like any other), builds the same tile of dW
+from the slot buffers (lam_eff from the slot states inside the kernel; slots whose lam_eff is 0
+are masked by value, so NaN or inf in a dead slot never counts) and stores ``sum |dW * G|`` of
+the tile into its own partial. `lowrank._finish_kernel` sums the partials in a fixed order and
+adds the scaled total into the 0-d score: no atomics, deterministic, no memset, and nothing of
+size out x in, M x out or M x in is allocated.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from ..reference import score_chunk_rows, weight_grad_chunks
-from .utils import is_interpreted, launch
+from .lowrank import _slot_lambda
+from .utils import MAX_R_MAX, block, dot_config, is_interpreted, launch, row_major
 
 
 @triton.jit
-def _delta_w_score_kernel(
-    g_ptr, a_ptr, b_ptr, lam_ptr, part_ptr,
-    N, K, R, part_offset,
-    stride_gn, stride_ar, stride_ak, stride_bn, stride_br,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, ACC: tl.constexpr,
+def _score_tiles_kernel(
+    dy_ptr, x_ptr, a_ptr, b_ptr, lam_ptr, state_ptr, part_ptr,
+    M, N, K, R, alpha, reserve,
+    stride_dym, stride_xm, stride_ar, stride_ak, stride_bn, stride_br,
+    SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr, OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """part[part_offset + tile] = sum over one (BLOCK_N, BLOCK_K) tile of |(B diag(lam) A) * G|,
-    for one chunk: G (N, K) and B (N, R) are that chunk's rows."""
+    """part[tile] = sum over one (BLOCK_N, BLOCK_K) tile of |(B diag(lam_eff) A) * (dy.T x)|."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = (pid_k * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = rn < N
     k_ok = rk < K
+    # dW tile by chunks of 16 slots: one (BLOCK_N, BLOCK_R) x (BLOCK_R, BLOCK_K) float32 dot
+    # spills at r_max 128.
     dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    for r in range(0, R):
-        lam = tl.load(lam_ptr + r).to(ACC)
-        if lam != 0:
-            b = tl.load(b_ptr + rn * stride_bn + r * stride_br, mask=n_ok, other=0.0).to(ACC)
-            a = tl.load(a_ptr + r * stride_ar + rk * stride_ak, mask=k_ok, other=0.0).to(ACC)
-            dw += (b * lam)[:, None] * a[None, :]
-    g = tl.load(g_ptr + rn[:, None] * stride_gn + rk[None, :],
-                mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-    part = tl.sum(tl.sum(tl.abs(dw * g.to(ACC)), axis=1), axis=0)
-    tile = pid_n * tl.num_programs(1) + pid_k
-    tl.store(part_ptr + part_offset + tile, part)
+    for r0 in range(0, R, 16):
+        rr = r0 + tl.arange(0, 16)
+        r_ok = rr < R
+        lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                     SLOTS, BLOCK_R, ACC)
+        live = lam_eff != 0
+        b = tl.load(b_ptr + rn[:, None] * stride_bn + rr[None, :] * stride_br,
+                    mask=n_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
+        b = tl.where(live[None, :], b * lam_eff[None, :], 0.0)
+        a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
+                    mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+        a = tl.where(live[:, None], a, 0.0)
+        dw = tl.dot(b, a, dw, input_precision="ieee", out_dtype=ACC)
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = rm < M
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.dot(tl.trans(dy.to(OP).to(DOT)), x.to(OP).to(DOT), g,
+                   input_precision=PRECISION, out_dtype=ACC)
+    part = tl.sum(tl.sum(tl.abs(dw * g), axis=1), axis=0)
+    tl.store(part_ptr + pid_n * tl.num_programs(1) + pid_k, part)
 
 
 def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
-                   lora_B: torch.Tensor, lam: torch.Tensor, score_out: torch.Tensor, *,
-                   chunk_rows: Optional[int] = None) -> None:
-    """Add ``sum(|B diag(lam) A * (dy.T @ x)|) / sqrt(out * in)`` into the 0-d ``score_out``.
+                   lora_B: torch.Tensor, lam: torch.Tensor, score_out: torch.Tensor) -> None:
+    """Add ``sum(|B diag(lam) A * (dy.T @ x)|) / sqrt(out * in)`` into the 0-d ``score_out``
+    (the score on its own; the adapted linear's backward fuses the same kernel instead).
 
     Args:
-        dy: (M, out), any float dtype and strides.
-        x: (M, in), any float dtype and strides (may differ from dy's and from the adapter's).
+        dy: (M, out), x: (M, in), any float dtypes and strides; G = dy.T x is computed in the
+            wider of their dtypes with a float32 accumulator (float64 when either is float64).
         lora_A, lora_B: (r_max, in) and (out, r_max) slot buffers, any float dtype.
         lam: (r_max,) effective lambda (mask and scale applied); slots with lam == 0 are skipped.
         score_out: 0-d float32 (or float64) accumulator.
-        chunk_rows: columns of dy per chunk; default `reference.score_chunk_rows`.
-
-    G and dW are accumulated in float32 (float64 when any input is float64).
     """
-    N, K = dy.shape[1], x.shape[1]
-    R = lora_A.shape[0]
-    wide = torch.float64 in (dy.dtype, x.dtype, lora_A.dtype, lora_B.dtype, lam.dtype)
-    acc, acc_tl = (torch.float64, tl.float64) if wide else (torch.float32, tl.float32)
-    rows = min(chunk_rows or score_chunk_rows(N, K), N)
-    lam = lam.contiguous()
-    if is_interpreted(_delta_w_score_kernel):
-        bn, bk, warps = 16, 16, 1
-    else:
-        bn, bk, warps = 32, 64, 4
-    tiles = triton.cdiv(rows, bn) * triton.cdiv(K, bk)
-    n_chunks = triton.cdiv(N, rows)
-    parts = torch.zeros(n_chunks * tiles, dtype=acc, device=dy.device)
-    guard = torch.cuda.device(dy.device) if dy.is_cuda else contextlib.nullcontext()
-    with guard:
-        for i, (n0, n1, g) in enumerate(weight_grad_chunks(dy, x, acc, rows)):
-            b = lora_B[n0:n1]
-            launch(_delta_w_score_kernel, (triton.cdiv(n1 - n0, bn), triton.cdiv(K, bk)),
-                   g, lora_A, b, lam, parts,
-                   n1 - n0, K, R, i * tiles,
-                   g.stride(0), lora_A.stride(0), lora_A.stride(1), b.stride(0), b.stride(1),
-                   BLOCK_N=bn, BLOCK_K=bk, ACC=acc_tl, num_warps=warps)
-        score_out.add_((parts.sum() / math.sqrt(N * K)).to(score_out.dtype))
+    op = torch.promote_types(dy.dtype, x.dtype)
+    wide = torch.float64 in (op, lora_A.dtype, lora_B.dtype, lam.dtype)
+    cfg = dot_config(torch.float64 if wide else op, is_interpreted(_score_tiles_kernel))
+    dy, x = row_major(dy), row_major(x)
+    (M, N), K, R = dy.shape, x.shape[1], lora_A.shape[0]
+    bn, bk, bm = (16, 16, 16) if is_interpreted(_score_tiles_kernel) else (32, 32, 32)
+    grid = (-(-N // bn), -(-K // bk))
+    parts = torch.empty(grid[0] * grid[1], dtype=cfg.acc_torch, device=dy.device)
+    launch(_score_tiles_kernel, grid, dy, x, lora_A, lora_B, lam, lam, parts,
+           M, N, K, R, 1.0, 0.0, dy.stride(0), x.stride(0), lora_A.stride(0), lora_A.stride(1),
+           lora_B.stride(0), lora_B.stride(1), SLOTS=False, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
+           BLOCK_R=block(R, MAX_R_MAX), OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc,
+           PRECISION=cfg.precision)
+    score_out.add_((parts.sum() / math.sqrt(N * K)).to(score_out.dtype))
