@@ -7,8 +7,10 @@ so `HostReads` recognises the calls themselves:
 
 - a ``TorchFunctionMode`` sees the Python-level reads: ``item``, ``tolist``, ``numpy``, ``cpu``,
   ``__bool__``, ``__int__``, ``__float__``, ``__index__``, ``__format__``, ``Tensor.to`` with an
-  explicit CPU device (on the CPU a ``.to("cpu")`` is a read wherever the tensor lives on a GPU),
-  and ``copy_`` into a CPU tensor from a tensor on another device;
+  explicit CPU device (on the CPU a ``.to("cpu")`` is a read wherever the tensor lives on a GPU)
+  unless torch's own code makes the call (``clip_grad_norm_`` moves per-tensor norms to the
+  first gradient's device, which is no read), and ``copy_`` into a CPU tensor from a tensor on
+  another device;
 - a ``TorchDispatchMode`` is the backstop for reads that do not pass through Python methods:
   ``aten._local_scalar_dense`` (the op behind every scalar read), ``aten.equal`` and
   ``aten.is_nonzero`` (return Python bools), and ops whose output shape depends on the data
@@ -22,6 +24,7 @@ proves nothing.
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -59,7 +62,8 @@ class _FunctionReads(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         read = func in _READ_METHODS
         if func is torch.Tensor.to:
-            read = _to_cpu(args, kwargs)
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            read = _to_cpu(args, kwargs) and not caller.startswith("torch.")
         elif func is torch.Tensor.copy_:
             dst, src = args[0], args[1]
             read = dst.device.type == "cpu" and isinstance(src, torch.Tensor) \
