@@ -15,7 +15,8 @@ Other trainable parameters (e.g. a classifier) follow the ordinary warmup + line
 A step works per parameter group and device: the masks, stamps, step counts and schedules of all
 its slots are handled at once as flat vectors. The masks and stamps are cached and rebuilt only
 when a layer's ``slot_version`` changes, and the schedule is computed on the device, so a step
-reads no tensor on the host (the step can be captured in a CUDA graph between allocation rounds). On CUDA each tensor then gets one fused Triton kernel; elsewhere (and with
+reads no tensor on the host (a step between allocation rounds can be captured in a CUDA graph).
+On CUDA each tensor then gets one fused Triton kernel; elsewhere (and with
 ``INCRELORA_BACKEND=torch``) tensors of one shape, slot dimension and dtype are stacked and
 updated together (`masked_adamw_values`, the math of `masked_adamw_torch_`): a few stacked
 operations per distinct shape instead of a dozen small ones per tensor.
