@@ -18,6 +18,8 @@ so `HostReads` recognises the calls themselves:
   an output size).
 
 A scalar read seen by the function mode is counted once, not again by the dispatch mode.
+Reads made inside modules named in ``allow`` (e.g. a third-party model's own mask checks) are
+listed apart, in ``allowed``.
 Both modes are thread-local state that autograd carries into backward, so reads in backward
 hooks are counted too. Use `HostReads.self_check` in a test first: a counter that misses reads
 proves nothing.
@@ -25,7 +27,7 @@ proves nothing.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -103,15 +105,25 @@ class HostReads:
     """Context manager recording every host read of a tensor made inside it.
 
     ``reads`` lists them in order, each by the method or aten op that read (``Tensor.item``,
-    ``aten._local_scalar_dense.default``, ...). ``len(counter)`` is their number.
+    ``aten._local_scalar_dense.default``, ...). ``len(counter)`` is their number. Reads made
+    while a module whose ``__name__`` starts with one of ``allow`` is on the Python stack go to
+    ``allowed`` instead.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, allow: Tuple[str, ...] = ()) -> None:
         self.reads: List[str] = []
+        self.allowed: List[str] = []
+        self.allow = tuple(allow)
         self._inside = 0
         self._modes: Optional[tuple] = None
 
     def _record(self, what: str) -> None:
+        frame = sys._getframe(1)
+        while self.allow and frame is not None:
+            if frame.f_globals.get("__name__", "").startswith(self.allow):
+                self.allowed.append(what)
+                return
+            frame = frame.f_back
         self.reads.append(what)
 
     def __len__(self) -> int:

@@ -154,6 +154,31 @@ def test_the_loop_keeps_every_loss_and_reads_the_rank_only_at_log_points(tiny):
                     for i in range(steps)]
 
 
+def test_loop_steps_read_the_host_only_at_log_points_and_rounds(tiny):
+    """A tiny BERT through `train_loop`: steps that are neither a log point nor an allocation
+    round read nothing, apart from transformers' own attention-mask check (``mask.all()``)."""
+    from increlora_fast.training.loop import LOG_EVERY, LoopState, train_loop
+    steps = 2 * LOG_EVERY + 3
+    _, _, run, batches = _build(tiny, steps)
+    collated = [batches.train_batch(step) for step in range(steps)]  # collation reads the host
+    batches.train_batch = collated.__getitem__
+    per_step = []
+    with HostReads(allow=("transformers.masking_utils",)) as counter:
+        def on_step_end(state):
+            per_step.append(list(counter.reads))
+            counter.reads.clear()
+        train_loop(run, batches, steps, run.settings.grad_clip, LoopState(), progress=False,
+                   on_step_end=on_step_end)
+    rounds = {e["step"] for e in run.controller.allocation_log}
+    logs = {LOG_EVERY - 1, 2 * LOG_EVERY - 1, steps - 1}
+    assert rounds and run.controller.budget_reached and len(counter.allowed) >= steps
+    for step, reads in enumerate(per_step):
+        if step in rounds or step in logs:
+            assert reads, f"step {step} should read (a round or a log point)"
+        else:
+            assert reads == [], f"step {step} read {reads}"
+
+
 def test_a_nonfinite_loss_is_named_by_its_step_at_the_next_log_point(tiny):
     from increlora_fast.training.loop import LoopState, train_loop
     _, _, run, batches = _build(tiny, 7)

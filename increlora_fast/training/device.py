@@ -123,9 +123,10 @@ class Placement:
 
     def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The batch on the device; to CUDA from pinned host memory without waiting
-        (``non_blocking``). On the CPU the tensors are returned as they are."""
+        (``non_blocking``). Tensors already on the device are returned as they are."""
         if self.device.type != "cuda":
-            return {k: v.to(self.device) for k, v in batch.items()}
+            return {k: v if v.device == self.device else v.to(self.device)
+                    for k, v in batch.items()}
         return {k: (v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v)
                 .to(self.device, non_blocking=True) for k, v in batch.items()}
 
