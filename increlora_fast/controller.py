@@ -353,9 +353,10 @@ class IncreLoRAController:
                              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(trainable A/B slots, slot weights in the adapter dtype, their diagonal matrices) of
         one penalty group, each stacked over its members; cached until a member's
-        ``slot_version``, the adapter dtype or the device changes."""
+        ``slot_version`` or ``advance_learning``, the adapter dtype or the device changes."""
         lora_a = members[0].lora_A
-        key = (tuple(m.slot_version for m in members), lora_a.dtype, lora_a.device)
+        key = (tuple((m.slot_version, m.advance_learning) for m in members), lora_a.dtype,
+               lora_a.device)
         cached = self._penalty_masks.get(index)
         if cached is None or cached[0] != key:
             used = torch.stack([m.active_mask if not self.config.reserve_in_penalty

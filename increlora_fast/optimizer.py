@@ -69,6 +69,12 @@ def schedule_multiplier(step: Union[int, torch.Tensor], start: Union[int, torch.
     return torch.where(since < warmup_steps, torch.minimum(warm, decay), decay).clamp(min=0)
 
 
+def _layout_key(layer: IncreLoRALinear) -> Tuple[int, bool]:
+    """What a layer's masks and schedule starts depend on, known on the host: its
+    ``slot_version`` and whether its reserve slots train (``advance_learning``)."""
+    return layer.slot_version, layer.advance_learning
+
+
 def _fused_kernel_applies(p: torch.Tensor) -> bool:
     """Whether ``p`` is stepped by the fused Triton kernel, one launch per tensor."""
     return p.is_cuda and select_backend(p) == "triton"
@@ -114,8 +120,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self.global_step = 0
         # id(adapter tensor) -> the layer's slot_version at that tensor's last step.
         self._seen_version: Dict[int, int] = {}
-        # layer -> (slot_version, its trainable_slot_masks()).
-        self._layer_masks: Dict[IncreLoRALinear, Tuple[int, Tuple[torch.Tensor, torch.Tensor]]] = {}
+        # layer -> (its _layout_key, its trainable_slot_masks()).
+        self._layer_masks: Dict[IncreLoRALinear, Tuple[tuple, Tuple[torch.Tensor, ...]]] = {}
         # (group index, device) -> (key, flat mask, its float32 split per tensor, flat start).
         self._flat: Dict[tuple, tuple] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
@@ -194,9 +200,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
     def _flat_slots(self, where: tuple, order: List[torch.Tensor],
                     slots: List[_Slots]) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
         """(flat mask, its float32 parts per tensor, flat schedule starts) of ``slots`` (the
-        slots of the tensors ``order``), cached until the tensors or a layer's
-        ``slot_version`` change."""
-        key = tuple((id(p), self._slots[id(p)][0].slot_version if id(p) in self._slots else -1)
+        slots of the tensors ``order``), cached until the tensors or a layer's `_layout_key`
+        change."""
+        key = tuple((id(p), _layout_key(self._slots[id(p)][0]) if id(p) in self._slots else None)
                     for p in order)
         cached = self._flat.get(where)
         if cached is None or cached[0] != key:
@@ -207,11 +213,11 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         return cached[1], cached[2], cached[3]
 
     def _masks(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The layer's `trainable_slot_masks`, recomputed only when its ``slot_version``
+        """The layer's `trainable_slot_masks`, recomputed only when its `_layout_key`
         changed."""
         cached = self._layer_masks.get(layer)
-        if cached is None or cached[0] != layer.slot_version:
-            cached = (layer.slot_version, layer.trainable_slot_masks())
+        if cached is None or cached[0] != _layout_key(layer):
+            cached = (_layout_key(layer), layer.trainable_slot_masks())
             self._layer_masks[layer] = cached
         return cached[1]
 

@@ -100,6 +100,23 @@ def test_a_nonfinite_tracked_step_reads_nothing_and_its_round_waits_and_warns():
     assert {e["step"] for e in controller.allocation_log} == {6}
 
 
+def test_cached_masks_follow_a_change_of_advance_learning():
+    """The optimizer's and the penalty's masks are cached by slot_version and advance_learning:
+    reserve slots frozen mid-run stop training at once (momentum and weight decay included)."""
+    model, optimizer, controller = _setup("delta_w")
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    _train_step(model, optimizer, controller, 0, x, y)
+    layer = controller.layers[0]
+    reserve = layer.reserve_mask.clone()
+    assert reserve.any()
+    layer.advance_learning = False
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    _train_step(model, optimizer, controller, 1, x, y)
+    assert torch.equal(layer.lora_A[reserve], a[reserve])
+    assert torch.equal(layer.lora_B[:, reserve], b[:, reserve])
+    assert not torch.equal(layer.lora_A[~reserve], a[~reserve])
+
+
 # ---------------------------------------------------------------- the finetune loop
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
