@@ -8,6 +8,12 @@ With ``score="delta_w"`` the exact score is tracked only inside the window of
 ``IncreLoRAConfig.score_window`` steps before each allocation round (`IncreLoRAController.is_tracked`):
 at the end of ``step(s)`` the controller switches the layers' ``score_enabled`` on or off for the
 forward and backward passes of step ``s + 1``, so untracked steps pay nothing for the score.
+
+Outside allocation rounds ``step(s)`` and `IncreLoRAController.regularization_loss` read no tensor
+on the host (no device sync; the step can later be captured in a CUDA graph): the scores and their
+EMAs stay on the layers' device, a step with non-finite scores is dropped with ``torch.where``, and
+its warning waits for the next allocation round, where the host is read anyway. The penalty's
+masks are cached per group of modules and rebuilt only when a layer's ``slot_version`` changes.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import math
 import random
 import warnings
 from collections import defaultdict
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -74,8 +80,18 @@ class IncreLoRAController:
         self.names: List[str] = [n for n, _ in named]
         self.layers: List[IncreLoRALinear] = [m for _, m in named]
         self.total_budget = self.config.total_budget(len(self.layers))
-        self.ipt = torch.zeros(len(self.layers), dtype=torch.float64)
-        self.unc = torch.zeros(len(self.layers), dtype=torch.float64)
+        # Smoothed importance and uncertainty (float64, on the layers' device), and the first
+        # step whose scores were non-finite and not yet warned about (-1: none).
+        device = self.layers[0].lora_A.device
+        self.ipt = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self.unc = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
+        self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        # The penalty's modules grouped by shape, and per group its cached masks.
+        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
+        for layer in self.layers:
+            groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
+        self._penalty_groups: List[List[IncreLoRALinear]] = list(groups.values())
+        self._penalty_masks: Dict[int, tuple] = {}
         self.allocation_log: List[dict] = []
         self.budget_reached = False
         self.round_pending = False
@@ -105,8 +121,9 @@ class IncreLoRAController:
         return {n: layer.active_rank for n, layer in zip(self.names, self.layers)}
 
     def importance(self) -> torch.Tensor:
-        """Final module scores (smoothed importance x uncertainty), in module order."""
-        return self.ipt * self.unc
+        """Final module scores (smoothed importance x uncertainty), in module order, as a CPU
+        float64 tensor (a host read)."""
+        return (self.ipt * self.unc).cpu()
 
     def is_tracked(self, step: int) -> bool:
         """Whether optimizer step ``step`` updates the scores, given the current state.
@@ -138,9 +155,12 @@ class IncreLoRAController:
                 ``scaler.unscale_(optimizer)`` first, as for clipping).
 
         A step with non-finite scores (overflow, NaN loss) changes nothing, and an allocation
-        round due at it waits for the next finite step. Steps outside the score window
-        (`is_tracked`) change nothing either; at the end the layers' tracking is set for
-        ``step + 1``.
+        round due at it waits for the next finite step; the warning about it (once) comes at the
+        next allocation round. Steps outside the score window (`is_tracked`) change nothing
+        either; at the end the layers' tracking is set for ``step + 1``.
+
+        Only allocation rounds (a due or pending round) read tensors on the host; other steps
+        only queue device work.
         """
         if self.budget_reached:
             return
@@ -179,21 +199,44 @@ class IncreLoRAController:
         scores = self._collect_scores()
         if cfg.score == "delta_w":
             scores = scores / loss_scale  # fused/exact scores come from the scaled dy
-        if not torch.isfinite(scores).all():
-            self.round_pending = due
-            if not self._warned_nonfinite:
-                self._warned_nonfinite = True
-                warnings.warn(f"IncreLoRA: non-finite importance scores at step {step}; scores "
-                              "and allocation skip this step (warned once)", RuntimeWarning)
-            return
+        self._move_scores_to(scores.device)
+        # A non-finite step leaves the EMAs as they were, decided on the device.
+        finite = torch.isfinite(scores).all()
         b1, b2 = cfg.beta1, cfg.beta2
-        self.ipt = b1 * self.ipt + (1 - b1) * scores
-        self.unc = b2 * self.unc + (1 - b2) * (scores - self.ipt).abs()
-        self.round_pending = False
-        if due:
+        ipt = b1 * self.ipt + (1 - b1) * scores
+        unc = b2 * self.unc + (1 - b2) * (scores - ipt).abs()
+        self.ipt = torch.where(finite, ipt, self.ipt)
+        self.unc = torch.where(finite, unc, self.unc)
+        if not self._warned_nonfinite:
+            self._nonfinite_step = torch.where(finite | (self._nonfinite_step >= 0),
+                                               self._nonfinite_step, step)
+        if not due:
+            return
+        # An allocation round: reading the host is allowed from here on.
+        self._warn_nonfinite()
+        self.round_pending = not bool(finite)
+        if not self.round_pending:
             self._allocate(step)
 
+    def _move_scores_to(self, device: torch.device) -> None:
+        """Keep the EMAs on the scores' device (the model may have moved since construction)."""
+        if self.ipt.device != device:
+            self.ipt, self.unc = self.ipt.to(device), self.unc.to(device)
+            self._nonfinite_step = self._nonfinite_step.to(device)
+
+    def _warn_nonfinite(self) -> None:
+        """Warn (once) about the first step whose scores were non-finite, if any (a host read)."""
+        if self._warned_nonfinite:
+            return
+        first = int(self._nonfinite_step)
+        if first >= 0:
+            self._warned_nonfinite = True
+            warnings.warn(f"IncreLoRA: non-finite importance scores at step {first}; scores "
+                          "and allocation skip such steps (warned once)", RuntimeWarning)
+
     def _has_backward_data(self) -> bool:
+        """Whether backward ran since the last step; the score accumulators are read on the host
+        only when no adapter has a gradient (a misplaced call)."""
         if any(layer.lora_lambda.grad is not None for layer in self.layers):
             return True
         if self.config.score == "delta_w":
@@ -201,17 +244,18 @@ class IncreLoRAController:
                        for layer in self.layers)
         return False
 
+    @torch.no_grad()  # the triplet score multiplies parameters: keep the EMAs out of autograd
     def _collect_scores(self) -> torch.Tensor:
         device = self.layers[0].lora_A.device
         if self.config.score == "random":  # the ranking ignores scores: compute none
-            return torch.zeros(len(self.layers), dtype=torch.float64)
+            return torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         if self.config.score == "triplet":
             raw = [triplet_score(layer) for layer in self.layers]
         elif self.exact_step_score:
             raw = [self._exact_score(layer) for layer in self.layers]
         else:
             raw = [layer.take_score() for layer in self.layers]
-        scores = torch.stack([r.to(device) for r in raw]).double()
+        scores = torch.stack([r if r.device == device else r.to(device) for r in raw]).double()
         world = _world_size()
         if world > 1:
             if self.config.score == "delta_w" and not self.exact_step_score:
@@ -220,7 +264,7 @@ class IncreLoRAController:
                 dist.all_reduce(scores)
                 scores /= world
             dist.broadcast(scores, src=0)  # every rank takes the very same decisions
-        return scores.cpu()
+        return scores
 
     def _exact_score(self, layer: IncreLoRALinear) -> torch.Tensor:
         grad = layer.take_score_grad()
@@ -288,33 +332,45 @@ class IncreLoRAController:
     def regularization_loss(self) -> torch.Tensor:
         """orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules),
         over active and reserve slots (active only with ``reserve_in_penalty=False``), batched
-        over modules of the same shape."""
+        over modules of the same shape. The slot masks are cached per group and rebuilt only
+        when a member's ``slot_version`` changes; nothing is read on the host."""
         device = self.layers[0].lora_A.device
         if self.config.orth_reg_weight == 0:
             return torch.zeros((), device=device)
-        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
-        for layer in self.layers:
-            groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
         total = torch.zeros((), device=device)
-        for members in groups.values():
-            used = torch.stack([m.active_mask if not self.config.reserve_in_penalty
-                                else m.slot_state != SlotState.INACTIVE for m in members])
-            trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
-            w = used.to(members[0].lora_A.dtype)
+        for index, members in enumerate(self._penalty_groups):
+            trains, w, eye = self._penalty_group_masks(index, members)
             # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
             a = torch.stack([m.lora_A for m in members])
             a = torch.where(trains[:, :, None], a, a.detach()) * w[:, :, None]
             b = torch.stack([m.lora_B for m in members])
             b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
-            eye = torch.diag_embed(w)
             total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
                 + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
         return self.config.orth_reg_weight * total / (2 * len(self.layers))
 
+    def _penalty_group_masks(self, index: int, members: List[IncreLoRALinear]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(trainable A/B slots, slot weights in the adapter dtype, their diagonal matrices) of
+        one penalty group, each stacked over its members; cached until a member's
+        ``slot_version`` or ``advance_learning``, the adapter dtype or the device changes."""
+        lora_a = members[0].lora_A
+        key = (tuple((m.slot_version, m.advance_learning) for m in members), lora_a.dtype,
+               lora_a.device)
+        cached = self._penalty_masks.get(index)
+        if cached is None or cached[0] != key:
+            used = torch.stack([m.active_mask if not self.config.reserve_in_penalty
+                                else m.slot_state != SlotState.INACTIVE for m in members])
+            trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
+            w = used.to(lora_a.dtype)
+            cached = (key, trains, w, torch.diag_embed(w))
+            self._penalty_masks[index] = cached
+        return cached[1], cached[2], cached[3]
+
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         """Everything needed to resume; the slot states themselves live in the model."""
-        return {"ipt": self.ipt.clone(), "unc": self.unc.clone(),
+        return {"ipt": self.ipt.detach().cpu().clone(), "unc": self.unc.detach().cpu().clone(),
                 "budget_reached": self.budget_reached, "round_pending": self.round_pending,
                 "names": list(self.names),
                 "allocation_log": [dict(e) for e in self.allocation_log],
@@ -356,8 +412,10 @@ class IncreLoRAController:
         generator = torch.Generator().manual_seed(self.config.seed)
         if state.get("generator") is not None:
             generator.set_state(state["generator"])
-        self.ipt = state["ipt"].clone().double()
-        self.unc = state["unc"].clone().double()
+        device = self.layers[0].lora_A.device
+        self.ipt = state["ipt"].to(device=device, dtype=torch.float64, copy=True)
+        self.unc = state["unc"].to(device=device, dtype=torch.float64, copy=True)
+        self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
         self.budget_reached = bool(state["budget_reached"])
         self.round_pending = bool(state.get("round_pending", False))
         self.allocation_log = [dict(e) for e in state["allocation_log"]]

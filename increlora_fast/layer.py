@@ -7,6 +7,10 @@ shape, so optimizers, DDP and compiled graphs stay valid.
 
 The layer computes; when and where to grow is decided by `IncreLoRAController`, which calls
 `activate_reserve`, `add_reserve` and `retire_reserve` here.
+
+Every change of the slot states or stamps bumps the layer's host-side ``slot_version`` (see
+`IncreLoRALinear.mark_slots_changed`), so consumers (the optimizer's restart detection, cached
+masks) notice news without reading a tensor on the host.
 """
 from __future__ import annotations
 
@@ -138,6 +142,7 @@ class IncreLoRALinear(nn.Module):
         self.score_grad: Optional[torch.Tensor] = None
         self.merged = False
         self.adapter_enabled = True
+        self.slot_version = 0
         with torch.no_grad():
             nn.init.normal_(self.lora_A, std=INIT_STD)
             nn.init.normal_(self.lora_B, std=INIT_STD)
@@ -192,6 +197,15 @@ class IncreLoRALinear(nn.Module):
         """The fixed lambda every reserve slot computes with (0 without advance learning)."""
         return self.reserve_lambda if self.advance_learning else 0.0
 
+    def mark_slots_changed(self) -> None:
+        """Bump ``slot_version``: call after changing ``slot_state``, ``slot_alloc_step`` or
+        ``slot_active_step`` in place (this layer's own methods and loading a state dict do)."""
+        self.slot_version += 1
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.mark_slots_changed()
+
     @torch.no_grad()
     def activate_reserve(self, n: int, step: int) -> int:
         """Turn the first ``n`` reserve slots active; their trained A and B are kept and their
@@ -200,6 +214,7 @@ class IncreLoRALinear(nn.Module):
         self.lora_lambda[idx] = self.reserve_value()
         self.slot_state[idx] = SlotState.ACTIVE
         self.slot_active_step[idx] = step
+        self.mark_slots_changed()
         return int(idx.numel())
 
     @torch.no_grad()
@@ -242,6 +257,7 @@ class IncreLoRALinear(nn.Module):
         self.slot_state[idx] = SlotState.RESERVE
         self.slot_alloc_step[idx] = step
         self.slot_active_step[idx] = -1
+        self.mark_slots_changed()
         return int(idx.numel())
 
     @torch.no_grad()
@@ -253,6 +269,7 @@ class IncreLoRALinear(nn.Module):
         idx = torch.nonzero(self.reserve_mask).flatten()
         self.lora_lambda[idx] = 0.0
         self.slot_state[idx] = SlotState.INACTIVE
+        self.mark_slots_changed()
 
     # ------------------------------------------------------------------ computation
     def scale(self) -> torch.Tensor:

@@ -6,12 +6,17 @@ For adapter tensors every slot (row of A, column of B, entry of lambda) has
   section 5, the authors' per-group schedulers on fixed shapes);
 - fresh moments and bias correction whenever the layer re-allocates or activates it, detected by
   comparing the layer's ``slot_alloc_step`` / ``slot_active_step`` with what the optimizer last saw;
+  that comparison runs on the device, and only for the tensors of layers whose host-side
+  ``slot_version`` changed since their last step (every tensor on the first step and after
+  `IncreLoRAAdamW.load_state_dict`);
 - a mask: inactive slots, and reserve lambdas, are left bitwise unchanged (no weight-decay drift).
 Other trainable parameters (e.g. a classifier) follow the ordinary warmup + linear decay from step 0.
 
 A step works per parameter group and device: the masks, stamps, step counts and schedules of all
-its slots are handled at once as flat vectors (each layer's masks computed once for its A, B and
-lambda). On CUDA each tensor then gets one fused Triton kernel; elsewhere (and with
+its slots are handled at once as flat vectors. The masks and stamps are cached and rebuilt only
+when a layer's ``slot_version`` changes, and the schedule is computed on the device, so a step
+reads no tensor on the host (a step between allocation rounds can be captured in a CUDA graph).
+On CUDA each tensor then gets one fused Triton kernel; elsewhere (and with
 ``INCRELORA_BACKEND=torch``) tensors of one shape, slot dimension and dtype are stacked and
 updated together (`masked_adamw_values`, the math of `masked_adamw_torch_`): a few stacked
 operations per distinct shape instead of a dozen small ones per tensor.
@@ -21,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from itertools import chain
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -37,15 +42,20 @@ ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
 BOOKKEEPING_STATE = ("step", "slot_count", "seen_alloc", "seen_active")
 
 
-def schedule_multiplier(step: torch.Tensor, start: torch.Tensor, warmup_steps: int,
-                        total_step: Optional[int]) -> torch.Tensor:
+def schedule_multiplier(step: Union[int, torch.Tensor], start: Union[int, torch.Tensor],
+                        warmup_steps: int, total_step: Optional[int]) -> torch.Tensor:
     """Learning-rate multiplier at optimizer step ``step`` of a schedule that began at ``start``.
 
     Linear warmup from 0 over ``warmup_steps``, then linear decay reaching 0 at ``total_step``
     (constant 1 when ``total_step`` is None), as transformers' linear schedule shifted to ``start``.
+    Computed in float64 on the device of ``start`` (a Python ``step`` is filled in there, not
+    copied from the host).
     """
-    step = torch.as_tensor(step, dtype=torch.float64)
     start = torch.as_tensor(start, dtype=torch.float64)
+    if isinstance(step, torch.Tensor):
+        step = step.to(dtype=torch.float64, device=start.device)
+    else:
+        step = torch.full_like(start, step)
     since = step - start
     if warmup_steps > 0:
         warm = since / warmup_steps
@@ -57,6 +67,12 @@ def schedule_multiplier(step: torch.Tensor, start: torch.Tensor, warmup_steps: i
         decay = ((total_step - step) / (total_step - start - warmup_steps).clamp(min=1)).clamp(min=0)
     # min(): a schedule that starts within warmup_steps of the end still reaches 0 there.
     return torch.where(since < warmup_steps, torch.minimum(warm, decay), decay).clamp(min=0)
+
+
+def _layout_key(layer: IncreLoRALinear) -> Tuple[int, bool]:
+    """What a layer's masks and schedule starts depend on, known on the host: its
+    ``slot_version`` and whether its reserve slots train (``advance_learning``)."""
+    return layer.slot_version, layer.advance_learning
 
 
 def _fused_kernel_applies(p: torch.Tensor) -> bool:
@@ -102,6 +118,14 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._slots = slots
         self.global_step = 0
+        # id(adapter tensor) -> the layer's slot_version at that tensor's last step.
+        self._seen_version: Dict[int, int] = {}
+        # layer -> (its _layout_key, its trainable_slot_masks()).
+        self._layer_masks: Dict[IncreLoRALinear, Tuple[tuple, Tuple[torch.Tensor, ...]]] = {}
+        # (group index, device) -> (key, flat mask, its float32 split per tensor, flat start).
+        self._flat: Dict[tuple, tuple] = {}
+        # device -> (mask, start) of a dense parameter seen as one slot.
+        self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -112,6 +136,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         self.global_step = int(state_dict.pop("global_step", 0))
         super().load_state_dict(state_dict)
+        self._seen_version.clear()  # the loaded stamps are compared with the layers' anew
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -130,33 +155,34 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             by_device = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
                     by_device[p.device].append(p)
-            for params in by_device.values():
-                self._step_params(params, group)
+            for device, params in by_device.items():
+                self._step_params(params, group, (index, device))
         self.global_step += 1
         return loss
 
-    def _step_params(self, params: List[torch.Tensor], group: dict) -> None:
-        """One step of ``params``, all of one group and one device."""
-        layer_masks: Dict[IncreLoRALinear, Tuple[torch.Tensor, torch.Tensor]] = {}
-        stacks: Dict[tuple, List[_Slots]] = defaultdict(list)
+    def _step_params(self, params: List[torch.Tensor], group: dict, where: tuple) -> None:
+        """One step of ``params``, all of one group and one device (``where``: the group's
+        index and the device)."""
+        stacks: Dict[tuple, List[Tuple[torch.Tensor, _Slots]]] = defaultdict(list)
         for p in params:
-            s = self._as_slots(p, layer_masks)
-            stacks[(s.slot_dim, s.tensors[0].shape, *(t.dtype for t in s.tensors))].append(s)
+            s = self._as_slots(p)
+            stacks[(s.slot_dim, s.tensors[0].shape, *(t.dtype for t in s.tensors))].append((p, s))
         self._restart_fresh_slots([p for p in params if id(p) in self._slots])
         # Slots in stack order: each stack's per-slot values are one slice of the flat vectors.
+        order = [p for members in stacks.values() for p, _ in members]
+        stacks = {k: [s for _, s in members] for k, members in stacks.items()}
         slots = [s for members in stacks.values() for s in members]
         sizes = [len(s.mask) for s in slots]
-        mask = torch.cat([s.mask for s in slots])
-        torch._foreach_add_([s.count for s in slots], mask.to(torch.float32).split(sizes))
-        mult = schedule_multiplier(torch.tensor(self.global_step),
-                                   torch.cat([s.start for s in slots]).cpu(),
-                                   group["warmup_steps"], group["total_step"])
-        lr = (group["lr"] * mult).to(device=params[0].device, dtype=torch.float32)
+        mask, mask_parts, start = self._flat_slots(where, order, slots)
+        torch._foreach_add_([s.count for s in slots], mask_parts)
+        mult = schedule_multiplier(self.global_step, start, group["warmup_steps"],
+                                   group["total_step"])
+        lr = (group["lr"] * mult).to(torch.float32)
         beta1, beta2 = group["betas"]
         hyper = (beta1, beta2, group["eps"], group["weight_decay"])
         if _fused_kernel_applies(params[0]):
@@ -171,22 +197,44 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             _step_stack(members, [v[offset:offset + n * r].view(n, r) for v in per_slot], hyper)
             offset += n * r
 
-    def _as_slots(self, p: torch.Tensor,
-                  layer_masks: Dict[IncreLoRALinear, Tuple[torch.Tensor, torch.Tensor]]) -> _Slots:
-        """``p`` as slots, its state created on its first step; ``layer_masks`` caches each
-        layer's `trainable_slot_masks` for its three tensors."""
+    def _flat_slots(self, where: tuple, order: List[torch.Tensor],
+                    slots: List[_Slots]) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:
+        """(flat mask, its float32 parts per tensor, flat schedule starts) of ``slots`` (the
+        slots of the tensors ``order``), cached until the tensors or a layer's `_layout_key`
+        change."""
+        key = tuple((id(p), _layout_key(self._slots[id(p)][0]) if id(p) in self._slots else None)
+                    for p in order)
+        cached = self._flat.get(where)
+        if cached is None or cached[0] != key:
+            mask = torch.cat([s.mask for s in slots])
+            parts = list(mask.to(torch.float32).split([len(s.mask) for s in slots]))
+            cached = (key, mask, parts, torch.cat([s.start for s in slots]))
+            self._flat[where] = cached
+        return cached[1], cached[2], cached[3]
+
+    def _masks(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The layer's `trainable_slot_masks`, recomputed only when its `_layout_key`
+        changed."""
+        cached = self._layer_masks.get(layer)
+        if cached is None or cached[0] != _layout_key(layer):
+            cached = (_layout_key(layer), layer.trainable_slot_masks())
+            self._layer_masks[layer] = cached
+        return cached[1]
+
+    def _as_slots(self, p: torch.Tensor) -> _Slots:
+        """``p`` as slots, its state created on its first step."""
         state = self.state[p]
         if not state:
             self._init_state(p, state)
         tensors = (p, p.grad, state["exp_avg"], state["exp_avg_sq"])
         if id(p) not in self._slots:
-            return _Slots(tuple(t.view(1, -1) for t in tensors), 0,
-                          torch.ones(1, dtype=torch.bool, device=p.device),
-                          torch.zeros(1, dtype=torch.long, device=p.device), state["step"].view(1))
+            if p.device not in self._dense_slot:
+                self._dense_slot[p.device] = (torch.ones(1, dtype=torch.bool, device=p.device),
+                                              torch.zeros(1, dtype=torch.long, device=p.device))
+            return _Slots(tuple(t.view(1, -1) for t in tensors), 0, *self._dense_slot[p.device],
+                          state["step"].view(1))
         layer, kind = self._slots[id(p)]
-        if layer not in layer_masks:
-            layer_masks[layer] = layer.trainable_slot_masks()
-        ab_mask, lam_mask = layer_masks[layer]
+        ab_mask, lam_mask = self._masks(layer)
         if kind == "lora_lambda":
             return _Slots(tensors, 0, lam_mask, layer.slot_active_step, state["slot_count"])
         # Without advance learning, A and B only start training when their slot is activated.
@@ -208,23 +256,16 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
 
     def _restart_fresh_slots(self, params: List[torch.Tensor]) -> None:
         """Zero moments and step counts of the slots each adapter tensor has not seen yet: A and
-        B slots (re-)allocated since its last step, lambda slots also newly activated. One
-        comparison covers all tensors; only those with news are touched."""
-        if not params:
-            return
-        states = [self.state[p] for p in params]
-        layers = [self._slots[id(p)][0] for p in params]
-        seen_alloc = torch.cat([state["seen_alloc"] for state in states])
-        seen_active = torch.cat([state["seen_active"] for state in states])
-        changed = ((seen_alloc != torch.cat([layer.slot_alloc_step for layer in layers]))
-                   | (seen_active != torch.cat([layer.slot_active_step for layer in layers])))
-        changed = changed.tolist()
-        end = 0
-        for p, state, layer in zip(params, states, layers):
-            end += layer.r_max
-            if not any(changed[end - layer.r_max:end]):
+        B slots (re-)allocated since its last step, lambda slots also newly activated.
+
+        Only tensors whose layer changed its ``slot_version`` since their last step are
+        compared (all of them on the first step and after `load_state_dict`); the comparison
+        and the zeroing are masked operations on the device, so nothing is read on the host."""
+        for p in params:
+            layer, kind = self._slots[id(p)]
+            if self._seen_version.get(id(p)) == layer.slot_version:
                 continue
-            kind = self._slots[id(p)][1]
+            state = self.state[p]
             fresh = state["seen_alloc"] != layer.slot_alloc_step
             if kind == "lora_lambda":
                 fresh |= state["seen_active"] != layer.slot_active_step
@@ -234,6 +275,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             state["slot_count"].masked_fill_(fresh, 0)
             state["seen_alloc"].copy_(layer.slot_alloc_step)
             state["seen_active"].copy_(layer.slot_active_step)
+            self._seen_version[id(p)] = layer.slot_version
 
 
 def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None, lr: float = 1e-3,

@@ -226,4 +226,6 @@ def load_adapter(model: nn.Module, save_directory: PathLike) -> nn.Module:
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+    for layer in layers.values():
+        layer.mark_slots_changed()
     return model

@@ -59,6 +59,7 @@ def _scramble(model, layers, step, gen):
         renew = (torch.rand(R_MAX, generator=gen) < 0.3).to(layer.slot_state.device)
         layer.slot_alloc_step[renew] = step
         layer.slot_active_step[renew & layer.active_mask] = step
+        layer.mark_slots_changed()  # edited in place, not through the layer's own methods
         ab, lam = layer.trainable_slot_masks()
         for kind, mask in (("lora_A", ab), ("lora_B", ab), ("lora_lambda", lam)):
             p = getattr(layer, kind)

@@ -129,11 +129,14 @@ def test_tracking_stops_once_budget_is_reached():
     assert torch.equal(controller.ipt, ipt)
 
 
-def test_nonfinite_gradient_step_leaves_smoothed_scores_and_warns_once():
+def test_nonfinite_gradient_step_leaves_smoothed_scores_and_warns_once_at_the_next_round():
+    """A non-finite step is dropped on the device; its warning (once, naming the first bad step)
+    waits for the next allocation round, the first step that reads the host."""
+    import warnings
     torch.manual_seed(0)
     model = ParallelBranches(2)
-    config = IncreLoRAConfig(target_modules=r"branches\.\d", r_max=4, target_rank=2,
-                             init_warmup=100, incre_interval=100, score_window=100)
+    config = IncreLoRAConfig(target_modules=r"branches\.\d", r_max=8, target_rank=4,
+                             init_warmup=2, incre_interval=3, score_window=100)
     inject_increlora(model, config)
     controller = IncreLoRAController(model, config)
     model(torch.randn(3, 6)).sum().backward()
@@ -141,17 +144,27 @@ def test_nonfinite_gradient_step_leaves_smoothed_scores_and_warns_once():
     model.zero_grad()
     ipt, unc = controller.ipt.clone(), controller.unc.clone()
     assert ipt.abs().sum() > 0
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        (model(torch.full((3, 6), float("nan")))).sum().backward()
-        controller.step(1)
-    assert torch.equal(controller.ipt, ipt) and torch.equal(controller.unc, unc)
-    model.zero_grad()
-    import warnings
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        (model(torch.full((3, 6), float("inf")))).sum().backward()
-        controller.step(2)
-    assert torch.equal(controller.ipt, ipt)
+        warnings.simplefilter("error")  # steps 1 and 2 are no rounds: no host read, no warning
+        for step, bad in ((1, float("nan")), (2, float("inf"))):
+            (model(torch.full((3, 6), bad))).sum().backward()
+            controller.step(step)
+            model.zero_grad()
+            assert torch.equal(controller.ipt, ipt) and torch.equal(controller.unc, unc)
+    with pytest.warns(RuntimeWarning, match="non-finite importance scores at step 1") as caught:
+        model(torch.randn(3, 6)).sum().backward()
+        controller.step(3)  # the round
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
+    assert {e["step"] for e in controller.allocation_log} == {3}
+    model.zero_grad()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later bad steps and rounds stay quiet
+        for step in (4, 5, 6):
+            x = torch.full((3, 6), float("nan")) if step == 4 else torch.randn(3, 6)
+            model(x).sum().backward()
+            controller.step(step)
+            model.zero_grad()
+    assert {e["step"] for e in controller.allocation_log} == {3, 6}
 
 
 # ---------------------------------------------------------------- the chunked exact score

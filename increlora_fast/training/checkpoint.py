@@ -63,12 +63,15 @@ def _torch_bytes(obj) -> bytes:
 
 def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                     state: LoopState) -> Path:
-    """Write a checkpoint of ``run`` after ``state.step`` steps into ``directory``.
+    """Write a checkpoint of ``run`` after ``state.step`` steps into ``directory``; the state's
+    pending losses are read first (`LoopState.sync`, which raises FloatingPointError on a
+    non-finite one).
 
     Raises:
         CheckpointWriteError: the folder could not be written (the message says why, e.g. no
             space left); the previous checkpoint of that name, if any, is untouched.
     """
+    state.sync(run.name)
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():

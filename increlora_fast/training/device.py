@@ -122,7 +122,13 @@ class Placement:
         return torch.autocast(self.device.type, dtype=HALF_DTYPES[self.precision])
 
     def to_device(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        """The batch on the device; to CUDA from pinned host memory without waiting
+        (``non_blocking``). Tensors already on the device are returned as they are."""
+        if self.device.type != "cuda":
+            return {k: v if v.device == self.device else v.to(self.device)
+                    for k, v in batch.items()}
+        return {k: (v.pin_memory() if v.device.type == "cpu" and not v.is_pinned() else v)
+                .to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @property
     def loss_scale(self) -> float:

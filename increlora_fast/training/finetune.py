@@ -168,6 +168,7 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
 
     def on_step_end(state: LoopState) -> None:
         if state.step % save_steps == 0 and state.step < s.max_steps:
+            state.sync(run.name)  # a non-finite loss is named before the parameters are
             check_finite(run, state.step)
             name = f"{CHECKPOINT_PREFIX}{state.step}"
             save_checkpoint(out / name, run, s, state)

@@ -3,9 +3,15 @@
 Both run where a `device.Placement` says (its device and autocast precision; fp16 scales the
 loss with a ``GradScaler``, unscales before clipping and passes the scale to the method's
 ``before_optimizer_step``); without one, on the CPU in fp32.
+
+A training step reads nothing on the host by itself: its task loss and token count stay on the
+device until the next log point (every `LOG_EVERY` steps and the last step), where
+`LoopState.sync` reads them, checks the losses are finite and the progress bar shows the loss and
+the total rank.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -17,6 +23,9 @@ from .batches import Batches
 from .device import Placement
 from .methods import MethodRun
 
+# Steps between the loop's host reads (losses, token counts, the progress bar's rank).
+LOG_EVERY = 10
+
 
 @dataclass
 class LoopState:
@@ -24,6 +33,9 @@ class LoopState:
 
     ``session_tokens`` / ``session_seconds``: non-padding training tokens and training seconds of
     the steps taken by this process (not restored from a checkpoint), for tokens per second.
+    ``pending_losses`` / ``pending_tokens``: the task losses and token counts of the latest steps
+    as device tensors, not yet read on the host; `sync` moves them into ``losses`` and
+    ``session_tokens`` (call it before reading those during a run).
     """
 
     step: int = 0
@@ -31,6 +43,29 @@ class LoopState:
     train_seconds: float = 0.0
     session_tokens: int = 0
     session_seconds: float = 0.0
+    pending_losses: List[torch.Tensor] = field(default_factory=list, repr=False)
+    pending_tokens: List[torch.Tensor] = field(default_factory=list, repr=False)
+
+    def sync(self, name: str) -> None:
+        """Read the pending losses and token counts on the host (one read each) and append them.
+
+        Raises:
+            FloatingPointError: a pending loss is not finite; the message names ``name`` (the
+                method) and the first such step, and the losses before it are kept.
+        """
+        if self.pending_tokens:
+            self.session_tokens += int(torch.stack(self.pending_tokens).sum())
+            self.pending_tokens.clear()
+        if not self.pending_losses:
+            return
+        values = torch.stack(self.pending_losses).tolist()
+        first = self.step - len(values)
+        self.pending_losses.clear()
+        for offset, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{name}: the training loss became {value} at step "
+                                         f"{first + offset}; lower --lr")
+            self.losses.append(value)
 
 
 def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: float,
@@ -38,9 +73,15 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                on_step_end: Optional[Callable[[LoopState], None]] = None,
                placement: Optional[Placement] = None) -> LoopState:
     """Train from ``state.step`` to ``max_steps``; ``on_step_end`` runs after every step (the
-    caller writes checkpoints there). The progress bar shows the task loss (without penalties,
-    so methods compare) and the current total rank. ``placement``: where the model already is
-    and the precision to train in (default: CPU, fp32)."""
+    caller writes checkpoints there, after `LoopState.sync`). The progress bar shows the task
+    loss (without penalties, so methods compare) and the current total rank, refreshed every
+    `LOG_EVERY` steps and at the end, the only steps where the loop reads the device.
+    ``placement``: where the model already is and the precision to train in (default: CPU, fp32).
+
+    Raises:
+        FloatingPointError: a task loss became non-finite (found at the next log point or
+            `LoopState.sync`, naming the first such step).
+    """
     from tqdm.auto import tqdm
 
     place = placement or Placement(torch.device("cpu"), "fp32")
@@ -75,23 +116,27 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                 run.optimizer.step()
             run.after_optimizer_step(step)
             run.optimizer.zero_grad(set_to_none=True)
-            task_loss = float(F.cross_entropy(out.logits.detach().float(), batch["labels"]))
-            if not torch.isfinite(torch.tensor(task_loss)):
-                raise FloatingPointError(f"{run.name}: the training loss became {task_loss} at "
-                                         f"step {step}; lower --lr")
-            state.losses.append(task_loss)
+            state.pending_losses.append(F.cross_entropy(out.logits.detach().float(),
+                                                        batch["labels"]))
+            mask = batch.get("attention_mask")
+            if mask is not None:
+                state.pending_tokens.append(mask.sum())
+            else:
+                state.session_tokens += batch["input_ids"].numel()
             state.step += 1
+            log = state.step % LOG_EVERY == 0 or state.step >= max_steps
+            if log:
+                state.sync(run.name)
             elapsed = time.perf_counter() - t0
             state.train_seconds += elapsed
             state.session_seconds += elapsed
-            mask = batch.get("attention_mask")
-            state.session_tokens += int(mask.sum()) if mask is not None else \
-                batch["input_ids"].numel()
-            postfix = {"loss": f"{sum(state.losses[-20:]) / len(state.losses[-20:]):.4f}"}
-            rank = run.total_rank()
-            if rank is not None:
-                postfix["rank"] = rank
-            bar.set_postfix(postfix, refresh=False)
+            if log:
+                recent = state.losses[-20:]
+                postfix = {"loss": f"{sum(recent) / len(recent):.4f}"}
+                rank = run.total_rank()
+                if rank is not None:
+                    postfix["rank"] = rank
+                bar.set_postfix(postfix, refresh=False)
             bar.update(1)
             if on_step_end is not None:
                 on_step_end(state)

@@ -1,0 +1,214 @@
+"""Issue 27 (part 2): a training step outside allocation rounds reads no tensor on the host.
+
+`host_reads.HostReads` counts host reads (it is checked first to see every kind of read). On
+the steps that are no allocation round, tracked (inside the score window) and untracked alike,
+forward, ``regularization_loss()``, backward, clipping, ``controller.step``, ``optimizer.step``
+and ``zero_grad`` read nothing; rounds still grow ranks. The finetune loop reads its losses and
+token counts only at log points, keeps every step's loss, and still names the first step whose
+loss is not finite.
+"""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune_helpers import tiny_files
+from host_reads import HostReads
+from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
+
+ROUNDS = dict(init_warmup=4, incre_interval=6, score_window=2)  # rounds at 6, 12, 18
+
+
+def test_the_counter_sees_every_kind_of_read():
+    HostReads.self_check()
+
+
+def _setup(score: str, exact: bool = False):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(),
+                          nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 3))
+    config = IncreLoRAConfig(target_modules=["0", "2", "4"], r_max=8, init_r=1, target_rank=4,
+                             top_h=2, total_step=40, score=score, exact_step_score=exact,
+                             orth_reg_weight=0.1, **ROUNDS)
+    model = inject_increlora(model, config)  # the head "6" stays trainable: a dense group
+    optimizer = create_optimizer(model, config, lr=1e-2, weight_decay=0.01)
+    return model, optimizer, IncreLoRAController(model, config)
+
+
+def _is_round(step: int) -> bool:
+    return step > ROUNDS["init_warmup"] and step % ROUNDS["incre_interval"] == 0
+
+
+def _train_step(model, optimizer, controller, step, x, y, optimize=True) -> None:
+    loss = F.cross_entropy(model(x), y) + controller.regularization_loss()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    controller.step(step)
+    if optimize:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("score, exact", [("delta_w", False), ("delta_w", True),
+                                          ("triplet", False)])
+def test_steps_outside_rounds_read_nothing_and_rounds_still_grow_ranks(score, exact):
+    model, optimizer, controller = _setup(score, exact)
+    gen = torch.Generator().manual_seed(1)
+    seen = {"tracked": 0, "untracked": 0}
+    ranks = [controller.current_total_rank()]
+    for step in range(19):
+        x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        if step == 9:  # a resumed optimizer compares the loaded stamps on the device too
+            optimizer.load_state_dict(optimizer.state_dict())
+        tracked = score != "delta_w" or all(layer.score_enabled for layer in controller.layers)
+        reads = HostReads.count(lambda: _train_step(model, optimizer, controller, step, x, y))
+        if _is_round(step):
+            assert controller.current_total_rank() > ranks[-1], f"no growth at round {step}"
+            ranks.append(controller.current_total_rank())
+        else:
+            assert reads == [], f"step {step} ({'un' * (not tracked)}tracked) read {reads}"
+            seen["tracked" if tracked else "untracked"] += 1
+    assert seen["tracked"] >= 2 and (score != "delta_w" or seen["untracked"] >= 8)
+    assert ranks == [3, 7, 11, 12]  # top_h=2 modules x 2 slots per round, to 4 x 3 modules
+    assert sorted({e["step"] for e in controller.allocation_log}) == [6, 12, 18]
+    assert torch.isfinite(controller.ipt).all() and controller.ipt.abs().sum() > 0
+
+
+def test_a_nonfinite_tracked_step_reads_nothing_and_its_round_waits_and_warns():
+    model, optimizer, controller = _setup("delta_w")
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        _train_step(model, optimizer, controller, step, x, y)
+    assert all(layer.score_enabled for layer in controller.layers)  # step 5 is in the window
+    ipt, unc = controller.ipt.clone(), controller.unc.clone()
+    x = torch.full((32, 16), float("nan"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # The optimizer step is skipped, as GradScaler skips an overflowed one.
+        reads = HostReads.count(lambda: _train_step(model, optimizer, controller, 5, x, y,
+                                                    optimize=False))
+    assert reads == []
+    assert torch.equal(controller.ipt, ipt) and torch.equal(controller.unc, unc)
+    x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+    with pytest.warns(RuntimeWarning, match="non-finite importance scores at step 5"):
+        _train_step(model, optimizer, controller, 6, x, y)
+    assert {e["step"] for e in controller.allocation_log} == {6}
+
+
+def test_cached_masks_follow_a_change_of_advance_learning():
+    """The optimizer's and the penalty's masks are cached by slot_version and advance_learning:
+    reserve slots frozen mid-run stop training at once (momentum and weight decay included)."""
+    model, optimizer, controller = _setup("delta_w")
+    x, y = torch.randn(32, 16), torch.randint(0, 3, (32,))
+    _train_step(model, optimizer, controller, 0, x, y)
+    layer = controller.layers[0]
+    reserve = layer.reserve_mask.clone()
+    assert reserve.any()
+    layer.advance_learning = False
+    a, b = layer.lora_A.detach().clone(), layer.lora_B.detach().clone()
+    _train_step(model, optimizer, controller, 1, x, y)
+    assert torch.equal(layer.lora_A[reserve], a[reserve])
+    assert torch.equal(layer.lora_B[:, reserve], b[:, reserve])
+    assert not torch.equal(layer.lora_A[~reserve], a[~reserve])
+
+
+# ---------------------------------------------------------------- the finetune loop
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=64, dev_rows=8)
+
+
+def _build(tiny, max_steps):
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.settings import RunSettings
+    settings = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
+                           eval_file=tiny["dev"], batch_size=8, max_seq_len=16,
+                           max_steps=max_steps, init_warmup=2, incre_interval=3)
+    return build_run(settings)
+
+
+def _reference_losses(tiny, max_steps):
+    """Every step's task loss and the non-padding tokens, each read on the host right away (the
+    loop as it was before it deferred its reads)."""
+    s, _, run, batches = _build(tiny, max_steps)
+    params = [p for p in run.model.parameters() if p.requires_grad]
+    run.model.train()
+    losses, tokens = [], 0
+    for step in range(max_steps):
+        batch = batches.train_batch(step)
+        out = run.model(**batch)
+        (out.loss + run.penalty()).backward()
+        torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        run.before_optimizer_step(step)
+        run.optimizer.step()
+        run.after_optimizer_step(step)
+        run.optimizer.zero_grad(set_to_none=True)
+        losses.append(float(F.cross_entropy(out.logits.detach().float(), batch["labels"])))
+        tokens += int(batch["attention_mask"].sum())
+    return losses, tokens, run.rank_pattern()
+
+
+def test_the_loop_keeps_every_loss_and_reads_the_rank_only_at_log_points(tiny):
+    from increlora_fast.training.loop import LOG_EVERY, LoopState, train_loop
+    steps = 2 * LOG_EVERY + 3
+    expected, tokens, pattern = _reference_losses(tiny, steps)
+    _, _, run, batches = _build(tiny, steps)
+    rank_reads, seen = [], []
+    real_total_rank = run.total_rank
+    run.total_rank = lambda: rank_reads.append(1) or real_total_rank()
+    state = train_loop(run, batches, steps, run.settings.grad_clip, LoopState(), progress=False,
+                       on_step_end=lambda st: seen.append(len(st.pending_losses)))
+    assert state.losses == expected and state.step == steps  # bit for bit, in order
+    assert state.session_tokens == tokens and not state.pending_losses
+    assert run.rank_pattern() == pattern and sum(pattern.values()) > len(pattern)
+    assert len(rank_reads) == 3  # steps 10, 20 and the last
+    assert seen == [0 if (i + 1) % LOG_EVERY == 0 or i + 1 == steps else (i + 1) % LOG_EVERY
+                    for i in range(steps)]
+
+
+def test_loop_steps_read_the_host_only_at_log_points_and_rounds(tiny):
+    """A tiny BERT through `train_loop`: steps that are neither a log point nor an allocation
+    round read nothing, apart from transformers' own attention-mask check (``mask.all()``)."""
+    from increlora_fast.training.loop import LOG_EVERY, LoopState, train_loop
+    steps = 2 * LOG_EVERY + 3
+    _, _, run, batches = _build(tiny, steps)
+    collated = [batches.train_batch(step) for step in range(steps)]  # collation reads the host
+    batches.train_batch = collated.__getitem__
+    per_step = []
+    with HostReads(allow=("transformers.masking_utils",)) as counter:
+        def on_step_end(state):
+            per_step.append(list(counter.reads))
+            counter.reads.clear()
+        train_loop(run, batches, steps, run.settings.grad_clip, LoopState(), progress=False,
+                   on_step_end=on_step_end)
+    rounds = {e["step"] for e in run.controller.allocation_log}
+    logs = {LOG_EVERY - 1, 2 * LOG_EVERY - 1, steps - 1}
+    assert rounds and run.controller.budget_reached and len(counter.allowed) >= steps
+    for step, reads in enumerate(per_step):
+        if step in rounds or step in logs:
+            assert reads, f"step {step} should read (a round or a log point)"
+        else:
+            assert reads == [], f"step {step} read {reads}"
+
+
+def test_a_nonfinite_loss_is_named_by_its_step_at_the_next_log_point(tiny):
+    from increlora_fast.training.loop import LoopState, train_loop
+    _, _, run, batches = _build(tiny, 7)
+    head = run.model.classifier.modules_to_save["default"] \
+        if hasattr(run.model.classifier, "modules_to_save") else run.model.classifier
+
+    def poison(state):
+        if state.step == 3:  # step 3's forward gives NaN logits
+            with torch.no_grad():
+                head.weight.fill_(float("nan"))
+
+    state = LoopState()
+    with pytest.raises(FloatingPointError, match="the training loss became nan at step 3"):
+        train_loop(run, batches, 7, run.settings.grad_clip, state, progress=False,
+                   on_step_end=poison)
+    assert len(state.losses) == 3 and all(v == v for v in state.losses)
