@@ -41,6 +41,28 @@ def test_adapter_and_moment_dtypes(dtype, adapter_dtype, expected):
         assert model(x).dtype == dtype  # the layer still computes in the base dtype
 
 
+def test_optimizer_state_with_float16_lambda_moments_loads_as_float32():
+    """A state saved when lambda was float16 (adapter_dtype="base" on a float16 base): its
+    moments load in the float32 lambda's dtype, A's and B's stay float16."""
+    model = _model(torch.float16, "base")
+    opt = create_optimizer(model, lr=1e-3)
+    model(torch.randn(8, 16, dtype=torch.float16)).float().sum().backward()
+    opt.step()
+    lambdas = {id(layer.lora_lambda) for _, layer in increlora_layers(model)}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    saved = opt.state_dict()
+    for index, state in saved["state"].items():
+        if id(params[index]) in lambdas:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].half()
+    fresh = create_optimizer(model, lr=1e-3)
+    fresh.load_state_dict(saved)
+    for _, layer in increlora_layers(model):
+        assert fresh.state[layer.lora_lambda]["exp_avg"].dtype == torch.float32
+        assert fresh.state[layer.lora_lambda]["exp_avg_sq"].dtype == torch.float32
+        assert fresh.state[layer.lora_A]["exp_avg"].dtype == torch.float16
+
+
 def test_float64_adapters_keep_a_float64_lambda():
     model = _model(torch.float64)
     for _, layer in increlora_layers(model):
