@@ -172,8 +172,8 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     The adapter reads ``x_adapter`` (dropout(x)) when given, computes in the base's compute
     dtype (adapter tensors are rounded to it, float32 lam_eff and H) and is added into the base
     output in place; lambda's gradient comes in lambda's own dtype (float32 with 16-bit A and B,
-    see `lambda_dtype`), summed in float32. ``score_out`` receives the exact module score of each backward and
-    ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook.
+    see `lambda_dtype`), summed in float32. ``score_out`` receives the exact module score of
+    each backward and ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook.
     """
     in_features = lora_A.shape[1]
     lead = x.shape[:-1]
