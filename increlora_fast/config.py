@@ -78,9 +78,10 @@ class IncreLoRAConfig:
             target weight) and, under torch.distributed, all-reduces it. ``None`` means False,
             with or without torch.distributed (there the per-module scores are summed over
             ranks by one all-reduce of a (num_modules,) vector).
-        adapter_dtype: dtype of the adapter tensors and so of their optimizer moments:
-            ``"auto"`` (float32 on bfloat16/float16 and quantized bases, the base dtype
-            otherwise, as peft does), ``"float32"``, or ``"base"`` (the base weight's dtype).
+        adapter_dtype: dtype of A and B and so of their optimizer moments: ``"auto"`` (float32
+            on bfloat16/float16 and quantized bases, the base dtype otherwise, as peft does),
+            ``"float32"``, or ``"base"`` (the base weight's dtype). Lambda is float32 for every
+            choice (float64 with float64 A and B): its gradient sums over every token.
         seed: seed of the choices the method draws itself: the controller's own generator,
             from which fresh reserve slots are drawn (saved in its state_dict, so a resume is
             exact without the global RNG and data-parallel ranks draw identical reserves), and

@@ -24,6 +24,7 @@ from torch import nn
 from .config import ADAPTER_DTYPES
 from .functional import adapted_linear
 from .reference import effective_lambda as _effective_lambda
+from .reference import lambda_dtype
 
 try:
     from transformers.pytorch_utils import Conv1D
@@ -93,9 +94,10 @@ class IncreLoRALinear(nn.Module):
         reserve_lambda: lambda of reserve slots.
         advance_learning: reserve slots train A and B before activation; when False their lambda
             is 0 and they receive no gradient.
-        adapter_dtype: dtype of A, B and lambda (and so of their optimizer moments):
+        adapter_dtype: dtype of A and B (and so of their optimizer moments):
             `adapter_dtype_for` of the base weight; ``"auto"`` keeps them float32 on bf16 and
-            fp16 bases, where lambda updates below the base dtype's resolution would vanish.
+            fp16 bases. Lambda is float32 whatever this says (float64 with float64 A and B,
+            `reference.lambda_dtype`): its gradient sums over every token and overflows fp16.
     """
 
     def __init__(self, base_layer: nn.Module, r_max: int = 8, init_r: int = 1,
@@ -127,7 +129,8 @@ class IncreLoRALinear(nn.Module):
         factory = dict(device=weight.device, dtype=adapter_dtype_for(weight, adapter_dtype))
         self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
-        self.lora_lambda = nn.Parameter(torch.zeros(r_max, **factory))
+        self.lora_lambda = nn.Parameter(torch.zeros(r_max, device=weight.device,
+                                                    dtype=lambda_dtype(factory["dtype"])))
         idx = dict(device=weight.device)
         self.register_buffer("slot_state", torch.zeros(r_max, dtype=torch.int8, **idx))
         self.register_buffer("slot_alloc_step", torch.full((r_max,), -1, dtype=torch.long, **idx))
@@ -280,14 +283,18 @@ class IncreLoRALinear(nn.Module):
 
         Reserve slots use the fixed `reserve_value`, not what ``lora_lambda`` stores there, so
         an optimizer that touches those entries (weight decay) cannot change their effect.
+        In lambda's dtype (float32, or float64 with float64 adapters).
         """
         return _effective_lambda(self.lora_lambda, self.slot_state, self.lora_alpha,
-                                 self.reserve_value()).to(self.lora_lambda.dtype)
+                                 self.reserve_value())
 
     def delta_weight(self) -> torch.Tensor:
-        """The adapter as a dense (out, in) matrix, reserve slots included, without gradient."""
+        """The adapter as a dense (out, in) matrix, reserve slots included, without gradient,
+        computed and returned in lambda's dtype (float32 also for 16-bit A and B; callers cast,
+        as `merge` does to the base weight's dtype)."""
         with torch.no_grad():
-            return (self.lora_B * self.effective_lambda()) @ self.lora_A
+            lam = self.effective_lambda()
+            return (self.lora_B.to(lam.dtype) * lam) @ self.lora_A.to(lam.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         base = self.base_layer

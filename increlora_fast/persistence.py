@@ -192,7 +192,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike) -> nn.Module:
 
     Every check runs before anything is copied: a file that does not fit (other config, unknown
     or missing module names, other shapes, a damaged file) raises ValueError and leaves the
-    model unchanged.
+    model unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16
+    lambda (``adapter_dtype="base"`` on a float16 base, before lambda was float32 always)
+    loads into the float32 lambda.
     """
     path = Path(save_directory) / WEIGHTS_NAME
     meta, tensors = _read(path)

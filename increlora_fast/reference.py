@@ -16,6 +16,14 @@ ACTIVE = 2
 RESERVE = 1
 
 
+def lambda_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``lora_lambda`` (and so its gradient and optimizer moments) is kept in next to
+    A and B of ``adapter_dtype``: float32, or float64 with float64 adapters. Never 16-bit: the
+    gradient of one lambda sums over every token and overflows float16 (it reached 2.4e5 on a
+    GPU), and updates below a 16-bit lambda's resolution would vanish."""
+    return torch.promote_types(adapter_dtype, torch.float32)
+
+
 def effective_lambda(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor],
                      lora_alpha: float, reserve_value: float) -> torch.Tensor:
     """lambda with the slot mask, the reserve value and the ``alpha / active_rank`` scale
@@ -163,8 +171,9 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     ``x W^T + bias`` (``x W + bias`` with ``weight_in_out``), else absent (the adapter alone).
     The adapter reads ``x_adapter`` (dropout(x)) when given, computes in the base's compute
     dtype (adapter tensors are rounded to it, float32 lam_eff and H) and is added into the base
-    output in place. ``score_out`` receives the exact module score of each backward and
-    ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook.
+    output in place; lambda's gradient comes in lambda's own dtype (float32 with 16-bit A and B,
+    see `lambda_dtype`), summed in float32. ``score_out`` receives the exact module score of
+    each backward and ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook.
     """
     in_features = lora_A.shape[1]
     lead = x.shape[:-1]

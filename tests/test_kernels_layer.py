@@ -16,6 +16,10 @@ from increlora_fast.layer import Conv1D, IncreLoRALinear
 
 # Relative to the largest magnitude of the torch-path result: float64 layers [1e-15].
 TOL64 = 1e-12
+# Relative to the largest float64 gradient: float16 operands (eps 2**-11 ~ 4.9e-4) rounded a few
+# times on the way (x, A, B, the (M, r) products); measured 2.1e-4 to 4.6e-4.
+TOL16 = 2e-3
+FP16_MAX = torch.finfo(torch.float16).max
 FUSED = "_fused_linear_adapter_kernel"
 
 
@@ -87,3 +91,45 @@ def test_fused_gemm_falls_back_with_dropout_or_dense_step_score(monkeypatch, ker
     layer = make_layer(False, device=kernel_device).eval()
     counts = run(layer, x, dy, monkeypatch, "triton", True)[3]
     assert counts.get(FUSED) == 1  # dropout is inactive in eval mode
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp16_adapters_keep_a_float32_lambda_gradient_beyond_fp16_range(backend, monkeypatch,
+                                                                        kernel_device):
+    """adapter_dtype="base" on a float16 base: A and B float16, lambda float32. Lambda's gradient
+    sums over every token and output; with small lambdas (as early in training) it is far above
+    float16's 65,504 while dA, dB and y are not. It must come back finite, float32 and equal to
+    float64 autograd on the same rounded operands."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    gen = torch.Generator().manual_seed(0)
+    base = nn.Linear(16, 1024).half().to(kernel_device)
+    layer = IncreLoRALinear(base, r_max=8, init_r=4, reserve_rank=1, lora_alpha=4.0,
+                            adapter_dtype="base").train()
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(8, 16, generator=gen) * 0.4)
+        layer.lora_B.copy_(torch.randn(1024, 8, generator=gen) * 0.4)
+        layer.lora_lambda.copy_(torch.randn(8, generator=gen) * 0.01)
+    assert layer.lora_A.dtype == layer.lora_B.dtype == torch.float16
+    assert layer.lora_lambda.dtype == torch.float32
+    x = torch.randn(256, 16, generator=gen).half().to(kernel_device)
+    dy = (torch.randn(256, 1024, generator=gen) * 200).half().to(kernel_device)
+    reset_launch_counts()
+    layer(x).backward(dy)
+    assert (launch_counts().get("_dy_pass_kernel", 0) > 0) == (backend == "triton")
+
+    leaves = [t.detach().double().requires_grad_() for t in
+              (layer.lora_A, layer.lora_B, layer.lora_lambda)]
+    a, b, lam = leaves
+    active = layer.slot_state == 2
+    lam_eff = torch.where(active, lam, (layer.slot_state == 1).double() * layer.reserve_lambda)
+    w, bias = base.weight.double(), base.bias.double()
+    scale = layer.lora_alpha / layer.active_rank
+    y_ref = x.double() @ w.t() + bias + ((x.double() @ a.t()) * lam_eff * scale) @ b.t()
+    y_ref.backward(dy.double())
+    assert lam.grad.abs().max() > FP16_MAX  # the case a float16 lambda gradient overflowed
+    assert layer.lora_lambda.grad.dtype == torch.float32
+    for name, got, want in zip(("A", "B", "lambda"),
+                               (layer.lora_A.grad, layer.lora_B.grad, layer.lora_lambda.grad),
+                               (a.grad, b.grad, lam.grad)):
+        assert torch.isfinite(got).all(), name
+        assert rel_err(got, want) <= TOL16, name

@@ -43,18 +43,29 @@ def test_slot_mode_matches_float64_reference(kernel_device, dtype, shape):
 
 
 @pytest.mark.parametrize("case", ["conv1d", "no_bias", "no_base", "dropout", "fused",
-                                  "base_dtype_adapter"])
+                                  "base_dtype_adapter", "base_dtype_adapter_fp16"])
 def test_variants_match_float64_reference(kernel_device, case):
     from increlora_fast.kernels.checks import check_problem
     dtype = torch.float32
     kw = dict(weight_in_out=case == "conv1d", has_bias=case != "no_bias",
               fused=case == "fused", dropout=case == "dropout")
     weight = None if case == "no_base" else dtype
-    adapter = torch.bfloat16 if case == "base_dtype_adapter" else dtype
-    act = torch.bfloat16 if case == "base_dtype_adapter" else dtype
+    half = {"base_dtype_adapter": torch.bfloat16, "base_dtype_adapter_fp16": torch.float16}
+    adapter = act = half.get(case, dtype)
     rec = check_problem(torch.device(kernel_device), 45, 29, 38, 16, act, adapter,
                         act if weight else None, seed=_seed(), **kw)
     assert rec["ok"], rec
+
+
+def test_check_problems_are_built_as_the_layer_and_a_real_backward_build_them():
+    """The kernel checks give lambda the dtype IncreLoRALinear keeps it in (float32 next to
+    float16 A and B) and dy the scale of a loss averaged over the M tokens (about 1/M per row),
+    not unit rows, whose sum over 32,768 tokens overflowed a float16 dlambda."""
+    from increlora_fast.kernels.checks import _problem
+    p = _problem(torch.device("cpu"), 512, 8, 64, 16, torch.float16, torch.float16,
+                 torch.float16, False, True, torch.Generator().manual_seed(0))
+    assert p["A"].dtype == p["B"].dtype == torch.float16 and p["lam"].dtype == torch.float32
+    assert 0.8 / 512 < p["dy"].float().std().item() < 1.25 / 512
 
 
 @pytest.mark.parametrize("layout", ["strided", "transposed"])

@@ -150,12 +150,13 @@ LOW_PRECISION = [(torch.bfloat16, 5e-2), (torch.float16, 8e-3)]
 @pytest.mark.parametrize("dtype,tol", LOW_PRECISION, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("seed", SEEDS[:3])
 def test_low_precision_forward(dtype, tol, seed, adapter_dtype):
-    """On a 16-bit base the adapter is float32 by default (peft's choice: lambda updates below
-    the base dtype's resolution would vanish), or the base dtype with adapter_dtype="base"; it
-    computes in the base dtype either way."""
+    """On a 16-bit base A and B are float32 by default (peft's choice), or the base dtype with
+    adapter_dtype="base"; lambda is float32 either way (updates below the base dtype's resolution
+    would vanish); the layer computes in the base dtype."""
     layer = random_layer(seed, dtype=dtype, adapter_dtype=adapter_dtype)
     expected = torch.float32 if adapter_dtype == "auto" else dtype
-    assert layer.lora_A.dtype == layer.lora_B.dtype == layer.lora_lambda.dtype == expected
+    assert layer.lora_A.dtype == layer.lora_B.dtype == expected
+    assert layer.lora_lambda.dtype == torch.float32
     x = torch.randn(3, 5, IN).to(dtype)
     y = layer(x)
     assert y.dtype == dtype

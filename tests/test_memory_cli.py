@@ -3,6 +3,7 @@ real run allocates, the total within 3% of the measured peak of a real training 
 ``--estimate`` scaling within 10% of the measured activations."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -97,10 +98,10 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
     assert "--seq-len" in capsys.readouterr().err
 
 
-def _real_static(method: MemoryMethod, spec):
+def _real_static(method: MemoryMethod, spec, setting: AdapterSetting = SETTING):
     """Bytes of the tensors a real run of ``method`` holds after one step, by component."""
     torch.manual_seed(0)
-    runner = method.build(spec.build(torch.device("cpu")), SETTING)
+    runner = method.build(spec.build(torch.device("cpu")), setting)
     batch = spec.batch(1, 8, torch.device("cpu"))
     runner.forward_backward(batch, 0)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in runner.model.parameters()
@@ -130,6 +131,18 @@ def test_exact_figures_equal_the_tensors_of_a_real_run(tmp_path, kind):
     assert sizes["grads"][0] == real[GRADS]
     assert sizes["optimizer"][0] == real[OPTIMIZER]
     assert sizes.get("buffers", (0,))[0] == real[BUFFERS]
+
+
+def test_exact_adapter_figures_with_float16_a_and_b_and_a_float32_lambda(tmp_path):
+    """adapter_dtype="base" on a float16 base: A and B (and their moments) are float16, lambda
+    (and its moments) float32; the exact figures count each in its own dtype."""
+    setting = dataclasses.replace(SETTING, adapter_dtype="base")
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "fp16")
+    method = next(m for m in methods_for(setting) if m.kind == "increlora")
+    sizes = method.sizes(spec.build(torch.device("cpu"), meta=True), spec.dtype, setting)
+    real = _real_static(method, spec, setting)
+    for key, component in (("padded", PADDED), ("grads", GRADS), ("optimizer", OPTIMIZER)):
+        assert sizes[key][0] == real[component], key
 
 
 def test_total_matches_the_measured_peak_of_a_real_loop(tmp_path):

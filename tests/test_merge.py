@@ -57,6 +57,30 @@ def test_layer_merge_unmerge_round_trip(conv1d):
         layer.unmerge()
 
 
+@pytest.mark.parametrize("adapter_dtype", ["base", "auto"])
+def test_merge_on_a_float16_base_with_a_float32_lambda(adapter_dtype):
+    """float16 (or float32) A and B with the float32 lambda: dW is computed in float32 and the
+    merged weight is float16 dW rounding away from the unmerged layer."""
+    base = nn.Linear(14, 10).half()
+    original = base.weight.detach().clone()
+    layer = IncreLoRALinear(base, r_max=6, init_r=2, reserve_rank=2, reserve_lambda=0.1,
+                            adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+        layer.lora_B.normal_(std=0.3)
+    delta = layer.delta_weight()
+    assert delta.dtype == torch.float32
+    x = torch.randn(3, 14).half()
+    y = layer.eval()(x)
+    layer.merge()
+    assert base.weight.dtype == torch.float16
+    torch.testing.assert_close(base.weight, (original.float() + delta).half(), rtol=0,
+                               atol=2e-3)  # two float16 roundings of values below 2
+    torch.testing.assert_close(layer(x), y, rtol=1e-2, atol=1e-2)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=2e-3)
+
+
 def test_merge_and_unload_gives_plain_layers_and_same_outputs(tiny_net):
     reference = copy.deepcopy(tiny_net)
     model = inject_increlora(tiny_net, tiny_config())

@@ -1,5 +1,6 @@
 """Adapters on 16-bit bases: float32 adapter tensors and optimizer moments by default (peft's
-choice), the base dtype on request, and the reason for the default: small lambda updates."""
+choice), the base dtype for A and B on request, and lambda in float32 always (small lambda
+updates, and a gradient that sums over every token)."""
 from __future__ import annotations
 
 import pytest
@@ -17,11 +18,13 @@ def _model(dtype: torch.dtype, adapter_dtype: str = "auto") -> nn.Module:
     return inject_increlora(model, config)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("adapter_dtype,expected", [("auto", torch.float32),
                                                     ("float32", torch.float32),
                                                     ("base", None)])
 def test_adapter_and_moment_dtypes(dtype, adapter_dtype, expected):
+    """A and B (and their moments) take the adapter dtype; lambda, its gradient and its moments
+    are float32 for every choice: a 16-bit lambda gradient overflows (it sums over every token)."""
     expected = expected or dtype
     model = _model(dtype, adapter_dtype)
     opt = create_optimizer(model, lr=1e-3)
@@ -30,28 +33,56 @@ def test_adapter_and_moment_dtypes(dtype, adapter_dtype, expected):
     opt.step()
     for _, layer in increlora_layers(model):
         assert layer.base_layer.weight.dtype == dtype
-        for p in (layer.lora_A, layer.lora_B, layer.lora_lambda):
-            assert p.dtype == expected and p.grad.dtype == expected
-            assert opt.state[p]["exp_avg"].dtype == expected
-            assert opt.state[p]["exp_avg_sq"].dtype == expected
+        for p, want in ((layer.lora_A, expected), (layer.lora_B, expected),
+                        (layer.lora_lambda, torch.float32)):
+            assert p.dtype == want and p.grad.dtype == want
+            assert opt.state[p]["exp_avg"].dtype == want
+            assert opt.state[p]["exp_avg_sq"].dtype == want
         assert model(x).dtype == dtype  # the layer still computes in the base dtype
 
 
-def test_float32_default_keeps_small_lambda_updates():
-    """A lambda near 1 moved by 1e-4 per step: a bfloat16 lambda (8-bit mantissa, spacing 2**-7
-    near 1) does not move at all; the float32 default does."""
-    moved = {}
-    for adapter_dtype in ("auto", "base"):
-        model = _model(torch.bfloat16, adapter_dtype)
-        layer = dict(increlora_layers(model))["0"]
-        with torch.no_grad():
-            layer.lora_lambda.fill_(1.0)
-        before = layer.lora_lambda.detach().clone()
-        opt = create_optimizer(model, lr=1e-4)
-        model(torch.randn(8, 16, dtype=torch.bfloat16)).float().sum().backward()
-        opt.step()
-        moved[adapter_dtype] = bool((layer.lora_lambda != before)[layer.active_mask].any())
-    assert moved == {"auto": True, "base": False}
+def test_optimizer_state_with_float16_lambda_moments_loads_as_float32():
+    """A state saved when lambda was float16 (adapter_dtype="base" on a float16 base): its
+    moments load in the float32 lambda's dtype, A's and B's stay float16."""
+    model = _model(torch.float16, "base")
+    opt = create_optimizer(model, lr=1e-3)
+    model(torch.randn(8, 16, dtype=torch.float16)).float().sum().backward()
+    opt.step()
+    lambdas = {id(layer.lora_lambda) for _, layer in increlora_layers(model)}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    saved = opt.state_dict()
+    for index, state in saved["state"].items():
+        if id(params[index]) in lambdas:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = state[key].half()
+    fresh = create_optimizer(model, lr=1e-3)
+    fresh.load_state_dict(saved)
+    for _, layer in increlora_layers(model):
+        assert fresh.state[layer.lora_lambda]["exp_avg"].dtype == torch.float32
+        assert fresh.state[layer.lora_lambda]["exp_avg_sq"].dtype == torch.float32
+        assert fresh.state[layer.lora_A]["exp_avg"].dtype == torch.float16
+
+
+def test_float64_adapters_keep_a_float64_lambda():
+    model = _model(torch.float64)
+    for _, layer in increlora_layers(model):
+        assert layer.lora_A.dtype == layer.lora_lambda.dtype == torch.float64
+
+
+@pytest.mark.parametrize("adapter_dtype", ["auto", "base"])
+def test_small_lambda_updates_survive_on_16_bit_adapters(adapter_dtype):
+    """A lambda near 1 moved by 1e-4 per step: in bfloat16 (8-bit mantissa, spacing 2**-7 near
+    1) it would not move at all; the float32 lambda moves with bfloat16 A and B too."""
+    assert torch.tensor(1.0, dtype=torch.bfloat16) + 1e-4 == 1.0
+    model = _model(torch.bfloat16, adapter_dtype)
+    layer = dict(increlora_layers(model))["0"]
+    with torch.no_grad():
+        layer.lora_lambda.fill_(1.0)
+    before = layer.lora_lambda.detach().clone()
+    opt = create_optimizer(model, lr=1e-4)
+    model(torch.randn(8, 16, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    assert bool((layer.lora_lambda != before)[layer.active_mask].any())
 
 
 def test_adapter_dtype_is_validated():

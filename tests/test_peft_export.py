@@ -11,7 +11,8 @@ from transformers import (BertConfig, BertForSequenceClassification, GPT2Config,
 
 from increlora_fast import (IncreLoRAConfig, IncreLoRAController, create_optimizer,
                             increlora_layers, inject_increlora)
-from increlora_fast.integrations.peft_export import export_peft
+from increlora_fast.integrations.peft_export import export_peft, exported_factors
+from increlora_fast.layer import IncreLoRALinear
 
 peft = pytest.importorskip("peft")
 
@@ -173,3 +174,21 @@ def test_export_refuses_merged_layers(tmp_path):
     with pytest.raises(ValueError, match="unmerge"):
         export_peft(model, tmp_path)
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("adapter_dtype,expected", [("base", torch.float16),
+                                                    ("auto", torch.float32)])
+def test_exported_factors_keep_the_adapter_dtype(adapter_dtype, expected):
+    """The exported LoRA A and B take lora_A's dtype, as before lambda became float32 always;
+    B @ A is the layer's float32 dW up to that rounding."""
+    layer = IncreLoRALinear(nn.Linear(12, 10).half(), r_max=4, init_r=2, reserve_rank=1,
+                            reserve_lambda=0.1, adapter_dtype=adapter_dtype)
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    assert layer.lora_lambda.dtype == torch.float32
+    a, b = exported_factors(layer)
+    assert a.dtype == b.dtype == expected and a.shape == (3, 12) and b.shape == (10, 3)
+    delta = layer.delta_weight().double()
+    tol = 4e-3 if expected == torch.float16 else 1e-6  # float16 eps 2**-11, a few roundings
+    torch.testing.assert_close(b.double() @ a.double(), delta, rtol=0,
+                               atol=tol * float(delta.abs().max()))

@@ -88,6 +88,37 @@ def test_round_trip_gives_identical_outputs(tmp_path, tiny_net, training_state, 
         assert_same_state(target, source.state_dict())
 
 
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_adapter_saved_with_a_float16_lambda_still_loads(tmp_path, tiny_net, training_state):
+    """Before lambda was kept in float32, adapter_dtype="base" on a float16 base saved a float16
+    lambda: such a file loads, its lambda cast to float32."""
+    config = make_config(adapter_dtype="base")
+    tiny_net.half()
+    source = trained(tiny_net, config)
+    save_adapter(source, tmp_path, training_state=training_state)
+    path = tmp_path / WEIGHTS
+    with safe_open(str(path), "pt") as f:  # rewrite it as the old code wrote it
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    lambdas = [k for k in tensors if k.endswith(".lora_lambda")]
+    assert lambdas and all(tensors[k].dtype == torch.float32 for k in lambdas)
+    for key in lambdas:
+        tensors[key] = tensors[key].half()
+    meta["sha256"] = persistence.tensors_digest(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+    target = load_adapter(fresh(tiny_net, config), tmp_path)
+    src_layers = dict(increlora_layers(source))
+    for name, layer in increlora_layers(target):
+        assert layer.lora_lambda.dtype == torch.float32
+        assert layer.lora_A.dtype == torch.float16
+        used = layer.used_rank
+        torch.testing.assert_close(layer.lora_lambda[:used],
+                                   src_layers[name].lora_lambda[:used].half().float(),
+                                   rtol=0, atol=0)
+        assert torch.equal(layer.lora_A[:used], src_layers[name].lora_A[:used])
+
+
 def test_saved_file_sizes_follow_the_layout(tmp_path, tiny_net):
     source = trained(tiny_net, make_config())
     save_adapter(source, tmp_path / "inference")

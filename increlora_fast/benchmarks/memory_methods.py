@@ -10,6 +10,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ..reference import lambda_dtype
+
 LR = 1e-4
 FP32, INT64, INT8 = 4, 8, 1
 # IncreLoRAAdamW keeps, per adapter tensor and slot: slot_count (fp32), seen_alloc and
@@ -84,13 +86,14 @@ def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
     names = target_names(meta_model, setting)
     dims = [_in_out(meta_model.get_submodule(n)) for n in names]
     dtype = increlora_adapter_dtype(base_dtype, setting)
-    size = dtype.itemsize
+    size, lam_size = dtype.itemsize, lambda_dtype(dtype).itemsize
     r, n = setting.r_max, len(names)
-    padded = sum(r * (i + o + 1) for i, o in dims) * size
-    active = sum(setting.target_rank * (i + o + 1) for i, o in dims) * size
+    padded = sum(r * ((i + o) * size + lam_size) for i, o in dims)
+    active = sum(setting.target_rank * ((i + o) * size + lam_size) for i, o in dims)
     uniform = len(set(i + o for i, o in dims)) == 1
     dense = sum(i * o for i, o in dims) * FP32
-    where = f"{n} modules, r_max={r}, {str(dtype).replace('torch.', '')}"
+    where = (f"{n} modules, r_max={r}, A and B {str(dtype).replace('torch.', '')}, lambda "
+             f"{str(lambda_dtype(dtype)).replace('torch.', '')}")
     return {
         "padded": (padded, "exact", f"A (r_max, in), B (out, r_max), lambda (r_max,); {where}"),
         "active": (active, "exact" if uniform else "estimated",

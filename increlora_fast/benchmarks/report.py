@@ -7,6 +7,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .host_overhead import COLUMNS as HOST_COLUMNS
+from .host_overhead import HOST_LEGEND, host_rows
 from .methods import INTERPRETER_NOTE, LAYER_METHODS
 from .model import MODEL_METHODS
 from .plans import PHASES
@@ -135,6 +137,11 @@ def console_report(records: Sequence[dict]) -> str:
     if model:
         parts += ["MODEL LEVEL (one training step: forward, backward, allocation, optimizer)",
                   text_table(model, MODEL_COLUMNS)]
+    host = host_rows(records)
+    if host:
+        parts += ["HOST OVERHEAD per layer call, fwd+bwd, CPU, Triton launches stubbed (median "
+                  "us; minus_compute_us = less the aten-compute row)",
+                  text_table(host, HOST_COLUMNS)]
     skipped = skipped_summary(records)
     if skipped:
         parts.append("\n".join(["SKIPPED"] + skipped))
@@ -215,7 +222,8 @@ def _environment_lines(records: Sequence[dict]) -> List[str]:
               else "time.perf_counter")
     lines = [f"- device: {r['device']} ({r['device_type']}), {r.get('threads')} torch threads",
              f"- torch {r['torch']}, triton {r.get('triton')}, peft {r.get('peft')}, "
-             f"transformers {r.get('transformers')}",
+             f"transformers {r.get('transformers')}"
+             + (f", python {r['python']}" if r.get("python") else ""),
              f"- git commit {r['git_commit']}, started {r['date']}, mode `{r.get('mode')}`",
              f"- timing: {timing}; memory: {', '.join(kinds) or '-'}"]
     if r.get("load_start") is not None:
@@ -250,12 +258,18 @@ def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
                 "same random batches, dropout of the model config, adapter dropout 0, adapters "
                 "on the same targets, pooler and classifier trained by every method."]
         out += [f"- `{m}`: {s}" for m, s in settings.items()] + [""]
+    host = host_rows(records)
+    if host:
+        out += ["### Host overhead per layer call (Triton launches stubbed)", "", HOST_LEGEND,
+                "", markdown_table(host, HOST_COLUMNS), ""]
     skipped = skipped_summary(records)
     if skipped:
         out += ["Not measured in this run:", ""] + [f"- {line}" for line in skipped] + [""]
     if any(row.get("interpreter_point") for row in layer):
         out += ["The rows at the Triton interpreter point (the smallest shape, after the grid) "
                 "only show that every method runs; none of their times means anything.", ""]
+    if not (layer or model):
+        return out  # a host-overhead run: the item-7 targets are about layer and model rows
     out += ["### Issue 5 item-7 targets", "",
             "| target | scope | verdict | measured |", "|---|---|---|---|"]
     out += [f"| {v.target} | {v.scope} | **{v.status}** | {v.detail} |"

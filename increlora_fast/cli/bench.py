@@ -5,18 +5,26 @@
 DeBERTa-v3-base and MiniLM-L6, on a CUDA GPU. Prints the tables, appends every record to
 ``bench/results.csv``, draws the time-vs-tokens plot, and with ``--json`` / ``--results-md``
 writes the records and ``bench/RESULTS.md``.
+
+``--levels host``: the host overhead of one layer call with the Triton launches stubbed, on CPU
+in a subprocess under the Triton interpreter (`benchmarks.host_overhead`); it needs no GPU.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
-from typing import List, Tuple
+from typing import TYPE_CHECKING, List, Tuple
+
+if TYPE_CHECKING:
+    from ..benchmarks.host_overhead import HostPlan
 
 DEFAULT_CSV = "bench/results.csv"
 DEFAULT_RESULTS_MD = "bench/RESULTS.md"
 DEFAULT_PLOT_DIR = "bench/plots"
+LEVELS = ("layer", "model", "host")
 
 
 def _csv_list(text: str) -> List[str]:
@@ -58,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None,
                         help="cpu | cuda | cuda:N (default: cpu with --quick, else cuda)")
     parser.add_argument("--levels", type=_csv_list, default=["layer", "model"],
-                        help="layer,model (default both)")
+                        help="layer,model,host (default layer,model; host: the CPU host "
+                             "overhead per layer call with the Triton launches stubbed)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice)")
     out = parser.add_argument_group("output")
@@ -90,6 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     layer.add_argument("--repeats", type=int, help="timed runs per method (median reported)")
     layer.add_argument("--interpreter-point", type=lambda t: _dims(t, 3),
                        help="IN x OUT x TOKENS where Triton runs under its interpreter on CPU")
+    host = parser.add_argument_group("host level (--levels host)")
+    host.add_argument("--host-point", type=lambda t: _dims(t, 3), default=None,
+                      help="IN x OUT x TOKENS of the layer (default 768x3072x16)")
+    host.add_argument("--host-r-max", type=int, default=None, help="adapter slots (default 16)")
+    host.add_argument("--host-warmup", type=int, default=None,
+                      help="untimed calls per method (default 20)")
+    host.add_argument("--host-repeats", type=int, default=None,
+                      help="timed calls per method, interleaved (default 200)")
     model = parser.add_argument_group("model level (overrides)")
     model.add_argument("--model-methods", type=_csv_list, help="default: all")
     model.add_argument("--models", type=_csv_list,
@@ -132,10 +149,30 @@ def _plans(args: argparse.Namespace):
     return layer, model
 
 
+def _host_plan(args: argparse.Namespace) -> "HostPlan":
+    """The `HostPlan` of ``--host-*``; ValueError naming the option that is out of range."""
+    from ..benchmarks.host_overhead import HostPlan
+
+    plan = HostPlan()
+    if args.host_point is not None:
+        plan = dataclasses.replace(plan, in_features=args.host_point[0],
+                                   out_features=args.host_point[1], tokens=args.host_point[2])
+    for option, name, low in (("--host-r-max", "r_max", 1), ("--host-warmup", "warmup", 0),
+                              ("--host-repeats", "repeats", 1)):
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            if value < low or (name == "r_max" and value > 128):
+                bound = "between 1 and 128" if name == "r_max" else f">= {low}"
+                raise ValueError(f"{option}={value} must be {bound}")
+            plan = dataclasses.replace(plan, **{name: value})
+    return plan
+
+
 def _device(args: argparse.Namespace):
     import torch
 
-    name = args.device or ("cpu" if args.quick else "cuda")
+    host_only = list(args.levels) == ["host"]
+    name = args.device or ("cpu" if args.quick or host_only else "cuda")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; the full mode is meant "
@@ -154,6 +191,7 @@ def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
     from ..benchmarks.records import environment
 
     layer_plan, model_plan = _plans(args)
+    host_plan = _host_plan(args) if "host" in args.levels else None
     env = environment(device, mode)
     env.update(command=_command_line(), cpu_count=os.cpu_count(),
                load_start=os.getloadavg()[0])
@@ -167,13 +205,30 @@ def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
             records += run_model_level(model_plan, args.model_methods or list(MODEL_METHODS),
                                        device, env, log)
         else:
-            raise ValueError(f"--levels entry {level!r} is invalid: use layer, model")
+            records += _host_level(host_plan, env, log)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     load_end = os.getloadavg()[0]
     for r in records:
         r["load_end"] = load_end
     return records
+
+
+def _host_level(plan: "HostPlan", env: dict, log) -> List[dict]:
+    """The host-overhead records of ``plan`` (a `HostPlan`), measured in a subprocess, stamped
+    with this run's date, commit and command so they join its report (their own threads and
+    mode are kept)."""
+    from ..benchmarks.host_overhead import measure
+
+    log(f"host: {plan.in_features}x{plan.out_features}, {plan.tokens} tokens, r_max "
+        f"{plan.r_max}, {plan.repeats} calls per method in a subprocess (Triton interpreter, "
+        "launches stubbed)")
+    try:
+        records = measure(plan)
+    except RuntimeError as err:
+        raise ValueError(f"--levels host: {err}") from err
+    shared = {k: v for k, v in env.items() if k not in ("threads", "mode")}
+    return [dict(r, **shared) for r in records]
 
 
 def _command_line() -> str:
@@ -194,6 +249,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--report-only needs at least one --include-json PATH")
         if args.report_only and not args.results_md:
             args.results_md = DEFAULT_RESULTS_MD
+        bad = [level for level in args.levels if level not in LEVELS]
+        if bad:
+            raise ValueError(f"--levels entry {bad[0]!r} is invalid: use {', '.join(LEVELS)}")
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.

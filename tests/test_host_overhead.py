@@ -1,0 +1,93 @@
+"""`increlora-fast bench --levels host`: the CPU host-overhead benchmark with the Triton launches
+stubbed, at tiny sizes. No timing is asserted: every row is present with a positive time, ours
+counts its launches, the report shows the table, and bad input is named in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from increlora_fast.benchmarks.host_overhead import METHODS, OURS, host_rows
+from increlora_fast.benchmarks.records import REQUIRED
+from increlora_fast.cli.main import main
+
+TINY = ["--levels", "host", "--host-point", "24x40x4", "--host-r-max", "8", "--host-warmup", "1",
+        "--host-repeats", "3", "--csv", ""]
+
+
+@pytest.fixture(scope="module")
+def host_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("host")
+    paths = {"json": out / "host.json", "md": out / "RESULTS.md"}
+    code = main(["bench", *TINY, "--json", str(paths["json"]), "--results-md", str(paths["md"])])
+    assert code == 0
+    return json.loads(paths["json"].read_text()), paths["md"].read_text()
+
+
+def test_every_method_has_a_positive_time_and_ours_counts_launches(host_run):
+    records, _ = host_run
+    assert [r["method"] for r in records] == list(METHODS)
+    for r in records:
+        assert all(k in r for k in REQUIRED), r
+        assert r["level"] == "host" and r["status"] == "ok" and r["threads"] == 1
+        assert r["median_us"] > 0 and r["median_ms"] > 0 and r["repeats"] == 3
+        assert r["shape"] == "24x40" and r["tokens"] == 4
+        assert r["python"] and r["torch"] and r["triton"] and r["date"]
+    launches = {r["method"]: r["launches_per_call"] for r in records}
+    assert all(launches[m] > 0 for m in OURS)
+    assert launches["increlora-triton+score"] > launches["increlora-triton"]
+    assert all(launches[m] == 0 for m in METHODS if m not in OURS)
+    calls = {r["method"]: r["python_calls_per_call"] for r in records}
+    assert calls["increlora-triton"] > calls["floor"] > 0
+
+
+def test_results_md_has_the_host_table(host_run):
+    _, md = host_run
+    assert "### Host overhead per layer call (Triton launches stubbed)" in md
+    for method in METHODS:
+        assert f"| {method} |" in md
+    assert "item-7 targets" not in md  # nothing of a layer or model run to judge
+
+
+def test_host_rows_arithmetic():
+    base = dict(level="host", status="ok", shape="8x8", tokens=2)
+    records = [dict(base, method="aten-compute", median_us=10.0),
+               dict(base, method="floor", median_us=20.0),
+               dict(base, method="peft-lora", median_us=40.0),
+               dict(base, method="increlora-triton", median_us=50.0)]
+    rows = {r["method"]: r for r in host_rows(records)}
+    assert rows["increlora-triton"]["minus_compute_us"] == 40.0
+    assert rows["increlora-triton"]["x_floor"] == 2.5
+    assert rows["increlora-triton"]["x_peft_lora"] == 1.25
+    assert rows["aten-compute"]["x_peft_lora"] is None
+    assert rows["floor"]["x_floor"] == 1.0
+
+
+def test_stub_is_restored(kernel_device):
+    from increlora_fast.benchmarks.host_overhead import _kernel_modules, stubbed_launches
+    from increlora_fast.kernels import utils
+
+    real = utils.launch
+    holders = [m for m in _kernel_modules() if getattr(m, "launch", None) is real]
+    assert {m.__name__.rsplit(".", 1)[-1] for m in holders} >= {"utils", "lowrank", "score",
+                                                                "adamw", "fused_linear"}
+    with stubbed_launches():
+        assert all(m.launch is not real for m in holders)
+    assert all(m.launch is real for m in holders)
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["--levels", "host", "--host-repeats", "0"], "--host-repeats"),
+    (["--levels", "host", "--host-r-max", "200"], "--host-r-max"),
+    (["--levels", "hosts"], "--levels"),
+])
+def test_bad_host_options_are_named_in_one_line(argv, option, capsys):
+    assert main(["bench", *argv, "--csv", ""]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and option in err
+
+
+def test_bad_host_point_is_refused():
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--levels", "host", "--host-point", "24x40"])
+    assert info.value.code == 2
