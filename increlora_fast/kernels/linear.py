@@ -171,12 +171,14 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
                            weight_in_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
                            lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor],
                            alpha: float, reserve: float, out_dtype: torch.dtype,
-                           need_all: bool, fused_gemm: bool
+                           need_all: bool, fused_gemm: bool, plan: Optional[_Plan] = None
                            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(y, H). ``x`` and ``x_adapter`` are in ``out_dtype`` with unit inner stride; without a
-    weight y is the adapter output alone."""
-    plan = _plan(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
-                 slot_state, None, out_dtype)
+    weight y is the adapter output alone. ``plan``: these operands' `_plan`, when the caller
+    has it already."""
+    if plan is None:
+        plan = _plan(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
+                     slot_state, None, out_dtype)
     xa = x if x_adapter is None else x_adapter
     M, K = x.shape
     R, N = lora_A.shape[0], lora_B.shape[0]
@@ -226,17 +228,20 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
                             alpha: float, reserve: float, h: torch.Tensor,
                             score_out: Optional[torch.Tensor], grad_out: Optional[torch.Tensor],
                             need_x: bool, need_xa: bool, need_a: bool, need_b: bool,
-                            need_lam: bool) -> Tuple[Optional[torch.Tensor], ...]:
+                            need_lam: bool, plan: Optional[_Plan] = None
+                            ) -> Tuple[Optional[torch.Tensor], ...]:
     """(dx, dx_adapter, dA, dB, dlambda), None where not needed.
 
     dx carries the base's ``dy W`` and, when the adapter reads x itself, the adapter's dx added
     in place; with a separate adapter input (dropout) its gradient is dx_adapter. Adds the exact
-    module score into ``score_out`` and ``dy^T x`` into ``grad_out`` when given.
+    module score into ``score_out`` and ``dy^T x`` into ``grad_out`` when given. ``plan``: the
+    forward's `_plan` (the same key), when the caller kept it.
     """
     dy = row_major(dy)
     out_dtype = dy.dtype
-    plan = _plan(x, x_adapter, weight, None, weight_in_out, lora_A, lora_B, lora_lambda,
-                 slot_state, score_out, out_dtype)
+    if plan is None:
+        plan = _plan(x, x_adapter, weight, None, weight_in_out, lora_A, lora_B, lora_lambda,
+                     slot_state, score_out, out_dtype)
     xa = x if x_adapter is None else x_adapter
     M, K = xa.shape
     R, N = lora_A.shape[0], lora_B.shape[0]
@@ -372,10 +377,17 @@ class AdaptedLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, x_adapter, lora_A, lora_B, lora_lambda, weight, bias, slot_state, meta):
-        weight_in_out, alpha, reserve, _, _, out_dtype, fused_gemm = meta
+        weight_in_out, alpha, reserve, score_out, _, out_dtype, fused_gemm = meta
         args = (x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
                 slot_state, alpha, reserve, out_dtype, ctx.needs_input_grad[4], fused_gemm)
-        y, h = _fwd_op(*args) if _compiling() else adapted_linear_forward(*args)
+        if _compiling():
+            y, h = _fwd_op(*args)
+            ctx.plan = None
+        else:
+            # One plan lookup serves forward and backward (the score accumulator is in its key).
+            ctx.plan = _plan(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B,
+                             lora_lambda, slot_state, score_out, out_dtype)
+            y, h = adapted_linear_forward(*args, plan=ctx.plan)
         ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h)
         ctx.meta = meta
         return y
@@ -391,7 +403,7 @@ class AdaptedLinearFunction(torch.autograd.Function):
         if _compiling():
             grads = tuple(g if wanted else None for g, wanted in zip(_bwd_op(*args), need))
         else:
-            grads = adapted_linear_backward(*args)
+            grads = adapted_linear_backward(*args, plan=ctx.plan)
         dx, dxa, da, db, dlam = grads
         return dx, dxa, da, db, dlam, None, None, None, None
 
