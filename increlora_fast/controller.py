@@ -86,6 +86,8 @@ class IncreLoRAController:
         self.ipt = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self.unc = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._step_t = torch.full((), -1, dtype=torch.long, device=device)
+        self._step_value = -1
         # The penalty's modules grouped by shape, and per group its cached masks.
         groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
         for layer in self.layers:
@@ -205,11 +207,14 @@ class IncreLoRAController:
         b1, b2 = cfg.beta1, cfg.beta2
         ipt = b1 * self.ipt + (1 - b1) * scores
         unc = b2 * self.unc + (1 - b2) * (scores - ipt).abs()
-        self.ipt = torch.where(finite, ipt, self.ipt)
-        self.unc = torch.where(finite, unc, self.unc)
+        # In place: a step captured in a CUDA graph updates the very tensors the next replay
+        # reads (a rebinding would leave the replay reading the captured step's inputs).
+        self.ipt.copy_(torch.where(finite, ipt, self.ipt))
+        self.unc.copy_(torch.where(finite, unc, self.unc))
         if not self._warned_nonfinite:
-            self._nonfinite_step = torch.where(finite | (self._nonfinite_step >= 0),
-                                               self._nonfinite_step, step)
+            self._nonfinite_step.copy_(torch.where(finite | (self._nonfinite_step >= 0),
+                                                   self._nonfinite_step,
+                                                   self._device_step(step)))
         if not due:
             return
         # An allocation round: reading the host is allowed from here on.
@@ -217,6 +222,32 @@ class IncreLoRAController:
         self.round_pending = not bool(finite)
         if not self.round_pending:
             self._allocate(step)
+
+    def _device_step(self, step: int) -> torch.Tensor:
+        """``step`` as a 0-d long tensor on the EMAs' device, filled from the host only when it
+        holds another value: inside a captured step it is only read, and `sync_device_step`
+        sets it before each replay."""
+        if self._step_value != step or self._step_t.device != self.ipt.device:
+            if self._step_t.device != self.ipt.device:
+                self._step_t = torch.empty((), dtype=torch.long, device=self.ipt.device)
+            self._step_t.fill_(step)
+            self._step_value = step
+        return self._step_t
+
+    def sync_device_step(self, step: int) -> None:
+        """Before replaying a CUDA graph captured from another step: set the device copy of the
+        step index that the captured step reads (one fill, outside the graph)."""
+        self._device_step(step)
+
+    def note_replayed_step(self, step: int) -> None:
+        """The host side of a step whose device work was replayed from a CUDA graph captured
+        at another step that was not an allocation round, in the same tracking state: what
+        `step` does on the host after its device work (the layers' tracking for ``step + 1``).
+        Allocation rounds are never replayed: they change slot states on the host."""
+        if self.budget_reached:
+            return
+        self._next_step = step + 1
+        self._set_tracking(self.is_tracked(step + 1))
 
     def _move_scores_to(self, device: torch.device) -> None:
         """Keep the EMAs on the scores' device (the model may have moved since construction)."""
