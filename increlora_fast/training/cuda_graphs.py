@@ -1,0 +1,144 @@
+"""Whole IncreLoRA training steps captured in CUDA graphs and replayed.
+
+Fixed-shape slot buffers are what make this possible: growing a rank flips slot states in place,
+so no tensor the step touches changes shape or address. A step (forward, penalty, backward,
+clipping, `IncreLoRAController.step`, `IncreLoRAAdamW.step`) is captured once per tracking state
+(score tracking on or off: the two differ in the kernels they launch) and replayed on the steps
+of that state; the host part of a replayed step (the step counters, the layers' tracking flags
+for the next step) is done by `note_replayed_step` of the optimizer and the controller, and the
+device copies of the step index that the captured step reads are set before each replay
+(`sync_device_step`), so no step number is baked into a graph.
+
+Allocation rounds run eagerly (they read the host and change slot states); after one, every
+graph is captured anew, since the optimizer's and the penalty's cached masks may have been
+rebuilt. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
+stream as torch's CUDA-graph notes ask. Each graph owns its private memory pool: its gradients,
+activations and outputs are static tensors that every replay rewrites, so the loss it returns
+is copied out after each replay.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Dict, Optional, Protocol, Tuple
+
+import torch
+
+# Eager steps before the first capture.
+WARMUP_STEPS = 2
+
+StepOutputs = Tuple[torch.Tensor, ...]
+
+
+class StepGraph(Protocol):
+    """What `GraphedSteps` needs of a graph: a capture context and a replay."""
+
+    def capture(self) -> ContextManager[None]: ...
+
+    def replay(self) -> None: ...
+
+
+class CUDAStepGraph:
+    """One `torch.cuda.CUDAGraph` with its own memory pool."""
+
+    def __init__(self) -> None:
+        self.graph = torch.cuda.CUDAGraph()
+
+    def capture(self) -> ContextManager[None]:
+        return torch.cuda.graph(self.graph)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class GraphedSteps:
+    """Runs IncreLoRA training steps eagerly or from CUDA graphs (see the module docstring).
+
+    Args:
+        optimizer: the run's `IncreLoRAAdamW`.
+        controller: the run's `IncreLoRAController`.
+        graph_factory: makes an empty graph (`CUDAStepGraph`; tests pass a CPU emulation).
+        warmup: eager steps before the first capture (at least 1: the step state the
+            captured step reads must exist before it).
+    """
+
+    def __init__(self, optimizer, controller, graph_factory: Callable[[], StepGraph] = CUDAStepGraph,
+                 warmup: int = WARMUP_STEPS) -> None:
+        self.optimizer = optimizer
+        self.controller = controller
+        self.graph_factory = graph_factory
+        self.warmup = max(1, warmup)
+        self._graphs: Dict[bool, Tuple[StepGraph, StepOutputs]] = {}
+        self._eager_steps = 0
+        # Steps captured (each capture also runs its step) and steps replayed from a graph.
+        self.captures = 0
+        self.replays = 0
+
+    def allocation_due(self, step: int) -> bool:
+        """Whether ``step`` may change slot states (a due or pending allocation round)."""
+        c = self.controller
+        if c.budget_reached:
+            return False
+        cfg = c.config
+        return c.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
+
+    def step(self, step: int, run_step: Callable[[bool], StepOutputs]) -> StepOutputs:
+        """Take optimizer step ``step``. ``run_step(zero_grad)`` runs one whole training step on
+        the run's static inputs and returns device tensors (the loss, ...); it must read nothing
+        on the host outside allocation rounds, and zero the gradients (set to None) at its end
+        only when ``zero_grad`` is true. Returns copies of those tensors."""
+        if self._eager_steps < self.warmup or self.allocation_due(step):
+            return self._eager(step, run_step)
+        tracked = self.controller.is_tracked(step)
+        entry = self._graphs.get(tracked)
+        self.optimizer.sync_device_step()
+        self.controller.sync_device_step(step)
+        if entry is None:
+            self.optimizer.zero_grad(set_to_none=True)  # the graph's gradients are its own
+            graph = self.graph_factory()
+            with graph.capture():
+                outputs = run_step(False)
+            self._graphs[tracked] = (graph, outputs)
+            self.captures += 1
+            graph.replay()  # capture records the step; the replay runs it
+        else:
+            graph, outputs = entry
+            graph.replay()
+            self.optimizer.note_replayed_step()
+            self.controller.note_replayed_step(step)
+            self.replays += 1
+        return tuple(t.clone() for t in outputs)
+
+    def _eager(self, step: int, run_step: Callable[[bool], StepOutputs]) -> StepOutputs:
+        round_ = self.allocation_due(step)
+        # Gradients of a captured step are static tensors: an eager step starts from none.
+        self.optimizer.zero_grad(set_to_none=True)
+        with self._side_stream():
+            outputs = run_step(True)
+        self._eager_steps += 1
+        if round_:
+            self._graphs.clear()  # masks and their caches may be rebuilt: capture anew
+        return outputs
+
+    def _side_stream(self) -> ContextManager[None]:
+        """Warm-up steps run on a side stream before the first capture (torch's CUDA-graph
+        notes); later eager steps on the current stream."""
+        if self._graphs or self.captures or not torch.cuda.is_available() \
+                or self.graph_factory is not CUDAStepGraph:
+            return contextlib.nullcontext()
+        return _on_side_stream()
+
+
+@contextlib.contextmanager
+def _on_side_stream():
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        yield
+    torch.cuda.current_stream().wait_stream(stream)
+
+
+def graphs_supported(device: torch.device) -> Optional[str]:
+    """None when whole-step CUDA graphs can run on ``device``, else why not (one line)."""
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA device, got {device}"
+    return None

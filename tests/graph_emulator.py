@@ -1,0 +1,100 @@
+"""CUDA-graph semantics on CPU, so graphed training steps can be tested without a GPU.
+
+A CUDA graph records the kernels a block of code launches, with their arguments, and replays
+exactly those launches later: on the same memory, with every scalar argument as it was at
+capture, and none of the Python code around them. `EmulatedGraph` does the same with aten ops
+and Triton launches: while capturing, a dispatch mode records every aten op (function, arguments,
+outputs) and a patched `kernels.utils.launch` every kernel launch, in order; `replay` runs them
+again on the very tensors of the capture and writes each op's results into the tensors the
+capture produced (later ops read those). Python-side effects (a host counter, a flag) are not
+replayed, and scalars baked into an op stay baked: exactly the mistakes a graphed step can make.
+
+Unlike CUDA, capture executes the ops once (they are needed for their outputs); the replay that
+follows a capture (CUDA needs it to run the captured step) is therefore skipped once.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, List
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self, ops: List[tuple]) -> None:
+        super().__init__()
+        self.ops = ops
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.paused:
+            if func is torch.ops.aten._local_scalar_dense.default:
+                raise RuntimeError("a host read inside a captured step: CUDA graph capture "
+                                   "would fail here")
+            self.ops.append(("aten", func, args, kwargs, out))
+        return out
+
+
+class EmulatedGraph:
+    """The `capture()` / `replay()` interface of `training.cuda_graphs.CUDAStepGraph`."""
+
+    def __init__(self) -> None:
+        self.ops: List[tuple] = []
+        self._skip_next_replay = False
+        self.replays = 0
+
+    @contextlib.contextmanager
+    def capture(self):
+        from increlora_fast.kernels import utils as kutils
+        recorder = _Recorder(self.ops)
+        real_launch = kutils.launch
+
+        def launch(kernel, grid, *args, **kwargs):
+            recorder.paused = True  # the interpreter's own tensor ops are not the kernel's
+            try:
+                real_launch(kernel, grid, *args, **kwargs)
+            finally:
+                recorder.paused = False
+            self.ops.append(("launch", kernel, grid, args, kwargs))
+
+        kutils.launch = launch
+        try:
+            with recorder:
+                yield
+        finally:
+            kutils.launch = real_launch
+        self._skip_next_replay = True
+
+    def replay(self) -> None:
+        if self._skip_next_replay:
+            self._skip_next_replay = False
+            return
+        self.replays += 1
+        with torch.no_grad():
+            self._run()
+
+    def _run(self) -> None:
+        from increlora_fast.kernels import utils as kutils
+        for op in self.ops:
+            if op[0] == "launch":
+                _, kernel, grid, args, kwargs = op
+                kutils.launch(kernel, grid, *args, **kwargs)
+                continue
+            _, func, args, kwargs, out = op
+            new = func(*args, **kwargs)
+            if func.is_view:
+                continue
+            _write_into(out, new)
+
+
+def _write_into(old: Any, new: Any) -> None:
+    """Copy each tensor of ``new`` into the matching tensor of ``old`` (the capture's)."""
+    olds, _ = tree_flatten(old)
+    news, _ = tree_flatten(new)
+    for o, n in zip(olds, news):
+        if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n:
+            o.copy_(n)
