@@ -191,7 +191,7 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
                                     slot_state, lora_alpha, reserve_value,
                                     weight_in_out=weight_in_out, base_forward=base_forward,
                                     x_adapter=x_adapter, score_out=score_out, grad_out=grad_out)
-    from .kernels.linear import adapted_linear_triton
+    adapted_linear_triton = _triton_op()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, in_features)
     xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
@@ -208,6 +208,14 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
                                     score_out=score_out, grad_out=grad_out,
                                     fused_gemm=path == "fused")
     return out.reshape(*lead, out.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_op() -> Callable:
+    """`kernels.linear.adapted_linear_triton`, imported on the first Triton call only (the
+    package works without triton)."""
+    from .kernels.linear import adapted_linear_triton
+    return adapted_linear_triton
 
 
 def kernel_check_results() -> Dict[tuple, bool]:
