@@ -166,8 +166,7 @@ class _IncreLoRARun:
             orth_reg_weight=ORTH_REG_WEIGHT, modules_to_save=list(preset.modules_to_save))
         self.method = IncreLoRARun.from_config(model, config, lr=plan.lr,
                                                weight_decay=plan.weight_decay)
-        self.model = self.method.model
-        found = len(list(increlora_layers(self.model)))
+        found = len(list(increlora_layers(self.method.model)))
         if found != preset.n_targets:
             raise RuntimeError(f"{preset.name}: {found} target modules injected, expected "
                                f"{preset.n_targets}; the preset's target names are stale")
