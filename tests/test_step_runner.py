@@ -1,4 +1,5 @@
-"""The one training step (`StepRunner`), offline on a tiny BERT on the CPU."""
+"""The one training step (`StepRunner`), fixed-length batches (``--pad-to``) and the
+``--cuda-graphs`` option, offline on a tiny BERT on the CPU."""
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from increlora_fast.training.device import Placement
 from increlora_fast.training.finetune import build_run
 from increlora_fast.training.loop import LoopState, train_loop
 from increlora_fast.training.settings import RunSettings
-from increlora_fast.training.step_runner import StepRunner
+from increlora_fast.training.step_runner import StepRunner, resolve_cuda_graphs
 
 STEPS = 12
 MAX_SEQ_LEN = 16
@@ -55,13 +56,13 @@ def _train(tiny, **loop_kwargs):
 # ---------------------------------------------------------------- static inputs
 
 def test_static_inputs_train_bit_for_bit_like_the_plain_path(tiny):
-    """Batches (the tiny rows are of one length) through the static buffers give the plain path's losses, token
+    """Fixed-length batches through the static buffers give the plain path's losses, token
     counts, ranks and weights exactly; the runner hands the model the same tensors each step."""
-    s, _, run, batches = build_run(_settings(tiny))
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     plain_weights, plain_pattern = _trainable(run), run.rank_pattern()
 
-    s, _, run, batches = build_run(_settings(tiny))
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     runner = StepRunner(run, grad_clip=s.grad_clip, static_inputs=True)
     seen: List[int] = []
     real_forward = runner.forward_backward
@@ -95,9 +96,9 @@ def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
 def test_the_loop_with_cuda_graphs_asked_runs_eagerly_with_the_same_numbers(tiny):
     """On the CPU the loop's ``cuda_graphs`` path is the eager step over static inputs, so a
     fixed-length run matches the plain one exactly."""
-    s, _, run, batches = build_run(_settings(tiny))
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
-    s, _, run, batches = build_run(_settings(tiny))
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
                         cuda_graphs=True)
     assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
@@ -121,3 +122,100 @@ def test_allocation_due_names_exactly_the_rounds_of_an_increlora_run(tiny):
 def test_allocation_due_is_false_for_methods_without_rounds(tiny):
     _, _, run, _ = build_run(_settings(tiny, method="lora"))
     assert not any(run.allocation_due(step) for step in range(STEPS))
+
+
+# ---------------------------------------------------------------- --pad-to
+
+def test_max_length_pads_every_training_batch_and_trains_like_longest(tiny):
+    """Padding positions are masked, so (without dropout, whose masks follow the padded shape)
+    padding to max_seq_len changes the losses at most by float rounding: within 1e-4 (relative)
+    at every step of a 12-step run (on this CPU they are equal; the margin is for kernels that
+    sum over the padded length in another order)."""
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    _without_dropout(run)
+    for step in range(2 * batches.steps_per_epoch):
+        batch = batches.train_batch(step)
+        assert batch["input_ids"].shape == (s.batch_size, MAX_SEQ_LEN)
+        assert batch["attention_mask"].shape == (s.batch_size, MAX_SEQ_LEN)
+    eval_lengths = {b["input_ids"].shape[1] for b in batches.eval_batches()}
+    assert max(eval_lengths) < MAX_SEQ_LEN  # dev batches stay padded to their longest input
+    fixed = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    longest, _ = _train(tiny)
+    assert fixed.session_tokens == longest.session_tokens
+    assert fixed.losses == pytest.approx(longest.losses, rel=1e-4)
+
+
+def _args(tiny, out: Path, *extra: str) -> List[str]:
+    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
+            "--batch-size", "8", "--max-seq-len", str(MAX_SEQ_LEN), "--output-dir", str(out),
+            "--no-progress", "--max-steps", "6", *extra]
+
+
+def test_pad_to_is_recorded_and_a_resume_keeps_it(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(_args(tiny, out, "--pad-to", "max_length", "--save-steps", "3")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["pad_to"] == "max_length"
+    assert metrics["settings"]["cuda_graphs"] == "auto" and metrics["cuda_graphs"] is False
+    code = cli(["--resume", str(out / "checkpoint-3"), "--pad-to", "longest", "--output-dir",
+                str(tmp_path / "other"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--pad-to 'longest' (checkpoint: 'max_length')" in err
+    resumed = tmp_path / "resumed"
+    assert cli(["--resume", str(out / "checkpoint-3"), "--output-dir", str(resumed),
+                "--no-progress"]) == 0
+    again = json.loads((resumed / "metrics.json").read_text())
+    assert again["settings"]["pad_to"] == "max_length"
+    assert again["train_losses"] == metrics["train_losses"]
+
+
+def test_the_default_is_longest(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(_args(tiny, out, "--save-steps", "0")) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["pad_to"] == "longest"
+
+
+# ---------------------------------------------------------------- --cuda-graphs
+
+def test_resolve_cuda_graphs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_cuda_graphs("auto", cpu) is False and resolve_cuda_graphs("auto", cuda) is False
+    assert resolve_cuda_graphs("off", cuda) is False and resolve_cuda_graphs("on", cuda) is True
+    with pytest.raises(ValueError, match="--cuda-graphs on needs a CUDA device.*cpu"):
+        resolve_cuda_graphs("on", cpu)
+    with pytest.raises(ValueError, match="--cuda-graphs 'sometimes' is invalid"):
+        resolve_cuda_graphs("sometimes", cpu)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--device", "cpu"], "--cuda-graphs on needs a CUDA device, and this run is on cpu"),
+    (["--method", "lora"], "--cuda-graphs 'on' is invalid: it is for --method increlora only, "
+                           "not lora"),
+    (["--precision", "fp16"], "--cuda-graphs 'on' is invalid: it cannot be combined with "
+                              "--precision fp16"),
+    (["--pad-to", "longest"], "--cuda-graphs 'on' is invalid: graphs need batches of one shape"),
+])
+def test_cuda_graphs_on_is_refused_in_one_line_before_any_data_is_read(
+        tiny, tmp_path, capsys, monkeypatch, extra, expected):
+    import increlora_fast.training.finetune as finetune
+
+    def no_data(settings):
+        raise AssertionError("the data was read before the options were checked")
+    monkeypatch.setattr(finetune, "load_data", no_data)
+    assert cli(_args(tiny, tmp_path / "run", "--cuda-graphs", "on", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_compare_refuses_cuda_graphs_on_with_a_peer_before_any_run(tiny, tmp_path, capsys):
+    code = cli(_args(tiny, tmp_path / "cmp", "--cuda-graphs", "on", "--compare", "--methods",
+                     "increlora,lora", "--seeds", "1", "--lrs", "0.001"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--method increlora only, not lora" in err
+    assert not (tmp_path / "cmp" / "increlora").exists()
+
+
+def test_cuda_graphs_on_pads_to_max_length_when_pad_to_is_left_out(tiny):
+    from increlora_fast.training.settings import resolve
+    assert resolve(_settings(tiny, cuda_graphs="on"), 64).pad_to == "max_length"
+    assert resolve(_settings(tiny, cuda_graphs="auto"), 64).pad_to == "longest"

@@ -26,6 +26,25 @@ import torch.nn.functional as F
 
 from .device import Placement
 from .methods import MethodRun
+from .settings import CUDA_GRAPHS
+
+
+def resolve_cuda_graphs(text: str, device: torch.device) -> bool:
+    """Whether a run with ``--cuda-graphs text`` on ``device`` uses CUDA graphs.
+
+    ``auto`` is off for now: it turns on for CUDA once the GPU check shows graphs faster with
+    the same accuracy. The device-independent combinations are refused by
+    `settings.validate`.
+
+    Raises:
+        ValueError: an unknown value, or ``on`` on a device that is not CUDA.
+    """
+    if text not in CUDA_GRAPHS:
+        raise ValueError(f"--cuda-graphs {text!r} is invalid: use one of {list(CUDA_GRAPHS)}")
+    if text == "on" and device.type != "cuda":
+        raise ValueError(f"--cuda-graphs on needs a CUDA device, and this run is on {device}; "
+                         "use --cuda-graphs off or auto, or --device cuda")
+    return text == "on"
 
 
 @dataclass
