@@ -132,10 +132,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "| bf16 (autocast; also on cpu) | fp16 (autocast + loss scaling; CUDA "
                           "only)")
     run.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default=d.cuda_graphs,
-                     help="capture the IncreLoRA training step in CUDA graphs: auto (default; "
-                          "off until the GPU check shows graphs faster with the same accuracy) "
-                          "| on (CUDA, --method increlora, not with --precision fp16; pads to "
-                          "--max-seq-len) | off")
+                     help="CUDA graphs for the IncreLoRA training step: auto (default; off "
+                          "until the GPU check shows graphs faster with the same accuracy) | on "
+                          "(CUDA, --method increlora, not with --precision fp16; pads to "
+                          "--max-seq-len and uses fixed input buffers; until the capture lands, "
+                          "steps still run eagerly) | off")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",

@@ -1,7 +1,7 @@
 """`StepRunner`: the one place that runs a training step of a `MethodRun`.
 
 `finetune`'s loop, the model-level benchmark, the memory breakdown's step and the memory check
-all step through it, so a step means the same everywhere: forward under the placement's
+(and `gpu-check`, through `finetune` and the model-level benchmark) all step through it, so a step means the same everywhere: forward under the placement's
 autocast, the method's ``penalty()`` (in fp32, outside autocast), backward (fp16: of the
 GradScaler-scaled loss, unscaled before clipping), gradient clipping, ``before_optimizer_step``
 (IncreLoRA's controller), the optimizer step (fp16: the scaler's, skipped on overflow),
