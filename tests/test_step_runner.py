@@ -219,3 +219,45 @@ def test_cuda_graphs_on_pads_to_max_length_when_pad_to_is_left_out(tiny):
     from increlora_fast.training.settings import resolve
     assert resolve(_settings(tiny, cuda_graphs="on"), 64).pad_to == "max_length"
     assert resolve(_settings(tiny, cuda_graphs="auto"), 64).pad_to == "longest"
+
+
+# ---------------------------------------------------------------- the benchmarks' step
+
+def test_the_benchmarks_increlora_step_is_the_plain_loop_of_the_readme():
+    """`memory_methods.increlora_runner` (the memory breakdown, its check and, with autocast
+    around it, the model-level benchmark) trains exactly as the README's hand-written loop."""
+    from increlora_fast import IncreLoRAConfig, create_optimizer, inject_increlora
+    from increlora_fast.benchmarks.memory_methods import increlora_runner
+    from increlora_fast.benchmarks.model import BERT_TARGETS, MODEL_PRESETS
+    from increlora_fast.controller import IncreLoRAController
+
+    preset = MODEL_PRESETS["tiny-bert"]
+    config = IncreLoRAConfig(target_modules=list(BERT_TARGETS), r_max=4, init_r=1,
+                             target_rank=2, init_warmup=1, incre_interval=1, top_h=4,
+                             modules_to_save=["classifier"])
+    torch.manual_seed(0)
+    runner = increlora_runner(preset.build(), config, lr=1e-2)
+    torch.manual_seed(0)
+    model = inject_increlora(preset.build(), config)
+    optimizer = create_optimizer(model, config, lr=1e-2)
+    controller = IncreLoRAController(model, config)
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, preset.vocab_size, (4, 8), generator=gen),
+                "attention_mask": torch.ones(4, 8, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,), generator=gen)} for _ in range(6)]
+    torch.manual_seed(1)  # the same dropout masks for both
+    for step, batch in enumerate(batches):
+        runner.forward_backward(step, batch)
+        runner.update(step)
+    torch.manual_seed(1)
+    model.train()
+    for step, batch in enumerate(batches):
+        loss = model(**batch).loss + controller.regularization_loss()
+        loss.backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    ours = dict(runner.run.model.named_parameters())
+    assert runner.run.allocation_log() == controller.allocation_log
+    assert len(controller.allocation_log) > 0
+    assert all(torch.equal(ours[n], p) for n, p in model.named_parameters())
