@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from .memory import TOTAL, method_rows
-from .memory_methods import AdapterSetting, methods_for
+from .memory_methods import AdapterSetting, increlora_runner, methods_for
 from .memory_model import ModelSpec
 from .memory_probe import TensorPeak
 from .timing import release_memory
@@ -17,10 +17,9 @@ DEFAULT_TOLERANCE = 0.03
 
 def loop_peak(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len: int,
               device: torch.device, steps: int = 3) -> int:
-    """Peak tensor bytes of ``steps`` steps of the README's IncreLoRA loop, everything (model,
-    batch, optimizer, controller) created inside the measurement."""
-    from .. import IncreLoRAController, create_optimizer, inject_increlora
-
+    """Peak tensor bytes of ``steps`` steps of the README's IncreLoRA loop (the one
+    `StepRunner`, as `memory_methods.increlora_runner` sets it up), everything (model, batch,
+    optimizer, controller) created inside the measurement."""
     device = torch.device(device)
     release_memory(device)
     torch.manual_seed(0)
@@ -28,18 +27,12 @@ def loop_peak(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len
         model = spec.build(device)
         if getattr(model.config, "use_cache", None):
             model.config.use_cache = False
-        config = setting.increlora_config()
-        model = inject_increlora(model, config)
-        optimizer = create_optimizer(model, config, lr=1e-3)
-        controller = IncreLoRAController(model, config)
+        runner = increlora_runner(model, setting.increlora_config(), lr=1e-3)
         batch = spec.batch(batch_size, seq_len, device, seed=1)
         for step in range(steps):
-            loss = model(**batch).loss + controller.regularization_loss()
-            loss.backward()
-            controller.step(step)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        del loss, model, optimizer, controller, batch
+            runner.forward_backward(step, batch)
+            runner.update(step)
+        del runner, model, batch
     release_memory(device)
     return peak.peak_bytes
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..reference import lambda_dtype
+
+if TYPE_CHECKING:
+    from ..training.step_runner import StepRunner
 
 LR = 1e-4
 FP32, INT64, INT8 = 4, 8, 1
@@ -187,8 +190,8 @@ class MemoryMethod:
             setting = dataclasses.replace(setting, r_max=self.rank)
         return peft_sizes(meta_model, setting, adalora=self.kind == "adalora")
 
-    def build(self, model: nn.Module, setting: AdapterSetting) -> "StepRunner":
-        return StepRunner(self, model, setting)
+    def build(self, model: nn.Module, setting: AdapterSetting) -> "MemoryStep":
+        return MemoryStep(self, model, setting)
 
 
 def methods_for(setting: AdapterSetting) -> List[MemoryMethod]:
@@ -206,9 +209,10 @@ def methods_for(setting: AdapterSetting) -> List[MemoryMethod]:
     return out
 
 
-class StepRunner:
+class MemoryStep:
     """A method on a real model: `forward_backward` then `update` make one step, as the plain
-    loop of the README does it."""
+    loop of the README does it. IncreLoRA is `finetune`'s method (`IncreLoRARun`) stepped by
+    the one `StepRunner` (fp32, no gradient clipping); the peft methods step here."""
 
     def __init__(self, method: MemoryMethod, model: nn.Module, setting: AdapterSetting) -> None:
         self.method = method
@@ -221,15 +225,11 @@ class StepRunner:
             else:
                 model.gradient_checkpointing_enable(
                     gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.controller = None
+        self.runner = None
         self.loss: Optional[torch.Tensor] = None
         if method.kind == "increlora":
-            from .. import IncreLoRAController, create_optimizer, inject_increlora
-
-            config = setting.increlora_config()
-            self.model = inject_increlora(model, config)
-            self.optimizer = create_optimizer(self.model, config, lr=LR)
-            self.controller = IncreLoRAController(self.model, config)
+            self.runner = increlora_runner(model, setting.increlora_config(), LR)
+            self.model, self.optimizer = self.runner.run.model, self.runner.run.optimizer
         else:
             from peft import get_peft_model
 
@@ -243,18 +243,31 @@ class StepRunner:
     def forward_backward(self, batch: Dict[str, torch.Tensor], step: int) -> None:
         """Like ``loss = model(**batch).loss; loss.backward()`` in a loop: the previous step's
         loss (and whatever its graph still holds) lives until this one replaces it."""
-        loss = self.model(**batch).loss
-        if self.controller is not None:
-            loss = loss + self.controller.regularization_loss()
-        self.loss = loss
-        del loss
+        if self.runner is not None:
+            self.runner.forward_backward(step, batch)
+            return
+        self.loss = self.model(**batch).loss
         self.loss.backward()
 
     def update(self, step: int) -> None:
-        """IncreLoRA's controller, the optimizer step, AdaLoRA's allocator, zero_grad."""
-        if self.controller is not None:
-            self.controller.step(step)
+        """The optimizer step and what goes with it (IncreLoRA's controller before it, AdaLoRA's
+        allocator after it), then zero_grad."""
+        if self.runner is not None:
+            self.runner.update(step)
+            return
         self.optimizer.step()
         if self.method.kind == "adalora":
             self.model.base_model.update_and_allocate(step)
         self.optimizer.zero_grad(set_to_none=True)
+
+
+def increlora_runner(model: nn.Module, config, lr: float) -> "StepRunner":
+    """IncreLoRA injected into ``model`` with ``config`` (`IncreLoRARun`, AdamW at ``lr``) and
+    the `StepRunner` that steps it on the model's device in fp32 without gradient clipping: the
+    README's plain loop, as the memory breakdown and its check measure it."""
+    from ..training.device import Placement
+    from ..training.increlora_method import IncreLoRARun
+    from ..training.step_runner import StepRunner
+
+    run = IncreLoRARun.from_config(model, config, lr=lr)
+    return StepRunner(run, Placement(next(run.model.parameters()).device, "fp32"))

@@ -147,11 +147,16 @@ def _batches(preset: ModelPreset, plan: ModelPlan, device: torch.device) -> List
 
 
 class _IncreLoRARun:
-    """Ours in the plain loop of the README; ``phase(i)`` names the step about to run."""
+    """Ours as `finetune` builds it (`IncreLoRARun`), stepped by the one `StepRunner` without
+    gradient clipping; ``phase(i)`` names the step about to run. The runner's placement is fp32:
+    the caller's autocast covers the whole step, as it does for the peft methods."""
 
-    def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan) -> None:
-        from .. import (IncreLoRAConfig, IncreLoRAController, create_optimizer, increlora_layers,
-                       inject_increlora)
+    def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
+                 device: torch.device) -> None:
+        from .. import IncreLoRAConfig, increlora_layers
+        from ..training.device import Placement
+        from ..training.increlora_method import IncreLoRARun
+        from ..training.step_runner import StepRunner
 
         sched = increlora_schedule(plan, preset.n_targets)
         config = IncreLoRAConfig(
@@ -159,28 +164,24 @@ class _IncreLoRARun:
             target_rank=plan.target_rank, lora_alpha=LORA_ALPHA, init_warmup=sched["init_warmup"],
             incre_interval=sched["incre_interval"], top_h=sched["top_h"],
             orth_reg_weight=ORTH_REG_WEIGHT, modules_to_save=list(preset.modules_to_save))
-        self.model = inject_increlora(model, config)
-        found = len(list(increlora_layers(self.model)))
+        self.method = IncreLoRARun.from_config(model, config, lr=plan.lr,
+                                               weight_decay=plan.weight_decay)
+        found = len(list(increlora_layers(self.method.model)))
         if found != preset.n_targets:
             raise RuntimeError(f"{preset.name}: {found} target modules injected, expected "
                                f"{preset.n_targets}; the preset's target names are stale")
-        self.optimizer = create_optimizer(self.model, config, lr=plan.lr,
-                                          weight_decay=plan.weight_decay)
-        self.controller = IncreLoRAController(self.model, config)
+        self.runner = StepRunner(self.method, Placement(device, "fp32"))
         self.settings = (f"r_max={plan.r_max} init_r={plan.init_r} target_rank="
                          f"{plan.target_rank} incre_rank_num={sched['incre_rank_num']} "
                          f"top_h={sched['top_h']} rounds every step from step 2, "
                          f"orth_reg={ORTH_REG_WEIGHT}, IncreLoRAAdamW")
 
     def phase(self, i: int) -> str:
-        return "final" if self.controller.budget_reached else "alloc"
+        return "final" if self.method.controller.budget_reached else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
-        loss = self.model(**batch).loss + self.controller.regularization_loss()
-        loss.backward()
-        self.controller.step(i)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.runner.forward_backward(i, batch)
+        self.runner.update(i)
 
 
 class _PeftRun:
@@ -223,10 +224,10 @@ class _PeftRun:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def _build_run(method: str, model: nn.Module, preset: ModelPreset, plan: ModelPlan
-               ) -> Union[_IncreLoRARun, _PeftRun]:
+def _build_run(method: str, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
+               device: torch.device) -> Union[_IncreLoRARun, _PeftRun]:
     if method.startswith("increlora-"):
-        return _IncreLoRARun(model, preset, plan)
+        return _IncreLoRARun(model, preset, plan, device)
     return _PeftRun(model, preset, plan, adalora=method == "peft-adalora")
 
 
@@ -256,7 +257,7 @@ def prepare_run(method: str, preset_name: str, plan: ModelPlan, device: torch.de
     preset = _check_args(method, preset_name)
     torch.manual_seed(0)
     model = preset.build(device).train()
-    return _build_run(method, model, preset, plan), _batches(preset, plan, device)
+    return _build_run(method, model, preset, plan, device), _batches(preset, plan, device)
 
 
 def _step(run: Union[_IncreLoRARun, _PeftRun], i: int, batches: List[dict],

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..config import SCORE_KINDS
-from ..training.settings import (BERT_TARGETS, DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS,
-                                 SCHEDULES, RunSettings)
+from ..training.settings import (BERT_TARGETS, CUDA_GRAPHS, DEFAULT_LR, DEFAULT_MAX_STEPS,
+                                 METHODS, PAD_TO, SCHEDULES, RunSettings)
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
 SETTINGS_DESTS = [f.name for f in dataclasses.fields(RunSettings)]
@@ -47,6 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--max-train-samples", type=int, help="use only the first N training rows")
     data.add_argument("--max-eval-samples", type=int, help="use only the first N dev rows")
     data.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    data.add_argument("--pad-to", choices=PAD_TO, default=None,
+                      help="training batches padded to their longest input (longest, the "
+                           "default) or to --max-seq-len (max_length: one shape for every "
+                           "step; the default with --cuda-graphs on)")
 
     train = parser.add_argument_group("training")
     train.add_argument("--method", default=d.method, choices=METHODS)
@@ -127,6 +131,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="auto (default: bf16 autocast on GPUs with bfloat16, else fp32) | fp32 "
                           "| bf16 (autocast; also on cpu) | fp16 (autocast + loss scaling; CUDA "
                           "only)")
+    run.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default=d.cuda_graphs,
+                     help="CUDA graphs for the IncreLoRA training step: auto (default; off "
+                          "until the GPU check shows graphs faster with the same accuracy) | on "
+                          "(CUDA, --method increlora, not with --precision fp16; pads to "
+                          "--max-seq-len and uses fixed input buffers; until the capture lands, "
+                          "steps still run eagerly) | off")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",
@@ -183,7 +193,8 @@ def _print_summary(m: Dict, out_dir: str) -> None:
     speed = m.get("tokens_per_second")
     peak = m.get("peak_device_memory_mb")
     print(f"speed             {'-' if speed is None else f'{speed:,.0f}'} training tokens/s on "
-          f"{m.get('device')} ({m.get('precision')}), peak device memory "
+          f"{m.get('device')} ({m.get('precision')}"
+          + (", CUDA graphs" if m.get("cuda_graphs") else "") + "), peak device memory "
           + (f"{peak:,.0f} MiB" if peak is not None else f"- ({m.get('peak_device_memory_kind')})"))
     if m["rank_pattern"]:
         print(f"final rank pattern (total {m['total_rank']}):")

@@ -11,6 +11,7 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 
 from ..data.examples import Example
+from .settings import PAD_TO
 
 
 class Batches:
@@ -22,10 +23,17 @@ class Batches:
         batch_size: training batch size; the last partial batch of an epoch is dropped.
         eval_batch_size: evaluation batch size.
         seed: seed of the epoch permutations.
+        pad_to: training batches are padded to their longest input (``"longest"``) or to
+            ``max_seq_len`` (``"max_length"``: every training batch has shape
+            (batch_size, max_seq_len), as CUDA graphs need). Evaluation batches are always
+            padded to their longest input.
     """
 
     def __init__(self, tokenizer, train: Sequence[Example], dev: Sequence[Example],
-                 max_seq_len: int, batch_size: int, eval_batch_size: int, seed: int) -> None:
+                 max_seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
+                 pad_to: str = "longest") -> None:
+        if pad_to not in PAD_TO:
+            raise ValueError(f"--pad-to {pad_to!r} is invalid: use one of {PAD_TO}")
         if not train:
             raise ValueError("the training split is empty")
         if not dev:
@@ -34,6 +42,8 @@ class Batches:
         self.batch_size = min(batch_size, len(train))
         self.eval_batch_size = eval_batch_size
         self.seed = seed
+        self.max_seq_len = max_seq_len
+        self.pad_to = pad_to
         self.train = self._encode(train, max_seq_len)
         self.dev = self._encode(dev, max_seq_len)
         self.train_labels = torch.tensor([e.label for e in train])
@@ -51,8 +61,11 @@ class Batches:
             enc = self.tokenizer(texts, pairs, truncation="longest_first", max_length=max_seq_len)
         return [{k: enc[k][i] for k in enc.keys()} for i in range(len(examples))]
 
-    def _collate(self, features: List[Dict[str, list]], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        batch = dict(self.tokenizer.pad(features, return_tensors="pt"))
+    def _collate(self, features: List[Dict[str, list]], labels: torch.Tensor,
+                 pad_to: str = "longest") -> Dict[str, torch.Tensor]:
+        fixed = {"padding": "max_length", "max_length": self.max_seq_len}
+        batch = dict(self.tokenizer.pad(features, return_tensors="pt",
+                                        **(fixed if pad_to == "max_length" else {})))
         batch["labels"] = labels
         return batch
 
@@ -67,7 +80,8 @@ class Batches:
             self._perm = torch.randperm(len(self.train), generator=g)
             self._perm_epoch = epoch
         idx = self._perm[index * self.batch_size:(index + 1) * self.batch_size]
-        return self._collate([self.train[i] for i in idx.tolist()], self.train_labels[idx])
+        return self._collate([self.train[i] for i in idx.tolist()], self.train_labels[idx],
+                             self.pad_to)
 
     def eval_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
         """The dev split in batches, shortest inputs first (less padding; order does not matter)."""

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Sequence
 
 from .finetune import DATA_FILE_KEYS, load_data, run_finetune, with_data_identity
 from .outputs import METRICS_FILE, check_writable
-from .settings import METHODS, RunSettings, resolve
+from .settings import METHODS, RunSettings, resolve, validate
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
 DEFAULT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
@@ -73,6 +73,8 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
     if not lrs or any(lr <= 0 for lr in lrs):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
+    for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
+        validate(dataclasses.replace(base, method=method))
     out = Path(output_dir)
     check_writable(out)
     base = with_data_identity(base)

@@ -26,7 +26,8 @@ from .methods import MethodRun
 from .registry import build_method
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, prepare_output_dir,
                       remove_stale_outputs)
-from .settings import RunSettings, resolve
+from .settings import RunSettings, resolve, validate
+from .step_runner import resolve_cuda_graphs
 
 HEATMAP_FILE = "rank_heatmap.png"
 RANK_OVER_TIME_FILE = "rank_over_time.png"
@@ -145,7 +146,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None
         model = model.to(placement.device)
     run = build_method(model, s)
     batches = Batches(tokenizer, data.train, data.eval, s.max_seq_len, s.batch_size,
-                      s.eval_batch_size, s.seed)
+                      s.eval_batch_size, s.seed, pad_to=s.pad_to)
     return s, data, run, batches
 
 
@@ -249,18 +250,21 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         settings = read_checkpoint_settings(Path(resume))
         check_data_identity(settings, str(Path(resume) / "settings.json"))
     else:
+        validate(settings)  # before hashing the data files or loading anything
         settings = with_data_identity(settings)
     place = Placement.from_text(settings.device, settings.precision)
+    cuda_graphs = resolve_cuda_graphs(settings.cuda_graphs, place.device)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place)
     state = load_checkpoint(Path(resume), run) if resume else LoopState()
     echo(f"{s.method} on {data.name} ({len(data.train):,} train / {len(data.eval):,} dev), "
          f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
-         f"seed {s.seed}, on {place.describe()}"
+         f"seed {s.seed}, on {place.describe()}" + (", CUDA graphs" if cuda_graphs else "")
          + (f", resuming at step {state.step}" if resume else ""))
     written: List[str] = []
     train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
-               on_step_end=_checkpointer(out, run, s, save_steps, written), placement=place)
+               on_step_end=_checkpointer(out, run, s, save_steps, written), placement=place,
+               cuda_graphs=cuda_graphs)
     check_finite(run, state.step)
     t_eval = time.perf_counter()
     metrics = evaluate(run, batches, place)
@@ -269,7 +273,8 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
                                     f"after step {state.step}; its outputs were not written; "
                                     f"lower --lr (it was {s.lr:g})")
     metrics.update(peak_memory(place.device), device=str(place.device),
-                   precision=place.precision, train_tokens=state.session_tokens,
+                   precision=place.precision, cuda_graphs=cuda_graphs,
+                   train_tokens=state.session_tokens,
                    tokens_per_second=tokens_per_second(state.session_tokens,
                                                        state.session_seconds))
     counts = run.parameter_counts()

@@ -36,13 +36,21 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
 
 
 class IncreLoRARun(MethodRun):
-    """IncreLoRA: ranks grow from ``init_r`` to an average of ``target_rank``."""
+    """IncreLoRA: ranks grow from ``init_r`` to an average of ``target_rank``.
+
+    Args:
+        model: the model to inject (in place).
+        settings: the run's settings.
+        config: the IncreLoRA config to inject (default: `increlora_config` of ``settings``);
+            see `from_config` for runs described by a config alone.
+    """
 
     name = "increlora"
 
-    def __init__(self, model: nn.Module, settings: RunSettings) -> None:
+    def __init__(self, model: nn.Module, settings: RunSettings,
+                 config: Optional[IncreLoRAConfig] = None) -> None:
         self.settings = settings
-        self.config = increlora_config(model, settings)
+        self.config = config or increlora_config(model, settings)
         try:
             self.model = inject_increlora(model, self.config)
         except TypeError as err:  # a target that is not a linear layer
@@ -50,6 +58,21 @@ class IncreLoRARun(MethodRun):
         self.optimizer = create_optimizer(self.model, self.config, lr=settings.lr,
                                           weight_decay=settings.weight_decay)
         self.controller = IncreLoRAController(self.model, self.config)
+
+    @classmethod
+    def from_config(cls, model: nn.Module, config: IncreLoRAConfig, lr: float,
+                    weight_decay: float = 0.0) -> "IncreLoRARun":
+        """The method built from an IncreLoRA config (the benchmarks' runs): ``config`` is
+        injected as it is; ``settings`` holds the learning rate, weight decay and the config's
+        own fields that `RunSettings` also has (the rest keep their defaults)."""
+        shared = {f.name for f in dataclasses.fields(RunSettings)} & \
+            {f.name for f in dataclasses.fields(IncreLoRAConfig)}
+        values = {k: getattr(config, k) for k in shared}
+        values.update(method=cls.name, lr=lr, weight_decay=weight_decay,
+                      target_modules=list(config.target_modules or []),
+                      modules_to_save=list(config.modules_to_save or []),
+                      max_steps=config.total_step)
+        return cls(model, RunSettings(**values), config)
 
     def penalty(self) -> Optional[torch.Tensor]:
         return self.controller.regularization_loss()
@@ -59,6 +82,14 @@ class IncreLoRARun(MethodRun):
 
     def after_optimizer_step(self, step: int) -> None:
         """The schedule lives inside the optimizer (per-slot restart warmup)."""
+
+    def allocation_due(self, step: int) -> bool:
+        """A round falls on ``step`` (after ``init_warmup``, every ``incre_interval`` steps) or
+        one is pending from an earlier step, while the rank budget is not reached."""
+        c, cfg = self.controller, self.config
+        if c.budget_reached:
+            return False
+        return c.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
 
     def total_rank(self) -> int:
         return self.controller.current_total_rank()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .batches import Batches
 from .device import Placement
 from .methods import MethodRun
+from .step_runner import StepRunner
 
 # Steps between the loop's host reads (losses, token counts, the progress bar's rank).
 LOG_EVERY = 10
@@ -71,12 +72,14 @@ class LoopState:
 def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: float,
                state: LoopState, progress: bool = True,
                on_step_end: Optional[Callable[[LoopState], None]] = None,
-               placement: Optional[Placement] = None) -> LoopState:
+               placement: Optional[Placement] = None, static_inputs: bool = False,
+               cuda_graphs: bool = False) -> LoopState:
     """Train from ``state.step`` to ``max_steps``; ``on_step_end`` runs after every step (the
     caller writes checkpoints there, after `LoopState.sync`). The progress bar shows the task
     loss (without penalties, so methods compare) and the current total rank, refreshed every
     `LOG_EVERY` steps and at the end, the only steps where the loop reads the device.
     ``placement``: where the model already is and the precision to train in (default: CPU, fp32).
+    Each step is a `StepRunner.step` (``static_inputs`` and ``cuda_graphs`` are passed to it).
 
     Raises:
         FloatingPointError: a task loss became non-finite (found at the next log point or
@@ -84,45 +87,20 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
     """
     from tqdm.auto import tqdm
 
-    place = placement or Placement(torch.device("cpu"), "fp32")
-    scaler = place.scaler
-    model = run.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    runner = StepRunner(run, placement, grad_clip=grad_clip, static_inputs=static_inputs,
+                        cuda_graphs=cuda_graphs)
     bar = tqdm(total=max_steps, initial=state.step, disable=not progress, desc=run.name,
                dynamic_ncols=True, mininterval=1.0)
-    model.train()
+    run.model.train()
     try:
         while state.step < max_steps:
             t0 = time.perf_counter()
-            step = state.step
-            batch = place.to_device(batches.train_batch(step))
-            with place.autocast():
-                out = model(**batch)
-            loss = out.loss
-            penalty = run.penalty()  # in fp32, outside autocast
-            if penalty is not None:
-                loss = loss + penalty
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.unscale_(run.optimizer)
+            result = runner.step(state.step, batches.train_batch(state.step))
+            state.pending_losses.append(result.task_loss)
+            if isinstance(result.tokens, int):
+                state.session_tokens += result.tokens
             else:
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            run.before_optimizer_step(step, loss_scale=place.loss_scale)
-            if scaler is not None:
-                scaler.step(run.optimizer)  # skipped when the scaled gradients overflowed
-                scaler.update()
-            else:
-                run.optimizer.step()
-            run.after_optimizer_step(step)
-            run.optimizer.zero_grad(set_to_none=True)
-            state.pending_losses.append(F.cross_entropy(out.logits.detach().float(),
-                                                        batch["labels"]))
-            mask = batch.get("attention_mask")
-            if mask is not None:
-                state.pending_tokens.append(mask.sum())
-            else:
-                state.session_tokens += batch["input_ids"].numel()
+                state.pending_tokens.append(result.tokens)
             state.step += 1
             log = state.step % LOG_EVERY == 0 or state.step >= max_steps
             if log:

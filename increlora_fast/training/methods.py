@@ -1,7 +1,7 @@
 """The fine-tuning methods behind one interface: a model, its optimizer and per-step hooks.
 
-The plain loop (`loop.train_loop`) calls, per optimizer step: forward, ``penalty()``, backward,
-gradient clipping, ``before_optimizer_step(step)``, ``optimizer.step()``,
+A training step (`step_runner.StepRunner`) calls, per optimizer step: forward, ``penalty()``,
+backward, gradient clipping, ``before_optimizer_step(step)``, ``optimizer.step()``,
 ``after_optimizer_step(step)``, ``zero_grad``.
 """
 from __future__ import annotations
@@ -57,6 +57,12 @@ class MethodRun:
     def after_optimizer_step(self, step: int) -> None:
         """Called after ``optimizer.step()``, before ``zero_grad``."""
         self.scheduler.step()
+
+    def allocation_due(self, step: int) -> bool:
+        """Whether step ``step`` is an allocation round, which changes the adapters' slot layout
+        and so cannot be replayed from a captured CUDA graph. False here: only IncreLoRA has
+        rounds the step runner knows of (CUDA graphs are for IncreLoRA only)."""
+        return False
 
     def total_rank(self) -> Optional[int]:
         """Current total adapter rank (None when the method has no rank)."""

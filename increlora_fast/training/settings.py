@@ -19,6 +19,8 @@ DEFAULT_MAX_STEPS = 300
 # --schedule: "default" (this library's) and "authors" (their GLUE scripts reach it at 21-42 %,
 # with restart warmup = growth interval).
 SCHEDULES = {"default": 50, "authors": 35}
+PAD_TO = ("longest", "max_length")
+CUDA_GRAPHS = ("auto", "on", "off")
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense"]
 
@@ -84,6 +86,11 @@ class RunSettings:
     # where and how to compute (see `device`); kept as given, resolved when the run starts
     device: str = "auto"
     precision: str = "auto"
+    # training batches padded to their longest input or to max_seq_len (None: max_length with
+    # --cuda-graphs on, else longest; filled in by `resolve`)
+    pad_to: Optional[str] = None
+    # CUDA graphs for the training step (see `step_runner.resolve_cuda_graphs`); kept as given
+    cuda_graphs: str = "auto"
     # The data's identity, filled in by `finetune.with_data_identity`: sha256 of each data file
     # (train_file and eval_file are then absolute paths), so a resume or a reused comparison run
     # notices changed data.
@@ -131,6 +138,18 @@ def validate(s: RunSettings) -> None:
     from .device import PRECISIONS, validate_device_text
     validate_device_text(s.device)
     _check(s.precision in PRECISIONS, "--precision", s.precision, f"use one of {list(PRECISIONS)}")
+    _check(s.pad_to is None or s.pad_to in PAD_TO, "--pad-to", s.pad_to, f"use one of {PAD_TO}")
+    _check(s.cuda_graphs in CUDA_GRAPHS, "--cuda-graphs", s.cuda_graphs,
+           f"use one of {CUDA_GRAPHS}")
+    if s.cuda_graphs == "on":
+        _check(s.method == "increlora", "--cuda-graphs", "on",
+               f"it is for --method increlora only, not {s.method}; use --cuda-graphs off")
+        _check(s.precision != "fp16", "--cuda-graphs", "on",
+               "it cannot be combined with --precision fp16 (the GradScaler skips steps whose "
+               "gradients overflow, which a captured optimizer step cannot); use bf16 or fp32")
+        _check(s.pad_to != "longest", "--cuda-graphs", "on",
+               "graphs need batches of one shape, so it cannot be combined with --pad-to "
+               "longest; use --pad-to max_length (or leave --pad-to out)")
     if s.method == "adalora":
         _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
                f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
@@ -145,6 +164,8 @@ def resolve(s: RunSettings, train_size: int) -> RunSettings:
         r.max_steps = math.ceil(r.epochs * steps_per_epoch) if r.epochs else DEFAULT_MAX_STEPS
     r.lr = DEFAULT_LR[r.method] if r.lr is None else r.lr
     r.lora_alpha = DEFAULT_ALPHA[r.method] if r.lora_alpha is None else r.lora_alpha
+    if r.pad_to is None:
+        r.pad_to = "max_length" if r.cuda_graphs == "on" else "longest"
     # IncreLoRA: a round every 5% of training after a first 5%; enough modules per round that
     # the budget is reached by mid-training, leaving the rest to train the final ranks.
     if r.incre_interval is None:

@@ -1,0 +1,263 @@
+"""The one training step (`StepRunner`), fixed-length batches (``--pad-to``) and the
+``--cuda-graphs`` option, offline on a tiny BERT on the CPU."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+
+from finetune_helpers import cli, tiny_files
+from increlora_fast.training.device import Placement
+from increlora_fast.training.finetune import build_run
+from increlora_fast.training.loop import LoopState, train_loop
+from increlora_fast.training.settings import RunSettings
+from increlora_fast.training.step_runner import StepRunner, resolve_cuda_graphs
+
+STEPS = 12
+MAX_SEQ_LEN = 16
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=64, dev_rows=16)
+
+
+def _settings(tiny, **overrides) -> RunSettings:
+    values = dict(model=tiny["model"], task=None, train_file=tiny["train"],
+                  eval_file=tiny["dev"], batch_size=8, max_seq_len=MAX_SEQ_LEN, max_steps=STEPS,
+                  init_warmup=2, incre_interval=3)
+    values.update(overrides)
+    return RunSettings(**values)
+
+
+def _trainable(run) -> dict:
+    return {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+
+def _without_dropout(run) -> None:
+    """Dropout draws its masks over the padded shape, so runs padded differently drop different
+    units; without it padding is masked out exactly."""
+    for module in run.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
+def _train(tiny, **loop_kwargs):
+    s, _, run, batches = build_run(_settings(tiny))
+    _without_dropout(run)
+    state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                       **loop_kwargs)
+    return state, run
+
+
+# ---------------------------------------------------------------- static inputs
+
+def test_static_inputs_train_bit_for_bit_like_the_plain_path(tiny):
+    """Fixed-length batches through the static buffers give the plain path's losses, token
+    counts, ranks and weights exactly; the runner hands the model the same tensors each step."""
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    plain_weights, plain_pattern = _trainable(run), run.rank_pattern()
+
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    runner = StepRunner(run, grad_clip=s.grad_clip, static_inputs=True)
+    seen: List[int] = []
+    real_forward = runner.forward_backward
+    runner.forward_backward = lambda step, b: seen.append(id(b["input_ids"])) or \
+        real_forward(step, b)
+    state = LoopState()
+    run.model.train()
+    for step in range(STEPS):
+        result = runner.step(step, batches.train_batch(step))
+        state.pending_losses.append(result.task_loss)
+        state.pending_tokens.append(result.tokens)
+        state.step += 1
+    state.sync(run.name)
+    assert state.losses == plain.losses and state.session_tokens == plain.session_tokens
+    assert run.rank_pattern() == plain_pattern and sum(plain_pattern.values()) > len(plain_pattern)
+    weights = _trainable(run)
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)
+    assert len(set(seen)) == 1 and len(seen) == STEPS
+
+
+def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
+    _, _, run, batches = build_run(_settings(tiny))
+    runner = StepRunner(run, cuda_graphs=True)  # implies static inputs
+    assert runner.static_inputs
+    runner.step(0, batches.train_batch(0))
+    shorter = {k: v[:, :5] if v.dim() == 2 else v for k, v in batches.train_batch(1).items()}
+    with pytest.raises(ValueError, match="one shape.*--pad-to max_length"):
+        runner.step(1, shorter)
+
+
+def test_the_loop_with_cuda_graphs_asked_runs_eagerly_with_the_same_numbers(tiny):
+    """On the CPU the loop's ``cuda_graphs`` path is the eager step over static inputs, so a
+    fixed-length run matches the plain one exactly."""
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                        cuda_graphs=True)
+    assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
+
+
+# ---------------------------------------------------------------- allocation rounds
+
+def test_allocation_due_names_exactly_the_rounds_of_an_increlora_run(tiny):
+    _, _, run, batches = build_run(_settings(tiny))
+    runner = StepRunner(run, grad_clip=1.0)
+    due = []
+    for step in range(STEPS):
+        if run.allocation_due(step):
+            due.append(step)
+        runner.step(step, batches.train_batch(step))
+    rounds = sorted({e["step"] for e in run.controller.allocation_log})
+    assert rounds and due == rounds and run.controller.budget_reached
+    assert not run.allocation_due(STEPS + 3 * run.config.incre_interval)  # budget reached
+
+
+def test_allocation_due_is_false_for_methods_without_rounds(tiny):
+    _, _, run, _ = build_run(_settings(tiny, method="lora"))
+    assert not any(run.allocation_due(step) for step in range(STEPS))
+
+
+# ---------------------------------------------------------------- --pad-to
+
+def test_max_length_pads_every_training_batch_and_trains_like_longest(tiny):
+    """Padding positions are masked, so (without dropout, whose masks follow the padded shape)
+    padding to max_seq_len changes the losses at most by float rounding: within 1e-4 (relative)
+    at every step of a 12-step run (on this CPU they are equal; the margin is for kernels that
+    sum over the padded length in another order)."""
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    _without_dropout(run)
+    for step in range(2 * batches.steps_per_epoch):
+        batch = batches.train_batch(step)
+        assert batch["input_ids"].shape == (s.batch_size, MAX_SEQ_LEN)
+        assert batch["attention_mask"].shape == (s.batch_size, MAX_SEQ_LEN)
+    eval_lengths = {b["input_ids"].shape[1] for b in batches.eval_batches()}
+    assert max(eval_lengths) < MAX_SEQ_LEN  # dev batches stay padded to their longest input
+    fixed = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    longest, _ = _train(tiny)
+    assert fixed.session_tokens == longest.session_tokens
+    assert fixed.losses == pytest.approx(longest.losses, rel=1e-4)
+
+
+def _args(tiny, out: Path, *extra: str) -> List[str]:
+    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
+            "--batch-size", "8", "--max-seq-len", str(MAX_SEQ_LEN), "--output-dir", str(out),
+            "--no-progress", "--max-steps", "6", *extra]
+
+
+def test_pad_to_is_recorded_and_a_resume_keeps_it(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(_args(tiny, out, "--pad-to", "max_length", "--save-steps", "3")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["pad_to"] == "max_length"
+    assert metrics["settings"]["cuda_graphs"] == "auto" and metrics["cuda_graphs"] is False
+    code = cli(["--resume", str(out / "checkpoint-3"), "--pad-to", "longest", "--output-dir",
+                str(tmp_path / "other"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--pad-to 'longest' (checkpoint: 'max_length')" in err
+    resumed = tmp_path / "resumed"
+    assert cli(["--resume", str(out / "checkpoint-3"), "--output-dir", str(resumed),
+                "--no-progress"]) == 0
+    again = json.loads((resumed / "metrics.json").read_text())
+    assert again["settings"]["pad_to"] == "max_length"
+    assert again["train_losses"] == metrics["train_losses"]
+
+
+def test_the_default_is_longest(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(_args(tiny, out, "--save-steps", "0")) == 0
+    assert json.loads((out / "metrics.json").read_text())["settings"]["pad_to"] == "longest"
+
+
+# ---------------------------------------------------------------- --cuda-graphs
+
+def test_resolve_cuda_graphs():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_cuda_graphs("auto", cpu) is False and resolve_cuda_graphs("auto", cuda) is False
+    assert resolve_cuda_graphs("off", cuda) is False and resolve_cuda_graphs("on", cuda) is True
+    with pytest.raises(ValueError, match="--cuda-graphs on needs a CUDA device.*cpu"):
+        resolve_cuda_graphs("on", cpu)
+    with pytest.raises(ValueError, match="--cuda-graphs 'sometimes' is invalid"):
+        resolve_cuda_graphs("sometimes", cpu)
+
+
+@pytest.mark.parametrize("extra,expected", [
+    (["--device", "cpu"], "--cuda-graphs on needs a CUDA device, and this run is on cpu"),
+    (["--method", "lora"], "--cuda-graphs 'on' is invalid: it is for --method increlora only, "
+                           "not lora"),
+    (["--precision", "fp16"], "--cuda-graphs 'on' is invalid: it cannot be combined with "
+                              "--precision fp16"),
+    (["--pad-to", "longest"], "--cuda-graphs 'on' is invalid: graphs need batches of one shape"),
+])
+def test_cuda_graphs_on_is_refused_in_one_line_before_any_data_is_read(
+        tiny, tmp_path, capsys, monkeypatch, extra, expected):
+    import increlora_fast.training.finetune as finetune
+
+    def no_data(settings):
+        raise AssertionError("the data was read before the options were checked")
+    monkeypatch.setattr(finetune, "load_data", no_data)
+    assert cli(_args(tiny, tmp_path / "run", "--cuda-graphs", "on", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1
+
+
+def test_compare_refuses_cuda_graphs_on_with_a_peer_before_any_run(tiny, tmp_path, capsys):
+    code = cli(_args(tiny, tmp_path / "cmp", "--cuda-graphs", "on", "--compare", "--methods",
+                     "increlora,lora", "--seeds", "1", "--lrs", "0.001"))
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--method increlora only, not lora" in err
+    assert not (tmp_path / "cmp" / "increlora").exists()
+
+
+def test_cuda_graphs_on_pads_to_max_length_when_pad_to_is_left_out(tiny):
+    from increlora_fast.training.settings import resolve
+    assert resolve(_settings(tiny, cuda_graphs="on"), 64).pad_to == "max_length"
+    assert resolve(_settings(tiny, cuda_graphs="auto"), 64).pad_to == "longest"
+
+
+# ---------------------------------------------------------------- the benchmarks' step
+
+def test_the_benchmarks_increlora_step_is_the_plain_loop_of_the_readme():
+    """`memory_methods.increlora_runner` (the memory breakdown, its check and, with autocast
+    around it, the model-level benchmark) trains exactly as the README's hand-written loop."""
+    from increlora_fast import IncreLoRAConfig, create_optimizer, inject_increlora
+    from increlora_fast.benchmarks.memory_methods import increlora_runner
+    from increlora_fast.benchmarks.model import BERT_TARGETS, MODEL_PRESETS
+    from increlora_fast.controller import IncreLoRAController
+
+    preset = MODEL_PRESETS["tiny-bert"]
+    config = IncreLoRAConfig(target_modules=list(BERT_TARGETS), r_max=4, init_r=1,
+                             target_rank=2, init_warmup=1, incre_interval=1, top_h=4,
+                             modules_to_save=["classifier"])
+    torch.manual_seed(0)
+    runner = increlora_runner(preset.build(), config, lr=1e-2)
+    torch.manual_seed(0)
+    model = inject_increlora(preset.build(), config)
+    optimizer = create_optimizer(model, config, lr=1e-2)
+    controller = IncreLoRAController(model, config)
+    gen = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, preset.vocab_size, (4, 8), generator=gen),
+                "attention_mask": torch.ones(4, 8, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,), generator=gen)} for _ in range(6)]
+    torch.manual_seed(1)  # the same dropout masks for both
+    for step, batch in enumerate(batches):
+        runner.forward_backward(step, batch)
+        runner.update(step)
+    torch.manual_seed(1)
+    model.train()
+    for step, batch in enumerate(batches):
+        loss = model(**batch).loss + controller.regularization_loss()
+        loss.backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    ours = dict(runner.run.model.named_parameters())
+    assert runner.run.allocation_log() == controller.allocation_log
+    assert len(controller.allocation_log) > 0
+    assert all(torch.equal(ours[n], p) for n, p in model.named_parameters())
