@@ -171,9 +171,18 @@ class IncreLoRAController:
             self._next_step = step + 1
             self._set_tracking(self.is_tracked(step + 1))
 
+    def allocation_due(self, step: int) -> bool:
+        """Whether ``step`` is an allocation round (after ``init_warmup``, every
+        ``incre_interval`` steps) or a round is pending from an earlier step, while the budget
+        is not reached: the steps that read the host and may change slot states."""
+        if self.budget_reached:
+            return False
+        cfg = self.config
+        return self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
+
     def _update(self, step: int, loss_scale: float) -> None:
         cfg = self.config
-        due = self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
+        due = self.allocation_due(step)
         if not self.is_tracked(step):
             if self._tracking:  # passes tracked by a controller that did not know the step
                 for layer in self.layers:

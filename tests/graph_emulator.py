@@ -63,7 +63,7 @@ class EmulatedGraph:
 
         kutils.launch = launch
         try:
-            with recorder:
+            with recorder, _libraries_see_a_capture():
                 yield
         finally:
             kutils.launch = real_launch
@@ -89,6 +89,23 @@ class EmulatedGraph:
             if func.is_view:
                 continue
             _write_into(out, new)
+
+
+@contextlib.contextmanager
+def _libraries_see_a_capture():
+    """transformers skips its host-side mask checks while a CUDA stream is capturing
+    (`transformers.utils.import_utils.is_tracing`); make it see the emulated capture as one."""
+    try:
+        from transformers.utils import import_utils
+    except ImportError:
+        yield
+        return
+    real = import_utils.is_cuda_stream_capturing
+    import_utils.is_cuda_stream_capturing = lambda: True
+    try:
+        yield
+    finally:
+        import_utils.is_cuda_stream_capturing = real
 
 
 def _write_into(old: Any, new: Any) -> None:

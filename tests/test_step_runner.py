@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from finetune_helpers import cli, tiny_files
+from graph_emulator import EmulatedGraph
 from increlora_fast.training.device import Placement
 from increlora_fast.training.finetune import build_run
 from increlora_fast.training.loop import LoopState, train_loop
@@ -85,7 +86,7 @@ def test_static_inputs_train_bit_for_bit_like_the_plain_path(tiny):
 
 def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
     _, _, run, batches = build_run(_settings(tiny))
-    runner = StepRunner(run, cuda_graphs=True)  # implies static inputs
+    runner = StepRunner(run, cuda_graphs=True, graph_factory=EmulatedGraph)  # static inputs
     assert runner.static_inputs
     runner.step(0, batches.train_batch(0))
     shorter = {k: v[:, :5] if v.dim() == 2 else v for k, v in batches.train_batch(1).items()}
@@ -93,15 +94,30 @@ def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
         runner.step(1, shorter)
 
 
-def test_the_loop_with_cuda_graphs_asked_runs_eagerly_with_the_same_numbers(tiny):
-    """On the CPU the loop's ``cuda_graphs`` path is the eager step over static inputs, so a
-    fixed-length run matches the plain one exactly."""
+def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch):
+    """The loop's ``cuda_graphs`` path (static inputs, steps replayed from graphs, here the CPU
+    emulation of CUDA graphs) matches the plain fixed-length run exactly."""
+    from increlora_fast.training import step_runner
+    made: List[EmulatedGraph] = []
+
+    def factory() -> EmulatedGraph:
+        made.append(EmulatedGraph())
+        return made[-1]
+    monkeypatch.setattr(step_runner, "CUDAStepGraph", factory)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
                         cuda_graphs=True)
     assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
+    assert run.controller.allocation_log and run.controller.budget_reached
+    assert made and sum(g.replays for g in made) > 0  # steps really were replayed
+
+
+def test_cuda_graphs_without_cuda_is_refused(tiny):
+    _, _, run, _ = build_run(_settings(tiny))
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, the run is on cpu"):
+        StepRunner(run, cuda_graphs=True)
 
 
 # ---------------------------------------------------------------- allocation rounds

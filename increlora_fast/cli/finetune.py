@@ -135,8 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="CUDA graphs for the IncreLoRA training step: auto (default; off "
                           "until the GPU check shows graphs faster with the same accuracy) | on "
                           "(CUDA, --method increlora, not with --precision fp16; pads to "
-                          "--max-seq-len and uses fixed input buffers; until the capture lands, "
-                          "steps still run eagerly) | off")
+                          "--max-seq-len, uses fixed input buffers and replays every step but "
+                          "the first two and the allocation rounds from two captured graphs) | "
+                          "off")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",

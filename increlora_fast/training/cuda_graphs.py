@@ -19,7 +19,7 @@ is copied out after each replay.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Optional, Protocol, Tuple
+from typing import Callable, ContextManager, Dict, Protocol, Tuple
 
 import torch
 
@@ -73,20 +73,13 @@ class GraphedSteps:
         self.captures = 0
         self.replays = 0
 
-    def allocation_due(self, step: int) -> bool:
-        """Whether ``step`` may change slot states (a due or pending allocation round)."""
-        c = self.controller
-        if c.budget_reached:
-            return False
-        cfg = c.config
-        return c.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
-
     def step(self, step: int, run_step: Callable[[bool], StepOutputs]) -> StepOutputs:
         """Take optimizer step ``step``. ``run_step(zero_grad)`` runs one whole training step on
-        the run's static inputs and returns device tensors (the loss, ...); it must read nothing
+        the run's static inputs and returns its outputs (device tensors are copied out of the
+        graph after a replay; other values must not change between steps); it must read nothing
         on the host outside allocation rounds, and zero the gradients (set to None) at its end
         only when ``zero_grad`` is true. Returns copies of those tensors."""
-        if self._eager_steps < self.warmup or self.allocation_due(step):
+        if self._eager_steps < self.warmup or self.controller.allocation_due(step):
             return self._eager(step, run_step)
         tracked = self.controller.is_tracked(step)
         entry = self._graphs.get(tracked)
@@ -106,10 +99,10 @@ class GraphedSteps:
             self.optimizer.note_replayed_step()
             self.controller.note_replayed_step(step)
             self.replays += 1
-        return tuple(t.clone() for t in outputs)
+        return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in outputs)
 
     def _eager(self, step: int, run_step: Callable[[bool], StepOutputs]) -> StepOutputs:
-        round_ = self.allocation_due(step)
+        round_ = self.controller.allocation_due(step)
         # Gradients of a captured step are static tensors: an eager step starts from none.
         self.optimizer.zero_grad(set_to_none=True)
         with self._side_stream():
@@ -135,10 +128,3 @@ def _on_side_stream():
     with torch.cuda.stream(stream):
         yield
     torch.cuda.current_stream().wait_stream(stream)
-
-
-def graphs_supported(device: torch.device) -> Optional[str]:
-    """None when whole-step CUDA graphs can run on ``device``, else why not (one line)."""
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA device, got {device}"
-    return None

@@ -84,12 +84,8 @@ class IncreLoRARun(MethodRun):
         """The schedule lives inside the optimizer (per-slot restart warmup)."""
 
     def allocation_due(self, step: int) -> bool:
-        """A round falls on ``step`` (after ``init_warmup``, every ``incre_interval`` steps) or
-        one is pending from an earlier step, while the rank budget is not reached."""
-        c, cfg = self.controller, self.config
-        if c.budget_reached:
-            return False
-        return c.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
+        """`IncreLoRAController.allocation_due`."""
+        return self.controller.allocation_due(step)
 
     def total_rank(self) -> int:
         return self.controller.current_total_rank()

@@ -1,7 +1,8 @@
 """`StepRunner`: the one place that runs a training step of a `MethodRun`.
 
 `finetune`'s loop, the model-level benchmark, the memory breakdown's step and the memory check
-(and `gpu-check`, through `finetune` and the model-level benchmark) all step through it, so a step means the same everywhere: forward under the placement's
+(and `gpu-check`, through `finetune` and the model-level benchmark) all step through it, so
+a step means the same everywhere: forward under the placement's
 autocast, the method's ``penalty()`` (in fp32, outside autocast), backward (fp16: of the
 GradScaler-scaled loss, unscaled before clipping), gradient clipping, ``before_optimizer_step``
 (IncreLoRA's controller), the optimizer step (fp16: the scaler's, skipped on overflow),
@@ -12,18 +13,21 @@ non-padding token count as device tensors, for the caller to read when it logs.
 
 CUDA graphs (``cuda_graphs=True``) need fixed shapes and fixed input addresses: the runner then
 copies every batch into static device buffers (``static_inputs``), which need batches of one
-shape (``Batches(pad_to="max_length")``). A step the run does not allocate in
-(``not run.allocation_due(step)``) is the one a captured graph can replay; allocation rounds
-change the slot layout and run eagerly.
+shape (``Batches(pad_to="max_length")``), and `cuda_graphs.GraphedSteps` replays the steps from
+captured graphs: a step the run does not allocate in (``not run.allocation_due(step)``) is
+replayed, allocation rounds change the slot layout and run eagerly.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Union
+from typing import Any, Callable, ContextManager, Dict, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
+from . import cuda_graphs as cuda_graphs_module
+from .cuda_graphs import CUDAStepGraph, GraphedSteps, StepGraph
 from .device import Placement
 from .methods import MethodRun
 from .settings import CUDA_GRAPHS
@@ -74,13 +78,17 @@ class StepRunner:
         static_inputs: copy each batch into device buffers allocated at the first step and
             reused after (fixed addresses, as graph replay needs); every batch must then have the
             first one's keys, shapes and dtypes. Results are identical to the plain path.
-        cuda_graphs: the run will capture its steps in CUDA graphs; implies ``static_inputs``.
-            Capture itself is not here yet: every step still runs eagerly (see `step`).
+        cuda_graphs: capture the steps in CUDA graphs and replay them
+            (`cuda_graphs.GraphedSteps`: allocation rounds and the first steps eager); implies
+            ``static_inputs``; IncreLoRA runs only.
+        graph_factory: makes the graphs (default `cuda_graphs.CUDAStepGraph`; tests pass a CPU
+            emulation).
     """
 
     def __init__(self, run: MethodRun, placement: Optional[Placement] = None,
                  grad_clip: Optional[float] = None, static_inputs: bool = False,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False,
+                 graph_factory: Optional[Callable[[], StepGraph]] = None) -> None:
         self.run = run
         self.placement = placement or Placement(torch.device("cpu"), "fp32")
         self.grad_clip = grad_clip
@@ -91,6 +99,18 @@ class StepRunner:
         # variable would (the memory breakdown counts what it still holds)
         self.loss: Optional[torch.Tensor] = None
         self._static: Optional[Dict[str, torch.Tensor]] = None
+        self.graphed: Optional[GraphedSteps] = None
+        if cuda_graphs:
+            controller = getattr(run, "controller", None)
+            if controller is None:
+                raise ValueError(f"cuda_graphs: only IncreLoRA runs can be captured, got "
+                                 f"{run.name}")
+            factory = graph_factory or CUDAStepGraph
+            if factory is cuda_graphs_module.CUDAStepGraph and \
+                    self.placement.device.type != "cuda":
+                raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, the run is on "
+                                 f"{self.placement.device}")
+            self.graphed = GraphedSteps(run.optimizer, controller, factory)
 
     def inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The batch on the device: moved by the placement, or with ``static_inputs`` copied
@@ -135,10 +155,11 @@ class StepRunner:
             loss.backward()
         return out
 
-    def update(self, step: int) -> None:
+    def update(self, step: int, zero_grad: bool = True) -> None:
         """Everything after backward: unscale (fp16), clip, ``before_optimizer_step``, the
         optimizer step (fp16: skipped when the scaled gradients overflowed),
-        ``after_optimizer_step`` and ``zero_grad(set_to_none=True)``."""
+        ``after_optimizer_step`` and, with ``zero_grad``, ``zero_grad(set_to_none=True)`` (a
+        captured step keeps its gradients: they are the graph's static tensors)."""
         run, scaler = self.run, self.placement.scaler
         if scaler is not None:
             scaler.unscale_(run.optimizer)
@@ -151,21 +172,34 @@ class StepRunner:
         else:
             run.optimizer.step()
         run.after_optimizer_step(step)
-        run.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            run.optimizer.zero_grad(set_to_none=True)
 
     def step(self, step: int, batch: Dict[str, torch.Tensor]) -> StepResult:
         """One training step on ``batch`` (on the host or the device); nothing is read on the
-        host here.
-
-        Every step runs eagerly. This is where CUDA graphs will come in: with ``cuda_graphs``,
-        a step for which ``run.allocation_due(step)`` is False (fixed slot layout, static
-        inputs) is the one to replay from a captured graph (one for tracked steps, one for
-        untracked), while allocation rounds stay eager.
-        """
+        host here. With ``cuda_graphs`` the step is replayed from a CUDA graph unless it is an
+        allocation round or one of the first steps (`cuda_graphs.GraphedSteps`)."""
         batch = self.inputs(batch)
-        out = self.forward_backward(step, batch)
-        self.update(step)
+        if self.graphed is None:
+            return self._run(step, batch, zero_grad=True)
+        def run_step(zero_grad: bool) -> tuple:
+            result = self._run(step, batch, zero_grad)
+            return result.task_loss, result.tokens
+        return StepResult(*self.graphed.step(step, run_step))
+
+    def _run(self, step: int, batch: Dict[str, torch.Tensor], zero_grad: bool) -> StepResult:
+        with self._capture_safe_autocast():
+            out = self.forward_backward(step, batch)
+        self.update(step, zero_grad=zero_grad)
         task_loss = F.cross_entropy(out.logits.detach().float(), batch["labels"])
         mask = batch.get("attention_mask")
         tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
         return StepResult(task_loss, tokens)
+
+    def _capture_safe_autocast(self) -> ContextManager[None]:
+        """With CUDA graphs, autocast must not cache casts across a captured region (torch's
+        CUDA-graph notes): the placement's autocast, entered inside this, inherits the cache
+        off; this context itself leaves autocast off, as outside the placement's."""
+        if self.graphed is None or self.placement.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.placement.device.type, enabled=False, cache_enabled=False)
