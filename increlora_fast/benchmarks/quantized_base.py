@@ -12,10 +12,12 @@ from torch import nn
 if TYPE_CHECKING:
     from .model import ModelPreset
 
+BNB_MODULE = "bitsandbytes"
+
 
 def bnb_skip_note() -> Optional[str]:
     """None when bitsandbytes is importable, else the skip note of the 4-bit rows."""
-    if importlib.util.find_spec("bitsandbytes") is None:
+    if importlib.util.find_spec(BNB_MODULE) is None:
         return ("skipped: bitsandbytes not importable (a GPU machine without network needs its "
                 "wheel installed by hand)")
     return None
