@@ -116,8 +116,9 @@ def dry_run_plan() -> CheckPlan:
     layer = LayerPlan(shapes=[(24, 40)], tokens=[16, 32], r_max=[8], dtypes=["bf16"],
                       phases=["fwd+bwd"], warmup=1, repeats=2, interpreter_point=(16, 24, 16))
     host = HostPlan(in_features=24, out_features=40, tokens=16, r_max=8, warmup=1, repeats=5)
+    # target_rank 2 (the main job's): 4 steps hold both tracked and untracked steps of ours.
     common = dict(batch_size=2, seq_len=8, steps=4, warmup_steps=1, dtypes=["bf16"], r_max=8,
-                  init_r=1, target_rank=4)
+                  init_r=1, target_rank=2)
     models = [ModelPlan(models=[name], **common)
               for name in ("tiny-bert", "tiny-deberta", "tiny-llama")]
     qlora = ModelPlan(models=["tiny-llama"], base_4bit=True, **common)
