@@ -544,3 +544,14 @@ def test_host_time_on_the_device_path_counts_launches():
     for r in records:
         assert r["level"] == "host" and r["median_us"] > 0 and r["launches_per_call"] == 0
         assert r["repeats"] == 3 and r["date"] == "d"
+
+
+def test_full_plan_puts_the_main_jobs_shape_first():
+    plan = gpu_check.full_plan()
+    shapes = [(p.models, p.batch_size, p.seq_len) for p in plan.models]
+    assert shapes == [(["minilm-l6"], 32, 64), (["deberta-v3-base"], 16, 256),
+                      (["llama-7b-2l"], 4, 1024)]
+    assert plan.qlora.models == ["llama-7b-2l"] and plan.qlora.base_4bit
+    assert all(p.models[0] in model_level.MODEL_PRESETS for p in plan.models)
+    assert set(MODEL_METHODS_CHECKED) <= set(model_level.MODEL_METHODS)
+    assert plan.finetune == [] and plan.min_accuracy == gpu_check.MIN_FULL_ACCURACY

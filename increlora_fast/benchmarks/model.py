@@ -405,7 +405,9 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
 def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, env: Dict,
                     log: Callable[[str], None] = print, interpreter: bool = False) -> List[dict]:
     """One record per (model, dtype, method). Triton runs on CUDA, and with ``interpreter`` also
-    under the Triton interpreter on CPU (tiny models only: it shows the path runs)."""
+    under the Triton interpreter on CPU (tiny models only: it shows the path runs). A method
+    that cannot run here (``increlora-graphs`` per `graphs_status`, ``peft-lora-compiled`` off
+    CUDA) gets a skipped record with the reason."""
     unknown = [m for m in methods if m not in MODEL_METHODS]
     if unknown:
         raise ValueError(f"unknown model methods {unknown}; known: {list(MODEL_METHODS)}")
