@@ -10,7 +10,8 @@ import itertools
 import pytest
 
 from increlora_fast.benchmarks.methods import MethodEnv
-from increlora_fast.benchmarks.model import MODEL_METHODS, method_env, prepare_run
+from increlora_fast.benchmarks.model import (COMPILE_CPU_NOTE, MODEL_METHODS, graphs_status,
+                                             method_env, prepare_run)
 from increlora_fast.benchmarks.plans import ModelPlan
 from increlora_fast.benchmarks.timing import PeakMemory
 
@@ -29,6 +30,11 @@ else:
 def test_training_step(benchmark, method: str) -> None:
     if method == "increlora-triton" and DEVICE.type != "cuda":
         pytest.skip("Triton methods need CUDA")
+    if method == "peft-lora-compiled" and DEVICE.type != "cuda":
+        pytest.skip(COMPILE_CPU_NOTE)
+    graphs_ok, graphs_note = graphs_status(DEVICE)
+    if method == "increlora-graphs" and not graphs_ok:
+        pytest.skip(graphs_note)
     with MethodEnv(method_env(method)):
         peak = PeakMemory(DEVICE)
         peak.start()

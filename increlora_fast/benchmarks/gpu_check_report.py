@@ -4,18 +4,27 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
+from .host_overhead import COLUMNS as HOST_COLUMNS
+from .host_overhead import host_rows
 from .records import gpu_check_records
 from .report import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
 from .targets import issue13_verdicts
 
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
-MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tokens_per_s",
-                       "x_peft_lora_mean", "peak_mem_mb", "x_peft_lora_mem")
+MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",
+                       "untracked_median_ms", "tokens_per_s", "x_peft_lora_mean", "peak_mem_mb",
+                       "x_peft_lora_mem")
+UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
+FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
+                    "steps", "device", "precision", "tokens_per_second", "x_lora_tokens_per_s",
+                    "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
+                    "note")
 PART_TITLES = OrderedDict((
     ("kernels", "(a) kernel correctness against float64 references"),
-    ("layer", "(b) layer fwd+bwd, bf16"),
+    ("finetune", "(b) the main fine-tune on the device"),
     ("model", "(c) model training step"),
-    ("finetune", "(d) default fine-tune on the device"),
+    ("qlora", "(d) model training step on a 4-bit NF4 base"),
+    ("layer", "(e) layer fwd+bwd, bf16; launches and host time per call"),
 ))
 
 
@@ -76,25 +85,45 @@ def kernel_section(part: Dict) -> List[str]:
 
 
 def layer_section(part: Dict) -> List[str]:
+    """The layer table, then launches and host time per call."""
+    lines = []
     rows = layer_rows(part.get("records", []))
-    return [markdown_table(rows, LAYER_COLUMNS)] if rows else []
+    if rows:
+        lines += [markdown_table(rows, LAYER_COLUMNS), ""]
+    host = host_rows(part.get("host_records", []))
+    if host:
+        lines += ["Triton launches and host time per fwd+bwd call "
+                  f"({host[0].get('dtype')}; {host[0].get('note') or host[-1].get('note')}):",
+                  "", markdown_table(host, HOST_COLUMNS)]
+    return lines
 
 
 def model_section(part: Dict) -> List[str]:
-    rows = model_rows(part.get("records", []))
-    if not rows:
-        return []
-    return [markdown_table(rows, MODEL_CHECK_COLUMNS)]
+    """Measured rows (for ours, ``tracked_median_ms``: the median of the steps that track the
+    importance score, ``untracked_median_ms``: of those that do not), then every row without a
+    measurement and why."""
+    rows = [dict(r, tracked_median_ms=r.get("alloc_median_ms"),
+                 untracked_median_ms=r.get("final_median_ms"))
+            if r["method"].startswith("increlora-") else r
+            for r in model_rows(part.get("records", []))]
+    missing = [dict(r, model=r["shape"]) for r in part.get("records", [])
+               if r.get("status") != "ok"]
+    lines = [markdown_table(rows, MODEL_CHECK_COLUMNS)] if rows else []
+    if missing:
+        lines += ["", "Not measured:", ""] + _table(missing, UNMEASURED_COLUMNS)
+    return lines
 
 
 def finetune_section(part: Dict) -> List[str]:
-    m = part.get("metrics")
-    if not m:
+    """One row per run of the main job (a report of one run: its ``metrics``)."""
+    runs = part.get("runs") or ([{"name": "default", "status": part.get("status"),
+                                  "metrics": part["metrics"]}] if part.get("metrics") else [])
+    if not runs:
         return []
-    keys = ("eval_accuracy", "eval_macro_f1", "eval_examples", "steps", "device", "precision",
-            "tokens_per_second", "peak_device_memory_mb", "train_seconds", "total_seconds",
-            "total_rank", "model", "task")
-    lines = _table([{k: m.get(k) for k in keys}], keys)
+    rows = [dict(r.get("metrics") or {}, run=r["name"], args=" ".join(r.get("args", [])),
+                 status=r.get("status"), note=r.get("note"),
+                 x_lora_tokens_per_s=r.get("x_lora_tokens_per_s")) for r in runs]
+    lines = _table(rows, FINETUNE_COLUMNS)
     if part.get("min_accuracy") is not None:
         lines += ["", f"Sanity floor on the dev accuracy: {part['min_accuracy']}."]
     return lines
@@ -107,7 +136,7 @@ def targets_section(report: Dict) -> List[str]:
 
 
 SECTIONS = {"kernels": kernel_section, "layer": layer_section, "model": model_section,
-            "finetune": finetune_section}
+            "qlora": model_section, "finetune": finetune_section}
 
 
 def part_sections(report: Dict, level: str = "##", tables: Sequence[str] = tuple(SECTIONS)

@@ -225,6 +225,59 @@ def measure(plan: HostPlan, timeout_s: Optional[float] = None) -> List[dict]:
             return json.load(f)
 
 
+DEVICE_NOTE = ("on the device: host time to issue one call (until it returns, the device "
+               "synchronized before each call, not after), kernels run")
+
+
+def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.device,
+                      env: Dict[str, object]) -> List[dict]:
+    """On a GPU: per layer method (bf16), the Triton launches of one fwd+bwd call and the host
+    time to issue one (`DEVICE_NOTE`), median over ``plan.repeats`` interleaved calls."""
+    from ..kernels import launch_counts, reset_launch_counts
+    from .layer import build_cases
+    from .methods import MethodEnv
+
+    plan.validate()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    times: Dict[str, List[float]] = {m: [] for m in methods}
+    launches: Dict[str, Dict[str, int]] = {}
+    with MethodEnv({}):
+        cases = build_cases(list(methods), plan.in_features, plan.out_features, plan.tokens,
+                            plan.r_max, "bf16", "fwd+bwd", device)
+        for method, (run, setup) in cases.items():
+            for _ in range(plan.warmup):
+                setup()
+                run()
+            setup()
+            sync()
+            reset_launch_counts()
+            run()
+            launches[method] = launch_counts()
+        for _ in range(plan.repeats):  # interleaved: drift hits every method alike
+            for method, (run, setup) in cases.items():
+                setup()
+                sync()
+                start = time.perf_counter()
+                run()
+                times[method].append(time.perf_counter() - start)
+        sync()
+    records = []
+    for method in methods:
+        median_s = statistics.median(times[method])
+        records.append(dict(
+            env, level=LEVEL, method=method, shape=f"{plan.in_features}x{plan.out_features}",
+            tokens=plan.tokens, r_max=None if method == "floor" else plan.r_max, dtype="bf16",
+            phase="fwd+bwd", status="ok", median_ms=median_s * 1e3, median_us=median_s * 1e6,
+            mean_ms=statistics.fmean(times[method]) * 1e3, repeats=plan.repeats,
+            warmup=plan.warmup, peak_mem_mb=None, mem_kind=None,
+            launches_per_call=sum(launches[method].values()), launches=launches[method],
+            note=DEVICE_NOTE))
+    return records
+
+
 # ------------------------------------------------------------------ the table
 COLUMNS = ("shape", "tokens", "r_max", "method", "median_us", "minus_compute_us", "x_floor",
            "x_peft_lora", "launches_per_call", "python_calls_per_call")

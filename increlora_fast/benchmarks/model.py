@@ -12,7 +12,16 @@ steps has both phases:
 - peft AdaLoRA: ``init_r = r_max`` pruned to ``target_r = target_rank``; ``tinit = steps // 8``,
   ``tfinal = steps // 4``, ``deltaT = 1``; ``update_and_allocate(step)`` after every optimizer
   step, before ``zero_grad``, as a plain loop must call it. ``alloc`` = steps before ``tfinal``.
-- peft LoRA: rank ``r_max`` everywhere, one phase.
+- peft LoRA: rank ``r_max`` everywhere, one phase; ``peft-lora-compiled`` the same model under
+  ``torch.compile`` (default mode; measured on CUDA only: on CPU the first compile alone takes
+  minutes).
+- ``floor``: the frozen model with only its LayerNorms (RMSNorms) and the classification head
+  trainable, so that backward still runs through every layer; what any adapter adds is above it.
+- ``increlora-graphs``: ours with the whole training step replayed from CUDA graphs by
+  `StepRunner` (`training/cuda_graphs.py`); CUDA only (`graphs_status`: elsewhere the method is
+  recorded as skipped, with the reason).
+
+A ``ModelPlan`` with ``base_4bit`` loads the preset's base in 4-bit NF4 (`quantized_base`).
 
 A record's ``median_ms`` is the median step over the timed steps, ``mean_ms`` their mean (the
 run average, allocation included) and ``steps_per_s`` = 1000 / ``mean_ms``. The timed steps of
@@ -40,7 +49,10 @@ BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate
                 "output.dense")
 MODULES_TO_SAVE = ("pooler", "classifier")
 ORTH_REG_WEIGHT = 0.1
-MODEL_METHODS = ("increlora-torch", "increlora-triton", "peft-lora", "peft-adalora")
+MODEL_METHODS = ("floor", "increlora-torch", "increlora-triton", "increlora-graphs",
+                 "peft-lora", "peft-lora-compiled", "peft-adalora")
+COMPILE_CPU_NOTE = ("skipped: torch.compile is measured on CUDA only (on CPU its first compile "
+                    "takes minutes even for a toy model)")
 
 
 @dataclass(frozen=True)
@@ -115,8 +127,9 @@ MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
     # The same families at toy size (one layer), for `gpu-check --dry-run` on CPU.
     ModelPreset("tiny-deberta", "DebertaV2ForSequenceClassification", "DebertaV2Config",
                 _tiny_deberta(), DEBERTA_TARGETS, 6),
+    # 64 wide: bitsandbytes' CPU 4-bit kernels want feature sizes that are multiples of 64.
     ModelPreset("tiny-llama", "LlamaForSequenceClassification", "LlamaConfig",
-                _llama(32, 1, 2, 64, 128), LLAMA_TARGETS, 7, ("score",)),
+                _llama(64, 1, 2, 128, 128), LLAMA_TARGETS, 7, ("score",)),
 )}
 
 
@@ -152,7 +165,7 @@ class _IncreLoRARun:
     the caller's autocast covers the whole step, as it does for the peft methods."""
 
     def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
-                 device: torch.device) -> None:
+                 device: torch.device, cuda_graphs: bool = False) -> None:
         from .. import IncreLoRAConfig, increlora_layers
         from ..training.device import Placement
         from ..training.increlora_method import IncreLoRARun
@@ -170,25 +183,68 @@ class _IncreLoRARun:
         if found != preset.n_targets:
             raise RuntimeError(f"{preset.name}: {found} target modules injected, expected "
                                f"{preset.n_targets}; the preset's target names are stale")
-        self.runner = StepRunner(self.method, Placement(device, "fp32"))
+        self.runner = StepRunner(self.method, Placement(device, "fp32"), cuda_graphs=cuda_graphs)
+        self.cuda_graphs = cuda_graphs
         self.settings = (f"r_max={plan.r_max} init_r={plan.init_r} target_rank="
                          f"{plan.target_rank} incre_rank_num={sched['incre_rank_num']} "
                          f"top_h={sched['top_h']} rounds every step from step 2, "
-                         f"orth_reg={ORTH_REG_WEIGHT}, IncreLoRAAdamW")
+                         f"orth_reg={ORTH_REG_WEIGHT}, IncreLoRAAdamW"
+                         + (", whole step in CUDA graphs" if cuda_graphs else ""))
 
     def phase(self, i: int) -> str:
         return "final" if self.method.controller.budget_reached else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
+        if self.cuda_graphs:  # static inputs, replayed from a graph outside allocation rounds
+            self.runner.step(i, batch)
+            return
         self.runner.forward_backward(i, batch)
         self.runner.update(i)
 
 
+def graphs_status(device: torch.device) -> Tuple[bool, str]:
+    """Whether ``increlora-graphs`` (the training step replayed from CUDA graphs by
+    `StepRunner`) can be measured on ``device``, and if not why (its skip note)."""
+    if device.type != "cuda":
+        return False, "skipped: needs CUDA (the training step is captured in CUDA graphs)"
+    return True, ""
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith(("LayerNorm",
+                                                                               "RMSNorm"))
+
+
+class _FloorRun:
+    """The frozen model, LayerNorms and the classification head trainable, torch AdamW."""
+
+    def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan) -> None:
+        model.requires_grad_(False)
+        for name, module in model.named_modules():
+            if _is_norm(module) or name.split(".")[-1] in preset.modules_to_save:
+                module.requires_grad_(True)
+        self.model = model
+        self.optimizer = torch.optim.AdamW(
+            [p for p in model.parameters() if p.requires_grad], lr=plan.lr,
+            weight_decay=plan.weight_decay)
+        self.settings = (f"frozen; LayerNorms and {'/'.join(preset.modules_to_save)} trainable, "
+                         "torch AdamW")
+
+    def phase(self, i: int) -> str:
+        return "run"
+
+    def step(self, i: int, batch: dict) -> None:
+        self.model(**batch).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 class _PeftRun:
-    """peft LoRA or AdaLoRA with torch AdamW in a plain loop."""
+    """peft LoRA or AdaLoRA with torch AdamW in a plain loop; ``compiled``: LoRA's forward and
+    backward under ``torch.compile`` (default mode)."""
 
     def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
-                 adalora: bool) -> None:
+                 adalora: bool, compiled: bool = False) -> None:
         from peft import AdaLoraConfig, LoraConfig, TaskType, get_peft_model
 
         common = dict(task_type=TaskType.SEQ_CLS, lora_alpha=LORA_ALPHA, lora_dropout=0.0,
@@ -210,6 +266,9 @@ class _PeftRun:
         self.optimizer = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad], lr=plan.lr,
             weight_decay=plan.weight_decay)
+        self.forward = torch.compile(self.model) if compiled else self.model
+        if compiled:
+            self.settings += ", torch.compile (default mode)"
 
     def phase(self, i: int) -> str:
         if not self.adalora:
@@ -217,18 +276,29 @@ class _PeftRun:
         return "alloc" if i < self.sched["total_step"] - self.sched["tfinal"] else "final"
 
     def step(self, i: int, batch: dict) -> None:
-        self.model(**batch).loss.backward()
+        self.forward(**batch).loss.backward()
         self.optimizer.step()
         if self.adalora:
             self.model.base_model.update_and_allocate(i)
         self.optimizer.zero_grad(set_to_none=True)
 
 
+Run = Union[_FloorRun, _IncreLoRARun, _PeftRun]
+
+
 def _build_run(method: str, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
-               device: torch.device) -> Union[_IncreLoRARun, _PeftRun]:
+               device: torch.device) -> Run:
+    if method == "floor":
+        return _FloorRun(model, preset, plan)
+    if method == "increlora-graphs":
+        runnable, why = graphs_status(device)
+        if not runnable:
+            raise ValueError(f"method='increlora-graphs' cannot run: {why}")
+        return _IncreLoRARun(model, preset, plan, device, cuda_graphs=True)
     if method.startswith("increlora-"):
         return _IncreLoRARun(model, preset, plan, device)
-    return _PeftRun(model, preset, plan, adalora=method == "peft-adalora")
+    return _PeftRun(model, preset, plan, adalora=method == "peft-adalora",
+                    compiled=method == "peft-lora-compiled")
 
 
 def _median(values: List[float]) -> Optional[float]:
@@ -246,21 +316,25 @@ def _check_args(method: str, preset_name: str) -> ModelPreset:
 def method_env(method: str) -> Dict[str, str]:
     """The environment a model method runs under (ours: its backend)."""
     if method.startswith("increlora-"):
-        return {"INCRELORA_BACKEND": method.split("-", 1)[1], "INCRELORA_FUSED_LINEAR": "0"}
+        backend = "torch" if method == "increlora-torch" else "triton"
+        return {"INCRELORA_BACKEND": backend, "INCRELORA_FUSED_LINEAR": "0"}
     return {}
 
 
 def prepare_run(method: str, preset_name: str, plan: ModelPlan, device: torch.device
-                ) -> Tuple[Union[_IncreLoRARun, _PeftRun], List[dict]]:
-    """A fresh model of the preset (seeded random weights) set up for ``method``, and the
-    batches to cycle through. Call it inside ``MethodEnv(method_env(method))``."""
+                ) -> Tuple[Run, List[dict]]:
+    """A fresh model of the preset (seeded random weights; with ``plan.base_4bit`` loaded in
+    4-bit NF4) set up for ``method``, and the batches to cycle through. Call it inside
+    ``MethodEnv(method_env(method))``."""
+    from .quantized_base import build_4bit
+
     preset = _check_args(method, preset_name)
     torch.manual_seed(0)
-    model = preset.build(device).train()
+    model = (build_4bit(preset, device) if plan.base_4bit else preset.build(device)).train()
     return _build_run(method, model, preset, plan, device), _batches(preset, plan, device)
 
 
-def _step(run: Union[_IncreLoRARun, _PeftRun], i: int, batches: List[dict],
+def _step(run: Run, i: int, batches: List[dict],
           device: torch.device, dtype: str) -> None:
     with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):
         run.step(i, batches[i % len(batches)])
@@ -329,7 +403,9 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
 def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, env: Dict,
                     log: Callable[[str], None] = print, interpreter: bool = False) -> List[dict]:
     """One record per (model, dtype, method). Triton runs on CUDA, and with ``interpreter`` also
-    under the Triton interpreter on CPU (tiny models only: it shows the path runs)."""
+    under the Triton interpreter on CPU (tiny models only: it shows the path runs). A method
+    that cannot run here (``increlora-graphs`` per `graphs_status`, ``peft-lora-compiled`` off
+    CUDA) gets a skipped record with the reason."""
     unknown = [m for m in methods if m not in MODEL_METHODS]
     if unknown:
         raise ValueError(f"unknown model methods {unknown}; known: {list(MODEL_METHODS)}")
@@ -341,6 +417,12 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
                                        "far too slow for a whole model")
     elif "increlora-triton" in methods and not triton_ok:
         skipped["increlora-triton"] = triton_note
+    graphs_ok, graphs_note = graphs_status(device)
+    if "increlora-graphs" in methods and not graphs_ok:
+        skipped["increlora-graphs"] = graphs_note
+    if "peft-lora-compiled" in methods and device.type != "cuda":
+        skipped["peft-lora-compiled"] = COMPILE_CPU_NOTE
+    base = " nf4" if plan.base_4bit else ""
     common = (f"batch {plan.batch_size} x seq {plan.seq_len}, {plan.steps} steps "
               f"({plan.warmup_steps} untimed), lr {plan.lr}, weight decay {plan.weight_decay}")
     records = []
@@ -350,7 +432,7 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
                                       dtype, device)
             for method in methods:
                 rec = dict(env, level="model", method=method,
-                           shape=f"{name} b{plan.batch_size}x{plan.seq_len}",
+                           shape=f"{name}{base} b{plan.batch_size}x{plan.seq_len}",
                            tokens=plan.batch_size * plan.seq_len, r_max=plan.r_max,
                            dtype=dtype if dtype == "fp32" else f"{dtype}-autocast", phase="run",
                            status="ok", note="", median_ms=None, mean_ms=None, peak_mem_mb=None,

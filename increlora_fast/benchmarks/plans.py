@@ -30,7 +30,8 @@ class LayerPlan:
 
 @dataclass
 class ModelPlan:
-    """Model level: whole training steps of each model preset, per dtype (bf16 = autocast)."""
+    """Model level: whole training steps of each model preset, per dtype (bf16 = autocast);
+    ``base_4bit``: the base loaded in 4-bit NF4 with bitsandbytes (`quantized_base`)."""
 
     models: List[str]
     batch_size: int
@@ -43,6 +44,7 @@ class ModelPlan:
     target_rank: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.01
+    base_4bit: bool = False
 
 
 def quick_plans() -> Tuple[LayerPlan, ModelPlan]:

@@ -96,9 +96,12 @@ GPU_CHECK_KIND = "gpu_check"
 
 
 def gpu_check_records(report: dict) -> List[dict]:
-    """The layer and model records inside a `gpu-check` report (``gpu_check.json``)."""
+    """The layer, host, model and 4-bit model records inside a `gpu-check` report
+    (``gpu_check.json``)."""
     parts = report.get("parts", {})
-    return [r for name in ("layer", "model") for r in parts.get(name, {}).get("records", [])]
+    return ([r for name in ("layer", "model", "qlora")
+             for r in parts.get(name, {}).get("records", [])]
+            + parts.get("layer", {}).get("host_records", []))
 
 
 def read_report(path: str) -> Tuple[List[dict], Optional[dict]]:

@@ -1,7 +1,9 @@
 """`increlora-fast gpu-check`: check the GPU path in one command and write the evidence.
 
-On one CUDA GPU (a few minutes): the kernel correctness suite, the layer benchmark, model-level
-training steps against peft LoRA and AdaLoRA, and the default fine-tune with its accuracy, into
+On one CUDA GPU (under 6 minutes): the kernel correctness suite, the main fine-tune with and
+without CUDA graphs and with LoRA (accuracy, tokens/s), model-level training steps against the
+frozen floor, peft LoRA (eager and compiled) and AdaLoRA, the same on a 4-bit base, and the layer
+benchmark with launches and host time per call, into
 ``--out DIR`` as ``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy
 sizes (on a machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
 fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``, or a
@@ -15,7 +17,8 @@ import os
 import sys
 from pathlib import Path
 
-PART_NAMES = ("kernels", "layer", "model", "finetune")
+# The order they run in, the most important first (benchmarks.gpu_check.PARTS).
+PART_NAMES = ("kernels", "finetune", "model", "qlora", "layer")
 
 
 def _parts(text: str):

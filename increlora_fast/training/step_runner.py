@@ -198,8 +198,10 @@ class StepRunner:
 
     def _capture_safe_autocast(self) -> ContextManager[None]:
         """With CUDA graphs, autocast must not cache casts across a captured region (torch's
-        CUDA-graph notes): the placement's autocast, entered inside this, inherits the cache
-        off; this context itself leaves autocast off, as outside the placement's."""
-        if self.graphed is None or self.placement.precision == "fp32":
+        CUDA-graph notes): this context keeps autocast as it is (on or off, its dtype) with the
+        cache off, and the placement's autocast entered inside it inherits the cache off."""
+        if self.graphed is None:
             return contextlib.nullcontext()
-        return torch.autocast(self.placement.device.type, enabled=False, cache_enabled=False)
+        device = self.placement.device.type
+        return torch.autocast(device, dtype=torch.get_autocast_dtype(device),
+                              enabled=torch.is_autocast_enabled(device), cache_enabled=False)
