@@ -297,28 +297,37 @@ class IncreLoRALinear(nn.Module):
             return (self.lora_B.to(lam.dtype) * lam) @ self.lora_A.to(lam.dtype)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        base = self.base_layer
+        # Parameters, buffers and submodules read from their dicts: nn.Module.__getattr__
+        # costs host time on every call of every adapted layer.
+        params, buffers = self._parameters, self._buffers
+        base = self._modules["base_layer"]
         if self.merged or not self.adapter_enabled:
             return base(x, *args, **kwargs)
         track = self.score_enabled and self.training and torch.is_grad_enabled()
         score_out = grad_out = None
+        lora_A = params["lora_A"]
         if track and self.exact_step_score:
             if self.score_grad is None:
                 self.score_grad = torch.zeros(self.out_features, self.in_features,
-                                              dtype=torch.float32, device=self.lora_A.device)
+                                              dtype=torch.float32, device=lora_A.device)
             grad_out = self.score_grad
         elif track:
-            score_out = self.score_sum
-        dropout = self.lora_dropout if self.training and isinstance(self.lora_dropout,
-                                                                    nn.Dropout) else None
-        plain = (not (args or kwargs) and _plain_forward(base) and not base.weight.requires_grad
-                 and (base.bias is None or not base.bias.requires_grad))
+            score_out = buffers["score_sum"]
+        dropout = self._modules["lora_dropout"]
+        if not (self.training and isinstance(dropout, nn.Dropout)):
+            dropout = None
+        weight = bias = None
+        base_forward = None
+        if not (args or kwargs) and _plain_forward(base):
+            weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
+        if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+            weight = bias = None
+            base_forward = (lambda t: base(t, *args, **kwargs))
         return adapted_linear(
-            x, base.weight if plain else None, base.bias if plain else None, self.lora_A,
-            self.lora_B, self.lora_lambda, self.slot_state, self.lora_alpha,
-            self.reserve_value(), weight_in_out=self.is_conv1d,
-            base_forward=None if plain else (lambda t: base(t, *args, **kwargs)),
-            dropout=dropout, score_out=score_out, grad_out=grad_out)
+            x, weight, bias, lora_A, params["lora_B"], params["lora_lambda"],
+            buffers["slot_state"], self.lora_alpha, self.reserve_value(),
+            weight_in_out=self.is_conv1d, base_forward=base_forward, dropout=dropout,
+            score_out=score_out, grad_out=grad_out)
 
     def take_score(self) -> torch.Tensor:
         """Return the accumulated exact score and reset the accumulator."""

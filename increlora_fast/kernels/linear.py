@@ -45,10 +45,6 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     _utils.launch(kernel, grid, *args, **kwargs)
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 # ---------------------------------------------------------------- cached host work
 class _Plan:
     """The launch configuration of one (shapes, dtypes, device, flags) key, built once.
@@ -185,9 +181,10 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
     lam, state = _slot_args(lora_lambda, slot_state)
     h = torch.empty((M, R), dtype=plan.acc, device=x.device)
     bm, br, bk = plan.proj
-    _launch(_project_kernel, (_cdiv(M, bm), _cdiv(R, br)),
+    sx, sa = xa.stride(), lora_A.stride()
+    _launch(_project_kernel, (-(-M // bm), -(-R // br)),
             xa, lora_A, lam, state, h, M, K, R, alpha, reserve,
-            xa.stride(0), xa.stride(1), lora_A.stride(0), lora_A.stride(1), h.stride(0), h.stride(1),
+            sx[0], sx[1], sa[0], sa[1], R, 1,
             SLOTS=plan.slots_const, NEED_ALL=need_all, R_ALL=plan.br, BLOCK_M=bm, BLOCK_R=br,
             BLOCK_K=bk, **plan.dot, num_warps=plan.proj_warps)
     if weight is None:
@@ -203,22 +200,14 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
             return fused_linear_forward(x, w, b, weight_in_out, h, lora_B, slots, cfg), h
         y = _base_forward(x, w, b, weight_in_out)
         accumulate = True
-    _expand(h, lam, state, lora_B.t(), y, alpha, reserve, accumulate, plan)
-    return y, h
-
-
-def _expand(s: torch.Tensor, lam: torch.Tensor, state: torch.Tensor, w: torch.Tensor,
-            out: torch.Tensor, alpha: float, reserve: float, accumulate: bool,
-            plan: _Plan) -> None:
-    """out (M, N) = [out +] (s * lam_eff) @ w, s (M, R), w (R, N) any strides."""
-    M, R = s.shape
-    N = w.shape[1]
+    sb, sy = lora_B.stride(), y.stride()
     bm, bn, br = plan.exp
-    _launch(_expand_kernel, (_cdiv(M, bm), _cdiv(N, bn)),
-            s, lam, state, w, out, M, N, R, alpha, reserve,
-            s.stride(0), s.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
+    _launch(_expand_kernel, (-(-M // bm), -(-N // bn)),
+            h, lam, state, lora_B, y, M, N, R, alpha, reserve,
+            R, 1, sb[1], sb[0], sy[0], sy[1],
             SLOTS=plan.slots_const, ACCUMULATE=accumulate, R_ALL=plan.br, BLOCK_M=bm,
             BLOCK_N=bn, BLOCK_R=br, **plan.dot, num_warps=plan.exp_warps)
+    return y, h
 
 
 def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Optional[torch.Tensor],
@@ -262,9 +251,10 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
         else:
             dxa = target
     bm, bn, bk = plan.rows
-    m_blocks = _cdiv(M, bm)
-    per_prog = _cdiv(m_blocks, max(1, min(m_blocks, plan.sms)))
-    progs = _cdiv(m_blocks, per_prog) if M else 0
+    m_blocks = -(-M // bm)
+    per_prog = -(-m_blocks // max(1, min(m_blocks, plan.sms)))
+    progs = -(-m_blocks // per_prog) if M else 0
+    sa, sb, sx = lora_A.stride(), lora_B.stride(), xa.stride(0)
     acc = plan.acc
     gb = torch.empty((progs, N, R), dtype=acc, device=device) if need_b else h
     da = torch.empty((progs, R, K), dtype=acc, device=device) if need_a else h
@@ -274,8 +264,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
         _launch(_backward_rows_kernel, (progs,),
                 dy, lora_B, h, lora_A, xa, lam, state, dx_arg, gb, da, dl,
                 M, N, K, R, alpha, reserve, per_prog,
-                dy.stride(0), h.stride(0), xa.stride(0), dx_arg.stride(0),
-                lora_B.stride(0), lora_B.stride(1), lora_A.stride(0), lora_A.stride(1),
+                dy.stride(0), h.stride(0), sx, dx_arg.stride(0), sb[0], sb[1], sa[0], sa[1],
                 SLOTS=plan.slots_const, NEED_ALL=need_lam, NEED_DX=need_adapter_dx,
                 DX_ACCUMULATE=accumulate_dx, NEED_GB=need_b, NEED_DA=need_a,
                 NEED_DLAM=need_lam, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_R=plan.br,
@@ -284,13 +273,12 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     n_parts = 0
     if score_out is not None:
         sn, sk, sm = plan.score
-        grid = (_cdiv(N, sn), _cdiv(K, sk))
+        grid = (-(-N // sn), -(-K // sk))
         n_parts = grid[0] * grid[1]
         parts = torch.empty((n_parts,), dtype=acc, device=device)
         _launch(_score_tiles_kernel, grid,
                 dy, xa, lora_A, lora_B, lam, state, parts, M, N, K, R, alpha, reserve,
-                dy.stride(0), xa.stride(0), lora_A.stride(0), lora_A.stride(1),
-                lora_B.stride(0), lora_B.stride(1),
+                dy.stride(0), sx, sa[0], sa[1], sb[0], sb[1],
                 SLOTS=plan.slots_const, BLOCK_N=sn, BLOCK_K=sk, BLOCK_M=sm, BLOCK_R=plan.br,
                 **plan.dot, num_warps=plan.score_warps)
     db = torch.empty_like(lora_B) if need_b else None
@@ -298,8 +286,8 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     dlam = torch.empty_like(lora_lambda) if need_lam else None
     if need_a or need_b or need_lam or score_out is not None:
         fn, fk, fs = plan.fin
-        tiles_db = _cdiv(N, fn) if need_b else 0
-        tiles_da = _cdiv(K, fk) if need_a else 0
+        tiles_db = -(-N // fn) if need_b else 0
+        tiles_da = -(-K // fk) if need_a else 0
         db_arg = db if db is not None else lora_B
         da_arg = d_a if d_a is not None else lora_A
         _launch(_finish_kernel, (tiles_db + tiles_da + 1,),
@@ -307,8 +295,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
                 dlam if dlam is not None else lam,
                 score_out if score_out is not None else parts,
                 N, K, R, progs, alpha, reserve, tiles_db, tiles_da, n_parts,
-                (N * K) ** -0.5, lora_B.stride(0), lora_B.stride(1),
-                db_arg.stride(0), db_arg.stride(1), da_arg.stride(0), da_arg.stride(1),
+                (N * K) ** -0.5, sb[0], sb[1], *db_arg.stride(), *da_arg.stride(),
                 SLOTS=plan.slots_const, NEED_DB=need_b, NEED_DA=need_a, NEED_DLAM=need_lam,
                 NEED_SCORE=score_out is not None, BLOCK_R=plan.br, BLOCK_N=fn, BLOCK_K=fk,
                 BLOCK_S=fs, ACC=plan.dot["ACC"])
