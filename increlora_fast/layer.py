@@ -15,7 +15,6 @@ masks) notice news without reading a tensor on the host.
 from __future__ import annotations
 
 import enum
-import math
 from typing import Optional, Tuple
 
 import torch

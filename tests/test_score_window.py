@@ -4,7 +4,6 @@ Outside the window the layers' score flag is off and no score runs; inside it th
 those of tracking every step; a window of `incre_interval` or more is today's behaviour bit for
 bit; pending rounds, resume and gradient accumulation keep the window right.
 """
-import math
 import os
 
 import pytest

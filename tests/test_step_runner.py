@@ -11,7 +11,6 @@ import torch
 
 from finetune_helpers import cli, tiny_files
 from graph_emulator import EmulatedGraph
-from increlora_fast.training.device import Placement
 from increlora_fast.training.finetune import build_run
 from increlora_fast.training.loop import LoopState, train_loop
 from increlora_fast.training.settings import RunSettings

@@ -5,8 +5,8 @@ Modules (each imports triton; this package itself does not):
 
 - `linear`: the whole adapted linear ``x W^T + bias + ((x A^T) * lam_eff) B^T`` as one autograd
   op (`linear.adapted_linear_triton`; `linear.lowrank_adapter` without a base).
-- `lowrank`: the adapter kernels and their host functions (project, expand, one pass over dy,
-  finish dB/dlambda, reduce dA).
+- `lowrank`: the adapter kernels (project, expand, the whole backward in one pass over the rows
+  of dy, the finish that sums its partials); `linear` launches them.
 - `fused_linear`: the opt-in forward with base GEMM and adapter in one Triton GEMM.
 - `score`: the exact module score ``sum(|B diag(lam) A * dy.T x|) / sqrt(out * in)``.
 - `adamw`: the masked per-slot AdamW step (`adamw.masked_adamw_triton_`).

@@ -40,9 +40,6 @@ import triton.language as tl
 
 from .utils import MAX_R_MAX, block
 
-ACTIVE = 2
-RESERVE = 1
-
 
 @triton.jit
 def _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,

@@ -109,12 +109,6 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def deterministic() -> bool:
-    """Whether kernels must avoid atomics and reduce in a fixed order (torch's
-    `torch.use_deterministic_algorithms`)."""
-    return torch.are_deterministic_algorithms_enabled()
-
-
 def block(n: int, cap: int) -> int:
     """A power-of-two tile edge covering ``n`` when it can, between MIN_BLOCK and ``cap``."""
     return max(MIN_BLOCK, min(cap, triton.next_power_of_2(max(n, 1))))
