@@ -153,6 +153,19 @@ class IncreLoRALinear(nn.Module):
             self.slot_active_step[:init_r] = 0
         self.add_reserve(reserve_rank, step=0)
 
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.bfloat16()`` and the like convert A and B as asked, and
+        lambda back to `reference.lambda_dtype` of A's dtype (never 16-bit), with its gradient;
+        the layer's parameters stay the same objects."""
+        result = super()._apply(fn, recurse)
+        lam = self._parameters["lora_lambda"]
+        want = lambda_dtype(self._parameters["lora_A"].dtype)
+        if lam.dtype != want:
+            lam.data = lam.data.to(want)
+            if lam.grad is not None:
+                lam.grad = lam.grad.to(want)
+        return result
+
     # ------------------------------------------------------------------ drop-in attributes
     @property
     def weight(self) -> torch.Tensor:

@@ -88,3 +88,18 @@ def test_small_lambda_updates_survive_on_16_bit_adapters(adapter_dtype):
 def test_adapter_dtype_is_validated():
     with pytest.raises(ValueError, match="IncreLoRAConfig.adapter_dtype='fp8' is invalid"):
         IncreLoRAConfig(adapter_dtype="fp8")
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_converting_the_model_keeps_lambda_out_of_16_bits(cast):
+    """``model.half()`` (or ``.bfloat16()``) after injection converts A and B but keeps lambda
+    float32, the same Parameter object (an optimizer built before still holds it); float64
+    models get a float64 lambda."""
+    from increlora_fast.layer import IncreLoRALinear
+    layer = IncreLoRALinear(torch.nn.Linear(8, 6), r_max=4, init_r=2)
+    lam = layer.lora_lambda
+    getattr(layer, cast)()
+    want = {"half": torch.float16, "bfloat16": torch.bfloat16, "double": torch.float64}[cast]
+    assert layer.lora_A.dtype == layer.lora_B.dtype == want
+    assert layer.lora_lambda is lam
+    assert lam.dtype == (torch.float64 if cast == "double" else torch.float32)
