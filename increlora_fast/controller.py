@@ -29,6 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import IncreLoRAConfig
+from .device_scalar import DeviceScalar
 from .layer import IncreLoRALinear, SlotState
 from .model import get_config, increlora_layers
 
@@ -86,8 +87,8 @@ class IncreLoRAController:
         self.ipt = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self.unc = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
-        self._step_t = torch.full((), -1, dtype=torch.long, device=device)
-        self._step_value = -1
+        # The step index on the EMAs' device, read by the non-finite bookkeeping.
+        self._device_steps = DeviceScalar(torch.long)
         # The penalty's modules grouped by shape, and per group its cached masks.
         groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
         for layer in self.layers:
@@ -223,7 +224,8 @@ class IncreLoRAController:
         if not self._warned_nonfinite:
             self._nonfinite_step.copy_(torch.where(finite | (self._nonfinite_step >= 0),
                                                    self._nonfinite_step,
-                                                   self._device_step(step)))
+                                                   self._device_steps.get(step,
+                                                                          self.ipt.device)))
         if not due:
             return
         # An allocation round: reading the host is allowed from here on.
@@ -232,21 +234,10 @@ class IncreLoRAController:
         if not self.round_pending:
             self._allocate(step)
 
-    def _device_step(self, step: int) -> torch.Tensor:
-        """``step`` as a 0-d long tensor on the EMAs' device, filled from the host only when it
-        holds another value: inside a captured step it is only read, and `sync_device_step`
-        sets it before each replay."""
-        if self._step_value != step or self._step_t.device != self.ipt.device:
-            if self._step_t.device != self.ipt.device:
-                self._step_t = torch.empty((), dtype=torch.long, device=self.ipt.device)
-            self._step_t.fill_(step)
-            self._step_value = step
-        return self._step_t
-
     def sync_device_step(self, step: int) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copy of the
         step index that the captured step reads (one fill, outside the graph)."""
-        self._device_step(step)
+        self._device_steps.get(step, self.ipt.device)
 
     def note_replayed_step(self, step: int) -> None:
         """The host side of a step whose device work was replayed from a CUDA graph captured

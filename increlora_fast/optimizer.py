@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .config import IncreLoRAConfig
+from .device_scalar import DeviceScalar
 from .functional import select_backend
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
@@ -127,8 +128,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._flat: Dict[tuple, tuple] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
-        # device -> (global_step as a float64 0-d tensor there, the host value it holds).
-        self._device_steps: Dict[torch.device, Tuple[torch.Tensor, int]] = {}
+        # global_step on the devices of the parameters, read by the per-slot schedule.
+        self._device_steps = DeviceScalar(torch.float64)
 
     def state_dict(self) -> dict:
         state = super().state_dict()
@@ -168,24 +169,10 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self.global_step += 1
         return loss
 
-    def _device_step(self, device: torch.device) -> torch.Tensor:
-        """`global_step` as a float64 0-d tensor on ``device``, filled from the host only when it
-        holds another value (one fill, no host read): a step captured in a CUDA graph only reads
-        it, and `sync_device_step` sets it before each replay."""
-        entry = self._device_steps.get(device)
-        if entry is None or entry[1] != self.global_step:
-            t = entry[0] if entry is not None else torch.empty((), dtype=torch.float64,
-                                                                device=device)
-            t.fill_(self.global_step)
-            entry = (t, self.global_step)
-            self._device_steps[device] = entry
-        return entry[0]
-
     def sync_device_step(self) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copies of
         `global_step` that the captured step reads (one fill per device, outside the graph)."""
-        for device in list(self._device_steps):
-            self._device_step(device)
+        self._device_steps.sync(self.global_step)
 
     def note_replayed_step(self) -> None:
         """The host side of a step whose device work was replayed from a CUDA graph: the step
@@ -207,8 +194,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         sizes = [len(s.mask) for s in slots]
         mask, mask_parts, start = self._flat_slots(where, order, slots)
         torch._foreach_add_([s.count for s in slots], mask_parts)
-        mult = schedule_multiplier(self._device_step(start.device), start,
-                                   group["warmup_steps"], group["total_step"])
+        step = self._device_steps.get(self.global_step, start.device)
+        mult = schedule_multiplier(step, start, group["warmup_steps"], group["total_step"])
         lr = (group["lr"] * mult).to(torch.float32)
         beta1, beta2 = group["betas"]
         hyper = (beta1, beta2, group["eps"], group["weight_decay"])

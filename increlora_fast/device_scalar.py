@@ -1,0 +1,34 @@
+"""`DeviceScalar`: a host integer mirrored in 0-d device tensors, for steps captured in CUDA
+graphs. A captured step only reads the tensor; the host fills it (one launch, no read) whenever
+the value it holds is stale, which outside a graph happens before the read and, for a replay,
+through an explicit `sync` before it. So no step number is baked into a graph."""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+
+class DeviceScalar:
+    """``value`` as a 0-d ``dtype`` tensor per device, filled only when it changed."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        # device -> (its tensor, the host value that tensor holds)
+        self._tensors: Dict[torch.device, Tuple[torch.Tensor, int]] = {}
+
+    def get(self, value: int, device: torch.device) -> torch.Tensor:
+        """The tensor on ``device``, holding ``value`` (filled now if it held another)."""
+        entry = self._tensors.get(device)
+        if entry is None or entry[1] != value:
+            t = entry[0] if entry is not None else torch.empty((), dtype=self.dtype,
+                                                                device=device)
+            t.fill_(value)
+            entry = (t, value)
+            self._tensors[device] = entry
+        return entry[0]
+
+    def sync(self, value: int) -> None:
+        """Make every tensor made so far hold ``value`` (before replaying a graph)."""
+        for device in list(self._tensors):
+            self.get(value, device)
