@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import check_device, check_dtype, is_interpreted, launch
+from . import utils
+from .utils import check_device, check_dtype, is_interpreted
 
 _OP = "masked_adamw_triton_"
 
@@ -104,8 +105,8 @@ def masked_adamw_triton_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     n = param.numel()
     block_size = 256 if is_interpreted(_masked_adamw_kernel) else 1024
     mask_u8 = slot_mask.contiguous().view(torch.uint8)
-    launch(_masked_adamw_kernel, (triton.cdiv(n, block_size),),
-           param, grad, exp_avg, exp_avg_sq, mask_u8, slot_lr.contiguous(),
-           slot_count.contiguous(), n, inner, r,
-           beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-           BLOCK=block_size)
+    utils.launch(_masked_adamw_kernel, (triton.cdiv(n, block_size),),
+                 param, grad, exp_avg, exp_avg_sq, mask_u8, slot_lr.contiguous(),
+                 slot_count.contiguous(), n, inner, r,
+                 beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+                 BLOCK=block_size)

@@ -20,7 +20,8 @@ import triton
 import triton.language as tl
 
 from .lowrank import Slots, _slot_lambda
-from .utils import DotConfig, is_interpreted, launch
+from . import utils
+from .utils import DotConfig, is_interpreted
 
 
 def _configs() -> list:
@@ -116,13 +117,13 @@ def fused_linear_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         # IEEE float32 / float64 dots spill registers on big tiles; the interpreter wants small.
         bm, bn, bk = (16, 16, 16) if is_interpreted(_fused_linear_adapter_kernel) else (64, 64, 16)
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        launch(_fused_linear_adapter_kernel, grid, *args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-               GROUP_M=8, **consts, num_warps=4)
+        utils.launch(_fused_linear_adapter_kernel, grid, *args, BLOCK_M=bm, BLOCK_N=bn,
+                     BLOCK_K=bk, GROUP_M=8, **consts, num_warps=4)
     else:
         if M == 0:
             return y
 
         def grid(meta):
             return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-        launch(_fused_linear_adapter_tuned, grid, *args, **consts)
+        utils.launch(_fused_linear_adapter_tuned, grid, *args, **consts)
     return y

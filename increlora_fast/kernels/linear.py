@@ -40,11 +40,6 @@ from . import utils as _utils
 _OP = "adapted_linear_triton"
 
 
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    # Looked up at call time, so a benchmark or test that stubs `utils.launch` stubs this too.
-    _utils.launch(kernel, grid, *args, **kwargs)
-
-
 # ---------------------------------------------------------------- cached host work
 class _Plan:
     """The launch configuration of one (shapes, dtypes, device, flags) key, built once.
@@ -182,7 +177,7 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
     h = torch.empty((M, R), dtype=plan.acc, device=x.device)
     bm, br, bk = plan.proj
     sx, sa = xa.stride(), lora_A.stride()
-    _launch(_project_kernel, (-(-M // bm), -(-R // br)),
+    _utils.launch(_project_kernel, (-(-M // bm), -(-R // br)),
             xa, lora_A, lam, state, h, M, K, R, alpha, reserve,
             sx[0], sx[1], sa[0], sa[1], R, 1,
             SLOTS=plan.slots_const, NEED_ALL=need_all, R_ALL=plan.br, BLOCK_M=bm, BLOCK_R=br,
@@ -202,7 +197,7 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
         accumulate = True
     sb, sy = lora_B.stride(), y.stride()
     bm, bn, br = plan.exp
-    _launch(_expand_kernel, (-(-M // bm), -(-N // bn)),
+    _utils.launch(_expand_kernel, (-(-M // bm), -(-N // bn)),
             h, lam, state, lora_B, y, M, N, R, alpha, reserve,
             R, 1, sb[1], sb[0], sy[0], sy[1],
             SLOTS=plan.slots_const, ACCUMULATE=accumulate, R_ALL=plan.br, BLOCK_M=bm,
@@ -261,7 +256,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     dl = torch.empty((progs, R), dtype=acc, device=device) if need_lam else h
     if need_adapter_dx or need_a or need_b or need_lam:
         dx_arg = target if target is not None else h
-        _launch(_backward_rows_kernel, (progs,),
+        _utils.launch(_backward_rows_kernel, (progs,),
                 dy, lora_B, h, lora_A, xa, lam, state, dx_arg, gb, da, dl,
                 M, N, K, R, alpha, reserve, per_prog,
                 dy.stride(0), h.stride(0), sx, dx_arg.stride(0), sb[0], sb[1], sa[0], sa[1],
@@ -276,7 +271,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
         grid = (-(-N // sn), -(-K // sk))
         n_parts = grid[0] * grid[1]
         parts = torch.empty((n_parts,), dtype=acc, device=device)
-        _launch(_score_tiles_kernel, grid,
+        _utils.launch(_score_tiles_kernel, grid,
                 dy, xa, lora_A, lora_B, lam, state, parts, M, N, K, R, alpha, reserve,
                 dy.stride(0), sx, sa[0], sa[1], sb[0], sb[1],
                 SLOTS=plan.slots_const, BLOCK_N=sn, BLOCK_K=sk, BLOCK_M=sm, BLOCK_R=plan.br,
@@ -290,7 +285,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
         tiles_da = -(-K // fk) if need_a else 0
         db_arg = db if db is not None else lora_B
         da_arg = d_a if d_a is not None else lora_A
-        _launch(_finish_kernel, (tiles_db + tiles_da + 1,),
+        _utils.launch(_finish_kernel, (tiles_db + tiles_da + 1,),
                 gb, da, dl, parts, lora_B, lam, state, db_arg, da_arg,
                 dlam if dlam is not None else lam,
                 score_out if score_out is not None else parts,

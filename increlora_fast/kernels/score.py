@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from .lowrank import _slot_lambda
-from .utils import MAX_R_MAX, block, dot_config, is_interpreted, launch, row_major
+from . import utils
+from .utils import MAX_R_MAX, block, dot_config, is_interpreted, row_major
 
 
 @triton.jit
@@ -87,9 +88,9 @@ def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
     bn, bk, bm = (16, 16, 16) if is_interpreted(_score_tiles_kernel) else (32, 32, 32)
     grid = (-(-N // bn), -(-K // bk))
     parts = torch.empty(grid[0] * grid[1], dtype=cfg.acc_torch, device=dy.device)
-    launch(_score_tiles_kernel, grid, dy, x, lora_A, lora_B, lam, lam, parts,
-           M, N, K, R, 1.0, 0.0, dy.stride(0), x.stride(0), lora_A.stride(0), lora_A.stride(1),
-           lora_B.stride(0), lora_B.stride(1), SLOTS=False, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
-           BLOCK_R=block(R, MAX_R_MAX), OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc,
-           PRECISION=cfg.precision)
+    utils.launch(_score_tiles_kernel, grid, dy, x, lora_A, lora_B, lam, lam, parts,
+                 M, N, K, R, 1.0, 0.0, dy.stride(0), x.stride(0), *lora_A.stride(),
+                 *lora_B.stride(), SLOTS=False, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
+                 BLOCK_R=block(R, MAX_R_MAX), OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc,
+                 PRECISION=cfg.precision)
     score_out.add_((parts.sum() / math.sqrt(N * K)).to(score_out.dtype))

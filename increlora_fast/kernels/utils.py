@@ -140,7 +140,9 @@ def kernel_name(kernel) -> str:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """Count and launch ``kernel`` on ``grid`` (a tuple, or a function of the chosen meta
+    """The one launch of every kernel of the package: the kernel modules call it as
+    ``utils.launch`` (looked up at each call), so replacing it here stubs or records them all.
+    Count and launch ``kernel`` on ``grid`` (a tuple, or a function of the chosen meta
     parameters for autotuned kernels) on the device of its first tensor argument, not the
     current CUDA device (layers of one model can live on several GPUs). An empty grid launches
     nothing."""
