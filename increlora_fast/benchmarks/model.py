@@ -184,7 +184,6 @@ class _IncreLoRARun:
             raise RuntimeError(f"{preset.name}: {found} target modules injected, expected "
                                f"{preset.n_targets}; the preset's target names are stale")
         self.runner = StepRunner(self.method, Placement(device, "fp32"), cuda_graphs=cuda_graphs)
-        self.cuda_graphs = cuda_graphs
         self.settings = (f"r_max={plan.r_max} init_r={plan.init_r} target_rank="
                          f"{plan.target_rank} incre_rank_num={sched['incre_rank_num']} "
                          f"top_h={sched['top_h']} rounds every step from step 2, "
@@ -195,7 +194,7 @@ class _IncreLoRARun:
         return "final" if self.method.controller.budget_reached else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
-        if self.cuda_graphs:  # static inputs, replayed from a graph outside allocation rounds
+        if self.runner.graphed is not None:  # static inputs, replayed outside rounds
             self.runner.step(i, batch)
             return
         self.runner.forward_backward(i, batch)

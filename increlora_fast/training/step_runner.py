@@ -92,7 +92,6 @@ class StepRunner:
         self.run = run
         self.placement = placement or Placement(torch.device("cpu"), "fp32")
         self.grad_clip = grad_clip
-        self.cuda_graphs = cuda_graphs
         self.static_inputs = static_inputs or cuda_graphs
         self.params = [p for p in run.model.parameters() if p.requires_grad]
         # the latest step's total loss: it lives until the next step's replaces it, as a loop
