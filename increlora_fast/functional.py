@@ -26,7 +26,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_score_dense,
+from .kernels.reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_score_dense,
                         effective_lambda)
 
 __all__ = ["adapted_linear", "adapted_linear_torch", "effective_lambda", "delta_w_score_dense",

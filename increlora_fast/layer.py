@@ -22,8 +22,8 @@ from torch import nn
 
 from .config import ADAPTER_DTYPES
 from .functional import adapted_linear
-from .reference import effective_lambda as _effective_lambda
-from .reference import lambda_dtype
+from .kernels.reference import effective_lambda as _effective_lambda
+from .kernels.reference import lambda_dtype
 
 try:
     from transformers.pytorch_utils import Conv1D

@@ -16,7 +16,7 @@ from torch import nn
 
 from increlora_fast import functional
 from increlora_fast.layer import IncreLoRALinear
-from increlora_fast.reference import adapted_linear_torch
+from increlora_fast.kernels.reference import adapted_linear_torch
 
 # (M, in, out, r_max): single and multi-tile, odd sizes, two slot blocks, r_max 128.
 SHAPES = [(1, 5, 19, 16), (37, 24, 40, 16), (70, 19, 33, 32), (33, 40, 5, 128)]

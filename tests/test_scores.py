@@ -17,7 +17,7 @@ if DEVICE == "cpu":
 
 from increlora_fast import IncreLoRAConfig, inject_increlora  # noqa: E402
 from increlora_fast.controller import IncreLoRAController, triplet_score  # noqa: E402
-from increlora_fast.reference import delta_w_score_chunked  # noqa: E402
+from increlora_fast.kernels.reference import delta_w_score_chunked  # noqa: E402
 from increlora_fast.layer import SlotState  # noqa: E402
 
 from method_helpers import ParallelBranches  # noqa: E402
@@ -289,6 +289,6 @@ def test_chunked_score_allocates_nothing_activation_or_weight_sized(name, fn, dt
     block = math.ceil(m / 4) * k if dtype != torch.float32 else 0
     assert chunked <= max(rows * k, n * r, block) * 4 < limit, (chunked, limit)
     # the dense reference allocates the (out, in) G: the measurement does see it
-    from increlora_fast.reference import delta_w_score_dense
+    from increlora_fast.kernels.reference import delta_w_score_dense
     dense = _largest_allocation(lambda: delta_w_score_dense((b * lam) @ a, dy, x))
     assert dense >= n * k * 4

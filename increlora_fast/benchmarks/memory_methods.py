@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..reference import lambda_dtype
+from ..kernels.reference import lambda_dtype
 
 if TYPE_CHECKING:
     from ..training.step_runner import StepRunner

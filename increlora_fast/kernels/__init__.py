@@ -1,8 +1,10 @@
 """Fused Triton kernels of increlora_fast (Liger style: jit kernels, host launch functions,
 one ``torch.autograd.Function`` per op).
 
-Modules (each imports triton; this package itself does not):
+Modules (each but `reference` imports triton; this package itself does not):
 
+- `reference`: the same ops in plain PyTorch, the CPU path and the float64 reference of every
+  kernel test (imports only torch, so the layer uses it without triton).
 - `linear`: the whole adapted linear ``x W^T + bias + ((x A^T) * lam_eff) B^T`` as one autograd
   op (`linear.adapted_linear_triton`; `linear.lowrank_adapter` without a base).
 - `lowrank`: the adapter kernels (project, expand, the whole backward in one pass over the rows

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from ..reference import adapted_linear_torch, lambda_dtype
+from .reference import adapted_linear_torch, lambda_dtype
 from . import launches
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}

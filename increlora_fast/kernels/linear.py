@@ -32,6 +32,7 @@ from torch.autograd.function import once_differentiable
 
 from .lowrank import (Slots, _backward_rows_kernel, _expand_kernel, _finish_kernel,
                       _project_kernel)
+from .reference import accumulate_dense_grad_
 from .score import _score_tiles_kernel
 from .utils import (MAX_R_MAX, acc_dtype, block, check_device, check_dtype, compute_dtype,
                     dot_config, is_interpreted, multiprocessor_count, row_major)
@@ -295,7 +296,6 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
                 NEED_SCORE=score_out is not None, BLOCK_R=plan.br, BLOCK_N=fn, BLOCK_K=fk,
                 BLOCK_S=fs, ACC=plan.dot["ACC"])
     if grad_out is not None:
-        from ..reference import accumulate_dense_grad_
         accumulate_dense_grad_(grad_out, dy, xa)
     return dx, dxa, d_a, db, dlam
 
