@@ -18,7 +18,7 @@ import pytest
 from increlora_fast.benchmarks.methods import LAYER_METHODS
 from increlora_fast.benchmarks.model import MODEL_METHODS
 from increlora_fast.benchmarks.records import CSV_COLUMNS, REQUIRED
-from increlora_fast.benchmarks.report import layer_rows, model_rows
+from increlora_fast.benchmarks.tables import layer_rows, model_rows
 from increlora_fast.benchmarks.targets import cpu_model_verdicts, layer_verdicts
 from increlora_fast.benchmarks.timing import measure_interleaved
 

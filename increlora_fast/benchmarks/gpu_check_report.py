@@ -7,7 +7,7 @@ from typing import Dict, List, Sequence
 from .host_overhead import COLUMNS as HOST_COLUMNS
 from .host_overhead import host_rows
 from .records import gpu_check_records
-from .report import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
+from .tables import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
 from .targets import issue13_verdicts
 
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")

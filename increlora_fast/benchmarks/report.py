@@ -1,5 +1,5 @@
-"""Tables (console and Markdown) with ratios to ``floor`` and ``peft-lora``, the time-vs-tokens
-plot, and ``bench/RESULTS.md``, all computed from benchmark records."""
+"""The benchmark report: the console summary, the time-vs-tokens plot and ``bench/RESULTS.md``,
+all computed from benchmark records (rows and tables in `tables`)."""
 from __future__ import annotations
 
 import os
@@ -7,19 +7,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .gpu_check_report import results_section
 from .host_overhead import COLUMNS as HOST_COLUMNS
 from .host_overhead import HOST_LEGEND, host_rows
 from .methods import INTERPRETER_NOTE, LAYER_METHODS
-from .model import MODEL_METHODS
-from .plans import PHASES
+from .tables import (INTERP_MARK, LAYER_COLUMNS, MODEL_COLUMNS, layer_rows, markdown_table,
+                     model_rows, text_table)
 from .targets import all_verdicts
-
-LAYER_COLUMNS = ("shape", "tokens", "r_max", "dtype", "phase", "method", "median_ms", "x_floor",
-                 "x_peft_lora", "peak_mem_mb")
-MODEL_COLUMNS = ("model", "dtype", "method", "steps_per_s", "mean_ms", "median_ms",
-                 "alloc_median_ms", "final_median_ms", "x_peft_lora_mean", "x_peft_lora_final",
-                 "peak_mem_mb", "x_peft_lora_mem")
-INTERP_MARK = " (interp.)"
 
 
 def run_key(record: dict) -> Tuple[str, str]:
@@ -34,61 +28,6 @@ def group_runs(records: Sequence[dict]) -> "OrderedDict[Tuple[str, str], List[di
     return runs
 
 
-def _ratio(value: Optional[float], ref: Optional[float]) -> Optional[float]:
-    if value is None or ref is None or ref <= 0:
-        return None
-    return value / ref
-
-
-def _method_order(name: str, known: Sequence[str]) -> int:
-    return list(known).index(name) if name in known else len(known)
-
-
-def layer_rows(records: Sequence[dict]) -> List[dict]:
-    """Measured layer rows of one run with ``x_floor`` and ``x_peft_lora``, in table order."""
-    ok = [r for r in records if r["level"] == "layer" and r.get("status") == "ok"]
-    floor = {(r["shape"], r["tokens"], r["dtype"], r["phase"]): r["median_ms"]
-             for r in ok if r["method"] == "floor"}
-    lora = {(r["shape"], r["tokens"], r["r_max"], r["dtype"], r["phase"]): r["median_ms"]
-            for r in ok if r["method"] == "peft-lora"}
-    rows = []
-    for r in ok:
-        row = dict(r)
-        row["x_floor"] = _ratio(r["median_ms"], floor.get((r["shape"], r["tokens"], r["dtype"],
-                                                           r["phase"])))
-        row["x_peft_lora"] = None if r["method"] == "floor" else _ratio(
-            r["median_ms"], lora.get((r["shape"], r["tokens"], r["r_max"], r["dtype"],
-                                      r["phase"])))
-        if r.get("note") == INTERPRETER_NOTE:
-            row["method"] = r["method"] + INTERP_MARK
-        rows.append(row)
-    phase_order = {p: i for i, p in enumerate(("fwd+bwd", "fwd", "bwd"))}
-
-    def key(row: dict):
-        return (row["dtype"], phase_order.get(row["phase"], len(PHASES)),
-                bool(row.get("interpreter_point")), int(row["shape"].split("x")[0]),
-                int(row["shape"].split("x")[1]), row["tokens"], row["r_max"] or 0,
-                _method_order(row["method"].replace(INTERP_MARK, ""), list(LAYER_METHODS)))
-    return sorted(rows, key=key)
-
-
-def model_rows(records: Sequence[dict]) -> List[dict]:
-    """Measured model rows of one run with their ratios to peft-lora (time and memory)."""
-    ok = [r for r in records if r["level"] == "model" and r.get("status") == "ok"]
-    lora = {(r["shape"], r["dtype"]): r for r in ok if r["method"] == "peft-lora"}
-    rows = []
-    for r in ok:
-        ref = lora.get((r["shape"], r["dtype"]))
-        row = dict(r, model=r["shape"])
-        row["x_peft_lora_mean"] = _ratio(r["mean_ms"], ref and ref["mean_ms"])
-        row["x_peft_lora_final"] = _ratio(r.get("final_median_ms") or r["median_ms"],
-                                          ref and ref["median_ms"])
-        row["x_peft_lora_mem"] = _ratio(r["peak_mem_mb"], ref and ref["peak_mem_mb"])
-        rows.append(row)
-    return sorted(rows, key=lambda row: (row["shape"], row["dtype"],
-                                         _method_order(row["method"], MODEL_METHODS)))
-
-
 def skipped_summary(records: Sequence[dict]) -> List[str]:
     """One line per (method, reason) among the skipped rows."""
     seen: "OrderedDict[Tuple[str, str, str], int]" = OrderedDict()
@@ -97,34 +36,6 @@ def skipped_summary(records: Sequence[dict]) -> List[str]:
             key = (r["level"], r["method"], r.get("note", ""))
             seen[key] = seen.get(key, 0) + 1
     return [f"{level} `{method}`: {note} ({n} rows)" for (level, method, note), n in seen.items()]
-
-
-def _fmt(value, column: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        if column.startswith("x_"):
-            return f"{value:.2f}x"
-        if column == "steps_per_s":
-            return f"{value:.3f}"
-        return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
-    return str(value)
-
-
-def text_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    """A fixed-width table for the console."""
-    cells = [[_fmt(row.get(c), c) for c in columns] for row in rows]
-    widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths)),
-             "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(line, widths)) for line in cells]
-    return "\n".join(lines)
-
-
-def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row.get(c), c) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def console_report(records: Sequence[dict]) -> str:
@@ -299,7 +210,6 @@ def results_markdown(records: Sequence[dict], plots: Dict[Tuple[str, str], str],
         rel = os.path.relpath(Path(plot).resolve(), base) if plot else None
         out += _run_section(run, rel)
     if gpu_checks:
-        from .gpu_check_report import results_section
         for check in gpu_checks:
             out += results_section(check)
     if notes:
