@@ -160,12 +160,12 @@ def test_growth_profiles_pair_the_seeds_of_the_variants(tmp_path):
 
 
 def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
-    """Every run of docs/compare/run_issue15.sh parses and resolves as a fine-tune run, every
+    """Every run of scripts/compare/run_issue15.sh parses and resolves as a fine-tune run, every
     variant has seeds 0..n-1 on both tasks, and no two variants share a folder."""
     from increlora_fast.cli.finetune import add_arguments, settings_from_args
     from increlora_fast.training.settings import resolve
 
-    script = Path(__file__).resolve().parents[1] / "docs" / "compare" / "run_issue15.sh"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare" / "run_issue15.sh"
     env = dict(os.environ, DRY_RUN="1", ROOT=str(tmp_path / "runs"), SEEDS_CONTROLS="8",
                SEEDS_OPTIONS="5", SEEDS_OTHER="3")
     lines = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True,

@@ -2,7 +2,7 @@
 
 A run is a folder holding the ``metrics.json`` of one ``increlora-fast finetune``; its variant is
 the name of the folder above it and its task the name of the folder above that
-(``<root>/<task>/<variant>/seed<k>/metrics.json``, as ``docs/compare/run_issue15.sh`` writes
+(``<root>/<task>/<variant>/seed<k>/metrics.json``, as ``scripts/compare/run_issue15.sh`` writes
 them, so a run on a data file of one's own has a readable task name); its seed comes from the
 metrics. Two
 variants are paired on (task, seed): with the same seed every method sees the same batches, so a
