@@ -171,6 +171,10 @@ run_queue() {
 table() {
   local name=$1 baseline=$2 metric
   shift 2
+  if ! compgen -G "$RESULTS/runs/*/$baseline/seed*/metrics.json" >/dev/null; then
+    echo "(table $name skipped: no runs of $baseline)" >&2
+    return
+  fi
   for metric in eval_accuracy eval_macro_f1; do
     python -m increlora_fast.training.compare_stats "$RESULTS/runs" --baseline "$baseline" \
       --metric $metric --out "$SUMMARY/${name}_$metric.md" \
