@@ -76,13 +76,13 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
     """Run the comparison; writes ``compare.json`` and ``compare.md`` and returns the results.
 
     ``overwrite`` lets a run replace unfinished leftovers in its own folder."""
+    out = check_output_path(output_dir)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
     if not lrs or any(lr <= 0 for lr in lrs):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
     for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
         validate(dataclasses.replace(base, method=method))
-    out = check_output_path(output_dir)
     with OutputLock(out, shared=True):
         check_writable(out)
         return _compare(base, methods, lrs, seeds, out, progress, echo, overwrite)

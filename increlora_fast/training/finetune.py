@@ -197,7 +197,19 @@ def _matplotlib_available(missing: str) -> bool:
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, labels.json (label id -> name), and for
     rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
-    rank against the step."""
+    rank against the step.
+
+    Raises:
+        OutputWriteError: a file could not be written (e.g. the disk is full), naming ``out``.
+    """
+    try:
+        _write_outputs(out, run, metrics)
+    except OSError as err:
+        raise OutputWriteError(err.errno, f"cannot write the outputs into {out}: "
+                                          f"{describe_os_error(err)}") from err
+
+
+def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     run.save_artifacts(out)
     names = metrics.get("label_names") or []
     (out / LABELS_FILE).write_text(json.dumps(
