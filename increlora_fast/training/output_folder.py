@@ -33,6 +33,9 @@ LEFTOVER = re.compile(
     rf"^(?:\.{CHECKPOINT_PREFIX}\d+{re.escape(DELETING_SUFFIX)}|{CHECKPOINT_PREFIX}\d+\.tmp"
     rf"|\.(?:{'|'.join(re.escape(n) for n in RUN_FILES)})\.\w+\.tmp|\.write-test\.\w+)$")
 
+# `save_pretrained` of a large full fine-tune: model.safetensors split in shards and an index
+SHARDS = re.compile(r"^model(?:-\d+-of-\d+\.safetensors|\.safetensors\.index\.json)$")
+
 
 def staging_dir(out: Path, pid: int) -> Path:
     """Where an ``--overwrite`` run of process ``pid`` writes until it has succeeded."""
@@ -51,6 +54,14 @@ def _tagged(out: Path, tag: str) -> List[Tuple[Path, int]]:
         return []
     found = [(p, pattern.match(p.name)) for p in out.parent.iterdir()]
     return sorted((p, int(m.group(1))) for p, m in found if m and p.is_dir())
+
+
+def _foreign(out: Path, earlier: List[str]) -> List[str]:
+    """Entries of ``out`` that no run writes: neither `outputs.RUN_FILES`, checkpoints, the
+    shards of a saved full model, nor the model card peft writes beside an adapter."""
+    card = {"README.md"} if "adapter_config.json" in earlier else set()
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in earlier and p.name not in card and not SHARDS.match(p.name))
 
 
 def recover_leftovers(out: Path, echo: Callable[[str], None]) -> None:
@@ -124,7 +135,7 @@ def claim_output_dir(output_dir: str, overwrite: bool = False, resume: Optional[
         if not (overwrite and earlier):
             yield out
             return
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in earlier)
+        foreign = _foreign(out, earlier)
         if foreign:
             raise ValueError(f"--output-dir {out} holds files that are not a run's outputs ("
                              f"{', '.join(foreign[:6])}); --overwrite replaces the whole folder: "

@@ -62,6 +62,7 @@ class OutputLock:
         mode = fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX
         while True:
             try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as err:
                 raise ValueError(f"{self.option} {self.folder} is not writable: cannot create "
