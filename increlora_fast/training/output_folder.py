@@ -3,12 +3,14 @@
 
 With ``--overwrite`` and an earlier run in ``OUT``, the new run writes everything (checkpoints,
 adapter, metrics) into ``OUT.new-<pid>`` beside it. When the run has succeeded, ``OUT`` is
-renamed to ``OUT.old-<pid>``, ``OUT.new-<pid>`` to ``OUT``, and ``OUT.old-<pid>`` is deleted. The
-next run into ``OUT`` (holding its lock, so no live run owns these names) finishes an interrupted
-swap: ``OUT`` missing with both folders present means the new run had succeeded, so the swap is
-completed; ``OUT`` missing without ``OUT.new-<pid>`` means the earlier run is restored. A new
-run's partial work left by an interruption or failure stays in ``OUT.new-<pid>`` when it holds
-checkpoints (it is named in a note on every later run, never deleted) and is removed otherwise.
+renamed to ``.OUT.increlora-fast-old-<pid>`` (a name no one else uses, as it is deleted unasked),
+``OUT.new-<pid>`` to ``OUT``, and the old one is deleted. The next run into ``OUT`` (holding its
+lock, so no live run owns these names) finishes an interrupted swap: ``OUT`` missing with both
+folders present means the new run had succeeded, so the swap is completed; ``OUT`` missing
+without ``OUT.new-<pid>`` means the earlier run is restored. A new run's partial work left by an
+interruption or failure stays in ``OUT.new-<pid>`` when it holds checkpoints (it is named in a
+note on every later run, never deleted) and is removed otherwise. ``OUT`` is resolved first: a
+symbolic link to the folder is not what gets swapped.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .outputs import (CHECKPOINT_PREFIX, RUN_FILES, OutputWriteError, check_outp
                       check_writable, describe_os_error, prepare_output_dir, run_files)
 
 STAGING_TAG = ".new-"
-TRASH_TAG = ".old-"
+TRASH_TAG = ".increlora-fast-old-"
 # Left in a folder by an interrupted write of this package: a checkpoint being deleted
 # (`checkpoint.remove_checkpoint`) or written (``checkpoint-<step>.tmp``), an atomic write of
 # a run file (``.<name>.<random>.tmp``), the writability probe of `outputs.check_writable`.
@@ -44,12 +46,12 @@ def staging_dir(out: Path, pid: int) -> Path:
 
 def trash_dir(out: Path, pid: int) -> Path:
     """Where the earlier run goes during the swap, deleted right after."""
-    return out.with_name(f"{out.name}{TRASH_TAG}{pid}")
+    return out.with_name(f".{out.name}{TRASH_TAG}{pid}")
 
 
-def _tagged(out: Path, tag: str) -> List[Tuple[Path, int]]:
-    """The folders beside ``out`` named ``<out><tag><pid>``, with their pids."""
-    pattern = re.compile(re.escape(out.name + tag) + r"(\d+)$")
+def _tagged(out: Path, tag: str, hidden: bool = False) -> List[Tuple[Path, int]]:
+    """The folders beside ``out`` named ``[.]<out><tag><pid>``, with their pids."""
+    pattern = re.compile(re.escape(("." if hidden else "") + out.name + tag) + r"(\d+)$")
     if not out.parent.is_dir():
         return []
     found = [(p, pattern.match(p.name)) for p in out.parent.iterdir()]
@@ -67,7 +69,7 @@ def _foreign(out: Path, earlier: List[str]) -> List[str]:
 def recover_leftovers(out: Path, echo: Callable[[str], None]) -> None:
     """With ``out``'s lock held: finish an interrupted swap, name kept partial runs, and delete
     what interrupted checkpoint rotations and atomic writes left in ``out``."""
-    for trash, pid in _tagged(out, TRASH_TAG):
+    for trash, pid in _tagged(out, TRASH_TAG, hidden=True):
         if not out.exists():
             stage = staging_dir(out, pid)
             if not stage.is_dir():
@@ -127,17 +129,18 @@ def claim_output_dir(output_dir: str, overwrite: bool = False, resume: Optional[
         ValueError: the folder is refused (see `outputs.prepare_output_dir`, `OutputLock`), or
             ``overwrite`` would delete entries no run of this package writes.
     """
-    out = check_output_path(output_dir)
+    given = check_output_path(output_dir)
+    out = given.resolve()  # a swap renames the folder itself, not a link to it
     with OutputLock(out):
         recover_leftovers(out, echo)
         prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
         earlier = run_files(out)
         if not (overwrite and earlier):
-            yield out
+            yield given
             return
         foreign = _foreign(out, earlier)
         if foreign:
-            raise ValueError(f"--output-dir {out} holds files that are not a run's outputs ("
+            raise ValueError(f"--output-dir {given} holds files that are not a run's outputs ("
                              f"{', '.join(foreign[:6])}); --overwrite replaces the whole folder: "
                              "move them out or choose another folder")
         stage = staging_dir(out, os.getpid())
