@@ -103,18 +103,13 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
     return directory
 
 
-def deleting_name(directory: Path) -> Path:
-    """Where `remove_checkpoint` moves ``directory`` before deleting it."""
-    return directory.with_name(f".{directory.name}{DELETING_SUFFIX}")
-
-
 def remove_checkpoint(directory: Path) -> None:
     """Delete a checkpoint folder (if present) so that an interruption never leaves a half
     ``checkpoint-<step>``: it is renamed to ``.checkpoint-<step>.deleting`` first, which the
     next run into the folder finishes deleting (`output_folder.recover_leftovers`)."""
     if not directory.is_dir():
         return
-    doomed = deleting_name(directory)
+    doomed = directory.with_name(f".{directory.name}{DELETING_SUFFIX}")
     os.replace(directory, doomed)
     shutil.rmtree(doomed)
 

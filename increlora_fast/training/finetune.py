@@ -248,7 +248,8 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         save_steps: write a checkpoint every this many steps (0: never); only the newest this run
             wrote is kept.
         progress: show a tqdm bar.
-        echo: receives a one-line description of the run before training starts.
+        echo: receives a one-line description of the run before training starts, and notes
+            about the output folder (what interrupted runs left there, a partial run kept).
         overwrite: replace another run in ``output_dir`` (otherwise refused), once this one
             has succeeded.
 
