@@ -118,9 +118,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
-                     help="refused when it holds another run's files, unless --overwrite")
+                     help="locked for the run; refused when another run is using it, or when "
+                          "it holds another run's files, unless --overwrite")
     run.add_argument("--overwrite", action="store_true",
-                     help="replace another run's outputs and checkpoints in --output-dir")
+                     help="replace the run in --output-dir (outputs and checkpoints) once this "
+                          "one has succeeded; until then it writes into <output-dir>.new-<pid>")
     run.add_argument("--save-steps", type=int, default=100,
                      help="write a resumable checkpoint-<step> every N steps (0: never)")
     run.add_argument("--resume", metavar="DIR",

@@ -35,6 +35,7 @@ SETTINGS_FILE = "settings.json"
 STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = "increlora_fast.trainer_state"
 STATE_VERSION = 2
+DELETING_SUFFIX = ".deleting"
 
 
 class CheckpointWriteError(OSError):
@@ -97,10 +98,20 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if directory.exists():
-        shutil.rmtree(directory)
+    remove_checkpoint(directory)
     os.replace(tmp, directory)
     return directory
+
+
+def remove_checkpoint(directory: Path) -> None:
+    """Delete a checkpoint folder (if present) so that an interruption never leaves a half
+    ``checkpoint-<step>``: it is renamed to ``.checkpoint-<step>.deleting`` first, which the
+    next run into the folder finishes deleting (`output_folder.recover_leftovers`)."""
+    if not directory.is_dir():
+        return
+    doomed = directory.with_name(f".{directory.name}{DELETING_SUFFIX}")
+    os.replace(directory, doomed)
+    shutil.rmtree(doomed)
 
 
 def _verified_envelope(directory: Path) -> Dict:

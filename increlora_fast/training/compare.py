@@ -8,6 +8,11 @@ Runs already finished in the output folder with the same resolved settings are r
 interrupted comparison continues where it stopped, and methods can be run by separate processes
 (``--methods lora`` in one, ``--methods adalora`` in another) before one full ``--compare``
 writes the table. A finished run with other settings is never overwritten.
+
+The comparison holds a shared lock on its output folder (`output_lock.OutputLock`): several
+comparisons may run into one folder at once (e.g. one per method), a plain run into it is
+refused while they do, and each method/lr/seed run folder is locked by its own run, so a second
+process reaching a run that is still training is refused at once, naming the process.
 """
 from __future__ import annotations
 
@@ -17,8 +22,10 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
+from ..persistence import atomic_write_bytes
 from .finetune import DATA_FILE_KEYS, load_data, run_finetune, with_data_identity
-from .outputs import METRICS_FILE, check_writable
+from .output_lock import OutputLock
+from .outputs import METRICS_FILE, check_output_path, check_writable
 from .settings import METHODS, RunSettings, resolve, validate
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
@@ -69,14 +76,21 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
     """Run the comparison; writes ``compare.json`` and ``compare.md`` and returns the results.
 
     ``overwrite`` lets a run replace unfinished leftovers in its own folder."""
+    out = check_output_path(output_dir)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
     if not lrs or any(lr <= 0 for lr in lrs):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
     for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
         validate(dataclasses.replace(base, method=method))
-    out = Path(output_dir)
-    check_writable(out)
+    with OutputLock(out, shared=True):
+        check_writable(out)
+        return _compare(base, methods, lrs, seeds, out, progress, echo, overwrite)
+
+
+def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], seeds: int,
+             out: Path, progress: bool, echo: Callable[[str], None], overwrite: bool) -> Dict:
+    """`compare_methods` with its folder locked."""
     base = with_data_identity(base)
     train_size = len(load_data(base).train)
     results: Dict[str, Dict] = {}
@@ -110,10 +124,10 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
     common = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr")}
     report = {"task": per_seed[0]["task"], "seeds": seeds, "lrs": list(lrs), "common": common,
               "methods": results}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_JSON).write_text(json.dumps(report, indent=2, sort_keys=True))
+    # atomic: comparisons sharing the folder may write these at the same time
+    atomic_write_bytes(out / RESULTS_JSON, json.dumps(report, indent=2, sort_keys=True).encode())
     table = format_table(report)
-    (out / RESULTS_TABLE).write_text(table + "\n")
+    atomic_write_bytes(out / RESULTS_TABLE, (table + "\n").encode())
     return report
 
 

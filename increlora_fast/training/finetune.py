@@ -4,9 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -18,14 +16,17 @@ import torch
 from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS
 from ..data.files import file_sha256
+from ..persistence import atomic_write_bytes
 from .batches import Batches
-from .checkpoint import load_checkpoint, read_checkpoint_settings, save_checkpoint
+from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
+                         save_checkpoint)
 from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
 from .loop import LoopState, evaluate, train_loop
 from .methods import MethodRun
 from .registry import build_method
-from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, prepare_output_dir,
-                      remove_stale_outputs)
+from .output_folder import claim_output_dir
+from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
+                      describe_os_error)
 from .settings import RunSettings, resolve, validate
 from .step_runner import resolve_cuda_graphs
 
@@ -174,11 +175,7 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
             name = f"{CHECKPOINT_PREFIX}{state.step}"
             save_checkpoint(out / name, run, s, state)
             for old in [w for w in written if w != name]:
-                if (out / old).is_dir():
-                    # renamed first: an interrupted delete leaves no half checkpoint-<step>
-                    doomed = out / f".{old}.deleting"
-                    os.replace(out / old, doomed)
-                    shutil.rmtree(doomed)
+                remove_checkpoint(out / old)
                 written.remove(old)
             if name not in written:
                 written.append(name)
@@ -200,7 +197,19 @@ def _matplotlib_available(missing: str) -> bool:
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, labels.json (label id -> name), and for
     rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
-    rank against the step."""
+    rank against the step.
+
+    Raises:
+        OutputWriteError: a file could not be written (e.g. the disk is full), naming ``out``.
+    """
+    try:
+        _write_outputs(out, run, metrics)
+    except OSError as err:
+        raise OutputWriteError(err.errno, f"cannot write the outputs into {out}: "
+                                          f"{describe_os_error(err)}") from err
+
+
+def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     run.save_artifacts(out)
     names = metrics.get("label_names") or []
     (out / LABELS_FILE).write_text(json.dumps(
@@ -221,7 +230,8 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
             save_rank_over_time({name: run.config.init_r for name in pattern},
                                 run.allocation_log(), out / RANK_OVER_TIME_FILE,
                                 last_step=metrics.get("steps"))
-    (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    # atomic: `--compare` reads a run's metrics.json to reuse it, maybe while it is written
+    atomic_write_bytes(out / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
 
 
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
@@ -231,21 +241,29 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
 
     Args:
         settings: the run; ignored in favour of the checkpoint's own when ``resume`` is given.
-        output_dir: created if missing, and checked before anything is loaded (see
-            `outputs.prepare_output_dir`).
+        output_dir: created if missing, locked for the run and checked before anything is
+            loaded (see `output_folder.claim_output_dir`).
         resume: a ``checkpoint-<step>`` folder written by an earlier run; its files and the
             data files it names are verified first.
         save_steps: write a checkpoint every this many steps (0: never); only the newest this run
             wrote is kept.
         progress: show a tqdm bar.
-        echo: receives a one-line description of the run before training starts.
-        overwrite: replace another run's files in ``output_dir`` (otherwise refused).
+        echo: receives a one-line description of the run before training starts, and notes
+            about the output folder (what interrupted runs left there, a partial run kept).
+        overwrite: replace another run in ``output_dir`` (otherwise refused), once this one
+            has succeeded.
 
     Raises:
         TrainingDivergedError: non-finite parameters or evaluation loss; nothing is written.
     """
+    with claim_output_dir(output_dir, overwrite=overwrite, resume=resume, echo=echo) as out:
+        return _run_into(out, settings, resume, save_steps, progress, echo)
+
+
+def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_steps: int,
+              progress: bool, echo: Callable[[str], None]) -> Dict:
+    """`run_finetune` inside the folder it claimed."""
     t_start = time.perf_counter()
-    out = prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
     if resume:
         settings = read_checkpoint_settings(Path(resume))
         check_data_identity(settings, str(Path(resume) / "settings.json"))
@@ -293,8 +311,5 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         "resumed_from": str(resume) if resume else None,
     })
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
-    if overwrite:
-        # the run succeeded: the earlier run's outputs give way (none of another method stays)
-        remove_stale_outputs(out, written=written, keep=[Path(resume)] if resume else [])
     write_outputs(out, run, metrics)
     return metrics

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterable, List, Optional
+from typing import List, Optional
 
 CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.json"
@@ -38,6 +37,24 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def check_output_path(directory: str, option: str = "--output-dir") -> Path:
+    """``directory`` as a Path, refused (ValueError) when it is empty, the root, a file, or
+    under a file: before any lock, data or model."""
+    if not str(directory).strip():
+        raise ValueError(f"{option} is empty: give a folder (e.g. {option} outputs/run)")
+    out = Path(directory)
+    if not out.resolve().name:
+        raise ValueError(f"{option} {directory} is the root folder: give a folder below it")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {out} is a file, not a folder: choose a folder")
+    for above in out.resolve().parents:
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{option} {out} is not writable: {above} is a file")
+            break
+    return out
+
+
 def check_writable(directory: Path, option: str = "--output-dir") -> None:
     """Create ``directory`` if missing and prove a file can be written there (ValueError if not)."""
     if directory.exists() and not directory.is_dir():
@@ -61,13 +78,11 @@ def prepare_output_dir(output_dir: str, overwrite: bool = False,
             ``overwrite`` is set nor ``resume`` lies inside it; or it is (inside) the checkpoint
             being resumed, which the run would overwrite.
     """
-    out = Path(output_dir)
+    out = check_output_path(output_dir)
     if resume is not None and _inside(out, Path(resume)):
         raise ValueError(f"--output-dir {out} is the checkpoint being resumed (--resume {resume}):"
                          " its files would be replaced by the final outputs; write into its run "
                          f"folder ({Path(resume).resolve().parent}) or another folder")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--output-dir {out} is a file, not a folder: choose a folder")
     present = run_files(out)
     resuming_here = resume is not None and _inside(Path(resume), out)
     if present and not overwrite and not resuming_here:
@@ -80,19 +95,11 @@ def prepare_output_dir(output_dir: str, overwrite: bool = False,
     return out
 
 
-def remove_stale_outputs(out: Path, written: Iterable[str], keep: Iterable[Path] = ()) -> None:
-    """With ``--overwrite``, once the new run has succeeded: remove the earlier run's outputs
-    and checkpoints (all but ``written``, this run's checkpoints, and ``keep``) so that the
-    folder describes one run only (no other method's heatmap left beside a new adapter)."""
-    written, keep = set(written), {p.resolve() for p in keep}
-    for name in run_files(out):
-        path = out / name
-        if name in written or path.resolve() in keep:
-            continue
-        if path.is_dir():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+class OutputWriteError(OSError):
+    """The outputs could not be written (e.g. the disk is full); the message names the folder."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def describe_os_error(err: OSError) -> str:

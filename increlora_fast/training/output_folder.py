@@ -1,0 +1,156 @@
+"""Claiming an output folder for one run: its lock, leftovers of interrupted runs, and
+`--overwrite` as a swap that happens only once the new run has succeeded.
+
+With ``--overwrite`` and an earlier run in ``OUT``, the new run writes everything (checkpoints,
+adapter, metrics) into ``OUT.new-<pid>`` beside it. When the run has succeeded, ``OUT`` is
+renamed to ``.OUT.increlora-fast-old-<pid>`` (a name no one else uses, as it is deleted unasked),
+``OUT.new-<pid>`` to ``OUT``, and the old one is deleted. The next run into ``OUT`` (holding its
+lock, so no live run owns these names) finishes an interrupted swap: ``OUT`` missing with both
+folders present means the new run had succeeded, so the swap is completed; ``OUT`` missing
+without ``OUT.new-<pid>`` means the earlier run is restored. A new run's partial work left by an
+interruption or failure stays in ``OUT.new-<pid>`` when it holds checkpoints (it is named in a
+note on every later run, never deleted) and is removed otherwise. ``OUT`` is resolved first: a
+symbolic link to the folder is not what gets swapped.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional, Tuple
+
+from .checkpoint import DELETING_SUFFIX
+from .output_lock import OutputLock
+from .outputs import (CHECKPOINT_PREFIX, RUN_FILES, OutputWriteError, check_output_path,
+                      check_writable, describe_os_error, prepare_output_dir, run_files)
+
+STAGING_TAG = ".new-"
+TRASH_TAG = ".increlora-fast-old-"
+# Left in a folder by an interrupted write of this package: a checkpoint being deleted
+# (`checkpoint.remove_checkpoint`) or written (``checkpoint-<step>.tmp``), an atomic write of
+# a run file (``.<name>.<random>.tmp``), the writability probe of `outputs.check_writable`.
+LEFTOVER = re.compile(
+    rf"^(?:\.{CHECKPOINT_PREFIX}\d+{re.escape(DELETING_SUFFIX)}|{CHECKPOINT_PREFIX}\d+\.tmp"
+    rf"|\.(?:{'|'.join(re.escape(n) for n in RUN_FILES)})\.\w+\.tmp|\.write-test\.\w+)$")
+
+# `save_pretrained` of a large full fine-tune: model.safetensors split in shards and an index
+SHARDS = re.compile(r"^model(?:-\d+-of-\d+\.safetensors|\.safetensors\.index\.json)$")
+
+
+def staging_dir(out: Path, pid: int) -> Path:
+    """Where an ``--overwrite`` run of process ``pid`` writes until it has succeeded."""
+    return out.with_name(f"{out.name}{STAGING_TAG}{pid}")
+
+
+def trash_dir(out: Path, pid: int) -> Path:
+    """Where the earlier run goes during the swap, deleted right after."""
+    return out.with_name(f".{out.name}{TRASH_TAG}{pid}")
+
+
+def _tagged(out: Path, tag: str, hidden: bool = False) -> List[Tuple[Path, int]]:
+    """The folders beside ``out`` named ``[.]<out><tag><pid>``, with their pids."""
+    pattern = re.compile(re.escape(("." if hidden else "") + out.name + tag) + r"(\d+)$")
+    if not out.parent.is_dir():
+        return []
+    found = [(p, pattern.match(p.name)) for p in out.parent.iterdir()]
+    return sorted((p, int(m.group(1))) for p, m in found if m and p.is_dir())
+
+
+def _foreign(out: Path, earlier: List[str]) -> List[str]:
+    """Entries of ``out`` that no run writes: neither `outputs.RUN_FILES`, checkpoints, the
+    shards of a saved full model, nor the model card peft writes beside an adapter."""
+    card = {"README.md"} if "adapter_config.json" in earlier else set()
+    return sorted(p.name for p in out.iterdir()
+                  if p.name not in earlier and p.name not in card and not SHARDS.match(p.name))
+
+
+def recover_leftovers(out: Path, echo: Callable[[str], None]) -> None:
+    """With ``out``'s lock held: finish an interrupted swap, name kept partial runs, and delete
+    what interrupted checkpoint rotations and atomic writes left in ``out``."""
+    for trash, pid in _tagged(out, TRASH_TAG, hidden=True):
+        if not out.exists():
+            stage = staging_dir(out, pid)
+            if not stage.is_dir():
+                os.rename(trash, out)
+                echo(f"note: {out}: restored the earlier run from {trash.name} (an --overwrite "
+                     "swap was interrupted)")
+                continue
+            os.rename(stage, out)
+            echo(f"note: {out}: completed the interrupted swap of an --overwrite run that had "
+                 f"succeeded (pid {pid})")
+        shutil.rmtree(trash)
+    for stage, pid in _tagged(out, STAGING_TAG):
+        echo(f"note: {stage} holds the partial work of an interrupted --overwrite run into "
+             f"{out} (pid {pid}); it is kept: --resume one of its checkpoints, or delete it")
+    if out.is_dir():
+        for path in out.iterdir():
+            if LEFTOVER.match(path.name):
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _set_aside(stage: Path, out: Path, echo: Callable[[str], None]) -> None:
+    """After a failed or interrupted ``--overwrite`` run: keep its checkpoints apart, or remove
+    the staging folder when it holds none."""
+    kept = sorted(p.name for p in stage.glob(f"{CHECKPOINT_PREFIX}*")
+                  if p.is_dir() and not LEFTOVER.match(p.name))
+    if kept:
+        echo(f"note: {out} still holds the earlier run; the new run's partial work is kept "
+             f"apart in {stage} ({', '.join(kept)}; --resume to continue it)")
+    else:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def swap_in(stage: Path, out: Path) -> None:
+    """Replace ``out`` by ``stage`` (see the module docstring for the recovery)."""
+    trash = trash_dir(out, os.getpid())
+    try:
+        os.rename(out, trash)
+        os.rename(stage, out)
+        shutil.rmtree(trash)
+    except OSError as err:
+        raise OutputWriteError(err.errno, f"cannot swap the new run {stage} into {out}: "
+                                          f"{describe_os_error(err)}; the next run into {out} "
+                                          "completes the swap") from err
+
+
+@contextmanager
+def claim_output_dir(output_dir: str, overwrite: bool = False, resume: Optional[str] = None,
+                     echo: Callable[[str], None] = print) -> Iterator[Path]:
+    """Hold ``output_dir`` for one run and yield the folder the run writes into.
+
+    The folder is locked for the whole run (`output_lock.OutputLock`: a second run is refused
+    at once), leftovers of interrupted runs are finished (`recover_leftovers`), then it is
+    checked (`outputs.prepare_output_dir`). With ``overwrite`` and an earlier run in it, the
+    yielded folder is ``<output_dir>.new-<pid>``, swapped in only when the body returns.
+
+    Raises:
+        ValueError: the folder is refused (see `outputs.prepare_output_dir`, `OutputLock`), or
+            ``overwrite`` would delete entries no run of this package writes.
+    """
+    given = check_output_path(output_dir)
+    out = given.resolve()  # a swap renames the folder itself, not a link to it
+    with OutputLock(out):
+        recover_leftovers(out, echo)
+        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+        earlier = run_files(out)
+        if not (overwrite and earlier):
+            yield given
+            return
+        foreign = _foreign(out, earlier)
+        if foreign:
+            raise ValueError(f"--output-dir {given} holds files that are not a run's outputs ("
+                             f"{', '.join(foreign[:6])}); --overwrite replaces the whole folder: "
+                             "move them out or choose another folder")
+        stage = staging_dir(out, os.getpid())
+        if stage.exists():
+            raise ValueError(f"--overwrite: {stage} exists (an earlier run's partial work); "
+                             "delete it or choose another folder")
+        check_writable(stage, option="--overwrite staging folder")
+        try:
+            yield stage
+        except BaseException:
+            _set_aside(stage, out, echo)
+            raise
+        swap_in(stage, out)

@@ -1,0 +1,252 @@
+"""One run per output folder, and `--overwrite` that never loses the earlier run (issue 28 items
+1 and 2): real processes and signals for the lock and the interruptions, a patched write for the
+full disk, and hand-made leftovers for what a killed process leaves between two renames."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, List
+
+import pytest
+
+from finetune_helpers import cli, tiny_files
+from test_output_safety import _one_error_line, args, digests
+
+from increlora_fast.training.output_folder import staging_dir, trash_dir
+from increlora_fast.training.output_lock import OutputLock, lock_path
+
+REPO = Path(__file__).resolve().parents[1]
+HOLD_LOCK = ("import sys, time\nfrom pathlib import Path\n"
+             "from increlora_fast.training.output_lock import OutputLock\n"
+             "OutputLock(Path(sys.argv[1]), shared=sys.argv[2] == 'shared').acquire()\n"
+             "print('held', flush=True)\ntime.sleep(300)\n")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=24)
+
+
+def start(cmd: List[str], log: Path) -> subprocess.Popen:
+    """``cmd`` (after the python executable) as a child process; stdout and stderr go to
+    ``log`` and ``log``.err."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.Popen([sys.executable, *cmd], env=env, cwd=REPO,
+                            stdout=log.open("w"), stderr=log.with_suffix(".err").open("w"),
+                            # a child of a background job inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def wait_for(ready: Callable[[], bool], proc: subprocess.Popen, log: Path,
+             timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the child exited ({proc.returncode}) first: "
+                        f"{log.with_suffix('.err').read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the child did not get there in time")
+        time.sleep(0.1)
+
+
+def stop(proc: subprocess.Popen, sig: int) -> int:
+    proc.send_signal(sig)
+    return proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tiny, tmp_path_factory) -> dict:
+    """Two finished runs to copy into test folders: ``a`` (with a checkpoint-2), and ``b``, the
+    same outputs with other metrics."""
+    root = tmp_path_factory.mktemp("runs")
+    assert cli(args(tiny, root / "a", "--save-steps", "2")) == 0
+    shutil.copytree(root / "a", root / "b", ignore=shutil.ignore_patterns("checkpoint-*"))
+    (root / "b" / "metrics.json").write_text('{"method": "b"}')
+    return {"a": root / "a", "b": root / "b"}
+
+
+def test_a_second_run_is_refused_at_once_and_a_killed_runs_lock_is_taken_over(
+        tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    log = tmp_path / "first.log"
+    first = start(["-m", "increlora_fast", "finetune",
+                   *args(tiny, out, "--save-steps", "2", steps=5000)], log)
+    try:
+        wait_for(lambda: any(out.glob("checkpoint-*")), first, log)
+        t0 = time.monotonic()
+        assert cli(args(tiny, out, "--overwrite")) == 2  # not even --overwrite gets in
+        assert time.monotonic() - t0 < 10  # before any data or model is loaded
+        line = _one_error_line(capsys)
+        assert f"--output-dir {out} is in use by another run" in line
+        assert f"pid {first.pid} on host {socket.gethostname()}" in line
+    finally:
+        stop(first, signal.SIGKILL)
+    assert lock_path(out).exists()  # the killed run could not remove it
+    assert cli(args(tiny, out, "--overwrite")) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 4
+    assert not lock_path(out).exists()
+    assert not list(tmp_path.glob("run.*"))
+
+
+def test_sigint_during_overwrite_leaves_the_earlier_run_whole_and_the_new_one_apart(
+        tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    before = digests(out)
+    log = tmp_path / "second.log"
+    second = start(["-m", "increlora_fast", "finetune",
+                    *args(tiny, out, "--method", "lora", "--overwrite", "--save-steps", "2",
+                          steps=5000)], log)
+    stage = staging_dir(out, second.pid)
+    try:
+        wait_for(lambda: (stage / "checkpoint-4").is_dir(), second, log)
+    finally:
+        assert stop(second, signal.SIGINT) != 0
+    assert digests(out) == before
+    kept = [p.name for p in stage.glob("checkpoint-*") if p.is_dir()]
+    assert kept and f"partial work is kept apart in {stage}" in log.read_text()
+    capsys.readouterr()
+    assert cli(args(tiny, out)) == 2  # the earlier run is still there to refuse a new one
+    assert f"note: {stage} holds the partial work of an interrupted --overwrite run" in \
+        capsys.readouterr().out
+    assert digests(out) == before and stage.is_dir()
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "overwrite"])
+def test_a_full_disk_at_the_final_write_names_the_folder_and_keeps_the_earlier_run(
+        tiny, tmp_path, capsys, monkeypatch, fresh):
+    from increlora_fast.training import finetune
+
+    out = tmp_path / "run"
+    if not fresh:
+        assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    before = digests(out) if not fresh else None
+    real = finetune.atomic_write_bytes
+
+    def full_at_metrics(path: Path, data: bytes) -> None:
+        if path.name == "metrics.json":  # the adapter and labels are written by then
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(finetune, "atomic_write_bytes", full_at_metrics)
+    capsys.readouterr()
+    assert cli(args(tiny, out, *(() if fresh else ("--overwrite",)))) == 1
+    line = _one_error_line(capsys)
+    assert "no space left on the device" in line and f"into {out}" in line
+    if not fresh:
+        assert digests(out) == before
+        assert not list(tmp_path.glob("run.*"))  # no checkpoint: nothing kept apart
+
+
+def test_overwrite_can_resume_a_checkpoint_of_the_run_it_replaces(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    assert cli(["--resume", str(out / "checkpoint-2"), "--output-dir", str(out), "--overwrite",
+                "--no-progress", "--save-steps", "0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["resumed_from"] == str(out / "checkpoint-2")
+    assert not (out / "checkpoint-2").exists()  # the whole earlier run was replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("killed", ["between_renames", "after_first_rename_of_a_lost_stage",
+                                    "before_deleting_the_old_run"])
+def test_the_next_run_finishes_an_interrupted_swap(tiny, two_runs, tmp_path, capsys,
+                                                   killed):
+    out = tmp_path / "run"
+    old, new = trash_dir(out, 77), staging_dir(out, 77)
+    shutil.copytree(two_runs["a"], old)
+    if killed == "between_renames":
+        shutil.copytree(two_runs["b"], new)
+    elif killed == "before_deleting_the_old_run":
+        shutil.copytree(two_runs["b"], out)
+    expected = digests(two_runs["a" if killed.startswith("after_first") else "b"])
+    assert cli(args(tiny, out)) == 2  # refused: the folder holds a run, once recovered
+    assert digests(out) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_next_run_removes_leftovers_of_interrupted_cleanups(tiny, two_runs, tmp_path,
+                                                                capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_runs["a"], out)
+    expected = digests(out)
+    shutil.copytree(out / "checkpoint-2", out / ".checkpoint-6.deleting")
+    shutil.copytree(out / "checkpoint-2", out / "checkpoint-8.tmp")
+    (out / ".metrics.json.k2j4x9ab.tmp").write_text("{")
+    assert cli(args(tiny, out)) == 2
+    assert digests(out) == expected and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_overwrite_refuses_to_delete_files_no_run_wrote(tiny, two_runs, tmp_path,
+                                                        capsys):
+    out = tmp_path / "run"
+    shutil.copytree(two_runs["a"], out)
+    (out / "notes.txt").write_text("mine")
+    before = digests(out)
+    assert cli(args(tiny, out, "--overwrite")) == 2
+    line = _one_error_line(capsys)
+    assert "notes.txt" in line and "--overwrite replaces the whole folder" in line
+    assert digests(out) == before
+
+
+@pytest.mark.parametrize("extra", [(), ("--compare",)], ids=["finetune", "compare"])
+def test_an_empty_output_dir_is_one_error_line(tiny, tmp_path, capsys, monkeypatch,
+                                               extra):
+    monkeypatch.chdir(tmp_path)
+    argv = args(tiny, Path("x"), "--methods", "lora", *extra)
+    argv[argv.index("--output-dir") + 1] = ""
+    assert cli(argv) == 2
+    assert "--output-dir is empty" in _one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("mode", ["exclusive", "shared"])
+def test_the_lock_between_processes(tiny, tmp_path, capsys, mode):
+    from increlora_fast.training.compare import compare_methods
+    from increlora_fast.training.settings import RunSettings
+
+    folder = tmp_path / "out"
+    log = tmp_path / "holder.log"
+    holder = start(["-c", HOLD_LOCK, str(folder), mode], log)
+    try:
+        wait_for(lambda: "held" in log.read_text(), holder, log)
+        with pytest.raises(ValueError, match=f"pid {holder.pid} on host"):
+            OutputLock(folder).acquire()
+        # a run is refused while a comparison holds the folder, and the other way round
+        assert cli(args(tiny, folder)) == 2
+        assert f"{folder} is in use by another run (pid {holder.pid}" in _one_error_line(capsys)
+        settings = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
+                               eval_file=tiny["dev"])
+        if mode == "exclusive":
+            with pytest.raises(ValueError, match=f"in use by another run \\(pid {holder.pid}"):
+                compare_methods(settings, ["lora"], [1e-3], 1, str(folder), progress=False)
+        else:  # comparisons share a folder
+            with OutputLock(folder, shared=True):
+                pass
+            assert lock_path(folder).exists()  # the holder still has it
+    finally:
+        stop(holder, signal.SIGKILL)
+    with OutputLock(folder):  # the dead holder's lock is taken over
+        assert json.loads(lock_path(folder).read_text())["pid"] == os.getpid()
+    assert not lock_path(folder).exists()
+
+
+def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tiny, two_runs,
+                                                                             tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    shutil.copytree(two_runs["a"], real)
+    link.symlink_to(real)
+    assert cli(args(tiny, link, "--method", "lora", "--overwrite")) == 0
+    assert link.is_symlink() and not (real / "checkpoint-2").exists()
+    assert json.loads((real / "metrics.json").read_text())["method"] == "lora"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
