@@ -98,14 +98,13 @@ def _one_line(capsys, *needles: str) -> str:
     return lines[0]
 
 
-def _main(monkeypatch, argv):
+def _main(argv):
     from increlora_fast.cli.main import main
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main sets its own
     return main(argv)
 
 
 def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loading):
-    code = _main(monkeypatch, ["finetune", "--seed", "-1", "--output-dir", str(tmp_path / "o"),
+    code = _main(["finetune", "--seed", "-1", "--output-dir", str(tmp_path / "o"),
                                "--no-progress"])
     assert code == 2
     _one_line(capsys, "--seed -1", ">= 0")
@@ -113,7 +112,7 @@ def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loadin
 
 def test_swapped_columns_on_the_command_line(tmp_path, capsys, monkeypatch, no_model_loading):
     train = write_csv(tmp_path / "reviews.csv", sentiment_rows(120, seed=0))
-    code = _main(monkeypatch, ["finetune", "--train-file", str(train), "--text-column", "label",
+    code = _main(["finetune", "--train-file", str(train), "--text-column", "label",
                                "--label-column", "text", "--output-dir", str(tmp_path / "o"),
                                "--no-progress"])
     assert code == 2
@@ -121,7 +120,7 @@ def test_swapped_columns_on_the_command_line(tmp_path, capsys, monkeypatch, no_m
 
 
 def test_folder_as_train_file(tmp_path, capsys, monkeypatch, no_model_loading):
-    code = _main(monkeypatch, ["finetune", "--train-file", str(tmp_path), "--output-dir",
+    code = _main(["finetune", "--train-file", str(tmp_path), "--output-dir",
                                str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     _one_line(capsys, str(tmp_path), "is a folder")
@@ -142,12 +141,12 @@ def test_offline_glue_task_fails_at_once_in_one_line(capsys, monkeypatch, tmp_pa
     monkeypatch.setenv("INCRELORA_OFFLINE", "1")
     argv = ["finetune", "--task", "glue/mrpc", "--output-dir", str(tmp_path / "o"),
             "--no-progress"]
-    assert _main(monkeypatch, argv) == 2
+    assert _main(argv) == 2
     assert seen == [(True, True)]  # the hub clients were told to use their caches only
     assert (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE) == (False, False)
     _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "INCRELORA_OFFLINE")
     monkeypatch.delenv("INCRELORA_OFFLINE")  # no flag, no network: still one line
-    assert _main(monkeypatch, argv) == 2
+    assert _main(argv) == 2
     assert seen[-1] == (False, False)
     _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "ConnectionError")
 
@@ -165,7 +164,7 @@ def test_offline_hub_model_fails_at_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
     monkeypatch.setenv("INCRELORA_OFFLINE", "1")
     train = write_csv(tmp_path / "t.csv", sentiment_rows(40, seed=0))
-    code = _main(monkeypatch, ["finetune", "--model", "someorg/nomodel", "--train-file",
+    code = _main(["finetune", "--model", "someorg/nomodel", "--train-file",
                                str(train), "--output-dir", str(tmp_path / "o"), "--no-progress"])
     assert code == 2 and seen == [True] and hub_constants.HF_HUB_OFFLINE is False
     _one_line(capsys, "--model someorg/nomodel could not be loaded", "hub access is off")
@@ -181,7 +180,7 @@ def test_modules_to_save_without_the_head_adds_it(tmp_path, capsys, monkeypatch)
     out = tmp_path / "out"
     with pytest.warns(HeadAddedWarning, match="--modules-to-save pooler leaves out the "
                                               "classification head 'classifier'; it is added"):
-        code = _main(monkeypatch, [
+        code = _main([
             "finetune", "--model", str(model), "--train-file", str(train), "--batch-size", "8",
             "--max-seq-len", "16", "--max-steps", "2", "--no-progress", "--modules-to-save",
             "pooler", "--output-dir", str(out)])
@@ -211,14 +210,14 @@ def no_measuring(monkeypatch):
 def test_bench_arguments_are_checked_before_measuring(argv, needles, capsys, monkeypatch,
                                                       no_measuring):
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # bench sets it for cpu runs; undone afterwards
-    assert _main(monkeypatch, ["bench", "--csv", ""] + argv) == 2
+    assert _main(["bench", "--csv", ""] + argv) == 2
     _one_line(capsys, *needles)
 
 
 def test_bench_include_json_that_is_not_json_names_the_file(tmp_path, capsys, monkeypatch):
     bad = tmp_path / "notes.txt"
     bad.write_text("not json")
-    assert _main(monkeypatch, ["bench", "--report-only", "--include-json", str(bad),
+    assert _main(["bench", "--report-only", "--include-json", str(bad),
                                "--results-md", str(tmp_path / "R.md")]) == 2
     _one_line(capsys, f"--include-json {bad} is not JSON")
 
@@ -238,7 +237,7 @@ def no_memory_model(monkeypatch):
 ])
 def test_memory_arguments_are_checked_before_the_model(argv, needles, capsys, monkeypatch,
                                                        no_memory_model):
-    assert _main(monkeypatch, ["memory", "--model", "all-MiniLM-L6-v2"] + argv) == 2
+    assert _main(["memory", "--model", "all-MiniLM-L6-v2"] + argv) == 2
     _one_line(capsys, *needles)
 
 
@@ -254,7 +253,7 @@ def test_memory_offline_hub_id_uses_the_cache_only(capsys, monkeypatch):
 
     monkeypatch.setattr(memory, "build_spec", build_spec)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert _main(monkeypatch, ["memory", "--model", "someorg/nomodel"]) == 2
+    assert _main(["memory", "--model", "someorg/nomodel"]) == 2
     assert seen == [True]
     _one_line(capsys, "--model someorg/nomodel")
 
@@ -262,7 +261,7 @@ def test_memory_offline_hub_id_uses_the_cache_only(capsys, monkeypatch):
 def test_gpu_check_bad_device_is_one_line(tmp_path, capsys, monkeypatch):
     for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")  # gpu-check sets them; restored after the test
-    assert _main(monkeypatch, ["gpu-check", "--out", str(tmp_path / "c"), "--device", "tpu"]) == 2
+    assert _main(["gpu-check", "--out", str(tmp_path / "c"), "--device", "tpu"]) == 2
     _one_line(capsys, "--device 'tpu' is invalid")
 
 
@@ -276,7 +275,16 @@ def test_target_rank_above_r_max_blames_target_rank():
 
 def test_finetune_target_rank_above_r_max_before_loading(tmp_path, capsys, monkeypatch,
                                                          no_model_loading):
-    code = _main(monkeypatch, ["finetune", "--target-rank", "9", "--r-max", "4", "--output-dir",
+    code = _main(["finetune", "--target-rank", "9", "--r-max", "4", "--output-dir",
                                str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     _one_line(capsys, "--target-rank 9 is invalid", "--r-max (4)")
+
+
+def test_warnings_are_one_line_while_the_command_runs(tmp_path):
+    from increlora_fast.cli.main import _one_line_warning
+    assert _one_line_warning("f.csv spells 1 label(s) several ways", UserWarning, "f.py", 3) == \
+        "increlora-fast: warning: f.csv spells 1 label(s) several ways\n"
+    before = warnings.formatwarning
+    assert _main(["finetune", "--seed", "-1", "--output-dir", str(tmp_path / "o")]) == 2
+    assert warnings.formatwarning is before  # restored for whoever called main in-process

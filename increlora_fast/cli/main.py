@@ -37,10 +37,15 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the subcommand of ``argv`` (default: the command line); returns the exit code."""
+    """Run the subcommand of ``argv`` (default: the command line); returns the exit code.
+    Warnings print as one line each while it runs."""
+    saved = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
-    args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    try:
+        args = build_parser().parse_args(argv)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    finally:
+        warnings.formatwarning = saved
 
 
 if __name__ == "__main__":
