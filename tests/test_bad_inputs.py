@@ -110,6 +110,19 @@ def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loadin
     _one_line(capsys, "--seed -1", ">= 0")
 
 
+def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch,
+                                                          no_model_loading):
+    from increlora_fast.training import finetune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the bad input was refused")
+    monkeypatch.setattr(finetune, "load_task", refuse)
+    code = _main(["finetune", "--max-train-samples", "0", "--output-dir", str(tmp_path / "o"),
+                  "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--max-train-samples 0 is invalid", ">= 1")
+
+
 def test_swapped_columns_on_the_command_line(tmp_path, capsys, monkeypatch, no_model_loading):
     train = write_csv(tmp_path / "reviews.csv", sentiment_rows(120, seed=0))
     code = _main(["finetune", "--train-file", str(train), "--text-column", "label",
@@ -206,6 +219,9 @@ def no_measuring(monkeypatch):
     (["--quick", "--model-methods", "floor,nope"], ["--model-methods nope is invalid"]),
     (["--quick", "--models", "nope"], ["--models nope is invalid", "minilm-l6"]),
     (["--quick", "--notes", "missing-notes.md"], ["--notes missing-notes.md cannot be read"]),
+    (["--quick", "--batch-size", "0"], ["--batch-size 0 is invalid"]),
+    (["--quick", "--model-steps", "3", "--model-warmup-steps", "3"],
+     ["--model-warmup-steps 3 is invalid", "from 0 to --model-steps - 1 (2)"]),
 ])
 def test_bench_arguments_are_checked_before_measuring(argv, needles, capsys, monkeypatch,
                                                       no_measuring):

@@ -17,12 +17,13 @@ import json
 import os
 import shlex
 import sys
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from .checks import check_device, check_names
 
 if TYPE_CHECKING:
     from ..benchmarks.host_overhead import HostPlan
+    from ..benchmarks.plans import LayerPlan, ModelPlan
 
 DEFAULT_CSV = "bench/results.csv"
 DEFAULT_RESULTS_MD = "bench/RESULTS.md"
@@ -149,6 +150,13 @@ def _plans(args: argparse.Namespace):
     if layer.warmup < 0 or layer.repeats < 1:
         raise ValueError(f"--warmup={layer.warmup} must be >= 0 and --repeats={layer.repeats} "
                          ">= 1")
+    for option, value in (("--batch-size", model.batch_size), ("--seq-len", model.seq_len),
+                          ("--model-steps", model.steps)):
+        if value < 1:
+            raise ValueError(f"{option} {value} is invalid: use an integer >= 1")
+    if not 0 <= model.warmup_steps < model.steps:
+        raise ValueError(f"--model-warmup-steps {model.warmup_steps} is invalid: use an integer "
+                         f"from 0 to --model-steps - 1 ({model.steps - 1})")
     return layer, model
 
 
@@ -218,7 +226,9 @@ def _read_notes(path: str) -> str:
                          f"{getattr(err, 'strerror', None) or err}") from err
 
 
-def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
+def _measure(args: argparse.Namespace, device, mode: str, layer_plan: "LayerPlan",
+             model_plan: "ModelPlan", host_plan: Optional["HostPlan"]) -> List[dict]:
+    """The records of every level of ``args.levels`` at the checked plans."""
     import torch
 
     from ..benchmarks.layer import run_layer_level
@@ -226,8 +236,6 @@ def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
     from ..benchmarks.model import MODEL_METHODS, run_model_level
     from ..benchmarks.records import environment
 
-    layer_plan, model_plan = _plans(args)
-    host_plan = _host_plan(args) if "host" in args.levels else None
     env = environment(device, mode)
     env.update(command=_command_line(), cpu_count=os.cpu_count(),
                load_start=os.getloadavg()[0])
@@ -300,8 +308,10 @@ def run(args: argparse.Namespace) -> int:
         from ..benchmarks import records as rec_io
         from ..benchmarks import report
 
-        if device is not None:
+        if device is not None:  # everything measuring needs is checked before it starts
             _check_names(args)
+            layer_plan, model_plan = _plans(args)
+            host_plan = _host_plan(args) if "host" in args.levels else None
         notes = _read_notes(args.notes) if args.notes else None
         if args.threads is not None:
             torch.set_num_threads(args.threads)
@@ -311,7 +321,8 @@ def run(args: argparse.Namespace) -> int:
             included += found
             if check is not None:
                 gpu_checks.append(check)
-        records = [] if device is None else _measure(args, device, mode)
+        records = [] if device is None else _measure(args, device, mode, layer_plan,
+                                                     model_plan, host_plan)
     except (ValueError, OSError) as err:
         return _fail(str(err))
     if records:

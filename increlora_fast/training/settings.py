@@ -123,6 +123,9 @@ def validate(s: RunSettings) -> None:
         _check(isinstance(value, int) and value >= 1, option, value, "use an integer >= 1")
     _check(isinstance(s.seed, int) and s.seed >= 0, "--seed", s.seed, "use an integer >= 0")
     _check(s.max_seq_len >= 8, "--max-seq-len", s.max_seq_len, "use at least 8 tokens")
+    for option, value in (("--max-train-samples", s.max_train_samples),
+                          ("--max-eval-samples", s.max_eval_samples)):
+        _check(value is None or value >= 1, option, value, "use an integer >= 1 or leave it out")
     _check(s.max_steps is None or s.max_steps >= 1, "--max-steps", s.max_steps,
            "use an integer >= 1")
     _check(s.epochs is None or s.epochs > 0, "--epochs", s.epochs, "use a number > 0")
