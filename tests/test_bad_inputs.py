@@ -279,6 +279,9 @@ def test_gpu_check_bad_device_is_one_line(tmp_path, capsys, monkeypatch):
         monkeypatch.setenv(name, "1")  # gpu-check sets them; restored after the test
     assert _main(["gpu-check", "--out", str(tmp_path / "c"), "--device", "tpu"]) == 2
     _one_line(capsys, "--device 'tpu' is invalid")
+    (tmp_path / "file").write_text("")
+    assert _main(["gpu-check", "--out", str(tmp_path / "file"), "--dry-run"]) == 2
+    _one_line(capsys, f"--out {tmp_path / 'file'} is a file")
 
 
 # ---------------------------------------------------------------- config
