@@ -175,11 +175,13 @@ class IncreLoRAConfig:
                 not _is_int(self.total_step) or self.total_step <= self.warmup_steps):
             _fail("total_step", self.total_step,
                   f"None or an integer > warmup_steps ({self.warmup_steps})")
-        if self.r_max < self.init_r + self.incre_rank_num:
-            _fail("r_max", self.r_max, f">= init_r + incre_rank_num = "
-                  f"{self.init_r} + {self.incre_rank_num} (room for the active and reserve slots)")
         if self.target_rank > self.r_max:
-            _fail("target_rank", self.target_rank, f"<= r_max ({self.r_max})")
+            _fail("target_rank", self.target_rank, f"use a value <= r_max ({self.r_max}), the "
+                  "slot capacity of every module (or raise r_max to at least "
+                  f"{self.target_rank})")
+        if self.r_max < self.init_r + self.incre_rank_num:
+            _fail("r_max", self.r_max, f"use a value >= init_r + incre_rank_num = "
+                  f"{self.init_r} + {self.incre_rank_num} (room for the active and reserve slots)")
         if not (_is_real(self.lora_alpha) and math.isfinite(self.lora_alpha)
                 and self.lora_alpha > 0):
             _fail("lora_alpha", self.lora_alpha, "a finite number > 0")

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shlex
 import sys
-from typing import TYPE_CHECKING, List, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
+
+from .checks import check_device, check_names
 
 if TYPE_CHECKING:
     from ..benchmarks.host_overhead import HostPlan
+    from ..benchmarks.plans import LayerPlan, ModelPlan
 
 DEFAULT_CSV = "bench/results.csv"
 DEFAULT_RESULTS_MD = "bench/RESULTS.md"
@@ -146,6 +150,13 @@ def _plans(args: argparse.Namespace):
     if layer.warmup < 0 or layer.repeats < 1:
         raise ValueError(f"--warmup={layer.warmup} must be >= 0 and --repeats={layer.repeats} "
                          ">= 1")
+    for option, value in (("--batch-size", model.batch_size), ("--seq-len", model.seq_len),
+                          ("--model-steps", model.steps)):
+        if value < 1:
+            raise ValueError(f"{option} {value} is invalid: use an integer >= 1")
+    if not 0 <= model.warmup_steps < model.steps:
+        raise ValueError(f"--model-warmup-steps {model.warmup_steps} is invalid: use an integer "
+                         f"from 0 to --model-steps - 1 ({model.steps - 1})")
     return layer, model
 
 
@@ -173,16 +184,51 @@ def _device(args: argparse.Namespace):
 
     host_only = list(args.levels) == ["host"]
     name = args.device or ("cpu" if args.quick or host_only else "cuda")
-    device = torch.device(name)
+    device = torch.device(name.strip().lower())
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; the full mode is meant "
                          "for a GPU (use --quick, or --device cpu to force the full grid on CPU)")
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"--device {name!r} is invalid: use cpu, cuda or cuda:N")
     return device
 
 
-def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
+def _check_names(args: argparse.Namespace) -> None:
+    """--methods, --model-methods and --models name known entries (checked before measuring)."""
+    from ..benchmarks.methods import LAYER_METHODS
+    from ..benchmarks.model import MODEL_METHODS, MODEL_PRESETS
+
+    check_names("--methods", args.methods, list(LAYER_METHODS))
+    check_names("--model-methods", args.model_methods, list(MODEL_METHODS))
+    check_names("--models", args.models, list(MODEL_PRESETS))
+
+
+def _read_include(path: str):
+    """(records, gpu-check report or None) of an --include-json file; ValueError naming it."""
+    from ..benchmarks import records as rec_io
+
+    try:
+        return rec_io.read_report(path)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--include-json {path} is not JSON ({err}); give a file written by "
+                         "bench --json or gpu-check") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--include-json {path} is not a text file; give a JSON file written "
+                         "by bench --json or gpu-check") from err
+    except OSError as err:
+        raise ValueError(f"--include-json {path}: {err.strerror or err}") from err
+
+
+def _read_notes(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--notes {path} cannot be read: "
+                         f"{getattr(err, 'strerror', None) or err}") from err
+
+
+def _measure(args: argparse.Namespace, device, mode: str, layer_plan: "LayerPlan",
+             model_plan: "ModelPlan", host_plan: Optional["HostPlan"]) -> List[dict]:
+    """The records of every level of ``args.levels`` at the checked plans."""
     import torch
 
     from ..benchmarks.layer import run_layer_level
@@ -190,8 +236,6 @@ def _measure(args: argparse.Namespace, device, mode: str) -> List[dict]:
     from ..benchmarks.model import MODEL_METHODS, run_model_level
     from ..benchmarks.records import environment
 
-    layer_plan, model_plan = _plans(args)
-    host_plan = _host_plan(args) if "host" in args.levels else None
     env = environment(device, mode)
     env.update(command=_command_line(), cpu_count=os.cpu_count(),
                load_start=os.getloadavg()[0])
@@ -252,6 +296,9 @@ def run(args: argparse.Namespace) -> int:
         bad = [level for level in args.levels if level not in LEVELS]
         if bad:
             raise ValueError(f"--levels entry {bad[0]!r} is invalid: use {', '.join(LEVELS)}")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
+        check_device(args.device)
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.
@@ -261,17 +308,21 @@ def run(args: argparse.Namespace) -> int:
         from ..benchmarks import records as rec_io
         from ..benchmarks import report
 
+        if device is not None:  # everything measuring needs is checked before it starts
+            _check_names(args)
+            layer_plan, model_plan = _plans(args)
+            host_plan = _host_plan(args) if "host" in args.levels else None
+        notes = _read_notes(args.notes) if args.notes else None
         if args.threads is not None:
-            if args.threads < 1:
-                raise ValueError(f"--threads={args.threads} must be >= 1")
             torch.set_num_threads(args.threads)
         included, gpu_checks = [], []
         for path in args.include_json:
-            found, check = rec_io.read_report(path)
+            found, check = _read_include(path)
             included += found
             if check is not None:
                 gpu_checks.append(check)
-        records = [] if device is None else _measure(args, device, mode)
+        records = [] if device is None else _measure(args, device, mode, layer_plan,
+                                                     model_plan, host_plan)
     except (ValueError, OSError) as err:
         return _fail(str(err))
     if records:
@@ -294,10 +345,6 @@ def run(args: argparse.Namespace) -> int:
             plots[key] = path
             print(f"plot: {path}")
     if args.results_md:
-        notes = None
-        if args.notes:
-            with open(args.notes) as f:
-                notes = f.read()
         text = report.results_markdown(records + included, plots, args.results_md, notes,
                                        gpu_checks)
         os.makedirs(os.path.dirname(os.path.abspath(args.results_md)), exist_ok=True)

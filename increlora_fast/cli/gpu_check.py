@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.out:
         return _fail("--out DIR is required (or --pack-assets DIR)")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        return _fail(f"--out {out} is a file; give a new folder")
     for name in ("gpu_check.json", "finetune"):
         if (out / name).exists():
             return _fail(f"--out {out} already holds {name} from an earlier check; give a new "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 SUBCOMMANDS = {
@@ -30,9 +31,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings of the command as one line each (no source location)."""
+    return f"increlora-fast: warning: {message}\n"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
+    """Run the subcommand of ``argv`` (default: the command line); returns the exit code.
+    Warnings print as one line each while it runs."""
+    saved = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
+    try:
+        args = build_parser().parse_args(argv)
+        return int(importlib.import_module(args._module).run(args) or 0)
+    finally:
+        warnings.formatwarning = saved
 
 
 if __name__ == "__main__":

@@ -13,8 +13,7 @@ import sys
 from typing import List, Optional
 
 from ..config import ADAPTER_DTYPES
-
-
+from .checks import check_device, check_rank_budget
 
 def _csv_list(text: str) -> List[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -78,23 +77,33 @@ def _positive(args: argparse.Namespace, names: List[str]) -> Optional[str]:
     return None
 
 
+def _fail(message: str) -> int:
+    print(f"increlora-fast memory: error: {message}", file=sys.stderr)
+    return 2
+
+
 def run(args: argparse.Namespace) -> int:
+    try:  # the arguments first, before torch and the model are loaded
+        problem = _positive(args, ["r_max", "init_r", "target_rank", "adalora_init_r",
+                                   "batch_size", "seq_len", "small_seq"])
+        if problem:
+            raise ValueError(problem)
+        check_rank_budget(args.target_rank, args.r_max, args.init_r)
+        check_device(args.device)
+    except ValueError as err:
+        return _fail(str(err))
     import torch
 
     from ..benchmarks.memory import build_spec, format_notes, format_table, memory_breakdown, \
         write_json
     from ..benchmarks.memory_methods import AdapterSetting
-    from ..data.assets import AssetUnavailableError
+    from ..data.assets import AssetUnavailableError, hub_offline, offline_requested
 
     try:
-        problem = _positive(args, ["r_max", "init_r", "target_rank", "adalora_init_r",
-                                   "batch_size", "seq_len", "small_seq"])
-        if problem:
-            raise ValueError(problem)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(args.device.strip().lower() if args.device else
+                              ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available here")
-        spec = build_spec(args.model, args.head, args.dtype)
         setting = AdapterSetting(
             target_modules=tuple(args.target_modules) if args.target_modules else None,
             r_max=args.r_max, init_r=args.init_r, target_rank=args.target_rank,
@@ -102,12 +111,13 @@ def run(args: argparse.Namespace) -> int:
             adapter_dtype=args.adapter_dtype,
             gradient_checkpointing=args.gradient_checkpointing)
         setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
+        with hub_offline(offline_requested()):  # a hub id not in the local cache fails at once
+            spec = build_spec(args.model, args.head, args.dtype)
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
                                 quantized=args.quantized, estimate=args.estimate,
                                 small_seq=args.small_seq, progress=not args.no_progress)
     except (ValueError, TypeError, AssetUnavailableError) as err:
-        print(f"increlora-fast memory: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(str(err))
     print(f"{args.model} ({spec.head}, {args.dtype}"
           + (f", {args.quantized} base" if args.quantized != "none" else "")
           + f"), batch {args.batch_size} x seq {args.seq_len} on {device}"

@@ -10,6 +10,7 @@ Only the files an asset needs are unpacked; the packages' own dependencies are n
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import subprocess
@@ -18,10 +19,11 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 CACHE_ENV = "INCRELORA_CACHE"
 OFFLINE_ENV = "INCRELORA_OFFLINE"
+HUB_OFFLINE_ENVS = (OFFLINE_ENV, "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 DEFAULT_CACHE = Path("~/.cache/increlora_fast")
 
 
@@ -54,6 +56,39 @@ ASSETS: Dict[str, Asset] = {
                              "data/hutto_ICWSM_2014/amazonReviewSnippets_GroundTruth.txt"),
 }
 PACKAGED_MODELS = ("all-MiniLM-L6-v2",)
+
+
+def offline_requested() -> bool:
+    """Whether ``INCRELORA_OFFLINE`` or ``HF_HUB_OFFLINE`` (also ``TRANSFORMERS_OFFLINE``,
+    ``HF_DATASETS_OFFLINE``) asks for no network: nothing is downloaded, and hub ids are looked
+    up in the local caches only."""
+    return any(os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
+               for name in HUB_OFFLINE_ENVS)
+
+
+@contextlib.contextmanager
+def hub_offline(offline: bool) -> Iterator[None]:
+    """With ``offline``, the hub clients (huggingface_hub and datasets, already imported or not)
+    use their local caches only while the block runs: a missing id fails at once instead of
+    after the clients' retries."""
+    if not offline:
+        yield
+        return
+    import huggingface_hub.constants as hub_constants
+    modules = [hub_constants]
+    try:
+        import datasets.config as datasets_config
+        modules.append(datasets_config)
+    except ImportError:
+        pass
+    saved = [m.HF_HUB_OFFLINE for m in modules]
+    for m in modules:
+        m.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for m, value in zip(modules, saved):
+            m.HF_HUB_OFFLINE = value
 
 
 def cache_dir() -> Path:

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import random
 import re
+import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 SPLIT_SEED = 0  # dev splits never depend on --seed, so every run scores the same rows
 _INT_LABEL = re.compile(r"[-+]?\d+")
@@ -72,36 +73,56 @@ def fixed_split(examples: Sequence[Example], n_dev: int) -> Tuple[List[Example],
             [examples[i] for i in dev])
 
 
+class LabelSpellingWarning(UserWarning):
+    """A label column spells one label several ways (``1`` and ``1.0``, ``pos`` and `` pos``);
+    the spellings are read as one label."""
+
+
+def label_key(raw: object) -> str:
+    """The label ``raw`` denotes: surrounding whitespace dropped, and a number equal to an
+    integer (``1``, ``1.0``, ``01``, ``+1``, ``1e0``) written as that integer (``1``)."""
+    text = str(raw).strip()
+    if _INT_LABEL.fullmatch(text):
+        return str(int(text))
+    if _NUMBER.fullmatch(text) and float(text).is_integer():
+        return str(int(float(text)))
+    return text
+
+
 def label_names_for(raw_labels: Sequence[object], where: str = "the labels") -> List[str]:
     """Names of the label ids, id ``i`` being ``names[i]``.
 
-    Integer labels are ordered by value and numbered 0..K-1 (labels 0..K-1 keep their value as
-    id; others such as {0, 1000000} or {-1, 1} get a compact index, the names keep the values).
-    Other labels are ordered as strings. Continuous numbers (0.1, 1.3, ...) are refused:
-    classification needs discrete labels.
+    Spellings of one label are one class (see `label_key`: ``1`` and ``1.0``, ``pos`` and
+    `` pos``); when a column mixes them a `LabelSpellingWarning` names them, and the class is
+    named by its `label_key`, otherwise by its one spelling. Integer labels are ordered by value
+    and numbered 0..K-1 (labels 0..K-1 keep their value as id; others such as {0, 1000000} or
+    {-1, 1} get a compact index, the names keep the values). Other labels are ordered as strings.
+    Continuous numbers (0.1, 1.3, ...) are refused: classification needs discrete labels.
     """
     texts = [str(v).strip() for v in raw_labels]
-    if all(_INT_LABEL.fullmatch(t) for t in texts):
-        return [str(v) for v in sorted({int(t) for t in texts})]
-    if all(_NUMBER.fullmatch(t) for t in texts):
-        fractional = sorted({t for t in texts if float(t) != int(float(t))}, key=float)
+    if texts and all(_NUMBER.fullmatch(t) for t in texts):
+        fractional = sorted({t for t in texts if not float(t).is_integer()}, key=float)
         if fractional:
             raise ValueError(f"{where} holds continuous values (e.g. {', '.join(fractional[:3])}):"
                              " classification needs discrete labels; bin or name them (this "
                              "command trains classifiers, not regression)")
-    return sorted(set(texts))
+    spellings: Dict[str, Set[str]] = {}
+    for v in raw_labels:
+        spellings.setdefault(label_key(v), set()).add(str(v))
+    mixed = {key: sorted(found) for key, found in spellings.items() if len(found) > 1}
+    if mixed:
+        shown = "; ".join(f"{' and '.join(map(repr, found))} as {key!r}"
+                          for key, found in sorted(mixed.items())[:3])
+        warnings.warn(f"{where} spells {len(mixed)} label(s) several ways, read as one label "
+                      f"each: {shown}", LabelSpellingWarning, stacklevel=2)
+    names = {key: (key if key in mixed else next(iter(found)).strip())
+             for key, found in spellings.items()}
+    if all(_INT_LABEL.fullmatch(key) for key in names):
+        return [names[key] for key in sorted(names, key=int)]
+    return sorted(names.values())
 
 
-def _is_int_names(label_names: List[str]) -> bool:
-    return all(_INT_LABEL.fullmatch(n) for n in label_names)
-
-
-def to_label_id(raw: object, label_names: List[str], where: str) -> int:
-    """Id of ``raw`` in ``label_names``; an unknown label names ``where`` it came from."""
-    text = str(raw).strip()
-    if _INT_LABEL.fullmatch(text) and _is_int_names(label_names):
-        text = str(int(text))
-    if text not in label_names:
-        raise ValueError(f"{where}: label {text!r} does not occur in the training data "
-                         f"(training labels: {label_names[:20]})")
-    return label_names.index(text)
+def label_index(label_names: Sequence[str]) -> Dict[str, int]:
+    """`label_key` of each name -> its id: a raw label ``y`` has id
+    ``index[label_key(y)]``."""
+    return {label_key(name): i for i, name in enumerate(label_names)}

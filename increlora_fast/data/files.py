@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .examples import Example, TaskData, fixed_split, label_names_for, to_label_id
+from .examples import Example, TaskData, fixed_split, label_index, label_key, label_names_for
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = (".jsonl", ".json")
@@ -27,6 +27,9 @@ def file_sha256(path: Path) -> str:
 def read_rows(path: Path) -> List[Dict[str, object]]:
     """Rows of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line;
     a ``.json`` file holding one list of objects also works)."""
+    if path.is_dir():
+        raise ValueError(f"data file {path} is a folder; give a file ("
+                         f"{', '.join(sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES))})")
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
@@ -41,8 +44,7 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
         raise ValueError(f"data file {path} is not UTF-8 text: line {line} holds byte "
                          f"0x{raw[err.start]:02x}; save it as UTF-8") from err
     if suffix in CSV_SUFFIXES:
-        return list(csv.DictReader(io.StringIO(text, newline=""),
-                                   delimiter=CSV_SUFFIXES[suffix]))
+        return _csv_rows(text, CSV_SUFFIXES[suffix])
     if suffix == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
@@ -57,6 +59,17 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
     if bad is not None:
         raise ValueError(f"{path}: record {bad + 1} is not a JSON object")
     return rows
+
+
+def _csv_rows(text: str, delimiter: str) -> List[Dict[str, object]]:
+    """The rows of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
+    131,072 characters, is lifted while this file is read)."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))
+    try:
+        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
@@ -82,28 +95,56 @@ def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
     return texts, pairs, labels
 
 
+def _swap_hint(path: Path, label_column: str) -> str:
+    return (f"check column {label_column!r} of {path} (--label-column): are --text-column and "
+            "--label-column swapped?")
+
+
 def load_files(train_file: str, eval_file: Optional[str], text_column: str = "text",
                text_pair_column: Optional[str] = None, label_column: str = "label") -> TaskData:
-    """Examples from the user's files. String labels are mapped to ids in sorted order (integer
-    labels keep their value); without ``eval_file`` a fixed tenth of the training file (at most
-    1,000 rows) becomes the dev split."""
+    """Examples from the user's files. Labels are read as `examples.label_names_for` says
+    (spellings of one label are one class; integer labels keep their value, strings are mapped
+    to ids in sorted order); without ``eval_file`` a fixed tenth of the training file (at most
+    1,000 rows) becomes the dev split.
+
+    Raises:
+        ValueError: besides malformed files and missing columns, a label column with more
+            labels than half its rows, or dev labels that no training row has (both usually
+            mean that the text and label columns are swapped).
+    """
     train_path = Path(train_file)
     texts, pairs, labels = _raw_examples(train_path, text_column, text_pair_column, label_column)
     label_names = label_names_for(labels, f"{train_path}: column {label_column!r}")
-    distinct = sorted({str(v).strip() for v in labels})
-    if len(distinct) < 2:
+    if len(label_names) < 2:
         raise ValueError(f"{train_path}: column {label_column!r} holds a single label "
-                         f"{distinct}; classification needs at least two")
-    train = [Example(str(t), to_label_id(y, label_names, f"{train_path} row {i + 1}"),
+                         f"{label_names}; classification needs at least two")
+    if len(label_names) > len(labels) / 2:
+        raise ValueError(f"{train_path}: column {label_column!r} holds {len(label_names):,} "
+                         f"different labels in {len(labels):,} rows (a classifier needs several "
+                         f"rows per label); {_swap_hint(train_path, label_column)}")
+    index = label_index(label_names)
+    train = [Example(str(t), index[label_key(y)],
                      None if p is None else str(p))
              for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
     if eval_file is None:
         train, dev = fixed_split(train, min(MAX_AUTO_DEV, max(1, len(train) // 10)))
+        unseen = sorted({e.label for e in dev} - {e.label for e in train})
+        if unseen:
+            raise ValueError(f"{train_path}: the automatic dev split holds labels that no "
+                             f"training row has ({[label_names[i] for i in unseen][:5]}); "
+                             f"{_swap_hint(train_path, label_column)} (otherwise give more rows "
+                             "of each label, or --eval-file)")
     else:
         eval_path = Path(eval_file)
         texts, pairs, labels = _raw_examples(eval_path, text_column, text_pair_column,
                                              label_column)
-        dev = [Example(str(t), to_label_id(y, label_names, f"{eval_path} row {i + 1}"),
+        unseen = next((i for i, y in enumerate(labels) if label_key(y) not in index), None)
+        if unseen is not None:
+            raise ValueError(f"{eval_path} row {unseen + 1}: label "
+                             f"{str(labels[unseen]).strip()!r} does not occur in the training "
+                             f"data {train_path} (training labels: {label_names[:10]}); "
+                             f"{_swap_hint(eval_path, label_column)}")
+        dev = [Example(str(t), index[label_key(y)],
                        None if p is None else str(p))
                for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
     return TaskData(f"file:{train_path.name}", train, dev, label_names)

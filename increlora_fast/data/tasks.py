@@ -16,7 +16,7 @@ import io
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .assets import locate_asset
+from .assets import AssetUnavailableError, hub_offline, locate_asset, offline_requested
 from .examples import Example, TaskData, dedupe, fixed_split
 
 GLUE_PREFIX = "glue/"
@@ -91,15 +91,21 @@ def _glue(name: str) -> TaskData:
     if name not in GLUE_TASKS:
         raise ValueError(f"--task {GLUE_PREFIX}{name} is not a GLUE classification task; use one "
                          f"of {[GLUE_PREFIX + n for n in GLUE_TASKS]}")
-    import datasets
-
     text_col, pair_col, dev_split = GLUE_TASKS[name]
+    offline = offline_requested()
     try:
-        data = datasets.load_dataset(GLUE_DATASET, name)
+        import datasets
+
+        with hub_offline(offline):
+            data = datasets.load_dataset(GLUE_DATASET, name)
     except Exception as err:  # the hub client raises many types; all mean "cannot load"
-        raise RuntimeError(f"--task {GLUE_PREFIX}{name} needs the Hugging Face hub (or a local "
-                           f"datasets cache of {GLUE_DATASET}): {type(err).__name__}: {err}") \
-            from err
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise AssetUnavailableError(
+            f"--task {GLUE_PREFIX}{name} needs the Hugging Face hub (or a local datasets cache "
+            f"of {GLUE_DATASET})" + (", and hub access is off (INCRELORA_OFFLINE or "
+                                     "HF_HUB_OFFLINE is set)" if offline else "")
+            + f": {type(err).__name__}: {first}; use a packaged task ({', '.join(PACKAGED_TASKS)})"
+            " or --train-file") from err
 
     def convert(split: str) -> List[Example]:
         rows = data[split]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data import TaskData, load_files, load_task, locate_asset
-from ..data.assets import PACKAGED_MODELS
+from ..data.assets import PACKAGED_MODELS, hub_offline, offline_requested
 from ..data.files import file_sha256
 from ..persistence import atomic_write_bytes
 from .batches import Batches
@@ -33,6 +33,7 @@ from .step_runner import resolve_cuda_graphs
 HEATMAP_FILE = "rank_heatmap.png"
 RANK_OVER_TIME_FILE = "rank_over_time.png"
 LABELS_FILE = "labels.json"
+HEAD_NAMES = ("classifier", "score")
 DATA_FILE_KEYS = (("train_file", "train_file_sha256", "--train-file"),
                   ("eval_file", "eval_file_sha256", "--eval-file"))
 
@@ -108,16 +109,44 @@ def load_model(s: RunSettings, data: TaskData):
     if looks_local and not (local / "config.json").is_file():
         raise ValueError(f"--model {s.model} holds no transformers model (no config.json in "
                          f"{local})")
+    offline = offline_requested() and not looks_local
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-            label2id={n: i for i, n in enumerate(data.label_names)}, ignore_mismatched_sizes=True,
-            dtype=torch.float32)
+        with hub_offline(offline):  # a hub id missing from the local cache fails at once
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
+                label2id={n: i for i, n in enumerate(data.label_names)},
+                ignore_mismatched_sizes=True, dtype=torch.float32)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"--model {s.model} could not be loaded: {first}") from err
+        raise ValueError(f"--model {s.model} could not be loaded" + (
+            " (hub access is off: INCRELORA_OFFLINE or HF_HUB_OFFLINE is set, so only the local "
+            "hub cache is searched)" if offline else "") + f": {first}") from err
     return tokenizer, model
+
+
+class HeadAddedWarning(UserWarning):
+    """--modules-to-save did not name the classification head, so it was added."""
+
+
+def head_name(model) -> Optional[str]:
+    """Name of the classification head of a transformers ``*ForSequenceClassification`` model
+    (``classifier`` for BERT-like models, ``score`` for decoder models), None if it has neither."""
+    return next((name for name in HEAD_NAMES
+                 if isinstance(getattr(model, name, None), torch.nn.Module)), None)
+
+
+def with_head_saved(s: RunSettings, model) -> RunSettings:
+    """``s`` with the model's head in ``modules_to_save`` (warning once when it was missing):
+    a head left out would stay frozen at its random start and be missing from the adapter."""
+    head = head_name(model)
+    if s.method == "full" or head is None or any(
+            head == key or head.endswith("." + key) for key in s.modules_to_save):
+        return s
+    warnings.warn(f"--modules-to-save {','.join(s.modules_to_save) or '(none)'} leaves out the "
+                  f"classification head {head!r}; it is added (trained and saved in the "
+                  "adapter)", HeadAddedWarning, stacklevel=2)
+    return dataclasses.replace(s, modules_to_save=list(s.modules_to_save) + [head])
 
 
 def check_max_seq_len(s: RunSettings, model) -> None:
@@ -143,6 +172,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None
     seed_everything(s.seed)
     tokenizer, model = load_model(s, data)
     check_max_seq_len(s, model)
+    s = with_head_saved(s, model)
     if placement is not None:
         model = model.to(placement.device)
     run = build_method(model, s)

@@ -121,7 +121,11 @@ def validate(s: RunSettings) -> None:
     for option, value in (("--batch-size", s.batch_size), ("--eval-batch-size", s.eval_batch_size),
                           ("--max-seq-len", s.max_seq_len), ("--target-rank", s.target_rank)):
         _check(isinstance(value, int) and value >= 1, option, value, "use an integer >= 1")
+    _check(isinstance(s.seed, int) and s.seed >= 0, "--seed", s.seed, "use an integer >= 0")
     _check(s.max_seq_len >= 8, "--max-seq-len", s.max_seq_len, "use at least 8 tokens")
+    for option, value in (("--max-train-samples", s.max_train_samples),
+                          ("--max-eval-samples", s.max_eval_samples)):
+        _check(value is None or value >= 1, option, value, "use an integer >= 1 or leave it out")
     _check(s.max_steps is None or s.max_steps >= 1, "--max-steps", s.max_steps,
            "use an integer >= 1")
     _check(s.epochs is None or s.epochs > 0, "--epochs", s.epochs, "use a number > 0")
@@ -150,6 +154,10 @@ def validate(s: RunSettings) -> None:
         _check(s.pad_to != "longest", "--cuda-graphs", "on",
                "graphs need batches of one shape, so it cannot be combined with --pad-to "
                "longest; use --pad-to max_length (or leave --pad-to out)")
+    if s.method == "increlora":
+        _check(s.init_r <= s.target_rank <= s.r_max, "--target-rank", s.target_rank,
+               f"use a value from --init-r ({s.init_r}) to --r-max ({s.r_max}), the slot "
+               "capacity of every module (or change those)")
     if s.method == "adalora":
         _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
                f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")

@@ -1,0 +1,37 @@
+"""Argument checks shared by the subcommands: each raises ValueError with one line naming the
+option and what is allowed, before any slow work starts."""
+from __future__ import annotations
+
+from typing import Iterable, List, Optional, Sequence
+
+
+def check_device(text: Optional[str], option: str = "--device", auto: bool = False) -> None:
+    """``text`` must be cpu, cuda or cuda:N (and auto when ``auto``); None passes (the
+    command's default)."""
+    if text is None:
+        return
+    value = text.strip().lower()
+    forms = (("auto",) if auto else ()) + ("cpu", "cuda")
+    if value in forms or (value.startswith("cuda:") and value[5:].isdigit()):
+        return
+    raise ValueError(f"{option} {text!r} is invalid: use {', '.join(forms)} or cuda:N (N a GPU "
+                     "index, e.g. cuda:0)")
+
+
+def check_names(option: str, given: Optional[Iterable[str]], known: Sequence[str]) -> None:
+    """Every name in ``given`` (None: the default, passes) must be one of ``known``."""
+    unknown: List[str] = [name for name in given or [] if name not in known]
+    if unknown:
+        raise ValueError(f"{option} {','.join(unknown)} is invalid: use a comma-separated "
+                         f"subset of {','.join(known)}")
+
+
+def check_rank_budget(target_rank: int, r_max: int, init_r: int) -> None:
+    """IncreLoRA's ``--target-rank`` must lie between ``--init-r`` and ``--r-max``."""
+    if target_rank > r_max:
+        raise ValueError(f"--target-rank {target_rank} is invalid: use at most --r-max ({r_max}), "
+                         f"the slot capacity of every module (or raise --r-max to at least "
+                         f"{target_rank})")
+    if target_rank < init_r:
+        raise ValueError(f"--target-rank {target_rank} is invalid: use at least --init-r "
+                         f"({init_r}), the rank every module starts at")

@@ -1,0 +1,309 @@
+"""Bad inputs get one clear line before any slow work, and labels and columns are checked
+(issue 28, items 4 and 5)."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from finetune_helpers import sentiment_rows, write_csv
+from increlora_fast.data import load_files
+from increlora_fast.data.examples import (Example, LabelSpellingWarning, fixed_split,
+                                          label_names_for)
+
+
+# ---------------------------------------------------------------- labels and columns
+def test_spellings_of_one_integer_are_one_class_with_a_warning(tmp_path):
+    rows = sentiment_rows(40, seed=0, labels=("0", "1"))
+    for i, r in enumerate(rows):
+        if i % 3 == 0:
+            r["label"] = {"0": "0.0", "1": " 1.0 "}[r["label"]]
+    train = write_csv(tmp_path / "mixed.csv", rows)
+    with pytest.warns(LabelSpellingWarning, match=r"mixed\.csv: column 'label' spells 2 label"):
+        data = load_files(str(train), None)
+    assert data.label_names == ["0", "1"]
+    by_text = {r["text"]: int(float(r["label"])) for r in rows}
+    assert all(e.label == by_text[e.text] for e in data.train + data.eval)
+
+
+def test_whitespace_around_labels_is_one_class_and_consistent_spellings_are_kept():
+    with pytest.warns(LabelSpellingWarning, match="'pos' and 'pos '"):
+        assert label_names_for(["neg", "pos", "pos ", "neg"]) == ["neg", "pos"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert label_names_for(["1.0", "0.0", "1.0"]) == ["0.0", "1.0"]
+        assert label_names_for([2, "0", "1"]) == ["0", "1", "2"]
+
+
+def test_eval_file_spelling_matches_the_training_label(tmp_path):
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(30, seed=0, labels=("0", "1")))
+    dev = write_csv(tmp_path / "d.csv", sentiment_rows(10, seed=1, labels=("0.0", "1.0")))
+    data = load_files(str(train), str(dev))
+    assert data.label_names == ["0", "1"] and {e.label for e in data.eval} == {0, 1}
+
+
+def test_swapped_columns_are_refused_naming_the_column_and_file(tmp_path):
+    rows = sentiment_rows(120, seed=0)
+    train = write_csv(tmp_path / "reviews.csv", rows)
+    with pytest.raises(ValueError) as err:
+        load_files(str(train), None, text_column="label", label_column="text")
+    message = str(err.value)
+    assert "\n" not in message and str(train) in message and "'text'" in message
+    assert "--label-column" in message and "swapped" in message
+
+
+def test_dev_labels_unseen_in_training_are_refused(tmp_path):
+    rows = sentiment_rows(60, seed=0)
+    _, dev = fixed_split([Example(str(i), 0) for i in range(60)], 6)
+    rows[int(dev[0].text)]["label"] = "neutral"  # one row only, which the fixed split holds out
+    train = write_csv(tmp_path / "t.csv", rows)
+    with pytest.raises(ValueError, match=r"t\.csv: the automatic dev split holds labels that no "
+                                         r"training row has \(\['neutral'\]\).*swapped"):
+        load_files(str(train), None)
+    dev_file = write_csv(tmp_path / "d.csv", [{"text": "x", "label": "neutral"}])
+    with pytest.raises(ValueError, match=r"d\.csv row 1: label 'neutral' does not occur in the "
+                                         r"training data .*t2\.csv.*'label'.*swapped"):
+        load_files(str(write_csv(tmp_path / "t2.csv", sentiment_rows(20, 1))), str(dev_file))
+
+
+# ---------------------------------------------------------------- data files
+def test_a_folder_as_train_file_says_it_is_a_folder(tmp_path):
+    with pytest.raises(ValueError, match=r"is a folder; give a file \(\.csv"):
+        load_files(str(tmp_path), None)
+
+
+def test_csv_cells_longer_than_the_csv_module_limit_load(tmp_path):
+    rows = sentiment_rows(20, seed=0)
+    rows[3]["text"] = "good " * 40_000  # 200,000 characters
+    data = load_files(str(write_csv(tmp_path / "long.csv", rows)), None)
+    assert max(len(e.text) for e in data.train + data.eval) == 200_000
+
+
+# ---------------------------------------------------------------- the command line
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Fails the test if finetune gets as far as loading a model."""
+    from increlora_fast.training import finetune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the bad input was refused")
+    monkeypatch.setattr(finetune, "load_model", refuse)
+
+
+def _one_line(capsys, *needles: str) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _main(argv):
+    from increlora_fast.cli.main import main
+    return main(argv)
+
+
+def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loading):
+    code = _main(["finetune", "--seed", "-1", "--output-dir", str(tmp_path / "o"),
+                               "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--seed -1", ">= 0")
+
+
+def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch,
+                                                          no_model_loading):
+    from increlora_fast.training import finetune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the bad input was refused")
+    monkeypatch.setattr(finetune, "load_task", refuse)
+    code = _main(["finetune", "--max-train-samples", "0", "--output-dir", str(tmp_path / "o"),
+                  "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--max-train-samples 0 is invalid", ">= 1")
+
+
+def test_swapped_columns_on_the_command_line(tmp_path, capsys, monkeypatch, no_model_loading):
+    train = write_csv(tmp_path / "reviews.csv", sentiment_rows(120, seed=0))
+    code = _main(["finetune", "--train-file", str(train), "--text-column", "label",
+                               "--label-column", "text", "--output-dir", str(tmp_path / "o"),
+                               "--no-progress"])
+    assert code == 2
+    _one_line(capsys, str(train), "'text'", "--label-column", "swapped")
+
+
+def test_folder_as_train_file(tmp_path, capsys, monkeypatch, no_model_loading):
+    code = _main(["finetune", "--train-file", str(tmp_path), "--output-dir",
+                               str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, str(tmp_path), "is a folder")
+
+
+def test_offline_glue_task_fails_at_once_in_one_line(capsys, monkeypatch, tmp_path,
+                                                     no_model_loading):
+    datasets = pytest.importorskip("datasets")
+    import datasets.config
+    import huggingface_hub.constants as hub_constants
+    seen = []
+
+    def load_dataset(*args, **kwargs):
+        seen.append((datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE))
+        raise ConnectionError("Couldn't reach 'nyu-mll/glue' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    argv = ["finetune", "--task", "glue/mrpc", "--output-dir", str(tmp_path / "o"),
+            "--no-progress"]
+    assert _main(argv) == 2
+    assert seen == [(True, True)]  # the hub clients were told to use their caches only
+    assert (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE) == (False, False)
+    _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "INCRELORA_OFFLINE")
+    monkeypatch.delenv("INCRELORA_OFFLINE")  # no flag, no network: still one line
+    assert _main(argv) == 2
+    assert seen[-1] == (False, False)
+    _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "ConnectionError")
+
+
+def test_offline_hub_model_fails_at_once(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+    import transformers
+    seen = []
+
+    def from_pretrained(*args, **kwargs):
+        seen.append(hub_constants.HF_HUB_OFFLINE)
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files, and "
+                      "couldn't find them in the cached files.\nCheckout your internet ...")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", from_pretrained)
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(40, seed=0))
+    code = _main(["finetune", "--model", "someorg/nomodel", "--train-file",
+                               str(train), "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2 and seen == [True] and hub_constants.HF_HUB_OFFLINE is False
+    _one_line(capsys, "--model someorg/nomodel could not be loaded", "hub access is off")
+
+
+def test_modules_to_save_without_the_head_adds_it(tmp_path, capsys, monkeypatch):
+    from safetensors.torch import load_file
+
+    from finetune_helpers import write_tiny_bert
+    from increlora_fast.training.finetune import HeadAddedWarning
+    model = write_tiny_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(64, seed=0))
+    out = tmp_path / "out"
+    with pytest.warns(HeadAddedWarning, match="--modules-to-save pooler leaves out the "
+                                              "classification head 'classifier'; it is added"):
+        code = _main([
+            "finetune", "--model", str(model), "--train-file", str(train), "--batch-size", "8",
+            "--max-seq-len", "16", "--max-steps", "2", "--no-progress", "--modules-to-save",
+            "pooler", "--output-dir", str(out)])
+    assert code == 0
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert any(k.endswith("classifier.weight") for k in tensors)
+    assert any(k.endswith("pooler.dense.weight") for k in tensors)
+
+
+# ---------------------------------------------------------------- bench, memory, gpu-check
+@pytest.fixture
+def no_measuring(monkeypatch):
+    from increlora_fast.cli import bench
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("measuring started before the bad input was refused")
+    monkeypatch.setattr(bench, "_measure", refuse)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--device", "tpu"], ["--device 'tpu' is invalid", "cuda:N"]),
+    (["--quick", "--methods", "nope"], ["--methods nope is invalid", "floor"]),
+    (["--quick", "--model-methods", "floor,nope"], ["--model-methods nope is invalid"]),
+    (["--quick", "--models", "nope"], ["--models nope is invalid", "minilm-l6"]),
+    (["--quick", "--notes", "missing-notes.md"], ["--notes missing-notes.md cannot be read"]),
+    (["--quick", "--batch-size", "0"], ["--batch-size 0 is invalid"]),
+    (["--quick", "--model-steps", "3", "--model-warmup-steps", "3"],
+     ["--model-warmup-steps 3 is invalid", "from 0 to --model-steps - 1 (2)"]),
+])
+def test_bench_arguments_are_checked_before_measuring(argv, needles, capsys, monkeypatch,
+                                                      no_measuring):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # bench sets it for cpu runs; undone afterwards
+    assert _main(["bench", "--csv", ""] + argv) == 2
+    _one_line(capsys, *needles)
+
+
+def test_bench_include_json_that_is_not_json_names_the_file(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not json")
+    assert _main(["bench", "--report-only", "--include-json", str(bad),
+                               "--results-md", str(tmp_path / "R.md")]) == 2
+    _one_line(capsys, f"--include-json {bad} is not JSON")
+
+
+@pytest.fixture
+def no_memory_model(monkeypatch):
+    import increlora_fast.benchmarks.memory as memory
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was built before the bad input was refused")
+    monkeypatch.setattr(memory, "build_spec", refuse)
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["--device", "tpu"], ["--device 'tpu' is invalid"]),
+    (["--target-rank", "9", "--r-max", "4"], ["--target-rank 9 is invalid", "--r-max (4)"]),
+])
+def test_memory_arguments_are_checked_before_the_model(argv, needles, capsys, monkeypatch,
+                                                       no_memory_model):
+    assert _main(["memory", "--model", "all-MiniLM-L6-v2"] + argv) == 2
+    _one_line(capsys, *needles)
+
+
+def test_memory_offline_hub_id_uses_the_cache_only(capsys, monkeypatch):
+    import huggingface_hub.constants as hub_constants
+
+    import increlora_fast.benchmarks.memory as memory
+    seen = []
+
+    def build_spec(model, head, dtype):
+        seen.append(hub_constants.HF_HUB_OFFLINE)
+        raise ValueError(f"--model {model}: not in the local hub cache")
+
+    monkeypatch.setattr(memory, "build_spec", build_spec)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert _main(["memory", "--model", "someorg/nomodel"]) == 2
+    assert seen == [True]
+    _one_line(capsys, "--model someorg/nomodel")
+
+
+def test_gpu_check_bad_device_is_one_line(tmp_path, capsys, monkeypatch):
+    for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")  # gpu-check sets them; restored after the test
+    assert _main(["gpu-check", "--out", str(tmp_path / "c"), "--device", "tpu"]) == 2
+    _one_line(capsys, "--device 'tpu' is invalid")
+    (tmp_path / "file").write_text("")
+    assert _main(["gpu-check", "--out", str(tmp_path / "file"), "--dry-run"]) == 2
+    _one_line(capsys, f"--out {tmp_path / 'file'} is a file")
+
+
+# ---------------------------------------------------------------- config
+def test_target_rank_above_r_max_blames_target_rank():
+    from increlora_fast.config import IncreLoRAConfig
+    with pytest.raises(ValueError, match=r"^IncreLoRAConfig\.target_rank=9 is invalid: use a "
+                                         r"value <= r_max \(4\)"):
+        IncreLoRAConfig(target_rank=9, r_max=4)
+
+
+def test_finetune_target_rank_above_r_max_before_loading(tmp_path, capsys, monkeypatch,
+                                                         no_model_loading):
+    code = _main(["finetune", "--target-rank", "9", "--r-max", "4", "--output-dir",
+                               str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--target-rank 9 is invalid", "--r-max (4)")
+
+
+def test_warnings_are_one_line_while_the_command_runs(tmp_path):
+    from increlora_fast.cli.main import _one_line_warning
+    assert _one_line_warning("f.csv spells 1 label(s) several ways", UserWarning, "f.py", 3) == \
+        "increlora-fast: warning: f.csv spells 1 label(s) several ways\n"
+    before = warnings.formatwarning
+    assert _main(["finetune", "--seed", "-1", "--output-dir", str(tmp_path / "o")]) == 2
+    assert warnings.formatwarning is before  # restored for whoever called main in-process
