@@ -252,17 +252,17 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
         touched: List[str] = []
         try:
             for name in files:
-                touched.append(name)
                 os.replace(staging / "new" / name, out / name)
+                touched.append(name)
             for name in present:
                 if name not in files:
-                    touched.append(name)
                     os.unlink(out / name)
+                    touched.append(name)
         except BaseException:
             for name in reversed(touched):
                 if name in present:
                     os.replace(staging / "old" / name, out / name)
-                elif (out / name).exists():
+                else:
                     os.unlink(out / name)
             raise
     finally:
