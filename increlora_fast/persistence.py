@@ -49,8 +49,8 @@ BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint":
 # Files that make a folder an adapter folder (ours, or peft's in either of its formats).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
 SAMPLE_COLUMNS = 8
-# Markers in place of sampled values: modules whose float weights cannot be read.
-UNREAD = ("quantized", "merged", "offloaded")
+# Markers in place of sampled values: modules whose float weights cannot be read here.
+UNREAD = ("quantized", "merged", "offloaded", "sharded")
 
 PathLike = Union[str, os.PathLike]
 
@@ -104,11 +104,20 @@ def _spread(n: int, k: int) -> List[int]:
     return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
 
 
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 shards the frozen base into them): reading its rows would take a
+    collective, which a save on one rank would wait for forever."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(weight, DTensor)
+
+
 def _module_fingerprint(layer: IncreLoRALinear) -> str:
     """``"<out>x<in>:<values>"``: the frozen weight's shape and, from rows 0, middle and last,
     `SAMPLE_COLUMNS` evenly spread values, each cast to float32, rounded to bfloat16 and written
-    as 4 hex digits; in place of the values a marker from `UNREAD` for a quantized, merged or
-    offloaded (meta) weight."""
+    as 4 hex digits; in place of the values a marker from `UNREAD` for a quantized, merged,
+    offloaded (meta) or sharded (DTensor) weight."""
     n_out, n_in = layer.out_features, layer.in_features
     shape = f"{n_out}x{n_in}"
     weight = layer.base_layer.weight
@@ -118,6 +127,8 @@ def _module_fingerprint(layer: IncreLoRALinear) -> str:
         return f"{shape}:merged"
     if weight.is_meta:
         return f"{shape}:offloaded"
+    if _is_sharded(weight):
+        return f"{shape}:sharded"
     rows = torch.tensor(_spread(n_out, 3), device=weight.device)
     cols = torch.tensor(_spread(n_in, SAMPLE_COLUMNS), device=weight.device)
     w = weight.detach()
@@ -134,7 +145,8 @@ def base_fingerprint(model: nn.Module) -> Dict[str, Any]:
     bfloat16, so the same base in float32, bfloat16 or float16, on any device, gives values that
     `base_difference` accepts. bitsandbytes 4-bit/8-bit bases hold packed data: only their shape
     is recorded and compared (so a QLoRA adapter still loads onto its full-precision base); the
-    same for a merged layer (its weight includes the adapter) and an offloaded (meta) weight.
+    same for a merged layer (its weight includes the adapter), an offloaded (meta) weight and a
+    weight sharded by FSDP2 (a DTensor).
 
     Returns:
         ``{"version": 1, "digest": <16 hex digits over all modules>, "modules": {name: entry}}``.
@@ -229,7 +241,8 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     file is renamed over its old one (a reader sees either, never a partial file) and old adapter
     files the new adapter lacks are removed. A failure on the way puts the old files back, so
     the folder holds the old adapter whole or the new one whole. (Only a power loss during the
-    renames can leave a mix; the old files then remain in the staging folder.)
+    renames, or a failure to put the old files back, can leave a mix; the old files then remain
+    in the staging folder, which the error names.)
 
     Raises:
         FileExistsError: ``directory`` holds adapter files (`ADAPTER_FILES`) and ``overwrite``
@@ -242,6 +255,7 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
         raise FileExistsError(f"{out} already holds an adapter ({', '.join(present)}); pass "
                               "overwrite=True to replace it, or choose another folder")
     staging = Path(tempfile.mkdtemp(prefix=".adapter-staging-", dir=out))
+    keep_staging = False
     try:
         (staging / "new").mkdir()
         (staging / "old").mkdir()
@@ -258,15 +272,22 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
                 if name not in files:
                     os.unlink(out / name)
                     touched.append(name)
-        except BaseException:
-            for name in reversed(touched):
-                if name in present:
-                    os.replace(staging / "old" / name, out / name)
-                else:
-                    os.unlink(out / name)
+        except BaseException as err:
+            try:
+                for name in reversed(touched):
+                    if name in present:
+                        os.replace(staging / "old" / name, out / name)
+                    else:
+                        os.unlink(out / name)
+            except OSError as undo:
+                keep_staging = True
+                raise OSError(f"{out}: writing the adapter failed ({err}) and putting the old one "
+                              f"back failed too ({undo}); its files are in {staging / 'old'}") \
+                    from err
             raise
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def rank_pattern(model: nn.Module) -> Dict[str, int]:

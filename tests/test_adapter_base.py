@@ -298,3 +298,61 @@ def test_overwrite_removes_an_old_peft_bin_adapter(tmp_path, base):
         export_peft(model, tmp_path)
     export_peft(model, tmp_path, overwrite=True)
     assert sorted(files(tmp_path)) == ["README.md", CONFIG, WEIGHTS]
+
+
+def test_a_failed_undo_keeps_the_old_files_and_says_where(tmp_path, base, monkeypatch):
+    """Even putting the old files back fails (the disk went away): the staging folder holding
+    them is kept and the error names it."""
+    config = make_config()
+    model = trained(base, config)
+    save_adapter(model, tmp_path)
+    previous = files(tmp_path)
+    real_replace = os.replace
+
+    def fail_after_the_weights(src, dst):
+        if Path(dst).name == CONFIG or Path(src).parent.name == "old":
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+    monkeypatch.setattr(persistence.os, "replace", fail_after_the_weights)
+    with pytest.raises(OSError, match="putting the old one back failed too") as err:
+        save_adapter(model, tmp_path, overwrite=True)
+    monkeypatch.undo()
+    kept = Path(str(err.value).rsplit("its files are in ", 1)[1])
+    assert kept.parent.parent == tmp_path and kept.parent.name.startswith(".adapter-staging-")
+    assert files(kept) == previous
+
+
+def test_merged_and_offloaded_weights_are_compared_by_shape_only(tmp_path, base):
+    config = make_config()
+    model = trained(base, config)
+    dict(increlora_layers(model))["blocks.0.fc"].merge()
+    assert base_fingerprint(model)["modules"]["blocks.0.fc"] == "20x12:merged"
+    save_adapter(model, tmp_path)
+    load_adapter(fresh(base, config), tmp_path)
+    offloaded = fresh(base, config)
+    offloaded.blocks[1].proj.base_layer.to("meta")
+    assert base_fingerprint(offloaded)["modules"]["blocks.1.proj"] == "12x20:offloaded"
+    assert base_difference(base_fingerprint(model), base_fingerprint(offloaded)) is None
+
+
+def test_an_fsdp2_sharded_base_saves_without_a_collective(tmp_path, base):
+    """FSDP2 shards the frozen base into DTensors (docs/distributed.md): their values are not
+    read, so a save on one rank cannot wait for the others."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0,
+                            world_size=1)
+    try:
+        config = make_config()
+        model = trained(base, config)
+        trainable = {p for p in model.parameters() if p.requires_grad}
+        for block in model.blocks:
+            fully_shard(block, ignored_params=trainable)
+        fingerprint = base_fingerprint(model)
+        assert fingerprint["modules"]["blocks.0.fc"] == "20x12:sharded"
+        save_adapter(model, tmp_path / "adapter")
+    finally:
+        dist.destroy_process_group()
+    target = load_adapter(fresh(base, config), tmp_path / "adapter")
+    assert rank_pattern(target) == rank_pattern(model)
