@@ -193,10 +193,21 @@ def base_difference(recorded: Dict[str, Any], current: Dict[str, Any]) -> Option
     return f"{extra[0]}: not in this model" if extra else None
 
 
+class BaseMismatchError(ValueError):
+    """An adapter was saved from another base model than the one it is loaded into.
+
+    ``detail`` names both bases and the first module that differs; the message adds how to
+    load it anyway."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail}; pass check_base=False to load it anyway")
+        self.detail = detail
+
+
 def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path) -> None:
-    """ValueError, one line naming both bases, when ``model`` is not the base the adapter in
-    ``directory`` was saved from; a warning when the adapter records no base (saved before
-    fingerprints were written)."""
+    """`BaseMismatchError`, one line naming both bases, when ``model`` is not the base the
+    adapter in ``directory`` was saved from; a warning when the adapter records no base (saved
+    before fingerprints were written)."""
     if BASE_KEY not in meta:
         warnings.warn(f"adapter {directory} records no base model fingerprint (saved by an older "
                       "increlora_fast), so which base it belongs to cannot be checked; save it "
@@ -210,11 +221,11 @@ def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path) -> None
 
     def describe(name: Optional[str]) -> str:
         return repr(name) if name else "an unnamed model"
-    raise ValueError(
+    raise BaseMismatchError(
         f"adapter {directory} belongs to base {describe(recorded.get('name_or_path'))} "
         f"(fingerprint {fingerprint['digest']}), not to this model "
         f"{describe(base_model_name(model))} (fingerprint {current['digest']}): "
-        f"first difference in {difference}; pass check_base=False to load it anyway")
+        f"first difference in {difference}")
 
 
 def _write_new_file(path: Path, data: bytes) -> None:
@@ -418,10 +429,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     """Restore an adapter saved by `save_adapter` into a model injected with the same config.
 
     Every check runs before anything is copied: a file that does not fit (other config, unknown
-    or missing module names, other shapes, a damaged file, another base model) raises ValueError
-    and leaves the model unchanged. Values are cast to the model's dtypes, so an adapter saved
-    with a float16 lambda (``adapter_dtype="base"`` on a float16 base, before lambda was float32
-    always) loads into the float32 lambda.
+    or missing module names, other shapes, a damaged file, another base model: then
+    `BaseMismatchError`) raises ValueError and leaves the model unchanged. Values are cast to
+    the model's dtypes, so an adapter saved with a float16 lambda (``adapter_dtype="base"`` on a
+    float16 base, before lambda was float32 always) loads into the float32 lambda.
 
     Args:
         check_base: refuse a model whose adapted weights differ from the base the adapter was

@@ -100,7 +100,7 @@ def test_another_base_with_the_same_config_is_refused_in_one_line(tmp_path, base
     save_adapter(source, tmp_path, training_state=training_state)
     target = fresh(other_base, config)
     before = adapter_state(target)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(persistence.BaseMismatchError) as err:
         load_adapter(target, tmp_path)
     message = str(err.value)
     assert "\n" not in message
@@ -356,3 +356,26 @@ def test_an_fsdp2_sharded_base_saves_without_a_collective(tmp_path, base):
         dist.destroy_process_group()
     target = load_adapter(fresh(base, config), tmp_path / "adapter")
     assert rank_pattern(target) == rank_pattern(model)
+
+
+def test_resuming_a_finetune_checkpoint_onto_another_base_is_refused(tmp_path, capsys):
+    """The model folder a run names was replaced by another initialisation of the same config
+    between the checkpoint and the resume: the resume stops with the one-line message."""
+    from finetune_helpers import cli, tiny_files, write_tiny_bert
+
+    tiny = tiny_files(tmp_path / "tiny", train_rows=32, dev_rows=8)
+    run = tmp_path / "run"
+    assert cli(["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file",
+                tiny["dev"], "--batch-size", "8", "--max-seq-len", "16", "--no-progress",
+                "--max-steps", "4", "--save-steps", "2", "--output-dir", str(run)]) == 0
+    torch.manual_seed(99)
+    write_tiny_bert(Path(tiny["model"]))
+    capsys.readouterr()
+    assert cli(["--resume", str(run / "checkpoint-2"), "--output-dir", str(tmp_path / "again"),
+                "--no-progress"]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "belongs to base" in err and "first difference in bert.encoder.layer.0." in err
+    assert err.endswith("the model files changed since the checkpoint was written; resume with "
+                        "the ones it was trained on")
+    assert "\n" not in err
+    assert not (tmp_path / "again" / "metrics.json").exists()
