@@ -1,23 +1,33 @@
 """Saving and loading adapters: ``adapter_model.safetensors`` + ``adapter_config.json``.
 
-The weights file is self-contained: its metadata repeats the config and the rank pattern, so a
-save interrupted between the two file renames still leaves a consistent weights file, and every
-write goes to a temporary file that is renamed over the old one only when complete.
+The weights file is self-contained: its metadata repeats the config and the rank pattern (the
+JSON file is a readable summary). Both files are written complete beside the folder's old ones
+and renamed over them only then; a failure puts the old ones back (`write_adapter_files`).
 
 Two layouts:
 - inference (default): per module only the used slots (active, then reserve) with their lambda
   and states; what a forward pass needs.
 - training state (``training_state=True``): all r_max slots, slot states and activation steps, so
   training resumes exactly.
+
+Every adapter records its base (`base_model_name` and `base_fingerprint`, in the weights file's
+metadata and in ``adapter_config.json``); `load_adapter` refuses a model whose adapted weights
+differ from the recorded ones, so an adapter never silently lands on the wrong base.
+
+A folder that already holds an adapter is replaced only when asked (``overwrite=True``), and
+then as a whole: see `write_adapter_files`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
+import struct
 import tempfile
+import warnings
 from pathlib import Path
-from typing import Dict, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,6 +45,12 @@ FORMAT_VERSION = "1"
 SAVED_PREFIX = "modules_to_save."
 SLOT_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state")
 TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
+BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
+# Files that make a folder an adapter folder (ours, or peft's in either of its formats).
+ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
+SAMPLE_COLUMNS = 8
+# Markers in place of sampled values: modules whose float weights cannot be read here.
+UNREAD = ("quantized", "merged", "offloaded", "sharded")
 
 PathLike = Union[str, os.PathLike]
 
@@ -75,6 +91,216 @@ def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def base_model_name(model: nn.Module) -> Optional[str]:
+    """The base model's name or path (transformers' ``config._name_or_path``, else a
+    ``name_or_path`` attribute); None when it has none, e.g. a model built from a config."""
+    name = getattr(getattr(model, "config", None), "_name_or_path", None) or \
+        getattr(model, "name_or_path", None)
+    return str(name) if name else None
+
+
+def _spread(n: int, k: int) -> List[int]:
+    """Up to ``k`` indices spread evenly over ``range(n)``, first and last included."""
+    return sorted({round(i * (n - 1) / max(k - 1, 1)) for i in range(min(k, n))})
+
+
+def _is_sharded(weight: torch.Tensor) -> bool:
+    """A DTensor (FSDP2 shards the frozen base into them): reading its rows would take a
+    collective, which a save on one rank would wait for forever."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+    return isinstance(weight, DTensor)
+
+
+def _module_fingerprint(layer: IncreLoRALinear) -> str:
+    """``"<out>x<in>:<values>"``: the frozen weight's shape and, from rows 0, middle and last,
+    `SAMPLE_COLUMNS` evenly spread values, each cast to float32, rounded to bfloat16 and written
+    as 4 hex digits; in place of the values a marker from `UNREAD` for a quantized, merged,
+    offloaded (meta) or sharded (DTensor) weight."""
+    n_out, n_in = layer.out_features, layer.in_features
+    shape = f"{n_out}x{n_in}"
+    weight = layer.base_layer.weight
+    if layer.is_quantized:
+        return f"{shape}:quantized"
+    if layer.merged:
+        return f"{shape}:merged"
+    if weight.is_meta:
+        return f"{shape}:offloaded"
+    if _is_sharded(weight):
+        return f"{shape}:sharded"
+    rows = torch.tensor(_spread(n_out, 3), device=weight.device)
+    cols = torch.tensor(_spread(n_in, SAMPLE_COLUMNS), device=weight.device)
+    w = weight.detach()
+    sample = (w.index_select(0, cols).index_select(1, rows).t() if layer.is_conv1d
+              else w.index_select(0, rows).index_select(1, cols))
+    bits = sample.to(torch.float32).cpu().to(torch.bfloat16).view(torch.int16).reshape(-1)
+    return f"{shape}:" + "".join(f"{b & 0xFFFF:04x}" for b in bits.tolist())
+
+
+def base_fingerprint(model: nn.Module) -> Dict[str, Any]:
+    """A cheap fingerprint of the frozen weights under every IncreLoRA layer of ``model``.
+
+    Per module (see `_module_fingerprint`) the weight's shape and 24 sampled values rounded to
+    bfloat16, so the same base in float32, bfloat16 or float16, on any device, gives values that
+    `base_difference` accepts. bitsandbytes 4-bit/8-bit bases hold packed data: only their shape
+    is recorded and compared (so a QLoRA adapter still loads onto its full-precision base); the
+    same for a merged layer (its weight includes the adapter), an offloaded (meta) weight and a
+    weight sharded by FSDP2 (a DTensor).
+
+    Returns:
+        ``{"version": 1, "digest": <16 hex digits over all modules>, "modules": {name: entry}}``.
+    """
+    modules = {name: _module_fingerprint(layer) for name, layer in increlora_layers(model)}
+    digest = hashlib.sha256(json.dumps(modules, sort_keys=True).encode()).hexdigest()[:16]
+    return {"version": 1, "digest": digest, "modules": modules}
+
+
+def _sampled_values(text: str) -> List[float]:
+    return [struct.unpack(">f", bytes.fromhex(text[i:i + 4] + "0000"))[0]
+            for i in range(0, len(text), 4)]
+
+
+def _entry_difference(saved: str, current: str) -> Optional[str]:
+    """Why two module entries of `base_fingerprint` belong to different weights, or None.
+
+    Values match within one bfloat16 step (2**-7 relative) plus float16's smallest step
+    (2**-24): loading a float32 base as float16 rounds twice and may land one step away."""
+    saved_shape, _, saved_values = saved.partition(":")
+    shape, _, values = current.partition(":")
+    if saved_shape != shape:
+        return f"weight shape {saved_shape} in the adapter, {shape} in the model"
+    if saved_values in UNREAD or values in UNREAD:
+        return None
+    a, b = _sampled_values(saved_values), _sampled_values(values)
+    if len(a) != len(b) or any(abs(x - y) > 2 ** -7 * max(abs(x), abs(y)) + 2 ** -24
+                               for x, y in zip(a, b)):
+        return "its weight values differ"
+    return None
+
+
+def base_difference(recorded: Dict[str, Any], current: Dict[str, Any]) -> Optional[str]:
+    """The first module (in ``current``'s order, the model's) where two `base_fingerprint`
+    results disagree, as ``"<module>: <why>"``; None when they describe the same base."""
+    saved, current = recorded["modules"], current["modules"]
+    for name, entry in current.items():
+        if name not in saved:
+            return f"{name}: not in the adapter's base"
+        why = _entry_difference(saved[name], entry)
+        if why:
+            return f"{name}: {why}"
+    extra = sorted(set(saved) - set(current))
+    return f"{extra[0]}: not in this model" if extra else None
+
+
+class BaseMismatchError(ValueError):
+    """An adapter was saved from another base model than the one it is loaded into.
+
+    ``detail`` names both bases and the first module that differs; the message adds how to
+    load it anyway."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"{detail}; pass check_base=False to load it anyway")
+        self.detail = detail
+
+
+def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path) -> None:
+    """`BaseMismatchError`, one line naming both bases, when ``model`` is not the base the
+    adapter in ``directory`` was saved from; a warning when the adapter records no base (saved
+    before fingerprints were written)."""
+    if BASE_KEY not in meta:
+        warnings.warn(f"adapter {directory} records no base model fingerprint (saved by an older "
+                      "increlora_fast), so which base it belongs to cannot be checked; save it "
+                      "again to record it", stacklevel=3)
+        return
+    recorded = json.loads(meta[BASE_KEY])
+    fingerprint, current = recorded["fingerprint"], base_fingerprint(model)
+    difference = base_difference(fingerprint, current)
+    if difference is None:
+        return
+
+    def describe(name: Optional[str]) -> str:
+        return repr(name) if name else "an unnamed model"
+    raise BaseMismatchError(
+        f"adapter {directory} belongs to base {describe(recorded.get('name_or_path'))} "
+        f"(fingerprint {fingerprint['digest']}), not to this model "
+        f"{describe(base_model_name(model))} (fingerprint {current['digest']}): "
+        f"first difference in {difference}")
+
+
+def _write_new_file(path: Path, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _backup(source: Path, target: Path) -> None:
+    """Keep ``source``'s contents at ``target``: a hard link, or a copy where links fail."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite: bool) -> None:
+    """Write ``files`` ({file name: contents}) into ``directory`` (created if missing) as one
+    adapter, replacing any adapter there as a whole.
+
+    The files are first written complete into a hidden ``.adapter-staging-*`` folder inside
+    ``directory``, beside a link (or copy) of every adapter file already there; then each new
+    file is renamed over its old one (a reader sees either, never a partial file) and old adapter
+    files the new adapter lacks are removed. A failure on the way puts the old files back, so
+    the folder holds the old adapter whole or the new one whole. (Only a power loss during the
+    renames, or a failure to put the old files back, can leave a mix; the old files then remain
+    in the staging folder, which the error names.)
+
+    Raises:
+        FileExistsError: ``directory`` holds adapter files (`ADAPTER_FILES`) and ``overwrite``
+            is False.
+    """
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    present = [name for name in ADAPTER_FILES if (out / name).exists()]
+    if present and not overwrite:
+        raise FileExistsError(f"{out} already holds an adapter ({', '.join(present)}); pass "
+                              "overwrite=True to replace it, or choose another folder")
+    staging = Path(tempfile.mkdtemp(prefix=".adapter-staging-", dir=out))
+    keep_staging = False
+    try:
+        (staging / "new").mkdir()
+        (staging / "old").mkdir()
+        for name, data in files.items():
+            _write_new_file(staging / "new" / name, data)
+        for name in present:
+            _backup(out / name, staging / "old" / name)
+        touched: List[str] = []
+        try:
+            for name in files:
+                os.replace(staging / "new" / name, out / name)
+                touched.append(name)
+            for name in present:
+                if name not in files:
+                    os.unlink(out / name)
+                    touched.append(name)
+        except BaseException as err:
+            try:
+                for name in reversed(touched):
+                    if name in present:
+                        os.replace(staging / "old" / name, out / name)
+                    else:
+                        os.unlink(out / name)
+            except OSError as undo:
+                keep_staging = True
+                raise OSError(f"{out}: writing the adapter failed ({err}) and putting the old one "
+                              f"back failed too ({undo}); its files are in {staging / 'old'}") \
+                    from err
+            raise
+    finally:
+        if not keep_staging:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def rank_pattern(model: nn.Module) -> Dict[str, int]:
     """{module name: active rank} of every IncreLoRA layer."""
     return {name: layer.active_rank for name, layer in increlora_layers(model)}
@@ -88,16 +314,23 @@ def _layer_tensors(layer: IncreLoRALinear, training_state: bool) -> Dict[str, to
             "lora_lambda": layer.lora_lambda[:used], "slot_state": layer.slot_state[:used]}
 
 
-def save_adapter(model: nn.Module, save_directory: PathLike, training_state: bool = False) -> None:
+def save_adapter(model: nn.Module, save_directory: PathLike, training_state: bool = False,
+                 overwrite: bool = False) -> None:
     """Write the adapter of ``model`` into ``save_directory`` (created if missing).
+
+    The adapter records its base: `base_model_name` and `base_fingerprint`, which
+    `load_adapter` checks.
 
     Args:
         training_state: store all slots, slot states and activation steps for resuming training;
             the default stores what inference needs.
+        overwrite: replace an adapter already in ``save_directory`` (as a whole, see
+            `write_adapter_files`); without it such a folder is refused.
+
+    Raises:
+        FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
     config = get_config(model)
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, layer in increlora_layers(model):
         for key, value in _layer_tensors(layer, training_state).items():
@@ -105,14 +338,18 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     for name, param in saved_module_parameters(model).items():
         tensors[SAVED_PREFIX + name] = param.detach().cpu().contiguous()
     pattern = rank_pattern(model)
+    base = {"name_or_path": base_model_name(model), "fingerprint": base_fingerprint(model)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
               "config": config.to_json(), "rank_pattern": json.dumps(pattern),
               "training_state": "1" if training_state else "0",
-              "sha256": tensors_digest(tensors)}
-    atomic_write_bytes(out / WEIGHTS_NAME, safetensors_bytes(tensors, metadata=header))
+              "sha256": tensors_digest(tensors), BASE_KEY: json.dumps(base, sort_keys=True)}
     summary = dict(config.to_dict(), adapter_type="INCRELORA", format_version=FORMAT_VERSION,
-                   rank_pattern=pattern, training_state=training_state)
-    atomic_write_bytes(out / CONFIG_NAME, json.dumps(summary, indent=2, sort_keys=True).encode())
+                   rank_pattern=pattern, training_state=training_state,
+                   base_model_name_or_path=base["name_or_path"],
+                   base_model_fingerprint=base["fingerprint"])
+    write_adapter_files(save_directory, {
+        WEIGHTS_NAME: safetensors_bytes(tensors, metadata=header),
+        CONFIG_NAME: json.dumps(summary, indent=2, sort_keys=True).encode()}, overwrite)
 
 
 def _read(path: Path):
@@ -187,14 +424,21 @@ def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training
     return full
 
 
-def load_adapter(model: nn.Module, save_directory: PathLike) -> nn.Module:
+def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = True
+                 ) -> nn.Module:
     """Restore an adapter saved by `save_adapter` into a model injected with the same config.
 
     Every check runs before anything is copied: a file that does not fit (other config, unknown
-    or missing module names, other shapes, a damaged file) raises ValueError and leaves the
-    model unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16
-    lambda (``adapter_dtype="base"`` on a float16 base, before lambda was float32 always)
-    loads into the float32 lambda.
+    or missing module names, other shapes, a damaged file, another base model: then
+    `BaseMismatchError`) raises ValueError and leaves the model unchanged. Values are cast to
+    the model's dtypes, so an adapter saved with a float16 lambda (``adapter_dtype="base"`` on a
+    float16 base, before lambda was float32 always) loads into the float32 lambda.
+
+    Args:
+        check_base: refuse a model whose adapted weights differ from the base the adapter was
+            saved from (`base_fingerprint`; the same base in another dtype or on another device
+            matches). False loads onto any model that fits. Adapters saved before the base was
+            recorded load with a warning.
     """
     path = Path(save_directory) / WEIGHTS_NAME
     meta, tensors = _read(path)
@@ -225,6 +469,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike) -> nn.Module:
         _check(value.shape == param.shape, path, f"{name} has shape {tuple(value.shape)}, "
                f"the model needs {tuple(param.shape)}")
         updates.append((param, value))
+    if check_base:
+        _check_base(meta, model, Path(save_directory))
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value.to(device=target.device, dtype=target.dtype))

@@ -115,6 +115,31 @@ def test_peft_loads_export_with_equal_outputs(tmp_path, family):
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("given", [None, "org/explicit"], ids=["from-config", "argument"])
+def test_export_records_its_base_and_peft_loads_it_silently(tmp_path, recwarn, given):
+    """base_model_name_or_path (peft's field) comes from the model's config or the argument;
+    our fingerprint rides in the weights file's metadata, which peft ignores without the
+    'unexpected keyword arguments' warning an unknown config key would give."""
+    from increlora_fast.persistence import base_fingerprint
+
+    model, _ = _trained("bert", 2)
+    model.config._name_or_path = "org/tiny-bert"
+    export_peft(model, tmp_path, base_model_name_or_path=given)
+    name = given or "org/tiny-bert"
+    assert json.loads((tmp_path / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == name
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "pt"
+    assert json.loads(meta["increlora_base"]) == {"name_or_path": name,
+                                                  "fingerprint": base_fingerprint(model)}
+    loaded = peft.PeftModel.from_pretrained(_fresh_base("bert"), str(tmp_path)).eval()
+    assert loaded.peft_config["default"].base_model_name_or_path == name
+    torch.testing.assert_close(_outputs(loaded, "bert"), _outputs(model, "bert"),
+                               rtol=1e-5, atol=1e-5)
+    assert not [w for w in recwarn if "nexpected keyword" in str(w.message)]
+
+
 def test_export_after_budget_drops_retired_reserve(tmp_path):
     model, controller = _trained("llama", STEPS, top_h=6)
     assert controller.budget_reached

@@ -175,7 +175,7 @@ def test_other_module_names_are_rejected(tmp_path, tiny_net, make_tiny_net):
         load_adapter(target, tmp_path)
     assert_same_state(target, before)
 
-    save_adapter(trained(make_tiny_net(depth=1), config), tmp_path)
+    save_adapter(trained(make_tiny_net(depth=1), config), tmp_path, overwrite=True)
     with pytest.raises(ValueError, match=r"missing tensors.*blocks\.1\."):
         load_adapter(target, tmp_path)
     assert_same_state(target, before)
@@ -267,7 +267,7 @@ def test_crash_during_write_keeps_previous_checkpoint(saved, monkeypatch, target
     else:
         monkeypatch.setattr(persistence, "safetensors_bytes", _crash)
     with pytest.raises(OSError, match="simulated crash"):
-        save_adapter(model, directory)
+        save_adapter(model, directory, overwrite=True)
     monkeypatch.undo()
     assert _files(directory) == previous
     target_model = fresh(base, config)
@@ -276,31 +276,32 @@ def test_crash_during_write_keeps_previous_checkpoint(saved, monkeypatch, target
     assert not torch.allclose(target_model(x), model(x), atol=1e-3)
 
 
-def test_crash_between_the_two_files_leaves_a_loadable_adapter(saved, monkeypatch):
-    """The weights file is complete on its own; only the JSON summary is stale."""
+def test_crash_between_the_two_files_keeps_the_old_adapter_whole(saved, monkeypatch):
+    """The new weights file is already in place when renaming the new JSON summary fails: the
+    old weights file is put back, so the folder holds the old adapter, both files of it."""
     base, config, model, directory = saved
-    previous_json = (directory / CONFIG).read_bytes()
+    previous = _files(directory)
     with torch.no_grad():
         for _, layer in increlora_layers(model):
             layer.activate_reserve(1, step=99)
     real_replace = os.replace
+    calls = []
 
-    def replace_weights_only(src, dst):
-        if str(dst).endswith(CONFIG):
+    def fail_on_the_summary(src, dst):
+        calls.append(Path(dst).name)
+        if Path(dst).name == CONFIG and calls.count(CONFIG) == 1:
             raise OSError("simulated crash")
         real_replace(src, dst)
 
-    monkeypatch.setattr(persistence.os, "replace", replace_weights_only)
-    with pytest.raises(OSError):
-        save_adapter(model, directory)
+    monkeypatch.setattr(persistence.os, "replace", fail_on_the_summary)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_adapter(model, directory, overwrite=True)
     monkeypatch.undo()
-    assert sorted(p.name for p in directory.iterdir()) == [CONFIG, WEIGHTS]
-    assert (directory / CONFIG).read_bytes() == previous_json
+    assert calls[:2] == [WEIGHTS, CONFIG]  # the failure came after the weights were replaced
+    assert _files(directory) == previous
     target = fresh(base, config)
     load_adapter(target, directory)
-    x = torch.randn(2, 12)
-    assert torch.equal(target(x), model(x))
-    assert rank_pattern(target) == rank_pattern(model)
+    assert rank_pattern(target) != rank_pattern(model)
 
 
 def _rewrite_slot_state(path: Path, module: str, states: list) -> None:

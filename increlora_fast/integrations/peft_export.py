@@ -16,13 +16,18 @@ The written directory is what ``peft.PeftModel.from_pretrained(base_model, direc
 
 Exported slots per module: every active slot, plus the reserve slots that still change the output
 (nonzero effective lambda, i.e. before the budget is reached with advance learning on).
+
+The base travels with the export: ``base_model_name_or_path`` in ``adapter_config.json`` (peft's
+own field), and our `base_fingerprint` in the weights file's metadata under ``increlora_base``
+(JSON ``{"name_or_path": ..., "fingerprint": ...}``). Not in ``adapter_config.json``: peft 0.21
+loads a config with unknown keys but warns that it was written by a newer peft and should be
+upgraded; safetensors metadata it ignores silently.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -31,11 +36,12 @@ from torch import nn
 
 from ..layer import IncreLoRALinear, SlotState
 from ..model import get_config, increlora_layers, saved_module_parameters
-from ..persistence import atomic_write_bytes
+from ..persistence import base_fingerprint, base_model_name, write_adapter_files
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+BASE_METADATA_KEY = "increlora_base"
 
 PathLike = Union[str, os.PathLike]
 
@@ -108,16 +114,19 @@ def _saved_roots(model: nn.Module) -> List[str]:
 
 
 def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[str] = None,
-                base_model_name_or_path: Optional[str] = None) -> Dict[str, int]:
+                base_model_name_or_path: Optional[str] = None, overwrite: bool = False
+                ) -> Dict[str, int]:
     """Write the adapter of ``model`` as a peft LoRA adapter into ``save_directory``.
 
     Args:
         model: a model returned by `inject_increlora` (not merged).
-        save_directory: created if missing; existing peft adapter files there are replaced.
+        save_directory: created if missing.
         task_type: peft ``task_type`` written to the config (e.g. ``"CAUSAL_LM"``), used by
             ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``.
         base_model_name_or_path: recorded in the config; defaults to the model's
-            ``config._name_or_path`` when it has one.
+            ``config._name_or_path`` (or ``name_or_path``) when it has one.
+        overwrite: replace an adapter already in ``save_directory`` (ours or peft's), as a
+            whole (see `persistence.write_adapter_files`); without it such a folder is refused.
 
     Returns:
         The rank of every exported module, ``{module name: r_i}``.
@@ -125,6 +134,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     Raises:
         ValueError: ``task_type`` is not one of peft's task types, a layer is merged, or a module
             to save contains adapted layers.
+        FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
     task_types = _peft_task_types()
     if task_type is not None and task_type not in task_types:
@@ -149,8 +159,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     r = max(ranks.values())
     pattern = {_pattern_key(n, names): ranks[n] for n in names}
     if base_model_name_or_path is None:
-        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) \
-            or None
+        base_model_name_or_path = base_model_name(model)
     peft_config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -169,10 +178,9 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    out = Path(save_directory)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out / PEFT_WEIGHTS_NAME,
-                       safetensors_bytes(tensors, metadata={"format": "pt"}))
-    atomic_write_bytes(out / PEFT_CONFIG_NAME,
-                       json.dumps(peft_config, indent=2, sort_keys=True).encode())
+    base = {"name_or_path": base_model_name_or_path, "fingerprint": base_fingerprint(model)}
+    metadata = {"format": "pt", BASE_METADATA_KEY: json.dumps(base, sort_keys=True)}
+    write_adapter_files(save_directory, {
+        PEFT_WEIGHTS_NAME: safetensors_bytes(tensors, metadata=metadata),
+        PEFT_CONFIG_NAME: json.dumps(peft_config, indent=2, sort_keys=True).encode()}, overwrite)
     return ranks

@@ -13,7 +13,7 @@ from ..controller import IncreLoRAController
 from ..layer import is_supported_base
 from ..model import count_trainable_parameters, inject_increlora
 from ..optimizer import create_optimizer
-from ..persistence import load_adapter, save_adapter
+from ..persistence import BaseMismatchError, load_adapter, save_adapter
 from .methods import MethodRun, matches_suffix
 from .settings import RunSettings, default_top_h
 
@@ -113,12 +113,18 @@ class IncreLoRARun(MethodRun):
         return {"active": counts["active"], "padded": counts["padded"]}
 
     def save_artifacts(self, out_dir: Path) -> None:
-        save_adapter(self.model, out_dir)
+        # the output folder was checked before the run (prepare_output_dir): an adapter there
+        # is an earlier run's that --overwrite or --resume allowed this run to replace
+        save_adapter(self.model, out_dir, overwrite=True)
 
     def save_state(self, ckpt_dir: Path) -> dict:
         save_adapter(self.model, ckpt_dir, training_state=True)
         return {"controller": self.controller.state_dict()}
 
     def load_state(self, ckpt_dir: Path, state: dict) -> None:
-        load_adapter(self.model, ckpt_dir)
+        try:
+            load_adapter(self.model, ckpt_dir)
+        except BaseMismatchError as err:  # its hint names an API argument; a resume has none
+            raise ValueError(f"{err.detail}: the model files changed since the checkpoint was "
+                             "written; resume with the ones it was trained on") from err
         self.controller.load_state_dict(state["controller"])
