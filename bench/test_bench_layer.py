@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from increlora_fast.benchmarks.layer import build_cases
-from increlora_fast.benchmarks.methods import LAYER_METHODS, MethodEnv
-from increlora_fast.benchmarks.timing import PeakMemory
+from increlora_fast.benchmarks.speed.layer_level import build_cases
+from increlora_fast.benchmarks.speed.layer_methods import LAYER_METHODS, MethodEnv
+from increlora_fast.benchmarks.speed.timing import PeakMemory
 
 from conftest import DEVICE, synchronize
 

@@ -9,11 +9,11 @@ import itertools
 
 import pytest
 
-from increlora_fast.benchmarks.methods import MethodEnv
-from increlora_fast.benchmarks.model import (COMPILE_CPU_NOTE, MODEL_METHODS, graphs_status,
-                                             method_env, prepare_run)
-from increlora_fast.benchmarks.plans import ModelPlan
-from increlora_fast.benchmarks.timing import PeakMemory
+from increlora_fast.benchmarks.speed.layer_methods import MethodEnv
+from increlora_fast.benchmarks.speed.model_level import (COMPILE_CPU_NOTE, MODEL_METHODS,
+                                                         graphs_status, method_env, prepare_run)
+from increlora_fast.benchmarks.speed.plans import ModelPlan
+from increlora_fast.benchmarks.speed.timing import PeakMemory
 
 from conftest import DEVICE, synchronize
 

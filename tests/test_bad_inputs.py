@@ -240,11 +240,11 @@ def test_bench_include_json_that_is_not_json_names_the_file(tmp_path, capsys, mo
 
 @pytest.fixture
 def no_memory_model(monkeypatch):
-    import increlora_fast.benchmarks.memory as memory
+    from increlora_fast.benchmarks.memory import breakdown
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was built before the bad input was refused")
-    monkeypatch.setattr(memory, "build_spec", refuse)
+    monkeypatch.setattr(breakdown, "build_spec", refuse)
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -260,14 +260,14 @@ def test_memory_arguments_are_checked_before_the_model(argv, needles, capsys, mo
 def test_memory_offline_hub_id_uses_the_cache_only(capsys, monkeypatch):
     import huggingface_hub.constants as hub_constants
 
-    import increlora_fast.benchmarks.memory as memory
+    from increlora_fast.benchmarks.memory import breakdown
     seen = []
 
     def build_spec(model, head, dtype):
         seen.append(hub_constants.HF_HUB_OFFLINE)
         raise ValueError(f"--model {model}: not in the local hub cache")
 
-    monkeypatch.setattr(memory, "build_spec", build_spec)
+    monkeypatch.setattr(breakdown, "build_spec", build_spec)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert _main(["memory", "--model", "someorg/nomodel"]) == 2
     assert seen == [True]

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from increlora_fast.benchmarks.methods import LAYER_METHODS
-from increlora_fast.benchmarks.model import MODEL_METHODS
+from increlora_fast.benchmarks.speed.layer_methods import LAYER_METHODS
+from increlora_fast.benchmarks.speed.model_level import MODEL_METHODS
 from increlora_fast.benchmarks.records import CSV_COLUMNS, REQUIRED
-from increlora_fast.benchmarks.tables import layer_rows, model_rows
-from increlora_fast.benchmarks.targets import cpu_model_verdicts, layer_verdicts
-from increlora_fast.benchmarks.timing import measure_interleaved
+from increlora_fast.benchmarks.speed.tables import layer_rows, model_rows
+from increlora_fast.benchmarks.speed.targets import cpu_model_verdicts, layer_verdicts
+from increlora_fast.benchmarks.speed.timing import measure_interleaved
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--quick", "--threads", "1", "--shapes", "24x40", "--tokens", "8,16", "--r-max", "8",

@@ -18,14 +18,15 @@ from pathlib import Path
 import pytest
 
 from finetune_helpers import sentiment_rows, write_tiny_bert
-from increlora_fast.benchmarks import gpu_check
-from increlora_fast.benchmarks import model as model_level
-from increlora_fast.benchmarks.gpu_check import (FINETUNE_RUNS, LAYER_METHODS_CHECKED,
-                                                 MODEL_METHODS_CHECKED, OPTIONAL_MODEL_METHODS,
-                                                 PARTS, QLORA_METHODS_CHECKED)
-from increlora_fast.benchmarks.host_overhead import METHODS as HOST_METHODS
-from increlora_fast.benchmarks.host_overhead import HostPlan, measure_on_device
-from increlora_fast.benchmarks.targets import ISSUE13_LAYER, ISSUE13_MODEL, issue13_verdicts
+from increlora_fast.benchmarks.gpu_check import parts as gpu_check
+from increlora_fast.benchmarks.gpu_check.parts import (FINETUNE_RUNS, LAYER_METHODS_CHECKED,
+                                                       MODEL_METHODS_CHECKED,
+                                                       OPTIONAL_MODEL_METHODS, PARTS,
+                                                       QLORA_METHODS_CHECKED)
+from increlora_fast.benchmarks.speed import model_level
+from increlora_fast.benchmarks.speed.host_overhead import METHODS as HOST_METHODS
+from increlora_fast.benchmarks.speed.host_overhead import HostPlan, measure_on_device
+from increlora_fast.benchmarks.speed.targets import ISSUE13_LAYER, ISSUE13_MODEL, issue13_verdicts
 from increlora_fast.cli.main import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def test_dry_run_markdown_reports_every_part(dry_run):
 
 
 def gpu_check_titles():
-    from increlora_fast.benchmarks.gpu_check_report import PART_TITLES
+    from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES
     return list(PART_TITLES.values())
 
 
@@ -359,7 +360,7 @@ def test_triton_status_uses_the_public_interpreter_test(interpret):
     if interpret:
         env["TRITON_INTERPRET"] = "1"
     code = ("import torch; from increlora_fast.kernels.utils import interpreter_active; "
-            "from increlora_fast.benchmarks.methods import triton_status; "
+            "from increlora_fast.benchmarks.speed.layer_methods import triton_status; "
             "print(interpreter_active(), triton_status(torch.device('cpu'))[0])")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=120)
@@ -370,7 +371,7 @@ def test_triton_status_uses_the_public_interpreter_test(interpret):
 def test_one_failing_method_loses_only_its_own_rows(monkeypatch):
     import torch
 
-    from increlora_fast.benchmarks import layer as layer_level
+    from increlora_fast.benchmarks.speed import layer_level
 
     calls = []
 
@@ -436,7 +437,7 @@ def test_graphed_step_is_skipped_with_its_reason():
 def test_floor_trains_only_norms_and_the_head():
     import torch
 
-    from increlora_fast.benchmarks.plans import ModelPlan
+    from increlora_fast.benchmarks.speed.plans import ModelPlan
 
     plan = ModelPlan(models=["tiny-llama"], batch_size=2, seq_len=8, steps=3, warmup_steps=1,
                      dtypes=["fp32"])
@@ -501,7 +502,7 @@ def test_finetune_option_probe_reads_the_parser():
 def test_qlora_without_bitsandbytes_is_a_skip_with_its_reason(monkeypatch):
     import torch
 
-    from increlora_fast.benchmarks import quantized_base
+    from increlora_fast.benchmarks.speed import quantized_base
 
     monkeypatch.setattr(quantized_base, "BNB_MODULE", "no_such_bitsandbytes")
     result = gpu_check.check_qlora(torch.device("cpu"), gpu_check.dry_run_plan(), {"date": "d"},

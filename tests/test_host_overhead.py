@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from increlora_fast.benchmarks.host_overhead import METHODS, OURS, host_rows
+from increlora_fast.benchmarks.speed.host_overhead import METHODS, OURS, host_rows
 from increlora_fast.benchmarks.records import REQUIRED
 from increlora_fast.cli.main import main
 
@@ -70,7 +70,7 @@ def test_stub_is_restored(kernel_device):
     import pkgutil
 
     from increlora_fast import kernels
-    from increlora_fast.benchmarks.host_overhead import stubbed_launches
+    from increlora_fast.benchmarks.speed.host_overhead import stubbed_launches
     from increlora_fast.kernels import utils
 
     real = utils.launch

@@ -9,11 +9,12 @@ import json
 import pytest
 import torch
 
-from increlora_fast.benchmarks.memory import (ACTIVATIONS, BASE, BUFFERS, COMPONENTS, GRADS,
-                                              OPT_TEMPS, OPTIMIZER, PADDED, SCORE, TOTAL,
-                                              build_spec, method_rows)
-from increlora_fast.benchmarks.memory_check import check_total
-from increlora_fast.benchmarks.memory_methods import AdapterSetting, MemoryMethod, methods_for
+from increlora_fast.benchmarks.memory.breakdown import (ACTIVATIONS, BASE, BUFFERS, COMPONENTS,
+                                                        GRADS, OPT_TEMPS, OPTIMIZER, PADDED, SCORE,
+                                                        TOTAL, build_spec, method_rows)
+from increlora_fast.benchmarks.memory.check import check_total
+from increlora_fast.benchmarks.memory.compared_methods import (AdapterSetting, MemoryMethod,
+                                                               methods_for)
 from increlora_fast.benchmarks.memory_probe import TensorPeak
 from increlora_fast.cli.main import main
 
@@ -80,7 +81,7 @@ def test_cli_bert_config_folder_and_quantized_base(tmp_path, capsys):
     base = by_component(rows, "increlora")[BASE]
     assert by_component(rows, "increlora")[TOTAL]["how"] == "estimated"  # stand-in step
     full = build_spec(str(tmp_path), "auto", "fp32")
-    from increlora_fast.benchmarks.memory import base_weights
+    from increlora_fast.benchmarks.memory.breakdown import base_weights
     unquantized = base_weights(full.build(torch.device("cpu"), meta=True), "none")[0]
     assert base["how"] == "exact" and base["bytes"] < unquantized
     assert "seq-cls" in capsys.readouterr().out
@@ -186,7 +187,7 @@ def test_probe_counts_new_storages_once_and_frees_them():
 def test_benchmark_cpu_memory_is_counted_per_tensor():
     """The benchmarks' peak is the tensors a run allocates, to the byte, not the process RSS."""
     from increlora_fast.benchmarks.memory_probe import CPU_KIND
-    from increlora_fast.benchmarks.timing import measure_interleaved
+    from increlora_fast.benchmarks.speed.timing import measure_interleaved
 
     def run() -> None:
         a = torch.empty(3, 1024, 1024, dtype=torch.uint8)  # 3 MiB, then 1 MiB more while alive
@@ -204,7 +205,7 @@ def test_quantized_layout_matches_bitsandbytes(bits):
     bnb = pytest.importorskip("bitsandbytes")
     from torch import nn
 
-    from increlora_fast.benchmarks.memory import base_weights
+    from increlora_fast.benchmarks.memory.breakdown import base_weights
 
     class Tiny(nn.Module):
         def __init__(self, linear=nn.Linear):

@@ -239,11 +239,11 @@ def test_cuda_graphs_on_pads_to_max_length_when_pad_to_is_left_out(tiny):
 # ---------------------------------------------------------------- the benchmarks' step
 
 def test_the_benchmarks_increlora_step_is_the_plain_loop_of_the_readme():
-    """`memory_methods.increlora_runner` (the memory breakdown, its check and, with autocast
+    """`compared_methods.increlora_runner` (the memory breakdown, its check and, with autocast
     around it, the model-level benchmark) trains exactly as the README's hand-written loop."""
     from increlora_fast import IncreLoRAConfig, create_optimizer, inject_increlora
-    from increlora_fast.benchmarks.memory_methods import increlora_runner
-    from increlora_fast.benchmarks.model import BERT_TARGETS, MODEL_PRESETS
+    from increlora_fast.benchmarks.memory.compared_methods import increlora_runner
+    from increlora_fast.benchmarks.speed.model_level import BERT_TARGETS, MODEL_PRESETS
     from increlora_fast.controller import IncreLoRAController
 
     preset = MODEL_PRESETS["tiny-bert"]

@@ -10,6 +10,9 @@ operator allocates and frees inside itself (not returned), and tensors created b
 """
 from __future__ import annotations
 
+import ctypes
+import gc
+import sys
 import weakref
 from typing import Dict, Optional
 
@@ -130,3 +133,16 @@ class TensorPeak:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def release_memory(device: torch.device) -> None:
+    """Collect garbage and hand freed memory back (CUDA cache, glibc arenas) before a baseline."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+    elif sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass

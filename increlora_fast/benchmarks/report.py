@@ -1,5 +1,5 @@
 """The benchmark report: the console summary, the time-vs-tokens plot and ``bench/RESULTS.md``,
-all computed from benchmark records (rows and tables in `tables`)."""
+all computed from benchmark records (rows and tables in `speed.tables`)."""
 from __future__ import annotations
 
 import os
@@ -7,13 +7,13 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .gpu_check_report import results_section
-from .host_overhead import COLUMNS as HOST_COLUMNS
-from .host_overhead import HOST_LEGEND, host_rows
-from .methods import INTERPRETER_NOTE, LAYER_METHODS
-from .tables import (INTERP_MARK, LAYER_COLUMNS, MODEL_COLUMNS, layer_rows, markdown_table,
-                     model_rows, text_table)
-from .targets import all_verdicts
+from .gpu_check.markdown import results_section
+from .speed.host_overhead import COLUMNS as HOST_COLUMNS
+from .speed.host_overhead import HOST_LEGEND, host_rows
+from .speed.layer_methods import INTERPRETER_NOTE, LAYER_METHODS
+from .speed.tables import (INTERP_MARK, LAYER_COLUMNS, MODEL_COLUMNS, layer_rows,
+                           markdown_table, model_rows, text_table)
+from .speed.targets import all_verdicts
 
 
 def run_key(record: dict) -> Tuple[str, str]:

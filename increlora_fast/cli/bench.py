@@ -7,7 +7,7 @@ DeBERTa-v3-base and MiniLM-L6, on a CUDA GPU. Prints the tables, appends every r
 writes the records and ``bench/RESULTS.md``.
 
 ``--levels host``: the host overhead of one layer call with the Triton launches stubbed, on CPU
-in a subprocess under the Triton interpreter (`benchmarks.host_overhead`); it needs no GPU.
+in a subprocess under the Triton interpreter (`benchmarks.speed.host_overhead`); it needs no GPU.
 """
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .checks import check_device, check_names
+from .option_checks import check_device, check_names
 
 if TYPE_CHECKING:
-    from ..benchmarks.host_overhead import HostPlan
-    from ..benchmarks.plans import LayerPlan, ModelPlan
+    from ..benchmarks.speed.host_overhead import HostPlan
+    from ..benchmarks.speed.plans import LayerPlan, ModelPlan
 
 DEFAULT_CSV = "bench/results.csv"
 DEFAULT_RESULTS_MD = "bench/RESULTS.md"
@@ -128,7 +128,7 @@ def _fail(message: str) -> int:
 
 
 def _plans(args: argparse.Namespace):
-    from ..benchmarks.plans import DTYPES, PHASES, full_plans, quick_plans
+    from ..benchmarks.speed.plans import DTYPES, PHASES, full_plans, quick_plans
 
     layer, model = quick_plans() if args.quick else full_plans()
     for attr, name in (("shapes", "shapes"), ("tokens", "tokens"), ("r_max", "r_max"),
@@ -162,7 +162,7 @@ def _plans(args: argparse.Namespace):
 
 def _host_plan(args: argparse.Namespace) -> "HostPlan":
     """The `HostPlan` of ``--host-*``; ValueError naming the option that is out of range."""
-    from ..benchmarks.host_overhead import HostPlan
+    from ..benchmarks.speed.host_overhead import HostPlan
 
     plan = HostPlan()
     if args.host_point is not None:
@@ -193,8 +193,8 @@ def _device(args: argparse.Namespace):
 
 def _check_names(args: argparse.Namespace) -> None:
     """--methods, --model-methods and --models name known entries (checked before measuring)."""
-    from ..benchmarks.methods import LAYER_METHODS
-    from ..benchmarks.model import MODEL_METHODS, MODEL_PRESETS
+    from ..benchmarks.speed.layer_methods import LAYER_METHODS
+    from ..benchmarks.speed.model_level import MODEL_METHODS, MODEL_PRESETS
 
     check_names("--methods", args.methods, list(LAYER_METHODS))
     check_names("--model-methods", args.model_methods, list(MODEL_METHODS))
@@ -231,9 +231,9 @@ def _measure(args: argparse.Namespace, device, mode: str, layer_plan: "LayerPlan
     """The records of every level of ``args.levels`` at the checked plans."""
     import torch
 
-    from ..benchmarks.layer import run_layer_level
-    from ..benchmarks.methods import LAYER_METHODS
-    from ..benchmarks.model import MODEL_METHODS, run_model_level
+    from ..benchmarks.speed.layer_level import run_layer_level
+    from ..benchmarks.speed.layer_methods import LAYER_METHODS
+    from ..benchmarks.speed.model_level import MODEL_METHODS, run_model_level
     from ..benchmarks.records import environment
 
     env = environment(device, mode)
@@ -262,7 +262,7 @@ def _host_level(plan: "HostPlan", env: dict, log) -> List[dict]:
     """The host-overhead records of ``plan`` (a `HostPlan`), measured in a subprocess, stamped
     with this run's date, commit and command so they join its report (their own threads and
     mode are kept)."""
-    from ..benchmarks.host_overhead import measure
+    from ..benchmarks.speed.host_overhead import measure
 
     log(f"host: {plan.in_features}x{plan.out_features}, {plan.tokens} tokens, r_max "
         f"{plan.r_max}, {plan.repeats} calls per method in a subprocess (Triton interpreter, "

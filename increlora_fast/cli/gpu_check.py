@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-# The order they run in, the most important first (benchmarks.gpu_check.PARTS).
+# The order they run in, the most important first (benchmarks.gpu_check.parts.PARTS).
 PART_NAMES = ("kernels", "finetune", "model", "qlora", "layer")
 
 
@@ -66,7 +66,7 @@ def _use_assets(path: str) -> None:
 
 
 def _pack(dest: str) -> int:
-    from ..benchmarks.gpu_check import pack_assets
+    from ..benchmarks.gpu_check.asset_pack import pack_assets
     from ..data import AssetUnavailableError
 
     try:
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from ..benchmarks.gpu_check import JSON_FILE, MD_FILE, run_gpu_check
+    from ..benchmarks.gpu_check.parts import JSON_FILE, MD_FILE, run_gpu_check
 
     report = run_gpu_check(out, device, args.dry_run, tuple(args.parts),
                            log=lambda line: print(line, flush=True), notes=notes)

@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from ..config import ADAPTER_DTYPES
-from .checks import check_device, check_rank_budget
+from .option_checks import check_device, check_rank_budget
 
 def _csv_list(text: str) -> List[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -94,9 +94,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err))
     import torch
 
-    from ..benchmarks.memory import build_spec, format_notes, format_table, memory_breakdown, \
-        write_json
-    from ..benchmarks.memory_methods import AdapterSetting
+    from ..benchmarks.memory.breakdown import (build_spec, format_notes, format_table,
+                                               memory_breakdown, write_json)
+    from ..benchmarks.memory.compared_methods import AdapterSetting
     from ..data.assets import AssetUnavailableError, hub_offline, offline_requested
 
     try:

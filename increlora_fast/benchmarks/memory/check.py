@@ -6,11 +6,10 @@ from typing import Dict
 
 import torch
 
-from .memory import TOTAL, method_rows
-from .memory_methods import AdapterSetting, increlora_runner, methods_for
-from .memory_model import ModelSpec
-from .memory_probe import TensorPeak
-from .timing import release_memory
+from ..memory_probe import TensorPeak, release_memory
+from .breakdown import TOTAL, method_rows
+from .compared_methods import AdapterSetting, increlora_runner, methods_for
+from .model_spec import ModelSpec
 
 DEFAULT_TOLERANCE = 0.03
 
@@ -18,7 +17,7 @@ DEFAULT_TOLERANCE = 0.03
 def loop_peak(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len: int,
               device: torch.device, steps: int = 3) -> int:
     """Peak tensor bytes of ``steps`` steps of the README's IncreLoRA loop (the one
-    `StepRunner`, as `memory_methods.increlora_runner` sets it up), everything (model, batch,
+    `StepRunner`, as `compared_methods.increlora_runner` sets it up), everything (model, batch,
     optimizer, controller) created inside the measurement."""
     device = torch.device(device)
     release_memory(device)

@@ -7,17 +7,14 @@ the first run (`memory_probe.LiveTensorBytes`: per tensor, not the page-granular
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from .memory_probe import MIB, TensorPeak
+from ..memory_probe import MIB, TensorPeak, release_memory
 
 
 @dataclass
@@ -35,19 +32,6 @@ class Measurement:
     @property
     def mean_ms(self) -> float:
         return statistics.fmean(self.times_ms)
-
-
-def release_memory(device: torch.device) -> None:
-    """Collect garbage and hand freed memory back (CUDA cache, glibc arenas) before a baseline."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-    elif sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 class PeakMemory:

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch import nn
 
-from ..functional import refresh_settings
+from ...functional import refresh_settings
 from .dense_increlora import DenseIncreLoRALinear
 
 LORA_ALPHA = 16.0
@@ -113,7 +113,7 @@ def _dense_factory(track: bool):
 def _increlora_factory(backend: str, fused: bool, track: bool):
     def build(in_f: int, out_f: int, r_max: int, dtype: torch.dtype,
               device: torch.device) -> LayerCase:
-        from ..layer import IncreLoRALinear
+        from ...layer import IncreLoRALinear
 
         layer = IncreLoRALinear(_frozen_linear(in_f, out_f, dtype, device), r_max=r_max,
                                 init_r=r_max, reserve_rank=0, lora_alpha=LORA_ALPHA)
@@ -158,7 +158,7 @@ def triton_status(device: torch.device) -> Tuple[bool, str]:
     CUDA needs triton installed. Elsewhere they run only under the Triton interpreter
     (``TRITON_INTERPRET=1`` set before ``increlora_fast.kernels`` was first imported)."""
     try:
-        from ..kernels.utils import interpreter_active
+        from ...kernels.utils import interpreter_active
     except ImportError as err:
         return False, f"skipped: triton is not importable ({err})"
     if device.type == "cuda":

@@ -24,7 +24,7 @@ def load_config(model: str):
     packaged model name (``all-MiniLM-L6-v2``) or a hub id (which needs the hub, or its cache)."""
     from transformers import AutoConfig, PretrainedConfig
 
-    from ..data.assets import PACKAGED_MODELS, locate_asset
+    from ...data.assets import PACKAGED_MODELS, locate_asset
 
     path = Path(model)
     if model in PACKAGED_MODELS and not path.exists():

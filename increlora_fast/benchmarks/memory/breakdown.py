@@ -26,9 +26,9 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .memory_methods import AdapterSetting, MemoryMethod, Sizes, methods_for
-from .memory_model import ModelSpec
-from .memory_step import estimate_step, measure_step
+from .compared_methods import AdapterSetting, MemoryMethod, Sizes, methods_for
+from .model_spec import ModelSpec
+from .step import estimate_step, measure_step
 
 BASE = "base weights"
 PADDED = "adapter tensors (padded)"
@@ -214,7 +214,7 @@ def write_json(rows: List[dict], path: str) -> Path:
 
 def build_spec(model: str, head: str, dtype: str) -> ModelSpec:
     """The `ModelSpec` of a ``--model`` (folder, config file or hub id)."""
-    from .memory_model import DTYPES, load_config, resolve_head
+    from .model_spec import DTYPES, load_config, resolve_head
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is invalid: use one of {list(DTYPES)}")

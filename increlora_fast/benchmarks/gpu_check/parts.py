@@ -9,12 +9,13 @@ important first (a check stopped from outside keeps what it finished):
 - ``model``: training steps of random-weight models, MiniLM-L6 at the main job's shape first,
   then DeBERTa-v3-base and a 2-layer Llama-7B: the frozen floor, peft LoRA (eager and under
   torch.compile), peft AdaLoRA and ours (eager Triton, and the graphed step), with medians of
-  the steps that track the importance score and of those that do not (`model.run_model_level`);
+  the steps that track the importance score and of those that do not
+  (`model_level.run_model_level`);
 - ``qlora``: the same steps on a 4-bit NF4 base (bitsandbytes), ours against peft LoRA;
 - ``layer``: one adapted linear, fwd+bwd, bf16: the frozen layer (floor), peft LoRA at
   r = r_max, ours on the default Triton path and on the fused GEMM, each with and without
-  score tracking (`layer.run_layer_level`), and per method the Triton launches and the host
-  time of one call (`host_overhead`).
+  score tracking (`layer_level.run_layer_level`), and per method the Triton launches and the
+  host time of one call (`host_overhead`).
 
 Each part records its error instead of stopping the check; the JSON and the Markdown report are
 rewritten after every part. A method that cannot run here is recorded as skipped with the
@@ -40,8 +41,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .host_overhead import HostPlan
-from .plans import LayerPlan, ModelPlan
+from ..speed.host_overhead import HostPlan
+from ..speed.plans import LayerPlan, ModelPlan
 
 JSON_FILE = "gpu_check.json"
 MD_FILE = "gpu_check.md"
@@ -130,7 +131,7 @@ def dry_run_plan() -> CheckPlan:
 
 def environment_info(device: torch.device, dry_run: bool) -> Dict[str, object]:
     """Device, versions and the run's identity, shared by every record of the check."""
-    from .records import environment
+    from ..records import environment
 
     env = environment(device, "gpu-check-dry-run" if dry_run else "gpu-check")
     env.update(python=platform.python_version(), cuda=torch.version.cuda,
@@ -157,7 +158,7 @@ def kernel_case(record: Dict) -> str:
 
 def check_kernels(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
     """The kernel suite; failed when any record is not ok."""
-    from ..kernels.checks import run_kernel_checks
+    from ...kernels.checks import run_kernel_checks
 
     records = [dict(r) for r in run_kernel_checks(device, quick=plan.kernel_quick)]
     bad = [r for r in records if not r.get("ok")]
@@ -200,7 +201,7 @@ def _host_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict
     """Triton launches and host time per fwd+bwd call of each layer method: on CUDA issued on
     the device (`host_overhead.measure_on_device`), elsewhere with the launches stubbed in a
     process under the Triton interpreter (`host_overhead.measure`)."""
-    from .host_overhead import measure, measure_on_device
+    from ..speed.host_overhead import measure, measure_on_device
 
     if device.type == "cuda":
         return measure_on_device(plan.host, LAYER_METHODS_CHECKED, device, env)
@@ -211,7 +212,7 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
     """The layer benchmark and the host time per call; failed when a method could not be
     measured. On CUDA each (shape, tokens) point is measured on its own, so a failure loses
     only that point's rows."""
-    from .layer import run_layer_level
+    from ..speed.layer_level import run_layer_level
 
     lp = plan.layer
     points = ([dataclasses.replace(lp, shapes=[shape], tokens=[tokens])
@@ -260,7 +261,7 @@ def _model_records(plans: Sequence[ModelPlan], methods: Sequence[str], device: t
     """Every method on every plan, each plan measured on its own; a method that raised gets a
     ``failed`` record with its error. Returns (records, one error line per failure and per
     skipped required method)."""
-    from .model import run_model_level
+    from ..speed.model_level import run_model_level
 
     records: List[dict] = []
     errors: List[str] = []
@@ -287,7 +288,7 @@ def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
 def check_qlora(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
     """Ours against peft LoRA on a 4-bit NF4 base; when bitsandbytes is not importable, one
     skipped record per method saying so (the part passes: it is an optional extra)."""
-    from .quantized_base import bnb_skip_note
+    from ..speed.quantized_base import bnb_skip_note
 
     note = bnb_skip_note()
     if note:
@@ -301,7 +302,7 @@ def check_qlora(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
 def finetune_options_missing(extra: Sequence[str]) -> List[str]:
     """The options among ``extra`` that this version's `increlora-fast finetune` does not
     accept."""
-    from ..cli.finetune import add_arguments
+    from ...cli.finetune import add_arguments
 
     parser = argparse.ArgumentParser(prog="increlora-fast finetune")
     add_arguments(parser)
@@ -312,7 +313,7 @@ def finetune_options_missing(extra: Sequence[str]) -> List[str]:
 def _finetune_once(device: torch.device, plan: CheckPlan, extra: Sequence[str],
                    out_dir: Path) -> Dict:
     """`increlora-fast finetune` in this process with ``extra``; its metrics.json."""
-    from ..cli.main import main as cli_main
+    from ...cli.main import main as cli_main
 
     argv = ["finetune", "--output-dir", str(out_dir), "--device", str(device),
             "--save-steps", "0", "--no-progress", *plan.finetune, *extra]
@@ -406,7 +407,7 @@ def _run_part(name: str, fn: Callable[[], Dict], log: Callable) -> Dict:
 
 def write_report(report: Dict, out_dir: Path) -> None:
     """Write ``gpu_check.json`` and ``gpu_check.md`` (each replaced whole, never half-written)."""
-    from .gpu_check_report import gpu_check_markdown
+    from .markdown import gpu_check_markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in ((JSON_FILE, json.dumps(report, indent=1, default=str)),
@@ -447,37 +448,3 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_report(report, out_dir)
     return report
-
-
-
-PACKED_ASSETS = ("all-MiniLM-L6-v2", "rotten_tomatoes")
-
-
-def pack_assets(dest: Path, log: Callable[[str], None] = print) -> Path:
-    """Write what the fine-tune part needs into ``dest``, laid out as the asset cache for
-    ``--assets``: the packaged model with its weights as float16 (about 45 MB; the run loads
-    them as float32) and the Rotten Tomatoes file, read from the local cache."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    from ..data.assets import ASSETS, locate_asset
-
-    if dest.exists() and any(dest.iterdir()):
-        raise ValueError(f"--pack-assets {dest}: the folder is not empty; give a new one")
-    for name in PACKED_ASSETS:
-        asset = ASSETS[name]
-        src = locate_asset(name)
-        target = dest / "unpacked" / f"{asset.module}-{asset.version}" / asset.member.rstrip("/")
-        if not src.is_dir():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, target)
-        else:
-            shutil.copytree(src, target, ignore=shutil.ignore_patterns("*.safetensors"))
-            for weights in src.glob("*.safetensors"):
-                tensors = load_file(str(weights))
-                save_file({k: v.half() if v.is_floating_point() else v
-                           for k, v in tensors.items()}, str(target / weights.name),
-                          metadata={"format": "pt"})
-        log(f"{name}: {target}")
-    return dest

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence
 
-from .methods import INTERPRETER_NOTE, LAYER_METHODS
-from .model import MODEL_METHODS
+from .layer_methods import INTERPRETER_NOTE, LAYER_METHODS
+from .model_level import MODEL_METHODS
 from .plans import PHASES
 
 LAYER_COLUMNS = ("shape", "tokens", "r_max", "dtype", "phase", "method", "median_ms", "x_floor",

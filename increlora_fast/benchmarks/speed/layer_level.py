@@ -15,8 +15,8 @@ from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 
-from ..functional import refresh_settings
-from .methods import LAYER_METHODS, LayerCase, MethodEnv, triton_status
+from ...functional import refresh_settings
+from .layer_methods import LAYER_METHODS, LayerCase, MethodEnv, triton_status
 from .plans import DTYPES, PHASES, LayerPlan
 from .timing import Measurement, measure_interleaved
 

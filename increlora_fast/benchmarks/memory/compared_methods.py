@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..kernels.reference import lambda_dtype
+from ...kernels.reference import lambda_dtype
 
 if TYPE_CHECKING:
-    from ..training.step_runner import StepRunner
+    from ...training.step_runner import StepRunner
 
 LR = 1e-4
 FP32, INT64, INT8 = 4, 8, 1
@@ -48,7 +48,7 @@ class AdapterSetting:
     gradient_checkpointing: bool = False
 
     def increlora_config(self, targets: Optional[List[str]] = None, **overrides):
-        from ..config import IncreLoRAConfig
+        from ...config import IncreLoRAConfig
 
         kwargs = dict(target_modules=list(targets or self.target_modules or []) or None,
                       r_max=self.r_max, init_r=self.init_r, target_rank=self.target_rank,
@@ -60,7 +60,7 @@ class AdapterSetting:
 
 def target_names(meta_model: nn.Module, setting: AdapterSetting) -> List[str]:
     """Full names of the modules IncreLoRA adapts (peft gets the same list)."""
-    from ..model import _find_targets
+    from ...model import _find_targets
 
     return _find_targets(meta_model, setting.increlora_config())
 
@@ -73,7 +73,7 @@ def _in_out(module: nn.Module) -> Tuple[int, int]:
 def increlora_adapter_dtype(base_dtype: torch.dtype, setting: AdapterSetting) -> torch.dtype:
     """The dtype `inject_increlora` gives adapters on a base of ``base_dtype``, read from a
     one-weight model injected with the same setting."""
-    from ..model import inject_increlora
+    from ...model import inject_increlora
 
     probe = nn.Sequential(nn.Linear(1, 1, dtype=base_dtype))
     inject_increlora(probe, setting.increlora_config(["0"], r_max=2, init_r=1, target_rank=1,
@@ -265,9 +265,9 @@ def increlora_runner(model: nn.Module, config, lr: float) -> "StepRunner":
     """IncreLoRA injected into ``model`` with ``config`` (`IncreLoRARun`, AdamW at ``lr``) and
     the `StepRunner` that steps it on the model's device in fp32 without gradient clipping: the
     README's plain loop, as the memory breakdown and its check measure it."""
-    from ..training.device import Placement
-    from ..training.increlora_method import IncreLoRARun
-    from ..training.step_runner import StepRunner
+    from ...training.device import Placement
+    from ...training.increlora_method import IncreLoRARun
+    from ...training.step_runner import StepRunner
 
     run = IncreLoRARun.from_config(model, config, lr=lr)
     return StepRunner(run, Placement(next(run.model.parameters()).device, "fp32"))

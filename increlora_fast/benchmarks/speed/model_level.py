@@ -39,7 +39,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .methods import LORA_ALPHA, MethodEnv, triton_status
+from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
 from .plans import DTYPES, ModelPlan
 from .timing import PeakMemory, Timer
 
@@ -135,7 +135,7 @@ MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
 
 def increlora_schedule(plan: ModelPlan, n_targets: int) -> Dict[str, int]:
     """IncreLoRA settings that reach the budget at mid-run: one round per step from step 2."""
-    from ..config import IncreLoRAConfig
+    from ...config import IncreLoRAConfig
 
     incre = IncreLoRAConfig(r_max=plan.r_max, init_r=plan.init_r,
                             target_rank=plan.target_rank).incre_rank_num
@@ -166,10 +166,10 @@ class _IncreLoRARun:
 
     def __init__(self, model: nn.Module, preset: ModelPreset, plan: ModelPlan,
                  device: torch.device, cuda_graphs: bool = False) -> None:
-        from .. import IncreLoRAConfig, increlora_layers
-        from ..training.device import Placement
-        from ..training.increlora_method import IncreLoRARun
-        from ..training.step_runner import StepRunner
+        from ... import IncreLoRAConfig, increlora_layers
+        from ...training.device import Placement
+        from ...training.increlora_method import IncreLoRARun
+        from ...training.step_runner import StepRunner
 
         sched = increlora_schedule(plan, preset.n_targets)
         config = IncreLoRAConfig(

@@ -4,11 +4,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Dict, List, Sequence
 
-from .host_overhead import COLUMNS as HOST_COLUMNS
-from .host_overhead import host_rows
-from .records import gpu_check_records
-from .tables import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
-from .targets import issue13_verdicts
+from ..records import gpu_check_records
+from ..speed.host_overhead import COLUMNS as HOST_COLUMNS
+from ..speed.host_overhead import host_rows
+from ..speed.tables import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
+from ..speed.targets import issue13_verdicts
 
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
 MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",

@@ -16,7 +16,7 @@ host time means anything.
 
 The Triton path runs on CPU only under the Triton interpreter, which must be switched on before
 ``increlora_fast.kernels`` is imported, so `measure` runs the measurement in a fresh Python
-process (``python -m increlora_fast.benchmarks.host_overhead --json PATH``) with
+process (``python -m increlora_fast.benchmarks.speed.host_overhead --json PATH``) with
 ``TRITON_INTERPRET=1``, ``INCRELORA_BACKEND=triton`` and ``INCRELORA_KERNEL_CHECK=0``.
 """
 from __future__ import annotations
@@ -74,8 +74,8 @@ def stubbed_launches() -> Iterator[None]:
     """Within the block every kernel launch of the package is counted but not run:
     `kernels.utils.launch`, the one launch function every kernel module calls through the
     module, is replaced, and restored afterwards."""
-    from ..kernels import utils
-    from ..kernels.launches import count_launch
+    from ...kernels import utils
+    from ...kernels.launches import count_launch
 
     real = utils.launch
 
@@ -93,7 +93,7 @@ def stubbed_launches() -> Iterator[None]:
 # ------------------------------------------------------------------ the methods
 def _call_factory(plan: HostPlan, method: str) -> Callable[[], None]:
     """A function running one fwd+bwd call of ``method`` with fresh gradients."""
-    from .methods import LAYER_METHODS
+    from .layer_methods import LAYER_METHODS
 
     device, dtype = torch.device("cpu"), torch.float32
     gen = torch.Generator().manual_seed(0)
@@ -141,9 +141,9 @@ def _python_calls(call: Callable[[], None]) -> int:
 def measure_in_process(plan: HostPlan) -> List[dict]:
     """The records of every method at ``plan``, measured in this process (the interpreter and
     the environment of `SUBPROCESS_ENV` must already be in place; see `measure`)."""
-    from ..kernels import launch_counts, reset_launch_counts
-    from ..kernels.utils import interpreter_active
-    from .records import environment
+    from ...kernels import launch_counts, reset_launch_counts
+    from ...kernels.utils import interpreter_active
+    from ..records import environment
 
     plan.validate()
     if not interpreter_active():
@@ -197,8 +197,9 @@ def measure(plan: HostPlan, timeout_s: Optional[float] = None) -> List[dict]:
                "--in-features", str(plan.in_features), "--out-features", str(plan.out_features),
                "--tokens", str(plan.tokens), "--r-max", str(plan.r_max),
                "--warmup", str(plan.warmup), "--repeats", str(plan.repeats)]
-        # The child imports this same checkout, wherever the command was started from.
-        root = str(Path(__file__).resolve().parents[2])
+        # The child imports this same checkout (the folder above increlora_fast/), wherever
+        # the command was started from.
+        root = str(Path(__file__).resolve().parents[3])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         done = subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=path, **SUBPROCESS_ENV),
                               capture_output=True, text=True, timeout=timeout_s)
@@ -218,9 +219,9 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
                       env: Dict[str, object]) -> List[dict]:
     """On a GPU: per layer method (bf16), the Triton launches of one fwd+bwd call and the host
     time to issue one (`DEVICE_NOTE`), median over ``plan.repeats`` interleaved calls."""
-    from ..kernels import launch_counts, reset_launch_counts
-    from .layer import build_cases
-    from .methods import MethodEnv
+    from ...kernels import launch_counts, reset_launch_counts
+    from .layer_level import build_cases
+    from .layer_methods import MethodEnv
 
     plan.validate()
 
@@ -307,10 +308,11 @@ HOST_LEGEND = (
 
 # ------------------------------------------------------------------ command line
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m increlora_fast.benchmarks.host_overhead --json PATH [sizes]``: measure in
-    this process (run it with `SUBPROCESS_ENV` set) and write the records."""
-    parser = argparse.ArgumentParser(prog="python -m increlora_fast.benchmarks.host_overhead",
-                                     description=__doc__.splitlines()[0])
+    """``python -m increlora_fast.benchmarks.speed.host_overhead --json PATH [sizes]``: measure
+    in this process (run it with `SUBPROCESS_ENV` set) and write the records."""
+    parser = argparse.ArgumentParser(
+        prog="python -m increlora_fast.benchmarks.speed.host_overhead",
+        description=__doc__.splitlines()[0])
     defaults = HostPlan()
     parser.add_argument("--json", required=True, metavar="PATH", help="records to write")
     for name in ("in_features", "out_features", "tokens", "r_max", "warmup", "repeats"):

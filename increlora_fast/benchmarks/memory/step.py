@@ -7,10 +7,9 @@ from typing import Callable, List, Optional, Tuple
 
 import torch
 
-from .memory_methods import AdapterSetting, MemoryMethod
-from .memory_model import ModelSpec
-from .memory_probe import TensorPeak
-from .timing import release_memory
+from ..memory_probe import TensorPeak, release_memory
+from .compared_methods import AdapterSetting, MemoryMethod
+from .model_spec import ModelSpec
 
 
 @dataclass
