@@ -26,6 +26,7 @@ from increlora_fast.benchmarks.gpu_check.parts import (FINETUNE_RUNS, LAYER_METH
 from increlora_fast.benchmarks.speed import model_level
 from increlora_fast.benchmarks.speed.host_overhead import METHODS as HOST_METHODS
 from increlora_fast.benchmarks.speed.host_overhead import HostPlan, measure_on_device
+from increlora_fast.benchmarks.speed.model_presets import MODEL_PRESETS
 from increlora_fast.benchmarks.speed.targets import ISSUE13_LAYER, ISSUE13_MODEL, issue13_verdicts
 from increlora_fast.cli.main import main
 
@@ -550,6 +551,6 @@ def test_full_plan_puts_the_main_jobs_shape_first():
     assert shapes == [(["minilm-l6"], 32, 64), (["deberta-v3-base"], 16, 256),
                       (["llama-7b-2l"], 4, 1024)]
     assert plan.qlora.models == ["llama-7b-2l"] and plan.qlora.base_4bit
-    assert all(p.models[0] in model_level.MODEL_PRESETS for p in plan.models)
+    assert all(p.models[0] in MODEL_PRESETS for p in plan.models)
     assert set(MODEL_METHODS_CHECKED) <= set(model_level.MODEL_METHODS)
     assert plan.finetune == [] and plan.min_accuracy == gpu_check.MIN_FULL_ACCURACY

@@ -243,7 +243,7 @@ def test_the_benchmarks_increlora_step_is_the_plain_loop_of_the_readme():
     around it, the model-level benchmark) trains exactly as the README's hand-written loop."""
     from increlora_fast import IncreLoRAConfig, create_optimizer, inject_increlora
     from increlora_fast.benchmarks.memory.compared_methods import increlora_runner
-    from increlora_fast.benchmarks.speed.model_level import BERT_TARGETS, MODEL_PRESETS
+    from increlora_fast.benchmarks.speed.model_presets import BERT_TARGETS, MODEL_PRESETS
     from increlora_fast.controller import IncreLoRAController
 
     preset = MODEL_PRESETS["tiny-bert"]

@@ -194,7 +194,8 @@ def _device(args: argparse.Namespace):
 def _check_names(args: argparse.Namespace) -> None:
     """--methods, --model-methods and --models name known entries (checked before measuring)."""
     from ..benchmarks.speed.layer_methods import LAYER_METHODS
-    from ..benchmarks.speed.model_level import MODEL_METHODS, MODEL_PRESETS
+    from ..benchmarks.speed.model_level import MODEL_METHODS
+    from ..benchmarks.speed.model_presets import MODEL_PRESETS
 
     check_names("--methods", args.methods, list(LAYER_METHODS))
     check_names("--model-methods", args.model_methods, list(MODEL_METHODS))

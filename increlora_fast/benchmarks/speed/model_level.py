@@ -1,10 +1,10 @@
 """Model level: whole training steps (forward, backward, allocation, optimizer) per method.
 
-Models are built from their configs with random weights (offline, nothing downloaded). Every
-method trains the same modules: the adapters on the preset's targets plus the pooler and the
-classifier head. Each method runs one short training run of ``plan.steps`` steps; the first
-``plan.warmup_steps`` are not timed. The schedules are compressed so that a run of a few dozen
-steps has both phases:
+Models are built from their configs with random weights (`model_presets`: offline, nothing
+downloaded). Every method trains the same modules: the adapters on the preset's targets plus the
+pooler and the classifier head. Each method runs one short training run of ``plan.steps`` steps;
+the first ``plan.warmup_steps`` are not timed. The schedules are compressed so that a run of a
+few dozen steps has both phases:
 
 - IncreLoRA (ours): ``init_r`` active, ranks added every step from step 2 and ``top_h`` chosen so
   that the budget (``target_rank`` per module on average) is reached at mid-run; ``alloc`` steps
@@ -33,104 +33,21 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
+from .model_presets import MODEL_PRESETS, ModelPreset
 from .plans import DTYPES, ModelPlan
 from .timing import PeakMemory, Timer
 
-DEBERTA_TARGETS = ("query_proj", "key_proj", "value_proj", "attention.output.dense",
-                   "intermediate.dense", "output.dense")
-BERT_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
-                "output.dense")
-MODULES_TO_SAVE = ("pooler", "classifier")
 ORTH_REG_WEIGHT = 0.1
 MODEL_METHODS = ("floor", "increlora-torch", "increlora-triton", "increlora-graphs",
                  "peft-lora", "peft-lora-compiled", "peft-adalora")
 COMPILE_CPU_NOTE = ("skipped: torch.compile is measured on CUDA only (on CPU its first compile "
                     "takes minutes even for a toy model)")
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    """A transformers sequence classifier (``model_class``) built from ``config_kwargs``."""
-
-    name: str
-    model_class: str
-    config_class: str
-    config_kwargs: Dict[str, object]
-    targets: Tuple[str, ...]
-    n_targets: int
-    modules_to_save: Tuple[str, ...] = MODULES_TO_SAVE
-
-    def classes(self) -> Tuple[type, type]:
-        import transformers
-
-        return getattr(transformers, self.model_class), getattr(transformers, self.config_class)
-
-    def build(self, device: Optional[torch.device] = None) -> nn.Module:
-        """The model with random weights (the caller seeds torch), initialised on ``device``
-        (default: the CPU)."""
-        model_cls, config_cls = self.classes()
-        with torch.device(device or "cpu"):
-            return model_cls(config_cls(num_labels=2, **self.config_kwargs))
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config_kwargs["vocab_size"])
-
-
-def _bert(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> Dict[str, object]:
-    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, intermediate_size=intermediate)
-
-
-# The architecture of microsoft/deberta-v3-base's config.json.
-DEBERTA_V3_BASE = dict(
-    vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-    intermediate_size=3072, hidden_act="gelu", max_position_embeddings=512, type_vocab_size=0,
-    relative_attention=True, max_relative_positions=-1, position_buckets=256,
-    norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
-    position_biased_input=False, layer_norm_eps=1e-7, pooler_hidden_size=768)
-
-LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _llama(hidden: int, layers: int, heads: int, intermediate: int, vocab: int
-           ) -> Dict[str, object]:
-    return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=heads,
-                intermediate_size=intermediate, max_position_embeddings=4096, pad_token_id=0)
-
-
-def _tiny_deberta() -> Dict[str, object]:
-    return dict(DEBERTA_V3_BASE, vocab_size=128, hidden_size=32, num_hidden_layers=1,
-                num_attention_heads=2, intermediate_size=64, pooler_hidden_size=32,
-                position_buckets=8)
-
-
-MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
-    ModelPreset("deberta-v3-base", "DebertaV2ForSequenceClassification", "DebertaV2Config",
-                DEBERTA_V3_BASE, DEBERTA_TARGETS, 72),
-    # MiniLM-L6-H384 (all-MiniLM-L6-v2): a 6-layer BERT of width 384.
-    ModelPreset("minilm-l6", "BertForSequenceClassification", "BertConfig",
-                _bert(384, 6, 12, 1536, 30522), BERT_TARGETS, 36),
-    ModelPreset("tiny-bert", "BertForSequenceClassification", "BertConfig",
-                _bert(32, 2, 2, 64, 128), BERT_TARGETS, 12),
-    # Llama-2-7B's layer shapes (4096 wide, FFN 11008, 32 heads, vocab 32000), 2 of its 32 layers.
-    ModelPreset("llama-7b-2l", "LlamaForSequenceClassification", "LlamaConfig",
-                _llama(4096, 2, 32, 11008, 32000), LLAMA_TARGETS, 14, ("score",)),
-    # The same families at toy size (one layer), for `gpu-check --dry-run` on CPU.
-    ModelPreset("tiny-deberta", "DebertaV2ForSequenceClassification", "DebertaV2Config",
-                _tiny_deberta(), DEBERTA_TARGETS, 6),
-    # 64 wide: bitsandbytes' CPU 4-bit kernels want feature sizes that are multiples of 64.
-    ModelPreset("tiny-llama", "LlamaForSequenceClassification", "LlamaConfig",
-                _llama(64, 1, 2, 128, 128), LLAMA_TARGETS, 7, ("score",)),
-)}
 
 
 def increlora_schedule(plan: ModelPlan, n_targets: int) -> Dict[str, int]:

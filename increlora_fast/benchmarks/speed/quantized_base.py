@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from .model_level import ModelPreset
+    from .model_presets import ModelPreset
 
 BNB_MODULE = "bitsandbytes"
 
