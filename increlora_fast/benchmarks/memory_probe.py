@@ -6,7 +6,8 @@ it is active, counts each new storage once (views and in-place results share the
 storage and add nothing) and subtracts it again when the storage is freed (a weak reference with a
 callback). The peak is the high-water mark of that count. What it does not see: scratch buffers an
 operator allocates and frees inside itself (not returned), and tensors created before ``start``
-(the baseline, which is what a peak above the baseline should leave out).
+(the baseline, which is what a peak above the baseline should leave out). `release_memory`
+collects garbage and hands freed memory back before a baseline is taken.
 """
 from __future__ import annotations
 
