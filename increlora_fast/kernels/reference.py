@@ -201,7 +201,10 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
         y = delta if y is None else y + delta.to(y.dtype)
     if (score_out is not None or grad_out is not None) and y.requires_grad:
         # Held until the hook has run once, then dropped: a loop that keeps its loss alive into
-        # the next step must not keep every layer's input alive with it.
+        # the next step must not keep every layer's input alive with it. Under torch.compile the
+        # clear() graph-breaks a tracked forward (untracked ones register no hook); a hook
+        # without it made dynamo (torch 2.13, aot_eager) return the model's output without its
+        # loss, so the break stays (tests/test_trainer.py: compiled == eager).
         held = [xa2.detach(), lora_A.detach(), lora_B.detach(), lam.detach()]
 
         def hook(dy: torch.Tensor) -> None:
