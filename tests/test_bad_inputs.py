@@ -123,6 +123,31 @@ def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, mon
     _one_line(capsys, "--max-train-samples 0 is invalid", ">= 1")
 
 
+def test_negative_save_steps_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch,
+                                                                no_model_loading):
+    from increlora_fast.training import finetune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the bad input was refused")
+    monkeypatch.setattr(finetune, "load_task", refuse)
+    code = _main(["finetune", "--save-steps", "-5", "--output-dir", str(tmp_path / "o"),
+                  "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--save-steps -5 is invalid", "0 (no checkpoints)")
+
+
+def test_max_train_samples_that_drops_a_dev_label_warns_naming_it():
+    from increlora_fast.data.examples import TaskData
+    data = TaskData("t", [Example("a", 0), Example("b", 0), Example("c", 1)],
+                    [Example("d", 0), Example("e", 1)], ["neg", "pos"])
+    with pytest.warns(UserWarning, match=r"--max-train-samples 2 keeps no training example of "
+                                         r"dev label\(s\) pos"):
+        data.subset(2, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(data.subset(3, None).train) == 3
+
+
 def test_swapped_columns_on_the_command_line(tmp_path, capsys, monkeypatch, no_model_loading):
     train = write_csv(tmp_path / "reviews.csv", sentiment_rows(120, seed=0))
     code = _main(["finetune", "--train-file", str(train), "--text-column", "label",

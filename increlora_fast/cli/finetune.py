@@ -219,6 +219,9 @@ def run(args: argparse.Namespace) -> int:
             if args.threads < 1:
                 raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
             torch.set_num_threads(args.threads)
+        if args.save_steps < 0:
+            raise ValueError(f"--save-steps {args.save_steps} is invalid: use 0 (no checkpoints) "
+                             "or a positive number of steps")
         settings = settings_from_args(args)
         if args.resume:
             parser = argparse.ArgumentParser()

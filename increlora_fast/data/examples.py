@@ -44,8 +44,16 @@ class TaskData:
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} {value} is invalid: use an integer "
                                  ">= 1 or leave it out")
-        return TaskData(self.name, self.train[:max_train], self.eval[:max_eval],
+        kept = TaskData(self.name, self.train[:max_train], self.eval[:max_eval],
                         self.label_names)
+        if max_train is not None:
+            unseen = sorted({e.label for e in kept.eval} - {e.label for e in kept.train})
+            if unseen:
+                warnings.warn(f"--max-train-samples {max_train} keeps no training example of "
+                              f"dev label(s) {', '.join(self.label_names[i] for i in unseen)}: "
+                              "the model cannot learn them; raise it or leave it out",
+                              UserWarning)
+        return kept
 
 
 def dedupe(rows: Iterable[Tuple]) -> List[Tuple]:
