@@ -178,6 +178,7 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
 
 
 def _print_summary(m: Dict, out_dir: str) -> None:
+    from ..training.finetune import no_learning_note
     from ..visualize import rank_table
 
     print(f"\ndev accuracy      {m['eval_accuracy']:.4f}  (macro-F1 {m['eval_macro_f1']:.4f}, "
@@ -187,6 +188,9 @@ def _print_summary(m: Dict, out_dir: str) -> None:
     if missed:
         print(f"never right on    {', '.join(missed)} (per-class F1 0 in metrics.json: the "
               f"model does not predict them correctly; try another --lr or more --max-steps)")
+    note = no_learning_note(m)
+    if note:
+        print(f"learned nothing?  {note}")
     print(f"trainable params  {m['trainable_params_active']:,} active / "
           f"{m['trainable_params_padded']:,} padded")
     print(f"time              {m['total_seconds']:.0f} s (training {m['train_seconds']:.0f} s "

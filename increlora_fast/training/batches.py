@@ -6,12 +6,24 @@ run would have seen, without storing any sampler state.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from ..data.examples import Example
 from .settings import PAD_TO
+
+
+def token_lengths(tokenizer, examples: Sequence[Example]) -> List[int]:
+    """Each example's token count with special tokens and without truncation (a pair: both
+    texts together)."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    if any(p is None for p in pairs):
+        enc = tokenizer(texts, truncation=False, verbose=False)
+    else:
+        enc = tokenizer(texts, pairs, truncation=False, verbose=False)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 class Batches:
@@ -27,11 +39,14 @@ class Batches:
             ``max_seq_len`` (``"max_length"``: every training batch has shape
             (batch_size, max_seq_len), as CUDA graphs need). Evaluation batches are always
             padded to their longest input.
+        train_lengths: the training examples' untruncated token lengths (`token_lengths`),
+            when the caller has them; computed here otherwise. ``truncated_share`` is the share
+            of training examples longer than ``max_seq_len``.
     """
 
     def __init__(self, tokenizer, train: Sequence[Example], dev: Sequence[Example],
                  max_seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
-                 pad_to: str = "longest") -> None:
+                 pad_to: str = "longest", train_lengths: Optional[Sequence[int]] = None) -> None:
         if pad_to not in PAD_TO:
             raise ValueError(f"--pad-to {pad_to!r} is invalid: use one of {PAD_TO}")
         if not train:
@@ -45,6 +60,8 @@ class Batches:
         self.max_seq_len = max_seq_len
         self.pad_to = pad_to
         self.train = self._encode(train, max_seq_len)
+        lengths = token_lengths(tokenizer, train) if train_lengths is None else train_lengths
+        self.truncated_share = sum(n > max_seq_len for n in lengths) / len(train)
         self.dev = self._encode(dev, max_seq_len)
         self.train_labels = torch.tensor([e.label for e in train])
         self.dev_labels = torch.tensor([e.label for e in dev])

@@ -106,6 +106,7 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
             "train_examples": first["train_examples"], "eval_examples": first["eval_examples"],
             "method_settings": first["method_settings"],
             "train_seconds": [m["train_seconds"] for m in per_seed],
+            "eval_majority_accuracy": first.get("eval_majority_accuracy"),
         }
     common = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr")}
     report = {"task": per_seed[0]["task"], "seeds": seeds, "lrs": list(lrs), "common": common,
@@ -144,7 +145,10 @@ def format_table(report: Dict) -> str:
              f"{c['max_seq_len']}, warmup {c['warmup_ratio']:g}, weight decay "
              f"{c['weight_decay']:g}, grad clip {c['grad_clip']:g}, target rank "
              f"{c['target_rank']}, seeds {c['seed']}..{c['seed'] + n - 1}; lr sweep "
-             f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all",
+             f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all"
+             + ("" if any_run.get("eval_majority_accuracy") is None else
+                f"; always predicting the dev set's majority class scores "
+                f"{any_run['eval_majority_accuracy']:.4f}"),
              "",
              f"| method | dev accuracy (mean ± std, {n} seeds) | per seed | trainable params "
              "(active / padded) | final total rank | best lr | sweep (first seed) "

@@ -224,6 +224,38 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2, sort_keys=True))
 
 
+# A share of training texts cut at --max-seq-len from which the no-learning note suggests a
+# longer one.
+MANY_TRUNCATED = 0.2
+
+
+def no_learning_note(m: Dict) -> Optional[str]:
+    """One line when the run did no better on the dev set than always predicting its majority
+    class (accuracy, or macro-F1, at or below that baseline's), naming the changes most likely to
+    help; None otherwise or when ``m`` has no baseline (metrics of an older run)."""
+    if "eval_majority_accuracy" not in m:
+        return None
+    acc, base_acc = m["eval_accuracy"], m["eval_majority_accuracy"]
+    f1, base_f1 = m["eval_macro_f1"], m["eval_majority_macro_f1"]
+    if acc > base_acc and f1 > base_f1:
+        return None
+    names = m.get("label_names") or []
+    label = m.get("eval_majority_label")
+    majority = repr(names[label]) if isinstance(label, int) and label < len(names) else \
+        "the majority class"
+    settings = m.get("settings") or {}
+    hints = [f"more steps (--max-steps or --epochs; it ran {m.get('steps')})"]
+    if settings.get("lr") is not None:
+        hints.append(f"another --lr (it was {settings['lr']:g})")
+    cut = m.get("train_truncated_share") or 0.0
+    if cut >= MANY_TRUNCATED:
+        hints.append(f"a longer --max-seq-len or --max-seq-len auto ({cut:.0%} of the training "
+                     f"texts were cut at {m.get('max_seq_len')} tokens)")
+    return (f"no better than always predicting {majority}: dev accuracy {acc:.4f} vs "
+            f"{base_acc:.4f}, macro-F1 {f1:.4f} vs {base_f1:.4f}; try "
+            + ", ".join(hints[:-1]) + " or " + hints[-1])
+
+
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
                  save_steps: int = 0, progress: bool = True,
                  echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
@@ -282,6 +314,8 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
     metrics.update({
         "method": s.method, "task": data.name, "model": s.model, "seed": s.seed,
         "train_examples": len(data.train), "label_names": data.label_names,
+        "max_seq_len": batches.max_seq_len,
+        "train_truncated_share": round(batches.truncated_share, 4),
         "steps": state.step, "epochs": round(state.step / batches.steps_per_epoch, 3),
         "train_loss": sum(tail) / len(tail), "train_losses": [round(v, 6) for v in state.losses],
         "train_seconds": round(state.train_seconds, 1),

@@ -144,9 +144,25 @@ def evaluate(run: MethodRun, batches: Batches,
         labels.append(y)
         n_classes = logits.shape[-1]
     model.train(was_training)
-    metrics = classification_metrics(torch.cat(preds), torch.cat(labels), n_classes)
+    gold = torch.cat(labels)
+    metrics = classification_metrics(torch.cat(preds), gold, n_classes)
     metrics["eval_loss"] = loss_sum / metrics["eval_examples"]
+    metrics.update(majority_baseline(gold, n_classes))
     return metrics
+
+
+def majority_baseline(gold: torch.Tensor, n_classes: int = 0) -> Dict[str, Any]:
+    """What always predicting the dev set's most common class scores on it: its label id
+    (``eval_majority_label``; the lowest id on a tie), accuracy (its share of the dev set) and
+    macro-F1 (computed as `classification_metrics` does), for telling a run that learned nothing
+    from one that did."""
+    if gold.dim() != 1 or len(gold) == 0:
+        raise ValueError(f"majority_baseline: gold {tuple(gold.shape)} must be 1-D and non-empty")
+    majority = int(torch.bincount(gold).argmax())
+    constant = classification_metrics(torch.full_like(gold, majority), gold, n_classes)
+    return {"eval_majority_label": majority,
+            "eval_majority_accuracy": constant["eval_accuracy"],
+            "eval_majority_macro_f1": constant["eval_macro_f1"]}
 
 
 def classification_metrics(pred: torch.Tensor, gold: torch.Tensor,
