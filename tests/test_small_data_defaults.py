@@ -2,6 +2,7 @@
 own (on a tiny random BERT and tiny files, offline)."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import List
@@ -98,3 +99,156 @@ def test_compare_table_shows_the_majority_baseline():
               "common": RunSettings().to_dict(), "methods": {"lora": run}}
     assert "always predicting the dev set's majority class scores 0.6540" in \
         format_table(report)
+
+
+# --- issue 29, item 4: the options --------------------------------------------------------
+
+def test_auto_max_seq_len_is_a_percentile_within_the_limits():
+    from types import SimpleNamespace
+
+    from increlora_fast.training.finetune import auto_max_seq_len
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
+    tokenizer = SimpleNamespace(model_max_length=256)
+    lengths = list(range(1, 101))  # 95th percentile (nearest rank): 95
+    assert auto_max_seq_len(lengths, tokenizer, model) == 95
+    assert auto_max_seq_len([1000] * 10, tokenizer, model) == 256
+    assert auto_max_seq_len([3] * 10, SimpleNamespace(model_max_length=int(1e30)), model) == 8
+
+
+def test_max_seq_len_auto_is_chosen_printed_and_kept_for_resume(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--max-seq-len", "auto", "--save-steps", "3")) == 0
+    m = read_metrics(out)
+    assert m["settings"]["max_seq_len"] == "auto" and isinstance(m["max_seq_len"], int)
+    assert f"max_seq_len {m['max_seq_len']} (auto: 95th percentile" in capsys.readouterr().out
+    resumed = tmp_path / "resumed"
+    assert cli(["--resume", str(out / "checkpoint-3"), "--max-seq-len", "auto",
+                "--output-dir", str(resumed), "--no-progress"]) == 0
+    assert read_metrics(resumed)["max_seq_len"] == m["max_seq_len"]
+    assert read_metrics(resumed)["eval_accuracy"] == m["eval_accuracy"]
+
+
+def test_balanced_class_weights():
+    from increlora_fast.training.loop import balanced_class_weights
+    w = balanced_class_weights(torch.tensor([0, 0, 0, 1]), 3)
+    # 4 rows, 2 classes present: 4 / (2 x 3) and 4 / (2 x 1); class 2 has no rows
+    torch.testing.assert_close(w, torch.tensor([4 / 6, 2.0, 0.0]))
+
+
+def test_class_weights_weigh_the_training_loss(tiny):
+    import torch.nn.functional as F
+
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.settings import RunSettings
+    from increlora_fast.training.step_runner import StepRunner
+    s, _, run, batches = build_run(RunSettings(
+        model=tiny["model"], task=None, train_file=tiny["train"], eval_file=tiny["dev"],
+        batch_size=8, max_seq_len=16, max_steps=2, class_weights="balanced"))
+    assert run.class_weights is not None and run.class_weights.shape == (2,)
+    batch = batches.train_batch(0)
+    runner = StepRunner(run)
+    out = runner.forward_backward(0, dict(batch))
+    expected = F.cross_entropy(out.logits.float(), batch["labels"], weight=run.class_weights)
+    penalty = run.penalty()
+    if penalty is not None:
+        expected = expected + penalty
+    torch.testing.assert_close(runner.loss.detach(), expected.detach())
+
+
+def test_select_best_holds_out_rows_and_restores_the_best_state(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--select-best", "--select-every", "2",
+                         "--save-steps", "3")) == 0
+    m = read_metrics(out)
+    assert m["holdout_examples"] == 10 and m["train_examples"] == 86
+    assert m["selected_step"] in (2, 4, 6) and 0.0 <= m["holdout_accuracy"] <= 1.0
+    # a resumed run carries the best state in its checkpoint and ends the same
+    resumed = tmp_path / "resumed"
+    assert cli(["--resume", str(out / "checkpoint-3"), "--output-dir", str(resumed),
+                "--no-progress"]) == 0
+    r = read_metrics(resumed)
+    assert (r["selected_step"], r["holdout_accuracy"]) == (m["selected_step"],
+                                                           m["holdout_accuracy"])
+    assert r["eval_accuracy"] == m["eval_accuracy"]
+    assert r["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-6, abs=1e-7)
+
+
+def test_best_state_keeps_the_better_score_and_restores_it(tiny):
+    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.loop import BestState, LoopState, evaluate
+    from increlora_fast.training.settings import RunSettings
+    s, _, run, batches = build_run(RunSettings(
+        model=tiny["model"], task=None, train_file=tiny["train"], eval_file=tiny["dev"],
+        batch_size=8, max_seq_len=16, max_steps=4, select_best=True, method="lora"))
+    selector, state = BestState(run, batches, every=2, max_steps=4), LoopState(step=1)
+    selector(state)
+    assert state.best is None  # not a scoring step
+    state.step = 2
+    selector(state)
+    assert state.best["step"] == 2
+    kept = {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for n, p in run.model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    state.best["accuracy"] = 2.0  # nothing scores above it: step 4 does not replace step 2
+    state.step = 4
+    selector(state)
+    assert state.best["step"] == 2
+    selector.restore(state)
+    for n, p in run.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), kept[n], msg=n)
+    assert evaluate(run, batches, split="holdout")["eval_examples"] == len(batches.holdout)
+
+
+def test_pooling_auto_reads_the_sentence_transformers_folder(tmp_path):
+    from increlora_fast.training.pooling import pooling_of_folder, resolve_pooling
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+         {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    config = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    assert resolve_pooling("auto", tmp_path) == "mean"
+    config.update(pooling_mode_cls_token=True, pooling_mode_mean_tokens=False)
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    assert pooling_of_folder(tmp_path) == "cls"
+    assert resolve_pooling("auto", tmp_path / "missing") == "cls"
+    assert resolve_pooling("auto", None) == "cls" and resolve_pooling("mean", None) == "mean"
+
+
+def test_mean_pooling_feeds_the_classifier_the_masked_mean(tiny):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from increlora_fast.training.pooling import apply_pooling
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
+    model.eval()
+    apply_pooling(model, "mean")
+    tok = AutoTokenizer.from_pretrained(tiny["model"])
+    batch = tok(["good movie", "the plot was very dull and the acting flat"], padding=True,
+                return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+        states = model.bert(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        expected = model.classifier((states * mask).sum(1) / mask.sum(1))
+    torch.testing.assert_close(logits, expected)
+    with pytest.raises(ValueError, match="--pooling max is not available"):
+        apply_pooling(model, "max")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-seq-len", "long"], "'long' is invalid: use an integer >= 8 (tokens) or auto"),
+    (["--max-seq-len", "4"], "--max-seq-len 4 is invalid: use an integer >= 8 (tokens) or auto"),
+    (["--select-every", "0", "--select-best"], "--select-every 0 is invalid: use an integer >= 1"),
+    (["--select-best", "--method", "adalora"], "--select-best True is invalid: it is for "
+                                               "increlora, lora and full"),
+    (["--pooling", "max"], "invalid choice: 'max'"),
+    (["--class-weights", "inverse"], "invalid choice: 'inverse'"),
+])
+def test_bad_option_values_name_the_option(argv, message, tmp_path, capsys):
+    parse_error = "invalid choice" in message or "'long'" in message  # argparse exits 2
+    with pytest.raises(SystemExit) if parse_error else contextlib.nullcontext():
+        assert cli(argv + ["--output-dir", str(tmp_path / "out")]) == 2
+    assert message in capsys.readouterr().err

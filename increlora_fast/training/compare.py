@@ -17,7 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
-from .finetune import DATA_FILE_KEYS, load_data, run_finetune, with_data_identity
+from .finetune import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
+                       with_data_identity)
 from .outputs import METRICS_FILE, check_writable
 from .settings import METHODS, RunSettings, resolve, validate
 
@@ -78,7 +79,7 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
     out = Path(output_dir)
     check_writable(out)
     base = with_data_identity(base)
-    train_size = len(load_data(base).train)
+    train_size = len(split_holdout(base, load_data(base).train)[0])  # rows trained on
     results: Dict[str, Dict] = {}
     for method in methods:
         sweep: Dict[str, float] = {}
