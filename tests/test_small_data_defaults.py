@@ -173,13 +173,14 @@ def test_select_best_holds_out_rows_and_restores_the_best_state(tiny, tmp_path):
     assert r["eval_loss"] == pytest.approx(m["eval_loss"], rel=1e-6, abs=1e-7)
 
 
-def test_best_state_keeps_the_better_score_and_restores_it(tiny):
+@pytest.mark.parametrize("method", ["lora", "increlora"])
+def test_best_state_keeps_the_better_score_and_restores_it(tiny, method):
     from increlora_fast.training.finetune import build_run
     from increlora_fast.training.loop import BestState, LoopState, evaluate
     from increlora_fast.training.settings import RunSettings
     s, _, run, batches = build_run(RunSettings(
         model=tiny["model"], task=None, train_file=tiny["train"], eval_file=tiny["dev"],
-        batch_size=8, max_seq_len=16, max_steps=4, select_best=True, method="lora"))
+        batch_size=8, max_seq_len=16, max_steps=4, select_best=True, method=method))
     selector, state = BestState(run, batches, every=2, max_steps=4), LoopState(step=1)
     selector(state)
     assert state.best is None  # not a scoring step

@@ -166,12 +166,16 @@ class BestState:
                                       for n, t in self._tensors().items()}}
 
     def restore(self, state: LoopState) -> None:
-        """Copy the best state's tensors into the model (nothing when none was scored)."""
+        """Copy the best state's tensors into the model (nothing when none was scored); the
+        forward then computes what it did at the best step (IncreLoRA: its slot states too)."""
         if state.best is None:
             return
         with torch.no_grad():
             for name, t in self._tensors().items():
                 t.copy_(state.best["tensors"][name])
+        for module in self.run.model.modules():  # IncreLoRA layers: slot states changed
+            if hasattr(module, "mark_slots_changed"):
+                module.mark_slots_changed()
 
 
 @torch.no_grad()
