@@ -253,3 +253,8 @@ def test_bad_option_values_name_the_option(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) if parse_error else contextlib.nullcontext():
         assert cli(argv + ["--output-dir", str(tmp_path / "out")]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_note_reads_with_a_single_hint():
+    m = summary_metrics(settings={}, train_truncated_share=0.0)
+    assert no_learning_note(m).endswith("; try more steps (--max-steps or --epochs; it ran 200)")

@@ -307,7 +307,7 @@ def no_learning_note(m: Dict) -> Optional[str]:
                      f"texts were cut at {m.get('max_seq_len')} tokens)")
     return (f"no better than always predicting {majority}: dev accuracy {acc:.4f} vs "
             f"{base_acc:.4f}, macro-F1 {f1:.4f} vs {base_f1:.4f}; try "
-            + ", ".join(hints[:-1]) + " or " + hints[-1])
+            + (", ".join(hints[:-1]) + " or " if len(hints) > 1 else "") + hints[-1])
 
 
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
