@@ -144,8 +144,32 @@ def load_results(root: Path, metric: str) -> List[RunResult]:
     return runs
 
 
+def per_run_table(root: Path) -> str:
+    """Every (data, method, variant): its runs' dev accuracy and macro-F1 per seed, the majority
+    baseline, the chosen max_seq_len, --select-best's steps and the mean training time."""
+    groups: Dict[tuple, List[dict]] = {}
+    for path in sorted(root.glob("*/*/*/seed*.json")):
+        r = json.loads(path.read_text())
+        groups.setdefault((r["data"], r["method"], r["variant"]), []).append(r)
+    lines = ["| data | method | variant | seeds | dev accuracy per seed | macro-F1 per seed "
+             "| majority acc / macro-F1 | max_seq_len | selected step | train s (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for (data, method, variant), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["seed"])
+        selected = ", ".join(str(r["selected_step"]) for r in rs) if rs[0]["selected_step"] \
+            else "-"
+        lines.append(
+            f"| {data} | {method} | {variant} | {','.join(str(r['seed']) for r in rs)} | "
+            + " / ".join(f"{r['eval_accuracy']:.3f}" for r in rs) + " | "
+            + " / ".join(f"{r['eval_macro_f1']:.3f}" for r in rs) + " | "
+            f"{rs[0]['eval_majority_accuracy']:.3f} / {rs[0]['eval_majority_macro_f1']:.3f} | "
+            f"{rs[0]['max_seq_len']} | {selected} | "
+            f"{sum(r['train_seconds'] for r in rs) / len(rs):.0f} |")
+    return "\n".join(lines)
+
+
 def summary(args: argparse.Namespace) -> int:
-    parts = []
+    parts = ["## every run", "", per_run_table(OUT), ""]
     for metric in ("eval_accuracy", "eval_macro_f1"):
         runs = load_results(OUT, metric)
         if not runs:
