@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Dict, List
 
 from ..config import SCORE_KINDS
-from ..training.settings import (BERT_TARGETS, CUDA_GRAPHS, DEFAULT_LR, DEFAULT_MAX_STEPS,
-                                 METHODS, PAD_TO, SCHEDULES, RunSettings)
+from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHTS, CUDA_GRAPHS,
+                                 DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, PAD_TO, POOLINGS,
+                                 SCHEDULES, SELECT_HOLDOUT_SHARE, RunSettings)
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
 SETTINGS_DESTS = [f.name for f in dataclasses.fields(RunSettings)]
@@ -28,6 +29,17 @@ def _csv_floats(text: str) -> List[float]:
         return [float(t) for t in _csv_list(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of numbers")
+
+
+def _seq_len(text: str):
+    """``--max-seq-len``: an integer or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: use an integer >= 8 (tokens) "
+                                         "or auto")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +58,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="labels: integers, or strings mapped to ids in sorted order")
     data.add_argument("--max-train-samples", type=int, help="use only the first N training rows")
     data.add_argument("--max-eval-samples", type=int, help="use only the first N dev rows")
-    data.add_argument("--max-seq-len", type=int, default=d.max_seq_len)
+    data.add_argument("--max-seq-len", type=_seq_len, default=d.max_seq_len,
+                      help=f"tokens per input (default %(default)s); auto: the "
+                           f"{AUTO_SEQ_PERCENTILE}th percentile of the training texts' token "
+                           "lengths, within the model's limit")
     data.add_argument("--pad-to", choices=PAD_TO, default=None,
                       help="training batches padded to their longest input (longest, the "
                            "default) or to --max-seq-len (max_length: one shape for every "
@@ -69,6 +84,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="linear warmup share of the steps (IncreLoRA: of every new slot)")
     train.add_argument("--grad-clip", type=float, default=d.grad_clip)
     train.add_argument("--seed", type=int, default=d.seed)
+    train.add_argument("--class-weights", choices=CLASS_WEIGHTS, default=d.class_weights,
+                       help="none (default) | balanced: the training loss weighs each class "
+                            "by rows / (classes x its rows)")
+    train.add_argument("--select-best", action="store_true",
+                       help=f"hold out {100 * SELECT_HOLDOUT_SHARE:.0f}%% of the training rows, score "
+                            "them every --select-every steps and end with the adapter state "
+                            "that scored best (not with AdaLoRA)")
+    train.add_argument("--select-every", type=int,
+                       help="steps between --select-best's scorings (default: 10%% of steps)")
+    train.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
+                       help="what the classifier reads: cls (default; the model class's own "
+                            "head, BERT's CLS pooler), mean (mean of the token states), auto "
+                            "(a sentence-transformers model's 1_Pooling/config.json, else cls)")
 
     adapter = parser.add_argument_group("adapters")
     adapter.add_argument("--target-modules", type=_csv_list, default=list(BERT_TARGETS),
@@ -180,6 +208,7 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
 
 
 def _print_summary(m: Dict, out_dir: str) -> None:
+    from ..training.finetune import no_learning_note
     from ..visualize import rank_table
 
     print(f"\ndev accuracy      {m['eval_accuracy']:.4f}  (macro-F1 {m['eval_macro_f1']:.4f}, "
@@ -189,6 +218,9 @@ def _print_summary(m: Dict, out_dir: str) -> None:
     if missed:
         print(f"never right on    {', '.join(missed)} (per-class F1 0 in metrics.json: the "
               f"model does not predict them correctly; try another --lr or more --max-steps)")
+    note = no_learning_note(m)
+    if note:
+        print(f"learned nothing?  {note}")
     print(f"trainable params  {m['trainable_params_active']:,} active / "
           f"{m['trainable_params_padded']:,} padded")
     print(f"time              {m['total_seconds']:.0f} s (training {m['train_seconds']:.0f} s "

@@ -6,12 +6,24 @@ run would have seen, without storing any sampler state.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from ..data.examples import Example
 from .settings import PAD_TO
+
+
+def token_lengths(tokenizer, examples: Sequence[Example]) -> List[int]:
+    """Each example's token count with special tokens and without truncation (a pair: both
+    texts together)."""
+    texts = [e.text for e in examples]
+    pairs = [e.text_pair for e in examples]
+    if any(p is None for p in pairs):
+        enc = tokenizer(texts, truncation=False, verbose=False)
+    else:
+        enc = tokenizer(texts, pairs, truncation=False, verbose=False)
+    return [len(ids) for ids in enc["input_ids"]]
 
 
 class Batches:
@@ -27,11 +39,16 @@ class Batches:
             ``max_seq_len`` (``"max_length"``: every training batch has shape
             (batch_size, max_seq_len), as CUDA graphs need). Evaluation batches are always
             padded to their longest input.
+        train_lengths: the training examples' untruncated token lengths (`token_lengths`),
+            when the caller has them; computed here otherwise. ``truncated_share`` is the share
+            of training examples longer than ``max_seq_len``.
+        holdout: training rows held out from training, scored like ``dev`` (``--select-best``).
     """
 
     def __init__(self, tokenizer, train: Sequence[Example], dev: Sequence[Example],
                  max_seq_len: int, batch_size: int, eval_batch_size: int, seed: int,
-                 pad_to: str = "longest") -> None:
+                 pad_to: str = "longest", train_lengths: Optional[Sequence[int]] = None,
+                 holdout: Sequence[Example] = ()) -> None:
         if pad_to not in PAD_TO:
             raise ValueError(f"--pad-to {pad_to!r} is invalid: use one of {PAD_TO}")
         if not train:
@@ -45,9 +62,13 @@ class Batches:
         self.max_seq_len = max_seq_len
         self.pad_to = pad_to
         self.train = self._encode(train, max_seq_len)
+        lengths = token_lengths(tokenizer, train) if train_lengths is None else train_lengths
+        self.truncated_share = sum(n > max_seq_len for n in lengths) / len(train)
         self.dev = self._encode(dev, max_seq_len)
         self.train_labels = torch.tensor([e.label for e in train])
         self.dev_labels = torch.tensor([e.label for e in dev])
+        self.holdout = self._encode(holdout, max_seq_len) if holdout else []
+        self.holdout_labels = torch.tensor([e.label for e in holdout], dtype=torch.long)
         self.steps_per_epoch = len(train) // self.batch_size
         self._perm_epoch = -1
         self._perm = torch.empty(0, dtype=torch.long)
@@ -83,9 +104,16 @@ class Batches:
         return self._collate([self.train[i] for i in idx.tolist()], self.train_labels[idx],
                              self.pad_to)
 
-    def eval_batches(self) -> Iterator[Dict[str, torch.Tensor]]:
-        """The dev split in batches, shortest inputs first (less padding; order does not matter)."""
-        order = sorted(range(len(self.dev)), key=lambda i: len(self.dev[i]["input_ids"]))
+    def eval_batches(self, split: str = "dev") -> Iterator[Dict[str, torch.Tensor]]:
+        """The dev split (or ``"holdout"``: the held-out training rows) in batches, shortest
+        inputs first (less padding; order does not matter)."""
+        if split not in ("dev", "holdout"):
+            raise ValueError(f"eval_batches: split {split!r} is not dev or holdout")
+        rows, labels = (self.dev, self.dev_labels) if split == "dev" else \
+            (self.holdout, self.holdout_labels)
+        if not rows:
+            raise ValueError(f"there are no {split} rows to score")
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
         for start in range(0, len(order), self.eval_batch_size):
             idx = torch.tensor(order[start:start + self.eval_batch_size])
-            yield self._collate([self.dev[i] for i in idx.tolist()], self.dev_labels[idx])
+            yield self._collate([rows[i] for i in idx.tolist()], labels[idx])

@@ -85,7 +85,8 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
         payload = _torch_bytes({"step": state.step, "losses": list(state.losses),
                                 "train_seconds": state.train_seconds, "method": run.name,
                                 "optimizer": run.optimizer.state_dict(),
-                                "method_state": method_state, "rng": _rng_state()})
+                                "method_state": method_state, "rng": _rng_state(),
+                                "best": state.best})
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         envelope = {"format": STATE_FORMAT, "version": STATE_VERSION,
                     "sha256": hashlib.sha256(payload).hexdigest(), "files": files,
@@ -168,4 +169,4 @@ def load_checkpoint(directory: Path, run: MethodRun) -> LoopState:
     run.optimizer.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
     return LoopState(step=blob["step"], losses=list(blob["losses"]),
-                     train_seconds=blob["train_seconds"])
+                     train_seconds=blob["train_seconds"], best=blob.get("best"))

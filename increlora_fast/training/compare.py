@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 from ..persistence import atomic_write_bytes
-from .finetune import DATA_FILE_KEYS, load_data, run_finetune, with_data_identity
+from .finetune import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
+                       with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
 from .settings import METHODS, RunSettings, resolve, validate
@@ -92,7 +93,7 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], se
              out: Path, progress: bool, echo: Callable[[str], None], overwrite: bool) -> Dict:
     """`compare_methods` with its folder locked."""
     base = with_data_identity(base)
-    train_size = len(load_data(base).train)
+    train_size = len(split_holdout(base, load_data(base).train)[0])  # rows trained on
     results: Dict[str, Dict] = {}
     for method in methods:
         sweep: Dict[str, float] = {}
@@ -120,6 +121,7 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], se
             "train_examples": first["train_examples"], "eval_examples": first["eval_examples"],
             "method_settings": first["method_settings"],
             "train_seconds": [m["train_seconds"] for m in per_seed],
+            "eval_majority_accuracy": first.get("eval_majority_accuracy"),
         }
     common = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr")}
     report = {"task": per_seed[0]["task"], "seeds": seeds, "lrs": list(lrs), "common": common,
@@ -158,7 +160,10 @@ def format_table(report: Dict) -> str:
              f"{c['max_seq_len']}, warmup {c['warmup_ratio']:g}, weight decay "
              f"{c['weight_decay']:g}, grad clip {c['grad_clip']:g}, target rank "
              f"{c['target_rank']}, seeds {c['seed']}..{c['seed'] + n - 1}; lr sweep "
-             f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all",
+             f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all"
+             + ("" if any_run.get("eval_majority_accuracy") is None else
+                f"; always predicting the dev set's majority class scores "
+                f"{any_run['eval_majority_accuracy']:.4f}"),
              "",
              f"| method | dev accuracy (mean ± std, {n} seeds) | per seed | trainable params "
              "(active / padded) | final total rank | best lr | sweep (first seed) "

@@ -15,19 +15,22 @@ import torch
 
 from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS, hub_offline, offline_requested
+from ..data.examples import Example, fixed_split
 from ..data.files import file_sha256
 from ..persistence import atomic_write_bytes
-from .batches import Batches
+from .batches import Batches, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
                          save_checkpoint)
 from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
-from .loop import LoopState, evaluate, train_loop
+from .loop import BestState, LoopState, balanced_class_weights, evaluate, train_loop
 from .methods import MethodRun
 from .registry import build_method
 from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
-from .settings import RunSettings, resolve, validate
+from .pooling import apply_pooling, resolve_pooling
+from .settings import (AUTO_SEQ_PERCENTILE, SELECT_HOLDOUT_SHARE, RunSettings, resolve,
+                       validate)
 from .step_runner import resolve_cuda_graphs
 
 HEATMAP_FILE = "rank_heatmap.png"
@@ -149,12 +152,36 @@ def with_head_saved(s: RunSettings, model) -> RunSettings:
     return dataclasses.replace(s, modules_to_save=list(s.modules_to_save) + [head])
 
 
-def check_max_seq_len(s: RunSettings, model) -> None:
-    """--max-seq-len must fit the model's position embeddings."""
+def _positions(model) -> Optional[int]:
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and s.max_seq_len > positions:
+    return positions if isinstance(positions, int) else None
+
+
+def check_max_seq_len(s: RunSettings, model) -> None:
+    """--max-seq-len (a number) must fit the model's position embeddings."""
+    positions = _positions(model)
+    if isinstance(s.max_seq_len, int) and positions is not None and s.max_seq_len > positions:
         raise ValueError(f"--max-seq-len {s.max_seq_len} is invalid: the model {s.model} has "
                          f"{positions} positions; use at most {positions}")
+
+
+def auto_max_seq_len(lengths: List[int], tokenizer, model) -> int:
+    """``--max-seq-len auto``: the `AUTO_SEQ_PERCENTILE` th percentile (nearest rank) of the
+    training texts' token ``lengths``, at least 8 and at most the model's positions and the
+    tokenizer's own maximum (all-MiniLM-L6-v2: 256, what sentence-transformers trained it on)."""
+    ordered = sorted(lengths)
+    chosen = ordered[max(0, math.ceil(AUTO_SEQ_PERCENTILE / 100 * len(ordered)) - 1)]
+    limits = [n for n in (_positions(model), getattr(tokenizer, "model_max_length", None))
+              if isinstance(n, int) and n < 1_000_000]
+    return max(8, min([chosen] + limits))
+
+
+def split_holdout(s: RunSettings, train: List[Example]) -> Tuple[List[Example], List[Example]]:
+    """(rows to train on, rows held out): with ``--select-best`` a fixed `SELECT_HOLDOUT_SHARE`
+    of the training rows (the same for every --seed) is held out, otherwise none."""
+    if not s.select_best:
+        return list(train), []
+    return fixed_split(train, max(1, round(SELECT_HOLDOUT_SHARE * len(train))))
 
 
 def seed_everything(seed: int) -> None:
@@ -168,16 +195,24 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None
     """Resolved settings, data, the method wrapped around a fresh model (on ``placement``'s
     device, default CPU), and the batches."""
     data = load_data(settings)
-    s = resolve(settings, len(data.train))
+    train, holdout = split_holdout(settings, data.train)
+    s = resolve(settings, len(train))
     seed_everything(s.seed)
     tokenizer, model = load_model(s, data)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
+    apply_pooling(model, resolve_pooling(s.pooling, _model_folder(s.model)))
+    lengths = token_lengths(tokenizer, train)
+    seq_len = auto_max_seq_len(lengths, tokenizer, model) if s.max_seq_len == "auto" \
+        else s.max_seq_len
     if placement is not None:
         model = model.to(placement.device)
     run = build_method(model, s)
-    batches = Batches(tokenizer, data.train, data.eval, s.max_seq_len, s.batch_size,
-                      s.eval_batch_size, s.seed, pad_to=s.pad_to)
+    if s.class_weights == "balanced":
+        weights = balanced_class_weights(torch.tensor([e.label for e in train]), data.num_labels)
+        run.class_weights = weights.to(placement.device if placement is not None else "cpu")
+    batches = Batches(tokenizer, train, data.eval, seq_len, s.batch_size, s.eval_batch_size,
+                      s.seed, pad_to=s.pad_to, train_lengths=lengths, holdout=holdout)
     return s, data, run, batches
 
 
@@ -210,6 +245,25 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
             if name not in written:
                 written.append(name)
     return on_step_end
+
+
+def _each(*callbacks: Optional[Callable[[LoopState], None]]
+          ) -> Optional[Callable[[LoopState], None]]:
+    """One step-end callback running ``callbacks`` (Nones left out) in order; None for none."""
+    given = [c for c in callbacks if c is not None]
+    if not given:
+        return None
+
+    def on_step_end(state: LoopState) -> None:
+        for callback in given:
+            callback(state)
+    return on_step_end
+
+
+def _model_folder(name: str) -> Optional[Path]:
+    """The local folder of ``--model`` (None for a hub id)."""
+    folder = Path(model_path(name)).expanduser()
+    return folder if folder.is_dir() else None
 
 
 def _matplotlib_available(missing: str) -> bool:
@@ -264,6 +318,38 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     atomic_write_bytes(out / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
 
 
+# A share of training texts cut at --max-seq-len from which the no-learning note suggests a
+# longer one.
+MANY_TRUNCATED = 0.2
+
+
+def no_learning_note(m: Dict) -> Optional[str]:
+    """One line when the run did no better on the dev set than always predicting its majority
+    class (accuracy, or macro-F1, at or below that baseline's), naming the changes most likely to
+    help; None otherwise or when ``m`` has no baseline (metrics of an older run)."""
+    if "eval_majority_accuracy" not in m:
+        return None
+    acc, base_acc = m["eval_accuracy"], m["eval_majority_accuracy"]
+    f1, base_f1 = m["eval_macro_f1"], m["eval_majority_macro_f1"]
+    if acc > base_acc and f1 > base_f1:
+        return None
+    names = m.get("label_names") or []
+    label = m.get("eval_majority_label")
+    majority = repr(names[label]) if isinstance(label, int) and label < len(names) else \
+        "the majority class"
+    settings = m.get("settings") or {}
+    hints = [f"more steps (--max-steps or --epochs; it ran {m.get('steps')})"]
+    if settings.get("lr") is not None:
+        hints.append(f"another --lr (it was {settings['lr']:g})")
+    cut = m.get("train_truncated_share") or 0.0
+    if cut >= MANY_TRUNCATED:
+        hints.append(f"a longer --max-seq-len or --max-seq-len auto ({cut:.0%} of the training "
+                     f"texts were cut at {m.get('max_seq_len')} tokens)")
+    return (f"no better than always predicting {majority}: dev accuracy {acc:.4f} vs "
+            f"{base_acc:.4f}, macro-F1 {f1:.4f} vs {base_f1:.4f}; try "
+            + (", ".join(hints[:-1]) + " or " if len(hints) > 1 else "") + hints[-1])
+
+
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
                  save_steps: int = 0, progress: bool = True,
                  echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
@@ -305,15 +391,32 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place)
     state = load_checkpoint(Path(resume), run) if resume else LoopState()
-    echo(f"{s.method} on {data.name} ({len(data.train):,} train / {len(data.eval):,} dev), "
+    echo(f"{s.method} on {data.name} ({len(batches.train):,} train"
+         + (f" + {len(batches.holdout):,} held out" if batches.holdout else "")
+         + f" / {len(data.eval):,} dev), "
          f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
          f"seed {s.seed}, on {place.describe()}" + (", CUDA graphs" if cuda_graphs else "")
          + (f", resuming at step {state.step}" if resume else ""))
+    pooling = resolve_pooling(s.pooling, _model_folder(s.model))
+    if s.max_seq_len == "auto" or s.pooling != "cls" or s.class_weights != "none" or \
+            s.select_best:
+        echo(f"max_seq_len {batches.max_seq_len}"
+             + (f" (auto: {AUTO_SEQ_PERCENTILE}th percentile of the training texts' token "
+                "lengths, within the model's limit)" if s.max_seq_len == "auto" else "")
+             + f", {batches.truncated_share:.0%} of training texts cut; pooling {pooling}"
+             + (f"; class weights {s.class_weights}" if s.class_weights != "none" else "")
+             + (f"; best of every {s.select_every} steps on {len(batches.holdout)} held-out "
+                "training rows" if s.select_best else ""))
     written: List[str] = []
+    selector = BestState(run, batches, s.select_every, s.max_steps, place) \
+        if s.select_best else None
+    checkpointer = _checkpointer(out, run, s, save_steps, written)
     train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
-               on_step_end=_checkpointer(out, run, s, save_steps, written), placement=place,
+               on_step_end=_each(selector, checkpointer), placement=place,
                cuda_graphs=cuda_graphs)
     check_finite(run, state.step)
+    if selector is not None:
+        selector.restore(state)
     t_eval = time.perf_counter()
     metrics = evaluate(run, batches, place)
     if not math.isfinite(metrics["eval_loss"]):
@@ -329,7 +432,12 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     tail = state.losses[-max(1, len(state.losses) // 10):]
     metrics.update({
         "method": s.method, "task": data.name, "model": s.model, "seed": s.seed,
-        "train_examples": len(data.train), "label_names": data.label_names,
+        "train_examples": len(batches.train), "label_names": data.label_names,
+        "max_seq_len": batches.max_seq_len, "pooling": pooling,
+        "holdout_examples": len(batches.holdout),
+        "selected_step": state.best["step"] if state.best else None,
+        "holdout_accuracy": state.best["accuracy"] if state.best else None,
+        "train_truncated_share": round(batches.truncated_share, 4),
         "steps": state.step, "epochs": round(state.step / batches.steps_per_epoch, 3),
         "train_loss": sum(tail) / len(tail), "train_losses": [round(v, 6) for v in state.losses],
         "train_seconds": round(state.train_seconds, 1),

@@ -46,6 +46,10 @@ class LoopState:
     session_seconds: float = 0.0
     pending_losses: List[torch.Tensor] = field(default_factory=list, repr=False)
     pending_tokens: List[torch.Tensor] = field(default_factory=list, repr=False)
+    # --select-best: {"step", "accuracy", "loss", "tensors" (CPU copies of the trainable
+    # parameters and the buffers)} of the best-scoring state so far (`BestState`); None before
+    # the first scoring or without it
+    best: Optional[Dict[str, Any]] = field(default=None, repr=False)
 
     def sync(self, name: str) -> None:
         """Read the pending losses and token counts on the host (one read each) and append them.
@@ -123,18 +127,70 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
     return state
 
 
+def balanced_class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``--class-weights balanced``: class c weighs rows / (classes x rows of c), so every class
+    present adds the same total to the loss (a class without rows weighs 0)."""
+    counts = torch.bincount(labels, minlength=n_classes).float()
+    present = int((counts > 0).sum())
+    weights = torch.zeros(n_classes)
+    weights[counts > 0] = len(labels) / (present * counts[counts > 0])
+    return weights
+
+
+class BestState:
+    """``--select-best``: every ``every`` steps (and at the last), scores the model on the
+    held-out training rows and keeps a CPU copy of its trainable parameters and buffers when it
+    scores better than before (higher accuracy, then lower loss; the earlier step on a tie), in
+    ``LoopState.best`` (so a checkpoint carries it); `restore` puts the best back."""
+
+    def __init__(self, run: MethodRun, batches: Batches, every: int, max_steps: int,
+                 placement: Optional[Placement] = None) -> None:
+        self.run, self.batches, self.every = run, batches, every
+        self.max_steps, self.placement = max_steps, placement
+
+    def _tensors(self) -> Dict[str, torch.Tensor]:
+        model = self.run.model
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        return {**params, **dict(model.named_buffers())}
+
+    def __call__(self, state: LoopState) -> None:
+        if state.step % self.every and state.step < self.max_steps:
+            return
+        m = evaluate(self.run, self.batches, self.placement, split="holdout")
+        best = state.best
+        if best is None or (m["eval_accuracy"], -m["eval_loss"]) > (best["accuracy"],
+                                                                     -best["loss"]):
+            state.best = {"step": state.step, "accuracy": m["eval_accuracy"],
+                          "loss": m["eval_loss"],
+                          "tensors": {n: t.detach().to("cpu", copy=True)
+                                      for n, t in self._tensors().items()}}
+
+    def restore(self, state: LoopState) -> None:
+        """Copy the best state's tensors into the model (nothing when none was scored); the
+        forward then computes what it did at the best step (IncreLoRA: its slot states too)."""
+        if state.best is None:
+            return
+        with torch.no_grad():
+            for name, t in self._tensors().items():
+                t.copy_(state.best["tensors"][name])
+        for module in self.run.model.modules():  # IncreLoRA layers: slot states changed
+            if hasattr(module, "mark_slots_changed"):
+                module.mark_slots_changed()
+
+
 @torch.no_grad()
 def evaluate(run: MethodRun, batches: Batches,
-             placement: Optional[Placement] = None) -> Dict[str, Any]:
+             placement: Optional[Placement] = None, split: str = "dev") -> Dict[str, Any]:
     """Dev accuracy, macro-F1 and cross-entropy of the model as it stands (on ``placement``'s
     device and precision; default CPU, fp32), and each class's F1 and dev count, listed by
-    label id (see `classification_metrics`): a class the model never gets right has F1 0."""
+    label id (see `classification_metrics`): a class the model never gets right has F1 0.
+    ``split="holdout"`` scores the held-out training rows instead (`Batches` ``holdout``)."""
     place = placement or Placement(torch.device("cpu"), "fp32")
     model = run.model
     was_training = model.training
     model.eval()
     preds, labels, loss_sum, n_classes = [], [], 0.0, 0
-    for batch in batches.eval_batches():
+    for batch in batches.eval_batches(split):
         batch = place.to_device(batch)
         y = batch.pop("labels")
         with place.autocast():
@@ -144,9 +200,25 @@ def evaluate(run: MethodRun, batches: Batches,
         labels.append(y)
         n_classes = logits.shape[-1]
     model.train(was_training)
-    metrics = classification_metrics(torch.cat(preds), torch.cat(labels), n_classes)
+    gold = torch.cat(labels)
+    metrics = classification_metrics(torch.cat(preds), gold, n_classes)
     metrics["eval_loss"] = loss_sum / metrics["eval_examples"]
+    metrics.update(majority_baseline(gold, n_classes))
     return metrics
+
+
+def majority_baseline(gold: torch.Tensor, n_classes: int = 0) -> Dict[str, Any]:
+    """What always predicting the dev set's most common class scores on it: its label id
+    (``eval_majority_label``; the lowest id on a tie), accuracy (its share of the dev set) and
+    macro-F1 (computed as `classification_metrics` does), for telling a run that learned nothing
+    from one that did."""
+    if gold.dim() != 1 or len(gold) == 0:
+        raise ValueError(f"majority_baseline: gold {tuple(gold.shape)} must be 1-D and non-empty")
+    majority = int(torch.bincount(gold).argmax())
+    constant = classification_metrics(torch.full_like(gold, majority), gold, n_classes)
+    return {"eval_majority_label": majority,
+            "eval_majority_accuracy": constant["eval_accuracy"],
+            "eval_majority_macro_f1": constant["eval_macro_f1"]}
 
 
 def classification_metrics(pred: torch.Tensor, gold: torch.Tensor,

@@ -37,6 +37,9 @@ class MethodRun:
     schedule (this is also full fine-tuning as it stands)."""
 
     name = "full"
+    # per-class weights of the training loss (``--class-weights``), on the model's device;
+    # None: the model's own unweighted loss
+    class_weights: Optional[torch.Tensor] = None
 
     def __init__(self, model: nn.Module, settings: RunSettings) -> None:
         self.model = model

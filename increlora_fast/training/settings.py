@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 from ..config import SCORE_KINDS
 
@@ -20,6 +20,13 @@ DEFAULT_MAX_STEPS = 300
 # with restart warmup = growth interval).
 SCHEDULES = {"default": 50, "authors": 35}
 PAD_TO = ("longest", "max_length")
+# Options for small data of one's own (issue 29); the defaults keep the behaviour before them.
+POOLINGS = ("cls", "mean", "auto")
+CLASS_WEIGHTS = ("none", "balanced")
+# --max-seq-len auto: this percentile of the training texts' token lengths
+AUTO_SEQ_PERCENTILE = 95
+# --select-best: share of the training rows held out to choose the step
+SELECT_HOLDOUT_SHARE = 0.1
 CUDA_GRAPHS = ("auto", "on", "off")
 BERT_TARGETS = ["query", "key", "value", "attention.output.dense", "intermediate.dense",
                 "output.dense"]
@@ -50,7 +57,9 @@ class RunSettings:
     label_column: str = "label"
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
-    max_seq_len: int = 64
+    # an int, or "auto": `AUTO_SEQ_PERCENTILE` of the training texts' token lengths within the
+    # model's limit, chosen again (the same) when a run resumes
+    max_seq_len: Union[int, str] = 64
     batch_size: int = 32
     eval_batch_size: int = 128
     max_steps: Optional[int] = None
@@ -83,6 +92,16 @@ class RunSettings:
     reserve_lambda: float = 1e-5
     normalize_on_activation: bool = False
     schedule: str = "default"
+    # how the classifier reads the encoder: "cls" (the model class's own head, e.g. BERT's CLS
+    # pooler), "mean" (mean of the token states) or "auto" (what a sentence-transformers
+    # model's 1_Pooling/config.json says, else cls)
+    pooling: str = "cls"
+    # "balanced": the training loss weighs class c by n / (classes x n_c)
+    class_weights: str = "none"
+    # keep the adapter state that scores best on `SELECT_HOLDOUT_SHARE` of the training rows
+    # (held out from training), evaluated every select_every steps (None: 10 % of the steps)
+    select_best: bool = False
+    select_every: Optional[int] = None
     # where and how to compute (see `device`); kept as given, resolved when the run starts
     device: str = "auto"
     precision: str = "auto"
@@ -119,10 +138,20 @@ def validate(s: RunSettings) -> None:
     """Reject settings no run can use, naming the command-line option."""
     _check(s.method in METHODS, "--method", s.method, f"use one of {METHODS}")
     for option, value in (("--batch-size", s.batch_size), ("--eval-batch-size", s.eval_batch_size),
-                          ("--max-seq-len", s.max_seq_len), ("--target-rank", s.target_rank)):
+                          ("--target-rank", s.target_rank)):
         _check(isinstance(value, int) and value >= 1, option, value, "use an integer >= 1")
     _check(isinstance(s.seed, int) and s.seed >= 0, "--seed", s.seed, "use an integer >= 0")
-    _check(s.max_seq_len >= 8, "--max-seq-len", s.max_seq_len, "use at least 8 tokens")
+    _check(s.max_seq_len == "auto" or (isinstance(s.max_seq_len, int) and s.max_seq_len >= 8),
+           "--max-seq-len", s.max_seq_len, "use an integer >= 8 (tokens) or auto")
+    _check(s.pooling in POOLINGS, "--pooling", s.pooling, f"use one of {POOLINGS}")
+    _check(s.class_weights in CLASS_WEIGHTS, "--class-weights", s.class_weights,
+           f"use one of {CLASS_WEIGHTS}")
+    _check(s.select_every is None or (isinstance(s.select_every, int) and s.select_every >= 1),
+           "--select-every", s.select_every, "use an integer >= 1")
+    if s.select_best:
+        _check(s.method != "adalora", "--select-best", True,
+               "it is for increlora, lora and full; AdaLoRA fixes its rank pattern only at the "
+               "end of pruning, so an earlier state cannot be restored with it")
     for option, value in (("--max-train-samples", s.max_train_samples),
                           ("--max-eval-samples", s.max_eval_samples)):
         _check(value is None or value >= 1, option, value, "use an integer >= 1 or leave it out")
@@ -171,6 +200,8 @@ def resolve(s: RunSettings, train_size: int) -> RunSettings:
     if r.max_steps is None:
         r.max_steps = math.ceil(r.epochs * steps_per_epoch) if r.epochs else DEFAULT_MAX_STEPS
     r.lr = DEFAULT_LR[r.method] if r.lr is None else r.lr
+    if r.select_best and r.select_every is None:
+        r.select_every = max(1, r.max_steps // 10)
     r.lora_alpha = DEFAULT_ALPHA[r.method] if r.lora_alpha is None else r.lora_alpha
     if r.pad_to is None:
         r.pad_to = "max_length" if r.cuda_graphs == "on" else "longest"

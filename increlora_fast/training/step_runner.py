@@ -138,12 +138,15 @@ class StepRunner:
         return self._static
 
     def forward_backward(self, step: int, batch: Dict[str, torch.Tensor]) -> Any:
-        """Forward ``batch`` (already on the device) under autocast, add the method's penalty,
-        and backward (the scaled loss under fp16); returns the model's output."""
+        """Forward ``batch`` (already on the device) under autocast, weigh the classes as the
+        run says (``class_weights``), add the method's penalty, and backward (the scaled loss
+        under fp16); returns the model's output."""
         place = self.placement
         with place.autocast():
             out = self.run.model(**batch)
-        loss = out.loss
+        weights = self.run.class_weights
+        loss = out.loss if weights is None else \
+            F.cross_entropy(out.logits.float(), batch["labels"], weight=weights)
         penalty = self.run.penalty()  # in fp32, outside autocast
         if penalty is not None:
             loss = loss + penalty

@@ -1,0 +1,78 @@
+"""`--pooling`: what the sequence-classification head reads from the encoder.
+
+``cls`` leaves the model class as transformers builds it (BERT: the CLS token's state through the
+pretrained pooler's dense layer and tanh). ``mean`` replaces the encoder's pooler with the mean
+of the token states under the attention mask, the way sentence-transformers models such as
+all-MiniLM-L6-v2 were trained to be read. ``auto`` takes the mode from a sentence-transformers
+folder (``modules.json`` naming a Pooling module whose ``config.json`` sets
+``pooling_mode_mean_tokens`` or ``pooling_mode_cls_token``); any other model gets ``cls``.
+
+The replaced pooler has no weights: an adapter trained with ``mean`` must be loaded into a model
+pooled the same way (`apply_pooling`) to give the same predictions.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+
+class MeanPooler(nn.Module):
+    """Mean of the token states over the attention mask of the current forward (set by the
+    encoder's forward pre-hook that `apply_pooling` registers); every token counts without one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: Optional[torch.Tensor] = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.mask is None:
+            return hidden_states.mean(dim=1)
+        mask = self.mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1.0)
+
+
+def pooling_of_folder(folder: Optional[Path]) -> str:
+    """``mean`` or ``cls`` as a sentence-transformers folder's Pooling module says; ``cls`` for a
+    folder without one (or None, e.g. a hub id)."""
+    if folder is None or not (folder / "modules.json").is_file():
+        return "cls"
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        config = json.loads((folder / pooling.get("path", "") / "config.json")
+                            .read_text(encoding="utf-8"))
+    except (OSError, ValueError, StopIteration, AttributeError):
+        return "cls"
+    return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
+
+
+def resolve_pooling(choice: str, folder: Optional[Path]) -> str:
+    """The pooling a run uses: ``choice``, or for ``auto`` the folder's (`pooling_of_folder`)."""
+    return pooling_of_folder(folder) if choice == "auto" else choice
+
+
+def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
+    """Make ``model`` (a transformers sequence classifier) pool as ``pooling`` says (``cls``:
+    unchanged; ``mean``: `MeanPooler` in place of its encoder's pooler); returns it.
+
+    Raises:
+        ValueError: ``mean`` on a model whose encoder has no ``pooler`` to replace.
+    """
+    if pooling == "cls":
+        return model
+    encoder = getattr(model, "base_model", None)
+    if pooling != "mean" or encoder is None or not hasattr(encoder, "pooler"):
+        raise ValueError(f"--pooling {pooling} is not available for {type(model).__name__} "
+                         "(only mean, for encoders with a BERT-style pooler); use --pooling cls")
+    pooler = MeanPooler()
+    encoder.pooler = pooler
+
+    def keep_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+
+    encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
+    return model
