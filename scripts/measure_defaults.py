@@ -13,6 +13,9 @@ runs finished at any point pair up.
         [--threads 1] [--worker 0/2]
     python scripts/measure_defaults.py summary      # OUT/SUMMARY_TABLES.md: paired differences
 
+``--out`` (default ``results/defaults``) names OUT; runs already there are skipped whatever
+their settings, so a measurement at other steps or batch size gets a folder of its own.
+
 ``long_reviews`` is built by ``scripts/make_long_reviews.py`` into ``runs/long_reviews`` when
 missing; the packaged tasks (trec6, rotten_tomatoes) may be cut to their first
 ``--max-train-samples`` / ``--max-eval-samples`` rows.
@@ -99,7 +102,7 @@ def versions() -> Dict[str, str]:
 def run_jobs(args: argparse.Namespace) -> int:
     import torch
 
-    from increlora_fast.training.finetune import run_finetune
+    from increlora_fast.training.finetune_run import run_finetune
 
     torch.set_num_threads(args.threads)
     index, count = (int(x) for x in args.worker.split("/"))
@@ -109,11 +112,11 @@ def run_jobs(args: argparse.Namespace) -> int:
     for number, (seed, data, method, variant) in enumerate(jobs):
         if number % count != index:
             continue
-        target = OUT / data / method / variant / f"seed{seed}.json"
+        target = args.out / data / method / variant / f"seed{seed}.json"
         if target.exists():
             continue
         s = settings_for(data, method, variant, seed, args)
-        work = WORK_DIR / data / method / variant / f"seed{seed}"
+        work = WORK_DIR / args.out.name / data / method / variant / f"seed{seed}"
         print(f"[measure] {data} {method} {variant} seed {seed}", flush=True)
         started = datetime.datetime.now(datetime.timezone.utc)
         metrics = run_finetune(s, str(work), progress=False, overwrite=True, save_steps=0,
@@ -169,16 +172,16 @@ def per_run_table(root: Path) -> str:
 
 
 def summary(args: argparse.Namespace) -> int:
-    parts = ["## every run", "", per_run_table(OUT), ""]
+    parts = ["## every run", "", per_run_table(args.out), ""]
     for metric in ("eval_accuracy", "eval_macro_f1"):
-        runs = load_results(OUT, metric)
+        runs = load_results(args.out, metric)
         if not runs:
-            print(f"no results under {OUT}", file=sys.stderr)
+            print(f"no results under {args.out}", file=sys.stderr)
             return 1
         parts += [f"## {metric}", "", markdown_table(paired_differences(runs, "baseline"),
                                                      metric)]
     text = "\n".join(parts)
-    (OUT / "SUMMARY_TABLES.md").write_text(text + "\n")
+    (args.out / "SUMMARY_TABLES.md").write_text(text + "\n")
     print(text)
     return 0
 
@@ -198,6 +201,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-eval-samples", type=int)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--worker", default="0/1", help="i/n: run every n-th job from the i-th")
+    parser.add_argument("--out", type=Path, default=OUT,
+                        help=f"results folder (default {OUT.relative_to(ROOT)}); a measurement "
+                             "at other --max-steps/--batch-size needs its own")
     args = parser.parse_args(argv)
     unknown = [v for v in _csv(args.variants) if v not in VARIANTS]
     if unknown:

@@ -83,7 +83,7 @@ def test_csv_cells_longer_than_the_csv_module_limit_load(tmp_path):
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if finetune gets as far as loading a model."""
-    from increlora_fast.training import finetune
+    from increlora_fast.training import finetune_run as finetune
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the bad input was refused")
@@ -112,7 +112,7 @@ def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loadin
 
 def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch,
                                                           no_model_loading):
-    from increlora_fast.training import finetune
+    from increlora_fast.training import finetune_run as finetune
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read before the bad input was refused")
@@ -125,7 +125,7 @@ def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, mon
 
 def test_negative_save_steps_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch,
                                                                 no_model_loading):
-    from increlora_fast.training import finetune
+    from increlora_fast.training import finetune_run as finetune
 
     def refuse(*args, **kwargs):
         raise AssertionError("the data was read before the bad input was refused")
@@ -212,7 +212,7 @@ def test_modules_to_save_without_the_head_adds_it(tmp_path, capsys, monkeypatch)
     from safetensors.torch import load_file
 
     from finetune_helpers import write_tiny_bert
-    from increlora_fast.training.finetune import HeadAddedWarning
+    from increlora_fast.training.finetune_run import HeadAddedWarning
     model = write_tiny_bert(tmp_path / "bert")
     train = write_csv(tmp_path / "t.csv", sentiment_rows(64, seed=0))
     out = tmp_path / "out"

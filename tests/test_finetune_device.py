@@ -89,7 +89,7 @@ def test_cli_cuda_without_a_gpu_is_a_clear_error(tiny, tmp_path, capsys):
 
 
 def test_cpu_run_records_device_tokens_per_second_and_memory(tiny, tmp_path, capsys):
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.settings import RunSettings
 
     out = tmp_path / "cpu"
@@ -127,7 +127,7 @@ def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypa
     """The loop's fp16 branch on CPU (the CLI allows fp16 only on CUDA): the controller is
     called with the GradScaler's scale of the step's backward."""
     from increlora_fast.controller import IncreLoRAController
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.loop import LoopState, train_loop
     from increlora_fast.training.settings import RunSettings
 
@@ -194,7 +194,7 @@ def test_a_half_precision_checkpoint_trains_in_float32(tiny, tmp_path):
     gpu-check --assets) load as float32 master weights; autocast decides the compute dtype."""
     from transformers import AutoModel, AutoTokenizer
 
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.settings import RunSettings
 
     half = tmp_path / "bert16"

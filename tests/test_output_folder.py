@@ -124,7 +124,7 @@ def test_sigint_during_overwrite_leaves_the_earlier_run_whole_and_the_new_one_ap
 @pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "overwrite"])
 def test_a_full_disk_at_the_final_write_names_the_folder_and_keeps_the_earlier_run(
         tiny, tmp_path, capsys, monkeypatch, fresh):
-    from increlora_fast.training import finetune
+    from increlora_fast.training import finetune_run as finetune
 
     out = tmp_path / "run"
     if not fresh:

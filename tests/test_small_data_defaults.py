@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from finetune_helpers import cli, sentiment_rows, tiny_files, write_csv
-from increlora_fast.training.finetune import no_learning_note
+from increlora_fast.training.finetune_run import no_learning_note
 from increlora_fast.training.loop import majority_baseline
 
 
@@ -106,7 +106,7 @@ def test_compare_table_shows_the_majority_baseline():
 def test_auto_max_seq_len_is_a_percentile_within_the_limits():
     from types import SimpleNamespace
 
-    from increlora_fast.training.finetune import auto_max_seq_len
+    from increlora_fast.training.finetune_run import auto_max_seq_len
     model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=512))
     tokenizer = SimpleNamespace(model_max_length=256)
     lengths = list(range(1, 101))  # 95th percentile (nearest rank): 95
@@ -138,7 +138,7 @@ def test_balanced_class_weights():
 def test_class_weights_weigh_the_training_loss(tiny):
     import torch.nn.functional as F
 
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.settings import RunSettings
     from increlora_fast.training.step_runner import StepRunner
     s, _, run, batches = build_run(RunSettings(
@@ -175,7 +175,7 @@ def test_select_best_holds_out_rows_and_restores_the_best_state(tiny, tmp_path):
 
 @pytest.mark.parametrize("method", ["lora", "increlora"])
 def test_best_state_keeps_the_better_score_and_restores_it(tiny, method):
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.loop import BestState, LoopState, evaluate
     from increlora_fast.training.settings import RunSettings
     s, _, run, batches = build_run(RunSettings(

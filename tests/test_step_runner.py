@@ -11,7 +11,7 @@ import torch
 
 from finetune_helpers import cli, tiny_files
 from graph_emulator import EmulatedGraph
-from increlora_fast.training.finetune import build_run
+from increlora_fast.training.finetune_run import build_run
 from increlora_fast.training.loop import LoopState, train_loop
 from increlora_fast.training.settings import RunSettings
 from increlora_fast.training.step_runner import StepRunner, resolve_cuda_graphs
@@ -212,7 +212,7 @@ def test_resolve_cuda_graphs():
 ])
 def test_cuda_graphs_on_is_refused_in_one_line_before_any_data_is_read(
         tiny, tmp_path, capsys, monkeypatch, extra, expected):
-    import increlora_fast.training.finetune as finetune
+    import increlora_fast.training.finetune_run as finetune
 
     def no_data(settings):
         raise AssertionError("the data was read before the options were checked")

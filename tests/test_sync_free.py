@@ -124,7 +124,7 @@ def tiny(tmp_path_factory) -> dict:
 
 
 def _build(tiny, max_steps):
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.settings import RunSettings
     settings = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
                            eval_file=tiny["dev"], batch_size=8, max_seq_len=16,

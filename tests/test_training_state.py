@@ -145,7 +145,7 @@ def test_checkpoint_write_failure_leaves_no_partial_folder(run, tmp_path, monkey
     import increlora_fast.persistence as persistence
     from increlora_fast.training.checkpoint import (CheckpointWriteError, load_checkpoint,
                                                     save_checkpoint)
-    from increlora_fast.training.finetune import build_run
+    from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.checkpoint import read_checkpoint_settings
 
     s, _, method_run, _ = build_run(read_checkpoint_settings(run["ckpt"]))

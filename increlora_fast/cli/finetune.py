@@ -208,7 +208,7 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
 
 
 def _print_summary(m: Dict, out_dir: str) -> None:
-    from ..training.finetune import no_learning_note
+    from ..training.finetune_run import no_learning_note
     from ..visualize import rank_table
 
     print(f"\ndev accuracy      {m['eval_accuracy']:.4f}  (macro-F1 {m['eval_macro_f1']:.4f}, "
@@ -244,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     from ..training.checkpoint import read_checkpoint_settings
     from ..training.compare import (DEFAULT_LRS, compare_methods, format_table,
                                     methods_from_text)
-    from ..training.finetune import run_finetune
+    from ..training.finetune_run import run_finetune
 
     try:
         if args.threads is not None:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
 from ..persistence import atomic_write_bytes
-from .finetune import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
+from .finetune_run import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
                        with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
