@@ -16,7 +16,7 @@ runs finished at any point pair up.
 ``--out`` (default ``results/defaults``) names OUT; runs already there are skipped whatever
 their settings, so a measurement at other steps or batch size gets a folder of its own.
 
-``long_reviews`` is built by ``scripts/make_long_reviews.py`` into ``runs/long_reviews`` when
+``long_reviews`` is built by ``scripts/compare/make_long_reviews.py`` into ``runs/long_reviews`` when
 missing; the packaged tasks (trec6, rotten_tomatoes) may be cut to their first
 ``--max-train-samples`` / ``--max-eval-samples`` rows.
 """
@@ -66,7 +66,7 @@ def data_settings(name: str, args: argparse.Namespace) -> Dict:
     """The data options of data set ``name``."""
     if name == "long_reviews":
         if not (DATA_DIR / "train.csv").exists():
-            subprocess.run([sys.executable, str(ROOT / "scripts" / "make_long_reviews.py"),
+            subprocess.run([sys.executable, str(ROOT / "scripts" / "compare" / "make_long_reviews.py"),
                             str(DATA_DIR)], check=True)
         return {"task": None, "train_file": str(DATA_DIR / "train.csv"),
                 "eval_file": str(DATA_DIR / "dev.csv")}

@@ -71,6 +71,27 @@ def split(rows: List[Row], majority_share: Optional[float]) -> Tuple[List[Row], 
     return parts[0], parts[1]
 
 
+def refuse_existing(targets: Sequence[Path]) -> None:
+    """Exit with one line when any of ``targets`` exists: files are never replaced."""
+    existing = [str(p) for p in targets if p.exists()]
+    if existing:
+        sys.exit(f"error: {', '.join(existing)} already exist; choose another OUT_DIR")
+
+
+def write_files(targets: Sequence[Path], parts: Sequence[Sequence[Row]]) -> None:
+    """Write each part as a text,label CSV to its target (folder created) and print its class
+    shares."""
+    targets[0].parent.mkdir(parents=True, exist_ok=True)
+    for path, part in zip(targets, parts):
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(part)
+        shares = Counter(lab for _, lab in part)
+        print(f"wrote {path} ({len(part)} rows: "
+              + ", ".join(f"{c} {shares[c] / len(part):.0%}" for c in sorted(shares)) + ")")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder for train.csv and dev.csv (must not hold them)")
@@ -82,23 +103,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"--majority-share {share}: must be at least 0.5 and below 1")
     out = Path(args.out_dir)
     targets = [out / "train.csv", out / "dev.csv"]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        sys.exit(f"error: {', '.join(existing)} already exist; choose another OUT_DIR")
+    refuse_existing(targets)
     source = locate_asset("amazon_snippets")
     lines = source.read_bytes().decode("utf-8", "replace").splitlines()[1:]
     rows = [(text.strip(), label(float(rating)))
             for _, rating, text in (line.split("\t", 2) for line in lines) if text.strip()]
     random.Random(0).shuffle(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, part in zip(targets, split(rows, share)):
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label"])
-            writer.writerows(part)
-        shares = Counter(lab for _, lab in part)
-        print(f"wrote {path} ({len(part)} rows: "
-              + ", ".join(f"{c} {shares[c] / len(part):.0%}" for c in sorted(shares)) + ")")
+    write_files(targets, split(rows, share))
 
 
 if __name__ == "__main__":

