@@ -68,6 +68,18 @@ def tiny_files(root: Path, train_rows: int = 96, dev_rows: int = 24) -> dict:
             "root": root}
 
 
+def tiny_args(tiny: dict, out: Path, *extra: str, steps: int = 6,
+              save_steps: Optional[int] = None) -> List[str]:
+    """``finetune`` arguments for a `tiny_files` run into ``out``: batch 8, 16 tokens, ``steps``
+    steps, ``--save-steps`` when given, then ``extra`` (which may override any of them)."""
+    argv = ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
+            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
+            "--no-progress", "--max-steps", str(steps)]
+    if save_steps is not None:
+        argv += ["--save-steps", str(save_steps)]
+    return argv + list(extra)
+
+
 def cli(argv: List[str]) -> int:
     """``increlora-fast finetune ARGV`` in this process; returns its exit code."""
     import argparse

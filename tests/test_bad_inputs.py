@@ -90,6 +90,16 @@ def no_model_loading(monkeypatch):
     monkeypatch.setattr(finetune, "load_model", refuse)
 
 
+@pytest.fixture
+def no_data_loading(monkeypatch, no_model_loading):
+    """Fails the test if finetune gets as far as reading a packaged task (or loading a model)."""
+    from increlora_fast.training import finetune_run as finetune
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the data was read before the bad input was refused")
+    monkeypatch.setattr(finetune, "load_task", refuse)
+
+
 def _one_line(capsys, *needles: str) -> str:
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1, lines
@@ -110,26 +120,15 @@ def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loadin
     _one_line(capsys, "--seed -1", ">= 0")
 
 
-def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, monkeypatch,
-                                                          no_model_loading):
-    from increlora_fast.training import finetune_run as finetune
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the data was read before the bad input was refused")
-    monkeypatch.setattr(finetune, "load_task", refuse)
+def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, no_data_loading):
     code = _main(["finetune", "--max-train-samples", "0", "--output-dir", str(tmp_path / "o"),
                   "--no-progress"])
     assert code == 2
     _one_line(capsys, "--max-train-samples 0 is invalid", ">= 1")
 
 
-def test_negative_save_steps_is_refused_before_the_data_is_read(tmp_path, capsys, monkeypatch,
-                                                                no_model_loading):
-    from increlora_fast.training import finetune_run as finetune
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the data was read before the bad input was refused")
-    monkeypatch.setattr(finetune, "load_task", refuse)
+def test_negative_save_steps_is_refused_before_the_data_is_read(tmp_path, capsys,
+                                                                no_data_loading):
     code = _main(["finetune", "--save-steps", "-5", "--output-dir", str(tmp_path / "o"),
                   "--no-progress"])
     assert code == 2

@@ -4,13 +4,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import cli, sentiment_rows, tiny_files, write_jsonl
+from finetune_helpers import cli, sentiment_rows, tiny_args, tiny_files, write_jsonl
 from increlora_fast.data.assets import locate_asset
 
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
@@ -21,10 +20,6 @@ def tiny(tmp_path_factory) -> dict:
     return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
 
 
-def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:
-    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
-            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
-            "--no-progress", "--max-steps", "6", *extra]
 
 
 def read_metrics(out: Path) -> dict:

@@ -2,13 +2,13 @@
 speed and memory fields of metrics.json, on a tiny random BERT on CPU."""
 from __future__ import annotations
 
+import functools
 import json
-from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 
+import finetune_helpers
 from finetune_helpers import cli, tiny_files
 from increlora_fast.training.device import (CPU_MEMORY_NOTE, Placement, peak_memory,
                                             resolve_device, resolve_precision, tokens_per_second)
@@ -21,10 +21,7 @@ def tiny(tmp_path_factory) -> dict:
     return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=64, dev_rows=24)
 
 
-def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:
-    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
-            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
-            "--no-progress", "--max-steps", "4", "--save-steps", "0", *extra]
+tiny_args = functools.partial(finetune_helpers.tiny_args, steps=4, save_steps=0)
 
 
 @pytest.mark.parametrize("text, cuda, count, expected", [

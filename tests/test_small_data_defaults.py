@@ -3,13 +3,14 @@ own (on a tiny random BERT and tiny files, offline)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from pathlib import Path
-from typing import List
 
 import pytest
 import torch
 
+import finetune_helpers
 from finetune_helpers import cli, sentiment_rows, tiny_files, write_csv
 from increlora_fast.training.finetune_run import no_learning_note
 from increlora_fast.training.loop import majority_baseline
@@ -20,10 +21,8 @@ def tiny(tmp_path_factory) -> dict:
     return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
 
 
-def tiny_args(tiny: dict, out: Path, *extra: str) -> List[str]:
-    return ["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file", tiny["dev"],
-            "--batch-size", "8", "--max-seq-len", "16", "--output-dir", str(out),
-            "--no-progress", "--save-steps", "0", "--max-steps", "6", *extra]
+tiny_args = functools.partial(finetune_helpers.tiny_args, save_steps=0)
+
 
 
 def read_metrics(out: Path) -> dict:
