@@ -11,11 +11,17 @@ replayed, and scalars baked into an op stay baked: exactly the mistakes a graphe
 
 Unlike CUDA, capture executes the ops once (they are needed for their outputs); the replay that
 follows a capture (CUDA needs it to run the captured step) is therefore skipped once.
+
+CUDA also refuses to load a kernel module while a stream captures (``cuModuleLoadData``: "operation
+not permitted when stream is capturing"), so a Triton kernel must have run eagerly, with the same
+specialization, before a capture launches it. Inside `kernels_loaded_before_capture` the emulator
+records the specializations launched outside captures and a capture that launches another one
+raises, as CUDA would.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Any, List
+from typing import Any, Iterator, List, Optional, Set
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -39,6 +45,49 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+# Kernel specializations launched outside captures, while `kernels_loaded_before_capture` watches.
+_loaded: Optional[Set[tuple]] = None
+
+
+def specialization(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What decides which binary a Triton launch needs, as near as the host can tell: the kernel,
+    tensor dtypes (and None), and of integers whether they are 1 or divisible by 16 (Triton
+    specializes on both); constexpr keyword values as they are."""
+    def one(a):
+        if isinstance(a, torch.Tensor):
+            return a.dtype
+        if isinstance(a, bool) or a is None:
+            return a
+        if isinstance(a, int):
+            return ("int", a == 1, a % 16 == 0)
+        if isinstance(a, float):
+            return "float"
+        return a
+    return (kernel, tuple(one(a) for a in args),
+            tuple(sorted((k, one(v)) for k, v in kwargs.items())))
+
+
+@contextlib.contextmanager
+def kernels_loaded_before_capture() -> Iterator[None]:
+    """Within this block, an `EmulatedGraph` capture that launches a Triton kernel
+    specialization not launched eagerly before raises (CUDA cannot load a module while
+    capturing)."""
+    global _loaded
+    from increlora_fast.kernels import utils as kutils
+    real_launch = kutils.launch
+    seen: Set[tuple] = set()
+
+    def launch(kernel, grid, *args, **kwargs):
+        seen.add(specialization(kernel, args, kwargs))
+        real_launch(kernel, grid, *args, **kwargs)
+
+    kutils.launch, _loaded = launch, seen
+    try:
+        yield
+    finally:
+        kutils.launch, _loaded = real_launch, None
+
+
 class EmulatedGraph:
     """The `capture()` / `replay()` interface of `training.cuda_graphs.CUDAStepGraph`."""
 
@@ -54,6 +103,11 @@ class EmulatedGraph:
         real_launch = kutils.launch
 
         def launch(kernel, grid, *args, **kwargs):
+            if _loaded is not None and specialization(kernel, args, kwargs) not in _loaded:
+                name = getattr(getattr(kernel, "fn", kernel), "__name__", kernel)
+                raise RuntimeError(f"{name} launched for the first time inside a captured step: "
+                                   "CUDA cannot load a kernel while a stream captures (run the "
+                                   "step eagerly first)")
             recorder.paused = True  # the interpreter's own tensor ops are not the kernel's
             try:
                 real_launch(kernel, grid, *args, **kwargs)

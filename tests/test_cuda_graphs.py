@@ -4,11 +4,13 @@ launches replayed on the captured tensors with the captured scalars, none of the
 them, as a CUDA graph replays kernels; on a CUDA machine the same test also runs real graphs."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from graph_emulator import EmulatedGraph
+from graph_emulator import EmulatedGraph, kernels_loaded_before_capture
 from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
 from increlora_fast.training.cuda_graphs import CUDAStepGraph, GraphedSteps
 
@@ -32,14 +34,29 @@ def _setup(make_tiny_net, device: str, **overrides):
     return model, optimizer, controller, data, static
 
 
-def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False, **overrides):
+def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False,
+           skip_state_warmup=False, **overrides):
     model, optimizer, controller, data, (x, y) = _setup(make_tiny_net, device, **overrides)
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = None if graph_factory is None else GraphedSteps(optimizer, controller,
                                                               graph_factory)
     if break_step_sync:  # a graphed step that replays the captured step's lr schedule
         optimizer.sync_device_step = lambda: None
+    if skip_state_warmup:  # capture a tracking state without running it eagerly first
+        graphed._states_run.update((True, False))
     losses = []
+    watch = kernels_loaded_before_capture() if graph_factory is EmulatedGraph \
+        else contextlib.nullcontext()
+    with watch:
+        _steps(model, optimizer, controller, data, x, y, params, graphed, losses)
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return dict(state=state, losses=torch.stack(losses), ipt=controller.ipt.clone(),
+                unc=controller.unc.clone(), log=controller.allocation_log,
+                ranks=controller.rank_pattern(), global_step=optimizer.global_step,
+                graphed=graphed)
+
+
+def _steps(model, optimizer, controller, data, x, y, params, graphed, losses) -> None:
     for step, (bx, by) in enumerate(data):
         x.copy_(bx)
         y.copy_(by)
@@ -55,11 +72,6 @@ def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False, **o
             return (loss.detach(),)
         out = run_step(True) if graphed is None else graphed.step(step, run_step)
         losses.append(out[0])
-    state = {n: p.detach().clone() for n, p in model.named_parameters()}
-    return dict(state=state, losses=torch.stack(losses), ipt=controller.ipt.clone(),
-                unc=controller.unc.clone(), log=controller.allocation_log,
-                ranks=controller.rank_pattern(), global_step=optimizer.global_step,
-                graphed=graphed)
 
 
 def _assert_same(got, ref):
@@ -94,6 +106,20 @@ def test_emulator_sees_a_step_number_baked_into_the_graph(make_tiny_net):
     ref = _train(make_tiny_net, "cpu")
     got = _train(make_tiny_net, "cpu", EmulatedGraph, break_step_sync=True)
     assert not torch.equal(got["state"]["blocks.0.fc.lora_A"], ref["state"]["blocks.0.fc.lora_A"])
+
+
+def test_each_tracking_state_runs_eagerly_before_its_capture(make_tiny_net, monkeypatch):
+    """Tracked steps launch the score kernels, untracked steps do not. CUDA cannot load a kernel
+    while a stream captures, so a tracking state whose first step is captured (here the first
+    tracked step, after two untracked warm-up steps) fails on a GPU; the emulator raises the
+    same way, and GraphedSteps runs each state's first step eagerly to avoid it."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels.utils import interpreter_active
+    if not interpreter_active():
+        pytest.skip("checked under the Triton interpreter")
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="first time inside a captured step"):
+        _train(make_tiny_net, "cpu", EmulatedGraph, skip_state_warmup=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")

@@ -12,14 +12,17 @@ device copies of the step index that the captured step reads are set before each
 Allocation rounds run eagerly (they read the host and change slot states); after one, every
 graph is captured anew, since the optimizer's and the penalty's cached masks may have been
 rebuilt. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
-stream as torch's CUDA-graph notes ask. Each graph owns its private memory pool: its gradients,
+stream as torch's CUDA-graph notes ask, and so does the first step of each tracking state: the
+two states launch different kernels, and CUDA refuses to load a kernel module while a stream
+captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
+must have run once before its capture. Each graph owns its private memory pool: its gradients,
 activations and outputs are static tensors that every replay rewrites, so the loss it returns
 is copied out after each replay.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Protocol, Tuple
+from typing import Callable, ContextManager, Dict, Protocol, Set, Tuple
 
 import torch
 
@@ -69,6 +72,8 @@ class GraphedSteps:
         self.warmup = max(1, warmup)
         self._graphs: Dict[bool, Tuple[StepGraph, StepOutputs]] = {}
         self._eager_steps = 0
+        # Tracking states that have run an eager step (their kernels are loaded).
+        self._states_run: Set[bool] = set()
         # Steps captured (each capture also runs its step) and steps replayed from a graph.
         self.captures = 0
         self.replays = 0
@@ -79,9 +84,11 @@ class GraphedSteps:
         graph after a replay; other values must not change between steps); it must read nothing
         on the host outside allocation rounds, and zero the gradients (set to None) at its end
         only when ``zero_grad`` is true. Returns copies of those tensors."""
-        if self._eager_steps < self.warmup or self.controller.allocation_due(step):
-            return self._eager(step, run_step)
         tracked = self.controller.is_tracked(step)
+        if self._eager_steps < self.warmup or tracked not in self._states_run \
+                or self.controller.allocation_due(step):
+            self._states_run.add(tracked)
+            return self._eager(step, run_step)
         entry = self._graphs.get(tracked)
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
