@@ -121,6 +121,10 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert all(r["level"] == "host" and r["median_us"] > 0 for r in host)
     launches = {r["method"]: r["launches_per_call"] for r in host}
     assert launches["increlora-triton"] > 0 and launches["floor"] == launches["peft-lora"] == 0
+    (dy,) = report["parts"]["layer"]["dy_pass_records"]
+    assert dy["level"] == "dy_pass" and dy["shape"] == "24x40" and dy["cublas_ms"] > 0
+    assert dy["ours_ms"] == pytest.approx(dy["backward_ms"] - dy["cublas_ms"])
+    assert "interpreter" in dy["note"]
     qlora = report["parts"]["qlora"]["records"]
     assert [r["method"] for r in qlora] == list(QLORA_METHODS_CHECKED)
     assert all(r["shape"].startswith("tiny-llama nf4 ") for r in qlora)
@@ -175,7 +179,8 @@ def test_dry_run_markdown_reports_every_part(dry_run):
                  "tracked_median_ms", "untracked_median_ms", "Not measured:",
                  "| increlora-graphs | skipped | skipped: needs CUDA", "| graphs-on |",
                  "| --method lora |", "x_lora_tokens_per_s", "launches_per_call",
-                 "tiny-llama nf4 b2x8"):
+                 "tiny-llama nf4 b2x8", "Issue 27 targets", "cublas_ms",
+                 "`--cuda-graphs auto` on CUDA: undecided"):
         assert text in md, text
 
 

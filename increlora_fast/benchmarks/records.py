@@ -96,12 +96,13 @@ GPU_CHECK_KIND = "gpu_check"
 
 
 def gpu_check_records(report: dict) -> List[dict]:
-    """The layer, host, model and 4-bit model records inside a `gpu-check` report
+    """The layer, host, dy-pass, model and 4-bit model records inside a `gpu-check` report
     (``gpu_check.json``)."""
     parts = report.get("parts", {})
+    layer = parts.get("layer", {})
     return ([r for name in ("layer", "model", "qlora")
              for r in parts.get(name, {}).get("records", [])]
-            + parts.get("layer", {}).get("host_records", []))
+            + layer.get("host_records", []) + layer.get("dy_pass_records", []))
 
 
 def read_report(path: str) -> Tuple[List[dict], Optional[dict]]:

@@ -9,12 +9,15 @@ from ..speed.host_overhead import COLUMNS as HOST_COLUMNS
 from ..speed.host_overhead import host_rows
 from ..speed.tables import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
 from ..speed.targets import issue13_verdicts
+from .verdicts import cuda_graphs_auto, issue27_verdicts
 
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
 MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",
                        "untracked_median_ms", "tokens_per_s", "x_peft_lora_mean", "peak_mem_mb",
                        "x_peft_lora_mem")
 UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
+DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_ms", "ours_ms",
+                   "x_cublas")
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
                     "steps", "device", "precision", "tokens_per_second", "x_lora_tokens_per_s",
                     "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
@@ -85,7 +88,8 @@ def kernel_section(part: Dict) -> List[str]:
 
 
 def layer_section(part: Dict) -> List[str]:
-    """The layer table, then launches and host time per call."""
+    """The layer table, launches and host time per call, then the adapter's pass over dy
+    against cuBLAS ``dy W``."""
     lines = []
     rows = layer_rows(part.get("records", []))
     if rows:
@@ -95,6 +99,12 @@ def layer_section(part: Dict) -> List[str]:
         lines += ["Triton launches and host time per fwd+bwd call "
                   f"({host[0].get('dtype')}; {host[0].get('note') or host[-1].get('note')}):",
                   "", markdown_table(host, HOST_COLUMNS)]
+    dy = part.get("dy_pass_records", [])
+    if dy:
+        lines += ["", "The adapter's pass over dy against the frozen layer's cuBLAS `dy W` "
+                  f"({dy[0].get('timing')}; ours = the layer's backward less the GEMM"
+                  + (f"; {dy[0]['note']}" if dy[0].get("note") else "") + "):", "",
+                  markdown_table(dy, DY_PASS_COLUMNS)]
     return lines
 
 
@@ -129,10 +139,19 @@ def finetune_section(part: Dict) -> List[str]:
     return lines
 
 
-def targets_section(report: Dict) -> List[str]:
-    verdicts = issue13_verdicts(gpu_check_records(report))
+def _verdict_table(verdicts) -> List[str]:
     return (["| target | verdict | measured |", "|---|---|---|"]
             + [f"| {v.target} | **{v.status}** | {v.detail} |" for v in verdicts])
+
+
+def targets_section(report: Dict) -> List[str]:
+    return _verdict_table(issue13_verdicts(gpu_check_records(report)))
+
+
+def issue27_section(report: Dict) -> List[str]:
+    """Issue 27's targets and what the run says ``--cuda-graphs auto`` should do."""
+    decision, why = cuda_graphs_auto(report)
+    return _verdict_table(issue27_verdicts(report)) + ["", f"`--cuda-graphs auto` on CUDA: {why}"]
 
 
 SECTIONS = {"kernels": kernel_section, "layer": layer_section, "model": model_section,
@@ -162,6 +181,8 @@ def part_sections(report: Dict, level: str = "##", tables: Sequence[str] = tuple
             lines += ["```text", part["traceback"].rstrip(), "```", ""]
     lines += [f"{level} Issue 13 targets (bf16, 16,384 tokens, 768x3072, r_max 16; model steps "
               "of every preset)", ""] + targets_section(report) + [""]
+    lines += [f"{level} Issue 27 targets (bf16; one run's ratios)", ""] + issue27_section(report) \
+        + [""]
     return lines
 
 

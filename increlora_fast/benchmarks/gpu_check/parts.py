@@ -82,6 +82,8 @@ class CheckPlan:
     qlora: ModelPlan
     finetune: List[str] = field(default_factory=list)
     min_accuracy: Optional[float] = None
+    # (in, out, tokens) of the adapter's pass over dy against cuBLAS dy W (r_max: the layer's)
+    dy_pass: List[Tuple[int, int, int]] = field(default_factory=list)
 
 
 def full_plan() -> CheckPlan:
@@ -109,7 +111,8 @@ def full_plan() -> CheckPlan:
     qlora = ModelPlan(models=["llama-7b-2l"], batch_size=4, seq_len=1024, base_4bit=True,
                       **dict(common, steps=12))
     return CheckPlan(kernel_quick=True, layer=layer, host=host, models=models, qlora=qlora,
-                     finetune=[], min_accuracy=MIN_FULL_ACCURACY)
+                     finetune=[], min_accuracy=MIN_FULL_ACCURACY,
+                     dy_pass=[(768, 3072, 16384), (4096, 11008, 16384)])
 
 
 def dry_run_plan() -> CheckPlan:
@@ -126,7 +129,7 @@ def dry_run_plan() -> CheckPlan:
     finetune = ["--max-steps", "4", "--max-train-samples", "64", "--max-eval-samples", "64",
                 "--batch-size", "8", "--eval-batch-size", "32", "--max-seq-len", "32"]
     return CheckPlan(kernel_quick=True, layer=layer, host=host, models=models, qlora=qlora,
-                     finetune=finetune)
+                     finetune=finetune, dy_pass=[(24, 40, 16)])
 
 
 def environment_info(device: torch.device, dry_run: bool) -> Dict[str, object]:
@@ -243,7 +246,32 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
     for r in host:
         log(f"host {r['method']:30s} {r['median_us']:10.1f} us per call  "
             f"{r['launches_per_call']} launches")
-    return {"records": records, "host_records": host, "error": "; ".join(errors) or None}
+    dy_pass, failed = _dy_pass_records(device, plan, env, log)
+    return {"records": records, "host_records": host, "dy_pass_records": dy_pass,
+            "error": "; ".join(errors + failed) or None}
+
+
+def _dy_pass_records(device: torch.device, plan: CheckPlan, env: Dict, log: Callable
+                     ) -> Tuple[List[dict], List[str]]:
+    """The adapter's pass over dy against cuBLAS ``dy W`` at each point of ``plan.dy_pass``
+    (`speed.dy_pass`); a point that fails loses only its record."""
+    from ..speed.dy_pass import measure_dy_pass
+
+    records: List[dict] = []
+    errors: List[str] = []
+    for k, n, tokens in plan.dy_pass:
+        try:
+            r = measure_dy_pass(k, n, tokens, plan.layer.r_max[0], plan.layer.dtypes[0],
+                                device, env)
+        except Exception as err:  # the other points and parts still go
+            log(traceback.format_exc())
+            errors.append(f"dy pass {k}x{n} tokens={tokens}: {type(err).__name__}: {err}")
+            continue
+        records.append(r)
+        log(f"dy pass {r['shape']:>10s} tokens={tokens:<6d} r={r['r_max']:<3d} ours "
+            f"{r['ours_ms']:8.3f} ms  cuBLAS dy W {r['cublas_ms']:8.3f} ms  "
+            f"{r['x_cublas']:.2f}x")
+    return records, errors
 
 
 def _unmeasured(env: Dict, plan: ModelPlan, method: str, status: str, note: str) -> dict:
@@ -330,7 +358,8 @@ FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples",
                  "model", "steps", "train_seconds", "eval_seconds", "total_seconds",
                  "train_tokens", "tokens_per_second", "peak_device_memory_mb",
                  "peak_device_memory_kind", "device", "precision", "total_rank",
-                 "trainable_params_active", "trainable_params_padded")
+                 "trainable_params_active", "trainable_params_padded", "cuda_graphs",
+                 "rank_pattern")
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,

@@ -1,0 +1,251 @@
+"""Issue 27's targets checked against one `gpu-check` report, and the ``--cuda-graphs auto``
+decision it supports.
+
+Every verdict comes from the records of that one run (ratios of one run, as the issue asks):
+"met" or "missed" where the run holds what the target compares, "not measurable" with the
+reason where it does not. The targets (H200, bf16):
+
+- layer 768x3072, r_max 16, 16,384 tokens, fwd+bwd: ours (the default Triton path, tracking
+  off) <= 1.3x the frozen layer, tracking on <= 1.6x; the adapter's pass over dy <= 1.5x the
+  cuBLAS ``dy W`` GEMM of the same layer (the ``dy_pass`` records);
+- host time per layer call <= peft LoRA's (the host records of the same run);
+- model steps per preset: ours eager, untracked, <= peft LoRA eager (the 4-bit base included);
+  graphed (untracked) <= 0.5x ``peft-lora-compiled`` and <= the eager frozen floor on MiniLM-L6
+  and DeBERTa-v3-base; tracked <= 1.25x untracked; peak memory <= peft LoRA;
+- the main job: >= 60,000 training tokens/s, dev accuracy 0.81 or more (to two decimals), >= 3x
+  ``--method lora`` in the same check, and graphed and eager runs with the same rank pattern and
+  dev accuracy within 0.005.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from ..records import gpu_check_records
+from ..speed.targets import TARGET_DTYPE, TARGET_R, TARGET_SHAPE, TARGET_TOKENS, Verdict
+
+LAYER_OFF, LAYER_ON, DY_PASS, HOST = 1.3, 1.6, 1.5, 1.0
+GRAPHS_X_COMPILED, TRACKED_X_UNTRACKED = 0.5, 1.25
+# Presets on which the graphed step must also beat the compiled peer and the frozen floor.
+GRAPH_PRESETS = ("minilm-l6", "deberta-v3-base")
+MAIN_JOB_TOKENS_PER_S, MAIN_JOB_X_LORA, MAIN_JOB_ACCURACY = 60_000, 3.0, 0.805
+GRAPHS_ACCURACY_DIFF = 0.005
+
+NAMES = {
+    "layer_off": f"layer, tracking off, <= {LAYER_OFF}x frozen",
+    "layer_on": f"layer, tracking on, <= {LAYER_ON}x frozen",
+    "dy_pass": f"adapter's pass over dy <= {DY_PASS}x the cuBLAS dy W GEMM",
+    "host": "host time per layer call <= peft LoRA's",
+    "eager": "eager untracked step <= peft LoRA eager",
+    "graphs_compiled": f"graphed step <= {GRAPHS_X_COMPILED}x peft-lora-compiled",
+    "graphs_floor": "graphed step <= the eager frozen floor",
+    "tracked": f"tracked step <= {TRACKED_X_UNTRACKED}x untracked",
+    "memory": "peak memory <= peft LoRA",
+    "job_speed": f"main job >= {MAIN_JOB_TOKENS_PER_S:,} training tokens/s",
+    "job_accuracy": "main job dev accuracy 0.81 or more",
+    "job_x_lora": f"main job >= {MAIN_JOB_X_LORA:g}x --method lora",
+    "job_graphs_same": "graphed and eager main job: same rank pattern, accuracy within 0.005",
+}
+
+
+def _verdict(key: str, ok: bool, detail: str) -> Verdict:
+    return Verdict(NAMES[key], "GPU", "met" if ok else "missed", detail)
+
+
+def _unmeasurable(key: str, why: str) -> Verdict:
+    return Verdict(NAMES[key], "GPU", "not measurable", why)
+
+
+def _by_method(rows: Iterable[dict]) -> Dict[str, dict]:
+    return {r["method"]: r for r in rows}
+
+
+def _ok_cuda(records: List[dict], level: str) -> List[dict]:
+    return [r for r in records if r.get("level") == level and r.get("status") == "ok"
+            and r.get("device_type") == "cuda"]
+
+
+def layer_verdicts(records: List[dict]) -> List[Verdict]:
+    """Ours against the frozen layer at the target point, and the pass over dy against cuBLAS."""
+    where = f"{TARGET_DTYPE}, {TARGET_SHAPE}, {TARGET_TOKENS} tokens, r_max {TARGET_R}"
+    rows = _by_method(r for r in _ok_cuda(records, "layer")
+                      if r.get("shape") == TARGET_SHAPE and r.get("tokens") == TARGET_TOKENS
+                      and r.get("dtype") == TARGET_DTYPE and r.get("phase") == "fwd+bwd"
+                      and r.get("r_max") in (TARGET_R, None))
+    out: List[Verdict] = []
+    floor = rows.get("floor")
+    for key, method, limit in (("layer_off", "increlora-triton", LAYER_OFF),
+                               ("layer_on", "increlora-triton+score", LAYER_ON)):
+        ours = rows.get(method)
+        if floor is None or ours is None:
+            out.append(_unmeasurable(key, f"{where}: floor or {method} not measured"))
+            continue
+        ratio = ours["median_ms"] / floor["median_ms"]
+        fused = rows.get(method.replace("triton", "triton-fused"))
+        extra = (f"; the fused path {fused['median_ms'] / floor['median_ms']:.2f}x"
+                 if fused else "")
+        out.append(_verdict(key, ratio <= limit, f"{where}: {method} {ratio:.2f}x floor{extra}"))
+    dy = [r for r in _ok_cuda(records, "dy_pass") if r.get("shape") == TARGET_SHAPE]
+    if not dy:
+        out.append(_unmeasurable("dy_pass", f"{TARGET_SHAPE}: no dy-pass records in this run"))
+    else:
+        r = max(dy, key=lambda r: r.get("tokens", 0))
+        ratio = r["ours_ms"] / r["cublas_ms"]
+        out.append(_verdict("dy_pass", ratio <= DY_PASS,
+                            f"{r['dtype']}, {TARGET_SHAPE}, {r['tokens']} tokens, r_max "
+                            f"{r['r_max']}: {r['ours_ms']:.3f} vs {r['cublas_ms']:.3f} ms GPU "
+                            f"time ({ratio:.2f}x)"))
+    return out
+
+
+def host_verdicts(records: List[dict]) -> List[Verdict]:
+    """Host time per fwd+bwd layer call, ours (tracking off) against peft LoRA, on the GPU."""
+    rows = _by_method(r for r in records if r.get("level") == "host"
+                      and r.get("status", "ok") == "ok" and r.get("device_type") == "cuda")
+    ours, lora = rows.get("increlora-triton"), rows.get("peft-lora")
+    if ours is None or lora is None:
+        return [_unmeasurable("host", "no host time per call of ours and peft LoRA on CUDA")]
+    ratio = ours["median_us"] / lora["median_us"]
+    on = rows.get("increlora-triton+score")
+    extra = f"; tracking on {on['median_us'] / lora['median_us']:.2f}x" if on else ""
+    return [_verdict("host", ratio <= HOST,
+                     f"{ours.get('shape', '')} {ours.get('tokens', '')} tokens: "
+                     f"{ours['median_us']:.0f} vs {lora['median_us']:.0f} us ({ratio:.2f}x, "
+                     f"{ours.get('launches_per_call')} launches){extra}")]
+
+
+def _untracked(r: dict) -> Optional[float]:
+    """A model record's untracked-step median (ours: steps that skip the score)."""
+    return r.get("final_median_ms")
+
+
+def model_verdicts(records: List[dict]) -> List[Verdict]:
+    """Per preset (the 4-bit one included): eager and graphed steps against the peers."""
+    groups: Dict[str, Dict[str, dict]] = {}
+    for r in _ok_cuda(records, "model"):
+        groups.setdefault(r["shape"], {})[r["method"]] = r
+    out: List[Verdict] = []
+    for shape, rows in sorted(groups.items()):
+        lora, floor = rows.get("peft-lora"), rows.get("floor")
+        ours, graphs = rows.get("increlora-triton"), rows.get("increlora-graphs")
+        compiled = rows.get("peft-lora-compiled")
+        if ours is not None and lora is not None and _untracked(ours) is not None:
+            ratio = _untracked(ours) / lora["median_ms"]
+            out.append(_verdict("eager", ratio <= 1.0,
+                                f"{shape}: untracked median {_untracked(ours):.1f} ms, "
+                                f"{ratio:.2f}x peft LoRA's {lora['median_ms']:.1f} ms"))
+        elif ours is not None or lora is not None:
+            out.append(_unmeasurable("eager", f"{shape}: ours untracked or peft LoRA missing"))
+        if shape.split()[0] in GRAPH_PRESETS:
+            steps = _untracked(graphs) if graphs is not None else None
+            for key, peer, name, limit in (("graphs_compiled", compiled, "peft-lora-compiled",
+                                            GRAPHS_X_COMPILED),
+                                           ("graphs_floor", floor, "floor", 1.0)):
+                if steps is None or peer is None:
+                    out.append(_unmeasurable(key, f"{shape}: increlora-graphs (untracked) or "
+                                                  f"{name} not measured"))
+                    continue
+                ratio = steps / peer["median_ms"]
+                out.append(_verdict(key, ratio <= limit,
+                                    f"{shape}: {steps:.1f} ms, {ratio:.2f}x {name}'s "
+                                    f"{peer['median_ms']:.1f} ms"))
+        for method in ("increlora-triton", "increlora-graphs"):
+            r = rows.get(method)
+            if r is None:
+                continue
+            tracked, untracked = r.get("alloc_median_ms"), _untracked(r)
+            if tracked is None or untracked is None:
+                out.append(_unmeasurable("tracked", f"{shape} {method}: a phase has no steps"))
+            else:
+                ratio = tracked / untracked
+                out.append(_verdict("tracked", ratio <= TRACKED_X_UNTRACKED,
+                                    f"{shape} {method}: {tracked:.1f} vs {untracked:.1f} ms "
+                                    f"({ratio:.2f}x)"))
+            if lora is not None and r.get("peak_mem_mb") is not None:
+                ratio = r["peak_mem_mb"] / max(lora["peak_mem_mb"], 1e-9)
+                out.append(_verdict("memory", ratio <= 1.0,
+                                    f"{shape} {method}: {r['peak_mem_mb']:.0f} vs "
+                                    f"{lora['peak_mem_mb']:.0f} MiB ({ratio:.2f}x)"))
+    if not out:
+        out = [_unmeasurable(k, "no CUDA model records")
+               for k in ("eager", "graphs_compiled", "graphs_floor", "tracked", "memory")]
+    return out
+
+
+def _finetune_runs(report: Dict) -> Dict[str, dict]:
+    """The main job's runs that finished, by name, with their metrics (a report from before
+    the runs were named holds one eager run of the default job: "default")."""
+    part = report.get("parts", {}).get("finetune", {})
+    runs = part.get("runs")
+    if runs is None:
+        return {"default": part["metrics"]} if part.get("metrics") else {}
+    return {r["name"]: r["metrics"] for r in runs if r.get("status") == "ok" and r.get("metrics")}
+
+
+def graphs_match_eager(on: dict, off: dict) -> Tuple[bool, str]:
+    """Whether the graphed and the eager main job trained the same run: the same final rank
+    pattern and dev accuracy within 0.005; (verdict, the numbers)."""
+    diff = on["eval_accuracy"] - off["eval_accuracy"]
+    same_ranks = on.get("rank_pattern") is not None and \
+        on.get("rank_pattern") == off.get("rank_pattern")
+    ranks = ("same rank pattern" if same_ranks else
+             "rank pattern not recorded" if on.get("rank_pattern") is None else
+             "rank patterns differ")
+    return (same_ranks and abs(diff) <= GRAPHS_ACCURACY_DIFF,
+            f"accuracy {on['eval_accuracy']:.4f} graphed vs {off['eval_accuracy']:.4f} eager "
+            f"({diff:+.4f}), {ranks}")
+
+
+def main_job_verdicts(report: Dict) -> List[Verdict]:
+    """The main job's speed, accuracy and graphed-vs-eager agreement."""
+    runs = _finetune_runs(report)
+    on, off, lora = runs.get("graphs-on"), runs.get("graphs-off"), runs.get("lora")
+    ours = [(name, m) for name, m in (("graphs-on", on), ("graphs-off", off),
+                                      ("default", runs.get("default"))) if m]
+    if not ours:
+        return [_unmeasurable(k, "no IncreLoRA main-job run finished")
+                for k in ("job_speed", "job_accuracy", "job_x_lora", "job_graphs_same")]
+    best_name, best = max(ours, key=lambda nm: nm[1]["tokens_per_second"] or 0)
+    speeds = ", ".join(f"{n} {m['tokens_per_second']:,.0f}" for n, m in ours)
+    out = [_verdict("job_speed", best["tokens_per_second"] >= MAIN_JOB_TOKENS_PER_S,
+                    f"tokens/s: {speeds}"),
+           _verdict("job_accuracy", all(m["eval_accuracy"] >= MAIN_JOB_ACCURACY for _, m in ours),
+                    ", ".join(f"{n} {m['eval_accuracy']:.4f}" for n, m in ours))]
+    if lora and lora.get("tokens_per_second"):
+        ratio = best["tokens_per_second"] / lora["tokens_per_second"]
+        out.append(_verdict("job_x_lora", ratio >= MAIN_JOB_X_LORA,
+                            f"{best_name} {ratio:.2f}x lora's {lora['tokens_per_second']:,.0f} "
+                            "tokens/s"))
+    else:
+        out.append(_unmeasurable("job_x_lora", "no --method lora run finished in this check"))
+    if on and off:
+        same, detail = graphs_match_eager(on, off)
+        out.append(_verdict("job_graphs_same", same, detail))
+    else:
+        out.append(_unmeasurable("job_graphs_same", "needs both the graphs-on and graphs-off run"))
+    return out
+
+
+def issue27_verdicts(report: Dict) -> List[Verdict]:
+    """Every issue-27 target of one gpu-check report, in the issue's order."""
+    records = gpu_check_records(report)
+    return (layer_verdicts(records) + host_verdicts(records) + model_verdicts(records)
+            + main_job_verdicts(report))
+
+
+def cuda_graphs_auto(report: Dict) -> Tuple[Optional[bool], str]:
+    """What this run says ``--cuda-graphs auto`` should do on CUDA: True (turn graphs on) when
+    the graphed main job is faster than the eager one and trained the same run, False when it
+    is not, None when the run cannot tell; with the reason."""
+    runs = _finetune_runs(report)
+    on, off = runs.get("graphs-on"), runs.get("graphs-off")
+    if not (on and off):
+        return None, "undecided: the graphs-on and graphs-off main-job runs did not both finish"
+    same, detail = graphs_match_eager(on, off)
+    faster = (on["tokens_per_second"] or 0) > (off["tokens_per_second"] or 0)
+    speed = (f"{on['tokens_per_second']:,.0f} vs {off['tokens_per_second']:,.0f} tokens/s "
+             "graphed vs eager")
+    if faster and same:
+        return True, f"on: {speed}; {detail}"
+    why = [] if faster else ["not faster"]
+    why += [] if same else ["not the same run"]
+    return False, f"off ({' and '.join(why)}): {speed}; {detail}"

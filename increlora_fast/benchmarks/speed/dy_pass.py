@@ -1,0 +1,106 @@
+"""GPU time of the adapter's pass over dy against the frozen layer's cuBLAS ``dx = dy W``.
+
+Issue 27 asks that the adapter's part of a layer's backward (today `_backward_rows_kernel` and
+`_finish_kernel`: T = dy B, the adapter's dx, the partials of dA, dB and dlambda and their sum)
+cost at most 1.5x the cuBLAS GEMM ``dy W`` of the same layer. The layer's whole backward
+(cuBLAS ``dy W``, then the adapter's pass adding into that dx in place, as a layer call runs it;
+tracking off, every slot active) and the GEMM alone are timed as GPU time, without the host:
+each is captured once in a CUDA graph (after eager warm-up calls, which compile and load the
+kernels) and the graph is replayed ``repeats`` times between two CUDA events. The adapter's
+pass is the difference.
+
+Off CUDA (the Triton interpreter) each is called once and timed on the host: the record shows
+the path runs, its times say nothing about speed.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict
+
+import torch
+
+from ...kernels.reference import ACTIVE
+from .plans import DTYPES
+
+LEVEL = "dy_pass"
+INTERPRETER_NOTE = "Triton interpreter on CPU: shows the path runs, its times mean nothing"
+
+
+def _gpu_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
+    """GPU ms per call of ``fn`` (mean over ``repeats``): captured in a CUDA graph, replayed
+    ``repeats`` times between two events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeats
+
+
+def _host_ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int, dtype: str,
+                    device: torch.device, env: Dict, repeats: int = 50,
+                    warmup: int = 3) -> dict:
+    """One record: GPU ms per call of the layer's backward (``backward_ms``), of cuBLAS ``dy W``
+    alone (``cublas_ms``) and of the adapter's pass over dy (``ours_ms``, their difference),
+    with ``x_cublas`` = ours_ms / cublas_ms."""
+    from ...kernels.linear import adapted_linear_backward, adapted_linear_forward
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is invalid: use one of {list(DTYPES)}")
+    dt = DTYPES[dtype]
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape, scale=1.0, dtype=dt):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    x = rand(tokens, in_features)
+    dy = rand(tokens, out_features, scale=1.0 / tokens)
+    weight = rand(out_features, in_features, scale=in_features ** -0.5)
+    lora_A = rand(r_max, in_features, scale=in_features ** -0.5, dtype=torch.float32)
+    lora_B = rand(out_features, r_max, scale=0.1, dtype=torch.float32)
+    lam = rand(r_max, dtype=torch.float32)
+    state = torch.full((r_max,), ACTIVE, dtype=torch.int8, device=device)
+    alpha, reserve = float(r_max), 0.0
+    _, h = adapted_linear_forward(x, None, weight, None, False, lora_A, lora_B, lam, state,
+                                  alpha, reserve, dt, need_all=True, fused_gemm=False)
+
+    def backward():
+        return adapted_linear_backward(dy, x, None, weight, False, lora_A, lora_B, lam, state,
+                                       alpha, reserve, h, None, None, need_x=True, need_xa=False,
+                                       need_a=True, need_b=True, need_lam=True)
+
+    def cublas():
+        return torch.mm(dy, weight)
+
+    on_gpu = device.type == "cuda"
+    if on_gpu:
+        backward_ms, cublas_ms = _gpu_ms(backward, repeats, warmup), _gpu_ms(cublas, repeats,
+                                                                             warmup)
+    else:
+        backward_ms, cublas_ms = _host_ms(backward), _host_ms(cublas)
+    ours_ms = backward_ms - cublas_ms
+    return dict(env, level=LEVEL, method="increlora-triton", shape=f"{in_features}x{out_features}",
+                tokens=tokens, r_max=r_max, dtype=dtype, phase="bwd", status="ok",
+                median_ms=ours_ms, ours_ms=ours_ms, cublas_ms=cublas_ms, backward_ms=backward_ms,
+                x_cublas=ours_ms / cublas_ms if cublas_ms else None, peak_mem_mb=None,
+                repeats=repeats if on_gpu else 1,
+                timing="CUDA graph replay between events (GPU time)" if on_gpu else "host",
+                note="" if on_gpu else INTERPRETER_NOTE)

@@ -1,0 +1,148 @@
+"""Issue 27's targets read from one gpu-check report (`gpu_check.verdicts`): each verdict follows
+the records' numbers, a target the run lacks is "not measurable", and ``--cuda-graphs auto`` is
+decided only from a graphed and an eager main job that trained the same run."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from increlora_fast.benchmarks.gpu_check import verdicts as v
+from increlora_fast.benchmarks.gpu_check.markdown import gpu_check_markdown
+
+ENV = dict(device="NVIDIA Test GPU", device_type="cuda", mode="gpu-check")
+
+
+def _layer(rng):
+    floor = rng.uniform(0.3, 0.5)
+    ms = {"floor": floor, "peft-lora": floor * rng.uniform(1.2, 2.5),
+          "increlora-triton": floor * rng.uniform(1.0, 1.6),
+          "increlora-triton-fused": floor * rng.uniform(1.0, 1.6),
+          "increlora-triton+score": floor * rng.uniform(1.3, 1.9)}
+    rows = [dict(ENV, level="layer", method=m, shape="768x3072", tokens=16384,
+                 r_max=None if m == "floor" else 16, dtype="bf16", phase="fwd+bwd",
+                 status="ok", median_ms=t) for m, t in ms.items()]
+    # another point must not be read
+    rows.append(dict(rows[2], tokens=2048, median_ms=100.0))
+    return ms, rows
+
+
+def _model(rng, preset):
+    lora = rng.uniform(20, 40)
+    med = {"floor": lora * rng.uniform(0.3, 0.6), "peft-lora": lora,
+           "peft-lora-compiled": lora * rng.uniform(0.4, 0.7)}
+    common = dict(ENV, level="model", shape=f"{preset} b32x64", dtype="bf16-autocast",
+                  status="ok", tokens=2048, r_max=8, steps_per_s=1.0, tokens_per_s=1.0,
+                  mem_kind="cuda_max_allocated", repeats=16, settings="s", note="")
+    rows = [dict(common, method=m, median_ms=t, mean_ms=t, peak_mem_mb=1000.0)
+            for m, t in med.items()]
+    ours = {}
+    for method in ("increlora-triton", "increlora-graphs"):
+        untracked = lora * rng.uniform(0.2, 1.3)
+        tracked = untracked * rng.uniform(1.0, 1.5)
+        ours[method] = (tracked, untracked, rng.uniform(800, 1100))
+        rows.append(dict(common, method=method, median_ms=untracked, mean_ms=untracked,
+                         alloc_median_ms=tracked, final_median_ms=untracked,
+                         peak_mem_mb=ours[method][2]))
+    return med, ours, rows
+
+
+def _job(accuracy, tokens, ranks, method="increlora"):
+    return {"eval_accuracy": accuracy, "tokens_per_second": tokens, "rank_pattern": ranks,
+            "method": method}
+
+
+def _report(rng, on=None, off=None, lora=None, host=True):
+    layer_ms, layer = _layer(rng)
+    med, ours, model = _model(rng, "minilm-l6")
+    host_rows = [dict(ENV, level="host", method=m, shape="768x3072", tokens=2048,
+                      status="ok", median_us=us, launches_per_call=4)
+                 for m, us in (("peft-lora", 1000.0), ("increlora-triton", rng.uniform(700, 1300)))
+                 ] if host else []
+    ranks = {"l0": 2, "l1": 3}
+    runs = [{"name": "graphs-on", "status": "ok", "metrics": on or _job(0.812, 70_000, ranks)},
+            {"name": "graphs-off", "status": "ok", "metrics": off or _job(0.813, 20_000, ranks)},
+            {"name": "lora", "status": "ok",
+             "metrics": lora or _job(0.80, 21_000, None, method="lora")}]
+    report = {"kind": "gpu_check", "parts": {
+        "layer": {"records": layer, "host_records": host_rows},
+        "model": {"records": model},
+        "finetune": {"runs": runs}}}
+    return report, layer_ms, med, ours, host_rows
+
+
+def _status(verdicts, key):
+    return [x.status for x in verdicts if x.target == v.NAMES[key]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_verdicts_follow_the_numbers(seed):
+    rng = random.Random(seed)
+    report, layer_ms, med, ours, host = _report(rng)
+    got = v.issue27_verdicts(report)
+    met = lambda ok: ["met" if ok else "missed"]  # noqa: E731
+    f = layer_ms["floor"]
+    assert _status(got, "layer_off") == met(layer_ms["increlora-triton"] <= 1.3 * f)
+    assert _status(got, "layer_on") == met(layer_ms["increlora-triton+score"] <= 1.6 * f)
+    assert _status(got, "dy_pass") == ["not measurable"]
+    assert _status(got, "host") == met(host[1]["median_us"] <= host[0]["median_us"])
+    tracked, untracked, mem = ours["increlora-triton"]
+    g_tracked, g_untracked, g_mem = ours["increlora-graphs"]
+    assert _status(got, "eager") == met(untracked <= med["peft-lora"])
+    assert _status(got, "graphs_compiled") == met(g_untracked <= 0.5 * med["peft-lora-compiled"])
+    assert _status(got, "graphs_floor") == met(g_untracked <= med["floor"])
+    assert _status(got, "tracked") == met(tracked <= 1.25 * untracked) + \
+        met(g_tracked <= 1.25 * g_untracked)
+    assert _status(got, "memory") == met(mem <= 1000.0) + met(g_mem <= 1000.0)
+    assert _status(got, "job_speed") == ["met"] and _status(got, "job_x_lora") == ["met"]
+    assert _status(got, "job_accuracy") == ["met"]
+    assert _status(got, "job_graphs_same") == ["met"]
+
+
+def test_dy_pass_records_are_read():
+    report, *_ = _report(random.Random(1))
+    report["parts"]["layer"]["records"].append(dict(
+        ENV, level="dy_pass", shape="768x3072", tokens=16384, r_max=16, dtype="bf16",
+        status="ok", ours_ms=0.030, cublas_ms=0.017))
+    (dy,) = [x for x in v.issue27_verdicts(report) if x.target == v.NAMES["dy_pass"]]
+    assert dy.status == "missed" and "1.76x" in dy.detail
+
+
+def test_missing_parts_are_not_measurable():
+    report = {"kind": "gpu_check", "parts": {}}
+    assert {x.status for x in v.issue27_verdicts(report)} == {"not measurable"}
+    assert v.cuda_graphs_auto(report)[0] is None
+    cpu, *_ = _report(random.Random(2))
+    for part in ("layer", "model"):
+        for r in cpu["parts"][part]["records"]:
+            r["device_type"] = "cpu"
+    cpu["parts"]["layer"]["host_records"] = []
+    got = v.issue27_verdicts(cpu)
+    assert all(x.status == "not measurable" for x in got if not x.target.startswith("main job")
+               and not x.target.startswith("graphed and eager"))
+
+
+def test_cuda_graphs_auto_needs_faster_and_the_same_run():
+    ranks = {"l0": 2, "l1": 3}
+    rng = random.Random(3)
+    on, off = _job(0.812, 70_000, ranks), _job(0.815, 20_000, ranks)
+    decision, why = v.cuda_graphs_auto(_report(rng, on=on, off=off)[0])
+    assert decision is True and why.startswith("on:")
+    slower = _job(0.812, 19_000, ranks)
+    assert v.cuda_graphs_auto(_report(rng, on=slower, off=off)[0])[0] is False
+    other_ranks = _job(0.812, 70_000, {"l0": 3, "l1": 2})
+    decision, why = v.cuda_graphs_auto(_report(rng, on=other_ranks, off=off)[0])
+    assert decision is False and "rank patterns differ" in why
+    far = _job(0.805, 70_000, ranks)  # 0.010 below the eager run
+    assert v.cuda_graphs_auto(_report(rng, on=far, off=off)[0])[0] is False
+    report = _report(rng, on=on, off=off)[0]
+    report["parts"]["finetune"]["runs"][0]["status"] = "failed"
+    assert v.cuda_graphs_auto(report)[0] is None
+
+
+def test_gpu_check_markdown_has_the_issue27_table():
+    report, *_ = _report(random.Random(4))
+    report.update(environment=dict(ENV), status="ok")
+    text = gpu_check_markdown(report)
+    assert "Issue 27 targets" in text and v.NAMES["graphs_compiled"] in text
+    assert "`--cuda-graphs auto` on CUDA: on:" in text
