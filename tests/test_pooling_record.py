@@ -1,10 +1,11 @@
 """An adapter trained on a mean-pooled model records its pooling: `load_adapter` applies it
 again (or refuses a model that cannot take it), `export_peft` and the peft/full finetune outputs
-warn."""
+warn, and a resume whose ``--pooling auto`` now reads otherwise is refused."""
 from __future__ import annotations
 
 import copy
 import json
+import shutil
 import warnings
 from pathlib import Path
 
@@ -226,3 +227,37 @@ def test_finetune_outputs_that_cannot_record_the_pooling_warn(tiny, tmp_path, me
                                          r".*apply_pooling\(model, 'mean'\)"):
         assert cli(tiny_args(tiny, out, "--method", method, "--pooling", "mean",
                              "--max-steps", "2")) == 0
+
+
+def sentence_transformers_folder(model: str, root: Path, mean: bool) -> Path:
+    """A copy of the tiny BERT folder that a sentence-transformers Pooling module describes."""
+    folder = root / "st-bert"
+    if not folder.exists():
+        shutil.copytree(model, folder)
+        (folder / "modules.json").write_text(json.dumps(
+            [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": not mean, "pooling_mode_mean_tokens": mean}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["increlora", "lora"])
+def test_resume_refuses_a_model_folder_whose_pooling_changed(tiny, tmp_path, capsys, method):
+    folder = sentence_transformers_folder(tiny["model"], tmp_path, mean=True)
+    out = tmp_path / "run"
+    args = tiny_args(dict(tiny, model=str(folder)), out, "--pooling", "auto", "--method",
+                     method, save_steps=2, steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lora's note that its adapter cannot record the pooling
+        assert cli(args) == 0
+    checkpoint = out / "checkpoint-2"
+    sentence_transformers_folder(tiny["model"], tmp_path, mean=False)
+    capsys.readouterr()
+    assert cli(["--resume", str(checkpoint), "--output-dir", str(tmp_path / "again"),
+                "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} was trained with pooling mean, but --pooling auto now " \
+           "gives cls" in err
+    assert "resume with the model files it was trained on" in err
