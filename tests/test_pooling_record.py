@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import BertConfig, BertForSequenceClassification
 
-from finetune_helpers import cli, tiny_args, tiny_files
+from finetune_helpers import cli, dev_logits, load_saved_adapter, tiny_args, tiny_files
 from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
-                            load_config, save_adapter)
+                            save_adapter)
 from increlora_fast.training.pooling import apply_pooling, model_pooling
 
 VOCAB = 40
@@ -186,37 +186,17 @@ def tiny(tmp_path_factory) -> dict:
 
 def eval_loss(tiny: dict, model: nn.Module) -> float:
     """The dev loss of ``model`` as `finetune` computes it (same batches)."""
-    import torch.nn.functional as F
-    from transformers import AutoTokenizer
-
-    from increlora_fast.data import load_files
-    from increlora_fast.training.batches import Batches
-
-    data = load_files(tiny["train"], tiny["dev"])
-    batches = Batches(AutoTokenizer.from_pretrained(tiny["model"]), data.train, data.eval,
-                      16, 8, 64, 0)
-    total = 0.0
-    with torch.no_grad():
-        for b in batches.eval_batches():
-            y = b.pop("labels")
-            total += float(F.cross_entropy(model(**b).logits.float(), y, reduction="sum"))
-    return total / len(data.eval)
+    return float(torch.nn.functional.cross_entropy(*dev_logits(tiny, model)))
 
 
 def test_finetune_pooling_mean_adapter_reproduces_its_dev_loss(tiny, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
     out = tmp_path / "run"
     assert cli(tiny_args(tiny, out, "--pooling", "mean", "--lr", "0.05")) == 0
     reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
     assert json.loads((out / CONFIG).read_text())["pooling"] == "mean"
-
-    def loaded() -> nn.Module:
-        model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
-        return load_adapter(inject_increlora(model, load_config(out)), out).eval()
-    assert eval_loss(tiny, loaded()) == pytest.approx(reported, rel=1e-5)
+    assert eval_loss(tiny, load_saved_adapter(tiny, out)) == pytest.approx(reported, rel=1e-5)
     strip_pooling(out)  # as loading did before the pooling was recorded
-    assert eval_loss(tiny, loaded()) != pytest.approx(reported, rel=1e-3)
+    assert eval_loss(tiny, load_saved_adapter(tiny, out)) != pytest.approx(reported, rel=1e-3)
 
 
 @pytest.mark.parametrize("method, what", [("lora", "peft adapter"), ("full", "model")])
