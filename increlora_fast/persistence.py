@@ -14,6 +14,11 @@ Every adapter records its base (`base_model_name` and `base_fingerprint`, in the
 metadata and in ``adapter_config.json``); `load_adapter` refuses a model whose adapted weights
 differ from the recorded ones, so an adapter never silently lands on the wrong base.
 
+An adapter trained on a mean-pooled model (`training.pooling.apply_pooling`, ``finetune --pooling
+mean``) records ``pooling: mean`` (weights-file metadata and ``adapter_config.json``);
+`load_adapter` gives the model it loads into the same pooling, or refuses one that cannot take it.
+Without the field an adapter loads into the model as it is (its own CLS pooling).
+
 A folder that already holds an adapter is replaced only when asked (``overwrite=True``), and
 then as a whole: see `write_adapter_files`.
 """
@@ -37,6 +42,7 @@ from torch import nn
 from .config import IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState
 from .model import get_config, increlora_layers, saved_module_parameters
+from .training.pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -46,6 +52,7 @@ SAVED_PREFIX = "modules_to_save."
 SLOT_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state")
 TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
 BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
+POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json; only when not "cls"
 # Files that make a folder an adapter folder (ours, or peft's in either of its formats).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
 SAMPLE_COLUMNS = 8
@@ -319,7 +326,8 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     """Write the adapter of ``model`` into ``save_directory`` (created if missing).
 
     The adapter records its base: `base_model_name` and `base_fingerprint`, which
-    `load_adapter` checks.
+    `load_adapter` checks; and ``pooling: mean`` when ``model`` is mean-pooled
+    (`training.pooling.model_pooling`), which `load_adapter` applies again.
 
     Args:
         training_state: store all slots, slot states and activation steps for resuming training;
@@ -347,6 +355,9 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
                    rank_pattern=pattern, training_state=training_state,
                    base_model_name_or_path=base["name_or_path"],
                    base_model_fingerprint=base["fingerprint"])
+    pooling = model_pooling(model)
+    if pooling != "cls":
+        header[POOLING_KEY] = summary[POOLING_KEY] = pooling
     write_adapter_files(save_directory, {
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata=header),
         CONFIG_NAME: json.dumps(summary, indent=2, sort_keys=True).encode()}, overwrite)
@@ -424,6 +435,22 @@ def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training
     return full
 
 
+def _check_pooling(pooling: str, model: nn.Module, directory: Path) -> None:
+    """ValueError, one line, when the adapter in ``directory`` records a ``pooling`` that
+    ``model`` cannot be given (`training.pooling.apply_pooling`)."""
+    if pooling == "cls" or model_pooling(model) == pooling:
+        return
+    if pooling != "mean":
+        raise ValueError(f"adapter {directory} records pooling {pooling!r}, which this "
+                         "increlora_fast does not know (only 'mean'); load it with the "
+                         "increlora_fast version that saved it")
+    if not mean_pooling_available(model):
+        raise ValueError(f"adapter {directory} was trained with pooling 'mean', which "
+                         f"{type(model).__name__} cannot take (no encoder with a BERT-style "
+                         "pooler to replace); load it into the sequence classifier it was "
+                         "trained on (e.g. AutoModelForSequenceClassification of its base)")
+
+
 def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = True
                  ) -> nn.Module:
     """Restore an adapter saved by `save_adapter` into a model injected with the same config.
@@ -433,6 +460,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     `BaseMismatchError`) raises ValueError and leaves the model unchanged. Values are cast to
     the model's dtypes, so an adapter saved with a float16 lambda (``adapter_dtype="base"`` on a
     float16 base, before lambda was float32 always) loads into the float32 lambda.
+
+    An adapter that records ``pooling: mean`` gives ``model`` mean pooling
+    (`training.pooling.apply_pooling`) unless it has it already, so its predictions are the
+    trained model's; a model that cannot take it is refused (ValueError) before anything changes.
 
     Args:
         check_base: refuse a model whose adapted weights differ from the base the adapter was
@@ -469,6 +500,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         _check(value.shape == param.shape, path, f"{name} has shape {tuple(value.shape)}, "
                f"the model needs {tuple(param.shape)}")
         updates.append((param, value))
+    pooling = meta.get(POOLING_KEY, "cls")
+    _check_pooling(pooling, model, Path(save_directory))
     if check_base:
         _check_base(meta, model, Path(save_directory))
     with torch.no_grad():
@@ -476,4 +509,6 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     for layer in layers.values():
         layer.mark_slots_changed()
+    if model_pooling(model) != pooling:
+        apply_pooling(model, pooling)
     return model

@@ -5,7 +5,9 @@ import csv
 import json
 import random
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
+
+import torch
 
 POSITIVE = ["good", "great", "fun", "moving", "sharp", "warm", "clever", "bright"]
 NEGATIVE = ["bad", "dull", "boring", "awful", "flat", "weak", "messy", "cold"]
@@ -78,6 +80,34 @@ def tiny_args(tiny: dict, out: Path, *extra: str, steps: int = 6,
     if save_steps is not None:
         argv += ["--save-steps", str(save_steps)]
     return argv + list(extra)
+
+
+def load_saved_adapter(tiny: dict, out: Path) -> torch.nn.Module:
+    """The IncreLoRA adapter a `tiny_files` run wrote into ``out``, loaded (`load_adapter`) into
+    a fresh 2-label classifier of its BERT, in eval mode."""
+    from transformers import AutoModelForSequenceClassification
+
+    from increlora_fast import inject_increlora, load_adapter, load_config
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
+    return load_adapter(inject_increlora(model, load_config(out)), out).eval()
+
+
+def dev_logits(tiny: dict, model: torch.nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(logits, labels) of ``model`` on the dev file of `tiny_files`, batched as a `tiny_args`
+    run evaluates it (16 tokens)."""
+    from transformers import AutoTokenizer
+
+    from increlora_fast.data import load_files
+    from increlora_fast.training.batches import Batches
+    data = load_files(tiny["train"], tiny["dev"])
+    batches = Batches(AutoTokenizer.from_pretrained(tiny["model"]), data.train, data.eval,
+                      16, 8, 64, 0)
+    logits, labels = [], []
+    with torch.no_grad():
+        for batch in batches.eval_batches():
+            labels.append(batch.pop("labels"))
+            logits.append(model(**batch).logits.float())
+    return torch.cat(logits), torch.cat(labels)
 
 
 def cli(argv: List[str]) -> int:

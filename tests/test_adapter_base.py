@@ -13,10 +13,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+import adapter_helpers
+from adapter_helpers import fresh
 from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
                             rank_pattern, save_adapter)
 from increlora_fast import persistence
 from increlora_fast.integrations import export_peft
+from increlora_fast.layer import IncreLoRALinear
 from increlora_fast.persistence import base_difference, base_fingerprint
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -38,21 +41,11 @@ def named_base(make_tiny_net, seed: int) -> nn.Module:
 
 
 def trained(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
-    """An injected copy of ``base`` with random adapter values, one module grown by a rank."""
-    model = inject_increlora(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for i, (_, layer) in enumerate(increlora_layers(model)):
-            if i == 1:
-                layer.activate_reserve(1, step=10)
-            layer.lora_A.normal_(std=0.2)
-            layer.lora_B.normal_(std=0.2)
-            layer.lora_lambda.normal_()
-        model.head.weight.normal_()
-    return model
-
-
-def fresh(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
-    return inject_increlora(copy.deepcopy(base), config)
+    """`adapter_helpers.trained` with one module grown by a rank."""
+    def grow(i: int, layer: IncreLoRALinear) -> None:
+        if i == 1:
+            layer.activate_reserve(1, step=10)
+    return adapter_helpers.trained(base, config, grow)
 
 
 def adapter_state(model: nn.Module) -> dict:

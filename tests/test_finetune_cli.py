@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import cli, sentiment_rows, tiny_args, tiny_files, write_jsonl
+from finetune_helpers import (cli, dev_logits, load_saved_adapter, sentiment_rows, tiny_args,
+                              tiny_files, write_jsonl)
 from increlora_fast.data.assets import locate_asset
 
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
@@ -66,28 +67,11 @@ def test_no_advance_learning_ablation_reaches_the_adapter(tiny, tmp_path):
 
 
 def test_saved_adapter_reproduces_the_reported_accuracy(tiny, tmp_path):
-    from transformers import AutoModelForSequenceClassification
-
-    from increlora_fast import inject_increlora, load_adapter, load_config
-    from increlora_fast.data import load_files
-    from increlora_fast.training.batches import Batches
-    from transformers import AutoTokenizer
-
     out = tmp_path / "run"
     assert cli(tiny_args(tiny, out, "--seed", "3")) == 0
-    model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
-    inject_increlora(model, load_config(out))
-    load_adapter(model, out)
-    model.eval()
-    data = load_files(tiny["train"], tiny["dev"])
-    batches = Batches(AutoTokenizer.from_pretrained(tiny["model"]), data.train, data.eval,
-                      16, 8, 64, 0)
-    correct = 0
-    with torch.no_grad():
-        for batch in batches.eval_batches():
-            y = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == y).sum())
-    assert correct / len(data.eval) == pytest.approx(read_metrics(out)["eval_accuracy"])
+    logits, labels = dev_logits(tiny, load_saved_adapter(tiny, out))
+    accuracy = float((logits.argmax(-1) == labels).float().mean())
+    assert accuracy == pytest.approx(read_metrics(out)["eval_accuracy"])
 
 
 @pytest.mark.parametrize("method", ["increlora", "lora", "adalora", "full"])

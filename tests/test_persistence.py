@@ -12,9 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
-                            load_config, rank_pattern, save_adapter)
+import adapter_helpers
+from adapter_helpers import fresh
+from increlora_fast import (IncreLoRAConfig, increlora_layers, load_adapter, load_config,
+                            rank_pattern, save_adapter)
 from increlora_fast import persistence
+from increlora_fast.layer import IncreLoRALinear
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -27,23 +30,13 @@ def make_config(**kwargs) -> IncreLoRAConfig:
 
 
 def trained(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
-    """An injected copy of ``base`` whose adapters and head look trained: random values and an
-    uneven rank pattern (0 to 2 extra ranks per module, each followed by a fresh reserve)."""
-    model = inject_increlora(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for i, (_, layer) in enumerate(increlora_layers(model)):
-            for _ in range(i % 3):
-                layer.activate_reserve(config.incre_rank_num, step=10 * (i + 1))
-                layer.add_reserve(config.incre_rank_num, step=10 * (i + 1))
-            layer.lora_A.normal_(std=0.2)
-            layer.lora_B.normal_(std=0.2)
-            layer.lora_lambda.normal_()
-        model.head.weight.normal_()
-    return model
-
-
-def fresh(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
-    return inject_increlora(copy.deepcopy(base), config)
+    """`adapter_helpers.trained` with an uneven rank pattern (0 to 2 extra ranks per module,
+    each followed by a fresh reserve)."""
+    def grow(i: int, layer: IncreLoRALinear) -> None:
+        for _ in range(i % 3):
+            layer.activate_reserve(config.incre_rank_num, step=10 * (i + 1))
+            layer.add_reserve(config.incre_rank_num, step=10 * (i + 1))
+    return adapter_helpers.trained(base, config, grow)
 
 
 def state(model: nn.Module) -> dict:

@@ -22,12 +22,18 @@ own field), and our `base_fingerprint` in the weights file's metadata under ``in
 (JSON ``{"name_or_path": ..., "fingerprint": ...}``). Not in ``adapter_config.json``: peft 0.21
 loads a config with unknown keys but warns that it was written by a newer peft and should be
 upgraded; safetensors metadata it ignores silently.
+
+peft has no pooling setting, so an adapter trained on a mean-pooled model
+(`training.pooling.apply_pooling`) loads into peft's model as it is (CLS pooling) and predicts
+otherwise: `export_peft` warns so, and records ``increlora_pooling: mean`` in the weights file's
+metadata (not in ``adapter_config.json``, for the reason above).
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -37,11 +43,13 @@ from torch import nn
 from ..layer import IncreLoRALinear, SlotState
 from ..model import get_config, increlora_layers, saved_module_parameters
 from ..persistence import base_fingerprint, base_model_name, write_adapter_files
+from ..training.pooling import model_pooling
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 BASE_METADATA_KEY = "increlora_base"
+POOLING_METADATA_KEY = "increlora_pooling"
 
 PathLike = Union[str, os.PathLike]
 
@@ -128,6 +136,9 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         overwrite: replace an adapter already in ``save_directory`` (ours or peft's), as a
             whole (see `persistence.write_adapter_files`); without it such a folder is refused.
 
+    A mean-pooled ``model`` (`training.pooling.apply_pooling`) is exported with a warning: the
+    base model peft loads the adapter into needs ``apply_pooling(base, "mean")`` first.
+
     Returns:
         The rank of every exported module, ``{module name: r_i}``.
 
@@ -180,7 +191,16 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     }
     base = {"name_or_path": base_model_name_or_path, "fingerprint": base_fingerprint(model)}
     metadata = {"format": "pt", BASE_METADATA_KEY: json.dumps(base, sort_keys=True)}
+    pooling = model_pooling(model)
+    if pooling != "cls":
+        metadata[POOLING_METADATA_KEY] = pooling
     write_adapter_files(save_directory, {
         PEFT_WEIGHTS_NAME: safetensors_bytes(tensors, metadata=metadata),
         PEFT_CONFIG_NAME: json.dumps(peft_config, indent=2, sort_keys=True).encode()}, overwrite)
+    if pooling != "cls":
+        warnings.warn(f"export_peft: the adapter in {save_directory} was trained with {pooling} "
+                      "pooling, which peft does not record: apply "
+                      f"increlora_fast.training.pooling.apply_pooling(model, {pooling!r}) to the "
+                      "base model before peft loads the adapter into it, or its predictions "
+                      "differ", stacklevel=2)
     return ranks

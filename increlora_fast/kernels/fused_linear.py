@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .lowrank import Slots, _slot_lambda
+from .lowrank import Slots, _accumulate_scaled_slots, _accumulate_x_wt
 from . import utils
 from .utils import DotConfig, is_interpreted
 
@@ -56,31 +56,12 @@ def _fused_linear_adapter_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(x.to(OP).to(DOT), w.to(OP).to(DOT), acc,
-                     input_precision=PRECISION, out_dtype=ACC)
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
-                                     SLOTS, R_ALL, ACC)
-        live = lam_eff != 0
-        if tl.sum(live.to(tl.int32), axis=0) > 0:
-            h = tl.load(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
-            s = tl.where(live[None, :], h * lam_eff[None, :], 0.0)
-            b = tl.load(b_ptr + rr[:, None] * stride_br + rn[None, :] * stride_bn,
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            b = tl.where(live[:, None], b, tl.zeros_like(b))
-            acc = tl.dot(s.to(OP).to(DOT), b.to(OP).to(DOT), acc,
-                         input_precision=PRECISION, out_dtype=ACC)
+    acc = _accumulate_x_wt(tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), x_ptr, w_ptr, rm, rn, m_ok,
+                           n_ok, K, stride_xm, stride_xk, stride_wn, stride_wk,
+                           BLOCK_K, OP, DOT, ACC, PRECISION)
+    acc, _ = _accumulate_scaled_slots(acc, h_ptr, b_ptr, lam_ptr, state_ptr, rm, rn, m_ok, n_ok,
+                                      R, alpha, reserve, stride_hm, stride_hr, stride_br,
+                                      stride_bn, SLOTS, R_ALL, BLOCK_R, OP, DOT, ACC, PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,

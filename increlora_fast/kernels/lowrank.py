@@ -63,6 +63,56 @@ def _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
 
 
 @triton.jit
+def _accumulate_x_wt(acc, x_ptr, w_ptr, rm, rn, m_ok, n_ok, K,
+                     stride_xm, stride_xk, stride_wn, stride_wk,
+                     BLOCK_K: tl.constexpr, OP: tl.constexpr, DOT: tl.constexpr,
+                     ACC: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc + x[rm] @ W[rn].T`` for x (M, K) and W (N, K), swept over K in BLOCK_K steps: the
+    projection H = x A^T here and the base GEMM x W^T of `fused_linear`."""
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        k_ok = rk < K
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + rk[:, None] * stride_wk + rn[None, :] * stride_wn,
+                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(x.to(OP).to(DOT), w.to(OP).to(DOT), acc,
+                     input_precision=PRECISION, out_dtype=ACC)
+    return acc
+
+
+@triton.jit
+def _accumulate_scaled_slots(acc, s_ptr, w_ptr, lam_ptr, state_ptr, rm, rn, m_ok, n_ok,
+                             R, alpha, reserve, stride_sm, stride_sr, stride_wr, stride_wn,
+                             SLOTS: tl.constexpr, R_ALL: tl.constexpr, BLOCK_R: tl.constexpr,
+                             OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+                             PRECISION: tl.constexpr):
+    """(``acc + (S[rm] * lam_eff) @ W[:, rn]``, the number of live slots) for S (M, R) and
+    W (R, N), over slot blocks of BLOCK_R: a block with no live slot (lam_eff 0) is skipped, and
+    a dead slot contributes exactly nothing (masked by value). `_expand_kernel`'s product and
+    `fused_linear`'s adapter term."""
+    live_total = 0
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        r_ok = rr < R
+        lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
+                                     SLOTS, R_ALL, ACC)
+        live = lam_eff != 0
+        n_live = tl.sum(live.to(tl.int32), axis=0)
+        if n_live > 0:
+            s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
+                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
+            s = tl.where(live[None, :], s * lam_eff[None, :], 0.0)
+            w = tl.load(w_ptr + rr[:, None] * stride_wr + rn[None, :] * stride_wn,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+            w = tl.where(live[:, None], w, tl.zeros_like(w))
+            acc = tl.dot(s.to(OP).to(DOT), w.to(OP).to(DOT), acc,
+                         input_precision=PRECISION, out_dtype=ACC)
+        live_total += n_live
+    return acc, live_total
+
+
+@triton.jit
 def _project_kernel(
     x_ptr, a_ptr, lam_ptr, state_ptr, h_ptr,
     M, K, R, alpha, reserve,
@@ -84,15 +134,9 @@ def _project_kernel(
     need = (lam_eff != 0) | ((coef != 0) & NEED_ALL)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=ACC)
     if tl.sum(need.to(tl.int32), axis=0) > 0:
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            k_ok = rk < K
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
-                        mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-            a = tl.load(a_ptr + rk[:, None] * stride_ak + rr[None, :] * stride_ar,
-                        mask=k_ok[:, None] & r_ok[None, :], other=0.0)
-            acc = tl.dot(x.to(OP).to(DOT), a.to(OP).to(DOT), acc,
-                         input_precision=PRECISION, out_dtype=ACC)
+        acc = _accumulate_x_wt(acc, x_ptr, a_ptr, rm, rr, m_ok, r_ok, K,
+                               stride_xm, stride_xk, stride_ar, stride_ak,
+                               BLOCK_K, OP, DOT, ACC, PRECISION)
         acc = tl.where(need[None, :], acc, 0.0)
     tl.store(h_ptr + rm[:, None] * stride_hm + rr[None, :] * stride_hr,
              acc.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
@@ -116,25 +160,10 @@ def _expand_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_ok = rm < M
     n_ok = rn < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC)
-    live_total = 0
-    for r0 in range(0, R, BLOCK_R):
-        rr = r0 + tl.arange(0, BLOCK_R)
-        r_ok = rr < R
-        lam_eff, coef = _slot_lambda(lam_ptr, state_ptr, rr, r_ok, R, alpha, reserve,
-                                     SLOTS, R_ALL, ACC)
-        live = lam_eff != 0
-        n_live = tl.sum(live.to(tl.int32), axis=0)
-        if n_live > 0:
-            s = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                        mask=m_ok[:, None] & r_ok[None, :], other=0.0).to(ACC)
-            s = tl.where(live[None, :], s * lam_eff[None, :], 0.0)
-            w = tl.load(w_ptr + rr[:, None] * stride_wr + rn[None, :] * stride_wn,
-                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
-            w = tl.where(live[:, None], w, tl.zeros_like(w))
-            acc = tl.dot(s.to(OP).to(DOT), w.to(OP).to(DOT), acc,
-                         input_precision=PRECISION, out_dtype=ACC)
-        live_total += n_live
+    acc, live_total = _accumulate_scaled_slots(
+        tl.zeros((BLOCK_M, BLOCK_N), dtype=ACC), s_ptr, w_ptr, lam_ptr, state_ptr, rm, rn, m_ok,
+        n_ok, R, alpha, reserve, stride_sm, stride_sr, stride_wr, stride_wn,
+        SLOTS, R_ALL, BLOCK_R, OP, DOT, ACC, PRECISION)
     tile_ok = m_ok[:, None] & n_ok[None, :]
     out_ptrs = out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on
     if ACCUMULATE:

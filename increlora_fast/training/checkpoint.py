@@ -2,7 +2,9 @@
 
 A checkpoint folder holds ``settings.json`` (the resolved `RunSettings`), the method's weights
 (IncreLoRA: ``save_adapter(training_state=True)``; peft and full: the trainable tensors) and
-``trainer_state.pt`` (step, losses, optimizer, method state such as the controller, RNG states).
+``trainer_state.pt`` (step, losses, optimizer, method state such as the controller, RNG states,
+and the model's pooling: ``settings.json`` holds ``--pooling`` as given, and ``auto`` is read
+again from the model folder on resume, so a folder whose pooling changed is refused).
 
 ``trainer_state.pt`` is an envelope: the pickled state as bytes, its sha256, and the sha256 of
 every other file of the folder. Loading checks all of them before anything is restored, so a
@@ -29,6 +31,7 @@ from ..persistence import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
 from .outputs import describe_os_error
+from .pooling import model_pooling
 from .settings import RunSettings
 
 SETTINGS_FILE = "settings.json"
@@ -86,7 +89,7 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                                 "train_seconds": state.train_seconds, "method": run.name,
                                 "optimizer": run.optimizer.state_dict(),
                                 "method_state": method_state, "rng": _rng_state(),
-                                "best": state.best})
+                                "best": state.best, "pooling": model_pooling(run.model)})
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         envelope = {"format": STATE_FORMAT, "version": STATE_VERSION,
                     "sha256": hashlib.sha256(payload).hexdigest(), "files": files,
@@ -165,6 +168,12 @@ def load_checkpoint(directory: Path, run: MethodRun) -> LoopState:
     blob = torch.load(io.BytesIO(envelope["payload"]), weights_only=False)
     if blob["method"] != run.name:
         raise ValueError(f"checkpoint {directory} is a {blob['method']} run, not {run.name}")
+    pooling = model_pooling(run.model)
+    if blob.get("pooling", pooling) != pooling:  # checkpoints before the field: not checked
+        raise ValueError(f"checkpoint {directory} was trained with pooling {blob['pooling']}, "
+                         f"but --pooling {run.settings.pooling} now gives {pooling} (the model "
+                         "folder's 1_Pooling/config.json changed?); resume with the model files "
+                         "it was trained on")
     run.load_state(directory, blob["method_state"])
     run.optimizer.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])

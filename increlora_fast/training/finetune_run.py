@@ -28,7 +28,7 @@ from .registry import build_method
 from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
-from .pooling import apply_pooling, resolve_pooling
+from .pooling import apply_pooling, model_pooling, resolve_pooling
 from .settings import (AUTO_SEQ_PERCENTILE, SELECT_HOLDOUT_SHARE, RunSettings, resolve,
                        validate)
 from .step_runner import resolve_cuda_graphs
@@ -281,7 +281,8 @@ def _matplotlib_available(missing: str) -> bool:
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, labels.json (label id -> name), and for
     rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
-    rank against the step.
+    rank against the step. A method whose files cannot record the model's pooling
+    (`MethodRun.records_pooling`) warns, when it is not CLS, that loading them needs it applied.
 
     Raises:
         OutputWriteError: a file could not be written (e.g. the disk is full), naming ``out``.
@@ -295,6 +296,14 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
 
 def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     run.save_artifacts(out)
+    pooling = model_pooling(run.model)
+    if pooling != "cls" and not run.records_pooling:
+        what = "model" if run.name == "full" else "peft adapter"
+        warnings.warn(f"the {run.name} {what} in {out} was trained with --pooling {pooling}, "
+                      f"which its files cannot record: apply increlora_fast.training.pooling."
+                      f"apply_pooling(model, {pooling!r}) to the model it is loaded into"
+                      + ("" if run.name == "full" else " (before peft loads the adapter)")
+                      + ", or its predictions differ", stacklevel=3)
     names = metrics.get("label_names") or []
     (out / LABELS_FILE).write_text(json.dumps(
         {"id2label": {str(i): n for i, n in enumerate(names)},

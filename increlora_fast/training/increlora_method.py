@@ -46,6 +46,7 @@ class IncreLoRARun(MethodRun):
     """
 
     name = "increlora"
+    records_pooling = True  # `save_adapter` records it, `load_adapter` applies it
 
     def __init__(self, model: nn.Module, settings: RunSettings,
                  config: Optional[IncreLoRAConfig] = None) -> None:

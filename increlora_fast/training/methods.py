@@ -40,6 +40,9 @@ class MethodRun:
     # per-class weights of the training loss (``--class-weights``), on the model's device;
     # None: the model's own unweighted loss
     class_weights: Optional[torch.Tensor] = None
+    # whether `save_artifacts` records the model's pooling (`pooling.model_pooling`), so that
+    # loading the artifacts gives it again; peft's adapters and transformers' models cannot
+    records_pooling = False
 
     def __init__(self, model: nn.Module, settings: RunSettings) -> None:
         self.model = model

@@ -7,8 +7,9 @@ all-MiniLM-L6-v2 were trained to be read. ``auto`` takes the mode from a sentenc
 folder (``modules.json`` naming a Pooling module whose ``config.json`` sets
 ``pooling_mode_mean_tokens`` or ``pooling_mode_cls_token``); any other model gets ``cls``.
 
-The replaced pooler has no weights: an adapter trained with ``mean`` must be loaded into a model
-pooled the same way (`apply_pooling`) to give the same predictions.
+The replaced pooler has no weights, so the pooling is a property of the model, not of its
+weights: `model_pooling` reads it off a model, `persistence.save_adapter` records it in the adapter
+when it is ``mean``, and `persistence.load_adapter` applies it again to the model it loads into.
 """
 from __future__ import annotations
 
@@ -55,6 +56,18 @@ def resolve_pooling(choice: str, folder: Optional[Path]) -> str:
     return pooling_of_folder(folder) if choice == "auto" else choice
 
 
+def model_pooling(model: nn.Module) -> str:
+    """``mean`` when `apply_pooling` gave ``model`` (or a model it wraps, e.g. a peft model)
+    mean pooling, else ``cls`` (the model's own pooling)."""
+    return "mean" if any(isinstance(m, MeanPooler) for m in model.modules()) else "cls"
+
+
+def mean_pooling_available(model: nn.Module) -> bool:
+    """Whether `apply_pooling` can give ``model`` mean pooling: a transformers model whose
+    encoder (``base_model``) has a BERT-style ``pooler`` to replace."""
+    return hasattr(getattr(model, "base_model", None), "pooler")
+
+
 def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     """Make ``model`` (a transformers sequence classifier) pool as ``pooling`` says (``cls``:
     unchanged; ``mean``: `MeanPooler` in place of its encoder's pooler); returns it.
@@ -64,10 +77,10 @@ def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     """
     if pooling == "cls":
         return model
-    encoder = getattr(model, "base_model", None)
-    if pooling != "mean" or encoder is None or not hasattr(encoder, "pooler"):
+    if pooling != "mean" or not mean_pooling_available(model):
         raise ValueError(f"--pooling {pooling} is not available for {type(model).__name__} "
                          "(only mean, for encoders with a BERT-style pooler); use --pooling cls")
+    encoder = model.base_model
     pooler = MeanPooler()
     encoder.pooler = pooler
 

@@ -1,0 +1,32 @@
+"""Adapters that look trained, on conftest's hand-written TinyNet, for the save/load tests."""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from increlora_fast import IncreLoRAConfig, increlora_layers, inject_increlora
+from increlora_fast.layer import IncreLoRALinear
+
+
+def fresh(base: nn.Module, config: IncreLoRAConfig) -> nn.Module:
+    """An injected copy of ``base`` (``base`` itself is left as it is)."""
+    return inject_increlora(copy.deepcopy(base), config)
+
+
+def trained(base: nn.Module, config: IncreLoRAConfig,
+            grow: Callable[[int, IncreLoRALinear], None]) -> nn.Module:
+    """An injected copy of ``base`` whose adapters and head look trained: ``grow(i, layer)``
+    gives the i-th adapted layer its rank pattern, then its factors and lambda get random
+    values, and so does the head's weight."""
+    model = fresh(base, config)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(increlora_layers(model)):
+            grow(i, layer)
+            layer.lora_A.normal_(std=0.2)
+            layer.lora_B.normal_(std=0.2)
+            layer.lora_lambda.normal_()
+        model.head.weight.normal_()
+    return model

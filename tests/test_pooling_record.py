@@ -1,0 +1,243 @@
+"""An adapter trained on a mean-pooled model records its pooling: `load_adapter` applies it
+again (or refuses a model that cannot take it), `export_peft` and the peft/full finetune outputs
+warn, and a resume whose ``--pooling auto`` now reads otherwise is refused."""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import BertConfig, BertForSequenceClassification
+
+from finetune_helpers import cli, dev_logits, load_saved_adapter, tiny_args, tiny_files
+from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
+                            save_adapter)
+from increlora_fast.training.pooling import apply_pooling, model_pooling
+
+VOCAB = 40
+WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def bert_base() -> nn.Module:
+    """The same tiny random BERT classifier on every call (a base to train and load into)."""
+    torch.manual_seed(11)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=16, num_labels=3,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)).eval()
+
+
+def adapter_config() -> IncreLoRAConfig:
+    return IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=2, target_rank=2,
+                           modules_to_save=["classifier"])
+
+
+def trained(pooling: str) -> nn.Module:
+    """A pooled, injected base whose adapters and head hold random (\"trained\") values."""
+    model = inject_increlora(apply_pooling(bert_base(), pooling), adapter_config())
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_A.normal_(std=0.3)
+            layer.lora_B.normal_(std=0.3)
+            layer.lora_lambda.normal_()
+        model.classifier.weight.normal_()
+    return model
+
+
+def fresh() -> nn.Module:
+    """The base as a user loads it: CLS pooling, injected with the adapter's config."""
+    return inject_increlora(bert_base(), adapter_config())
+
+
+def batch() -> dict:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(5, VOCAB, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0  # padding, which the mean leaves out
+    mask[2, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch()).logits
+
+
+def strip_pooling(directory: Path) -> None:
+    """Make ``directory``'s adapter one saved before the pooling was recorded."""
+    path = directory / WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "pooling"}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=meta)
+    config = json.loads((directory / CONFIG).read_text())
+    config.pop("pooling", None)
+    (directory / CONFIG).write_text(json.dumps(config))
+
+
+def test_a_mean_pooled_adapter_loads_with_the_trained_predictions(tmp_path):
+    model = trained("mean")
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / CONFIG).read_text())["pooling"] == "mean"
+    loaded = load_adapter(fresh(), tmp_path)
+    assert model_pooling(loaded) == "mean"
+    torch.testing.assert_close(logits(loaded), logits(model))
+    # the same adapter without the record: the CLS pooling the loss of the record used to give
+    strip_pooling(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an adapter without the field loads without a warning
+        old = load_adapter(fresh(), tmp_path)
+    assert model_pooling(old) == "cls"
+    assert not torch.allclose(logits(old), logits(model), atol=1e-3)
+
+
+def test_a_cls_adapter_records_nothing_and_loads_unchanged(tmp_path):
+    model = trained("cls")
+    save_adapter(model, tmp_path)
+    assert "pooling" not in json.loads((tmp_path / CONFIG).read_text())
+    with safe_open(str(tmp_path / WEIGHTS), framework="pt") as f:
+        assert "pooling" not in f.metadata()
+    loaded = load_adapter(fresh(), tmp_path)
+    assert model_pooling(loaded) == "cls"
+    torch.testing.assert_close(logits(loaded), logits(model))
+
+
+def test_a_model_pooled_already_is_not_pooled_twice(tmp_path):
+    model = trained("mean")
+    save_adapter(model, tmp_path, training_state=True)
+    target = inject_increlora(apply_pooling(bert_base(), "mean"), adapter_config())
+    pooler = target.bert.pooler
+    load_adapter(target, tmp_path)
+    assert target.bert.pooler is pooler and len(target.bert._forward_pre_hooks) == 1
+    torch.testing.assert_close(logits(target), logits(model))
+
+
+class Unpooled(nn.Module):
+    """BERT's modules under their usual names, without a ``base_model`` whose pooler mean
+    pooling could replace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        base = bert_base()
+        self.bert, self.classifier = base.bert, base.classifier
+
+
+def test_a_model_that_cannot_take_the_pooling_is_refused_unchanged(tmp_path):
+    save_adapter(trained("mean"), tmp_path)
+    model = inject_increlora(Unpooled(), adapter_config())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        load_adapter(model, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"adapter {tmp_path} was trained with pooling 'mean', which "
+                              "Unpooled cannot take")
+    assert "load it into the sequence classifier it was trained on" in message
+    assert model_pooling(model) == "cls"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_an_unknown_recorded_pooling_is_refused(tmp_path):
+    save_adapter(trained("mean"), tmp_path)
+    path = tmp_path / WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, str(path), metadata=dict(meta, pooling="max"))
+    model = fresh()
+    with pytest.raises(ValueError, match=f"adapter {tmp_path} records pooling 'max', which this "
+                                         "increlora_fast does not know"):
+        load_adapter(model, tmp_path)
+    assert model_pooling(model) == "cls"
+
+
+def test_export_peft_warns_that_peft_needs_the_pooling_applied(tmp_path):
+    peft = pytest.importorskip("peft")
+    from increlora_fast.integrations.peft_export import export_peft
+
+    model = trained("mean")
+    with pytest.warns(UserWarning, match=r"trained with mean pooling, which peft does not "
+                                         r"record: apply .*apply_pooling\(model, 'mean'\) to the "
+                                         "base model before peft loads"):
+        export_peft(model, tmp_path / "mean")
+    assert "pooling" not in json.dumps(json.loads((tmp_path / "mean" / CONFIG).read_text()))
+    with safe_open(str(tmp_path / "mean" / WEIGHTS), framework="pt") as f:
+        assert f.metadata()["increlora_pooling"] == "mean"
+    # what the warning says to do gives the trained predictions
+    served = peft.PeftModel.from_pretrained(apply_pooling(bert_base(), "mean"),
+                                            str(tmp_path / "mean")).eval()
+    torch.testing.assert_close(logits(served), logits(model), rtol=1e-4, atol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_peft(trained("cls"), tmp_path / "cls")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
+
+
+def eval_loss(tiny: dict, model: nn.Module) -> float:
+    """The dev loss of ``model`` as `finetune` computes it (same batches)."""
+    return float(torch.nn.functional.cross_entropy(*dev_logits(tiny, model)))
+
+
+def test_finetune_pooling_mean_adapter_reproduces_its_dev_loss(tiny, tmp_path):
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--pooling", "mean", "--lr", "0.05")) == 0
+    reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
+    assert json.loads((out / CONFIG).read_text())["pooling"] == "mean"
+    assert eval_loss(tiny, load_saved_adapter(tiny, out)) == pytest.approx(reported, rel=1e-5)
+    strip_pooling(out)  # as loading did before the pooling was recorded
+    assert eval_loss(tiny, load_saved_adapter(tiny, out)) != pytest.approx(reported, rel=1e-3)
+
+
+@pytest.mark.parametrize("method, what", [("lora", "peft adapter"), ("full", "model")])
+def test_finetune_outputs_that_cannot_record_the_pooling_warn(tiny, tmp_path, method, what):
+    out = tmp_path / method
+    with pytest.warns(UserWarning, match=f"the {method} {what} in {out} was trained with "
+                                         r"--pooling mean, which its files cannot record: apply "
+                                         r".*apply_pooling\(model, 'mean'\)"):
+        assert cli(tiny_args(tiny, out, "--method", method, "--pooling", "mean",
+                             "--max-steps", "2")) == 0
+
+
+def sentence_transformers_folder(model: str, root: Path, mean: bool) -> Path:
+    """A copy of the tiny BERT folder that a sentence-transformers Pooling module describes."""
+    folder = root / "st-bert"
+    if not folder.exists():
+        shutil.copytree(model, folder)
+        (folder / "modules.json").write_text(json.dumps(
+            [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+             {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+        (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"pooling_mode_cls_token": not mean, "pooling_mode_mean_tokens": mean}))
+    return folder
+
+
+@pytest.mark.parametrize("method", ["increlora", "lora"])
+def test_resume_refuses_a_model_folder_whose_pooling_changed(tiny, tmp_path, capsys, method):
+    folder = sentence_transformers_folder(tiny["model"], tmp_path, mean=True)
+    out = tmp_path / "run"
+    args = tiny_args(dict(tiny, model=str(folder)), out, "--pooling", "auto", "--method",
+                     method, save_steps=2, steps=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # lora's note that its adapter cannot record the pooling
+        assert cli(args) == 0
+    checkpoint = out / "checkpoint-2"
+    sentence_transformers_folder(tiny["model"], tmp_path, mean=False)
+    capsys.readouterr()
+    assert cli(["--resume", str(checkpoint), "--output-dir", str(tmp_path / "again"),
+                "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"checkpoint {checkpoint} was trained with pooling mean, but --pooling auto now " \
+           "gives cls" in err
+    assert "resume with the model files it was trained on" in err
