@@ -132,11 +132,18 @@ def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.T
                 exact_step: bool) -> str:
     """``"torch"``, ``"triton"`` or ``"fused"`` for one call (see the module docstring); the
     decision is cached per (devices, dtypes, autocast, r_max, flags)."""
+    return _path_and_dtype(x, weight, lora_A, weight_in_out, has_bias, dropout, exact_step)[0]
+
+
+def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
+                    weight_in_out: bool, has_bias: bool, dropout: bool,
+                    exact_step: bool) -> Tuple[str, torch.dtype]:
+    """(`choose_path`, the compute dtype: the autocast dtype under autocast, else x's), from
+    one read of the autocast state."""
     device = x.device
-    autocast = torch.is_autocast_enabled(device.type)
-    key = (device, x.dtype, autocast and torch.get_autocast_dtype(device.type), lora_A.dtype,
-           lora_A.shape[0], None if weight is None else weight.dtype, weight_in_out, has_bias,
-           dropout, exact_step)
+    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    key = (device, x.dtype, autocast, lora_A.dtype, lora_A.shape[0],
+           None if weight is None else weight.dtype, weight_in_out, has_bias, dropout, exact_step)
     path = _PATHS.get(key)
     if path is None:
         path = _decide_path(x, weight, lora_A, weight_in_out, has_bias, dropout, exact_step)
@@ -144,7 +151,7 @@ def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.T
         if not (torch.compiler.is_compiling()
                 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             _PATHS[key] = path
-    return path
+    return path, autocast or x.dtype
 
 
 def _decide_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -181,41 +188,44 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
         score_out: 0-d float32 accumulator of the exact per-pass module score.
         grad_out: (out, in) float32 accumulator of ``dy^T x`` (exact-step score mode).
     """
-    in_features = lora_A.shape[1]
     x_adapter = dropout(x) if dropout is not None else None
     weight = None if base_forward is not None else base_weight
-    path = choose_path(x, weight, lora_A, weight_in_out, base_bias is not None,
-                       x_adapter is not None, grad_out is not None)
+    path, out_dtype = _path_and_dtype(x, weight, lora_A, weight_in_out, base_bias is not None,
+                                      x_adapter is not None, grad_out is not None)
     if path == "torch":
         return adapted_linear_torch(x, base_weight, base_bias, lora_A, lora_B, lora_lambda,
                                     slot_state, lora_alpha, reserve_value,
                                     weight_in_out=weight_in_out, base_forward=base_forward,
                                     x_adapter=x_adapter, score_out=score_out, grad_out=grad_out)
-    adapted_linear_triton = _triton_op()
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
-    xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
+    apply_adapted_linear = _triton_op()
+    alpha, reserve = float(lora_alpha), float(reserve_value)
+    flat = x.dim() != 2  # the op takes (M, in): other shapes go through a reshape
+    if flat:
+        lead, in_features = x.shape[:-1], lora_A.shape[1]
+        x2 = x.reshape(-1, in_features)
+        xa2 = None if x_adapter is None else x_adapter.reshape(-1, in_features)
+    else:
+        x2, xa2 = x, x_adapter
     if base_forward is not None:
         y = base_forward(x).reshape(x2.shape[0], -1)
-        delta = adapted_linear_triton(x2 if xa2 is None else xa2, None, None, lora_A, lora_B,
-                                      lora_lambda, slot_state, lora_alpha, reserve_value,
-                                      score_out=score_out, grad_out=grad_out)
+        delta = apply_adapted_linear(x2 if xa2 is None else xa2, None, None, None, lora_A,
+                                     lora_B, lora_lambda, slot_state, False, alpha, reserve,
+                                     score_out, grad_out, out_dtype, False)
         out = y + delta.to(y.dtype)
     else:
-        out = adapted_linear_triton(x2, weight, base_bias, lora_A, lora_B, lora_lambda,
-                                    slot_state, lora_alpha, reserve_value,
-                                    weight_in_out=weight_in_out, x_adapter=xa2,
-                                    score_out=score_out, grad_out=grad_out,
-                                    fused_gemm=path == "fused")
-    return out.reshape(*lead, out.shape[-1])
+        out = apply_adapted_linear(x2, xa2, weight, base_bias, lora_A, lora_B, lora_lambda,
+                                   slot_state, weight_in_out, alpha, reserve, score_out,
+                                   grad_out, out_dtype, path == "fused")
+    return out.reshape(*lead, out.shape[-1]) if flat else out
 
 
 @functools.lru_cache(maxsize=None)
 def _triton_op() -> Callable:
-    """`kernels.linear.adapted_linear_triton`, imported on the first Triton call only (the
-    package works without triton)."""
-    from .kernels.linear import adapted_linear_triton
-    return adapted_linear_triton
+    """`kernels.linear.apply_adapted_linear` (`adapted_linear_triton` with its arguments
+    resolved here), imported on the first Triton call only (the package works without
+    triton)."""
+    from .kernels.linear import apply_adapted_linear
+    return apply_adapted_linear
 
 
 def kernel_check_results() -> Dict[tuple, bool]:

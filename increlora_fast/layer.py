@@ -55,11 +55,9 @@ def is_supported_base(module: nn.Module) -> bool:
     return Conv1D is not None and isinstance(module, Conv1D)
 
 
-def _plain_forward(module: nn.Module) -> bool:
-    """The module computes exactly ``x W^T + b`` (nn.Linear) or ``x W + b`` (Conv1D) from its
-    weight and bias, so the adapted op may run that GEMM itself."""
-    forward = type(module).forward
-    return forward is nn.Linear.forward or (Conv1D is not None and forward is Conv1D.forward)
+# The forwards that compute exactly ``x W^T + b`` (nn.Linear) or ``x W + b`` (Conv1D) from the
+# module's weight and bias: with one of them the adapted op may run that GEMM itself.
+_PLAIN_FORWARDS = (nn.Linear.forward,) + ((Conv1D.forward,) if Conv1D is not None else ())
 
 
 def adapter_dtype_for(weight: torch.Tensor, choice: str = "auto") -> torch.dtype:
@@ -330,14 +328,16 @@ class IncreLoRALinear(nn.Module):
             dropout = None
         weight = bias = None
         base_forward = None
-        if not (args or kwargs) and _plain_forward(base):
-            weight, bias = base._parameters.get("weight"), base._parameters.get("bias")
+        if not (args or kwargs) and type(base).forward in _PLAIN_FORWARDS:
+            base_params = base._parameters
+            weight, bias = base_params.get("weight"), base_params.get("bias")
         if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
             weight = bias = None
             base_forward = (lambda t: base(t, *args, **kwargs))
+        reserve = self.reserve_lambda if self.advance_learning else 0.0  # `reserve_value`
         return adapted_linear(
             x, weight, bias, lora_A, params["lora_B"], params["lora_lambda"],
-            buffers["slot_state"], self.lora_alpha, self.reserve_value(),
+            buffers["slot_state"], self.lora_alpha, reserve,
             weight_in_out=self.is_conv1d, base_forward=base_forward, dropout=dropout,
             score_out=score_out, grad_out=grad_out)
 

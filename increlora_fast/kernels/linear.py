@@ -28,6 +28,8 @@ import weakref
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch._C._functorch import unwrap_if_dead
+from torch._C import _are_functorch_transforms_active as _functorch_active
 from torch.autograd.function import once_differentiable
 
 from .lowrank import (Slots, _backward_rows_kernel, _expand_kernel, _finish_kernel,
@@ -84,6 +86,8 @@ class _Plan:
 
 
 _PLANS: Dict[tuple, _Plan] = {}
+# The kernels were built by the Triton interpreter: no TF32 whatever torch allows (`dot_config`).
+_INTERPRETED = is_interpreted(_project_kernel)
 
 
 def _plan(x: torch.Tensor, x_adapter: Optional[torch.Tensor], weight: Optional[torch.Tensor],
@@ -99,7 +103,7 @@ def _plan(x: torch.Tensor, x_adapter: Optional[torch.Tensor], weight: Optional[t
            None if bias is None else (bias.shape, bias.dtype, bias.requires_grad),
            weight_in_out, x_adapter is None, slot_state is None,
            None if score_out is None else (score_out.shape, score_out.dtype),
-           _utils.tf32_enabled() if out_dtype == torch.float32 else None)
+           _utils.tf32_enabled() if out_dtype == torch.float32 and not _INTERPRETED else None)
     plan = _PLANS.get(key)
     if plan is None:
         device = check_adapter_args(_OP, x, lora_A, lora_B, lora_lambda, slot_state, score_out,
@@ -108,8 +112,7 @@ def _plan(x: torch.Tensor, x_adapter: Optional[torch.Tensor], weight: Optional[t
                                       or x_adapter.device != x.device):
             raise ValueError(f"{_OP}: x_adapter must match x, got {tuple(x_adapter.shape)} on "
                              f"{x_adapter.device} vs {tuple(x.shape)} on {x.device}")
-        plan = _Plan(out_dtype, lora_A.shape[0], slot_state is not None, device,
-                     is_interpreted(_project_kernel))
+        plan = _Plan(out_dtype, lora_A.shape[0], slot_state is not None, device, _INTERPRETED)
         _PLANS[key] = plan
     return plan
 
@@ -149,15 +152,6 @@ def _base_forward(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     return torch.nn.functional.linear(x, weight, bias)
 
 
-def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _slot_args(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor]) -> tuple:
-    """(lam, state) kernel arguments: direct mode passes lambda in the state's place (unread)."""
-    return lora_lambda, slot_state if slot_state is not None else lora_lambda
-
-
 def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
                            weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                            weight_in_out: bool, lora_A: torch.Tensor, lora_B: torch.Tensor,
@@ -174,8 +168,9 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
     xa = x if x_adapter is None else x_adapter
     M, K = x.shape
     R, N = lora_A.shape[0], lora_B.shape[0]
-    lam, state = _slot_args(lora_lambda, slot_state)
-    h = torch.empty((M, R), dtype=plan.acc, device=x.device)
+    # (lam, state) kernel arguments: direct mode passes lambda in the state's place (unread).
+    lam, state = lora_lambda, slot_state if slot_state is not None else lora_lambda
+    h = torch.empty(M, R, dtype=plan.acc, device=x.device)
     bm, br, bk = plan.proj
     sx, sa = xa.stride(), lora_A.stride()
     _utils.launch(_project_kernel, (-(-M // bm), -(-R // br)),
@@ -184,14 +179,14 @@ def adapted_linear_forward(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
             SLOTS=plan.slots_const, NEED_ALL=need_all, R_ALL=plan.br, BLOCK_M=bm, BLOCK_R=br,
             BLOCK_K=bk, **plan.dot, num_warps=plan.proj_warps)
     if weight is None:
-        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        y = torch.empty(M, N, dtype=out_dtype, device=x.device)
         accumulate = False
     else:
-        w = _cast_cached(weight, out_dtype)
-        b = _cast_cached(bias, out_dtype)
+        w = weight if weight.dtype == out_dtype else _cast_cached(weight, out_dtype)
+        b = bias if bias is None or bias.dtype == out_dtype else _cast_cached(bias, out_dtype)
         if fused_gemm and x_adapter is None:
             from .fused_linear import fused_linear_forward
-            cfg = dot_config(out_dtype, is_interpreted(_project_kernel))
+            cfg = dot_config(out_dtype, _INTERPRETED)
             slots = Slots(lora_lambda, slot_state, alpha, reserve)
             return fused_linear_forward(x, w, b, weight_in_out, h, lora_B, slots, cfg), h
         y = _base_forward(x, w, b, weight_in_out)
@@ -222,7 +217,8 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     module score into ``score_out`` and ``dy^T x`` into ``grad_out`` when given. ``plan``: the
     forward's `_plan` (the same key), when the caller kept it.
     """
-    dy = row_major(dy)
+    if dy.stride(-1) != 1:  # `row_major`, inline: a backward runs it on every layer call
+        dy = dy.contiguous()
     out_dtype = dy.dtype
     if plan is None:
         plan = _plan(x, x_adapter, weight, None, weight_in_out, lora_A, lora_B, lora_lambda,
@@ -231,12 +227,12 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     M, K = xa.shape
     R, N = lora_A.shape[0], lora_B.shape[0]
     device = dy.device
-    lam, state = _slot_args(lora_lambda, slot_state)
+    lam, state = lora_lambda, slot_state if slot_state is not None else lora_lambda
     reads_x = x_adapter is None  # the adapter's input is x itself
     need_adapter_dx = need_x if reads_x else need_xa
     dx = dxa = None
     if need_x and weight is not None:
-        w = _cast_cached(weight, out_dtype)
+        w = weight if weight.dtype == out_dtype else _cast_cached(weight, out_dtype)
         dx = torch.mm(dy, w.t() if weight_in_out else w)
     accumulate_dx = reads_x and dx is not None
     target = None
@@ -252,9 +248,10 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     progs = -(-m_blocks // per_prog) if M else 0
     sa, sb, sx = lora_A.stride(), lora_B.stride(), xa.stride(0)
     acc = plan.acc
-    gb = torch.empty((progs, N, R), dtype=acc, device=device) if need_b else h
-    da = torch.empty((progs, R, K), dtype=acc, device=device) if need_a else h
-    dl = torch.empty((progs, R), dtype=acc, device=device) if need_lam else h
+    # Sizes as separate ints: torch parses them faster than a shape tuple.
+    gb = torch.empty(progs, N, R, dtype=acc, device=device) if need_b else h
+    da = torch.empty(progs, R, K, dtype=acc, device=device) if need_a else h
+    dl = torch.empty(progs, R, dtype=acc, device=device) if need_lam else h
     if need_adapter_dx or need_a or need_b or need_lam:
         dx_arg = target if target is not None else h
         _utils.launch(_backward_rows_kernel, (progs,),
@@ -271,7 +268,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
         sn, sk, sm = plan.score
         grid = (-(-N // sn), -(-K // sk))
         n_parts = grid[0] * grid[1]
-        parts = torch.empty((n_parts,), dtype=acc, device=device)
+        parts = torch.empty(n_parts, dtype=acc, device=device)
         _utils.launch(_score_tiles_kernel, grid,
                 dy, xa, lora_A, lora_B, lam, state, parts, M, N, K, R, alpha, reserve,
                 dy.stride(0), sx, sa[0], sa[1], sb[0], sb[1],
@@ -346,48 +343,59 @@ def _(dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda, slot
             like(lora_B, need_b), like(lora_lambda, need_lam))
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
-
-
 class AdaptedLinearFunction(torch.autograd.Function):
     """Autograd of `adapted_linear_triton`; the frozen base weight and bias get no gradient.
 
     The differentiable inputs come first; everything else travels in one ``meta`` tuple
-    (weight_in_out, alpha, reserve, score_out, grad_out, out_dtype, fused_gemm), since every
-    argument of ``apply`` costs host time on every call."""
+    (weight_in_out, alpha, reserve, score_out, grad_out, out_dtype, fused_gemm, plan), since
+    every argument of ``apply`` costs host time on every call. ``plan`` is the operands' `_plan`
+    (one lookup serves forward and backward; the score accumulator is in its key), or None under
+    torch.compile, where forward and backward run the custom ops ``_fwd_op`` / ``_bwd_op``."""
 
     @staticmethod
     def forward(ctx, x, x_adapter, lora_A, lora_B, lora_lambda, weight, bias, slot_state, meta):
-        weight_in_out, alpha, reserve, score_out, _, out_dtype, fused_gemm = meta
+        weight_in_out, alpha, reserve, _, _, out_dtype, fused_gemm, plan = meta
         args = (x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
                 slot_state, alpha, reserve, out_dtype, ctx.needs_input_grad[4], fused_gemm)
-        if _compiling():
+        if plan is None:
             y, h = _fwd_op(*args)
-            ctx.plan = None
         else:
-            # One plan lookup serves forward and backward (the score accumulator is in its key).
-            ctx.plan = _plan(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B,
-                             lora_lambda, slot_state, score_out, out_dtype)
-            y, h = adapted_linear_forward(*args, plan=ctx.plan)
+            y, h = adapted_linear_forward(*args, plan=plan)
         ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h)
         ctx.meta = meta
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
-        x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h = ctx.saved_tensors
-        weight_in_out, alpha, reserve, score_out, grad_out, _, _ = ctx.meta
-        need = ctx.needs_input_grad[:5]
-        args = (dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda,
-                slot_state, alpha, reserve, h, score_out, grad_out, *need)
-        if _compiling():
-            grads = tuple(g if wanted else None for g, wanted in zip(_bwd_op(*args), need))
-        else:
-            grads = adapted_linear_backward(*args, plan=ctx.plan)
-        dx, dxa, da, db, dlam = grads
-        return dx, dxa, da, db, dlam, None, None, None, None
+        # Grad mode is on here only when the backward records a graph (create_graph=True):
+        # then once_differentiable's guard against differentiating it again applies. A plain
+        # backward runs with grad mode off already and skips that wrapper's context manager.
+        if torch.is_grad_enabled():
+            return _backward_once(ctx, dy)
+        return _backward(ctx, dy)
+
+
+def _backward(ctx, dy: torch.Tensor) -> tuple:
+    """`AdaptedLinearFunction.backward` itself: the eager kernels with the forward's plan, or
+    the custom op when the forward was compiled or this backward is being compiled."""
+    x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h = ctx.saved_tensors
+    weight_in_out, alpha, reserve, score_out, grad_out, _, _, plan = ctx.meta
+    need = ctx.needs_input_grad[:5]
+    args = (dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda,
+            slot_state, alpha, reserve, h, score_out, grad_out, *need)
+    if plan is None or torch.compiler.is_compiling():
+        grads = tuple(g if wanted else None for g, wanted in zip(_bwd_op(*args), need))
+    else:
+        grads = adapted_linear_backward(*args, plan=plan)
+    dx, dxa, da, db, dlam = grads
+    return dx, dxa, da, db, dlam, None, None, None, None
+
+
+_backward_once = once_differentiable(_backward)
+# ``AdaptedLinearFunction.apply`` without the Python wrapper `torch.autograd.Function.apply`
+# puts around it (which routes functorch transforms and unwraps dead functorch wrappers):
+# `apply_adapted_linear` calls it directly outside functorch transforms and torch.compile.
+_apply_eager = super(torch.autograd.Function, AdaptedLinearFunction).apply
 
 
 def check_adapter_args(op_name: str, x: torch.Tensor, lora_A: torch.Tensor,
@@ -468,14 +476,48 @@ def adapted_linear_triton(x: torch.Tensor, weight: Optional[torch.Tensor],
     Returns:
         (M, out) in the compute dtype (autocast dtype under autocast, else x's dtype).
     """
-    out_dtype = compute_dtype(x.device, x)
-    x = row_major(_in_dtype(x, out_dtype))
+    return apply_adapted_linear(x, x_adapter, weight, bias, lora_A, lora_B, lora_lambda,
+                                slot_state, weight_in_out, float(lora_alpha),
+                                float(reserve_value), score_out, grad_out,
+                                compute_dtype(x.device, x), fused_gemm)
+
+
+def apply_adapted_linear(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
+                         weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                         lora_A: torch.Tensor, lora_B: torch.Tensor, lora_lambda: torch.Tensor,
+                         slot_state: Optional[torch.Tensor], weight_in_out: bool, alpha: float,
+                         reserve: float, score_out: Optional[torch.Tensor],
+                         grad_out: Optional[torch.Tensor], out_dtype: torch.dtype,
+                         fused_gemm: bool) -> torch.Tensor:
+    """`adapted_linear_triton` with its arguments resolved by the caller: ``alpha`` and
+    ``reserve`` floats, ``out_dtype`` the compute dtype (`utils.compute_dtype`), everything
+    positional. `functional.adapted_linear` calls it on every layer call: in eager mode it
+    looks the plan up once and enters the autograd op without the Python wrapper of
+    ``torch.autograd.Function.apply``; under torch.compile it takes the wrapper and the custom
+    ops."""
+    if x.dtype != out_dtype:
+        x = x.to(out_dtype)
+    if x.stride(-1) != 1:  # `row_major`, inline
+        x = x.contiguous()
     if x_adapter is not None:
-        x_adapter = row_major(_in_dtype(x_adapter, out_dtype))
+        x_adapter = row_major(x_adapter if x_adapter.dtype == out_dtype
+                              else x_adapter.to(out_dtype))
+    if torch.compiler.is_compiling():
+        plan = None
+    else:
+        plan = _plan(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda,
+                     slot_state, score_out, out_dtype)
+        if not _functorch_active():
+            # What the wrapper does outside functorch transforms: unwrap a dead functorch
+            # wrapper (a tensor that escaped a torch.func transform). Only the activations
+            # can be one; the rest are the layer's own parameters and buffers.
+            return _apply_eager(
+                unwrap_if_dead(x), None if x_adapter is None else unwrap_if_dead(x_adapter),
+                lora_A, lora_B, lora_lambda, weight, bias, slot_state,
+                (weight_in_out, alpha, reserve, score_out, grad_out, out_dtype, fused_gemm, plan))
     return AdaptedLinearFunction.apply(
         x, x_adapter, lora_A, lora_B, lora_lambda, weight, bias, slot_state,
-        (weight_in_out, float(lora_alpha), float(reserve_value), score_out, grad_out, out_dtype,
-         fused_gemm))
+        (weight_in_out, alpha, reserve, score_out, grad_out, out_dtype, fused_gemm, plan))
 
 
 def lowrank_adapter(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,

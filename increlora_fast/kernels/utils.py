@@ -3,7 +3,7 @@ the launch itself (on the tensors' device, counted)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -139,17 +139,35 @@ def kernel_name(kernel) -> str:
     return fn.__name__
 
 
+# id(kernel) -> (kernel, its `kernel_name`): a launch looks its name up here instead of walking
+# the kernel's wrappers. The entry holds the kernel, so its id cannot be reused while cached.
+_NAMES: Dict[int, Tuple[object, str]] = {}
+
+
+def cached_kernel_name(kernel) -> str:
+    """`kernel_name` of ``kernel``, remembered: what `launch` counts a launch under (the
+    cache is read inline there, so a launch of a known kernel makes no call for its name)."""
+    entry = _NAMES.get(id(kernel))
+    if entry is None:
+        entry = _NAMES[id(kernel)] = (kernel, kernel_name(kernel))
+    return entry[1]
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
     """The one launch of every kernel of the package: the kernel modules call it as
     ``utils.launch`` (looked up at each call), so replacing it here stubs or records them all.
     Count and launch ``kernel`` on ``grid`` (a tuple, or a function of the chosen meta
     parameters for autotuned kernels) on the device of its first tensor argument, not the
     current CUDA device (layers of one model can live on several GPUs). An empty grid launches
-    nothing."""
-    if not callable(grid) and not all(g > 0 for g in grid):
+    nothing.
+
+    It runs on every launch, so it makes no Python call of its own for a known kernel whose
+    first argument is a tensor (every kernel of the package) beyond `count_launch`."""
+    if not callable(grid) and min(grid) <= 0:
         return
-    count_launch(kernel_name(kernel))
-    first = _first_tensor(args)
+    entry = _NAMES.get(id(kernel))
+    count_launch(entry[1] if entry is not None else cached_kernel_name(kernel))
+    first = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor(args)
     if first is not None and first.is_cuda and first.device.index != torch.cuda.current_device():
         with torch.cuda.device(first.device):
             kernel[grid](*args, **kwargs)

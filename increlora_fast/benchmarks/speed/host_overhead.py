@@ -73,15 +73,22 @@ class HostPlan:
 def stubbed_launches() -> Iterator[None]:
     """Within the block every kernel launch of the package is counted but not run:
     `kernels.utils.launch`, the one launch function every kernel module calls through the
-    module, is replaced, and restored afterwards."""
+    module, is replaced, and restored afterwards. The stub does what `launch` does before the
+    kernel call (the empty-grid test, the name lookup and count, the device test), so only
+    Triton's own launcher is left out."""
     from ...kernels import utils
     from ...kernels.launches import count_launch
 
-    real = utils.launch
+    real, names = utils.launch, utils._NAMES
 
     def stub(kernel, grid, *args, **kwargs) -> None:
-        if callable(grid) or all(g > 0 for g in grid):
-            count_launch(utils.kernel_name(kernel))
+        if not callable(grid) and min(grid) <= 0:
+            return
+        entry = names.get(id(kernel))
+        count_launch(entry[1] if entry is not None else utils.cached_kernel_name(kernel))
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if first is not None and first.is_cuda:
+            raise RuntimeError("host overhead: the launch stub runs on CPU tensors only")
 
     utils.launch = stub
     try:
