@@ -294,15 +294,22 @@ def test_chunked_score_allocates_nothing_activation_or_weight_sized(name, fn, dt
     assert dense >= n * k * 4
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["dense", "chunked"])
 @pytest.mark.parametrize("shape", [(37, 23, 29, 6), (2, 5, 3, 9, 7), (130, 41, 3, 5)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_torch_op_equals_the_dense_formulas_in_float64(shape):
-    """The PyTorch op (CPU path) against the formulas it replaced, in float64 on odd shapes: the
-    score of its gradient hook (chunked, `delta_w_score_chunked`, two chunks or more) against
-    the dense ``delta_w_score_dense(B diag(lam_eff) A, dy, x)``, and the output and every
-    gradient (B enters as a contiguous B^T) against ``x W^T + b + ((x A^T) lam_eff) B^T``."""
+def test_torch_op_equals_the_dense_formulas_in_float64(shape, chunked, monkeypatch):
+    """The PyTorch op (CPU path) against the dense formulas, in float64 on odd shapes: the score
+    of its gradient hook (dense, or with the size limit at 0 chunked by `delta_w_score_chunked`
+    in two chunks or more) against ``delta_w_score_dense(B diag(lam_eff) A, dy, x)``, and the
+    output and every gradient against ``x W^T + b + ((x A^T) lam_eff) B^T``."""
+    from increlora_fast.kernels import reference
     from increlora_fast.kernels.reference import (adapted_linear_torch, delta_w_score_dense,
                                                   effective_lambda)
+    if chunked:
+        monkeypatch.setattr(reference, "DENSE_SCORE_MAX_NUMEL", 0)
+        calls = []
+        monkeypatch.setattr(reference, "delta_w_score_chunked",
+                            lambda *args: calls.append(1) or delta_w_score_chunked(*args))
     *lead, k, n, r = shape
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
 
@@ -331,3 +338,4 @@ def test_torch_op_equals_the_dense_formulas_in_float64(shape):
     expected = delta_w_score_dense(dw, dy.reshape(-1, n), x.reshape(-1, k))
     assert float(expected) > 0
     torch.testing.assert_close(score, expected, rtol=1e-12, atol=0)
+    assert not chunked or calls == [1]
