@@ -144,12 +144,14 @@ def delta_w_score_chunked(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tenso
         score_out.add_(total, alpha=1.0 / math.sqrt(N * K))
 
 
-# The score hook's choice: a G of at most this many entries (1 MB in float32) is scored densely
-# (`delta_w_score_dense`), a larger one in chunks (`delta_w_score_chunked`). On CPU the chunked
-# form's extra small ops cost 25-90 us per call up to 384 x 384 (float32, bfloat16), while from
-# 384 x 1536 up the dense form's (out, in) temporaries and their page faults made the hook about
-# 1.5x slower in MiniLM-L6's training step and one call about 2x slower at 768 x 3072.
-DENSE_SCORE_MAX_NUMEL = 1 << 18
+# The score hook's choice: a G of at most this many entries (256 KB in float32) is scored
+# densely (`delta_w_score_dense`), a larger one in chunks (`delta_w_score_chunked`). On CPU the
+# chunked form's extra small ops cost 25-90 us per call at 64 x 64 to 128 x 256 (float32,
+# bfloat16); the dense form's (out, in) temporaries and their page faults made the hook about
+# 1.5x slower in MiniLM-L6's training step (384 x 384 and 384 x 1536 layers; with its 384 x 384
+# layers dense, the step's ratio to AdaLoRA's stayed at 1.16x in two runs) and one call about 2x
+# slower at 768 x 3072.
+DENSE_SCORE_MAX_NUMEL = 1 << 16
 
 
 def accumulate_dense_grad_(grad_out: torch.Tensor, dy: torch.Tensor, x: torch.Tensor) -> None:
