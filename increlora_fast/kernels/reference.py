@@ -148,9 +148,8 @@ def delta_w_score_chunked(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tenso
 # densely (`delta_w_score_dense`), a larger one in chunks (`delta_w_score_chunked`). On CPU the
 # chunked form's extra small ops cost 25-90 us per call at 64 x 64 to 128 x 256 (float32,
 # bfloat16); the dense form's (out, in) temporaries and their page faults made the hook about
-# 1.5x slower in MiniLM-L6's training step (384 x 384 and 384 x 1536 layers; with its 384 x 384
-# layers dense, the step's ratio to AdaLoRA's stayed at 1.16x in two runs) and one call about 2x
-# slower at 768 x 3072.
+# 1.5x slower in MiniLM-L6's training step (384 x 384 and 384 x 1536 layers) and one call about
+# 2x slower at 768 x 3072.
 DENSE_SCORE_MAX_NUMEL = 1 << 16
 
 
