@@ -292,3 +292,50 @@ def test_chunked_score_allocates_nothing_activation_or_weight_sized(name, fn, dt
     from increlora_fast.kernels.reference import delta_w_score_dense
     dense = _largest_allocation(lambda: delta_w_score_dense((b * lam) @ a, dy, x))
     assert dense >= n * k * 4
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["dense", "chunked"])
+@pytest.mark.parametrize("shape", [(37, 23, 29, 6), (2, 5, 3, 9, 7), (130, 41, 3, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_torch_op_equals_the_dense_formulas_in_float64(shape, chunked, monkeypatch):
+    """The PyTorch op (CPU path) against the dense formulas, in float64 on odd shapes: the score
+    of its gradient hook (dense, or with the size limit at 0 chunked by `delta_w_score_chunked`
+    in two chunks or more) against ``delta_w_score_dense(B diag(lam_eff) A, dy, x)``, and the
+    output and every gradient against ``x W^T + b + ((x A^T) lam_eff) B^T``."""
+    from increlora_fast.kernels import reference
+    from increlora_fast.kernels.reference import (adapted_linear_torch, delta_w_score_dense,
+                                                  effective_lambda)
+    if chunked:
+        monkeypatch.setattr(reference, "DENSE_SCORE_MAX_NUMEL", 0)
+        calls = []
+        monkeypatch.setattr(reference, "delta_w_score_chunked",
+                            lambda *args: calls.append(1) or delta_w_score_chunked(*args))
+    *lead, k, n, r = shape
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, (1,))))
+
+    def rand(*size):
+        return torch.randn(*size, generator=gen, dtype=torch.float64)
+    x, w, bias, dy = rand(*lead, k), rand(n, k), rand(n), rand(*lead, n)
+    leaves = [rand(r, k).requires_grad_(), rand(n, r).requires_grad_(), rand(r).requires_grad_()]
+    state = torch.randint(0, 3, (r,), generator=gen, dtype=torch.uint8)
+    state[0] = SlotState.ACTIVE
+    x_new, x_old = x.clone().requires_grad_(), x.clone().requires_grad_()
+    score = torch.zeros((), dtype=torch.float64)
+    y = adapted_linear_torch(x_new, w, bias, *leaves, state, 6.0, 0.3, score_out=score)
+    y.backward(dy)
+    got = [y.detach(), x_new.grad] + [t.grad for t in leaves]
+
+    old = [t.detach().clone().requires_grad_() for t in leaves]
+    a, b, lam = old
+    lam_eff = effective_lambda(lam, state, 6.0, 0.3)
+    y_old = x_old @ w.t() + bias + ((x_old @ a.t()) * lam_eff) @ b.t()
+    y_old.backward(dy)
+    want = [y_old.detach(), x_old.grad] + [t.grad for t in old]
+    for name, g, ref in zip(["y", "x", "A", "B", "lambda"], got, want):
+        torch.testing.assert_close(g, ref, rtol=1e-12, atol=1e-12, msg=name)
+
+    dw = (b.detach() * lam_eff.detach()) @ a.detach()
+    expected = delta_w_score_dense(dw, dy.reshape(-1, n), x.reshape(-1, k))
+    assert float(expected) > 0
+    torch.testing.assert_close(score, expected, rtol=1e-12, atol=0)
+    assert not chunked or calls == [1]
