@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from finetune_helpers import cli, tiny_files
-from graph_emulator import EmulatedGraph
+from graph_emulator import EmulatedGraph, kernels_loaded_before_capture
+from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
 from increlora_fast.training.finetune_run import build_run
 from increlora_fast.training.loop import LoopState, train_loop
 from increlora_fast.training.settings import RunSettings
@@ -93,10 +94,19 @@ def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
         runner.step(1, shorter)
 
 
-def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, backend):
     """The loop's ``cuda_graphs`` path (static inputs, steps replayed from graphs, here the CPU
-    emulation of CUDA graphs) matches the plain fixed-length run exactly."""
+    emulation of CUDA graphs) matches the plain fixed-length run exactly; on the Triton path
+    (the one a GPU takes, here under the interpreter) no kernel is first launched inside a
+    capture, which CUDA refuses."""
     from increlora_fast.training import step_runner
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from increlora_fast.kernels.utils import interpreter_active
+        if not interpreter_active():
+            pytest.skip("the Triton path on CPU needs the interpreter")
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
     made: List[EmulatedGraph] = []
 
     def factory() -> EmulatedGraph:
@@ -106,8 +116,12 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch):
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
-    graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
-                        cuda_graphs=True)
+    reset_launch_counts()
+    with kernels_loaded_before_capture():
+        graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                            cuda_graphs=True)
+    score_launches = launch_counts().get("_score_tiles_kernel", 0)
+    assert (score_launches > 0) == (backend == "triton")  # the path really was taken
     assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
     assert run.controller.allocation_log and run.controller.budget_reached
     assert made and sum(g.replays for g in made) > 0  # steps really were replayed
