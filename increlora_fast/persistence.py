@@ -14,10 +14,12 @@ Every adapter records its base (`base_model_name` and `base_fingerprint`, in the
 metadata and in ``adapter_config.json``); `load_adapter` refuses a model whose adapted weights
 differ from the recorded ones, so an adapter never silently lands on the wrong base.
 
-An adapter trained on a mean-pooled model (`training.pooling.apply_pooling`, ``finetune --pooling
-mean``) records ``pooling: mean`` (weights-file metadata and ``adapter_config.json``);
-`load_adapter` gives the model it loads into the same pooling, or refuses one that cannot take it.
-Without the field an adapter loads into the model as it is (its own CLS pooling).
+An adapter records the pooling of the model it was saved from (weights-file metadata and
+``adapter_config.json``): ``mean`` for a model given mean pooling (`training.pooling.apply_pooling`,
+``finetune --pooling mean``), else ``cls``. `load_adapter` gives the model it loads into mean
+pooling for a ``mean`` adapter, or refuses a model that cannot take it, and refuses a
+mean-pooled model for a ``cls`` adapter. An adapter saved before the field existed loads into
+the model as it is.
 
 A folder that already holds an adapter is replaced only when asked (``overwrite=True``), and
 then as a whole: see `write_adapter_files`.
@@ -52,7 +54,7 @@ SAVED_PREFIX = "modules_to_save."
 SLOT_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state")
 TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
 BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
-POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json; only when not "cls"
+POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json
 # Files that make a folder an adapter folder (ours, or peft's in either of its formats).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
 SAMPLE_COLUMNS = 8
@@ -326,8 +328,8 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     """Write the adapter of ``model`` into ``save_directory`` (created if missing).
 
     The adapter records its base: `base_model_name` and `base_fingerprint`, which
-    `load_adapter` checks; and ``pooling: mean`` when ``model`` is mean-pooled
-    (`training.pooling.model_pooling`), which `load_adapter` applies again.
+    `load_adapter` checks; and its pooling (`training.pooling.model_pooling`: ``mean`` or
+    ``cls``), which `load_adapter` gives the model it loads into again.
 
     Args:
         training_state: store all slots, slot states and activation steps for resuming training;
@@ -355,9 +357,7 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
                    rank_pattern=pattern, training_state=training_state,
                    base_model_name_or_path=base["name_or_path"],
                    base_model_fingerprint=base["fingerprint"])
-    pooling = model_pooling(model)
-    if pooling != "cls":
-        header[POOLING_KEY] = summary[POOLING_KEY] = pooling
+    header[POOLING_KEY] = summary[POOLING_KEY] = model_pooling(model)
     write_adapter_files(save_directory, {
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata=header),
         CONFIG_NAME: json.dumps(summary, indent=2, sort_keys=True).encode()}, overwrite)
@@ -435,11 +435,16 @@ def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training
     return full
 
 
-def _check_pooling(pooling: str, model: nn.Module, directory: Path) -> None:
+def _check_pooling(pooling: Optional[str], model: nn.Module, directory: Path) -> None:
     """ValueError, one line, when the adapter in ``directory`` records a ``pooling`` that
-    ``model`` cannot be given (`training.pooling.apply_pooling`)."""
-    if pooling == "cls" or model_pooling(model) == pooling:
+    ``model`` cannot be given (`training.pooling.apply_pooling`); None: an adapter saved before
+    the pooling was recorded, taken as it is."""
+    if pooling is None or model_pooling(model) == pooling:
         return
+    if pooling == "cls":
+        raise ValueError(f"adapter {directory} was trained with the model's own CLS pooling, "
+                         "and this model was given mean pooling (apply_pooling); load it into "
+                         "the model without apply_pooling")
     if pooling != "mean":
         raise ValueError(f"adapter {directory} records pooling {pooling!r}, which this "
                          "increlora_fast does not know (only 'mean'); load it with the "
@@ -463,7 +468,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
 
     An adapter that records ``pooling: mean`` gives ``model`` mean pooling
     (`training.pooling.apply_pooling`) unless it has it already, so its predictions are the
-    trained model's; a model that cannot take it is refused (ValueError) before anything changes.
+    trained model's; a model that cannot take it is refused (ValueError) before anything changes,
+    and so is a mean-pooled model for an adapter that records ``pooling: cls``.
 
     Args:
         check_base: refuse a model whose adapted weights differ from the base the adapter was
@@ -500,7 +506,7 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         _check(value.shape == param.shape, path, f"{name} has shape {tuple(value.shape)}, "
                f"the model needs {tuple(param.shape)}")
         updates.append((param, value))
-    pooling = meta.get(POOLING_KEY, "cls")
+    pooling = meta.get(POOLING_KEY)
     _check_pooling(pooling, model, Path(save_directory))
     if check_base:
         _check_base(meta, model, Path(save_directory))
@@ -509,6 +515,6 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     for layer in layers.values():
         layer.mark_slots_changed()
-    if model_pooling(model) != pooling:
+    if pooling is not None and model_pooling(model) != pooling:
         apply_pooling(model, pooling)
     return model

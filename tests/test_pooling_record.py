@@ -98,15 +98,37 @@ def test_a_mean_pooled_adapter_loads_with_the_trained_predictions(tmp_path):
     assert not torch.allclose(logits(old), logits(model), atol=1e-3)
 
 
-def test_a_cls_adapter_records_nothing_and_loads_unchanged(tmp_path):
+def test_a_cls_adapter_records_cls_and_loads_unchanged(tmp_path):
     model = trained("cls")
     save_adapter(model, tmp_path)
-    assert "pooling" not in json.loads((tmp_path / CONFIG).read_text())
+    assert json.loads((tmp_path / CONFIG).read_text())["pooling"] == "cls"
     with safe_open(str(tmp_path / WEIGHTS), framework="pt") as f:
-        assert "pooling" not in f.metadata()
+        assert f.metadata()["pooling"] == "cls"
     loaded = load_adapter(fresh(), tmp_path)
     assert model_pooling(loaded) == "cls"
     torch.testing.assert_close(logits(loaded), logits(model))
+
+
+def test_a_cls_adapter_refuses_a_mean_pooled_model(tmp_path):
+    """The other silent difference: a CLS adapter into a model the user gave mean pooling.
+    Refused in one line with the model unchanged; an adapter saved before the pooling was
+    recorded still loads into it as it is."""
+    save_adapter(trained("cls"), tmp_path)
+    model = inject_increlora(apply_pooling(bert_base(), "mean"), adapter_config())
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        load_adapter(model, tmp_path)
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"adapter {tmp_path} was trained with the model's own CLS "
+                              "pooling, and this model was given mean pooling")
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    strip_pooling(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        old = load_adapter(model, tmp_path)
+    assert model_pooling(old) == "mean"
 
 
 def test_a_model_pooled_already_is_not_pooled_twice(tmp_path):
