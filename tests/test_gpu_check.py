@@ -124,6 +124,7 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     (dy,) = report["parts"]["layer"]["dy_pass_records"]
     assert dy["level"] == "dy_pass" and dy["shape"] == "24x40" and dy["cublas_ms"] > 0
     assert dy["ours_ms"] == pytest.approx(dy["backward_ms"] - dy["cublas_ms"])
+    assert dy["aten_ms"] == pytest.approx(dy["aten_backward_ms"] - dy["cublas_ms"])
     assert "interpreter" in dy["note"]
     qlora = report["parts"]["qlora"]["records"]
     assert [r["method"] for r in qlora] == list(QLORA_METHODS_CHECKED)

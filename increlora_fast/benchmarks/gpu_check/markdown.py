@@ -17,7 +17,7 @@ MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "trac
                        "x_peft_lora_mem")
 UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
 DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_ms", "ours_ms",
-                   "x_cublas")
+                   "x_cublas", "aten_ms", "x_cublas_aten")
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
                     "steps", "device", "precision", "tokens_per_second", "x_lora_tokens_per_s",
                     "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
@@ -102,7 +102,8 @@ def layer_section(part: Dict) -> List[str]:
     dy = part.get("dy_pass_records", [])
     if dy:
         lines += ["", "The adapter's pass over dy against the frozen layer's cuBLAS `dy W` "
-                  f"({dy[0].get('timing')}; ours = the layer's backward less the GEMM"
+                  f"({dy[0].get('timing')}; ours = the layer's backward less the GEMM, aten = "
+                  "the same pass as cuBLAS skinny GEMMs and aten ops"
                   + (f"; {dy[0]['note']}" if dy[0].get("note") else "") + "):", "",
                   markdown_table(dy, DY_PASS_COLUMNS)]
     return lines

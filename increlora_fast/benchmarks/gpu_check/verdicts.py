@@ -93,10 +93,13 @@ def layer_verdicts(records: List[dict]) -> List[Verdict]:
     else:
         r = max(dy, key=lambda r: r.get("tokens", 0))
         ratio = r["ours_ms"] / r["cublas_ms"]
+        aten = r.get("aten_ms")
+        other = (f"; as cuBLAS skinny GEMMs and aten ops {aten:.3f} ms "
+                 f"({aten / r['cublas_ms']:.2f}x)" if aten is not None else "")
         out.append(_verdict("dy_pass", ratio <= DY_PASS,
                             f"{r['dtype']}, {TARGET_SHAPE}, {r['tokens']} tokens, r_max "
                             f"{r['r_max']}: {r['ours_ms']:.3f} vs {r['cublas_ms']:.3f} ms GPU "
-                            f"time ({ratio:.2f}x)"))
+                            f"time ({ratio:.2f}x){other}"))
     return out
 
 

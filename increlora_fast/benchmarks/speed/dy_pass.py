@@ -9,6 +9,10 @@ each is captured once in a CUDA graph (after eager warm-up calls, which compile 
 kernels) and the graph is replayed ``repeats`` times between two CUDA events. The adapter's
 pass is the difference.
 
+Issue 27 lets speed decide between designs, so the same record also times the other design:
+the adapter's backward as cuBLAS skinny GEMMs and aten elementwise ops (`aten_adapter_backward`,
+about ten launches, dy read twice) after the same cuBLAS ``dy W``.
+
 Off CUDA (the Triton interpreter) each is called once and timed on the host: the record shows
 the path runs, its times say nothing about speed.
 """
@@ -19,7 +23,7 @@ from typing import Callable, Dict
 
 import torch
 
-from ...kernels.reference import ACTIVE
+from ...kernels.reference import ACTIVE, effective_lambda
 from .plans import DTYPES
 
 LEVEL = "dy_pass"
@@ -55,12 +59,35 @@ def _host_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def aten_adapter_backward(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
+                          lora_A: torch.Tensor, lora_B: torch.Tensor, lora_lambda: torch.Tensor,
+                          slot_state: torch.Tensor, alpha: float, reserve: float,
+                          h: torch.Tensor) -> tuple:
+    """The adapter's part of a layer's backward as aten ops (cuBLAS skinny GEMMs on a GPU):
+    adds the adapter's ``dx`` into ``dx`` in place and returns (dA, dB, dlambda), the same
+    quantities as `kernels.linear.adapted_linear_backward` computes in two Triton kernels.
+    ``h = x A^T`` (float32) is the forward's. GEMM operands are rounded to dy's dtype."""
+    cdt = dy.dtype
+    lam_eff = effective_lambda(lora_lambda, slot_state, alpha, reserve)
+    t = dy @ lora_B.to(cdt)
+    st = t * lam_eff.to(cdt)
+    dx.addmm_(st, lora_A.to(cdt))
+    d_a = (st.t() @ x).to(lora_A.dtype)
+    d_b = (dy.t() @ (h * lam_eff).to(cdt)).to(lora_B.dtype)
+    # lam_eff = lam * alpha / active_rank on active slots (reserve and dead slots: constants)
+    active = slot_state == ACTIVE
+    scale = alpha / active.sum().clamp(min=1).to(h.dtype)
+    d_lam = torch.where(active, (h * t.to(h.dtype)).sum(0) * scale, 0.0)
+    return d_a, d_b, d_lam.to(lora_lambda.dtype)
+
+
 def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int, dtype: str,
                     device: torch.device, env: Dict, repeats: int = 50,
                     warmup: int = 3) -> dict:
     """One record: GPU ms per call of the layer's backward (``backward_ms``), of cuBLAS ``dy W``
     alone (``cublas_ms``) and of the adapter's pass over dy (``ours_ms``, their difference),
-    with ``x_cublas`` = ours_ms / cublas_ms."""
+    with ``x_cublas`` = ours_ms / cublas_ms; and the same for the aten design
+    (``aten_backward_ms``, ``aten_ms``, ``x_cublas_aten``)."""
     from ...kernels.linear import adapted_linear_backward, adapted_linear_forward
 
     if dtype not in DTYPES:
@@ -90,17 +117,23 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     def cublas():
         return torch.mm(dy, weight)
 
+    def aten_backward():
+        dx = torch.mm(dy, weight)
+        return (dx,) + aten_adapter_backward(dy, x, dx, lora_A, lora_B, lam, state, alpha,
+                                             reserve, h)
+
     on_gpu = device.type == "cuda"
-    if on_gpu:
-        backward_ms, cublas_ms = _gpu_ms(backward, repeats, warmup), _gpu_ms(cublas, repeats,
-                                                                             warmup)
-    else:
-        backward_ms, cublas_ms = _host_ms(backward), _host_ms(cublas)
-    ours_ms = backward_ms - cublas_ms
+    timed = {name: (_gpu_ms(fn, repeats, warmup) if on_gpu else _host_ms(fn))
+             for name, fn in (("backward", backward), ("cublas", cublas),
+                              ("aten", aten_backward))}
+    backward_ms, cublas_ms, aten_backward_ms = timed["backward"], timed["cublas"], timed["aten"]
+    ours_ms, aten_ms = backward_ms - cublas_ms, aten_backward_ms - cublas_ms
     return dict(env, level=LEVEL, method="increlora-triton", shape=f"{in_features}x{out_features}",
                 tokens=tokens, r_max=r_max, dtype=dtype, phase="bwd", status="ok",
                 median_ms=ours_ms, ours_ms=ours_ms, cublas_ms=cublas_ms, backward_ms=backward_ms,
-                x_cublas=ours_ms / cublas_ms if cublas_ms else None, peak_mem_mb=None,
+                x_cublas=ours_ms / cublas_ms if cublas_ms else None,
+                aten_backward_ms=aten_backward_ms, aten_ms=aten_ms,
+                x_cublas_aten=aten_ms / cublas_ms if cublas_ms else None, peak_mem_mb=None,
                 repeats=repeats if on_gpu else 1,
                 timing="CUDA graph replay between events (GPU time)" if on_gpu else "host",
                 note="" if on_gpu else INTERPRETER_NOTE)
