@@ -406,7 +406,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
          f"model {s.model}: {s.max_steps} steps x batch {batches.batch_size}, lr {s.lr:g}, "
          f"seed {s.seed}, on {place.describe()}" + (", CUDA graphs" if cuda_graphs else "")
          + (f", resuming at step {state.step}" if resume else ""))
-    pooling = resolve_pooling(s.pooling, _model_folder(s.model))
+    pooling = model_pooling(run.model)  # what build_run applied
     if s.max_seq_len == "auto" or s.pooling != "cls" or s.class_weights != "none" or \
             s.select_best:
         echo(f"max_seq_len {batches.max_seq_len}"
