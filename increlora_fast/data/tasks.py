@@ -16,7 +16,7 @@ import io
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .assets import AssetUnavailableError, hub_offline, locate_asset, offline_requested
+from .assets import AssetUnavailableError, hub_access_off, hub_offline, locate_asset
 from .examples import Example, TaskData, dedupe, fixed_split
 
 GLUE_PREFIX = "glue/"
@@ -92,18 +92,17 @@ def _glue(name: str) -> TaskData:
         raise ValueError(f"--task {GLUE_PREFIX}{name} is not a GLUE classification task; use one "
                          f"of {[GLUE_PREFIX + n for n in GLUE_TASKS]}")
     text_col, pair_col, dev_split = GLUE_TASKS[name]
-    offline = offline_requested()
+    off = hub_access_off()
     try:
         import datasets
 
-        with hub_offline(offline):
+        with hub_offline(off is not None):  # a dataset missing from the cache fails at once
             data = datasets.load_dataset(GLUE_DATASET, name)
     except Exception as err:  # the hub client raises many types; all mean "cannot load"
         first = (str(err).strip().splitlines() or [""])[0]
         raise AssetUnavailableError(
             f"--task {GLUE_PREFIX}{name} needs the Hugging Face hub (or a local datasets cache "
-            f"of {GLUE_DATASET})" + (", and hub access is off (INCRELORA_OFFLINE or "
-                                     "HF_HUB_OFFLINE is set)" if offline else "")
+            f"of {GLUE_DATASET})" + (f", and {off}" if off else "")
             + f": {type(err).__name__}: {first}; use a packaged task ({', '.join(PACKAGED_TASKS)})"
             " or --train-file") from err
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..data import TaskData, load_files, load_task, locate_asset
-from ..data.assets import PACKAGED_MODELS, hub_offline, offline_requested
+from ..data.assets import PACKAGED_MODELS, hub_access_off, hub_offline
 from ..data.examples import Example, fixed_split
 from ..data.files import file_sha256
 from ..persistence import atomic_write_bytes
@@ -112,9 +112,9 @@ def load_model(s: RunSettings, data: TaskData):
     if looks_local and not (local / "config.json").is_file():
         raise ValueError(f"--model {s.model} holds no transformers model (no config.json in "
                          f"{local})")
-    offline = offline_requested() and not looks_local
+    off = None if looks_local else hub_access_off()
     try:
-        with hub_offline(offline):  # a hub id missing from the local cache fails at once
+        with hub_offline(off is not None):  # a hub id missing from the local cache fails at once
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
@@ -123,8 +123,8 @@ def load_model(s: RunSettings, data: TaskData):
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--model {s.model} could not be loaded" + (
-            " (hub access is off: INCRELORA_OFFLINE or HF_HUB_OFFLINE is set, so only the local "
-            "hub cache is searched)" if offline else "") + f": {first}") from err
+            f" ({off}, so only the local hub cache is searched)" if off else "")
+            + f": {first}") from err
     return tokenizer, model
 
 
