@@ -12,6 +12,10 @@ replayed, and scalars baked into an op stay baked: exactly the mistakes a graphe
 Unlike CUDA, capture executes the ops once (they are needed for their outputs); the replay that
 follows a capture (CUDA needs it to run the captured step) is therefore skipped once.
 
+A capture also refuses, as CUDA would, what syncs the stream or copies host data
+(`capture_refuses`): a host read (``.item()``, ``bool(t)``, ``torch.nonzero``, a boolean mask
+index, ...), ``torch.tensor(data)``, pinning.
+
 CUDA also refuses to load a kernel module while a stream captures (``cuModuleLoadData``: "operation
 not permitted when stream is capturing"), so a Triton kernel must have run eagerly, with the same
 specialization, before a capture launches it. Inside `kernels_loaded_before_capture` the emulator
@@ -36,13 +40,35 @@ class _Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if not self.paused:
+            refused = capture_refuses(func, args, kwargs)
+            if refused is not None:
+                raise RuntimeError(f"{refused} inside a captured step: CUDA graph capture "
+                                   "would fail here")
         out = func(*args, **kwargs)
         if not self.paused:
-            if func is torch.ops.aten._local_scalar_dense.default:
-                raise RuntimeError("a host read inside a captured step: CUDA graph capture "
-                                   "would fail here")
             self.ops.append(("aten", func, args, kwargs, out))
         return out
+
+
+# Host-side work a CUDA stream capture refuses beyond host reads: ``torch.tensor(data)`` (and
+# ``as_tensor`` of Python data) copies host memory to the device from pageable memory, which
+# synchronizes; pinning allocates host memory and queries events.
+_HOST_TO_DEVICE = {"aten::lift_fresh": "a copy of host data to the device (torch.tensor)",
+                   "aten::_pin_memory": "a pinned host allocation"}
+
+
+def capture_refuses(func, args: tuple, kwargs: dict) -> Optional[str]:
+    """What a CUDA capture would refuse in this aten call, named, or None: a host read or a
+    data-dependent output shape (`host_reads.dispatch_read`: ``.item()``, ``torch.nonzero``,
+    boolean-mask indexing, ...), or host data copied to the device (`_HOST_TO_DEVICE`). On the
+    CPU these all run; on a GPU each syncs the stream or copies from pageable memory."""
+    from host_reads import dispatch_read
+
+    read = dispatch_read(func, args, kwargs)
+    if read is not None:
+        return f"a host read ({read})"
+    return _HOST_TO_DEVICE.get(func._schema.name)
 
 
 # Kernel specializations launched outside captures, while `kernels_loaded_before_capture` watches.

@@ -80,6 +80,23 @@ class _FunctionReads(TorchFunctionMode):
             self.owner._inside -= 1
 
 
+def dispatch_read(func, args: tuple, kwargs: dict) -> Optional[str]:
+    """The host read an aten call makes on a GPU, named, or None: a scalar read
+    (`_SCALAR_OPS`), an output shape that depends on the data (`_DATA_SHAPE_OPS`, boolean-mask
+    indexing, ``repeat_interleave`` without an output size). `graph_emulator` refuses the same
+    calls inside a capture."""
+    name = func._schema.name
+    if name in _SCALAR_OPS or name in _DATA_SHAPE_OPS:
+        return str(func)
+    if name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                     for i in args[1]):
+        return f"{func} (boolean mask)"
+    if name == "aten::repeat_interleave" and kwargs.get("output_size") is None \
+            and isinstance(args[0], torch.Tensor) and len(args) < 3:
+        return str(func)
+    return None
+
+
 class _DispatchReads(TorchDispatchMode):
     def __init__(self, owner: "HostReads") -> None:
         super().__init__()
@@ -87,17 +104,9 @@ class _DispatchReads(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        name = func._schema.name
-        if name in _SCALAR_OPS and not self.owner._inside:
-            self.owner._record(str(func))
-        elif name in _DATA_SHAPE_OPS:
-            self.owner._record(str(func))
-        elif name == "aten::index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                           for i in args[1]):
-            self.owner._record(f"{func} (boolean mask)")
-        elif name == "aten::repeat_interleave" and kwargs.get("output_size") is None \
-                and isinstance(args[0], torch.Tensor) and len(args) < 3:
-            self.owner._record(str(func))
+        read = dispatch_read(func, args, kwargs)
+        if read is not None and not (func._schema.name in _SCALAR_OPS and self.owner._inside):
+            self.owner._record(read)
         return func(*args, **kwargs)
 
 

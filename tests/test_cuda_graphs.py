@@ -122,6 +122,36 @@ def test_each_tracking_state_runs_eagerly_before_its_capture(make_tiny_net, monk
         _train(make_tiny_net, "cpu", EmulatedGraph, skip_state_warmup=True)
 
 
+_T = torch.tensor([0.5, 2.0, 3.0])
+# What a CUDA capture refuses (it syncs the stream or copies from pageable host memory), each
+# with the capture-safe form of the same work.
+REFUSED_IN_A_CAPTURE = {
+    "item": (lambda: _T.sum().item(), lambda: _T.sum()),
+    "bool": (lambda: bool(_T.sum() > 1), lambda: _T.sum() > 1),
+    "nonzero": (lambda: torch.nonzero(_T > 1), lambda: torch.where(_T > 1, _T, 0.0)),
+    "boolean index": (lambda: _T[_T > 1], lambda: _T.index_select(0, torch.arange(1, 3))),
+    "repeat_interleave": (lambda: _T.repeat_interleave(torch.arange(1, 4)),
+                          lambda: _T.repeat_interleave(torch.arange(1, 4), output_size=6)),
+    "unique": (lambda: torch.unique(_T), lambda: torch.sort(_T).values),
+    "equal": (lambda: torch.equal(_T, _T), lambda: torch.eq(_T, _T).all()),
+    "torch.tensor": (lambda: _T * torch.tensor([1.0, 2.0, 3.0]),
+                     lambda: _T * torch.arange(1, 4, dtype=_T.dtype)),
+}
+
+
+@pytest.mark.parametrize("what", sorted(REFUSED_IN_A_CAPTURE))
+def test_the_emulator_refuses_what_a_cuda_capture_refuses(what):
+    """Host reads, data-dependent shapes and host data copied to the device fail a CUDA capture
+    ("operation not permitted when stream is capturing"); the emulated capture raises on each,
+    and not on its capture-safe form."""
+    refused, safe = REFUSED_IN_A_CAPTURE[what]
+    with EmulatedGraph().capture():
+        safe()
+    with pytest.raises(RuntimeError, match="inside a captured step"):
+        with EmulatedGraph().capture():
+            refused()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
 def test_cuda_graphs_equal_eager_steps_on_the_gpu(make_tiny_net):
     ref = _train(make_tiny_net, "cuda")

@@ -162,3 +162,61 @@ def test_checkpoint_write_failure_leaves_no_partial_folder(run, tmp_path, monkey
         save_checkpoint(target, method_run, s, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def _checkpoint_again(run, tmp_path, patches):
+    """``run``'s checkpoint-2 loaded and written again into ``tmp_path`` with ``patches``
+    ({(module, name): value}) in place while writing; (settings, its method run, the folder)."""
+    from increlora_fast.training.checkpoint import (load_checkpoint, read_checkpoint_settings,
+                                                    save_checkpoint)
+    from increlora_fast.training.finetune_run import build_run
+
+    s, _, method_run, _ = build_run(read_checkpoint_settings(run["ckpt"]))
+    state = load_checkpoint(run["ckpt"], method_run)
+    target = tmp_path / "checkpoint-2"
+    with pytest.MonkeyPatch.context() as m:
+        for (module, name), value in patches.items():
+            m.setattr(module, name, value)
+        save_checkpoint(target, method_run, s, state)
+    return s, method_run, target
+
+
+def test_a_checkpoint_written_on_a_gpu_resumes_on_a_machine_without_one(run, tmp_path):
+    """A GPU run's trainer state holds CUDA tensors (the optimizer's moments); here their
+    storages are tagged cuda:0 as a GPU run's are. Loading needs no GPU: the state is read onto
+    the CPU and the optimizer puts each tensor on its parameter's device."""
+    import torch
+    import torch.serialization
+    from increlora_fast.training.checkpoint import load_checkpoint, read_checkpoint_settings
+    from increlora_fast.training.finetune_run import build_run
+
+    _, written, target = _checkpoint_again(
+        run, tmp_path, {(torch.serialization, "location_tag"): lambda storage: "cuda:0"})
+    _, _, fresh, _ = build_run(read_checkpoint_settings(target))
+    assert load_checkpoint(target, fresh).step == 2
+    want, got = written.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert want.keys() == got.keys() and want
+    for index, tensors in want.items():
+        for key, value in tensors.items():
+            assert torch.equal(got[index][key], value) and got[index][key].device == value.device
+
+
+def test_a_checkpoint_keeps_the_gpus_rng_states(run, tmp_path, monkeypatch):
+    """Dropout on a GPU draws from the GPU's generator: a checkpoint of a run that used CUDA
+    keeps every GPU's RNG state and a resume on a GPU machine sets them again, so it continues
+    exactly (CUDA's calls are stood in for here)."""
+    import torch
+    from increlora_fast.training.checkpoint import load_checkpoint, read_checkpoint_settings
+    from increlora_fast.training.finetune_run import build_run
+
+    gpu_states = [torch.arange(16, dtype=torch.uint8), torch.arange(16, 32, dtype=torch.uint8)]
+    _, _, target = _checkpoint_again(run, tmp_path, {
+        (torch.cuda, "is_initialized"): lambda: True,
+        (torch.cuda, "get_rng_state_all"): lambda: [s.clone() for s in gpu_states]})
+    _, _, fresh, _ = build_run(read_checkpoint_settings(target))
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
+    load_checkpoint(target, fresh)
+    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, gpu_states))

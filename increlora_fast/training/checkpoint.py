@@ -49,14 +49,21 @@ class CheckpointWriteError(OSError):
 
 
 def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": np.random.get_state()}
+    """The RNG states a run draws from: torch's CPU generator, Python's, NumPy's and, once CUDA
+    is in use, every GPU's (dropout on a GPU draws from the GPU's generator, not the CPU's)."""
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": np.random.get_state()}
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if state.get("cuda") and torch.cuda.is_available():  # a CPU machine has no GPU draws to set
+        torch.cuda.set_rng_state_all(state["cuda"][:torch.cuda.device_count()])
 
 
 def _torch_bytes(obj) -> bytes:
@@ -165,7 +172,9 @@ def load_checkpoint(directory: Path, run: MethodRun) -> LoopState:
     loop state to continue from. Every file is verified before anything is restored."""
     directory = Path(directory)
     envelope = _verified_envelope(directory)
-    blob = torch.load(io.BytesIO(envelope["payload"]), weights_only=False)
+    # On the CPU first: a state written on a GPU (the optimizer's moments are CUDA tensors) then
+    # loads on any machine; load_state_dict puts each tensor on its parameter's device.
+    blob = torch.load(io.BytesIO(envelope["payload"]), weights_only=False, map_location="cpu")
     if blob["method"] != run.name:
         raise ValueError(f"checkpoint {directory} is a {blob['method']} run, not {run.name}")
     pooling = model_pooling(run.model)
