@@ -160,3 +160,39 @@ def test_cuda_graphs_equal_eager_steps_on_the_gpu(make_tiny_net):
     assert got["log"] == ref["log"] and got["ranks"] == ref["ranks"]
     for name, value in ref["state"].items():
         torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
+    """`torch.cuda.graph` leaves the process on its capture stream when ending a capture raises;
+    `CUDAStepGraph` captures on a stream of its own and restores the caller's stream either way.
+    torch's CUDA calls are stood in for (no GPU here)."""
+    from increlora_fast.training import cuda_graphs
+    events = []
+
+    class Stream:
+        def __init__(self, name="fresh"):
+            self.name = name
+
+    current = [Stream("caller")]
+
+    class FailingCapture:
+        def __init__(self, graph, stream=None):
+            self.stream = stream
+
+        def __enter__(self):
+            events.append(("capture on", self.stream.name))
+            current[0] = self.stream
+
+        def __exit__(self, *exc):  # as torch: capture_end raises before the stream is restored
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current[0])
+    monkeypatch.setattr(torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
+    graph = cuda_graphs.CUDAStepGraph()
+    with pytest.raises(RuntimeError, match="not permitted"):
+        with graph.capture():
+            assert current[0].name == "fresh"
+    assert events == [("capture on", "fresh")] and current[0].name == "caller"

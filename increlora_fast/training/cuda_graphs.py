@@ -22,7 +22,7 @@ is copied out after each replay.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Protocol, Set, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, Protocol, Set, Tuple
 
 import torch
 
@@ -41,13 +41,26 @@ class StepGraph(Protocol):
 
 
 class CUDAStepGraph:
-    """One `torch.cuda.CUDAGraph` with its own memory pool."""
+    """One `torch.cuda.CUDAGraph` with its own memory pool, captured on a stream of its own."""
 
     def __init__(self) -> None:
         self.graph = torch.cuda.CUDAGraph()
 
-    def capture(self) -> ContextManager[None]:
-        return torch.cuda.graph(self.graph)
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        """Capture on a fresh side stream, and give the caller its stream back even when the
+        capture fails. `torch.cuda.graph` captures on one side stream shared by every capture,
+        and when ending a capture raises (an op the capture refused) it leaves the caller on
+        that stream and the allocator still sending the stream's allocations to the failed
+        graph's pool; the process then goes on there (gpu-check runs its next parts in the same
+        process). With a stream used for this capture only, the stale pool routing concerns a
+        stream nothing uses again."""
+        previous = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
+                yield
+        finally:
+            torch.cuda.set_stream(previous)
 
     def replay(self) -> None:
         self.graph.replay()

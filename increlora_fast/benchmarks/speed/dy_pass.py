@@ -24,6 +24,7 @@ from typing import Callable, Dict
 import torch
 
 from ...kernels.reference import ACTIVE, effective_lambda
+from ...training.cuda_graphs import CUDAStepGraph
 from .plans import DTYPES
 
 LEVEL = "dy_pass"
@@ -39,8 +40,8 @@ def _gpu_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
         for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    graph = CUDAStepGraph()  # a failed capture leaves the process on its own stream
+    with graph.capture():
         fn()
     graph.replay()
     torch.cuda.synchronize()
