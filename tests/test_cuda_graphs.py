@@ -100,6 +100,16 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     _assert_same(got, ref)
 
 
+def test_replayed_steps_equal_eager_steps_with_the_exact_step_score(make_tiny_net):
+    """exact_step_score keeps a dense (out, in) gradient buffer per module that the forward
+    allocates (inside a capture: in the graph's pool) and the controller reads and clears:
+    replayed steps still give the eager run exactly."""
+    ref = _train(make_tiny_net, "cpu", exact_step_score=True)
+    got = _train(make_tiny_net, "cpu", EmulatedGraph, exact_step_score=True)
+    assert got["graphed"].replays >= 6 and len(ref["log"]) >= 2
+    _assert_same(got, ref)
+
+
 def test_emulator_sees_a_step_number_baked_into_the_graph(make_tiny_net):
     """The check can fail: without setting the device step before each replay, every replay
     applies the captured step's learning rate, and the results differ."""
