@@ -40,7 +40,6 @@ def test_newly_activated_slot_learning_rate_restarts_at_its_activation_step():
     assert int(layer.slot_active_step[1]) == 4
     for t in (4, 5, 6):
         before = layer.lora_lambda[1].item()
-        grad = layer.lora_lambda.grad[1].item()
         opt.step()
         mult = float(schedule_multiplier(t, 4, 4, 40))
         state = opt.state[layer.lora_lambda]

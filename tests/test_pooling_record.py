@@ -109,21 +109,28 @@ def test_a_cls_adapter_records_cls_and_loads_unchanged(tmp_path):
     torch.testing.assert_close(logits(loaded), logits(model))
 
 
+def refused_unchanged(model: nn.Module, directory: Path) -> str:
+    """`load_adapter` refuses ``directory`` for ``model`` in one line and leaves it as it was;
+    returns the message."""
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        load_adapter(model, directory)
+    message = str(err.value)
+    assert "\n" not in message
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    return message
+
+
 def test_a_cls_adapter_refuses_a_mean_pooled_model(tmp_path):
     """The other silent difference: a CLS adapter into a model the user gave mean pooling.
     Refused in one line with the model unchanged; an adapter saved before the pooling was
     recorded still loads into it as it is."""
     save_adapter(trained("cls"), tmp_path)
     model = inject_increlora(apply_pooling(bert_base(), "mean"), adapter_config())
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError) as err:
-        load_adapter(model, tmp_path)
-    message = str(err.value)
-    assert "\n" not in message
+    message = refused_unchanged(model, tmp_path)
     assert message.startswith(f"adapter {tmp_path} was trained with the model's own CLS "
                               "pooling, and this model was given mean pooling")
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
     strip_pooling(tmp_path)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -154,17 +161,11 @@ class Unpooled(nn.Module):
 def test_a_model_that_cannot_take_the_pooling_is_refused_unchanged(tmp_path):
     save_adapter(trained("mean"), tmp_path)
     model = inject_increlora(Unpooled(), adapter_config())
-    before = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError) as err:
-        load_adapter(model, tmp_path)
-    message = str(err.value)
-    assert "\n" not in message
+    message = refused_unchanged(model, tmp_path)
     assert message.startswith(f"adapter {tmp_path} was trained with pooling 'mean', which "
                               "Unpooled cannot take")
     assert "load it into the sequence classifier it was trained on" in message
     assert model_pooling(model) == "cls"
-    for key, value in model.state_dict().items():
-        assert torch.equal(value, before[key]), key
 
 
 def test_an_unknown_recorded_pooling_is_refused(tmp_path):
