@@ -80,24 +80,26 @@ def test_csv_cells_longer_than_the_csv_module_limit_load(tmp_path):
 
 
 # ---------------------------------------------------------------- the command line
+def _refuse(monkeypatch, module, name: str, what: str) -> None:
+    """Replace ``module.name`` by a function that fails the test: ``what`` happened before the
+    bad input was refused."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{what} before the bad input was refused")
+    monkeypatch.setattr(module, name, refuse)
+
+
 @pytest.fixture
 def no_model_loading(monkeypatch):
     """Fails the test if finetune gets as far as loading a model."""
     from increlora_fast.training import finetune_run as finetune
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("a model was loaded before the bad input was refused")
-    monkeypatch.setattr(finetune, "load_model", refuse)
+    _refuse(monkeypatch, finetune, "load_model", "a model was loaded")
 
 
 @pytest.fixture
 def no_data_loading(monkeypatch, no_model_loading):
     """Fails the test if finetune gets as far as reading a packaged task (or loading a model)."""
     from increlora_fast.training import finetune_run as finetune
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the data was read before the bad input was refused")
-    monkeypatch.setattr(finetune, "load_task", refuse)
+    _refuse(monkeypatch, finetune, "load_task", "the data was read")
 
 
 def _one_line(capsys, *needles: str) -> str:
@@ -266,10 +268,7 @@ def test_modules_to_save_without_the_head_adds_it(tmp_path, capsys, monkeypatch)
 @pytest.fixture
 def no_measuring(monkeypatch):
     from increlora_fast.cli import bench
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("measuring started before the bad input was refused")
-    monkeypatch.setattr(bench, "_measure", refuse)
+    _refuse(monkeypatch, bench, "_measure", "measuring started")
 
 
 @pytest.mark.parametrize("argv, needles", [
@@ -300,10 +299,7 @@ def test_bench_include_json_that_is_not_json_names_the_file(tmp_path, capsys, mo
 @pytest.fixture
 def no_memory_model(monkeypatch):
     from increlora_fast.benchmarks.memory import breakdown
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was built before the bad input was refused")
-    monkeypatch.setattr(breakdown, "build_spec", refuse)
+    _refuse(monkeypatch, breakdown, "build_spec", "the model was built")
 
 
 @pytest.mark.parametrize("argv, needles", [
