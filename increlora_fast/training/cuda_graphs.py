@@ -138,11 +138,13 @@ class GraphedSteps:
         if self._graphs or self.captures or not torch.cuda.is_available() \
                 or self.graph_factory is not CUDAStepGraph:
             return contextlib.nullcontext()
-        return _on_side_stream()
+        return on_side_stream()
 
 
 @contextlib.contextmanager
-def _on_side_stream():
+def on_side_stream() -> Iterator[None]:
+    """Run the block on a fresh CUDA side stream, ordered after and before the current stream's
+    work: where warm-up before a capture runs (torch's CUDA-graph notes)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Dict, Iterable, List, Optional, Tuple
 
 from ..records import gpu_check_records
-from ..speed.targets import TARGET_DTYPE, TARGET_R, TARGET_SHAPE, TARGET_TOKENS, Verdict
+from ..speed.targets import TARGET_SHAPE, Verdict, _layer_point, _ok
 
 LAYER_OFF, LAYER_ON, DY_PASS, HOST = 1.3, 1.6, 1.5, 1.0
 GRAPHS_X_COMPILED, TRACKED_X_UNTRACKED = 0.5, 1.25
@@ -62,18 +62,10 @@ def _by_method(rows: Iterable[dict]) -> Dict[str, dict]:
     return {r["method"]: r for r in rows}
 
 
-def _ok_cuda(records: List[dict], level: str) -> List[dict]:
-    return [r for r in records if r.get("level") == level and r.get("status") == "ok"
-            and r.get("device_type") == "cuda"]
-
-
 def layer_verdicts(records: List[dict]) -> List[Verdict]:
     """Ours against the frozen layer at the target point, and the pass over dy against cuBLAS."""
-    where = f"{TARGET_DTYPE}, {TARGET_SHAPE}, {TARGET_TOKENS} tokens, r_max {TARGET_R}"
-    rows = _by_method(r for r in _ok_cuda(records, "layer")
-                      if r.get("shape") == TARGET_SHAPE and r.get("tokens") == TARGET_TOKENS
-                      and r.get("dtype") == TARGET_DTYPE and r.get("phase") == "fwd+bwd"
-                      and r.get("r_max") in (TARGET_R, None))
+    point, where = _layer_point(records, "cuda")
+    rows = _by_method(point or [])
     out: List[Verdict] = []
     floor = rows.get("floor")
     for key, method, limit in (("layer_off", "increlora-triton", LAYER_OFF),
@@ -87,7 +79,7 @@ def layer_verdicts(records: List[dict]) -> List[Verdict]:
         extra = (f"; the fused path {fused['median_ms'] / floor['median_ms']:.2f}x"
                  if fused else "")
         out.append(_verdict(key, ratio <= limit, f"{where}: {method} {ratio:.2f}x floor{extra}"))
-    dy = [r for r in _ok_cuda(records, "dy_pass") if r.get("shape") == TARGET_SHAPE]
+    dy = _ok(records, level="dy_pass", device_type="cuda", shape=TARGET_SHAPE)
     if not dy:
         out.append(_unmeasurable("dy_pass", f"{TARGET_SHAPE}: no dy-pass records in this run"))
     else:
@@ -105,8 +97,7 @@ def layer_verdicts(records: List[dict]) -> List[Verdict]:
 
 def host_verdicts(records: List[dict]) -> List[Verdict]:
     """Host time per fwd+bwd layer call, ours (tracking off) against peft LoRA, on the GPU."""
-    rows = _by_method(r for r in records if r.get("level") == "host"
-                      and r.get("status", "ok") == "ok" and r.get("device_type") == "cuda")
+    rows = _by_method(_ok(records, level="host", device_type="cuda"))
     ours, lora = rows.get("increlora-triton"), rows.get("peft-lora")
     if ours is None or lora is None:
         return [_unmeasurable("host", "no host time per call of ours and peft LoRA on CUDA")]
@@ -127,7 +118,7 @@ def _untracked(r: dict) -> Optional[float]:
 def model_verdicts(records: List[dict]) -> List[Verdict]:
     """Per preset (the 4-bit one included): eager and graphed steps against the peers."""
     groups: Dict[str, Dict[str, dict]] = {}
-    for r in _ok_cuda(records, "model"):
+    for r in _ok(records, level="model", device_type="cuda"):
         groups.setdefault(r["shape"], {})[r["method"]] = r
     out: List[Verdict] = []
     for shape, rows in sorted(groups.items()):

@@ -24,7 +24,7 @@ from typing import Callable, Dict
 import torch
 
 from ...kernels.reference import ACTIVE, effective_lambda
-from ...training.cuda_graphs import CUDAStepGraph
+from ...training.cuda_graphs import CUDAStepGraph, on_side_stream
 from .plans import DTYPES
 
 LEVEL = "dy_pass"
@@ -34,12 +34,9 @@ INTERPRETER_NOTE = "Triton interpreter on CPU: shows the path runs, its times me
 def _gpu_ms(fn: Callable[[], object], repeats: int, warmup: int) -> float:
     """GPU ms per call of ``fn`` (mean over ``repeats``): captured in a CUDA graph, replayed
     ``repeats`` times between two events."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with on_side_stream():  # compiles and loads the kernels before the capture
         for _ in range(warmup):
             fn()
-    torch.cuda.current_stream().wait_stream(stream)
     graph = CUDAStepGraph()  # a failed capture leaves the process on its own stream
     with graph.capture():
         fn()
