@@ -77,11 +77,12 @@ _loaded: Optional[Set[tuple]] = None
 
 def specialization(kernel, args: tuple, kwargs: dict) -> tuple:
     """What decides which binary a Triton launch needs, as near as the host can tell: the kernel,
-    tensor dtypes (and None), and of integers whether they are 1 or divisible by 16 (Triton
-    specializes on both); constexpr keyword values as they are."""
+    tensor dtypes and whether their data pointers are 16-byte aligned (and None), and of integers
+    whether they are 1 or divisible by 16 (Triton specializes on all three); constexpr keyword
+    values as they are."""
     def one(a):
         if isinstance(a, torch.Tensor):
-            return a.dtype
+            return a.dtype, a.data_ptr() % 16 == 0
         if isinstance(a, bool) or a is None:
             return a
         if isinstance(a, int):

@@ -132,6 +132,33 @@ def test_each_tracking_state_runs_eagerly_before_its_capture(make_tiny_net, monk
         _train(make_tiny_net, "cpu", EmulatedGraph, skip_state_warmup=True)
 
 
+@pytest.mark.parametrize("offset, refused", [(4, False), (1, True)])
+def test_a_capture_refuses_a_kernel_first_launched_on_a_misaligned_pointer(offset, refused):
+    """Triton specializes a pointer on 16-byte alignment: a kernel that ran eagerly on aligned
+    tensors needs another binary for a view 4 bytes in, which CUDA cannot load while capturing;
+    a view 16 bytes in reuses the loaded one."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels.utils import interpreter_active
+    if not interpreter_active():
+        pytest.skip("checked under the Triton interpreter")
+    from increlora_fast.kernels.adamw import masked_adamw_triton_
+
+    def step(n0: int, buffers) -> None:
+        p, g, m, v = (b[n0:n0 + 6].view(2, 3) for b in buffers)
+        masked_adamw_triton_(p, g, m, v, torch.ones(2, dtype=torch.bool), torch.full((2,), 0.1),
+                             torch.ones(2), 0, 0.9, 0.999, 1e-8, 0.0)
+
+    buffers = [torch.randn(16) for _ in range(4)]
+    assert all(b.data_ptr() % 16 == 0 for b in buffers)
+    with kernels_loaded_before_capture():
+        step(0, buffers)
+        graph = EmulatedGraph()
+        watch = pytest.raises(RuntimeError, match="first time inside a captured step") \
+            if refused else contextlib.nullcontext()
+        with watch, graph.capture():
+            step(offset, buffers)
+
+
 _T = torch.tensor([0.5, 2.0, 3.0])
 # What a CUDA capture refuses (it syncs the stream or copies from pageable host memory), each
 # with the capture-safe form of the same work.
