@@ -22,7 +22,7 @@ import math
 import random
 import warnings
 from collections import defaultdict
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -147,14 +147,15 @@ class IncreLoRAController:
         return next_round - step < self.score_window
 
     # ------------------------------------------------------------------ the step
-    def step(self, step: int, loss_scale: float = 1.0) -> None:
+    def step(self, step: int, loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
         """Update scores from this step's gradients and grow ranks when the schedule says so.
 
         Args:
             step: 0-based index of the optimizer step about to be taken.
-            loss_scale: the factor the loss was multiplied by before backward (fp16
-                ``GradScaler.get_scale()``); the ``delta_w`` score, taken from the scaled output
-                gradient, is divided by it (triplet scores read the unscaled ``.grad``: call
+            loss_scale: the factor the loss was multiplied by before backward (fp16: the
+                GradScaler's scale, a float or, read without a host sync, its 0-d device tensor:
+                `device_scalar.grad_scaler_scale`); the ``delta_w`` score, taken from the scaled
+                output gradient, is divided by it (triplet scores read the unscaled ``.grad``: call
                 ``scaler.unscale_(optimizer)`` first, as for clipping).
 
         A step with non-finite scores (overflow, NaN loss) changes nothing, and an allocation
@@ -181,7 +182,7 @@ class IncreLoRAController:
         cfg = self.config
         return self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
 
-    def _update(self, step: int, loss_scale: float) -> None:
+    def _update(self, step: int, loss_scale: Union[float, torch.Tensor]) -> None:
         cfg = self.config
         due = self.allocation_due(step)
         if not self.is_tracked(step):

@@ -4,7 +4,7 @@ the value it holds is stale, which outside a graph happens before the read and, 
 through an explicit `sync` before it. So no step number is baked into a graph."""
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Tuple, Union
 
 import torch
 
@@ -32,3 +32,14 @@ class DeviceScalar:
         """Make every tensor made so far hold ``value`` (before replaying a graph)."""
         for device in list(self._tensors):
             self.get(value, device)
+
+
+def grad_scaler_scale(scaler: "torch.amp.GradScaler") -> Union[float, torch.Tensor]:
+    """The factor an enabled ``torch.amp.GradScaler`` multiplies losses by, as its 0-d device
+    tensor, read without a host sync (``get_scale()`` reads it on the host); the float it starts
+    from before its first ``scale()``, 1.0 when the scaler is disabled. A graphed step captures
+    this tensor, which the scaler updates in place."""
+    if not scaler.is_enabled():
+        return 1.0
+    scale = getattr(scaler, "_get_scale_async", lambda: None)()
+    return scale if scale is not None else float(scaler.get_scale())

@@ -71,6 +71,11 @@ def schedule_multiplier(step: Union[int, torch.Tensor], start: Union[int, torch.
     return torch.where(since < warmup_steps, torch.minimum(warm, decay), decay).clamp(min=0)
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``: itself there, else copied without blocking the host."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 def _layout_key(layer: IncreLoRALinear) -> Tuple[int, bool]:
     """What a layer's masks and schedule starts depend on, known on the host: its
     ``slot_version`` and whether its reserve slots train (``advance_learning``)."""
@@ -153,19 +158,37 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         g = self.param_groups[0]
         return float(schedule_multiplier(self.global_step, start, g["warmup_steps"], g["total_step"]))
 
+    # torch.amp.GradScaler.step calls `step` on every step, with the attributes ``grad_scale``
+    # (the scale still on the gradients, or None once unscaled) and ``found_inf`` (non-zero when
+    # the scaled gradients overflowed) set, instead of reading found_inf on the host to decide
+    # whether to call it: an fp16 step then reads nothing on the host.
+    _step_supports_amp_scaling = True
+
     @torch.no_grad()
     def step(self, closure=None):
+        """One step of every parameter with a gradient; the schedules move on by one step.
+
+        Under ``torch.amp.GradScaler.step`` the gradients are unscaled here if the scaler has
+        not done it, and a step whose scaled gradients overflowed changes no parameter, moment
+        or Adam step count, decided on the device (the schedule still moves on: its clock is the
+        training step, as the controller's slot stamps are)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         for index, group in enumerate(self.param_groups):
             by_device = defaultdict(list)
             for p in group["params"]:
                 if p.grad is not None:
                     by_device[p.device].append(p)
             for device, params in by_device.items():
-                self._step_params(params, group, (index, device))
+                if grad_scale is not None:
+                    inverse = _on(grad_scale, device).double().reciprocal().float()
+                    torch._foreach_mul_([p.grad for p in params], inverse)
+                keep = None if found_inf is None else _on(found_inf, device) == 0
+                self._step_params(params, group, (index, device), keep)
         self.global_step += 1
         return loss
 
@@ -179,9 +202,11 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         count moves on, as `step` moves it."""
         self.global_step += 1
 
-    def _step_params(self, params: List[torch.Tensor], group: dict, where: tuple) -> None:
+    def _step_params(self, params: List[torch.Tensor], group: dict, where: tuple,
+                     keep: Optional[torch.Tensor] = None) -> None:
         """One step of ``params``, all of one group and one device (``where``: the group's
-        index and the device)."""
+        index and the device); where the 0-d bool ``keep`` is given and false, nothing
+        changes."""
         stacks: Dict[tuple, List[Tuple[torch.Tensor, _Slots]]] = defaultdict(list)
         for p in params:
             s = self._as_slots(p)
@@ -193,6 +218,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         slots = [s for members in stacks.values() for s in members]
         sizes = [len(s.mask) for s in slots]
         mask, mask_parts, start = self._flat_slots(where, order, slots)
+        if keep is not None:  # an overflowed fp16 step: every slot masked out, on the device
+            mask = mask & keep
+            mask_parts = list(mask.to(torch.float32).split(sizes))
         torch._foreach_add_([s.count for s in slots], mask_parts)
         step = self._device_steps.get(self.global_step, start.device)
         mult = schedule_multiplier(step, start, group["warmup_steps"], group["total_step"])
@@ -201,8 +229,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         hyper = (beta1, beta2, group["eps"], group["weight_decay"])
         if _fused_kernel_applies(params[0]):
             from .kernels.adamw import masked_adamw_triton_
-            for s, slot_lr in zip(slots, lr.split(sizes)):
-                masked_adamw_triton_(*s.tensors, s.mask, slot_lr, s.count, s.slot_dim, *hyper)
+            masks = [s.mask for s in slots] if keep is None else mask.split(sizes)
+            for s, slot_mask, slot_lr in zip(slots, masks, lr.split(sizes)):
+                masked_adamw_triton_(*s.tensors, slot_mask, slot_lr, s.count, s.slot_dim, *hyper)
             return
         per_slot = (mask, lr, torch.cat([s.count for s in slots]))
         offset = 0

@@ -132,7 +132,7 @@ def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypa
     real_step = IncreLoRAController.step
 
     def spy(self, step, loss_scale=1.0):
-        seen.append(loss_scale)
+        seen.append(float(loss_scale))  # a device tensor the scaler updates in place
         return real_step(self, step, loss_scale=loss_scale)
     monkeypatch.setattr(IncreLoRAController, "step", spy)
     place = Placement(CPU, "fp16")
@@ -141,7 +141,8 @@ def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypa
         batch_size=8, max_seq_len=16, max_steps=3), place)
     scales = []
     state = train_loop(run, batches, 3, s.grad_clip, LoopState(), progress=False,
-                       on_step_end=lambda st: scales.append(place.loss_scale), placement=place)
+                       on_step_end=lambda st: scales.append(float(place.loss_scale)),
+                       placement=place)
     assert state.step == 3 and len(seen) == 3
     assert seen[0] == 65536.0  # GradScaler's initial scale
     # each step's controller call saw the scale its backward used (before scaler.update())

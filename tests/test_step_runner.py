@@ -127,6 +127,42 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
     assert made and sum(g.replays for g in made) > 0  # steps really were replayed
 
 
+def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(tiny, monkeypatch):
+    """fp16 under CUDA graphs: GradScaler's scale, overflow flag and back-off stay on the device
+    (`IncreLoRAAdamW` skips an overflowed step itself), so replayed steps give the eager run's
+    losses and scales, also when a replayed step overflows. The scaler starts high enough that
+    the tiny BERT's fp16 gradients overflow now and then (a CPU GradScaler and fp16 autocast
+    stand in for CUDA's)."""
+    from increlora_fast.training import step_runner
+    from increlora_fast.training.device import Placement
+    made: List[EmulatedGraph] = []
+
+    def factory() -> EmulatedGraph:
+        made.append(EmulatedGraph())
+        return made[-1]
+    monkeypatch.setattr(step_runner, "CUDAStepGraph", factory)
+    runs = []
+    for graphs in (False, True):
+        place = Placement(torch.device("cpu"), "fp16")
+        place.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 22, growth_interval=3)
+        s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"), place)
+        trace = []  # (scale after the step, replays so far), read between steps
+
+        def note(_state) -> None:
+            trace.append((float(place.scaler.get_scale()), sum(g.replays for g in made)))
+        with pytest.warns(RuntimeWarning, match="non-finite importance scores"):
+            state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                               placement=place, cuda_graphs=graphs, on_step_end=note)
+        runs.append((state.losses, trace, run.controller.rank_pattern(), run.model.state_dict()))
+    (losses, trace, ranks, weights), (g_losses, g_trace, g_ranks, g_weights) = runs
+    assert g_losses == losses and g_ranks == ranks
+    assert [t[0] for t in g_trace] == [t[0] for t in trace]
+    assert all(torch.equal(weights[k], g_weights[k]) for k in weights)
+    replayed_backoff = [i for i in range(1, STEPS)
+                        if g_trace[i][1] > g_trace[i - 1][1] and g_trace[i][0] < g_trace[i - 1][0]]
+    assert replayed_backoff, f"no overflow in a replayed step: {g_trace}"
+
+
 def test_cuda_graphs_without_cuda_is_refused(tiny):
     _, _, run, _ = build_run(_settings(tiny))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, the run is on cpu"):
@@ -220,8 +256,6 @@ def test_resolve_cuda_graphs():
     (["--device", "cpu"], "--cuda-graphs on needs a CUDA device, and this run is on cpu"),
     (["--method", "lora"], "--cuda-graphs 'on' is invalid: it is for --method increlora only, "
                            "not lora"),
-    (["--precision", "fp16"], "--cuda-graphs 'on' is invalid: it cannot be combined with "
-                              "--precision fp16"),
     (["--pad-to", "longest"], "--cuda-graphs 'on' is invalid: graphs need batches of one shape"),
 ])
 def test_cuda_graphs_on_is_refused_in_one_line_before_any_data_is_read(

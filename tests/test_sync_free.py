@@ -19,6 +19,7 @@ from torch import nn
 from finetune_helpers import tiny_files
 from host_reads import HostReads
 from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
+from increlora_fast.device_scalar import grad_scaler_scale
 
 ROUNDS = dict(init_warmup=4, incre_interval=6, score_window=2)  # rounds at 6, 12, 18
 
@@ -212,3 +213,97 @@ def test_a_nonfinite_loss_is_named_by_its_step_at_the_next_log_point(tiny):
         train_loop(run, batches, 7, run.settings.grad_clip, state, progress=False,
                    on_step_end=poison)
     assert len(state.losses) == 3 and all(v == v for v in state.losses)
+
+
+def _fp16_step(model, optimizer, controller, scaler, step, x, y, unscale=True) -> None:
+    """`_train_step` with the loss scaled as under fp16 (a CPU GradScaler stands in for CUDA's:
+    the same Python code, the same aten ops)."""
+    loss = F.cross_entropy(model(x), y) + controller.regularization_loss()
+    scaler.scale(loss).backward()
+    if unscale:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+    controller.step(step, loss_scale=grad_scaler_scale(scaler))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_fp16_steps_outside_rounds_read_nothing():
+    """With a GradScaler the optimizer takes the scaler's found_inf on the device
+    (``_step_supports_amp_scaling``) and the controller its scale as a tensor, so an fp16 step
+    reads nothing on the host either (torch's AdamW reads found_inf to skip a step)."""
+    model, optimizer, controller = _setup("delta_w")
+    scaler = torch.amp.GradScaler("cpu")
+    gen = torch.Generator().manual_seed(1)
+    for step in range(14):
+        x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+        reads = HostReads.count(
+            lambda: _fp16_step(model, optimizer, controller, scaler, step, x, y))
+        if not _is_round(step):
+            assert reads == [], f"fp16 step {step} read {reads}"
+    assert controller.current_total_rank() == 11 and optimizer.global_step == 14
+
+
+@pytest.mark.parametrize("unscale", [True, False])
+def test_fp16_steps_train_bit_for_bit_like_unscaled_steps(unscale):
+    """A power-of-two loss scale is exact: unscaled by the scaler (``unscale_``) or by the
+    optimizer (``grad_scale``), fp16-scaled steps give the unscaled run's parameters, moments
+    and ranks bit for bit."""
+    runs = []
+    for scaled in (False, True):
+        model, optimizer, controller = _setup("delta_w")
+        scaler = torch.amp.GradScaler("cpu")
+        gen = torch.Generator().manual_seed(1)
+        for step in range(14):
+            x, y = torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen)
+            if scaled:
+                _fp16_step(model, optimizer, controller, scaler, step, x, y, unscale)
+            elif unscale:
+                _train_step(model, optimizer, controller, step, x, y)
+            else:  # no clipping: the scaled variant cannot clip before the optimizer unscales
+                F.cross_entropy(model(x), y).add(controller.regularization_loss()).backward()
+                controller.step(step)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        runs.append((model.state_dict(), [dict(s) for s in optimizer.state.values()],
+                     controller.rank_pattern()))
+    (ref, ref_state, ref_ranks), (got, got_state, got_ranks) = runs
+    assert got_ranks == ref_ranks and sum(got_ranks.values()) == 11
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    for a, b in zip(ref_state, got_state):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_an_overflowed_fp16_step_changes_no_parameter_moment_or_count(fused, monkeypatch):
+    """Inf in a scaled gradient: the scaler halves its scale, and the optimizer, told on the
+    device, leaves every parameter, moment and Adam step count as it was (the stacked torch
+    path and the fused kernel's, the GPU's, alike); its schedule clock moves on with the
+    training step, as the controller's does."""
+    if fused:
+        pytest.importorskip("triton")
+        from increlora_fast import optimizer as optimizer_module
+        from increlora_fast.kernels.utils import interpreter_active
+        if not interpreter_active():
+            pytest.skip("the fused kernel runs on CPU tensors under the Triton interpreter")
+        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: True)
+    model, optimizer, controller = _setup("delta_w")
+    scaler = torch.amp.GradScaler("cpu")
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 16, generator=gen), torch.randint(0, 3, (32,), generator=gen))
+               for _ in range(4)]
+    for step, (x, y) in enumerate(batches[:3]):
+        _fp16_step(model, optimizer, controller, scaler, step, x, y)
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    state = [{k: v.clone() for k, v in s.items()} for s in optimizer.state.values()]
+    x, y = batches[3]
+    x[0, 0] = float("inf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the controller's non-finite score
+        reads = HostReads.count(lambda: _fp16_step(model, optimizer, controller, scaler, 3, x, y))
+    assert reads == []
+    assert scaler.get_scale() == 65536.0 / 2 and optimizer.global_step == 4
+    assert all(torch.equal(params[k], v) for k, v in model.state_dict().items())
+    for before, after in zip(state, optimizer.state.values()):
+        assert all(torch.equal(before[k], after[k]) for k in before)

@@ -164,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default=d.cuda_graphs,
                      help="CUDA graphs for the IncreLoRA training step: auto (default; off "
                           "until the GPU check shows graphs faster with the same accuracy) | on "
-                          "(CUDA, --method increlora, not with --precision fp16; pads to "
+                          "(CUDA, --method increlora; pads to "
                           "--max-seq-len, uses fixed input buffers and replays every step but "
                           "the first two and the allocation rounds from two captured graphs) | "
                           "off")

@@ -20,12 +20,13 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from ..controller import IncreLoRAController
+from ..device_scalar import grad_scaler_scale
 from ..model import get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer
 from ..persistence import atomic_write_bytes
@@ -147,7 +148,7 @@ class IncreLoRACallback(TrainerCallback):
     """
 
     def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True,
-                 loss_scale: Optional[Callable[[], float]] = None) -> None:
+                 loss_scale: Optional[Callable[[], Union[float, torch.Tensor]]] = None) -> None:
         self.controller = controller
         self.apply_regularization = apply_regularization
         self.loss_scale = loss_scale or (lambda: 1.0)
@@ -230,9 +231,9 @@ class IncreLoRATrainer(Trainer):
                                                     apply_regularization=False,
                                                     loss_scale=self._loss_scale).install(self)
 
-    def _loss_scale(self) -> float:
+    def _loss_scale(self) -> Union[float, torch.Tensor]:
         scaler = getattr(self.accelerator, "scaler", None)
-        return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+        return grad_scaler_scale(scaler) if scaler is not None else 1.0
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import ContextManager, Dict, Optional
+from typing import ContextManager, Dict, Optional, Union
 
 import torch
+
+from ..device_scalar import grad_scaler_scale
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -131,9 +133,10 @@ class Placement:
                 .to(self.device, non_blocking=True) for k, v in batch.items()}
 
     @property
-    def loss_scale(self) -> float:
-        """The factor the loss is multiplied by before backward (1 without a scaler)."""
-        return float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+    def loss_scale(self) -> Union[float, torch.Tensor]:
+        """The factor the loss is multiplied by before backward: 1.0 without a scaler, else the
+        scaler's scale as a 0-d device tensor, not read on the host (`grad_scaler_scale`)."""
+        return grad_scaler_scale(self.scaler) if self.scaler is not None else 1.0
 
     def describe(self) -> str:
         """E.g. ``cuda:0 (NVIDIA H100 80GB HBM3), bf16 autocast`` or ``cpu, fp32``."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -78,7 +78,8 @@ class IncreLoRARun(MethodRun):
     def penalty(self) -> Optional[torch.Tensor]:
         return self.controller.regularization_loss()
 
-    def before_optimizer_step(self, step: int, loss_scale: float = 1.0) -> None:
+    def before_optimizer_step(self, step: int,
+                              loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
         self.controller.step(step, loss_scale=loss_scale)
 
     def after_optimizer_step(self, step: int) -> None:

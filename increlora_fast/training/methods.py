@@ -7,7 +7,7 @@ backward, gradient clipping, ``before_optimizer_step(step)``, ``optimizer.step()
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save as safetensors_bytes
@@ -56,7 +56,8 @@ class MethodRun:
         """Extra loss term added before backward (None: nothing to add)."""
         return None
 
-    def before_optimizer_step(self, step: int, loss_scale: float = 1.0) -> None:
+    def before_optimizer_step(self, step: int,
+                              loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
         """Called after backward and gradient clipping, before ``optimizer.step()``;
         ``loss_scale`` is the fp16 GradScaler's factor on the loss (1 otherwise)."""
 

@@ -177,9 +177,6 @@ def validate(s: RunSettings) -> None:
     if s.cuda_graphs == "on":
         _check(s.method == "increlora", "--cuda-graphs", "on",
                f"it is for --method increlora only, not {s.method}; use --cuda-graphs off")
-        _check(s.precision != "fp16", "--cuda-graphs", "on",
-               "it cannot be combined with --precision fp16 (the GradScaler skips steps whose "
-               "gradients overflow, which a captured optimizer step cannot); use bf16 or fp32")
         _check(s.pad_to != "longest", "--cuda-graphs", "on",
                "graphs need batches of one shape, so it cannot be combined with --pad-to "
                "longest; use --pad-to max_length (or leave --pad-to out)")

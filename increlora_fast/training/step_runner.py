@@ -5,7 +5,8 @@
 a step means the same everywhere: forward under the placement's
 autocast, the method's ``penalty()`` (in fp32, outside autocast), backward (fp16: of the
 GradScaler-scaled loss, unscaled before clipping), gradient clipping, ``before_optimizer_step``
-(IncreLoRA's controller), the optimizer step (fp16: the scaler's, skipped on overflow),
+(IncreLoRA's controller), the optimizer step (fp16: the scaler's; `IncreLoRAAdamW` skips an
+overflowed step on the device, other optimizers are skipped by the scaler on the host),
 ``after_optimizer_step`` and ``zero_grad(set_to_none=True)``.
 
 A step reads nothing on the host by itself: `StepRunner.step` returns the task loss and the
@@ -159,7 +160,7 @@ class StepRunner:
 
     def update(self, step: int, zero_grad: bool = True) -> None:
         """Everything after backward: unscale (fp16), clip, ``before_optimizer_step``, the
-        optimizer step (fp16: skipped when the scaled gradients overflowed),
+        optimizer step (fp16: without effect when the scaled gradients overflowed),
         ``after_optimizer_step`` and, with ``zero_grad``, ``zero_grad(set_to_none=True)`` (a
         captured step keeps its gradients: they are the graph's static tensors)."""
         run, scaler = self.run, self.placement.scaler
