@@ -149,6 +149,32 @@ def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypa
     assert seen[1:] == scales[:-1]
 
 
+def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny, tmp_path):
+    """An fp16 run's GradScaler (scale and growth count) is saved with its checkpoint and
+    restored on resume; a resumed run that started from the initial scale again would overflow
+    and skip steps the uninterrupted run does not."""
+    from increlora_fast.training.checkpoint import load_checkpoint, save_checkpoint
+    from increlora_fast.training.finetune_run import build_run
+    from increlora_fast.training.loop import LoopState, train_loop
+    from increlora_fast.training.settings import RunSettings
+
+    settings = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
+                           eval_file=tiny["dev"], batch_size=8, max_seq_len=16, max_steps=4)
+    place = Placement(CPU, "fp16")
+    place.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 30, growth_interval=3)
+    s, _, run, batches = build_run(settings, place)
+    with pytest.warns(RuntimeWarning, match="non-finite"):  # the first steps overflow
+        state = train_loop(run, batches, 4, s.grad_clip, LoopState(), progress=False,
+                           placement=place)
+    saved = place.scaler.state_dict()
+    assert saved["scale"] < 2.0 ** 30  # it backed off: not the initial state
+    save_checkpoint(tmp_path / "ckpt", run, s, state, place.scaler)
+    fresh = Placement(CPU, "fp16")
+    _, _, run, _ = build_run(settings, fresh)
+    assert load_checkpoint(tmp_path / "ckpt", run, fresh.scaler).step == 4
+    assert fresh.scaler.state_dict() == saved
+
+
 def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path, monkeypatch):
     import dataclasses
 

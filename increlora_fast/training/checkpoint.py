@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -73,10 +73,12 @@ def _torch_bytes(obj) -> bytes:
 
 
 def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
-                    state: LoopState) -> Path:
+                    state: LoopState, scaler: Optional[torch.amp.GradScaler] = None) -> Path:
     """Write a checkpoint of ``run`` after ``state.step`` steps into ``directory``; the state's
     pending losses are read first (`LoopState.sync`, which raises FloatingPointError on a
-    non-finite one).
+    non-finite one). ``scaler``: the fp16 run's GradScaler, whose scale and growth count are
+    saved too (a resume that started from the initial scale again would skip steps an
+    uninterrupted run does not).
 
     Raises:
         CheckpointWriteError: the folder could not be written (the message says why, e.g. no
@@ -96,7 +98,9 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                                 "train_seconds": state.train_seconds, "method": run.name,
                                 "optimizer": run.optimizer.state_dict(),
                                 "method_state": method_state, "rng": _rng_state(),
-                                "best": state.best, "pooling": model_pooling(run.model)})
+                                "best": state.best, "pooling": model_pooling(run.model),
+                                "grad_scaler": scaler.state_dict() if scaler is not None
+                                else None})
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         envelope = {"format": STATE_FORMAT, "version": STATE_VERSION,
                     "sha256": hashlib.sha256(payload).hexdigest(), "files": files,
@@ -167,9 +171,12 @@ def read_checkpoint_settings(directory: Path) -> RunSettings:
         raise ValueError(f"{path} is not a valid settings file: {err}") from err
 
 
-def load_checkpoint(directory: Path, run: MethodRun) -> LoopState:
-    """Restore ``run`` (built from the checkpoint's settings) and the RNG states; returns the
-    loop state to continue from. Every file is verified before anything is restored."""
+def load_checkpoint(directory: Path, run: MethodRun,
+                    scaler: Optional[torch.amp.GradScaler] = None) -> LoopState:
+    """Restore ``run`` (built from the checkpoint's settings), the RNG states and, for an fp16
+    run, ``scaler`` (its GradScaler; checkpoints written before it was saved leave it as it
+    is); returns the loop state to continue from. Every file is verified before anything is
+    restored."""
     directory = Path(directory)
     envelope = _verified_envelope(directory)
     # On the CPU first: a state written on a GPU (the optimizer's moments are CUDA tensors) then
@@ -186,5 +193,7 @@ def load_checkpoint(directory: Path, run: MethodRun) -> LoopState:
     run.load_state(directory, blob["method_state"])
     run.optimizer.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
+    if scaler is not None and blob.get("grad_scaler"):
+        scaler.load_state_dict(blob["grad_scaler"])
     return LoopState(step=blob["step"], losses=list(blob["losses"]),
                      train_seconds=blob["train_seconds"], best=blob.get("best"))

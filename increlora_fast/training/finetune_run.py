@@ -227,9 +227,10 @@ def check_finite(run: MethodRun, step: int) -> None:
 
 
 def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
-                  written: List[str]) -> Optional[Callable[[LoopState], None]]:
-    """Saves a checkpoint every ``save_steps`` steps and removes the previous one this run
-    wrote (``written`` collects their names); checkpoints of other runs are never touched."""
+                  written: List[str], place: Placement) -> Optional[Callable[[LoopState], None]]:
+    """Saves a checkpoint every ``save_steps`` steps (with ``place``'s GradScaler, if any) and
+    removes the previous one this run wrote (``written`` collects their names); checkpoints of
+    other runs are never touched."""
     if save_steps <= 0:
         return None
 
@@ -238,7 +239,7 @@ def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
             state.sync(run.name)  # a non-finite loss is named before the parameters are
             check_finite(run, state.step)
             name = f"{CHECKPOINT_PREFIX}{state.step}"
-            save_checkpoint(out / name, run, s, state)
+            save_checkpoint(out / name, run, s, state, place.scaler)
             for old in [w for w in written if w != name]:
                 remove_checkpoint(out / old)
                 written.remove(old)
@@ -399,7 +400,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     cuda_graphs = resolve_cuda_graphs(settings.cuda_graphs, place.device)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place)
-    state = load_checkpoint(Path(resume), run) if resume else LoopState()
+    state = load_checkpoint(Path(resume), run, place.scaler) if resume else LoopState()
     echo(f"{s.method} on {data.name} ({len(batches.train):,} train"
          + (f" + {len(batches.holdout):,} held out" if batches.holdout else "")
          + f" / {len(data.eval):,} dev), "
@@ -419,7 +420,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     written: List[str] = []
     selector = BestState(run, batches, s.select_every, s.max_steps, place) \
         if s.select_best else None
-    checkpointer = _checkpointer(out, run, s, save_steps, written)
+    checkpointer = _checkpointer(out, run, s, save_steps, written, place)
     train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
                on_step_end=_each(selector, checkpointer), placement=place,
                cuda_graphs=cuda_graphs)
