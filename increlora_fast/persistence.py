@@ -437,9 +437,19 @@ def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training
 
 def _check_pooling(pooling: Optional[str], model: nn.Module, directory: Path) -> None:
     """ValueError, one line, when the adapter in ``directory`` records a ``pooling`` that
-    ``model`` cannot be given (`training.pooling.apply_pooling`); None: an adapter saved before
-    the pooling was recorded, taken as it is."""
-    if pooling is None or model_pooling(model) == pooling:
+    ``model`` cannot be given (`training.pooling.apply_pooling`). None: an adapter saved before
+    the pooling was recorded (before 2026-12-05, when ``--pooling mean`` already existed), taken
+    as it is, with a warning where the pooling matters (a model that has mean pooling or could
+    be given it)."""
+    if pooling is None:
+        if mean_pooling_available(model):
+            warnings.warn(f"adapter {directory} records no pooling (saved by an increlora_fast "
+                          "before 2026-12-05); it is loaded into this model as it is, with "
+                          f"{model_pooling(model)} pooling: if it was trained with another "
+                          "--pooling, give the model that one first (apply_pooling) or its "
+                          "predictions differ from training", UserWarning)
+        return
+    if model_pooling(model) == pooling:
         return
     if pooling == "cls":
         raise ValueError(f"adapter {directory} was trained with the model's own CLS pooling, "
