@@ -118,3 +118,26 @@ def test_bad_host_point_is_refused():
     with pytest.raises(SystemExit) as info:
         main(["bench", "--levels", "host", "--host-point", "24x40"])
     assert info.value.code == 2
+
+
+def test_replay_host_refuses_bad_input_and_never_replaces_a_record(tmp_path, capsys):
+    from increlora_fast.benchmarks.speed import replay_host
+    existing = tmp_path / "r.json"
+    existing.write_text("mine")
+    assert replay_host.main(["--json", str(existing)]) == 2
+    assert existing.read_text() == "mine"
+    assert "--json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="preset 'nope' is unknown"):
+        replay_host.measure("nope")
+    with pytest.raises(ValueError, match="warmup=3 must be >= 4"):
+        replay_host.measure(warmup=3)
+
+
+def test_replay_host_times_only_replayed_steps(tmp_path):
+    from increlora_fast.benchmarks.speed import replay_host
+    out = tmp_path / "r.json"
+    assert replay_host.main(["--json", str(out), "--batch", "2", "--seq-len", "8",
+                             "--repeats", "3"]) == 0
+    (record,) = json.loads(out.read_text())
+    assert record["repeats"] == 3 and record["median_us"] > 0
+    assert record["device_ops_per_step"] == 7  # 3 inputs, 2 step fills, loss and tokens out

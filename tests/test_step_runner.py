@@ -163,6 +163,33 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     assert replayed_backoff, f"no overflow in a replayed step: {g_trace}"
 
 
+def test_a_replayed_step_issues_only_its_input_copies_step_fills_and_result_copies(tiny):
+    """Besides its graph launch, a replayed step copies the batch into the static inputs (one
+    op per input), fills the two device step indices (optimizer and controller) and copies out
+    its loss and token count: 7 device ops here, and no host read. The replay is stubbed
+    (`replay_host.NoReplayGraph`), as in the replay host-time benchmark."""
+    from host_reads import HostReads
+    from increlora_fast.benchmarks.speed.replay_host import (NoReplayGraph,
+                                                             replayed_step_device_ops)
+    _, _, run, batches = build_run(_settings(tiny, pad_to="max_length", init_warmup=20,
+                                             incre_interval=20, max_steps=40))
+    graphs: List[NoReplayGraph] = []
+
+    def factory() -> NoReplayGraph:
+        graphs.append(NoReplayGraph())
+        return graphs[-1]
+    runner = StepRunner(run, cuda_graphs=True, graph_factory=factory)
+    batch = batches.train_batch(0)
+    for step in range(6):  # eager warm-up, then each tracking state's first step and capture
+        runner.step(step, batch)
+    replays = sum(g.replays for g in graphs)
+    ops = replayed_step_device_ops(runner, 6, batch)
+    assert sum(g.replays for g in graphs) == replays + 1  # the step was a replay
+    assert sorted(ops) == sorted(["aten.copy_.default"] * len(batch)
+                                 + ["aten.fill_.Scalar"] * 2 + ["aten.clone.default"] * 2)
+    assert HostReads.count(lambda: runner.step(7, batch)) == []
+
+
 def test_cuda_graphs_without_cuda_is_refused(tiny):
     _, _, run, _ = build_run(_settings(tiny))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, the run is on cpu"):

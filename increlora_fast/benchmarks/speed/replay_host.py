@@ -1,0 +1,162 @@
+"""Host work of a training step replayed from CUDA graphs, measured without a GPU.
+
+`StepRunner` with ``cuda_graphs`` on runs every step that is no allocation round (and not one of
+the first eager steps) as one graph replay plus a little host work: the batch copied into the
+static inputs, the step indices the graph reads filled in (`sync_device_step`), the host side of
+the step (`note_replayed_step` of optimizer and controller: counters, the layers' tracking flags)
+and the loss and token count copied out. This module times that host work on CPU with a graph
+stand-in whose replay does nothing (`NoReplayGraph`; its capture runs the step's ops once, as
+they make the step's outputs), and counts the device ops it issues besides the replay and its
+host reads of tensors. ``cudaGraphLaunch`` itself (a few µs on a GPU) is not included.
+
+At the main job's shape (MiniLM-L6, batch 32 x 64, the issue-27 target of 60,000 tokens/s means
+34 ms per step) this says how much of a graphed step the host needs at the least; the GPU time
+of the replay is for ``gpu-check``'s ``increlora-graphs`` rows.
+
+``python -m increlora_fast.benchmarks.speed.replay_host --json PATH`` writes one record.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+LEVEL = "replay_host"
+
+
+class NoReplayGraph:
+    """The capture/replay interface of `training.cuda_graphs.CUDAStepGraph` with a replay that
+    does nothing but count: the host work around a replay, without the replay."""
+
+    def __init__(self) -> None:
+        self.replays = 0
+
+    @contextlib.contextmanager
+    def capture(self) -> Iterator[None]:
+        yield
+
+    def replay(self) -> None:
+        self.replays += 1
+
+
+class _DeviceOps(TorchDispatchMode):
+    """Collects the aten ops run inside it (each one a kernel launch on a GPU)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: List[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def replayed_step_device_ops(runner, step: int, batch: Dict[str, torch.Tensor]) -> List[str]:
+    """The aten ops one ``runner.step(step, batch)`` runs; on a replayed step with a
+    `NoReplayGraph`, the device ops a GPU step issues besides its graph launch."""
+    with _DeviceOps() as ops:
+        runner.step(step, batch)
+    return ops.ops
+
+
+def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int = 64,
+            warmup: int = 6, repeats: int = 200) -> dict:
+    """One record: median and minimum µs of host time per replayed step of ``preset_name`` at
+    ``batch_size`` x ``seq_len`` (random weights, IncreLoRA as `finetune` builds it, no round
+    due in the timed steps), the device ops per replayed step and their names. ``warmup``
+    steps (at least 4: the eager steps and both captures) run first, untimed."""
+    from ...config import IncreLoRAConfig
+    from ...training.device import Placement
+    from ...training.increlora_method import IncreLoRARun
+    from ...training.step_runner import StepRunner
+    from .model_presets import MODEL_PRESETS
+
+    if preset_name not in MODEL_PRESETS:
+        raise ValueError(f"replay host time: preset {preset_name!r} is unknown: use one of "
+                         f"{sorted(MODEL_PRESETS)}")
+    for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
+                             ("warmup", warmup, 4), ("repeats", repeats, 1)):
+        if value < low:
+            raise ValueError(f"replay host time: {name}={value} must be >= {low}")
+    preset = MODEL_PRESETS[preset_name]
+    torch.manual_seed(0)
+    model = preset.build(torch.device("cpu")).train()
+    total = warmup + repeats + 1
+    # Rounds only after the timed steps: every timed step is a replay.
+    config = IncreLoRAConfig(target_modules=list(preset.targets), r_max=8, init_r=1,
+                             target_rank=2, init_warmup=total, incre_interval=total,
+                             modules_to_save=list(preset.modules_to_save),
+                             total_step=2 * total)
+    method = IncreLoRARun.from_config(model, config, lr=1e-3, weight_decay=0.01)
+    graphs: List[NoReplayGraph] = []
+
+    def factory() -> NoReplayGraph:
+        graphs.append(NoReplayGraph())
+        return graphs[-1]
+    runner = StepRunner(method, Placement(torch.device("cpu"), "fp32"), grad_clip=1.0,
+                        cuda_graphs=True, graph_factory=factory)
+    gen = torch.Generator().manual_seed(2)
+    shape = (batch_size, seq_len)
+    batches = [{"input_ids": torch.randint(1, preset.vocab_size, shape, generator=gen),
+                "attention_mask": torch.ones(shape, dtype=torch.long),
+                "labels": torch.randint(0, 2, (batch_size,), generator=gen)} for _ in range(4)]
+    for i in range(warmup):
+        runner.step(i, batches[i % 4])
+    before = sum(g.replays for g in graphs)
+    times = []
+    for i in range(warmup, warmup + repeats):
+        start = time.perf_counter()
+        runner.step(i, batches[i % 4])
+        times.append((time.perf_counter() - start) * 1e6)
+    replays = sum(g.replays for g in graphs) - before
+    if replays != repeats:
+        raise RuntimeError(f"replay host time: {repeats - replays} of {repeats} timed steps "
+                           "were not replays")
+    ops = replayed_step_device_ops(runner, warmup + repeats, batches[0])
+    return {"level": LEVEL, "status": "ok", "model": preset_name,
+            "batch": f"{batch_size}x{seq_len}", "n_targets": preset.n_targets,
+            "median_us": statistics.median(times), "min_us": min(times), "repeats": repeats,
+            "device_ops_per_step": len(ops), "device_ops": sorted(set(ops)),
+            "device": "cpu", "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d"),
+            "note": "graph replay stubbed (NoReplayGraph): host work per replayed step only"}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m increlora_fast.benchmarks.speed.replay_host --json PATH``."""
+    parser = argparse.ArgumentParser(prog="python -m increlora_fast.benchmarks.speed.replay_host",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--json", required=True, metavar="PATH", help="the record to write")
+    parser.add_argument("--model", default="minilm-l6", help="model preset (default minilm-l6)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--seq-len", type=int, default=64, help="tokens per row (default 64)")
+    parser.add_argument("--repeats", type=int, default=200, help="timed steps (default 200)")
+    args = parser.parse_args(argv)
+    if Path(args.json).exists():  # never replace a record this run did not write
+        print(f"error: --json {args.json} exists; give a new path", file=sys.stderr)
+        return 2
+    try:
+        record = measure(args.model, args.batch, args.seq_len, repeats=args.repeats)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    with open(args.json, "w") as f:
+        json.dump([record], f, indent=1)
+    print(f"{record['model']} {record['batch']}: {record['median_us']:.1f} us per replayed step "
+          f"(min {record['min_us']:.1f}), {record['device_ops_per_step']} device ops besides "
+          "the replay")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
