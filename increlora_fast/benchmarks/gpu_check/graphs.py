@@ -232,6 +232,8 @@ def check_graphs(device: torch.device, plan: "CheckPlan", env: Dict, log: Callab
         else:
             log(f"graphs {precision}: {record['status']}, {record['replays']} replays, "
                 f"param diff {record['max_param_diff']}, loss diff {record['max_loss_diff']}"
+                + (f", {record['overflows']} overflows ({record['overflows_replayed']} "
+                   "replayed)" if record.get("overflows") is not None else "")
                 + (f" ({record['note']})" if record["note"] else ""))
     bad = [r for r in records if r["status"] != "skipped" and not r["ok"]]
     return {"records": records,
