@@ -77,7 +77,8 @@ def test_dry_run_passes_every_part(dry_run):
     assert report["kind"] == "gpu_check" and report["dry_run"] is True
     assert report["status"] == "ok" and report["failed_parts"] == []
     assert list(report["parts"]) == list(PARTS)
-    assert PARTS == ("kernels", "finetune", "model", "qlora", "layer")  # the gate, then the job
+    # the gates (kernels, graphed steps equal eager ones), then the job
+    assert PARTS == ("kernels", "graphs", "finetune", "model", "qlora", "layer")
     assert [line.split()[1] for line in proc.stdout.splitlines()
             if line.startswith("[gpu-check]") and line.endswith("...")] == list(PARTS)
     for name, part in report["parts"].items():
@@ -93,6 +94,10 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     _, report, _, out = dry_run
     kernels = report["parts"]["kernels"]["records"]
     assert kernels and all(set(KERNEL_KEYS) <= set(r) and r["ok"] for r in kernels)
+    graphed = report["parts"]["graphs"]["records"]  # CUDA only: a reason, never a number
+    assert [r["precision"] for r in graphed] == ["fp32", "bf16", "fp16"]
+    assert all(r["status"] == "skipped" and r["note"].startswith("skipped: needs CUDA")
+               and r["max_param_diff"] is None and r["replays"] is None for r in graphed)
     layer = report["parts"]["layer"]["records"]
     assert {r["method"] for r in layer if r["status"] == "ok"} == set(LAYER_METHODS_CHECKED)
     assert all(r["dtype"] == "bf16" and r["phase"] == "fwd+bwd" for r in layer)
@@ -181,7 +186,9 @@ def test_dry_run_markdown_reports_every_part(dry_run):
                  "| increlora-graphs | skipped | skipped: needs CUDA", "| graphs-on |",
                  "| --method lora |", "x_lora_tokens_per_s", "launches_per_call",
                  "tiny-llama nf4 b2x8", "Issue 27 targets", "cublas_ms",
-                 "`--cuda-graphs auto` on CUDA: undecided"):
+                 "`--cuda-graphs auto` on CUDA: undecided",
+                 "0 of 3 precisions ran", "| fp16 | skipped | 16 |",
+                 "graphs part did not run on CUDA"):
         assert text in md, text
 
 

@@ -177,3 +177,46 @@ def test_the_aten_design_of_the_dy_pass_computes_what_the_kernels_do(states):
     torch.testing.assert_close(dx_aten, dx, rtol=1e-10, atol=1e-10)
     for mine, theirs in zip(got, (d_a, d_b, d_lam)):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def _graph_record(precision, ok=True, device_type="cuda", **extra):
+    """A ``graphs`` part record as `graphs.graph_agreement` writes it."""
+    record = dict(precision=precision, steps=16, device=f"{device_type}:0",
+                  device_type=device_type, status="ok" if ok else "failed", ok=ok,
+                  note=None if ok else "parameters differ by 0.02 > 1e-05 x 1", replays=4,
+                  ranks_equal=True, max_param_diff=0.0 if ok else 0.02, max_loss_diff=0.0)
+    return dict(record, **extra)
+
+
+def test_graphed_step_verdict_and_auto_follow_the_graphs_part():
+    """The graphs part: met when every precision that ran on CUDA agreed, missed (and
+    ``--cuda-graphs auto`` off, whatever the main job says) when one did not, not measurable
+    when nothing ran on CUDA; skipped precisions are not read."""
+    report, *_ = _report(random.Random(5))  # its main job says: graphs on
+    assert _status(v.issue27_verdicts(report), "graphs_equal") == ["not measurable"]
+    fp16 = _graph_record("fp16", loss_scale=65536.0, loss_scale_graphed=65536.0, overflows=5,
+                         overflows_replayed=2)
+    skipped = dict(_graph_record("bf16"), status="skipped", ok=None, note="skipped: no bf16",
+                   max_param_diff=None, max_loss_diff=None, replays=None)
+    report["parts"]["graphs"] = {"records": [_graph_record("fp32"), skipped, fp16]}
+    (verdict,) = [x for x in v.issue27_verdicts(report) if x.target == v.NAMES["graphs_equal"]]
+    assert verdict.status == "met" and "bf16" not in verdict.detail
+    assert "fp16 ok (4 replays" in verdict.detail and "5 overflows (2 replayed)" in verdict.detail
+    assert v.cuda_graphs_auto(report)[0] is True
+    report["parts"]["graphs"]["records"][2] = dict(fp16, ok=False, status="failed",
+                                                   note="loss scales differ")
+    assert _status(v.issue27_verdicts(report), "graphs_equal") == ["missed"]
+    decision, why = v.cuda_graphs_auto(report)
+    assert decision is False
+    assert why.startswith("off (graphed steps disagree with eager ones in fp16): fp16 DIFFERS")
+    assert "loss scales differ" in why
+    report["parts"]["graphs"]["records"] = [
+        dict(_graph_record("fp32", ok=False), replays=None, max_param_diff=None,
+             max_loss_diff=None, note="RuntimeError: capture failed")]
+    assert "fp32 failed: RuntimeError: capture failed" in v.cuda_graphs_auto(report)[1]
+    cpu = [_graph_record(p, ok=False, device_type="cpu") for p in ("fp32", "fp16")]
+    report["parts"]["graphs"]["records"] = cpu  # an emulated run says nothing about CUDA
+    assert _status(v.issue27_verdicts(report), "graphs_equal") == ["not measurable"]
+    assert v.cuda_graphs_auto(report)[0] is True
+    text = gpu_check_markdown(dict(report, environment=dict(ENV), status="ok"))
+    assert v.NAMES["graphs_equal"] in text and "(b) graphed training steps" in text

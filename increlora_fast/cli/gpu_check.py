@@ -1,11 +1,12 @@
 """`increlora-fast gpu-check`: check the GPU path in one command and write the evidence.
 
-On one CUDA GPU (under 6 minutes): the kernel correctness suite, the main fine-tune with and
-without CUDA graphs and with LoRA (accuracy, tokens/s), model-level training steps against the
-frozen floor, peft LoRA (eager and compiled) and AdaLoRA, the same on a 4-bit base, and the layer
-benchmark with launches and host time per call, into
-``--out DIR`` as ``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy
-sizes (on a machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
+On one CUDA GPU (under 6 minutes): the kernel correctness suite, a tiny BERT trained eagerly and
+with the step replayed from CUDA graphs in fp32, bf16 and fp16 (do they agree?), the main
+fine-tune with and without CUDA graphs and with LoRA (accuracy, tokens/s), model-level training
+steps against the frozen floor, peft LoRA (eager and compiled) and AdaLoRA, the same on a 4-bit
+base, and the layer benchmark with launches and host time per call, into ``--out DIR`` as
+``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy sizes (on a
+machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
 fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``, or a
 compact one written by ``--pack-assets DIR``).
 Exit code 0 when every part passed, 1 when one failed, 2 for bad arguments.
@@ -18,7 +19,7 @@ import sys
 from pathlib import Path
 
 # The order they run in, the most important first (benchmarks.gpu_check.parts.PARTS).
-PART_NAMES = ("kernels", "finetune", "model", "qlora", "layer")
+PART_NAMES = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
 
 
 def _parts(text: str):

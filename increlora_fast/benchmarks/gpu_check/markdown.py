@@ -22,12 +22,16 @@ FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "
                     "steps", "device", "precision", "tokens_per_second", "x_lora_tokens_per_s",
                     "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
                     "note")
+GRAPHS_COLUMNS = ("precision", "status", "steps", "replays", "ranks_equal", "max_param_diff",
+                  "max_loss_diff", "tol", "loss_scale", "loss_scale_graphed", "overflows",
+                  "overflows_replayed", "note")
 PART_TITLES = OrderedDict((
     ("kernels", "(a) kernel correctness against float64 references"),
-    ("finetune", "(b) the main fine-tune on the device"),
-    ("model", "(c) model training step"),
-    ("qlora", "(d) model training step on a 4-bit NF4 base"),
-    ("layer", "(e) layer fwd+bwd, bf16; launches and host time per call"),
+    ("graphs", "(b) graphed training steps against eager ones (tiny BERT, fp32/bf16/fp16)"),
+    ("finetune", "(c) the main fine-tune on the device"),
+    ("model", "(d) model training step"),
+    ("qlora", "(e) model training step on a 4-bit NF4 base"),
+    ("layer", "(f) layer fwd+bwd, bf16; launches and host time per call"),
 ))
 
 
@@ -85,6 +89,20 @@ def kernel_section(part: Dict) -> List[str]:
     if bad:
         lines += ["", "Failing cases:", ""] + _table(bad, KERNEL_COLUMNS)
     return lines
+
+
+def graphs_section(part: Dict) -> List[str]:
+    """One row per precision: replays, rank patterns, the largest differences against the
+    eager run and, for fp16, the loss scales and overflows."""
+    records = part.get("records", [])
+    if not records:
+        return []
+    ran = [r for r in records if r.get("status") != "skipped"]
+    lines = [f"{len(ran)} of {len(records)} precisions ran, "
+             f"{sum(1 for r in ran if not r.get('ok'))} disagreed with the eager run "
+             "(differences: max |graphed - eager| of the trainable parameters and of the "
+             "per-step losses; tol: relative to max(1, the eager magnitude)).", ""]
+    return lines + _table(records, GRAPHS_COLUMNS)
 
 
 def layer_section(part: Dict) -> List[str]:
@@ -155,8 +173,8 @@ def issue27_section(report: Dict) -> List[str]:
     return _verdict_table(issue27_verdicts(report)) + ["", f"`--cuda-graphs auto` on CUDA: {why}"]
 
 
-SECTIONS = {"kernels": kernel_section, "layer": layer_section, "model": model_section,
-            "qlora": model_section, "finetune": finetune_section}
+SECTIONS = {"kernels": kernel_section, "graphs": graphs_section, "layer": layer_section,
+            "model": model_section, "qlora": model_section, "finetune": finetune_section}
 
 
 def part_sections(report: Dict, level: str = "##", tables: Sequence[str] = tuple(SECTIONS)
@@ -198,9 +216,9 @@ def gpu_check_markdown(report: Dict) -> str:
 
 
 def results_section(report: Dict) -> List[str]:
-    """A gpu-check in ``bench/RESULTS.md``: environment, part status, kernel and fine-tune
-    tables, targets (its layer and model records form a run section of their own)."""
+    """A gpu-check in ``bench/RESULTS.md``: environment, part status, kernel, graphed-step and
+    fine-tune tables, targets (its layer and model records form a run section of their own)."""
     env = report.get("environment", {})
     out = [f"## GPU check: {env.get('device')} ({report.get('date')}): "
            f"{report.get('status')}", ""] + _environment(report) + [""]
-    return out + part_sections(report, "###", tables=("kernels", "finetune"))
+    return out + part_sections(report, "###", tables=("kernels", "graphs", "finetune"))

@@ -1,8 +1,11 @@
-"""`increlora-fast gpu-check`: the one-shot check of the GPU path, in five parts, the most
+"""`increlora-fast gpu-check`: the one-shot check of the GPU path, in six parts, the most
 important first (a check stopped from outside keeps what it finished):
 
 - ``kernels``: the kernel correctness suite (`increlora_fast.kernels.checks.run_kernel_checks`)
   against float64 references, the gate for every number below;
+- ``graphs``: a tiny random BERT classifier trained the same steps eagerly and with the step
+  replayed from CUDA graphs, in fp32, bf16 and fp16 (GradScaler, overflowing steps included):
+  whether the graphed run agrees with the eager one (`graphs.graph_agreement`; seconds);
 - ``finetune``: the main job, `increlora-fast finetune` on the device, run three times
   (`FINETUNE_RUNS`): ``--cuda-graphs on``, ``--cuda-graphs off`` and ``--method lora``, each
   with its dev accuracy and tokens/s, and ours/lora in tokens/s;
@@ -43,12 +46,14 @@ import torch
 
 from ..speed.host_overhead import HostPlan
 from ..speed.plans import LayerPlan, ModelPlan
+from .graphs import STEPS as GRAPH_STEPS
+from .graphs import check_graphs
 
 JSON_FILE = "gpu_check.json"
 MD_FILE = "gpu_check.md"
 FINETUNE_DIR = "finetune"
 KIND = "gpu_check"
-PARTS = ("kernels", "finetune", "model", "qlora", "layer")
+PARTS = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
 LAYER_METHODS_CHECKED = ("floor", "peft-lora", "increlora-triton", "increlora-triton+score",
                          "increlora-triton-fused", "increlora-triton-fused+score")
 MODEL_METHODS_CHECKED = ("floor", "peft-lora", "peft-lora-compiled", "peft-adalora",
@@ -84,6 +89,8 @@ class CheckPlan:
     min_accuracy: Optional[float] = None
     # (in, out, tokens) of the adapter's pass over dy against cuBLAS dy W (r_max: the layer's)
     dy_pass: List[Tuple[int, int, int]] = field(default_factory=list)
+    # training steps of each eager and graphed tiny-BERT run of the graphs part
+    graph_steps: int = GRAPH_STEPS
 
 
 def full_plan() -> CheckPlan:
@@ -93,6 +100,8 @@ def full_plan() -> CheckPlan:
 
     - kernels, the quick suite (every variant and dtype, small shapes): about 50 s, mostly
       Triton compiling each variant once (later parts reuse the builds);
+    - graphs, a tiny BERT trained 16 steps twice in each of three precisions: seconds of
+      training (not timed on a GPU yet), plus compiling any Triton variant the suite did not;
     - finetune, three runs: about 135 s (50 s each of ours, graphs on below that, LoRA 35 s);
     - model, three presets x five measured methods, 20 steps each: about 115 s, of which
       torch.compile's first step is about 25-40 s per preset;
@@ -460,6 +469,7 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
         "parts": {}, "status": "running", "notes": list(notes or [])}
     runners = {
         "kernels": lambda: check_kernels(device, plan, env, log),
+        "graphs": lambda: check_graphs(device, plan, env, log),
         "layer": lambda: check_layer(device, plan, env, log),
         "model": lambda: check_model(device, plan, env, log),
         "qlora": lambda: check_qlora(device, plan, env, log),

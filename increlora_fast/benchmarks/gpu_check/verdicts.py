@@ -17,7 +17,11 @@ reason where it does not. The targets (H200, bf16):
   the median after the budget is reached;
 - the main job: >= 60,000 training tokens/s, dev accuracy 0.81 or more (to two decimals), >= 3x
   ``--method lora`` in the same check, and graphed and eager runs with the same rank pattern and
-  dev accuracy within 0.005.
+  dev accuracy within 0.005;
+- the graphed step itself (the ``graphs`` part): a tiny BERT trained eagerly and replayed from
+  CUDA graphs in fp32, bf16 and fp16 gives the same rank pattern, parameters and losses within
+  the part's tolerances (`graphs.graph_agreement`). A precision that disagrees also turns
+  ``--cuda-graphs auto`` off.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ NAMES = {
     "job_accuracy": "main job dev accuracy 0.81 or more",
     "job_x_lora": f"main job >= {MAIN_JOB_X_LORA:g}x --method lora",
     "job_graphs_same": "graphed and eager main job: same rank pattern, accuracy within 0.005",
+    "graphs_equal": "graphed steps equal eager (tiny BERT, fp32/bf16/fp16)",
 }
 
 
@@ -222,17 +227,52 @@ def main_job_verdicts(report: Dict) -> List[Verdict]:
     return out
 
 
+def _graph_records(report: Dict) -> List[dict]:
+    """The records of the ``graphs`` part that ran on CUDA (skipped ones left out)."""
+    records = report.get("parts", {}).get("graphs", {}).get("records", [])
+    return [r for r in records if r.get("device_type") == "cuda" and r.get("status") != "skipped"]
+
+
+def _graph_detail(r: dict) -> str:
+    """One precision of the ``graphs`` part in words."""
+    if r.get("status") == "failed" and r.get("replays") is None:  # it raised
+        return f"{r['precision']} failed: {r.get('note')}"
+    text = (f"{r['precision']} {'ok' if r.get('ok') else 'DIFFERS'} ({r.get('replays')} "
+            f"replays, params {r.get('max_param_diff'):.2g}, losses "
+            f"{r.get('max_loss_diff'):.2g}")
+    if r.get("overflows") is not None:
+        text += f", {r['overflows']} overflows ({r.get('overflows_replayed')} replayed)"
+    return text + (f"; {r['note']}" if r.get("note") else "") + ")"
+
+
+def graph_step_verdicts(report: Dict) -> List[Verdict]:
+    """The graphed step against the eager one, per precision, from the ``graphs`` part."""
+    ran = _graph_records(report)
+    if not ran:
+        return [_unmeasurable("graphs_equal", "the graphs part did not run on CUDA")]
+    return [_verdict("graphs_equal", all(r.get("ok") for r in ran),
+                     "; ".join(_graph_detail(r) for r in ran))]
+
+
 def issue27_verdicts(report: Dict) -> List[Verdict]:
-    """Every issue-27 target of one gpu-check report, in the issue's order."""
+    """Every issue-27 target of one gpu-check report, in the issue's order, then the graphed
+    step's agreement with the eager one."""
     records = gpu_check_records(report)
     return (layer_verdicts(records) + host_verdicts(records) + model_verdicts(records)
-            + main_job_verdicts(report))
+            + main_job_verdicts(report) + graph_step_verdicts(report))
 
 
 def cuda_graphs_auto(report: Dict) -> Tuple[Optional[bool], str]:
-    """What this run says ``--cuda-graphs auto`` should do on CUDA: True (turn graphs on) when
-    the graphed main job is faster than the eager one and trained the same run, False when it
-    is not, None when the run cannot tell; with the reason."""
+    """What this run says ``--cuda-graphs auto`` should do on CUDA: False when a precision of
+    the ``graphs`` part disagreed with the eager run on CUDA (whatever the main job says);
+    otherwise True (turn graphs on) when the graphed main job is faster than the eager one and
+    trained the same run, False when it is not, None when the run cannot tell; with the
+    reason."""
+    bad = [r for r in _graph_records(report) if not r.get("ok")]
+    if bad:
+        return False, ("off (graphed steps disagree with eager ones in "
+                       f"{', '.join(r['precision'] for r in bad)}): "
+                       + "; ".join(_graph_detail(r) for r in bad))
     runs = _finetune_runs(report)
     on, off = runs.get("graphs-on"), runs.get("graphs-off")
     if not (on and off):

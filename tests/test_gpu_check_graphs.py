@@ -1,0 +1,144 @@
+"""gpu-check part ``graphs`` (`gpu_check.graphs`): a tiny BERT trained eagerly and with its step
+replayed from graphs must agree in fp32, bf16 and fp16. On CPU the graphs are
+`graph_emulator.EmulatedGraph` (captured aten ops and launches replayed on the captured tensors);
+without a graph factory the part records each precision as skipped, never with numbers."""
+from __future__ import annotations
+
+from typing import List
+
+import pytest
+import torch
+
+from graph_emulator import EmulatedGraph, kernels_loaded_before_capture
+from increlora_fast.benchmarks.gpu_check import graphs
+from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES, graphs_section
+from increlora_fast.benchmarks.gpu_check.parts import PARTS, dry_run_plan
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_replayed_tiny_bert_agrees_with_the_eager_run(precision):
+    made: List[EmulatedGraph] = []
+
+    def factory() -> EmulatedGraph:
+        made.append(EmulatedGraph())
+        return made[-1]
+    r = graphs.graph_agreement(CPU, precision, graph_factory=factory)
+    assert r["status"] == "ok" and r["ok"] is True and r["note"] is None, r
+    assert r["ranks_equal"] and r["total_rank"] == r["total_rank_graphed"] > 6  # ranks grew
+    assert r["rounds"] == r["rounds_graphed"] == 3  # eager rounds inside the run
+    assert r["replays"] >= 4 and r["replays"] == sum(g.replays for g in made)
+    assert r["captures"] == len(made) >= 2
+    # the emulator replays the very ops of the capture: bit for bit
+    assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0
+    assert r["final_loss"] == r["final_loss_graphed"]
+    if precision == "fp16":
+        assert r["overflows"] == r["overflows_graphed"] >= 1
+        assert r["overflows_replayed"] >= 1  # a replayed step overflowed and was skipped
+        assert r["loss_scale"] == r["loss_scale_graphed"]
+    else:
+        assert "loss_scale" not in r
+
+
+@pytest.mark.slow  # about 70 s: every adapted layer's kernels under the Triton interpreter
+def test_replayed_fp16_steps_agree_on_the_triton_path(monkeypatch):
+    """The path a GPU takes (Triton kernels, here under the interpreter): fp16 replays, an
+    overflowing one included, agree bit for bit, and no kernel is first launched inside a
+    capture (CUDA refuses that)."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
+    from increlora_fast.kernels.utils import interpreter_active
+    if not interpreter_active():
+        pytest.skip("the Triton path on CPU needs the interpreter")
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    reset_launch_counts()
+    with kernels_loaded_before_capture():
+        r = graphs.graph_agreement(CPU, "fp16", graph_factory=EmulatedGraph)
+    assert launch_counts().get("_score_tiles_kernel", 0) > 0  # the Triton path was taken
+    assert r["ok"] is True and r["replays"] >= 4 and r["overflows_replayed"] >= 1, r
+    assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0
+
+
+class _ReplayDoesNothing(EmulatedGraph):
+    """A graph whose replays run nothing (a capture that recorded the wrong stream)."""
+
+    def replay(self) -> None:
+        if self._skip_next_replay:
+            self._skip_next_replay = False
+            return
+        self.replays += 1
+
+
+def test_replays_that_do_nothing_fail_the_check():
+    r = graphs.graph_agreement(CPU, "fp32", graph_factory=_ReplayDoesNothing)
+    assert r["replays"] >= 4 and r["ok"] is False and r["status"] == "failed"
+    assert r["max_param_diff"] > 1e-5 and "parameters differ by" in r["note"]
+
+
+def test_a_perturbed_graphed_run_fails_in_fp16(monkeypatch):
+    """A graphed run whose losses are off by a few thousandths: beyond the fp16 tolerance."""
+    real = graphs.train_tiny
+
+    def perturbed(device, precision, steps, cuda_graphs, graph_factory=None):
+        out = real(device, precision, steps, cuda_graphs, graph_factory)
+        if cuda_graphs:
+            out["losses"] = out["losses"] + 5e-3
+        return out
+    monkeypatch.setattr(graphs, "train_tiny", perturbed)
+    r = graphs.graph_agreement(CPU, "fp16", graph_factory=EmulatedGraph)
+    assert r["ok"] is False and "losses differ by 0.005" in r["note"]
+    assert r["max_loss_diff"] == pytest.approx(5e-3, rel=1e-3) and r["max_param_diff"] == 0.0
+
+
+def test_without_cuda_every_precision_is_skipped_with_its_reason():
+    logged: List[str] = []
+    part = graphs.check_graphs(CPU, dry_run_plan(), {}, logged.append)
+    assert part["error"] is None
+    assert [r["precision"] for r in part["records"]] == ["fp32", "bf16", "fp16"]
+    for r in part["records"]:
+        assert r["status"] == "skipped" and r["note"].startswith("skipped: needs CUDA")
+        assert r["ok"] is None and r["max_param_diff"] is None and r["replays"] is None
+        assert r["device_type"] == "cpu"
+    assert len(logged) == 3 and all("needs CUDA" in line for line in logged)
+
+
+def test_a_precision_that_raises_or_disagrees_fails_the_part(monkeypatch):
+    real = graphs.graph_agreement
+
+    def agreement(device, precision, steps, graph_factory=None):
+        if precision == "bf16":
+            raise RuntimeError("capture failed")
+        return real(device, precision, steps, graph_factory)
+    monkeypatch.setattr(graphs, "graph_agreement", agreement)
+    part = graphs.check_graphs(CPU, dry_run_plan(), {}, lambda line: None,
+                               graph_factory=_ReplayDoesNothing, precisions=("bf16", "fp32"))
+    bf16, fp32 = part["records"]
+    assert bf16["status"] == "failed" and bf16["ok"] is False
+    assert bf16["note"] == "RuntimeError: capture failed"
+    assert fp32["status"] == "failed" and fp32["replays"] >= 4  # still ran after bf16 raised
+    assert part["error"].startswith("bf16: RuntimeError: capture failed; fp32: ")
+    assert "parameters differ by" in part["error"]
+
+
+def test_bad_arguments_are_refused():
+    with pytest.raises(ValueError, match="precision 'fp8' is invalid"):
+        graphs.graph_agreement(CPU, "fp8", graph_factory=EmulatedGraph)
+    with pytest.raises(ValueError, match="steps=3 is too few"):
+        graphs.graph_agreement(CPU, "fp32", steps=3, graph_factory=EmulatedGraph)
+
+
+def test_the_part_runs_second_and_has_a_table():
+    assert PARTS[:2] == ("kernels", "graphs")
+    assert list(PART_TITLES) == list(PARTS)
+    assert [t[:3] for t in PART_TITLES.values()] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
+    part = {"records": [graphs.skipped(CPU, "fp32", 16, "skipped: needs CUDA"),
+                        dict(graphs.skipped(CPU, "fp16", 16, ""), status="ok", ok=True,
+                             note=None, replays=4, ranks_equal=True, max_param_diff=0.0,
+                             max_loss_diff=0.0, tol=1e-3, loss_scale=65536.0,
+                             loss_scale_graphed=65536.0, overflows=5, overflows_replayed=1)]}
+    text = "\n".join(graphs_section(part))
+    assert text.startswith("1 of 2 precisions ran, 0 disagreed")
+    assert "| fp32 | skipped | 16 | - | - | - | - | - | - | - | - | - | skipped: needs CUDA |" \
+        in text
+    assert "| fp16 | ok | 16 | 4 | True | 0 | 0 | 0.001 | 65,536 | 65,536 | 5 | 1 | - |" in text
