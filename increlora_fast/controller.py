@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import IncreLoRAConfig
-from .device_scalar import DeviceScalar
+from .device_scalar import DeviceScalar, refresh_in_place
 from .layer import IncreLoRALinear, SlotState
 from .model import get_config, increlora_layers
 
@@ -95,6 +95,10 @@ class IncreLoRAController:
             groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
         self._penalty_groups: List[List[IncreLoRALinear]] = list(groups.values())
         self._penalty_masks: Dict[int, tuple] = {}
+        # Counts the penalty's cached masks made as new tensors rather than refreshed in place
+        # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
+        # tensors the step no longer uses.
+        self.cache_epoch = 0
         self.allocation_log: List[dict] = []
         self.budget_reached = False
         self.round_pending = False
@@ -234,6 +238,7 @@ class IncreLoRAController:
         self.round_pending = not bool(finite)
         if not self.round_pending:
             self._allocate(step)
+            self.refresh_cached_masks()
 
     def sync_device_step(self, step: int) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copy of the
@@ -395,9 +400,21 @@ class IncreLoRAController:
                                 else m.slot_state != SlotState.INACTIVE for m in members])
             trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
             w = used.to(lora_a.dtype)
-            cached = (key, trains, w, torch.diag_embed(w))
+            masks, replaced = refresh_in_place(None if cached is None else cached[1],
+                                               (trains, w, torch.diag_embed(w)))
+            self.cache_epoch += replaced
+            cached = (key, masks)
             self._penalty_masks[index] = cached
-        return cached[1], cached[2], cached[3]
+        return cached[1]
+
+    def refresh_cached_masks(self) -> None:
+        """Bring the penalty's cached masks up to date with the layers' slots now, in place. An
+        allocation round calls it, so that a step replayed from a CUDA graph captured before the
+        round (which does not run the Python that would refresh them) reads the new masks."""
+        if self.config.orth_reg_weight == 0:
+            return
+        for index, members in enumerate(self._penalty_groups):
+            self._penalty_group_masks(index, members)
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

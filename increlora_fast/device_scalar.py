@@ -4,7 +4,7 @@ the value it holds is stale, which outside a graph happens before the read and, 
 through an explicit `sync` before it. So no step number is baked into a graph."""
 from __future__ import annotations
 
-from typing import Dict, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 
@@ -43,3 +43,18 @@ def grad_scaler_scale(scaler: "torch.amp.GradScaler") -> Union[float, torch.Tens
         return 1.0
     scale = getattr(scaler, "_get_scale_async", lambda: None)()
     return scale if scale is not None else float(scaler.get_scale())
+
+
+def refresh_in_place(old: Optional[Tuple[torch.Tensor, ...]], new: Tuple[torch.Tensor, ...]
+                     ) -> Tuple[Tuple[torch.Tensor, ...], bool]:
+    """``new``'s values held by ``old``'s tensors, when there are old tensors of the same
+    shapes, dtypes and devices: a CUDA graph that captured ``old`` then reads the new values.
+    Otherwise ``new`` itself. Returns (the tensors, whether they are other objects than
+    ``old``'s, which a captured graph does not read)."""
+    if old is not None and len(old) == len(new) and all(
+            o.shape == n.shape and o.dtype == n.dtype and o.device == n.device
+            for o, n in zip(old, new)):
+        for o, n in zip(old, new):
+            o.copy_(n)
+        return old, False
+    return new, True

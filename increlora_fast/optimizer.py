@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .config import IncreLoRAConfig
-from .device_scalar import DeviceScalar
+from .device_scalar import DeviceScalar, refresh_in_place
 from .functional import select_backend
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
@@ -129,8 +129,13 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._seen_version: Dict[int, int] = {}
         # layer -> (its _layout_key, its trainable_slot_masks()).
         self._layer_masks: Dict[IncreLoRALinear, Tuple[tuple, Tuple[torch.Tensor, ...]]] = {}
-        # (group index, device) -> (key, flat mask, its float32 split per tensor, flat start).
+        # (group index, device) -> (key, (flat mask, its float32 copy, flat start), that copy
+        # split per tensor).
         self._flat: Dict[tuple, tuple] = {}
+        # Counts the cached masks and starts made as new tensors rather than refreshed in place
+        # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
+        # tensors the step no longer uses.
+        self.cache_epoch = 0
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
@@ -250,17 +255,24 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         cached = self._flat.get(where)
         if cached is None or cached[0] != key:
             mask = torch.cat([s.mask for s in slots])
-            parts = list(mask.to(torch.float32).split([len(s.mask) for s in slots]))
-            cached = (key, mask, parts, torch.cat([s.start for s in slots]))
+            new = (mask, mask.to(torch.float32), torch.cat([s.start for s in slots]))
+            tensors, replaced = refresh_in_place(None if cached is None else cached[1], new)
+            self.cache_epoch += replaced
+            parts = list(tensors[1].split([len(s.mask) for s in slots]))
+            cached = (key, tensors, parts)
             self._flat[where] = cached
-        return cached[1], cached[2], cached[3]
+        (mask, _, start), parts = cached[1], cached[2]
+        return mask, parts, start
 
     def _masks(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
         """The layer's `trainable_slot_masks`, recomputed only when its `_layout_key`
         changed."""
         cached = self._layer_masks.get(layer)
         if cached is None or cached[0] != _layout_key(layer):
-            cached = (_layout_key(layer), layer.trainable_slot_masks())
+            masks, replaced = refresh_in_place(None if cached is None else cached[1],
+                                               layer.trainable_slot_masks())
+            self.cache_epoch += replaced
+            cached = (_layout_key(layer), masks)
             self._layer_masks[layer] = cached
         return cached[1]
 

@@ -94,8 +94,9 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     ref = _train(make_tiny_net, "cpu")
     got = _train(make_tiny_net, "cpu", EmulatedGraph)
     graphed = got["graphed"]
-    # both tracking states were captured, again after rounds, and steps were replayed
-    assert graphed.captures >= 4 and graphed.replays >= 6, (graphed.captures, graphed.replays)
+    # each tracking state captured once: the graphs survive the rounds between their replays
+    # (the cached masks are refreshed in place), and replays after rounds train as eager steps
+    assert graphed.captures == 2 and graphed.replays >= 10, (graphed.captures, graphed.replays)
     assert len(ref["log"]) >= 2  # ranks grew in rounds between replays
     _assert_same(got, ref)
 

@@ -9,9 +9,15 @@ for the next step) is done by `note_replayed_step` of the optimizer and the cont
 device copies of the step index that the captured step reads are set before each replay
 (`sync_device_step`), so no step number is baked into a graph.
 
-Allocation rounds run eagerly (they read the host and change slot states); after one, every
-graph is captured anew, since the optimizer's and the penalty's cached masks may have been
-rebuilt. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
+Allocation rounds run eagerly (they read the host and change slot states), and the graphs
+survive them: the round updates the slot buffers in place, and the masks that the optimizer and
+the penalty cache per slot layout are refreshed in place in the round's own step (the optimizer
+step, `IncreLoRAController.refresh_cached_masks`), so a replay after the round reads the new
+layout from the tensors it captured. A graph is captured anew only when one of those caches had
+to be made as new tensors (`cache_epoch`), and a step runs eagerly when slots changed outside an
+eager step (a layer's ``slot_version`` moved: its caches are refreshed there). With
+``exact_step_score`` every round still drops the graphs: its dense G buffers are released and
+allocated anew around score windows. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
 stream as torch's CUDA-graph notes ask, and so does the first step of each tracking state: the
 two states launch different kernels, and CUDA refuses to load a kernel module while a stream
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
@@ -83,7 +89,11 @@ class GraphedSteps:
         self.controller = controller
         self.graph_factory = graph_factory
         self.warmup = max(1, warmup)
-        self._graphs: Dict[bool, Tuple[StepGraph, StepOutputs]] = {}
+        # tracking state -> (its graph, the outputs it writes, the cache epochs at its capture)
+        self._graphs: Dict[bool, Tuple[StepGraph, StepOutputs, tuple]] = {}
+        # The layers' slot versions when the last eager step ended (its optimizer step and the
+        # round's `refresh_cached_masks` brought every cached mask up to date in place).
+        self._versions: tuple = ()
         self._eager_steps = 0
         # Tracking states that have run an eager step (their kernels are loaded).
         self._states_run: Set[bool] = set()
@@ -99,10 +109,15 @@ class GraphedSteps:
         only when ``zero_grad`` is true. Returns copies of those tensors."""
         tracked = self.controller.is_tracked(step)
         if self._eager_steps < self.warmup or tracked not in self._states_run \
-                or self.controller.allocation_due(step):
+                or self.controller.allocation_due(step) or self._slot_versions() != self._versions:
+            # (slots changed since the last eager step, outside a round: the cached masks a
+            # replay reads are refreshed by running a step eagerly)
             self._states_run.add(tracked)
             return self._eager(step, run_step)
+        epochs = self._cache_epochs()
         entry = self._graphs.get(tracked)
+        if entry is not None and entry[2] != epochs:  # it reads caches that were made anew
+            entry = None
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
         if entry is None:
@@ -110,11 +125,11 @@ class GraphedSteps:
             graph = self.graph_factory()
             with graph.capture():
                 outputs = run_step(False)
-            self._graphs[tracked] = (graph, outputs)
+            self._graphs[tracked] = (graph, outputs, epochs)
             self.captures += 1
             graph.replay()  # capture records the step; the replay runs it
         else:
-            graph, outputs = entry
+            graph, outputs, _ = entry
             graph.replay()
             self.optimizer.note_replayed_step()
             self.controller.note_replayed_step(step)
@@ -128,9 +143,20 @@ class GraphedSteps:
         with self._side_stream():
             outputs = run_step(True)
         self._eager_steps += 1
-        if round_:
-            self._graphs.clear()  # masks and their caches may be rebuilt: capture anew
+        self._versions = self._slot_versions()
+        if round_ and getattr(self.controller, "exact_step_score", False):
+            # Its dense G buffers are released and allocated anew around score windows.
+            self._graphs.clear()
         return outputs
+
+    def _slot_versions(self) -> tuple:
+        return tuple(layer.slot_version for layer in self.controller.layers)
+
+    def _cache_epochs(self) -> tuple:
+        """How many cached masks optimizer and controller made as new tensors so far: a graph
+        captured at other counts reads tensors the step no longer uses."""
+        return (getattr(self.optimizer, "cache_epoch", 0),
+                getattr(self.controller, "cache_epoch", 0))
 
     def _side_stream(self) -> ContextManager[None]:
         """Warm-up steps run on a side stream before the first capture (torch's CUDA-graph
