@@ -35,7 +35,7 @@ def _setup(make_tiny_net, device: str, **overrides):
 
 
 def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False,
-           skip_state_warmup=False, **overrides):
+           skip_state_warmup=False, edit=None, **overrides):
     model, optimizer, controller, data, (x, y) = _setup(make_tiny_net, device, **overrides)
     params = [p for p in model.parameters() if p.requires_grad]
     graphed = None if graph_factory is None else GraphedSteps(optimizer, controller,
@@ -48,7 +48,7 @@ def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False,
     watch = kernels_loaded_before_capture() if graph_factory is EmulatedGraph \
         else contextlib.nullcontext()
     with watch:
-        _steps(model, optimizer, controller, data, x, y, params, graphed, losses)
+        _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit)
     state = {n: p.detach().clone() for n, p in model.named_parameters()}
     return dict(state=state, losses=torch.stack(losses), ipt=controller.ipt.clone(),
                 unc=controller.unc.clone(), log=controller.allocation_log,
@@ -56,8 +56,10 @@ def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False,
                 graphed=graphed)
 
 
-def _steps(model, optimizer, controller, data, x, y, params, graphed, losses) -> None:
+def _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit=None) -> None:
     for step, (bx, by) in enumerate(data):
+        if edit is not None:  # a change made between steps, in both runs alike
+            edit(step, model)
         x.copy_(bx)
         y.copy_(by)
 
@@ -98,6 +100,42 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     # (the cached masks are refreshed in place), and replays after rounds train as eager steps
     assert graphed.captures == 2 and graphed.replays >= 10, (graphed.captures, graphed.replays)
     assert len(ref["log"]) >= 2  # ranks grew in rounds between replays
+    _assert_same(got, ref)
+
+
+def test_a_slot_change_outside_a_round_runs_the_next_step_eagerly(make_tiny_net, monkeypatch):
+    """Slots changed between steps by other code than a round (here a reserve slot activated
+    by hand before step 10, between rounds, a step the run replays otherwise) leave the cached
+    masks stale until a step refreshes them: that step runs eagerly, and the run still equals
+    the eager one."""
+    eager_steps = []
+    real_eager = GraphedSteps._eager
+
+    def eager(self, step, run_step):
+        eager_steps.append(step)
+        return real_eager(self, step, run_step)
+    monkeypatch.setattr(GraphedSteps, "_eager", eager)
+
+    def edit(step, model):
+        if step == 10:
+            assert model.blocks[0].fc.activate_reserve(1, step) == 1
+    _train(make_tiny_net, "cpu", EmulatedGraph)
+    assert 10 not in eager_steps
+    ref = _train(make_tiny_net, "cpu", edit=edit)
+    eager_steps.clear()
+    got = _train(make_tiny_net, "cpu", EmulatedGraph, edit=edit)
+    assert 10 in eager_steps and 11 not in eager_steps
+    _assert_same(got, ref)
+
+
+def test_caches_made_anew_are_captured_anew(make_tiny_net, monkeypatch):
+    """When the optimizer has to make its cached masks as new tensors (here always), the graphs
+    that read the old ones are captured again, and the run still equals the eager one."""
+    from increlora_fast import optimizer as optimizer_module
+    monkeypatch.setattr(optimizer_module, "refresh_in_place", lambda old, new: (new, True))
+    ref = _train(make_tiny_net, "cpu")
+    got = _train(make_tiny_net, "cpu", EmulatedGraph)
+    assert got["graphed"].captures > 2
     _assert_same(got, ref)
 
 
