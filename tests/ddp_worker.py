@@ -188,7 +188,14 @@ def run_accelerate() -> Dict[str, Dict[str, object]]:
                     controller.step(step)
                 optimizer.step()
                 optimizer.zero_grad()
-    return {"accelerate": result(accelerator.unwrap_model(wrapped), controller)}
+    out = {"accelerate": result(accelerator.unwrap_model(wrapped), controller)}
+    # Left alive, the gloo process group is torn down by the interpreter's exit, which at times
+    # aborts a rank ("terminate called without an active exception") on a loaded machine.
+    import torch.distributed as dist
+    if dist.is_initialized():
+        accelerator.wait_for_everyone()
+        dist.destroy_process_group()
+    return out
 
 
 def main(argv: List[str]) -> None:
