@@ -87,6 +87,8 @@ class IncreLoRAController:
         self.ipt = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self.unc = torch.zeros(len(self.layers), dtype=torch.float64, device=device)
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        # Whether the last tracked step's scores were all finite, read by its round.
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
         # The step index on the EMAs' device, read by the non-finite bookkeeping.
         self._device_steps = DeviceScalar(torch.long)
         # The penalty's modules grouped by shape, and per group its cached masks.
@@ -219,6 +221,7 @@ class IncreLoRAController:
         self._move_scores_to(scores.device)
         # A non-finite step leaves the EMAs as they were, decided on the device.
         finite = torch.isfinite(scores).all()
+        self._finite.copy_(finite)
         b1, b2 = cfg.beta1, cfg.beta2
         ipt = b1 * self.ipt + (1 - b1) * scores
         unc = b2 * self.unc + (1 - b2) * (scores - ipt).abs()
@@ -231,14 +234,31 @@ class IncreLoRAController:
                                                    self._nonfinite_step,
                                                    self._device_steps.get(step,
                                                                           self.ipt.device)))
-        if not due:
-            return
-        # An allocation round: reading the host is allowed from here on.
+        if due:
+            self._round(step)
+
+    def _round(self, step: int) -> None:
+        """An allocation round, once the step's scores are in the EMAs (reading the host is
+        allowed here): grow the top modules, unless the scores were not finite (then the round
+        waits for the next step)."""
         self._warn_nonfinite()
-        self.round_pending = not bool(finite)
+        self.round_pending = not bool(self._finite)
         if not self.round_pending:
             self._allocate(step)
             self.refresh_cached_masks()
+
+    def finish_replayed_round(self, step: int) -> None:
+        """The host side of allocation round ``step`` whose device work (the step's scores into
+        the EMAs) was replayed from a CUDA graph captured at a tracked step that was no round:
+        the round itself (it reads the host and changes slot states and cached masks in place),
+        then what `step` does at its end. The optimizer's step comes after it
+        (`IncreLoRAAdamW.prepare_replay`, then its replay)."""
+        if self.budget_reached:
+            return
+        self._round(step)
+        if not self.budget_reached:
+            self._next_step = step + 1
+            self._set_tracking(self.is_tracked(step + 1))
 
     def sync_device_step(self, step: int) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copy of the
@@ -249,7 +269,7 @@ class IncreLoRAController:
         """The host side of a step whose device work was replayed from a CUDA graph captured
         at another step that was not an allocation round, in the same tracking state: what
         `step` does on the host after its device work (the layers' tracking for ``step + 1``).
-        Allocation rounds are never replayed: they change slot states on the host."""
+        A replayed allocation round takes `finish_replayed_round` instead."""
         if self.budget_reached:
             return
         self._next_step = step + 1
@@ -260,6 +280,7 @@ class IncreLoRAController:
         if self.ipt.device != device:
             self.ipt, self.unc = self.ipt.to(device), self.unc.to(device)
             self._nonfinite_step = self._nonfinite_step.to(device)
+            self._finite = self._finite.to(device)
 
     def _warn_nonfinite(self) -> None:
         """Warn (once) about the first step whose scores were non-finite, if any (a host read)."""
@@ -465,6 +486,8 @@ class IncreLoRAController:
         self.ipt = state["ipt"].to(device=device, dtype=torch.float64, copy=True)
         self.unc = state["unc"].to(device=device, dtype=torch.float64, copy=True)
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        # Whether the last tracked step's scores were all finite, read by its round.
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.budget_reached = bool(state["budget_reached"])
         self.round_pending = bool(state.get("round_pending", False))
         self.allocation_log = [dict(e) for e in state["allocation_log"]]

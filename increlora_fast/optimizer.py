@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from itertools import chain
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -136,6 +136,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
         # tensors the step no longer uses.
         self.cache_epoch = 0
+        # (group index, device) -> ids of the parameters its last step updated.
+        self._stepped: Dict[tuple, List[int]] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
@@ -183,11 +185,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for index, group in enumerate(self.param_groups):
-            by_device = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is not None:
-                    by_device[p.device].append(p)
+        for index, by_device in self._params_by_group_and_device():
+            group = self.param_groups[index]
             for device, params in by_device.items():
                 if grad_scale is not None:
                     inverse = _on(grad_scale, device).double().reciprocal().float()
@@ -207,11 +206,35 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         count moves on, as `step` moves it."""
         self.global_step += 1
 
-    def _step_params(self, params: List[torch.Tensor], group: dict, where: tuple,
-                     keep: Optional[torch.Tensor] = None) -> None:
-        """One step of ``params``, all of one group and one device (``where``: the group's
-        index and the device); where the 0-d bool ``keep`` is given and false, nothing
-        changes."""
+    def prepare_replay(self) -> None:
+        """Before replaying a captured step after slots changed on the host (an allocation
+        round between the replays of a step's two graphs): what `step` does first, eagerly and
+        in place: moments and counts of fresh slots restarted, cached masks refreshed, so that
+        the replayed update reads the new layout."""
+        found = {(index, device): members
+                 for index, by_device in self._params_by_group_and_device()
+                 for device, members in by_device.items()}
+        if {where: [id(p) for p in members] for where, members in found.items()} != self._stepped:
+            raise RuntimeError("IncreLoRAAdamW.prepare_replay: the parameters with a gradient are "
+                               "not those the captured step updated (were gradients set to None "
+                               "after it?); the replayed update would read stale masks")
+        for where, members in found.items():
+            self._prepare(members, where)
+
+    def _params_by_group_and_device(self) -> Iterator[Tuple[int, Dict[torch.device,
+                                                                      List[torch.Tensor]]]]:
+        """(group index, device -> the group's parameters with a gradient there)."""
+        for index, group in enumerate(self.param_groups):
+            by_device: Dict[torch.device, List[torch.Tensor]] = defaultdict(list)
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_device[p.device].append(p)
+            yield index, by_device
+
+    def _prepare(self, params: List[torch.Tensor], where: tuple) -> tuple:
+        """The layout-dependent part of a step of ``params`` (one group and device): fresh
+        slots restarted, and (stacks of slots by shape, the slots in stack order, their sizes,
+        the flat mask, its float parts, the flat starts), cached masks refreshed in place."""
         stacks: Dict[tuple, List[Tuple[torch.Tensor, _Slots]]] = defaultdict(list)
         for p in params:
             s = self._as_slots(p)
@@ -222,7 +245,15 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         stacks = {k: [s for _, s in members] for k, members in stacks.items()}
         slots = [s for members in stacks.values() for s in members]
         sizes = [len(s.mask) for s in slots]
-        mask, mask_parts, start = self._flat_slots(where, order, slots)
+        return (stacks, slots, sizes, *self._flat_slots(where, order, slots))
+
+    def _step_params(self, params: List[torch.Tensor], group: dict, where: tuple,
+                     keep: Optional[torch.Tensor] = None) -> None:
+        """One step of ``params``, all of one group and one device (``where``: the group's
+        index and the device); where the 0-d bool ``keep`` is given and false, nothing
+        changes."""
+        self._stepped[where] = [id(p) for p in params]
+        stacks, slots, sizes, mask, mask_parts, start = self._prepare(params, where)
         if keep is not None:  # an overflowed fp16 step: every slot masked out, on the device
             mask = mask & keep
             mask_parts = list(mask.to(torch.float32).split(sizes))

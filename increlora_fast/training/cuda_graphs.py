@@ -4,20 +4,23 @@ Fixed-shape slot buffers are what make this possible: growing a rank flips slot 
 so no tensor the step touches changes shape or address. A step (forward, penalty, backward,
 clipping, `IncreLoRAController.step`, `IncreLoRAAdamW.step`) is captured once per tracking state
 (score tracking on or off: the two differ in the kernels they launch) and replayed on the steps
-of that state; the host part of a replayed step (the step counters, the layers' tracking flags
+of that state, allocation rounds included; the host part of a replayed step (the step counters, the layers' tracking flags
 for the next step) is done by `note_replayed_step` of the optimizer and the controller, and the
 device copies of the step index that the captured step reads are set before each replay
 (`sync_device_step`), so no step number is baked into a graph.
 
-Allocation rounds run eagerly (they read the host and change slot states), and the graphs
-survive them: the round updates the slot buffers in place, and the masks that the optimizer and
-the penalty cache per slot layout are refreshed in place in the round's own step (the optimizer
-step, `IncreLoRAController.refresh_cached_masks`), so a replay after the round reads the new
-layout from the tensors it captured. A graph is captured anew only when one of those caches had
-to be made as new tensors (`cache_epoch`), and a step runs eagerly when slots changed outside an
-eager step (a layer's ``slot_version`` moved: its caches are refreshed there). With
-``exact_step_score`` every round still drops the graphs: its dense G buffers are released and
-allocated anew around score windows. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
+A step is captured as two graphs: its first half (forward, penalty, backward, clipping, the
+controller's scores) and its second (the optimizer step). An allocation round is replayed as the
+first graph, the round on the host between them (`IncreLoRAController.finish_replayed_round`
+reads the scores and changes slot states in place; `IncreLoRAAdamW.prepare_replay` restarts the
+fresh slots), then the second graph. The masks that the optimizer and the penalty cache per slot
+layout are refreshed in place (`device_scalar.refresh_in_place`), so the replays after a round
+read the new layout from the tensors they captured: each tracking state is captured once. A
+graph pair is captured anew only when a cache had to be made as new tensors (`cache_epoch`), and
+a step runs eagerly when slots changed outside a step of this runner (a layer's
+``slot_version`` moved: the eager step refreshes the caches). With ``exact_step_score`` rounds
+run eagerly and drop the graphs: its dense G buffers are released and allocated anew around
+score windows. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
 stream as torch's CUDA-graph notes ask, and so does the first step of each tracking state: the
 two states launch different kernels, and CUDA refuses to load a kernel module while a stream
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
@@ -89,8 +92,9 @@ class GraphedSteps:
         self.controller = controller
         self.graph_factory = graph_factory
         self.warmup = max(1, warmup)
-        # tracking state -> (its graph, the outputs it writes, the cache epochs at its capture)
-        self._graphs: Dict[bool, Tuple[StepGraph, StepOutputs, tuple]] = {}
+        # tracking state -> (the graphs of its two halves, the outputs the first writes, the
+        # cache epochs at their capture)
+        self._graphs: Dict[bool, Tuple[StepGraph, StepGraph, StepOutputs, tuple]] = {}
         # The layers' slot versions when the last eager step ended (its optimizer step and the
         # round's `refresh_cached_masks` brought every cached mask up to date in place).
         self._versions: tuple = ()
@@ -101,50 +105,82 @@ class GraphedSteps:
         self.captures = 0
         self.replays = 0
 
-    def step(self, step: int, run_step: Callable[[bool], StepOutputs]) -> StepOutputs:
-        """Take optimizer step ``step``. ``run_step(zero_grad)`` runs one whole training step on
-        the run's static inputs and returns its outputs (device tensors are copied out of the
-        graph after a replay; other values must not change between steps); it must read nothing
-        on the host outside allocation rounds, and zero the gradients (set to None) at its end
-        only when ``zero_grad`` is true. Returns copies of those tensors."""
+    def step(self, step: int, first: Callable[[], StepOutputs],
+             second: Callable[[bool], None]) -> StepOutputs:
+        """Take optimizer step ``step`` on the run's static inputs, in two halves: ``first()``
+        runs forward, backward, clipping and the controller's step and returns the step's
+        outputs (device tensors are copied out of the graph after a replay; other values must
+        not change between steps); ``second(zero_grad)`` runs the optimizer step and zeroes the
+        gradients (set to None) only when ``zero_grad`` is true. Neither may read the host
+        outside allocation rounds. Each tracking state captures both halves once, in two graphs;
+        an allocation round is replayed as the first graph, the round on the host
+        (`IncreLoRAController.finish_replayed_round`, `IncreLoRAAdamW.prepare_replay`) and the
+        second graph. Returns copies of the outputs."""
         tracked = self.controller.is_tracked(step)
-        if self._eager_steps < self.warmup or tracked not in self._states_run \
-                or self.controller.allocation_due(step) or self._slot_versions() != self._versions:
-            # (slots changed since the last eager step, outside a round: the cached masks a
-            # replay reads are refreshed by running a step eagerly)
-            self._states_run.add(tracked)
-            return self._eager(step, run_step)
+        round_ = self.controller.allocation_due(step)
         epochs = self._cache_epochs()
         entry = self._graphs.get(tracked)
-        if entry is not None and entry[2] != epochs:  # it reads caches that were made anew
+        if entry is not None and entry[3] != epochs:  # it reads caches that were made anew
             entry = None
+        if self._eager_steps < self.warmup or tracked not in self._states_run \
+                or self._slot_versions() != self._versions \
+                or (round_ and (entry is None or self._exact_step_score())):
+            # (slots changed since the last eager step outside a round: running a step eagerly
+            # refreshes the cached masks a replay reads; a round is captured in no graph)
+            self._states_run.add(tracked)
+            return self._eager(step, first, second)
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
         if entry is None:
             self.optimizer.zero_grad(set_to_none=True)  # the graph's gradients are its own
-            graph = self.graph_factory()
-            with graph.capture():
-                outputs = run_step(False)
-            self._graphs[tracked] = (graph, outputs, epochs)
+            graphs = (self.graph_factory(), self.graph_factory())
+            with graphs[0].capture():
+                outputs = first()
+            with graphs[1].capture():
+                second(False)
+            self._graphs[tracked] = (*graphs, outputs, epochs)
             self.captures += 1
-            graph.replay()  # capture records the step; the replay runs it
-        else:
-            graph, outputs, _ = entry
-            graph.replay()
-            self.optimizer.note_replayed_step()
+            for graph in graphs:  # capture records the step; the replays run it
+                graph.replay()
+            return self._copies(outputs)
+        before, after, outputs, _ = entry
+        before.replay()
+        if round_:
+            self.controller.finish_replayed_round(step)
+            self.optimizer.prepare_replay()
+            self._versions = self._slot_versions()
+            if self._cache_epochs() != epochs:  # the optimizer graph reads stale caches
+                second(False)
+                self._graphs.clear()
+                self.replays += 1
+                return self._copies(outputs)
+        after.replay()
+        self.optimizer.note_replayed_step()
+        if not round_:
             self.controller.note_replayed_step(step)
-            self.replays += 1
+        self.replays += 1
+        return self._copies(outputs)
+
+    @staticmethod
+    def _copies(outputs: StepOutputs) -> StepOutputs:
         return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in outputs)
 
-    def _eager(self, step: int, run_step: Callable[[bool], StepOutputs]) -> StepOutputs:
+    def _exact_step_score(self) -> bool:
+        return bool(getattr(self.controller, "exact_step_score", False))
+
+    def _eager(self, step: int, first: Callable[[], StepOutputs],
+               second: Callable[[bool], None]) -> StepOutputs:
         round_ = self.controller.allocation_due(step)
-        # Gradients of a captured step are static tensors: an eager step starts from none.
+        # Gradients of a captured step are static tensors: an eager step starts from none, and
+        # keeps its own until the next step starts (a replayed round's `prepare_replay` finds
+        # the stepped parameters by their gradients).
         self.optimizer.zero_grad(set_to_none=True)
         with self._side_stream():
-            outputs = run_step(True)
+            outputs = first()
+            second(False)
         self._eager_steps += 1
         self._versions = self._slot_versions()
-        if round_ and getattr(self.controller, "exact_step_score", False):
+        if round_ and self._exact_step_score():
             # Its dense G buffers are released and allocated anew around score windows.
             self._graphs.clear()
         return outputs

@@ -163,12 +163,22 @@ class StepRunner:
         optimizer step (fp16: without effect when the scaled gradients overflowed),
         ``after_optimizer_step`` and, with ``zero_grad``, ``zero_grad(set_to_none=True)`` (a
         captured step keeps its gradients: they are the graph's static tensors)."""
+        self._before_optimizer(step)
+        self._optimizer_step(step, zero_grad)
+
+    def _before_optimizer(self, step: int) -> None:
+        """Unscale (fp16), clip and ``before_optimizer_step``: the first half of `update`."""
         run, scaler = self.run, self.placement.scaler
         if scaler is not None:
             scaler.unscale_(run.optimizer)
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         run.before_optimizer_step(step, loss_scale=self.placement.loss_scale)
+
+    def _optimizer_step(self, step: int, zero_grad: bool) -> None:
+        """The optimizer step (the scaler's with fp16), ``after_optimizer_step`` and, with
+        ``zero_grad``, ``zero_grad(set_to_none=True)``: the second half of `update`."""
+        run, scaler = self.run, self.placement.scaler
         if scaler is not None:
             scaler.step(run.optimizer)
             scaler.update()
@@ -184,16 +194,22 @@ class StepRunner:
         allocation round or one of the first steps (`cuda_graphs.GraphedSteps`)."""
         batch = self.inputs(batch)
         if self.graphed is None:
-            return self._run(step, batch, zero_grad=True)
-        def run_step(zero_grad: bool) -> tuple:
-            result = self._run(step, batch, zero_grad)
-            return result.task_loss, result.tokens
-        return StepResult(*self.graphed.step(step, run_step))
+            result = self._up_to_optimizer(step, batch)
+            self._optimizer_step(step, zero_grad=True)
+            return result
 
-    def _run(self, step: int, batch: Dict[str, torch.Tensor], zero_grad: bool) -> StepResult:
+        def first() -> tuple:
+            result = self._up_to_optimizer(step, batch)
+            return result.task_loss, result.tokens
+        return StepResult(*self.graphed.step(step, first,
+                                             lambda zero_grad: self._optimizer_step(step,
+                                                                                     zero_grad)))
+
+    def _up_to_optimizer(self, step: int, batch: Dict[str, torch.Tensor]) -> StepResult:
+        """Forward, backward and `_before_optimizer`; the step's task loss and token count."""
         with self._capture_safe_autocast():
             out = self.forward_backward(step, batch)
-        self.update(step, zero_grad=zero_grad)
+        self._before_optimizer(step)
         task_loss = F.cross_entropy(out.logits.detach().float(), batch["labels"])
         mask = batch.get("attention_mask")
         tokens = mask.sum() if mask is not None else batch["input_ids"].numel()

@@ -111,13 +111,13 @@ def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int =
                 "labels": torch.randint(0, 2, (batch_size,), generator=gen)} for _ in range(4)]
     for i in range(warmup):
         runner.step(i, batches[i % 4])
-    before = sum(g.replays for g in graphs)
+    before = runner.graphed.replays
     times = []
     for i in range(warmup, warmup + repeats):
         start = time.perf_counter()
         runner.step(i, batches[i % 4])
         times.append((time.perf_counter() - start) * 1e6)
-    replays = sum(g.replays for g in graphs) - before
+    replays = runner.graphed.replays - before
     if replays != repeats:
         raise RuntimeError(f"replay host time: {repeats - replays} of {repeats} timed steps "
                            "were not replays")
