@@ -91,6 +91,18 @@ def _assert_same(got, ref):
         assert torch.equal(got["state"][name], value), name
 
 
+def _record_eager_steps(monkeypatch) -> list:
+    """The steps `GraphedSteps` runs eagerly from now on, in order."""
+    steps = []
+    real_eager = GraphedSteps._eager
+
+    def eager(self, step, *halves):
+        steps.append(step)
+        return real_eager(self, step, *halves)
+    monkeypatch.setattr(GraphedSteps, "_eager", eager)
+    return steps
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     if backend == "triton":
@@ -99,13 +111,7 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
         if not (torch.cuda.is_available() or interpreter_active()):
             pytest.skip("the Triton path needs CUDA or the interpreter")
     monkeypatch.setenv("INCRELORA_BACKEND", backend)
-    eager_steps = []
-    real_eager = GraphedSteps._eager
-
-    def eager(self, step, *halves):
-        eager_steps.append(step)
-        return real_eager(self, step, *halves)
-    monkeypatch.setattr(GraphedSteps, "_eager", eager)
+    eager_steps = _record_eager_steps(monkeypatch)
     ref = _train(make_tiny_net, "cpu")
     got = _train(make_tiny_net, "cpu", EmulatedGraph)
     graphed = got["graphed"]
@@ -124,13 +130,7 @@ def test_a_slot_change_outside_a_round_runs_the_next_step_eagerly(make_tiny_net,
     by hand before step 10, between rounds, a step the run replays otherwise) leave the cached
     masks stale until a step refreshes them: that step runs eagerly, and the run still equals
     the eager one."""
-    eager_steps = []
-    real_eager = GraphedSteps._eager
-
-    def eager(self, step, *halves):
-        eager_steps.append(step)
-        return real_eager(self, step, *halves)
-    monkeypatch.setattr(GraphedSteps, "_eager", eager)
+    eager_steps = _record_eager_steps(monkeypatch)
 
     def edit(step, model):
         if step == 10:
