@@ -31,7 +31,7 @@ is copied out after each replay.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Dict, Iterator, Protocol, Set, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 import torch
 
@@ -98,6 +98,8 @@ class GraphedSteps:
         # The layers' slot versions when the last eager step ended (its optimizer step and the
         # round's `refresh_cached_masks` brought every cached mask up to date in place).
         self._versions: tuple = ()
+        # tracking state -> (parameter, the gradient its first graph writes) of each parameter
+        self._grads: Dict[bool, List[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
         self._eager_steps = 0
         # Tracking states that have run an eager step (their kernels are loaded).
         self._states_run: Set[bool] = set()
@@ -136,6 +138,7 @@ class GraphedSteps:
             graphs = (self.graph_factory(), self.graph_factory())
             with graphs[0].capture():
                 outputs = first()
+            self._grads[tracked] = [(p, p.grad) for p in self._params()]
             with graphs[1].capture():
                 second(False)
             self._graphs[tracked] = (*graphs, outputs, epochs)
@@ -146,6 +149,10 @@ class GraphedSteps:
         before, after, outputs, _ = entry
         before.replay()
         if round_:
+            # The host reads this step's gradients from here on: the first graph's, which an
+            # eager step since its capture may have replaced on the parameters.
+            for p, grad in self._grads[tracked]:
+                p.grad = grad
             self.controller.finish_replayed_round(step)
             self.optimizer.prepare_replay()
             self._versions = self._slot_versions()
@@ -165,19 +172,20 @@ class GraphedSteps:
     def _copies(outputs: StepOutputs) -> StepOutputs:
         return tuple(t.clone() if isinstance(t, torch.Tensor) else t for t in outputs)
 
+    def _params(self) -> List[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _exact_step_score(self) -> bool:
         return bool(getattr(self.controller, "exact_step_score", False))
 
     def _eager(self, step: int, first: Callable[[], StepOutputs],
                second: Callable[[bool], None]) -> StepOutputs:
         round_ = self.controller.allocation_due(step)
-        # Gradients of a captured step are static tensors: an eager step starts from none, and
-        # keeps its own until the next step starts (a replayed round's `prepare_replay` finds
-        # the stepped parameters by their gradients).
+        # Gradients of a captured step are static tensors: an eager step starts from none.
         self.optimizer.zero_grad(set_to_none=True)
         with self._side_stream():
             outputs = first()
-            second(False)
+            second(True)
         self._eager_steps += 1
         self._versions = self._slot_versions()
         if round_ and self._exact_step_score():
