@@ -111,6 +111,10 @@ class IncreLoRAController:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._warned_untracked = False
         self.exact_step_score = bool(self.config.exact_step_score)
+        # While true, `step` at an allocation round does only its device work (the scores into
+        # the EMAs) and leaves the round to `finish_replayed_round`: a CUDA graph captures that
+        # device work at a round step, and the round runs on the host after its replay.
+        self.defer_round = False
         window = self.config.score_window
         self.score_window = window if window is not None else default_score_window(
             self.config.beta1, self.config.beta2)
@@ -174,7 +178,10 @@ class IncreLoRAController:
         """
         if self.budget_reached:
             return
+        due = self.allocation_due(step)
         self._update(step, loss_scale)
+        if due and self.defer_round:  # `finish_replayed_round` does the rest
+            return
         if not self.budget_reached:
             self._next_step = step + 1
             self._set_tracking(self.is_tracked(step + 1))
@@ -234,7 +241,7 @@ class IncreLoRAController:
                                                    self._nonfinite_step,
                                                    self._device_steps.get(step,
                                                                           self.ipt.device)))
-        if due:
+        if due and not self.defer_round:
             self._round(step)
 
     def _round(self, step: int) -> None:
@@ -249,9 +256,9 @@ class IncreLoRAController:
 
     def finish_replayed_round(self, step: int) -> None:
         """The host side of allocation round ``step`` whose device work (the step's scores into
-        the EMAs) was replayed from a CUDA graph captured at a tracked step that was no round:
-        the round itself (it reads the host and changes slot states and cached masks in place),
-        then what `step` does at its end. The optimizer's step comes after it
+        the EMAs) ran from a CUDA graph, captured at another tracked step or at this one with
+        `defer_round` set: the round itself (it reads the host and changes slot states and
+        cached masks in place), then what `step` does at its end. The optimizer's step comes after it
         (`IncreLoRAAdamW.prepare_replay`, then its replay)."""
         if self.budget_reached:
             return

@@ -116,12 +116,27 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     got = _train(make_tiny_net, "cpu", EmulatedGraph)
     graphed = got["graphed"]
     # each tracking state captured once: the graphs survive the rounds (the cached masks are
-    # refreshed in place), and the rounds after the first capture of the tracked state are
-    # replayed, with the round on the host between the step's two graphs
+    # refreshed in place), and no round runs eagerly: each is replayed (or, the first, captured)
+    # with the round on the host between the step's two graphs
     rounds = sorted({e["step"] for e in ref["log"]})
     assert graphed.captures == 2 and len(rounds) >= 3, (graphed.captures, rounds)
-    assert [r for r in rounds if r in eager_steps] == rounds[:1], (rounds, eager_steps)
+    assert not [r for r in rounds if r in eager_steps], (rounds, eager_steps)
     assert graphed.replays == STEPS - len(eager_steps) - graphed.captures
+    _assert_same(got, ref)
+
+
+def test_a_round_at_every_step_is_captured_and_replayed(make_tiny_net, monkeypatch):
+    """The benchmarks' compressed schedule: a round at every step from step 2 until the budget
+    is reached. The tracked state is captured at a round (its round deferred to the host
+    between the two graphs), every later round is replayed, and the run equals eager steps."""
+    eager_steps = _record_eager_steps(monkeypatch)
+    schedule = dict(init_warmup=1, incre_interval=1, score_window=None, target_rank=3)
+    ref = _train(make_tiny_net, "cpu", **schedule)
+    got = _train(make_tiny_net, "cpu", EmulatedGraph, **schedule)
+    rounds = sorted({e["step"] for e in ref["log"]})
+    assert len(rounds) >= 4 and rounds[0] == 2
+    assert eager_steps[:2] == [0, 1] and not set(rounds) & set(eager_steps), eager_steps
+    assert got["graphed"].captures == 2
     _assert_same(got, ref)
 
 

@@ -15,7 +15,9 @@ first graph, the round on the host between them (`IncreLoRAController.finish_rep
 reads the scores and changes slot states in place; `IncreLoRAAdamW.prepare_replay` restarts the
 fresh slots), then the second graph. The masks that the optimizer and the penalty cache per slot
 layout are refreshed in place (`device_scalar.refresh_in_place`), so the replays after a round
-read the new layout from the tensors they captured: each tracking state is captured once. A
+read the new layout from the tensors they captured: each tracking state is captured once, at a
+round or not (at a round the controller's ``defer_round`` keeps the round out of the first
+capture, and the round runs on the host between the halves, as in a replay). A
 graph pair is captured anew only when a cache had to be made as new tensors (`cache_epoch`), and
 a step runs eagerly when slots changed outside a step of this runner (a layer's
 ``slot_version`` moved: the eager step refreshes the caches). With ``exact_step_score`` rounds
@@ -126,47 +128,69 @@ class GraphedSteps:
             entry = None
         if self._eager_steps < self.warmup or tracked not in self._states_run \
                 or self._slot_versions() != self._versions \
-                or (round_ and (entry is None or self._exact_step_score())):
+                or (round_ and self._exact_step_score()):
             # (slots changed since the last eager step outside a round: running a step eagerly
-            # refreshes the cached masks a replay reads; a round is captured in no graph)
+            # refreshes the cached masks a replay reads)
             self._states_run.add(tracked)
             return self._eager(step, first, second)
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
         if entry is None:
-            self.optimizer.zero_grad(set_to_none=True)  # the graph's gradients are its own
-            graphs = (self.graph_factory(), self.graph_factory())
-            with graphs[0].capture():
-                outputs = first()
-            self._grads[tracked] = [(p, p.grad) for p in self._params()]
-            with graphs[1].capture():
-                second(False)
-            self._graphs[tracked] = (*graphs, outputs, epochs)
-            self.captures += 1
-            for graph in graphs:  # capture records the step; the replays run it
-                graph.replay()
-            return self._copies(outputs)
+            return self._capture(step, tracked, round_, first, second)
         before, after, outputs, _ = entry
         before.replay()
-        if round_:
-            # The host reads this step's gradients from here on: the first graph's, which an
-            # eager step since its capture may have replaced on the parameters.
-            for p, grad in self._grads[tracked]:
-                p.grad = grad
-            self.controller.finish_replayed_round(step)
-            self.optimizer.prepare_replay()
-            self._versions = self._slot_versions()
-            if self._cache_epochs() != epochs:  # the optimizer graph reads stale caches
-                second(False)
-                self._graphs.clear()
-                self.replays += 1
-                return self._copies(outputs)
+        if round_ and not self._round_on_host(step, tracked, epochs):
+            # the optimizer graph reads caches made anew: this step's update runs eagerly
+            second(False)
+            self._graphs.clear()
+            self.replays += 1
+            return self._copies(outputs)
         after.replay()
         self.optimizer.note_replayed_step()
         if not round_:
             self.controller.note_replayed_step(step)
         self.replays += 1
         return self._copies(outputs)
+
+    def _capture(self, step: int, tracked: bool, round_: bool,
+                 first: Callable[[], StepOutputs], second: Callable[[bool], None]
+                 ) -> StepOutputs:
+        """Capture both halves of step ``step`` and run them; at a round, the first half's
+        capture leaves the round to the host (`defer_round`), which runs it between the
+        replays of the two graphs, before the second half is captured."""
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's gradients are its own
+        before, after = self.graph_factory(), self.graph_factory()
+        self.controller.defer_round = round_
+        try:
+            with before.capture():
+                outputs = first()
+        finally:
+            self.controller.defer_round = False
+        self._grads[tracked] = [(p, p.grad) for p in self._params()]
+        epochs = self._cache_epochs()
+        before.replay()  # capture records the half; the replay runs it
+        kept = not round_ or self._round_on_host(step, tracked, epochs)
+        with after.capture():
+            second(False)
+        after.replay()
+        self.captures += 1
+        if kept:  # (caches made anew by the round: both graphs are captured again next time)
+            self._graphs[tracked] = (before, after, outputs, epochs)
+        # (the captures ran the step's Python: the step counters have moved on)
+        return self._copies(outputs)
+
+    def _round_on_host(self, step: int, tracked: bool, epochs: tuple) -> bool:
+        """The allocation round between the two halves of a graphed step: the first graph's
+        gradients put back on the parameters (an eager step since its capture may have replaced
+        them), the round (`IncreLoRAController.finish_replayed_round`), then
+        `IncreLoRAAdamW.prepare_replay`. Whether the caches were refreshed in place (the
+        graphs captured at ``epochs`` stay valid)."""
+        for p, grad in self._grads[tracked]:
+            p.grad = grad
+        self.controller.finish_replayed_round(step)
+        self.optimizer.prepare_replay()
+        self._versions = self._slot_versions()
+        return self._cache_epochs() == epochs
 
     @staticmethod
     def _copies(outputs: StepOutputs) -> StepOutputs:
