@@ -258,8 +258,8 @@ class IncreLoRAController:
         """The host side of allocation round ``step`` whose device work (the step's scores into
         the EMAs) ran from a CUDA graph, captured at another tracked step or at this one with
         `defer_round` set: the round itself (it reads the host and changes slot states and
-        cached masks in place), then what `step` does at its end. The optimizer's step comes after it
-        (`IncreLoRAAdamW.prepare_replay`, then its replay)."""
+        cached masks in place), then what `step` does at its end. The optimizer's step comes
+        after it (`IncreLoRAAdamW.prepare_replay`, then its replay)."""
         if self.budget_reached:
             return
         self._round(step)

@@ -4,10 +4,10 @@ Fixed-shape slot buffers are what make this possible: growing a rank flips slot 
 so no tensor the step touches changes shape or address. A step (forward, penalty, backward,
 clipping, `IncreLoRAController.step`, `IncreLoRAAdamW.step`) is captured once per tracking state
 (score tracking on or off: the two differ in the kernels they launch) and replayed on the steps
-of that state, allocation rounds included; the host part of a replayed step (the step counters, the layers' tracking flags
-for the next step) is done by `note_replayed_step` of the optimizer and the controller, and the
-device copies of the step index that the captured step reads are set before each replay
-(`sync_device_step`), so no step number is baked into a graph.
+of that state, allocation rounds included; the host part of a replayed step (the step
+counters, the layers' tracking flags for the next step) is done by `note_replayed_step` of the
+optimizer and the controller, and the device copies of the step index that the captured step
+reads are set before each replay (`sync_device_step`), so no step number is baked into a graph.
 
 A step is captured as two graphs: its first half (forward, penalty, backward, clipping, the
 controller's scores) and its second (the optimizer step). An allocation round is replayed as the
@@ -17,13 +17,13 @@ fresh slots), then the second graph. The masks that the optimizer and the penalt
 layout are refreshed in place (`device_scalar.refresh_in_place`), so the replays after a round
 read the new layout from the tensors they captured: each tracking state is captured once, at a
 round or not (at a round the controller's ``defer_round`` keeps the round out of the first
-capture, and the round runs on the host between the halves, as in a replay). A
-graph pair is captured anew only when a cache had to be made as new tensors (`cache_epoch`), and
-a step runs eagerly when slots changed outside a step of this runner (a layer's
-``slot_version`` moved: the eager step refreshes the caches). With ``exact_step_score`` rounds
-run eagerly and drop the graphs: its dense G buffers are released and allocated anew around
-score windows. The first ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side
-stream as torch's CUDA-graph notes ask, and so does the first step of each tracking state: the
+capture, and the round runs on the host between the halves, as in a replay). A graph pair is
+captured anew only when a cache had to be made as new tensors (`cache_epoch`), and a step runs
+eagerly when slots changed outside a step of this runner (a layer's ``slot_version`` moved: the
+eager step refreshes the caches). With ``exact_step_score`` rounds run eagerly and drop the
+graphs: its dense G buffers are released and allocated anew around score windows. The first
+``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side stream as torch's
+CUDA-graph notes ask, and so does the first step of each tracking state: the
 two states launch different kernels, and CUDA refuses to load a kernel module while a stream
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
 must have run once before its capture. Each graph owns its private memory pool: its gradients,
