@@ -179,9 +179,13 @@ class IncreLoRAController:
         if self.budget_reached:
             return
         due = self.allocation_due(step)
-        self._update(step, loss_scale)
+        self._update(step, loss_scale, due)
         if due and self.defer_round:  # `finish_replayed_round` does the rest
             return
+        self._end_step(step)
+
+    def _end_step(self, step: int) -> None:
+        """The host side of the end of ``step``: the layers' tracking set for ``step + 1``."""
         if not self.budget_reached:
             self._next_step = step + 1
             self._set_tracking(self.is_tracked(step + 1))
@@ -195,9 +199,8 @@ class IncreLoRAController:
         cfg = self.config
         return self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
 
-    def _update(self, step: int, loss_scale: Union[float, torch.Tensor]) -> None:
+    def _update(self, step: int, loss_scale: Union[float, torch.Tensor], due: bool) -> None:
         cfg = self.config
-        due = self.allocation_due(step)
         if not self.is_tracked(step):
             if self._tracking:  # passes tracked by a controller that did not know the step
                 for layer in self.layers:
@@ -263,9 +266,7 @@ class IncreLoRAController:
         if self.budget_reached:
             return
         self._round(step)
-        if not self.budget_reached:
-            self._next_step = step + 1
-            self._set_tracking(self.is_tracked(step + 1))
+        self._end_step(step)
 
     def sync_device_step(self, step: int) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copy of the
@@ -277,10 +278,7 @@ class IncreLoRAController:
         at another step that was not an allocation round, in the same tracking state: what
         `step` does on the host after its device work (the layers' tracking for ``step + 1``).
         A replayed allocation round takes `finish_replayed_round` instead."""
-        if self.budget_reached:
-            return
-        self._next_step = step + 1
-        self._set_tracking(self.is_tracked(step + 1))
+        self._end_step(step)
 
     def _move_scores_to(self, device: torch.device) -> None:
         """Keep the EMAs on the scores' device (the model may have moved since construction)."""
@@ -493,7 +491,6 @@ class IncreLoRAController:
         self.ipt = state["ipt"].to(device=device, dtype=torch.float64, copy=True)
         self.unc = state["unc"].to(device=device, dtype=torch.float64, copy=True)
         self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
-        # Whether the last tracked step's scores were all finite, read by its round.
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.budget_reached = bool(state["budget_reached"])
         self.round_pending = bool(state.get("round_pending", False))
