@@ -67,12 +67,15 @@ def adalora_schedule(plan: ModelPlan) -> Dict[str, int]:
             "tfinal": max(1, plan.steps // 4), "deltaT": 1}
 
 
-def _batches(preset: ModelPreset, plan: ModelPlan, device: torch.device) -> List[dict]:
+def random_batches(preset: ModelPreset, batch_size: int, seq_len: int,
+                   device: torch.device) -> List[dict]:
+    """Four seeded batches of ``batch_size`` x ``seq_len`` random tokens of the preset's
+    vocabulary, unpadded, with random binary labels, on ``device``."""
     gen = torch.Generator().manual_seed(2)
-    shape = (plan.batch_size, plan.seq_len)
+    shape = (batch_size, seq_len)
     return [{"input_ids": torch.randint(1, preset.vocab_size, shape, generator=gen).to(device),
              "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
-             "labels": torch.randint(0, 2, (plan.batch_size,), generator=gen).to(device)}
+             "labels": torch.randint(0, 2, (batch_size,), generator=gen).to(device)}
             for _ in range(4)]
 
 
@@ -247,7 +250,8 @@ def prepare_run(method: str, preset_name: str, plan: ModelPlan, device: torch.de
     preset = _check_args(method, preset_name)
     torch.manual_seed(0)
     model = (build_4bit(preset, device) if plan.base_4bit else preset.build(device)).train()
-    return _build_run(method, model, preset, plan, device), _batches(preset, plan, device)
+    return _build_run(method, model, preset, plan, device), random_batches(preset, plan.batch_size, plan.seq_len,
+                                                                  device)
 
 
 def _step(run: Run, i: int, batches: List[dict],

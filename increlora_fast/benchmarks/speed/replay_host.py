@@ -1,13 +1,14 @@
 """Host work of a training step replayed from CUDA graphs, measured without a GPU.
 
-`StepRunner` with ``cuda_graphs`` on runs every step that is no allocation round (and not one of
-the first eager steps) as one graph replay plus a little host work: the batch copied into the
-static inputs, the step indices the graph reads filled in (`sync_device_step`), the host side of
-the step (`note_replayed_step` of optimizer and controller: counters, the layers' tracking flags)
-and the loss and token count copied out. This module times that host work on CPU with a graph
+`StepRunner` with ``cuda_graphs`` on runs every step but the first few as the replay of its two
+graphs plus a little host work: the batch copied into the static inputs, the step indices the
+graphs read filled in (`sync_device_step`), the host side of the step (`note_replayed_step` of
+optimizer and controller: counters, the layers' tracking flags) and the loss and token count
+copied out; an allocation round adds its own host work between the two replays, which this
+module leaves out (no round falls in the timed steps). This module times that host work on CPU with a graph
 stand-in whose replay does nothing (`NoReplayGraph`; its capture runs the step's ops once, as
 they make the step's outputs), and counts the device ops it issues besides the replay and its
-host reads of tensors. ``cudaGraphLaunch`` itself (a few µs on a GPU) is not included.
+host reads of tensors. ``cudaGraphLaunch`` itself (a few µs per graph on a GPU) is not included.
 
 At the main job's shape (MiniLM-L6, batch 32 x 64, the issue-27 target of 60,000 tokens/s means
 34 ms per step) this says how much of a graphed step the host needs at the least; the GPU time
@@ -78,6 +79,7 @@ def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int =
     from ...training.device import Placement
     from ...training.increlora_method import IncreLoRARun
     from ...training.step_runner import StepRunner
+    from .model_level import random_batches
     from .model_presets import MODEL_PRESETS
 
     if preset_name not in MODEL_PRESETS:
@@ -97,18 +99,9 @@ def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int =
                              modules_to_save=list(preset.modules_to_save),
                              total_step=2 * total)
     method = IncreLoRARun.from_config(model, config, lr=1e-3, weight_decay=0.01)
-    graphs: List[NoReplayGraph] = []
-
-    def factory() -> NoReplayGraph:
-        graphs.append(NoReplayGraph())
-        return graphs[-1]
     runner = StepRunner(method, Placement(torch.device("cpu"), "fp32"), grad_clip=1.0,
-                        cuda_graphs=True, graph_factory=factory)
-    gen = torch.Generator().manual_seed(2)
-    shape = (batch_size, seq_len)
-    batches = [{"input_ids": torch.randint(1, preset.vocab_size, shape, generator=gen),
-                "attention_mask": torch.ones(shape, dtype=torch.long),
-                "labels": torch.randint(0, 2, (batch_size,), generator=gen)} for _ in range(4)]
+                        cuda_graphs=True, graph_factory=NoReplayGraph)
+    batches = random_batches(preset, batch_size, seq_len, torch.device("cpu"))
     for i in range(warmup):
         runner.step(i, batches[i % 4])
     before = runner.graphed.replays
