@@ -21,6 +21,14 @@ not permitted when stream is capturing"), so a Triton kernel must have run eager
 specialization, before a capture launches it. Inside `kernels_loaded_before_capture` the emulator
 records the specializations launched outside captures and a capture that launches another one
 raises, as CUDA would.
+
+Graphs may share one memory pool (`EmulatedPool`, as `training.cuda_graphs.CUDAGraphPool` shares
+one among a run's graphs). CUDA's allocator then gives a later capture memory that an earlier
+graph used for its temporaries, or for outputs the caller dropped: replaying the earlier graph
+overwrites what the later one left there. The emulator assumes the worst: replaying a graph of
+a pool poisons (NaN, or -7 in integers, True in booleans) every tensor that graphs captured
+after it in that pool allocated, so a step that reads such a tensor before its own graph wrote
+it again gives a wrong result instead of passing by luck.
 """
 from __future__ import annotations
 
@@ -115,11 +123,59 @@ def kernels_loaded_before_capture() -> Iterator[None]:
         kutils.launch, _loaded = real_launch, None
 
 
-class EmulatedGraph:
-    """The `capture()` / `replay()` interface of `training.cuda_graphs.CUDAStepGraph`."""
+class EmulatedPool:
+    """A memory pool shared by the graphs it makes (call it for a new `EmulatedGraph`), used as
+    a ``graph_factory``; see the module docstring for what sharing costs a replay."""
 
     def __init__(self) -> None:
+        self.graphs: List["EmulatedGraph"] = []  # in capture order
+        self.poisoned = 0  # tensors overwritten by replays so far
+
+    def __call__(self) -> "EmulatedGraph":
+        return EmulatedGraph(pool=self)
+
+    def captured(self, graph: "EmulatedGraph") -> None:
+        if graph in self.graphs:
+            self.graphs.remove(graph)
+        self.graphs.append(graph)
+
+    def replaying(self, graph: "EmulatedGraph") -> None:
+        """Overwrite what graphs captured after ``graph`` allocated (see the module docstring)."""
+        later = self.graphs[self.graphs.index(graph) + 1:]
+        with torch.no_grad():
+            for other in later:
+                for t in other.allocated:
+                    _poison(t)
+                    self.poisoned += 1
+
+
+def _poison(t: torch.Tensor) -> None:
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(-7)
+
+
+def _allocated(args: tuple, kwargs: dict, out: Any) -> List[torch.Tensor]:
+    """The tensors of ``out`` an aten op allocated: those sharing no storage with an argument
+    (not in-place results, ``out=`` tensors or views)."""
+    def storage(t: torch.Tensor) -> int:
+        return t.untyped_storage().data_ptr()
+    inputs = {storage(t) for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    return [t for t in tree_flatten(out)[0]
+            if isinstance(t, torch.Tensor) and t.numel() and storage(t) not in inputs]
+
+
+class EmulatedGraph:
+    """The `capture()` / `replay()` interface of `training.cuda_graphs.CUDAStepGraph`, in its own
+    memory pool or in ``pool`` (an `EmulatedPool`) shared with other graphs."""
+
+    def __init__(self, pool: Optional[EmulatedPool] = None) -> None:
         self.ops: List[tuple] = []
+        self.pool = pool
+        self.allocated: List[torch.Tensor] = []  # by the captured ops
         self._skip_next_replay = False
         self.replays = 0
 
@@ -148,6 +204,10 @@ class EmulatedGraph:
                 yield
         finally:
             kutils.launch = real_launch
+        self.allocated = [t for op in self.ops if op[0] == "aten" and not op[1].is_view
+                          for t in _allocated(op[2], op[3], op[4])]
+        if self.pool is not None:
+            self.pool.captured(self)
         self._skip_next_replay = True
 
     def replay(self) -> None:
@@ -155,6 +215,8 @@ class EmulatedGraph:
             self._skip_next_replay = False
             return
         self.replays += 1
+        if self.pool is not None:
+            self.pool.replaying(self)
         with torch.no_grad():
             self._run()
 

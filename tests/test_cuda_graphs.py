@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graph_emulator import EmulatedGraph, kernels_loaded_before_capture
+from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
 from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
 from increlora_fast.training.cuda_graphs import CUDAStepGraph, GraphedSteps
 
@@ -45,7 +45,8 @@ def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False,
     if skip_state_warmup:  # capture a tracking state without running it eagerly first
         graphed._states_run.update((True, False))
     losses = []
-    watch = kernels_loaded_before_capture() if graph_factory is EmulatedGraph \
+    watch = kernels_loaded_before_capture() \
+        if isinstance(graph_factory, EmulatedPool) or graph_factory is EmulatedGraph \
         else contextlib.nullcontext()
     with watch:
         _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit)
@@ -113,7 +114,7 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     monkeypatch.setenv("INCRELORA_BACKEND", backend)
     eager_steps = _record_eager_steps(monkeypatch)
     ref = _train(make_tiny_net, "cpu")
-    got = _train(make_tiny_net, "cpu", EmulatedGraph)
+    got = _train(make_tiny_net, "cpu", EmulatedPool())
     graphed = got["graphed"]
     # each tracking state captured once: the graphs survive the rounds (the cached masks are
     # refreshed in place), and no round runs eagerly: each is replayed (or, the first, captured)
@@ -122,7 +123,31 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     assert graphed.captures == 2 and len(rounds) >= 3, (graphed.captures, rounds)
     assert not [r for r in rounds if r in eager_steps], (rounds, eager_steps)
     assert graphed.replays == STEPS - len(eager_steps) - graphed.captures
+    # the graphs share one pool: replays overwrote what graphs captured later allocated, and
+    # nothing the run reads was among it
+    assert graphed.graph_factory.poisoned > 0
     _assert_same(got, ref)
+
+
+def test_a_shared_pool_overwrites_what_a_later_graph_allocated():
+    """The emulator's model of a memory pool shared by graphs (`graph_emulator.EmulatedPool`):
+    a tensor that a later-captured graph allocated does not survive a replay of an earlier one
+    (CUDA may have given it that graph's memory) until its own graph replays; in private pools
+    it does."""
+    x = torch.ones(3)
+    for shared in (True, False):
+        pool = EmulatedPool()
+        first, second = (pool(), pool()) if shared else (EmulatedGraph(), EmulatedGraph())
+        with first.capture():
+            _ = x * 2
+        first.replay()
+        with second.capture():
+            kept = x + 1
+        second.replay()
+        first.replay()
+        assert bool(torch.isnan(kept).all()) == shared
+        second.replay()
+        assert torch.equal(kept, x + 1)
 
 
 def test_a_round_at_every_step_is_captured_and_replayed(make_tiny_net, monkeypatch):
@@ -132,7 +157,7 @@ def test_a_round_at_every_step_is_captured_and_replayed(make_tiny_net, monkeypat
     eager_steps = _record_eager_steps(monkeypatch)
     schedule = dict(init_warmup=1, incre_interval=1, score_window=None, target_rank=3)
     ref = _train(make_tiny_net, "cpu", **schedule)
-    got = _train(make_tiny_net, "cpu", EmulatedGraph, **schedule)
+    got = _train(make_tiny_net, "cpu", EmulatedPool(), **schedule)
     rounds = sorted({e["step"] for e in ref["log"]})
     assert len(rounds) >= 4 and rounds[0] == 2
     assert eager_steps[:2] == [0, 1] and not set(rounds) & set(eager_steps), eager_steps
@@ -150,11 +175,11 @@ def test_a_slot_change_outside_a_round_runs_the_next_step_eagerly(make_tiny_net,
     def edit(step, model):
         if step == 10:
             assert model.blocks[0].fc.activate_reserve(1, step) == 1
-    _train(make_tiny_net, "cpu", EmulatedGraph)
+    _train(make_tiny_net, "cpu", EmulatedPool())
     assert 10 not in eager_steps
     ref = _train(make_tiny_net, "cpu", edit=edit)
     eager_steps.clear()
-    got = _train(make_tiny_net, "cpu", EmulatedGraph, edit=edit)
+    got = _train(make_tiny_net, "cpu", EmulatedPool(), edit=edit)
     assert 10 in eager_steps and 11 not in eager_steps
     _assert_same(got, ref)
 
@@ -165,7 +190,7 @@ def test_caches_made_anew_are_captured_anew(make_tiny_net, monkeypatch):
     from increlora_fast import optimizer as optimizer_module
     monkeypatch.setattr(optimizer_module, "refresh_in_place", lambda old, new: (new, True))
     ref = _train(make_tiny_net, "cpu")
-    got = _train(make_tiny_net, "cpu", EmulatedGraph)
+    got = _train(make_tiny_net, "cpu", EmulatedPool())
     assert got["graphed"].captures > 2
     _assert_same(got, ref)
 
@@ -175,7 +200,7 @@ def test_replayed_steps_equal_eager_steps_with_the_exact_step_score(make_tiny_ne
     allocates (inside a capture: in the graph's pool) and the controller reads and clears:
     replayed steps still give the eager run exactly."""
     ref = _train(make_tiny_net, "cpu", exact_step_score=True)
-    got = _train(make_tiny_net, "cpu", EmulatedGraph, exact_step_score=True)
+    got = _train(make_tiny_net, "cpu", EmulatedPool(), exact_step_score=True)
     assert got["graphed"].replays >= 6 and len(ref["log"]) >= 2
     _assert_same(got, ref)
 
@@ -184,7 +209,7 @@ def test_emulator_sees_a_step_number_baked_into_the_graph(make_tiny_net):
     """The check can fail: without setting the device step before each replay, every replay
     applies the captured step's learning rate, and the results differ."""
     ref = _train(make_tiny_net, "cpu")
-    got = _train(make_tiny_net, "cpu", EmulatedGraph, break_step_sync=True)
+    got = _train(make_tiny_net, "cpu", EmulatedPool(), break_step_sync=True)
     assert not torch.equal(got["state"]["blocks.0.fc.lora_A"], ref["state"]["blocks.0.fc.lora_A"])
 
 
@@ -199,7 +224,7 @@ def test_each_tracking_state_runs_eagerly_before_its_capture(make_tiny_net, monk
         pytest.skip("checked under the Triton interpreter")
     monkeypatch.setenv("INCRELORA_BACKEND", "triton")
     with pytest.raises(RuntimeError, match="first time inside a captured step"):
-        _train(make_tiny_net, "cpu", EmulatedGraph, skip_state_warmup=True)
+        _train(make_tiny_net, "cpu", EmulatedPool(), skip_state_warmup=True)
 
 
 @pytest.mark.parametrize("offset, refused", [(4, False), (1, True)])
@@ -283,7 +308,7 @@ def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
     current = [Stream("caller")]
 
     class FailingCapture:
-        def __init__(self, graph, stream=None):
+        def __init__(self, graph, pool=None, stream=None):
             self.stream = stream
 
         def __enter__(self):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from finetune_helpers import cli, tiny_files
-from graph_emulator import EmulatedGraph, kernels_loaded_before_capture
+from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
 from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
 from increlora_fast.training.finetune_run import build_run
 from increlora_fast.training.loop import LoopState, train_loop
@@ -108,11 +108,12 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
             pytest.skip("the Triton path on CPU needs the interpreter")
     monkeypatch.setenv("INCRELORA_BACKEND", backend)
     made: List[EmulatedGraph] = []
+    pool = EmulatedPool()  # the run's graphs share one memory pool, as on CUDA
 
     def factory() -> EmulatedGraph:
-        made.append(EmulatedGraph())
+        made.append(pool())
         return made[-1]
-    monkeypatch.setattr(step_runner, "CUDAStepGraph", factory)
+    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: factory)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
@@ -136,11 +137,12 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     from increlora_fast.training import step_runner
     from increlora_fast.training.device import Placement
     made: List[EmulatedGraph] = []
+    pool = EmulatedPool()  # the run's graphs share one memory pool, as on CUDA
 
     def factory() -> EmulatedGraph:
-        made.append(EmulatedGraph())
+        made.append(pool())
         return made[-1]
-    monkeypatch.setattr(step_runner, "CUDAStepGraph", factory)
+    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: factory)
     runs = []
     for graphs in (False, True):
         place = Placement(torch.device("cpu"), "fp16")

@@ -26,9 +26,19 @@ graphs: its dense G buffers are released and allocated anew around score windows
 CUDA-graph notes ask, and so does the first step of each tracking state: the
 two states launch different kernels, and CUDA refuses to load a kernel module while a stream
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
-must have run once before its capture. Each graph owns its private memory pool: its gradients,
-activations and outputs are static tensors that every replay rewrites, so the loss it returns
-is copied out after each replay.
+must have run once before its capture.
+
+A run's graphs share one memory pool (`CUDAGraphPool`): a graph's gradients, activations and
+outputs are static tensors that every replay rewrites, and with one pool the tracked and the
+untracked step reuse the same memory for their activations instead of each holding its own (the
+pool holds the largest step's, not their sum). Sharing is safe because nothing a graph allocated
+is read across another graph's replay: the loss and token count are copied out right after the
+first graph's replay, the gradients it leaves are read by the second graph (and at a round by
+the host) before any other graph replays, the graphs' outputs and gradients stay referenced as
+long as the graphs are, so no later capture is given their memory, and state that outlives a
+step (optimizer moments, scores, cached masks, workspaces) is made by the eager steps before the
+captures, outside the pool. `tests/graph_emulator.py` checks this: its pool overwrites what later
+graphs allocated at every replay of an earlier one.
 """
 from __future__ import annotations
 
@@ -52,10 +62,12 @@ class StepGraph(Protocol):
 
 
 class CUDAStepGraph:
-    """One `torch.cuda.CUDAGraph` with its own memory pool, captured on a stream of its own."""
+    """One `torch.cuda.CUDAGraph`, captured on a stream of its own, into ``pool`` (a
+    `torch.cuda.graph_pool_handle()` shared with other graphs) or a private memory pool."""
 
-    def __init__(self) -> None:
+    def __init__(self, pool: Optional[tuple] = None) -> None:
         self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
@@ -68,7 +80,7 @@ class CUDAStepGraph:
         stream nothing uses again."""
         previous = torch.cuda.current_stream()
         try:
-            with torch.cuda.graph(self.graph, stream=torch.cuda.Stream()):
+            with torch.cuda.graph(self.graph, pool=self.pool, stream=torch.cuda.Stream()):
                 yield
         finally:
             torch.cuda.set_stream(previous)
@@ -77,22 +89,41 @@ class CUDAStepGraph:
         self.graph.replay()
 
 
+class CUDAGraphPool:
+    """Makes `CUDAStepGraph`s (call it) that share one memory pool, made at the first call.
+    Graphs of one pool must not be replayed concurrently, and none may read memory another
+    graph of the pool allocated after that graph's replay (the module docstring says why
+    `GraphedSteps` does not)."""
+
+    def __init__(self) -> None:
+        self.handle: Optional[tuple] = None
+
+    def __call__(self) -> CUDAStepGraph:
+        if self.handle is None:
+            self.handle = torch.cuda.graph_pool_handle()
+        return CUDAStepGraph(self.handle)
+
+
 class GraphedSteps:
     """Runs IncreLoRA training steps eagerly or from CUDA graphs (see the module docstring).
 
     Args:
         optimizer: the run's `IncreLoRAAdamW`.
         controller: the run's `IncreLoRAController`.
-        graph_factory: makes an empty graph (`CUDAStepGraph`; tests pass a CPU emulation).
+        graph_factory: makes an empty graph (default: a `CUDAGraphPool` of this run's own;
+            tests pass a CPU emulation).
         warmup: eager steps before the first capture (at least 1: the step state the
             captured step reads must exist before it).
     """
 
-    def __init__(self, optimizer, controller, graph_factory: Callable[[], StepGraph] = CUDAStepGraph,
+    def __init__(self, optimizer, controller,
+                 graph_factory: Optional[Callable[[], StepGraph]] = None,
                  warmup: int = WARMUP_STEPS) -> None:
         self.optimizer = optimizer
         self.controller = controller
-        self.graph_factory = graph_factory
+        self.graph_factory = graph_factory or CUDAGraphPool()
+        self._cuda = isinstance(self.graph_factory, CUDAGraphPool) \
+            or self.graph_factory is CUDAStepGraph
         self.warmup = max(1, warmup)
         # tracking state -> (the graphs of its two halves, the outputs the first writes, the
         # cache epochs at their capture)
@@ -229,8 +260,7 @@ class GraphedSteps:
     def _side_stream(self) -> ContextManager[None]:
         """Warm-up steps run on a side stream before the first capture (torch's CUDA-graph
         notes); later eager steps on the current stream."""
-        if self._graphs or self.captures or not torch.cuda.is_available() \
-                or self.graph_factory is not CUDAStepGraph:
+        if self._graphs or self.captures or not self._cuda or not torch.cuda.is_available():
             return contextlib.nullcontext()
         return on_side_stream()
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cuda_graphs as cuda_graphs_module
-from .cuda_graphs import CUDAStepGraph, GraphedSteps, StepGraph
+from .cuda_graphs import CUDAGraphPool, GraphedSteps, StepGraph
 from .device import Placement
 from .methods import MethodRun
 from .settings import CUDA_GRAPHS
@@ -82,8 +82,8 @@ class StepRunner:
         cuda_graphs: capture the steps in CUDA graphs and replay them
             (`cuda_graphs.GraphedSteps`: allocation rounds and the first steps eager); implies
             ``static_inputs``; IncreLoRA runs only.
-        graph_factory: makes the graphs (default `cuda_graphs.CUDAStepGraph`; tests pass a CPU
-            emulation).
+        graph_factory: makes the graphs (default: a `cuda_graphs.CUDAGraphPool`, the run's
+            graphs in one memory pool; tests pass a CPU emulation).
     """
 
     def __init__(self, run: MethodRun, placement: Optional[Placement] = None,
@@ -105,8 +105,8 @@ class StepRunner:
             if controller is None:
                 raise ValueError(f"cuda_graphs: only IncreLoRA runs can be captured, got "
                                  f"{run.name}")
-            factory = graph_factory or CUDAStepGraph
-            if factory is cuda_graphs_module.CUDAStepGraph and \
+            factory = graph_factory or CUDAGraphPool()
+            if isinstance(factory, cuda_graphs_module.CUDAGraphPool) and \
                     self.placement.device.type != "cuda":
                 raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, the run is on "
                                  f"{self.placement.device}")
