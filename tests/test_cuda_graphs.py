@@ -328,3 +328,33 @@ def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
         with graph.capture():
             assert current[0].name == "fresh"
     assert events == [("capture on", "fresh")] and current[0].name == "caller"
+
+
+def test_a_graph_pool_counts_its_segments_memory_beyond_live_tensors(monkeypatch):
+    """What a run's graph pool holds beyond its live tensors (the memory its graphs' activations
+    reuse, which ``max_memory_allocated`` does not count) is summed from the allocator's
+    segments of that pool alone, and added to a graphed run's reported peak. torch's CUDA
+    calls are stood in for (no GPU here)."""
+    from increlora_fast.training import cuda_graphs, device
+    pool = cuda_graphs.CUDAGraphPool()
+    assert pool.free_bytes() == 0  # no graph made yet: no pool
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 3))
+    monkeypatch.setattr(cuda_graphs, "CUDAStepGraph", lambda handle: ("graph", handle))
+    assert pool() == ("graph", (0, 3))
+    segments = [dict(segment_pool_id=(0, 3), total_size=10 << 20, allocated_size=4 << 20),
+                dict(segment_pool_id=(0, 3), total_size=2 << 20, allocated_size=0),
+                dict(segment_pool_id=(0, 0), total_size=50 << 20, allocated_size=1 << 20),
+                dict(segment_pool_id=(0, 4), total_size=7 << 20, allocated_size=0)]
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    assert pool.free_bytes() == 8 << 20
+    steps = GraphedSteps(optimizer=None, controller=None, graph_factory=pool)
+    assert steps.pool_free_bytes() == 8 << 20
+    assert GraphedSteps(None, None, EmulatedPool()).pool_free_bytes() == 0
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 100 << 20)
+    cuda = torch.device("cuda")
+    plain, graphed = device.peak_memory(cuda), device.peak_memory(cuda, pool.free_bytes())
+    assert plain["peak_device_memory_mb"] == 100 and graphed["peak_device_memory_mb"] == 108
+    assert "pool" in graphed["peak_device_memory_kind"]
+    assert "pool" not in plain["peak_device_memory_kind"]

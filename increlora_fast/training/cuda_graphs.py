@@ -103,6 +103,17 @@ class CUDAGraphPool:
             self.handle = torch.cuda.graph_pool_handle()
         return CUDAStepGraph(self.handle)
 
+    def free_bytes(self) -> int:
+        """Device memory the pool holds beyond its live tensors: what its graphs' activations
+        and temporaries reuse at every replay. The allocator's tensor count
+        (``torch.cuda.max_memory_allocated``) leaves it out, so a graphed run's memory is that
+        peak plus this (`memory_snapshot` segments of this pool, reserved minus allocated)."""
+        if self.handle is None:
+            return 0
+        return sum(seg["total_size"] - seg["allocated_size"]
+                   for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) == tuple(self.handle))
+
 
 class GraphedSteps:
     """Runs IncreLoRA training steps eagerly or from CUDA graphs (see the module docstring).
@@ -209,6 +220,11 @@ class GraphedSteps:
             self._graphs[tracked] = (before, after, outputs, epochs)
         # (the captures ran the step's Python: the step counters have moved on)
         return self._copies(outputs)
+
+    def pool_free_bytes(self) -> int:
+        """`CUDAGraphPool.free_bytes` of the run's graphs (0 with another graph factory)."""
+        return self.graph_factory.free_bytes() \
+            if isinstance(self.graph_factory, CUDAGraphPool) else 0
 
     def _round_on_host(self, step: int, tracked: bool, epochs: tuple) -> bool:
         """The allocation round between the two halves of a graphed step: the first graph's

@@ -41,6 +41,7 @@ from torch import nn
 from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
 from .model_presets import MODEL_PRESETS, ModelPreset
 from .plans import DTYPES, ModelPlan
+from ..memory_probe import MIB
 from .timing import PeakMemory, Timer
 
 ORTH_REG_WEIGHT = 0.1
@@ -265,7 +266,8 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
     """Train ``plan.steps`` steps of every method on the preset; the timing fields per method.
 
     Each method is built and runs its ``warmup_steps`` alone (its peak memory is taken there,
-    above what was allocated before its model was built, the other methods' models included);
+    above what was allocated before its model was built, the other methods' models included;
+    a graphed run adds what its graphs' pool holds beyond its tensors after the timed steps);
     then the timed steps go round-robin over the methods, so that load which comes and goes on
     a shared machine falls on all of them alike.
     """
@@ -304,6 +306,11 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
             times[method]["run"].append(timer.ms)
             if phase != "run":
                 times[method][phase].append(timer.ms)
+    for method in methods:  # a graphed run also holds its graphs' pool beyond its tensors
+        graphed = getattr(getattr(runs[method][0], "runner", None), "graphed", None)
+        if graphed is not None:
+            peaks[method] = (peaks[method][0] + graphed.pool_free_bytes() / MIB,
+                             peaks[method][1] + " + the CUDA graphs' pool beyond its tensors")
     out = {}
     for method in methods:
         t = times[method]
