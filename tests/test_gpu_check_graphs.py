@@ -9,7 +9,7 @@ from typing import List
 import pytest
 import torch
 
-from graph_emulator import EmulatedGraph, kernels_loaded_before_capture
+from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
 from increlora_fast.benchmarks.gpu_check import graphs
 from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES, graphs_section
 from increlora_fast.benchmarks.gpu_check.parts import PARTS, dry_run_plan
@@ -20,9 +20,10 @@ CPU = torch.device("cpu")
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_replayed_tiny_bert_agrees_with_the_eager_run(precision):
     made: List[EmulatedGraph] = []
+    pool = EmulatedPool()  # one memory pool for the run's graphs, as CUDAGraphPool on a GPU
 
     def factory() -> EmulatedGraph:
-        made.append(EmulatedGraph())
+        made.append(pool())
         return made[-1]
     r = graphs.graph_agreement(CPU, precision, graph_factory=factory)
     assert r["status"] == "ok" and r["ok"] is True and r["note"] is None, r
@@ -31,6 +32,7 @@ def test_replayed_tiny_bert_agrees_with_the_eager_run(precision):
     # each replayed step replays the two graphs of its halves, each capture makes two
     assert r["replays"] >= 4 and 2 * r["replays"] == sum(g.replays for g in made)
     assert 2 * r["captures"] == len(made) >= 4
+    assert pool.poisoned > 0  # replays overwrote what later graphs allocated
     # the emulator replays the very ops of the capture: bit for bit
     assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0
     assert r["final_loss"] == r["final_loss_graphed"]
@@ -55,7 +57,7 @@ def test_replayed_fp16_steps_agree_on_the_triton_path(monkeypatch):
     monkeypatch.setenv("INCRELORA_BACKEND", "triton")
     reset_launch_counts()
     with kernels_loaded_before_capture():
-        r = graphs.graph_agreement(CPU, "fp16", graph_factory=EmulatedGraph)
+        r = graphs.graph_agreement(CPU, "fp16", graph_factory=EmulatedPool())
     assert launch_counts().get("_score_tiles_kernel", 0) > 0  # the Triton path was taken
     assert r["ok"] is True and r["replays"] >= 4 and r["overflows_replayed"] >= 1, r
     assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0
