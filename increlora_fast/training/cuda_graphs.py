@@ -49,6 +49,11 @@ import torch
 
 # Eager steps before the first capture.
 WARMUP_STEPS = 2
+# What a graphed run's reported peak memory adds to the allocator's tensor peak
+# (`CUDAGraphPool.free_bytes` after the run): the sum bounds from above what the run held at
+# once, since the tensor peak may fall before the pool grew.
+GRAPH_POOL_KIND = (" + the CUDA graphs' pool beyond its tensors (an upper bound: the two "
+                   "need not coincide)")
 
 StepOutputs = Tuple[torch.Tensor, ...]
 

@@ -17,6 +17,7 @@ from typing import ContextManager, Dict, Optional, Union
 import torch
 
 from ..device_scalar import grad_scaler_scale
+from .cuda_graphs import GRAPH_POOL_KIND
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -162,7 +163,7 @@ def peak_memory(device: torch.device, graph_pool_free_bytes: int = 0) -> Dict[st
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) + graph_pool_free_bytes
         kind = "torch.cuda.max_memory_allocated" + \
-            (" + the CUDA graphs' pool beyond its tensors" if graph_pool_free_bytes else "")
+            (GRAPH_POOL_KIND if graph_pool_free_bytes else "")
         return {"peak_device_memory_mb": round(peak / MIB, 1), "peak_device_memory_kind": kind}
     return {"peak_device_memory_mb": None, "peak_device_memory_kind": CPU_MEMORY_NOTE}
 

@@ -166,7 +166,9 @@ def model_verdicts(records: List[dict]) -> List[Verdict]:
                 ratio = r["peak_mem_mb"] / max(lora["peak_mem_mb"], 1e-9)
                 out.append(_verdict("memory", ratio <= 1.0,
                                     f"{shape} {method}: {r['peak_mem_mb']:.0f} vs "
-                                    f"{lora['peak_mem_mb']:.0f} MiB ({ratio:.2f}x)"))
+                                    f"{lora['peak_mem_mb']:.0f} MiB ({ratio:.2f}x)"
+                                    + ("; tensor peak + graph pool, an upper bound"
+                                       if method == "increlora-graphs" else "")))
     if not out:
         out = [_unmeasurable(k, "no CUDA model records")
                for k in ("eager", "graphs_compiled", "graphs_floor", "tracked", "memory")]

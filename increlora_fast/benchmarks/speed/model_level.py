@@ -38,10 +38,11 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ...training.cuda_graphs import GRAPH_POOL_KIND
+from ..memory_probe import MIB
 from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
 from .model_presets import MODEL_PRESETS, ModelPreset
 from .plans import DTYPES, ModelPlan
-from ..memory_probe import MIB
 from .timing import PeakMemory, Timer
 
 ORTH_REG_WEIGHT = 0.1
@@ -310,7 +311,7 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
         graphed = getattr(getattr(runs[method][0], "runner", None), "graphed", None)
         if graphed is not None:
             peaks[method] = (peaks[method][0] + graphed.pool_free_bytes() / MIB,
-                             peaks[method][1] + " + the CUDA graphs' pool beyond its tensors")
+                             peaks[method][1] + GRAPH_POOL_KIND)
     out = {}
     for method in methods:
         t = times[method]
