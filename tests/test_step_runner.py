@@ -15,6 +15,7 @@ from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
 from increlora_fast.training.finetune_run import build_run
 from increlora_fast.training.loop import LoopState, train_loop
 from increlora_fast.training.settings import RunSettings
+from increlora_fast.training.cuda_graphs import WARMUP_STEPS, GraphedSteps
 from increlora_fast.training.step_runner import StepRunner, resolve_cuda_graphs
 
 STEPS = 12
@@ -114,6 +115,13 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
         made.append(pool())
         return made[-1]
     monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: factory)
+    eager_steps = []
+    real_eager = GraphedSteps._eager
+
+    def eager(self, step, *halves):
+        eager_steps.append(step)
+        return real_eager(self, step, *halves)
+    monkeypatch.setattr(GraphedSteps, "_eager", eager)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
     plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
@@ -126,6 +134,10 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
     assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
     assert run.controller.allocation_log and run.controller.budget_reached
     assert made and sum(g.replays for g in made) > 0  # steps really were replayed
+    # only the warm-up steps ran eagerly: the untracked state's kernels were loaded by a
+    # forward and backward without effect (dropout is on: its random state was put back), and
+    # its first step, after the budget, was captured at once (4 graphs: 2 per state)
+    assert eager_steps == list(range(WARMUP_STEPS)) and len(made) == 4, (eager_steps, len(made))
 
 
 def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(tiny, monkeypatch):

@@ -26,7 +26,9 @@ graphs: its dense G buffers are released and allocated anew around score windows
 CUDA-graph notes ask, and so does the first step of each tracking state: the
 two states launch different kernels, and CUDA refuses to load a kernel module while a stream
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
-must have run once before its capture.
+must have run once before its capture. Where the runner passes a ``preload`` (the step
+runner does), the untracked state's kernels are loaded by one forward and backward without
+effect after the first eager tracked step, and that state's first step is captured directly.
 
 A run's graphs share one memory pool (`CUDAGraphPool`): a graph's gradients, activations and
 outputs are static tensors that every replay rewrites, and with one pool the tracked and the
@@ -157,7 +159,8 @@ class GraphedSteps:
         self.replays = 0
 
     def step(self, step: int, first: Callable[[], StepOutputs],
-             second: Callable[[bool], None]) -> StepOutputs:
+             second: Callable[[bool], None],
+             preload: Optional[Callable[[], None]] = None) -> StepOutputs:
         """Take optimizer step ``step`` on the run's static inputs, in two halves: ``first()``
         runs forward, backward, clipping and the controller's step and returns the step's
         outputs (device tensors are copied out of the graph after a replay; other values must
@@ -166,7 +169,10 @@ class GraphedSteps:
         outside allocation rounds. Each tracking state captures both halves once, in two graphs;
         an allocation round is replayed as the first graph, the round on the host
         (`IncreLoRAController.finish_replayed_round`, `IncreLoRAAdamW.prepare_replay`) and the
-        second graph. Returns copies of the outputs."""
+        second graph. ``preload`` (optional): forward and backward of the static inputs with
+        no other effect (`_preload_untracked` keeps it so); given, the untracked state's kernels
+        are loaded by it after the first eager tracked step, and its first step is captured
+        instead of run eagerly. Returns copies of the outputs."""
         tracked = self.controller.is_tracked(step)
         round_ = self.controller.allocation_due(step)
         epochs = self._cache_epochs()
@@ -179,7 +185,11 @@ class GraphedSteps:
             # (slots changed since the last eager step outside a round: running a step eagerly
             # refreshes the cached masks a replay reads)
             self._states_run.add(tracked)
-            return self._eager(step, first, second)
+            outputs = self._eager(step, first, second)
+            if tracked and preload is not None and False not in self._states_run \
+                    and not self._exact_step_score():
+                self._preload_untracked(preload)
+            return outputs
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
         if entry is None:
@@ -243,6 +253,28 @@ class GraphedSteps:
         self.optimizer.prepare_replay()
         self._versions = self._slot_versions()
         return self._cache_epochs() == epochs
+
+    def _preload_untracked(self, preload: Callable[[], None]) -> None:
+        """Run ``preload`` (forward and backward) once with the layers' score tracking off and
+        undo its effects on the run: the random number generators (dropout) are forked, the
+        tracking flags put back, the gradients dropped. It loads the kernels of the untracked
+        state (CUDA cannot load one while capturing), so that state's first step can be
+        captured at once instead of run eagerly: an eager step after a capture holds its
+        activations beside the graph pool's, one step's activations more than a replay."""
+        layers = self.controller.layers
+        flags = [layer.score_enabled for layer in layers]
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() \
+            and torch.cuda.is_initialized() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                for layer in layers:
+                    layer.score_enabled = False
+                preload()
+        finally:
+            for layer, flag in zip(layers, flags):
+                layer.score_enabled = flag
+            self.optimizer.zero_grad(set_to_none=True)
+        self._states_run.add(False)
 
     @staticmethod
     def _copies(outputs: StepOutputs) -> StepOutputs:

@@ -201,9 +201,34 @@ class StepRunner:
         def first() -> tuple:
             result = self._up_to_optimizer(step, batch)
             return result.task_loss, result.tokens
-        return StepResult(*self.graphed.step(step, first,
-                                             lambda zero_grad: self._optimizer_step(step,
-                                                                                     zero_grad)))
+        return StepResult(*self.graphed.step(
+            step, first, lambda zero_grad: self._optimizer_step(step, zero_grad),
+            preload=lambda: self._forward_backward_without_effect(step, batch)))
+
+    def _forward_backward_without_effect(self, step: int, batch: Dict[str, torch.Tensor]
+                                         ) -> None:
+        """`forward_backward` whose effects on the model's buffers and ``self.loss`` are undone
+        (`GraphedSteps` undoes the rest: random state, gradients, tracking flags): it loads the
+        kernels of a tracking state before that state's first capture. Buffers outside the
+        adapted layers (a batch norm's running statistics) are put back; the adapted layers'
+        buffers must not change (their slot states and score sum), and a change raises."""
+        layers = set(self.run.controller.layers)
+        adapter_buffers = [b for layer in layers for b in layer.buffers()]
+        others = [b for name, module in self.run.model.named_modules() if module not in layers
+                  for b in module.buffers(recurse=False)]
+        kept = [b.clone() for b in others]
+        versions = [b._version for b in adapter_buffers]
+        loss = self.loss
+        with self._capture_safe_autocast():
+            self.forward_backward(step, batch)
+        self.loss = loss
+        with torch.no_grad():
+            for b, value in zip(others, kept):
+                b.copy_(value)
+        if [b._version for b in adapter_buffers] != versions:
+            raise RuntimeError("cuda_graphs: a forward and backward without score tracking "
+                               "changed an adapted layer's buffers; the kernel preload would "
+                               "change the run")
 
     def _up_to_optimizer(self, step: int, batch: Dict[str, torch.Tensor]) -> StepResult:
         """Forward, backward and `_before_optimizer`; the step's task loss and token count."""
