@@ -167,7 +167,6 @@ def run_torchrun() -> Dict[str, Dict[str, object]]:
         pass
     else:
         runs["fsdp2"] = _fsdp2(rank, world)
-    dist.destroy_process_group()
     return runs
 
 
@@ -188,14 +187,7 @@ def run_accelerate() -> Dict[str, Dict[str, object]]:
                     controller.step(step)
                 optimizer.step()
                 optimizer.zero_grad()
-    out = {"accelerate": result(accelerator.unwrap_model(wrapped), controller)}
-    # Left alive, the gloo process group is torn down by the interpreter's exit, which at times
-    # aborts a rank ("terminate called without an active exception") on a loaded machine.
-    import torch.distributed as dist
-    if dist.is_initialized():
-        accelerator.wait_for_everyone()
-        dist.destroy_process_group()
-    return out
+    return {"accelerate": result(accelerator.unwrap_model(wrapped), controller)}
 
 
 def main(argv: List[str]) -> None:
@@ -207,6 +199,20 @@ def main(argv: List[str]) -> None:
     for run in out.values():
         run["world_size"] = int(os.environ["WORLD_SIZE"])
     torch.save(out, os.path.join(argv[1], f"rank{rank}.pt"))
+    _exit_after_every_rank()
+
+
+def _exit_after_every_rank() -> None:
+    """Wait until every rank has written its results, then leave without tearing the gloo
+    process group down: its teardown, by `destroy_process_group` or by the interpreter's exit,
+    at times aborted a rank on a loaded machine ("terminate called without an active
+    exception", SIGABRT) after the rank's work was done, failing the launch."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

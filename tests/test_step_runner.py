@@ -95,8 +95,19 @@ def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
         runner.step(1, shorter)
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, backend):
+# (settings, steps) of the loop's graphed runs: every step of the allocation phase tracked,
+# the untracked state first after the budget; a score window (29 steps before each round, the
+# default), so the run starts untracked and the tracked state comes later
+SCHEDULES = {"tracked-first": (dict(), STEPS),
+             "score-window": (dict(init_warmup=31, incre_interval=32, max_steps=36), 36)}
+
+
+@pytest.mark.parametrize("backend, schedule", [("torch", "tracked-first"),
+                                               ("triton", "tracked-first"),
+                                               ("torch", "score-window"),
+                                               pytest.param("triton", "score-window",
+                                                            marks=pytest.mark.slow)])
+def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, backend, schedule):
     """The loop's ``cuda_graphs`` path (static inputs, steps replayed from graphs, here the CPU
     emulation of CUDA graphs) matches the plain fixed-length run exactly; on the Triton path
     (the one a GPU takes, here under the interpreter) no kernel is first launched inside a
@@ -122,21 +133,25 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
         eager_steps.append(step)
         return real_eager(self, step, *halves)
     monkeypatch.setattr(GraphedSteps, "_eager", eager)
-    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
-    plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
-    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    overrides, steps = SCHEDULES[schedule]
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length", **overrides))
+    plain = train_loop(run, batches, steps, s.grad_clip, LoopState(), progress=False)
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length", **overrides))
+    tracked = [run.controller.is_tracked(0)]
     reset_launch_counts()
     with kernels_loaded_before_capture():
-        graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+        graphs = train_loop(run, batches, steps, s.grad_clip, LoopState(), progress=False,
                             cuda_graphs=True)
     score_launches = launch_counts().get("_score_tiles_kernel", 0)
     assert (score_launches > 0) == (backend == "triton")  # the path really was taken
     assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
-    assert run.controller.allocation_log and run.controller.budget_reached
+    assert run.controller.allocation_log
+    assert tracked == [schedule == "tracked-first"]
     assert made and sum(g.replays for g in made) > 0  # steps really were replayed
-    # only the warm-up steps ran eagerly: the untracked state's kernels were loaded by a
-    # forward and backward without effect (dropout is on: its random state was put back), and
-    # its first step, after the budget, was captured at once (4 graphs: 2 per state)
+    # only the warm-up steps ran eagerly: the other state's kernels were loaded by a forward
+    # and backward without effect after the first step (dropout is on: its random state was
+    # put back; the score sums too), and that state's first step was captured at once (4
+    # graphs: 2 per state)
     assert eager_steps == list(range(WARMUP_STEPS)) and len(made) == 4, (eager_steps, len(made))
 
 

@@ -27,8 +27,8 @@ CUDA-graph notes ask, and so does the first step of each tracking state: the
 two states launch different kernels, and CUDA refuses to load a kernel module while a stream
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
 must have run once before its capture. Where the runner passes a ``preload`` (the step
-runner does), the untracked state's kernels are loaded by one forward and backward without
-effect after the first eager tracked step, and that state's first step is captured directly.
+runner does), the other state's kernels are loaded by one forward and backward without effect
+after the first eager step, and that state's first step is captured directly.
 
 A run's graphs share one memory pool (`CUDAGraphPool`): a graph's gradients, activations and
 outputs are static tensors that every replay rewrites, and with one pool the tracked and the
@@ -170,8 +170,8 @@ class GraphedSteps:
         an allocation round is replayed as the first graph, the round on the host
         (`IncreLoRAController.finish_replayed_round`, `IncreLoRAAdamW.prepare_replay`) and the
         second graph. ``preload`` (optional): forward and backward of the static inputs with
-        no other effect (`_preload_untracked` keeps it so); given, the untracked state's kernels
-        are loaded by it after the first eager tracked step, and its first step is captured
+        no other effect (`_preload` keeps it so); given, the other tracking state's kernels are
+        loaded by it after the first eager step, and that state's first step is captured
         instead of run eagerly. Returns copies of the outputs."""
         tracked = self.controller.is_tracked(step)
         round_ = self.controller.allocation_due(step)
@@ -186,9 +186,9 @@ class GraphedSteps:
             # refreshes the cached masks a replay reads)
             self._states_run.add(tracked)
             outputs = self._eager(step, first, second)
-            if tracked and preload is not None and False not in self._states_run \
-                    and not self._exact_step_score():
-                self._preload_untracked(preload)
+            if preload is not None and (not tracked) not in self._states_run \
+                    and not self._exact_step_score() and self._tracking_possible():
+                self._preload(not tracked, preload)
             return outputs
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
@@ -254,27 +254,31 @@ class GraphedSteps:
         self._versions = self._slot_versions()
         return self._cache_epochs() == epochs
 
-    def _preload_untracked(self, preload: Callable[[], None]) -> None:
-        """Run ``preload`` (forward and backward) once with the layers' score tracking off and
-        undo its effects on the run: the random number generators (dropout) are forked, the
-        tracking flags put back, the gradients dropped. It loads the kernels of the untracked
-        state (CUDA cannot load one while capturing), so that state's first step can be
-        captured at once instead of run eagerly: an eager step after a capture holds its
-        activations beside the graph pool's, one step's activations more than a replay."""
+    def _preload(self, tracked: bool, preload: Callable[[], None]) -> None:
+        """Run ``preload`` (forward and backward) once with the layers' score tracking set to
+        ``tracked`` and undo its effects on the run: the random number generators (dropout) are
+        forked, the tracking flags and the layers' score sums put back, the gradients dropped.
+        It loads the kernels of that tracking state (CUDA cannot load one while capturing), so
+        the state's first step can be captured at once instead of run eagerly: an eager step
+        after a capture holds its activations beside the graph pool's, one step's activations
+        more than a replay."""
         layers = self.controller.layers
         flags = [layer.score_enabled for layer in layers]
+        sums = [layer.score_sum.clone() for layer in layers]
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() \
             and torch.cuda.is_initialized() else []
         try:
             with torch.random.fork_rng(devices=devices):
                 for layer in layers:
-                    layer.score_enabled = False
+                    layer.score_enabled = tracked
                 preload()
         finally:
-            for layer, flag in zip(layers, flags):
-                layer.score_enabled = flag
+            with torch.no_grad():
+                for layer, flag, total in zip(layers, flags, sums):
+                    layer.score_enabled = flag
+                    layer.score_sum.copy_(total)
             self.optimizer.zero_grad(set_to_none=True)
-        self._states_run.add(False)
+        self._states_run.add(tracked)
 
     @staticmethod
     def _copies(outputs: StepOutputs) -> StepOutputs:
@@ -300,6 +304,13 @@ class GraphedSteps:
             # Its dense G buffers are released and allocated anew around score windows.
             self._graphs.clear()
         return outputs
+
+    def _tracking_possible(self) -> bool:
+        """Whether the run can still have tracked steps (the exact score, budget not reached):
+        otherwise there is no other state to preload."""
+        config = getattr(self.controller, "config", None)
+        return getattr(config, "score", None) == "delta_w" \
+            and not getattr(self.controller, "budget_reached", False)
 
     def _slot_versions(self) -> tuple:
         return tuple(layer.slot_version for layer in self.controller.layers)

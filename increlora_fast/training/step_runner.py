@@ -208,12 +208,14 @@ class StepRunner:
     def _forward_backward_without_effect(self, step: int, batch: Dict[str, torch.Tensor]
                                          ) -> None:
         """`forward_backward` whose effects on the model's buffers and ``self.loss`` are undone
-        (`GraphedSteps` undoes the rest: random state, gradients, tracking flags): it loads the
-        kernels of a tracking state before that state's first capture. Buffers outside the
-        adapted layers (a batch norm's running statistics) are put back; the adapted layers'
-        buffers must not change (their slot states and score sum), and a change raises."""
+        (`GraphedSteps` undoes the rest: random state, gradients, tracking flags, score sums):
+        it loads the kernels of a tracking state before that state's first capture. Buffers
+        outside the adapted layers (a batch norm's running statistics) are put back; the
+        adapted layers' other buffers (slot states and steps) must not change, and a change
+        raises."""
         layers = set(self.run.controller.layers)
-        adapter_buffers = [b for layer in layers for b in layer.buffers()]
+        adapter_buffers = [b for layer in layers for name, b in layer.named_buffers()
+                           if name != "score_sum"]
         others = [b for name, module in self.run.model.named_modules() if module not in layers
                   for b in module.buffers(recurse=False)]
         kept = [b.clone() for b in others]
@@ -226,9 +228,8 @@ class StepRunner:
             for b, value in zip(others, kept):
                 b.copy_(value)
         if [b._version for b in adapter_buffers] != versions:
-            raise RuntimeError("cuda_graphs: a forward and backward without score tracking "
-                               "changed an adapted layer's buffers; the kernel preload would "
-                               "change the run")
+            raise RuntimeError("cuda_graphs: the kernel preload's forward and backward changed "
+                               "an adapted layer's slot buffers; it would change the run")
 
     def _up_to_optimizer(self, step: int, batch: Dict[str, torch.Tensor]) -> StepResult:
         """Forward, backward and `_before_optimizer`; the step's task loss and token count."""
