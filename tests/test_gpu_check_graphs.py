@@ -13,6 +13,7 @@ from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_ca
 from increlora_fast.benchmarks.gpu_check import graphs
 from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES, graphs_section
 from increlora_fast.benchmarks.gpu_check.parts import PARTS, dry_run_plan
+from increlora_fast.training.cuda_graphs import WARMUP_STEPS
 
 CPU = torch.device("cpu")
 
@@ -32,6 +33,9 @@ def test_replayed_tiny_bert_agrees_with_the_eager_run(precision):
     # each replayed step replays the two graphs of its halves, each capture makes two
     assert r["replays"] >= 4 and 2 * r["replays"] == sum(g.replays for g in made)
     assert 2 * r["captures"] == len(made) >= 4
+    # the run starts untracked: the tracked state's kernels were preloaded after step 0, so
+    # only the two warm-up steps ran eagerly
+    assert r["steps"] - r["replays"] - r["captures"] == WARMUP_STEPS
     assert pool.poisoned > 0  # replays overwrote what later graphs allocated
     # the emulator replays the very ops of the capture: bit for bit
     assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0
@@ -60,6 +64,9 @@ def test_replayed_fp16_steps_agree_on_the_triton_path(monkeypatch):
         r = graphs.graph_agreement(CPU, "fp16", graph_factory=EmulatedPool())
     assert launch_counts().get("_score_tiles_kernel", 0) > 0  # the Triton path was taken
     assert r["ok"] is True and r["replays"] >= 4 and r["overflows_replayed"] >= 1, r
+    # no eager step but the warm-up: the tracked state's Triton kernels (the score's) were
+    # loaded by the preload, before that state's first capture
+    assert r["steps"] - r["replays"] - r["captures"] == WARMUP_STEPS
     assert r["max_param_diff"] == 0.0 and r["max_loss_diff"] == 0.0
 
 

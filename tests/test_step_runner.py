@@ -102,11 +102,10 @@ SCHEDULES = {"tracked-first": (dict(), STEPS),
              "score-window": (dict(init_warmup=31, incre_interval=32, max_steps=36), 36)}
 
 
+# (the Triton path of a run that starts untracked: tests/test_gpu_check_graphs.py, fp16)
 @pytest.mark.parametrize("backend, schedule", [("torch", "tracked-first"),
                                                ("triton", "tracked-first"),
-                                               ("torch", "score-window"),
-                                               pytest.param("triton", "score-window",
-                                                            marks=pytest.mark.slow)])
+                                               ("torch", "score-window")])
 def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, backend, schedule):
     """The loop's ``cuda_graphs`` path (static inputs, steps replayed from graphs, here the CPU
     emulation of CUDA graphs) matches the plain fixed-length run exactly; on the Triton path
