@@ -144,11 +144,13 @@ def test_the_part_runs_second_and_has_a_table():
     assert [t[:3] for t in PART_TITLES.values()] == ["(a)", "(b)", "(c)", "(d)", "(e)", "(f)"]
     part = {"records": [graphs.skipped(CPU, "fp32", 16, "skipped: needs CUDA"),
                         dict(graphs.skipped(CPU, "fp16", 16, ""), status="ok", ok=True,
-                             note=None, replays=4, ranks_equal=True, max_param_diff=0.0,
+                             note=None, replays=4, captures=2, ranks_equal=True,
+                             max_param_diff=0.0,
                              max_loss_diff=0.0, tol=1e-3, loss_scale=65536.0,
                              loss_scale_graphed=65536.0, overflows=5, overflows_replayed=1)]}
     text = "\n".join(graphs_section(part))
     assert text.startswith("1 of 2 precisions ran, 0 disagreed")
-    assert "| fp32 | skipped | 16 | - | - | - | - | - | - | - | - | - | skipped: needs CUDA |" \
+    assert "| fp32 | skipped | 16 | - | - | - | - | - | - | - | - | - | - | skipped: needs " \
+        "CUDA |" in text
+    assert "| fp16 | ok | 16 | 4 | 2 | True | 0 | 0 | 0.001 | 65,536 | 65,536 | 5 | 1 | - |" \
         in text
-    assert "| fp16 | ok | 16 | 4 | True | 0 | 0 | 0.001 | 65,536 | 65,536 | 5 | 1 | - |" in text
