@@ -268,10 +268,10 @@ class GraphedSteps:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() \
             and torch.cuda.is_initialized() else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=devices), self._side_stream():
                 for layer in layers:
                     layer.score_enabled = tracked
-                preload()
+                preload()  # (before the first capture: on a side stream, as the warm-up)
         finally:
             with torch.no_grad():
                 for layer, flag, total in zip(layers, flags, sums):
