@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
 from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
-from increlora_fast.training.cuda_graphs import CUDAStepGraph, GraphedSteps
+from increlora_fast.training.cuda_graphs import CUDAGraphPool, GraphedSteps
 
 STEPS = 24
 
@@ -71,7 +71,7 @@ def _steps(model, optimizer, controller, data, x, y, params, graphed, losses, ed
             controller.step(step)
             return (loss.detach(),)
 
-        def second(zero_grad: bool) -> None:
+        def second(zero_grad: bool, first_outputs=None) -> None:
             optimizer.step()
             if zero_grad:
                 optimizer.zero_grad(set_to_none=True)
@@ -285,9 +285,10 @@ def test_the_emulator_refuses_what_a_cuda_capture_refuses(what):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="real CUDA graphs need a GPU")
-def test_cuda_graphs_equal_eager_steps_on_the_gpu(make_tiny_net):
-    ref = _train(make_tiny_net, "cuda")
-    got = _train(make_tiny_net, "cuda", CUDAStepGraph)
+@pytest.mark.parametrize("exact_step_score", [False, True])  # True: every graph dropped at rounds
+def test_cuda_graphs_equal_eager_steps_on_the_gpu(make_tiny_net, exact_step_score):
+    ref = _train(make_tiny_net, "cuda", exact_step_score=exact_step_score)
+    got = _train(make_tiny_net, "cuda", CUDAGraphPool(), exact_step_score=exact_step_score)
     assert got["graphed"].replays >= 6
     assert got["log"] == ref["log"] and got["ranks"] == ref["ranks"]
     for name, value in ref["state"].items():
@@ -330,31 +331,108 @@ def test_a_failed_capture_gives_the_caller_its_stream_back(monkeypatch):
     assert events == [("capture on", "fresh")] and current[0].name == "caller"
 
 
-def test_a_graph_pool_counts_its_segments_memory_beyond_live_tensors(monkeypatch):
-    """What a run's graph pool holds beyond its live tensors (the memory its graphs' activations
-    reuse, which ``max_memory_allocated`` does not count) is summed from the allocator's
-    segments of that pool alone, and added to a graphed run's reported peak. torch's CUDA
-    calls are stood in for (no GPU here)."""
-    from increlora_fast.training import cuda_graphs, device
+class _FakeCUDA:
+    """Stands in for torch's CUDA graph, stream and pool calls (no GPU here): records the pool
+    and stream of every capture; a capture of ``fail`` raises as ending a refused capture
+    does."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.captures = []
+        self.pools = 0
+        self.current = "caller"
+        self.fail = None
+        fake = self
+
+        class Capture:
+            def __init__(self, graph, pool=None, stream=None):
+                self.graph, self.pool, self.stream = graph, pool, stream
+
+            def __enter__(self):
+                fake.captures.append((self.pool, self.stream))
+                fake.current = self.stream
+
+            def __exit__(self, *exc):  # as torch: capture_end raises before the stream is reset
+                if self.graph is fake.fail:
+                    raise RuntimeError("operation not permitted when stream is capturing")
+
+        def handle():
+            fake.pools += 1
+            return (0, fake.pools)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+        monkeypatch.setattr(torch.cuda, "Stream", lambda: object())
+        monkeypatch.setattr(torch.cuda, "graph", Capture)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", handle)
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda: fake.current)
+        monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(fake, "current", s))
+
+
+def test_a_graph_pool_captures_on_one_stream_and_takes_a_new_pool_when_it_must(monkeypatch):
+    """A run's graphs are captured into one memory pool on one stream (the allocator reuses a
+    freed block only on its own stream), a new pool and stream are taken once every graph of
+    the current pool is gone (torch refuses to capture into a pool whose use count fell to 0)
+    and after a failed capture; the caller's stream comes back every time."""
+    from increlora_fast.training import cuda_graphs
+    cuda = _FakeCUDA(monkeypatch)
     pool = cuda_graphs.CUDAGraphPool()
-    assert pool.free_bytes() == 0  # no graph made yet: no pool
-    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 3))
-    monkeypatch.setattr(cuda_graphs, "CUDAStepGraph", lambda handle: ("graph", handle))
-    assert pool() == ("graph", (0, 3))
-    segments = [dict(segment_pool_id=(0, 3), total_size=10 << 20, allocated_size=4 << 20),
-                dict(segment_pool_id=(0, 3), total_size=2 << 20, allocated_size=0),
+    first, second = pool(), pool()
+    for graph in (first, second):
+        with graph.capture():
+            assert cuda.current != "caller"
+        assert cuda.current == "caller"
+    del graph
+    (pool_a, stream_a), (pool_b, stream_b) = cuda.captures
+    assert pool_a == pool_b == (0, 1) and stream_a is stream_b
+    del first  # one graph of the pool is still alive: the pool stays
+    third = pool()
+    with third.capture():
+        pass
+    assert cuda.captures[-1] == (pool_a, stream_a)
+    del second, third  # all gone (an exact-score round drops every graph)
+    fourth = pool()
+    with fourth.capture():
+        pass
+    assert cuda.captures[-1][0] == (0, 2) and cuda.captures[-1][1] is not stream_a
+    failing = pool()
+    cuda.fail = failing.graph
+    with pytest.raises(RuntimeError, match="not permitted"):
+        with failing.capture():
+            pass
+    assert cuda.current == "caller"
+    fifth = pool()
+    with fifth.capture():
+        pass
+    assert cuda.captures[-1][0] == (0, 3)  # the failed capture's pool and stream are not reused
+    assert pool.handles == [(0, 1), (0, 2), (0, 3)] and fourth is not None
+
+
+def test_a_graph_pool_counts_the_memory_of_its_segments(monkeypatch):
+    """A run's graph pools' memory (the graphs' activations, reused at every replay, which
+    ``max_memory_allocated`` does not count between replays, and their live tensors) is summed
+    from the allocator's segments of those pools alone, and added to a graphed run's reported
+    peak. torch's CUDA calls are stood in for (no GPU here)."""
+    from increlora_fast.training import cuda_graphs, device
+    cuda = _FakeCUDA(monkeypatch)
+    pool = cuda_graphs.CUDAGraphPool()
+    assert pool.reserved_bytes() == 0  # nothing captured yet: no pool
+    graphs = [pool(), pool()]
+    for graph in graphs:
+        with graph.capture():
+            pass
+    assert cuda.pools == 1
+    segments = [dict(segment_pool_id=(0, 1), total_size=10 << 20, allocated_size=4 << 20),
+                dict(segment_pool_id=(0, 1), total_size=2 << 20, allocated_size=0),
                 dict(segment_pool_id=(0, 0), total_size=50 << 20, allocated_size=1 << 20),
                 dict(segment_pool_id=(0, 4), total_size=7 << 20, allocated_size=0)]
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
-    assert pool.free_bytes() == 8 << 20
+    assert pool.reserved_bytes() == 12 << 20
     steps = GraphedSteps(optimizer=None, controller=None, graph_factory=pool)
-    assert steps.pool_free_bytes() == 8 << 20
-    assert GraphedSteps(None, None, EmulatedPool()).pool_free_bytes() == 0
+    assert steps.pool_bytes() == 12 << 20
+    assert GraphedSteps(None, None, EmulatedPool()).pool_bytes() == 0
 
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 100 << 20)
-    cuda = torch.device("cuda")
-    plain, graphed = device.peak_memory(cuda), device.peak_memory(cuda, pool.free_bytes())
-    assert plain["peak_device_memory_mb"] == 100 and graphed["peak_device_memory_mb"] == 108
+    gpu = torch.device("cuda")
+    plain, graphed = device.peak_memory(gpu), device.peak_memory(gpu, pool.reserved_bytes())
+    assert plain["peak_device_memory_mb"] == 100 and graphed["peak_device_memory_mb"] == 112
     assert "pool" in graphed["peak_device_memory_kind"]
     assert "pool" not in plain["peak_device_memory_kind"]

@@ -191,6 +191,40 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     assert replayed_backoff, f"no overflow in a replayed step: {g_trace}"
 
 
+def test_fp16_update_run_eagerly_after_a_replayed_first_half_unscales_once(tiny, monkeypatch):
+    """When a replayed round makes the optimizer's caches as new tensors, the optimizer half of
+    that step runs eagerly after the replayed first half. The replay did not set GradScaler's
+    record (gradients unscaled, the overflow flags), so the step runner puts back the one the
+    capture left; without it the optimizer divides the gradients by the scale a second time.
+    Here every round makes new caches; the graphed fp16 run equals the eager one."""
+    from increlora_fast import optimizer as optimizer_module
+    from increlora_fast.training import step_runner
+    from increlora_fast.training.device import Placement
+    monkeypatch.setattr(optimizer_module, "refresh_in_place", lambda old, new: (new, True))
+    pool = EmulatedPool()
+    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: pool)
+    eager_updates = []
+    real_round = GraphedSteps._round_on_host
+
+    def round_on_host(self, *args):
+        kept = real_round(self, *args)
+        eager_updates.append(not kept)
+        return kept
+    monkeypatch.setattr(GraphedSteps, "_round_on_host", round_on_host)
+    runs = []
+    for graphs in (False, True):
+        place = Placement(torch.device("cpu"), "fp16")
+        place.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+        s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"), place)
+        state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                           placement=place, cuda_graphs=graphs)
+        runs.append((state.losses, run.model.state_dict()))
+    (losses, weights), (g_losses, g_weights) = runs
+    assert any(eager_updates), eager_updates  # a replayed round's update ran eagerly
+    assert g_losses == losses
+    assert all(torch.equal(weights[k], g_weights[k]) for k in weights)
+
+
 def test_a_replayed_step_issues_only_its_input_copies_step_fills_and_result_copies(tiny):
     """Besides its graph launch, a replayed step copies the batch into the static inputs (one
     op per input), fills the two device step indices (optimizer and controller) and copies out

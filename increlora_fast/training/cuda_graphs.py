@@ -30,32 +30,35 @@ must have run once before its capture. Where the runner passes a ``preload`` (th
 runner does), the other state's kernels are loaded by one forward and backward without effect
 after the first eager step, and that state's first step is captured directly.
 
-A run's graphs share one memory pool (`CUDAGraphPool`): a graph's gradients, activations and
-outputs are static tensors that every replay rewrites, and with one pool the tracked and the
-untracked step reuse the same memory for their activations instead of each holding its own (the
-pool holds the largest step's, not their sum). Sharing is safe because nothing a graph allocated
-is read across another graph's replay: the loss and token count are copied out right after the
-first graph's replay, the gradients it leaves are read by the second graph (and at a round by
-the host) before any other graph replays, the graphs' outputs and gradients stay referenced as
-long as the graphs are, so no later capture is given their memory, and state that outlives a
-step (optimizer moments, scores, cached masks, workspaces) is made by the eager steps before the
-captures, outside the pool. `tests/graph_emulator.py` checks this: its pool overwrites what later
-graphs allocated at every replay of an earlier one.
+A run's graphs share one memory pool and one capture stream (`CUDAGraphPool`; the caching
+allocator reuses a freed block only on the stream it was allocated on): a graph's gradients,
+activations and outputs are static tensors that every replay rewrites, and with one pool the
+tracked and the untracked step reuse the same memory for their activations instead of each
+holding its own (the pool holds the largest step's, not their sum). Sharing is safe because
+nothing a graph allocated is read across another graph's replay: the two graphs of a step
+always replay back to back, the loss and token count are copied out after them, the gradients
+and GradScaler overflow flags the first graph leaves are read by the second (and at a round by
+the host) before any other graph replays, the graphs' outputs (the overflow flags among them)
+and gradients stay referenced as long as the graphs are, so no later capture is given their
+memory, and state that outlives a step (optimizer moments, scores, cached masks, workspaces) is
+made by the eager steps before the captures, outside the pool. `tests/graph_emulator.py` checks
+this: its pool overwrites what later graphs allocated at every replay of an earlier one.
 """
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 import torch
 
 # Eager steps before the first capture.
 WARMUP_STEPS = 2
-# What a graphed run's reported peak memory adds to the allocator's tensor peak
-# (`CUDAGraphPool.free_bytes` after the run): the sum bounds from above what the run held at
-# once, since the tensor peak may fall before the pool grew.
-GRAPH_POOL_KIND = (" + the CUDA graphs' pool beyond its tensors (an upper bound: the two "
-                   "need not coincide)")
+# What a graphed run's reported peak memory adds to the allocator's tensor peak: its graph
+# pools' memory after the run (`CUDAGraphPool.reserved_bytes`). The sum bounds from above
+# what the run held at once: the tensor peak may come before the pools grew, and it may count
+# the pools' live tensors again.
+GRAPH_POOL_KIND = " + the CUDA graphs' memory pool (an upper bound: the two need not coincide)"
 
 StepOutputs = Tuple[torch.Tensor, ...]
 
@@ -69,26 +72,34 @@ class StepGraph(Protocol):
 
 
 class CUDAStepGraph:
-    """One `torch.cuda.CUDAGraph`, captured on a stream of its own, into ``pool`` (a
-    `torch.cuda.graph_pool_handle()` shared with other graphs) or a private memory pool."""
+    """One `torch.cuda.CUDAGraph`. Alone, it is captured on a fresh side stream into a private
+    memory pool; made by a `CUDAGraphPool`, on that pool's stream into its memory."""
 
-    def __init__(self, pool: Optional[tuple] = None) -> None:
+    def __init__(self, pool: Optional["CUDAGraphPool"] = None) -> None:
         self.graph = torch.cuda.CUDAGraph()
         self.pool = pool
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
-        """Capture on a fresh side stream, and give the caller its stream back even when the
-        capture fails. `torch.cuda.graph` captures on one side stream shared by every capture,
-        and when ending a capture raises (an op the capture refused) it leaves the caller on
-        that stream and the allocator still sending the stream's allocations to the failed
-        graph's pool; the process then goes on there (gpu-check runs its next parts in the same
-        process). With a stream used for this capture only, the stale pool routing concerns a
-        stream nothing uses again."""
+        """Capture, and give the caller its stream back even when the capture fails.
+        `torch.cuda.graph` captures on a side stream, and when ending a capture raises (an op
+        the capture refused) it leaves the caller on that stream and the allocator still
+        sending the stream's allocations to the failed graph's pool; the process then goes on
+        there (gpu-check runs its next parts in the same process). After a failed capture a
+        pool takes a new stream and memory pool (`CUDAGraphPool.capture_failed`), so the stale
+        routing concerns a stream nothing uses again."""
         previous = torch.cuda.current_stream()
+        if self.pool is None:
+            handle, stream = None, torch.cuda.Stream()
+        else:
+            handle, stream = self.pool.target(self)
         try:
-            with torch.cuda.graph(self.graph, pool=self.pool, stream=torch.cuda.Stream()):
+            with torch.cuda.graph(self.graph, pool=handle, stream=stream):
                 yield
+        except BaseException:
+            if self.pool is not None:
+                self.pool.capture_failed()
+            raise
         finally:
             torch.cuda.set_stream(previous)
 
@@ -97,29 +108,48 @@ class CUDAStepGraph:
 
 
 class CUDAGraphPool:
-    """Makes `CUDAStepGraph`s (call it) that share one memory pool, made at the first call.
-    Graphs of one pool must not be replayed concurrently, and none may read memory another
-    graph of the pool allocated after that graph's replay (the module docstring says why
-    `GraphedSteps` does not)."""
+    """Makes `CUDAStepGraph`s (call it) that share one memory pool and one capture stream: the
+    caching allocator reuses a freed block only on the stream it was allocated on, so graphs
+    captured on streams of their own would share nothing. Graphs of one pool must not be
+    replayed concurrently, and none may read memory another graph of the pool allocated after
+    that graph's replay (the module docstring says why `GraphedSteps` does not).
+
+    A new memory pool (and stream) is taken when every graph captured into the current one has
+    been dropped (torch refuses to capture into a pool whose graphs are all gone while its
+    tensors live on: its use count is 0) and after a failed capture."""
 
     def __init__(self) -> None:
-        self.handle: Optional[tuple] = None
+        self.handles: List[tuple] = []  # every memory pool taken, the current last
+        self._stream: Optional[torch.cuda.Stream] = None
+        self._captured: "weakref.WeakSet[CUDAStepGraph]" = weakref.WeakSet()
 
     def __call__(self) -> CUDAStepGraph:
-        if self.handle is None:
-            self.handle = torch.cuda.graph_pool_handle()
-        return CUDAStepGraph(self.handle)
+        return CUDAStepGraph(self)
 
-    def free_bytes(self) -> int:
-        """Device memory the pool holds beyond its live tensors: what its graphs' activations
-        and temporaries reuse at every replay. The allocator's tensor count
-        (``torch.cuda.max_memory_allocated``) leaves it out, so a graphed run's memory is that
-        peak plus this (`memory_snapshot` segments of this pool, reserved minus allocated)."""
-        if self.handle is None:
+    def target(self, graph: CUDAStepGraph) -> Tuple[tuple, "torch.cuda.Stream"]:
+        """The memory pool and stream ``graph`` is captured into."""
+        if self._stream is None or not len(self._captured):
+            self.handles.append(torch.cuda.graph_pool_handle())
+            self._stream = torch.cuda.Stream()
+            self._captured = weakref.WeakSet()
+        self._captured.add(graph)
+        return self.handles[-1], self._stream
+
+    def capture_failed(self) -> None:
+        """Take a new pool and stream at the next capture (see `CUDAStepGraph.capture`)."""
+        self._stream = None
+
+    def reserved_bytes(self) -> int:
+        """Device bytes the pools this run's graphs were captured into hold, from the
+        allocator's segments of those pools (`memory_snapshot`): the graphs' activations and
+        temporaries, reused at every replay, which the allocator's tensor count
+        (``torch.cuda.max_memory_allocated``) leaves out between replays, and their live
+        tensors (gradients, outputs)."""
+        ids = {tuple(h) for h in self.handles}
+        if not ids:
             return 0
-        return sum(seg["total_size"] - seg["allocated_size"]
-                   for seg in torch.cuda.memory_snapshot()
-                   if tuple(seg.get("segment_pool_id", ())) == tuple(self.handle))
+        return sum(seg["total_size"] for seg in torch.cuda.memory_snapshot()
+                   if tuple(seg.get("segment_pool_id", ())) in ids)
 
 
 class GraphedSteps:
@@ -159,13 +189,16 @@ class GraphedSteps:
         self.replays = 0
 
     def step(self, step: int, first: Callable[[], StepOutputs],
-             second: Callable[[bool], None],
+             second: Callable[..., None],
              preload: Optional[Callable[[], None]] = None) -> StepOutputs:
         """Take optimizer step ``step`` on the run's static inputs, in two halves: ``first()``
         runs forward, backward, clipping and the controller's step and returns the step's
         outputs (device tensors are copied out of the graph after a replay; other values must
         not change between steps); ``second(zero_grad)`` runs the optimizer step and zeroes the
-        gradients (set to None) only when ``zero_grad`` is true. Neither may read the host
+        gradients (set to None) only when ``zero_grad`` is true; when it runs eagerly after a
+        replayed first half (a round whose caches were made anew) it is called as
+        ``second(False, outputs)`` with the outputs the first half's capture returned, to
+        restore host state that a replay does not set. Neither may read the host
         outside allocation rounds. Each tracking state captures both halves once, in two graphs;
         an allocation round is replayed as the first graph, the round on the host
         (`IncreLoRAController.finish_replayed_round`, `IncreLoRAAdamW.prepare_replay`) and the
@@ -197,8 +230,10 @@ class GraphedSteps:
         before, after, outputs, _ = entry
         before.replay()
         if round_ and not self._round_on_host(step, tracked, epochs):
-            # the optimizer graph reads caches made anew: this step's update runs eagerly
-            second(False)
+            # the optimizer graph reads caches made anew: this step's update runs eagerly,
+            # told the outputs of the replayed first half (host state such as GradScaler's
+            # unscaled stage is not set by a replay)
+            second(False, outputs)
             self._graphs.clear()
             self.replays += 1
             return self._copies(outputs)
@@ -236,9 +271,9 @@ class GraphedSteps:
         # (the captures ran the step's Python: the step counters have moved on)
         return self._copies(outputs)
 
-    def pool_free_bytes(self) -> int:
-        """`CUDAGraphPool.free_bytes` of the run's graphs (0 with another graph factory)."""
-        return self.graph_factory.free_bytes() \
+    def pool_bytes(self) -> int:
+        """`CUDAGraphPool.reserved_bytes` of the run's graphs (0 with another graph factory)."""
+        return self.graph_factory.reserved_bytes() \
             if isinstance(self.graph_factory, CUDAGraphPool) else 0
 
     def _round_on_host(self, step: int, tracked: bool, epochs: tuple) -> bool:
@@ -265,8 +300,7 @@ class GraphedSteps:
         layers = self.controller.layers
         flags = [layer.score_enabled for layer in layers]
         sums = [layer.score_sum.clone() for layer in layers]
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() \
-            and torch.cuda.is_initialized() else []
+        devices = sorted({p.device.index for p in self._params() if p.device.type == "cuda"})
         try:
             with torch.random.fork_rng(devices=devices), self._side_stream():
                 for layer in layers:

@@ -154,16 +154,15 @@ def reset_peak_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def peak_memory(device: torch.device, graph_pool_free_bytes: int = 0) -> Dict[str, object]:
+def peak_memory(device: torch.device, graph_pool_bytes: int = 0) -> Dict[str, object]:
     """``peak_device_memory_mb`` (``torch.cuda.max_memory_allocated`` since
-    `reset_peak_memory`, plus ``graph_pool_free_bytes``: what a CUDA-graphed run's pool holds
-    beyond its tensors, `GraphedSteps.pool_free_bytes`; MiB; None on CPU) and
+    `reset_peak_memory`, plus ``graph_pool_bytes``: a CUDA-graphed run's graph pools,
+    `GraphedSteps.pool_bytes`, an upper bound then; MiB; None on CPU) and
     ``peak_device_memory_kind`` saying which."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        peak = torch.cuda.max_memory_allocated(device) + graph_pool_free_bytes
-        kind = "torch.cuda.max_memory_allocated" + \
-            (GRAPH_POOL_KIND if graph_pool_free_bytes else "")
+        peak = torch.cuda.max_memory_allocated(device) + graph_pool_bytes
+        kind = "torch.cuda.max_memory_allocated" + (GRAPH_POOL_KIND if graph_pool_bytes else "")
         return {"peak_device_memory_mb": round(peak / MIB, 1), "peak_device_memory_kind": kind}
     return {"peak_device_memory_mb": None, "peak_device_memory_kind": CPU_MEMORY_NOTE}
 

@@ -433,7 +433,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
         raise TrainingDivergedError(f"{run.name}: the evaluation loss is {metrics['eval_loss']} "
                                     f"after step {state.step}; its outputs were not written; "
                                     f"lower --lr (it was {s.lr:g})")
-    metrics.update(peak_memory(place.device, state.graph_pool_free_bytes),
+    metrics.update(peak_memory(place.device, state.graph_pool_bytes),
                    device=str(place.device),
                    precision=place.precision, cuda_graphs=cuda_graphs,
                    train_tokens=state.session_tokens,

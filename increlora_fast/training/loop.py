@@ -50,10 +50,10 @@ class LoopState:
     # parameters and the buffers)} of the best-scoring state so far (`BestState`); None before
     # the first scoring or without it
     best: Optional[Dict[str, Any]] = field(default=None, repr=False)
-    # --cuda-graphs: device bytes the graphs' memory pool held beyond its live tensors when the
-    # loop ended (`GraphedSteps.pool_free_bytes`), which the allocator's tensor peak leaves out;
-    # 0 without graphs (not checkpointed)
-    graph_pool_free_bytes: int = field(default=0, repr=False)
+    # --cuda-graphs: device bytes the graphs' memory pools held when the loop ended
+    # (`GraphedSteps.pool_bytes`), which the allocator's tensor peak leaves out between
+    # replays; 0 without graphs (not checkpointed)
+    graph_pool_bytes: int = field(default=0, repr=False)
 
     def sync(self, name: str) -> None:
         """Read the pending losses and token counts on the host (one read each) and append them.
@@ -129,7 +129,7 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
     finally:
         bar.close()
     if runner.graphed is not None:
-        state.graph_pool_free_bytes = runner.graphed.pool_free_bytes()
+        state.graph_pool_bytes = runner.graphed.pool_bytes()
     return state
 
 

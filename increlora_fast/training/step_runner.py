@@ -200,10 +200,37 @@ class StepRunner:
 
         def first() -> tuple:
             result = self._up_to_optimizer(step, batch)
-            return result.task_loss, result.tokens
-        return StepResult(*self.graphed.step(
-            step, first, lambda zero_grad: self._optimizer_step(step, zero_grad),
-            preload=lambda: self._forward_backward_without_effect(step, batch)))
+            return result.task_loss, result.tokens, self._scaler_stage()
+
+        def second(zero_grad: bool, first_outputs: Optional[tuple] = None) -> None:
+            if first_outputs is not None:  # after a replayed first half
+                self._restore_scaler_stage(first_outputs[2])
+            self._optimizer_step(step, zero_grad)
+        outputs = self.graphed.step(
+            step, first, second,
+            preload=lambda: self._forward_backward_without_effect(step, batch))
+        return StepResult(*outputs[:2])
+
+    def _scaler_stage(self) -> Optional[dict]:
+        """The fp16 GradScaler's record of this optimizer after the first half (stage: gradients
+        unscaled; the overflow flags its unscale wrote), None without a scaler. Captured, its
+        flags are the graph's tensors, rewritten at each replay; a replay does not set the
+        record, so an optimizer step run eagerly after one restores it
+        (`_restore_scaler_stage`) instead of unscaling the gradients a second time. (GradScaler
+        keeps the record in ``_per_optimizer_states``, a private attribute of torch 2.x.)"""
+        scaler = self.placement.scaler
+        if scaler is None:
+            return None
+        state = scaler._per_optimizer_states[id(self.run.optimizer)]
+        return {"stage": state["stage"],
+                "found_inf_per_device": dict(state["found_inf_per_device"])}
+
+    def _restore_scaler_stage(self, stage: Optional[dict]) -> None:
+        scaler = self.placement.scaler
+        if scaler is not None and stage is not None:
+            state = scaler._per_optimizer_states[id(self.run.optimizer)]
+            state["stage"] = stage["stage"]
+            state["found_inf_per_device"] = dict(stage["found_inf_per_device"])
 
     def _forward_backward_without_effect(self, step: int, batch: Dict[str, torch.Tensor]
                                          ) -> None:

@@ -268,7 +268,7 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
 
     Each method is built and runs its ``warmup_steps`` alone (its peak memory is taken there,
     above what was allocated before its model was built, the other methods' models included;
-    a graphed run adds what its graphs' pool holds beyond its tensors after the timed steps);
+    a graphed run adds its graphs' memory pools after the timed steps, an upper bound);
     then the timed steps go round-robin over the methods, so that load which comes and goes on
     a shared machine falls on all of them alike.
     """
@@ -307,10 +307,10 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
             times[method]["run"].append(timer.ms)
             if phase != "run":
                 times[method][phase].append(timer.ms)
-    for method in methods:  # a graphed run also holds its graphs' pool beyond its tensors
+    for method in methods:  # a graphed run also holds its graphs' memory pools
         graphed = getattr(getattr(runs[method][0], "runner", None), "graphed", None)
         if graphed is not None:
-            peaks[method] = (peaks[method][0] + graphed.pool_free_bytes() / MIB,
+            peaks[method] = (peaks[method][0] + graphed.pool_bytes() / MIB,
                              peaks[method][1] + GRAPH_POOL_KIND)
     out = {}
     for method in methods:
