@@ -47,6 +47,7 @@ this: its pool overwrites what later graphs allocated at every replay of an earl
 from __future__ import annotations
 
 import contextlib
+import gc
 import weakref
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
@@ -128,6 +129,8 @@ class CUDAGraphPool:
 
     def target(self, graph: CUDAStepGraph) -> Tuple[tuple, "torch.cuda.Stream"]:
         """The memory pool and stream ``graph`` is captured into."""
+        gc.collect()  # (graphs left in reference cycles count as gone, as `torch.cuda.graph`
+        # collects them before its capture begins)
         if self._stream is None or not len(self._captured):
             self.handles.append(torch.cuda.graph_pool_handle())
             self._stream = torch.cuda.Stream()
