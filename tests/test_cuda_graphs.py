@@ -290,6 +290,7 @@ def test_cuda_graphs_equal_eager_steps_on_the_gpu(make_tiny_net, exact_step_scor
     ref = _train(make_tiny_net, "cuda", exact_step_score=exact_step_score)
     got = _train(make_tiny_net, "cuda", CUDAGraphPool(), exact_step_score=exact_step_score)
     assert got["graphed"].replays >= 6
+    assert len(got["graphed"].graph_factory.handles) == 1  # one pool, also across dropped graphs
     assert got["log"] == ref["log"] and got["ranks"] == ref["ranks"]
     for name, value in ref["state"].items():
         torch.testing.assert_close(got["state"][name], value, rtol=1e-4, atol=1e-6, msg=name)
@@ -366,43 +367,44 @@ class _FakeCUDA:
         monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(fake, "current", s))
 
 
-def test_a_graph_pool_captures_on_one_stream_and_takes_a_new_pool_when_it_must(monkeypatch):
+def test_a_graph_pool_captures_on_one_stream_and_keeps_its_graphs(monkeypatch):
     """A run's graphs are captured into one memory pool on one stream (the allocator reuses a
-    freed block only on its own stream), a new pool and stream are taken once every graph of
-    the current pool is gone (torch refuses to capture into a pool whose use count fell to 0)
-    and after a failed capture; the caller's stream comes back every time."""
+    freed block only on its own stream); the pool keeps every graph alive, also those the
+    runner dropped (torch refuses to capture into a pool whose graphs are all gone, and newer
+    torch frees the stream's cuBLAS workspace with a dropped graph); a failed capture makes it
+    take a new pool, on the same stream; the caller's stream comes back every time."""
+    import gc
+    import weakref
+
     from increlora_fast.training import cuda_graphs
     cuda = _FakeCUDA(monkeypatch)
     pool = cuda_graphs.CUDAGraphPool()
-    first, second = pool(), pool()
-    for graph in (first, second):
+    graphs = [pool(), pool()]
+    for graph in graphs:
         with graph.capture():
             assert cuda.current != "caller"
         assert cuda.current == "caller"
-    del graph
     (pool_a, stream_a), (pool_b, stream_b) = cuda.captures
     assert pool_a == pool_b == (0, 1) and stream_a is stream_b
-    del first  # one graph of the pool is still alive: the pool stays
-    third = pool()
-    with third.capture():
+    dropped = [weakref.ref(g) for g in graphs]
+    del graphs, graph  # the runner dropped them (an exact-score round drops every graph)
+    gc.collect()
+    assert all(ref() is not None for ref in dropped)  # the pool still holds them
+    later = pool()
+    with later.capture():
         pass
     assert cuda.captures[-1] == (pool_a, stream_a)
-    del second, third  # all gone (an exact-score round drops every graph)
-    fourth = pool()
-    with fourth.capture():
-        pass
-    assert cuda.captures[-1][0] == (0, 2) and cuda.captures[-1][1] is not stream_a
     failing = pool()
     cuda.fail = failing.graph
     with pytest.raises(RuntimeError, match="not permitted"):
         with failing.capture():
             pass
     assert cuda.current == "caller"
-    fifth = pool()
-    with fifth.capture():
+    after = pool()
+    with after.capture():
         pass
-    assert cuda.captures[-1][0] == (0, 3)  # the failed capture's pool and stream are not reused
-    assert pool.handles == [(0, 1), (0, 2), (0, 3)] and fourth is not None
+    assert cuda.captures[-1] == ((0, 2), stream_a)  # a new pool after the failed capture
+    assert pool.handles == [(0, 1), (0, 2)] and later is not None
 
 
 def test_a_graph_pool_counts_the_memory_of_its_segments(monkeypatch):

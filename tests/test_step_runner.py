@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -191,12 +192,16 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     assert replayed_backoff, f"no overflow in a replayed step: {g_trace}"
 
 
-def test_fp16_update_run_eagerly_after_a_replayed_first_half_unscales_once(tiny, monkeypatch):
+@pytest.mark.parametrize("init_scale, growth_interval", [(2.0 ** 8, 1000), (2.0 ** 22, 3)])
+def test_fp16_update_run_eagerly_after_a_replayed_first_half_unscales_once(
+        tiny, monkeypatch, init_scale, growth_interval):
     """When a replayed round makes the optimizer's caches as new tensors, the optimizer half of
     that step runs eagerly after the replayed first half. The replay did not set GradScaler's
     record (gradients unscaled, the overflow flags), so the step runner puts back the one the
     capture left; without it the optimizer divides the gradients by the scale a second time.
-    Here every round makes new caches; the graphed fp16 run equals the eager one."""
+    Here every round makes new caches; the graphed fp16 run equals the eager one, loss scales
+    included, with a scale that never overflows (the case a second unscale shows in) and
+    with one high enough for steps to overflow and back off."""
     from increlora_fast import optimizer as optimizer_module
     from increlora_fast.training import step_runner
     from increlora_fast.training.device import Placement
@@ -214,14 +219,22 @@ def test_fp16_update_run_eagerly_after_a_replayed_first_half_unscales_once(tiny,
     runs = []
     for graphs in (False, True):
         place = Placement(torch.device("cpu"), "fp16")
-        place.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+        place.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale,
+                                            growth_interval=growth_interval)
         s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"), place)
-        state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
-                           placement=place, cuda_graphs=graphs)
-        runs.append((state.losses, run.model.state_dict()))
-    (losses, weights), (g_losses, g_weights) = runs
+        scales = []
+
+        def note(_state) -> None:
+            scales.append(float(place.scaler.get_scale()))
+        with warnings.catch_warnings():  # overflowed steps leave non-finite scores, on purpose
+            warnings.filterwarnings("ignore", message=".*non-finite importance scores")
+            state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                               placement=place, cuda_graphs=graphs, on_step_end=note)
+        runs.append((state.losses, scales, run.model.state_dict()))
+    (losses, scales, weights), (g_losses, g_scales, g_weights) = runs
     assert any(eager_updates), eager_updates  # a replayed round's update ran eagerly
-    assert g_losses == losses
+    assert g_losses == losses and g_scales == scales
+    assert (min(scales) < init_scale) == (growth_interval == 3)  # overflows: backed off
     assert all(torch.equal(weights[k], g_weights[k]) for k in weights)
 
 

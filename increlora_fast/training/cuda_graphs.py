@@ -47,8 +47,6 @@ this: its pool overwrites what later graphs allocated at every replay of an earl
 from __future__ import annotations
 
 import contextlib
-import gc
-import weakref
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 import torch
@@ -82,13 +80,12 @@ class CUDAStepGraph:
 
     @contextlib.contextmanager
     def capture(self) -> Iterator[None]:
-        """Capture, and give the caller its stream back even when the capture fails.
+        """Capture, and give the caller its stream back even when the capture fails:
         `torch.cuda.graph` captures on a side stream, and when ending a capture raises (an op
-        the capture refused) it leaves the caller on that stream and the allocator still
-        sending the stream's allocations to the failed graph's pool; the process then goes on
-        there (gpu-check runs its next parts in the same process). After a failed capture a
-        pool takes a new stream and memory pool (`CUDAGraphPool.capture_failed`), so the stale
-        routing concerns a stream nothing uses again."""
+        the capture refused) it leaves the caller on that stream; the process then goes on
+        (gpu-check runs its next parts in the same process). A failed capture's memory pool is
+        never released by torch, so a `CUDAGraphPool` takes a new one after it
+        (`CUDAGraphPool.capture_failed`)."""
         previous = torch.cuda.current_stream()
         if self.pool is None:
             handle, stream = None, torch.cuda.Stream()
@@ -115,32 +112,36 @@ class CUDAGraphPool:
     replayed concurrently, and none may read memory another graph of the pool allocated after
     that graph's replay (the module docstring says why `GraphedSteps` does not).
 
-    A new memory pool (and stream) is taken when every graph captured into the current one has
-    been dropped (torch refuses to capture into a pool whose graphs are all gone while its
-    tensors live on: its use count is 0) and after a failed capture."""
+    The pool keeps every graph captured into it alive for as long as it lives (a run), also
+    those `GraphedSteps` dropped: torch refuses to capture into a pool whose graphs are all
+    gone while its tensors live on (its use count fell to 0), and newer torch releases frees the
+    capture stream's cuBLAS workspace when a graph captured on it is destroyed, which graphs
+    still alive on that stream use (pytorch issue 193402). A dropped graph is never replayed
+    again, so its memory, free in the pool, serves later captures. After a failed capture a
+    new pool is taken."""
 
     def __init__(self) -> None:
         self.handles: List[tuple] = []  # every memory pool taken, the current last
-        self._stream: Optional[torch.cuda.Stream] = None
-        self._captured: "weakref.WeakSet[CUDAStepGraph]" = weakref.WeakSet()
+        self._stream: Optional["torch.cuda.Stream"] = None
+        self._graphs: List[CUDAStepGraph] = []  # every graph captured, kept alive
+        self._renew = True
 
     def __call__(self) -> CUDAStepGraph:
         return CUDAStepGraph(self)
 
     def target(self, graph: CUDAStepGraph) -> Tuple[tuple, "torch.cuda.Stream"]:
         """The memory pool and stream ``graph`` is captured into."""
-        gc.collect()  # (graphs left in reference cycles count as gone, as `torch.cuda.graph`
-        # collects them before its capture begins)
-        if self._stream is None or not len(self._captured):
-            self.handles.append(torch.cuda.graph_pool_handle())
+        if self._stream is None:
             self._stream = torch.cuda.Stream()
-            self._captured = weakref.WeakSet()
-        self._captured.add(graph)
+        if self._renew:
+            self.handles.append(torch.cuda.graph_pool_handle())
+            self._renew = False
+        self._graphs.append(graph)
         return self.handles[-1], self._stream
 
     def capture_failed(self) -> None:
-        """Take a new pool and stream at the next capture (see `CUDAStepGraph.capture`)."""
-        self._stream = None
+        """Take a new pool at the next capture (see `CUDAStepGraph.capture`)."""
+        self._renew = True
 
     def reserved_bytes(self) -> int:
         """Device bytes the pools this run's graphs were captured into hold, from the
@@ -248,7 +249,7 @@ class GraphedSteps:
         return self._copies(outputs)
 
     def _capture(self, step: int, tracked: bool, round_: bool,
-                 first: Callable[[], StepOutputs], second: Callable[[bool], None]
+                 first: Callable[[], StepOutputs], second: Callable[..., None]
                  ) -> StepOutputs:
         """Capture both halves of step ``step`` and run them; at a round, the first half's
         capture leaves the round to the host (`defer_round`), which runs it between the
@@ -328,7 +329,7 @@ class GraphedSteps:
         return bool(getattr(self.controller, "exact_step_score", False))
 
     def _eager(self, step: int, first: Callable[[], StepOutputs],
-               second: Callable[[bool], None]) -> StepOutputs:
+               second: Callable[..., None]) -> StepOutputs:
         round_ = self.controller.allocation_due(step)
         # Gradients of a captured step are static tensors: an eager step starts from none.
         self.optimizer.zero_grad(set_to_none=True)

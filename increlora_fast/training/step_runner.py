@@ -219,7 +219,7 @@ class StepRunner:
         (`_restore_scaler_stage`) instead of unscaling the gradients a second time. (GradScaler
         keeps the record in ``_per_optimizer_states``, a private attribute of torch 2.x.)"""
         scaler = self.placement.scaler
-        if scaler is None:
+        if scaler is None or not scaler.is_enabled():
             return None
         state = scaler._per_optimizer_states[id(self.run.optimizer)]
         return {"stage": state["stage"],
