@@ -258,3 +258,17 @@ def _write_into(old: Any, new: Any) -> None:
     for o, n in zip(olds, news):
         if isinstance(o, torch.Tensor) and isinstance(n, torch.Tensor) and o is not n:
             o.copy_(n)
+
+
+def record_eager_steps(monkeypatch) -> List[int]:
+    """The steps `training.cuda_graphs.GraphedSteps` runs eagerly from now on, in order (the
+    test's ``monkeypatch`` undoes the recording)."""
+    from increlora_fast.training.cuda_graphs import GraphedSteps
+    steps: List[int] = []
+    real_eager = GraphedSteps._eager
+
+    def eager(self, step, *halves):
+        steps.append(step)
+        return real_eager(self, step, *halves)
+    monkeypatch.setattr(GraphedSteps, "_eager", eager)
+    return steps

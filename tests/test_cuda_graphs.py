@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
+from graph_emulator import (EmulatedGraph, EmulatedPool, kernels_loaded_before_capture,
+                            record_eager_steps)
 from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimizer, inject_increlora
 from increlora_fast.training.cuda_graphs import CUDAGraphPool, GraphedSteps
 
@@ -92,18 +93,6 @@ def _assert_same(got, ref):
         assert torch.equal(got["state"][name], value), name
 
 
-def _record_eager_steps(monkeypatch) -> list:
-    """The steps `GraphedSteps` runs eagerly from now on, in order."""
-    steps = []
-    real_eager = GraphedSteps._eager
-
-    def eager(self, step, *halves):
-        steps.append(step)
-        return real_eager(self, step, *halves)
-    monkeypatch.setattr(GraphedSteps, "_eager", eager)
-    return steps
-
-
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     if backend == "triton":
@@ -112,7 +101,7 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
         if not (torch.cuda.is_available() or interpreter_active()):
             pytest.skip("the Triton path needs CUDA or the interpreter")
     monkeypatch.setenv("INCRELORA_BACKEND", backend)
-    eager_steps = _record_eager_steps(monkeypatch)
+    eager_steps = record_eager_steps(monkeypatch)
     ref = _train(make_tiny_net, "cpu")
     got = _train(make_tiny_net, "cpu", EmulatedPool())
     graphed = got["graphed"]
@@ -154,7 +143,7 @@ def test_a_round_at_every_step_is_captured_and_replayed(make_tiny_net, monkeypat
     """The benchmarks' compressed schedule: a round at every step from step 2 until the budget
     is reached. The tracked state is captured at a round (its round deferred to the host
     between the two graphs), every later round is replayed, and the run equals eager steps."""
-    eager_steps = _record_eager_steps(monkeypatch)
+    eager_steps = record_eager_steps(monkeypatch)
     schedule = dict(init_warmup=1, incre_interval=1, score_window=None, target_rank=3)
     ref = _train(make_tiny_net, "cpu", **schedule)
     got = _train(make_tiny_net, "cpu", EmulatedPool(), **schedule)
@@ -170,7 +159,7 @@ def test_a_slot_change_outside_a_round_runs_the_next_step_eagerly(make_tiny_net,
     by hand before step 10, between rounds, a step the run replays otherwise) leave the cached
     masks stale until a step refreshes them: that step runs eagerly, and the run still equals
     the eager one."""
-    eager_steps = _record_eager_steps(monkeypatch)
+    eager_steps = record_eager_steps(monkeypatch)
 
     def edit(step, model):
         if step == 10:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from finetune_helpers import cli, tiny_files
-from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
+from graph_emulator import (EmulatedGraph, EmulatedPool, kernels_loaded_before_capture,
+                            record_eager_steps)
 from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
 from increlora_fast.training.finetune_run import build_run
 from increlora_fast.training.loop import LoopState, train_loop
@@ -96,6 +97,20 @@ def test_static_inputs_refuse_a_batch_of_another_shape(tiny):
         runner.step(1, shorter)
 
 
+def _emulated_graphs(monkeypatch) -> List[EmulatedGraph]:
+    """Make the step runner's graphs emulated ones in one shared pool, as `CUDAGraphPool` on
+    CUDA; the list collects every graph made."""
+    from increlora_fast.training import step_runner
+    made: List[EmulatedGraph] = []
+    pool = EmulatedPool()
+
+    def factory() -> EmulatedGraph:
+        made.append(pool())
+        return made[-1]
+    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: factory)
+    return made
+
+
 # (settings, steps) of the loop's graphed runs: every step of the allocation phase tracked,
 # the untracked state first after the budget; a score window (29 steps before each round, the
 # default), so the run starts untracked and the tracked state comes later
@@ -112,27 +127,14 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
     emulation of CUDA graphs) matches the plain fixed-length run exactly; on the Triton path
     (the one a GPU takes, here under the interpreter) no kernel is first launched inside a
     capture, which CUDA refuses."""
-    from increlora_fast.training import step_runner
     if backend == "triton":
         pytest.importorskip("triton")
         from increlora_fast.kernels.utils import interpreter_active
         if not interpreter_active():
             pytest.skip("the Triton path on CPU needs the interpreter")
     monkeypatch.setenv("INCRELORA_BACKEND", backend)
-    made: List[EmulatedGraph] = []
-    pool = EmulatedPool()  # the run's graphs share one memory pool, as on CUDA
-
-    def factory() -> EmulatedGraph:
-        made.append(pool())
-        return made[-1]
-    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: factory)
-    eager_steps = []
-    real_eager = GraphedSteps._eager
-
-    def eager(self, step, *halves):
-        eager_steps.append(step)
-        return real_eager(self, step, *halves)
-    monkeypatch.setattr(GraphedSteps, "_eager", eager)
+    made = _emulated_graphs(monkeypatch)
+    eager_steps = record_eager_steps(monkeypatch)
     overrides, steps = SCHEDULES[schedule]
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length", **overrides))
     plain = train_loop(run, batches, steps, s.grad_clip, LoopState(), progress=False)
@@ -161,15 +163,8 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     losses and scales, also when a replayed step overflows. The scaler starts high enough that
     the tiny BERT's fp16 gradients overflow now and then (a CPU GradScaler and fp16 autocast
     stand in for CUDA's)."""
-    from increlora_fast.training import step_runner
     from increlora_fast.training.device import Placement
-    made: List[EmulatedGraph] = []
-    pool = EmulatedPool()  # the run's graphs share one memory pool, as on CUDA
-
-    def factory() -> EmulatedGraph:
-        made.append(pool())
-        return made[-1]
-    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: factory)
+    made = _emulated_graphs(monkeypatch)
     runs = []
     for graphs in (False, True):
         place = Placement(torch.device("cpu"), "fp16")
@@ -203,11 +198,9 @@ def test_fp16_update_run_eagerly_after_a_replayed_first_half_unscales_once(
     included, with a scale that never overflows (the case a second unscale shows in) and
     with one high enough for steps to overflow and back off."""
     from increlora_fast import optimizer as optimizer_module
-    from increlora_fast.training import step_runner
     from increlora_fast.training.device import Placement
     monkeypatch.setattr(optimizer_module, "refresh_in_place", lambda old, new: (new, True))
-    pool = EmulatedPool()
-    monkeypatch.setattr(step_runner, "CUDAGraphPool", lambda: pool)
+    _emulated_graphs(monkeypatch)
     eager_updates = []
     real_round = GraphedSteps._round_on_host
 

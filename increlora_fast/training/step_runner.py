@@ -243,7 +243,7 @@ class StepRunner:
         layers = set(self.run.controller.layers)
         adapter_buffers = [b for layer in layers for name, b in layer.named_buffers()
                            if name != "score_sum"]
-        others = [b for name, module in self.run.model.named_modules() if module not in layers
+        others = [b for module in self.run.model.modules() if module not in layers
                   for b in module.buffers(recurse=False)]
         kept = [b.clone() for b in others]
         versions = [b._version for b in adapter_buffers]

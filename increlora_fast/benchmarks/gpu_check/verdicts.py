@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from ...training.cuda_graphs import GRAPH_POOL_KIND
 from ..records import gpu_check_records
 from ..speed.targets import TARGET_SHAPE, Verdict, _layer_point, _ok
 
@@ -168,7 +169,8 @@ def model_verdicts(records: List[dict]) -> List[Verdict]:
                                     f"{shape} {method}: {r['peak_mem_mb']:.0f} vs "
                                     f"{lora['peak_mem_mb']:.0f} MiB ({ratio:.2f}x)"
                                     + ("; tensor peak + graph pool, an upper bound"
-                                       if method == "increlora-graphs" else "")))
+                                       if GRAPH_POOL_KIND in (r.get("mem_kind") or "")
+                                       else "")))
     if not out:
         out = [_unmeasurable(k, "no CUDA model records")
                for k in ("eager", "graphs_compiled", "graphs_floor", "tracked", "memory")]
