@@ -225,6 +225,14 @@ class IncreLoRAController:
                               "allocation round waits for the next step; warned once)",
                               RuntimeWarning)
             return
+        self._scores_into_emas(step, loss_scale)
+        if due and not self.defer_round:
+            self._round(step)
+
+    def _scores_into_emas(self, step: int, loss_scale: Union[float, torch.Tensor]) -> None:
+        """The device work of a tracked step: the step's scores into the EMAs (in place), a
+        non-finite step noted and skipped on the device."""
+        cfg = self.config
         scores = self._collect_scores()
         if cfg.score == "delta_w":
             scores = scores / loss_scale  # fused/exact scores come from the scaled dy
@@ -244,8 +252,31 @@ class IncreLoRAController:
                                                    self._nonfinite_step,
                                                    self._device_steps.get(step,
                                                                           self.ipt.device)))
-        if due and not self.defer_round:
-            self._round(step)
+
+    @torch.no_grad()
+    def load_update_kernels(self, step: int,
+                            loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
+        """Run the device work of a tracked step (`step` without its round) on the scores the
+        layers hold and put the controller's tensors and the layers' score sums back: what a
+        step does, undone. It loads the kernels a tracked step launches (CUDA cannot load one
+        while a stream captures), before the first capture of a tracked step that follows only
+        untracked ones (`training.cuda_graphs.GraphedSteps`'s kernel preload calls it after a
+        tracked forward and backward). Does nothing where no layer tracks scores, with another
+        score than the exact one, with `exact_step_score` or once the budget is reached."""
+        if self.budget_reached or self.config.score != "delta_w" or self.exact_step_score \
+                or not any(layer.score_enabled for layer in self.layers):
+            return
+        self._move_scores_to(self.layers[0].lora_A.device)
+        state = (self.ipt, self.unc, self._finite, self._nonfinite_step)
+        kept = [t.clone() for t in state]
+        sums = [layer.score_sum.clone() for layer in self.layers]
+        try:
+            self._scores_into_emas(step, loss_scale)
+        finally:
+            for t, value in zip(state, kept):
+                t.copy_(value)
+            for layer, value in zip(self.layers, sums):
+                layer.score_sum.copy_(value)
 
     def _round(self, step: int) -> None:
         """An allocation round, once the step's scores are in the EMAs (reading the host is

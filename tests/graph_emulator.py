@@ -20,7 +20,12 @@ CUDA also refuses to load a kernel module while a stream captures (``cuModuleLoa
 not permitted when stream is capturing"), so a Triton kernel must have run eagerly, with the same
 specialization, before a capture launches it. Inside `kernels_loaded_before_capture` the emulator
 records the specializations launched outside captures and a capture that launches another one
-raises, as CUDA would.
+raises, as CUDA would. libtorch's own kernels load lazily too (torch sets CUDA_MODULE_LOADING=LAZY):
+there the emulator records each aten op that computes (views and bare allocations do not) with
+the dtypes of its tensors, in and out, outside captures, and a capture that runs another raises.
+That is near the kernel CUDA would load: one per op and dtypes for elementwise ops and
+reductions, while cuBLAS, which also picks kernels by shape, sees the same shapes in the eager
+steps as in the captures.
 
 Graphs may share one memory pool (`EmulatedPool`, as `training.cuda_graphs.CUDAGraphPool` shares
 one among a run's graphs). CUDA's allocator then gives a later capture memory that an earlier
@@ -81,6 +86,57 @@ def capture_refuses(func, args: tuple, kwargs: dict) -> Optional[str]:
 
 # Kernel specializations launched outside captures, while `kernels_loaded_before_capture` watches.
 _loaded: Optional[Set[tuple]] = None
+# Whether an `EmulatedGraph` captures now, and whether its capture is paused (a Triton launch
+# under the interpreter runs tensor ops of its own that are not the kernel's).
+_capture = {"active": False, "paused": False}
+
+# aten ops that launch no kernel (views are told by ``func.is_view``).
+_NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
+              "aten::new_empty_strided", "aten::detach", "aten::alias", "aten::lift_fresh",
+              "aten::set_", "aten::resize_", "aten::_local_scalar_dense", "aten::is_nonzero",
+              "aten::_pin_memory"}
+
+
+# aten ops that fill their result with one value: all run libtorch's fill kernel of its dtype.
+_FILLS = {"aten::fill_", "aten::zero_", "aten::zeros", "aten::zeros_like", "aten::ones",
+          "aten::ones_like", "aten::full", "aten::full_like", "aten::new_zeros",
+          "aten::new_ones", "aten::new_full"}
+
+
+def aten_kernel(func, args: tuple, kwargs: dict, out: Any) -> Optional[tuple]:
+    """Which libtorch kernel an aten call runs, as near as the host can tell (the op and the
+    dtypes of its tensors, arguments then results; a fill by the dtype it fills), or None for a
+    call that runs none."""
+    name = func._schema.name
+    if func.is_view or name in _NO_KERNEL:
+        return None
+    if name in _FILLS:
+        return "fill", tuple(t.dtype for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor))
+    dtypes = tuple(t.dtype for t in tree_flatten((args, kwargs, out))[0]
+                   if isinstance(t, torch.Tensor))
+    return func, dtypes
+
+
+class _AtenLoads(TorchDispatchMode):
+    """Records the aten kernels run outside captures into ``seen`` and refuses, inside an
+    `EmulatedGraph` capture, one not run before (see the module docstring)."""
+
+    def __init__(self, seen: Set[tuple]) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        kernel = aten_kernel(func, args, kwargs, out)
+        if kernel is not None and not _capture["paused"]:
+            if not _capture["active"]:
+                self.seen.add(kernel)
+            elif kernel not in self.seen:
+                raise RuntimeError(f"aten kernel {kernel[0]} {kernel[1]} run for the first time "
+                                   "inside a captured step: CUDA cannot load a kernel while a "
+                                   "stream captures (run it eagerly first)")
+        return out
 
 
 def specialization(kernel, args: tuple, kwargs: dict) -> tuple:
@@ -105,8 +161,8 @@ def specialization(kernel, args: tuple, kwargs: dict) -> tuple:
 @contextlib.contextmanager
 def kernels_loaded_before_capture() -> Iterator[None]:
     """Within this block, an `EmulatedGraph` capture that launches a Triton kernel
-    specialization not launched eagerly before raises (CUDA cannot load a module while
-    capturing)."""
+    specialization, or runs an aten kernel (`aten_kernel`), not run eagerly before raises (CUDA
+    cannot load a module while capturing)."""
     global _loaded
     from increlora_fast.kernels import utils as kutils
     real_launch = kutils.launch
@@ -118,7 +174,8 @@ def kernels_loaded_before_capture() -> Iterator[None]:
 
     kutils.launch, _loaded = launch, seen
     try:
-        yield
+        with _AtenLoads(set()):
+            yield
     finally:
         kutils.launch, _loaded = real_launch, None
 
@@ -191,19 +248,22 @@ class EmulatedGraph:
                 raise RuntimeError(f"{name} launched for the first time inside a captured step: "
                                    "CUDA cannot load a kernel while a stream captures (run the "
                                    "step eagerly first)")
-            recorder.paused = True  # the interpreter's own tensor ops are not the kernel's
+            # the interpreter's own tensor ops are not the kernel's
+            recorder.paused = _capture["paused"] = True
             try:
                 real_launch(kernel, grid, *args, **kwargs)
             finally:
-                recorder.paused = False
+                recorder.paused = _capture["paused"] = False
             self.ops.append(("launch", kernel, grid, args, kwargs))
 
         kutils.launch = launch
+        _capture["active"] = True
         try:
             with recorder, _libraries_see_a_capture():
                 yield
         finally:
             kutils.launch = real_launch
+            _capture["active"] = False
         self.allocated = [t for op in self.ops if op[0] == "aten" and not op[1].is_view
                           for t in _allocated(op[2], op[3], op[4])]
         if self.pool is not None:

@@ -427,3 +427,35 @@ def test_a_graph_pool_counts_the_memory_of_its_segments(monkeypatch):
     assert plain["peak_device_memory_mb"] == 100 and graphed["peak_device_memory_mb"] == 112
     assert "pool" in graphed["peak_device_memory_kind"]
     assert "pool" not in plain["peak_device_memory_kind"]
+
+
+def test_graphed_steps_run_on_the_parameters_cuda_device(monkeypatch):
+    """A run on ``cuda:1`` while another device is current (``--device cuda:1`` without
+    `torch.cuda.set_device`) takes its steps, captures and streams included, with cuda:1
+    current: a capture records only the work queued on its stream's device. torch's device
+    context is stood in for (no GPU here); with another graph factory nothing is entered."""
+    from types import SimpleNamespace
+
+    entered, inside = [], []
+
+    @contextlib.contextmanager
+    def device(index):
+        entered.append(index)
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+    monkeypatch.setattr(torch.cuda, "device", device)
+    params = [SimpleNamespace(device=torch.device("cpu")),
+              SimpleNamespace(device=torch.device("cuda", 1))]
+    optimizer = SimpleNamespace(param_groups=[{"params": params}])
+    seen = []
+    monkeypatch.setattr(GraphedSteps, "_step",
+                        lambda self, step, *halves: seen.append((step, bool(inside))))
+    steps = GraphedSteps(optimizer, controller=None, graph_factory=CUDAGraphPool())
+    steps.step(0, None, None)
+    steps.step(1, None, None)
+    assert seen == [(0, True), (1, True)] and entered == [1, 1]
+    GraphedSteps(optimizer, None, EmulatedPool()).step(2, None, None)
+    assert seen[-1] == (2, False) and entered == [1, 1]

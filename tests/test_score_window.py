@@ -264,3 +264,44 @@ def test_exact_step_mode_frees_its_dense_buffers_outside_the_window():
     _run(range(8), None, after, **dict(WINDOWED, score_window=2, exact_step_score=True))
     assert buffers[5] == buffers[6] == [True] * 3
     assert all(buffers[s] == [False] * 3 for s in (0, 1, 2, 3, 4, 7))
+
+
+def test_load_update_kernels_runs_a_tracked_update_and_leaves_no_trace():
+    """The kernel preload of a graphed run (`GraphedSteps`) calls `load_update_kernels` after a
+    tracked forward and backward: the controller's device work of a tracked step runs (its
+    kernels load) and every tensor it touched is as before; untracked, it runs nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    # steps 5 and 6 tracked: the EMAs hold step 5's scores after it
+    model, controller = _run(range(6), **dict(WINDOWED, score_window=2))
+    x, y = batch(6)
+    ((model(x) - y) ** 2).mean().backward()
+    assert all(float(b.score_sum) > 0 for b in model.branches)
+    before = [t.clone() for t in (controller.ipt, controller.unc, controller._finite,
+                                  controller._nonfinite_step)]
+    sums = [b.score_sum.clone() for b in model.branches]
+    with Ops() as ops:
+        controller.load_update_kernels(6)
+    assert {"aten::where", "aten::all", "aten::abs"} <= set(ops.names), set(ops.names)
+    after = (controller.ipt, controller.unc, controller._finite, controller._nonfinite_step)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(torch.equal(b.score_sum, s) for b, s in zip(model.branches, sums))
+    assert not controller.allocation_log and not controller.round_pending
+    # the step itself then takes the very scores the preload left
+    controller.step(6)
+    assert controller.allocation_log and not torch.equal(controller.ipt, before[0])
+
+    for b in model.branches:  # untracked: nothing to load
+        b.score_enabled = False
+    with Ops() as ops:
+        controller.load_update_kernels(7)
+    assert ops.names == []

@@ -28,7 +28,9 @@ two states launch different kernels, and CUDA refuses to load a kernel module wh
 captures ("operation not permitted when stream is capturing"), so every kernel a graph launches
 must have run once before its capture. Where the runner passes a ``preload`` (the step
 runner does), the other state's kernels are loaded by one forward and backward without effect
-after the first eager step, and that state's first step is captured directly.
+after the first eager step (in a tracked state followed by the controller's score update,
+undone: `IncreLoRAController.load_update_kernels`), and that state's first step is captured
+directly. On CUDA every step runs with the parameters' device current.
 
 A run's graphs share one memory pool and one capture stream (`CUDAGraphPool`; the caching
 allocator reuses a freed block only on the stream it was allocated on): a graph's gradients,
@@ -188,6 +190,8 @@ class GraphedSteps:
         self._eager_steps = 0
         # Tracking states that have run an eager step (their kernels are loaded).
         self._states_run: Set[bool] = set()
+        # The parameters' CUDA device index (-1: none), found at the first step on CUDA.
+        self._device_index: Optional[int] = None
         # Steps captured (each capture also runs its step) and steps replayed from a graph.
         self.captures = 0
         self.replays = 0
@@ -209,7 +213,26 @@ class GraphedSteps:
         second graph. ``preload`` (optional): forward and backward of the static inputs with
         no other effect (`_preload` keeps it so); given, the other tracking state's kernels are
         loaded by it after the first eager step, and that state's first step is captured
-        instead of run eagerly. Returns copies of the outputs."""
+        instead of run eagerly. Returns copies of the outputs.
+
+        On CUDA the step runs with the parameters' device current (`_on_params_device`)."""
+        with self._on_params_device():
+            return self._step(step, first, second, preload)
+
+    def _on_params_device(self) -> ContextManager[None]:
+        """With CUDA graphs, the parameters' device made current: the capture and side streams
+        are made on the current device, and a capture records only the work queued on its
+        stream, so a run on ``cuda:1`` while ``cuda:0`` is current (``--device cuda:1`` without
+        `torch.cuda.set_device`) would otherwise capture graphs that replay nothing."""
+        if self._device_index is None and self._cuda:
+            self._device_index = next((p.device.index for p in self._params()
+                                       if p.device.type == "cuda"), -1)
+        if self._device_index is None or self._device_index < 0:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self._device_index)
+
+    def _step(self, step: int, first: Callable[[], StepOutputs], second: Callable[..., None],
+              preload: Optional[Callable[[], None]]) -> StepOutputs:
         tracked = self.controller.is_tracked(step)
         round_ = self.controller.allocation_due(step)
         epochs = self._cache_epochs()

@@ -234,12 +234,13 @@ class StepRunner:
 
     def _forward_backward_without_effect(self, step: int, batch: Dict[str, torch.Tensor]
                                          ) -> None:
-        """`forward_backward` whose effects on the model's buffers and ``self.loss`` are undone
-        (`GraphedSteps` undoes the rest: random state, gradients, tracking flags, score sums):
-        it loads the kernels of a tracking state before that state's first capture. Buffers
-        outside the adapted layers (a batch norm's running statistics) are put back; the
-        adapted layers' other buffers (slot states and steps) must not change, and a change
-        raises."""
+        """`forward_backward` and, in a tracked state, the controller's score update
+        (`IncreLoRAController.load_update_kernels`), whose effects on the model's buffers,
+        the controller and ``self.loss`` are undone (`GraphedSteps` undoes the rest: random
+        state, gradients, tracking flags, score sums): it loads the kernels of a tracking state
+        before that state's first capture. Buffers outside the adapted layers (a batch norm's
+        running statistics) are put back; the adapted layers' other buffers (slot states and
+        steps) must not change, and a change raises."""
         layers = set(self.run.controller.layers)
         adapter_buffers = [b for layer in layers for name, b in layer.named_buffers()
                            if name != "score_sum"]
@@ -250,6 +251,7 @@ class StepRunner:
         loss = self.loss
         with self._capture_safe_autocast():
             self.forward_backward(step, batch)
+        self.run.controller.load_update_kernels(step, loss_scale=self.placement.loss_scale)
         self.loss = loss
         with torch.no_grad():
             for b, value in zip(others, kept):
