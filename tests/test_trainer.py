@@ -105,3 +105,37 @@ def test_torch_compile_trainer_matches_eager_exactly(tmp_path):
         [(e["step"], e["module"], e["new_rank"]) for e in eager_log]
     for key, value in eager_state.items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("has_attribute", [True, False])
+def test_penalty_scaling_follows_the_trainers_accumulation_rule(tmp_path, monkeypatch,
+                                                                has_attribute):
+    """Whether the Trainer divides `compute_loss`'s loss by the accumulation steps (then the
+    penalty is left whole) follows `Trainer.training_step`'s rule, also on transformers without
+    ``loss_is_scaled_for_ga`` (5.17, the GPU machine's, has none: the attribute was read
+    unguarded and every training step raised)."""
+    native = hasattr(Trainer, "loss_is_scaled_for_ga")
+    if has_attribute and not native:
+        pytest.skip("this transformers has no Trainer.loss_is_scaled_for_ga")
+    if not has_attribute:
+        monkeypatch.delattr(Trainer, "loss_is_scaled_for_ga", raising=False)
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path, save_strategy="no"),
+                               train_dataset=TinyTask())
+    assert hasattr(trainer, "loss_is_scaled_for_ga") == has_attribute
+    accepts_kwargs = trainer.model_accepts_loss_kwargs
+    for accepts, items, scaled in ((True, 64, True), (True, None, False), (False, 64, False)):
+        trainer.model_accepts_loss_kwargs = accepts
+        assert trainer._loss_is_scaled_for_ga(items) is scaled
+    trainer.model_accepts_loss_kwargs = False
+    trainer.compute_loss_func = lambda *args, **kwargs: None
+    assert trainer._loss_is_scaled_for_ga(None) is True
+    trainer.compute_loss_func = None
+    if has_attribute:  # set, it decides alone
+        trainer.loss_is_scaled_for_ga = True
+        assert trainer._loss_is_scaled_for_ga(None) is True
+        trainer.loss_is_scaled_for_ga = None
+    trainer.model_accepts_loss_kwargs = accepts_kwargs
+    if has_attribute == native:  # (a Trainer that has it reads it itself)
+        trainer.train()  # steps run
+        assert trainer.increlora_controller.budget_reached

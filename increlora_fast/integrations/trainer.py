@@ -274,11 +274,14 @@ class IncreLoRATrainer(Trainer):
         return result + penalty
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
-        """The rule `Trainer.training_step` applies before dividing by the accumulation steps."""
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
-        return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
-                    or self.compute_loss_func is not None)
+        """The rule `Trainer.training_step` applies before dividing by the accumulation steps
+        (older transformers, 5.17 among them, has no ``loss_is_scaled_for_ga``: the rule alone)."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is not None:
+            return bool(scaled)
+        return bool((getattr(self, "model_accepts_loss_kwargs", False)
+                     and num_items_in_batch is not None)
+                    or getattr(self, "compute_loss_func", None) is not None)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Everything is checked before the Trainer copies a single weight into the model.
