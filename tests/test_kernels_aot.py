@@ -311,7 +311,11 @@ _SMALL_FRAMES = (
     "a stack frame of 8 B at 168 registers (not register pressure): sm_80 float32 "
     "_backward_rows_kernel 32x32x32, r_max 16, writing a fresh dx (the dropout path); left for "
     "a GPU session to profile")
-KNOWN_FAILURES = {(80, "fp32"): _SMALL_FRAMES}
+# Set by a run under another Triton than CI's (scripts/gpu_versions_check.sh): stack frames there
+# are listed in docs/kernels.md instead of failing; spills to local memory, more registers or
+# shared memory than the arch allows (a launch that cannot run) still fail.
+STACK_OK = os.environ.get("INCRELORA_AOT_STACK_OK") == "1"
+KNOWN_FAILURES = {} if STACK_OK else {(80, "fp32"): _SMALL_FRAMES}
 CASES = [pytest.param(arch, name, id=f"sm{arch}-{name}",
                       marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(arch, name)])]
                       if (arch, name) in KNOWN_FAILURES else [])
@@ -340,7 +344,8 @@ def test_jit_variants_compile_within_the_arch_limits(built, arch, dtype_name):
                   for row in rows if row["kernel"] == fused}
         assert len(blocks) == len(_configs())
         assert all("mma" in row["ptx"] for row in rows if row["kernel"] in TOKEN_STRIDES)
-    bad = [row for row in rows if row["STACK"] or row["LOCAL"] or row["REG"] > MAX_REGISTERS
+    bad = [row for row in rows if (row["STACK"] and not STACK_OK) or row["LOCAL"]
+           or row["REG"] > MAX_REGISTERS
            or row["shared"] > MAX_SHARED[arch]]
     assert not bad, f"sm_{arch} {dtype_name}: spills or over the limits " \
                     f"(shared <= {MAX_SHARED[arch]}):\n" + markdown(bad)
