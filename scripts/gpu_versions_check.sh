@@ -6,17 +6,23 @@
 #
 #   bash scripts/gpu_versions_check.sh [VENV]     (default .venv-gpu-versions, git-ignored)
 #
-# Makes VENV (with the system site-packages, for the data packages) only if it does not exist;
-# a CUDA build of torch 2.11 from PyPI, several GB. Two passes: Triton 3.6's interpreter fails
-# under NumPy 2, and pyarrow (the Trainer and TRL tests, through datasets) needs NumPy 2, so
-# the first pass runs with NumPy 1.26 in VENV and the second with the system's NumPy.
+# Makes VENV (with the system site-packages, for the data packages) where nothing is; a CUDA
+# build of torch 2.11 from PyPI, several GB. Two passes: Triton 3.6's interpreter fails under
+# NumPy 2, and pyarrow (the Trainer and TRL tests, through datasets) needs NumPy 2, so the first
+# pass runs with NumPy 1.26 installed in VENV and the second with the system's NumPy (VENV's
+# removed). It changes only a VENV it made (marked by a file in it) and refuses any other.
 set -euo pipefail
+VENV="$(realpath -m "${1:-$(dirname "$0")/../.venv-gpu-versions}")"
+MARK="$VENV/.made-by-gpu-versions-check"
 cd "$(dirname "$0")/.."
-VENV="${1:-.venv-gpu-versions}"
-if [ ! -x "$VENV/bin/python" ]; then
+if [ ! -e "$VENV" ]; then
   python -m venv --system-site-packages "$VENV"
+  touch "$MARK"
   "$VENV/bin/pip" install -q "torch==2.11.0" "triton==3.6.0" "transformers==5.17.0" \
     "peft==0.21.0"
+elif [ ! -e "$MARK" ]; then
+  echo "gpu_versions_check.sh: $VENV exists and was not made by this script; give a new path" >&2
+  exit 2
 fi
 NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_logging.py tests/test_trl.py"
 ignore=()
@@ -26,6 +32,9 @@ echo "== pass 1 (NumPy 1.26): everything but $NEEDS_NUMPY2"
 # (Triton 3.6 builds a few variants with small stack frames, listed in docs/kernels.md)
 INCRELORA_AOT_STACK_OK=1 PYTHONPATH=. "$VENV/bin/python" -m pytest -q -p no:cacheprovider --deselect tests/test_readme.py \
   "${ignore[@]}" tests || status=$?
+if [ "${status:-0}" -ge 2 ]; then  # interrupted or not run (pytest's codes 2-5), not failures
+  exit "$status"
+fi
 "$VENV/bin/pip" uninstall -y -q numpy
 echo "== pass 2 (the system's NumPy): $NEEDS_NUMPY2"
 # shellcheck disable=SC2086

@@ -170,7 +170,11 @@ def kernels_loaded_before_capture() -> Iterator[None]:
 
     def launch(kernel, grid, *args, **kwargs):
         seen.add(specialization(kernel, args, kwargs))
-        real_launch(kernel, grid, *args, **kwargs)
+        _capture["paused"] = True  # the interpreter's own tensor ops are not aten kernels run
+        try:
+            real_launch(kernel, grid, *args, **kwargs)
+        finally:
+            _capture["paused"] = False
 
     kutils.launch, _loaded = launch, seen
     try:

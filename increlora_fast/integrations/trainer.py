@@ -276,7 +276,10 @@ class IncreLoRATrainer(Trainer):
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The rule `Trainer.training_step` applies before dividing by the accumulation steps
         (older transformers, 5.17 among them, has no ``loss_is_scaled_for_ga``: the rule alone)."""
-        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        # (set on a Trainer whose training_step does not read it, it would scale the penalty
+        # unlike the loss)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None) \
+            if hasattr(Trainer, "loss_is_scaled_for_ga") else None
         if scaled is not None:
             return bool(scaled)
         return bool((getattr(self, "model_accepts_loss_kwargs", False)

@@ -77,7 +77,10 @@ class _Plan:
             if wide:
                 self.rows = (32, 32, 32) if br <= 32 else (16, 16, 16)
             else:
-                self.rows = (32, 64, 64) if br <= 32 else (32, 32, 32)
+                # (K by 32 at r_max 128: by 64, Triton 3.6 needs more shared memory than an
+                # sm_86/89 block has)
+                self.rows = (32, 64, 64) if br <= 32 else (32, 32, 64) if br <= 64 \
+                    else (32, 32, 32)
             self.rows_warps = 8 if br >= 64 else 4
             self.fin = (64, 64, 256)
             self.score = (64, 64, 32) if br <= 32 and not wide else (32, 32, 32)
