@@ -262,7 +262,8 @@ class IncreLoRAController:
         while a stream captures), before the first capture of a tracked step that follows only
         untracked ones (`training.cuda_graphs.GraphedSteps`'s kernel preload calls it after a
         tracked forward and backward). Does nothing where no layer tracks scores, with another
-        score than the exact one, with `exact_step_score` or once the budget is reached."""
+        score than the exact one, with `exact_step_score` or once the budget is reached. Under
+        torch.distributed it all-reduces the scores as a step does: every rank must call it."""
         if self.budget_reached or self.config.score != "delta_w" or self.exact_step_score \
                 or not any(layer.score_enabled for layer in self.layers):
             return
