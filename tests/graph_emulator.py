@@ -49,17 +49,17 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, ops: List[tuple]) -> None:
         super().__init__()
         self.ops = ops
-        self.paused = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if not self.paused:
+        paused = _capture["paused"]
+        if not paused:
             refused = capture_refuses(func, args, kwargs)
             if refused is not None:
                 raise RuntimeError(f"{refused} inside a captured step: CUDA graph capture "
                                    "would fail here")
         out = func(*args, **kwargs)
-        if not self.paused:
+        if not paused:
             self.ops.append(("aten", func, args, kwargs, out))
         return out
 
@@ -86,9 +86,20 @@ def capture_refuses(func, args: tuple, kwargs: dict) -> Optional[str]:
 
 # Kernel specializations launched outside captures, while `kernels_loaded_before_capture` watches.
 _loaded: Optional[Set[tuple]] = None
-# Whether an `EmulatedGraph` captures now, and whether its capture is paused (a Triton launch
-# under the interpreter runs tensor ops of its own that are not the kernel's).
+# Whether an `EmulatedGraph` captures now, and whether the aten ops seen now are the Triton
+# interpreter's own (`_interpreter_ops`), neither recorded nor checked.
 _capture = {"active": False, "paused": False}
+
+
+@contextlib.contextmanager
+def _interpreter_ops() -> Iterator[None]:
+    """Around a Triton launch: under the interpreter it runs tensor ops of its own, which are
+    not aten kernels of the step."""
+    _capture["paused"] = True
+    try:
+        yield
+    finally:
+        _capture["paused"] = False
 
 # aten ops that launch no kernel (views are told by ``func.is_view``).
 _NO_KERNEL = {"aten::empty", "aten::empty_strided", "aten::empty_like", "aten::new_empty",
@@ -170,11 +181,8 @@ def kernels_loaded_before_capture() -> Iterator[None]:
 
     def launch(kernel, grid, *args, **kwargs):
         seen.add(specialization(kernel, args, kwargs))
-        _capture["paused"] = True  # the interpreter's own tensor ops are not aten kernels run
-        try:
+        with _interpreter_ops():
             real_launch(kernel, grid, *args, **kwargs)
-        finally:
-            _capture["paused"] = False
 
     kutils.launch, _loaded = launch, seen
     try:
@@ -252,12 +260,8 @@ class EmulatedGraph:
                 raise RuntimeError(f"{name} launched for the first time inside a captured step: "
                                    "CUDA cannot load a kernel while a stream captures (run the "
                                    "step eagerly first)")
-            # the interpreter's own tensor ops are not the kernel's
-            recorder.paused = _capture["paused"] = True
-            try:
+            with _interpreter_ops():
                 real_launch(kernel, grid, *args, **kwargs)
-            finally:
-                recorder.paused = _capture["paused"] = False
             self.ops.append(("launch", kernel, grid, args, kwargs))
 
         kutils.launch = launch
