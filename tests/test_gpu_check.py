@@ -23,6 +23,8 @@ from increlora_fast.benchmarks.gpu_check.parts import (FINETUNE_RUNS, LAYER_METH
                                                        MODEL_METHODS_CHECKED,
                                                        OPTIONAL_MODEL_METHODS, PARTS,
                                                        QLORA_METHODS_CHECKED)
+from increlora_fast.benchmarks.gpu_check.plan import (MIN_FULL_ACCURACY, dry_run_plan,
+                                                      full_plan)
 from increlora_fast.benchmarks.speed import model_level
 from increlora_fast.benchmarks.speed.host_overhead import METHODS as HOST_METHODS
 from increlora_fast.benchmarks.speed.host_overhead import HostPlan, measure_on_device
@@ -395,7 +397,7 @@ def test_one_failing_method_loses_only_its_own_rows(monkeypatch):
             raise RuntimeError("no such variant on this GPU")
         return [dict(method=m, status="ok", note="") for m in methods]
     monkeypatch.setattr(layer_level, "run_layer_level", fake_level)
-    result = gpu_check.check_layer(torch.device("cpu"), gpu_check.dry_run_plan(), {},
+    result = gpu_check.check_layer(torch.device("cpu"), dry_run_plan(), {},
                                    lambda line: None)
     assert calls[0] == list(LAYER_METHODS_CHECKED)  # all together first, then one by one
     assert calls[1:] == [[m] for m in LAYER_METHODS_CHECKED]
@@ -487,7 +489,7 @@ def test_finetune_runs_the_main_job_three_ways(tmp_path, monkeypatch, has_graphs
     monkeypatch.setattr(gpu_check, "finetune_options_missing",
                         lambda extra: [] if has_graphs or "--cuda-graphs" not in extra
                         else ["--cuda-graphs"])
-    plan = dataclasses.replace(gpu_check.full_plan(), finetune=[])
+    plan = dataclasses.replace(full_plan(), finetune=[])
     result = gpu_check.check_finetune(torch.device("cuda"), plan, {}, lambda line: None,
                                       tmp_path)
     runs = {r["name"]: r for r in result["runs"]}
@@ -519,7 +521,7 @@ def test_qlora_without_bitsandbytes_is_a_skip_with_its_reason(monkeypatch):
     from increlora_fast.benchmarks.speed import quantized_base
 
     monkeypatch.setattr(quantized_base, "BNB_MODULE", "no_such_bitsandbytes")
-    result = gpu_check.check_qlora(torch.device("cpu"), gpu_check.dry_run_plan(), {"date": "d"},
+    result = gpu_check.check_qlora(torch.device("cpu"), dry_run_plan(), {"date": "d"},
                                    lambda line: None)
     assert result["error"] is None
     assert [r["method"] for r in result["records"]] == list(QLORA_METHODS_CHECKED)
@@ -538,7 +540,7 @@ def test_a_failing_model_method_gets_a_failed_record(monkeypatch):
         return [dict(method=m, status="skipped" if m in OPTIONAL_MODEL_METHODS else "ok",
                      shape=f"{plan.models[0]} b2x8", note="skipped: x") for m in methods]
     monkeypatch.setattr(model_level, "run_model_level", fake_level)
-    plan = gpu_check.dry_run_plan()
+    plan = dry_run_plan()
     result = gpu_check.check_model(torch.device("cpu"), dataclasses.replace(
         plan, models=plan.models[:1]), {}, lambda line: None)
     failed = [r for r in result["records"] if r["status"] == "failed"]
@@ -559,11 +561,11 @@ def test_host_time_on_the_device_path_counts_launches():
 
 
 def test_full_plan_puts_the_main_jobs_shape_first():
-    plan = gpu_check.full_plan()
+    plan = full_plan()
     shapes = [(p.models, p.batch_size, p.seq_len) for p in plan.models]
     assert shapes == [(["minilm-l6"], 32, 64), (["deberta-v3-base"], 16, 256),
                       (["llama-7b-2l"], 4, 1024)]
     assert plan.qlora.models == ["llama-7b-2l"] and plan.qlora.base_4bit
     assert all(p.models[0] in MODEL_PRESETS for p in plan.models)
     assert set(MODEL_METHODS_CHECKED) <= set(model_level.MODEL_METHODS)
-    assert plan.finetune == [] and plan.min_accuracy == gpu_check.MIN_FULL_ACCURACY
+    assert plan.finetune == [] and plan.min_accuracy == MIN_FULL_ACCURACY

@@ -12,7 +12,8 @@ import torch
 from graph_emulator import EmulatedGraph, EmulatedPool, kernels_loaded_before_capture
 from increlora_fast.benchmarks.gpu_check import graphs
 from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES, graphs_section
-from increlora_fast.benchmarks.gpu_check.parts import PARTS, dry_run_plan
+from increlora_fast.benchmarks.gpu_check.parts import PARTS
+from increlora_fast.benchmarks.gpu_check.plan import dry_run_plan
 from increlora_fast.training.cuda_graphs import WARMUP_STEPS
 
 CPU = torch.device("cpu")

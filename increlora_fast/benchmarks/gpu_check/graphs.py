@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import traceback
 import warnings
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-if TYPE_CHECKING:
-    from .parts import CheckPlan
+from .plan import GRAPH_STEPS, CheckPlan
 
 PRECISIONS = ("fp32", "bf16", "fp16")
-STEPS = 16
 # max |graphed - eager| over trainable parameters and over per-step losses, relative to
 # max(1, the largest eager magnitude). A replay launches the kernels its capture recorded, on
 # the same inputs, so the runs should agree bit for bit; the margin covers kernels whose
@@ -141,7 +139,7 @@ def skipped(device: torch.device, precision: str, steps: int, why: str) -> Dict[
             "max_loss_diff": None}
 
 
-def graph_agreement(device: torch.device, precision: str, steps: int = STEPS,
+def graph_agreement(device: torch.device, precision: str, steps: int = GRAPH_STEPS,
                     graph_factory: Optional[Callable] = None) -> Dict[str, object]:
     """The tiny BERT trained ``steps`` steps eagerly and with replayed graphs, compared.
 
@@ -211,7 +209,7 @@ def graph_agreement(device: torch.device, precision: str, steps: int = STEPS,
     return record
 
 
-def check_graphs(device: torch.device, plan: "CheckPlan", env: Dict, log: Callable,
+def check_graphs(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
                  graph_factory: Optional[Callable] = None,
                  precisions: Sequence[str] = PRECISIONS) -> Dict[str, object]:
     """`graph_agreement` in each precision for ``plan.graph_steps`` steps (``env`` is unused:
