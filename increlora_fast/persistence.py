@@ -15,7 +15,7 @@ metadata and in ``adapter_config.json``); `load_adapter` refuses a model whose a
 differ from the recorded ones, so an adapter never silently lands on the wrong base.
 
 An adapter records the pooling of the model it was saved from (weights-file metadata and
-``adapter_config.json``): ``mean`` for a model given mean pooling (`training.pooling.apply_pooling`,
+``adapter_config.json``): ``mean`` for a model given mean pooling (`pooling.apply_pooling`,
 ``finetune --pooling mean``), else ``cls``. `load_adapter` gives the model it loads into mean
 pooling for a ``mean`` adapter, or refuses a model that cannot take it, and refuses a
 mean-pooled model for a ``cls`` adapter. An adapter saved before the field existed loads into
@@ -44,7 +44,7 @@ from torch import nn
 from .config import IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState
 from .model import get_config, increlora_layers, saved_module_parameters
-from .training.pooling import apply_pooling, mean_pooling_available, model_pooling
+from .pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -328,7 +328,7 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     """Write the adapter of ``model`` into ``save_directory`` (created if missing).
 
     The adapter records its base: `base_model_name` and `base_fingerprint`, which
-    `load_adapter` checks; and its pooling (`training.pooling.model_pooling`: ``mean`` or
+    `load_adapter` checks; and its pooling (`pooling.model_pooling`: ``mean`` or
     ``cls``), which `load_adapter` gives the model it loads into again.
 
     Args:
@@ -437,7 +437,7 @@ def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training
 
 def _check_pooling(pooling: Optional[str], model: nn.Module, directory: Path) -> None:
     """ValueError, one line, when the adapter in ``directory`` records a ``pooling`` that
-    ``model`` cannot be given (`training.pooling.apply_pooling`). None: an adapter saved before
+    ``model`` cannot be given (`pooling.apply_pooling`). None: an adapter saved before
     the pooling was recorded (before 2026-12-05, when ``--pooling mean`` already existed), taken
     as it is, with a warning where the pooling matters (a model that has mean pooling or could
     be given it)."""
@@ -477,7 +477,7 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     float16 base, before lambda was float32 always) loads into the float32 lambda.
 
     An adapter that records ``pooling: mean`` gives ``model`` mean pooling
-    (`training.pooling.apply_pooling`) unless it has it already, so its predictions are the
+    (`pooling.apply_pooling`) unless it has it already, so its predictions are the
     trained model's; a model that cannot take it is refused (ValueError) before anything changes,
     and so is a mean-pooled model for an adapter that records ``pooling: cls``.
 

@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from finetune_helpers import cli, dev_logits, load_saved_adapter, tiny_args, tiny_files
 from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
                             save_adapter)
-from increlora_fast.training.pooling import apply_pooling, model_pooling
+from increlora_fast.pooling import apply_pooling, model_pooling
 
 VOCAB = 40
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"

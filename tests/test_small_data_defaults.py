@@ -203,7 +203,7 @@ def test_best_state_keeps_the_better_score_and_restores_it(tiny, method):
 
 
 def test_pooling_auto_reads_the_sentence_transformers_folder(tmp_path):
-    from increlora_fast.training.pooling import pooling_of_folder, resolve_pooling
+    from increlora_fast.pooling import pooling_of_folder, resolve_pooling
     (tmp_path / "1_Pooling").mkdir()
     (tmp_path / "modules.json").write_text(json.dumps(
         [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -221,7 +221,7 @@ def test_pooling_auto_reads_the_sentence_transformers_folder(tmp_path):
 def test_mean_pooling_feeds_the_classifier_the_masked_mean(tiny):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from increlora_fast.training.pooling import apply_pooling
+    from increlora_fast.pooling import apply_pooling
     model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
     model.eval()
     apply_pooling(model, "mean")

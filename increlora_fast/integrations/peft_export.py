@@ -24,7 +24,7 @@ loads a config with unknown keys but warns that it was written by a newer peft a
 upgraded; safetensors metadata it ignores silently.
 
 peft has no pooling setting, so an adapter trained on a mean-pooled model
-(`training.pooling.apply_pooling`) loads into peft's model as it is (CLS pooling) and predicts
+(`pooling.apply_pooling`) loads into peft's model as it is (CLS pooling) and predicts
 otherwise: `export_peft` warns so, and records ``increlora_pooling: mean`` in the weights file's
 metadata (not in ``adapter_config.json``, for the reason above).
 """
@@ -43,7 +43,7 @@ from torch import nn
 from ..layer import IncreLoRALinear, SlotState
 from ..model import get_config, increlora_layers, saved_module_parameters
 from ..persistence import base_fingerprint, base_model_name, write_adapter_files
-from ..training.pooling import model_pooling
+from ..pooling import model_pooling
 
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -136,7 +136,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         overwrite: replace an adapter already in ``save_directory`` (ours or peft's), as a
             whole (see `persistence.write_adapter_files`); without it such a folder is refused.
 
-    A mean-pooled ``model`` (`training.pooling.apply_pooling`) is exported with a warning: the
+    A mean-pooled ``model`` (`pooling.apply_pooling`) is exported with a warning: the
     base model peft loads the adapter into needs ``apply_pooling(base, "mean")`` first.
 
     Returns:
@@ -200,7 +200,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     if pooling != "cls":
         warnings.warn(f"export_peft: the adapter in {save_directory} was trained with {pooling} "
                       "pooling, which peft does not record: apply "
-                      f"increlora_fast.training.pooling.apply_pooling(model, {pooling!r}) to the "
+                      f"increlora_fast.pooling.apply_pooling(model, {pooling!r}) to the "
                       "base model before peft loads the adapter into it, or its predictions "
                       "differ", stacklevel=2)
     return ranks

@@ -31,7 +31,7 @@ from ..persistence import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
 from .outputs import describe_os_error
-from .pooling import model_pooling
+from ..pooling import model_pooling
 from .settings import RunSettings
 
 SETTINGS_FILE = "settings.json"

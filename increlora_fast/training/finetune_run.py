@@ -28,7 +28,7 @@ from .registry import build_method
 from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
-from .pooling import apply_pooling, model_pooling, resolve_pooling
+from ..pooling import apply_pooling, model_pooling, resolve_pooling
 from .settings import (AUTO_SEQ_PERCENTILE, SELECT_HOLDOUT_SHARE, RunSettings, resolve,
                        validate)
 from .step_runner import resolve_cuda_graphs
@@ -301,7 +301,7 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     if pooling != "cls" and not run.records_pooling:
         what = "model" if run.name == "full" else "peft adapter"
         warnings.warn(f"the {run.name} {what} in {out} was trained with --pooling {pooling}, "
-                      f"which its files cannot record: apply increlora_fast.training.pooling."
+                      f"which its files cannot record: apply increlora_fast.pooling."
                       f"apply_pooling(model, {pooling!r}) to the model it is loaded into"
                       + ("" if run.name == "full" else " (before peft loads the adapter)")
                       + ", or its predictions differ", stacklevel=3)
