@@ -16,7 +16,8 @@ A step works per parameter group and device: the masks, stamps, step counts and 
 its slots are handled at once as flat vectors. The masks and stamps are cached and rebuilt only
 when a layer's ``slot_version`` changes, and the schedule is computed on the device, so a step
 reads no tensor on the host (a step between allocation rounds can be captured in a CUDA graph).
-On CUDA each tensor then gets one fused Triton kernel; elsewhere (and with
+On CUDA each tensor then gets one fused Triton kernel, launched from a plan kept while the
+layout holds (`_FusedPlan`: no per-tensor checks or layout work between rounds); elsewhere (and with
 ``INCRELORA_BACKEND=torch``) tensors of one shape, slot dimension and dtype are stacked and
 updated together (`masked_adamw_values`, the math of `masked_adamw_torch_`): a few stacked
 operations per distinct shape instead of a dozen small ones per tensor.
@@ -107,6 +108,48 @@ def _step_stack(members: List[_Slots], per_slot: List[torch.Tensor], hyper: tupl
         torch._foreach_copy_([s.tensors[i] for s in members], values.unbind(0))
 
 
+class _FusedPlan:
+    """The fused kernel's launches over the tensors of one group and device, for one layout:
+    per tensor what does not change between steps (parameter, moments, the slot mask viewed as
+    uint8, step counts, launch constants), in the order of the flat per-slot vectors. A step
+    reads only each parameter's gradient, which autograd allocates anew; the plan holds none.
+    The arguments are checked in full at the first launch, then only the gradients' layout."""
+
+    def __init__(self, key: tuple, order: List[torch.Tensor], slots: List[_Slots],
+                 sizes: List[int], mask: torch.Tensor, mask_parts: List[torch.Tensor],
+                 start: torch.Tensor) -> None:
+        from .kernels.adamw import adamw_launch
+
+        self.key, self.sizes, self.mask, self.mask_parts, self.start = (key, sizes, mask,
+                                                                        mask_parts, start)
+        self.params = order
+        self.slots = [(s.tensors[0], s.tensors[2], s.tensors[3], s.count, s.mask, s.slot_dim,
+                       adamw_launch(s.tensors[0], s.slot_dim)) for s in slots]
+        self.counts = [s.count for s in slots]
+        self.masks_u8 = [s.mask.view(torch.uint8) for s in slots]
+        self.checked = False
+
+    def launch(self, masks_u8: List[torch.Tensor], slot_lrs: Tuple[torch.Tensor, ...],
+               hyper: tuple) -> None:
+        """One kernel per tensor, with this step's masks and per-slot learning rates."""
+        from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
+
+        if not self.checked:
+            for p, (param, m, v, count, mask, slot_dim, _), slot_lr in zip(
+                    self.params, self.slots, slot_lrs):
+                check_masked_adamw_args(param, p.grad.reshape(param.shape), m, v, mask, slot_lr,
+                                        count, slot_dim, *hyper[:2])
+            self.checked = True
+        for p, (param, m, v, count, _, _, launch), mask_u8, slot_lr in zip(
+                self.params, self.slots, masks_u8, slot_lrs):
+            grad = p.grad
+            if not grad.is_contiguous():
+                raise ValueError(f"IncreLoRAAdamW: a gradient of shape {tuple(grad.shape)} "
+                                 f"is not contiguous (strides {grad.stride()}); the fused "
+                                 "kernel reads it as a flat array")
+            launch_masked_adamw_(launch, param, grad, m, v, mask_u8, slot_lr, count, *hyper)
+
+
 class IncreLoRAAdamW(torch.optim.Optimizer):
     """AdamW with per-slot schedules and masks for IncreLoRA adapters; build it with
     `create_optimizer`. ``lr`` in each group is the base learning rate; the schedule is applied
@@ -138,6 +181,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self.cache_epoch = 0
         # (group index, device) -> ids of the parameters its last step updated.
         self._stepped: Dict[tuple, List[int]] = {}
+        # (group index, device) -> its fused kernel launches (CUDA), kept while the layout holds.
+        self._fused: Dict[tuple, _FusedPlan] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
@@ -153,6 +198,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self.global_step = int(state_dict.pop("global_step", 0))
         super().load_state_dict(state_dict)
         self._seen_version.clear()  # the loaded stamps are compared with the layers' anew
+        self._fused.clear()  # (they hold the replaced moments)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -234,7 +280,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
     def _prepare(self, params: List[torch.Tensor], where: tuple) -> tuple:
         """The layout-dependent part of a step of ``params`` (one group and device): fresh
         slots restarted, and (stacks of slots by shape, the slots in stack order, their sizes,
-        the flat mask, its float parts, the flat starts), cached masks refreshed in place."""
+        the flat mask, its float parts, the flat starts, the parameters in stack order), cached
+        masks refreshed in place."""
         stacks: Dict[tuple, List[Tuple[torch.Tensor, _Slots]]] = defaultdict(list)
         for p in params:
             s = self._as_slots(p)
@@ -245,7 +292,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         stacks = {k: [s for _, s in members] for k, members in stacks.items()}
         slots = [s for members in stacks.values() for s in members]
         sizes = [len(s.mask) for s in slots]
-        return (stacks, slots, sizes, *self._flat_slots(where, order, slots))
+        return (stacks, slots, sizes, *self._flat_slots(where, order, slots), order)
 
     def _step_params(self, params: List[torch.Tensor], group: dict, where: tuple,
                      keep: Optional[torch.Tensor] = None) -> None:
@@ -253,28 +300,49 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         index and the device); where the 0-d bool ``keep`` is given and false, nothing
         changes."""
         self._stepped[where] = [id(p) for p in params]
-        stacks, slots, sizes, mask, mask_parts, start = self._prepare(params, where)
+        fused = self._fused_plan(params, where) if _fused_kernel_applies(params[0]) else None
+        if fused is None:
+            stacks, slots, sizes, mask, mask_parts, start, _ = self._prepare(params, where)
+            counts = [s.count for s in slots]
+        else:
+            sizes, mask, mask_parts, start, counts = (fused.sizes, fused.mask, fused.mask_parts,
+                                                      fused.start, fused.counts)
         if keep is not None:  # an overflowed fp16 step: every slot masked out, on the device
             mask = mask & keep
             mask_parts = list(mask.to(torch.float32).split(sizes))
-        torch._foreach_add_([s.count for s in slots], mask_parts)
+        torch._foreach_add_(counts, mask_parts)
         step = self._device_steps.get(self.global_step, start.device)
         mult = schedule_multiplier(step, start, group["warmup_steps"], group["total_step"])
         lr = (group["lr"] * mult).to(torch.float32)
         beta1, beta2 = group["betas"]
         hyper = (beta1, beta2, group["eps"], group["weight_decay"])
-        if _fused_kernel_applies(params[0]):
-            from .kernels.adamw import masked_adamw_triton_
-            masks = [s.mask for s in slots] if keep is None else mask.split(sizes)
-            for s, slot_mask, slot_lr in zip(slots, masks, lr.split(sizes)):
-                masked_adamw_triton_(*s.tensors, slot_mask, slot_lr, s.count, s.slot_dim, *hyper)
+        if fused is not None:
+            masks = fused.masks_u8 if keep is None else \
+                [m.view(torch.uint8) for m in mask.split(sizes)]
+            fused.launch(masks, lr.split(sizes), hyper)
             return
-        per_slot = (mask, lr, torch.cat([s.count for s in slots]))
+        per_slot = (mask, lr, torch.cat(counts))
         offset = 0
         for members in stacks.values():
             n, r = len(members), len(members[0].mask)
             _step_stack(members, [v[offset:offset + n * r].view(n, r) for v in per_slot], hyper)
             offset += n * r
+
+    def _fused_plan(self, params: List[torch.Tensor], where: tuple) -> "_FusedPlan":
+        """The fused kernel's launches for ``params`` (one group and device), made by
+        `_prepare` and kept while the parameters and their layers' `_layout_key` stay the same:
+        between allocation rounds a step then does no per-tensor work on the host beyond reading
+        each gradient and launching. While the key holds, `_prepare` would change nothing: the
+        cached masks and starts are current and no slot is fresh (`_restart_fresh_slots`
+        compares the same slot versions; `load_state_dict` drops the plans)."""
+        key = tuple([(id(p), _layout_key(self._slots[id(p)][0]) if id(p) in self._slots
+                      else None) for p in params])
+        plan = self._fused.get(where)
+        if plan is None or plan.key != key:
+            _, slots, sizes, mask, mask_parts, start, order = self._prepare(params, where)
+            plan = _FusedPlan(key, order, slots, sizes, mask, mask_parts, start)
+            self._fused[where] = plan
+        return plan
 
     def _flat_slots(self, where: tuple, order: List[torch.Tensor],
                     slots: List[_Slots]) -> Tuple[torch.Tensor, List[torch.Tensor], torch.Tensor]:

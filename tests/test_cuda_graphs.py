@@ -93,17 +93,25 @@ def _assert_same(got, ref):
         assert torch.equal(got["state"][name], value), name
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+# "triton+adamw": the optimizer's fused kernel too (on CUDA it steps every tensor; on CPU it is
+# forced), its launches kept between rounds and captured with the step
+@pytest.mark.parametrize("backend", ["torch", "triton", "triton+adamw"])
 def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
-    if backend == "triton":
+    if backend != "torch":
         pytest.importorskip("triton")
         from increlora_fast.kernels.utils import interpreter_active
         if not (torch.cuda.is_available() or interpreter_active()):
             pytest.skip("the Triton path needs CUDA or the interpreter")
-    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    if backend == "triton+adamw":
+        from increlora_fast import optimizer as optimizer_module
+        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: True)
+    monkeypatch.setenv("INCRELORA_BACKEND", backend.split("+")[0])
     eager_steps = record_eager_steps(monkeypatch)
     ref = _train(make_tiny_net, "cpu")
+    from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
+    reset_launch_counts()
     got = _train(make_tiny_net, "cpu", EmulatedPool())
+    assert (launch_counts().get("_masked_adamw_kernel", 0) > 0) == (backend == "triton+adamw")
     graphed = got["graphed"]
     # each tracking state captured once: the graphs survive the rounds (the cached masks are
     # refreshed in place), and no round runs eagerly: each is replayed (or, the first, captured)

@@ -8,6 +8,7 @@ forced through the Triton interpreter) must agree with it too.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -193,3 +194,130 @@ def test_resume_keeps_step_stamps_and_counts_exact_for_bfloat16():
         assert state["seen_alloc"].dtype == torch.long and int(state["seen_alloc"][0]) == 1001
         assert state["slot_count"].dtype == torch.float32
         assert float(state["slot_count"][0]) == 4.0  # not restarted by the load
+
+
+@torch.no_grad()
+def _fresh_grads(model, layers, gen):
+    """New gradients in the layout the layers have (no slot changes): as between rounds."""
+    for layer in layers:
+        ab, lam = layer.trainable_slot_masks()
+        for kind, mask in (("lora_A", ab), ("lora_B", ab), ("lora_lambda", lam)):
+            p = getattr(layer, kind)
+            off = ~along_slot_dim(mask, ADAPTER_SLOT_DIM[kind], p.dim()).expand_as(p)
+            p.grad = torch.randn(p.shape, generator=gen).to(p)
+            p.grad[off] = float("nan")
+    for p in model[4].parameters():
+        p.grad = torch.randn(p.shape, generator=gen).to(p)
+
+
+def _fused_available():
+    pytest.importorskip("triton")
+    from increlora_fast.kernels.adamw import _masked_adamw_kernel
+    from increlora_fast.kernels.utils import is_interpreted
+    if DEVICE == "cpu" and not is_interpreted(_masked_adamw_kernel):
+        pytest.skip("increlora_fast.kernels was imported before TRITON_INTERPRET=1 was set")
+
+
+def test_fused_steps_between_rounds_and_after_a_resume_match_the_stacked_path(monkeypatch):
+    """The fused path keeps its launches while the layout holds (`_prepare` runs only when
+    slots change and after `load_state_dict`) and steps as the stacked path does: over steps
+    without slot changes, a layout change, and a load of an earlier state."""
+    _fused_available()
+    prepared = []
+    real_prepare = optimizer_module.IncreLoRAAdamW._prepare
+
+    def counting_prepare(self, params, where):
+        prepared.append((self.global_step, where[0]))  # (step, group: adapters 0, head 1)
+        return real_prepare(self, params, where)
+    monkeypatch.setattr(optimizer_module.IncreLoRAAdamW, "_prepare", counting_prepare)
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p, on=fused: on)
+        model, config, layers = _model(torch.float32, DEVICE)
+        opt = create_optimizer(model, config, **HYPER)
+        gen = torch.Generator().manual_seed(5)
+        prepared.clear()
+        for step in range(8):
+            if step in (0, 4):
+                _scramble(model, layers, step, gen)
+            else:
+                _fresh_grads(model, layers, gen)
+            if step == 3:
+                saved = copy.deepcopy(opt.state_dict())
+            if step == 6:  # back to step 3's moments: the same optimizer's tensors replaced
+                opt.load_state_dict(saved)
+            opt.step()
+        runs.append((model, opt, list(prepared)))
+    (fused_model, fused_opt, fused_prepared), (model, opt, stacked_prepared) = runs
+    # both groups at the first step; the adapters' when their layout changed; both after the
+    # load replaced the moments (and set the step count back to 3)
+    assert fused_prepared == [(0, 0), (0, 1), (4, 0), (3, 0), (3, 1)]
+    assert len(stacked_prepared) == 16
+    for (name, got), want in zip(fused_model.named_parameters(), model.parameters()):
+        if got.requires_grad:  # float32: the kernel's beta**n may differ by one ulp
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fused_opt.state[got][key], opt.state[want][key],
+                                           rtol=1e-5, atol=1e-9, msg=name)
+
+
+def test_fused_plan_holds_no_gradient_and_refuses_a_noncontiguous_one(monkeypatch):
+    """The kept launches hold no gradient (autograd makes new ones every step: the old ones are
+    freed), and a gradient the kernel cannot read as a flat array is refused, by name."""
+    import gc
+    import weakref
+    _fused_available()
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: True)
+    model, config, layers = _model(torch.float32, DEVICE)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(2)
+    _scramble(model, layers, 0, gen)
+    opt.step()
+    _fresh_grads(model, layers, gen)
+    opt.step()  # the plan kept from the first step
+    refs = [weakref.ref(p.grad) for p in model.parameters() if p.grad is not None]
+    assert len(refs) == 14
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    assert all(ref() is None for ref in refs)
+    _fresh_grads(model, layers, gen)
+    b = layers[1].lora_B
+    b.grad = torch.randn(b.shape[1], b.shape[0]).to(b).t()  # same shape, transposed strides
+    with pytest.raises(ValueError, match="gradient of shape \\(5, 5\\) is not contiguous"):
+        opt.step()
+
+
+def test_a_fused_step_between_rounds_costs_a_few_python_calls_per_tensor(monkeypatch):
+    """Host work of the fused path once its launches are kept (launches stubbed, as in
+    `increlora-fast bench --levels host`): Python calls per step grow by a small constant per
+    tensor, not by the per-tensor checks and layout work a first step pays."""
+    import sys
+    _fused_available()
+    from increlora_fast.benchmarks.speed.host_overhead import stubbed_launches
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: True)
+    model, config, layers = _model(torch.float32, DEVICE)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(4)
+    calls = []
+    with stubbed_launches():
+        for step in range(3):
+            (_scramble if step == 0 else _fresh_grads)(*((model, layers, step, gen) if step == 0
+                                                         else (model, layers, gen)))
+            count = [0]
+
+            def profile(frame, event, arg):
+                if event == "call":
+                    count[0] += 1
+            sys.setprofile(profile)
+            try:
+                opt.step()
+            finally:
+                sys.setprofile(None)
+            calls.append(count[0])
+    first, kept = calls[0], calls[2]
+    assert calls[1] == kept
+    # 14 tensors: a kept step makes a few calls per tensor (its layout key, its launch, the
+    # launch function, the stub's counter) and a fixed number for the schedule (116 when this
+    # was written); the first step pays the layout and the checks on top (873)
+    assert kept <= 50 + 5 * 14, calls
+    assert first > kept + 20 * 14, calls

@@ -9,6 +9,8 @@ off would show).
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Tuple
+
 import torch
 import triton
 import triton.language as tl
@@ -65,6 +67,73 @@ def _masked_adamw_kernel(
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=upd)
 
 
+class AdamWLaunch(NamedTuple):
+    """What a launch of the kernel on one tensor needs besides its tensors, fixed by its shape
+    and slot dimension: computed once (`adamw_launch`), reused at every step."""
+
+    grid: Tuple[int]
+    n_elements: int
+    inner: int
+    n_slots: int
+    block: int
+
+
+def adamw_launch(param: torch.Tensor, slot_dim: int) -> AdamWLaunch:
+    """The launch constants of the kernel on ``param`` (``slot_dim`` in range)."""
+    slot_dim %= param.dim()
+    inner = 1
+    for size in param.shape[slot_dim + 1:]:
+        inner *= size
+    n = param.numel()
+    block = 256 if is_interpreted(_masked_adamw_kernel) else 1024
+    return AdamWLaunch((-(-n // block),), n, inner, param.shape[slot_dim], block)
+
+
+def check_masked_adamw_args(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                            exp_avg_sq: torch.Tensor, slot_mask: torch.Tensor,
+                            slot_lr: torch.Tensor, slot_count: torch.Tensor, slot_dim: int,
+                            beta1: float, beta2: float) -> None:
+    """The arguments of `masked_adamw_triton_` are valid for the kernel; raises ValueError or
+    TypeError naming the first that is not."""
+    tensors = dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    for name, t in tensors.items():
+        check_dtype(_OP, name, t)
+        if t.shape != param.shape:
+            raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, param has "
+                             f"{tuple(param.shape)}")
+        if not t.is_contiguous():
+            raise ValueError(f"{_OP}: {name} must be contiguous (strides {t.stride()})")
+    if not -param.dim() <= slot_dim < param.dim():
+        raise ValueError(f"{_OP}: slot_dim={slot_dim} is out of range for a {param.dim()}-D param")
+    r = param.shape[slot_dim]
+    for name, t in (("slot_mask", slot_mask), ("slot_lr", slot_lr), ("slot_count", slot_count)):
+        if tuple(t.shape) != (r,):
+            raise ValueError(f"{_OP}: {name} must have shape ({r},), got {tuple(t.shape)}")
+    if slot_mask.dtype != torch.bool:
+        raise TypeError(f"{_OP}: slot_mask must be bool, got {slot_mask.dtype}")
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{_OP}: {name}={b} must lie in [0, 1)")
+    check_device(_masked_adamw_kernel, _OP, slot_mask=slot_mask, slot_lr=slot_lr,
+                 slot_count=slot_count, **tensors)
+
+
+def launch_masked_adamw_(launch: AdamWLaunch, param: torch.Tensor, grad: torch.Tensor,
+                         exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
+                         slot_mask_u8: torch.Tensor, slot_lr: torch.Tensor,
+                         slot_count: torch.Tensor, beta1: float, beta2: float, eps: float,
+                         weight_decay: float) -> None:
+    """The kernel on arguments `check_masked_adamw_args` accepted (``slot_mask_u8``: the bool
+    mask viewed as uint8; ``slot_lr`` and ``slot_count`` contiguous) with the constants
+    `adamw_launch` computed for ``param``: no checks, for a caller that validated once and
+    steps the same tensors again (`IncreLoRAAdamW`)."""
+    utils.launch(_masked_adamw_kernel, launch.grid,
+                 param, grad, exp_avg, exp_avg_sq, slot_mask_u8, slot_lr, slot_count,
+                 launch.n_elements, launch.inner, launch.n_slots,
+                 beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+                 BLOCK=launch.block)
+
+
 @torch.no_grad()
 def masked_adamw_triton_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
                          exp_avg_sq: torch.Tensor, slot_mask: torch.Tensor, slot_lr: torch.Tensor,
@@ -77,36 +146,8 @@ def masked_adamw_triton_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     ``slot_dim`` the dimension of ``param`` indexing slots. param, grad and moments must be
     contiguous and of one shape; float32 math, results written in each tensor's dtype.
     """
-    tensors = dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
-    for name, t in tensors.items():
-        check_dtype(_OP, name, t)
-        if t.shape != param.shape:
-            raise ValueError(f"{_OP}: {name} has shape {tuple(t.shape)}, param has "
-                             f"{tuple(param.shape)}")
-        if not t.is_contiguous():
-            raise ValueError(f"{_OP}: {name} must be contiguous (strides {t.stride()})")
-    if not -param.dim() <= slot_dim < param.dim():
-        raise ValueError(f"{_OP}: slot_dim={slot_dim} is out of range for a {param.dim()}-D param")
-    slot_dim %= param.dim()
-    r = param.shape[slot_dim]
-    for name, t in (("slot_mask", slot_mask), ("slot_lr", slot_lr), ("slot_count", slot_count)):
-        if tuple(t.shape) != (r,):
-            raise ValueError(f"{_OP}: {name} must have shape ({r},), got {tuple(t.shape)}")
-    if slot_mask.dtype != torch.bool:
-        raise TypeError(f"{_OP}: slot_mask must be bool, got {slot_mask.dtype}")
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{_OP}: {name}={b} must lie in [0, 1)")
-    check_device(_masked_adamw_kernel, _OP, slot_mask=slot_mask, slot_lr=slot_lr,
-                 slot_count=slot_count, **tensors)
-    inner = 1
-    for size in param.shape[slot_dim + 1:]:
-        inner *= size
-    n = param.numel()
-    block_size = 256 if is_interpreted(_masked_adamw_kernel) else 1024
-    mask_u8 = slot_mask.contiguous().view(torch.uint8)
-    utils.launch(_masked_adamw_kernel, (triton.cdiv(n, block_size),),
-                 param, grad, exp_avg, exp_avg_sq, mask_u8, slot_lr.contiguous(),
-                 slot_count.contiguous(), n, inner, r,
-                 beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-                 BLOCK=block_size)
+    check_masked_adamw_args(param, grad, exp_avg, exp_avg_sq, slot_mask, slot_lr, slot_count,
+                            slot_dim, beta1, beta2)
+    launch_masked_adamw_(adamw_launch(param, slot_dim), param, grad, exp_avg, exp_avg_sq,
+                         slot_mask.contiguous().view(torch.uint8), slot_lr.contiguous(),
+                         slot_count.contiguous(), beta1, beta2, eps, weight_decay)
