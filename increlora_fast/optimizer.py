@@ -122,9 +122,10 @@ class _FusedPlan:
 
         self.key, self.sizes, self.mask, self.mask_parts, self.start = (key, sizes, mask,
                                                                         mask_parts, start)
+        # the parameters themselves, not views: `Module.to` swaps a parameter's data in place
         self.params = order
-        self.slots = [(s.tensors[0], s.tensors[2], s.tensors[3], s.count, s.mask, s.slot_dim,
-                       adamw_launch(s.tensors[0], s.slot_dim)) for s in slots]
+        self.slots = [(s.tensors[0].shape, s.tensors[2], s.tensors[3], s.count, s.mask,
+                       s.slot_dim, adamw_launch(s.tensors[0], s.slot_dim)) for s in slots]
         self.counts = [s.count for s in slots]
         self.masks_u8 = [s.mask.view(torch.uint8) for s in slots]
         self.checked = False
@@ -135,19 +136,19 @@ class _FusedPlan:
         from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
 
         if not self.checked:
-            for p, (param, m, v, count, mask, slot_dim, _), slot_lr in zip(
+            for p, (shape, m, v, count, mask, slot_dim, _), slot_lr in zip(
                     self.params, self.slots, slot_lrs):
-                check_masked_adamw_args(param, p.grad.reshape(param.shape), m, v, mask, slot_lr,
-                                        count, slot_dim, *hyper[:2])
+                check_masked_adamw_args(p.view(shape), p.grad.reshape(shape), m, v, mask,
+                                        slot_lr, count, slot_dim, *hyper[:2])
             self.checked = True
-        for p, (param, m, v, count, _, _, launch), mask_u8, slot_lr in zip(
+        for p, (_, m, v, count, _, _, launch), mask_u8, slot_lr in zip(
                 self.params, self.slots, masks_u8, slot_lrs):
             grad = p.grad
             if not grad.is_contiguous():
                 raise ValueError(f"IncreLoRAAdamW: a gradient of shape {tuple(grad.shape)} "
                                  f"is not contiguous (strides {grad.stride()}); the fused "
                                  "kernel reads it as a flat array")
-            launch_masked_adamw_(launch, param, grad, m, v, mask_u8, slot_lr, count, *hyper)
+            launch_masked_adamw_(launch, p, grad, m, v, mask_u8, slot_lr, count, *hyper)
 
 
 class IncreLoRAAdamW(torch.optim.Optimizer):

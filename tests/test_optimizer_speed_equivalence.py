@@ -321,3 +321,26 @@ def test_a_fused_step_between_rounds_costs_a_few_python_calls_per_tensor(monkeyp
     # was written); the first step pays the layout and the checks on top (873)
     assert kept <= 50 + 5 * 14, calls
     assert first > kept + 20 * 14, calls
+
+
+def test_fused_steps_follow_a_parameter_whose_data_was_replaced(monkeypatch):
+    """`Module.to` and ``p.data = ...`` give a parameter new storage in place: the kept launches
+    step the parameter's current data (the head's dense tensors and the adapters' alike)."""
+    _fused_available()
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: True)
+    model, config, layers = _model(torch.float32, DEVICE)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(6)
+    _scramble(model, layers, 0, gen)
+    opt.step()
+    with torch.no_grad():
+        for p in (model[4].weight, layers[0].lora_B):
+            p.data = p.data.clone()
+    before = {p: p.detach().clone() for p in (model[4].weight, layers[0].lora_B)}
+    _fresh_grads(model, layers, gen)
+    opt.step()
+    head = model[4].weight
+    assert not torch.equal(head.detach(), before[head])
+    ab, _ = layers[0].trainable_slot_masks()
+    b = layers[0].lora_B
+    assert not torch.equal(b.detach()[:, ab], before[b][:, ab])
