@@ -141,3 +141,38 @@ def test_replay_host_times_only_replayed_steps(tmp_path):
     (record,) = json.loads(out.read_text())
     assert record["repeats"] == 3 and record["median_us"] > 0
     assert record["device_ops_per_step"] == 7  # 3 inputs, 2 step fills, loss and tokens out
+
+
+def test_step_host_refuses_bad_input_and_never_replaces_a_record(tmp_path, capsys):
+    from increlora_fast.benchmarks.speed import step_host
+    existing = tmp_path / "s.json"
+    existing.write_text("mine")
+    assert step_host.main(["--json", str(existing)]) == 2
+    assert existing.read_text() == "mine"
+    assert "--json" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="preset 'nope' is unknown"):
+        step_host.measure("nope")
+    with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
+        step_host.measure(repeats=0)
+
+
+def test_step_host_times_eager_steps_on_the_paths_a_gpu_takes(tmp_path):
+    """Whole eager steps with the launches stubbed (a fresh process with the interpreter):
+    ours runs every adapted linear and the optimizer on their Triton kernels (4 launches per
+    linear's fwd+bwd, one optimizer launch per tensor), the peers none."""
+    from increlora_fast.benchmarks.speed import step_host
+    from increlora_fast.benchmarks.speed.model_presets import MODEL_PRESETS
+    out = tmp_path / "s.json"
+    assert step_host.main(["--json", str(out), "--model", "tiny-bert", "--repeats", "2"]) == 0
+    records = {r["method"]: r for r in json.loads(out.read_text())}
+    assert list(records) == list(step_host.METHODS)
+    n = MODEL_PRESETS["tiny-bert"].n_targets
+    ours = records["increlora-triton"]
+    # 3 adapter tensors per linear, the pooler's and the classifier's weight and bias
+    assert ours["launches_per_step"] == 4 * n + 3 * n + 4
+    assert records["floor"]["launches_per_step"] == records["peft-lora"]["launches_per_step"] == 0
+    assert all(r["median_us"] > 0 and r["aten_ops_per_step"] > 0 and r["repeats"] == 2
+               and r["python_calls_per_step"] > 0 for r in records.values())
+    assert records["peft-lora"]["x_peft_lora"] == 1.0
+    # the device ops ours issues besides its Triton launches: fewer than peft LoRA's
+    assert ours["aten_ops_per_step"] < records["peft-lora"]["aten_ops_per_step"]

@@ -82,6 +82,10 @@ MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
                 _bert(384, 6, 12, 1536, 30522), BERT_TARGETS, 36),
     ModelPreset("tiny-bert", "BertForSequenceClassification", "BertConfig",
                 _bert(32, 2, 2, 64, 128), BERT_TARGETS, 12),
+    # MiniLM-L6's structure (6 layers, 36 adapted linears) at toy width: its host work per step
+    # without its compute (`step_host`).
+    ModelPreset("minilm-l6-narrow", "BertForSequenceClassification", "BertConfig",
+                _bert(32, 6, 2, 64, 128), BERT_TARGETS, 36),
     # Llama-2-7B's layer shapes (4096 wide, FFN 11008, 32 heads, vocab 32000), 2 of its 32 layers.
     ModelPreset("llama-7b-2l", "LlamaForSequenceClassification", "LlamaConfig",
                 _llama(4096, 2, 32, 11008, 32000), LLAMA_TARGETS, 14, ("score",)),
