@@ -129,7 +129,7 @@ def _call_factory(plan: HostPlan, method: str) -> Callable[[], None]:
     return call
 
 
-def _python_calls(call: Callable[[], None]) -> int:
+def python_calls(call: Callable[[], None]) -> int:
     """Python function calls (profiler ``call`` events) made by one ``call()``."""
     count = 0
 
@@ -172,7 +172,7 @@ def measure_in_process(plan: HostPlan) -> List[dict]:
             reset_launch_counts()
             call()
             launches[method] = launch_counts()
-            py_calls[method] = _python_calls(call)
+            py_calls[method] = python_calls(call)
         for _ in range(plan.repeats):  # interleaved: drift hits every method alike
             for method, call in calls.items():
                 start = time.perf_counter()

@@ -38,7 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .host_overhead import STUBBED_NOTE, SUBPROCESS_ENV
+from .host_overhead import STUBBED_NOTE, SUBPROCESS_ENV, python_calls
 
 LEVEL = "step_host"
 METHODS = ("floor", "peft-lora", "increlora-triton")
@@ -73,21 +73,6 @@ def fused_optimizer_on_cpu() -> Iterator[None]:
         yield
     finally:
         optimizer._fused_kernel_applies = real
-
-
-def _python_calls(call) -> int:
-    count = 0
-
-    def profile(frame, event, arg) -> None:
-        nonlocal count
-        if event == "call":
-            count += 1
-    sys.setprofile(profile)
-    try:
-        call()
-    finally:
-        sys.setprofile(None)
-    return max(count - 1, 0)
 
 
 def measure(preset_name: str = "minilm-l6-narrow", batch_size: int = 2, seq_len: int = 8,
@@ -153,7 +138,7 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
             with _AtenOps() as ops:
                 run.step(i, batches[i % len(batches)])
             launches = sum(launch_counts().values())
-            calls = _python_calls(lambda: run.step(i + 1, batches[(i + 1) % len(batches)]))
+            calls = python_calls(lambda: run.step(i + 1, batches[(i + 1) % len(batches)]))
             per_step[method] = dict(launches_per_step=launches, aten_ops_per_step=ops.count,
                                     python_calls_per_step=calls)
     if runs["increlora-triton"][0].phase(steps["increlora-triton"]) != "final":
