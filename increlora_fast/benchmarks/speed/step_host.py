@@ -144,12 +144,12 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
     if runs["increlora-triton"][0].phase(steps["increlora-triton"]) != "final":
         raise RuntimeError("step host time: IncreLoRA's timed steps were not all after the "
                            "budget")
-    peft = statistics.median(times["peft-lora"])
     env["load_end"] = os.getloadavg()[0]
+    medians = {m: statistics.median(t) for m, t in times.items()}
     return [dict(env, level=LEVEL, status="ok", method=method, model=preset_name,
-                 batch=f"{plan.batch_size}x{plan.seq_len}", median_us=statistics.median(times[method]),
+                 batch=f"{plan.batch_size}x{plan.seq_len}", median_us=medians[method],
                  min_us=min(times[method]), repeats=repeats,
-                 x_peft_lora=statistics.median(times[method]) / peft, **per_step[method],
+                 x_peft_lora=medians[method] / medians["peft-lora"], **per_step[method],
                  threads=torch.get_num_threads(), note=STUBBED_NOTE)
             for method in METHODS]
 
