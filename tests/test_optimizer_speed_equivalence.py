@@ -161,12 +161,8 @@ def test_stacked_step_matches_per_tensor_reference_bitwise(dtype, seed):
 
 def test_fused_kernel_path_matches_stacked_path(monkeypatch):
     """Same slots, masks, learning rates and counts reach the kernel, one tensor at a time."""
-    pytest.importorskip("triton")
+    _fused_available()
     from increlora_fast.kernels import launch_counts, reset_launch_counts
-    from increlora_fast.kernels.adamw import _masked_adamw_kernel
-    from increlora_fast.kernels.utils import is_interpreted
-    if DEVICE == "cpu" and not is_interpreted(_masked_adamw_kernel):
-        pytest.skip("increlora_fast.kernels was imported before TRITON_INTERPRET=1 was set")
     runs = []
     for fused in (True, False):
         monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p, on=fused: on)

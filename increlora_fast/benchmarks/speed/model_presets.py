@@ -96,3 +96,17 @@ MODEL_PRESETS: Dict[str, ModelPreset] = {p.name: p for p in (
     ModelPreset("tiny-llama", "LlamaForSequenceClassification", "LlamaConfig",
                 _llama(64, 1, 2, 128, 128), LLAMA_TARGETS, 7, ("score",)),
 )}
+
+
+def checked_point(what: str, preset_name: str, minimums: Dict[str, Tuple[int, int]]
+                  ) -> ModelPreset:
+    """The preset ``preset_name`` of a host-time measurement (``what``), its sizes checked:
+    ``minimums`` maps each option to (its value, the least allowed). Raises ValueError naming
+    the first that is not."""
+    if preset_name not in MODEL_PRESETS:
+        raise ValueError(f"{what}: preset {preset_name!r} is unknown: use one of "
+                         f"{sorted(MODEL_PRESETS)}")
+    for name, (value, low) in minimums.items():
+        if value < low:
+            raise ValueError(f"{what}: {name}={value} must be >= {low}")
+    return MODEL_PRESETS[preset_name]

@@ -80,16 +80,11 @@ def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int =
     from ...training.increlora_method import IncreLoRARun
     from ...training.step_runner import StepRunner
     from .model_level import random_batches
-    from .model_presets import MODEL_PRESETS
+    from .model_presets import checked_point
 
-    if preset_name not in MODEL_PRESETS:
-        raise ValueError(f"replay host time: preset {preset_name!r} is unknown: use one of "
-                         f"{sorted(MODEL_PRESETS)}")
-    for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
-                             ("warmup", warmup, 4), ("repeats", repeats, 1)):
-        if value < low:
-            raise ValueError(f"replay host time: {name}={value} must be >= {low}")
-    preset = MODEL_PRESETS[preset_name]
+    preset = checked_point("replay host time", preset_name, {
+        "batch_size": (batch_size, 1), "seq_len": (seq_len, 1), "warmup": (warmup, 4),
+        "repeats": (repeats, 1)})
     torch.manual_seed(0)
     model = preset.build(torch.device("cpu")).train()
     total = warmup + repeats + 1

@@ -83,16 +83,12 @@ def measure(preset_name: str = "minilm-l6-narrow", batch_size: int = 2, seq_len:
     on (`host_overhead.SUBPROCESS_ENV`); ``warmup`` real steps after IncreLoRA's budget."""
     from ...kernels.utils import interpreter_active
     from ..records import environment
-    from .model_presets import MODEL_PRESETS
+    from .model_presets import checked_point
     from .plans import ModelPlan
 
-    if preset_name not in MODEL_PRESETS:
-        raise ValueError(f"step host time: preset {preset_name!r} is unknown: use one of "
-                         f"{sorted(MODEL_PRESETS)}")
-    for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1),
-                             ("warmup", warmup, 1), ("repeats", repeats, 1)):
-        if value < low:
-            raise ValueError(f"step host time: {name}={value} must be >= {low}")
+    checked_point("step host time", preset_name, {
+        "batch_size": (batch_size, 1), "seq_len": (seq_len, 1), "warmup": (warmup, 1),
+        "repeats": (repeats, 1)})
     if not interpreter_active() or os.environ.get("INCRELORA_BACKEND") != "triton":
         raise RuntimeError("step host time: run with TRITON_INTERPRET=1 and "
                            "INCRELORA_BACKEND=triton set before increlora_fast.kernels is "
