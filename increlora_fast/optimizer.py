@@ -16,7 +16,8 @@ A step works per parameter group and device: the masks, stamps, step counts and 
 its slots are handled at once as flat vectors. The masks and stamps are cached and rebuilt only
 when a layer's ``slot_version`` changes, and the schedule is computed on the device, so a step
 reads no tensor on the host (a step between allocation rounds can be captured in a CUDA graph).
-On CUDA each tensor then gets one fused Triton kernel, launched from a plan kept while the
+On CUDA the tensors are stepped by one fused Triton kernel, launched once over all of them per
+dtype combination (once per tensor while a CUDA graph is captured) from a plan kept while the
 layout holds (`_FusedPlan`: no per-tensor checks or layout work between rounds); elsewhere (and with
 ``INCRELORA_BACKEND=torch``) tensors of one shape, slot dimension and dtype are stacked and
 updated together (`masked_adamw_values`, the math of `masked_adamw_torch_`): a few stacked
@@ -84,7 +85,7 @@ def _layout_key(layer: IncreLoRALinear) -> Tuple[int, bool]:
 
 
 def _fused_kernel_applies(p: torch.Tensor) -> bool:
-    """Whether ``p`` is stepped by the fused Triton kernel, one launch per tensor."""
+    """Whether ``p`` is stepped by the fused Triton kernel (`_FusedPlan`)."""
     return p.is_cuda and select_backend(p) == "triton"
 
 
@@ -113,12 +114,18 @@ class _FusedPlan:
     per tensor what does not change between steps (parameter, moments, the slot mask viewed as
     uint8, step counts, launch constants), in the order of the flat per-slot vectors. A step
     reads only each parameter's gradient, which autograd allocates anew; the plan holds none.
-    The arguments are checked in full at the first launch, then only the gradients' layout."""
+    The arguments are checked in full at the first launch, then only the gradients' layout.
+
+    Between rounds an eager step launches once per dtype combination over all tensors
+    (`MultiTensorAdamW`). The plan's first step launches once per tensor, and so does a step
+    under CUDA graph capture: the graph then holds no table of the addresses of that moment
+    (launches cost nothing at replay), and the per-tensor kernel it launches was loaded by the
+    first step (CUDA cannot load a kernel while a stream captures)."""
 
     def __init__(self, key: tuple, order: List[torch.Tensor], slots: List[_Slots],
                  sizes: List[int], mask: torch.Tensor, mask_parts: List[torch.Tensor],
                  start: torch.Tensor) -> None:
-        from .kernels.adamw import adamw_launch
+        from .kernels.adamw import MultiTensorAdamW, adamw_launch
 
         self.key, self.sizes, self.mask, self.mask_parts, self.start = (key, sizes, mask,
                                                                         mask_parts, start)
@@ -128,21 +135,29 @@ class _FusedPlan:
                        s.slot_dim, adamw_launch(s.tensors[0], s.slot_dim)) for s in slots]
         self.counts = [s.count for s in slots]
         self.masks_u8 = [s.mask.view(torch.uint8) for s in slots]
+        self.multi = MultiTensorAdamW(order, [(m, v) for _, m, v, *_ in self.slots],
+                                      self.counts, [launch for *_, launch in self.slots])
         self.checked = False
 
-    def launch(self, masks_u8: List[torch.Tensor], slot_lrs: Tuple[torch.Tensor, ...],
-               hyper: tuple) -> None:
-        """One kernel per tensor, with this step's masks and per-slot learning rates."""
+    def launch(self, mask: torch.Tensor, lr: torch.Tensor, hyper: tuple,
+               masks_u8: Optional[List[torch.Tensor]] = None) -> None:
+        """This step's launches: ``mask`` and ``lr`` the flat per-slot mask and learning rates,
+        ``masks_u8`` the mask per tensor viewed as uint8 when it is not the kept one."""
+        from .kernels import utils
         from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
 
-        if not self.checked:
-            for p, (shape, m, v, count, mask, slot_dim, _), slot_lr in zip(
-                    self.params, self.slots, slot_lrs):
-                check_masked_adamw_args(p.view(shape), p.grad.reshape(shape), m, v, mask,
+        slot_lrs = lr.split(self.sizes)
+        if self.checked and not utils.stream_capturing(mask.device):
+            self.multi.step(mask.view(torch.uint8), lr, *hyper)
+            return
+        if not self.checked:  # once per tensor, which also loads the kernel a capture launches
+            for p, (shape, m, v, count, _, slot_dim, _), slot_mask, slot_lr in zip(
+                    self.params, self.slots, mask.split(self.sizes), slot_lrs):
+                check_masked_adamw_args(p.view(shape), p.grad.reshape(shape), m, v, slot_mask,
                                         slot_lr, count, slot_dim, *hyper[:2])
             self.checked = True
         for p, (_, m, v, count, _, _, launch), mask_u8, slot_lr in zip(
-                self.params, self.slots, masks_u8, slot_lrs):
+                self.params, self.slots, masks_u8 or self.masks_u8, slot_lrs):
             grad = p.grad
             if not grad.is_contiguous():
                 raise ValueError(f"IncreLoRAAdamW: a gradient of shape {tuple(grad.shape)} "
@@ -318,9 +333,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         hyper = (beta1, beta2, group["eps"], group["weight_decay"])
         if fused is not None:
-            masks = fused.masks_u8 if keep is None else \
-                [m.view(torch.uint8) for m in mask.split(sizes)]
-            fused.launch(masks, lr.split(sizes), hyper)
+            fused.launch(mask, lr, hyper, None if keep is None else
+                         [m.view(torch.uint8) for m in mask.split(sizes)])
             return
         per_slot = (mask, lr, torch.cat(counts))
         offset = 0

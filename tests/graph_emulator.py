@@ -6,8 +6,10 @@ capture, and none of the Python code around them. `EmulatedGraph` does the same 
 and Triton launches: while capturing, a dispatch mode records every aten op (function, arguments,
 outputs) and a patched `kernels.utils.launch` every kernel launch, in order; `replay` runs them
 again on the very tensors of the capture and writes each op's results into the tensors the
-capture produced (later ops read those). Python-side effects (a host counter, a flag) are not
-replayed, and scalars baked into an op stay baked: exactly the mistakes a graphed step can make.
+capture produced (later ops read those). While capturing, `kernels.utils.stream_capturing`
+says so, as torch.cuda.is_current_stream_capturing would. Python-side effects (a host counter, a
+flag) are not replayed, and scalars baked into an op stay baked: exactly the mistakes a graphed
+step can make.
 
 Unlike CUDA, capture executes the ops once (they are needed for their outputs); the replay that
 follows a capture (CUDA needs it to run the captured step) is therefore skipped once.
@@ -264,13 +266,16 @@ class EmulatedGraph:
                 real_launch(kernel, grid, *args, **kwargs)
             self.ops.append(("launch", kernel, grid, args, kwargs))
 
+        real_capturing = kutils.stream_capturing
         kutils.launch = launch
+        kutils.stream_capturing = lambda device: True
         _capture["active"] = True
         try:
             with recorder, _libraries_see_a_capture():
                 yield
         finally:
             kutils.launch = real_launch
+            kutils.stream_capturing = real_capturing
             _capture["active"] = False
         self.allocated = [t for op in self.ops if op[0] == "aten" and not op[1].is_view
                           for t in _allocated(op[2], op[3], op[4])]

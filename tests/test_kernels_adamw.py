@@ -106,3 +106,99 @@ def test_rejects_bad_arguments(change, match):
         beta1 = 1.0
     with pytest.raises((ValueError, TypeError), match=match):
         masked_adamw_triton_(p, g, m, v, mask, lr, count, slot_dim, beta1, 0.999, 1e-8, 0.0)
+
+
+# (shape, slot dim, param dtype, moment dtype): odd shapes, a tensor over several blocks of the
+# interpreter's 256 elements, a dense tensor as one slot, three dtype combinations
+MULTI_TENSORS = [((8, 19), 0, torch.float32, torch.float32),
+                 ((40, 16), 1, torch.float32, torch.float32),
+                 ((1, 333), 0, torch.float32, torch.float32),
+                 ((7, 101), 0, torch.bfloat16, torch.bfloat16),
+                 ((5,), 0, torch.bfloat16, torch.bfloat16),
+                 ((33, 3), 1, torch.float16, torch.float32)]
+
+
+def _multi_state(specs):
+    """Parameters with gradients, their moments, counts, masks and lrs, and a `MultiTensorAdamW`
+    over them."""
+    from increlora_fast.kernels.adamw import MultiTensorAdamW, adamw_launch
+    params, moments, masks, lrs, counts = [], [], [], [], []
+    for shape, slot_dim, dtype, moment_dtype in specs:
+        (p, g, m, v), mask, lr, count = make_state(shape, slot_dim, dtype, moment_dtype)
+        p.requires_grad_(True)
+        p.grad = g
+        params.append(p)
+        moments.append((m, v))
+        masks.append(mask)
+        lrs.append(lr + 0.05)  # steps above a bfloat16 ulp: every tensor changes
+        counts.append(count)
+    multi = MultiTensorAdamW(params, moments, counts,
+                             [adamw_launch(p, spec[1]) for p, spec in zip(params, specs)])
+    return multi, params, moments, masks, lrs, counts
+
+
+def _per_tensor_steps(specs, params, moments, masks, lrs, counts, hyper):
+    """The same step, one `masked_adamw_triton_` launch per tensor, on copies: (params,
+    moments) after it."""
+    out = []
+    for (_, slot_dim, _, _), p, (m, v), mask, lr, count in zip(specs, params, moments, masks,
+                                                               lrs, counts):
+        p, m, v = p.detach().clone(), m.clone(), v.clone()
+        grad = params[len(out)].grad
+        masked_adamw_triton_(p, grad, m, v, mask, lr, count, slot_dim, *hyper)
+        out.append((p, m, v))
+    return out
+
+
+def _assert_bitwise(params, moments, expected):
+    for p, (m, v), (p_ref, m_ref, v_ref) in zip(params, moments, expected):
+        for got, want in ((p.detach(), p_ref), (m, m_ref), (v, v_ref)):
+            assert got.dtype == want.dtype
+            assert torch.equal(got.view(-1).view(torch.uint8), want.view(-1).view(torch.uint8))
+
+
+def test_multi_tensor_step_equals_a_launch_per_tensor_bitwise():
+    """`MultiTensorAdamW`: one launch per dtype combination, the very operations of the
+    per-tensor kernel (the same float32 math on the same values), so the results are bitwise
+    those of one launch per tensor, masked-out slots untouched; with fresh random state."""
+    hyper = (0.9, 0.999, 1e-8, 0.01)
+    multi, params, moments, masks, lrs, counts = _multi_state(MULTI_TENSORS)
+    before = [p.detach().clone() for p in params]
+    expected = _per_tensor_steps(MULTI_TENSORS, params, moments, masks, lrs, counts, hyper)
+    reset_launch_counts()
+    multi.step(torch.cat(masks).view(torch.uint8), torch.cat(lrs), *hyper)
+    assert launch_counts() == {"_masked_adamw_multi_kernel": 3}
+    _assert_bitwise(params, moments, expected)
+    changed = [not torch.equal(p.detach(), old) for p, old in zip(params, before)]
+    assert all(changed)  # not vacuous: every tensor has a masked-in slot that moved
+
+
+def test_multi_tensor_step_follows_gradients_and_data_that_moved():
+    """The table of addresses is rebuilt when a gradient or a parameter's data lives in other
+    memory (a new gradient each step; ``p.data = ...`` with another dtype): the step reads the
+    current tensors, grouped by their current dtypes."""
+    hyper = (0.85, 0.99, 1e-6, 0.0)
+    specs = list(MULTI_TENSORS)
+    multi, params, moments, masks, lrs, counts = _multi_state(specs)
+    flat = (torch.cat(masks).view(torch.uint8), torch.cat(lrs))
+    multi.step(*flat, *hyper)
+    held = [p.grad for p in params]  # kept alive: the new gradients get other memory
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with torch.no_grad():
+        params[0].data = params[0].data.to(torch.bfloat16)  # now in the bf16 group
+    specs[0] = (specs[0][0], specs[0][1], torch.bfloat16, torch.float32)
+    expected = _per_tensor_steps(specs, params, moments, masks, lrs, counts, hyper)
+    reset_launch_counts()
+    multi.step(*flat, *hyper)
+    assert launch_counts() == {"_masked_adamw_multi_kernel": 4}
+    _assert_bitwise(params, moments, expected)
+    assert len(held) == len(params)
+
+
+def test_multi_tensor_step_refuses_a_noncontiguous_gradient():
+    multi, params, _, masks, lrs, _ = _multi_state(MULTI_TENSORS)
+    p = params[1]
+    p.grad = torch.randn(p.shape[1], p.shape[0], device=DEVICE).t()
+    with pytest.raises(ValueError, match="gradient of shape \\(40, 16\\) is not contiguous"):
+        multi.step(torch.cat(masks).view(torch.uint8), torch.cat(lrs), 0.9, 0.999, 1e-8, 0.0)

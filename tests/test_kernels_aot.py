@@ -8,11 +8,12 @@ the way the JIT makes it:
 
 - **Launches.** The host functions a training step calls (`linear.adapted_linear_forward` /
   `adapted_linear_backward` with the score, unfused, with ``fused_gemm`` and with a separate
-  dropout input; `adamw.masked_adamw_triton_` on A and on B) run on meta tensors at the
-  benchmark sizes (16,384 tokens, 768 -> 3072 with bias, 4096 -> 11008 without, Conv1D (in, out)
-  weight at 768 -> 3072, r_max 16 and 128) with ``launch`` replaced by a recorder, so no kernel
-  and no base GEMM runs. Meta tensors keep the offsets of views, so pointer alignment is what a
-  CUDA allocation (base 512-byte aligned) gives. ``multiprocessor_count`` returns the arch's SM
+  dropout input; `adamw.masked_adamw_triton_` on A and on B, `adamw.MultiTensorAdamW` over
+  both) run on meta tensors at the benchmark sizes (16,384 tokens, 768 -> 3072 with bias,
+  4096 -> 11008 without, Conv1D (in, out) weight at 768 -> 3072, r_max 16 and 128) with
+  ``launch`` replaced by a recorder, so no kernel and no base GEMM runs. Meta tensors keep the
+  offsets of views, so pointer alignment is what a CUDA allocation (base 512-byte aligned)
+  gives. ``multiprocessor_count`` returns the arch's SM
   count (H100 132, RTX 4090 128, A100 108, RTX A6000 84), so the backward's row split is what
   that GPU gets.
 - **Signatures.** Each launch is specialised by the kernel's own binder, as ``JITFunction.run``
@@ -75,7 +76,8 @@ TOKEN_STRIDES = {
     "_fused_linear_adapter_kernel": ("stride_xm", "stride_hm", "stride_ym"),
 }
 # The finish kernel reads per-program partials and slot buffers: no token dimension.
-KERNELS = set(TOKEN_STRIDES) | {"_finish_kernel", "_masked_adamw_kernel"}
+KERNELS = set(TOKEN_STRIDES) | {"_finish_kernel", "_masked_adamw_kernel",
+                                 "_masked_adamw_multi_kernel"}
 # Kernels known to compute a token offset in 32 bits, reported to the kernels' owner.
 KNOWN_NARROW: dict = {}
 
@@ -121,11 +123,21 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
                     linear.adapted_linear_backward(
                         dy, x, xa, w, in_out, *slots, h, meta(dtype=torch.float32),
                         None, True, xa is not None, True, True, True)
+                params = []
                 for p, slot_dim in ((a, 0), (b, 1)):
                     adamw.masked_adamw_triton_(
                         p, p, meta(*p.shape, dtype=ada), meta(*p.shape, dtype=ada),
                         meta(r, dtype=torch.bool), meta(r, dtype=torch.float32),
                         meta(r, dtype=torch.float32), slot_dim, 0.9, 0.999, 1e-8, 0.0)
+                    params.append(meta(*p.shape, dtype=ada).requires_grad_(True))
+                    params[-1].grad = meta(*p.shape, dtype=ada)
+                # the launch over many tensors (its table on the host here: meta tensors)
+                adamw.MultiTensorAdamW(
+                    params, [(meta(*p.shape, dtype=ada), meta(*p.shape, dtype=ada))
+                             for p in params], [meta(r, dtype=torch.float32)] * 2,
+                    [adamw.adamw_launch(a, 0), adamw.adamw_launch(b, 1)],
+                ).step(meta(2 * r, dtype=torch.uint8), meta(2 * r, dtype=torch.float32),
+                       0.9, 0.999, 1e-8, 0.0)
     return records
 
 
@@ -135,7 +147,8 @@ def _manual_specialisation(fn, args, kwargs):
     binder API used by `jit_specialisation`."""
     import torch
     ptr = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16",
-           torch.float64: "*fp64", torch.uint8: "*u8", torch.int8: "*i8"}
+           torch.float64: "*fp64", torch.uint8: "*u8", torch.int8: "*i8", torch.int32: "*i32",
+           torch.int64: "*i64"}
     signature, constexprs, attrs = {}, {}, {}
     values = dict(zip(fn.arg_names, args))
     values.update({k: v for k, v in kwargs.items() if k in fn.arg_names})

@@ -1,4 +1,5 @@
-"""Fused masked AdamW step for slot buffers: one kernel per tensor, per-slot lr and step count.
+"""Fused masked AdamW step for slot buffers, per-slot lr and step count: one kernel per tensor
+(`masked_adamw_triton_`), or one launch over many tensors (`MultiTensorAdamW`).
 
 Same math and arguments as `increlora_fast.optim_functional.masked_adamw_torch_`. Elements of a
 masked-out slot are neither loaded nor stored, so they stay bitwise unchanged, moments included.
@@ -9,7 +10,7 @@ off would show).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import triton
@@ -36,14 +37,11 @@ def _pow(beta, n):
 
 
 @triton.jit
-def _masked_adamw_kernel(
-    p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, lr_ptr, count_ptr,
-    n_elements, inner, n_slots,
-    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
-    BLOCK: tl.constexpr,
-):
-    """One AdamW step on BLOCK elements; element i belongs to slot (i // inner) % n_slots."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _step_elements(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, lr_ptr, count_ptr, offs, n_elements,
+                   inner, n_slots, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                   weight_decay):
+    """One AdamW step on the elements ``offs`` of one tensor; element i belongs to slot
+    (i // inner) % n_slots, whose mask, lr and step count are at ``slot`` of their pointers."""
     in_range = offs < n_elements
     slot = (offs // inner) % n_slots
     on = tl.load(mask_ptr + slot, mask=in_range, other=0) != 0
@@ -65,6 +63,46 @@ def _masked_adamw_kernel(
     tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=upd)
     tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=upd)
     tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=upd)
+
+
+@triton.jit
+def _masked_adamw_kernel(
+    p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, lr_ptr, count_ptr,
+    n_elements, inner, n_slots,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+    BLOCK: tl.constexpr,
+):
+    """One AdamW step on BLOCK elements of one tensor."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _step_elements(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, lr_ptr, count_ptr, offs, n_elements,
+                   inner, n_slots, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
+                   weight_decay)
+
+
+@triton.jit
+def _masked_adamw_multi_kernel(
+    table_ptr, owner_ptr, mask_ptr, lr_ptr, p_ref, g_ref, m_ref, v_ref,
+    beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
+    BLOCK: tl.constexpr,
+):
+    """One AdamW step on BLOCK elements of one of many tensors of one dtype combination.
+
+    Program i steps block i - first_block of tensor ``owner[i]``, whose row of the int64 table
+    holds (see `TABLE_COLUMNS`) the addresses of its param, grad, moments and step counts, its
+    element count, slot stride and slot count, and the offset of its slots in the flat mask and
+    lr vectors. ``*_ref``: tensors of each dtype, for their pointer types only."""
+    pid = tl.program_id(0)
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 10
+    p_ptr = tl.load(row + 0).to(p_ref.dtype)
+    g_ptr = tl.load(row + 1).to(g_ref.dtype)
+    m_ptr = tl.load(row + 2).to(m_ref.dtype)
+    v_ptr = tl.load(row + 3).to(v_ref.dtype)
+    count_ptr = tl.load(row + 4).to(tl.pointer_type(tl.float32))
+    slot_offset = tl.load(row + 8)
+    offs = (pid - tl.load(row + 9)).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    _step_elements(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr + slot_offset, lr_ptr + slot_offset,
+                   count_ptr, offs, tl.load(row + 5), tl.load(row + 6), tl.load(row + 7),
+                   beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
 
 
 class AdamWLaunch(NamedTuple):
@@ -151,3 +189,107 @@ def masked_adamw_triton_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     launch_masked_adamw_(adamw_launch(param, slot_dim), param, grad, exp_avg, exp_avg_sq,
                          slot_mask.contiguous().view(torch.uint8), slot_lr.contiguous(),
                          slot_count.contiguous(), beta1, beta2, eps, weight_decay)
+
+
+# The columns of a `MultiTensorAdamW` table row, one row per tensor (int64).
+TABLE_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "slot_count", "n_elements", "inner",
+                 "n_slots", "slot_offset", "first_block")
+
+
+class _Group(NamedTuple):
+    """The tensors of one dtype combination: their rows, and which of them each program steps."""
+
+    rows: List[int]          # indices into the tensors of the `MultiTensorAdamW`
+    owner: torch.Tensor      # (programs,) int32 on the device: the group-local row of each
+    first_blocks: List[int]  # per row: its first program
+    grid: Tuple[int]
+
+
+class MultiTensorAdamW:
+    """The masked AdamW kernel over many tensors of one device in one launch per dtype
+    combination of (param, grad, exp_avg, exp_avg_sq), instead of one launch per tensor.
+
+    Built once for a fixed set of tensors: each parameter with its moments, float32 slot step
+    counts and the launch constants `adamw_launch` computed for it (over its slot view). Slot i of
+    tensor k is entry ``offset_k + i`` of the flat mask and lr vectors a step passes, in the order
+    of the tensors. The kernel reads every address from a table on the device. Gradients are
+    read from the parameters at each step (autograd makes new ones; this object holds none), and
+    the table is rebuilt and copied to the device, from pinned memory without blocking, only
+    when an address changed since the last step: between steps of one shape the caching
+    allocator usually hands the gradients the same memory again. Not for a CUDA graph capture:
+    the copy would be captured with the addresses of that moment (`IncreLoRAAdamW` launches per
+    tensor while capturing). The caller checks the arguments (`check_masked_adamw_args`) once;
+    a step checks only that each gradient is contiguous."""
+
+    def __init__(self, params: Sequence[torch.Tensor],
+                 moments: Sequence[Tuple[torch.Tensor, torch.Tensor]],
+                 counts: Sequence[torch.Tensor], launches: Sequence[AdamWLaunch]) -> None:
+        self.params = list(params)
+        self.moments = list(moments)
+        self.counts = list(counts)
+        self.launches = list(launches)
+        self.offsets, offset = [], 0
+        for launch in self.launches:
+            self.offsets.append(offset)
+            offset += launch.n_slots
+        self.block = 256 if is_interpreted(_masked_adamw_multi_kernel) else 1024
+        self._addresses: List[int] = []
+        self._groups: Dict[tuple, _Group] = {}
+        self._tables: Dict[tuple, torch.Tensor] = {}
+
+    def step(self, mask_u8: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float,
+             eps: float, weight_decay: float) -> None:
+        """One step of every tensor: ``mask_u8`` (slots,) the flat slot mask viewed as uint8,
+        ``lr`` (slots,) float32 per-slot learning rates, both contiguous on the tensors'
+        device."""
+        grads = [p.grad for p in self.params]
+        for g in grads:
+            if not g.is_contiguous():
+                raise ValueError(f"{_OP}: a gradient of shape {tuple(g.shape)} is not "
+                                 f"contiguous (strides {g.stride()}); the fused kernel reads "
+                                 "it as a flat array")
+        addresses = [p.data_ptr() for p in self.params] + [g.data_ptr() for g in grads]
+        if addresses != self._addresses:
+            self._refresh(grads)
+            self._addresses = addresses
+        for key, group in self._groups.items():
+            first = group.rows[0]
+            m, v = self.moments[first]
+            utils.launch(_masked_adamw_multi_kernel, group.grid, self._tables[key], group.owner,
+                         mask_u8, lr, self.params[first], grads[first], m, v,
+                         beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
+                         BLOCK=self.block)
+
+    def _refresh(self, grads: List[torch.Tensor]) -> None:
+        """The groups (when a dtype changed: a parameter's data may have been replaced) and the
+        tables of this step's addresses, on the device."""
+        by_dtypes: Dict[tuple, List[int]] = {}
+        for k, (p, g, (m, v)) in enumerate(zip(self.params, grads, self.moments)):
+            by_dtypes.setdefault((p.dtype, g.dtype, m.dtype, v.dtype), []).append(k)
+        device = self.params[0].device
+        if {key: group.rows for key, group in self._groups.items()} != by_dtypes:
+            self._groups = {key: self._group(rows, device) for key, rows in by_dtypes.items()}
+        self._tables = {}
+        for key, group in self._groups.items():
+            table = torch.tensor(
+                [[self.params[k].data_ptr(), grads[k].data_ptr(), self.moments[k][0].data_ptr(),
+                  self.moments[k][1].data_ptr(), self.counts[k].data_ptr(),
+                  self.launches[k].n_elements, self.launches[k].inner, self.launches[k].n_slots,
+                  self.offsets[k], first] for k, first in zip(group.rows, group.first_blocks)],
+                dtype=torch.int64)
+            if device.type == "cuda":  # pinned: copied in order on the stream, host not blocked
+                table = table.pin_memory().to(device, non_blocking=True)
+            self._tables[key] = table
+
+    def _group(self, rows: List[int], device: torch.device) -> _Group:
+        """Which row each program of a launch over ``rows`` steps, on ``device``."""
+        blocks = [-(-self.launches[k].n_elements // self.block) for k in rows]
+        first_blocks, total = [], 0
+        for n in blocks:
+            first_blocks.append(total)
+            total += n
+        owner = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
+                                        torch.tensor(blocks))
+        if device.type == "cuda":
+            owner = owner.pin_memory().to(device, non_blocking=True)
+        return _Group(rows, owner, first_blocks, (total,))

@@ -175,6 +175,12 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
 
 
+def stream_capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph capture is under way on the current stream (never off CUDA): what
+    is launched now is recorded, with its arguments, for replays."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 @triton.jit
 def _probe_kernel():
     pass
