@@ -146,10 +146,10 @@ class _FusedPlan:
         from .kernels import utils
         from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
 
-        slot_lrs = lr.split(self.sizes)
         if self.checked and not utils.stream_capturing(mask.device):
             self.multi.step(mask.view(torch.uint8), lr, *hyper)
             return
+        slot_lrs = lr.split(self.sizes)
         if not self.checked:  # once per tensor, which also loads the kernel a capture launches
             for p, (shape, m, v, count, _, slot_dim, _), slot_mask, slot_lr in zip(
                     self.params, self.slots, mask.split(self.sizes), slot_lrs):

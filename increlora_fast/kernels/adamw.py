@@ -199,9 +199,9 @@ TABLE_COLUMNS = ("param", "grad", "exp_avg", "exp_avg_sq", "slot_count", "n_elem
 class _Group(NamedTuple):
     """The tensors of one dtype combination: their rows, and which of them each program steps."""
 
-    rows: List[int]          # indices into the tensors of the `MultiTensorAdamW`
-    owner: torch.Tensor      # (programs,) int32 on the device: the group-local row of each
-    first_blocks: List[int]  # per row: its first program
+    rows: List[int]      # indices into the tensors of the `MultiTensorAdamW`
+    owner: torch.Tensor  # (programs,) int32 on the device: the group-local row of each
+    host: torch.Tensor   # (rows, 10) int64: the table without the param and grad addresses
     grid: Tuple[int]
 
 
@@ -233,7 +233,8 @@ class MultiTensorAdamW:
             self.offsets.append(offset)
             offset += launch.n_slots
         self.block = 256 if is_interpreted(_masked_adamw_multi_kernel) else 1024
-        self._addresses: List[int] = []
+        self._params_at: List[int] = []
+        self._grads_at: List[int] = []
         self._groups: Dict[tuple, _Group] = {}
         self._tables: Dict[tuple, torch.Tensor] = {}
 
@@ -248,10 +249,13 @@ class MultiTensorAdamW:
                 raise ValueError(f"{_OP}: a gradient of shape {tuple(g.shape)} is not "
                                  f"contiguous (strides {g.stride()}); the fused kernel reads "
                                  "it as a flat array")
-        addresses = [p.data_ptr() for p in self.params] + [g.data_ptr() for g in grads]
-        if addresses != self._addresses:
-            self._refresh(grads)
-            self._addresses = addresses
+        params_at = [p.data_ptr() for p in self.params]
+        grads_at = [g.data_ptr() for g in grads]
+        if params_at != self._params_at:  # new data may come with another dtype
+            self._regroup(grads)
+        if params_at != self._params_at or grads_at != self._grads_at:
+            self._refresh(params_at, grads_at)
+            self._params_at, self._grads_at = params_at, grads_at
         for key, group in self._groups.items():
             first = group.rows[0]
             m, v = self.moments[first]
@@ -260,29 +264,29 @@ class MultiTensorAdamW:
                          beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
                          BLOCK=self.block)
 
-    def _refresh(self, grads: List[torch.Tensor]) -> None:
-        """The groups (when a dtype changed: a parameter's data may have been replaced) and the
-        tables of this step's addresses, on the device."""
+    def _regroup(self, grads: List[torch.Tensor]) -> None:
+        """The tensors grouped by their dtypes (a gradient has its parameter's dtype)."""
         by_dtypes: Dict[tuple, List[int]] = {}
         for k, (p, g, (m, v)) in enumerate(zip(self.params, grads, self.moments)):
             by_dtypes.setdefault((p.dtype, g.dtype, m.dtype, v.dtype), []).append(k)
-        device = self.params[0].device
         if {key: group.rows for key, group in self._groups.items()} != by_dtypes:
+            device = self.params[0].device
             self._groups = {key: self._group(rows, device) for key, rows in by_dtypes.items()}
+
+    def _refresh(self, params_at: List[int], grads_at: List[int]) -> None:
+        """The tables of this step's addresses, on the device."""
         self._tables = {}
         for key, group in self._groups.items():
-            table = torch.tensor(
-                [[self.params[k].data_ptr(), grads[k].data_ptr(), self.moments[k][0].data_ptr(),
-                  self.moments[k][1].data_ptr(), self.counts[k].data_ptr(),
-                  self.launches[k].n_elements, self.launches[k].inner, self.launches[k].n_slots,
-                  self.offsets[k], first] for k, first in zip(group.rows, group.first_blocks)],
-                dtype=torch.int64)
-            if device.type == "cuda":  # pinned: copied in order on the stream, host not blocked
-                table = table.pin_memory().to(device, non_blocking=True)
+            table = group.host.clone()  # not in place: an earlier copy may still be pending
+            table[:, 0] = torch.tensor([params_at[k] for k in group.rows])
+            table[:, 1] = torch.tensor([grads_at[k] for k in group.rows])
+            if table.device != group.owner.device:  # pinned: copied in order, host not blocked
+                table = table.pin_memory().to(group.owner.device, non_blocking=True)
             self._tables[key] = table
 
     def _group(self, rows: List[int], device: torch.device) -> _Group:
-        """Which row each program of a launch over ``rows`` steps, on ``device``."""
+        """Which row each program of a launch over ``rows`` steps (on ``device``), and the
+        table's columns that do not change between steps (on the host)."""
         blocks = [-(-self.launches[k].n_elements // self.block) for k in rows]
         first_blocks, total = [], 0
         for n in blocks:
@@ -292,4 +296,9 @@ class MultiTensorAdamW:
                                         torch.tensor(blocks))
         if device.type == "cuda":
             owner = owner.pin_memory().to(device, non_blocking=True)
-        return _Group(rows, owner, first_blocks, (total,))
+        host = torch.tensor(
+            [[0, 0, self.moments[k][0].data_ptr(), self.moments[k][1].data_ptr(),
+              self.counts[k].data_ptr(), self.launches[k].n_elements, self.launches[k].inner,
+              self.launches[k].n_slots, self.offsets[k], first]
+             for k, first in zip(rows, first_blocks)], dtype=torch.int64)
+        return _Group(rows, owner, host, (total,))
