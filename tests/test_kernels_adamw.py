@@ -202,3 +202,30 @@ def test_multi_tensor_step_refuses_a_noncontiguous_gradient():
     p.grad = torch.randn(p.shape[1], p.shape[0], device=DEVICE).t()
     with pytest.raises(ValueError, match="gradient of shape \\(40, 16\\) is not contiguous"):
         multi.step(torch.cat(masks).view(torch.uint8), torch.cat(lrs), 0.9, 0.999, 1e-8, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_device_check_of_the_optimizer_kernels_passes(dtype):
+    """`gpu-check`'s records of the optimizer's kernels (both launches, two steps, against
+    float64) pass here, with an error that was computed."""
+    from increlora_fast.kernels.checks import check_adamw
+    for multi in (True, False):
+        record = check_adamw(torch.device(DEVICE), dtype, multi)
+        assert record["ok"] and record["error"] == "", record
+        assert 0 < record["max_rel_err"] <= record["tol"]
+        assert record["op"] == ("masked_adamw_multi" if multi else "masked_adamw")
+
+
+def test_device_check_of_the_optimizer_kernels_sees_a_stale_table(monkeypatch):
+    """A table of addresses not rebuilt after the gradients moved steps the old gradients: the
+    check's second step reports it, as it would on a GPU where the kernel read wrong memory."""
+    from increlora_fast.kernels.adamw import MultiTensorAdamW
+    from increlora_fast.kernels.checks import check_adamw
+    real = MultiTensorAdamW._refresh
+
+    def first_only(self, params_at, grads_at):
+        if not self._tables:
+            real(self, params_at, grads_at)
+    monkeypatch.setattr(MultiTensorAdamW, "_refresh", first_only)
+    record = check_adamw(torch.device(DEVICE), torch.float32, True)
+    assert not record["ok"] and "relative error" in record["error"], record

@@ -1,7 +1,8 @@
-"""Correctness checks of the Triton adapted linear on a live device, against the float64 torch
-reference: the first-use check of one variant (`check_variant`, run by `functional` before a
-variant is trusted) and the whole suite (`run_kernel_checks`, run by ``increlora-fast
-gpu-check``). Needs nothing beyond torch and triton.
+"""Correctness checks of the Triton kernels on a live device, against float64 torch references:
+the first-use check of one adapted-linear variant (`check_variant`, run by `functional` before a
+variant is trusted), the optimizer's kernels (`check_adamw`) and the whole suite
+(`run_kernel_checks`, run by ``increlora-fast gpu-check``). Needs nothing beyond torch and
+triton.
 
 Tolerances are relative to the largest magnitude of the float64 reference: float64 1e-10,
 float32 1e-4 (TF32 may be on), float16 5e-3, bfloat16 3e-2 (operands rounded to 8 bits; the
@@ -16,7 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from .reference import adapted_linear_torch, lambda_dtype
+from .reference import adapted_linear_torch, lambda_dtype, masked_adamw_float64
 from . import launches
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -167,10 +168,97 @@ def check_variant(device: torch.device, dtype: torch.dtype, adapter_dtype: torch
     return bool(rec["ok"]), str(rec["error"])
 
 
+# (shape, slot dim) of the tensors `check_adamw` steps: odd shapes, a dense tensor as one slot,
+# slots that straddle the GPU kernel's blocks of 1,024 elements
+ADAMW_TENSORS = (((37, 24), 0), ((40, 19), 1), ((1, 333), 0), ((3, 1100), 0))
+ADAMW_HYPER = (0.9, 0.999, 1e-8, 0.01)
+
+
+def _adamw_state(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list:
+    """Per tensor of `ADAMW_TENSORS`: [param, exp_avg, exp_avg_sq, mask, lr, count, slot_dim]."""
+    state = []
+    for shape, slot_dim in ADAMW_TENSORS:
+        r = shape[slot_dim]
+        mask = torch.rand(r, generator=gen) > 0.3
+        mask[0], mask[-1] = True, r == 1
+        values = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1,
+                  torch.rand(shape, generator=gen) * 0.01, mask,
+                  0.01 + torch.rand(r, generator=gen) * 0.01,
+                  torch.randint(1, 60, (r,), generator=gen).float()]
+        state.append([t.to(device, dtype if i < 3 else None) for i, t in enumerate(values)]
+                     + [slot_dim])
+    return state
+
+
+def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool,
+                seed: int = 0) -> Dict[str, object]:
+    """The optimizer's masked AdamW kernel on ``dtype`` parameters and moments against float64:
+    over all tensors of `ADAMW_TENSORS` in one launch (``multi``: `adamw.MultiTensorAdamW`, an
+    eager step's) or one launch per tensor (`adamw.masked_adamw_triton_`, a captured step's);
+    two steps, the second with the gradients in new memory. Error relative to the largest
+    magnitude of each float64 result; masked-out slots must stay bitwise unchanged."""
+    from .adamw import MultiTensorAdamW, adamw_launch, masked_adamw_triton_
+
+    gen = torch.Generator().manual_seed(seed)
+    state = _adamw_state(device, dtype, gen)
+    total = sum(s[0].numel() for s in state)
+    # M: the elements stepped; in, out and r_max belong to the linear's records
+    record: Dict[str, object] = dict(op="masked_adamw" + ("_multi" if multi else ""),
+                                     dtype=str(dtype).replace("torch.", ""), M=total, r_max=None,
+                                     tol=TOL[dtype], ok=False, error="")
+    record["in"] = record["out"] = None
+    start = time.perf_counter()
+    try:
+        before = [[t.clone() for t in s[:3]] for s in state]
+        ref = [[t.to(torch.float64) for t in s[:3]] for s in state]
+        params = [s[0].requires_grad_(True) for s in state]
+        stepper = MultiTensorAdamW(params, [(s[1], s[2]) for s in state], [s[5] for s in state],
+                                   [adamw_launch(s[0], s[6]) for s in state])
+        held = []
+        with _uncounted(), torch.no_grad():
+            for _ in range(2):
+                held += [p.grad for p in params]  # kept: the new gradients get new memory
+                for k, (p, s) in enumerate(zip(params, state)):
+                    p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+                    s[5] += s[3].float()  # the step counts of the slots that train
+                    ref[k] = masked_adamw_float64(ref[k][0], p.grad, ref[k][1], ref[k][2],
+                                                  s[3], s[4], s[5], s[6], *ADAMW_HYPER)
+                if multi:
+                    stepper.step(torch.cat([s[3] for s in state]).view(torch.uint8),
+                                 torch.cat([s[4] for s in state]), *ADAMW_HYPER)
+                else:
+                    for p, s in zip(params, state):
+                        masked_adamw_triton_(p, p.grad, s[1], s[2], s[3], s[4], s[5], s[6],
+                                             *ADAMW_HYPER)
+        worst, where = 0.0, ""
+        for k, s in enumerate(state):
+            along = [1] * s[0].dim()
+            along[s[6]] = -1
+            off = ~s[3].view(along).expand_as(s[0])
+            for name, got, want, old in zip(("param", "exp_avg", "exp_avg_sq"), s[:3], ref[k],
+                                            before[k]):
+                if not torch.equal(got.detach()[off], old[off]):
+                    raise AssertionError(f"{name} {k} changed in a masked-out slot")
+                err = (got.detach().double() - want).abs().max().item() / \
+                    (want.abs().max().item() or 1.0)
+                if not err <= worst:
+                    worst, where = err, f"{name} {k}"
+        record["max_rel_err"] = worst
+        record["ok"] = worst <= TOL[dtype]
+        if not record["ok"]:
+            record["error"] = f"{where}: relative error {worst:.2e} > {TOL[dtype]:.0e}"
+    except Exception as exc:  # noqa: BLE001 - a check reports every failure
+        record["max_rel_err"] = float("nan")
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
 def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, object]]:
     """The kernel correctness suite: every variant family, fp32/bf16/fp16, odd shapes, r_max 16
-    and 128, M up to 32k unless ``quick``, and a tensor on a non-current device when there are
-    two GPUs. One record per problem (see `check_problem`)."""
+    and 128, M up to 32k unless ``quick``, the optimizer's kernels (`check_adamw`), and a tensor
+    on a non-current device when there are two GPUs. One record per problem (see
+    `check_problem`)."""
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     shapes = [(37, 24, 40)] if quick else \
         [(37, 24, 40), (1000, 769, 3071), (32768, 768, 3072), (4099, 4096, 1100)]
@@ -188,6 +276,7 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
         if dtype != torch.float32:
             records.append(check_problem(device, 130, 64, 96, 16, dtype, torch.float32, dtype,
                                          fused=True))
+        records += [check_adamw(device, dtype, multi) for multi in (True, False)]
     with _deterministic():
         records.append(dict(check_problem(device, 301, 40, 72, 16, torch.bfloat16,
                                           torch.float32, torch.bfloat16),

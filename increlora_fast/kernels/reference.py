@@ -4,6 +4,7 @@ against. Tensors in, tensors out; nothing here imports triton or the rest of the
 ``y = base(x) + ((x_a @ A.T) * lam_eff) @ B.T * 1`` where ``lam_eff`` (`effective_lambda`) is
 lambda on active slots, the fixed reserve value on reserve slots and 0 on inactive ones, times
 ``alpha / active_rank``. Inactive slots (lam_eff == 0) receive exactly zero gradient in A and B.
+Also the optimizer kernel's masked AdamW step in float64 (`masked_adamw_float64`).
 """
 from __future__ import annotations
 
@@ -233,3 +234,28 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
 
         y.register_hook(hook)
     return y.reshape(*lead, y.shape[-1])
+
+
+def masked_adamw_float64(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                         exp_avg_sq: torch.Tensor, slot_mask: torch.Tensor,
+                         slot_lr: torch.Tensor, slot_count: torch.Tensor, slot_dim: int,
+                         beta1: float, beta2: float, eps: float, weight_decay: float
+                         ) -> tuple:
+    """The masked AdamW step of the fused optimizer kernel in float64, out of place: (param,
+    exp_avg, exp_avg_sq) after one step of the slots where ``slot_mask`` is true (slot i along
+    ``slot_dim`` with learning rate ``slot_lr[i]`` and Adam step count ``slot_count[i]``,
+    this step included); masked-out slots keep their values."""
+    along = [1] * param.dim()
+    along[slot_dim] = -1
+
+    def per_slot(t: torch.Tensor) -> torch.Tensor:
+        return t.to(torch.float64).view(along)
+
+    p, g, m, v = (t.to(torch.float64) for t in (param, grad, exp_avg, exp_avg_sq))
+    on = slot_mask.view(along).expand_as(p)
+    lr, n = per_slot(slot_lr), per_slot(slot_count).clamp(min=1.0)
+    m_new = beta1 * m + (1 - beta1) * g
+    v_new = beta2 * v + (1 - beta2) * g * g
+    step = lr * (m_new / (1 - beta1 ** n)) / ((v_new / (1 - beta2 ** n)).sqrt() + eps)
+    p_new = p * (1 - lr * weight_decay) - step
+    return tuple(torch.where(on, new, old) for new, old in ((p_new, p), (m_new, m), (v_new, v)))
