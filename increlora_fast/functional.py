@@ -15,7 +15,9 @@ elsewhere). The environment variables are read when this module is imported and 
 beyond one cached lookup. The first time a Triton variant runs on a device it is checked once
 against the torch path on a small problem (`kernels.checks.check_variant`); on an exception or a
 mismatch one warning names the GPU and the versions, and that variant takes the torch path from
-then on. ``INCRELORA_KERNEL_CHECK=0`` turns the check off.
+then on. The optimizer's launch over many tensors (`kernels.adamw.MultiTensorAdamW`) is checked
+the same way once per device and parameter dtype (`multi_adamw_ok`); where it fails, the
+optimizer launches its kernel per tensor. ``INCRELORA_KERNEL_CHECK=0`` turns the checks off.
 """
 from __future__ import annotations
 
@@ -111,14 +113,35 @@ def _variant_ok(key: tuple) -> bool:
     return ok
 
 
-def _report(device: torch.device, key: tuple, detail: str) -> str:
+def _report(device: torch.device, key: tuple, detail: str,
+            fallback: str = "This variant now runs on the torch path (slower, correct)") -> str:
     import triton
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     return (f"increlora_fast: the Triton kernels failed their first-use check on {name} "
             f"(torch {torch.__version__}, triton {triton.__version__}, variant {key[1:]}): "
-            f"{detail}. This variant now runs on the torch path (slower, correct). Please report "
-            f"it with this message at the project's issue tracker; set {KERNEL_CHECK_ENV}=0 to "
-            f"skip the check.")
+            f"{detail}. {fallback}. Please report it with this message at the project's issue "
+            f"tracker; set {KERNEL_CHECK_ENV}=0 to skip the check.")
+
+
+def multi_adamw_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `IncreLoRAAdamW` may step ``dtype`` parameters on ``device`` with one launch
+    over many tensors (`kernels.adamw.MultiTensorAdamW`): checked once per device and dtype
+    against float64 (`kernels.checks.check_adamw`, two steps); on a failure one warning, and
+    the optimizer launches its kernel per tensor there. True without checking when
+    ``INCRELORA_KERNEL_CHECK=0``."""
+    key = (str(device), "masked_adamw_multi", dtype)
+    if key in _VARIANT_OK:
+        return _VARIANT_OK[key]
+    if not _SETTINGS[2]:
+        return True
+    from .kernels.checks import check_adamw
+    record = check_adamw(device, dtype, multi=True)
+    ok = _VARIANT_OK[key] = bool(record["ok"])
+    if not ok:
+        warnings.warn(_report(device, key, str(record["error"]),
+                              "The optimizer now launches its kernel once per tensor there"),
+                      RuntimeWarning, stacklevel=3)
+    return ok
 
 
 def reset_kernel_checks() -> None:

@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar, refresh_in_place
-from .functional import select_backend
+from .functional import multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
 from .optim_functional import along_slot_dim, masked_adamw_values
@@ -138,6 +138,14 @@ class _FusedPlan:
         self.multi = MultiTensorAdamW(order, [(m, v) for _, m, v, *_ in self.slots],
                                       self.counts, [launch for *_, launch in self.slots])
         self.checked = False
+        self.multi_ok: Optional[bool] = None
+
+    def _multi_ok(self) -> bool:
+        """Whether the launch over many tensors passed its first-use check for every dtype of
+        the parameters (`functional.multi_adamw_ok`), asked once per plan."""
+        if self.multi_ok is None:
+            self.multi_ok = all(multi_adamw_ok(p.device, p.dtype) for p in self.params)
+        return self.multi_ok
 
     def launch(self, mask: torch.Tensor, lr: torch.Tensor, hyper: tuple,
                masks_u8: Optional[List[torch.Tensor]] = None) -> None:
@@ -146,7 +154,7 @@ class _FusedPlan:
         from .kernels import utils
         from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
 
-        if self.checked and not utils.stream_capturing(mask.device):
+        if self.checked and not utils.stream_capturing(mask.device) and self._multi_ok():
             self.multi.step(mask.view(torch.uint8), lr, *hyper)
             return
         slot_lrs = lr.split(self.sizes)

@@ -22,6 +22,7 @@ if DEVICE == "cpu":
 import increlora_fast.optimizer as optimizer_module  # noqa: E402
 from increlora_fast import IncreLoRAConfig, create_optimizer, increlora_layers  # noqa: E402
 from increlora_fast import inject_increlora  # noqa: E402
+from increlora_fast.functional import multi_adamw_ok, reset_kernel_checks  # noqa: E402
 from increlora_fast.layer import SlotState  # noqa: E402
 from increlora_fast.optim_functional import along_slot_dim, masked_adamw_torch_  # noqa: E402
 from increlora_fast.optimizer import ADAPTER_SLOT_DIM, schedule_multiplier  # noqa: E402
@@ -306,6 +307,8 @@ def test_a_fused_step_between_rounds_costs_a_few_python_calls_per_tensor(monkeyp
     model, config, layers = _model(torch.float32, DEVICE)
     opt = create_optimizer(model, config, **HYPER)
     gen = torch.Generator().manual_seed(4)
+    # the first-use check of the launch over many tensors, once per process, not counted here
+    assert multi_adamw_ok(torch.device(DEVICE), torch.float32)
     calls = []
     with stubbed_launches():
         for step in range(5):
@@ -330,12 +333,13 @@ def test_a_fused_step_between_rounds_costs_a_few_python_calls_per_tensor(monkeyp
     first, kept, moved_step = calls[0], calls[2], calls[4]
     assert calls[3] == kept
     # 14 tensors in two groups: a kept step makes a few calls per tensor (its layout key) and a
-    # fixed number for the schedule and the two launches (92 when this was written); the first
-    # step pays the layout, the checks and 14 launches on top (889); the second step and one
-    # whose gradients moved build the tables of addresses (109, 98)
+    # fixed number for the schedule and the two launches (90 when this was written); the first
+    # step pays the layout, the checks and 14 launches on top (889); the second step looks up
+    # each tensor's dtype's first-use check and builds the groups and tables of addresses
+    # (141); a step whose gradients moved builds the tables again (96)
     assert kept <= 50 + 4 * 14, calls
     assert first > kept + 20 * 14, calls
-    assert kept < calls[1] <= kept + 20 and kept < moved_step <= kept + 20, calls
+    assert kept < calls[1] <= kept + 4 * 14 and kept < moved_step <= kept + 20, calls
 
 
 def test_fused_steps_follow_a_parameter_whose_data_was_replaced(monkeypatch):
@@ -353,3 +357,44 @@ def test_fused_steps_follow_a_parameter_whose_data_was_replaced(monkeypatch):
     ab, _ = layers[0].trainable_slot_masks()
     b = layers[0].lora_B
     assert not torch.equal(b.detach()[:, ab], before[b][:, ab])
+
+
+def test_a_launch_over_many_tensors_that_fails_its_first_use_check_is_not_used(monkeypatch):
+    """Where the launch over many tensors fails its first-use check (a GPU whose compiler
+    mistreats the table of addresses): one warning naming the versions, then the optimizer
+    launches per tensor, and steps as the stacked path does."""
+    import warnings
+    from increlora_fast.kernels import checks, launch_counts, reset_launch_counts
+    _fused_available()
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    reset_kernel_checks()
+    real = checks.check_adamw
+    monkeypatch.setattr(checks, "check_adamw", lambda *a, **k: dict(
+        real(*a, **k), ok=False, error="exp_avg 2: relative error 4.1e-01 > 1e-04"))
+    try:
+        runs = []
+        for fused in (True, False):
+            monkeypatch.setattr(optimizer_module, "_fused_kernel_applies",
+                                lambda p, on=fused: on)
+            model, config, layers = _model(torch.float32, DEVICE)
+            opt = create_optimizer(model, config, **HYPER)
+            gen = torch.Generator().manual_seed(8)
+            reset_launch_counts()
+            for step in range(4):
+                (_scramble if step == 0 else _fresh_grads)(
+                    *((model, layers, step, gen) if step == 0 else (model, layers, gen)))
+                if fused and step == 1:
+                    with pytest.warns(RuntimeWarning, match="first-use check.*triton .*"
+                                      "relative error 4.1e-01.*once per tensor"):
+                        opt.step()
+                    continue
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")
+                    opt.step()
+            assert launch_counts() == ({"_masked_adamw_kernel": 14 * 4} if fused else {})
+            runs.append(model)
+        for (name, got), want in zip(runs[0].named_parameters(), runs[1].parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True,
+                                       msg=name)
+    finally:
+        reset_kernel_checks()
