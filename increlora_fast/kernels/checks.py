@@ -11,9 +11,10 @@ interpreter truncates where GPUs round).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -137,15 +138,26 @@ def check_problem(device: torch.device, m: int, k: int, n: int, r_max: int, dtyp
                                      dtype=str(dtype).replace("torch.", ""), M=m, K=k, N=n,
                                      r_max=r_max, tol=TOL[dtype], ok=False, error="")
     record["in"], record["out"] = record.pop("K"), record.pop("N")
-    start = time.perf_counter()
-    try:
+
+    def compare() -> Tuple[float, str]:
         with _uncounted(), torch.inference_mode(False), torch.enable_grad(), \
                 torch.autocast(device.type, enabled=False), warnings.catch_warnings():
             # The interpreter evaluates both sides of tl.where in numpy: NaN * 0 in dead slots.
             warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
             got = _run(p, True, fused, mask)
             ref = _run(p, False, False, mask)
-        err, where = _compare(got, ref, dtype, max(1, (3 * r_max) // 4 - 1))
+        return _compare(got, ref, dtype, max(1, (3 * r_max) // 4 - 1))
+    return _measured(record, dtype, compare)
+
+
+def _measured(record: Dict[str, object], dtype: torch.dtype,
+              compare: Callable[[], Tuple[float, str]]) -> Dict[str, object]:
+    """``record`` completed by ``compare`` (runs a check: its worst relative error and where):
+    ``max_rel_err``, ``ok`` against `TOL`, ``error`` and ``seconds``; an exception fails the
+    check with its message."""
+    start = time.perf_counter()
+    try:
+        err, where = compare()
         record["max_rel_err"] = err
         record["ok"] = err <= TOL[dtype]
         if not record["ok"]:
@@ -197,61 +209,57 @@ def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool,
     eager step's) or one launch per tensor (`adamw.masked_adamw_triton_`, a captured step's);
     two steps, the second with the gradients in new memory. Error relative to the largest
     magnitude of each float64 result; masked-out slots must stay bitwise unchanged."""
+    # M: the elements stepped; in, out and r_max belong to the linear's records
+    record: Dict[str, object] = dict(
+        op="masked_adamw" + ("_multi" if multi else ""), dtype=str(dtype).replace("torch.", ""),
+        M=sum(math.prod(shape) for shape, _ in ADAMW_TENSORS), r_max=None, tol=TOL[dtype],
+        ok=False, error="")
+    record["in"] = record["out"] = None
+    return _measured(record, dtype, lambda: _adamw_error(device, dtype, multi, seed))
+
+
+def _adamw_error(device: torch.device, dtype: torch.dtype, multi: bool,
+                 seed: int) -> Tuple[float, str]:
+    """`check_adamw`'s two steps: the worst relative error and where."""
     from .adamw import MultiTensorAdamW, adamw_launch, masked_adamw_triton_
 
     gen = torch.Generator().manual_seed(seed)
     state = _adamw_state(device, dtype, gen)
-    total = sum(s[0].numel() for s in state)
-    # M: the elements stepped; in, out and r_max belong to the linear's records
-    record: Dict[str, object] = dict(op="masked_adamw" + ("_multi" if multi else ""),
-                                     dtype=str(dtype).replace("torch.", ""), M=total, r_max=None,
-                                     tol=TOL[dtype], ok=False, error="")
-    record["in"] = record["out"] = None
-    start = time.perf_counter()
-    try:
-        before = [[t.clone() for t in s[:3]] for s in state]
-        ref = [[t.to(torch.float64) for t in s[:3]] for s in state]
-        params = [s[0].requires_grad_(True) for s in state]
-        stepper = MultiTensorAdamW(params, [(s[1], s[2]) for s in state], [s[5] for s in state],
-                                   [adamw_launch(s[0], s[6]) for s in state])
-        held = []
-        with _uncounted(), torch.no_grad():
-            for _ in range(2):
-                held += [p.grad for p in params]  # kept: the new gradients get new memory
-                for k, (p, s) in enumerate(zip(params, state)):
-                    p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
-                    s[5] += s[3].float()  # the step counts of the slots that train
-                    ref[k] = masked_adamw_float64(ref[k][0], p.grad, ref[k][1], ref[k][2],
-                                                  s[3], s[4], s[5], s[6], *ADAMW_HYPER)
-                if multi:
-                    stepper.step(torch.cat([s[3] for s in state]).view(torch.uint8),
-                                 torch.cat([s[4] for s in state]), *ADAMW_HYPER)
-                else:
-                    for p, s in zip(params, state):
-                        masked_adamw_triton_(p, p.grad, s[1], s[2], s[3], s[4], s[5], s[6],
-                                             *ADAMW_HYPER)
-        worst, where = 0.0, ""
-        for k, s in enumerate(state):
-            along = [1] * s[0].dim()
-            along[s[6]] = -1
-            off = ~s[3].view(along).expand_as(s[0])
-            for name, got, want, old in zip(("param", "exp_avg", "exp_avg_sq"), s[:3], ref[k],
-                                            before[k]):
-                if not torch.equal(got.detach()[off], old[off]):
-                    raise AssertionError(f"{name} {k} changed in a masked-out slot")
-                err = (got.detach().double() - want).abs().max().item() / \
-                    (want.abs().max().item() or 1.0)
-                if not err <= worst:
-                    worst, where = err, f"{name} {k}"
-        record["max_rel_err"] = worst
-        record["ok"] = worst <= TOL[dtype]
-        if not record["ok"]:
-            record["error"] = f"{where}: relative error {worst:.2e} > {TOL[dtype]:.0e}"
-    except Exception as exc:  # noqa: BLE001 - a check reports every failure
-        record["max_rel_err"] = float("nan")
-        record["error"] = f"{type(exc).__name__}: {exc}"
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    return record
+    before = [[t.clone() for t in s[:3]] for s in state]
+    ref = [[t.to(torch.float64) for t in s[:3]] for s in state]
+    params = [s[0].requires_grad_(True) for s in state]
+    stepper = MultiTensorAdamW(params, [(s[1], s[2]) for s in state], [s[5] for s in state],
+                               [adamw_launch(s[0], s[6]) for s in state])
+    held = []
+    with _uncounted(), torch.no_grad():
+        for _ in range(2):
+            held += [p.grad for p in params]  # kept: the new gradients get new memory
+            for k, (p, s) in enumerate(zip(params, state)):
+                p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+                s[5] += s[3].float()  # the step counts of the slots that train
+                ref[k] = masked_adamw_float64(ref[k][0], p.grad, ref[k][1], ref[k][2], s[3],
+                                              s[4], s[5], s[6], *ADAMW_HYPER)
+            if multi:
+                stepper.step(torch.cat([s[3] for s in state]).view(torch.uint8),
+                             torch.cat([s[4] for s in state]), *ADAMW_HYPER)
+            else:
+                for p, s in zip(params, state):
+                    masked_adamw_triton_(p, p.grad, s[1], s[2], s[3], s[4], s[5], s[6],
+                                         *ADAMW_HYPER)
+    worst, where = 0.0, ""
+    for k, s in enumerate(state):
+        along = [1] * s[0].dim()
+        along[s[6]] = -1
+        off = ~s[3].view(along).expand_as(s[0])
+        for name, got, want, old in zip(("param", "exp_avg", "exp_avg_sq"), s[:3], ref[k],
+                                        before[k]):
+            if not torch.equal(got.detach()[off], old[off]):
+                raise AssertionError(f"{name} {k} changed in a masked-out slot")
+            err = (got.detach().double() - want).abs().max().item() / \
+                (want.abs().max().item() or 1.0)
+            if not err <= worst:
+                worst, where = err, f"{name} {k}"
+    return worst, where
 
 
 def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, object]]:
