@@ -83,7 +83,7 @@ def _masked_adamw_kernel(
 def _masked_adamw_multi_kernel(
     table_ptr, owner_ptr, mask_ptr, lr_ptr, p_ref, g_ref, m_ref, v_ref,
     beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
-    BLOCK: tl.constexpr,
+    ROW: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One AdamW step on BLOCK elements of one of many tensors of one dtype combination.
 
@@ -92,7 +92,7 @@ def _masked_adamw_multi_kernel(
     element count, slot stride and slot count, and the offset of its slots in the flat mask and
     lr vectors. ``*_ref``: tensors of each dtype, for their pointer types only."""
     pid = tl.program_id(0)
-    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * 10
+    row = table_ptr + tl.load(owner_ptr + pid).to(tl.int64) * ROW
     p_ptr = tl.load(row + 0).to(p_ref.dtype)
     g_ptr = tl.load(row + 1).to(g_ref.dtype)
     m_ptr = tl.load(row + 2).to(m_ref.dtype)
@@ -262,7 +262,7 @@ class MultiTensorAdamW:
             utils.launch(_masked_adamw_multi_kernel, group.grid, self._tables[key], group.owner,
                          mask_u8, lr, self.params[first], grads[first], m, v,
                          beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
-                         BLOCK=self.block)
+                         ROW=len(TABLE_COLUMNS), BLOCK=self.block)
 
     def _regroup(self, grads: List[torch.Tensor]) -> None:
         """The tensors grouped by their dtypes (a gradient has its parameter's dtype)."""
