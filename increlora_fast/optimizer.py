@@ -144,7 +144,8 @@ class _FusedPlan:
         """Whether the launch over many tensors passed its first-use check for every dtype of
         the parameters (`functional.multi_adamw_ok`), asked once per plan."""
         if self.multi_ok is None:
-            self.multi_ok = all(multi_adamw_ok(p.device, p.dtype) for p in self.params)
+            self.multi_ok = all(multi_adamw_ok(device, dtype) for device, dtype in
+                                {(p.device, p.dtype) for p in self.params})
         return self.multi_ok
 
     def launch(self, mask: torch.Tensor, lr: torch.Tensor, hyper: tuple,
