@@ -123,19 +123,27 @@ def _report(device: torch.device, key: tuple, detail: str,
             f"tracker; set {KERNEL_CHECK_ENV}=0 to skip the check.")
 
 
-def multi_adamw_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `IncreLoRAAdamW` may step ``dtype`` parameters on ``device`` with one launch
-    over many tensors (`kernels.adamw.MultiTensorAdamW`): checked once per device and dtype
-    against float64 (`kernels.checks.check_adamw`, two steps); on a failure one warning, and
-    the optimizer launches its kernel per tensor there. True without checking when
-    ``INCRELORA_KERNEL_CHECK=0``."""
-    key = (str(device), "masked_adamw_multi", dtype)
+def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
+                   moment_dtype: Optional[torch.dtype] = None) -> bool:
+    """Whether `IncreLoRAAdamW` may step ``dtype`` parameters with ``moment_dtype`` moments
+    (default: ``dtype``) on ``device`` in one launch over many tensors
+    (`kernels.adamw.MultiTensorAdamW`): checked once per device and dtypes against float64
+    (`kernels.checks.check_adamw`, two steps); on a wrong result one warning, and the optimizer
+    launches its kernel per tensor there. A launch that faults is not caught: CUDA errors are
+    sticky, as for any kernel. True without checking when ``INCRELORA_KERNEL_CHECK=0``; False,
+    unchecked and not remembered, while compiling or capturing a CUDA graph (the check
+    allocates, reads results and warns)."""
+    moment_dtype = moment_dtype or dtype
+    key = (str(device), "masked_adamw_multi", dtype, moment_dtype)
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
     if not _SETTINGS[2]:
         return True
+    if torch.compiler.is_compiling() or \
+            (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return False
     from .kernels.checks import check_adamw
-    record = check_adamw(device, dtype, multi=True)
+    record = check_adamw(device, dtype, multi=True, moment_dtype=moment_dtype)
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:
         warnings.warn(_report(device, key, str(record["error"]),

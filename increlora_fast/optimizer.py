@@ -135,18 +135,13 @@ class _FusedPlan:
                        s.slot_dim, adamw_launch(s.tensors[0], s.slot_dim)) for s in slots]
         self.counts = [s.count for s in slots]
         self.masks_u8 = [s.mask.view(torch.uint8) for s in slots]
-        self.multi = MultiTensorAdamW(order, [(m, v) for _, m, v, *_ in self.slots],
-                                      self.counts, [launch for *_, launch in self.slots])
+        device = order[0].device
+        self.multi = MultiTensorAdamW(
+            order, [(m, v) for _, m, v, *_ in self.slots], self.counts,
+            [launch for *_, launch in self.slots],
+            # (param, grad, exp_avg, exp_avg_sq) dtypes: moments of one dtype, checked once
+            lambda dt: dt[2] == dt[3] and multi_adamw_ok(device, dt[0], dt[2]))
         self.checked = False
-        self.multi_ok: Optional[bool] = None
-
-    def _multi_ok(self) -> bool:
-        """Whether the launch over many tensors passed its first-use check for every dtype of
-        the parameters (`functional.multi_adamw_ok`), asked once per plan."""
-        if self.multi_ok is None:
-            self.multi_ok = all(multi_adamw_ok(device, dtype) for device, dtype in
-                                {(p.device, p.dtype) for p in self.params})
-        return self.multi_ok
 
     def launch(self, mask: torch.Tensor, lr: torch.Tensor, hyper: tuple,
                masks_u8: Optional[List[torch.Tensor]] = None) -> None:
@@ -155,8 +150,8 @@ class _FusedPlan:
         from .kernels import utils
         from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
 
-        if self.checked and not utils.stream_capturing(mask.device) and self._multi_ok():
-            self.multi.step(mask.view(torch.uint8), lr, *hyper)
+        if self.checked and not utils.stream_capturing(mask.device) and \
+                self.multi.step(mask.view(torch.uint8), lr, *hyper):
             return
         slot_lrs = lr.split(self.sizes)
         if not self.checked:  # once per tensor, which also loads the kernel a capture launches

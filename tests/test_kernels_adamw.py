@@ -196,6 +196,57 @@ def test_multi_tensor_step_follows_gradients_and_data_that_moved():
     assert len(held) == len(params)
 
 
+def test_multi_tensor_step_follows_a_new_dtype_at_the_same_address_and_moved_moments():
+    """What the table points to besides the gradients is compared with the last step too: a
+    parameter's data replaced by another dtype at the same address (a caching allocator can
+    hand the freed block back) is grouped anew, and moments and counts given new data are
+    stepped where they now are."""
+    hyper = (0.9, 0.999, 1e-8, 0.0)
+    specs = list(MULTI_TENSORS)
+    multi, params, moments, masks, lrs, counts = _multi_state(specs)
+    flat = (torch.cat(masks).view(torch.uint8), torch.cat(lrs))
+    multi.step(*flat, *hyper)
+    with torch.no_grad():
+        p = params[1]  # float32 -> bfloat16 in the same memory, the gradient in place too
+        same = p.data.view(-1).view(torch.bfloat16)[:p.numel()].view(p.shape)
+        same.copy_(p.detach().to(torch.bfloat16))
+        grad = p.grad.view(-1).view(torch.bfloat16)[:p.numel()].view(p.shape)
+        grad.copy_(torch.randn(p.shape, device=DEVICE))
+        p.data, p.grad = same, grad
+    specs[1] = (specs[1][0], specs[1][1], torch.bfloat16, torch.float32)
+    expected = _per_tensor_steps(specs, params, moments, masks, lrs, counts, hyper)
+    reset_launch_counts()
+    assert multi.step(*flat, *hyper)
+    assert launch_counts() == {"_masked_adamw_multi_kernel": 4}  # (bf16, bf16, fp32, fp32) too
+    _assert_bitwise(params, moments, expected)
+    with torch.no_grad():  # moments and counts of one tensor given new memory, in place
+        for t in (*moments[2], counts[3]):
+            t.data = t.data.clone()
+    expected = _per_tensor_steps(specs, params, moments, masks, lrs, counts, hyper)
+    assert multi.step(*flat, *hyper)
+    _assert_bitwise(params, moments, expected)
+
+
+def test_multi_tensor_step_launches_nothing_for_dtypes_it_may_not_launch():
+    """``accepts`` (the optimizer's first-use check) refusing a dtype combination: no launch,
+    False, and nothing changed; the caller then launches per tensor."""
+    from increlora_fast.kernels.adamw import MultiTensorAdamW
+    _, params, moments, masks, lrs, counts = _multi_state(MULTI_TENSORS)
+    from increlora_fast.kernels.adamw import adamw_launch
+    asked = []
+    multi = MultiTensorAdamW(params, moments, counts,
+                             [adamw_launch(p, spec[1]) for p, spec in zip(params, MULTI_TENSORS)],
+                             lambda dtypes: asked.append(dtypes) or dtypes[0] != torch.float16)
+    before = [p.detach().clone() for p in params]
+    reset_launch_counts()
+    for _ in range(2):
+        assert not multi.step(torch.cat(masks).view(torch.uint8), torch.cat(lrs),
+                              0.9, 0.999, 1e-8, 0.0)
+    assert launch_counts() == {}
+    assert all(torch.equal(p.detach(), old) for p, old in zip(params, before))
+    assert len(asked) == 3  # each combination once, at the first step
+
+
 def test_multi_tensor_step_refuses_a_noncontiguous_gradient():
     multi, params, _, masks, lrs, _ = _multi_state(MULTI_TENSORS)
     p = params[1]

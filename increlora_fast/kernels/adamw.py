@@ -10,7 +10,7 @@ off would show).
 """
 from __future__ import annotations
 
-from typing import Dict, List, NamedTuple, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Sequence, Tuple
 
 import torch
 import triton
@@ -213,49 +213,68 @@ class MultiTensorAdamW:
     counts and the launch constants `adamw_launch` computed for it (over its slot view). Slot i of
     tensor k is entry ``offset_k + i`` of the flat mask and lr vectors a step passes, in the order
     of the tensors. The kernel reads every address from a table on the device. Gradients are
-    read from the parameters at each step (autograd makes new ones; this object holds none), and
-    the table is rebuilt and copied to the device, from pinned memory without blocking, only
-    when an address changed since the last step: between steps of one shape the caching
-    allocator usually hands the gradients the same memory again. Not for a CUDA graph capture:
-    the copy would be captured with the addresses of that moment (`IncreLoRAAdamW` launches per
-    tensor while capturing). The caller checks the arguments (`check_masked_adamw_args`) once;
-    a step checks only that each gradient is contiguous."""
+    read from the parameters at each step (autograd makes new ones; this object holds none).
+    Each step compares the addresses and dtypes of every tensor with the last step's: the
+    table is rebuilt and copied to the device, from pinned memory without blocking, only when
+    one changed (between steps of one shape a CUDA caching allocator usually hands the
+    gradients the same memory again), and the tensors are grouped again when a parameter,
+    moment or count has new data (``.data`` replaced, maybe with another dtype). Not for a CUDA
+    graph capture: the copy would be captured with the addresses of that moment
+    (`IncreLoRAAdamW` launches per tensor while capturing). The caller checks the arguments
+    (`check_masked_adamw_args`) once; a step checks only that each gradient is contiguous.
+
+    ``accepts(dtypes)``: whether a dtype combination may be launched this way (the caller's
+    first-use check); where one may not, `step` launches nothing and returns False, as it does
+    for CUDA tensors under the Triton interpreter, which copies tensor arguments to the host
+    but not the memory the table points to."""
 
     def __init__(self, params: Sequence[torch.Tensor],
                  moments: Sequence[Tuple[torch.Tensor, torch.Tensor]],
-                 counts: Sequence[torch.Tensor], launches: Sequence[AdamWLaunch]) -> None:
+                 counts: Sequence[torch.Tensor], launches: Sequence[AdamWLaunch],
+                 accepts: Callable[[tuple], bool] = lambda dtypes: True) -> None:
         self.params = list(params)
         self.moments = list(moments)
         self.counts = list(counts)
         self.launches = list(launches)
+        self.accepts = accepts
         self.offsets, offset = [], 0
         for launch in self.launches:
             self.offsets.append(offset)
             offset += launch.n_slots
         self.block = 256 if is_interpreted(_masked_adamw_multi_kernel) else 1024
-        self._params_at: List[int] = []
+        # the tensors whose data the table points to besides the gradients, 4 per tensor
+        self._kept = [t for p, (m, v), c in zip(self.params, self.moments, self.counts)
+                      for t in (p, m, v, c)]
+        self._kept_at: List[int] = []
+        self._kept_dtypes: List[torch.dtype] = []
         self._grads_at: List[int] = []
         self._groups: Dict[tuple, _Group] = {}
         self._tables: Dict[tuple, torch.Tensor] = {}
+        self._usable = False
 
     def step(self, mask_u8: torch.Tensor, lr: torch.Tensor, beta1: float, beta2: float,
-             eps: float, weight_decay: float) -> None:
+             eps: float, weight_decay: float) -> bool:
         """One step of every tensor: ``mask_u8`` (slots,) the flat slot mask viewed as uint8,
         ``lr`` (slots,) float32 per-slot learning rates, both contiguous on the tensors'
-        device."""
+        device. False, with nothing launched, where the tensors' dtypes are not accepted."""
         grads = [p.grad for p in self.params]
         for g in grads:
             if not g.is_contiguous():
                 raise ValueError(f"{_OP}: a gradient of shape {tuple(g.shape)} is not "
                                  f"contiguous (strides {g.stride()}); the fused kernel reads "
                                  "it as a flat array")
-        params_at = [p.data_ptr() for p in self.params]
+        kept_at = [t.data_ptr() for t in self._kept]
+        kept_dtypes = [t.dtype for t in self._kept]
         grads_at = [g.data_ptr() for g in grads]
-        if params_at != self._params_at:  # new data may come with another dtype
+        if kept_at != self._kept_at or kept_dtypes != self._kept_dtypes:
             self._regroup(grads)
-        if params_at != self._params_at or grads_at != self._grads_at:
-            self._refresh(params_at, grads_at)
-            self._params_at, self._grads_at = params_at, grads_at
+            self._grads_at = []  # the tables are rebuilt below
+            self._kept_at, self._kept_dtypes = kept_at, kept_dtypes
+        if not self._usable:
+            return False
+        if grads_at != self._grads_at:
+            self._refresh(kept_at[::4], grads_at)
+            self._grads_at = grads_at
         for key, group in self._groups.items():
             first = group.rows[0]
             m, v = self.moments[first]
@@ -263,15 +282,19 @@ class MultiTensorAdamW:
                          mask_u8, lr, self.params[first], grads[first], m, v,
                          beta1, beta2, 1.0 - beta1, 1.0 - beta2, eps, weight_decay,
                          ROW=len(TABLE_COLUMNS), BLOCK=self.block)
+        return True
 
     def _regroup(self, grads: List[torch.Tensor]) -> None:
-        """The tensors grouped by their dtypes (a gradient has its parameter's dtype)."""
+        """The tensors grouped by their dtypes (a gradient has its parameter's dtype), each
+        group's constant columns read again, and whether every group may be launched."""
         by_dtypes: Dict[tuple, List[int]] = {}
         for k, (p, g, (m, v)) in enumerate(zip(self.params, grads, self.moments)):
             by_dtypes.setdefault((p.dtype, g.dtype, m.dtype, v.dtype), []).append(k)
-        if {key: group.rows for key, group in self._groups.items()} != by_dtypes:
-            device = self.params[0].device
-            self._groups = {key: self._group(rows, device) for key, rows in by_dtypes.items()}
+        device = self.params[0].device
+        self._usable = not (device.type == "cuda" and is_interpreted(_masked_adamw_multi_kernel)) \
+            and all(self.accepts(key) for key in by_dtypes)
+        self._groups = {key: self._group(rows, device) for key, rows in by_dtypes.items()} \
+            if self._usable else {}
 
     def _refresh(self, params_at: List[int], grads_at: List[int]) -> None:
         """The tables of this step's addresses, on the device."""

@@ -186,7 +186,8 @@ ADAMW_TENSORS = (((37, 24), 0), ((40, 19), 1), ((1, 333), 0), ((3, 1100), 0))
 ADAMW_HYPER = (0.9, 0.999, 1e-8, 0.01)
 
 
-def _adamw_state(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list:
+def _adamw_state(device: torch.device, dtype: torch.dtype, moment_dtype: torch.dtype,
+                 gen: torch.Generator) -> list:
     """Per tensor of `ADAMW_TENSORS`: [param, exp_avg, exp_avg_sq, mask, lr, count, slot_dim]."""
     state = []
     for shape, slot_dim in ADAMW_TENSORS:
@@ -197,14 +198,15 @@ def _adamw_state(device: torch.device, dtype: torch.dtype, gen: torch.Generator)
                   torch.rand(shape, generator=gen) * 0.01, mask,
                   0.01 + torch.rand(r, generator=gen) * 0.01,
                   torch.randint(1, 60, (r,), generator=gen).float()]
-        state.append([t.to(device, dtype if i < 3 else None) for i, t in enumerate(values)]
-                     + [slot_dim])
+        dtypes = (dtype, moment_dtype, moment_dtype, None, None, None)
+        state.append([t.to(device, d) for t, d in zip(values, dtypes)] + [slot_dim])
     return state
 
 
-def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool,
-                seed: int = 0) -> Dict[str, object]:
-    """The optimizer's masked AdamW kernel on ``dtype`` parameters and moments against float64:
+def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool, seed: int = 0,
+                moment_dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """The optimizer's masked AdamW kernel on ``dtype`` parameters and ``moment_dtype`` moments
+    (default ``dtype``) against float64:
     over all tensors of `ADAMW_TENSORS` in one launch (``multi``: `adamw.MultiTensorAdamW`, an
     eager step's) or one launch per tensor (`adamw.masked_adamw_triton_`, a captured step's);
     two steps, the second with the gradients in new memory. Error relative to the largest
@@ -215,16 +217,19 @@ def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool,
         M=sum(math.prod(shape) for shape, _ in ADAMW_TENSORS), r_max=None, tol=TOL[dtype],
         ok=False, error="")
     record["in"] = record["out"] = None
-    return _measured(record, dtype, lambda: _adamw_error(device, dtype, multi, seed))
+    if moment_dtype is not None and moment_dtype != dtype:
+        record["dtype"] += f"/{str(moment_dtype).replace('torch.', '')} moments"
+    return _measured(record, dtype, lambda: _adamw_error(device, dtype, moment_dtype or dtype,
+                                                         multi, seed))
 
 
-def _adamw_error(device: torch.device, dtype: torch.dtype, multi: bool,
-                 seed: int) -> Tuple[float, str]:
+def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.dtype,
+                 multi: bool, seed: int) -> Tuple[float, str]:
     """`check_adamw`'s two steps: the worst relative error and where."""
     from .adamw import MultiTensorAdamW, adamw_launch, masked_adamw_triton_
 
     gen = torch.Generator().manual_seed(seed)
-    state = _adamw_state(device, dtype, gen)
+    state = _adamw_state(device, dtype, moment_dtype, gen)
     before = [[t.clone() for t in s[:3]] for s in state]
     ref = [[t.to(torch.float64) for t in s[:3]] for s in state]
     params = [s[0].requires_grad_(True) for s in state]
