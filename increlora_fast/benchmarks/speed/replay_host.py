@@ -18,18 +18,17 @@ of the replay is for ``gpu-check``'s ``increlora-graphs`` rows.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+
+from .point_cli import parse_point_args, write_records
 
 LEVEL = "replay_host"
 
@@ -122,24 +121,15 @@ def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int =
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m increlora_fast.benchmarks.speed.replay_host --json PATH``."""
-    parser = argparse.ArgumentParser(prog="python -m increlora_fast.benchmarks.speed.replay_host",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True, metavar="PATH", help="the record to write")
-    parser.add_argument("--model", default="minilm-l6", help="model preset (default minilm-l6)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
-    parser.add_argument("--seq-len", type=int, default=64, help="tokens per row (default 64)")
-    parser.add_argument("--repeats", type=int, default=200, help="timed steps (default 200)")
-    args = parser.parse_args(argv)
-    if Path(args.json).exists():  # never replace a record this run did not write
-        print(f"error: --json {args.json} exists; give a new path", file=sys.stderr)
+    args = parse_point_args(argv, "python -m increlora_fast.benchmarks.speed.replay_host",
+                            __doc__.splitlines()[0], "minilm-l6", 32, 64, 200)
+    if args is None:
         return 2
-    try:
-        record = measure(args.model, args.batch, args.seq_len, repeats=args.repeats)
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    records = write_records(args.json, lambda: [measure(args.model, args.batch, args.seq_len,
+                                                        repeats=args.repeats)])
+    if records is None:
         return 2
-    with open(args.json, "w") as f:
-        json.dump([record], f, indent=1)
+    record = records[0]
     print(f"{record['model']} {record['batch']}: {record['median_us']:.1f} us per replayed step "
           f"(min {record['min_us']:.1f}), {record['device_ops_per_step']} device ops besides "
           "the replay")

@@ -23,9 +23,7 @@ the kernels are imported).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
 import platform
 import statistics
@@ -39,6 +37,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .host_overhead import STUBBED_NOTE, SUBPROCESS_ENV, python_calls
+from .point_cli import parse_point_args, write_records
 
 LEVEL = "step_host"
 METHODS = ("floor", "peft-lora", "increlora-triton")
@@ -152,17 +151,9 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m increlora_fast.benchmarks.speed.step_host --json PATH``."""
-    parser = argparse.ArgumentParser(prog="python -m increlora_fast.benchmarks.speed.step_host",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--json", required=True, metavar="PATH", help="the records to write")
-    parser.add_argument("--model", default="minilm-l6-narrow",
-                        help="model preset (default minilm-l6-narrow)")
-    parser.add_argument("--batch", type=int, default=2, help="batch size (default 2)")
-    parser.add_argument("--seq-len", type=int, default=8, help="tokens per row (default 8)")
-    parser.add_argument("--repeats", type=int, default=50, help="timed steps (default 50)")
-    args = parser.parse_args(argv)
-    if Path(args.json).exists():  # never replace a record this run did not write
-        print(f"error: --json {args.json} exists; give a new path", file=sys.stderr)
+    args = parse_point_args(argv, "python -m increlora_fast.benchmarks.speed.step_host",
+                            __doc__.splitlines()[0], "minilm-l6-narrow", 2, 8, 50)
+    if args is None:
         return 2
     if any(os.environ.get(k) != v for k, v in SUBPROCESS_ENV.items()):
         # the interpreter must be on before the kernels are imported: a fresh process
@@ -172,13 +163,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cmd = [sys.executable, "-m", module, *(argv if argv is not None else sys.argv[1:])]
         return subprocess.run(cmd, env=dict(os.environ, PYTHONPATH=path,
                                             **SUBPROCESS_ENV)).returncode
-    try:
-        records = measure(args.model, args.batch, args.seq_len, repeats=args.repeats)
-    except (ValueError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    records = write_records(args.json, lambda: measure(args.model, args.batch, args.seq_len,
+                                                       repeats=args.repeats))
+    if records is None:
         return 2
-    with open(args.json, "w") as f:
-        json.dump(records, f, indent=1)
     for r in records:
         print(f"{r['method']:17s} {r['median_us']:8.1f} us per step (x{r['x_peft_lora']:.2f} "
               f"peft-lora), {r['launches_per_step']} Triton launches, {r['aten_ops_per_step']} "
