@@ -354,10 +354,13 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         each gradient and launching. While the key holds, `_prepare` would change nothing: the
         cached masks and starts are current and no slot is fresh (`_restart_fresh_slots`
         compares the same slot versions; `load_state_dict` drops the plans)."""
-        key = tuple([(id(p), _layout_key(self._slots[id(p)][0]) if id(p) in self._slots
-                      else None) for p in params])
+        ids = tuple(map(id, params))
         plan = self._fused.get(where)
-        if plan is None or plan.key != key:
+        if plan is None or plan.key[0] != ids or \
+                plan.key[2] != [_layout_key(m) for m in plan.key[1]]:
+            # the distinct layers of the adapter tensors, whose `_layout_key`s the plan holds to
+            layers = list(dict.fromkeys(self._slots[i][0] for i in ids if i in self._slots))
+            key = (ids, layers, [_layout_key(m) for m in layers])
             _, slots, sizes, mask, mask_parts, start, order = self._prepare(params, where)
             plan = _FusedPlan(key, order, slots, sizes, mask, mask_parts, start)
             self._fused[where] = plan

@@ -332,11 +332,11 @@ def test_a_fused_step_between_rounds_costs_a_few_python_calls_per_tensor(monkeyp
             calls.append(count[0])
     first, kept, moved_step = calls[0], calls[2], calls[4]
     assert calls[3] == kept
-    # 14 tensors in two groups: a kept step makes a few calls per tensor (its layout key) and a
-    # fixed number for the schedule and the two launches (90 when this was written); the first
-    # step pays the layout, the checks and 14 launches on top (889); the second step looks up
-    # each tensor's dtype's first-use check and builds the groups and tables of addresses
-    # (141); a step whose gradients moved builds the tables again (96)
+    # 14 tensors of 4 layers and a head in two groups: a kept step makes a call per layer (its
+    # layout key) and a fixed number for the schedule and the two launches (82 when this was
+    # written); the first step pays the layout, the checks and 14 launches on top (897); the
+    # second looks up the first-use check of each dtype combination and builds the groups and
+    # tables of addresses (109); a step whose gradients moved builds the tables again (88)
     assert kept <= 50 + 4 * 14, calls
     assert first > kept + 20 * 14, calls
     assert kept < calls[1] <= kept + 4 * 14 and kept < moved_step <= kept + 20, calls
