@@ -93,7 +93,7 @@ def test_dry_run_passes_every_part(dry_run):
 
 @pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
 def test_dry_run_parts_hold_their_measurements(dry_run):
-    _, report, _, out = dry_run
+    _, report, md, out = dry_run
     kernels = report["parts"]["kernels"]["records"]
     assert kernels and all(set(KERNEL_KEYS) <= set(r) and r["ok"] for r in kernels)
     graphed = report["parts"]["graphs"]["records"]  # CUDA only: a reason, never a number
@@ -105,6 +105,13 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert all(r["dtype"] == "bf16" and r["phase"] == "fwd+bwd" for r in layer)
     triton = [r for r in layer if r["method"].startswith("increlora-triton")]
     assert all("interpreter" in r["note"] for r in triton if r["status"] == "ok")
+    # the optimizer's host time: over all tensors of a group in one launch, and per tensor
+    many, per = report["parts"]["layer"]["optimizer_host_records"]
+    assert (many["method"], per["method"]) == ("many tensors", "per tensor")
+    assert many["tensors"] == per["tensors"] > 2 and many["model"] == "tiny-bert"
+    assert many["launches_per_step"] == 2 and per["launches_per_step"] == per["tensors"]
+    assert many["median_us"] > 0 and per["us_per_launch_saved"] is not None
+    assert "Host time per optimizer step on tiny-bert" in md
     model = report["parts"]["model"]["records"]
     presets = [r["shape"].split()[0] for r in model]
     assert presets[0] == "tiny-bert"  # MiniLM-L6's family first

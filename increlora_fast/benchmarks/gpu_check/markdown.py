@@ -11,6 +11,8 @@ from ..speed.tables import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
 from ..speed.targets import issue13_verdicts
 from .verdicts import cuda_graphs_auto, issue27_verdicts
 
+OPTIMIZER_COLUMNS = ("method", "launches_per_step", "median_us", "min_us", "us_per_launch_saved",
+                     "repeats")
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
 MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",
                        "untracked_median_ms", "tokens_per_s", "x_peft_lora_mean", "peak_mem_mb",
@@ -31,7 +33,7 @@ PART_TITLES = OrderedDict((
     ("finetune", "(c) the main fine-tune on the device"),
     ("model", "(d) model training step"),
     ("qlora", "(e) model training step on a 4-bit NF4 base"),
-    ("layer", "(f) layer fwd+bwd, bf16; launches and host time per call"),
+    ("layer", "(f) layer fwd+bwd, bf16; launches and host time per call and per optimizer step"),
 ))
 
 
@@ -108,8 +110,8 @@ def graphs_section(part: Dict) -> List[str]:
 
 
 def layer_section(part: Dict) -> List[str]:
-    """The layer table, launches and host time per call, then the adapter's pass over dy
-    against cuBLAS ``dy W``."""
+    """The layer table, launches and host time per call, host time per optimizer step, then the
+    adapter's pass over dy against cuBLAS ``dy W``."""
     lines = []
     rows = layer_rows(part.get("records", []))
     if rows:
@@ -119,6 +121,11 @@ def layer_section(part: Dict) -> List[str]:
         lines += ["Triton launches and host time per fwd+bwd call "
                   f"({host[0].get('dtype')}; {host[0].get('note') or host[-1].get('note')}):",
                   "", markdown_table(host, HOST_COLUMNS)]
+    optimizer = part.get("optimizer_host_records", [])
+    if optimizer:
+        lines += ["", f"Host time per optimizer step on {optimizer[0].get('model')} "
+                  f"({optimizer[0].get('tensors')} tensors; {optimizer[0].get('note')}):", "",
+                  markdown_table(optimizer, OPTIMIZER_COLUMNS)]
     dy = part.get("dy_pass_records", [])
     if dy:
         lines += ["", "The adapter's pass over dy against the frozen layer's cuBLAS `dy W` "

@@ -183,8 +183,30 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
         log(f"host {r['method']:30s} {r['median_us']:10.1f} us per call  "
             f"{r['launches_per_call']} launches")
     dy_pass, failed = _dy_pass_records(device, plan, env, log)
+    optimizer: List[dict] = []
+    try:
+        optimizer = _optimizer_host_records(device, plan, env)
+    except Exception as err:  # the rows above stay
+        log(traceback.format_exc())
+        errors.append(f"optimizer host time: {type(err).__name__}: {err}")
+    for r in optimizer:
+        log(f"optimizer {r['method']:13s} {r['median_us']:10.1f} us per step  "
+            f"{r['launches_per_step']} launches")
     return {"records": records, "host_records": host, "dy_pass_records": dy_pass,
-            "error": "; ".join(errors + failed) or None}
+            "optimizer_host_records": optimizer, "error": "; ".join(errors + failed) or None}
+
+
+def _optimizer_host_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict]:
+    """Host time per optimizer step, launched over many tensors and per tensor, on the first
+    model plan's preset (`speed.optimizer_host`)."""
+    from ..speed.optimizer_host import measure_optimizer_host
+
+    model_plan = plan.models[0]
+    try:
+        return measure_optimizer_host(model_plan.models[0], model_plan, device, env,
+                                      plan.optimizer_repeats)
+    finally:
+        _release(device)
 
 
 def _dy_pass_records(device: torch.device, plan: CheckPlan, env: Dict, log: Callable
