@@ -111,6 +111,7 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert many["tensors"] == per["tensors"] > 2 and many["model"] == "tiny-bert"
     assert many["launches_per_step"] == 2 and per["launches_per_step"] == per["tensors"]
     assert many["median_us"] > 0 and per["us_per_launch_saved"] is not None
+    assert "interpreter: the times say nothing" in many["note"]
     assert "Host time per optimizer step on tiny-bert" in md
     model = report["parts"]["model"]["records"]
     presets = [r["shape"].split()[0] for r in model]
