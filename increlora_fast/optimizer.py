@@ -148,7 +148,8 @@ class _FusedPlan:
         """This step's launches: ``mask`` and ``lr`` the flat per-slot mask and learning rates,
         ``masks_u8`` the mask per tensor viewed as uint8 when it is not the kept one."""
         from .kernels import utils
-        from .kernels.adamw import check_masked_adamw_args, launch_masked_adamw_
+        from .kernels.adamw import (check_flat_grad, check_masked_adamw_args,
+                                    launch_masked_adamw_)
 
         if self.checked and not utils.stream_capturing(mask.device) and \
                 self.multi.step(mask.view(torch.uint8), lr, *hyper):
@@ -163,10 +164,7 @@ class _FusedPlan:
         for p, (_, m, v, count, _, _, launch), mask_u8, slot_lr in zip(
                 self.params, self.slots, masks_u8 or self.masks_u8, slot_lrs):
             grad = p.grad
-            if not grad.is_contiguous():
-                raise ValueError(f"IncreLoRAAdamW: a gradient of shape {tuple(grad.shape)} "
-                                 f"is not contiguous (strides {grad.stride()}); the fused "
-                                 "kernel reads it as a flat array")
+            check_flat_grad("IncreLoRAAdamW", grad)
             launch_masked_adamw_(launch, p, grad, m, v, mask_u8, slot_lr, count, *hyper)
 
 

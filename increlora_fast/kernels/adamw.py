@@ -156,6 +156,14 @@ def check_masked_adamw_args(param: torch.Tensor, grad: torch.Tensor, exp_avg: to
                  slot_count=slot_count, **tensors)
 
 
+def check_flat_grad(who: str, grad: torch.Tensor) -> None:
+    """The one check a kept launch makes of a gradient, which autograd allocates anew each
+    step: contiguous, since the kernel reads it as a flat array; ValueError naming ``who``."""
+    if not grad.is_contiguous():
+        raise ValueError(f"{who}: a gradient of shape {tuple(grad.shape)} is not contiguous "
+                         f"(strides {grad.stride()}); the fused kernel reads it as a flat array")
+
+
 def launch_masked_adamw_(launch: AdamWLaunch, param: torch.Tensor, grad: torch.Tensor,
                          exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                          slot_mask_u8: torch.Tensor, slot_lr: torch.Tensor,
@@ -259,10 +267,7 @@ class MultiTensorAdamW:
         device. False, with nothing launched, where the tensors' dtypes are not accepted."""
         grads = [p.grad for p in self.params]
         for g in grads:
-            if not g.is_contiguous():
-                raise ValueError(f"{_OP}: a gradient of shape {tuple(g.shape)} is not "
-                                 f"contiguous (strides {g.stride()}); the fused kernel reads "
-                                 "it as a flat array")
+            check_flat_grad(_OP, g)
         kept_at = [t.data_ptr() for t in self._kept]
         kept_dtypes = [t.dtype for t in self._kept]
         grads_at = [g.data_ptr() for g in grads]
