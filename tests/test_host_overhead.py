@@ -120,17 +120,23 @@ def test_bad_host_point_is_refused():
     assert info.value.code == 2
 
 
-def test_replay_host_refuses_bad_input_and_never_replaces_a_record(tmp_path, capsys):
-    from increlora_fast.benchmarks.speed import replay_host
+@pytest.mark.parametrize("name, bad, match", [
+    ("replay_host", dict(warmup=3), "warmup=3 must be >= 4"),
+    ("step_host", dict(repeats=0), "repeats=0 must be >= 1"),
+])
+def test_host_point_benchmarks_refuse_bad_input_and_never_replace_a_record(
+        name, bad, match, tmp_path, capsys):
+    import importlib
+    module = importlib.import_module(f"increlora_fast.benchmarks.speed.{name}")
     existing = tmp_path / "r.json"
     existing.write_text("mine")
-    assert replay_host.main(["--json", str(existing)]) == 2
+    assert module.main(["--json", str(existing)]) == 2
     assert existing.read_text() == "mine"
     assert "--json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="preset 'nope' is unknown"):
-        replay_host.measure("nope")
-    with pytest.raises(ValueError, match="warmup=3 must be >= 4"):
-        replay_host.measure(warmup=3)
+        module.measure("nope")
+    with pytest.raises(ValueError, match=match):
+        module.measure(**bad)
 
 
 def test_replay_host_times_only_replayed_steps(tmp_path):
@@ -141,19 +147,6 @@ def test_replay_host_times_only_replayed_steps(tmp_path):
     (record,) = json.loads(out.read_text())
     assert record["repeats"] == 3 and record["median_us"] > 0
     assert record["device_ops_per_step"] == 7  # 3 inputs, 2 step fills, loss and tokens out
-
-
-def test_step_host_refuses_bad_input_and_never_replaces_a_record(tmp_path, capsys):
-    from increlora_fast.benchmarks.speed import step_host
-    existing = tmp_path / "s.json"
-    existing.write_text("mine")
-    assert step_host.main(["--json", str(existing)]) == 2
-    assert existing.read_text() == "mine"
-    assert "--json" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="preset 'nope' is unknown"):
-        step_host.measure("nope")
-    with pytest.raises(ValueError, match="repeats=0 must be >= 1"):
-        step_host.measure(repeats=0)
 
 
 def test_step_host_times_eager_steps_on_the_paths_a_gpu_takes(tmp_path):

@@ -167,11 +167,7 @@ def test_fused_kernel_path_matches_stacked_path(monkeypatch):
     _fused_available()
     from increlora_fast.kernels import launch_counts, reset_launch_counts
     runs = []
-    for fused in (True, False):
-        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p, on=fused: on)
-        model, config, layers = _model(torch.float32, DEVICE)
-        opt = create_optimizer(model, config, **HYPER)
-        gen = torch.Generator().manual_seed(3)
+    for fused, model, layers, opt, gen in _fused_then_stacked(monkeypatch, 3):
         reset_launch_counts()
         for step in range(4):
             _scramble(model, layers, step, gen)
@@ -180,15 +176,7 @@ def test_fused_kernel_path_matches_stacked_path(monkeypatch):
                                     "_masked_adamw_multi_kernel": 3} if fused else {})
         runs.append((model, opt))
     (fused_model, fused_opt), (model, opt) = runs
-    compared = 0
-    for (name, got), want in zip(fused_model.named_parameters(), model.parameters()):
-        if got.requires_grad:  # float32: the kernel's beta**n may differ by one ulp
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(fused_opt.state[got][key], opt.state[want][key],
-                                           rtol=1e-5, atol=1e-9)
-            compared += 1
-    assert compared == 14
+    assert _assert_fused_matches_stacked(fused_model, model, fused_opt, opt) == 14
 
 
 def test_resume_keeps_step_stamps_and_counts_exact_for_bfloat16():
@@ -232,6 +220,31 @@ def _fused_run(monkeypatch, seed):
     return model, layers, opt, gen
 
 
+def _fused_then_stacked(monkeypatch, seed):
+    """(fused, model, layers, optimizer, generator): the test model with the fused kernel
+    forced on, then a fresh one with it off, each with a generator seeded ``seed``."""
+    for fused in (True, False):
+        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p, on=fused: on)
+        model, config, layers = _model(torch.float32, DEVICE)
+        yield (fused, model, layers, create_optimizer(model, config, **HYPER),
+               torch.Generator().manual_seed(seed))
+
+
+def _assert_fused_matches_stacked(fused_model, model, fused_opt=None, opt=None) -> int:
+    """Every parameter of the fused run close to the stacked run's (float32: the kernel's
+    beta**n may differ by one ulp) and, given the optimizers, the moments of the trained ones;
+    how many were trained."""
+    trained = 0
+    for (name, got), want in zip(fused_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
+        if got.requires_grad:
+            trained += 1
+            for key in ("exp_avg", "exp_avg_sq") if opt is not None else ():
+                torch.testing.assert_close(fused_opt.state[got][key], opt.state[want][key],
+                                           rtol=1e-5, atol=1e-9, msg=name)
+    return trained
+
+
 def test_fused_steps_between_rounds_and_after_a_resume_match_the_stacked_path(monkeypatch):
     """The fused path keeps its launches while the layout holds (`_prepare` runs only when
     slots change and after `load_state_dict`) and steps as the stacked path does: over steps
@@ -245,11 +258,7 @@ def test_fused_steps_between_rounds_and_after_a_resume_match_the_stacked_path(mo
         return real_prepare(self, params, where)
     monkeypatch.setattr(optimizer_module.IncreLoRAAdamW, "_prepare", counting_prepare)
     runs = []
-    for fused in (True, False):
-        monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p, on=fused: on)
-        model, config, layers = _model(torch.float32, DEVICE)
-        opt = create_optimizer(model, config, **HYPER)
-        gen = torch.Generator().manual_seed(5)
+    for fused, model, layers, opt, gen in _fused_then_stacked(monkeypatch, 5):
         prepared.clear()
         for step in range(8):
             if step in (0, 4):
@@ -267,12 +276,7 @@ def test_fused_steps_between_rounds_and_after_a_resume_match_the_stacked_path(mo
     # load replaced the moments (and set the step count back to 3)
     assert fused_prepared == [(0, 0), (0, 1), (4, 0), (3, 0), (3, 1)]
     assert len(stacked_prepared) == 16
-    for (name, got), want in zip(fused_model.named_parameters(), model.parameters()):
-        if got.requires_grad:  # float32: the kernel's beta**n may differ by one ulp
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True, msg=name)
-            for key in ("exp_avg", "exp_avg_sq"):
-                torch.testing.assert_close(fused_opt.state[got][key], opt.state[want][key],
-                                           rtol=1e-5, atol=1e-9, msg=name)
+    assert _assert_fused_matches_stacked(fused_model, model, fused_opt, opt) == 14
 
 
 def test_fused_plan_holds_no_gradient_and_refuses_a_noncontiguous_one(monkeypatch):
@@ -373,12 +377,7 @@ def test_a_launch_over_many_tensors_that_fails_its_first_use_check_is_not_used(m
         real(*a, **k), ok=False, error="exp_avg 2: relative error 4.1e-01 > 1e-04"))
     try:
         runs = []
-        for fused in (True, False):
-            monkeypatch.setattr(optimizer_module, "_fused_kernel_applies",
-                                lambda p, on=fused: on)
-            model, config, layers = _model(torch.float32, DEVICE)
-            opt = create_optimizer(model, config, **HYPER)
-            gen = torch.Generator().manual_seed(8)
+        for fused, model, layers, opt, gen in _fused_then_stacked(monkeypatch, 8):
             reset_launch_counts()
             for step in range(4):
                 (_scramble if step == 0 else _fresh_grads)(
@@ -393,8 +392,6 @@ def test_a_launch_over_many_tensors_that_fails_its_first_use_check_is_not_used(m
                     opt.step()
             assert launch_counts() == ({"_masked_adamw_kernel": 14 * 4} if fused else {})
             runs.append(model)
-        for (name, got), want in zip(runs[0].named_parameters(), runs[1].parameters()):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True,
-                                       msg=name)
+        assert _assert_fused_matches_stacked(*runs) == 14
     finally:
         reset_kernel_checks()
