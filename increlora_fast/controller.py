@@ -12,8 +12,9 @@ forward and backward passes of step ``s + 1``, so untracked steps pay nothing fo
 Outside allocation rounds ``step(s)`` and `IncreLoRAController.regularization_loss` read no tensor
 on the host (no device sync; the step can later be captured in a CUDA graph): the scores and their
 EMAs stay on the layers' device, a step with non-finite scores is dropped with ``torch.where``, and
-its warning waits for the next allocation round, where the host is read anyway. The penalty's
-masks are cached per group of modules and rebuilt only when a layer's ``slot_version`` changes.
+its warning waits for the next allocation round, where the host is read anyway. The penalty
+(`penalty.OrthogonalPenalty`) caches its masks and rebuilds them only when a layer's
+``slot_version`` changes.
 """
 from __future__ import annotations
 
@@ -21,17 +22,17 @@ import logging
 import math
 import random
 import warnings
-from collections import defaultdict
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from .config import IncreLoRAConfig
-from .device_scalar import DeviceScalar, refresh_in_place
-from .layer import IncreLoRALinear, SlotState
+from .device_scalar import DeviceScalar
+from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
+from .penalty import OrthogonalPenalty
 
 logger = logging.getLogger("increlora_fast")
 
@@ -91,16 +92,8 @@ class IncreLoRAController:
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         # The step index on the EMAs' device, read by the non-finite bookkeeping.
         self._device_steps = DeviceScalar(torch.long)
-        # The penalty's modules grouped by shape, and per group its cached masks.
-        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
-        for layer in self.layers:
-            groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
-        self._penalty_groups: List[List[IncreLoRALinear]] = list(groups.values())
-        self._penalty_masks: Dict[int, tuple] = {}
-        # Counts the penalty's cached masks made as new tensors rather than refreshed in place
-        # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
-        # tensors the step no longer uses.
-        self.cache_epoch = 0
+        self.penalty = OrthogonalPenalty(self.layers, self.config.orth_reg_weight,
+                                         self.config.reserve_in_penalty)
         self.allocation_log: List[dict] = []
         self.budget_reached = False
         self.round_pending = False
@@ -426,53 +419,23 @@ class IncreLoRAController:
     # ------------------------------------------------------------------ regularisation
     def regularization_loss(self) -> torch.Tensor:
         """orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules),
-        over active and reserve slots (active only with ``reserve_in_penalty=False``), batched
-        over modules of the same shape. The slot masks are cached per group and rebuilt only
-        when a member's ``slot_version`` changes; nothing is read on the host."""
-        device = self.layers[0].lora_A.device
-        if self.config.orth_reg_weight == 0:
-            return torch.zeros((), device=device)
-        total = torch.zeros((), device=device)
-        for index, members in enumerate(self._penalty_groups):
-            trains, w, eye = self._penalty_group_masks(index, members)
-            # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
-            a = torch.stack([m.lora_A for m in members])
-            a = torch.where(trains[:, :, None], a, a.detach()) * w[:, :, None]
-            b = torch.stack([m.lora_B for m in members])
-            b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
-            total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
-                + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
-        return self.config.orth_reg_weight * total / (2 * len(self.layers))
-
-    def _penalty_group_masks(self, index: int, members: List[IncreLoRALinear]
-                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(trainable A/B slots, slot weights in the adapter dtype, their diagonal matrices) of
-        one penalty group, each stacked over its members; cached until a member's
-        ``slot_version`` or ``advance_learning``, the adapter dtype or the device changes."""
-        lora_a = members[0].lora_A
-        key = (tuple((m.slot_version, m.advance_learning) for m in members), lora_a.dtype,
-               lora_a.device)
-        cached = self._penalty_masks.get(index)
-        if cached is None or cached[0] != key:
-            used = torch.stack([m.active_mask if not self.config.reserve_in_penalty
-                                else m.slot_state != SlotState.INACTIVE for m in members])
-            trains = torch.stack([m.trainable_slot_masks()[0] for m in members])
-            w = used.to(lora_a.dtype)
-            masks, replaced = refresh_in_place(None if cached is None else cached[1],
-                                               (trains, w, torch.diag_embed(w)))
-            self.cache_epoch += replaced
-            cached = (key, masks)
-            self._penalty_masks[index] = cached
-        return cached[1]
+        over active and reserve slots (active only with ``reserve_in_penalty=False``): one
+        launch forward and one backward on the Triton path, batched over modules of the same
+        shape on the torch path (`penalty.OrthogonalPenalty`). Nothing is read on the host."""
+        return self.penalty.loss()
 
     def refresh_cached_masks(self) -> None:
         """Bring the penalty's cached masks up to date with the layers' slots now, in place. An
         allocation round calls it, so that a step replayed from a CUDA graph captured before the
         round (which does not run the Python that would refresh them) reads the new masks."""
-        if self.config.orth_reg_weight == 0:
-            return
-        for index, members in enumerate(self._penalty_groups):
-            self._penalty_group_masks(index, members)
+        self.penalty.refresh_cached_masks()
+
+    @property
+    def cache_epoch(self) -> int:
+        """How many times the penalty's cached masks were made as new tensors rather than
+        refreshed in place (`device_scalar.refresh_in_place`): a CUDA graph captured at another
+        count reads tensors the step no longer uses."""
+        return self.penalty.cache_epoch
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:

@@ -17,7 +17,9 @@ against the torch path on a small problem (`kernels.checks.check_variant`); on a
 mismatch one warning names the GPU and the versions, and that variant takes the torch path from
 then on. The optimizer's launch over many tensors (`kernels.adamw.MultiTensorAdamW`) is checked
 the same way once per device and parameter dtype (`multi_adamw_ok`); where it fails, the
-optimizer launches its kernel per tensor. ``INCRELORA_KERNEL_CHECK=0`` turns the checks off.
+optimizer launches its kernel per tensor; so are the orthogonal penalty's kernels
+(`orth_penalty_ok`), which give way to its torch path. ``INCRELORA_KERNEL_CHECK=0`` turns the
+checks off.
 """
 from __future__ import annotations
 
@@ -148,6 +150,45 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
     if not ok:
         warnings.warn(_report(device, key, str(record["error"]),
                               "The optimizer now launches its kernel once per tensor there"),
+                      RuntimeWarning, stacklevel=3)
+    return ok
+
+
+# Slot buffer dtypes the penalty's kernels take (`kernels.orth_penalty.PENALTY_DTYPES`).
+PENALTY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def penalty_on_triton(lora_A: torch.Tensor) -> bool:
+    """Whether the orthogonal penalty over buffers like ``lora_A`` may take its Triton kernels
+    (`kernels.orth_penalty.OrthPenalty`): where the layers would (`select_backend`), not while
+    torch.compile traces (the torch path compiles into its graph). The caller also asks
+    `orth_penalty_ok` for each buffer dtype before it builds the kernels' tables."""
+    return select_backend(lora_A) == "triton" and not torch.compiler.is_compiling()
+
+
+def orth_penalty_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the orthogonal penalty's kernels may run on ``dtype`` slot buffers on
+    ``device``: a dtype they take, checked once per device and dtype against float64
+    (`kernels.checks.check_orth_penalty`, loss and every gradient); on a wrong result one
+    warning, and the penalty takes its torch path there. True without checking when
+    ``INCRELORA_KERNEL_CHECK=0``; False, unchecked and not remembered, while compiling or
+    capturing a CUDA graph."""
+    if dtype not in PENALTY_DTYPES:
+        return False
+    key = (str(device), "orth_penalty", dtype)
+    if key in _VARIANT_OK:
+        return _VARIANT_OK[key]
+    if not _SETTINGS[2]:
+        return True
+    if torch.compiler.is_compiling() or \
+            (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return False
+    from .kernels.checks import check_orth_penalty
+    record = check_orth_penalty(device, dtype)
+    ok = _VARIANT_OK[key] = bool(record["ok"])
+    if not ok:
+        warnings.warn(_report(device, key, str(record["error"]),
+                              "The orthogonal penalty now takes its torch path there"),
                       RuntimeWarning, stacklevel=3)
     return ok
 

@@ -116,6 +116,10 @@ def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     fused = backend == "triton+adamw"
     assert (launch_counts().get("_masked_adamw_kernel", 0) > 0) == fused
     assert (launch_counts().get("_masked_adamw_multi_kernel", 0) > 0) == fused
+    # the penalty on its kernels wherever the layers are (captured, replayed, its tables and
+    # masks kept: the captures assert below)
+    for kernel in ("_orth_penalty_fwd_kernel", "_orth_penalty_bwd_kernel"):
+        assert (launch_counts().get(kernel, 0) > 0) == (backend != "torch")
     graphed = got["graphed"]
     # each tracking state captured once: the graphs survive the rounds (the cached masks are
     # refreshed in place), and no round runs eagerly: each is replayed (or, the first, captured)

@@ -151,9 +151,9 @@ def test_replay_host_times_only_replayed_steps(tmp_path):
 
 def test_step_host_times_eager_steps_on_the_paths_a_gpu_takes(tmp_path):
     """Whole eager steps with the launches stubbed (a fresh process with the interpreter):
-    ours runs every adapted linear and the optimizer on their Triton kernels (4 launches per
-    linear's fwd+bwd, one optimizer launch per parameter group once its plan is kept), the peers
-    none."""
+    ours runs every adapted linear, the orthogonal penalty and the optimizer on their Triton
+    kernels (4 launches per linear's fwd+bwd, 2 for the penalty, one optimizer launch per
+    parameter group once its plan is kept), the peers none."""
     from increlora_fast.benchmarks.speed import step_host
     from increlora_fast.benchmarks.speed.model_presets import MODEL_PRESETS
     out = tmp_path / "s.json"
@@ -163,8 +163,9 @@ def test_step_host_times_eager_steps_on_the_paths_a_gpu_takes(tmp_path):
     n = MODEL_PRESETS["tiny-bert"].n_targets
     ours = records["increlora-triton"]
     # the optimizer: one launch over the adapter tensors, one over the pooler's and the
-    # classifier's weights and biases (no longer 3 per linear and 4)
-    assert ours["launches_per_step"] == 4 * n + 2
+    # classifier's weights and biases (no longer 3 per linear and 4); the orthogonal penalty:
+    # one forward, one backward
+    assert ours["launches_per_step"] == 4 * n + 2 + 2
     assert records["floor"]["launches_per_step"] == records["peft-lora"]["launches_per_step"] == 0
     assert all(r["median_us"] > 0 and r["aten_ops_per_step"] > 0 and r["repeats"] == 2
                and r["python_calls_per_step"] > 0 for r in records.values())

@@ -77,7 +77,8 @@ TOKEN_STRIDES = {
 }
 # The finish kernel reads per-program partials and slot buffers: no token dimension.
 KERNELS = set(TOKEN_STRIDES) | {"_finish_kernel", "_masked_adamw_kernel",
-                                 "_masked_adamw_multi_kernel"}
+                                 "_masked_adamw_multi_kernel", "_orth_penalty_fwd_kernel",
+                                 "_orth_penalty_bwd_kernel"}
 # Kernels known to compute a token offset in 32 bits, reported to the kernels' owner.
 KNOWN_NARROW: dict = {}
 
@@ -88,7 +89,7 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
     the benchmark sizes, on meta tensors, with the SM count of ``arch``."""
     import torch
 
-    from increlora_fast.kernels import adamw, linear
+    from increlora_fast.kernels import adamw, linear, orth_penalty
     from increlora_fast.kernels import utils as kutils
 
     records, tag = [], [""]
@@ -99,7 +100,7 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
     kutils.launch = recorder
     sms = SM_COUNT[arch]
     linear.multiprocessor_count = lambda device: sms
-    for mod in (linear, adamw):
+    for mod in (linear, adamw, orth_penalty):
         mod.check_device = lambda *args, **kwargs: torch.device("meta")
 
     def meta(*shape, dtype):
@@ -138,6 +139,12 @@ def record_launches(arch: int, dtype_names: tuple) -> list:
                     [adamw.adamw_launch(a, 0), adamw.adamw_launch(b, 1)],
                 ).step(meta(2 * r, dtype=torch.uint8), meta(2 * r, dtype=torch.float32),
                        0.9, 0.999, 1e-8, 0.0)
+                # the orthogonal penalty over this layer's A and B, forward and backward
+                penalty = orth_penalty.OrthPenalty(r)
+                masks = meta(1, 2, penalty.r, dtype=torch.float32)
+                penalty._build([a, b])
+                _, saved = penalty.forward_terms(masks, 0.1, [a, b])
+                penalty.backward_grads(masks, saved, meta(dtype=torch.float32), [a, b])
     return records
 
 

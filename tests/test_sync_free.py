@@ -54,9 +54,20 @@ def _train_step(model, optimizer, controller, step, x, y, optimize=True) -> None
     optimizer.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("score, exact", [("delta_w", False), ("delta_w", True),
-                                          ("triplet", False)])
-def test_steps_outside_rounds_read_nothing_and_rounds_still_grow_ranks(score, exact):
+@pytest.mark.parametrize("score, exact, backend", [
+    ("delta_w", False, "torch"), ("delta_w", True, "torch"), ("triplet", False, "torch"),
+    ("delta_w", False, "triton")])
+def test_steps_outside_rounds_read_nothing_and_rounds_still_grow_ranks(score, exact, backend,
+                                                                       monkeypatch):
+    """Also with the layers and the penalty on their Triton kernels (the interpreter on CPU)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        from increlora_fast.kernels.utils import interpreter_active
+        if not (torch.cuda.is_available() or interpreter_active()):
+            pytest.skip("the Triton path needs CUDA or the interpreter")
+        from increlora_fast.kernels import launch_counts, reset_launch_counts
+        reset_launch_counts()
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
     model, optimizer, controller = _setup(score, exact)
     gen = torch.Generator().manual_seed(1)
     seen = {"tracked": 0, "untracked": 0}
@@ -77,6 +88,8 @@ def test_steps_outside_rounds_read_nothing_and_rounds_still_grow_ranks(score, ex
     assert ranks == [3, 7, 11, 12]  # top_h=2 modules x 2 slots per round, to 4 x 3 modules
     assert sorted({e["step"] for e in controller.allocation_log}) == [6, 12, 18]
     assert torch.isfinite(controller.ipt).all() and controller.ipt.abs().sum() > 0
+    if backend == "triton":
+        assert launch_counts()["_orth_penalty_fwd_kernel"] == 19
 
 
 def test_a_nonfinite_tracked_step_reads_nothing_and_its_round_waits_and_warns():

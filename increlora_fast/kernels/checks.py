@@ -14,11 +14,12 @@ import contextlib
 import math
 import time
 import warnings
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .reference import adapted_linear_torch, lambda_dtype, masked_adamw_float64
+from .reference import (adapted_linear_torch, lambda_dtype, masked_adamw_float64,
+                        orth_penalty_float64)
 from . import launches
 
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -267,11 +268,66 @@ def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
     return worst, where
 
 
+# (slots, in, out) of the modules `check_orth_penalty` puts in one penalty: odd sizes, a module
+# of one slot, long dimensions over several of the kernels' column blocks
+ORTH_SHAPES = ((5, 7, 9), (16, 33, 40), (1, 70, 19), (13, 130, 3))
+ORTH_SHAPES_LARGE = ((16, 768, 3072), (37, 1000, 769), (128, 4096, 11008))
+
+
+def check_orth_penalty(device: torch.device, dtype: torch.dtype, seed: int = 0,
+                       shapes: Sequence[Tuple[int, int, int]] = ORTH_SHAPES
+                       ) -> Dict[str, object]:
+    """The orthogonal penalty's kernels (`orth_penalty.orth_penalty_triton`, one launch forward
+    and one backward over every module) on ``dtype`` slot buffers against float64
+    (`reference.orth_penalty_float64`): the loss and the gradient of every A and B, with slots
+    that do not count, reserve slots that count but do not train, and one module whose slots
+    all do not count (its term and gradients are 0). Error relative to the largest magnitude of
+    each float64 result."""
+    record: Dict[str, object] = dict(
+        op="orth_penalty", dtype=str(dtype).replace("torch.", ""),
+        M=sum(r * (k + n) for r, k, n in shapes), r_max=max(r for r, _, _ in shapes),
+        tol=TOL[dtype], ok=False, error="")
+    record["in"] = record["out"] = None
+    return _measured(record, dtype, lambda: _orth_penalty_error(device, dtype, seed, shapes))
+
+
+def _orth_penalty_error(device: torch.device, dtype: torch.dtype, seed: int,
+                        shapes: Sequence[Tuple[int, int, int]]) -> Tuple[float, str]:
+    from .orth_penalty import orth_penalty_triton
+
+    gen = torch.Generator().manual_seed(seed)
+    a = [(torch.randn(r, k, generator=gen) / k ** 0.5).to(device, dtype) for r, k, _ in shapes]
+    b = [(torch.randn(n, r, generator=gen) / n ** 0.5).to(device, dtype) for r, _, n in shapes]
+    used = [torch.rand(r, generator=gen) > 0.25 for r, _, _ in shapes]
+    used[0][0] = True
+    used[-1][:] = False
+    trains = [u & (torch.rand(u.numel(), generator=gen) > 0.3) for u in used]
+    used, trains = ([m.to(device) for m in ms] for ms in (used, trains))
+    results = []
+    for kernel in (True, False):
+        leaves = [t.detach().clone().requires_grad_(True) for t in a + b]
+        with _uncounted(), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            fn = orth_penalty_triton if kernel else orth_penalty_float64
+            loss = fn(leaves[:len(a)], leaves[len(a):], used, trains, 0.3)
+            loss.backward()
+        results.append([loss.detach()] + [t.grad for t in leaves])
+    worst, where = 0.0, ""
+    names = ["loss"] + [f"d{side}{k}" for side in "AB" for k in range(len(shapes))]
+    for name, got, want in zip(names, *results):
+        if got is None or not torch.isfinite(got).all():
+            raise AssertionError(f"{name} is missing or not finite")
+        err = (got.double() - want).abs().max().item() / (want.abs().max().item() or 1.0)
+        if not err <= worst:
+            worst, where = err, name
+    return worst, where
+
+
 def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, object]]:
     """The kernel correctness suite: every variant family, fp32/bf16/fp16, odd shapes, r_max 16
-    and 128, M up to 32k unless ``quick``, the optimizer's kernels (`check_adamw`), and a tensor
-    on a non-current device when there are two GPUs. One record per problem (see
-    `check_problem`)."""
+    and 128, M up to 32k unless ``quick``, the optimizer's kernels (`check_adamw`), the
+    orthogonal penalty's (`check_orth_penalty`, at the benchmark layers' sizes too unless
+    ``quick``), and a tensor on a non-current device when there are two GPUs. One record per
+    problem (see `check_problem`)."""
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     shapes = [(37, 24, 40)] if quick else \
         [(37, 24, 40), (1000, 769, 3071), (32768, 768, 3072), (4099, 4096, 1100)]
@@ -290,6 +346,9 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
             records.append(check_problem(device, 130, 64, 96, 16, dtype, torch.float32, dtype,
                                          fused=True))
         records += [check_adamw(device, dtype, multi) for multi in (True, False)]
+        records.append(check_orth_penalty(device, dtype))
+        if not quick:  # the benchmark layers' sizes, and 16, 64 and 128 slot tiles
+            records.append(check_orth_penalty(device, dtype, shapes=ORTH_SHAPES_LARGE))
     with _deterministic():
         records.append(dict(check_problem(device, 301, 40, 72, 16, torch.bfloat16,
                                           torch.float32, torch.bfloat16),

@@ -9,7 +9,7 @@ Also the optimizer kernel's masked AdamW step in float64 (`masked_adamw_float64`
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -259,3 +259,22 @@ def masked_adamw_float64(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     step = lr * (m_new / (1 - beta1 ** n)) / ((v_new / (1 - beta2 ** n)).sqrt() + eps)
     p_new = p * (1 - lr * weight_decay) - step
     return tuple(torch.where(on, new, old) for new, old in ((p_new, p), (m_new, m), (v_new, v)))
+
+
+def orth_penalty_float64(lora_As: Sequence[torch.Tensor], lora_Bs: Sequence[torch.Tensor],
+                         used: Sequence[torch.Tensor], trains: Sequence[torch.Tensor],
+                         scale: float) -> torch.Tensor:
+    """The orthogonal penalty in float64, one module at a time: ``scale`` times the sum over
+    modules of ||(w A)(w A)^T - diag(w)||_F + ||(B w)^T (B w) - diag(w)||_F, w the slots that
+    count (``used``); differentiable with respect to the buffers that require grad, through
+    the rows (A) and columns (B) of the slots that train (``trains``) only."""
+    total = torch.zeros((), dtype=torch.float64, device=lora_As[0].device)
+    for a, b, u, t in zip(lora_As, lora_Bs, used, trains):
+        w = u.to(torch.float64)
+        a64 = a.to(torch.float64)
+        a64 = torch.where(t[:, None], a64, a64.detach()) * w[:, None]
+        b64 = b.to(torch.float64)
+        b64 = torch.where(t[None, :], b64, b64.detach()) * w[None, :]
+        total = total + torch.linalg.matrix_norm(a64 @ a64.T - torch.diag(w)) \
+            + torch.linalg.matrix_norm(b64.T @ b64 - torch.diag(w))
+    return scale * total

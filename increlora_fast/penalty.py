@@ -1,0 +1,161 @@
+"""`OrthogonalPenalty`: IncreLoRA's orthogonal regulariser over a model's adapted layers (spec
+section 6), the loss `IncreLoRAController.regularization_loss` returns.
+
+    orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules)
+
+over the slots that count (active and reserve slots; active only with
+``reserve_in_penalty=False``), with gradients only into the A rows and B columns that train
+(frozen reserve slots count but get none). Two paths compute it:
+
+- **Triton** (where the layers take their Triton kernels, `functional.penalty_on_triton`): one
+  launch forward and one backward over every module (`kernels.orth_penalty.OrthPenalty`), which
+  read each A and B where it lives, through a table of addresses on the device. Each dtype of
+  slot buffers is checked once per device against float64 first (`functional.orth_penalty_ok`).
+- **torch** (CPU, float64 buffers, torch.compile, a failed check): batched over the modules of
+  one shape, stacking their A and B at each call.
+
+Nothing is read on the host. The masks of which slots count and train are cached and rebuilt
+only when a layer's ``slot_version`` or ``advance_learning`` changes, in place where they can be
+(`refresh_cached_masks`, called by each allocation round), so a step replayed from a CUDA graph
+reads the current masks; ``cache_epoch`` counts the times they had to be new tensors instead.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from . import functional
+from .device_scalar import refresh_in_place
+from .layer import IncreLoRALinear, SlotState
+
+
+class OrthogonalPenalty:
+    """The penalty over ``layers`` with weight ``weight``; ``reserve_in_penalty``: reserve
+    slots count (the authors' code) or only active ones."""
+
+    def __init__(self, layers: List[IncreLoRALinear], weight: float,
+                 reserve_in_penalty: bool) -> None:
+        self.layers = list(layers)
+        self.weight = float(weight)
+        self.reserve_in_penalty = reserve_in_penalty
+        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
+        for layer in self.layers:
+            groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
+        # the torch path's groups of one shape, and per group its cached masks
+        self._groups: List[List[IncreLoRALinear]] = list(groups.values())
+        self._group_masks: Dict[int, tuple] = {}
+        # the Triton path's kernels (built on its first use) and its (key, masks)
+        self._kernels = None
+        self._kernel_masks: Optional[Tuple[tuple, Tuple[torch.Tensor]]] = None
+        self.cache_epoch = 0
+
+    def loss(self) -> torch.Tensor:
+        """The penalty as a 0-d tensor on the layers' device (0 when ``weight`` is 0)."""
+        if self.weight == 0:
+            return torch.zeros((), device=self.layers[0].lora_A.device)
+        on_kernels = self._kernel_loss()
+        return on_kernels if on_kernels is not None else self._stacked_loss()
+
+    def refresh_cached_masks(self) -> None:
+        """Bring the cached masks made so far up to date with the layers' slots now, in place. An
+        allocation round calls it, so that a step replayed from a CUDA graph captured before the
+        round (which does not run the Python that would refresh them) reads the new masks."""
+        for index, members in enumerate(self._groups):
+            if index in self._group_masks:
+                self._masks_of_group(index, members)
+        if self._kernel_masks is not None and self._kernels is not None:
+            self._masks_of_kernels()
+
+    # ------------------------------------------------------------------ Triton path
+    def _kernel_loss(self) -> Optional[torch.Tensor]:
+        """The loss from the penalty's kernels, or None where they may not run now."""
+        first = self.layers[0].lora_A
+        if not functional.penalty_on_triton(first):
+            return None
+        a = [layer.lora_A for layer in self.layers]
+        b = [layer.lora_B for layer in self.layers]
+        kernels = self._kernels
+        if kernels is None or not kernels.ready(a + b):
+            kernels = self._kernels = self._new_kernels(a + b)
+            if kernels is None:
+                return None
+        masks = self._masks_of_kernels()
+        return kernels(a, b, masks, self.weight / (2 * len(self.layers)))
+
+    def _new_kernels(self, buffers: List[torch.Tensor]):
+        """An `OrthPenalty` for ``buffers``, or None where they may not take it: a CUDA graph
+        being captured (its tables would be copied inside the capture), more slots than the
+        kernels take, a buffer that is not contiguous or of a dtype that failed (or may not
+        take) the first-use check, CUDA tensors under the Triton interpreter."""
+        from .kernels.orth_penalty import OrthPenalty
+        from .kernels.utils import interpreter_active, stream_capturing
+
+        device = buffers[0].device
+        if stream_capturing(device) or (device.type == "cuda" and interpreter_active()):
+            return None
+        r_max = max(layer.r_max for layer in self.layers)
+        if r_max > functional.TRITON_MAX_R or not all(t.is_contiguous() for t in buffers) \
+                or any(t.device != device for t in buffers):
+            return None
+        if not all(functional.orth_penalty_ok(device, dtype)
+                   for dtype in {t.dtype for t in buffers}):
+            return None
+        return OrthPenalty(r_max)
+
+    def _masks_of_kernels(self) -> torch.Tensor:
+        """The kernels' (modules, 2, r) float32 masks of the slots that count and that train."""
+        from .kernels.orth_penalty import penalty_masks
+
+        first = self.layers[0].lora_A
+        key = (tuple((m.slot_version, m.advance_learning) for m in self.layers), first.device)
+        cached = self._kernel_masks
+        if cached is None or cached[0] != key:
+            used, trains = zip(*(self._counted_and_trained(m) for m in self.layers))
+            masks, replaced = refresh_in_place(
+                None if cached is None else cached[1],
+                (penalty_masks(used, trains, self._kernels.r),))
+            self.cache_epoch += replaced
+            cached = self._kernel_masks = (key, masks)
+        return cached[1][0]
+
+    # ------------------------------------------------------------------ torch path
+    def _stacked_loss(self) -> torch.Tensor:
+        total = torch.zeros((), device=self.layers[0].lora_A.device)
+        for index, members in enumerate(self._groups):
+            trains, w, eye = self._masks_of_group(index, members)
+            # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
+            a = torch.stack([m.lora_A for m in members])
+            a = torch.where(trains[:, :, None], a, a.detach()) * w[:, :, None]
+            b = torch.stack([m.lora_B for m in members])
+            b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
+            total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
+                + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
+        return self.weight * total / (2 * len(self.layers))
+
+    def _masks_of_group(self, index: int, members: List[IncreLoRALinear]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(trainable A/B slots, slot weights in the adapter dtype, their diagonal matrices) of
+        one group, each stacked over its members; cached until a member's ``slot_version`` or
+        ``advance_learning``, the adapter dtype or the device changes."""
+        lora_a = members[0].lora_A
+        key = (tuple((m.slot_version, m.advance_learning) for m in members), lora_a.dtype,
+               lora_a.device)
+        cached = self._group_masks.get(index)
+        if cached is None or cached[0] != key:
+            used, trains = (torch.stack(ms) for ms in
+                            zip(*(self._counted_and_trained(m) for m in members)))
+            w = used.to(lora_a.dtype)
+            masks, replaced = refresh_in_place(None if cached is None else cached[1],
+                                               (trains, w, torch.diag_embed(w)))
+            self.cache_epoch += replaced
+            cached = (key, masks)
+            self._group_masks[index] = cached
+        return cached[1]
+
+    def _counted_and_trained(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(slots that count in the penalty, slots whose A row and B column train), bool."""
+        counted = layer.slot_state != SlotState.INACTIVE if self.reserve_in_penalty \
+            else layer.active_mask
+        return counted, layer.trainable_slot_masks()[0]
