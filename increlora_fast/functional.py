@@ -136,7 +136,21 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
     unchecked and not remembered, while compiling or capturing a CUDA graph (the check
     allocates, reads results and warns)."""
     moment_dtype = moment_dtype or dtype
-    key = (str(device), "masked_adamw_multi", dtype, moment_dtype)
+
+    def check() -> Dict[str, object]:
+        from .kernels.checks import check_adamw
+        return check_adamw(device, dtype, multi=True, moment_dtype=moment_dtype)
+    return _checked_once(device, (str(device), "masked_adamw_multi", dtype, moment_dtype), check,
+                         "The optimizer now launches its kernel once per tensor there")
+
+
+def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str, object]],
+                  fallback: str) -> bool:
+    """The first-use check of a kernel family behind a fallback: ``check()`` (a check record
+    of `kernels.checks`) run once per ``key`` and remembered; on a failure one warning saying
+    what happens instead (``fallback``). True unchecked when ``INCRELORA_KERNEL_CHECK=0``;
+    False, unchecked and not remembered, while compiling or capturing a CUDA graph (a check
+    allocates, reads results and warns)."""
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
     if not _SETTINGS[2]:
@@ -144,13 +158,11 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return False
-    from .kernels.checks import check_adamw
-    record = check_adamw(device, dtype, multi=True, moment_dtype=moment_dtype)
+    record = check()
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:
-        warnings.warn(_report(device, key, str(record["error"]),
-                              "The optimizer now launches its kernel once per tensor there"),
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(_report(device, key, str(record["error"]), fallback), RuntimeWarning,
+                      stacklevel=4)
     return ok
 
 
@@ -175,22 +187,12 @@ def orth_penalty_ok(device: torch.device, dtype: torch.dtype) -> bool:
     capturing a CUDA graph."""
     if dtype not in PENALTY_DTYPES:
         return False
-    key = (str(device), "orth_penalty", dtype)
-    if key in _VARIANT_OK:
-        return _VARIANT_OK[key]
-    if not _SETTINGS[2]:
-        return True
-    if torch.compiler.is_compiling() or \
-            (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return False
-    from .kernels.checks import check_orth_penalty
-    record = check_orth_penalty(device, dtype)
-    ok = _VARIANT_OK[key] = bool(record["ok"])
-    if not ok:
-        warnings.warn(_report(device, key, str(record["error"]),
-                              "The orthogonal penalty now takes its torch path there"),
-                      RuntimeWarning, stacklevel=3)
-    return ok
+
+    def check() -> Dict[str, object]:
+        from .kernels.checks import check_orth_penalty
+        return check_orth_penalty(device, dtype)
+    return _checked_once(device, (str(device), "orth_penalty", dtype), check,
+                         "The orthogonal penalty now takes its torch path there")
 
 
 def reset_kernel_checks() -> None:
