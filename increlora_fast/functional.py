@@ -166,6 +166,13 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     return ok
 
 
+def kernel_readable(t: torch.Tensor) -> bool:
+    """Whether a kernel may read ``t`` through its address (a table of addresses, a raw
+    pointer): a plain tensor or parameter. Not a tensor subclass: the DTensor of an FSDP2
+    shard reports address 0, and a wrapper subclass holds no memory of its own."""
+    return type(t) is torch.Tensor or type(t) is torch.nn.Parameter
+
+
 # Slot buffer dtypes the penalty's kernels take (`kernels.orth_penalty.PENALTY_DTYPES`).
 PENALTY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

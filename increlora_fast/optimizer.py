@@ -35,7 +35,7 @@ from torch import nn
 
 from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar, refresh_in_place
-from .functional import multi_adamw_ok, select_backend
+from .functional import kernel_readable, multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
 from .optim_functional import along_slot_dim, masked_adamw_values
@@ -85,8 +85,9 @@ def _layout_key(layer: IncreLoRALinear) -> Tuple[int, bool]:
 
 
 def _fused_kernel_applies(p: torch.Tensor) -> bool:
-    """Whether ``p`` is stepped by the fused Triton kernel (`_FusedPlan`)."""
-    return p.is_cuda and select_backend(p) == "triton"
+    """Whether ``p`` is stepped by the fused Triton kernel (`_FusedPlan`): a plain CUDA tensor
+    (not an FSDP2 DTensor, `functional.kernel_readable`) where the layers take Triton."""
+    return p.is_cuda and kernel_readable(p) and select_backend(p) == "triton"
 
 
 class _Slots(NamedTuple):

@@ -87,8 +87,9 @@ class OrthogonalPenalty:
     def _new_kernels(self, buffers: List[torch.Tensor]):
         """An `OrthPenalty` for ``buffers``, or None where they may not take it: a CUDA graph
         being captured (its tables would be copied inside the capture), more slots than the
-        kernels take, a buffer that is not contiguous or of a dtype that failed (or may not
-        take) the first-use check, CUDA tensors under the Triton interpreter."""
+        kernels take, a buffer that is a tensor subclass (an FSDP2 DTensor shard), not
+        contiguous, on another device or of a dtype that failed (or may not take) the
+        first-use check, CUDA tensors under the Triton interpreter."""
         from .kernels.orth_penalty import OrthPenalty
         from .kernels.utils import interpreter_active, stream_capturing
 
@@ -96,8 +97,9 @@ class OrthogonalPenalty:
         if stream_capturing(device) or (device.type == "cuda" and interpreter_active()):
             return None
         r_max = max(layer.r_max for layer in self.layers)
-        if r_max > functional.TRITON_MAX_R or not all(t.is_contiguous() for t in buffers) \
-                or any(t.device != device for t in buffers):
+        if r_max > functional.TRITON_MAX_R or not all(
+                functional.kernel_readable(t) and t.is_contiguous() and t.device == device
+                for t in buffers):
             return None
         if not all(functional.orth_penalty_ok(device, dtype)
                    for dtype in {t.dtype for t in buffers}):

@@ -289,3 +289,37 @@ def test_device_check_of_the_penalty_kernels_sees_a_wrong_gradient(monkeypatch):
     monkeypatch.setattr(orth_penalty.OrthPenalty, "backward_grads", off_by_a_bit)
     record = checks.check_orth_penalty(torch.device(DEVICE), torch.float32)
     assert not record["ok"] and record["error"].startswith("d")
+
+
+class _Subclass(torch.Tensor):
+    """A tensor subclass standing in for an FSDP2 DTensor shard, whose address (0) no kernel
+    may read."""
+
+
+class _OnCuda(torch.Tensor):
+    @property
+    def is_cuda(self) -> bool:
+        return True
+
+
+def test_tensor_subclasses_are_not_read_by_address(monkeypatch):
+    """The penalty leaves buffers that are tensor subclasses (FSDP2 shards are DTensors, whose
+    address reads 0) to its torch path, and the optimizer steps them without its kernels."""
+    from increlora_fast import functional
+    from increlora_fast.optimizer import _fused_kernel_applies
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    assert functional.kernel_readable(nn.Parameter(torch.randn(2)))
+    assert not functional.kernel_readable(nn.Parameter(torch.randn(2).as_subclass(_Subclass)))
+    assert not _fused_kernel_applies(nn.Parameter(torch.randn(2).as_subclass(_OnCuda)))
+    results = []
+    for subclass in (True, False):
+        _, controller = _model_and_controller()
+        if subclass:
+            layer = controller.layers[1]
+            layer.lora_A = nn.Parameter(layer.lora_A.detach().as_subclass(_Subclass))
+        reset_launch_counts()
+        results.append([t.as_subclass(torch.Tensor) for t in _penalty_and_grads(controller)])
+        assert (FWD in launch_counts()) != subclass
+    for got, ref in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
