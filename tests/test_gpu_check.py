@@ -113,6 +113,13 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert many["median_us"] > 0 and per["us_per_launch_saved"] is not None
     assert "interpreter: the times say nothing" in many["note"]
     assert "Host time per optimizer step on tiny-bert" in md
+    # the penalty: on its kernels (one launch forward, one backward) and stacked in torch
+    kernels, stacked = report["parts"]["layer"]["penalty_time_records"]
+    assert (kernels["method"], stacked["method"]) == ("kernels", "stacked")
+    assert kernels["launches_per_call"] == 2 and stacked["launches_per_call"] == 0
+    assert kernels["aten_ops_per_call"] < stacked["aten_ops_per_call"]
+    assert kernels["modules"] == stacked["modules"] > 2 and kernels["median_us"] > 0
+    assert "The orthogonal penalty's forward and backward on tiny-bert" in md
     model = report["parts"]["model"]["records"]
     presets = [r["shape"].split()[0] for r in model]
     assert presets[0] == "tiny-bert"  # MiniLM-L6's family first

@@ -13,6 +13,8 @@ from .verdicts import cuda_graphs_auto, issue27_verdicts
 
 OPTIMIZER_COLUMNS = ("method", "launches_per_step", "median_us", "min_us", "us_per_launch_saved",
                      "repeats")
+PENALTY_COLUMNS = ("method", "modules", "launches_per_call", "aten_ops_per_call",
+                   "host_median_us", "median_us", "min_us", "repeats")
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
 MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",
                        "untracked_median_ms", "tokens_per_s", "x_peft_lora_mean", "peak_mem_mb",
@@ -110,8 +112,8 @@ def graphs_section(part: Dict) -> List[str]:
 
 
 def layer_section(part: Dict) -> List[str]:
-    """The layer table, launches and host time per call, host time per optimizer step, then the
-    adapter's pass over dy against cuBLAS ``dy W``."""
+    """The layer table, launches and host time per call, host time per optimizer step, the
+    penalty's time per call, then the adapter's pass over dy against cuBLAS ``dy W``."""
     lines = []
     rows = layer_rows(part.get("records", []))
     if rows:
@@ -126,6 +128,10 @@ def layer_section(part: Dict) -> List[str]:
         lines += ["", f"Host time per optimizer step on {optimizer[0].get('model')} "
                   f"({optimizer[0].get('tensors')} tensors; {optimizer[0].get('note')}):", "",
                   markdown_table(optimizer, OPTIMIZER_COLUMNS)]
+    penalty = part.get("penalty_time_records", [])
+    if penalty:
+        lines += ["", f"The orthogonal penalty's forward and backward on {penalty[0].get('model')} "
+                  f"({penalty[0].get('note')}):", "", markdown_table(penalty, PENALTY_COLUMNS)]
     dy = part.get("dy_pass_records", [])
     if dy:
         lines += ["", "The adapter's pass over dy against the frozen layer's cuBLAS `dy W` "

@@ -148,8 +148,8 @@ def _host_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict
 
 
 def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
-    """The layer benchmark and the host time per call; failed when a method could not be
-    measured. On CUDA each (shape, tokens) point is measured on its own, so a failure loses
+    """The layer benchmark, the host time per call, the optimizer's host time per step and the
+    penalty's time per call; failed when a method could not be measured. On CUDA each (shape, tokens) point is measured on its own, so a failure loses
     only that point's rows."""
     from ..speed.layer_level import run_layer_level
 
@@ -192,8 +192,31 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
     for r in optimizer:
         log(f"optimizer {r['method']:13s} {r['median_us']:10.1f} us per step  "
             f"{r['launches_per_step']} launches")
+    penalty: List[dict] = []
+    try:
+        penalty = _penalty_time_records(device, plan, env)
+    except Exception as err:  # the rows above stay
+        log(traceback.format_exc())
+        errors.append(f"penalty time: {type(err).__name__}: {err}")
+    for r in penalty:
+        log(f"penalty {r['method']:8s} {r['median_us']:10.1f} us per fwd+bwd "
+            f"({r['host_median_us']:.1f} us host)  {r['launches_per_call']} launches")
     return {"records": records, "host_records": host, "dy_pass_records": dy_pass,
-            "optimizer_host_records": optimizer, "error": "; ".join(errors + failed) or None}
+            "optimizer_host_records": optimizer, "penalty_time_records": penalty,
+            "error": "; ".join(errors + failed) or None}
+
+
+def _penalty_time_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict]:
+    """The orthogonal penalty's forward and backward on its kernels and stacked in torch, on
+    the first model plan's preset (`speed.penalty_time`)."""
+    from ..speed.penalty_time import measure_penalty_time
+
+    model_plan = plan.models[0]
+    try:
+        return measure_penalty_time(model_plan.models[0], model_plan, device, env,
+                                    plan.penalty_repeats)
+    finally:
+        _release(device)
 
 
 def _optimizer_host_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict]:

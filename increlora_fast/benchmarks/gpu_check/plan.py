@@ -33,6 +33,8 @@ class CheckPlan:
     graph_steps: int = GRAPH_STEPS
     # timed optimizer steps of each way of launching (`speed.optimizer_host`, first model plan)
     optimizer_repeats: int = 50
+    # timed penalty calls of each path (`speed.penalty_time`, first model plan)
+    penalty_repeats: int = 50
 
 
 def full_plan() -> CheckPlan:
@@ -48,8 +50,9 @@ def full_plan() -> CheckPlan:
     - model, three presets x five measured methods, 20 steps each: about 115 s, of which
       torch.compile's first step is about 25-40 s per preset;
     - qlora, 2-layer Llama-7B in NF4 (2 GB of random weights written and read back): about 20 s;
-    - layer, four points x six methods, the host-time point and the optimizer's host time per
-      step on MiniLM-L6 (its model trained to the budget first): about 30 s.
+    - layer, four points x six methods, the host-time point, the optimizer's host time per
+      step and the penalty's time per call on MiniLM-L6 (its model trained to the budget
+      first, for each of the two): about 35 s (the penalty's part not timed on a GPU yet).
     """
     layer = LayerPlan(shapes=[(768, 3072), (4096, 11008)], tokens=[2048, 16384], r_max=[16],
                       dtypes=["bf16"], phases=["fwd+bwd"], warmup=3, repeats=10)
@@ -81,4 +84,5 @@ def dry_run_plan() -> CheckPlan:
     finetune = ["--max-steps", "4", "--max-train-samples", "64", "--max-eval-samples", "64",
                 "--batch-size", "8", "--eval-batch-size", "32", "--max-seq-len", "32"]
     return CheckPlan(kernel_quick=True, layer=layer, host=host, models=models, qlora=qlora,
-                     finetune=finetune, dy_pass=[(24, 40, 16)], optimizer_repeats=1)
+                     finetune=finetune, dy_pass=[(24, 40, 16)], optimizer_repeats=1,
+                     penalty_repeats=1)

@@ -1,0 +1,109 @@
+"""Time of the orthogonal penalty's forward and backward: its Triton kernels (one launch each
+over every module) against its torch path (A and B stacked per shape group), on the IncreLoRA
+model of a preset after the budget.
+
+Decides whether the kernels, the CUDA default since 2026-12-05, earn it there: they have never
+run on a GPU before. Per way, per call (``regularization_loss()`` and its backward, the
+gradients set to None first): the host's issue time (the device idle before it) and the time
+until the device is done, and the Triton launches and aten ops it issues. On CPU the kernels run
+under the Triton interpreter: that drives the code only, and its times mean nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from typing import Dict, Iterator, List
+
+import torch
+
+from .plans import ModelPlan
+
+LEVEL = "penalty_time"
+# (method name, the kernels allowed)
+MODES = (("kernels", True), ("stacked", False))
+NOTE = ("regularization_loss() and its backward: host = issue time with the device idle "
+        "before it; total = until the device is done")
+CPU_NOTE = "on CPU the kernels run under the Triton interpreter: the times say nothing"
+
+
+@contextlib.contextmanager
+def penalty_path(kernels: bool) -> Iterator[None]:
+    """Within the block the penalty takes its kernels wherever they may run (on CPU too, under
+    the interpreter) when ``kernels``, else its torch path."""
+    from ... import functional
+
+    real = functional.penalty_on_triton
+    functional.penalty_on_triton = lambda lora_A: kernels
+    try:
+        yield
+    finally:
+        functional.penalty_on_triton = real
+
+
+def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device,
+                         env: Dict[str, object], repeats: int = 50) -> List[dict]:
+    """One record per way of `MODES`: median and minimum µs of host time and of total time
+    per penalty forward and backward, its Triton launches and aten ops, on
+    ``preset_name``'s IncreLoRA model (built and trained per ``plan`` until the budget is
+    reached)."""
+    from ...kernels.launches import launch_counts, reset_launch_counts
+    from .model_level import prepare_run
+    from .step_host import _AtenOps
+
+    if repeats < 1:
+        raise ValueError(f"penalty time: repeats={repeats} must be >= 1")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    run, batches = prepare_run("increlora-triton", preset_name, plan, device)
+    i = 0
+    while run.phase(i) == "alloc" or i < 2:
+        run.step(i, batches[i % len(batches)])
+        i += 1
+    controller = run.method.controller
+    params = [p for layer in controller.layers for p in (layer.lora_A, layer.lora_B)]
+
+    def call() -> None:
+        for p in params:
+            p.grad = None
+        controller.regularization_loss().backward()
+
+    counts: Dict[str, Dict[str, int]] = {}
+    for name, kernels in MODES:
+        with penalty_path(kernels):
+            for _ in range(3):  # the tables, masks and kernels built
+                call()
+            sync()
+            reset_launch_counts()
+            with _AtenOps() as ops:
+                call()
+            counts[name] = dict(launches_per_call=sum(launch_counts().values()),
+                                aten_ops_per_call=ops.count)
+            if (counts[name]["launches_per_call"] > 0) != kernels:
+                raise RuntimeError(f"penalty time: the {name} way launched "
+                                   f"{counts[name]['launches_per_call']} Triton kernels")
+    host: Dict[str, List[float]] = {name: [] for name, _ in MODES}
+    total: Dict[str, List[float]] = {name: [] for name, _ in MODES}
+    for _ in range(repeats):  # interleaved: drift hits both alike
+        for name, kernels in MODES:
+            with penalty_path(kernels):
+                sync()
+                start = time.perf_counter()
+                call()
+                issued = time.perf_counter()
+                sync()
+                done = time.perf_counter()
+            host[name].append((issued - start) * 1e6)
+            total[name].append((done - start) * 1e6)
+    for p in params:
+        p.grad = None
+    return [dict(env, level=LEVEL, status="ok", method=name, model=preset_name,
+                 modules=len(controller.layers), **counts[name],
+                 host_median_us=statistics.median(host[name]), host_min_us=min(host[name]),
+                 median_us=statistics.median(total[name]), min_us=min(total[name]),
+                 repeats=repeats,
+                 note=NOTE if device.type == "cuda" else f"{NOTE}; {CPU_NOTE}")
+            for name, _ in MODES]
