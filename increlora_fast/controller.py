@@ -92,8 +92,7 @@ class IncreLoRAController:
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         # The step index on the EMAs' device, read by the non-finite bookkeeping.
         self._device_steps = DeviceScalar(torch.long)
-        self.penalty = OrthogonalPenalty(self.layers, self.config.orth_reg_weight,
-                                         self.config.reserve_in_penalty)
+        self.penalty = OrthogonalPenalty(self.layers, self.config)
         self.allocation_log: List[dict] = []
         self.budget_reached = False
         self.round_pending = False

@@ -27,19 +27,19 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import functional
+from .config import IncreLoRAConfig
 from .device_scalar import refresh_in_place
 from .layer import IncreLoRALinear, SlotState
 
 
 class OrthogonalPenalty:
-    """The penalty over ``layers`` with weight ``weight``; ``reserve_in_penalty``: reserve
-    slots count (the authors' code) or only active ones."""
+    """The penalty over ``layers`` with ``config.orth_reg_weight`` and
+    ``config.reserve_in_penalty`` (reserve slots count, the authors' code, or only active
+    ones), both read at each call."""
 
-    def __init__(self, layers: List[IncreLoRALinear], weight: float,
-                 reserve_in_penalty: bool) -> None:
+    def __init__(self, layers: List[IncreLoRALinear], config: IncreLoRAConfig) -> None:
         self.layers = list(layers)
-        self.weight = float(weight)
-        self.reserve_in_penalty = reserve_in_penalty
+        self.config = config
         groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
         for layer in self.layers:
             groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
@@ -52,11 +52,12 @@ class OrthogonalPenalty:
         self.cache_epoch = 0
 
     def loss(self) -> torch.Tensor:
-        """The penalty as a 0-d tensor on the layers' device (0 when ``weight`` is 0)."""
-        if self.weight == 0:
+        """The penalty as a 0-d tensor on the layers' device (0 when the weight is 0)."""
+        weight = float(self.config.orth_reg_weight)
+        if weight == 0:
             return torch.zeros((), device=self.layers[0].lora_A.device)
-        on_kernels = self._kernel_loss()
-        return on_kernels if on_kernels is not None else self._stacked_loss()
+        on_kernels = self._kernel_loss(weight)
+        return on_kernels if on_kernels is not None else self._stacked_loss(weight)
 
     def refresh_cached_masks(self) -> None:
         """Bring the cached masks made so far up to date with the layers' slots now, in place. An
@@ -69,7 +70,7 @@ class OrthogonalPenalty:
             self._masks_of_kernels()
 
     # ------------------------------------------------------------------ Triton path
-    def _kernel_loss(self) -> Optional[torch.Tensor]:
+    def _kernel_loss(self, weight: float) -> Optional[torch.Tensor]:
         """The loss from the penalty's kernels, or None where they may not run now."""
         first = self.layers[0].lora_A
         if not functional.penalty_on_triton(first):
@@ -82,7 +83,7 @@ class OrthogonalPenalty:
             if kernels is None:
                 return None
         masks = self._masks_of_kernels()
-        return kernels(a, b, masks, self.weight / (2 * len(self.layers)))
+        return kernels(a, b, masks, weight / (2 * len(self.layers)))
 
     def _new_kernels(self, buffers: List[torch.Tensor]):
         """An `OrthPenalty` for ``buffers``, or None where they may not take it: a CUDA graph
@@ -111,19 +112,21 @@ class OrthogonalPenalty:
         from .kernels.orth_penalty import penalty_masks
 
         first = self.layers[0].lora_A
-        key = (tuple((m.slot_version, m.advance_learning) for m in self.layers), first.device)
+        key = (tuple((m.slot_version, m.advance_learning) for m in self.layers), first.device,
+               self.config.reserve_in_penalty)
         cached = self._kernel_masks
         if cached is None or cached[0] != key:
-            used, trains = zip(*(self._counted_and_trained(m) for m in self.layers))
-            masks, replaced = refresh_in_place(
-                None if cached is None else cached[1],
-                (penalty_masks(used, trains, self._kernels.r),))
+            with torch.inference_mode(False), torch.no_grad():  # masks for training steps too
+                used, trains = zip(*(self._counted_and_trained(m) for m in self.layers))
+                masks, replaced = refresh_in_place(
+                    None if cached is None else cached[1],
+                    (penalty_masks(used, trains, self._kernels.r),))
             self.cache_epoch += replaced
             cached = self._kernel_masks = (key, masks)
         return cached[1][0]
 
     # ------------------------------------------------------------------ torch path
-    def _stacked_loss(self) -> torch.Tensor:
+    def _stacked_loss(self, weight: float) -> torch.Tensor:
         total = torch.zeros((), device=self.layers[0].lora_A.device)
         for index, members in enumerate(self._groups):
             trains, w, eye = self._masks_of_group(index, members)
@@ -134,7 +137,7 @@ class OrthogonalPenalty:
             b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
             total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
                 + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
-        return self.weight * total / (2 * len(self.layers))
+        return weight * total / (2 * len(self.layers))
 
     def _masks_of_group(self, index: int, members: List[IncreLoRALinear]
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -143,14 +146,15 @@ class OrthogonalPenalty:
         ``advance_learning``, the adapter dtype or the device changes."""
         lora_a = members[0].lora_A
         key = (tuple((m.slot_version, m.advance_learning) for m in members), lora_a.dtype,
-               lora_a.device)
+               lora_a.device, self.config.reserve_in_penalty)
         cached = self._group_masks.get(index)
         if cached is None or cached[0] != key:
-            used, trains = (torch.stack(ms) for ms in
-                            zip(*(self._counted_and_trained(m) for m in members)))
-            w = used.to(lora_a.dtype)
-            masks, replaced = refresh_in_place(None if cached is None else cached[1],
-                                               (trains, w, torch.diag_embed(w)))
+            with torch.inference_mode(False), torch.no_grad():  # masks for training steps too
+                used, trains = (torch.stack(ms) for ms in
+                                zip(*(self._counted_and_trained(m) for m in members)))
+                w = used.to(lora_a.dtype)
+                masks, replaced = refresh_in_place(None if cached is None else cached[1],
+                                                   (trains, w, torch.diag_embed(w)))
             self.cache_epoch += replaced
             cached = (key, masks)
             self._group_masks[index] = cached
@@ -158,6 +162,6 @@ class OrthogonalPenalty:
 
     def _counted_and_trained(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
         """(slots that count in the penalty, slots whose A row and B column train), bool."""
-        counted = layer.slot_state != SlotState.INACTIVE if self.reserve_in_penalty \
+        counted = layer.slot_state != SlotState.INACTIVE if self.config.reserve_in_penalty \
             else layer.active_mask
         return counted, layer.trainable_slot_masks()[0]

@@ -86,6 +86,21 @@ def test_loss_and_every_gradient_match_float64(shapes, dtype):
         assert got[1 + k][t].abs().sum() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_small_scale_and_a_scaled_loss_keep_half_precision_gradients_accurate(dtype):
+    """The controller's scale is its weight over twice the modules (5e-5 for 1,000 modules)
+    and a GradScaler multiplies the loss by 65,536: the gradients keep their precision (the
+    scale is applied in float32, not inside the float16 operand of the backward's GEMM)."""
+    a, b, used, trains = _buffers([(128, 256, 256), (40, 100, 77)], (dtype, dtype))
+
+    def scaled(a_, b_, used_, trains_, scale):
+        return fn(a_, b_, used_, trains_, 0.1 / 2000) * 65536.0
+    results = []
+    for fn in (orth_penalty_triton, orth_penalty_float64):
+        results.append(_run(scaled, a, b, used, trains))
+    _assert_close(*results, TOL[dtype])
+
+
 def test_buffers_of_two_dtypes_launch_once_each():
     a, b, used, trains = _buffers([(5, 7, 9), (9, 33, 40)], (torch.float32, torch.bfloat16))
     reset_launch_counts()
@@ -106,6 +121,35 @@ def test_a_module_whose_slots_all_do_not_count_adds_nothing():
     only_first = _run(orth_penalty_float64, a[:1], b[:1], used[:1], trains[:1])
     torch.testing.assert_close(got[0].double(), only_first[0], rtol=2e-6, atol=0)
     assert torch.all(got[2] == 0) and torch.all(got[4] == 0)
+
+
+def test_the_backward_refuses_buffers_that_moved_after_the_forward():
+    """A buffer given new memory between forward and backward (its old memory may be gone):
+    a RuntimeError that says so, not a read of freed memory."""
+    a, b, used, trains = _buffers([(5, 7, 9)], (torch.float32, torch.float32))
+    loss = orth_penalty_triton(a, b, used, trains, 0.3)
+    with torch.no_grad():
+        a[0].data = a[0].data.clone()
+    with pytest.raises(RuntimeError, match="new memory .* between the penalty's forward and "
+                       "its backward"):
+        loss.backward()
+
+
+def test_no_double_backward_and_no_silent_one():
+    """The backward is not differentiable: a second derivative raises, whatever the incoming
+    gradient, rather than dropping the penalty's second-order terms."""
+    a, b, used, trains = _buffers([(5, 7, 9)], (torch.float32, torch.float32))
+    weight = torch.tensor(2.0, requires_grad=True)  # an incoming gradient that requires grad
+    loss = orth_penalty_triton(a, b, used, trains, 0.3) * weight
+    (grad,) = torch.autograd.grad(loss, [a[0]], create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        (grad.sum() * weight).backward()  # without the mark: weight.grad, the rest dropped
+
+
+def test_the_dtypes_of_the_path_choice_are_the_kernels():
+    from increlora_fast import functional
+    from increlora_fast.kernels import orth_penalty
+    assert functional.PENALTY_DTYPES == orth_penalty.PENALTY_DTYPES
 
 
 def test_the_tables_follow_buffers_that_moved():
@@ -323,3 +367,43 @@ def test_tensor_subclasses_are_not_read_by_address(monkeypatch):
         assert (FWD in launch_counts()) != subclass
     for got, ref in zip(*results):
         torch.testing.assert_close(got, ref, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_first_call_under_inference_mode_leaves_training_intact(monkeypatch, backend):
+    """A first penalty under ``torch.inference_mode()`` (a validation pass before training):
+    its first-use check still passes, and the masks it caches serve the training steps."""
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    reset_kernel_checks()
+    try:
+        _, controller = _model_and_controller()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.inference_mode():
+                before = controller.regularization_loss()
+            reset_launch_counts()
+            got = _penalty_and_grads(controller)
+        assert (launch_counts() == {FWD: 1, BWD: 1}) == (backend == "triton")
+        torch.testing.assert_close(got[0], before.clone(), rtol=1e-6, atol=0)
+    finally:
+        reset_kernel_checks()
+
+
+def test_the_weight_and_reserve_choice_are_read_at_each_call(monkeypatch):
+    """``orth_reg_weight`` and ``reserve_in_penalty`` changed on the controller's config after
+    it was built take effect at the next call, on both paths alike."""
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    results = {}
+    for backend in ("triton", "torch"):
+        monkeypatch.setenv("INCRELORA_BACKEND", backend)
+        _, controller = _model_and_controller()
+        first = _penalty_and_grads(controller)
+        controller.config.orth_reg_weight = 0.6
+        doubled = _penalty_and_grads(controller)
+        torch.testing.assert_close(doubled[0], 2 * first[0], rtol=1e-6, atol=0)
+        controller.config.reserve_in_penalty = False
+        results[backend] = _penalty_and_grads(controller)
+        assert not torch.allclose(results[backend][0], doubled[0])
+    for g, r in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-6)

@@ -306,8 +306,8 @@ class MultiTensorAdamW:
         self._tables = {}
         for key, group in self._groups.items():
             table = group.host.clone()  # not in place: an earlier copy may still be pending
-            table[:, 0] = torch.tensor([params_at[k] for k in group.rows])
-            table[:, 1] = torch.tensor([grads_at[k] for k in group.rows])
+            table[:, 0] = torch.tensor([params_at[k] for k in group.rows], device="cpu")
+            table[:, 1] = torch.tensor([grads_at[k] for k in group.rows], device="cpu")
             if table.device != group.owner.device:  # pinned: copied in order, host not blocked
                 table = table.pin_memory().to(group.owner.device, non_blocking=True)
             self._tables[key] = table
@@ -320,13 +320,14 @@ class MultiTensorAdamW:
         for n in blocks:
             first_blocks.append(total)
             total += n
-        owner = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32),
-                                        torch.tensor(blocks))
+        owner = torch.repeat_interleave(
+            torch.arange(len(rows), dtype=torch.int32, device="cpu"),
+            torch.tensor(blocks, device="cpu"))
         if device.type == "cuda":
             owner = owner.pin_memory().to(device, non_blocking=True)
         host = torch.tensor(
             [[0, 0, self.moments[k][0].data_ptr(), self.moments[k][1].data_ptr(),
               self.counts[k].data_ptr(), self.launches[k].n_elements, self.launches[k].inner,
               self.launches[k].n_slots, self.offsets[k], first]
-             for k, first in zip(rows, first_blocks)], dtype=torch.int64)
+             for k, first in zip(rows, first_blocks)], dtype=torch.int64, device="cpu")
         return _Group(rows, owner, host, (total,))

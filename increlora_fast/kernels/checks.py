@@ -278,7 +278,9 @@ def check_orth_penalty(device: torch.device, dtype: torch.dtype, seed: int = 0,
                        shapes: Sequence[Tuple[int, int, int]] = ORTH_SHAPES
                        ) -> Dict[str, object]:
     """The orthogonal penalty's kernels (`orth_penalty.orth_penalty_triton`, one launch forward
-    and one backward over every module) on ``dtype`` slot buffers against float64
+    and one backward over every module) on ``dtype`` slot buffers, at a penalty scale of 1e-4
+    and a loss scaled by 1,024 (as the controller's weight over 500 modules and a GradScaler
+    give), against float64
     (`reference.orth_penalty_float64`): the loss and the gradient of every A and B, with slots
     that do not count, reserve slots that count but do not train, and one module whose slots
     all do not count (its term and gradients are 0). Error relative to the largest magnitude of
@@ -293,6 +295,14 @@ def check_orth_penalty(device: torch.device, dtype: torch.dtype, seed: int = 0,
 
 def _orth_penalty_error(device: torch.device, dtype: torch.dtype, seed: int,
                         shapes: Sequence[Tuple[int, int, int]]) -> Tuple[float, str]:
+    # every tensor of the check made outside inference mode: a first penalty may come under
+    # torch.inference_mode() (a validation pass before training)
+    with torch.inference_mode(False):
+        return _orth_penalty_compared(device, dtype, seed, shapes)
+
+
+def _orth_penalty_compared(device: torch.device, dtype: torch.dtype, seed: int,
+                           shapes: Sequence[Tuple[int, int, int]]) -> Tuple[float, str]:
     from .orth_penalty import orth_penalty_triton
 
     gen = torch.Generator().manual_seed(seed)
@@ -305,11 +315,13 @@ def _orth_penalty_error(device: torch.device, dtype: torch.dtype, seed: int,
     used, trains = ([m.to(device) for m in ms] for ms in (used, trains))
     results = []
     for kernel in (True, False):
-        leaves = [t.detach().clone().requires_grad_(True) for t in a + b]
         with _uncounted(), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+            leaves = [t.detach().clone().requires_grad_(True) for t in a + b]
             fn = orth_penalty_triton if kernel else orth_penalty_float64
-            loss = fn(leaves[:len(a)], leaves[len(a):], used, trains, 0.3)
-            loss.backward()
+            # the controller's scale, its weight over twice the modules (0.1 / 1,000 here),
+            # and a GradScaler's factor on the loss
+            loss = fn(leaves[:len(a)], leaves[len(a):], used, trains, 1e-4)
+            (loss * 1024.0).backward()
         results.append([loss.detach()] + [t.grad for t in leaves])
     worst, where = 0.0, ""
     names = ["loss"] + [f"d{side}{k}" for side in "AB" for k in range(len(shapes))]
