@@ -183,21 +183,16 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
         log(f"host {r['method']:30s} {r['median_us']:10.1f} us per call  "
             f"{r['launches_per_call']} launches")
     dy_pass, failed = _dy_pass_records(device, plan, env, log)
-    optimizer: List[dict] = []
-    try:
-        optimizer = _optimizer_host_records(device, plan, env)
-    except Exception as err:  # the rows above stay
-        log(traceback.format_exc())
-        errors.append(f"optimizer host time: {type(err).__name__}: {err}")
+    from ..speed.optimizer_host import measure_optimizer_host
+    from ..speed.penalty_time import measure_penalty_time
+
+    optimizer = _on_first_model("optimizer host time", measure_optimizer_host,
+                                plan.optimizer_repeats, device, plan, env, errors, log)
     for r in optimizer:
         log(f"optimizer {r['method']:13s} {r['median_us']:10.1f} us per step  "
             f"{r['launches_per_step']} launches")
-    penalty: List[dict] = []
-    try:
-        penalty = _penalty_time_records(device, plan, env)
-    except Exception as err:  # the rows above stay
-        log(traceback.format_exc())
-        errors.append(f"penalty time: {type(err).__name__}: {err}")
+    penalty = _on_first_model("penalty time", measure_penalty_time, plan.penalty_repeats,
+                              device, plan, env, errors, log)
     for r in penalty:
         log(f"penalty {r['method']:8s} {r['median_us']:10.1f} us per fwd+bwd "
             f"({r['host_median_us']:.1f} us host)  {r['launches_per_call']} launches")
@@ -206,28 +201,20 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
             "error": "; ".join(errors + failed) or None}
 
 
-def _penalty_time_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict]:
-    """The orthogonal penalty's forward and backward on its kernels and stacked in torch, on
-    the first model plan's preset (`speed.penalty_time`)."""
-    from ..speed.penalty_time import measure_penalty_time
-
+def _on_first_model(what: str, measure: Callable, repeats: int, device: torch.device,
+                    plan: CheckPlan, env: Dict, errors: List[str], log: Callable
+                    ) -> List[dict]:
+    """``measure(preset, model plan, device, env, repeats)`` on the first model plan's preset
+    (`speed.optimizer_host`: the optimizer's host time per step; `speed.penalty_time`: the
+    penalty's time per call): its records, or none and an error naming ``what`` if it
+    failed (the part's other rows stay)."""
     model_plan = plan.models[0]
     try:
-        return measure_penalty_time(model_plan.models[0], model_plan, device, env,
-                                    plan.penalty_repeats)
-    finally:
-        _release(device)
-
-
-def _optimizer_host_records(device: torch.device, plan: CheckPlan, env: Dict) -> List[dict]:
-    """Host time per optimizer step, launched over many tensors and per tensor, on the first
-    model plan's preset (`speed.optimizer_host`)."""
-    from ..speed.optimizer_host import measure_optimizer_host
-
-    model_plan = plan.models[0]
-    try:
-        return measure_optimizer_host(model_plan.models[0], model_plan, device, env,
-                                      plan.optimizer_repeats)
+        return measure(model_plan.models[0], model_plan, device, env, repeats)
+    except Exception as err:
+        log(traceback.format_exc())
+        errors.append(f"{what}: {type(err).__name__}: {err}")
+        return []
     finally:
         _release(device)
 

@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List
 import torch
 
 from .plans import ModelPlan
+from .replaced import replaced
 
 LEVEL = "optimizer_host"
 # (method name, the launch over many tensors allowed)
@@ -35,12 +36,8 @@ def per_tensor_launches() -> Iterator[None]:
     step or where the launch over many tensors failed its first-use check."""
     from ...kernels.adamw import MultiTensorAdamW
 
-    real = MultiTensorAdamW.step
-    MultiTensorAdamW.step = lambda self, *args, **kwargs: False
-    try:
+    with replaced(MultiTensorAdamW, "step", lambda self, *args, **kwargs: False):
         yield
-    finally:
-        MultiTensorAdamW.step = real
 
 
 def measure_optimizer_host(preset_name: str, plan: ModelPlan, device: torch.device,

@@ -17,14 +17,15 @@ from typing import Dict, Iterator, List
 
 import torch
 
+from .optimizer_host import CPU_NOTE
 from .plans import ModelPlan
+from .replaced import replaced
 
 LEVEL = "penalty_time"
 # (method name, the kernels allowed)
 MODES = (("kernels", True), ("stacked", False))
 NOTE = ("regularization_loss() and its backward: host = issue time with the device idle "
         "before it; total = until the device is done")
-CPU_NOTE = "on CPU the kernels run under the Triton interpreter: the times say nothing"
 
 
 @contextlib.contextmanager
@@ -33,12 +34,8 @@ def penalty_path(kernels: bool) -> Iterator[None]:
     the interpreter) when ``kernels``, else its torch path."""
     from ... import functional
 
-    real = functional.penalty_on_triton
-    functional.penalty_on_triton = lambda lora_A: kernels
-    try:
+    with replaced(functional, "penalty_on_triton", lambda lora_A: kernels):
         yield
-    finally:
-        functional.penalty_on_triton = real
 
 
 def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device,

@@ -38,6 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .host_overhead import STUBBED_NOTE, SUBPROCESS_ENV, python_calls
 from .point_cli import parse_point_args, write_records
+from .replaced import replaced
 
 LEVEL = "step_host"
 METHODS = ("floor", "peft-lora", "increlora-triton")
@@ -66,12 +67,8 @@ def fused_optimizer_on_cpu() -> Iterator[None]:
     step runs."""
     from ... import optimizer
 
-    real = optimizer._fused_kernel_applies
-    optimizer._fused_kernel_applies = lambda p: True
-    try:
+    with replaced(optimizer, "_fused_kernel_applies", lambda p: True):
         yield
-    finally:
-        optimizer._fused_kernel_applies = real
 
 
 def measure(preset_name: str = "minilm-l6-narrow", batch_size: int = 2, seq_len: int = 8,
