@@ -51,9 +51,9 @@ def test_replayed_tiny_bert_agrees_with_the_eager_run(precision):
 
 @pytest.mark.slow  # about 70 s: every adapted layer's kernels under the Triton interpreter
 def test_replayed_fp16_steps_agree_on_the_triton_path(monkeypatch):
-    """The path a GPU takes (Triton kernels, here under the interpreter): fp16 replays, an
-    overflowing one included, agree bit for bit, and no kernel is first launched inside a
-    capture (CUDA refuses that)."""
+    """The path a GPU takes (Triton kernels, the penalty's included, here under the
+    interpreter): fp16 replays, an overflowing one included, agree bit for bit, and no kernel
+    is first launched inside a capture (CUDA refuses that)."""
     pytest.importorskip("triton")
     from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
     from increlora_fast.kernels.utils import interpreter_active
@@ -64,6 +64,7 @@ def test_replayed_fp16_steps_agree_on_the_triton_path(monkeypatch):
     with kernels_loaded_before_capture():
         r = graphs.graph_agreement(CPU, "fp16", graph_factory=EmulatedPool())
     assert launch_counts().get("_score_tiles_kernel", 0) > 0  # the Triton path was taken
+    assert launch_counts().get("_orth_penalty_bwd_kernel", 0) > 0  # the penalty's kernels too
     assert r["ok"] is True and r["replays"] >= 4 and r["overflows_replayed"] >= 1, r
     # no eager step but the warm-up: the tracked state's Triton kernels (the score's) were
     # loaded by the preload, before that state's first capture
