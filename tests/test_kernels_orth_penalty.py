@@ -101,6 +101,26 @@ def test_a_small_scale_and_a_scaled_loss_keep_half_precision_gradients_accurate(
     _assert_close(*results, TOL[dtype])
 
 
+def test_rows_of_slots_that_do_not_count_are_never_read():
+    """NaN and inf in the A rows and B columns of slots that do not count change nothing:
+    the kernels do not read them (the stacked torch path multiplies them by 0, which gives
+    NaN)."""
+    a, b, used, trains = _buffers([(7, 9, 11), (16, 40, 33)], (torch.float32, torch.float32))
+    with torch.no_grad():
+        for x, y, u in zip(a, b, used):
+            u[-1] = False
+            x[~u] = float("nan")
+            y[:, ~u] = float("inf")
+    got = _run(orth_penalty_triton, a, b, used, trains)
+    with torch.no_grad():
+        for x, y, u in zip(a, b, used):
+            x[~u] = 0.0
+            y[:, ~u] = 0.0
+    ref = _run(orth_penalty_float64, a, b, used, trains)
+    assert all(torch.isfinite(g).all() for g in got)
+    _assert_close(got, ref, TOL[torch.float32])
+
+
 def test_buffers_of_two_dtypes_launch_once_each():
     a, b, used, trains = _buffers([(5, 7, 9), (9, 33, 40)], (torch.float32, torch.bfloat16))
     reset_launch_counts()

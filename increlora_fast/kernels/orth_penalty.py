@@ -61,15 +61,16 @@ def _orth_penalty_fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """One (module, side) term: the float32 Gram matrix of its X over all L, then
-    ``scale * ||M||_F`` into ``term[pid]`` and P (without the scale) into ``p[pid]`` (R x R). ``mask_ptr``: float32
-    (rows, 2, R), weights w then trainable flags t. ``x_ref``: a buffer of the launch's dtype,
-    for its pointer type only."""
+    ``scale * ||M||_F`` into ``term[pid]`` and P (without the scale) into ``p[pid]`` (R x R).
+    ``mask_ptr``: float32 (rows, 2, R), weights w then trainable flags t. ``x_ref``: a buffer
+    of the launch's dtype, for its pointer type only. Rows of slots that do not count are not
+    read (whatever they hold, NaN included, adds nothing)."""
     pid = tl.program_id(0)
     address, n_long, stride_s, stride_l, n_slots, mask_row, _ = _row(table_ptr, pid, ROW)
     x_ptr = address.to(x_ref.dtype)
     s = tl.arange(0, R)
-    s_in = s < n_slots
     w = tl.load(mask_ptr + mask_row * 2 * R + s)
+    s_in = (s < n_slots) & (w != 0.0)
     gram = tl.zeros((R, R), dtype=tl.float32)
     for l0 in range(0, n_long, BLOCK_L):
         cols = l0 + tl.arange(0, BLOCK_L)
@@ -91,9 +92,10 @@ def _orth_penalty_bwd_kernel(
     ROW: tl.constexpr, R: tl.constexpr, BLOCK_L: tl.constexpr, DOT: tl.constexpr,
     PRECISION: tl.constexpr, KC: tl.constexpr,
 ):
-    """Columns [BLOCK_L * program_id(1), ...) of one term's gradient: ``g scale t w (P X)``, stored
-    with X's strides at the term's offset of ``grad_ptr`` (the flat gradient buffer of the
-    launch's dtype). ``g_ptr``: the 0-d float32 gradient of the loss."""
+    """Columns [BLOCK_L * program_id(1), ...) of one term's gradient, ``g scale t w (P X)``,
+    stored with X's strides at the term's offset of ``grad_ptr`` (the flat gradient buffer of
+    the launch's dtype). ``g_ptr``: the 0-d float32 gradient of the loss. Rows of slots that do
+    not count are not read; their gradient is 0."""
     pid = tl.program_id(0)
     address, n_long, stride_s, stride_l, n_slots, mask_row, grad_offset = _row(table_ptr, pid,
                                                                              ROW)
@@ -109,8 +111,9 @@ def _orth_penalty_bwd_kernel(
         dx = tl.zeros((R, BLOCK_L), dtype=tl.float32)
         for j0 in tl.static_range(0, R, KC):
             j = j0 + tl.arange(0, KC)
+            counts = tl.load(mask_ptr + mask_row * 2 * R + j) != 0.0
             x = tl.load(x_ptr + j[:, None] * stride_s + cols[None, :].to(tl.int64) * stride_l,
-                        mask=(j < n_slots)[:, None] & (cols[None, :] < n_long),
+                        mask=((j < n_slots) & counts)[:, None] & (cols[None, :] < n_long),
                         other=0.0).to(DOT)
             p = tl.load(p_ptr + pid.to(tl.int64) * R * R + s[:, None] * R + j[None, :]).to(DOT)
             dx += tl.dot(p, x, input_precision=PRECISION)
