@@ -252,7 +252,7 @@ def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
                 for p, s in zip(params, state):
                     masked_adamw_triton_(p, p.grad, s[1], s[2], s[3], s[4], s[5], s[6],
                                          *ADAMW_HYPER)
-    worst, where = 0.0, ""
+    results = []
     for k, s in enumerate(state):
         along = [1] * s[0].dim()
         along[s[6]] = -1
@@ -261,10 +261,20 @@ def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
                                         before[k]):
             if not torch.equal(got.detach()[off], old[off]):
                 raise AssertionError(f"{name} {k} changed in a masked-out slot")
-            err = (got.detach().double() - want).abs().max().item() / \
-                (want.abs().max().item() or 1.0)
-            if not err <= worst:
-                worst, where = err, f"{name} {k}"
+            results.append((f"{name} {k}", got, want))
+    return _worst_relative_error(results)
+
+
+def _worst_relative_error(results: Sequence[Tuple[str, torch.Tensor, torch.Tensor]]
+                          ) -> Tuple[float, str]:
+    """The largest error of a result relative to the largest magnitude of its float64
+    reference, over (name, result, reference), and whose it is (NaN counts as the largest)."""
+    worst, where = 0.0, ""
+    for name, got, want in results:
+        err = (got.detach().double() - want).abs().max().item() / \
+            (want.abs().max().item() or 1.0)
+        if not err <= worst:
+            worst, where = err, name
     return worst, where
 
 
@@ -323,15 +333,11 @@ def _orth_penalty_compared(device: torch.device, dtype: torch.dtype, seed: int,
             loss = fn(leaves[:len(a)], leaves[len(a):], used, trains, 1e-4)
             (loss * 1024.0).backward()
         results.append([loss.detach()] + [t.grad for t in leaves])
-    worst, where = 0.0, ""
     names = ["loss"] + [f"d{side}{k}" for side in "AB" for k in range(len(shapes))]
-    for name, got, want in zip(names, *results):
+    for name, got in zip(names, results[0]):
         if got is None or not torch.isfinite(got).all():
             raise AssertionError(f"{name} is missing or not finite")
-        err = (got.double() - want).abs().max().item() / (want.abs().max().item() or 1.0)
-        if not err <= worst:
-            worst, where = err, name
-    return worst, where
+    return _worst_relative_error(list(zip(names, *results)))
 
 
 def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, object]]:
