@@ -99,24 +99,20 @@ def _variant(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tens
 
 
 def _variant_ok(key: tuple) -> bool:
-    """Whether the Triton variant ``key`` passed its first-use check on its device."""
-    if key in _VARIANT_OK:
-        return _VARIANT_OK[key]
-    if not _SETTINGS[2] or torch.compiler.is_compiling():
-        return True
+    """Whether the Triton variant ``key`` passed its first-use check on its device (trusted
+    unchecked, and not remembered, while compiling or capturing)."""
     device = torch.device(key[0])
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return True
-    from .kernels.checks import check_variant
-    ok, detail = check_variant(device, *key[1:])
-    _VARIANT_OK[key] = ok
-    if not ok:
-        warnings.warn(_report(device, key, detail), RuntimeWarning, stacklevel=3)
-    return ok
+
+    def check() -> Dict[str, object]:
+        from .kernels.checks import check_variant
+        ok, detail = check_variant(device, *key[1:])
+        return {"ok": ok, "error": detail}
+    return _checked_once(device, key, check,
+                         "This variant now runs on the torch path (slower, correct)",
+                         while_capturing=True)
 
 
-def _report(device: torch.device, key: tuple, detail: str,
-            fallback: str = "This variant now runs on the torch path (slower, correct)") -> str:
+def _report(device: torch.device, key: tuple, detail: str, fallback: str) -> str:
     import triton
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     return (f"increlora_fast: the Triton kernels failed their first-use check on {name} "
@@ -145,19 +141,19 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
 
 
 def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str, object]],
-                  fallback: str) -> bool:
-    """The first-use check of a kernel family behind a fallback: ``check()`` (a check record
-    of `kernels.checks`) run once per ``key`` and remembered; on a failure one warning saying
-    what happens instead (``fallback``). True unchecked when ``INCRELORA_KERNEL_CHECK=0``;
-    False, unchecked and not remembered, while compiling or capturing a CUDA graph (a check
-    allocates, reads results and warns)."""
+                  fallback: str, while_capturing: bool = False) -> bool:
+    """The first-use check of a kernel family: ``check()`` (a record with ``ok`` and
+    ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
+    warning saying what happens instead (``fallback``). True unchecked when
+    ``INCRELORA_KERNEL_CHECK=0``; ``while_capturing``, unchecked and not remembered, while
+    compiling or capturing a CUDA graph (a check allocates, reads results and warns)."""
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
     if not _SETTINGS[2]:
         return True
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
-        return False
+        return while_capturing
     record = check()
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:
