@@ -229,12 +229,10 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
     from ...kernels import launch_counts, reset_launch_counts
     from .layer_level import build_cases
     from .layer_methods import MethodEnv
+    from .timing import synchronize
 
     plan.validate()
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
     times: Dict[str, List[float]] = {m: [] for m in methods}
     launches: Dict[str, Dict[str, int]] = {}
     with MethodEnv({}):
@@ -245,18 +243,18 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
                 setup()
                 run()
             setup()
-            sync()
+            synchronize(device)
             reset_launch_counts()
             run()
             launches[method] = launch_counts()
         for _ in range(plan.repeats):  # interleaved: drift hits every method alike
             for method, (run, setup) in cases.items():
                 setup()
-                sync()
+                synchronize(device)
                 start = time.perf_counter()
                 run()
                 times[method].append(time.perf_counter() - start)
-        sync()
+        synchronize(device)
     records = []
     for method in methods:
         median_s = statistics.median(times[method])

@@ -256,6 +256,16 @@ def prepare_run(method: str, preset_name: str, plan: ModelPlan, device: torch.de
                                                                   device)
 
 
+def step_past_allocation(run: Run, batches: List[dict], min_steps: int) -> int:
+    """Step ``run`` (cycling through ``batches``) until its allocation phase is over and at
+    least ``min_steps`` steps ran; the index of the next step."""
+    i = 0
+    while run.phase(i) == "alloc" or i < min_steps:
+        run.step(i, batches[i % len(batches)])
+        i += 1
+    return i
+
+
 def _step(run: Run, i: int, batches: List[dict],
           device: torch.device, dtype: str) -> None:
     with torch.autocast(device.type, dtype=DTYPES[dtype], enabled=dtype != "fp32"):

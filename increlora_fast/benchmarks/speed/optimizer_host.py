@@ -21,6 +21,7 @@ import torch
 
 from .plans import ModelPlan
 from .replaced import replaced
+from .timing import synchronize
 
 LEVEL = "optimizer_host"
 # (method name, the launch over many tensors allowed)
@@ -47,24 +48,17 @@ def measure_optimizer_host(preset_name: str, plan: ModelPlan, device: torch.devi
     and trained per ``plan`` until the budget is reached); the per-tensor record adds the host
     time per launch saved."""
     from ...kernels.launches import launch_counts, reset_launch_counts
-    from .model_level import prepare_run
+    from .model_level import prepare_run, step_past_allocation
     from .step_host import fused_optimizer_on_cpu
 
     if repeats < 1:
         raise ValueError(f"optimizer host time: repeats={repeats} must be >= 1")
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     with contextlib.ExitStack() as stack:
         if device.type != "cuda":  # on CUDA the fused kernels are the default
             stack.enter_context(fused_optimizer_on_cpu())
         run, batches = prepare_run("increlora-triton", preset_name, plan, device)
-        i = 0
-        while run.phase(i) == "alloc" or i < 2:
-            run.step(i, batches[i % len(batches)])
-            i += 1
+        step_past_allocation(run, batches, 2)
         model, optimizer = run.method.model, run.method.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
         with torch.no_grad():
@@ -79,18 +73,18 @@ def measure_optimizer_host(preset_name: str, plan: ModelPlan, device: torch.devi
             with way(many):
                 for _ in range(3):  # the plan, the table, the kernels built
                     optimizer.step()
-                sync()
+                synchronize(device)
                 reset_launch_counts()
                 optimizer.step()
                 launches[name] = sum(launch_counts().values())
         for _ in range(repeats):  # interleaved: drift hits both alike
             for name, many in MODES:
                 with way(many):
-                    sync()
+                    synchronize(device)
                     start = time.perf_counter()
                     optimizer.step()
                     times[name].append((time.perf_counter() - start) * 1e6)
-        sync()
+        synchronize(device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     records = [dict(env, level=LEVEL, status="ok", method=name, model=preset_name,
                     tensors=len(params), launches_per_step=launches[name],

@@ -20,6 +20,7 @@ import torch
 from .optimizer_host import CPU_NOTE
 from .plans import ModelPlan
 from .replaced import replaced
+from .timing import synchronize
 
 LEVEL = "penalty_time"
 # (method name, the kernels allowed)
@@ -45,21 +46,14 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
     ``preset_name``'s IncreLoRA model (built and trained per ``plan`` until the budget is
     reached)."""
     from ...kernels.launches import launch_counts, reset_launch_counts
-    from .model_level import prepare_run
+    from .model_level import prepare_run, step_past_allocation
     from .step_host import _AtenOps
 
     if repeats < 1:
         raise ValueError(f"penalty time: repeats={repeats} must be >= 1")
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     run, batches = prepare_run("increlora-triton", preset_name, plan, device)
-    i = 0
-    while run.phase(i) == "alloc" or i < 2:
-        run.step(i, batches[i % len(batches)])
-        i += 1
+    step_past_allocation(run, batches, 2)
     controller = run.method.controller
     params = [p for layer in controller.layers for p in (layer.lora_A, layer.lora_B)]
 
@@ -73,7 +67,7 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
         with penalty_path(kernels):
             for _ in range(3):  # the tables, masks and kernels built
                 call()
-            sync()
+            synchronize(device)
             reset_launch_counts()
             with _AtenOps() as ops:
                 call()
@@ -87,11 +81,11 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
     for _ in range(repeats):  # interleaved: drift hits both alike
         for name, kernels in MODES:
             with penalty_path(kernels):
-                sync()
+                synchronize(device)
                 start = time.perf_counter()
                 call()
                 issued = time.perf_counter()
-                sync()
+                synchronize(device)
                 done = time.perf_counter()
             host[name].append((issued - start) * 1e6)
             total[name].append((done - start) * 1e6)

@@ -104,16 +104,13 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
              repeats: int) -> List[dict]:
     from ...kernels.launches import launch_counts, reset_launch_counts
     from .host_overhead import stubbed_launches
-    from .model_level import prepare_run
+    from .model_level import prepare_run, step_past_allocation
 
     runs, steps = {}, {}
     for method in METHODS:
         run, batches = prepare_run(method, preset_name, plan, cpu)
-        i = 0
-        while run.phase(i) == "alloc" or i < warmup:  # real kernels (interpreter)
-            run.step(i, batches[i % len(batches)])
-            i += 1
-        runs[method], steps[method] = (run, batches), i
+        # real kernels (interpreter)
+        runs[method], steps[method] = (run, batches), step_past_allocation(run, batches, warmup)
     times: Dict[str, List[float]] = {m: [] for m in METHODS}
     per_step: Dict[str, Dict[str, int]] = {}
     with stubbed_launches():
