@@ -109,13 +109,13 @@ class OrthogonalPenalty:
 
     def _masks_of_kernels(self) -> torch.Tensor:
         """The kernels' (modules, 2, r) float32 masks of the slots that count and that train."""
-        from .kernels.orth_penalty import penalty_masks
-
         first = self.layers[0].lora_A
         key = (tuple((m.slot_version, m.advance_learning) for m in self.layers), first.device,
                self.config.reserve_in_penalty)
         cached = self._kernel_masks
         if cached is None or cached[0] != key:
+            from .kernels.orth_penalty import penalty_masks  # on a rebuild only: a hot path
+
             with torch.inference_mode(False), torch.no_grad():  # masks for training steps too
                 used, trains = zip(*(self._counted_and_trained(m) for m in self.layers))
                 masks, replaced = refresh_in_place(
