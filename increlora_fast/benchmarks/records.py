@@ -27,7 +27,8 @@ REQUIRED = ("level", "method", "shape", "dtype", "device", "median_ms", "peak_me
             "triton", "date", "git_commit")
 
 
-def _version(dist: str) -> Optional[str]:
+def package_version(dist: str) -> Optional[str]:
+    """The installed version of the distribution ``dist``, None where it is not installed."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
@@ -71,9 +72,9 @@ def environment(device: torch.device, mode: str) -> Dict[str, object]:
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
-        "triton": _version("triton"),
-        "peft": _version("peft"),
-        "transformers": _version("transformers"),
+        "triton": package_version("triton"),
+        "peft": package_version("peft"),
+        "transformers": package_version("transformers"),
         "threads": torch.get_num_threads(),
     }
 

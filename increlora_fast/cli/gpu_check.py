@@ -8,15 +8,18 @@ base, and the layer benchmark with launches and host time per call, into ``--out
 ``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy sizes (on a
 machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
 fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``, or a
-compact one written by ``--pack-assets DIR``).
+compact one written by ``--pack-assets DIR``, which also packs bitsandbytes for the 4-bit part
+from a wheel given with ``--bnb-wheel``).
 Exit code 0 when every part passed, 1 when one failed, 2 for bad arguments.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Optional, Tuple
 
 # The order they run in, the most important first (benchmarks.gpu_check.parts.PARTS).
 PART_NAMES = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
@@ -31,6 +34,14 @@ def _parts(text: str):
     return parts
 
 
+def _cuda_versions(text: str) -> Tuple[str, ...]:
+    versions = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not versions or not all(v.isdigit() for v in versions):
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: give CUDA versions as torch "
+                                         "names its builds, without the dot, e.g. 130 or 128,130")
+    return versions
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", metavar="DIR",
                         help="new folder for gpu_check.json, gpu_check.md and the fine-tune")
@@ -38,9 +49,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instead of checking: write a compact copy (model weights in "
                              "float16, about 45 MB) of the assets the check needs into DIR, "
                              "for --assets on another machine")
+    parser.add_argument("--bnb-wheel", metavar="WHEEL",
+                        help="with --pack-assets: also unpack this bitsandbytes wheel (`pip "
+                             "download bitsandbytes --no-deps`) into DIR/python for the 4-bit "
+                             "part, keeping only the native libraries of --bnb-cuda and the "
+                             "CPU (about 5 MB instead of 123)")
+    parser.add_argument("--bnb-cuda", metavar="V[,V]", type=_cuda_versions, default=None,
+                        help="with --bnb-wheel: the CUDA versions of the GPU machine's torch, "
+                             "as in its build name (default 130: torch 2.11.0+cu130)")
     parser.add_argument("--assets", metavar="DIR",
                         help="the asset cache to use instead of ~/.cache/increlora_fast (same "
-                             "layout: unpacked/ and/or wheels/), read without network")
+                             "layout: unpacked/ and/or wheels/), read without network; its "
+                             "python/ folder, where --pack-assets put one, goes on sys.path")
     parser.add_argument("--dry-run", action="store_true",
                         help="toy sizes; without CUDA on CPU under the Triton interpreter")
     parser.add_argument("--device", default=None,
@@ -56,7 +76,10 @@ def _fail(message: str) -> int:
 
 
 def _use_assets(path: str) -> None:
-    """Point the asset loader at ``path`` and keep every loader offline."""
+    """Point the asset loader at ``path`` and keep every loader offline; put its python/
+    folder (bitsandbytes, packed by ``--bnb-wheel``) first on sys.path."""
+    from ..benchmarks.gpu_check.asset_pack import PYTHON_DIR
+
     root = Path(path).expanduser().resolve()
     if not root.is_dir():
         raise ValueError(f"--assets {path}: not a folder")
@@ -64,14 +87,26 @@ def _use_assets(path: str) -> None:
         raise ValueError(f"--assets {path}: holds neither unpacked/ nor wheels/ (copy "
                          "~/.cache/increlora_fast there after one `increlora-fast finetune`)")
     os.environ["INCRELORA_CACHE"] = str(root)
+    python = root / PYTHON_DIR
+    if python.is_dir() and str(python) not in sys.path:
+        # before the parts ask whether bitsandbytes is importable (transformers and peft cache
+        # the answer on their first question)
+        sys.path.insert(0, str(python))
+        importlib.invalidate_caches()
 
 
-def _pack(dest: str) -> int:
-    from ..benchmarks.gpu_check.asset_pack import pack_assets
+def _pack(dest: str, bnb_wheel: Optional[str], bnb_cuda: Optional[Tuple[str, ...]]) -> int:
+    from ..benchmarks.gpu_check.asset_pack import (BNB_CUDA_DEFAULT, bnb_wheel_members,
+                                                   pack_assets, pack_bitsandbytes)
     from ..data import AssetUnavailableError
 
+    cuda = bnb_cuda or BNB_CUDA_DEFAULT
     try:
+        if bnb_wheel:
+            bnb_wheel_members(Path(bnb_wheel), cuda)  # its errors before the model's packing
         pack_assets(Path(dest))
+        if bnb_wheel:
+            pack_bitsandbytes(Path(bnb_wheel), Path(dest), cuda)
     except (ValueError, OSError, AssetUnavailableError) as err:
         return _fail(str(err))
     print(f"assets for `gpu-check --assets {dest}` written")
@@ -79,8 +114,12 @@ def _pack(dest: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bnb_wheel and not args.pack_assets:
+        return _fail("--bnb-wheel goes with --pack-assets DIR")
+    if args.bnb_cuda and not args.bnb_wheel:
+        return _fail("--bnb-cuda goes with --bnb-wheel WHEEL")
     if args.pack_assets:
-        return _pack(args.pack_assets)
+        return _pack(args.pack_assets, args.bnb_wheel, args.bnb_cuda)
     if not args.out:
         return _fail("--out DIR is required (or --pack-assets DIR)")
     out = Path(args.out)

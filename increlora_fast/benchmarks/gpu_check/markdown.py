@@ -61,6 +61,7 @@ def _environment(report: Dict) -> List[str]:
                 if env.get("capability") else ""),
              f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}, peft {env.get('peft')}, "
+             f"bitsandbytes {env.get('bitsandbytes') or 'not installed'}, "
              f"Python {env.get('python')}",
              f"- git commit {env.get('git_commit')}, started {report.get('date')}, "
              f"{report.get('seconds')} s in all"

@@ -70,10 +70,11 @@ FINETUNE_RUNS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
 FINETUNE_NEEDS_CUDA = ("graphs-on",)
 def environment_info(device: torch.device, dry_run: bool) -> Dict[str, object]:
     """Device, versions and the run's identity, shared by every record of the check."""
-    from ..records import environment
+    from ..records import environment, package_version
 
     env = environment(device, "gpu-check-dry-run" if dry_run else "gpu-check")
     env.update(python=platform.python_version(), cuda=torch.version.cuda,
+               bitsandbytes=package_version("bitsandbytes"),
                triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
                command=" ".join(["increlora-fast", "gpu-check"] + sys.argv[2:])
                if len(sys.argv) > 1 and sys.argv[1] == "gpu-check" else "(called in-process)")
