@@ -46,7 +46,11 @@ class OrthogonalPenalty:
         # the torch path's groups of one shape, and per group its cached masks
         self._groups: List[List[IncreLoRALinear]] = list(groups.values())
         self._group_masks: Dict[int, tuple] = {}
-        # the Triton path's kernels (built on its first use) and its (key, masks)
+        # the Triton path's kernels (built on its first use) and its (key, masks); never where
+        # a layer has more slots than they take (as the layers' own kernels), a refusal made
+        # here once instead of at each call
+        self._r_max = max(layer.r_max for layer in self.layers)
+        self._kernels_take_r = self._r_max <= functional.TRITON_MAX_R
         self._kernels = None
         self._kernel_masks: Optional[Tuple[tuple, Tuple[torch.Tensor]]] = None
         self.cache_epoch = 0
@@ -73,7 +77,7 @@ class OrthogonalPenalty:
     def _kernel_loss(self, weight: float) -> Optional[torch.Tensor]:
         """The loss from the penalty's kernels, or None where they may not run now."""
         first = self.layers[0].lora_A
-        if not functional.penalty_on_triton(first):
+        if not self._kernels_take_r or not functional.penalty_on_triton(first):
             return None
         a = [layer.lora_A for layer in self.layers]
         b = [layer.lora_B for layer in self.layers]
@@ -87,25 +91,23 @@ class OrthogonalPenalty:
 
     def _new_kernels(self, buffers: List[torch.Tensor]):
         """An `OrthPenalty` for ``buffers``, or None where they may not take it: a CUDA graph
-        being captured (its tables would be copied inside the capture), more slots than the
-        kernels take, a buffer that is a tensor subclass (an FSDP2 DTensor shard), not
-        contiguous, on another device or of a dtype that failed (or may not take) the
-        first-use check, CUDA tensors under the Triton interpreter."""
+        being captured (its tables would be copied inside the capture), a buffer that is a
+        tensor subclass (an FSDP2 DTensor shard), not contiguous, on another device or of a
+        dtype that failed (or may not take) the first-use check, CUDA tensors under the Triton
+        interpreter. (More slots than the kernels take is refused once, at construction.)"""
         from .kernels.orth_penalty import OrthPenalty
         from .kernels.utils import interpreter_active, stream_capturing
 
         device = buffers[0].device
         if stream_capturing(device) or (device.type == "cuda" and interpreter_active()):
             return None
-        r_max = max(layer.r_max for layer in self.layers)
-        if r_max > functional.TRITON_MAX_R or not all(
-                functional.kernel_readable(t) and t.is_contiguous() and t.device == device
-                for t in buffers):
+        if not all(functional.kernel_readable(t) and t.is_contiguous() and t.device == device
+                   for t in buffers):
             return None
         if not all(functional.orth_penalty_ok(device, dtype)
                    for dtype in {t.dtype for t in buffers}):
             return None
-        return OrthPenalty(r_max)
+        return OrthPenalty(self._r_max)
 
     def _masks_of_kernels(self) -> torch.Tensor:
         """The kernels' (modules, 2, r) float32 masks of the slots that count and that train."""

@@ -366,6 +366,28 @@ class _OnCuda(torch.Tensor):
         return True
 
 
+def test_more_slots_than_the_kernels_take_means_the_torch_path_decided_once(monkeypatch):
+    """A model with a layer of more slots than the kernels take (r_max 130) takes the stacked
+    torch path, as its layers do, and asks nothing of the kernels at its calls (a refusal made
+    once, not re-tested at every step)."""
+    from increlora_fast import functional
+    from increlora_fast.penalty import OrthogonalPenalty
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    _, controller = _model_and_controller(r_max=functional.TRITON_MAX_R + 2)
+    asked = []
+    monkeypatch.setattr(OrthogonalPenalty, "_new_kernels",
+                        lambda self, buffers: asked.append(len(buffers)))
+    monkeypatch.setattr(functional, "penalty_on_triton", lambda a: asked.append(a) or True)
+    reset_launch_counts()
+    got = _penalty_and_grads(controller)
+    assert asked == [] and launch_counts() == {}
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    _, controller = _model_and_controller(r_max=functional.TRITON_MAX_R + 2)
+    for g, r in zip(got, _penalty_and_grads(controller)):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)
+
+
 def test_tensor_subclasses_are_not_read_by_address(monkeypatch):
     """The penalty leaves buffers that are tensor subclasses (FSDP2 shards are DTensors, whose
     address reads 0) to its torch path, and the optimizer steps them without its kernels."""
