@@ -18,8 +18,8 @@ BNB_MODULE = "bitsandbytes"
 def bnb_skip_note() -> Optional[str]:
     """None when bitsandbytes is importable, else the skip note of the 4-bit rows."""
     if importlib.util.find_spec(BNB_MODULE) is None:
-        return ("skipped: bitsandbytes not importable (a GPU machine without network needs its "
-                "wheel installed by hand)")
+        return ("skipped: bitsandbytes not importable (for a GPU machine without network, "
+                "`gpu-check --pack-assets DIR --bnb-wheel WHEEL` packs it for --assets DIR)")
     return None
 
 
