@@ -146,7 +146,14 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
     warning saying what happens instead (``fallback``). True unchecked when
     ``INCRELORA_KERNEL_CHECK=0``; ``while_capturing``, unchecked and not remembered, while
-    compiling or capturing a CUDA graph (a check allocates, reads results and warns)."""
+    compiling or capturing a CUDA graph (a check allocates, reads results and warns).
+
+    The check runs on an autograd of its own wherever the first call comes: outside
+    ``torch.inference_mode()`` (a validation pass before training; its tensors would be
+    inference tensors, which cannot require grad) and with the tensors it saves for its
+    backward kept as they are, not through the caller's saved-tensor hooks (non-reentrant
+    activation checkpointing would count them in the forward and miss them in its
+    recomputation, where the check is remembered and does not run)."""
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
     if not _SETTINGS[2]:
@@ -154,12 +161,18 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return while_capturing
-    record = check()
+    with torch.inference_mode(False), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+        record = check()
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:
         warnings.warn(_report(device, key, str(record["error"]), fallback), RuntimeWarning,
                       stacklevel=4)
     return ok
+
+
+def _kept(t: torch.Tensor) -> torch.Tensor:
+    """A saved tensor, packed and unpacked as it is."""
+    return t
 
 
 def kernel_readable(t: torch.Tensor) -> bool:

@@ -322,6 +322,90 @@ def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch):
     functional.reset_kernel_checks()
 
 
+def test_safety_net_check_passes_on_a_first_call_under_inference_mode(kernel_device,
+                                                                      monkeypatch):
+    """A layer's first call under ``torch.inference_mode()`` (a validation pass before
+    training): its first-use check builds its problem on an autograd of its own and passes,
+    with no warning, and training then runs on the Triton kernels."""
+    from increlora_fast.kernels import launch_counts, reset_launch_counts
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    functional.reset_kernel_checks()
+    try:
+        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+        x = torch.randn(9, 24, device=kernel_device)
+        with warnings.catch_warnings():
+            # no warning of ours (Triton 3.6's interpreter warns of NumPy deprecations itself)
+            warnings.simplefilter("error", RuntimeWarning)
+            with torch.inference_mode():
+                layer(x)
+        assert list(functional.kernel_check_results().values()) == [True]
+        reset_launch_counts()
+        layer(x).sum().backward()
+        assert launch_counts() and layer.lora_A.grad is not None
+    finally:
+        functional.reset_kernel_checks()
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_safety_net_check_inside_activation_checkpointing(kernel_device, monkeypatch,
+                                                          use_reentrant):
+    """A layer's first call inside activation checkpointing (transformers' default is
+    non-reentrant): the first-use check runs in the forward and not in the recomputation, so
+    the tensors it saves must not pass through checkpoint's hooks. Backward then runs, with the
+    gradients of the same layer without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    torch.manual_seed(0)
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    x = torch.randn(9, 24, device=kernel_device, requires_grad=True)
+    grads = []
+    for checkpointed in (True, False):
+        functional.reset_kernel_checks()
+        for t in (x, layer.lora_A, layer.lora_B, layer.lora_lambda):
+            t.grad = None
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            y = checkpoint(layer, x, use_reentrant=use_reentrant) if checkpointed else layer(x)
+            y.square().sum().backward()
+        assert list(functional.kernel_check_results().values()) == [True]
+        grads.append([x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_lambda.grad])
+    functional.reset_kernel_checks()
+    for got, ref in zip(*grads):
+        torch.testing.assert_close(got, ref)
+
+
+def test_the_worst_error_of_a_check_keeps_a_non_finite_result():
+    """A result with NaN (or inf) fails a check whatever results follow it."""
+    from increlora_fast.kernels.checks import _worst_relative_error
+    want = torch.ones(3, dtype=torch.float64)
+    for bad in (float("nan"), float("inf")):
+        wrong = torch.tensor([1.0, bad, 1.0])
+        for results in ([("a", wrong, want), ("b", want.float(), want)],
+                        [("b", want.float(), want), ("a", wrong, want)]):
+            assert _worst_relative_error(results) == (float("inf"), "a: not finite")
+    assert _worst_relative_error([("a", want.float() * 1.5, want), ("b", want.float(), want)]) \
+        == (0.5, "a")
+
+
+def test_the_checks_deterministic_block_gives_back_the_callers_setting():
+    from increlora_fast.kernels.checks import _deterministic
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        for setting in ((True, True), (True, False), (False, False)):
+            torch.use_deterministic_algorithms(setting[0], warn_only=setting[1])
+            with _deterministic():
+                assert torch.are_deterministic_algorithms_enabled()
+            assert (torch.are_deterministic_algorithms_enabled(),
+                    torch.is_deterministic_algorithms_warn_only_enabled()) == setting
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 def test_safety_net_catches_a_broken_kernel(kernel_device, monkeypatch):
     """The real check: a kernel that raises on this device makes the check fail (not crash)."""
     from increlora_fast.kernels import checks, linear

@@ -268,12 +268,15 @@ def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
 def _worst_relative_error(results: Sequence[Tuple[str, torch.Tensor, torch.Tensor]]
                           ) -> Tuple[float, str]:
     """The largest error of a result relative to the largest magnitude of its float64
-    reference, over (name, result, reference), and whose it is (NaN counts as the largest)."""
+    reference, over (name, result, reference), and whose it is; inf at the first result that
+    is not finite (NaN or inf), whatever follows."""
     worst, where = 0.0, ""
     for name, got, want in results:
         err = (got.detach().double() - want).abs().max().item() / \
             (want.abs().max().item() or 1.0)
-        if not err <= worst:
+        if not err < float("inf"):
+            return float("inf"), f"{name}: not finite"
+        if err > worst:
             worst, where = err, name
     return worst, where
 
@@ -305,14 +308,6 @@ def check_orth_penalty(device: torch.device, dtype: torch.dtype, seed: int = 0,
 
 def _orth_penalty_error(device: torch.device, dtype: torch.dtype, seed: int,
                         shapes: Sequence[Tuple[int, int, int]]) -> Tuple[float, str]:
-    # every tensor of the check made outside inference mode: a first penalty may come under
-    # torch.inference_mode() (a validation pass before training)
-    with torch.inference_mode(False):
-        return _orth_penalty_compared(device, dtype, seed, shapes)
-
-
-def _orth_penalty_compared(device: torch.device, dtype: torch.dtype, seed: int,
-                           shapes: Sequence[Tuple[int, int, int]]) -> Tuple[float, str]:
     from .orth_penalty import orth_penalty_triton
 
     gen = torch.Generator().manual_seed(seed)
@@ -383,9 +378,12 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
 
 @contextlib.contextmanager
 def _deterministic():
-    before = torch.are_deterministic_algorithms_enabled()
+    """Deterministic algorithms (warn only) within the block; the caller's setting, warn_only
+    included, after it."""
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before)
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
