@@ -9,6 +9,7 @@ loss is not finite.
 """
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -210,6 +211,72 @@ def test_loop_steps_read_the_host_only_at_log_points_and_rounds(tiny):
             assert reads, f"step {step} should read (a round or a log point)"
         else:
             assert reads == [], f"step {step} read {reads}"
+
+
+def test_the_loop_times_a_steps_device_work_before_a_callback_reads_the_device(tiny,
+                                                                            monkeypatch):
+    """At log points and at the steps a step-end callback says it acts (``due``), the loop
+    waits for the device inside the timed step, before the callback: the queued work is not
+    left to finish, untimed, in an evaluation or a checkpoint (tokens per second would come
+    out too high on a GPU). Other steps do not wait; the callbacks' own time is not training
+    time."""
+    import time
+
+    from increlora_fast.training import loop
+    from increlora_fast.training.loop import LOG_EVERY, LoopState, StepEnds, train_loop
+    steps = LOG_EVERY + 2
+    _, _, run, batches = _build(tiny, steps)
+    events = []
+
+    def wait(device):
+        events.append(("wait", state.step))
+        time.sleep(0.05)
+
+    class Evaluates:
+        def due(self, step):
+            return step in (3, 7)
+
+        def __call__(self, st):
+            if self.due(st.step):
+                events.append(("evaluate", st.step))
+                time.sleep(0.2)
+
+    monkeypatch.setattr(loop, "wait_for_device", wait)
+    state = LoopState()
+    start = time.perf_counter()
+    train_loop(run, batches, steps, run.settings.grad_clip, state, progress=False,
+               on_step_end=StepEnds(None, Evaluates(), lambda st: None))
+    wall = time.perf_counter() - start
+    assert events == [("wait", 3), ("evaluate", 3), ("wait", 7), ("evaluate", 7),
+                      ("wait", LOG_EVERY), ("wait", steps)]
+    assert state.train_seconds >= 4 * 0.05  # the waits are timed
+    assert state.train_seconds <= wall - 2 * 0.2  # the evaluations are not
+
+
+def test_the_finetune_callbacks_are_due_exactly_where_they_read_the_device(tiny, tmp_path,
+                                                                          monkeypatch):
+    """``--select-best``'s scoring and the checkpoints read the device at the steps their
+    ``due`` names, and only there (the loop waits for the device at those steps)."""
+    from increlora_fast.training import finetune_run, loop
+    from increlora_fast.training.device import Placement
+    from increlora_fast.training.loop import BestState, LoopState
+    s, _, run, batches = _build(tiny, 8)
+    acted = []
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: acted.append("evaluate") or
+                        {"eval_accuracy": 0.5, "eval_loss": 1.0})
+    monkeypatch.setattr(finetune_run, "save_checkpoint", lambda *a, **k: acted.append("save"))
+    monkeypatch.setattr(LoopState, "sync", lambda self, name: acted.append("sync"))
+    place = Placement(torch.device("cpu"), "fp32")
+    callbacks = (BestState(run, batches, 3, 8, place),
+                 finetune_run._Checkpointer(tmp_path, run, dataclasses.replace(s, max_steps=8),
+                                            2, [], place))
+    for callback in callbacks:
+        for step in range(1, 9):
+            acted.clear()
+            callback(LoopState(step=step))
+            assert bool(acted) == callback.due(step), (type(callback).__name__, step, acted)
+    assert [callbacks[0].due(n) for n in range(1, 9)] == [n in (3, 6, 8) for n in range(1, 9)]
+    assert [callbacks[1].due(n) for n in range(1, 9)] == [n in (2, 4, 6) for n in range(1, 9)]
 
 
 def test_a_nonfinite_loss_is_named_by_its_step_at_the_next_log_point(tiny):

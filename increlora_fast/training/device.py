@@ -147,6 +147,12 @@ class Placement:
         return f"{where}, {self.precision}" + (" autocast" if self.precision != "fp32" else "")
 
 
+def wait_for_device(device: torch.device) -> None:
+    """Wait until the work queued on ``device`` is done (CPU work is done when issued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start measuring the peak device memory of a run (CUDA only)."""
     if device.type == "cuda":

@@ -22,7 +22,8 @@ from .batches import Batches, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
                          save_checkpoint)
 from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
-from .loop import BestState, LoopState, balanced_class_weights, evaluate, train_loop
+from .loop import (BestState, LoopState, StepEnds, balanced_class_weights, evaluate,
+                   train_loop)
 from .methods import MethodRun
 from .registry import build_method
 from .output_folder import claim_output_dir
@@ -226,39 +227,33 @@ def check_finite(run: MethodRun, step: int) -> None:
                 f"its outputs were not written; lower --lr (it was {run.settings.lr:g})")
 
 
-def _checkpointer(out: Path, run: MethodRun, s: RunSettings, save_steps: int,
-                  written: List[str], place: Placement) -> Optional[Callable[[LoopState], None]]:
+class _Checkpointer:
     """Saves a checkpoint every ``save_steps`` steps (with ``place``'s GradScaler, if any) and
     removes the previous one this run wrote (``written`` collects their names); checkpoints of
     other runs are never touched."""
-    if save_steps <= 0:
-        return None
 
-    def on_step_end(state: LoopState) -> None:
-        if state.step % save_steps == 0 and state.step < s.max_steps:
-            state.sync(run.name)  # a non-finite loss is named before the parameters are
-            check_finite(run, state.step)
-            name = f"{CHECKPOINT_PREFIX}{state.step}"
-            save_checkpoint(out / name, run, s, state, place.scaler)
-            for old in [w for w in written if w != name]:
-                remove_checkpoint(out / old)
-                written.remove(old)
-            if name not in written:
-                written.append(name)
-    return on_step_end
+    def __init__(self, out: Path, run: MethodRun, s: RunSettings, save_steps: int,
+                 written: List[str], place: Placement) -> None:
+        self.out, self.run, self.s, self.save_steps = out, run, s, save_steps
+        self.written, self.place = written, place
 
+    def due(self, step: int) -> bool:
+        """Whether the call after ``step`` steps saves (reads the device)."""
+        return step % self.save_steps == 0 and step < self.s.max_steps
 
-def _each(*callbacks: Optional[Callable[[LoopState], None]]
-          ) -> Optional[Callable[[LoopState], None]]:
-    """One step-end callback running ``callbacks`` (Nones left out) in order; None for none."""
-    given = [c for c in callbacks if c is not None]
-    if not given:
-        return None
-
-    def on_step_end(state: LoopState) -> None:
-        for callback in given:
-            callback(state)
-    return on_step_end
+    def __call__(self, state: LoopState) -> None:
+        if not self.due(state.step):
+            return
+        run, written = self.run, self.written
+        state.sync(run.name)  # a non-finite loss is named before the parameters are
+        check_finite(run, state.step)
+        name = f"{CHECKPOINT_PREFIX}{state.step}"
+        save_checkpoint(self.out / name, run, self.s, state, self.place.scaler)
+        for old in [w for w in written if w != name]:
+            remove_checkpoint(self.out / old)
+            written.remove(old)
+        if name not in written:
+            written.append(name)
 
 
 def _model_folder(name: str) -> Optional[Path]:
@@ -420,9 +415,10 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     written: List[str] = []
     selector = BestState(run, batches, s.select_every, s.max_steps, place) \
         if s.select_best else None
-    checkpointer = _checkpointer(out, run, s, save_steps, written, place)
+    checkpointer = _Checkpointer(out, run, s, save_steps, written, place) \
+        if save_steps > 0 else None
     train_loop(run, batches, s.max_steps, s.grad_clip, state, progress=progress,
-               on_step_end=_each(selector, checkpointer), placement=place,
+               on_step_end=StepEnds(selector, checkpointer), placement=place,
                cuda_graphs=cuda_graphs)
     check_finite(run, state.step)
     if selector is not None:

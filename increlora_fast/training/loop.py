@@ -8,6 +8,12 @@ A training step reads nothing on the host by itself: its task loss and token cou
 device until the next log point (every `LOG_EVERY` steps and the last step), where
 `LoopState.sync` reads them, checks the losses are finite and the progress bar shows the loss and
 the total rank.
+
+Training time counts each step until its device work is done wherever the loop or its step-end
+callback waits for the device next: at log points, and at the steps a callback says it acts
+(its ``due(step)``: an evaluation, a checkpoint), the loop waits for the device inside the timed
+step. Otherwise the queued steps would finish inside the callback, untimed, and tokens per
+second would come out too high on a GPU.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .batches import Batches
-from .device import Placement
+from .device import Placement, wait_for_device
 from .methods import MethodRun
 from .step_runner import StepRunner
 
@@ -83,7 +89,10 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                placement: Optional[Placement] = None, static_inputs: bool = False,
                cuda_graphs: bool = False) -> LoopState:
     """Train from ``state.step`` to ``max_steps``; ``on_step_end`` runs after every step (the
-    caller writes checkpoints there, after `LoopState.sync`). The progress bar shows the task
+    caller writes checkpoints there, after `LoopState.sync`); where it reads the device at some
+    steps, its ``due(step)`` (the step count after the step) says which, so that the loop waits
+    for the device within the timed step there (`BestState`, `StepEnds`). The progress bar shows
+    the task
     loss (without penalties, so methods compare) and the current total rank, refreshed every
     `LOG_EVERY` steps and at the end, the only steps where the loop reads the device.
     ``placement``: where the model already is and the precision to train in (default: CPU, fp32).
@@ -99,6 +108,8 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                         cuda_graphs=cuda_graphs)
     bar = tqdm(total=max_steps, initial=state.step, disable=not progress, desc=run.name,
                dynamic_ncols=True, mininterval=1.0)
+    device = placement.device if placement is not None else torch.device("cpu")
+    due = getattr(on_step_end, "due", None)
     run.model.train()
     try:
         while state.step < max_steps:
@@ -111,6 +122,8 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                 state.pending_tokens.append(result.tokens)
             state.step += 1
             log = state.step % LOG_EVERY == 0 or state.step >= max_steps
+            if log or (due is not None and due(state.step)):
+                wait_for_device(device)  # the step's device work, timed with it
             if log:
                 state.sync(run.name)
             elapsed = time.perf_counter() - t0
@@ -131,6 +144,22 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
     if runner.graphed is not None:
         state.graph_pool_bytes = runner.graphed.pool_bytes()
     return state
+
+
+class StepEnds:
+    """Step-end callbacks run in order as one (Nones left out), due where one of them is."""
+
+    def __init__(self, *callbacks: Optional[Callable[[LoopState], None]]) -> None:
+        self.callbacks = [c for c in callbacks if c is not None]
+
+    def due(self, step: int) -> bool:
+        """Whether one of the callbacks reads the device after ``step`` steps (one without a
+        ``due`` never does)."""
+        return any(getattr(c, "due", None) is not None and c.due(step) for c in self.callbacks)
+
+    def __call__(self, state: LoopState) -> None:
+        for callback in self.callbacks:
+            callback(state)
 
 
 def balanced_class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
@@ -159,8 +188,12 @@ class BestState:
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         return {**params, **dict(model.named_buffers())}
 
+    def due(self, step: int) -> bool:
+        """Whether the call after ``step`` steps evaluates (reads the device)."""
+        return step % self.every == 0 or step >= self.max_steps
+
     def __call__(self, state: LoopState) -> None:
-        if state.step % self.every and state.step < self.max_steps:
+        if not self.due(state.step):
             return
         m = evaluate(self.run, self.batches, self.placement, split="holdout")
         best = state.best
