@@ -112,6 +112,20 @@ def test_sft_trainer_refuses_a_peft_config(tmp_path):
         IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path), peft_config=LoraConfig())
 
 
+def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
+    """TRL's fused LM head reads lm_head.weight directly: an adapter there would never run
+    (no forward call, no gradient, score 0), so the trainer refuses the model at once."""
+    pytest.importorskip("trl")
+    from increlora_fast.integrations.sft import IncreLoRASFTTrainer, trl_fuses_lm_head
+
+    config = IncreLoRAConfig(target_modules=TARGETS + ["lm_head"], r_max=4, target_rank=2)
+    model = inject_increlora(tiny_llama(), config)
+    if not trl_fuses_lm_head():
+        pytest.skip("this TRL has no fused LM head")
+    with pytest.raises(ValueError, match="output layer.*lm_head.*target_modules"):
+        IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path))
+
+
 def test_checkpointing_leaves_the_scores_unchanged():
     """A checkpointed block runs its forward twice; the score must still count once."""
     scores = []

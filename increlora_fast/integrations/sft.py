@@ -10,6 +10,11 @@ gradients and scores once per backward.
 With a stock `SFTTrainer` instead: ``optimizers=increlora_optimizers(model, lr)`` and
 ``IncreLoRACallback(controller).install(trainer)`` (the penalty's gradient is then added after
 clipping, as under a plain `Trainer`).
+
+TRL's SFTTrainer (1.16 at least) computes the loss through a fused LM head that reads
+``lm_head.weight`` directly, so an adapter on the output embeddings would never run:
+`IncreLoRASFTTrainer` refuses such a model (leave ``lm_head`` out of ``target_modules``); a
+stock `SFTTrainer` would train it silently without it.
 """
 from __future__ import annotations
 
@@ -18,7 +23,18 @@ from typing import Optional
 from trl import SFTTrainer
 
 from ..controller import IncreLoRAController
+from ..layer import IncreLoRALinear
 from .trainer import IncreLoRATrainer
+
+
+def trl_fuses_lm_head() -> bool:
+    """Whether this TRL's SFTTrainer computes its loss through a fused LM head
+    (``trl.trainer.utils.add_fused_lm_head``), which reads the output layer's weight directly."""
+    try:
+        from trl.trainer import utils
+    except ImportError:
+        return False
+    return hasattr(utils, "add_fused_lm_head")
 
 
 class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
@@ -30,4 +46,12 @@ class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
         if kwargs.get("peft_config") is not None:
             raise ValueError("IncreLoRASFTTrainer: pass the model returned by inject_increlora "
                              "and no peft_config (the adapters are IncreLoRA's, not peft's)")
+        model = kwargs.get("model", args[0] if args else None)
+        head = getattr(model, "get_output_embeddings", lambda: None)()
+        if isinstance(head, IncreLoRALinear) and trl_fuses_lm_head():
+            import trl
+            raise ValueError("IncreLoRASFTTrainer: the model has an IncreLoRA adapter on its "
+                             f"output layer, which TRL {trl.__version__}'s fused LM head would "
+                             "never run (it reads the layer's weight directly); leave the output "
+                             "layer (lm_head) out of target_modules")
         super().__init__(*args, controller=controller, **kwargs)
