@@ -149,7 +149,8 @@ class IncreLoRAController:
         return next_round - step < self.score_window
 
     # ------------------------------------------------------------------ the step
-    def step(self, step: int, loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
+    def step(self, step: int, loss_scale: Union[float, torch.Tensor] = 1.0,
+             overflow: Optional[torch.Tensor] = None) -> None:
         """Update scores from this step's gradients and grow ranks when the schedule says so.
 
         Args:
@@ -159,6 +160,11 @@ class IncreLoRAController:
                 `device_scalar.grad_scaler_scale`); the ``delta_w`` score, taken from the scaled
                 output gradient, is divided by it (triplet scores read the unscaled ``.grad``: call
                 ``scaler.unscale_(optimizer)`` first, as for clipping).
+            overflow: fp16: the GradScaler's overflow flag of this step, nonzero when a
+                gradient is inf or NaN and the optimizer step will be skipped (a 0-d device
+                tensor, `device_scalar.unscale_once`). The step is then skipped here too, also
+                when the overflow is outside the adapters (a trained head) and their scores
+                are finite.
 
         A step with non-finite scores (overflow, NaN loss) changes nothing, and an allocation
         round due at it waits for the next finite step; the warning about it (once) comes at the
@@ -171,7 +177,7 @@ class IncreLoRAController:
         if self.budget_reached:
             return
         due = self.allocation_due(step)
-        self._update(step, loss_scale, due)
+        self._update(step, loss_scale, due, overflow)
         if due and self.defer_round:  # `finish_replayed_round` does the rest
             return
         self._end_step(step)
@@ -191,7 +197,8 @@ class IncreLoRAController:
         cfg = self.config
         return self.round_pending or (step > cfg.init_warmup and step % cfg.incre_interval == 0)
 
-    def _update(self, step: int, loss_scale: Union[float, torch.Tensor], due: bool) -> None:
+    def _update(self, step: int, loss_scale: Union[float, torch.Tensor], due: bool,
+                overflow: Optional[torch.Tensor] = None) -> None:
         cfg = self.config
         if not self.is_tracked(step):
             if self._tracking:  # passes tracked by a controller that did not know the step
@@ -217,13 +224,14 @@ class IncreLoRAController:
                               "allocation round waits for the next step; warned once)",
                               RuntimeWarning)
             return
-        self._scores_into_emas(step, loss_scale)
+        self._scores_into_emas(step, loss_scale, overflow)
         if due and not self.defer_round:
             self._round(step)
 
-    def _scores_into_emas(self, step: int, loss_scale: Union[float, torch.Tensor]) -> None:
+    def _scores_into_emas(self, step: int, loss_scale: Union[float, torch.Tensor],
+                          overflow: Optional[torch.Tensor] = None) -> None:
         """The device work of a tracked step: the step's scores into the EMAs (in place), a
-        non-finite step noted and skipped on the device."""
+        non-finite or overflowed step noted and skipped on the device."""
         cfg = self.config
         scores = self._collect_scores()
         if cfg.score == "delta_w":
@@ -231,6 +239,8 @@ class IncreLoRAController:
         self._move_scores_to(scores.device)
         # A non-finite step leaves the EMAs as they were, decided on the device.
         finite = torch.isfinite(scores).all()
+        if overflow is not None:
+            finite = finite & (overflow.to(finite.device, non_blocking=True) == 0)
         self._finite.copy_(finite)
         b1, b2 = cfg.beta1, cfg.beta2
         ipt = b1 * self.ipt + (1 - b1) * scores
@@ -318,8 +328,9 @@ class IncreLoRAController:
         first = int(self._nonfinite_step)
         if first >= 0:
             self._warned_nonfinite = True
-            warnings.warn(f"IncreLoRA: non-finite importance scores at step {first}; scores "
-                          "and allocation skip such steps (warned once)", RuntimeWarning)
+            warnings.warn(f"IncreLoRA: non-finite importance scores at step {first} (or an "
+                          "fp16 overflow); scores and allocation skip such steps (warned once)",
+                          RuntimeWarning)
 
     def _has_backward_data(self) -> bool:
         """Whether backward ran since the last step; the score accumulators are read on the host

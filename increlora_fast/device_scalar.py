@@ -45,6 +45,32 @@ def grad_scaler_scale(scaler: "torch.amp.GradScaler") -> Union[float, torch.Tens
     return scale if scale is not None else float(scaler.get_scale())
 
 
+def unscale_once(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimizer
+                 ) -> Optional[torch.Tensor]:
+    """``scaler.unscale_(optimizer)`` unless it ran since the scaler's last ``update()``
+    (gradient clipping calls it first), then the step's overflow flag, read without a host
+    sync: a 0-d float32 tensor on the scaler's device, nonzero when a gradient of
+    ``optimizer`` is inf or NaN (``scaler.step`` then skips the step). None for a disabled
+    scaler, or one that keeps no such record (the flag lives in the scaler's per-optimizer
+    state, which torch does not publish)."""
+    if not scaler.is_enabled():
+        return None
+    states = getattr(scaler, "_per_optimizer_states", None)
+    if states is None:
+        scaler.unscale_(optimizer)
+        return None
+    from torch.amp.grad_scaler import OptState
+
+    state = states[id(optimizer)]
+    if state.get("stage") is not OptState.UNSCALED:
+        scaler.unscale_(optimizer)
+    found = list(state.get("found_inf_per_device", {}).values())
+    if not found:
+        return None
+    return found[0] if len(found) == 1 else \
+        sum(f.to(found[0].device, non_blocking=True) for f in found)
+
+
 def refresh_in_place(old: Optional[Tuple[torch.Tensor, ...]], new: Tuple[torch.Tensor, ...]
                      ) -> Tuple[Tuple[torch.Tensor, ...], bool]:
     """``new``'s values held by ``old``'s tensors, when there are old tensors of the same

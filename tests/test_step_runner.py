@@ -187,6 +187,39 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     assert replayed_backoff, f"no overflow in a replayed step: {g_trace}"
 
 
+def test_fp16_step_skipped_for_an_overflow_outside_the_adapters_changes_no_score(tiny,
+                                                                                 monkeypatch):
+    """An fp16 step whose only overflow is in a trained parameter outside the adapters (the
+    classifier), at an allocation round: the scaler skips the optimizer step, and the
+    controller (told by the scaler's overflow flag) leaves its EMAs as they were and moves the
+    round to the next step, as for an overflow everywhere. Before 2026-12-05 it took the
+    adapters' finite scores and ran the round on the skipped step."""
+    from increlora_fast.training.device import Placement
+    place = Placement(torch.device("cpu"), "fp16")
+    place.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=1000)
+    s, _, run, batches = build_run(_settings(tiny), place)
+    head = [p for n, p in run.model.named_parameters() if p.requires_grad and "lora_" not in n]
+    real = StepRunner._before_optimizer
+
+    def before_optimizer(self, step):
+        if step == 3:  # the first allocation round (init_warmup 2, incre_interval 3)
+            head[0].grad.view(-1)[0] = float("inf")
+        real(self, step)
+    monkeypatch.setattr(StepRunner, "_before_optimizer", before_optimizer)
+    emas, scales = [], []
+
+    def note(_state) -> None:
+        emas.append(run.controller.ipt.clone())
+        scales.append(float(place.scaler.get_scale()))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*non-finite importance scores")
+        train_loop(run, batches, 6, s.grad_clip, LoopState(), progress=False, placement=place,
+                   on_step_end=note)
+    assert scales[3] == scales[2] / 2  # the scaler saw the overflow and skipped the step
+    assert torch.equal(emas[3], emas[2]) and not torch.equal(emas[4], emas[3])
+    assert [e["step"] for e in run.controller.allocation_log][:1] == [4]
+
+
 @pytest.mark.parametrize("init_scale, growth_interval", [(2.0 ** 8, 1000), (2.0 ** 22, 3)])
 def test_fp16_update_run_eagerly_after_a_replayed_first_half_unscales_once(
         tiny, monkeypatch, init_scale, growth_interval):

@@ -26,7 +26,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..controller import IncreLoRAController
-from ..device_scalar import grad_scaler_scale
+from ..device_scalar import grad_scaler_scale, unscale_once
 from ..model import get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer
 from ..persistence import atomic_write_bytes
@@ -145,13 +145,20 @@ class IncreLoRACallback(TrainerCallback):
         apply_regularization: add the orthogonal penalty's gradient before each optimizer step
             (needed under a plain Trainer; `IncreLoRATrainer` adds the penalty to the loss and
             turns this off).
+        loss_scale: the factor on the loss (fp16); default: the scale of the GradScaler the
+            Trainer's optimizer holds (accelerate's ``AcceleratedOptimizer.scaler``), 1 without
+            one.
+
+    Under fp16 with a torch GradScaler, each step's gradients are unscaled before the penalty
+    and the scores (unless clipping did it already; the scaler's step then does not do it
+    again), and a step the scaler skips for an overflow is skipped by the controller too.
     """
 
     def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True,
                  loss_scale: Optional[Callable[[], Union[float, torch.Tensor]]] = None) -> None:
         self.controller = controller
         self.apply_regularization = apply_regularization
-        self.loss_scale = loss_scale or (lambda: 1.0)
+        self.loss_scale = loss_scale
         self.restored = False
         self.logged_rounds = 0  # allocation-log entries already reported
 
@@ -204,11 +211,20 @@ class IncreLoRACallback(TrainerCallback):
                           "optimizers=increlora_optimizers(model, lr)", UserWarning)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        scaler = getattr(optimizer, "scaler", None)  # accelerate's, under fp16
+        if not isinstance(scaler, torch.amp.GradScaler) or inner is None:
+            scaler = None
+        # unscaled before the penalty's gradient joins them and the triplet score reads them
+        overflow = unscale_once(scaler, inner) if scaler is not None else None
         if self.apply_regularization and self.controller.config.orth_reg_weight > 0:
             with torch.enable_grad():
                 self.controller.regularization_loss().backward()
-        self.controller.step(state.global_step, loss_scale=self.loss_scale())
-        inner = getattr(optimizer, "optimizer", optimizer)
+        if self.loss_scale is not None:
+            loss_scale = self.loss_scale()
+        else:
+            loss_scale = grad_scaler_scale(scaler) if scaler is not None else 1.0
+        self.controller.step(state.global_step, loss_scale=loss_scale, overflow=overflow)
         if isinstance(inner, IncreLoRAAdamW):
             # One clock for slot stamps and schedules, also across skipped fp16 steps.
             inner.global_step = state.global_step
@@ -228,12 +244,7 @@ class IncreLoRATrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.increlora_controller = controller or IncreLoRAController(self.model)
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
-                                                    apply_regularization=False,
-                                                    loss_scale=self._loss_scale).install(self)
-
-    def _loss_scale(self) -> Union[float, torch.Tensor]:
-        scaler = getattr(self.accelerator, "scaler", None)
-        return grad_scaler_scale(scaler) if scaler is not None else 1.0
+                                                    apply_regularization=False).install(self)
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:

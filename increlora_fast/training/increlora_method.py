@@ -79,8 +79,9 @@ class IncreLoRARun(MethodRun):
         return self.controller.regularization_loss()
 
     def before_optimizer_step(self, step: int,
-                              loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
-        self.controller.step(step, loss_scale=loss_scale)
+                              loss_scale: Union[float, torch.Tensor] = 1.0,
+                              overflow: Optional[torch.Tensor] = None) -> None:
+        self.controller.step(step, loss_scale=loss_scale, overflow=overflow)
 
     def after_optimizer_step(self, step: int) -> None:
         """The schedule lives inside the optimizer (per-slot restart warmup)."""

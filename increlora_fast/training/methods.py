@@ -57,9 +57,12 @@ class MethodRun:
         return None
 
     def before_optimizer_step(self, step: int,
-                              loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
+                              loss_scale: Union[float, torch.Tensor] = 1.0,
+                              overflow: Optional[torch.Tensor] = None) -> None:
         """Called after backward and gradient clipping, before ``optimizer.step()``;
-        ``loss_scale`` is the fp16 GradScaler's factor on the loss (1 otherwise)."""
+        ``loss_scale`` is the fp16 GradScaler's factor on the loss (1 otherwise), ``overflow``
+        its flag of a step it will skip (a 0-d device tensor, nonzero then; None without
+        one)."""
 
     def after_optimizer_step(self, step: int) -> None:
         """Called after ``optimizer.step()``, before ``zero_grad``."""

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from . import cuda_graphs as cuda_graphs_module
+from ..device_scalar import unscale_once
 from .cuda_graphs import CUDAGraphPool, GraphedSteps, StepGraph
 from .device import Placement
 from .methods import MethodRun
@@ -169,11 +170,10 @@ class StepRunner:
     def _before_optimizer(self, step: int) -> None:
         """Unscale (fp16), clip and ``before_optimizer_step``: the first half of `update`."""
         run, scaler = self.run, self.placement.scaler
-        if scaler is not None:
-            scaler.unscale_(run.optimizer)
+        overflow = unscale_once(scaler, run.optimizer) if scaler is not None else None
         if self.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        run.before_optimizer_step(step, loss_scale=self.placement.loss_scale)
+        run.before_optimizer_step(step, loss_scale=self.placement.loss_scale, overflow=overflow)
 
     def _optimizer_step(self, step: int, zero_grad: bool) -> None:
         """The optimizer step (the scaler's with fp16), ``after_optimizer_step`` and, with
