@@ -23,6 +23,7 @@ checks off.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import warnings
@@ -161,7 +162,12 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return while_capturing
-    with torch.inference_mode(False), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        try:
+            stack.enter_context(torch.autograd.graph.saved_tensors_hooks(_kept, _kept))
+        except RuntimeError:  # hooks disabled here (torch's compiled regions): none to bypass
+            pass
         record = check()
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:

@@ -378,6 +378,21 @@ def test_safety_net_check_inside_activation_checkpointing(kernel_device, monkeyp
         torch.testing.assert_close(got, ref)
 
 
+def test_safety_net_check_where_saved_tensor_hooks_are_disabled(kernel_device, monkeypatch):
+    """Where saved-tensor hooks may not be registered (torch disables them in its compiled
+    regions), the check runs without its own and passes."""
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    functional.reset_kernel_checks()
+    try:
+        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+            layer(torch.randn(9, 24, device=kernel_device))
+        assert list(functional.kernel_check_results().values()) == [True]
+    finally:
+        functional.reset_kernel_checks()
+
+
 def test_the_worst_error_of_a_check_keeps_a_non_finite_result():
     """A result with NaN (or inf) fails a check whatever results follow it."""
     from increlora_fast.kernels.checks import _worst_relative_error
