@@ -122,18 +122,19 @@ def test_bf16_autocast_on_cpu_trains(tiny, tmp_path):
 
 def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypatch):
     """The loop's fp16 branch on CPU (the CLI allows fp16 only on CUDA): the controller is
-    called with the GradScaler's scale of the step's backward."""
+    called with the GradScaler's scale of the step's backward and its overflow flag."""
     from increlora_fast.controller import IncreLoRAController
     from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.loop import LoopState, train_loop
     from increlora_fast.training.settings import RunSettings
 
-    seen = []
+    seen, flags = [], []
     real_step = IncreLoRAController.step
 
-    def spy(self, step, loss_scale=1.0):
+    def spy(self, step, loss_scale=1.0, overflow=None):
         seen.append(float(loss_scale))  # a device tensor the scaler updates in place
-        return real_step(self, step, loss_scale=loss_scale)
+        flags.append(overflow)
+        return real_step(self, step, loss_scale=loss_scale, overflow=overflow)
     monkeypatch.setattr(IncreLoRAController, "step", spy)
     place = Placement(CPU, "fp16")
     s, _, run, batches = build_run(RunSettings(
@@ -147,6 +148,7 @@ def test_fp16_scaler_passes_its_scale_to_the_controller(tiny, tmp_path, monkeypa
     assert seen[0] == 65536.0  # GradScaler's initial scale
     # each step's controller call saw the scale its backward used (before scaler.update())
     assert seen[1:] == scales[:-1]
+    assert all(isinstance(f, torch.Tensor) and f.dim() == 0 and float(f) == 0 for f in flags)
 
 
 def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny, tmp_path):
