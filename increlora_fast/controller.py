@@ -98,6 +98,7 @@ class IncreLoRAController:
         self.round_pending = False
         self._warned_nonfinite = False
         self._warned_no_data = False
+        self._warned_idle = False
         # Fresh reserve slots are drawn from the controller's own generator: every
         # data-parallel rank draws the same values, and state_dict() carries its state.
         self.generator = torch.Generator().manual_seed(self.config.seed)
@@ -286,6 +287,7 @@ class IncreLoRAController:
         allowed here): grow the top modules, unless the scores were not finite (then the round
         waits for the next step)."""
         self._warn_nonfinite()
+        self._warn_idle(step)
         self.round_pending = not bool(self._finite)
         if not self.round_pending:
             self._allocate(step)
@@ -331,6 +333,25 @@ class IncreLoRAController:
             warnings.warn(f"IncreLoRA: non-finite importance scores at step {first} (or an "
                           "fp16 overflow); scores and allocation skip such steps (warned once)",
                           RuntimeWarning)
+
+    def _warn_idle(self, step: int) -> None:
+        """Warn (once) about adapted modules without a gradient at an allocation round while
+        others have one: they were not in the step's forward pass, so they score nothing and
+        their rank only waits (a fused LM head that reads the output layer's weight directly,
+        as TRL's SFTTrainer has, never runs an adapter there; an expert no token was routed
+        to is idle for a step). A Python check of each ``lora_lambda.grad``, no host read."""
+        if self._warned_idle:
+            return
+        idle = [name for name, layer in zip(self.names, self.layers)
+                if layer.lora_lambda.grad is None]
+        if idle and len(idle) < len(self.layers):
+            self._warned_idle = True
+            shown = ", ".join(idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")
+            warnings.warn(f"IncreLoRA: {len(idle)} adapted module(s) got no gradient at "
+                          f"allocation round {step}: {shown}. They were not in this step's "
+                          "forward pass (e.g. a fused LM head that reads the output layer's "
+                          "weight directly), so they score nothing; leave such modules out of "
+                          "target_modules (warned once)", RuntimeWarning)
 
     def _has_backward_data(self) -> bool:
         """Whether backward ran since the last step; the score accumulators are read on the host

@@ -1,4 +1,6 @@
 """Spec sections 2 and 4: allocation, budget, ties, reserve slots and advance learning."""
+import warnings
+
 import pytest
 import torch
 
@@ -123,6 +125,27 @@ def test_step_without_gradients_warns_and_keeps_the_round():
     assert ctl.round_pending and ctl.current_total_rank() == 2
     train_steps(model, opt, ctl, range(5, 6))     # next real step runs the waiting round
     assert ctl.current_total_rank() == 3 and ctl.allocation_log[0]["step"] == 5
+
+
+def test_a_module_outside_the_forward_pass_is_named_once_at_a_round():
+    """An adapted module the forward never calls (TRL's fused LM head reads the output
+    layer's weight directly) gets no gradient and scores nothing: the first allocation round
+    says which, once; the others still grow."""
+
+    class SkipsTheLast(ParallelBranches):
+        def forward(self, x):
+            return sum(w * b(x) for w, b in zip(self.weights[:-1], self.branches[:-1]))
+
+    model, opt, ctrl = make_run(SkipsTheLast(3), branch_config())
+    with pytest.warns(RuntimeWarning, match=r"1 adapted module\(s\) got no gradient at "
+                      r"allocation round 4: branches\.2\b") as caught:
+        train_steps(model, opt, ctrl, range(12))
+    assert sum("got no gradient" in str(w.message) for w in caught) == 1
+    assert ctrl.allocation_log and ctrl.rank_pattern()["branches.2"] == 1
+    model, opt, ctrl = make_run(ParallelBranches(3), branch_config())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps(model, opt, ctrl, range(12))
 
 
 def test_penalty_sends_no_gradient_to_frozen_reserve_slots():

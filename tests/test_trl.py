@@ -126,6 +126,30 @@ def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
         IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path))
 
 
+def test_stock_sft_trainer_names_an_adapter_its_fused_lm_head_skips(tmp_path):
+    """A stock SFTTrainer cannot be refused in advance: the first allocation round names the
+    output layer's adapter, which got no gradient."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTTrainer
+    from increlora_fast.integrations.sft import trl_fuses_lm_head
+    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
+
+    if not trl_fuses_lm_head():
+        pytest.skip("this TRL has no fused LM head")
+    config = IncreLoRAConfig(target_modules=TARGETS + ["lm_head"], r_max=4, target_rank=2,
+                             init_warmup=2, incre_interval=2, top_h=1)
+    model = inject_increlora(tiny_llama(), config)
+    controller = IncreLoRAController(model, config)
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts()}),
+                         processing_class=tokenizer(),
+                         optimizers=increlora_optimizers(model, lr=5e-3))
+    IncreLoRACallback(controller).install(trainer)
+    with pytest.warns(RuntimeWarning, match=r"got no gradient at allocation round 4: lm_head"):
+        trainer.train()
+
+
 def test_checkpointing_leaves_the_scores_unchanged():
     """A checkpointed block runs its forward twice; the score must still count once."""
     scores = []
