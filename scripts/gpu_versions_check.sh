@@ -24,7 +24,8 @@ elif [ ! -e "$MARK" ]; then
   echo "gpu_versions_check.sh: $VENV exists and was not made by this script; give a new path" >&2
   exit 2
 fi
-NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_logging.py tests/test_trl.py"
+NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_fp16.py tests/test_trainer_logging.py
+  tests/test_trl.py"
 ignore=()
 for f in $NEEDS_NUMPY2; do ignore+=(--ignore="$f"); done
 "$VENV/bin/pip" install -q "numpy==1.26.4"
