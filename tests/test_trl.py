@@ -44,10 +44,26 @@ def texts(n: int = 48):
             for _ in range(n)]
 
 
-def increlora_model():
-    config = IncreLoRAConfig(target_modules=TARGETS, r_max=4, target_rank=2, init_warmup=2,
-                             incre_interval=2, top_h=1)
+def increlora_model(targets=tuple(TARGETS)):
+    config = IncreLoRAConfig(target_modules=list(targets), r_max=4, target_rank=2,
+                             init_warmup=2, incre_interval=2, top_h=1)
     return inject_increlora(tiny_llama(), config), config
+
+
+def stock_sft_trainer(tmp_path, model, config):
+    """A stock SFTTrainer with `increlora_optimizers` and the installed callback; (trainer,
+    controller)."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
+
+    controller = IncreLoRAController(model, config)
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts()}),
+                         processing_class=tokenizer(),
+                         optimizers=increlora_optimizers(model, lr=5e-3))
+    IncreLoRACallback(controller).install(trainer)
+    return trainer, controller
 
 
 def sft_config(out, **kw):
@@ -86,18 +102,9 @@ def test_increlora_sft_trainer_with_gradient_checkpointing(tmp_path):
 
 def test_stock_sft_trainer_with_callback_and_increlora_optimizers(tmp_path):
     pytest.importorskip("trl")
-    from datasets import Dataset
-    from trl import SFTTrainer
-    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
-
     model, config = increlora_model()
     before = {n: layer.lora_B.detach().clone() for n, layer in increlora_layers(model)}
-    controller = IncreLoRAController(model, config)
-    trainer = SFTTrainer(model=model, args=sft_config(tmp_path),
-                         train_dataset=Dataset.from_dict({"text": texts()}),
-                         processing_class=tokenizer(),
-                         optimizers=increlora_optimizers(model, lr=5e-3))
-    IncreLoRACallback(controller).install(trainer)
+    trainer, controller = stock_sft_trainer(tmp_path, model, config)
     trainer.train()
     assert_grown_and_trained(model, controller, before)
 
@@ -118,8 +125,7 @@ def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
     pytest.importorskip("trl")
     from increlora_fast.integrations.sft import IncreLoRASFTTrainer, trl_fuses_lm_head
 
-    config = IncreLoRAConfig(target_modules=TARGETS + ["lm_head"], r_max=4, target_rank=2)
-    model = inject_increlora(tiny_llama(), config)
+    model, _ = increlora_model(TARGETS + ["lm_head"])
     if not trl_fuses_lm_head():
         pytest.skip("this TRL has no fused LM head")
     with pytest.raises(ValueError, match="output layer.*lm_head.*target_modules"):
@@ -130,22 +136,11 @@ def test_stock_sft_trainer_names_an_adapter_its_fused_lm_head_skips(tmp_path):
     """A stock SFTTrainer cannot be refused in advance: the first allocation round names the
     output layer's adapter, which got no gradient."""
     pytest.importorskip("trl")
-    from datasets import Dataset
-    from trl import SFTTrainer
     from increlora_fast.integrations.sft import trl_fuses_lm_head
-    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
 
     if not trl_fuses_lm_head():
         pytest.skip("this TRL has no fused LM head")
-    config = IncreLoRAConfig(target_modules=TARGETS + ["lm_head"], r_max=4, target_rank=2,
-                             init_warmup=2, incre_interval=2, top_h=1)
-    model = inject_increlora(tiny_llama(), config)
-    controller = IncreLoRAController(model, config)
-    trainer = SFTTrainer(model=model, args=sft_config(tmp_path),
-                         train_dataset=Dataset.from_dict({"text": texts()}),
-                         processing_class=tokenizer(),
-                         optimizers=increlora_optimizers(model, lr=5e-3))
-    IncreLoRACallback(controller).install(trainer)
+    trainer, _ = stock_sft_trainer(tmp_path, *increlora_model(TARGETS + ["lm_head"]))
     with pytest.warns(RuntimeWarning, match=r"got no gradient at allocation round 4: lm_head"):
         trainer.train()
 
