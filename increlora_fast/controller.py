@@ -258,7 +258,8 @@ class IncreLoRAController:
 
     @torch.no_grad()
     def load_update_kernels(self, step: int,
-                            loss_scale: Union[float, torch.Tensor] = 1.0) -> None:
+                            loss_scale: Union[float, torch.Tensor] = 1.0,
+                            overflow: Optional[torch.Tensor] = None) -> None:
         """Run the device work of a tracked step (`step` without its round) on the scores the
         layers hold and put the controller's tensors and the layers' score sums back: what a
         step does, undone. It loads the kernels a tracked step launches (CUDA cannot load one
@@ -275,7 +276,7 @@ class IncreLoRAController:
         kept = [t.clone() for t in state]
         sums = [layer.score_sum.clone() for layer in self.layers]
         try:
-            self._scores_into_emas(step, loss_scale)
+            self._scores_into_emas(step, loss_scale, overflow)
         finally:
             for t, value in zip(state, kept):
                 t.copy_(value)
@@ -350,7 +351,8 @@ class IncreLoRAController:
             warnings.warn(f"IncreLoRA: {len(idle)} adapted module(s) got no gradient at "
                           f"allocation round {step}: {shown}. They were not in this step's "
                           "forward pass (e.g. a fused LM head that reads the output layer's "
-                          "weight directly), so they score nothing; leave such modules out of "
+                          "weight directly, or an expert no token reached), so they scored "
+                          "nothing at it; a module that never runs belongs out of "
                           "target_modules (warned once)", RuntimeWarning)
 
     def _has_backward_data(self) -> bool:

@@ -67,8 +67,11 @@ def unscale_once(scaler: "torch.amp.GradScaler", optimizer: torch.optim.Optimize
     found = list(state.get("found_inf_per_device", {}).values())
     if not found:
         return None
-    return found[0] if len(found) == 1 else \
-        sum(f.to(found[0].device, non_blocking=True) for f in found)
+    scale = getattr(scaler, "_scale", None)  # on the scaler's device, as torch's step does
+    device = scale.device if isinstance(scale, torch.Tensor) else found[0].device
+    if len(found) == 1 and found[0].device == device:
+        return found[0]
+    return sum(f.to(device, non_blocking=True) for f in found)
 
 
 def refresh_in_place(old: Optional[Tuple[torch.Tensor, ...]], new: Tuple[torch.Tensor, ...]

@@ -130,6 +130,14 @@ def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
         pytest.skip("this TRL has no fused LM head")
     with pytest.raises(ValueError, match="output layer.*lm_head.*target_modules"):
         IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path))
+    # where the model's own logits make the loss (label smoothing, a compute_loss_func), the
+    # adapter runs: accepted
+    from datasets import Dataset
+    data = dict(train_dataset=Dataset.from_dict({"text": texts()}), processing_class=tokenizer())
+    IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path, label_smoothing_factor=0.1),
+                        **data)
+    IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path), **data,
+                        compute_loss_func=lambda outputs, labels, num_items_in_batch=None: 0)
 
 
 def test_stock_sft_trainer_names_an_adapter_its_fused_lm_head_skips(tmp_path):

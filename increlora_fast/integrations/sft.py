@@ -12,9 +12,10 @@ With a stock `SFTTrainer` instead: ``optimizers=increlora_optimizers(model, lr)`
 clipping, as under a plain `Trainer`).
 
 TRL's SFTTrainer (1.16 at least) computes the loss through a fused LM head that reads
-``lm_head.weight`` directly, so an adapter on the output embeddings would never run:
-`IncreLoRASFTTrainer` refuses such a model (leave ``lm_head`` out of ``target_modules``); a
-stock `SFTTrainer` would train it silently without it.
+``lm_head.weight`` directly (unless a ``compute_loss_func`` or label smoothing takes the
+model's own logits), so an adapter on the output embeddings would never run:
+`IncreLoRASFTTrainer` refuses such a model then (leave ``lm_head`` out of ``target_modules``);
+under a stock `SFTTrainer` the controller names it at its first allocation round.
 """
 from __future__ import annotations
 
@@ -28,13 +29,24 @@ from .trainer import IncreLoRATrainer
 
 
 def trl_fuses_lm_head() -> bool:
-    """Whether this TRL's SFTTrainer computes its loss through a fused LM head
+    """Whether this TRL's SFTTrainer has a fused LM head
     (``trl.trainer.utils.add_fused_lm_head``), which reads the output layer's weight directly."""
     try:
         from trl.trainer import utils
     except ImportError:
         return False
     return hasattr(utils, "add_fused_lm_head")
+
+
+def loss_takes_fused_lm_head(args, compute_loss_func) -> bool:
+    """Whether an SFTTrainer with these ``args`` (an SFTConfig; None: its defaults) and
+    ``compute_loss_func`` takes its training loss from the fused LM head: it does in TRL 1.16
+    unless a ``compute_loss_func`` or label smoothing of the "nll" loss takes the model's own
+    logits (the fused head then only feeds metrics)."""
+    if not trl_fuses_lm_head() or compute_loss_func is not None:
+        return False
+    smoothing = getattr(args, "label_smoothing_factor", 0) or 0
+    return not (smoothing > 0 and getattr(args, "loss_type", "nll") == "nll")
 
 
 class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
@@ -48,7 +60,9 @@ class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
                              "and no peft_config (the adapters are IncreLoRA's, not peft's)")
         model = kwargs.get("model", args[0] if args else None)
         head = getattr(model, "get_output_embeddings", lambda: None)()
-        if isinstance(head, IncreLoRALinear) and trl_fuses_lm_head():
+        if isinstance(head, IncreLoRALinear) and loss_takes_fused_lm_head(
+                kwargs.get("args", args[1] if len(args) > 1 else None),
+                kwargs.get("compute_loss_func")):
             import trl
             raise ValueError("IncreLoRASFTTrainer: the model has an IncreLoRA adapter on its "
                              f"output layer, which TRL {trl.__version__}'s fused LM head would "

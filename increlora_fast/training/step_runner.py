@@ -251,7 +251,11 @@ class StepRunner:
         loss = self.loss
         with self._capture_safe_autocast():
             self.forward_backward(step, batch)
-        self.run.controller.load_update_kernels(step, loss_scale=self.placement.loss_scale)
+        # with the overflow flag a captured fp16 step folds in, so its ops are loaded too
+        overflow = None if self.placement.scaler is None else \
+            torch.zeros((), device=self.run.controller.layers[0].lora_A.device)
+        self.run.controller.load_update_kernels(step, loss_scale=self.placement.loss_scale,
+                                                overflow=overflow)
         self.loss = loss
         with torch.no_grad():
             for b, value in zip(others, kept):
