@@ -187,6 +187,20 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
     assert replayed_backoff, f"no overflow in a replayed step: {g_trace}"
 
 
+def test_default_padding_follows_the_resolved_graphs_choice(tiny):
+    """``--pad-to`` left to its default pads to one shape exactly when the steps are graphed,
+    whatever the option's text (``auto``, once it turns graphs on, needs fixed shapes too); a
+    padding given is kept."""
+    from increlora_fast.training.finetune_run import with_graph_padding
+    for text in ("auto", "on", "off"):
+        s = _settings(tiny, cuda_graphs=text)
+        assert s.pad_to is None
+        assert with_graph_padding(s, True).pad_to == "max_length"
+        assert with_graph_padding(s, False).pad_to == "longest"
+    given = _settings(tiny, pad_to="max_length")
+    assert with_graph_padding(given, False) is given
+
+
 def test_fp16_step_skipped_for_an_overflow_outside_the_adapters_changes_no_score(tiny,
                                                                                  monkeypatch):
     """An fp16 step whose only overflow is in a trained parameter outside the adapters (the

@@ -11,6 +11,7 @@ master copy); autocast runs the matmuls in the half dtype.
 from __future__ import annotations
 
 import contextlib
+import gc
 from dataclasses import dataclass
 from typing import ContextManager, Dict, Optional, Union
 
@@ -154,9 +155,13 @@ def wait_for_device(device: torch.device) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
-    """Start measuring the peak device memory of a run (CUDA only)."""
+    """Start measuring the peak device memory of a run (CUDA only), after collecting the
+    garbage an earlier run in this process left (a model held only by reference cycles would
+    otherwise count in this run's peak)."""
     if device.type == "cuda":
+        gc.collect()
         torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 
 

@@ -191,6 +191,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def with_graph_padding(settings: RunSettings, cuda_graphs: bool) -> RunSettings:
+    """``settings`` with the padding its CUDA graphs need when ``--pad-to`` was left to its
+    default: ``max_length`` (one batch shape) when the run's steps are graphed, ``longest``
+    otherwise, decided from the resolved choice (``auto`` turned on for CUDA too), not from the
+    option's text."""
+    if settings.pad_to is not None:
+        return settings
+    return dataclasses.replace(settings, pad_to="max_length" if cuda_graphs else "longest")
+
+
 def build_run(settings: RunSettings, placement: Optional[Placement] = None
               ) -> Tuple[RunSettings, TaskData, MethodRun, Batches]:
     """Resolved settings, data, the method wrapped around a fresh model (on ``placement``'s
@@ -393,6 +403,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
         settings = with_data_identity(settings)
     place = Placement.from_text(settings.device, settings.precision)
     cuda_graphs = resolve_cuda_graphs(settings.cuda_graphs, place.device)
+    settings = with_graph_padding(settings, cuda_graphs)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place)
     state = load_checkpoint(Path(resume), run, place.scaler) if resume else LoopState()

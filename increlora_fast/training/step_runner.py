@@ -39,8 +39,9 @@ def resolve_cuda_graphs(text: str, device: torch.device) -> bool:
     """Whether a run with ``--cuda-graphs text`` on ``device`` uses CUDA graphs.
 
     ``auto`` is off for now: it turns on for CUDA once the GPU check shows graphs faster with
-    the same accuracy. The device-independent combinations are refused by
-    `settings.validate`.
+    the same accuracy (then a run's default padding follows, `finetune_run.with_graph_padding`;
+    an explicit ``--pad-to longest`` must keep ``auto`` off). The device-independent
+    combinations are refused by `settings.validate`.
 
     Raises:
         ValueError: an unknown value, or ``on`` on a device that is not CUDA.
