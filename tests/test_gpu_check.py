@@ -165,14 +165,15 @@ def _check_finetune_runs(part, out):
     runs = {r["name"]: r for r in part["runs"]}
     has_graphs = not gpu_check.finetune_options_missing(["--cuda-graphs", "on"])
     names = [name for name, _ in FINETUNE_RUNS]
-    expect = names if has_graphs else names[:2] + ["default"] + names[2:]
+    expect = names if has_graphs else names[:-1] + ["default"] + names[-1:]
     assert [r["name"] for r in part["runs"]] == expect
     why = "skipped: needs CUDA" if has_graphs else \
         "skipped: this version's finetune has no --cuda-graphs"
     assert runs["graphs-on"]["status"] == "skipped" and runs["graphs-on"]["note"] == why
     assert runs["graphs-on"]["metrics"] is None
     ran = [r for r in part["runs"] if r["status"] != "skipped"]
-    assert [r["name"] for r in ran] == ["graphs-off" if has_graphs else "default", "lora"]
+    assert [r["name"] for r in ran] == (["graphs-off", "graphs-off-padded"] if has_graphs
+                                        else ["default"]) + ["lora"]
     for r in ran:
         m = r["metrics"]
         assert r["status"] == "ok" and m["device"] == "cpu" and m["steps"] == 4
@@ -180,8 +181,11 @@ def _check_finetune_runs(part, out):
         assert m["model"] == "all-MiniLM-L6-v2"
         saved = json.loads((out / "finetune" / r["name"] / "metrics.json").read_text())
         assert saved["eval_accuracy"] == m["eval_accuracy"]
-    ours, lora = ran[0]["metrics"], ran[1]["metrics"]
+    ours, lora = ran[0]["metrics"], ran[-1]["metrics"]
     assert ours["method"] == "increlora" and lora["method"] == "lora"
+    if has_graphs:  # the eager twin of graphs-on: its fixed padding, the rest as graphs-off
+        assert ran[1]["args"] == ["--cuda-graphs", "off", "--pad-to", "max_length"]
+        assert ran[1]["metrics"]["method"] == "increlora"
     assert part["metrics"] == ours
     assert ran[0]["x_lora_tokens_per_s"] == pytest.approx(
         ours["tokens_per_second"] / lora["tokens_per_second"])
@@ -602,14 +606,15 @@ def test_finetune_runs_the_main_job_three_ways(tmp_path, monkeypatch, has_graphs
                                       tmp_path)
     runs = {r["name"]: r for r in result["runs"]}
     if has_graphs:
-        assert calls == [["--cuda-graphs", "on"], ["--cuda-graphs", "off"], ["--method", "lora"]]
-        assert list(runs) == ["graphs-on", "graphs-off", "lora"]
+        assert calls == [["--cuda-graphs", "on"], ["--cuda-graphs", "off"],
+                         ["--cuda-graphs", "off", "--pad-to", "max_length"], ["--method", "lora"]]
+        assert list(runs) == ["graphs-on", "graphs-off", "graphs-off-padded", "lora"]
         assert runs["graphs-on"]["x_lora_tokens_per_s"] == pytest.approx(0.25)
         assert result["error"].startswith("graphs-off: dev accuracy 0.5000 is below 0.75")
     else:
         assert calls == [[], ["--method", "lora"]]
-        assert list(runs) == ["graphs-on", "graphs-off", "default", "lora"]
-        for name in ("graphs-on", "graphs-off"):
+        assert list(runs) == ["graphs-on", "graphs-off", "graphs-off-padded", "default", "lora"]
+        for name in ("graphs-on", "graphs-off", "graphs-off-padded"):
             assert runs[name]["status"] == "skipped" and runs[name]["note"] == \
                 "skipped: this version's finetune has no --cuda-graphs"
         assert runs["default"]["x_lora_tokens_per_s"] == pytest.approx(0.25)

@@ -54,7 +54,19 @@ def _job(accuracy, tokens, ranks, method="increlora"):
             "method": method}
 
 
-def _report(rng, on=None, off=None, lora=None, host=True):
+def _graph_record(precision, ok=True, device_type="cuda", **extra):
+    """A ``graphs`` part record as `graphs.graph_agreement` writes it."""
+    record = dict(precision=precision, steps=16, device=f"{device_type}:0",
+                  device_type=device_type, status="ok" if ok else "failed", ok=ok,
+                  note=None if ok else "parameters differ by 0.02 > 1e-05 x 1", replays=4,
+                  ranks_equal=True, max_param_diff=0.0 if ok else 0.02, max_loss_diff=0.0)
+    return dict(record, **extra)
+
+
+ALL_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _report(rng, on=None, off=None, lora=None, host=True, twin=None, graphs=()):
     layer_ms, layer = _layer(rng)
     med, ours, model = _model(rng, "minilm-l6")
     host_rows = [dict(ENV, level="host", method=m, shape="768x3072", tokens=2048,
@@ -64,12 +76,16 @@ def _report(rng, on=None, off=None, lora=None, host=True):
     ranks = {"l0": 2, "l1": 3}
     runs = [{"name": "graphs-on", "status": "ok", "metrics": on or _job(0.812, 70_000, ranks)},
             {"name": "graphs-off", "status": "ok", "metrics": off or _job(0.813, 20_000, ranks)},
+            {"name": "graphs-off-padded", "status": "ok",
+             "metrics": twin or _job(0.812, 18_000, ranks)},
             {"name": "lora", "status": "ok",
              "metrics": lora or _job(0.80, 21_000, None, method="lora")}]
     report = {"kind": "gpu_check", "parts": {
         "layer": {"records": layer, "host_records": host_rows},
         "model": {"records": model},
         "finetune": {"runs": runs}}}
+    if graphs:
+        report["parts"]["graphs"] = {"records": [_graph_record(p) for p in graphs]}
     return report, layer_ms, med, ours, host_rows
 
 
@@ -132,22 +148,46 @@ def test_cuda_graphs_auto_needs_faster_and_the_same_run():
     ranks = {"l0": 2, "l1": 3}
     rng = random.Random(3)
     on, off = _job(0.812, 70_000, ranks), _job(0.815, 20_000, ranks)
-    decision, why = v.cuda_graphs_auto(_report(rng, on=on, off=off)[0])
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=on, off=off)[0])
     assert decision is True and why.startswith("on:")
     slower = _job(0.812, 19_000, ranks)
-    assert v.cuda_graphs_auto(_report(rng, on=slower, off=off)[0])[0] is False
+    assert v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=slower, off=off)[0])[0] is False
     other_ranks = _job(0.812, 70_000, {"l0": 3, "l1": 2})
-    decision, why = v.cuda_graphs_auto(_report(rng, on=other_ranks, off=off)[0])
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=other_ranks, off=off)[0])
     assert decision is False and "rank patterns differ" in why
     far = _job(0.805, 70_000, ranks)  # 0.010 below the eager run
-    assert v.cuda_graphs_auto(_report(rng, on=far, off=off)[0])[0] is False
-    report = _report(rng, on=on, off=off)[0]
+    assert v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=far, off=off)[0])[0] is False
+    report = _report(rng, graphs=ALL_PRECISIONS, on=on, off=off)[0]
     report["parts"]["finetune"]["runs"][0]["status"] = "failed"
+    assert v.cuda_graphs_auto(report)[0] is None
+    # the same run is judged against the eager run with the graphed one's padding: the
+    # default eager run's own padding changes the rank pattern by itself
+    padded_apart = _job(0.813, 20_000, {"l0": 3, "l1": 2})
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=on, off=padded_apart, twin=on)[0])
+    assert decision is True and why.startswith("on:")
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=on, off=off, twin=padded_apart)[0])
+    assert decision is False and "rank patterns differ" in why
+    report = _report(rng, graphs=ALL_PRECISIONS, on=on, off=off)[0]
+    del report["parts"]["finetune"]["runs"][2]  # no graphs-off-padded run
     assert v.cuda_graphs_auto(report)[0] is None
 
 
+@pytest.mark.parametrize("graphs", [(), ("fp32", "bf16"), ("bf16",)])
+def test_cuda_graphs_auto_is_undecided_without_every_precision_checked(graphs):
+    """A graphs part that did not run, raised, or left a precision unchecked decides nothing,
+    however the main job went (before 2026-12-05 a missing check counted as passed)."""
+    ranks = {"l0": 2, "l1": 3}
+    report = _report(random.Random(5), on=_job(0.812, 70_000, ranks),
+                     off=_job(0.813, 20_000, ranks), graphs=graphs)[0]
+    decision, why = v.cuda_graphs_auto(report)
+    assert decision is None and why.startswith("undecided: the graphs part has no passing")
+    report["parts"].setdefault("graphs", {"records": []})["records"].append(
+        _graph_record("fp16", ok=False))
+    assert v.cuda_graphs_auto(report)[0] is False  # a disagreement decides: off
+
+
 def test_gpu_check_markdown_has_the_issue27_table():
-    report, *_ = _report(random.Random(4))
+    report, *_ = _report(random.Random(4), graphs=ALL_PRECISIONS)
     report.update(environment=dict(ENV), status="ok")
     text = gpu_check_markdown(report)
     assert "Issue 27 targets" in text and v.NAMES["graphs_compiled"] in text
@@ -184,15 +224,6 @@ def test_the_aten_design_of_the_dy_pass_computes_what_the_kernels_do(states):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
 
 
-def _graph_record(precision, ok=True, device_type="cuda", **extra):
-    """A ``graphs`` part record as `graphs.graph_agreement` writes it."""
-    record = dict(precision=precision, steps=16, device=f"{device_type}:0",
-                  device_type=device_type, status="ok" if ok else "failed", ok=ok,
-                  note=None if ok else "parameters differ by 0.02 > 1e-05 x 1", replays=4,
-                  ranks_equal=True, max_param_diff=0.0 if ok else 0.02, max_loss_diff=0.0)
-    return dict(record, **extra)
-
-
 def test_graphed_step_verdict_and_auto_follow_the_graphs_part():
     """The graphs part: met when every precision that ran on CUDA agreed, missed (and
     ``--cuda-graphs auto`` off, whatever the main job says) when one did not, not measurable
@@ -207,6 +238,9 @@ def test_graphed_step_verdict_and_auto_follow_the_graphs_part():
     (verdict,) = [x for x in v.issue27_verdicts(report) if x.target == v.NAMES["graphs_equal"]]
     assert verdict.status == "met" and "bf16" not in verdict.detail
     assert "fp16 ok (4 replays" in verdict.detail and "5 overflows (2 replayed)" in verdict.detail
+    decision, why = v.cuda_graphs_auto(report)  # bf16 was not checked: nothing decided
+    assert decision is None and why.endswith("graphed step in bf16")
+    report["parts"]["graphs"]["records"][1] = _graph_record("bf16")
     assert v.cuda_graphs_auto(report)[0] is True
     report["parts"]["graphs"]["records"][2] = dict(fp16, ok=False, status="failed",
                                                    note="loss scales differ")
@@ -222,6 +256,6 @@ def test_graphed_step_verdict_and_auto_follow_the_graphs_part():
     cpu = [_graph_record(p, ok=False, device_type="cpu") for p in ("fp32", "fp16")]
     report["parts"]["graphs"]["records"] = cpu  # an emulated run says nothing about CUDA
     assert _status(v.issue27_verdicts(report), "graphs_equal") == ["not measurable"]
-    assert v.cuda_graphs_auto(report)[0] is True
+    assert v.cuda_graphs_auto(report)[0] is None
     text = gpu_check_markdown(dict(report, environment=dict(ENV), status="ok"))
     assert v.NAMES["graphs_equal"] in text and "(b) graphed training steps" in text

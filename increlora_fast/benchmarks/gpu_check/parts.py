@@ -7,7 +7,8 @@ important first (a check stopped from outside keeps what it finished):
   replayed from CUDA graphs, in fp32, bf16 and fp16 (GradScaler, overflowing steps included):
   whether the graphed run agrees with the eager one (`graphs.graph_agreement`; seconds);
 - ``finetune``: the main job, `increlora-fast finetune` on the device, run three times
-  (`FINETUNE_RUNS`): ``--cuda-graphs on``, ``--cuda-graphs off`` and ``--method lora``, each
+  (`FINETUNE_RUNS`): ``--cuda-graphs on``, ``--cuda-graphs off`` (also with graphs-on's
+  padding, ``--pad-to max_length``, the run the graphed one must equal) and ``--method lora``, each
   with its dev accuracy and tokens/s, and ours/lora in tokens/s;
 - ``model``: training steps of random-weight models, MiniLM-L6 at the main job's shape first,
   then DeBERTa-v3-base and a 2-layer Llama-7B: the frozen floor, peft LoRA (eager and under
@@ -65,6 +66,9 @@ QLORA_METHODS_CHECKED = ("peft-lora", "increlora-triton")
 FINETUNE_RUNS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("graphs-on", ("--cuda-graphs", "on")),
     ("graphs-off", ("--cuda-graphs", "off")),
+    # eager with graphs-on's padding: the run graphs-on must equal (rank pattern, accuracy);
+    # graphs-off pads each batch to its longest input, which alone changes the scores
+    ("graphs-off-padded", ("--cuda-graphs", "off", "--pad-to", "max_length")),
     ("lora", ("--method", "lora")),
 )
 FINETUNE_NEEDS_CUDA = ("graphs-on",)

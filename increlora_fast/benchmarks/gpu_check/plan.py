@@ -38,7 +38,7 @@ class CheckPlan:
 
 
 def full_plan() -> CheckPlan:
-    """The GPU sizes: about 5.8 minutes in all on one H200, estimated from the run of
+    """The GPU sizes: about 6.6 minutes in all on one H200, estimated from the run of
     2026-12-04 (182 s: kernels 88 s full, layer 23 s, the default fine-tune 50 s, two model
     presets x three methods 20 s) and its step and 4-bit probes:
 
@@ -46,7 +46,8 @@ def full_plan() -> CheckPlan:
       Triton compiling each variant once (later parts reuse the builds);
     - graphs, a tiny BERT trained 16 steps twice in each of three precisions: seconds of
       training (not timed on a GPU yet), plus compiling any Triton variant the suite did not;
-    - finetune, three runs: about 135 s (50 s each of ours, graphs on below that, LoRA 35 s);
+    - finetune, four runs: about 185 s (50 s each of ours eager, with each batch padded to its
+      longest input and to the fixed length, graphs on below that, LoRA 35 s);
     - model, three presets x five measured methods, 20 steps each: about 115 s, of which
       torch.compile's first step is about 25-40 s per preset;
     - qlora, 2-layer Llama-7B in NF4 (2 GB of random weights written and read back): about 20 s;
