@@ -682,3 +682,36 @@ def test_full_plan_puts_the_main_jobs_shape_first():
     assert all(p.models[0] in MODEL_PRESETS for p in plan.models)
     assert set(MODEL_METHODS_CHECKED) <= set(model_level.MODEL_METHODS)
     assert plan.finetune == [] and plan.min_accuracy == MIN_FULL_ACCURACY
+
+
+def test_a_step_that_captures_a_graph_stays_out_of_the_phase_medians(monkeypatch):
+    """The model benchmark's phase medians (allocation phase, after the budget) leave out a
+    step during which a graphed run captured a graph; the run's mean keeps it."""
+    import time
+    from types import SimpleNamespace
+
+    import torch
+    from increlora_fast.benchmarks.speed.plans import ModelPlan
+
+    class Run:  # 2 warm-up steps, then 3 in the allocation phase and 3 after, step 5 captures
+        settings = ""
+
+        def __init__(self):
+            self.runner = SimpleNamespace(graphed=SimpleNamespace(captures=0,
+                                                                  pool_bytes=lambda: 0))
+
+        def phase(self, i):
+            return "alloc" if i < 5 else "final"
+
+        def step(self, i, batch):
+            if i == 5:
+                self.runner.graphed.captures += 1
+                time.sleep(0.05)
+
+    monkeypatch.setattr(model_level, "prepare_run", lambda *a: (Run(), [{}]))
+    plan = ModelPlan(models=["tiny-bert"], batch_size=1, seq_len=4, steps=8, warmup_steps=2,
+                     dtypes=["fp32"])
+    got = model_level.measure_models(["increlora-triton"], "tiny-bert", plan, "fp32",
+                                     torch.device("cpu"))["increlora-triton"]
+    assert got["alloc_steps"] == 3 and got["final_steps"] == 2
+    assert got["final_median_ms"] < 25 and got["mean_ms"] > 50 / 6

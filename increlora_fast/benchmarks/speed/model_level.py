@@ -308,6 +308,8 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
         shift = n % len(methods)
         for method in methods[shift:] + methods[:shift]:
             run, batches = runs[method]
+            graphed = getattr(getattr(run, "runner", None), "graphed", None)
+            captures = graphed.captures if graphed is not None else 0
             with MethodEnv(method_env(method)):
                 phase = run.phase(i)
                 if device.type == "cuda":
@@ -315,7 +317,8 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
                 with Timer(device) as timer:
                     _step(run, i, batches, device, dtype)
             times[method]["run"].append(timer.ms)
-            if phase != "run":
+            # a step that captured a graph is in the run's mean, not in a phase's median
+            if phase != "run" and (graphed is None or graphed.captures == captures):
                 times[method][phase].append(timer.ms)
     for method in methods:  # a graphed run also holds its graphs' memory pools
         graphed = getattr(getattr(runs[method][0], "runner", None), "graphed", None)
