@@ -15,8 +15,8 @@ reason where it does not. The targets (H200, bf16):
   median step of the allocation phase (score tracked; the model benchmark's compressed schedule
   makes every one of those steps an allocation round, so "tracked" includes a round's host
   work and overstates tracking alone; a graphed run replays them, the round on the host
-  between its two graphs), "untracked" the median after the budget is reached (in a graphed
-  run it includes the step that captures the untracked graph);
+  between its two graphs), "untracked" the median after the budget is reached (steps that
+  captured a graph left out of both medians);
 - the main job: >= 60,000 training tokens/s, dev accuracy 0.81 or more (to two decimals), >= 3x
   ``--method lora`` in the same check, and the graphed run and the eager one with its padding
   (``graphs-off-padded``) with the same rank pattern and dev accuracy within 0.005;
