@@ -1,10 +1,10 @@
 """`increlora-fast gpu-check`: check the GPU path in one command and write the evidence.
 
-On one CUDA GPU (under 6 minutes): the kernel correctness suite, a tiny BERT trained eagerly and
-with the step replayed from CUDA graphs in fp32, bf16 and fp16 (do they agree?), the main
-fine-tune with and without CUDA graphs and with LoRA (accuracy, tokens/s), model-level training
-steps against the frozen floor, peft LoRA (eager and compiled) and AdaLoRA, the same on a 4-bit
-base, and the layer benchmark with launches and host time per call, into ``--out DIR`` as
+On one CUDA GPU (about 6.6 minutes): the kernel correctness suite, a tiny BERT trained eagerly
+and with the step replayed from CUDA graphs in fp32, bf16 and fp16 (do they agree?), the main
+fine-tune with and without CUDA graphs (eagerly also with the graphed run's padding) and with
+LoRA (accuracy, tokens/s), model-level training steps against the frozen floor, peft LoRA
+(eager and compiled) and AdaLoRA, the same on a 4-bit base, and the layer benchmark with launches and host time per call, into ``--out DIR`` as
 ``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy sizes (on a
 machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
 fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``, or a
