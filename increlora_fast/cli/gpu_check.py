@@ -4,8 +4,9 @@ On one CUDA GPU (about 6.6 minutes): the kernel correctness suite, a tiny BERT t
 and with the step replayed from CUDA graphs in fp32, bf16 and fp16 (do they agree?), the main
 fine-tune with and without CUDA graphs (eagerly also with the graphed run's padding) and with
 LoRA (accuracy, tokens/s), model-level training steps against the frozen floor, peft LoRA
-(eager and compiled) and AdaLoRA, the same on a 4-bit base, and the layer benchmark with launches and host time per call, into ``--out DIR`` as
-``gpu_check.json`` and ``gpu_check.md``. ``--dry-run`` runs the same code at toy sizes (on a
+(eager and compiled) and AdaLoRA, the same on a 4-bit base, and the layer benchmark with
+launches and host time per call, into ``--out DIR`` as ``gpu_check.json`` and
+``gpu_check.md``. ``--dry-run`` runs the same code at toy sizes (on a
 machine without CUDA: on CPU, Triton under its interpreter). Needs no network: the
 fine-tune's model and data come from ``--assets`` (a copy of ``~/.cache/increlora_fast``, or a
 compact one written by ``--pack-assets DIR``, which also packs bitsandbytes for the 4-bit part
