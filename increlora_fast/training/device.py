@@ -160,7 +160,7 @@ def reset_peak_memory(device: torch.device) -> None:
     otherwise count in this run's peak)."""
     if device.type == "cuda":
         gc.collect()
-        torch.cuda.synchronize(device)
+        wait_for_device(device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
 

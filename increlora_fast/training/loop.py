@@ -91,10 +91,10 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
     """Train from ``state.step`` to ``max_steps``; ``on_step_end`` runs after every step (the
     caller writes checkpoints there, after `LoopState.sync`); where it reads the device at some
     steps, its ``due(step)`` (the step count after the step) says which, so that the loop waits
-    for the device within the timed step there (`BestState`, `StepEnds`). The progress bar shows
-    the task
-    loss (without penalties, so methods compare) and the current total rank, refreshed every
-    `LOG_EVERY` steps and at the end, the only steps where the loop reads the device.
+    for the device within the timed step there (`BestState`, `StepEnds`). The progress bar
+    shows the task loss (without penalties, so methods compare) and the current total rank,
+    refreshed every `LOG_EVERY` steps and at the end, the only steps where the loop reads the
+    device.
     ``placement``: where the model already is and the precision to train in (default: CPU, fp32).
     Each step is a `StepRunner.step` (``static_inputs`` and ``cuda_graphs`` are passed to it).
 

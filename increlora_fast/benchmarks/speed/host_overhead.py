@@ -229,7 +229,7 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
     from ...kernels import launch_counts, reset_launch_counts
     from .layer_level import build_cases
     from .layer_methods import MethodEnv
-    from .timing import synchronize
+    from ...training.device import wait_for_device
 
     plan.validate()
 
@@ -243,18 +243,18 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
                 setup()
                 run()
             setup()
-            synchronize(device)
+            wait_for_device(device)
             reset_launch_counts()
             run()
             launches[method] = launch_counts()
         for _ in range(plan.repeats):  # interleaved: drift hits every method alike
             for method, (run, setup) in cases.items():
                 setup()
-                synchronize(device)
+                wait_for_device(device)
                 start = time.perf_counter()
                 run()
                 times[method].append(time.perf_counter() - start)
-        synchronize(device)
+        wait_for_device(device)
     records = []
     for method in methods:
         median_s = statistics.median(times[method])

@@ -19,9 +19,9 @@ from typing import Dict, Iterator, List
 
 import torch
 
+from ...training.device import wait_for_device
 from .plans import ModelPlan
 from .replaced import replaced
-from .timing import synchronize
 
 LEVEL = "optimizer_host"
 # (method name, the launch over many tensors allowed)
@@ -73,18 +73,18 @@ def measure_optimizer_host(preset_name: str, plan: ModelPlan, device: torch.devi
             with way(many):
                 for _ in range(3):  # the plan, the table, the kernels built
                     optimizer.step()
-                synchronize(device)
+                wait_for_device(device)
                 reset_launch_counts()
                 optimizer.step()
                 launches[name] = sum(launch_counts().values())
         for _ in range(repeats):  # interleaved: drift hits both alike
             for name, many in MODES:
                 with way(many):
-                    synchronize(device)
+                    wait_for_device(device)
                     start = time.perf_counter()
                     optimizer.step()
                     times[name].append((time.perf_counter() - start) * 1e6)
-        synchronize(device)
+        wait_for_device(device)
     medians = {name: statistics.median(t) for name, t in times.items()}
     records = [dict(env, level=LEVEL, status="ok", method=name, model=preset_name,
                     tensors=len(params), launches_per_step=launches[name],

@@ -17,10 +17,10 @@ from typing import Dict, Iterator, List
 
 import torch
 
+from ...training.device import wait_for_device
 from .optimizer_host import CPU_NOTE
 from .plans import ModelPlan
 from .replaced import replaced
-from .timing import synchronize
 
 LEVEL = "penalty_time"
 # (method name, the kernels allowed)
@@ -67,7 +67,7 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
         with penalty_path(kernels):
             for _ in range(3):  # the tables, masks and kernels built
                 call()
-            synchronize(device)
+            wait_for_device(device)
             reset_launch_counts()
             with _AtenOps() as ops:
                 call()
@@ -81,11 +81,11 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
     for _ in range(repeats):  # interleaved: drift hits both alike
         for name, kernels in MODES:
             with penalty_path(kernels):
-                synchronize(device)
+                wait_for_device(device)
                 start = time.perf_counter()
                 call()
                 issued = time.perf_counter()
-                synchronize(device)
+                wait_for_device(device)
                 done = time.perf_counter()
             host[name].append((issued - start) * 1e6)
             total[name].append((done - start) * 1e6)

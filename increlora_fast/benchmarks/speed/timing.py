@@ -17,12 +17,6 @@ import torch
 from ..memory_probe import MIB, TensorPeak, release_memory
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for ``device`` to finish its queued work (nothing to wait for off CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class Measurement:
     """Timings (ms) of the repeated runs and their peak memory (MiB above the baseline)."""
