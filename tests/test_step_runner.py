@@ -190,15 +190,21 @@ def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(ti
 def test_default_padding_follows_the_resolved_graphs_choice(tiny):
     """``--pad-to`` left to its default pads to one shape exactly when the steps are graphed,
     whatever the option's text (``auto``, once it turns graphs on, needs fixed shapes too); a
-    padding given is kept."""
-    from increlora_fast.training.finetune_run import with_graph_padding
+    padding given is kept; without a resolved choice only ``on`` graphs. A finetune run on CPU
+    resolves ``auto`` to no graphs, and ``on`` there is an error naming the option."""
+    from increlora_fast.training.finetune_run import uses_cuda_graphs
+    from increlora_fast.training.settings import resolve
     for text in ("auto", "on", "off"):
         s = _settings(tiny, cuda_graphs=text)
         assert s.pad_to is None
-        assert with_graph_padding(s, True).pad_to == "max_length"
-        assert with_graph_padding(s, False).pad_to == "longest"
+        assert resolve(s, 100, graphed=True).pad_to == "max_length"
+        assert resolve(s, 100, graphed=False).pad_to == "longest"
+        assert resolve(s, 100).pad_to == ("max_length" if text == "on" else "longest")
     given = _settings(tiny, pad_to="max_length")
-    assert with_graph_padding(given, False) is given
+    assert resolve(given, 100, graphed=False).pad_to == "max_length"
+    assert uses_cuda_graphs(_settings(tiny, cuda_graphs="auto", device="cpu")) is False
+    with pytest.raises(ValueError, match="--cuda-graphs on needs a CUDA device"):
+        uses_cuda_graphs(_settings(tiny, cuda_graphs="on", pad_to="max_length", device="cpu"))
 
 
 def test_fp16_step_skipped_for_an_overflow_outside_the_adapters_changes_no_score(tiny,

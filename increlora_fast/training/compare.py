@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Sequence
 
 from ..persistence import atomic_write_bytes
 from .finetune_run import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
-                       with_data_identity)
+                           uses_cuda_graphs, with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
 from .settings import METHODS, RunSettings, resolve, validate
@@ -50,7 +50,7 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
     done = run_dir / METRICS_FILE
     if done.exists():
         metrics = json.loads(done.read_text())
-        wanted = resolve(s, train_size).to_dict()
+        wanted = resolve(s, train_size, uses_cuda_graphs(s)).to_dict()
         # Settings added after a run finished read as their defaults, which it ran with.
         stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
         differing = sorted(k for k in wanted if stored.get(k) != wanted[k])

@@ -21,7 +21,8 @@ from ..persistence import atomic_write_bytes
 from .batches import Batches, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
                          save_checkpoint)
-from .device import Placement, peak_memory, reset_peak_memory, tokens_per_second
+from .device import (Placement, peak_memory, reset_peak_memory, resolve_device,
+                     tokens_per_second)
 from .loop import (BestState, LoopState, StepEnds, balanced_class_weights, evaluate,
                    train_loop)
 from .methods import MethodRun
@@ -191,23 +192,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def with_graph_padding(settings: RunSettings, cuda_graphs: bool) -> RunSettings:
-    """``settings`` with the padding its CUDA graphs need when ``--pad-to`` was left to its
-    default: ``max_length`` (one batch shape) when the run's steps are graphed, ``longest``
-    otherwise, decided from the resolved choice (``auto`` turned on for CUDA too), not from the
-    option's text."""
-    if settings.pad_to is not None:
-        return settings
-    return dataclasses.replace(settings, pad_to="max_length" if cuda_graphs else "longest")
+def uses_cuda_graphs(settings: RunSettings) -> bool:
+    """Whether a run of ``settings`` replays its steps from CUDA graphs on this machine
+    (``--cuda-graphs`` resolved for ``--device``); raises ValueError as they do."""
+    return resolve_cuda_graphs(settings.cuda_graphs, resolve_device(settings.device))
 
 
-def build_run(settings: RunSettings, placement: Optional[Placement] = None
+def build_run(settings: RunSettings, placement: Optional[Placement] = None,
+              graphed: Optional[bool] = None
               ) -> Tuple[RunSettings, TaskData, MethodRun, Batches]:
     """Resolved settings, data, the method wrapped around a fresh model (on ``placement``'s
-    device, default CPU), and the batches."""
+    device, default CPU), and the batches. ``graphed``: whether the steps will be replayed from
+    CUDA graphs (the default padding follows it, `settings.resolve`)."""
     data = load_data(settings)
     train, holdout = split_holdout(settings, data.train)
-    s = resolve(settings, len(train))
+    s = resolve(settings, len(train), graphed)
     seed_everything(s.seed)
     tokenizer, model = load_model(s, data)
     check_max_seq_len(s, model)
@@ -403,9 +402,8 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
         settings = with_data_identity(settings)
     place = Placement.from_text(settings.device, settings.precision)
     cuda_graphs = resolve_cuda_graphs(settings.cuda_graphs, place.device)
-    settings = with_graph_padding(settings, cuda_graphs)
     reset_peak_memory(place.device)
-    s, data, run, batches = build_run(settings, place)
+    s, data, run, batches = build_run(settings, place, cuda_graphs)
     state = load_checkpoint(Path(resume), run, place.scaler) if resume else LoopState()
     echo(f"{s.method} on {data.name} ({len(batches.train):,} train"
          + (f" + {len(batches.holdout):,} held out" if batches.holdout else "")

@@ -189,8 +189,14 @@ def validate(s: RunSettings) -> None:
                f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
 
 
-def resolve(s: RunSettings, train_size: int) -> RunSettings:
-    """A copy with every ``None`` default filled in for the method and the number of steps."""
+def resolve(s: RunSettings, train_size: int, graphed: Optional[bool] = None) -> RunSettings:
+    """A copy with every ``None`` default filled in for the method and the number of steps.
+
+    ``graphed`` says whether the run's steps are replayed from CUDA graphs, as
+    `step_runner.resolve_cuda_graphs` decided it for the run's device (``auto`` included); the
+    default ``--pad-to`` follows it: ``max_length`` (one batch shape) when graphed, ``longest``
+    otherwise. ``None``, for callers that know no device, decides from the option's text
+    (only ``on`` graphs)."""
     validate(s)
     r = dataclasses.replace(s)
     steps_per_epoch = max(1, train_size // r.batch_size)
@@ -201,7 +207,8 @@ def resolve(s: RunSettings, train_size: int) -> RunSettings:
         r.select_every = max(1, r.max_steps // 10)
     r.lora_alpha = DEFAULT_ALPHA[r.method] if r.lora_alpha is None else r.lora_alpha
     if r.pad_to is None:
-        r.pad_to = "max_length" if r.cuda_graphs == "on" else "longest"
+        graphed = r.cuda_graphs == "on" if graphed is None else graphed
+        r.pad_to = "max_length" if graphed else "longest"
     # IncreLoRA: a round every 5% of training after a first 5%; enough modules per round that
     # the budget is reached by mid-training, leaving the rest to train the final ranks.
     if r.incre_interval is None:

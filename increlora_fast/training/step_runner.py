@@ -39,7 +39,7 @@ def resolve_cuda_graphs(text: str, device: torch.device) -> bool:
     """Whether a run with ``--cuda-graphs text`` on ``device`` uses CUDA graphs.
 
     ``auto`` is off for now: it turns on for CUDA once the GPU check shows graphs faster with
-    the same accuracy (then a run's default padding follows, `finetune_run.with_graph_padding`;
+    the same accuracy (then a run's default padding follows, `settings.resolve`;
     an explicit ``--pad-to longest`` must keep ``auto`` off). The device-independent
     combinations are refused by `settings.validate`.
 
