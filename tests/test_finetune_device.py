@@ -103,6 +103,7 @@ def test_cpu_run_records_device_tokens_per_second_and_memory(tiny, tmp_path, cap
     expected = sum(int(batches.train_batch(s)["attention_mask"].sum()) for s in range(4))
     assert m["train_tokens"] == expected
     assert m["tokens_per_second"] > 0
+    assert m["tokens_per_second_warm"] is None  # no step after the first log point (step 4)
     # train_seconds is rounded to 0.1 s in metrics.json
     seconds = m["train_seconds"]
     assert expected / (seconds + 0.051) <= m["tokens_per_second"] <= \

@@ -362,6 +362,17 @@ def test_issue13_verdicts_follow_the_records():
     assert {v.status for v in issue13_verdicts(cpu)} == {"not measurable"}
 
 
+def test_environment_line_tells_bitsandbytes_absent_from_not_recorded():
+    """A record from before the field (the H200 run of 2026-12-04) says nothing about
+    bitsandbytes: its line must not claim it was not installed."""
+    from increlora_fast.benchmarks.gpu_check.markdown import _environment
+    base = {"device": "GPU", "torch": "2.11", "python": "3.12"}
+    for env, said in (({}, "not recorded"), ({"bitsandbytes": None}, "not installed"),
+                      ({"bitsandbytes": "0.50.2"}, "0.50.2")):
+        text = "\n".join(_environment({"environment": dict(base, **env)}))
+        assert f", bitsandbytes {said}, Python" in text
+
+
 def test_bench_report_only_includes_a_gpu_check(tmp_path, monkeypatch):
     report, layer_ms, _, _ = _synthetic_report()
     path = tmp_path / "gpu_check.json"
@@ -377,7 +388,7 @@ def test_bench_report_only_includes_a_gpu_check(tmp_path, monkeypatch):
     assert f"| peft-lora | {layer_ms['peft-lora']:.3f} | {ratio:.2f}x |" in md
     assert "6 checks, 1 failed." in md and "Failing cases:" in md
     assert ("| graphs-on | --cuda-graphs on | ok | 0.812 | - | - | 300 | cuda:0 | bf16 | "
-            "51,235 | 0.5 | 812 |") in md
+            "51,235 | - | 0.5 | 812 |") in md
     assert "| lora | --method lora | ok | 0.812 |" in md
     assert "Issue 13 targets" in md and "deberta-v3-base b16x256" in md
     assert "compute capability 9.0" in md

@@ -49,9 +49,9 @@ def _model(rng, preset):
     return med, ours, rows
 
 
-def _job(accuracy, tokens, ranks, method="increlora"):
+def _job(accuracy, tokens, ranks, method="increlora", warm=None):
     return {"eval_accuracy": accuracy, "tokens_per_second": tokens, "rank_pattern": ranks,
-            "method": method}
+            "method": method, "tokens_per_second_warm": warm}
 
 
 def _graph_record(precision, ok=True, device_type="cuda", **extra):
@@ -152,6 +152,13 @@ def test_cuda_graphs_auto_needs_faster_and_the_same_run():
     assert decision is True and why.startswith("on:")
     slower = _job(0.812, 19_000, ranks)
     assert v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=slower, off=off)[0])[0] is False
+    # within the noise margin of one run each: not faster
+    barely = _job(0.812, 20_000 * (1 + v.AUTO_MARGIN) - 1, ranks)
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=barely, off=off)[0])
+    assert decision is False and "not 5% faster" in why
+    enough = _job(0.812, 20_000 * (1 + v.AUTO_MARGIN), ranks, warm=30_000)
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=enough, off=off)[0])
+    assert decision is True and "30,000 vs n/a after the first log point" in why
     other_ranks = _job(0.812, 70_000, {"l0": 3, "l1": 2})
     decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=other_ranks, off=off)[0])
     assert decision is False and "rank patterns differ" in why

@@ -57,6 +57,24 @@ def _train(tiny, **loop_kwargs):
     return state, run
 
 
+def test_warm_tokens_per_second_leaves_out_the_steps_before_the_first_log_point(tiny,
+                                                                              monkeypatch):
+    """The rate after the first log point counts exactly the later steps' tokens and seconds;
+    a run that ends at its first log point has none."""
+    from increlora_fast.training import loop as loop_module
+    s, _, run, batches = build_run(_settings(tiny))
+    clock = iter(range(10_000))
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: float(next(clock)))
+    state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    tokens = [int(batches.train_batch(i)["attention_mask"].sum()) for i in range(STEPS)]
+    first = loop_module.LOG_EVERY
+    assert state.warm_mark == (sum(tokens[:first]), float(first))  # one tick per step
+    assert state.warm_tokens_per_second() == round(sum(tokens[first:]) / (STEPS - first), 1)
+    assert state.session_tokens == sum(tokens)
+    short = train_loop(run, batches, first, s.grad_clip, LoopState(), progress=False)
+    assert short.warm_mark is not None and short.warm_tokens_per_second() is None
+
+
 # ---------------------------------------------------------------- static inputs
 
 def test_static_inputs_train_bit_for_bit_like_the_plain_path(tiny):

@@ -443,7 +443,8 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
                    precision=place.precision, cuda_graphs=cuda_graphs,
                    train_tokens=state.session_tokens,
                    tokens_per_second=tokens_per_second(state.session_tokens,
-                                                       state.session_seconds))
+                                                       state.session_seconds),
+                   tokens_per_second_warm=state.warm_tokens_per_second())
     counts = run.parameter_counts()
     tail = state.losses[-max(1, len(state.losses) // 10):]
     metrics.update({

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .batches import Batches
-from .device import Placement, wait_for_device
+from .device import Placement, tokens_per_second, wait_for_device
 from .methods import MethodRun
 from .step_runner import StepRunner
 
@@ -43,6 +43,9 @@ class LoopState:
     ``pending_losses`` / ``pending_tokens``: the task losses and token counts of the latest steps
     as device tensors, not yet read on the host; `sync` moves them into ``losses`` and
     ``session_tokens`` (call it before reading those during a run).
+    ``warm_mark``: ``(session_tokens, session_seconds)`` at this session's first log point, so
+    that `warm_tokens_per_second` leaves out the first steps' one-time costs (kernel compiles,
+    the first CUDA graph captures); None before it.
     """
 
     step: int = 0
@@ -60,6 +63,15 @@ class LoopState:
     # (`GraphedSteps.pool_bytes`), which the allocator's tensor peak leaves out between
     # replays; 0 without graphs (not checkpointed)
     graph_pool_bytes: int = field(default=0, repr=False)
+    warm_mark: Optional[Tuple[int, float]] = field(default=None, repr=False)
+
+    def warm_tokens_per_second(self) -> Optional[float]:
+        """Training tokens per second of this session's steps after its first log point (both
+        ends waited for the device); None when no step came after it."""
+        if self.warm_mark is None:
+            return None
+        tokens, seconds = self.warm_mark
+        return tokens_per_second(self.session_tokens - tokens, self.session_seconds - seconds)
 
     def sync(self, name: str) -> None:
         """Read the pending losses and token counts on the host (one read each) and append them.
@@ -129,6 +141,8 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
             elapsed = time.perf_counter() - t0
             state.train_seconds += elapsed
             state.session_seconds += elapsed
+            if log and state.warm_mark is None:
+                state.warm_mark = (state.session_tokens, state.session_seconds)
             if log:
                 recent = state.losses[-20:]
                 postfix = {"loss": f"{sum(recent) / len(recent):.4f}"}

@@ -23,8 +23,8 @@ UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
 DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_ms", "ours_ms",
                    "x_cublas", "aten_ms", "x_cublas_aten")
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
-                    "steps", "device", "precision", "tokens_per_second", "x_lora_tokens_per_s",
-                    "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
+                    "steps", "device", "precision", "tokens_per_second", "tokens_per_second_warm",
+                    "x_lora_tokens_per_s", "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
                     "note")
 GRAPHS_COLUMNS = ("precision", "status", "steps", "replays", "captures", "ranks_equal",
                   "max_param_diff", "max_loss_diff", "tol", "loss_scale", "loss_scale_graphed",
@@ -37,6 +37,14 @@ PART_TITLES = OrderedDict((
     ("qlora", "(e) model training step on a 4-bit NF4 base"),
     ("layer", "(f) layer fwd+bwd, bf16; launches and host time per call and per optimizer step"),
 ))
+
+
+def _bnb_version(env: Dict) -> str:
+    """bitsandbytes' version as the environment recorded it; records older than that field
+    (2026-12-05) say nothing about it."""
+    if "bitsandbytes" not in env:
+        return "not recorded"
+    return env["bitsandbytes"] or "not installed"
 
 
 def _cell(value) -> str:
@@ -61,7 +69,7 @@ def _environment(report: Dict) -> List[str]:
                 if env.get("capability") else ""),
              f"- torch {env.get('torch')} (CUDA {env.get('cuda')}), triton {env.get('triton')}, "
              f"transformers {env.get('transformers')}, peft {env.get('peft')}, "
-             f"bitsandbytes {env.get('bitsandbytes') or 'not installed'}, "
+             f"bitsandbytes {_bnb_version(env)}, "
              f"Python {env.get('python')}",
              f"- git commit {env.get('git_commit')}, started {report.get('date')}, "
              f"{report.get('seconds')} s in all"

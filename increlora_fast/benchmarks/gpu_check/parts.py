@@ -329,7 +329,8 @@ def _finetune_once(device: torch.device, plan: CheckPlan, extra: Sequence[str],
 
 FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples", "method", "task",
                  "model", "steps", "train_seconds", "eval_seconds", "total_seconds",
-                 "train_tokens", "tokens_per_second", "peak_device_memory_mb",
+                 "train_tokens", "tokens_per_second", "tokens_per_second_warm",
+                 "peak_device_memory_mb",
                  "peak_device_memory_kind", "device", "precision", "total_rank",
                  "trainable_params_active", "trainable_params_padded", "cuda_graphs",
                  "rank_pattern")

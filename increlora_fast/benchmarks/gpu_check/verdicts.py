@@ -23,7 +23,11 @@ reason where it does not. The targets (H200, bf16):
 - the graphed step itself (the ``graphs`` part): a tiny BERT trained eagerly and replayed from
   CUDA graphs in fp32, bf16 and fp16 gives the same rank pattern, parameters and losses within
   the part's tolerances (`graphs.graph_agreement`). A precision that disagrees also turns
-  ``--cuda-graphs auto`` off; one not checked on CUDA leaves it undecided.
+  ``--cuda-graphs auto`` off; one not checked on CUDA leaves it undecided. Graphs count as
+  faster for ``auto`` when the graphed main job's training tokens/s (first steps included, as
+  a run pays them) exceed the eager run's by `AUTO_MARGIN`, a margin for the noise between
+  two single runs; the tokens/s after the first log point (``tokens_per_second_warm``) are
+  printed beside them.
 """
 from __future__ import annotations
 
@@ -40,6 +44,9 @@ GRAPHS_X_COMPILED, TRACKED_X_UNTRACKED = 0.5, 1.25
 GRAPH_PRESETS = ("minilm-l6", "deberta-v3-base")
 MAIN_JOB_TOKENS_PER_S, MAIN_JOB_X_LORA, MAIN_JOB_ACCURACY = 60_000, 3.0, 0.805
 GRAPHS_ACCURACY_DIFF = 0.005
+# --cuda-graphs auto turns on only when graphs-on's tokens/s are at least this share above
+# graphs-off's: one run of each, so a smaller difference is not told apart from noise
+AUTO_MARGIN = 0.05
 
 NAMES = {
     "layer_off": f"layer, tracking off, <= {LAYER_OFF}x frozen",
@@ -281,13 +288,19 @@ def issue27_verdicts(report: Dict) -> List[Verdict]:
             + main_job_verdicts(report) + graph_step_verdicts(report))
 
 
+def _rate(metrics: Dict, key: str) -> str:
+    value = metrics.get(key)
+    return "n/a" if value is None else f"{value:,.0f}"
+
+
 def cuda_graphs_auto(report: Dict) -> Tuple[Optional[bool], str]:
     """What this run says ``--cuda-graphs auto`` should do on CUDA: False when a precision of
     the ``graphs`` part disagreed with the eager run on CUDA (whatever the main job says);
     None (undecided) unless every precision of that part passed on CUDA; otherwise True (turn
-    graphs on) when the graphed main job is faster than the default eager one (``graphs-off``)
-    and trained the same run as the eager one with its padding (``graphs-off-padded``), False
-    when it is not, None when the run cannot tell; with the reason."""
+    graphs on) when the graphed main job is `AUTO_MARGIN` faster than the default eager one
+    (``graphs-off``) and trained the same run as the eager one with its padding
+    (``graphs-off-padded``), False when it is not, None when the run cannot tell; with the
+    reason."""
     ran = _graph_records(report)
     bad = [r for r in ran if not r.get("ok")]
     if bad:
@@ -305,11 +318,13 @@ def cuda_graphs_auto(report: Dict) -> Tuple[Optional[bool], str]:
         return None, ("undecided: the graphs-on, graphs-off and graphs-off-padded main-job "
                       "runs did not all finish")
     same, detail = graphs_match_eager(on, twin)
-    faster = (on["tokens_per_second"] or 0) > (off["tokens_per_second"] or 0)
-    speed = (f"{on['tokens_per_second']:,.0f} vs {off['tokens_per_second']:,.0f} tokens/s "
-             "graphed vs eager")
+    graphed, eager = on["tokens_per_second"] or 0, off["tokens_per_second"] or 0
+    faster = graphed > 0 and graphed >= (1 + AUTO_MARGIN) * eager
+    speed = (f"{_rate(on, 'tokens_per_second')} vs {_rate(off, 'tokens_per_second')} tokens/s "
+             f"graphed vs eager ({_rate(on, 'tokens_per_second_warm')} vs "
+             f"{_rate(off, 'tokens_per_second_warm')} after the first log point)")
     if faster and same:
         return True, f"on: {speed}; {detail}"
-    why = [] if faster else ["not faster"]
+    why = [] if faster else [f"not {AUTO_MARGIN:.0%} faster"]
     why += [] if same else ["not the same run"]
     return False, f"off ({' and '.join(why)}): {speed}; {detail}"
