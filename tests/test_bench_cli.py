@@ -25,7 +25,7 @@ from increlora_fast.benchmarks.speed.timing import measure_interleaved
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--quick", "--threads", "1", "--shapes", "24x40", "--tokens", "8,16", "--r-max", "8",
         "--warmup", "1", "--repeats", "2", "--interpreter-point", "16x24x16",
-        "--models", "tiny-bert", "--batch-size", "2", "--seq-len", "8", "--model-steps", "5",
+        "--models", "tiny-bert", "--batch-size", "2", "--seq-len", "8", "--model-steps", "9",
         "--model-warmup-steps", "1"]
 
 
@@ -77,8 +77,8 @@ def test_triton_runs_only_under_the_interpreter_on_cpu(quick_run):
     assert all(r["status"] == "ok" and "interpreter" in r["note"] for r in at_point)
     assert all(r["status"] == "skipped" for r in triton if not r["interpreter_point"])
     ours = [r for r in records if r["level"] == "model" and r["method"] == "increlora-torch"][0]
-    assert ours["alloc_steps"] + ours["final_steps"] == ours["repeats"] == 4
-    assert ours["final_steps"] >= 1  # the compressed schedule reaches the budget mid-run
+    assert ours["alloc_steps"] + ours["round_steps"] + ours["final_steps"] == ours["repeats"] == 8
+    assert ours["final_steps"] >= 1 and ours["round_steps"] >= 1 and ours["alloc_steps"] >= 1
 
 
 def test_console_csv_plot_and_results_md(quick_run):
@@ -177,3 +177,34 @@ def test_bad_arguments_are_named():
         main(["bench", "--shapes", "768by3072"])
     assert info.value.code == 2
     assert main(["bench", "--report-only"]) == 2
+
+
+@pytest.mark.parametrize("method", ["increlora-torch", "peft-adalora"])
+def test_model_schedules_time_tracking_alone_and_rounds_apart(method):
+    """Ours and AdaLoRA keep one rhythm in the compressed schedule: before the budget every
+    step tracks, every second one also allocates (a round; AdaLoRA's mask to budget after
+    tinit), so tracking alone is timed apart from rounds; ours reaches its budget in time to
+    time steps after it."""
+    import torch
+    from increlora_fast.benchmarks.speed import model_level
+    from increlora_fast.benchmarks.speed.plans import ModelPlan
+
+    plan = ModelPlan(models=["tiny-bert"], batch_size=2, seq_len=8, steps=16, warmup_steps=2,
+                     dtypes=["fp32"])
+    run, batches = model_level.prepare_run(method, "tiny-bert", plan, torch.device("cpu"))
+    phases = []
+    for i in range(plan.steps):
+        phases.append(run.phase(i))
+        run.step(i, batches[i % len(batches)])
+    every = model_level.ROUND_EVERY
+    end = phases.index("final")
+    assert set(phases[end:]) == {"final"}
+    if method == "increlora-torch":
+        first = 2
+        assert plan.steps - end >= plan.steps // 4  # the budget is reached well before the end
+    else:
+        tinit = plan.steps // 8
+        first = (tinit // every + 1) * every
+        assert end == plan.steps - plan.steps // 4
+    assert [i for i in range(end) if phases[i] == "round"] == list(range(first, end, every))
+    assert phases[:end].count("alloc") >= 2

@@ -120,8 +120,9 @@ Layer rows: median of interleaved repeats; `x_floor` and `x_peft_lora` are ratio
 the same shape, tokens, r_max, dtype and phase; `peak_mem_mb` is the peak of one run above what
 was allocated before it (weights and input excluded). Model rows: one training step (forward,
 backward, controller or AdaLoRA update, optimizer); `mean_ms` is the run average (allocation
-phase included), `alloc_median_ms`/`final_median_ms` the medians of the steps before/after the
-allocation phase ended; the timed steps of all methods run round-robin; `peak_mem_mb` is the
+phase included), `alloc_median_ms`/`round_median_ms`/`final_median_ms` the medians of the
+allocation phase's steps that track scores only, of those that also run an allocation round
+(ours; AdaLoRA: mask to its budget), both every second step, and of the steps after it; the timed steps of all methods run round-robin; `peak_mem_mb` is the
 peak over the method's untimed first steps (allocation phase) above the memory before its model
 was built (weights, optimizer state and activations included)."""
 

@@ -17,8 +17,8 @@ PENALTY_COLUMNS = ("method", "modules", "launches_per_call", "aten_ops_per_call"
                    "host_median_us", "median_us", "min_us", "repeats")
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
 MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",
-                       "untracked_median_ms", "tokens_per_s", "x_peft_lora_mean", "peak_mem_mb",
-                       "x_peft_lora_mem")
+                       "round_median_ms", "untracked_median_ms", "tokens_per_s",
+                       "x_peft_lora_mean", "peak_mem_mb", "x_peft_lora_mem")
 UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
 DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_ms", "ours_ms",
                    "x_cublas", "aten_ms", "x_cublas_aten")
@@ -153,7 +153,8 @@ def layer_section(part: Dict) -> List[str]:
 
 def model_section(part: Dict) -> List[str]:
     """Measured rows (for ours, ``tracked_median_ms``: the median of the steps that track the
-    importance score, ``untracked_median_ms``: of those that do not), then every row without a
+    importance score without an allocation round, ``round_median_ms``: of those with one,
+    ``untracked_median_ms``: of those that do not track), then every row without a
     measurement and why."""
     rows = [dict(r, tracked_median_ms=r.get("alloc_median_ms"),
                  untracked_median_ms=r.get("final_median_ms"))

@@ -6,12 +6,15 @@ pooler and the classifier head. Each method runs one short training run of ``pla
 the first ``plan.warmup_steps`` are not timed. The schedules are compressed so that a run of a
 few dozen steps has both phases:
 
-- IncreLoRA (ours): ``init_r`` active, ranks added every step from step 2 and ``top_h`` chosen so
-  that the budget (``target_rank`` per module on average) is reached at mid-run; ``alloc`` steps
-  track the exact importance score, ``final`` steps do not.
+- IncreLoRA (ours): ``init_r`` active, an allocation round every `ROUND_EVERY` steps from
+  step 2 and ``top_h`` chosen so that the budget (``target_rank`` per module on average) is
+  reached in the middle of the timed steps. Until then every step tracks the exact importance score: ``round`` steps
+  also run an allocation round, ``alloc`` steps only track; ``final`` steps do neither.
 - peft AdaLoRA: ``init_r = r_max`` pruned to ``target_r = target_rank``; ``tinit = steps // 8``,
-  ``tfinal = steps // 4``, ``deltaT = 1``; ``update_and_allocate(step)`` after every optimizer
-  step, before ``zero_grad``, as a plain loop must call it. ``alloc`` = steps before ``tfinal``.
+  ``tfinal = steps // 4``, ``deltaT = ROUND_EVERY`` (the same rhythm as ours);
+  ``update_and_allocate(step)`` after every optimizer step, before ``zero_grad``, as a plain
+  loop must call it. Before ``total - tfinal`` every step updates its sensitivity: ``round``
+  steps (after ``tinit``, every ``deltaT``) also mask to the budget, ``alloc`` steps do not.
 - peft LoRA: rank ``r_max`` everywhere, one phase; ``peft-lora-compiled`` the same model under
   ``torch.compile`` (default mode; measured on CUDA only: on CPU the first compile alone takes
   minutes).
@@ -24,8 +27,9 @@ few dozen steps has both phases:
 A ``ModelPlan`` with ``base_4bit`` loads the preset's base in 4-bit NF4 (`quantized_base`).
 
 A record's ``median_ms`` is the median step over the timed steps, ``mean_ms`` their mean (the
-run average, allocation included) and ``steps_per_s`` = 1000 / ``mean_ms``. The timed steps of
-all methods are interleaved (`measure_models`). Peak memory is over the method's untimed warmup
+run average, allocation included), ``alloc_median_ms`` / ``round_median_ms`` /
+``final_median_ms`` the medians of each phase's timed steps and ``steps_per_s`` =
+1000 / ``mean_ms``. The timed steps of all methods are interleaved (`measure_models`). Peak memory is over the method's untimed warmup
 steps (model, optimizer state, activations of allocation-phase steps) above what was allocated
 before its model was built.
 """
@@ -46,6 +50,10 @@ from .plans import DTYPES, ModelPlan
 from .timing import PeakMemory, Timer
 
 ORTH_REG_WEIGHT = 0.1
+# Steps between allocation rounds (ours) and budget masks (AdaLoRA's deltaT) in the compressed
+# schedules: 2, so that tracking alone (``alloc``) and tracking with a round (``round``) are
+# both timed
+ROUND_EVERY = 2
 MODEL_METHODS = ("floor", "increlora-torch", "increlora-triton", "increlora-graphs",
                  "peft-lora", "peft-lora-compiled", "peft-adalora")
 COMPILE_CPU_NOTE = ("skipped: torch.compile is measured on CUDA only (on CPU its first compile "
@@ -53,20 +61,24 @@ COMPILE_CPU_NOTE = ("skipped: torch.compile is measured on CUDA only (on CPU its
 
 
 def increlora_schedule(plan: ModelPlan, n_targets: int) -> Dict[str, int]:
-    """IncreLoRA settings that reach the budget at mid-run: one round per step from step 2."""
+    """IncreLoRA settings that reach the budget in the middle of the timed steps: a round every
+    `ROUND_EVERY` steps from step 2, so that the timed steps of the allocation phase hold
+    rounds and steps that only track alike."""
     from ...config import IncreLoRAConfig
 
     incre = IncreLoRAConfig(r_max=plan.r_max, init_r=plan.init_r,
                             target_rank=plan.target_rank).incre_rank_num
-    rounds = max(1, plan.steps // 2 - 1)
+    middle = plan.warmup_steps + (plan.steps - plan.warmup_steps) // 2
+    rounds = max(1, len(range(2, middle, ROUND_EVERY)))
     grants = math.ceil((plan.target_rank - plan.init_r) * n_targets / incre)
     top_h = min(n_targets, max(1, math.ceil(grants / rounds)))
-    return {"init_warmup": 1, "incre_interval": 1, "top_h": top_h, "incre_rank_num": incre}
+    return {"init_warmup": 1, "incre_interval": ROUND_EVERY, "top_h": top_h,
+            "incre_rank_num": incre}
 
 
 def adalora_schedule(plan: ModelPlan) -> Dict[str, int]:
     return {"total_step": plan.steps, "tinit": plan.steps // 8,
-            "tfinal": max(1, plan.steps // 4), "deltaT": 1}
+            "tfinal": max(1, plan.steps // 4), "deltaT": ROUND_EVERY}
 
 
 def random_batches(preset: ModelPreset, batch_size: int, seq_len: int,
@@ -108,12 +120,15 @@ class _IncreLoRARun:
         self.runner = StepRunner(self.method, Placement(device, "fp32"), cuda_graphs=cuda_graphs)
         self.settings = (f"r_max={plan.r_max} init_r={plan.init_r} target_rank="
                          f"{plan.target_rank} incre_rank_num={sched['incre_rank_num']} "
-                         f"top_h={sched['top_h']} rounds every step from step 2, "
+                         f"top_h={sched['top_h']} a round every {ROUND_EVERY} steps from step 2, "
                          f"orth_reg={ORTH_REG_WEIGHT}, IncreLoRAAdamW"
                          + (", whole step in CUDA graphs" if cuda_graphs else ""))
 
     def phase(self, i: int) -> str:
-        return "final" if self.method.controller.budget_reached else "alloc"
+        controller = self.method.controller
+        if controller.budget_reached:
+            return "final"
+        return "round" if controller.allocation_due(i) else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
         if self.runner.graphed is not None:  # static inputs, replayed outside rounds
@@ -178,7 +193,8 @@ class _PeftRun:
                                    beta2=0.85, orth_reg_weight=ORTH_REG_WEIGHT, **self.sched,
                                    **common)
             self.settings = (f"init_r={plan.r_max} target_r={plan.target_rank} tinit="
-                             f"{self.sched['tinit']} tfinal={self.sched['tfinal']} deltaT=1 "
+                             f"{self.sched['tinit']} tfinal={self.sched['tfinal']} deltaT="
+                             f"{self.sched['deltaT']} "
                              f"orth_reg={ORTH_REG_WEIGHT}, torch AdamW")
         else:
             config = LoraConfig(r=plan.r_max, **common)
@@ -194,7 +210,10 @@ class _PeftRun:
     def phase(self, i: int) -> str:
         if not self.adalora:
             return "run"
-        return "alloc" if i < self.sched["total_step"] - self.sched["tfinal"] else "final"
+        s = self.sched
+        if i >= s["total_step"] - s["tfinal"]:
+            return "final"
+        return "round" if i > s["tinit"] and i % s["deltaT"] == 0 else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
         self.forward(**batch).loss.backward()
@@ -260,7 +279,7 @@ def step_past_allocation(run: Run, batches: List[dict], min_steps: int) -> int:
     """Step ``run`` (cycling through ``batches``) until its allocation phase is over and at
     least ``min_steps`` steps ran; the index of the next step."""
     i = 0
-    while run.phase(i) == "alloc" or i < min_steps:
+    while run.phase(i) in ("alloc", "round") or i < min_steps:
         run.step(i, batches[i % len(batches)])
         i += 1
     return i
@@ -303,7 +322,7 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
                 _step(run, i, batches, device, dtype)
             peaks[method] = (peak.peak_mb(), peak.kind)
         runs[method] = (run, batches)
-    times = {m: {"alloc": [], "final": [], "run": []} for m in methods}
+    times = {m: {"alloc": [], "round": [], "final": [], "run": []} for m in methods}
     for n, i in enumerate(range(plan.warmup_steps, plan.steps)):
         shift = n % len(methods)
         for method in methods[shift:] + methods[:shift]:
@@ -333,9 +352,10 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
             "median_ms": statistics.median(t["run"]), "mean_ms": mean,
             "steps_per_s": 1000.0 / mean,
             "tokens_per_s": plan.batch_size * plan.seq_len * 1000.0 / mean,
-            "alloc_median_ms": _median(t["alloc"]),
+            "alloc_median_ms": _median(t["alloc"]), "round_median_ms": _median(t["round"]),
             "final_median_ms": _median(t["final"]), "alloc_steps": len(t["alloc"]),
-            "final_steps": len(t["final"]), "peak_mem_mb": peaks[method][0],
+            "round_steps": len(t["round"]), "final_steps": len(t["final"]),
+            "peak_mem_mb": peaks[method][0],
             "mem_kind": peaks[method][1], "repeats": len(t["run"]),
             "settings": runs[method][0].settings, "n_targets": preset.n_targets}
     return out

@@ -11,7 +11,7 @@ from .plans import PHASES
 LAYER_COLUMNS = ("shape", "tokens", "r_max", "dtype", "phase", "method", "median_ms", "x_floor",
                  "x_peft_lora", "peak_mem_mb")
 MODEL_COLUMNS = ("model", "dtype", "method", "steps_per_s", "mean_ms", "median_ms",
-                 "alloc_median_ms", "final_median_ms", "x_peft_lora_mean", "x_peft_lora_final",
+                 "alloc_median_ms", "round_median_ms", "final_median_ms", "x_peft_lora_mean", "x_peft_lora_final",
                  "peak_mem_mb", "x_peft_lora_mem")
 INTERP_MARK = " (interp.)"
 

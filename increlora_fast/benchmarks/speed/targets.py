@@ -155,7 +155,7 @@ def cpu_model_verdicts(records: List[dict]) -> List[Verdict]:
             continue
         ratio = ours["mean_ms"] / ada["mean_ms"]
         detail = f"{shape} {dtype}: run mean {ratio:.2f}x peft-adalora"
-        for phase in ("alloc", "final"):
+        for phase in ("alloc", "round", "final"):
             a, b = ours.get(f"{phase}_median_ms"), ada.get(f"{phase}_median_ms")
             if a is not None and b is not None:
                 detail += f"; {phase}-phase medians {a / b:.2f}x"
