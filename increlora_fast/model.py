@@ -249,12 +249,36 @@ def count_trainable_parameters(model: nn.Module) -> Dict[str, int]:
     return {"active": active + other, "padded": padded + other, "other": other}
 
 
+def _tied_base_weights(model: nn.Module) -> List[str]:
+    """``"<layer> with <parameter>"`` for every unmerged IncreLoRA layer whose base weight is
+    also a parameter of another module (tied weights, e.g. an adapted ``lm_head`` sharing the
+    input embedding): merging into it would change that module too."""
+    names: Dict[int, List[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    aliases: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(name)
+    tied = []
+    for name, layer in increlora_layers(model):
+        if layer.merged:
+            continue
+        own = {f"{alias}.base_layer.weight" if alias else "base_layer.weight"
+               for alias in aliases[id(layer)]}
+        others = [n for n in names.get(id(layer.base_layer.weight), []) if n not in own]
+        if others:
+            tied.append(f"{name} with {others[0]}")
+    return tied
+
+
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain base layers back in place.
 
     Raises:
         ValueError: a base is quantized (bitsandbytes 4-bit / 8-bit): its weight cannot take the
-            adapter exactly; nothing is changed. Keep such adapters unmerged (or `export_peft`).
+            adapter exactly; or a base weight is tied to another module's parameter (an adapted
+            ``lm_head`` sharing the input embedding): merging would add the adapter to that
+            module too. Nothing is changed. Keep such adapters unmerged (or `export_peft`).
     """
     quantized = [n for n, layer in increlora_layers(model) if layer.is_quantized]
     if quantized:
@@ -262,6 +286,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                          "8-bit weight cannot hold the adapter exactly; keep the adapter "
                          "unmerged, export it with export_peft, or load the base in full "
                          "precision to merge")
+    tied = _tied_base_weights(model)
+    if tied:
+        raise ValueError(f"merge_and_unload refuses tied base weights ({', '.join(tied[:3])}): "
+                         "merging would add the adapter to the other module's parameter too; "
+                         "keep the adapter unmerged, export it with export_peft, or untie the "
+                         "weights (e.g. tie_word_embeddings=False) before injecting")
     for module in model.modules():
         for key, hook in list(module._forward_pre_hooks.items()):
             if hook is _keep_module_path:

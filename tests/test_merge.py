@@ -125,3 +125,23 @@ def test_merge_and_unload_conv1d():
     assert type(merged[0]) is Conv1D and type(merged[2]) is Conv1D
     assert merged[0].weight.shape == reference[0].weight.shape
     torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_and_unload_refuses_a_base_weight_tied_to_another_module():
+    """An adapted lm_head tied to the input embedding (found by an audit: merging added the
+    adapter to the embedding too, and the merged model's logits moved by about 3)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=40,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0)).eval()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    inject_increlora(model, IncreLoRAConfig(target_modules=["lm_head", "c_attn"], r_max=4,
+                                            target_rank=2))
+    perturb(model)
+    embedding = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"tied base weights \(lm_head with transformer\.wte"):
+        merge_and_unload(model)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+    assert not any(layer.merged for _, layer in increlora_layers(model))
+    assert isinstance(model.lm_head, IncreLoRALinear)
