@@ -296,10 +296,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for key, hook in list(module._forward_pre_hooks.items()):
             if hook is _keep_module_path:
                 del module._forward_pre_hooks[key]
+    aliases: Dict[int, List[str]] = {}
+    for alias, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(alias)
     for name, layer in list(increlora_layers(model)):
         if not layer.merged:
             layer.merge()
-        _set_submodule(model, name, layer.base_layer)
+        for alias in aliases[id(layer)]:  # a layer registered under several names
+            _set_submodule(model, alias, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
     return model

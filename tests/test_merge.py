@@ -145,3 +145,28 @@ def test_merge_and_unload_refuses_a_base_weight_tied_to_another_module():
     assert torch.equal(model.transformer.wte.weight, embedding)
     assert not any(layer.merged for _, layer in increlora_layers(model))
     assert isinstance(model.lm_head, IncreLoRALinear)
+
+
+def test_merge_and_unload_replaces_a_layer_under_every_name():
+    """A module registered under two names is injected under both (`inject_increlora`), so it
+    is unloaded under both (found by an audit: the second name kept the merged wrapper)."""
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+            self.again = self.fc
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.again(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = inject_increlora(Shared(), IncreLoRAConfig(target_modules=["fc"], r_max=4,
+                                                       target_rank=2))
+    assert model.again is model.fc
+    perturb(model)
+    x = torch.randn(3, 8)
+    y = model(x)
+    merge_and_unload(model)
+    assert type(model.fc) is nn.Linear and model.again is model.fc
+    assert not any(isinstance(m, IncreLoRALinear) for m in model.modules())
+    torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
