@@ -139,3 +139,32 @@ def test_penalty_scaling_follows_the_trainers_accumulation_rule(tmp_path, monkey
     if has_attribute == native:  # (a Trainer that has it reads it itself)
         trainer.train()  # steps run
         assert trainer.increlora_controller.budget_reached
+
+
+def test_pushed_checkpoints_hold_the_controller(tmp_path, monkeypatch):
+    """push_to_hub: the Trainer uploads each checkpoint before it calls on_save; the pushed
+    folder must already hold the controller, or a resume from the hub's last-checkpoint fails
+    (found by an audit: the controller file was missing from every pushed checkpoint)."""
+    import os
+    import types
+
+    import transformers.trainer as hf_trainer
+
+    pushed = []
+
+    class Hub:
+        def create_repo(self, *args, **kwargs):
+            return types.SimpleNamespace(repo_id="someone/tiny")
+
+        def upload_folder(self, folder_path, path_in_repo=None, **kwargs):
+            pushed.append((path_in_repo, sorted(os.listdir(folder_path))))
+            return types.SimpleNamespace(done=lambda: True)
+
+    monkeypatch.setattr(hf_trainer, "hf_api", lambda: Hub())
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=_args(
+        tmp_path, push_to_hub=True, hub_model_id="someone/tiny", hub_strategy="checkpoint"))
+    trainer.train()
+    checkpoints = [files for where, files in pushed if where == "last-checkpoint"]
+    assert len(checkpoints) == 2  # steps 6 and 12
+    assert all("increlora_controller.pt" in files for files in checkpoints), checkpoints

@@ -2,7 +2,9 @@
 
 - `IncreLoRATrainer`: a `Trainer` that does everything with no manual calls: the per-slot AdamW
   (restart warmup), the orthogonal penalty added to the training loss, scores and allocation after
-  gradient clipping, and the controller saved into / restored from every checkpoint.
+  gradient clipping, and the controller saved into / restored from every checkpoint (pushed
+  checkpoints included: ``push_to_hub`` with ``hub_strategy`` ``checkpoint`` or
+  ``all_checkpoints``).
 - `IncreLoRACallback`: the same scores, allocation and checkpointing for a plain `Trainer`. A
   plain Trainer builds its own optimizer, so restart warmup is only active if you pass
   ``optimizers=increlora_optimizers(...)``; the orthogonal penalty's gradient is then added after
@@ -232,6 +234,14 @@ class IncreLoRACallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         save_controller(self.controller,
                         os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+
+    def on_push_begin(self, args, state, control, **kwargs):
+        """With ``push_to_hub``, the Trainer pushes each checkpoint it saves before it calls
+        `on_save`: the controller is written into that checkpoint first, so the pushed one
+        (``last-checkpoint`` or ``checkpoint-<step>`` on the hub) can be resumed. Only during a
+        checkpoint save (``control.should_save``), not for a final ``push_to_hub()``."""
+        if control.should_save:
+            self.on_save(args, state, control, **kwargs)
 
 
 class IncreLoRATrainer(Trainer):
