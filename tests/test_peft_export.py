@@ -217,3 +217,34 @@ def test_exported_factors_keep_the_adapter_dtype(adapter_dtype, expected):
     tol = 4e-3 if expected == torch.float16 else 1e-6  # float16 eps 2**-11, a few roundings
     torch.testing.assert_close(b.double() @ a.double(), delta, rtol=0,
                                atol=tol * float(delta.abs().max()))
+
+
+def test_export_of_a_module_to_save_tied_to_another(tmp_path):
+    """A trained lm_head tied to the input embedding (tie_word_embeddings, the default of many
+    small LLMs): both names carry the trained weight, and peft loads the export with our outputs
+    (found by an audit: safetensors refused the two names sharing memory, a RuntimeError)."""
+    def tied():
+        torch.manual_seed(7)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
+
+    model = tied()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    config = IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, target_rank=2,
+                             init_warmup=1, incre_interval=1, modules_to_save=["lm_head"])
+    inject_increlora(model, config)
+    optimizer = create_optimizer(model, config, lr=2e-2)
+    controller = IncreLoRAController(model, config)
+    for step in range(3):
+        (model(**_batch(step, "llama")).loss + controller.regularization_loss()).backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(tied(), str(tmp_path)).eval()
+    ours = _outputs(model, "llama")
+    assert (ours - _outputs(tied(), "llama")).abs().max() > 1e-3
+    torch.testing.assert_close(_outputs(loaded, "llama"), ours, rtol=1e-5, atol=1e-5)
