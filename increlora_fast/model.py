@@ -7,6 +7,7 @@ import inspect
 import re
 from typing import Dict, Iterator, List, Optional, Tuple
 
+import torch
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
@@ -231,6 +232,28 @@ def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     """Trainable parameters outside the adapters (the modules_to_save), by full name."""
     return {n: p for n, p in model.named_parameters()
             if p.requires_grad and not n.split(".")[-1].startswith("lora_")}
+
+
+def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Persistent buffers of the modules_to_save (e.g. BatchNorm running statistics), by full
+    name: training changes them like the parameters, so they are saved with them. Buffers of
+    IncreLoRA layers inside such a module are left out (the adapter's own)."""
+    config = get_config(model)
+    names = [n for n, _ in model.named_modules() if n]
+    buffers: Dict[str, torch.Tensor] = {}
+    for key in config.modules_to_save or []:
+        for root in (n for n in names if _suffix_match(n, key)):
+            adapted: List[str] = []
+            for name, module in model.get_submodule(root).named_modules(prefix=root):
+                if isinstance(module, IncreLoRALinear):
+                    adapted.append(name + ".")
+                if isinstance(module, IncreLoRALinear) or name.startswith(tuple(adapted)):
+                    continue
+                for buffer_name, buffer in module._buffers.items():
+                    if buffer is not None and buffer_name not in \
+                            module._non_persistent_buffers_set:
+                        buffers[f"{name}.{buffer_name}"] = buffer
+    return buffers
 
 
 def count_trainable_parameters(model: nn.Module) -> Dict[str, int]:

@@ -7,6 +7,8 @@ and renamed over them only then; a failure puts the old ones back (`write_adapte
 Two layouts:
 - inference (default): per module only the used slots (active, then reserve) with their lambda
   and states; what a forward pass needs.
+Both layouts hold the parameters and persistent buffers (e.g. BatchNorm running statistics) of
+the modules to save.
 - training state (``training_state=True``): all r_max slots, slot states and activation steps, so
   training resumes exactly.
 
@@ -43,7 +45,7 @@ from torch import nn
 
 from .config import IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState
-from .model import get_config, increlora_layers, saved_module_parameters
+from .model import get_config, increlora_layers, saved_module_buffers, saved_module_parameters
 from .pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -347,6 +349,8 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
             tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
     for name, param in saved_module_parameters(model).items():
         tensors[SAVED_PREFIX + name] = param.detach().cpu().contiguous()
+    for name, buffer in saved_module_buffers(model).items():
+        tensors[SAVED_PREFIX + name] = buffer.detach().cpu().contiguous()
     pattern = rank_pattern(model)
     base = {"name_or_path": base_model_name(model), "fingerprint": base_fingerprint(model)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -502,7 +506,11 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     keys = TRAINING_KEYS if training else SLOT_KEYS
     layers = dict(increlora_layers(model))
     saved_params = saved_module_parameters(model)
-    expected = {f"{n}.{k}" for n in layers for k in keys} | {SAVED_PREFIX + n for n in saved_params}
+    # buffers of the modules to save: adapters saved before they were written lack them
+    saved_buffers = {n: b for n, b in saved_module_buffers(model).items()
+                     if SAVED_PREFIX + n in tensors}
+    expected = {f"{n}.{k}" for n in layers for k in keys} | {
+        SAVED_PREFIX + n for n in (*saved_params, *saved_buffers)}
     unknown, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
     _check(not unknown, path, f"unknown tensors {unknown[:5]}")
     _check(not missing, path, f"missing tensors {missing[:5]}")
@@ -511,7 +519,7 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         found = {k: tensors[f"{name}.{k}"] for k in keys}
         for key, value in _full_slots(layer, found, training, path, name).items():
             updates.append((getattr(layer, key), value))
-    for name, param in saved_params.items():
+    for name, param in {**saved_params, **saved_buffers}.items():
         value = tensors[SAVED_PREFIX + name]
         _check(value.shape == param.shape, path, f"{name} has shape {tuple(value.shape)}, "
                f"the model needs {tuple(param.shape)}")
@@ -520,6 +528,12 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     _check_pooling(pooling, model, Path(save_directory))
     if check_base:
         _check_base(meta, model, Path(save_directory))
+    absent = sorted(set(saved_module_buffers(model)) - set(saved_buffers))
+    if absent:
+        warnings.warn(f"adapter {path} holds no {absent[0]} ({len(absent)} buffers of the "
+                      "modules to save missing: saved by an older increlora_fast); they keep "
+                      "this model's values, so eval-mode outputs may differ from the trained "
+                      "model's", UserWarning, stacklevel=2)
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
