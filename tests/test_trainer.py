@@ -168,3 +168,30 @@ def test_pushed_checkpoints_hold_the_controller(tmp_path, monkeypatch):
     checkpoints = [files for where, files in pushed if where == "last-checkpoint"]
     assert len(checkpoints) == 2  # steps 6 and 12
     assert all("increlora_controller.pt" in files for files in checkpoints), checkpoints
+
+
+def test_plain_trainer_resumes_from_a_checkpoint_outside_its_output_dir(tmp_path):
+    """A plain Trainer with the installed callback resumed from a checkpoint in another folder
+    (pulled from the hub, or moved) restores the controller from that folder (found by an
+    audit: the callback looked in <output_dir>/checkpoint-<step> and raised
+    FileNotFoundError)."""
+    import shutil
+
+    from increlora_fast.integrations.trainer import increlora_optimizers
+
+    def run(out, resume=None):
+        model, config = _model()
+        controller = IncreLoRAController(model, config)
+        trainer = Trainer(model=model, args=_args(out), train_dataset=TinyTask(),
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(controller).install(trainer)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, controller
+
+    model, controller = run(tmp_path / "a")
+    shutil.copytree(tmp_path / "a" / "checkpoint-6", tmp_path / "pulled" / "last-checkpoint")
+    resumed, resumed_controller = run(tmp_path / "b", str(tmp_path / "pulled" / "last-checkpoint"))
+    assert resumed_controller.allocation_log == controller.allocation_log
+    state = resumed.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)

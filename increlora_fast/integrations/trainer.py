@@ -168,12 +168,36 @@ class IncreLoRACallback(TrainerCallback):
         """Add this callback to ``trainer`` ahead of the reporting callbacks (TensorBoard, W&B,
         the printer...), so that the entries it adds to each log reach them; a callback passed
         in ``callbacks=[...]`` or through ``add_callback`` comes after them and can only add to
-        ``trainer.state.log_history``. Returns the callback."""
+        ``trainer.state.log_history``.
+
+        On a plain Trainer it also reads the controller from the checkpoint the Trainer resumes
+        from (`restore_with_checkpoints`), wherever that folder is. Returns the callback."""
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
         callbacks.insert(0, self)
+        if not isinstance(trainer, IncreLoRATrainer):  # which restores the controller itself
+            self.restore_with_checkpoints(trainer)
         return self
+
+    def restore_with_checkpoints(self, trainer: Trainer) -> None:
+        """Make ``trainer`` restore the controller from the very folder it resumes from
+        (``train(resume_from_checkpoint=<folder>)``), checked before any weight is loaded.
+        Without this, `on_train_begin` can only look in ``<output_dir>/checkpoint-<step>``,
+        which is another folder for a checkpoint pulled from the hub or moved."""
+        load = trainer._load_from_checkpoint
+        if getattr(load, "restores_increlora_controller", False):
+            return
+
+        def load_with_controller(resume_from_checkpoint, model=None):
+            state = read_controller_state(resume_from_checkpoint)
+            self.controller.check_state_dict(state)
+            load(resume_from_checkpoint, model=model)
+            self.controller.load_state_dict(state)
+            self.restored = True
+
+        load_with_controller.restores_increlora_controller = True
+        trainer._load_from_checkpoint = load_with_controller
 
     def log_entries(self) -> Dict[str, float]:
         """``increlora/total_rank``; after an allocation round not yet reported also
