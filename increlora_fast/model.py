@@ -56,6 +56,14 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
         elif spec is not None and not any(is_supported_base(m) for m in module.modules()):
             raise TypeError(f"target module {n!r} is a {type(module).__name__}; IncreLoRA adapts "
                             "nn.Linear and transformers Conv1D layers")
+    if isinstance(spec, list):  # as in peft, a listed name must name linears, not their parents
+        for s in spec:
+            if not any(_suffix_match(n, s) for n in targets):
+                n = next(n for n in matched if _suffix_match(n, s))
+                kind = type(modules[n])
+                raise TypeError(f"target module {s!r} matches only modules that are not nn.Linear "
+                                f"or Conv1D, e.g. {n!r}, a {kind.__module__}.{kind.__qualname__}; "
+                                "name the linear layers inside it instead")
     return targets
 
 

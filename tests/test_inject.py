@@ -63,6 +63,15 @@ def test_target_that_is_not_a_linear(tiny_net):
         inject_increlora(tiny_net, config(target_modules=["norm"]))
 
 
+def test_listed_name_of_a_parent_of_linears_is_refused_not_skipped(tiny_net):
+    """As in peft, a listed name must name linears: a block holding linears is not silently
+    skipped while the other names are adapted (the user would think the block is adapted)."""
+    before = snapshot(tiny_net)
+    with pytest.raises(TypeError, match=r"'blocks\.0' matches only .*'blocks\.0'.*TinyBlock"):
+        inject_increlora(tiny_net, config(target_modules=["blocks.0", "head"]))
+    assert snapshot(tiny_net) == before
+
+
 def test_default_targets_need_known_names(tiny_net):
     with pytest.raises(ValueError, match="target_modules"):
         inject_increlora(tiny_net, config(target_modules=None))
