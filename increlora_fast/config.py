@@ -155,8 +155,9 @@ class IncreLoRAConfig:
             if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
                 _fail("target_modules", tm, "a non-empty list of module-name suffixes, "
                       "one regex string, or None")
-        if self.modules_to_save is not None and not all(
-                isinstance(t, str) and t for t in self.modules_to_save):
+        mts = self.modules_to_save
+        if mts is not None and not (isinstance(mts, list)
+                                    and all(isinstance(t, str) and t for t in mts)):
             _fail("modules_to_save", self.modules_to_save, "a list of module-name suffixes")
         for name in ("r_max", "init_r", "incre_interval", "top_h", "incre_rank_num"):
             value = getattr(self, name)

@@ -14,6 +14,7 @@ BAD_VALUES = [
     ("target_modules", ["q", ""], "non-empty list"),
     ("target_modules", 7, "regex string"),
     ("modules_to_save", ["head", 3], "list of module-name suffixes"),
+    ("modules_to_save", "classifier", "list of module-name suffixes"),  # not its characters
     ("r_max", 0, "integer >= 1"),
     ("r_max", 4.0, "integer >= 1"),
     ("r_max", True, "integer >= 1"),
