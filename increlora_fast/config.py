@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Union
 
@@ -151,6 +152,11 @@ class IncreLoRAConfig:
 
     def _validate(self) -> None:
         tm = self.target_modules
+        if isinstance(tm, str):
+            try:
+                re.compile(tm)
+            except re.error as err:
+                _fail("target_modules", tm, f"a valid regular expression ({err})")
         if tm is not None and not isinstance(tm, str):
             if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
                 _fail("target_modules", tm, "a non-empty list of module-name suffixes, "
