@@ -47,8 +47,9 @@ class IncreLoRAConfig:
 
     Args:
         target_modules: module-name suffixes (a name matches when it equals the suffix or ends with
-            ``"." + suffix``), or one regex string matched against the full module name. ``None``
-            targets the attention/FFN linears of common transformers families.
+            ``"." + suffix``; a list, tuple or set, kept as a list), or one regex string matched
+            against the full module name. ``None`` targets the attention/FFN linears of common
+            transformers families.
         r_max: slot capacity per module; buffers are allocated with this many slots once.
         init_r: active rank every module starts with.
         target_rank: average active rank over modules at the end of allocation.
@@ -143,6 +144,8 @@ class IncreLoRAConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
+        elif isinstance(self.target_modules, (set, frozenset)):  # as peft's LoraConfig holds it
+            self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
         if self.incre_rank_num is None:

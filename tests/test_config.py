@@ -122,3 +122,13 @@ def test_json_round_trip():
     again = IncreLoRAConfig.from_dict(json.loads(config.to_json()))
     assert again == config
     assert IncreLoRAConfig(target_modules=r".*\.(query|value)").target_modules == r".*\.(query|value)"
+
+
+def test_target_modules_as_peft_holds_them():
+    """peft's LoraConfig keeps target_modules as a set: it is taken as the same list of names."""
+    from peft import LoraConfig
+    lora = LoraConfig(target_modules=["v_proj", "q_proj"])
+    assert isinstance(lora.target_modules, set)
+    config = IncreLoRAConfig(target_modules=lora.target_modules)
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert IncreLoRAConfig.from_dict(json.loads(config.to_json())) == config
