@@ -5,6 +5,7 @@ import difflib
 import functools
 import inspect
 import re
+import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -150,6 +151,15 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def _peft_adapter_layer(model: nn.Module) -> Optional[str]:
+    """Name of a peft adapter layer (a peft ``BaseTunerLayer``, e.g. lora.Linear) in ``model``."""
+    tuners = sys.modules.get("peft.tuners.tuners_utils")  # not imported: no model holds them
+    if tuners is None:
+        return None
+    return next((n for n, m in model.named_modules() if isinstance(m, tuners.BaseTunerLayer)),
+                None)
+
+
 def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     """Replace the targeted linears of ``model`` in place with `IncreLoRALinear`.
 
@@ -161,13 +171,18 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
 
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
-            names), the model is already injected, the rank budget does not fit the modules,
-            or a target's weights are still on the meta device.
+            names), the model is already injected or holds peft adapter layers, the rank budget
+            does not fit the modules, or a target's weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
     if getattr(model, CONFIG_ATTR, None) is not None or any(
             isinstance(m, IncreLoRALinear) for m in model.modules()):
         raise ValueError("model already holds IncreLoRA layers; inject once per model")
+    peft_layer = _peft_adapter_layer(model)
+    if peft_layer is not None:
+        raise ValueError(f"model holds peft adapter layers (e.g. {peft_layer!r}), which injection "
+                         "would freeze and skip; merge them into the base first (peft's "
+                         "merge_and_unload()) or inject into the model without them")
     targets = _find_targets(model, config)
     if not targets:
         raise ValueError(f"target_modules={config.target_modules!r} matched only modules that "

@@ -72,6 +72,17 @@ def test_listed_name_of_a_parent_of_linears_is_refused_not_skipped(tiny_net):
     assert snapshot(tiny_net) == before
 
 
+def test_a_model_holding_peft_adapters_is_refused(tiny_net):
+    """Injection would freeze peft's adapters and skip the linears they wrap (default targets
+    silently so): refused, unchanged."""
+    from peft import LoraConfig, get_peft_model
+    model = get_peft_model(tiny_net, LoraConfig(target_modules=["fc"], r=2))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"peft adapter layers .*blocks\.0\.fc"):
+        inject_increlora(model, config(target_modules=["fc", "proj"]))
+    assert snapshot(model) == before
+
+
 def test_default_targets_need_known_names(tiny_net):
     with pytest.raises(ValueError, match="target_modules"):
         inject_increlora(tiny_net, config(target_modules=None))
