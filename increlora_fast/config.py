@@ -49,7 +49,9 @@ class IncreLoRAConfig:
         target_modules: module-name suffixes (a name matches when it equals the suffix or ends with
             ``"." + suffix``; a list, tuple or set, kept as a list), or one regex string matched
             against the full module name. ``None`` targets the attention/FFN linears of common
-            transformers families.
+            transformers families; ``"all-linear"`` (as in peft) every linear layer but the
+            output layer, those inside ``modules_to_save`` and those whose parent reads their
+            weight without calling them.
         r_max: slot capacity per module; buffers are allocated with this many slots once.
         init_r: active rank every module starts with.
         target_rank: average active rank over modules at the end of allocation.

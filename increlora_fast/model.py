@@ -15,6 +15,7 @@ from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import IncreLoRALinear, is_supported_base
 
 CONFIG_ATTR = "increlora_config"
+ALL_LINEAR = "all-linear"
 
 
 def _suffix_match(name: str, suffix: str) -> bool:
@@ -29,6 +30,8 @@ def _similar_names(key: str, names: List[str]) -> List[str]:
 def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     names = [n for n, _ in model.named_modules() if n]
     spec = config.target_modules
+    if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
+        return _all_linear_targets(model, config)
     if isinstance(spec, str):
         matched = [n for n in names if re.fullmatch(spec, n)]
         if not matched:
@@ -65,6 +68,23 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
                 raise TypeError(f"target module {s!r} matches only modules that are not nn.Linear "
                                 f"or Conv1D, e.g. {n!r}, a {kind.__module__}.{kind.__qualname__}; "
                                 "name the linear layers inside it instead")
+    return targets
+
+
+def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
+    """peft's ``"all-linear"``: every linear but the output layer (``get_output_embeddings``),
+    those inside ``modules_to_save`` (trained in full) and those whose parent computes with their
+    weight without calling them (their adapter would never run)."""
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    saved = config.modules_to_save or []
+    targets = []
+    for n, module in model.named_modules():
+        prefixes = [n.rsplit(".", i)[0] for i in range(n.count(".") + 1)] if n else []
+        if (not n or not is_supported_base(module) or module is head or n.endswith(".base_layer")
+                or any(_suffix_match(p, key) for p in prefixes for key in saved)
+                or direct_weight_reader(model, n) is not None):
+            continue
+        targets.append(n)
     return targets
 
 

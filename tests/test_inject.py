@@ -177,3 +177,37 @@ def test_wrapped_layer_types(tiny_net):
         layer = model.get_submodule(name)
         assert isinstance(layer, IncreLoRALinear)
         assert type(layer.base_layer) is nn.Linear
+
+
+def _peft_all_linear(model: nn.Module) -> set:
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(copy.deepcopy(model), LoraConfig(target_modules="all-linear", r=2))
+    return {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+            if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_all_linear_adapts_what_peft_adapts(family):
+    """peft's "all-linear" shorthand: every linear (Conv1D included) but the output layer."""
+    import transformers
+    if family == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+            hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+            intermediate_size=24, vocab_size=32))
+    else:
+        model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_embd=16, n_layer=2, n_head=2, vocab_size=32, n_positions=16))
+    expected = _peft_all_linear(model)
+    assert expected and "lm_head" not in expected
+    injected = inject_increlora(model, config(target_modules="all-linear", r_max=4, target_rank=2))
+    assert adapted(injected) == expected
+
+
+def test_all_linear_leaves_out_modules_to_save_and_weight_readers(tiny_net):
+    model = inject_increlora(tiny_net, config(target_modules="all-linear",
+                                              modules_to_save=["head"]))
+    assert adapted(model) == ALL_TARGETS
+    assert model.head.weight.requires_grad
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    inject_increlora(layer, config(target_modules="ALL-LINEAR", r_max=4, target_rank=2))
+    assert adapted(layer) == {"linear1", "linear2"}  # MultiheadAttention never calls out_proj
