@@ -328,7 +328,10 @@ class IncreLoRALinear(nn.Module):
             dropout = None
         weight = bias = None
         base_forward = None
-        if not (args or kwargs) and type(base).forward in _PLAIN_FORWARDS:
+        if not (args or kwargs) and type(base).forward in _PLAIN_FORWARDS and not (
+                base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
+                or base._backward_hooks or "forward" in base.__dict__):
+            # Hooks on the base (or accelerate's, which replace its ``forward``) need base(x).
             base_params = base._parameters
             weight, bias = base_params.get("weight"), base_params.get("bias")
         if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):

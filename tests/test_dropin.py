@@ -266,3 +266,31 @@ def test_a_module_registered_twice_is_adapted_under_both_names():
     model.a, model.b = shared, shared
     inject_increlora(model, IncreLoRAConfig(target_modules=["a"], r_max=4))
     assert isinstance(model.a, IncreLoRALinear) and model.b is model.a
+
+
+@pytest.mark.parametrize("kind", ["forward_hook", "forward_pre_hook", "instance_forward"])
+def test_hooks_on_the_replaced_layer_still_run(kind):
+    """A hook on the replaced layer (a user's activation capture; accelerate's device hooks,
+    which replace the instance's ``forward``) runs, and changes the output, as without the
+    adapter: the wrapper calls the base then instead of reading its weight directly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    seen = []
+    if kind == "forward_hook":
+        model[0].register_forward_hook(lambda m, i, o: seen.append(1) or o * 2)
+    elif kind == "forward_pre_hook":
+        model[0].register_forward_pre_hook(lambda m, i: seen.append(1) or (i[0] * 2,))
+    else:
+        plain = model[0].forward
+        model[0].forward = lambda x: seen.append(1) or plain(x) * 2
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4,
+                                            advance_learning=False))
+    seen.clear()
+    out = model(x)
+    assert seen == [1]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.sum().backward()
+    assert model[0].lora_lambda.grad is not None
