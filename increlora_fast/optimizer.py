@@ -442,12 +442,20 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             fresh = state["seen_alloc"] != layer.slot_alloc_step
-            if kind == "lora_lambda":
+            if kind == "lora_lambda" or not layer.advance_learning:
                 fresh |= state["seen_active"] != layer.slot_active_step
             fresh_along = along_slot_dim(fresh, ADAPTER_SLOT_DIM[kind], p.dim())
             state["exp_avg"].masked_fill_(fresh_along, 0)
             state["exp_avg_sq"].masked_fill_(fresh_along, 0)
+            # A slot the controller changed since this tensor's last step (between this step's
+            # backward and now) got this step's gradient in its old state: zero (an unused slot,
+            # a reserve lambda, a frozen reserve). Like a parameter just added to AdamW, which
+            # has no gradient yet, it takes no Adam step on it: its count starts at -1, so this
+            # step leaves it at 0 and its first real gradient gets the bias correction of step 1
+            # (not of step 2 after a zero gradient: a first update 0.74x as large). Slots never
+            # seen (-2: the first step) did get their gradient and count this step.
             state["slot_count"].masked_fill_(fresh, 0)
+            state["slot_count"].masked_fill_(fresh & (state["seen_alloc"] != -2), -1)
             state["seen_alloc"].copy_(layer.slot_alloc_step)
             state["seen_active"].copy_(layer.slot_active_step)
             self._seen_version[id(p)] = layer.slot_version

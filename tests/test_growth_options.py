@@ -63,7 +63,7 @@ def test_scale_preserving_growth_keeps_the_lambda_optimizer_state():
     m_before = state["exp_avg"].clone()
     opt.step()
     assert state["slot_count"][0] == count_before[0] + 1
-    assert state["slot_count"][1] == 1  # the newly activated slot starts fresh
+    assert state["slot_count"][1] == 0  # the newly activated slot starts fresh (next step)
     assert state["exp_avg"][0] != 0 and torch.sign(state["exp_avg"][0]) == torch.sign(m_before[0])
 
 

@@ -4,7 +4,7 @@ import torch
 
 from increlora_fast.layer import SlotState
 from increlora_fast.optim_functional import masked_adamw_torch_
-from increlora_fast.optimizer import schedule_multiplier
+from increlora_fast.optimizer import create_optimizer, schedule_multiplier
 
 from method_helpers import ParallelBranches, branch_config, make_run, train_steps
 
@@ -44,7 +44,7 @@ def test_newly_activated_slot_learning_rate_restarts_at_its_activation_step():
         mult = float(schedule_multiplier(t, 4, 4, 40))
         state = opt.state[layer.lora_lambda]
         if t == 4:
-            assert state["slot_count"][1] == 1  # fresh moments, own bias correction
+            assert state["slot_count"][1] == 0  # fresh moments; its zero gradient not counted
             assert layer.lora_lambda[1].item() == before  # multiplier 0 at its first step
         else:
             assert mult > 0
@@ -65,9 +65,9 @@ def test_fresh_moments_after_activation_and_reserve_reinitialisation():
     assert a_state["slot_count"][1] == 4 and a_state["exp_avg"][2].abs().sum() == 0
     train_steps(model, opt, ctl, range(4, 5))  # step 4: slot 1 active, slot 2 new reserve
     lam_state = opt.state[layer.lora_lambda]
-    assert lam_state["slot_count"][1] == 1      # lambda 1 starts its own moments
+    assert lam_state["slot_count"][1] == 0      # lambda 1 starts its own moments (at step 5)
     assert a_state["slot_count"][1] == 5        # A row 1 keeps its advance-learning moments
-    assert a_state["slot_count"][2] == 1        # new reserve row starts fresh
+    assert a_state["slot_count"][2] == 0        # new reserve row starts fresh (at step 5)
 
 
 def test_inactive_slots_and_reserve_lambdas_bitwise_unchanged_with_weight_decay():
@@ -159,3 +159,32 @@ def test_without_advance_learning_activated_slot_warms_up_from_activation():
     ((model(x) - y) ** 2).mean().backward()
     opt.step()                                   # multiplier 1/4 now: A moves
     assert not torch.equal(layer.lora_A[1], before)
+
+
+@pytest.mark.parametrize("advance_learning", [True, False])
+def test_first_real_update_of_a_fresh_slot_is_a_first_adam_step(advance_learning):
+    """Slots the controller changes at step 4 got step 4's gradient in their old state (zero).
+    As for parameters added to AdamW then (the authors' new parameter groups, no gradient at
+    step 4), their first update, at step 5, is Adam's first step: lr x sign(grad), not the
+    0.74x of a second step after a zero gradient."""
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(advance_learning=advance_learning, target_rank=3, top_h=1,
+                           init_warmup=2, incre_interval=2, warmup_steps=0, total_step=None,
+                           orth_reg_weight=0.0)
+    lr = 1e-3
+    model, _, ctl = make_run(model, config)
+    # eps far below the reserve rows' gradients (they carry the reserve lambda, 1e-5)
+    opt = create_optimizer(model, config, lr=lr, weight_decay=0.0, eps=1e-15)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(5))      # step 4: slot 1 activated, slot 2 new reserve
+    assert int(layer.slot_active_step[1]) == 4 and int(layer.slot_alloc_step[2]) == 4
+    before = [layer.lora_lambda[1].item(), layer.lora_A[1].detach().clone(),
+              layer.lora_A[2].detach().clone()]
+    train_steps(model, opt, ctl, range(5, 6))
+    assert abs(layer.lora_lambda[1].item() - before[0]) == pytest.approx(lr, rel=1e-4)
+    if advance_learning:  # the new reserve row 2
+        moved = (layer.lora_A[2] - before[2]).abs()
+        torch.testing.assert_close(moved, torch.full_like(moved, lr), rtol=1e-4, atol=0)
+    else:  # row 1, frozen until step 4, had a zero gradient at step 4; one at step 5 (lambda 0)
+        assert opt.state[layer.lora_A]["slot_count"][1] == 1
