@@ -60,9 +60,15 @@ class IncreLoRAConfig:
         lora_dropout: dropout on the adapter input.
         init_warmup: no rank is added at or before this step.
         incre_interval: ranks are added every ``incre_interval`` steps after ``init_warmup``.
-        top_h: at most this many modules grow per allocation round.
+        top_h: at most this many modules grow per allocation round: the ``top_h`` highest
+            scores, ties in module order, and no more than the remaining budget needs
+            (``ceil(remaining / incre_rank_num)``; the authors' ``min(top_h, remaining)`` can
+            overshoot the budget when ``incre_rank_num > 1``).
         incre_rank_num: ranks a module gains when selected (and size of its reserve); ``None``
-            derives it from ``target_rank`` as the authors' scripts do.
+            derives it from ``target_rank`` as the authors' scripts do. The last module of the
+            last round gains only what the budget has left, and a module whose slots cannot hold
+            a full reserve (``r_max``) gains what its reserve holds; a module with no reserve
+            left (all ``r_max`` slots active) is not ranked.
         advance_learning: reserve components train before they are activated.
         reserve_lambda: fixed lambda of reserve components.
         beta1, beta2: smoothing of the importance score and of its uncertainty.
