@@ -137,6 +137,15 @@ def test_negative_save_steps_is_refused_before_the_data_is_read(tmp_path, capsys
     _one_line(capsys, "--save-steps -5 is invalid", "0 (no checkpoints)")
 
 
+@pytest.mark.parametrize("value", ["inf", "0"])
+def test_epochs_that_give_no_step_count_are_refused_before_the_data_is_read(
+        value, tmp_path, capsys, no_data_loading):
+    code = _main(["finetune", "--epochs", value, "--output-dir", str(tmp_path / "o"),
+                  "--no-progress"])
+    assert code == 2
+    _one_line(capsys, f"--epochs {float(value)} is invalid", "finite number > 0")
+
+
 def test_max_train_samples_that_drops_a_dev_label_warns_naming_it():
     from increlora_fast.data.examples import TaskData
     data = TaskData("t", [Example("a", 0), Example("b", 0), Example("c", 1)],

@@ -157,7 +157,8 @@ def validate(s: RunSettings) -> None:
         _check(value is None or value >= 1, option, value, "use an integer >= 1 or leave it out")
     _check(s.max_steps is None or s.max_steps >= 1, "--max-steps", s.max_steps,
            "use an integer >= 1")
-    _check(s.epochs is None or s.epochs > 0, "--epochs", s.epochs, "use a number > 0")
+    _check(s.epochs is None or (math.isfinite(s.epochs) and s.epochs > 0), "--epochs", s.epochs,
+           "use a finite number > 0")
     _check(s.lr is None or (math.isfinite(s.lr) and s.lr > 0), "--lr", s.lr, "use a number > 0")
     _check(0 <= s.warmup_ratio < 1, "--warmup-ratio", s.warmup_ratio, "use a number in [0, 1)")
     _check(s.weight_decay >= 0, "--weight-decay", s.weight_decay, "use a number >= 0")
