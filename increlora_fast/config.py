@@ -24,6 +24,11 @@ DEFAULT_TARGET_MODULES = (
 # incre_rank_num per target_rank in the authors' GLUE scripts (spec section 4).
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 
+
+def default_incre_rank_num(target_rank: int) -> int:
+    """``incre_rank_num`` when it is not given: the authors' value for ``target_rank``."""
+    return _INCRE_RANK_NUM_BY_TARGET.get(target_rank, max(1, target_rank // 2))
+
 SCORE_KINDS = ("delta_w", "triplet", "random")
 ADAPTER_DTYPES = ("auto", "float32", "base")
 
@@ -157,8 +162,7 @@ class IncreLoRAConfig:
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
         if self.incre_rank_num is None:
-            self.incre_rank_num = _INCRE_RANK_NUM_BY_TARGET.get(
-                self.target_rank, max(1, self.target_rank // 2))
+            self.incre_rank_num = default_incre_rank_num(self.target_rank)
         self._validate()
 
     def _validate(self) -> None:

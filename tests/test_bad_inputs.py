@@ -146,6 +146,36 @@ def test_epochs_that_give_no_step_count_are_refused_before_the_data_is_read(
     _one_line(capsys, f"--epochs {float(value)} is invalid", "finite number > 0")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--init-r", "0"], ["--init-r 0 is invalid", ">= 1"]),
+    (["--init-r", "2", "--target-rank", "2", "--r-max", "2"],
+     ["--r-max 2 is invalid", "2 + 1"]),
+    (["--lora-dropout", "1.5"], ["--lora-dropout 1.5 is invalid", "[0, 1)"]),
+    (["--method", "lora", "--lora-dropout", "-0.5"], ["--lora-dropout -0.5 is invalid"]),
+    (["--method", "lora", "--lora-alpha", "0"], ["--lora-alpha 0.0 is invalid", "> 0"]),
+    (["--orth-reg-weight", "-1"], ["--orth-reg-weight -1.0 is invalid", ">= 0"]),
+    (["--top-h", "0"], ["--top-h 0 is invalid", ">= 1"]),
+    (["--incre-interval", "0"], ["--incre-interval 0 is invalid", ">= 1"]),
+    (["--init-warmup", "-5"], ["--init-warmup -5 is invalid", ">= 0"]),
+    (["--method", "adalora", "--adalora-tinit", "-1"], ["--adalora-tinit -1 is invalid"]),
+])
+def test_adapter_options_are_checked_before_the_data_is_read(argv, needles, tmp_path, capsys,
+                                                             no_data_loading):
+    # they used to be checked by the method's config, built after the model was loaded and the
+    # texts tokenized, naming IncreLoRAConfig's fields (LoRA: alpha 0 trained a null adapter)
+    code = _main(["finetune", *argv, "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, *needles)
+
+
+def test_warmup_that_leaves_no_step_names_warmup_ratio(tmp_path, capsys, no_model_loading):
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(40, seed=0))
+    code = _main(["finetune", "--train-file", str(train), "--max-steps", "1", "--warmup-ratio",
+                  "0.9", "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--warmup-ratio 0.9 is invalid with 1 steps")
+
+
 def test_max_train_samples_that_drops_a_dev_label_warns_naming_it():
     from increlora_fast.data.examples import TaskData
     data = TaskData("t", [Example("a", 0), Example("b", 0), Example("c", 1)],

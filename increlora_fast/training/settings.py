@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Union
 
-from ..config import SCORE_KINDS
+from ..config import SCORE_KINDS, default_incre_rank_num
 
 METHODS = ("increlora", "lora", "adalora", "full")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
@@ -165,6 +165,23 @@ def validate(s: RunSettings) -> None:
     _check(s.grad_clip > 0, "--grad-clip", s.grad_clip, "use a number > 0")
     _check(bool(s.target_modules), "--target-modules", s.target_modules,
            "name at least one module suffix")
+    # the adapter options, here rather than in the method's config: that is built only after
+    # the model is loaded and the texts are tokenized
+    for option, value in (("--init-r", s.init_r), ("--r-max", s.r_max)):
+        _check(isinstance(value, int) and value >= 1, option, value, "use an integer >= 1")
+    for option, value, low in (("--top-h", s.top_h, 1), ("--incre-interval", s.incre_interval, 1),
+                               ("--init-warmup", s.init_warmup, 0),
+                               ("--adalora-tinit", s.adalora_tinit, 0),
+                               ("--adalora-tfinal", s.adalora_tfinal, 0),
+                               ("--adalora-delta-t", s.adalora_delta_t, 1)):
+        _check(value is None or value >= low, option, value, f"use an integer >= {low}")
+    if s.method != "full":  # the full fine-tune has no adapter scale (its resolved alpha is 0)
+        _check(s.lora_alpha is None or (math.isfinite(s.lora_alpha) and s.lora_alpha > 0),
+               "--lora-alpha", s.lora_alpha, "use a finite number > 0")
+    _check(0 <= s.lora_dropout < 1, "--lora-dropout", s.lora_dropout,
+           "use a probability in [0, 1)")
+    _check(math.isfinite(s.orth_reg_weight) and s.orth_reg_weight >= 0, "--orth-reg-weight",
+           s.orth_reg_weight, "use a finite number >= 0")
     _check(s.score in SCORE_KINDS, "--score", s.score, f"use one of {SCORE_KINDS}")
     _check(s.schedule in SCHEDULES, "--schedule", s.schedule, f"use one of {tuple(SCHEDULES)}")
     _check(math.isfinite(s.reserve_lambda) and s.reserve_lambda >= 0, "--reserve-lambda",
@@ -185,6 +202,10 @@ def validate(s: RunSettings) -> None:
         _check(s.init_r <= s.target_rank <= s.r_max, "--target-rank", s.target_rank,
                f"use a value from --init-r ({s.init_r}) to --r-max ({s.r_max}), the slot "
                "capacity of every module (or change those)")
+        step = default_incre_rank_num(s.target_rank)
+        _check(s.r_max >= s.init_r + step, "--r-max", s.r_max,
+               f"use at least --init-r + the rank a growth round adds = {s.init_r} + {step} "
+               "(room for the active and reserve slots)")
     if s.method == "adalora":
         _check(s.adalora_init_r > s.target_rank, "--adalora-init-r", s.adalora_init_r,
                f"AdaLoRA prunes from it to --target-rank {s.target_rank}, so it must be larger")
@@ -225,6 +246,10 @@ def resolve(s: RunSettings, train_size: int, graphed: Optional[bool] = None) -> 
         r.adalora_tfinal = max(1, (3 * r.max_steps) // 10)
     if r.adalora_delta_t is None:
         r.adalora_delta_t = max(1, r.max_steps // 100)
+    if r.method == "increlora" and r.warmup_steps >= r.max_steps:
+        raise ValueError(f"--warmup-ratio {r.warmup_ratio:g} is invalid with {r.max_steps} "
+                         f"steps: its warmup ({r.warmup_steps} steps) leaves no step after it; "
+                         "lower it or train longer")
     if r.method == "adalora" and r.adalora_tinit >= r.max_steps - r.adalora_tfinal:
         raise ValueError(f"--max-steps {r.max_steps} leaves AdaLoRA no pruning phase between "
                          f"tinit={r.adalora_tinit} and total - tfinal="
