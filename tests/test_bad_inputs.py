@@ -176,6 +176,24 @@ def test_warmup_that_leaves_no_step_names_warmup_ratio(tmp_path, capsys, no_mode
     _one_line(capsys, "--warmup-ratio 0.9 is invalid with 1 steps")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--max-steps", "50", "--epochs", "3"], ["--max-steps or --epochs, not both"]),
+    (["--select-every", "5"], ["--select-every 5 goes with --select-best"]),
+    (["--lrs", "0.001,0.002"], ["--lrs goes with --compare"]),
+    (["--seeds", "5", "--methods", "lora"], ["--methods and --seeds go with --compare"]),
+    (["--compare", "--lr", "0.5"], ["--lr 0.5 would be ignored", "--lrs instead"]),
+    (["--compare", "--method", "lora"], ["--method lora would be ignored", "--methods instead"]),
+])
+def test_options_that_would_be_ignored_are_refused(argv, needles, tmp_path, capsys,
+                                                  no_data_loading):
+    # each of these ran before, silently without the option (--epochs, --select-every, the
+    # --compare options, or --lr / --method under --compare)
+    code = _main(["finetune", *argv, "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, *needles)
+    assert not (tmp_path / "o").exists()
+
+
 def test_max_train_samples_that_drops_a_dev_label_warns_naming_it():
     from increlora_fast.data.examples import TaskData
     data = TaskData("t", [Example("a", 0), Example("b", 0), Example("c", 1)],

@@ -212,7 +212,7 @@ def test_overwrite_refuses_to_delete_files_no_run_wrote(tiny, two_runs, tmp_path
 def test_an_empty_output_dir_is_one_error_line(tiny, tmp_path, capsys, monkeypatch,
                                                extra):
     monkeypatch.chdir(tmp_path)
-    argv = args(tiny, Path("x"), "--methods", "lora", *extra)
+    argv = args(tiny, Path("x"), *(("--methods", "lora", *extra) if extra else ()))
     argv[argv.index("--output-dir") + 1] = ""
     assert cli(argv) == 2
     assert "--output-dir is empty" in _one_error_line(capsys)

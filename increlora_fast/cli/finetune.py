@@ -17,6 +17,8 @@ from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHT
                                  SCHEDULES, SELECT_HOLDOUT_SHARE, RunSettings)
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
+DEFAULT_COMPARE_METHODS = "increlora,lora,adalora"
+DEFAULT_COMPARE_SEEDS = 3
 SETTINGS_DESTS = [f.name for f in dataclasses.fields(RunSettings)]
 
 
@@ -68,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "step; the default with --cuda-graphs on)")
 
     train = parser.add_argument_group("training")
-    train.add_argument("--method", default=d.method, choices=METHODS)
+    train.add_argument("--method", default=None, choices=METHODS,
+                       help=f"default {d.method}; --compare runs --methods instead")
     train.add_argument("--model", default=d.model,
                        help="all-MiniLM-L6-v2 (packaged, offline), a local folder or a hub id")
     train.add_argument("--max-steps", type=int,
@@ -172,9 +175,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",
                      help="run --methods at the same final rank budget over --seeds seeds")
-    run.add_argument("--methods", default="increlora,lora,adalora",
-                     help="methods of --compare")
-    run.add_argument("--seeds", type=int, default=3, help="seeds per method in --compare")
+    run.add_argument("--methods", default=None,
+                     help=f"methods of --compare (default {DEFAULT_COMPARE_METHODS})")
+    run.add_argument("--seeds", type=int, default=None,
+                     help=f"seeds per method in --compare (default {DEFAULT_COMPARE_SEEDS})")
     run.add_argument("--lrs", type=_csv_floats, default=None,
                      help="learning rates swept in --compare (default 1e-3,2e-3,4e-3,8e-3)")
 
@@ -187,10 +191,36 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
             getattr(args, "warmup_ratio", RunSettings().warmup_ratio) != RunSettings().warmup_ratio:
         raise ValueError("--schedule authors sets the warmup to the growth interval; give "
                          "--incre-interval instead of --warmup-ratio")
+    if getattr(args, "max_steps", None) is not None and getattr(args, "epochs", None) is not None:
+        raise ValueError(f"give --max-steps or --epochs, not both (--max-steps {args.max_steps} "
+                         f"would run, ignoring --epochs {args.epochs:g})")
+    if getattr(args, "select_every", None) is not None and not getattr(args, "select_best", False):
+        raise ValueError(f"--select-every {args.select_every} goes with --select-best (without it "
+                         "no step is selected)")
     values = {k: getattr(args, k) for k in SETTINGS_DESTS if hasattr(args, k)}
+    if values.get("method", "") is None:  # not given: the default method
+        del values["method"]
     if not args.task:
         values["task"] = None if args.train_file else RunSettings().task
     return RunSettings(**values)
+
+
+def _check_compare_options(args: argparse.Namespace) -> None:
+    """Options of --compare only with it, and no single-run choice it would override."""
+    if args.compare:
+        for option, value, instead in (("--method", args.method, "--methods"),
+                                       ("--lr", args.lr, "--lrs")):
+            if value is not None:
+                raise ValueError(f"--compare runs every method of --methods over the learning "
+                                 f"rates of --lrs, so {option} {value} would be ignored; give "
+                                 f"{instead} instead")
+        return
+    given = [option for option, value in (("--methods", args.methods), ("--seeds", args.seeds),
+                                          ("--lrs", args.lrs)) if value is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)} {'go' if len(given) > 1 else 'goes'} with "
+                         "--compare; add --compare, or leave "
+                         f"{'them' if len(given) > 1 else 'it'} out")
 
 
 def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: RunSettings) -> List[str]:
@@ -254,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
         if args.save_steps < 0:
             raise ValueError(f"--save-steps {args.save_steps} is invalid: use 0 (no checkpoints) "
                              "or a positive number of steps")
+        _check_compare_options(args)
         settings = settings_from_args(args)
         if args.resume:
             parser = argparse.ArgumentParser()
@@ -267,8 +298,11 @@ def run(args: argparse.Namespace) -> int:
         if args.compare:
             if args.resume:
                 raise ValueError("--compare cannot be combined with --resume")
-            report = compare_methods(settings, methods_from_text(args.methods),
-                                     args.lrs or list(DEFAULT_LRS), args.seeds, args.output_dir,
+            report = compare_methods(settings,
+                                     methods_from_text(args.methods or DEFAULT_COMPARE_METHODS),
+                                     args.lrs or list(DEFAULT_LRS),
+                                     DEFAULT_COMPARE_SEEDS if args.seeds is None else args.seeds,
+                                     args.output_dir,
                                      progress=not args.no_progress, overwrite=args.overwrite)
             print("\n" + format_table(report))
             print(f"results in {args.output_dir}/compare.json and compare.md")
