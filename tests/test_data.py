@@ -196,6 +196,12 @@ def test_json_array_and_tsv(tmp_path):
     ("text,label\nhello,\n", ".csv", "row 1 has an empty 'label'"),
     ("text,label\nhello,1\nbye,1\n", ".csv", "single label"),
     ("text,label\nhello,1\n", ".parquet", "has suffix '.parquet'"),
+    # an unquoted comma in a text used to shift "really" into the label: a third class
+    ("text,label\ngood,1\ngood, really,1\nbad,0\n", ".csv",
+     "row 2 (line 3) has 3 cells, the header 2: a text holding a comma must be quoted"),
+    ("text\tlabel\ngood\t1\nbad\t0\tx\n", ".tsv", "row 2 (line 3) has 3 cells"),
+    # the second 'label' column used to be read silently
+    ("text,label,label\ngood,1,0\nbad,0,1\n", ".csv", "the header names column(s)"),
 ])
 def test_bad_files(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"
@@ -203,6 +209,14 @@ def test_bad_files(tmp_path, content, suffix, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")
                        .replace(".", r"\.")):
         load_files(str(path), None)
+
+
+def test_empty_surplus_cells_and_quoted_delimiters_load(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text('text,label\n' + 'good,1,\n"bad, really",0,\n"so\nso",1\n' * 2)
+    data = load_files(str(path), str(path))
+    assert [e.text for e in data.eval] == ["good", "bad, really", "so\nso"] * 2
+    assert data.label_names == ["0", "1"]
 
 
 def test_missing_column_and_unknown_eval_label(tmp_path):

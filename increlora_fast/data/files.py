@@ -44,7 +44,7 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
         raise ValueError(f"data file {path} is not UTF-8 text: line {line} holds byte "
                          f"0x{raw[err.start]:02x}; save it as UTF-8") from err
     if suffix in CSV_SUFFIXES:
-        return _csv_rows(text, CSV_SUFFIXES[suffix])
+        return _csv_rows(text, CSV_SUFFIXES[suffix], path)
     if suffix == ".json" and text.lstrip().startswith("["):
         rows = json.loads(text)
     else:
@@ -61,13 +61,36 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
     return rows
 
 
-def _csv_rows(text: str, delimiter: str) -> List[Dict[str, object]]:
+def _csv_rows(text: str, delimiter: str, path: Path) -> List[Dict[str, object]]:
     """The rows of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
-    131,072 characters, is lifted while this file is read)."""
+    131,072 characters, is lifted while this file is read).
+
+    Raises:
+        ValueError: the header names a column twice, or a row has more (non-empty) cells than
+            the header: an unquoted delimiter in a text would otherwise shift the rest of its
+            row into the label silently (the csv module keeps the surplus cells apart).
+    """
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))
     try:
-        return list(csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter))
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+        header = reader.fieldnames or []
+        twice = sorted({name for name in header if name.strip() and header.count(name) > 1})
+        if twice:
+            raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
+                             "give every column its own name")
+        rows = []
+        for row in reader:
+            surplus = row.get(None)
+            if surplus and any(cell.strip() for cell in surplus):
+                what = "comma" if delimiter == "," else "tab"
+                raise ValueError(f"{path}: row {len(rows) + 1} (line {reader.line_num}) has "
+                                 f"{len(header) + len(surplus)} cells, the header "
+                                 f"{len(header)}: a text holding a {what} must be quoted "
+                                 f'("...")')
+            row.pop(None, None)
+            rows.append(row)
+        return rows
     finally:
         csv.field_size_limit(limit)
 
