@@ -202,6 +202,15 @@ def test_json_array_and_tsv(tmp_path):
     ("text\tlabel\ngood\t1\nbad\t0\tx\n", ".tsv", "row 2 (line 3) has 3 cells"),
     # the second 'label' column used to be read silently
     ("text,label,label\ngood,1,0\nbad,0,1\n", ".csv", "the header names column(s)"),
+    # a missing label written as NaN (pandas, R, Python's json) used to become a class 'nan'
+    ("text,label\ngood,1\nbad,NaN\nok,0\nfine,1\n", ".csv",
+     "row 2 has no 'label' (--label-column): 'NaN' marks a missing value"),
+    ('{"text": "good", "label": 1}\n{"text": "bad", "label": NaN}\n', ".jsonl",
+     "row 2 has no 'label' (--label-column): 'nan' marks a missing value"),
+    ('{"text": NaN, "label": 1}\n{"text": "bad", "label": 0}\n', ".jsonl",
+     "row 1 has no 'text' (--text-column): 'nan' marks a missing value"),
+    ('{"text": ["good", "film"], "label": 1}\n', ".jsonl",
+     "row 1: 'text' (--text-column) holds a JSON list, not a single value"),
 ])
 def test_bad_files(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"

@@ -5,6 +5,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -95,6 +96,15 @@ def _csv_rows(text: str, delimiter: str, path: Path) -> List[Dict[str, object]]:
         csv.field_size_limit(limit)
 
 
+def _missing(value: object, label: bool) -> bool:
+    """Whether a cell holds no value: None (JSON null), blank, a JSON NaN, or for a label also
+    the text NaN (which pandas writes for a missing number)."""
+    if value is None or isinstance(value, float) and math.isnan(value):
+        return True
+    text = str(value).strip()
+    return text == "" or label and text.lower().lstrip("+-") == "nan"
+
+
 def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
     if name not in rows[0]:
         raise ValueError(f"{path} has no column {name!r} (set by {option}); its columns are "
@@ -103,6 +113,17 @@ def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -
     missing = next((i for i, v in enumerate(values) if v is None or str(v).strip() == ""), None)
     if missing is not None:
         raise ValueError(f"{path}: row {missing + 1} has an empty {name!r} ({option})")
+    # NaN read as a label would be a class of its own ('nan'), as a text the word 'nan'
+    missing = next((i for i, v in enumerate(values)
+                    if _missing(v, label=option == "--label-column")), None)
+    if missing is not None:
+        raise ValueError(f"{path}: row {missing + 1} has no {name!r} ({option}): "
+                         f"{str(values[missing]).strip()!r} marks a missing value; fill in or "
+                         "drop the row")
+    nested = next((i for i, v in enumerate(values) if isinstance(v, (list, dict))), None)
+    if nested is not None:
+        raise ValueError(f"{path}: row {nested + 1}: {name!r} ({option}) holds a JSON "
+                         f"{type(values[nested]).__name__}, not a single value")
     return values
 
 
