@@ -211,6 +211,7 @@ def test_json_array_and_tsv(tmp_path):
      "row 1 has no 'text' (--text-column): 'nan' marks a missing value"),
     ('{"text": ["good", "film"], "label": 1}\n', ".jsonl",
      "row 1: 'text' (--text-column) holds a JSON list, not a single value"),
+    ('[{"text": "good", "label": 1},', ".json", "is not valid JSON: Expecting"),
 ])
 def test_bad_files(tmp_path, content, suffix, message):
     path = tmp_path / f"data{suffix}"

@@ -47,7 +47,10 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
     if suffix in CSV_SUFFIXES:
         return _csv_rows(text, CSV_SUFFIXES[suffix], path)
     if suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from err
     else:
         rows = []
         for lineno, line in enumerate(text.splitlines(), 1):
