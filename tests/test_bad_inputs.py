@@ -396,6 +396,40 @@ def test_gpu_check_bad_device_is_one_line(tmp_path, capsys, monkeypatch):
     _one_line(capsys, f"--out {tmp_path / 'file'} is a file")
 
 
+# Written after minutes of measuring: a path that cannot be written was a traceback then, and
+# the measurements were lost.
+@pytest.fixture
+def blocked(tmp_path) -> str:
+    """A path under a file."""
+    (tmp_path / "file").write_text("")
+    return str(tmp_path / "file" / "out.json")
+
+
+@pytest.mark.parametrize("option", ["--json", "--csv", "--plot", "--results-md"])
+def test_bench_output_paths_are_checked_before_measuring(option, blocked, tmp_path, capsys,
+                                                         monkeypatch, no_measuring):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    argv = ["bench", "--levels", "host", "--csv", "", option, blocked]
+    assert _main(argv) == 2
+    _one_line(capsys, f"{option} {blocked} cannot be written", "is a file")
+    assert _main(["bench", "--levels", "host", "--csv", str(tmp_path)]) == 2
+    _one_line(capsys, f"--csv {tmp_path} is a folder")
+
+
+def test_memory_json_path_is_checked_before_the_model(blocked, capsys, no_memory_model):
+    assert _main(["memory", "--model", "all-MiniLM-L6-v2", "--json", blocked]) == 2
+    _one_line(capsys, f"--json {blocked} cannot be written")
+
+
+def test_gpu_check_out_under_a_file_is_refused_before_any_part(blocked, capsys, monkeypatch):
+    from increlora_fast.benchmarks.gpu_check import parts
+    _refuse(monkeypatch, parts, "run_gpu_check", "a part ran")
+    for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    assert _main(["gpu-check", "--out", blocked, "--dry-run"]) == 2
+    _one_line(capsys, f"--out {blocked} cannot be written", "is a file")
+
+
 # ---------------------------------------------------------------- config
 def test_target_rank_above_r_max_blames_target_rank():
     from increlora_fast.config import IncreLoRAConfig

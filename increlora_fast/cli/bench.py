@@ -19,7 +19,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .option_checks import check_device, check_names
+from .option_checks import check_device, check_names, check_output_path
 
 if TYPE_CHECKING:
     from ..benchmarks.speed.host_overhead import HostPlan
@@ -300,6 +300,9 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
         check_device(args.device)
+        for option, path in (("--json", args.json_path), ("--csv", args.csv),
+                             ("--plot", args.plot), ("--results-md", args.results_md)):
+            check_output_path(path, option)  # written after the measuring
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
+from .option_checks import check_output_path
+
 # The order they run in, the most important first (benchmarks.gpu_check.parts.PARTS).
 PART_NAMES = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
 
@@ -126,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         return _fail(f"--out {out} is a file; give a new folder")
+    try:  # the report is first written after the first part, minutes in
+        check_output_path(args.out, "--out", folder=True)
+    except ValueError as err:
+        return _fail(str(err))
     for name in ("gpu_check.json", "finetune"):
         if (out / name).exists():
             return _fail(f"--out {out} already holds {name} from an earlier check; give a new "

@@ -13,7 +13,7 @@ import sys
 from typing import List, Optional
 
 from ..config import ADAPTER_DTYPES
-from .option_checks import check_device, check_rank_budget
+from .option_checks import check_device, check_output_path, check_rank_budget
 
 def _csv_list(text: str) -> List[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(problem)
         check_rank_budget(args.target_rank, args.r_max, args.init_r)
         check_device(args.device)
+        check_output_path(args.json, "--json")  # written after the step is measured
     except ValueError as err:
         return _fail(str(err))
     import torch

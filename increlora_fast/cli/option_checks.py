@@ -2,6 +2,8 @@
 option and what is allowed, before any slow work starts."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 
@@ -35,3 +37,25 @@ def check_rank_budget(target_rank: int, r_max: int, init_r: int) -> None:
     if target_rank < init_r:
         raise ValueError(f"--target-rank {target_rank} is invalid: use at least --init-r "
                          f"({init_r}), the rank every module starts at")
+
+
+def check_output_path(path: Optional[str], option: str, folder: bool = False) -> None:
+    """``path`` (None or empty: nothing is written) can be created or replaced later, after the
+    slow work: it is not a folder (a file, with ``folder``), no file stands where a folder
+    above it must be, and the nearest existing folder above it is writable."""
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if folder and target.exists() and not target.is_dir():
+        raise ValueError(f"{option} {path} is a file; give a folder")
+    if not folder and target.is_dir():
+        raise ValueError(f"{option} {path} is a folder; give a file path")
+    for above in ([target] if folder else []) + list(target.absolute().parents):
+        if above.exists():
+            if not above.is_dir():
+                raise ValueError(f"{option} {path} cannot be written: {above} is a file")
+            if not os.access(above, os.W_OK | os.X_OK):
+                raise ValueError(f"{option} {path} cannot be written: {above} is not writable")
+            break
+    if not folder and target.exists() and not os.access(target, os.W_OK):
+        raise ValueError(f"{option} {path} cannot be written: it is read-only")
