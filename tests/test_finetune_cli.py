@@ -188,6 +188,18 @@ def test_compare_reuses_finished_runs_and_keeps_other_ones(tiny, tmp_path, capsy
     assert (out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text() == before
 
 
+def test_compare_names_a_damaged_metrics_file(tmp_path):
+    from increlora_fast.training.compare import _run_or_reuse
+    from increlora_fast.training.settings import RunSettings
+
+    run_dir = tmp_path / "lora" / "lr0.001" / "seed0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.json").write_text('{"eval_acc')  # used to be the bare JSON error
+    with pytest.raises(ValueError, match=f"{run_dir / 'metrics.json'} is not a readable "
+                                         f"metrics file .*; remove {run_dir} to train"):
+        _run_or_reuse(RunSettings(method="lora", lr=1e-3), run_dir, 10, False, print)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--task", "imdb"], "unknown --task 'imdb'"),
     (["--task", "glue/stsb"], "regression"),

@@ -49,7 +49,11 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
     it recorded no checksum of, is trained again in its place)."""
     done = run_dir / METRICS_FILE
     if done.exists():
-        metrics = json.loads(done.read_text())
+        try:
+            metrics = json.loads(done.read_text())
+        except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+            raise ValueError(f"{done} is not a readable metrics file ({err}); remove {run_dir} "
+                             "to train that run again") from err
         wanted = resolve(s, train_size, uses_cuda_graphs(s)).to_dict()
         # Settings added after a run finished read as their defaults, which it ran with.
         stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
