@@ -22,9 +22,15 @@ def _suffix_match(name: str, suffix: str) -> bool:
     return name == suffix or name.endswith("." + suffix)
 
 
-def _similar_names(key: str, names: List[str]) -> List[str]:
+def _similar_names(key: str, names: List[str]) -> str:
+    """The module names closest to ``key`` (for an error message), or, with none close, some of
+    the linear-looking leaf names the model has."""
     leaves = sorted({n.split(".")[-1] for n in names} | set(names))
-    return difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
+    if close:
+        return str(close)
+    short = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()})
+    return f"none close; the model's module names end in {short[:12]}"
 
 
 def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:

@@ -194,6 +194,31 @@ def test_options_that_would_be_ignored_are_refused(argv, needles, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--text-pair-column", "text"], ["--text-pair-column 'text' is invalid",
+                                      "same column as --text-column"]),
+    (["--text-column", "review", "--label-column", "review"],
+     ["--label-column 'review' is invalid", "same column as --text-column"]),
+])
+def test_one_column_for_two_roles_is_refused_before_the_data_is_read(argv, needles, tmp_path,
+                                                                     capsys, no_data_loading):
+    code = _main(["finetune", "--train-file", str(tmp_path / "t.csv"), *argv,
+                  "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, *needles)
+
+
+def test_a_target_name_with_nothing_close_lists_the_models_names():
+    """No close match: the message shows names the model has, not an empty list."""
+    from torch import nn
+    from increlora_fast import IncreLoRAConfig, inject_increlora
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    model.add_module("proj", nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"none close; the model's module names end in.*proj"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["zzzz"], r_max=4, init_r=1,
+                                                target_rank=2))
+
+
 def test_max_train_samples_that_drops_a_dev_label_warns_naming_it():
     from increlora_fast.data.examples import TaskData
     data = TaskData("t", [Example("a", 0), Example("b", 0), Example("c", 1)],

@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--task", default=None,
                       help="rotten_tomatoes (default) | trec6 | sms_spam (packaged, offline) | "
                            "glue/<name>, e.g. glue/mrpc (needs the Hugging Face hub)")
-    data.add_argument("--train-file", help="your own training data: .csv, .tsv or .jsonl")
+    data.add_argument("--train-file",
+                      help="your own training data: .csv, .tsv, .jsonl or .json (a list)")
     data.add_argument("--eval-file", help="your own dev data (default: a fixed 10%% of "
                                           "--train-file, at most 1,000 rows)")
     data.add_argument("--text-column", default=d.text_column)

@@ -152,6 +152,13 @@ def validate(s: RunSettings) -> None:
         _check(s.method != "adalora", "--select-best", True,
                "it is for increlora, lora and full; AdaLoRA fixes its rank pattern only at the "
                "end of pruning, so an earlier state cannot be restored with it")
+    columns = [("--text-column", s.text_column), ("--text-pair-column", s.text_pair_column),
+               ("--label-column", s.label_column)]
+    given = [(option, name) for option, name in columns if name is not None]
+    for i, (option, name) in enumerate(given):
+        for other, other_name in given[i + 1:]:
+            _check(name != other_name, other, name,
+                   f"it names the same column as {option}; give each its own column")
     for option, value in (("--max-train-samples", s.max_train_samples),
                           ("--max-eval-samples", s.max_eval_samples)):
         _check(value is None or value >= 1, option, value, "use an integer >= 1 or leave it out")
