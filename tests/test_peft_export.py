@@ -248,3 +248,26 @@ def test_export_of_a_module_to_save_tied_to_another(tmp_path):
     ours = _outputs(model, "llama")
     assert (ours - _outputs(tied(), "llama")).abs().max() > 1e-3
     torch.testing.assert_close(_outputs(loaded, "llama"), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_non_contiguous_module_to_save(tmp_path):
+    """A module to save whose weight is stored transposed (non-contiguous) is exported: the
+    copy made for tied weights must also be contiguous, which safetensors requires."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 3)
+            self.head.weight = nn.Parameter(torch.randn(8, 3).t())
+
+        def forward(self, x):
+            return self.head(self.q(x))
+
+    model = Net()
+    assert not model.head.weight.is_contiguous()
+    inject_increlora(model, IncreLoRAConfig(target_modules=["q"], r_max=4, target_rank=2,
+                                            init_r=1, modules_to_save=["head"]))
+    export_peft(model, tmp_path, base_model_name_or_path="net")
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        key = next(k for k in f.keys() if k.endswith("head.weight"))
+        torch.testing.assert_close(f.get_tensor(key), model.head.weight.detach())

@@ -166,7 +166,10 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     roots = _saved_roots(model)
     for root in roots:
         for key, value in model.get_submodule(root).state_dict().items():
-            tensors[f"{PEFT_PREFIX}{root}.{key}"] = value.detach().cpu().clone()
+            # a contiguous copy: tied tensors must not share memory in the file, and
+            # safetensors refuses non-contiguous ones (clone() alone keeps the strides)
+            tensors[f"{PEFT_PREFIX}{root}.{key}"] = value.detach().cpu().clone(
+                memory_format=torch.contiguous_format)
     r = max(ranks.values())
     pattern = {_pattern_key(n, names): ranks[n] for n in names}
     if base_model_name_or_path is None:
