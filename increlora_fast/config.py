@@ -82,7 +82,7 @@ class IncreLoRAConfig:
         total_step: step at which every learning rate reaches 0; ``None`` keeps it constant
             after warmup.
         modules_to_save: module-name suffixes trained in full and saved with the adapter
-            (e.g. a classifier head).
+            (e.g. a classifier head); a list, tuple or set (kept as a list), not one string.
         score: ``"delta_w"`` (exact module score of the spec), ``"triplet"`` (AdaLoRA-style
             per-slot sensitivity of A, B and lambda) or ``"random"`` (a control: every round ranks
             the modules in an order drawn from ``seed`` and the step, with no score computed).
@@ -161,6 +161,8 @@ class IncreLoRAConfig:
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.modules_to_save, tuple):
             self.modules_to_save = list(self.modules_to_save)
+        elif isinstance(self.modules_to_save, (set, frozenset)):  # as target_modules
+            self.modules_to_save = sorted(self.modules_to_save)
         if self.incre_rank_num is None:
             self.incre_rank_num = default_incre_rank_num(self.target_rank)
         self._validate()

@@ -132,3 +132,13 @@ def test_target_modules_as_peft_holds_them():
     config = IncreLoRAConfig(target_modules=lora.target_modules)
     assert config.target_modules == ["q_proj", "v_proj"]
     assert IncreLoRAConfig.from_dict(json.loads(config.to_json())) == config
+
+
+@pytest.mark.parametrize("kind", [set, frozenset])
+def test_modules_to_save_as_a_set(kind):
+    """A set of modules to save was accepted before the string check (a5d65af) and is taken
+    like a set of target_modules: a sorted list, which also serializes."""
+    config = IncreLoRAConfig(target_modules=kind({"query"}),
+                             modules_to_save=kind({"pooler", "classifier"}))
+    assert config.modules_to_save == ["classifier", "pooler"]
+    assert IncreLoRAConfig.from_dict(json.loads(config.to_json())) == config
