@@ -285,3 +285,15 @@ def test_batches_are_a_function_of_seed_and_step():
     batch = b1.train_batch(0)
     assert batch["input_ids"].shape[1] <= 16 and (batch["token_type_ids"] == 1).any()
     assert sum(len(b["labels"]) for b in b1.eval_batches()) == 10
+
+
+def test_a_repeated_name_of_an_unused_column_loads(tmp_path):
+    """Only a repeated name of a column the run reads is ambiguous; a file whose unused columns
+    share a name (spreadsheet exports: two 'note' columns) loads as before 379c869."""
+    path = tmp_path / "t.csv"
+    path.write_text("note,text,label,note\n" + "a,good,1,b\nc,bad,0,d\n" * 4)
+    data = load_files(str(path), str(path))
+    assert [e.text for e in data.eval] == ["good", "bad"] * 4
+    path.write_text("note,text,label,label\n" + "a,good,1,0\n" * 4)
+    with pytest.raises(ValueError, match=r"names column\(s\) \['label'\] more than once"):
+        load_files(str(path), None)

@@ -25,9 +25,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_rows(path: Path) -> List[Dict[str, object]]:
+def read_rows(path: Path, columns: Optional[List[str]] = None) -> List[Dict[str, object]]:
     """Rows of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line;
-    a ``.json`` file holding one list of objects also works)."""
+    a ``.json`` file holding one list of objects also works). ``columns``: the columns the
+    caller reads; a CSV/TSV header naming one of them twice is refused (None: any column)."""
     if path.is_dir():
         raise ValueError(f"data file {path} is a folder; give a file ("
                          f"{', '.join(sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES))})")
@@ -45,7 +46,7 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
         raise ValueError(f"data file {path} is not UTF-8 text: line {line} holds byte "
                          f"0x{raw[err.start]:02x}; save it as UTF-8") from err
     if suffix in CSV_SUFFIXES:
-        return _csv_rows(text, CSV_SUFFIXES[suffix], path)
+        return _csv_rows(text, CSV_SUFFIXES[suffix], path, columns)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -65,12 +66,15 @@ def read_rows(path: Path) -> List[Dict[str, object]]:
     return rows
 
 
-def _csv_rows(text: str, delimiter: str, path: Path) -> List[Dict[str, object]]:
+def _csv_rows(text: str, delimiter: str, path: Path,
+              columns: Optional[List[str]] = None) -> List[Dict[str, object]]:
     """The rows of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
     131,072 characters, is lifted while this file is read).
 
     Raises:
-        ValueError: the header names a column twice, or a row has more (non-empty) cells than
+        ValueError: the header names a column of ``columns`` (None: any) twice (which of the
+            two would be read is a guess; a repeated name of another column is left alone, as
+            the csv module reads it), or a row has more (non-empty) cells than
             the header: an unquoted delimiter in a text would otherwise shift the rest of its
             row into the label silently (the csv module keeps the surplus cells apart).
     """
@@ -79,7 +83,8 @@ def _csv_rows(text: str, delimiter: str, path: Path) -> List[Dict[str, object]]:
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         header = reader.fieldnames or []
-        twice = sorted({name for name in header if name.strip() and header.count(name) > 1})
+        twice = sorted({name for name in header if name.strip() and header.count(name) > 1
+                        and (columns is None or name in columns)})
         if twice:
             raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
                              "give every column its own name")
@@ -132,7 +137,7 @@ def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -
 
 def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
                   label_column: str) -> tuple:
-    rows = read_rows(path)
+    rows = read_rows(path, [c for c in (text_column, text_pair_column, label_column) if c])
     if not rows:
         raise ValueError(f"data file {path} is empty: it holds no rows")
     texts = _column(rows, path, text_column, "--text-column")
