@@ -195,3 +195,27 @@ def test_plain_trainer_resumes_from_a_checkpoint_outside_its_output_dir(tmp_path
     state = resumed.state_dict()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_plain_trainer_resume_checks_the_adapter_tensors_first(tmp_path):
+    """The installed callback's resume checks the checkpoint's adapter tensors before loading,
+    as IncreLoRATrainer does: a checkpoint missing some (here every lora_A) is refused instead
+    of resuming with the fresh model's values for them and the checkpoint's controller."""
+    from safetensors.torch import load_file, save_file
+
+    from increlora_fast.integrations.trainer import increlora_optimizers
+
+    def trainer_for(out):
+        model, config = _model()
+        trainer = Trainer(model=model, args=_args(out), train_dataset=TinyTask(),
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
+        return trainer
+
+    trainer_for(tmp_path / "a").train()
+    weights = tmp_path / "a" / "checkpoint-6" / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({k: v for k, v in tensors.items() if "lora_A" not in k}, str(weights),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="holds adapters for other modules"):
+        trainer_for(tmp_path / "b").train(resume_from_checkpoint=str(weights.parent))

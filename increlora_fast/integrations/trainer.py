@@ -182,7 +182,8 @@ class IncreLoRACallback(TrainerCallback):
 
     def restore_with_checkpoints(self, trainer: Trainer) -> None:
         """Make ``trainer`` restore the controller from the very folder it resumes from
-        (``train(resume_from_checkpoint=<folder>)``), checked before any weight is loaded.
+        (``train(resume_from_checkpoint=<folder>)``), checked before any weight is loaded, as
+        are the checkpoint's adapter tensors (`check_model_checkpoint`).
         Without this, `on_train_begin` can only look in ``<output_dir>/checkpoint-<step>``,
         which is another folder for a checkpoint pulled from the hub or moved."""
         load = trainer._load_from_checkpoint
@@ -190,8 +191,10 @@ class IncreLoRACallback(TrainerCallback):
             return
 
         def load_with_controller(resume_from_checkpoint, model=None):
+            # checked before a weight is copied, as `IncreLoRATrainer._load_from_checkpoint`
             state = read_controller_state(resume_from_checkpoint)
             self.controller.check_state_dict(state)
+            check_model_checkpoint(model or trainer.model, resume_from_checkpoint)
             load(resume_from_checkpoint, model=model)
             self.controller.load_state_dict(state)
             self.restored = True
