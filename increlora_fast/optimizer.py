@@ -447,15 +447,20 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             fresh_along = along_slot_dim(fresh, ADAPTER_SLOT_DIM[kind], p.dim())
             state["exp_avg"].masked_fill_(fresh_along, 0)
             state["exp_avg_sq"].masked_fill_(fresh_along, 0)
-            # A slot the controller changed since this tensor's last step (between this step's
-            # backward and now) got this step's gradient in its old state: zero (an unused slot,
-            # a reserve lambda, a frozen reserve). Like a parameter just added to AdamW, which
-            # has no gradient yet, it takes no Adam step on it: its count starts at -1, so this
-            # step leaves it at 0 and its first real gradient gets the bias correction of step 1
-            # (not of step 2 after a zero gradient: a first update 0.74x as large). Slots never
-            # seen (-2: the first step) did get their gradient and count this step.
+            # A slot the controller changed at this step (between its backward and now: the
+            # stamp is this step) got this step's gradient in its old state: zero (an unused
+            # slot, a reserve lambda, a frozen reserve). Like a parameter just added to AdamW,
+            # which has no gradient yet, it takes no Adam step on it: its count starts at -1, so
+            # this step leaves it at 0 and its first real gradient gets the bias correction of
+            # step 1 (not of step 2 after a zero gradient: a first update 0.74x as large). A
+            # slot changed at an earlier step that this tensor missed (no gradient then) has its
+            # first real gradient now and counts this step, as do slots never seen (-2: the
+            # first step).
+            now = self.global_step
+            changed_now = (layer.slot_alloc_step == now) | (layer.slot_active_step == now)
             state["slot_count"].masked_fill_(fresh, 0)
-            state["slot_count"].masked_fill_(fresh & (state["seen_alloc"] != -2), -1)
+            state["slot_count"].masked_fill_(fresh & changed_now & (state["seen_alloc"] != -2),
+                                             -1)
             state["seen_alloc"].copy_(layer.slot_alloc_step)
             state["seen_active"].copy_(layer.slot_active_step)
             self._seen_version[id(p)] = layer.slot_version

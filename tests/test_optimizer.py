@@ -6,7 +6,7 @@ from increlora_fast.layer import SlotState
 from increlora_fast.optim_functional import masked_adamw_torch_
 from increlora_fast.optimizer import create_optimizer, schedule_multiplier
 
-from method_helpers import ParallelBranches, branch_config, make_run, train_steps
+from method_helpers import ParallelBranches, batch, branch_config, make_run, train_steps
 
 
 @pytest.mark.parametrize("step,start,expected", [
@@ -159,6 +159,31 @@ def test_without_advance_learning_activated_slot_warms_up_from_activation():
     ((model(x) - y) ** 2).mean().backward()
     opt.step()                                   # multiplier 1/4 now: A moves
     assert not torch.equal(layer.lora_A[1], before)
+
+
+def test_a_tensor_that_missed_the_round_step_counts_its_next_gradient_as_step_one():
+    """A layer without gradient at the round step (unused that step) meets its changed slots at
+    its next step, whose gradient was taken in the new state: a real first Adam step (count
+    1), not one lost as if it were the round step's zero gradient (count 0, and every later
+    bias correction one step short)."""
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(target_rank=3, top_h=1, init_warmup=2, incre_interval=2,
+                           warmup_steps=0, total_step=None, orth_reg_weight=0.0)
+    model, _, ctl = make_run(model, config)
+    opt = create_optimizer(model, config, lr=1e-3, weight_decay=0.0)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))
+    x, y = batch(4)
+    ((model(x) - y) ** 2).mean().backward()
+    ctl.step(4)                                 # slot 1 activated at step 4
+    assert int(layer.slot_active_step[1]) == 4
+    for p in (layer.lora_A, layer.lora_B, layer.lora_lambda):
+        p.grad = None                           # the layer sat this step out
+    opt.step()
+    opt.zero_grad()
+    train_steps(model, opt, ctl, range(5, 6))
+    assert opt.state[layer.lora_lambda]["slot_count"][1] == 1
 
 
 @pytest.mark.parametrize("advance_learning", [True, False])
