@@ -156,8 +156,9 @@ def test_a_shared_pool_overwrites_what_a_later_graph_allocated():
 
 
 def test_a_round_at_every_step_is_captured_and_replayed(make_tiny_net, monkeypatch):
-    """The benchmarks' compressed schedule: a round at every step from step 2 until the budget
-    is reached. The tracked state is captured at a round (its round deferred to the host
+    """A round at every step from step 2 until the budget is reached (the benchmarks'
+    compressed schedule until 2026-12-05, which now has one every second step), the densest
+    schedule for the graphs. The tracked state is captured at a round (its round deferred to the host
     between the two graphs), every later round is replayed, and the run equals eager steps."""
     eager_steps = record_eager_steps(monkeypatch)
     schedule = dict(init_warmup=1, incre_interval=1, score_window=None, target_rank=3)
