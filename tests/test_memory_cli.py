@@ -237,3 +237,18 @@ def test_quantized_layout_matches_bitsandbytes(bits):
     plain = base_weights(meta, "none")[0]
     expected = plain - 256 * 128 * 4 + quantized
     assert base_weights(meta, bits)[0] == expected
+
+
+def test_base_weights_count_tied_embeddings_once(tmp_path):
+    """A config with tie_word_embeddings: the real model shares one embedding with lm_head; the
+    meta copy must too, or the base weights (and the total) count the embedding twice."""
+    from increlora_fast.benchmarks.memory.breakdown import base_weights
+
+    spec = build_spec(str(write_config(tmp_path, dict(LLAMA, tie_word_embeddings=True))), "auto",
+                      "fp32")
+    real = spec.build(torch.device("cpu"))
+    assert real.lm_head.weight is real.model.embed_tokens.weight
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in [*real.parameters(), *real.buffers()]}
+    assert base_weights(spec.build(torch.device("cpu"), meta=True), "none")[0] == \
+        sum(storages.values())

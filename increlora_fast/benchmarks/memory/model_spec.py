@@ -110,7 +110,8 @@ class ModelSpec:
     def build(self, device: torch.device, n_layers: Optional[int] = None,
               meta: bool = False) -> nn.Module:
         """The model with random weights on ``device`` (or with no weights on the meta device:
-        accelerate's ``init_empty_weights``; buffers stay real)."""
+        accelerate's ``init_empty_weights``; buffers stay real; tied weights tied as in the real
+        model)."""
         import transformers
         from transformers.utils import logging as hf_logging
 
@@ -123,7 +124,11 @@ class ModelSpec:
             from accelerate import init_empty_weights
 
             with init_empty_weights():
-                return auto.from_config(config, dtype=self.dtype)
+                model = auto.from_config(config, dtype=self.dtype)
+            # from_config leaves a meta model's tied weights (e.g. tie_word_embeddings) untied,
+            # which would count the shared embedding twice; the real model ties them.
+            model.tie_weights()
+            return model
         with torch.device(device):
             return auto.from_config(config, dtype=self.dtype).train()
 
