@@ -252,3 +252,27 @@ def test_base_weights_count_tied_embeddings_once(tmp_path):
                 for t in [*real.parameters(), *real.buffers()]}
     assert base_weights(spec.build(torch.device("cpu"), meta=True), "none")[0] == \
         sum(storages.values())
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_counts_gpt2_conv1d_layers(tmp_path, bits):
+    """transformers quantizes GPT-2's Conv1D layers as it does nn.Linear: the 4/8-bit base is
+    the fp32 model less those weights plus their bitsandbytes layout (the tied lm_head kept)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from increlora_fast.benchmarks.memory.breakdown import (BNB_BLOCKSIZE, BNB_CODE_BYTES,
+                                                            base_weights)
+
+    gpt2 = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": 101,
+            "n_embd": 40, "n_layer": 2, "n_head": 4, "n_positions": 64}
+    spec = build_spec(str(write_config(tmp_path, gpt2)), "auto", "fp32")
+    meta = spec.build(torch.device("cpu"), meta=True)
+    convs = [m for m in meta.modules() if isinstance(m, Conv1D)]
+    assert len(convs) == 8
+    expected = base_weights(meta, "none")[0]
+    for m in convs:
+        n = m.weight.numel()
+        expected -= n * 4
+        expected += n // 2 + (n + BNB_BLOCKSIZE - 1) // BNB_BLOCKSIZE * 4 + BNB_CODE_BYTES \
+            if bits == "4bit" else n + m.weight.shape[1] * 4
+    assert base_weights(meta, bits)[0] == expected

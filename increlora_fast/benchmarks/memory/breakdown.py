@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .compared_methods import AdapterSetting, MemoryMethod, Sizes, methods_for
+from .compared_methods import AdapterSetting, MemoryMethod, Sizes, _in_out, methods_for
 from .model_spec import ModelSpec
 from .step import estimate_step, measure_step
 
@@ -65,8 +65,12 @@ def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
     from accelerate.utils.dataclasses import CustomDtype
     from transformers.quantizers.base import get_keys_to_not_convert
 
+    from transformers.pytorch_utils import Conv1D
+
     keep = set(get_keys_to_not_convert(meta_model))
-    linears = {n: m for n, m in meta_model.named_modules() if isinstance(m, nn.Linear)
+    # transformers quantizes plain nn.Linear and Conv1D (GPT-2's) layers alike
+    linears = {n: m for n, m in meta_model.named_modules()
+               if (type(m) is nn.Linear or isinstance(m, Conv1D))
                and not any(n == k or n.endswith("." + k) for k in keep)}
     packed = CustomDtype.INT4 if quantized == "4bit" else torch.int8
     size = compute_module_sizes(meta_model,
@@ -77,7 +81,7 @@ def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
         layout = (f"NF4: 4-bit weights, one fp32 absmax per {BNB_BLOCKSIZE} (no double "
                   "quantization)")
     else:
-        size += sum(m.out_features * 4 for m in linears.values())
+        size += sum(_in_out(m)[1] * 4 for m in linears.values())
         layout = "LLM.int8: int8 weights and one fp32 scale per output row"
     return (int(size), "exact",
             f"bitsandbytes {layout} on {len(linears)} linears ({', '.join(sorted(keep))} kept "
