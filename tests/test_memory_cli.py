@@ -276,3 +276,17 @@ def test_quantized_base_counts_gpt2_conv1d_layers(tmp_path, bits):
         expected += n // 2 + (n + BNB_BLOCKSIZE - 1) // BNB_BLOCKSIZE * 4 + BNB_CODE_BYTES \
             if bits == "4bit" else n + m.weight.shape[1] * 4
     assert base_weights(meta, bits)[0] == expected
+
+
+def test_cli_rejects_a_sequence_longer_than_the_position_table(tmp_path, capsys):
+    """BERT embeds at most max_position_embeddings positions: a longer --seq-len (or an
+    --estimate measuring longer sequences) is one clear line, not a traceback from the step."""
+    config = str(write_config(tmp_path, BERT))  # max_position_embeddings 64
+    common = ["memory", "--model", config, "--dtype", "fp32", "--no-progress", "--device", "cpu"]
+    assert main(common + ["--seq-len", "65"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--seq-len 65" in err and "64 positions" in err
+    assert main(common + ["--seq-len", "64", "--estimate"]) == 2  # measures 32, 64 and 128
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--small-seq 16" in err
+    assert main(common + ["--seq-len", "64"]) == 0

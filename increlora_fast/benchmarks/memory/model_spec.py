@@ -132,6 +132,22 @@ class ModelSpec:
         with torch.device(device):
             return auto.from_config(config, dtype=self.dtype).train()
 
+    def max_positions(self) -> Optional[int]:
+        """The longest sequence a model with learned absolute position embeddings (BERT's
+        ``position_embeddings``, GPT-2's ``wpe``) can embed: the table's rows less RoBERTa's
+        padding offset, at most the config's ``max_position_embeddings`` (OPT's table has 2
+        extra rows); None when no such table bounds it (e.g. rotary positions)."""
+        limits = []
+        for name, module in self.build(torch.device("cpu"), meta=True).named_modules():
+            last = name.rsplit(".", 1)[-1]
+            if isinstance(module, nn.Embedding) and ("position" in last or last == "wpe"):
+                offset = module.padding_idx + 1 if module.padding_idx is not None else 0
+                limits.append(module.num_embeddings - offset)
+        if not limits:
+            return None
+        configured = getattr(self.config, "max_position_embeddings", None)
+        return min(limits + ([configured] if isinstance(configured, int) else []))
+
     def batch(self, batch_size: int, seq_len: int, device: torch.device,
               seed: int = 0) -> Dict[str, torch.Tensor]:
         """Random token ids, a full attention mask and the head's labels."""
