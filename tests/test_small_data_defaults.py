@@ -257,3 +257,23 @@ def test_bad_option_values_name_the_option(argv, message, tmp_path, capsys):
 def test_the_note_reads_with_a_single_hint():
     m = summary_metrics(settings={}, train_truncated_share=0.0)
     assert no_learning_note(m).endswith("; try more steps (--max-steps or --epochs; it ran 200)")
+
+
+def test_class_weights_keep_adaloras_orthogonal_penalty(tiny):
+    """peft adds AdaLoRA's orthogonal penalty to the model's own loss, which class weights
+    replace: with equal weights the step's loss must stay the unweighted run's (penalty
+    included), or the peer trains without the penalty printed beside its numbers."""
+    from increlora_fast.training.finetune_run import build_run
+    from increlora_fast.training.settings import RunSettings
+    from increlora_fast.training.step_runner import StepRunner
+    _, _, run, batches = build_run(RunSettings(
+        method="adalora", model=tiny["model"], task=None, train_file=tiny["train"],
+        eval_file=tiny["dev"], batch_size=8, max_seq_len=16, max_steps=40, orth_reg_weight=1.0))
+    batch = batches.train_batch(0)
+    runner = StepRunner(run)
+    out = runner.forward_backward(0, dict(batch))
+    plain = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
+    assert float(out.loss - plain) > 0.1  # peft's penalty is in the model's own loss
+    run.class_weights = torch.ones(2)
+    runner.forward_backward(0, dict(batch))
+    torch.testing.assert_close(runner.loss.detach(), out.loss.detach())

@@ -9,8 +9,9 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
+import torch
 from torch import nn
 
 from .methods import MethodRun
@@ -74,6 +75,23 @@ class AdaLoRARun(LoRARun):
         return dict(MethodRun.describe(self), init_r=c.init_r, target_r=c.target_r,
                     lora_alpha=c.lora_alpha, tinit=c.tinit, tfinal=c.tfinal, deltaT=c.deltaT,
                     orth_reg_weight=c.orth_reg_weight)
+
+    def penalty(self) -> Optional[torch.Tensor]:
+        """peft adds the orthogonal penalty to the model's own loss inside the forward; with
+        ``--class-weights`` the step replaces that loss by the weighted cross-entropy
+        (`step_runner.StepRunner.forward_backward`), so the penalty is added here instead, as
+        peft computes it."""
+        if self.class_weights is None:
+            return None
+        terms = []
+        for name, p in self.model.base_model.model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
+                terms.append(torch.norm(cov - eye, p="fro"))
+        if not terms:
+            return None
+        return self._live_config.orth_reg_weight * (sum(terms) / len(terms))
 
     def after_optimizer_step(self, step: int) -> None:
         self.model.base_model.update_and_allocate(step)
