@@ -288,3 +288,21 @@ def test_a_compare_output_folder_pairs_each_method_at_its_chosen_lr(tmp_path):
     (tmp_path / "lora" / "lr0.001" / "seed2" / "metrics.json").unlink()
     with pytest.raises(ValueError, match="no metrics.json of lora at lr 0.001 seed 2"):
         load_runs(tmp_path)
+
+
+def test_identical_differences_give_no_interval_and_no_verdict(tmp_path):
+    # dev accuracies on 500 rows: every seed +0.004 (or +0.002 on two seeds); the spread is 0 up
+    # to rounding, so the t-interval has zero width and would call each a win
+    for variant, accs in {"default": [0.926, 0.930, 0.928], "tweak": [0.930, 0.934, 0.932],
+                          "two": [0.928, 0.932]}.items():
+        for seed, value in enumerate(accs):
+            _write_run(tmp_path, "trec", variant, seed, value)
+    rows = {r.variant: r for r in with_power(paired_differences(load_runs(tmp_path), "default"),
+                                             0.005)}
+    for variant, diff in (("tweak", 0.004), ("two", 0.002)):
+        row = rows[variant]
+        assert row.mean_diff == pytest.approx(diff) and row.std_diff == 0.0
+        assert (row.ci_low, row.ci_high, row.power) == (None, None, None)
+        assert row.verdict == "n/a (identical differences)"
+    assert mean_interval([0.1, 0.1 + 1e-17, 0.1])[2:] == (None, None)
+    assert mean_interval([0.0, 0.0])[1:] == (0.0, None, None)

@@ -71,7 +71,7 @@ class PairedDifference:
     def verdict(self) -> str:
         """"better" / "worse" when the 95 % interval excludes 0, "tie" when it does not."""
         if self.ci_low is None:
-            return "n/a (1 seed)"
+            return "n/a (1 seed)" if len(self.seeds) < 2 else "n/a (identical differences)"
         if self.ci_low > 0:
             return "better"
         if self.ci_high < 0:
@@ -113,7 +113,9 @@ def t_quantile(p: float, df: int) -> float:
 def mean_interval(values: Sequence[float], level: float = 0.95
                   ) -> Tuple[float, Optional[float], Optional[float], Optional[float]]:
     """(mean, sample std, low, high) of the t-interval for the mean; std and bounds are None for
-    a single value."""
+    a single value, and the bounds None (std 0) for values that are all the same up to rounding:
+    their spread estimates nothing, and a zero-width interval would call any mean other than 0
+    a difference (2 seeds both +0.002 are no evidence)."""
     n = len(values)
     if n == 0:
         raise ValueError("mean_interval needs at least one value")
@@ -121,6 +123,8 @@ def mean_interval(values: Sequence[float], level: float = 0.95
     if n == 1:
         return mean, None, None, None
     std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    if std <= 1e-12 * max(1.0, max(abs(v) for v in values)):
+        return mean, 0.0, None, None
     half = t_quantile(0.5 + level / 2, n - 1) * std / math.sqrt(n)
     return mean, std, mean - half, mean + half
 
