@@ -306,3 +306,17 @@ def test_identical_differences_give_no_interval_and_no_verdict(tmp_path):
         assert row.verdict == "n/a (identical differences)"
     assert mean_interval([0.1, 0.1 + 1e-17, 0.1])[2:] == (None, None)
     assert mean_interval([0.0, 0.0])[1:] == (0.0, None, None)
+
+
+@pytest.mark.parametrize("value", [math.nan, None, math.inf])
+def test_a_metric_that_is_not_a_finite_number_is_an_error(tmp_path, capsys, value):
+    # a NaN used to read as a "tie" (NaN > 0 and NaN < 0 are both false), a null crashed
+    for seed in range(3):
+        _write_run(tmp_path, "t", "default", seed, 0.8)
+        broken = _write_run(tmp_path, "t", "broken", seed, 0.9)
+    bad = broken.parent / "seed1" / "metrics.json"
+    bad.write_text(json.dumps(dict(task="t", seed=1, eval_accuracy=value)))
+    with pytest.raises(ValueError, match=f"{bad}: 'eval_accuracy' is"):
+        load_runs(tmp_path)
+    assert main([str(tmp_path), "--baseline", "default"]) == 2
+    assert "not a finite number" in capsys.readouterr().err

@@ -195,6 +195,19 @@ def with_power(rows: Sequence[PairedDifference], true_diff: float) -> List[Paire
     return out
 
 
+def _metric_value(path: Path, data: Dict, metric: str) -> float:
+    """``data[metric]`` of the metrics file ``path`` as a finite number; raises ValueError naming
+    the file otherwise (a NaN would read as a "tie" and a null would end in a traceback)."""
+    if metric not in data:
+        raise ValueError(f"{path}: no {metric!r} in the metrics; known: {sorted(data)}")
+    value = data[metric]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        raise ValueError(f"{path}: {metric!r} is {value!r}, not a finite number; that run "
+                         "cannot be compared on it")
+    return float(value)
+
+
 def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
     variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
@@ -214,10 +227,9 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
                 raise ValueError(f"{root}: no {METRICS_FILE} of {method} at lr {result['lr']:g} "
                                  f"seed {seed} below {root / method}")
             path, data = found[seed]
-            if metric not in data:
-                raise ValueError(f"{path}: no {metric!r} in the metrics; known: {sorted(data)}")
             runs.append(RunResult(task=str(report["task"]), variant=method, seed=seed,
-                                  value=float(data[metric]), path=str(path.parent)))
+                                  value=_metric_value(path, data, metric),
+                                  path=str(path.parent)))
     if not runs:
         raise ValueError(f"{root / COMPARE_REPORT}: no methods in it")
     return runs
@@ -232,10 +244,9 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     runs, seen = [], {}
     for path in sorted(Path(root).rglob(METRICS_FILE)):
         data = json.loads(path.read_text())
-        if metric not in data:
-            raise ValueError(f"{path}: no {metric!r} in the metrics; known: {sorted(data)}")
         run = RunResult(task=path.parent.parent.parent.name, variant=path.parent.parent.name,
-                        seed=int(data["seed"]), value=float(data[metric]), path=str(path.parent))
+                        seed=int(data["seed"]), value=_metric_value(path, data, metric),
+                        path=str(path.parent))
         key = (run.task, run.variant, run.seed)
         if key in seen:
             raise ValueError(f"{path}: task {run.task!r}, variant {run.variant!r}, seed "
