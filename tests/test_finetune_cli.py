@@ -188,6 +188,23 @@ def test_compare_reuses_finished_runs_and_keeps_other_ones(tiny, tmp_path, capsy
     assert (out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text() == before
 
 
+def test_compare_sweep_survives_a_diverging_lr_and_never_chooses_it(tiny, tmp_path, capsys):
+    # lr 1e4 makes LoRA's loss NaN within a few steps: that used to stop the whole comparison
+    # (so the grid had to change for every method); it is a failed sweep point instead
+    out = tmp_path / "cmp"
+    assert cli(tiny_args(tiny, out, "--compare", "--methods", "lora", "--seeds", "2",
+                         "--lrs", "0.001,10000", "--max-steps", "6")) == 0
+    r = json.loads((out / "compare.json").read_text())["methods"]["lora"]
+    assert r["lr_sweep"]["10000"] is None and r["lr"] == 0.001 and r["seeds"] == [0, 1]
+    assert "| 0.001 | 0.001: " in (out / "compare.md").read_text()
+    assert "10000: diverged" in (out / "compare.md").read_text()
+    assert "lr=10000 seed=0: diverged" in capsys.readouterr().out
+    # every lr diverging is still an error
+    assert cli(tiny_args(tiny, tmp_path / "all", "--compare", "--methods", "lora", "--seeds",
+                         "1", "--lrs", "10000", "--max-steps", "6")) == 1
+    assert "every learning rate of --lrs (10000) diverged" in capsys.readouterr().err
+
+
 def test_compare_names_a_damaged_metrics_file(tmp_path):
     from increlora_fast.training.compare import _run_or_reuse
     from increlora_fast.training.settings import RunSettings

@@ -1,7 +1,9 @@
 """`--compare`: the methods at the same final rank budget, several seeds, one table.
 
 Every method gets the same learning-rate sweep on the first seed; the best rate on the dev split
-is then run for the remaining seeds. Each method keeps its own schedule defaults (see
+is then run for the remaining seeds. A rate whose run diverges (non-finite loss or parameters)
+is shown as "diverged" in the sweep and never chosen; a divergence at the chosen rate stops the
+comparison, so no seed is ever left out of a mean. Each method keeps its own schedule defaults (see
 `settings.resolve`); they are printed beside the numbers.
 
 Runs already finished in the output folder with the same resolved settings are reused, so an
@@ -104,10 +106,22 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], se
         runs: Dict[float, Dict] = {}
         for lr in lrs:
             s = dataclasses.replace(base, method=method, lr=lr)
-            runs[lr] = _run_or_reuse(s, out / method / _lr_dir(lr) / f"seed{base.seed}",
-                                     train_size, progress, echo, overwrite)
+            try:
+                runs[lr] = _run_or_reuse(s, out / method / _lr_dir(lr) / f"seed{base.seed}",
+                                         train_size, progress, echo, overwrite)
+            except FloatingPointError as err:  # diverged (non-finite loss or parameters)
+                # a failed point of the sweep, shown as such and never chosen; the grid stays
+                # the same for every method
+                echo(f"[compare] {method} lr={lr:g} seed={base.seed}: diverged ({err})")
+                sweep[f"{lr:g}"] = None
+                continue
             sweep[f"{lr:g}"] = runs[lr]["eval_accuracy"]
-        best = max(lrs, key=lambda lr: runs[lr]["eval_accuracy"])
+        if not runs:
+            raise FloatingPointError(f"{method}: every learning rate of --lrs "
+                                     f"({', '.join(sweep)}) diverged; give lower ones")
+        # a run at the chosen lr that diverges on a later seed still stops the comparison: it is
+        # never left out of the mean
+        best = max(runs, key=lambda lr: runs[lr]["eval_accuracy"])
         per_seed = [runs[best]]
         for seed in range(base.seed + 1, base.seed + seeds):
             s = dataclasses.replace(base, method=method, lr=best, seed=seed)
@@ -176,7 +190,8 @@ def format_table(report: Dict) -> str:
     for method, r in report["methods"].items():
         rank = "-" if r["total_rank"] is None else str(r["total_rank"])
         per_seed = " / ".join(f"{a:.3f}" for a in r["eval_accuracy"])
-        sweep = ", ".join(f"{lr}: {acc:.3f}" for lr, acc in r["lr_sweep"].items())
+        sweep = ", ".join(f"{lr}: " + ("diverged" if acc is None else f"{acc:.3f}")
+                          for lr, acc in r["lr_sweep"].items())
         lines.append(f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {per_seed} | "
                      f"{r['trainable_params_active']:,} / {r['trainable_params_padded']:,} | "
                      f"{rank} | {r['lr']:g} | {sweep} | "
