@@ -170,7 +170,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "until the GPU check shows graphs faster with the same accuracy) | on "
                           "(CUDA, --method increlora; pads to "
                           "--max-seq-len, uses fixed input buffers and replays every step but "
-                          "the first two and the allocation rounds from two captured graphs) | "
+                          "the first two from two captured graphs, allocation rounds included) | "
                           "off")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
