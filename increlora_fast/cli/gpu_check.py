@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --pack-assets: also unpack this bitsandbytes wheel (`pip "
                              "download bitsandbytes --no-deps`) into DIR/python for the 4-bit "
                              "part, keeping only the native libraries of --bnb-cuda and the "
-                             "CPU (about 5 MB instead of 123)")
+                             "CPU (4.3 MiB instead of 123 MB for 0.50.2)")
     parser.add_argument("--bnb-cuda", metavar="V[,V]", type=_cuda_versions, default=None,
                         help="with --bnb-wheel: the CUDA versions of the GPU machine's torch, "
                              "as in its build name (default 130: torch 2.11.0+cu130)")
