@@ -443,3 +443,86 @@ def test_safety_net_check_can_be_turned_off(kernel_device, monkeypatch):
     layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
     layer(torch.randn(9, 24, device=kernel_device))
     functional.reset_kernel_checks()
+
+
+# (M, in, out, r_max, dtype, bias): r_max 1 (one live slot: a block's only slot), r_max 5 and 20
+# (not powers of 2: slot blocks of 16 and 32 reach past r_max), M not a multiple of the block.
+EDGE_CASES = [(19, 7, 13, 1, torch.float64, True), (33, 11, 9, 5, torch.float64, False),
+              (17, 21, 18, 20, torch.float32, True)]
+
+
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: f"r{c[3]}-{str(c[4])[6:]}")
+def test_r_max_edges_with_mixed_slots_and_poison_past_r_max(kernel_device, case):
+    """Forward, every gradient and the score against float64 torch at r_max 1 and at r_max that
+    are not powers of 2, with active, reserve and inactive slots interleaved in a fresh random
+    order (NaN/inf in the inactive slots' A rows and B columns), a reserve value large enough to
+    show at float32, and the slot buffers as the leading slices of larger buffers whose tail
+    holds poison the kernels must never read: NaN lambdas, inf A rows and B columns and active
+    states (an active count taken over the whole slot block would change the scale). The tails'
+    gradients stay 0."""
+    from increlora_fast.kernels.checks import TOL
+    from increlora_fast.kernels.linear import adapted_linear_triton
+    m, k, n, r, dtype, has_bias = case
+    dev, pad = kernel_device, 128
+    gen = torch.Generator().manual_seed(_seed())
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    if r == 1:
+        states = torch.tensor([2])
+    else:  # each state at least once, the rest random, in a random order
+        states = torch.cat([torch.tensor([2, 2, 1, 0]), torch.randint(0, 3, (r - 4,),
+                                                                      generator=gen)])
+        states = states[torch.randperm(r, generator=gen)]
+    active, dead = states == 2, states == 0
+    lam = rand(r)
+    lam[int(active.nonzero()[0])] = 0.0 if r > 1 else lam[0]  # an active slot at lambda 0
+    a, b = rand(r, k) * 0.5, rand(n, r) * 0.5
+    x, w, bias, dy = rand(m, k), rand(n, k) * k ** -0.5, rand(n), rand(m, n) / m
+    bias = bias if has_bias else None
+    alpha, reserve = 6.0, 0.3
+
+    # the Triton operands: views of the first r slots of padded buffers
+    lam_buf = torch.full((r + pad,), float("nan"), dtype=dtype)
+    lam_buf[:r] = lam
+    state_buf = torch.full((r + pad,), 2, dtype=torch.int8)
+    state_buf[:r] = states
+    a_buf = torch.full((r + pad, k), float("inf"), dtype=dtype)
+    a_buf[:r] = a
+    a_buf[:r][dead] = float("nan")
+    b_buf = torch.full((n, r + pad), float("-inf"), dtype=dtype)
+    b_buf[:, :r] = b
+    b_buf[:, :r][:, dead] = float("inf")
+    bufs = [t.to(dev).requires_grad_() for t in (lam_buf, a_buf, b_buf)]
+    xt = x.to(dev, dtype).requires_grad_()
+    score = torch.zeros((), device=dev)
+    with warnings.catch_warnings():  # the interpreter evaluates NaN * 0 in masked-out lanes
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        y = adapted_linear_triton(xt, w.to(dev, dtype), None if bias is None else
+                                  bias.to(dev, dtype), bufs[1][:r], bufs[2][:, :r], bufs[0][:r],
+                                  state_buf.to(dev)[:r], alpha, reserve, score_out=score)
+        y.backward(dy.to(dev, dtype))
+    got = [y, xt.grad, bufs[1].grad[:r], bufs[2].grad[:, :r], bufs[0].grad[:r], score]
+
+    # the float64 reference on the same (rounded) values, inactive slots zeroed
+    def clean(t):
+        return torch.nan_to_num(t.detach().double(), nan=0.0, posinf=0.0, neginf=0.0)
+    leaves = [clean(t).requires_grad_() for t in (xt, bufs[1][:r], bufs[2][:, :r], bufs[0][:r])]
+    score_ref = torch.zeros((), dtype=torch.float64, device=dev)
+    y_ref = adapted_linear_torch(leaves[0], w.to(dev, dtype).double(), None if bias is None
+                                 else bias.to(dev, dtype).double(), *leaves[1:],
+                                 states.to(dev, torch.int8), alpha, reserve,
+                                 score_out=score_ref)
+    y_ref.backward(dy.to(dev, dtype).double())
+    want = [y_ref, leaves[0].grad, leaves[1].grad, leaves[2].grad, leaves[3].grad, score_ref]
+    for name, g, ref in zip(("y", "dx", "dA", "dB", "dlambda", "score"), got, want):
+        tol = max(TOL[dtype], 1e-6) if name == "score" else TOL[dtype]  # float32 accumulator
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - ref).abs().max().item() / (ref.abs().max().item() or 1.0)
+        assert err <= tol, (name, err)
+    assert float(score_ref) > 0 and torch.count_nonzero(got[4][~active]) == 0
+    assert torch.count_nonzero(got[2][dead.to(dev)]) == 0
+    assert torch.count_nonzero(got[3][:, dead.to(dev)]) == 0
+    for buf in bufs:  # nothing past r_max was written
+        assert torch.count_nonzero(buf.grad[r:] if buf.dim() == 1 or buf is bufs[1]
+                                   else buf.grad[:, r:]) == 0
