@@ -526,3 +526,38 @@ def test_r_max_edges_with_mixed_slots_and_poison_past_r_max(kernel_device, case)
     for buf in bufs:  # nothing past r_max was written
         assert torch.count_nonzero(buf.grad[r:] if buf.dim() == 1 or buf is bufs[1]
                                    else buf.grad[:, r:]) == 0
+
+
+def test_strided_lambda_and_slot_state_are_read_by_their_strides(kernel_device):
+    """lora_lambda and slot_state given as strided views (``buf[::2]``) on the public op: the
+    kernels read both with unit stride, so they must be made contiguous first. Before the fix
+    the Triton path silently read every other element of the buffers (output off by O(1))."""
+    from increlora_fast.kernels.linear import adapted_linear_triton
+    from increlora_fast.kernels.score import delta_w_score_
+    dev = kernel_device
+    m, k, n, r = 9, 7, 5, 16
+    gen = torch.Generator().manual_seed(_seed())
+    x, a, b, dy = (torch.randn(*s, generator=gen, dtype=torch.float64).to(dev)
+                   for s in ((m, k), (r, k), (n, r), (m, n)))
+    lam_buf = torch.randn(2 * r, generator=gen, dtype=torch.float64).to(dev).requires_grad_()
+    state_buf = torch.zeros(2 * r, dtype=torch.int8, device=dev)
+    state_buf[::2] = torch.tensor([2, 2, 1, 0, 2, 1, 0, 2, 2, 0, 1, 2, 2, 0, 2, 1])
+    state_buf[1::2] = 2  # read these and the active count is wrong
+    lam, state = lam_buf[::2], state_buf[::2]
+    score = torch.zeros((), dtype=torch.float64, device=dev)
+    y = adapted_linear_triton(x, None, None, a, b, lam, state, 4.0, 0.3, score_out=score)
+    y.backward(dy)
+    lam_ref = lam.detach().contiguous().requires_grad_()
+    score_ref = torch.zeros((), dtype=torch.float64, device=dev)
+    y_ref = adapted_linear_torch(x, None, None, a, b, lam_ref, state.contiguous(), 4.0, 0.3,
+                                 score_out=score_ref)
+    y_ref.backward(dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lam_buf.grad[::2], lam_ref.grad, rtol=1e-10, atol=1e-10)
+    assert torch.count_nonzero(lam_buf.grad[1::2]) == 0
+    torch.testing.assert_close(score, score_ref, rtol=1e-10, atol=0)
+    # the score alone (direct mode: lam is the effective lambda)
+    alone, alone_ref = (torch.zeros((), dtype=torch.float64, device=dev) for _ in range(2))
+    delta_w_score_(dy, x, a, b, lam.detach(), alone)
+    delta_w_score_(dy, x, a, b, lam.detach().contiguous(), alone_ref)
+    torch.testing.assert_close(alone, alone_ref, rtol=1e-12, atol=0)

@@ -505,6 +505,12 @@ def apply_adapted_linear(x: torch.Tensor, x_adapter: Optional[torch.Tensor],
     if x_adapter is not None:
         x_adapter = row_major(x_adapter if x_adapter.dtype == out_dtype
                               else x_adapter.to(out_dtype))
+    # The kernels read lambda and the slot states with unit stride (`lowrank._slot_lambda`):
+    # a strided view (buf[::2]) is copied first (C calls only; a layer's buffers never are).
+    if lora_lambda.stride(0) != 1:
+        lora_lambda = lora_lambda.contiguous()
+    if slot_state is not None and slot_state.stride(0) != 1:
+        slot_state = slot_state.contiguous()
     if torch.compiler.is_compiling():
         plan = None
     else:

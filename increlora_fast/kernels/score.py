@@ -84,6 +84,7 @@ def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
     wide = torch.float64 in (op, lora_A.dtype, lora_B.dtype, lam.dtype)
     cfg = dot_config(torch.float64 if wide else op, is_interpreted(_score_tiles_kernel))
     dy, x = row_major(dy), row_major(x)
+    lam = lam.contiguous()  # read with unit stride (`lowrank._slot_lambda`)
     (M, N), K, R = dy.shape, x.shape[1], lora_A.shape[0]
     bn, bk, bm = (16, 16, 16) if is_interpreted(_score_tiles_kernel) else (32, 32, 32)
     grid = (-(-N // bn), -(-K // bk))
