@@ -561,3 +561,26 @@ def test_strided_lambda_and_slot_state_are_read_by_their_strides(kernel_device):
     delta_w_score_(dy, x, a, b, lam.detach(), alone)
     delta_w_score_(dy, x, a, b, lam.detach().contiguous(), alone_ref)
     torch.testing.assert_close(alone, alone_ref, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_exact_step_grad_out_is_dy_t_times_the_adapters_input(kernel_device, dropout):
+    """The exact-step accumulator ``grad_out += dy^T x_a`` on the Triton path against float64,
+    with adapter dropout (x_a = dropout(x), not x) and without; it accumulates over calls."""
+    from increlora_fast.kernels.linear import adapted_linear_triton
+    dev = kernel_device
+    m, k, n, r = 13, 9, 7, 16
+    gen = torch.Generator().manual_seed(_seed())
+    x, w, a, b, dy = (torch.randn(*s, generator=gen).to(dev)
+                      for s in ((m, k), (n, k), (r, k), (n, r), (m, n)))
+    lam = torch.randn(r, generator=gen).to(dev)
+    state = torch.tensor([2, 1, 0, 2] * 4, dtype=torch.int8, device=dev)
+    xa = x * ((torch.rand(m, k, generator=gen) > 0.3).to(dev) / 0.7) if dropout else None
+    grad_out = torch.zeros(n, k, device=dev)
+    for _ in range(2):
+        xx = x.clone().requires_grad_()
+        y = adapted_linear_triton(xx, w, None, a, b, lam.clone().requires_grad_(), state, 2.0,
+                                  0.5, x_adapter=xa, grad_out=grad_out)
+        y.backward(dy)
+    want = 2 * dy.double().t() @ (x if xa is None else xa).double()
+    torch.testing.assert_close(grad_out.double(), want, rtol=1e-5, atol=1e-5)
