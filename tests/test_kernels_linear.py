@@ -584,3 +584,20 @@ def test_exact_step_grad_out_is_dy_t_times_the_adapters_input(kernel_device, dro
         y.backward(dy)
     want = 2 * dy.double().t() @ (x if xa is None else xa).double()
     torch.testing.assert_close(grad_out.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_r_max_128_takes_the_kernels_and_129_the_torch_path(kernel_device, monkeypatch):
+    """docs/kernels.md: the torch path for r_max > 128; r_max 128 itself (the kernels' largest,
+    `utils.MAX_R_MAX`) runs on the kernels. Checked at the boundary, on the layer call."""
+    from increlora_fast.kernels import launch_counts, reset_launch_counts
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    x = torch.randn(3, 8, device=kernel_device)
+    for r_max, path in ((128, "triton"), (129, "torch")):
+        a = torch.zeros(r_max, 8, device=kernel_device)
+        assert functional.choose_path(x, torch.zeros(6, 8, device=kernel_device), a, False,
+                                      True, False, False) == path, r_max
+        layer = IncreLoRALinear(nn.Linear(8, 6), r_max=r_max, init_r=2).to(kernel_device)
+        reset_launch_counts()
+        layer(x)
+        assert bool(launch_counts()) == (path == "triton"), r_max
