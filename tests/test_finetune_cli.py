@@ -159,6 +159,7 @@ def test_compare_writes_mean_and_std(tiny, tmp_path, capsys):
     printed = capsys.readouterr().out
     table = (out / "compare.md").read_text()
     assert "| increlora |" in table and "| lora |" in table and table.strip() in printed
+    assert "chosen on the dev set reported here" in table  # the selection bias, said beside it
 
 
 def test_compare_reuses_finished_runs_and_keeps_other_ones(tiny, tmp_path, capsys, monkeypatch):

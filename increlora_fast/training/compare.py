@@ -179,6 +179,7 @@ def format_table(report: Dict) -> str:
              f"{c['weight_decay']:g}, grad clip {c['grad_clip']:g}, target rank "
              f"{c['target_rank']}, seeds {c['seed']}..{c['seed'] + n - 1}; lr sweep "
              f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all"
+             " (chosen on the dev set reported here, which flatters every method alike)"
              + ("" if any_run.get("eval_majority_accuracy") is None else
                 f"; always predicting the dev set's majority class scores "
                 f"{any_run['eval_majority_accuracy']:.4f}"),
