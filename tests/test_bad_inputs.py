@@ -378,6 +378,20 @@ def test_bench_include_json_that_is_not_json_names_the_file(tmp_path, capsys, mo
     _one_line(capsys, f"--include-json {bad} is not JSON")
 
 
+def test_bench_report_only_does_not_check_the_csv_it_never_writes(tmp_path, monkeypatch):
+    """--csv gets only measured rows, and --report-only measures none: its default path (under
+    a folder that cannot be made here) must not stop the report."""
+    import json
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([]))
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    assert _main(["bench", "--report-only", "--include-json", str(records), "--csv",
+                  str(blocker / "x.csv"), "--plot", "", "--results-md",
+                  str(tmp_path / "R.md")]) == 0
+    assert (tmp_path / "R.md").exists() and not blocker.is_dir()
+
+
 @pytest.fixture
 def no_memory_model(monkeypatch):
     from increlora_fast.benchmarks.memory import breakdown

@@ -300,9 +300,11 @@ def run(args: argparse.Namespace) -> int:
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
         check_device(args.device)
-        for option, path in (("--json", args.json_path), ("--csv", args.csv),
+        # written after the measuring (--csv only gets measured rows: none with --report-only)
+        for option, path in (("--json", args.json_path),
+                             ("--csv", None if args.report_only else args.csv),
                              ("--plot", args.plot), ("--results-md", args.results_md)):
-            check_output_path(path, option)  # written after the measuring
+            check_output_path(path, option)
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.
