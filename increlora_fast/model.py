@@ -321,16 +321,20 @@ def count_trainable_parameters(model: nn.Module) -> Dict[str, int]:
     return {"active": active + other, "padded": padded + other, "other": other}
 
 
+def _names_by_id(named: Iterator[Tuple[str, object]]) -> Dict[int, List[str]]:
+    """Every name of each object (a module or parameter registered under several names)."""
+    names: Dict[int, List[str]] = {}
+    for name, obj in named:
+        names.setdefault(id(obj), []).append(name)
+    return names
+
+
 def _tied_base_weights(model: nn.Module) -> List[str]:
     """``"<layer> with <parameter>"`` for every unmerged IncreLoRA layer whose base weight is
     also a parameter of another module (tied weights, e.g. an adapted ``lm_head`` sharing the
     input embedding): merging into it would change that module too."""
-    names: Dict[int, List[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    aliases: Dict[int, List[str]] = {}
-    for name, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(name)
+    names = _names_by_id(model.named_parameters(remove_duplicate=False))
+    aliases = _names_by_id(model.named_modules(remove_duplicate=False))
     tied = []
     for name, layer in increlora_layers(model):
         if layer.merged:
@@ -368,9 +372,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         for key, hook in list(module._forward_pre_hooks.items()):
             if hook is _keep_module_path:
                 del module._forward_pre_hooks[key]
-    aliases: Dict[int, List[str]] = {}
-    for alias, module in model.named_modules(remove_duplicate=False):
-        aliases.setdefault(id(module), []).append(alias)
+    aliases = _names_by_id(model.named_modules(remove_duplicate=False))
     for name, layer in list(increlora_layers(model)):
         if not layer.merged:
             layer.merge()
