@@ -104,13 +104,12 @@ def _csv_rows(text: str, delimiter: str, path: Path,
         csv.field_size_limit(limit)
 
 
-def _missing(value: object, label: bool) -> bool:
-    """Whether a cell holds no value: None (JSON null), blank, a JSON NaN, or for a label also
-    the text NaN (which pandas writes for a missing number)."""
-    if value is None or isinstance(value, float) and math.isnan(value):
+def _nan_marker(value: object, label: bool) -> bool:
+    """Whether a (non-empty) cell marks a missing value: a JSON NaN, or for a label also the
+    text NaN (which pandas writes for a missing number)."""
+    if isinstance(value, float) and math.isnan(value):
         return True
-    text = str(value).strip()
-    return text == "" or label and text.lower().lstrip("+-") == "nan"
+    return label and str(value).strip().lower().lstrip("+-") == "nan"
 
 
 def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
@@ -123,7 +122,7 @@ def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -
         raise ValueError(f"{path}: row {missing + 1} has an empty {name!r} ({option})")
     # NaN read as a label would be a class of its own ('nan'), as a text the word 'nan'
     missing = next((i for i, v in enumerate(values)
-                    if _missing(v, label=option == "--label-column")), None)
+                    if _nan_marker(v, label=option == "--label-column")), None)
     if missing is not None:
         raise ValueError(f"{path}: row {missing + 1} has no {name!r} ({option}): "
                          f"{str(values[missing]).strip()!r} marks a missing value; fill in or "
