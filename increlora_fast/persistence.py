@@ -507,8 +507,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     layers = dict(increlora_layers(model))
     saved_params = saved_module_parameters(model)
     # buffers of the modules to save: adapters saved before they were written lack them
-    saved_buffers = {n: b for n, b in saved_module_buffers(model).items()
-                     if SAVED_PREFIX + n in tensors}
+    model_buffers = saved_module_buffers(model)
+    saved_buffers = {n: b for n, b in model_buffers.items() if SAVED_PREFIX + n in tensors}
     expected = {f"{n}.{k}" for n in layers for k in keys} | {
         SAVED_PREFIX + n for n in (*saved_params, *saved_buffers)}
     unknown, missing = sorted(set(tensors) - expected), sorted(expected - set(tensors))
@@ -528,7 +528,7 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     _check_pooling(pooling, model, Path(save_directory))
     if check_base:
         _check_base(meta, model, Path(save_directory))
-    absent = sorted(set(saved_module_buffers(model)) - set(saved_buffers))
+    absent = sorted(set(model_buffers) - set(saved_buffers))
     if absent:
         warnings.warn(f"adapter {path} holds no {absent[0]} ({len(absent)} buffers of the "
                       "modules to save missing: saved by an older increlora_fast); they keep "
