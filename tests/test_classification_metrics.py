@@ -63,3 +63,15 @@ def test_summary_names_the_classes_never_right(capsys):
     assert len(line) == 1 and "neu" in line[0] and "neg" not in line[0] and "pos" not in line[0]
     _print_summary(_summary([0.75, 0.5, None], [6, 4, 0]), "out")
     assert "never right" not in capsys.readouterr().out
+
+
+def test_summary_says_how_the_steps_ran(capsys):
+    """The speed line names CUDA graphs only when the steps were replayed; a run whose model
+    could not be captured says it stepped eagerly, and why."""
+    def speed_line(**extra) -> str:
+        _print_summary(dict(_summary([0.75, 0.5, None], [6, 4, 0]), **extra), "out")
+        return next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("speed"))
+    assert "CUDA graphs" not in speed_line()
+    assert "CUDA graphs)" in speed_line(cuda_graphs=True, cuda_graphs_fallback=None)
+    line = speed_line(cuda_graphs=True, cuda_graphs_fallback="RuntimeError: no capture")
+    assert "eager steps: the model could not be captured" in line and "no capture" in line

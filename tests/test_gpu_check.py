@@ -708,7 +708,7 @@ def test_a_step_that_captures_a_graph_stays_out_of_the_phase_medians(monkeypatch
         settings = ""
 
         def __init__(self):
-            self.runner = SimpleNamespace(graphed=SimpleNamespace(captures=0,
+            self.runner = SimpleNamespace(graphed=SimpleNamespace(captures=0, fallback=None,
                                                                   pool_bytes=lambda: 0))
 
         def phase(self, i):
@@ -726,3 +726,27 @@ def test_a_step_that_captures_a_graph_stays_out_of_the_phase_medians(monkeypatch
                                      torch.device("cpu"))["increlora-triton"]
     assert got["alloc_steps"] == 3 and got["final_steps"] == 2
     assert got["final_median_ms"] < 25 and got["mean_ms"] > 50 / 6
+
+
+def test_a_graphed_run_whose_model_could_not_be_captured_is_recorded_as_skipped(monkeypatch):
+    """``increlora-graphs`` on a model whose forward cannot be captured steps eagerly
+    (`GraphedSteps.fallback`): its record is skipped with the reason, not a graphed time."""
+    import torch
+    from increlora_fast.benchmarks.speed.plans import ModelPlan
+
+    timing = dict(median_ms=1.0, mean_ms=1.0, steps_per_s=1000.0, peak_mem_mb=1.0)
+
+    def measure(methods, *args):
+        return {m: dict(timing, **({"graphs_fallback": "RuntimeError: no capture"}
+                                   if m == "increlora-graphs" else {})) for m in methods}
+    monkeypatch.setattr(model_level, "graphs_status", lambda device: (True, ""))
+    monkeypatch.setattr(model_level, "measure_models", measure)
+    plan = ModelPlan(models=["tiny-bert"], batch_size=1, seq_len=4, steps=8, warmup_steps=2,
+                     dtypes=["fp32"])
+    records = model_level.run_model_level(plan, ["floor", "increlora-graphs"],
+                                          torch.device("cpu"), {}, log=lambda line: None)
+    by_method = {r["method"]: r for r in records}
+    assert by_method["floor"]["status"] == "ok" and by_method["floor"]["median_ms"] == 1.0
+    graphs = by_method["increlora-graphs"]
+    assert graphs["status"] == "skipped" and graphs["median_ms"] is None
+    assert "cannot be captured" in graphs["note"] and "no capture" in graphs["note"]

@@ -177,6 +177,11 @@ def test_cuda_graphs_auto_needs_faster_and_the_same_run():
     report = _report(rng, graphs=ALL_PRECISIONS, on=on, off=off)[0]
     del report["parts"]["finetune"]["runs"][2]  # no graphs-off-padded run
     assert v.cuda_graphs_auto(report)[0] is None
+    # a graphs-on run whose model could not be captured stepped eagerly: it tells nothing
+    fell_back = dict(on, cuda_graphs_fallback="RuntimeError: no capture")
+    decision, why = v.cuda_graphs_auto(_report(rng, graphs=ALL_PRECISIONS, on=fell_back,
+                                               off=off)[0])
+    assert decision is None and "stepped eagerly" in why and "no capture" in why
 
 
 @pytest.mark.parametrize("graphs", [(), ("fp32", "bf16"), ("bf16",)])

@@ -170,9 +170,10 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
     assert made and sum(g.replays for g in made) > 0  # steps really were replayed
     # only the warm-up steps ran eagerly: the other state's kernels were loaded by a forward
     # and backward without effect after the first step (dropout is on: its random state was
-    # put back; the score sums too), and that state's first step was captured at once (4
-    # graphs: 2 per state)
-    assert eager_steps == list(range(WARMUP_STEPS)) and len(made) == 4, (eager_steps, len(made))
+    # put back; the score sums too), and that state's first step was captured at once (5
+    # graphs: the probe of the model's forward and backward, never replayed, then 2 per state)
+    assert eager_steps == list(range(WARMUP_STEPS)) and len(made) == 5, (eager_steps, len(made))
+    assert made[0].replays == 0 and all(g.replays for g in made[1:])
 
 
 def test_fp16_steps_with_cuda_graphs_scale_skip_and_back_off_like_eager_steps(tiny, monkeypatch):
@@ -324,10 +325,80 @@ def test_a_replayed_step_issues_only_its_input_copies_step_fills_and_result_copi
     replays = runner.graphed.replays
     ops = replayed_step_device_ops(runner, 6, batch)
     assert runner.graphed.replays == replays + 1  # the step was a replay (of its two graphs)
-    assert graphs and len(graphs) % 2 == 0  # two halves per captured tracking state
+    # the probe of the model's forward and backward, then two halves per captured state
+    assert graphs and len(graphs) % 2 == 1
     assert sorted(ops) == sorted(["aten.copy_.default"] * len(batch)
                                  + ["aten.fill_.Scalar"] * 2 + ["aten.clone.default"] * 2)
     assert HostReads.count(lambda: runner.step(7, batch)) == []
+
+
+def _tiny_deberta_run(seed: int):
+    """A tiny DeBERTa-v2 with log-bucketed relative positions, IncreLoRA on its attention:
+    its forward copies a host scalar to the device (``torch.tensor(mid - 1)`` in
+    ``make_log_bucket_position``), which a CUDA capture refuses (H200, 2026-12-05)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+    from increlora_fast import IncreLoRAConfig
+    from increlora_fast.training.increlora_method import IncreLoRARun
+
+    torch.manual_seed(seed)
+    config = DebertaV2Config(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=32,
+                             max_position_embeddings=32, relative_attention=True,
+                             position_buckets=8, pos_att_type=["p2c", "c2p"],
+                             norm_rel_ebd="layer_norm", share_att_key=True, num_labels=2)
+    adapters = IncreLoRAConfig(target_modules=["query_proj", "value_proj"], r_max=4, init_r=1,
+                               target_rank=2, init_warmup=1, incre_interval=2, top_h=2,
+                               modules_to_save=["classifier", "pooler"])
+    return IncreLoRARun.from_config(DebertaV2ForSequenceClassification(config), adapters,
+                                    lr=1e-2)
+
+
+def test_a_model_that_cannot_be_captured_steps_eagerly_after_one_warning():
+    """DeBERTa-v2's forward cannot be captured: before the first capture the runner's probe
+    finds that, warns once, and every step runs eagerly, exactly as a run without graphs
+    (dropout on: the probe's random draws were put back)."""
+    generator = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=generator),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(8)]
+    results = {}
+    for graphed in (False, True):
+        run = _tiny_deberta_run(seed=0)
+        runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
+                            graph_factory=EmulatedPool() if graphed else None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            losses = [float(runner.step(i, b).task_loss) for i, b in enumerate(batches)]
+        results[graphed] = (losses, _trainable(run), run.rank_pattern(), caught, runner)
+    (plain, plain_weights, plain_ranks, _, _), (losses, weights, ranks, caught, runner) = \
+        results[False], results[True]
+    assert losses == plain and ranks == plain_ranks and sum(ranks.values()) > len(ranks)
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)
+    fallback = runner.graphed.fallback
+    assert fallback is not None and "torch.tensor" in fallback
+    assert runner.graphed.captures == runner.graphed.replays == 0
+    ours = [w for w in caught if "CUDA graphs" in str(w.message)]
+    assert len(ours) == 1 and issubclass(ours[0].category, RuntimeWarning)
+    assert "cannot be captured" in str(ours[0].message) and fallback in str(ours[0].message)
+
+
+def test_the_loop_records_why_its_graphs_fell_back(tiny, monkeypatch):
+    """A model that copies host data to the device in its forward (here a hook on the head)
+    trains under ``cuda_graphs`` like the plain run, and the loop's state says why it stepped
+    eagerly; a capturable model leaves no reason."""
+    made = _emulated_graphs(monkeypatch)
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    plain = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    assert plain.graph_fallback is None
+    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length"))
+    head = run.model.classifier
+    head.register_forward_hook(lambda module, args, out: out + torch.tensor(0.0))
+    with pytest.warns(RuntimeWarning, match="cannot be captured"):
+        graphs = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False,
+                            cuda_graphs=True)
+    assert graphs.losses == plain.losses
+    assert graphs.graph_fallback is not None and "torch.tensor" in graphs.graph_fallback
+    assert len(made) == 1 and made[0].replays == 0  # the probe's, never replayed
 
 
 def test_cuda_graphs_without_cuda_is_refused(tiny):

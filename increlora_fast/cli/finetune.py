@@ -260,12 +260,21 @@ def _print_summary(m: Dict, out_dir: str) -> None:
     peak = m.get("peak_device_memory_mb")
     print(f"speed             {'-' if speed is None else f'{speed:,.0f}'} training tokens/s on "
           f"{m.get('device')} ({m.get('precision')}"
-          + (", CUDA graphs" if m.get("cuda_graphs") else "") + "), peak device memory "
+          + _graphs_note(m) + "), peak device memory "
           + (f"{peak:,.0f} MiB" if peak is not None else f"- ({m.get('peak_device_memory_kind')})"))
     if m["rank_pattern"]:
         print(f"final rank pattern (total {m['total_rank']}):")
         print(rank_table(m["rank_pattern"]))
     print(f"outputs in {out_dir}")
+
+
+def _graphs_note(m: dict) -> str:
+    """How the run's steps ran, for the speed line: nothing for eager runs."""
+    if not m.get("cuda_graphs"):
+        return ""
+    fallback = m.get("cuda_graphs_fallback")
+    return ", CUDA graphs" if fallback is None else \
+        f", eager steps: the model could not be captured in CUDA graphs ({fallback})"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -32,6 +32,14 @@ after the first eager step (in a tracked state followed by the controller's scor
 undone: `IncreLoRAController.load_update_kernels`), and that state's first step is captured
 directly. On CUDA every step runs with the parameters' device current.
 
+The model is the user's code, and some models do on every forward what a capture refuses
+(DeBERTa-v2/v3 copies a host scalar to the device for its relative positions; other models
+read a tensor on the host). Before the run's first capture, the runner's ``preload`` is
+captured once into a graph that is never replayed (`GraphedSteps._probe`, without effect on
+the run): when that fails, the run warns once and steps eagerly from then on
+(``GraphedSteps.fallback`` says why; `finetune` records it in ``metrics.json`` as
+``cuda_graphs_fallback``), so ``--cuda-graphs`` never stops a run that trains eagerly.
+
 A run's graphs share one memory pool and one capture stream (`CUDAGraphPool`; the caching
 allocator reuses a freed block only on the stream it was allocated on): a graph's gradients,
 activations and outputs are static tensors that every replay rewrites, and with one pool the
@@ -49,6 +57,7 @@ this: its pool overwrites what later graphs allocated at every replay of an earl
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Set, Tuple
 
 import torch
@@ -195,10 +204,14 @@ class GraphedSteps:
         # Steps captured (each capture also runs its step) and steps replayed from a graph.
         self.captures = 0
         self.replays = 0
+        # Why the run gave up its graphs and steps eagerly (`_probe`: the model's forward or
+        # backward cannot be captured), or None.
+        self.fallback: Optional[str] = None
+        self._probed = False
 
     def step(self, step: int, first: Callable[[], StepOutputs],
              second: Callable[..., None],
-             preload: Optional[Callable[[], None]] = None) -> StepOutputs:
+             preload: Optional[Callable[..., None]] = None) -> StepOutputs:
         """Take optimizer step ``step`` on the run's static inputs, in two halves: ``first()``
         runs forward, backward, clipping and the controller's step and returns the step's
         outputs (device tensors are copied out of the graph after a replay; other values must
@@ -210,10 +223,13 @@ class GraphedSteps:
         outside allocation rounds. Each tracking state captures both halves once, in two graphs;
         an allocation round is replayed as the first graph, the round on the host
         (`IncreLoRAController.finish_replayed_round`, `IncreLoRAAdamW.prepare_replay`) and the
-        second graph. ``preload`` (optional): forward and backward of the static inputs with
-        no other effect (`_preload` keeps it so); given, the other tracking state's kernels are
-        loaded by it after the first eager step, and that state's first step is captured
-        instead of run eagerly. Returns copies of the outputs.
+        second graph. ``preload(capture=None)`` (optional): forward and backward of the static
+        inputs with no other effect (`_preload` keeps it so), inside the context ``capture``
+        when one is given; given, the other tracking state's kernels are loaded by it after the
+        first eager step, and that state's first step is captured instead of run eagerly, and
+        before the run's first capture `_probe` captures it once: a model whose forward or
+        backward cannot be captured makes the run step eagerly from then on, with one warning
+        (``fallback``). Returns copies of the outputs.
 
         On CUDA the step runs with the parameters' device current (`_on_params_device`)."""
         with self._on_params_device():
@@ -232,7 +248,9 @@ class GraphedSteps:
         return torch.cuda.device(self._device_index)
 
     def _step(self, step: int, first: Callable[[], StepOutputs], second: Callable[..., None],
-              preload: Optional[Callable[[], None]]) -> StepOutputs:
+              preload: Optional[Callable[..., None]]) -> StepOutputs:
+        if self.fallback is not None:
+            return self._eager(step, first, second)
         tracked = self.controller.is_tracked(step)
         round_ = self.controller.allocation_due(step)
         epochs = self._cache_epochs()
@@ -250,6 +268,9 @@ class GraphedSteps:
                     and not self._exact_step_score() and self._tracking_possible():
                 self._preload(not tracked, preload)
             return outputs
+        if entry is None and not self._probed and preload is not None \
+                and not self._probe(tracked, preload):
+            return self._eager(step, first, second)
         self.optimizer.sync_device_step()
         self.controller.sync_device_step(step)
         if entry is None:
@@ -316,30 +337,60 @@ class GraphedSteps:
         self._versions = self._slot_versions()
         return self._cache_epochs() == epochs
 
-    def _preload(self, tracked: bool, preload: Callable[[], None]) -> None:
+    def _preload(self, tracked: bool, preload: Callable[..., None]) -> None:
         """Run ``preload`` (forward and backward) once with the layers' score tracking set to
+        ``tracked``, without lasting effect (`_without_effect`). It loads the kernels of that
+        tracking state (CUDA cannot load one while capturing), so the state's first step can
+        be captured at once instead of run eagerly: an eager step after a capture holds its
+        activations beside the graph pool's, one step's activations more than a replay."""
+        with self._without_effect(tracked), self._side_stream():
+            preload()  # (before the first capture: on a side stream, as the warm-up)
+        self._states_run.add(tracked)
+
+    def _probe(self, tracked: bool, preload: Callable[..., None]) -> bool:
+        """Before the run's first capture: ``preload(capture)`` captures the model's forward
+        and backward into a graph that is never replayed, without lasting effect
+        (`_without_effect`; a capture launches nothing on CUDA). Whether it could be captured.
+        The model is the user's code: where it does what a capture refuses (DeBERTa-v2's
+        relative positions copy a host scalar to the device at every forward), the run gives
+        up its graphs before any step was captured, warns once, and steps eagerly from then on
+        (``fallback`` says why). The rest of the step (penalty, clipping, controller,
+        optimizer) is this library's, captured in every test; a failure there raises."""
+        graph = self.graph_factory()
+        try:
+            with self._without_effect(tracked):
+                preload(graph.capture())
+        except Exception as error:  # what the model's forward or backward did in the capture
+            lines = str(error).strip().splitlines() or [type(error).__name__]
+            self.fallback = f"{type(error).__name__}: {lines[-1].strip()}"
+            warnings.warn(f"CUDA graphs: the model's forward and backward cannot be captured "
+                          f"({self.fallback}); the run goes on with eager steps",
+                          RuntimeWarning, stacklevel=4)
+            return False
+        self._probed = True
+        return True
+
+    @contextlib.contextmanager
+    def _without_effect(self, tracked: bool) -> Iterator[None]:
+        """Run the block (a forward and backward) with the layers' score tracking set to
         ``tracked`` and undo its effects on the run: the random number generators (dropout) are
-        forked, the tracking flags and the layers' score sums put back, the gradients dropped.
-        It loads the kernels of that tracking state (CUDA cannot load one while capturing), so
-        the state's first step can be captured at once instead of run eagerly: an eager step
-        after a capture holds its activations beside the graph pool's, one step's activations
-        more than a replay."""
+        forked, the tracking flags and the layers' score sums put back, the gradients
+        dropped."""
         layers = self.controller.layers
         flags = [layer.score_enabled for layer in layers]
         sums = [layer.score_sum.clone() for layer in layers]
         devices = sorted({p.device.index for p in self._params() if p.device.type == "cuda"})
         try:
-            with torch.random.fork_rng(devices=devices), self._side_stream():
+            with torch.random.fork_rng(devices=devices):
                 for layer in layers:
                     layer.score_enabled = tracked
-                preload()  # (before the first capture: on a side stream, as the warm-up)
+                yield
         finally:
             with torch.no_grad():
                 for layer, flag, total in zip(layers, flags, sums):
                     layer.score_enabled = flag
                     layer.score_sum.copy_(total)
             self.optimizer.zero_grad(set_to_none=True)
-        self._states_run.add(tracked)
 
     @staticmethod
     def _copies(outputs: StepOutputs) -> StepOutputs:
@@ -385,7 +436,8 @@ class GraphedSteps:
     def _side_stream(self) -> ContextManager[None]:
         """Warm-up steps run on a side stream before the first capture (torch's CUDA-graph
         notes); later eager steps on the current stream."""
-        if self._graphs or self.captures or not self._cuda or not torch.cuda.is_available():
+        if self._graphs or self.captures or self.fallback is not None or not self._cuda \
+                or not torch.cuda.is_available():
             return contextlib.nullcontext()
         return on_side_stream()
 

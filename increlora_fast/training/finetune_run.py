@@ -441,6 +441,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     metrics.update(peak_memory(place.device, state.graph_pool_bytes),
                    device=str(place.device),
                    precision=place.precision, cuda_graphs=cuda_graphs,
+                   cuda_graphs_fallback=state.graph_fallback,
                    train_tokens=state.session_tokens,
                    tokens_per_second=tokens_per_second(state.session_tokens,
                                                        state.session_seconds),

@@ -63,6 +63,9 @@ class LoopState:
     # (`GraphedSteps.pool_bytes`), which the allocator's tensor peak leaves out between
     # replays; 0 without graphs (not checkpointed)
     graph_pool_bytes: int = field(default=0, repr=False)
+    # --cuda-graphs: why the run stepped eagerly instead (the model's forward or backward
+    # cannot be captured: `GraphedSteps.fallback`), or None (not checkpointed)
+    graph_fallback: Optional[str] = field(default=None, repr=False)
     warm_mark: Optional[Tuple[int, float]] = field(default=None, repr=False)
 
     def warm_tokens_per_second(self) -> Optional[float]:
@@ -157,6 +160,7 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
         bar.close()
     if runner.graphed is not None:
         state.graph_pool_bytes = runner.graphed.pool_bytes()
+        state.graph_fallback = runner.graphed.fallback
     return state
 
 

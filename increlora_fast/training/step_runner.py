@@ -209,7 +209,8 @@ class StepRunner:
             self._optimizer_step(step, zero_grad)
         outputs = self.graphed.step(
             step, first, second,
-            preload=lambda: self._forward_backward_without_effect(step, batch))
+            preload=lambda capture=None: self._forward_backward_without_effect(step, batch,
+                                                                                capture))
         return StepResult(*outputs[:2])
 
     def _scaler_stage(self) -> Optional[dict]:
@@ -233,15 +234,18 @@ class StepRunner:
             state["stage"] = stage["stage"]
             state["found_inf_per_device"] = dict(stage["found_inf_per_device"])
 
-    def _forward_backward_without_effect(self, step: int, batch: Dict[str, torch.Tensor]
+    def _forward_backward_without_effect(self, step: int, batch: Dict[str, torch.Tensor],
+                                         capture: Optional[ContextManager[None]] = None
                                          ) -> None:
-        """`forward_backward` and, in a tracked state, the controller's score update
-        (`IncreLoRAController.load_update_kernels`), whose effects on the model's buffers,
-        the controller and ``self.loss`` are undone (`GraphedSteps` undoes the rest: random
-        state, gradients, tracking flags, score sums): it loads the kernels of a tracking state
-        before that state's first capture. Buffers outside the adapted layers (a batch norm's
-        running statistics) are put back; the adapted layers' other buffers (slot states and
-        steps) must not change, and a change raises."""
+        """`forward_backward` whose effects on the model's buffers and ``self.loss`` are undone
+        (`GraphedSteps` undoes the rest: random state, gradients, tracking flags, score sums).
+        Without ``capture`` it loads the kernels of a tracking state before that state's first
+        capture, and in a tracked state runs the controller's score update too
+        (`IncreLoRAController.load_update_kernels`, undone). With ``capture`` (the probe before
+        the run's first capture, `GraphedSteps._probe`) only the forward and backward run inside
+        it. Buffers outside the adapted layers (a batch norm's running statistics) are put
+        back; the adapted layers' other buffers (slot states and steps) must not change, and a
+        change raises."""
         layers = set(self.run.controller.layers)
         adapter_buffers = [b for layer in layers for name, b in layer.named_buffers()
                            if name != "score_sum"]
@@ -250,13 +254,14 @@ class StepRunner:
         kept = [b.clone() for b in others]
         versions = [b._version for b in adapter_buffers]
         loss = self.loss
-        with self._capture_safe_autocast():
+        with capture or contextlib.nullcontext(), self._capture_safe_autocast():
             self.forward_backward(step, batch)
-        # with the overflow flag a captured fp16 step folds in, so its ops are loaded too
-        overflow = None if self.placement.scaler is None else \
-            torch.zeros((), device=self.run.controller.layers[0].lora_A.device)
-        self.run.controller.load_update_kernels(step, loss_scale=self.placement.loss_scale,
-                                                overflow=overflow)
+        if capture is None:
+            # with the overflow flag a captured fp16 step folds in, so its ops are loaded too
+            overflow = None if self.placement.scaler is None else \
+                torch.zeros((), device=self.run.controller.layers[0].lora_A.device)
+            self.run.controller.load_update_kernels(step, loss_scale=self.placement.loss_scale,
+                                                    overflow=overflow)
         self.loss = loss
         with torch.no_grad():
             for b, value in zip(others, kept):

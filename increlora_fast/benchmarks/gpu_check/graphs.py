@@ -107,7 +107,8 @@ def train_tiny(device: torch.device, precision: str, steps: int, cuda_graphs: bo
             "rounds": len({e["step"] for e in method.controller.allocation_log}),
             "replayed": replayed,
             "replays": graphed.replays if graphed is not None else 0,
-            "captures": graphed.captures if graphed is not None else 0}
+            "captures": graphed.captures if graphed is not None else 0,
+            "fallback": graphed.fallback if graphed is not None else None}
 
 
 def _max_diff(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> tuple:
@@ -186,6 +187,8 @@ def graph_agreement(device: torch.device, precision: str, steps: int = GRAPH_STE
         "final_loss_graphed": float(graphed["losses"][-1])}
     problems = [] if ranks_equal else ["rank patterns differ"]
     problems += [] if graphed["replays"] > 0 else ["no step was replayed"]
+    problems += [] if graphed["fallback"] is None else \
+        [f"the step could not be captured ({graphed['fallback']})"]
     problems += [f"{what} differ by {diff:.3g} > {tol:g} x {max(1.0, scale):.3g}"
                  for what, diff, scale in (("parameters", param_diff, param_max),
                                            ("losses", loss_diff, loss_max))

@@ -333,7 +333,7 @@ FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples",
                  "peak_device_memory_mb",
                  "peak_device_memory_kind", "device", "precision", "total_rank",
                  "trainable_params_active", "trainable_params_padded", "cuda_graphs",
-                 "rank_pattern")
+                 "cuda_graphs_fallback", "rank_pattern")
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,

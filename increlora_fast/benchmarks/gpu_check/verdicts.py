@@ -317,6 +317,9 @@ def cuda_graphs_auto(report: Dict) -> Tuple[Optional[bool], str]:
     if not (on and off and twin):
         return None, ("undecided: the graphs-on, graphs-off and graphs-off-padded main-job "
                       "runs did not all finish")
+    if on.get("cuda_graphs_fallback"):
+        return None, ("undecided: the graphs-on main job stepped eagerly, its model could not "
+                      f"be captured ({on['cuda_graphs_fallback']})")
     same, detail = graphs_match_eager(on, twin)
     graphed, eager = on["tokens_per_second"] or 0, off["tokens_per_second"] or 0
     faster = graphed > 0 and graphed >= (1 + AUTO_MARGIN) * eager

@@ -22,7 +22,9 @@ few dozen steps has both phases:
   trainable, so that backward still runs through every layer; what any adapter adds is above it.
 - ``increlora-graphs``: ours with the whole training step replayed from CUDA graphs by
   `StepRunner` (`training/cuda_graphs.py`); CUDA only (`graphs_status`: elsewhere the method is
-  recorded as skipped, with the reason).
+  recorded as skipped, with the reason). A model whose forward or backward cannot be captured
+  (DeBERTa-v2/v3: its relative positions copy a host scalar to the device) makes the runner
+  step eagerly (`GraphedSteps.fallback`); its record is then skipped too, naming the reason.
 
 A ``ModelPlan`` with ``base_4bit`` loads the preset's base in 4-bit NF4 (`quantized_base`).
 
@@ -358,6 +360,9 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
             "peak_mem_mb": peaks[method][0],
             "mem_kind": peaks[method][1], "repeats": len(t["run"]),
             "settings": runs[method][0].settings, "n_targets": preset.n_targets}
+        graphed = getattr(getattr(runs[method][0], "runner", None), "graphed", None)
+        if graphed is not None and graphed.fallback is not None:
+            out[method]["graphs_fallback"] = graphed.fallback
     return out
 
 
@@ -398,8 +403,14 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
                            dtype=dtype if dtype == "fp32" else f"{dtype}-autocast", phase="run",
                            status="ok", note="", median_ms=None, mean_ms=None, peak_mem_mb=None,
                            run_settings=common)
+                fallback = measured.get(method, {}).get("graphs_fallback")
                 if method in skipped:
                     rec.update(status="skipped", note=skipped[method])
+                elif fallback is not None:  # its steps ran eagerly: not a graphed time
+                    rec.update(status="skipped", note=f"skipped: {name}'s forward and backward "
+                               f"cannot be captured in a CUDA graph ({fallback}); its steps "
+                               "ran eagerly, as a graphed finetune of it does")
+                    log(f"model {rec['shape']} {rec['dtype']} {method}: {rec['note']}")
                 else:
                     rec.update(measured[method])
                     if method == "increlora-triton" and device.type != "cuda":
