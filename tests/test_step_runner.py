@@ -482,7 +482,12 @@ def test_the_default_is_longest(tiny, tmp_path):
 
 def test_resolve_cuda_graphs():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
-    assert resolve_cuda_graphs("auto", cpu) is False and resolve_cuda_graphs("auto", cuda) is False
+    assert resolve_cuda_graphs("auto", cpu) is False and resolve_cuda_graphs("auto", cuda) is True
+    assert resolve_cuda_graphs("auto", cuda, "increlora", "max_length") is True
+    # other methods, and a padding to each batch's longest input, step eagerly
+    for method, pad_to in (("lora", None), ("adalora", None), ("full", None),
+                           ("increlora", "longest")):
+        assert resolve_cuda_graphs("auto", cuda, method, pad_to) is False, (method, pad_to)
     assert resolve_cuda_graphs("off", cuda) is False and resolve_cuda_graphs("on", cuda) is True
     with pytest.raises(ValueError, match="--cuda-graphs on needs a CUDA device.*cpu"):
         resolve_cuda_graphs("on", cpu)

@@ -66,9 +66,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            f"{AUTO_SEQ_PERCENTILE}th percentile of the training texts' token "
                            "lengths, within the model's limit")
     data.add_argument("--pad-to", choices=PAD_TO, default=None,
-                      help="training batches padded to their longest input (longest, the "
-                           "default) or to --max-seq-len (max_length: one shape for every "
-                           "step; the default with --cuda-graphs on)")
+                      help="training batches padded to their longest input (longest) or to "
+                           "--max-seq-len (max_length: one shape for every step); the "
+                           "default is max_length when the steps are replayed from CUDA "
+                           "graphs (--cuda-graphs), else longest")
 
     train = parser.add_argument_group("training")
     train.add_argument("--method", default=None, choices=METHODS,
@@ -166,12 +167,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "| bf16 (autocast; also on cpu) | fp16 (autocast + loss scaling; CUDA "
                           "only)")
     run.add_argument("--cuda-graphs", choices=CUDA_GRAPHS, default=d.cuda_graphs,
-                     help="CUDA graphs for the IncreLoRA training step: auto (default; off "
-                          "until the GPU check shows graphs faster with the same accuracy) | on "
-                          "(CUDA, --method increlora; pads to "
-                          "--max-seq-len, uses fixed input buffers and replays every step but "
-                          "the first two from two captured graphs, allocation rounds included) | "
-                          "off")
+                     help="CUDA graphs for the IncreLoRA training step: auto (default: on for "
+                          "--method increlora on CUDA unless --pad-to longest is given, else "
+                          "off) | on (CUDA, --method increlora; pads to --max-seq-len, uses "
+                          "fixed input buffers and replays every step but the first two from "
+                          "two captured graphs, allocation rounds included) | off. A model "
+                          "whose forward cannot be captured (DeBERTa-v2/v3) steps eagerly "
+                          "after a warning")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",
