@@ -104,6 +104,9 @@ def test_cpu_run_records_device_tokens_per_second_and_memory(tiny, tmp_path, cap
     assert m["train_tokens"] == expected
     assert m["tokens_per_second"] > 0
     assert m["tokens_per_second_warm"] is None  # no step after the first log point (step 4)
+    # each step before the first log point timed alone; together they are the training time
+    assert len(m["first_step_seconds"]) == 4 and all(t > 0 for t in m["first_step_seconds"])
+    assert abs(sum(m["first_step_seconds"]) - m["train_seconds"]) <= 0.051
     # train_seconds is rounded to 0.1 s in metrics.json
     seconds = m["train_seconds"]
     assert expected / (seconds + 0.051) <= m["tokens_per_second"] <= \

@@ -750,3 +750,19 @@ def test_a_graphed_run_whose_model_could_not_be_captured_is_recorded_as_skipped(
     graphs = by_method["increlora-graphs"]
     assert graphs["status"] == "skipped" and graphs["median_ms"] is None
     assert "cannot be captured" in graphs["note"] and "no capture" in graphs["note"]
+
+
+def test_main_job_rows_show_the_first_steps_and_a_graphs_fallback():
+    """The main-job table shows each run's first steps' seconds, and a graphed run that
+    stepped eagerly says why in its note."""
+    from increlora_fast.benchmarks.gpu_check.markdown import finetune_section
+    runs = [{"name": "graphs-on", "status": "ok", "args": ["--cuda-graphs", "on"],
+             "metrics": {"first_step_seconds": [1.5, 0.25], "eval_accuracy": 0.8,
+                         "cuda_graphs_fallback": "RuntimeError: no capture"}},
+            {"name": "graphs-off", "status": "ok", "args": ["--cuda-graphs", "off"],
+             "metrics": {"eval_accuracy": 0.8}}]
+    lines = finetune_section({"runs": runs})
+    on = next(line for line in lines if line.startswith("| graphs-on |"))
+    off = next(line for line in lines if line.startswith("| graphs-off |"))
+    assert "| 1.50 0.25 |" in on and "stepped eagerly" in on and "no capture" in on
+    assert "stepped eagerly" not in off and "| - |" in off

@@ -60,14 +60,19 @@ def _train(tiny, **loop_kwargs):
 def test_warm_tokens_per_second_leaves_out_the_steps_before_the_first_log_point(tiny,
                                                                               monkeypatch):
     """The rate after the first log point counts exactly the later steps' tokens and seconds;
-    a run that ends at its first log point has none."""
+    a run that ends at its first log point has none. Each of the first steps before it is
+    waited for and timed alone; later steps only at log points."""
     from increlora_fast.training import loop as loop_module
     s, _, run, batches = build_run(_settings(tiny))
     clock = iter(range(10_000))
     monkeypatch.setattr(loop_module.time, "perf_counter", lambda: float(next(clock)))
+    waits: List[int] = []
+    monkeypatch.setattr(loop_module, "wait_for_device", lambda device: waits.append(1))
     state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     tokens = [int(batches.train_batch(i)["attention_mask"].sum()) for i in range(STEPS)]
     first = loop_module.LOG_EVERY
+    assert STEPS - first == 2  # the last step is the only later log point
+    assert state.first_step_seconds == [1.0] * first and len(waits) == first + 1
     assert state.warm_mark == (sum(tokens[:first]), float(first))  # one tick per step
     assert state.warm_tokens_per_second() == round(sum(tokens[first:]) / (STEPS - first), 1)
     assert state.session_tokens == sum(tokens)

@@ -447,7 +447,8 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
                    train_tokens=state.session_tokens,
                    tokens_per_second=tokens_per_second(state.session_tokens,
                                                        state.session_seconds),
-                   tokens_per_second_warm=state.warm_tokens_per_second())
+                   tokens_per_second_warm=state.warm_tokens_per_second(),
+                   first_step_seconds=[round(t, 4) for t in state.first_step_seconds])
     counts = run.parameter_counts()
     tail = state.losses[-max(1, len(state.losses) // 10):]
     metrics.update({

@@ -9,6 +9,11 @@ device until the next log point (every `LOG_EVERY` steps and the last step), whe
 `LoopState.sync` reads them, checks the losses are finite and the progress bar shows the loss and
 the total rank.
 
+The first `LOG_EVERY` steps of a session also wait for the device each, so that their seconds
+(``LoopState.first_step_seconds``) say where a run's one-time costs go: kernel compiles and
+loads, CUDA-graph probes and captures (the run's average tokens per second pays them; the rate
+after the first log point does not).
+
 Training time counts each step until its device work is done wherever the loop or its step-end
 callback waits for the device next: at log points, and at the steps a callback says it acts
 (its ``due(step)``: an evaluation, a checkpoint), the loop waits for the device inside the timed
@@ -67,6 +72,8 @@ class LoopState:
     # cannot be captured: `GraphedSteps.fallback`), or None (not checkpointed)
     graph_fallback: Optional[str] = field(default=None, repr=False)
     warm_mark: Optional[Tuple[int, float]] = field(default=None, repr=False)
+    # seconds of each of this session's first LOG_EVERY steps, each waited for on the device
+    first_step_seconds: List[float] = field(default_factory=list, repr=False)
 
     def warm_tokens_per_second(self) -> Optional[float]:
         """Training tokens per second of this session's steps after its first log point (both
@@ -137,11 +144,14 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                 state.pending_tokens.append(result.tokens)
             state.step += 1
             log = state.step % LOG_EVERY == 0 or state.step >= max_steps
-            if log or (due is not None and due(state.step)):
+            first = len(state.first_step_seconds) < LOG_EVERY and state.warm_mark is None
+            if log or first or (due is not None and due(state.step)):
                 wait_for_device(device)  # the step's device work, timed with it
             if log:
                 state.sync(run.name)
             elapsed = time.perf_counter() - t0
+            if first:
+                state.first_step_seconds.append(elapsed)
             state.train_seconds += elapsed
             state.session_seconds += elapsed
             if log and state.warm_mark is None:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..records import gpu_check_records
 from ..speed.host_overhead import COLUMNS as HOST_COLUMNS
@@ -24,8 +24,8 @@ DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_m
                    "x_cublas", "aten_ms", "x_cublas_aten")
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
                     "steps", "device", "precision", "tokens_per_second", "tokens_per_second_warm",
-                    "x_lora_tokens_per_s", "peak_device_memory_mb", "train_seconds", "total_seconds", "total_rank",
-                    "note")
+                    "x_lora_tokens_per_s", "peak_device_memory_mb", "train_seconds",
+                    "first_steps_s", "total_seconds", "total_rank", "note")
 GRAPHS_COLUMNS = ("precision", "status", "steps", "replays", "captures", "ranks_equal",
                   "max_param_diff", "max_loss_diff", "tol", "loss_scale", "loss_scale_graphed",
                   "overflows", "overflows_replayed", "note")
@@ -175,12 +175,30 @@ def finetune_section(part: Dict) -> List[str]:
     if not runs:
         return []
     rows = [dict(r.get("metrics") or {}, run=r["name"], args=" ".join(r.get("args", [])),
-                 status=r.get("status"), note=r.get("note"),
+                 status=r.get("status"), note=_run_note(r),
+                 first_steps_s=_first_steps(r.get("metrics") or {}),
                  x_lora_tokens_per_s=r.get("x_lora_tokens_per_s")) for r in runs]
     lines = _table(rows, FINETUNE_COLUMNS)
+    lines += ["", "first_steps_s: the seconds of the run's steps before its first log point, "
+              "each waited for on the device (the one-time costs its average pays: kernel "
+              "loads, graph probe and captures)."]
     if part.get("min_accuracy") is not None:
         lines += ["", f"Sanity floor on the dev accuracy: {part['min_accuracy']}."]
     return lines
+
+
+def _first_steps(metrics: Dict) -> Optional[str]:
+    """The first steps' seconds, in order (records from before 2026-12-05 have none)."""
+    seconds = metrics.get("first_step_seconds")
+    return None if not seconds else " ".join(f"{t:.2f}" for t in seconds)
+
+
+def _run_note(run: Dict) -> Optional[str]:
+    """A main-job run's note, with why a graphed run stepped eagerly when it did."""
+    fallback = (run.get("metrics") or {}).get("cuda_graphs_fallback")
+    notes = [n for n in (run.get("note"), fallback and
+                         f"stepped eagerly: the model could not be captured ({fallback})") if n]
+    return "; ".join(notes) or None
 
 
 def _verdict_table(verdicts) -> List[str]:
