@@ -1,6 +1,12 @@
 """Shared fixtures: a seeded RNG per test, a tiny hand-written model, and the device the Triton
 kernel tests run on.
 
+Kernel tests (those taking the ``kernel_device`` fixture) draw fresh random inputs in every test
+session: their seed mixes the session's seed, random unless ``INCRELORA_TEST_SEED`` gives it,
+with the test's id. The header of the run prints the session's seed, and a failed kernel test
+repeats it, so ``INCRELORA_TEST_SEED=N`` draws the same inputs again. Every other test starts
+from the fixed seed 1234.
+
 Kernel tests run the compiled kernels on a CUDA machine and, without one, the same kernels under
 the Triton interpreter on CPU tensors. Triton decides at decoration time, so ``TRITON_INTERPRET``
 is set here, before any test module imports ``increlora_fast.kernels``.
@@ -8,6 +14,8 @@ is set here, before any test module imports ``increlora_fast.kernels``.
 from __future__ import annotations
 
 import os
+import random
+import zlib
 
 import pytest
 import torch
@@ -18,10 +26,53 @@ if KERNEL_DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def _session_seed() -> int:
+    text = os.environ.get("INCRELORA_TEST_SEED", "").strip()
+    if not text:
+        return random.SystemRandom().randrange(2 ** 31)
+    try:
+        return int(text)
+    except ValueError:
+        raise pytest.UsageError(f"INCRELORA_TEST_SEED={text!r} is invalid: use an integer")
+
+
+SESSION_SEED = _session_seed()
+
+
+def pytest_report_header(config) -> str:
+    return (f"kernel tests draw fresh inputs from seed {SESSION_SEED} "
+            f"(INCRELORA_TEST_SEED={SESSION_SEED} draws them again)")
+
+
+def _draws_fresh_inputs(item) -> bool:
+    return "kernel_device" in getattr(item, "fixturenames", ())
+
+
+def test_seed(item) -> int:
+    """The seed a test starts from (see the module docstring)."""
+    if not _draws_fresh_inputs(item):
+        return 1234
+    return zlib.crc32(f"{SESSION_SEED}:{item.nodeid}".encode())
+
+
+test_seed.__test__ = False  # a helper, not a test
+
+
 @pytest.fixture(autouse=True)
-def _seed() -> None:
-    """Every test draws fresh random numbers, reproducibly."""
-    torch.manual_seed(1234)
+def _seed(request) -> None:
+    """Every test starts from a seeded RNG: kernel tests from a fresh seed each session, the
+    others from a fixed one."""
+    torch.manual_seed(test_seed(request.node))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed kernel test names the session seed that draws its inputs again."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and _draws_fresh_inputs(item):
+        report.sections.append(("random inputs", f"INCRELORA_TEST_SEED={SESSION_SEED} "
+                                f"(this test's seed {test_seed(item)})"))
 
 
 @pytest.fixture(autouse=True)
