@@ -338,9 +338,10 @@ def test_a_replayed_step_issues_only_its_input_copies_step_fills_and_result_copi
 
 
 def _tiny_deberta_run(seed: int):
-    """A tiny DeBERTa-v2 with log-bucketed relative positions, IncreLoRA on its attention:
-    its forward copies a host scalar to the device (``torch.tensor(mid - 1)`` in
-    ``make_log_bucket_position``), which a CUDA capture refuses (H200, 2026-12-05)."""
+    """A tiny DeBERTa-v2 with log-bucketed relative positions, IncreLoRA on its attention. Its
+    forward makes host tensors (``torch.tensor``: the attention scale; the relative positions'
+    ``mid - 1``, copied to the device, which failed the H200's capture on 2026-12-05, before
+    the step runner cached the positions), which the graph emulator's capture refuses."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
     from increlora_fast import IncreLoRAConfig
     from increlora_fast.training.increlora_method import IncreLoRARun
@@ -359,9 +360,10 @@ def _tiny_deberta_run(seed: int):
 
 
 def test_a_model_that_cannot_be_captured_steps_eagerly_after_one_warning():
-    """DeBERTa-v2's forward cannot be captured: before the first capture the runner's probe
-    finds that, warns once, and every step runs eagerly, exactly as a run without graphs
-    (dropout on: the probe's random draws were put back)."""
+    """The tiny DeBERTa-v2's forward cannot be captured under the emulator: before the first
+    capture the runner's probe finds that, warns once, and every step runs eagerly, exactly as
+    a run without graphs (dropout on: the probe's random draws were put back; the cached
+    relative positions change nothing)."""
     generator = torch.Generator().manual_seed(3)
     batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=generator),
                 "attention_mask": torch.ones(4, 12, dtype=torch.long),

@@ -172,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "off) | on (CUDA, --method increlora; pads to --max-seq-len, uses "
                           "fixed input buffers and replays every step but the first two from "
                           "two captured graphs, allocation rounds included) | off. A model "
-                          "whose forward cannot be captured (DeBERTa-v2/v3) steps eagerly "
+                          "whose forward cannot be captured steps eagerly "
                           "after a warning")
     run.add_argument("--threads", type=int, help="torch CPU threads")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

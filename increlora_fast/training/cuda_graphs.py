@@ -33,8 +33,8 @@ undone: `IncreLoRAController.load_update_kernels`), and that state's first step 
 directly. On CUDA every step runs with the parameters' device current.
 
 The model is the user's code, and some models do on every forward what a capture refuses
-(DeBERTa-v2/v3 copies a host scalar to the device for its relative positions; other models
-read a tensor on the host). Before the run's first capture, the runner's ``preload`` is
+(copy host data to the device, as DeBERTa-v2/v3's relative positions do unless the step runner
+caches them, `static_positions`; read a tensor on the host). Before the run's first capture, the runner's ``preload`` is
 captured once into a graph that is never replayed (`GraphedSteps._probe`, without effect on
 the run): when that fails, the run warns once and steps eagerly from then on
 (``GraphedSteps.fallback`` says why; `finetune` records it in ``metrics.json`` as
@@ -351,8 +351,8 @@ class GraphedSteps:
         """Before the run's first capture: ``preload(capture)`` captures the model's forward
         and backward into a graph that is never replayed, without lasting effect
         (`_without_effect`; a capture launches nothing on CUDA). Whether it could be captured.
-        The model is the user's code: where it does what a capture refuses (DeBERTa-v2's
-        relative positions copy a host scalar to the device at every forward), the run gives
+        The model is the user's code: where it does what a capture refuses (a copy of host
+        data to the device, a host read), the run gives
         up its graphs before any step was captured, warns once, and steps eagerly from then on
         (``fallback`` says why). The rest of the step (penalty, clipping, controller,
         optimizer) is this library's, captured in every test; a failure there raises."""

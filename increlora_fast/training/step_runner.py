@@ -33,6 +33,7 @@ from .cuda_graphs import CUDAGraphPool, GraphedSteps, StepGraph
 from .device import Placement
 from .methods import MethodRun
 from .settings import CUDA_GRAPHS
+from .static_positions import cache_relative_positions
 
 
 def resolve_cuda_graphs(text: str, device: torch.device, method: str = "increlora",
@@ -89,7 +90,9 @@ class StepRunner:
             first one's keys, shapes and dtypes. Results are identical to the plain path.
         cuda_graphs: capture the steps in CUDA graphs and replay them
             (`cuda_graphs.GraphedSteps`: allocation rounds and the first steps eager); implies
-            ``static_inputs``; IncreLoRA runs only.
+            ``static_inputs``; IncreLoRA runs only. DeBERTa-style encoders of the model then
+            compute their relative positions once per training shape
+            (`static_positions.cache_relative_positions`).
         graph_factory: makes the graphs (default: a `cuda_graphs.CUDAGraphPool`, the run's
             graphs in one memory pool; tests pass a CPU emulation).
     """
@@ -119,6 +122,9 @@ class StepRunner:
                 raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, the run is on "
                                  f"{self.placement.device}")
             self.graphed = GraphedSteps(run.optimizer, controller, factory)
+            # DeBERTa's encoders rebuild their relative positions with a host-to-device copy
+            # on every forward, which a capture refuses: computed once per training shape
+            cache_relative_positions(run.model)
 
     def inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The batch on the device: moved by the placement, or with ``static_inputs`` copied

@@ -23,8 +23,9 @@ few dozen steps has both phases:
 - ``increlora-graphs``: ours with the whole training step replayed from CUDA graphs by
   `StepRunner` (`training/cuda_graphs.py`); CUDA only (`graphs_status`: elsewhere the method is
   recorded as skipped, with the reason). A model whose forward or backward cannot be captured
-  (DeBERTa-v2/v3: its relative positions copy a host scalar to the device) makes the runner
-  step eagerly (`GraphedSteps.fallback`); its record is then skipped too, naming the reason.
+  makes the runner step eagerly (`GraphedSteps.fallback`); its record is then skipped too,
+  naming the reason (DeBERTa-v3 failed so on 2026-12-05; its relative positions, the op
+  refused then, are now computed once per training shape: `training/static_positions.py`).
 
 A ``ModelPlan`` with ``base_4bit`` loads the preset's base in 4-bit NF4 (`quantized_base`).
 
