@@ -194,6 +194,15 @@ def test_options_that_would_be_ignored_are_refused(argv, needles, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option", ["--task", "--train-file", "--eval-file", "--model"])
+def test_an_empty_name_is_refused(option, tmp_path, capsys, no_data_loading):
+    # an empty --task silently ran the default task; an empty path named the working folder
+    code = _main(["finetune", option, " ", "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, f"{option} ' ' is invalid: it is empty")
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("argv, needles", [
     (["--text-pair-column", "text"], ["--text-pair-column 'text' is invalid",
                                       "same column as --text-column"]),

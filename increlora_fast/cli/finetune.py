@@ -188,6 +188,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
     """The run settings named on the command line."""
+    for option, dest in (("--task", "task"), ("--train-file", "train_file"),
+                         ("--eval-file", "eval_file"), ("--model", "model")):
+        value = getattr(args, dest, None)
+        if isinstance(value, str) and not value.strip():
+            # (an empty --task ran the default task; an empty path named the working folder)
+            raise ValueError(f"{option} {value!r} is invalid: it is empty; give a name or "
+                             "a path, or leave the option out")
     if args.task and args.train_file:
         raise ValueError("give --task or --train-file, not both")
     if getattr(args, "schedule", "default") == "authors" and \
