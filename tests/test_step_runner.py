@@ -408,6 +408,45 @@ def test_the_loop_records_why_its_graphs_fell_back(tiny, monkeypatch):
     assert len(made) == 1 and made[0].replays == 0  # the probe's, never replayed
 
 
+def test_the_probe_leaves_the_exact_step_scores_gradient_as_it_was():
+    """With ``exact_step_score`` a tracked forward and backward add the step's dense gradient
+    into each layer's ``score_grad`` (allocating it when tracking has just turned on): the
+    probe before the first capture, in a tracked state here, must put it back, or the round's
+    scores count the probe's gradient too (the emulator runs the probe's ops; on CUDA a
+    ``score_grad`` allocated inside the probe's capture would hold whatever its pool held)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from increlora_fast import IncreLoRAConfig
+    from increlora_fast.training.increlora_method import IncreLoRARun
+
+    generator = torch.Generator().manual_seed(3)
+    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=generator),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long),
+                "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(12)]
+    results = {}
+    for graphed in (False, True):
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2,
+                            num_attention_heads=2, intermediate_size=32,
+                            max_position_embeddings=32, num_labels=2)
+        adapters = IncreLoRAConfig(target_modules=["query", "value"], r_max=6, init_r=1,
+                                   target_rank=4, init_warmup=1, incre_interval=3, top_h=2,
+                                   modules_to_save=["classifier", "pooler"],
+                                   exact_step_score=True)
+        run = IncreLoRARun.from_config(BertForSequenceClassification(config), adapters, lr=1e-2)
+        assert run.controller.is_tracked(WARMUP_STEPS)  # the probe's step tracks scores
+        runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
+                            graph_factory=EmulatedPool() if graphed else None)
+        losses = [float(runner.step(i, b).task_loss) for i, b in enumerate(batches)]
+        results[graphed] = (losses, [(e["step"], e["module"], e["score"])
+                                     for e in run.controller.allocation_log],
+                            _trainable(run), runner)
+    (plain, plain_log, plain_weights, _), (losses, log, weights, runner) = \
+        results[False], results[True]
+    assert runner.graphed.replays > 0 and runner.graphed.fallback is None
+    assert losses == plain and log == plain_log and len(log) >= 2
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)
+
+
 def test_cuda_graphs_without_cuda_is_refused(tiny):
     _, _, run, _ = build_run(_settings(tiny))
     with pytest.raises(ValueError, match="CUDA graphs need a CUDA device, the run is on cpu"):

@@ -374,11 +374,16 @@ class GraphedSteps:
     def _without_effect(self, tracked: bool) -> Iterator[None]:
         """Run the block (a forward and backward) with the layers' score tracking set to
         ``tracked`` and undo its effects on the run: the random number generators (dropout) are
-        forked, the tracking flags and the layers' score sums put back, the gradients
-        dropped."""
+        forked, the tracking flags and the layers' score sums put back, and with
+        ``exact_step_score`` their dense score gradients (``score_grad``: a tracked backward
+        adds into it, and a tracked forward allocates it where tracking has just turned on;
+        one allocated inside a capture would hold whatever the graph's pool held), the
+        gradients dropped."""
         layers = self.controller.layers
         flags = [layer.score_enabled for layer in layers]
         sums = [layer.score_sum.clone() for layer in layers]
+        score_grads = [layer.score_grad for layer in layers]
+        kept_grads = [None if g is None else g.clone() for g in score_grads]
         devices = sorted({p.device.index for p in self._params() if p.device.type == "cuda"})
         try:
             with torch.random.fork_rng(devices=devices):
@@ -387,9 +392,13 @@ class GraphedSteps:
                 yield
         finally:
             with torch.no_grad():
-                for layer, flag, total in zip(layers, flags, sums):
+                for layer, flag, total, grad, kept in zip(layers, flags, sums, score_grads,
+                                                          kept_grads):
                     layer.score_enabled = flag
                     layer.score_sum.copy_(total)
+                    if grad is not None:
+                        grad.copy_(kept)
+                    layer.score_grad = grad
             self.optimizer.zero_grad(set_to_none=True)
 
     @staticmethod
