@@ -518,6 +518,27 @@ def test_pad_to_is_recorded_and_a_resume_keeps_it(tiny, tmp_path, capsys):
     assert again["train_losses"] == metrics["train_losses"]
 
 
+def test_a_checkpoint_from_before_pad_to_resumes_as_it_started(tiny, tmp_path):
+    """A checkpoint written before ``--pad-to`` and ``--cuda-graphs`` existed (its settings
+    have neither) trained eagerly on batches padded to their longest input; a resume on CUDA
+    must not turn ``--cuda-graphs auto`` on and pad to ``--max-seq-len`` from then on."""
+    from increlora_fast.data.files import file_sha256
+    from increlora_fast.training.checkpoint import (SETTINGS_FILE, STATE_FILE,
+                                                    read_checkpoint_settings, save_checkpoint)
+    s, _, run, _ = build_run(_settings(tiny))
+    folder = save_checkpoint(tmp_path / "checkpoint-0", run, s, LoopState())
+    old = json.loads((folder / SETTINGS_FILE).read_text())
+    del old["pad_to"], old["cuda_graphs"]
+    (folder / SETTINGS_FILE).write_text(json.dumps(old))
+    envelope = torch.load(folder / STATE_FILE, weights_only=True)
+    envelope["files"][SETTINGS_FILE] = file_sha256(folder / SETTINGS_FILE)
+    torch.save(envelope, folder / STATE_FILE)
+    resumed = read_checkpoint_settings(folder)
+    assert resumed.pad_to == "longest"
+    assert resolve_cuda_graphs(resumed.cuda_graphs, torch.device("cuda", 0), resumed.method,
+                               resumed.pad_to) is False
+
+
 def test_the_default_is_longest(tiny, tmp_path):
     out = tmp_path / "run"
     assert cli(_args(tiny, out, "--save-steps", "0")) == 0

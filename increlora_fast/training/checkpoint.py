@@ -158,7 +158,12 @@ def _verified_envelope(directory: Path) -> Dict:
 
 
 def read_checkpoint_settings(directory: Path) -> RunSettings:
-    """The resolved settings a checkpoint was written with (the checkpoint is verified)."""
+    """The resolved settings a checkpoint was written with (the checkpoint is verified).
+
+    A checkpoint without ``pad_to`` was written before ``--pad-to`` existed, by a run that
+    padded each batch to its longest input and stepped eagerly: it reads as ``longest``, so
+    that a resume on CUDA does not resolve ``--cuda-graphs auto`` to graphs and pad to
+    ``--max-seq-len`` from then on (`step_runner.resolve_cuda_graphs`)."""
     directory = Path(directory)
     path = directory / SETTINGS_FILE
     if not path.is_file() or not (directory / STATE_FILE).is_file():
@@ -166,9 +171,12 @@ def read_checkpoint_settings(directory: Path) -> RunSettings:
                                 f"`increlora-fast finetune` (no {SETTINGS_FILE} / {STATE_FILE})")
     _verified_envelope(directory)
     try:
-        return RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        settings = RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path} is not a valid settings file: {err}") from err
+    if settings.pad_to is None:
+        settings.pad_to = "longest"
+    return settings
 
 
 def load_checkpoint(directory: Path, run: MethodRun,
