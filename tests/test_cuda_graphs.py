@@ -476,3 +476,102 @@ def test_graphed_steps_run_on_the_parameters_cuda_device(monkeypatch):
     assert seen == [(0, True), (1, True)] and entered == [1, 1]
     GraphedSteps(optimizer, None, EmulatedPool()).step(2, None, None)
     assert seen[-1] == (2, False) and entered == [1, 1]
+
+
+def _probed_steps(make_tiny_net, preload, steps: int = 4):
+    """A few steps of the tiny net through `GraphedSteps` with emulated graphs and ``preload``
+    as the step runner's forward and backward without effect."""
+    model, optimizer, controller, data, (x, y) = _setup(make_tiny_net, "cpu")
+    graphed = GraphedSteps(optimizer, controller, EmulatedPool())
+    params = [p for p in model.parameters() if p.requires_grad]
+    for step, (bx, by) in enumerate(data[:steps]):
+        x.copy_(bx)
+        y.copy_(by)
+
+        def first():
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            controller.step(step)
+            return (loss.detach(),)
+
+        def second(zero_grad: bool, first_outputs=None) -> None:
+            optimizer.step()
+            if zero_grad:
+                optimizer.zero_grad(set_to_none=True)
+        graphed.step(step, first, second, preload=lambda capture=None: preload(model, x,
+                                                                               capture))
+    return graphed
+
+
+def test_only_an_error_inside_the_probes_capture_falls_back(make_tiny_net):
+    """The probe falls back to eager steps (warning, ``fallback`` naming the cause) on an
+    error raised inside its capture; an error its caller raises outside the capture (the
+    preload's own checks) propagates."""
+    def refused_inside(model, x, capture):
+        with capture or contextlib.nullcontext():
+            model(x).sum().backward()
+            if capture is not None:
+                raise RuntimeError("operation not permitted when stream is capturing")
+
+    with pytest.warns(RuntimeWarning, match="cannot be captured"):
+        graphed = _probed_steps(make_tiny_net, refused_inside)
+    assert graphed.fallback == "RuntimeError: operation not permitted when stream is capturing"
+    assert graphed.captures == graphed.replays == 0
+
+    def failing_check(model, x, capture):
+        with capture or contextlib.nullcontext():
+            model(x).sum().backward()
+        if capture is not None:
+            raise RuntimeError("the preload changed a slot buffer")
+    with pytest.raises(RuntimeError, match="changed a slot buffer"):
+        _probed_steps(make_tiny_net, failing_check)
+
+
+def test_the_capture_failure_names_the_first_error_and_its_capture_line():
+    from increlora_fast.training.cuda_graphs import capture_failure
+    script = RuntimeError("The following operation failed in the TorchScript interpreter.\n"
+                          "Traceback of TorchScript (most recent call last):\n"
+                          "  File \"modeling.py\", line 62\n"
+                          "RuntimeError: Cannot copy between CPU and CUDA tensors during CUDA "
+                          "graph capture unless the CPU tensor is pinned.\n")
+    try:  # torch.cuda.graph's exit raises again when the capture is invalid
+        try:
+            raise script
+        except RuntimeError:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during "
+                               "capture\nCUDA kernel errors might be asynchronously reported\n"
+                               "Compile with `TORCH_USE_CUDA_DSA` to enable device-side "
+                               "assertions.")
+    except RuntimeError as error:
+        got = capture_failure(error)
+    assert got.startswith("RuntimeError: RuntimeError: Cannot copy between CPU and CUDA")
+    cuda = RuntimeError("CUDA error: operation not permitted when stream is capturing\n"
+                        "Compile with `TORCH_USE_CUDA_DSA` to enable device-side assertions.")
+    assert capture_failure(cuda) == ("RuntimeError: CUDA error: operation not permitted when "
+                                     "stream is capturing")
+    assert capture_failure(ValueError("first\nlast")) == "ValueError: last"
+    assert capture_failure(MemoryError()) == "MemoryError"
+
+
+def test_a_failed_capture_gives_the_cuda_generators_a_copy_of_their_state(monkeypatch):
+    """After a failed probe on CUDA each device's default generator gets a copy of its state
+    (a state some torch releases leave tied to the failed capture)."""
+    from increlora_fast.training import cuda_graphs
+
+    class Generator:
+        def __init__(self):
+            self.state, self.calls = "tied to the capture", []
+
+        def clone_state(self):
+            self.calls.append("clone")
+            return "a copy"
+
+        def graphsafe_set_state(self, state):
+            self.calls.append(("set", state))
+            self.state = state
+    generators = [Generator(), Generator(), Generator()]
+    monkeypatch.setattr(torch.cuda, "default_generators", generators)
+    cuda_graphs.reset_cuda_rng_capture_state([0, 2])
+    assert [g.state for g in generators] == ["a copy", "tied to the capture", "a copy"]
+    assert generators[0].calls == ["clone", ("set", "a copy")]

@@ -58,7 +58,8 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Set, Tuple
+from typing import (Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Sequence,
+                    Set, Tuple)
 
 import torch
 
@@ -349,26 +350,43 @@ class GraphedSteps:
 
     def _probe(self, tracked: bool, preload: Callable[..., None]) -> bool:
         """Before the run's first capture: ``preload(capture)`` captures the model's forward
-        and backward into a graph that is never replayed, without lasting effect
-        (`_without_effect`; a capture launches nothing on CUDA). Whether it could be captured.
-        The model is the user's code: where it does what a capture refuses (a copy of host
-        data to the device, a host read), the run gives
-        up its graphs before any step was captured, warns once, and steps eagerly from then on
-        (``fallback`` says why). The rest of the step (penalty, clipping, controller,
-        optimizer) is this library's, captured in every test; a failure there raises."""
+        (the penalty included) and backward into a graph that is never replayed, without
+        lasting effect (`_without_effect`; a capture launches nothing on CUDA). Whether it
+        could be captured. The model is the user's code: where it does what a capture refuses
+        (a copy of host data to the device, a host read; or the capture runs out of memory),
+        the run gives up its graphs before any step was captured, warns, and steps eagerly from
+        then on (``fallback`` says why, `capture_failure`). Only an error raised inside the
+        capture counts; the preload's own checks, and the rest of the step (clipping,
+        controller, optimizer), raise as they would without the probe."""
         graph = self.graph_factory()
+        raised: List[BaseException] = []
+
+        @contextlib.contextmanager
+        def capture() -> Iterator[None]:
+            try:
+                with graph.capture():
+                    yield
+            except Exception as error:
+                raised.append(error)
+                raise
         try:
             with self._without_effect(tracked):
-                preload(graph.capture())
-        except Exception as error:  # what the model's forward or backward did in the capture
-            lines = str(error).strip().splitlines() or [type(error).__name__]
-            self.fallback = f"{type(error).__name__}: {lines[-1].strip()}"
+                preload(capture())
+        except Exception as error:
+            if not raised or raised[0] is not error:
+                raise
+            if self._cuda:
+                reset_cuda_rng_capture_state(self._cuda_devices())
+            self.fallback = capture_failure(error)
             warnings.warn(f"CUDA graphs: the model's forward and backward cannot be captured "
                           f"({self.fallback}); the run goes on with eager steps",
                           RuntimeWarning, stacklevel=4)
             return False
         self._probed = True
         return True
+
+    def _cuda_devices(self) -> List[int]:
+        return sorted({p.device.index for p in self._params() if p.device.type == "cuda"})
 
     @contextlib.contextmanager
     def _without_effect(self, tracked: bool) -> Iterator[None]:
@@ -384,9 +402,8 @@ class GraphedSteps:
         sums = [layer.score_sum.clone() for layer in layers]
         score_grads = [layer.score_grad for layer in layers]
         kept_grads = [None if g is None else g.clone() for g in score_grads]
-        devices = sorted({p.device.index for p in self._params() if p.device.type == "cuda"})
         try:
-            with torch.random.fork_rng(devices=devices):
+            with torch.random.fork_rng(devices=self._cuda_devices()):
                 for layer in layers:
                     layer.score_enabled = tracked
                 yield
@@ -449,6 +466,40 @@ class GraphedSteps:
                 or not torch.cuda.is_available():
             return contextlib.nullcontext()
         return on_side_stream()
+
+
+# Lines of torch's CUDA error messages that say nothing about the cause.
+_BOILERPLATE = ("CUDA kernel errors might", "For debugging consider", "Compile with",
+                "Traceback", "File ", "Search for `cuda")
+
+
+def capture_failure(error: BaseException) -> str:
+    """What made a capture fail, in one line: the first error of ``error``'s chain (when the
+    capture's end raised too, torch's "operation failed due to a previous error during
+    capture" hides the model's own error in ``__context__``), named by its type and its line
+    that mentions the capture, else its last informative line (TorchScript puts the cause
+    last; CUDA errors end with advice on compiling torch)."""
+    chain = [error]
+    while chain[-1].__context__ is not None and chain[-1].__context__ not in chain \
+            and len(chain) < 8:
+        chain.append(chain[-1].__context__)
+    first = chain[-1]
+    lines = [line.strip() for line in str(first).splitlines() if line.strip()
+             and not line.strip().startswith(_BOILERPLATE)]
+    line = next((ln for ln in lines if "captur" in ln.lower()), lines[-1] if lines else "")
+    return f"{type(first).__name__}: {line}" if line else type(first).__name__
+
+
+def reset_cuda_rng_capture_state(devices: Sequence[int]) -> None:
+    """After a failed capture: give the default CUDA generators of ``devices`` a copy of their
+    state (the same seed and offset). Torch releases a generator from a capture only when the
+    capture ends cleanly; after one that failed, some torch releases refuse the generator's
+    next eager use ("Offset increment outside graph capture encountered unexpectedly"), which
+    would break the eager steps of a run with dropout that fell back. A copy is not tied to
+    the capture."""
+    for index in devices:
+        generator = torch.cuda.default_generators[index]
+        generator.graphsafe_set_state(generator.clone_state())
 
 
 @contextlib.contextmanager
