@@ -112,7 +112,8 @@ def test_without_cuda_every_precision_is_skipped_with_its_reason():
         assert r["status"] == "skipped" and r["note"].startswith("skipped: needs CUDA")
         assert r["ok"] is None and r["max_param_diff"] is None and r["replays"] is None
         assert r["device_type"] == "cpu"
-    assert len(logged) == 3 and all("needs CUDA" in line for line in logged)
+    assert part["fallback"]["status"] == "skipped" and part["fallback"]["check"] == "fallback"
+    assert len(logged) == 4 and all("needs CUDA" in line for line in logged)
 
 
 def test_a_precision_that_raises_or_disagrees_fails_the_part(monkeypatch):
@@ -156,3 +157,18 @@ def test_the_part_runs_second_and_has_a_table():
         "CUDA |" in text
     assert "| fp16 | ok | 16 | 4 | 2 | True | 0 | 0 | 0.001 | 65,536 | 65,536 | 5 | 1 | - |" \
         in text
+
+
+def test_a_model_that_cannot_be_captured_falls_back_and_equals_the_eager_run():
+    """The graphs part's fallback check under the emulator: the host read in the head refuses
+    the capture, the run warns, steps eagerly (dropout on) and equals the eager run exactly."""
+    record = graphs.fallback_agreement(CPU, graph_factory=EmulatedPool())
+    assert record["status"] == "ok" and record["ok"] is True, record
+    assert record["replays"] == 0 and record["captures"] == 0
+    assert record["max_param_diff"] == 0 and record["max_loss_diff"] == 0
+    assert "fell back" in record["note"] and "host read" in record["note"]
+    lines = graphs_section({"records": [graphs.skipped(CPU, "fp32", 16, "skipped: x")],
+                            "fallback": record})
+    assert any("cannot be captured" in line and "**ok**" in line for line in lines)
+    skipped = graphs.fallback_agreement(CPU)
+    assert skipped["status"] == "skipped" and "needs CUDA" in skipped["note"]

@@ -10,6 +10,12 @@ that steps overflow and back off all through the run: the skip path of `IncreLoR
 (``_step_supports_amp_scaling``) and the scale the controller reads on the device
 (`device_scalar.grad_scaler_scale`) run inside replays.
 
+Then the fallback (`fallback_agreement`): the same tiny BERT with dropout and a host read in its
+classifier's forward, which no capture allows, trained with ``cuda_graphs=True`` must warn,
+step eagerly and equal the eager run exactly. On a GPU that shows what the CPU emulator cannot:
+that a capture which fails inside CUDA leaves the process, its memory pools and its random
+number generator (dropout) fit for eager steps.
+
 Without CUDA (and without a ``graph_factory``, as tests pass the CPU graph emulator) every
 precision is recorded as skipped, with the reason, never with numbers.
 """
@@ -36,14 +42,15 @@ FP16_INIT_SCALE, FP16_GROWTH_INTERVAL = 2.0 ** 22, 1
 BATCH, SEQ_LEN, VOCAB = 8, 16, 64
 
 
-def tiny_bert(device: torch.device, seed: int = 0) -> torch.nn.Module:
-    """A 2-layer, 32-wide random BERT classifier (2 labels) without dropout, on ``device``."""
+def tiny_bert(device: torch.device, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
+    """A 2-layer, 32-wide random BERT classifier (2 labels), without dropout unless given, on
+    ``device``."""
     from transformers import BertConfig, BertForSequenceClassification
 
     config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
                         num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=SEQ_LEN, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, num_labels=2)
+                        max_position_embeddings=SEQ_LEN, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout, num_labels=2)
     torch.manual_seed(seed)
     return BertForSequenceClassification(config).to(device).train()
 
@@ -74,16 +81,27 @@ def tiny_config(steps: int):
                            modules_to_save=["classifier"])
 
 
+def _host_read(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """A forward hook that reads its output on the host, as some models do: a CUDA capture
+    refuses it (the stream synchronizes), eager steps are unchanged."""
+    return out + 0.0 * float(out.detach().sum())
+
+
 def train_tiny(device: torch.device, precision: str, steps: int, cuda_graphs: bool,
-               graph_factory: Optional[Callable] = None) -> Dict[str, object]:
+               graph_factory: Optional[Callable] = None, dropout: float = 0.0,
+               host_read: bool = False) -> Dict[str, object]:
     """One run: per-step task losses, trainable parameters, rank pattern, the GradScaler's scale
-    after each step (fp16; read between steps) and the runner's graph counters."""
+    after each step (fp16; read between steps) and the runner's graph counters. ``dropout``:
+    the BERT's dropout; ``host_read``: its classifier reads its output on the host
+    (`_host_read`)."""
     from ...training.device import Placement
     from ...training.increlora_method import IncreLoRARun
     from ...training.step_runner import StepRunner
 
-    method = IncreLoRARun.from_config(tiny_bert(device), tiny_config(steps), lr=1e-2,
-                                      weight_decay=0.01)
+    model = tiny_bert(device, dropout=dropout)
+    if host_read:
+        model.classifier.register_forward_hook(_host_read)
+    method = IncreLoRARun.from_config(model, tiny_config(steps), lr=1e-2, weight_decay=0.01)
     placement = Placement(device, precision)
     if precision == "fp16":
         placement.scaler = torch.amp.GradScaler(device.type, init_scale=FP16_INIT_SCALE,
@@ -93,6 +111,7 @@ def train_tiny(device: torch.device, precision: str, steps: int, cuda_graphs: bo
     losses, scales, replayed = [], [], []  # replayed: whether each step was a replay
     with warnings.catch_warnings():  # overflowed fp16 steps leave non-finite scores, on purpose
         warnings.filterwarnings("ignore", message=".*non-finite importance scores")
+        warnings.filterwarnings("ignore", message="CUDA graphs: .* cannot be captured")
         for step, batch in enumerate(tiny_batches(steps)):
             before = runner.graphed.replays if runner.graphed is not None else 0
             losses.append(runner.step(step, batch).task_loss)
@@ -212,6 +231,39 @@ def graph_agreement(device: torch.device, precision: str, steps: int = GRAPH_STE
     return record
 
 
+def fallback_agreement(device: torch.device, steps: int = GRAPH_STEPS,
+                       graph_factory: Optional[Callable] = None) -> Dict[str, object]:
+    """The tiny BERT with dropout 0.1 and a host read in its classifier (`_host_read`), trained
+    ``steps`` steps in fp32 eagerly and with ``cuda_graphs=True``: ``ok`` when the graphed run
+    gave its graphs up (``fallback``, the reason in ``note``), replayed nothing and equals the
+    eager run exactly (parameters, per-step losses, rank pattern). Skipped off CUDA without a
+    ``graph_factory``."""
+    record: Dict[str, object] = {
+        "precision": "fp32", "check": "fallback", "steps": steps, "device": str(device),
+        "device_type": device.type}
+    if graph_factory is None and device.type != "cuda":
+        return dict(record, status="skipped", ok=None, replays=None,
+                    note="skipped: needs CUDA (a capture that fails there)")
+    eager = train_tiny(device, "fp32", steps, cuda_graphs=False, dropout=0.1, host_read=True)
+    graphed = train_tiny(device, "fp32", steps, cuda_graphs=True, graph_factory=graph_factory,
+                         dropout=0.1, host_read=True)
+    names = sorted(eager["params"])
+    param_diff, _ = _max_diff([graphed["params"][n] for n in names],
+                              [eager["params"][n] for n in names])
+    loss_diff, _ = _max_diff([graphed["losses"]], [eager["losses"]])
+    problems = [] if graphed["fallback"] else ["the graphed run did not fall back"]
+    problems += [] if graphed["replays"] == 0 else [f"{graphed['replays']} steps replayed"]
+    problems += [] if graphed["ranks"] == eager["ranks"] else ["rank patterns differ"]
+    problems += [f"{what} differ by {diff:.3g}" for what, diff in
+                 (("parameters", param_diff), ("losses", loss_diff)) if diff != 0]
+    return dict(record, status="ok" if not problems else "failed", ok=not problems,
+                replays=graphed["replays"], captures=graphed["captures"],
+                ranks_equal=graphed["ranks"] == eager["ranks"], max_param_diff=param_diff,
+                max_loss_diff=loss_diff, tol=0.0,
+                note="; ".join(problems + [f"fell back: {graphed['fallback']}"]
+                               if graphed["fallback"] else problems) or None)
+
+
 def check_graphs(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
                  graph_factory: Optional[Callable] = None,
                  precisions: Sequence[str] = PRECISIONS) -> Dict[str, object]:
@@ -236,6 +288,15 @@ def check_graphs(device: torch.device, plan: CheckPlan, env: Dict, log: Callable
                 + (f", {record['overflows']} overflows ({record['overflows_replayed']} "
                    "replayed)" if record.get("overflows") is not None else "")
                 + (f" ({record['note']})" if record["note"] else ""))
-    bad = [r for r in records if r["status"] != "skipped" and not r["ok"]]
-    return {"records": records,
-            "error": "; ".join(f"{r['precision']}: {r['note']}" for r in bad) or None}
+    try:
+        fallback = fallback_agreement(device, steps, graph_factory)
+    except Exception as err:  # the eager steps after a failed capture may fail on this GPU
+        log(traceback.format_exc())
+        fallback = {"precision": "fp32", "check": "fallback", "steps": steps,
+                    "device": str(device), "device_type": device.type, "status": "failed",
+                    "ok": False, "replays": None, "note": f"{type(err).__name__}: {err}"}
+    log(f"graphs fallback: {fallback['status']} ({fallback['note']})")
+    bad = [r for r in records + [fallback] if r["status"] != "skipped" and not r["ok"]]
+    return {"records": records, "fallback": fallback,
+            "error": "; ".join(f"{r.get('check', r['precision'])}: {r['note']}"
+                               for r in bad) or None}

@@ -117,7 +117,15 @@ def graphs_section(part: Dict) -> List[str]:
              "per-step losses; tol: relative to max(1, the eager magnitude); steps neither "
              "replayed nor captured ran eagerly: 2 warm-up steps expected, the other tracking "
              "state's kernels preloaded).", ""]
-    return lines + _table(records, GRAPHS_COLUMNS)
+    lines += _table(records, GRAPHS_COLUMNS)
+    fallback = part.get("fallback")
+    if fallback:
+        lines += ["", "A model whose forward cannot be captured (dropout, a host read in its "
+                  f"head; fp32) against its eager run: **{fallback.get('status')}** "
+                  f"({fallback.get('note') or 'no note'}; {fallback.get('replays')} replays, "
+                  f"differences: parameters {_cell(fallback.get('max_param_diff'))}, losses "
+                  f"{_cell(fallback.get('max_loss_diff'))})."]
+    return lines
 
 
 def layer_section(part: Dict) -> List[str]:
