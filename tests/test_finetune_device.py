@@ -206,6 +206,38 @@ def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path
     assert dataclasses.asdict(base)["device"] == "cpu"
 
 
+def test_compare_pads_every_method_as_the_graphed_one(tiny, tmp_path, monkeypatch):
+    """When ``--cuda-graphs auto`` graphs IncreLoRA (here: the choice made CUDA's), every
+    method of the comparison pads to --max-seq-len; a padding given, or no graphed method,
+    leaves each run its own."""
+    from increlora_fast.training import compare
+    from increlora_fast.training.settings import RunSettings
+
+    base = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
+                       eval_file=tiny["dev"], device="cpu")
+    said = []
+    assert compare.with_shared_padding(base, ["increlora", "lora"], said.append) is base
+    monkeypatch.setattr(compare, "uses_cuda_graphs", lambda s: s.method == "increlora")
+    shared = compare.with_shared_padding(base, ["increlora", "lora"], said.append)
+    assert shared.pad_to == "max_length" and "--pad-to max_length" in said[-1]
+    assert compare.with_shared_padding(base, ["lora", "adalora"], said.append) is base
+    given = RunSettings(**dict(base.to_dict(), pad_to="longest"))
+    assert compare.with_shared_padding(given, ["increlora", "lora"], said.append) is given
+    calls = []
+
+    def fake_run(s, run_dir, progress=True, overwrite=False):
+        calls.append((s.method, s.pad_to))
+        return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
+                "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,
+                "train_examples": 64, "eval_examples": 24, "method_settings": {},
+                "train_seconds": 1.0}
+    monkeypatch.setattr(compare, "run_finetune", fake_run)
+    monkeypatch.setattr(compare, "format_table", lambda report: "table")
+    compare.compare_methods(base, ["increlora", "lora"], [1e-3], 1, str(tmp_path / "cmp"),
+                            progress=False, echo=lambda line: None)
+    assert calls and {pad for _, pad in calls} == {"max_length"}
+
+
 def test_runs_without_matplotlib(tiny, tmp_path, monkeypatch):
     """A bare CUDA image may lack matplotlib: the run still writes everything but the PNG."""
     import sys

@@ -77,6 +77,21 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
     return run_finetune(s, str(run_dir), progress=progress, overwrite=overwrite)
 
 
+def with_shared_padding(base: RunSettings, methods: Sequence[str],
+                        echo: Callable[[str], None] = print) -> RunSettings:
+    """``base`` with ``--pad-to max_length`` when it leaves the padding to each run and one of
+    ``methods`` replays its steps from CUDA graphs here (``--cuda-graphs auto`` on CUDA graphs
+    IncreLoRA, whose batches then pad to ``--max-seq-len``): every method of the comparison
+    then trains on the same batches, not the graphed one on padded batches and its peers on
+    batches cut to their longest input."""
+    if base.pad_to is not None or \
+            not any(uses_cuda_graphs(dataclasses.replace(base, method=m)) for m in methods):
+        return base
+    echo("[compare] every method pads its batches to --max-seq-len (--pad-to max_length), as "
+         "the IncreLoRA steps replayed from CUDA graphs need")
+    return dataclasses.replace(base, pad_to="max_length")
+
+
 def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], seeds: int,
                     output_dir: str, progress: bool = True,
                     echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
@@ -90,6 +105,7 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
     for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
         validate(dataclasses.replace(base, method=method))
+    base = with_shared_padding(base, methods, echo)
     with OutputLock(out, shared=True):
         check_writable(out)
         return _compare(base, methods, lrs, seeds, out, progress, echo, overwrite)
