@@ -438,10 +438,18 @@ class IncreLoRAController:
             layer.retire_reserve()
         self.budget_reached = True
 
+    def passes_track(self, tracked: bool) -> bool:
+        """Whether the layers track scores in the forward and backward passes of a step whose
+        `is_tracked` is ``tracked``: only the exact ``delta_w`` score is taken in the passes (the
+        triplet score reads ``.grad`` after them, the random one takes none). A caller that
+        runs passes of a tracking state itself (`training.cuda_graphs.GraphedSteps`) sets the
+        layers' ``score_enabled`` to this, so they launch what the state's steps launch."""
+        return tracked and self.config.score == "delta_w"
+
     def _set_tracking(self, on: bool) -> None:
-        """Switch the layers' score tracking; buffers are released (the dense G of exact-step
-        mode freed) whenever tracking turns on or off."""
-        on = on and self.config.score == "delta_w"
+        """Switch the layers' score tracking (`passes_track`); buffers are released (the dense
+        G of exact-step mode freed) whenever tracking turns on or off."""
+        on = self.passes_track(on)
         for layer in self.layers:
             if layer.score_enabled != on or layer.exact_step_score != self.exact_step_score:
                 layer.release_score_buffers()

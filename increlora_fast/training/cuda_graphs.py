@@ -339,8 +339,8 @@ class GraphedSteps:
         return self._cache_epochs() == epochs
 
     def _preload(self, tracked: bool, preload: Callable[..., None]) -> None:
-        """Run ``preload`` (forward and backward) once with the layers' score tracking set to
-        ``tracked``, without lasting effect (`_without_effect`). It loads the kernels of that
+        """Run ``preload`` (forward and backward) once in tracking state ``tracked``, without
+        lasting effect (`_without_effect`). It loads the kernels of that
         tracking state (CUDA cannot load one while capturing), so the state's first step can
         be captured at once instead of run eagerly: an eager step after a capture holds its
         activations beside the graph pool's, one step's activations more than a replay."""
@@ -390,9 +390,11 @@ class GraphedSteps:
 
     @contextlib.contextmanager
     def _without_effect(self, tracked: bool) -> Iterator[None]:
-        """Run the block (a forward and backward) with the layers' score tracking set to
-        ``tracked`` and undo its effects on the run: the random number generators (dropout) are
-        forked, the tracking flags and the layers' score sums put back, and with
+        """Run the block (a forward and backward) with the layers' score tracking set as the
+        steps of tracking state ``tracked`` have it (`IncreLoRAController.passes_track`: off
+        whatever the state with a score taken outside the passes, whose runs never load the
+        tracking kernels) and undo its effects on the run: the random number generators
+        (dropout) are forked, the tracking flags and the layers' score sums put back, and with
         ``exact_step_score`` their dense score gradients (``score_grad``: a tracked backward
         adds into it, and a tracked forward allocates it where tracking has just turned on;
         one allocated inside a capture would hold whatever the graph's pool held), the
@@ -402,10 +404,11 @@ class GraphedSteps:
         sums = [layer.score_sum.clone() for layer in layers]
         score_grads = [layer.score_grad for layer in layers]
         kept_grads = [None if g is None else g.clone() for g in score_grads]
+        on = self.controller.passes_track(tracked)
         try:
             with torch.random.fork_rng(devices=self._cuda_devices()):
                 for layer in layers:
-                    layer.score_enabled = tracked
+                    layer.score_enabled = on
                 yield
         finally:
             with torch.no_grad():
