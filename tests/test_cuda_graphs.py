@@ -58,7 +58,8 @@ def _train(make_tiny_net, device, graph_factory=None, break_step_sync=False,
                 graphed=graphed)
 
 
-def _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit=None) -> None:
+def _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit=None,
+           preload=None) -> None:
     for step, (bx, by) in enumerate(data):
         if edit is not None:  # a change made between steps, in both runs alike
             edit(step, model)
@@ -80,7 +81,7 @@ def _steps(model, optimizer, controller, data, x, y, params, graphed, losses, ed
             out = first()
             second(True)
         else:
-            out = graphed.step(step, first, second)
+            out = graphed.step(step, first, second, preload=preload)
         losses.append(out[0])
 
 
@@ -484,23 +485,8 @@ def _probed_steps(make_tiny_net, preload, steps: int = 4):
     model, optimizer, controller, data, (x, y) = _setup(make_tiny_net, "cpu")
     graphed = GraphedSteps(optimizer, controller, EmulatedPool())
     params = [p for p in model.parameters() if p.requires_grad]
-    for step, (bx, by) in enumerate(data[:steps]):
-        x.copy_(bx)
-        y.copy_(by)
-
-        def first():
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            controller.step(step)
-            return (loss.detach(),)
-
-        def second(zero_grad: bool, first_outputs=None) -> None:
-            optimizer.step()
-            if zero_grad:
-                optimizer.zero_grad(set_to_none=True)
-        graphed.step(step, first, second, preload=lambda capture=None: preload(model, x,
-                                                                               capture))
+    _steps(model, optimizer, controller, data[:steps], x, y, params, graphed, [],
+           preload=lambda capture=None: preload(model, x, capture))
     return graphed
 
 

@@ -181,6 +181,18 @@ def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny, tmp_path):
     assert fresh.scaler.state_dict() == saved
 
 
+def _fake_run(calls: list, key):
+    """A stand-in for `run_finetune` in a comparison: records ``key(settings)`` of each run
+    and returns the metrics a comparison reads."""
+    def run(s, run_dir, progress=True, overwrite=False):
+        calls.append(key(s))
+        return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
+                "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,
+                "train_examples": 64, "eval_examples": 24, "method_settings": {},
+                "train_seconds": 1.0}
+    return run
+
+
 def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path, monkeypatch):
     import dataclasses
 
@@ -189,13 +201,8 @@ def test_compare_runs_every_peer_on_the_same_device_and_precision(tiny, tmp_path
 
     calls = []
 
-    def fake_run(s, run_dir, progress=True, overwrite=False):
-        calls.append((s.method, s.device, s.precision))
-        return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
-                "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,
-                "train_examples": 64, "eval_examples": 24, "method_settings": {},
-                "train_seconds": 1.0}
-    monkeypatch.setattr(compare, "run_finetune", fake_run)
+    monkeypatch.setattr(compare, "run_finetune", _fake_run(
+        calls, lambda s: (s.method, s.device, s.precision)))
     monkeypatch.setattr(compare, "format_table", lambda report: "table")
     base = RunSettings(model=tiny["model"], task=None, train_file=tiny["train"],
                        eval_file=tiny["dev"], device="cpu", precision="bf16")
@@ -225,13 +232,8 @@ def test_compare_pads_every_method_as_the_graphed_one(tiny, tmp_path, monkeypatc
     assert compare.with_shared_padding(given, ["increlora", "lora"], said.append) is given
     calls = []
 
-    def fake_run(s, run_dir, progress=True, overwrite=False):
-        calls.append((s.method, s.pad_to))
-        return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
-                "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,
-                "train_examples": 64, "eval_examples": 24, "method_settings": {},
-                "train_seconds": 1.0}
-    monkeypatch.setattr(compare, "run_finetune", fake_run)
+    monkeypatch.setattr(compare, "run_finetune", _fake_run(calls, lambda s: (s.method,
+                                                                          s.pad_to)))
     monkeypatch.setattr(compare, "format_table", lambda report: "table")
     compare.compare_methods(base, ["increlora", "lora"], [1e-3], 1, str(tmp_path / "cmp"),
                             progress=False, echo=lambda line: None)

@@ -337,6 +337,14 @@ def test_a_replayed_step_issues_only_its_input_copies_step_fills_and_result_copi
     assert HostReads.count(lambda: runner.step(7, batch)) == []
 
 
+def _token_batches(n: int) -> List[dict]:
+    """``n`` seeded batches of 4 unpadded 12-token rows over a 64-token vocabulary, 2 labels."""
+    generator = torch.Generator().manual_seed(3)
+    return [{"input_ids": torch.randint(0, 64, (4, 12), generator=generator),
+             "attention_mask": torch.ones(4, 12, dtype=torch.long),
+             "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(n)]
+
+
 def _tiny_deberta_run(seed: int):
     """A tiny DeBERTa-v2 with log-bucketed relative positions, IncreLoRA on its attention. Its
     forward makes host tensors (``torch.tensor``: the attention scale; the relative positions'
@@ -364,10 +372,7 @@ def test_a_model_that_cannot_be_captured_steps_eagerly_after_one_warning():
     capture the runner's probe finds that, warns once, and every step runs eagerly, exactly as
     a run without graphs (dropout on: the probe's random draws were put back; the cached
     relative positions change nothing)."""
-    generator = torch.Generator().manual_seed(3)
-    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=generator),
-                "attention_mask": torch.ones(4, 12, dtype=torch.long),
-                "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(8)]
+    batches = _token_batches(8)
     results = {}
     for graphed in (False, True):
         run = _tiny_deberta_run(seed=0)
@@ -418,10 +423,7 @@ def test_the_probe_leaves_the_exact_step_scores_gradient_as_it_was():
     from increlora_fast import IncreLoRAConfig
     from increlora_fast.training.increlora_method import IncreLoRARun
 
-    generator = torch.Generator().manual_seed(3)
-    batches = [{"input_ids": torch.randint(0, 64, (4, 12), generator=generator),
-                "attention_mask": torch.ones(4, 12, dtype=torch.long),
-                "labels": torch.randint(0, 2, (4,), generator=generator)} for _ in range(12)]
+    batches = _token_batches(12)
     results = {}
     for graphed in (False, True):
         torch.manual_seed(0)
