@@ -34,9 +34,10 @@ directly. On CUDA every step runs with the parameters' device current.
 
 The model is the user's code, and some models do on every forward what a capture refuses
 (copy host data to the device, as DeBERTa-v2/v3's relative positions do unless the step runner
-caches them, `static_positions`; read a tensor on the host). Before the run's first capture, the runner's ``preload`` is
-captured once into a graph that is never replayed (`GraphedSteps._probe`, without effect on
-the run): when that fails, the run warns once and steps eagerly from then on
+caches them, `static_positions`; read a tensor on the host). Before the run's first capture,
+the runner's ``preload`` is captured once into a graph that is never replayed
+(`GraphedSteps._probe`, without effect on the run): when that fails, the run warns and steps
+eagerly from then on
 (``GraphedSteps.fallback`` says why; `finetune` records it in ``metrics.json`` as
 ``cuda_graphs_fallback``), so ``--cuda-graphs`` never stops a run that trains eagerly.
 
@@ -208,7 +209,6 @@ class GraphedSteps:
         # Why the run gave up its graphs and steps eagerly (`_probe`: the model's forward or
         # backward cannot be captured), or None.
         self.fallback: Optional[str] = None
-        self._probed = False
 
     def step(self, step: int, first: Callable[[], StepOutputs],
              second: Callable[..., None],
@@ -269,7 +269,7 @@ class GraphedSteps:
                     and not self._exact_step_score() and self._tracking_possible():
                 self._preload(not tracked, preload)
             return outputs
-        if entry is None and not self._probed and preload is not None \
+        if entry is None and self.captures == 0 and preload is not None \
                 and not self._probe(tracked, preload):
             return self._eager(step, first, second)
         self.optimizer.sync_device_step()
@@ -382,7 +382,6 @@ class GraphedSteps:
                           f"({self.fallback}); the run goes on with eager steps",
                           RuntimeWarning, stacklevel=4)
             return False
-        self._probed = True
         return True
 
     def _cuda_devices(self) -> List[int]:

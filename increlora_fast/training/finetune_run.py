@@ -192,10 +192,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def uses_cuda_graphs(settings: RunSettings) -> bool:
-    """Whether a run of ``settings`` replays its steps from CUDA graphs on this machine
-    (``--cuda-graphs`` resolved for ``--device``); raises ValueError as they do."""
-    return resolve_cuda_graphs(settings.cuda_graphs, resolve_device(settings.device),
+def uses_cuda_graphs(settings: RunSettings, device: Optional[torch.device] = None) -> bool:
+    """Whether a run of ``settings`` replays its steps from CUDA graphs on ``device`` (default:
+    ``--device`` resolved on this machine); raises ValueError as they do."""
+    return resolve_cuda_graphs(settings.cuda_graphs,
+                               resolve_device(settings.device) if device is None else device,
                                settings.method, settings.pad_to)
 
 
@@ -402,8 +403,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
         validate(settings)  # before hashing the data files or loading anything
         settings = with_data_identity(settings)
     place = Placement.from_text(settings.device, settings.precision)
-    cuda_graphs = resolve_cuda_graphs(settings.cuda_graphs, place.device, settings.method,
-                                      settings.pad_to)
+    cuda_graphs = uses_cuda_graphs(settings, place.device)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place, cuda_graphs)
     state = load_checkpoint(Path(resume), run, place.scaler) if resume else LoopState()

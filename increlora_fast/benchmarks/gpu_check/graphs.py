@@ -231,6 +231,12 @@ def graph_agreement(device: torch.device, precision: str, steps: int = GRAPH_STE
     return record
 
 
+def _fallback_record(device: torch.device, steps: int) -> Dict[str, object]:
+    """What every record of the fallback check holds, before its outcome."""
+    return {"precision": "fp32", "check": "fallback", "steps": steps, "device": str(device),
+            "device_type": device.type}
+
+
 def fallback_agreement(device: torch.device, steps: int = GRAPH_STEPS,
                        graph_factory: Optional[Callable] = None) -> Dict[str, object]:
     """The tiny BERT with dropout 0.1 and a host read in its classifier (`_host_read`), trained
@@ -238,9 +244,7 @@ def fallback_agreement(device: torch.device, steps: int = GRAPH_STEPS,
     gave its graphs up (``fallback``, the reason in ``note``), replayed nothing and equals the
     eager run exactly (parameters, per-step losses, rank pattern). Skipped off CUDA without a
     ``graph_factory``."""
-    record: Dict[str, object] = {
-        "precision": "fp32", "check": "fallback", "steps": steps, "device": str(device),
-        "device_type": device.type}
+    record = _fallback_record(device, steps)
     if graph_factory is None and device.type != "cuda":
         return dict(record, status="skipped", ok=None, replays=None,
                     note="skipped: needs CUDA (a capture that fails there)")
@@ -292,9 +296,8 @@ def check_graphs(device: torch.device, plan: CheckPlan, env: Dict, log: Callable
         fallback = fallback_agreement(device, steps, graph_factory)
     except Exception as err:  # the eager steps after a failed capture may fail on this GPU
         log(traceback.format_exc())
-        fallback = {"precision": "fp32", "check": "fallback", "steps": steps,
-                    "device": str(device), "device_type": device.type, "status": "failed",
-                    "ok": False, "replays": None, "note": f"{type(err).__name__}: {err}"}
+        fallback = dict(_fallback_record(device, steps), status="failed", ok=False,
+                        replays=None, note=f"{type(err).__name__}: {err}")
     log(f"graphs fallback: {fallback['status']} ({fallback['note']})")
     bad = [r for r in records + [fallback] if r["status"] != "skipped" and not r["ok"]]
     return {"records": records, "fallback": fallback,
