@@ -10,7 +10,8 @@ the way the JIT makes it:
   `adapted_linear_backward` with the score, unfused, with ``fused_gemm`` and with a separate
   dropout input; `adamw.masked_adamw_triton_` on A and on B, `adamw.MultiTensorAdamW` over
   both) run on meta tensors at the benchmark sizes (16,384 tokens, 768 -> 3072 with bias,
-  4096 -> 11008 without, Conv1D (in, out) weight at 768 -> 3072, r_max 16 and 128) with
+  4096 -> 11008 without, Conv1D (in, out) weight at 768 -> 3072, 384 -> 1536 with bias,
+  r_max 16 and 128) with
   ``launch`` replaced by a recorder, so no kernel and no base GEMM runs. Meta tensors keep the
   offsets of views, so pointer alignment is what a CUDA allocation (base 512-byte aligned)
   gives. ``multiprocessor_count`` returns the arch's SM
@@ -63,8 +64,10 @@ DTYPES = {"bf16": ("bfloat16", "bfloat16"), "amp": ("bfloat16", "float32"),
 # when asked for on the command line.
 DTYPES_PER_ARCH = {arch: ("bf16", "amp", "fp32") for arch in ARCHS}
 TOKENS = 16384
-# (in, out, bias, Conv1D weight layout)
-LAYERS = ((768, 3072, True, False), (4096, 11008, False, False), (768, 3072, True, True))
+# (in, out, bias, Conv1D weight layout); MiniLM's 384 -> 1536 gets the score's smaller tiles
+# (`linear._score_tiles`: too few 128 x 128 tiles to fill the GPU)
+LAYERS = ((768, 3072, True, False), (4096, 11008, False, False), (768, 3072, True, True),
+          (384, 1536, True, False))
 R_MAX = (16, 128)
 # Token-dimension strides of the GEMM-like kernels: the products of a row index with these must
 # be 64-bit.

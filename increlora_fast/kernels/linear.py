@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 from .lowrank import (Slots, _backward_rows_kernel, _expand_kernel, _finish_kernel,
                       _project_kernel)
 from .reference import accumulate_dense_grad_
-from .score import _score_tiles_kernel
+from .score import _score_tiles_kernel, dw_dot
 from .utils import (MAX_R_MAX, acc_dtype, block, check_device, check_dtype, compute_dtype,
                     dot_config, is_interpreted, multiprocessor_count, row_major)
 from . import utils as _utils
@@ -51,12 +51,14 @@ class _Plan:
     call. ``dot`` holds the constexpr dtypes of the launches."""
 
     __slots__ = ("dot", "slots_const", "br", "proj", "proj_warps", "exp", "exp_warps",
-                 "rows", "rows_warps", "sms", "fin", "score", "score_warps", "acc")
+                 "rows", "rows_warps", "sms", "fin", "score", "score_warps", "score_dw",
+                 "acc")
 
     def __init__(self, out_dtype: torch.dtype, r: int, slots: bool, device: torch.device,
-                 interpreted: bool) -> None:
+                 interpreted: bool, out_features: int, in_features: int) -> None:
         cfg = dot_config(out_dtype, interpreted)
         self.dot = dict(OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc, PRECISION=cfg.precision)
+        self.score_dw = dw_dot(cfg, interpreted)
         self.acc = cfg.acc_torch
         br = block(r, MAX_R_MAX)
         self.br = br
@@ -83,9 +85,23 @@ class _Plan:
                     else (32, 32, 32)
             self.rows_warps = 8 if br >= 64 else 4
             self.fin = (64, 64, 256)
-            self.score = (64, 64, 32) if br <= 32 and not wide else (32, 32, 32)
-            self.score_warps = 8 if br >= 64 else 4
         self.sms = multiprocessor_count(device)
+        if not interpreted:
+            self.score, self.score_warps = _score_tiles(out_features, in_features, br, wide,
+                                                        self.sms)
+
+
+def _score_tiles(n: int, k: int, br: int, wide: bool, sms: int) -> Tuple[tuple, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_M) and warps of the exact score's tiles. Each program sweeps
+    every row of dy and x for one (n, k) tile of G (the score's abs keeps M from being split),
+    so the grid is what parallelism there is: 128 x 128 tiles, the size fast GEMMs use, where
+    they still give every multiprocessor one; 64 x 64 on smaller layers; 32 x 32 for float32
+    and float64 and above r_max 32."""
+    if wide or br > 32:
+        return (32, 32, 32), 8 if br >= 64 else 4
+    if -(-n // 128) * -(-k // 128) >= sms:
+        return (128, 128, 32), 8
+    return (64, 64, 32), 4
 
 
 _PLANS: Dict[tuple, _Plan] = {}
@@ -115,7 +131,8 @@ def _plan(x: torch.Tensor, x_adapter: Optional[torch.Tensor], weight: Optional[t
                                       or x_adapter.device != x.device):
             raise ValueError(f"{_OP}: x_adapter must match x, got {tuple(x_adapter.shape)} on "
                              f"{x_adapter.device} vs {tuple(x.shape)} on {x.device}")
-        plan = _Plan(out_dtype, lora_A.shape[0], slot_state is not None, device, _INTERPRETED)
+        plan = _Plan(out_dtype, lora_A.shape[0], slot_state is not None, device, _INTERPRETED,
+                     lora_B.shape[0], lora_A.shape[1])
         _PLANS[key] = plan
     return plan
 
@@ -276,7 +293,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
                 dy, xa, lora_A, lora_B, lam, state, parts, M, N, K, R, alpha, reserve,
                 dy.stride(0), sx, sa[0], sa[1], sb[0], sb[1],
                 SLOTS=plan.slots_const, BLOCK_N=sn, BLOCK_K=sk, BLOCK_M=sm, BLOCK_R=plan.br,
-                **plan.dot, num_warps=plan.score_warps)
+                **plan.dot, **plan.score_dw, num_warps=plan.score_warps)
     db = torch.empty_like(lora_B) if need_b else None
     d_a = torch.empty_like(lora_A) if need_a else None
     dlam = torch.empty_like(lora_lambda) if need_lam else None

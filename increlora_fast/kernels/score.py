@@ -19,7 +19,18 @@ import triton.language as tl
 
 from .lowrank import _slot_lambda
 from . import utils
-from .utils import MAX_R_MAX, block, dot_config, is_interpreted, row_major
+from .utils import MAX_R_MAX, DotConfig, block, dot_config, is_interpreted, row_major
+
+
+@triton.jit
+def _split3(v, DW_DOT: tl.constexpr, ACC: tl.constexpr):
+    """v (float32) as three bfloat16 parts, largest first, each cast to DW_DOT; their sum is v
+    to about float32's precision."""
+    hi = v.to(tl.bfloat16)
+    rest = v - hi.to(ACC)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(ACC)).to(tl.bfloat16)
+    return hi.to(DW_DOT), mid.to(DW_DOT), lo.to(DW_DOT)
 
 
 @triton.jit
@@ -29,7 +40,7 @@ def _score_tiles_kernel(
     stride_dym, stride_xm, stride_ar, stride_ak, stride_bn, stride_br,
     SLOTS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr, OP: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, DW_SPLIT: tl.constexpr, DW_DOT: tl.constexpr,
 ):
     """part[tile] = sum over one (BLOCK_N, BLOCK_K) tile of |(B diag(lam_eff) A) * (dy.T x)|."""
     pid_n = tl.program_id(0)
@@ -38,8 +49,23 @@ def _score_tiles_kernel(
     rk = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
     n_ok = rn < N
     k_ok = rk < K
-    # dW tile by chunks of 16 slots: one (BLOCK_N, BLOCK_R) x (BLOCK_R, BLOCK_K) float32 dot
-    # spills at r_max 128.
+    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
+        m_ok = rm < M
+        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
+                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        g = tl.dot(tl.trans(dy.to(OP).to(DOT)), x.to(OP).to(DOT), g,
+                   input_precision=PRECISION, out_dtype=ACC)
+    # The dW tile after the sweep over M (not live during it), by chunks of 16 slots. With
+    # 16-bit operands (DW_SPLIT) each float32 factor is split into three bfloat16 parts
+    # (8 + 8 + 8 bits of mantissa: float32's 24) and dW is the six products of parts above
+    # 2^-24 of the whole: tensor-core dots (float32 in the interpreter, DW_DOT) whose
+    # accumulator has G's register layout. A float32 FMA dot's does not, and converting one
+    # 128 x 128 tile into the other spilled registers; bfloat16 factors alone (one dot) were
+    # 0.5 % off the score.
     dw = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
     for r0 in range(0, R, 16):
         rr = r0 + tl.arange(0, 16)
@@ -53,19 +79,27 @@ def _score_tiles_kernel(
         a = tl.load(a_ptr + rr[:, None] * stride_ar + rk[None, :] * stride_ak,
                     mask=r_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
         a = tl.where(live[:, None], a, 0.0)
-        dw = tl.dot(b, a, dw, input_precision="ieee", out_dtype=ACC)
-    g = tl.zeros((BLOCK_N, BLOCK_K), dtype=ACC)
-    for m0 in range(0, M, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M).to(tl.int64)
-        m_ok = rm < M
-        dy = tl.load(dy_ptr + rm[:, None] * stride_dym + rn[None, :],
-                     mask=m_ok[:, None] & n_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        g = tl.dot(tl.trans(dy.to(OP).to(DOT)), x.to(OP).to(DOT), g,
-                   input_precision=PRECISION, out_dtype=ACC)
+        if DW_SPLIT:
+            b0, b1, b2 = _split3(b, DW_DOT, ACC)
+            a0, a1, a2 = _split3(a, DW_DOT, ACC)
+            dw = tl.dot(b2, a0, dw, out_dtype=ACC)  # smallest terms first
+            dw = tl.dot(b1, a1, dw, out_dtype=ACC)
+            dw = tl.dot(b0, a2, dw, out_dtype=ACC)
+            dw = tl.dot(b1, a0, dw, out_dtype=ACC)
+            dw = tl.dot(b0, a1, dw, out_dtype=ACC)
+            dw = tl.dot(b0, a0, dw, out_dtype=ACC)
+        else:
+            dw = tl.dot(b, a, dw, input_precision="ieee", out_dtype=ACC)
     part = tl.sum(tl.sum(tl.abs(dw * g), axis=1), axis=0)
     tl.store(part_ptr + pid_n * tl.num_programs(1) + pid_k, part)
+
+
+def dw_dot(cfg: DotConfig, interpreted: bool) -> dict:
+    """The dW dot's constexprs for G's dot configuration: split into bfloat16 parts when G's
+    dot takes 16-bit operands; the interpreter, which has no bfloat16 dot, multiplies the same
+    parts in float32."""
+    return dict(DW_SPLIT=cfg.op in (tl.bfloat16, tl.float16),
+                DW_DOT=tl.float32 if interpreted else tl.bfloat16)
 
 
 def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
@@ -93,5 +127,6 @@ def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
                  M, N, K, R, 1.0, 0.0, dy.stride(0), x.stride(0), *lora_A.stride(),
                  *lora_B.stride(), SLOTS=False, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
                  BLOCK_R=block(R, MAX_R_MAX), OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc,
-                 PRECISION=cfg.precision)
+                 PRECISION=cfg.precision,
+                 **dw_dot(cfg, is_interpreted(_score_tiles_kernel)))
     score_out.add_((parts.sum() / math.sqrt(N * K)).to(score_out.dtype))
