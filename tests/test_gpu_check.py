@@ -147,6 +147,9 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert dy["level"] == "dy_pass" and dy["shape"] == "24x40" and dy["cublas_ms"] > 0
     assert dy["ours_ms"] == pytest.approx(dy["backward_ms"] - dy["cublas_ms"])
     assert dy["aten_ms"] == pytest.approx(dy["aten_backward_ms"] - dy["cublas_ms"])
+    assert dy["score_ms"] == pytest.approx(dy["backward_score_ms"] - dy["backward_ms"])
+    assert dy["gemm_dw_ms"] > 0 and dy["score_chunked_ms"] > 0
+    assert dy["x_gemm_score"] == pytest.approx(dy["score_ms"] / dy["gemm_dw_ms"])
     assert "interpreter" in dy["note"]
     qlora = report["parts"]["qlora"]["records"]
     assert [r["method"] for r in qlora] == list(QLORA_METHODS_CHECKED)
@@ -206,7 +209,7 @@ def test_dry_run_markdown_reports_every_part(dry_run):
                  "tracked_median_ms", "untracked_median_ms", "Not measured:",
                  "| increlora-graphs | skipped | skipped: needs CUDA", "| graphs-on |",
                  "| --method lora |", "x_lora_tokens_per_s", "launches_per_call",
-                 "tiny-llama nf4 b2x8", "Issue 27 targets", "cublas_ms",
+                 "tiny-llama nf4 b2x8", "Issue 27 targets", "cublas_ms", "x_gemm_score",
                  "`--cuda-graphs auto` on CUDA: undecided",
                  "0 of 3 precisions ran", "| fp16 | skipped | 16 |",
                  "graphs part did not run on CUDA"):

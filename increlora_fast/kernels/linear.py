@@ -35,7 +35,7 @@ from torch.autograd.function import once_differentiable
 from .lowrank import (Slots, _backward_rows_kernel, _expand_kernel, _finish_kernel,
                       _project_kernel)
 from .reference import accumulate_dense_grad_
-from .score import _score_tiles_kernel, dw_dot
+from .score import _score_tiles_kernel, dw_dot, score_tiles
 from .utils import (MAX_R_MAX, acc_dtype, block, check_device, check_dtype, compute_dtype,
                     dot_config, is_interpreted, multiprocessor_count, row_major)
 from . import utils as _utils
@@ -87,21 +87,8 @@ class _Plan:
             self.fin = (64, 64, 256)
         self.sms = multiprocessor_count(device)
         if not interpreted:
-            self.score, self.score_warps = _score_tiles(out_features, in_features, br, wide,
+            self.score, self.score_warps = score_tiles(out_features, in_features, br, wide,
                                                         self.sms)
-
-
-def _score_tiles(n: int, k: int, br: int, wide: bool, sms: int) -> Tuple[tuple, int]:
-    """(BLOCK_N, BLOCK_K, BLOCK_M) and warps of the exact score's tiles. Each program sweeps
-    every row of dy and x for one (n, k) tile of G (the score's abs keeps M from being split),
-    so the grid is what parallelism there is: 128 x 128 tiles, the size fast GEMMs use, where
-    they still give every multiprocessor one; 64 x 64 on smaller layers; 32 x 32 for float32
-    and float64 and above r_max 32."""
-    if wide or br > 32:
-        return (32, 32, 32), 8 if br >= 64 else 4
-    if -(-n // 128) * -(-k // 128) >= sms:
-        return (128, 128, 32), 8
-    return (64, 64, 32), 4
 
 
 _PLANS: Dict[tuple, _Plan] = {}

@@ -12,6 +12,7 @@ size out x in, M x out or M x in is allocated.
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 import torch
 import triton
@@ -19,7 +20,8 @@ import triton.language as tl
 
 from .lowrank import _slot_lambda
 from . import utils
-from .utils import MAX_R_MAX, DotConfig, block, dot_config, is_interpreted, row_major
+from .utils import (MAX_R_MAX, DotConfig, block, dot_config, is_interpreted,
+                    multiprocessor_count, row_major)
 
 
 @triton.jit
@@ -94,6 +96,19 @@ def _score_tiles_kernel(
     tl.store(part_ptr + pid_n * tl.num_programs(1) + pid_k, part)
 
 
+def score_tiles(n: int, k: int, br: int, wide: bool, sms: int) -> Tuple[tuple, int]:
+    """(BLOCK_N, BLOCK_K, BLOCK_M) and warps of the exact score's tiles. Each program sweeps
+    every row of dy and x for one (n, k) tile of G (the score's abs keeps M from being split),
+    so the grid is what parallelism there is: 128 x 128 tiles, the size fast GEMMs use, where
+    they still give every multiprocessor one; 64 x 64 on smaller layers; 32 x 32 for float32
+    and float64 and above r_max 32."""
+    if wide or br > 32:
+        return (32, 32, 32), 8 if br >= 64 else 4
+    if -(-n // 128) * -(-k // 128) >= sms:
+        return (128, 128, 32), 8
+    return (64, 64, 32), 4
+
+
 def dw_dot(cfg: DotConfig, interpreted: bool) -> dict:
     """The dW dot's constexprs for G's dot configuration: split into bfloat16 parts when G's
     dot takes 16-bit operands; the interpreter, which has no bfloat16 dot, multiplies the same
@@ -115,18 +130,24 @@ def delta_w_score_(dy: torch.Tensor, x: torch.Tensor, lora_A: torch.Tensor,
         score_out: 0-d float32 (or float64) accumulator.
     """
     op = torch.promote_types(dy.dtype, x.dtype)
-    wide = torch.float64 in (op, lora_A.dtype, lora_B.dtype, lam.dtype)
-    cfg = dot_config(torch.float64 if wide else op, is_interpreted(_score_tiles_kernel))
+    if torch.float64 in (op, lora_A.dtype, lora_B.dtype, lam.dtype):
+        op = torch.float64
+    interpreted = is_interpreted(_score_tiles_kernel)
+    cfg = dot_config(op, interpreted)
     dy, x = row_major(dy), row_major(x)
     lam = lam.contiguous()  # read with unit stride (`lowrank._slot_lambda`)
     (M, N), K, R = dy.shape, x.shape[1], lora_A.shape[0]
-    bn, bk, bm = (16, 16, 16) if is_interpreted(_score_tiles_kernel) else (32, 32, 32)
+    if interpreted:
+        (bn, bk, bm), warps = (16, 16, 16), 1
+    else:  # the backward's tiles (`linear._Plan`)
+        (bn, bk, bm), warps = score_tiles(N, K, block(R, MAX_R_MAX),
+                                          op in (torch.float32, torch.float64),
+                                          multiprocessor_count(dy.device))
     grid = (-(-N // bn), -(-K // bk))
     parts = torch.empty(grid[0] * grid[1], dtype=cfg.acc_torch, device=dy.device)
     utils.launch(_score_tiles_kernel, grid, dy, x, lora_A, lora_B, lam, lam, parts,
                  M, N, K, R, 1.0, 0.0, dy.stride(0), x.stride(0), *lora_A.stride(),
                  *lora_B.stride(), SLOTS=False, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
                  BLOCK_R=block(R, MAX_R_MAX), OP=cfg.op, DOT=cfg.dot, ACC=cfg.acc,
-                 PRECISION=cfg.precision,
-                 **dw_dot(cfg, is_interpreted(_score_tiles_kernel)))
+                 PRECISION=cfg.precision, **dw_dot(cfg, interpreted), num_warps=warps)
     score_out.add_((parts.sum() / math.sqrt(N * K)).to(score_out.dtype))

@@ -22,6 +22,8 @@ MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "trac
 UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
 DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_ms", "ours_ms",
                    "x_cublas", "aten_ms", "x_cublas_aten")
+SCORE_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "gemm_dw_ms", "score_ms",
+                      "x_gemm_score", "score_chunked_ms", "x_gemm_chunked")
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
                     "steps", "device", "precision", "tokens_per_second", "tokens_per_second_warm",
                     "x_lora_tokens_per_s", "peak_device_memory_mb", "train_seconds",
@@ -156,6 +158,12 @@ def layer_section(part: Dict) -> List[str]:
                   "the same pass as cuBLAS skinny GEMMs and aten ops"
                   + (f"; {dy[0]['note']}" if dy[0].get("note") else "") + "):", "",
                   markdown_table(dy, DY_PASS_COLUMNS)]
+        scored = [r for r in dy if r.get("score_ms") is not None]  # since 2026-12-05
+        if scored:
+            lines += ["", "The exact score as a tracked backward pays it (the backward with the "
+                      "score less the one without) and the torch path's score in cuBLAS chunks, "
+                      "against cuBLAS `dy^T x`, the dense weight gradient's GEMM:", "",
+                      markdown_table(scored, SCORE_PASS_COLUMNS)]
     return lines
 
 

@@ -226,8 +226,9 @@ def _on_first_model(what: str, measure: Callable, repeats: int, device: torch.de
 
 def _dy_pass_records(device: torch.device, plan: CheckPlan, env: Dict, log: Callable
                      ) -> Tuple[List[dict], List[str]]:
-    """The adapter's pass over dy against cuBLAS ``dy W`` at each point of ``plan.dy_pass``
-    (`speed.dy_pass`); a point that fails loses only its record."""
+    """The adapter's pass over dy against cuBLAS ``dy W``, and the exact score against cuBLAS
+    ``dy^T x``, at each point of ``plan.dy_pass`` (`speed.dy_pass`); a point that fails loses
+    only its record."""
     from ..speed.dy_pass import measure_dy_pass
 
     records: List[dict] = []
@@ -243,7 +244,8 @@ def _dy_pass_records(device: torch.device, plan: CheckPlan, env: Dict, log: Call
         records.append(r)
         log(f"dy pass {r['shape']:>10s} tokens={tokens:<6d} r={r['r_max']:<3d} ours "
             f"{r['ours_ms']:8.3f} ms  cuBLAS dy W {r['cublas_ms']:8.3f} ms  "
-            f"{r['x_cublas']:.2f}x")
+            f"{r['x_cublas']:.2f}x  score {r['score_ms']:8.3f} ms  cuBLAS dy^T x "
+            f"{r['gemm_dw_ms']:8.3f} ms  {r['x_gemm_score']:.2f}x")
     return records, errors
 
 

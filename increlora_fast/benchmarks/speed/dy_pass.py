@@ -13,6 +13,12 @@ Issue 27 lets speed decide between designs, so the same record also times the ot
 the adapter's backward as cuBLAS skinny GEMMs and aten elementwise ops (`aten_adapter_backward`,
 about ten launches, dy read twice) after the same cuBLAS ``dy W``.
 
+The same record times the exact importance score as a tracked step's backward pays it
+(``score_ms``: the layer's backward with the score less the one without), against cuBLAS's GEMM
+``dy^T x`` (``gemm_dw_ms``: the dense weight gradient, the FLOPs the score cannot avoid) and
+against the torch path's score in cuBLAS chunks (`reference.delta_w_score_chunked`,
+``score_chunked_ms``), the design the fused kernel would be swapped for if it were faster.
+
 Off CUDA (the Triton interpreter) each is called once and timed on the host: the record shows
 the path runs, its times say nothing about speed.
 """
@@ -23,7 +29,7 @@ from typing import Callable, Dict
 
 import torch
 
-from ...kernels.reference import ACTIVE, effective_lambda
+from ...kernels.reference import ACTIVE, delta_w_score_chunked, effective_lambda
 from ...training.cuda_graphs import CUDAStepGraph, on_side_stream
 from .plans import DTYPES
 
@@ -84,8 +90,10 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
                     warmup: int = 3) -> dict:
     """One record: GPU ms per call of the layer's backward (``backward_ms``), of cuBLAS ``dy W``
     alone (``cublas_ms``) and of the adapter's pass over dy (``ours_ms``, their difference),
-    with ``x_cublas`` = ours_ms / cublas_ms; and the same for the aten design
-    (``aten_backward_ms``, ``aten_ms``, ``x_cublas_aten``)."""
+    with ``x_cublas`` = ours_ms / cublas_ms; the same for the aten design
+    (``aten_backward_ms``, ``aten_ms``, ``x_cublas_aten``); and the exact score's share of a
+    tracked backward (``score_ms``) and the chunked cuBLAS score (``score_chunked_ms``), each
+    over cuBLAS ``dy^T x`` (``gemm_dw_ms``: ``x_gemm_score``, ``x_gemm_chunked``)."""
     from ...kernels.linear import adapted_linear_backward, adapted_linear_forward
 
     if dtype not in DTYPES:
@@ -107,10 +115,22 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     _, h = adapted_linear_forward(x, None, weight, None, False, lora_A, lora_B, lam, state,
                                   alpha, reserve, dt, need_all=True, fused_gemm=False)
 
-    def backward():
+    score = torch.zeros((), dtype=torch.float32, device=device)
+    lam_eff = effective_lambda(lam, state, alpha, reserve)
+
+    def backward(score_out=None):
         return adapted_linear_backward(dy, x, None, weight, False, lora_A, lora_B, lam, state,
-                                       alpha, reserve, h, None, None, need_x=True, need_xa=False,
-                                       need_a=True, need_b=True, need_lam=True)
+                                       alpha, reserve, h, score_out, None, need_x=True,
+                                       need_xa=False, need_a=True, need_b=True, need_lam=True)
+
+    def backward_score():
+        return backward(score)
+
+    def gemm_dw():
+        return torch.mm(dy.t(), x)
+
+    def score_chunked():
+        delta_w_score_chunked(dy, x, lora_A, lora_B, lam_eff, score)
 
     def cublas():
         return torch.mm(dy, weight)
@@ -123,15 +143,22 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     on_gpu = device.type == "cuda"
     timed = {name: (_gpu_ms(fn, repeats, warmup) if on_gpu else _host_ms(fn))
              for name, fn in (("backward", backward), ("cublas", cublas),
-                              ("aten", aten_backward))}
+                              ("aten", aten_backward), ("backward_score", backward_score),
+                              ("gemm_dw", gemm_dw), ("score_chunked", score_chunked))}
     backward_ms, cublas_ms, aten_backward_ms = timed["backward"], timed["cublas"], timed["aten"]
     ours_ms, aten_ms = backward_ms - cublas_ms, aten_backward_ms - cublas_ms
+    score_ms, gemm_dw_ms = timed["backward_score"] - backward_ms, timed["gemm_dw"]
     return dict(env, level=LEVEL, method="increlora-triton", shape=f"{in_features}x{out_features}",
                 tokens=tokens, r_max=r_max, dtype=dtype, phase="bwd", status="ok",
                 median_ms=ours_ms, ours_ms=ours_ms, cublas_ms=cublas_ms, backward_ms=backward_ms,
                 x_cublas=ours_ms / cublas_ms if cublas_ms else None,
                 aten_backward_ms=aten_backward_ms, aten_ms=aten_ms,
-                x_cublas_aten=aten_ms / cublas_ms if cublas_ms else None, peak_mem_mb=None,
+                x_cublas_aten=aten_ms / cublas_ms if cublas_ms else None,
+                backward_score_ms=timed["backward_score"], score_ms=score_ms,
+                gemm_dw_ms=gemm_dw_ms, score_chunked_ms=timed["score_chunked"],
+                x_gemm_score=score_ms / gemm_dw_ms if gemm_dw_ms else None,
+                x_gemm_chunked=timed["score_chunked"] / gemm_dw_ms if gemm_dw_ms else None,
+                peak_mem_mb=None,
                 repeats=repeats if on_gpu else 1,
                 timing="CUDA graph replay between events (GPU time)" if on_gpu else "host",
                 note="" if on_gpu else INTERPRETER_NOTE)
