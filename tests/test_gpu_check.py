@@ -148,6 +148,7 @@ def test_dry_run_parts_hold_their_measurements(dry_run):
     assert dy["ours_ms"] == pytest.approx(dy["backward_ms"] - dy["cublas_ms"])
     assert dy["aten_ms"] == pytest.approx(dy["aten_backward_ms"] - dy["cublas_ms"])
     assert dy["score_ms"] == pytest.approx(dy["backward_score_ms"] - dy["backward_ms"])
+    assert dy["x_cublas_4x"] == pytest.approx(dy["ours_4x_ms"] / dy["cublas_ms"])
     assert dy["gemm_dw_ms"] > 0 and dy["score_chunked_ms"] > 0
     assert dy["x_gemm_score"] == pytest.approx(dy["score_ms"] / dy["gemm_dw_ms"])
     assert "interpreter" in dy["note"]
@@ -209,7 +210,7 @@ def test_dry_run_markdown_reports_every_part(dry_run):
                  "tracked_median_ms", "untracked_median_ms", "Not measured:",
                  "| increlora-graphs | skipped | skipped: needs CUDA", "| graphs-on |",
                  "| --method lora |", "x_lora_tokens_per_s", "launches_per_call",
-                 "tiny-llama nf4 b2x8", "Issue 27 targets", "cublas_ms", "x_gemm_score",
+                 "tiny-llama nf4 b2x8", "Issue 27 targets", "cublas_ms", "x_gemm_score", "ours_4x_ms",
                  "`--cuda-graphs auto` on CUDA: undecided",
                  "0 of 3 precisions ran", "| fp16 | skipped | 16 |",
                  "graphs part did not run on CUDA"):

@@ -21,7 +21,7 @@ MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "trac
                        "x_peft_lora_mean", "peak_mem_mb", "x_peft_lora_mem")
 UNMEASURED_COLUMNS = ("model", "dtype", "method", "status", "note")
 DY_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "backward_ms", "cublas_ms", "ours_ms",
-                   "x_cublas", "aten_ms", "x_cublas_aten")
+                   "x_cublas", "aten_ms", "x_cublas_aten", "ours_4x_ms", "x_cublas_4x")
 SCORE_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "gemm_dw_ms", "score_ms",
                       "x_gemm_score", "score_chunked_ms", "x_gemm_chunked")
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
@@ -155,7 +155,8 @@ def layer_section(part: Dict) -> List[str]:
     if dy:
         lines += ["", "The adapter's pass over dy against the frozen layer's cuBLAS `dy W` "
                   f"({dy[0].get('timing')}; ours = the layer's backward less the GEMM, aten = "
-                  "the same pass as cuBLAS skinny GEMMs and aten ops"
+                  "the same pass as cuBLAS skinny GEMMs and aten ops, ours_4x = our kernels "
+                  "with up to four programs per SM instead of one"
                   + (f"; {dy[0]['note']}" if dy[0].get("note") else "") + "):", "",
                   markdown_table(dy, DY_PASS_COLUMNS)]
         scored = [r for r in dy if r.get("score_ms") is not None]  # since 2026-12-05

@@ -11,7 +11,10 @@ pass is the difference.
 
 Issue 27 lets speed decide between designs, so the same record also times the other design:
 the adapter's backward as cuBLAS skinny GEMMs and aten elementwise ops (`aten_adapter_backward`,
-about ten launches, dy read twice) after the same cuBLAS ``dy W``.
+about ten launches, dy read twice) after the same cuBLAS ``dy W``; and our kernels with up to
+four programs per SM instead of one (``ours_4x_ms``: four times the warps in flight to hide
+the latency of the sweep over dy's columns, at four times the partials of dB; at 16,384 tokens
+one row block per program, so the partials are written once, never read back and rewritten).
 
 The same record times the exact importance score as a tracked step's backward pays it
 (``score_ms``: the layer's backward with the score less the one without), against cuBLAS's GEMM
@@ -94,7 +97,9 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     (``aten_backward_ms``, ``aten_ms``, ``x_cublas_aten``); and the exact score's share of a
     tracked backward (``score_ms``) and the chunked cuBLAS score (``score_chunked_ms``), each
     over cuBLAS ``dy^T x`` (``gemm_dw_ms``: ``x_gemm_score``, ``x_gemm_chunked``)."""
-    from ...kernels.linear import adapted_linear_backward, adapted_linear_forward
+    import copy
+
+    from ...kernels.linear import _plan, adapted_linear_backward, adapted_linear_forward
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} is invalid: use one of {list(DTYPES)}")
@@ -118,10 +123,18 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     score = torch.zeros((), dtype=torch.float32, device=device)
     lam_eff = effective_lambda(lam, state, alpha, reserve)
 
-    def backward(score_out=None):
+    def backward(score_out=None, plan=None):
         return adapted_linear_backward(dy, x, None, weight, False, lora_A, lora_B, lam, state,
                                        alpha, reserve, h, score_out, None, need_x=True,
-                                       need_xa=False, need_a=True, need_b=True, need_lam=True)
+                                       need_xa=False, need_a=True, need_b=True, need_lam=True,
+                                       plan=plan)
+
+    four_per_sm = copy.copy(_plan(x, None, weight, None, False, lora_A, lora_B, lam, state,
+                                  None, dt))
+    four_per_sm.sms *= 4  # the row split's programs: at most `sms` (`adapted_linear_backward`)
+
+    def backward_4x():
+        return backward(plan=four_per_sm)
 
     def backward_score():
         return backward(score)
@@ -143,10 +156,12 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     on_gpu = device.type == "cuda"
     timed = {name: (_gpu_ms(fn, repeats, warmup) if on_gpu else _host_ms(fn))
              for name, fn in (("backward", backward), ("cublas", cublas),
-                              ("aten", aten_backward), ("backward_score", backward_score),
+                              ("aten", aten_backward), ("backward_4x", backward_4x),
+                              ("backward_score", backward_score),
                               ("gemm_dw", gemm_dw), ("score_chunked", score_chunked))}
     backward_ms, cublas_ms, aten_backward_ms = timed["backward"], timed["cublas"], timed["aten"]
     ours_ms, aten_ms = backward_ms - cublas_ms, aten_backward_ms - cublas_ms
+    ours_4x_ms = timed["backward_4x"] - cublas_ms
     score_ms, gemm_dw_ms = timed["backward_score"] - backward_ms, timed["gemm_dw"]
     return dict(env, level=LEVEL, method="increlora-triton", shape=f"{in_features}x{out_features}",
                 tokens=tokens, r_max=r_max, dtype=dtype, phase="bwd", status="ok",
@@ -154,6 +169,7 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
                 x_cublas=ours_ms / cublas_ms if cublas_ms else None,
                 aten_backward_ms=aten_backward_ms, aten_ms=aten_ms,
                 x_cublas_aten=aten_ms / cublas_ms if cublas_ms else None,
+                ours_4x_ms=ours_4x_ms, x_cublas_4x=ours_4x_ms / cublas_ms if cublas_ms else None,
                 backward_score_ms=timed["backward_score"], score_ms=score_ms,
                 gemm_dw_ms=gemm_dw_ms, score_chunked_ms=timed["score_chunked"],
                 x_gemm_score=score_ms / gemm_dw_ms if gemm_dw_ms else None,
