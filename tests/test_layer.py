@@ -346,3 +346,50 @@ def test_base_layer_is_frozen():
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
     trainable = {n for n, p in layer.named_parameters() if p.requires_grad}
     assert trainable == {"lora_A", "lora_B", "lora_lambda"}
+
+
+@pytest.mark.parametrize("advance_learning", [True, False], ids=["advance", "no_advance"])
+@pytest.mark.parametrize("features", [(IN, OUT), (320, 288)], ids=["dense_score", "chunked_score"])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_poison_in_dead_slots_changes_nothing_on_the_torch_path(advance_learning, features,
+                                                                poison):
+    """NaN or inf in the A rows and B columns of slots whose effective lambda is 0 (inactive
+    ones, and reserve ones without advance learning) change no output, gradient or score: the
+    torch path masks them by value as the kernels do (NaN * 0 is NaN), and gives them exactly
+    zero dA and dB. An active slot at lambda 0 still reads its A and B for its own dlambda.
+    Both score forms: dense (small G) and chunked (G above `DENSE_SCORE_MAX_NUMEL`)."""
+    from increlora_fast.kernels.reference import DENSE_SCORE_MAX_NUMEL
+    n_in, n_out = features
+    assert (n_in * n_out > DENSE_SCORE_MAX_NUMEL) == (n_in > IN)
+
+    def layer_and_step(poisoned: bool):
+        torch.manual_seed(0)
+        layer = IncreLoRALinear(nn.Linear(n_in, n_out), r_max=R_MAX, init_r=3, reserve_rank=2,
+                                lora_alpha=6.0, reserve_lambda=0.3,
+                                advance_learning=advance_learning)
+        dead = layer.effective_lambda().detach() == 0
+        dead &= ~layer.active_mask
+        with torch.no_grad():
+            layer.lora_A.normal_(std=0.4)
+            layer.lora_B.normal_(std=0.4)
+            layer.lora_lambda.normal_(0.5, 1.0)
+            layer.lora_lambda[1] = 0.0  # an active slot at lambda 0
+            layer.lora_A[dead] = poison if poisoned else 0.0
+            layer.lora_B[:, dead] = -poison if poisoned else 0.0
+        layer.train()
+        layer.score_enabled = True
+        x = torch.randn(2, 5, n_in, requires_grad=True)
+        y = layer(x)
+        (y * torch.randn_like(y)).sum().backward()
+        return layer, dead, [y, x.grad, layer.lora_A.grad, layer.lora_B.grad,
+                             layer.lora_lambda.grad, layer.score_sum]
+
+    layer, dead, got = layer_and_step(poisoned=True)
+    _, _, want = layer_and_step(poisoned=False)
+    assert int(dead.sum()) == (3 if advance_learning else 5)
+    for name, g, w in zip(("y", "dx", "dA", "dB", "dlambda", "score"), got, want):
+        assert torch.isfinite(g).all(), name
+        assert torch.equal(g, w), name
+    assert torch.count_nonzero(layer.lora_A.grad[dead]) == 0
+    assert torch.count_nonzero(layer.lora_B.grad[:, dead]) == 0
+    assert float(layer.lora_lambda.grad[1]) != 0 and float(layer.score_sum) > 0

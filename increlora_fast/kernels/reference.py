@@ -3,13 +3,15 @@ against. Tensors in, tensors out; nothing here imports triton or the rest of the
 
 ``y = base(x) + ((x_a @ A.T) * lam_eff) @ B.T * 1`` where ``lam_eff`` (`effective_lambda`) is
 lambda on active slots, the fixed reserve value on reserve slots and 0 on inactive ones, times
-``alpha / active_rank``. Inactive slots (lam_eff == 0) receive exactly zero gradient in A and B.
+``alpha / active_rank``. Inactive slots (lam_eff == 0) receive exactly zero gradient in A and B,
+and their A rows and B columns are masked by value as in the kernels (`read_slots`): NaN or inf
+there reaches no output, gradient or score.
 Also the optimizer kernel's masked AdamW step in float64 (`masked_adamw_float64`).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
@@ -37,6 +39,24 @@ def effective_lambda(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tenso
     fixed = (slot_state == RESERVE).to(lam.dtype) * reserve_value
     scale = lora_alpha / active.sum().clamp(min=1).to(lam.dtype)
     return torch.where(active, lam, fixed) * scale
+
+
+def read_slots(lora_A: torch.Tensor, lora_B: torch.Tensor, slot_state: Optional[torch.Tensor],
+               lora_alpha: float, reserve_value: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with the A rows and B columns of the slots the kernels never read replaced by
+    exact zeros (``torch.where``, differentiable: those slots get exactly zero dA and dB).
+
+    The kernels mask by value: they read the slots whose lam_eff is not 0 and the active ones
+    (an active slot at lambda 0 needs its A and B for its own dlambda), so inactive slots, and
+    reserve ones when their lam_eff ``reserve_value * alpha / active_rank`` is 0, are never
+    read. Multiplying by lam_eff instead would let NaN or inf there through (NaN * 0 is NaN).
+    The mask comes from the slot states alone (one comparison, no read of lambda). Direct mode
+    (``slot_state`` None) trains every lambda, so every slot is read and A, B come back as they
+    are."""
+    if slot_state is None:
+        return lora_A, lora_B
+    read = slot_state >= RESERVE if reserve_value * lora_alpha != 0 else slot_state == ACTIVE
+    return torch.where(read[:, None], lora_A, 0.0), torch.where(read, lora_B, 0.0)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -184,7 +204,9 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     output in place; lambda's gradient comes in lambda's own dtype (float32 with 16-bit A and B,
     see `lambda_dtype`), summed in float32. ``score_out`` receives the exact module score of
     each backward (dense up to `DENSE_SCORE_MAX_NUMEL` entries of G, else in chunks) and
-    ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook.
+    ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook. The slots the kernels never
+    read enter as exact zeros (`read_slots`): NaN or inf in their A rows and B columns reaches
+    no output, gradient or score.
     """
     in_features = lora_A.shape[1]
     lead = x.shape[:-1]
@@ -201,6 +223,7 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     else:
         y = None
     lam = effective_lambda(lora_lambda, slot_state, lora_alpha, reserve_value)
+    lora_A, lora_B = read_slots(lora_A, lora_B, slot_state, lora_alpha, reserve_value)
     xa2 = xa2 if xa2.dtype == cdt else xa2.to(cdt)
     h = xa2 @ lora_A.to(cdt).t()
     s = (h.to(lam.dtype) * lam).to(cdt)
