@@ -206,6 +206,54 @@ def test_compare_sweep_survives_a_diverging_lr_and_never_chooses_it(tiny, tmp_pa
     assert "every learning rate of --lrs (10000) diverged" in capsys.readouterr().err
 
 
+def _record_compare_runs(monkeypatch) -> list:
+    """Replace the comparison's training by a record of the runs it asks for, (method, lr,
+    seed) each, answered with made-up metrics."""
+    from increlora_fast.training import compare
+    asked = []
+
+    def fake_run(s, out_dir, progress=True, overwrite=False):
+        asked.append((s.method, s.lr, s.seed))
+        return {"task": "file:train.jsonl", "seed": s.seed, "eval_accuracy": 0.5,
+                "trainable_params_active": 1, "trainable_params_padded": 1, "total_rank": 24,
+                "steps": 4, "train_examples": 96, "eval_examples": 40, "train_seconds": 1.0,
+                "method_settings": {"r": 2, "lora_alpha": 16.0, "weight_decay": 0.0}}
+    monkeypatch.setattr(compare, "run_finetune", fake_run)
+    return asked
+
+
+def test_compare_sweeps_full_over_its_own_lrs(tiny, tmp_path, monkeypatch):
+    """Without --lrs, `full` (full fine-tuning) used to be swept over the adapters' grid, 20 to
+    160 times its own default rate: it sweeps its own grid now, as many rates and as far apart
+    as the adapters', around its default, below every adapter rate; the adapters' grid is
+    unchanged, and compare.md's settings line names both. Rates given with --lrs are still
+    swept by every method."""
+    from increlora_fast.training.compare import DEFAULT_LRS
+    from increlora_fast.training.settings import DEFAULT_LR
+    asked = _record_compare_runs(monkeypatch)
+    out = tmp_path / "own"
+    assert cli(tiny_args(tiny, out, "--compare", "--methods", "lora,full", "--seeds", "1")) == 0
+    swept = {m: [lr for method, lr, _ in asked if method == m] for m in ("lora", "full")}
+    full = swept["full"]
+    assert swept["lora"] == list(DEFAULT_LRS)
+    assert len(full) == len(DEFAULT_LRS) and DEFAULT_LR["full"] in full
+    assert min(full) < DEFAULT_LR["full"] < max(full) < min(DEFAULT_LRS)
+    assert [b / a for a, b in zip(full, full[1:])] == \
+        pytest.approx([b / a for a, b in zip(DEFAULT_LRS, DEFAULT_LRS[1:])])
+    settings_line = (out / "compare.md").read_text().splitlines()[0]
+    for grid in (DEFAULT_LRS, full):
+        assert ", ".join(f"{lr:g}" for lr in grid) in settings_line
+    assert f"full: {full[0]:g}" in settings_line
+
+    asked.clear()
+    given = tmp_path / "given"
+    assert cli(tiny_args(tiny, given, "--compare", "--methods", "lora,full", "--seeds", "1",
+                         "--lrs", "0.001,0.004")) == 0
+    assert asked == [(m, lr, 0) for m in ("lora", "full") for lr in (0.001, 0.004)]
+    settings_line = (given / "compare.md").read_text().splitlines()[0]
+    assert "lr sweep 0.001, 0.004 on the first seed" in settings_line
+
+
 def test_compare_names_a_damaged_metrics_file(tmp_path):
     from increlora_fast.training.compare import _run_or_reuse
     from increlora_fast.training.settings import RunSettings

@@ -94,7 +94,7 @@ def test_compare_table_shows_the_majority_baseline():
            "trainable_params_padded": 10, "total_rank": 24, "steps": 6, "train_examples": 96,
            "eval_examples": 40, "method_settings": {"r": 2, "lora_alpha": 16.0},
            "train_seconds": [1.0], "eval_majority_accuracy": 0.654}
-    report = {"task": "file:train.csv", "seeds": 1, "lrs": [1e-3],
+    report = {"task": "file:train.csv", "seeds": 1, "lrs": {"lora": [1e-3]},
               "common": RunSettings().to_dict(), "methods": {"lora": run}}
     assert "always predicting the dev set's majority class scores 0.6540" in \
         format_table(report)

@@ -183,7 +183,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--seeds", type=int, default=None,
                      help=f"seeds per method in --compare (default {DEFAULT_COMPARE_SEEDS})")
     run.add_argument("--lrs", type=_csv_floats, default=None,
-                     help="learning rates swept in --compare (default 1e-3,2e-3,4e-3,8e-3)")
+                     help="learning rates swept in --compare by every method (default "
+                          "1e-3,2e-3,4e-3,8e-3 for the adapters and the same grid around "
+                          "full's own default rate, 1.25e-5,2.5e-5,5e-5,1e-4, for full)")
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
@@ -291,8 +293,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..data import AssetUnavailableError
     from ..training.checkpoint import read_checkpoint_settings
-    from ..training.compare import (DEFAULT_LRS, compare_methods, format_table,
-                                    methods_from_text)
+    from ..training.compare import compare_methods, format_table, methods_from_text
     from ..training.finetune_run import run_finetune
 
     try:
@@ -319,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--compare cannot be combined with --resume")
             report = compare_methods(settings,
                                      methods_from_text(args.methods or DEFAULT_COMPARE_METHODS),
-                                     args.lrs or list(DEFAULT_LRS),
+                                     args.lrs,
                                      DEFAULT_COMPARE_SEEDS if args.seeds is None else args.seeds,
                                      args.output_dir,
                                      progress=not args.no_progress, overwrite=args.overwrite)

@@ -1,10 +1,12 @@
 """`--compare`: the methods at the same final rank budget, several seeds, one table.
 
-Every method gets the same learning-rate sweep on the first seed; the best rate on the dev split
-is then run for the remaining seeds. A rate whose run diverges (non-finite loss or parameters)
-is shown as "diverged" in the sweep and never chosen; a divergence at the chosen rate stops the
-comparison, so no seed is ever left out of a mean. Each method keeps its own schedule defaults (see
-`settings.resolve`); they are printed beside the numbers.
+Every adapter method gets the same learning-rate sweep on the first seed, and the full fine-tune
+the same grid moved to its own default rate (`sweep_lrs`; ``--lrs`` gives one grid to all); the
+best rate on the dev split is then run for the remaining seeds. A rate whose run diverges
+(non-finite loss or parameters) is shown as "diverged" in the sweep and never chosen; a
+divergence at the chosen rate stops the comparison, so no seed is ever left out of a mean. Each
+method keeps its own schedule defaults (see `settings.resolve`); they are printed beside the
+numbers.
 
 Runs already finished in the output folder with the same resolved settings are reused, so an
 interrupted comparison continues where it stopped, and methods can be run by separate processes
@@ -22,19 +24,31 @@ import dataclasses
 import json
 import statistics
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 from ..persistence import atomic_write_bytes
 from .finetune_run import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
                            uses_cuda_graphs, with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
-from .settings import METHODS, RunSettings, resolve, validate
+from .settings import DEFAULT_LR, METHODS, RunSettings, resolve, validate
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
 DEFAULT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
+# The full fine-tune's default sweep: the same 4 rates a factor 2 apart, moved so that its own
+# default rate (`settings.DEFAULT_LR`, 5e-5) stands where 4e-3 stands: 1.25e-5 to 1e-4. The
+# adapters' rates are 20 to 160 times its default.
+FULL_LRS = tuple(DEFAULT_LR["full"] * (lr / DEFAULT_LRS[2]) for lr in DEFAULT_LRS)
 RESULTS_JSON = "compare.json"
 RESULTS_TABLE = "compare.md"
+
+
+def sweep_lrs(method: str, lrs: Optional[Sequence[float]] = None) -> List[float]:
+    """The learning rates ``method`` sweeps: ``lrs`` (``--lrs``) for every method when given,
+    else `FULL_LRS` for the full fine-tune and `DEFAULT_LRS` for the adapters."""
+    if lrs is not None:
+        return list(lrs)
+    return list(FULL_LRS if method == "full" else DEFAULT_LRS)
 
 
 def _lr_dir(lr: float) -> str:
@@ -92,16 +106,17 @@ def with_shared_padding(base: RunSettings, methods: Sequence[str],
     return dataclasses.replace(base, pad_to="max_length")
 
 
-def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], seeds: int,
-                    output_dir: str, progress: bool = True,
+def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Optional[Sequence[float]],
+                    seeds: int, output_dir: str, progress: bool = True,
                     echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
     """Run the comparison; writes ``compare.json`` and ``compare.md`` and returns the results.
 
-    ``overwrite`` lets a run replace unfinished leftovers in its own folder."""
+    ``lrs`` (``--lrs``) None: each method sweeps its default grid (`sweep_lrs`). ``overwrite``
+    lets a run replace unfinished leftovers in its own folder."""
     out = check_output_path(output_dir)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
-    if not lrs or any(lr <= 0 for lr in lrs):
+    if lrs is not None and (not lrs or any(lr <= 0 for lr in lrs)):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
     for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
         validate(dataclasses.replace(base, method=method))
@@ -111,8 +126,9 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Sequence[flo
         return _compare(base, methods, lrs, seeds, out, progress, echo, overwrite)
 
 
-def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], seeds: int,
-             out: Path, progress: bool, echo: Callable[[str], None], overwrite: bool) -> Dict:
+def _compare(base: RunSettings, methods: Sequence[str], lrs: Optional[Sequence[float]],
+             seeds: int, out: Path, progress: bool, echo: Callable[[str], None],
+             overwrite: bool) -> Dict:
     """`compare_methods` with its folder locked."""
     base = with_data_identity(base)
     train_size = len(split_holdout(base, load_data(base).train)[0])  # rows trained on
@@ -120,14 +136,14 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], se
     for method in methods:
         sweep: Dict[str, float] = {}
         runs: Dict[float, Dict] = {}
-        for lr in lrs:
+        for lr in sweep_lrs(method, lrs):
             s = dataclasses.replace(base, method=method, lr=lr)
             try:
                 runs[lr] = _run_or_reuse(s, out / method / _lr_dir(lr) / f"seed{base.seed}",
                                          train_size, progress, echo, overwrite)
             except FloatingPointError as err:  # diverged (non-finite loss or parameters)
-                # a failed point of the sweep, shown as such and never chosen; the grid stays
-                # the same for every method
+                # a failed point of the sweep, shown as such and never chosen; the method's
+                # grid stays whole
                 echo(f"[compare] {method} lr={lr:g} seed={base.seed}: diverged ({err})")
                 sweep[f"{lr:g}"] = None
                 continue
@@ -158,7 +174,8 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Sequence[float], se
             "eval_majority_accuracy": first.get("eval_majority_accuracy"),
         }
     common = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr")}
-    report = {"task": per_seed[0]["task"], "seeds": seeds, "lrs": list(lrs), "common": common,
+    report = {"task": per_seed[0]["task"], "seeds": seeds,
+              "lrs": {method: sweep_lrs(method, lrs) for method in methods}, "common": common,
               "methods": results}
     # atomic: comparisons sharing the folder may write these at the same time
     atomic_write_bytes(out / RESULTS_JSON, json.dumps(report, indent=2, sort_keys=True).encode())
@@ -183,6 +200,16 @@ def _settings_text(method: str, ms: Dict) -> str:
     return f"weight decay {ms['weight_decay']:g}"
 
 
+def _grids_text(lrs: Dict[str, List[float]]) -> str:
+    """The swept rates of ``{method: rates}``: the first method's grid, then each other grid in
+    parentheses after the methods that swept it (``0.001, 0.002 (full: 1e-05, 2e-05)``)."""
+    grids: Dict[str, List[str]] = {}
+    for method, rates in lrs.items():
+        grids.setdefault(", ".join(f"{lr:g}" for lr in rates), []).append(method)
+    first, *others = grids
+    return first + "".join(f" ({', '.join(grids[grid])}: {grid})" for grid in others)
+
+
 def format_table(report: Dict) -> str:
     """The comparison as a line of common settings and a Markdown table (mean ± sample std over
     seeds)."""
@@ -194,7 +221,7 @@ def format_table(report: Dict) -> str:
              f"{c['max_seq_len']}, warmup {c['warmup_ratio']:g}, weight decay "
              f"{c['weight_decay']:g}, grad clip {c['grad_clip']:g}, target rank "
              f"{c['target_rank']}, seeds {c['seed']}..{c['seed'] + n - 1}; lr sweep "
-             f"{', '.join(f'{x:g}' for x in report['lrs'])} on the first seed, best lr for all"
+             f"{_grids_text(report['lrs'])} on the first seed, best lr for all"
              " (chosen on the dev set reported here, which flatters every method alike)"
              + ("" if any_run.get("eval_majority_accuracy") is None else
                 f"; always predicting the dev set's majority class scores "
