@@ -254,6 +254,30 @@ def test_compare_sweeps_full_over_its_own_lrs(tiny, tmp_path, monkeypatch):
     assert "lr sweep 0.001, 0.004 on the first seed" in settings_line
 
 
+def test_compare_table_tells_apart_accuracies_closer_than_a_thousandth():
+    """compare.md showed per-seed and sweep accuracies to 3 decimals, so two runs 0.0003 apart
+    (one dev example in 3,000) read as equal; they show to 4 decimals, as the mean and std
+    do."""
+    from increlora_fast.training.compare import format_table
+    from increlora_fast.training.settings import RunSettings
+
+    accs = [0.8121, 0.8124]
+    sweep = {"0.001": 0.8121, "0.002": 0.8124}
+    run = {"lr": 2e-3, "lr_sweep": sweep, "seeds": [0, 1], "eval_accuracy": accs,
+           "mean": sum(accs) / 2, "std": 0.0002, "trainable_params_active": 10,
+           "trainable_params_padded": 10, "total_rank": 24, "steps": 6, "train_examples": 96,
+           "eval_examples": 3000, "method_settings": {"r": 2, "lora_alpha": 16.0},
+           "train_seconds": [1.0, 1.0]}
+    report = {"task": "file:train.csv", "seeds": 2, "lrs": {"lora": [1e-3, 2e-3]},
+              "common": RunSettings().to_dict(), "methods": {"lora": run}}
+    row = next(line for line in format_table(report).splitlines() if line.startswith("| lora"))
+    cells = [cell.strip() for cell in row.split("|")]
+    assert cells[2] == f"{run['mean']:.4f} ± {run['std']:.4f}"
+    per_seed = cells[3].split(" / ")
+    assert per_seed == [f"{a:.4f}" for a in accs] and len(set(per_seed)) == 2
+    assert cells[7] == ", ".join(f"{lr}: {acc:.4f}" for lr, acc in sweep.items())
+
+
 def test_compare_names_a_damaged_metrics_file(tmp_path):
     from increlora_fast.training.compare import _run_or_reuse
     from increlora_fast.training.settings import RunSettings
