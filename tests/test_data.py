@@ -229,6 +229,37 @@ def test_empty_surplus_cells_and_quoted_delimiters_load(tmp_path):
     assert data.label_names == ["0", "1"]
 
 
+def test_tsv_quoted_cells_load(tmp_path):
+    """A TSV cell may be quoted to hold a tab, with a quote inside doubled, as the csv module
+    (and pandas) write it."""
+    path = tmp_path / "t.tsv"
+    path.write_text('text\tlabel\n' + '"a\ttab"\t1\n"say ""hi"""\t0\nplain\t1\n' * 2)
+    data = load_files(str(path), str(path))
+    assert [e.text for e in data.eval] == ["a\ttab", 'say "hi"', "plain"] * 2
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("rest", [
+    # the quote never closes: every later line became the cell's text, and the error named a
+    # row's empty label instead
+    "ok\t1\nfine\t0\n",
+    # a later quote closes it: the three rows were read as one, silently
+    'ok\t1\nfine" x\t1\nbye\t0\n',
+], ids=["never_closed", "closed_lines_later"])
+def test_tsv_quote_left_open_on_its_line_is_refused_naming_the_line(tmp_path, newline, rest):
+    """A TSV row is one line: a cell that opens a quote and does not close it on the same line
+    (a stray quote, as files written with quoting off hold) used to swallow the lines after it
+    until another quote or the end of the file; it is refused in one line naming the file and
+    the line where the quote opened."""
+    path = tmp_path / "t.tsv"
+    lines = ["text\tlabel", "good\t1", "fair\t0", '"so bad\t0'] + rest.splitlines()
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: line 4 opens a quote")
+
+
 def test_missing_column_and_unknown_eval_label(tmp_path):
     train = write_csv(tmp_path / "t.csv", sentiment_rows(10, seed=4))
     with pytest.raises(ValueError, match=r"no column 'sentence' \(set by --text-column\); "

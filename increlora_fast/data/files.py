@@ -76,11 +76,14 @@ def _csv_rows(text: str, delimiter: str, path: Path,
             two would be read is a guess; a repeated name of another column is left alone, as
             the csv module reads it), or a row has more (non-empty) cells than
             the header: an unquoted delimiter in a text would otherwise shift the rest of its
-            row into the label silently (the csv module keeps the surplus cells apart).
+            row into the label silently (the csv module keeps the surplus cells apart), or a
+            TSV line opens a quote it does not close (`_check_tsv_quotes`).
     """
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))
     try:
+        if delimiter == "\t":
+            _check_tsv_quotes(text, path)
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
         header = reader.fieldnames or []
         twice = sorted({name for name in header if name.strip() and header.count(name) > 1
@@ -102,6 +105,22 @@ def _csv_rows(text: str, delimiter: str, path: Path,
         return rows
     finally:
         csv.field_size_limit(limit)
+
+
+def _check_tsv_quotes(text: str, path: Path) -> None:
+    """Refuse a TSV line that opens a quote and does not close it: a TSV row is one line, and
+    the csv module would read the lines after it into that cell until the next quote, merging
+    rows silently or failing rows later. A cell quoted within its line (a tab or a doubled
+    quote inside) is fine; a quote that does not open a cell is text."""
+    for lineno, line in enumerate(io.StringIO(text, newline=""), 1):
+        if '"' not in line:
+            continue
+        cells = next(csv.reader([line.rstrip("\r\n") + "\n"], delimiter="\t"))
+        if any("\n" in cell for cell in cells):  # the line break itself was read as text
+            raise ValueError(f'{path}: line {lineno} opens a quote (") that does not close on '
+                             'that line; a TSV row is one line: close the quote, write a quote '
+                             'inside a quoted text doubled ("say ""hi"""), or save texts with '
+                             'line breaks as .csv or .jsonl')
 
 
 def _nan_marker(value: object, label: bool) -> bool:
