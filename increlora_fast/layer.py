@@ -301,10 +301,13 @@ class IncreLoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """The adapter as a dense (out, in) matrix, reserve slots included, without gradient,
         computed and returned in lambda's dtype (float32 also for 16-bit A and B; callers cast,
-        as `merge` does to the base weight's dtype)."""
+        as `merge` does to the base weight's dtype). Slots whose effective lambda is 0 are left
+        out by value, as the kernels do: NaN or inf there never reaches the sum."""
         with torch.no_grad():
             lam = self.effective_lambda()
-            return (self.lora_B.to(lam.dtype) * lam) @ self.lora_A.to(lam.dtype)
+            live = lam != 0
+            b = torch.where(live, self.lora_B.to(lam.dtype) * lam, 0.0)
+            return b @ torch.where(live[:, None], self.lora_A.to(lam.dtype), 0.0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Parameters, buffers and submodules read from their dicts: nn.Module.__getattr__

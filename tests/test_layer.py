@@ -393,3 +393,32 @@ def test_poison_in_dead_slots_changes_nothing_on_the_torch_path(advance_learning
     assert torch.count_nonzero(layer.lora_A.grad[dead]) == 0
     assert torch.count_nonzero(layer.lora_B.grad[:, dead]) == 0
     assert float(layer.lora_lambda.grad[1]) != 0 and float(layer.score_sum) > 0
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_poison_in_dead_slots_stays_out_of_delta_weight_and_merge(poison):
+    """The dense adapter (`delta_weight`, what merge and the peft export fold in) skips the
+    slots whose effective lambda is 0, as the forward does: NaN or inf there never reaches the
+    merged base weight."""
+    torch.manual_seed(0)
+    layer = IncreLoRALinear(nn.Linear(IN, OUT), r_max=R_MAX, init_r=3, reserve_rank=2,
+                            lora_alpha=6.0, reserve_lambda=0.3)
+    with torch.no_grad():
+        layer.lora_A.normal_(std=0.4)
+        layer.lora_B.normal_(std=0.4)
+        layer.lora_lambda.normal_(0.5, 1.0)
+    dead = layer.effective_lambda().detach() == 0
+    assert dead.any()
+    want = layer.delta_weight()
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        y_want = layer(x)
+        layer.lora_A[dead] = poison
+        layer.lora_B[:, dead] = poison
+    got = layer.delta_weight()
+    assert torch.isfinite(got).all() and torch.equal(got, want)
+    layer.merge()
+    with torch.no_grad():
+        y_merged = layer(x)
+    assert torch.isfinite(layer.base_layer.weight).all()
+    torch.testing.assert_close(y_merged, y_want, rtol=1e-5, atol=1e-5)
