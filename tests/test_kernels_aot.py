@@ -65,7 +65,7 @@ DTYPES = {"bf16": ("bfloat16", "bfloat16"), "amp": ("bfloat16", "float32"),
 DTYPES_PER_ARCH = {arch: ("bf16", "amp", "fp32") for arch in ARCHS}
 TOKENS = 16384
 # (in, out, bias, Conv1D weight layout); MiniLM's 384 -> 1536 gets the score's smaller tiles
-# (`linear._score_tiles`: too few 128 x 128 tiles to fill the GPU)
+# (`score.score_tiles`: too few 128 x 128 tiles to fill the GPU)
 LAYERS = ((768, 3072, True, False), (4096, 11008, False, False), (768, 3072, True, True),
           (384, 1536, True, False))
 R_MAX = (16, 128)
