@@ -8,6 +8,7 @@ On CPU the kernels run under the Triton interpreter (conftest), on CUDA compiled
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 
 import pytest
@@ -603,3 +604,55 @@ def test_r_max_128_takes_the_kernels_and_129_the_torch_path(kernel_device, monke
         reset_launch_counts()
         layer(x)
         assert bool(launch_counts()) == (path == "triton"), r_max
+
+
+@pytest.mark.parametrize("tiles", [((128, 128, 32), 8), ((64, 64, 32), 4), ((32, 32, 32), 8)],
+                         ids=["128x128", "64x64", "32x32"])
+@pytest.mark.parametrize("dtype,adapter", [(torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.float32),
+                                           (torch.bfloat16, torch.bfloat16)],
+                         ids=["amp-bf16", "amp-fp16", "bf16"])
+def test_score_kernel_at_each_tile_score_tiles_chooses(kernel_device, tiles, dtype, adapter):
+    """The exact score at every tile `score.score_tiles` returns on a GPU, with the split
+    bfloat16 dW dots (DW_SPLIT): the backward's plan takes 16 x 16 tiles under the interpreter,
+    and the kernel tests' layers are too small for 128 x 128 on any GPU (one tile per SM), so
+    these tiles are run here directly: out and in not multiples of the tile, NaN/inf in dead
+    slots, float32 precision against float64."""
+    from increlora_fast.kernels import score as S
+    from increlora_fast.kernels import utils as kutils
+    from increlora_fast.kernels.reference import effective_lambda
+    (bn, bk, bm), warps = tiles
+    dev = kernel_device
+    gen = torch.Generator().manual_seed(_seed())
+    m, n, k, r = 45, 150, 140, 20
+    states = torch.cat([torch.tensor([2, 2, 1, 0, 0]), torch.randint(0, 3, (r - 5,), generator=gen)])
+    states = states[torch.randperm(r, generator=gen)].to(torch.int8)
+    dead = states == 0
+    dy = (torch.randn(m, n, generator=gen) / m).to(dtype)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    a = (torch.randn(r, k, generator=gen) * k ** -0.5).to(adapter)
+    b = (torch.randn(n, r, generator=gen) * 0.1).to(adapter)
+    lam = torch.randn(r, generator=gen)
+    a[dead], b[:, dead] = float("nan"), float("inf")
+    alpha, reserve = 6.0, 0.3
+    cfg = kutils.dot_config(dtype, kutils.is_interpreted(S._score_tiles_kernel))
+    dw_consts = S.dw_dot(cfg, kutils.is_interpreted(S._score_tiles_kernel))
+    assert dw_consts["DW_SPLIT"]
+    grid = (-(-n // bn), -(-k // bk))
+    parts = torch.empty(grid[0] * grid[1], device=dev)
+    dyd, xd, ad, bd, lamd, std = (t.to(dev) for t in (dy, x, a, b, lam, states))
+    with warnings.catch_warnings():  # the interpreter evaluates NaN * 0 in masked-out lanes
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        kutils.launch(S._score_tiles_kernel, grid, dyd, xd, ad, bd, lamd, std, parts,
+                      m, n, k, r, alpha, reserve, dyd.stride(0), xd.stride(0), *ad.stride(),
+                      *bd.stride(), SLOTS=True, BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm,
+                      BLOCK_R=kutils.block(r, kutils.MAX_R_MAX), OP=cfg.op, DOT=cfg.dot,
+                      ACC=cfg.acc, PRECISION=cfg.precision, **dw_consts, num_warps=warps)
+    got = parts.double().sum().item() / math.sqrt(n * k)
+    lam_eff = effective_lambda(lam.double(), states, alpha, reserve)
+    clean_a = torch.where(dead[:, None], 0.0, a.double())
+    clean_b = torch.where(dead, 0.0, b.double())
+    g = dy.double().t() @ x.double()
+    want = ((clean_b * lam_eff) @ clean_a * g).abs().sum().item() / math.sqrt(n * k)
+    assert math.isfinite(got) and want > 0
+    assert abs(got - want) <= 1e-6 * want, (got, want)
