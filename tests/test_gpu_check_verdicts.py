@@ -206,36 +206,6 @@ def test_gpu_check_markdown_has_the_issue27_table():
     assert "`--cuda-graphs auto` on CUDA: on:" in text
 
 
-@pytest.mark.parametrize("states", [(2, 2, 2, 2, 2), (2, 1, 0, 2, 1)])
-def test_the_aten_design_of_the_dy_pass_computes_what_the_kernels_do(states):
-    """The dy-pass record times a second design (cuBLAS skinny GEMMs and aten ops); it must
-    compute the Triton kernels' dx, dA, dB and dlambda, or its time compares nothing. float64,
-    odd shapes, active, reserve and dead slots, fresh random inputs."""
-    import torch
-    pytest.importorskip("triton")
-    from increlora_fast.kernels.linear import adapted_linear_backward, adapted_linear_forward
-    from increlora_fast.kernels.utils import interpreter_active
-    from increlora_fast.benchmarks.speed.dy_pass import aten_adapter_backward
-    if not interpreter_active():
-        pytest.skip("checked under the Triton interpreter")
-    m, k, n, r = 7, 13, 11, len(states)
-    f64 = torch.float64
-    x, dy, w = (torch.randn(*s, dtype=f64) for s in ((m, k), (m, n), (n, k)))
-    a, b, lam = (torch.randn(*s, dtype=f64) for s in ((r, k), (n, r), (r,)))
-    state = torch.tensor(states, dtype=torch.int8)
-    alpha, reserve = 3.0, 0.25
-    _, h = adapted_linear_forward(x, None, w, None, False, a, b, lam, state, alpha, reserve, f64,
-                                  need_all=True, fused_gemm=False)
-    dx, _, d_a, d_b, d_lam = adapted_linear_backward(
-        dy, x, None, w, False, a, b, lam, state, alpha, reserve, h, None, None, need_x=True,
-        need_xa=False, need_a=True, need_b=True, need_lam=True)
-    dx_aten = dy @ w
-    got = aten_adapter_backward(dy, x, dx_aten, a, b, lam, state, alpha, reserve, h)
-    torch.testing.assert_close(dx_aten, dx, rtol=1e-10, atol=1e-10)
-    for mine, theirs in zip(got, (d_a, d_b, d_lam)):
-        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
-
-
 def test_graphed_step_verdict_and_auto_follow_the_graphs_part():
     """The graphs part: met when every precision that ran on CUDA agreed, missed (and
     ``--cuda-graphs auto`` off, whatever the main job says) when one did not, not measurable

@@ -28,9 +28,21 @@ def _seed() -> int:
     return int(torch.randint(0, 2**31 - 1, ()))
 
 
+@pytest.fixture(params=["kernels", "gemm"])
+def backward_design(request, monkeypatch):
+    """The adapter's backward on the row and finish kernels (the default) or as cuBLAS GEMMs
+    and aten ops (`kernels.gemm_backward`, from `linear.GEMM_BACKWARD_ROWS` rows on)."""
+    from increlora_fast.kernels import linear
+    if request.param == "gemm":
+        monkeypatch.setattr(linear, "GEMM_BACKWARD_ROWS", 0)
+    linear.clear_plan_cache()
+    yield request.param
+    linear.clear_plan_cache()
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_slot_mode_matches_float64_reference(kernel_device, dtype, shape):
+def test_slot_mode_matches_float64_reference(kernel_device, dtype, shape, backward_design):
     """Forward and every gradient (x, A, B, lambda) and the exact score, with active, reserve and
     dead slots (NaN/inf in the dead slots' A rows and B columns, inside live slot blocks) and an
     active slot at lambda 0; float32 adapters on 16-bit activations. Tolerances per dtype in
@@ -45,7 +57,7 @@ def test_slot_mode_matches_float64_reference(kernel_device, dtype, shape):
 
 @pytest.mark.parametrize("case", ["conv1d", "no_bias", "no_base", "dropout", "fused",
                                   "base_dtype_adapter", "base_dtype_adapter_fp16"])
-def test_variants_match_float64_reference(kernel_device, case):
+def test_variants_match_float64_reference(kernel_device, case, backward_design):
     from increlora_fast.kernels.checks import check_problem
     dtype = torch.float32
     kw = dict(weight_in_out=case == "conv1d", has_bias=case != "no_bias",
@@ -455,7 +467,8 @@ EDGE_CASES = [(19, 7, 13, 1, torch.float64, True), (33, 11, 9, 5, torch.float64,
 
 
 @pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: f"r{c[3]}-{str(c[4])[6:]}")
-def test_r_max_edges_with_mixed_slots_and_poison_past_r_max(kernel_device, case):
+def test_r_max_edges_with_mixed_slots_and_poison_past_r_max(kernel_device, case,
+                                                           backward_design):
     """Forward, every gradient and the score against float64 torch at r_max 1 and at r_max that
     are not powers of 2, with active, reserve and inactive slots interleaved in a fresh random
     order (NaN/inf in the inactive slots' A rows and B columns), a reserve value large enough to
@@ -567,7 +580,8 @@ def test_strided_lambda_and_slot_state_are_read_by_their_strides(kernel_device):
 
 
 @pytest.mark.parametrize("dropout", [False, True])
-def test_exact_step_grad_out_is_dy_t_times_the_adapters_input(kernel_device, dropout):
+def test_exact_step_grad_out_is_dy_t_times_the_adapters_input(kernel_device, dropout,
+                                                             backward_design):
     """The exact-step accumulator ``grad_out += dy^T x_a`` on the Triton path against float64,
     with adapter dropout (x_a = dropout(x), not x) and without; it accumulates over calls."""
     from increlora_fast.kernels.linear import adapted_linear_triton
@@ -656,3 +670,56 @@ def test_score_kernel_at_each_tile_score_tiles_chooses(kernel_device, tiles, dty
     want = ((clean_b * lam_eff) @ clean_a * g).abs().sum().item() / math.sqrt(n * k)
     assert math.isfinite(got) and want > 0
     assert abs(got - want) <= 1e-6 * want, (got, want)
+
+
+@pytest.mark.parametrize("states", [(2, 2, 2, 2, 2), (2, 1, 0, 2, 1), None],
+                         ids=["active", "mixed", "direct"])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_the_gemm_backward_computes_what_the_kernels_do(kernel_device, monkeypatch, states,
+                                                        dropout):
+    """The adapter's backward as cuBLAS GEMMs (`gemm_backward`, from `GEMM_BACKWARD_ROWS` rows
+    on) gives the row and finish kernels' dx, dA, dB, dlambda and score (float64, odd shapes,
+    active, reserve and dead slots with NaN in the dead ones, an active slot at lambda 0,
+    direct mode; the adapter's dx
+    into the base's or, with dropout, its own), and launches neither of them."""
+    from increlora_fast.kernels import linear
+    from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
+    dev, f64 = kernel_device, torch.float64
+    m, k, n, r = 7, 13, 11, 5
+    gen = torch.Generator().manual_seed(_seed())
+    x, dy, w, xa = (torch.randn(*s, generator=gen, dtype=f64).to(dev)
+                    for s in ((m, k), (m, n), (n, k), (m, k)))
+    a, b, lam = (torch.randn(*s, generator=gen, dtype=f64).to(dev)
+                 for s in ((r, k), (n, r), (r,)))
+    state = None if states is None else torch.tensor(states, dtype=torch.int8, device=dev)
+    if states is not None:
+        dead = torch.tensor(states, device=dev) == 0
+        a[dead], b[:, dead] = float("nan"), float("nan")
+        lam[0] = 0.0  # an active slot at lambda 0: read for its own dlambda
+    xa = xa if dropout else None
+    alpha, reserve = 3.0, 0.25
+
+    def backward(rows):
+        monkeypatch.setattr(linear, "GEMM_BACKWARD_ROWS", rows)
+        linear.clear_plan_cache()
+        _, h = linear.adapted_linear_forward(x, xa, w, None, False, a, b, lam, state, alpha,
+                                             reserve, f64, need_all=True, fused_gemm=False)
+        score = torch.zeros((), dtype=f64, device=dev)
+        reset_launch_counts()
+        grads = linear.adapted_linear_backward(
+            dy, x, xa, w, False, a, b, lam, state, alpha, reserve, h, score, None,
+            need_x=True, need_xa=dropout, need_a=True, need_b=True, need_lam=True)
+        return [g for g in grads if g is not None] + [score], dict(launch_counts())
+
+    with warnings.catch_warnings():  # the interpreter evaluates NaN * 0 in masked-out lanes
+        warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+        want, kernel_launches = backward(None)
+        got, gemm_launches = backward(0)
+    linear.clear_plan_cache()
+    assert kernel_launches.get("_backward_rows_kernel") == 1
+    assert "_backward_rows_kernel" not in gemm_launches
+    assert gemm_launches["_score_tiles_kernel"] == gemm_launches["_finish_kernel"] == 1
+    assert len(got) == len(want) == (6 if dropout else 5)
+    for mine, theirs in zip(got, want):
+        assert torch.isfinite(mine).all()
+        torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)

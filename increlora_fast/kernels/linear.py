@@ -11,7 +11,8 @@ A into dx in place and writes per-program partials of G_B = dy^T H, dA = (T * la
 dlambda = sum H * T; when the score is tracked `score._score_tiles_kernel` writes per-tile
 partials of ``sum |dW * dy^T x|``; `_finish_kernel` sums every partial in a fixed order into dB,
 dA, dlambda and the score. No atomics, no memset, no activation-sized tensor beyond the frozen
-layer's y and dx, nothing of size out x in.
+layer's y and dx, nothing of size out x in. From ``GEMM_BACKWARD_ROWS`` rows on (off by default)
+the adapter's part runs as cuBLAS GEMMs and aten ops instead (`gemm_backward`).
 
 Host work is paid once per (shapes, dtypes, device, flags): `_plan` validates the operands and
 picks block sizes and grids the first time it sees a key and caches the result; a call then
@@ -35,6 +36,7 @@ from torch.autograd.function import once_differentiable
 from .lowrank import (Slots, _backward_rows_kernel, _expand_kernel, _finish_kernel,
                       _project_kernel)
 from .reference import accumulate_dense_grad_
+from .gemm_backward import gemm_adapter_backward
 from .score import _score_tiles_kernel, dw_dot, score_tiles
 from .utils import (MAX_R_MAX, acc_dtype, block, check_device, check_dtype, compute_dtype,
                     dot_config, is_interpreted, multiprocessor_count, row_major)
@@ -52,7 +54,7 @@ class _Plan:
 
     __slots__ = ("dot", "slots_const", "br", "proj", "proj_warps", "exp", "exp_warps",
                  "rows", "rows_warps", "sms", "fin", "score", "score_warps", "score_dw",
-                 "acc")
+                 "acc", "gemm_rows")
 
     def __init__(self, out_dtype: torch.dtype, r: int, slots: bool, device: torch.device,
                  interpreted: bool, out_features: int, in_features: int) -> None:
@@ -86,10 +88,18 @@ class _Plan:
             self.rows_warps = 8 if br >= 64 else 4
             self.fin = (64, 64, 256)
         self.sms = multiprocessor_count(device)
+        self.gemm_rows = GEMM_BACKWARD_ROWS
         if not interpreted:
             self.score, self.score_warps = score_tiles(out_features, in_features, br, wide,
                                                         self.sms)
 
+
+# From how many rows (tokens) a layer's backward runs the adapter's part as cuBLAS GEMMs
+# (`gemm_backward`) instead of the row and finish kernels; None: never. Read when a plan is made
+# (`clear_plan_cache` after changing it). None until a GPU run has timed both designs at small
+# layers too (gpu-check's dy-pass records): on the H200 the GEMMs took half the kernels' GPU
+# time at 16,384 tokens, on 768 -> 3072 and 4096 -> 11008 alike.
+GEMM_BACKWARD_ROWS: Optional[int] = None
 
 _PLANS: Dict[tuple, _Plan] = {}
 # The kernels were built by the Triton interpreter: no TF32 whatever torch allows (`dot_config`).
@@ -249,17 +259,31 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
             dx = target
         else:
             dxa = target
-    bm, bn, bk = plan.rows
-    m_blocks = -(-M // bm)
-    per_prog = -(-m_blocks // max(1, min(m_blocks, plan.sms)))
-    progs = -(-m_blocks // per_prog) if M else 0
     sa, sb, sx = lora_A.stride(), lora_B.stride(), xa.stride(0)
     acc = plan.acc
-    # Sizes as separate ints: torch parses them faster than a shape tuple.
-    gb = torch.empty(progs, N, R, dtype=acc, device=device) if need_b else h
-    da = torch.empty(progs, R, K, dtype=acc, device=device) if need_a else h
-    dl = torch.empty(progs, R, dtype=acc, device=device) if need_lam else h
-    if need_adapter_dx or need_a or need_b or need_lam:
+    d_a = db = dlam = None
+    progs = 0
+    gb = da = dl = h
+    if plan.gemm_rows is not None and M >= plan.gemm_rows:  # cuBLAS GEMMs and aten ops
+        d_a, db, dlam = gemm_adapter_backward(
+            dy, xa, lora_A, lora_B, lora_lambda, slot_state, alpha, reserve, h, target,
+            accumulate_dx, need_a, need_b, need_lam, acc)
+        need_a = need_b = need_lam = False  # done: the finish kernel only sums the score
+    elif need_adapter_dx or need_a or need_b or need_lam:
+        bm, bn, bk = plan.rows
+        m_blocks = -(-M // bm)
+        per_prog = -(-m_blocks // max(1, min(m_blocks, plan.sms)))
+        progs = -(-m_blocks // per_prog) if M else 0
+        # Sizes as separate ints: torch parses them faster than a shape tuple.
+        if need_b:
+            gb = torch.empty(progs, N, R, dtype=acc, device=device)
+            db = torch.empty_like(lora_B)
+        if need_a:
+            da = torch.empty(progs, R, K, dtype=acc, device=device)
+            d_a = torch.empty_like(lora_A)
+        if need_lam:
+            dl = torch.empty(progs, R, dtype=acc, device=device)
+            dlam = torch.empty_like(lora_lambda)
         dx_arg = target if target is not None else h
         _utils.launch(_backward_rows_kernel, (progs,),
                 dy, lora_B, h, lora_A, xa, lam, state, dx_arg, gb, da, dl,
@@ -281,18 +305,15 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
                 dy.stride(0), sx, sa[0], sa[1], sb[0], sb[1],
                 SLOTS=plan.slots_const, BLOCK_N=sn, BLOCK_K=sk, BLOCK_M=sm, BLOCK_R=plan.br,
                 **plan.dot, **plan.score_dw, num_warps=plan.score_warps)
-    db = torch.empty_like(lora_B) if need_b else None
-    d_a = torch.empty_like(lora_A) if need_a else None
-    dlam = torch.empty_like(lora_lambda) if need_lam else None
     if need_a or need_b or need_lam or score_out is not None:
         fn, fk, fs = plan.fin
         tiles_db = -(-N // fn) if need_b else 0
         tiles_da = -(-K // fk) if need_a else 0
-        db_arg = db if db is not None else lora_B
-        da_arg = d_a if d_a is not None else lora_A
+        db_arg = db if need_b else lora_B
+        da_arg = d_a if need_a else lora_A
         _utils.launch(_finish_kernel, (tiles_db + tiles_da + 1,),
                 gb, da, dl, parts, lora_B, lam, state, db_arg, da_arg,
-                dlam if dlam is not None else lam,
+                dlam if need_lam else lam,
                 score_out if score_out is not None else parts,
                 N, K, R, progs, alpha, reserve, tiles_db, tiles_da, n_parts,
                 (N * K) ** -0.5, sb[0], sb[1], *db_arg.stride(), *da_arg.stride(),

@@ -10,8 +10,10 @@ kernels) and the graph is replayed ``repeats`` times between two CUDA events. Th
 pass is the difference.
 
 Issue 27 lets speed decide between designs, so the same record also times the other design:
-the adapter's backward as cuBLAS skinny GEMMs and aten elementwise ops (`aten_adapter_backward`,
-about ten launches, dy read twice) after the same cuBLAS ``dy W``; and our kernels with up to
+the adapter's backward as cuBLAS skinny GEMMs and aten elementwise ops (`kernels.gemm_backward`,
+the library's own path from `linear.GEMM_BACKWARD_ROWS` rows on, here forced by a copy of the
+layer's plan; dy read twice) after the same cuBLAS ``dy W`` (the ``aten_*`` fields); and our
+kernels with up to
 four programs per SM instead of one (``ours_4x_ms``: four times the warps in flight to hide
 the latency of the sweep over dy's columns, at four times the partials of dB; at 16,384 tokens
 one row block per program, so the partials are written once, never read back and rewritten).
@@ -66,28 +68,6 @@ def _host_ms(fn: Callable[[], object]) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def aten_adapter_backward(dy: torch.Tensor, x: torch.Tensor, dx: torch.Tensor,
-                          lora_A: torch.Tensor, lora_B: torch.Tensor, lora_lambda: torch.Tensor,
-                          slot_state: torch.Tensor, alpha: float, reserve: float,
-                          h: torch.Tensor) -> tuple:
-    """The adapter's part of a layer's backward as aten ops (cuBLAS skinny GEMMs on a GPU):
-    adds the adapter's ``dx`` into ``dx`` in place and returns (dA, dB, dlambda), the same
-    quantities as `kernels.linear.adapted_linear_backward` computes in two Triton kernels.
-    ``h = x A^T`` (float32) is the forward's. GEMM operands are rounded to dy's dtype."""
-    cdt = dy.dtype
-    lam_eff = effective_lambda(lora_lambda, slot_state, alpha, reserve)
-    t = dy @ lora_B.to(cdt)
-    st = t * lam_eff.to(cdt)
-    dx.addmm_(st, lora_A.to(cdt))
-    d_a = (st.t() @ x).to(lora_A.dtype)
-    d_b = (dy.t() @ (h * lam_eff).to(cdt)).to(lora_B.dtype)
-    # lam_eff = lam * alpha / active_rank on active slots (reserve and dead slots: constants)
-    active = slot_state == ACTIVE
-    scale = alpha / active.sum().clamp(min=1).to(h.dtype)
-    d_lam = torch.where(active, (h * t.to(h.dtype)).sum(0) * scale, 0.0)
-    return d_a, d_b, d_lam.to(lora_lambda.dtype)
-
-
 def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int, dtype: str,
                     device: torch.device, env: Dict, repeats: int = 50,
                     warmup: int = 3) -> dict:
@@ -129,12 +109,16 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
                                        need_xa=False, need_a=True, need_b=True, need_lam=True,
                                        plan=plan)
 
-    four_per_sm = copy.copy(_plan(x, None, weight, None, False, lora_A, lora_B, lam, state,
-                                  None, dt))
+    plan = _plan(x, None, weight, None, False, lora_A, lora_B, lam, state, None, dt)
+    four_per_sm, gemms = copy.copy(plan), copy.copy(plan)
     four_per_sm.sms *= 4  # the row split's programs: at most `sms` (`adapted_linear_backward`)
+    gemms.gemm_rows = 0
 
     def backward_4x():
         return backward(plan=four_per_sm)
+
+    def aten_backward():
+        return backward(plan=gemms)
 
     def backward_score():
         return backward(score)
@@ -147,11 +131,6 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
 
     def cublas():
         return torch.mm(dy, weight)
-
-    def aten_backward():
-        dx = torch.mm(dy, weight)
-        return (dx,) + aten_adapter_backward(dy, x, dx, lora_A, lora_B, lam, state, alpha,
-                                             reserve, h)
 
     on_gpu = device.type == "cuda"
     timed = {name: (_gpu_ms(fn, repeats, warmup) if on_gpu else _host_ms(fn))
