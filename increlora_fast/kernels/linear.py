@@ -53,7 +53,7 @@ class _Plan:
     call. ``dot`` holds the constexpr dtypes of the launches."""
 
     __slots__ = ("dot", "slots_const", "br", "proj", "proj_warps", "exp", "exp_warps",
-                 "rows", "rows_warps", "sms", "fin", "score", "score_warps", "score_dw",
+                 "rows", "rows_warps", "row_programs", "fin", "score", "score_warps", "score_dw",
                  "acc", "gemm_rows")
 
     def __init__(self, out_dtype: torch.dtype, r: int, slots: bool, device: torch.device,
@@ -87,11 +87,11 @@ class _Plan:
                     else (32, 32, 32)
             self.rows_warps = 8 if br >= 64 else 4
             self.fin = (64, 64, 256)
-        self.sms = multiprocessor_count(device)
+        sms = multiprocessor_count(device)
+        self.row_programs = sms * ROW_PROGRAMS_PER_SM
         self.gemm_rows = GEMM_BACKWARD_ROWS
         if not interpreted:
-            self.score, self.score_warps = score_tiles(out_features, in_features, br, wide,
-                                                        self.sms)
+            self.score, self.score_warps = score_tiles(out_features, in_features, br, wide, sms)
 
 
 # From how many rows (tokens) a layer's backward runs the adapter's part as cuBLAS GEMMs
@@ -100,6 +100,9 @@ class _Plan:
 # layers too (gpu-check's dy-pass records): on the H200 the GEMMs took half the kernels' GPU
 # time at 16,384 tokens, on 768 -> 3072 and 4096 -> 11008 alike.
 GEMM_BACKWARD_ROWS: Optional[int] = None
+# Programs per SM of `_backward_rows_kernel`'s row split (each writes its own partials of dB and
+# dA, which `_finish_kernel` sums): 1 keeps the partials small; gpu-check times 4 beside it.
+ROW_PROGRAMS_PER_SM = 1
 
 _PLANS: Dict[tuple, _Plan] = {}
 # The kernels were built by the Triton interpreter: no TF32 whatever torch allows (`dot_config`).
@@ -272,7 +275,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     elif need_adapter_dx or need_a or need_b or need_lam:
         bm, bn, bk = plan.rows
         m_blocks = -(-M // bm)
-        per_prog = -(-m_blocks // max(1, min(m_blocks, plan.sms)))
+        per_prog = -(-m_blocks // max(1, min(m_blocks, plan.row_programs)))
         progs = -(-m_blocks // per_prog) if M else 0
         # Sizes as separate ints: torch parses them faster than a shape tuple.
         if need_b:

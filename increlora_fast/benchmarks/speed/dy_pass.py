@@ -111,7 +111,7 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
 
     plan = _plan(x, None, weight, None, False, lora_A, lora_B, lam, state, None, dt)
     four_per_sm, gemms = copy.copy(plan), copy.copy(plan)
-    four_per_sm.sms *= 4  # the row split's programs: at most `sms` (`adapted_linear_backward`)
+    four_per_sm.row_programs *= 4  # `linear.ROW_PROGRAMS_PER_SM` at 4 (for the default 1)
     gemms.gemm_rows = 0
 
     def backward_4x():
