@@ -366,6 +366,10 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
         records.append(dict(check_problem(device, 301, 40, 72, 16, torch.bfloat16,
                                           torch.float32, torch.bfloat16),
                             op="adapted_linear_deterministic"))
+    with _gemm_backward():  # the other design of the adapter's backward (`gemm_backward`)
+        for dtype in dtypes:
+            records.append(dict(check_problem(device, 301, 40, 72, 16, dtype, torch.float32,
+                                              dtype), op="adapted_linear_gemm_backward"))
     if device.type == "cuda" and torch.cuda.device_count() > 1:
         other = torch.device("cuda", (device.index or 0) + 1 if (device.index or 0) + 1 <
                              torch.cuda.device_count() else 0)
@@ -374,6 +378,21 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
                                               torch.float32, torch.bfloat16),
                                 op="adapted_linear_other_device"))
     return records
+
+
+@contextlib.contextmanager
+def _gemm_backward():
+    """Every layer's backward as cuBLAS GEMMs (`linear.GEMM_BACKWARD_ROWS` 0) within the block;
+    the setting before, and plans made under it forgotten, after it."""
+    from . import linear
+    before = linear.GEMM_BACKWARD_ROWS
+    linear.GEMM_BACKWARD_ROWS = 0
+    linear.clear_plan_cache()
+    try:
+        yield
+    finally:
+        linear.GEMM_BACKWARD_ROWS = before
+        linear.clear_plan_cache()
 
 
 @contextlib.contextmanager
