@@ -347,9 +347,10 @@ def _token_batches(n: int) -> List[dict]:
 
 def _tiny_deberta_run(seed: int):
     """A tiny DeBERTa-v2 with log-bucketed relative positions, IncreLoRA on its attention. Its
-    forward makes host tensors (``torch.tensor``: the attention scale; the relative positions'
-    ``mid - 1``, copied to the device, which failed the H200's capture on 2026-12-05, before
-    the step runner cached the positions), which the graph emulator's capture refuses."""
+    forward makes host tensors (``torch.tensor``: the attention scale in transformers 5.25, not
+    under 5.17, where it is TorchScript; the relative positions' ``mid - 1``, copied to the
+    device, which failed the H200's capture on 2026-12-05, before the step runner cached the
+    positions), which the graph emulator's capture refuses."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
     from increlora_fast import IncreLoRAConfig
     from increlora_fast.training.increlora_method import IncreLoRARun
@@ -368,7 +369,8 @@ def _tiny_deberta_run(seed: int):
 
 
 def test_a_model_that_cannot_be_captured_steps_eagerly_after_one_warning():
-    """The tiny DeBERTa-v2's forward cannot be captured under the emulator: before the first
+    """A tiny DeBERTa-v2 that cannot be captured under the emulator (a host tensor added to its
+    head's output, whatever its own forward does in this transformers version): before the first
     capture the runner's probe finds that, warns once, and every step runs eagerly, exactly as
     a run without graphs (dropout on: the probe's random draws were put back; the cached
     relative positions change nothing)."""
@@ -376,6 +378,8 @@ def test_a_model_that_cannot_be_captured_steps_eagerly_after_one_warning():
     results = {}
     for graphed in (False, True):
         run = _tiny_deberta_run(seed=0)
+        run.model.classifier.register_forward_hook(
+            lambda module, args, out: out + torch.tensor(0.0))
         runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
                             graph_factory=EmulatedPool() if graphed else None)
         with warnings.catch_warnings(record=True) as caught:
@@ -636,3 +640,29 @@ def test_the_benchmarks_increlora_step_is_the_plain_loop_of_the_readme():
     assert runner.run.allocation_log() == controller.allocation_log
     assert len(controller.allocation_log) > 0
     assert all(torch.equal(ours[n], p) for n, p in model.named_parameters())
+
+
+def test_the_step_computes_the_loss_without_passing_labels_to_the_model():
+    """Every method's step runs the model without ``labels`` and takes cross_entropy of its
+    float32 logits (`forward_with_loss`): the value a sequence classifier's own loss gives, bit
+    for bit, without the model's own loss code (DeBERTa-v2's keeps rows through ``nonzero()``,
+    a host read that no CUDA graph captures)."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from increlora_fast.training.step_runner import forward_with_loss
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=3)).eval()
+    seen = []
+    model.register_forward_pre_hook(lambda m, args, kwargs: seen.append(set(kwargs)),
+                                    with_kwargs=True)
+    batch = {"input_ids": torch.randint(0, 64, (5, 7)),
+             "attention_mask": torch.ones(5, 7, dtype=torch.long),
+             "labels": torch.tensor([0, 2, 1, 1, 0])}
+    out, loss = forward_with_loss(model, batch)
+    assert "labels" not in seen[-1] and "labels" in batch
+    assert torch.equal(loss, model(**batch).loss)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+    _, weighted = forward_with_loss(model, batch, weights)
+    assert torch.equal(weighted, torch.nn.functional.cross_entropy(
+        out.logits, batch["labels"], weight=weights))

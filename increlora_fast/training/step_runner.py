@@ -36,6 +36,19 @@ from .settings import CUDA_GRAPHS
 from .static_positions import cache_relative_positions
 
 
+def forward_with_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
+                      class_weights: Optional[torch.Tensor] = None) -> tuple:
+    """(the model's output, the classification loss): the model runs without ``labels`` and
+    the loss is ``cross_entropy`` of its float32 logits here, the same value a sequence
+    classifier's own loss gives. Models' own losses may read the host: DeBERTa-v2's (transformers
+    5.17) keeps the rows with ``labels >= 0`` through ``nonzero()``, which no CUDA graph can
+    capture, and every step of every method would wait on it. Call it under the autocast the
+    forward needs; the loss itself is float32 either way."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    out = model(**inputs)
+    return out, F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)
+
+
 def resolve_cuda_graphs(text: str, device: torch.device, method: str = "increlora",
                         pad_to: Optional[str] = None) -> bool:
     """Whether a run with ``--cuda-graphs text`` on ``device`` uses CUDA graphs.
@@ -158,10 +171,7 @@ class StepRunner:
         under fp16); returns the model's output."""
         place = self.placement
         with place.autocast():
-            out = self.run.model(**batch)
-        weights = self.run.class_weights
-        loss = out.loss if weights is None else \
-            F.cross_entropy(out.logits.float(), batch["labels"], weight=weights)
+            out, loss = forward_with_loss(self.run.model, batch, self.run.class_weights)
         penalty = self.run.penalty()  # in fp32, outside autocast
         if penalty is not None:
             loss = loss + penalty

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ...training.cuda_graphs import GRAPH_POOL_KIND
+from ...training.step_runner import forward_with_loss
 from ..memory_probe import MIB
 from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
 from .model_presets import MODEL_PRESETS, ModelPreset
@@ -173,7 +174,7 @@ class _FloorRun:
         return "run"
 
     def step(self, i: int, batch: dict) -> None:
-        self.model(**batch).loss.backward()
+        forward_with_loss(self.model, batch)[1].backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -219,7 +220,7 @@ class _PeftRun:
         return "round" if i > s["tinit"] and i % s["deltaT"] == 0 else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
-        self.forward(**batch).loss.backward()
+        forward_with_loss(self.forward, batch)[1].backward()
         self.optimizer.step()
         if self.adalora:
             self.model.base_model.update_and_allocate(i)
