@@ -260,9 +260,11 @@ def test_the_note_reads_with_a_single_hint():
 
 
 def test_class_weights_keep_adaloras_orthogonal_penalty(tiny):
-    """peft adds AdaLoRA's orthogonal penalty to the model's own loss, which class weights
-    replace: with equal weights the step's loss must stay the unweighted run's (penalty
-    included), or the peer trains without the penalty printed beside its numbers."""
+    """peft adds AdaLoRA's orthogonal penalty to the model's own loss, which the step does not
+    use (it takes the loss from the logits, `forward_with_loss`): the run adds it itself, so the
+    step's loss is the cross-entropy plus the penalty, with class weights or without (equal
+    weights give the unweighted loss), or the peer trains without the penalty printed beside
+    its numbers."""
     from increlora_fast.training.finetune_run import build_run
     from increlora_fast.training.settings import RunSettings
     from increlora_fast.training.step_runner import StepRunner
@@ -272,8 +274,12 @@ def test_class_weights_keep_adaloras_orthogonal_penalty(tiny):
     batch = batches.train_batch(0)
     runner = StepRunner(run)
     out = runner.forward_backward(0, dict(batch))
+    unweighted = runner.loss.detach()
     plain = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"])
-    assert float(out.loss - plain) > 0.1  # peft's penalty is in the model's own loss
+    with torch.no_grad():  # the model's own loss: peft's penalty in it
+        own = run.model(**batch).loss
+    assert float(own - plain) > 0.1
+    torch.testing.assert_close(unweighted, own)
     run.class_weights = torch.ones(2)
     runner.forward_backward(0, dict(batch))
-    torch.testing.assert_close(runner.loss.detach(), out.loss.detach())
+    torch.testing.assert_close(runner.loss.detach(), unweighted)

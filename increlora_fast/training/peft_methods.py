@@ -2,7 +2,9 @@
 
 AdaLoRA in a plain loop needs ``update_and_allocate(step)`` after every ``optimizer.step()`` and
 before ``zero_grad`` (it reads the gradients), with ``total_step`` set to the run's step count;
-its orthogonal penalty is added by peft inside the forward pass whenever labels are given.
+peft adds its orthogonal penalty inside the forward pass when the model is given labels; the
+step runs the model without them (`step_runner.forward_with_loss`), so the run adds the same
+penalty itself (`adalora_orth_penalty`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,21 @@ from .methods import MethodRun
 from .settings import RunSettings
 
 ADAPTER = "default"
+
+
+def adalora_orth_penalty(model: nn.Module, weight: float) -> Optional[torch.Tensor]:
+    """``weight`` x the mean over the adapter's A and B matrices of ||A A^T - I||_F and
+    ||B^T B - I||_F, summed in peft's order: the penalty peft's AdaLoRA adds to a model's own
+    loss when it is given labels. None without adapter matrices."""
+    terms = []
+    for name, p in model.base_model.model.named_parameters():
+        if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
+            cov = p @ p.T if "lora_A" in name else p.T @ p
+            eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
+            terms.append(torch.norm(cov - eye, p="fro"))
+    if not terms:
+        return None
+    return weight * (sum(terms) / len(terms))
 
 
 class LoRARun(MethodRun):
@@ -77,21 +94,10 @@ class AdaLoRARun(LoRARun):
                     orth_reg_weight=c.orth_reg_weight)
 
     def penalty(self) -> Optional[torch.Tensor]:
-        """peft adds the orthogonal penalty to the model's own loss inside the forward; with
-        ``--class-weights`` the step replaces that loss by the weighted cross-entropy
-        (`step_runner.StepRunner.forward_backward`), so the penalty is added here instead, as
-        peft computes it."""
-        if self.class_weights is None:
-            return None
-        terms = []
-        for name, p in self.model.base_model.model.named_parameters():
-            if ("lora_A" in name or "lora_B" in name) and ADAPTER in name:
-                cov = p @ p.T if "lora_A" in name else p.T @ p
-                eye = torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device)
-                terms.append(torch.norm(cov - eye, p="fro"))
-        if not terms:
-            return None
-        return self._live_config.orth_reg_weight * (sum(terms) / len(terms))
+        """AdaLoRA's orthogonal penalty, as peft computes it (`adalora_orth_penalty`): peft adds
+        it to the model's own loss only when the model gets labels, and the step takes its loss
+        from the logits instead (`step_runner.forward_with_loss`)."""
+        return adalora_orth_penalty(self.model, self._live_config.orth_reg_weight)
 
     def after_optimizer_step(self, step: int) -> None:
         self.model.base_model.update_and_allocate(step)

@@ -38,12 +38,16 @@ from .static_positions import cache_relative_positions
 
 def forward_with_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
                       class_weights: Optional[torch.Tensor] = None) -> tuple:
-    """(the model's output, the classification loss): the model runs without ``labels`` and
-    the loss is ``cross_entropy`` of its float32 logits here, the same value a sequence
-    classifier's own loss gives. Models' own losses may read the host: DeBERTa-v2's (transformers
-    5.17) keeps the rows with ``labels >= 0`` through ``nonzero()``, which no CUDA graph can
-    capture, and every step of every method would wait on it. Call it under the autocast the
-    forward needs; the loss itself is float32 either way."""
+    """(the model's output, the loss). With one label per row (sequence classification, all
+    that `finetune` trains) the model runs without ``labels`` and the loss is ``cross_entropy``
+    of its float32 logits here, the same value a sequence classifier's own loss gives. Models'
+    own losses may read the host: DeBERTa-v2's (transformers 5.17) keeps the rows with
+    ``labels >= 0`` through ``nonzero()``, which no CUDA graph can capture, and every step of
+    every method would wait on it. Token labels (a language model, as the memory benchmark
+    runs) keep the model's own loss. Call it under the autocast the forward needs."""
+    if batch["labels"].dim() != 1:
+        out = model(**batch)
+        return out, out.loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     out = model(**inputs)
     return out, F.cross_entropy(out.logits.float(), batch["labels"], weight=class_weights)

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from ...kernels.reference import lambda_dtype
-from ...training.step_runner import forward_with_loss
 
 if TYPE_CHECKING:
     from ...training.step_runner import StepRunner
@@ -242,13 +241,12 @@ class MemoryStep:
         self.model.train()
 
     def forward_backward(self, batch: Dict[str, torch.Tensor], step: int) -> None:
-        """Like ``loss = model(**batch).loss; loss.backward()`` in a loop (the loss as every
-        method's step computes it, `step_runner.forward_with_loss`): the previous step's
+        """Like ``loss = model(**batch).loss; loss.backward()`` in a loop: the previous step's
         loss (and whatever its graph still holds) lives until this one replaces it."""
         if self.runner is not None:
             self.runner.forward_backward(step, batch)
             return
-        self.loss = forward_with_loss(self.model, batch)[1]
+        self.loss = self.model(**batch).loss
         self.loss.backward()
 
     def update(self, step: int) -> None:

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ...training.cuda_graphs import GRAPH_POOL_KIND
+from ...training.peft_methods import adalora_orth_penalty
 from ...training.step_runner import forward_with_loss
 from ..memory_probe import MIB
 from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
@@ -220,7 +221,10 @@ class _PeftRun:
         return "round" if i > s["tinit"] and i % s["deltaT"] == 0 else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
-        forward_with_loss(self.forward, batch)[1].backward()
+        loss = forward_with_loss(self.forward, batch)[1]
+        if self.adalora:  # what peft adds to the model's own loss (the step takes it without)
+            loss = loss + adalora_orth_penalty(self.model, ORTH_REG_WEIGHT)
+        loss.backward()
         self.optimizer.step()
         if self.adalora:
             self.model.base_model.update_and_allocate(i)
