@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .reference import ACTIVE, RESERVE, _mm_out_dtype_supported
+from .reference import _mm_out_dtype_supported, slot_factors
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
@@ -33,20 +33,6 @@ def _mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     if a.dtype == b.dtype and _mm_out_dtype_supported(a.device, a.dtype):
         return torch.mm(a, b, out_dtype=acc)
     return a.to(acc) @ b.to(acc)
-
-
-def slot_factors(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor], alpha: float,
-                 reserve: float, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(lam_eff, coef) in ``acc``: the effective lambda and d(lam_eff)/d(lambda), as
-    `lowrank._slot_lambda` computes them (direct mode, ``slot_state`` None: lambda and 1)."""
-    lam = lora_lambda.to(acc)
-    if slot_state is None:
-        return lam, torch.ones_like(lam)
-    active = slot_state == ACTIVE
-    scale = alpha / active.sum().clamp(min=1).to(acc)
-    fixed = (slot_state == RESERVE).to(acc) * reserve
-    lam_eff = torch.where(active, lam, fixed) * scale
-    return lam_eff, torch.where(active, scale, 0.0)
 
 
 def gemm_adapter_backward(dy: torch.Tensor, xa: torch.Tensor, lora_A: torch.Tensor,

@@ -35,10 +35,27 @@ def effective_lambda(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tenso
     if slot_state is None:
         return lora_lambda
     lam = lora_lambda if lora_lambda.dtype == torch.float64 else lora_lambda.float()
+    return _scaled_slots(lam, slot_state, lora_alpha, reserve_value)[0]
+
+
+def slot_factors(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor], alpha: float,
+                 reserve: float, acc: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(lam_eff, coef) in ``acc``: the effective lambda and d(lam_eff)/d(lambda), as
+    `lowrank._slot_lambda` computes them (direct mode, ``slot_state`` None: lambda and 1)."""
+    lam = lora_lambda.to(acc)
+    if slot_state is None:
+        return lam, torch.ones_like(lam)
+    lam_eff, active, scale = _scaled_slots(lam, slot_state, alpha, reserve)
+    return lam_eff, torch.where(active, scale, 0.0)
+
+
+def _scaled_slots(lam: torch.Tensor, slot_state: torch.Tensor, alpha: float,
+                  reserve: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(lam_eff, the active mask, ``alpha / active_rank``) of ``lam`` in its own dtype."""
     active = slot_state == ACTIVE
-    fixed = (slot_state == RESERVE).to(lam.dtype) * reserve_value
-    scale = lora_alpha / active.sum().clamp(min=1).to(lam.dtype)
-    return torch.where(active, lam, fixed) * scale
+    fixed = (slot_state == RESERVE).to(lam.dtype) * reserve
+    scale = alpha / active.sum().clamp(min=1).to(lam.dtype)
+    return torch.where(active, lam, fixed) * scale, active, scale
 
 
 def read_slots(lora_A: torch.Tensor, lora_B: torch.Tensor, slot_state: Optional[torch.Tensor],
