@@ -15,7 +15,8 @@ masks) notice news without reading a tensor on the host.
 from __future__ import annotations
 
 import enum
-from typing import Optional, Tuple
+import weakref
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -71,6 +72,27 @@ def adapter_dtype_for(weight: torch.Tensor, choice: str = "auto") -> torch.dtype
     if choice == "base":
         return weight.dtype
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+def _names_by_id(named: Iterable[Tuple[str, object]]) -> Dict[int, List[str]]:
+    """Every name of each object (a module or parameter registered under several names)."""
+    names: Dict[int, List[str]] = {}
+    for name, obj in named:
+        names.setdefault(id(obj), []).append(name)
+    return names
+
+
+def _other_names_of_base_weight(layer: "IncreLoRALinear", parameters: Dict[int, List[str]],
+                                modules: Dict[int, List[str]]) -> List[str]:
+    """The names, in a model with ``parameters`` and ``modules`` (`_names_by_id` of its
+    ``named_parameters`` / ``named_modules`` without duplicate removal), under which the base
+    weight of ``layer`` is registered other than the layer's own: the parameters tied to it."""
+    own = {f"{alias}.base_layer.weight" if alias else "base_layer.weight"
+           for alias in modules.get(id(layer), [])}
+    return [n for n in parameters.get(id(layer.base_layer.weight), []) if n not in own]
+
+
+_IN_PLACE = {"merge": "merging", "unmerge": "unmerging"}
 
 
 
@@ -143,6 +165,11 @@ class IncreLoRALinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.slot_version = 0
+        # Set by `inject_increlora` (`_attach_model`): a weak reference to the model, and the
+        # layer's name and the parameters tied to its base weight there at injection.
+        self._model_ref: Optional[weakref.ReferenceType] = None
+        self._name_at_injection: Optional[str] = None
+        self._tied_at_injection: Tuple[str, ...] = ()
         with torch.no_grad():
             nn.init.normal_(self.lora_A, std=INIT_STD)
             nn.init.normal_(self.lora_B, std=INIT_STD)
@@ -163,6 +190,13 @@ class IncreLoRALinear(nn.Module):
             if lam.grad is not None:
                 lam.grad = lam.grad.to(want)
         return result
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy`` drop the weak reference to the model (a weakref does
+        not pickle, and a copy's model is another one); the record made at injection stays."""
+        state = super().__getstate__()
+        state["_model_ref"] = None
+        return state
 
     # ------------------------------------------------------------------ drop-in attributes
     @property
@@ -370,12 +404,77 @@ class IncreLoRALinear(nn.Module):
         delta = self.delta_weight()
         return delta.t() if self.is_conv1d else delta
 
-    @torch.no_grad()
+    def _attach_model(self, model: nn.Module, parameters: Dict[int, List[str]],
+                      modules: Dict[int, List[str]]) -> None:
+        """Called by `inject_increlora` with the model this layer was put into (and
+        `_names_by_id` of its parameters and modules): `merge` and `unmerge` look the layer's
+        ties up there, and fall back to what is recorded here when the model is gone."""
+        self._model_ref = weakref.ref(model)
+        self._name_at_injection = modules[id(self)][0]
+        self._tied_at_injection = tuple(_other_names_of_base_weight(self, parameters, modules))
+
+    def tied_parameters(self) -> List[str]:
+        """Names of the parameters of other modules that are this layer's base weight itself
+        (tied weights, e.g. an adapted ``lm_head`` sharing the input embedding), which an in-place
+        `merge` or `unmerge` would change too.
+
+        Looked up now in the model the layer was injected into (`inject_increlora`), so ties
+        made or undone after injection count, as long as that model is alive and still holds the
+        layer. Otherwise (a deep copy or an unpickled model, whose layers keep no reference to
+        their model, or a layer taken out of it) the ties recorded at injection. Empty for a
+        layer built by hand and never injected, whose model is unknown: its ties go unseen.
+        """
+        return self._tie_record()[1]
+
+    def _tie_record(self) -> Tuple[Optional[str], List[str], bool]:
+        """(the layer's name, the parameters tied to its base weight, whether both were looked
+        up in the live model rather than recorded at injection)."""
+        state = self.__dict__  # a layer pickled by an older release lacks the three entries
+        ref = state.get("_model_ref")
+        model = ref() if ref is not None else None
+        if model is not None:
+            modules = _names_by_id(model.named_modules(remove_duplicate=False))
+            if id(self) in modules:
+                parameters = _names_by_id(model.named_parameters(remove_duplicate=False))
+                return (modules[id(self)][0],
+                        _other_names_of_base_weight(self, parameters, modules), True)
+        return state.get("_name_at_injection"), list(state.get("_tied_at_injection", ())), False
+
+    def _refuse_tied(self, op: str) -> None:
+        """ValueError, before anything changes, when ``op`` (merge or unmerge) would write into
+        a base weight tied to another module's parameter (see `tied_parameters`)."""
+        name, tied, live = self._tie_record()
+        if not tied:
+            return
+        module = tied[0].rpartition(".")[0] or "<model>"
+        seen = "" if live else " (as recorded at injection; the model is no longer reachable)"
+        raise ValueError(
+            f"cannot {op} IncreLoRA layer {name!r} in place: its base weight is tied to "
+            f"{tied[0]!r} of module {module!r}{seen}, so {_IN_PLACE[op]} would change "
+            f"{module!r} too; untie them first (give the layer its own copy: "
+            "layer.base_layer.weight = nn.Parameter(layer.base_layer.weight.detach().clone(), "
+            "requires_grad=False), or tie_word_embeddings=False before injecting), or keep the "
+            "adapter unmerged and export it with export_peft")
+
     def merge(self) -> None:
-        """Fold the adapter into the base weight; forward then skips the adapter."""
+        """Fold the adapter into the base weight; forward then skips the adapter.
+
+        Raises:
+            RuntimeError: the layer is already merged, or its base is quantized.
+            ValueError: the base weight is tied to another module's parameter
+                (`tied_parameters`: checked for layers made by `inject_increlora`, against the
+                model they were injected into): merging in place would change that module too.
+        Nothing changes when it raises.
+        """
         if self.merged:
             raise RuntimeError("IncreLoRALinear is already merged")
         self._refuse_quantized_merge()
+        self._refuse_tied("merge")
+        self._merge_in_place()
+
+    @torch.no_grad()
+    def _merge_in_place(self) -> None:
+        """`merge` without its checks (`merge_and_unload` checks the whole model once)."""
         w = self.base_layer.weight
         w.add_(self._base_weight_delta().to(w.dtype))
         self.merged = True
@@ -388,9 +487,16 @@ class IncreLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the adapter from the base weight again."""
+        """Subtract the adapter from the base weight again.
+
+        Raises:
+            RuntimeError: the layer is not merged.
+            ValueError: the base weight is tied to another module's parameter (as in `merge`).
+        Nothing changes when it raises.
+        """
         if not self.merged:
             raise RuntimeError("IncreLoRALinear is not merged")
+        self._refuse_tied("unmerge")
         w = self.base_layer.weight
         w.sub_(self._base_weight_delta().to(w.dtype))
         self.merged = False

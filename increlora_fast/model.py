@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
-from .layer import IncreLoRALinear, is_supported_base
+from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
+                    is_supported_base)
 
 CONFIG_ATTR = "increlora_config"
 ALL_LINEAR = "all-linear"
@@ -248,6 +249,11 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         for name, layer in wrapped.items():
             for alias in aliases[name]:  # a module registered under several names
                 _set_submodule(model, alias, layer)
+        # each layer learns its model, so that layer.merge() refuses tied base weights too
+        parameters = _names_by_id(model.named_parameters(remove_duplicate=False))
+        modules = _names_by_id(model.named_modules(remove_duplicate=False))
+        for layer in wrapped.values():
+            layer._attach_model(model, parameters, modules)
         _keep_adapters_in_fast_paths(model, targets)
         for root in save_roots:
             for p in model.get_submodule(root).parameters():
@@ -321,14 +327,6 @@ def count_trainable_parameters(model: nn.Module) -> Dict[str, int]:
     return {"active": active + other, "padded": padded + other, "other": other}
 
 
-def _names_by_id(named: Iterator[Tuple[str, object]]) -> Dict[int, List[str]]:
-    """Every name of each object (a module or parameter registered under several names)."""
-    names: Dict[int, List[str]] = {}
-    for name, obj in named:
-        names.setdefault(id(obj), []).append(name)
-    return names
-
-
 def _tied_base_weights(model: nn.Module) -> List[str]:
     """``"<layer> with <parameter>"`` for every unmerged IncreLoRA layer whose base weight is
     also a parameter of another module (tied weights, e.g. an adapted ``lm_head`` sharing the
@@ -339,9 +337,7 @@ def _tied_base_weights(model: nn.Module) -> List[str]:
     for name, layer in increlora_layers(model):
         if layer.merged:
             continue
-        own = {f"{alias}.base_layer.weight" if alias else "base_layer.weight"
-               for alias in aliases[id(layer)]}
-        others = [n for n in names.get(id(layer.base_layer.weight), []) if n not in own]
+        others = _other_names_of_base_weight(layer, names, aliases)
         if others:
             tied.append(f"{name} with {others[0]}")
     return tied
@@ -374,8 +370,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                 del module._forward_pre_hooks[key]
     aliases = _names_by_id(model.named_modules(remove_duplicate=False))
     for name, layer in list(increlora_layers(model)):
-        if not layer.merged:
-            layer.merge()
+        if not layer.merged:  # ties and quantized bases were refused above, for the whole model
+            layer._merge_in_place()
         for alias in aliases[id(layer)]:  # a layer registered under several names
             _set_submodule(model, alias, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):

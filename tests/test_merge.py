@@ -170,3 +170,103 @@ def test_merge_and_unload_replaces_a_layer_under_every_name():
     assert type(model.fc) is nn.Linear and model.again is model.fc
     assert not any(isinstance(m, IncreLoRALinear) for m in model.modules())
     torch.testing.assert_close(model(x), y, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_lm(family: str, tie: bool) -> nn.Module:
+    """A one- or two-layer causal LM whose ``lm_head`` is (or is not) tied to the embedding."""
+    import transformers
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+            eos_token_id=0, tie_word_embeddings=tie)).eval()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=tie)).eval()
+
+
+_EMBEDDING = {"gpt2": "transformer.wte", "llama": "model.embed_tokens"}
+_ATTENTION = {"gpt2": "c_attn", "llama": "q_proj"}
+
+
+def _inject_lm(family: str, tie: bool) -> nn.Module:
+    model = _tiny_lm(family, tie)
+    inject_increlora(model, IncreLoRAConfig(target_modules=["lm_head", _ATTENTION[family]],
+                                            r_max=4, target_rank=2))
+    perturb(model)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_layer_merge_refuses_a_base_weight_tied_to_another_module(family):
+    """``layer.merge()`` on an adapted lm_head tied to the input embedding (found by an audit:
+    only merge_and_unload refused; merge() added the adapter to the embedding too)."""
+    model = _inject_lm(family, tie=True)
+    embedding = model.get_submodule(_EMBEDDING[family]).weight
+    assert model.lm_head.base_layer.weight is embedding
+    before = embedding.detach().clone()
+    with pytest.raises(ValueError) as error:
+        model.lm_head.merge()
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'lm_head'" in message and f"'{_EMBEDDING[family]}'" in message
+    assert "untie" in message
+    assert torch.equal(embedding, before) and not model.lm_head.merged
+    # an untied layer of the same model merges as before
+    other = next(layer for name, layer in increlora_layers(model) if name != "lm_head")
+    other.merge()
+    assert other.merged
+
+
+def test_layer_merge_refuses_a_tie_made_after_injection():
+    """The tie is looked up in the model at merge time, not only recorded at injection."""
+    model = _inject_lm("gpt2", tie=False)
+    model.lm_head.base_layer.weight = model.transformer.wte.weight
+    before = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"'lm_head'.*'transformer\.wte'"):
+        model.lm_head.merge()
+    assert torch.equal(model.transformer.wte.weight, before) and not model.lm_head.merged
+
+
+def test_layer_merge_after_untying_merges_exactly():
+    """A weight tied at injection and untied (given its own copy) before merging merges as an
+    untied one does: the live model decides, not the record of the injection."""
+    model = _inject_lm("gpt2", tie=True)
+    head = model.lm_head
+    head.base_layer.weight = nn.Parameter(head.base_layer.weight.detach().clone(),
+                                          requires_grad=False)
+    embedding = model.transformer.wte.weight.detach().clone()
+    expected = head.base_layer.weight.detach() + head.delta_weight()
+    head.merge()
+    assert torch.equal(head.base_layer.weight, expected)
+    assert torch.equal(model.transformer.wte.weight, embedding)
+
+
+def test_layer_unmerge_refuses_a_tie_made_after_merging():
+    """unmerge() also writes into the base weight in place: refused on a tied weight."""
+    model = _inject_lm("gpt2", tie=False)
+    model.lm_head.merge()
+    model.lm_head.base_layer.weight = model.transformer.wte.weight
+    before = model.transformer.wte.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"cannot unmerge .*'lm_head'.*'transformer\.wte'"):
+        model.lm_head.unmerge()
+    assert torch.equal(model.transformer.wte.weight, before) and model.lm_head.merged
+
+
+def test_layer_merge_refuses_a_tie_in_a_copied_or_pickled_model():
+    """A deep copy (or a pickled model) of a tied model keeps its tie and the record of it,
+    and still pickles: the reference to the model is dropped from the copy."""
+    import io
+
+    model = _inject_lm("gpt2", tie=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(model), torch.load(buffer, weights_only=False)):
+        assert twin.lm_head.base_layer.weight is twin.transformer.wte.weight
+        before = twin.transformer.wte.weight.detach().clone()
+        with pytest.raises(ValueError, match=r"'lm_head'.*'transformer\.wte'"):
+            twin.lm_head.merge()
+        assert torch.equal(twin.transformer.wte.weight, before)
