@@ -283,3 +283,32 @@ def test_class_weights_keep_adaloras_orthogonal_penalty(tiny):
     run.class_weights = torch.ones(2)
     runner.forward_backward(0, dict(batch))
     torch.testing.assert_close(runner.loss.detach(), unweighted)
+
+
+def test_adaloras_orthogonal_penalty_counts_once_with_token_labels():
+    """A language model with token labels keeps its own loss (`forward_with_loss`), and peft
+    has already added AdaLoRA's orthogonal penalty to it: the step's loss is the model's own,
+    penalised once (found by an audit: the run added the penalty a second time)."""
+    import transformers
+
+    from increlora_fast.training.peft_methods import AdaLoRARun, adalora_orth_penalty
+    from increlora_fast.training.settings import RunSettings, resolve
+    from increlora_fast.training.step_runner import StepRunner
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    run = AdaLoRARun(model, resolve(RunSettings(
+        method="adalora", target_modules=["c_attn"], max_steps=40, orth_reg_weight=1.0),
+        train_size=16))
+    ids = torch.randint(1, 40, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    runner = StepRunner(run)
+    runner.forward_backward(0, dict(batch))
+    with torch.no_grad():
+        own = run.model(**batch).loss  # through peft's AdaLoRA: its penalty added
+        bare = run.model.base_model.model(**batch).loss  # the transformers model's alone
+        penalty = adalora_orth_penalty(run.model, 1.0)
+    assert float(penalty) > 0.1
+    torch.testing.assert_close(own, bare + penalty)
+    torch.testing.assert_close(runner.loss.detach(), own, rtol=0, atol=0)

@@ -75,7 +75,9 @@ class IncreLoRARun(MethodRun):
                       max_steps=config.total_step)
         return cls(model, RunSettings(**values), config)
 
-    def penalty(self) -> Optional[torch.Tensor]:
+    def penalty(self, model_loss: bool = False) -> Optional[torch.Tensor]:
+        """IncreLoRA's regularization (`IncreLoRAController.regularization_loss`), whichever
+        loss the step took: it is never inside the model's own loss."""
         return self.controller.regularization_loss()
 
     def before_optimizer_step(self, step: int,

@@ -52,8 +52,13 @@ class MethodRun:
                                            weight_decay=settings.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, settings.warmup_steps, settings.max_steps)
 
-    def penalty(self) -> Optional[torch.Tensor]:
-        """Extra loss term added before backward (None: nothing to add)."""
+    def penalty(self, model_loss: bool = False) -> Optional[torch.Tensor]:
+        """Extra loss term added before backward (None: nothing to add).
+
+        ``model_loss``: the step's loss is the model's own, the model having been given the
+        labels (`step_runner.takes_model_loss`), so a term the model adds to its own loss is
+        already in it and must not be returned again; False: the step computed the loss from
+        the logits."""
         return None
 
     def before_optimizer_step(self, step: int,

@@ -2,9 +2,10 @@
 
 AdaLoRA in a plain loop needs ``update_and_allocate(step)`` after every ``optimizer.step()`` and
 before ``zero_grad`` (it reads the gradients), with ``total_step`` set to the run's step count;
-peft adds its orthogonal penalty inside the forward pass when the model is given labels; the
-step runs the model without them (`step_runner.forward_with_loss`), so the run adds the same
-penalty itself (`adalora_orth_penalty`).
+peft adds its orthogonal penalty inside the forward pass when the model is given labels; a
+classifier's step runs the model without them (`step_runner.forward_with_loss`), so the run adds
+the same penalty itself (`adalora_orth_penalty`), and only then: with token labels the step keeps
+the model's own loss, penalty included (`step_runner.takes_model_loss`).
 """
 from __future__ import annotations
 
@@ -93,10 +94,13 @@ class AdaLoRARun(LoRARun):
                     lora_alpha=c.lora_alpha, tinit=c.tinit, tfinal=c.tfinal, deltaT=c.deltaT,
                     orth_reg_weight=c.orth_reg_weight)
 
-    def penalty(self) -> Optional[torch.Tensor]:
-        """AdaLoRA's orthogonal penalty, as peft computes it (`adalora_orth_penalty`): peft adds
-        it to the model's own loss only when the model gets labels, and the step takes its loss
-        from the logits instead (`step_runner.forward_with_loss`)."""
+    def penalty(self, model_loss: bool = False) -> Optional[torch.Tensor]:
+        """AdaLoRA's orthogonal penalty, as peft computes it (`adalora_orth_penalty`), when the
+        step took its loss from the logits (one label per row, `step_runner.forward_with_loss`);
+        None when it took the model's own loss (``model_loss``: token labels), to which peft has
+        already added the penalty: it counts once either way."""
+        if model_loss:
+            return None
         return adalora_orth_penalty(self.model, self._live_config.orth_reg_weight)
 
     def after_optimizer_step(self, step: int) -> None:

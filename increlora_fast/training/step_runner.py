@@ -36,6 +36,14 @@ from .settings import CUDA_GRAPHS
 from .static_positions import cache_relative_positions
 
 
+def takes_model_loss(batch: Dict[str, torch.Tensor]) -> bool:
+    """Whether `forward_with_loss` keeps the model's own loss for ``batch`` (token labels: the
+    model is given them) rather than computing ``cross_entropy`` of the logits itself (one label
+    per row). A term a model adds to its own loss, as peft's AdaLoRA adds its orthogonal penalty,
+    is then already in the step's loss: the step tells the method (`MethodRun.penalty`)."""
+    return batch["labels"].dim() != 1
+
+
 def forward_with_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
                       class_weights: Optional[torch.Tensor] = None) -> tuple:
     """(the model's output, the loss). With one label per row (sequence classification, all
@@ -44,8 +52,9 @@ def forward_with_loss(model: torch.nn.Module, batch: Dict[str, torch.Tensor],
     own losses may read the host: DeBERTa-v2's (transformers 5.17) keeps the rows with
     ``labels >= 0`` through ``nonzero()``, which no CUDA graph can capture, and every step of
     every method would wait on it. Token labels (a language model, as the memory benchmark
-    runs) keep the model's own loss. Call it under the autocast the forward needs."""
-    if batch["labels"].dim() != 1:
+    runs) keep the model's own loss (`takes_model_loss`). Call it under the autocast the forward
+    needs."""
+    if takes_model_loss(batch):
         out = model(**batch)
         return out, out.loss
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -172,11 +181,13 @@ class StepRunner:
     def forward_backward(self, step: int, batch: Dict[str, torch.Tensor]) -> Any:
         """Forward ``batch`` (already on the device) under autocast, weigh the classes as the
         run says (``class_weights``), add the method's penalty, and backward (the scaled loss
-        under fp16); returns the model's output."""
+        under fp16); returns the model's output. The method learns whether the loss is the
+        model's own (`takes_model_loss`), which may hold its penalty already (AdaLoRA's)."""
         place = self.placement
         with place.autocast():
             out, loss = forward_with_loss(self.run.model, batch, self.run.class_weights)
-        penalty = self.run.penalty()  # in fp32, outside autocast
+        # in fp32, outside autocast
+        penalty = self.run.penalty(model_loss=takes_model_loss(batch))
         if penalty is not None:
             loss = loss + penalty
         self.loss = loss

@@ -47,7 +47,7 @@ from torch import nn
 
 from ...training.cuda_graphs import GRAPH_POOL_KIND
 from ...training.peft_methods import adalora_orth_penalty
-from ...training.step_runner import forward_with_loss
+from ...training.step_runner import forward_with_loss, takes_model_loss
 from ..memory_probe import MIB
 from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
 from .model_presets import MODEL_PRESETS, ModelPreset
@@ -222,7 +222,8 @@ class _PeftRun:
 
     def step(self, i: int, batch: dict) -> None:
         loss = forward_with_loss(self.forward, batch)[1]
-        if self.adalora:  # what peft adds to the model's own loss (the step takes it without)
+        # what peft adds to the model's own loss, when the step took the loss from the logits
+        if self.adalora and not takes_model_loss(batch):
             loss = loss + adalora_orth_penalty(self.model, ORTH_REG_WEIGHT)
         loss.backward()
         self.optimizer.step()
