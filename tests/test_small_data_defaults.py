@@ -312,3 +312,29 @@ def test_adaloras_orthogonal_penalty_counts_once_with_token_labels():
     assert float(penalty) > 0.1
     torch.testing.assert_close(own, bare + penalty)
     torch.testing.assert_close(runner.loss.detach(), own, rtol=0, atol=0)
+
+
+def test_a_step_with_token_labels_reports_the_models_own_loss():
+    """`StepRunner.step` on a language model (token labels): the step's task loss is the model's
+    own loss (before IncreLoRA's penalty), not a cross-entropy of (batch, seq, vocab) logits
+    against (batch, seq) labels, which raised."""
+    import transformers
+
+    from increlora_fast.training.increlora_method import IncreLoRARun
+    from increlora_fast.training.settings import RunSettings, resolve
+    from increlora_fast.training.step_runner import StepRunner
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    run = IncreLoRARun(model, resolve(RunSettings(
+        method="increlora", target_modules=["c_attn"], modules_to_save=[], max_steps=40,
+        orth_reg_weight=1.0),
+        train_size=16))
+    ids = torch.randint(1, 40, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        own = run.model(**batch).loss
+    result = StepRunner(run).step(0, dict(batch))
+    torch.testing.assert_close(result.task_loss, own.float(), rtol=0, atol=0)
+    assert int(result.tokens) == ids.numel()

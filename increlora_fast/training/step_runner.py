@@ -92,7 +92,8 @@ class StepResult:
     """What one step leaves for the caller to read later, without a host read now.
 
     ``task_loss``: the cross-entropy of the step's logits (detached, fp32, penalties left out so
-    that methods compare) as a 0-d device tensor. ``tokens``: the non-padding tokens of the
+    that methods compare) as a 0-d device tensor; with token labels (a language model) the
+    model's own loss, detached (peft's AdaLoRA has its penalty in it). ``tokens``: the non-padding tokens of the
     batch, a 0-d device tensor (the attention mask's sum), or an int when the batch has no
     mask (every token counts).
     """
@@ -186,8 +187,11 @@ class StepRunner:
         place = self.placement
         with place.autocast():
             out, loss = forward_with_loss(self.run.model, batch, self.run.class_weights)
+        model_loss = takes_model_loss(batch)
+        # the step's task loss (`StepResult`), when the model computed it (token labels)
+        self._model_task_loss = loss.detach().float() if model_loss else None
         # in fp32, outside autocast
-        penalty = self.run.penalty(model_loss=takes_model_loss(batch))
+        penalty = self.run.penalty(model_loss=model_loss)
         if penalty is not None:
             loss = loss + penalty
         self.loss = loss
@@ -312,7 +316,9 @@ class StepRunner:
         with self._capture_safe_autocast():
             out = self.forward_backward(step, batch)
         self._before_optimizer(step)
-        task_loss = F.cross_entropy(out.logits.detach().float(), batch["labels"])
+        task_loss = self._model_task_loss
+        if task_loss is None:  # one label per row: the cross-entropy of the logits, unweighted
+            task_loss = F.cross_entropy(out.logits.detach().float(), batch["labels"])
         mask = batch.get("attention_mask")
         tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
         return StepResult(task_loss, tokens)
