@@ -199,6 +199,23 @@ class IncreLoRALinear(nn.Module):
         return state
 
     # ------------------------------------------------------------------ drop-in attributes
+    def __setattr__(self, name: str, value: object) -> None:
+        """``layer.weight = p`` and ``layer.bias = p`` set the base layer's, which the drop-in
+        attributes `weight` and `bias` read: transformers' ``tie_weights`` ties an adapted
+        ``lm_head`` to the input embedding so (``nn.Module`` alone refuses the assignment:
+        "attribute 'weight' already exists"). A tensor of another shape is refused: the
+        adapter's A and B keep theirs."""
+        if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
+            old = getattr(self.base_layer, name)
+            if isinstance(value, torch.Tensor) and old is not None and value.shape != old.shape:
+                raise ValueError(
+                    f"IncreLoRALinear.{name}: a {tuple(value.shape)} tensor cannot replace the "
+                    f"base layer's {tuple(old.shape)} {name} under an adapter of that shape; "
+                    "change the model's shapes (e.g. its vocabulary) before inject_increlora")
+            setattr(self.base_layer, name, value)
+            return
+        super().__setattr__(name, value)
+
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight itself (not a copy), for code that reads the attributes of

@@ -270,3 +270,32 @@ def test_layer_merge_refuses_a_tie_in_a_copied_or_pickled_model():
         with pytest.raises(ValueError, match=r"'lm_head'.*'transformer\.wte'"):
             twin.lm_head.merge()
         assert torch.equal(twin.transformer.wte.weight, before)
+
+
+def test_tie_weights_after_injection_ties_the_adapted_lm_heads_base():
+    """transformers' ``tie_weights`` assigns ``lm_head.weight``: on an adapted lm_head that sets
+    its base layer's weight, so the base is tied again and the adapter stays (before, nn.Module
+    refused: "attribute 'weight' already exists"); an in-place merge is then refused as for any
+    tied base. A weight of another shape is refused: the adapter cannot follow it."""
+    import transformers
+
+    from increlora_fast import IncreLoRAConfig, inject_increlora
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16))
+    inject_increlora(model, IncreLoRAConfig(target_modules=["c_attn", "lm_head"], r_max=4,
+                                            init_r=1, modules_to_save=[]))
+    head = model.lm_head
+    head.base_layer.weight = nn.Parameter(head.base_layer.weight.detach().clone(),
+                                          requires_grad=False)  # untied
+    model.tie_weights()
+    assert head.base_layer.weight is model.transformer.wte.weight
+    assert head.weight is model.transformer.wte.weight
+    ids = torch.randint(0, 40, (2, 5))
+    assert model(input_ids=ids).logits.shape == (2, 5, 40)
+    with pytest.raises(ValueError, match="tied"):
+        head.merge()
+    # a weight of another shape (another vocabulary size): refused, the base left as it was
+    with pytest.raises(ValueError, match=r"IncreLoRALinear\.weight: a \(48, 16\) tensor"):
+        head.weight = nn.Parameter(torch.zeros(48, 16), requires_grad=False)
+    assert tuple(head.base_layer.weight.shape) == (40, 16)
