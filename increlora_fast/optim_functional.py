@@ -3,7 +3,9 @@
 An adapter tensor holds one slot per index along ``slot_dim`` (rows of A, columns of B, entries
 of lambda). Each slot has its own learning rate (restart warmup), its own Adam step count (fresh
 moments start their bias correction anew) and a mask: a masked-out slot is left bitwise unchanged,
-parameter and moments alike.
+parameter and moments alike, and so is a slot whose step count, this step included, is below 1
+(a slot changed at this step, which like a parameter just added to AdamW takes no step on its
+zero gradient: no weight decay either).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def masked_adamw_values(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
     """(param, exp_avg, exp_avg_sq) after the step of `masked_adamw_torch_`, as new tensors.
 
     ``mask`` (bool), ``lr`` and ``count`` (float32) broadcast against ``param``. Where ``mask``
-    is false the results hold the inputs' own elements, bit for bit, whatever was computed there.
+    is false or ``count`` below 1 the results hold the inputs' own elements, bit for bit,
+    whatever was computed there.
     """
     # The float32 operations of the formula, in its order (the fused kernel follows it too).
     g = grad.float()
@@ -45,7 +48,8 @@ def masked_adamw_values(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
     step /= denom
     p = param.float() * (1 - lr * weight_decay)
     p -= step
-    return tuple(torch.where(mask, new.to(old.dtype), old)
+    on = mask & (count >= 1)  # a slot of count 0 takes no step (see the module docstring)
+    return tuple(torch.where(on, new.to(old.dtype), old)
                  for new, old in ((p, param), (m, exp_avg), (v, exp_avg_sq)))
 
 
@@ -54,13 +58,16 @@ def masked_adamw_torch_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
                         exp_avg_sq: torch.Tensor, slot_mask: torch.Tensor, slot_lr: torch.Tensor,
                         slot_count: torch.Tensor, slot_dim: int, beta1: float, beta2: float,
                         eps: float, weight_decay: float) -> None:
-    """One AdamW step on the slots where ``slot_mask`` is true, in place.
+    """One AdamW step on the slots where ``slot_mask`` is true and ``slot_count`` >= 1, in place;
+    every other slot is left bitwise unchanged, parameter and moments.
 
     Args:
         slot_mask: (r,) bool, slots to update.
         slot_lr: (r,) float32, learning rate of each slot (base lr x its schedule multiplier).
-        slot_count: (r,) float32, Adam step count of each slot including this step (>= 1 where
-            masked in).
+        slot_count: (r,) float32, Adam step count of each slot including this step: a whole
+            number, >= 1 where the slot takes a step; 0 (or below) leaves it unchanged like a
+            masked-out slot (a slot the controller changed at this step, whose gradient is
+            zero: no step at all, weight decay included).
         slot_dim: the dimension of ``param`` that indexes slots.
 
     Math per updated element, with ``n = slot_count`` and ``lr = slot_lr`` of its slot::

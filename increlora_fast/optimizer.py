@@ -9,7 +9,9 @@ For adapter tensors every slot (row of A, column of B, entry of lambda) has
   that comparison runs on the device, and only for the tensors of layers whose host-side
   ``slot_version`` changed since their last step (every tensor on the first step and after
   `IncreLoRAAdamW.load_state_dict`);
-- a mask: inactive slots, and reserve lambdas, are left bitwise unchanged (no weight-decay drift).
+- a mask: inactive slots, and reserve lambdas, are left bitwise unchanged (no weight-decay drift);
+  so are slots the controller changed at this step (Adam step count 0: no step on their zero
+  gradient, as for a parameter just added to AdamW, whatever their learning rate).
 Other trainable parameters (e.g. a classifier) follow the ordinary warmup + linear decay from step 0.
 
 A step works per parameter group and device: the masks, stamps, step counts and schedules of all
@@ -330,6 +332,13 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             mask = mask & keep
             mask_parts = list(mask.to(torch.float32).split(sizes))
         torch._foreach_add_(counts, mask_parts)
+        if keep is not None:
+            # A slot changed at an overflowed step kept its count of -1 (`_restart_fresh_slots`):
+            # 0 now, as after a step that counted, so that its next gradient, its first real
+            # one, is counted as step 1 (not left uncounted, and every later bias correction
+            # one step short). In a step that counted, it only raises the -1 of masked-out
+            # slots changed at this step, which are restarted before they train.
+            torch._foreach_clamp_min_(counts, 0.0)
         step = self._device_steps.get(self.global_step, start.device)
         mult = schedule_multiplier(step, start, group["warmup_steps"], group["total_step"])
         lr = (group["lr"] * mult).to(torch.float32)
@@ -451,8 +460,10 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             # stamp is this step) got this step's gradient in its old state: zero (an unused
             # slot, a reserve lambda, a frozen reserve). Like a parameter just added to AdamW,
             # which has no gradient yet, it takes no Adam step on it: its count starts at -1, so
-            # this step leaves it at 0 and its first real gradient gets the bias correction of
-            # step 1 (not of step 2 after a zero gradient: a first update 0.74x as large). A
+            # this step leaves it at 0, a count that takes no step at all (not even weight
+            # decay: the kernels leave it unchanged, as a masked-out slot), and its first real
+            # gradient gets the bias correction of step 1 (not of step 2 after a zero gradient:
+            # a first update 0.74x as large). A
             # slot changed at an earlier step that this tensor missed (no gradient then) has its
             # first real gradient now and counts this step, as do slots never seen (-2: the
             # first step).

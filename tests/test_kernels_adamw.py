@@ -280,3 +280,100 @@ def test_device_check_of_the_optimizer_kernels_sees_a_stale_table(monkeypatch):
     monkeypatch.setattr(MultiTensorAdamW, "_refresh", first_only)
     record = check_adamw(torch.device(DEVICE), torch.float32, True)
     assert not record["ok"] and "relative error" in record["error"], record
+
+
+# ------------------------------------------------ slots whose Adam step does not count (count 0)
+# A slot the controller changed at this step has Adam step count 0 after the step's increment
+# (`IncreLoRAAdamW._restart_fresh_slots`): like a parameter just added to AdamW it takes no step,
+# not even weight decay, so it stays bitwise unchanged, parameter and moments, as a masked-out
+# slot does. Error of the counted slots relative to the largest float64 result of the tensor.
+REF_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+# (shape, slot dim): A (slots along dim 0), B (along dim 1), lambda (1-D), a dense tensor as one
+# slot; odd sizes, over several of the interpreter's blocks of 256 elements
+UNCOUNTED_SHAPES = [((7, 37), 0), ((19, 5), 1), ((11,), 0), ((1, 333), 0)]
+WD_HYPER = (0.9, 0.999, 1e-8, 0.1)
+
+
+def _uncounted_state(shape, slot_dim, dtype, moment_dtype=torch.float32):
+    """`make_state` with lrs large enough for weight decay to show and, among the slots that
+    train, some of count 0 (never the only slot of a one-slot tensor)."""
+    tensors, mask, lr, count = make_state(shape, slot_dim, dtype, moment_dtype)
+    r = shape[slot_dim]
+    lr = 0.05 + lr
+    if r > 1:
+        mask[1] = mask[2] = True
+        count[1] = 0.0
+        count[2:] = torch.where(torch.rand(r - 2, device=DEVICE) > 0.5, 0.0, count[2:])
+        count[2] = 1.0  # a first step next to an uncounted one
+    return tensors, mask, lr, count
+
+
+def _check_uncounted(shape, slot_dim, got, before, mask, lr, count, dtype):
+    """The slots that train with count 0 (and the masked-out ones) are bitwise unchanged; the
+    others match `masked_adamw_float64`."""
+    from increlora_fast.kernels.reference import masked_adamw_float64
+    p, g, m, v = before
+    want = masked_adamw_float64(p, g, m, v, mask, lr, count, slot_dim, *WD_HYPER)
+    along = [1] * len(shape)
+    along[slot_dim] = -1
+    counted = (mask & (count >= 1)).view(along).expand(shape)
+    for name, t, old, ref in zip(("param", "exp_avg", "exp_avg_sq"), got, (p, m, v), want):
+        assert torch.equal(t[~counted], old[~counted]), f"{name} changed where it may not"
+        assert torch.equal(ref[~counted], old[~counted].double()), f"reference {name}"
+        err = (t.double() - ref)[counted].abs().max() / ref[counted].abs().max()
+        tol = REF_RTOL[dtype] if name == "param" else REF_RTOL[old.dtype]
+        assert err <= tol, (name, float(err))
+    assert not torch.equal(got[0][counted], p[counted])  # the counted slots did move
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,slot_dim", UNCOUNTED_SHAPES)
+def test_a_slot_of_count_zero_is_left_unchanged_by_the_kernel(dtype, shape, slot_dim):
+    tensors, mask, lr, count = _uncounted_state(shape, slot_dim, dtype)
+    before = [t.clone() for t in tensors]
+    masked_adamw_triton_(*tensors, mask, lr, count, slot_dim, *WD_HYPER)
+    p, _, m, v = tensors
+    _check_uncounted(shape, slot_dim, (p, m, v), before, mask, lr, count, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,slot_dim", UNCOUNTED_SHAPES)
+def test_a_slot_of_count_zero_is_left_unchanged_by_the_torch_step(dtype, shape, slot_dim):
+    """`masked_adamw_torch_` (`masked_adamw_values`, the optimizer's torch path) likewise."""
+    tensors, mask, lr, count = _uncounted_state(shape, slot_dim, dtype)
+    before = [t.clone() for t in tensors]
+    masked_adamw_torch_(*tensors, mask, lr, count, slot_dim, *WD_HYPER)
+    p, _, m, v = tensors
+    _check_uncounted(shape, slot_dim, (p, m, v), before, mask, lr, count, dtype)
+
+
+def test_a_slot_of_count_zero_is_left_unchanged_by_the_multi_tensor_launch():
+    """`MultiTensorAdamW` over A-, B- and lambda-shaped tensors of three dtype combinations:
+    count-0 slots untouched, the rest as float64 and bitwise as one launch per tensor."""
+    from increlora_fast.kernels.adamw import MultiTensorAdamW, adamw_launch
+    specs = [((7, 37), 0, torch.float32, torch.float32), ((19, 5), 1, torch.float32, torch.float32),
+             ((11,), 0, torch.float32, torch.float32), ((1, 333), 0, torch.float32, torch.float32),
+             ((9, 30), 0, torch.bfloat16, torch.bfloat16), ((13,), 0, torch.bfloat16, torch.bfloat16),
+             ((33, 3), 1, torch.float16, torch.float32)]
+    states = [_uncounted_state(shape, slot_dim, dtype, moment_dtype)
+              for shape, slot_dim, dtype, moment_dtype in specs]
+    befores = [[t.clone() for t in tensors] for tensors, *_ in states]
+    params = []
+    for (p, g, _, _), *_ in states:
+        p.requires_grad_(True)
+        p.grad = g
+        params.append(p)
+    multi = MultiTensorAdamW(params, [(m, v) for (_, _, m, v), *_ in states],
+                             [count for *_, count in states],
+                             [adamw_launch(p, spec[1]) for p, spec in zip(params, specs)])
+    expected = _per_tensor_steps(specs, params, [(t[2], t[3]) for t, *_ in states],
+                                 [s[1] for s in states], [s[2] for s in states],
+                                 [s[3] for s in states], WD_HYPER)
+    reset_launch_counts()
+    assert multi.step(torch.cat([s[1] for s in states]).view(torch.uint8),
+                      torch.cat([s[2] for s in states]), *WD_HYPER)
+    assert launch_counts() == {"_masked_adamw_multi_kernel": 3}
+    _assert_bitwise(params, [(t[2], t[3]) for t, *_ in states], expected)
+    for (shape, slot_dim, dtype, _), (t, mask, lr, count), before in zip(specs, states, befores):
+        _check_uncounted(shape, slot_dim, (t[0].detach(), t[2], t[3]), before, mask, lr, count,
+                         dtype)

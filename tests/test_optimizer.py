@@ -213,3 +213,68 @@ def test_first_real_update_of_a_fresh_slot_is_a_first_adam_step(advance_learning
         torch.testing.assert_close(moved, torch.full_like(moved, lr), rtol=1e-4, atol=0)
     else:  # row 1, frozen until step 4, had a zero gradient at step 4; one at step 5 (lambda 0)
         assert opt.state[layer.lora_A]["slot_count"][1] == 1
+
+
+@pytest.mark.parametrize("advance_learning", [True, False])
+def test_a_slot_changed_at_this_step_takes_no_weight_decay_either(advance_learning):
+    """Without warmup the slots the controller changes at step 4 have a learning rate at once,
+    but like parameters just added to AdamW (no gradient yet: no step) they take none: no
+    weight decay either, so they stay bitwise unchanged, moments too, while the slot active
+    before moves. Changed at step 4: lambda 1 (activated) and, with advance learning, the new
+    reserve row/column 2; without it, A row and B column 1 (they start training at
+    activation)."""
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(advance_learning=advance_learning, target_rank=3, top_h=1,
+                           init_warmup=2, incre_interval=2, warmup_steps=0, total_step=None,
+                           orth_reg_weight=0.0)
+    model, opt, ctl = make_run(model, config, lr=0.1, weight_decay=0.1)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))
+    x, y = batch(4)
+    ((model(x) - y) ** 2).mean().backward()
+    ctl.step(4)
+    assert int(layer.slot_active_step[1]) == 4
+    ab_slot = 2 if advance_learning else 1
+    assert int((layer.slot_alloc_step if advance_learning else layer.slot_active_step)[ab_slot]) == 4
+    tensors = {"A": (layer.lora_A, lambda t: t[ab_slot]), "B": (layer.lora_B, lambda t: t[:, ab_slot]),
+               "lambda": (layer.lora_lambda, lambda t: t[1])}
+    state = lambda p: [p] + [opt.state[p][k] for k in ("exp_avg", "exp_avg_sq")] if opt.state[p] else [p]
+    before = {k: [pick(t.detach()).clone() for t in state(p)] for k, (p, pick) in tensors.items()}
+    assert before["A"][0].abs().sum() > 0  # decay would show (B starts at 0; so does lambda
+    assert before["lambda"][0] != 0 or not advance_learning  # without advance learning)
+    active_before = layer.lora_A[0].detach().clone()
+    opt.step()
+    for k, (p, pick) in tensors.items():
+        for name, t, old in zip(("param", "exp_avg", "exp_avg_sq"), state(p), before[k]):
+            assert torch.equal(pick(t.detach()), old), f"{k} {name} of the changed slot moved"
+    assert opt.state[layer.lora_lambda]["slot_count"][1] == 0
+    assert not torch.equal(layer.lora_A[0], active_before)  # the slot active before did step
+
+
+def test_a_slot_changed_at_an_overflowed_step_counts_its_next_gradient_as_step_one():
+    """An fp16 step whose scaled gradients overflowed (GradScaler's ``found_inf``) changes no
+    parameter and no count; a slot the controller changed at that step still takes its first
+    real gradient, at the next step, as Adam's first step (lr x sign(grad)), not as an
+    uncounted one."""
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(target_rank=3, top_h=1, init_warmup=2, incre_interval=2,
+                           warmup_steps=0, total_step=None, orth_reg_weight=0.0)
+    lr = 1e-3
+    model, _, ctl = make_run(model, config)
+    opt = create_optimizer(model, config, lr=lr, weight_decay=0.0, eps=1e-15)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(4))
+    x, y = batch(4)
+    ((model(x) - y) ** 2).mean().backward()
+    ctl.step(4)                                 # slot 1 activated at step 4
+    before = layer.lora_lambda[1].item()
+    opt.found_inf, opt.grad_scale = torch.ones(()), None  # as GradScaler.step sets them
+    opt.step()
+    del opt.found_inf, opt.grad_scale
+    opt.zero_grad()
+    assert layer.lora_lambda[1].item() == before
+    train_steps(model, opt, ctl, range(5, 6))
+    assert opt.state[layer.lora_lambda]["slot_count"][1] == 1
+    assert abs(layer.lora_lambda[1].item() - before) == pytest.approx(lr, rel=1e-4)

@@ -108,8 +108,12 @@ def _expected(opt, layers, head, step):
                 start, mask = layer.slot_active_step, lam
             m.masked_fill_(along_slot_dim(fresh, dim, p.dim()), 0)
             v.masked_fill_(along_slot_dim(fresh, dim, p.dim()), 0)
-            count = count.masked_fill(fresh, 0) + mask
-            off = ~along_slot_dim(mask, dim, p.dim()).expand_as(p)
+            # a slot changed at this step (seen before) does not count this step: count 0
+            # after it, no step at all (no weight decay, moments kept), as if masked out
+            now = (layer.slot_alloc_step == step) | (layer.slot_active_step == step)
+            count = count.masked_fill(fresh, 0).masked_fill(fresh & now & (seen_alloc != -2),
+                                                            -1) + mask
+            off = ~along_slot_dim(mask & (count >= 1), dim, p.dim()).expand_as(p)
             moments = (m.clone(), v.clone())
             lr = (group["lr"] * schedule_multiplier(step, start, group["warmup_steps"],
                                                     group["total_step"])).float()

@@ -2,7 +2,8 @@
 (`masked_adamw_triton_`), or one launch over many tensors (`MultiTensorAdamW`).
 
 Same math and arguments as `increlora_fast.optim_functional.masked_adamw_torch_`. Elements of a
-masked-out slot are neither loaded nor stored, so they stay bitwise unchanged, moments included.
+masked-out slot, or of a slot whose step count (this step included) is below 1, are neither
+loaded nor stored, so they stay bitwise unchanged, moments included.
 One pass over param, grad and both moments. The bias corrections follow the reference's float32
 ``1 - beta**n``: the power is taken in float64 from the float32 beta (step counts are integers),
 rounded to float32 and subtracted from 1 in float32 (1 - beta2**n cancels, so a power one ulp
@@ -41,13 +42,16 @@ def _step_elements(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, lr_ptr, count_ptr, offs
                    inner, n_slots, beta1, beta2, one_minus_beta1, one_minus_beta2, eps,
                    weight_decay):
     """One AdamW step on the elements ``offs`` of one tensor; element i belongs to slot
-    (i // inner) % n_slots, whose mask, lr and step count are at ``slot`` of their pointers."""
+    (i // inner) % n_slots, whose mask, lr and step count are at ``slot`` of their pointers.
+    A slot masked out or of step count below 1 (changed at this step: no step, no weight decay)
+    is neither loaded nor stored."""
     in_range = offs < n_elements
     slot = (offs // inner) % n_slots
-    on = tl.load(mask_ptr + slot, mask=in_range, other=0) != 0
-    upd = in_range & on
+    on = in_range & (tl.load(mask_ptr + slot, mask=in_range, other=0) != 0)
+    n = tl.load(count_ptr + slot, mask=on, other=0.0).to(tl.float32)
+    upd = on & (n >= 1.0)
+    n = tl.maximum(n, 1.0)
     lr = tl.load(lr_ptr + slot, mask=upd, other=0.0).to(tl.float32)
-    n = tl.maximum(tl.load(count_ptr + slot, mask=upd, other=1.0).to(tl.float32), 1.0)
     g = tl.load(g_ptr + offs, mask=upd, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=upd, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=upd, other=0.0).to(tl.float32)
@@ -188,8 +192,8 @@ def masked_adamw_triton_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     """One AdamW step on the slots where ``slot_mask`` is true, in place, in one Triton kernel.
 
     Arguments and math as `masked_adamw_torch_`: ``slot_mask`` (r,) bool, ``slot_lr`` (r,)
-    learning rate per slot, ``slot_count`` (r,) Adam step count per slot including this step,
-    ``slot_dim`` the dimension of ``param`` indexing slots. param, grad and moments must be
+    learning rate per slot, ``slot_count`` (r,) Adam step count per slot including this step
+    (a slot of count below 1 is left unchanged, as a masked-out one), ``slot_dim`` the dimension of ``param`` indexing slots. param, grad and moments must be
     contiguous and of one shape; float32 math, results written in each tensor's dtype.
     """
     check_masked_adamw_args(param, grad, exp_avg, exp_avg_sq, slot_mask, slot_lr, slot_count,

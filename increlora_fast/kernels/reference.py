@@ -284,7 +284,8 @@ def masked_adamw_float64(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
     """The masked AdamW step of the fused optimizer kernel in float64, out of place: (param,
     exp_avg, exp_avg_sq) after one step of the slots where ``slot_mask`` is true (slot i along
     ``slot_dim`` with learning rate ``slot_lr[i]`` and Adam step count ``slot_count[i]``,
-    this step included); masked-out slots keep their values."""
+    this step included); masked-out slots and slots of count below 1 (no step counted: no
+    weight decay either) keep their values."""
     along = [1] * param.dim()
     along[slot_dim] = -1
 
@@ -292,7 +293,7 @@ def masked_adamw_float64(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
         return t.to(torch.float64).view(along)
 
     p, g, m, v = (t.to(torch.float64) for t in (param, grad, exp_avg, exp_avg_sq))
-    on = slot_mask.view(along).expand_as(p)
+    on = (slot_mask & (slot_count >= 1)).view(along).expand_as(p)
     lr, n = per_slot(slot_lr), per_slot(slot_count).clamp(min=1.0)
     m_new = beta1 * m + (1 - beta1) * g
     v_new = beta2 * v + (1 - beta2) * g * g
