@@ -189,16 +189,22 @@ ADAMW_HYPER = (0.9, 0.999, 1e-8, 0.01)
 
 def _adamw_state(device: torch.device, dtype: torch.dtype, moment_dtype: torch.dtype,
                  gen: torch.Generator) -> list:
-    """Per tensor of `ADAMW_TENSORS`: [param, exp_avg, exp_avg_sq, mask, lr, count, slot_dim]."""
+    """Per tensor of `ADAMW_TENSORS`: [param, exp_avg, exp_avg_sq, mask, lr, count, slot_dim].
+    Where there are more than two slots, slot 1 trains with a count that stays below 1 over
+    both steps (it must not change) and, with more than three, slot 2 with one that reaches 0
+    then 1 (a slot changed at the first step, its first real step at the second)."""
     state = []
     for shape, slot_dim in ADAMW_TENSORS:
         r = shape[slot_dim]
         mask = torch.rand(r, generator=gen) > 0.3
         mask[0], mask[-1] = True, r == 1
+        count = torch.randint(1, 60, (r,), generator=gen).float()
+        for slot, start in ((1, -2.0), (2, -1.0)):
+            if r > slot + 1:
+                mask[slot], count[slot] = True, start
         values = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1,
                   torch.rand(shape, generator=gen) * 0.01, mask,
-                  0.01 + torch.rand(r, generator=gen) * 0.01,
-                  torch.randint(1, 60, (r,), generator=gen).float()]
+                  0.01 + torch.rand(r, generator=gen) * 0.01, count]
         dtypes = (dtype, moment_dtype, moment_dtype, None, None, None)
         state.append([t.to(device, d) for t, d in zip(values, dtypes)] + [slot_dim])
     return state
@@ -211,7 +217,8 @@ def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool, seed: int
     over all tensors of `ADAMW_TENSORS` in one launch (``multi``: `adamw.MultiTensorAdamW`, an
     eager step's) or one launch per tensor (`adamw.masked_adamw_triton_`, a captured step's);
     two steps, the second with the gradients in new memory. Error relative to the largest
-    magnitude of each float64 result; masked-out slots must stay bitwise unchanged."""
+    magnitude of each float64 result; masked-out slots, and slots whose step count stayed
+    below 1, must stay bitwise unchanged."""
     # M: the elements stepped; in, out and r_max belong to the linear's records
     record: Dict[str, object] = dict(
         op="masked_adamw" + ("_multi" if multi else ""), dtype=str(dtype).replace("torch.", ""),
@@ -256,11 +263,11 @@ def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
     for k, s in enumerate(state):
         along = [1] * s[0].dim()
         along[s[6]] = -1
-        off = ~s[3].view(along).expand_as(s[0])
+        off = ~(s[3] & (s[5] >= 1)).view(along).expand_as(s[0])
         for name, got, want, old in zip(("param", "exp_avg", "exp_avg_sq"), s[:3], ref[k],
                                         before[k]):
             if not torch.equal(got.detach()[off], old[off]):
-                raise AssertionError(f"{name} {k} changed in a masked-out slot")
+                raise AssertionError(f"{name} {k} changed in a masked-out or uncounted slot")
             results.append((f"{name} {k}", got, want))
     return _worst_relative_error(results)
 
