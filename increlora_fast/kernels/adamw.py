@@ -47,11 +47,12 @@ def _step_elements(p_ptr, g_ptr, m_ptr, v_ptr, mask_ptr, lr_ptr, count_ptr, offs
     is neither loaded nor stored."""
     in_range = offs < n_elements
     slot = (offs // inner) % n_slots
-    on = in_range & (tl.load(mask_ptr + slot, mask=in_range, other=0) != 0)
-    n = tl.load(count_ptr + slot, mask=on, other=0.0).to(tl.float32)
-    upd = on & (n >= 1.0)
-    n = tl.maximum(n, 1.0)
+    on = tl.load(mask_ptr + slot, mask=in_range, other=0) != 0
+    upd = in_range & on
     lr = tl.load(lr_ptr + slot, mask=upd, other=0.0).to(tl.float32)
+    n = tl.load(count_ptr + slot, mask=upd, other=1.0).to(tl.float32)
+    upd = upd & (n >= 1.0)
+    n = tl.maximum(n, 1.0)
     g = tl.load(g_ptr + offs, mask=upd, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=upd, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=upd, other=0.0).to(tl.float32)
