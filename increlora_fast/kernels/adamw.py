@@ -194,8 +194,9 @@ def masked_adamw_triton_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch
 
     Arguments and math as `masked_adamw_torch_`: ``slot_mask`` (r,) bool, ``slot_lr`` (r,)
     learning rate per slot, ``slot_count`` (r,) Adam step count per slot including this step
-    (a slot of count below 1 is left unchanged, as a masked-out one), ``slot_dim`` the dimension of ``param`` indexing slots. param, grad and moments must be
-    contiguous and of one shape; float32 math, results written in each tensor's dtype.
+    (a slot of count below 1 is left unchanged, as a masked-out one), ``slot_dim`` the
+    dimension of ``param`` indexing slots. param, grad and moments must be contiguous and of
+    one shape; float32 math, results written in each tensor's dtype.
     """
     check_masked_adamw_args(param, grad, exp_avg, exp_avg_sq, slot_mask, slot_lr, slot_count,
                             slot_dim, beta1, beta2)
