@@ -328,17 +328,21 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         else:
             sizes, mask, mask_parts, start, counts = (fused.sizes, fused.mask, fused.mask_parts,
                                                       fused.start, fused.counts)
+        floors = None
         if keep is not None:  # an overflowed fp16 step: every slot masked out, on the device
+            # 0 on the slots this step trains, -1 elsewhere (a count is never below -1)
+            floors = torch._foreach_sub(mask_parts, 1.0)
             mask = mask & keep
             mask_parts = list(mask.to(torch.float32).split(sizes))
         torch._foreach_add_(counts, mask_parts)
-        if keep is not None:
-            # A slot changed at an overflowed step kept its count of -1 (`_restart_fresh_slots`):
-            # 0 now, as after a step that counted, so that its next gradient, its first real
-            # one, is counted as step 1 (not left uncounted, and every later bias correction
-            # one step short). In a step that counted, it only raises the -1 of masked-out
-            # slots changed at this step, which are restarted before they train.
-            torch._foreach_clamp_min_(counts, 0.0)
+        if floors is not None:
+            # A slot this step would train that was changed at this step kept its count of -1
+            # (`_restart_fresh_slots`) if the step overflowed: 0 now, as after a step that
+            # counted, so that its next gradient, its first real one, is counted as step 1
+            # (not left uncounted, and every later bias correction one step short). Other
+            # counts keep their values, so a step that did not overflow counts as an unscaled
+            # one does, bit for bit.
+            torch._foreach_maximum_(counts, floors)
         step = self._device_steps.get(self.global_step, start.device)
         mult = schedule_multiplier(step, start, group["warmup_steps"], group["total_step"])
         lr = (group["lr"] * mult).to(torch.float32)
