@@ -288,6 +288,11 @@ def test_device_check_of_the_optimizer_kernels_sees_a_stale_table(monkeypatch):
 # not even weight decay, so it stays bitwise unchanged, parameter and moments, as a masked-out
 # slot does. Error of the counted slots relative to the largest float64 result of the tensor.
 REF_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+# The float32 step against the float64 reference: ``1 - beta2**n`` is taken from the float32
+# beta2 (0.999 rounds to 0.99900001), 1.3e-5 off at n = 1 where it cancels, so the Adam part of
+# the update is up to about 7e-6 off (its square root); measured up to 1.4e-5 of the largest
+# Adam update over 300 seeds, so a bound of 3e-5 of it.
+BIAS_CORRECTION_RTOL = 3e-5
 # (shape, slot dim): A (slots along dim 0), B (along dim 1), lambda (1-D), a dense tensor as one
 # slot; odd sizes, over several of the interpreter's blocks of 256 elements
 UNCOUNTED_SHAPES = [((7, 37), 0), ((19, 5), 1), ((11,), 0), ((1, 333), 0)]
@@ -317,12 +322,19 @@ def _check_uncounted(shape, slot_dim, got, before, mask, lr, count, dtype):
     along = [1] * len(shape)
     along[slot_dim] = -1
     counted = (mask & (count >= 1)).view(along).expand(shape)
+    # the Adam part of each parameter's update (the float64 reference's, weight decay taken out)
+    decay = 1 - lr.double().view(along) * WD_HYPER[3]
+    adam = (want[0] - p.double() * decay)[counted].abs().max()
     for name, t, old, ref in zip(("param", "exp_avg", "exp_avg_sq"), got, (p, m, v), want):
         assert torch.equal(t[~counted], old[~counted]), f"{name} changed where it may not"
         assert torch.equal(ref[~counted], old[~counted].double()), f"reference {name}"
-        err = (t.double() - ref)[counted].abs().max() / ref[counted].abs().max()
-        tol = REF_RTOL[dtype] if name == "param" else REF_RTOL[old.dtype]
-        assert err <= tol, (name, float(err))
+        err = (t.double() - ref)[counted].abs()
+        if name == "param":
+            bound = REF_RTOL[dtype] * ref[counted].abs() + BIAS_CORRECTION_RTOL * adam
+            assert (err <= bound).all(), (name, float((err / bound).max()))
+        else:
+            rel = err.max() / ref[counted].abs().max()
+            assert rel <= REF_RTOL[old.dtype], (name, float(rel))
     assert not torch.equal(got[0][counted], p[counted])  # the counted slots did move
 
 
