@@ -338,23 +338,16 @@ def _check_uncounted(shape, slot_dim, got, before, mask, lr, count, dtype):
     assert not torch.equal(got[0][counted], p[counted])  # the counted slots did move
 
 
+@pytest.mark.parametrize("step", [masked_adamw_triton_, masked_adamw_torch_],
+                         ids=["kernel", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,slot_dim", UNCOUNTED_SHAPES)
-def test_a_slot_of_count_zero_is_left_unchanged_by_the_kernel(dtype, shape, slot_dim):
+def test_a_slot_of_count_zero_is_left_unchanged(step, dtype, shape, slot_dim):
+    """The kernel and `masked_adamw_torch_` (`masked_adamw_values`, the optimizer's torch
+    path) alike."""
     tensors, mask, lr, count = _uncounted_state(shape, slot_dim, dtype)
     before = [t.clone() for t in tensors]
-    masked_adamw_triton_(*tensors, mask, lr, count, slot_dim, *WD_HYPER)
-    p, _, m, v = tensors
-    _check_uncounted(shape, slot_dim, (p, m, v), before, mask, lr, count, dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape,slot_dim", UNCOUNTED_SHAPES)
-def test_a_slot_of_count_zero_is_left_unchanged_by_the_torch_step(dtype, shape, slot_dim):
-    """`masked_adamw_torch_` (`masked_adamw_values`, the optimizer's torch path) likewise."""
-    tensors, mask, lr, count = _uncounted_state(shape, slot_dim, dtype)
-    before = [t.clone() for t in tensors]
-    masked_adamw_torch_(*tensors, mask, lr, count, slot_dim, *WD_HYPER)
+    step(*tensors, mask, lr, count, slot_dim, *WD_HYPER)
     p, _, m, v = tensors
     _check_uncounted(shape, slot_dim, (p, m, v), before, mask, lr, count, dtype)
 
