@@ -95,7 +95,6 @@ def _other_names_of_base_weight(layer: "IncreLoRALinear", parameters: Dict[int, 
 _IN_PLACE = {"merge": "merging", "unmerge": "unmerging"}
 
 
-
 class IncreLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` or transformers ``Conv1D`` with an IncreLoRA adapter.
 

@@ -285,19 +285,45 @@ def test_class_weights_keep_adaloras_orthogonal_penalty(tiny):
     torch.testing.assert_close(runner.loss.detach(), unweighted)
 
 
+def test_a_steps_task_loss_is_unweighted_with_class_weights(tiny):
+    """`StepRunner.step` trains on the weighted loss and reports the unweighted cross-entropy
+    of the logits as its task loss, so that runs with and without weights compare."""
+    from increlora_fast.training.finetune_run import build_run
+    from increlora_fast.training.settings import RunSettings
+    from increlora_fast.training.step_runner import StepRunner
+    _, _, run, batches = build_run(RunSettings(
+        model=tiny["model"], task=None, train_file=tiny["train"], eval_file=tiny["dev"],
+        batch_size=8, max_seq_len=16, max_steps=40, orth_reg_weight=0.0))
+    batch = batches.train_batch(0)
+    run.class_weights = torch.tensor([1.0, 5.0])
+    with torch.no_grad():
+        logits = run.model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    plain = torch.nn.functional.cross_entropy(logits, batch["labels"])
+    weighted = torch.nn.functional.cross_entropy(logits, batch["labels"], weight=run.class_weights)
+    assert abs(float(plain - weighted)) > 1e-3  # the weights change the loss
+    runner = StepRunner(run)
+    result = runner.step(0, dict(batch))
+    torch.testing.assert_close(result.task_loss, plain)
+    torch.testing.assert_close(runner.loss.detach(), weighted)
+
+
+def _tiny_gpt2():
+    """A 1-layer GPT-2 language model without dropout (token labels: the model's own loss)."""
+    import transformers
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
+        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
 def test_adaloras_orthogonal_penalty_counts_once_with_token_labels():
     """A language model with token labels keeps its own loss (`forward_with_loss`), and peft
     has already added AdaLoRA's orthogonal penalty to it: the step's loss is the model's own,
     penalised once (found by an audit: the run added the penalty a second time)."""
-    import transformers
-
     from increlora_fast.training.peft_methods import AdaLoRARun, adalora_orth_penalty
     from increlora_fast.training.settings import RunSettings, resolve
     from increlora_fast.training.step_runner import StepRunner
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
-        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = _tiny_gpt2()
     run = AdaLoRARun(model, resolve(RunSettings(
         method="adalora", target_modules=["c_attn"], max_steps=40, orth_reg_weight=1.0),
         train_size=16))
@@ -318,15 +344,11 @@ def test_a_step_with_token_labels_reports_the_models_own_loss():
     """`StepRunner.step` on a language model (token labels): the step's task loss is the model's
     own loss (before IncreLoRA's penalty), not a cross-entropy of (batch, seq, vocab) logits
     against (batch, seq) labels, which raised."""
-    import transformers
-
     from increlora_fast.training.increlora_method import IncreLoRARun
     from increlora_fast.training.settings import RunSettings, resolve
     from increlora_fast.training.step_runner import StepRunner
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        n_layer=1, n_embd=16, n_head=2, vocab_size=40, n_positions=16, bos_token_id=0,
-        eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    model = _tiny_gpt2()
     run = IncreLoRARun(model, resolve(RunSettings(
         method="increlora", target_modules=["c_attn"], modules_to_save=[], max_steps=40,
         orth_reg_weight=1.0),

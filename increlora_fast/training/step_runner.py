@@ -93,9 +93,9 @@ class StepResult:
 
     ``task_loss``: the cross-entropy of the step's logits (detached, fp32, penalties left out so
     that methods compare) as a 0-d device tensor; with token labels (a language model) the
-    model's own loss, detached (peft's AdaLoRA has its penalty in it). ``tokens``: the non-padding tokens of the
-    batch, a 0-d device tensor (the attention mask's sum), or an int when the batch has no
-    mask (every token counts).
+    model's own loss, detached (peft's AdaLoRA has its penalty in it). ``tokens``: the
+    non-padding tokens of the batch, a 0-d device tensor (the attention mask's sum), or an int
+    when the batch has no mask (every token counts).
     """
 
     task_loss: torch.Tensor
@@ -188,8 +188,10 @@ class StepRunner:
         with place.autocast():
             out, loss = forward_with_loss(self.run.model, batch, self.run.class_weights)
         model_loss = takes_model_loss(batch)
-        # the step's task loss (`StepResult`), when the model computed it (token labels)
-        self._model_task_loss = loss.detach().float() if model_loss else None
+        # the step's task loss (`StepResult`): the loss itself, unweighted when classes are
+        weighted = not model_loss and self.run.class_weights is not None
+        self._task_loss = (F.cross_entropy(out.logits.detach().float(), batch["labels"])
+                           if weighted else loss.detach().float())
         # in fp32, outside autocast
         penalty = self.run.penalty(model_loss=model_loss)
         if penalty is not None:
@@ -314,14 +316,11 @@ class StepRunner:
     def _up_to_optimizer(self, step: int, batch: Dict[str, torch.Tensor]) -> StepResult:
         """Forward, backward and `_before_optimizer`; the step's task loss and token count."""
         with self._capture_safe_autocast():
-            out = self.forward_backward(step, batch)
+            self.forward_backward(step, batch)
         self._before_optimizer(step)
-        task_loss = self._model_task_loss
-        if task_loss is None:  # one label per row: the cross-entropy of the logits, unweighted
-            task_loss = F.cross_entropy(out.logits.detach().float(), batch["labels"])
         mask = batch.get("attention_mask")
         tokens = mask.sum() if mask is not None else batch["input_ids"].numel()
-        return StepResult(task_loss, tokens)
+        return StepResult(self._task_loss, tokens)
 
     def _capture_safe_autocast(self) -> ContextManager[None]:
         """With CUDA graphs, autocast must not cache casts across a captured region (torch's
