@@ -23,14 +23,17 @@ def along_slot_dim(v: torch.Tensor, slot_dim: int, ndim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def masked_adamw_values(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
-                        exp_avg_sq: torch.Tensor, mask: torch.Tensor, lr: torch.Tensor,
-                        count: torch.Tensor, beta1: float, beta2: float, eps: float,
-                        weight_decay: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(param, exp_avg, exp_avg_sq) after the step of `masked_adamw_torch_`, as new tensors.
+def masked_adamw_into(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor,
+                      exp_avg_sq: torch.Tensor, mask: torch.Tensor, lr: torch.Tensor,
+                      count: torch.Tensor, beta1: float, beta2: float, eps: float,
+                      weight_decay: float, out: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                      ) -> None:
+    """The step of `masked_adamw_torch_`: (param, exp_avg, exp_avg_sq) after it written into
+    ``out``, three tensors of the inputs' shapes and dtypes, which may be the inputs themselves
+    (the step in place).
 
     ``mask`` (bool), ``lr`` and ``count`` (float32) broadcast against ``param``. Where ``mask``
-    is false or ``count`` below 1 the results hold the inputs' own elements, bit for bit,
+    is false or ``count`` below 1 ``out`` receives the inputs' own elements, bit for bit,
     whatever was computed there.
     """
     # The float32 operations of the formula, in its order (the fused kernel follows it too).
@@ -49,8 +52,8 @@ def masked_adamw_values(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
     p = param.float() * (1 - lr * weight_decay)
     p -= step
     on = mask & (count >= 1)  # a slot of count 0 takes no step (see the module docstring)
-    return tuple(torch.where(on, new.to(old.dtype), old)
-                 for new, old in ((p, param), (m, exp_avg), (v, exp_avg_sq)))
+    for new, old, dst in zip((p, m, v), (param, exp_avg, exp_avg_sq), out):
+        torch.where(on, new.to(old.dtype), old, out=dst)
 
 
 @torch.no_grad()
@@ -79,10 +82,7 @@ def masked_adamw_torch_(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.
     computed in float32 and written back in the parameter's dtype.
     """
     nd = param.dim()
-    new = masked_adamw_values(param, grad, exp_avg, exp_avg_sq,
-                              along_slot_dim(slot_mask, slot_dim, nd),
-                              along_slot_dim(slot_lr.float(), slot_dim, nd),
-                              along_slot_dim(slot_count, slot_dim, nd),
-                              beta1, beta2, eps, weight_decay)
-    for dst, src in zip((param, exp_avg, exp_avg_sq), new):
-        dst.copy_(src)
+    masked_adamw_into(param, grad, exp_avg, exp_avg_sq, along_slot_dim(slot_mask, slot_dim, nd),
+                      along_slot_dim(slot_lr.float(), slot_dim, nd),
+                      along_slot_dim(slot_count, slot_dim, nd), beta1, beta2, eps, weight_decay,
+                      out=(param, exp_avg, exp_avg_sq))

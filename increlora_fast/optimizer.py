@@ -22,8 +22,10 @@ On CUDA the tensors are stepped by one fused Triton kernel, launched once over a
 dtype combination (once per tensor while a CUDA graph is captured) from a plan kept while the
 layout holds (`_FusedPlan`: no per-tensor checks or layout work between rounds); elsewhere (and with
 ``INCRELORA_BACKEND=torch``) tensors of one shape, slot dimension and dtype are stacked and
-updated together (`masked_adamw_values`, the math of `masked_adamw_torch_`): a few stacked
-operations per distinct shape instead of a dozen small ones per tensor.
+updated together (`masked_adamw_into`, the math of `masked_adamw_torch_`): a few stacked
+operations per distinct shape instead of a dozen small ones per tensor. The moments of a stack are
+kept stacked (the state tensors are views of them), so only parameters and gradients are stacked
+and only parameters copied back.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ from .device_scalar import DeviceScalar, refresh_in_place
 from .functional import kernel_readable, multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
-from .optim_functional import along_slot_dim, masked_adamw_values
+from .optim_functional import along_slot_dim, masked_adamw_into
 
 ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
 # State that keeps its own dtype; torch's load_state_dict casts the rest to the parameter's.
@@ -102,14 +104,23 @@ class _Slots(NamedTuple):
     count: torch.Tensor  # (r,) float32 Adam step count, a view of the state
 
 
-def _step_stack(members: List[_Slots], per_slot: List[torch.Tensor], hyper: tuple) -> None:
-    """One step of tensors of one shape, slot dimension and dtypes, stacked: ``per_slot`` holds
-    their (mask, lr, count), one row per tensor."""
+def _step_stack(members: List[_Slots], moments: Tuple[torch.Tensor, torch.Tensor],
+                per_slot: List[torch.Tensor], hyper: tuple) -> None:
+    """One step of tensors of one shape, slot dimension and dtypes, stacked: ``moments`` their
+    stacked moments, which the state tensors are views of (`IncreLoRAAdamW._moment_stacks`),
+    updated in place; ``per_slot`` their (mask, lr, count), one row per tensor. A stack of one
+    tensor steps it in place; a larger one stacks parameters and gradients and copies the
+    parameters back."""
     dim, ndim = members[0].slot_dim, members[0].tensors[0].dim()
-    stacked = [torch.stack(ts) for ts in zip(*(s.tensors for s in members))]
-    new = masked_adamw_values(*stacked, *(along_slot_dim(v, dim, ndim) for v in per_slot), *hyper)
-    for i, values in zip((0, 2, 3), new):  # param, exp_avg, exp_avg_sq
-        torch._foreach_copy_([s.tensors[i] for s in members], values.unbind(0))
+    params = [s.tensors[0] for s in members]
+    if len(members) == 1:
+        param, grad = params[0].unsqueeze(0), members[0].tensors[1].unsqueeze(0)
+    else:
+        param, grad = torch.stack(params), torch.stack([s.tensors[1] for s in members])
+    masked_adamw_into(param, grad, *moments, *(along_slot_dim(v, dim, ndim) for v in per_slot),
+                      *hyper, out=(param, *moments))
+    if len(members) > 1:
+        torch._foreach_copy_(params, param.unbind(0))
 
 
 class _FusedPlan:
@@ -204,6 +215,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._stepped: Dict[tuple, List[int]] = {}
         # (group index, device) -> its fused kernel launches (CUDA), kept while the layout holds.
         self._fused: Dict[tuple, _FusedPlan] = {}
+        # (group index, device, stack key) -> (addresses of the moment views, the stacked
+        # exp_avg and exp_avg_sq the state tensors of that stack are views of).
+        self._moments: Dict[tuple, tuple] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
@@ -220,6 +234,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         self._seen_version.clear()  # the loaded stamps are compared with the layers' anew
         self._fused.clear()  # (they hold the replaced moments)
+        self._moments.clear()
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -300,7 +315,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
 
     def _prepare(self, params: List[torch.Tensor], where: tuple) -> tuple:
         """The layout-dependent part of a step of ``params`` (one group and device): fresh
-        slots restarted, and (stacks of slots by shape, the slots in stack order, their sizes,
+        slots restarted, and (stacks of (parameter, its slots) by shape, slot dimension and
+        dtypes, the slots in stack order, their sizes,
         the flat mask, its float parts, the flat starts, the parameters in stack order), cached
         masks refreshed in place."""
         stacks: Dict[tuple, List[Tuple[torch.Tensor, _Slots]]] = defaultdict(list)
@@ -310,8 +326,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._restart_fresh_slots([p for p in params if id(p) in self._slots])
         # Slots in stack order: each stack's per-slot values are one slice of the flat vectors.
         order = [p for members in stacks.values() for p, _ in members]
-        stacks = {k: [s for _, s in members] for k, members in stacks.items()}
-        slots = [s for members in stacks.values() for s in members]
+        slots = [s for members in stacks.values() for _, s in members]
         sizes = [len(s.mask) for s in slots]
         return (stacks, slots, sizes, *self._flat_slots(where, order, slots), order)
 
@@ -354,10 +369,37 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             return
         per_slot = (mask, lr, torch.cat(counts))
         offset = 0
-        for members in stacks.values():
-            n, r = len(members), len(members[0].mask)
-            _step_stack(members, [v[offset:offset + n * r].view(n, r) for v in per_slot], hyper)
+        for key, members in stacks.items():
+            n, r = len(members), len(members[0][1].mask)
+            _step_stack([s for _, s in members], self._moment_stacks((where, key), members),
+                        [v[offset:offset + n * r].view(n, r) for v in per_slot], hyper)
             offset += n * r
+
+    def _moment_stacks(self, key: tuple, members: List[Tuple[torch.Tensor, _Slots]]
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(exp_avg, exp_avg_sq) of the tensors of one stack (``key``: where and the stack's
+        key), stacked along a new first dimension, for the torch path to update in place.
+
+        The state tensors of a stack of several are views of one pair of stacked tensors, made
+        when the stack is first seen or its members' moments are other tensors than those views
+        (a member more or less, `load_state_dict`); a stack then needs no copy of its moments
+        in or out. A stack of one is its state tensors, viewed."""
+        if len(members) == 1:
+            tensors = members[0][1].tensors
+            return tensors[2].unsqueeze(0), tensors[3].unsqueeze(0)
+        ptrs = tuple(s.tensors[i].data_ptr() for i in (2, 3) for _, s in members)
+        cached = self._moments.get(key)
+        if cached is None or cached[0] != ptrs:
+            stacked = tuple(torch.stack([s.tensors[i] for _, s in members]) for i in (2, 3))
+            for j, (p, _) in enumerate(members):
+                state = self.state[p]
+                state["exp_avg"], state["exp_avg_sq"] = (t[j].view(p.shape) for t in stacked)
+            ptrs = tuple(t[j].data_ptr() for t in stacked for j in range(len(members)))
+            cached = (ptrs, *stacked)
+            self._moments[key] = cached
+            self._fused.pop(key[0], None)  # a fused plan holds the moments it was made with
+            self.cache_epoch += 1  # new tensors: a captured step would update the old ones
+        return cached[1], cached[2]
 
     def _fused_plan(self, params: List[torch.Tensor], where: tuple) -> "_FusedPlan":
         """The fused kernel's launches for ``params`` (one group and device), made by

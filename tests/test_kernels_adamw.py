@@ -343,7 +343,7 @@ def _check_uncounted(shape, slot_dim, got, before, mask, lr, count, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape,slot_dim", UNCOUNTED_SHAPES)
 def test_a_slot_of_count_zero_is_left_unchanged(step, dtype, shape, slot_dim):
-    """The kernel and `masked_adamw_torch_` (`masked_adamw_values`, the optimizer's torch
+    """The kernel and `masked_adamw_torch_` (`masked_adamw_into`, the optimizer's torch
     path) alike."""
     tensors, mask, lr, count = _uncounted_state(shape, slot_dim, dtype)
     before = [t.clone() for t in tensors]

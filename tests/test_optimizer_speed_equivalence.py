@@ -164,6 +164,49 @@ def test_stacked_step_matches_per_tensor_reference_bitwise(dtype, seed):
     assert len(updated) == len(expected)  # not vacuous: every tensor took real steps
 
 
+def _storage(t):
+    return t.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moments_kept_stacked_stay_exact_when_a_stack_changes_or_is_loaded(dtype):
+    """The torch path keeps the moments of tensors of one shape in one stacked tensor (the
+    state tensors are its views): no copy in or out per step. A tensor without a gradient (its
+    stack made anew without it, then with it again) and a `load_state_dict` (the loaded moments
+    are other tensors) still step bitwise as the per-tensor reference, and a tensor left out
+    keeps its parameter and moments."""
+    model, config, layers = _model(dtype)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(5)
+    left_out = {2: [layers[1]], 3: [layers[1], layers[3]]}
+    for step in range(7):
+        _scramble(model, layers, step, gen)
+        for layer in left_out.get(step, []):
+            for kind in ADAPTER_SLOT_DIM:
+                getattr(layer, kind).grad = None
+        if step == 5:  # the same values as other tensors
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+        stepped = [layer for layer in layers if layer not in left_out.get(step, [])]
+        expected = _expected(opt, stepped, model[4], step)
+        kept = {p: (p.detach().clone(), *(opt.state[p][k].clone()
+                                          for k in ("exp_avg", "exp_avg_sq")))
+                for layer in left_out.get(step, []) for p in map(layer.get_parameter,
+                                                                 ADAPTER_SLOT_DIM)}
+        opt.step()
+        for p, (new, m, v, _, _) in expected.items():
+            state = opt.state[p]
+            assert torch.equal(_bits(p.detach()), _bits(new))
+            assert torch.equal(_bits(state["exp_avg"]), _bits(m))
+            assert torch.equal(_bits(state["exp_avg_sq"]), _bits(v))
+        for p, (param, m, v) in kept.items():
+            for got, want in zip((p.detach(), opt.state[p]["exp_avg"],
+                                  opt.state[p]["exp_avg_sq"]), (param, m, v)):
+                assert torch.equal(_bits(got), _bits(want))
+        # layers 1 and 2 share A's shape (5, 5): one stack, one storage, when both stepped
+        a1, a2 = (opt.state[layers[i].lora_A]["exp_avg"] for i in (1, 2))
+        assert (_storage(a1) == _storage(a2)) == (step not in left_out)
+
+
 def test_fused_kernel_path_matches_stacked_path(monkeypatch):
     """Same slots, masks, learning rates and counts reach the kernel. Every step here changes
     the adapters' slots, so their plan is new each step and launches per tensor (12 tensors);
