@@ -391,11 +391,37 @@ class IncreLoRALinear(nn.Module):
             weight = bias = None
             base_forward = (lambda t: base(t, *args, **kwargs))
         reserve = self.reserve_lambda if self.advance_learning else 0.0  # `reserve_value`
-        return adapted_linear(
-            x, weight, bias, lora_A, params["lora_B"], params["lora_lambda"],
-            buffers["slot_state"], self.lora_alpha, reserve,
-            weight_in_out=self.is_conv1d, base_forward=base_forward, dropout=dropout,
-            score_out=score_out, grad_out=grad_out)
+        try:
+            return adapted_linear(
+                x, weight, bias, lora_A, params["lora_B"], params["lora_lambda"],
+                buffers["slot_state"], self.lora_alpha, reserve,
+                weight_in_out=self.is_conv1d, base_forward=base_forward, dropout=dropout,
+                score_out=score_out, grad_out=grad_out)
+        except (RuntimeError, ValueError) as error:
+            self._refuse_resized_base(error)
+            raise
+
+    def _refuse_resized_base(self, error: Exception) -> None:
+        """ValueError naming the layer, raised from ``error``, when the base weight no longer
+        has the shape the adapter was built for: resized in place after injection (e.g.
+        transformers' ``resize_token_embeddings`` on an ``lm_head`` tied to the embedding,
+        which swaps the shared tensor under the layer). Otherwise nothing: ``error`` is
+        another failure. Runs only after a forward failed, so a forward pays nothing for it."""
+        weight = getattr(self.base_layer, "weight", None)
+        if self.is_quantized or not isinstance(weight, torch.Tensor):
+            return  # a packed weight's shape is not (out, in)
+        # the adapter's own shapes: a resize may have set ``out_features`` on the layer too
+        out_in = (self.lora_B.shape[0], self.lora_A.shape[1])
+        built = out_in[::-1] if self.is_conv1d else out_in
+        if tuple(weight.shape) == built:
+            return
+        name = self._tie_record()[0] or type(self).__name__
+        raise ValueError(
+            f"IncreLoRA layer {name!r}: its base weight now has shape {tuple(weight.shape)}, "
+            f"but the adapter was built for {built}; the base was resized after "
+            "inject_increlora (e.g. resize_token_embeddings on an lm_head tied to the "
+            "embedding), which a fixed-shape adapter cannot follow: resize before "
+            "inject_increlora") from error
 
     def take_score(self) -> torch.Tensor:
         """Return the accumulated exact score and reset the accumulator."""

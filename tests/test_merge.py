@@ -299,3 +299,23 @@ def test_tie_weights_after_injection_ties_the_adapted_lm_heads_base():
     with pytest.raises(ValueError, match=r"IncreLoRALinear\.weight: a \(48, 16\) tensor"):
         head.weight = nn.Parameter(torch.zeros(48, 16), requires_grad=False)
     assert tuple(head.base_layer.weight.shape) == (40, 16)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_forward_after_resize_token_embeddings_on_a_tied_head_names_the_cause(family):
+    """``resize_token_embeddings`` after injection swaps the tied tensor under an adapted
+    lm_head (no setter sees it); its next forward failed deep in the adapter's matmul ("Bad
+    in-place call ... [.., 48] ... [.., 40]"). It now says which layer, both shapes and what
+    to do, in one line; another failure of a forward is left as it was."""
+    model = _inject_lm(family, tie=True)
+    ids = torch.randint(0, 40, (2, 5))
+    with pytest.raises(RuntimeError):  # not this layer's shapes: torch's own error, unchanged
+        model.lm_head(torch.randn(2, 5, 17))
+    model.resize_token_embeddings(48, mean_resizing=False)
+    with pytest.raises(ValueError) as error:
+        model(input_ids=ids)
+    message = str(error.value)
+    assert "\n" not in message and "'lm_head'" in message
+    assert "(48, 16)" in message and "(40, 16)" in message
+    assert "resize before inject_increlora" in message
+    assert isinstance(error.value.__cause__, RuntimeError)  # the original failure, kept
