@@ -104,23 +104,28 @@ class _Slots(NamedTuple):
     count: torch.Tensor  # (r,) float32 Adam step count, a view of the state
 
 
-def _step_stack(members: List[_Slots], moments: Tuple[torch.Tensor, torch.Tensor],
+def _step_stack(members: List[_Slots], moments: Optional[Tuple[torch.Tensor, torch.Tensor]],
                 per_slot: List[torch.Tensor], hyper: tuple) -> None:
     """One step of tensors of one shape, slot dimension and dtypes, stacked: ``moments`` their
     stacked moments, which the state tensors are views of (`IncreLoRAAdamW._moment_stacks`),
-    updated in place; ``per_slot`` their (mask, lr, count), one row per tensor. A stack of one
-    tensor steps it in place; a larger one stacks parameters and gradients and copies the
-    parameters back."""
+    updated in place, or None to stack them here and copy them back; ``per_slot`` their (mask,
+    lr, count), one row per tensor. A stack of one plain tensor steps it in place; otherwise
+    parameters and gradients are stacked and the parameters copied back."""
     dim, ndim = members[0].slot_dim, members[0].tensors[0].dim()
     params = [s.tensors[0] for s in members]
-    if len(members) == 1:
+    in_place = moments is not None and len(members) == 1
+    if in_place:
         param, grad = params[0].unsqueeze(0), members[0].tensors[1].unsqueeze(0)
     else:
         param, grad = torch.stack(params), torch.stack([s.tensors[1] for s in members])
-    masked_adamw_into(param, grad, *moments, *(along_slot_dim(v, dim, ndim) for v in per_slot),
-                      *hyper, out=(param, *moments))
-    if len(members) > 1:
+    stacked = moments or tuple(torch.stack([s.tensors[i] for s in members]) for i in (2, 3))
+    masked_adamw_into(param, grad, *stacked, *(along_slot_dim(v, dim, ndim) for v in per_slot),
+                      *hyper, out=(param, *stacked))
+    if not in_place:
         torch._foreach_copy_(params, param.unbind(0))
+    if moments is None:
+        for i, values in zip((2, 3), stacked):
+            torch._foreach_copy_([s.tensors[i] for s in members], values.unbind(0))
 
 
 class _FusedPlan:
@@ -376,14 +381,18 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             offset += n * r
 
     def _moment_stacks(self, key: tuple, members: List[Tuple[torch.Tensor, _Slots]]
-                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+                       ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
         """(exp_avg, exp_avg_sq) of the tensors of one stack (``key``: where and the stack's
         key), stacked along a new first dimension, for the torch path to update in place.
 
         The state tensors of a stack of several are views of one pair of stacked tensors, made
         when the stack is first seen or its members' moments are other tensors than those views
         (a member more or less, `load_state_dict`); a stack then needs no copy of its moments
-        in or out. A stack of one is its state tensors, viewed."""
+        in or out. A stack of one is its state tensors, viewed. None for tensor subclasses
+        (an FSDP2 DTensor has no address to recognise the views by): `_step_stack` stacks
+        their moments on every step and copies them back."""
+        if not all(kernel_readable(s.tensors[i]) for _, s in members for i in (0, 2, 3)):
+            return None
         if len(members) == 1:
             tensors = members[0][1].tensors
             return tensors[2].unsqueeze(0), tensors[3].unsqueeze(0)
