@@ -221,7 +221,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         # (group index, device) -> its fused kernel launches (CUDA), kept while the layout holds.
         self._fused: Dict[tuple, _FusedPlan] = {}
         # (group index, device, stack key) -> (addresses of the moment views, the stacked
-        # exp_avg and exp_avg_sq the state tensors of that stack are views of).
+        # exp_avg and exp_avg_sq the state tensors of that stack are views of, its parameters).
         self._moments: Dict[tuple, tuple] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
@@ -394,21 +394,40 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         if not all(kernel_readable(s.tensors[i]) for _, s in members for i in (0, 2, 3)):
             return None
         if len(members) == 1:
-            tensors = members[0][1].tensors
-            return tensors[2].unsqueeze(0), tensors[3].unsqueeze(0)
+            self._release_moment_stack(key)
+            (p, s), = members
+            state = self.state[p]  # anew: the release may have given it copies
+            return tuple(state[name].view_as(s.tensors[i]).unsqueeze(0)
+                         for i, name in ((2, "exp_avg"), (3, "exp_avg_sq")))
         ptrs = tuple(s.tensors[i].data_ptr() for i in (2, 3) for _, s in members)
         cached = self._moments.get(key)
         if cached is None or cached[0] != ptrs:
+            self._release_moment_stack(key)
             stacked = tuple(torch.stack([s.tensors[i] for _, s in members]) for i in (2, 3))
             for j, (p, _) in enumerate(members):
                 state = self.state[p]
                 state["exp_avg"], state["exp_avg_sq"] = (t[j].view(p.shape) for t in stacked)
             ptrs = tuple(t[j].data_ptr() for t in stacked for j in range(len(members)))
-            cached = (ptrs, *stacked)
+            cached = (ptrs, *stacked, [p for p, _ in members])
             self._moments[key] = cached
             self._fused.pop(key[0], None)  # a fused plan holds the moments it was made with
             self.cache_epoch += 1  # new tensors: a captured step would update the old ones
         return cached[1], cached[2]
+
+    def _release_moment_stack(self, key: tuple) -> None:
+        """Forget the stacked moments kept for ``key``, giving each of their former members
+        whose state still views them a copy of its own, so that the stack's memory is freed
+        (a member left out of the next stack would otherwise keep all of it alive)."""
+        cached = self._moments.pop(key, None)
+        if cached is None:
+            return
+        for p in cached[3]:
+            state = self.state.get(p, {})
+            for name, stacked in zip(("exp_avg", "exp_avg_sq"), cached[1:3]):
+                t = state.get(name)
+                if t is not None and t.untyped_storage().data_ptr() == \
+                        stacked.untyped_storage().data_ptr():
+                    state[name] = t.clone()
 
     def _fused_plan(self, params: List[torch.Tensor], where: tuple) -> "_FusedPlan":
         """The fused kernel's launches for ``params`` (one group and device), made by
