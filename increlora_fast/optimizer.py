@@ -223,6 +223,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         # (group index, device, stack key) -> (addresses of the moment views, the stacked
         # exp_avg and exp_avg_sq the state tensors of that stack are views of, its parameters).
         self._moments: Dict[tuple, tuple] = {}
+        # id(parameter) -> the key in `_moments` of the stack its moments are views of (a
+        # parameter whose stack key changes, `model.to(dtype)`, frees the old stack with it).
+        self._moment_keys: Dict[int, tuple] = {}
         # device -> (mask, start) of a dense parameter seen as one slot.
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
@@ -240,6 +243,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._seen_version.clear()  # the loaded stamps are compared with the layers' anew
         self._fused.clear()  # (they hold the replaced moments)
         self._moments.clear()
+        self._moment_keys.clear()
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -394,15 +398,17 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         if not all(kernel_readable(s.tensors[i]) for _, s in members for i in (0, 2, 3)):
             return None
         if len(members) == 1:
-            self._release_moment_stack(key)
             (p, s), = members
+            self._release_moment_stack(self._moment_keys.get(id(p)))
             state = self.state[p]  # anew: the release may have given it copies
             return tuple(state[name].view_as(s.tensors[i]).unsqueeze(0)
                          for i, name in ((2, "exp_avg"), (3, "exp_avg_sq")))
         ptrs = tuple(s.tensors[i].data_ptr() for i in (2, 3) for _, s in members)
         cached = self._moments.get(key)
         if cached is None or cached[0] != ptrs:
-            self._release_moment_stack(key)
+            # this stack's old one, and those its members were in under another key
+            for old in {key, *(self._moment_keys.get(id(p)) for p, _ in members)}:
+                self._release_moment_stack(old)
             stacked = tuple(torch.stack([s.tensors[i] for _, s in members]) for i in (2, 3))
             for j, (p, _) in enumerate(members):
                 state = self.state[p]
@@ -410,18 +416,25 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             ptrs = tuple(t[j].data_ptr() for t in stacked for j in range(len(members)))
             cached = (ptrs, *stacked, [p for p, _ in members])
             self._moments[key] = cached
+            self._moment_keys.update((id(p), key) for p, _ in members)
             self._fused.pop(key[0], None)  # a fused plan holds the moments it was made with
             self.cache_epoch += 1  # new tensors: a captured step would update the old ones
         return cached[1], cached[2]
 
-    def _release_moment_stack(self, key: tuple) -> None:
-        """Forget the stacked moments kept for ``key``, giving each of their former members
-        whose state still views them a copy of its own, so that the stack's memory is freed
-        (a member left out of the next stack would otherwise keep all of it alive)."""
+    def _release_moment_stack(self, key: Optional[tuple]) -> None:
+        """Forget the stacked moments kept for ``key`` (None: none), giving each of their
+        former members whose state still views them a copy of its own, so that the stack's
+        memory is freed (a member left out of the next stack would otherwise keep all of it
+        alive). The state tensors are then other tensors: a fused plan of that group and
+        device (which holds them) is dropped, and a captured step is stale (`cache_epoch`)."""
         cached = self._moments.pop(key, None)
         if cached is None:
             return
+        self._fused.pop(key[0], None)
+        self.cache_epoch += 1
         for p in cached[3]:
+            if self._moment_keys.get(id(p)) == key:
+                del self._moment_keys[id(p)]
             state = self.state.get(p, {})
             for name, stacked in zip(("exp_avg", "exp_avg_sq"), cached[1:3]):
                 t = state.get(name)

@@ -214,6 +214,111 @@ def test_moments_kept_stacked_stay_exact_when_a_stack_changes_or_is_loaded(dtype
             assert a1.untyped_storage().nbytes() == a1.numel() * a1.element_size()
 
 
+def _drop_grads(params):
+    """Set the gradients of ``params`` aside (None on the parameters); returns them."""
+    held = {p: p.grad for p in params}
+    for p in params:
+        p.grad = None
+    return held
+
+
+def _run(monkeypatch, switch_backend: bool):
+    """Four steps of the test model: torch path (all tensors), fused path (all tensors), torch
+    path with the lora_A of layers 1 and 2 left out (their (r, 5) stack shrinks to layer 3's
+    lora_A alone), fused path (all tensors, no layout change). ``switch_backend``: steps 1 and
+    3 on the fused kernel (as after INCRELORA_BACKEND changes and `refresh_settings`), else
+    every step on the torch path. Returns (model, layers, optimizer)."""
+    fused = [False]
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: fused[0])
+    model, config, layers = _model(torch.float32, DEVICE)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(11)
+    for step in range(4):
+        if step == 0:
+            _scramble(model, layers, step, gen)
+        else:
+            _fresh_grads(model, layers, gen)
+        if step == 2:
+            _drop_grads([layers[1].lora_A, layers[2].lora_A])
+        fused[0] = switch_backend and step in (1, 3)
+        opt.step()
+    return model, layers, opt
+
+
+def test_fused_plan_is_dropped_when_a_stack_of_one_replaces_the_state_moments(monkeypatch):
+    """A stack shrinking to one tensor gives its former members copies of their moments
+    (`_release_moment_stack`); a `_FusedPlan` kept from an earlier fused step (the backend
+    switched during the run) held the old stacked views, so the next fused step updated those
+    and read stale moments, and the state moments missed the update. The release drops it."""
+    _fused_available()
+    runs = [_run(monkeypatch, switch) for switch in (True, False)]
+    (fused_model, fused_layers, fused_opt), (model, layers, opt) = runs
+    for fl, l in zip(fused_layers, layers):
+        for name in ("lora_A", "lora_B", "lora_lambda"):
+            got, want = getattr(fl, name), getattr(l, name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fused_opt.state[got][key], opt.state[want][key],
+                                           rtol=1e-5, atol=1e-9, equal_nan=True,
+                                           msg=f"{name} {key}")
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, equal_nan=True,
+                                       msg=name)
+
+
+def _held_bytes(opt) -> int:
+    """Bytes of the distinct storages the optimizer object references outside its state,
+    parameter groups and the parameters' gradients (its caches)."""
+    skip = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            skip.add(p.untyped_storage().data_ptr())
+            if p.grad is not None:
+                skip.add(p.grad.untyped_storage().data_ptr())
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor):
+                skip.add(v.untyped_storage().data_ptr())
+    seen, total, todo, visited = set(), 0, [v for k, v in vars(opt).items()
+                                          if k not in ("state", "param_groups")], set()
+    while todo:
+        obj = todo.pop()
+        if id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            ptr = obj.untyped_storage().data_ptr()
+            if ptr not in skip and ptr not in seen:
+                seen.add(ptr)
+                total += obj.untyped_storage().nbytes()
+        elif isinstance(obj, dict):
+            todo.extend(obj.keys())
+            todo.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            todo.extend(obj)
+    return total
+
+
+def test_a_stack_whose_key_changes_frees_its_old_stacked_moments():
+    """`model.to(dtype)` (or a move to another device, with the state moved by the caller)
+    puts a parameter under another stack key: its state becomes views of a new stack, and the
+    cache entry of the old key (its stacked exp_avg and exp_avg_sq) is never released, so the
+    optimizer keeps a second full copy of those moments for the rest of the run."""
+    model, config, layers = _model(torch.float32)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(2)
+    _scramble(model, layers, 0, gen)
+    opt.step()
+    _fresh_grads(model, layers, gen)
+    opt.step()
+    held = _held_bytes(opt)
+    model.to(torch.bfloat16)  # parameters now bfloat16, the moments stay float32
+    for _ in range(2):
+        _fresh_grads(model, layers, gen)
+        opt.step()
+    moments = sum(v.numel() * v.element_size() for st in opt.state.values()
+                  for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
+    assert _held_bytes(opt) - held < moments // 4, (held, _held_bytes(opt), moments)
+
+
 def test_fused_kernel_path_matches_stacked_path(monkeypatch):
     """Same slots, masks, learning rates and counts reach the kernel. Every step here changes
     the adapters' slots, so their plan is new each step and launches per tensor (12 tensors);
