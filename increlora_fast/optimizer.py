@@ -205,6 +205,15 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         super().__init__(params, defaults)
         self._slots = slots
         self.global_step = 0
+        # Counts the cached masks and starts made as new tensors rather than refreshed in place
+        # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
+        # tensors the step no longer uses.
+        self.cache_epoch = 0
+        self._reset_caches()
+
+    def _reset_caches(self) -> None:
+        """The caches a step builds from the parameters, their state and their layers (every
+        one rebuilt on the next step; a fresh optimizer and an unpickled or copied one)."""
         # id(adapter tensor) -> the layer's slot_version at that tensor's last step.
         self._seen_version: Dict[int, int] = {}
         # layer -> (its _layout_key, its trainable_slot_masks()).
@@ -212,10 +221,6 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         # (group index, device) -> (key, (flat mask, its float32 copy, flat start), that copy
         # split per tensor).
         self._flat: Dict[tuple, tuple] = {}
-        # Counts the cached masks and starts made as new tensors rather than refreshed in place
-        # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
-        # tensors the step no longer uses.
-        self.cache_epoch = 0
         # (group index, device) -> ids of the parameters its last step updated.
         self._stepped: Dict[tuple, List[int]] = {}
         # (group index, device) -> its fused kernel launches (CUDA), kept while the layout holds.
@@ -230,6 +235,38 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
         self._device_steps = DeviceScalar(torch.float64)
+
+    def __getstate__(self) -> dict:
+        """Pickling and ``copy.deepcopy``: torch's state plus the step count and each
+        parameter's (layer, kind), stored beside the parameter groups (ids of parameters do not
+        survive a copy); the caches are rebuilt by the copy's first step. Copy the model with
+        the optimizer (``copy.deepcopy((model, optimizer))``) for a copy that trains that
+        model: an optimizer copied alone steps copies of the parameters and layers."""
+        state = super().__getstate__()
+        state["global_step"] = self.global_step
+        state["cache_epoch"] = self.cache_epoch
+        state["slot_roles"] = [[self._slots.get(id(p)) for p in group["params"]]
+                               for group in self.param_groups]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        # torch's load_state_dict also calls this, with only "state" and "param_groups": an
+        # update of a live optimizer, whose own attributes stay.
+        if "_slots" in self.__dict__:
+            super().__setstate__(state)
+            return
+        state = dict(state)
+        roles = state.pop("slot_roles", None)
+        if roles is None:
+            raise TypeError("IncreLoRAAdamW: this pickled optimizer lacks its slot roles (made "
+                            "by an older release); build a new one with create_optimizer and "
+                            "load_state_dict the old one's state_dict")
+        self.global_step = state.pop("global_step", 0)
+        self.cache_epoch = state.pop("cache_epoch", 0)
+        super().__setstate__(state)
+        self._slots = {id(p): role for group, group_roles in zip(self.param_groups, roles)
+                       for p, role in zip(group["params"], group_roles) if role is not None}
+        self._reset_caches()
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -25,7 +25,8 @@ from increlora_fast import inject_increlora  # noqa: E402
 from increlora_fast.functional import multi_adamw_ok, reset_kernel_checks  # noqa: E402
 from increlora_fast.layer import SlotState  # noqa: E402
 from increlora_fast.optim_functional import along_slot_dim, masked_adamw_torch_  # noqa: E402
-from increlora_fast.optimizer import ADAPTER_SLOT_DIM, schedule_multiplier  # noqa: E402
+from increlora_fast.optimizer import (ADAPTER_SLOT_DIM, IncreLoRAAdamW,  # noqa: E402
+                                      schedule_multiplier)
 
 R_MAX = 5
 HYPER = {"lr": 1e-2, "weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-8}
@@ -317,6 +318,46 @@ def test_a_stack_whose_key_changes_frees_its_old_stacked_moments():
     moments = sum(v.numel() * v.element_size() for st in opt.state.values()
                   for k, v in st.items() if k in ("exp_avg", "exp_avg_sq"))
     assert _held_bytes(opt) - held < moments // 4, (held, _held_bytes(opt), moments)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_an_optimizer_copied_with_its_model_steps_as_the_original(how, tmp_path):
+    """`copy.deepcopy((model, optimizer))` and a pickle of both (found by a helper's review:
+    torch's Optimizer pickles only its state and groups, so the copy lost ``global_step`` and
+    the parameters' slot roles, and its first step raised AttributeError). The copy steps its
+    own model bitwise as the original steps the original, caches rebuilt; the original is not
+    touched by the copy's steps. A pickle without the roles is refused in one line."""
+    model, config, layers = _model(torch.float32)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(9)
+    for step in range(3):
+        _scramble(model, layers, step, gen)
+        opt.step()
+    if how == "deepcopy":
+        model2, opt2 = copy.deepcopy((model, opt))
+    else:
+        torch.save((model, opt), tmp_path / "both.pt")
+        model2, opt2 = torch.load(tmp_path / "both.pt", weights_only=False)
+    layers2 = [module for _, module in increlora_layers(model2)]
+    assert opt2.global_step == 3
+    for step in range(3, 6):
+        state = gen.get_state()
+        _scramble(model, layers, step, gen)
+        gen.set_state(state)
+        _scramble(model2, layers2, step, gen)
+        opt.step()
+        opt2.step()
+        for p, p2 in zip(model.parameters(), model2.parameters()):
+            assert torch.equal(_bits(p.detach()), _bits(p2.detach()))
+            if p.requires_grad:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    assert torch.equal(_bits(opt.state[p][key]), _bits(opt2.state[p2][key]))
+    assert all(p2.untyped_storage().data_ptr() != p.untyped_storage().data_ptr()
+               for p, p2 in zip(model.parameters(), model2.parameters()))
+    old = opt.__getstate__()
+    del old["slot_roles"]
+    with pytest.raises(TypeError, match="slot roles.*create_optimizer"):
+        IncreLoRAAdamW.__new__(IncreLoRAAdamW).__setstate__(old)
 
 
 def test_fused_kernel_path_matches_stacked_path(monkeypatch):
