@@ -137,6 +137,13 @@ def _expected(opt, layers, head, step):
     return out
 
 
+def _assert_stepped_exactly(p, state, new, m, v):
+    """The parameter ``p`` and its moments in ``state`` bitwise those of the reference."""
+    assert torch.equal(_bits(p.detach()), _bits(new))
+    assert torch.equal(_bits(state["exp_avg"]), _bits(m))
+    assert torch.equal(_bits(state["exp_avg_sq"]), _bits(v))
+
+
 # (seed 7 alone passed with a reference that started A and B's schedule at allocation on the
 # layer without advance learning; other seeds give its active slots activation stamps of their
 # own, where the optimizer, as documented, starts at activation)
@@ -154,9 +161,7 @@ def test_stacked_step_matches_per_tensor_reference_bitwise(dtype, seed):
         opt.step()
         for p, (new, m, v, off, moments) in expected.items():
             state = opt.state[p]
-            assert torch.equal(_bits(p.detach()), _bits(new))
-            assert torch.equal(_bits(state["exp_avg"]), _bits(m))
-            assert torch.equal(_bits(state["exp_avg_sq"]), _bits(v))
+            _assert_stepped_exactly(p, state, new, m, v)
             # masked out: untouched, NaN, inf and -0.0 included (not only "as the reference")
             assert torch.equal(_bits(p.detach()[off]), _bits(before[p][off]))
             for got, old in zip((state["exp_avg"], state["exp_avg_sq"]), moments):
@@ -200,10 +205,7 @@ def test_moments_kept_stacked_stay_exact_when_a_stack_changes_or_is_loaded(dtype
                                                                  ADAPTER_SLOT_DIM)}
         opt.step()
         for p, (new, m, v, _, _) in expected.items():
-            state = opt.state[p]
-            assert torch.equal(_bits(p.detach()), _bits(new))
-            assert torch.equal(_bits(state["exp_avg"]), _bits(m))
-            assert torch.equal(_bits(state["exp_avg_sq"]), _bits(v))
+            _assert_stepped_exactly(p, opt.state[p], new, m, v)
         for p, (param, m, v) in kept.items():
             for got, want in zip((p.detach(), opt.state[p]["exp_avg"],
                                   opt.state[p]["exp_avg_sq"]), (param, m, v)):
