@@ -111,8 +111,10 @@ class IncreLoRAConfig:
             continuity (rescaling the moments too, m / c and v / c^2 for c = new / old rank,
             would also undo the smaller gradient's damping of Adam's next updates). A departure
             from the authors' code.
-        reserve_in_penalty: reserve slots count in the orthogonal penalty (the authors' code).
-            False leaves only active slots in it, so advance learning sees the task gradient
+        reserve_in_penalty: reserve slots count in the orthogonal penalty, and so do the
+            reserves retired when the budget is reached (lambda 0, out of the output), which
+            keep training through it with advance learning (the authors' code, which only
+            zeroes their lambda). False leaves only active slots in it, so advance learning sees the task gradient
             alone (a departure from the authors' code).
         normalize_on_activation: rescale the A row and B column of every newly activated slot to
             unit norm (with ``advance_learning=False``: the norm-only control of advance learning,

@@ -238,6 +238,13 @@ class IncreLoRALinear(nn.Module):
         return self.slot_state == int(SlotState.RESERVE)
 
     @property
+    def retired_mask(self) -> torch.Tensor:
+        """Former reserve slots retired when the budget was reached (`retire_reserve`): they no
+        longer compute, yet their A rows and B columns still count in the orthogonal penalty
+        and train as a reserve's did, as in the authors' code."""
+        return (self.slot_state == int(SlotState.INACTIVE)) & (self.slot_alloc_step >= 0)
+
+    @property
     def active_rank(self) -> int:
         return int(self.active_mask.sum())
 
@@ -251,9 +258,11 @@ class IncreLoRALinear(nn.Module):
         return int((self.slot_state != SlotState.INACTIVE).sum())
 
     def trainable_slot_masks(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(slots whose A row and B column train, slots whose lambda trains)."""
+        """(slots whose A row and B column train, slots whose lambda trains). With advance
+        learning, reserve and retired slots train their A and B too (retired ones through the
+        orthogonal penalty alone: they no longer compute)."""
         active = self.active_mask
-        ab = active | self.reserve_mask if self.advance_learning else active
+        ab = active | self.reserve_mask | self.retired_mask if self.advance_learning else active
         return ab, active
 
     def reserve_value(self) -> float:
@@ -325,7 +334,10 @@ class IncreLoRALinear(nn.Module):
 
     @torch.no_grad()
     def retire_reserve(self) -> None:
-        """End of allocation: reserve slots stop affecting the output and stop training.
+        """End of allocation (spec section 2): reserve slots stop affecting the output (lambda 0,
+        no longer computed) and can no longer be activated. As in the authors' code, which only
+        zeroes their lambda, their A rows and B columns stay in the orthogonal penalty and keep
+        training (`retired_mask`).
 
         ``slot_alloc_step`` keeps its value, so a retired slot stays distinguishable from one that
         was never used (-1)."""

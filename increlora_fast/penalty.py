@@ -3,8 +3,8 @@ section 6), the loss `IncreLoRAController.regularization_loss` returns.
 
     orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules)
 
-over the slots that count (active and reserve slots; active only with
-``reserve_in_penalty=False``), with gradients only into the A rows and B columns that train
+over the slots that count (active and reserve slots, and after the budget the retired reserves,
+as in the authors' code; active only with ``reserve_in_penalty=False``), with gradients only into the A rows and B columns that train
 (frozen reserve slots count but get none). Two paths compute it:
 
 - **Triton** (where the layers take their Triton kernels, `functional.penalty_on_triton`): one
@@ -164,6 +164,6 @@ class OrthogonalPenalty:
 
     def _counted_and_trained(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
         """(slots that count in the penalty, slots whose A row and B column train), bool."""
-        counted = layer.slot_state != SlotState.INACTIVE if self.config.reserve_in_penalty \
-            else layer.active_mask
+        counted = (layer.slot_state != SlotState.INACTIVE) | layer.retired_mask \
+            if self.config.reserve_in_penalty else layer.active_mask
         return counted, layer.trainable_slot_masks()[0]

@@ -85,6 +85,65 @@ def test_reserve_slots_advance_learning_and_retirement():
         assert torch.all(l.lora_lambda[l.slot_state == SlotState.INACTIVE] == 0)
 
 
+def _retired_run(**overrides):
+    """Two branches trained past the budget (rounds at steps 8 and 12); the layers holding
+    retired slots with their masks, and those slots' A rows and B columns just after."""
+    torch.manual_seed(0)
+    config = branch_config(target_rank=2, top_h=1, init_warmup=4, incre_interval=4, **overrides)
+    model, opt, ctl = make_run(ParallelBranches(2), config)
+    train_steps(model, opt, ctl, range(13))
+    assert ctl.budget_reached
+    retired = [(l, l.retired_mask.clone()) for l in model.branches if bool(l.retired_mask.any())]
+    assert retired
+    frozen = [(l.lora_A[m].detach().clone(), l.lora_B[:, m].detach().clone()) for l, m in retired]
+    return model, opt, ctl, retired, frozen
+
+
+def _penalty_by_hand(model, reserve_counts: bool) -> torch.Tensor:
+    """Spec section 6 over the active slots, and the reserves (retired ones included) when
+    ``reserve_counts``."""
+    total = 0.0
+    for l in model.branches:
+        used = l.active_mask | (l.retired_mask if reserve_counts else False)
+        a, b = l.lora_A[used], l.lora_B[:, used]
+        eye = torch.eye(int(used.sum()))
+        total = total + torch.linalg.matrix_norm(a @ a.T - eye) \
+            + torch.linalg.matrix_norm(b.T @ b - eye)
+    return 0.1 * total / (2 * len(model.branches))
+
+
+def test_retired_reserves_stay_in_the_penalty_and_train_as_in_the_authors_code():
+    """Spec sections 2 and 6: at the budget a reserve's lambda becomes 0 and it stops affecting
+    the output, but it stays one of 'all components' of the penalty, and its A and B stay
+    trainable parameters (the authors' code only zeroes lambda)."""
+    model, opt, ctl, retired, frozen = _retired_run()
+    for layer, mask in retired:
+        assert torch.all(layer.slot_state[mask] == SlotState.INACTIVE)
+        assert torch.all(layer.lora_lambda[mask] == 0) and not bool(layer.reserve_mask.any())
+    torch.testing.assert_close(ctl.regularization_loss(), _penalty_by_hand(model, True))
+    x = torch.randn(3, 6)
+    out = model(x)
+    with torch.no_grad():
+        for layer, mask in retired:  # what a retired slot holds does not reach the output
+            layer.lora_A[mask] = 5.0
+    torch.testing.assert_close(model(x), out)
+    for (layer, mask), (a, _) in zip(retired, frozen):
+        layer.lora_A.data[mask] = a
+    train_steps(model, opt, ctl, range(13, 16))
+    for (layer, mask), (a, b) in zip(retired, frozen):
+        assert not torch.equal(layer.lora_A[mask], a) and not torch.equal(layer.lora_B[:, mask], b)
+
+
+def test_retired_reserves_out_of_the_penalty_or_frozen_where_configured():
+    model, _, ctl, retired, frozen = _retired_run(reserve_in_penalty=False)
+    torch.testing.assert_close(ctl.regularization_loss(), _penalty_by_hand(model, False))
+    model, opt, ctl, retired, frozen = _retired_run(advance_learning=False)
+    torch.testing.assert_close(ctl.regularization_loss(), _penalty_by_hand(model, True))
+    train_steps(model, opt, ctl, range(13, 16))  # frozen reserves stay frozen once retired
+    for (layer, mask), (a, b) in zip(retired, frozen):
+        assert torch.equal(layer.lora_A[mask], a) and torch.equal(layer.lora_B[:, mask], b)
+
+
 def test_activation_keeps_trained_reserve_and_appends_fresh_one():
     torch.manual_seed(0)
     model = ParallelBranches(1)
