@@ -415,8 +415,9 @@ class IncreLoRAController:
             layer.condition_growth(old_rank, preserve_scale=cfg.scale_preserving_growth,
                                    unit_norm=cfg.normalize_on_activation)
             remaining -= added
-            if remaining > 0:
-                layer.add_reserve(cfg.incre_rank_num, step, generator=self.generator)
+            # in the last round too (spec 2): retired at once, the fresh reserve still counts
+            # in the penalty and trains through it, as in the authors' code
+            layer.add_reserve(cfg.incre_rank_num, step, generator=self.generator)
             entry = {"step": step, "module": self.names[i], "new_rank": layer.active_rank,
                      "score": float(score[i])}
             self.allocation_log.append(entry)

@@ -1,0 +1,299 @@
+"""Our whole training loop against `authors_reference`, a literal re-implementation of the
+authors' method from the spec (appended parameters, dense autograd score, AdamW param groups).
+
+Both start from the same base weights and adapter values and see the same batches, in float64.
+Every step must give the same loss; the score EMAs, the allocation log, the rank pattern and
+every module's final ΔW must agree. The only numeric difference between the two is our
+optimizer's float32 arithmetic (`optim_functional.masked_adamw_into`) and score accumulator.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Callable, Dict, List, Tuple
+
+import pytest
+import torch
+from torch import nn
+
+from authors_reference import AuthorsReference
+from increlora_fast import (IncreLoRAConfig, IncreLoRAController, IncreLoRALinear,
+                            create_optimizer, increlora_layers, inject_increlora)
+
+LR, WEIGHT_DECAY, BETAS, EPS = 2.0 ** -7, 2.0 ** -5, (0.5, 0.75), 1e-8
+# Dyadic optimizer hyperparameters: our optimizer's float32 arithmetic (float64 adapters
+# included) then rounds only gradients and moments, not lr, weight decay or bias corrections
+# (0.999 in float32 alone puts 1.3e-5 into the first bias correction). Our score accumulator is
+# float32 too; the reference is float64 throughout. Measured: losses agree to 3e-8, score EMAs
+# and final dW (relative to the module's largest entry) to 4e-6.
+LOSS_RTOL, SCORE_RTOL, DELTA_RTOL = 2e-7, 2e-5, 2e-5
+
+Batch = Tuple[torch.Tensor, torch.Tensor]
+
+
+class MLP(nn.Module):
+    """Four adapted linears of odd widths and a head trained in full."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(7, 13), nn.Linear(13, 9)
+        self.fc3, self.fc4 = nn.Linear(9, 6), nn.Linear(6, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for fc in (self.fc1, self.fc2, self.fc3, self.fc4):
+            x = torch.tanh(fc(x))
+        return self.head(x)
+
+
+class Twins(nn.Module):
+    """Two identical linears on one input, summed: with identical adapters their scores tie
+    exactly, so a round whose top_h is smaller than the tied group must not grow both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.left, self.right = nn.Linear(7, 6), nn.Linear(7, 6)
+        self.right.load_state_dict(self.left.state_dict())
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.left(x) + self.right(x)))
+
+
+@torch.no_grad()
+def same_adapters(model: Twins) -> None:
+    """Give the right twin the left twin's adapter: from then on every score ties exactly."""
+    for name in ("lora_A", "lora_B", "lora_lambda"):
+        getattr(model.right, name).copy_(getattr(model.left, name))
+
+
+def vector_batch(step: int) -> Batch:
+    g = torch.Generator().manual_seed(5000 + step)
+    return torch.randn(24, 7, generator=g, dtype=torch.float64), torch.randint(0, 3, (24,),
+                                                                               generator=g)
+
+
+def tiny_bert() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=20, max_position_embeddings=16, num_labels=3,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(config)
+
+
+class BertLogits(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bert = tiny_bert()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.bert(input_ids=ids).logits
+
+
+def token_batch(step: int) -> Batch:
+    g = torch.Generator().manual_seed(7000 + step)
+    return torch.randint(0, 40, (8, 10), generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+@dataclass
+class Case:
+    make_model: Callable[[], nn.Module]
+    batch: Callable[[int], Batch]
+    config: IncreLoRAConfig
+    steps: int = 36
+    clip: float = 0.0  # max gradient norm, 0: no clipping
+    prepare: Callable[[nn.Module], None] = lambda model: None  # on our model, once injected
+
+
+def mlp_config(**overrides) -> IncreLoRAConfig:
+    """Rounds at steps 6, 9, 12 grow 3 + 3 + 2 modules: the budget (12) is reached at step 12
+    by a round that may grow fewer than top_h."""
+    base = dict(target_modules=["fc1", "fc2", "fc3", "fc4"], modules_to_save=["head"],
+                r_max=10, init_r=1, target_rank=3, incre_rank_num=1, top_h=3, init_warmup=4,
+                incre_interval=3, score_window=3, lora_alpha=16.0, orth_reg_weight=0.1,
+                warmup_steps=0, total_step=36)
+    base.update(overrides)
+    return IncreLoRAConfig(**base)
+
+
+CASES: Dict[str, Case] = {
+    "mlp": Case(MLP, vector_batch, mlp_config(), clip=0.2),
+    "mlp_restart_warmup": Case(MLP, vector_batch, mlp_config(warmup_steps=3)),
+    "mlp_exact_step_score": Case(MLP, vector_batch, mlp_config(warmup_steps=3,
+                                                               exact_step_score=True)),
+    "mlp_no_advance_learning": Case(MLP, vector_batch, mlp_config(warmup_steps=3,
+                                                                  advance_learning=False)),
+    # incre_rank_num 2, total 4 + 7: the last module grows by 1 only.
+    "mlp_incre2_partial": Case(MLP, vector_batch, mlp_config(
+        incre_rank_num=2, target_total_rank=11, top_h=2, warmup_steps=2)),
+    "twins_tie": Case(Twins, vector_batch, mlp_config(
+        target_modules=["left", "right"], target_total_rank=4, top_h=1, warmup_steps=2),
+        prepare=same_adapters),
+    "bert": Case(BertLogits, token_batch, mlp_config(
+        target_modules=["query", "key", "value", "attention.output.dense",
+                        "intermediate.dense", "output.dense"], modules_to_save=["classifier"],
+        r_max=8, target_rank=2, top_h=4, init_warmup=3, incre_interval=2, score_window=2,
+        warmup_steps=2, total_step=30), steps=30, clip=0.3),
+}
+
+
+@dataclass
+class Trace:
+    """What one run did, step by step."""
+    losses: List[float] = field(default_factory=list)
+    scores: List[Tuple[List[float], List[float]]] = field(default_factory=list)  # (ipt, unc)
+    log: List[Tuple[int, str, int]] = field(default_factory=list)
+    ranks: Dict[str, int] = field(default_factory=dict)
+    delta_w: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _one_step(model: nn.Module, batch: Batch, penalty: torch.Tensor, clip: float) -> float:
+    x, y = batch
+    loss = nn.functional.cross_entropy(model(x), y) + penalty
+    loss.backward()
+    if clip:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], clip)
+    return loss.item()
+
+
+def run_ours(model: nn.Module, case: Case) -> Trace:
+    """Our loop on ``model``, injected with ``case.config``."""
+    config = case.config
+    optimizer = create_optimizer(model, config, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
+                                 eps=EPS)
+    controller = IncreLoRAController(model, config)
+    trace = Trace()
+    for step in range(case.steps):
+        tracked = not controller.budget_reached
+        trace.losses.append(_one_step(model, case.batch(step), controller.regularization_loss(),
+                                      case.clip))
+        controller.step(step)
+        if tracked:
+            trace.scores.append((controller.ipt.tolist(), controller.unc.tolist()))
+        optimizer.step()
+        optimizer.zero_grad()
+    trace.log = [(e["step"], e["module"], e["new_rank"]) for e in controller.allocation_log]
+    trace.ranks = controller.rank_pattern()
+    trace.delta_w = {n: layer.delta_weight() for n, layer in increlora_layers(model)}
+    return trace
+
+
+def run_reference(model: nn.Module, case: Case, ours: Dict[str, IncreLoRALinear],
+                  config: IncreLoRAConfig) -> Trace:
+    """The reference on ``model`` (a copy of the base), its adapters set to the initial A and B
+    of ``ours`` (our layers before the first step), under ``config``."""
+    names = list(ours)
+    model.requires_grad_(False)  # the base is frozen but for the modules trained in full
+    for name, module in model.named_modules():
+        if any(name == key or name.endswith("." + key) for key in config.modules_to_save):
+            module.requires_grad_(True)
+    ref = AuthorsReference(
+        model, names, init_r=config.init_r, target_total_rank=config.total_budget(len(names)),
+        incre_rank_num=config.incre_rank_num, top_h=config.top_h,
+        init_warmup=config.init_warmup, incre_interval=config.incre_interval,
+        lora_alpha=config.lora_alpha, reserve_lambda=config.reserve_lambda,
+        advance_learning=config.advance_learning, beta1=config.beta1, beta2=config.beta2,
+        orth_reg_weight=config.orth_reg_weight, warmup_steps=config.warmup_steps,
+        total_step=config.total_step, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
+        generator=torch.Generator().manual_seed(config.seed))
+    with torch.no_grad():
+        for layer, theirs in zip(ref.layers, ours.values()):
+            for i in range(len(layer.lora_E)):
+                layer.lora_A[i].copy_(theirs.lora_A[i:i + 1])
+                layer.lora_B[i].copy_(theirs.lora_B[:, i:i + 1])
+    trace = Trace()
+    for step in range(case.steps):
+        tracked = not ref.budget_reached
+        trace.losses.append(_one_step(model, case.batch(step), ref.regularization_loss(),
+                                      case.clip))
+        ref.update_and_allocate(step)
+        if tracked:
+            trace.scores.append((list(ref.ipt), list(ref.unc)))
+        ref.optimizer_step(step)
+        ref.zero_grad()
+    trace.log = [(e["step"], e["module"], e["new_rank"]) for e in ref.allocation_log]
+    trace.ranks = ref.rank_pattern()
+    with torch.no_grad():
+        trace.delta_w = {n: layer.delta_weight() for n, layer in zip(names, ref.layers)}
+    return trace
+
+
+def run_both(case: Case, **reference_overrides) -> Tuple[Trace, Trace]:
+    """Our run and the reference's from the same weights; ``reference_overrides`` change the
+    reference's config only (to show that the comparison notices)."""
+    torch.manual_seed(0)
+    base = case.make_model().double()
+    model = inject_increlora(copy.deepcopy(base), case.config)
+    case.prepare(model)
+    initial = {n: copy.deepcopy(layer) for n, layer in increlora_layers(model)}
+    ours = run_ours(model, case)
+    theirs = run_reference(base, case, initial, replace(case.config, **reference_overrides))
+    return ours, theirs
+
+
+def _close(a: float, b: float, rtol: float) -> bool:
+    return abs(a - b) <= rtol * max(abs(a), abs(b))
+
+
+def mismatches(ours: Trace, theirs: Trace) -> List[str]:
+    """Where the two runs disagree beyond the stated tolerances (empty: they agree)."""
+    found = []
+    if ours.log != theirs.log:
+        found.append(f"allocation log {ours.log} != {theirs.log}")
+    if ours.ranks != theirs.ranks:
+        found.append(f"rank pattern {ours.ranks} != {theirs.ranks}")
+    for step, (a, b) in enumerate(zip(ours.losses, theirs.losses)):
+        if not _close(a, b, LOSS_RTOL):
+            found.append(f"loss at step {step}: {a!r} != {b!r}")
+            break
+    if len(ours.scores) != len(theirs.scores):
+        found.append(f"scored {len(ours.scores)} steps != {len(theirs.scores)}")
+    for step, (a, b) in enumerate(zip(ours.scores, theirs.scores)):
+        pairs = list(zip(a[0] + a[1], b[0] + b[1]))
+        if not all(_close(x, y, SCORE_RTOL) for x, y in pairs):
+            found.append(f"score EMAs (ipt, unc) at step {step}: {a} != {b}")
+            break
+    for name, dw in ours.delta_w.items():
+        ref = theirs.delta_w[name]
+        if not torch.allclose(dw, ref, rtol=0, atol=DELTA_RTOL * float(ref.abs().max())):
+            found.append(f"final dW of {name}: max difference "
+                         f"{float((dw - ref).abs().max()):.3g} of {float(ref.abs().max()):.3g}")
+    return found
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_training_matches_the_authors_reference(name: str) -> None:
+    case = CASES[name]
+    ours, theirs = run_both(case)
+    assert mismatches(ours, theirs) == []
+    # The run covers what it is meant to: several rounds, the budget reached inside the run.
+    rounds = sorted({step for step, _, _ in ours.log})
+    budget = case.config.total_budget(len(ours.ranks))
+    assert len(rounds) >= 2 and sum(ours.ranks.values()) == budget
+    assert rounds[-1] < case.steps - 5 and len(ours.scores) < case.steps
+
+
+def test_tied_scores_grow_only_top_h_modules() -> None:
+    """The twins' scores tie exactly at the first round (top_h 1): one module grows, the first."""
+    case = CASES["twins_tie"]
+    ours, theirs = run_both(case)
+    first = ours.log[0][0]
+    ipt, unc = ours.scores[first]
+    assert ipt[0] == ipt[1] and unc[0] == unc[1] and ipt[0] * unc[0] > 0
+    assert [entry for entry in ours.log if entry[0] == first] == [(first, "left", 2)]
+    assert theirs.log == ours.log
+
+
+@pytest.mark.parametrize("case,change", [
+    ("mlp", {"orth_reg_weight": 0.101}),
+    ("mlp", {"lora_alpha": 16.2}),
+    ("mlp", {"reserve_lambda": 2e-5}),
+    ("mlp", {"beta2": 0.86}),
+    ("mlp_restart_warmup", {"warmup_steps": 4}),
+    ("mlp_no_advance_learning", {"advance_learning": True}),
+])
+def test_the_comparison_notices_a_changed_reference(case: str, change: dict) -> None:
+    """A small change on the reference's side alone makes the runs disagree: the comparison
+    is sensitive to each part it claims to check."""
+    assert mismatches(*run_both(CASES[case], **change))
