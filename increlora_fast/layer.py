@@ -95,6 +95,16 @@ def _other_names_of_base_weight(layer: "IncreLoRALinear", parameters: Dict[int, 
 _IN_PLACE = {"merge": "merging", "unmerge": "unmerging"}
 
 
+def derived_weight_message(names: List[str]) -> str:
+    """The one-line refusal to merge the layers ``names``, whose base weights are computed from
+    other tensors on every forward (`IncreLoRALinear.has_derived_weight`)."""
+    return (f"cannot merge IncreLoRA layers {names[:3]}: their base weight is computed from "
+            "other tensors on every forward (a parametrization, weight_norm, spectral_norm or "
+            "pruning), so an adapter added to it would be lost; remove that from the base "
+            "first (e.g. torch.nn.utils.parametrize.remove_parametrizations(layer.base_layer, "
+            "'weight')), or keep the adapter unmerged, or export it with export_peft")
+
+
 class IncreLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` or transformers ``Conv1D`` with an IncreLoRA adapter.
 
@@ -510,6 +520,20 @@ class IncreLoRALinear(nn.Module):
             "requires_grad=False), or tie_word_embeddings=False before injecting), or keep the "
             "adapter unmerged and export it with export_peft")
 
+    def has_derived_weight(self) -> bool:
+        """Whether the base's ``weight`` is computed from other tensors on every forward (a
+        ``torch.nn.utils.parametrize`` parametrization such as ``parametrizations.weight_norm``,
+        or the older ``weight_norm``, ``spectral_norm`` and ``prune``, which keep it out of the
+        module's parameters and buffers): an adapter added to it in place would be lost."""
+        base = self.base_layer
+        stored = base._parameters.get("weight", base._buffers.get("weight"))
+        return not isinstance(stored, torch.Tensor)
+
+    def _refuse_derived_weight(self) -> None:
+        """ValueError, before anything changes, when `has_derived_weight`."""
+        if self.has_derived_weight():
+            raise ValueError(derived_weight_message([self._tie_record()[0] or type(self).__name__]))
+
     def merge(self) -> None:
         """Fold the adapter into the base weight; forward then skips the adapter.
 
@@ -517,12 +541,15 @@ class IncreLoRALinear(nn.Module):
             RuntimeError: the layer is already merged, or its base is quantized.
             ValueError: the base weight is tied to another module's parameter
                 (`tied_parameters`: checked for layers made by `inject_increlora`, against the
-                model they were injected into): merging in place would change that module too.
+                model they were injected into): merging in place would change that module too;
+                or it is computed from other tensors (`has_derived_weight`), so the merged
+                adapter would be lost.
         Nothing changes when it raises.
         """
         if self.merged:
             raise RuntimeError("IncreLoRALinear is already merged")
         self._refuse_quantized_merge()
+        self._refuse_derived_weight()
         self._refuse_tied("merge")
         self._merge_in_place()
 

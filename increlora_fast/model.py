@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
-                    is_supported_base)
+                    derived_weight_message, is_supported_base)
 
 CONFIG_ATTR = "increlora_config"
 ALL_LINEAR = "all-linear"
@@ -350,7 +350,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         ValueError: a base is quantized (bitsandbytes 4-bit / 8-bit): its weight cannot take the
             adapter exactly; or a base weight is tied to another module's parameter (an adapted
             ``lm_head`` sharing the input embedding): merging would add the adapter to that
-            module too. Nothing is changed. Keep such adapters unmerged (or `export_peft`).
+            module too; or a base weight is computed from other tensors on every forward (a
+            parametrization, weight_norm, spectral_norm or pruning), where the merged adapter
+            would be lost. Nothing is changed. Keep such adapters unmerged (or `export_peft`).
     """
     quantized = [n for n, layer in increlora_layers(model) if layer.is_quantized]
     if quantized:
@@ -358,6 +360,10 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
                          "8-bit weight cannot hold the adapter exactly; keep the adapter "
                          "unmerged, export it with export_peft, or load the base in full "
                          "precision to merge")
+    derived = [n for n, layer in increlora_layers(model)
+               if not layer.merged and layer.has_derived_weight()]
+    if derived:
+        raise ValueError(f"merge_and_unload: {derived_weight_message(derived)}")
     tied = _tied_base_weights(model)
     if tied:
         raise ValueError(f"merge_and_unload refuses tied base weights ({', '.join(tied[:3])}): "

@@ -6,6 +6,7 @@ import copy
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize, prune
 from transformers.pytorch_utils import Conv1D
 
 from increlora_fast import (IncreLoRAConfig, IncreLoRALinear, increlora_layers, inject_increlora,
@@ -319,3 +320,59 @@ def test_a_forward_after_resize_token_embeddings_on_a_tied_head_names_the_cause(
     assert "(48, 16)" in message and "(40, 16)" in message
     assert "resize before inject_increlora" in message
     assert isinstance(error.value.__cause__, RuntimeError)  # the original failure, kept
+
+
+class _Doubled(nn.Module):
+    """A weight parametrization: the layer computes with twice its stored weight."""
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight * 2.0
+
+
+def _derive_weight(linear: nn.Linear, kind: str) -> None:
+    """Make ``linear.weight`` a tensor computed from others on every forward."""
+    if kind == "parametrize":
+        parametrize.register_parametrization(linear, "weight", _Doubled())
+    elif kind == "weight_norm":
+        torch.nn.utils.parametrizations.weight_norm(linear)
+    elif kind == "old_weight_norm":
+        torch.nn.utils.weight_norm(linear)
+    elif kind == "spectral_norm":
+        torch.nn.utils.spectral_norm(linear)
+    else:
+        prune.random_unstructured(linear, "weight", amount=0.3)
+
+
+DERIVED = ["parametrize", "weight_norm", "old_weight_norm", "spectral_norm", "prune"]
+
+
+@pytest.mark.filterwarnings("ignore:.*weight_norm.* is deprecated:FutureWarning")
+@pytest.mark.parametrize("kind", DERIVED)
+@pytest.mark.parametrize("how", ["merge_and_unload", "layer_merge"])
+def test_merging_into_a_weight_computed_from_other_tensors_is_refused(tiny_net, kind, how):
+    """A parametrized (weight_norm, spectral_norm, pruned) base recomputes its weight from other
+    tensors on every forward, so an adapter added to it in place was silently lost (found by
+    an audit); merging it is refused naming the layer, and the adapter still trains."""
+    torch.manual_seed(0)
+    model = tiny_net
+    _derive_weight(model.head, kind)
+    inject_increlora(model, tiny_config())
+    perturb(model)
+    model.eval()
+    x = torch.randn(3, 4, 12)
+    with torch.no_grad():
+        expected = model(x)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as error:
+        merge_and_unload(model) if how == "merge_and_unload" else model.head.merge()
+    message = str(error.value)
+    assert "\n" not in message and "'head'" in message and "remove" in message
+    assert all(not layer.merged for _, layer in increlora_layers(model))
+    assert isinstance(model.head, IncreLoRALinear)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+    model.train()
+    model(x).pow(2).mean().backward()
+    assert model.head.lora_lambda.grad is not None
+    assert bool(model.head.lora_lambda.grad.any())
