@@ -201,6 +201,34 @@ def test_export_refuses_merged_layers(tmp_path):
     assert not (tmp_path / "adapter_model.safetensors").exists()
 
 
+class SharedTwice(nn.Module):
+    """One linear registered under two names and called through both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(8, 8)
+        self.dec = self.enc
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.dec(torch.tanh(self.enc(x)))))
+
+
+def test_export_refuses_a_layer_registered_under_two_names(tmp_path):
+    """peft adapts a module under its first name only (its other names keep the plain base,
+    and naming them as targets is an error there), while our layer adapts every call: the
+    export loaded into peft gave other outputs, silently (found by an audit)."""
+    torch.manual_seed(4)
+    model = inject_increlora(SharedTwice(), IncreLoRAConfig(target_modules=["enc", "head"],
+                                                            r_max=4, target_rank=2))
+    assert model.dec is model.enc
+    with pytest.raises(ValueError) as error:
+        export_peft(model, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "'enc'" in message and "'dec'" in message
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("adapter_dtype,expected", [("base", torch.float16),
                                                     ("auto", torch.float32)])
 def test_exported_factors_keep_the_adapter_dtype(adapter_dtype, expected):

@@ -121,6 +121,24 @@ def _saved_roots(model: nn.Module) -> List[str]:
     return roots
 
 
+def _refuse_layers_under_several_names(model: nn.Module) -> None:
+    """ValueError when an adapted layer is registered under several names: peft adapts a
+    module under its first name only (the others keep the plain base, and naming them as
+    targets is an error there), so peft's model would skip the adapter wherever the forward
+    calls it by another name."""
+    names: Dict[int, List[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, IncreLoRALinear):
+            names.setdefault(id(module), []).append(name)
+    shared = next((n for n in names.values() if len(n) > 1), None)
+    if shared is not None:
+        raise ValueError(f"export_peft: IncreLoRA layer {shared[0]!r} is also registered as "
+                         f"{shared[1:3]}, and peft adapts a module under its first name only, "
+                         "so peft's outputs would differ wherever the model calls it by another "
+                         "name; use save_adapter / load_adapter or merge_and_unload for this "
+                         "model")
+
+
 def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[str] = None,
                 base_model_name_or_path: Optional[str] = None, overwrite: bool = False
                 ) -> Dict[str, int]:
@@ -143,7 +161,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         The rank of every exported module, ``{module name: r_i}``.
 
     Raises:
-        ValueError: ``task_type`` is not one of peft's task types, a layer is merged, or a module
+        ValueError: ``task_type`` is not one of peft's task types, a layer is merged or is
+            registered under several names (peft would adapt only the first), or a module
             to save contains adapted layers.
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
@@ -153,6 +172,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
                          f"peft's task types {task_types}")
     config = get_config(model)
     layers = list(increlora_layers(model))
+    _refuse_layers_under_several_names(model)
     names = [n for n, _ in layers]
     tensors: Dict[str, torch.Tensor] = {}
     ranks: Dict[str, int] = {}
