@@ -61,6 +61,12 @@ def is_supported_base(module: nn.Module) -> bool:
 _PLAIN_FORWARDS = (nn.Linear.forward,) + ((Conv1D.forward,) if Conv1D is not None else ())
 
 
+def class_name(kind: type) -> str:
+    """``kind``'s name and the module it comes from, for an error message: a class of another
+    library may share nn.Linear's name (torch.ao's quantized ``Linear``)."""
+    return f"{kind.__name__} (from {kind.__module__})"
+
+
 def adapter_dtype_for(weight: torch.Tensor, choice: str = "auto") -> torch.dtype:
     """The dtype of the adapter tensors on a base weight: ``"auto"`` float32 on 16-bit or
     non-float (quantized) bases and the base dtype otherwise, as peft does; ``"float32"``
@@ -135,7 +141,7 @@ class IncreLoRALinear(nn.Module):
         super().__init__()
         if not is_supported_base(base_layer):
             raise TypeError(f"IncreLoRALinear wraps nn.Linear or transformers Conv1D, "
-                            f"got {type(base_layer).__name__}")
+                            f"got {class_name(type(base_layer))}")
         if not (1 <= init_r and init_r + reserve_rank <= r_max and reserve_rank >= 0):
             raise ValueError(f"need 1 <= init_r and init_r + reserve_rank <= r_max, got "
                              f"init_r={init_r}, reserve_rank={reserve_rank}, r_max={r_max}")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
-                    derived_weight_message, is_supported_base)
+                    class_name, derived_weight_message, is_supported_base)
 
 CONFIG_ATTR = "increlora_config"
 ALL_LINEAR = "all-linear"
@@ -65,8 +65,9 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
             _refuse_weight_readers(model, n)
             targets.append(n)
         elif spec is not None and not any(is_supported_base(m) for m in module.modules()):
-            raise TypeError(f"target module {n!r} is a {type(module).__name__}; IncreLoRA adapts "
-                            "nn.Linear and transformers Conv1D layers")
+            raise TypeError(f"target module {n!r} is a {class_name(type(module))}; IncreLoRA "
+                            "adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) and "
+                            "transformers Conv1D layers")
     if isinstance(spec, list):  # as in peft, a listed name must name linears, not their parents
         for s in spec:
             if not any(_suffix_match(n, s) for n in targets):

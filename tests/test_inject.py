@@ -63,6 +63,20 @@ def test_target_that_is_not_a_linear(tiny_net):
         inject_increlora(tiny_net, config(target_modules=["norm"]))
 
 
+def test_a_linear_of_another_library_is_named_by_its_module():
+    """torch.ao's dynamic-quantized Linear is not an nn.Linear: the refusal said "'0' is a
+    Linear; IncreLoRA adapts nn.Linear" (found by an audit); it names where the class is from."""
+    model = torch.ao.quantization.quantize_dynamic(
+        nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), {nn.Linear}, dtype=torch.qint8)
+    for refuse in (lambda: inject_increlora(model, config(target_modules=["0"])),
+                   lambda: IncreLoRALinear(model[0])):
+        with pytest.raises(TypeError) as err:
+            refuse()
+        message = str(err.value)
+        assert "\n" not in message and "torch.ao.nn.quantized.dynamic" in message
+    assert type(model[0]).__module__.startswith("torch.ao.")
+
+
 def test_listed_name_of_a_parent_of_linears_is_refused_not_skipped(tiny_net):
     """As in peft, a listed name must name linears: a block holding linears is not silently
     skipped while the other names are adapted (the user would think the block is adapted)."""
