@@ -165,6 +165,13 @@ class IncreLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(self.out_features, r_max, **factory))
         self.lora_lambda = nn.Parameter(torch.zeros(r_max, device=weight.device,
                                                     dtype=lambda_dtype(factory["dtype"])))
+        made_on = self.lora_A.device
+        if made_on != weight.device:
+            raise ValueError(
+                f"IncreLoRALinear: its adapter parameters were created on {made_on}, not on its "
+                f"base weight's {weight.device}: a context that moves new parameters elsewhere "
+                "is active (accelerate's init_empty_weights moves them to meta); build the "
+                "layer or call inject_increlora outside it")
         idx = dict(device=weight.device)
         self.register_buffer("slot_state", torch.zeros(r_max, dtype=torch.int8, **idx))
         self.register_buffer("slot_alloc_step", torch.full((r_max,), -1, dtype=torch.long, **idx))

@@ -40,6 +40,24 @@ def test_inject_on_the_meta_device_fails_before_touching_anything():
     assert [type(m) for m in model.modules()] == types and not hasattr(model, "increlora_config")
 
 
+def test_inject_under_accelerates_init_empty_weights_is_refused():
+    """accelerate's ``init_empty_weights`` moves every parameter made inside it to the meta
+    device: injecting there into a loaded model left the adapters on meta beside real base
+    weights and buffers, and the first forward failed deep in torch ("Tensor on device meta is
+    not on the expected device cpu!"), found by an audit. It is refused, and nothing changes."""
+    accelerate = pytest.importorskip("accelerate")
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    before = snapshot(model)
+    with accelerate.init_empty_weights(), pytest.raises(ValueError) as error:
+        inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4))
+    message = str(error.value)
+    assert "\n" not in message and "meta" in message and "init_empty_weights" in message
+    assert_unchanged(model, before)
+    assert not hasattr(model, "increlora_config")
+    inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4))
+    assert model[0].lora_A.device == model[0].base_layer.weight.device
+
+
 def test_inject_that_fails_while_wrapping_undoes_everything(monkeypatch):
     import increlora_fast.model as model_mod
 
