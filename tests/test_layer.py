@@ -243,6 +243,27 @@ def test_score_only_when_enabled_and_training():
     assert float(layer.score_sum) > 0.0
 
 
+@pytest.mark.parametrize("exact", [False, True], ids=["per_pass", "exact_step"])
+def test_gradcheck_of_a_layer_whose_score_is_tracked(exact):
+    """torch.autograd.gradcheck in float64 on a layer while its score is tracked: its check of
+    undefined output gradients called the score hook with None, which failed in the hook
+    ("'NoneType' object has no attribute 'shape'"), found by an audit. An undefined gradient
+    adds nothing to the score; the next real backward is scored."""
+    torch.manual_seed(0)
+    layer = IncreLoRALinear(nn.Linear(5, 4).double(), r_max=4, init_r=2, reserve_rank=1)
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    layer.train()
+    layer.score_enabled = True
+    layer.exact_step_score = exact
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(layer, (x,))
+    layer.release_score_buffers()
+    layer(x).sum().backward()
+    scored = layer.take_score_grad() if exact else layer.take_score()
+    assert bool(torch.isfinite(scored).all()) and bool(scored.abs().sum() > 0)
+
+
 def _param_ids(layer: IncreLoRALinear) -> Dict[str, int]:
     return {n: id(p) for n, p in layer.named_parameters()}
 
