@@ -114,8 +114,11 @@ class IncreLoRAConfig:
         reserve_in_penalty: reserve slots count in the orthogonal penalty, and so do the
             reserves retired when the budget is reached (lambda 0, out of the output), which
             keep training through it with advance learning (the authors' code, which only
-            zeroes their lambda). False leaves only active slots in it, so advance learning sees the task gradient
-            alone (a departure from the authors' code).
+            zeroes their lambda). False leaves only active slots in it, so advance learning
+            sees the task gradient alone (a departure from the authors' code); retired reserves
+            then get no gradient at all (their A and B still take AdamW's momentum and weight
+            decay, as any trainable parameter without a gradient would, which changes nothing
+            the model computes).
         normalize_on_activation: rescale the A row and B column of every newly activated slot to
             unit norm (with ``advance_learning=False``: the norm-only control of advance learning,
             whose reserves otherwise reach about unit norm through the penalty).

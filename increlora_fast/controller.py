@@ -461,9 +461,10 @@ class IncreLoRAController:
     # ------------------------------------------------------------------ regularisation
     def regularization_loss(self) -> torch.Tensor:
         """orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules),
-        over active and reserve slots (active only with ``reserve_in_penalty=False``): one
-        launch forward and one backward on the Triton path, batched over modules of the same
-        shape on the torch path (`penalty.OrthogonalPenalty`). Nothing is read on the host."""
+        over active and reserve slots, and after the budget the retired reserves (active only
+        with ``reserve_in_penalty=False``): one launch forward and one backward on the Triton
+        path, batched over modules of the same shape on the torch path
+        (`penalty.OrthogonalPenalty`). Nothing is read on the host."""
         return self.penalty.loss()
 
     def refresh_cached_masks(self) -> None:

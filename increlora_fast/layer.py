@@ -1,9 +1,11 @@
 """`IncreLoRALinear`: a frozen linear plus an SVD-shaped adapter on fixed-shape slot buffers.
 
 Every module owns ``r_max`` slots allocated once: ``lora_A`` (r_max, in), ``lora_B`` (out, r_max),
-``lora_lambda`` (r_max,). A slot is inactive, reserve or active (`SlotState`); the slots in use are
-always the leading ones, active first, then reserve. Growth flips slot states and never changes a
-shape, so optimizers, DDP and compiled graphs stay valid.
+``lora_lambda`` (r_max,). A slot is inactive, reserve or active (`SlotState`); the slots that
+compute are always the leading ones, active first, then reserve. Once the budget is reached the
+reserves are retired (`retire_reserve`): inactive, right after the active slots, no longer
+computing but still in the orthogonal penalty and trained (`retired_mask`). Growth flips slot
+states and never changes a shape, so optimizers, DDP and compiled graphs stay valid.
 
 The layer computes; when and where to grow is decided by `IncreLoRAController`, which calls
 `activate_reserve`, `add_reserve` and `retire_reserve` here.
@@ -126,8 +128,9 @@ class IncreLoRALinear(nn.Module):
         lora_alpha: scale numerator.
         lora_dropout: dropout probability on the adapter input.
         reserve_lambda: lambda of reserve slots.
-        advance_learning: reserve slots train A and B before activation; when False their lambda
-            is 0 and they receive no gradient.
+        advance_learning: reserve slots train A and B before activation (and, once retired at
+            the budget, through the orthogonal penalty); when False their lambda is 0 and they
+            receive no gradient.
         adapter_dtype: dtype of A and B (and so of their optimizer moments):
             `adapter_dtype_for` of the base weight; ``"auto"`` keeps them float32 on bf16 and
             fp16 bases. Lambda is float32 whatever this says (float64 with float64 A and B,
@@ -277,7 +280,9 @@ class IncreLoRALinear(nn.Module):
 
     @property
     def used_rank(self) -> int:
-        """Active plus reserve slots: the leading slots the computation has to visit."""
+        """Active plus reserve slots: the leading slots the output's computation has to visit
+        (and an inference adapter saves). Retired slots (`retired_mask`) are not among them:
+        the penalty and the optimizer find them by mask."""
         return int((self.slot_state != SlotState.INACTIVE).sum())
 
     def trainable_slot_masks(self) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -316,8 +316,11 @@ def count_trainable_parameters(model: nn.Module) -> Dict[str, int]:
     """Trainable parameters counted two ways.
 
     ``active``: adapter parameters of the active slots (rank x (in + out + 1) per module) plus
-    the modules to save; ``padded``: the allocated capacity (r_max slots) plus the same modules;
-    ``other``: the modules to save alone.
+    the modules to save: the size of the adapter that is saved, exported or merged;
+    ``padded``: the allocated capacity (r_max slots) plus the same modules; ``other``: the
+    modules to save alone. Reserve slots, and the reserves retired at the budget, train too
+    (A and B, with advance learning) but are not part of the adapter: only ``padded`` counts
+    them.
     """
     other = sum(p.numel() for p in saved_module_parameters(model).values())
     active = padded = 0

@@ -9,9 +9,13 @@ For adapter tensors every slot (row of A, column of B, entry of lambda) has
   that comparison runs on the device, and only for the tensors of layers whose host-side
   ``slot_version`` changed since their last step (every tensor on the first step and after
   `IncreLoRAAdamW.load_state_dict`);
-- a mask: inactive slots, and reserve lambdas, are left bitwise unchanged (no weight-decay drift);
-  so are slots the controller changed at this step (Adam step count 0: no step on their zero
-  gradient, as for a parameter just added to AdamW, whatever their learning rate).
+- a mask (`IncreLoRALinear.trainable_slot_masks`): slots that do not train (never used, frozen
+  reserves without advance learning, every lambda but the active ones) are left bitwise
+  unchanged (no weight-decay drift), while the reserves retired at the budget (inactive) keep
+  training their A rows and B columns, on the schedule begun at their allocation. Slots the
+  controller changed at this step are left unchanged too (Adam step count 0: no step on their
+  zero gradient, as for a parameter just added to AdamW, whatever their learning rate), a reserve
+  appended and retired at once in the last round included.
 Other trainable parameters (e.g. a classifier) follow the ordinary warmup + linear decay from step 0.
 
 A step works per parameter group and device: the masks, stamps, step counts and schedules of all

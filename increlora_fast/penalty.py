@@ -3,9 +3,10 @@ section 6), the loss `IncreLoRAController.regularization_loss` returns.
 
     orth_reg_weight x sum over modules of (||A A^T - I|| + ||B^T B - I||) / (2 x modules)
 
-over the slots that count (active and reserve slots, and after the budget the retired reserves,
-as in the authors' code; active only with ``reserve_in_penalty=False``), with gradients only into the A rows and B columns that train
-(frozen reserve slots count but get none). Two paths compute it:
+over the slots that count (active and reserve slots, and after the budget the retired
+reserves, as in the authors' code; active only with ``reserve_in_penalty=False``), with
+gradients only into the A rows and B columns that train (frozen reserve slots count but get
+none). Two paths compute it:
 
 - **Triton** (where the layers take their Triton kernels, `functional.penalty_on_triton`): one
   launch forward and one backward over every module (`kernels.orth_penalty.OrthPenalty`), which
@@ -34,8 +35,8 @@ from .layer import IncreLoRALinear, SlotState
 
 class OrthogonalPenalty:
     """The penalty over ``layers`` with ``config.orth_reg_weight`` and
-    ``config.reserve_in_penalty`` (reserve slots count, the authors' code, or only active
-    ones), both read at each call."""
+    ``config.reserve_in_penalty`` (reserve and retired reserve slots count, the authors' code,
+    or only active ones), both read at each call."""
 
     def __init__(self, layers: List[IncreLoRALinear], config: IncreLoRAConfig) -> None:
         self.layers = list(layers)

@@ -133,8 +133,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="IncreLoRA option: when a module grows, rescale its active lambdas "
                               "so that its dW is unchanged (no alpha/rank shock)")
     adapter.add_argument("--no-reserve-penalty", dest="reserve_in_penalty", action="store_false",
-                         help="IncreLoRA option: reserve slots leave the orthogonal penalty, so "
-                              "advance learning follows the task gradient alone")
+                         help="IncreLoRA option: reserve slots (and those retired at the "
+                              "budget) leave the orthogonal penalty, so advance learning "
+                              "follows the task gradient alone")
     adapter.add_argument("--reserve-lambda", type=float, default=d.reserve_lambda,
                          help="IncreLoRA: fixed lambda of reserve slots (default %(default)g)")
     adapter.add_argument("--normalize-on-activation", action="store_true",
