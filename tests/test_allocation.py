@@ -6,7 +6,7 @@ import torch
 
 from increlora_fast.layer import SlotState
 
-from method_helpers import ParallelBranches, branch_config, make_run, train_steps
+from method_helpers import ParallelBranches, batch, branch_config, make_run, train_steps
 
 
 def test_modules_that_cannot_matter_never_grow():
@@ -132,6 +132,33 @@ def test_retired_reserves_stay_in_the_penalty_and_train_as_in_the_authors_code()
     train_steps(model, opt, ctl, range(13, 16))
     for (layer, mask), (a, b) in zip(retired, frozen):
         assert not torch.equal(layer.lora_A[mask], a) and not torch.equal(layer.lora_B[:, mask], b)
+
+
+def test_the_reserve_appended_in_the_last_round_takes_no_step_then_trains():
+    """The last round (step 12) appends a fresh reserve to the module it grows and retires it at
+    once: like any slot changed at a step, it takes no optimizer step at that step (its gradient
+    was taken before it existed), weight decay included; from the next step on it trains
+    through the penalty, on a schedule that begins at step 12."""
+    torch.manual_seed(0)
+    config = branch_config(target_rank=2, top_h=1, init_warmup=4, incre_interval=4)
+    model, opt, ctl = make_run(ParallelBranches(2), config)
+    train_steps(model, opt, ctl, range(12))
+    x, y = batch(12)
+    (((model(x) - y) ** 2).mean() + ctl.regularization_loss()).backward()
+    ctl.step(12)
+    assert ctl.budget_reached
+    fresh = [(l, (l.slot_alloc_step == 12) & l.retired_mask) for l in model.branches]
+    fresh = [(l, m) for l, m in fresh if bool(m.any())]
+    assert len(fresh) == 1
+    layer, mask = fresh[0]
+    drawn = layer.lora_A[mask].detach().clone(), layer.lora_B[:, mask].detach().clone()
+    opt.step()
+    opt.zero_grad()
+    assert torch.equal(layer.lora_A[mask], drawn[0]) and torch.equal(layer.lora_B[:, mask], drawn[1])
+    assert torch.all(opt.state[layer.lora_A]["slot_count"][mask] == 0)
+    train_steps(model, opt, ctl, range(13, 14))
+    assert not torch.equal(layer.lora_A[mask], drawn[0])
+    assert torch.all(opt.state[layer.lora_A]["slot_count"][mask] == 1)
 
 
 def test_retired_reserves_out_of_the_penalty_or_frozen_where_configured():

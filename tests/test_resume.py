@@ -1,4 +1,5 @@
 """Issue 3 (f): saving model, optimizer and controller mid-allocation and resuming is bit-identical."""
+import pytest
 import torch
 
 from increlora_fast import IncreLoRAController, create_optimizer, inject_increlora, load_adapter, save_adapter
@@ -6,7 +7,7 @@ from increlora_fast import IncreLoRAController, create_optimizer, inject_increlo
 from method_helpers import ParallelBranches, branch_config, train_steps
 
 TOTAL = 24
-SPLIT = 9  # inside the allocation phase (rounds at 4, 6, 8, 10, ...)
+SPLIT = 9  # inside the allocation phase (rounds at 4, 6, 8, 10, ...; the budget at 20)
 
 
 def _fresh():
@@ -18,7 +19,9 @@ def _fresh():
     return model, config
 
 
-def test_resume_mid_allocation_is_bit_identical(tmp_path):
+# also after the budget, where the retired reserves (inactive) still train through the penalty
+@pytest.mark.parametrize("split", [SPLIT, 22])
+def test_resume_mid_allocation_is_bit_identical(tmp_path, split):
     model, config = _fresh()
     opt = create_optimizer(model, config, lr=1e-2, weight_decay=0.1)
     ctl = IncreLoRAController(model, config)
@@ -29,8 +32,8 @@ def test_resume_mid_allocation_is_bit_identical(tmp_path):
     model, config = _fresh()
     opt = create_optimizer(model, config, lr=1e-2, weight_decay=0.1)
     ctl = IncreLoRAController(model, config)
-    train_steps(model, opt, ctl, range(SPLIT))
-    assert not ctl.budget_reached and ctl.allocation_log
+    train_steps(model, opt, ctl, range(split))
+    assert ctl.budget_reached == (split > 20) and ctl.allocation_log
     save_adapter(model, tmp_path, training_state=True)
     torch.save({"optimizer": opt.state_dict(), "controller": ctl.state_dict(),
                 "rng": torch.get_rng_state()}, tmp_path / "state.pt")
@@ -48,7 +51,7 @@ def test_resume_mid_allocation_is_bit_identical(tmp_path):
     opt.load_state_dict(state["optimizer"])
     ctl.load_state_dict(state["controller"])
     torch.set_rng_state(state["rng"])
-    train_steps(model, opt, ctl, range(SPLIT, TOTAL))
+    train_steps(model, opt, ctl, range(split, TOTAL))
     resumed = model.state_dict()
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
