@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from authors_reference import AuthorsReference
+from authors_reference import AuthorsReference, ReferenceLinear
 from increlora_fast import (IncreLoRAConfig, IncreLoRAController, IncreLoRALinear,
                             create_optimizer, increlora_layers, inject_increlora)
 
@@ -297,3 +297,28 @@ def test_the_comparison_notices_a_changed_reference(case: str, change: dict) -> 
     """A small change on the reference's side alone makes the runs disagree: the comparison
     is sensitive to each part it claims to check."""
     assert mismatches(*run_both(CASES[case], **change))
+
+
+def test_the_comparison_notices_reserves_dropped_at_the_budget(monkeypatch) -> None:
+    """A reference whose retired reserves stop training and leave the penalty (this library
+    before 2026-12-06; the spec keeps them in both) disagrees with ours after the budget."""
+
+    @torch.no_grad()
+    def retire_and_drop(self: ReferenceLinear) -> None:
+        for i in range(self.n_active, len(self.lora_E)):
+            self.lora_E[i].zero_()
+            self.lora_A[i].requires_grad_(False)
+            self.lora_B[i].requires_grad_(False)
+        self.dropped = True
+
+    def penalty_without_dropped(self: ReferenceLinear) -> torch.Tensor:
+        n = self.n_active if getattr(self, "dropped", False) else len(self.lora_E)
+        a, b = torch.cat(list(self.lora_A)[:n]), torch.cat(list(self.lora_B)[:n], dim=1)
+        eye = torch.eye(n, dtype=a.dtype)
+        return torch.linalg.matrix_norm(a @ a.t() - eye) + torch.linalg.matrix_norm(b.t() @ b - eye)
+
+    monkeypatch.setattr(ReferenceLinear, "orth_penalty", penalty_without_dropped)
+    monkeypatch.setattr(ReferenceLinear, "retire", retire_and_drop)
+    ours, theirs = run_both(CASES["mlp"])
+    assert ours.log == theirs.log  # the same run up to the budget ...
+    assert any(m.startswith(("loss at step", "final dW")) for m in mismatches(ours, theirs))
