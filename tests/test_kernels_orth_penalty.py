@@ -253,7 +253,8 @@ def test_the_controllers_penalty_on_its_kernels_equals_its_torch_path(
         monkeypatch, reserve_in_penalty, advance_learning):
     """The same model's penalty with the layers on Triton (one launch forward and one
     backward) and on torch (stacked per shape group): loss and every gradient; again after
-    the slots changed (the masks follow)."""
+    the slots changed (the masks follow), and after the budget retired the reserves, which
+    changes neither (they count and train as before)."""
     monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
     results = {}
     for backend in ("triton", "torch"):
@@ -266,8 +267,13 @@ def test_the_controllers_penalty_on_its_kernels_equals_its_torch_path(
         controller.layers[0].add_reserve(1, step=1)
         controller.layers[1].activate_reserve(1, step=1)
         after = _penalty_and_grads(controller)
-        results[backend] = before, after
         assert not torch.equal(before[0], after[0])
+        for layer in controller.layers:  # the budget: retired reserves stay as they counted
+            layer.retire_reserve()
+        retired = _penalty_and_grads(controller)
+        for a, r in zip(after, retired):
+            assert (a is None and r is None) or torch.equal(a, r)
+        results[backend] = before, after, retired
     for got, ref in zip(results["triton"], results["torch"]):
         for name, g, r in zip(range(len(got)), got, ref):
             torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-6, msg=f"result {name}")
