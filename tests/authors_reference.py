@@ -31,6 +31,13 @@ follows the documented departure:
 6. A module holds at most ``r_max`` slots (``config.py`` lines 72-77: a module with no reserve
    left is not ranked). The reference has no capacity; the comparison keeps ``r_max`` above any
    rank a module can reach.
+7. With gradient accumulation the library's default score sums the scores of the step's
+   backward passes, Σ_k Σ|ΔW ⊙ G_k|, not the spec's Σ|ΔW ⊙ Σ_k G_k| (``config.py`` line 89,
+   ``exact_step_score``; README, "The importance score ..."; ``docs/distributed.md``). The
+   reference always scores the whole step, as the spec says (each micro-batch materialises ΔW,
+   their ∂L/∂ΔW are summed: `ReferenceLinear.accumulate_grad`); the comparison sets
+   ``exact_step_score=True``. (A ΔW gradient retained from the last forward alone would score
+   the last micro-batch only.)
 
 At the budget (spec 2) only the reserve lambdas become 0: the reserve A and B stay trainable
 and stay in the penalty (spec 6, "all components"), as in the authors' code and in the library
@@ -38,7 +45,10 @@ and stay in the penalty (spec 6, "all components"), as in the authors' code and 
 
 Read as the library reads it: "before the first optimizer step every module gets its reserve"
 (spec 2) is taken as "before the first forward" (``layer.py`` line 178), so step 0's loss,
-penalty and score include the reserve, and its A and B take step 0's update.
+penalty and score include the reserve, and its A and B take step 0's update. The spec says
+nothing of micro-batches: the penalty counts once per optimizer step, each of the ``n`` passes
+adding ``penalty / n`` (``docs/distributed.md`` lines 104-105 and 161), and the task loss is
+what the training loop backpropagates (divided by ``n`` in a plain loop).
 """
 from __future__ import annotations
 
@@ -72,7 +82,8 @@ class ReferenceLinear(nn.Module):
         self.lora_E = nn.ParameterList()
         self.lora_B = nn.ParameterList()
         self.n_active = 0
-        self.delta_w: Optional[torch.Tensor] = None  # ΔW of the last forward, gradient retained
+        self.delta_w: Optional[torch.Tensor] = None  # ΔW of the last forward
+        self.step_grad: Optional[torch.Tensor] = None  # ∂L/∂ΔW summed over the step's passes
         self._append(init_r, lam=0.0, trainable_ab=True, trainable_lam=True)
         self.n_active = init_r
         self.append_reserve(reserve_r)
@@ -138,12 +149,18 @@ class ReferenceLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.delta_w = self.delta_weight()
         if self.delta_w.requires_grad:
-            self.delta_w.retain_grad()
+            self.delta_w.register_hook(self.accumulate_grad)
         return self.base(x) + x @ self.delta_w.t()
 
+    def accumulate_grad(self, grad: torch.Tensor) -> None:
+        """Add one backward pass's ∂L/∂ΔW into the step's (every micro-batch materialises its
+        own ΔW; they are equal within a step, as no update comes between them)."""
+        self.step_grad = grad.clone() if self.step_grad is None else self.step_grad + grad
+
     def score(self) -> float:
-        """Σ|ΔW ⊙ ∂L/∂ΔW| / sqrt(out · in) of the last forward and backward (spec 3)."""
-        g = self.delta_w.grad
+        """Σ|ΔW ⊙ G| / sqrt(out · in) with G = ∂L/∂ΔW of the whole optimizer step, summed over
+        its micro-batches (spec 3)."""
+        g = self.step_grad
         return float((self.delta_w.detach() * g).abs().sum() / math.sqrt(g.numel()))
 
     def orth_penalty(self) -> torch.Tensor:
@@ -169,8 +186,10 @@ class AuthorsReference:
     """The training-side machinery of the method around a model whose ``targets`` (module
     names, in the order the comparison ranks them) are replaced by `ReferenceLinear`.
 
-    Per optimizer step ``t`` (0-based): ``loss = task + regularization_loss()``, backward,
-    (clipping), ``update_and_allocate(t)``, ``optimizer_step(t)``, ``zero_grad()``.
+    Per optimizer step ``t`` (0-based): for each of its ``n`` micro-batches (one without
+    accumulation) forward, ``loss = task + regularization_loss() / n`` (the task loss as the
+    training loop weighs it) and backward; then (clipping), ``update_and_allocate(t)``,
+    ``optimizer_step(t)``, ``zero_grad()``.
     """
 
     def __init__(self, model: nn.Module, targets: Sequence[str], *, init_r: int,
@@ -260,5 +279,8 @@ class AuthorsReference:
         self.optimizer.step()
 
     def zero_grad(self) -> None:
+        """Gradients cleared, the step's ∂L/∂ΔW with them."""
         self.optimizer.zero_grad(set_to_none=True)
+        for layer in self.layers:
+            layer.step_grad = None
 
