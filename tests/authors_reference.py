@@ -38,6 +38,9 @@ follows the documented departure:
    their ∂L/∂ΔW are summed: `ReferenceLinear.accumulate_grad`); the comparison sets
    ``exact_step_score=True``. (A ΔW gradient retained from the last forward alone would score
    the last micro-batch only.)
+8. Under a plain Hugging Face ``Trainer`` with ``IncreLoRACallback``, the penalty is not in the
+   loss: its gradient is added once per step after clipping (``integrations/trainer.py`` lines
+   9-11, 251); the comparison of that path does the same with the reference's penalty.
 
 At the budget (spec 2) only the reserve lambdas become 0: the reserve A and B stay trainable
 and stay in the penalty (spec 6, "all components"), as in the authors' code and in the library
@@ -47,8 +50,12 @@ Read as the library reads it: "before the first optimizer step every module gets
 (spec 2) is taken as "before the first forward" (``layer.py`` line 178), so step 0's loss,
 penalty and score include the reserve, and its A and B take step 0's update. The spec says
 nothing of micro-batches: the penalty counts once per optimizer step, each of the ``n`` passes
-adding ``penalty / n`` (``docs/distributed.md`` lines 104-105 and 161), and the task loss is
-what the training loop backpropagates (divided by ``n`` in a plain loop).
+adding ``penalty / n`` (``docs/distributed.md`` lines 104-105 and 161;
+``IncreLoRATrainer.compute_loss``, ``integrations/trainer.py`` lines 315-319), and the task
+loss is what the training loop backpropagates (divided by ``n`` in a plain loop; the Trainer
+leaves the mean loss of a model that accepts loss kwargs undivided, taking it for one
+normalised over the whole step). ``IncreLoRATrainer`` ends every schedule at its number of
+training steps when ``config.total_step`` is None (``integrations/trainer.py`` line 277).
 """
 from __future__ import annotations
 

@@ -5,12 +5,17 @@ Both start from the same base weights and adapter values and see the same batche
 Every backward pass must give the same loss; the score EMAs, the allocation log, the rank
 pattern and every module's final ΔW must agree. The only numeric difference between the two is
 our optimizer's float32 arithmetic (`optim_functional.masked_adamw_into`) and score accumulator.
+
+Our side runs a plain loop (`run_ours`), with gradient accumulation in one case, or the Hugging
+Face Trainer (`IncreLoRATrainer`, or a plain Trainer with `IncreLoRACallback`), whose
+micro-batches the reference is then fed in the order the Trainer used; the Trainer runs in
+float64 too, so the same tolerances hold.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import pytest
 import torch
@@ -158,15 +163,17 @@ class Trace:
 
 
 def accumulate(forward: Callable[[torch.Tensor], torch.Tensor], batches: List[Batch],
-               penalty: Callable[[], torch.Tensor]) -> List[float]:
+               penalty: Callable[[], torch.Tensor], divide_task: bool = True) -> List[float]:
     """Forward and backward of one optimizer step's ``n`` micro-batches; their losses.
 
-    As the loop of ``docs/distributed.md``: each pass backpropagates ``(task + penalty()) / n``,
-    so the penalty counts once per step.
+    The penalty counts once per step: each pass adds ``penalty() / n``. The task loss is divided
+    by ``n`` too (``divide_task``, the loop of ``docs/distributed.md``: ``(task + penalty) / n``),
+    or taken whole (a Trainer that takes the model's loss as normalised over the whole step).
     """
     n, losses = len(batches), []
     for x, y in batches:
-        loss = (nn.functional.cross_entropy(forward(x), y) + penalty()) / n
+        task = nn.functional.cross_entropy(forward(x), y)
+        loss = (task + penalty()) / n if divide_task else task + penalty() / n
         loss.backward()
         losses.append(loss.item())
     return losses
@@ -202,10 +209,11 @@ def run_ours(model: nn.Module, case: Case) -> Trace:
     return trace
 
 
-def make_reference(model: nn.Module, ours: Dict[str, IncreLoRALinear], config: IncreLoRAConfig
-                   ) -> AuthorsReference:
+def make_reference(model: nn.Module, ours: Dict[str, IncreLoRALinear], config: IncreLoRAConfig,
+                   total_step: Optional[int] = None) -> AuthorsReference:
     """The reference on ``model`` (a copy of the base), its adapters set to the initial A and B
-    of ``ours`` (our layers before the first step), under ``config``."""
+    of ``ours`` (our layers before the first step), under ``config`` (``total_step`` replaces
+    ``config.total_step`` when given)."""
     names = list(ours)
     model.requires_grad_(False)  # the base is frozen but for the modules trained in full
     for name, module in model.named_modules():
@@ -218,8 +226,8 @@ def make_reference(model: nn.Module, ours: Dict[str, IncreLoRALinear], config: I
         lora_alpha=config.lora_alpha, reserve_lambda=config.reserve_lambda,
         advance_learning=config.advance_learning, beta1=config.beta1, beta2=config.beta2,
         orth_reg_weight=config.orth_reg_weight, warmup_steps=config.warmup_steps,
-        total_step=config.total_step, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
-        generator=torch.Generator().manual_seed(config.seed))
+        total_step=total_step or config.total_step, lr=LR, weight_decay=WEIGHT_DECAY,
+        betas=BETAS, eps=EPS, generator=torch.Generator().manual_seed(config.seed))
     with torch.no_grad():
         for layer, theirs in zip(ref.layers, ours.values()):
             for i in range(len(layer.lora_E)):
@@ -265,6 +273,145 @@ def run_both(case: Case, **reference_overrides) -> Tuple[Trace, Trace]:
     ours = run_ours(model, case)
     theirs = run_reference(base, case, initial, replace(case.config, **reference_overrides))
     return ours, theirs
+
+
+# The Hugging Face Trainer cases: a tiny BERT classifier (float64) trained by a Trainer, 2
+# micro-batches per optimizer step, gradients clipped at a norm that binds on most steps. 6
+# modules from rank 1 to 12 in rounds at steps 4, 6 and 8 (2 modules each).
+TRAINER_STEPS, TRAINER_MICRO_BATCHES, TRAINER_BATCH, TRAINER_CLIP = 14, 2, 4, 0.3
+INTEGRATIONS = ("IncreLoRATrainer", "IncreLoRACallback")
+
+
+def trainer_config(integration: str) -> IncreLoRAConfig:
+    """`IncreLoRATrainer` sets ``total_step`` to its number of training steps; under a plain
+    Trainer with `IncreLoRACallback` the config gives it."""
+    return IncreLoRAConfig(
+        target_modules=["query", "value", "intermediate.dense"], modules_to_save=["classifier"],
+        r_max=6, init_r=1, target_rank=2, incre_rank_num=1, top_h=2, init_warmup=3,
+        incre_interval=2, score_window=2, lora_alpha=16.0, orth_reg_weight=0.1, warmup_steps=2,
+        exact_step_score=True,
+        total_step=None if integration == "IncreLoRATrainer" else TRAINER_STEPS)
+
+
+class TokenRows(torch.utils.data.Dataset):
+    """Fixed random rows of 10 token ids and a label in 0..2, one seed per row."""
+
+    def __len__(self) -> int:
+        return TRAINER_STEPS * TRAINER_MICRO_BATCHES * TRAINER_BATCH
+
+    def __getitem__(self, i: int) -> dict:
+        g = torch.Generator().manual_seed(9000 + i)
+        return {"input_ids": torch.randint(0, 40, (10,), generator=g),
+                "labels": int(torch.randint(0, 3, (), generator=g))}
+
+
+def run_trainer(model: nn.Module, out: str, integration: str, steps: int
+                ) -> Tuple[Trace, List[List[Batch]], List[float]]:
+    """``model`` trained for ``steps`` optimizer steps by `IncreLoRATrainer`, or by a plain
+    `Trainer` with `IncreLoRACallback` and the per-slot optimizer (`increlora_optimizers`' pair,
+    with this file's betas and eps): its trace, the micro-batches of each optimizer step in the
+    order the Trainer fed them, and the gradient norms the Trainer clipped."""
+    from transformers import Trainer, TrainingArguments
+
+    from increlora_fast.integrations.trainer import IncreLoRACallback, IncreLoRATrainer
+
+    trace, fed = Trace(), []
+    base = IncreLoRATrainer if integration == "IncreLoRATrainer" else Trainer
+
+    class Recording(base):
+        """Keeps each micro-batch and the loss the Trainer backpropagated for it."""
+
+        def training_step(self, model: nn.Module, inputs: Dict[str, torch.Tensor],
+                          num_items_in_batch: Optional[torch.Tensor] = None) -> torch.Tensor:
+            # the Trainer's rule for leaving the loss undivided by the accumulation steps
+            assert self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            fed.append((inputs["input_ids"].clone(), inputs["labels"].clone()))
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            trace.losses.append(loss.item())
+            return loss
+
+    args = TrainingArguments(
+        output_dir=out, max_steps=steps, per_device_train_batch_size=TRAINER_BATCH,
+        gradient_accumulation_steps=TRAINER_MICRO_BATCHES, max_grad_norm=TRAINER_CLIP,
+        learning_rate=LR, weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0], adam_beta2=BETAS[1],
+        adam_epsilon=EPS, warmup_steps=trainer_config(integration).warmup_steps, logging_steps=1,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True)
+    if integration == "IncreLoRATrainer":
+        trainer = Recording(model=model, args=args, train_dataset=TokenRows())
+        controller = trainer.increlora_controller
+    else:
+        optimizer = create_optimizer(model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
+                                     eps=EPS)
+        constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+        trainer = Recording(model=model, args=args, train_dataset=TokenRows(),
+                            optimizers=(optimizer, constant))
+        controller = IncreLoRAController(model)
+        IncreLoRACallback(controller).install(trainer)
+    controller_step = controller.step
+
+    def recorded_step(step: int, **kwargs) -> None:
+        tracked = not controller.budget_reached
+        controller_step(step, **kwargs)
+        if tracked:
+            trace.scores.append((controller.ipt.tolist(), controller.unc.tolist()))
+
+    controller.step = recorded_step
+    trainer.train()
+    trace.log = [(e["step"], e["module"], e["new_rank"]) for e in controller.allocation_log]
+    trace.ranks = controller.rank_pattern()
+    trace.delta_w = {n: layer.delta_weight() for n, layer in increlora_layers(model)}
+    n = TRAINER_MICRO_BATCHES
+    norms = [e["grad_norm"] for e in trainer.state.log_history if "grad_norm" in e]
+    return trace, [fed[i:i + n] for i in range(0, len(fed), n)], norms
+
+
+def run_reference_as_trainer(model: nn.Module, ours: Dict[str, IncreLoRALinear],
+                             config: IncreLoRAConfig, steps: List[List[Batch]],
+                             integration: str) -> Trace:
+    """The reference on ``model`` fed the Trainer's micro-batches ``steps`` as the Trainer
+    trains. Each pass backpropagates the model's mean loss of its micro-batch undivided (the
+    model accepts loss kwargs, so the Trainer takes its loss for one normalised over the whole
+    step); the penalty counts once per step: in each pass divided by the micro-batches
+    (`IncreLoRATrainer.compute_loss`), or with `IncreLoRACallback` its gradient added once,
+    after clipping (the callback's documented departure). Then allocation and the optimizer
+    step, every schedule ending at the Trainer's number of training steps."""
+    ref = make_reference(model, ours, config, total_step=len(steps))
+    in_loss = integration == "IncreLoRATrainer"
+    no_penalty = torch.zeros((), dtype=torch.float64)
+    trace = Trace()
+    for step, batches in enumerate(steps):
+        tracked = not ref.budget_reached
+        trace.losses += accumulate(lambda ids: model(input_ids=ids).logits, batches,
+                                   ref.regularization_loss if in_loss else lambda: no_penalty,
+                                   divide_task=False)
+        # every step anew: the parameters appended or activated by the rounds count too
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                 TRAINER_CLIP)
+        if not in_loss:
+            ref.regularization_loss().backward()
+        ref.update_and_allocate(step)
+        if tracked:
+            trace.scores.append((list(ref.ipt), list(ref.unc)))
+        ref.optimizer_step(step)
+        ref.zero_grad()
+    return reference_outcome(ref, trace)
+
+
+def run_both_trainer(out: str, integration: str, steps: int = TRAINER_STEPS,
+                     reference_integration: Optional[str] = None
+                     ) -> Tuple[Trace, Trace, List[float]]:
+    """`run_trainer` and `run_reference_as_trainer` from the same weights, the reference run as
+    under ``reference_integration`` (default: the same; another one shows that the comparison
+    notices); also the clipped norms."""
+    torch.manual_seed(0)
+    base = tiny_bert().double()
+    config = trainer_config(integration)
+    model = inject_increlora(copy.deepcopy(base), config)
+    initial = {n: copy.deepcopy(layer) for n, layer in increlora_layers(model)}
+    ours, fed, norms = run_trainer(model, out, integration, steps)
+    theirs = run_reference_as_trainer(base, initial, config, fed,
+                                      reference_integration or integration)
+    return ours, theirs, norms
 
 
 def _close(a: float, b: float, rtol: float) -> bool:
@@ -362,16 +509,31 @@ def test_the_comparison_notices_reserves_dropped_at_the_budget(monkeypatch) -> N
     assert any(m.startswith(("loss of backward pass", "final dW")) for m in found)
 
 
+@pytest.mark.parametrize("integration", INTEGRATIONS)
+def test_hugging_face_trainer_matches_the_authors_reference(integration: str, tmp_path) -> None:
+    """Our side trained by the Trainer (2 micro-batches per step, clipping, the exact-step
+    score), the reference by the spec fed the same micro-batches: the same run."""
+    ours, theirs, norms = run_both_trainer(str(tmp_path), integration)
+    assert mismatches(ours, theirs) == []
+    assert len(ours.losses) == TRAINER_STEPS * TRAINER_MICRO_BATCHES
+    assert sum(norm > TRAINER_CLIP for norm in norms) > TRAINER_STEPS // 2  # clipping binds
+    rounds = sorted({step for step, _, _ in ours.log})
+    assert rounds == [4, 6, 8] and sum(ours.ranks.values()) == 12
+    assert len(ours.scores) == 9  # scored until the budget, at step 8
+
+
 def _score_of_the_last_micro_batch(self: ReferenceLinear, grad: torch.Tensor) -> None:
     """A ΔW gradient retained from the last forward: the step's last backward pass only."""
     self.step_grad = grad
 
 
-def test_the_comparison_notices_a_score_of_the_last_micro_batch(monkeypatch) -> None:
-    """A reference that scores only the last micro-batch disagrees with ours from the first
-    step's scores on."""
+def test_the_comparison_notices_a_score_of_the_last_micro_batch(monkeypatch, tmp_path) -> None:
+    """A reference that scores only the last micro-batch disagrees with ours, under our loop
+    and under the Trainer, from the first step's scores on."""
     monkeypatch.setattr(ReferenceLinear, "accumulate_grad", _score_of_the_last_micro_batch)
     found = mismatches(*run_both(replace(CASES["mlp_accumulation"], steps=2)))
+    assert found and found[0].startswith("score EMAs (ipt, unc) at step 0")
+    found = mismatches(*run_both_trainer(str(tmp_path), "IncreLoRATrainer", steps=2)[:2])
     assert found and found[0].startswith("score EMAs (ipt, unc) at step 0")
 
 
@@ -387,3 +549,22 @@ def test_the_default_score_is_not_the_step_score_with_accumulation() -> None:
     assert found and all(m.startswith("score EMAs") for m in found)
     # Σ_k |ΔW ⊙ G_k| >= |ΔW ⊙ Σ_k G_k|, here by more than 10 % in every module at step 0
     assert all(a > 1.1 * b for a, b in zip(ours.scores[0][0], theirs.scores[0][0]))
+
+
+def test_the_trainer_comparison_notices_a_penalty_per_micro_batch(monkeypatch, tmp_path) -> None:
+    """A reference that counts the penalty once per micro-batch instead of once per step
+    disagrees with `IncreLoRATrainer` (which divides it by the accumulation steps where the
+    Trainer does not divide the loss)."""
+    once = AuthorsReference.regularization_loss
+    monkeypatch.setattr(AuthorsReference, "regularization_loss",
+                        lambda self: TRAINER_MICRO_BATCHES * once(self))
+    ours, theirs, _ = run_both_trainer(str(tmp_path), "IncreLoRATrainer", steps=3)
+    assert any(m.startswith("loss of backward pass") for m in mismatches(ours, theirs))
+
+
+def test_the_callback_comparison_notices_a_penalty_before_clipping(tmp_path) -> None:
+    """A reference with the penalty in the loss, so clipped with the task gradient, disagrees
+    with `IncreLoRACallback`, which adds the penalty's gradient after clipping."""
+    ours, theirs, _ = run_both_trainer(str(tmp_path), "IncreLoRACallback", steps=3,
+                                       reference_integration="IncreLoRATrainer")
+    assert any(m.startswith("loss of backward pass") for m in mismatches(ours, theirs))
