@@ -66,6 +66,32 @@ def test_plain_trainer_with_callback_allocates_and_warns_about_warmup(tmp_path):
     assert controller.budget_reached and controller.current_total_rank() == 8
 
 
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_an_lr_scheduler_type_that_is_not_used_is_said(tmp_path, kind):
+    """The schedules are IncreLoRA's linear ones per slot: a cosine asked for in the
+    TrainingArguments was silently trained linearly (found by an audit); it is said now."""
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=_args(
+        tmp_path, save_strategy="no", warmup_steps=2, lr_scheduler_type=kind))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "lr_scheduler_type" in str(w.message)]
+    assert said == ([] if kind == "linear" else
+                    ["IncreLoRATrainer: TrainingArguments.lr_scheduler_type='cosine' is not used: "
+                     "every schedule (base and per slot) is IncreLoRA's linear warmup and decay"])
+
+
+def test_increlora_optimizers_take_the_adam_settings():
+    """``increlora_optimizers`` ignored the betas and eps a plain Trainer's arguments name (an
+    optimizer handed to a Trainer does not read them): they can be given now."""
+    from increlora_fast.integrations.trainer import increlora_optimizers
+    model, _ = _model()
+    optimizer, _ = increlora_optimizers(model, 1e-3, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
+    assert {(g["betas"], g["eps"], g["weight_decay"]) for g in optimizer.param_groups} == \
+        {((0.8, 0.9), 1e-6, 0.1)}
+
+
 def test_evaluation_loss_is_the_model_loss_without_penalty(tmp_path):
     model, _ = _model()
     trainer = IncreLoRATrainer(model=model, args=_args(tmp_path, gradient_accumulation_steps=2),

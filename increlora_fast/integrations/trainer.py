@@ -129,10 +129,17 @@ def _torch_bytes(obj) -> bytes:
 
 
 def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
+                         betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                          ) -> Tuple[IncreLoRAAdamW, torch.optim.lr_scheduler.LambdaLR]:
     """(optimizer, scheduler) for ``Trainer(optimizers=...)``: the per-slot AdamW and a constant
-    scheduler (the schedule lives inside the optimizer)."""
-    optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay)
+    scheduler (the schedule lives inside the optimizer).
+
+    As for any optimizer handed to a `Trainer`, its ``TrainingArguments`` (``learning_rate``,
+    ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``) do not reach it: pass
+    them here (`IncreLoRATrainer` reads them itself). Weight decay applies to every trainable
+    parameter, biases and normalization weights included."""
+    optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay,
+                                 betas=betas, eps=eps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -275,6 +282,12 @@ class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
     ``config.total_step`` defaults to the Trainer's number of training steps when left as None.
+    The optimizer is `IncreLoRAAdamW` with ``learning_rate``, ``weight_decay``, ``adam_beta1``,
+    ``adam_beta2`` and ``adam_epsilon`` of the ``TrainingArguments``; unlike the Trainer's own
+    AdamW its weight decay applies to every trainable parameter, biases and normalization
+    weights included (as `create_optimizer` and ``finetune`` do). Its schedules are IncreLoRA's
+    linear warmup (``IncreLoRAConfig.warmup_steps``) and decay, per slot: another
+    ``lr_scheduler_type`` or warmup in the ``TrainingArguments`` is not used (with a warning).
     """
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
@@ -294,6 +307,11 @@ class IncreLoRATrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         optimizer = optimizer or self.optimizer
+        kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
+        if kind != "linear":
+            warnings.warn(f"IncreLoRATrainer: TrainingArguments.lr_scheduler_type={kind!r} is not "
+                          "used: every schedule (base and per slot) is IncreLoRA's linear warmup "
+                          "and decay", UserWarning)
         hf_warmup = self.args.get_warmup_steps(num_training_steps)
         if hf_warmup != self.increlora_controller.config.warmup_steps:
             warnings.warn(f"IncreLoRATrainer: TrainingArguments ask for {hf_warmup} warmup steps; "
