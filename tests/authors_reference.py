@@ -103,7 +103,8 @@ class ReferenceLinear(nn.Module):
                 generator: Optional[torch.Generator] = None) -> List[nn.Parameter]:
         """Append ``n`` components (A, B ~ N(0, 0.02)); returns their new parameters."""
         w = self.base.weight
-        out_f, in_f = w.shape
+        # transformers' Conv1D (GPT-2) stores its weight as (in, out)
+        out_f, in_f = w.shape[::-1] if type(self.base).__name__ == "Conv1D" else w.shape
         a = torch.randn(n, in_f, generator=generator, dtype=torch.float32).to(w.dtype) * INIT_STD
         b = torch.randn(out_f, n, generator=generator, dtype=torch.float32).to(w.dtype) * INIT_STD
         new: List[nn.Parameter] = []

@@ -96,6 +96,22 @@ class BertLogits(nn.Module):
         return self.bert(input_ids=ids).logits
 
 
+class GPT2Logits(nn.Module):
+    """A tiny GPT-2: its adapted layers are transformers' Conv1D, whose weight is (in, out)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import GPT2Config, GPT2ForSequenceClassification
+
+        config = GPT2Config(vocab_size=40, n_embd=12, n_layer=2, n_head=2, n_positions=16,
+                            num_labels=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                            attn_pdrop=0.0)
+        self.gpt2 = GPT2ForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.gpt2(input_ids=ids).logits
+
+
 def token_batch(step: int) -> Batch:
     g = torch.Generator().manual_seed(7000 + step)
     return torch.randint(0, 40, (8, 10), generator=g), torch.randint(0, 3, (8,), generator=g)
@@ -149,6 +165,10 @@ CASES: Dict[str, Case] = {
                         "intermediate.dense", "output.dense"], modules_to_save=["classifier"],
         r_max=8, target_rank=2, top_h=4, init_warmup=3, incre_interval=2, score_window=2,
         warmup_steps=2, total_step=30), steps=30, clip=0.3),
+    "gpt2_conv1d": Case(GPT2Logits, token_batch, mlp_config(
+        target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"], modules_to_save=["score"],
+        r_max=8, target_rank=2, top_h=3, init_warmup=3, incre_interval=2, score_window=2,
+        warmup_steps=2, total_step=24), steps=24, clip=0.3),
 }
 
 
