@@ -30,7 +30,8 @@ LR, WEIGHT_DECAY, BETAS, EPS = 2.0 ** -7, 2.0 ** -5, (0.5, 0.75), 1e-8
 # included) then rounds only gradients and moments, not lr, weight decay or bias corrections
 # (0.999 in float32 alone puts 1.3e-5 into the first bias correction). Our score accumulator is
 # float32 too; the reference is float64 throughout. Measured: losses agree to 3e-8, score EMAs
-# and final dW (relative to the module's largest entry) to 4e-6.
+# to 4e-6 and final dW to 9e-7 of the largest dW entry of any module (1.4e-4 of a Llama
+# gate_proj's own dW, which ends near 0).
 LOSS_RTOL, SCORE_RTOL, DELTA_RTOL = 2e-7, 2e-5, 2e-5
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
@@ -104,12 +105,29 @@ class GPT2Logits(nn.Module):
         from transformers import GPT2Config, GPT2ForSequenceClassification
 
         config = GPT2Config(vocab_size=40, n_embd=12, n_layer=2, n_head=2, n_positions=16,
-                            num_labels=3, pad_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0,
+                            num_labels=3, pad_token_id=0, bos_token_id=1, eos_token_id=1,
+                            resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_pdrop=0.0)
         self.gpt2 = GPT2ForSequenceClassification(config)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.gpt2(input_ids=ids).logits
+
+
+class LlamaLogits(nn.Module):
+    """A tiny Llama: bias-free linears, RMSNorm, rotary positions, a gated MLP."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForSequenceClassification
+
+        config = LlamaConfig(vocab_size=40, hidden_size=12, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, intermediate_size=20,
+                             max_position_embeddings=16, num_labels=3, pad_token_id=0)
+        self.llama = LlamaForSequenceClassification(config)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llama(input_ids=ids).logits
 
 
 def token_batch(step: int) -> Batch:
@@ -168,6 +186,11 @@ CASES: Dict[str, Case] = {
     "gpt2_conv1d": Case(GPT2Logits, token_batch, mlp_config(
         target_modules=["c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"], modules_to_save=["score"],
         r_max=8, target_rank=2, top_h=3, init_warmup=3, incre_interval=2, score_window=2,
+        warmup_steps=2, total_step=24), steps=24, clip=0.3),
+    "llama": Case(LlamaLogits, token_batch, mlp_config(
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                        "down_proj"], modules_to_save=["score"],
+        r_max=8, target_rank=2, top_h=4, init_warmup=3, incre_interval=2, score_window=2,
         warmup_steps=2, total_step=24), steps=24, clip=0.3),
 }
 
@@ -458,9 +481,12 @@ def mismatches(ours: Trace, theirs: Trace) -> List[str]:
         if not all(_close(x, y, SCORE_RTOL) for x, y in pairs):
             found.append(f"score EMAs (ipt, unc) at step {step}: {a} != {b}")
             break
+    # float32 rounding of the optimizer's updates scales with the updates, alike in every
+    # module, not with a module's own dW, which can end near 0 after its updates cancel
+    scale = max(float(ref.abs().max()) for ref in theirs.delta_w.values())
     for name, dw in ours.delta_w.items():
         ref = theirs.delta_w[name]
-        if not torch.allclose(dw, ref, rtol=0, atol=DELTA_RTOL * float(ref.abs().max())):
+        if not torch.allclose(dw, ref, rtol=0, atol=DELTA_RTOL * scale):
             found.append(f"final dW of {name}: max difference "
                          f"{float((dw - ref).abs().max()):.3g} of {float(ref.abs().max()):.3g}")
     return found
