@@ -237,6 +237,10 @@ class AuthorsReference:
     def rank_pattern(self) -> Dict[str, int]:
         return {n: layer.n_active for n, layer in zip(self.names, self.layers)}
 
+    def scores(self) -> Tuple[List[float], List[float]]:
+        """The score EMAs (ipt, unc), one entry per module."""
+        return list(self.ipt), list(self.unc)
+
     def regularization_loss(self) -> torch.Tensor:
         """orth_reg_weight · Σ_m R_m / (2 · modules) (spec 6)."""
         total = sum(layer.orth_penalty() for layer in self.layers)

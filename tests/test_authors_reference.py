@@ -6,10 +6,10 @@ Every backward pass must give the same loss; the score EMAs, the allocation log,
 pattern and every module's final ΔW must agree. The only numeric difference between the two is
 our optimizer's float32 arithmetic (`optim_functional.masked_adamw_into`) and score accumulator.
 
-Our side runs a plain loop (`run_ours`), with gradient accumulation in one case, or the Hugging
-Face Trainer (`IncreLoRATrainer`, or a plain Trainer with `IncreLoRACallback`), whose
-micro-batches the reference is then fed in the order the Trainer used; the Trainer runs in
-float64 too, so the same tolerances hold.
+Our side runs a plain loop (`run_ours`: `train`, the loop that also trains the reference),
+with gradient accumulation in one case, or the Hugging Face Trainer (`IncreLoRATrainer`, or a
+plain Trainer with `IncreLoRACallback`), whose micro-batches the reference is then fed in the
+order the Trainer used; the Trainer runs in float64 too, so the same tolerances hold.
 """
 from __future__ import annotations
 
@@ -230,24 +230,55 @@ def _one_step(model: nn.Module, batches: List[Batch], penalty: Callable[[], torc
     return losses
 
 
-def run_ours(model: nn.Module, case: Case) -> Trace:
-    """Our loop on ``model``, injected with ``case.config``."""
-    config = case.config
-    optimizer = create_optimizer(model, config, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS,
-                                 eps=EPS)
-    controller = IncreLoRAController(model, config)
+class OursAsReference:
+    """Our optimizer and controller behind `AuthorsReference`'s step interface, so that one
+    loop (`train`) runs both sides."""
+
+    def __init__(self, model: nn.Module, config: IncreLoRAConfig) -> None:
+        self.optimizer = create_optimizer(model, config, lr=LR, weight_decay=WEIGHT_DECAY,
+                                          betas=BETAS, eps=EPS)
+        self.controller = IncreLoRAController(model, config)
+        self.regularization_loss = self.controller.regularization_loss
+
+    @property
+    def budget_reached(self) -> bool:
+        return self.controller.budget_reached
+
+    def update_and_allocate(self, step: int) -> None:
+        self.controller.step(step)
+
+    def scores(self) -> Tuple[List[float], List[float]]:
+        return self.controller.ipt.tolist(), self.controller.unc.tolist()
+
+    def optimizer_step(self, step: int) -> None:
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad()
+
+
+def train(model: nn.Module, case: Case, side) -> Trace:
+    """``case``'s loop on ``model``, stepped by ``side`` (`OursAsReference` or
+    `AuthorsReference`): the losses and, while the budget is not reached, the score EMAs."""
     trace = Trace()
     for step in range(case.steps):
-        tracked = not controller.budget_reached
-        trace.losses += _one_step(model, case.step_batches(step), controller.regularization_loss,
+        tracked = not side.budget_reached
+        trace.losses += _one_step(model, case.step_batches(step), side.regularization_loss,
                                   case.clip)
-        controller.step(step)
+        side.update_and_allocate(step)
         if tracked:
-            trace.scores.append((controller.ipt.tolist(), controller.unc.tolist()))
-        optimizer.step()
-        optimizer.zero_grad()
-    trace.log = [(e["step"], e["module"], e["new_rank"]) for e in controller.allocation_log]
-    trace.ranks = controller.rank_pattern()
+            trace.scores.append(side.scores())
+        side.optimizer_step(step)
+        side.zero_grad()
+    return trace
+
+
+def run_ours(model: nn.Module, case: Case) -> Trace:
+    """Our loop on ``model``, injected with ``case.config``."""
+    ours = OursAsReference(model, case.config)
+    trace = train(model, case, ours)
+    trace.log = [(e["step"], e["module"], e["new_rank"]) for e in ours.controller.allocation_log]
+    trace.ranks = ours.controller.rank_pattern()
     trace.delta_w = {n: layer.delta_weight() for n, layer in increlora_layers(model)}
     return trace
 
@@ -281,19 +312,9 @@ def make_reference(model: nn.Module, ours: Dict[str, IncreLoRALinear], config: I
 
 def run_reference(model: nn.Module, case: Case, ours: Dict[str, IncreLoRALinear],
                   config: IncreLoRAConfig) -> Trace:
-    """The reference (`make_reference`) trained by the loop `run_ours` runs."""
+    """The reference (`make_reference`) trained by the loop that trains ours (`train`)."""
     ref = make_reference(model, ours, config)
-    trace = Trace()
-    for step in range(case.steps):
-        tracked = not ref.budget_reached
-        trace.losses += _one_step(model, case.step_batches(step), ref.regularization_loss,
-                                  case.clip)
-        ref.update_and_allocate(step)
-        if tracked:
-            trace.scores.append((list(ref.ipt), list(ref.unc)))
-        ref.optimizer_step(step)
-        ref.zero_grad()
-    return reference_outcome(ref, trace)
+    return reference_outcome(ref, train(model, case, ref))
 
 
 def reference_outcome(ref: AuthorsReference, trace: Trace) -> Trace:
@@ -434,7 +455,7 @@ def run_reference_as_trainer(model: nn.Module, ours: Dict[str, IncreLoRALinear],
             ref.regularization_loss().backward()
         ref.update_and_allocate(step)
         if tracked:
-            trace.scores.append((list(ref.ipt), list(ref.unc)))
+            trace.scores.append(ref.scores())
         ref.optimizer_step(step)
         ref.zero_grad()
     return reference_outcome(ref, trace)
