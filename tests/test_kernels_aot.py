@@ -338,6 +338,14 @@ _SMALL_FRAMES = (
 # are listed in docs/kernels.md instead of failing; spills to local memory, more registers or
 # shared memory than the arch allows (a launch that cannot run) still fail.
 STACK_OK = os.environ.get("INCRELORA_AOT_STACK_OK") == "1"
+# Stack frames of a few bytes that ptxas adds to one kernel of one (arch, dtype) without any
+# local-memory traffic in the PTX (LOCAL 0): tolerated there, listed in docs/kernels.md, and
+# `test_known_stack_frames_still_occur` says when one goes away.
+KNOWN_FRAMES = {
+    (90, "fp32", "_project_kernel"): "8 B at 80 registers whenever the row count M is not known "
+    "to be divisible by 16: for odd M before 2026-12-06, for every M since the token count is "
+    "not specialised (`utils.TOKEN_ARGS`); no ld/st.local in its PTX",
+}
 KNOWN_FAILURES = {} if STACK_OK else {(80, "fp32"): _SMALL_FRAMES}
 CASES = [pytest.param(arch, name, id=f"sm{arch}-{name}",
                       marks=[pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[(arch, name)])]
@@ -367,11 +375,25 @@ def test_jit_variants_compile_within_the_arch_limits(built, arch, dtype_name):
                   for row in rows if row["kernel"] == fused}
         assert len(blocks) == len(_configs())
         assert all("mma" in row["ptx"] for row in rows if row["kernel"] in TOKEN_STRIDES)
-    bad = [row for row in rows if (row["STACK"] and not STACK_OK) or row["LOCAL"]
+    bad = [row for row in rows if (row["STACK"] and not STACK_OK
+                                   and not _known_frame(arch, dtype_name, row)) or row["LOCAL"]
            or row["REG"] > MAX_REGISTERS
            or row["shared"] > MAX_SHARED[arch]]
     assert not bad, f"sm_{arch} {dtype_name}: spills or over the limits " \
                     f"(shared <= {MAX_SHARED[arch]}):\n" + markdown(bad)
+
+
+def _known_frame(arch: int, dtype_name: str, row: dict) -> bool:
+    return (arch, dtype_name, row["kernel"]) in KNOWN_FRAMES and row["STACK"] <= 8 \
+        and not row["LOCAL"]
+
+
+@pytest.mark.parametrize("arch, dtype_name, kernel", sorted(KNOWN_FRAMES))
+def test_known_stack_frames_still_occur(built, arch, dtype_name, kernel):
+    """Each tolerated frame is still there: once ptxas or the kernel drops it, remove it from
+    `KNOWN_FRAMES` (and docs/kernels.md), so that it cannot come back unnoticed."""
+    rows = [row for row in _rows_of(built, arch, dtype_name) if row["kernel"] == kernel]
+    assert rows and any(row["STACK"] for row in rows), KNOWN_FRAMES[(arch, dtype_name, kernel)]
 
 
 @pytest.mark.parametrize("kernel", [

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .utils import MAX_R_MAX, block
+from .utils import MAX_R_MAX, TOKEN_ARGS, block
 
 
 @triton.jit
@@ -112,7 +112,7 @@ def _accumulate_scaled_slots(acc, s_ptr, w_ptr, lam_ptr, state_ptr, rm, rn, m_ok
     return acc, live_total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _project_kernel(
     x_ptr, a_ptr, lam_ptr, state_ptr, h_ptr,
     M, K, R, alpha, reserve,
@@ -142,7 +142,7 @@ def _project_kernel(
              acc.to(h_ptr.dtype.element_ty), mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _expand_kernel(
     s_ptr, lam_ptr, state_ptr, w_ptr, out_ptr,
     M, N, R, alpha, reserve,
@@ -174,7 +174,7 @@ def _expand_kernel(
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS + ("blocks_per_prog",))
 def _backward_rows_kernel(
     dy_ptr, b_ptr, h_ptr, a_ptr, x_ptr, lam_ptr, state_ptr, dx_ptr, gb_ptr, da_ptr, dl_ptr,
     M, N, K, R, alpha, reserve, blocks_per_prog,
@@ -263,7 +263,7 @@ def _backward_rows_kernel(
         tl.store(dl_ptr + pid64 * R + rr, dl, mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("P",))
 def _finish_kernel(
     gb_ptr, da_ptr, dl_ptr, sp_ptr, b_ptr, lam_ptr, state_ptr, db_ptr, dA_ptr, dlam_ptr,
     score_ptr,

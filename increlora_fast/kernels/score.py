@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .lowrank import _slot_lambda
 from . import utils
-from .utils import (MAX_R_MAX, DotConfig, block, dot_config, is_interpreted,
+from .utils import (MAX_R_MAX, TOKEN_ARGS, DotConfig, block, dot_config, is_interpreted,
                     multiprocessor_count, row_major)
 
 
@@ -35,7 +35,7 @@ def _split3(v, DW_DOT: tl.constexpr, ACC: tl.constexpr):
     return hi.to(DW_DOT), mid.to(DW_DOT), lo.to(DW_DOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=TOKEN_ARGS)
 def _score_tiles_kernel(
     dy_ptr, x_ptr, a_ptr, b_ptr, lam_ptr, state_ptr, part_ptr,
     M, N, K, R, alpha, reserve,

@@ -23,6 +23,11 @@ MIN_BLOCK = 16
 # Slot buffers up to this many slots are handled in one slot block by the kernels that need every
 # slot of a row at once (the pass over dy).
 MAX_R_MAX = 128
+# Kernel arguments that carry the token count M: the JIT would specialise them on their value
+# (== 1, divisible by 16) and build a new variant, a compile of 0.2-0.8 s, whenever a batch brings
+# a new class of M. They only bound loops and masks, so the kernels take them as plain ints
+# (``do_not_specialize``); tests/test_kernel_variants.py checks one variant for 1 to 16,384 tokens.
+TOKEN_ARGS = ("M",)
 
 
 @dataclass(frozen=True)
