@@ -5,7 +5,7 @@
 #
 #   scripts/compare/run_issue15.sh [SECTION ...]      (default: every section, then summary)
 #
-# Sections: controls options recipe horizon budgets userdata summary.
+# Sections: controls options recipe horizon budgets userdata rerun summary.
 # Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
 # with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
 # metrics.json exists is skipped, so the script resumes where it stopped. `summary` copies every
@@ -68,6 +68,15 @@ controls() {  # issue item 1: does allocation itself help?
   queue "$n" adalora --method adalora
   # LoRA's default lr (1e-3) misses TREC-6's smallest class on some seeds: its next lr point
   queue "$SEEDS_OTHER" lora_lr2e-3 --method lora --lr 2e-3
+}
+
+rerun() {  # the default again on today's code, paired with the stored default (2026-12-01/02)
+  # Since 2026-12-06 the reserves retired at the budget stay in the orthogonal penalty and train,
+  # and the last round appends a fresh reserve (the authors' code does both); `default` ran
+  # before. lora_rerun (seed 0, Rotten Tomatoes) must repeat the stored lora run's losses: then
+  # the data, batches and model init are those of the stored runs, and the pairs hold.
+  TASKS=rotten_tomatoes queue 1 lora_rerun --method lora
+  queue "$SEEDS_CONTROLS" default_rerun
 }
 
 options() {  # issue item 2: options beyond the authors', each against `default`
@@ -212,10 +221,10 @@ sections=("$@")
 [[ ${#sections[@]} -eq 0 ]] && sections=(controls options recipe horizon budgets userdata summary)
 for section in "${sections[@]}"; do
   case $section in
-    controls | options | recipe | horizon | budgets | userdata) $section ;;
+    controls | options | recipe | horizon | budgets | userdata | rerun) $section ;;
     summary) ;;
     *) echo "run_issue15.sh: unknown section '$section'; use controls options recipe horizon" \
-         "budgets userdata summary" >&2; exit 2 ;;
+         "budgets userdata rerun summary" >&2; exit 2 ;;
   esac
 done
 run_queue
