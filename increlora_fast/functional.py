@@ -27,10 +27,11 @@ import contextlib
 import functools
 import os
 import warnings
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
 
+from .kernels.launches import building_only_active
 from .kernels.reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_score_dense,
                         effective_lambda)
 
@@ -48,6 +49,8 @@ TRITON_MAX_R = 128
 _VARIANT_OK: Dict[tuple, bool] = {}
 # Path decisions of the call keys seen so far (`choose_path`).
 _PATHS: Dict[tuple, str] = {}
+# Check keys whose check ran while launches only built kernels (its kernels are built).
+_CHECKS_BUILT: Set[tuple] = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -147,7 +150,9 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
     warning saying what happens instead (``fallback``). True unchecked when
     ``INCRELORA_KERNEL_CHECK=0``; ``while_capturing``, unchecked and not remembered, while
-    compiling or capturing a CUDA graph (a check allocates, reads results and warns).
+    compiling or capturing a CUDA graph (a check allocates, reads results and warns), and while
+    launches only build their kernels (`kernels.utils.building_only`: the check then runs to
+    build its own kernels, and its result, made of outputs no kernel wrote, is dropped).
 
     The check runs on an autograd of its own wherever the first call comes: outside
     ``torch.inference_mode()`` (a validation pass before training; its tensors would be
@@ -161,6 +166,11 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
         return True
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        return while_capturing
+    if building_only_active():  # `precompile_kernels`: build the check's kernels, trust for now
+        if key not in _CHECKS_BUILT:
+            _CHECKS_BUILT.add(key)
+            check()
         return while_capturing
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
@@ -221,6 +231,7 @@ def reset_kernel_checks() -> None:
     """Forget the first-use check results (tests; after changing GPUs or versions)."""
     _VARIANT_OK.clear()
     _PATHS.clear()
+    _CHECKS_BUILT.clear()
 
 
 def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -243,8 +254,9 @@ def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: tor
     path = _PATHS.get(key)
     if path is None:
         path = _decide_path(x, weight, lora_A, weight_in_out, has_bias, dropout, exact_step)
-        # A variant checked while capturing or compiling is trusted unchecked: decide again.
-        if not (torch.compiler.is_compiling()
+        # A variant checked while capturing, compiling or only building kernels is trusted
+        # unchecked: decide again.
+        if not (torch.compiler.is_compiling() or building_only_active()
                 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             _PATHS[key] = path
     return path, autocast or x.dtype

@@ -63,6 +63,22 @@ def is_supported_base(module: nn.Module) -> bool:
 _PLAIN_FORWARDS = (nn.Linear.forward,) + ((Conv1D.forward,) if Conv1D is not None else ())
 
 
+def _plain_base_operands(base: nn.Module, args: tuple, kwargs: dict
+                         ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """(weight, bias) when the adapted op may compute ``base``'s output itself from them, else
+    (None, None): the base then runs as a module (arguments beyond x, hooks or a replaced
+    ``forward``, as accelerate's, a quantized or trainable base)."""
+    if args or kwargs or type(base).forward not in _PLAIN_FORWARDS or (
+            base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
+            or base._backward_hooks or "forward" in base.__dict__):
+        return None, None
+    base_params = base._parameters
+    weight, bias = base_params.get("weight"), base_params.get("bias")
+    if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
+        return None, None
+    return weight, bias
+
+
 def class_name(kind: type) -> str:
     """``kind``'s name and the module it comes from, for an error message: a class of another
     library may share nn.Linear's name (torch.ao's quantized ``Linear``)."""
@@ -419,16 +435,9 @@ class IncreLoRALinear(nn.Module):
         dropout = self._modules["lora_dropout"]
         if not (self.training and isinstance(dropout, nn.Dropout)):
             dropout = None
-        weight = bias = None
+        weight, bias = _plain_base_operands(base, args, kwargs)
         base_forward = None
-        if not (args or kwargs) and type(base).forward in _PLAIN_FORWARDS and not (
-                base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks
-                or base._backward_hooks or "forward" in base.__dict__):
-            # Hooks on the base (or accelerate's, which replace its ``forward``) need base(x).
-            base_params = base._parameters
-            weight, bias = base_params.get("weight"), base_params.get("bias")
-        if weight is None or weight.requires_grad or (bias is not None and bias.requires_grad):
-            weight = bias = None
+        if weight is None:
             base_forward = (lambda t: base(t, *args, **kwargs))
         reserve = self.reserve_lambda if self.advance_learning else 0.0  # `reserve_value`
         try:

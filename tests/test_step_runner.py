@@ -57,6 +57,31 @@ def _train(tiny, **loop_kwargs):
     return state, run
 
 
+def test_kernels_built_before_the_first_step_count_as_training_time(tiny, monkeypatch):
+    """Where `StepRunner.precompile` builds kernels (on CUDA), the loop times it once, before
+    the first step, as training: in train_seconds and on its own in precompile_seconds; the
+    warm rate and the first steps' seconds leave it out. On CPU nothing is built (None)."""
+    from increlora_fast.precompile import PrecompileResult
+    from increlora_fast.training import loop as loop_module
+    s, _, run, batches = build_run(_settings(tiny))
+    assert StepRunner(run).precompile() is None  # CPU: nothing to build
+    clock = iter(range(10_000))
+    monkeypatch.setattr(loop_module.time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(loop_module, "wait_for_device", lambda device: None)
+    calls = []
+
+    def built(self):
+        calls.append(next(clock))  # one more tick: the build took 2 ticks
+        return PrecompileResult(configs=3, calls=15)
+    monkeypatch.setattr(StepRunner, "precompile", built)
+    state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    assert len(calls) == 1 and state.precompile_seconds == 2.0
+    assert state.train_seconds == 2.0 + STEPS  # one tick per step
+    assert state.first_step_seconds == [1.0] * loop_module.LOG_EVERY
+    again = train_loop(run, batches, STEPS, s.grad_clip, state, progress=False)
+    assert len(calls) == 1 and again.precompile_seconds == 2.0  # nothing left to train
+
+
 def test_warm_tokens_per_second_leaves_out_the_steps_before_the_first_log_point(tiny,
                                                                               monkeypatch):
     """The rate after the first log point counts exactly the later steps' tokens and seconds;

@@ -1,4 +1,5 @@
-"""Launch counter of the Triton kernels, so tests can prove the Triton path really ran.
+"""Launch counter of the Triton kernels, so tests can prove the Triton path really ran, and
+whether launches only build their kernels (`building_only_active`).
 
 Every host launch function calls `count_launch` with its kernel's name right before launching.
 This module does not import triton.
@@ -9,6 +10,14 @@ from collections import Counter
 from typing import Dict
 
 _LAUNCHES: Counter = Counter()
+# True while `kernels.utils.building_only` is active: a launch then only builds its kernel
+# (nothing runs), which the first-use checks must know (their results would be garbage).
+_BUILDING_ONLY = [False]
+
+
+def building_only_active() -> bool:
+    """Whether launches currently only build their kernels (`kernels.utils.building_only`)."""
+    return _BUILDING_ONLY[0]
 
 
 def count_launch(kernel_name: str) -> None:

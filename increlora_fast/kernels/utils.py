@@ -2,8 +2,9 @@
 the launch itself (on the tensors' device, counted)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 import triton
@@ -178,6 +179,51 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             kernel[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+def build_only(kernel, grid, *args, **kwargs) -> None:
+    """What `launch` is within `building_only`: count the launch and have Triton build the
+    kernel variant these arguments need (``warmup``: a compile submitted to the builders, when
+    it is not in Triton's cache yet) without running it; under the interpreter there is
+    nothing to build."""
+    if not callable(grid) and min(grid) <= 0:
+        return
+    count_launch(cached_kernel_name(kernel))
+    if is_interpreted(kernel):
+        return
+    first = _first_tensor(args)
+    guard = torch.cuda.device(first.device) if first is not None and first.is_cuda else \
+        contextlib.nullcontext()
+    with guard:
+        kernel.warmup(*args, grid=grid, **kwargs)
+
+
+@contextlib.contextmanager
+def building_only(workers: int) -> Iterator[None]:
+    """Within the block every launch of the package only builds its kernel (`build_only`),
+    the builds run in ``workers`` threads (Triton's ``AsyncCompileMode``, where this Triton
+    has it; else one at a time) and the block ends when all are done. Nothing runs on the
+    device, so the outputs of the launches are garbage. A build that fails is left to the
+    first real launch, which builds it again and raises its error."""
+    global launch
+    from concurrent.futures import ThreadPoolExecutor
+    from . import launches
+    try:
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:  # a Triton without it: the builds run one at a time
+        AsyncCompileMode = None
+    real = launch
+    with contextlib.ExitStack() as stack:
+        if AsyncCompileMode is not None and workers > 1:
+            pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
+            stack.enter_context(AsyncCompileMode(pool, ignore_errors=True))
+        launch = build_only
+        launches._BUILDING_ONLY[0] = True
+        try:
+            yield
+        finally:
+            launch = real
+            launches._BUILDING_ONLY[0] = False
 
 
 def stream_capturing(device: torch.device) -> bool:

@@ -448,7 +448,9 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
                    tokens_per_second=tokens_per_second(state.session_tokens,
                                                        state.session_seconds),
                    tokens_per_second_warm=state.warm_tokens_per_second(),
-                   first_step_seconds=[round(t, 4) for t in state.first_step_seconds])
+                   first_step_seconds=[round(t, 4) for t in state.first_step_seconds],
+                   precompile_seconds=None if state.precompile_seconds is None
+                   else round(state.precompile_seconds, 3))
     counts = run.parameter_counts()
     tail = state.losses[-max(1, len(state.losses) // 10):]
     metrics.update({

@@ -74,6 +74,9 @@ class LoopState:
     warm_mark: Optional[Tuple[int, float]] = field(default=None, repr=False)
     # seconds of each of this session's first LOG_EVERY steps, each waited for on the device
     first_step_seconds: List[float] = field(default_factory=list, repr=False)
+    # seconds this session spent building kernels before its first step (`StepRunner.precompile`,
+    # on CUDA; counted in train_seconds too), or None where nothing was built
+    precompile_seconds: Optional[float] = field(default=None, repr=False)
 
     def warm_tokens_per_second(self) -> Optional[float]:
         """Training tokens per second of this session's steps after its first log point (both
@@ -128,6 +131,13 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
 
     runner = StepRunner(run, placement, grad_clip=grad_clip, static_inputs=static_inputs,
                         cuda_graphs=cuda_graphs)
+    if state.step < max_steps:  # kernels built before the first step, timed as training
+        t0 = time.perf_counter()
+        if runner.precompile() is not None:
+            elapsed = time.perf_counter() - t0
+            state.precompile_seconds = elapsed
+            state.train_seconds += elapsed
+            state.session_seconds += elapsed
     bar = tqdm(total=max_steps, initial=state.step, disable=not progress, desc=run.name,
                dynamic_ncols=True, mininterval=1.0)
     device = placement.device if placement is not None else torch.device("cpu")

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from . import cuda_graphs as cuda_graphs_module
 from ..device_scalar import unscale_once
 from .cuda_graphs import CUDAGraphPool, GraphedSteps, StepGraph
-from .device import Placement
+from ..precompile import PrecompileResult, precompile_kernels
+from .device import HALF_DTYPES, Placement
 from .methods import MethodRun
 from .settings import CUDA_GRAPHS
 from .static_positions import cache_relative_positions
@@ -152,6 +153,15 @@ class StepRunner:
             # DeBERTa's encoders rebuild their relative positions with a host-to-device copy
             # on every forward, which a capture refuses: computed once per training shape
             cache_relative_positions(run.model)
+
+    def precompile(self) -> Optional[PrecompileResult]:
+        """On CUDA, build the Triton kernels of the model's adapted layers before the first
+        step, in parallel (`precompile.precompile_kernels`, for the placement's autocast
+        dtype); None elsewhere, where there is nothing to build."""
+        if self.placement.device.type != "cuda":
+            return None
+        half = HALF_DTYPES.get(self.placement.precision)
+        return precompile_kernels(self.run.model, half)
 
     def inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The batch on the device: moved by the placement, or with ``static_inputs`` copied

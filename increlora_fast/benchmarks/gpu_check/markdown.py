@@ -27,7 +27,7 @@ SCORE_PASS_COLUMNS = ("shape", "tokens", "r_max", "dtype", "gemm_dw_ms", "score_
 FINETUNE_COLUMNS = ("run", "args", "status", "eval_accuracy", "eval_macro_f1", "eval_examples",
                     "steps", "device", "precision", "tokens_per_second", "tokens_per_second_warm",
                     "x_lora_tokens_per_s", "peak_device_memory_mb", "train_seconds",
-                    "first_steps_s", "total_seconds", "total_rank", "note")
+                    "precompile_seconds", "first_steps_s", "total_seconds", "total_rank", "note")
 GRAPHS_COLUMNS = ("precision", "status", "steps", "replays", "captures", "ranks_equal",
                   "max_param_diff", "max_loss_diff", "tol", "loss_scale", "loss_scale_graphed",
                   "overflows", "overflows_replayed", "note")
@@ -198,7 +198,8 @@ def finetune_section(part: Dict) -> List[str]:
     lines = _table(rows, FINETUNE_COLUMNS)
     lines += ["", "first_steps_s: the seconds of the run's steps before its first log point, "
               "each waited for on the device (the one-time costs its average pays: kernel "
-              "loads, graph probe and captures)."]
+              "loads, graph probe and captures); precompile_seconds: the kernel builds before "
+              "the first step (`precompile_kernels`, in parallel; counted in train_seconds)."]
     if part.get("min_accuracy") is not None:
         lines += ["", f"Sanity floor on the dev accuracy: {part['min_accuracy']}."]
     return lines

@@ -1,0 +1,174 @@
+"""Build the Triton kernels of a model's adapted layers before its first step, in parallel.
+
+On a GPU, Triton builds (compiles) each kernel variant the first time it is launched: 0.2-0.8 s
+per variant (measured for sm_90 on a CPU, `docs/kernels.md`), one after another inside the first
+training step, with the variants of the layers' first-use checks. `precompile_kernels` calls
+every distinct adapted-layer configuration of a model once on a one-token input, in each way a
+training step calls it (score tracked or not, an input with or without a gradient; an
+evaluation's forward launches what a step's does), while every launch only submits its kernel's build
+(`kernels.utils.building_only`: Triton's ``AsyncCompileMode`` over a pool of threads, whose
+builds release the GIL: two threads built 15 variants in 3.0 s against 6.1 s in one). The calls
+themselves run one after another in the calling thread and no kernel runs. The kernels take the
+token count unspecialised (`kernels.utils.TOKEN_ARGS`), so one token builds what a batch of any
+size needs. Triton keeps its builds on disk, so a later run on the same machine finds them and
+this costs it little.
+
+The calls run on copies of each layer's adapter tensors and on scratch score buffers, reading
+the base weight: nothing of the model changes (parameters, gradients, buffers, scores, random
+state), and the base layer itself is not called (its hooks do not fire). A call that fails is
+reported in the result and with one warning; a build that fails is left to the first step, which
+builds it again and raises its error.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn as nn
+
+from .functional import adapted_linear, select_backend
+from .layer import IncreLoRALinear, _plain_base_operands
+from .model import increlora_layers
+
+
+@dataclass
+class PrecompileResult:
+    """What `precompile_kernels` did: ``configs`` distinct layer configurations, ``calls``
+    one-token calls made, ``seconds`` of wall time, ``errors`` one line per failed call."""
+
+    configs: int = 0
+    calls: int = 0
+    seconds: float = 0.0
+    errors: List[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One way a training step calls a layer: the score tracked (``track``), the input needing
+    a gradient (``x_grad``: every layer but those fed by frozen inputs, e.g. a first attention
+    layer, whose backward skips dx). An evaluation's forward launches what a step's does."""
+
+    track: bool
+    x_grad: bool
+
+
+_CALLS = (_Call(True, True), _Call(False, True), _Call(True, False), _Call(False, False))
+
+
+def _config_key(layer: IncreLoRALinear) -> tuple:
+    """What decides the kernel variants of ``layer``'s calls, besides how it is called."""
+    weight, bias = _plain_base_operands(layer.base_layer, (), {})
+    base = None if weight is None else (weight.dtype, bias is not None and bias.dtype)
+    return (tuple(layer.lora_A.shape), tuple(layer.lora_B.shape), layer.lora_A.dtype,
+            layer.lora_B.dtype, layer.lora_lambda.dtype, layer.lora_A.device, layer.is_conv1d,
+            base, isinstance(layer.lora_dropout, nn.Dropout), layer.exact_step_score,
+            tuple(p.requires_grad for p in (layer.lora_A, layer.lora_B, layer.lora_lambda)))
+
+
+def _input_dtype(layer: IncreLoRALinear, autocast_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype of the activations the layer gets: under autocast any (the kernels compute in
+    the autocast dtype), else the base weight's, a quantized base's compute dtype, or the
+    adapter's."""
+    if autocast_dtype is not None:
+        return autocast_dtype
+    weight = layer.base_layer.weight
+    if weight.is_floating_point():
+        return weight.dtype
+    compute = getattr(layer.base_layer, "compute_dtype", None)
+    return compute if isinstance(compute, torch.dtype) else layer.lora_A.dtype
+
+
+def _base_shaped(out_features: int, t: torch.Tensor) -> torch.Tensor:
+    """Zeros of the base layer's output shape for input ``t``."""
+    return t.new_zeros(*t.shape[:-1], out_features)
+
+
+def _separate_input(t: torch.Tensor) -> torch.Tensor:
+    """The adapter's own input, as dropout gives it in training (its values do not matter)."""
+    return t.clone()
+
+
+def _call_once(layer: IncreLoRALinear, call: _Call, autocast_dtype: Optional[torch.dtype]
+               ) -> None:
+    """One forward and backward of ``layer``'s adapted op on one token, on copies of its
+    adapter tensors."""
+    device = layer.lora_A.device
+    weight, bias = _plain_base_operands(layer.base_layer, (), {})
+    out_features = layer.out_features
+    # the base runs as a module in a step (quantized, hooked): its output only needs a shape
+    base_forward = None if weight is not None else functools.partial(_base_shaped, out_features)
+    dropout = _separate_input if isinstance(layer.lora_dropout, nn.Dropout) else None
+    autocast = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None \
+        else contextlib.nullcontext()
+    with autocast, torch.enable_grad():
+        a, b, lam = (p.detach().clone().requires_grad_(p.requires_grad)
+                     for p in (layer.lora_A, layer.lora_B, layer.lora_lambda))
+        score_out = grad_out = None
+        if call.track and layer.exact_step_score:
+            grad_out = torch.zeros(out_features, layer.in_features, dtype=torch.float32,
+                                   device=device)
+        elif call.track:
+            score_out = torch.zeros((), dtype=torch.float32, device=device)
+        x = torch.zeros(1, layer.in_features, dtype=_input_dtype(layer, autocast_dtype),
+                        device=device, requires_grad=call.x_grad)
+        y = adapted_linear(x, weight, bias, a, b, lam, layer.slot_state, layer.lora_alpha,
+                           layer.reserve_value(), weight_in_out=layer.is_conv1d,
+                           base_forward=base_forward, dropout=dropout, score_out=score_out,
+                           grad_out=grad_out)
+        inputs = [t for t in (x, a, b, lam) if t.requires_grad]
+        if inputs and y.requires_grad:
+            torch.autograd.grad(y, inputs, torch.zeros_like(y))
+
+
+def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] = None, *,
+                       workers: Optional[int] = None) -> PrecompileResult:
+    """Build the Triton kernels that ``model``'s adapted layers launch in training and
+    evaluation, before the first step, ``workers`` builds at a time (default: one per CPU).
+
+    Args:
+        model: a model returned by `inject_increlora`.
+        autocast_dtype: the dtype the training step autocasts to (e.g. ``torch.bfloat16``), or
+            None for a step without autocast: the kernels are built for the dtype they will
+            compute in.
+        workers: builds at a time.
+
+    Returns:
+        A `PrecompileResult`; ``configs`` is 0 (and nothing ran) where the layers do not take
+        the Triton path (on CPU, unless ``INCRELORA_BACKEND=triton``).
+    """
+    if workers is not None and workers < 1:
+        raise ValueError(f"precompile_kernels: workers={workers} must be >= 1")
+    start = time.perf_counter()
+    configs: Dict[tuple, IncreLoRALinear] = {}
+    for _, layer in increlora_layers(model):
+        if layer.merged or not layer.adapter_enabled:
+            continue
+        configs.setdefault(_config_key(layer), layer)
+    result = PrecompileResult()
+    layers = [layer for layer in configs.values() if select_backend(layer.lora_A) == "triton"]
+    if not layers:
+        return result
+    from .kernels.utils import building_only
+    result.configs = len(layers)
+    with building_only(workers or os.cpu_count() or 1):
+        for call in _CALLS:
+            for layer in layers:
+                try:
+                    _call_once(layer, call, autocast_dtype)
+                except Exception as err:  # noqa: BLE001 - reported; the first step builds it
+                    result.errors.append(
+                        f"{layer.in_features} -> {layer.out_features} r_max {layer.r_max} "
+                        f"({call}): {type(err).__name__}: {err}")
+                result.calls += 1
+    result.seconds = time.perf_counter() - start
+    if result.errors:
+        warnings.warn(f"precompile_kernels: {len(result.errors)} of {result.calls} calls failed "
+                      f"(their kernels are built by the first step instead); the first: "
+                      f"{result.errors[0]}", RuntimeWarning, stacklevel=2)
+    return result

@@ -1,0 +1,234 @@
+"""`precompile_kernels`: it builds, before the first step, every Triton variant that a model's
+training and evaluation calls launch, and it changes nothing of the model.
+
+The calls run one after another while every launch only submits its kernel's build
+(`kernels.utils.building_only`). Which variants: the coverage test records the launches of real training steps (score tracked
+and not, dropout on, a first layer fed by frozen embeddings) and of an evaluation pass, and
+those of `precompile_kernels`, each specialised by Triton's own binder for sm_90 as the JIT
+would (`test_kernels_aot.jit_specialisation`), in a child process without the interpreter and
+with the launches stubbed (no kernel runs, no GPU). Every variant of the real calls must be
+among those built beforehand. The other tests run the calls for real under the interpreter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from increlora_fast import IncreLoRAConfig, functional, inject_increlora
+from increlora_fast.kernels.launches import launch_counts, reset_launch_counts
+from increlora_fast.model import increlora_layers
+from increlora_fast.precompile import precompile_kernels
+
+# hidden 48, intermediate 80: three layer shapes (48 -> 48, 48 -> 80, 80 -> 48)
+BERT = dict(vocab_size=50, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
+            intermediate_size=80, max_position_embeddings=32, num_labels=3)
+
+
+def tiny_bert(dropout: float) -> torch.nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**BERT))
+    config = IncreLoRAConfig(r_max=8, init_r=2, target_rank=3, lora_dropout=dropout,
+                             modules_to_save=["classifier"])
+    return inject_increlora(model, config)
+
+
+# ----------------------------------------------------------------- child: record the variants
+def recorded_variants() -> dict:
+    """{"<dtype> real" | "<dtype> precompiled": ["<kernel>\t<variant key>"]} for fp32 and bf16
+    autocast steps of a tiny BERT."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    from increlora_fast.kernels import linear, score
+    from increlora_fast.kernels import utils as kutils
+    from increlora_fast.kernels.utils import kernel_name
+    from test_kernels_aot import jit_specialisation
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    found, bucket = {}, [""]
+
+    def recorder(kernel, grid, *args, **kwargs):
+        sig, consts, attrs, options, faithful = jit_specialisation(kernel, backend, args, kwargs)
+        assert faithful
+        found.setdefault(bucket[0], set()).add(kernel_name(kernel) + "\t" + repr((
+            sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
+            options.get("num_warps"), options.get("num_stages"))))
+
+    kutils.launch = kutils.build_only = recorder
+    linear.check_device = lambda kernel, op, **tensors: next(
+        t.device for t in tensors.values() if t is not None)
+    for mod in (linear, score):
+        mod.multiprocessor_count = lambda device: 132
+    model = tiny_bert(dropout=0.1)
+    layers = [layer for _, layer in increlora_layers(model)]
+    ids = torch.randint(0, BERT["vocab_size"], (3, 7))
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+        bucket[0] = f"{name} real"
+        model.train()
+        for track in (True, False):
+            for layer in layers:
+                layer.score_enabled = track
+            with autocast:
+                loss = model(input_ids=ids).logits.float().sum()
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad(), autocast:
+            model(input_ids=ids)
+        bucket[0] = f"{name} precompiled"
+        result = precompile_kernels(model, dtype, workers=2)
+        assert not result.errors, result.errors
+    return {key: sorted(values) for key, values in found.items()}
+
+
+@pytest.fixture(scope="module")
+def variants() -> dict:
+    pytest.importorskip("triton")
+    pytest.importorskip("transformers")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", INCRELORA_BACKEND="triton", INCRELORA_KERNEL_CHECK="0")
+    child = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env,
+                           timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_every_variant_a_step_launches_is_built_beforehand(variants, dtype):
+    real, built = set(variants[f"{dtype} real"]), set(variants[f"{dtype} precompiled"])
+    names = {key.split("\t")[0] for key in real}
+    assert names >= {"_project_kernel", "_expand_kernel", "_backward_rows_kernel",
+                     "_score_tiles_kernel", "_finish_kernel"}
+    missing = real - built
+    assert not missing, f"{len(missing)} of {len(real)} variants not built beforehand: " + \
+        ", ".join(sorted(key.split("\t")[0] for key in missing))
+
+
+# --------------------------------------------------------------- in process, under the interpreter
+@pytest.fixture
+def triton_backend(monkeypatch):
+    pytest.importorskip("triton")
+    pytest.importorskip("transformers")
+    from increlora_fast.kernels.utils import interpreter_active
+    if not interpreter_active():
+        pytest.skip("the Triton path on CPU needs the interpreter")
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    functional.reset_kernel_checks()
+
+
+def _state(model: torch.nn.Module) -> dict:
+    state = {f"p:{n}": p.detach().clone() for n, p in model.named_parameters()}
+    state.update({f"g:{n}": p.grad.clone() for n, p in model.named_parameters()
+                  if p.grad is not None})
+    state.update({f"b:{n}": b.clone() for n, b in model.named_buffers()})
+    state["rng"] = torch.get_rng_state()
+    return state
+
+
+def test_it_calls_every_layer_configuration_and_changes_nothing(triton_backend):
+    """Under the interpreter there is nothing to build, but every call is made (and counted
+    as launches) and leaves the model as it was."""
+    model = tiny_bert(dropout=0.1)
+    for _, layer in increlora_layers(model):
+        layer.score_enabled = True
+    ids = torch.randint(0, BERT["vocab_size"], (2, 5))
+    model(input_ids=ids).logits.sum().backward()  # gradients and scores to keep
+    before, checked = _state(model), functional.kernel_check_results()
+    assert any(k.startswith("g:") for k in before) and checked
+    assert any(float(layer.score_sum) != 0 for _, layer in increlora_layers(model))
+    reset_launch_counts()
+    result = precompile_kernels(model, workers=2)
+    assert (result.configs, result.calls, result.errors) == (3, 12, [])
+    assert functional.kernel_check_results() == checked
+    counts = launch_counts()
+    assert counts["_score_tiles_kernel"] == 2 * 3  # tracked calls: with and without dx
+    assert counts["_project_kernel"] == 4 * 3  # every call
+    after = _state(model)
+    assert after.keys() == before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed
+
+
+def test_a_failed_call_is_reported_and_leaves_the_rest(triton_backend, monkeypatch):
+    from increlora_fast import precompile
+    model = tiny_bert(dropout=0.0)
+    real = precompile._call_once
+
+    def failing(layer, call, autocast_dtype):
+        if layer.out_features == 80:
+            raise RuntimeError("out of resources")
+        real(layer, call, autocast_dtype)
+    monkeypatch.setattr(precompile, "_call_once", failing)
+    with pytest.warns(RuntimeWarning, match="4 of 12 calls failed.*48 -> 80.*out of resources"):
+        result = precompile_kernels(model, workers=1)
+    assert len(result.errors) == 4 and result.configs == 3
+
+
+def test_within_building_only_a_launch_builds_and_runs_nothing(monkeypatch):
+    """`kernels.utils.building_only`: every launch asks Triton to build the variant its
+    arguments need (``warmup``, with the grid and the launch options) under Triton's
+    AsyncCompileMode, runs no kernel, and the real launch is back afterwards; a first-use
+    check met there runs (to build its kernels) but its result is not kept."""
+    pytest.importorskip("triton")
+    from increlora_fast import functional
+    from increlora_fast.kernels import utils
+    from increlora_fast.kernels.launches import building_only_active
+
+    class Kernel:  # a jit kernel as the launch sees it: a warmup and a launch by grid
+        __name__ = "_fake_kernel"
+
+        def __init__(self):
+            self.warmups, self.runs = [], []
+
+        def warmup(self, *args, grid, **kwargs):
+            from triton.runtime import _async_compile
+            self.warmups.append((args, grid, kwargs, _async_compile.active_mode.get()))
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.runs.append(grid)
+
+    kernel, x = Kernel(), torch.zeros(3)
+    real = utils.launch
+    checks = []
+    key = ("cpu", "a variant")
+    with utils.building_only(workers=2):
+        assert building_only_active() and utils.launch is not real
+        utils.launch(kernel, (4, 1), x, 7, BLOCK=16, num_warps=4)
+        utils.launch(kernel, (0,), x)  # an empty grid: nothing to build
+        for _ in range(2):  # run once, to build its kernels
+            assert functional._checked_once(torch.device("cpu"), key, lambda: checks.append(1),
+                                            "fallback", while_capturing=True)
+    assert not building_only_active() and utils.launch is real
+    assert kernel.runs == [] and len(kernel.warmups) == 1
+    args, grid, kwargs, mode = kernel.warmups[0]
+    assert args == (x, 7) and grid == (4, 1) and kwargs == dict(BLOCK=16, num_warps=4)
+    assert mode is not None  # the builds were submitted to Triton's pool
+    assert checks == [1] and key not in functional.kernel_check_results()
+    utils.launch(kernel, (2,), x)
+    assert kernel.runs == [(2,)]  # a real launch again
+
+
+def test_nothing_runs_where_the_layers_take_the_torch_path(monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    reset_launch_counts()
+    result = precompile_kernels(tiny_bert(dropout=0.0))
+    assert (result.configs, result.calls) == (0, 0) and not launch_counts()
+
+
+def test_workers_must_be_positive():
+    with pytest.raises(ValueError, match="workers=0 must be >= 1"):
+        precompile_kernels(torch.nn.Linear(2, 2), workers=0)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    print(json.dumps(recorded_variants()))
