@@ -17,7 +17,9 @@ The calls run on copies of each layer's adapter tensors and on scratch score buf
 the base weight: nothing of the model changes (parameters, gradients, buffers, scores, random
 state), and the base layer itself is not called (its hooks do not fire). A call that fails is
 reported in the result and with one warning; a build that fails is left to the first step, which
-builds it again and raises its error.
+builds it again and raises its error. The first-use checks of the optimizer's and the penalty's
+kernels are built too; those kernels themselves, at the step's shapes, are built by the first
+step.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
+from . import functional
 from .functional import adapted_linear, select_backend
 from .layer import IncreLoRALinear, _plain_base_operands
 from .model import increlora_layers
@@ -166,6 +169,12 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
                         f"{layer.in_features} -> {layer.out_features} r_max {layer.r_max} "
                         f"({call}): {type(err).__name__}: {err}")
                 result.calls += 1
+        # the first-use checks of the optimizer's and the penalty's kernels, for the adapter
+        # dtypes (their own kernels, at the step's shapes, are still built by the first step)
+        for device, dtype in {(t.device, t.dtype) for layer in layers
+                              for t in (layer.lora_A, layer.lora_B)}:
+            functional.multi_adamw_ok(device, dtype)
+            functional.orth_penalty_ok(device, dtype)
     result.seconds = time.perf_counter() - start
     if result.errors:
         warnings.warn(f"precompile_kernels: {len(result.errors)} of {result.calls} calls failed "
