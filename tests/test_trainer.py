@@ -66,6 +66,31 @@ def test_plain_trainer_with_callback_allocates_and_warns_about_warmup(tmp_path):
     assert controller.budget_reached and controller.current_total_rank() == 8
 
 
+@pytest.mark.parametrize("precision, dtype", [({}, None), ({"bf16": True}, torch.bfloat16)])
+def test_the_kernels_are_built_at_train_begin_for_the_trainers_precision(tmp_path, monkeypatch,
+                                                                        precision, dtype):
+    """Both ways of training (IncreLoRATrainer, a plain Trainer with the callback) build the
+    layers' kernels once, before the first step, for the autocast dtype the Trainer uses
+    (`precompile_kernels`; on CPU it finds nothing to build)."""
+    from increlora_fast.integrations import trainer as trainer_module
+    calls = []
+
+    def recorded(model, autocast_dtype):
+        calls.append((model, autocast_dtype))
+    monkeypatch.setattr(trainer_module, "precompile_kernels", recorded)
+    for plain in (False, True):
+        model, config = _model()
+        args = _args(tmp_path / str(plain), save_strategy="no", **precision)
+        if plain:
+            trainer = Trainer(model=model, args=args, train_dataset=TinyTask())
+            IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
+        else:
+            trainer = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask())
+        trainer.train()
+        assert [(m is model, d) for m, d in calls] == [(True, dtype)]
+        calls.clear()
+
+
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_an_lr_scheduler_type_that_is_not_used_is_said(tmp_path, kind):
     """The schedules are IncreLoRA's linear ones per slot: a cosine asked for in the

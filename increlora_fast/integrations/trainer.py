@@ -32,6 +32,7 @@ from ..device_scalar import grad_scaler_scale, unscale_once
 from ..model import get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer
 from ..persistence import atomic_write_bytes
+from ..precompile import precompile_kernels
 
 CONTROLLER_FILE = "increlora_controller.pt"
 LOG_PREFIX = "increlora/"
@@ -235,7 +236,10 @@ class IncreLoRACallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(entries)
 
-    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if model is not None:  # the layers' Triton kernels, built several at a time (on CUDA)
+            precompile_kernels(model, torch.bfloat16 if args.bf16 else
+                               torch.float16 if args.fp16 else None)
         if state.global_step > 0 and not self.restored:
             checkpoint = args.resume_from_checkpoint or os.path.join(
                 args.output_dir, f"checkpoint-{state.global_step}")
