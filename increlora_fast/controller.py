@@ -99,6 +99,7 @@ class IncreLoRAController:
         self._warned_nonfinite = False
         self._warned_no_data = False
         self._warned_idle = False
+        self._warned_frozen = False
         # Fresh reserve slots are drawn from the controller's own generator: every
         # data-parallel rank draws the same values, and state_dict() carries its state.
         self.generator = torch.Generator().manual_seed(self.config.seed)
@@ -344,7 +345,7 @@ class IncreLoRAController:
         if self._warned_idle:
             return
         idle = [name for name, layer in zip(self.names, self.layers)
-                if layer.lora_lambda.grad is None]
+                if layer.lora_lambda.grad is None and layer.lora_lambda.requires_grad]
         if idle and len(idle) < len(self.layers):
             self._warned_idle = True
             shown = ", ".join(idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")
@@ -402,7 +403,26 @@ class IncreLoRAController:
             score = self._random_scores(step)
         else:
             score = torch.nan_to_num(self.importance(), nan=-math.inf)
-        eligible = [i for i, layer in enumerate(self.layers) if layer.reserve_rank > 0]
+        # a module whose lambda the user froze cannot use new rank: its share goes elsewhere
+        frozen = [name for name, layer in zip(self.names, self.layers)
+                  if not layer.lora_lambda.requires_grad]
+        if frozen and not self._warned_frozen:
+            self._warned_frozen = True
+            shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more"
+                                             if len(frozen) > 5 else "")
+            warnings.warn(f"IncreLoRA: {len(frozen)} adapted module(s) have a frozen lora_lambda "
+                          f"(requires_grad False): {shown}. They keep their rank and the others "
+                          "get their share of the budget (warned once)", RuntimeWarning)
+        eligible = [i for i, layer in enumerate(self.layers)
+                    if layer.reserve_rank > 0 and layer.lora_lambda.requires_grad]
+        if not eligible:  # every module that could take rank is full or frozen
+            warnings.warn(f"IncreLoRA: at step {step} no module can take more rank (each is "
+                          f"full or has a frozen lora_lambda); allocation stops at a total rank "
+                          f"of {self.current_total_rank()} of the budget's {self.total_budget}",
+                          RuntimeWarning)
+            self._finish()
+            self._set_tracking(False)
+            return
         # Highest score first; equal scores keep module order (sorted() is stable).
         ranked = sorted(eligible, key=lambda i: -float(score[i]))
         n_modules = min(cfg.top_h, math.ceil(remaining / cfg.incre_rank_num))

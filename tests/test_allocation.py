@@ -21,6 +21,47 @@ def test_modules_that_cannot_matter_never_grow():
     assert all(e["module"] in ("branches.0", "branches.2") for e in ctl.allocation_log)
 
 
+def _freeze_adapter(layer) -> None:
+    for name in ("lora_A", "lora_B", "lora_lambda"):
+        getattr(layer, name).requires_grad_(False)
+
+
+def test_a_module_whose_adapter_the_user_froze_gets_no_rank():
+    """A frozen lambda cannot use new rank: the module keeps its rank (it would score highest
+    here, its branch weighing most), the others take the whole budget, and the user is told
+    once."""
+    torch.manual_seed(0)
+    model = ParallelBranches(4, weights=[3.0, 1.0, 1.0, 1.0])
+    model, opt, ctl = make_run(model, branch_config(target_rank=3, top_h=2))
+    _freeze_adapter(model.branches[0])
+    with pytest.warns(RuntimeWarning, match=r"1 adapted module\(s\) have a frozen lora_lambda "
+                                            r".*branches\.0") as caught:
+        train_steps(model, opt, ctl, range(40))
+    assert sum("frozen lora_lambda" in str(w.message) for w in caught) == 1
+    assert not any("got no gradient" in str(w.message) for w in caught)  # frozen, not idle
+    pattern = ctl.rank_pattern()
+    assert ctl.budget_reached and pattern["branches.0"] == 1
+    assert sum(pattern.values()) == 12
+    assert all(e["module"] != "branches.0" for e in ctl.allocation_log)
+
+
+def test_allocation_stops_where_no_trainable_module_can_grow():
+    """Two of three modules frozen: the third fills up to its capacity, then the controller
+    ends the allocation below the budget, says so, and stops tracking the score."""
+    torch.manual_seed(0)
+    model = ParallelBranches(3)
+    model, opt, ctl = make_run(model, branch_config(target_rank=3, top_h=2, incre_interval=1,
+                                                    init_warmup=1))
+    for layer in model.branches[1:]:
+        _freeze_adapter(layer)
+    with pytest.warns(RuntimeWarning, match=r"no module can take more rank .* total rank of 8 "
+                                            r"of the budget's 9"):
+        train_steps(model, opt, ctl, range(40))
+    pattern = ctl.rank_pattern()
+    assert pattern == {"branches.0": 6, "branches.1": 1, "branches.2": 1}
+    assert ctl.budget_reached and not ctl.is_tracked(40)
+
+
 def _tie_all_adapters(model):
     """Identical bases and adapters: every module gets exactly the same score."""
     first = model.branches[0]
