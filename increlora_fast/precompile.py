@@ -5,9 +5,10 @@ per variant (measured for sm_90 on a CPU, `docs/kernels.md`), one after another 
 training step, with the variants of the layers' first-use checks. `precompile_kernels` calls
 every distinct adapted-layer configuration of a model once on a one-token input, in each way a
 training step calls it (score tracked or not, an input with or without a gradient; an
-evaluation's forward launches what a step's does), while every launch only submits its kernel's build
-(`kernels.utils.building_only`: Triton's ``AsyncCompileMode`` over a pool of threads, whose
-builds release the GIL: two threads built 15 variants in 3.0 s against 6.1 s in one). The calls
+evaluation's forward launches what a step's does), while every launch only submits its
+kernel's build (`kernels.utils.building_only`: Triton's ``AsyncCompileMode`` over a pool of
+threads, whose builds release the GIL: two threads built 15 variants in 3.0 s against 6.1 s in
+one). The calls
 themselves run one after another in the calling thread and no kernel runs. The kernels take the
 token count unspecialised (`kernels.utils.TOKEN_ARGS`), so one token builds what a batch of any
 size needs. Triton keeps its builds on disk, so a later run on the same machine finds them and

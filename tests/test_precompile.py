@@ -2,12 +2,13 @@
 training and evaluation calls launch, and it changes nothing of the model.
 
 The calls run one after another while every launch only submits its kernel's build
-(`kernels.utils.building_only`). Which variants: the coverage test records the launches of real training steps (score tracked
-and not, dropout on, a first layer fed by frozen embeddings) and of an evaluation pass, and
-those of `precompile_kernels`, each specialised by Triton's own binder for sm_90 as the JIT
-would (`test_kernels_aot.jit_specialisation`), in a child process without the interpreter and
-with the launches stubbed (no kernel runs, no GPU). Every variant of the real calls must be
-among those built beforehand. The other tests run the calls for real under the interpreter.
+(`kernels.utils.building_only`). Which variants: the coverage test records the launches of real
+training steps (score tracked and not, dropout on, a first layer fed by frozen embeddings) and of
+an evaluation pass, and those of `precompile_kernels`, each specialised by Triton's own binder
+for sm_90 as the JIT would (`test_kernels_aot.jit_specialisation`), in a child process without
+the interpreter and with the launches stubbed (no kernel runs, no GPU). Every variant of the
+real calls must be among those built beforehand. The other tests run the calls under the
+interpreter, where there is nothing to build.
 """
 from __future__ import annotations
 
