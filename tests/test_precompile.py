@@ -220,6 +220,111 @@ def test_within_building_only_a_launch_builds_and_runs_nothing(monkeypatch):
     assert kernel.runs == [(2,)]  # a real launch again
 
 
+class _ModeRecorder:
+    """A jit kernel as `build_only` sees it, recording the AsyncCompileMode of each warmup."""
+    __name__ = "_fake_kernel"
+
+    def __init__(self):
+        self.modes = []
+
+    def warmup(self, *args, grid, **kwargs):
+        from triton.runtime import _async_compile
+        self.modes.append(_async_compile.active_mode.get())
+
+
+def test_a_launch_from_another_thread_is_built_in_the_pool():
+    """On CUDA the autograd engine runs a backward on its own device thread, where Triton's
+    ``active_mode`` (a ContextVar set in the calling thread) is unset: the backward kernels
+    (rows, score, finish) would be built one at a time there, in the launch itself. Every
+    launch within `building_only`, whatever its thread, submits its build to the pool."""
+    pytest.importorskip("triton")
+    import threading
+    from increlora_fast.kernels import utils
+    kernel, x = _ModeRecorder(), torch.zeros(3)
+    with utils.building_only(workers=2):
+        utils.launch(kernel, (1,), x)
+        thread = threading.Thread(target=utils.launch, args=(kernel, (1,), x))
+        thread.start()
+        thread.join()
+    assert len(kernel.modes) == 2 and all(m is not None for m in kernel.modes)
+    assert kernel.modes[0] is kernel.modes[1]
+
+
+def test_each_device_builds_under_a_mode_of_its_own():
+    """Triton's AsyncCompileMode merges builds by source and options, not by device. Under
+    Triton 3.9 the second device's kernel cache then holds the first device's kernel object,
+    whose module is loaded on one device only (a launch on the other cannot run it), or, where
+    the build failed, a spent placeholder that the later launch trips on instead of building
+    again (under 3.6 the second device is just not built). So the builds of each device go to
+    an AsyncCompileMode of their own (one pool), those of one device to the same one."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels import utils
+    kernel = _ModeRecorder()
+    a, b = torch.zeros(3), torch.zeros(3, device="meta")
+    with utils.building_only(workers=2):
+        for t in (a, b, a, b):
+            utils.launch(kernel, (1,), t)
+    first, second, again_first, again_second = kernel.modes
+    assert None not in kernel.modes
+    assert first is not second and again_first is first and again_second is second
+
+
+_TWO_DEVICES_CHILD = r"""
+import json, threading
+import torch, triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.runtime import jit as jitmod
+from increlora_fast.kernels import utils
+
+class Driver:  # no GPU here: the current device is set by hand, the target is sm_90
+    dev = 0
+    def get_current_device(self): return self.dev
+    def get_current_stream(self, device): return 0
+    def get_current_target(self): return GPUTarget("cuda", 90, 32)
+driver = Driver()
+jitmod.driver = type("Drivers", (), {"active": driver})
+
+@triton.jit
+def _store_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, offs.to(tl.float32), mask=offs < n)
+
+on = {0: torch.zeros(64), 1: torch.zeros(64, device="meta")}  # two devices to building_only
+with utils.building_only(workers=2):
+    for dev in (0, 1):
+        driver.dev = dev
+        utils.launch(_store_kernel, (1,), on[dev], 5, BLOCK=16)
+    driver.dev = 0  # a backward's launch, from the autograd engine's thread
+    thread = threading.Thread(target=utils.launch, args=(_store_kernel, (1,), on[0], 5),
+                              kwargs=dict(BLOCK=32))
+    thread.start()
+    thread.join()
+caches = [list(_store_kernel.device_caches[dev][0].values()) for dev in (0, 1)]
+print(json.dumps({"types": [[type(k).__name__ for k in c] for c in caches],
+                  "shared": any(a is vars(b).get("kernel", b)  # a FutureKernel's own
+                                for a in caches[0] for b in caches[1])}))
+"""
+
+
+def test_with_real_triton_each_device_gets_kernels_of_its_own(tmp_path):
+    """With Triton's own JIT and AsyncCompileMode (sm_90, compiled on this CPU, a stand-in
+    driver for two GPUs): after `building_only` each device's kernel cache holds finished
+    kernels of its own, also for a launch from another thread."""
+    pytest.importorskip("triton")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+        + [env["PYTHONPATH"]] * ("PYTHONPATH" in env))
+    script = tmp_path / "two_devices.py"  # Triton reads a kernel's source from its file
+    script.write_text(_TWO_DEVICES_CHILD)
+    child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    found = json.loads(child.stdout.strip().splitlines()[-1])
+    assert found == {"types": [["CompiledKernel"] * 2, ["CompiledKernel"]], "shared": False}
+
+
 def test_nothing_runs_where_the_layers_take_the_torch_path(monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setenv("INCRELORA_BACKEND", "torch")

@@ -194,29 +194,71 @@ def build_only(kernel, grid, *args, **kwargs) -> None:
     first = _first_tensor(args)
     guard = torch.cuda.device(first.device) if first is not None and first.is_cuda else \
         contextlib.nullcontext()
-    with guard:
+    with guard, _build_mode(None if first is None else first.device):
         kernel.warmup(*args, grid=grid, **kwargs)
+
+
+# Within `building_only` with several workers: the pool the builds run in, and Triton's
+# AsyncCompileMode of each device (made at its first launch).
+_BUILDS: Dict[str, object] = {"pool": None, "modes": {}}
+
+
+@contextlib.contextmanager
+def _build_mode(device: Optional[torch.device]) -> Iterator[None]:
+    """``device``'s AsyncCompileMode as Triton's active one for one warmup, in whatever thread
+    the launch comes from: Triton reads it from a ContextVar, which the autograd engine's
+    device threads (where a CUDA backward runs) do not inherit. One mode per device: a mode
+    merges builds by source and options only, and Triton 3.9 would hand the kernel object
+    built for one device (its module loaded there only) to the others."""
+    pool = _BUILDS["pool"]
+    if pool is None:
+        yield
+        return
+    from triton.runtime._async_compile import AsyncCompileMode, active_mode
+    modes = _BUILDS["modes"]
+    mode = modes.get(device)
+    if mode is None:
+        mode = modes[device] = AsyncCompileMode(pool, ignore_errors=True)
+    token = active_mode.set(mode)
+    try:
+        yield
+    finally:
+        active_mode.reset(token)
+
+
+def _finish_builds() -> None:
+    """Wait for every build submitted within `building_only` and put each into its kernel's
+    cache (a failed one is left to the first real launch)."""
+    modes = list(_BUILDS["modes"].values())
+    _BUILDS["pool"], _BUILDS["modes"] = None, {}
+    with contextlib.ExitStack() as stack:
+        for mode in modes:  # every mode is finished, whatever another raises
+            stack.push(mode.__exit__)
 
 
 @contextlib.contextmanager
 def building_only(workers: int) -> Iterator[None]:
     """Within the block every launch of the package only builds its kernel (`build_only`),
-    the builds run in ``workers`` threads (Triton's ``AsyncCompileMode``, where this Triton
-    has it; else one at a time) and the block ends when all are done. Nothing runs on the
-    device, so the outputs of the launches are garbage. A build that fails is left to the
-    first real launch, which builds it again and raises its error."""
+    the builds run in ``workers`` threads (Triton's ``AsyncCompileMode``, one per device, where
+    this Triton has it; else one at a time) and the block ends when all are done. Nothing runs
+    on the device, so the outputs of the launches are garbage. A build that fails is left to
+    the first real launch, which builds it again and raises its error."""
     global launch
     from concurrent.futures import ThreadPoolExecutor
     from . import launches
     try:
-        from triton.runtime._async_compile import AsyncCompileMode
+        from triton.runtime._async_compile import AsyncCompileMode  # noqa: F401
+        parallel = workers > 1
     except ImportError:  # a Triton without it: the builds run one at a time
-        AsyncCompileMode = None
+        parallel = False
+    if _BUILDS["pool"] is not None:
+        raise RuntimeError("building_only: already within a building_only block")
     real = launch
     with contextlib.ExitStack() as stack:
-        if AsyncCompileMode is not None and workers > 1:
+        if parallel:
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers))
-            stack.enter_context(AsyncCompileMode(pool, ignore_errors=True))
+            stack.callback(_finish_builds)  # before the pool shuts down
+            _BUILDS["pool"], _BUILDS["modes"] = pool, {}
         launch = build_only
         launches._BUILDING_ONLY[0] = True
         try:
