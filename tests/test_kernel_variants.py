@@ -118,6 +118,74 @@ def test_one_variant_per_kernel_whatever_the_token_count(recorded):
         for kernel, configs in sorted(varying.items()))
 
 
+def fused_variants_by_tokens() -> dict:
+    """{dtype: {M: [specialisation keys]}} of the fused GEMM's forward (``fused_gemm``,
+    ``INCRELORA_FUSED_LINEAR=1``: the plain kernel in float32, the autotuned one, each of its
+    configs, in bfloat16) for `TOKENS`."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import make_backend
+
+    from increlora_fast.kernels import fused_linear
+    from increlora_fast.kernels import utils as kutils
+    from increlora_fast.kernels.lowrank import Slots
+    from increlora_fast.kernels.utils import dot_config
+    from test_kernels_aot import jit_specialisation
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    found: dict = {}
+    current = [""]
+
+    def recorder(kernel, grid, *args, **kwargs):
+        configs = [c.all_kwargs() for c in kernel.configs] if hasattr(kernel, "configs") \
+            else [{}]
+        fn = kernel.fn if hasattr(kernel, "configs") else kernel
+        for config in configs:
+            sig, consts, attrs, options, faithful = jit_specialisation(
+                fn, backend, args, {**kwargs, **config})
+            assert faithful, "this Triton has no binder to specialise with"
+            key = repr((sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
+                        options.get("num_warps"), options.get("num_stages")))
+            found.setdefault(current[0], {}).setdefault(current[1], set()).add(key)
+
+    kutils.launch = recorder
+
+    def meta(*shape, dtype):
+        return torch.empty(shape, dtype=dtype, device="meta")
+
+    k, n, r = 384, 1536, 16
+    for name in ("bf16", "fp32"):
+        dtype = getattr(torch, DTYPES[name][0])
+        slots = Slots(meta(r, dtype=torch.float32), meta(r, dtype=torch.int8), 8.0, 1e-5)
+        for m in TOKENS:
+            current[:] = [name, m]
+            fused_linear.fused_linear_forward(
+                meta(m, k, dtype=dtype), meta(n, k, dtype=dtype), meta(n, dtype=dtype), False,
+                meta(m, r, dtype=torch.float32), meta(n, r, dtype=torch.float32), slots,
+                dot_config(dtype, False))
+    return {name: {m: sorted(keys) for m, keys in by_m.items()} for name, by_m in found.items()}
+
+
+def test_the_fused_gemm_specialises_alike_whatever_the_token_count():
+    """The opt-in fused GEMM takes the token count too (M, and M_BUCKET, its autotune key): a
+    new variant per class of M would be a build per new batch class, and `precompile_kernels`,
+    which calls on one token, would build variants no batch uses."""
+    pytest.importorskip("triton")
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    child = subprocess.run([sys.executable, __file__, "fused"], capture_output=True, text=True,
+                           env=env, timeout=600)
+    assert child.returncode == 0, child.stderr[-3000:]
+    recorded = json.loads(child.stdout.strip().splitlines()[-1])
+    assert sorted(recorded) == ["bf16", "fp32"]
+    for name, by_m in recorded.items():
+        assert sorted(int(m) for m in by_m) == sorted(TOKENS), name
+        assert len({tuple(keys) for keys in by_m.values()}) == 1, \
+            f"{name}: the fused GEMM's variants depend on the token count"
+
+
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    print(json.dumps(variants_by_tokens()))
+    print(json.dumps(fused_variants_by_tokens() if sys.argv[1:] == ["fused"]
+                     else variants_by_tokens()))

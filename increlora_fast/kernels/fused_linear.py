@@ -21,7 +21,7 @@ import triton.language as tl
 
 from .lowrank import Slots, _accumulate_scaled_slots, _accumulate_x_wt
 from . import utils
-from .utils import DotConfig, is_interpreted
+from .utils import TOKEN_ARGS, DotConfig, is_interpreted
 
 
 def _configs() -> list:
@@ -31,7 +31,9 @@ def _configs() -> list:
                                      (64, 128, 64, 4, 4), (128, 64, 32, 4, 4))]
 
 
-@triton.jit
+# M and M_BUCKET (the autotune key, read on the host) are the token count: unspecialised, as in
+# the adapter kernels (`utils.TOKEN_ARGS`), so one build serves every batch
+@triton.jit(do_not_specialize=TOKEN_ARGS + ("M_BUCKET",))
 def _fused_linear_adapter_kernel(
     x_ptr, w_ptr, bias_ptr, h_ptr, b_ptr, lam_ptr, state_ptr, y_ptr,
     M, N, K, R, alpha, reserve,
