@@ -229,11 +229,16 @@ def _build_mode(device: Optional[torch.device]) -> Iterator[None]:
 def _finish_builds() -> None:
     """Wait for every build submitted within `building_only` and put each into its kernel's
     cache (a failed one is left to the first real launch)."""
+    from triton.runtime._async_compile import active_mode
     modes = list(_BUILDS["modes"].values())
     _BUILDS["pool"], _BUILDS["modes"] = None, {}
-    with contextlib.ExitStack() as stack:
-        for mode in modes:  # every mode is finished, whatever another raises
-            stack.push(mode.__exit__)
+    token = active_mode.set(None)  # a mode's __exit__ sets None: the caller's is kept
+    try:
+        with contextlib.ExitStack() as stack:
+            for mode in modes:  # every mode is finished, whatever another raises
+                stack.push(mode.__exit__)
+    finally:
+        active_mode.reset(token)
 
 
 @contextlib.contextmanager
