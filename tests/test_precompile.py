@@ -315,7 +315,7 @@ def test_with_real_triton_each_device_gets_kernels_of_its_own(tmp_path):
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     env["PYTHONPATH"] = os.pathsep.join(
         [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
-        + [env["PYTHONPATH"]] * ("PYTHONPATH" in env))
+        + ([env["PYTHONPATH"]] if "PYTHONPATH" in env else []))
     script = tmp_path / "two_devices.py"  # Triton reads a kernel's source from its file
     script.write_text(_TWO_DEVICES_CHILD)
     child = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
