@@ -172,10 +172,12 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
                 result.calls += 1
         # the first-use checks of the optimizer's and the penalty's kernels, for the adapter
         # dtypes (their own kernels, at the step's shapes, are still built by the first step)
-        for device, dtype in {(t.device, t.dtype) for layer in layers
-                              for t in (layer.lora_A, layer.lora_B)}:
-            functional.multi_adamw_ok(device, dtype)
+        buffers = {(t.device, t.dtype) for layer in layers for t in (layer.lora_A, layer.lora_B)}
+        for device, dtype in buffers:  # the penalty reads A and B
             functional.orth_penalty_ok(device, dtype)
+        for device, dtype in buffers | {(layer.lora_lambda.device, layer.lora_lambda.dtype)
+                                        for layer in layers}:  # moments of the param's dtype
+            functional.multi_adamw_ok(device, dtype)
     result.seconds = time.perf_counter() - start
     if result.errors:
         warnings.warn(f"precompile_kernels: {len(result.errors)} of {result.calls} calls failed "
