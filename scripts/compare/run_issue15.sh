@@ -71,10 +71,11 @@ controls() {  # issue item 1: does allocation itself help?
 }
 
 rerun() {  # the default again on today's code, paired with the stored default (2026-12-01/02)
-  # Since 2026-12-06 the reserves retired at the budget stay in the orthogonal penalty and train,
-  # and the last round appends a fresh reserve (the authors' code does both); `default` ran
-  # before. lora_rerun (seed 0, Rotten Tomatoes) must repeat the stored lora run's losses: then
-  # the data, batches and model init are those of the stored runs, and the pairs hold.
+  # `default` ran at 5fb70fb; among the changes since, the reserves retired at the budget stay
+  # in the orthogonal penalty and train, and the last round appends a fresh reserve (the
+  # authors' code does both; 2026-12-06). lora_rerun (seed 0, Rotten Tomatoes) must repeat the
+  # stored lora run's losses: then the data, batches and model init are those of the stored
+  # runs, and the pairs hold.
   TASKS=rotten_tomatoes queue 1 lora_rerun --method lora
   queue "$SEEDS_CONTROLS" default_rerun
 }
@@ -199,7 +200,8 @@ summarize() {
       tar --null -cf - -T -) | (mkdir -p "$RESULTS/runs" && tar -xf - -C "$RESULTS/runs")
   fi
   mkdir -p "$SUMMARY" "$RESULTS/tables"
-  local other='h1200_*,rank4_*,rank8_*'
+  # lora_rerun is a check of the pairing (it must repeat the stored lora run), not a variant
+  local other='h1200_*,rank4_*,rank8_*,lora_rerun'
   table vs_default default --exclude "$other"
   table vs_lora lora --exclude "$other"
   table vs_adalora adalora --exclude "$other"
