@@ -39,19 +39,15 @@ def variants_by_tokens() -> dict:
     from increlora_fast.kernels import linear
     from increlora_fast.kernels import utils as kutils
     from increlora_fast.kernels.utils import kernel_name
-    from test_kernels_aot import jit_specialisation
+    from test_kernels_aot import variant_keys
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     found: dict = {}
     current = [""]
 
     def recorder(kernel, grid, *args, **kwargs):
-        sig, consts, attrs, options, faithful = jit_specialisation(kernel, backend, args, kwargs)
-        assert faithful, "this Triton has no binder to specialise with"
-        key = repr((sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
-                    options.get("num_warps"), options.get("num_stages")))
         found.setdefault(current[0], {}).setdefault(kernel_name(kernel), {}) \
-            .setdefault(current[1], set()).add(key)
+            .setdefault(current[1], set()).update(variant_keys(kernel, backend, args, kwargs))
 
     kutils.launch = recorder
     linear.multiprocessor_count = lambda device: 132
@@ -131,23 +127,15 @@ def fused_variants_by_tokens() -> dict:
     from increlora_fast.kernels import utils as kutils
     from increlora_fast.kernels.lowrank import Slots
     from increlora_fast.kernels.utils import dot_config
-    from test_kernels_aot import jit_specialisation
+    from test_kernels_aot import variant_keys
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     found: dict = {}
     current = [""]
 
     def recorder(kernel, grid, *args, **kwargs):
-        configs = [c.all_kwargs() for c in kernel.configs] if hasattr(kernel, "configs") \
-            else [{}]
-        fn = kernel.fn if hasattr(kernel, "configs") else kernel
-        for config in configs:
-            sig, consts, attrs, options, faithful = jit_specialisation(
-                fn, backend, args, {**kwargs, **config})
-            assert faithful, "this Triton has no binder to specialise with"
-            key = repr((sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
-                        options.get("num_warps"), options.get("num_stages")))
-            found.setdefault(current[0], {}).setdefault(current[1], set()).add(key)
+        found.setdefault(current[0], {}).setdefault(current[1], set()).update(
+            variant_keys(kernel, backend, args, kwargs))
 
     kutils.launch = recorder
 

@@ -195,6 +195,25 @@ def jit_specialisation(fn, backend, args, kwargs):
         return (*_manual_specialisation(fn, args, kwargs), False)
 
 
+def variant_keys(kernel, backend, args, kwargs) -> list:
+    """``"<kernel name>\t<signature, constexprs, attributes, warps, stages>"`` of the variant a
+    launch of ``kernel`` with these arguments makes the JIT build (one per config of an
+    autotuned kernel), specialised by the JIT's own binder (`jit_specialisation`)."""
+    from increlora_fast.kernels.utils import kernel_name
+
+    configs = [c.all_kwargs() for c in kernel.configs] if hasattr(kernel, "configs") else [{}]
+    fn = kernel.fn if hasattr(kernel, "configs") else kernel
+    keys = []
+    for config in configs:
+        sig, consts, attrs, options, faithful = jit_specialisation(fn, backend, args,
+                                                                   {**kwargs, **config})
+        assert faithful, "this Triton has no binder to specialise with"
+        keys.append(kernel_name(kernel) + "\t" + repr((
+            sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
+            options.get("num_warps"), options.get("num_stages"))))
+    return keys
+
+
 def _resources(cubin: bytes, tool: str) -> dict:
     import tempfile
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

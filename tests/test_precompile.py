@@ -5,7 +5,7 @@ The calls run one after another while every launch only submits its kernel's bui
 (`kernels.utils.building_only`). Which variants: the coverage test records the launches of real
 training steps (score tracked and not, dropout on, a first layer fed by frozen embeddings) and of
 an evaluation pass, and those of `precompile_kernels`, each specialised by Triton's own binder
-for sm_90 as the JIT would (`test_kernels_aot.jit_specialisation`), in a child process without
+for sm_90 as the JIT would (`test_kernels_aot.variant_keys`), in a child process without
 the interpreter and with the launches stubbed (no kernel runs, no GPU). Every variant of the
 real calls must be among those built beforehand. The other tests run the calls under the
 interpreter, where there is nothing to build.
@@ -49,18 +49,13 @@ def recorded_variants() -> dict:
 
     from increlora_fast.kernels import linear, score
     from increlora_fast.kernels import utils as kutils
-    from increlora_fast.kernels.utils import kernel_name
-    from test_kernels_aot import jit_specialisation
+    from test_kernels_aot import variant_keys
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
     found, bucket = {}, [""]
 
     def recorder(kernel, grid, *args, **kwargs):
-        sig, consts, attrs, options, faithful = jit_specialisation(kernel, backend, args, kwargs)
-        assert faithful
-        found.setdefault(bucket[0], set()).add(kernel_name(kernel) + "\t" + repr((
-            sorted(sig.items()), sorted(consts.items()), sorted(attrs.items()),
-            options.get("num_warps"), options.get("num_stages"))))
+        found.setdefault(bucket[0], set()).update(variant_keys(kernel, backend, args, kwargs))
 
     kutils.launch = kutils.build_only = recorder
     linear.check_device = lambda kernel, op, **tensors: next(
