@@ -41,6 +41,12 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _first_names(names: List[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names`` and how many more, for a warning."""
+    more = len(names) - shown
+    return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
 def default_score_window(beta1: float, beta2: float) -> int:
     """Smallest window W with max(beta1, beta2) ** W < 1 %: the weight the EMAs give to steps
     before the window (29 at 0.85)."""
@@ -348,7 +354,7 @@ class IncreLoRAController:
                 if layer.lora_lambda.grad is None and layer.lora_lambda.requires_grad]
         if idle and len(idle) < len(self.layers):
             self._warned_idle = True
-            shown = ", ".join(idle[:5]) + (f" and {len(idle) - 5} more" if len(idle) > 5 else "")
+            shown = _first_names(idle)
             warnings.warn(f"IncreLoRA: {len(idle)} adapted module(s) got no gradient at "
                           f"allocation round {step}: {shown}. They were not in this step's "
                           "forward pass (e.g. a fused LM head that reads the output layer's "
@@ -408,8 +414,7 @@ class IncreLoRAController:
                   if not layer.lora_lambda.requires_grad]
         if frozen and not self._warned_frozen:
             self._warned_frozen = True
-            shown = ", ".join(frozen[:5]) + (f" and {len(frozen) - 5} more"
-                                             if len(frozen) > 5 else "")
+            shown = _first_names(frozen)
             warnings.warn(f"IncreLoRA: {len(frozen)} adapted module(s) have a frozen lora_lambda "
                           f"(requires_grad False): {shown}. They keep their rank and the others "
                           "get their share of the budget (warned once)", RuntimeWarning)
