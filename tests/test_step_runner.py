@@ -58,8 +58,9 @@ def _train(tiny, **loop_kwargs):
 
 
 def test_kernels_built_before_the_first_step_count_as_training_time(tiny, monkeypatch):
-    """Where `StepRunner.precompile` builds kernels (on CUDA), the loop times it once, before
-    the first step, as training: in train_seconds and on its own in precompile_seconds; the
+    """Where `StepRunner.precompile` builds kernels (on CUDA), the loop counts its time once (the
+    build's own `seconds`), before the first step, as training: in train_seconds and on its
+    own in precompile_seconds; the
     warm rate and the first steps' seconds leave it out. On CPU nothing is built (None)."""
     from increlora_fast.precompile import PrecompileResult
     from increlora_fast.training import loop as loop_module
@@ -71,8 +72,8 @@ def test_kernels_built_before_the_first_step_count_as_training_time(tiny, monkey
     calls = []
 
     def built(self):
-        calls.append(next(clock))  # one more tick: the build took 2 ticks
-        return PrecompileResult(configs=3, calls=15)
+        calls.append(1)
+        return PrecompileResult(configs=3, calls=15, seconds=2.0)
     monkeypatch.setattr(StepRunner, "precompile", built)
     state = train_loop(run, batches, STEPS, s.grad_clip, LoopState(), progress=False)
     assert len(calls) == 1 and state.precompile_seconds == 2.0

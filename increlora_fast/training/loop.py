@@ -131,13 +131,11 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
 
     runner = StepRunner(run, placement, grad_clip=grad_clip, static_inputs=static_inputs,
                         cuda_graphs=cuda_graphs)
-    if state.step < max_steps:  # kernels built before the first step, timed as training
-        t0 = time.perf_counter()
-        if runner.precompile() is not None:
-            elapsed = time.perf_counter() - t0
-            state.precompile_seconds = elapsed
-            state.train_seconds += elapsed
-            state.session_seconds += elapsed
+    built = runner.precompile() if state.step < max_steps else None
+    if built is not None:  # kernels built before the first step, timed as training
+        state.precompile_seconds = built.seconds
+        state.train_seconds += built.seconds
+        state.session_seconds += built.seconds
     bar = tqdm(total=max_steps, initial=state.step, disable=not progress, desc=run.name,
                dynamic_ncols=True, mininterval=1.0)
     device = placement.device if placement is not None else torch.device("cpu")
