@@ -60,8 +60,8 @@ def _train(tiny, **loop_kwargs):
 def test_kernels_built_before_the_first_step_count_as_training_time(tiny, monkeypatch):
     """Where `StepRunner.precompile` builds kernels (on CUDA), the loop counts its time once (the
     build's own `seconds`), before the first step, as training: in train_seconds and on its
-    own in precompile_seconds; the
-    warm rate and the first steps' seconds leave it out. On CPU nothing is built (None)."""
+    own in precompile_seconds; the warm rate and the first steps' seconds leave it out. On CPU
+    nothing is built (None)."""
     from increlora_fast.precompile import PrecompileResult
     from increlora_fast.training import loop as loop_module
     s, _, run, batches = build_run(_settings(tiny))
