@@ -78,6 +78,10 @@ rerun() {  # the default again on today's code, paired with the stored default (
   # runs, and the pairs hold.
   TASKS=rotten_tomatoes queue 1 lora_rerun --method lora
   queue "$SEEDS_CONTROLS" default_rerun
+  # the two controls of item 1 on today's code, paired with default_rerun (uniform rank 2 meets
+  # its budget at construction: its reserves are retired at step 0 and stay in the penalty)
+  queue "$SEEDS_CONTROLS" uniform2_rerun --init-r 2 --target-rank 2
+  queue "$SEEDS_CONTROLS" random_rerun --score random
 }
 
 options() {  # issue item 2: options beyond the authors', each against `default`
@@ -207,6 +211,7 @@ summarize() {
   table vs_adalora adalora --exclude "$other"
   table h1200 h1200_lora_lr1e-3 --only 'h1200_*'
   table vs_lora_lr2e-3 lora_lr2e-3 --exclude "$other"
+  table rerun default_rerun --only '*_rerun' --exclude lora_rerun
   table rank4 rank4_lora --only 'rank4_*'
   table rank4_vs_lora_lr2e-3 rank4_lora_lr2e-3 --only 'rank4_*'
   table rank8 rank8_lora --only 'rank8_*'
