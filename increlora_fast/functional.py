@@ -150,9 +150,11 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
     warning saying what happens instead (``fallback``). True unchecked when
     ``INCRELORA_KERNEL_CHECK=0``; ``while_capturing``, unchecked and not remembered, while
-    compiling or capturing a CUDA graph (a check allocates, reads results and warns), and while
-    launches only build their kernels (`kernels.utils.building_only`: the check then runs to
-    build its own kernels, and its result, made of outputs no kernel wrote, is dropped).
+    compiling or capturing a CUDA graph (a check allocates, reads results and warns). True,
+    not remembered, while launches only build their kernels (`kernels.utils.building_only`,
+    where nothing runs: the check then runs once to build its own kernels, its result, made of
+    outputs no kernel wrote, is dropped, and the caller goes on to build the family's kernels;
+    the first real use checks).
 
     The check runs on an autograd of its own wherever the first call comes: outside
     ``torch.inference_mode()`` (a validation pass before training; its tensors would be
@@ -171,7 +173,7 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
         if key not in _CHECKS_BUILT:
             _CHECKS_BUILT.add(key)
             check()
-        return while_capturing
+        return True
     with contextlib.ExitStack() as stack:
         stack.enter_context(torch.inference_mode(False))
         try:

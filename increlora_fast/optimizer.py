@@ -81,6 +81,10 @@ def schedule_multiplier(step: Union[int, torch.Tensor], start: Union[int, torch.
     return torch.where(since < warmup_steps, torch.minimum(warm, decay), decay).clamp(min=0)
 
 
+# `IncreLoRAAdamW.build_kernels` steps parameters up to this size (64 MB in float32).
+BUILD_MAX_NUMEL = 1 << 24
+
+
 def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``t`` on ``device``: itself there, else copied without blocking the host."""
     return t if t.device == device else t.to(device, non_blocking=True)
@@ -352,6 +356,46 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                                "after it?); the replayed update would read stale masks")
         for where, members in found.items():
             self._prepare(members, where)
+
+    def build_kernels(self) -> None:
+        """Within `kernels.utils.building_only` only (`precompile.precompile_kernels`): two
+        steps of a new optimizer like this one (the same parameter groups, settings and slot
+        roles, no state), each parameter the fused Triton kernel steps given a stand-in
+        gradient, so that the kernels of a first step (one launch per tensor, as under CUDA
+        graph capture) and of the steps after it (one per dtype combination) are built. Within
+        that block no kernel runs: nothing of this optimizer, the parameters or their gradients
+        changes. Parameters the kernel does not step (the torch path) get no gradient, so the
+        new optimizer does not step them either; nor do parameters of more than
+        `BUILD_MAX_NUMEL` elements (a trained embedding or head: their stand-in gradient and
+        moments would be three copies; the first step builds their launch).
+
+        Raises:
+            RuntimeError: outside `building_only`, where the steps would change parameters.
+        """
+        from .kernels.launches import building_only_active
+        if not building_only_active():
+            raise RuntimeError("IncreLoRAAdamW.build_kernels: only within "
+                               "kernels.utils.building_only, where no kernel runs; here its "
+                               "steps would change the parameters")
+        fused = [p for group in self.param_groups for p in group["params"]
+                 if p.requires_grad and p.numel() <= BUILD_MAX_NUMEL and _fused_kernel_applies(p)]
+        if not fused:
+            return
+        twin = IncreLoRAAdamW(
+            [{**{k: v for k, v in group.items() if k != "params"},
+              "params": list(group["params"])} for group in self.param_groups],
+            self._slots, **self.defaults)
+        grads = [(p, p.grad) for p in chain.from_iterable(g["params"] for g in self.param_groups)]
+        try:
+            for p, _ in grads:
+                p.grad = None
+            for p in fused:
+                p.grad = torch.empty_like(p)
+            twin.step()
+            twin.step()
+        finally:
+            for p, grad in grads:
+                p.grad = grad
 
     def _params_by_group_and_device(self) -> Iterator[Tuple[int, Dict[torch.device,
                                                                       List[torch.Tensor]]]]:

@@ -18,9 +18,14 @@ The calls run on copies of each layer's adapter tensors and on scratch score buf
 the base weight: nothing of the model changes (parameters, gradients, buffers, scores, random
 state), and the base layer itself is not called (its hooks do not fire). A call that fails is
 reported in the result and with one warning; a build that fails is left to the first step, which
-builds it again and raises its error. The first-use checks of the optimizer's and the penalty's
-kernels are built too; those kernels themselves, at the step's shapes, are built by the first
-step.
+builds it again and raises its error.
+
+Given the run's optimizer (`IncreLoRAAdamW.build_kernels`) and orthogonal penalty, it also
+builds their kernels at the step's shapes: two steps of a new optimizer over the same
+parameters with stand-in gradients, and the forward and backward of a new penalty over the same
+layers, both while no kernel runs (the gradients come back as they were, the penalty's through
+``torch.autograd.grad``). The first-use checks of both are built either way; the checks
+themselves run at the first step, which decides whether the kernels built here are used.
 """
 from __future__ import annotations
 
@@ -39,12 +44,16 @@ from . import functional
 from .functional import adapted_linear, select_backend
 from .layer import IncreLoRALinear, _plain_base_operands
 from .model import increlora_layers
+from .optimizer import IncreLoRAAdamW
+from .penalty import OrthogonalPenalty
 
 
 @dataclass
 class PrecompileResult:
     """What `precompile_kernels` did: ``configs`` distinct layer configurations, ``calls``
-    one-token calls made, ``seconds`` of wall time, ``errors`` one line per failed call."""
+    calls made (one-token layer calls, and one each for the optimizer's steps and the
+    penalty's pass where given), ``seconds`` of wall time, ``errors`` one line per failed
+    call."""
 
     configs: int = 0
     calls: int = 0
@@ -130,16 +139,43 @@ def _call_once(layer: IncreLoRALinear, call: _Call, autocast_dtype: Optional[tor
             torch.autograd.grad(y, inputs, torch.zeros_like(y))
 
 
+def _penalty_once(penalty: OrthogonalPenalty) -> None:
+    """The forward and backward of a new penalty like ``penalty`` (its layers and config): its
+    kernels' tables and masks are its own, and the gradients are returned, not accumulated
+    into the layers' ``.grad``."""
+    twin = OrthogonalPenalty(penalty.layers, penalty.config)
+    with torch.enable_grad():
+        loss = twin.loss()
+        inputs = [t for layer in penalty.layers for t in (layer.lora_A, layer.lora_B)
+                  if t.requires_grad]
+        if inputs and loss.requires_grad:
+            torch.autograd.grad(loss, inputs, allow_unused=True)
+
+
+def _optimizer_once(optimizer: Optional[torch.optim.Optimizer]):
+    """``optimizer.build_kernels`` for an `IncreLoRAAdamW` (also inside a wrapper that holds
+    it as ``.optimizer``, as accelerate's does), else None."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner.build_kernels if isinstance(inner, IncreLoRAAdamW) else None
+
+
 def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] = None, *,
+                       optimizer: Optional[torch.optim.Optimizer] = None,
+                       penalty: Optional[OrthogonalPenalty] = None,
                        workers: Optional[int] = None) -> PrecompileResult:
     """Build the Triton kernels that ``model``'s adapted layers launch in training and
-    evaluation, before the first step, ``workers`` builds at a time (default: one per CPU).
+    evaluation, and those of the run's optimizer and penalty, before the first step,
+    ``workers`` builds at a time (default: one per CPU).
 
     Args:
         model: a model returned by `inject_increlora`.
         autocast_dtype: the dtype the training step autocasts to (e.g. ``torch.bfloat16``), or
             None for a step without autocast: the kernels are built for the dtype they will
             compute in.
+        optimizer: the run's optimizer; an `IncreLoRAAdamW` gets its step's kernels built
+            (`IncreLoRAAdamW.build_kernels`), any other is left alone.
+        penalty: the run's orthogonal penalty (``controller.penalty``), whose forward and
+            backward kernels are built on a new penalty over the same layers.
         workers: builds at a time.
 
     Returns:
@@ -171,13 +207,23 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
                         f"({call}): {type(err).__name__}: {err}")
                 result.calls += 1
         # the first-use checks of the optimizer's and the penalty's kernels, for the adapter
-        # dtypes (their own kernels, at the step's shapes, are still built by the first step)
+        # dtypes (built here even when neither is given; their own kernels only when given)
         buffers = {(t.device, t.dtype) for layer in layers for t in (layer.lora_A, layer.lora_B)}
         for device, dtype in buffers:  # the penalty reads A and B
             functional.orth_penalty_ok(device, dtype)
         for device, dtype in buffers | {(layer.lora_lambda.device, layer.lora_lambda.dtype)
                                         for layer in layers}:  # moments of the param's dtype
             functional.multi_adamw_ok(device, dtype)
+        for name, build in (("the optimizer's step", _optimizer_once(optimizer)),
+                            ("the orthogonal penalty", penalty and
+                             functools.partial(_penalty_once, penalty))):
+            if not build:
+                continue
+            try:
+                build()
+            except Exception as err:  # noqa: BLE001 - reported; the first step builds it
+                result.errors.append(f"{name}: {type(err).__name__}: {err}")
+            result.calls += 1
     result.seconds = time.perf_counter() - start
     if result.errors:
         warnings.warn(f"precompile_kernels: {len(result.errors)} of {result.calls} calls failed "

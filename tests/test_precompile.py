@@ -47,8 +47,12 @@ def recorded_variants() -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
 
-    from increlora_fast.kernels import linear, score
+    from increlora_fast import create_optimizer
+    from increlora_fast.model import get_config
+    from increlora_fast import optimizer as optimizer_module
+    from increlora_fast.kernels import adamw, linear, orth_penalty, score
     from increlora_fast.kernels import utils as kutils
+    from increlora_fast.penalty import OrthogonalPenalty
     from test_kernels_aot import variant_keys
 
     backend = make_backend(GPUTarget("cuda", 90, 32))
@@ -58,29 +62,37 @@ def recorded_variants() -> dict:
         found.setdefault(bucket[0], set()).update(variant_keys(kernel, backend, args, kwargs))
 
     kutils.launch = kutils.build_only = recorder
-    linear.check_device = lambda kernel, op, **tensors: next(
-        t.device for t in tensors.values() if t is not None)
+    for mod in (linear, adamw, orth_penalty):
+        mod.check_device = lambda kernel, op, **tensors: next(
+            t.device for t in tensors.values() if t is not None)
     for mod in (linear, score):
         mod.multiprocessor_count = lambda device: 132
+    # the optimizer's fused kernel steps CUDA tensors only: here CPU ones, its launches stubbed
+    optimizer_module._fused_kernel_applies = functional.kernel_readable
     model = tiny_bert(dropout=0.1)
     layers = [layer for _, layer in increlora_layers(model)]
+    penalty = OrthogonalPenalty(layers, get_config(model))
     ids = torch.randint(0, BERT["vocab_size"], (3, 7))
     for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
         autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
         bucket[0] = f"{name} real"
         model.train()
+        # a first step (one launch per tensor) and a second (one per dtype combination)
+        optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.01)
         for track in (True, False):
             for layer in layers:
                 layer.score_enabled = track
             with autocast:
-                loss = model(input_ids=ids).logits.float().sum()
+                loss = model(input_ids=ids).logits.float().sum() + penalty.loss()
             loss.backward()
+            optimizer.step()
             model.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad(), autocast:
             model(input_ids=ids)
         bucket[0] = f"{name} precompiled"
-        result = precompile_kernels(model, dtype, workers=2)
+        result = precompile_kernels(model, dtype, optimizer=optimizer, penalty=penalty,
+                                    workers=2)
         assert not result.errors, result.errors
     return {key: sorted(values) for key, values in found.items()}
 
@@ -102,7 +114,9 @@ def test_every_variant_a_step_launches_is_built_beforehand(variants, dtype):
     real, built = set(variants[f"{dtype} real"]), set(variants[f"{dtype} precompiled"])
     names = {key.split("\t")[0] for key in real}
     assert names >= {"_project_kernel", "_expand_kernel", "_backward_rows_kernel",
-                     "_score_tiles_kernel", "_finish_kernel"}
+                     "_score_tiles_kernel", "_finish_kernel", "_masked_adamw_kernel",
+                     "_masked_adamw_multi_kernel", "_orth_penalty_fwd_kernel",
+                     "_orth_penalty_bwd_kernel"}
     missing = real - built
     assert not missing, f"{len(missing)} of {len(real)} variants not built beforehand: " + \
         ", ".join(sorted(key.split("\t")[0] for key in missing))
@@ -154,6 +168,84 @@ def test_it_calls_every_layer_configuration_and_changes_nothing(triton_backend):
     assert after.keys() == before.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert not changed
+
+
+def _optimizer_state(optimizer) -> dict:
+    state = optimizer.state_dict()
+    return {"global_step": optimizer.global_step, "groups": repr(state["param_groups"]),
+            **{f"s:{k}:{name}": v.clone() for k, per in state["state"].items()
+               for name, v in per.items() if isinstance(v, torch.Tensor)}}
+
+
+def test_the_optimizers_and_penaltys_kernels_are_built_and_nothing_changes(triton_backend,
+                                                                            monkeypatch):
+    """Given the run's optimizer and penalty, their kernels are launched too (a first step
+    per tensor, a later one per dtype combination, the penalty forward and backward), while
+    the first-use checks, which only build, say yes; the model, its gradients, the
+    optimizer's state and the penalty's cached kernels are left as they were."""
+    from increlora_fast import create_optimizer
+    from increlora_fast import optimizer as optimizer_module
+    from increlora_fast.model import get_config
+    from increlora_fast.penalty import OrthogonalPenalty
+
+    model = tiny_bert(dropout=0.0)
+    layers = [layer for _, layer in increlora_layers(model)]
+    optimizer = create_optimizer(model, lr=1e-3, weight_decay=0.01)
+    penalty = OrthogonalPenalty(layers, get_config(model))
+    ids = torch.randint(0, BERT["vocab_size"], (2, 5))
+    (model(input_ids=ids).logits.sum() + penalty.loss()).backward()
+    optimizer.step()  # a state to keep (the torch path: CPU tensors)
+    optimizer.zero_grad(set_to_none=True)
+    model(input_ids=ids).logits.sum().backward()  # gradients to keep
+    kernels = penalty._kernels
+    assert kernels is not None  # the real penalty took its kernels (under the interpreter)
+    # the fused kernel steps CUDA tensors only; under the interpreter its launches build nothing
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", functional.kernel_readable)
+    functional.reset_kernel_checks()  # the first use of each check comes within the block
+    before, opt_before = _state(model), _optimizer_state(optimizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    reset_launch_counts()
+    result = precompile_kernels(model, optimizer=optimizer, penalty=penalty, workers=2)
+    assert (result.configs, result.calls, result.errors) == (3, 14, [])
+    counts = launch_counts()
+    assert counts["_masked_adamw_kernel"] == len(trainable)  # the first step: one per tensor
+    # the second: one per parameter group (all float32), which the multi check had to allow
+    assert counts["_masked_adamw_multi_kernel"] == len(optimizer.param_groups)
+    assert counts["_orth_penalty_fwd_kernel"] == counts["_orth_penalty_bwd_kernel"] == 1
+    assert functional.kernel_check_results() == {}  # built only: not remembered
+    after, opt_after = _state(model), _optimizer_state(optimizer)
+    assert after.keys() == before.keys() and opt_after.keys() == opt_before.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    changed += [k for k in opt_before if not (opt_before[k] == opt_after[k] if isinstance(
+        opt_before[k], (int, str)) else torch.equal(opt_before[k], opt_after[k]))]
+    assert not changed
+    assert penalty._kernels is kernels
+
+
+def test_build_kernels_leaves_large_parameters_to_the_first_step(triton_backend, monkeypatch):
+    from increlora_fast import create_optimizer
+    from increlora_fast import optimizer as optimizer_module
+    from increlora_fast.kernels.utils import building_only
+
+    model = tiny_bert(dropout=0.0)
+    optimizer = create_optimizer(model, lr=1e-3)
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", functional.kernel_readable)
+    monkeypatch.setattr(optimizer_module, "BUILD_MAX_NUMEL", 100)
+    small = [p for p in model.parameters() if p.requires_grad and p.numel() <= 100]
+    assert 0 < len(small) < sum(p.requires_grad for p in model.parameters())
+    reset_launch_counts()
+    with building_only(1):
+        optimizer.build_kernels()
+    assert launch_counts()["_masked_adamw_kernel"] == len(small)
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_build_kernels_refuses_to_step_outside_building_only():
+    from increlora_fast import create_optimizer
+    model = tiny_bert(dropout=0.0)
+    optimizer = create_optimizer(model, lr=1e-3)
+    with pytest.raises(RuntimeError, match="build_kernels: only within .*building_only"):
+        optimizer.build_kernels()
 
 
 def test_a_failed_call_is_reported_and_leaves_the_rest(triton_backend, monkeypatch):

@@ -83,6 +83,22 @@ def test_kernels_built_before_the_first_step_count_as_training_time(tiny, monkey
     assert len(calls) == 1 and again.precompile_seconds == 2.0  # nothing left to train
 
 
+def test_precompile_on_cuda_builds_the_runs_optimizer_and_penalty_too(tiny, monkeypatch):
+    """On CUDA the runner hands `precompile_kernels` the model, the placement's autocast
+    dtype, its optimizer and its controller's penalty (no GPU needed: the call is recorded)."""
+    from increlora_fast.training import step_runner as runner_module
+    from increlora_fast.training.device import Placement
+    _, _, run, _ = build_run(_settings(tiny))
+    calls = []
+    monkeypatch.setattr(runner_module, "precompile_kernels",
+                        lambda model, dtype, **kwargs: calls.append((model, dtype, kwargs)))
+    runner = StepRunner(run)
+    runner.placement = Placement(torch.device("cuda"), "bf16")
+    runner.precompile()
+    assert calls == [(run.model, torch.bfloat16,
+                      {"optimizer": run.optimizer, "penalty": run.controller.penalty})]
+
+
 def test_warm_tokens_per_second_leaves_out_the_steps_before_the_first_log_point(tiny,
                                                                               monkeypatch):
     """The rate after the first log point counts exactly the later steps' tokens and seconds;

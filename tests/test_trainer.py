@@ -70,24 +70,31 @@ def test_plain_trainer_with_callback_allocates_and_warns_about_warmup(tmp_path):
 def test_the_kernels_are_built_at_train_begin_for_the_trainers_precision(tmp_path, monkeypatch,
                                                                         precision, dtype):
     """Both ways of training (IncreLoRATrainer, a plain Trainer with the callback) build the
-    layers' kernels once, before the first step, for the autocast dtype the Trainer uses
-    (`precompile_kernels`; on CPU it finds nothing to build)."""
+    kernels of the layers, the Trainer's optimizer and the controller's penalty once, before
+    the first step, for the autocast dtype the Trainer uses (`precompile_kernels`; on CPU it
+    finds nothing to build)."""
     from increlora_fast.integrations import trainer as trainer_module
     calls = []
 
-    def recorded(model, autocast_dtype):
-        calls.append((model, autocast_dtype))
+    def recorded(model, autocast_dtype, *, optimizer, penalty):
+        calls.append((model, autocast_dtype, getattr(optimizer, "optimizer", optimizer),
+                      penalty))
     monkeypatch.setattr(trainer_module, "precompile_kernels", recorded)
     for plain in (False, True):
         model, config = _model()
         args = _args(tmp_path / str(plain), save_strategy="no", **precision)
         if plain:
             trainer = Trainer(model=model, args=args, train_dataset=TinyTask())
-            IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
+            controller = IncreLoRAController(model, config)
+            IncreLoRACallback(controller).install(trainer)
         else:
             trainer = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask())
+            controller = trainer.increlora_controller
         trainer.train()
-        assert [(m is model, d) for m, d in calls] == [(True, dtype)]
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+        assert [(m is model, d, o is optimizer, p is controller.penalty)
+                for m, d, o, p in calls] == [(True, dtype, True, True)]
+        assert isinstance(optimizer, IncreLoRAAdamW) != plain
         calls.clear()
 
 

@@ -237,9 +237,10 @@ class IncreLoRACallback(TrainerCallback):
             state.log_history[-1].update(entries)
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
-        if model is not None:  # the layers' Triton kernels, built several at a time (on CUDA)
+        if model is not None:  # the Triton kernels, built several at a time (on CUDA)
             precompile_kernels(model, torch.bfloat16 if args.bf16 else
-                               torch.float16 if args.fp16 else None)
+                               torch.float16 if args.fp16 else None, optimizer=optimizer,
+                               penalty=self.controller.penalty)
         if state.global_step > 0 and not self.restored:
             checkpoint = args.resume_from_checkpoint or os.path.join(
                 args.output_dir, f"checkpoint-{state.global_step}")

@@ -155,13 +155,16 @@ class StepRunner:
             cache_relative_positions(run.model)
 
     def precompile(self) -> Optional[PrecompileResult]:
-        """On CUDA, build the Triton kernels of the model's adapted layers before the first
-        step, in parallel (`precompile.precompile_kernels`, for the placement's autocast
-        dtype); None elsewhere, where there is nothing to build."""
+        """On CUDA, build the Triton kernels of the model's adapted layers, of the optimizer's
+        step and of the orthogonal penalty before the first step, in parallel
+        (`precompile.precompile_kernels`, for the placement's autocast dtype); None elsewhere,
+        where there is nothing to build."""
         if self.placement.device.type != "cuda":
             return None
         half = HALF_DTYPES.get(self.placement.precision)
-        return precompile_kernels(self.run.model, half)
+        controller = getattr(self.run, "controller", None)
+        return precompile_kernels(self.run.model, half, optimizer=self.run.optimizer,
+                                  penalty=getattr(controller, "penalty", None))
 
     def inputs(self, batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         """The batch on the device: moved by the placement, or with ``static_inputs`` copied
