@@ -16,7 +16,9 @@ For adapter tensors every slot (row of A, column of B, entry of lambda) has
   controller changed at this step are left unchanged too (Adam step count 0: no step on their
   zero gradient, as for a parameter just added to AdamW, whatever their learning rate), a reserve
   appended and retired at once in the last round included.
-Other trainable parameters (e.g. a classifier) follow the ordinary warmup + linear decay from step 0.
+Other trainable parameters (e.g. a classifier) follow the ordinary warmup + linear decay from step 0;
+`create_optimizer` exempts biases and normalization weights among them from weight decay, as the
+Hugging Face Trainer and the authors' trainer do (`no_decay_parameters`).
 
 A step works per parameter group and device: the masks, stamps, step counts and schedules of all
 its slots are handled at once as flat vectors. The masks and stamps are cached and rebuilt only
@@ -34,9 +36,10 @@ and only parameters copied back.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from itertools import chain
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -79,6 +82,29 @@ def schedule_multiplier(step: Union[int, torch.Tensor], start: Union[int, torch.
         decay = ((total_step - step) / (total_step - start - warmup_steps).clamp(min=1)).clamp(min=0)
     # min(): a schedule that starts within warmup_steps of the end still reaches 0 there.
     return torch.where(since < warmup_steps, torch.minimum(warm, decay), decay).clamp(min=0)
+
+
+# The parameter names the Hugging Face Trainer exempts from weight decay
+# (`Trainer.get_decay_parameter_names`, transformers 5), matched on the lower-cased name:
+# biases and normalization weights. The authors' trainer (an older Trainer) exempts biases and
+# nn.LayerNorm parameters, which these cover.
+NO_DECAY_PATTERNS = (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)",
+                     r"_norm(?:$|\.)")
+# The parameter groups `create_optimizer` makes, by name.
+GROUP_NAMES = ("increlora", "other", "other_no_decay")
+
+
+def no_decay_parameters(model: nn.Module) -> Set[int]:
+    """The ids of ``model``'s parameters that take no weight decay, by the Hugging Face
+    Trainer's rule: those of an ``nn.LayerNorm`` and those whose name (the first one
+    ``named_parameters`` gives a shared parameter) matches `NO_DECAY_PATTERNS`."""
+    patterns = [re.compile(pattern) for pattern in NO_DECAY_PATTERNS]
+    exempt = set()
+    for name, p in model.named_parameters():
+        owner = model.get_submodule(name.rpartition(".")[0])
+        if isinstance(owner, nn.LayerNorm) or any(pt.search(name.lower()) for pt in patterns):
+            exempt.add(id(p))
+    return exempt
 
 
 # `IncreLoRAAdamW.build_kernels` steps parameters up to this size (64 MB in float32).
@@ -282,7 +308,14 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         return state
 
     def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
+        """torch's ``load_state_dict`` plus the step count and the slots' bookkeeping. A state
+        saved before biases and normalization weights had a group of their own (one group
+        ``"other"`` for all non-adapter parameters, until 2026-12-06) is split like this
+        optimizer's groups, when `create_optimizer` made it.
+
+        Raises:
+            ValueError: the state's parameter groups do not match this optimizer's."""
+        state_dict = self._regrouped(dict(state_dict))
         self.global_step = int(state_dict.pop("global_step", 0))
         super().load_state_dict(state_dict)
         self._seen_version.clear()  # the loaded stamps are compared with the layers' anew
@@ -295,6 +328,30 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if key in BOOKKEEPING_STATE:  # e.g. bfloat16 would round step stamps above 256
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+    def _regrouped(self, state_dict: dict) -> dict:
+        """``state_dict`` with a saved group ``"other"`` of every non-adapter parameter split
+        into this optimizer's ``"other"`` and ``"other_no_decay"`` (their moments follow their
+        parameters); any other state as it is."""
+        saved = [g.get("name") for g in state_dict["param_groups"]]
+        names = [g.get("name") for g in self.param_groups]
+        if saved == names or saved != ["increlora", "other"] or \
+                not set(names) <= set(GROUP_NAMES) or names[0] != "increlora":
+            return state_dict
+        dense = getattr(self, "_dense_order", None)
+        old = state_dict["param_groups"][1]
+        if dense is None or len(dense) != len(old["params"]):
+            raise ValueError(
+                f"IncreLoRAAdamW.load_state_dict: the state has parameter groups {saved}, this "
+                f"optimizer {names}; it was saved before biases and normalization weights got "
+                "a group of their own without weight decay (2026-12-06), and only an optimizer "
+                "made by create_optimizer on the same model can take it")
+        saved_id = {id(p): i for p, i in zip(dense, old["params"])}
+        groups = [state_dict["param_groups"][0]]
+        for group in self.param_groups[1:]:
+            groups.append({**old, "name": group["name"], "weight_decay": group["weight_decay"],
+                           "params": [saved_id[id(p)] for p in group["params"]]})
+        return {**state_dict, "param_groups": groups}
 
     def current_lr_multiplier(self, start: int = 0) -> float:
         """Schedule multiplier the next step applies to a schedule that began at ``start``."""
@@ -655,7 +712,11 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     """One `IncreLoRAAdamW` over every trainable parameter of an injected model.
 
     Adapter slots get restart warmup (``config.warmup_steps``, ``config.total_step``); other
-    trainable parameters get the same warmup and decay from step 0.
+    trainable parameters get the same warmup and decay from step 0. Three parameter groups
+    (`GROUP_NAMES`, an empty one left out): the adapters (``"increlora"``), the other
+    parameters with ``weight_decay`` (``"other"``), and their biases and normalization
+    weights without it (``"other_no_decay"``, `no_decay_parameters`: the Hugging Face
+    Trainer's rule and the authors'). Adapter tensors always take ``weight_decay``.
 
     Raises:
         ValueError: ``lr``, ``eps``, ``weight_decay`` or ``betas`` are not finite numbers in
@@ -682,8 +743,13 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     for p in model.parameters():
         if p.requires_grad and id(p) not in slots:
             dense.append(p)
-    groups = [{"params": adapter, "name": "increlora"}]
-    if dense:
-        groups.append({"params": dense, "name": "other"})
-    return IncreLoRAAdamW(groups, slots, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                          warmup_steps=config.warmup_steps, total_step=config.total_step)
+    exempt = no_decay_parameters(model)
+    groups = [{"params": adapter, "name": "increlora"},
+              {"params": [p for p in dense if id(p) not in exempt], "name": "other"},
+              {"params": [p for p in dense if id(p) in exempt], "name": "other_no_decay",
+               "weight_decay": 0.0}]
+    optimizer = IncreLoRAAdamW([g for g in groups if g["params"]], slots, lr=lr, betas=betas,
+                               eps=eps, weight_decay=weight_decay,
+                               warmup_steps=config.warmup_steps, total_step=config.total_step)
+    optimizer._dense_order = dense  # `_regrouped`: a state saved with one group of them
+    return optimizer

@@ -227,8 +227,16 @@ class AuthorsReference:
         self.unc = [0.0] * len(self.layers)
         self.budget_reached = False
         self.allocation_log: List[Dict[str, object]] = []
+        # the authors' trainer (an older transformers Trainer.create_optimizer): no weight
+        # decay on parameters of an nn.LayerNorm or named with "bias"
+        spared = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm)
+                  for p in m.parameters(recurse=False)}
+        spared |= {id(p) for n, p in model.named_parameters() if "bias" in n}
         trainable = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW([{"params": trainable, "start": 0}], lr=lr,
+        groups = [{"params": [p for p in trainable if id(p) not in spared], "start": 0},
+                  {"params": [p for p in trainable if id(p) in spared], "start": 0,
+                   "weight_decay": 0.0}]
+        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr,
                                            betas=betas, eps=eps, weight_decay=weight_decay)
 
     def total_rank(self) -> int:

@@ -120,8 +120,10 @@ def test_increlora_optimizers_take_the_adam_settings():
     from increlora_fast.integrations.trainer import increlora_optimizers
     model, _ = _model()
     optimizer, _ = increlora_optimizers(model, 1e-3, weight_decay=0.1, betas=(0.8, 0.9), eps=1e-6)
-    assert {(g["betas"], g["eps"], g["weight_decay"]) for g in optimizer.param_groups} == \
-        {((0.8, 0.9), 1e-6, 0.1)}
+    assert {(g["betas"], g["eps"], g["weight_decay"]) for g in optimizer.param_groups
+            if g["name"] != "other_no_decay"} == {((0.8, 0.9), 1e-6, 0.1)}
+    spared, = (g for g in optimizer.param_groups if g["name"] == "other_no_decay")
+    assert (spared["betas"], spared["eps"], spared["weight_decay"]) == ((0.8, 0.9), 1e-6, 0.0)
 
 
 def test_evaluation_loss_is_the_model_loss_without_penalty(tmp_path):

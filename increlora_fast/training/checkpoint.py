@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..data.files import file_sha256
+from ..optimizer import IncreLoRAAdamW
 from ..persistence import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
@@ -198,6 +199,14 @@ def load_checkpoint(directory: Path, run: MethodRun,
                          f"but --pooling {run.settings.pooling} now gives {pooling} (the model "
                          "folder's 1_Pooling/config.json changed?); resume with the model files "
                          "it was trained on")
+    saved_groups = len(blob["optimizer"]["param_groups"])
+    if saved_groups != len(run.optimizer.param_groups) and \
+            not isinstance(run.optimizer, IncreLoRAAdamW):  # which splits the old group itself
+        raise ValueError(f"checkpoint {directory}: its optimizer state has {saved_groups} "
+                         f"parameter groups, this {run.name} run's optimizer "
+                         f"{len(run.optimizer.param_groups)} (biases and normalization weights "
+                         "have had a group of their own without weight decay since "
+                         "2026-12-06); resume it with the release that wrote it")
     run.load_state(directory, blob["method_state"])
     run.optimizer.load_state_dict(blob["optimizer"])
     _set_rng_state(blob["rng"])
