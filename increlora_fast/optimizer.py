@@ -414,12 +414,15 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         for where, members in found.items():
             self._prepare(members, where)
 
-    def build_kernels(self) -> None:
+    def build_kernels(self, scaled: bool = False) -> None:
         """Within `kernels.utils.building_only` only (`precompile.precompile_kernels`): two
         steps of a new optimizer like this one (the same parameter groups, settings and slot
         roles, no state), each parameter the fused Triton kernel steps given a stand-in
         gradient, so that the kernels of a first step (one launch per tensor, as under CUDA
-        graph capture) and of the steps after it (one per dtype combination) are built. Within
+        graph capture) and of the steps after it (one per dtype combination) are built; with
+        ``scaled`` (fp16 under a GradScaler) the steps get the overflow flag the scaler hands
+        `step`, whose per-tensor launches read each tensor's slice of the kept mask (another
+        alignment, so other variants than an unscaled step's). Within
         that block no kernel runs: nothing of this optimizer, the parameters or their gradients
         changes. Parameters the kernel does not step (the torch path) get no gradient, so the
         new optimizer does not step them either; nor do parameters of more than
@@ -442,6 +445,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             [{**{k: v for k, v in group.items() if k != "params"},
               "params": list(group["params"])} for group in self.param_groups],
             self._slots, **self.defaults)
+        if scaled:  # as torch.amp.GradScaler.step sets them (gradients already unscaled)
+            twin.grad_scale = None
+            twin.found_inf = torch.zeros((), dtype=torch.float32, device=fused[0].device)
         grads = [(p, p.grad) for p in chain.from_iterable(g["params"] for g in self.param_groups)]
         try:
             for p, _ in grads:

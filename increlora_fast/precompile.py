@@ -152,11 +152,15 @@ def _penalty_once(penalty: OrthogonalPenalty) -> None:
             torch.autograd.grad(loss, inputs, allow_unused=True)
 
 
-def _optimizer_once(optimizer: Optional[torch.optim.Optimizer]):
+def _optimizer_once(optimizer: Optional[torch.optim.Optimizer],
+                    autocast_dtype: Optional[torch.dtype] = None):
     """``optimizer.build_kernels`` for an `IncreLoRAAdamW` (also inside a wrapper that holds
-    it as ``.optimizer``, as accelerate's does), else None."""
+    it as ``.optimizer``, as accelerate's does), else None; for fp16 steps those of a
+    GradScaler's step (the step runner and the Trainer scale fp16 losses)."""
     inner = getattr(optimizer, "optimizer", optimizer)
-    return inner.build_kernels if isinstance(inner, IncreLoRAAdamW) else None
+    if not isinstance(inner, IncreLoRAAdamW):
+        return None
+    return functools.partial(inner.build_kernels, scaled=autocast_dtype == torch.float16)
 
 
 def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] = None, *,
@@ -173,7 +177,8 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
             None for a step without autocast: the kernels are built for the dtype they will
             compute in.
         optimizer: the run's optimizer; an `IncreLoRAAdamW` gets its step's kernels built
-            (`IncreLoRAAdamW.build_kernels`), any other is left alone.
+            (`IncreLoRAAdamW.build_kernels`; for float16, those of a GradScaler's step), any
+            other is left alone.
         penalty: the run's orthogonal penalty (``controller.penalty``), whose forward and
             backward kernels are built on a new penalty over the same layers.
         workers: builds at a time.
@@ -214,7 +219,7 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
         for device, dtype in buffers | {(layer.lora_lambda.device, layer.lora_lambda.dtype)
                                         for layer in layers}:  # moments of the param's dtype
             functional.multi_adamw_ok(device, dtype)
-        for name, build in (("the optimizer's step", _optimizer_once(optimizer)),
+        for name, build in (("the optimizer's step", _optimizer_once(optimizer, autocast_dtype)),
                             ("the orthogonal penalty", penalty and
                              functools.partial(_penalty_once, penalty))):
             if not build:

@@ -41,8 +41,9 @@ def tiny_bert(dropout: float) -> torch.nn.Module:
 
 # ----------------------------------------------------------------- child: record the variants
 def recorded_variants() -> dict:
-    """{"<dtype> real" | "<dtype> precompiled": ["<kernel>\t<variant key>"]} for fp32 and bf16
-    autocast steps of a tiny BERT."""
+    """{"<dtype> real" | "<dtype> precompiled": ["<kernel>\t<variant key>"]} for fp32, bf16
+    and fp16 autocast steps of a tiny BERT (fp16 with the overflow flag a GradScaler hands the
+    optimizer's step, whose launches then read each tensor's slice of the kept mask)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import make_backend
@@ -73,7 +74,7 @@ def recorded_variants() -> dict:
     layers = [layer for _, layer in increlora_layers(model)]
     penalty = OrthogonalPenalty(layers, get_config(model))
     ids = torch.randint(0, BERT["vocab_size"], (3, 7))
-    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
         bucket[0] = f"{name} real"
         model.train()
@@ -85,7 +86,11 @@ def recorded_variants() -> dict:
             with autocast:
                 loss = model(input_ids=ids).logits.float().sum() + penalty.loss()
             loss.backward()
+            if dtype == torch.float16:  # as torch.amp.GradScaler.step, gradients unscaled
+                optimizer.grad_scale, optimizer.found_inf = None, torch.zeros(())
             optimizer.step()
+            optimizer.__dict__.pop("grad_scale", None)
+            optimizer.__dict__.pop("found_inf", None)
             model.zero_grad(set_to_none=True)
         model.eval()
         with torch.no_grad(), autocast:
@@ -109,7 +114,7 @@ def variants() -> dict:
     return json.loads(child.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
 def test_every_variant_a_step_launches_is_built_beforehand(variants, dtype):
     real, built = set(variants[f"{dtype} real"]), set(variants[f"{dtype} precompiled"])
     names = {key.split("\t")[0] for key in real}
