@@ -139,14 +139,30 @@ def _call_once(layer: IncreLoRALinear, call: _Call, autocast_dtype: Optional[tor
             torch.autograd.grad(y, inputs, torch.zeros_like(y))
 
 
+class _DetachedAdapters:
+    """A layer as the penalty reads it, its ``lora_A`` and ``lora_B`` detached aliases (the
+    same memory: the same kernel variants), so that a backward into them fires no hook of the
+    parameters (whose gradients here would be garbage: no kernel runs)."""
+
+    def __init__(self, layer: IncreLoRALinear) -> None:
+        self._layer = layer
+        self.lora_A, self.lora_B = (t.detach().requires_grad_(t.requires_grad)
+                                    for t in (layer.lora_A, layer.lora_B))
+
+    def __getattr__(self, name: str):
+        return getattr(self._layer, name)
+
+
 def _penalty_once(penalty: OrthogonalPenalty) -> None:
-    """The forward and backward of a new penalty like ``penalty`` (its layers and config): its
-    kernels' tables and masks are its own, and the gradients are returned, not accumulated
-    into the layers' ``.grad``."""
-    twin = OrthogonalPenalty(penalty.layers, penalty.config)
+    """The forward and backward of a new penalty like ``penalty`` (its layers and config, the
+    adapters read through detached aliases): its kernels' tables and masks are its own, and
+    the gradients are returned, neither accumulated into the layers' ``.grad`` nor passed to
+    the parameters' hooks."""
+    layers = [_DetachedAdapters(layer) for layer in penalty.layers]
+    twin = OrthogonalPenalty(layers, penalty.config)
     with torch.enable_grad():
         loss = twin.loss()
-        inputs = [t for layer in penalty.layers for t in (layer.lora_A, layer.lora_B)
+        inputs = [t for layer in layers for t in (layer.lora_A, layer.lora_B)
                   if t.requires_grad]
         if inputs and loss.requires_grad:
             torch.autograd.grad(loss, inputs, allow_unused=True)

@@ -253,6 +253,27 @@ def test_build_kernels_refuses_to_step_outside_building_only():
         optimizer.build_kernels()
 
 
+def test_the_penaltys_pass_fires_no_hook_of_the_parameters(triton_backend):
+    """The penalty's backward runs while no kernel runs: its gradients are garbage, so hooks
+    registered on the adapter parameters (e.g. wandb.watch's, which the Trainer's WandbCallback
+    registers before the IncreLoRA callback's train begin) must not see them."""
+    from increlora_fast.model import get_config
+    from increlora_fast.penalty import OrthogonalPenalty
+
+    model = tiny_bert(dropout=0.0)
+    layers = [layer for _, layer in increlora_layers(model)]
+    penalty = OrthogonalPenalty(layers, get_config(model))
+    seen = []
+    for layer in layers:
+        for t in (layer.lora_A, layer.lora_B):
+            t.register_hook(lambda grad: seen.append(grad))
+    reset_launch_counts()
+    result = precompile_kernels(model, penalty=penalty, workers=1)
+    assert result.errors == []
+    assert launch_counts()["_orth_penalty_bwd_kernel"] == 1
+    assert seen == []
+
+
 def test_a_failed_call_is_reported_and_leaves_the_rest(triton_backend, monkeypatch):
     from increlora_fast import precompile
     model = tiny_bert(dropout=0.0)
