@@ -427,7 +427,10 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         changes. Parameters the kernel does not step (the torch path) get no gradient, so the
         new optimizer does not step them either; nor do parameters of more than
         `BUILD_MAX_NUMEL` elements (a trained embedding or head: their stand-in gradient and
-        moments would be three copies; the first step builds their launch).
+        moments would be three copies; the first step builds their launch). A parameter left
+        out also moves the others' slices of the per-slot vectors (another alignment), so a
+        few of their variants may be left to the first step too. Global optimizer step hooks
+        (``torch.optim.optimizer.register_optimizer_step_post_hook``) see the two steps.
 
         Raises:
             RuntimeError: outside `building_only`, where the steps would change parameters.
