@@ -159,3 +159,59 @@ def test_a_peers_checkpoint_with_one_group_is_refused_before_anything_is_restore
                                          "resume it with the release that wrote it"):
         load_checkpoint(folder, new)
     assert all(torch.equal(p, before[n]) for n, p in new.model.named_parameters())
+
+
+def _to_former_groups(checkpoint, optimizer, model) -> None:
+    """Rewrite the Trainer checkpoint's ``optimizer.pt`` and ``scheduler.pt`` as the previous
+    release wrote them: the groups ["increlora", "other"] (every non-adapter parameter in
+    "other", in the model's order, numbered in that order) and a LambdaLR over two groups."""
+    state = torch.load(checkpoint / "optimizer.pt", weights_only=True)
+    saved = {id(p): i for g, sg in zip(optimizer.param_groups, state["param_groups"])
+             for p, i in zip(g["params"], sg["params"])}
+    adapter = state["param_groups"][0]
+    dense = [p for p in model.parameters() if id(p) in saved and
+             id(p) not in {id(q) for q in optimizer.param_groups[0]["params"]}]
+    order = adapter["params"] + [saved[id(p)] for p in dense]
+    renumber = {old: new for new, old in enumerate(order)}
+    other = dict(state["param_groups"][1], weight_decay=0.1,
+                 params=[renumber[saved[id(p)]] for p in dense])
+    state = {"state": {renumber[i]: v for i, v in state["state"].items()},
+             "param_groups": [dict(adapter, params=[renumber[i] for i in adapter["params"]]),
+                              other],
+             "global_step": state["global_step"]}
+    torch.save(state, checkpoint / "optimizer.pt")
+    scheduler = torch.load(checkpoint / "scheduler.pt", weights_only=True)
+    for key in ("base_lrs", "_last_lr", "lr_lambdas"):
+        scheduler[key] = scheduler[key][:2]
+    torch.save(scheduler, checkpoint / "scheduler.pt")
+
+
+def test_a_trainer_checkpoint_of_the_former_groups_resumes_exactly(tmp_path):
+    """`IncreLoRATrainer` resumed from a checkpoint of the previous release: its optimizer state
+    loads split (`_regrouped`), and so must its scheduler's (one constant factor per group;
+    torch's LambdaLR zips its base rates with the groups strictly and failed at the first step
+    after the resume). The run then ends where an uninterrupted one does."""
+    from transformers import TrainingArguments
+    from increlora_fast.integrations.trainer import IncreLoRATrainer
+    from trainer_helpers import TinyTask
+
+    def trainer(out):
+        model, _ = _model()
+        args = TrainingArguments(output_dir=str(out), max_steps=8, per_device_train_batch_size=8,
+                                 learning_rate=1e-2, weight_decay=0.1, save_steps=4,
+                                 logging_steps=100, report_to=[], use_cpu=True, seed=0,
+                                 disable_tqdm=True)
+        return IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask()), model
+
+    full, model = trainer(tmp_path / "a")
+    full.train()
+    assert [g["name"] for g in full.optimizer.optimizer.param_groups] == \
+        ["increlora", "other", "other_no_decay"]
+    _to_former_groups(tmp_path / "a" / "checkpoint-4", full.optimizer.optimizer, model)
+    resumed, resumed_model = trainer(tmp_path / "a")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    assert [g["weight_decay"] for g in resumed.optimizer.optimizer.param_groups] == \
+        [0.1, 0.1, 0.0]
+    state = resumed_model.state_dict()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)

@@ -129,6 +129,26 @@ def _torch_bytes(obj) -> bytes:
     return buf.getvalue()
 
 
+class ConstantSchedule(torch.optim.lr_scheduler.LambdaLR):
+    """The Trainer's scheduler over an `IncreLoRAAdamW`, whose schedules live inside it: a
+    constant factor of 1 on every parameter group. A state saved while the optimizer had other
+    groups (two, ``"increlora"`` and ``"other"``, until biases and normalization weights got
+    ``"other_no_decay"`` on 2026-12-06) loads as this optimizer's: the optimizer's state, loaded
+    first, has been split already (`IncreLoRAAdamW.load_state_dict`), and torch's LambdaLR zips
+    its base rates with the groups strictly (the first step after the resume failed)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        super().__init__(optimizer, lambda _: 1.0)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = self.optimizer.param_groups
+        if len(state_dict.get("base_lrs", groups)) != len(groups):
+            state_dict = dict(state_dict, lr_lambdas=[None] * len(groups),
+                              base_lrs=[g.get("initial_lr", g["lr"]) for g in groups],
+                              _last_lr=[g["lr"] for g in groups])
+        super().load_state_dict(state_dict)
+
+
 def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float = 0.0,
                          betas: Tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
                          ) -> Tuple[IncreLoRAAdamW, torch.optim.lr_scheduler.LambdaLR]:
@@ -141,7 +161,7 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
     parameter, biases and normalization weights included."""
     optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay,
                                  betas=betas, eps=eps)
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    return optimizer, ConstantSchedule(optimizer)
 
 
 class IncreLoRACallback(TrainerCallback):
@@ -327,7 +347,7 @@ class IncreLoRATrainer(Trainer):
                 group["total_step"] = num_training_steps
         if self.lr_scheduler is None:
             # The schedule lives inside the optimizer, per slot.
-            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+            self.lr_scheduler = ConstantSchedule(optimizer)
         return self.lr_scheduler
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
