@@ -281,6 +281,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         state["cache_epoch"] = self.cache_epoch
         state["slot_roles"] = [[self._slots.get(id(p)) for p in group["params"]]
                                for group in self.param_groups]
+        if hasattr(self, "_dense_order"):  # `_regrouped` needs it in the copy too
+            state["dense_order"] = self._dense_order
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -297,6 +299,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                             "load_state_dict the old one's state_dict")
         self.global_step = state.pop("global_step", 0)
         self.cache_epoch = state.pop("cache_epoch", 0)
+        if "dense_order" in state:
+            self._dense_order = state.pop("dense_order")
         super().__setstate__(state)
         self._slots = {id(p): role for group, group_roles in zip(self.param_groups, roles)
                        for p, role in zip(group["params"], group_roles) if role is not None}

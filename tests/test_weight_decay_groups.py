@@ -215,3 +215,31 @@ def test_a_trainer_checkpoint_of_the_former_groups_resumes_exactly(tmp_path):
     state = resumed_model.state_dict()
     for key, value in model.state_dict().items():
         torch.testing.assert_close(state[key], value, rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_still_takes_a_state_of_the_former_groups(how):
+    """A copy of an optimizer made by create_optimizer (``copy.deepcopy((model, optimizer))``
+    or a pickle of both) knows the non-adapter parameters' former order as the original does:
+    it loads a state saved with one group "other" onto its own parameters."""
+    import copy
+    import io
+    model, config = _model()
+    optimizer = create_optimizer(model, config, lr=1e-3, weight_decay=0.1)
+    model(input_ids=torch.randint(0, 50, (2, 6))).logits.square().sum().backward()
+    optimizer.step()
+    old = _old_format(optimizer.state_dict(), optimizer, optimizer._dense_order)
+    if how == "deepcopy":
+        model2, copied = copy.deepcopy((model, optimizer))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, optimizer), buffer)
+        buffer.seek(0)
+        model2, copied = torch.load(buffer, weights_only=False)
+    copied.load_state_dict(old)
+    names = {id(p): n for n, p in model2.named_parameters()}
+    originals = {n: p for n, p in model.named_parameters()}
+    for p in copied._dense_order:
+        assert p is dict(model2.named_parameters())[names[id(p)]]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(copied.state[p][key], optimizer.state[originals[names[id(p)]]][key])
