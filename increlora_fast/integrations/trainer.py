@@ -157,8 +157,9 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
 
     As for any optimizer handed to a `Trainer`, its ``TrainingArguments`` (``learning_rate``,
     ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``) do not reach it: pass
-    them here (`IncreLoRATrainer` reads them itself). Weight decay applies to every trainable
-    parameter, biases and normalization weights included."""
+    them here (`IncreLoRATrainer` reads them itself). Weight decay applies to the adapters and
+    the other trainable parameters but their biases and normalization weights, as in the
+    Trainer's own AdamW (`create_optimizer`)."""
     optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay,
                                  betas=betas, eps=eps)
     return optimizer, ConstantSchedule(optimizer)
@@ -308,10 +309,10 @@ class IncreLoRATrainer(Trainer):
 
     ``config.total_step`` defaults to the Trainer's number of training steps when left as None.
     The optimizer is `IncreLoRAAdamW` with ``learning_rate``, ``weight_decay``, ``adam_beta1``,
-    ``adam_beta2`` and ``adam_epsilon`` of the ``TrainingArguments``; unlike the Trainer's own
-    AdamW its weight decay applies to every trainable parameter, biases and normalization
-    weights included (as `create_optimizer` and ``finetune`` do). Its schedules are IncreLoRA's
-    linear warmup (``IncreLoRAConfig.warmup_steps``) and decay, per slot: another
+    ``adam_beta2`` and ``adam_epsilon`` of the ``TrainingArguments``; as in the Trainer's own
+    AdamW its weight decay spares biases and normalization weights (`create_optimizer`'s group
+    ``"other_no_decay"``; the adapters take it, as ``finetune`` does). Its schedules are
+    IncreLoRA's linear warmup (``IncreLoRAConfig.warmup_steps``) and decay, per slot: another
     ``lr_scheduler_type`` or warmup in the ``TrainingArguments`` is not used (with a warning).
     """
 
