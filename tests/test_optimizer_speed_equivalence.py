@@ -122,6 +122,8 @@ def _expected(opt, layers, head, step):
             masked_adamw_torch_(new, p.grad, m, v, mask, lr, count, dim, beta1, beta2,
                                 group["eps"], group["weight_decay"])
             out[p] = (new, m, v, off, moments)
+    # the head's bias is in the group without weight decay (`no_decay_parameters`)
+    decay = {id(q): g["weight_decay"] for g in opt.param_groups for q in g["params"]}
     for p in head.parameters():
         st = opt.state[p]
         m, v = (st[k].clone() if st else torch.zeros_like(p) for k in ("exp_avg", "exp_avg_sq"))
@@ -132,7 +134,7 @@ def _expected(opt, layers, head, step):
         one = torch.ones(1, dtype=torch.bool)
         masked_adamw_torch_(new.view(1, -1), p.grad.view(1, -1), m.view(1, -1), v.view(1, -1),
                             one, torch.full((1,), lr), count.view(1), 0, beta1, beta2,
-                            group["eps"], group["weight_decay"])
+                            group["eps"], decay[id(p)])
         out[p] = (new, m, v, torch.zeros_like(p, dtype=torch.bool), (m, v))
     return out
 
@@ -365,7 +367,8 @@ def test_an_optimizer_copied_with_its_model_steps_as_the_original(how, tmp_path)
 def test_fused_kernel_path_matches_stacked_path(monkeypatch):
     """Same slots, masks, learning rates and counts reach the kernel. Every step here changes
     the adapters' slots, so their plan is new each step and launches per tensor (12 tensors);
-    the head's plan (2 tensors) is kept from the second step on, one launch over both."""
+    the head's plans (its weight, and its bias in the group without weight decay) are kept from
+    the second step on, one launch each."""
     _fused_available()
     from increlora_fast.kernels import launch_counts, reset_launch_counts
     runs = []
@@ -375,7 +378,7 @@ def test_fused_kernel_path_matches_stacked_path(monkeypatch):
             _scramble(model, layers, step, gen)
             opt.step()
         assert launch_counts() == ({"_masked_adamw_kernel": 12 * 4 + 2,
-                                    "_masked_adamw_multi_kernel": 3} if fused else {})
+                                    "_masked_adamw_multi_kernel": 2 * 3} if fused else {})
         runs.append((model, opt))
     (fused_model, fused_opt), (model, opt) = runs
     assert _assert_fused_matches_stacked(fused_model, model, fused_opt, opt) == 14
@@ -456,7 +459,8 @@ def test_fused_steps_between_rounds_and_after_a_resume_match_the_stacked_path(mo
     real_prepare = optimizer_module.IncreLoRAAdamW._prepare
 
     def counting_prepare(self, params, where):
-        prepared.append((self.global_step, where[0]))  # (step, group: adapters 0, head 1)
+        # (step, group: adapters 0, the head's weight 1, its bias 2, without weight decay)
+        prepared.append((self.global_step, where[0]))
         return real_prepare(self, params, where)
     monkeypatch.setattr(optimizer_module.IncreLoRAAdamW, "_prepare", counting_prepare)
     runs = []
@@ -474,10 +478,10 @@ def test_fused_steps_between_rounds_and_after_a_resume_match_the_stacked_path(mo
             opt.step()
         runs.append((model, opt, list(prepared)))
     (fused_model, fused_opt, fused_prepared), (model, opt, stacked_prepared) = runs
-    # both groups at the first step; the adapters' when their layout changed; both after the
+    # every group at the first step; the adapters' when their layout changed; all after the
     # load replaced the moments (and set the step count back to 3)
-    assert fused_prepared == [(0, 0), (0, 1), (4, 0), (3, 0), (3, 1)]
-    assert len(stacked_prepared) == 16
+    assert fused_prepared == [(0, 0), (0, 1), (0, 2), (4, 0), (3, 0), (3, 1), (3, 2)]
+    assert len(stacked_prepared) == 8 * 3
     assert _assert_fused_matches_stacked(fused_model, model, fused_opt, opt) == 14
 
 
@@ -538,12 +542,13 @@ def test_a_fused_step_between_rounds_costs_a_few_python_calls_per_tensor(monkeyp
             calls.append(count[0])
     first, kept, moved_step = calls[0], calls[2], calls[4]
     assert calls[3] == kept
-    # 14 tensors of 4 layers and a head in two groups: a kept step makes a call per layer (its
-    # layout key) and a fixed number for the schedule and the two launches (82 when this was
-    # written); the first step pays the layout, the checks and 14 launches on top (897); the
-    # second looks up the first-use check of each dtype combination and builds the groups and
-    # tables of addresses (109); a step whose gradients moved builds the tables again (88)
-    assert kept <= 50 + 4 * 14, calls
+    # 14 tensors of 4 layers and a head in three groups (its bias without weight decay): a kept
+    # step makes a call per layer (its layout key) and a fixed number per group for the
+    # schedule and its launch (82 with two groups, 120 with three when this was written); the
+    # first step pays the layout, the checks and 14 launches on top (766); the second looks up
+    # the first-use check of each dtype combination and builds the groups and tables of
+    # addresses (162); a step whose gradients moved builds the tables again (129)
+    assert kept <= 40 * len(opt.param_groups) + 4 * 14, calls
     assert first > kept + 20 * 14, calls
     assert kept < calls[1] <= kept + 4 * 14 and kept < moved_step <= kept + 20, calls
 
