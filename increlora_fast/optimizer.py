@@ -96,13 +96,16 @@ GROUP_NAMES = ("increlora", "other", "other_no_decay")
 
 def no_decay_parameters(model: nn.Module) -> Set[int]:
     """The ids of ``model``'s parameters that take no weight decay, by the Hugging Face
-    Trainer's rule: those of an ``nn.LayerNorm`` and those whose name (the first one
-    ``named_parameters`` gives a shared parameter) matches `NO_DECAY_PATTERNS`."""
+    Trainer's rule: those inside an ``nn.LayerNorm`` (at any depth: a parametrized weight
+    lives in a submodule of it) and those whose name (the first one ``named_parameters`` gives
+    a shared parameter) matches `NO_DECAY_PATTERNS`."""
     patterns = [re.compile(pattern) for pattern in NO_DECAY_PATTERNS]
+    norms = {name for name, m in model.named_modules() if isinstance(m, nn.LayerNorm)}
     exempt = set()
     for name, p in model.named_parameters():
-        owner = model.get_submodule(name.rpartition(".")[0])
-        if isinstance(owner, nn.LayerNorm) or any(pt.search(name.lower()) for pt in patterns):
+        parts = name.split(".")
+        inside = any(".".join(parts[:i]) in norms for i in range(len(parts)))
+        if inside or any(pt.search(name.lower()) for pt in patterns):
             exempt.add(id(p))
     return exempt
 

@@ -109,6 +109,14 @@ def test_no_decay_parameters_matches_norm_names_and_layernorm_modules():
     names = _names(model, [p for p in model.parameters() if id(p) in no_decay_parameters(model)])
     assert names == {"proj.bias", "ln.weight", "ln.bias", "final_norm.weight",
                      "final_norm.bias"}
+    # a parametrized LayerNorm weight lives below the LayerNorm, as the Trainer's rule sees it
+    torch.nn.utils.parametrize.register_parametrization(model.ln, "weight", torch.nn.Identity())
+    from transformers import Trainer
+    names = _names(model, [p for p in model.parameters() if id(p) in no_decay_parameters(model)])
+    assert "ln.parametrizations.weight.original" in names
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    assert not names & decayed
+    assert decayed == {n for n, _ in model.named_parameters()} - names
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "increlora"])
