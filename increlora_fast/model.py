@@ -6,6 +6,7 @@ import functools
 import inspect
 import re
 import sys
+import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
@@ -267,7 +268,25 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             p.requires_grad_(flag)
         raise
     setattr(model, CONFIG_ATTR, config)
+    _warn_narrow(wrapped, config.r_max)
     return model
+
+
+def _warn_narrow(layers: Dict[str, IncreLoRALinear], r_max: int) -> None:
+    """One warning naming the layers whose ``min(in, out)`` is below ``r_max``: rank beyond
+    it adds nothing such a layer can express, yet allocation may spend budget on it (peft
+    accepts such a rank silently)."""
+    narrow = [(name, layer) for name, layer in layers.items()
+              if min(layer.in_features, layer.out_features) < r_max]
+    if not narrow:
+        return
+    shown = ", ".join(f"{name!r} ({layer.in_features} -> {layer.out_features})"
+                      for name, layer in narrow[:3])
+    more = f" and {len(narrow) - 3} more" if len(narrow) > 3 else ""
+    warnings.warn(f"inject_increlora: r_max={r_max} exceeds min(in, out) of {len(narrow)} "
+                  f"target module(s): {shown}{more}; rank beyond that adds nothing such a "
+                  "layer can express, but allocation may still grow it there (leave these "
+                  "modules out of target_modules, or lower r_max)", UserWarning, stacklevel=3)
 
 
 def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:

@@ -225,3 +225,18 @@ def test_all_linear_leaves_out_modules_to_save_and_weight_readers(tiny_net):
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
     inject_increlora(layer, config(target_modules="ALL-LINEAR", r_max=4, target_rank=2))
     assert adapted(layer) == {"linear1", "linear2"}  # MultiheadAttention never calls out_proj
+
+
+def test_a_target_narrower_than_r_max_is_named_in_one_warning():
+    """Rank beyond min(in, out) adds nothing a layer can express, yet allocation may spend
+    budget there: injection says which targets are that narrow (peft accepts it silently)."""
+    import warnings
+    settings = dict(r_max=4, init_r=1, target_rank=2, init_warmup=2, incre_interval=2, top_h=1)
+    narrow = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 3))
+    with pytest.warns(UserWarning, match=r"r_max=4 exceeds min\(in, out\) of 1 target "
+                                         r"module\(s\): '2' \(32 -> 3\)"):
+        inject_increlora(narrow, IncreLoRAConfig(target_modules=["0", "2"], **settings))
+    wide = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inject_increlora(wide, IncreLoRAConfig(target_modules=["0", "2"], **settings))
