@@ -110,6 +110,14 @@ def no_decay_parameters(model: nn.Module) -> Set[int]:
     return exempt
 
 
+def split_weight_decay(model: nn.Module, params: List[torch.Tensor]
+                       ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """``params`` (parameters of ``model``) split, in their order, into those that take weight
+    decay and those `no_decay_parameters` spares."""
+    exempt = no_decay_parameters(model)
+    return ([p for p in params if id(p) not in exempt], [p for p in params if id(p) in exempt])
+
+
 # `IncreLoRAAdamW.build_kernels` steps parameters up to this size (64 MB in float32).
 BUILD_MAX_NUMEL = 1 << 24
 
@@ -759,11 +767,10 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     for p in model.parameters():
         if p.requires_grad and id(p) not in slots:
             dense.append(p)
-    exempt = no_decay_parameters(model)
+    decayed, spared = split_weight_decay(model, dense)
     groups = [{"params": adapter, "name": "increlora"},
-              {"params": [p for p in dense if id(p) not in exempt], "name": "other"},
-              {"params": [p for p in dense if id(p) in exempt], "name": "other_no_decay",
-               "weight_decay": 0.0}]
+              {"params": decayed, "name": "other"},
+              {"params": spared, "name": "other_no_decay", "weight_decay": 0.0}]
     optimizer = IncreLoRAAdamW([g for g in groups if g["params"]], slots, lr=lr, betas=betas,
                                eps=eps, weight_decay=weight_decay,
                                warmup_steps=config.warmup_steps, total_step=config.total_step)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
-from ..optimizer import no_decay_parameters
+from ..optimizer import split_weight_decay
 from ..persistence import atomic_write_bytes
 from .settings import RunSettings
 
@@ -49,9 +49,9 @@ class MethodRun:
         self.model = model
         self.settings = settings
         params = [p for p in model.parameters() if p.requires_grad]
-        exempt = no_decay_parameters(model)  # biases and norms, as IncreLoRA's and the Trainer's
-        groups = [{"params": [p for p in params if id(p) not in exempt]},
-                  {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+        # biases and norms take no weight decay, as in IncreLoRA's optimizer and the Trainer's
+        decayed, spared = split_weight_decay(model, params)
+        groups = [{"params": decayed}, {"params": spared, "weight_decay": 0.0}]
         self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=settings.lr,
                                            weight_decay=settings.weight_decay)
         self.scheduler = linear_schedule(self.optimizer, settings.warmup_steps, settings.max_steps)
