@@ -207,6 +207,36 @@ def test_runner_queues_paired_seeds_with_valid_options(tmp_path):
     assert bad.returncode == 2 and "unknown section 'nonsense'" in bad.stderr
 
 
+def test_authors_recipe_runs_seed_by_seed(tmp_path):
+    """`run_issue15.sh authors_recipe`: the authors' recipe (pooler trained, alpha 32) for the
+    three methods, seed by seed (a runner stopped early leaves complete pairs), under names of
+    their own that no other section uses."""
+    from increlora_fast.cli.finetune import add_arguments, settings_from_args
+    from increlora_fast.training.settings import resolve
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "compare" / "run_issue15.sh"
+    env = dict(os.environ, DRY_RUN="1", ROOT=str(tmp_path / "runs"), SEEDS_OTHER="3",
+               TASKS="trec6")
+    lines = subprocess.run(["bash", str(script), "authors_recipe"], env=env, check=True,
+                           capture_output=True, text=True).stdout.splitlines()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    order = []
+    for line in lines:
+        folder, options = line.split("\t")
+        _, variant, seed_dir = Path(folder).parts[-3:]
+        settings = resolve(settings_from_args(parser.parse_args(shlex.split(options))), 8000)
+        assert variant == f"recipe_{settings.method}"
+        assert (settings.lora_alpha, sorted(settings.modules_to_save)) == \
+            (32.0, ["classifier", "pooler"])
+        assert seed_dir == f"seed{settings.seed}"
+        order.append((settings.seed, settings.method))
+    assert order == [(s, m) for s in range(3) for m in ("increlora", "lora", "adalora")]
+    every = subprocess.run(["bash", str(script)], env=dict(env, TASKS="rotten_tomatoes trec6"),
+                           check=True, capture_output=True, text=True).stdout
+    assert "/recipe_" not in every
+
+
 def test_the_task_is_the_folder_name(tmp_path):
     """A run on a data file of one's own has task "file:train.csv" in its metrics; the table
     names it by its folder, as the runner lays it out."""

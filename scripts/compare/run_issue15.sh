@@ -5,7 +5,7 @@
 #
 #   scripts/compare/run_issue15.sh [SECTION ...]      (default: every section, then summary)
 #
-# Sections: controls options recipe horizon budgets userdata rerun summary.
+# Sections: controls options recipe horizon budgets userdata rerun authors_recipe summary.
 # Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
 # with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
 # metrics.json exists is skipped, so the script resumes where it stopped. `summary` copies every
@@ -41,13 +41,14 @@ FINETUNE=${FINETUNE:-increlora-fast finetune}
 QUEUE=$(mktemp)
 trap 'rm -f "$QUEUE"' EXIT
 
-# queue SEEDS VARIANT [finetune options...]: one run per task and seed 0..SEEDS-1.
+# queue SEEDS VARIANT [finetune options...]: one run per task and seed SEED_FROM..SEEDS-1
+# (SEED_FROM: 0 unless set).
 queue() {
   local seeds=$1 variant=$2
   shift 2
   local task seed
   for task in $TASKS; do
-    for ((seed = 0; seed < seeds; seed++)); do
+    for ((seed = ${SEED_FROM:-0}; seed < seeds; seed++)); do
       local source="--task $task"
       case $task in
         amazon) source="--train-file $DATA/train.csv --eval-file $DATA/dev.csv" ;;
@@ -82,6 +83,20 @@ rerun() {  # the default again on today's code, paired with the stored default (
   # its budget at construction: its reserves are retired at step 0 and stay in the penalty)
   queue "$SEEDS_CONTROLS" uniform2_rerun --init-r 2 --target-rank 2
   queue "$SEEDS_CONTROLS" random_rerun --score random
+}
+
+authors_recipe() {  # the authors' recipe (pooler trained, alpha 32) for all three methods on
+  # today's code, paired among themselves (recipe_increlora against recipe_lora and
+  # recipe_adalora), not with the stored runs of older code: `recipe` queues the same points
+  # under names that pair with `default`, whose runs are of the code of 2026-12-01/02. Seed by
+  # seed, so that a run stopped early leaves complete pairs.
+  local n=$SEEDS_OTHER m seed
+  for ((seed = 0; seed < n; seed++)); do
+    for m in increlora lora adalora; do
+      SEED_FROM=$seed queue $((seed + 1)) "recipe_$m" --method $m \
+        --modules-to-save classifier,pooler --lora-alpha 32
+    done
+  done
 }
 
 options() {  # issue item 2: options beyond the authors', each against `default`
@@ -205,13 +220,15 @@ summarize() {
   fi
   mkdir -p "$SUMMARY" "$RESULTS/tables"
   # lora_rerun is a check of the pairing (it must repeat the stored lora run), not a variant
-  local other='h1200_*,rank4_*,rank8_*,lora_rerun'
+  local other='h1200_*,rank4_*,rank8_*,lora_rerun,recipe_*'
   table vs_default default --exclude "$other"
   table vs_lora lora --exclude "$other"
   table vs_adalora adalora --exclude "$other"
   table h1200 h1200_lora_lr1e-3 --only 'h1200_*'
   table vs_lora_lr2e-3 lora_lr2e-3 --exclude "$other"
   table rerun default_rerun --only '*_rerun' --exclude lora_rerun
+  table recipe_vs_lora recipe_lora --only 'recipe_*'
+  table recipe_vs_adalora recipe_adalora --only 'recipe_*'
   table rank4 rank4_lora --only 'rank4_*'
   table rank4_vs_lora_lr2e-3 rank4_lora_lr2e-3 --only 'rank4_*'
   table rank8 rank8_lora --only 'rank8_*'
@@ -228,10 +245,10 @@ sections=("$@")
 [[ ${#sections[@]} -eq 0 ]] && sections=(controls options recipe horizon budgets userdata summary)
 for section in "${sections[@]}"; do
   case $section in
-    controls | options | recipe | horizon | budgets | userdata | rerun) $section ;;
+    controls | options | recipe | horizon | budgets | userdata | rerun | authors_recipe) $section ;;
     summary) ;;
     *) echo "run_issue15.sh: unknown section '$section'; use controls options recipe horizon" \
-         "budgets userdata rerun summary" >&2; exit 2 ;;
+         "budgets userdata rerun authors_recipe summary" >&2; exit 2 ;;
   esac
 done
 run_queue
