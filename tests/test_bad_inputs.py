@@ -501,3 +501,43 @@ def test_warnings_are_one_line_while_the_command_runs(tmp_path):
     before = warnings.formatwarning
     assert _main(["finetune", "--seed", "-1", "--output-dir", str(tmp_path / "o")]) == 2
     assert warnings.formatwarning is before  # restored for whoever called main in-process
+
+
+@pytest.mark.parametrize("extra, needles", [
+    # no allocation round after --init-warmup within the run: every module kept --init-r
+    (["--init-warmup", "100"], ["0 allocation round(s)", "--init-warmup 100",
+                                "total rank of at most 12 of the budget's 24"]),
+    # 4 rounds of one module each: 4 of the 12 ranks the budget needs
+    (["--top-h", "1"], ["4 allocation round(s)", "--top-h 1",
+                        "total rank of at most 16 of the budget's 24"]),
+])
+def test_a_schedule_that_cannot_reach_the_rank_budget_warns(extra, needles, tmp_path):
+    # these ran to the end below --target-rank (metrics.json: total_rank 12 or 16 of 24) and
+    # said nothing
+    from finetune_helpers import write_tiny_bert
+    model = write_tiny_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(64, seed=0))
+    with pytest.warns(RuntimeWarning, match="below --target-rank") as seen:
+        code = _main(["finetune", "--model", str(model), "--train-file", str(train),
+                      "--batch-size", "8", "--max-seq-len", "16", "--max-steps", "6",
+                      "--no-progress", "--output-dir", str(tmp_path / "o"), *extra])
+    assert code == 0
+    message = next(str(w.message) for w in seen if "below --target-rank" in str(w.message))
+    for needle in needles:
+        assert needle in message, (needle, message)
+    import json
+    total = json.loads((tmp_path / "o" / "metrics.json").read_text())["total_rank"]
+    assert f"at most {total} of" in message  # the bound is what the run reached
+
+
+def test_the_default_schedule_reaches_the_rank_budget_without_a_warning(tmp_path):
+    from finetune_helpers import write_tiny_bert
+    model = write_tiny_bert(tmp_path / "bert")
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(64, seed=0))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        code = _main(["finetune", "--model", str(model), "--train-file", str(train),
+                      "--batch-size", "8", "--max-seq-len", "16", "--max-steps", "6",
+                      "--no-progress", "--output-dir", str(tmp_path / "o")])
+    assert code == 0
+    assert not [w for w in seen if "below --target-rank" in str(w.message)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Union
 
@@ -32,7 +33,34 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
         normalize_on_activation=s.normalize_on_activation)
     n_targets = sum(1 for name, m in model.named_modules()
                     if is_supported_base(m) and matches_suffix(name, base.target_modules))
-    return dataclasses.replace(base, top_h=default_top_h(s, n_targets, base.incre_rank_num))
+    config = dataclasses.replace(base, top_h=default_top_h(s, n_targets, base.incre_rank_num))
+    warn_budget_out_of_reach(s, config, n_targets)
+    return config
+
+
+def allocation_rounds(max_steps: int, init_warmup: int, incre_interval: int) -> int:
+    """The allocation rounds of a run of ``max_steps`` steps: the steps ``t < max_steps`` after
+    ``init_warmup`` that are multiples of ``incre_interval`` (`IncreLoRAController.allocation_due`)."""
+    return max(0, (max_steps - 1) // incre_interval - init_warmup // incre_interval)
+
+
+def warn_budget_out_of_reach(s: RunSettings, config: IncreLoRAConfig, n_targets: int) -> None:
+    """Warn (RuntimeWarning) when the run's schedule cannot grow ``n_targets`` modules from
+    ``init_r`` to an average of ``target_rank``: too few allocation rounds before ``max_steps``
+    (``--init-warmup``, ``--incre-interval``) or too few modules per round (``--top-h``). The run
+    would otherwise end below the budget it was asked for, saying nothing."""
+    rounds = allocation_rounds(s.max_steps, config.init_warmup, config.incre_interval)
+    start, budget = config.init_r * n_targets, config.target_rank * n_targets
+    reach = min(budget, start + rounds * config.top_h * config.incre_rank_num)
+    if n_targets == 0 or reach >= budget:
+        return
+    warnings.warn(f"IncreLoRA: {rounds} allocation round(s) in {s.max_steps} steps (--init-warmup "
+                  f"{config.init_warmup}, --incre-interval {config.incre_interval}), each growing "
+                  f"at most --top-h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
+                  f"total rank of at most {reach} of the budget's {budget} (--target-rank "
+                  f"{config.target_rank} x {n_targets} modules): the run ends below --target-rank;"
+                  " train longer, lower --init-warmup or --incre-interval, or raise --top-h",
+                  RuntimeWarning, stacklevel=2)
 
 
 class IncreLoRARun(MethodRun):
