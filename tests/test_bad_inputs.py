@@ -541,3 +541,14 @@ def test_the_default_schedule_reaches_the_rank_budget_without_a_warning(tmp_path
                       "--no-progress", "--output-dir", str(tmp_path / "o")])
     assert code == 0
     assert not [w for w in seen if "below --target-rank" in str(w.message)]
+
+
+@pytest.mark.parametrize("method", ["increlora", "lora"])
+def test_an_infinite_weight_decay_is_refused_before_the_data_is_read(method, tmp_path, capsys,
+                                                                    no_data_loading):
+    # it passed the check (>= 0): IncreLoRA failed after the model was loaded, naming
+    # create_optimizer, and LoRA trained into NaN, blaming --lr
+    code = _main(["finetune", "--method", method, "--weight-decay", "inf", "--output-dir",
+                  str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--weight-decay inf is invalid", "finite number >= 0")

@@ -168,7 +168,8 @@ def validate(s: RunSettings) -> None:
            "use a finite number > 0")
     _check(s.lr is None or (math.isfinite(s.lr) and s.lr > 0), "--lr", s.lr, "use a number > 0")
     _check(0 <= s.warmup_ratio < 1, "--warmup-ratio", s.warmup_ratio, "use a number in [0, 1)")
-    _check(s.weight_decay >= 0, "--weight-decay", s.weight_decay, "use a number >= 0")
+    _check(math.isfinite(s.weight_decay) and s.weight_decay >= 0, "--weight-decay",
+           s.weight_decay, "use a finite number >= 0")
     _check(s.grad_clip > 0, "--grad-clip", s.grad_clip, "use a number > 0")
     _check(bool(s.target_modules), "--target-modules", s.target_modules,
            "name at least one module suffix")
