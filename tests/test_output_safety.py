@@ -193,3 +193,24 @@ def test_written_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(mask)
     assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_a_readme_of_ones_own_in_the_output_folder_is_left_alone(tiny, tmp_path, capsys):
+    # peft's save_pretrained rewrote it as the adapter's model card (a YAML header added, its
+    # framework versions appended), and a later --overwrite took it for that card and deleted it
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    assert cli(args(tiny, out, "--method", "lora")) == 0
+    assert (out / "README.md").read_text() == "my notes\n"
+    capsys.readouterr()
+    assert cli(args(tiny, out, "--method", "lora", "--overwrite")) == 2
+    err = capsys.readouterr().err
+    assert "not a run's outputs (README.md)" in err
+    assert (out / "README.md").read_text() == "my notes\n"
+    # the card peft writes into a folder of the run's own is still replaced with the run
+    fresh = tmp_path / "fresh"
+    assert cli(args(tiny, fresh, "--method", "lora")) == 0
+    assert "library_name: peft" in (fresh / "README.md").read_text()
+    assert cli(args(tiny, fresh, "--method", "adalora", "--overwrite", steps=10)) == 0
+    assert json.loads((fresh / "metrics.json").read_text())["method"] == "adalora"

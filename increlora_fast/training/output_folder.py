@@ -23,6 +23,7 @@ from typing import Callable, Iterator, List, Optional, Tuple
 
 from .checkpoint import DELETING_SUFFIX
 from .output_lock import OutputLock
+from .peft_methods import MODEL_CARD, is_peft_model_card
 from .outputs import (CHECKPOINT_PREFIX, RUN_FILES, OutputWriteError, check_output_path,
                       check_writable, describe_os_error, prepare_output_dir, run_files)
 
@@ -60,8 +61,10 @@ def _tagged(out: Path, tag: str, hidden: bool = False) -> List[Tuple[Path, int]]
 
 def _foreign(out: Path, earlier: List[str]) -> List[str]:
     """Entries of ``out`` that no run writes: neither `outputs.RUN_FILES`, checkpoints, the
-    shards of a saved full model, nor the model card peft writes beside an adapter."""
-    card = {"README.md"} if "adapter_config.json" in earlier else set()
+    shards of a saved full model, nor the model card peft writes beside an adapter (a README.md
+    that is not such a card is one's own: a run leaves it as it is)."""
+    card = {MODEL_CARD} if "adapter_config.json" in earlier and \
+        is_peft_model_card(out / MODEL_CARD) else set()
     return sorted(p.name for p in out.iterdir()
                   if p.name not in earlier and p.name not in card and not SHARDS.match(p.name))
 

@@ -17,10 +17,23 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from ..persistence import atomic_write_bytes
 from .methods import MethodRun
 from .settings import RunSettings
 
 ADAPTER = "default"
+# the model card peft's save_pretrained writes beside an adapter
+MODEL_CARD = "README.md"
+
+
+def is_peft_model_card(path: Path) -> bool:
+    """Whether ``path`` is a model card peft wrote (its YAML header names the library)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    header = text.split("\n---", 1)[0] if text.startswith("---") else ""
+    return "library_name: peft" in header
 
 
 def adalora_orth_penalty(model: nn.Module, weight: float) -> Optional[torch.Tensor]:
@@ -65,6 +78,18 @@ class LoRARun(MethodRun):
 
     def rank_pattern(self) -> Dict[str, int]:
         return {name: self.settings.target_rank for name in self._lora_modules()}
+
+    def save_artifacts(self, out_dir: Path) -> None:
+        """peft's adapter files, and its model card ``README.md`` unless the folder holds a
+        README.md already: peft rewrites one (a YAML header added, its versions appended), and
+        the folder's own is not this run's to change."""
+        readme = Path(out_dir) / MODEL_CARD
+        kept = readme.read_bytes() if readme.is_file() else None
+        try:
+            super().save_artifacts(out_dir)
+        finally:
+            if kept is not None and (not readme.is_file() or readme.read_bytes() != kept):
+                atomic_write_bytes(readme, kept)
 
 
 class AdaLoRARun(LoRARun):
