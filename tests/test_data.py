@@ -328,3 +328,17 @@ def test_a_repeated_name_of_an_unused_column_loads(tmp_path):
     path.write_text("note,text,label,label\n" + "a,good,1,0\n" * 4)
     with pytest.raises(ValueError, match=r"names column\(s\) \['label'\] more than once"):
         load_files(str(path), None)
+
+
+def test_a_jsonl_whose_first_record_lacks_a_field_names_that_record(tmp_path):
+    # it said the file has no column 'label' and listed the first record's keys as "its
+    # columns", though every other record has it
+    rows = sentiment_rows(20, seed=0)
+    path = write_jsonl(tmp_path / "t.jsonl", [{"text": "first"}] + rows)
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    message = str(err.value)
+    assert message == f"{path}: row 1 has no 'label' (--label-column)"
+    with pytest.raises(ValueError, match=r"has no column 'sentence'.*its columns are "
+                                         r"\['text', 'label'\]"):
+        load_files(str(path), None, text_column="sentence")

@@ -132,9 +132,13 @@ def _nan_marker(value: object, label: bool) -> bool:
 
 
 def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
-    if name not in rows[0]:
+    if not any(name in r for r in rows):
+        columns = list(dict.fromkeys(key for r in rows for key in r))
         raise ValueError(f"{path} has no column {name!r} (set by {option}); its columns are "
-                         f"{list(rows[0])}")
+                         f"{columns}")
+    absent = next((i for i, r in enumerate(rows) if name not in r), None)
+    if absent is not None:  # a JSON record without the field the others have
+        raise ValueError(f"{path}: row {absent + 1} has no {name!r} ({option})")
     values = [r.get(name) for r in rows]
     missing = next((i for i, v in enumerate(values) if v is None or str(v).strip() == ""), None)
     if missing is not None:
