@@ -214,3 +214,23 @@ def test_a_readme_of_ones_own_in_the_output_folder_is_left_alone(tiny, tmp_path,
     assert "library_name: peft" in (fresh / "README.md").read_text()
     assert cli(args(tiny, fresh, "--method", "adalora", "--overwrite", steps=10)) == 0
     assert json.loads((fresh / "metrics.json").read_text())["method"] == "adalora"
+
+
+def test_paths_spelled_from_the_home_folder(tiny, tmp_path, monkeypatch, capsys):
+    # `--model=~/bert` passed the folder check but was then loaded as a hub id ("could not be
+    # loaded: Repo id must be in the form ..."), and `--output-dir=~/runs/a` (the shell expands
+    # no ~ after "=") wrote into a folder named "~" in the working folder
+    monkeypatch.setenv("HOME", str(tiny["root"]))
+    monkeypatch.chdir(tmp_path)
+    argv = ["--model=~/bert", "--train-file=~/train.csv", "--eval-file=~/dev.csv",
+            "--batch-size", "8", "--max-seq-len", "16", "--no-progress", "--max-steps", "3",
+            "--save-steps", "2", "--output-dir=~/home-runs/a"]
+    assert cli(argv) == 0, capsys.readouterr().err
+    out = Path(tiny["root"]) / "home-runs" / "a"
+    assert (out / "metrics.json").is_file() and (out / "checkpoint-2").is_dir()
+    assert not (tmp_path / "~").exists()
+    assert cli(["--resume=~/home-runs/a/checkpoint-2", "--output-dir=~/home-runs/b",
+                "--no-progress"]) == 0, capsys.readouterr().err
+    resumed = json.loads((Path(tiny["root"]) / "home-runs" / "b" / "metrics.json").read_text())
+    assert resumed["steps"] == 3 and resumed["resumed_from"] == str(out / "checkpoint-2")
+    assert not (tmp_path / "~").exists()

@@ -307,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
                              "or a positive number of steps")
         _check_compare_options(args)
         settings = settings_from_args(args)
-        if args.resume:
+        if args.resume:  # "--resume=~/x": no shell expands that ~
+            args.resume = str(Path(args.resume).expanduser())
             parser = argparse.ArgumentParser()
             add_arguments(parser)
             saved = read_checkpoint_settings(args.resume)

@@ -114,6 +114,8 @@ def load_model(s: RunSettings, data: TaskData):
     if looks_local and not (local / "config.json").is_file():
         raise ValueError(f"--model {s.model} holds no transformers model (no config.json in "
                          f"{local})")
+    if looks_local:
+        path = str(local)  # transformers reads a "~/..." it is given as a hub id
     off = None if looks_local else hub_access_off()
     try:
         with hub_offline(off is not None):  # a hub id missing from the local cache fails at once

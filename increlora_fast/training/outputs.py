@@ -38,11 +38,11 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def check_output_path(directory: str, option: str = "--output-dir") -> Path:
-    """``directory`` as a Path, refused (ValueError) when it is empty, the root, a file, or
-    under a file: before any lock, data or model."""
+    """``directory`` as a Path (``~`` expanded), refused (ValueError) when it is empty, the root,
+    a file, or under a file: before any lock, data or model."""
     if not str(directory).strip():
         raise ValueError(f"{option} is empty: give a folder (e.g. {option} outputs/run)")
-    out = Path(directory)
+    out = Path(directory).expanduser()  # "--output-dir=~/x": no shell expands that ~
     if not out.resolve().name:
         raise ValueError(f"{option} {directory} is the root folder: give a folder below it")
     if out.exists() and not out.is_dir():
