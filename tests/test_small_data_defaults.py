@@ -360,3 +360,19 @@ def test_a_step_with_token_labels_reports_the_models_own_loss():
     result = StepRunner(run).step(0, dict(batch))
     torch.testing.assert_close(result.task_loss, own.float(), rtol=0, atol=0)
     assert int(result.tokens) == ids.numel()
+
+
+def test_select_best_that_holds_out_every_row_of_a_label_warns_naming_it(tiny, tmp_path):
+    # the label's only training row went to the held-out rows: the model never saw the label,
+    # silently (--max-train-samples warns in that case)
+    from increlora_fast.data.examples import Example, fixed_split
+    rows = sentiment_rows(40, seed=5)
+    _, held = fixed_split([Example(str(i), 0) for i in range(40)], 4)  # what --select-best holds out
+    rows[int(held[0].text)]["label"] = "neutral"
+    train = write_csv(tmp_path / "t.csv", rows)
+    argv = tiny_args(tiny, tmp_path / "run", "--select-best")
+    argv[argv.index("--train-file") + 1] = str(train)
+    with pytest.warns(UserWarning, match=r"--select-best holds out every training row of "
+                                         r"label\(s\) neutral"):
+        assert cli(argv) == 0
+    assert read_metrics(tmp_path / "run")["holdout_examples"] == 4

@@ -131,7 +131,8 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Optional[Sequence[f
              overwrite: bool) -> Dict:
     """`compare_methods` with its folder locked."""
     base = with_data_identity(base)
-    train_size = len(split_holdout(base, load_data(base).train)[0])  # rows trained on
+    data = load_data(base)
+    train_size = len(split_holdout(base, data.train, data.label_names)[0])  # rows trained on
     results: Dict[str, Dict] = {}
     for method in methods:
         sweep: Dict[str, float] = {}

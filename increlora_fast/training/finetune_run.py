@@ -180,12 +180,23 @@ def auto_max_seq_len(lengths: List[int], tokenizer, model) -> int:
     return max(8, min([chosen] + limits))
 
 
-def split_holdout(s: RunSettings, train: List[Example]) -> Tuple[List[Example], List[Example]]:
+def split_holdout(s: RunSettings, train: List[Example],
+                  label_names: Optional[List[str]] = None
+                  ) -> Tuple[List[Example], List[Example]]:
     """(rows to train on, rows held out): with ``--select-best`` a fixed `SELECT_HOLDOUT_SHARE`
-    of the training rows (the same for every --seed) is held out, otherwise none."""
+    of the training rows (the same for every --seed) is held out, otherwise none. Warns, naming
+    them (by ``label_names`` when given), when it holds out every training row of a label."""
     if not s.select_best:
         return list(train), []
-    return fixed_split(train, max(1, round(SELECT_HOLDOUT_SHARE * len(train))))
+    kept, held = fixed_split(train, max(1, round(SELECT_HOLDOUT_SHARE * len(train))))
+    lost = sorted({e.label for e in held} - {e.label for e in kept})
+    if lost:
+        names = [label_names[i] if label_names is not None and i < len(label_names) else str(i)
+                 for i in lost]
+        warnings.warn(f"--select-best holds out every training row of label(s) "
+                      f"{', '.join(names)}: the model cannot learn them; give more rows of "
+                      "them or leave --select-best out", UserWarning, stacklevel=2)
+    return kept, held
 
 
 def seed_everything(seed: int) -> None:
@@ -209,7 +220,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     device, default CPU), and the batches. ``graphed``: whether the steps will be replayed from
     CUDA graphs (the default padding follows it, `settings.resolve`)."""
     data = load_data(settings)
-    train, holdout = split_holdout(settings, data.train)
+    train, holdout = split_holdout(settings, data.train, data.label_names)
     s = resolve(settings, len(train), graphed)
     seed_everything(s.seed)
     tokenizer, model = load_model(s, data)
