@@ -40,7 +40,8 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
 
 def allocation_rounds(max_steps: int, init_warmup: int, incre_interval: int) -> int:
     """The allocation rounds of a run of ``max_steps`` steps: the steps ``t < max_steps`` after
-    ``init_warmup`` that are multiples of ``incre_interval`` (`IncreLoRAController.allocation_due`)."""
+    ``init_warmup`` that are multiples of ``incre_interval``
+    (`IncreLoRAController.allocation_due`)."""
     return max(0, (max_steps - 1) // incre_interval - init_warmup // incre_interval)
 
 
