@@ -299,3 +299,47 @@ def test_export_of_a_non_contiguous_module_to_save(tmp_path):
     with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
         key = next(k for k in f.keys() if k.endswith("head.weight"))
         torch.testing.assert_close(f.get_tensor(key), model.head.weight.detach())
+
+
+def _distilbert():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(11)
+    return DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, hidden_dim=32,
+        max_position_embeddings=16, num_labels=3)).eval()
+
+
+def test_export_with_a_module_to_save_whose_name_ends_another(tmp_path):
+    """peft 0.21 wraps for modules_to_save every module whose name merely ends with an entry
+    (``key.endswith("classifier")``, no dot boundary), so DistilBERT's ``pre_classifier`` is
+    wrapped beside ``classifier`` and its weights are looked up in the adapter: the export
+    lacked them and peft's from_pretrained failed with KeyError (found by an audit)."""
+    model = _distilbert()
+    config = IncreLoRAConfig(target_modules=["q_lin", "v_lin"], r_max=4, init_r=2,
+                             target_rank=2, modules_to_save=["classifier"])
+    inject_increlora(model, config)
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.normal_()
+        model.classifier.weight.normal_()
+    export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_distilbert(), str(tmp_path)).eval()
+    ours = _outputs(model.eval(), "bert")
+    assert (ours - _outputs(_distilbert(), "bert")).abs().max() > 1e-3
+    torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_an_adapted_layer_that_peft_would_also_save_in_full(tmp_path):
+    """With ``pre_classifier`` adapted and ``classifier`` to save, peft would wrap the LoRA
+    layer ``pre_classifier`` as a module to save too (its name ends with ``classifier``) and
+    refuses to load (TypeError): the export says so first, naming both, and writes nothing."""
+    model = _distilbert()
+    config = IncreLoRAConfig(target_modules=["q_lin", "pre_classifier"], r_max=4, init_r=2,
+                             target_rank=2, modules_to_save=["classifier"])
+    inject_increlora(model, config)
+    with pytest.raises(ValueError) as error:
+        export_peft(model, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "'pre_classifier'" in message and "'classifier'" in message
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -121,6 +121,35 @@ def _saved_roots(model: nn.Module) -> List[str]:
     return roots
 
 
+def _peft_wrapped(model: nn.Module, roots: List[str]) -> List[str]:
+    """Names of the modules peft wraps as modules to save for ``modules_to_save=roots``.
+
+    peft 0.21 wraps every module whose name ends with an entry (``key.endswith(entry)``, no dot
+    boundary: ``pre_classifier`` for ``classifier``) and looks up each one's state in the
+    adapter, so each must be exported (a module the run did not train carries the base's
+    values). Raises ValueError when such a module is or holds an adapted layer: peft refuses
+    to load that (it cannot save a LoRA layer in full).
+    """
+    adapted = [n for n, _ in increlora_layers(model)]
+    wrapped: List[str] = []
+    for name, _ in model.named_modules(remove_duplicate=False):
+        if not name or any(name.startswith(w + ".") for w in wrapped):
+            continue
+        root = next((r for r in roots if name.endswith(r)), None)
+        if root is None:
+            continue
+        inside = [n for n in adapted if n == name or n.startswith(name + ".")]
+        if inside:
+            raise ValueError(f"export_peft: peft would save module {name!r} in full, as its name "
+                             f"ends with the module to save {root!r}, but it holds adapted layers "
+                             f"{inside[:3]}, and peft refuses to load that; leave {name!r} out of "
+                             "target_modules, or use save_adapter / load_adapter or "
+                             "merge_and_unload for this model")
+        if name not in wrapped:
+            wrapped.append(name)
+    return wrapped
+
+
 def _refuse_layers_under_several_names(model: nn.Module) -> None:
     """ValueError when an adapted layer is registered under several names: peft adapts a
     module under its first name only (the others keep the plain base, and naming them as
@@ -163,7 +192,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     Raises:
         ValueError: ``task_type`` is not one of peft's task types, a layer is merged or is
             registered under several names (peft would adapt only the first), or a module
-            to save contains adapted layers.
+            to save (or a module peft would save with it, `_peft_wrapped`) contains adapted
+            layers.
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
     task_types = _peft_task_types()
@@ -184,7 +214,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         ranks[name] = a.shape[0]
         conv1d = conv1d or layer.is_conv1d
     roots = _saved_roots(model)
-    for root in roots:
+    for root in _peft_wrapped(model, roots):
         for key, value in model.get_submodule(root).state_dict().items():
             # a contiguous copy: tied tensors must not share memory in the file, and
             # safetensors refuses non-contiguous ones (clone() alone keeps the strides)
