@@ -304,9 +304,17 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
 
 
 def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Trainable parameters outside the adapters (the modules_to_save), by full name."""
+    """Parameters outside the adapters that are saved with them, by full name: those of the
+    modules_to_save, trainable or not (a model frozen after training, e.g. by
+    ``requires_grad_(False)`` for inference, still holds its trained head), and any other
+    trainable one."""
+    config = getattr(model, CONFIG_ATTR, None)
+    keys = (config.modules_to_save or []) if config is not None else []
+    names = [n for n, _ in model.named_modules() if n]
+    roots = tuple(n + "." for n in names if any(_suffix_match(n, key) for key in keys))
     return {n: p for n, p in model.named_parameters()
-            if p.requires_grad and not n.split(".")[-1].startswith("lora_")}
+            if (p.requires_grad or n.startswith(roots))
+            and not n.split(".")[-1].startswith("lora_")}
 
 
 def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:

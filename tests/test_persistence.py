@@ -382,3 +382,20 @@ def test_an_adapter_without_the_buffers_of_modules_to_save_loads_with_a_warning(
     save_file(tensors, str(path), metadata=meta)
     with pytest.warns(UserWarning, match=r"holds no head\.0\.\w+ \(3 buffers"):
         load_adapter(fresh(base, config), tmp_path)
+
+
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_modules_to_save_of_a_frozen_model_are_saved(tmp_path, tiny_net, training_state):
+    """A model frozen after training (``model.requires_grad_(False)`` before inference) still
+    saves its modules to save, and an adapter loads into a frozen model (found by an audit:
+    the trained head was left out of the file without a word, and loading failed with
+    'missing tensors')."""
+    config = make_config()
+    model = trained(tiny_net, config)
+    model.requires_grad_(False)
+    save_adapter(model, tmp_path, training_state=training_state)
+    for target in (fresh(tiny_net, config), fresh(tiny_net, config).requires_grad_(False)):
+        load_adapter(target, tmp_path)
+        assert torch.equal(target.head.weight, model.head.weight)
+        x = torch.randn(3, 12)
+        assert torch.equal(target.eval()(x), model.eval()(x))
