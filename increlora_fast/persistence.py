@@ -36,7 +36,7 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -215,10 +215,15 @@ class BaseMismatchError(ValueError):
         self.detail = detail
 
 
-def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path) -> None:
+def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
+                carried: Sequence[str] = ()) -> None:
     """`BaseMismatchError`, one line naming both bases, when ``model`` is not the base the
     adapter in ``directory`` was saved from; a warning when the adapter records no base (saved
-    before fingerprints were written)."""
+    before fingerprints were written).
+
+    ``carried``: adapted modules whose base weight the adapter itself holds (an adapted layer
+    inside a module to save, whose base weight trains): they are left out of the comparison,
+    since the recorded value is the trained weight, which the load puts in place."""
     if BASE_KEY not in meta:
         warnings.warn(f"adapter {directory} records no base model fingerprint (saved by an older "
                       "increlora_fast), so which base it belongs to cannot be checked; save it "
@@ -226,7 +231,11 @@ def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path) -> None
         return
     recorded = json.loads(meta[BASE_KEY])
     fingerprint, current = recorded["fingerprint"], base_fingerprint(model)
-    difference = base_difference(fingerprint, current)
+
+    def compared(entries: Dict[str, Any]) -> Dict[str, Any]:
+        return dict(entries, modules={n: e for n, e in entries["modules"].items()
+                                      if n not in carried})
+    difference = base_difference(compared(fingerprint), compared(current))
     if difference is None:
         return
 
@@ -488,8 +497,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     Args:
         check_base: refuse a model whose adapted weights differ from the base the adapter was
             saved from (`base_fingerprint`; the same base in another dtype or on another device
-            matches). False loads onto any model that fits. Adapters saved before the base was
-            recorded load with a warning.
+            matches; a base weight the adapter carries itself, that of an adapted layer inside
+            a module to save, is not compared). False loads onto any model that fits.
+            Adapters saved before the base was recorded load with a warning.
     """
     path = Path(save_directory) / WEIGHTS_NAME
     meta, tensors = _read(path)
@@ -527,7 +537,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     pooling = meta.get(POOLING_KEY)
     _check_pooling(pooling, model, Path(save_directory))
     if check_base:
-        _check_base(meta, model, Path(save_directory))
+        carried = [n for n in layers if f"{SAVED_PREFIX}{n}.base_layer.weight" in tensors]
+        _check_base(meta, model, Path(save_directory), carried)
     absent = sorted(set(model_buffers) - set(saved_buffers))
     if absent:
         warnings.warn(f"adapter {path} holds no {absent[0]} ({len(absent)} buffers of the "
