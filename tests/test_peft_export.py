@@ -343,3 +343,29 @@ def test_export_refuses_an_adapted_layer_that_peft_would_also_save_in_full(tmp_p
     message = str(error.value)
     assert "\n" not in message and "'pre_classifier'" in message and "'classifier'" in message
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_export_for_sequence_classification_without_modules_to_save(tmp_path, family):
+    """peft's SEQ_CLS model saves ``classifier`` and ``score`` (and, by its suffix rule,
+    ``pre_classifier``) in full whatever the config says, and looks their state up in the
+    adapter: an export with ``task_type="SEQ_CLS"`` of a model that trained only adapters (a
+    classifier whose head stays as it is) lacked them, and peft failed with KeyError (found by
+    an audit)."""
+    make = _distilbert if family == "distilbert" else lambda: _fresh_base("bert")
+    model = make()
+    targets = ["q_lin", "v_lin"] if family == "distilbert" else ["query", "value"]
+    inject_increlora(model, IncreLoRAConfig(target_modules=targets, r_max=4, init_r=2,
+                                            target_rank=2))
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.normal_()
+            layer.lora_A.normal_()
+            layer.lora_B.normal_()
+    export_peft(model, tmp_path, task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] is None
+    loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    assert isinstance(loaded, peft.PeftModelForSequenceClassification)
+    ours, base = _outputs(model.eval(), "bert"), _outputs(make(), "bert")
+    assert (ours - base).abs().max() > 0.1 * base.abs().max()  # the adapter matters
+    torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-6)

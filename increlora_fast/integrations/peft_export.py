@@ -52,6 +52,10 @@ BASE_METADATA_KEY = "increlora_base"
 POOLING_METADATA_KEY = "increlora_pooling"
 
 PathLike = Union[str, os.PathLike]
+# Modules peft's task model saves in full on top of the config's modules_to_save (peft 0.21:
+# PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering).
+PEFT_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+                     "QUESTION_ANS": ("qa_outputs",)}
 
 
 def _suffix_match(name: str, suffix: str) -> bool:
@@ -121,8 +125,9 @@ def _saved_roots(model: nn.Module) -> List[str]:
     return roots
 
 
-def _peft_wrapped(model: nn.Module, roots: List[str]) -> List[str]:
-    """Names of the modules peft wraps as modules to save for ``modules_to_save=roots``.
+def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) -> List[str]:
+    """Names of the modules peft wraps as modules to save for ``modules_to_save=roots`` and
+    ``task_type`` (which adds `PEFT_TASK_MODULES`).
 
     peft 0.21 wraps every module whose name ends with an entry (``key.endswith(entry)``, no dot
     boundary: ``pre_classifier`` for ``classifier``) and looks up each one's state in the
@@ -130,20 +135,22 @@ def _peft_wrapped(model: nn.Module, roots: List[str]) -> List[str]:
     values). Raises ValueError when such a module is or holds an adapted layer: peft refuses
     to load that (it cannot save a LoRA layer in full).
     """
+    added = [r for r in PEFT_TASK_MODULES.get(task_type or "", ()) if r not in roots]
     adapted = [n for n, _ in increlora_layers(model)]
     wrapped: List[str] = []
     for name, _ in model.named_modules(remove_duplicate=False):
         if not name or any(name.startswith(w + ".") for w in wrapped):
             continue
-        root = next((r for r in roots if name.endswith(r)), None)
+        root = next((r for r in (*roots, *added) if name.endswith(r)), None)
         if root is None:
             continue
         inside = [n for n in adapted if n == name or n.startswith(name + ".")]
         if inside:
+            why = f" (peft adds it for task_type {task_type!r})" if root in added else ""
             raise ValueError(f"export_peft: peft would save module {name!r} in full, as its name "
-                             f"ends with the module to save {root!r}, but it holds adapted layers "
-                             f"{inside[:3]}, and peft refuses to load that; leave {name!r} out of "
-                             "target_modules, or use save_adapter / load_adapter or "
+                             f"ends with the module to save {root!r}{why}, but it holds adapted "
+                             f"layers {inside[:3]}, and peft refuses to load that; leave {name!r} "
+                             "out of target_modules, or use save_adapter / load_adapter or "
                              "merge_and_unload for this model")
         if name not in wrapped:
             wrapped.append(name)
@@ -177,7 +184,9 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         model: a model returned by `inject_increlora` (not merged).
         save_directory: created if missing.
         task_type: peft ``task_type`` written to the config (e.g. ``"CAUSAL_LM"``), used by
-            ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``.
+            ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``. peft's task
+            model saves its head in full (`PEFT_TASK_MODULES`, e.g. ``classifier`` and
+            ``score`` for ``"SEQ_CLS"``): the export carries that head's state too.
         base_model_name_or_path: recorded in the config; defaults to the model's
             ``config._name_or_path`` (or ``name_or_path``) when it has one.
         overwrite: replace an adapter already in ``save_directory`` (ours or peft's), as a
@@ -214,7 +223,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         ranks[name] = a.shape[0]
         conv1d = conv1d or layer.is_conv1d
     roots = _saved_roots(model)
-    for root in _peft_wrapped(model, roots):
+    for root in _peft_wrapped(model, roots, task_type):
         for key, value in model.get_submodule(root).state_dict().items():
             # a contiguous copy: tied tensors must not share memory in the file, and
             # safetensors refuses non-contiguous ones (clone() alone keeps the strides)
