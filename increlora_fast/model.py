@@ -312,8 +312,12 @@ def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     keys = (config.modules_to_save or []) if config is not None else []
     names = [n for n, _ in model.named_modules() if n]
     roots = tuple(n + "." for n in names if any(_suffix_match(n, key) for key in keys))
+    # by identity: a tied parameter (an lm_head to save sharing the input embedding) is
+    # named after the module that registered it first
+    to_save = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+               if n.startswith(roots)}
     return {n: p for n, p in model.named_parameters()
-            if (p.requires_grad or n.startswith(roots))
+            if (p.requires_grad or id(p) in to_save)
             and not n.split(".")[-1].startswith("lora_")}
 
 
