@@ -369,3 +369,46 @@ def test_export_for_sequence_classification_without_modules_to_save(tmp_path, fa
     ours, base = _outputs(model.eval(), "bert"), _outputs(make(), "bert")
     assert (ours - base).abs().max() > 0.1 * base.abs().max()  # the adapter matters
     torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-6)
+
+
+class Shadowed(nn.Module):
+    """An adapted ``fc`` whose name ends the names of two modules left alone: ``block.fc``, a
+    container, and ``block.other.fc``, a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.block = nn.Module()
+        self.block.fc = nn.Sequential(nn.Linear(6, 6), nn.Tanh())
+        self.block.other = nn.Module()
+        self.block.other.fc = nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.block.other.fc(self.block.fc(self.fc(x)))
+
+
+def test_export_adapts_in_peft_exactly_the_adapted_modules(tmp_path):
+    """peft matches a listed target by name suffix, so ``target_modules=["fc"]`` also targets
+    ``block.fc`` and ``block.other.fc``, which we did not adapt: peft refused the container
+    (ValueError 'Target module Sequential(...) is not supported') and put an untrained LoRA on
+    the linear (found by an audit). The export now excludes them (``exclude_modules``)."""
+    torch.manual_seed(2)
+    base_state = Shadowed().state_dict()
+    model = Shadowed()
+    model.load_state_dict(base_state)
+    inject_increlora(model, IncreLoRAConfig(target_modules=r"fc", r_max=4, init_r=2,
+                                            target_rank=2))
+    assert [n for n, _ in increlora_layers(model)] == ["fc"]
+    with torch.no_grad():
+        model.fc.lora_lambda.normal_()
+        model.fc.lora_B.normal_()
+    export_peft(model, tmp_path)
+    base = Shadowed()
+    base.load_state_dict(base_state)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    adapted = [n for n, m in loaded.base_model.model.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert adapted == ["fc"]
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)

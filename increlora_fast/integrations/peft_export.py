@@ -12,7 +12,10 @@ The written directory is what ``peft.PeftModel.from_pretrained(base_model, direc
   ``lora_alpha / r`` is exactly 1 for every module (``lora_alpha = r`` and
   ``alpha_pattern[module] = r_i``). The effective lambda and our scale ``alpha / active_rank``
   are folded into the factors instead, split evenly as ``sqrt(|s|)`` on A and ``sign(s) sqrt(|s|)``
-  on B. A consumer that ignores ``alpha_pattern`` still computes scaling 1.
+  on B. A consumer that ignores ``alpha_pattern`` still computes scaling 1. Where a module of
+  the base that is not adapted has a name ending with an adapted one's (``block.fc`` beside
+  ``fc``), which peft's suffix match of ``target_modules`` would adapt too, ``exclude_modules``
+  names it.
 
 Exported slots per module: every active slot, plus the reserve slots that still change the output
 (nonzero effective lambda, i.e. before the budget is reached with advance learning on).
@@ -99,6 +102,21 @@ def _pattern_key(name: str, names: List[str]) -> str:
     """
     ambiguous = any(other != name and re.match(rf"(.*\.)?({name})$", other) for other in names)
     return "^" + re.escape(name) if ambiguous else name
+
+
+def _exclude_pattern(model: nn.Module, names: List[str]) -> Optional[str]:
+    """peft's ``exclude_modules`` for ``target_modules=names``, or None when none is needed.
+
+    peft adapts every module whose name is a listed target or ends with ``"." + target``, so
+    a module of the base whose name merely ends with an adapted one's (``block.fc`` for an
+    adapted ``fc``) would get an untrained LoRA, or be refused when it is not a linear. The
+    pattern (peft matches a string with ``re.fullmatch``) names exactly those modules.
+    """
+    adapted = set(names)
+    extra = [n for n, _ in model.named_modules()
+             if n and n not in adapted and not any(n.startswith(a + ".") for a in adapted)
+             and any(n.endswith("." + a) for a in adapted)]
+    return "(?:" + "|".join(re.escape(n) for n in extra) + ")" if extra else None
 
 
 def _saved_roots(model: nn.Module) -> List[str]:
@@ -251,6 +269,9 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         "init_lora_weights": True,
         "inference_mode": True,
     }
+    exclude = _exclude_pattern(model, names)
+    if exclude is not None:
+        peft_config["exclude_modules"] = exclude
     base = {"name_or_path": base_model_name_or_path, "fingerprint": base_fingerprint(model)}
     metadata = {"format": "pt", BASE_METADATA_KEY: json.dumps(base, sort_keys=True)}
     pooling = model_pooling(model)
