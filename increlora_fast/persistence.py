@@ -537,7 +537,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     pooling = meta.get(POOLING_KEY)
     _check_pooling(pooling, model, Path(save_directory))
     if check_base:
-        carried = [n for n in layers if f"{SAVED_PREFIX}{n}.base_layer.weight" in tensors]
+        # by identity: a base weight tied to a parameter to save is saved under that name
+        saved_ids = {id(p) for p in saved_params.values()}
+        carried = [n for n, layer in layers.items()
+                   if id(layer.base_layer.weight) in saved_ids]
         _check_base(meta, model, Path(save_directory), carried)
     absent = sorted(set(model_buffers) - set(saved_buffers))
     if absent:
