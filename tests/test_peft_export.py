@@ -412,3 +412,27 @@ def test_export_adapts_in_peft_exactly_the_adapted_modules(tmp_path):
     x = torch.randn(3, 6)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_an_adapted_layer_whose_base_weight_is_trained_in_full(tmp_path):
+    """An adapted lm_head tied to the input embedding, itself a module to save: peft saves the
+    embedding as a copy and leaves the adapted lm_head on the untrained shared weight, so
+    peft's outputs differed from ours (by 8 in the logits here), silently (found by an
+    audit). The export refuses, naming both, and writes nothing."""
+    def tied():
+        torch.manual_seed(7)
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
+
+    model = inject_increlora(tied(), IncreLoRAConfig(
+        target_modules=["q_proj", "lm_head"], r_max=4, target_rank=2,
+        modules_to_save=["embed_tokens"]))
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
+    with pytest.raises(ValueError) as error:
+        export_peft(model, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "'lm_head'" in message
+    assert "'model.embed_tokens.weight'" in message
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -175,6 +175,23 @@ def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) 
     return wrapped
 
 
+def _refuse_trained_base_weights(model: nn.Module) -> None:
+    """ValueError when an adapted layer's base weight is a parameter trained in full (tied to
+    a module to save, e.g. an adapted ``lm_head`` sharing the input embedding saved in full):
+    peft saves that module as a copy and keeps the adapted layer on the untrained weight, so
+    peft's outputs would differ from ours."""
+    trained = {id(p): n for n, p in saved_module_parameters(model).items()}
+    for name, layer in increlora_layers(model):
+        other = trained.get(id(layer.base_layer.weight))
+        if other is not None:
+            raise ValueError(f"export_peft: the base weight of adapted layer {name!r} is "
+                             f"{other!r}, which is trained in full (a module to save), and peft "
+                             "would keep the adapter on the untrained weight (it saves that "
+                             "module as a copy), so its outputs would differ; use save_adapter "
+                             "/ load_adapter for this model, or do not adapt "
+                             f"{name!r}")
+
+
 def _refuse_layers_under_several_names(model: nn.Module) -> None:
     """ValueError when an adapted layer is registered under several names: peft adapts a
     module under its first name only (the others keep the plain base, and naming them as
@@ -220,7 +237,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         ValueError: ``task_type`` is not one of peft's task types, a layer is merged or is
             registered under several names (peft would adapt only the first), or a module
             to save (or a module peft would save with it, `_peft_wrapped`) contains adapted
-            layers.
+            layers, or an adapted layer's base weight is trained in full (tied to a module to
+            save).
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
     task_types = _peft_task_types()
@@ -241,6 +259,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         ranks[name] = a.shape[0]
         conv1d = conv1d or layer.is_conv1d
     roots = _saved_roots(model)
+    _refuse_trained_base_weights(model)
     for root in _peft_wrapped(model, roots, task_type):
         for key, value in model.get_submodule(root).state_dict().items():
             # a contiguous copy: tied tensors must not share memory in the file, and
