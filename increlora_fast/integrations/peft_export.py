@@ -12,7 +12,9 @@ The written directory is what ``peft.PeftModel.from_pretrained(base_model, direc
   ``lora_alpha / r`` is exactly 1 for every module (``lora_alpha = r`` and
   ``alpha_pattern[module] = r_i``). The effective lambda and our scale ``alpha / active_rank``
   are folded into the factors instead, split evenly as ``sqrt(|s|)`` on A and ``sign(s) sqrt(|s|)``
-  on B. A consumer that ignores ``alpha_pattern`` still computes scaling 1. Where a module of
+  on B. A consumer that reads only ``r`` and ``lora_alpha`` (vLLM's ``PEFTHelper`` takes
+  ``lora_alpha / r``) computes scaling 1 too; one that would honour ``rank_pattern`` but not
+  ``alpha_pattern`` would compute ``r / r_i`` instead. Where a module of
   the base that is not adapted has a name ending with an adapted one's (``block.fc`` beside
   ``fc``), which peft's suffix match of ``target_modules`` would adapt too, ``exclude_modules``
   names it.
