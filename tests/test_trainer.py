@@ -279,3 +279,36 @@ def test_plain_trainer_resume_checks_the_adapter_tensors_first(tmp_path):
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match="holds adapters for other modules"):
         trainer_for(tmp_path / "b").train(resume_from_checkpoint=str(weights.parent))
+
+
+def test_model_init_gets_a_controller_over_the_model_it_trains(tmp_path):
+    """With ``model_init`` the Trainer makes a new model at ``train()``: the controller made at
+    construction watched the discarded one, so no round ever ran and the penalty trained
+    nothing (found by an audit: the only sign was a warning about misplaced step calls)."""
+    trainer = IncreLoRATrainer(model_init=lambda: _model()[0], train_dataset=TinyTask(),
+                               args=_args(tmp_path, save_strategy="no"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # none about steps without gradients
+        trainer.train()
+    ctl = trainer.increlora_controller
+    assert all(any(m is layer for m in trainer.model.modules()) for layer in ctl.layers)
+    assert trainer.increlora_callback.controller is ctl
+    assert [e["step"] for e in ctl.allocation_log] == [4, 6, 8, 10]
+    assert ctl.budget_reached and ctl.current_total_rank() == 8
+
+
+def test_a_controller_of_another_model_is_refused(tmp_path):
+    """A controller cannot follow the model ``model_init`` makes, nor watch a model the Trainer
+    does not train: said before any step, instead of a run that never allocates."""
+    model, config = _model()
+    controller = IncreLoRAController(model, config)
+    with pytest.raises(ValueError, match="model_init"):
+        IncreLoRATrainer(model_init=lambda: _model()[0], controller=controller,
+                         args=_args(tmp_path, save_strategy="no"), train_dataset=TinyTask())
+    trainer = Trainer(model_init=lambda: _model()[0], args=_args(tmp_path, save_strategy="no"),
+                      train_dataset=TinyTask())
+    IncreLoRACallback(controller).install(trainer)
+    with pytest.raises(ValueError, match="IncreLoRACallback: the controller"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+

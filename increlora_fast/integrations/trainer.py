@@ -258,6 +258,12 @@ class IncreLoRACallback(TrainerCallback):
             state.log_history[-1].update(entries)
 
     def on_train_begin(self, args, state, control, optimizer=None, model=None, **kwargs):
+        if model is not None and not any(m is self.controller.layers[0] for m in model.modules()):
+            # (a Trainer with model_init makes a new model at train(): nothing would allocate)
+            raise ValueError("IncreLoRACallback: the controller was built over another model "
+                             "than the one the Trainer trains (model_init makes a new model at "
+                             "train()); build the controller over trainer.model, or use "
+                             "IncreLoRATrainer, which makes one over each model model_init makes")
         if model is not None:  # the Triton kernels, built several at a time (on CUDA)
             precompile_kernels(model, torch.bfloat16 if args.bf16 else
                                torch.float16 if args.fp16 else None, optimizer=optimizer,
@@ -317,10 +323,26 @@ class IncreLoRATrainer(Trainer):
     """
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
+        if controller is not None and kwargs.get("model_init") is not None:
+            raise ValueError("IncreLoRATrainer: controller= cannot be given with model_init, "
+                             "whose new model at train() the controller would not watch; leave "
+                             "controller out (one is made over each model model_init makes)")
         super().__init__(*args, **kwargs)
         self.increlora_controller = controller or IncreLoRAController(self.model)
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
                                                     apply_regularization=False).install(self)
+
+    def call_model_init(self, trial=None):
+        """The Trainer's ``model_init`` model (at construction, and anew at every ``train()``),
+        with a new controller over it once the trainer has one: the old one watched the model
+        this one replaces."""
+        model = super().call_model_init(trial)
+        if hasattr(self, "increlora_callback"):  # not during __init__, which makes the first
+            self.increlora_controller = IncreLoRAController(model)
+            callback = self.increlora_callback
+            callback.controller = self.increlora_controller
+            callback.restored, callback.logged_rounds = False, 0
+        return model
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:
