@@ -312,3 +312,36 @@ def test_a_controller_of_another_model_is_refused(tmp_path):
         trainer.train()
     assert trainer.state.global_step == 0
 
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_load_best_model_at_end_restores_the_best_checkpoints_controller(tmp_path, plain):
+    """``load_best_model_at_end`` loads the best checkpoint's weights (slot states included)
+    into the model; the controller kept the last step's state (found by an audit: its
+    allocation log and budget_reached described rounds the loaded model never had)."""
+    from increlora_fast.integrations.trainer import increlora_optimizers, read_controller_state
+
+    evaluations = []
+
+    def first_is_best(_):  # the first evaluation (step 3, before any round) scores highest
+        evaluations.append(None)
+        return {"order": -len(evaluations)}
+
+    model, config = _model()
+    args = _args(tmp_path, eval_strategy="steps", eval_steps=3, load_best_model_at_end=True,
+                 metric_for_best_model="order", greater_is_better=True)
+    args.save_steps = 3
+    kwargs = dict(model=model, args=args, train_dataset=TinyTask(), eval_dataset=TinyTask(8),
+                  compute_metrics=first_is_best)
+    if plain:
+        trainer = Trainer(optimizers=increlora_optimizers(model, lr=1e-2), **kwargs)
+        controller = IncreLoRACallback(IncreLoRAController(model, config)).install(trainer).controller
+    else:
+        trainer = IncreLoRATrainer(**kwargs)
+        controller = trainer.increlora_controller
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-3")
+    saved = read_controller_state(trainer.state.best_model_checkpoint)
+    assert not saved["budget_reached"] and saved["allocation_log"] == []
+    assert controller.current_total_rank() == 4  # the best checkpoint's model
+    assert controller.allocation_log == [] and not controller.budget_reached
+    assert torch.equal(controller.ipt.cpu(), saved["ipt"])

@@ -165,6 +165,26 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
     return optimizer, ConstantSchedule(optimizer)
 
 
+def load_best_model_with_controller(trainer: Trainer, controller: IncreLoRAController,
+                                    load_best: Callable[[], None]) -> None:
+    """``load_best_model_at_end``: ``load_best()`` (the Trainer's own loading of the best
+    checkpoint's weights, slot states included) and the controller state saved with them, so
+    that the controller describes the model it now holds (its rounds, budget and scores). A
+    checkpoint without a readable controller state leaves the controller as it is, with a
+    warning."""
+    best = trainer.state.best_model_checkpoint
+    try:
+        state = read_controller_state(best)
+        controller.check_state_dict(state)
+    except (FileNotFoundError, ValueError) as err:
+        warnings.warn(f"IncreLoRA: the best checkpoint's controller state was not loaded ({err}); "
+                      "the controller keeps the last step's state", UserWarning)
+        state = None
+    load_best()
+    if state is not None:
+        controller.load_state_dict(state)
+
+
 class IncreLoRACallback(TrainerCallback):
     """Scores, allocation, rank logging and controller checkpoints for a `Trainer`.
 
@@ -214,7 +234,9 @@ class IncreLoRACallback(TrainerCallback):
         (``train(resume_from_checkpoint=<folder>)``), checked before any weight is loaded, as
         are the checkpoint's adapter tensors (`check_model_checkpoint`).
         Without this, `on_train_begin` can only look in ``<output_dir>/checkpoint-<step>``,
-        which is another folder for a checkpoint pulled from the hub or moved."""
+        which is another folder for a checkpoint pulled from the hub or moved. With
+        ``load_best_model_at_end`` it also restores the controller saved with the best model
+        (`load_best_model_with_controller`)."""
         load = trainer._load_from_checkpoint
         if getattr(load, "restores_increlora_controller", False):
             return
@@ -230,6 +252,12 @@ class IncreLoRACallback(TrainerCallback):
 
         load_with_controller.restores_increlora_controller = True
         trainer._load_from_checkpoint = load_with_controller
+        load_best = trainer._load_best_model
+
+        def load_best_with_controller():
+            load_best_model_with_controller(trainer, self.controller, load_best)
+
+        trainer._load_best_model = load_best_with_controller
 
     def log_entries(self) -> Dict[str, float]:
         """``increlora/total_rank``; after an allocation round not yet reported also
@@ -399,6 +427,9 @@ class IncreLoRATrainer(Trainer):
         return bool((getattr(self, "model_accepts_loss_kwargs", False)
                      and num_items_in_batch is not None)
                     or getattr(self, "compute_loss_func", None) is not None)
+
+    def _load_best_model(self) -> None:
+        load_best_model_with_controller(self, self.increlora_controller, super()._load_best_model)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         # Everything is checked before the Trainer copies a single weight into the model.
