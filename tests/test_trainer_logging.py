@@ -2,6 +2,7 @@
 Trainer's own logging: a callback's ``on_log`` (as TensorBoard's or W&B's) receives them."""
 from __future__ import annotations
 
+import pytest
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from increlora_fast.controller import IncreLoRAController
@@ -79,3 +80,21 @@ def test_plain_trainer_with_installed_callback_logs_the_same(tmp_path):
     IncreLoRACallback(controller).install(trainer)
     trainer.train()
     _check(recorder, controller, trainer.state.log_history)
+
+
+def test_the_logged_learning_rate_is_the_schedules(tmp_path):
+    """IncreLoRATrainer logged the base learning rate at every step (its ConstantSchedule's),
+    while the optimizer warms up and decays it (found by an audit: 0.01 was logged at step 0,
+    which warmup trains at 0, and at the last step, which decay trains at a tenth)."""
+    model, _ = tiny_increlora_bert(warmup_steps=2)
+    args = _args(tmp_path)
+    args.logging_steps = 1
+    trainer = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask())
+    trainer.train()
+    logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history
+              if "learning_rate" in e}
+    # the step taken before each log (global_step - 1): warmup over 2 steps, decay to 0 at 12
+    expected = {s + 1: 1e-2 * (s / 2 if s < 2 else (STEPS - s) / (STEPS - 2)) for s in range(STEPS)}
+    assert logged.keys() == expected.keys()
+    for step, lr in expected.items():
+        assert logged[step] == pytest.approx(lr, abs=1e-12), step

@@ -30,7 +30,7 @@ from transformers import Trainer, TrainerCallback
 from ..controller import IncreLoRAController
 from ..device_scalar import grad_scaler_scale, unscale_once
 from ..model import get_config
-from ..optimizer import IncreLoRAAdamW, create_optimizer
+from ..optimizer import IncreLoRAAdamW, create_optimizer, schedule_multiplier
 from ..persistence import atomic_write_bytes
 from ..precompile import precompile_kernels
 
@@ -400,6 +400,18 @@ class IncreLoRATrainer(Trainer):
             # The schedule lives inside the optimizer, per slot.
             self.lr_scheduler = ConstantSchedule(optimizer)
         return self.lr_scheduler
+
+    def _get_learning_rate(self) -> float:
+        """The learning rate the Trainer logs, read just after ``optimizer.step()``: that step's
+        rate of the schedule begun at step 0 (the trained head's, and the first slots'; a slot
+        added later runs its own restart of it), not the constant scheduler's base rate."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        if not isinstance(inner, IncreLoRAAdamW):
+            return super()._get_learning_rate()
+        group = inner.param_groups[0]
+        taken = max(inner.global_step - 1, 0)  # `step` has moved the clock past it already
+        return group["lr"] * float(schedule_multiplier(taken, 0, group["warmup_steps"],
+                                                       group["total_step"]))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
