@@ -345,3 +345,21 @@ def test_load_best_model_at_end_restores_the_best_checkpoints_controller(tmp_pat
     assert controller.current_total_rank() == 4  # the best checkpoint's model
     assert controller.allocation_log == [] and not controller.budget_reached
     assert torch.equal(controller.ipt.cpu(), saved["ipt"])
+
+
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_an_optim_that_is_not_used_is_said(tmp_path, optim):
+    """``TrainingArguments.optim`` named another optimizer than AdamW (sgd, adafactor, 8-bit
+    ones...) and IncreLoRATrainer trained IncreLoRAAdamW without a word (found by an audit, as
+    lr_scheduler_type before it)."""
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=_args(
+        tmp_path, save_strategy="no", optim=optim))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "TrainingArguments.optim" in str(w.message)]
+    assert said == ([] if optim == "adamw_torch" else
+                    ["IncreLoRATrainer: TrainingArguments.optim='sgd' is not used: the optimizer is "
+                     "IncreLoRAAdamW (AdamW with per-slot schedules)"])
+    assert isinstance(trainer.optimizer.optimizer, IncreLoRAAdamW)

@@ -347,7 +347,8 @@ class IncreLoRATrainer(Trainer):
     AdamW its weight decay spares biases and normalization weights (`create_optimizer`'s group
     ``"other_no_decay"``; the adapters take it, as ``finetune`` does). Its schedules are
     IncreLoRA's linear warmup (``IncreLoRAConfig.warmup_steps``) and decay, per slot: another
-    ``lr_scheduler_type`` or warmup in the ``TrainingArguments`` is not used (with a warning).
+    ``lr_scheduler_type`` or warmup in the ``TrainingArguments`` is not used (with a warning), nor
+    is an ``optim`` other than the Trainer's AdamW defaults (with a warning).
     """
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
@@ -374,6 +375,11 @@ class IncreLoRATrainer(Trainer):
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:
+            optim = getattr(self.args.optim, "value", self.args.optim)
+            if optim not in ("adamw_torch", "adamw_torch_fused"):  # (the Trainer's defaults)
+                warnings.warn(f"IncreLoRATrainer: TrainingArguments.optim={optim!r} is not used: "
+                              "the optimizer is IncreLoRAAdamW (AdamW with per-slot schedules)",
+                              UserWarning)
             self.optimizer = create_optimizer(model or self.model, self.increlora_controller.config,
                                               lr=self.args.learning_rate,
                                               weight_decay=self.args.weight_decay,
