@@ -8,9 +8,9 @@
 #
 # Makes VENV (with the system site-packages, for the data packages) where nothing is; a CUDA
 # build of torch 2.11 from PyPI, several GB. Two passes: Triton 3.6's interpreter fails under
-# NumPy 2, and pyarrow (the Trainer and TRL tests, through datasets) needs NumPy 2, so the first
-# pass runs with NumPy 1.26 installed in VENV and the second with the system's NumPy (VENV's
-# removed). It changes only a VENV it made (marked by a file in it) and refuses any other.
+# NumPy 2, and pyarrow and pandas (the tests that use transformers' Trainer or TRL, through
+# datasets and the Trainer) need NumPy 2, so the first pass runs with NumPy 1.26 installed in
+# VENV and the second with the system's NumPy (VENV's removed). It changes only a VENV it made (marked by a file in it) and refuses any other.
 set -euo pipefail
 VENV="$(realpath -m "${1:-$(dirname "$0")/../.venv-gpu-versions}")"
 MARK="$VENV/.made-by-gpu-versions-check"
@@ -25,7 +25,7 @@ elif [ ! -e "$MARK" ]; then
   exit 2
 fi
 NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_fp16.py tests/test_trainer_logging.py
-  tests/test_trl.py"
+  tests/test_trl.py tests/test_authors_reference.py tests/test_weight_decay_groups.py"
 ignore=()
 for f in $NEEDS_NUMPY2; do ignore+=(--ignore="$f"); done
 "$VENV/bin/pip" install -q "numpy==1.26.4"
