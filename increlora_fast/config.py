@@ -262,6 +262,25 @@ class IncreLoRAConfig:
                   f"({num_modules} modules of capacity {self.r_max})")
         return total
 
+    def allocation_rounds(self, start_step: int, end_step: int) -> int:
+        """Allocation rounds among optimizer steps ``start_step .. end_step - 1``: the steps
+        after ``init_warmup`` that are multiples of ``incre_interval`` (spec section 4,
+        `IncreLoRAController.allocation_due`)."""
+        first = max(start_step, self.init_warmup + 1)
+        if end_step <= first:
+            return 0
+        return (end_step - 1) // self.incre_interval - (first - 1) // self.incre_interval
+
+    def reachable_total_rank(self, total_rank: int, num_modules: int, start_step: int,
+                             end_step: int) -> int:
+        """The most total rank the rounds among steps ``start_step .. end_step - 1`` can reach
+        from ``total_rank``: each grows at most ``top_h`` modules by ``incre_rank_num``, and
+        none goes past the budget (`total_budget`). Below the budget, a run of that length
+        ends short of it whatever the scores."""
+        rounds = self.allocation_rounds(start_step, end_step)
+        return min(self.total_budget(num_modules),
+                   total_rank + rounds * self.top_h * self.incre_rank_num)
+
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 

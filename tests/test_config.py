@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
@@ -142,3 +143,20 @@ def test_modules_to_save_as_a_set(kind):
                              modules_to_save=kind({"pooler", "classifier"}))
     assert config.modules_to_save == ["classifier", "pooler"]
     assert IncreLoRAConfig.from_dict(json.loads(config.to_json())) == config
+
+
+def test_allocation_rounds_count_the_controllers_round_steps():
+    """`IncreLoRAConfig.allocation_rounds` counts the steps that `allocation_due` takes for
+    rounds (t > init_warmup, t a multiple of incre_interval), over random schedules and ranges;
+    `reachable_total_rank` grows by top_h x incre_rank_num per round up to the budget."""
+    rng = random.Random(0)
+    for _ in range(300):
+        config = IncreLoRAConfig(target_modules=["q"], init_warmup=rng.randint(0, 12),
+                                 incre_interval=rng.randint(1, 7), top_h=rng.randint(1, 3),
+                                 target_rank=4, r_max=8)
+        start, end = rng.randint(0, 20), rng.randint(0, 40)
+        due = [t for t in range(start, end)
+               if t > config.init_warmup and t % config.incre_interval == 0]
+        assert config.allocation_rounds(start, end) == len(due), (config, start, end)
+        grown = 5 + len(due) * config.top_h * config.incre_rank_num
+        assert config.reachable_total_rank(5, 5, start, end) == min(20, grown)

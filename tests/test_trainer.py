@@ -363,3 +363,25 @@ def test_an_optim_that_is_not_used_is_said(tmp_path, optim):
                     ["IncreLoRATrainer: TrainingArguments.optim='sgd' is not used: the optimizer is "
                      "IncreLoRAAdamW (AdamW with per-slot schedules)"])
     assert isinstance(trainer.optimizer.optimizer, IncreLoRAAdamW)
+
+
+@pytest.mark.parametrize("steps", [STEPS, 10])
+def test_a_schedule_that_cannot_reach_the_budget_is_said(tmp_path, steps):
+    """A run whose allocation rounds cannot reach the rank budget (too short for init_warmup,
+    incre_interval and top_h) ended below target_rank without a word; the callback now warns at
+    train begin. The helpers' schedule (rounds at 4, 6, 8, 10, one module each, from 4 to 8)
+    reaches it in 12 steps, not in 10."""
+    model, _ = _model()
+    args = _args(tmp_path, save_strategy="no")
+    args.max_steps = steps
+    trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=args)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    said = [str(w.message) for w in caught if "allocation round" in str(w.message)]
+    ctl = trainer.increlora_controller
+    if steps == STEPS:
+        assert said == [] and ctl.budget_reached
+    else:
+        assert len(said) == 1 and "at most 7 of the budget's 8" in said[0]
+        assert "steps 0-9" in said[0] and ctl.current_total_rank() == 7

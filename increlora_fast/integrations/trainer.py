@@ -300,11 +300,33 @@ class IncreLoRACallback(TrainerCallback):
             checkpoint = args.resume_from_checkpoint or os.path.join(
                 args.output_dir, f"checkpoint-{state.global_step}")
             load_controller(self.controller, checkpoint)
+        if state.max_steps > 0:
+            self.warn_budget_out_of_reach(state.global_step, state.max_steps)
         if optimizer is not None and not isinstance(getattr(optimizer, "optimizer", optimizer),
                                                     IncreLoRAAdamW):
             warnings.warn("IncreLoRACallback: the Trainer's optimizer is not IncreLoRAAdamW, so "
                           "new slots get no restart warmup; use IncreLoRATrainer or "
                           "optimizers=increlora_optimizers(model, lr)", UserWarning)
+
+    def warn_budget_out_of_reach(self, start_step: int, end_step: int) -> None:
+        """Warn (RuntimeWarning) when the allocation rounds among optimizer steps ``start_step ..
+        end_step - 1`` cannot reach the rank budget (`IncreLoRAConfig.reachable_total_rank`):
+        the run would end below ``target_rank`` whatever the scores, saying nothing."""
+        controller = self.controller
+        if controller.budget_reached:
+            return
+        config, modules = controller.config, len(controller.layers)
+        total = controller.current_total_rank()
+        reach = config.reachable_total_rank(total, modules, start_step, end_step)
+        if reach < controller.total_budget:
+            warnings.warn(
+                f"IncreLoRA: {config.allocation_rounds(start_step, end_step)} allocation "
+                f"round(s) in steps {start_step}-{end_step - 1} (IncreLoRAConfig.init_warmup "
+                f"{config.init_warmup}, incre_interval {config.incre_interval}), each growing "
+                f"at most top_h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
+                f"total rank of at most {reach} of the budget's {controller.total_budget}: the "
+                "run ends below it; train longer (max_steps), lower init_warmup or "
+                "incre_interval, or raise top_h", RuntimeWarning, stacklevel=2)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)

@@ -38,22 +38,17 @@ def increlora_config(model: nn.Module, s: RunSettings) -> IncreLoRAConfig:
     return config
 
 
-def allocation_rounds(max_steps: int, init_warmup: int, incre_interval: int) -> int:
-    """The allocation rounds of a run of ``max_steps`` steps: the steps ``t < max_steps`` after
-    ``init_warmup`` that are multiples of ``incre_interval``
-    (`IncreLoRAController.allocation_due`)."""
-    return max(0, (max_steps - 1) // incre_interval - init_warmup // incre_interval)
-
-
 def warn_budget_out_of_reach(s: RunSettings, config: IncreLoRAConfig, n_targets: int) -> None:
     """Warn (RuntimeWarning) when the run's schedule cannot grow ``n_targets`` modules from
     ``init_r`` to an average of ``target_rank``: too few allocation rounds before ``max_steps``
     (``--init-warmup``, ``--incre-interval``) or too few modules per round (``--top-h``). The run
     would otherwise end below the budget it was asked for, saying nothing."""
-    rounds = allocation_rounds(s.max_steps, config.init_warmup, config.incre_interval)
-    start, budget = config.init_r * n_targets, config.target_rank * n_targets
-    reach = min(budget, start + rounds * config.top_h * config.incre_rank_num)
-    if n_targets == 0 or reach >= budget:
+    if n_targets == 0:
+        return
+    rounds = config.allocation_rounds(0, s.max_steps)
+    budget = config.total_budget(n_targets)
+    reach = config.reachable_total_rank(config.init_r * n_targets, n_targets, 0, s.max_steps)
+    if reach >= budget:
         return
     warnings.warn(f"IncreLoRA: {rounds} allocation round(s) in {s.max_steps} steps (--init-warmup "
                   f"{config.init_warmup}, --incre-interval {config.incre_interval}), each growing "
