@@ -385,3 +385,47 @@ def test_a_schedule_that_cannot_reach_the_budget_is_said(tmp_path, steps):
     else:
         assert len(said) == 1 and "at most 7 of the budget's 8" in said[0]
         assert "steps 0-9" in said[0] and ctl.current_total_rank() == 7
+
+
+def _first_step_grads(tmp_path, batch: int, accumulation: int, accepts_loss_kwargs):
+    """The gradients IncreLoRATrainer's first optimizer step takes (task loss and penalty) of
+    the helpers' BERT without dropout, 8 rows a step as ``batch`` x ``accumulation``."""
+    from transformers import TrainerCallback
+
+    torch.manual_seed(0)
+    model, _ = tiny_increlora_bert(warmup_steps=2)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    if accepts_loss_kwargs is not None:
+        model.accepts_loss_kwargs = accepts_loss_kwargs
+    seen = {}
+
+    class Record(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if not seen:
+                seen.update({n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None})
+
+    args = _args(tmp_path / f"{batch}x{accumulation}", save_strategy="no")
+    args.max_steps, args.per_device_train_batch_size = 1, batch
+    args.gradient_accumulation_steps = accumulation
+    trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=args,
+                               callbacks=[Record()])
+    trainer.train()
+    return seen
+
+
+def test_accepts_loss_kwargs_false_makes_accumulation_equal_one_batch(tmp_path):
+    """README: under accumulation transformers trains BERT classification (which accepts loss
+    kwargs and ignores num_items_in_batch) on k times its mean loss, so the penalty weighs 1/k
+    as much; ``model.accepts_loss_kwargs = False`` gives the gradients of the unaccumulated
+    batch. When transformers changes either behaviour this fails, and the README with it."""
+    whole = _first_step_grads(tmp_path, 8, 1, None)
+    fixed = _first_step_grads(tmp_path, 4, 2, False)
+    default = _first_step_grads(tmp_path, 4, 2, None)
+    assert whole.keys() == fixed.keys() == default.keys()
+    for name, grad in whole.items():
+        torch.testing.assert_close(fixed[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+    head = "classifier.weight"  # no penalty on it: the task's gradient alone, doubled
+    torch.testing.assert_close(default[head], 2 * whole[head], rtol=1e-4, atol=1e-7)
