@@ -429,3 +429,18 @@ def test_accepts_loss_kwargs_false_makes_accumulation_equal_one_batch(tmp_path):
         torch.testing.assert_close(fixed[name], grad, rtol=1e-4, atol=1e-7, msg=name)
     head = "classifier.weight"  # no penalty on it: the task's gradient alone, doubled
     torch.testing.assert_close(default[head], 2 * whole[head], rtol=1e-4, atol=1e-7)
+
+
+def test_only_the_processes_that_save_write_the_controller(tmp_path):
+    """Every process wrote the controller file into ``checkpoint-<step>``, also those that save
+    no checkpoint (``args.should_save`` False: not the main process), which made stray folders
+    on nodes without a shared file system (found by an audit)."""
+    import types
+
+    model, _ = _model()
+    callback = IncreLoRACallback(IncreLoRAController(model))
+    state = types.SimpleNamespace(global_step=3)
+    for saves in (False, True):
+        args = types.SimpleNamespace(should_save=saves, output_dir=str(tmp_path))
+        callback.on_save(args, state, None)
+        assert (tmp_path / "checkpoint-3").exists() == saves

@@ -348,6 +348,12 @@ class IncreLoRACallback(TrainerCallback):
             inner.global_step = state.global_step
 
     def on_save(self, args, state, control, **kwargs):
+        """The controller into the checkpoint the Trainer just saved, by the processes that
+        save it (``args.should_save``: the main process, or each node's with
+        ``save_on_each_node``); the others would make a stray checkpoint folder on a node
+        without a shared file system. Its state is the same on every process."""
+        if not getattr(args, "should_save", True):
+            return
         save_controller(self.controller,
                         os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
 
