@@ -1,6 +1,7 @@
 """`increlora-fast finetune` end to end on a tiny random BERT and tiny files, offline."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
@@ -104,6 +105,28 @@ def test_resume_refuses_other_settings(tiny, tmp_path, capsys):
     assert code == 2
     err = capsys.readouterr().err
     assert "--lr 0.01" in err and "checkpoint: 0.002" in err
+
+
+def test_resume_refuses_an_option_given_at_its_default(tiny, tmp_path, capsys):
+    """``--batch-size 32`` (the default) against a checkpoint of batch 8 was not compared (only
+    options that differ from the parser's defaults were) and the run went on at 8 without a
+    word (found by an audit); the command now knows which options its command line gave."""
+    from increlora_fast.cli.finetune import add_arguments
+    from increlora_fast.cli.main import main
+
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--save-steps", "3")) == 0
+    capsys.readouterr()
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    default = parser.get_default("batch_size")
+    assert default != 8
+    again = ["finetune", "--resume", str(out / "checkpoint-3"), "--no-progress",
+             "--output-dir", str(tmp_path / "again")]
+    assert main(again + ["--batch-size", str(default)]) == 2
+    err = capsys.readouterr().err
+    assert f"--batch-size {default}" in err and "checkpoint: 8" in err
+    assert main(again + ["--batch-size", "8"]) == 0  # the checkpoint's own value is no conflict
 
 
 def test_peft_baselines_report_their_budget(tiny, tmp_path):

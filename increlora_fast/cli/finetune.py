@@ -237,14 +237,19 @@ def _check_compare_options(args: argparse.Namespace) -> None:
 
 
 def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: RunSettings) -> List[str]:
-    """Options given on the command line that differ from the checkpoint's settings."""
+    """Options given on the command line that differ from the checkpoint's settings: those
+    ``args._given`` names (`main.given_options`: also one given at its default value, e.g.
+    ``--batch-size 32`` against a checkpoint of 16), else those that differ from the
+    parser's default."""
     conflicts = []
+    named = getattr(args, "_given", None)
     for key in SETTINGS_DESTS:
         given = getattr(args, key, None)
         if key in ("train_file", "eval_file") and given is not None:
             given = str(Path(given).expanduser().resolve())  # checkpoints store absolute paths
-        if key in parser_defaults and given != parser_defaults[key] and \
-                given != getattr(saved, key):
+        stated = key in named if named is not None else \
+            key in parser_defaults and given != parser_defaults[key]
+        if stated and given != getattr(saved, key):
             conflicts.append(f"--{key.replace('_', '-')} {given!r} (checkpoint: "
                              f"{getattr(saved, key)!r})")
     return conflicts

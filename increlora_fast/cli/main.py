@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Set
 
 SUBCOMMANDS = {
     "finetune": ("increlora_fast.cli.finetune", "fine-tune a model with IncreLoRA (or a peer)"),
@@ -36,13 +36,30 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"increlora-fast: warning: {message}\n"
 
 
+def given_options(argv: Optional[List[str]]) -> Set[str]:
+    """The ``dest`` of every option ``argv`` gives itself, a default's value included (a
+    subcommand can then tell ``--batch-size 32`` from no ``--batch-size`` where 32 is the
+    default): ``argv`` parsed again with every default suppressed."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        p = parsers.pop()
+        for action in p._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return set(vars(parser.parse_args(argv))) - {"command", "_module"}
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the subcommand of ``argv`` (default: the command line); returns the exit code.
-    Warnings print as one line each while it runs."""
+    Warnings print as one line each while it runs. The subcommand's ``args._given`` holds
+    the options ``argv`` gives (`given_options`)."""
     saved = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
         args = build_parser().parse_args(argv)
+        args._given = given_options(argv)
         return int(importlib.import_module(args._module).run(args) or 0)
     finally:
         warnings.formatwarning = saved
