@@ -259,3 +259,32 @@ def test_overwrite_through_a_symbolic_link_replaces_the_folder_it_points_to(tiny
     assert link.is_symlink() and not (real / "checkpoint-2").exists()
     assert json.loads((real / "metrics.json").read_text())["method"] == "lora"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+
+
+def test_a_failed_run_removes_the_empty_folders_it_made_and_nothing_else(tmp_path):
+    """A run refused after it claimed its folder (a value only the run's own check sees) left
+    the folder it had made, and its missing parents, behind empty (found by an audit); a folder
+    that was there before, or that holds anything, stays."""
+    from increlora_fast.training.output_folder import claim_output_dir
+
+    made = tmp_path / "new" / "deeper" / "run"
+    with pytest.raises(RuntimeError):
+        with claim_output_dir(str(made), echo=lambda line: None) as out:
+            assert Path(out).is_dir()
+            raise RuntimeError("the run failed")
+    assert not (tmp_path / "new").exists() and sorted(os.listdir(tmp_path)) == []
+    there = tmp_path / "there"
+    there.mkdir()
+    with pytest.raises(RuntimeError):
+        with claim_output_dir(str(there), echo=lambda line: None):
+            raise RuntimeError("the run failed")
+    assert there.is_dir()
+    kept = tmp_path / "kept" / "run"
+    with pytest.raises(RuntimeError):
+        with claim_output_dir(str(kept), echo=lambda line: None) as out:
+            (Path(out) / "notes.txt").write_text("written before the failure")
+            raise RuntimeError("the run failed")
+    assert (kept / "notes.txt").read_text() == "written before the failure"
+    with claim_output_dir(str(tmp_path / "ok"), echo=lambda line: None):
+        pass
+    assert (tmp_path / "ok").is_dir()

@@ -127,6 +127,8 @@ def claim_output_dir(output_dir: str, overwrite: bool = False, resume: Optional[
     at once), leftovers of interrupted runs are finished (`recover_leftovers`), then it is
     checked (`outputs.prepare_output_dir`). With ``overwrite`` and an earlier run in it, the
     yielded folder is ``<output_dir>.new-<pid>``, swapped in only when the body returns.
+    When the body raises, the folders the claim made (``output_dir`` and missing parents) are
+    removed if they are still empty.
 
     Raises:
         ValueError: the folder is refused (see `outputs.prepare_output_dir`, `OutputLock`), or
@@ -134,26 +136,56 @@ def claim_output_dir(output_dir: str, overwrite: bool = False, resume: Optional[
     """
     given = check_output_path(output_dir)
     out = given.resolve()  # a swap renames the folder itself, not a link to it
-    with OutputLock(out):
-        recover_leftovers(out, echo)
-        prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
-        earlier = run_files(out)
-        if not (overwrite and earlier):
-            yield given
-            return
-        foreign = _foreign(out, earlier)
-        if foreign:
-            raise ValueError(f"--output-dir {given} holds files that are not a run's outputs ("
-                             f"{', '.join(foreign[:6])}); --overwrite replaces the whole folder: "
-                             "move them out or choose another folder")
-        stage = staging_dir(out, os.getpid())
-        if stage.exists():
-            raise ValueError(f"--overwrite: {stage} exists (an earlier run's partial work); "
-                             "delete it or choose another folder")
-        check_writable(stage, option="--overwrite staging folder")
+    made = _missing_folders(out)
+    try:
+        with OutputLock(out):
+            yield from _claimed(out, given, output_dir, overwrite, resume, echo)
+    except BaseException:
+        _remove_empty(made)
+        raise
+
+
+def _missing_folders(folder: Path) -> List[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+def _remove_empty(folders: List[Path]) -> None:
+    """Remove ``folders`` (deepest first) while they are empty: the folders a failed run made
+    and left with nothing in them (it never removes a file, nor a folder that holds one)."""
+    for folder in folders:
         try:
-            yield stage
-        except BaseException:
-            _set_aside(stage, out, echo)
-            raise
-        swap_in(stage, out)
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _claimed(out: Path, given: Path, output_dir: str, overwrite: bool, resume: Optional[str],
+             echo: Callable[[str], None]) -> Iterator[Path]:
+    """`claim_output_dir` while it holds the lock."""
+    recover_leftovers(out, echo)
+    prepare_output_dir(output_dir, overwrite=overwrite, resume=resume)
+    earlier = run_files(out)
+    if not (overwrite and earlier):
+        yield given
+        return
+    foreign = _foreign(out, earlier)
+    if foreign:
+        raise ValueError(f"--output-dir {given} holds files that are not a run's outputs ("
+                         f"{', '.join(foreign[:6])}); --overwrite replaces the whole folder: "
+                         "move them out or choose another folder")
+    stage = staging_dir(out, os.getpid())
+    if stage.exists():
+        raise ValueError(f"--overwrite: {stage} exists (an earlier run's partial work); "
+                         "delete it or choose another folder")
+    check_writable(stage, option="--overwrite staging folder")
+    try:
+        yield stage
+    except BaseException:
+        _set_aside(stage, out, echo)
+        raise
+    swap_in(stage, out)
