@@ -25,18 +25,41 @@ def rank_table(rank_pattern: Dict[str, int]) -> str:
     """The rank pattern as a text table: one row per layer, one column per module type."""
     layers, kinds, grid = _grid(rank_pattern)
     width = max([len(k) for k in kinds] + [4])
-    head = "layer | " + " | ".join(k.rjust(width) for k in kinds)
+    label = max([len(layer) for layer in layers] + [5])
+    head = "layer".rjust(label) + " | " + " | ".join(k.rjust(width) for k in kinds)
     rows = [head, "-" * len(head)]
     for layer in layers:
         cells = [str(grid.get((layer, k), "")).rjust(width) for k in kinds]
-        rows.append(f"{layer:>5} | " + " | ".join(cells))
+        rows.append(f"{layer:>{label}} | " + " | ".join(cells))
     rows.append(f"total rank {sum(rank_pattern.values())} over {len(rank_pattern)} modules")
     return "\n".join(rows)
 
 
+def _layer_prefix(name: str) -> str:
+    """The part of ``name`` up to and including its layer index (`split_module_name`), or "-"
+    when it has none: ``model.decoder.layers.0`` of ``model.decoder.layers.0.fc1``."""
+    matches = list(_LAYER_INDEX.finditer(f".{name}."))
+    return f".{name}."[1:matches[-1].end() - 1] if matches else "-"
+
+
+def _natural(label: str) -> tuple:
+    return tuple((0, int(c), "") if c.isdigit() else (1, 0, c)
+                 for c in re.split(r"(\d+)", label) if c)
+
+
 def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], int]]:
-    grid = {split_module_name(n): r for n, r in rank_pattern.items()}
-    layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    """(row labels, module types, {(row, type): rank}). A row is a layer index, or, where one
+    index belongs to several layers (an encoder's and a decoder's layer 0, T5's
+    block.N.layer.0), every row is the whole name up to its index, so that every module keeps
+    a cell of its own."""
+    split = {n: split_module_name(n) for n in rank_pattern}
+    prefixes: Dict[str, set] = {}
+    for n, (index, _) in split.items():
+        prefixes.setdefault(index, set()).add(_layer_prefix(n))
+    by_index = all(len(p) == 1 for p in prefixes.values())
+    grid = {(index if by_index else _layer_prefix(n), kind): rank_pattern[n]
+            for n, (index, kind) in split.items()}
+    layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), _natural(s)))
     kinds = list(dict.fromkeys(k for _, k in grid))
     return layers, kinds, grid
 

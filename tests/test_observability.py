@@ -40,3 +40,24 @@ def test_heatmap_png_is_written(tmp_path):
     path = save_rank_heatmap(pattern, tmp_path / "sub" / "ranks.png")
     data = path.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+
+
+def test_modules_that_share_a_layer_index_and_type_get_rows_of_their_own():
+    """An encoder-decoder (BART: model.encoder.layers.0 and model.decoder.layers.0) or T5
+    (encoder.block.N.layer.0.SelfAttention.q: the last integer is the 0 of layer.0) put several
+    modules on one (layer, type) cell, and the table showed only the last one's rank."""
+    bart = {"model.encoder.layers.0.self_attn.q_proj": 2,
+            "model.decoder.layers.0.self_attn.q_proj": 5,
+            "model.encoder.layers.1.self_attn.q_proj": 3}
+    t5 = {f"encoder.block.{i}.layer.0.SelfAttention.q": i + 1 for i in range(3)}
+    for pattern in (bart, t5):
+        rows = rank_table(pattern).splitlines()[2:-1]
+        cells = {row.split("|")[0].strip(): row.split("|")[1].strip() for row in rows}
+        assert len(rows) == len(pattern)
+        for name, rank in pattern.items():  # each module's rank on a row naming its layer
+            assert [c for label, c in cells.items() if name.startswith(label + ".")] == \
+                [str(rank)], (name, cells)
+    # where the layer index alone names the layer, the rows stay that index
+    bert = {f"bert.encoder.layer.{i}.attention.self.query": i for i in range(11)}
+    assert [r.split("|")[0].strip() for r in rank_table(bert).splitlines()[2:-1]] == \
+        [str(i) for i in range(11)]
