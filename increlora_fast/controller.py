@@ -162,7 +162,8 @@ class IncreLoRAController:
         """Update scores from this step's gradients and grow ranks when the schedule says so.
 
         Args:
-            step: 0-based index of the optimizer step about to be taken.
+            step: 0-based index of the optimizer step about to be taken (counted across
+                epochs: an index the controller already took raises ValueError).
             loss_scale: the factor the loss was multiplied by before backward (fp16: the
                 GradScaler's scale, a float or, read without a host sync, its 0-d device tensor:
                 `device_scalar.grad_scaler_scale`); the ``delta_w`` score, taken from the scaled
@@ -184,6 +185,13 @@ class IncreLoRAController:
         """
         if self.budget_reached:
             return
+        if self._next_step is not None and step < self._next_step:
+            # A repeated index (or one restarting at 0 every epoch) would run its allocation
+            # round again and feed a zero score into the EMAs.
+            raise ValueError(f"IncreLoRA: controller.step({step}) after the controller took "
+                             f"step {self._next_step - 1}: the index is that of the optimizer "
+                             f"step, counted from 0 across epochs and increasing (next: step "
+                             f"{self._next_step}); call step() once per optimizer step")
         due = self.allocation_due(step)
         self._update(step, loss_scale, due, overflow)
         if due and self.defer_round:  # `finish_replayed_round` does the rest

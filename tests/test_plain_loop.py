@@ -1,0 +1,30 @@
+"""The plain Python training loop of README's "Use" section (inject_increlora, create_optimizer,
+IncreLoRAController, controller.step, optimizer.step) under the mistakes and options a user of
+that loop meets."""
+import pytest
+import torch
+
+from method_helpers import ParallelBranches, batch, branch_config, make_run, train_steps
+
+
+def test_a_step_index_given_again_is_refused_and_runs_no_second_round():
+    """controller.step(4) twice (or a loop whose index restarts at 0 every epoch) ran the
+    allocation round of step 4 twice: two modules grew where top_h=1 allows one, and a repeated
+    step fed a zero score into the EMAs."""
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=4, top_h=1))
+    train_steps(model, opt, ctl, range(5))        # the round at step 4 ran
+    assert [e["step"] for e in ctl.allocation_log] == [4]
+    rank, log, ipt = ctl.current_total_rank(), list(ctl.allocation_log), ctl.ipt.clone()
+    x, y = batch(4)
+    ((model(x) - y) ** 2).mean().backward()
+    with pytest.raises(ValueError, match=r"controller.step\(4\).*step 5"):
+        ctl.step(4)
+    with pytest.raises(ValueError, match=r"controller.step\(0\)"):
+        ctl.step(0)                               # a new epoch restarting the index
+    assert ctl.current_total_rank() == rank and ctl.allocation_log == log
+    assert torch.equal(ctl.ipt, ipt)
+    opt.zero_grad()
+    train_steps(model, opt, ctl, range(5, 7))     # the loop goes on as before
+    assert [e["step"] for e in ctl.allocation_log] == [4, 6]
+
