@@ -110,6 +110,7 @@ class IncreLoRAController:
         # data-parallel rank draws the same values, and state_dict() carries its state.
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self._warned_untracked = False
+        self._warned_skip = False
         self.exact_step_score = bool(self.config.exact_step_score)
         # While true, `step` at an allocation round does only its device work (the scores into
         # the EMAs) and leaves the round to `finish_replayed_round`: a CUDA graph captures that
@@ -163,7 +164,9 @@ class IncreLoRAController:
 
         Args:
             step: 0-based index of the optimizer step about to be taken (counted across
-                epochs: an index the controller already took raises ValueError).
+                epochs: an index the controller already took raises ValueError; one that
+                skips steps is warned about once, and a round due at a skipped step runs at
+                this one).
             loss_scale: the factor the loss was multiplied by before backward (fp16: the
                 GradScaler's scale, a float or, read without a host sync, its 0-d device tensor:
                 `device_scalar.grad_scaler_scale`); the ``delta_w`` score, taken from the scaled
@@ -192,11 +195,33 @@ class IncreLoRAController:
                              f"step {self._next_step - 1}: the index is that of the optimizer "
                              f"step, counted from 0 across epochs and increasing (next: step "
                              f"{self._next_step}); call step() once per optimizer step")
+        if self._next_step is not None and step > self._next_step:
+            self._note_skipped(step)
         due = self.allocation_due(step)
         self._update(step, loss_scale, due, overflow)
         if due and self.defer_round:  # `finish_replayed_round` does the rest
             return
         self._end_step(step)
+
+    def _note_skipped(self, step: int) -> None:
+        """``step`` skips the steps from ``_next_step`` on: a round due at one of them waits
+        for this step, and the skip is named (once): an index that is not the optimizer's step
+        (a micro-batch index, a count from 1) also leaves the slots' stamps off the optimizer's
+        schedules."""
+        cfg = self.config
+        first = max(self._next_step, cfg.init_warmup + 1)
+        first_round = -(-first // cfg.incre_interval) * cfg.incre_interval
+        if first_round < step:
+            self.round_pending = True
+        if not self._warned_skip:
+            self._warned_skip = True
+            skipped = (f"step {self._next_step}" if step == self._next_step + 1
+                       else f"steps {self._next_step} to {step - 1}")
+            warnings.warn(f"IncreLoRA: controller.step({step}) skips {skipped}: the index is "
+                          "that of the optimizer step (0, 1, 2, ...; not of a micro-batch), "
+                          "which IncreLoRAAdamW's per-slot schedules count too; call step() "
+                          "once per optimizer step (a round due at a skipped step runs at the "
+                          "next step given; warned once)", RuntimeWarning)
 
     def _end_step(self, step: int) -> None:
         """The host side of the end of ``step``: the layers' tracking set for ``step + 1``."""

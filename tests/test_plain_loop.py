@@ -28,3 +28,19 @@ def test_a_step_index_given_again_is_refused_and_runs_no_second_round():
     train_steps(model, opt, ctl, range(5, 7))     # the loop goes on as before
     assert [e["step"] for e in ctl.allocation_log] == [4, 6]
 
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_a_skipped_round_step_waits_for_the_next_step_and_the_skip_is_named(window):
+    """Indices that skip (the micro-batch index of a loop accumulating 2 micro-batches: 1, 3, 5,
+    ...) never hit a round step (4, 6, ...): with a score window of incre_interval or more no
+    round ran and nothing was said, so training ended at init_r everywhere."""
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(
+        target_rank=3, top_h=1, score_window=window))
+    with pytest.warns(RuntimeWarning, match=r"controller.step\(1\) skips step 0") as caught:
+        train_steps(model, opt, ctl, range(1, 12, 2))
+    assert len([w for w in caught if "skips" in str(w.message)]) == 1  # warned once
+    # the rounds of steps 4, 6, 8 and 10, each run at the next step given
+    assert len(ctl.allocation_log) >= 3 and ctl.current_total_rank() > 2
+    assert all(e["step"] % 2 == 1 for e in ctl.allocation_log)
+
