@@ -422,7 +422,9 @@ class IncreLoRALinear(nn.Module):
         base = self._modules["base_layer"]
         if self.merged or not self.adapter_enabled:
             return base(x, *args, **kwargs)
-        track = self.score_enabled and self.training and torch.is_grad_enabled()
+        # Not tied to self.training: a model trained in eval mode (no dropout) scores as in
+        # train mode; the score is taken in backward, so a forward alone adds nothing.
+        track = self.score_enabled and torch.is_grad_enabled()
         score_out = grad_out = None
         lora_A = params["lora_A"]
         if track and self.exact_step_score:

@@ -225,22 +225,26 @@ def test_exact_score_accumulates_over_backward_passes(seed, conv1d):
     assert float(layer.score_sum) == 0.0
 
 
-def test_score_only_when_enabled_and_training():
+def test_score_only_when_enabled_and_in_a_backward_pass():
+    """Scored in train and eval mode alike (a model trained in eval mode, without dropout,
+    scores as in train mode), never under no_grad or by a forward alone."""
     layer = random_layer(0)
     x = torch.randn(5, IN)
     layer.train()
     layer(x).sum().backward()
     assert float(layer.score_sum) == 0.0
     layer.score_enabled = True
-    layer.eval()
-    layer(x).sum().backward()
-    assert float(layer.score_sum) == 0.0
-    layer.train()
     with torch.no_grad():
         layer(x)
+    layer(x)
     assert float(layer.score_sum) == 0.0
     layer(x).sum().backward()
-    assert float(layer.score_sum) > 0.0
+    trained = float(layer.score_sum)
+    assert trained > 0.0
+    layer.score_sum.zero_()
+    layer.eval()
+    layer(x).sum().backward()
+    assert float(layer.score_sum) == trained
 
 
 @pytest.mark.parametrize("exact", [False, True], ids=["per_pass", "exact_step"])

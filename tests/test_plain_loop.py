@@ -44,3 +44,20 @@ def test_a_skipped_round_step_waits_for_the_next_step_and_the_skip_is_named(wind
     assert len(ctl.allocation_log) >= 3 and ctl.current_total_rank() > 2
     assert all(e["step"] % 2 == 1 for e in ctl.allocation_log)
 
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_model_trained_in_eval_mode_scores_as_in_train_mode(exact):
+    """Training with model.eval() (no dropout: the same computation) took no score in the
+    backward passes: every module scored 0 and the rounds grew modules in module order."""
+    def run(train_mode):
+        torch.manual_seed(0)
+        model, opt, ctl = make_run(ParallelBranches(3, weights=[0.0, 1.0, 2.0]), branch_config(
+            target_rank=2, top_h=1, exact_step_score=exact))
+        model.train(train_mode)
+        train_steps(model, opt, ctl, range(7))
+        return ctl.ipt.clone(), list(ctl.allocation_log), model.state_dict()
+
+    (ipt_train, log_train, state_train), (ipt_eval, log_eval, state_eval) = run(True), run(False)
+    assert (ipt_train > 0).any()
+    assert torch.equal(ipt_eval, ipt_train) and log_eval == log_train
+    assert all(torch.equal(state_eval[k], state_train[k]) for k in state_train)
