@@ -153,7 +153,8 @@ def _save(fig, path) -> Path:
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # a name without a suffix: PNG there (matplotlib would write to name + ".png" instead)
+    fig.savefig(path, dpi=120, format=None if path.suffix else "png")
     plt.close(fig)
     return path
 

@@ -61,3 +61,15 @@ def test_modules_that_share_a_layer_index_and_type_get_rows_of_their_own():
     bert = {f"bert.encoder.layer.{i}.attention.self.query": i for i in range(11)}
     assert [r.split("|")[0].strip() for r in rank_table(bert).splitlines()[2:-1]] == \
         [str(i) for i in range(11)]
+
+
+def test_a_path_without_suffix_is_written_where_asked_and_returned(tmp_path):
+    """matplotlib appends ".png" to a name without a suffix: save_rank_heatmap(p, "out/ranks")
+    wrote out/ranks.png and returned out/ranks, a path that did not exist."""
+    from increlora_fast.visualize import save_rank_over_time
+
+    heatmap = save_rank_heatmap({"enc.layer.0.q": 1, "enc.layer.1.q": 2}, tmp_path / "ranks")
+    over_time = save_rank_over_time({"enc.layer.0.q": 1}, [], tmp_path / "over")
+    for path, asked in ((heatmap, "ranks"), (over_time, "over")):
+        assert path == tmp_path / asked and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["over", "ranks"]
