@@ -187,6 +187,8 @@ class IncreLoRAConfig:
         if mts is not None and not (isinstance(mts, list)
                                     and all(isinstance(t, str) and t for t in mts)):
             _fail("modules_to_save", self.modules_to_save, "a list of module-name suffixes")
+        if not _is_int(self.target_rank):  # before incre_rank_num, derived from it
+            _fail("target_rank", self.target_rank, "an integer >= 1")
         for name in ("r_max", "init_r", "incre_interval", "top_h", "incre_rank_num"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -195,8 +197,10 @@ class IncreLoRAConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < 0:
                 _fail(name, value, "an integer >= 0")
-        if not _is_int(self.target_rank) or self.target_rank < self.init_r:
+        if self.target_total_rank is None and self.target_rank < self.init_r:
             _fail("target_rank", self.target_rank, f"an integer >= init_r ({self.init_r})")
+        if self.target_rank < 1:  # with target_total_rank it only derives incre_rank_num
+            _fail("target_rank", self.target_rank, "an integer >= 1")
         if self.target_total_rank is not None and (
                 not _is_int(self.target_total_rank) or self.target_total_rank < 1):
             _fail("target_total_rank", self.target_total_rank, "None or an integer >= 1")

@@ -160,3 +160,17 @@ def test_allocation_rounds_count_the_controllers_round_steps():
         assert config.allocation_rounds(start, end) == len(due), (config, start, end)
         grown = 5 + len(due) * config.top_h * config.incre_rank_num
         assert config.reachable_total_rank(5, 5, start, end) == min(20, grown)
+
+
+def test_a_total_rank_budget_needs_no_target_rank_above_init_r():
+    """target_total_rank overrides target_rank, yet IncreLoRAConfig(init_r=3, r_max=8,
+    target_total_rank=40) was refused for the default target_rank=2 being below init_r."""
+    config = IncreLoRAConfig(init_r=3, r_max=8, target_total_rank=40)
+    assert config.total_budget(8) == 40
+    with pytest.raises(ValueError, match="init_x modules|init_r x modules"):
+        config.total_budget(14)  # 3 x 14 = 42 > 40: the budget is still checked
+    with pytest.raises(ValueError, match="target_rank"):
+        IncreLoRAConfig(init_r=3, r_max=8, target_rank=2)  # without a total: still refused
+    for bad in (0, 2.5, True):
+        with pytest.raises(ValueError, match="target_rank"):
+            IncreLoRAConfig(init_r=3, r_max=8, target_rank=bad, target_total_rank=40)
