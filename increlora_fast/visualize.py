@@ -67,6 +67,8 @@ def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tupl
 def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
                       title: str = "IncreLoRA rank pattern") -> Path:
     """Write a PNG heatmap of active ranks (rows: layers, columns: module types); returns the path."""
+    if not rank_pattern:
+        raise ValueError("save_rank_heatmap needs at least one module")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -73,3 +73,13 @@ def test_a_path_without_suffix_is_written_where_asked_and_returned(tmp_path):
     for path, asked in ((heatmap, "ranks"), (over_time, "over")):
         assert path == tmp_path / asked and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["over", "ranks"]
+
+
+def test_an_empty_rank_pattern_is_a_clear_error_for_the_heatmap(tmp_path):
+    """save_rank_heatmap({}) failed inside numpy ("zero-size array to reduction operation
+    fmin"), after opening a figure it never closed."""
+    import pytest
+
+    with pytest.raises(ValueError, match="save_rank_heatmap needs at least one module"):
+        save_rank_heatmap({}, tmp_path / "ranks.png")
+    assert not (tmp_path / "ranks.png").exists()
