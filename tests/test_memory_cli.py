@@ -290,3 +290,31 @@ def test_cli_rejects_a_sequence_longer_than_the_position_table(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--small-seq 16" in err
     assert main(common + ["--seq-len", "64"]) == 0
+
+
+@pytest.mark.parametrize("bits", ["4bit", "8bit"])
+def test_quantized_base_counts_the_float32_adapters_it_gets(tmp_path, bits):
+    """On a bitsandbytes base the adapter is float32 whatever --adapter-dtype says (its weight
+    is not a float: `layer.adapter_dtype_for`); with --adapter-dtype base and a bf16 --dtype the
+    breakdown counted bf16 A and B (and moments and gradients) instead."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from increlora_fast import IncreLoRALinear
+    from increlora_fast.benchmarks.memory.compared_methods import (INCRELORA_SLOT_STATE_BYTES,
+                                                                   _in_out, target_names)
+
+    base = bnb.nn.Linear4bit(64, 64, compute_dtype=torch.bfloat16) if bits == "4bit" else \
+        bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+    real = IncreLoRALinear(base.to("cpu"), r_max=2, adapter_dtype="base")
+    assert real.lora_A.dtype == real.lora_B.dtype == torch.float32
+    setting = dataclasses.replace(SETTING, adapter_dtype="base")
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "bf16")
+    rows = by_component(method_rows(methods_for(setting)[0], spec, setting, 1, 8,
+                                    torch.device("cpu"), quantized=bits), "increlora")
+    meta = spec.build(torch.device("cpu"), meta=True)
+    dims = [_in_out(meta.get_submodule(n)) for n in target_names(meta, setting)]
+    r = setting.r_max
+    padded = sum(r * ((i + o) * 4 + 4) for i, o in dims)  # float32 A, B and lambda
+    assert rows[PADDED]["bytes"] == padded
+    assert rows[GRADS]["bytes"] == padded
+    assert rows[OPTIMIZER]["bytes"] == 2 * padded + 3 * len(dims) * r * INCRELORA_SLOT_STATE_BYTES
+    assert "A and B float32" in rows[PADDED]["detail"]

@@ -18,6 +18,7 @@ activations (peak of forward and backward) and the optimizer step's temporaries.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -109,6 +110,10 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
                 batch_size: int, seq_len: int, device: torch.device, quantized: str = "none",
                 estimate: bool = False, small_seq: Optional[int] = None) -> List[dict]:
     """The rows of one method (see the module docstring)."""
+    if quantized != "none":
+        # A bitsandbytes weight is not a float: every adapter_dtype choice gives float32 A and
+        # B there (`layer.adapter_dtype_for`); the stand-in step is measured with them too.
+        setting = dataclasses.replace(setting, adapter_dtype="float32")
     meta = spec.build(device, meta=True)
     base = base_weights(meta, quantized)
     base_unquantized = base_weights(meta, "none")[0]
