@@ -318,3 +318,26 @@ def test_quantized_base_counts_the_float32_adapters_it_gets(tmp_path, bits):
     assert rows[GRADS]["bytes"] == padded
     assert rows[OPTIMIZER]["bytes"] == 2 * padded + 3 * len(dims) * r * INCRELORA_SLOT_STATE_BYTES
     assert "A and B float32" in rows[PADDED]["detail"]
+
+
+def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """--json FILE replaces an earlier breakdown, but refuses any other file before measuring:
+    ``--json`` naming the --model config itself overwrote it with the rows, the config lost."""
+    config = write_config(tmp_path, LLAMA)
+    before = config.read_text()
+    common = ["memory", "--model", str(config), "--target-modules", "q_proj", "--r-max", "2",
+              "--target-rank", "2", "--batch-size", "1", "--seq-len", "8", "--dtype", "fp32",
+              "--no-progress", "--device", "cpu"]
+    assert main(common + ["--json", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--json" in err and "not" in err
+    assert config.read_text() == before
+    other = tmp_path / "notes.json"
+    other.write_text("[1, 2]\n")
+    assert main(common + ["--json", str(other)]) == 2
+    assert other.read_text() == "[1, 2]\n"
+    rows = tmp_path / "rows.json"
+    assert main(common + ["--json", str(rows)]) == 0
+    first = json.loads(rows.read_text())
+    assert main(common + ["--json", str(rows), "--r-max", "3"]) == 0  # an earlier breakdown
+    assert json.loads(rows.read_text()) != first

@@ -9,7 +9,9 @@ when there is one, else per tensor on CPU), or with ``--estimate`` from small ru
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 from ..config import ADAPTER_DTYPES
@@ -64,7 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     step.add_argument("--device", default=None,
                       help="where the step runs (default: cuda when available, else cpu)")
     out = parser.add_argument_group("output")
-    out.add_argument("--json", default=None, help="write the rows to this JSON file")
+    out.add_argument("--json", default=None,
+                     help="write the rows to this JSON file (a new one, or an earlier breakdown)")
     out.add_argument("--notes", action="store_true", help="print how every figure was obtained")
     out.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
@@ -75,6 +78,24 @@ def _positive(args: argparse.Namespace, names: List[str]) -> Optional[str]:
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} {value}: must be >= 1"
     return None
+
+
+ROW_KEYS = ("method", "component", "bytes", "how")
+
+
+def _check_replaceable(path: Optional[str]) -> None:
+    """``--json`` may replace an earlier breakdown (a JSON list of rows), never another file
+    (e.g. the --model config itself): ValueError naming it, before anything is measured."""
+    if not path or not Path(path).expanduser().is_file():
+        return
+    try:
+        rows = json.loads(Path(path).expanduser().read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        rows = None
+    if not (isinstance(rows, list) and rows and all(
+            isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows)):
+        raise ValueError(f"--json {path} exists and is not a breakdown this command wrote; "
+                         "give a new path (or delete the file)")
 
 
 def _fail(message: str) -> int:
@@ -91,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         check_rank_budget(args.target_rank, args.r_max, args.init_r)
         check_device(args.device)
         check_output_path(args.json, "--json")  # written after the step is measured
+        _check_replaceable(args.json)
     except ValueError as err:
         return _fail(str(err))
     import torch
