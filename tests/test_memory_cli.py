@@ -341,3 +341,21 @@ def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     first = json.loads(rows.read_text())
     assert main(common + ["--json", str(rows), "--r-max", "3"]) == 0  # an earlier breakdown
     assert json.loads(rows.read_text()) != first
+
+
+@pytest.mark.parametrize("config", [
+    {"model_type": "no-such-family", "vocab_size": 3},
+    dict(LLAMA, hidden_size="big"),
+    dict(LLAMA, num_attention_heads=5),  # 32 is not a multiple of 5
+])
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_cli_rejects_a_config_transformers_cannot_build_with_one_line(tmp_path, capsys, config,
+                                                                      as_folder):
+    """An unknown model_type or a config value transformers refuses is one line naming --model
+    (not a traceback from huggingface_hub's validation, nor every model type transformers
+    knows)."""
+    path = write_config(tmp_path, config)
+    model = str(tmp_path) if as_folder else str(path)
+    assert main(["memory", "--model", model, "--seq-len", "8", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--model {model}" in err and len(err) < 400, err

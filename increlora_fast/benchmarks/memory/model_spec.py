@@ -3,11 +3,12 @@ id), its head, a copy on the meta device (shapes and dtypes, no weights) and rea
 depth to run."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 from torch import nn
@@ -39,16 +40,54 @@ def load_config(model: str):
             raise ValueError(f"--model {model}: the config has no 'model_type' field, so the "
                              "model family is unknown")
         data = dict(data)
-        return AutoConfig.for_model(data.pop("model_type"), **data)
+        _check_model_type(model, data["model_type"])
+        with _refused_as_value_error(model):
+            return AutoConfig.for_model(data.pop("model_type"), **data)
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"--model {model}: the folder has no config.json")
+    if path.is_dir():
+        try:
+            data = json.loads((path / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--model {model}: config.json is not readable JSON ({err})") \
+                from None
+        if isinstance(data, dict) and "model_type" in data:
+            _check_model_type(model, data["model_type"])
     try:
-        config = AutoConfig.from_pretrained(model)
+        with _refused_as_value_error(model):
+            config = AutoConfig.from_pretrained(model)
     except OSError as err:
         raise ValueError(f"--model {model}: no such folder or config file, and the hub id could "
                          f"not be resolved (offline?): {str(err).splitlines()[0]}") from None
     assert isinstance(config, PretrainedConfig)
     return config
+
+
+def _check_model_type(model: str, model_type: object) -> None:
+    """ValueError naming --model when transformers knows no family ``model_type`` (its own
+    error lists every family it knows, hundreds of names, without the option)."""
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ValueError(f"--model {model}: model_type {model_type!r} is not a model family "
+                         f"transformers {transformers.__version__} knows")
+
+
+@contextlib.contextmanager
+def _refused_as_value_error(model: str) -> Iterator[None]:
+    """A config transformers refuses (a field of the wrong type, a size that does not divide:
+    huggingface_hub's validation errors, TypeError, ValueError) as one ValueError line naming
+    --model."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        yield
+    except (ValueError, TypeError, KeyError, StrictDataclassError) as err:
+        reason = " ".join(str(err).split())
+        reason = reason if len(reason) <= 240 else reason[:237] + "..."
+        raise ValueError(f"--model {model}: transformers cannot build this config: "
+                         f"{type(err).__name__}: {reason}") from None
 
 
 def resolve_head(config, head: str) -> str:
