@@ -320,6 +320,26 @@ def test_quantized_base_counts_the_float32_adapters_it_gets(tmp_path, bits):
     assert "A and B float32" in rows[PADDED]["detail"]
 
 
+def test_quantized_base_keeps_the_adapter_dtype_of_a_layer_left_unquantized(tmp_path):
+    """transformers leaves lm_head unquantized: an adapter there follows --adapter-dtype (bf16
+    with base on a bf16 model), the ones on the 4-bit linears are float32."""
+    from increlora_fast.benchmarks.memory.compared_methods import _in_out
+
+    setting = dataclasses.replace(SETTING, target_modules=("q_proj", "lm_head"),
+                                  adapter_dtype="base")
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "bf16")
+    rows = by_component(method_rows(methods_for(setting)[0], spec, setting, 1, 8,
+                                    torch.device("cpu"), quantized="4bit"), "increlora")
+    meta = spec.build(torch.device("cpu"), meta=True)
+    r = setting.r_max
+    q_in, q_out = _in_out(meta.get_submodule("model.layers.0.self_attn.q_proj"))
+    head_in, head_out = _in_out(meta.lm_head)
+    padded = (2 * r * ((q_in + q_out) * 4 + 4)            # two 4-bit q_proj: float32
+              + r * ((head_in + head_out) * 2 + 4))      # lm_head kept bf16: bf16 A, B
+    assert rows[PADDED]["bytes"] == padded
+    assert rows[GRADS]["bytes"] == padded
+
+
 def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     """--json FILE replaces an earlier breakdown, but refuses any other file before measuring:
     ``--json`` naming the --model config itself overwrote it with the rows, the config lost."""

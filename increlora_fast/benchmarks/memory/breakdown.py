@@ -18,7 +18,6 @@ activations (peak of forward and backward) and the optimizer step's temporaries.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from pathlib import Path
@@ -53,6 +52,19 @@ BNB_BLOCKSIZE = 64   # bitsandbytes 4-bit: one fp32 absmax per 64 weights
 BNB_CODE_BYTES = 64  # and a 16-entry fp32 code per layer
 
 
+def _quantized_linears(meta_model: nn.Module) -> Tuple[set, Dict[str, nn.Module]]:
+    """(the module names transformers keeps in the base dtype, {name: linear} of the ones it
+    quantizes to 4/8 bits): plain nn.Linear and Conv1D (GPT-2's) layers alike."""
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    keep = set(get_keys_to_not_convert(meta_model))
+    linears = {n: m for n, m in meta_model.named_modules()
+               if (type(m) is nn.Linear or isinstance(m, Conv1D))
+               and not any(n == k or n.endswith("." + k) for k in keep)}
+    return keep, linears
+
+
 def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
     """Bytes of every parameter and buffer of the base model (accelerate's
     ``compute_module_sizes``); with a 4/8-bit base, its linears in bitsandbytes' layout."""
@@ -64,15 +76,8 @@ def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
         return (int(compute_module_sizes(meta_model)[""]), "exact",
                 "accelerate compute_module_sizes: every parameter and buffer at its dtype")
     from accelerate.utils.dataclasses import CustomDtype
-    from transformers.quantizers.base import get_keys_to_not_convert
 
-    from transformers.pytorch_utils import Conv1D
-
-    keep = set(get_keys_to_not_convert(meta_model))
-    # transformers quantizes plain nn.Linear and Conv1D (GPT-2's) layers alike
-    linears = {n: m for n, m in meta_model.named_modules()
-               if (type(m) is nn.Linear or isinstance(m, Conv1D))
-               and not any(n == k or n.endswith("." + k) for k in keep)}
+    keep, linears = _quantized_linears(meta_model)
     packed = CustomDtype.INT4 if quantized == "4bit" else torch.int8
     size = compute_module_sizes(meta_model,
                                 special_dtypes={f"{n}.weight": packed for n in linears})[""]
@@ -110,14 +115,16 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
                 batch_size: int, seq_len: int, device: torch.device, quantized: str = "none",
                 estimate: bool = False, small_seq: Optional[int] = None) -> List[dict]:
     """The rows of one method (see the module docstring)."""
-    if quantized != "none":
-        # A bitsandbytes weight is not a float: every adapter_dtype choice gives float32 A and
-        # B there (`layer.adapter_dtype_for`); the stand-in step is measured with them too.
-        setting = dataclasses.replace(setting, adapter_dtype="float32")
     meta = spec.build(device, meta=True)
     base = base_weights(meta, quantized)
     base_unquantized = base_weights(meta, "none")[0]
-    sizes = method.sizes(meta, spec.dtype, setting)
+    # A bitsandbytes weight is not a float: every adapter_dtype gives float32 A and B on it
+    # (`layer.adapter_dtype_for`). The step runs on the unquantized stand-in, whose exact
+    # sizes (`stand_in`) are what its measurement is corrected by.
+    packed = frozenset(_quantized_linears(meta)[1]) if quantized != "none" else frozenset()
+    sizes = method.sizes(meta, spec.dtype, setting, quantized_names=packed)
+    stand_in_sizes = sizes if not packed or method.kind != "increlora" else \
+        method.sizes(spec.build(device, meta=True), spec.dtype, setting)
     batch = spec.batch(batch_size, seq_len, torch.device("cpu"))
     batch_bytes = sum(t.numel() * t.element_size() for t in batch.values())
     rows = [_row(method.key, BASE, base)]
@@ -139,11 +146,12 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
         total_note = "exact static part + estimated step"
     else:
         step = measure_step(spec, method, setting, batch_size, seq_len, device)
-        exact_static = _static_sum(sizes, base_unquantized, 0)
+        exact_static = _static_sum(stand_in_sizes, base_unquantized, 0)
+        stand_in_grads = stand_in_sizes["grads"][0]
         # Held from one step into the next by the loss a loop keeps (its graph's hooks).
         carried = max(0, step.static - exact_static)
-        acts = max(0, step.forward_backward - grads + carried)
-        opt = max(0, step.optimizer - grads + carried)
+        acts = max(0, step.forward_backward - stand_in_grads + carried)
+        opt = max(0, step.optimizer - stand_in_grads + carried)
         how, note = "measured", (f"one training step at {batch_size} x {seq_len} ({step.kind})"
                                  f"{stand_in}, gradients subtracted, {carried} B the previous "
                                  "step's loss still held included")

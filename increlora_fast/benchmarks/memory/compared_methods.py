@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -85,18 +85,31 @@ Sizes = Dict[str, Tuple[int, str, str]]  # component -> (bytes, how, detail)
 
 
 def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
-                    setting: AdapterSetting) -> Sizes:
+                    setting: AdapterSetting, quantized_names: Collection[str] = ()) -> Sizes:
+    """IncreLoRA's exact sizes; the targets among ``quantized_names`` (bitsandbytes layers on a
+    4/8-bit base, whose weight is not a float) get float32 A and B whatever ``adapter_dtype``
+    says, as `layer.adapter_dtype_for` gives them."""
     names = target_names(meta_model, setting)
     dims = [_in_out(meta_model.get_submodule(n)) for n in names]
-    dtype = increlora_adapter_dtype(base_dtype, setting)
-    size, lam_size = dtype.itemsize, lambda_dtype(dtype).itemsize
+    on_float = increlora_adapter_dtype(base_dtype, setting)
+    dtypes = [torch.float32 if n in quantized_names else on_float for n in names]
     r, n = setting.r_max, len(names)
-    padded = sum(r * ((i + o) * size + lam_size) for i, o in dims)
-    active = sum(setting.target_rank * ((i + o) * size + lam_size) for i, o in dims)
-    uniform = len(set(i + o for i, o in dims)) == 1
+
+    def per_slot(dims_dtype: Tuple[Tuple[int, int], torch.dtype]) -> int:
+        (i, o), dtype = dims_dtype
+        return (i + o) * dtype.itemsize + lambda_dtype(dtype).itemsize
+    padded = sum(r * per_slot(d) for d in zip(dims, dtypes))
+    active = sum(setting.target_rank * per_slot(d) for d in zip(dims, dtypes))
+    uniform = len(set(i + o for i, o in dims)) == 1 and len(set(dtypes)) == 1
     dense = sum(i * o for i, o in dims) * FP32
-    where = (f"{n} modules, r_max={r}, A and B {str(dtype).replace('torch.', '')}, lambda "
-             f"{str(lambda_dtype(dtype)).replace('torch.', '')}")
+
+    def name(dtype: torch.dtype) -> str:
+        return str(dtype).replace("torch.", "")
+    kinds = sorted(set(dtypes), key=str)
+    where = (f"{n} modules, r_max={r}, A and B "
+             + (name(kinds[0]) if len(kinds) == 1 else " or ".join(
+                 f"{name(d)} ({sum(t == d for t in dtypes)} modules)" for d in kinds))
+             + ", lambda " + " or ".join(sorted({name(lambda_dtype(d)) for d in kinds})))
     return {
         "padded": (padded, "exact", f"A (r_max, in), B (out, r_max), lambda (r_max,); {where}"),
         "active": (active, "exact" if uniform else "estimated",
@@ -182,10 +195,11 @@ class MemoryMethod:
     rank: int
 
     def sizes(self, meta_model: nn.Module, base_dtype: torch.dtype,
-              setting: AdapterSetting) -> Sizes:
-        """Exact static sizes; ``meta_model`` is a fresh meta-device model (peft wraps it)."""
+              setting: AdapterSetting, quantized_names: Collection[str] = ()) -> Sizes:
+        """Exact static sizes; ``meta_model`` is a fresh meta-device model (peft wraps it).
+        ``quantized_names``: the linears a 4/8-bit base holds in bitsandbytes' layout."""
         if self.kind == "increlora":
-            return increlora_sizes(meta_model, base_dtype, setting)
+            return increlora_sizes(meta_model, base_dtype, setting, quantized_names)
         if self.kind == "lora":
             setting = dataclasses.replace(setting, r_max=self.rank)
         return peft_sizes(meta_model, setting, adalora=self.kind == "adalora")
