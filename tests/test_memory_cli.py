@@ -379,3 +379,13 @@ def test_cli_rejects_a_config_transformers_cannot_build_with_one_line(tmp_path, 
     assert main(["memory", "--model", model, "--seq-len", "8", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"--model {model}" in err and len(err) < 400, err
+
+
+def test_cli_rejects_a_head_the_family_lacks_with_one_line(tmp_path, capsys):
+    """--head masked-lm on a Llama config: transformers has no such model; one line naming
+    --head, not transformers' multi-line list of every config class it knows."""
+    config = str(write_config(tmp_path, LLAMA))
+    assert main(["memory", "--model", config, "--head", "masked-lm", "--seq-len", "8",
+                 "--no-progress", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--head masked-lm" in err and "llama" in err, err

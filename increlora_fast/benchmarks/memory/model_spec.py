@@ -16,6 +16,9 @@ from torch import nn
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
 HEADS = ("auto", "causal-lm", "masked-lm", "seq-cls")
+_HEAD_MAPPINGS = {"causal-lm": "MODEL_FOR_CAUSAL_LM_MAPPING",
+                  "masked-lm": "MODEL_FOR_MASKED_LM_MAPPING",
+                  "seq-cls": "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING"}
 _AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
                  "seq-cls": "AutoModelForSequenceClassification"}
 
@@ -92,11 +95,25 @@ def _refused_as_value_error(model: str) -> Iterator[None]:
 
 def resolve_head(config, head: str) -> str:
     """The head to train: the one the config's ``architectures`` name, else sequence
-    classification for encoder families and a causal LM for decoder-only ones."""
+    classification for encoder families and a causal LM for decoder-only ones; ValueError
+    naming --head when transformers has no model with that head for the config's family."""
     if head not in HEADS:
         raise ValueError(f"--head {head!r} is invalid: use one of {list(HEADS)}")
-    if head != "auto":
-        return head
+    chosen = _auto_head(config) if head == "auto" else head
+    import transformers
+
+    mapping = getattr(transformers, _HEAD_MAPPINGS[chosen])
+    if type(config) not in mapping:
+        has = [h for h, m in _HEAD_MAPPINGS.items() if type(config) in getattr(transformers, m)]
+        picked = f"--head auto (from the config: {chosen})" if head == "auto" else \
+            f"--head {chosen}"
+        raise ValueError(f"{picked}: transformers has no {chosen} model for "
+                         f"{getattr(config, 'model_type', type(config).__name__)!r}; use "
+                         + (f"--head {' or '.join(has)}" if has else "another model"))
+    return chosen
+
+
+def _auto_head(config) -> str:
     for arch in getattr(config, "architectures", None) or []:
         if arch.endswith("ForCausalLM") or arch.endswith("LMHeadModel"):
             return "causal-lm"
