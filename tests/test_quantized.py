@@ -145,3 +145,40 @@ def test_peft_loads_the_export_on_the_same_quantized_base(tmp_path, kind):
     # by quantization noise (checked: also with an adapter peft itself saved).
     torch.testing.assert_close(theirs - theirs_base, ours - ours_base, rtol=1e-4, atol=1e-5)
     assert float((ours - ours_base).abs().max()) > 1e-3  # the adapter is not nothing
+
+
+def test_increlora_trainer_trains_a_transformers_4bit_model(tmp_path):
+    """QLoRA with the drop-in Trainer: a model loaded with BitsAndBytesConfig carries adapters
+    (IncreLoRA's), yet transformers' Trainer refused it as 'purely quantized' (it only knows
+    peft's), so IncreLoRATrainer could not be built."""
+    transformers = pytest.importorskip("transformers")
+    from increlora_fast.integrations.trainer import IncreLoRATrainer
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True,
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    assert getattr(model, "is_quantized", False)
+    cfg = IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, init_r=1,
+                          target_rank=2, init_warmup=1, incre_interval=1, top_h=1)
+    inject_increlora(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(3))
+    args = transformers.TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=3, learning_rate=1e-2, report_to=[],
+                                          save_strategy="no", use_cpu=True)
+    trainer = IncreLoRATrainer(model=model, args=args,
+                               train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+    assert not getattr(model, "_hf_peft_config_loaded", False)  # marked only while checked
+    trainer.train()
+    changed = [n for n, p in model.named_parameters()
+               if p.requires_grad and not torch.equal(p, before[n])]
+    assert any(n.endswith("lora_A") for n in changed) and any(
+        n.endswith("lora_lambda") for n in changed)
+    assert [type(layer.base_layer).__name__ for _, layer in increlora_layers(model)] == \
+        ["Linear4bit", "Linear4bit"]

@@ -16,6 +16,7 @@ every module's rank and importance score; see `IncreLoRACallback.install`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 from ..controller import IncreLoRAController
 from ..device_scalar import grad_scaler_scale, unscale_once
+from ..layer import IncreLoRALinear
 from ..model import get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer, schedule_multiplier
 from ..persistence import atomic_write_bytes
@@ -366,6 +368,41 @@ class IncreLoRACallback(TrainerCallback):
             self.on_save(args, state, control, **kwargs)
 
 
+# transformers' Trainer refuses a quantized model unless it holds peft adapters (its
+# ``validate_quantization_for_training`` reads this attribute, set when peft adapters are
+# loaded); a model with IncreLoRA adapters is as trainable. Set only while the Trainer checks.
+_PEFT_LOADED = "_hf_peft_config_loaded"
+_MARKED = "_increlora_marked_peft_loaded"
+
+
+def _mark_adapters_for_quantization_check(model) -> None:
+    if (model is not None and getattr(model, "is_quantized", False)
+            and not getattr(model, _PEFT_LOADED, False)
+            and any(isinstance(m, IncreLoRALinear) for m in model.modules())):
+        model.__dict__[_MARKED] = _PEFT_LOADED in model.__dict__  # its own attribute or not
+        setattr(model, _PEFT_LOADED, True)
+
+
+def _unmark(model) -> None:
+    """Undo `_mark_adapters_for_quantization_check` on ``model`` (nothing if not marked)."""
+    if model is not None and _MARKED in model.__dict__:
+        if model.__dict__.pop(_MARKED):
+            setattr(model, _PEFT_LOADED, False)
+        else:
+            delattr(model, _PEFT_LOADED)
+
+
+@contextlib.contextmanager
+def _adapters_seen_by_quantization_check(model):
+    """While the Trainer is built: a quantized ``model`` (or `model_init`'s) holding IncreLoRA
+    layers counts as carrying adapters for transformers' quantized-training check."""
+    _mark_adapters_for_quantization_check(model)
+    try:
+        yield
+    finally:
+        _unmark(model)
+
+
 class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
@@ -384,7 +421,14 @@ class IncreLoRATrainer(Trainer):
             raise ValueError("IncreLoRATrainer: controller= cannot be given with model_init, "
                              "whose new model at train() the controller would not watch; leave "
                              "controller out (one is made over each model model_init makes)")
-        super().__init__(*args, **kwargs)
+        model = kwargs.get("model", args[0] if args else None)
+        self._in_init = True
+        try:
+            with _adapters_seen_by_quantization_check(model):
+                super().__init__(*args, **kwargs)
+        finally:
+            self._in_init = False
+            _unmark(getattr(self, "model", None))  # model_init's
         self.increlora_controller = controller or IncreLoRAController(self.model)
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
                                                     apply_regularization=False).install(self)
@@ -394,6 +438,8 @@ class IncreLoRATrainer(Trainer):
         with a new controller over it once the trainer has one: the old one watched the model
         this one replaces."""
         model = super().call_model_init(trial)
+        if getattr(self, "_in_init", False):  # the Trainer checks it right after, in __init__
+            _mark_adapters_for_quantization_check(model)
         if hasattr(self, "increlora_callback"):  # not during __init__, which makes the first
             self.increlora_controller = IncreLoRAController(model)
             callback = self.increlora_callback
