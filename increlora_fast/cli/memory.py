@@ -86,10 +86,11 @@ ROW_KEYS = ("method", "component", "bytes", "how")
 def _check_replaceable(path: Optional[str]) -> None:
     """``--json`` may replace an earlier breakdown (a JSON list of rows), never another file
     (e.g. the --model config itself): ValueError naming it, before anything is measured."""
-    if not path or not Path(path).expanduser().is_file():
+    target = Path(path).expanduser() if path else None
+    if target is None or not target.is_file():
         return
-    try:
-        rows = json.loads(Path(path).expanduser().read_text())
+    try:  # a breakdown is a few KiB: a large file (a checkpoint) is not read whole
+        rows = json.loads(target.read_text()) if target.stat().st_size < 1 << 24 else None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         rows = None
     if not (isinstance(rows, list) and rows and all(
