@@ -225,6 +225,14 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             raise ValueError(f"modules_to_save entry {key!r} matches no module name; "
                              f"similar names: {_similar_names(key, names)}")
         save_roots.extend(found)
+    for root in save_roots:  # trained in full: a 4/8-bit (integer) weight cannot take a gradient
+        packed = next((f"{root}.{n}" for n, p in model.get_submodule(root).named_parameters()
+                       if not (p.is_floating_point() or p.is_complex())), None)
+        if packed is not None:
+            raise ValueError(f"modules_to_save entry {root!r} holds {packed!r}, quantized data "
+                             f"({model.get_parameter(packed).dtype}) that cannot be trained in "
+                             "full; leave it out of modules_to_save (adapt its linears with "
+                             "target_modules instead) or load that module unquantized")
     for name in targets:
         for pname, p in model.get_submodule(name).named_parameters():
             if p.is_meta:

@@ -182,3 +182,17 @@ def test_increlora_trainer_trains_a_transformers_4bit_model(tmp_path):
         n.endswith("lora_lambda") for n in changed)
     assert [type(layer.base_layer).__name__ for _, layer in increlora_layers(model)] == \
         ["Linear4bit", "Linear4bit"]
+
+
+def test_modules_to_save_holding_a_quantized_layer_is_refused_clearly():
+    """A module to save (trained in full) whose weights are 4/8-bit data cannot train: one
+    ValueError naming modules_to_save and the layer, not torch's 'only Tensors of floating point
+    dtype can require gradients', and the model unchanged."""
+    model = build()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = IncreLoRAConfig(target_modules=["layers.0"], r_max=4, init_r=1, target_rank=2,
+                          modules_to_save=["layers.1"])
+    with pytest.raises(ValueError, match=r"modules_to_save.*layers\.1.*quantized"):
+        inject_increlora(model, cfg)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert type(model.layers[0]).__name__ == "Linear4bit"
