@@ -389,3 +389,18 @@ def test_cli_rejects_a_head_the_family_lacks_with_one_line(tmp_path, capsys):
                  "--no-progress", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--head masked-lm" in err and "llama" in err, err
+
+
+def test_cli_prints_no_warning_about_modules_the_model_does_not_have(tmp_path, capsys):
+    """The breakdown reads the adapter dtype off a one-weight probe model; its 1 x 1 linear
+    under r_max=2 made inject_increlora warn about a module '0' (1 -> 1) on every run."""
+    import warnings
+
+    config = write_config(tmp_path, LLAMA)  # every target is 32 wide or more: r_max 4 fits
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["memory", "--model", str(config), "--target-modules", "q_proj", "--r-max",
+                     "4", "--target-rank", "2", "--batch-size", "1", "--seq-len", "8", "--dtype",
+                     "fp32", "--no-progress", "--device", "cpu"]) == 0
+    said = [str(w.message) for w in caught] + [capsys.readouterr().err]
+    assert not any("exceeds min(in, out)" in text for text in said), said

@@ -75,7 +75,7 @@ def increlora_adapter_dtype(base_dtype: torch.dtype, setting: AdapterSetting) ->
     one-weight model injected with the same setting."""
     from ...model import inject_increlora
 
-    probe = nn.Sequential(nn.Linear(1, 1, dtype=base_dtype))
+    probe = nn.Sequential(nn.Linear(2, 2, dtype=base_dtype))  # 2 wide: r_max=2 fits, no warning
     inject_increlora(probe, setting.increlora_config(["0"], r_max=2, init_r=1, target_rank=1,
                                                      incre_rank_num=1))
     return probe[0].lora_A.dtype
