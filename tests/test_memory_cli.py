@@ -404,3 +404,12 @@ def test_cli_prints_no_warning_about_modules_the_model_does_not_have(tmp_path, c
                      "fp32", "--no-progress", "--device", "cpu"]) == 0
     said = [str(w.message) for w in caught] + [capsys.readouterr().err]
     assert not any("exceeds min(in, out)" in text for text in said), said
+
+
+def test_cli_refuses_small_seq_without_estimate(tmp_path, capsys):
+    """--small-seq only shapes --estimate's runs: without --estimate it was ignored and the
+    full-size step measured, which the user asked to avoid; one line naming both instead."""
+    config = str(write_config(tmp_path, LLAMA))
+    assert main(["memory", "--model", config, "--small-seq", "16", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--small-seq" in err and "--estimate" in err, err

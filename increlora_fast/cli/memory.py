@@ -110,6 +110,9 @@ def run(args: argparse.Namespace) -> int:
                                    "batch_size", "seq_len", "small_seq"])
         if problem:
             raise ValueError(problem)
+        if args.small_seq is not None and not args.estimate:
+            raise ValueError(f"--small-seq {args.small_seq} goes with --estimate (it sets the "
+                             "shortest sequence --estimate measures); add --estimate or drop it")
         check_rank_budget(args.target_rank, args.r_max, args.init_r)
         check_device(args.device)
         check_output_path(args.json, "--json")  # written after the step is measured
