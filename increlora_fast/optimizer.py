@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import defaultdict
 from itertools import chain
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
@@ -391,6 +392,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if "initial_lr" in self.param_groups[0]:  # a torch LR scheduler was built over it
+            self._note_outer_schedule()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         for index, by_device in self._params_by_group_and_device():
@@ -403,6 +406,26 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                 self._step_params(params, group, (index, device), keep)
         self.global_step += 1
         return loss
+
+    def _note_outer_schedule(self) -> None:
+        """Warn once when a torch LR scheduler (it writes ``initial_lr`` into the groups) runs
+        over this optimizer while its own schedules are on: its factor multiplies into them
+        (the warmup applied twice, the decay squared). `integrations.trainer.ConstantSchedule`
+        (a factor of 1) marks the optimizer as scheduled by it (``outer_schedule_ok``)."""
+        if getattr(self, "outer_schedule_ok", False) or getattr(self, "_outer_warned", False):
+            return
+        self._outer_warned = True
+        group = self.param_groups[0]
+        if group["warmup_steps"] > 0 or group["total_step"] is not None:
+            warnings.warn("IncreLoRAAdamW: a learning-rate scheduler runs over it, and its factor "
+                          "multiplies into the optimizer's own per-slot warmup and decay "
+                          f"(warmup_steps={group['warmup_steps']}, total_step="
+                          f"{group['total_step']}): the warmup is applied twice and the decay "
+                          "squared; leave the scheduler out (with the HF Trainer: "
+                          "IncreLoRATrainer, or optimizers=increlora_optimizers(model, lr)), or "
+                          "set IncreLoRAConfig warmup_steps=0 and total_step=None to let it "
+                          "schedule alone (new slots then get no restart warmup)",
+                          RuntimeWarning, stacklevel=3)
 
     def sync_device_step(self) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copies of

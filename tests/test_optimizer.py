@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from increlora_fast import IncreLoRAConfig, inject_increlora
 from increlora_fast.layer import SlotState
 from increlora_fast.optim_functional import masked_adamw_torch_
 from increlora_fast.optimizer import create_optimizer, schedule_multiplier
@@ -278,3 +279,38 @@ def test_a_slot_changed_at_an_overflowed_step_counts_its_next_gradient_as_step_o
     train_steps(model, opt, ctl, range(5, 6))
     assert opt.state[layer.lora_lambda]["slot_count"][1] == 1
     assert abs(layer.lora_lambda[1].item() - before) == pytest.approx(lr, rel=1e-4)
+
+
+def test_a_torch_scheduler_over_the_optimizer_is_said_once():
+    """A torch LR scheduler (e.g. transformers' linear warmup, or a plain Trainer given only
+    the optimizer) over IncreLoRAAdamW multiplied into its own per-slot warmup and decay
+    without a word (found by an audit); now one warning, none for the Trainer integration's
+    constant factor and none when the optimizer's own schedules are off."""
+    import warnings
+
+    from increlora_fast.integrations.trainer import ConstantSchedule
+
+    def said(schedule, **config):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+        cfg = IncreLoRAConfig(target_modules=["0"], r_max=4, init_r=1, target_rank=2,
+                              **config)
+        model = inject_increlora(model, cfg)
+        opt = create_optimizer(model, cfg, lr=1e-3)
+        sched = schedule(opt)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                model(torch.randn(4, 8)).square().mean().backward()
+                opt.step()
+                opt.zero_grad()
+                if sched is not None:
+                    sched.step()
+        return [str(w.message) for w in caught if "scheduler runs over it" in str(w.message)]
+
+    def linear(opt):
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
+
+    assert len(said(linear, warmup_steps=2, total_step=10)) == 1
+    assert said(ConstantSchedule, warmup_steps=2, total_step=10) == []
+    assert said(lambda opt: None, warmup_steps=2, total_step=10) == []
+    assert said(linear, warmup_steps=0, total_step=None) == []

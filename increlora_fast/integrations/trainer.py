@@ -141,6 +141,8 @@ class ConstantSchedule(torch.optim.lr_scheduler.LambdaLR):
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         super().__init__(optimizer, lambda _: 1.0)
+        # a factor of 1: no warning from IncreLoRAAdamW (inside accelerate's wrapper, if any)
+        getattr(optimizer, "optimizer", optimizer).outer_schedule_ok = True
 
     def load_state_dict(self, state_dict: dict) -> None:
         groups = self.optimizer.param_groups
