@@ -208,3 +208,24 @@ def test_model_schedules_time_tracking_alone_and_rounds_apart(method):
         assert end == plan.steps - plan.steps // 4
     assert [i for i in range(end) if phases[i] == "round"] == list(range(first, end, every))
     assert phases[:end].count("alloc") >= 2
+
+
+def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """``bench --json PATH`` wrote over any file (notes, a model config), as `memory --json`
+    did before it was fixed (found by an audit); now only earlier records are replaced, and
+    another file is refused before anything is measured."""
+    from increlora_fast.cli.main import main
+
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / \
+        "cpu_host_overhead_small.json"
+    report = ["bench", "--report-only", "--include-json", str(stored), "--results-md",
+              str(tmp_path / "r.md"), "--json"]
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": true}\n')
+    assert main(report + [str(notes)]) != 0
+    assert notes.read_text() == '{"mine": true}\n' and not (tmp_path / "r.md").exists()
+    assert "--json" in capsys.readouterr().err
+    earlier = tmp_path / "records.json"
+    earlier.write_text(stored.read_text())
+    assert main(report + [str(earlier)]) == 0
+    assert json.loads(earlier.read_text()) == []  # --report-only measures nothing

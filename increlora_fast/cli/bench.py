@@ -19,7 +19,8 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .option_checks import check_device, check_names, check_output_path
+from .option_checks import (check_device, check_names, check_output_path,
+                            check_replaceable_json)
 
 if TYPE_CHECKING:
     from ..benchmarks.speed.host_overhead import HostPlan
@@ -120,6 +121,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-steps", type=int, help="training steps per method")
     model.add_argument("--model-warmup-steps", type=int, help="of those, untimed")
     model.add_argument("--model-dtypes", type=_csv_list, help="fp32, bf16 (autocast)")
+
+
+def _are_records(rows: list) -> bool:
+    """Whether ``rows`` (a JSON list) are benchmark records `--json` wrote (none, or each with
+    the record's required fields)."""
+    from ..benchmarks.records import REQUIRED
+    return all(isinstance(r, dict) and all(k in r for k in REQUIRED) for r in rows)
 
 
 def _fail(message: str) -> int:
@@ -305,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
                              ("--csv", None if args.report_only else args.csv),
                              ("--plot", args.plot), ("--results-md", args.results_md)):
             check_output_path(path, option)
+        check_replaceable_json(args.json_path, "--json", _are_records, "benchmark records")
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.

@@ -9,13 +9,12 @@ when there is one, else per tensor on CPU), or with ``--estimate`` from small ru
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 from ..config import ADAPTER_DTYPES
-from .option_checks import check_device, check_output_path, check_rank_budget
+from .option_checks import (check_device, check_output_path, check_rank_budget,
+                            check_replaceable_json)
 
 def _csv_list(text: str) -> List[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -83,20 +82,10 @@ def _positive(args: argparse.Namespace, names: List[str]) -> Optional[str]:
 ROW_KEYS = ("method", "component", "bytes", "how")
 
 
-def _check_replaceable(path: Optional[str]) -> None:
-    """``--json`` may replace an earlier breakdown (a JSON list of rows), never another file
-    (e.g. the --model config itself): ValueError naming it, before anything is measured."""
-    target = Path(path).expanduser() if path else None
-    if target is None or not target.is_file():
-        return
-    try:  # a breakdown is a few KiB: a large file (a checkpoint) is not read whole
-        rows = json.loads(target.read_text()) if target.stat().st_size < 1 << 24 else None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        rows = None
-    if not (isinstance(rows, list) and rows and all(
-            isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in rows)):
-        raise ValueError(f"--json {path} exists and is not a breakdown this command wrote; "
-                         "give a new path (or delete the file)")
+def _is_breakdown(rows: list) -> bool:
+    """Whether ``rows`` (a JSON list) is a breakdown `--json` wrote."""
+    return bool(rows) and all(isinstance(r, dict) and all(k in r for k in ROW_KEYS)
+                              for r in rows)
 
 
 def _fail(message: str) -> int:
@@ -116,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         check_rank_budget(args.target_rank, args.r_max, args.init_r)
         check_device(args.device)
         check_output_path(args.json, "--json")  # written after the step is measured
-        _check_replaceable(args.json)
+        check_replaceable_json(args.json, "--json", _is_breakdown, "a breakdown")
     except ValueError as err:
         return _fail(str(err))
     import torch

@@ -2,9 +2,10 @@
 option and what is allowed, before any slow work starts."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 
 def check_device(text: Optional[str], option: str = "--device", auto: bool = False) -> None:
@@ -59,3 +60,21 @@ def check_output_path(path: Optional[str], option: str, folder: bool = False) ->
             break
     if not folder and target.exists() and not os.access(target, os.W_OK):
         raise ValueError(f"{option} {path} cannot be written: it is read-only")
+
+
+def check_replaceable_json(path: Optional[str], option: str, ours: Callable[[list], bool],
+                           what: str) -> None:
+    """``path`` (None: nothing is written) may replace an earlier output of the command, a JSON
+    list that ``ours`` accepts, never another file (a model's config, a checkpoint, notes):
+    ValueError naming ``option``, before anything slow. A large file (16 MiB or more) is not
+    read whole: no such output is that big."""
+    target = Path(path).expanduser() if path else None
+    if target is None or not target.is_file():
+        return
+    try:
+        data = json.loads(target.read_text()) if target.stat().st_size < 1 << 24 else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    if not (isinstance(data, list) and ours(data)):
+        raise ValueError(f"{option} {path} exists and is not {what} this command wrote; give a "
+                         "new path (or delete the file)")
