@@ -353,3 +353,41 @@ def test_default_command_on_the_real_assets(tmp_path):
     # 6 layers x (4 x (384+384+1) + 2 x (384+1536+1)) per unit of average rank, + classifier
     assert m["trainable_params_active"] == 2 * 6 * (4 * 769 + 2 * 1921) + 384 * 2 + 2
     assert m["trainable_params_padded"] == 8 * 6 * (4 * 769 + 2 * 1921) + 384 * 2 + 2
+
+
+def test_options_the_run_does_not_read_are_named(tiny, tmp_path):
+    """An IncreLoRA-only option given to --method lora (or a data file's column with a packaged
+    task) changed nothing, without a word (found by an audit); a single run now names them.
+    Options the method reads, or not given at all, are not named; --compare is left alone."""
+    from increlora_fast.cli.finetune import add_arguments, _unused_options
+    from increlora_fast.cli.main import given_options
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+
+    def unused(*argv):
+        args = parser.parse_args(list(argv))
+        args._given = given_options(["finetune", *argv])
+        return _unused_options(args, parser)
+
+    assert unused("--method", "lora", "--init-warmup", "5", "--no-advance-learning",
+                  "--target-rank", "4", "--adalora-init-r", "6") == \
+        ["--init-warmup", "--no-advance-learning", "--adalora-init-r"]
+    assert unused("--method", "adalora", "--orth-reg-weight", "0.2", "--adalora-tinit", "3") == []
+    assert unused("--method", "full", "--lora-alpha", "8", "--r-max", "4") == \
+        ["--r-max", "--lora-alpha"]
+    assert unused("--init-r", "2", "--incre-interval", "3") == []
+    assert unused("--method", "lora", "--incre-interval", "3") == ["--incre-interval"]
+    assert unused("--method", "lora", "--incre-interval", "3", "--schedule", "authors") == []
+    assert unused("--task", "trec6", "--label-column", "y") == ["--label-column"]
+    assert unused("--train-file", "t.csv", "--label-column", "y") == []
+    assert unused("--compare", "--init-warmup", "5") == []
+    with pytest.warns(UserWarning, match="--init-warmup has no effect with --method lora"):
+        assert cli_main(tiny_args(tiny, tmp_path / "run", "--method", "lora",
+                                  "--init-warmup", "2")) == 0
+
+
+def cli_main(argv):
+    """``increlora-fast finetune ARGV`` through the command's entry point."""
+    from increlora_fast.cli.main import main
+    return main(["finetune", *argv])

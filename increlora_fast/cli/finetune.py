@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -236,6 +237,42 @@ def _check_compare_options(args: argparse.Namespace) -> None:
                          f"{'them' if len(given) > 1 else 'it'} out")
 
 
+# Options that only some methods read (dest -> those methods): given to another method they
+# change nothing, and the run says so (`_unused_options`).
+ADAPTER_METHODS = ("increlora", "lora", "adalora")
+USED_BY = {
+    **{dest: ("increlora",) for dest in (
+        "init_r", "r_max", "init_warmup", "top_h", "advance_learning", "score",
+        "scale_preserving_growth", "reserve_in_penalty", "reserve_lambda",
+        "normalize_on_activation")},
+    **{dest: ("adalora",) for dest in (
+        "adalora_init_r", "adalora_tinit", "adalora_tfinal", "adalora_delta_t")},
+    "orth_reg_weight": ("increlora", "adalora"),
+    **{dest: ADAPTER_METHODS for dest in (
+        "target_rank", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")},
+}
+# read from a data file of one's own only (--train-file), not from a packaged --task
+FILE_ONLY = ("text_column", "text_pair_column", "label_column")
+
+
+def _unused_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> List[str]:
+    """The options the command line gave (``args._given``, `main.given_options`) that this
+    single run does not read: another method's, or a data file's columns with a packaged
+    ``--task``. Not for ``--compare`` (its methods share one command line) or ``--resume``."""
+    given = getattr(args, "_given", None)
+    if given is None or args.compare or args.resume:
+        return []
+    flag = {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings}
+    method = args.method or RunSettings().method
+    unused = [flag[d] for d, methods in USED_BY.items() if d in given and method not in methods]
+    # (the peers read it too with --schedule authors: their warmup is the interval)
+    if "incre_interval" in given and method != "increlora" and args.schedule != "authors":
+        unused.append(flag["incre_interval"])
+    if not args.train_file:
+        unused += [flag[d] for d in FILE_ONLY if d in given]
+    return unused
+
+
 def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: RunSettings) -> List[str]:
     """Options given on the command line that differ from the checkpoint's settings: those
     ``args._given`` names (`main.given_options`: also one given at its default value, e.g.
@@ -312,10 +349,18 @@ def run(args: argparse.Namespace) -> int:
                              "or a positive number of steps")
         _check_compare_options(args)
         settings = settings_from_args(args)
+        parser = argparse.ArgumentParser()
+        add_arguments(parser)
+        unused = _unused_options(args, parser)
+        if unused:
+            warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
+                          f"effect with --method {args.method or RunSettings().method}"
+                          + (" (a data file's columns: give --train-file)"
+                             if not args.train_file and set(unused) & {
+                                 "--text-column", "--text-pair-column", "--label-column"}
+                             else ""), UserWarning)
         if args.resume:  # "--resume=~/x": no shell expands that ~
             args.resume = str(Path(args.resume).expanduser())
-            parser = argparse.ArgumentParser()
-            add_arguments(parser)
             saved = read_checkpoint_settings(args.resume)
             conflicts = _resume_conflicts(args, vars(parser.parse_args([])), saved)
             if conflicts:
