@@ -552,3 +552,16 @@ def test_an_infinite_weight_decay_is_refused_before_the_data_is_read(method, tmp
                   str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     _one_line(capsys, "--weight-decay inf is invalid", "finite number >= 0")
+
+
+@pytest.mark.parametrize("method", ["increlora", "lora", "adalora", "full"])
+def test_a_warmup_that_never_ends_is_refused_for_every_method(method):
+    """--max-steps 1 --warmup-ratio 0.9: the warmup covers every step, and the run trains at a
+    learning rate of 0 (IncreLoRA was refused; LoRA, AdaLoRA and full ran, learning nothing:
+    found by an audit)."""
+    from increlora_fast.training.settings import RunSettings, resolve
+
+    settings = RunSettings(method=method, max_steps=2, warmup_ratio=0.9)
+    with pytest.raises(ValueError, match="--warmup-ratio 0.9 is invalid with 2 steps"):
+        resolve(settings, 100)
+    assert resolve(RunSettings(method=method, max_steps=20, warmup_ratio=0.9), 100).max_steps == 20

@@ -254,7 +254,7 @@ def resolve(s: RunSettings, train_size: int, graphed: Optional[bool] = None) -> 
         r.adalora_tfinal = max(1, (3 * r.max_steps) // 10)
     if r.adalora_delta_t is None:
         r.adalora_delta_t = max(1, r.max_steps // 100)
-    if r.method == "increlora" and r.warmup_steps >= r.max_steps:
+    if r.warmup_steps >= r.max_steps:  # every method: the warmup would never end
         raise ValueError(f"--warmup-ratio {r.warmup_ratio:g} is invalid with {r.max_steps} "
                          f"steps: its warmup ({r.warmup_steps} steps) leaves no step after it; "
                          "lower it or train longer")
