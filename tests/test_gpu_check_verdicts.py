@@ -3,7 +3,9 @@ the records' numbers, a target the run lacks is "not measurable", and ``--cuda-g
 decided only from a graphed and an eager main job that trained the same run."""
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 
@@ -45,6 +47,7 @@ def _model(rng, preset):
         kind = common["mem_kind"] + (GRAPH_POOL_KIND if method == "increlora-graphs" else "")
         rows.append(dict(common, method=method, median_ms=untracked, mean_ms=untracked,
                          alloc_median_ms=tracked, final_median_ms=untracked,
+                         round_median_ms=tracked * 1.5,
                          peak_mem_mb=ours[method][2], mem_kind=kind))
     return med, ours, rows
 
@@ -241,3 +244,29 @@ def test_graphed_step_verdict_and_auto_follow_the_graphs_part():
     assert v.cuda_graphs_auto(report)[0] is None
     text = gpu_check_markdown(dict(report, environment=dict(ENV), status="ok"))
     assert v.NAMES["graphs_equal"] in text and "(b) graphed training steps" in text
+
+
+RECORDS = Path(__file__).resolve().parent.parent / "bench" / "records"
+
+
+def test_tracked_is_not_measurable_where_every_tracked_step_ran_a_round():
+    """Records from before the model benchmark timed a round apart (no ``round_median_ms``:
+    the H200 run of 2026-12-04, a round on every step of the allocation phase) hold no step
+    that only tracked: their ``alloc_median_ms`` is the median of round steps, so "tracked
+    <= 1.25x untracked" is not measurable there, not missed."""
+    report = json.loads((RECORDS / "h200_2026-12-04_gpu_check.json").read_text())
+    ours = [r for r in report["parts"]["model"]["records"] if r["method"] == "increlora-triton"]
+    assert ours and all("round_median_ms" not in r and "rounds every step" in r["settings"]
+                        for r in ours)
+    tracked = [x for x in v.issue27_verdicts(report) if x.target == v.NAMES["tracked"]]
+    assert len(tracked) == len(ours)
+    assert {x.status for x in tracked} == {"not measurable"}, tracked
+    # the run of 2026-12-05 times the round steps apart: its tracked verdicts stand
+    later = json.loads((RECORDS / "h200_2026-12-05_gpu_check.json").read_text())
+    assert {x.status for x in v.issue27_verdicts(later)
+            if x.target == v.NAMES["tracked"]} == {"met", "missed"}
+    # the same holds for a synthetic record without the field
+    report, *_ = _report(random.Random(7))
+    for r in report["parts"]["model"]["records"]:
+        r.pop("round_median_ms", None)
+    assert set(_status(v.issue27_verdicts(report), "tracked")) == {"not measurable"}

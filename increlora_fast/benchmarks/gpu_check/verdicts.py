@@ -166,7 +166,12 @@ def model_verdicts(records: List[dict]) -> List[Verdict]:
             if r is None:
                 continue
             tracked, untracked = r.get("alloc_median_ms"), _untracked(r)
-            if tracked is None or untracked is None:
+            if "round_median_ms" not in r:
+                # a record from before round steps were timed apart (2026-12-05): a round ran
+                # on every step of its allocation phase, so no step only tracked the score
+                out.append(_unmeasurable("tracked", f"{shape} {method}: every tracked step "
+                                                    "of this run also ran an allocation round"))
+            elif tracked is None or untracked is None:
                 out.append(_unmeasurable("tracked", f"{shape} {method}: a phase has no steps"))
             else:
                 ratio = tracked / untracked
