@@ -270,3 +270,16 @@ def test_tracked_is_not_measurable_where_every_tracked_step_ran_a_round():
     for r in report["parts"]["model"]["records"]:
         r.pop("round_median_ms", None)
     assert set(_status(v.issue27_verdicts(report), "tracked")) == {"not measurable"}
+
+
+def test_graphed_main_job_that_stepped_eagerly_is_not_judged_equal_to_eager():
+    """A graphs-on run whose model could not be captured trained eagerly: that it matches the
+    eager run says nothing about graphed steps ("not measurable", as ``auto`` is undecided)."""
+    ranks = {"l0": 2, "l1": 3}
+    fell_back = dict(_job(0.812, 70_000, ranks), cuda_graphs_fallback="RuntimeError: no capture")
+    report = _report(random.Random(8), on=fell_back, twin=_job(0.812, 18_000, ranks))[0]
+    (same,) = [x for x in v.issue27_verdicts(report) if x.target == v.NAMES["job_graphs_same"]]
+    assert same.status == "not measurable" and "no capture" in same.detail
+    report = _report(random.Random(8), on=_job(0.812, 70_000, ranks),
+                     twin=_job(0.812, 18_000, ranks))[0]
+    assert _status(v.issue27_verdicts(report), "job_graphs_same") == ["met"]

@@ -240,7 +240,11 @@ def main_job_verdicts(report: Dict) -> List[Verdict]:
     else:
         out.append(_unmeasurable("job_x_lora", "no --method lora run finished in this check"))
     twin, twin_name = _eager_twin(runs)
-    if on and twin:
+    if on and on.get("cuda_graphs_fallback"):
+        out.append(_unmeasurable("job_graphs_same",
+                                 "the graphs-on run stepped eagerly, its model could not be "
+                                 f"captured ({on['cuda_graphs_fallback']})"))
+    elif on and twin:
         same, detail = graphs_match_eager(on, twin)
         out.append(_verdict("job_graphs_same", same, f"against {twin_name}: {detail}"))
     else:
