@@ -229,3 +229,30 @@ def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     earlier.write_text(stored.read_text())
     assert main(report + [str(earlier)]) == 0
     assert json.loads(earlier.read_text()) == []  # --report-only measures nothing
+
+
+def test_report_only_gives_each_run_its_own_plot(tmp_path, monkeypatch):
+    """Two runs of one device type and mode (two CPU quick runs, two gpu-checks on one GPU) in
+    one RESULTS.md: each run section links a plot of its own records; before, both wrote and
+    linked one file, so the earlier section showed the later run's times."""
+    from increlora_fast.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    paths = []
+    for n, date in enumerate(("2026-01-01T00:00:00Z", "2026-02-01T00:00:00Z")):
+        records = [dict(level="layer", method=m, shape="24x40", tokens=t, phase="fwd+bwd",
+                        r_max=None if m == "floor" else 8, dtype="fp32", device="cpu-x",
+                        device_type="cpu", mode="quick", date=date, git_commit="c",
+                        torch="t", triton=None, status="ok", note="",
+                        median_ms=(1.0 + n) * t * (2 if m == "peft-lora" else 1),
+                        peak_mem_mb=1.0)
+                   for m in ("floor", "peft-lora") for t in (8, 16)]
+        path = tmp_path / f"run{n}.json"
+        path.write_text(json.dumps(records))
+        paths += ["--include-json", str(path)]
+    md = tmp_path / "bench" / "RESULTS.md"
+    assert main(["bench", "--report-only", *paths, "--results-md", str(md)]) == 0
+    links = [line.split("](")[1].rstrip(")") for line in md.read_text().splitlines()
+             if line.startswith("![layer fwd+bwd time vs tokens]")]
+    assert len(links) == 2 and links[0] != links[1], links
+    assert all((md.parent / link).is_file() for link in links)

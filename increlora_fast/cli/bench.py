@@ -291,8 +291,11 @@ def _command_line() -> str:
 
 
 def _plot_path(record: dict) -> str:
+    """The plot of one run (runs are told apart by device and start date: two runs of one
+    device type and mode must not share a file, or the earlier one shows the later's times)."""
+    date = "".join(c for c in str(record.get("date", "")) if c.isalnum() or c in "-_")
     return os.path.join(DEFAULT_PLOT_DIR,
-                        f"layer_{record['device_type']}_{record.get('mode', 'run')}.png")
+                        f"layer_{record['device_type']}_{record.get('mode', 'run')}_{date}.png")
 
 
 def run(args: argparse.Namespace) -> int:
