@@ -172,3 +172,27 @@ def test_step_host_times_eager_steps_on_the_paths_a_gpu_takes(tmp_path):
     assert records["peft-lora"]["x_peft_lora"] == 1.0
     # the device ops ours issues besides its Triton launches: fewer than peft LoRA's
     assert ours["aten_ops_per_step"] < records["peft-lora"]["aten_ops_per_step"]
+
+
+def test_results_md_says_how_a_gpu_run_measured_its_host_time(tmp_path):
+    """The host records of a gpu-check ran on the device with the kernels running (their
+    note says so); the run section must not call them a CPU measurement with the launches
+    stubbed, while a CPU host run keeps that legend."""
+    from pathlib import Path
+
+    from increlora_fast.benchmarks.records import read_report
+    from increlora_fast.benchmarks.report import results_markdown
+
+    path = Path(__file__).resolve().parent.parent / "bench/records/h200_2026-12-05_gpu_check.json"
+    records, report = read_report(str(path))
+    host = [r for r in records if r["level"] == "host"]
+    assert host and all(r["device_type"] == "cuda" and "kernels run" in r["note"] for r in host)
+    md = results_markdown(records, {}, str(tmp_path / "RESULTS.md"), gpu_checks=[report])
+    start = md.index("## CUDA: NVIDIA H200 (gpu-check mode")
+    section = md[start:md.index("\n## ", start + 1)]
+    assert "| increlora-triton | 1349.0 |" in section
+    assert "stubbed" not in section and "on CPU with one torch thread" not in section
+    assert host[0]["note"] in section
+    cpu = [dict(r, device_type="cpu", device="cpu-x", note="") for r in host]
+    cpu_md = results_markdown(cpu, {}, str(tmp_path / "RESULTS.md"))
+    assert "### Host overhead per layer call (Triton launches stubbed)" in cpu_md

@@ -171,7 +171,13 @@ def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
                 "on the same targets, pooler and classifier trained by every method."]
         out += [f"- `{m}`: {s}" for m, s in settings.items()] + [""]
     host = host_rows(records)
-    if host:
+    if host and all(row.get("device_type") == "cuda" for row in host):
+        # a gpu-check's host records: issued on the device, kernels run (not the CPU legend)
+        out += ["### Host time per layer call on the device", "",
+                f"Triton launches and host time per fwd+bwd call ({host[0].get('dtype')}; "
+                f"{host[0].get('note') or host[-1].get('note')}): median µs of interleaved "
+                "calls.", "", markdown_table(host, HOST_COLUMNS), ""]
+    elif host:
         out += ["### Host overhead per layer call (Triton launches stubbed)", "", HOST_LEGEND,
                 "", markdown_table(host, HOST_COLUMNS), ""]
     skipped = skipped_summary(records)
