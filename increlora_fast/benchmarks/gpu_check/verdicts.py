@@ -134,8 +134,15 @@ def _untracked(r: dict) -> Optional[float]:
 def model_verdicts(records: List[dict]) -> List[Verdict]:
     """Per preset (the 4-bit one included): eager and graphed steps against the peers."""
     groups: Dict[str, Dict[str, dict]] = {}
+    unmeasured: Dict[str, List[str]] = {}  # a preset's records without a measurement: why
+    for r in records:
+        if r.get("level") == "model" and r.get("device_type") == "cuda":
+            groups.setdefault(r["shape"], {})
+            if r.get("status") != "ok":
+                unmeasured.setdefault(r["shape"], []).append(
+                    f"{r['method']} {r.get('status')}: {r.get('note') or 'no note'}")
     for r in _ok(records, level="model", device_type="cuda"):
-        groups.setdefault(r["shape"], {})[r["method"]] = r
+        groups[r["shape"]][r["method"]] = r
     out: List[Verdict] = []
     for shape, rows in sorted(groups.items()):
         lora, floor = rows.get("peft-lora"), rows.get("floor")
@@ -146,8 +153,10 @@ def model_verdicts(records: List[dict]) -> List[Verdict]:
             out.append(_verdict("eager", ratio <= 1.0,
                                 f"{shape}: untracked median {_untracked(ours):.1f} ms, "
                                 f"{ratio:.2f}x peft LoRA's {lora['median_ms']:.1f} ms"))
-        elif ours is not None or lora is not None:
-            out.append(_unmeasurable("eager", f"{shape}: ours untracked or peft LoRA missing"))
+        else:  # a preset the run tried and could not measure keeps its row
+            why = "; ".join(unmeasured.get(shape, []))
+            out.append(_unmeasurable("eager", f"{shape}: ours untracked or peft LoRA missing"
+                                              + (f" ({why})" if why else "")))
         if shape.split()[0] in GRAPH_PRESETS:
             steps = _untracked(graphs) if graphs is not None else None
             for key, peer, name, limit in (("graphs_compiled", compiled, "peft-lora-compiled",
@@ -187,8 +196,13 @@ def model_verdicts(records: List[dict]) -> List[Verdict]:
                                        if GRAPH_POOL_KIND in (r.get("mem_kind") or "")
                                        else "")))
     if not out:
-        out = [_unmeasurable(k, "no CUDA model records")
-               for k in ("eager", "graphs_compiled", "graphs_floor", "tracked", "memory")]
+        return [_unmeasurable(k, "no CUDA model records")
+                for k in ("eager", "graphs_compiled", "graphs_floor", "tracked", "memory")]
+    measured = {shape.split()[0] for shape in groups}
+    for preset in GRAPH_PRESETS:  # the graphed-step targets name these presets
+        if preset not in measured:
+            out += [_unmeasurable(key, f"{preset}: no model records in this run")
+                    for key in ("graphs_compiled", "graphs_floor")]
     return out
 
 
