@@ -256,3 +256,20 @@ def test_report_only_gives_each_run_its_own_plot(tmp_path, monkeypatch):
              if line.startswith("![layer fwd+bwd time vs tokens]")]
     assert len(links) == 2 and links[0] != links[1], links
     assert all((md.parent / link).is_file() for link in links)
+
+
+def test_results_md_run_section_names_a_row_that_failed():
+    """A record that failed (the graphed DeBERTa step of the H200 run of 2026-12-05) is listed
+    under "Not measured in this run" with its reason, as a skipped one is; before, only
+    skipped rows were, and the failed one left the run's model table without a word."""
+    from increlora_fast.benchmarks.records import read_report
+    from increlora_fast.benchmarks.report import results_markdown
+
+    records, _ = read_report(str(REPO / "bench/records/h200_2026-12-05_gpu_check.json"))
+    failed = [r for r in records if r.get("status") == "failed"]
+    assert [(r["shape"], r["method"]) for r in failed] == [
+        ("deberta-v3-base b16x256", "increlora-graphs")]
+    md = results_markdown(records, {}, str(REPO / "bench/RESULTS.md"))
+    listed = md.split("Not measured in this run:", 1)[1].split("\n\n")[1].splitlines()
+    (line,) = [x for x in listed if "increlora-graphs" in x]
+    assert "failed" in line and "deberta-v3-base" in line and "pin_memory" in line

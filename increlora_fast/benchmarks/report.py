@@ -29,11 +29,14 @@ def group_runs(records: Sequence[dict]) -> "OrderedDict[Tuple[str, str], List[di
 
 
 def skipped_summary(records: Sequence[dict]) -> List[str]:
-    """One line per (method, reason) among the skipped rows."""
+    """One line per (method, reason) among the skipped rows and the failed ones."""
     seen: "OrderedDict[Tuple[str, str, str], int]" = OrderedDict()
     for r in records:
-        if r.get("status") == "skipped":
-            key = (r["level"], r["method"], r.get("note", ""))
+        if r.get("status") in ("skipped", "failed"):
+            note = " ".join(str(r.get("note") or "").split())  # one line, as the tables need
+            if r["status"] == "failed" and not note.startswith("failed"):
+                note = f"failed: {note or 'no note'}"
+            key = (r["level"], r["method"], note)
             seen[key] = seen.get(key, 0) + 1
     return [f"{level} `{method}`: {note} ({n} rows)" for (level, method, note), n in seen.items()]
 
