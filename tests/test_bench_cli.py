@@ -273,3 +273,21 @@ def test_results_md_run_section_names_a_row_that_failed():
     listed = md.split("Not measured in this run:", 1)[1].split("\n\n")[1].splitlines()
     (line,) = [x for x in listed if "increlora-graphs" in x]
     assert "failed" in line and "deberta-v3-base" in line and "pin_memory" in line
+
+
+def test_write_json_never_leaves_a_half_written_file(tmp_path):
+    """Records are written whole or not at all: a record that cannot be written (here a set,
+    which JSON has no form for) leaves the file that was there untouched; before, json.dump
+    had already truncated it and written the records before the bad one."""
+    from increlora_fast.benchmarks.records import read_json, write_json
+
+    base = {k: "x" for k in REQUIRED}
+    path = tmp_path / "records.json"
+    write_json([dict(base, median_ms=1.0)], str(path))
+    before = path.read_text()
+    with pytest.raises(TypeError):
+        write_json([dict(base, median_ms=2.0), dict(base, median_ms=3.0, extra={1, 2})],
+                   str(path))
+    assert path.read_text() == before
+    assert [r["median_ms"] for r in read_json(str(path))] == [1.0]
+    assert [p.name for p in tmp_path.iterdir()] == ["records.json"]

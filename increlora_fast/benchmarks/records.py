@@ -88,9 +88,12 @@ def check_record(record: dict) -> None:
 def write_json(records: List[dict], path: str) -> None:
     for r in records:
         check_record(r)
+    text = json.dumps(records, indent=1)  # whole, before the file is touched
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(records, f, indent=1)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)  # never half-written, even when the run is cut off here
 
 
 GPU_CHECK_KIND = "gpu_check"
