@@ -191,6 +191,47 @@ def test_rank_pattern_keys_select_exactly_one_module(tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+class KeyedByRegexCharacters(nn.Module):
+    """Linears under nn.ModuleDict keys that a regex reads otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.d = nn.ModuleDict({"a+b": nn.Linear(6, 6), "q(1)": nn.Linear(6, 6)})
+
+    def forward(self, x):
+        return self.d["a+b"](x) + self.d["q(1)"](x)
+
+
+def test_rank_pattern_keys_of_names_with_regex_characters(tmp_path):
+    """A module named ``d.a+b`` got the plain key ``d.a+b`` in rank_pattern and alpha_pattern,
+    which peft reads as a regex that never matches it: peft 0.21 ignored both keys with a
+    warning ("did not match any targeted module"; its load then takes the ranks from the
+    weights), and a consumer that sizes layers by rank_pattern gets the largest rank (found by
+    an audit). Such names are anchored and escaped."""
+    import warnings
+
+    torch.manual_seed(4)
+    model = KeyedByRegexCharacters()
+    fresh = KeyedByRegexCharacters()
+    fresh.load_state_dict(model.state_dict())
+    inject_increlora(model, IncreLoRAConfig(target_modules=["a+b", "q(1)"], r_max=4, init_r=1,
+                                            target_rank=2, incre_rank_num=1))
+    with torch.no_grad():  # different ranks and a nonzero adapter
+        model.d["a+b"].activate_reserve(1, step=1)
+        model.d["a+b"].add_reserve(1, step=1)
+        for _, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    assert export_peft(model, tmp_path) == {"d.a+b": 3, "d.q(1)": 2}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = peft.PeftModel.from_pretrained(fresh, str(tmp_path)).eval()
+    assert not [w for w in caught if "did not match" in str(w.message)]
+    x = torch.randn(5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_export_refuses_merged_layers(tmp_path):
     torch.manual_seed(4)
     model = inject_increlora(Nested(), IncreLoRAConfig(target_modules=["fc"], r_max=4,

@@ -100,8 +100,11 @@ def _pattern_key(name: str, names: List[str]) -> str:
 
     peft picks the first key ``k`` with ``re.match(rf"(.*\\.)?({k})$", module_name)``, so a plain
     module name also selects any module whose name ends with ``"." + name``; such names are
-    anchored and escaped instead.
+    anchored and escaped instead, as are names holding characters a regex reads otherwise
+    (``nn.ModuleDict`` keys such as ``a+b`` or ``q(1)``, which peft would never match).
     """
+    if set(name) & set("\\^$*+?{}[]|()"):
+        return "^" + re.escape(name)
     ambiguous = any(other != name and re.match(rf"(.*\.)?({name})$", other) for other in names)
     return "^" + re.escape(name) if ambiguous else name
 
