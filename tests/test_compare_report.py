@@ -78,3 +78,33 @@ def test_the_docs_state_the_number_of_stored_runs():
         "## Accuracy") + 1)]
     assert runs in _stated_counts(accuracy)
     assert all(n == runs for n in _stated_counts(accuracy) if n > 100)
+
+
+def _summary(tmp_path, root):
+    results, summary = tmp_path / "results", tmp_path / "docs"
+    env = dict(os.environ, ROOT=str(root), RESULTS=str(results), SUMMARY=str(summary),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO),
+                                                        os.environ.get("PYTHONPATH")])))
+    return subprocess.run(["bash", str(SCRIPT), "summary"], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_summary_never_overwrites_a_stored_run_with_a_different_one(tmp_path):
+    """A new run in ROOT at the path of a stored run with other metrics (a rerun on newer
+    code under the old variant name) is refused, naming the file, and the stored run is kept;
+    the same runs again (a second `summary`) copy over themselves without complaint."""
+    root, stored = tmp_path / "runs", tmp_path / "results" / "runs"
+    for seed in range(3):
+        _write_run(root, "trec6", "default", seed, 0.90)
+        _write_run(root, "trec6", "lora", seed, 0.89)
+    assert _summary(tmp_path, root).returncode == 0
+    again = _summary(tmp_path, root)
+    assert again.returncode == 0, again.stderr
+    kept = (stored / "trec6" / "lora" / "seed1" / "metrics.json").read_bytes()
+    (root / "trec6" / "lora" / "seed1" / "metrics.json").write_text(json.dumps(dict(
+        task="trec6", seed=1, eval_accuracy=0.95, eval_macro_f1=0.85)))
+    done = _summary(tmp_path, root)
+    assert done.returncode != 0
+    assert "trec6/lora/seed1/metrics.json" in done.stderr
+    assert (stored / "trec6" / "lora" / "seed1" / "metrics.json").read_bytes() == kept
+

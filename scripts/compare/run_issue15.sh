@@ -9,8 +9,9 @@
 # Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
 # with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
 # metrics.json exists is skipped, so the script resumes where it stopped. `summary` copies every
-# run's metrics.json and allocation_log.jsonl (no weights) from $ROOT, when it exists, to the
-# stored runs in $RESULTS/runs/, then makes the report from those stored runs: the Markdown
+# run's metrics.json and allocation_log.jsonl (no weights) from $ROOT, when it exists,
+# to the stored runs in $RESULTS/runs/ (it stops, copying nothing, where a stored file differs),
+# then makes the report from those stored runs: the Markdown
 # tables and plots in $SUMMARY, the tables' JSON and the loss around growth rounds in
 # $RESULTS/tables/. So `scripts/compare/run_issue15.sh summary` alone remakes the report from
 # the runs kept in the repository.
@@ -212,11 +213,34 @@ table() {
   done
 }
 
+# store_runs: the runs' metrics.json and allocation_log.jsonl (no weights) from $ROOT to
+# $RESULTS/runs. A stored file is never replaced by a different one (tar -x would, silently):
+# then nothing is copied and the script stops, naming the files.
+store_runs() {
+  local file files=() conflicts=()
+  while IFS= read -r -d '' file; do
+    files+=("$file")
+    if [[ -e $RESULTS/runs/$file ]] && ! cmp -s "$ROOT/$file" "$RESULTS/runs/$file"; then
+      conflicts+=("$file")
+    fi
+  done < <(cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) \
+    -printf '%p\0' | sort -z)
+  if ((${#conflicts[@]})); then
+    echo "run_issue15.sh: ${#conflicts[@]} file(s) in $ROOT differ from the stored runs in" \
+      "$RESULTS/runs; nothing copied (move the new or the stored run away):" >&2
+    printf '  %s\n' "${conflicts[@]}" >&2
+    exit 1
+  fi
+  ((${#files[@]})) || return 0
+  mkdir -p "$RESULTS/runs"
+  (cd "$ROOT" && printf '%s\0' "${files[@]}" | tar --null -cf - -T -) |
+    tar -xf - -C "$RESULTS/runs"
+}
+
 summarize() {
   # keep the new runs' metrics (no weights) beside the stored ones
   if [[ -d $ROOT ]] && [[ $(realpath "$ROOT") != $(realpath -m "$RESULTS/runs") ]]; then
-    (cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) -print0 |
-      tar --null -cf - -T -) | (mkdir -p "$RESULTS/runs" && tar -xf - -C "$RESULTS/runs")
+    store_runs
   fi
   mkdir -p "$SUMMARY" "$RESULTS/tables"
   # lora_rerun is a check of the pairing (it must repeat the stored lora run), not a variant
