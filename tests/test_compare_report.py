@@ -108,3 +108,17 @@ def test_summary_never_overwrites_a_stored_run_with_a_different_one(tmp_path):
     assert "trec6/lora/seed1/metrics.json" in done.stderr
     assert (stored / "trec6" / "lora" / "seed1" / "metrics.json").read_bytes() == kept
 
+
+def test_summary_stores_only_finished_runs(tmp_path):
+    """A run that has written its allocation log but not (yet) its metrics.json (still
+    saving, or stopped there) is not copied: the stored runs hold no folder without metrics."""
+    root, stored = tmp_path / "runs", tmp_path / "results" / "runs"
+    for seed in range(3):
+        _write_run(root, "trec6", "default", seed, 0.90)
+        _write_run(root, "trec6", "lora", seed, 0.89)
+    _write_run(root, "trec6", "default", 3, 0.90)
+    (root / "trec6" / "default" / "seed3" / "metrics.json").unlink()
+    done = _summary(tmp_path, root)
+    assert done.returncode == 0, done.stderr
+    assert not (stored / "trec6" / "default" / "seed3").exists()
+    assert len(list(stored.rglob("allocation_log.jsonl"))) == 3

@@ -9,7 +9,7 @@
 # Each run is one `increlora-fast finetune` into $ROOT/<task>/<variant>/seed<k>/ (metrics.json
 # with per-step train_losses, allocation_log.jsonl, adapter) and its log beside it; a run whose
 # metrics.json exists is skipped, so the script resumes where it stopped. `summary` copies every
-# run's metrics.json and allocation_log.jsonl (no weights) from $ROOT, when it exists,
+# finished run's metrics.json and allocation_log.jsonl (no weights) from $ROOT, when it exists,
 # to the stored runs in $RESULTS/runs/ (it stops, copying nothing, where a stored file differs),
 # then makes the report from those stored runs: the Markdown
 # tables and plots in $SUMMARY, the tables' JSON and the loss around growth rounds in
@@ -213,18 +213,21 @@ table() {
   done
 }
 
-# store_runs: the runs' metrics.json and allocation_log.jsonl (no weights) from $ROOT to
-# $RESULTS/runs. A stored file is never replaced by a different one (tar -x would, silently):
-# then nothing is copied and the script stops, naming the files.
+# store_runs: the finished runs' (those with a metrics.json) metrics.json and
+# allocation_log.jsonl (no weights) from $ROOT to $RESULTS/runs. A stored file is never
+# replaced by a different one (tar -x would, silently): then nothing is copied and the
+# script stops, naming the files.
 store_runs() {
-  local file files=() conflicts=()
-  while IFS= read -r -d '' file; do
-    files+=("$file")
-    if [[ -e $RESULTS/runs/$file ]] && ! cmp -s "$ROOT/$file" "$RESULTS/runs/$file"; then
-      conflicts+=("$file")
-    fi
-  done < <(cd "$ROOT" && find . \( -name metrics.json -o -name allocation_log.jsonl \) \
-    -printf '%p\0' | sort -z)
+  local run file files=() conflicts=()
+  while IFS= read -r -d '' run; do
+    for file in "$run/metrics.json" "$run/allocation_log.jsonl"; do
+      [[ -f $ROOT/$file ]] || continue
+      files+=("$file")
+      if [[ -e $RESULTS/runs/$file ]] && ! cmp -s "$ROOT/$file" "$RESULTS/runs/$file"; then
+        conflicts+=("$file")
+      fi
+    done
+  done < <(cd "$ROOT" && find . -name metrics.json -printf '%h\0' | sort -z)
   if ((${#conflicts[@]})); then
     echo "run_issue15.sh: ${#conflicts[@]} file(s) in $ROOT differ from the stored runs in" \
       "$RESULTS/runs; nothing copied (move the new or the stored run away):" >&2
