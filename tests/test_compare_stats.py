@@ -350,3 +350,37 @@ def test_a_metric_that_is_not_a_finite_number_is_an_error(tmp_path, capsys, valu
         load_runs(tmp_path)
     assert main([str(tmp_path), "--baseline", "default"]) == 2
     assert "not a finite number" in capsys.readouterr().err
+
+
+def _with_settings(run, **settings):
+    metrics = json.loads((run / "metrics.json").read_text())
+    (run / "metrics.json").write_text(json.dumps(dict(metrics, settings=settings)))
+
+
+def test_runs_on_other_dev_data_are_not_paired(tmp_path):
+    """The pairs must score the same dev rows: a variant's run on another eval file (or
+    another task's dev split, or a capped one) than the baseline's run of that seed is an
+    error naming both runs, not a difference; runs on the same data pair as before."""
+    for seed in range(3):
+        for variant in ("default", "lora"):
+            run = _write_run(tmp_path, "amazon", variant, seed, 0.6 + 0.01 * seed)
+            _with_settings(run, task=None, train_file="/a/train.csv", train_file_sha256="t1",
+                           eval_file="/a/dev.csv", eval_file_sha256="d1",
+                           max_eval_samples=None, lr=0.001 if variant == "lora" else 0.008)
+    assert [r.seeds for r in paired_differences(load_runs(tmp_path), "default")] == [[0, 1, 2]]
+    bad = tmp_path / "amazon" / "lora" / "seed1"
+    for changed in (dict(eval_file_sha256="d2"), dict(max_eval_samples=100)):
+        _with_settings(bad, task=None, train_file="/a/train.csv", train_file_sha256="t1",
+                       eval_file="/a/dev.csv", **dict(dict(eval_file_sha256="d1",
+                                                           max_eval_samples=None), **changed))
+        with pytest.raises(ValueError, match=f"{bad}.*{tmp_path / 'amazon' / 'default'}"):
+            paired_differences(load_runs(tmp_path), "default")
+    # the train file's checksum only matters where the dev split is held out from it
+    _with_settings(bad, task=None, train_file="/b/train.csv", train_file_sha256="t2",
+                   eval_file="/a/dev.csv", eval_file_sha256="d1", max_eval_samples=None)
+    assert [r.seeds for r in paired_differences(load_runs(tmp_path), "default")] == [[0, 1, 2]]
+    _with_settings(bad, task="trec6", train_file=None, train_file_sha256=None, eval_file=None,
+                   eval_file_sha256=None, max_eval_samples=None)
+    with pytest.raises(ValueError, match="dev"):
+        paired_differences(load_runs(tmp_path), "default")
+    assert main([str(tmp_path), "--baseline", "default"]) == 2

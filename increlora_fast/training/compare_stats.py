@@ -47,6 +47,8 @@ class RunResult:
     seed: int
     value: float
     path: str
+    # what its dev score was computed on (`dev_data`); None where the metrics do not say
+    dev: Optional[Tuple] = None
 
 
 @dataclass
@@ -208,6 +210,21 @@ def _metric_value(path: Path, data: Dict, metric: str) -> float:
     return float(value)
 
 
+DEV_DATA_KEYS = ("task", "text_column", "text_pair_column", "label_column", "max_eval_samples")
+
+
+def dev_data(data: Dict) -> Optional[Tuple]:
+    """What a run's eval metrics were computed on, from the ``settings`` of its metrics.json:
+    the packaged task or the eval file's checksum (the train file's when the dev split is held
+    out from it), the columns and the eval cap; None for metrics without settings."""
+    settings = data.get("settings")
+    if not isinstance(settings, dict):
+        return None
+    source = ("eval_file", settings.get("eval_file_sha256")) if settings.get("eval_file") else \
+        ("train_file", settings.get("train_file_sha256"))
+    return tuple(settings.get(k) for k in DEV_DATA_KEYS) + source
+
+
 def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
     variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
@@ -229,7 +246,7 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
             path, data = found[seed]
             runs.append(RunResult(task=str(report["task"]), variant=method, seed=seed,
                                   value=_metric_value(path, data, metric),
-                                  path=str(path.parent)))
+                                  path=str(path.parent), dev=dev_data(data)))
     if not runs:
         raise ValueError(f"{root / COMPARE_REPORT}: no methods in it")
     return runs
@@ -246,7 +263,7 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
         data = json.loads(path.read_text())
         run = RunResult(task=path.parent.parent.parent.name, variant=path.parent.parent.name,
                         seed=int(data["seed"]), value=_metric_value(path, data, metric),
-                        path=str(path.parent))
+                        path=str(path.parent), dev=dev_data(data))
         key = (run.task, run.variant, run.seed)
         if key in seen:
             raise ValueError(f"{path}: task {run.task!r}, variant {run.variant!r}, seed "
@@ -266,10 +283,13 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
                        exclude: Optional[str] = None) -> List[PairedDifference]:
     """Every variant against ``baseline``, per task, over the seeds both ran; ``only`` and
     ``exclude`` are comma-separated globs of variant names to keep and to leave out. Raises
-    ValueError when no task has the baseline."""
+    ValueError when no task has the baseline, and for a pair whose runs were scored on other
+    dev data (`dev_data`: another eval file, task or cap), which is no paired difference."""
     table: Dict[str, Dict[str, Dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
+    found: Dict[Tuple[str, str, int], RunResult] = {}
     for run in runs:
         table[run.task][run.variant][run.seed] = run.value
+        found[run.task, run.variant, run.seed] = run
     if not any(baseline in variants for variants in table.values()):
         known = sorted({v for variants in table.values() for v in variants})
         raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
@@ -286,6 +306,12 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
             seeds = sorted(set(values) & set(base))
             if not seeds:
                 continue
+            for s in seeds:
+                mine, theirs = found[task, variant, s], found[task, baseline, s]
+                if None not in (mine.dev, theirs.dev) and mine.dev != theirs.dev:
+                    raise ValueError(
+                        f"{mine.path} and {theirs.path} were scored on other dev data "
+                        f"({mine.dev} against {theirs.dev}): they are no pair of seed {s}")
             diffs = [values[s] - base[s] for s in seeds]
             mean, std, low, high = mean_interval(diffs)
             rows.append(PairedDifference(
