@@ -384,3 +384,18 @@ def test_runs_on_other_dev_data_are_not_paired(tmp_path):
     with pytest.raises(ValueError, match="dev"):
         paired_differences(load_runs(tmp_path), "default")
     assert main([str(tmp_path), "--baseline", "default"]) == 2
+
+
+def test_a_second_run_of_one_seed_in_a_compare_folder_is_an_error(tmp_path):
+    """A copy of a run folder kept beside it (``seed1_old``, ``seed1.bak``) holds a run of the
+    same method, lr and seed: which of the two is meant cannot be told, so it is an error
+    naming both, as for the <task>/<variant>/seed<k> layout, not the copy chosen by name."""
+    _write_compare_folder(tmp_path, {"increlora": (0.004, [0.80, 0.82, 0.81]),
+                                     "lora": (0.001, [0.79, 0.80, 0.81])})
+    run = tmp_path / "lora" / "lr0.001" / "seed1"
+    copy = run.parent / "seed1_old"
+    copy.mkdir()
+    metrics = json.loads((run / "metrics.json").read_text())
+    (copy / "metrics.json").write_text(json.dumps(dict(metrics, eval_accuracy=0.5)))
+    with pytest.raises(ValueError, match=f"{copy / 'metrics.json'}.*seed 1.*{run}"):
+        load_runs(tmp_path)

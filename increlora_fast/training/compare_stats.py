@@ -229,7 +229,7 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
     """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
     variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
     other rates ran on the first seed only and are left out). Raises ValueError naming what is
-    missing."""
+    missing, and for two runs of one method, lr and seed."""
     root = Path(root)
     report = json.loads((root / COMPARE_REPORT).read_text())
     runs = []
@@ -238,7 +238,11 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
         for path in sorted((root / method).glob(f"*/seed*/{METRICS_FILE}")):
             data = json.loads(path.read_text())
             if data.get("settings", {}).get("lr") == result["lr"]:
-                found[int(data["seed"])] = (path, data)
+                seed = int(data["seed"])
+                if seed in found:  # e.g. a copy of a run folder kept beside it
+                    raise ValueError(f"{path}: {method} at lr {result['lr']:g} seed {seed} "
+                                     f"already comes from {found[seed][0].parent}")
+                found[seed] = (path, data)
         for seed in result["seeds"]:
             if seed not in found:
                 raise ValueError(f"{root}: no {METRICS_FILE} of {method} at lr {result['lr']:g} "
