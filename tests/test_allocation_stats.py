@@ -67,3 +67,18 @@ def test_cli_plots_the_baselines_allocation(tmp_path):
     assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
                  "--allocation-plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runs_with_rounds_at_other_steps_average_over_every_run(tmp_path):
+    """Runs of one variant need not grow at the same steps (a module at r_max takes no rank,
+    so a seed can need one round more, as rank4/rank8_increlora on TREC-6 did): at a step where
+    only one run has a round, the mean is over every run, the others at the ranks they hold
+    then, not over that one run alone."""
+    a = _run(tmp_path, "seed0", [(10, MODULES[1], 3)])  # layer 0: budget reached at step 10
+    b = _run(tmp_path, "seed1", [(10, MODULES[3], 2), (20, MODULES[3], 3)])  # layer 1, later
+    by_layer = allocation_by_group([a, b], module_layer)
+    assert sorted(by_layer["0"]) == [0, 10, 20, 100]
+    assert by_layer["0"][10] == pytest.approx(((1 + 3) / 2 + 1.0) / 2)
+    assert by_layer["0"][20] == pytest.approx(((1 + 3) / 2 + 1.0) / 2)  # a still holds rank 3
+    assert by_layer["1"][20] == pytest.approx((1.0 + (1 + 3) / 2) / 2)
+    assert by_layer["0"][20] == by_layer["0"][100] and by_layer["1"][20] == by_layer["1"][100]

@@ -59,11 +59,17 @@ def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
 
 def allocation_by_group(run_dirs: Iterable[Path], group: Callable[[str], str] = module_type
                         ) -> Dict[str, Dict[int, float]]:
-    """{group: {step: mean rank}} over the modules of each group and over the runs (which share
-    one schedule: the same round steps)."""
+    """{group: {step: mean rank}} over the modules of each group and over the runs, at every
+    step where one of the runs has a round (or ends): a run without a round there counts with
+    the ranks it holds then (its last round before it), so a seed that needs one round more
+    than the others (a module at r_max takes no rank) does not stand for all of them there."""
+    replays = [ranks_over_time(run_dir) for run_dir in run_dirs]
+    every_step = sorted({step for replay in replays for step in replay})
     sums: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
-    for run_dir in run_dirs:
-        for step, ranks in ranks_over_time(run_dir).items():
+    for replay in replays:
+        ranks = replay[0]
+        for step in every_step:
+            ranks = replay.get(step, ranks)
             per_group: Dict[str, List[int]] = defaultdict(list)
             for name, rank in ranks.items():
                 per_group[group(name)].append(rank)
