@@ -122,3 +122,25 @@ def test_summary_stores_only_finished_runs(tmp_path):
     assert done.returncode == 0, done.stderr
     assert not (stored / "trec6" / "default" / "seed3").exists()
     assert len(list(stored.rglob("allocation_log.jsonl"))) == 3
+
+
+def test_a_table_that_cannot_be_made_again_leaves_no_stale_copy(tmp_path):
+    """A table whose remaking fails (here a run without a macro-F1) used to be skipped with a
+    line among the others, summary ending with 0 and the previous table left in SUMMARY as if
+    current: now its old outputs are removed and summary ends with an error naming it, the
+    other tables made as before."""
+    root, summary = tmp_path / "runs", tmp_path / "docs"
+    for seed in range(3):
+        _write_run(root, "trec6", "default", seed, 0.90)
+        _write_run(root, "trec6", "lora", seed, 0.89)
+    broken = root / "trec6" / "lora" / "seed1" / "metrics.json"
+    broken.write_text(json.dumps(dict(json.loads(broken.read_text()), eval_macro_f1=None)))
+    summary.mkdir()
+    stale = summary / "vs_default_eval_macro_f1.md"
+    stale.write_text("| lora | 3 | 0.7000 | 0.8000 | -0.1000 | [-0.2, -0.05] | worse |\n")
+    done = _summary(tmp_path, root)
+    assert done.returncode != 0
+    assert "vs_default_eval_macro_f1" in done.stderr
+    assert not stale.exists()
+    assert not (summary / "vs_default_eval_macro_f1.png").exists()
+    assert "| lora | 3 |" in (summary / "vs_default_eval_accuracy.md").read_text()

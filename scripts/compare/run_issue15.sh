@@ -197,7 +197,9 @@ run_queue() {
 }
 
 # table NAME BASELINE [compare_stats options...]: accuracy and macro-F1 tables of one comparison
-# over the stored runs.
+# over the stored runs. A table that cannot be made (compare_stats names why) has its previous
+# outputs removed, not left standing as if current, and summary ends with an error naming it.
+FAILED_TABLES=()
 table() {
   local name=$1 baseline=$2 metric
   shift 2
@@ -206,10 +208,13 @@ table() {
     return
   fi
   for metric in eval_accuracy eval_macro_f1; do
-    python -m increlora_fast.training.compare_stats "$RESULTS/runs" --baseline "$baseline" \
-      --metric $metric --out "$SUMMARY/${name}_$metric.md" \
-      --json-out "$RESULTS/tables/${name}_$metric.json" \
-      --diff-plot "$SUMMARY/${name}_$metric.png" "$@" || echo "(table $name skipped)" >&2
+    local out="$SUMMARY/${name}_$metric" json="$RESULTS/tables/${name}_$metric.json"
+    if ! python -m increlora_fast.training.compare_stats "$RESULTS/runs" \
+        --baseline "$baseline" --metric $metric --out "$out.md" --json-out "$json" \
+        --diff-plot "$out.png" "$@"; then
+      rm -f "$out.md" "$out.png" "$json"
+      FAILED_TABLES+=("${name}_$metric")
+    fi
   done
 }
 
@@ -266,6 +271,11 @@ summarize() {
     --growth-plot "$SUMMARY/loss_around_growth.png" \
     --allocation-plot "$SUMMARY/allocation_default.png" || echo "(growth profile skipped)" >&2
   echo "report in $SUMMARY, its data in $RESULTS" >&2
+  if ((${#FAILED_TABLES[@]})); then
+    echo "run_issue15.sh: ${#FAILED_TABLES[@]} table(s) could not be made from the stored" \
+      "runs (see above; their old copies removed): ${FAILED_TABLES[*]}" >&2
+    exit 1
+  fi
 }
 
 sections=("$@")
