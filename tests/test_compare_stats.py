@@ -399,3 +399,18 @@ def test_a_second_run_of_one_seed_in_a_compare_folder_is_an_error(tmp_path):
     (copy / "metrics.json").write_text(json.dumps(dict(metrics, eval_accuracy=0.5)))
     with pytest.raises(ValueError, match=f"{copy / 'metrics.json'}.*seed 1.*{run}"):
         load_runs(tmp_path)
+
+
+@pytest.mark.parametrize("damage", [b"{\"seed\": 1, \"eval_acc", b"\xff\xfe{}", b"[0.8]",
+                                    b"{\"eval_accuracy\": 0.8}"])
+def test_a_damaged_metrics_file_is_named(tmp_path, capsys, damage):
+    """A truncated or foreign metrics.json (a run killed while copying, a disk that filled up)
+    used to end in a bare 'Expecting value: line 1 ...' or a traceback, with no word of which of
+    the many run files it is; the error names the file."""
+    for seed in range(3):
+        _write_run(tmp_path, "t", "default", seed, 0.8)
+        _write_run(tmp_path, "t", "other", seed, 0.9)
+    bad = tmp_path / "t" / "other" / "seed1" / "metrics.json"
+    bad.write_bytes(damage)
+    assert main([str(tmp_path), "--baseline", "default"]) == 2
+    assert str(bad) in capsys.readouterr().err

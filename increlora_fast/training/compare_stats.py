@@ -197,6 +197,21 @@ def with_power(rows: Sequence[PairedDifference], true_diff: float) -> List[Paire
     return out
 
 
+def _read_metrics(path: Path) -> Dict:
+    """The metrics file ``path`` as a dict with an integer ``seed``; raises ValueError naming
+    the file for one that is damaged (truncated, not UTF-8, not JSON) or not a run's metrics."""
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not a readable metrics file ({err})") from err
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a run's metrics (a JSON {type(data).__name__})")
+    seed = data.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"{path}: 'seed' is {seed!r}, not an integer")
+    return data
+
+
 def _metric_value(path: Path, data: Dict, metric: str) -> float:
     """``data[metric]`` of the metrics file ``path`` as a finite number; raises ValueError naming
     the file otherwise (a NaN would read as a "tie" and a null would end in a traceback)."""
@@ -236,7 +251,7 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
     for method, result in report["methods"].items():
         found = {}
         for path in sorted((root / method).glob(f"*/seed*/{METRICS_FILE}")):
-            data = json.loads(path.read_text())
+            data = _read_metrics(path)
             if data.get("settings", {}).get("lr") == result["lr"]:
                 seed = int(data["seed"])
                 if seed in found:  # e.g. a copy of a run folder kept beside it
@@ -264,7 +279,7 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
         return load_compare_runs(Path(root), metric)
     runs, seen = [], {}
     for path in sorted(Path(root).rglob(METRICS_FILE)):
-        data = json.loads(path.read_text())
+        data = _read_metrics(path)
         run = RunResult(task=path.parent.parent.parent.name, variant=path.parent.parent.name,
                         seed=int(data["seed"]), value=_metric_value(path, data, metric),
                         path=str(path.parent), dev=dev_data(data))
