@@ -414,3 +414,14 @@ def test_a_damaged_metrics_file_is_named(tmp_path, capsys, damage):
     bad.write_bytes(damage)
     assert main([str(tmp_path), "--baseline", "default"]) == 2
     assert str(bad) in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0"])
+def test_power_for_needs_a_finite_difference(runs_root, capsys, value):
+    # --power-for nan used to report a power of 1.00 and 2 pairs for 80 % on every row
+    # (min(1.0, nan) is 1.0); an infinite difference is no planning figure either
+    assert main([str(runs_root), "--baseline", "default", f"--power-for={value}"]) == 2
+    assert "--power-for" in capsys.readouterr().err
+    if value != "0":
+        with pytest.raises(ValueError, match="finite"):
+            paired_power(0.01, 8, float(value))

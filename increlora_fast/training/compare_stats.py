@@ -148,9 +148,9 @@ def paired_power(std_diff: float, pairs: int, true_diff: float, level: float = 0
     ``std_diff`` give a ``level`` t-interval that excludes 0 when the true mean difference is
     ``true_diff`` (the power of the two-sided paired t-test; the noncentral t integrated over
     the chi-distributed sample std by Simpson's rule)."""
-    if pairs < 2 or std_diff <= 0:
-        raise ValueError(f"paired_power needs pairs >= 2 and std_diff > 0, got {pairs}, "
-                         f"{std_diff}")
+    if pairs < 2 or not std_diff > 0 or not math.isfinite(true_diff):
+        raise ValueError(f"paired_power needs pairs >= 2, std_diff > 0 and a finite true_diff, "
+                         f"got {pairs}, {std_diff}, {true_diff}")
     df = pairs - 1
     crit = t_quantile(0.5 + level / 2, df)
     shift = abs(true_diff) / (std_diff / math.sqrt(pairs))
@@ -518,8 +518,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs = load_runs(Path(args.root), args.metric)
         rows = paired_differences(runs, args.baseline, args.only, args.exclude)
         if args.power_for is not None:
-            if args.power_for == 0:
-                raise ValueError("--power-for needs a difference other than 0")
+            if args.power_for == 0 or not math.isfinite(args.power_for):
+                raise ValueError(f"--power-for needs a finite difference other than 0, got "
+                                 f"{args.power_for:g}")
             rows = with_power(rows, args.power_for)
         if args.growth_profile or args.growth_plot:
             variants = {args.baseline} | {r.variant for r in rows}
