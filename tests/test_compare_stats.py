@@ -358,32 +358,37 @@ def _with_settings(run, **settings):
 
 
 def test_runs_on_other_dev_data_are_not_paired(tmp_path):
-    """The pairs must score the same dev rows: a variant's run on another eval file (or
-    another task's dev split, or a capped one) than the baseline's run of that seed is an
+    """The pairs must score the same dev rows: a variant's runs on another eval file (or
+    another task's dev split, or a capped one) than the baseline's runs of those seeds are an
     error naming both runs, not a difference; runs on the same data pair as before."""
+    def settings(variant, **changed):
+        return dict(dict(task=None, train_file="/a/train.csv", train_file_sha256="t1",
+                         eval_file="/a/dev.csv", eval_file_sha256="d1", max_eval_samples=None,
+                         lr=0.001 if variant == "lora" else 0.008), **changed)
+
     for seed in range(3):
         for variant in ("default", "lora"):
             run = _write_run(tmp_path, "amazon", variant, seed, 0.6 + 0.01 * seed)
-            _with_settings(run, task=None, train_file="/a/train.csv", train_file_sha256="t1",
-                           eval_file="/a/dev.csv", eval_file_sha256="d1",
-                           max_eval_samples=None, lr=0.001 if variant == "lora" else 0.008)
+            _with_settings(run, **settings(variant))
     assert [r.seeds for r in paired_differences(load_runs(tmp_path), "default")] == [[0, 1, 2]]
-    bad = tmp_path / "amazon" / "lora" / "seed1"
-    for changed in (dict(eval_file_sha256="d2"), dict(max_eval_samples=100)):
-        _with_settings(bad, task=None, train_file="/a/train.csv", train_file_sha256="t1",
-                       eval_file="/a/dev.csv", **dict(dict(eval_file_sha256="d1",
-                                                           max_eval_samples=None), **changed))
-        with pytest.raises(ValueError, match=f"{bad}.*{tmp_path / 'amazon' / 'default'}"):
+
+    def lora_on(**changed):
+        for seed in range(3):
+            _with_settings(tmp_path / "amazon" / "lora" / f"seed{seed}",
+                           **settings("lora", **changed))
+
+    for changed in (dict(eval_file_sha256="d2"), dict(max_eval_samples=100),
+                    dict(task="trec6", train_file=None, train_file_sha256=None, eval_file=None,
+                         eval_file_sha256=None)):
+        lora_on(**changed)
+        with pytest.raises(ValueError, match=f"{tmp_path / 'amazon' / 'lora' / 'seed0'}.*"
+                                             f"{tmp_path / 'amazon' / 'default' / 'seed0'}"
+                                             ".*other dev data"):
             paired_differences(load_runs(tmp_path), "default")
-    # the train file's checksum only matters where the dev split is held out from it
-    _with_settings(bad, task=None, train_file="/b/train.csv", train_file_sha256="t2",
-                   eval_file="/a/dev.csv", eval_file_sha256="d1", max_eval_samples=None)
-    assert [r.seeds for r in paired_differences(load_runs(tmp_path), "default")] == [[0, 1, 2]]
-    _with_settings(bad, task="trec6", train_file=None, train_file_sha256=None, eval_file=None,
-                   eval_file_sha256=None, max_eval_samples=None)
-    with pytest.raises(ValueError, match="dev"):
-        paired_differences(load_runs(tmp_path), "default")
     assert main([str(tmp_path), "--baseline", "default"]) == 2
+    # the train file's checksum only matters where the dev split is held out from it
+    lora_on(train_file="/b/train.csv", train_file_sha256="t2")
+    assert [r.seeds for r in paired_differences(load_runs(tmp_path), "default")] == [[0, 1, 2]]
 
 
 def test_a_second_run_of_one_seed_in_a_compare_folder_is_an_error(tmp_path):
@@ -425,3 +430,23 @@ def test_power_for_needs_a_finite_difference(runs_root, capsys, value):
     if value != "0":
         with pytest.raises(ValueError, match="finite"):
             paired_power(0.01, 8, float(value))
+
+
+def test_runs_of_one_variant_with_other_settings_are_an_error(tmp_path):
+    """The runner skips a run whose metrics.json exists, so a variant whose options changed
+    between sessions (or more seeds added at other --max-steps) holds runs of two setups under
+    one name, and its mean and paired differences mixed them without a word: an error naming
+    the runs and the setting now. The seed, the data files' paths (their checksums are what
+    counts) and the device may differ; settings a run predates read as their defaults."""
+    common = dict(method="lora", lr=0.001, max_steps=300, train_file=None, eval_file=None,
+                  task="trec6", device="auto")
+    for seed in range(3):
+        for variant in ("default", "lora"):
+            run = _write_run(tmp_path, "trec6", variant, seed, 0.9 + 0.01 * seed)
+            _with_settings(run, **dict(common, seed=seed, device="cuda" if seed else "cpu"))
+    late = tmp_path / "trec6" / "lora" / "seed2"
+    _with_settings(late, **dict(common, seed=2, pooling="cls"))  # the default pooling
+    assert [r.seeds for r in paired_differences(load_runs(tmp_path), "default")] == [[0, 1, 2]]
+    _with_settings(late, **dict(common, seed=2, max_steps=200))
+    with pytest.raises(ValueError, match=f"{late}.*{tmp_path / 'trec6' / 'lora'}.*max_steps"):
+        load_runs(tmp_path)

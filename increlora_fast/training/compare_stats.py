@@ -34,6 +34,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
+from .settings import RunSettings
 
 COMPARE_REPORT = "compare.json"  # what `--compare` writes at the top of its output folder
 
@@ -240,6 +241,24 @@ def dev_data(data: Dict) -> Optional[Tuple]:
     return tuple(settings.get(k) for k in DEV_DATA_KEYS) + source
 
 
+# settings that may differ between the runs of one variant: the seed, the data files' paths
+# (their checksums are what counts, and stay compared) and the device asked for
+PER_RUN_SETTINGS = ("seed", "train_file", "eval_file", "device")
+
+
+def variant_settings(data: Dict) -> Optional[Dict]:
+    """A run's settings without `PER_RUN_SETTINGS`, those it predates read as their defaults
+    (as it ran with them); None for metrics without settings."""
+    settings = data.get("settings")
+    if not isinstance(settings, dict):
+        return None
+    try:
+        settings = RunSettings.from_dict(settings).to_dict()
+    except TypeError:  # a required setting missing: compare what there is
+        pass
+    return {k: v for k, v in settings.items() if k not in PER_RUN_SETTINGS}
+
+
 def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
     variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
@@ -273,11 +292,12 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
 
 def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     """Every run under ``root`` (`load_compare_runs` when it is a ``--compare`` output folder);
-    raises ValueError naming the file for a run without ``metric`` and for two runs of one
-    (task, variant, seed)."""
+    raises ValueError naming the file for a run without ``metric``, for two runs of one
+    (task, variant, seed) and for runs of one variant with other settings (`variant_settings`)."""
     if (Path(root) / COMPARE_REPORT).is_file():
         return load_compare_runs(Path(root), metric)
     runs, seen = [], {}
+    setups: Dict[Tuple[str, str], Tuple[Dict, Path]] = {}
     for path in sorted(Path(root).rglob(METRICS_FILE)):
         data = _read_metrics(path)
         run = RunResult(task=path.parent.parent.parent.name, variant=path.parent.parent.name,
@@ -288,6 +308,17 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
             raise ValueError(f"{path}: task {run.task!r}, variant {run.variant!r}, seed "
                              f"{run.seed} already comes from {seen[key]}")
         seen[key] = path
+        setup = variant_settings(data)
+        if setup is not None:
+            first, where = setups.setdefault((run.task, run.variant), (setup, path.parent))
+            differing = sorted(k for k in set(first) | set(setup)
+                               if first.get(k) != setup.get(k))
+            if differing:
+                raise ValueError(
+                    f"{path.parent} ran with other settings than {where}, a run of the same "
+                    f"variant (" + ", ".join(f"{k}: {setup.get(k)!r} against {first.get(k)!r}"
+                                             for k in differing[:3])
+                    + "): one variant name must hold one setup")
         runs.append(run)
     if not runs:
         raise ValueError(f"{root}: no {METRICS_FILE} found below it")
