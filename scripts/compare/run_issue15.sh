@@ -251,8 +251,10 @@ summarize() {
     store_runs
   fi
   mkdir -p "$SUMMARY" "$RESULTS/tables"
-  # lora_rerun is a check of the pairing (it must repeat the stored lora run), not a variant
-  local other='h1200_*,rank4_*,rank8_*,lora_rerun,recipe_*'
+  # lora_rerun is a check of the pairing (it must repeat the stored lora run), not a variant;
+  # uniform2_rerun and random_rerun pair with default_rerun (table rerun), not with the stored
+  # runs of older code; recipe_* pair among themselves
+  local other='h1200_*,rank4_*,rank8_*,lora_rerun,uniform2_rerun,random_rerun,recipe_*'
   table vs_default default --exclude "$other"
   table vs_lora lora --exclude "$other"
   table vs_adalora adalora --exclude "$other"
