@@ -123,6 +123,9 @@ def test_resume_from_another_working_directory(run, tmp_path, capsys, monkeypatc
 
 
 def test_compare_reruns_instead_of_reusing_results_from_other_data(run, tmp_path, capsys):
+    """A finished run of an earlier comparison on other data is never reused; it is trained
+    again in its place only with --overwrite, and refused otherwise (it was replaced unasked:
+    an earlier comparison's results lost)."""
     train = tmp_path / "train.csv"
     write_csv(train, sentiment_rows(96, seed=0))
     out = tmp_path / "cmp"
@@ -134,7 +137,11 @@ def test_compare_reruns_instead_of_reusing_results_from_other_data(run, tmp_path
     first = json.loads((out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text())
     write_csv(train, sentiment_rows(96, seed=5))  # other contents, same path
     capsys.readouterr()
-    assert cli(argv) == 0
+    assert cli(argv) == 2
+    assert "on other data" in capsys.readouterr().err
+    kept = json.loads((out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text())
+    assert kept == first
+    assert cli(argv + ["--overwrite"]) == 0
     printed = capsys.readouterr().out
     assert "reusing" not in printed and "other data" in printed
     again = json.loads((out / "lora" / "lr0.001" / "seed0" / "metrics.json").read_text())

@@ -61,8 +61,10 @@ DATA_KEYS = {key for keys in DATA_FILE_KEYS for key in keys[:2]}
 def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool,
                   echo: Callable[[str], None], overwrite: bool = False) -> Dict:
     """The metrics of run ``s`` in ``run_dir``: read back when it already finished there with the
-    same resolved settings and the same data, trained otherwise (a run on other data, or on data
-    it recorded no checksum of, is trained again in its place)."""
+    same resolved settings and the same data, trained when there is none. A finished run on
+    other data (or on data it recorded no checksum of) is trained again in its place only with
+    ``overwrite``; otherwise ValueError: an earlier comparison's results are never replaced
+    unasked."""
     done = run_dir / METRICS_FILE
     if done.exists():
         try:
@@ -75,8 +77,12 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
         stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
         differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
         if any(k in DATA_KEYS for k in differing):
+            if not overwrite:
+                raise ValueError(f"{run_dir} holds a finished run on other data (or on data it "
+                                 "recorded no checksum of); use another --output-dir, or "
+                                 "--overwrite to train it again in its place")
             echo(f"[compare] {s.method} lr={s.lr:g} seed={s.seed}: the run in {run_dir} used "
-                 "other data (or recorded no checksum of it); training it again")
+                 "other data (or recorded no checksum of it); training it again (--overwrite)")
             return run_finetune(s, str(run_dir), progress=progress, overwrite=True)
         if differing:
             raise ValueError(
