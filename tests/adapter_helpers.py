@@ -30,3 +30,14 @@ def trained(base: nn.Module, config: IncreLoRAConfig,
             layer.lora_lambda.normal_()
         model.head.weight.normal_()
     return model
+
+
+def tied_tiny_llama() -> nn.Module:
+    """A 1-layer Llama (seed 7, eval mode) whose ``lm_head`` shares the input embedding."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(7)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()

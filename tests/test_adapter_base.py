@@ -400,21 +400,13 @@ def test_an_adapted_layer_inside_a_module_to_save_loads_onto_its_base(tmp_path, 
 def test_an_adapted_lm_head_tied_to_an_embedding_to_save_loads_onto_its_base(tmp_path):
     """As above for an adapted ``lm_head`` whose base weight is the input embedding, a module
     to save: the adapter carries that weight under the embedding's name."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def tied() -> nn.Module:
-        torch.manual_seed(7)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
-
     config = IncreLoRAConfig(target_modules=["q_proj", "lm_head"], r_max=4, target_rank=2,
                              modules_to_save=["embed_tokens"])
-    source = inject_increlora(tied(), config)
+    source = inject_increlora(adapter_helpers.tied_tiny_llama(), config)
     assert source.lm_head.base_layer.weight is source.model.embed_tokens.weight
     with torch.no_grad():  # what training the embedding does
         source.model.embed_tokens.weight.add_(0.5)
     save_adapter(source, tmp_path)
-    target = load_adapter(inject_increlora(tied(), copy.deepcopy(config)), tmp_path)
+    target = load_adapter(inject_increlora(adapter_helpers.tied_tiny_llama(),
+                                           copy.deepcopy(config)), tmp_path)
     assert torch.equal(target.lm_head.base_layer.weight, source.lm_head.base_layer.weight)

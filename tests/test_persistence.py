@@ -404,22 +404,14 @@ def test_modules_to_save_of_a_frozen_model_are_saved(tmp_path, tiny_net, trainin
 def test_a_tied_module_to_save_of_a_frozen_model_is_saved(tmp_path):
     """As above for an lm_head to save tied to the input embedding, whose one parameter is
     named after the embedding."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    def tied() -> nn.Module:
-        torch.manual_seed(7)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
-
     config = IncreLoRAConfig(target_modules=["q_proj"], r_max=4, target_rank=2,
                              modules_to_save=["lm_head"])
-    model = inject_increlora(tied(), config)
+    model = inject_increlora(adapter_helpers.tied_tiny_llama(), config)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     model.requires_grad_(False)
     save_adapter(model, tmp_path)
-    target = load_adapter(inject_increlora(tied(), copy.deepcopy(config)), tmp_path)
+    target = load_adapter(inject_increlora(adapter_helpers.tied_tiny_llama(),
+                                           copy.deepcopy(config)), tmp_path)
     assert torch.equal(target.lm_head.weight, model.lm_head.weight)

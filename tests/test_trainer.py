@@ -23,6 +23,14 @@ def _args(out, **kw):
                              use_cpu=True, seed=0, disable_tqdm=True, **kw)
 
 
+def _said_while_training(trainer, phrase: str):
+    """The messages of the warnings ``trainer.train()`` gives that hold ``phrase``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    return [str(w.message) for w in caught if phrase in str(w.message)]
+
+
 def test_increlora_trainer_grows_to_budget_and_resumes_exactly(tmp_path):
     model, config = _model()
     trainer = IncreLoRATrainer(model=model, args=_args(tmp_path / "a"), train_dataset=TinyTask())
@@ -105,10 +113,7 @@ def test_an_lr_scheduler_type_that_is_not_used_is_said(tmp_path, kind):
     model, _ = _model()
     trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=_args(
         tmp_path, save_strategy="no", warmup_steps=2, lr_scheduler_type=kind))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    said = [str(w.message) for w in caught if "lr_scheduler_type" in str(w.message)]
+    said = _said_while_training(trainer, "lr_scheduler_type")
     assert said == ([] if kind == "linear" else
                     ["IncreLoRATrainer: TrainingArguments.lr_scheduler_type='cosine' is not used: "
                      "every schedule (base and per slot) is IncreLoRA's linear warmup and decay"])
@@ -355,10 +360,7 @@ def test_an_optim_that_is_not_used_is_said(tmp_path, optim):
     model, _ = _model()
     trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=_args(
         tmp_path, save_strategy="no", optim=optim))
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    said = [str(w.message) for w in caught if "TrainingArguments.optim" in str(w.message)]
+    said = _said_while_training(trainer, "TrainingArguments.optim")
     assert said == ([] if optim == "adamw_torch" else
                     ["IncreLoRATrainer: TrainingArguments.optim='sgd' is not used: the optimizer is "
                      "IncreLoRAAdamW (AdamW with per-slot schedules)"])
@@ -375,10 +377,7 @@ def test_a_schedule_that_cannot_reach_the_budget_is_said(tmp_path, steps):
     args = _args(tmp_path, save_strategy="no")
     args.max_steps = steps
     trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=args)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        trainer.train()
-    said = [str(w.message) for w in caught if "allocation round" in str(w.message)]
+    said = _said_while_training(trainer, "allocation round")
     ctl = trainer.increlora_controller
     if steps == STEPS:
         assert said == [] and ctl.budget_reached
