@@ -208,10 +208,7 @@ class IncreLoRAController:
         for this step, and the skip is named (once): an index that is not the optimizer's step
         (a micro-batch index, a count from 1) also leaves the slots' stamps off the optimizer's
         schedules."""
-        cfg = self.config
-        first = max(self._next_step, cfg.init_warmup + 1)
-        first_round = -(-first // cfg.incre_interval) * cfg.incre_interval
-        if first_round < step:
+        if self.config.allocation_rounds(self._next_step, step) > 0:
             self.round_pending = True
         if not self._warned_skip:
             self._warned_skip = True
