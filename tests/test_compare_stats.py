@@ -117,6 +117,14 @@ def test_cli_plots_the_differences(runs_root, tmp_path):
     assert not (tmp_path / "none.png").exists()
 
 
+def test_cli_refuses_an_empty_table(runs_root, tmp_path, capsys):
+    out = tmp_path / "t.md"
+    assert main([str(runs_root), "--baseline", "default", "--only", "nothing*",
+                 "--out", str(out)]) == 2  # used to write an empty table and exit 0
+    assert not out.exists()
+    assert "--only/--exclude" in capsys.readouterr().err
+
+
 def test_loss_around_growth_averages_over_rounds(tmp_path):
     losses = [float(i) for i in range(40)]
     run = _write_run(tmp_path, "rt", "default", 0, 0.8, train_losses=losses)

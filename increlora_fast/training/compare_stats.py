@@ -548,6 +548,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         runs = load_runs(Path(args.root), args.metric)
         rows = paired_differences(runs, args.baseline, args.only, args.exclude)
+        if not rows and not (args.allocation_plot or args.growth_profile or args.growth_plot):
+            filters = " left by --only/--exclude" if args.only or args.exclude else ""
+            raise ValueError(f"no variant{filters} shares a seed of a task with the baseline "
+                             f"{args.baseline!r}: there is nothing to compare")
         if args.power_for is not None:
             if args.power_for == 0 or not math.isfinite(args.power_for):
                 raise ValueError(f"--power-for needs a finite difference other than 0, got "
