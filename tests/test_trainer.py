@@ -367,6 +367,17 @@ def test_an_optim_that_is_not_used_is_said(tmp_path, optim):
     assert isinstance(trainer.optimizer.optimizer, IncreLoRAAdamW)
 
 
+@pytest.mark.parametrize("optim", ["lomo", "adalomo"])
+def test_an_optim_that_updates_inside_backward_is_refused(tmp_path, optim):
+    """``optim="lomo"``/``"adalomo"`` made the Trainer pass ``learning_rate`` to backward, and
+    training failed at its first step with a TypeError from ``Tensor.backward``; it is now
+    refused at construction with the reason."""
+    model, _ = _model()
+    with pytest.raises(ValueError, match=f"optim='{optim}' cannot be used"):
+        IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=_args(
+            tmp_path, save_strategy="no", optim=optim))
+
+
 @pytest.mark.parametrize("steps", [STEPS, 10])
 def test_a_schedule_that_cannot_reach_the_budget_is_said(tmp_path, steps):
     """A run whose allocation rounds cannot reach the rank budget (too short for init_warmup,

@@ -405,6 +405,11 @@ def _adapters_seen_by_quantization_check(model):
         _unmark(model)
 
 
+# `TrainingArguments.optim` values whose optimizer runs inside backward (the Trainer hands
+# `backward` a learning rate for them), which IncreLoRAAdamW cannot replace.
+_FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
+
+
 class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
@@ -415,7 +420,8 @@ class IncreLoRATrainer(Trainer):
     ``"other_no_decay"``; the adapters take it, as ``finetune`` does). Its schedules are
     IncreLoRA's linear warmup (``IncreLoRAConfig.warmup_steps``) and decay, per slot: another
     ``lr_scheduler_type`` or warmup in the ``TrainingArguments`` is not used (with a warning), nor
-    is an ``optim`` other than the Trainer's AdamW defaults (with a warning).
+    is an ``optim`` other than the Trainer's AdamW defaults (with a warning; ``lomo`` and
+    ``adalomo``, which update inside backward, are refused).
     """
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
@@ -423,6 +429,13 @@ class IncreLoRATrainer(Trainer):
             raise ValueError("IncreLoRATrainer: controller= cannot be given with model_init, "
                              "whose new model at train() the controller would not watch; leave "
                              "controller out (one is made over each model model_init makes)")
+        training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
+        optim = getattr(getattr(training_args, "optim", None), "value",
+                        getattr(training_args, "optim", None))
+        if optim in _FUSED_BACKWARD_OPTIMS:
+            raise ValueError(f"IncreLoRATrainer: TrainingArguments.optim={optim!r} cannot be used: "
+                             "it updates the weights inside backward, and IncreLoRA's per-slot "
+                             "AdamW steps after it; leave optim at its default (adamw_torch)")
         model = kwargs.get("model", args[0] if args else None)
         self._in_init = True
         try:
