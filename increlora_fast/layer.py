@@ -222,7 +222,9 @@ class IncreLoRALinear(nn.Module):
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ``.bfloat16()`` and the like convert A and B as asked, and
         lambda back to `reference.lambda_dtype` of A's dtype (never 16-bit), with its gradient;
-        the layer's parameters stay the same objects."""
+        the layer's parameters stay the same objects. The score accumulator ``score_sum`` stays
+        float32 (or float64) likewise: the kernels add into such a score only, and a 16-bit sum
+        would lose the small per-pass scores."""
         result = super()._apply(fn, recurse)
         lam = self._parameters["lora_lambda"]
         want = lambda_dtype(self._parameters["lora_A"].dtype)
@@ -230,6 +232,9 @@ class IncreLoRALinear(nn.Module):
             lam.data = lam.data.to(want)
             if lam.grad is not None:
                 lam.grad = lam.grad.to(want)
+        score = self._buffers["score_sum"]
+        if score.dtype not in (torch.float32, torch.float64):
+            self._buffers["score_sum"] = score.float()
         return result
 
     def __getstate__(self) -> dict:

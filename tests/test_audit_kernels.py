@@ -1,0 +1,68 @@
+"""Audit of the adapted linear, its kernels and their cached state against float64 references
+written here (not the library's own reference): odd shapes, every dtype path, in-place changes.
+
+On CPU the kernels run under the Triton interpreter (conftest), on CUDA compiled.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from increlora_fast.kernels import launch_counts, reset_launch_counts
+from increlora_fast.layer import IncreLoRALinear
+
+
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest absolute error relative to the largest magnitude of ``ref``."""
+    scale = ref.abs().max().item()
+    return (got.double() - ref.double()).abs().max().item() / (scale if scale > 0 else 1.0)
+
+
+def float64_layer(layer: IncreLoRALinear, x: torch.Tensor, dy: torch.Tensor):
+    """(y, dx, dA, dB, dlambda, score) of ``layer`` on ``x`` with output gradient ``dy``, from
+    the spec's formulas in float64 autograd on the layer's own (rounded) values."""
+    state = layer.slot_state
+    weight = layer.base_layer.weight.detach().double()
+    weight = weight.t() if layer.is_conv1d else weight
+    bias = layer.base_layer.bias
+    a, b, lam, xx = (t.detach().double().requires_grad_()
+                     for t in (layer.lora_A, layer.lora_B, layer.lora_lambda, x))
+    active, reserve = state == 2, state == 1
+    fixed = layer.reserve_lambda if layer.advance_learning else 0.0
+    lam_eff = torch.where(active, lam, reserve.double() * fixed) \
+        * layer.lora_alpha / max(int(active.sum()), 1)
+    y = xx @ weight.t() + ((xx @ a.t()) * lam_eff) @ b.t()
+    if bias is not None:
+        y = y + bias.detach().double()
+    y.backward(dy.double())
+    dw = (b * lam_eff).detach() @ a.detach()
+    g = dy.double().reshape(-1, dy.shape[-1]).t() @ x.double().reshape(-1, x.shape[-1])
+    score = (dw * g).abs().sum() / math.sqrt(dw.numel())
+    return y.detach(), xx.grad, a.grad, b.grad, lam.grad, score
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_score_after_casting_the_layer_to_16_bit(kernel_device, monkeypatch, backend, dtype):
+    """``layer.to(bfloat16)`` (or ``.half()``) keeps the exact-score accumulator in float32, as
+    lambda is kept: the Triton path refused a 16-bit ``score_sum`` with a ValueError on the first
+    tracked backward, and the torch path summed the score in 16 bits. Tolerance: relative 2e-2
+    (16-bit operands), and the score must come back float32."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    layer = IncreLoRALinear(nn.Linear(21, 13), r_max=4, init_r=2, reserve_rank=1)
+    layer = layer.to(kernel_device, dtype).train()
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    layer.score_enabled = True
+    assert layer.score_sum.dtype == torch.float32
+    x = torch.randn(6, 21, dtype=dtype, device=kernel_device)
+    dy = torch.randn(6, 13, dtype=dtype, device=kernel_device)
+    reset_launch_counts()
+    layer(x).backward(dy)
+    assert (launch_counts().get("_score_tiles_kernel", 0) > 0) == (backend == "triton")
+    score = layer.take_score()
+    assert score.dtype == torch.float32
+    assert rel_err(score, float64_layer(layer, x, dy)[5]) <= 2e-2
