@@ -66,3 +66,38 @@ def test_score_after_casting_the_layer_to_16_bit(kernel_device, monkeypatch, bac
     score = layer.take_score()
     assert score.dtype == torch.float32
     assert rel_err(score, float64_layer(layer, x, dy)[5]) <= 2e-2
+
+
+@pytest.mark.parametrize("replace", ["data", "vector_to_parameters"])
+def test_base_weight_replaced_through_data_under_autocast(kernel_device, monkeypatch, replace):
+    """A float32 base under bfloat16 autocast computes with a cached bfloat16 cast of its weight.
+    A new weight given through ``weight.data = ...`` (as ``vector_to_parameters`` and module
+    conversions do) keeps the parameter and its version counter: the forward and dx must use
+    the new weight, not the cast of the old one. Tolerance: relative 2e-2 (bfloat16)."""
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    layer = IncreLoRALinear(nn.Linear(24, 18), r_max=4, init_r=2, reserve_rank=1)
+    layer = layer.to(kernel_device).train()
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    x = torch.randn(5, 24, device=kernel_device)
+    dy = torch.randn(5, 18, device=kernel_device)
+    with torch.autocast(torch.device(kernel_device).type, dtype=torch.bfloat16):
+        layer(x)  # caches the bfloat16 cast of the first weight
+    weight = layer.base_layer.weight
+    fresh = torch.randn_like(weight)
+    if replace == "data":
+        weight.data = fresh
+    else:
+        torch.nn.utils.vector_to_parameters(
+            torch.cat([fresh.flatten(), layer.base_layer.bias.detach()]),
+            layer.base_layer.parameters())
+    assert torch.equal(layer.base_layer.weight, fresh)
+    reset_launch_counts()
+    xx = x.clone().requires_grad_()
+    with torch.autocast(torch.device(kernel_device).type, dtype=torch.bfloat16):
+        y = layer(xx)
+    y.backward(dy.to(y.dtype))
+    assert launch_counts().get("_project_kernel", 0) > 0
+    ref = float64_layer(layer, x, dy.bfloat16())
+    assert rel_err(y, ref[0]) <= 2e-2
+    assert rel_err(xx.grad, ref[1]) <= 2e-2

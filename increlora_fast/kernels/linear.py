@@ -143,23 +143,28 @@ def clear_plan_cache() -> None:
     _CASTS.clear()
 
 
-# (id(tensor), dtype) -> (weak reference to the tensor, its version, its cast)
+# (id(tensor), dtype) -> (weak reference to the tensor, its version, its data address, its cast)
 _CASTS: Dict[tuple, tuple] = {}
 
 
 def _cast_cached(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
     """``t`` in ``dtype``: the frozen base weight (or bias) is cast once and reused until it is
-    changed in place (its version counter moves, e.g. by a merge) or freed."""
+    changed in place (its version counter moves, e.g. by a merge), given new data (``t.data =
+    ...``, as module conversions and ``vector_to_parameters`` do: the same parameter and
+    version, another address) or freed. A write through ``t.data`` in place moves neither and
+    is not seen."""
     if t is None or t.dtype == dtype:
         return t
     if torch.compiler.is_compiling() or t.requires_grad:
         return t.to(dtype)
     key = (id(t), dtype)
     hit = _CASTS.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
+    address = t.data_ptr()
+    if hit is not None and hit[0]() is t and hit[1] == t._version and hit[2] == address:
+        return hit[3]
     cast = t.to(dtype)
-    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), t._version, cast)
+    _CASTS[key] = (weakref.ref(t, lambda _, k=key: _CASTS.pop(k, None)), t._version, address,
+                   cast)
     return cast
 
 
