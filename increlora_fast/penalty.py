@@ -134,9 +134,11 @@ class OrthogonalPenalty:
         for index, members in enumerate(self._groups):
             trains, w, eye = self._masks_of_group(index, members)
             # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
-            a = torch.stack([m.lora_A for m in members])
+            # In float32 at least, as the kernels accumulate: near orthonormality the entries of
+            # A A^T - I are small differences of numbers near 1, lost in a 16-bit Gram matrix.
+            a = torch.stack([m.lora_A for m in members]).to(w.dtype)
             a = torch.where(trains[:, :, None], a, a.detach()) * w[:, :, None]
-            b = torch.stack([m.lora_B for m in members])
+            b = torch.stack([m.lora_B for m in members]).to(w.dtype)
             b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
             total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
                 + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
@@ -144,9 +146,10 @@ class OrthogonalPenalty:
 
     def _masks_of_group(self, index: int, members: List[IncreLoRALinear]
                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(trainable A/B slots, slot weights in the adapter dtype, their diagonal matrices) of
-        one group, each stacked over its members; cached until a member's ``slot_version`` or
-        ``advance_learning``, the adapter dtype or the device changes."""
+        """(trainable A/B slots, slot weights in the dtype the penalty is computed in (the
+        adapter dtype, at least float32), their diagonal matrices) of one group, each stacked
+        over its members; cached until a member's ``slot_version`` or ``advance_learning``,
+        the adapter dtype or the device changes."""
         lora_a = members[0].lora_A
         key = (tuple((m.slot_version, m.advance_learning) for m in members), lora_a.dtype,
                lora_a.device, self.config.reserve_in_penalty)
@@ -155,7 +158,7 @@ class OrthogonalPenalty:
             with torch.inference_mode(False), torch.no_grad():  # masks for training steps too
                 used, trains = (torch.stack(ms) for ms in
                                 zip(*(self._counted_and_trained(m) for m in members)))
-                w = used.to(lora_a.dtype)
+                w = used.to(torch.promote_types(lora_a.dtype, torch.float32))
                 masks, replaced = refresh_in_place(None if cached is None else cached[1],
                                                    (trains, w, torch.diag_embed(w)))
             self.cache_epoch += replaced

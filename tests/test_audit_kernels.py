@@ -101,3 +101,48 @@ def test_base_weight_replaced_through_data_under_autocast(kernel_device, monkeyp
     ref = float64_layer(layer, x, dy.bfloat16())
     assert rel_err(y, ref[0]) <= 2e-2
     assert rel_err(xx.grad, ref[1]) <= 2e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 1.6e-2), (torch.float16, 2e-3)])
+def test_orthogonal_penalty_torch_path_on_16_bit_buffers_near_orthonormal(monkeypatch, dtype,
+                                                                          tol):
+    """The penalty's torch path (CPU, torch.compile, a failed kernel check) on 16-bit slot
+    buffers close to orthonormal, where training drives them: A A^T - I holds small
+    differences of numbers near 1, which a 16-bit Gram matrix rounds away (the gradients were
+    9 % off in bfloat16). Loss and gradients against float64; tolerances relative to the
+    largest float64 value: half an ulp of the gradients' dtype and some (bfloat16 1.6e-2,
+    float16 2e-3), as for the kernels."""
+    from increlora_fast import IncreLoRAConfig, IncreLoRAController, inject_increlora
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    model = nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 20), nn.ReLU(),
+                          nn.Linear(20, 7))
+    config = IncreLoRAConfig(target_modules=["0", "2", "4"], r_max=6, init_r=2, target_rank=4,
+                             orth_reg_weight=0.3)
+    inject_increlora(model, config)
+    model.to(dtype)
+    controller = IncreLoRAController(model, config)
+    layers = controller.layers
+    with torch.no_grad():
+        for layer in layers:
+            a = torch.linalg.qr(torch.randn(layer.in_features, layer.r_max))[0].t()
+            b = torch.linalg.qr(torch.randn(layer.out_features, layer.r_max))[0]
+            layer.lora_A.copy_(a + 0.01 * torch.randn_like(a))
+            layer.lora_B.copy_(b + 0.01 * torch.randn_like(b))
+    loss = controller.regularization_loss()
+    loss.backward()
+
+    total = torch.zeros((), dtype=torch.float64)
+    leaves = []
+    for layer in layers:
+        a, b = (t.detach().double().requires_grad_() for t in (layer.lora_A, layer.lora_B))
+        leaves += [a, b]
+        w = (layer.slot_state != 0).double()
+        aw, bw = a * w[:, None], b * w[None, :]
+        total = total + torch.linalg.matrix_norm(aw @ aw.t() - torch.diag(w)) \
+            + torch.linalg.matrix_norm(bw.t() @ bw - torch.diag(w))
+    ref = 0.3 * total / (2 * len(layers))
+    ref.backward()
+    assert rel_err(loss, ref) <= 1e-6
+    got = [g for layer in layers for g in (layer.lora_A.grad, layer.lora_B.grad)]
+    for k, (g, leaf) in enumerate(zip(got, leaves)):
+        assert rel_err(g, leaf.grad) <= tol, k
