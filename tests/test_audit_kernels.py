@@ -146,3 +146,15 @@ def test_orthogonal_penalty_torch_path_on_16_bit_buffers_near_orthonormal(monkey
     got = [g for layer in layers for g in (layer.lora_A.grad, layer.lora_B.grad)]
     for k, (g, leaf) in enumerate(zip(got, leaves)):
         assert rel_err(g, leaf.grad) <= tol, k
+
+
+@pytest.mark.parametrize("multi", [True, False])
+def test_adamw_first_use_check_passes_float64_parameters(kernel_device, multi):
+    """The masked AdamW kernel computes in float32 for every parameter dtype (documented, as
+    its torch path does). Its first-use check held float64 parameters to float64's 1e-10, so
+    it always failed for them: a float64 model on CUDA got a "please report" RuntimeWarning
+    and lost the one-launch step. A float64 step must pass, at float32's tolerance (1e-4)."""
+    from increlora_fast.kernels.checks import check_adamw
+    record = check_adamw(torch.device(kernel_device), torch.float64, multi=multi)
+    assert record["ok"], record
+    assert record["max_rel_err"] <= 1e-4

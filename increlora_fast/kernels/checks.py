@@ -217,18 +217,20 @@ def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool, seed: int
     over all tensors of `ADAMW_TENSORS` in one launch (``multi``: `adamw.MultiTensorAdamW`, an
     eager step's) or one launch per tensor (`adamw.masked_adamw_triton_`, a captured step's);
     two steps, the second with the gradients in new memory. Error relative to the largest
-    magnitude of each float64 result; masked-out slots, and slots whose step count stayed
-    below 1, must stay bitwise unchanged."""
+    magnitude of each float64 result, within `TOL` of ``dtype`` (of float32 for float64
+    parameters: the step computes in float32 whatever the dtype); masked-out slots, and slots
+    whose step count stayed below 1, must stay bitwise unchanged."""
+    tol_dtype = torch.float32 if dtype == torch.float64 else dtype
     # M: the elements stepped; in, out and r_max belong to the linear's records
     record: Dict[str, object] = dict(
         op="masked_adamw" + ("_multi" if multi else ""), dtype=str(dtype).replace("torch.", ""),
-        M=sum(math.prod(shape) for shape, _ in ADAMW_TENSORS), r_max=None, tol=TOL[dtype],
+        M=sum(math.prod(shape) for shape, _ in ADAMW_TENSORS), r_max=None, tol=TOL[tol_dtype],
         ok=False, error="")
     record["in"] = record["out"] = None
     if moment_dtype is not None and moment_dtype != dtype:
         record["dtype"] += f"/{str(moment_dtype).replace('torch.', '')} moments"
-    return _measured(record, dtype, lambda: _adamw_error(device, dtype, moment_dtype or dtype,
-                                                         multi, seed))
+    return _measured(record, tol_dtype, lambda: _adamw_error(device, dtype,
+                                                             moment_dtype or dtype, multi, seed))
 
 
 def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.dtype,
