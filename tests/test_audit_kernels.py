@@ -158,3 +158,37 @@ def test_adamw_first_use_check_passes_float64_parameters(kernel_device, multi):
     record = check_adamw(torch.device(kernel_device), torch.float64, multi=multi)
     assert record["ok"], record
     assert record["max_rel_err"] <= 1e-4
+
+
+def test_float64_layer_with_float32_adapters_keeps_the_kernels(kernel_device, monkeypatch):
+    """``adapter_dtype="float32"`` on a float64 base: the kernels compute in float64 and store
+    dA, dB and dlambda in float32. The first-use check held those float32 gradients to
+    float64's 1e-10, so it always failed: a "please report" RuntimeWarning and the torch path
+    for good. The layer must keep the kernels, without a warning, and match float64 autograd
+    (tolerance 1e-6: float32 gradients; the score is a float32 accumulator)."""
+    import warnings
+
+    from increlora_fast import functional
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "1")
+    functional.reset_kernel_checks()
+    layer = IncreLoRALinear(nn.Linear(23, 17).double(), r_max=5, init_r=2, reserve_rank=1,
+                            adapter_dtype="float32").to(kernel_device).train()
+    assert layer.lora_A.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    layer.score_enabled = True
+    x = torch.randn(2, 7, 23, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    dy = torch.randn(2, 7, 17, dtype=torch.float64, device=kernel_device)
+    reset_launch_counts()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        y = layer(x)
+    y.backward(dy)
+    functional.reset_kernel_checks()
+    assert launch_counts().get("_backward_rows_kernel", 0) > 0
+    ref = float64_layer(layer, x, dy)
+    got = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_lambda.grad,
+           layer.take_score())
+    for name, g, r in zip(("y", "dx", "dA", "dB", "dlambda", "score"), got, ref):
+        assert rel_err(g, r) <= 1e-6, name
