@@ -247,10 +247,11 @@ def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.T
 def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
                     weight_in_out: bool, has_bias: bool, dropout: bool,
                     exact_step: bool) -> Tuple[str, torch.dtype]:
-    """(`choose_path`, the compute dtype: the autocast dtype under autocast, else x's), from
-    one read of the autocast state."""
+    """(`choose_path`, the compute dtype: the autocast dtype under autocast, else x's, as
+    `kernels.utils.compute_dtype`), from one read of the autocast state."""
     device = x.device
-    autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+    autocast = torch.is_autocast_enabled(device.type) and x.dtype != torch.float64 and \
+        torch.get_autocast_dtype(device.type)
     key = (device, x.dtype, autocast, lora_A.dtype, lora_A.shape[0],
            None if weight is None else weight.dtype, weight_in_out, has_bias, dropout, exact_step)
     path = _PATHS.get(key)

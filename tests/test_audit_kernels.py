@@ -192,3 +192,32 @@ def test_float64_layer_with_float32_adapters_keeps_the_kernels(kernel_device, mo
            layer.take_score())
     for name, g, r in zip(("y", "dx", "dA", "dB", "dlambda", "score"), got, ref):
         assert rel_err(g, r) <= 1e-6, name
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_float64_layer_under_autocast_computes_in_float64(kernel_device, monkeypatch, backend):
+    """Autocast leaves float64 tensors alone (they are not eligible), so a float64 nn.Linear
+    under bfloat16 autocast computes in float64. The adapted layer computed its adapter
+    (torch path) or everything, base GEMM included (Triton path: bfloat16 output, and NaN
+    under the interpreter from the float64 adapters' conversion), in bfloat16. Output dtype
+    float64 and every result within 1e-10 of float64 autograd."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    layer = IncreLoRALinear(nn.Linear(19, 21), r_max=4, init_r=2, reserve_rank=1)
+    layer = layer.double().to(kernel_device).train()
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+    layer.score_enabled = True
+    x = torch.randn(5, 19, dtype=torch.float64, device=kernel_device, requires_grad=True)
+    dy = torch.randn(5, 21, dtype=torch.float64, device=kernel_device)
+    reset_launch_counts()
+    with torch.autocast(torch.device(kernel_device).type, dtype=torch.bfloat16):
+        y = layer(x)
+        assert layer.base_layer(x).dtype == torch.float64
+    y.backward(dy)
+    assert (launch_counts().get("_project_kernel", 0) > 0) == (backend == "triton")
+    assert y.dtype == torch.float64
+    ref = float64_layer(layer, x, dy)
+    got = (y, x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_lambda.grad,
+           layer.take_score())
+    for name, g, r in zip(("y", "dx", "dA", "dB", "dlambda", "score"), got, ref):
+        assert rel_err(g, r) <= 1e-10, name

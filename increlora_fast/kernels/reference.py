@@ -77,8 +77,9 @@ def read_slots(lora_A: torch.Tensor, lora_B: torch.Tensor, slot_state: Optional[
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on for x's device, else x's dtype."""
-    if torch.is_autocast_enabled(x.device.type):
+    """The autocast dtype when autocast is on for x's device and would cast x (not float64,
+    which autocast leaves alone), else x's dtype."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -79,10 +79,11 @@ def check_dtype(op_name: str, name: str, t: torch.Tensor) -> None:
 
 def compute_dtype(device: torch.device, x: torch.Tensor) -> torch.dtype:
     """The dtype an adapted linear computes in: the autocast dtype when autocast is on for
-    ``device``, else the dtype of the activation ``x`` (adapter tensors are rounded to it, as
-    the base layer's weight is; a float32 adapter on a bfloat16 base computes in bfloat16 and
-    accumulates in float32)."""
-    if torch.is_autocast_enabled(device.type):
+    ``device`` and ``x`` is not float64 (autocast leaves float64 alone, so a float64 linear
+    computes in float64), else the dtype of the activation ``x`` (adapter tensors are rounded
+    to it, as the base layer's weight is; a float32 adapter on a bfloat16 base computes in
+    bfloat16 and accumulates in float32)."""
+    if torch.is_autocast_enabled(device.type) and x.dtype != torch.float64:
         return torch.get_autocast_dtype(device.type)
     return x.dtype
 
