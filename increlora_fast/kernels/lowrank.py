@@ -289,9 +289,13 @@ def _finish_kernel(
             rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
             ok = (rn < N)[:, None] & r_ok[None, :]
             acc = tl.zeros((BLOCK_N, BLOCK_R), dtype=ACC)
+            # the pointers advance by one partial per program: a 64-bit address, where
+            # p * (N * R) in int32 would wrap past 2**31 elements (the rows kernel writes at
+            # int64 offsets; a 128k-vocab head at r_max 128 over 132 programs gets there)
+            g_ptrs = gb_ptr + rn[:, None] * R + rr[None, :]
             for p in range(0, P):
-                acc += tl.load(gb_ptr + p * (N * R) + rn[:, None] * R + rr[None, :],
-                               mask=ok, other=0.0)
+                acc += tl.load(g_ptrs, mask=ok, other=0.0)
+                g_ptrs += N * R
             db = tl.where(live[None, :], acc * lam_eff[None, :], 0.0)
             tl.store(db_ptr + rn[:, None] * stride_dbn + rr[None, :] * stride_dbr,
                      db.to(db_ptr.dtype.element_ty), mask=ok)
@@ -300,9 +304,10 @@ def _finish_kernel(
             rk = (pid - n_tiles_db) * BLOCK_K + tl.arange(0, BLOCK_K)
             ok = r_ok[:, None] & (rk < K)[None, :]
             acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=ACC)
+            d_ptrs = da_ptr + rr[:, None] * K + rk[None, :]
             for p in range(0, P):
-                acc += tl.load(da_ptr + p * (R * K) + rr[:, None] * K + rk[None, :],
-                               mask=ok, other=0.0)
+                acc += tl.load(d_ptrs, mask=ok, other=0.0)
+                d_ptrs += R * K
             da = tl.where(live[:, None], acc, 0.0)
             tl.store(dA_ptr + rr[:, None] * stride_dar + rk[None, :] * stride_dak,
                      da.to(dA_ptr.dtype.element_ty), mask=ok)
