@@ -207,18 +207,24 @@ class IncreLoRAController:
         """``step`` skips the steps from ``_next_step`` on: a round due at one of them waits
         for this step, and the skip is named (once): an index that is not the optimizer's step
         (a micro-batch index, a count from 1) also leaves the slots' stamps off the optimizer's
-        schedules."""
-        if self.config.allocation_rounds(self._next_step, step) > 0:
+        schedules. A controller that took no step yet (one made mid-training) skipped no round:
+        the rounds before its first step were another controller's, so none waits."""
+        first = self._next_step == 0
+        if not first and self.config.allocation_rounds(self._next_step, step) > 0:
             self.round_pending = True
-        if not self._warned_skip:
-            self._warned_skip = True
-            skipped = (f"step {self._next_step}" if step == self._next_step + 1
-                       else f"steps {self._next_step} to {step - 1}")
-            warnings.warn(f"IncreLoRA: controller.step({step}) skips {skipped}: the index is "
-                          "that of the optimizer step (0, 1, 2, ...; not of a micro-batch), "
-                          "which IncreLoRAAdamW's per-slot schedules count too; call step() "
-                          "once per optimizer step (a round due at a skipped step runs at the "
-                          "next step given; warned once)", RuntimeWarning)
+        if self._warned_skip:
+            return
+        self._warned_skip = True
+        skipped = (f"step {self._next_step}" if step == self._next_step + 1
+                   else f"steps {self._next_step} to {step - 1}")
+        made_late = (" (or this controller was made mid-training: it starts without the scores "
+                     "and rounds of the one before it, so its first round is the next one due; "
+                     "load that one's state_dict to resume them)") if first else \
+            " (a round due at a skipped step runs at the next step given)"
+        warnings.warn(f"IncreLoRA: controller.step({step}) skips {skipped}: the index is "
+                      "that of the optimizer step (0, 1, 2, ...; not of a micro-batch), "
+                      "which IncreLoRAAdamW's per-slot schedules count too; call step() "
+                      f"once per optimizer step{made_late}; warned once", RuntimeWarning)
 
     def _end_step(self, step: int) -> None:
         """The host side of the end of ``step``: the layers' tracking set for ``step + 1``."""
