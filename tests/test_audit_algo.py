@@ -23,3 +23,27 @@ def test_a_controller_made_mid_training_runs_no_round_off_schedule():
                                             r"mid-training"):
         train_steps(model, opt, fresh, range(5, 7))
     assert [e["step"] for e in fresh.allocation_log] == [6]  # on schedule, not at 5
+
+
+def test_a_plain_trainer_with_increlora_optimizers_decays_as_the_trainer_would(tmp_path):
+    """Under a plain Trainer with ``optimizers=increlora_optimizers(...)`` and no
+    ``total_step`` in the config, every learning rate stayed constant after warmup to the last
+    step: the Trainer's linear decay (its default, and IncreLoRATrainer's) never happened."""
+    from transformers import Trainer, TrainingArguments
+
+    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
+    from increlora_fast.optimizer import schedule_multiplier
+    from trainer_helpers import TinyTask, tiny_increlora_bert
+
+    model, config = tiny_increlora_bert(warmup_steps=2)
+    assert config.total_step is None
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=8, per_device_train_batch_size=8,
+                             learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True,
+                             seed=0, disable_tqdm=True)
+    optimizer, scheduler = increlora_optimizers(model, lr=1e-2)
+    trainer = Trainer(model=model, args=args, train_dataset=TinyTask(),
+                      optimizers=(optimizer, scheduler))
+    IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
+    trainer.train()
+    assert all(group["total_step"] == 8 for group in optimizer.param_groups)
+    assert float(schedule_multiplier(7, 0, 2, optimizer.param_groups[0]["total_step"])) < 0.2

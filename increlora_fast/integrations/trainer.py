@@ -163,7 +163,10 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
     ``weight_decay``, ``adam_beta1``, ``adam_beta2``, ``adam_epsilon``) do not reach it: pass
     them here (`IncreLoRATrainer` reads them itself). Weight decay applies to the adapters and
     the other trainable parameters but their biases and normalization weights, as in the
-    Trainer's own AdamW (`create_optimizer`)."""
+    Trainer's own AdamW (`create_optimizer`). With ``total_step`` None in the model's config,
+    `IncreLoRACallback` sets it to the Trainer's ``max_steps`` at train begin (the Trainer's
+    linear decay, as `IncreLoRATrainer` has it); before, every rate stays constant after
+    warmup."""
     optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay,
                                  betas=betas, eps=eps)
     return optimizer, ConstantSchedule(optimizer)
@@ -306,8 +309,14 @@ class IncreLoRACallback(TrainerCallback):
             load_controller(self.controller, checkpoint)
         if state.max_steps > 0:
             self.warn_budget_out_of_reach(state.global_step, state.max_steps)
-        if optimizer is not None and not isinstance(getattr(optimizer, "optimizer", optimizer),
-                                                    IncreLoRAAdamW):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if isinstance(inner, IncreLoRAAdamW) and state.max_steps > 0 and \
+                self.controller.config.total_step is None:
+            # the Trainer's linear decay to its last step, as IncreLoRATrainer sets it
+            for group in inner.param_groups:
+                if group["total_step"] is None:
+                    group["total_step"] = state.max_steps
+        if optimizer is not None and not isinstance(inner, IncreLoRAAdamW):
             warnings.warn("IncreLoRACallback: the Trainer's optimizer is not IncreLoRAAdamW, so "
                           "new slots get no restart warmup; use IncreLoRATrainer or "
                           "optimizers=increlora_optimizers(model, lr)", UserWarning)
