@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar
+from .functional import kernel_readable
 from .layer import IncreLoRALinear
 from .model import get_config, increlora_layers
 from .penalty import OrthogonalPenalty
@@ -383,20 +384,30 @@ class IncreLoRAController:
         others have one: they were not in the step's forward pass, so they score nothing and
         their rank only waits (a fused LM head that reads the output layer's weight directly,
         as TRL's SFTTrainer has, never runs an adapter there; an expert no token was routed
-        to is idle for a step). A Python check of each ``lora_lambda.grad``, no host read."""
+        to is idle for a step; a module whose output does not reach the loss gets zeros). A
+        ``lora_lambda.grad`` that is None, or all zeros (what ``zero_grad(set_to_none=False)``
+        leaves of a module that ran before), counts as none: one host read of a flag per
+        module, at rounds until the warning is given (a sharded gradient, a tensor subclass,
+        is not read: it counts as one)."""
         if self._warned_idle:
             return
-        idle = [name for name, layer in zip(self.names, self.layers)
-                if layer.lora_lambda.grad is None and layer.lora_lambda.requires_grad]
+        trained = [(name, layer.lora_lambda.grad) for name, layer in zip(self.names, self.layers)
+                   if layer.lora_lambda.requires_grad]
+        readable = [g for _, g in trained if g is not None and kernel_readable(g)]
+        zero = iter(torch.stack([(g == 0).all().to(self.ipt.device) for g in readable]).tolist()
+                    if readable else [])
+        idle = [name for name, g in trained
+                if g is None or (kernel_readable(g) and next(zero))]
         if idle and len(idle) < len(self.layers):
             self._warned_idle = True
             shown = _first_names(idle)
             warnings.warn(f"IncreLoRA: {len(idle)} adapted module(s) got no gradient at "
                           f"allocation round {step}: {shown}. They were not in this step's "
                           "forward pass (e.g. a fused LM head that reads the output layer's "
-                          "weight directly, or an expert no token reached), so they scored "
-                          "nothing at it; a module that never runs belongs out of "
-                          "target_modules (warned once)", RuntimeWarning)
+                          "weight directly, or an expert no token reached) or their output did "
+                          "not reach the loss, so they scored nothing at it; a module that "
+                          "never runs belongs out of target_modules (warned once)",
+                          RuntimeWarning)
 
     def _has_backward_data(self) -> bool:
         """Whether backward ran since the last step; the score accumulators are read on the host

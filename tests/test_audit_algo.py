@@ -47,3 +47,29 @@ def test_a_plain_trainer_with_increlora_optimizers_decays_as_the_trainer_would(t
     trainer.train()
     assert all(group["total_step"] == 8 for group in optimizer.param_groups)
     assert float(schedule_multiplier(7, 0, 2, optimizer.param_groups[0]["total_step"])) < 0.2
+
+
+def test_an_idle_module_is_named_also_when_gradients_are_zeroed_not_freed():
+    """``optimizer.zero_grad(set_to_none=False)`` leaves the gradient of a module that ran
+    before (an expert no token reached since) a tensor of zeros, not None: the warning naming
+    the modules outside the round's forward pass never came."""
+    from method_helpers import batch
+
+    class LastRunsOnlyAtFirst(ParallelBranches):
+        step = 0
+
+        def forward(self, x):
+            used = self.branches if self.step < 2 else self.branches[:-1]
+            return sum(w * b(x) for w, b in zip(self.weights, used))
+
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(LastRunsOnlyAtFirst(3), branch_config())
+    with pytest.warns(RuntimeWarning, match=r"1 adapted module\(s\) got no gradient at "
+                      r"allocation round 4: branches\.2\b"):
+        for step in range(6):
+            model.step = step
+            x, y = batch(step)
+            (((model(x) - y) ** 2).mean() + ctl.regularization_loss()).backward()
+            ctl.step(step)
+            opt.step()
+            opt.zero_grad(set_to_none=False)
