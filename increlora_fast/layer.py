@@ -206,6 +206,9 @@ class IncreLoRALinear(nn.Module):
         self.merged = False
         self.adapter_enabled = True
         self.slot_version = 0
+        # (step, slot_version) of the last slot stamp `add_reserve` or `activate_reserve` made
+        # (None after loading a state dict): the optimizer checks its step count against it.
+        self.last_stamp: Optional[Tuple[int, int]] = None
         # Set by `inject_increlora` (`_attach_model`): a weak reference to the model, and the
         # layer's name and the parameters tied to its base weight there at injection.
         self._model_ref: Optional[weakref.ReferenceType] = None
@@ -326,6 +329,7 @@ class IncreLoRALinear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self.mark_slots_changed()
+        self.last_stamp = None
 
     @torch.no_grad()
     def activate_reserve(self, n: int, step: int) -> int:
@@ -336,6 +340,7 @@ class IncreLoRALinear(nn.Module):
         self.slot_state[idx] = SlotState.ACTIVE
         self.slot_active_step[idx] = step
         self.mark_slots_changed()
+        self.last_stamp = (int(step), self.slot_version)
         return int(idx.numel())
 
     @torch.no_grad()
@@ -379,6 +384,7 @@ class IncreLoRALinear(nn.Module):
         self.slot_alloc_step[idx] = step
         self.slot_active_step[idx] = -1
         self.mark_slots_changed()
+        self.last_stamp = (int(step), self.slot_version)
         return int(idx.numel())
 
     @torch.no_grad()

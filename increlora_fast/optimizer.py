@@ -269,6 +269,12 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._flat: Dict[tuple, tuple] = {}
         # (group index, device) -> ids of the parameters its last step updated.
         self._stepped: Dict[tuple, List[int]] = {}
+        # (group index, device) -> (ids and global_step of its step before the last one, -1 if
+        # none): the last step known of a tensor whose layer changed (`_check_clocks`).
+        self._stepped_before: Dict[tuple, Tuple[List[int], int]] = {}
+        # (group index, device) -> global_step of its last step.
+        self._stepped_at: Dict[tuple, int] = {}
+        self._clock_warned = False  # `_check_clocks`
         # (group index, device) -> its fused kernel launches (CUDA), kept while the layout holds.
         self._fused: Dict[tuple, _FusedPlan] = {}
         # (group index, device, stack key) -> (addresses of the moment views, the stacked
@@ -335,6 +341,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self.global_step = int(state_dict.pop("global_step", 0))
         super().load_state_dict(state_dict)
         self._seen_version.clear()  # the loaded stamps are compared with the layers' anew
+        self._stepped_at.clear()  # (steps of the replaced state)
+        self._stepped_before.clear()
         self._fused.clear()  # (they hold the replaced moments)
         self._moments.clear()
         self._moment_keys.clear()
@@ -486,6 +494,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             [{**{k: v for k, v in group.items() if k != "params"},
               "params": list(group["params"])} for group in self.param_groups],
             self._slots, **self.defaults)
+        twin.global_step = self.global_step  # the layers' slot stamps count on this clock
         if scaled:  # as torch.amp.GradScaler.step sets them (gradients already unscaled)
             twin.grad_scale = None
             twin.found_inf = torch.zeros((), dtype=torch.float32, device=fused[0].device)
@@ -521,7 +530,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         for p in params:
             s = self._as_slots(p)
             stacks[(s.slot_dim, s.tensors[0].shape, *(t.dtype for t in s.tensors))].append((p, s))
-        self._restart_fresh_slots([p for p in params if id(p) in self._slots])
+        self._restart_fresh_slots([p for p in params if id(p) in self._slots], where)
         # Slots in stack order: each stack's per-slot values are one slice of the flat vectors.
         order = [p for members in stacks.values() for p, _ in members]
         slots = [s for members in stacks.values() for _, s in members]
@@ -533,7 +542,10 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         """One step of ``params``, all of one group and one device (``where``: the group's
         index and the device); where the 0-d bool ``keep`` is given and false, nothing
         changes."""
+        self._stepped_before[where] = (self._stepped.get(where, []),
+                                       self._stepped_at.get(where, -1))
         self._stepped[where] = [id(p) for p in params]
+        self._stepped_at[where] = self.global_step
         fused = self._fused_plan(params, where) if _fused_kernel_applies(params[0]) else None
         if fused is None:
             stacks, slots, sizes, mask, mask_parts, start, _ = self._prepare(params, where)
@@ -714,7 +726,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         state["seen_alloc"] = torch.full((r,), -2, dtype=torch.long, device=p.device)
         state["seen_active"] = torch.full((r,), -2, dtype=torch.long, device=p.device)
 
-    def _restart_fresh_slots(self, params: List[torch.Tensor]) -> None:
+    def _restart_fresh_slots(self, params: List[torch.Tensor], where: tuple) -> None:
         """Zero moments and step counts of the slots each adapter tensor has not seen yet: A and
         B slots (re-)allocated since its last step, lambda slots also newly activated.
 
@@ -725,6 +737,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             layer, kind = self._slots[id(p)]
             if self._seen_version.get(id(p)) == layer.slot_version:
                 continue
+            self._check_clocks(p, layer, where)
             state = self.state[p]
             fresh = state["seen_alloc"] != layer.slot_alloc_step
             if kind == "lora_lambda" or not layer.advance_learning:
@@ -751,6 +764,32 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             state["seen_alloc"].copy_(layer.slot_alloc_step)
             state["seen_active"].copy_(layer.slot_active_step)
             self._seen_version[id(p)] = layer.slot_version
+
+    def _check_clocks(self, p: torch.Tensor, layer: IncreLoRALinear, where: tuple) -> None:
+        """Warn once when the layer's last slot stamp (`IncreLoRALinear.last_stamp`), new to
+        ``p`` (of group and device ``where``), was not made at one of the steps since ``p``'s
+        last known step (`_stepped_before`), up to this one: the index given to
+        ``controller.step`` is not this optimizer's step count (`global_step`), so new slots
+        would take their warmup, decay and first Adam step at other steps than the controller
+        meant. Host values only."""
+        stamp = getattr(layer, "last_stamp", None)  # (a layer pickled by an older release)
+        seen = self._seen_version.get(id(p))
+        if stamp is None or self._clock_warned or (seen is not None and seen >= stamp[1]):
+            return
+        ids, at = self._stepped_before.get(where, ([], -1))
+        step, last = stamp[0], at if id(p) in ids else -1
+        if last < step <= self.global_step:
+            return
+        self._clock_warned = True
+        stepped = f" (it stepped them last at step {last})" if step <= last else ""
+        warnings.warn(f"IncreLoRAAdamW: slots were stamped at step {step} by controller.step, "
+                      f"but this is the optimizer's step {self.global_step}{stepped}: the two "
+                      "step counts differ, so new slots take their warmup, decay and first "
+                      "Adam step at other steps than meant. Pass controller.step the "
+                      "optimizer's step index (optimizer.global_step, 0, 1, 2, ...), call "
+                      "both once per step, and resume both from one checkpoint (the "
+                      "optimizer's load_state_dict too); warned once", RuntimeWarning,
+                      stacklevel=4)
 
 
 def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None, lr: float = 1e-3,

@@ -73,3 +73,34 @@ def test_an_idle_module_is_named_also_when_gradients_are_zeroed_not_freed():
             ctl.step(step)
             opt.step()
             opt.zero_grad(set_to_none=False)
+
+
+@pytest.mark.parametrize("mistake", ["fresh_optimizer", "extra_optimizer_step"])
+def test_controller_and_optimizer_steps_out_of_step_are_named(mistake):
+    """The controller stamps new slots with the index given to ``controller.step``; the
+    optimizer runs their warmup, decay and first Adam step on its own count. The two were never
+    compared: a resume that restored the controller but made a new optimizer (its count back at
+    0: new slots sat at learning rate 0 for the steps in between) or an optimizer stepped once
+    more than the controller trained with silently wrong schedules."""
+    from increlora_fast.optimizer import create_optimizer
+
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=4, top_h=1))
+    if mistake == "extra_optimizer_step":
+        opt.step()                                 # e.g. a warmup step of its own
+        with pytest.warns(RuntimeWarning, match=r"stamped at step 4 .*optimizer's step 5"):
+            train_steps(model, opt, ctl, range(6))
+        return
+    train_steps(model, opt, ctl, range(5))
+    opt = create_optimizer(model, ctl.config, lr=1e-2)   # its state not loaded: named at once
+    with pytest.warns(RuntimeWarning, match=r"stamped at step 4 .*optimizer's step 0"):
+        train_steps(model, opt, ctl, range(5, 7))
+
+
+def test_controller_and_optimizer_in_step_say_nothing():
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(3), branch_config(target_rank=4, top_h=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps(model, opt, ctl, range(20))
+    assert ctl.budget_reached
