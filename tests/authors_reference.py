@@ -12,50 +12,53 @@ follows the documented departure:
 
 1. Round size: a round grows at most ``min(top_h, ceil(remaining / incre_rank_num))`` modules,
    ties in module order, and the last one gains only what the budget has left (the authors'
-   ``min(top_h, T - total)`` overshoots when ``incre_rank_num > 1``): ``increlora_fast/config.py``
-   lines 68-77 (``top_h``, ``incre_rank_num``); spec section 4, "Known defects".
+   ``min(top_h, T - total)`` overshoots when ``incre_rank_num > 1``): ``IncreLoRAConfig``
+   (``top_h``, ``incre_rank_num``); spec section 4, "Known defects".
 2. Restart warmup on fixed shapes: a lambda's schedule starts at the step it is activated (its
    parameter group is added then, with fresh Adam moments); A and B of a reserve start when the
    reserve is allocated, or, without advance learning, when it is activated:
-   ``increlora_fast/optimizer.py`` lines 3-8 and 548; spec "Our design".
-3. A component changed at an allocation step takes no optimizer step at that step
-   (``increlora_fast/optimizer.py`` lines 12-14). Here that is AdamW's own rule: a parameter
+   the module docstring of ``increlora_fast/optimizer.py`` and
+   ``IncreLoRAAdamW._restart_fresh_slots``; spec "Our design".
+3. A component changed at an allocation step takes no optimizer step at that step (the module
+   docstring of ``increlora_fast/optimizer.py``). Here that is AdamW's own rule: a parameter
    without a gradient is skipped, and one that joins at a round had none.
 4. Fresh reserve values: N(0, 0.02) as the spec says, drawn from the ``generator`` given here in
-   the order of the library's controller (``config.py`` line 100, ``seed``: its own generator):
+   the order of the library's controller (``IncreLoRAConfig.seed``: its own generator):
    per grown module, its A rows (n, in) then its B columns (out, n), in float32. This only makes
    the two runs draw the same values.
 5. Scores are taken on every step of the allocation phase; the library scores only a window
-   before each round unless ``score_window >= incre_interval`` (``config.py`` line 120; README,
-   "The importance score ..."), which the comparison sets.
-6. A module holds at most ``r_max`` slots (``config.py`` lines 72-77: a module with no reserve
+   before each round unless ``score_window >= incre_interval``
+   (``IncreLoRAConfig.score_window``; README, "The importance score ..."), which the comparison
+   sets.
+6. A module holds at most ``r_max`` slots (``IncreLoRAConfig.r_max``: a module with no reserve
    left is not ranked). The reference has no capacity; the comparison keeps ``r_max`` above any
    rank a module can reach.
 7. With gradient accumulation the library's default score sums the scores of the step's
-   backward passes, Σ_k Σ|ΔW ⊙ G_k|, not the spec's Σ|ΔW ⊙ Σ_k G_k| (``config.py`` line 89,
-   ``exact_step_score``; README, "The importance score ..."; ``docs/distributed.md``). The
-   reference always scores the whole step, as the spec says (each micro-batch materialises ΔW,
-   their ∂L/∂ΔW are summed: `ReferenceLinear.accumulate_grad`); the comparison sets
-   ``exact_step_score=True``. (A ΔW gradient retained from the last forward alone would score
+   backward passes, Σ_k Σ|ΔW ⊙ G_k|, not the spec's Σ|ΔW ⊙ Σ_k G_k|
+   (``IncreLoRAConfig.exact_step_score``; README, "The importance score ...";
+   ``docs/distributed.md``). The reference always scores the whole step, as the spec says
+   (each micro-batch materialises ΔW, their ∂L/∂ΔW are summed:
+   `ReferenceLinear.accumulate_grad`); the comparison sets ``exact_step_score=True``. (A ΔW gradient retained from the last forward alone would score
    the last micro-batch only.)
 8. Under a plain Hugging Face ``Trainer`` with ``IncreLoRACallback``, the penalty is not in the
-   loss: its gradient is added once per step after clipping (``integrations/trainer.py`` lines
-   9-11, 251); the comparison of that path does the same with the reference's penalty.
+   loss: its gradient is added once per step after clipping (the module docstring of
+   ``integrations/trainer.py``, ``IncreLoRACallback.on_pre_optimizer_step``); the comparison
+   of that path does the same with the reference's penalty.
 
 At the budget (spec 2) only the reserve lambdas become 0: the reserve A and B stay trainable
 and stay in the penalty (spec 6, "all components"), as in the authors' code and in the library
 (``IncreLoRALinear.retire_reserve``).
 
 Read as the library reads it: "before the first optimizer step every module gets its reserve"
-(spec 2) is taken as "before the first forward" (``layer.py`` line 178), so step 0's loss,
+(spec 2) is taken as "before the first forward" (``IncreLoRALinear.__init__``), so step 0's loss,
 penalty and score include the reserve, and its A and B take step 0's update. The spec says
 nothing of micro-batches: the penalty counts once per optimizer step, each of the ``n`` passes
-adding ``penalty / n`` (``docs/distributed.md`` lines 104-105 and 161;
-``IncreLoRATrainer.compute_loss``, ``integrations/trainer.py`` lines 315-319), and the task
+adding ``penalty / n`` (``docs/distributed.md``;
+``IncreLoRATrainer.compute_loss``), and the task
 loss is what the training loop backpropagates (divided by ``n`` in a plain loop; the Trainer
 leaves the mean loss of a model that accepts loss kwargs undivided, taking it for one
 normalised over the whole step). ``IncreLoRATrainer`` ends every schedule at its number of
-training steps when ``config.total_step`` is None (``integrations/trainer.py`` line 277).
+training steps when ``config.total_step`` is None (``IncreLoRATrainer.create_scheduler``).
 """
 from __future__ import annotations
 
