@@ -342,3 +342,30 @@ def test_a_jsonl_whose_first_record_lacks_a_field_names_that_record(tmp_path):
     with pytest.raises(ValueError, match=r"has no column 'sentence'.*its columns are "
                                          r"\['text', 'label'\]"):
         load_files(str(path), None, text_column="sentence")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+@pytest.mark.parametrize("header, bad, rest, where", [
+    # the quote never closes: the lines after it were read into the last row's text, silently
+    ("label,text", '0,"so bad', "1,ok\n0,fine\n1,great\n0,poor\n", "never closes"),
+    # a later quote closes it: the three rows were read as one, silently
+    ("text,label", '"so bad,0', 'ok,1\nfine" x,1\nbye,0\ngreat,1\n', "closes at line 14"),
+    # a quoted text with other text after its closing quote on the same line
+    ("text,label", '"so" bad,0', "ok,1\nfine,1\nbye,0\ngreat,1\n", "closes on that line"),
+], ids=["never_closed", "closed_lines_later", "text_after_quote"])
+def test_csv_quote_left_open_is_refused_naming_the_line(tmp_path, newline, header, bad, rest,
+                                                         where):
+    """A CSV text may span lines inside quotes, but a quote that never closes, or that closes
+    before other text than a comma (a stray quote: a quote inside a quoted text must be
+    doubled), used to read the following rows into one text silently; it is refused in one
+    line naming the file and the line where the quote opened."""
+    path = tmp_path / "t.csv"
+    good = [f"{y},good {i}" if header == "label,text" else f"good {i},{y}"
+            for i, y in enumerate([0, 1] * 5)]
+    lines = [header] + good + [bad] + rest.splitlines()
+    path.write_bytes(newline.join(lines).encode() + newline.encode())
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: line 12 opens a quote")
+    assert where in message

@@ -77,34 +77,68 @@ def _csv_rows(text: str, delimiter: str, path: Path,
             the csv module reads it), or a row has more (non-empty) cells than
             the header: an unquoted delimiter in a text would otherwise shift the rest of its
             row into the label silently (the csv module keeps the surplus cells apart), or a
-            TSV line opens a quote it does not close (`_check_tsv_quotes`).
+            TSV line opens a quote it does not close (`_check_tsv_quotes`), or a CSV quote never
+            closes or closes before other text than the delimiter (`_quote_error`).
     """
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))
+    what = "comma" if delimiter == "," else "tab"
     try:
         if delimiter == "\t":
             _check_tsv_quotes(text, path)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-        header = reader.fieldnames or []
-        twice = sorted({name for name in header if name.strip() and header.count(name) > 1
-                        and (columns is None or name in columns)})
-        if twice:
-            raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
-                             "give every column its own name")
-        rows = []
-        for row in reader:
-            surplus = row.get(None)
-            if surplus and any(cell.strip() for cell in surplus):
-                what = "comma" if delimiter == "," else "tab"
-                raise ValueError(f"{path}: row {len(rows) + 1} (line {reader.line_num}) has "
-                                 f"{len(header) + len(surplus)} cells, the header "
-                                 f"{len(header)}: a text holding a {what} must be quoted "
-                                 f'("...")')
-            row.pop(None, None)
-            rows.append(row)
+        # CSV strict: a stray quote is an error, not the start of a text that swallows later
+        # rows (a TSV row is one line: `_check_tsv_quotes` has made sure of it)
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter,
+                                strict=delimiter == ",")
+        start = 1
+        try:
+            header = reader.fieldnames or []
+            twice = sorted({name for name in header if name.strip() and header.count(name) > 1
+                            and (columns is None or name in columns)})
+            if twice:
+                raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
+                                 "give every column its own name")
+            rows = []
+            start = reader.line_num + 1
+            for row in reader:
+                surplus = row.get(None)
+                if surplus and any(cell.strip() for cell in surplus):
+                    raise ValueError(f"{path}: row {len(rows) + 1} (line {reader.line_num}) "
+                                     f"has {len(header) + len(surplus)} cells, the header "
+                                     f"{len(header)}: a text holding a {what} must be quoted "
+                                     f'("...")')
+                row.pop(None, None)
+                rows.append(row)
+                start = reader.line_num + 1
+        except csv.Error as err:
+            raise _quote_error(path, text, start, reader.reader.line_num, what, err) from err
         return rows
     finally:
         csv.field_size_limit(limit)
+
+
+def _quote_error(path: Path, text: str, start: int, end: int, what: str,
+                 err: csv.Error) -> ValueError:
+    """The one-line error for a row that the csv reader refused at line ``end``; a CSV row
+    (read strictly) that began at line ``start`` (blank lines before it skipped) and opens a
+    quote that never closes, or closes before other text than the delimiter (a quote inside a
+    quoted text is written doubled): read loosely, such a quote took the rows after it into
+    one text. Any other error of the reader is named as it is, with its line."""
+    if "end of data" not in str(err) and "expected after" not in str(err):
+        return ValueError(f"{path}: line {end} cannot be read as {what}-separated text: {err}")
+    lines = text.splitlines()
+    while start < len(lines) and not lines[start - 1].strip():
+        start += 1
+    if "end of data" in str(err):
+        how = "never closes (every later line would be read into that text)"
+    elif end == start:
+        how = f"closes on that line before other text than a {what}"
+    else:
+        how = (f"closes at line {end} before other text than a {what} (lines {start}-{end} "
+               "would be read as one text)")
+    return ValueError(f'{path}: line {start} opens a quote (") that {how}; close the quote '
+                      'after the text, and double a quote inside a quoted text '
+                      '("say ""hi""")')
 
 
 def _check_tsv_quotes(text: str, path: Path) -> None:
