@@ -65,10 +65,15 @@ def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tupl
 
 
 def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
-                      title: str = "IncreLoRA rank pattern") -> Path:
-    """Write a PNG heatmap of active ranks (rows: layers, columns: module types); returns the path."""
+                      title: str = "IncreLoRA rank pattern", overwrite: bool = False) -> Path:
+    """Write a PNG heatmap of active ranks (rows: layers, columns: module types); returns the path.
+
+    Raises:
+        FileExistsError: a file is at ``path`` and ``overwrite`` is False.
+    """
     if not rank_pattern:
         raise ValueError("save_rank_heatmap needs at least one module")
+    _refuse_existing(path, overwrite, "save_rank_heatmap")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -111,7 +116,8 @@ def rank_history(initial: Dict[str, int], allocation_log: Iterable[dict]
 
 def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
                         path: Union[str, Path], last_step: Optional[int] = None,
-                        title: str = "IncreLoRA rank over training") -> Path:
+                        title: str = "IncreLoRA rank over training",
+                        overwrite: bool = False) -> Path:
     """Write a PNG of each module's active rank against the optimizer step (one step line per
     module, coloured by module type, and the mean over modules in black); returns the path.
 
@@ -119,7 +125,12 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
         initial: {module: rank at step 0} (``init_r`` everywhere for IncreLoRA).
         allocation_log: the controller's ``allocation_log``.
         last_step: where the lines end (default: the last allocation step).
+        overwrite: replace a file already at ``path``.
+
+    Raises:
+        FileExistsError: a file is at ``path`` and ``overwrite`` is False.
     """
+    _refuse_existing(path, overwrite, "save_rank_over_time")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -147,6 +158,14 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     return _save(fig, path)
+
+
+def _refuse_existing(path: Union[str, Path], overwrite: bool, caller: str) -> None:
+    """FileExistsError when something is at ``path`` and ``overwrite`` is False: a saver never
+    replaces a file it was not told to (a user's figure, an earlier run's PNG)."""
+    if not overwrite and Path(path).exists():
+        raise FileExistsError(f"{caller}: {path} already exists; choose another path, or pass "
+                              "overwrite=True to replace it")
 
 
 def _save(fig, path) -> Path:

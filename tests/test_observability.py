@@ -83,3 +83,24 @@ def test_an_empty_rank_pattern_is_a_clear_error_for_the_heatmap(tmp_path):
     with pytest.raises(ValueError, match="save_rank_heatmap needs at least one module"):
         save_rank_heatmap({}, tmp_path / "ranks.png")
     assert not (tmp_path / "ranks.png").exists()
+
+
+def test_the_pngs_never_replace_a_file_unless_asked(tmp_path):
+    """save_rank_heatmap and save_rank_over_time replaced whatever file lay at their path (a
+    user's figure, an earlier run's PNG); they refuse it in one line naming the path, before
+    drawing, and replace it with overwrite=True."""
+    import pytest
+    from increlora_fast.visualize import save_rank_over_time
+
+    pattern = {"enc.layer.0.q": 1, "enc.layer.1.q": 2}
+    for name, save in (("heatmap.png", lambda p, **kw: save_rank_heatmap(pattern, p, **kw)),
+                       ("over.png", lambda p, **kw: save_rank_over_time(pattern, [], p, **kw))):
+        path = tmp_path / name
+        path.write_bytes(b"the user's own figure")
+        with pytest.raises(FileExistsError) as err:
+            save(path)
+        assert "\n" not in str(err.value) and str(path) in str(err.value)
+        assert "overwrite=True" in str(err.value)
+        assert path.read_bytes() == b"the user's own figure"
+        assert save(path, overwrite=True) == path
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -334,7 +334,10 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
                              else " is"))
     if plots:
         from ..visualize import save_rank_heatmap
-        save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern")
+        # a PNG already here is the resumed run's, or --overwrite let the run replace it
+        # (`outputs.prepare_output_dir` refuses a folder holding one otherwise)
+        save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern",
+                          overwrite=True)
     if run.name == "increlora":
         lines = [json.dumps(entry, sort_keys=True) for entry in run.allocation_log()]
         (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
@@ -342,7 +345,7 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
             from ..visualize import save_rank_over_time
             save_rank_over_time({name: run.config.init_r for name in pattern},
                                 run.allocation_log(), out / RANK_OVER_TIME_FILE,
-                                last_step=metrics.get("steps"))
+                                last_step=metrics.get("steps"), overwrite=True)
     # atomic: `--compare` reads a run's metrics.json to reuse it, maybe while it is written
     atomic_write_bytes(out / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
 
