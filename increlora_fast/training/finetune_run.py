@@ -129,7 +129,27 @@ def load_model(s: RunSettings, data: TaskData):
         raise ValueError(f"--model {s.model} could not be loaded" + (
             f" ({off}, so only the local hub cache is searched)" if off else "")
             + f": {first}") from err
+    set_pad_token(tokenizer, model, s.model)
     return tokenizer, model
+
+
+def set_pad_token(tokenizer, model, name: str) -> None:
+    """Give a tokenizer without a pad token (decoder checkpoints: Llama, GPT-2, Mistral) its EOS
+    token (else its UNK token) as one, and a model config without ``pad_token_id`` the
+    tokenizer's: batches are padded, and a decoder's ``score`` head finds each input's last
+    token before the padding by that id.
+
+    Raises:
+        ValueError: the tokenizer has neither a pad, an EOS nor an UNK token.
+    """
+    if tokenizer.pad_token is None:
+        token = tokenizer.eos_token or tokenizer.unk_token
+        if token is None:
+            raise ValueError(f"--model {name}: its tokenizer has no pad, EOS or UNK token to "
+                             "pad batches with; give its tokenizer a pad token")
+        tokenizer.pad_token = token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
 
 
 class HeadAddedWarning(UserWarning):
