@@ -51,3 +51,16 @@ def test_a_decoder_without_pad_token_trains(llama_files, tmp_path):
     assert cli(llama_args(llama_files, out, "--modules-to-save", "score")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 3
+
+
+def test_a_decoder_trains_with_the_default_modules_to_save(llama_files, tmp_path):
+    """The default --modules-to-save is BERT's head (``classifier``); a decoder's head is
+    ``score``, so a decoder failed with the default options ("modules_to_save entry
+    'classifier' matches no module name"), right after a warning that ``score`` was added. The
+    other family's head name, which names no module of the model, is replaced by the model's
+    head, with the warning saying so."""
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="'score'"):
+        assert cli(llama_args(llama_files, out)) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"]

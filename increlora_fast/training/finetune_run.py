@@ -165,15 +165,23 @@ def head_name(model) -> Optional[str]:
 
 def with_head_saved(s: RunSettings, model) -> RunSettings:
     """``s`` with the model's head in ``modules_to_save`` (warning once when it was missing):
-    a head left out would stay frozen at its random start and be missing from the adapter."""
+    a head left out would stay frozen at its random start and be missing from the adapter.
+    It takes the place of an entry naming the other family's head (`HEAD_NAMES`) that names no
+    module of the model: the default ``classifier`` on a decoder, whose head is ``score``."""
     head = head_name(model)
     if s.method == "full" or head is None or any(
             head == key or head.endswith("." + key) for key in s.modules_to_save):
         return s
+    # the other family's head (the default "classifier" on a decoder) names no module here
+    names = [name for name, _ in model.named_modules()]
+    other = [key for key in s.modules_to_save if key in HEAD_NAMES and not any(
+        name == key or name.endswith("." + key) for name in names)]
     warnings.warn(f"--modules-to-save {','.join(s.modules_to_save) or '(none)'} leaves out the "
                   f"classification head {head!r}; it is added (trained and saved in the "
-                  "adapter)", HeadAddedWarning, stacklevel=2)
-    return dataclasses.replace(s, modules_to_save=list(s.modules_to_save) + [head])
+                  "adapter)" + (f" in place of {','.join(other)}, which this model does not "
+                                "have" if other else ""), HeadAddedWarning, stacklevel=2)
+    return dataclasses.replace(s, modules_to_save=[key for key in s.modules_to_save
+                                                   if key not in other] + [head])
 
 
 def _positions(model) -> Optional[int]:
