@@ -13,6 +13,7 @@ when it is ``mean``, and `persistence.load_adapter` applies it again to the mode
 """
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Optional
@@ -64,8 +65,13 @@ def model_pooling(model: nn.Module) -> str:
 
 def mean_pooling_available(model: nn.Module) -> bool:
     """Whether `apply_pooling` can give ``model`` mean pooling: a transformers model whose
-    encoder (``base_model``) has a BERT-style ``pooler`` to replace."""
-    return hasattr(getattr(model, "base_model", None), "pooler")
+    encoder (``base_model``) has a BERT-style ``pooler`` to replace, a module that takes the
+    token states (``hidden_states``) and whose output the head reads. Not RoBERTa's or MPNet's
+    classifier (built without a pooler, ``None``: the head reads the first token itself) nor
+    ALBERT's (its pooler is a Linear on the first token's state)."""
+    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
+    return isinstance(pooler, nn.Module) and \
+        "hidden_states" in inspect.signature(pooler.forward).parameters
 
 
 def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:

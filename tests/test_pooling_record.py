@@ -266,3 +266,24 @@ def test_resume_refuses_a_model_folder_whose_pooling_changed(tiny, tmp_path, cap
     assert f"checkpoint {checkpoint} was trained with pooling mean, but --pooling auto now " \
            "gives cls" in err
     assert "resume with the model files it was trained on" in err
+
+
+@pytest.mark.parametrize("family", ["roberta", "mpnet", "albert"])
+def test_mean_pooling_is_refused_where_the_head_would_not_read_it(family):
+    """RoBERTa's and MPNet's classifiers are built without a pooler (``pooler`` None; their head
+    reads the first token itself), so the MeanPooler put there was never read: --pooling mean
+    (and auto on an all-mpnet-base-v2 folder) trained CLS pooling silently and recorded
+    ``mean``. ALBERT's pooler is a Linear on the first token's state: the MeanPooler failed at
+    the first forward. Each is refused up front, the model unchanged."""
+    import transformers
+
+    configs = {"roberta": transformers.RobertaConfig, "mpnet": transformers.MPNetConfig,
+               "albert": transformers.AlbertConfig}
+    extra = {"embedding_size": 16} if family == "albert" else {}
+    model = transformers.AutoModelForSequenceClassification.from_config(configs[family](
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, num_labels=2, **extra))
+    pooler = model.base_model.pooler
+    with pytest.raises(ValueError, match=r"--pooling mean is not available for "):
+        apply_pooling(model, "mean")
+    assert model.base_model.pooler is pooler and model_pooling(model) == "cls"
