@@ -84,17 +84,28 @@ def _config_key(layer: IncreLoRALinear) -> tuple:
             tuple(p.requires_grad for p in (layer.lora_A, layer.lora_B, layer.lora_lambda)))
 
 
-def _input_dtype(layer: IncreLoRALinear, autocast_dtype: Optional[torch.dtype]) -> torch.dtype:
+def _activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
+    """The dtype of the activations between ``model``'s layers: that of its first
+    floating-point parameter outside the adapters (a transformers model's embeddings, what its
+    ``dtype`` says), None where it has none."""
+    adapters = {id(p) for _, layer in increlora_layers(model)
+                for p in (layer.lora_A, layer.lora_B, layer.lora_lambda)}
+    return next((p.dtype for p in model.parameters()
+                 if p.is_floating_point() and id(p) not in adapters), None)
+
+
+def _input_dtype(layer: IncreLoRALinear, autocast_dtype: Optional[torch.dtype],
+                 activations: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the activations the layer gets: under autocast any (the kernels compute in
-    the autocast dtype), else the base weight's, a quantized base's compute dtype, or the
-    adapter's."""
+    the autocast dtype), else the base weight's; a quantized base gets the model's
+    ``activations`` (its compute dtype is internal to it: it returns its input's dtype), or
+    without them the adapter's dtype."""
     if autocast_dtype is not None:
         return autocast_dtype
     weight = layer.base_layer.weight
     if weight.is_floating_point():
         return weight.dtype
-    compute = getattr(layer.base_layer, "compute_dtype", None)
-    return compute if isinstance(compute, torch.dtype) else layer.lora_A.dtype
+    return activations or layer.lora_A.dtype
 
 
 def _base_shaped(out_features: int, t: torch.Tensor) -> torch.Tensor:
@@ -107,10 +118,10 @@ def _separate_input(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def _call_once(layer: IncreLoRALinear, call: _Call, autocast_dtype: Optional[torch.dtype]
-               ) -> None:
+def _call_once(layer: IncreLoRALinear, call: _Call, autocast_dtype: Optional[torch.dtype],
+               activations: Optional[torch.dtype] = None) -> None:
     """One forward and backward of ``layer``'s adapted op on one token, on copies of its
-    adapter tensors."""
+    adapter tensors; ``activations``: the model's (`_activation_dtype`)."""
     device = layer.lora_A.device
     weight, bias = _plain_base_operands(layer.base_layer, (), {})
     out_features = layer.out_features
@@ -128,8 +139,9 @@ def _call_once(layer: IncreLoRALinear, call: _Call, autocast_dtype: Optional[tor
                                    device=device)
         elif call.track:
             score_out = torch.zeros((), dtype=torch.float32, device=device)
-        x = torch.zeros(1, layer.in_features, dtype=_input_dtype(layer, autocast_dtype),
-                        device=device, requires_grad=call.x_grad)
+        x = torch.zeros(1, layer.in_features,
+                        dtype=_input_dtype(layer, autocast_dtype, activations), device=device,
+                        requires_grad=call.x_grad)
         y = adapted_linear(x, weight, bias, a, b, lam, layer.slot_state, layer.lora_alpha,
                            layer.reserve_value(), weight_in_out=layer.is_conv1d,
                            base_forward=base_forward, dropout=dropout, score_out=score_out,
@@ -217,11 +229,12 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
         return result
     from .kernels.utils import building_only
     result.configs = len(layers)
+    activations = _activation_dtype(model)
     with building_only(workers or os.cpu_count() or 1):
         for call in _CALLS:
             for layer in layers:
                 try:
-                    _call_once(layer, call, autocast_dtype)
+                    _call_once(layer, call, autocast_dtype, activations)
                 except Exception as err:  # noqa: BLE001 - reported; the first step builds it
                     result.errors.append(
                         f"{layer.in_features} -> {layer.out_features} r_max {layer.r_max} "

@@ -279,10 +279,10 @@ def test_a_failed_call_is_reported_and_leaves_the_rest(triton_backend, monkeypat
     model = tiny_bert(dropout=0.0)
     real = precompile._call_once
 
-    def failing(layer, call, autocast_dtype):
+    def failing(layer, call, *args):
         if layer.out_features == 80:
             raise RuntimeError("out of resources")
-        real(layer, call, autocast_dtype)
+        real(layer, call, *args)
     monkeypatch.setattr(precompile, "_call_once", failing)
     with pytest.warns(RuntimeWarning, match="4 of 12 calls failed.*48 -> 80.*out of resources"):
         result = precompile_kernels(model, workers=1)
@@ -454,3 +454,32 @@ def test_workers_must_be_positive():
 if __name__ == "__main__":
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     print(json.dumps(recorded_variants()))
+
+
+@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+def test_a_quantized_base_is_called_with_the_models_activation_dtype(triton_backend,
+                                                                     monkeypatch, kind):
+    """A quantized base layer (bitsandbytes) gets the activations of the model around it (its
+    output comes back in their dtype, whatever its compute dtype): the kernels take their
+    dtype from that input, so the one-token calls must use it. They used the 4-bit layer's
+    compute dtype, or the (float32) adapter's for 8-bit: in a bfloat16 model every variant
+    built was one no step launches."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+    from increlora_fast import precompile
+
+    base = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32) \
+        if kind == "4bit" else bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+    model = nn.Sequential(nn.Embedding(10, 64, dtype=torch.bfloat16), base).to("cpu")
+    inject_increlora(model, IncreLoRAConfig(target_modules=["1"], r_max=4, init_r=1,
+                                            target_rank=2))
+    seen = []
+    real = precompile.adapted_linear
+
+    def recording(x, *args, **kwargs):
+        seen.append(x.dtype)
+        return real(x, *args, **kwargs)
+    monkeypatch.setattr(precompile, "adapted_linear", recording)
+    result = precompile_kernels(model, workers=1)
+    assert result.configs == 1 and not result.errors, result.errors
+    assert seen and set(seen) == {torch.bfloat16}
