@@ -326,8 +326,18 @@ class IncreLoRALinear(nn.Module):
         ``slot_active_step`` in place (this layer's own methods and loading a state dict do)."""
         self.slot_version += 1
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # A checkpoint of the model before injection names the base's entries as the replaced
+        # layer's (``fc.weight``; a quantized base writes more, such as 8-bit's ``SCB``): they
+        # load into the base layer (``fc.base_layer.weight``) instead of being dropped as
+        # unexpected keys (silently under strict=False).
+        names = {key.split(".", 1)[0] for key in self.base_layer.state_dict(keep_vars=True)}
+        inner = f"{prefix}base_layer."
+        for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+            name = key[len(prefix):]
+            if name.split(".", 1)[0] in names and inner + name not in state_dict:
+                state_dict[inner + name] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self.mark_slots_changed()
         self.last_stamp = None
 

@@ -294,3 +294,36 @@ def test_hooks_on_the_replaced_layer_still_run(kind):
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
     out.sum().backward()
     assert model[0].lora_lambda.grad is not None
+
+
+def test_a_checkpoint_of_the_base_model_loads_into_the_adapted_model():
+    """Loading a checkpoint of the model as it was before injection (keys ``fc.weight``) into
+    the adapted one (``fc.base_layer.weight``) with strict=False dropped the adapted layers'
+    base weights as unexpected keys: the base stayed at its random init, silently. They load
+    into the base layers; only the adapter's own tensors are missing, and they keep their
+    values."""
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    pretrained = Net()
+    torch.manual_seed(1)
+    model = inject_increlora(Net(), IncreLoRAConfig(target_modules=["fc"], r_max=4, init_r=1,
+                                                    target_rank=2))
+    adapter = {k: v.clone() for k, v in model.state_dict().items() if "base_layer" not in k
+               and k.startswith("fc.")}
+    result = model.load_state_dict(pretrained.state_dict(), strict=False)
+    assert result.unexpected_keys == []
+    assert sorted(result.missing_keys) == sorted(adapter)
+    assert torch.equal(model.fc.base_layer.weight, pretrained.fc.weight)
+    assert torch.equal(model.fc.base_layer.bias, pretrained.fc.bias)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in adapter.items())
+    x = torch.randn(3, 8)
+    assert torch.allclose(model(x), pretrained(x), atol=1e-4)
+    with pytest.raises(RuntimeError, match="Missing key"):  # strict: the adapter is missing
+        model.load_state_dict(pretrained.state_dict())

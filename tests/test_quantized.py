@@ -196,3 +196,17 @@ def test_modules_to_save_holding_a_quantized_layer_is_refused_clearly():
         inject_increlora(model, cfg)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
     assert type(model.layers[0]).__name__ == "Linear4bit"
+
+
+def test_a_checkpoint_of_the_quantized_model_before_injection_loads_into_its_base_layers():
+    """Keys of the model before injection (``layers.1.weight``, the 8-bit layer's ``SCB`` and
+    ``weight_format``) load into the base layers; what is left over is what bitsandbytes leaves
+    over loading into the plain model (its 4-bit quant-state keys), under the base's name."""
+    plain = build().state_dict()
+    left_plain = build().load_state_dict(plain, strict=False).unexpected_keys
+    model = inject_increlora(build(), config(2))
+    result = model.load_state_dict(plain, strict=False)
+    assert sorted(result.unexpected_keys) == sorted(
+        key.replace("layers.0.", "layers.0.base_layer.") for key in left_plain)
+    assert all(".lora_" in key or ".slot_" in key for key in result.missing_keys)
+    torch.testing.assert_close(model(x_batch()), build()(x_batch()), atol=1e-4, rtol=0)
