@@ -39,17 +39,30 @@ class MeanPooler(nn.Module):
 
 def pooling_of_folder(folder: Optional[Path]) -> str:
     """``mean`` or ``cls`` as a sentence-transformers folder's Pooling module says; ``cls`` for a
-    folder without one (or None, e.g. a hub id)."""
+    folder without one (or None, e.g. a hub id).
+
+    Raises:
+        ValueError: the Pooling module pools otherwise (max, mean/sqrt(len), last token, or
+            several modes at once): neither reads what the model was trained to give.
+    """
     if folder is None or not (folder / "modules.json").is_file():
         return "cls"
     try:
         modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
         pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
-        config = json.loads((folder / pooling.get("path", "") / "config.json")
-                            .read_text(encoding="utf-8"))
+        path = folder / pooling.get("path", "") / "config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        modes = sorted(key for key, on in config.items() if key.startswith("pooling_mode_")
+                       and on)
     except (OSError, ValueError, StopIteration, AttributeError):
         return "cls"
-    return "mean" if config.get("pooling_mode_mean_tokens") else "cls"
+    if modes == ["pooling_mode_mean_tokens"]:
+        return "mean"
+    if modes in ([], ["pooling_mode_cls_token"]):
+        return "cls"
+    raise ValueError(f"--pooling auto: {path} pools by {' + '.join(modes)}, which the "
+                     "classifier cannot read (only pooling_mode_mean_tokens or "
+                     "pooling_mode_cls_token); choose --pooling mean or --pooling cls")
 
 
 def resolve_pooling(choice: str, folder: Optional[Path]) -> str:

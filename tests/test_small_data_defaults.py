@@ -376,3 +376,28 @@ def test_select_best_that_holds_out_every_row_of_a_label_warns_naming_it(tiny, t
                                          r"label\(s\) neutral"):
         assert cli(argv) == 0
     assert read_metrics(tmp_path / "run")["holdout_examples"] == 4
+
+
+@pytest.mark.parametrize("modes", [["pooling_mode_max_tokens"],
+                                   ["pooling_mode_mean_sqrt_len_tokens"],
+                                   ["pooling_mode_lasttoken"],
+                                   ["pooling_mode_mean_tokens", "pooling_mode_max_tokens"]])
+def test_pooling_auto_refuses_a_folder_pooled_otherwise(tmp_path, modes):
+    """A sentence-transformers folder pooling by max, mean/sqrt(len), last token, or by several
+    modes at once was read as ``cls`` (or ``mean``) silently: the classifier read other states
+    than the model was trained to give. ``auto`` refuses it, naming the file and the modes."""
+    from increlora_fast.pooling import resolve_pooling
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "modules.json").write_text(json.dumps(
+        [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+         {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    config = {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": False,
+              **{mode: True for mode in modes}}
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError) as err:
+        resolve_pooling("auto", tmp_path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("--pooling auto: ")
+    assert str(tmp_path / "1_Pooling" / "config.json") in message
+    assert all(mode in message for mode in modes)
+    assert resolve_pooling("cls", tmp_path) == "cls"

@@ -251,10 +251,11 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     train, holdout = split_holdout(settings, data.train, data.label_names)
     s = resolve(settings, len(train), graphed)
     seed_everything(s.seed)
+    pooling = resolve_pooling(s.pooling, _model_folder(s.model))  # before the model loads
     tokenizer, model = load_model(s, data)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
-    apply_pooling(model, resolve_pooling(s.pooling, _model_folder(s.model)))
+    apply_pooling(model, pooling)
     lengths = token_lengths(tokenizer, train)
     seq_len = auto_max_seq_len(lengths, tokenizer, model) if s.max_seq_len == "auto" \
         else s.max_seq_len
