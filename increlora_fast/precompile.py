@@ -86,25 +86,25 @@ def _config_key(layer: IncreLoRALinear) -> tuple:
 
 def _activation_dtype(model: nn.Module) -> Optional[torch.dtype]:
     """The dtype of the activations between ``model``'s layers: that of its first
-    floating-point parameter outside the adapters (a transformers model's embeddings, what its
-    ``dtype`` says), None where it has none."""
-    adapters = {id(p) for _, layer in increlora_layers(model)
-                for p in (layer.lora_A, layer.lora_B, layer.lora_lambda)}
+    floating-point parameter outside the adapters and the packed weights of quantized bases
+    (a transformers model's embeddings, what its ``dtype`` says), None where it has none."""
+    skipped = {id(p) for _, layer in increlora_layers(model)
+               for p in (layer.lora_A, layer.lora_B, layer.lora_lambda)
+               + ((layer.base_layer.weight,) if layer.is_quantized else ())}
     return next((p.dtype for p in model.parameters()
-                 if p.is_floating_point() and id(p) not in adapters), None)
+                 if p.is_floating_point() and id(p) not in skipped), None)
 
 
 def _input_dtype(layer: IncreLoRALinear, autocast_dtype: Optional[torch.dtype],
                  activations: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of the activations the layer gets: under autocast any (the kernels compute in
     the autocast dtype), else the base weight's; a quantized base gets the model's
-    ``activations`` (its compute dtype is internal to it: it returns its input's dtype), or
-    without them the adapter's dtype."""
+    ``activations`` (its compute and storage dtypes are internal to it: it returns its input's
+    dtype), or without them the adapter's dtype."""
     if autocast_dtype is not None:
         return autocast_dtype
-    weight = layer.base_layer.weight
-    if weight.is_floating_point():
-        return weight.dtype
+    if not layer.is_quantized:
+        return layer.base_layer.weight.dtype
     return activations or layer.lora_A.dtype
 
 

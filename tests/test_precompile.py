@@ -456,21 +456,29 @@ if __name__ == "__main__":
     print(json.dumps(recorded_variants()))
 
 
-@pytest.mark.parametrize("kind", ["4bit", "8bit"])
+@pytest.mark.parametrize("kind, activations", [
+    ("4bit", torch.bfloat16), ("8bit", torch.bfloat16), ("4bit_bf16_storage", torch.float32)])
 def test_a_quantized_base_is_called_with_the_models_activation_dtype(triton_backend,
-                                                                     monkeypatch, kind):
+                                                                     monkeypatch, kind,
+                                                                     activations):
     """A quantized base layer (bitsandbytes) gets the activations of the model around it (its
     output comes back in their dtype, whatever its compute dtype): the kernels take their
     dtype from that input, so the one-token calls must use it. They used the 4-bit layer's
-    compute dtype, or the (float32) adapter's for 8-bit: in a bfloat16 model every variant
-    built was one no step launches."""
+    compute dtype, or the (float32) adapter's for 8-bit, or the packed weight's storage dtype
+    where it is a float (``quant_storage=torch.bfloat16``, as FSDP QLoRA sets it): in a
+    bfloat16 model (a float32 one for that storage) every variant built was one no step
+    launches."""
     bnb = pytest.importorskip("bitsandbytes")
     from torch import nn
     from increlora_fast import precompile
 
-    base = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32) \
-        if kind == "4bit" else bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
-    model = nn.Sequential(nn.Embedding(10, 64, dtype=torch.bfloat16), base).to("cpu")
+    if kind == "8bit":
+        base = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+    else:
+        storage = torch.bfloat16 if kind == "4bit_bf16_storage" else torch.uint8
+        base = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32,
+                                 quant_storage=storage)
+    model = nn.Sequential(nn.Embedding(10, 64, dtype=activations), base).to("cpu")
     inject_increlora(model, IncreLoRAConfig(target_modules=["1"], r_max=4, init_r=1,
                                             target_rank=2))
     seen = []
@@ -482,4 +490,4 @@ def test_a_quantized_base_is_called_with_the_models_activation_dtype(triton_back
     monkeypatch.setattr(precompile, "adapted_linear", recording)
     result = precompile_kernels(model, workers=1)
     assert result.configs == 1 and not result.errors, result.errors
-    assert seen and set(seen) == {torch.bfloat16}
+    assert seen and set(seen) == {activations}
