@@ -14,7 +14,7 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
-                    class_name, derived_weight_message, is_supported_base)
+                    class_name, derived_weight_message, is_quantized_base, is_supported_base)
 
 CONFIG_ATTR = "increlora_config"
 ALL_LINEAR = "all-linear"
@@ -189,6 +189,15 @@ def _peft_adapter_layer(model: nn.Module) -> Optional[str]:
                 None)
 
 
+def _packed_parameter(module: nn.Module) -> Optional[str]:
+    """The name of the first parameter of ``module`` holding quantized data: of an integer
+    dtype, or the weight of a bitsandbytes layer (its packed data may be stored as a float,
+    ``quant_storage``); None without one."""
+    quantized = {id(m.weight) for m in module.modules() if is_quantized_base(m)}
+    return next((name for name, p in module.named_parameters()
+                 if id(p) in quantized or not (p.is_floating_point() or p.is_complex())), None)
+
+
 def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     """Replace the targeted linears of ``model`` in place with `IncreLoRALinear`.
 
@@ -225,10 +234,10 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             raise ValueError(f"modules_to_save entry {key!r} matches no module name; "
                              f"similar names: {_similar_names(key, names)}")
         save_roots.extend(found)
-    for root in save_roots:  # trained in full: a 4/8-bit (integer) weight cannot take a gradient
-        packed = next((f"{root}.{n}" for n, p in model.get_submodule(root).named_parameters()
-                       if not (p.is_floating_point() or p.is_complex())), None)
-        if packed is not None:
+    for root in save_roots:  # trained in full: a 4/8-bit weight cannot take a gradient
+        inner = _packed_parameter(model.get_submodule(root))
+        if inner is not None:
+            packed = f"{root}.{inner}"
             raise ValueError(f"modules_to_save entry {root!r} holds {packed!r}, quantized data "
                              f"({model.get_parameter(packed).dtype}) that cannot be trained in "
                              "full; leave it out of modules_to_save (adapt its linears with "

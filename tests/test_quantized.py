@@ -210,3 +210,19 @@ def test_a_checkpoint_of_the_quantized_model_before_injection_loads_into_its_bas
         key.replace("layers.0.", "layers.0.base_layer.") for key in left_plain)
     assert all(".lora_" in key or ".slot_" in key for key in result.missing_keys)
     torch.testing.assert_close(model(x_batch()), build()(x_batch()), atol=1e-4, rtol=0)
+
+
+def test_modules_to_save_holding_a_4bit_layer_with_float_storage_is_refused():
+    """A 4-bit layer whose packed data is stored as bfloat16 (``quant_storage``, as FSDP QLoRA
+    sets it) passed the check by dtype: its packed weight was set to train "in full", got no
+    gradient and was saved into the adapter as if trained. It is refused like any quantized
+    layer, the model unchanged."""
+    model = nn.ModuleDict({"fc": nn.Linear(WIDTH, WIDTH), "head": bnb.nn.Linear4bit(
+        WIDTH, WIDTH, compute_dtype=torch.float32, quant_storage=torch.bfloat16)}).to("cpu")
+    assert model["head"].weight.is_floating_point()
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    cfg = IncreLoRAConfig(target_modules=["fc"], r_max=4, init_r=1, target_rank=2,
+                          modules_to_save=["head"])
+    with pytest.raises(ValueError, match=r"modules_to_save entry 'head' holds 'head\.weight'"):
+        inject_increlora(model, cfg)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
