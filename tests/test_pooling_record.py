@@ -287,3 +287,27 @@ def test_mean_pooling_is_refused_where_the_head_would_not_read_it(family):
     with pytest.raises(ValueError, match=r"--pooling mean is not available for "):
         apply_pooling(model, "mean")
     assert model.base_model.pooler is pooler and model_pooling(model) == "cls"
+
+
+def test_pooling_auto_on_a_head_that_reads_the_first_token_trains_cls_with_a_warning(
+        tiny, tmp_path):
+    """``--pooling auto`` on a sentence-transformers RoBERTa folder that pools by mean: its
+    classifier reads the first token itself, so mean pooling cannot be applied. auto trains
+    the model's own (cls) pooling with a warning and records cls, instead of failing with an
+    error about ``--pooling mean``, which the user never gave."""
+    import transformers
+
+    folder = sentence_transformers_folder(tiny["model"], tmp_path, mean=True)
+    vocab = transformers.AutoConfig.from_pretrained(folder).vocab_size
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).unlink()
+    transformers.RobertaModel(transformers.RobertaConfig(
+        vocab_size=vocab, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=40, pad_token_id=0)).save_pretrained(folder)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"--pooling auto: .* pools by mean .* "
+                                         r"RobertaForSequenceClassification reads the first "
+                                         r"token itself; trained with cls pooling"):
+        assert cli(tiny_args(dict(tiny, model=str(folder)), out, "--pooling", "auto",
+                             steps=2)) == 0
+    assert json.loads((out / "metrics.json").read_text())["pooling"] == "cls"

@@ -30,7 +30,7 @@ from .registry import build_method
 from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
-from ..pooling import apply_pooling, model_pooling, resolve_pooling
+from ..pooling import apply_pooling, mean_pooling_available, model_pooling, resolve_pooling
 from .settings import (AUTO_SEQ_PERCENTILE, SELECT_HOLDOUT_SHARE, RunSettings, resolve,
                        validate)
 from .step_runner import resolve_cuda_graphs
@@ -255,6 +255,12 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     tokenizer, model = load_model(s, data)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
+    if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
+        warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
+                      f"files, but the head of {type(model).__name__} reads the first token "
+                      "itself; trained with cls pooling (give --pooling cls to say so)",
+                      UserWarning, stacklevel=2)
+        pooling = "cls"
     apply_pooling(model, pooling)
     lengths = token_lengths(tokenizer, train)
     seq_len = auto_max_seq_len(lengths, tokenizer, model) if s.max_seq_len == "auto" \
