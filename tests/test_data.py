@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -69,6 +70,39 @@ def test_failed_download_is_reported(fake_asset, monkeypatch):
     monkeypatch.setattr(assets.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(AssetUnavailableError, match="No matching distribution"):
         locate_asset("fake_data")
+
+
+def _install_fake_package(root: Path, monkeypatch, version: str, payload: str) -> None:
+    """fake_pkg_xyz importable from ``root`` with dist-info metadata of ``version``."""
+    (root / "fake_pkg_xyz" / "data").mkdir(parents=True)
+    (root / "fake_pkg_xyz" / "__init__.py").write_text("")
+    (root / "fake_pkg_xyz" / "data" / "rows.txt").write_text(payload)
+    info = root / f"fake_pkg-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: fake-pkg\nVersion: {version}\n")
+    monkeypatch.syspath_prepend(str(root))
+
+
+@pytest.mark.parametrize("version", ["1.2.3", "9.9"])
+def test_an_installed_package_of_another_release_is_not_taken_silently(
+        fake_asset, monkeypatch, tmp_path, version):
+    """An installed package of another release than the pinned one was used without a word,
+    though its data may differ (other rows, another fixed dev split). The pinned wheel is
+    preferred; the other release is used, with a warning naming both versions, only when the
+    pinned one cannot be had."""
+    wheel, payload = fake_asset
+    _install_fake_package(tmp_path / "site", monkeypatch, version, "installed rows")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the pinned release installed: no warning
+        if version == "1.2.3":
+            assert locate_asset("fake_data", download=False).read_text() == "installed rows"
+            return
+    with pytest.warns(UserWarning, match=r"fake-pkg 9.9 is installed, not 1.2.3"):
+        assert locate_asset("fake_data", download=False).read_text() == "installed rows"
+    _write_wheel(wheel, payload)  # the pinned release at hand: it is taken, silently
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert locate_asset("fake_data", download=False).read_text() == payload
 
 
 def test_corrupt_wheel_and_unknown_asset(fake_asset):

