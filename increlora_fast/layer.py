@@ -227,7 +227,8 @@ class IncreLoRALinear(nn.Module):
         lambda back to `reference.lambda_dtype` of A's dtype (never 16-bit), with its gradient;
         the layer's parameters stay the same objects. The score accumulator ``score_sum`` stays
         float32 (or float64) likewise: the kernels add into such a score only, and a 16-bit sum
-        would lose the small per-pass scores."""
+        would lose the small per-pass scores. The dense score gradient of ``exact_step_score``
+        (``score_grad``, float32) moves with the layer's device."""
         result = super()._apply(fn, recurse)
         lam = self._parameters["lora_lambda"]
         want = lambda_dtype(self._parameters["lora_A"].dtype)
@@ -238,6 +239,8 @@ class IncreLoRALinear(nn.Module):
         score = self._buffers["score_sum"]
         if score.dtype not in (torch.float32, torch.float64):
             self._buffers["score_sum"] = score.float()
+        if self.score_grad is not None:  # (a plain attribute: moved here, kept float32)
+            self.score_grad = self.score_grad.to(self._parameters["lora_A"].device)
         return result
 
     def __getstate__(self) -> dict:

@@ -221,3 +221,16 @@ def test_float64_layer_under_autocast_computes_in_float64(kernel_device, monkeyp
            layer.take_score())
     for name, g, r in zip(("y", "dx", "dA", "dB", "dlambda", "score"), got, ref):
         assert rel_err(g, r) <= 1e-10, name
+
+
+def test_the_exact_step_score_gradient_moves_with_the_layer():
+    """``exact_step_score`` keeps the step's dense score gradient in ``score_grad``, a plain
+    attribute: ``layer.to(device)`` after a tracked backward left it on the old device, so the
+    next tracked backward added into a tensor on another device. It now moves with the layer
+    (to ``meta`` here, the one other device a CPU machine has) and stays float32."""
+    layer = IncreLoRALinear(nn.Linear(9, 7), r_max=4, init_r=2, reserve_rank=1).train()
+    layer.exact_step_score = layer.score_enabled = True
+    layer(torch.randn(3, 9)).sum().backward()
+    assert layer.score_grad is not None and layer.score_grad.device.type == "cpu"
+    layer.to("meta", torch.bfloat16)
+    assert layer.score_grad.device.type == "meta" and layer.score_grad.dtype == torch.float32
