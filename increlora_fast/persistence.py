@@ -483,8 +483,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
                  ) -> nn.Module:
     """Restore an adapter saved by `save_adapter` into a model injected with the same config.
 
-    Every check runs before anything is copied: a file that does not fit (other config, unknown
-    or missing module names, other shapes, a damaged file, another base model: then
+    The parameters saved outside the adapters load into the model's parameters of their names:
+    those of the modules to save, and any other the saved model trained (one unfrozen by hand,
+    frozen again in a fresh model). Every check runs before anything is copied: a file that does
+    not fit (other config, unknown or missing module names, other shapes, a damaged file, another base model: then
     `BaseMismatchError`) raises ValueError and leaves the model unchanged. Values are cast to
     the model's dtypes, so an adapter saved with a float16 lambda (``adapter_dtype="base"`` on a
     float16 base, before lambda was float32 always) loads into the float32 lambda.
@@ -516,6 +518,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     keys = TRAINING_KEYS if training else SLOT_KEYS
     layers = dict(increlora_layers(model))
     saved_params = saved_module_parameters(model)
+    # a parameter trained outside the modules to save (unfrozen by hand) was saved as trainable;
+    # it is frozen again in a fresh model, but it still names that model's parameter
+    saved_params.update({n: p for n, p in model.named_parameters() if SAVED_PREFIX + n in tensors
+                         and not n.split(".")[-1].startswith("lora_")})
     # buffers of the modules to save: adapters saved before they were written lack them
     model_buffers = saved_module_buffers(model)
     saved_buffers = {n: b for n, b in model_buffers.items() if SAVED_PREFIX + n in tensors}

@@ -401,6 +401,25 @@ def test_modules_to_save_of_a_frozen_model_are_saved(tmp_path, tiny_net, trainin
         assert torch.equal(target.eval()(x), model.eval()(x))
 
 
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_a_parameter_unfrozen_by_hand_loads_into_a_fresh_model(tmp_path, tiny_net,
+                                                               training_state):
+    """A norm the user unfroze outside ``modules_to_save`` is trained and saved with the
+    adapter, but loading it into a fresh model (where the norm is frozen again) failed with
+    'unknown tensors', so the trained model could not be restored; it now loads into the
+    parameter of its name."""
+    config = make_config()
+    model = trained(tiny_net, config)
+    norm = model.blocks[1].norm.weight.requires_grad_(True)
+    with torch.no_grad():
+        norm.add_(0.5)
+    save_adapter(model, tmp_path, training_state=training_state)
+    target = load_adapter(fresh(tiny_net, config), tmp_path)
+    assert torch.equal(target.blocks[1].norm.weight, norm)
+    x = torch.randn(3, 12)
+    assert torch.equal(target.eval()(x), model.eval()(x))
+
+
 def test_a_tied_module_to_save_of_a_frozen_model_is_saved(tmp_path):
     """As above for an lm_head to save tied to the input embedding, whose one parameter is
     named after the embedding."""
