@@ -18,7 +18,12 @@ follows the documented departure:
    parameter group is added then, with fresh Adam moments); A and B of a reserve start when the
    reserve is allocated, or, without advance learning, when it is activated:
    the module docstring of ``increlora_fast/optimizer.py`` and
-   ``IncreLoRAAdamW._restart_fresh_slots``; spec "Our design".
+   ``IncreLoRAAdamW._restart_fresh_slots``; spec "Our design". One step earlier than the
+   authors' code: their scheduler (``Multi_LambdaLR.check_new_params``) starts a group added at
+   a round at schedule step 0, so its first optimizer step runs at learning rate 0 (Adam still
+   counts it and takes its moments) and the next at 1/W; ours runs the first at 1/W, with Adam's
+   step count 1 (W = ``warmup_steps``; a step of 1/W of the warmup, negligible at the GLUE
+   scripts' warmups of 100 steps and more).
 3. A component changed at an allocation step takes no optimizer step at that step (the module
    docstring of ``increlora_fast/optimizer.py``). Here that is AdamW's own rule: a parameter
    without a gradient is skipped, and one that joins at a round had none.
