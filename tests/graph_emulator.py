@@ -16,7 +16,8 @@ follows a capture (CUDA needs it to run the captured step) is therefore skipped 
 
 A capture also refuses, as CUDA would, what syncs the stream or copies host data
 (`capture_refuses`): a host read (``.item()``, ``bool(t)``, ``torch.nonzero``, a boolean mask
-index, ...), ``torch.tensor(data)``, pinning.
+index, ...; and ``.tolist()``, ``.cpu()``, ``.numpy()``, which on the CPU reach no aten op:
+`_HostCopies`), ``torch.tensor(data)``, pinning.
 
 CUDA also refuses to load a kernel module while a stream captures (``cuModuleLoadData``: "operation
 not permitted when stream is capturing"), so a Triton kernel must have run eagerly, with the same
@@ -43,8 +44,24 @@ import contextlib
 from typing import Any, Iterator, List, Optional, Set
 
 import torch
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
+
+
+# Host copies that reach no aten op on the CPU, where the emulated device's tensors already
+# are; on a GPU each copies to the host and waits for the device.
+_HOST_COPIES = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
+
+
+class _HostCopies(TorchFunctionMode):
+    """Refuses `_HOST_COPIES` inside a capture (not the Triton interpreter's own)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_COPIES and not _capture["paused"]:
+            raise RuntimeError(f"a host read (Tensor.{func.__name__}) inside a captured step: "
+                               "CUDA graph capture would fail here")
+        return func(*args, **(kwargs or {}))
 
 
 class _Recorder(TorchDispatchMode):
@@ -271,7 +288,7 @@ class EmulatedGraph:
         kutils.stream_capturing = lambda device: True
         _capture["active"] = True
         try:
-            with recorder, _libraries_see_a_capture():
+            with recorder, _HostCopies(), _libraries_see_a_capture():
                 yield
         finally:
             kutils.launch = real_launch

@@ -275,6 +275,10 @@ REFUSED_IN_A_CAPTURE = {
     "equal": (lambda: torch.equal(_T, _T), lambda: torch.eq(_T, _T).all()),
     "torch.tensor": (lambda: _T * torch.tensor([1.0, 2.0, 3.0]),
                      lambda: _T * torch.arange(1, 4, dtype=_T.dtype)),
+    # copies to the host: on a GPU each waits for the device (no aten op on the CPU)
+    "tolist": (lambda: (_T * 2).tolist(), lambda: _T * 2),
+    "cpu": (lambda: (_T * 2).cpu(), lambda: (_T * 2).clone()),
+    "numpy": (lambda: (_T * 2).numpy(), lambda: (_T * 2).clone()),
 }
 
 
