@@ -11,6 +11,10 @@ says so, as torch.cuda.is_current_stream_capturing would. Python-side effects (a
 flag) are not replayed, and scalars baked into an op stay baked: exactly the mistakes a graphed
 step can make.
 
+A replay raises when a tensor the capture read or wrote has got new memory since (``p.data =
+...``, ``set_``): CUDA would replay on the old memory, while the emulator would follow the
+tensor object and give the right result by luck.
+
 Unlike CUDA, capture executes the ops once (they are needed for their outputs); the replay that
 follows a capture (CUDA needs it to run the captured step) is therefore skipped once.
 
@@ -41,7 +45,7 @@ it again gives a wrong result instead of passing by luck.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, List, Optional, Set
+from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -246,6 +250,17 @@ def _poison(t: torch.Tensor) -> None:
         t.fill_(-7)
 
 
+def _addresses(ops: List[tuple]) -> List[Tuple[torch.Tensor, int]]:
+    """Each tensor the captured ``ops`` read or wrote (once) with its data address: the memory a
+    CUDA graph replays on."""
+    seen: Dict[int, Tuple[torch.Tensor, int]] = {}
+    for op in ops:
+        for t in tree_flatten(op[2:])[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen[id(t)] = (t, t.data_ptr())
+    return list(seen.values())
+
+
 def _allocated(args: tuple, kwargs: dict, out: Any) -> List[torch.Tensor]:
     """The tensors of ``out`` an aten op allocated: those sharing no storage with an argument
     (not in-place results, ``out=`` tensors or views)."""
@@ -264,6 +279,8 @@ class EmulatedGraph:
         self.ops: List[tuple] = []
         self.pool = pool
         self.allocated: List[torch.Tensor] = []  # by the captured ops
+        # every tensor the captured ops and launches read or wrote, with its address then
+        self._addresses: List[Tuple[torch.Tensor, int]] = []
         self._skip_next_replay = False
         self.replays = 0
 
@@ -296,6 +313,7 @@ class EmulatedGraph:
             _capture["active"] = False
         self.allocated = [t for op in self.ops if op[0] == "aten" and not op[1].is_view
                           for t in _allocated(op[2], op[3], op[4])]
+        self._addresses = _addresses(self.ops)
         if self.pool is not None:
             self.pool.captured(self)
         self._skip_next_replay = True
@@ -304,6 +322,11 @@ class EmulatedGraph:
         if self._skip_next_replay:
             self._skip_next_replay = False
             return
+        moved = [t for t, address in self._addresses if t.data_ptr() != address]
+        if moved:
+            raise RuntimeError(f"{len(moved)} tensor(s) the graph captured got new memory since "
+                               f"its capture (the first: {tuple(moved[0].shape)} "
+                               f"{moved[0].dtype}): a CUDA graph replays on the old memory")
         self.replays += 1
         if self.pool is not None:
             self.pool.replaying(self)

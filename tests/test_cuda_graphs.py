@@ -156,6 +156,23 @@ def test_a_shared_pool_overwrites_what_a_later_graph_allocated():
         assert torch.equal(kept, x + 1)
 
 
+def test_a_replay_refuses_a_captured_tensor_given_new_memory():
+    """A CUDA graph replays on the addresses it captured: a tensor given new memory since its
+    capture (``p.data = ...``, as ``Module.to`` converts parameters) is neither read nor written
+    by the replay, which works on the old memory. The emulator's replay refuses it rather than
+    follow the tensor object to its new memory and give the right result by luck."""
+    w = torch.ones(3)
+    graph = EmulatedGraph()
+    with graph.capture():
+        w.mul_(2)
+    graph.replay()
+    graph.replay()
+    assert torch.equal(w, torch.full((3,), 4.0))
+    w.data = torch.ones(3)
+    with pytest.raises(RuntimeError, match="new memory since its capture"):
+        graph.replay()
+
+
 def test_a_round_at_every_step_is_captured_and_replayed(make_tiny_net, monkeypatch):
     """A round at every step from step 2 until the budget is reached (the benchmarks'
     compressed schedule until 2026-12-05, which now has one every second step), the densest
