@@ -16,7 +16,12 @@ A replay raises when a tensor the capture read or wrote has got new memory since
 tensor object and give the right result by luck.
 
 Unlike CUDA, capture executes the ops once (they are needed for their outputs); the replay that
-follows a capture (CUDA needs it to run the captured step) is therefore skipped once.
+follows a capture (CUDA needs it to run the captured step) is therefore skipped once. What the
+captured ops allocated is poisoned (see below) from the end of the capture to that first replay,
+which puts the computed values back: on CUDA it holds whatever its memory held until then, and
+for ever in a graph never replayed, so a step that reads it too early fails here too. (Tensors
+that existed before the capture and that its ops changed in place still change at the capture,
+not at the first replay.)
 
 A capture also refuses, as CUDA would, what syncs the stream or copies host data
 (`capture_refuses`): a host read (``.item()``, ``bool(t)``, ``torch.nonzero``, a boolean mask
@@ -116,8 +121,8 @@ _capture = {"active": False, "paused": False}
 
 @contextlib.contextmanager
 def _interpreter_ops() -> Iterator[None]:
-    """Around a Triton launch: under the interpreter it runs tensor ops of its own, which are
-    not aten kernels of the step."""
+    """Around a Triton launch, or the emulator's own work (poisoning, copies): under the
+    interpreter a launch runs tensor ops of its own; neither are aten kernels of the step."""
     _capture["paused"] = True
     try:
         yield
@@ -234,7 +239,7 @@ class EmulatedPool:
     def replaying(self, graph: "EmulatedGraph") -> None:
         """Overwrite what graphs captured after ``graph`` allocated (see the module docstring)."""
         later = self.graphs[self.graphs.index(graph) + 1:]
-        with torch.no_grad():
+        with torch.no_grad(), _interpreter_ops():
             for other in later:
                 for t in other.allocated:
                     _poison(t)
@@ -282,6 +287,8 @@ class EmulatedGraph:
         # every tensor the captured ops and launches read or wrote, with its address then
         self._addresses: List[Tuple[torch.Tensor, int]] = []
         self._skip_next_replay = False
+        # what the captured ops allocated, as they computed it: put back by the first replay
+        self._computed: List[torch.Tensor] = []
         self.replays = 0
 
     @contextlib.contextmanager
@@ -316,21 +323,29 @@ class EmulatedGraph:
         self._addresses = _addresses(self.ops)
         if self.pool is not None:
             self.pool.captured(self)
+        with torch.no_grad(), _interpreter_ops():
+            self._computed = [t.clone() for t in self.allocated]
+            for t in self.allocated:
+                _poison(t)
         self._skip_next_replay = True
 
     def replay(self) -> None:
-        if self._skip_next_replay:
-            self._skip_next_replay = False
-            return
         moved = [t for t, address in self._addresses if t.data_ptr() != address]
         if moved:
             raise RuntimeError(f"{len(moved)} tensor(s) the graph captured got new memory since "
                                f"its capture (the first: {tuple(moved[0].shape)} "
                                f"{moved[0].dtype}): a CUDA graph replays on the old memory")
-        self.replays += 1
         if self.pool is not None:
             self.pool.replaying(self)
         with torch.no_grad():
+            if self._skip_next_replay:  # the capture ran the ops: their results put back
+                self._skip_next_replay = False
+                with _interpreter_ops():
+                    for t, value in zip(self.allocated, self._computed):
+                        t.copy_(value)
+                self._computed = []
+                return
+            self.replays += 1
             self._run()
 
     def _run(self) -> None:

@@ -156,6 +156,24 @@ def test_a_shared_pool_overwrites_what_a_later_graph_allocated():
         assert torch.equal(kept, x + 1)
 
 
+def test_what_a_capture_allocated_holds_nothing_until_its_first_replay():
+    """A CUDA capture records kernels and runs none: what the captured step allocated (its
+    outputs, a cache made inside it) holds whatever its memory held until the graph's first
+    replay, and forever for a graph never replayed (`GraphedSteps._probe`'s). The emulator's
+    capture runs the ops; it then poisons what they allocated until that first replay, so a
+    step that reads it too early gives a wrong result instead of the right one by luck."""
+    x = torch.ones(3)
+    graph = EmulatedGraph()
+    with graph.capture():
+        y = x * 2
+    assert bool(torch.isnan(y).all())
+    graph.replay()
+    assert torch.equal(y, x * 2) and graph.replays == 0  # (the capture's own run, not counted)
+    x.fill_(3.0)
+    graph.replay()
+    assert torch.equal(y, x * 2) and graph.replays == 1
+
+
 def test_a_replay_refuses_a_captured_tensor_given_new_memory():
     """A CUDA graph replays on the addresses it captured: a tensor given new memory since its
     capture (``p.data = ...``, as ``Module.to`` converts parameters) is neither read nor written
