@@ -201,8 +201,8 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
     made = _emulated_graphs(monkeypatch)
     eager_steps = record_eager_steps(monkeypatch)
     overrides, steps = SCHEDULES[schedule]
-    s, _, run, batches = build_run(_settings(tiny, pad_to="max_length", **overrides))
-    plain = train_loop(run, batches, steps, s.grad_clip, LoopState(), progress=False)
+    s, _, plain_run, batches = build_run(_settings(tiny, pad_to="max_length", **overrides))
+    plain = train_loop(plain_run, batches, steps, s.grad_clip, LoopState(), progress=False)
     s, _, run, batches = build_run(_settings(tiny, pad_to="max_length", **overrides))
     tracked = [run.controller.is_tracked(0)]
     reset_launch_counts()
@@ -212,7 +212,14 @@ def test_the_loop_with_cuda_graphs_gives_the_same_numbers(tiny, monkeypatch, bac
     score_launches = launch_counts().get("_score_tiles_kernel", 0)
     assert (score_launches > 0) == (backend == "triton")  # the path really was taken
     assert graphs.losses == plain.losses and graphs.session_tokens == plain.session_tokens
+    # the state after the last step too, which no loss shows
+    assert run.controller.allocation_log == plain_run.controller.allocation_log
     assert run.controller.allocation_log
+    assert run.optimizer.global_step == plain_run.optimizer.global_step == steps
+    assert torch.equal(run.controller.ipt, plain_run.controller.ipt)
+    assert torch.equal(run.controller.unc, plain_run.controller.unc)
+    expected = _trainable(plain_run)
+    assert all(torch.equal(value, expected[n]) for n, value in _trainable(run).items())
     assert tracked == [schedule == "tracked-first"]
     assert made and sum(g.replays for g in made) > 0  # steps really were replayed
     # only the warm-up steps ran eagerly: the other state's kernels were loaded by a forward
