@@ -346,6 +346,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._fused.clear()  # (they hold the replaced moments)
         self._moments.clear()
         self._moment_keys.clear()
+        self.cache_epoch += 1  # new state tensors: a captured step would update the old ones
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):

@@ -600,3 +600,28 @@ def test_a_failed_capture_gives_the_cuda_generators_a_copy_of_their_state(monkey
     cuda_graphs.reset_cuda_rng_capture_state([0, 2])
     assert [g.state for g in generators] == ["a copy", "tied to the capture", "a copy"]
     assert generators[0].calls == ["clone", ("set", "a copy")]
+
+
+def test_an_optimizer_state_loaded_between_replays_is_captured_anew(make_tiny_net):
+    """``optimizer.load_state_dict`` gives the optimizer new state tensors; the graphs captured
+    before it kept updating the old ones, so the loaded state (what a checkpoint saves next)
+    stopped moving. It now counts as caches made anew (`cache_epoch`): the graphs are captured
+    again and the run, its optimizer state included, equals the eager one."""
+    def run(graph_factory):
+        model, optimizer, controller, data, (x, y) = _setup(make_tiny_net, "cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        graphed = None if graph_factory is None else GraphedSteps(optimizer, controller,
+                                                                  graph_factory)
+
+        def edit(step, _model):
+            if step == STEPS - 3:  # a round trip: the same values in new tensors
+                optimizer.load_state_dict(optimizer.state_dict())
+        _steps(model, optimizer, controller, data, x, y, params, graphed, [], edit)
+        return optimizer, graphed
+
+    ref, _ = run(None)
+    got, graphed = run(EmulatedPool())
+    assert graphed.captures > 2
+    for p_ref, p_got in zip(ref.param_groups[0]["params"], got.param_groups[0]["params"]):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(got.state[p_got][key], ref.state[p_ref][key]), key
