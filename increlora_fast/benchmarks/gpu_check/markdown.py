@@ -212,10 +212,13 @@ def _first_steps(metrics: Dict) -> Optional[str]:
 
 
 def _run_note(run: Dict) -> Optional[str]:
-    """A main-job run's note, with why a graphed run stepped eagerly when it did."""
-    fallback = (run.get("metrics") or {}).get("cuda_graphs_fallback")
+    """A main-job run's note, with why a graphed run stepped eagerly when it did and the
+    warnings the run raised."""
+    metrics = run.get("metrics") or {}
+    fallback = metrics.get("cuda_graphs_fallback")
     notes = [n for n in (run.get("note"), fallback and
                          f"stepped eagerly: the model could not be captured ({fallback})") if n]
+    notes += [f"warned: {w}" for w in metrics.get("warnings") or []]
     return "; ".join(notes) or None
 
 

@@ -40,6 +40,7 @@ import platform
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -321,18 +322,23 @@ def finetune_options_missing(extra: Sequence[str]) -> List[str]:
 
 def _finetune_once(device: torch.device, plan: CheckPlan, extra: Sequence[str],
                    out_dir: Path) -> Dict:
-    """`increlora-fast finetune` in this process with ``extra``; its metrics.json."""
+    """`increlora-fast finetune` in this process with ``extra``; its metrics.json, with
+    ``warnings``: the warnings the run raised, each once, as "Category: message" (its stderr
+    is not shown, and some failures, such as `precompile_kernels`' builds, are only warned)."""
     from ...cli.main import main as cli_main
 
     argv = ["finetune", "--output-dir", str(out_dir), "--device", str(device),
             "--save-steps", "0", "--no-progress", *plan.finetune, *extra]
     stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
+    with contextlib.redirect_stderr(stderr), warnings.catch_warnings(record=True) as caught:
         code = cli_main(argv)
     if code != 0:
         tail = stderr.getvalue().strip().splitlines()[-1:] or ["(no message)"]
         raise RuntimeError(f"`increlora-fast {' '.join(argv)}` exited {code}: {tail[0]}")
-    return json.loads((out_dir / "metrics.json").read_text())
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    metrics["warnings"] = list(dict.fromkeys(f"{w.category.__name__}: {w.message}"
+                                             for w in caught))
+    return metrics
 
 
 FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples", "method", "task",
@@ -342,7 +348,7 @@ FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples",
                  "peak_device_memory_mb",
                  "peak_device_memory_kind", "device", "precision", "total_rank",
                  "trainable_params_active", "trainable_params_padded", "cuda_graphs",
-                 "cuda_graphs_fallback", "rank_pattern")
+                 "cuda_graphs_fallback", "rank_pattern", "warnings")
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
@@ -374,6 +380,8 @@ def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callab
                 log(f"finetune {name}: dev accuracy {metrics['eval_accuracy']:.4f} after "
                     f"{metrics['steps']} steps on {metrics['device']} ({metrics['precision']}), "
                     f"{metrics['tokens_per_second']} tokens/s")
+                for warning in metrics.get("warnings") or []:
+                    log(f"finetune {name}: warning: {warning}")
             except Exception as err:  # the other runs still go
                 log(traceback.format_exc())
                 run.update(status="failed", note=f"{type(err).__name__}: {err}")
