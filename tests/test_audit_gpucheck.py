@@ -54,3 +54,16 @@ def test_the_main_jobs_warnings_are_kept_in_the_report(tmp_path, monkeypatch):
     assert any("1 of 9 calls failed" in line for line in lines)
     table = "\n".join(finetune_section(result))
     assert "1 of 9 calls failed" in table
+
+
+def test_a_finetune_that_exits_fails_its_run_and_the_others_still_go(tmp_path, monkeypatch):
+    """argparse exits (SystemExit, not an Exception) on a value the finetune refuses: that run
+    fails with the message, and the check goes on with the other runs and parts."""
+    from increlora_fast.cli import main as cli_main
+
+    monkeypatch.setattr(cli_main, "main", _fake_finetune(exit_code=2))
+    result = gpu_check.check_finetune(CPU, dry_run_plan(), {}, lambda line: None, tmp_path)
+    ran = [r for r in result["runs"] if r["status"] != "skipped"]
+    assert ran and all(r["status"] == "failed" for r in ran), result["runs"]
+    assert "exited 2" in ran[0]["note"] and "invalid choice" in ran[0]["note"]
+

@@ -331,7 +331,10 @@ def _finetune_once(device: torch.device, plan: CheckPlan, extra: Sequence[str],
             "--save-steps", "0", "--no-progress", *plan.finetune, *extra]
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), warnings.catch_warnings(record=True) as caught:
-        code = cli_main(argv)
+        try:
+            code = cli_main(argv)
+        except SystemExit as exit_:  # argparse refusing a value: this run fails, not the check
+            code = exit_.code
     if code != 0:
         tail = stderr.getvalue().strip().splitlines()[-1:] or ["(no message)"]
         raise RuntimeError(f"`increlora-fast {' '.join(argv)}` exited {code}: {tail[0]}")
