@@ -67,3 +67,26 @@ def test_a_finetune_that_exits_fails_its_run_and_the_others_still_go(tmp_path, m
     assert ran and all(r["status"] == "failed" for r in ran), result["runs"]
     assert "exited 2" in ran[0]["note"] and "invalid choice" in ran[0]["note"]
 
+
+def test_the_json_report_is_written_and_the_parts_go_on_when_the_markdown_fails(
+        tmp_path, monkeypatch):
+    """Each part's end writes gpu_check.json and gpu_check.md: a Markdown that cannot be made
+    (a record nobody rendered before) must neither keep the JSON from being written nor stop
+    the parts after it; the Markdown then says why it is missing."""
+    from increlora_fast.benchmarks.gpu_check import markdown
+
+    def broken(report):
+        raise TypeError("unsupported format string passed to NoneType.__format__")
+    monkeypatch.setattr(markdown, "gpu_check_markdown", broken)
+    ran = []
+    monkeypatch.setattr(gpu_check, "check_model", lambda *a: ran.append("model") or
+                        {"records": []})
+    monkeypatch.setattr(gpu_check, "check_qlora", lambda *a: ran.append("qlora") or
+                        {"records": []})
+    report = gpu_check.run_gpu_check(tmp_path, CPU, True, parts=("model", "qlora"),
+                                     log=lambda line: None)
+    assert ran == ["model", "qlora"] and report["status"] == "ok"
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["status"] == "ok" and set(saved["parts"]) == {"model", "qlora"}
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert "unsupported format string" in md and "gpu_check.json" in md

@@ -430,15 +430,26 @@ def _run_part(name: str, fn: Callable[[], Dict], log: Callable) -> Dict:
 
 
 def write_report(report: Dict, out_dir: Path) -> None:
-    """Write ``gpu_check.json`` and ``gpu_check.md`` (each replaced whole, never half-written)."""
-    from .markdown import gpu_check_markdown
+    """Write ``gpu_check.json``, then ``gpu_check.md`` (each replaced whole, never
+    half-written). A Markdown that cannot be made stops neither the JSON nor the check: the
+    Markdown file then holds the error."""
+    from . import markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in ((JSON_FILE, json.dumps(report, indent=1, default=str)),
-                       (MD_FILE, gpu_check_markdown(report))):
-        tmp = out_dir / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out_dir / name)
+    _replace(out_dir / JSON_FILE, json.dumps(report, indent=1, default=str))
+    try:
+        text = markdown.gpu_check_markdown(report)
+    except Exception:  # the records are in the JSON; the parts after this one still run
+        text = (f"# GPU check: the Markdown report could not be made\n\nEvery record is in "
+                f"{JSON_FILE}. The error:\n\n```text\n{traceback.format_exc().rstrip()}\n```\n")
+    _replace(out_dir / MD_FILE, text)
+
+
+def _replace(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so that it is never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
