@@ -90,3 +90,16 @@ def test_the_json_report_is_written_and_the_parts_go_on_when_the_markdown_fails(
     assert saved["status"] == "ok" and set(saved["parts"]) == {"model", "qlora"}
     md = (tmp_path / "gpu_check.md").read_text()
     assert "unsupported format string" in md and "gpu_check.json" in md
+
+
+def test_parts_run_once_each_in_the_checks_order():
+    """``--parts`` names a subset: given twice a part would run (and cost device time) twice,
+    and given out of order the less important part would run first."""
+    import argparse
+
+    from increlora_fast.cli import gpu_check as cli
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    args = parser.parse_args(["--parts", "layer,model,layer,kernels"])
+    assert args.parts == ("kernels", "model", "layer")

@@ -28,13 +28,14 @@ from .option_checks import check_output_path
 PART_NAMES = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
 
 
-def _parts(text: str):
+def _parts(text: str) -> Tuple[str, ...]:
+    """The parts ``text`` names, each once, in the order the check runs them (`PART_NAMES`)."""
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
     bad = [p for p in parts if p not in PART_NAMES]
     if not parts or bad:
         raise argparse.ArgumentTypeError(f"{text!r} is invalid: give a comma-separated subset of "
                                          f"{','.join(PART_NAMES)}")
-    return parts
+    return tuple(p for p in PART_NAMES if p in parts)
 
 
 def _cuda_versions(text: str) -> Tuple[str, ...]:
