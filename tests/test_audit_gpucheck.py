@@ -103,3 +103,52 @@ def test_parts_run_once_each_in_the_checks_order():
     cli.add_arguments(parser)
     args = parser.parse_args(["--parts", "layer,model,layer,kernels"])
     assert args.parts == ("kernels", "model", "layer")
+
+
+def test_the_layer_part_on_cuda_measures_each_point_alone(monkeypatch):
+    """The layer part's CUDA path (never taken on CPU): each (shape, tokens) point measured on
+    its own, so a point that fails loses only its rows; the host time per call measured on the
+    device, and the dy pass at every point of the plan."""
+    from types import SimpleNamespace
+
+    from increlora_fast.benchmarks.speed import (dy_pass, host_overhead, layer_level,
+                                                 optimizer_host, penalty_time)
+    from increlora_fast.benchmarks.gpu_check.plan import full_plan
+
+    cuda = torch.device("cuda", 0)
+    seen = []
+
+    def level(point, methods, device, env, log):
+        shape, tokens = point.shapes[0], point.tokens[0]
+        seen.append((shape, tokens, tuple(methods)))
+        if shape == (4096, 11008) and tokens == 16384 and len(methods) > 1:
+            raise RuntimeError("out of memory")
+        if shape == (4096, 11008) and tokens == 16384 and methods == ["peft-lora"]:
+            raise RuntimeError("out of memory")
+        return [dict(method=m, status="ok", note="", shape=f"{shape[0]}x{shape[1]}",
+                     tokens=tokens) for m in methods]
+    monkeypatch.setattr(layer_level, "run_layer_level", level)
+    monkeypatch.setattr(host_overhead, "measure_on_device",
+                        lambda plan, methods, device, env: [
+                            dict(method=m, median_us=1.0, launches_per_call=0)
+                            for m in methods])
+    monkeypatch.setattr(host_overhead, "measure",
+                        lambda *a, **k: pytest.fail("the CPU host measurement ran on CUDA"))
+    dy_points = []
+    monkeypatch.setattr(dy_pass, "measure_dy_pass",
+                        lambda k, n, tokens, r, dtype, device, env: dy_points.append(
+                            (k, n, tokens)) or dict(shape=f"{k}x{n}", r_max=r, ours_ms=1.0,
+                                                    cublas_ms=1.0, x_cublas=1.0, score_ms=1.0,
+                                                    gemm_dw_ms=1.0, x_gemm_score=1.0))
+    for module, name in ((optimizer_host, "measure_optimizer_host"),
+                         (penalty_time, "measure_penalty_time")):
+        monkeypatch.setattr(module, name, lambda *a: [])
+    plan = full_plan()
+    result = gpu_check.check_layer(cuda, plan, {}, lambda line: None)
+    points = [(s, t) for s in plan.layer.shapes for t in plan.layer.tokens]
+    assert [(s, t) for s, t, m in seen if len(m) > 1] == points  # each point alone
+    assert len(result["records"]) == 6 * len(points) - 1  # only the failed method is lost
+    assert "layer 4096x11008 tokens=16384 peft-lora: RuntimeError: out of memory" \
+        in result["error"]
+    assert [r["method"] for r in result["host_records"]] == list(gpu_check.LAYER_METHODS_CHECKED)
+    assert dy_points == plan.dy_pass
