@@ -183,3 +183,46 @@ def test_the_model_parts_graphed_step_replays_under_the_emulator(monkeypatch, pr
     assert "graphs_fallback" not in record, record
     assert pools and sum(g.replays for g in pools[0].graphs) > 0
     assert record["final_steps"] >= 1 and record["final_median_ms"] is not None
+
+
+class _Cut(BaseException):
+    """The run's timeout killing the process in the middle of a part."""
+
+
+def test_a_check_cut_inside_a_long_part_keeps_what_that_part_finished(tmp_path, monkeypatch):
+    """The model part (three presets, about three minutes on the H200) and the main job (four
+    fine-tunes) are the long parts: a run cut by its timeout inside one keeps, in
+    gpu_check.json and gpu_check.md, the presets and fine-tunes that part had finished."""
+    from increlora_fast.benchmarks.speed import model_level
+
+    def level(plan, methods, device, env, log, interpreter):
+        if plan.models[0] == "tiny-llama":
+            raise _Cut()
+        return [dict(method=m, status="ok", note="", level="model", device_type="cpu",
+                     shape=f"{plan.models[0]} b2x8", dtype="bf16-autocast", median_ms=1.0,
+                     mean_ms=1.0, peak_mem_mb=1.0) for m in methods]
+    monkeypatch.setattr(model_level, "run_model_level", level)
+    with pytest.raises(_Cut):
+        gpu_check.run_gpu_check(tmp_path / "model", CPU, True, parts=("model",),
+                                log=lambda line: None)
+    saved = json.loads((tmp_path / "model" / "gpu_check.json").read_text())
+    part = saved["parts"]["model"]
+    assert part["status"] == "running"
+    assert {r["shape"] for r in part["records"]} == {"tiny-bert b2x8", "tiny-deberta b2x8"}
+    assert "tiny-deberta" in (tmp_path / "model" / "gpu_check.md").read_text()
+
+    done = []
+
+    def once(device, plan, extra, out_dir):
+        if done:
+            raise _Cut()
+        done.append(extra)
+        return {"method": "increlora", "eval_accuracy": 0.8, "steps": 4, "device": "cpu",
+                "precision": "fp32", "tokens_per_second": 10.0}
+    monkeypatch.setattr(gpu_check, "_finetune_once", once)
+    with pytest.raises(_Cut):
+        gpu_check.run_gpu_check(tmp_path / "finetune", CPU, True, parts=("finetune",),
+                                log=lambda line: None)
+    part = json.loads((tmp_path / "finetune" / "gpu_check.json").read_text())["parts"]["finetune"]
+    assert part["status"] == "running"
+    assert [r["name"] for r in part["runs"] if r["status"] == "ok"] == ["graphs-off-padded"]

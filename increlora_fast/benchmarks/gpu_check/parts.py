@@ -23,9 +23,10 @@ important first (a check stopped from outside keeps what it finished):
   host time of one call (`host_overhead`).
 
 Each part records its error instead of stopping the check; the JSON and the Markdown report are
-rewritten after every part. A method that cannot run here is recorded as skipped with the
-reason, never with a number. The dry run is the same code at toy sizes (on CPU the Triton
-methods run under the interpreter).
+rewritten after every part, and within the two long parts after each preset (``model``) and each
+run (``finetune``), so that a check cut short keeps what they finished. A method that cannot
+run here is recorded as skipped with the reason, never with a number. The dry run is the same
+code at toy sizes (on CPU the Triton methods run under the interpreter).
 """
 from __future__ import annotations
 
@@ -79,6 +80,9 @@ FINETUNE_RUNS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("lora", ("--method", "lora")),
 )
 FINETUNE_NEEDS_CUDA = ("graphs-on",)
+# Given a long part's results so far (the model part's records after each preset, the main
+# job's runs after each run), so that a check cut short inside the part keeps them.
+Progress = Callable[[Dict], None]
 def environment_info(device: torch.device, dry_run: bool) -> Dict[str, object]:
     """Device, versions and the run's identity, shared by every record of the check."""
     from ..records import environment, package_version
@@ -267,10 +271,11 @@ def _unmeasured(env: Dict, plan: ModelPlan, method: str, status: str, note: str)
 
 
 def _model_records(plans: Sequence[ModelPlan], methods: Sequence[str], device: torch.device,
-                   env: Dict, log: Callable) -> Tuple[List[dict], List[str]]:
+                   env: Dict, log: Callable, progress: Optional[Progress] = None
+                   ) -> Tuple[List[dict], List[str]]:
     """Every method on every plan, each plan measured on its own; a method that raised gets a
-    ``failed`` record with its error. Returns (records, one error line per failure and per
-    skipped required method)."""
+    ``failed`` record with its error; ``progress`` is given the records so far after each
+    plan. Returns (records, one error line per failure and per skipped required method)."""
     from ..speed.model_level import run_model_level
 
     records: List[dict] = []
@@ -283,15 +288,20 @@ def _model_records(plans: Sequence[ModelPlan], methods: Sequence[str], device: t
                             for method, line in failed.items()]
         errors += failed.values()
         _release(device)
+        if progress is not None:
+            progress({"records": list(records)})
     errors += [f"{r['shape']} {r['method']}: {r['note']}" for r in records
                if r["status"] == "skipped" and r["method"] not in OPTIONAL_MODEL_METHODS]
     return records, errors
 
 
-def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
+def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
+                progress: Optional[Progress] = None) -> Dict:
     """Training steps of every model preset; failed when a method other than the optional
-    ones could not be measured (every skip is recorded with its reason)."""
-    records, errors = _model_records(plan.models, MODEL_METHODS_CHECKED, device, env, log)
+    ones could not be measured (every skip is recorded with its reason). ``progress`` is given
+    the records so far after each preset."""
+    records, errors = _model_records(plan.models, MODEL_METHODS_CHECKED, device, env, log,
+                                     progress)
     return {"records": records, "error": "; ".join(errors) or None}
 
 
@@ -355,13 +365,14 @@ FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples",
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
-                   out_dir: Path) -> Dict:
+                   out_dir: Path, progress: Optional[Progress] = None) -> Dict:
     """The main job's runs (`FINETUNE_RUNS`) on ``device`` (precision auto), each into
     ``out_dir/finetune/NAME``. A run whose options this version's finetune lacks is recorded
     as skipped (so is a run of `FINETUNE_NEEDS_CUDA` elsewhere); when that leaves no
     IncreLoRA run, the plain default runs instead. Each
     IncreLoRA run gets ``x_lora_tokens_per_s`` (its tokens/s over the LoRA run's) and must
-    reach ``plan.min_accuracy``; ``metrics`` is graphs-on's, else the first IncreLoRA run's."""
+    reach ``plan.min_accuracy``; ``metrics`` is graphs-on's, else the first IncreLoRA run's.
+    ``progress`` is given the runs so far after each run."""
     todo: List[Tuple[str, Tuple[str, ...], Optional[str]]] = []
     for name, extra in FINETUNE_RUNS:
         missing = finetune_options_missing(extra)
@@ -392,6 +403,8 @@ def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callab
         else:
             log(f"finetune {name}: {skip}")
         runs.append(run)
+        if progress is not None:
+            progress({"runs": list(runs)})
     lora = next((r["metrics"] for r in runs if r["status"] == "ok"
                  and r["metrics"]["method"] == "lora"), None)
     for run in runs:
@@ -464,13 +477,22 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
         "kind": KIND, "version": 1, "dry_run": dry_run, "environment": env,
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "parts": {}, "status": "running", "notes": list(notes or [])}
+
+    def progress(name: str) -> Progress:
+        """Write the report with part ``name``'s results so far (status "running")."""
+        def write(partial: Dict) -> None:
+            report["parts"][name] = dict(partial, status="running", error=None, seconds=None)
+            write_report(report, out_dir)
+        return write
+
     runners = {
         "kernels": lambda: check_kernels(device, plan, env, log),
         "graphs": lambda: check_graphs(device, plan, env, log),
         "layer": lambda: check_layer(device, plan, env, log),
-        "model": lambda: check_model(device, plan, env, log),
+        "model": lambda: check_model(device, plan, env, log, progress("model")),
         "qlora": lambda: check_qlora(device, plan, env, log),
-        "finetune": lambda: check_finetune(device, plan, env, log, out_dir),
+        "finetune": lambda: check_finetune(device, plan, env, log, out_dir,
+                                           progress("finetune")),
     }
     for name in parts:
         report["parts"][name] = _run_part(name, runners[name], log)
