@@ -226,3 +226,30 @@ def test_a_check_cut_inside_a_long_part_keeps_what_that_part_finished(tmp_path, 
     part = json.loads((tmp_path / "finetune" / "gpu_check.json").read_text())["parts"]["finetune"]
     assert part["status"] == "running"
     assert [r["name"] for r in part["runs"] if r["status"] == "ok"] == ["graphs-off-padded"]
+
+
+def test_a_cuda_error_raised_after_a_part_fails_that_part_not_the_check(tmp_path, monkeypatch):
+    """CUDA reports a kernel's fault at the next synchronizing call: the check's
+    ``torch.cuda.empty_cache()`` after a part. Raised there, it stopped the check with the
+    report left "running" (read as a timeout); it must fail that part, let the next parts try,
+    and end the report as failed."""
+    calls = []
+
+    def empty_cache():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    monkeypatch.setattr(torch.cuda, "empty_cache", empty_cache)
+    monkeypatch.setattr(gpu_check, "environment_info", lambda device, dry_run: {})
+    ran = []
+    monkeypatch.setattr(gpu_check, "check_model", lambda *a: ran.append("model") or
+                        {"records": []})
+    monkeypatch.setattr(gpu_check, "check_qlora", lambda *a: ran.append("qlora") or
+                        {"records": []})
+    report = gpu_check.run_gpu_check(tmp_path, torch.device("cuda", 0), True,
+                                     parts=("model", "qlora"), log=lambda line: None)
+    assert ran == ["model", "qlora"]
+    assert report["status"] == "failed" and report["failed_parts"] == ["model"]
+    assert "illegal memory access" in report["parts"]["model"]["error"]
+    saved = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert saved["status"] == "failed"

@@ -424,17 +424,22 @@ def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callab
 
 
 # ---------------------------------------------------------------------------------- the runner
-def _run_part(name: str, fn: Callable[[], Dict], log: Callable) -> Dict:
+def _run_part(name: str, fn: Callable[[], Dict], log: Callable, device: torch.device) -> Dict:
+    """Run part ``name`` and hand its memory back; its result, failed with the error where it
+    raised (CUDA reports a kernel's fault at the next synchronizing call: the release)."""
     t0 = time.perf_counter()
     log(f"[gpu-check] {name} ...")
     try:
         result = fn()
+        _release(device)
         status = "failed" if result.get("error") else "ok"
     except Exception as err:  # every failure is recorded, the next part still runs
         tb = traceback.format_exc()
         log(tb)
         result = {"error": f"{type(err).__name__}: {err}", "traceback": tb[-4000:]}
         status = "failed"
+        with contextlib.suppress(Exception):  # the part's own error is the one reported
+            _release(device)
     result.setdefault("error", None)
     result.update(status=status, seconds=round(time.perf_counter() - t0, 1))
     log(f"[gpu-check] {name}: {status} in {result['seconds']} s"
@@ -495,11 +500,9 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
                                            progress("finetune")),
     }
     for name in parts:
-        report["parts"][name] = _run_part(name, runners[name], log)
+        report["parts"][name] = _run_part(name, runners[name], log, device)
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_report(report, out_dir)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
     failed = [n for n, p in report["parts"].items() if p["status"] != "ok"]
     report["status"] = "failed" if failed else "ok"
     report["failed_parts"] = failed
