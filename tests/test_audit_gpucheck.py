@@ -109,8 +109,6 @@ def test_the_layer_part_on_cuda_measures_each_point_alone(monkeypatch):
     """The layer part's CUDA path (never taken on CPU): each (shape, tokens) point measured on
     its own, so a point that fails loses only its rows; the host time per call measured on the
     device, and the dy pass at every point of the plan."""
-    from types import SimpleNamespace
-
     from increlora_fast.benchmarks.speed import (dy_pass, host_overhead, layer_level,
                                                  optimizer_host, penalty_time)
     from increlora_fast.benchmarks.gpu_check.plan import full_plan
@@ -253,3 +251,30 @@ def test_a_cuda_error_raised_after_a_part_fails_that_part_not_the_check(tmp_path
     assert "illegal memory access" in report["parts"]["model"]["error"]
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
     assert saved["status"] == "failed"
+
+
+def test_the_penalty_kernels_falling_back_keep_the_stacked_paths_time(monkeypatch):
+    """When the penalty kernels' first-use check fails on the GPU, the penalty takes its torch
+    path, so the ``kernels`` way launched no kernel: the measurement raised and both rows were
+    lost, the stacked path's time with them. The kernels' row is now recorded as failed,
+    untimed, the stacked one still timed, and the report names the failure."""
+    import contextlib
+
+    from increlora_fast import functional
+    from increlora_fast.benchmarks.gpu_check.markdown import layer_section
+    from increlora_fast.benchmarks.gpu_check.plan import dry_run_plan
+    from increlora_fast.benchmarks.speed import penalty_time
+
+    @contextlib.contextmanager
+    def torch_path_only(kernels):  # what a failed first-use check leaves: the torch path
+        with penalty_time.replaced(functional, "penalty_on_triton", lambda lora_A: False):
+            yield
+    monkeypatch.setattr(penalty_time, "penalty_path", torch_path_only)
+    model_plan = dry_run_plan().models[0]
+    kernels, stacked = penalty_time.measure_penalty_time(
+        model_plan.models[0], model_plan, torch.device("cpu"), {}, repeats=2)
+    assert (kernels["method"], kernels["status"]) == ("kernels", "failed")
+    assert "launched 0 Triton kernels" in kernels["note"] and "median_us" not in kernels
+    assert stacked["status"] == "ok" and stacked["median_us"] > 0
+    md = "\n".join(layer_section({"penalty_time_records": [kernels, stacked]}))
+    assert "- kernels failed: the kernels way launched 0 Triton kernels" in md

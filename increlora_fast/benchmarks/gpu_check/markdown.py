@@ -13,7 +13,7 @@ from .verdicts import cuda_graphs_auto, issue27_verdicts
 
 OPTIMIZER_COLUMNS = ("method", "launches_per_step", "median_us", "min_us", "us_per_launch_saved",
                      "repeats")
-PENALTY_COLUMNS = ("method", "modules", "launches_per_call", "aten_ops_per_call",
+PENALTY_COLUMNS = ("method", "status", "modules", "launches_per_call", "aten_ops_per_call",
                    "host_median_us", "median_us", "min_us", "repeats")
 KERNEL_COLUMNS = ("op", "dtype", "M", "in", "out", "r_max", "max_rel_err", "tol", "ok", "error")
 MODEL_CHECK_COLUMNS = ("model", "dtype", "method", "mean_ms", "median_ms", "tracked_median_ms",
@@ -150,7 +150,9 @@ def layer_section(part: Dict) -> List[str]:
     penalty = part.get("penalty_time_records", [])
     if penalty:
         lines += ["", f"The orthogonal penalty's forward and backward on {penalty[0].get('model')} "
-                  f"({penalty[0].get('note')}):", "", markdown_table(penalty, PENALTY_COLUMNS)]
+                  f"({penalty[-1].get('note')}):", "", markdown_table(penalty, PENALTY_COLUMNS)]
+        lines += [f"- {r['method']} failed: {r['note']}" for r in penalty
+                  if r.get("status") == "failed"]
     dy = part.get("dy_pass_records", [])
     if dy:
         lines += ["", "The adapter's pass over dy against the frozen layer's cuBLAS `dy W` "

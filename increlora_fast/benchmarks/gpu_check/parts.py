@@ -210,6 +210,10 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
     penalty = _on_first_model("penalty time", measure_penalty_time, plan.penalty_repeats,
                               device, plan, env, errors, log)
     for r in penalty:
+        if r["status"] == "failed":  # (the other way is still timed)
+            log(f"penalty {r['method']:8s} failed: {r['note']}")
+            errors.append(f"penalty time {r['method']}: {r['note'].split('; ')[0]}")
+            continue
         log(f"penalty {r['method']:8s} {r['median_us']:10.1f} us per fwd+bwd "
             f"({r['host_median_us']:.1f} us host)  {r['launches_per_call']} launches")
     return {"records": records, "host_records": host, "dy_pass_records": dy_pass,
