@@ -278,3 +278,19 @@ def test_the_penalty_kernels_falling_back_keep_the_stacked_paths_time(monkeypatc
     assert stacked["status"] == "ok" and stacked["median_us"] > 0
     md = "\n".join(layer_section({"penalty_time_records": [kernels, stacked]}))
     assert "- kernels failed: the kernels way launched 0 Triton kernels" in md
+
+
+def test_a_dy_pass_ratio_of_none_is_logged_not_raised(monkeypatch):
+    """A dy-pass record whose ratio is None (a cuBLAS time of 0) made its log line raise a
+    TypeError outside the point's try, which ended the whole layer part."""
+    from increlora_fast.benchmarks.gpu_check import parts
+    from increlora_fast.benchmarks.gpu_check.plan import dry_run_plan
+    from increlora_fast.benchmarks.speed import dy_pass
+
+    record = dict(shape="8x16", r_max=4, ours_ms=0.5, cublas_ms=0.0, x_cublas=None,
+                  score_ms=0.1, gemm_dw_ms=0.0, x_gemm_score=None)
+    monkeypatch.setattr(dy_pass, "measure_dy_pass", lambda *a: dict(record))
+    lines = []
+    records, errors = parts._dy_pass_records(torch.device("cpu"), dry_run_plan(), {},
+                                             lines.append)
+    assert records and not errors and all("n/a" in line for line in lines)

@@ -258,10 +258,17 @@ def _dy_pass_records(device: torch.device, plan: CheckPlan, env: Dict, log: Call
             continue
         records.append(r)
         log(f"dy pass {r['shape']:>10s} tokens={tokens:<6d} r={r['r_max']:<3d} ours "
-            f"{r['ours_ms']:8.3f} ms  cuBLAS dy W {r['cublas_ms']:8.3f} ms  "
-            f"{r['x_cublas']:.2f}x  score {r['score_ms']:8.3f} ms  cuBLAS dy^T x "
-            f"{r['gemm_dw_ms']:8.3f} ms  {r['x_gemm_score']:.2f}x")
+            f"{_num(r['ours_ms'], '8.3f')} ms  cuBLAS dy W {_num(r['cublas_ms'], '8.3f')} ms  "
+            f"{_num(r['x_cublas'], '.2f')}x  score {_num(r['score_ms'], '8.3f')} ms  "
+            f"cuBLAS dy^T x {_num(r['gemm_dw_ms'], '8.3f')} ms  "
+            f"{_num(r['x_gemm_score'], '.2f')}x")
     return records, errors
+
+
+def _num(value: Optional[float], spec: str) -> str:
+    """``value`` formatted by ``spec``; "n/a" for None (a ratio over a time of 0), so that a
+    log line never ends a part."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _unmeasured(env: Dict, plan: ModelPlan, method: str, status: str, note: str) -> dict:
