@@ -14,7 +14,9 @@ few dozen steps has both phases:
   ``tfinal = steps // 4``, ``deltaT = ROUND_EVERY`` (the same rhythm as ours);
   ``update_and_allocate(step)`` after every optimizer step, before ``zero_grad``, as a plain
   loop must call it. Before ``total - tfinal`` every step updates its sensitivity: ``round``
-  steps (after ``tinit``, every ``deltaT``) also mask to the budget, ``alloc`` steps do not.
+  steps (after ``tinit``, every ``deltaT``) also mask to the budget, ``alloc`` steps do not;
+  step ``total - tfinal`` masks to the final budget (a ``round``), the steps after it are
+  ``final``.
 - peft LoRA: rank ``r_max`` everywhere, one phase; ``peft-lora-compiled`` the same model under
   ``torch.compile`` (default mode; measured on CUDA only: on CPU the first compile alone takes
   minutes).
@@ -216,9 +218,11 @@ class _PeftRun:
         if not self.adalora:
             return "run"
         s = self.sched
-        if i >= s["total_step"] - s["tfinal"]:
+        boundary = s["total_step"] - s["tfinal"]
+        if i > boundary:
             return "final"
-        return "round" if i > s["tinit"] and i % s["deltaT"] == 0 else "alloc"
+        # at the boundary peft updates the sensitivity and masks to the final budget: a round
+        return "round" if i == boundary or (i > s["tinit"] and i % s["deltaT"] == 0) else "alloc"
 
     def step(self, i: int, batch: dict) -> None:
         loss = forward_with_loss(self.forward, batch)[1]

@@ -1,0 +1,31 @@
+"""Benchmark audit: each test names a bug that made a reported number wrong or unfair."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_adalora_step_that_finalizes_the_budget_is_a_round_not_a_final_step():
+    """peft's ``update_and_allocate(total_step - tfinal)`` updates the sensitivity and masks to
+    the final budget (``force_mask``), the work of a round; it was labelled ``final``, so a
+    round's time went into AdaLoRA's final-phase median (one of the three timed final steps of
+    the quick plan)."""
+    from increlora_fast.benchmarks.speed import model_level
+    from increlora_fast.benchmarks.speed.plans import ModelPlan
+
+    plan = ModelPlan(models=["tiny-bert"], batch_size=2, seq_len=8, steps=12, warmup_steps=2,
+                     dtypes=["fp32"])
+    run, _ = model_level.prepare_run("peft-adalora", "tiny-bert", plan, torch.device("cpu"))
+    s = run.sched
+    boundary = s["total_step"] - s["tfinal"]
+    allocator = run.model.base_model.rankallocator
+    calls = []
+
+    def spy(model, step, force_mask=False):
+        calls.append((step, force_mask))
+        return None, None
+    allocator.update_and_allocate = spy
+    run.model.base_model.update_and_allocate(boundary)
+    assert calls and calls[0] == (boundary, True)  # peft masks to the budget at this step
+    assert run.phase(boundary) == "round"
+    assert run.phase(boundary + 1) == "final"
