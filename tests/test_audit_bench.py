@@ -29,3 +29,26 @@ def test_adalora_step_that_finalizes_the_budget_is_a_round_not_a_final_step():
     assert calls and calls[0] == (boundary, True)  # peft masks to the budget at this step
     assert run.phase(boundary) == "round"
     assert run.phase(boundary + 1) == "final"
+
+
+def test_results_md_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+    """``--results-md PATH`` wrote over any file: ``--results-md bench/NOTES.md`` replaced the
+    hand-written notes (the very file ``--notes`` reads). Now only an earlier RESULTS.md is
+    replaced; another file is refused, in one line, before anything is written."""
+    from pathlib import Path
+
+    from increlora_fast.cli.main import main
+
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / \
+        "cpu_host_overhead_small.json"
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("my notes\n")
+    argv = ["bench", "--report-only", "--include-json", str(stored), "--plot", ""]
+    assert main(argv + ["--notes", str(notes), "--results-md", str(notes)]) == 2
+    assert notes.read_text() == "my notes\n"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--results-md" in err[0]
+    md = tmp_path / "RESULTS.md"
+    assert main(argv + ["--notes", str(notes), "--results-md", str(md)]) == 0
+    assert main(argv + ["--results-md", str(md)]) == 0  # its own earlier output is replaced
+    assert md.read_text().startswith("# Benchmark results\n") and "my notes" not in md.read_text()

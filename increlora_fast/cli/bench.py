@@ -130,6 +130,16 @@ def _are_records(rows: list) -> bool:
     return all(isinstance(r, dict) and all(k in r for k in REQUIRED) for r in rows)
 
 
+def _check_replaceable_results(path: Optional[str]) -> None:
+    """``--results-md PATH`` may replace an earlier RESULTS.md of this command, never another
+    file (the notes it is built with, a README): ValueError naming the option."""
+    from ..benchmarks.report import written_by_report
+
+    if path and os.path.isfile(path) and not written_by_report(path):
+        raise ValueError(f"--results-md {path} exists and is not a RESULTS.md this command "
+                         "wrote; give a new path (or delete the file)")
+
+
 def _fail(message: str) -> int:
     print(f"increlora-fast bench: error: {message}", file=sys.stderr)
     return 2
@@ -317,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
                              ("--plot", args.plot), ("--results-md", args.results_md)):
             check_output_path(path, option)
         check_replaceable_json(args.json_path, "--json", _are_records, "benchmark records")
+        _check_replaceable_results(args.results_md)
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.
