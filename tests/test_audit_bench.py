@@ -52,3 +52,23 @@ def test_results_md_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     assert main(argv + ["--notes", str(notes), "--results-md", str(md)]) == 0
     assert main(argv + ["--results-md", str(md)]) == 0  # its own earlier output is replaced
     assert md.read_text().startswith("# Benchmark results\n") and "my notes" not in md.read_text()
+
+
+def test_csv_appends_only_to_a_csv_of_the_same_columns(tmp_path, capsys, monkeypatch):
+    """``--csv PATH`` appended rows to any file (notes, a README, a CSV of other columns, whose
+    rows then sat under the wrong headings). Now an existing non-empty file must begin with the
+    records' header; another is refused in one line before anything is measured."""
+    from increlora_fast.benchmarks.speed import host_overhead
+    from increlora_fast.cli.main import main
+
+    def never(plan):
+        raise AssertionError("measured before the --csv check")
+    monkeypatch.setattr(host_overhead, "measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for text in ("my notes\n", "date,median_ms\n2026,1.0\n"):
+        notes = tmp_path / "notes.csv"
+        notes.write_text(text)
+        assert main(["bench", "--levels", "host", "--plot", "", "--csv", str(notes)]) == 2
+        assert notes.read_text() == text
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--csv {notes}" in err[0]

@@ -132,6 +132,22 @@ def read_json(path: str) -> List[dict]:
     return read_report(path)[0]
 
 
+CSV_HEADER = ",".join(CSV_COLUMNS + ["extra"])
+
+
+def appendable_csv(path: str) -> bool:
+    """Whether `append_csv` may add rows to ``path``: it does not exist, is empty, or begins
+    with this module's CSV header (an earlier output of `append_csv`)."""
+    p = Path(path)
+    if not p.exists() or p.stat().st_size == 0:
+        return True
+    try:
+        with open(p, newline="", encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n") == CSV_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def append_csv(records: Iterable[dict], path: str) -> None:
     """Append records to ``path`` (header written when the file is new or empty)."""
     p = Path(path)

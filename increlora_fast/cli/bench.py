@@ -140,6 +140,16 @@ def _check_replaceable_results(path: Optional[str]) -> None:
                          "wrote; give a new path (or delete the file)")
 
 
+def _check_appendable_csv(path: str) -> None:
+    """``--csv PATH`` gets rows appended only where it is new, empty or an earlier CSV of these
+    records (the same header): ValueError naming the option otherwise."""
+    from ..benchmarks.records import appendable_csv
+
+    if not appendable_csv(path):
+        raise ValueError(f"--csv {path} exists and is not a CSV of benchmark records with this "
+                         "version's columns; give a new path (or move the file)")
+
+
 def _fail(message: str) -> int:
     print(f"increlora-fast bench: error: {message}", file=sys.stderr)
     return 2
@@ -328,6 +338,8 @@ def run(args: argparse.Namespace) -> int:
             check_output_path(path, option)
         check_replaceable_json(args.json_path, "--json", _are_records, "benchmark records")
         _check_replaceable_results(args.results_md)
+        if args.csv and not args.report_only:
+            _check_appendable_csv(args.csv)
         device = None if args.report_only else _device(args)
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.
