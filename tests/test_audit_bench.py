@@ -72,3 +72,28 @@ def test_csv_appends_only_to_a_csv_of_the_same_columns(tmp_path, capsys, monkeyp
         assert notes.read_text() == text
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--csv {notes}" in err[0]
+
+
+def test_layer_methods_of_one_point_are_timed_in_one_interleaved_set_on_cuda(monkeypatch):
+    """On CUDA the Triton methods were timed in a second `measure_interleaved` after the plain
+    ones (floor, peft-lora), so ``x_floor``/``x_peft_lora`` of ours divided times taken at
+    different moments, not interleaved as the layer level says. Now every method of a point is
+    timed in one set; only the interpreter (CPU) keeps the Triton methods apart."""
+    from increlora_fast.benchmarks.speed import layer_level
+    from increlora_fast.benchmarks.speed.layer_methods import LAYER_METHODS
+    from increlora_fast.benchmarks.speed.plans import LayerPlan
+    from increlora_fast.benchmarks.speed.timing import Measurement
+
+    calls = []
+
+    def fake(methods, *args):
+        calls.append(list(methods))
+        return {m: Measurement([1.0], 0.0, "k") for m in methods}
+    monkeypatch.setattr(layer_level, "measure_layer", fake)
+    monkeypatch.setattr(layer_level, "triton_status", lambda device: (True, ""))
+    plan = LayerPlan(shapes=[(8, 8)], tokens=[8], r_max=[4], dtypes=["fp32"],
+                     phases=["fwd+bwd"], warmup=0, repeats=1)
+    methods = list(LAYER_METHODS)
+    records = layer_level.run_layer_level(plan, methods, torch.device("cuda"), {}, lambda _: None)
+    assert [sorted(c) for c in calls if c] == [sorted(methods)]
+    assert all(r["status"] == "ok" for r in records)

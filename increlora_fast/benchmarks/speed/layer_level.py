@@ -123,13 +123,14 @@ def run_layer_level(plan: LayerPlan, methods: List[str], device: torch.device, e
         for r_max in plan.r_max:
             todo = [m for m in methods if not (m == "floor" and r_max != plan.r_max[0])]
             triton = [m for m in todo if LAYER_METHODS[m].needs_triton]
-            plain = [m for m in todo if m not in triton]
-            results = measure_layer(plain, in_f, out_f, tokens, r_max, dtype, phase, device,
+            # one interleaved set per point; under the interpreter the Triton methods run apart
+            together = todo if triton_ok and not interpreted else \
+                [m for m in todo if m not in triton]
+            results = measure_layer(together, in_f, out_f, tokens, r_max, dtype, phase, device,
                                     plan.warmup, plan.repeats)
-            if triton_ok and (at_interp or not interpreted):
-                results.update(measure_layer(
-                    triton, in_f, out_f, tokens, r_max, dtype, phase, device,
-                    0 if interpreted else plan.warmup, 1 if interpreted else plan.repeats))
+            if interpreted and at_interp:
+                results.update(measure_layer(triton, in_f, out_f, tokens, r_max, dtype, phase,
+                                             device, 0, 1))
             for method in todo:
                 rec = dict(env, level="layer", method=method, shape=f"{in_f}x{out_f}",
                            tokens=tokens, r_max=None if method == "floor" else r_max,
