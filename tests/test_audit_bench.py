@@ -97,3 +97,33 @@ def test_layer_methods_of_one_point_are_timed_in_one_interleaved_set_on_cuda(mon
     records = layer_level.run_layer_level(plan, methods, torch.device("cuda"), {}, lambda _: None)
     assert [sorted(c) for c in calls if c] == [sorted(methods)]
     assert all(r["status"] == "ok" for r in records)
+
+
+def test_report_only_honours_plot_off(tmp_path, monkeypatch):
+    """``--plot ''`` (documented as off) was ignored by ``--report-only``: the plot of every
+    included run was still written under ./bench/plots, over any file of that name."""
+    from pathlib import Path
+
+    from increlora_fast.cli.main import main
+
+    monkeypatch.chdir(tmp_path)
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
+    md = tmp_path / "RESULTS.md"
+    assert main(["bench", "--report-only", "--include-json", str(stored), "--plot", "",
+                 "--results-md", str(md)]) == 0
+    assert not (tmp_path / "bench").exists()
+    assert "![layer fwd+bwd time vs tokens]" not in md.read_text()
+
+
+def test_report_only_refuses_a_plot_path_it_would_ignore(tmp_path, capsys):
+    """``--report-only --plot PATH`` accepted the path and wrote nothing there (it names the
+    measured run's plot, and a report-only run measures none): now one error line."""
+    from pathlib import Path
+
+    from increlora_fast.cli.main import main
+
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
+    assert main(["bench", "--report-only", "--include-json", str(stored), "--plot",
+                 str(tmp_path / "p.png"), "--results-md", str(tmp_path / "R.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--plot" in err[0] and not (tmp_path / "R.md").exists()

@@ -81,8 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
                      help=f"append the records to this CSV (default {DEFAULT_CSV}; '' = off)")
     out.add_argument("--plot", default=None, metavar="PATH",
-                     help=f"time-vs-tokens PNG (default {DEFAULT_PLOT_DIR}/layer_<device>_<mode>"
-                          ".png; '' = off)")
+                     help=f"time-vs-tokens PNG of the measured run (default {DEFAULT_PLOT_DIR}/"
+                          "layer_<device>_<mode>_<date>.png, as for included runs; '' = no "
+                          "plot at all)")
     out.add_argument("--results-md", nargs="?", const=DEFAULT_RESULTS_MD, default=None,
                      metavar="PATH", help=f"write RESULTS.md (default {DEFAULT_RESULTS_MD}) "
                                           "from this run plus --include-json records")
@@ -323,6 +324,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.report_only and not args.include_json:
             raise ValueError("--report-only needs at least one --include-json PATH")
+        if args.report_only and args.plot:
+            raise ValueError(f"--plot {args.plot} names the plot of the run being measured, and "
+                             "--report-only measures none (the plots of included runs go to "
+                             f"{DEFAULT_PLOT_DIR}/; --plot '' turns them off)")
         if args.report_only and not args.results_md:
             args.results_md = DEFAULT_RESULTS_MD
         bad = [level for level in args.levels if level not in LEVELS]
@@ -381,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
         this_run = bool(records) and key == report.run_key(records[0])
         if not (this_run or args.results_md):
             continue
-        path = args.plot if this_run and args.plot is not None else _plot_path(run_records[0])
+        # '' turns every plot off; a path names only this run's
+        path = args.plot if args.plot == "" or (this_run and args.plot is not None) \
+            else _plot_path(run_records[0])
         if path and report.plot_time_vs_tokens(run_records, path):
             plots[key] = path
             print(f"plot: {path}")
