@@ -127,3 +127,45 @@ def test_report_only_refuses_a_plot_path_it_would_ignore(tmp_path, capsys):
                  str(tmp_path / "p.png"), "--results-md", str(tmp_path / "R.md")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--plot" in err[0] and not (tmp_path / "R.md").exists()
+
+
+LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96,
+         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+
+
+def _llama_spec(tmp_path):
+    import json
+
+    from increlora_fast.benchmarks.memory.breakdown import build_spec
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA))
+    return build_spec(str(path), "auto", "fp32")
+
+
+def test_memory_breakdown_measures_a_step_of_ours_that_tracks_the_score(tmp_path):
+    """The memory breakdown measured IncreLoRA on steps that track no score (its config's
+    first round is at step 10**6, and only the score window before a round tracks), while peft
+    AdaLoRA's measured step updates its sensitivity: ours' activations and total left out the
+    exact score's backward work of the allocation phase. Now every measured step of ours
+    tracks (and still runs no round), and in exact-step mode the dense buffers it then holds
+    are counted once, in the exact-step total."""
+    import dataclasses
+
+    from increlora_fast.benchmarks.memory.breakdown import (SCORE_DENSE, TOTAL, TOTAL_DENSE,
+                                                            method_rows)
+    from increlora_fast.benchmarks.memory.compared_methods import AdapterSetting, methods_for
+
+    spec = _llama_spec(tmp_path)
+    setting = AdapterSetting(target_modules=("q_proj", "v_proj", "down_proj"), r_max=6,
+                             init_r=1, target_rank=2)
+    method = methods_for(setting)[0]
+    controller = method.build(spec.build(torch.device("cpu")), setting).runner.run.controller
+    assert all(controller.is_tracked(i) and not controller.allocation_due(i) for i in range(3))
+    per_pass, exact = ({r["component"]: r["bytes"]
+                        for r in method_rows(method, spec, s, 2, 24, torch.device("cpu"))}
+                       for s in (setting, dataclasses.replace(setting, exact_step_score=True)))
+    assert exact[TOTAL_DENSE] == exact[TOTAL] + exact[SCORE_DENSE]
+    # the dense buffers a tracked step holds are in the exact-step total only, not twice
+    assert exact[TOTAL] - per_pass[TOTAL] < exact[SCORE_DENSE]

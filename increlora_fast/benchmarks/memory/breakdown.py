@@ -105,6 +105,15 @@ def _static_sum(sizes: Sizes, base: int, batch: int) -> int:
                               if k in sizes)
 
 
+def _held_exact(sizes: Sizes, base: int, setting: AdapterSetting) -> int:
+    """The exact bytes live between two measured steps: `_static_sum` without the batch, plus,
+    in exact-step mode, the dense score buffers the tracked steps hold (counted in the
+    exact-step total, so they must not reach the measured step's share)."""
+    dense = sizes["score_dense"][0] if setting.exact_step_score and "score_dense" in sizes \
+        else 0
+    return _static_sum(sizes, base, 0) + dense
+
+
 def default_small_seq(seq_len: int) -> int:
     """Shortest sequence `estimate_step` measures (it also takes 2x and 4x): long enough that the
     activations, not fixed-size temporaries, make the peak."""
@@ -139,14 +148,14 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
             small_meta = spec.build(device, n_layers=depth, meta=True)
             small_base = base_weights(small_meta, "none")[0]
             small_sizes = method.sizes(small_meta, spec.dtype, setting)
-            return small_sizes["grads"][0], _static_sum(small_sizes, small_base, 0)
+            return small_sizes["grads"][0], _held_exact(small_sizes, small_base, setting)
         small = small_seq or default_small_seq(seq_len)
         est = estimate_step(spec, method, setting, exact_at, batch_size, seq_len, device, small)
         acts, opt, how, note = est.activations, est.optimizer, "estimated", est.how + stand_in
         total_note = "exact static part + estimated step"
     else:
         step = measure_step(spec, method, setting, batch_size, seq_len, device)
-        exact_static = _static_sum(stand_in_sizes, base_unquantized, 0)
+        exact_static = _held_exact(stand_in_sizes, base_unquantized, setting)
         stand_in_grads = stand_in_sizes["grads"][0]
         # Held from one step into the next by the loss a loop keeps (its graph's hooks).
         carried = max(0, step.static - exact_static)

@@ -48,6 +48,10 @@ class AdapterSetting:
     gradient_checkpointing: bool = False
 
     def increlora_config(self, targets: Optional[List[str]] = None, **overrides):
+        """The IncreLoRA config of this setting: no allocation round within a measurement
+        (``init_warmup`` 10**6), and a score window as long as the round interval, so that
+        every measured step tracks the score as the allocation phase does (as AdaLoRA's steps
+        before ``tfinal`` update its sensitivity)."""
         from ...config import IncreLoRAConfig
 
         kwargs = dict(target_modules=list(targets or self.target_modules or []) or None,
@@ -55,6 +59,8 @@ class AdapterSetting:
                       lora_alpha=self.lora_alpha, init_warmup=10 ** 6,
                       exact_step_score=self.exact_step_score, adapter_dtype=self.adapter_dtype)
         kwargs.update(overrides)
+        kwargs.setdefault("score_window", kwargs.get("incre_interval",
+                                                     IncreLoRAConfig.incre_interval))
         return IncreLoRAConfig(**kwargs)
 
 
