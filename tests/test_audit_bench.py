@@ -169,3 +169,22 @@ def test_memory_breakdown_measures_a_step_of_ours_that_tracks_the_score(tmp_path
     assert exact[TOTAL_DENSE] == exact[TOTAL] + exact[SCORE_DENSE]
     # the dense buffers a tracked step holds are in the exact-step total only, not twice
     assert exact[TOTAL] - per_pass[TOTAL] < exact[SCORE_DENSE]
+
+
+@pytest.mark.parametrize("steps, warmup", [(3, 2), (5, 0)])
+def test_model_step_counts_the_model_level_refuses_are_refused_before_measuring(
+        steps, warmup, capsys, monkeypatch):
+    """The CLI let ``--model-warmup-steps`` run from 0 to ``--model-steps - 1``, but the model
+    level needs at least one untimed step (its peak memory is taken there) and two timed ones:
+    such a run measured the whole layer level first, then failed and wrote nothing."""
+    from increlora_fast.benchmarks.speed import layer_level
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("the layer level ran before the model options were checked")
+    monkeypatch.setattr(layer_level, "run_layer_level", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick", "--csv", "", "--plot", "", "--model-steps", str(steps),
+                 "--model-warmup-steps", str(warmup)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--model-warmup-steps" in err[0]

@@ -370,7 +370,7 @@ def no_measuring(monkeypatch):
     (["--quick", "--notes", "missing-notes.md"], ["--notes missing-notes.md cannot be read"]),
     (["--quick", "--batch-size", "0"], ["--batch-size 0 is invalid"]),
     (["--quick", "--model-steps", "3", "--model-warmup-steps", "3"],
-     ["--model-warmup-steps 3 is invalid", "from 0 to --model-steps - 1 (2)"]),
+     ["--model-warmup-steps 3 is invalid", "from 1 to --model-steps - 2 (1)"]),
 ])
 def test_bench_arguments_are_checked_before_measuring(argv, needles, capsys, monkeypatch,
                                                       no_measuring):

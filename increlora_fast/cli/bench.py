@@ -183,9 +183,13 @@ def _plans(args: argparse.Namespace):
                           ("--model-steps", model.steps)):
         if value < 1:
             raise ValueError(f"{option} {value} is invalid: use an integer >= 1")
-    if not 0 <= model.warmup_steps < model.steps:
+    # `measure_models`: its peak memory is taken on the untimed steps, and two are timed
+    if model.steps < 3:
+        raise ValueError(f"--model-steps {model.steps} is invalid: use an integer >= 3 (one "
+                         "untimed step and two timed at least)")
+    if not 1 <= model.warmup_steps <= model.steps - 2:
         raise ValueError(f"--model-warmup-steps {model.warmup_steps} is invalid: use an integer "
-                         f"from 0 to --model-steps - 1 ({model.steps - 1})")
+                         f"from 1 to --model-steps - 2 ({model.steps - 2})")
     return layer, model
 
 
