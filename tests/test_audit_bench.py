@@ -188,3 +188,33 @@ def test_model_step_counts_the_model_level_refuses_are_refused_before_measuring(
                  "--model-warmup-steps", str(warmup)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--model-warmup-steps" in err[0]
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--report-only", "--include-json", "RECORDS", "--threads", "4"], "--threads"),
+    (["--report-only", "--include-json", "RECORDS", "--quick"], "--quick"),
+    (["--levels", "host", "--shapes", "8x8"], "--shapes"),
+    (["--levels", "host", "--model-steps", "9"], "--model-steps"),
+    (["--levels", "layer", "--host-repeats", "5"], "--host-repeats"),
+])
+def test_options_the_run_would_ignore_are_refused(argv, option, tmp_path, capsys, monkeypatch):
+    """Measuring options were accepted and silently ignored where the run does not measure
+    what they set (a ``--report-only`` run measures nothing; ``--shapes`` with ``--levels
+    host``; ``--host-repeats`` without the host level): the records then looked as if they had
+    been taken with them. Now each is one error line."""
+    from pathlib import Path
+
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
+    argv = [str(stored) if a == "RECORDS" else a for a in argv]
+    assert main(["bench", "--csv", "", "--plot", "", "--results-md", str(tmp_path / "R.md"),
+                 *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0]
+    assert not (tmp_path / "R.md").exists()

@@ -124,6 +124,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--model-dtypes", type=_csv_list, help="fp32, bf16 (autocast)")
 
 
+# The options of each level (argparse dests, all None unless given).
+LEVEL_OPTIONS = {
+    "layer": ("methods", "shapes", "tokens", "r_max", "dtypes", "phases", "warmup", "repeats",
+              "interpreter_point"),
+    "model": ("model_methods", "models", "batch_size", "seq_len", "model_steps",
+              "model_warmup_steps", "model_dtypes"),
+    "host": ("host_point", "host_r_max", "host_warmup", "host_repeats"),
+}
+
+
+def _check_options_used(args: argparse.Namespace) -> None:
+    """Every option given sets something this run does: ValueError naming one it would ignore
+    (a level's options where that level is not measured, the measuring options of
+    ``--report-only``, ``--threads`` of a host-only run)."""
+    def option(dest: str) -> str:
+        return "--" + dest.replace("_", "-")
+    for level, dests in LEVEL_OPTIONS.items():
+        given = [d for d in dests if getattr(args, d) is not None]
+        if given and args.report_only:
+            raise ValueError(f"{option(given[0])} sets the {level} level, and --report-only "
+                             "measures nothing; leave it out")
+        if given and level not in args.levels:
+            raise ValueError(f"{option(given[0])} sets the {level} level, which --levels "
+                             f"{','.join(args.levels)} does not measure; add {level} to "
+                             "--levels or leave it out")
+    if args.report_only:
+        given = [d for d in ("quick", "device", "threads")
+                 if getattr(args, d) not in (None, False)]
+        if given:
+            raise ValueError(f"{option(given[0])} sets the measuring, and --report-only measures "
+                             "nothing; leave it out")
+    if args.threads is not None and list(args.levels) == ["host"]:
+        raise ValueError("--threads is not used by --levels host, which measures with one "
+                         "torch thread in its own process; leave it out")
+
+
 def _are_records(rows: list) -> bool:
     """Whether ``rows`` (a JSON list) are benchmark records `--json` wrote (none, or each with
     the record's required fields)."""
@@ -337,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         bad = [level for level in args.levels if level not in LEVELS]
         if bad:
             raise ValueError(f"--levels entry {bad[0]!r} is invalid: use {', '.join(LEVELS)}")
+        _check_options_used(args)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
         check_device(args.device)
