@@ -218,3 +218,28 @@ def test_options_the_run_would_ignore_are_refused(argv, option, tmp_path, capsys
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0]
     assert not (tmp_path / "R.md").exists()
+
+
+def test_a_layer_method_that_failed_is_named_in_the_report(monkeypatch):
+    """gpu-check's layer part kept no record of a method that raised (the model part records
+    it as ``failed``), so the run's section of RESULTS.md showed its layer table without the
+    method and without a word under "Not measured in this run"."""
+    from increlora_fast.benchmarks.gpu_check import parts
+    from increlora_fast.benchmarks.gpu_check.plan import dry_run_plan
+    from increlora_fast.benchmarks.report import skipped_summary
+    from increlora_fast.benchmarks.speed import layer_level
+
+    def fake_level(plan, methods, device, env, log):
+        if "peft-lora" in methods:
+            raise RuntimeError("peft broke")
+        return [dict(env, level="layer", method=m, status="ok", note="") for m in methods]
+    monkeypatch.setattr(layer_level, "run_layer_level", fake_level)
+    monkeypatch.setattr(parts, "_host_records", lambda *a: [])
+    monkeypatch.setattr(parts, "_dy_pass_records", lambda *a: ([], []))
+    monkeypatch.setattr(parts, "_on_first_model", lambda *a: [])
+    env = {"device": "cpu-x", "date": "d", "git_commit": "c", "torch": "t", "triton": None}
+    result = parts.check_layer(torch.device("cpu"), dry_run_plan(), env, lambda line: None)
+    failed = [r for r in result["records"] if r["status"] == "failed"]
+    assert [r["method"] for r in failed] == ["peft-lora"]
+    (line,) = [x for x in skipped_summary(result["records"]) if "peft-lora" in x]
+    assert "peft broke" in line

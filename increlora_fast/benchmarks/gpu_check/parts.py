@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..speed.plans import ModelPlan
+from ..speed.plans import LayerPlan, ModelPlan
 from .graphs import check_graphs
 from .plan import CheckPlan, dry_run_plan, full_plan
 
@@ -181,7 +181,8 @@ def check_layer(device: torch.device, plan: CheckPlan, env: Dict, log: Callable)
             list(LAYER_METHODS_CHECKED),
             f"layer {point.shapes[0][0]}x{point.shapes[0][1]} tokens={point.tokens[0]}"
             if len(points) > 1 else "layer", log)
-        records += found
+        records += found + [_unmeasured_layer(env, point, method, line)
+                            for method, line in failed.items()]
         errors += failed.values()
         _release(device)
     done = {r["method"] for r in records if r["status"] == "ok"}
@@ -269,6 +270,16 @@ def _num(value: Optional[float], spec: str) -> str:
     """``value`` formatted by ``spec``; "n/a" for None (a ratio over a time of 0), so that a
     log line never ends a part."""
     return "n/a" if value is None else format(value, spec)
+
+
+def _unmeasured_layer(env: Dict, plan: LayerPlan, method: str, note: str) -> dict:
+    """The ``failed`` record of a layer method that raised at ``plan``'s first point, with
+    why (its rows are lost; this one names it in the report)."""
+    (in_f, out_f), dtype = plan.shapes[0], plan.dtypes[0]
+    return dict(env, level="layer", method=method, status="failed", note=note,
+                shape=f"{in_f}x{out_f}", tokens=plan.tokens[0], r_max=plan.r_max[0],
+                dtype=dtype, phase=plan.phases[0], median_ms=None, mean_ms=None,
+                peak_mem_mb=None, interpreter_point=False)
 
 
 def _unmeasured(env: Dict, plan: ModelPlan, method: str, status: str, note: str) -> dict:
