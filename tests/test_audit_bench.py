@@ -243,3 +243,20 @@ def test_a_layer_method_that_failed_is_named_in_the_report(monkeypatch):
     assert [r["method"] for r in failed] == ["peft-lora"]
     (line,) = [x for x in skipped_summary(result["records"]) if "peft-lora" in x]
     assert "peft broke" in line
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_layer_peers_hold_their_adapters_in_the_dtype_ours_does(dtype):
+    """At the bf16 layer rows peft LoRA and AdaLoRA were built with
+    ``autocast_adapter_dtype=False`` (bf16 adapters) while ours holds float32 adapters on a
+    16-bit base (its default, as peft's): the rows compared adapters of two dtypes. Now the
+    peers keep peft's default, the dtype ours has."""
+    from increlora_fast.benchmarks.speed.layer_methods import LAYER_METHODS
+
+    def adapter_dtypes(method):
+        case = LAYER_METHODS[method].build(16, 24, 4, dtype, torch.device("cpu"))
+        return {p.dtype for n, p in case.module.named_parameters()
+                if p.requires_grad and "lora" in n}
+    ours = adapter_dtypes("increlora-torch")
+    assert adapter_dtypes("peft-lora") == ours
+    assert adapter_dtypes("peft-adalora") == ours

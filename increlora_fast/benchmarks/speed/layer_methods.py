@@ -2,7 +2,9 @@
 
 Every method holds ``r_max`` components, all in use, with nonzero values everywhere (peft's zero
 ``B`` and ``E`` and our zero lambda are re-drawn), so no implementation can skip work that a
-trained adapter would not let it skip. Adapter dropout is 0 for all. Names: ``+score`` marks
+trained adapter would not let it skip. Adapter dropout is 0 for all. Ours and peft hold their
+adapters as each does by default: float32 on a 16-bit base, the base dtype otherwise (the
+authors' dense layer: the base dtype). Names: ``+score`` marks
 importance tracking on (the allocation phase); without it tracking is off.
 """
 from __future__ import annotations
@@ -76,7 +78,7 @@ def build_peft_lora(in_f: int, out_f: int, r_max: int, dtype: torch.dtype,
 
     holder = _Holder(_frozen_linear(in_f, out_f, dtype, device))
     get_peft_model(holder, LoraConfig(r=r_max, lora_alpha=LORA_ALPHA, target_modules=["lin"],
-                                      lora_dropout=0.0), autocast_adapter_dtype=False)
+                                      lora_dropout=0.0))
     layer = holder.lin
     _redraw(layer.lora_B["default"].weight)
     return LayerCase(layer)
@@ -92,8 +94,7 @@ def build_peft_adalora(in_f: int, out_f: int, r_max: int, dtype: torch.dtype,
     never = 10 ** 9
     peft_model = get_peft_model(holder, AdaLoraConfig(
         init_r=r_max, target_r=max(1, r_max // 2), lora_alpha=LORA_ALPHA, target_modules=["lin"],
-        lora_dropout=0.0, total_step=never, tinit=0, tfinal=0, deltaT=never),
-        autocast_adapter_dtype=False)
+        lora_dropout=0.0, total_step=never, tinit=0, tfinal=0, deltaT=never))
     layer = holder.lin
     _redraw(layer.lora_E["default"])
     adalora = peft_model.base_model
