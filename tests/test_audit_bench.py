@@ -260,3 +260,21 @@ def test_layer_peers_hold_their_adapters_in_the_dtype_ours_does(dtype):
     ours = adapter_dtypes("increlora-torch")
     assert adapter_dtypes("peft-lora") == ours
     assert adapter_dtypes("peft-adalora") == ours
+
+
+def test_host_time_of_a_triton_method_that_launched_nothing_is_refused(monkeypatch):
+    """The host-time records of ``increlora-triton`` counted its launches but never required
+    any: a call that took the torch path (CPU without the interpreter; on a GPU, a variant
+    that failed its first-use check; here the method built on the torch backend) was recorded
+    as the Triton path's host time, with 0 launches. Now such a measurement is refused, naming
+    the method."""
+    import dataclasses
+
+    from increlora_fast.benchmarks.speed.host_overhead import HostPlan, measure_on_device
+    from increlora_fast.benchmarks.speed.layer_methods import LAYER_METHODS
+
+    monkeypatch.setitem(LAYER_METHODS, "increlora-triton", dataclasses.replace(
+        LAYER_METHODS["increlora-torch"], name="increlora-triton", needs_triton=True))
+    with pytest.raises(RuntimeError, match="increlora-triton launched no Triton kernel"):
+        measure_on_device(HostPlan(16, 24, 8, 4, 1, 2), ["floor", "increlora-triton"],
+                          torch.device("cpu"), {})

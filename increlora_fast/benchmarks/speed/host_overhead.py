@@ -97,6 +97,14 @@ def stubbed_launches() -> Iterator[None]:
         utils.launch = real
 
 
+def require_launches(method: str, launches: Dict[str, int]) -> None:
+    """RuntimeError when ``method``, a Triton method, launched no kernel in the counted call:
+    it took the torch path, so its time is not the Triton path's."""
+    if not sum(launches.values()):
+        raise RuntimeError(f"host overhead: {method} launched no Triton kernel in the counted "
+                           "call: it took the torch path, so its time would not be its own")
+
+
 # ------------------------------------------------------------------ the methods
 def _call_factory(plan: HostPlan, method: str) -> Callable[[], None]:
     """A function running one fwd+bwd call of ``method`` with fresh gradients."""
@@ -172,6 +180,8 @@ def measure_in_process(plan: HostPlan) -> List[dict]:
             reset_launch_counts()
             call()
             launches[method] = launch_counts()
+            if method in OURS:
+                require_launches(method, launches[method])
             py_calls[method] = python_calls(call)
         for _ in range(plan.repeats):  # interleaved: drift hits every method alike
             for method, call in calls.items():
@@ -228,7 +238,7 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
     time to issue one (`DEVICE_NOTE`), median over ``plan.repeats`` interleaved calls."""
     from ...kernels import launch_counts, reset_launch_counts
     from .layer_level import build_cases
-    from .layer_methods import MethodEnv
+    from .layer_methods import LAYER_METHODS, MethodEnv
     from ...training.device import wait_for_device
 
     plan.validate()
@@ -247,6 +257,8 @@ def measure_on_device(plan: HostPlan, methods: Sequence[str], device: torch.devi
             reset_launch_counts()
             run()
             launches[method] = launch_counts()
+            if LAYER_METHODS[method].needs_triton:
+                require_launches(method, launches[method])
         for _ in range(plan.repeats):  # interleaved: drift hits every method alike
             for method, (run, setup) in cases.items():
                 setup()

@@ -36,7 +36,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .host_overhead import STUBBED_NOTE, SUBPROCESS_ENV, python_calls
+from .host_overhead import STUBBED_NOTE, SUBPROCESS_ENV, python_calls, require_launches
 from .point_cli import parse_point_args, write_records
 from .replaced import replaced
 
@@ -126,6 +126,8 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
             reset_launch_counts()
             with _AtenOps() as ops:
                 run.step(i, batches[i % len(batches)])
+            if method == "increlora-triton":
+                require_launches(method, launch_counts())
             launches = sum(launch_counts().values())
             calls = python_calls(lambda: run.step(i + 1, batches[(i + 1) % len(batches)]))
             per_step[method] = dict(launches_per_step=launches, aten_ops_per_step=ops.count,
