@@ -278,3 +278,21 @@ def test_host_time_of_a_triton_method_that_launched_nothing_is_refused(monkeypat
     with pytest.raises(RuntimeError, match="increlora-triton launched no Triton kernel"):
         measure_on_device(HostPlan(16, 24, 8, 4, 1, 2), ["floor", "increlora-triton"],
                           torch.device("cpu"), {})
+
+
+def test_plot_never_replaces_a_file_that_is_not_a_png(tmp_path, capsys, monkeypatch):
+    """``--plot PATH`` wrote the figure over any file (``--plot README.md``): now an existing
+    file must be a PNG (an earlier plot); another is refused in one line before measuring."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    notes = tmp_path / "README.md"
+    notes.write_text("mine\n")
+    assert main(["bench", "--quick", "--csv", "", "--plot", str(notes)]) == 2
+    assert notes.read_text() == "mine\n"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plot {notes}" in err[0]

@@ -177,6 +177,24 @@ def _check_replaceable_results(path: Optional[str]) -> None:
                          "wrote; give a new path (or delete the file)")
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_replaceable_plot(path: Optional[str]) -> None:
+    """``--plot PATH`` may replace an earlier plot (a PNG), never another file: ValueError
+    naming the option."""
+    if not path or not os.path.isfile(path):
+        return
+    try:
+        with open(path, "rb") as f:
+            png = f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        png = False
+    if not png:
+        raise ValueError(f"--plot {path} exists and is not a PNG plot; give a new path (or "
+                         "delete the file)")
+
+
 def _check_appendable_csv(path: str) -> None:
     """``--csv PATH`` gets rows appended only where it is new, empty or an earlier CSV of these
     records (the same header): ValueError naming the option otherwise."""
@@ -384,6 +402,7 @@ def run(args: argparse.Namespace) -> int:
             check_output_path(path, option)
         check_replaceable_json(args.json_path, "--json", _are_records, "benchmark records")
         _check_replaceable_results(args.results_md)
+        _check_replaceable_plot(args.plot)
         if args.csv and not args.report_only:
             _check_appendable_csv(args.csv)
         device = None if args.report_only else _device(args)
