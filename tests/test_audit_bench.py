@@ -296,3 +296,25 @@ def test_plot_never_replaces_a_file_that_is_not_a_png(tmp_path, capsys, monkeypa
     assert notes.read_text() == "mine\n"
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--plot {notes}" in err[0]
+
+
+def test_no_timed_run_carries_the_memory_probe():
+    """With ``warmup=0`` the peak memory was taken on the first timed run: on CPU that run went
+    through the per-op ``TorchDispatchMode`` of the probe (on CUDA after an ``empty_cache``),
+    and its time went into the median (with one repeat, it was the median). Now the peak is
+    taken on one untimed run after the timed ones, and no timed run is probed."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    from increlora_fast.benchmarks.speed.timing import measure_interleaved
+
+    probed = []
+    lin = torch.nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+
+    def run():
+        probed.append(_get_current_dispatch_mode() is not None)
+        lin(x)
+    result = measure_interleaved({"a": (run, None)}, torch.device("cpu"), warmup=0, repeats=2)
+    assert len(result["a"].times_ms) == 2
+    assert probed[:2] == [False, False] and probed[2:] == [True]
+    assert result["a"].peak_mem_mb > 0

@@ -86,7 +86,8 @@ def measure_interleaved(cases: Dict[str, Tuple[Callable[[], None], Optional[Call
     case once, starting each round at a different case. ``setup`` runs, untimed, before every
     call of ``run``. The peak memory is that of one run (setup included) above what was allocated
     just before it: the last warmup run (after one-time allocations such as the BLAS workspace),
-    or the first timed run when ``warmup`` is 0.
+    or, when ``warmup`` is 0, one more untimed run after the timed ones (no timed run is
+    probed: the probe's dispatch mode on CPU, its cache release on CUDA would be in its time).
     """
     if warmup < 0 or repeats < 1:
         raise ValueError(f"measure_interleaved needs warmup >= 0 and repeats >= 1, got "
@@ -119,6 +120,9 @@ def measure_interleaved(cases: Dict[str, Tuple[Callable[[], None], Optional[Call
     for round_index in range(repeats):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            call(name, timed=True, track_peak=warmup == 0 and round_index == 0)
+            call(name, timed=True, track_peak=False)
+    if warmup == 0:
+        for name in names:
+            call(name, timed=False, track_peak=True)
     return {name: Measurement(times_ms=times[name], peak_mem_mb=peaks[name][0],
                               mem_kind=peaks[name][1]) for name in names}
