@@ -318,3 +318,34 @@ def test_no_timed_run_carries_the_memory_probe():
     assert len(result["a"].times_ms) == 2
     assert probed[:2] == [False, False] and probed[2:] == [True]
     assert result["a"].peak_mem_mb > 0
+
+
+def test_model_settings_beside_the_numbers_are_those_of_each_model():
+    """A run of several model plans (gpu-check: MiniLM at r_max 8 and batch 32x64, DeBERTa and
+    Llama at r_max 16, the 4-bit Llama at 12 steps) showed one settings block: the run
+    settings of the first model row and, per method, the settings of its last row, so the
+    DeBERTa rows read as measured at MiniLM's r_max 8. Now each model has its own block."""
+    from pathlib import Path
+
+    from increlora_fast.benchmarks.records import read_report
+    from increlora_fast.benchmarks.report import results_markdown
+
+    repo = Path(__file__).resolve().parents[1]
+    records, _ = read_report(str(repo / "bench/records/h200_2026-12-05_gpu_check.json"))
+    md = results_markdown(records, {}, str(repo / "bench/RESULTS.md"))
+    blocks = {}
+    for block in md.split("Settings, beside the numbers")[1:]:
+        head, *lines = block.split("\n\n")[0].splitlines()
+        blocks[head] = lines
+    expected = {}
+    for r in records:
+        if r.get("level") == "model" and r.get("status") == "ok":
+            expected.setdefault(r["shape"], {})[r["method"]] = (r["settings"],
+                                                                r["run_settings"])
+    assert len(blocks) == len(expected)
+    for shape, methods in expected.items():
+        (head,) = [h for h in blocks if f"`{shape}`" in h]
+        run_settings = {rs for _, rs in methods.values()}
+        assert len(run_settings) == 1 and run_settings.pop() in head
+        for method, (settings, _) in methods.items():
+            assert f"- `{method}`: {settings}" in blocks[head]

@@ -149,6 +149,23 @@ def _environment_lines(records: Sequence[dict]) -> List[str]:
     return lines
 
 
+def _model_settings(model: List[dict]) -> List[str]:
+    """The settings beside the model rows: one block per model (shape) of the run, as plans
+    of several models differ in steps, batch and rank (one block, unnamed, for one model)."""
+    by_shape: "OrderedDict[str, List[dict]]" = OrderedDict()
+    for row in model:
+        by_shape.setdefault(row["shape"], []).append(row)
+    out: List[str] = []
+    for shape, rows in by_shape.items():
+        named = f" (`{shape}`)" if len(by_shape) > 1 else ""
+        settings = OrderedDict((row["method"], row.get("settings")) for row in rows)
+        out += [f"Settings, beside the numbers{named}: " + rows[0].get("run_settings", "")
+                + "; same random batches, dropout of the model config, adapter dropout 0, "
+                "adapters on the same targets, pooler and classifier trained by every method."]
+        out += [f"- `{m}`: {s}" for m, s in settings.items()] + [""]
+    return out
+
+
 def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
     r0 = records[0]
     out = [f"## {r0['device_type'].upper()}: {r0['device']} ({r0.get('mode')} mode, {r0['date']})",
@@ -168,11 +185,7 @@ def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
     if model:
         out += ["### Model level (one training step)", "", markdown_table(model, MODEL_COLUMNS),
                 ""]
-        settings = OrderedDict((row["method"], row.get("settings")) for row in model)
-        out += ["Settings, beside the numbers: " + model[0].get("run_settings", "") + "; "
-                "same random batches, dropout of the model config, adapter dropout 0, adapters "
-                "on the same targets, pooler and classifier trained by every method."]
-        out += [f"- `{m}`: {s}" for m, s in settings.items()] + [""]
+        out += _model_settings(model)
     host = host_rows(records)
     if host and all(row.get("device_type") == "cuda" for row in host):
         # a gpu-check's host records: issued on the device, kernels run (not the CPU legend)
