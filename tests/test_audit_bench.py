@@ -196,6 +196,7 @@ def test_model_step_counts_the_model_level_refuses_are_refused_before_measuring(
     (["--levels", "host", "--shapes", "8x8"], "--shapes"),
     (["--levels", "host", "--model-steps", "9"], "--model-steps"),
     (["--levels", "layer", "--host-repeats", "5"], "--host-repeats"),
+    (["--levels", "host", "--device", "cuda"], "--device"),
 ])
 def test_options_the_run_would_ignore_are_refused(argv, option, tmp_path, capsys, monkeypatch):
     """Measuring options were accepted and silently ignored where the run does not measure
@@ -210,6 +211,7 @@ def test_options_the_run_would_ignore_are_refused(argv, option, tmp_path, capsys
     def never(*args, **kwargs):
         raise AssertionError("measured")
     monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
     argv = [str(stored) if a == "RECORDS" else a for a in argv]

@@ -137,7 +137,7 @@ LEVEL_OPTIONS = {
 def _check_options_used(args: argparse.Namespace) -> None:
     """Every option given sets something this run does: ValueError naming one it would ignore
     (a level's options where that level is not measured, the measuring options of
-    ``--report-only``, ``--threads`` of a host-only run)."""
+    ``--report-only``, ``--threads`` or a GPU ``--device`` of a host-only run)."""
     def option(dest: str) -> str:
         return "--" + dest.replace("_", "-")
     for level, dests in LEVEL_OPTIONS.items():
@@ -158,6 +158,10 @@ def _check_options_used(args: argparse.Namespace) -> None:
     if args.threads is not None and list(args.levels) == ["host"]:
         raise ValueError("--threads is not used by --levels host, which measures with one "
                          "torch thread in its own process; leave it out")
+    if list(args.levels) == ["host"] and args.device is not None \
+            and args.device.strip().lower() != "cpu":
+        raise ValueError(f"--device {args.device} is not used by --levels host, which measures "
+                         "on the CPU with the Triton launches stubbed; leave it out")
 
 
 def _are_records(rows: list) -> bool:
