@@ -161,7 +161,8 @@ def _model_settings(model: List[dict]) -> List[str]:
         settings = OrderedDict((row["method"], row.get("settings")) for row in rows)
         out += [f"Settings, beside the numbers{named}: " + rows[0].get("run_settings", "")
                 + "; same random batches, dropout of the model config, adapter dropout 0, "
-                "adapters on the same targets, pooler and classifier trained by every method."]
+                "adapters on the same targets, the classification head (and the pooler, where "
+                "the model has one) trained by every method."]
         out += [f"- `{m}`: {s}" for m, s in settings.items()] + [""]
     return out
 
