@@ -351,3 +351,36 @@ def test_model_settings_beside_the_numbers_are_those_of_each_model():
         assert len(run_settings) == 1 and run_settings.pop() in head
         for method, (settings, _) in methods.items():
             assert f"- `{method}`: {settings}" in blocks[head]
+
+
+@pytest.mark.parametrize("launches", [0, 3])
+def test_a_triton_model_row_that_launched_nothing_is_failed(monkeypatch, launches):
+    """``increlora-triton``'s model rows never checked that its steps launched Triton kernels:
+    a run whose first-use checks failed on the GPU took the torch path and was timed as the
+    Triton path. Its timed steps' launches are now counted, and none makes the row failed."""
+    from types import SimpleNamespace
+
+    from increlora_fast.benchmarks.speed import model_level
+    from increlora_fast.benchmarks.speed.plans import ModelPlan
+    from increlora_fast.kernels import count_launch
+
+    class Run:
+        settings = ""
+        runner = SimpleNamespace(graphed=None)
+
+        def phase(self, i):
+            return "alloc"
+
+        def step(self, i, batch):
+            for _ in range(launches):
+                count_launch("_fake_kernel")
+
+    monkeypatch.setattr(model_level, "prepare_run", lambda *a: (Run(), [{}]))
+    monkeypatch.setattr(model_level, "triton_status", lambda device: (True, "interpreter"))
+    plan = ModelPlan(models=["tiny-bert"], batch_size=1, seq_len=4, steps=5, warmup_steps=1,
+                     dtypes=["fp32"])
+    (record,) = model_level.run_model_level(plan, ["increlora-triton"], torch.device("cpu"),
+                                            {}, log=lambda line: None, interpreter=True)
+    assert record["triton_launches"] == 4 * launches
+    assert record["status"] == ("failed" if launches == 0 else "ok")
+    assert ("launched no Triton kernel" in record["note"]) == (launches == 0)

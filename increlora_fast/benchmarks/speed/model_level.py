@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ...kernels.launches import launch_counts
 from ...training.cuda_graphs import GRAPH_POOL_KIND
 from ...training.peft_methods import adalora_orth_penalty
 from ...training.step_runner import forward_with_loss, takes_model_loss
@@ -336,6 +337,7 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
             peaks[method] = (peak.peak_mb(), peak.kind)
         runs[method] = (run, batches)
     times = {m: {"alloc": [], "round": [], "final": [], "run": []} for m in methods}
+    launched = {m: 0 for m in methods}  # Triton launches in the method's timed steps
     for n, i in enumerate(range(plan.warmup_steps, plan.steps)):
         shift = n % len(methods)
         for method in methods[shift:] + methods[:shift]:
@@ -346,8 +348,10 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
                 phase = run.phase(i)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                before = sum(launch_counts().values())
                 with Timer(device) as timer:
                     _step(run, i, batches, device, dtype)
+                launched[method] += sum(launch_counts().values()) - before
             times[method]["run"].append(timer.ms)
             # a step that captured a graph is in the run's mean, not in a phase's median
             if phase != "run" and (graphed is None or graphed.captures == captures):
@@ -370,7 +374,8 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
             "round_steps": len(t["round"]), "final_steps": len(t["final"]),
             "peak_mem_mb": peaks[method][0],
             "mem_kind": peaks[method][1], "repeats": len(t["run"]),
-            "settings": runs[method][0].settings, "n_targets": preset.n_targets}
+            "settings": runs[method][0].settings, "n_targets": preset.n_targets,
+            "triton_launches": launched[method]}
         graphed = getattr(getattr(runs[method][0], "runner", None), "graphed", None)
         if graphed is not None and graphed.fallback is not None:
             out[method]["graphs_fallback"] = graphed.fallback
@@ -426,6 +431,11 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
                     rec.update(measured[method])
                     if method == "increlora-triton" and device.type != "cuda":
                         rec["note"] = triton_note
+                    if method == "increlora-triton" and rec.get("triton_launches") == 0:
+                        rec.update(status="failed", note=(
+                            "launched no Triton kernel in its timed steps: it took the torch "
+                            "path (a first-use check failed? see the warnings), so its times "
+                            "are not the Triton path's"))
                     log(f"model {rec['shape']} {rec['dtype']} {method:18s} median "
                         f"{rec['median_ms']:9.1f} ms  mean {rec['mean_ms']:9.1f} ms  "
                         f"{rec['steps_per_s']:6.2f} steps/s  {rec['peak_mem_mb']:8.1f} MiB")
