@@ -189,13 +189,19 @@ def test_modules_to_save_holding_a_quantized_layer_is_refused_clearly():
     ValueError naming modules_to_save and the layer, not torch's 'only Tensors of floating point
     dtype can require gradients', and the model unchanged."""
     model = build()
+    _refused_unchanged(model, "layers.0", "layers.1", r"modules_to_save.*layers\.1.*quantized")
+    assert type(model.layers[0]).__name__ == "Linear4bit"
+
+
+def _refused_unchanged(model: nn.Module, target: str, to_save: str, match: str) -> None:
+    """`inject_increlora` with ``to_save`` in modules_to_save raises ValueError matching
+    ``match``, and no parameter of ``model`` changed whether it trains."""
     before = {n: p.requires_grad for n, p in model.named_parameters()}
-    cfg = IncreLoRAConfig(target_modules=["layers.0"], r_max=4, init_r=1, target_rank=2,
-                          modules_to_save=["layers.1"])
-    with pytest.raises(ValueError, match=r"modules_to_save.*layers\.1.*quantized"):
+    cfg = IncreLoRAConfig(target_modules=[target], r_max=4, init_r=1, target_rank=2,
+                          modules_to_save=[to_save])
+    with pytest.raises(ValueError, match=match):
         inject_increlora(model, cfg)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == before
-    assert type(model.layers[0]).__name__ == "Linear4bit"
 
 
 def test_a_checkpoint_of_the_quantized_model_before_injection_loads_into_its_base_layers():
@@ -220,9 +226,4 @@ def test_modules_to_save_holding_a_4bit_layer_with_float_storage_is_refused():
     model = nn.ModuleDict({"fc": nn.Linear(WIDTH, WIDTH), "head": bnb.nn.Linear4bit(
         WIDTH, WIDTH, compute_dtype=torch.float32, quant_storage=torch.bfloat16)}).to("cpu")
     assert model["head"].weight.is_floating_point()
-    before = {n: p.requires_grad for n, p in model.named_parameters()}
-    cfg = IncreLoRAConfig(target_modules=["fc"], r_max=4, init_r=1, target_rank=2,
-                          modules_to_save=["head"])
-    with pytest.raises(ValueError, match=r"modules_to_save entry 'head' holds 'head\.weight'"):
-        inject_increlora(model, cfg)
-    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    _refused_unchanged(model, "fc", "head", r"modules_to_save entry 'head' holds 'head\.weight'")
