@@ -145,7 +145,10 @@ def test_the_layer_part_on_cuda_measures_each_point_alone(monkeypatch):
     result = gpu_check.check_layer(cuda, plan, {}, lambda line: None)
     points = [(s, t) for s in plan.layer.shapes for t in plan.layer.tokens]
     assert [(s, t) for s, t, m in seen if len(m) > 1] == points  # each point alone
-    assert len(result["records"]) == 6 * len(points) - 1  # only the failed method is lost
+    # only the failed method's rows are lost: it keeps one failed record naming its error
+    assert len(result["records"]) == 6 * len(points)
+    failed = [r for r in result["records"] if r["status"] == "failed"]
+    assert [r["method"] for r in failed] == ["peft-lora"] and "out of memory" in failed[0]["note"]
     assert "layer 4096x11008 tokens=16384 peft-lora: RuntimeError: out of memory" \
         in result["error"]
     assert [r["method"] for r in result["host_records"]] == list(gpu_check.LAYER_METHODS_CHECKED)
