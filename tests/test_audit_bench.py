@@ -88,7 +88,7 @@ def test_layer_methods_of_one_point_are_timed_in_one_interleaved_set_on_cuda(mon
 
     def fake(methods, *args):
         calls.append(list(methods))
-        return {m: Measurement([1.0], 0.0, "k") for m in methods}
+        return {m: Measurement([1.0], 0.0, "k", triton_launches=3) for m in methods}
     monkeypatch.setattr(layer_level, "measure_layer", fake)
     monkeypatch.setattr(layer_level, "triton_status", lambda device: (True, ""))
     plan = LayerPlan(shapes=[(8, 8)], tokens=[8], r_max=[4], dtypes=["fp32"],
@@ -384,3 +384,30 @@ def test_a_triton_model_row_that_launched_nothing_is_failed(monkeypatch, launche
     assert record["triton_launches"] == 4 * launches
     assert record["status"] == ("failed" if launches == 0 else "ok")
     assert ("launched no Triton kernel" in record["note"]) == (launches == 0)
+
+
+def test_a_triton_layer_row_that_launched_nothing_is_failed(monkeypatch):
+    """As the model level: a Triton method whose timed runs launched no Triton kernel (its
+    first-use check failed and it took the torch path) is failed, not timed as Triton; the
+    launches are counted by `measure_interleaved` itself."""
+    from increlora_fast.benchmarks.speed import layer_level
+    from increlora_fast.benchmarks.speed.timing import measure_interleaved
+    from increlora_fast.kernels import count_launch
+
+    def case(launches):
+        return (lambda: [count_launch("_fake_kernel") for _ in range(launches)], None)
+    measured = measure_interleaved({"none": case(0), "two": case(2)}, torch.device("cpu"), 1, 3)
+    assert (measured["none"].triton_launches, measured["two"].triton_launches) == (0, 6)
+
+    monkeypatch.setattr(layer_level, "measure_layer", lambda methods, *a: {
+        m: measured["two" if m == "floor" else "none"] for m in methods})
+    monkeypatch.setattr(layer_level, "triton_status", lambda device: (True, ""))
+    plan = layer_level.LayerPlan(shapes=[(8, 8)], tokens=[8], r_max=[4], dtypes=["fp32"],
+                                 phases=["fwd+bwd"], warmup=0, repeats=1)
+    records = layer_level.run_layer_level(plan, ["floor", "increlora-triton"],
+                                          torch.device("cuda"), {}, lambda _: None)
+    status = {r["method"]: (r["status"], r["note"]) for r in records}
+    assert status["floor"][0] == "ok"  # (not a Triton method: its launches are not asked for)
+    assert status["increlora-triton"][0] == "failed"
+    assert "launched no Triton kernel" in status["increlora-triton"][1]
+

@@ -147,6 +147,11 @@ def run_layer_level(plan: LayerPlan, methods: List[str], device: torch.device, e
                     rec.update(median_ms=m.median_ms, mean_ms=m.mean_ms, repeats=len(m.times_ms),
                                peak_mem_mb=m.peak_mem_mb, mem_kind=m.mem_kind,
                                note=triton_note if method in triton else "")
+                    if method in triton and not m.triton_launches:
+                        rec.update(status="failed", note=(
+                            "launched no Triton kernel in its timed runs: it took the torch "
+                            "path (a first-use check failed? see the warnings), so its times "
+                            "are not the Triton path's"))
                     log(f"layer {rec['shape']:>10s} tokens={tokens:<6d} r={r_max:<3d} {dtype} "
                         f"{phase:8s} {method:30s} {m.median_ms:10.3f} ms "
                         f"{m.peak_mem_mb:9.1f} MiB")

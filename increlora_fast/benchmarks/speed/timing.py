@@ -14,16 +14,19 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ...kernels.launches import launch_counts
 from ..memory_probe import MIB, TensorPeak, release_memory
 
 
 @dataclass
 class Measurement:
-    """Timings (ms) of the repeated runs and their peak memory (MiB above the baseline)."""
+    """Timings (ms) of the repeated runs, their peak memory (MiB above the baseline) and the
+    Triton kernels the timed runs launched (`kernels.launch_counts`)."""
 
     times_ms: List[float]
     peak_mem_mb: float
     mem_kind: str
+    triton_launches: int = 0
 
     @property
     def median_ms(self) -> float:
@@ -95,6 +98,7 @@ def measure_interleaved(cases: Dict[str, Tuple[Callable[[], None], Optional[Call
     names = list(cases)
     peaks: Dict[str, Tuple[float, str]] = {}
     times: Dict[str, List[float]] = {name: [] for name in names}
+    launched: Dict[str, int] = {name: 0 for name in names}
 
     def call(name: str, timed: bool, track_peak: bool) -> None:
         run, setup = cases[name]
@@ -106,9 +110,11 @@ def measure_interleaved(cases: Dict[str, Tuple[Callable[[], None], Optional[Call
         if timed:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+            before = sum(launch_counts().values())
             with Timer(device) as timer:
                 run()
             times[name].append(timer.ms)
+            launched[name] += sum(launch_counts().values()) - before
         else:
             run()
         if peak is not None:
@@ -125,4 +131,5 @@ def measure_interleaved(cases: Dict[str, Tuple[Callable[[], None], Optional[Call
         for name in names:
             call(name, timed=False, track_peak=True)
     return {name: Measurement(times_ms=times[name], peak_mem_mb=peaks[name][0],
-                              mem_kind=peaks[name][1]) for name in names}
+                              mem_kind=peaks[name][1], triton_launches=launched[name])
+            for name in names}
