@@ -419,6 +419,13 @@ def _adapters_seen_by_quantization_check(model):
 _FUSED_BACKWARD_OPTIMS = ("lomo", "adalomo")
 
 
+def _optim_name(args) -> Optional[str]:
+    """``TrainingArguments.optim`` as a string (an ``OptimizerNames`` member or a plain string
+    in the arguments; None without arguments)."""
+    optim = getattr(args, "optim", None)
+    return getattr(optim, "value", optim)
+
+
 class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
@@ -439,8 +446,7 @@ class IncreLoRATrainer(Trainer):
                              "whose new model at train() the controller would not watch; leave "
                              "controller out (one is made over each model model_init makes)")
         training_args = kwargs.get("args", args[1] if len(args) > 1 else None)
-        optim = getattr(getattr(training_args, "optim", None), "value",
-                        getattr(training_args, "optim", None))
+        optim = _optim_name(training_args)
         if optim in _FUSED_BACKWARD_OPTIMS:
             raise ValueError(f"IncreLoRATrainer: TrainingArguments.optim={optim!r} cannot be used: "
                              "it updates the weights inside backward, and IncreLoRA's per-slot "
@@ -473,7 +479,7 @@ class IncreLoRATrainer(Trainer):
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:
-            optim = getattr(self.args.optim, "value", self.args.optim)
+            optim = _optim_name(self.args)
             if optim not in ("adamw_torch", "adamw_torch_fused"):  # (the Trainer's defaults)
                 warnings.warn(f"IncreLoRATrainer: TrainingArguments.optim={optim!r} is not used: "
                               "the optimizer is IncreLoRAAdamW (AdamW with per-slot schedules)",
