@@ -29,5 +29,10 @@ def launch_counts() -> Dict[str, int]:
     return dict(_LAUNCHES)
 
 
+def total_launches() -> int:
+    """Launches of every kernel since the last reset (the sum of `launch_counts`)."""
+    return sum(_LAUNCHES.values())
+
+
 def reset_launch_counts() -> None:
     _LAUNCHES.clear()

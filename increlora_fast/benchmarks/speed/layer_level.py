@@ -16,7 +16,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import torch
 
 from ...functional import refresh_settings
-from .layer_methods import LAYER_METHODS, LayerCase, MethodEnv, triton_status
+from .layer_methods import LAYER_METHODS, TORCH_PATH_NOTE, LayerCase, MethodEnv, triton_status
 from .plans import DTYPES, PHASES, LayerPlan
 from .timing import Measurement, measure_interleaved
 
@@ -148,10 +148,9 @@ def run_layer_level(plan: LayerPlan, methods: List[str], device: torch.device, e
                                peak_mem_mb=m.peak_mem_mb, mem_kind=m.mem_kind,
                                note=triton_note if method in triton else "")
                     if method in triton and not m.triton_launches:
-                        rec.update(status="failed", note=(
-                            "launched no Triton kernel in its timed runs: it took the torch "
-                            "path (a first-use check failed? see the warnings), so its times "
-                            "are not the Triton path's"))
+                        rec.update(status="failed",
+                                   note=f"launched no Triton kernel in its timed runs: "
+                                        f"{TORCH_PATH_NOTE}")
                     log(f"layer {rec['shape']:>10s} tokens={tokens:<6d} r={r_max:<3d} {dtype} "
                         f"{phase:8s} {method:30s} {m.median_ms:10.3f} ms "
                         f"{m.peak_mem_mb:9.1f} MiB")

@@ -153,6 +153,11 @@ LAYER_METHODS: Dict[str, LayerMethod] = {m.name: m for m in (
 )}
 
 
+# Why a Triton method's row that launched no Triton kernel is failed (layer and model level).
+TORCH_PATH_NOTE = ("it took the torch path (a first-use check failed? see the warnings), so its "
+                   "times are not the Triton path's")
+
+
 def triton_status(device: torch.device) -> Tuple[bool, str]:
     """Whether Triton methods can run on ``device`` here, and the note their rows carry.
 

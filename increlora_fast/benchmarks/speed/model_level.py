@@ -47,12 +47,12 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ...kernels.launches import launch_counts
+from ...kernels.launches import total_launches
 from ...training.cuda_graphs import GRAPH_POOL_KIND
 from ...training.peft_methods import adalora_orth_penalty
 from ...training.step_runner import forward_with_loss, takes_model_loss
 from ..memory_probe import MIB
-from .layer_methods import LORA_ALPHA, MethodEnv, triton_status
+from .layer_methods import LORA_ALPHA, TORCH_PATH_NOTE, MethodEnv, triton_status
 from .model_presets import MODEL_PRESETS, ModelPreset
 from .plans import DTYPES, ModelPlan
 from .timing import PeakMemory, Timer
@@ -348,10 +348,10 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
                 phase = run.phase(i)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                before = sum(launch_counts().values())
+                before = total_launches()
                 with Timer(device) as timer:
                     _step(run, i, batches, device, dtype)
-                launched[method] += sum(launch_counts().values()) - before
+                launched[method] += total_launches() - before
             times[method]["run"].append(timer.ms)
             # a step that captured a graph is in the run's mean, not in a phase's median
             if phase != "run" and (graphed is None or graphed.captures == captures):
@@ -432,10 +432,9 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
                     if method == "increlora-triton" and device.type != "cuda":
                         rec["note"] = triton_note
                     if method == "increlora-triton" and rec.get("triton_launches") == 0:
-                        rec.update(status="failed", note=(
-                            "launched no Triton kernel in its timed steps: it took the torch "
-                            "path (a first-use check failed? see the warnings), so its times "
-                            "are not the Triton path's"))
+                        rec.update(status="failed",
+                                   note=f"launched no Triton kernel in its timed steps: "
+                                        f"{TORCH_PATH_NOTE}")
                     log(f"model {rec['shape']} {rec['dtype']} {method:18s} median "
                         f"{rec['median_ms']:9.1f} ms  mean {rec['mean_ms']:9.1f} ms  "
                         f"{rec['steps_per_s']:6.2f} steps/s  {rec['peak_mem_mb']:8.1f} MiB")

@@ -47,7 +47,7 @@ def measure_optimizer_host(preset_name: str, plan: ModelPlan, device: torch.devi
     ``optimizer.step()`` and its Triton launches, on ``preset_name``'s IncreLoRA model (built
     and trained per ``plan`` until the budget is reached); the per-tensor record adds the host
     time per launch saved."""
-    from ...kernels.launches import launch_counts, reset_launch_counts
+    from ...kernels.launches import reset_launch_counts, total_launches
     from .model_level import prepare_run, step_past_allocation
     from .step_host import fused_optimizer_on_cpu
 
@@ -76,7 +76,7 @@ def measure_optimizer_host(preset_name: str, plan: ModelPlan, device: torch.devi
                 wait_for_device(device)
                 reset_launch_counts()
                 optimizer.step()
-                launches[name] = sum(launch_counts().values())
+                launches[name] = total_launches()
         for _ in range(repeats):  # interleaved: drift hits both alike
             for name, many in MODES:
                 with way(many):

@@ -46,7 +46,7 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
     ``preset_name``'s IncreLoRA model (built and trained per ``plan`` until the budget is
     reached). A way that does not run as named (the kernels' first-use check failed, so the
     torch path ran) is recorded as failed, untimed, and the other is still timed."""
-    from ...kernels.launches import launch_counts, reset_launch_counts
+    from ...kernels.launches import reset_launch_counts, total_launches
     from .model_level import prepare_run, step_past_allocation
     from .step_host import _AtenOps
 
@@ -73,7 +73,7 @@ def measure_penalty_time(preset_name: str, plan: ModelPlan, device: torch.device
             reset_launch_counts()
             with _AtenOps() as ops:
                 call()
-            counts[name] = dict(launches_per_call=sum(launch_counts().values()),
+            counts[name] = dict(launches_per_call=total_launches(),
                                 aten_ops_per_call=ops.count)
             if (counts[name]["launches_per_call"] > 0) != kernels:
                 failed[name] = (f"the {name} way launched {counts[name]['launches_per_call']} "

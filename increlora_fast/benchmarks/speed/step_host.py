@@ -102,7 +102,7 @@ def measure(preset_name: str = "minilm-l6-narrow", batch_size: int = 2, seq_len:
 
 def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
              repeats: int) -> List[dict]:
-    from ...kernels.launches import launch_counts, reset_launch_counts
+    from ...kernels.launches import launch_counts, reset_launch_counts, total_launches
     from .host_overhead import stubbed_launches
     from .model_level import prepare_run, step_past_allocation
 
@@ -128,7 +128,7 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
                 run.step(i, batches[i % len(batches)])
             if method == "increlora-triton":
                 require_launches(method, launch_counts())
-            launches = sum(launch_counts().values())
+            launches = total_launches()
             calls = python_calls(lambda: run.step(i + 1, batches[(i + 1) % len(batches)]))
             per_step[method] = dict(launches_per_step=launches, aten_ops_per_step=ops.count,
                                     python_calls_per_step=calls)

@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ...kernels.launches import launch_counts
+from ...kernels.launches import total_launches
 from ..memory_probe import MIB, TensorPeak, release_memory
 
 
@@ -110,11 +110,11 @@ def measure_interleaved(cases: Dict[str, Tuple[Callable[[], None], Optional[Call
         if timed:
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            before = sum(launch_counts().values())
+            before = total_launches()
             with Timer(device) as timer:
                 run()
             times[name].append(timer.ms)
-            launched[name] += sum(launch_counts().values()) - before
+            launched[name] += total_launches() - before
         else:
             run()
         if peak is not None:
