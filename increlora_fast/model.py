@@ -20,7 +20,9 @@ CONFIG_ATTR = "increlora_config"
 ALL_LINEAR = "all-linear"
 
 
-def _suffix_match(name: str, suffix: str) -> bool:
+def suffix_match(name: str, suffix: str) -> bool:
+    """Whether the module name ``name`` is ``suffix`` or ends with ``"." + suffix`` (how
+    ``target_modules`` and ``modules_to_save`` entries select modules, as in peft)."""
     return name == suffix or name.endswith("." + suffix)
 
 
@@ -47,13 +49,13 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
                              f"similar names: {_similar_names(spec, names)}")
     else:
         suffixes = list(DEFAULT_TARGET_MODULES) if spec is None else spec
-        matched = [n for n in names if any(_suffix_match(n, s) for s in suffixes)]
+        matched = [n for n in names if any(suffix_match(n, s) for s in suffixes)]
         if spec is None and not matched:
             raise ValueError("target_modules=None found none of the default attention/FFN names "
                              f"{list(DEFAULT_TARGET_MODULES)}; set target_modules")
         if spec is not None:
             for s in spec:
-                if not any(_suffix_match(n, s) for n in names):
+                if not any(suffix_match(n, s) for n in names):
                     raise ValueError(f"target module {s!r} matches no module name; "
                                      f"similar names: {_similar_names(s, names)}")
     modules = dict(model.named_modules())
@@ -71,8 +73,8 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
                             "transformers Conv1D layers")
     if isinstance(spec, list):  # as in peft, a listed name must name linears, not their parents
         for s in spec:
-            if not any(_suffix_match(n, s) for n in targets):
-                n = next(n for n in matched if _suffix_match(n, s))
+            if not any(suffix_match(n, s) for n in targets):
+                n = next(n for n in matched if suffix_match(n, s))
                 kind = type(modules[n])
                 raise TypeError(f"target module {s!r} matches only modules that are not nn.Linear "
                                 f"or Conv1D, e.g. {n!r}, a {kind.__module__}.{kind.__qualname__}; "
@@ -90,7 +92,7 @@ def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     for n, module in model.named_modules():
         prefixes = [n.rsplit(".", i)[0] for i in range(n.count(".") + 1)] if n else []
         if (not n or not is_supported_base(module) or module is head or n.endswith(".base_layer")
-                or any(_suffix_match(p, key) for p in prefixes for key in saved)
+                or any(suffix_match(p, key) for p in prefixes for key in saved)
                 or direct_weight_reader(model, n) is not None):
             continue
         targets.append(n)
@@ -229,7 +231,7 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     names = [n for n, _ in model.named_modules() if n]
     save_roots = []
     for key in config.modules_to_save or []:
-        found = [n for n in names if _suffix_match(n, key)]
+        found = [n for n in names if suffix_match(n, key)]
         if not found:
             raise ValueError(f"modules_to_save entry {key!r} matches no module name; "
                              f"similar names: {_similar_names(key, names)}")
@@ -328,7 +330,7 @@ def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     config = getattr(model, CONFIG_ATTR, None)
     keys = (config.modules_to_save or []) if config is not None else []
     names = [n for n, _ in model.named_modules() if n]
-    roots = tuple(n + "." for n in names if any(_suffix_match(n, key) for key in keys))
+    roots = tuple(n + "." for n in names if any(suffix_match(n, key) for key in keys))
     # by identity: a tied parameter (an lm_head to save sharing the input embedding) is
     # named after the module that registered it first
     to_save = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
@@ -346,7 +348,7 @@ def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     names = [n for n, _ in model.named_modules() if n]
     buffers: Dict[str, torch.Tensor] = {}
     for key in config.modules_to_save or []:
-        for root in (n for n in names if _suffix_match(n, key)):
+        for root in (n for n in names if suffix_match(n, key)):
             adapted: List[str] = []
             for name, module in model.get_submodule(root).named_modules(prefix=root):
                 if isinstance(module, IncreLoRALinear):

@@ -486,10 +486,11 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     The parameters saved outside the adapters load into the model's parameters of their names:
     those of the modules to save, and any other the saved model trained (one unfrozen by hand,
     frozen again in a fresh model). Every check runs before anything is copied: a file that does
-    not fit (other config, unknown or missing module names, other shapes, a damaged file, another base model: then
-    `BaseMismatchError`) raises ValueError and leaves the model unchanged. Values are cast to
-    the model's dtypes, so an adapter saved with a float16 lambda (``adapter_dtype="base"`` on a
-    float16 base, before lambda was float32 always) loads into the float32 lambda.
+    not fit (other config, unknown or missing module names, other shapes, a damaged file,
+    another base model: then `BaseMismatchError`) raises ValueError and leaves the model
+    unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16 lambda
+    (``adapter_dtype="base"`` on a float16 base, before lambda was float32 always) loads into
+    the float32 lambda.
 
     An adapter that records ``pooling: mean`` gives ``model`` mean pooling
     (`pooling.apply_pooling`) unless it has it already, so its predictions are the

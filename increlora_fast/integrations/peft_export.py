@@ -46,7 +46,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..layer import IncreLoRALinear, SlotState
-from ..model import get_config, increlora_layers, saved_module_parameters
+from ..model import get_config, increlora_layers, saved_module_parameters, suffix_match
 from ..persistence import base_fingerprint, base_model_name, write_adapter_files
 from ..pooling import model_pooling
 
@@ -61,10 +61,6 @@ PathLike = Union[str, os.PathLike]
 # PeftModelForSequenceClassification, ...ForTokenClassification, ...ForQuestionAnswering).
 PEFT_TASK_MODULES = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
                      "QUESTION_ANS": ("qa_outputs",)}
-
-
-def _suffix_match(name: str, suffix: str) -> bool:
-    return name == suffix or name.endswith("." + suffix)
 
 
 def _peft_task_types() -> List[str]:
@@ -132,7 +128,7 @@ def _saved_roots(model: nn.Module) -> List[str]:
     """
     config = get_config(model)
     names = [n for n, _ in model.named_modules() if n]
-    roots = [n for n in names if any(_suffix_match(n, key) for key in config.modules_to_save or [])]
+    roots = [n for n in names if any(suffix_match(n, key) for key in config.modules_to_save or [])]
     roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
     for param_name in saved_module_parameters(model):
         owner = param_name.rpartition(".")[0]

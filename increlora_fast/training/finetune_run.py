@@ -17,6 +17,7 @@ from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS, hub_access_off, hub_offline
 from ..data.examples import Example, fixed_split
 from ..data.files import file_sha256
+from ..model import suffix_match
 from ..persistence import atomic_write_bytes
 from .batches import Batches, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
@@ -170,12 +171,12 @@ def with_head_saved(s: RunSettings, model) -> RunSettings:
     module of the model: the default ``classifier`` on a decoder, whose head is ``score``."""
     head = head_name(model)
     if s.method == "full" or head is None or any(
-            head == key or head.endswith("." + key) for key in s.modules_to_save):
+            suffix_match(head, key) for key in s.modules_to_save):
         return s
     # the other family's head (the default "classifier" on a decoder) names no module here
     names = [name for name, _ in model.named_modules()]
     other = [key for key in s.modules_to_save if key in HEAD_NAMES and not any(
-        name == key or name.endswith("." + key) for name in names)]
+        suffix_match(name, key) for name in names)]
     warnings.warn(f"--modules-to-save {','.join(s.modules_to_save) or '(none)'} leaves out the "
                   f"classification head {head!r}; it is added (trained and saved in the "
                   "adapter)" + (f" in place of {','.join(other)}, which this model does not "

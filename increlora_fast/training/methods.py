@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save as safetensors_bytes
 from torch import nn
 
+from ..model import suffix_match
 from ..optimizer import split_weight_decay
 from ..persistence import atomic_write_bytes
 from .settings import RunSettings
@@ -30,7 +31,8 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 
 
 def matches_suffix(name: str, suffixes: List[str]) -> bool:
-    return any(name == s or name.endswith("." + s) for s in suffixes)
+    """Whether ``name`` matches one of ``suffixes`` (`model.suffix_match`)."""
+    return any(suffix_match(name, s) for s in suffixes)
 
 
 class MethodRun:

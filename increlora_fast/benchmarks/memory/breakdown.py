@@ -26,6 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from ...model import suffix_match
 from .compared_methods import AdapterSetting, MemoryMethod, Sizes, _in_out, methods_for
 from .model_spec import ModelSpec
 from .step import estimate_step, measure_step
@@ -61,7 +62,7 @@ def _quantized_linears(meta_model: nn.Module) -> Tuple[set, Dict[str, nn.Module]
     keep = set(get_keys_to_not_convert(meta_model))
     linears = {n: m for n, m in meta_model.named_modules()
                if (type(m) is nn.Linear or isinstance(m, Conv1D))
-               and not any(n == k or n.endswith("." + k) for k in keep)}
+               and not any(suffix_match(n, k) for k in keep)}
     return keep, linears
 
 
