@@ -356,8 +356,7 @@ def run(args: argparse.Namespace) -> int:
             warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
                           f"effect with --method {args.method or RunSettings().method}"
                           + (" (a data file's columns: give --train-file)"
-                             if not args.train_file and set(unused) & {
-                                 "--text-column", "--text-pair-column", "--label-column"}
+                             if set(unused) & {"--" + d.replace("_", "-") for d in FILE_ONLY}
                              else ""), UserWarning)
         if args.resume:  # "--resume=~/x": no shell expands that ~
             args.resume = str(Path(args.resume).expanduser())
