@@ -17,6 +17,8 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
+from ..persistence import atomic_write_bytes
+
 # The fields every record has; anything else a record holds goes to the CSV's "extra" column.
 CSV_COLUMNS = [
     "date", "git_commit", "mode", "level", "method", "shape", "tokens", "r_max", "dtype", "phase",
@@ -90,10 +92,7 @@ def write_json(records: List[dict], path: str) -> None:
         check_record(r)
     text = json.dumps(records, indent=1)  # whole, before the file is touched
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)  # never half-written, even when the run is cut off here
+    atomic_write_bytes(Path(path), text.encode())  # never half-written, even when cut off
 
 
 GPU_CHECK_KIND = "gpu_check"

@@ -47,6 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ...persistence import atomic_write_bytes
 from ..speed.plans import LayerPlan, ModelPlan
 from .graphs import check_graphs
 from .plan import CheckPlan, dry_run_plan, full_plan
@@ -476,20 +477,13 @@ def write_report(report: Dict, out_dir: Path) -> None:
     from . import markdown
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _replace(out_dir / JSON_FILE, json.dumps(report, indent=1, default=str))
+    atomic_write_bytes(out_dir / JSON_FILE, json.dumps(report, indent=1, default=str).encode())
     try:
         text = markdown.gpu_check_markdown(report)
     except Exception:  # the records are in the JSON; the parts after this one still run
         text = (f"# GPU check: the Markdown report could not be made\n\nEvery record is in "
                 f"{JSON_FILE}. The error:\n\n```text\n{traceback.format_exc().rstrip()}\n```\n")
-    _replace(out_dir / MD_FILE, text)
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so that it is never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_bytes(out_dir / MD_FILE, text.encode())
 
 
 def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
