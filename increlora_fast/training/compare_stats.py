@@ -335,11 +335,9 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
     ``exclude`` are comma-separated globs of variant names to keep and to leave out. Raises
     ValueError when no task has the baseline, and for a pair whose runs were scored on other
     dev data (`dev_data`: another eval file, task or cap), which is no paired difference."""
-    table: Dict[str, Dict[str, Dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    found: Dict[Tuple[str, str, int], RunResult] = {}
+    table: Dict[str, Dict[str, Dict[int, RunResult]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
-        table[run.task][run.variant][run.seed] = run.value
-        found[run.task, run.variant, run.seed] = run
+        table[run.task][run.variant][run.seed] = run
     if not any(baseline in variants for variants in table.values()):
         known = sorted({v for variants in table.values() for v in variants})
         raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
@@ -352,22 +350,21 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
             if variant == baseline or (only and not _matches(variant, only)) or \
                     (exclude and _matches(variant, exclude)):
                 continue
-            values = table[task][variant]
-            seeds = sorted(set(values) & set(base))
+            mine = table[task][variant]
+            seeds = sorted(set(mine) & set(base))
             if not seeds:
                 continue
             for s in seeds:
-                mine, theirs = found[task, variant, s], found[task, baseline, s]
-                if None not in (mine.dev, theirs.dev) and mine.dev != theirs.dev:
+                if None not in (mine[s].dev, base[s].dev) and mine[s].dev != base[s].dev:
                     raise ValueError(
-                        f"{mine.path} and {theirs.path} were scored on other dev data "
-                        f"({mine.dev} against {theirs.dev}): they are no pair of seed {s}")
-            diffs = [values[s] - base[s] for s in seeds]
+                        f"{mine[s].path} and {base[s].path} were scored on other dev data "
+                        f"({mine[s].dev} against {base[s].dev}): they are no pair of seed {s}")
+            diffs = [mine[s].value - base[s].value for s in seeds]
             mean, std, low, high = mean_interval(diffs)
             rows.append(PairedDifference(
                 task=task, variant=variant, baseline=baseline, seeds=seeds,
-                variant_mean=sum(values[s] for s in seeds) / len(seeds),
-                baseline_mean=sum(base[s] for s in seeds) / len(seeds),
+                variant_mean=sum(mine[s].value for s in seeds) / len(seeds),
+                baseline_mean=sum(base[s].value for s in seeds) / len(seeds),
                 mean_diff=mean, std_diff=std, ci_low=low, ci_high=high))
     return rows
 
