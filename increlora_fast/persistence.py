@@ -388,6 +388,10 @@ def _read(path: Path):
                          f"(truncated or corrupted?): {err}") from err
     if meta.get("format") != FORMAT or "config" not in meta:
         raise ValueError(f"{path} is not an increlora_fast adapter (metadata {sorted(meta)})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is an increlora_fast adapter of format version "
+                         f"{meta.get('format_version')}, and this increlora_fast reads version "
+                         f"{FORMAT_VERSION} only; load it with the increlora_fast that saved it")
     if meta.get("sha256") != tensors_digest(tensors):
         raise ValueError(f"{path} is corrupted: its tensors do not match the checksum saved "
                          "with them")

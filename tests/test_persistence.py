@@ -434,3 +434,26 @@ def test_a_tied_module_to_save_of_a_frozen_model_is_saved(tmp_path):
     target = load_adapter(inject_increlora(adapter_helpers.tied_tiny_llama(),
                                            copy.deepcopy(config)), tmp_path)
     assert torch.equal(target.lm_head.weight, model.lm_head.weight)
+
+
+def _rewrite_metadata(path: Path, **changes: str) -> None:
+    """Rewrite the weights file at ``path`` with its metadata updated by ``changes``."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta.update(changes)
+    save_file(tensors, str(path), metadata=meta)
+
+
+def test_an_adapter_of_a_newer_format_version_is_refused(saved):
+    base, config, _, directory = saved
+    _rewrite_metadata(directory / WEIGHTS, format_version="2")
+    target = fresh(base, config)
+    before = state(target)
+    with pytest.raises(ValueError, match="format version 2") as err:
+        load_adapter(target, directory)
+    assert WEIGHTS in str(err.value) and "\n" not in str(err.value)
+    assert_same_state(target, before)
+    with pytest.raises(ValueError, match="format version 2"):
+        load_config(directory)
+
