@@ -23,6 +23,11 @@ pooling for a ``mean`` adapter, or refuses a model that cannot take it, and refu
 mean-pooled model for a ``cls`` adapter. An adapter saved before the field existed loads into
 the model as it is.
 
+An adapter records its model's ``config.pad_token_id`` (``finetune`` gives a decoder without a pad
+token its EOS token, and a decoder classifier reads each input's last token before the first
+pad): `load_adapter` gives it to a model whose config has none, and warns when the model has
+another.
+
 A folder that already holds an adapter is replaced only when asked (``overwrite=True``), and
 then as a whole: see `write_adapter_files`.
 """
@@ -57,6 +62,7 @@ SLOT_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state")
 TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
 BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
 POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json
+PAD_KEY = "pad_token_id"  # weights-file metadata (as JSON) and adapter_config.json
 # Files that make a folder an adapter folder (ours, or peft's in either of its formats).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
 SAMPLE_COLUMNS = 8
@@ -371,6 +377,8 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
                    base_model_name_or_path=base["name_or_path"],
                    base_model_fingerprint=base["fingerprint"])
     header[POOLING_KEY] = summary[POOLING_KEY] = model_pooling(model)
+    summary[PAD_KEY] = model_pad_token_id(model)
+    header[PAD_KEY] = json.dumps(summary[PAD_KEY])
     write_adapter_files(save_directory, {
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata=header),
         CONFIG_NAME: json.dumps(summary, indent=2, sort_keys=True).encode()}, overwrite)
@@ -452,6 +460,23 @@ def _full_slots(layer: IncreLoRALinear, found: Dict[str, torch.Tensor], training
     return full
 
 
+def model_pad_token_id(model: nn.Module) -> Optional[int]:
+    """``model.config.pad_token_id`` (transformers), or None for a model without one."""
+    return getattr(getattr(model, "config", None), "pad_token_id", None)
+
+
+def _check_pad_token(pad: Optional[int], model: nn.Module, directory: Path) -> None:
+    """A warning, one line, when ``model`` pads with another token than the model the adapter
+    in ``directory`` was trained as (``pad``; None: not recorded, or that model had none)."""
+    current = model_pad_token_id(model)
+    if pad is not None and current is not None and current != pad:
+        warnings.warn(f"adapter {directory} was trained with pad_token_id {pad}, and this "
+                      f"model's config has pad_token_id {current}; a decoder classifier reads "
+                      "each input's last token before the first pad, so its predictions on "
+                      f"padded inputs may differ: set model.config.pad_token_id = {pad} and pad "
+                      "with that token", UserWarning, stacklevel=3)
+
+
 def _check_pooling(pooling: Optional[str], model: nn.Module, directory: Path) -> None:
     """ValueError, one line, when the adapter in ``directory`` records a ``pooling`` that
     ``model`` cannot be given (`pooling.apply_pooling`). None: an adapter saved before
@@ -495,6 +520,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16 lambda
     (``adapter_dtype="base"`` on a float16 base, before lambda was float32 always) loads into
     the float32 lambda.
+
+    An adapter that records a ``pad_token_id`` gives it to a ``model.config`` without one, so
+    padded inputs are read as in training (e.g. a decoder that ``finetune`` padded with its EOS
+    token); a model with another one is warned about and keeps it.
 
     An adapter that records ``pooling: mean`` gives ``model`` mean pooling
     (`pooling.apply_pooling`) unless it has it already, so its predictions are the
@@ -547,6 +576,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         updates.append((param, value))
     pooling = meta.get(POOLING_KEY)
     _check_pooling(pooling, model, Path(save_directory))
+    pad = json.loads(meta[PAD_KEY]) if PAD_KEY in meta else None
+    _check_pad_token(pad, model, Path(save_directory))
     if check_base:
         # by identity: a base weight tied to a parameter to save is saved under that name
         saved_ids = {id(p) for p in saved_params.values()}
@@ -566,4 +597,6 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         layer.mark_slots_changed()
     if pooling is not None and model_pooling(model) != pooling:
         apply_pooling(model, pooling)
+    if pad is not None and hasattr(model, "config") and model_pad_token_id(model) is None:
+        model.config.pad_token_id = pad
     return model

@@ -457,3 +457,49 @@ def test_an_adapter_of_a_newer_format_version_is_refused(saved):
     with pytest.raises(ValueError, match="format version 2"):
         load_config(directory)
 
+
+def _gpt2_classifier() -> nn.Module:
+    """A tiny GPT-2 sequence classifier whose config has no pad token, as GPT-2's has none."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    model = GPT2ForSequenceClassification(GPT2Config(
+        n_embd=16, n_layer=1, n_head=2, vocab_size=40, n_positions=32, bos_token_id=39,
+        eos_token_id=39, num_labels=3, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    assert model.config.pad_token_id is None
+    return model.eval()
+
+
+def test_the_pad_token_travels_with_the_adapter(tmp_path):
+    """finetune pads a decoder without a pad token with its EOS token and gives the model's
+    config that id (the classifier reads each input's last token before it); a fresh base has
+    none, so the loaded adapter must bring it, or padded batches cannot be scored (or are
+    scored at the wrong token)."""
+    base = _gpt2_classifier()
+    config = IncreLoRAConfig(target_modules=["c_attn"], r_max=4, target_rank=2,
+                             modules_to_save=["score"])
+    model = inject_increlora(copy.deepcopy(base), config)
+    model.config.pad_token_id = model.config.eos_token_id
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_A.normal_()
+            layer.lora_B.normal_()
+            layer.lora_lambda.normal_()
+    lengths = torch.tensor([5, 9, 3, 7])
+    ids = torch.randint(0, 39, (4, 9))
+    ids[torch.arange(9)[None, :] >= lengths[:, None]] = model.config.pad_token_id
+    mask = (torch.arange(9)[None, :] < lengths[:, None]).long()
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    save_adapter(model, tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / CONFIG).read_text())["pad_token_id"] == 39
+
+    target = inject_increlora(copy.deepcopy(base), load_config(tmp_path / "adapter"))
+    load_adapter(target, tmp_path / "adapter")
+    assert target.config.pad_token_id == 39
+    torch.testing.assert_close(target(input_ids=ids, attention_mask=mask).logits, expected,
+                               rtol=0, atol=0)
+
+    other = inject_increlora(copy.deepcopy(base), config)
+    other.config.pad_token_id = 0
+    with pytest.warns(UserWarning, match="pad_token_id 39.*pad_token_id 0"):
+        load_adapter(other, tmp_path / "adapter")
+    assert other.config.pad_token_id == 0
