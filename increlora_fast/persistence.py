@@ -406,10 +406,30 @@ def _read(path: Path):
     return meta, tensors
 
 
+def _saved_config(meta: Dict[str, str], path: Path) -> IncreLoRAConfig:
+    """The config in the metadata of the weights file at ``path``; ValueError, one line naming
+    the file and the field, when it is not a valid `IncreLoRAConfig` (unknown or invalid fields:
+    written by hand or by another increlora_fast version)."""
+    try:
+        data = json.loads(meta["config"])
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON object is needed, not {type(data).__name__}")
+        return IncreLoRAConfig.from_dict(data)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: its saved config is not a valid IncreLoRAConfig (written by "
+                         f"another increlora_fast version?): {err}") from err
+
+
 def load_config(save_directory: PathLike) -> IncreLoRAConfig:
-    """The config an adapter was saved with (read from the weights file)."""
-    meta, _ = _read(Path(save_directory) / WEIGHTS_NAME)
-    return IncreLoRAConfig.from_dict(json.loads(meta["config"]))
+    """The config an adapter was saved with (read from the weights file).
+
+    Raises:
+        ValueError: the file is not a readable increlora_fast adapter, or its config has
+            unknown or invalid fields (the message names the file and the field).
+    """
+    path = Path(save_directory) / WEIGHTS_NAME
+    meta, _ = _read(path)
+    return _saved_config(meta, path)
 
 
 def _check(cond: bool, path: Path, message: str) -> None:
@@ -539,7 +559,7 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     """
     path = Path(save_directory) / WEIGHTS_NAME
     meta, tensors = _read(path)
-    saved_config = IncreLoRAConfig.from_dict(json.loads(meta["config"]))
+    saved_config = _saved_config(meta, path)
     config = get_config(model)
     merged = [n for n, layer in increlora_layers(model) if layer.merged]
     if merged:

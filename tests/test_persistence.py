@@ -503,3 +503,33 @@ def test_the_pad_token_travels_with_the_adapter(tmp_path):
     with pytest.warns(UserWarning, match="pad_token_id 39.*pad_token_id 0"):
         load_adapter(other, tmp_path / "adapter")
     assert other.config.pad_token_id == 0
+
+
+@pytest.mark.parametrize("change,field", [
+    (lambda c: c.update(new_knob=1), "new_knob"),
+    (lambda c: c.update(r_max=-1), "r_max"),
+    (lambda c: c.update(lora_alpha="16"), "lora_alpha"),
+    (lambda c: c.update(r=8, peft_type="LORA"), "peft_type"),
+], ids=["unknown", "invalid", "wrong-type", "peft-fields"])
+def test_a_saved_config_that_does_not_parse_names_the_file_and_field(saved, change, field):
+    base, config, _, directory = saved
+    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+        saved_config = json.loads(f.metadata()["config"])
+    change(saved_config)
+    _rewrite_metadata(directory / WEIGHTS, config=json.dumps(saved_config))
+    target = fresh(base, config)
+    before = state(target)
+    for load in (lambda: load_config(directory), lambda: load_adapter(target, directory)):
+        with pytest.raises(ValueError, match=field) as err:
+            load()
+        message = str(err.value)
+        assert str(directory / WEIGHTS) in message and "\n" not in message
+    assert_same_state(target, before)
+
+
+def test_a_saved_config_that_is_not_json_names_the_file(saved):
+    base, config, _, directory = saved
+    _rewrite_metadata(directory / WEIGHTS, config="{not json")
+    with pytest.raises(ValueError, match="config") as err:
+        load_config(directory)
+    assert str(directory / WEIGHTS) in str(err.value)
