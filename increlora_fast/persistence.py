@@ -384,9 +384,23 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
         CONFIG_NAME: json.dumps(summary, indent=2, sort_keys=True).encode()}, overwrite)
 
 
+def _peft_hint(directory: Path) -> str:
+    """``": <directory> holds a peft <type> adapter ..."`` when ``directory``'s
+    ``adapter_config.json`` is peft's (it names a ``peft_type``), else ``""``."""
+    try:
+        data = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    peft_type = data.get("peft_type") if isinstance(data, dict) else None
+    if not peft_type:
+        return ""
+    return (f": {directory} holds a peft {peft_type} adapter ({CONFIG_NAME} names its "
+            "peft_type), which peft.PeftModel.from_pretrained loads")
+
+
 def _read(path: Path):
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter file at {path}")
+        raise FileNotFoundError(f"no adapter file at {path}{_peft_hint(path.parent)}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -395,7 +409,8 @@ def _read(path: Path):
         raise ValueError(f"{path} is not a readable safetensors adapter file "
                          f"(truncated or corrupted?): {err}") from err
     if meta.get("format") != FORMAT or "config" not in meta:
-        raise ValueError(f"{path} is not an increlora_fast adapter (metadata {sorted(meta)})")
+        raise ValueError(f"{path} is not an increlora_fast adapter (metadata {sorted(meta)})"
+                         + _peft_hint(path.parent))
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path} is an increlora_fast adapter of format version "
                          f"{meta.get('format_version')}, and this increlora_fast reads version "

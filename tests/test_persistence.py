@@ -533,3 +533,19 @@ def test_a_saved_config_that_is_not_json_names_the_file(saved):
     with pytest.raises(ValueError, match="config") as err:
         load_config(directory)
     assert str(directory / WEIGHTS) in str(err.value)
+
+
+@pytest.mark.parametrize("safe_serialization", [True, False], ids=["safetensors", "bin"])
+def test_a_peft_adapter_is_named_as_one(tmp_path, tiny_net, safe_serialization):
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(copy.deepcopy(tiny_net), LoraConfig(target_modules=["fc"], r=2))
+    peft_model.save_pretrained(str(tmp_path), safe_serialization=safe_serialization)
+    target = fresh(tiny_net, make_config())
+    before = state(target)
+    for load in (lambda: load_config(tmp_path), lambda: load_adapter(target, tmp_path)):
+        with pytest.raises((ValueError, FileNotFoundError),
+                           match="peft LORA adapter.*PeftModel.from_pretrained") as err:
+            load()
+        assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
+    assert_same_state(target, before)
