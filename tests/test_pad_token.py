@@ -1,0 +1,65 @@
+"""A decoder without a pad token (GPT-2, Llama): `finetune` pads it with its EOS token, and what
+it writes gives the trained model's predictions when loaded as the README says."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from finetune_helpers import FILLER, cli, sentiment_rows, tiny_args, write_csv, write_tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    """A tiny GPT-2 without a pad token, and train/dev files whose texts differ in length, so
+    that every batch is padded."""
+    root = tmp_path_factory.mktemp("gpt2")
+    rng = random.Random(5)
+
+    def rows(n: int, seed: int):
+        return [dict(row, text=row["text"] + " " + " ".join(rng.sample(FILLER, rng.randrange(6))))
+                for row in sentiment_rows(n, seed)]
+    return {"model": str(write_tiny_gpt2(root / "gpt2")),
+            "train": str(write_csv(root / "train.csv", rows(48, 0))),
+            "dev": str(write_csv(root / "dev.csv", rows(24, 1))), "root": root}
+
+
+def dev_loss(tiny: dict, model: torch.nn.Module, tokenizer) -> float:
+    """Mean cross-entropy of ``model`` on the dev file, batched and padded as `tiny_args` runs
+    evaluate it (16 tokens, 8 per batch)."""
+    from increlora_fast.data import load_files
+    from increlora_fast.training.batches import Batches
+
+    data = load_files(tiny["train"], tiny["dev"])
+    batches = Batches(tokenizer, data.train, data.eval, 16, 8, 8, 0)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches.eval_batches():
+            labels = batch.pop("labels")
+            assert bool((batch["attention_mask"] == 0).any())  # padded
+            logits = model(**batch).logits.float()
+            total += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            count += len(labels)
+    return total / count
+
+
+def test_the_saved_adapter_scores_padded_batches_as_trained(tiny, tmp_path):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from increlora_fast import inject_increlora, load_adapter, load_config
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--target-modules", "c_attn", "--modules-to-save", "score",
+                         "--eval-batch-size", "8", "--seed", "2")) == 0
+    reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
+    eos = AutoTokenizer.from_pretrained(tiny["model"]).eos_token_id
+    assert json.loads((out / "adapter_config.json").read_text())["pad_token_id"] == eos
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny["model"], num_labels=2)
+    assert model.config.pad_token_id is None
+    model = load_adapter(inject_increlora(model, load_config(out)), out).eval()
+    assert model.config.pad_token_id == eos
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    tokenizer.pad_token = tokenizer.eos_token  # as the README says for such a decoder
+    assert dev_loss(tiny, model, tokenizer) == pytest.approx(reported, rel=1e-5)
