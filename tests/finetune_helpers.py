@@ -31,24 +31,27 @@ def write_tiny_bert(directory: Path, hidden: int = 32, layers: int = 2) -> Path:
     return directory
 
 
-def write_tiny_gpt2(directory: Path, hidden: int = 16) -> Path:
-    """Save a randomly initialised 1-layer GPT-2 and a word tokenizer over `VOCAB` (its
-    ``[PAD]`` renamed) that, like GPT-2's, has an EOS token and no pad token, into
-    ``directory``."""
+def write_tiny_gpt2(directory: Path, hidden: int = 16, config_pad: bool = False) -> Path:
+    """Save a randomly initialised 1-layer GPT-2 and a word tokenizer over `VOCAB` that, like
+    GPT-2's, has an EOS token and no pad token, into ``directory``. ``config_pad``: the model's
+    config names ``[PAD]`` as its ``pad_token_id`` (as some decoders' configs name a pad token
+    their tokenizer does not set); otherwise ``[PAD]`` is renamed EOS and the config names none."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import GPT2Config, GPT2Model, PreTrainedTokenizerFast
 
     directory.mkdir(parents=True, exist_ok=True)
-    words = ["<eos>" if w == "[PAD]" else w for w in VOCAB]
+    words = VOCAB + ["<eos>"] if config_pad else ["<eos>" if w == "[PAD]" else w for w in VOCAB]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>",
                                         unk_token="[UNK]")
     assert tokenizer.pad_token is None
     tokenizer.save_pretrained(str(directory))
+    eos = words.index("<eos>")
     GPT2Model(GPT2Config(n_embd=hidden, n_layer=1, n_head=2, vocab_size=len(words),
-                         n_positions=64, bos_token_id=0, eos_token_id=0)).save_pretrained(
-        str(directory))
+                         n_positions=64, bos_token_id=eos, eos_token_id=eos,
+                         pad_token_id=words.index("[PAD]") if config_pad else None)
+              ).save_pretrained(str(directory))
     return directory
 
 

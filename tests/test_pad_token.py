@@ -63,3 +63,36 @@ def test_the_saved_adapter_scores_padded_batches_as_trained(tiny, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
     tokenizer.pad_token = tokenizer.eos_token  # as the README says for such a decoder
     assert dev_loss(tiny, model, tokenizer) == pytest.approx(reported, rel=1e-5)
+
+
+def test_a_config_pad_token_the_tokenizer_lacks_is_the_one_batches_are_padded_with(tmp_path):
+    """A decoder classifier reads each input's last token before the config's pad token: when
+    the tokenizer has no pad token but the config names one, batches must be padded with it
+    (EOS instead would make the classifier read a padding position in training and
+    evaluation, and the last real token on an input scored alone)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from increlora_fast import inject_increlora, load_adapter, load_config
+    from increlora_fast.data import load_files
+    model_dir = write_tiny_gpt2(tmp_path / "gpt2", config_pad=True)
+    rng = random.Random(6)
+    rows = [dict(row, text=row["text"] + " " + " ".join(rng.sample(FILLER, rng.randrange(6))))
+            for row in sentiment_rows(40, 0)]
+    tiny = {"model": str(model_dir), "train": str(write_csv(tmp_path / "train.csv", rows[:32])),
+            "dev": str(write_csv(tmp_path / "dev.csv", rows[32:]))}
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--target-modules", "c_attn", "--modules-to-save", "score",
+                         "--eval-batch-size", "8", "--seed", "2", steps=4)) == 0
+    reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
+    model = load_adapter(inject_increlora(model, load_config(out)), out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    losses = []
+    with torch.no_grad():  # one input at a time: no padding at all
+        for example in load_files(tiny["train"], tiny["dev"]).eval:
+            ids = tokenizer(example.text, truncation=True, max_length=16, return_tensors="pt")
+            logits = model(**ids).logits
+            losses.append(float(torch.nn.functional.cross_entropy(
+                logits, torch.tensor([example.label]))))
+    assert sum(losses) / len(losses) == pytest.approx(reported, rel=1e-5)

@@ -135,16 +135,20 @@ def load_model(s: RunSettings, data: TaskData):
 
 
 def set_pad_token(tokenizer, model, name: str) -> None:
-    """Give a tokenizer without a pad token (decoder checkpoints: Llama, GPT-2, Mistral) its EOS
-    token (else its UNK token) as one, and a model config without ``pad_token_id`` the
-    tokenizer's: batches are padded, and a decoder's ``score`` head finds each input's last
-    token before the padding by that id.
+    """Give a tokenizer without a pad token (decoder checkpoints: Llama, GPT-2, Mistral) the one
+    the model's config names (``pad_token_id``), else its EOS token (else its UNK token), and a
+    model config without ``pad_token_id`` the tokenizer's: batches are padded, and a decoder's
+    ``score`` head finds each input's last token before the padding by the config's id, so
+    batches padded with another token would make it read a padding position.
 
     Raises:
         ValueError: the tokenizer has neither a pad, an EOS nor an UNK token.
     """
     if tokenizer.pad_token is None:
-        token = tokenizer.eos_token or tokenizer.unk_token
+        named = getattr(model.config, "pad_token_id", None)
+        token = (tokenizer.convert_ids_to_tokens(named)
+                 if isinstance(named, int) and 0 <= named < len(tokenizer) else None) \
+            or tokenizer.eos_token or tokenizer.unk_token
         if token is None:
             raise ValueError(f"--model {name}: its tokenizer has no pad, EOS or UNK token to "
                              "pad batches with; give its tokenizer a pad token")
