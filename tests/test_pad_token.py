@@ -96,3 +96,24 @@ def test_a_config_pad_token_the_tokenizer_lacks_is_the_one_batches_are_padded_wi
             losses.append(float(torch.nn.functional.cross_entropy(
                 logits, torch.tensor([example.label]))))
     assert sum(losses) / len(losses) == pytest.approx(reported, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "increlora", "full"])
+def test_outputs_that_cannot_record_the_pad_token_say_which_to_set(tiny, tmp_path, method):
+    """peft's adapter files do not hold the model config, so the pad token the run gave a base
+    without one is lost: the run names it. The IncreLoRA adapter records it, the full model's
+    config.json holds it."""
+    import warnings
+
+    out = tmp_path / method
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli(tiny_args(tiny, out, "--method", method, "--target-modules", "c_attn",
+                             "--modules-to-save", "score", "--eval-batch-size", "8",
+                             steps=2)) == 0
+    named = [str(w.message) for w in caught if "pad_token_id" in str(w.message)]
+    if method == "lora":
+        assert len(named) == 1 and str(out) in named[0]
+        assert "model.config.pad_token_id = 0" in named[0]
+    else:
+        assert named == []

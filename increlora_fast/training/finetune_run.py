@@ -100,7 +100,8 @@ def model_path(name: str) -> str:
 def load_model(s: RunSettings, data: TaskData):
     """(tokenizer, sequence-classification model) with a fresh head for the task's labels, in
     float32 whatever dtype the checkpoint was saved in (the master weights of mixed precision;
-    `device.Placement` autocasts the compute)."""
+    `device.Placement` autocasts the compute). The tokenizer may have no pad token yet
+    (`set_pad_token`)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -130,16 +131,18 @@ def load_model(s: RunSettings, data: TaskData):
         raise ValueError(f"--model {s.model} could not be loaded" + (
             f" ({off}, so only the local hub cache is searched)" if off else "")
             + f": {first}") from err
-    set_pad_token(tokenizer, model, s.model)
     return tokenizer, model
 
 
-def set_pad_token(tokenizer, model, name: str) -> None:
+def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
     """Give a tokenizer without a pad token (decoder checkpoints: Llama, GPT-2, Mistral) the one
     the model's config names (``pad_token_id``), else its EOS token (else its UNK token), and a
     model config without ``pad_token_id`` the tokenizer's: batches are padded, and a decoder's
     ``score`` head finds each input's last token before the padding by the config's id, so
     batches padded with another token would make it read a padding position.
+
+    Returns:
+        The ``pad_token_id`` given to the model's config, None when it had one.
 
     Raises:
         ValueError: the tokenizer has neither a pad, an EOS nor an UNK token.
@@ -153,8 +156,10 @@ def set_pad_token(tokenizer, model, name: str) -> None:
             raise ValueError(f"--model {name}: its tokenizer has no pad, EOS or UNK token to "
                              "pad batches with; give its tokenizer a pad token")
         tokenizer.pad_token = token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
+    if getattr(model.config, "pad_token_id", None) is not None:
+        return None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model.config.pad_token_id
 
 
 class HeadAddedWarning(UserWarning):
@@ -258,6 +263,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     seed_everything(s.seed)
     pooling = resolve_pooling(s.pooling, _model_folder(s.model))  # before the model loads
     tokenizer, model = load_model(s, data)
+    given_pad = set_pad_token(tokenizer, model, s.model)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
     if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
@@ -273,6 +279,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     if placement is not None:
         model = model.to(placement.device)
     run = build_method(model, s)
+    run.given_pad_token_id = given_pad
     if s.class_weights == "balanced":
         weights = balanced_class_weights(torch.tensor([e.label for e in train]), data.num_labels)
         run.class_weights = weights.to(placement.device if placement is not None else "cpu")
@@ -364,6 +371,13 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
                       f"apply_pooling(model, {pooling!r}) to the model it is loaded into"
                       + ("" if run.name == "full" else " (before peft loads the adapter)")
                       + ", or its predictions differ", stacklevel=3)
+    pad = run.given_pad_token_id
+    if pad is not None and not run.records_pad_token:
+        warnings.warn(f"the {run.name} peft adapter in {out} was trained with pad_token_id {pad}, "
+                      "which its base's config lacks and peft's files cannot record: set "
+                      f"model.config.pad_token_id = {pad} on the base before peft loads the "
+                      "adapter and pad inputs with that token, or its predictions on padded "
+                      "inputs differ", stacklevel=3)
     names = metrics.get("label_names") or []
     (out / LABELS_FILE).write_text(json.dumps(
         {"id2label": {str(i): n for i, n in enumerate(names)},

@@ -46,6 +46,11 @@ class MethodRun:
     # whether `save_artifacts` records the model's pooling (`pooling.model_pooling`), so that
     # loading the artifacts gives it again; peft's adapters and transformers' models cannot
     records_pooling = False
+    # the pad_token_id the run gave a model config without one (`finetune_run.set_pad_token`),
+    # and whether `save_artifacts` records the config's pad_token_id (transformers' config.json
+    # does; peft's adapter files cannot)
+    given_pad_token_id: Optional[int] = None
+    records_pad_token = True
 
     def __init__(self, model: nn.Module, settings: RunSettings) -> None:
         self.model = model

@@ -55,6 +55,7 @@ class LoRARun(MethodRun):
     """peft LoRA with rank ``target_rank`` in every target module."""
 
     name = "lora"
+    records_pad_token = False  # peft's adapter files hold no model config
 
     def __init__(self, model: nn.Module, settings: RunSettings) -> None:
         from peft import LoraConfig, TaskType, get_peft_model
