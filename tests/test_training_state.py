@@ -62,6 +62,20 @@ def test_a_damaged_trainer_state_is_a_clear_error(run, tmp_path, capsys, damage)
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
 
 
+def test_a_trainer_state_of_a_newer_version_is_a_clear_error(run, tmp_path, capsys):
+    import torch
+
+    ckpt = _copy(run, tmp_path)
+    path = ckpt / "trainer_state.pt"
+    envelope = torch.load(path, weights_only=True)
+    envelope["version"] += 1
+    torch.save(envelope, path)
+    code, err = _resume(ckpt, tmp_path, capsys)
+    assert code == 2 and len(err) == 1 and "trainer_state.pt" in err[0], err
+    assert f"version {envelope['version']}" in err[0]
+    assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("name", ["settings.json", "adapter_model.safetensors",
                                   "adapter_config.json"])
 def test_every_part_of_the_checkpoint_is_checksummed(run, tmp_path, capsys, name):

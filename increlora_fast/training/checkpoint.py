@@ -145,6 +145,10 @@ def _verified_envelope(directory: Path) -> Dict:
     if not isinstance(envelope, dict) or envelope.get("format") != STATE_FORMAT or \
             not isinstance(envelope.get("payload"), bytes):
         raise ValueError(f"{path} is not an increlora-fast trainer state with checksums")
+    if envelope.get("version") != STATE_VERSION:
+        raise ValueError(f"{path} is a trainer state of version {envelope.get('version')}, and "
+                         f"this increlora-fast reads version {STATE_VERSION} only; resume it "
+                         "with the increlora-fast that wrote it")
     if hashlib.sha256(envelope["payload"]).hexdigest() != envelope.get("sha256"):
         raise ValueError(f"{path} is corrupted: its contents do not match the checksum saved "
                          "with them")
