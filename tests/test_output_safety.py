@@ -79,6 +79,20 @@ def test_rotation_keeps_the_checkpoint_a_resume_started_from(tiny, tmp_path):
     assert (out / "checkpoint-5").is_dir()
 
 
+def test_a_second_resume_leaves_the_first_ones_checkpoint_alone(tiny, tmp_path):
+    """Resuming checkpoint-4 again after a first resume wrote checkpoint-5 beside it: the
+    second run's step 5 must not replace (nor its rotation delete) the first run's folder."""
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2", steps=6)) == 0
+    resume = ["--resume", str(out / "checkpoint-4"), "--output-dir", str(out), "--no-progress",
+              "--save-steps", "1"]
+    assert cli(resume) == 0
+    (out / "checkpoint-5" / "notes.txt").write_text("the first resume's checkpoint")
+    kept = digests(out / "checkpoint-5")
+    assert cli(resume) == 0
+    assert digests(out / "checkpoint-5") == kept
+
+
 def test_a_resume_never_writes_into_its_own_checkpoint(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(args(tiny, out, "--save-steps", "2")) == 0

@@ -301,7 +301,8 @@ def check_finite(run: MethodRun, step: int) -> None:
 class _Checkpointer:
     """Saves a checkpoint every ``save_steps`` steps (with ``place``'s GradScaler, if any) and
     removes the previous one this run wrote (``written`` collects their names); checkpoints of
-    other runs are never touched."""
+    other runs are never touched: a step whose checkpoint folder another run wrote (a resume
+    from a checkpoint an earlier resume continued too) is not saved."""
 
     def __init__(self, out: Path, run: MethodRun, s: RunSettings, save_steps: int,
                  written: List[str], place: Placement) -> None:
@@ -319,6 +320,8 @@ class _Checkpointer:
         state.sync(run.name)  # a non-finite loss is named before the parameters are
         check_finite(run, state.step)
         name = f"{CHECKPOINT_PREFIX}{state.step}"
+        if name not in written and (self.out / name).exists():
+            return  # another run's (an earlier resume from the same checkpoint): kept as it is
         save_checkpoint(self.out / name, run, self.s, state, self.place.scaler)
         for old in [w for w in written if w != name]:
             remove_checkpoint(self.out / old)
