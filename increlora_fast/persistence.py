@@ -500,6 +500,20 @@ def model_pad_token_id(model: nn.Module) -> Optional[int]:
     return getattr(getattr(model, "config", None), "pad_token_id", None)
 
 
+def _saved_pad_token_id(meta: Dict[str, str], path: Path) -> Optional[int]:
+    """The ``pad_token_id`` recorded in the weights file at ``path`` (None: none recorded);
+    ValueError naming the file when the record is not null or a token id."""
+    text = meta.get(PAD_KEY, "null")
+    try:
+        pad = json.loads(text)
+    except ValueError:
+        pad = text
+    if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 0):
+        raise ValueError(f"{path}: its recorded {PAD_KEY} {text!r} is not a token id "
+                         "(damaged or edited metadata)")
+    return pad
+
+
 def _check_pad_token(pad: Optional[int], model: nn.Module, directory: Path) -> None:
     """A warning, one line, when ``model`` pads with another token than the model the adapter
     in ``directory`` was trained as (``pad``; None: not recorded, or that model had none)."""
@@ -611,7 +625,7 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         updates.append((param, value))
     pooling = meta.get(POOLING_KEY)
     _check_pooling(pooling, model, Path(save_directory))
-    pad = json.loads(meta[PAD_KEY]) if PAD_KEY in meta else None
+    pad = _saved_pad_token_id(meta, path)
     _check_pad_token(pad, model, Path(save_directory))
     if check_base:
         # by identity: a base weight tied to a parameter to save is saved under that name

@@ -549,3 +549,15 @@ def test_a_peft_adapter_is_named_as_one(tmp_path, tiny_net, safe_serialization):
             load()
         assert str(tmp_path) in str(err.value) and "\n" not in str(err.value)
     assert_same_state(target, before)
+
+
+@pytest.mark.parametrize("value", ["{oops", '"7"', "-3", "true"])
+def test_a_damaged_pad_token_record_names_the_file(saved, value):
+    base, config, _, directory = saved
+    _rewrite_metadata(directory / WEIGHTS, pad_token_id=value)
+    target = fresh(base, config)
+    before = state(target)
+    with pytest.raises(ValueError, match="pad_token_id") as err:
+        load_adapter(target, directory)
+    assert str(directory / WEIGHTS) in str(err.value) and "\n" not in str(err.value)
+    assert_same_state(target, before)
