@@ -221,6 +221,24 @@ class BaseMismatchError(ValueError):
         self.detail = detail
 
 
+def _recorded_base(meta: Dict[str, str], directory: Path) -> Dict[str, Any]:
+    """The base recorded in the weights file's metadata, ``{"name_or_path": ..., "fingerprint":
+    `base_fingerprint`}``; ValueError naming the file when it is not that (damaged or edited
+    metadata, which the tensor checksum does not cover)."""
+    try:
+        recorded = json.loads(meta[BASE_KEY])
+        fingerprint = recorded["fingerprint"]
+        entries = fingerprint["modules"].items()
+        if not isinstance(fingerprint["digest"], str) or not all(
+                isinstance(n, str) and isinstance(e, str) for n, e in entries):
+            raise ValueError("module entries are not strings")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"adapter {directory / WEIGHTS_NAME}: its recorded base (metadata "
+                         f"{BASE_KEY!r}) is damaged or edited ({type(err).__name__}: {err}); "
+                         "pass check_base=False to load it without checking the base") from err
+    return recorded
+
+
 def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
                 carried: Sequence[str] = ()) -> None:
     """`BaseMismatchError`, one line naming both bases, when ``model`` is not the base the
@@ -235,7 +253,7 @@ def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
                       "increlora_fast), so which base it belongs to cannot be checked; save it "
                       "again to record it", stacklevel=3)
         return
-    recorded = json.loads(meta[BASE_KEY])
+    recorded = _recorded_base(meta, directory)
     fingerprint, current = recorded["fingerprint"], base_fingerprint(model)
 
     def compared(entries: Dict[str, Any]) -> Dict[str, Any]:

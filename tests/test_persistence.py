@@ -561,3 +561,17 @@ def test_a_damaged_pad_token_record_names_the_file(saved, value):
         load_adapter(target, directory)
     assert str(directory / WEIGHTS) in str(err.value) and "\n" not in str(err.value)
     assert_same_state(target, before)
+
+
+@pytest.mark.parametrize("value", ["{oops", "[]", '{"name_or_path": null}',
+                                   '{"fingerprint": {"digest": "0", "modules": {"fc": 1}}}'])
+def test_a_damaged_base_record_names_the_file(saved, value):
+    base, config, _, directory = saved
+    _rewrite_metadata(directory / WEIGHTS, base=value)
+    target = fresh(base, config)
+    before = state(target)
+    with pytest.raises(ValueError, match="recorded base") as err:
+        load_adapter(target, directory)
+    assert str(directory / WEIGHTS) in str(err.value) and "\n" not in str(err.value)
+    assert "check_base=False" in str(err.value)
+    assert_same_state(target, before)
