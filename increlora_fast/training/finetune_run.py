@@ -321,7 +321,11 @@ class _Checkpointer:
         check_finite(run, state.step)
         name = f"{CHECKPOINT_PREFIX}{state.step}"
         if name not in written and (self.out / name).exists():
-            return  # another run's (an earlier resume from the same checkpoint): kept as it is
+            # another run's (an earlier resume from the same checkpoint): kept as it is
+            warnings.warn(f"{self.out / name} was written by another run (an earlier resume "
+                          f"from the same checkpoint?) and is kept; this run's step {state.step} "
+                          "is not checkpointed there", stacklevel=2)
+            return
         save_checkpoint(self.out / name, run, self.s, state, self.place.scaler)
         for old in [w for w in written if w != name]:
             remove_checkpoint(self.out / old)
