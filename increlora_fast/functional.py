@@ -37,7 +37,7 @@ from .kernels.reference import (accumulate_dense_grad_, adapted_linear_torch, de
 
 __all__ = ["adapted_linear", "adapted_linear_torch", "effective_lambda", "delta_w_score_dense",
            "accumulate_dense_grad_", "select_backend", "triton_available", "choose_path",
-           "refresh_settings"]
+           "refresh_settings", "refuse_mixed_base_dtypes"]
 
 BACKEND_ENV = "INCRELORA_BACKEND"
 BACKENDS = ("torch", "triton")
@@ -240,29 +240,64 @@ def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.T
                 weight_in_out: bool, has_bias: bool, dropout: bool,
                 exact_step: bool) -> str:
     """``"torch"``, ``"triton"`` or ``"fused"`` for one call (see the module docstring); the
-    decision is cached per (devices, dtypes, autocast, r_max, flags)."""
-    return _path_and_dtype(x, weight, lora_A, weight_in_out, has_bias, dropout, exact_step)[0]
+    decision is cached per (devices, dtypes, autocast, r_max, flags). A bias is taken to be of
+    the weight's dtype.
+
+    Raises:
+        RuntimeError: ``weight``'s dtype and x's differ where ``nn.Linear`` would refuse them
+            (`refuse_mixed_base_dtypes`).
+    """
+    bias_dtype = (x.dtype if weight is None else weight.dtype) if has_bias else None
+    return _path_and_dtype(x, weight, bias_dtype, lora_A, weight_in_out, dropout,
+                           exact_step)[0]
 
 
-def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
-                    weight_in_out: bool, has_bias: bool, dropout: bool,
+def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
+                    bias_dtype: Optional[torch.dtype], lora_A: torch.Tensor,
+                    weight_in_out: bool, dropout: bool,
                     exact_step: bool) -> Tuple[str, torch.dtype]:
     """(`choose_path`, the compute dtype: the autocast dtype under autocast, else x's, as
-    `kernels.utils.compute_dtype`), from one read of the autocast state."""
+    `kernels.utils.compute_dtype`), from one read of the autocast state; a new key is first
+    checked by `refuse_mixed_base_dtypes` (raising, it is not remembered)."""
     device = x.device
     autocast = torch.is_autocast_enabled(device.type) and x.dtype != torch.float64 and \
         torch.get_autocast_dtype(device.type)
     key = (device, x.dtype, autocast, lora_A.dtype, lora_A.shape[0],
-           None if weight is None else weight.dtype, weight_in_out, has_bias, dropout, exact_step)
+           None if weight is None else weight.dtype, weight_in_out, bias_dtype, dropout,
+           exact_step)
     path = _PATHS.get(key)
     if path is None:
-        path = _decide_path(x, weight, lora_A, weight_in_out, has_bias, dropout, exact_step)
+        if weight is not None:
+            refuse_mixed_base_dtypes(x.dtype, weight.dtype, bias_dtype, device.type)
+        path = _decide_path(x, weight, lora_A, weight_in_out, bias_dtype is not None, dropout,
+                            exact_step)
         # A variant checked while capturing, compiling or only building kernels is trusted
         # unchecked: decide again.
         if not (torch.compiler.is_compiling() or building_only_active()
                 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             _PATHS[key] = path
     return path, autocast or x.dtype
+
+
+def refuse_mixed_base_dtypes(x_dtype: torch.dtype, weight_dtype: torch.dtype,
+                             bias_dtype: Optional[torch.dtype], device_type: str) -> None:
+    """RuntimeError where ``nn.Linear`` (and transformers Conv1D) refuse a ``x_dtype`` input to
+    a base of ``weight_dtype`` (and ``bias_dtype``) on ``device_type`` now: without autocast the
+    dtypes must be equal; autocast casts float32, bfloat16 and float16 tensors to its dtype and
+    leaves float64 alone, so float64 must meet float64. The torch path's ``F.linear`` raises
+    there by itself; the Triton path would cast the weight to x's dtype and compute silently,
+    so both paths ask this first, with one message."""
+    autocast = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type)
+
+    def cast(dtype: torch.dtype) -> torch.dtype:
+        return autocast if autocast and dtype != torch.float64 else dtype
+    for name, dtype in (("weight", weight_dtype), ("bias", bias_dtype)):
+        if dtype is not None and cast(dtype) != cast(x_dtype):
+            under = f" under {device_type} autocast to {autocast}" if autocast else ""
+            raise RuntimeError(
+                f"adapted linear: a {x_dtype} input to a base layer with a {dtype} {name}"
+                f"{under}, which nn.Linear refuses too; cast the input or the model to one "
+                "dtype, or run under torch.autocast (it casts both unless one is float64)")
 
 
 def _decide_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
@@ -301,8 +336,9 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     """
     x_adapter = dropout(x) if dropout is not None else None
     weight = None if base_forward is not None else base_weight
-    path, out_dtype = _path_and_dtype(x, weight, lora_A, weight_in_out, base_bias is not None,
-                                      x_adapter is not None, grad_out is not None)
+    path, out_dtype = _path_and_dtype(x, weight, None if base_bias is None else base_bias.dtype,
+                                      lora_A, weight_in_out, x_adapter is not None,
+                                      grad_out is not None)
     if path == "torch":
         return adapted_linear_torch(x, base_weight, base_bias, lora_A, lora_B, lora_lambda,
                                     slot_state, lora_alpha, reserve_value,

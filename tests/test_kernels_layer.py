@@ -133,3 +133,37 @@ def test_fp16_adapters_keep_a_float32_lambda_gradient_beyond_fp16_range(backend,
                                (a.grad, b.grad, lam.grad)):
         assert torch.isfinite(got).all(), name
         assert rel_err(got, want) <= TOL16, name
+
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_input_and_base_dtypes_follow_nn_linear_on_both_paths(backend, monkeypatch,
+                                                              kernel_device):
+    """Every input x base weight dtype pair, with autocast (bfloat16) off and on: where
+    nn.Linear raises, the layer raises on both paths with one message naming both dtypes
+    (the Triton path used to cast the base weight to the input's dtype and compute, e.g. a
+    float32 input to a bfloat16 base); where nn.Linear computes, the layer's output has its
+    dtype."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")  # the variants' checks: other tests
+    for x_dtype in DTYPES:
+        for w_dtype in DTYPES:
+            base = nn.Linear(8, 6).to(kernel_device, w_dtype)
+            layer = IncreLoRALinear(base, r_max=4, init_r=2, reserve_rank=1)
+            x = torch.randn(3, 8, device=kernel_device).to(x_dtype)
+            for autocast in (False, True):
+                with torch.autocast(kernel_device, dtype=torch.bfloat16, enabled=autocast):
+                    try:
+                        want = base(x).dtype
+                    except RuntimeError:
+                        want = None
+                    case = (x_dtype, w_dtype, autocast)
+                    if want is None:
+                        with pytest.raises(RuntimeError, match="nn.Linear refuses") as error:
+                            layer(x)
+                        assert str(x_dtype) in str(error.value), case
+                        assert str(w_dtype) in str(error.value), case
+                    else:
+                        assert layer(x).dtype == want, case
