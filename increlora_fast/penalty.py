@@ -12,8 +12,10 @@ none). Two paths compute it:
   launch forward and one backward over every module (`kernels.orth_penalty.OrthPenalty`), which
   read each A and B where it lives, through a table of addresses on the device. Each dtype of
   slot buffers is checked once per device against float64 first (`functional.orth_penalty_ok`).
-- **torch** (CPU, float64 buffers, torch.compile, a failed check): batched over the modules of
-  one shape, stacking their A and B at each call.
+- **torch** (CPU, float64 buffers, torch.compile, a failed check, a model split over devices,
+  whose buffers one table of addresses cannot hold): batched over the modules of one shape,
+  device and dtype, stacking their A and B at each call; each batch's term is added on the
+  first layer's device.
 
 Nothing is read on the host. The masks of which slots count and train are cached and rebuilt
 only when a layer's ``slot_version`` or ``advance_learning`` changes, in place where they can be
@@ -41,11 +43,10 @@ class OrthogonalPenalty:
     def __init__(self, layers: List[IncreLoRALinear], config: IncreLoRAConfig) -> None:
         self.layers = list(layers)
         self.config = config
-        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
-        for layer in self.layers:
-            groups[(layer.in_features, layer.out_features, layer.r_max)].append(layer)
-        # the torch path's groups of one shape, and per group its cached masks
-        self._groups: List[List[IncreLoRALinear]] = list(groups.values())
+        # the torch path's groups of one shape, device and dtype (`_groups_now`), the devices
+        # and dtypes of the layers' A and B they were made for, and per group its cached masks
+        self._groups: List[List[IncreLoRALinear]] = []
+        self._layout: Optional[tuple] = None
         self._group_masks: Dict[int, tuple] = {}
         # the Triton path's kernels (built on its first use) and its (key, masks); never where
         # a layer has more slots than they take (as the layers' own kernels), a refusal made
@@ -68,7 +69,7 @@ class OrthogonalPenalty:
         """Bring the cached masks made so far up to date with the layers' slots now, in place. An
         allocation round calls it, so that a step replayed from a CUDA graph captured before the
         round (which does not run the Python that would refresh them) reads the new masks."""
-        for index, members in enumerate(self._groups):
+        for index, members in enumerate(self._groups_now()):
             if index in self._group_masks:
                 self._masks_of_group(index, members)
         if self._kernel_masks is not None and self._kernels is not None:
@@ -129,9 +130,26 @@ class OrthogonalPenalty:
         return cached[1][0]
 
     # ------------------------------------------------------------------ torch path
+    def _groups_now(self) -> List[List[IncreLoRALinear]]:
+        """The layers in groups that stack: one shape, and A and B on one device in one dtype
+        each (a model split over devices, device_map's, or with layers of other adapter
+        dtypes, has several groups of one shape). Regrouped, and the groups' masks made anew,
+        when a layer's A or B moved or changed dtype since the last call."""
+        layout = tuple((m._parameters["lora_A"].device, m._parameters["lora_A"].dtype,
+                        m._parameters["lora_B"].device, m._parameters["lora_B"].dtype)
+                       for m in self.layers)
+        if layout != self._layout:
+            groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
+            for layer, where in zip(self.layers, layout):
+                groups[(where, layer.in_features, layer.out_features, layer.r_max)].append(layer)
+            self._groups, self._layout = list(groups.values()), layout
+            self._group_masks.clear()
+        return self._groups
+
     def _stacked_loss(self, weight: float) -> torch.Tensor:
-        total = torch.zeros((), device=self.layers[0].lora_A.device)
-        for index, members in enumerate(self._groups):
+        device = self.layers[0].lora_A.device
+        total = torch.zeros((), device=device)
+        for index, members in enumerate(self._groups_now()):
             trains, w, eye = self._masks_of_group(index, members)
             # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
             # In float32 at least, as the kernels accumulate: near orthonormality the entries of
@@ -140,8 +158,9 @@ class OrthogonalPenalty:
             a = torch.where(trains[:, :, None], a, a.detach()) * w[:, :, None]
             b = torch.stack([m.lora_B for m in members]).to(w.dtype)
             b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
-            total = total + torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
+            term = torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
                 + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
+            total = total + term.to(device)  # summed on the first layer's device
         return weight * total / (2 * len(self.layers))
 
     def _masks_of_group(self, index: int, members: List[IncreLoRALinear]
