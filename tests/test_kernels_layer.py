@@ -167,3 +167,30 @@ def test_input_and_base_dtypes_follow_nn_linear_on_both_paths(backend, monkeypat
                         assert str(w_dtype) in str(error.value), case
                     else:
                         assert layer(x).dtype == want, case
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_backward_through_a_retained_graph_is_scored(backend, monkeypatch, kernel_device):
+    """Two losses of one forward, the first backward retaining the graph: each backward adds
+    its own exact score and dense G, as separate forwards of the two losses would (the step's
+    G is the sum, spec section 3). The torch path scored the first backward only (its hook
+    dropped what it read), the Triton path both."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    layer = make_layer(False, device=kernel_device)
+    x = torch.randn(2, 5, 19, dtype=torch.float64, device=kernel_device)
+    losses = (lambda y: y.sum(), lambda y: (y * y).sum())
+    for exact_step in (False, True):
+        layer.exact_step_score = exact_step
+        take = layer.take_score_grad if exact_step else layer.take_score
+        alone = []
+        for loss in losses:
+            loss(layer(x)).backward()
+            alone.append(take())
+        y = layer(x)
+        losses[0](y).backward(retain_graph=True)
+        first = take()
+        losses[1](y).backward()
+        second = take()
+        assert torch.count_nonzero(first) > 0 and not torch.equal(first, second)
+        torch.testing.assert_close(first, alone[0], rtol=1e-12, atol=0)
+        torch.testing.assert_close(second, alone[1], rtol=1e-12, atol=0)

@@ -204,6 +204,43 @@ def accumulate_dense_grad_(grad_out: torch.Tensor, dy: torch.Tensor, x: torch.Te
     grad_out.addmm_(dy.t().to(grad_out.dtype), x.to(grad_out.dtype))
 
 
+class _ScoreTap(torch.autograd.Function):
+    """The identity on the adapted linear's output ``y`` (marked dirty: no copy, no view)
+    whose backward adds the exact module score of its gradient dy, and ``dy^T x_a``, into the
+    accumulators, as the Triton op's backward does: once per backward through it, so a second
+    backward through a retained graph (two losses of one forward) adds its own, the sum over
+    backwards of the step (spec section 3). The tensors it reads are saved for the backward as
+    autograd saves any: freed after a backward that does not retain the graph (a loss kept
+    alive into the next step keeps no layer's input alive), under the caller's saved-tensor
+    hooks (activation checkpointing, offloading)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, xa: torch.Tensor, lora_A: torch.Tensor,
+                lora_B: torch.Tensor, lam: torch.Tensor,
+                accumulators: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+                ) -> torch.Tensor:
+        ctx.mark_dirty(y)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(xa, lora_A, lora_B, lam)
+        ctx.accumulators = accumulators
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Optional[torch.Tensor]) -> tuple:
+        if dy is not None:  # an undefined gradient (gradcheck asks for one) adds nothing
+            xs, a, b, lam = ctx.saved_tensors
+            score_out, grad_out = ctx.accumulators
+            with torch.no_grad():
+                if score_out is not None and dy.shape[1] * xs.shape[1] <= DENSE_SCORE_MAX_NUMEL:
+                    dw = (b.to(lam.dtype) * lam) @ a.to(lam.dtype)
+                    score_out.add_(delta_w_score_dense(dw, dy, xs).to(score_out.dtype))
+                elif score_out is not None:
+                    delta_w_score_chunked(dy, xs, a, b, lam, score_out)
+                if grad_out is not None:
+                    accumulate_dense_grad_(grad_out, dy, xs)
+        return dy, None, None, None, None, None
+
+
 def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
                          base_bias: Optional[torch.Tensor], lora_A: torch.Tensor,
                          lora_B: torch.Tensor, lora_lambda: torch.Tensor,
@@ -222,9 +259,9 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     output in place; lambda's gradient comes in lambda's own dtype (float32 with 16-bit A and B,
     see `lambda_dtype`), summed in float32. ``score_out`` receives the exact module score of
     each backward (dense up to `DENSE_SCORE_MAX_NUMEL` entries of G, else in chunks) and
-    ``grad_out`` the dense ``dy^T x_a``, both in a gradient hook. The slots the kernels never
-    read enter as exact zeros (`read_slots`): NaN or inf in their A rows and B columns reaches
-    no output, gradient or score.
+    ``grad_out`` the dense ``dy^T x_a``, at each backward through ``y`` (`_ScoreTap`). The
+    slots the kernels never read enter as exact zeros (`read_slots`): NaN or inf in their A
+    rows and B columns reaches no output, gradient or score.
     """
     in_features = lora_A.shape[1]
     lead = x.shape[:-1]
@@ -252,30 +289,8 @@ def adapted_linear_torch(x: torch.Tensor, base_weight: Optional[torch.Tensor],
         delta = s @ b_t
         y = delta if y is None else y + delta.to(y.dtype)
     if (score_out is not None or grad_out is not None) and y.requires_grad:
-        # Held until the hook has run once, then dropped: a loop that keeps its loss alive into
-        # the next step must not keep every layer's input alive with it. Under torch.compile the
-        # clear() graph-breaks a tracked forward (untracked ones register no hook); a hook
-        # without it made dynamo (torch 2.13, aot_eager) return the model's output without its
-        # loss, so the break stays (tests/test_trainer.py: compiled == eager).
-        held = [xa2.detach(), lora_A.detach(), lora_B.detach(), lam.detach()]
-
-        def hook(dy: Optional[torch.Tensor]) -> None:
-            if dy is None or not held:
-                # an undefined gradient (gradcheck asks for one) adds nothing; a second
-                # backward through a retained graph is scored once
-                return
-            xs, a, b, l = held
-            held.clear()
-            with torch.no_grad():
-                if score_out is not None and dy.shape[1] * xs.shape[1] <= DENSE_SCORE_MAX_NUMEL:
-                    dw = (b.to(l.dtype) * l) @ a.to(l.dtype)
-                    score_out.add_(delta_w_score_dense(dw, dy, xs).to(score_out.dtype))
-                elif score_out is not None:
-                    delta_w_score_chunked(dy, xs, a, b, l, score_out)
-                if grad_out is not None:
-                    accumulate_dense_grad_(grad_out, dy, xs)
-
-        y.register_hook(hook)
+        y = _ScoreTap.apply(y, xa2.detach(), lora_A.detach(), lora_B.detach(), lam.detach(),
+                            (score_out, grad_out))
     return y.reshape(*lead, y.shape[-1])
 
 
