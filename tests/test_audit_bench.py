@@ -411,3 +411,23 @@ def test_a_triton_layer_row_that_launched_nothing_is_failed(monkeypatch):
     assert status["increlora-triton"][0] == "failed"
     assert "launched no Triton kernel" in status["increlora-triton"][1]
 
+
+
+def test_notes_without_results_md_are_refused(tmp_path, capsys, monkeypatch):
+    """``--notes PATH`` only goes under the tables of RESULTS.md; without ``--results-md`` (or
+    ``--report-only``, which writes it) no RESULTS.md is written, so the notes were read and
+    dropped after a full measuring run. Now one error line names it before anything runs."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("my notes\n")
+    assert main(["bench", "--levels", "host", "--csv", "", "--plot", "",
+                 "--notes", str(notes)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--notes {notes}" in err[0] and "--results-md" in err[0]
+    assert notes.read_text() == "my notes\n"

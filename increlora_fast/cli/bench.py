@@ -91,7 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="records of other runs (e.g. a GPU run), or a gpu-check's "
                           "gpu_check.json, to put in RESULTS.md")
     out.add_argument("--notes", metavar="PATH",
-                     help="a Markdown file of notes to put under the tables of RESULTS.md")
+                     help="with --results-md: a Markdown file of notes to put under the tables "
+                          "of RESULTS.md")
     out.add_argument("--report-only", action="store_true",
                      help="measure nothing: build RESULTS.md from --include-json records")
     layer = parser.add_argument_group("layer level (overrides of the quick/full grid)")
@@ -392,6 +393,9 @@ def run(args: argparse.Namespace) -> int:
                              f"{DEFAULT_PLOT_DIR}/; --plot '' turns them off)")
         if args.report_only and not args.results_md:
             args.results_md = DEFAULT_RESULTS_MD
+        if args.notes and not args.results_md:
+            raise ValueError(f"--notes {args.notes} goes under the tables of RESULTS.md, which "
+                             "only --results-md writes; add --results-md or leave it out")
         bad = [level for level in args.levels if level not in LEVELS]
         if bad:
             raise ValueError(f"--levels entry {bad[0]!r} is invalid: use {', '.join(LEVELS)}")
