@@ -431,3 +431,23 @@ def test_notes_without_results_md_are_refused(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--notes {notes}" in err[0] and "--results-md" in err[0]
     assert notes.read_text() == "my notes\n"
+
+
+def test_include_json_without_results_md_is_refused(tmp_path, capsys, monkeypatch):
+    """``--include-json PATH`` records go into RESULTS.md only; a measuring run without
+    ``--results-md`` read them and left them out of everything it wrote (console, --json,
+    --csv, its plot), after the whole run. Now one error line names it before anything runs."""
+    from pathlib import Path
+
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
+    assert main(["bench", "--levels", "host", "--csv", "", "--plot", "",
+                 "--include-json", str(stored)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--include-json {stored}" in err[0] and "--results-md" in err[0]

@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      metavar="PATH", help=f"write RESULTS.md (default {DEFAULT_RESULTS_MD}) "
                                           "from this run plus --include-json records")
     out.add_argument("--include-json", action="append", default=[], metavar="PATH",
-                     help="records of other runs (e.g. a GPU run), or a gpu-check's "
-                          "gpu_check.json, to put in RESULTS.md")
+                     help="with --results-md: records of other runs (e.g. a GPU run), or "
+                          "a gpu-check's gpu_check.json, to put in RESULTS.md")
     out.add_argument("--notes", metavar="PATH",
                      help="with --results-md: a Markdown file of notes to put under the tables "
                           "of RESULTS.md")
@@ -393,9 +393,11 @@ def run(args: argparse.Namespace) -> int:
                              f"{DEFAULT_PLOT_DIR}/; --plot '' turns them off)")
         if args.report_only and not args.results_md:
             args.results_md = DEFAULT_RESULTS_MD
-        if args.notes and not args.results_md:
-            raise ValueError(f"--notes {args.notes} goes under the tables of RESULTS.md, which "
-                             "only --results-md writes; add --results-md or leave it out")
+        for option, path in (("--notes", args.notes),
+                             ("--include-json", next(iter(args.include_json), None))):
+            if path and not args.results_md:
+                raise ValueError(f"{option} {path} goes into RESULTS.md, which only "
+                                 "--results-md writes; add --results-md or leave it out")
         bad = [level for level in args.levels if level not in LEVELS]
         if bad:
             raise ValueError(f"--levels entry {bad[0]!r} is invalid: use {', '.join(LEVELS)}")
