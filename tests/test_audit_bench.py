@@ -451,3 +451,20 @@ def test_include_json_without_results_md_is_refused(tmp_path, capsys, monkeypatc
                  "--include-json", str(stored)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--include-json {stored}" in err[0] and "--results-md" in err[0]
+
+
+def test_report_only_refuses_a_json_path_it_would_fill_with_nothing(tmp_path, capsys):
+    """``--json PATH`` writes the records of the run being measured; with ``--report-only``
+    (which measures nothing) it wrote ``[]`` there, an empty record file that reads as a run
+    that measured nothing. Now it is one error line and nothing is written."""
+    from pathlib import Path
+
+    from increlora_fast.cli.main import main
+
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
+    out = tmp_path / "records.json"
+    assert main(["bench", "--report-only", "--include-json", str(stored), "--plot", "",
+                 "--results-md", str(tmp_path / "R.md"), "--json", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--json {out}" in err[0] and "--report-only" in err[0]
+    assert not out.exists() and not (tmp_path / "R.md").exists()

@@ -210,25 +210,33 @@ def test_model_schedules_time_tracking_alone_and_rounds_apart(method):
     assert phases[:end].count("alloc") >= 2
 
 
-def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
+def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys, monkeypatch):
     """``bench --json PATH`` wrote over any file (notes, a model config), as `memory --json`
     did before it was fixed (found by an audit); now only earlier records are replaced, and
     another file is refused before anything is measured."""
+    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
     stored = Path(__file__).resolve().parents[1] / "bench" / "records" / \
         "cpu_host_overhead_small.json"
-    report = ["bench", "--report-only", "--include-json", str(stored), "--results-md",
-              str(tmp_path / "r.md"), "--json"]
+    measured = json.loads(stored.read_text())
+    calls = []
+
+    def measure(*args, **kwargs):
+        calls.append(1)
+        return [dict(r) for r in measured]
+    monkeypatch.setattr(bench, "_measure", measure)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    run = ["bench", "--levels", "host", "--csv", "", "--plot", "", "--json"]
     notes = tmp_path / "notes.json"
     notes.write_text('{"mine": true}\n')
-    assert main(report + [str(notes)]) != 0
-    assert notes.read_text() == '{"mine": true}\n' and not (tmp_path / "r.md").exists()
+    assert main(run + [str(notes)]) != 0
+    assert notes.read_text() == '{"mine": true}\n' and not calls
     assert "--json" in capsys.readouterr().err
     earlier = tmp_path / "records.json"
-    earlier.write_text(stored.read_text())
-    assert main(report + [str(earlier)]) == 0
-    assert json.loads(earlier.read_text()) == []  # --report-only measures nothing
+    earlier.write_text("[]")
+    assert main(run + [str(earlier)]) == 0
+    assert json.loads(earlier.read_text()) == measured
 
 
 def test_report_only_gives_each_run_its_own_plot(tmp_path, monkeypatch):

@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads (default: torch's choice)")
     out = parser.add_argument_group("output")
     out.add_argument("--json", dest="json_path", metavar="PATH",
-                     help="write this run's records as a JSON list")
+                     help="write this run's records as a JSON list (not with "
+                          "--report-only)")
     out.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
                      help=f"append the records to this CSV (default {DEFAULT_CSV}; '' = off)")
     out.add_argument("--plot", default=None, metavar="PATH",
@@ -391,6 +392,9 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--plot {args.plot} names the plot of the run being measured, and "
                              "--report-only measures none (the plots of included runs go to "
                              f"{DEFAULT_PLOT_DIR}/; --plot '' turns them off)")
+        if args.report_only and args.json_path:
+            raise ValueError(f"--json {args.json_path} gets the records of the run being "
+                             "measured, and --report-only measures none; leave it out")
         if args.report_only and not args.results_md:
             args.results_md = DEFAULT_RESULTS_MD
         for option, path in (("--notes", args.notes),
