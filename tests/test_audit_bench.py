@@ -468,3 +468,21 @@ def test_report_only_refuses_a_json_path_it_would_fill_with_nothing(tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--json {out}" in err[0] and "--report-only" in err[0]
     assert not out.exists() and not (tmp_path / "R.md").exists()
+
+
+@pytest.mark.parametrize("levels", ["host", "model"])
+def test_plot_path_without_the_layer_level_is_refused(levels, tmp_path, capsys, monkeypatch):
+    """``--plot PATH`` is the layer level's time-vs-tokens plot; a run without that level
+    (``--levels host`` or ``model``) accepted it and drew nothing, without a word. Now it is
+    one error line before anything is measured."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plot = tmp_path / "plot.png"
+    assert main(["bench", "--quick", "--levels", levels, "--csv", "", "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plot {plot}" in err[0] and "--levels" in err[0]

@@ -458,7 +458,8 @@ def blocked(tmp_path) -> str:
 def test_bench_output_paths_are_checked_before_measuring(option, blocked, tmp_path, capsys,
                                                          monkeypatch, no_measuring):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    argv = ["bench", "--levels", "host", "--csv", "", option, blocked]
+    level = "layer" if option == "--plot" else "host"  # the plot is the layer level's
+    argv = ["bench", "--levels", level, "--csv", "", option, blocked]
     assert _main(argv) == 2
     _one_line(capsys, f"{option} {blocked} cannot be written", "is a file")
     assert _main(["bench", "--levels", "host", "--csv", str(tmp_path)]) == 2

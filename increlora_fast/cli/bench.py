@@ -139,7 +139,8 @@ LEVEL_OPTIONS = {
 def _check_options_used(args: argparse.Namespace) -> None:
     """Every option given sets something this run does: ValueError naming one it would ignore
     (a level's options where that level is not measured, the measuring options of
-    ``--report-only``, ``--threads`` or a GPU ``--device`` of a host-only run)."""
+    ``--report-only``, ``--threads`` or a GPU ``--device`` of a host-only run, ``--plot`` of
+    a run without the layer level)."""
     def option(dest: str) -> str:
         return "--" + dest.replace("_", "-")
     for level, dests in LEVEL_OPTIONS.items():
@@ -164,6 +165,10 @@ def _check_options_used(args: argparse.Namespace) -> None:
             and args.device.strip().lower() != "cpu":
         raise ValueError(f"--device {args.device} is not used by --levels host, which measures "
                          "on the CPU with the Triton launches stubbed; leave it out")
+    if args.plot and "layer" not in args.levels:
+        raise ValueError(f"--plot {args.plot} is the layer level's time-vs-tokens plot, which "
+                         f"--levels {','.join(args.levels)} does not measure; add layer to "
+                         "--levels or leave it out")
 
 
 def _are_records(rows: list) -> bool:
