@@ -486,3 +486,20 @@ def test_plot_path_without_the_layer_level_is_refused(levels, tmp_path, capsys, 
     assert main(["bench", "--quick", "--levels", levels, "--csv", "", "--plot", str(plot)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--plot {plot}" in err[0] and "--levels" in err[0]
+
+
+def test_interpreter_point_on_cuda_is_refused(tmp_path, capsys, monkeypatch):
+    """``--interpreter-point`` is the one point where the Triton methods run under the
+    interpreter on a device without CUDA; on a CUDA device no such point is measured, and the
+    option was accepted and ignored. Now it is one error line before anything is measured."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    assert main(["bench", "--levels", "layer", "--csv", "", "--plot", "",
+                 "--interpreter-point", "8x8x8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--interpreter-point" in err[0] and "cuda" in err[0]

@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     layer.add_argument("--warmup", type=int, help="untimed runs per method before timing")
     layer.add_argument("--repeats", type=int, help="timed runs per method (median reported)")
     layer.add_argument("--interpreter-point", type=lambda t: _dims(t, 3),
-                       help="IN x OUT x TOKENS where Triton runs under its interpreter on CPU")
+                       help="IN x OUT x TOKENS where Triton runs under its interpreter on CPU "
+                            "(not with a CUDA --device)")
     host = parser.add_argument_group("host level (--levels host)")
     host.add_argument("--host-point", type=lambda t: _dims(t, 3), default=None,
                       help="IN x OUT x TOKENS of the layer (default 768x3072x16)")
@@ -425,6 +426,10 @@ def run(args: argparse.Namespace) -> int:
         if args.csv and not args.report_only:
             _check_appendable_csv(args.csv)
         device = None if args.report_only else _device(args)
+        if device is not None and device.type == "cuda" and args.interpreter_point is not None:
+            raise ValueError(f"--interpreter-point is where the Triton methods run under the "
+                             f"interpreter on a device without CUDA; on {device} every point "
+                             "runs the compiled kernels, so leave it out")
         if device is not None and device.type == "cpu":
             # Before increlora_fast.kernels is first imported, so Triton rows can run on CPU.
             os.environ.setdefault("TRITON_INTERPRET", "1")
