@@ -773,3 +773,26 @@ def test_main_job_rows_show_the_first_steps_and_a_graphs_fallback():
     off = next(line for line in lines if line.startswith("| graphs-off |"))
     assert "| 1.50 0.25 |" in on and "stepped eagerly" in on and "no capture" in on
     assert "stepped eagerly" not in off and "| - |" in off
+
+
+@pytest.mark.parametrize("extra, option", [
+    (["--out", "OUT"], "--out"), (["--dry-run"], "--dry-run"), (["--device", "cuda"], "--device"),
+    (["--parts", "kernels"], "--parts"), (["--assets", "CACHE"], "--assets")])
+def test_pack_assets_refuses_the_options_of_the_check(extra, option, tmp_path, monkeypatch,
+                                                      capsys):
+    """``--pack-assets DIR`` packs and returns: no check runs, so ``--out``, ``--dry-run``,
+    ``--device``, ``--parts`` were accepted and ignored, and ``--assets`` (which looks like the
+    source to pack from) was ignored too, the pack read from the usual cache. Now each is one
+    error line before anything is packed."""
+    from increlora_fast.benchmarks.gpu_check import asset_pack
+
+    def never(*args, **kwargs):
+        raise AssertionError("packed")
+    monkeypatch.setattr(asset_pack, "pack_assets", never)
+    cache = write_fake_assets(tmp_path / "cache")
+    extra = [{"OUT": str(tmp_path / "out"), "CACHE": str(cache)}.get(a, a) for a in extra]
+    capsys.readouterr()  # (saving the fake model shows a progress bar)
+    assert main(["gpu-check", "--pack-assets", str(tmp_path / "packed"), *extra]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0] and "--pack-assets" in err[0]
+    assert not (tmp_path / "packed").exists() and not (tmp_path / "out").exists()

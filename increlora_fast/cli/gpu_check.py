@@ -28,6 +28,11 @@ from .option_checks import check_output_path
 PART_NAMES = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
 
 
+# The options of the check itself (flag, dest), which --pack-assets does not read.
+CHECK_OPTIONS = (("--out", "out"), ("--dry-run", "dry_run"), ("--device", "device"),
+                 ("--parts", "parts"), ("--assets", "assets"))
+
+
 def _parts(text: str) -> Tuple[str, ...]:
     """The parts ``text`` names, each once, in the order the check runs them (`PART_NAMES`)."""
     parts = tuple(p.strip() for p in text.split(",") if p.strip())
@@ -52,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pack-assets", metavar="DIR",
                         help="instead of checking: write a compact copy (model weights in "
                              "float16, about 45 MB) of the assets the check needs into DIR, "
-                             "for --assets on another machine")
+                             "for --assets on another machine (with none of the check's "
+                             "options)")
     parser.add_argument("--bnb-wheel", metavar="WHEEL",
                         help="with --pack-assets: also unpack this bitsandbytes wheel (`pip "
                              "download bitsandbytes --no-deps`) into DIR/python for the 4-bit "
@@ -123,6 +129,13 @@ def run(args: argparse.Namespace) -> int:
     if args.bnb_cuda and not args.bnb_wheel:
         return _fail("--bnb-cuda goes with --bnb-wheel WHEEL")
     if args.pack_assets:
+        ignored = [option for option, dest in CHECK_OPTIONS
+                   if dest in getattr(args, "_given", ())
+                   or getattr(args, dest) not in (None, False, PART_NAMES)]
+        if ignored:
+            return _fail(f"{ignored[0]} sets the check, and --pack-assets DIR only packs the "
+                         "assets (no check runs; they are read from ~/.cache/increlora_fast or "
+                         "$INCRELORA_CACHE); leave it out")
         return _pack(args.pack_assets, args.bnb_wheel, args.bnb_cuda)
     if not args.out:
         return _fail("--out DIR is required (or --pack-assets DIR)")
