@@ -796,3 +796,21 @@ def test_pack_assets_refuses_the_options_of_the_check(extra, option, tmp_path, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0] and "--pack-assets" in err[0]
     assert not (tmp_path / "packed").exists() and not (tmp_path / "out").exists()
+
+
+def test_pack_assets_into_a_file_is_refused_before_packing(tmp_path, monkeypatch, capsys):
+    """``--pack-assets`` naming a file, or a folder under a file, failed only once packing
+    had started (after the assets were located, unpacked if need be) with a bare ``[Errno 20]
+    Not a directory`` that named no option. Now it is one line naming it, before packing."""
+    from increlora_fast.benchmarks.gpu_check import asset_pack
+
+    def never(*args, **kwargs):
+        raise AssertionError("packing started")
+    monkeypatch.setattr(asset_pack, "pack_assets", never)
+    afile = tmp_path / "afile"
+    afile.write_text("mine\n")
+    for dest in (afile, afile / "sub"):
+        assert main(["gpu-check", "--pack-assets", str(dest)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--pack-assets {dest}" in err[0] and "is a file" in err[0]
+    assert afile.read_text() == "mine\n"

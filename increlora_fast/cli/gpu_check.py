@@ -112,6 +112,7 @@ def _pack(dest: str, bnb_wheel: Optional[str], bnb_cuda: Optional[Tuple[str, ...
 
     cuda = bnb_cuda or BNB_CUDA_DEFAULT
     try:
+        check_output_path(dest, "--pack-assets", folder=True)
         if bnb_wheel:
             bnb_wheel_members(Path(bnb_wheel), cuda)  # its errors before the model's packing
         pack_assets(Path(dest))
