@@ -183,6 +183,7 @@ def test_warmup_that_leaves_no_step_names_warmup_ratio(tmp_path, capsys, no_mode
     (["--seeds", "5", "--methods", "lora"], ["--methods and --seeds go with --compare"]),
     (["--compare", "--lr", "0.5"], ["--lr 0.5 would be ignored", "--lrs instead"]),
     (["--compare", "--method", "lora"], ["--method lora would be ignored", "--methods instead"]),
+    (["--compare", "--save-steps", "50"], ["--save-steps 50 would be ignored", "no checkpoints"]),
 ])
 def test_options_that_would_be_ignored_are_refused(argv, needles, tmp_path, capsys,
                                                   no_data_loading):

@@ -159,7 +159,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="replace the run in --output-dir (outputs and checkpoints) once this "
                           "one has succeeded; until then it writes into <output-dir>.new-<pid>")
     run.add_argument("--save-steps", type=int, default=100,
-                     help="write a resumable checkpoint-<step> every N steps (0: never)")
+                     help="write a resumable checkpoint-<step> every N steps (default "
+                          "%(default)s; 0: never; not with --compare, which writes none)")
     run.add_argument("--resume", metavar="DIR",
                      help="continue a checkpoint-<step> folder exactly, with its settings")
     run.add_argument("--device", default=d.device,
@@ -228,6 +229,9 @@ def _check_compare_options(args: argparse.Namespace) -> None:
                 raise ValueError(f"--compare runs every method of --methods over the learning "
                                  f"rates of --lrs, so {option} {value} would be ignored; give "
                                  f"{instead} instead")
+        if "save_steps" in getattr(args, "_given", ()):
+            raise ValueError(f"--save-steps {args.save_steps} would be ignored: --compare writes "
+                             "no checkpoints; leave it out")
         return
     given = [option for option, value in (("--methods", args.methods), ("--seeds", args.seeds),
                                           ("--lrs", args.lrs)) if value is not None]
