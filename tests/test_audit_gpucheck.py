@@ -297,3 +297,40 @@ def test_a_dy_pass_ratio_of_none_is_logged_not_raised(monkeypatch):
     records, errors = parts._dy_pass_records(torch.device("cpu"), dry_run_plan(), {},
                                              lines.append)
     assert records and not errors and all("n/a" in line for line in lines)
+
+
+def test_methods_measured_alone_after_the_interleaved_set_failed_are_flagged():
+    """When a point's interleaved set raises, `measure_isolated` measures each method on its
+    own: their times are taken at different moments, so their ratios (``x_floor``,
+    ``x_peft_lora``) lose the round-robin's fairness. The rows looked like any other. Now each
+    such record says so and the tables mark its method, with a line saying what it means."""
+    from increlora_fast.benchmarks.gpu_check.markdown import layer_section, model_section
+    from increlora_fast.benchmarks.speed.tables import ALONE_MARK, layer_rows, model_rows
+
+    def layer(method, ms):
+        return dict(level="layer", status="ok", method=method, shape="8x8", tokens=8,
+                    r_max=None if method == "floor" else 4, dtype="bf16", phase="fwd+bwd",
+                    median_ms=ms, peak_mem_mb=1.0, note="")
+
+    def model(method, ms):
+        return dict(level="model", status="ok", method=method, shape="tiny b1x8",
+                    dtype="fp32", median_ms=ms, mean_ms=ms, peak_mem_mb=1.0)
+
+    for make, rows, section in ((layer, layer_rows, layer_section),
+                                (model, model_rows, model_section)):
+        def measure(methods):
+            if len(methods) > 1:
+                raise RuntimeError("the set failed")
+            return [make(methods[0], 2.0 if methods[0] == "peft-lora" else 1.0)]
+        found, failed = gpu_check.measure_isolated(measure, ["floor", "peft-lora"], "x",
+                                                   lambda line: None)
+        assert not failed and all(r["measured_alone"] for r in found)
+        assert sorted(row["method"] for row in rows(found)) == \
+            ["floor" + ALONE_MARK, "peft-lora" + ALONE_MARK]
+        text = "\n".join(section({"records": found}))
+        assert ALONE_MARK.strip() in text and "interleaved" in text
+        together, _ = gpu_check.measure_isolated(
+            lambda methods: [make(m, 1.0) for m in methods], ["floor", "peft-lora"], "x",
+            lambda line: None)
+        assert not any(r.get("measured_alone") for r in together)
+        assert ALONE_MARK.strip() not in "\n".join(section({"records": together}))

@@ -11,7 +11,7 @@ from .gpu_check.markdown import results_section
 from .speed.host_overhead import COLUMNS as HOST_COLUMNS
 from .speed.host_overhead import HOST_LEGEND, host_rows
 from .speed.layer_methods import INTERPRETER_NOTE, LAYER_METHODS
-from .speed.tables import (INTERP_MARK, LAYER_COLUMNS, MODEL_COLUMNS, layer_rows,
+from .speed.tables import (INTERP_MARK, LAYER_COLUMNS, MODEL_COLUMNS, alone_lines, layer_rows,
                            markdown_table, model_rows, text_table)
 from .speed.targets import all_verdicts
 
@@ -61,6 +61,7 @@ def console_report(records: Sequence[dict]) -> str:
         parts.append("\n".join(["SKIPPED"] + skipped))
     if any(r.get("note") == INTERPRETER_NOTE for r in records):
         parts.append(f"{INTERP_MARK.strip()}: {INTERPRETER_NOTE}")
+    parts += alone_lines(layer + model)
     return "\n\n".join(parts)
 
 
@@ -180,12 +181,16 @@ def _run_section(records: List[dict], plot_rel: Optional[str]) -> List[str]:
                         markdown_table(rows, LAYER_COLUMNS), ""]
     if any(INTERP_MARK in row["method"] for row in layer):
         out += [f"`{INTERP_MARK.strip()}`: {INTERPRETER_NOTE}.", ""]
+    if alone_lines(layer):
+        out += alone_lines(layer) + [""]
     if plot_rel:
         out += [f"![layer fwd+bwd time vs tokens]({plot_rel})", ""]
     model = model_rows(records)
     if model:
         out += ["### Model level (one training step)", "", markdown_table(model, MODEL_COLUMNS),
                 ""]
+        if alone_lines(model):
+            out += alone_lines(model) + [""]
         out += _model_settings(model)
     host = host_rows(records)
     if host and all(row.get("device_type") == "cuda" for row in host):

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 from ..records import gpu_check_records
 from ..speed.host_overhead import COLUMNS as HOST_COLUMNS
 from ..speed.host_overhead import host_rows
-from ..speed.tables import LAYER_COLUMNS, layer_rows, markdown_table, model_rows
+from ..speed.tables import LAYER_COLUMNS, alone_lines, layer_rows, markdown_table, model_rows
 from ..speed.targets import issue13_verdicts
 from .verdicts import cuda_graphs_auto, issue27_verdicts
 
@@ -137,6 +137,8 @@ def layer_section(part: Dict) -> List[str]:
     rows = layer_rows(part.get("records", []))
     if rows:
         lines += [markdown_table(rows, LAYER_COLUMNS), ""]
+        if alone_lines(rows):
+            lines += alone_lines(rows) + [""]
     host = host_rows(part.get("host_records", []))
     if host:
         lines += ["Triton launches and host time per fwd+bwd call "
@@ -182,6 +184,8 @@ def model_section(part: Dict) -> List[str]:
     missing = [dict(r, model=r["shape"]) for r in part.get("records", [])
                if r.get("status") != "ok"]
     lines = [markdown_table(rows, MODEL_CHECK_COLUMNS)] if rows else []
+    if alone_lines(rows):
+        lines += [""] + alone_lines(rows)
     if missing:
         lines += ["", "Not measured:", ""] + _table(missing, UNMEASURED_COLUMNS)
     return lines

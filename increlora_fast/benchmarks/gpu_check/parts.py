@@ -131,7 +131,8 @@ def check_kernels(device: torch.device, plan: CheckPlan, env: Dict, log: Callabl
 def measure_isolated(measure: Callable[[List[str]], List[dict]], methods: List[str],
                      what: str, log: Callable) -> Tuple[List[dict], Dict[str, str]]:
     """``measure(methods)``; when it raises, each method alone, so that one failing method
-    loses only its own rows. Returns (records, {failed method: its error line})."""
+    loses only its own rows; those records carry ``measured_alone`` (their times were not
+    interleaved with the others'). Returns (records, {failed method: its error line})."""
     try:
         return measure(methods), {}
     except Exception as err:  # a variant nobody has run on this GPU may fail in any way
@@ -141,7 +142,7 @@ def measure_isolated(measure: Callable[[List[str]], List[dict]], methods: List[s
     errors: Dict[str, str] = {}
     for method in methods:
         try:
-            records += measure([method])
+            records += [dict(r, measured_alone=True) for r in measure([method])]
         except Exception as err:
             errors[method] = f"{what} {method}: {type(err).__name__}: {err}"
             log(traceback.format_exc())

@@ -14,6 +14,12 @@ MODEL_COLUMNS = ("model", "dtype", "method", "steps_per_s", "mean_ms", "median_m
                  "alloc_median_ms", "round_median_ms", "final_median_ms", "x_peft_lora_mean", "x_peft_lora_final",
                  "peak_mem_mb", "x_peft_lora_mem")
 INTERP_MARK = " (interp.)"
+# A record measured on its own after the interleaved set of its point failed
+# (`gpu_check.parts.measure_isolated`)
+ALONE_MARK = " (alone)"
+ALONE_NOTE = ("measured on its own after the interleaved set of its point failed, not "
+              "round-robin with the other methods: its ratios divide times taken at other "
+              "moments")
 
 
 def _ratio(value: Optional[float], ref: Optional[float]) -> Optional[float]:
@@ -43,14 +49,14 @@ def layer_rows(records: Sequence[dict]) -> List[dict]:
                                       r["phase"])))
         if r.get("note") == INTERPRETER_NOTE:
             row["method"] = r["method"] + INTERP_MARK
-        rows.append(row)
+        rows.append(_mark_alone(row))
     phase_order = {p: i for i, p in enumerate(("fwd+bwd", "fwd", "bwd"))}
 
     def key(row: dict):
         return (row["dtype"], phase_order.get(row["phase"], len(PHASES)),
                 bool(row.get("interpreter_point")), int(row["shape"].split("x")[0]),
                 int(row["shape"].split("x")[1]), row["tokens"], row["r_max"] or 0,
-                _method_order(row["method"].replace(INTERP_MARK, ""), list(LAYER_METHODS)))
+                _method_order(_method(row), list(LAYER_METHODS)))
     return sorted(rows, key=key)
 
 
@@ -66,9 +72,27 @@ def model_rows(records: Sequence[dict]) -> List[dict]:
         row["x_peft_lora_final"] = _ratio(r.get("final_median_ms") or r["median_ms"],
                                           ref and ref["median_ms"])
         row["x_peft_lora_mem"] = _ratio(r["peak_mem_mb"], ref and ref["peak_mem_mb"])
-        rows.append(row)
+        rows.append(_mark_alone(row))
     return sorted(rows, key=lambda row: (row["shape"], row["dtype"],
-                                         _method_order(row["method"], MODEL_METHODS)))
+                                         _method_order(_method(row), MODEL_METHODS)))
+
+
+def _mark_alone(row: dict) -> dict:
+    """``row`` with `ALONE_MARK` after its method when its record was measured alone."""
+    if row.get("measured_alone"):
+        row["method"] += ALONE_MARK
+    return row
+
+
+def _method(row: dict) -> str:
+    """The method of a table row, without its marks."""
+    return row["method"].replace(ALONE_MARK, "").replace(INTERP_MARK, "")
+
+
+def alone_lines(rows: Sequence[dict]) -> List[str]:
+    """The line that explains `ALONE_MARK`, when one of ``rows`` carries it."""
+    return [f"`{ALONE_MARK.strip()}`: {ALONE_NOTE}."] \
+        if any(ALONE_MARK in row["method"] for row in rows) else []
 
 
 def _fmt(value, column: str) -> str:
