@@ -503,3 +503,27 @@ def test_interpreter_point_on_cuda_is_refused(tmp_path, capsys, monkeypatch):
                  "--interpreter-point", "8x8x8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--interpreter-point" in err[0] and "cuda" in err[0]
+
+
+def test_x_peft_lora_final_is_blank_for_a_run_whose_final_phase_was_not_timed():
+    """``x_peft_lora_final`` (a method's step after its rank budget is fixed against peft
+    LoRA's step) fell back to the method's median over all its timed steps when none of them
+    was in the final phase (a run too short to reach it), so allocation-phase steps were shown
+    under the final label. Now such a row shows no ratio; methods without phases (every step
+    alike: floor, peft LoRA) keep their median; the legend says what the column is."""
+    from increlora_fast.benchmarks.report import LEGEND
+    from increlora_fast.benchmarks.speed.tables import model_rows
+
+    def record(method, median, **phases):
+        return dict(level="model", status="ok", method=method, shape="tiny b1x8", dtype="fp32",
+                    median_ms=median, mean_ms=median, peak_mem_mb=1.0, **phases)
+
+    rows = {row["method"]: row for row in model_rows([
+        record("peft-lora", 2.0), record("floor", 1.0),
+        record("increlora-torch", 3.0, alloc_median_ms=3.0, final_median_ms=None),
+        record("increlora-triton", 2.5, alloc_median_ms=3.0, final_median_ms=1.0)])}
+    assert rows["increlora-torch"]["x_peft_lora_final"] is None
+    assert rows["increlora-triton"]["x_peft_lora_final"] == 0.5
+    assert rows["floor"]["x_peft_lora_final"] == 0.5
+    assert rows["peft-lora"]["x_peft_lora_final"] == 1.0
+    assert "`x_peft_lora_final`" in LEGEND and "`x_peft_lora_mean`" in LEGEND

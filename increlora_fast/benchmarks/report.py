@@ -128,7 +128,11 @@ phase included), `alloc_median_ms`/`round_median_ms`/`final_median_ms` the media
 allocation phase's steps that track scores only, of those that also run an allocation round
 (ours; AdaLoRA: mask to its budget), both every second step, and of the steps after it; the timed steps of all methods run round-robin; `peak_mem_mb` is the
 peak over the method's untimed first steps (allocation phase) above the memory before its model
-was built (weights, optimizer state and activations included)."""
+was built (weights, optimizer state and activations included). `x_peft_lora_mean` divides
+`mean_ms` by peft LoRA's, `x_peft_lora_final` the step once the budget is fixed
+(`final_median_ms`; `median_ms` for methods without phases, whose steps are all alike; blank when
+no final-phase step was timed) by peft LoRA's `median_ms`, `x_peft_lora_mem` `peak_mem_mb` by
+peft LoRA's."""
 
 
 def _environment_lines(records: Sequence[dict]) -> List[str]:

@@ -14,6 +14,8 @@ MODEL_COLUMNS = ("model", "dtype", "method", "steps_per_s", "mean_ms", "median_m
                  "alloc_median_ms", "round_median_ms", "final_median_ms", "x_peft_lora_mean", "x_peft_lora_final",
                  "peak_mem_mb", "x_peft_lora_mem")
 INTERP_MARK = " (interp.)"
+# The medians of a model row's phases (`model_level.measure_models`), None where not timed
+PHASE_MEDIANS = ("alloc_median_ms", "round_median_ms", "final_median_ms")
 # A record measured on its own after the interleaved set of its point failed
 # (`gpu_check.parts.measure_isolated`)
 ALONE_MARK = " (alone)"
@@ -69,7 +71,10 @@ def model_rows(records: Sequence[dict]) -> List[dict]:
         ref = lora.get((r["shape"], r["dtype"]))
         row = dict(r, model=r["shape"])
         row["x_peft_lora_mean"] = _ratio(r["mean_ms"], ref and ref["mean_ms"])
-        row["x_peft_lora_final"] = _ratio(r.get("final_median_ms") or r["median_ms"],
+        # a method without phases has every step alike; one with phases has a final ratio
+        # only when a step of its final phase was timed
+        phased = any(r.get(k) is not None for k in PHASE_MEDIANS)
+        row["x_peft_lora_final"] = _ratio(r.get("final_median_ms") if phased else r["median_ms"],
                                           ref and ref["median_ms"])
         row["x_peft_lora_mem"] = _ratio(r["peak_mem_mb"], ref and ref["peak_mem_mb"])
         rows.append(_mark_alone(row))
