@@ -195,6 +195,16 @@ def test_options_that_would_be_ignored_are_refused(argv, needles, tmp_path, caps
     assert not (tmp_path / "o").exists()
 
 
+def test_compare_learning_rates_must_be_finite(tmp_path, capsys, no_data_loading):
+    # nan passed `lr <= 0` and inf too: the sweep then trained (after loading everything) on a
+    # rate no run can use
+    for text in ("nan", "1e-3,inf"):
+        code = _main(["finetune", "--compare", "--lrs", text, "--output-dir", str(tmp_path / "o"),
+                      "--no-progress"])
+        assert code == 2
+        _one_line(capsys, "--lrs", "is invalid", "finite")
+
+
 @pytest.mark.parametrize("option", ["--task", "--train-file", "--eval-file", "--model"])
 def test_an_empty_name_is_refused(option, tmp_path, capsys, no_data_loading):
     # an empty --task silently ran the default task; an empty path named the working folder

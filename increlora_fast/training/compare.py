@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
@@ -122,8 +123,8 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Optional[Seq
     out = check_output_path(output_dir)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
-    if lrs is not None and (not lrs or any(lr <= 0 for lr in lrs)):
-        raise ValueError(f"--lrs {list(lrs)} is invalid: give learning rates > 0")
+    if lrs is not None and (not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs)):
+        raise ValueError(f"--lrs {list(lrs)} is invalid: give finite learning rates > 0")
     for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
         validate(dataclasses.replace(base, method=method))
     base = with_shared_padding(base, methods, echo)
