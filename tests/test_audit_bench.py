@@ -527,3 +527,29 @@ def test_x_peft_lora_final_is_blank_for_a_run_whose_final_phase_was_not_timed():
     assert rows["floor"]["x_peft_lora_final"] == 0.5
     assert rows["peft-lora"]["x_peft_lora_final"] == 1.0
     assert "`x_peft_lora_final`" in LEGEND and "`x_peft_lora_mean`" in LEGEND
+
+
+@pytest.mark.parametrize("option", ["--dtypes", "--model-dtypes"])
+def test_a_bad_dtype_names_its_option_and_the_help_lists_the_dtypes(option, capsys,
+                                                                    monkeypatch):
+    """A bad ``--dtypes`` or ``--model-dtypes`` entry was refused as ``dtype 'fp8' is invalid``
+    without saying which of the two options held it, and ``--model-dtypes``' help listed fp32
+    and bf16 where fp16 (autocast) is accepted too."""
+    import argparse
+
+    from increlora_fast.benchmarks.speed.plans import DTYPES
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick", "--csv", "", "--plot", "", option, "fp32,fp8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{option} entry 'fp8' is invalid" in err[0]
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    dest = option[2:].replace("-", "_")
+    text = next(a.help for a in parser._actions if a.dest == dest)
+    assert all(name in text for name in DTYPES), text

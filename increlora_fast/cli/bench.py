@@ -124,7 +124,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--seq-len", type=int)
     model.add_argument("--model-steps", type=int, help="training steps per method")
     model.add_argument("--model-warmup-steps", type=int, help="of those, untimed")
-    model.add_argument("--model-dtypes", type=_csv_list, help="fp32, bf16 (autocast)")
+    model.add_argument("--model-dtypes", type=_csv_list,
+                       help="fp32,bf16,fp16 (bf16 and fp16: autocast)")
 
 
 # The options of each level (argparse dests, all None unless given).
@@ -236,9 +237,10 @@ def _plans(args: argparse.Namespace):
                        ("model_warmup_steps", "warmup_steps"), ("model_dtypes", "dtypes")):
         if getattr(args, attr) is not None:
             setattr(model, name, getattr(args, attr))
-    for d in list(layer.dtypes) + list(model.dtypes):
-        if d not in DTYPES:
-            raise ValueError(f"dtype {d!r} is invalid: use {list(DTYPES)}")
+    for option, dtypes in (("--dtypes", layer.dtypes), ("--model-dtypes", model.dtypes)):
+        for d in dtypes:
+            if d not in DTYPES:
+                raise ValueError(f"{option} entry {d!r} is invalid: use {', '.join(DTYPES)}")
     for p in layer.phases:
         if p not in PHASES:
             raise ValueError(f"--phases entry {p!r} is invalid: use {list(PHASES)}")
