@@ -578,3 +578,19 @@ def test_a_warmup_that_never_ends_is_refused_for_every_method(method):
     with pytest.raises(ValueError, match="--warmup-ratio 0.9 is invalid with 2 steps"):
         resolve(settings, 100)
     assert resolve(RunSettings(method=method, max_steps=20, warmup_ratio=0.9), 100).max_steps == 20
+
+
+def test_init_warmup_help_states_the_default_the_code_uses():
+    """``--init-warmup``'s help said its default was 5 % of the steps; `settings.resolve` sets
+    it to the growth interval, which is 5 % only while ``--incre-interval`` is not given (with
+    ``--incre-interval 40`` growth started at step 40, not at 5 %)."""
+    import argparse
+
+    from increlora_fast.cli.finetune import add_arguments
+    from increlora_fast.training.settings import RunSettings, resolve
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    text = next(a.help for a in parser._actions if a.dest == "init_warmup")
+    assert "--incre-interval" in text, text
+    assert resolve(RunSettings(max_steps=300, incre_interval=40), 1000).init_warmup == 40

@@ -118,7 +118,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     adapter.add_argument("--lora-dropout", type=float, default=d.lora_dropout)
     adapter.add_argument("--orth-reg-weight", type=float, default=d.orth_reg_weight)
     adapter.add_argument("--init-warmup", type=int,
-                         help="IncreLoRA: no growth before this step (default: 5%% of steps)")
+                         help="IncreLoRA: no growth before this step (default: "
+                              "--incre-interval)")
     adapter.add_argument("--incre-interval", type=int,
                          help="IncreLoRA: steps between growth rounds (default: 5%% of steps)")
     adapter.add_argument("--top-h", type=int, help="IncreLoRA: modules grown per round "
