@@ -553,3 +553,23 @@ def test_a_bad_dtype_names_its_option_and_the_help_lists_the_dtypes(option, caps
     dest = option[2:].replace("-", "_")
     text = next(a.help for a in parser._actions if a.dest == dest)
     assert all(name in text for name in DTYPES), text
+
+
+@pytest.mark.parametrize("option, value", [("--levels", "host,host"),
+                                           ("--methods", "floor,floor"),
+                                           ("--models", "tiny-bert,tiny-bert")])
+def test_a_name_given_twice_is_refused(option, value, capsys, monkeypatch):
+    """``--levels host,host`` measured the level twice and ``--methods floor,floor`` wrote the
+    method's rows twice (into --json, --csv and the tables, as if two measurements agreed).
+    Now a repeated name is one error line before anything is measured."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    levels = [] if option == "--levels" else ["--levels", "layer,model"]
+    assert main(["bench", "--quick", "--csv", "", "--plot", "", *levels, option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0] and "twice" in err[0]

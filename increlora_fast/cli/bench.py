@@ -413,6 +413,7 @@ def run(args: argparse.Namespace) -> int:
         bad = [level for level in args.levels if level not in LEVELS]
         if bad:
             raise ValueError(f"--levels entry {bad[0]!r} is invalid: use {', '.join(LEVELS)}")
+        check_names("--levels", args.levels, LEVELS)
         _check_options_used(args)
         if args.threads is not None and args.threads < 1:
             raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")

@@ -22,11 +22,16 @@ def check_device(text: Optional[str], option: str = "--device", auto: bool = Fal
 
 
 def check_names(option: str, given: Optional[Iterable[str]], known: Sequence[str]) -> None:
-    """Every name in ``given`` (None: the default, passes) must be one of ``known``."""
-    unknown: List[str] = [name for name in given or [] if name not in known]
+    """Every name in ``given`` (None: the default, passes) must be one of ``known``, each
+    once."""
+    names = list(given or [])
+    unknown: List[str] = [name for name in names if name not in known]
     if unknown:
         raise ValueError(f"{option} {','.join(unknown)} is invalid: use a comma-separated "
                          f"subset of {','.join(known)}")
+    repeated = [name for i, name in enumerate(names) if name in names[:i]]
+    if repeated:
+        raise ValueError(f"{option} names {repeated[0]} twice: give each once")
 
 
 def check_rank_budget(target_rank: int, r_max: int, init_r: int) -> None:
