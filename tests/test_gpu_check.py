@@ -814,3 +814,21 @@ def test_pack_assets_into_a_file_is_refused_before_packing(tmp_path, monkeypatch
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"--pack-assets {dest}" in err[0] and "is a file" in err[0]
     assert afile.read_text() == "mine\n"
+
+
+def test_out_holding_a_gpu_check_md_is_refused_before_any_part(tmp_path, monkeypatch, capsys):
+    """``--out DIR`` was refused when it held ``gpu_check.json`` or ``finetune`` of an earlier
+    check, but not ``gpu_check.md``, which the check writes too: a folder with one's own (or
+    an earlier, edited) gpu_check.md had it replaced after the first part."""
+    def never(*args, **kwargs):
+        raise AssertionError("a part ran")
+    monkeypatch.setattr(gpu_check, "run_gpu_check", never)
+    for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "gpu_check.md").write_text("my notes\n")
+    assert main(["gpu-check", "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "gpu_check.md" in err[0] and "--out" in err[0]
+    assert (out / "gpu_check.md").read_text() == "my notes\n"

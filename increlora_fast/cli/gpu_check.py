@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         check_output_path(args.out, "--out", folder=True)
     except ValueError as err:
         return _fail(str(err))
-    for name in ("gpu_check.json", "finetune"):
+    for name in ("gpu_check.json", "gpu_check.md", "finetune"):  # what the check writes
         if (out / name).exists():
             return _fail(f"--out {out} already holds {name} from an earlier check; give a new "
                          "folder (nothing there is overwritten)")
