@@ -594,3 +594,12 @@ def test_init_warmup_help_states_the_default_the_code_uses():
     text = next(a.help for a in parser._actions if a.dest == "init_warmup")
     assert "--incre-interval" in text, text
     assert resolve(RunSettings(max_steps=300, incre_interval=40), 1000).init_warmup == 40
+
+
+def test_compare_methods_named_twice_are_refused(tmp_path, capsys, no_data_loading):
+    # `--compare --methods lora,lora` started the sweep: the second lora was the first's runs
+    # again, and its table row was overwritten by them (one row for two requests)
+    code = _main(["finetune", "--compare", "--methods", "lora,lora", "--output-dir",
+                  str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--methods 'lora,lora' is invalid", "each once")

@@ -253,10 +253,10 @@ def format_table(report: Dict) -> str:
 
 
 def methods_from_text(text: str) -> List[str]:
-    """``"increlora,lora"`` -> ["increlora", "lora"], validated."""
+    """``"increlora,lora"`` -> ["increlora", "lora"], validated (known methods, each once)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     bad = [m for m in names if m not in METHODS]
-    if not names or bad:
+    if not names or bad or len(set(names)) < len(names):
         raise ValueError(f"--methods {text!r} is invalid: give a comma-separated subset of "
-                         f"{METHODS}")
+                         f"{METHODS}, each once")
     return names
