@@ -290,7 +290,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
     assert "--device 'tpu' is invalid" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert main(["gpu-check", "--out", str(tmp_path / "a")]) == 2
-        assert "CUDA is not available here" in capsys.readouterr().err
+        assert "--dry-run runs it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["gpu-check", "--out", str(tmp_path / "a"), "--parts", "kernels,speed"])
     assert not (tmp_path / "a").exists()
@@ -832,3 +832,22 @@ def test_out_holding_a_gpu_check_md_is_refused_before_any_part(tmp_path, monkeyp
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "gpu_check.md" in err[0] and "--out" in err[0]
     assert (out / "gpu_check.md").read_text() == "my notes\n"
+
+
+@pytest.mark.parametrize("device", [[], ["--device", "cuda"], ["--device", "cpu"]])
+def test_a_full_check_without_cuda_points_to_the_dry_run(device, tmp_path, monkeypatch, capsys):
+    """``gpu-check --out DIR`` on a machine without CUDA was refused with "use --device cpu or
+    auto", naming a ``--device cuda`` the command line did not give; following that advice
+    was refused in turn (the full check needs a GPU). Now every spelling points to --dry-run,
+    the one run possible there."""
+    import torch
+
+    def never(*args, **kwargs):
+        raise AssertionError("a part ran")
+    monkeypatch.setattr(gpu_check, "run_gpu_check", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(name, "1")
+    assert main(["gpu-check", "--out", str(tmp_path / "c"), *device]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--dry-run" in err[0] and "use --device cpu" not in err[0]

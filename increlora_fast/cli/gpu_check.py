@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
-from .option_checks import check_output_path
+from .option_checks import check_device, check_output_path
 
 # The order they run in, the most important first (benchmarks.gpu_check.parts.PARTS).
 PART_NAMES = ("kernels", "graphs", "finetune", "model", "qlora", "layer")
@@ -173,6 +173,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         text = args.device or ("cuda" if cuda else "cpu" if args.dry_run else "cuda")
+        check_device(args.device, auto=True)
+        if not (cuda or args.dry_run):
+            raise ValueError(f"--device {text}{'' if args.device else ' (the default)'}: the "
+                             f"full check needs a CUDA GPU, and torch {torch.__version__} sees "
+                             "none here; --dry-run runs it at toy sizes on CPU")
         device = resolve_device(text)
         if device.type != "cuda" and not args.dry_run:
             raise ValueError(f"--device {text}: the full check needs a CUDA GPU; --dry-run runs "
