@@ -573,3 +573,21 @@ def test_a_name_given_twice_is_refused(option, value, capsys, monkeypatch):
     assert main(["bench", "--quick", "--csv", "", "--plot", "", *levels, option, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0] and "twice" in err[0]
+
+
+def test_plot_path_with_one_token_count_is_refused(tmp_path, capsys, monkeypatch):
+    """``--plot PATH`` draws layer time against the token count, a line per method over the
+    counts of ``--tokens``; with a single count there is no line, and the run measured
+    everything, drew nothing and said nothing. Now it is one error line before measuring."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plot = tmp_path / "plot.png"
+    assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "128",
+                 "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plot {plot}" in err[0] and "--tokens" in err[0]

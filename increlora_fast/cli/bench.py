@@ -82,7 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     out.add_argument("--csv", default=DEFAULT_CSV, metavar="PATH",
                      help=f"append the records to this CSV (default {DEFAULT_CSV}; '' = off)")
     out.add_argument("--plot", default=None, metavar="PATH",
-                     help=f"time-vs-tokens PNG of the measured run (default {DEFAULT_PLOT_DIR}/"
+                     help=f"time-vs-tokens PNG of the measured run's layer level, two or more "
+                          f"--tokens (default {DEFAULT_PLOT_DIR}/"
                           "layer_<device>_<mode>_<date>.png, as for included runs; '' = no "
                           "plot at all)")
     out.add_argument("--results-md", nargs="?", const=DEFAULT_RESULTS_MD, default=None,
@@ -444,6 +445,10 @@ def run(args: argparse.Namespace) -> int:
         if device is not None:  # everything measuring needs is checked before it starts
             _check_names(args)
             layer_plan, model_plan = _plans(args)
+            if args.plot and len(set(layer_plan.tokens)) < 2:
+                raise ValueError(f"--plot {args.plot} draws the layer time against the token "
+                                 f"count, and --tokens {','.join(map(str, layer_plan.tokens))} "
+                                 "gives one count; give two or more, or leave --plot out")
             host_plan = _host_plan(args) if "host" in args.levels else None
         notes = _read_notes(args.notes) if args.notes else None
         if args.threads is not None:
