@@ -591,3 +591,19 @@ def test_plot_path_with_one_token_count_is_refused(tmp_path, capsys, monkeypatch
                  "--plot", str(plot)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--plot {plot}" in err[0] and "--tokens" in err[0]
+
+
+def test_device_help_states_the_host_levels_default():
+    """``--device``'s help gave the default as cpu with --quick, else cuda; `bench._device`
+    also takes cpu for ``--levels host`` alone (it measures on the CPU), which the help left
+    out, so a reader expected a GPU run."""
+    import argparse
+
+    from increlora_fast.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    text = next(a.help for a in parser._actions if a.dest == "device")
+    assert "--levels host" in text, text
+    args = parser.parse_args(["--levels", "host"])
+    assert bench._device(args).type == "cpu"

@@ -69,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help="small shapes and MiniLM-L6 on CPU, a few minutes")
     parser.add_argument("--device", default=None,
-                        help="cpu | cuda | cuda:N (default: cpu with --quick, else cuda)")
+                        help="cpu | cuda | cuda:N (default: cpu with --quick or --levels host, "
+                             "else cuda)")
     parser.add_argument("--levels", type=_csv_list, default=["layer", "model"],
                         help="layer,model,host (default layer,model; host: the CPU host "
                              "overhead per layer call with the Triton launches stubbed)")
