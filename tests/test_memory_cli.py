@@ -286,10 +286,22 @@ def test_cli_rejects_a_sequence_longer_than_the_position_table(tmp_path, capsys)
     assert main(common + ["--seq-len", "65"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--seq-len 65" in err and "64 positions" in err
-    assert main(common + ["--seq-len", "64", "--estimate"]) == 2  # measures 32, 64 and 128
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--small-seq 16" in err
     assert main(common + ["--seq-len", "64"]) == 0
+
+
+@pytest.mark.parametrize("extra, small", [([], 32), (["--small-seq", "20"], 20)])
+def test_cli_refuses_an_estimate_that_measures_the_full_size_or_more(tmp_path, capsys, extra,
+                                                                     small):
+    """--estimate measures --small-seq x (1, 2, 4) to spare the full-size run: where 4x is not
+    shorter than --seq-len (the default --small-seq is at least 32) it measured longer sequences
+    than the full size it was to spare, and past a short position table failed in the model."""
+    config = str(write_config(tmp_path, BERT))  # max_position_embeddings 64
+    common = ["memory", "--model", config, "--dtype", "fp32", "--no-progress", "--device", "cpu",
+              "--seq-len", "64", "--estimate"]
+    assert main(common + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{4 * small} tokens" in err \
+        and "drop --estimate" in err and "--small-seq 15 or less" in err, err
 
 
 @pytest.mark.parametrize("bits", ["4bit", "8bit"])

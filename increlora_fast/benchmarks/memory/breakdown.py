@@ -190,14 +190,16 @@ def memory_breakdown(spec: ModelSpec, setting: AdapterSetting, batch_size: int, 
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"--batch-size {batch_size} / --seq-len {seq_len}: both must be >= 1")
     methods = methods_for(setting)
-    longest = 4 * (small_seq or default_small_seq(seq_len)) if estimate else seq_len
     limit = spec.max_positions()
-    if limit is not None and longest > limit:
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len}: the model embeds at most {limit} positions")
+    small = small_seq or default_small_seq(seq_len)
+    if estimate and 4 * small >= seq_len:  # (so --estimate never runs past the positions)
         raise ValueError(
-            f"--seq-len {seq_len}: the model embeds at most {limit} positions"
-            if seq_len > limit or not estimate else
-            f"--estimate measures sequences up to {longest} tokens, more than the {limit} "
-            f"positions the model embeds: give --small-seq {limit // 4} or less")
+            f"--estimate at --seq-len {seq_len} would measure sequences of {small}, {2 * small} "
+            f"and {4 * small} tokens, not shorter than the full size: drop --estimate (the full "
+            "size is the cheaper run)"
+            + (f" or give --small-seq {(seq_len - 1) // 4} or less" if seq_len > 4 else ""))
     rows = []
     for method in tqdm(methods, desc="memory", disable=not progress):
         rows += method_rows(method, spec, setting, batch_size, seq_len, torch.device(device),
