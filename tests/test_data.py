@@ -304,8 +304,10 @@ def test_missing_column_and_unknown_eval_label(tmp_path):
     dev = write_csv(tmp_path / "d.csv", [{"text": "x", "label": "neutral"}])
     with pytest.raises(ValueError, match=r"d\.csv row 1: label 'neutral' does not occur"):
         load_files(str(train), str(dev))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="^--train-file .*missing.csv: .*does not exist"):
         load_files(str(tmp_path / "missing.csv"), None)
+    with pytest.raises(FileNotFoundError, match="^--eval-file .*gone.csv: .*does not exist"):
+        load_files(str(train), str(tmp_path / "gone.csv"))
 
 
 def test_label_names_and_fixed_split():

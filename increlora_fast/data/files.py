@@ -220,6 +220,9 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
             labels than half its rows, or dev labels that no training row has (both usually
             mean that the text and label columns are swapped).
     """
+    for option, given in (("--train-file", train_file), ("--eval-file", eval_file)):
+        if given is not None and not Path(given).exists():
+            raise FileNotFoundError(f"{option} {given}: the data file does not exist")
     train_path = Path(train_file)
     texts, pairs, labels = _raw_examples(train_path, text_column, text_pair_column, label_column)
     label_names = label_names_for(labels, f"{train_path}: column {label_column!r}")
