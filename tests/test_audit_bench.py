@@ -557,11 +557,15 @@ def test_a_bad_dtype_names_its_option_and_the_help_lists_the_dtypes(option, caps
 
 @pytest.mark.parametrize("option, value", [("--levels", "host,host"),
                                            ("--methods", "floor,floor"),
-                                           ("--models", "tiny-bert,tiny-bert")])
+                                           ("--models", "tiny-bert,tiny-bert"),
+                                           ("--shapes", "64x64,64X64"),
+                                           ("--tokens", "64,128,64"),
+                                           ("--r-max", "8,8")])
 def test_a_name_given_twice_is_refused(option, value, capsys, monkeypatch):
     """``--levels host,host`` measured the level twice and ``--methods floor,floor`` wrote the
-    method's rows twice (into --json, --csv and the tables, as if two measurements agreed).
-    Now a repeated name is one error line before anything is measured."""
+    method's rows twice (into --json, --csv and the tables, as if two measurements agreed);
+    so did a grid value given twice (``--tokens 64,128,64``). Now a repeated name or value is
+    one error line before anything is measured."""
     from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 

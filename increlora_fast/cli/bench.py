@@ -295,7 +295,8 @@ def _device(args: argparse.Namespace):
 
 
 def _check_names(args: argparse.Namespace) -> None:
-    """--methods, --model-methods and --models name known entries (checked before measuring)."""
+    """--methods, --model-methods and --models name known entries, and they and the grid
+    (--shapes, --tokens, --r-max) give each entry once (checked before measuring)."""
     from ..benchmarks.speed.layer_methods import LAYER_METHODS
     from ..benchmarks.speed.model_level import MODEL_METHODS
     from ..benchmarks.speed.model_presets import MODEL_PRESETS
@@ -303,6 +304,13 @@ def _check_names(args: argparse.Namespace) -> None:
     check_names("--methods", args.methods, list(LAYER_METHODS))
     check_names("--model-methods", args.model_methods, list(MODEL_METHODS))
     check_names("--models", args.models, list(MODEL_PRESETS))
+    for option, values in (("--shapes", args.shapes), ("--tokens", args.tokens),
+                           ("--r-max", args.r_max)):
+        repeated = [v for i, v in enumerate(values or []) if v in values[:i]]
+        if repeated:
+            shown = "x".join(map(str, repeated[0])) if option == "--shapes" else repeated[0]
+            raise ValueError(f"{option} gives {shown} twice: give each once (its rows would be "
+                             "measured twice)")
 
 
 def _read_include(path: str):
