@@ -117,3 +117,24 @@ def test_outputs_that_cannot_record_the_pad_token_say_which_to_set(tiny, tmp_pat
         assert "model.config.pad_token_id = 0" in named[0]
     else:
         assert named == []
+
+
+def test_a_tokenizer_and_config_that_name_different_pad_tokens_are_warned_about():
+    """Batches are padded with the tokenizer's pad token, and a decoder classifier looks for
+    the config's: when both are set and differ it reads padding positions, silently before."""
+    from types import SimpleNamespace
+    import warnings
+
+    from increlora_fast.training.finetune_run import set_pad_token
+    pad = random.randrange(1, 50)
+    tokenizer = SimpleNamespace(pad_token="<pad>", pad_token_id=pad)
+    for config_pad, warned in ((pad + 1, True), (pad, False)):
+        model = SimpleNamespace(config=SimpleNamespace(pad_token_id=config_pad))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert set_pad_token(tokenizer, model, "m") is None
+        said = [str(w.message) for w in caught]
+        assert bool(said) == warned, said
+        assert not warned or (f"pad_token_id {config_pad}" in said[0] and
+                              f"token id {pad}" in said[0])
+        assert model.config.pad_token_id == config_pad  # neither is changed

@@ -141,6 +141,9 @@ def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
     ``score`` head finds each input's last token before the padding by the config's id, so
     batches padded with another token would make it read a padding position.
 
+    A tokenizer and a config that both name a pad token, and different ones, are warned about
+    (the batches are padded with the tokenizer's, the head looks for the config's).
+
     Returns:
         The ``pad_token_id`` given to the model's config, None when it had one.
 
@@ -156,7 +159,14 @@ def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
             raise ValueError(f"--model {name}: its tokenizer has no pad, EOS or UNK token to "
                              "pad batches with; give its tokenizer a pad token")
         tokenizer.pad_token = token
-    if getattr(model.config, "pad_token_id", None) is not None:
+    named = getattr(model.config, "pad_token_id", None)
+    if named is not None:
+        if named != tokenizer.pad_token_id:
+            warnings.warn(f"--model {name}: its tokenizer pads with token id "
+                          f"{tokenizer.pad_token_id} and its config names pad_token_id {named}; "
+                          "a decoder classifier looks for the config's id to find each input's "
+                          "last token, so on padded batches it may read a padding position: give "
+                          "the two one pad token", UserWarning, stacklevel=2)
         return None
     model.config.pad_token_id = tokenizer.pad_token_id
     return model.config.pad_token_id
