@@ -1,7 +1,8 @@
-"""`DeviceScalar`: a host integer mirrored in 0-d device tensors, for steps captured in CUDA
+"""`DeviceScalar`: a host number mirrored in 0-d device tensors, for steps captured in CUDA
 graphs. A captured step only reads the tensor; the host fills it (one launch, no read) whenever
 the value it holds is stale, which outside a graph happens before the read and, for a replay,
-through an explicit `sync` before it. So no step number is baked into a graph."""
+through an explicit `sync` before it. So no step number or learning rate is baked into a
+graph."""
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple, Union
@@ -15,9 +16,9 @@ class DeviceScalar:
     def __init__(self, dtype: torch.dtype) -> None:
         self.dtype = dtype
         # device -> (its tensor, the host value that tensor holds)
-        self._tensors: Dict[torch.device, Tuple[torch.Tensor, int]] = {}
+        self._tensors: Dict[torch.device, Tuple[torch.Tensor, float]] = {}
 
-    def get(self, value: int, device: torch.device) -> torch.Tensor:
+    def get(self, value: float, device: torch.device) -> torch.Tensor:
         """The tensor on ``device``, holding ``value`` (filled now if it held another)."""
         entry = self._tensors.get(device)
         if entry is None or entry[1] != value:
@@ -28,7 +29,7 @@ class DeviceScalar:
             self._tensors[device] = entry
         return entry[0]
 
-    def sync(self, value: int) -> None:
+    def sync(self, value: float) -> None:
         """Make every tensor made so far hold ``value`` (before replaying a graph)."""
         for device in list(self._tensors):
             self.get(value, device)

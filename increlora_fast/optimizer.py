@@ -287,6 +287,9 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         self._dense_slot: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}
         # global_step on the devices of the parameters, read by the per-slot schedule.
         self._device_steps = DeviceScalar(torch.float64)
+        # group index -> its ``lr`` on the devices of its parameters (a captured step reads the
+        # tensor, so a replay steps with the lr the group has then: `sync_device_step`).
+        self._device_lrs: Dict[int, DeviceScalar] = {}
 
     def __getstate__(self) -> dict:
         """Pickling and ``copy.deepcopy``: torch's state plus the step count and each
@@ -438,8 +441,20 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
 
     def sync_device_step(self) -> None:
         """Before replaying a CUDA graph captured from another step: set the device copies of
-        `global_step` that the captured step reads (one fill per device, outside the graph)."""
+        `global_step` and of each group's ``lr`` (a scheduler or the user may have changed it
+        since the capture) that the captured step reads (one fill per device and value that
+        changed, outside the graph)."""
         self._device_steps.sync(self.global_step)
+        for index, lrs in self._device_lrs.items():
+            lrs.sync(self.param_groups[index]["lr"])
+
+    def captured_hyperparameters(self) -> tuple:
+        """The settings of the parameter groups (all but ``params`` and ``lr``: betas, eps,
+        weight decay, the schedule's steps, ...) that a step captured in a CUDA graph holds as
+        numbers: a graph captured while they had other values would replay those. (The
+        captured step reads ``lr`` from a device tensor, `sync_device_step`.)"""
+        return tuple(tuple((k, v) for k, v in sorted(group.items()) if k not in ("params", "lr"))
+                     for group in self.param_groups)
 
     def note_replayed_step(self) -> None:
         """The host side of a step whose device work was replayed from a CUDA graph: the step
@@ -571,7 +586,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
             torch._foreach_maximum_(counts, floors)
         step = self._device_steps.get(self.global_step, start.device)
         mult = schedule_multiplier(step, start, group["warmup_steps"], group["total_step"])
-        lr = (group["lr"] * mult).to(torch.float32)
+        base_lr = self._device_lrs.setdefault(where[0], DeviceScalar(torch.float64))
+        lr = (base_lr.get(group["lr"], start.device) * mult).to(torch.float32)
         beta1, beta2 = group["betas"]
         hyper = (beta1, beta2, group["eps"], group["weight_decay"])
         if fused is not None:

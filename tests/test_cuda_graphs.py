@@ -625,3 +625,38 @@ def test_an_optimizer_state_loaded_between_replays_is_captured_anew(make_tiny_ne
     for p_ref, p_got in zip(ref.param_groups[0]["params"], got.param_groups[0]["params"]):
         for key in ("exp_avg", "exp_avg_sq"):
             assert torch.equal(got.state[p_got][key], ref.state[p_ref][key]), key
+
+
+@pytest.mark.parametrize("hyper", ["lr", "weight_decay"])
+def test_hyperparameters_changed_between_replays_reach_the_replayed_steps(make_tiny_net, hyper):
+    """A scheduler (or the user) that sets a group's ``lr`` between steps, or its weight decay,
+    after the steps were captured: a replay must step with the new value, as the eager step
+    does, not with the number the capture saw. The learning rate is read from a device tensor
+    refreshed before each replay (no new capture); the other hyperparameters, numbers in the
+    captured launches, make the graphs be captured anew."""
+    factors = torch.rand(STEPS, generator=torch.Generator().manual_seed(
+        int(torch.randint(0, 2**31, ())))) + 0.25
+
+    def run(graph_factory):
+        model, optimizer, controller, data, (x, y) = _setup(make_tiny_net, "cpu")
+        params = [p for p in model.parameters() if p.requires_grad]
+        graphed = None if graph_factory is None else GraphedSteps(optimizer, controller,
+                                                                  graph_factory)
+
+        def edit(step, _model):
+            for group in optimizer.param_groups:
+                if hyper == "lr" and step >= 6:  # every step, as a scheduler does
+                    group["lr"] = 2e-2 * float(factors[step])
+                elif hyper == "weight_decay" and step == STEPS - 6:
+                    group["weight_decay"] = 0.3
+        losses = []
+        _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit)
+        return model, torch.stack(losses), graphed
+
+    ref_model, ref_losses, _ = run(None)
+    model, losses, graphed = run(EmulatedPool())
+    assert graphed.replays > 0
+    assert graphed.captures == 2 if hyper == "lr" else graphed.captures > 2
+    assert torch.equal(losses, ref_losses)
+    for (name, got), ref in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(got, ref), name

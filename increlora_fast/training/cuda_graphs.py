@@ -20,7 +20,11 @@ round or not (at a round the controller's ``defer_round`` keeps the round out of
 capture, and the round runs on the host between the halves, as in a replay). A graph pair is
 captured anew only when a cache had to be made as new tensors (`cache_epoch`), and a step runs
 eagerly when slots changed outside a step of this runner (a layer's ``slot_version`` moved: the
-eager step refreshes the caches). With ``exact_step_score`` rounds run eagerly and drop the
+eager step refreshes the caches). The optimizer's learning rates are device tensors set before
+each replay (`IncreLoRAAdamW.sync_device_step`: a scheduler's or the user's change reaches the
+replays); a change of its other settings (weight decay, betas, eps: numbers in the captured
+launches, `IncreLoRAAdamW.captured_hyperparameters`) runs the step eagerly and drops the graphs,
+captured anew with the new values. With ``exact_step_score`` rounds run eagerly and drop the
 graphs: its dense G buffers are released and allocated anew around score windows. The first
 ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side stream as torch's
 CUDA-graph notes ask, and so does the first step of each tracking state: the
@@ -196,6 +200,8 @@ class GraphedSteps:
         # The layers' slot versions when the last eager step ended (its optimizer step and the
         # round's `refresh_cached_masks` brought every cached mask up to date in place).
         self._versions: tuple = ()
+        # The optimizer's `captured_hyperparameters` at the last eager step (None: none yet).
+        self._hyper: Optional[tuple] = None
         # tracking state -> (parameter, the gradient its first graph writes) of each parameter
         self._grads: Dict[bool, List[Tuple[torch.Tensor, Optional[torch.Tensor]]]] = {}
         self._eager_steps = 0
@@ -255,11 +261,14 @@ class GraphedSteps:
         tracked = self.controller.is_tracked(step)
         round_ = self.controller.allocation_due(step)
         epochs = self._cache_epochs()
+        hyper = self._hyperparameters()
+        if hyper != self._hyper:  # numbers in the graphs' launches: captured anew after
+            self._graphs.clear()  # an eager step with the new ones (its kernels loaded)
         entry = self._graphs.get(tracked)
         if entry is not None and entry[3] != epochs:  # it reads caches that were made anew
             entry = None
         if self._eager_steps < self.warmup or tracked not in self._states_run \
-                or self._slot_versions() != self._versions \
+                or self._slot_versions() != self._versions or hyper != self._hyper \
                 or (round_ and self._exact_step_score()):
             # (slots changed since the last eager step outside a round: running a step eagerly
             # refreshes the cached masks a replay reads)
@@ -440,6 +449,7 @@ class GraphedSteps:
             second(True)
         self._eager_steps += 1
         self._versions = self._slot_versions()
+        self._hyper = self._hyperparameters()
         if round_ and self._exact_step_score():
             # Its dense G buffers are released and allocated anew around score windows.
             self._graphs.clear()
@@ -451,6 +461,11 @@ class GraphedSteps:
         config = getattr(self.controller, "config", None)
         return getattr(config, "score", None) == "delta_w" \
             and not getattr(self.controller, "budget_reached", False)
+
+    def _hyperparameters(self) -> tuple:
+        """The optimizer's settings that a captured step holds as numbers
+        (`IncreLoRAAdamW.captured_hyperparameters`; its ``lr`` is a device tensor)."""
+        return getattr(self.optimizer, "captured_hyperparameters", tuple)()
 
     def _slot_versions(self) -> tuple:
         return tuple(layer.slot_version for layer in self.controller.layers)
