@@ -76,3 +76,27 @@ def test_other_models_get_no_hook():
     config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
                                      num_attention_heads=2, intermediate_size=32)
     assert cache_relative_positions(transformers.BertModel(config)) == []
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_installing_the_cache_again_adds_no_hook(version):
+    """A second runner built on the same model (or a finetune set up again) installs the cache
+    again: each encoder keeps its one hook and cache (the same handles come back), and once
+    removed it can be installed anew."""
+    model = _deberta(version)
+    encoder = next(m for m in model.modules() if hasattr(m, "get_rel_pos"))
+    first = cache_relative_positions(model)
+    again = cache_relative_positions(model)
+    assert [h.id for h in again] == [h.id for h in first]
+    assert len(encoder._forward_pre_hooks) == 1
+    for handle in first:
+        handle.remove()
+    assert len(encoder._forward_pre_hooks) == 0
+    anew = cache_relative_positions(model)
+    assert len(anew) == 1 and len(encoder._forward_pre_hooks) == 1
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(
+        int(torch.randint(0, 2**31, ()))))
+    model.train()
+    want = _logits_and_grads(_deberta(version).train(), ids)
+    got = _logits_and_grads(model, ids)
+    assert torch.equal(got[0], want[0])

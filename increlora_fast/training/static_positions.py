@@ -26,15 +26,26 @@ def _uses_relative_positions(module: nn.Module) -> bool:
         callable(getattr(module, "get_rel_pos", None))
 
 
+# The attribute of an encoder that holds the handle of its cache's hook.
+_HANDLE = "_increlora_relative_positions"
+
+
 def cache_relative_positions(model: nn.Module) -> List[RemovableHandle]:
     """Install the relative-position cache on every DeBERTa-style encoder of ``model`` (see the
-    module docstring); returns the hooks' handles (none for other models)."""
+    module docstring); returns the hooks' handles (none for other models). An encoder that has
+    the cache already (another step runner on the same model) keeps its one hook and cache, and
+    its handle is returned again; once removed, the cache can be installed anew. Left installed,
+    the hook changes nothing a forward computes."""
     handles = []
     for module in model.modules():
         if _uses_relative_positions(module):
-            cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
-            handles.append(module.register_forward_pre_hook(_with_cached_positions(cache),
-                                                            with_kwargs=True))
+            handle = getattr(module, _HANDLE, None)
+            if handle is None or handle.id not in module._forward_pre_hooks:
+                cache: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+                handle = module.register_forward_pre_hook(_with_cached_positions(cache),
+                                                          with_kwargs=True)
+                setattr(module, _HANDLE, handle)
+            handles.append(handle)
     return handles
 
 
