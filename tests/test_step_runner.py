@@ -715,3 +715,50 @@ def test_the_step_computes_the_loss_without_passing_labels_to_the_model():
     _, weighted = forward_with_loss(model, batch, weights)
     assert torch.equal(weighted, torch.nn.functional.cross_entropy(
         out.logits, batch["labels"], weight=weights))
+
+
+def test_a_probe_that_fails_puts_the_models_buffers_back():
+    """The probe before the first capture runs the forward and backward once without effect,
+    the model's buffers (a batch norm's running statistics) put back after. When the capture
+    refuses the model partway (a host tensor after a batch norm ran, here), they must be put
+    back as well: the run then steps eagerly, and its statistics (what evaluation normalizes
+    with) must equal a run's that never tried graphs. (The emulator runs a capture's ops; a
+    CUDA capture runs none.)"""
+    from transformers import BertConfig, BertForSequenceClassification
+    from increlora_fast import IncreLoRAConfig
+    from increlora_fast.training.increlora_method import IncreLoRARun
+
+    batches = _token_batches(6)
+    seed = int(torch.randint(0, 2**31, ()))
+    results = {}
+    for graphed in (False, True):
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=32,
+                            max_position_embeddings=32, num_labels=2)
+        model = BertForSequenceClassification(config)
+        model.add_module("head_norm", torch.nn.BatchNorm1d(2))
+        model.classifier.register_forward_hook(
+            lambda module, args, out: model.head_norm(out) + torch.tensor(0.0))
+        adapters = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=1,
+                                   target_rank=2, init_warmup=1, incre_interval=2, top_h=1,
+                                   modules_to_save=["classifier", "pooler"])
+        run = IncreLoRARun.from_config(model, adapters, lr=1e-2)
+        runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
+                            graph_factory=EmulatedPool() if graphed else None)
+        losses = []
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="CUDA graphs: .* cannot be captured")
+            for i, batch in enumerate(batches):
+                losses.append(float(runner.step(i, batch).task_loss))
+                if graphed and i == WARMUP_STEPS:  # the probe has run, and failed
+                    assert runner.graphed.fallback is not None
+        norm = model.head_norm
+        results[graphed] = (losses, _trainable(run), norm.running_mean.clone(),
+                            norm.running_var.clone(), int(norm.num_batches_tracked))
+    (plain, plain_weights, *plain_stats), (losses, weights, *stats) = \
+        results[False], results[True]
+    assert losses == plain
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)
+    assert stats[2] == plain_stats[2] == len(batches)
+    assert torch.equal(stats[0], plain_stats[0]) and torch.equal(stats[1], plain_stats[1])

@@ -301,7 +301,8 @@ class StepRunner:
         the run's first capture, `GraphedSteps._probe`) only the forward and backward run inside
         it. Buffers outside the adapted layers (a batch norm's running statistics) are put
         back; the adapted layers' other buffers (slot states and steps) must not change, and a
-        change raises."""
+        change raises. The buffers and ``self.loss`` are put back also when the block raises (a
+        probe whose capture failed: the run steps eagerly after it, as if it never tried)."""
         layers = set(self.run.controller.layers)
         adapter_buffers = [b for layer in layers for name, b in layer.named_buffers()
                            if name != "score_sum"]
@@ -310,18 +311,20 @@ class StepRunner:
         kept = [b.clone() for b in others]
         versions = [b._version for b in adapter_buffers]
         loss = self.loss
-        with capture or contextlib.nullcontext(), self._capture_safe_autocast():
-            self.forward_backward(step, batch)
-        if capture is None:
-            # with the overflow flag a captured fp16 step folds in, so its ops are loaded too
-            overflow = None if self.placement.scaler is None else \
-                torch.zeros((), device=self.run.controller.layers[0].lora_A.device)
-            self.run.controller.load_update_kernels(step, loss_scale=self.placement.loss_scale,
-                                                    overflow=overflow)
-        self.loss = loss
-        with torch.no_grad():
-            for b, value in zip(others, kept):
-                b.copy_(value)
+        try:
+            with capture or contextlib.nullcontext(), self._capture_safe_autocast():
+                self.forward_backward(step, batch)
+            if capture is None:
+                # with the overflow flag a captured fp16 step folds in, so its ops are loaded too
+                overflow = None if self.placement.scaler is None else \
+                    torch.zeros((), device=self.run.controller.layers[0].lora_A.device)
+                self.run.controller.load_update_kernels(
+                    step, loss_scale=self.placement.loss_scale, overflow=overflow)
+        finally:  # also when the probe's capture failed: the run goes on eagerly
+            self.loss = loss
+            with torch.no_grad():
+                for b, value in zip(others, kept):
+                    b.copy_(value)
         if [b._version for b in adapter_buffers] != versions:
             raise RuntimeError("cuda_graphs: the kernel preload's forward and backward changed "
                                "an adapted layer's slot buffers; it would change the run")
