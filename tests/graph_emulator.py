@@ -24,9 +24,13 @@ that existed before the capture and that its ops changed in place still change a
 not at the first replay.)
 
 A capture also refuses, as CUDA would, what syncs the stream or copies host data
-(`capture_refuses`): a host read (``.item()``, ``bool(t)``, ``torch.nonzero``, a boolean mask
-index, ...; and ``.tolist()``, ``.cpu()``, ``.numpy()``, which on the CPU reach no aten op:
-`_HostCopies`), ``torch.tensor(data)``, pinning.
+(`capture_refuses`): a host read (``.item()``, ``bool(t)``, ``int(t)``, ``float(t)``,
+``torch.equal``, ``torch.nonzero``, a boolean mask index, ...; and ``.tolist()``, ``.cpu()``,
+``.numpy()``, ``.to("cpu")``, which on the CPU reach no aten op: `_HostCopies`),
+``torch.tensor(data)``, pinning. On the CPU every tensor is a host tensor, so two copies to the
+host go unseen: ``.to(torch.device("cpu"))``, which cannot be told from a move to the step's own
+device (``x.to(y.device)``, as transformers' models do inside the step), and ``copy_`` into a
+tensor made on the host, a copy between tensors of the one device here.
 
 CUDA also refuses to load a kernel module while a stream captures (``cuModuleLoadData``: "operation
 not permitted when stream is capturing"), so a Triton kernel must have run eagerly, with the same
@@ -63,14 +67,25 @@ from torch.utils._pytree import tree_flatten
 _HOST_COPIES = {torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.cpu}
 
 
+def _to_cpu_by_name(args: tuple, kwargs: dict) -> bool:
+    """Whether a ``Tensor.to`` call names the CPU by a string (``"cpu"``, ``device="cpu"``): a
+    copy to the host on a GPU. A ``torch.device`` is not taken for one: the step's own device,
+    the CPU here, reaches ``.to`` as one (``x.to(y.device)``, a no-op on CUDA too)."""
+    return any(isinstance(d, str) and d.split(":")[0] == "cpu"
+               for d in (*args[1:], kwargs.get("device")))
+
+
 class _HostCopies(TorchFunctionMode):
-    """Refuses `_HOST_COPIES` inside a capture (not the Triton interpreter's own)."""
+    """Refuses `_HOST_COPIES`, and ``Tensor.to`` naming the CPU (`_to_cpu_by_name`), inside a
+    capture (not the Triton interpreter's own)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _HOST_COPIES and not _capture["paused"]:
+        kwargs = kwargs or {}
+        if not _capture["paused"] and (func in _HOST_COPIES or (
+                func is torch.Tensor.to and _to_cpu_by_name(args, kwargs))):
             raise RuntimeError(f"a host read (Tensor.{func.__name__}) inside a captured step: "
                                "CUDA graph capture would fail here")
-        return func(*args, **(kwargs or {}))
+        return func(*args, **kwargs)
 
 
 class _Recorder(TorchDispatchMode):

@@ -314,6 +314,14 @@ REFUSED_IN_A_CAPTURE = {
     "tolist": (lambda: (_T * 2).tolist(), lambda: _T * 2),
     "cpu": (lambda: (_T * 2).cpu(), lambda: (_T * 2).clone()),
     "numpy": (lambda: (_T * 2).numpy(), lambda: (_T * 2).clone()),
+    "to cpu": (lambda: (_T * 2).to("cpu"), lambda: (_T * 2).to(torch.float64)),
+    "to device cpu": (lambda: (_T * 2).to(device="cpu", dtype=torch.float64),
+                      lambda: (_T * 2).to(device=_T.device, dtype=torch.float64)),
+    "int": (lambda: int(_T.sum()), lambda: _T.sum().long()),
+    "float": (lambda: float(_T.sum()), lambda: _T.sum().float()),
+    "index": (lambda: [0, 1, 2, 3, 4, 5][_T.sum().long()], lambda: _T.sum().long()),
+    "format": (lambda: f"{_T.sum():.2f}", lambda: _T.sum()),
+    "if": (lambda: 1 if _T.sum() > 1 else 0, lambda: torch.where(_T.sum() > 1, 1, 0)),
 }
 
 
