@@ -635,13 +635,14 @@ def test_an_optimizer_state_loaded_between_replays_is_captured_anew(make_tiny_ne
             assert torch.equal(got.state[p_got][key], ref.state[p_ref][key]), key
 
 
-@pytest.mark.parametrize("hyper", ["lr", "weight_decay"])
+@pytest.mark.parametrize("hyper", ["lr", "weight_decay", "orth_reg_weight"])
 def test_hyperparameters_changed_between_replays_reach_the_replayed_steps(make_tiny_net, hyper):
     """A scheduler (or the user) that sets a group's ``lr`` between steps, or its weight decay,
     after the steps were captured: a replay must step with the new value, as the eager step
     does, not with the number the capture saw. The learning rate is read from a device tensor
     refreshed before each replay (no new capture); the other hyperparameters, numbers in the
-    captured launches, make the graphs be captured anew."""
+    captured launches, make the graphs be captured anew, and so does a change of the
+    controller's config (the penalty's weight)."""
     factors = torch.rand(STEPS, generator=torch.Generator().manual_seed(
         int(torch.randint(0, 2**31, ())))) + 0.25
 
@@ -657,6 +658,8 @@ def test_hyperparameters_changed_between_replays_reach_the_replayed_steps(make_t
                     group["lr"] = 2e-2 * float(factors[step])
                 elif hyper == "weight_decay" and step == STEPS - 6:
                     group["weight_decay"] = 0.3
+            if hyper == "orth_reg_weight" and step == STEPS - 6:
+                controller.config.orth_reg_weight = 3.0
         losses = []
         _steps(model, optimizer, controller, data, x, y, params, graphed, losses, edit)
         return model, torch.stack(losses), graphed

@@ -762,3 +762,38 @@ def test_a_probe_that_fails_puts_the_models_buffers_back():
     assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)
     assert stats[2] == plain_stats[2] == len(batches)
     assert torch.equal(stats[0], plain_stats[0]) and torch.equal(stats[1], plain_stats[1])
+
+
+def test_a_clipping_norm_changed_between_replays_reaches_them():
+    """The step runner's clipping norm is a number in the captured launches: set between
+    steps (after the graphs were captured), the replays must clip with the new one, as eager
+    steps do (the graphs are captured anew), not with the one the capture saw."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from increlora_fast import IncreLoRAConfig
+    from increlora_fast.training.increlora_method import IncreLoRARun
+
+    batches = _token_batches(12)
+    seed = int(torch.randint(0, 2**31, ()))
+    results = {}
+    for graphed in (False, True):
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                            num_attention_heads=2, intermediate_size=32,
+                            max_position_embeddings=32, num_labels=2)
+        adapters = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=1,
+                                   target_rank=2, init_warmup=1, incre_interval=2, top_h=1,
+                                   modules_to_save=["classifier", "pooler"])
+        run = IncreLoRARun.from_config(BertForSequenceClassification(config), adapters,
+                                       lr=1e-2)
+        runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
+                            graph_factory=EmulatedPool() if graphed else None)
+        losses = []
+        for i, batch in enumerate(batches):
+            if i == WARMUP_STEPS + 4:
+                runner.grad_clip = 1e-3  # far below the gradients' norm: every step clips
+            losses.append(float(runner.step(i, batch).task_loss))
+        results[graphed] = (losses, _trainable(run), runner)
+    (plain, plain_weights, _), (losses, weights, runner) = results[False], results[True]
+    assert runner.graphed.replays > 0 and runner.graphed.fallback is None
+    assert losses == plain
+    assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)

@@ -23,8 +23,9 @@ eagerly when slots changed outside a step of this runner (a layer's ``slot_versi
 eager step refreshes the caches). The optimizer's learning rates are device tensors set before
 each replay (`IncreLoRAAdamW.sync_device_step`: a scheduler's or the user's change reaches the
 replays); a change of its other settings (weight decay, betas, eps: numbers in the captured
-launches, `IncreLoRAAdamW.captured_hyperparameters`) runs the step eagerly and drops the graphs,
-captured anew with the new values. With ``exact_step_score`` rounds run eagerly and drop the
+launches, `IncreLoRAAdamW.captured_hyperparameters`), of the controller's config (the penalty's
+weight) or of the step runner's (its clipping norm, loss weights and GradScaler factors) runs
+the step eagerly and drops the graphs, captured anew with the new values. With ``exact_step_score`` rounds run eagerly and drop the
 graphs: its dense G buffers are released and allocated anew around score windows. The first
 ``warmup`` steps run eagerly too (kernel compilation, lazy state), on a side stream as torch's
 CUDA-graph notes ask, and so does the first step of each tracking state: the
@@ -183,13 +184,18 @@ class GraphedSteps:
             tests pass a CPU emulation).
         warmup: eager steps before the first capture (at least 1: the step state the
             captured step reads must exist before it).
+        settings: the caller's own settings that its captured step holds as numbers (the step
+            runner's clipping norm, its loss weights, its GradScaler's factors); a change
+            between steps makes the graphs be captured anew, as one of the optimizer's does.
     """
 
     def __init__(self, optimizer, controller,
                  graph_factory: Optional[Callable[[], StepGraph]] = None,
-                 warmup: int = WARMUP_STEPS) -> None:
+                 warmup: int = WARMUP_STEPS,
+                 settings: Optional[Callable[[], tuple]] = None) -> None:
         self.optimizer = optimizer
         self.controller = controller
+        self._settings = settings or tuple
         self.graph_factory = graph_factory or CUDAGraphPool()
         self._cuda = isinstance(self.graph_factory, CUDAGraphPool) \
             or self.graph_factory is CUDAStepGraph
@@ -463,9 +469,13 @@ class GraphedSteps:
             and not getattr(self.controller, "budget_reached", False)
 
     def _hyperparameters(self) -> tuple:
-        """The optimizer's settings that a captured step holds as numbers
-        (`IncreLoRAAdamW.captured_hyperparameters`; its ``lr`` is a device tensor)."""
-        return getattr(self.optimizer, "captured_hyperparameters", tuple)()
+        """The settings that a captured step holds as numbers: the optimizer's
+        (`IncreLoRAAdamW.captured_hyperparameters`; its ``lr`` is a device tensor), the
+        controller's config (the penalty's weight, the score's smoothing) and the caller's
+        (``settings``)."""
+        config = getattr(self.controller, "config", None)
+        return (getattr(self.optimizer, "captured_hyperparameters", tuple)(),
+                None if config is None else tuple(vars(config).items()), self._settings())
 
     def _slot_versions(self) -> tuple:
         return tuple(layer.slot_version for layer in self.controller.layers)

@@ -149,7 +149,8 @@ class StepRunner:
                     self.placement.device.type != "cuda":
                 raise ValueError(f"cuda_graphs: CUDA graphs need a CUDA device, the run is on "
                                  f"{self.placement.device}")
-            self.graphed = GraphedSteps(run.optimizer, controller, factory)
+            self.graphed = GraphedSteps(run.optimizer, controller, factory,
+                                        settings=self._captured_settings)
             # DeBERTa's encoders rebuild their relative positions with a host-to-device copy
             # on every forward, which a capture refuses: computed once per training shape
             cache_relative_positions(run.model)
@@ -268,6 +269,17 @@ class StepRunner:
             preload=lambda capture=None: self._forward_backward_without_effect(step, batch,
                                                                                 capture))
         return StepResult(*outputs[:2])
+
+    def _captured_settings(self) -> tuple:
+        """This runner's settings that a captured step holds as numbers or tensor addresses
+        (`GraphedSteps`' ``settings``): the clipping norm, the loss weights (a tensor replaced,
+        not one changed in place) and the GradScaler's growth factors."""
+        scaler = self.placement.scaler
+        factors = None if scaler is None else (scaler.get_growth_factor(),
+                                               scaler.get_backoff_factor(),
+                                               scaler.get_growth_interval())
+        weights = getattr(self.run, "class_weights", None)
+        return self.grad_clip, None if weights is None else id(weights), factors
 
     def _scaler_stage(self) -> Optional[dict]:
         """The fp16 GradScaler's record of this optimizer after the first half (stage: gradients
