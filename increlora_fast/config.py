@@ -91,8 +91,8 @@ class IncreLoRAConfig:
             ranks) instead of summing per-pass scores. Opt-in, and costly: on every tracked step
             each target module holds a dense (out, in) float32 buffer (a float32 copy of every
             target weight) and, under torch.distributed, all-reduces it. ``None`` means False,
-            with or without torch.distributed (there the per-module scores are summed over
-            ranks by one all-reduce of a (num_modules,) vector).
+            with or without torch.distributed (there the per-module scores are averaged over
+            ranks by one all-reduce of a (num_modules,) vector, as DDP averages gradients).
         adapter_dtype: dtype of A and B and so of their optimizer moments: ``"auto"`` (float32
             on bfloat16/float16 and quantized bases, the base dtype otherwise, as peft does),
             ``"float32"``, or ``"base"`` (the base weight's dtype). Lambda is float32 for every
