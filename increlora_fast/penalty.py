@@ -160,7 +160,9 @@ class OrthogonalPenalty:
             b = torch.where(trains[:, None, :], b, b.detach()) * w[:, None, :]
             term = torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye).sum() \
                 + torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye).sum()
-            total = total + term.to(device)  # summed on the first layer's device
+            # summed on the first layer's device (moved only from another: a copy to a CPU
+            # device is a host transfer on a GPU machine, and the host-read tests count it)
+            total = total + (term if term.device == device else term.to(device))
         return weight * total / (2 * len(self.layers))
 
     def _masks_of_group(self, index: int, members: List[IncreLoRALinear]
