@@ -717,6 +717,28 @@ def test_the_step_computes_the_loss_without_passing_labels_to_the_model():
         out.logits, batch["labels"], weight=weights))
 
 
+def _tiny_bert() -> torch.nn.Module:
+    """A one-layer BERT sequence classifier of width 16 over a 64-token vocabulary, 2 labels
+    (random weights from the current seed)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=32,
+                        max_position_embeddings=32, num_labels=2)
+    return BertForSequenceClassification(config)
+
+
+def _tiny_bert_run(model: torch.nn.Module):
+    """``model`` (a `_tiny_bert`) with IncreLoRA on query and value, a round every 2 steps."""
+    from increlora_fast import IncreLoRAConfig
+    from increlora_fast.training.increlora_method import IncreLoRARun
+
+    adapters = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=1,
+                               target_rank=2, init_warmup=1, incre_interval=2, top_h=1,
+                               modules_to_save=["classifier", "pooler"])
+    return IncreLoRARun.from_config(model, adapters, lr=1e-2)
+
+
 def test_a_probe_that_fails_puts_the_models_buffers_back():
     """The probe before the first capture runs the forward and backward once without effect,
     the model's buffers (a batch norm's running statistics) put back after. When the capture
@@ -724,26 +746,16 @@ def test_a_probe_that_fails_puts_the_models_buffers_back():
     back as well: the run then steps eagerly, and its statistics (what evaluation normalizes
     with) must equal a run's that never tried graphs. (The emulator runs a capture's ops; a
     CUDA capture runs none.)"""
-    from transformers import BertConfig, BertForSequenceClassification
-    from increlora_fast import IncreLoRAConfig
-    from increlora_fast.training.increlora_method import IncreLoRARun
-
     batches = _token_batches(6)
     seed = int(torch.randint(0, 2**31, ()))
     results = {}
     for graphed in (False, True):
         torch.manual_seed(seed)
-        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=32,
-                            max_position_embeddings=32, num_labels=2)
-        model = BertForSequenceClassification(config)
+        model = _tiny_bert()
         model.add_module("head_norm", torch.nn.BatchNorm1d(2))
         model.classifier.register_forward_hook(
             lambda module, args, out: model.head_norm(out) + torch.tensor(0.0))
-        adapters = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=1,
-                                   target_rank=2, init_warmup=1, incre_interval=2, top_h=1,
-                                   modules_to_save=["classifier", "pooler"])
-        run = IncreLoRARun.from_config(model, adapters, lr=1e-2)
+        run = _tiny_bert_run(model)
         runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
                             graph_factory=EmulatedPool() if graphed else None)
         losses = []
@@ -768,23 +780,12 @@ def test_a_clipping_norm_changed_between_replays_reaches_them():
     """The step runner's clipping norm is a number in the captured launches: set between
     steps (after the graphs were captured), the replays must clip with the new one, as eager
     steps do (the graphs are captured anew), not with the one the capture saw."""
-    from transformers import BertConfig, BertForSequenceClassification
-    from increlora_fast import IncreLoRAConfig
-    from increlora_fast.training.increlora_method import IncreLoRARun
-
     batches = _token_batches(12)
     seed = int(torch.randint(0, 2**31, ()))
     results = {}
     for graphed in (False, True):
         torch.manual_seed(seed)
-        config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1,
-                            num_attention_heads=2, intermediate_size=32,
-                            max_position_embeddings=32, num_labels=2)
-        adapters = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=1,
-                                   target_rank=2, init_warmup=1, incre_interval=2, top_h=1,
-                                   modules_to_save=["classifier", "pooler"])
-        run = IncreLoRARun.from_config(BertForSequenceClassification(config), adapters,
-                                       lr=1e-2)
+        run = _tiny_bert_run(_tiny_bert())
         runner = StepRunner(run, grad_clip=1.0, cuda_graphs=graphed,
                             graph_factory=EmulatedPool() if graphed else None)
         losses = []
