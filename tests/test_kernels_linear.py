@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+from typing import Optional
 
 import pytest
 import torch
@@ -68,6 +69,46 @@ def test_variants_match_float64_reference(kernel_device, case, backward_design):
     rec = check_problem(torch.device(kernel_device), 45, 29, 38, 16, act, adapter,
                         act if weight else None, seed=_seed(), **kw)
     assert rec["ok"], rec
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+def test_first_use_check_catches_a_slightly_wrong_score(kernel_device, dtype, monkeypatch):
+    """The 16-bit exact score is checked to `checks.SCORE_TOL` (1e-4: no input rounding enters
+    it), not to the 16-bit operands' `TOL` (bfloat16 3e-2): correct kernels pass on fresh
+    inputs, with dropout too (the reference takes the adapter input rounded as the kernel's:
+    with 4/3 exact it was 2e-3 off in bfloat16), with their score within 1e-5 of float64 (a
+    direct measurement beside the check's: float32 accumulation alone, at 37 rows), while a
+    score 0.5 % off, or one without one active slot's part of dW, fails the check."""
+    from increlora_fast.kernels import checks
+    device = torch.device(kernel_device)
+    seed = _seed()
+    args = (device, 37, 24, 40, 16, dtype, torch.float32, dtype)
+    assert checks.check_problem(*args, seed=seed)["ok"]
+    rec = checks.check_problem(*args, dropout=True, seed=seed)
+    assert rec["ok"], rec
+    problem = checks._problem(*args, False, True, torch.Generator().manual_seed(seed))
+    got, want = (checks._run(problem, kernel, False, None)[5] for kernel in (True, False))
+    assert abs(got.double() - want).item() <= 1e-5 * want.item()
+
+    run = checks._run
+
+    def off(factor: float, dead_slot: Optional[int]):
+        def wrong_score(p, triton_path, fused, mask):
+            out = run(p, triton_path, fused, mask)
+            if triton_path:
+                q = dict(p, lam=p["lam"].clone())
+                if dead_slot is not None:
+                    q["lam"][dead_slot] = 0.0  # its lam_eff is 0: out of dW
+                out[5] = run(q, False, fused, mask)[5].float() * factor
+            return out
+        return wrong_score
+    for factor, dead_slot in ((1.005, None), (0.995, None), (1.0, 2)):
+        monkeypatch.setattr(checks, "_run", off(factor, dead_slot))
+        rec = checks.check_problem(*args, seed=seed)
+        assert not rec["ok"] and rec["error"].startswith("score"), (factor, dead_slot, rec)
+    monkeypatch.setattr(checks, "_run", off(1.0, None))  # the wrapper alone changes nothing
+    assert checks.check_problem(*args, seed=seed)["ok"]
 
 
 def test_check_problems_are_built_as_the_layer_and_a_real_backward_build_them():
