@@ -50,6 +50,7 @@ def test_replayed_tiny_bert_agrees_with_the_eager_run(precision):
 
 
 @pytest.mark.slow  # about 70 s: every adapted layer's kernels under the Triton interpreter
+@pytest.mark.usefixtures("whole_loop_tiles")
 def test_replayed_fp16_steps_agree_on_the_triton_path(monkeypatch):
     """The path a GPU takes (Triton kernels, the penalty's included, here under the
     interpreter): fp16 replays, an overflowing one included, agree bit for bit, and no kernel

@@ -102,6 +102,7 @@ def test_scores_taken_outside_the_passes_probe_the_passes_their_steps_run(tiny, 
     assert tracking and not any(tracking)
 
 
+@pytest.mark.usefixtures("whole_loop_tiles")
 def test_triplet_score_on_the_triton_path_loads_every_kernel_before_its_capture(tiny,
                                                                                 monkeypatch):
     """The Triton path of ``--score triplet`` (the one a GPU takes, here under the

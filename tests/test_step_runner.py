@@ -184,6 +184,7 @@ SCHEDULES = {"tracked-first": (dict(), STEPS),
 
 
 # (the Triton path of a run that starts untracked: tests/test_gpu_check_graphs.py, fp16)
+@pytest.mark.usefixtures("whole_loop_tiles")
 @pytest.mark.parametrize("backend, schedule", [("torch", "tracked-first"),
                                                ("triton", "tracked-first"),
                                                ("torch", "score-window")])

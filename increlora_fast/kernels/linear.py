@@ -67,11 +67,12 @@ class _Plan:
         self.slots_const = slots
         wide = out_dtype in (torch.float32, torch.float64)  # IEEE dots on FMA: smaller tiles
         if interpreted:
-            self.proj = (16, 16, 16)          # BLOCK_M, BLOCK_R, BLOCK_K
-            self.exp = (16, 16, 16)           # BLOCK_M, BLOCK_N, BLOCK_R
-            self.rows = (16, 16, 16)          # BLOCK_M, BLOCK_N, BLOCK_K
-            self.fin = (16, 16, 16)           # BLOCK_N, BLOCK_K, BLOCK_S
-            self.score = (16, 16, 16)         # BLOCK_N, BLOCK_K, BLOCK_M
+            t = INTERPRETED_TILE
+            self.proj = (t, 16, t)            # BLOCK_M, BLOCK_R, BLOCK_K
+            self.exp = (t, t, 16)             # BLOCK_M, BLOCK_N, BLOCK_R
+            self.rows = (t, t, t)             # BLOCK_M, BLOCK_N, BLOCK_K
+            self.fin = (t, t, 16)             # BLOCK_N, BLOCK_K, BLOCK_S
+            self.score = (t, t, t)            # BLOCK_N, BLOCK_K, BLOCK_M
             self.proj_warps = self.exp_warps = self.rows_warps = self.score_warps = 1
         else:
             self.proj = (64, br, 64 if br <= 64 else 32)
@@ -100,6 +101,12 @@ class _Plan:
 # layers too (gpu-check's dy-pass records): on the H200 the GEMMs took half the kernels' GPU
 # time at 16,384 tokens, on 768 -> 3072 and 4096 -> 11008 alike.
 GEMM_BACKWARD_ROWS: Optional[int] = None
+# The token and feature tiles of a plan under the Triton interpreter (CPU tests), read when a
+# plan is made (`clear_plan_cache` after changing it). 16: the small odd shapes of the kernel
+# tests span several tiles and partial ones, the masking and sweeps a GPU runs at real sizes.
+# The interpreter's cost is per program, not per element, so tests of whole training loops
+# raise it to 64 (4x faster on a tiny BERT's layers: 0.73 -> 0.19 s a forward and backward).
+INTERPRETED_TILE = 16
 # Programs per SM of `_backward_rows_kernel`'s row split (each writes its own partials of dB and
 # dA, which `_finish_kernel` sums): 1 keeps the partials small; gpu-check times 4 beside it.
 ROW_PROGRAMS_PER_SM = 1
