@@ -96,6 +96,7 @@ def _assert_same(got, ref):
 
 # "triton+adamw": the optimizer's fused kernels too (on CUDA they step every tensor; on CPU they are
 # forced), its launches kept between rounds and captured with the step
+@pytest.mark.usefixtures("whole_loop_tiles")
 @pytest.mark.parametrize("backend", ["torch", "triton", "triton+adamw"])
 def test_replayed_steps_equal_eager_steps(make_tiny_net, monkeypatch, backend):
     if backend != "torch":
