@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, List
 
@@ -194,6 +195,78 @@ def test_the_next_run_removes_leftovers_of_interrupted_cleanups(tiny, two_runs, 
     (out / ".metrics.json.k2j4x9ab.tmp").write_text("{")
     assert cli(args(tiny, out)) == 2
     assert digests(out) == expected and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_the_next_run_restores_a_checkpoint_whose_replacement_was_interrupted(
+        tiny, two_runs, tmp_path, capsys):
+    """A run killed while it replaced a checkpoint of its own (the same step saved again) left
+    the old one set aside and the new one unfinished: the next run into the folder puts the old
+    one back (nothing of a finished checkpoint is lost) and removes the unfinished one."""
+    out = tmp_path / "run"
+    shutil.copytree(two_runs["a"], out)
+    expected = digests(out)
+    os.rename(out / "checkpoint-2", out / ".checkpoint-2.replaced")
+    shutil.copytree(out / ".checkpoint-2.replaced", out / "checkpoint-2.tmp")
+    (out / "checkpoint-2.tmp" / "trainer_state.pt").write_bytes(b"partial")
+    assert cli(args(tiny, out)) == 2  # refused: the folder holds a run, once recovered
+    assert digests(out) == expected
+    assert "restored checkpoint-2" in capsys.readouterr().out
+    # once the new one is in place, the old one set aside is only deleted
+    os.rename(out / "checkpoint-2", out / ".checkpoint-2.replaced")
+    shutil.copytree(out / ".checkpoint-2.replaced", out / "checkpoint-2")
+    assert cli(args(tiny, out)) == 2
+    assert digests(out) == expected
+
+
+def test_saving_a_step_again_keeps_the_old_checkpoint_until_the_new_one_is_in_place(
+        tmp_path, monkeypatch):
+    """`save_checkpoint` over a checkpoint of the same name, killed at each of its renames in
+    turn: the folder then holds the old checkpoint or the new one, whole, or the old one set
+    aside for the next run to restore, never only the unfinished new one."""
+    from increlora_fast.training import checkpoint
+    target = tmp_path / "checkpoint-4"
+    real_replace = os.replace
+    for name in ("atomic_write_bytes",):
+        monkeypatch.setattr(checkpoint, name, lambda path, data: path.write_bytes(data))
+    monkeypatch.setattr(checkpoint, "_torch_bytes", lambda obj: b"state")
+    monkeypatch.setattr(checkpoint, "_rng_state", lambda: None)
+    monkeypatch.setattr(checkpoint, "model_pooling", lambda model: None)
+
+    def save() -> None:  # a run whose state is one file, "new"
+        run = types.SimpleNamespace(
+            name="increlora", model=None, optimizer=types.SimpleNamespace(state_dict=dict),
+            save_state=lambda directory: (directory / "f").write_text("new") and {})
+        state = types.SimpleNamespace(step=4, losses=[], train_seconds=0.0, best=None,
+                                      sync=lambda name: None)
+        checkpoint.save_checkpoint(target, run, types.SimpleNamespace(to_dict=dict), state)
+
+    for stop in range(1, 10):
+        for path in tmp_path.iterdir():
+            shutil.rmtree(path)
+        target.mkdir()
+        (target / "f").write_text("old")
+        calls: List[str] = []
+
+        def replace(src, dst):
+            calls.append(Path(src).name)
+            if len(calls) == stop:
+                raise KeyboardInterrupt  # killed here
+            real_replace(src, dst)
+        monkeypatch.setattr(os, "replace", replace)
+        try:
+            save()
+            finished = True
+        except KeyboardInterrupt:
+            finished = False
+        finally:
+            monkeypatch.setattr(os, "replace", real_replace)
+        kept = {p.name: (p / "f").read_text() for p in tmp_path.iterdir() if (p / "f").exists()}
+        if finished:
+            assert kept == {"checkpoint-4": "new"}, kept
+            break
+        assert kept.get("checkpoint-4") in ("old", "new") or \
+            kept.get(".checkpoint-4.replaced") == "old", (calls, kept)
+    assert finished and stop >= 3  # at least the rename aside and the rename in were killed
 
 
 def test_overwrite_refuses_to_delete_files_no_run_wrote(tiny, two_runs, tmp_path,

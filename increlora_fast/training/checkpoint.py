@@ -40,6 +40,10 @@ STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = "increlora_fast.trainer_state"
 STATE_VERSION = 2
 DELETING_SUFFIX = ".deleting"
+# A checkpoint of the same name that a new one replaces is set aside as
+# ``.checkpoint-<step>.replaced`` until the new one is in place; the next run into the folder
+# puts it back if a kill came in between (`output_folder.recover_leftovers`).
+REPLACED_SUFFIX = ".replaced"
 
 
 class CheckpointWriteError(OSError):
@@ -114,8 +118,15 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    remove_checkpoint(directory)
+    # The old checkpoint of this name (the same step saved again) is set aside, whole, until the
+    # new one is in place: a kill between the two renames leaves it for the next run to restore.
+    aside = directory.with_name(f".{directory.name}{REPLACED_SUFFIX}")
+    if directory.is_dir():
+        if aside.exists():  # an earlier one's leftover, while this name holds a checkpoint
+            shutil.rmtree(aside)
+        os.replace(directory, aside)
     os.replace(tmp, directory)
+    shutil.rmtree(aside, ignore_errors=True)
     return directory
 
 

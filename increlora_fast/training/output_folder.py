@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
-from .checkpoint import DELETING_SUFFIX
+from .checkpoint import DELETING_SUFFIX, REPLACED_SUFFIX
 from .output_lock import OutputLock
 from .peft_methods import MODEL_CARD, is_peft_model_card
 from .outputs import (CHECKPOINT_PREFIX, RUN_FILES, OutputWriteError, check_output_path,
@@ -30,7 +30,8 @@ from .outputs import (CHECKPOINT_PREFIX, RUN_FILES, OutputWriteError, check_outp
 STAGING_TAG = ".new-"
 TRASH_TAG = ".increlora-fast-old-"
 # Left in a folder by an interrupted write of this package: a checkpoint being deleted
-# (`checkpoint.remove_checkpoint`) or written (``checkpoint-<step>.tmp``), an atomic write of
+# (`checkpoint.remove_checkpoint`) or written (``checkpoint-<step>.tmp``; one it replaces is
+# restored or deleted before, see `recover_leftovers`), an atomic write of
 # a run file (``.<name>.<random>.tmp``), the writability probe of `outputs.check_writable`.
 LEFTOVER = re.compile(
     rf"^(?:\.{CHECKPOINT_PREFIX}\d+{re.escape(DELETING_SUFFIX)}|{CHECKPOINT_PREFIX}\d+\.tmp"
@@ -88,6 +89,16 @@ def recover_leftovers(out: Path, echo: Callable[[str], None]) -> None:
         echo(f"note: {stage} holds the partial work of an interrupted --overwrite run into "
              f"{out} (pid {pid}); it is kept: --resume one of its checkpoints, or delete it")
     if out.is_dir():
+        for path in sorted(out.glob(f".{CHECKPOINT_PREFIX}*{REPLACED_SUFFIX}")):
+            name = path.name[1:-len(REPLACED_SUFFIX)]
+            if not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", name) or not path.is_dir():
+                continue
+            if (out / name).exists():  # the new one was in place: this one is only deleted
+                shutil.rmtree(path)
+            else:
+                os.rename(path, out / name)
+                echo(f"note: {out}: restored {name}, which a run killed while it saved that "
+                     "step again had set aside")
         for path in out.iterdir():
             if LEFTOVER.match(path.name):
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
