@@ -287,6 +287,23 @@ def _backup(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+STAGING_PREFIX = ".adapter-staging-"
+
+
+def is_adapter_staging(path: Path) -> bool:
+    """Whether ``path`` is a staging folder `write_adapter_files` left when it was killed: a
+    ``.adapter-staging-*`` folder holding nothing but its ``new`` and ``old`` folders of
+    adapter files (`ADAPTER_FILES`). Anything else of that name is not one of ours."""
+    if not (path.name.startswith(STAGING_PREFIX) and path.is_dir() and not path.is_symlink()):
+        return False
+    for part in path.iterdir():
+        if part.name not in ("new", "old") or not part.is_dir() or part.is_symlink():
+            return False
+        if any(f.name not in ADAPTER_FILES or not f.is_file() for f in part.iterdir()):
+            return False
+    return True
+
+
 def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite: bool) -> None:
     """Write ``files`` ({file name: contents}) into ``directory`` (created if missing) as one
     adapter, replacing any adapter there as a whole.
@@ -309,7 +326,7 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     if present and not overwrite:
         raise FileExistsError(f"{out} already holds an adapter ({', '.join(present)}); pass "
                               "overwrite=True to replace it, or choose another folder")
-    staging = Path(tempfile.mkdtemp(prefix=".adapter-staging-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     keep_staging = False
     try:
         (staging / "new").mkdir()

@@ -269,6 +269,28 @@ def test_saving_a_step_again_keeps_the_old_checkpoint_until_the_new_one_is_in_pl
     assert finished and stop >= 3  # at least the rename aside and the rename in were killed
 
 
+def test_overwrite_replaces_a_run_whose_adapter_write_was_killed(tiny, two_runs, tmp_path,
+                                                                  capsys):
+    """A run killed inside `save_adapter` left its hidden ``.adapter-staging-*`` folder (the
+    new files and links to the old ones): it is that run's, so ``--overwrite``, which replaces
+    the whole earlier run, replaces it too, where it used to refuse it as a file of one's own."""
+    out = tmp_path / "run"
+    shutil.copytree(two_runs["a"], out)
+    stage = out / ".adapter-staging-k2j4x9ab"
+    (stage / "new").mkdir(parents=True)
+    (stage / "old").mkdir()
+    shutil.copy2(out / "adapter_config.json", stage / "old" / "adapter_config.json")
+    assert cli(args(tiny, out, "--overwrite")) == 0, capsys.readouterr().err
+    assert not stage.exists() and json.loads((out / "metrics.json").read_text())["steps"] == 4
+    # a folder of that name holding anything else is one's own
+    shutil.copytree(two_runs["a"], tmp_path / "run2")
+    mine = tmp_path / "run2" / ".adapter-staging-mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert cli(args(tiny, tmp_path / "run2", "--overwrite")) == 2
+    assert ".adapter-staging-mine" in _one_error_line(capsys)
+
+
 def test_overwrite_refuses_to_delete_files_no_run_wrote(tiny, two_runs, tmp_path,
                                                         capsys):
     out = tmp_path / "run"

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Tuple
 
+from ..persistence import is_adapter_staging
 from .checkpoint import DELETING_SUFFIX, REPLACED_SUFFIX
 from .output_lock import OutputLock
 from .peft_methods import MODEL_CARD, is_peft_model_card
@@ -62,12 +63,14 @@ def _tagged(out: Path, tag: str, hidden: bool = False) -> List[Tuple[Path, int]]
 
 def _foreign(out: Path, earlier: List[str]) -> List[str]:
     """Entries of ``out`` that no run writes: neither `outputs.RUN_FILES`, checkpoints, the
-    shards of a saved full model, nor the model card peft writes beside an adapter (a README.md
-    that is not such a card is one's own: a run leaves it as it is)."""
+    shards of a saved full model, the model card peft writes beside an adapter (a README.md
+    that is not such a card is one's own: a run leaves it as it is), nor what a run killed while
+    it wrote its adapter left (`persistence.is_adapter_staging`)."""
     card = {MODEL_CARD} if "adapter_config.json" in earlier and \
         is_peft_model_card(out / MODEL_CARD) else set()
     return sorted(p.name for p in out.iterdir()
-                  if p.name not in earlier and p.name not in card and not SHARDS.match(p.name))
+                  if p.name not in earlier and p.name not in card and not SHARDS.match(p.name)
+                  and not is_adapter_staging(p))
 
 
 def recover_leftovers(out: Path, echo: Callable[[str], None]) -> None:
