@@ -380,6 +380,22 @@ def test_a_jsonl_whose_first_record_lacks_a_field_names_that_record(tmp_path):
         load_files(str(path), None, text_column="sentence")
 
 
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_jsonl_texts_holding_unicode_line_separators_load(tmp_path, separator):
+    """JSON lines are separated by "\n" only: a text holding U+2028, U+2029 or U+0085 raw (as
+    json.dumps(..., ensure_ascii=False) writes them; U+0085 is cp1252's ellipsis decoded as
+    latin-1) used to be cut there by str.splitlines, and the file was refused as invalid JSON."""
+    rows = [{"text": f"good{separator}film {i}", "label": i % 2} for i in range(20)]
+    path = tmp_path / "t.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows),
+                    encoding="utf-8")
+    data = load_files(str(path), str(path))
+    assert [e.text for e in data.eval] == [r["text"] for r in rows]
+    path.write_text(path.read_text(encoding="utf-8") + "{broken\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"t\.jsonl:21 is not valid JSON"):
+        load_files(str(path), None)
+
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 @pytest.mark.parametrize("header, bad, rest, where", [
     # the quote never closes: the lines after it were read into the last row's text, silently
