@@ -214,6 +214,21 @@ def test_an_empty_name_is_refused(option, tmp_path, capsys, no_data_loading):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("option", ["--text-column", "--text-pair-column", "--label-column"])
+def test_an_empty_column_name_is_refused_before_the_data_is_read(option, tmp_path, capsys,
+                                                                 monkeypatch, no_data_loading):
+    # an empty --text-pair-column (a script's unset "$PAIR") trained on the first texts alone,
+    # silently; an empty --text-column or --label-column was looked up after reading the file
+    from increlora_fast.training import finetune_run
+    _refuse(monkeypatch, finetune_run, "load_files", "the data file was read")
+    rows = [dict(r, pair=r["text"]) for r in sentiment_rows(40, seed=0)]
+    train = write_csv(tmp_path / "t.csv", rows)
+    code = _main(["finetune", "--train-file", str(train), option, "", "--output-dir",
+                  str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, f"{option} '' is invalid: it is empty")
+    assert not (tmp_path / "o").exists()
+
 @pytest.mark.parametrize("argv, needles", [
     (["--text-pair-column", "text"], ["--text-pair-column 'text' is invalid",
                                       "same column as --text-column"]),

@@ -155,6 +155,9 @@ def validate(s: RunSettings) -> None:
     columns = [("--text-column", s.text_column), ("--text-pair-column", s.text_pair_column),
                ("--label-column", s.label_column)]
     given = [(option, name) for option, name in columns if name is not None]
+    for option, name in given:  # an empty --text-pair-column would train without the pairs
+        _check(bool(name.strip()), option, name,
+               "it is empty; name a column of the data file, or leave the option out")
     for i, (option, name) in enumerate(given):
         for other, other_name in given[i + 1:]:
             _check(name != other_name, other, name,
