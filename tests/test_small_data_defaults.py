@@ -114,6 +114,34 @@ def test_auto_max_seq_len_is_a_percentile_within_the_limits():
     assert auto_max_seq_len([3] * 10, SimpleNamespace(model_max_length=int(1e30)), model) == 8
 
 
+
+def test_max_seq_len_fits_positions_counted_after_the_padding_index():
+    """RoBERTa-family models (XLM-R, CamemBERT, ...) number positions from padding_idx + 1, so
+    of their max_position_embeddings (514 for roberta-base) two fewer tokens fit (512): a
+    --max-seq-len of 514 passed the check and failed inside the first forward with an
+    index error traceback, and --max-seq-len auto could choose it."""
+    from types import SimpleNamespace
+
+    import transformers
+
+    from increlora_fast.training.finetune_run import auto_max_seq_len, check_max_seq_len
+    from increlora_fast.training.settings import RunSettings
+    config = transformers.RobertaConfig(vocab_size=40, hidden_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, intermediate_size=32,
+                                        max_position_embeddings=20, pad_token_id=1)
+    model = transformers.RobertaForSequenceClassification(config).eval()
+    fits = config.max_position_embeddings - config.pad_token_id - 1
+    with torch.no_grad():
+        model(input_ids=torch.full((1, fits), 5))  # the longest input the model takes
+        with pytest.raises((IndexError, RuntimeError), match="out of"):
+            model(input_ids=torch.full((1, fits + 1), 5))
+    check_max_seq_len(RunSettings(max_seq_len=fits, model="tiny-roberta"), model)
+    with pytest.raises(ValueError, match=rf"--max-seq-len {fits + 1} is invalid: .*use at most "
+                                         rf"{fits}$"):
+        check_max_seq_len(RunSettings(max_seq_len=fits + 1, model="tiny-roberta"), model)
+    tokenizer = SimpleNamespace(model_max_length=int(1e30))
+    assert auto_max_seq_len([100] * 10, tokenizer, model) == fits
+
 def test_max_seq_len_auto_is_chosen_printed_and_kept_for_resume(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(tiny_args(tiny, out, "--max-seq-len", "auto", "--save-steps", "3")) == 0

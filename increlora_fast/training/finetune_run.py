@@ -205,8 +205,18 @@ def with_head_saved(s: RunSettings, model) -> RunSettings:
 
 
 def _positions(model) -> Optional[int]:
+    """The most tokens the model's position embeddings take: ``max_position_embeddings``, less
+    the offset of models that number positions from after their padding index (RoBERTa, XLM-R,
+    CamemBERT: 514 embeddings, 512 tokens); None when the config names no limit."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    return positions if isinstance(positions, int) else None
+    if not isinstance(positions, int):
+        return None
+    embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
+    table = getattr(embeddings, "position_embeddings", None)
+    if isinstance(table, torch.nn.Embedding) and table.padding_idx is not None \
+            and table.num_embeddings == positions:
+        positions -= table.padding_idx + 1
+    return positions
 
 
 def check_max_seq_len(s: RunSettings, model) -> None:
