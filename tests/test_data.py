@@ -241,6 +241,14 @@ def test_json_array_and_tsv(tmp_path):
      "row 2 has no 'label' (--label-column): 'NaN' marks a missing value"),
     ('{"text": "good", "label": 1}\n{"text": "bad", "label": NaN}\n', ".jsonl",
      "row 2 has no 'label' (--label-column): 'nan' marks a missing value"),
+    # beside numeric labels, R's NA (write.csv) and None/null (str() of a missing value) were
+    # a class of their own too
+    ("text,label\ngood,1\nbad,NA\nok,0\nfine,1\n", ".csv",
+     "row 2 has no 'label' (--label-column): 'NA' marks a missing value"),
+    ("text\tlabel\ngood\t1.0\nbad\t0.0\nok\tNone\nfine\t1.0\n", ".tsv",
+     "row 3 has no 'label' (--label-column): 'None' marks a missing value"),
+    ('{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n{"text": "x", "label": "null"}\n',
+     ".jsonl", "row 3 has no 'label' (--label-column): 'null' marks a missing value"),
     ('{"text": NaN, "label": 1}\n{"text": "bad", "label": 0}\n', ".jsonl",
      "row 1 has no 'text' (--text-column): 'nan' marks a missing value"),
     ('{"text": ["good", "film"], "label": 1}\n', ".jsonl",
@@ -254,6 +262,16 @@ def test_bad_files(tmp_path, content, suffix, message):
                        .replace(".", r"\.")):
         load_files(str(path), None)
 
+
+
+def test_none_and_na_are_labels_of_a_column_of_named_labels(tmp_path):
+    """Only beside numbers do NA, None and null mark a missing label: among named labels they
+    are a class (an emotion data set's 'none')."""
+    rows = [{"text": f"text {i}", "label": ("none", "joy", "anger", "NA")[i % 4]}
+            for i in range(40)]
+    data = load_files(str(write_csv(tmp_path / "t.csv", rows)), None)
+    assert data.label_names == ["NA", "anger", "joy", "none"]
+    assert sorted({data.label_names[e.label] for e in data.train}) == data.label_names
 
 def test_empty_surplus_cells_and_quoted_delimiters_load(tmp_path):
     path = tmp_path / "t.csv"

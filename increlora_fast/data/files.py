@@ -9,11 +9,14 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .examples import Example, TaskData, fixed_split, label_index, label_key, label_names_for
+from .examples import (_NUMBER, Example, TaskData, fixed_split, label_index, label_key,
+                       label_names_for)
 
 CSV_SUFFIXES = {".csv": ",", ".tsv": "\t"}
 JSON_SUFFIXES = (".jsonl", ".json")
 MAX_AUTO_DEV = 1000
+# spellings of a missing value in a column of numeric labels (R's NA, str(None), JSON's null)
+NUMERIC_MISSING = ("na", "n/a", "none", "null")
 
 
 def file_sha256(path: Path) -> str:
@@ -159,12 +162,21 @@ def _check_tsv_quotes(text: str, path: Path) -> None:
                              'line breaks as .csv or .jsonl')
 
 
-def _nan_marker(value: object, label: bool) -> bool:
+def _nan_marker(value: object, label: bool, numeric: bool = False) -> bool:
     """Whether a (non-empty) cell marks a missing value: a JSON NaN, or for a label also the
-    text NaN (which pandas writes for a missing number)."""
+    text NaN (which pandas writes for a missing number), and beside ``numeric`` labels also
+    `NUMERIC_MISSING` (R's NA, Python's None, null)."""
     if isinstance(value, float) and math.isnan(value):
         return True
-    return label and str(value).strip().lower().lstrip("+-") == "nan"
+    text = str(value).strip().lower()
+    return label and (text.lstrip("+-") == "nan" or (numeric and text in NUMERIC_MISSING))
+
+
+def _numeric_labels(values: List[object]) -> bool:
+    """Whether a label column holds numbers, apart from cells that may mark missing ones."""
+    texts = [str(v).strip() for v in values]
+    return any(_NUMBER.fullmatch(t) for t in texts) and all(
+        _NUMBER.fullmatch(t) or t.lower() in NUMERIC_MISSING for t in texts)
 
 
 def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
@@ -179,9 +191,12 @@ def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -
     missing = next((i for i, v in enumerate(values) if v is None or str(v).strip() == ""), None)
     if missing is not None:
         raise ValueError(f"{path}: row {missing + 1} has an empty {name!r} ({option})")
-    # NaN read as a label would be a class of its own ('nan'), as a text the word 'nan'
+    # NaN read as a label would be a class of its own ('nan'), as a text the word 'nan'; so
+    # would NA or None beside numeric labels (among named labels 'none' may be a class)
+    label = option == "--label-column"
+    numeric = label and _numeric_labels(values)
     missing = next((i for i, v in enumerate(values)
-                    if _nan_marker(v, label=option == "--label-column")), None)
+                    if _nan_marker(v, label=label, numeric=numeric)), None)
     if missing is not None:
         raise ValueError(f"{path}: row {missing + 1} has no {name!r} ({option}): "
                          f"{str(values[missing]).strip()!r} marks a missing value; fill in or "
