@@ -273,6 +273,24 @@ def test_none_and_na_are_labels_of_a_column_of_named_labels(tmp_path):
     assert data.label_names == ["NA", "anger", "joy", "none"]
     assert sorted({data.label_names[e.label] for e in data.train}) == data.label_names
 
+
+@pytest.mark.parametrize("suffix, value, needle", [
+    (".json", {"data": [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]},
+     "holds one JSON object (keys ['data']) over several lines"),
+    (".jsonl", [{"text": "good", "label": 1}, {"text": "bad", "label": 0}],
+     "holds one JSON list over several lines"),
+])
+def test_a_pretty_printed_json_value_is_named_as_such(tmp_path, suffix, value, needle):
+    """A file that is one indented JSON value was refused as 'not valid JSON' at line 1 (it is
+    valid JSON, only not records one a line); the error now says what the file holds."""
+    path = tmp_path / f"t{suffix}"
+    path.write_text(json.dumps(value, indent=2))
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    message = str(err.value)
+    assert message.startswith(f"{path} {needle}") and "\n" not in message
+    assert "not valid JSON" not in message
+
 def test_empty_surplus_cells_and_quoted_delimiters_load(tmp_path):
     path = tmp_path / "t.csv"
     path.write_text('text,label\n' + 'good,1,\n"bad, really",0,\n"so\nso",1\n' * 2)

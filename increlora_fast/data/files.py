@@ -64,11 +64,25 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> List[Dict[str,
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{lineno} is not valid JSON: {err}") from err
+                    raise _json_lines_error(path, text, lineno, err) from err
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"{path}: record {bad + 1} is not a JSON object")
     return rows
+
+
+def _json_lines_error(path: Path, text: str, lineno: int, err: json.JSONDecodeError) -> ValueError:
+    """The one-line error for JSON-lines ``text`` whose line ``lineno`` is no JSON value: a
+    file that is one (indented) JSON value over several lines is named as such, as its lines
+    are not invalid JSON but pieces of one value."""
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        return ValueError(f"{path}:{lineno} is not valid JSON: {err}")
+    what = f"object (keys {list(whole)[:5]})" if isinstance(whole, dict) else \
+        type(whole).__name__
+    return ValueError(f"{path} holds one JSON {what} over several lines, not one record a "
+                      "line; give a .json file holding a list of objects, or one object a line")
 
 
 def _csv_rows(text: str, delimiter: str, path: Path,
