@@ -459,6 +459,19 @@ def test_csv_quote_left_open_is_refused_naming_the_line(tmp_path, newline, heade
     assert where in message
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\x0c", "\x1d"])
+def test_csv_quote_error_line_counts_only_line_breaks(tmp_path, separator):
+    """The line of a stray quote after a blank line was counted with str.splitlines, which
+    also breaks at U+2028, form feeds and other separators inside a text: the error named the
+    line before the quote's."""
+    path = tmp_path / "t.csv"
+    lines = ["text,label", f"good{separator}film,1", "fine,0", "", '"so bad,0', "ok,1", "x,0"]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    quote_line = lines.index('"so bad,0') + 1
+    assert str(err.value).startswith(f"{path}: line {quote_line} opens a quote")
+
 @pytest.mark.parametrize("flag, value, downloads", [
     ("HF_HUB_OFFLINE", "1", False), ("INCRELORA_OFFLINE", "true", False),
     ("INCRELORA_OFFLINE", "false", True), ("INCRELORA_OFFLINE", "0", True)])

@@ -145,7 +145,9 @@ def _quote_error(path: Path, text: str, start: int, end: int, what: str,
     one text. Any other error of the reader is named as it is, with its line."""
     if "end of data" not in str(err) and "expected after" not in str(err):
         return ValueError(f"{path}: line {end} cannot be read as {what}-separated text: {err}")
-    lines = text.splitlines()
+    # the lines as the csv reader counts them ("\n", "\r" or both; str.splitlines would also
+    # break at U+2028 or a form feed inside a text)
+    lines = io.StringIO(text, newline="").readlines()
     while start < len(lines) and not lines[start - 1].strip():
         start += 1
     if "end of data" in str(err):
