@@ -35,6 +35,21 @@ def test_whitespace_around_labels_is_one_class_and_consistent_spellings_are_kept
         assert label_names_for([2, "0", "1"]) == ["0", "1", "2"]
 
 
+def test_labels_that_differ_only_in_case_are_two_classes_with_a_warning(tmp_path):
+    """'Positive' beside 'positive' (hand-labelled data) became a third class without a word;
+    they stay two labels (case may be meant), but the warning names them."""
+    rows = sentiment_rows(40, seed=0, labels=("negative", "positive"))
+    rows[3]["label"] = rows[3]["label"].capitalize()
+    train = write_csv(tmp_path / "cased.csv", rows)
+    with pytest.warns(LabelSpellingWarning, match=r"cased\.csv: column 'label' holds labels that "
+                                                  r"differ only in case.*"
+                                                  + repr(rows[3]["label"])):
+        data = load_files(str(train), None)
+    assert len(data.label_names) == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert label_names_for(["neg", "pos", "NEU"]) == ["NEU", "neg", "pos"]
+
 def test_eval_file_spelling_matches_the_training_label(tmp_path):
     train = write_csv(tmp_path / "t.csv", sentiment_rows(30, seed=0, labels=("0", "1")))
     dev = write_csv(tmp_path / "d.csv", sentiment_rows(10, seed=1, labels=("0.0", "1.0")))

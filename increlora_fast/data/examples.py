@@ -83,7 +83,8 @@ def fixed_split(examples: Sequence[Example], n_dev: int) -> Tuple[List[Example],
 
 class LabelSpellingWarning(UserWarning):
     """A label column spells one label several ways (``1`` and ``1.0``, ``pos`` and `` pos``);
-    the spellings are read as one label."""
+    the spellings are read as one label. Also: labels that differ only in case (``Pos`` and
+    ``pos``), read as different labels."""
 
 
 def label_key(raw: object) -> str:
@@ -102,7 +103,8 @@ def label_names_for(raw_labels: Sequence[object], where: str = "the labels") -> 
 
     Spellings of one label are one class (see `label_key`: ``1`` and ``1.0``, ``pos`` and
     `` pos``); when a column mixes them a `LabelSpellingWarning` names them, and the class is
-    named by its `label_key`, otherwise by its one spelling. Integer labels are ordered by value
+    named by its `label_key`, otherwise by its one spelling. Labels that differ only in case
+    are different labels, with a `LabelSpellingWarning`. Integer labels are ordered by value
     and numbered 0..K-1 (labels 0..K-1 keep their value as id; others such as {0, 1000000} or
     {-1, 1} get a compact index, the names keep the values). Other labels are ordered as strings.
     Continuous numbers (0.1, 1.3, ...) are refused: classification needs discrete labels.
@@ -125,6 +127,15 @@ def label_names_for(raw_labels: Sequence[object], where: str = "the labels") -> 
                       f"each: {shown}", LabelSpellingWarning, stacklevel=2)
     names = {key: (key if key in mixed else next(iter(found)).strip())
              for key, found in spellings.items()}
+    cased: Dict[str, List[str]] = {}
+    for name in sorted(names.values()):
+        cased.setdefault(name.casefold(), []).append(name)
+    cased = {folded: found for folded, found in cased.items() if len(found) > 1}
+    if cased:  # two labels, as case may be meant; a typo would train a class of its own
+        shown = "; ".join(" and ".join(map(repr, found)) for found in list(cased.values())[:3])
+        warnings.warn(f"{where} holds labels that differ only in case, read as different "
+                      f"labels: {shown}; if they are one label, write it one way",
+                      LabelSpellingWarning, stacklevel=2)
     if all(_INT_LABEL.fullmatch(key) for key in names):
         return [names[key] for key in sorted(names, key=int)]
     return sorted(names.values())
