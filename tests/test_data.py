@@ -431,6 +431,10 @@ def test_jsonl_texts_holding_unicode_line_separators_load(tmp_path, separator):
     path.write_text(path.read_text(encoding="utf-8") + "{broken\n", encoding="utf-8")
     with pytest.raises(ValueError, match=r"t\.jsonl:21 is not valid JSON"):
         load_files(str(path), None)
+    # lines ending in a bare "\r" (classic Mac) still load
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\r" for r in rows)
+                     .encode())
+    assert [e.text for e in load_files(str(path), str(path)).eval] == [r["text"] for r in rows]
 
 @pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
 @pytest.mark.parametrize("header, bad, rest, where", [

@@ -57,9 +57,9 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> List[Dict[str,
             raise ValueError(f"{path} is not valid JSON: {err}") from err
     else:
         rows = []
-        # JSON lines end at "\n" only (str.splitlines would also cut a text holding U+2028,
-        # U+2029 or U+0085, which JSON allows raw); a "\r" before it is whitespace to json
-        for lineno, line in enumerate(text.split("\n"), 1):
+        # JSON lines end at "\n", "\r" or both, which JSON allows in no string raw
+        # (str.splitlines would also cut a text holding U+2028, U+2029 or U+0085)
+        for lineno, line in enumerate(io.StringIO(text, newline="").readlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
