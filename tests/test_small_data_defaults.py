@@ -429,3 +429,14 @@ def test_pooling_auto_refuses_a_folder_pooled_otherwise(tmp_path, modes):
     assert str(tmp_path / "1_Pooling" / "config.json") in message
     assert all(mode in message for mode in modes)
     assert resolve_pooling("cls", tmp_path) == "cls"
+
+
+def test_select_best_with_too_few_training_rows_names_select_best(tiny, tmp_path, capsys):
+    """--select-best on a training split of one row (--max-train-samples 1) stopped with
+    fixed_split's 'need more than 1 examples to hold out a dev split of 1, got 1', naming no
+    option; the error now names --select-best and the rows it has."""
+    argv = tiny_args(tiny, tmp_path / "run", "--select-best", "--max-train-samples", "1")
+    with pytest.warns(UserWarning):  # the kept rows miss a dev label
+        assert cli(argv) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "--select-best" in err[0] and "has only 1" in err[0], err

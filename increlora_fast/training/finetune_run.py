@@ -243,10 +243,16 @@ def split_holdout(s: RunSettings, train: List[Example],
                   ) -> Tuple[List[Example], List[Example]]:
     """(rows to train on, rows held out): with ``--select-best`` a fixed `SELECT_HOLDOUT_SHARE`
     of the training rows (the same for every --seed) is held out, otherwise none. Warns, naming
-    them (by ``label_names`` when given), when it holds out every training row of a label."""
+    them (by ``label_names`` when given), when it holds out every training row of a label.
+    Raises ValueError when the training split is too small to hold any row out."""
     if not s.select_best:
         return list(train), []
-    kept, held = fixed_split(train, max(1, round(SELECT_HOLDOUT_SHARE * len(train))))
+    n_held = max(1, round(SELECT_HOLDOUT_SHARE * len(train)))
+    if len(train) <= n_held:  # (fixed_split's own error names no option)
+        raise ValueError(f"--select-best holds out {n_held} training row(s) to choose the step "
+                         f"by, and the training split has only {len(train)}: give more rows "
+                         "(--max-train-samples) or leave --select-best out")
+    kept, held = fixed_split(train, n_held)
     lost = sorted({e.label for e in held} - {e.label for e in kept})
     if lost:
         names = [label_names[i] if label_names is not None and i < len(label_names) else str(i)
