@@ -1,6 +1,7 @@
 """Issue 7 (2): `export_peft` writes a peft LoRA adapter that peft loads with our outputs."""
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -477,3 +478,21 @@ def test_export_refuses_an_adapted_layer_whose_base_weight_is_trained_in_full(tm
     assert "\n" not in message and "'lm_head'" in message
     assert "'model.embed_tokens.weight'" in message
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_export_without_peft_installed(tmp_path, monkeypatch):
+    """peft is an optional extra, and writing its adapter format needs none of it: an export
+    with no task_type (the default), e.g. for vLLM on a machine without peft, failed with
+    ``No module named 'peft'`` (found by an audit), as the task_type check imported peft first.
+    The folder it writes is the one peft loads."""
+    model, _ = _trained("bert", 2)
+    ours = _outputs(model, "bert")
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "peft", None)  # `import peft` raises ImportError
+        with pytest.raises(ImportError):
+            import peft as _  # noqa: F401
+        ranks = export_peft(model, tmp_path)
+    assert ranks
+    loaded = peft.PeftModel.from_pretrained(_fresh_base("bert"), str(tmp_path)).eval()
+    torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-5)
+

@@ -220,7 +220,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         model: a model returned by `inject_increlora` (not merged).
         save_directory: created if missing.
         task_type: peft ``task_type`` written to the config (e.g. ``"CAUSAL_LM"``), used by
-            ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``. peft's task
+            ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``. Only a
+            ``task_type`` needs peft installed (to check it against peft's task types). peft's task
             model saves its head in full (`PEFT_TASK_MODULES`, e.g. ``classifier`` and
             ``score`` for ``"SEQ_CLS"``): the export carries that head's state too.
         base_model_name_or_path: recorded in the config; defaults to the model's
@@ -242,10 +243,11 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
             save).
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
-    task_types = _peft_task_types()
-    if task_type is not None and task_type not in task_types:
-        raise ValueError(f"export_peft task_type={task_type!r} is invalid: use None or one of "
-                         f"peft's task types {task_types}")
+    if task_type is not None:  # (peft, an optional extra, is needed for this check only)
+        task_types = _peft_task_types()
+        if task_type not in task_types:
+            raise ValueError(f"export_peft task_type={task_type!r} is invalid: use None or one "
+                             f"of peft's task types {task_types}")
     config = get_config(model)
     layers = list(increlora_layers(model))
     _refuse_layers_under_several_names(model)
