@@ -2,6 +2,7 @@
 import json
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -496,3 +497,25 @@ def test_export_without_peft_installed(tmp_path, monkeypatch):
     loaded = peft.PeftModel.from_pretrained(_fresh_base("bert"), str(tmp_path)).eval()
     torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-5)
 
+
+def test_export_records_a_base_path_given_as_a_path(tmp_path):
+    """A local base is often named by a pathlib.Path: the export failed with json's
+    ``Object of type PosixPath is not JSON serializable`` (found by an audit). Its string is
+    recorded, in the config and in the weights' metadata, as for a base named by the model's
+    config."""
+    model, _ = _trained("bert", 2)
+    base = Path("/models") / "tiny-bert"
+    export_peft(model, tmp_path, base_model_name_or_path=base)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(base)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["increlora_base"])["name_or_path"] == str(base)
+
+
+def test_export_refuses_a_base_name_that_is_not_a_string(tmp_path):
+    model, _ = _trained("bert", 2)
+    with pytest.raises(ValueError) as error:
+        export_peft(model, tmp_path, base_model_name_or_path=3)
+    message = str(error.value)
+    assert "\n" not in message and "base_model_name_or_path" in message
+    assert not (tmp_path / "adapter_model.safetensors").exists()

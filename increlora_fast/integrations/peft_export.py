@@ -212,7 +212,7 @@ def _refuse_layers_under_several_names(model: nn.Module) -> None:
 
 
 def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[str] = None,
-                base_model_name_or_path: Optional[str] = None, overwrite: bool = False
+                base_model_name_or_path: Optional[PathLike] = None, overwrite: bool = False
                 ) -> Dict[str, int]:
     """Write the adapter of ``model`` as a peft LoRA adapter into ``save_directory``.
 
@@ -224,8 +224,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
             ``task_type`` needs peft installed (to check it against peft's task types). peft's task
             model saves its head in full (`PEFT_TASK_MODULES`, e.g. ``classifier`` and
             ``score`` for ``"SEQ_CLS"``): the export carries that head's state too.
-        base_model_name_or_path: recorded in the config; defaults to the model's
-            ``config._name_or_path`` (or ``name_or_path``) when it has one.
+        base_model_name_or_path: recorded in the config (a path as its string); defaults to
+            the model's ``config._name_or_path`` (or ``name_or_path``) when it has one.
         overwrite: replace an adapter already in ``save_directory`` (ours or peft's), as a
             whole (see `persistence.write_adapter_files`); without it such a folder is refused.
 
@@ -236,7 +236,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         The rank of every exported module, ``{module name: r_i}``.
 
     Raises:
-        ValueError: ``task_type`` is not one of peft's task types, a layer is merged or is
+        ValueError: ``task_type`` is not one of peft's task types, ``base_model_name_or_path``
+            is neither a string nor a path, a layer is merged or is
             registered under several names (peft would adapt only the first), or a module
             to save (or a module peft would save with it, `_peft_wrapped`) contains adapted
             layers, or an adapted layer's base weight is trained in full (tied to a module to
@@ -248,6 +249,11 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         if task_type not in task_types:
             raise ValueError(f"export_peft task_type={task_type!r} is invalid: use None or one "
                              f"of peft's task types {task_types}")
+    if isinstance(base_model_name_or_path, os.PathLike):
+        base_model_name_or_path = os.fspath(base_model_name_or_path)
+    if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
+        raise ValueError(f"export_peft base_model_name_or_path={base_model_name_or_path!r} is "
+                         "invalid: use None, a hub model id or a local path (str or os.PathLike)")
     config = get_config(model)
     layers = list(increlora_layers(model))
     _refuse_layers_under_several_names(model)
