@@ -454,3 +454,37 @@ def test_only_the_processes_that_save_write_the_controller(tmp_path):
         args = types.SimpleNamespace(should_save=saves, output_dir=str(tmp_path))
         callback.on_save(args, state, None)
         assert (tmp_path / "checkpoint-3").exists() == saves
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["increlora-trainer", "plain-trainer"])
+def test_a_search_trials_checkpoints_hold_the_controller(tmp_path, monkeypatch, plain):
+    """hyperparameter_search: the Trainer saves a trial's checkpoints under
+    ``<output_dir>/run-<trial>/checkpoint-<step>``, but the controller went to
+    ``<output_dir>/checkpoint-<step>``, a stray folder, so no checkpoint of the trial could be
+    resumed (no controller file) and load_best_model_at_end found none (found by an audit).
+    The trial is the one optuna would hand the Trainer (optuna is not needed: its number)."""
+    import types
+
+    import transformers.integrations as hf_integrations
+    from transformers.trainer_utils import HPSearchBackend
+
+    from increlora_fast.integrations.trainer import increlora_optimizers
+
+    monkeypatch.setattr(hf_integrations, "hp_params", lambda trial: {})
+    model, _ = _model()
+    args = _args(tmp_path)
+    if plain:
+        trainer = Trainer(model=model, args=args, train_dataset=TinyTask(),
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(IncreLoRAController(model)).install(trainer)
+    else:
+        trainer = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask())
+    trainer.hp_search_backend = HPSearchBackend.OPTUNA
+    trainer.hp_space = lambda trial: {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train(trial=types.SimpleNamespace(number=3, params={}))
+    run = tmp_path / "run-3"
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
+    assert (run / "checkpoint-6" / "increlora_controller.pt").is_file()
+    assert not list(tmp_path.glob("checkpoint-*"))

@@ -22,6 +22,7 @@ import io
 import json
 import os
 import warnings
+import weakref
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
@@ -219,6 +220,7 @@ class IncreLoRACallback(TrainerCallback):
         self.loss_scale = loss_scale
         self.restored = False
         self.logged_rounds = 0  # allocation-log entries already reported
+        self._trainer: Optional[weakref.ReferenceType] = None  # set by `install`
 
     def install(self, trainer: Trainer) -> "IncreLoRACallback":
         """Add this callback to ``trainer`` ahead of the reporting callbacks (TensorBoard, W&B,
@@ -227,7 +229,10 @@ class IncreLoRACallback(TrainerCallback):
         ``trainer.state.log_history``.
 
         On a plain Trainer it also reads the controller from the checkpoint the Trainer resumes
-        from (`restore_with_checkpoints`), wherever that folder is. Returns the callback."""
+        from (`restore_with_checkpoints`), wherever that folder is; and the controller is saved
+        into the checkpoint folder the Trainer uses, a trial's own during a
+        ``hyperparameter_search`` (`checkpoint_folder`). Returns the callback."""
+        self._trainer = weakref.ref(trainer)
         callbacks = trainer.callback_handler.callbacks
         if self in callbacks:
             callbacks.remove(self)
@@ -265,6 +270,18 @@ class IncreLoRACallback(TrainerCallback):
             load_best_model_with_controller(trainer, self.controller, load_best)
 
         trainer._load_best_model = load_best_with_controller
+
+    def checkpoint_folder(self, args, state) -> str:
+        """The folder of the checkpoint the Trainer saves at ``state.global_step``:
+        ``<run folder>/checkpoint-<step>``, the run folder being ``args.output_dir`` or, for
+        the Trainer this callback is installed on (`install`), the one it saves into
+        (``Trainer._get_output_dir``: ``<output_dir>/run-<trial>`` in a
+        ``hyperparameter_search`` trial)."""
+        trainer = self._trainer() if self._trainer is not None else None
+        root = args.output_dir
+        if trainer is not None and hasattr(trainer, "_get_output_dir"):
+            root = trainer._get_output_dir(getattr(trainer, "_trial", None))
+        return os.path.join(root, f"checkpoint-{state.global_step}")
 
     def log_entries(self) -> Dict[str, float]:
         """``increlora/total_rank``; after an allocation round not yet reported also
@@ -304,8 +321,7 @@ class IncreLoRACallback(TrainerCallback):
                                torch.float16 if args.fp16 else None, optimizer=optimizer,
                                penalty=self.controller.penalty)
         if state.global_step > 0 and not self.restored:
-            checkpoint = args.resume_from_checkpoint or os.path.join(
-                args.output_dir, f"checkpoint-{state.global_step}")
+            checkpoint = args.resume_from_checkpoint or self.checkpoint_folder(args, state)
             load_controller(self.controller, checkpoint)
         if state.max_steps > 0:
             self.warn_budget_out_of_reach(state.global_step, state.max_steps)
@@ -367,8 +383,7 @@ class IncreLoRACallback(TrainerCallback):
         without a shared file system. Its state is the same on every process."""
         if not getattr(args, "should_save", True):
             return
-        save_controller(self.controller,
-                        os.path.join(args.output_dir, f"checkpoint-{state.global_step}"))
+        save_controller(self.controller, self.checkpoint_folder(args, state))
 
     def on_push_begin(self, args, state, control, **kwargs):
         """With ``push_to_hub``, the Trainer pushes each checkpoint it saves before it calls
