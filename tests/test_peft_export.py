@@ -519,3 +519,16 @@ def test_export_refuses_a_base_name_that_is_not_a_string(tmp_path):
     message = str(error.value)
     assert "\n" not in message and "base_model_name_or_path" in message
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_export_of_a_compiled_model(tmp_path):
+    """``torch.compile(model)`` wraps the model, whose module names then start with
+    ``_orig_mod.``: the export named every target and key so, and peft refused the folder
+    (``Target modules {'_orig_mod.model.layers.0...'} not found``; found by an audit). The
+    export is the compiled model's own: the names of the model it wraps."""
+    model, _ = _trained("llama", 3)
+    ranks = export_peft(torch.compile(model), tmp_path)
+    assert ranks == {n: len(exported_factors(layer)[0]) for n, layer in increlora_layers(model)}
+    loaded = peft.PeftModel.from_pretrained(_fresh_base("llama"), str(tmp_path)).eval()
+    torch.testing.assert_close(_outputs(loaded, "llama"), _outputs(model, "llama"),
+                               rtol=1e-5, atol=1e-5)
