@@ -463,6 +463,7 @@ def test_a_search_trials_checkpoints_hold_the_controller(tmp_path, monkeypatch, 
     ``<output_dir>/checkpoint-<step>``, a stray folder, so no checkpoint of the trial could be
     resumed (no controller file) and load_best_model_at_end found none (found by an audit).
     The trial is the one optuna would hand the Trainer (optuna is not needed: its number)."""
+    import pickle
     import types
 
     import transformers.integrations as hf_integrations
@@ -488,3 +489,6 @@ def test_a_search_trials_checkpoints_hold_the_controller(tmp_path, monkeypatch, 
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-12", "checkpoint-6"]
     assert (run / "checkpoint-6" / "increlora_controller.pt").is_file()
     assert not list(tmp_path.glob("checkpoint-*"))
+    callback = next(c for c in trainer.callback_handler.callbacks
+                    if isinstance(c, IncreLoRACallback))
+    pickle.loads(pickle.dumps(callback))  # (Ray Tune pickles the Trainer with its callbacks)

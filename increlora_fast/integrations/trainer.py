@@ -222,6 +222,12 @@ class IncreLoRACallback(TrainerCallback):
         self.logged_rounds = 0  # allocation-log entries already reported
         self._trainer: Optional[weakref.ReferenceType] = None  # set by `install`
 
+    def __getstate__(self) -> dict:
+        """Picklable (Ray Tune's hyperparameter search pickles the Trainer with its callbacks):
+        without the weak reference to the Trainer, so an unpickled callback saves under
+        ``args.output_dir`` until it is installed again (`checkpoint_folder`)."""
+        return dict(self.__dict__, _trainer=None)
+
     def install(self, trainer: Trainer) -> "IncreLoRACallback":
         """Add this callback to ``trainer`` ahead of the reporting callbacks (TensorBoard, W&B,
         the printer...), so that the entries it adds to each log reach them; a callback passed
