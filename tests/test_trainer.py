@@ -492,3 +492,21 @@ def test_a_search_trials_checkpoints_hold_the_controller(tmp_path, monkeypatch, 
     callback = next(c for c in trainer.callback_handler.callbacks
                     if isinstance(c, IncreLoRACallback))
     pickle.loads(pickle.dumps(callback))  # (Ray Tune pickles the Trainer with its callbacks)
+
+
+def test_an_unpickled_trainer_saves_the_controller_into_its_trials_checkpoints(tmp_path):
+    """Ray Tune's hyperparameter search runs each trial on an unpickled copy of the Trainer:
+    its callback must save into that copy's trial folder, as the original's does."""
+    import pickle
+    import types
+
+    from transformers.trainer_utils import HPSearchBackend
+
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+    # (accelerate's process-wide state stops pickling once any Trainer in the process trained)
+    del trainer.accelerator, trainer.gather_function
+    copy = pickle.loads(pickle.dumps(trainer))
+    copy.hp_search_backend, copy._trial = HPSearchBackend.OPTUNA, types.SimpleNamespace(number=5)
+    folder = copy.increlora_callback.checkpoint_folder(copy.args, copy.state)
+    assert folder == str(tmp_path / "run-5" / "checkpoint-0")

@@ -484,6 +484,15 @@ class IncreLoRATrainer(Trainer):
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
                                                     apply_regularization=False).install(self)
 
+    def __setstate__(self, state: dict) -> None:
+        """An unpickled copy (Ray Tune runs each trial on one) gets its callback back: the
+        callback pickles without the reference to its Trainer (`IncreLoRACallback.__getstate__`)
+        and saves into the copy's checkpoint folders (`IncreLoRACallback.checkpoint_folder`)."""
+        self.__dict__.update(state)
+        callback = state.get("increlora_callback")
+        if callback is not None:
+            callback._trainer = weakref.ref(self)
+
     def call_model_init(self, trial=None):
         """The Trainer's ``model_init`` model (at construction, and anew at every ``train()``),
         with a new controller over it once the trainer has one: the old one watched the model
