@@ -82,19 +82,34 @@ def test_plain_trainer_with_installed_callback_logs_the_same(tmp_path):
     _check(recorder, controller, trainer.state.log_history)
 
 
-def test_the_logged_learning_rate_is_the_schedules(tmp_path):
+@pytest.mark.parametrize("plain", [False, True], ids=["increlora-trainer", "plain-trainer"])
+def test_the_logged_learning_rate_is_the_schedules(tmp_path, plain):
     """IncreLoRATrainer logged the base learning rate at every step (its ConstantSchedule's),
     while the optimizer warms up and decays it (found by an audit: 0.01 was logged at step 0,
-    which warmup trains at 0, and at the last step, which decay trains at a tenth)."""
+    which warmup trains at 0, and at the last step, which decay trains at a tenth). A plain
+    Trainer with ``optimizers=increlora_optimizers(...)`` and the installed callback logged the
+    constant base rate likewise, to the reporting callbacks too (found by a later audit)."""
+    from increlora_fast.integrations.trainer import increlora_optimizers
+
     model, _ = tiny_increlora_bert(warmup_steps=2)
     args = _args(tmp_path)
     args.logging_steps = 1
-    trainer = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask())
+    recorder = Recorder()
+    if plain:
+        trainer = Trainer(model=model, args=args, train_dataset=TinyTask(), callbacks=[recorder],
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(IncreLoRAController(model)).install(trainer)
+    else:
+        trainer = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask(),
+                                   callbacks=[recorder])
     trainer.train()
     logged = {e["step"]: e["learning_rate"] for e in trainer.state.log_history
               if "learning_rate" in e}
+    reported = {step: logs["learning_rate"] for step, logs in recorder.logs
+                if "learning_rate" in logs}
     # the step taken before each log (global_step - 1): warmup over 2 steps, decay to 0 at 12
     expected = {s + 1: 1e-2 * (s / 2 if s < 2 else (STEPS - s) / (STEPS - 2)) for s in range(STEPS)}
-    assert logged.keys() == expected.keys()
+    assert logged.keys() == expected.keys() == reported.keys()
     for step, lr in expected.items():
         assert logged[step] == pytest.approx(lr, abs=1e-12), step
+        assert reported[step] == pytest.approx(lr, abs=1e-12), step

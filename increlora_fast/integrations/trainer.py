@@ -173,6 +173,17 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
     return optimizer, ConstantSchedule(optimizer)
 
 
+def scheduled_learning_rate(optimizer: IncreLoRAAdamW) -> float:
+    """The rate of ``optimizer``'s last step (read after ``optimizer.step()``) on the schedule
+    begun at step 0: the trained head's, and the first slots' (a slot added later runs its own
+    restart of it). What the Trainer logs as ``learning_rate``: its scheduler over the
+    optimizer is constant (`ConstantSchedule`), the schedules live inside it."""
+    group = optimizer.param_groups[0]
+    taken = max(optimizer.global_step - 1, 0)  # `step` has moved the clock past it already
+    return group["lr"] * float(schedule_multiplier(taken, 0, group["warmup_steps"],
+                                                   group["total_step"]))
+
+
 def load_best_model_with_controller(trainer: Trainer, controller: IncreLoRAController,
                                     load_best: Callable[[], None]) -> None:
     """``load_best_model_at_end``: ``load_best()`` (the Trainer's own loading of the best
@@ -306,10 +317,17 @@ class IncreLoRACallback(TrainerCallback):
         if len(self.controller.allocation_log) > self.logged_rounds:
             control.should_log = True  # report the round at the step it happened
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None:
             return
         entries = self.log_entries()
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if "learning_rate" in logs and isinstance(inner, IncreLoRAAdamW) and \
+                getattr(inner, "outer_schedule_ok", False):
+            # a plain Trainer logs its scheduler's rate: under `increlora_optimizers` the
+            # constant base rate of `ConstantSchedule` (IncreLoRATrainer's `_get_learning_rate`
+            # gives this one). Another scheduler's rate is its own and left as it is.
+            entries["learning_rate"] = scheduled_learning_rate(inner)
         logs.update(entries)
         # Trainer.log appended {**logs, "step"} to the history just before calling on_log.
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
@@ -543,15 +561,12 @@ class IncreLoRATrainer(Trainer):
 
     def _get_learning_rate(self) -> float:
         """The learning rate the Trainer logs, read just after ``optimizer.step()``: that step's
-        rate of the schedule begun at step 0 (the trained head's, and the first slots'; a slot
-        added later runs its own restart of it), not the constant scheduler's base rate."""
+        rate of the schedule begun at step 0 (`scheduled_learning_rate`), not the constant
+        scheduler's base rate."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         if not isinstance(inner, IncreLoRAAdamW):
             return super()._get_learning_rate()
-        group = inner.param_groups[0]
-        taken = max(inner.global_step - 1, 0)  # `step` has moved the clock past it already
-        return group["lr"] * float(schedule_multiplier(taken, 0, group["warmup_steps"],
-                                                       group["total_step"]))
+        return scheduled_learning_rate(inner)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, **kwargs):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
