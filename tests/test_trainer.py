@@ -510,3 +510,18 @@ def test_an_unpickled_trainer_saves_the_controller_into_its_trials_checkpoints(t
     copy.hp_search_backend, copy._trial = HPSearchBackend.OPTUNA, types.SimpleNamespace(number=5)
     folder = copy.increlora_callback.checkpoint_folder(copy.args, copy.state)
     assert folder == str(tmp_path / "run-5" / "checkpoint-0")
+
+
+def test_a_callback_or_trainer_given_something_else_than_a_controller_says_so(tmp_path):
+    """``IncreLoRACallback(model)`` (the model where the controller belongs) was accepted and
+    failed at train begin with ``'BertForSequenceClassification' object has no attribute
+    'layers'`` (found by an audit); IncreLoRATrainer(controller=model) likewise."""
+    model, _ = _model()
+    for make in (lambda: IncreLoRACallback(model),
+                 lambda: IncreLoRATrainer(model=model, args=_args(tmp_path),
+                                          train_dataset=TinyTask(), controller=model)):
+        with pytest.raises(TypeError) as error:
+            make()
+        message = str(error.value)
+        assert "\n" not in message and "controller" in message
+        assert "IncreLoRAController" in message and "BertForSequenceClassification" in message

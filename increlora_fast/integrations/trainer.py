@@ -226,6 +226,10 @@ class IncreLoRACallback(TrainerCallback):
 
     def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True,
                  loss_scale: Optional[Callable[[], Union[float, torch.Tensor]]] = None) -> None:
+        if not isinstance(controller, IncreLoRAController):
+            raise TypeError(f"IncreLoRACallback controller={type(controller).__name__} is "
+                            "invalid: pass an IncreLoRAController, built over the Trainer's "
+                            "model (IncreLoRAController(model))")
         self.controller = controller
         self.apply_regularization = apply_regularization
         self.loss_scale = loss_scale
@@ -480,6 +484,10 @@ class IncreLoRATrainer(Trainer):
     """
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
+        if controller is not None and not isinstance(controller, IncreLoRAController):
+            raise TypeError(f"IncreLoRATrainer controller={type(controller).__name__} is invalid: "
+                            "leave it out (one is made over the model) or pass an "
+                            "IncreLoRAController built over the model")
         if controller is not None and kwargs.get("model_init") is not None:
             raise ValueError("IncreLoRATrainer: controller= cannot be given with model_init, "
                              "whose new model at train() the controller would not watch; leave "
