@@ -525,3 +525,21 @@ def test_a_callback_or_trainer_given_something_else_than_a_controller_says_so(tm
         message = str(error.value)
         assert "\n" not in message and "controller" in message
         assert "IncreLoRAController" in message and "BertForSequenceClassification" in message
+
+
+def test_another_optimizer_keeps_the_trainers_schedule(tmp_path):
+    """IncreLoRATrainer(optimizers=(torch AdamW, None)): the schedule of the Trainer's
+    ``lr_scheduler_type`` and warmup is the only one such an optimizer has, but the trainer
+    put a constant scheduler over it (IncreLoRAAdamW's, whose schedules live inside it), so the
+    run trained at the base rate throughout, silently (found by an audit)."""
+    model, _ = _model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path, warmup_steps=3),
+                               train_dataset=TinyTask(), optimizers=(optimizer, None))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    # the Trainer's linear schedule: 3 warmup steps, then down to 0 at the last step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+    assert not [w for w in caught if "warmup steps" in str(w.message)]

@@ -548,7 +548,12 @@ class IncreLoRATrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """`ConstantSchedule` over `IncreLoRAAdamW`, whose schedules live inside it; another
+        optimizer (``optimizers=(optimizer, None)``) gets the Trainer's own scheduler, the only
+        schedule it has."""
         optimizer = optimizer or self.optimizer
+        if not isinstance(getattr(optimizer, "optimizer", optimizer), IncreLoRAAdamW):
+            return super().create_scheduler(num_training_steps, optimizer)
         kind = getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type)
         if kind != "linear":
             warnings.warn(f"IncreLoRATrainer: TrainingArguments.lr_scheduler_type={kind!r} is not "
