@@ -226,16 +226,19 @@ def test_saving_a_step_again_keeps_the_old_checkpoint_until_the_new_one_is_in_pl
     from increlora_fast.training import checkpoint
     target = tmp_path / "checkpoint-4"
     real_replace = os.replace
-    for name in ("atomic_write_bytes",):
-        monkeypatch.setattr(checkpoint, name, lambda path, data: path.write_bytes(data))
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes",
+                        lambda path, data: path.write_bytes(data))
     monkeypatch.setattr(checkpoint, "_torch_bytes", lambda obj: b"state")
     monkeypatch.setattr(checkpoint, "_rng_state", lambda: None)
     monkeypatch.setattr(checkpoint, "model_pooling", lambda model: None)
 
-    def save() -> None:  # a run whose state is one file, "new"
-        run = types.SimpleNamespace(
-            name="increlora", model=None, optimizer=types.SimpleNamespace(state_dict=dict),
-            save_state=lambda directory: (directory / "f").write_text("new") and {})
+    def save_state(directory: Path) -> dict:  # a run whose state is one file, "new"
+        (directory / "f").write_text("new")
+        return {}
+
+    def save() -> None:
+        run = types.SimpleNamespace(name="increlora", model=None, save_state=save_state,
+                                    optimizer=types.SimpleNamespace(state_dict=dict))
         state = types.SimpleNamespace(step=4, losses=[], train_seconds=0.0, best=None,
                                       sync=lambda name: None)
         checkpoint.save_checkpoint(target, run, types.SimpleNamespace(to_dict=dict), state)

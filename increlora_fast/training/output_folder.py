@@ -37,6 +37,9 @@ TRASH_TAG = ".increlora-fast-old-"
 LEFTOVER = re.compile(
     rf"^(?:\.{CHECKPOINT_PREFIX}\d+{re.escape(DELETING_SUFFIX)}|{CHECKPOINT_PREFIX}\d+\.tmp"
     rf"|\.(?:{'|'.join(re.escape(n) for n in RUN_FILES)})\.\w+\.tmp|\.write-test\.\w+)$")
+# A checkpoint set aside while the same step was saved again (`checkpoint.save_checkpoint`):
+# put back when the new one never took its name, else deleted (`recover_leftovers`).
+REPLACED = re.compile(rf"^\.({CHECKPOINT_PREFIX}\d+){re.escape(REPLACED_SUFFIX)}$")
 
 # `save_pretrained` of a large full fine-tune: model.safetensors split in shards and an index
 SHARDS = re.compile(r"^model(?:-\d+-of-\d+\.safetensors|\.safetensors\.index\.json)$")
@@ -92,10 +95,11 @@ def recover_leftovers(out: Path, echo: Callable[[str], None]) -> None:
         echo(f"note: {stage} holds the partial work of an interrupted --overwrite run into "
              f"{out} (pid {pid}); it is kept: --resume one of its checkpoints, or delete it")
     if out.is_dir():
-        for path in sorted(out.glob(f".{CHECKPOINT_PREFIX}*{REPLACED_SUFFIX}")):
-            name = path.name[1:-len(REPLACED_SUFFIX)]
-            if not re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", name) or not path.is_dir():
+        for path in sorted(out.iterdir()):
+            match = REPLACED.match(path.name)
+            if match is None or not path.is_dir():
                 continue
+            name = match.group(1)
             if (out / name).exists():  # the new one was in place: this one is only deleted
                 shutil.rmtree(path)
             else:
