@@ -315,6 +315,19 @@ def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
             yield name, module
 
 
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model that ``torch.compile`` wrappers and (Distributed)DataParallel wrappers hold
+    (``model`` itself when not wrapped): their module names start with ``_orig_mod.`` or
+    ``module.``, which the model saved, loaded or exported under its own names has not."""
+    while True:
+        if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
 def get_config(model: nn.Module) -> IncreLoRAConfig:
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:

@@ -50,7 +50,8 @@ from torch import nn
 
 from .config import IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState
-from .model import get_config, increlora_layers, saved_module_buffers, saved_module_parameters
+from .model import (get_config, increlora_layers, saved_module_buffers, saved_module_parameters,
+                    unwrapped)
 from .pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -391,7 +392,11 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
 
     Raises:
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
+
+    A ``torch.compile`` or (Distributed)DataParallel wrapper saves the model it holds, under
+    that model's names (`model.unwrapped`).
     """
+    model = unwrapped(model)
     config = get_config(model)
     tensors = {}
     for name, layer in increlora_layers(model):
@@ -620,7 +625,11 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             matches; a base weight the adapter carries itself, that of an adapted layer inside
             a module to save, is not compared). False loads onto any model that fits.
             Adapters saved before the base was recorded load with a warning.
+
+    A ``torch.compile`` or (Distributed)DataParallel wrapper loads into the model it holds
+    (`model.unwrapped`) and is returned.
     """
+    wrapper, model = model, unwrapped(model)
     path = Path(save_directory) / WEIGHTS_NAME
     meta, tensors = _read(path)
     saved_config = _saved_config(meta, path)
@@ -683,4 +692,4 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         apply_pooling(model, pooling)
     if pad is not None and hasattr(model, "config") and model_pad_token_id(model) is None:
         model.config.pad_token_id = pad
-    return model
+    return wrapper

@@ -532,3 +532,15 @@ def test_export_of_a_compiled_model(tmp_path):
     loaded = peft.PeftModel.from_pretrained(_fresh_base("llama"), str(tmp_path)).eval()
     torch.testing.assert_close(_outputs(loaded, "llama"), _outputs(model, "llama"),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_data_parallel_model(tmp_path):
+    """A (Distributed)DataParallel wrapper holds the model as ``module``: the export said the
+    model had no IncreLoRA adapter (found by the integrations audit). It exports the model
+    the wrapper holds, under its own names."""
+    model, _ = _trained("llama", 3)
+    ranks = export_peft(torch.nn.DataParallel(model), tmp_path)
+    assert ranks == {n: len(exported_factors(layer)[0]) for n, layer in increlora_layers(model)}
+    loaded = peft.PeftModel.from_pretrained(_fresh_base("llama"), str(tmp_path)).eval()
+    torch.testing.assert_close(_outputs(loaded, "llama"), _outputs(model, "llama"),
+                               rtol=1e-5, atol=1e-5)

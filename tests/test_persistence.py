@@ -568,3 +568,25 @@ def test_a_damaged_metadata_record_names_the_file(saved, field, value):
     assert str(directory / WEIGHTS) in str(err.value) and "\n" not in str(err.value)
     assert field != "base" or "check_base=False" in str(err.value)
     assert_same_state(target, before)
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compiled", "DataParallel"])
+def test_a_wrapped_model_saves_and_loads_the_model_it_wraps(tmp_path, tiny_net, wrap):
+    """``torch.compile(model)`` and a (Distributed)DataParallel wrapper prefix every module
+    name (``_orig_mod.``, ``module.``): save_adapter wrote those names, which no unwrapped
+    model loads (found by the integrations audit), and load_adapter into a wrapper found no
+    layer of the adapter. Both work on the model the wrapper holds."""
+    config = make_config()
+    source = trained(tiny_net, config)
+    save_adapter(wrap(source), tmp_path / "a")
+    with safe_open(str(tmp_path / "a" / WEIGHTS), framework="pt") as f:
+        names = list(f.keys())
+    assert names and not [n for n in names if n.startswith(("_orig_mod.", "module."))], names
+    target = fresh(tiny_net, config)
+    load_adapter(target, tmp_path / "a")
+    assert rank_pattern(target) == rank_pattern(source)
+    again = fresh(tiny_net, config)
+    assert load_adapter(wrap(again), tmp_path / "a") is not None
+    assert rank_pattern(again) == rank_pattern(source)
+    x = torch.randn(3, 4, 12)
+    assert torch.equal(again(x), source(x))

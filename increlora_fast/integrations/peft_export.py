@@ -46,7 +46,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..layer import IncreLoRALinear, SlotState
-from ..model import get_config, increlora_layers, saved_module_parameters, suffix_match
+from ..model import (get_config, increlora_layers, saved_module_parameters, suffix_match,
+                     unwrapped)
 from ..persistence import base_fingerprint, base_model_name, write_adapter_files
 from ..pooling import model_pooling
 
@@ -89,15 +90,6 @@ def exported_factors(layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor
         b = layer.lora_B[:, idx].to(torch.float64) * (torch.sign(s) * root)[None, :]
         dtype = layer.lora_A.dtype
         return a.to(dtype).contiguous(), b.to(dtype).contiguous()
-
-
-def _compiled_away(model: nn.Module) -> nn.Module:
-    """The model a ``torch.compile`` wrapper holds (``model`` itself when not compiled): the
-    wrapper's module names start with ``_orig_mod.``, which the base peft loads the adapter
-    into has not."""
-    while isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
-        model = model._orig_mod
-    return model
 
 
 def _pattern_key(name: str, names: List[str]) -> str:
@@ -226,8 +218,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     """Write the adapter of ``model`` as a peft LoRA adapter into ``save_directory``.
 
     Args:
-        model: a model returned by `inject_increlora` (not merged), or ``torch.compile`` of
-            one (the model it wraps is exported).
+        model: a model returned by `inject_increlora` (not merged), or ``torch.compile`` or
+            a (Distributed)DataParallel wrapper of one (the model it wraps is exported).
         save_directory: created if missing.
         task_type: peft ``task_type`` written to the config (e.g. ``"CAUSAL_LM"``), used by
             ``AutoPeftModel*`` classes; ``None`` loads as a plain ``PeftModel``. Only a
@@ -264,7 +256,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     if base_model_name_or_path is not None and not isinstance(base_model_name_or_path, str):
         raise ValueError(f"export_peft base_model_name_or_path={base_model_name_or_path!r} is "
                          "invalid: use None, a hub model id or a local path (str or os.PathLike)")
-    model = _compiled_away(model)
+    model = unwrapped(model)
     config = get_config(model)
     layers = list(increlora_layers(model))
     _refuse_layers_under_several_names(model)
