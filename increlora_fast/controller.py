@@ -131,6 +131,13 @@ class IncreLoRAController:
     def current_total_rank(self) -> int:
         return sum(layer.active_rank for layer in self.layers)
 
+    @property
+    def next_step(self) -> Optional[int]:
+        """The optimizer step index `step` expects next: 0 for a new controller, one past the
+        last step it took, kept from the step of the round that reached the budget on; None
+        when not known (a state saved before it was recorded)."""
+        return self._next_step
+
     def rank_pattern(self) -> Dict[str, int]:
         """{module name: active rank}."""
         return {n: layer.active_rank for n, layer in zip(self.names, self.layers)}

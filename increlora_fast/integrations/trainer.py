@@ -94,13 +94,8 @@ def check_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
     checked here."""
     from safetensors import safe_open
 
-    root = Path(directory)
-    index = root / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
-    elif (root / "model.safetensors").is_file():
-        files = [root / "model.safetensors"]
-    else:
+    files = _weight_files(directory)
+    if not files:
         return
     saved: Dict[str, tuple] = {}
     for file in files:
@@ -110,11 +105,8 @@ def check_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
                     saved[key] = tuple(f.get_slice(key).get_shape())
         except Exception as err:  # safetensors raises its own error types
             raise ValueError(f"{file} is not a readable safetensors file: {err}") from err
-    adapter_keys = ("lora_A", "lora_B", "lora_lambda", "slot_state", "slot_alloc_step",
-                    "slot_active_step")
-    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if k.rsplit(".", 1)[-1] in adapter_keys}
-    theirs = {k: v for k, v in saved.items() if k.rsplit(".", 1)[-1] in adapter_keys}
+    ours = {k: tuple(v.shape) for k, v in _adapter_state(model).items()}
+    theirs = {k: v for k, v in saved.items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
     missing, unknown = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if missing or unknown:
         raise ValueError(f"checkpoint {directory} holds adapters for other modules than this "
@@ -124,6 +116,45 @@ def check_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
         if theirs[key] != shape:
             raise ValueError(f"checkpoint {directory}: {key} has shape {theirs[key]}, the model "
                              f"needs {shape}; nothing was loaded")
+
+
+ADAPTER_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state", "slot_alloc_step",
+                "slot_active_step")
+
+
+def _weight_files(directory: str) -> list:
+    """The ``model.safetensors`` files of the checkpoint in ``directory`` (sharded or not);
+    empty when its weights are in another format or missing."""
+    root = Path(directory)
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({root / f for f in json.loads(index.read_text())["weight_map"].values()})
+    if (root / "model.safetensors").is_file():
+        return [root / "model.safetensors"]
+    return []
+
+
+def _adapter_state(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The adapter tensors (slots and their states) of ``model``'s state dict, by key."""
+    return {k: v for k, v in model.state_dict().items() if k.rsplit(".", 1)[-1] in ADAPTER_KEYS}
+
+
+def check_model_holds_checkpoint(model: torch.nn.Module, directory: str, advice: str) -> None:
+    """ValueError (one line, ending in ``advice``) when the adapter tensors of the checkpoint in
+    ``directory`` differ from ``model``'s: the checkpoint the Trainer resumed from (and loaded
+    into the model) is another one, so the controller state saved in ``directory`` belongs to
+    another run. Checkpoints in another format than safetensors are not checked."""
+    from safetensors import safe_open
+
+    ours = _adapter_state(model)
+    for file in _weight_files(directory):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if key in ours and not torch.equal(f.get_tensor(key), ours[key].cpu()):
+                    raise ValueError(f"IncreLoRA: checkpoint {directory} is not the one the "
+                                     f"Trainer resumed from ({key} differs from the weights "
+                                     f"it loaded), so its controller state is another run's; "
+                                     f"{advice}")
 
 
 def _torch_bytes(obj) -> bytes:
@@ -171,6 +202,21 @@ def increlora_optimizers(model: torch.nn.Module, lr: float, weight_decay: float 
     optimizer = create_optimizer(model, get_config(model), lr=lr, weight_decay=weight_decay,
                                  betas=betas, eps=eps)
     return optimizer, ConstantSchedule(optimizer)
+
+
+# A parameter group key: the group's ``total_step`` is the Trainer's ``max_steps``.
+FOLLOWS_MAX_STEPS = "total_step_is_max_steps"
+
+
+def follow_max_steps(optimizer: IncreLoRAAdamW, max_steps: int) -> None:
+    """End the schedules of ``optimizer``'s groups at the Trainer's ``max_steps``: the groups
+    without a ``total_step`` of their own, and those this function set before (marked in the
+    group, so the optimizer state saved in a checkpoint keeps the mark). A resume with another
+    ``max_steps`` then decays to the new last step, as the Trainer's own scheduler does."""
+    for group in optimizer.param_groups:
+        if group["total_step"] is None or group.get(FOLLOWS_MAX_STEPS):
+            group["total_step"] = max_steps
+            group[FOLLOWS_MAX_STEPS] = True
 
 
 def scheduled_learning_rate(optimizer: IncreLoRAAdamW) -> float:
@@ -349,21 +395,53 @@ class IncreLoRACallback(TrainerCallback):
                                torch.float16 if args.fp16 else None, optimizer=optimizer,
                                penalty=self.controller.penalty)
         if state.global_step > 0 and not self.restored:
-            checkpoint = args.resume_from_checkpoint or self.checkpoint_folder(args, state)
-            load_controller(self.controller, checkpoint)
+            self.load_from_output_dir(args, state, model)
+        self.refuse_a_spent_controller(state.global_step)
+        if state.global_step > 0:  # (each round of a checkpoint was logged before its save)
+            self.logged_rounds = len(self.controller.allocation_log)
         if state.max_steps > 0:
             self.warn_budget_out_of_reach(state.global_step, state.max_steps)
         inner = getattr(optimizer, "optimizer", optimizer)
         if isinstance(inner, IncreLoRAAdamW) and state.max_steps > 0 and \
                 self.controller.config.total_step is None:
-            # the Trainer's linear decay to its last step, as IncreLoRATrainer sets it
-            for group in inner.param_groups:
-                if group["total_step"] is None:
-                    group["total_step"] = state.max_steps
+            # the Trainer's linear decay to its last step, as IncreLoRATrainer sets it; again
+            # after a resume, whose optimizer state holds the last run's max_steps
+            follow_max_steps(inner, state.max_steps)
         if optimizer is not None and not isinstance(inner, IncreLoRAAdamW):
             warnings.warn("IncreLoRACallback: the Trainer's optimizer is not IncreLoRAAdamW, so "
                           "new slots get no restart warmup; use IncreLoRATrainer or "
                           "optimizers=increlora_optimizers(model, lr)", UserWarning)
+
+    def load_from_output_dir(self, args, state, model: Optional[torch.nn.Module]) -> None:
+        """Restore the controller for a resume at ``state.global_step`` that
+        `restore_with_checkpoints` did not see (a callback passed in ``callbacks=[...]``): from
+        ``args.resume_from_checkpoint`` or ``<output_dir>/checkpoint-<step>``, once the
+        adapter tensors there are checked to be the ones the Trainer loaded (a folder of an
+        earlier run into the same output_dir would give another run's controller)."""
+        folder = args.resume_from_checkpoint or self.checkpoint_folder(args, state)
+        advice = ("install the callback (IncreLoRACallback(controller).install(trainer)), "
+                  "which reads the folder train(resume_from_checkpoint=...) names; a callback "
+                  "in callbacks=[...] can only look in <output_dir>/checkpoint-<step>")
+        if model is not None:
+            check_model_holds_checkpoint(model, folder, advice)
+        try:
+            load_controller(self.controller, folder)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"{err}; {advice}") from err
+
+    def refuse_a_spent_controller(self, global_step: int) -> None:
+        """ValueError when the controller is past ``global_step``, the step the Trainer starts
+        at: a second ``train()`` counts from 0 again, while the controller's rounds and the
+        optimizer's per-slot schedules go on from the first one's last step (a step would
+        fail, or the slots grown late would train at a rate of 0)."""
+        next_step = self.controller.next_step
+        if next_step is not None and next_step > global_step:
+            raise ValueError(
+                f"IncreLoRA: train() starts at step {global_step}, but the controller has "
+                f"taken steps up to {next_step - 1} of an earlier train(), and its rounds and "
+                "the per-slot learning-rate schedules count on from there: continue that run "
+                "with train(resume_from_checkpoint=<its checkpoint>) (and a larger max_steps), "
+                "or start a new run over a newly injected model with a new Trainer")
 
     def warn_budget_out_of_reach(self, start_step: int, end_step: int) -> None:
         """Warn (RuntimeWarning) when the allocation rounds among optimizer steps ``start_step ..
@@ -565,8 +643,7 @@ class IncreLoRATrainer(Trainer):
                           f"IncreLoRAConfig.warmup_steps={self.increlora_controller.config.warmup_steps}"
                           " is used for every schedule (base and per slot)", UserWarning)
         if self.increlora_controller.config.total_step is None:
-            for group in optimizer.param_groups:
-                group["total_step"] = num_training_steps
+            follow_max_steps(optimizer, num_training_steps)
         if self.lr_scheduler is None:
             # The schedule lives inside the optimizer, per slot.
             self.lr_scheduler = ConstantSchedule(optimizer)
