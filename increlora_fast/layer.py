@@ -324,6 +324,17 @@ class IncreLoRALinear(nn.Module):
         """The fixed lambda every reserve slot computes with (0 without advance learning)."""
         return self.reserve_lambda if self.advance_learning else 0.0
 
+    def restart_schedules(self) -> None:
+        """Stamp every slot in use (active, reserve or retired) at step 0, keeping its state:
+        for a new run over a model an earlier run grew, whose optimizer step count starts at 0
+        again. The per-slot schedules start at a slot's stamp, so a slot grown at step N would
+        otherwise train at a rate of 0 until the new run reaches N (`load_adapter` stamps
+        the slots it loads the same way)."""
+        with torch.no_grad():
+            for stamps in (self.slot_alloc_step, self.slot_active_step):
+                stamps.copy_(torch.where(stamps >= 0, 0, -1))
+        self.mark_slots_changed()
+
     def mark_slots_changed(self) -> None:
         """Bump ``slot_version``: call after changing ``slot_state``, ``slot_alloc_step`` or
         ``slot_active_step`` in place (this layer's own methods and loading a state dict do)."""

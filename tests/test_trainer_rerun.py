@@ -128,3 +128,32 @@ def test_a_callback_in_callbacks_resumes_from_its_own_output_dir(tmp_path):
     resumed = _trainer(tmp_path, plain=True, install=False)
     resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
     assert _controller(resumed).allocation_log == _controller(first).allocation_log
+
+
+@pytest.mark.parametrize("plain", [False, True], ids=["IncreLoRATrainer", "installed callback"])
+def test_a_new_trainer_over_a_grown_model_trains_every_slot(tmp_path, plain):
+    """A model grown by one Trainer, handed to a new one (a new run, counting from step 0):
+    the slots grown late kept their growth steps (4, 6, 8, 10), and their schedules, which
+    start there, gave them a rate of 0 until the new run reached those steps, silently (as
+    load_adapter does, a new run starts every slot's schedule at its step 0)."""
+    first = _trainer(tmp_path / "a", plain)
+    first.train()
+    model = first.model
+    grown = [(layer, layer.active_mask.nonzero().flatten().tolist())
+             for layer in _controller(first).layers]
+    assert max(int(layer.slot_alloc_step.max()) for layer, _ in grown) > 3
+    before = [layer.lora_A.detach().clone() for layer, _ in grown]
+    config = _controller(first).config
+    args = _args(tmp_path / "b", steps=3)
+    if plain:
+        callback = IncreLoRACallback(IncreLoRAController(model, config))
+        second = Trainer(model=model, args=args, train_dataset=TinyTask(),
+                         optimizers=increlora_optimizers(model, lr=1e-2))
+        callback.install(second)
+    else:
+        second = IncreLoRATrainer(model=model, args=args, train_dataset=TinyTask())
+    with pytest.warns(UserWarning, match="earlier run"):
+        second.train()
+    for (layer, active), old in zip(grown, before):
+        moved = (layer.lora_A.detach() - old).abs().amax(dim=1)
+        assert bool((moved[active] > 0).all()), (active, moved.tolist())

@@ -397,6 +397,8 @@ class IncreLoRACallback(TrainerCallback):
         if state.global_step > 0 and not self.restored:
             self.load_from_output_dir(args, state, model)
         self.refuse_a_spent_controller(state.global_step)
+        if state.global_step == 0 and not self.restored:
+            self.restart_grown_slots()
         if state.global_step > 0:  # (each round of a checkpoint was logged before its save)
             self.logged_rounds = len(self.controller.allocation_log)
         if state.max_steps > 0:
@@ -442,6 +444,20 @@ class IncreLoRACallback(TrainerCallback):
                 "the per-slot learning-rate schedules count on from there: continue that run "
                 "with train(resume_from_checkpoint=<its checkpoint>) (and a larger max_steps), "
                 "or start a new run over a newly injected model with a new Trainer")
+
+    def restart_grown_slots(self) -> None:
+        """At the start of a new run (step 0, not resumed) over a model an earlier run grew:
+        every slot's schedule starts at step 0 (`IncreLoRALinear.restart_schedules`), with a
+        warning; a slot grown at step N would train at a rate of 0 until this run reached N."""
+        last = max(int(torch.maximum(layer.slot_alloc_step, layer.slot_active_step).max())
+                   for layer in self.controller.layers)
+        if last <= 0:
+            return
+        for layer in self.controller.layers:
+            layer.restart_schedules()
+        warnings.warn(f"IncreLoRA: the model's slots were grown by an earlier run (up to its "
+                      f"step {last}); this run counts its steps from 0, so every slot's "
+                      "learning-rate schedule starts at step 0 again", UserWarning)
 
     def warn_budget_out_of_reach(self, start_step: int, end_step: int) -> None:
         """Warn (RuntimeWarning) when the allocation rounds among optimizer steps ``start_step ..
