@@ -500,3 +500,16 @@ def test_a_missing_asset_is_downloaded_only_when_the_offline_flags_allow(
     with pytest.raises(AssetUnavailableError):
         locate_asset("fake_data")
     assert bool(calls) == downloads
+
+
+def test_tsv_texts_that_start_with_a_quote_keep_it(tmp_path):
+    """A TSV row is one line: a text that begins with a quote without being quoted as a whole
+    ('"Best" movie ever') lost its quotes ('Best movie ever'); it now reaches the model as
+    written, while a cell quoted as a whole (a tab or a doubled quote inside) is still unquoted."""
+    texts = ['"Best" movie ever', '""Quoted"" twice, kept', 'say "hi" there', '"a"b', '"x" "y"']
+    quoted = {'"a\ttab"': "a\ttab", '"say ""hi"""': 'say "hi"'}
+    lines = [f"{t}\t{i % 2}" for i, t in enumerate(texts + list(quoted))]
+    path = tmp_path / "t.tsv"
+    path.write_text("text\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
+    data = load_files(str(path), str(path))
+    assert [e.text for e in data.eval] == texts + list(quoted.values())

@@ -6,8 +6,9 @@ import hashlib
 import io
 import json
 import math
+import re
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional, Tuple
 
 from .examples import (_NUMBER, Example, TaskData, fixed_split, label_index, label_key,
                        label_names_for)
@@ -88,7 +89,7 @@ def _json_lines_error(path: Path, text: str, lineno: int, err: json.JSONDecodeEr
 def _csv_rows(text: str, delimiter: str, path: Path,
               columns: Optional[List[str]] = None) -> List[Dict[str, object]]:
     """The rows of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
-    131,072 characters, is lifted while this file is read).
+    131,072 characters, is lifted while this file is read). Cells a row lacks are None.
 
     Raises:
         ValueError: the header names a column of ``columns`` (None: any) twice (which of the
@@ -103,37 +104,73 @@ def _csv_rows(text: str, delimiter: str, path: Path,
     csv.field_size_limit(max(limit, len(text) + 1))
     what = "comma" if delimiter == "," else "tab"
     try:
-        if delimiter == "\t":
-            _check_tsv_quotes(text, path)
-        # CSV strict: a stray quote is an error, not the start of a text that swallows later
-        # rows (a TSV row is one line: `_check_tsv_quotes` has made sure of it)
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter,
-                                strict=delimiter == ",")
-        start = 1
-        try:
-            header = reader.fieldnames or []
-            twice = sorted({name for name in header if name.strip() and header.count(name) > 1
-                            and (columns is None or name in columns)})
-            if twice:
-                raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
-                                 "give every column its own name")
-            rows = []
-            start = reader.line_num + 1
-            for row in reader:
-                surplus = row.get(None)
-                if surplus and any(cell.strip() for cell in surplus):
-                    raise ValueError(f"{path}: row {len(rows) + 1} (line {reader.line_num}) "
-                                     f"has {len(header) + len(surplus)} cells, the header "
-                                     f"{len(header)}: a text holding a {what} must be quoted "
-                                     f'("...")')
-                row.pop(None, None)
-                rows.append(row)
-                start = reader.line_num + 1
-        except csv.Error as err:
-            raise _quote_error(path, text, start, reader.reader.line_num, what, err) from err
+        records = _csv_records(text, path) if delimiter == "," else _tsv_records(text, path)
+        _, header = next(records, (1, []))
+        twice = sorted({name for name in header if name.strip() and header.count(name) > 1
+                        and (columns is None or name in columns)})
+        if twice:
+            raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
+                             "give every column its own name")
+        rows = []
+        for lineno, cells in records:
+            surplus = cells[len(header):]
+            if any(cell.strip() for cell in surplus):
+                raise ValueError(f"{path}: row {len(rows) + 1} (line {lineno}) has "
+                                 f"{len(cells)} cells, the header {len(header)}: a text "
+                                 f'holding a {what} must be quoted ("...")')
+            rows.append(dict(zip(header, cells + [None] * (len(header) - len(cells)))))
         return rows
     finally:
         csv.field_size_limit(limit)
+
+
+def _csv_records(text: str, path: Path) -> Iterator[Tuple[int, List[str]]]:
+    """(the line a row begins at, its cells) for each non-blank row of CSV ``text``, read
+    strictly: a stray quote is an error (`_quote_error`), not the start of a text that swallows
+    later rows."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    try:
+        for cells in reader:
+            if cells:
+                yield start, cells
+            start = reader.line_num + 1
+    except csv.Error as err:
+        raise _quote_error(path, text, start, reader.line_num, "comma", err) from err
+
+
+# a TSV cell quoted as a whole: a quote, then text with any quote in it doubled, then a quote
+# that ends the cell
+_QUOTED_TSV_CELL = re.compile(r'"((?:[^"]|"")*)"(?=\t|\Z)')
+
+
+def _tsv_records(text: str, path: Path) -> Iterator[Tuple[int, List[str]]]:
+    """(line number, cells) for each non-blank line of TSV ``text``: a TSV row is one line
+    (`_check_tsv_quotes` refuses a line whose quote does not close on it)."""
+    _check_tsv_quotes(text, path)
+    for lineno, line in enumerate(io.StringIO(text, newline=""), 1):
+        line = line.rstrip("\r\n")
+        if line:
+            yield lineno, _tsv_cells(line)
+
+
+def _tsv_cells(line: str) -> List[str]:
+    """The tab-separated cells of one TSV ``line`` as written, but for a cell quoted as a whole
+    (a tab or a doubled quote inside), which is unquoted: a text that merely begins with a
+    quote (``"Best" movie ever``) keeps it."""
+    cells, pos = [], 0
+    while True:
+        quoted = _QUOTED_TSV_CELL.match(line, pos) if line.startswith('"', pos) else None
+        if quoted:
+            cells.append(quoted.group(1).replace('""', '"'))
+            end = quoted.end()
+        else:
+            end = line.find("\t", pos)
+            end = len(line) if end < 0 else end
+            cells.append(line[pos:end])
+        if end >= len(line):
+            return cells
+        pos = end + 1
 
 
 def _quote_error(path: Path, text: str, start: int, end: int, what: str,
