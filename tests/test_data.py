@@ -513,3 +513,23 @@ def test_tsv_texts_that_start_with_a_quote_keep_it(tmp_path):
     path.write_text("text\tlabel\n" + "\n".join(lines) + "\n", encoding="utf-8")
     data = load_files(str(path), str(path))
     assert [e.text for e in data.eval] == texts + list(quoted.values())
+
+
+def test_repeated_texts_of_a_training_file_are_dropped_before_the_dev_split(tmp_path):
+    """A text repeated in a training file without --eval-file could land in both the training
+    rows and the automatic dev split (dev accuracy then scored memorised rows); repeats are
+    dropped first, the first row of a text kept (also over a later row with another label),
+    with one warning counting them."""
+    rows = sentiment_rows(60, seed=5)
+    assert len({r["text"] for r in rows}) == len(rows)
+    flipped = {"pos": "neg", "neg": "pos"}
+    repeats = rows[:20] + [dict(r, label=flipped[r["label"]]) for r in rows[20:23]]
+    path = write_csv(tmp_path / "t.csv", rows + repeats)
+    with pytest.warns(UserWarning, match=r"t\.csv: 23 rows repeat the text of an earlier row "
+                                         r"\(3 of them with another label\).*dropped"):
+        data = load_files(str(path), None)
+    train, dev = {e.text for e in data.train}, {e.text for e in data.eval}
+    assert not train & dev and len(data.train) + len(data.eval) == len(rows)
+    first_label = {r["text"]: r["label"] for r in rows}
+    assert all(data.label_names[e.label] == first_label[e.text]
+               for e in data.train + data.eval)

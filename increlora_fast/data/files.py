@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -273,6 +274,31 @@ def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
     return texts, pairs, labels
 
 
+def _drop_repeated_texts(path: Path, examples: List[Example]) -> List[Example]:
+    """``examples`` without those whose text (and text pair) an earlier one has, surrounding
+    whitespace aside, so that no text is in both the training rows and the automatic dev split;
+    the first example of a text is kept, also over a later one with another label. One warning
+    counts the rows dropped."""
+    first: Dict[tuple, int] = {}
+    kept, conflicting = [], 0
+    for e in examples:
+        key = (e.text.strip(), None if e.text_pair is None else e.text_pair.strip())
+        if key in first:
+            conflicting += first[key] != e.label
+            continue
+        first[key] = e.label
+        kept.append(e)
+    dropped = len(examples) - len(kept)
+    if dropped:
+        other = f" ({conflicting:,} of them with another label)" if conflicting else ""
+        rows = "rows repeat" if dropped > 1 else "row repeats"
+        warnings.warn(f"{path}: {dropped:,} {rows} the text of an earlier row{other} and "
+                      f"{'were' if dropped > 1 else 'was'} dropped, the first row of each text "
+                      "kept, so that no text is in both the training rows and the automatic dev "
+                      "split", UserWarning, stacklevel=3)
+    return kept
+
+
 def _swap_hint(path: Path, label_column: str) -> str:
     return (f"check column {label_column!r} of {path} (--label-column): are --text-column and "
             "--label-column swapped?")
@@ -283,7 +309,8 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     """Examples from the user's files. Labels are read as `examples.label_names_for` says
     (spellings of one label are one class; integer labels keep their value, strings are mapped
     to ids in sorted order); without ``eval_file`` a fixed tenth of the training file (at most
-    1,000 rows) becomes the dev split.
+    1,000 rows) becomes the dev split, after rows repeating an earlier row's text are dropped
+    (`_drop_repeated_texts`).
 
     Raises:
         ValueError: besides malformed files and missing columns, a label column with more
@@ -308,6 +335,7 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
                      None if p is None else str(p))
              for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
     if eval_file is None:
+        train = _drop_repeated_texts(train_path, train)
         train, dev = fixed_split(train, min(MAX_AUTO_DEV, max(1, len(train) // 10)))
         unseen = sorted({e.label for e in dev} - {e.label for e in train})
         if unseen:
