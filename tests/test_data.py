@@ -533,3 +533,25 @@ def test_repeated_texts_of_a_training_file_are_dropped_before_the_dev_split(tmp_
     first_label = {r["text"]: r["label"] for r in rows}
     assert all(data.label_names[e.label] == first_label[e.text]
                for e in data.train + data.eval)
+
+
+def test_the_same_file_as_train_and_eval_file_is_warned_about(tmp_path, monkeypatch):
+    """--train-file and --eval-file naming one file (or two copies of it) ran without a word,
+    though the dev accuracy then measures the training data; it is warned about, once."""
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(30, seed=7))
+    copy = tmp_path / "copy" / "t.csv"
+    copy.parent.mkdir()
+    copy.write_bytes(train.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    for eval_file, how in ((str(train), "are the same file"), ("./t.csv", "are the same file"),
+                           (str(copy), "hold the same content")):
+        with pytest.warns(UserWarning) as caught:
+            load_files(str(train), eval_file)
+        assert [str(w.message) for w in caught] == [
+            f"--train-file {train} and --eval-file {eval_file} {how}: the dev accuracy then "
+            "measures the training data; give held-out rows as --eval-file, or leave it out "
+            "for an automatic dev split"]
+    other = write_csv(tmp_path / "d.csv", sentiment_rows(10, seed=8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_files(str(train), str(other))

@@ -299,6 +299,24 @@ def _drop_repeated_texts(path: Path, examples: List[Example]) -> List[Example]:
     return kept
 
 
+def _warn_if_same_data(train_file: str, eval_file: str) -> None:
+    """Warn when ``eval_file`` is ``train_file`` (the same file, or a copy of its bytes): the
+    dev accuracy then measures the training data."""
+    train_path, eval_path = Path(train_file), Path(eval_file)
+    if not (train_path.is_file() and eval_path.is_file()):
+        return  # (`read_rows` names a folder)
+    if train_path.samefile(eval_path):
+        how = "are the same file"
+    elif train_path.stat().st_size == eval_path.stat().st_size and \
+            file_sha256(train_path) == file_sha256(eval_path):
+        how = "hold the same content"
+    else:
+        return
+    warnings.warn(f"--train-file {train_file} and --eval-file {eval_file} {how}: the dev accuracy "
+                  "then measures the training data; give held-out rows as --eval-file, or leave "
+                  "it out for an automatic dev split", UserWarning, stacklevel=3)
+
+
 def _swap_hint(path: Path, label_column: str) -> str:
     return (f"check column {label_column!r} of {path} (--label-column): are --text-column and "
             "--label-column swapped?")
@@ -310,7 +328,7 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     (spellings of one label are one class; integer labels keep their value, strings are mapped
     to ids in sorted order); without ``eval_file`` a fixed tenth of the training file (at most
     1,000 rows) becomes the dev split, after rows repeating an earlier row's text are dropped
-    (`_drop_repeated_texts`).
+    (`_drop_repeated_texts`). An ``eval_file`` that is ``train_file`` is warned about.
 
     Raises:
         ValueError: besides malformed files and missing columns, a label column with more
@@ -320,6 +338,8 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     for option, given in (("--train-file", train_file), ("--eval-file", eval_file)):
         if given is not None and not Path(given).exists():
             raise FileNotFoundError(f"{option} {given}: the data file does not exist")
+    if eval_file is not None:
+        _warn_if_same_data(train_file, eval_file)
     train_path = Path(train_file)
     texts, pairs, labels = _raw_examples(train_path, text_column, text_pair_column, label_column)
     label_names = label_names_for(labels, f"{train_path}: column {label_column!r}")
