@@ -76,8 +76,9 @@ def test_dev_labels_unseen_in_training_are_refused(tmp_path):
                                          r"training row has \(\['neutral'\]\).*swapped"):
         load_files(str(train), None)
     dev_file = write_csv(tmp_path / "d.csv", [{"text": "x", "label": "neutral"}])
-    with pytest.raises(ValueError, match=r"d\.csv row 1: label 'neutral' does not occur in the "
-                                         r"training data .*t2\.csv.*'label'.*swapped"):
+    with pytest.raises(ValueError, match=r"d\.csv: line 2 has label 'neutral' \(--label-column "
+                                         r"'label'\), which no row of the training data "
+                                         r".*t2\.csv.*swapped"):
         load_files(str(write_csv(tmp_path / "t2.csv", sentiment_rows(20, 1))), str(dev_file))
 
 

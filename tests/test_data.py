@@ -227,32 +227,32 @@ def test_json_array_and_tsv(tmp_path):
     ("\n\n", ".jsonl", "is empty"),
     ('{"text": "a", "label": 1}\n{broken\n', ".jsonl", ":2 is not valid JSON"),
     ("[1, 2]", ".json", "record 1 is not a JSON object"),
-    ("text,label\nhello,\n", ".csv", "row 1 has an empty 'label'"),
+    ("text,label\nhello,\n", ".csv", "line 2 has an empty 'label'"),
     ("text,label\nhello,1\nbye,1\n", ".csv", "single label"),
     ("text,label\nhello,1\n", ".parquet", "has suffix '.parquet'"),
     # an unquoted comma in a text used to shift "really" into the label: a third class
     ("text,label\ngood,1\ngood, really,1\nbad,0\n", ".csv",
-     "row 2 (line 3) has 3 cells, the header 2: a text holding a comma must be quoted"),
-    ("text\tlabel\ngood\t1\nbad\t0\tx\n", ".tsv", "row 2 (line 3) has 3 cells"),
+     "line 3 has 3 cells, the header 2: a text holding a comma must be quoted"),
+    ("text\tlabel\ngood\t1\nbad\t0\tx\n", ".tsv", "line 3 has 3 cells"),
     # the second 'label' column used to be read silently
     ("text,label,label\ngood,1,0\nbad,0,1\n", ".csv", "the header names column(s)"),
     # a missing label written as NaN (pandas, R, Python's json) used to become a class 'nan'
     ("text,label\ngood,1\nbad,NaN\nok,0\nfine,1\n", ".csv",
-     "row 2 has no 'label' (--label-column): 'NaN' marks a missing value"),
+     "line 3 has no 'label' (--label-column): 'NaN' marks a missing value"),
     ('{"text": "good", "label": 1}\n{"text": "bad", "label": NaN}\n', ".jsonl",
-     "row 2 has no 'label' (--label-column): 'nan' marks a missing value"),
+     "line 2 has no 'label' (--label-column): 'nan' marks a missing value"),
     # beside numeric labels, R's NA (write.csv) and None/null (str() of a missing value) were
     # a class of their own too
     ("text,label\ngood,1\nbad,NA\nok,0\nfine,1\n", ".csv",
-     "row 2 has no 'label' (--label-column): 'NA' marks a missing value"),
+     "line 3 has no 'label' (--label-column): 'NA' marks a missing value"),
     ("text\tlabel\ngood\t1.0\nbad\t0.0\nok\tNone\nfine\t1.0\n", ".tsv",
-     "row 3 has no 'label' (--label-column): 'None' marks a missing value"),
+     "line 4 has no 'label' (--label-column): 'None' marks a missing value"),
     ('{"text": "good", "label": 1}\n{"text": "bad", "label": 0}\n{"text": "x", "label": "null"}\n',
-     ".jsonl", "row 3 has no 'label' (--label-column): 'null' marks a missing value"),
+     ".jsonl", "line 3 has no 'label' (--label-column): 'null' marks a missing value"),
     ('{"text": NaN, "label": 1}\n{"text": "bad", "label": 0}\n', ".jsonl",
-     "row 1 has no 'text' (--text-column): 'nan' marks a missing value"),
+     "line 1 has no 'text' (--text-column): 'nan' marks a missing value"),
     ('{"text": ["good", "film"], "label": 1}\n', ".jsonl",
-     "row 1: 'text' (--text-column) holds a JSON list, not a single value"),
+     "line 1 holds a JSON list in 'text' (--text-column), not a single value"),
     ('[{"text": "good", "label": 1},', ".json", "is not valid JSON: Expecting"),
 ])
 def test_bad_files(tmp_path, content, suffix, message):
@@ -338,7 +338,8 @@ def test_missing_column_and_unknown_eval_label(tmp_path):
     with pytest.raises(ValueError, match="no column 'hyp'"):
         load_files(str(train), None, text_pair_column="hyp")
     dev = write_csv(tmp_path / "d.csv", [{"text": "x", "label": "neutral"}])
-    with pytest.raises(ValueError, match=r"d\.csv row 1: label 'neutral' does not occur"):
+    with pytest.raises(ValueError, match=r"d\.csv: line 2 has label 'neutral' \(--label-column "
+                                         r"'label'\), which no row of the training data"):
         load_files(str(train), str(dev))
     with pytest.raises(FileNotFoundError, match="^--train-file .*missing.csv: .*does not exist"):
         load_files(str(tmp_path / "missing.csv"), None)
@@ -410,7 +411,7 @@ def test_a_jsonl_whose_first_record_lacks_a_field_names_that_record(tmp_path):
     with pytest.raises(ValueError) as err:
         load_files(str(path), None)
     message = str(err.value)
-    assert message == f"{path}: row 1 has no 'label' (--label-column)"
+    assert message == f"{path}: line 1 has no 'label' (--label-column)"
     with pytest.raises(ValueError, match=r"has no column 'sentence'.*its columns are "
                                          r"\['text', 'label'\]"):
         load_files(str(path), None, text_column="sentence")
@@ -555,3 +556,49 @@ def test_the_same_file_as_train_and_eval_file_is_warned_about(tmp_path, monkeypa
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_files(str(train), str(other))
+
+
+@pytest.mark.parametrize("suffix, lines, bad, message", [
+    # a text over two lines and a blank line before the bad row: row 3, line 6
+    (".csv", ["text,label", '"two\nlines",1', "ok,0", "", "hello,", "fine,1"], "hello,",
+     "has an empty 'label' (--label-column)"),
+    (".tsv", ["text\tlabel", "good\t1", "", "bad\tNaN", "ok\t0"], "bad\tNaN",
+     "has no 'label' (--label-column): 'NaN' marks a missing value"),
+    (".csv", ["text,label", "good,1", "", "bad,0,x", "ok,0"], "bad,0,x",
+     "has 3 cells, the header 2"),
+    (".jsonl", ['{"text": "good", "label": 1}', "", '{"text": "bad"}', '{"text": "x", "label": 0}'],
+     '{"text": "bad"}', "has no 'label' (--label-column)"),
+    (".jsonl", ['{"text": "good", "label": 1}', "", '{"text": ["a"], "label": 0}'],
+     '{"text": ["a"], "label": 0}', "holds a JSON list in 'text' (--text-column)"),
+    (".jsonl", ['{"text": "good", "label": 1}', "", "[1, 2]"], "[1, 2]", "is not a JSON object"),
+], ids=["csv_empty_label", "tsv_nan_label", "csv_surplus", "jsonl_absent", "jsonl_nested",
+        "jsonl_not_object"])
+def test_errors_about_a_row_name_its_line_in_the_file(tmp_path, suffix, lines, bad, message):
+    """Errors about a bad row named its record number ('row 3'), not the line of the file an
+    editor shows (header, blank lines and texts over several lines counted); they now name the
+    line, in one line with the file and the column."""
+    path = tmp_path / f"t{suffix}"
+    text = "\n".join(lines) + "\n"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    line = text.splitlines().index(bad) + 1
+    assert str(err.value).startswith(f"{path}: line {line} {message}")
+    assert "\n" not in str(err.value)
+
+
+def test_an_unknown_eval_label_and_a_json_list_record_are_named_by_line_and_record(tmp_path):
+    """The eval file's row with an unknown label is named by its line; a .json list has no
+    line per row, so its rows are named by record."""
+    train = write_csv(tmp_path / "t.csv", sentiment_rows(20, seed=9))
+    dev = tmp_path / "d.csv"
+    dev.write_text("text,label\ngood,pos\n\nmeh,neutral\n")
+    with pytest.raises(ValueError) as err:
+        load_files(str(train), str(dev))
+    line = dev.read_text().splitlines().index("meh,neutral") + 1
+    assert str(err.value).startswith(f"{dev}: line {line} has label 'neutral' (--label-column "
+                                     f"'label'), which no row of the training data {train} has")
+    records = [{"text": "good", "label": 1}, {"text": "", "label": 0}]
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match=r"a\.json: record 2 has an empty 'text'"):
+        load_files(str(tmp_path / "a.json"), None)

@@ -30,9 +30,11 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_rows(path: Path, columns: Optional[List[str]] = None) -> List[Dict[str, object]]:
-    """Rows of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line;
-    a ``.json`` file holding one list of objects also works). ``columns``: the columns the
+def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dict[str, object]],
+                                                                         Optional[List[int]]]:
+    """(rows, the line of the file each row begins at, 1-based, or None for a ``.json`` list)
+    of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line; a
+    ``.json`` file holding one list of objects also works). ``columns``: the columns the
     caller reads; a CSV/TSV header naming one of them twice is refused (None: any column)."""
     if path.is_dir():
         raise ValueError(f"data file {path} is a folder; give a file ("
@@ -52,25 +54,33 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> List[Dict[str,
                          f"0x{raw[err.start]:02x}; save it as UTF-8") from err
     if suffix in CSV_SUFFIXES:
         return _csv_rows(text, CSV_SUFFIXES[suffix], path, columns)
+    lines: Optional[List[int]] = None
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
     else:
-        rows = []
+        rows, lines = [], []
         # JSON lines end at "\n", "\r" or both, which JSON allows in no string raw
         # (str.splitlines would also cut a text holding U+2028, U+2029 or U+0085)
         for lineno, line in enumerate(io.StringIO(text, newline="").readlines(), 1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
+                    lines.append(lineno)
                 except json.JSONDecodeError as err:
                     raise _json_lines_error(path, text, lineno, err) from err
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
-        raise ValueError(f"{path}: record {bad + 1} is not a JSON object")
-    return rows
+        raise ValueError(f"{_place(path, lines, bad)} is not a JSON object")
+    return rows, lines
+
+
+def _place(path: Path, lines: Optional[List[int]], index: int) -> str:
+    """Where row ``index`` (0-based) of ``path`` is, for an error message: the file's line
+    (1-based, the header and blank lines counted), or the record of a ``.json`` list."""
+    return f"{path}: line {lines[index]}" if lines is not None else f"{path}: record {index + 1}"
 
 
 def _json_lines_error(path: Path, text: str, lineno: int, err: json.JSONDecodeError) -> ValueError:
@@ -88,8 +98,8 @@ def _json_lines_error(path: Path, text: str, lineno: int, err: json.JSONDecodeEr
 
 
 def _csv_rows(text: str, delimiter: str, path: Path,
-              columns: Optional[List[str]] = None) -> List[Dict[str, object]]:
-    """The rows of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
+              columns: Optional[List[str]] = None) -> Tuple[List[Dict[str, object]], List[int]]:
+    """(rows, the line each row begins at) of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
     131,072 characters, is lifted while this file is read). Cells a row lacks are None.
 
     Raises:
@@ -112,15 +122,15 @@ def _csv_rows(text: str, delimiter: str, path: Path,
         if twice:
             raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
                              "give every column its own name")
-        rows = []
+        rows, lines = [], []
         for lineno, cells in records:
             surplus = cells[len(header):]
             if any(cell.strip() for cell in surplus):
-                raise ValueError(f"{path}: row {len(rows) + 1} (line {lineno}) has "
-                                 f"{len(cells)} cells, the header {len(header)}: a text "
-                                 f'holding a {what} must be quoted ("...")')
+                raise ValueError(f"{path}: line {lineno} has {len(cells)} cells, the header "
+                                 f'{len(header)}: a text holding a {what} must be quoted ("...")')
             rows.append(dict(zip(header, cells + [None] * (len(header) - len(cells)))))
-        return rows
+            lines.append(lineno)
+        return rows, lines
     finally:
         csv.field_size_limit(limit)
 
@@ -233,18 +243,21 @@ def _numeric_labels(values: List[object]) -> bool:
         _NUMBER.fullmatch(t) or t.lower() in NUMERIC_MISSING for t in texts)
 
 
-def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -> List[object]:
+def _column(rows: List[Dict[str, object]], lines: Optional[List[int]], path: Path, name: str,
+            option: str) -> List[object]:
+    """The values of column ``name`` (set by ``option``), refused in one line naming the row's
+    line (`_place`) where one is absent, empty, marks a missing value or is no single value."""
     if not any(name in r for r in rows):
         columns = list(dict.fromkeys(key for r in rows for key in r))
         raise ValueError(f"{path} has no column {name!r} (set by {option}); its columns are "
                          f"{columns}")
     absent = next((i for i, r in enumerate(rows) if name not in r), None)
     if absent is not None:  # a JSON record without the field the others have
-        raise ValueError(f"{path}: row {absent + 1} has no {name!r} ({option})")
+        raise ValueError(f"{_place(path, lines, absent)} has no {name!r} ({option})")
     values = [r.get(name) for r in rows]
     missing = next((i for i, v in enumerate(values) if v is None or str(v).strip() == ""), None)
     if missing is not None:
-        raise ValueError(f"{path}: row {missing + 1} has an empty {name!r} ({option})")
+        raise ValueError(f"{_place(path, lines, missing)} has an empty {name!r} ({option})")
     # NaN read as a label would be a class of its own ('nan'), as a text the word 'nan'; so
     # would NA or None beside numeric labels (among named labels 'none' may be a class)
     label = option == "--label-column"
@@ -252,26 +265,29 @@ def _column(rows: List[Dict[str, object]], path: Path, name: str, option: str) -
     missing = next((i for i, v in enumerate(values)
                     if _nan_marker(v, label=label, numeric=numeric)), None)
     if missing is not None:
-        raise ValueError(f"{path}: row {missing + 1} has no {name!r} ({option}): "
+        raise ValueError(f"{_place(path, lines, missing)} has no {name!r} ({option}): "
                          f"{str(values[missing]).strip()!r} marks a missing value; fill in or "
                          "drop the row")
     nested = next((i for i, v in enumerate(values) if isinstance(v, (list, dict))), None)
     if nested is not None:
-        raise ValueError(f"{path}: row {nested + 1}: {name!r} ({option}) holds a JSON "
-                         f"{type(values[nested]).__name__}, not a single value")
+        raise ValueError(f"{_place(path, lines, nested)} holds a JSON "
+                         f"{type(values[nested]).__name__} in {name!r} ({option}), not a single "
+                         "value")
     return values
 
 
 def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
                   label_column: str) -> tuple:
-    rows = read_rows(path, [c for c in (text_column, text_pair_column, label_column) if c])
+    """(texts, text pairs or Nones, labels, the rows' lines as `read_rows` gives them) of the
+    data file ``path``."""
+    rows, lines = read_rows(path, [c for c in (text_column, text_pair_column, label_column) if c])
     if not rows:
         raise ValueError(f"data file {path} is empty: it holds no rows")
-    texts = _column(rows, path, text_column, "--text-column")
-    pairs = _column(rows, path, text_pair_column, "--text-pair-column") \
+    texts = _column(rows, lines, path, text_column, "--text-column")
+    pairs = _column(rows, lines, path, text_pair_column, "--text-pair-column") \
         if text_pair_column else [None] * len(rows)
-    labels = _column(rows, path, label_column, "--label-column")
-    return texts, pairs, labels
+    labels = _column(rows, lines, path, label_column, "--label-column")
+    return texts, pairs, labels, lines
 
 
 def _drop_repeated_texts(path: Path, examples: List[Example]) -> List[Example]:
@@ -341,7 +357,8 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     if eval_file is not None:
         _warn_if_same_data(train_file, eval_file)
     train_path = Path(train_file)
-    texts, pairs, labels = _raw_examples(train_path, text_column, text_pair_column, label_column)
+    texts, pairs, labels, _ = _raw_examples(train_path, text_column, text_pair_column,
+                                            label_column)
     label_names = label_names_for(labels, f"{train_path}: column {label_column!r}")
     if len(label_names) < 2:
         raise ValueError(f"{train_path}: column {label_column!r} holds a single label "
@@ -365,14 +382,14 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
                              "of each label, or --eval-file)")
     else:
         eval_path = Path(eval_file)
-        texts, pairs, labels = _raw_examples(eval_path, text_column, text_pair_column,
-                                             label_column)
+        texts, pairs, labels, lines = _raw_examples(eval_path, text_column, text_pair_column,
+                                                    label_column)
         unseen = next((i for i, y in enumerate(labels) if label_key(y) not in index), None)
         if unseen is not None:
-            raise ValueError(f"{eval_path} row {unseen + 1}: label "
-                             f"{str(labels[unseen]).strip()!r} does not occur in the training "
-                             f"data {train_path} (training labels: {label_names[:10]}); "
-                             f"{_swap_hint(eval_path, label_column)}")
+            raise ValueError(f"{_place(eval_path, lines, unseen)} has label "
+                             f"{str(labels[unseen]).strip()!r} (--label-column {label_column!r}), "
+                             f"which no row of the training data {train_path} has (training "
+                             f"labels: {label_names[:10]}); {_swap_hint(eval_path, label_column)}")
         dev = [Example(str(t), index[label_key(y)],
                        None if p is None else str(p))
                for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
