@@ -602,3 +602,29 @@ def test_an_unknown_eval_label_and_a_json_list_record_are_named_by_line_and_reco
     (tmp_path / "a.json").write_text(json.dumps(records))
     with pytest.raises(ValueError, match=r"a\.json: record 2 has an empty 'text'"):
         load_files(str(tmp_path / "a.json"), None)
+
+
+@pytest.mark.parametrize("suffix, empty", [(".tsv", "\t"), (".csv", ","), (".csv", ', ,""')])
+def test_rows_with_every_cell_empty_are_skipped_once_said(tmp_path, suffix, empty):
+    """A row made of delimiters only (a spreadsheet's empty row) was refused as an empty
+    text; it is skipped, with one warning counting such rows. A row with a label and no text
+    is still refused."""
+    delimiter = "\t" if suffix == ".tsv" else ","
+    rows = sentiment_rows(20, seed=10)
+    lines = [f"text{delimiter}label"] + [f"{r['text']}{delimiter}{r['label']}" for r in rows]
+    lines[5:5] = [empty, empty]
+    lines.append(empty)
+    path = tmp_path / f"t{suffix}"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        data = load_files(str(path), None)
+    said = [str(w.message) for w in caught if "empty" in str(w.message)]
+    skipped = [str(i + 1) for i, line in enumerate(lines) if line == empty]
+    assert said == [f"{path}: {len(skipped)} rows with every cell empty (lines "
+                    f"{', '.join(skipped)}) were skipped"]
+    assert sorted(e.text for e in data.train + data.eval) == sorted(r["text"] for r in rows)
+    lines[6] = f"{delimiter}pos"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=f"^{path}: line {lines.index(lines[6]) + 1} has an "
+                                         "empty 'text'"):
+        load_files(str(path), None)

@@ -99,15 +99,17 @@ def _json_lines_error(path: Path, text: str, lineno: int, err: json.JSONDecodeEr
 
 def _csv_rows(text: str, delimiter: str, path: Path,
               columns: Optional[List[str]] = None) -> Tuple[List[Dict[str, object]], List[int]]:
-    """(rows, the line each row begins at) of CSV/TSV ``text``, cells of any length included (the csv module's own limit,
-    131,072 characters, is lifted while this file is read). Cells a row lacks are None.
+    """(rows, the line each row begins at) of CSV/TSV ``text``, cells of any length included
+    (the csv module's own limit, 131,072 characters, is lifted while this file is read). Cells
+    a row lacks are None; a row whose every cell is empty (a spreadsheet's empty row) is
+    skipped, with one warning.
 
     Raises:
         ValueError: the header names a column of ``columns`` (None: any) twice (which of the
             two would be read is a guess; a repeated name of another column is left alone, as
             the csv module reads it), or a row has more (non-empty) cells than
             the header: an unquoted delimiter in a text would otherwise shift the rest of its
-            row into the label silently (the csv module keeps the surplus cells apart), or a
+            row into the label silently (the surplus cells are kept apart), or a
             TSV line opens a quote it does not close (`_check_tsv_quotes`), or a CSV quote never
             closes or closes before other text than the delimiter (`_quote_error`).
     """
@@ -122,17 +124,31 @@ def _csv_rows(text: str, delimiter: str, path: Path,
         if twice:
             raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
                              "give every column its own name")
-        rows, lines = [], []
+        rows, lines, empty = [], [], []
         for lineno, cells in records:
+            if not any(cell.strip() for cell in cells):
+                empty.append(lineno)
+                continue
             surplus = cells[len(header):]
             if any(cell.strip() for cell in surplus):
                 raise ValueError(f"{path}: line {lineno} has {len(cells)} cells, the header "
                                  f'{len(header)}: a text holding a {what} must be quoted ("...")')
             rows.append(dict(zip(header, cells + [None] * (len(header) - len(cells)))))
             lines.append(lineno)
+        if empty:
+            _warn_empty_rows(path, empty)
         return rows, lines
     finally:
         csv.field_size_limit(limit)
+
+
+def _warn_empty_rows(path: Path, lines: List[int]) -> None:
+    """Say once that the rows at ``lines`` of ``path``, every cell empty, were skipped."""
+    shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
+    many = len(lines) > 1
+    warnings.warn(f"{path}: {len(lines):,} {'rows' if many else 'row'} with every cell empty "
+                  f"({'lines' if many else 'line'} {shown}) {'were' if many else 'was'} skipped",
+                  UserWarning, stacklevel=4)
 
 
 def _csv_records(text: str, path: Path) -> Iterator[Tuple[int, List[str]]]:
