@@ -628,3 +628,24 @@ def test_rows_with_every_cell_empty_are_skipped_once_said(tmp_path, suffix, empt
     with pytest.raises(ValueError, match=f"^{path}: line {lines.index(lines[6]) + 1} has an "
                                          "empty 'text'"):
         load_files(str(path), None)
+
+
+@pytest.mark.parametrize("encoding", ["utf-16-le", "utf-16-be", "utf-16"])
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl"])
+def test_a_utf16_file_is_refused_saying_to_save_it_as_utf8(tmp_path, encoding, suffix):
+    """A UTF-16 file without a byte-order mark (a Windows 'Unicode' export) decoded as UTF-8
+    with a NUL byte after every letter, and was refused for a garbled header ("no column
+    'text'; its columns are ['t\\x00e\\x00...']"); it is named as UTF-16, in one line."""
+    rows = sentiment_rows(10, seed=11)
+    if suffix == ".jsonl":
+        text = "".join(json.dumps(r) + "\n" for r in rows)
+    else:
+        delimiter = "\t" if suffix == ".tsv" else ","
+        text = f"text{delimiter}label\n" + "".join(f"{r['text']}{delimiter}{r['label']}\n"
+                                                   for r in rows)
+    path = tmp_path / f"t{suffix}"
+    path.write_bytes(text.encode(encoding))
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    assert str(err.value) == (f"data file {path} looks like UTF-16 text (a zero byte beside "
+                              "each letter), not UTF-8; save it as UTF-8")

@@ -46,6 +46,7 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
         raise ValueError(f"data file {path} has suffix {suffix!r}; use one of "
                          f"{sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES)}")
     raw = path.read_bytes()
+    _refuse_utf16(path, raw)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -75,6 +76,16 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
     if bad is not None:
         raise ValueError(f"{_place(path, lines, bad)} is not a JSON object")
     return rows, lines
+
+
+def _refuse_utf16(path: Path, raw: bytes) -> None:
+    """Refuse the bytes ``raw`` of ``path`` as UTF-16 text: they begin with its byte-order mark,
+    or zero bytes are over a quarter of the first 4 KiB (UTF-8 text holds none; UTF-16 one
+    beside each ASCII letter, which decoded as UTF-8 gives a header of garbled names)."""
+    head = raw[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")) or head.count(0) > len(head) // 4:
+        raise ValueError(f"data file {path} looks like UTF-16 text (a zero byte beside each "
+                         "letter), not UTF-8; save it as UTF-8")
 
 
 def _place(path: Path, lines: Optional[List[int]], index: int) -> str:
