@@ -543,3 +543,35 @@ def test_another_optimizer_keeps_the_trainers_schedule(tmp_path):
     # the Trainer's linear schedule: 3 warmup steps, then down to 0 at the last step
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
     assert not [w for w in caught if "warmup steps" in str(w.message)]
+
+
+def test_the_penalty_joins_a_loss_on_another_device(tmp_path, monkeypatch):
+    """A model split over GPUs (``device_map``) computes its loss on the last layers' device,
+    while the orthogonal penalty lives on the first adapted layer's: adding the two failed
+    with a device mismatch at the first step (found by the integrations audit). The penalty is
+    moved to the loss's device. No second device here: a stand-in penalty reports another
+    device and gives its value when moved to the loss's."""
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+    value = torch.tensor(0.25, requires_grad=True)
+    moved_to = []
+
+    class OnAnotherDevice:
+        device = torch.device("cuda", 1)
+
+        def to(self, device):
+            moved_to.append(torch.device(device))
+            return value
+
+    monkeypatch.setattr(trainer.increlora_controller, "regularization_loss",
+                        lambda: OnAnotherDevice())
+    batch = [TinyTask()[i] for i in range(4)]
+    inputs = {k: torch.stack([torch.as_tensor(b[k]) for b in batch]) for k in batch[0]}
+    model.train()
+    torch.manual_seed(0)  # (the same dropout masks in both forwards)
+    loss = trainer.compute_loss(model, inputs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        own = model(**inputs).loss
+    assert moved_to == [own.device]
+    assert loss.item() == pytest.approx(own.item() + 0.25, rel=1e-6)

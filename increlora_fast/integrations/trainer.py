@@ -680,13 +680,16 @@ class IncreLoRATrainer(Trainer):
         if not model.training:
             return result  # evaluation losses stay the model's own
         penalty = self.increlora_controller.regularization_loss()
+        loss = result[0] if return_outputs else result
+        if penalty.device != loss.device:  # a model split over devices (device_map)
+            penalty = penalty.to(loss.device)
         if self._loss_is_scaled_for_ga(num_items_in_batch):
             # The Trainer will not divide this loss by the accumulation steps: count the penalty
             # once per optimizer step all the same.
             penalty = penalty / getattr(self, "current_gradient_accumulation_steps", 1)
         if return_outputs:
-            return result[0] + penalty, result[1]
-        return result + penalty
+            return loss + penalty, result[1]
+        return loss + penalty
 
     def _loss_is_scaled_for_ga(self, num_items_in_batch) -> bool:
         """The rule `Trainer.training_step` applies before dividing by the accumulation steps
