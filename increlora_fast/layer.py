@@ -168,7 +168,6 @@ class IncreLoRALinear(nn.Module):
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.is_conv1d = not isinstance(base_layer, nn.Linear)
-        self.is_quantized = is_quantized_base(base_layer)
         weight = base_layer.weight
         if self.is_conv1d:
             self.in_features, self.out_features = weight.shape
@@ -267,6 +266,14 @@ class IncreLoRALinear(nn.Module):
             setattr(self.base_layer, name, value)
             return
         super().__setattr__(name, value)
+
+    @property
+    def is_quantized(self) -> bool:
+        """Whether the base layer is now a bitsandbytes 4-bit or 8-bit linear
+        (`is_quantized_base`). Read from the base each time, not recorded at construction: a
+        base swapped afterwards (transformers' ``model.dequantize()`` puts a full-precision
+        nn.Linear under every adapter) is what counts for merging and the base fingerprint."""
+        return is_quantized_base(self._modules["base_layer"])
 
     @property
     def weight(self) -> torch.Tensor:

@@ -425,8 +425,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     if quantized:
         raise ValueError(f"merge_and_unload refuses quantized bases {quantized[:3]}: a 4-bit or "
                          "8-bit weight cannot hold the adapter exactly; keep the adapter "
-                         "unmerged, export it with export_peft, or load the base in full "
-                         "precision to merge")
+                         "unmerged, export it with export_peft, or dequantize the base first "
+                         "(transformers' model.dequantize()) or load it in full precision to "
+                         "merge")
     derived = [n for n, layer in increlora_layers(model)
                if not layer.merged and layer.has_derived_weight()]
     if derived:

@@ -227,3 +227,43 @@ def test_modules_to_save_holding_a_4bit_layer_with_float_storage_is_refused():
         WIDTH, WIDTH, compute_dtype=torch.float32, quant_storage=torch.bfloat16)}).to("cpu")
     assert model["head"].weight.is_floating_point()
     _refused_unchanged(model, "fc", "head", r"modules_to_save entry 'head' holds 'head\.weight'")
+
+
+def test_merge_and_unload_after_transformers_dequantize_merges_exactly(tmp_path):
+    """QLoRA's way to a merged model: ``model.dequantize()`` (transformers) swaps every 4-bit
+    base for a full-precision nn.Linear, under the adapters too; merging then is exact. The
+    layers kept calling their bases quantized (a flag set at injection), so merge_and_unload
+    refused them as 'quantized bases' and the adapter could not be merged."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True,
+                                                   bnb_4bit_compute_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    cfg = IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, init_r=2,
+                          target_rank=2)
+    inject_increlora(model, cfg)
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.normal_()  # a trained adapter: its effect is far from nothing
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    model.dequantize()
+    layers = [layer for _, layer in increlora_layers(model)]
+    assert [type(layer.base_layer) for layer in layers] == [nn.Linear, nn.Linear]
+    with torch.no_grad():
+        unmerged = model(ids).logits
+        for layer in layers:
+            layer.adapter_enabled = False
+        base_only = model(ids).logits
+        for layer in layers:
+            layer.adapter_enabled = True
+    assert float((unmerged - base_only).abs().max()) > 1e-2
+    merge_and_unload(model)
+    assert not list(increlora_layers(model))
+    assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-4, atol=1e-4)
