@@ -367,6 +367,21 @@ def test_an_optim_that_is_not_used_is_said(tmp_path, optim):
     assert isinstance(trainer.optimizer.optimizer, IncreLoRAAdamW)
 
 
+def test_an_optimizer_cls_and_kwargs_that_is_not_used_is_said(tmp_path):
+    """``optimizer_cls_and_kwargs=(torch.optim.SGD, {...})`` (a Trainer and SFTTrainer
+    argument) was dropped without a word: IncreLoRATrainer trained IncreLoRAAdamW (found by an
+    audit of the TRL integration)."""
+    model, _ = _model()
+    trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(),
+                               args=_args(tmp_path, save_strategy="no"),
+                               optimizer_cls_and_kwargs=(torch.optim.SGD, {"momentum": 0.9}))
+    said = _said_while_training(trainer, "optimizer_cls_and_kwargs")
+    assert said == ["IncreLoRATrainer: optimizer_cls_and_kwargs=(SGD, {'momentum': 0.9}) is not "
+                    "used: the optimizer is IncreLoRAAdamW (AdamW with per-slot schedules); "
+                    "pass optimizers=(optimizer, None) to train with another one"]
+    assert isinstance(trainer.optimizer.optimizer, IncreLoRAAdamW)
+
+
 @pytest.mark.parametrize("optim", ["lomo", "adalomo"])
 def test_an_optim_that_updates_inside_backward_is_refused(tmp_path, optim):
     """``optim="lomo"``/``"adalomo"`` made the Trainer pass ``learning_rate`` to backward, and

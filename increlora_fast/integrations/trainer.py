@@ -573,8 +573,8 @@ class IncreLoRATrainer(Trainer):
     ``"other_no_decay"``; the adapters take it, as ``finetune`` does). Its schedules are
     IncreLoRA's linear warmup (``IncreLoRAConfig.warmup_steps``) and decay, per slot: another
     ``lr_scheduler_type`` or warmup in the ``TrainingArguments`` is not used (with a warning), nor
-    is an ``optim`` other than the Trainer's AdamW defaults (with a warning; ``lomo`` and
-    ``adalomo``, which update inside backward, are refused).
+    is an ``optim`` other than the Trainer's AdamW defaults or an ``optimizer_cls_and_kwargs``
+    (with a warning; ``lomo`` and ``adalomo``, which update inside backward, are refused).
     """
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None, **kwargs) -> None:
@@ -633,6 +633,14 @@ class IncreLoRATrainer(Trainer):
             if optim not in ("adamw_torch", "adamw_torch_fused"):  # (the Trainer's defaults)
                 warnings.warn(f"IncreLoRATrainer: TrainingArguments.optim={optim!r} is not used: "
                               "the optimizer is IncreLoRAAdamW (AdamW with per-slot schedules)",
+                              UserWarning)
+            cls_and_kwargs = getattr(self, "optimizer_cls_and_kwargs", None)
+            if cls_and_kwargs is not None:  # (the Trainer's own create_optimizer would use it)
+                cls, kw = cls_and_kwargs
+                warnings.warn(f"IncreLoRATrainer: optimizer_cls_and_kwargs="
+                              f"({getattr(cls, '__name__', cls)}, {kw!r}) is not used: the "
+                              "optimizer is IncreLoRAAdamW (AdamW with per-slot schedules); pass "
+                              "optimizers=(optimizer, None) to train with another one",
                               UserWarning)
             self.optimizer = create_optimizer(model or self.model, self.increlora_controller.config,
                                               lr=self.args.learning_rate,
