@@ -119,6 +119,31 @@ def test_sft_trainer_refuses_a_peft_config(tmp_path):
         IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path), peft_config=LoraConfig())
 
 
+@pytest.mark.parametrize("trainer_cls", ["IncreLoRASFTTrainer", "IncreLoRATrainer"])
+def test_trainers_refuse_a_peft_model_over_increlora_adapters(tmp_path, trainer_cls):
+    """get_peft_model over an injected model (peft's LoRA beside IncreLoRA's, whose adapters
+    peft froze) was accepted: it trained peft's LoRA and IncreLoRA never grew, said only by the
+    controller at the first allocation round (found by an audit of the TRL integration)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from increlora_fast.integrations import sft
+
+    model = get_peft_model(increlora_model()[0], LoraConfig(target_modules=["k_proj"]))
+    if trainer_cls == "IncreLoRASFTTrainer":
+        make = lambda: sft.IncreLoRASFTTrainer(  # noqa: E731
+            model=model, args=sft_config(tmp_path), processing_class=tokenizer(),
+            train_dataset=Dataset.from_dict({"text": texts()}))
+    else:
+        make = lambda: IncreLoRATrainer(  # noqa: E731
+            model=model, args=TrainingArguments(str(tmp_path), use_cpu=True, report_to=[]))
+    with pytest.raises(ValueError) as err:
+        make()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{trainer_cls}: ")
+    assert "peft" in message and "inject_increlora" in message
+
+
 def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
     """TRL's fused LM head reads lm_head.weight directly: an adapter there would never run
     (no forward call, no gradient, score 0), so the trainer refuses the model at once."""

@@ -563,6 +563,30 @@ def _optim_name(args) -> Optional[str]:
     return getattr(optim, "value", optim)
 
 
+def _holds_peft_adapters(model) -> bool:
+    """Whether ``model`` is a peft ``PeftModel`` or holds adapters transformers loaded through
+    peft (``load_adapter``; not the mark `_mark_adapters_for_quantization_check` sets)."""
+    if getattr(model, _PEFT_LOADED, False) and _MARKED not in getattr(model, "__dict__", {}):
+        return True
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _refuse_peft_over_increlora(trainer_name: str, model) -> None:
+    """ValueError (one line) for a model with both peft adapters and IncreLoRA's: peft froze
+    IncreLoRA's adapters, so only peft's would train and no rank would grow."""
+    if model is None or not _holds_peft_adapters(model) or \
+            not any(isinstance(m, IncreLoRALinear) for m in model.modules()):
+        return
+    raise ValueError(f"{trainer_name}: the model holds peft adapters beside its IncreLoRA ones "
+                     "(get_peft_model or load_adapter over a model from inject_increlora): two "
+                     "adapter methods, and peft froze IncreLoRA's, so no rank would grow; pass "
+                     "the model returned by inject_increlora without peft")
+
+
 class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
@@ -593,6 +617,7 @@ class IncreLoRATrainer(Trainer):
                              "it updates the weights inside backward, and IncreLoRA's per-slot "
                              "AdamW steps after it; leave optim at its default (adamw_torch)")
         model = kwargs.get("model", args[0] if args else None)
+        _refuse_peft_over_increlora(type(self).__name__, model)
         self._in_init = True
         try:
             with _adapters_seen_by_quantization_check(model):
