@@ -144,6 +144,31 @@ def test_trainers_refuse_a_peft_model_over_increlora_adapters(tmp_path, trainer_
     assert "peft" in message and "inject_increlora" in message
 
 
+def test_stock_sft_trainer_with_a_peft_config_is_refused_in_one_line(tmp_path):
+    """A stock SFTTrainer given peft_config= wraps the injected model in peft's LoRA, which
+    freezes IncreLoRA's adapters: the callback failed at the first optimizer step with torch's
+    'element 0 of tensors does not require grad' (found by an audit of the TRL integration)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTTrainer
+    from increlora_fast.integrations.trainer import IncreLoRACallback, increlora_optimizers
+
+    model, config = increlora_model()
+    controller = IncreLoRAController(model, config)
+    trainer = SFTTrainer(model=model, args=sft_config(tmp_path),
+                         train_dataset=Dataset.from_dict({"text": texts()}),
+                         processing_class=tokenizer(), peft_config=LoraConfig(target_modules=["k_proj"]),
+                         optimizers=increlora_optimizers(model, lr=5e-3))
+    IncreLoRACallback(controller).install(trainer)
+    with pytest.raises(ValueError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("IncreLoRACallback: ")
+    assert "peft_config" in message and "inject_increlora" in message
+    assert trainer.state.global_step == 0
+
+
 def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
     """TRL's fused LM head reads lm_head.weight directly: an adapter there would never run
     (no forward call, no gradient, score 0), so the trainer refuses the model at once."""

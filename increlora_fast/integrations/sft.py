@@ -9,7 +9,8 @@ gradients and scores once per backward.
 
 With a stock `SFTTrainer` instead: ``optimizers=increlora_optimizers(model, lr)`` and
 ``IncreLoRACallback(controller).install(trainer)`` (the penalty's gradient is then added after
-clipping, as under a plain `Trainer`).
+clipping, as under a plain `Trainer`); its ``peft_config`` would freeze IncreLoRA's adapters under
+peft's LoRA, so the callback refuses that model at train begin.
 
 TRL's SFTTrainer (1.16 at least) computes the loss through a fused LM head that reads
 ``lm_head.weight`` directly (unless a ``compute_loss_func`` or label smoothing takes the

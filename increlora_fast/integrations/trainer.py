@@ -390,6 +390,7 @@ class IncreLoRACallback(TrainerCallback):
                              "than the one the Trainer trains (model_init makes a new model at "
                              "train()); build the controller over trainer.model, or use "
                              "IncreLoRATrainer, which makes one over each model model_init makes")
+        _refuse_peft_over_increlora("IncreLoRACallback", model)  # (SFTTrainer's peft_config)
         if model is not None:  # the Triton kernels, built several at a time (on CUDA)
             precompile_kernels(model, torch.bfloat16 if args.bf16 else
                                torch.float16 if args.fp16 else None, optimizer=optimizer,
@@ -582,7 +583,8 @@ def _refuse_peft_over_increlora(trainer_name: str, model) -> None:
             not any(isinstance(m, IncreLoRALinear) for m in model.modules()):
         return
     raise ValueError(f"{trainer_name}: the model holds peft adapters beside its IncreLoRA ones "
-                     "(get_peft_model or load_adapter over a model from inject_increlora): two "
+                     "(a peft_config, get_peft_model or load_adapter over a model from "
+                     "inject_increlora): two "
                      "adapter methods, and peft froze IncreLoRA's, so no rank would grow; pass "
                      "the model returned by inject_increlora without peft")
 
