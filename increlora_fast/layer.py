@@ -227,17 +227,26 @@ class IncreLoRALinear(nn.Module):
         the layer's parameters stay the same objects. The score accumulator ``score_sum`` stays
         float32 (or float64) likewise: the kernels add into such a score only, and a 16-bit sum
         would lose the small per-pass scores. The dense score gradient of ``exact_step_score``
-        (``score_grad``, float32) moves with the layer's device."""
+        (``score_grad``, float32) moves with the layer's device. Lambda, its gradient and the
+        score are converted from their values before ``fn``, not back from a 16-bit result of
+        it: that would round them to 16-bit resolution (and a lambda gradient past float16's
+        range to inf)."""
+        lam = self._parameters["lora_lambda"]
+        old_lam = lam.detach()  # aliases of the values before fn: fn may replace them in place
+        old_grad = lam.grad.detach() if lam.grad is not None else None
+        old_score = self._buffers["score_sum"]
         result = super()._apply(fn, recurse)
         lam = self._parameters["lora_lambda"]
         want = lambda_dtype(self._parameters["lora_A"].dtype)
         if lam.dtype != want:
-            lam.data = lam.data.to(want)
+            lam.data = old_lam.to(device=lam.device, dtype=want)
             if lam.grad is not None:
-                lam.grad = lam.grad.to(want)
+                source = old_grad if old_grad is not None else lam.grad
+                lam.grad = source.to(device=lam.grad.device, dtype=want)
         score = self._buffers["score_sum"]
         if score.dtype not in (torch.float32, torch.float64):
-            self._buffers["score_sum"] = score.float()
+            source = old_score if old_score.dtype in (torch.float32, torch.float64) else score
+            self._buffers["score_sum"] = source.to(device=score.device, dtype=torch.float32)
         if self.score_grad is not None:  # (a plain attribute: moved here, kept float32)
             self.score_grad = self.score_grad.to(self._parameters["lora_A"].device)
         return result

@@ -103,3 +103,24 @@ def test_converting_the_model_keeps_lambda_out_of_16_bits(cast):
     assert layer.lora_A.dtype == layer.lora_B.dtype == want
     assert layer.lora_lambda is lam
     assert lam.dtype == (torch.float64 if cast == "double" else torch.float32)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16"])
+def test_converting_the_model_keeps_lambdas_values_and_gradient(cast):
+    """``.half()`` / ``.bfloat16()`` went through the 16-bit dtype before putting lambda back to
+    float32: its values were rounded to 16-bit resolution, and a gradient past float16's range
+    (one lambda's gradient sums over every token) became inf. Lambda, its gradient and the score
+    accumulator keep their float32 values exactly."""
+    from increlora_fast.layer import IncreLoRALinear
+    layer = IncreLoRALinear(torch.nn.Linear(8, 6), r_max=4, init_r=2)
+    with torch.no_grad():
+        layer.lora_lambda[:2] = torch.tensor([0.123456789, 1.0 + 2.0 ** -20])
+        layer.score_sum.fill_(1.0 + 2.0 ** -20)
+    layer.lora_lambda.grad = torch.tensor([2.4e5, 0.1234567, 0.0, 0.0])
+    values, grad = layer.lora_lambda.detach().clone(), layer.lora_lambda.grad.clone()
+    score = layer.score_sum.clone()
+    getattr(layer, cast)()
+    assert layer.lora_lambda.dtype == layer.lora_lambda.grad.dtype == torch.float32
+    assert torch.equal(layer.lora_lambda.detach(), values)
+    assert torch.equal(layer.lora_lambda.grad, grad)
+    assert torch.equal(layer.score_sum, score)
