@@ -209,12 +209,17 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     Everything is checked before the model is changed, and a failure while wrapping undoes
     what was done: a call that raises leaves the model exactly as it was.
 
+    A ``torch.compile`` or (Distributed)DataParallel wrapper is seen through (`unwrapped`): the
+    model it holds is adapted under its own names and holds the config, and the wrapper is
+    returned.
+
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
             names), the model is already injected or holds peft adapter layers, the rank budget
             does not fit the modules, or a target's weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
+    wrapper, model = model, unwrapped(model)
     if getattr(model, CONFIG_ATTR, None) is not None or any(
             isinstance(m, IncreLoRALinear) for m in model.modules()):
         raise ValueError("model already holds IncreLoRA layers; inject once per model")
@@ -288,7 +293,7 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         raise
     setattr(model, CONFIG_ATTR, config)
     _warn_narrow(wrapped, config.r_max)
-    return model
+    return wrapper
 
 
 def _warn_narrow(layers: Dict[str, IncreLoRALinear], r_max: int) -> None:
@@ -413,6 +418,9 @@ def _tied_base_weights(model: nn.Module) -> List[str]:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain base layers back in place.
 
+    Returns ``model``; a ``torch.compile`` or (Distributed)DataParallel wrapper is seen through
+    (`unwrapped`), so the model it holds loses its config too.
+
     Raises:
         ValueError: a base is quantized (bitsandbytes 4-bit / 8-bit): its weight cannot take the
             adapter exactly; or a base weight is tied to another module's parameter (an adapted
@@ -421,6 +429,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             parametrization, weight_norm, spectral_norm or pruning), where the merged adapter
             would be lost. Nothing is changed. Keep such adapters unmerged (or `export_peft`).
     """
+    wrapper, model = model, unwrapped(model)
     quantized = [n for n, layer in increlora_layers(model) if layer.is_quantized]
     if quantized:
         raise ValueError(f"merge_and_unload refuses quantized bases {quantized[:3]}: a 4-bit or "
@@ -450,4 +459,4 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _set_submodule(model, alias, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
-    return model
+    return wrapper

@@ -376,3 +376,30 @@ def test_merging_into_a_weight_computed_from_other_tensors_is_refused(tiny_net, 
     model(x).pow(2).mean().backward()
     assert model.head.lora_lambda.grad is not None
     assert bool(model.head.lora_lambda.grad.any())
+
+
+@pytest.mark.parametrize("wrap", [torch.compile, nn.DataParallel], ids=["compiled", "DataParallel"])
+def test_inject_and_merge_through_a_wrapper_keep_the_config_on_the_model(tiny_net, wrap,
+                                                                       tmp_path):
+    """inject_increlora(nn.DataParallel(model)) put ``increlora_config`` on the wrapper, so
+    save_adapter (which saves the wrapped model) said the model had no adapter; and
+    merge_and_unload of a wrapper left the model's config behind, so the merged model was
+    refused by a new inject_increlora as "already" adapted. Both act on the wrapped model."""
+    from increlora_fast import save_adapter
+    from increlora_fast.model import unwrapped
+    wrapper = wrap(tiny_net)
+    assert inject_increlora(wrapper, tiny_config()) is wrapper
+    assert unwrapped(wrapper).increlora_config is not None
+    assert {name for name, _ in increlora_layers(tiny_net)} == {
+        "blocks.0.fc", "blocks.0.proj", "blocks.1.fc", "blocks.1.proj", "head"}
+    save_adapter(wrapper, tmp_path / "adapter")
+    perturb(tiny_net)
+    tiny_net.eval()
+    x = torch.randn(4, 6, 12)
+    y = tiny_net(x)
+    merged = wrap(tiny_net)
+    assert merge_and_unload(merged) is merged
+    assert not hasattr(tiny_net, "increlora_config")
+    assert not any(isinstance(m, IncreLoRALinear) for m in tiny_net.modules())
+    torch.testing.assert_close(tiny_net(x), y, rtol=1e-5, atol=1e-5)
+    inject_increlora(tiny_net, tiny_config())  # a plain model again
