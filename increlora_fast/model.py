@@ -45,8 +45,11 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     if isinstance(spec, str):
         matched = [n for n in names if re.fullmatch(spec, n)]
         if not matched:
-            raise ValueError(f"target_modules regex {spec!r} matches no module name; "
-                             f"similar names: {_similar_names(spec, names)}")
+            as_suffix = next((n for n in names if suffix_match(n, spec)), None)
+            hint = (f"similar names: {_similar_names(spec, names)}" if as_suffix is None else
+                    f"a regex must match the full name, such as {as_suffix!r}; to match name "
+                    f"suffixes pass a list: target_modules=[{spec!r}]")
+            raise ValueError(f"target_modules regex {spec!r} matches no module name; {hint}")
     else:
         suffixes = list(DEFAULT_TARGET_MODULES) if spec is None else spec
         matched = [n for n in names if any(suffix_match(n, s) for s in suffixes)]

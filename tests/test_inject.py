@@ -58,6 +58,18 @@ def test_target_matching_nothing_names_it_and_lists_similar(tiny_net, targets, m
     assert snapshot(tiny_net) == before
 
 
+def test_a_regex_that_is_a_suffix_says_regexes_match_full_names(tiny_net):
+    """``target_modules="fc"`` is a regex matched against full names, so it matches no
+    ``blocks.0.fc``; the error offered ``['fc']`` as the similar name, the very string given.
+    It names a full name the string would have to match, and the list that matches suffixes."""
+    with pytest.raises(ValueError) as err:
+        inject_increlora(tiny_net, config(target_modules="fc"))
+    message = str(err.value)
+    assert "target_modules" in message and "'blocks.0.fc'" in message
+    assert "['fc']" in message and "similar names" not in message
+    assert "\n" not in message
+
+
 def test_target_that_is_not_a_linear(tiny_net):
     with pytest.raises(TypeError, match="blocks.0.norm.*LayerNorm"):
         inject_increlora(tiny_net, config(target_modules=["norm"]))
