@@ -175,6 +175,9 @@ class IncreLoRAConfig:
     def _validate(self) -> None:
         tm = self.target_modules
         if isinstance(tm, str):
+            if not tm:  # fullmatch of "" never matches a module name
+                _fail("target_modules", tm, "a non-empty regex string, a list of module-name "
+                      "suffixes, \"all-linear\", or None")
             try:
                 re.compile(tm)
             except re.error as err:

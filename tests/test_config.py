@@ -15,6 +15,7 @@ BAD_VALUES = [
     ("target_modules", ["q", ""], "non-empty list"),
     ("target_modules", 7, "regex string"),
     ("target_modules", "[qv]_proj(", "valid regular expression"),  # before the model loads
+    ("target_modules", "", "non-empty"),  # a regex no module name can match
     ("modules_to_save", ["head", 3], "list of module-name suffixes"),
     ("modules_to_save", "classifier", "list of module-name suffixes"),  # not its characters
     ("r_max", 0, "integer >= 1"),
