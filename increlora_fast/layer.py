@@ -220,6 +220,9 @@ class IncreLoRALinear(nn.Module):
             self.slot_alloc_step[:init_r] = 0
             self.slot_active_step[:init_r] = 0
         self.add_reserve(reserve_rank, step=0)
+        # the mode of the layer replaced: a model in eval mode (as from_pretrained returns it)
+        # must not get adapters whose dropout runs until its next eval()
+        self.train(base_layer.training)
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ``.bfloat16()`` and the like convert A and B as asked, and

@@ -252,3 +252,18 @@ def test_a_target_narrower_than_r_max_is_named_in_one_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         inject_increlora(wide, IncreLoRAConfig(target_modules=["0", "2"], **settings))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_adapted_layers_take_the_mode_of_the_layers_they_replace(tiny_net, training):
+    """A model in eval mode (as from_pretrained returns it) got its new layers in train mode:
+    their lora dropout ran in inference until the next model.eval(), so two forwards of one
+    input differed. The layers (and their dropout) take the replaced layer's mode."""
+    tiny_net.train(training)
+    model = inject_increlora(tiny_net, config(lora_dropout=0.5))
+    assert {m.training for m in model.modules()} == {training}
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.fill_(3.0)
+    x = torch.randn(4, 12)
+    assert torch.equal(model(x), model(x)) is not training
