@@ -17,13 +17,14 @@ masks) notice news without reading a tensor on the host.
 from __future__ import annotations
 
 import enum
+import math
 import weakref
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .config import ADAPTER_DTYPES
+from .config import ADAPTER_DTYPES, _is_int, _is_real
 from .functional import adapted_linear
 from .kernels.reference import effective_lambda as _effective_lambda
 from .kernels.reference import lambda_dtype
@@ -129,6 +130,25 @@ def derived_weight_message(names: List[str]) -> str:
             "'weight')), or keep the adapter unmerged, or export it with export_peft")
 
 
+def _check_arguments(r_max: object, init_r: object, reserve_rank: object, lora_alpha: object,
+                     lora_dropout: object, reserve_lambda: object) -> None:
+    """One-line ValueError naming the first argument of `IncreLoRALinear` out of its range (the
+    checks `IncreLoRAConfig` makes, for a layer built by hand)."""
+    def fail(name: str, value: object, allowed: str) -> None:
+        raise ValueError(f"IncreLoRALinear: {name}={value!r} is invalid: {allowed}")
+
+    for name, value, low in (("r_max", r_max, 1), ("init_r", init_r, 1),
+                             ("reserve_rank", reserve_rank, 0)):
+        if not _is_int(value) or value < low:
+            fail(name, value, f"an integer >= {low}")
+    if not (_is_real(lora_alpha) and math.isfinite(lora_alpha) and lora_alpha > 0):
+        fail("lora_alpha", lora_alpha, "a finite number > 0")
+    if not (_is_real(lora_dropout) and 0.0 <= lora_dropout < 1.0):
+        fail("lora_dropout", lora_dropout, "a probability in [0, 1)")
+    if not (_is_real(reserve_lambda) and math.isfinite(reserve_lambda) and reserve_lambda >= 0):
+        fail("reserve_lambda", reserve_lambda, "a finite number >= 0")
+
+
 class IncreLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` or transformers ``Conv1D`` with an IncreLoRA adapter.
 
@@ -161,6 +181,9 @@ class IncreLoRALinear(nn.Module):
         if not is_supported_base(base_layer):
             raise TypeError(f"IncreLoRALinear wraps nn.Linear or transformers Conv1D, "
                             f"got {class_name(type(base_layer))}")
+        _check_arguments(r_max=r_max, init_r=init_r, reserve_rank=reserve_rank,
+                         lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         reserve_lambda=reserve_lambda)
         if not (1 <= init_r and init_r + reserve_rank <= r_max and reserve_rank >= 0):
             raise ValueError(f"need 1 <= init_r and init_r + reserve_rank <= r_max, got "
                              f"init_r={init_r}, reserve_rank={reserve_rank}, r_max={r_max}")

@@ -366,6 +366,23 @@ def test_constructor_rejects_bad_arguments():
         IncreLoRALinear(nn.Linear(IN, OUT), r_max=4, init_r=0, reserve_rank=1)
 
 
+@pytest.mark.parametrize("field,value,allowed", [
+    ("r_max", 4.0, "an integer >= 1"), ("init_r", 1.5, "an integer >= 1"),
+    ("reserve_rank", True, "an integer >= 0"), ("lora_alpha", -16.0, "a finite number > 0"),
+    ("lora_alpha", float("nan"), "a finite number > 0"),
+    ("lora_dropout", -0.1, "a probability in [0, 1)"), ("lora_dropout", 1.5, "[0, 1)"),
+    ("reserve_lambda", -1e-5, "a finite number >= 0"),
+])
+def test_constructor_names_a_bad_argument_and_what_is_allowed(field, value, allowed):
+    """A layer built by hand (not through the validated IncreLoRAConfig) accepted lora_alpha
+    <= 0 (an adapter of flipped sign, or NaN outputs) and a negative lora_dropout (silently no
+    dropout), and r_max=4.0 failed inside torch.empty: each is refused in one line."""
+    with pytest.raises(ValueError) as err:
+        IncreLoRALinear(nn.Linear(IN, OUT), **{field: value})
+    message = str(err.value)
+    assert f"{field}={value!r}" in message and allowed in message and "\n" not in message
+
+
 def test_base_layer_is_frozen():
     layer = IncreLoRALinear(nn.Linear(IN, OUT))
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
