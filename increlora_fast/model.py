@@ -212,16 +212,22 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     Everything is checked before the model is changed, and a failure while wrapping undoes
     what was done: a call that raises leaves the model exactly as it was.
 
-    A ``torch.compile`` or (Distributed)DataParallel wrapper is seen through (`unwrapped`): the
-    model it holds is adapted under its own names and holds the config, and the wrapper is
-    returned.
+    A ``torch.compile`` or DataParallel wrapper is seen through (`unwrapped`): the model it
+    holds is adapted under its own names and holds the config, and the wrapper is returned.
+    A model wrapped in DistributedDataParallel is refused: inject before wrapping it.
 
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
-            names), the model is already injected or holds peft adapter layers, the rank budget
+            names), the model is already injected, wrapped in DistributedDataParallel or holds
+            peft adapter layers, the rank budget
             does not fit the modules, or a target's weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
+    if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
+        raise ValueError("inject_increlora into a model wrapped in DistributedDataParallel: "
+                         "DDP registered the parameters to average when it was built, so the "
+                         "adapters' gradients would never be averaged across ranks; inject "
+                         "into the model first, then wrap it")
     wrapper, model = model, unwrapped(model)
     if getattr(model, CONFIG_ATTR, None) is not None or any(
             isinstance(m, IncreLoRALinear) for m in model.modules()):

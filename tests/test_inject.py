@@ -267,3 +267,24 @@ def test_adapted_layers_take_the_mode_of_the_layers_they_replace(tiny_net, train
             layer.lora_lambda.fill_(3.0)
     x = torch.randn(4, 12)
     assert torch.equal(model(x), model(x)) is not training
+
+
+def test_injecting_into_a_distributed_data_parallel_model_is_refused(tiny_net, tmp_path):
+    """DistributedDataParallel registers the parameters to average when it is built: adapters
+    injected into a model it already wraps trained with no gradient averaging at all, so the
+    ranks drifted apart silently. Injection into it is refused, the model left unchanged."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        wrapper = nn.parallel.DistributedDataParallel(tiny_net)
+        before = snapshot(tiny_net)
+        for model in (wrapper, torch.compile(wrapper)):
+            with pytest.raises(ValueError) as err:
+                inject_increlora(model, config())
+            message = str(err.value)
+            assert "DistributedDataParallel" in message and "\n" not in message
+            assert snapshot(tiny_net) == before
+    finally:
+        dist.destroy_process_group()
+    assert adapted(inject_increlora(tiny_net, config())) == ALL_TARGETS
