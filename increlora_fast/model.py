@@ -46,9 +46,16 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
         matched = [n for n in names if re.fullmatch(spec, n)]
         if not matched:
             as_suffix = next((n for n in names if suffix_match(n, spec)), None)
-            hint = (f"similar names: {_similar_names(spec, names)}" if as_suffix is None else
-                    f"a regex must match the full name, such as {as_suffix!r}; to match name "
-                    f"suffixes pass a list: target_modules=[{spec!r}]")
+            partial = next((n for n in names if re.search(spec, n)), None)
+            if as_suffix is not None:
+                hint = (f"a regex must match the full name, such as {as_suffix!r}; to match "
+                        f"name suffixes pass a list: target_modules=[{spec!r}]")
+            elif partial is not None:
+                hint = (f"a regex must match the full name, and it matches only part of names "
+                        f"such as {partial!r}; to match names ending in it use "
+                        f"target_modules={'(?:.*[.])?(?:' + spec + ')'!r}")
+            else:
+                hint = f"similar names: {_similar_names(spec, names)}"
             raise ValueError(f"target_modules regex {spec!r} matches no module name; {hint}")
     else:
         suffixes = list(DEFAULT_TARGET_MODULES) if spec is None else spec

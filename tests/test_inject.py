@@ -1,7 +1,9 @@
 """inject_increlora: target matching, freezing, errors, and the trainable-parameter counts."""
 from __future__ import annotations
 
+import ast
 import copy
+import re
 
 import pytest
 import torch
@@ -68,6 +70,19 @@ def test_a_regex_that_is_a_suffix_says_regexes_match_full_names(tiny_net):
     assert "target_modules" in message and "'blocks.0.fc'" in message
     assert "['fc']" in message and "similar names" not in message
     assert "\n" not in message
+
+
+def test_a_regex_matching_part_of_names_suggests_one_matching_them_whole(tiny_net):
+    """``target_modules="fc|proj"`` (peft's regex is matched against the full name) matches only
+    the ends of ``blocks.0.fc`` etc.: the error listed names "similar" to the pattern's text.
+    It names one it matches part of, and a regex that matches such names whole, which works."""
+    with pytest.raises(ValueError) as err:
+        inject_increlora(copy.deepcopy(tiny_net), config(target_modules="fc|proj"))
+    message = str(err.value)
+    assert "'blocks.0.fc'" in message and "similar names" not in message
+    suggested = re.search(r"target_modules=('[^']+')", message).group(1)
+    model = inject_increlora(tiny_net, config(target_modules=ast.literal_eval(suggested)))
+    assert adapted(model) == ALL_TARGETS
 
 
 def test_target_that_is_not_a_linear(tiny_net):
