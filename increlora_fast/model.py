@@ -350,8 +350,18 @@ def unwrapped(model: nn.Module) -> nn.Module:
 
 
 def get_config(model: nn.Module) -> IncreLoRAConfig:
+    """The config ``inject_increlora`` attached to ``model``.
+
+    Raises:
+        ValueError: ``model`` has none: it was never injected, or it is a (Distributed)
+            DataParallel wrapper of an injected model, which must be passed itself.
+    """
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
+        inner = unwrapped(model)
+        if inner is not model and getattr(inner, CONFIG_ATTR, None) is not None:
+            raise ValueError(f"model is a {type(model).__name__} wrapper of an IncreLoRA model: "
+                             "pass the model it holds (model.module) instead")
         raise ValueError("model has no IncreLoRA adapter: call inject_increlora(model, config)")
     return config
 

@@ -303,3 +303,19 @@ def test_injecting_into_a_distributed_data_parallel_model_is_refused(tiny_net, t
     finally:
         dist.destroy_process_group()
     assert adapted(inject_increlora(tiny_net, config())) == ALL_TARGETS
+
+
+def test_a_data_parallel_wrapper_given_for_its_model_is_named_as_such(tiny_net):
+    """IncreLoRAController or create_optimizer given nn.DataParallel(adapted model) said the
+    model had no adapter and to call inject_increlora, which had been called. The error says
+    it is a wrapper and which model to pass."""
+    from increlora_fast import IncreLoRAController, create_optimizer
+    model = inject_increlora(tiny_net, config())
+    wrapper = nn.DataParallel(model)
+    for build in (lambda: IncreLoRAController(wrapper), lambda: create_optimizer(wrapper)):
+        with pytest.raises(ValueError) as err:
+            build()
+        message = str(err.value)
+        assert "DataParallel" in message and ".module" in message and "\n" not in message
+        assert "call inject_increlora" not in message
+    assert IncreLoRAController(wrapper.module).config is model.increlora_config
