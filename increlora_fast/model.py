@@ -226,8 +226,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
             names), the model is already injected, wrapped in DistributedDataParallel or holds
-            peft adapter layers, the rank budget
-            does not fit the modules, or a target's weights are still on the meta device.
+            peft adapter layers, the rank budget does not fit the modules, or a target's
+            weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
