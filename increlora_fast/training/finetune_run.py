@@ -426,13 +426,19 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
         save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern",
                           overwrite=True)
     if run.name == "increlora":
-        lines = [json.dumps(entry, sort_keys=True) for entry in run.allocation_log()]
+        # --select-best saved the selected step's adapter: the log and the plot end there (an
+        # allocation at optimizer step k is in the state after k + 1 steps), so that their last
+        # ranks are the saved adapter's
+        selected = metrics.get("selected_step")
+        log = [entry for entry in run.allocation_log()
+               if selected is None or entry["step"] < selected]
+        lines = [json.dumps(entry, sort_keys=True) for entry in log]
         (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
         if plots:
-            from ..visualize import save_rank_over_time
-            save_rank_over_time({name: run.config.init_r for name in pattern},
-                                run.allocation_log(), out / RANK_OVER_TIME_FILE,
-                                last_step=metrics.get("steps"), overwrite=True)
+            from .. import visualize
+            visualize.save_rank_over_time(
+                {name: run.config.init_r for name in pattern}, log, out / RANK_OVER_TIME_FILE,
+                last_step=metrics.get("steps") if selected is None else selected, overwrite=True)
     # atomic: `--compare` reads a run's metrics.json to reuse it, maybe while it is written
     atomic_write_bytes(out / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
 

@@ -1,0 +1,59 @@
+"""What `finetune` writes describes the model it reports on (audit of the output folder)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from finetune_helpers import cli, tiny_args, tiny_files
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+    return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
+
+
+def _final_ranks(log, init_r: int, names) -> dict:
+    ranks = {name: init_r for name in names}
+    for entry in log:
+        ranks[entry["module"]] = entry["new_rank"]
+    return ranks
+
+
+def test_select_best_allocation_log_and_rank_plot_end_at_the_selected_step(tiny, tmp_path,
+                                                                           monkeypatch):
+    """With --select-best the saved adapter is the selected step's, yet allocation_log.jsonl and
+    rank_over_time.png went on to the last step: their final ranks were ranks the adapter (and
+    the printed rank pattern) does not have."""
+    import increlora_fast.training.loop as loop
+    import increlora_fast.visualize as visualize
+
+    real_evaluate, scored = loop.evaluate, []
+
+    def evaluate(run, batches, placement=None, split="dev"):
+        m = real_evaluate(run, batches, placement, split)
+        if split == "holdout":  # the second scoring (step 4 of 10) is the best
+            scored.append(1)
+            m["eval_accuracy"] = 1.0 if len(scored) == 2 else 0.0
+        return m
+
+    plotted = {}
+    real_plot = visualize.save_rank_over_time
+
+    def plot(initial, allocation_log, path, last_step=None, **kwargs):
+        plotted.update(log=list(allocation_log), last_step=last_step)
+        return real_plot(initial, allocation_log, path, last_step=last_step, **kwargs)
+
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    monkeypatch.setattr(visualize, "save_rank_over_time", plot)
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--select-best", "--select-every", "2", steps=10)) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["selected_step"] == 4 and m["steps"] == 10
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == m["rank_pattern"]
+    log = [json.loads(line) for line in (out / "allocation_log.jsonl").read_text().splitlines()]
+    # an allocation at optimizer step k is in the state after k + 1 steps
+    assert log and all(entry["step"] < 4 for entry in log)
+    assert _final_ranks(log, config["init_r"], m["rank_pattern"]) == m["rank_pattern"]
+    assert plotted["log"] == log and plotted["last_step"] == 4
