@@ -57,3 +57,34 @@ def test_select_best_allocation_log_and_rank_plot_end_at_the_selected_step(tiny,
     assert log and all(entry["step"] < 4 for entry in log)
     assert _final_ranks(log, config["init_r"], m["rank_pattern"]) == m["rank_pattern"]
     assert plotted["log"] == log and plotted["last_step"] == 4
+
+
+def test_compare_reuses_the_finished_runs_of_a_decoder(tiny, tmp_path, capsys, monkeypatch):
+    """A decoder's head is ``score``: each run saved it in place of the default ``classifier``
+    (`with_head_saved`), so its metrics.json records modules_to_save ['score'] and a second
+    ``--compare`` into the folder refused the finished runs as having other settings instead of
+    reusing them."""
+    import json as _json
+
+    from finetune_helpers import write_tiny_gpt2
+
+    gpt2 = dict(tiny, model=str(write_tiny_gpt2(tmp_path / "gpt2")))
+    args = tiny_args(gpt2, tmp_path / "cmp", "--compare", "--methods", "increlora", "--lrs",
+                     "0.01", "--seeds", "1", "--target-modules", "c_attn,c_proj", steps=4)
+    assert cli(args) == 0
+    stored = _json.loads((tmp_path / "cmp" / "increlora" / "lr0.01" / "seed0" /
+                          "metrics.json").read_text())
+    assert stored["settings"]["modules_to_save"] == ["score"]
+    first = _json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    capsys.readouterr()
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    assert cli(args) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 1
+    assert _json.loads((tmp_path / "cmp" / "compare.json").read_text()) == first
+    # another --modules-to-save is still another setting
+    assert cli(args + ["--modules-to-save", "score,ln_f"]) == 2
+    assert "modules_to_save" in capsys.readouterr().err

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ..persistence import atomic_write_bytes
-from .finetune_run import (DATA_FILE_KEYS, load_data, run_finetune, split_holdout,
+from ..model import suffix_match
+from .finetune_run import (DATA_FILE_KEYS, HEAD_NAMES, load_data, run_finetune, split_holdout,
                            uses_cuda_graphs, with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
@@ -59,6 +60,26 @@ def _lr_dir(lr: float) -> str:
 DATA_KEYS = {key for keys in DATA_FILE_KEYS for key in keys[:2]}
 
 
+def head_saved_variants(modules: Sequence[str]) -> List[List[str]]:
+    """The ``modules_to_save`` a run given ``modules`` may record: `finetune_run.with_head_saved`
+    adds the model's head (one of `HEAD_NAMES`) where no entry names it, in place of the other
+    family's head name when that names no module (a decoder's ``score`` for the default
+    ``classifier``). Which one depends on the model, the same for runs of one ``--model``."""
+    variants = [list(modules)]
+    for head in HEAD_NAMES:
+        if not any(suffix_match(head, key) for key in modules):
+            variants.append(list(modules) + [head])
+            variants.append([key for key in modules if key not in HEAD_NAMES] + [head])
+    return variants
+
+
+def _same_setting(key: str, stored, wanted) -> bool:
+    """Whether a finished run's stored setting ``key`` is what this comparison asks for."""
+    if key == "modules_to_save" and isinstance(stored, list):
+        return stored in head_saved_variants(wanted)
+    return stored == wanted
+
+
 def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool,
                   echo: Callable[[str], None], overwrite: bool = False) -> Dict:
     """The metrics of run ``s`` in ``run_dir``: read back when it already finished there with the
@@ -76,7 +97,7 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
         wanted = resolve(s, train_size, uses_cuda_graphs(s)).to_dict()
         # Settings added after a run finished read as their defaults, which it ran with.
         stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
-        differing = sorted(k for k in wanted if stored.get(k) != wanted[k])
+        differing = sorted(k for k in wanted if not _same_setting(k, stored.get(k), wanted[k]))
         if any(k in DATA_KEYS for k in differing):
             if not overwrite:
                 raise ValueError(f"{run_dir} holds a finished run on other data (or on data it "
