@@ -391,3 +391,30 @@ def cli_main(argv):
     """``increlora-fast finetune ARGV`` through the command's entry point."""
     from increlora_fast.cli.main import main
     return main(["finetune", *argv])
+
+
+def test_a_resume_keeps_the_runs_checkpoint_interval(tiny, tmp_path, monkeypatch):
+    """``--resume`` without ``--save-steps`` checkpointed every 100 steps (the option's
+    default: the interval was not in the checkpoint), so a run saved every 2 steps, resumed,
+    wrote no checkpoint before its end (found by the finetune audit). The checkpoint records
+    its interval and a resume keeps it; ``--save-steps`` given with ``--resume`` still wins."""
+    from increlora_fast.cli.finetune import add_arguments
+    from increlora_fast.training import finetune_run
+
+    first = tmp_path / "first"
+    # keep every checkpoint of the first run, so that it can be resumed from its step 2
+    monkeypatch.setattr(finetune_run, "remove_checkpoint", lambda directory: None)
+    assert cli_main(tiny_args(tiny, first, steps=8, save_steps=2)) == 0
+    monkeypatch.undo()
+    assert (first / "checkpoint-2").is_dir()
+    kept = tmp_path / "kept"
+    assert cli_main(["--resume", str(first / "checkpoint-2"), "--output-dir", str(kept),
+                     "--no-progress"]) == 0
+    assert sorted(p.name for p in kept.glob("checkpoint-*")) == ["checkpoint-6"]
+    given = tmp_path / "given"
+    assert cli_main(["--resume", str(first / "checkpoint-2"), "--output-dir", str(given),
+                     "--no-progress", "--save-steps", "5"]) == 0
+    assert sorted(p.name for p in given.glob("checkpoint-*")) == ["checkpoint-5"]
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # (the command's default is the library's)
+    assert parser.get_default("save_steps") == finetune_run.DEFAULT_SAVE_STEPS

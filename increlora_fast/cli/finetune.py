@@ -10,7 +10,7 @@ import dataclasses
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..config import SCORE_KINDS
 from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHTS, CUDA_GRAPHS,
@@ -161,7 +161,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "one has succeeded; until then it writes into <output-dir>.new-<pid>")
     run.add_argument("--save-steps", type=int, default=100,
                      help="write a resumable checkpoint-<step> every N steps (default "
-                          "%(default)s; 0: never; not with --compare, which writes none)")
+                          "%(default)s, with --resume the resumed run's; 0: never; not with "
+                          "--compare, which writes none)")
     run.add_argument("--resume", metavar="DIR",
                      help="continue a checkpoint-<step> folder exactly, with its settings")
     run.add_argument("--device", default=d.device,
@@ -278,6 +279,15 @@ def _unused_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return unused
 
 
+def _save_steps(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[int]:
+    """``--save-steps`` as given; with ``--resume`` and not given (`main.given_options`, else
+    left at its default), None: the resumed run's own interval."""
+    named = getattr(args, "_given", None)
+    given = "save_steps" in named if named is not None else \
+        args.save_steps != parser.get_default("save_steps")
+    return args.save_steps if given or not args.resume else None
+
+
 def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: RunSettings) -> List[str]:
     """Options given on the command line that differ from the checkpoint's settings: those
     ``args._given`` names (`main.given_options`: also one given at its default value, e.g.
@@ -384,7 +394,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"results in {args.output_dir}/compare.json and compare.md")
             return 0
         metrics = run_finetune(settings, args.output_dir, resume=args.resume,
-                               save_steps=args.save_steps, progress=not args.no_progress,
+                               save_steps=_save_steps(args, parser), progress=not args.no_progress,
                                echo=lambda line: print(line, flush=True),
                                overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, AssetUnavailableError) as err:

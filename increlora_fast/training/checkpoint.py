@@ -104,6 +104,7 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                                 "optimizer": run.optimizer.state_dict(),
                                 "method_state": method_state, "rng": _rng_state(),
                                 "best": state.best, "pooling": model_pooling(run.model),
+                                "save_steps": state.save_steps,
                                 "grad_scaler": scaler.state_dict() if scaler is not None
                                 else None})
         files = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -228,4 +229,5 @@ def load_checkpoint(directory: Path, run: MethodRun,
     if scaler is not None and blob.get("grad_scaler"):
         scaler.load_state_dict(blob["grad_scaler"])
     return LoopState(step=blob["step"], losses=list(blob["losses"]),
-                     train_seconds=blob["train_seconds"], best=blob.get("best"))
+                     train_seconds=blob["train_seconds"], best=blob.get("best"),
+                     save_steps=blob.get("save_steps"))

@@ -475,8 +475,12 @@ def no_learning_note(m: Dict) -> Optional[str]:
             + (", ".join(hints[:-1]) + " or " if len(hints) > 1 else "") + hints[-1])
 
 
+# `finetune --save-steps`'s default, and a resume's when its checkpoint does not say
+DEFAULT_SAVE_STEPS = 100
+
+
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
-                 save_steps: int = 0, progress: bool = True,
+                 save_steps: Optional[int] = 0, progress: bool = True,
                  echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
     """Train, evaluate on the dev split and write the outputs; returns the metrics.
 
@@ -487,7 +491,9 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         resume: a ``checkpoint-<step>`` folder written by an earlier run; its files and the
             data files it names are verified first.
         save_steps: write a checkpoint every this many steps (0: never); only the newest this run
-            wrote is kept.
+            wrote is kept. None with ``resume``: the interval of the run the checkpoint belongs
+            to (`DEFAULT_SAVE_STEPS` for a checkpoint that does not record it); None without
+            it: `DEFAULT_SAVE_STEPS`.
         progress: show a tqdm bar.
         echo: receives a one-line description of the run before training starts, and notes
             about the output folder (what interrupted runs left there, a partial run kept).
@@ -501,7 +507,7 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
         return _run_into(out, settings, resume, save_steps, progress, echo)
 
 
-def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_steps: int,
+def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_steps: Optional[int],
               progress: bool, echo: Callable[[str], None]) -> Dict:
     """`run_finetune` inside the folder it claimed."""
     t_start = time.perf_counter()
@@ -516,6 +522,9 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place, cuda_graphs)
     state = load_checkpoint(Path(resume), run, place.scaler) if resume else LoopState()
+    if save_steps is None:  # the resumed run's own interval
+        save_steps = DEFAULT_SAVE_STEPS if state.save_steps is None else state.save_steps
+    state.save_steps = save_steps
     echo(f"{s.method} on {data.name} ({len(batches.train):,} train"
          + (f" + {len(batches.holdout):,} held out" if batches.holdout else "")
          + f" / {len(data.eval):,} dev), "

@@ -77,6 +77,9 @@ class LoopState:
     # seconds this session spent building kernels before its first step (`StepRunner.precompile`,
     # on CUDA; counted in train_seconds too), or None where nothing was built
     precompile_seconds: Optional[float] = field(default=None, repr=False)
+    # the run's checkpoint interval in steps (0: none), saved in its checkpoints so that a
+    # resume keeps it; None: not known (a checkpoint written before it was saved)
+    save_steps: Optional[int] = field(default=None, repr=False)
 
     def warm_tokens_per_second(self) -> Optional[float]:
         """Training tokens per second of this session's steps after its first log point (both
