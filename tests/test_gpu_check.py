@@ -61,6 +61,9 @@ def dry_run(tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(REPO), os.environ.get("PYTHONPATH", "")]))
     env.pop("TRITON_INTERPRET", None)
+    # 64-wide interpreted tiles, as the whole-loop tests use (`whole_loop_tiles`): the kernel
+    # tests cover the 16-wide ones; this test is of the check's parts end to end
+    env["INCRELORA_INTERPRETED_TILE"] = "64"
     env.pop("INCRELORA_CACHE", None)
     args = ["gpu-check", "--dry-run", "--device", "cpu", "--out", str(out), "--assets",
             str(assets)]

@@ -764,3 +764,17 @@ def test_the_gemm_backward_computes_what_the_kernels_do(kernel_device, monkeypat
     for mine, theirs in zip(got, want):
         assert torch.isfinite(mine).all()
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)
+
+
+def test_the_interpreted_tile_variable_takes_the_tiles_a_plan_can_use(kernel_device):
+    """``INCRELORA_INTERPRETED_TILE`` (read once, at import: a subprocess's setting, as the
+    gpu-check dry run's test gives it) sets the interpreted token and feature tiles; a value
+    no plan can use is refused naming the variable."""
+    from increlora_fast.kernels import linear
+
+    assert linear._interpreted_tile(None) == 16
+    assert [linear._interpreted_tile(t) for t in ("16", "32", "64", "128")] == [16, 32, 64, 128]
+    for bad in ("", "8", "48", "sixty-four", "256"):
+        with pytest.raises(ValueError, match="INCRELORA_INTERPRETED_TILE") as error:
+            linear._interpreted_tile(bad)
+        assert "\n" not in str(error.value)

@@ -25,6 +25,7 @@ so a forward+backward issues the same launches however many slots are in use. Un
 """
 from __future__ import annotations
 
+import os
 import weakref
 from typing import Dict, Optional, Tuple
 
@@ -101,12 +102,27 @@ class _Plan:
 # layers too (gpu-check's dy-pass records): on the H200 the GEMMs took half the kernels' GPU
 # time at 16,384 tokens, on 768 -> 3072 and 4096 -> 11008 alike.
 GEMM_BACKWARD_ROWS: Optional[int] = None
+
+
+def _interpreted_tile(text: Optional[str]) -> int:
+    """The tile edge ``INCRELORA_INTERPRETED_TILE`` asks for (16 when unset): 16, 32, 64 or
+    128; ValueError naming the variable otherwise."""
+    if text is None:
+        return 16
+    if text.strip() not in ("16", "32", "64", "128"):
+        raise ValueError(f"INCRELORA_INTERPRETED_TILE={text!r} is invalid: use 16, 32, 64 or 128 "
+                         "(the token and feature tiles of kernels under the Triton interpreter)")
+    return int(text)
+
+
 # The token and feature tiles of a plan under the Triton interpreter (CPU tests), read when a
 # plan is made (`clear_plan_cache` after changing it). 16: the small odd shapes of the kernel
 # tests span several tiles and partial ones, the masking and sweeps a GPU runs at real sizes.
 # The interpreter's cost is per program, not per element, so tests of whole training loops
-# raise it to 64 (4x faster on a tiny BERT's layers: 0.73 -> 0.19 s a forward and backward).
-INTERPRETED_TILE = 16
+# raise it to 64 (4x faster on a tiny BERT's layers: 0.73 -> 0.19 s a forward and backward):
+# in this process, or in a subprocess (the gpu-check dry run's test) through the environment
+# variable, read once here. A GPU's plans do not read it.
+INTERPRETED_TILE = _interpreted_tile(os.environ.get("INCRELORA_INTERPRETED_TILE"))
 # Programs per SM of `_backward_rows_kernel`'s row split (each writes its own partials of dB and
 # dA, which `_finish_kernel` sums): 1 keeps the partials small; gpu-check times 4 beside it.
 ROW_PROGRAMS_PER_SM = 1
