@@ -107,6 +107,8 @@ class IncreLoRAController:
         self._warned_no_data = False
         self._warned_idle = False
         self._warned_frozen = False
+        self._warned_optimizer = False
+        self._note_adapter_versions()
         # Fresh reserve slots are drawn from the controller's own generator: every
         # data-parallel rank draws the same values, and state_dict() carries its state.
         self.generator = torch.Generator().manual_seed(self.config.seed)
@@ -340,10 +342,38 @@ class IncreLoRAController:
         waits for the next step)."""
         self._warn_nonfinite()
         self._warn_idle(step)
+        self._warn_other_optimizer(step)
         self.round_pending = not bool(self._finite)
         if not self.round_pending:
             self._allocate(step)
             self.refresh_cached_masks()
+        self._note_adapter_versions()
+
+    def _note_adapter_versions(self) -> None:
+        """Remember each layer's ``lora_A`` version counter (host only), which an optimizer's
+        in-place update moves: `_warn_other_optimizer` compares it at the next round."""
+        self._adapter_versions = [layer.lora_A._version for layer in self.layers]
+
+    def _warn_other_optimizer(self, step: int) -> None:
+        """Warn (once) when adapters that no `IncreLoRAAdamW` holds (an optimizer not made by
+        `create_optimizer`, e.g. a plain ``torch.optim.AdamW``) were updated since the last
+        round: it trains them, but new slots get no restart warmup and no fresh moments or
+        Adam step count, and slots not in use take its weight decay. Host values only (the
+        version counters of ``lora_A`` and a flag `IncreLoRAAdamW` sets on its layers)."""
+        if self._warned_optimizer:
+            return
+        moved = [name for name, layer, version in zip(self.names, self.layers,
+                                                      self._adapter_versions)
+                 if layer.lora_A._version != version
+                 and not getattr(layer, "in_increlora_optimizer", False)]
+        if moved:
+            self._warned_optimizer = True
+            warnings.warn(f"IncreLoRA: the adapters of {len(moved)} module(s) ({_first_names(moved)}) "
+                          f"were updated before allocation round {step} by an optimizer that is "
+                          "not IncreLoRAAdamW: it trains them, but new slots get no restart "
+                          "warmup (config warmup_steps, total_step), no fresh moments or Adam "
+                          "step count, and slots not in use take its weight decay; build it with "
+                          "create_optimizer(model, config) (warned once)", RuntimeWarning)
 
     def finish_replayed_round(self, step: int) -> None:
         """The host side of allocation round ``step`` whose device work (the step's scores into

@@ -250,6 +250,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                         warmup_steps=warmup_steps, total_step=total_step)
         super().__init__(params, defaults)
         self._slots = slots
+        for layer, _ in slots.values():  # (read by the controller: `stepped_elsewhere`)
+            layer.in_increlora_optimizer = True
         self.global_step = 0
         # Counts the cached masks and starts made as new tensors rather than refreshed in place
         # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads

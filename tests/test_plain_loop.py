@@ -61,3 +61,43 @@ def test_a_model_trained_in_eval_mode_scores_as_in_train_mode(exact):
     assert (ipt_train > 0).any()
     assert torch.equal(ipt_eval, ipt_train) and log_eval == log_train
     assert all(torch.equal(state_eval[k], state_train[k]) for k in state_train)
+
+
+def test_a_plain_torch_optimizer_over_the_adapters_is_said_once():
+    """torch.optim.AdamW over the injected model's parameters (not create_optimizer) trained
+    without a word, while new slots got no restart warmup, no fresh Adam step count and unused
+    slots took weight decay (a plain Trainer's IncreLoRACallback says it; the manual loop did
+    not). The first allocation round names it once; create_optimizer's loop stays quiet."""
+    import warnings
+
+    from increlora_fast import IncreLoRAController, inject_increlora
+
+    torch.manual_seed(0)
+    config = branch_config(target_rank=3, top_h=1)
+    model = inject_increlora(ParallelBranches(2), config)
+    plain = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ctl = IncreLoRAController(model, config)
+    with pytest.warns(RuntimeWarning, match="create_optimizer") as caught:
+        train_steps(model, plain, ctl, range(8))
+    assert len([w for w in caught if "IncreLoRAAdamW" in str(w.message)]) == 1
+    grown = ctl.current_total_rank()
+    assert grown > 2                      # it still trains and grows
+
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=3, top_h=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_steps(model, opt, ctl, range(8))
+    assert ctl.current_total_rank() == grown
+
+    torch.manual_seed(0)                 # a controller driven with no optimizer at all
+    config = branch_config(target_rank=3, top_h=1)
+    model = inject_increlora(ParallelBranches(2), config)
+    ctl = IncreLoRAController(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(8):
+            x, y = batch(step)
+            ((model(x) - y) ** 2).mean().backward()
+            ctl.step(step)
+            model.zero_grad()
