@@ -396,7 +396,8 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One step of every parameter with a gradient; the schedules move on by one step.
+        """One step of every parameter with a gradient that requires grad; the schedules move
+        on by one step.
 
         Under ``torch.amp.GradScaler.step`` the gradients are unscaled here if the scaler has
         not done it, and a step whose scaled gradients overflowed changes no parameter, moment
@@ -530,11 +531,14 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
 
     def _params_by_group_and_device(self) -> Iterator[Tuple[int, Dict[torch.device,
                                                                       List[torch.Tensor]]]]:
-        """(group index, device -> the group's parameters with a gradient there)."""
+        """(group index, device -> the group's parameters with a gradient there). A parameter
+        that no longer requires grad is left out: frozen mid-run, it keeps the zero gradient
+        tensor of its last step under ``zero_grad(set_to_none=False)``, and stepping it would
+        move it on its moments and weight decay."""
         for index, group in enumerate(self.param_groups):
             by_device: Dict[torch.device, List[torch.Tensor]] = defaultdict(list)
             for p in group["params"]:
-                if p.grad is not None:
+                if p.grad is not None and p.requires_grad:
                     by_device[p.device].append(p)
             yield index, by_device
 

@@ -314,3 +314,32 @@ def test_a_torch_scheduler_over_the_optimizer_is_said_once():
     assert said(ConstantSchedule, warmup_steps=2, total_step=10) == []
     assert said(lambda opt: None, warmup_steps=2, total_step=10) == []
     assert said(linear, warmup_steps=0, total_step=None) == []
+
+
+def test_a_parameter_frozen_mid_run_stays_put_under_zero_grad_set_to_none_false():
+    """With optimizer.zero_grad(set_to_none=False) a parameter frozen mid-run
+    (requires_grad_(False): an adapter's lora_lambda, which the controller then treats as frozen,
+    or a trained head) keeps the zero gradient tensor of its last step: the optimizer went on
+    stepping it on its Adam moments and weight decay, so the frozen lambda kept changing. A
+    parameter that does not require grad is now left alone, as with set_to_none=True."""
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=3, top_h=1))
+
+    def step_once(step):
+        x, y = batch(step)
+        (((model(x) - y) ** 2).mean() + ctl.regularization_loss()).backward()
+        ctl.step(step)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+    for step in range(3):
+        step_once(step)
+    frozen, trained = model.branches[0], model.branches[1]
+    frozen.lora_lambda.requires_grad_(False)
+    lam = frozen.lora_lambda.detach().clone()
+    other = trained.lora_lambda.detach().clone()
+    with pytest.warns(RuntimeWarning, match="frozen lora_lambda"):
+        for step in range(3, 7):
+            step_once(step)
+    assert torch.equal(frozen.lora_lambda, lam)
+    assert not torch.equal(trained.lora_lambda, other)   # the others still train
