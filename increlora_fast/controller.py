@@ -591,12 +591,15 @@ class IncreLoRAController:
 
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        """Everything needed to resume; the slot states themselves live in the model."""
+        """Everything needed to resume; the slot states themselves live in the model. It
+        reads the host (the scores, and the first non-finite step not yet warned about, which
+        the next round warns about: also after a resume)."""
         return {"ipt": self.ipt.detach().cpu().clone(), "unc": self.unc.detach().cpu().clone(),
                 "budget_reached": self.budget_reached, "round_pending": self.round_pending,
                 "names": list(self.names),
                 "allocation_log": [dict(e) for e in self.allocation_log],
-                "warned_nonfinite": self._warned_nonfinite, "next_step": self._next_step,
+                "warned_nonfinite": self._warned_nonfinite,
+                "nonfinite_step": int(self._nonfinite_step), "next_step": self._next_step,
                 "generator": self.generator.get_state()}
 
     def check_state_dict(self, state: dict) -> None:
@@ -625,6 +628,9 @@ class IncreLoRAController:
                              "(a uint8 tensor)")
         if not isinstance(state["allocation_log"], list):
             raise ValueError("controller state allocation_log must be a list")
+        nonfinite = state.get("nonfinite_step", -1)
+        if isinstance(nonfinite, bool) or not isinstance(nonfinite, int) or nonfinite < -1:
+            raise ValueError("controller state nonfinite_step must be an int >= -1")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict` output; everything is checked first (`check_state_dict`), so a
@@ -637,7 +643,8 @@ class IncreLoRAController:
         device = self.layers[0].lora_A.device
         self.ipt = state["ipt"].to(device=device, dtype=torch.float64, copy=True)
         self.unc = state["unc"].to(device=device, dtype=torch.float64, copy=True)
-        self._nonfinite_step = torch.full((), -1, dtype=torch.long, device=device)
+        self._nonfinite_step = torch.full((), state.get("nonfinite_step", -1), dtype=torch.long,
+                                          device=device)
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.budget_reached = bool(state["budget_reached"])
         self.round_pending = bool(state.get("round_pending", False))

@@ -55,3 +55,26 @@ def test_resume_mid_allocation_is_bit_identical(tmp_path, split):
     resumed = model.state_dict()
     for key, value in reference.items():
         assert torch.equal(resumed[key], value), key
+
+
+def test_a_nonfinite_step_before_a_checkpoint_is_still_warned_about_after_the_resume():
+    """A non-finite step (an fp16 overflow, a NaN loss) waits for the next allocation round to
+    be warned about; a checkpoint taken in between lost it: the resumed run warned about none
+    (or named a later bad step), while the uninterrupted run named the first one at its
+    round."""
+    torch.manual_seed(0)
+    config = branch_config(target_rank=3, top_h=1, score_window=100)
+    model = inject_increlora(ParallelBranches(2), config)
+    ctl = IncreLoRAController(model, config)
+    for step in range(4):
+        bad = float("nan") if step == 3 else 1.0
+        (model(torch.randn(3, 6) * bad)).sum().backward()
+        ctl.step(step)
+        model.zero_grad()
+    state = ctl.state_dict()
+    resumed = IncreLoRAController(model, config)
+    resumed.load_state_dict(state)
+    with pytest.warns(RuntimeWarning, match="non-finite importance scores at step 3"):
+        model(torch.randn(3, 6)).sum().backward()
+        resumed.step(4)   # the round
+    assert [e["step"] for e in resumed.allocation_log] == [4]
