@@ -611,3 +611,22 @@ def test_device_help_states_the_host_levels_default():
     assert "--levels host" in text, text
     args = parser.parse_args(["--levels", "host"])
     assert bench._device(args).type == "cpu"
+
+
+def test_plot_path_without_the_fwd_bwd_phase_is_refused(tmp_path, capsys, monkeypatch):
+    """``--plot PATH`` draws the fwd+bwd layer time against the token count; with ``--phases``
+    leaving fwd+bwd out the run measured everything, wrote no plot and said nothing. Now it is
+    one error line naming --plot and --phases before measuring."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plot = tmp_path / "plot.png"
+    assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
+                 "--phases", "fwd,bwd", "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plot {plot}" in err[0] and "--phases" in err[0]
+    assert "fwd+bwd" in err[0] and not plot.exists()

@@ -458,6 +458,10 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--plot {args.plot} draws the layer time against the token "
                                  f"count, and --tokens {','.join(map(str, layer_plan.tokens))} "
                                  "gives one count; give two or more, or leave --plot out")
+            if args.plot and "fwd+bwd" not in layer_plan.phases:
+                raise ValueError(f"--plot {args.plot} draws the layer's fwd+bwd time, and "
+                                 f"--phases {','.join(layer_plan.phases)} leaves fwd+bwd out; "
+                                 "add fwd+bwd to --phases, or leave --plot out")
             host_plan = _host_plan(args) if "host" in args.levels else None
         notes = _read_notes(args.notes) if args.notes else None
         if args.threads is not None:
