@@ -630,3 +630,42 @@ def test_plot_path_without_the_fwd_bwd_phase_is_refused(tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--plot {plot}" in err[0] and "--phases" in err[0]
     assert "fwd+bwd" in err[0] and not plot.exists()
+
+
+def test_interpreter_point_is_measured_only_for_triton_methods(tmp_path, capsys, monkeypatch):
+    """On CPU the interpreter point is where the Triton methods run under the interpreter.
+    With ``--methods`` naming no Triton method it was still measured: extra fwd+bwd rows at a
+    shape, token count and phase the run did not ask for (``--phases fwd`` included), and
+    ``--interpreter-point`` was accepted and only set those rows. Now no such point is
+    measured, and the option is one error line."""
+    from increlora_fast.benchmarks.speed import layer_level
+    from increlora_fast.benchmarks.speed.timing import measure_interleaved
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    from increlora_fast.kernels import count_launch
+
+    measured = measure_interleaved({"m": (lambda: count_launch("_fake_kernel"), None)},
+                                   torch.device("cpu"), 0, 1)["m"]
+    monkeypatch.setattr(layer_level, "measure_layer", lambda methods, *a: {
+        m: measured for m in methods})
+    monkeypatch.setattr(layer_level, "triton_status", lambda device: (True, ""))
+    plan = layer_level.LayerPlan(shapes=[(8, 8)], tokens=[8], r_max=[4], dtypes=["fp32"],
+                                 phases=["fwd"], warmup=0, repeats=1)
+    records = layer_level.run_layer_level(plan, ["floor", "increlora-torch"],
+                                          torch.device("cpu"), {}, lambda _: None)
+    assert {(r["shape"], r["phase"], r["interpreter_point"]) for r in records} == \
+        {("8x8", "fwd", False)}
+    records = layer_level.run_layer_level(plan, ["floor", "increlora-triton"],
+                                          torch.device("cpu"), {}, lambda _: None)
+    assert any(r["interpreter_point"] and r["method"] == "increlora-triton"
+               and r["status"] == "ok" for r in records)
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--plot", "",
+                 "--methods", "floor,increlora-torch", "--interpreter-point", "8x8x8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--interpreter-point" in err[0] and "--methods" in err[0]

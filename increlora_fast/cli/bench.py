@@ -304,6 +304,11 @@ def _check_names(args: argparse.Namespace) -> None:
     check_names("--methods", args.methods, list(LAYER_METHODS))
     check_names("--model-methods", args.model_methods, list(MODEL_METHODS))
     check_names("--models", args.models, list(MODEL_PRESETS))
+    if args.interpreter_point is not None and args.methods and \
+            not any(LAYER_METHODS[m].needs_triton for m in args.methods):
+        raise ValueError(f"--interpreter-point is where the Triton methods run under the "
+                         f"interpreter, and --methods {','.join(args.methods)} names none; "
+                         "add a Triton method to --methods or leave it out")
     for option, values in (("--shapes", args.shapes), ("--tokens", args.tokens),
                            ("--r-max", args.r_max)):
         repeated = [v for i, v in enumerate(values or []) if v in values[:i]]

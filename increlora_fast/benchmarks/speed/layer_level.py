@@ -113,10 +113,13 @@ def run_layer_level(plan: LayerPlan, methods: List[str], device: torch.device, e
 
     ``floor`` does not depend on r_max and is measured once per point (its ``r_max`` is None).
     On a device without CUDA, Triton methods run only at the plan's interpreter point (one
-    timed run, no warmup) and are recorded as skipped elsewhere.
+    timed run, no warmup) and are recorded as skipped elsewhere; without a Triton method in
+    ``methods`` that point is not measured.
     """
     triton_ok, triton_note = triton_status(device)
-    interpreted = triton_ok and device.type != "cuda"
+    # the interpreter point is the Triton methods' one point on CPU: none, no point
+    interpreted = triton_ok and device.type != "cuda" and \
+        any(LAYER_METHODS[m].needs_triton for m in methods)
     i_in, i_out, i_tokens = plan.interpreter_point
     records = []
     for in_f, out_f, tokens, dtype, phase, at_interp in _points(plan, interpreted):
