@@ -669,3 +669,25 @@ def test_interpreter_point_is_measured_only_for_triton_methods(tmp_path, capsys,
                  "--methods", "floor,increlora-torch", "--interpreter-point", "8x8x8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--interpreter-point" in err[0] and "--methods" in err[0]
+
+
+@pytest.mark.parametrize("first, second", [("--json", "--results-md"), ("--json", "--csv"),
+                                           ("--plot", "--results-md")])
+def test_two_outputs_to_one_file_are_refused(first, second, tmp_path, capsys, monkeypatch):
+    """Two output options naming one file were both accepted; after the whole run the later
+    write replaced (or, for --csv, appended to) the earlier one, so the records asked for with
+    --json were lost. Now it is one error line naming both options before measuring."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "out"
+    argv = {"--csv": "", "--plot": "", first: str(out)}
+    argv[second] = str(tmp_path / "." / "out")  # the same file, spelled differently
+    assert main(["bench", "--quick", "--levels", "layer", "--tokens", "8,16",
+                 *[a for kv in argv.items() for a in kv]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and first in err[0] and second in err[0] and not out.exists()

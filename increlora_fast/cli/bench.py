@@ -220,6 +220,20 @@ def _check_appendable_csv(path: str) -> None:
                          "version's columns; give a new path (or move the file)")
 
 
+def _check_distinct_outputs(outputs: List[Tuple[str, Optional[str]]]) -> None:
+    """No two output options name one file (the later write would replace or append to the
+    earlier): ValueError naming both."""
+    seen = {}
+    for option, path in outputs:
+        if not path:
+            continue
+        key = os.path.realpath(os.path.expanduser(path))
+        if key in seen:
+            raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
+                             "output its own path")
+        seen[key] = f"{option} {path}"
+
+
 def _fail(message: str) -> int:
     print(f"increlora-fast bench: error: {message}", file=sys.stderr)
     return 2
@@ -438,6 +452,9 @@ def run(args: argparse.Namespace) -> int:
                              ("--csv", None if args.report_only else args.csv),
                              ("--plot", args.plot), ("--results-md", args.results_md)):
             check_output_path(path, option)
+        _check_distinct_outputs([("--json", args.json_path),
+                                 ("--csv", None if args.report_only else args.csv),
+                                 ("--plot", args.plot), ("--results-md", args.results_md)])
         check_replaceable_json(args.json_path, "--json", _are_records, "benchmark records")
         _check_replaceable_results(args.results_md)
         _check_replaceable_plot(args.plot)
