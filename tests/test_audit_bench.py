@@ -691,3 +691,19 @@ def test_two_outputs_to_one_file_are_refused(first, second, tmp_path, capsys, mo
                  *[a for kv in argv.items() for a in kv]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and first in err[0] and second in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("content", ["[1]", '[{"a": 1}]', '{"a": 1}'])
+def test_include_json_that_is_not_records_names_the_option(content, tmp_path, capsys):
+    """``--include-json`` of a JSON list whose entries are not objects crashed with a
+    TypeError traceback, and a file of other JSON failed with a line naming neither the option
+    nor (for records lacking fields) the file. Now each is one line naming both."""
+    from increlora_fast.cli.main import main
+
+    bad = tmp_path / "other.json"
+    bad.write_text(content)
+    assert main(["bench", "--report-only", "--include-json", str(bad), "--plot", "",
+                 "--results-md", str(tmp_path / "R.md")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--include-json {bad}" in err[0]
+    assert not (tmp_path / "R.md").exists()

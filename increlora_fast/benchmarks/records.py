@@ -82,6 +82,8 @@ def environment(device: torch.device, mode: str) -> Dict[str, object]:
 
 
 def check_record(record: dict) -> None:
+    if not isinstance(record, dict):
+        raise ValueError(f"a benchmark record is a JSON object, not {record!r}")
     missing = [k for k in REQUIRED if k not in record]
     if missing:
         raise ValueError(f"benchmark record lacks {missing}: {record}")

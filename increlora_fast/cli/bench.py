@@ -346,6 +346,11 @@ def _read_include(path: str):
                          "by bench --json or gpu-check") from err
     except OSError as err:
         raise ValueError(f"--include-json {path}: {err.strerror or err}") from err
+    except ValueError as err:
+        text = str(err)
+        text = text[len(path) + 2:] if text.startswith(f"{path}: ") else text
+        raise ValueError(f"--include-json {path}: {text}; give a file written by bench --json "
+                         "or gpu-check") from err
 
 
 def _read_notes(path: str) -> str:
