@@ -425,3 +425,23 @@ def test_cli_refuses_small_seq_without_estimate(tmp_path, capsys):
     assert main(["memory", "--model", config, "--small-seq", "16", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--small-seq" in err and "--estimate" in err, err
+
+
+def test_json_rows_record_the_run_they_describe(tmp_path, capsys):
+    """``--json`` rows held method, component, bytes and how only: a saved breakdown did not
+    say which model, batch, sequence length, dtype or device it was for, nor when and with
+    which versions it was taken, all of which the printed table's header line says. Each row
+    now records them."""
+    config = write_config(tmp_path, LLAMA)
+    out = tmp_path / "rows.json"
+    assert main(["memory", "--model", str(config), "--target-modules", "q_proj", "--r-max", "4",
+                 "--batch-size", "3", "--seq-len", "8", "--dtype", "fp32", "--json", str(out),
+                 "--no-progress", "--device", "cpu"]) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    rows = json.loads(out.read_text())
+    for row in rows:
+        assert (row["model"], row["batch_size"], row["seq_len"], row["dtype"]) == \
+            (str(config), 3, 8, "fp32")
+        assert row["device_type"] == "cpu" and row["quantized"] == "none"
+        assert row["torch"] == torch.__version__ and row["date"] and row["command"]
+        assert row["head"] in header and f"batch {row['batch_size']}" in header

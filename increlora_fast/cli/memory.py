@@ -9,6 +9,7 @@ when there is one, else per tensor on CPU), or with ``--estimate`` from small ru
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from typing import List, Optional
 
@@ -88,6 +89,29 @@ def _is_breakdown(rows: list) -> bool:
                               for r in rows)
 
 
+def _command_line() -> str:
+    argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "memory" else None
+    return "increlora-fast memory " + " ".join(map(shlex.quote, argv)) if argv is not None \
+        else "(called in-process)"
+
+
+def _run_fields(args: argparse.Namespace, head: str, device) -> dict:
+    """What every ``--json`` row records of its run: the model and step the table's header
+    names, the device, date, versions and command."""
+    from ..benchmarks.records import environment
+
+    env = environment(device, "estimate" if args.estimate else "measured")
+    return dict(model=args.model, head=head, dtype=args.dtype, quantized=args.quantized,
+                batch_size=args.batch_size, seq_len=args.seq_len, estimate=args.estimate,
+                gradient_checkpointing=args.gradient_checkpointing,
+                target_modules=args.target_modules, r_max=args.r_max, init_r=args.init_r,
+                target_rank=args.target_rank, adalora_init_r=args.adalora_init_r,
+                adapter_dtype=args.adapter_dtype,
+                **{k: env[k] for k in ("date", "git_commit", "device", "device_type", "torch",
+                                       "triton", "peft", "transformers")},
+                command=_command_line())
+
+
 def _fail(message: str) -> int:
     print(f"increlora-fast memory: error: {message}", file=sys.stderr)
     return 2
@@ -142,5 +166,6 @@ def run(args: argparse.Namespace) -> int:
     if args.notes:
         print(format_notes(rows))
     if args.json:
-        print(f"rows written to {write_json(rows, args.json)}")
+        run_fields = _run_fields(args, spec.head, device)
+        print(f"rows written to {write_json([dict(r, **run_fields) for r in rows], args.json)}")
     return 0
