@@ -707,3 +707,21 @@ def test_include_json_that_is_not_records_names_the_option(content, tmp_path, ca
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"--include-json {bad}" in err[0]
     assert not (tmp_path / "R.md").exists()
+
+
+def test_cuda_device_without_cuda_under_quick_does_not_advise_quick(capsys, monkeypatch):
+    """``--quick --device cuda`` on a machine without CUDA was told "the full mode is meant
+    for a GPU (use --quick, ...)", advice the command line already followed. Under --quick it
+    now says CUDA is not available and to leave --device out (or give cpu)."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick", "--device", "cuda", "--csv", "", "--plot", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda" in err[0] and "CUDA is not available" in err[0]
+    assert "use --quick" not in err[0] and "full mode" not in err[0]

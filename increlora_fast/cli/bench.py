@@ -302,6 +302,9 @@ def _device(args: argparse.Namespace):
     host_only = list(args.levels) == ["host"]
     name = args.device or ("cpu" if args.quick or host_only else "cuda")
     device = torch.device(name.strip().lower())
+    if device.type == "cuda" and not torch.cuda.is_available() and args.quick:
+        raise ValueError(f"--device {name}: CUDA is not available here; leave --device out "
+                         "(--quick runs on cpu) or give --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; the full mode is meant "
                          "for a GPU (use --quick, or --device cpu to force the full grid on CPU)")
