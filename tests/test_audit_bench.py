@@ -725,3 +725,23 @@ def test_cuda_device_without_cuda_under_quick_does_not_advise_quick(capsys, monk
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--device cuda" in err[0] and "CUDA is not available" in err[0]
     assert "use --quick" not in err[0] and "full mode" not in err[0]
+
+
+@pytest.mark.parametrize("argv, option, value", [(["--repeats", "0"], "--repeats", "0"),
+                                                 (["--warmup", "-1"], "--warmup", "-1")])
+def test_a_bad_warmup_or_repeats_names_only_that_option(argv, option, value, capsys,
+                                                        monkeypatch):
+    """``--repeats 0`` failed with "--warmup=1 must be >= 0 and --repeats=0 >= 1", which also
+    blamed the valid default warmup; each now names only the bad option and its range."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--plot", "",
+                 *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    other = "--warmup" if option == "--repeats" else "--repeats"
+    assert len(err) == 1 and f"{option} {value} is invalid" in err[0] and other not in err[0]

@@ -260,9 +260,10 @@ def _plans(args: argparse.Namespace):
     for p in layer.phases:
         if p not in PHASES:
             raise ValueError(f"--phases entry {p!r} is invalid: use {list(PHASES)}")
-    if layer.warmup < 0 or layer.repeats < 1:
-        raise ValueError(f"--warmup={layer.warmup} must be >= 0 and --repeats={layer.repeats} "
-                         ">= 1")
+    if layer.warmup < 0:
+        raise ValueError(f"--warmup {layer.warmup} is invalid: use an integer >= 0")
+    if layer.repeats < 1:
+        raise ValueError(f"--repeats {layer.repeats} is invalid: use an integer >= 1")
     for option, value in (("--batch-size", model.batch_size), ("--seq-len", model.seq_len),
                           ("--model-steps", model.steps)):
         if value < 1:
