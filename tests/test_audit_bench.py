@@ -745,3 +745,21 @@ def test_a_bad_warmup_or_repeats_names_only_that_option(argv, option, value, cap
     err = capsys.readouterr().err.strip().splitlines()
     other = "--warmup" if option == "--repeats" else "--repeats"
     assert len(err) == 1 and f"{option} {value} is invalid" in err[0] and other not in err[0]
+
+
+@pytest.mark.parametrize("option, value", [("--dtypes", "fp32,fp32"), ("--phases", "fwd,fwd"),
+                                           ("--model-dtypes", "fp32,fp32")])
+def test_a_dtype_or_phase_given_twice_is_refused(option, value, capsys, monkeypatch):
+    """As for --tokens and --methods: ``--dtypes fp32,fp32``, ``--phases fwd,fwd`` and
+    ``--model-dtypes fp32,fp32`` measured every row twice (into --json, --csv and the tables,
+    as if two measurements agreed). Now each is one error line before measuring."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["bench", "--quick", "--csv", "", "--plot", "", option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0] and "twice" in err[0]

@@ -314,7 +314,8 @@ def _device(args: argparse.Namespace):
 
 def _check_names(args: argparse.Namespace) -> None:
     """--methods, --model-methods and --models name known entries, and they and the grid
-    (--shapes, --tokens, --r-max) give each entry once (checked before measuring)."""
+    (--shapes, --tokens, --r-max, --dtypes, --phases, --model-dtypes) give each entry once
+    (checked before measuring)."""
     from ..benchmarks.speed.layer_methods import LAYER_METHODS
     from ..benchmarks.speed.model_level import MODEL_METHODS
     from ..benchmarks.speed.model_presets import MODEL_PRESETS
@@ -328,7 +329,8 @@ def _check_names(args: argparse.Namespace) -> None:
                          f"interpreter, and --methods {','.join(args.methods)} names none; "
                          "add a Triton method to --methods or leave it out")
     for option, values in (("--shapes", args.shapes), ("--tokens", args.tokens),
-                           ("--r-max", args.r_max)):
+                           ("--r-max", args.r_max), ("--dtypes", args.dtypes),
+                           ("--phases", args.phases), ("--model-dtypes", args.model_dtypes)):
         repeated = [v for i, v in enumerate(values or []) if v in values[:i]]
         if repeated:
             shown = "x".join(map(str, repeated[0])) if option == "--shapes" else repeated[0]
