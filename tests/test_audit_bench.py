@@ -763,3 +763,26 @@ def test_a_dtype_or_phase_given_twice_is_refused(option, value, capsys, monkeypa
     assert main(["bench", "--quick", "--csv", "", "--plot", "", option, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0] and "twice" in err[0]
+
+
+def test_model_seq_len_beyond_the_position_table_is_refused(capsys, monkeypatch):
+    """``--seq-len`` longer than a BERT preset's position table (512) ran every earlier level
+    and then crashed in the model level with a RuntimeError traceback ("The expanded size of
+    the tensor (4096) must match the existing size (512)"). Now it is one error line before
+    measuring; the table's own length still measures."""
+    from increlora_fast.benchmarks.speed.model_presets import MODEL_PRESETS
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    limit = MODEL_PRESETS["tiny-bert"].build().config.max_position_embeddings
+    argv = ["bench", "--quick", "--levels", "model", "--models", "tiny-bert", "--csv", "",
+            "--plot", "", "--seq-len"]
+    assert main(argv + [str(limit + 1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--seq-len {limit + 1}" in err[0] and str(limit) in err[0]
+    with pytest.raises(AssertionError, match="measured"):
+        main(argv + [str(limit)])

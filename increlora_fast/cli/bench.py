@@ -268,6 +268,13 @@ def _plans(args: argparse.Namespace):
                           ("--model-steps", model.steps)):
         if value < 1:
             raise ValueError(f"{option} {value} is invalid: use an integer >= 1")
+    if "model" in args.levels:
+        from ..benchmarks.speed.model_presets import MODEL_PRESETS
+        for name in model.models:
+            limit = MODEL_PRESETS[name].max_seq_len()
+            if limit is not None and model.seq_len > limit:
+                raise ValueError(f"--seq-len {model.seq_len} is invalid: {name} has "
+                                 f"{limit} positions; use at most {limit}")
     # `measure_models`: its peak memory is taken on the untimed steps, and two are timed
     if model.steps < 3:
         raise ValueError(f"--model-steps {model.steps} is invalid: use an integer >= 3 (one "

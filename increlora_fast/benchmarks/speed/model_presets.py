@@ -44,6 +44,15 @@ class ModelPreset:
     def vocab_size(self) -> int:
         return int(self.config_kwargs["vocab_size"])
 
+    def max_seq_len(self) -> Optional[int]:
+        """The longest sequence the model takes: its absolute position table's length, or
+        None where it has none (relative or rotary positions)."""
+        config = self.classes()[1](**self.config_kwargs)
+        absolute = (config.model_type == "bert"  # (transformers 5 drops the attribute)
+                    and getattr(config, "position_embedding_type", "absolute") == "absolute") \
+            or (config.model_type == "deberta-v2" and config.position_biased_input)
+        return int(config.max_position_embeddings) if absolute else None
+
 
 def _bert(hidden: int, layers: int, heads: int, intermediate: int, vocab: int) -> Dict[str, object]:
     return dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
