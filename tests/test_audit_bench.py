@@ -684,9 +684,9 @@ def test_two_outputs_to_one_file_are_refused(first, second, tmp_path, capsys, mo
         raise AssertionError("measured")
     monkeypatch.setattr(bench, "_measure", never)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    out = tmp_path / "out"
+    out = tmp_path / "out.png"
     argv = {"--csv": "", "--plot": "", first: str(out)}
-    argv[second] = str(tmp_path / "." / "out")  # the same file, spelled differently
+    argv[second] = str(tmp_path / "." / "out.png")  # the same file, spelled differently
     assert main(["bench", "--quick", "--levels", "layer", "--tokens", "8,16",
                  *[a for kv in argv.items() for a in kv]]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -786,3 +786,24 @@ def test_model_seq_len_beyond_the_position_table_is_refused(capsys, monkeypatch)
     assert len(err) == 1 and f"--seq-len {limit + 1}" in err[0] and str(limit) in err[0]
     with pytest.raises(AssertionError, match="measured"):
         main(argv + [str(limit)])
+
+
+def test_plot_path_that_is_not_a_png_is_refused(tmp_path, capsys, monkeypatch):
+    """``--plot x.svg`` wrote an SVG (matplotlib goes by the suffix), which the next run with
+    the same ``--plot`` refused to replace as "not a PNG plot", its own output. A --plot
+    path not ending in .png is now one error line before measuring."""
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    plot = tmp_path / "plot.svg"
+    assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
+                 "--plot", str(plot)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--plot {plot}" in err[0] and ".png" in err[0]
+    with pytest.raises(AssertionError, match="measured"):
+        main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
+              "--plot", str(tmp_path / "plot.PNG")])

@@ -473,6 +473,9 @@ def run(args: argparse.Namespace) -> int:
         _check_distinct_outputs([("--json", args.json_path),
                                  ("--csv", None if args.report_only else args.csv),
                                  ("--plot", args.plot), ("--results-md", args.results_md)])
+        if args.plot and not args.plot.lower().endswith(".png"):
+            raise ValueError(f"--plot {args.plot} is not a .png path: the plot is a PNG; give "
+                             "a path ending in .png")
         check_replaceable_json(args.json_path, "--json", _are_records, "benchmark records")
         _check_replaceable_results(args.results_md)
         _check_replaceable_plot(args.plot)
