@@ -807,3 +807,25 @@ def test_plot_path_that_is_not_a_png_is_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(AssertionError, match="measured"):
         main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
               "--plot", str(tmp_path / "plot.PNG")])
+
+
+@pytest.mark.parametrize("command", ["bench", "memory"])
+def test_a_cuda_index_beyond_the_gpus_is_refused(command, capsys, monkeypatch):
+    """``--device cuda:3`` on a machine with one GPU passed the checks (CUDA is available) and
+    the run then failed at its first tensor with a CUDA "invalid device ordinal" traceback.
+    Now it is one error line naming --device and the GPU count, before anything is built."""
+    from increlora_fast.benchmarks.memory import breakdown
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    def never(*args, **kwargs):
+        raise AssertionError("started")
+    monkeypatch.setattr(bench, "_measure", never)
+    monkeypatch.setattr(breakdown, "build_spec", never)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    argv = ["bench", "--levels", "layer", "--csv", "", "--plot", ""] if command == "bench" \
+        else ["memory", "--model", "all-MiniLM-L6-v2", "--no-progress"]
+    assert main(argv + ["--device", "cuda:3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--device cuda:3" in err[0] and "1 GPU" in err[0]

@@ -19,7 +19,7 @@ import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .option_checks import (check_device, check_names, check_output_path,
+from .option_checks import (check_device, check_device_index, check_names, check_output_path,
                             check_replaceable_json)
 
 if TYPE_CHECKING:
@@ -316,6 +316,7 @@ def _device(args: argparse.Namespace):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available here; the full mode is meant "
                          "for a GPU (use --quick, or --device cpu to force the full grid on CPU)")
+    check_device_index(device)
     return device
 
 

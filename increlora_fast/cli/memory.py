@@ -14,8 +14,8 @@ import sys
 from typing import List, Optional
 
 from ..config import ADAPTER_DTYPES
-from .option_checks import (check_device, check_output_path, check_rank_budget,
-                            check_replaceable_json)
+from .option_checks import (check_device, check_device_index, check_output_path,
+                            check_rank_budget, check_replaceable_json)
 
 def _csv_list(text: str) -> List[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
                               ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: no CUDA device is available here")
+        check_device_index(device)
         setting = AdapterSetting(
             target_modules=tuple(args.target_modules) if args.target_modules else None,
             r_max=args.r_max, init_r=args.init_r, target_rank=args.target_rank,

@@ -21,6 +21,17 @@ def check_device(text: Optional[str], option: str = "--device", auto: bool = Fal
                      "index, e.g. cuda:0)")
 
 
+def check_device_index(device, option: str = "--device") -> None:
+    """A ``cuda:N`` ``device`` (a torch.device) names a GPU this machine has."""
+    import torch
+
+    if device.type == "cuda" and device.index is not None:
+        count = torch.cuda.device_count()
+        if device.index >= count:
+            raise ValueError(f"{option} {device} is invalid: this machine has {count} GPU"
+                             f"{'' if count == 1 else 's'}; use cuda:0 to cuda:{count - 1}")
+
+
 def check_names(option: str, given: Optional[Iterable[str]], known: Sequence[str]) -> None:
     """Every name in ``given`` (None: the default, passes) must be one of ``known``, each
     once."""
