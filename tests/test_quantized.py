@@ -147,13 +147,9 @@ def test_peft_loads_the_export_on_the_same_quantized_base(tmp_path, kind):
     assert float((ours - ours_base).abs().max()) > 1e-3  # the adapter is not nothing
 
 
-def test_increlora_trainer_trains_a_transformers_4bit_model(tmp_path):
-    """QLoRA with the drop-in Trainer: a model loaded with BitsAndBytesConfig carries adapters
-    (IncreLoRA's), yet transformers' Trainer refused it as 'purely quantized' (it only knows
-    peft's), so IncreLoRATrainer could not be built."""
-    transformers = pytest.importorskip("transformers")
-    from increlora_fast.integrations.trainer import IncreLoRATrainer
-
+def _tiny_4bit_llama(transformers, tmp_path):
+    """A 1-layer hidden-64 Llama (seed 0) saved under ``tmp_path / "base"`` and loaded back
+    with transformers' BitsAndBytesConfig in 4 bits (float32 compute), on the CPU."""
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=32)
@@ -161,8 +157,18 @@ def test_increlora_trainer_trains_a_transformers_4bit_model(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
     quantization = transformers.BitsAndBytesConfig(load_in_4bit=True,
                                                    bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
+    return transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "base", quantization_config=quantization, device_map="cpu")
+
+
+def test_increlora_trainer_trains_a_transformers_4bit_model(tmp_path):
+    """QLoRA with the drop-in Trainer: a model loaded with BitsAndBytesConfig carries adapters
+    (IncreLoRA's), yet transformers' Trainer refused it as 'purely quantized' (it only knows
+    peft's), so IncreLoRATrainer could not be built."""
+    transformers = pytest.importorskip("transformers")
+    from increlora_fast.integrations.trainer import IncreLoRATrainer
+
+    model = _tiny_4bit_llama(transformers, tmp_path)
     assert getattr(model, "is_quantized", False)
     cfg = IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, init_r=1,
                           target_rank=2, init_warmup=1, incre_interval=1, top_h=1)
@@ -235,15 +241,7 @@ def test_merge_and_unload_after_transformers_dequantize_merges_exactly(tmp_path)
     layers kept calling their bases quantized (a flag set at injection), so merge_and_unload
     refused them as 'quantized bases' and the adapter could not be merged."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128,
-                                      num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=32)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
-    quantization = transformers.BitsAndBytesConfig(load_in_4bit=True,
-                                                   bnb_4bit_compute_dtype=torch.float32)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    model = _tiny_4bit_llama(transformers, tmp_path)
     cfg = IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, init_r=2,
                           target_rank=2)
     inject_increlora(model, cfg)
