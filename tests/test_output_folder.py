@@ -240,7 +240,7 @@ def test_saving_a_step_again_keeps_the_old_checkpoint_until_the_new_one_is_in_pl
         run = types.SimpleNamespace(name="increlora", model=None, save_state=save_state,
                                     optimizer=types.SimpleNamespace(state_dict=dict))
         state = types.SimpleNamespace(step=4, losses=[], train_seconds=0.0, best=None,
-                                      sync=lambda name: None)
+                                      save_steps=2, sync=lambda name: None)
         checkpoint.save_checkpoint(target, run, types.SimpleNamespace(to_dict=dict), state)
 
     for stop in range(1, 10):
