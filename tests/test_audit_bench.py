@@ -134,6 +134,16 @@ LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_si
          "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
 
 
+def _refuse_measuring(monkeypatch) -> None:
+    """Make the bench command's measuring (`bench._measure`) fail the test: the options a test
+    gives must be refused before anything is measured."""
+    from increlora_fast.cli import bench
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured")
+    monkeypatch.setattr(bench, "_measure", never)
+
+
 def _llama_spec(tmp_path):
     import json
 
@@ -205,12 +215,9 @@ def test_options_the_run_would_ignore_are_refused(argv, option, tmp_path, capsys
     been taken with them. Now each is one error line."""
     from pathlib import Path
 
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
@@ -285,12 +292,9 @@ def test_host_time_of_a_triton_method_that_launched_nothing_is_refused(monkeypat
 def test_plot_never_replaces_a_file_that_is_not_a_png(tmp_path, capsys, monkeypatch):
     """``--plot PATH`` wrote the figure over any file (``--plot README.md``): now an existing
     file must be a PNG (an earlier plot); another is refused in one line before measuring."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     notes = tmp_path / "README.md"
     notes.write_text("mine\n")
@@ -417,12 +421,9 @@ def test_notes_without_results_md_are_refused(tmp_path, capsys, monkeypatch):
     """``--notes PATH`` only goes under the tables of RESULTS.md; without ``--results-md`` (or
     ``--report-only``, which writes it) no RESULTS.md is written, so the notes were read and
     dropped after a full measuring run. Now one error line names it before anything runs."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     notes = tmp_path / "NOTES.md"
     notes.write_text("my notes\n")
@@ -439,12 +440,9 @@ def test_include_json_without_results_md_is_refused(tmp_path, capsys, monkeypatc
     --csv, its plot), after the whole run. Now one error line names it before anything runs."""
     from pathlib import Path
 
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
     assert main(["bench", "--levels", "host", "--csv", "", "--plot", "",
@@ -475,12 +473,9 @@ def test_plot_path_without_the_layer_level_is_refused(levels, tmp_path, capsys, 
     """``--plot PATH`` is the layer level's time-vs-tokens plot; a run without that level
     (``--levels host`` or ``model``) accepted it and drew nothing, without a word. Now it is
     one error line before anything is measured."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     plot = tmp_path / "plot.png"
     assert main(["bench", "--quick", "--levels", levels, "--csv", "", "--plot", str(plot)]) == 2
@@ -492,12 +487,9 @@ def test_interpreter_point_on_cuda_is_refused(tmp_path, capsys, monkeypatch):
     """``--interpreter-point`` is the one point where the Triton methods run under the
     interpreter on a device without CUDA; on a CUDA device no such point is measured, and the
     option was accepted and ignored. Now it is one error line before anything is measured."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert main(["bench", "--levels", "layer", "--csv", "", "--plot", "",
                  "--interpreter-point", "8x8x8"]) == 2
@@ -541,9 +533,7 @@ def test_a_bad_dtype_names_its_option_and_the_help_lists_the_dtypes(option, caps
     from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--csv", "", "--plot", "", option, "fp32,fp8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -566,12 +556,9 @@ def test_a_name_given_twice_is_refused(option, value, capsys, monkeypatch):
     method's rows twice (into --json, --csv and the tables, as if two measurements agreed);
     so did a grid value given twice (``--tokens 64,128,64``). Now a repeated name or value is
     one error line before anything is measured."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     levels = [] if option == "--levels" else ["--levels", "layer,model"]
     assert main(["bench", "--quick", "--csv", "", "--plot", "", *levels, option, value]) == 2
@@ -583,12 +570,9 @@ def test_plot_path_with_one_token_count_is_refused(tmp_path, capsys, monkeypatch
     """``--plot PATH`` draws layer time against the token count, a line per method over the
     counts of ``--tokens``; with a single count there is no line, and the run measured
     everything, drew nothing and said nothing. Now it is one error line before measuring."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     plot = tmp_path / "plot.png"
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "128",
@@ -617,12 +601,9 @@ def test_plot_path_without_the_fwd_bwd_phase_is_refused(tmp_path, capsys, monkey
     """``--plot PATH`` draws the fwd+bwd layer time against the token count; with ``--phases``
     leaving fwd+bwd out the run measured everything, wrote no plot and said nothing. Now it is
     one error line naming --plot and --phases before measuring."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     plot = tmp_path / "plot.png"
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
@@ -640,7 +621,6 @@ def test_interpreter_point_is_measured_only_for_triton_methods(tmp_path, capsys,
     measured, and the option is one error line."""
     from increlora_fast.benchmarks.speed import layer_level
     from increlora_fast.benchmarks.speed.timing import measure_interleaved
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
     from increlora_fast.kernels import count_launch
@@ -661,9 +641,7 @@ def test_interpreter_point_is_measured_only_for_triton_methods(tmp_path, capsys,
     assert any(r["interpreter_point"] and r["method"] == "increlora-triton"
                and r["status"] == "ok" for r in records)
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--plot", "",
                  "--methods", "floor,increlora-torch", "--interpreter-point", "8x8x8"]) == 2
@@ -677,12 +655,9 @@ def test_two_outputs_to_one_file_are_refused(first, second, tmp_path, capsys, mo
     """Two output options naming one file were both accepted; after the whole run the later
     write replaced (or, for --csv, appended to) the earlier one, so the records asked for with
     --json were lost. Now it is one error line naming both options before measuring."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = tmp_path / "out.png"
     argv = {"--csv": "", "--plot": "", first: str(out)}
@@ -713,12 +688,9 @@ def test_cuda_device_without_cuda_under_quick_does_not_advise_quick(capsys, monk
     """``--quick --device cuda`` on a machine without CUDA was told "the full mode is meant
     for a GPU (use --quick, ...)", advice the command line already followed. Under --quick it
     now says CUDA is not available and to leave --device out (or give cpu)."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--device", "cuda", "--csv", "", "--plot", ""]) == 2
@@ -733,12 +705,9 @@ def test_a_bad_warmup_or_repeats_names_only_that_option(argv, option, value, cap
                                                         monkeypatch):
     """``--repeats 0`` failed with "--warmup=1 must be >= 0 and --repeats=0 >= 1", which also
     blamed the valid default warmup; each now names only the bad option and its range."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--plot", "",
                  *argv]) == 2
@@ -753,12 +722,9 @@ def test_a_dtype_or_phase_given_twice_is_refused(option, value, capsys, monkeypa
     """As for --tokens and --methods: ``--dtypes fp32,fp32``, ``--phases fwd,fwd`` and
     ``--model-dtypes fp32,fp32`` measured every row twice (into --json, --csv and the tables,
     as if two measurements agreed). Now each is one error line before measuring."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--csv", "", "--plot", "", option, value]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -771,12 +737,9 @@ def test_model_seq_len_beyond_the_position_table_is_refused(capsys, monkeypatch)
     the tensor (4096) must match the existing size (512)"). Now it is one error line before
     measuring; the table's own length still measures."""
     from increlora_fast.benchmarks.speed.model_presets import MODEL_PRESETS
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     limit = MODEL_PRESETS["tiny-bert"].build().config.max_position_embeddings
     argv = ["bench", "--quick", "--levels", "model", "--models", "tiny-bert", "--csv", "",
@@ -792,12 +755,9 @@ def test_plot_path_that_is_not_a_png_is_refused(tmp_path, capsys, monkeypatch):
     """``--plot x.svg`` wrote an SVG (matplotlib goes by the suffix), which the next run with
     the same ``--plot`` refused to replace as "not a PNG plot", its own output. A --plot
     path not ending in .png is now one error line before measuring."""
-    from increlora_fast.cli import bench
     from increlora_fast.cli.main import main
 
-    def never(*args, **kwargs):
-        raise AssertionError("measured")
-    monkeypatch.setattr(bench, "_measure", never)
+    _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     plot = tmp_path / "plot.svg"
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
