@@ -10,7 +10,9 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -79,6 +81,14 @@ def environment(device: torch.device, mode: str) -> Dict[str, object]:
         "transformers": package_version("transformers"),
         "threads": torch.get_num_threads(),
     }
+
+
+def command_line(subcommand: str) -> str:
+    """This process's ``increlora-fast <subcommand> ...`` command line, shell-quoted, for its
+    records; ``"(called in-process)"`` when the process was not started as that command."""
+    if len(sys.argv) > 1 and sys.argv[1] == subcommand:
+        return f"increlora-fast {subcommand} " + " ".join(map(shlex.quote, sys.argv[2:]))
+    return "(called in-process)"
 
 
 def check_record(record: dict) -> None:

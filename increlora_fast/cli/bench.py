@@ -15,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import sys
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
@@ -310,12 +309,11 @@ def _device(args: argparse.Namespace):
     host_only = list(args.levels) == ["host"]
     name = args.device or ("cpu" if args.quick or host_only else "cuda")
     device = torch.device(name.strip().lower())
-    if device.type == "cuda" and not torch.cuda.is_available() and args.quick:
-        raise ValueError(f"--device {name}: CUDA is not available here; leave --device out "
-                         "(--quick runs on cpu) or give --device cpu")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; the full mode is meant "
-                         "for a GPU (use --quick, or --device cpu to force the full grid on CPU)")
+        advice = ("leave --device out (--quick runs on cpu) or give --device cpu" if args.quick
+                  else "the full mode is meant for a GPU (use --quick, or --device cpu to force "
+                  "the full grid on CPU)")
+        raise ValueError(f"--device {name}: CUDA is not available here; {advice}")
     check_device_index(device)
     return device
 
@@ -384,10 +382,10 @@ def _measure(args: argparse.Namespace, device, mode: str, layer_plan: "LayerPlan
     from ..benchmarks.speed.layer_level import run_layer_level
     from ..benchmarks.speed.layer_methods import LAYER_METHODS
     from ..benchmarks.speed.model_level import MODEL_METHODS, run_model_level
-    from ..benchmarks.records import environment
+    from ..benchmarks.records import command_line, environment
 
     env = environment(device, mode)
-    env.update(command=_command_line(), cpu_count=os.cpu_count(),
+    env.update(command=command_line("bench"), cpu_count=os.cpu_count(),
                load_start=os.getloadavg()[0])
     records: List[dict] = []
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -423,12 +421,6 @@ def _host_level(plan: "HostPlan", env: dict, log) -> List[dict]:
         raise ValueError(f"--levels host: {err}") from err
     shared = {k: v for k, v in env.items() if k not in ("threads", "mode")}
     return [dict(r, **shared) for r in records]
-
-
-def _command_line() -> str:
-    argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "bench" else None
-    return "increlora-fast bench " + " ".join(map(shlex.quote, argv)) if argv is not None \
-        else "(called in-process)"
 
 
 def _plot_path(record: dict) -> str:

@@ -9,7 +9,6 @@ when there is one, else per tensor on CPU), or with ``--estimate`` from small ru
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from typing import List, Optional
 
@@ -89,16 +88,10 @@ def _is_breakdown(rows: list) -> bool:
                               for r in rows)
 
 
-def _command_line() -> str:
-    argv = sys.argv[2:] if len(sys.argv) > 1 and sys.argv[1] == "memory" else None
-    return "increlora-fast memory " + " ".join(map(shlex.quote, argv)) if argv is not None \
-        else "(called in-process)"
-
-
 def _run_fields(args: argparse.Namespace, head: str, device) -> dict:
     """What every ``--json`` row records of its run: the model and step the table's header
     names, the device, date, versions and command."""
-    from ..benchmarks.records import environment
+    from ..benchmarks.records import command_line, environment
 
     env = environment(device, "estimate" if args.estimate else "measured")
     return dict(model=args.model, head=head, dtype=args.dtype, quantized=args.quantized,
@@ -109,7 +102,7 @@ def _run_fields(args: argparse.Namespace, head: str, device) -> dict:
                 adapter_dtype=args.adapter_dtype,
                 **{k: env[k] for k in ("date", "git_commit", "device", "device_type", "torch",
                                        "triton", "peft", "transformers")},
-                command=_command_line())
+                command=command_line("memory"))
 
 
 def _fail(message: str) -> int:
