@@ -399,7 +399,7 @@ def test_a_resume_keeps_the_runs_checkpoint_interval(tiny, tmp_path, monkeypatch
     wrote no checkpoint before its end (found by the finetune audit). The checkpoint records
     its interval and a resume keeps it; ``--save-steps`` given with ``--resume`` still wins."""
     from increlora_fast.cli.finetune import add_arguments
-    from increlora_fast.training import finetune_run
+    from increlora_fast.training import finetune_run, settings
 
     first = tmp_path / "first"
     # keep every checkpoint of the first run, so that it can be resumed from its step 2
@@ -417,4 +417,4 @@ def test_a_resume_keeps_the_runs_checkpoint_interval(tiny, tmp_path, monkeypatch
     assert sorted(p.name for p in given.glob("checkpoint-*")) == ["checkpoint-5"]
     parser = argparse.ArgumentParser()
     add_arguments(parser)  # (the command's default is the library's)
-    assert parser.get_default("save_steps") == finetune_run.DEFAULT_SAVE_STEPS
+    assert parser.get_default("save_steps") == settings.DEFAULT_SAVE_STEPS

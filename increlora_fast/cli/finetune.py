@@ -14,7 +14,8 @@ from typing import Dict, List, Optional
 
 from ..config import SCORE_KINDS
 from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHTS, CUDA_GRAPHS,
-                                 DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, PAD_TO, POOLINGS,
+                                 DEFAULT_LR, DEFAULT_MAX_STEPS, DEFAULT_SAVE_STEPS, METHODS,
+                                 PAD_TO, POOLINGS,
                                  SCHEDULES, SELECT_HOLDOUT_SHARE, RunSettings)
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
@@ -159,7 +160,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run in --output-dir (outputs and checkpoints) once this "
                           "one has succeeded; until then it writes into <output-dir>.new-<pid>")
-    run.add_argument("--save-steps", type=int, default=100,
+    run.add_argument("--save-steps", type=int, default=DEFAULT_SAVE_STEPS,
                      help="write a resumable checkpoint-<step> every N steps (default "
                           "%(default)s, with --resume the resumed run's; 0: never; not with "
                           "--compare, which writes none)")
@@ -279,13 +280,22 @@ def _unused_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -
     return unused
 
 
-def _save_steps(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Optional[int]:
-    """``--save-steps`` as given; with ``--resume`` and not given (`main.given_options`, else
-    left at its default), None: the resumed run's own interval."""
+def _stated(args: argparse.Namespace, key: str, given: object, parser_defaults: Dict) -> bool:
+    """Whether the command line gave option ``key`` (value ``given``): ``args._given`` names it
+    (`main.given_options`: also one given at its default value), else, without that record,
+    ``given`` differs from the parser's default."""
     named = getattr(args, "_given", None)
-    given = "save_steps" in named if named is not None else \
-        args.save_steps != parser.get_default("save_steps")
-    return args.save_steps if given or not args.resume else None
+    if named is not None:
+        return key in named
+    return key in parser_defaults and given != parser_defaults[key]
+
+
+def _save_steps(args: argparse.Namespace, parser_defaults: Dict) -> Optional[int]:
+    """``--save-steps`` as given; with ``--resume`` and not given (`_stated`), None: the resumed
+    run's own interval."""
+    if not args.resume or _stated(args, "save_steps", args.save_steps, parser_defaults):
+        return args.save_steps
+    return None
 
 
 def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: RunSettings) -> List[str]:
@@ -294,14 +304,11 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
     ``--batch-size 32`` against a checkpoint of 16), else those that differ from the
     parser's default."""
     conflicts = []
-    named = getattr(args, "_given", None)
     for key in SETTINGS_DESTS:
         given = getattr(args, key, None)
         if key in ("train_file", "eval_file") and given is not None:
             given = str(Path(given).expanduser().resolve())  # checkpoints store absolute paths
-        stated = key in named if named is not None else \
-            key in parser_defaults and given != parser_defaults[key]
-        if stated and given != getattr(saved, key):
+        if _stated(args, key, given, parser_defaults) and given != getattr(saved, key):
             conflicts.append(f"--{key.replace('_', '-')} {given!r} (checkpoint: "
                              f"{getattr(saved, key)!r})")
     return conflicts
@@ -366,6 +373,7 @@ def run(args: argparse.Namespace) -> int:
         settings = settings_from_args(args)
         parser = argparse.ArgumentParser()
         add_arguments(parser)
+        parser_defaults = vars(parser.parse_args([]))
         unused = _unused_options(args, parser)
         if unused:
             warnings.warn(f"{', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no "
@@ -376,7 +384,7 @@ def run(args: argparse.Namespace) -> int:
         if args.resume:  # "--resume=~/x": no shell expands that ~
             args.resume = str(Path(args.resume).expanduser())
             saved = read_checkpoint_settings(args.resume)
-            conflicts = _resume_conflicts(args, vars(parser.parse_args([])), saved)
+            conflicts = _resume_conflicts(args, parser_defaults, saved)
             if conflicts:
                 raise ValueError("--resume continues the checkpoint with its own settings; these "
                                  "options differ: " + "; ".join(conflicts))
@@ -394,7 +402,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"results in {args.output_dir}/compare.json and compare.md")
             return 0
         metrics = run_finetune(settings, args.output_dir, resume=args.resume,
-                               save_steps=_save_steps(args, parser), progress=not args.no_progress,
+                               save_steps=_save_steps(args, parser_defaults), progress=not args.no_progress,
                                echo=lambda line: print(line, flush=True),
                                overwrite=args.overwrite)
     except (ValueError, FileNotFoundError, AssetUnavailableError) as err:

@@ -32,8 +32,8 @@ from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
 from ..pooling import apply_pooling, mean_pooling_available, model_pooling, resolve_pooling
-from .settings import (AUTO_SEQ_PERCENTILE, SELECT_HOLDOUT_SHARE, RunSettings, resolve,
-                       validate)
+from .settings import (AUTO_SEQ_PERCENTILE, DEFAULT_SAVE_STEPS, SELECT_HOLDOUT_SHARE,
+                       RunSettings, resolve, validate)
 from .step_runner import resolve_cuda_graphs
 
 HEATMAP_FILE = "rank_heatmap.png"
@@ -473,10 +473,6 @@ def no_learning_note(m: Dict) -> Optional[str]:
     return (f"no better than always predicting {majority}: dev accuracy {acc:.4f} vs "
             f"{base_acc:.4f}, macro-F1 {f1:.4f} vs {base_f1:.4f}; try "
             + (", ".join(hints[:-1]) + " or " if len(hints) > 1 else "") + hints[-1])
-
-
-# `finetune --save-steps`'s default, and a resume's when its checkpoint does not say
-DEFAULT_SAVE_STEPS = 100
 
 
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,

@@ -15,6 +15,8 @@ METHODS = ("increlora", "lora", "adalora", "full")
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 DEFAULT_TASK = "rotten_tomatoes"
 DEFAULT_MAX_STEPS = 300
+# `finetune --save-steps`'s default, and a resume's when its checkpoint does not record one
+DEFAULT_SAVE_STEPS = 100
 # Share of training (percent) by which IncreLoRA's derived top_h meets the rank budget, per
 # --schedule: "default" (this library's) and "authors" (their GLUE scripts reach it at 21-42 %,
 # with restart warmup = growth interval).
