@@ -184,7 +184,7 @@ class IncreLoRALinear(nn.Module):
         _check_arguments(r_max=r_max, init_r=init_r, reserve_rank=reserve_rank,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          reserve_lambda=reserve_lambda)
-        if not (1 <= init_r and init_r + reserve_rank <= r_max and reserve_rank >= 0):
+        if init_r + reserve_rank > r_max:  # (`_check_arguments`: init_r >= 1, reserve_rank >= 0)
             raise ValueError(f"need 1 <= init_r and init_r + reserve_rank <= r_max, got "
                              f"init_r={init_r}, reserve_rank={reserve_rank}, r_max={r_max}")
         self.base_layer = base_layer

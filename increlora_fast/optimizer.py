@@ -250,7 +250,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                         warmup_steps=warmup_steps, total_step=total_step)
         super().__init__(params, defaults)
         self._slots = slots
-        for layer, _ in slots.values():  # (read by the controller: `stepped_elsewhere`)
+        for layer, _ in slots.values():  # (read by the controller: `_warn_other_optimizer`)
             layer.in_increlora_optimizer = True
         self.global_step = 0
         # Counts the cached masks and starts made as new tensors rather than refreshed in place
