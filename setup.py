@@ -19,7 +19,7 @@ setup(
         "finetune": ["matplotlib>=3.7", "peft>=0.10"],
         "memory": ["accelerate>=0.26", "peft>=0.10"],
         "trl": ["trl>=0.20", "datasets>=2.14"],
-        "dev": ["pytest>=7", "pytest-benchmark>=4", "peft>=0.10", "datasets>=2.14",
+        "dev": ["pytest>=7", "pytest-xdist>=3.2", "pytest-benchmark>=4", "peft>=0.10", "datasets>=2.14",
                 "matplotlib>=3.7", "accelerate>=0.26", "trl>=0.20",
                 # 4-bit and 8-bit bases: runs forward and backward on CPU, so CI tests them
                 "bitsandbytes>=0.50"],
