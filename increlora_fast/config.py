@@ -57,6 +57,12 @@ class IncreLoRAConfig:
             transformers families; ``"all-linear"`` (as in peft) every linear layer but the
             output layer, those inside ``modules_to_save`` and those whose parent reads their
             weight without calling them.
+        exclude_modules: modules never adapted, whatever ``target_modules`` selects (peft's
+            field): module-name suffixes (a list, tuple or set, kept as a list), or one regex
+            string matched against the full module name. An entry matches a target's own name,
+            not its parents' (a whole block is left out with a regex, e.g.
+            ``".*layer[.]0[.].*"``); one that leaves no target out, or that leaves none in, is an
+            error.
         r_max: slot capacity per module; buffers are allocated with this many slots once.
         init_r: active rank every module starts with.
         target_rank: average active rank over modules at the end of allocation.
@@ -158,16 +164,19 @@ class IncreLoRAConfig:
     reserve_in_penalty: bool = True
     normalize_on_activation: bool = False
     score_window: Optional[int] = None
+    exclude_modules: Optional[Union[List[str], str]] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, tuple):
             self.target_modules = list(self.target_modules)
         elif isinstance(self.target_modules, (set, frozenset)):  # as peft's LoraConfig holds it
             self.target_modules = sorted(self.target_modules)
-        if isinstance(self.modules_to_save, tuple):
-            self.modules_to_save = list(self.modules_to_save)
-        elif isinstance(self.modules_to_save, (set, frozenset)):  # as target_modules
-            self.modules_to_save = sorted(self.modules_to_save)
+        for name in ("modules_to_save", "exclude_modules"):  # as target_modules
+            value = getattr(self, name)
+            if isinstance(value, tuple):
+                setattr(self, name, list(value))
+            elif isinstance(value, (set, frozenset)):
+                setattr(self, name, sorted(value))
         if self.incre_rank_num is None:
             self.incre_rank_num = default_incre_rank_num(self.target_rank)
         self._validate()
@@ -186,6 +195,16 @@ class IncreLoRAConfig:
             if not isinstance(tm, list) or not tm or not all(isinstance(t, str) and t for t in tm):
                 _fail("target_modules", tm, "a non-empty list of module-name suffixes, "
                       "one regex string, or None")
+        ex = self.exclude_modules
+        if isinstance(ex, str):
+            try:
+                re.compile(ex)
+            except re.error as err:
+                _fail("exclude_modules", ex, f"a valid regular expression ({err})")
+        if not (ex is None or (isinstance(ex, str) and ex) or (
+                isinstance(ex, list) and all(isinstance(t, str) and t for t in ex))):
+            _fail("exclude_modules", ex, "None, a list of module-name suffixes, or one "
+                  "non-empty regex string")
         mts = self.modules_to_save
         if mts is not None and not (isinstance(mts, list)
                                     and all(isinstance(t, str) and t for t in mts)):

@@ -38,10 +38,36 @@ def _similar_names(key: str, names: List[str]) -> str:
 
 
 def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
+    """The names of the modules to adapt: those ``target_modules`` selects, less those of
+    ``exclude_modules``; a target inside ``modules_to_save`` is skipped where the targets were
+    chosen automatically (None, ``"all-linear"``) and refused where they were named."""
     names = [n for n, _ in model.named_modules() if n]
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        return _all_linear_targets(model, config)
+        return _without_excluded(_all_linear_targets(model, config), config.exclude_modules,
+                                 names)
+    targets = _without_excluded(_selected_targets(model, spec, names), config.exclude_modules,
+                                names)
+    if spec is None:
+        targets = [n for n in targets if _saved_root(n, config) is None]
+        if not targets:
+            raise ValueError("target_modules=None: every default attention/FFN linear lies inside "
+                             f"modules_to_save {config.modules_to_save}, which trains it in "
+                             "full; nothing would be adapted (set target_modules)")
+    for n in targets:
+        root = _saved_root(n, config)
+        if root is not None:
+            raise ValueError(f"target module {n!r} lies inside modules_to_save entry {root!r}, "
+                             "which trains it in full already (an adapter on it would train "
+                             "beside its full weight): leave it out of target_modules (or name "
+                             "it in exclude_modules), or that entry out of modules_to_save")
+        _refuse_weight_readers(model, n)
+    return targets
+
+
+def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
+    """The linears the ``target_modules`` value ``spec`` (None, a regex string or a list of
+    suffixes) selects; raises where it selects nothing or names what is not a linear."""
     if isinstance(spec, str):
         matched = [n for n in names if re.fullmatch(spec, n)]
         if not matched:
@@ -75,7 +101,6 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
         if isinstance(module, IncreLoRALinear) or n.endswith(".base_layer"):
             continue
         if is_supported_base(module):
-            _refuse_weight_readers(model, n)
             targets.append(n)
         elif spec is not None and not any(is_supported_base(m) for m in module.modules()):
             raise TypeError(f"target module {n!r} is a {class_name(type(module))}; IncreLoRA "
@@ -92,17 +117,52 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     return targets
 
 
+def _saved_root(name: str, config: IncreLoRAConfig) -> Optional[str]:
+    """The ``modules_to_save`` entry that module ``name`` lies in (or is), or None."""
+    prefixes = [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
+    return next((key for key in config.modules_to_save or []
+                 if any(suffix_match(p, key) for p in prefixes)), None)
+
+
+def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str]:
+    """``targets`` less those ``exclude`` (``exclude_modules``) names, as in peft: a regex string
+    matched against the full name, or suffixes; an entry that leaves no target out, or an
+    exclusion that leaves none in, raises ValueError."""
+    if exclude is None or exclude == []:
+        return targets
+    if isinstance(exclude, str):
+        kept = [n for n in targets if not re.fullmatch(exclude, n)]
+        if len(kept) == len(targets):
+            raise ValueError(f"exclude_modules regex {exclude!r} matches none of the "
+                             f"{len(targets)} target modules (it must match the full name, "
+                             f"such as {targets[0]!r})")
+    else:
+        for key in exclude:
+            if not any(suffix_match(n, key) for n in targets):
+                holder = next((n for n in names if suffix_match(n, key)), None)
+                where = (f"it names {holder!r}, not a target; an entry leaves out the targets "
+                         "whose own name ends in it, so leave out a whole block with a regex "
+                         f"string such as r'{re.escape(holder)}\\..*'"
+                         if holder is not None else
+                         f"similar names: {_similar_names(key, names)}")
+                raise ValueError(f"exclude_modules entry {key!r} leaves out none of the "
+                                 f"{len(targets)} target modules ({where})")
+        kept = [n for n in targets if not any(suffix_match(n, key) for key in exclude)]
+    if not kept:
+        raise ValueError(f"exclude_modules={exclude!r} leaves out every one of the "
+                         f"{len(targets)} target modules; nothing would be adapted")
+    return kept
+
+
 def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """peft's ``"all-linear"``: every linear but the output layer (``get_output_embeddings``),
     those inside ``modules_to_save`` (trained in full) and those whose parent computes with their
     weight without calling them (their adapter would never run)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    saved = config.modules_to_save or []
     targets = []
     for n, module in model.named_modules():
-        prefixes = [n.rsplit(".", i)[0] for i in range(n.count(".") + 1)] if n else []
         if (not n or not is_supported_base(module) or module is head or n.endswith(".base_layer")
-                or any(suffix_match(p, key) for p in prefixes for key in saved)
+                or _saved_root(n, config) is not None
                 or direct_weight_reader(model, n) is not None):
             continue
         targets.append(n)

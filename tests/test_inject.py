@@ -319,3 +319,85 @@ def test_a_data_parallel_wrapper_given_for_its_model_is_named_as_such(tiny_net):
         assert "DataParallel" in message and ".module" in message and "\n" not in message
         assert "call inject_increlora" not in message
     assert IncreLoRAController(wrapper.module).config is model.increlora_config
+
+
+@pytest.mark.parametrize("exclude,expected", [
+    (["blocks.0.fc"], ALL_TARGETS - {"blocks.0.fc"}),
+    (("proj",), {"blocks.0.fc", "blocks.1.fc"}),
+    (r"blocks\.1\..*", {"blocks.0.fc", "blocks.0.proj"}),
+    ([], ALL_TARGETS),
+])
+def test_exclude_modules_leaves_out_what_peft_leaves_out(tiny_net, exclude, expected):
+    """peft's ``exclude_modules``: suffixes of a target's own name, or one regex matched against
+    the full name; the same choice as peft's on the same model."""
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(copy.deepcopy(tiny_net), LoraConfig(
+        target_modules=["fc", "proj"], exclude_modules=exclude or None, r=2))
+    peft_adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                    if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+    model = inject_increlora(tiny_net, config(exclude_modules=exclude))
+    assert adapted(model) == expected == peft_adapted
+    assert not any(p.requires_grad for n, p in model.named_parameters()
+                   if n.startswith(tuple(ALL_TARGETS - expected)))
+
+
+def test_exclude_modules_with_all_linear_and_the_default_targets(tiny_net):
+    model = inject_increlora(tiny_net, config(target_modules="all-linear",
+                                              exclude_modules=["head", "1.proj"]))
+    assert adapted(model) == ALL_TARGETS - {"blocks.1.proj"}
+    bert = _tiny_bert()
+    inject_increlora(bert, config(target_modules=None, exclude_modules=r".*\.(key|value)"))
+    assert adapted(bert) and not any(n.endswith((".key", ".value")) for n in adapted(bert))
+
+
+@pytest.mark.parametrize("exclude,message", [
+    (["blocks.0"], r"entry 'blocks.0' leaves out none of the 4 target modules \(it names "
+                   r"'blocks.0', not a target; .*regex string such as r'blocks\\.0\\.\.\*'\)"),
+    (["fcc"], r"entry 'fcc' leaves out none of the 4 target modules \(similar names: "
+              r".*'fc'"),
+    (r"fc", r"regex 'fc' matches none of the 4 target modules \(it must match the full name"),
+    (["fc", "proj"], r"leaves out every one of the 4 target modules"),
+])
+def test_an_exclusion_that_changes_nothing_or_leaves_nothing_is_refused(tiny_net, exclude,
+                                                                        message):
+    """An exclusion that leaves out no target (a parent's name, a typo, a regex matching part
+    of names) would silently adapt what the user meant to leave out; one that leaves out every
+    target would adapt nothing. Both are refused before the model changes."""
+    before = snapshot(tiny_net)
+    with pytest.raises(ValueError, match=message):
+        inject_increlora(tiny_net, config(exclude_modules=exclude))
+    assert snapshot(tiny_net) == before
+
+
+@pytest.mark.parametrize("bad", ["", "(", [""], 3, ["fc", 1]])
+def test_exclude_modules_must_be_names_or_one_regex(bad):
+    with pytest.raises(ValueError, match="IncreLoRAConfig.exclude_modules="):
+        config(exclude_modules=bad)
+
+
+def test_a_named_target_inside_modules_to_save_is_refused(tiny_net):
+    """A linear that modules_to_save trains in full would also get an adapter training beside
+    its full weight (and its adapter would be merged into a weight saved whole): refused when
+    the targets are named, with the two ways out; left out when they are chosen for the user."""
+    before = snapshot(tiny_net)
+    with pytest.raises(ValueError, match=r"target module 'blocks.1.fc' lies inside "
+                                         r"modules_to_save entry '1'.*exclude_modules"):
+        inject_increlora(tiny_net, config(modules_to_save=["1"]))
+    assert snapshot(tiny_net) == before
+    model = inject_increlora(tiny_net, config(modules_to_save=["1"],
+                                              exclude_modules=r"blocks\.1\..*"))
+    assert adapted(model) == {"blocks.0.fc", "blocks.0.proj"}
+    assert all(p.requires_grad for p in model.blocks[1].parameters())
+    bert = _tiny_bert()
+    inject_increlora(bert, config(target_modules=None, modules_to_save=["encoder.layer.1"]))
+    assert adapted(bert) and not any(n.startswith("encoder.layer.1.") for n in adapted(bert))
+    assert all(p.requires_grad for p in bert.encoder.layer[1].parameters())
+    with pytest.raises(ValueError, match="every default attention/FFN linear lies inside"):
+        inject_increlora(_tiny_bert(), config(target_modules=None, modules_to_save=["encoder"]))
+
+
+def _tiny_bert() -> nn.Module:
+    import transformers
+    return transformers.BertModel(transformers.BertConfig(
+        hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        vocab_size=32, max_position_embeddings=16))
