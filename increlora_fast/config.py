@@ -179,9 +179,16 @@ class IncreLoRAConfig:
                 setattr(self, name, sorted(value))
         if self.incre_rank_num is None:
             self.incre_rank_num = default_incre_rank_num(self.target_rank)
-        self._validate()
+        self.validate()
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Check every field (done at construction; `inject_increlora` and
+        `IncreLoRAController` check again, so a field changed on a constructed config is
+        checked before it is used).
+
+        Raises:
+            ValueError: naming the first invalid field, its value and what is allowed.
+        """
         tm = self.target_modules
         if isinstance(tm, str):
             if not tm:  # fullmatch of "" never matches a module name

@@ -83,6 +83,7 @@ class IncreLoRAController:
 
     def __init__(self, model: nn.Module, config: Optional[IncreLoRAConfig] = None) -> None:
         self.config = config or get_config(model)
+        self.config.validate()  # a field may have changed since injection
         named = list(increlora_layers(model))
         if not named:
             raise ValueError("model has no IncreLoRA layers: call inject_increlora first")

@@ -290,6 +290,7 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
+    config.validate()  # a field may have changed since the config was made
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):
         raise ValueError("inject_increlora into a model wrapped in DistributedDataParallel: "
                          "DDP registered the parameters to average when it was built, so the "

@@ -175,3 +175,23 @@ def test_a_total_rank_budget_needs_no_target_rank_above_init_r():
     for bad in (0, 2.5, True):
         with pytest.raises(ValueError, match="target_rank"):
             IncreLoRAConfig(init_r=3, r_max=8, target_rank=bad, target_total_rank=40)
+
+
+@pytest.mark.parametrize("field,value,allowed", [("top_h", 0, "integer >= 1"),
+                                                 ("lora_alpha", -1.0, "finite number > 0"),
+                                                 ("score", "fisher", "one of")])
+def test_a_field_changed_after_construction_is_checked_before_use(tiny_net, field, value,
+                                                                  allowed):
+    """A dataclass field can be set on a constructed config; inject_increlora and the
+    controller check the config again, so the change is refused in one line naming it (top_h
+    0 used to give a controller that silently never grew a module)."""
+    from increlora_fast import IncreLoRAController, inject_increlora
+    cfg = IncreLoRAConfig(target_modules=["fc", "proj"], r_max=6, target_rank=3)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=f"IncreLoRAConfig.{field}=.*{allowed}"):
+        inject_increlora(tiny_net, cfg)
+    setattr(cfg, field, getattr(IncreLoRAConfig(), field))
+    model = inject_increlora(tiny_net, cfg)
+    setattr(cfg, field, value)
+    with pytest.raises(ValueError, match=f"IncreLoRAConfig.{field}=.*{allowed}"):
+        IncreLoRAController(model)
