@@ -5,9 +5,11 @@ Launched as one of 2 CPU processes (gloo), either by
 (DDP with ``no_sync`` micro-batches, with the exact-step score and with the default fused
 per-pass score; FSDP2 sharding the frozen base; DDP with per-rank seeds) or by
 ``accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py accelerate OUT``
-(`Accelerator.prepare` + ``accumulate``). In every run each rank takes its half of the same global
-batch in ``MICRO`` micro-batches and trains; ``OUT/rank<r>.pt`` maps run name to allocation log,
-rank pattern, smoothed scores and model state.
+(`Accelerator.prepare` + ``accumulate``), or by torchrun with ``trainer OUT`` (`IncreLoRATrainer`,
+which sets up the process group and shards the data itself; `run_trainer_torchrun`). In every
+run each rank takes its half of the same global batch in 2 micro-batches and trains;
+``OUT/rank<r>.pt`` maps run name to allocation log, rank pattern, smoothed scores and model
+state.
 """
 from __future__ import annotations
 
@@ -190,11 +192,89 @@ def run_accelerate() -> Dict[str, Dict[str, object]]:
     return {"accelerate": result(accelerator.unwrap_model(wrapped), controller)}
 
 
+TRAINER_STEPS = 12
+TRAINER_MICRO_BATCH = 4  # rows per micro-batch; a global batch is 4 of them (16 rows)
+TRAINER_SAVE_STEPS = 6
+
+
+def run_trainer(output_dir: str, micro_batches: int, micro_batch: int = TRAINER_MICRO_BATCH,
+                exact_step_score: Optional[bool] = None,
+                accepts_loss_kwargs: Optional[bool] = None,
+                resume_from_checkpoint: Optional[str] = None) -> Dict[str, object]:
+    """`IncreLoRATrainer` on the tests' tiny BERT (tests/trainer_helpers.py) for
+    ``TRAINER_STEPS`` optimizer steps of ``micro_batches`` accumulated micro-batches of
+    ``micro_batch`` rows per process, a checkpoint every ``TRAINER_SAVE_STEPS`` steps and the
+    final model saved into ``output_dir/final``. Under torchrun every process calls it with the
+    same arguments. ``accepts_loss_kwargs``: set on the model when not None (False: the README's
+    advice for BERT's classification head). Adds ``controller_saves``: how many times this
+    process wrote a controller file."""
+    from transformers import TrainingArguments
+
+    from increlora_fast.integrations import trainer as trainer_module
+    from trainer_helpers import TinyTask, tiny_increlora_bert
+
+    class Recorded(TinyTask):
+        """Records the rows this process reads, in order."""
+
+        def __getitem__(self, i: int) -> dict:
+            rows.append(int(i))
+            return super().__getitem__(i)
+
+    rows: List[int] = []
+    model, _ = tiny_increlora_bert(warmup_steps=2, exact_step_score=exact_step_score)
+    # no dropout: the Trainer seeds every rank alike, so the ranks draw the same masks, not
+    # those one process draws over the whole batch
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    if accepts_loss_kwargs is not None:
+        model.accepts_loss_kwargs = accepts_loss_kwargs
+    args = TrainingArguments(output_dir=output_dir, max_steps=TRAINER_STEPS,
+                             per_device_train_batch_size=micro_batch,
+                             gradient_accumulation_steps=micro_batches, learning_rate=1e-2,
+                             save_steps=TRAINER_SAVE_STEPS, logging_steps=100, report_to=[],
+                             use_cpu=True, seed=0, disable_tqdm=True, warmup_steps=2)
+    trainer = trainer_module.IncreLoRATrainer(model=model, args=args, train_dataset=Recorded())
+    saves: List[str] = []
+    save_controller = trainer_module.save_controller
+
+    def counted(controller: IncreLoRAController, directory: str) -> None:
+        saves.append(directory)
+        save_controller(controller, directory)
+    trainer_module.save_controller = counted
+    try:
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        trainer.save_model(os.path.join(output_dir, "final"))
+    finally:
+        trainer_module.save_controller = save_controller
+    out = result(model, trainer.increlora_controller)
+    out["controller_saves"], out["rows"] = len(saves), rows
+    return out
+
+
+def run_trainer_torchrun(out_dir: str) -> Dict[str, Dict[str, object]]:
+    """`IncreLoRATrainer` on 2 processes, each taking 2 micro-batches of 4 rows per step (the
+    Trainer sets up the process group and shards the data): the default score with the model's
+    own ``accepts_loss_kwargs``, and the exact-step score with ``accepts_loss_kwargs=False``;
+    then "trainer_resumed": the first run again, resumed from its mid-run checkpoint (written by
+    rank 0 before the steps after it, which every rank took together)."""
+    first = os.path.join(out_dir, "trainer")
+    runs = {"trainer": run_trainer(first, micro_batches=2),
+            "trainer_exact": run_trainer(os.path.join(out_dir, "trainer_exact"), micro_batches=2,
+                                         exact_step_score=True, accepts_loss_kwargs=False)}
+    runs["trainer_resumed"] = run_trainer(
+        os.path.join(out_dir, "trainer_resumed"), micro_batches=2,
+        resume_from_checkpoint=os.path.join(first, f"checkpoint-{TRAINER_SAVE_STEPS}"))
+    return runs
+
+
 def main(argv: List[str]) -> None:
-    if len(argv) != 2 or argv[0] not in ("torchrun", "accelerate"):
-        raise SystemExit("usage: ddp_worker.py {torchrun|accelerate} OUT_DIR")
+    modes = {"torchrun": run_torchrun, "accelerate": run_accelerate,
+             "trainer": lambda: run_trainer_torchrun(argv[1])}
+    if len(argv) != 2 or argv[0] not in modes:
+        raise SystemExit("usage: ddp_worker.py {torchrun|accelerate|trainer} OUT_DIR")
     torch.set_num_threads(1)
-    out = run_torchrun() if argv[0] == "torchrun" else run_accelerate()
+    out = modes[argv[0]]()
     rank = int(os.environ["RANK"])
     for run in out.values():
         run["world_size"] = int(os.environ["WORLD_SIZE"])

@@ -4,6 +4,8 @@ torchrun (DDP, and FSDP2 sharding the frozen base) and accelerate launch run tes
 each rank takes half of the same global batch in two micro-batches. With the opt-in exact-step
 score the reference is one process on the whole global batch in one pass; with the default fused
 per-pass score (issue 13) it is one process on the global batch in 2 x 2 micro-batches.
+torchrun also runs `IncreLoRATrainer` (``ddp_worker.py trainer``), compared in the same way with
+the Trainer in this process.
 """
 import os
 import socket
@@ -130,3 +132,70 @@ def test_accelerate_launch_two_ranks_equal_one_process(tmp_path, reference):
     r0, r1 = (r["accelerate"] for r in _launch(cmd, tmp_path))
     _same_on_both_ranks(r0, r1)
     _equal_to_single_process(r0, reference)
+
+
+@pytest.fixture(scope="module")
+def trainer_runs(tmp_path_factory):
+    """One torchrun launch of 2 processes running `IncreLoRATrainer` (`ddp_worker.run_trainer`):
+    "trainer" (default score, the model's own ``accepts_loss_kwargs``) and "trainer_exact"
+    (exact-step score, ``accepts_loss_kwargs=False``), each rank 2 micro-batches of 4 rows per
+    step. Returns the output folder and the 2 ranks' results."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("trainer")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+           str(TESTS / "ddp_worker.py"), "trainer", str(out)]
+    return out, _launch(cmd, out)
+
+
+@pytest.mark.parametrize("name, micro_batches, micro_batch, accepts_loss_kwargs", [
+    ("trainer", 4, ddp_worker.TRAINER_MICRO_BATCH, None),
+    ("trainer_exact", 1, 4 * ddp_worker.TRAINER_MICRO_BATCH, False)])
+def test_increlora_trainer_under_torchrun_equals_one_process(trainer_runs, tmp_path, name,
+                                                             micro_batches, micro_batch,
+                                                             accepts_loss_kwargs):
+    """IncreLoRATrainer on 2 ranks x 2 micro-batches of 4 rows: both ranks take the same rounds
+    and end bit-identical, and allocate and train as one process on the same global batch of 16
+    rows (float tolerance): in 4 micro-batches of 4 for the default fused score (with BERT's
+    ``accepts_loss_kwargs``, under which transformers scales the loss by the world size and
+    not by the accumulation steps, alike in both), in one pass for the exact-step score. The
+    Trainer shards every step's global batch between the ranks (``rows``)."""
+    _, (r0, r1) = trainer_runs
+    r0, r1 = r0[name], r1[name]
+    _same_on_both_ranks(r0, r1, exact=name == "trainer_exact")
+    reference = ddp_worker.run_trainer(str(tmp_path), micro_batches=micro_batches,
+                                       micro_batch=micro_batch,
+                                       accepts_loss_kwargs=accepts_loss_kwargs)
+    per_rank, whole = 2 * ddp_worker.TRAINER_MICRO_BATCH, 4 * ddp_worker.TRAINER_MICRO_BATCH
+    for step in range(ddp_worker.TRAINER_STEPS):
+        ours = r0["rows"][step * per_rank:(step + 1) * per_rank] + \
+            r1["rows"][step * per_rank:(step + 1) * per_rank]
+        assert sorted(ours) == sorted(reference["rows"][step * whole:(step + 1) * whole]), step
+    _equal_to_single_process(r0, reference)
+
+
+def test_increlora_trainer_under_torchrun_saves_on_rank_0_and_resumes(trainer_runs, tmp_path):
+    """Only rank 0 writes the controller into the checkpoints (rank 1 has ``should_save``
+    False), the final model holds rank 0's weights, 2 ranks resumed from the mid-run
+    checkpoint end bit-identical to the uninterrupted run, and one process resumed from it ends
+    there too (float tolerance)."""
+    from safetensors.torch import load_file
+
+    out, runs = trainer_runs
+    for rank in runs:
+        resumed = rank["trainer_resumed"]
+        assert resumed["allocation_log"] == runs[0]["trainer"]["allocation_log"]
+        for key, value in runs[0]["trainer"]["state"].items():
+            assert torch.equal(resumed["state"][key], value), key
+    r0, r1 = (rank["trainer"] for rank in runs)
+    checkpoints = ddp_worker.TRAINER_STEPS // ddp_worker.TRAINER_SAVE_STEPS
+    assert (r0["controller_saves"], r1["controller_saves"]) == (checkpoints, 0)
+    middle = out / "trainer" / f"checkpoint-{ddp_worker.TRAINER_SAVE_STEPS}"
+    assert (middle / "increlora_controller.pt").is_file()
+    final = load_file(str(out / "trainer" / "final" / "model.safetensors"))
+    assert any(key.endswith("lora_A") for key in final)
+    for key, value in final.items():
+        assert torch.equal(value, r0["state"][key]), key
+    resumed = ddp_worker.run_trainer(str(tmp_path), micro_batches=4,
+                                     resume_from_checkpoint=str(middle))
+    assert resumed["controller_saves"] == checkpoints - 1
+    _equal_to_single_process(resumed, r0)
