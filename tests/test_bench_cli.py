@@ -224,7 +224,7 @@ def test_json_never_replaces_a_file_it_did_not_write(tmp_path, capsys, monkeypat
 
     def measure(*args, **kwargs):
         calls.append(1)
-        return [dict(r) for r in measured]
+        return [dict(r) for r in measured], None
     monkeypatch.setattr(bench, "_measure", measure)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     run = ["bench", "--levels", "host", "--csv", "", "--plot", "", "--json"]
@@ -299,3 +299,35 @@ def test_write_json_never_leaves_a_half_written_file(tmp_path):
     assert path.read_text() == before
     assert [r["median_ms"] for r in read_json(str(path))] == [1.0]
     assert [p.name for p in tmp_path.iterdir()] == ["records.json"]
+
+
+def test_a_level_that_fails_keeps_the_records_of_the_levels_before_it(tmp_path, monkeypatch,
+                                                                      capsys):
+    """`bench --levels host,model` whose model level fails (an out-of-memory error minutes in):
+    the host records already measured are written to --json and --csv and the command ends
+    with an error naming the level; before, the error's traceback ended it with nothing
+    written. RESULTS.md is not remade from a run cut short."""
+    from increlora_fast.benchmarks.speed import model_level
+    from increlora_fast.cli import bench
+    from increlora_fast.cli.main import main
+
+    stored = Path(__file__).resolve().parents[1] / "bench" / "records" / \
+        "cpu_host_overhead_small.json"
+    measured = json.loads(stored.read_text())
+    monkeypatch.setattr(bench, "_host_level", lambda plan, env, log: [dict(r) for r in measured])
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(model_level, "run_model_level", out_of_memory)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out, csv, md = tmp_path / "records.json", tmp_path / "rows.csv", tmp_path / "RESULTS.md"
+    code = main(["bench", "--quick", "--levels", "host,model", "--json", str(out), "--csv",
+                 str(csv), "--plot", "", "--results-md", str(md)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert (f"error: --levels model failed (RuntimeError: CUDA out of memory); the "
+            f"{len(measured)} record(s) of the levels before it are kept (in {out}); no plot "
+            "or RESULTS.md was written") in err
+    assert [r["method"] for r in json.loads(out.read_text())] == [r["method"] for r in measured]
+    assert len(csv.read_text().splitlines()) == len(measured) + 1
+    assert not md.exists()

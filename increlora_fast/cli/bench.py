@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import sys
+import traceback
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from .option_checks import (check_device, check_device_index, check_names, check_output_path,
@@ -375,8 +376,11 @@ def _read_notes(path: str) -> str:
 
 
 def _measure(args: argparse.Namespace, device, mode: str, layer_plan: "LayerPlan",
-             model_plan: "ModelPlan", host_plan: Optional["HostPlan"]) -> List[dict]:
-    """The records of every level of ``args.levels`` at the checked plans."""
+             model_plan: "ModelPlan", host_plan: Optional["HostPlan"]
+             ) -> Tuple[List[dict], Optional[str]]:
+    """The records of every level of ``args.levels`` at the checked plans, and None; or, where
+    a level fails, the records of the levels before it and a line naming the failure (its
+    traceback printed), so that minutes of measuring are not lost to a later level's error."""
     import torch
 
     from ..benchmarks.speed.layer_level import run_layer_level
@@ -389,21 +393,29 @@ def _measure(args: argparse.Namespace, device, mode: str, layer_plan: "LayerPlan
                load_start=os.getloadavg()[0])
     records: List[dict] = []
     log = lambda line: print(line, flush=True)  # noqa: E731
+    failure = None
     for level in args.levels:
-        if level == "layer":
-            records += run_layer_level(layer_plan, args.methods or list(LAYER_METHODS), device,
-                                       env, log)
-        elif level == "model":
-            records += run_model_level(model_plan, args.model_methods or list(MODEL_METHODS),
-                                       device, env, log)
-        else:
-            records += _host_level(host_plan, env, log)
+        try:
+            if level == "layer":
+                records += run_layer_level(layer_plan, args.methods or list(LAYER_METHODS),
+                                           device, env, log)
+            elif level == "model":
+                records += run_model_level(model_plan,
+                                           args.model_methods or list(MODEL_METHODS), device,
+                                           env, log)
+            else:
+                records += _host_level(host_plan, env, log)
+        except Exception as err:  # the levels measured before it are kept
+            traceback.print_exc()
+            failure = (f"--levels {level} failed ({type(err).__name__}: {err}); the "
+                       f"{len(records)} record(s) of the levels before it are kept")
+            break
         if device.type == "cuda":
             torch.cuda.empty_cache()
     load_end = os.getloadavg()[0]
     for r in records:
         r["load_end"] = load_end
-    return records
+    return records, failure
 
 
 def _host_level(plan: "HostPlan", env: dict, log) -> List[dict]:
@@ -508,19 +520,22 @@ def run(args: argparse.Namespace) -> int:
             included += found
             if check is not None:
                 gpu_checks.append(check)
-        records = [] if device is None else _measure(args, device, mode, layer_plan,
-                                                     model_plan, host_plan)
+        records, failure = ([], None) if device is None else _measure(
+            args, device, mode, layer_plan, model_plan, host_plan)
     except (ValueError, OSError) as err:
         return _fail(str(err))
     if records:
         print()
         print(report.console_report(records))
-    if args.json_path:
+    if args.json_path and (records or failure is None):
         rec_io.write_json(records, args.json_path)
         print(f"\nrecords: {args.json_path}")
     if records and args.csv:
         rec_io.append_csv(records, args.csv)
         print(f"appended {len(records)} rows to {args.csv}")
+    if failure is not None:  # RESULTS.md and the plots are made from whole runs only
+        return _fail(failure + (f" (in {args.json_path})" if args.json_path and records
+                                else "") + "; no plot or RESULTS.md was written")
     plots = {}
     runs = report.group_runs(records + included)
     for key, run_records in runs.items():
