@@ -445,3 +445,23 @@ def test_json_rows_record_the_run_they_describe(tmp_path, capsys):
         assert row["device_type"] == "cpu" and row["quantized"] == "none"
         assert row["torch"] == torch.__version__ and row["date"] and row["command"]
         assert row["head"] in header and f"batch {row['batch_size']}" in header
+
+
+def test_the_breakdown_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """`memory --json` over an earlier breakdown: the file is replaced in one step (a temporary
+    file renamed over it), so a run cut off while writing leaves the earlier breakdown whole;
+    before, the file was truncated first and written after."""
+    import os
+
+    from increlora_fast.benchmarks.memory import breakdown
+    out = tmp_path / "breakdown.json"
+    breakdown.write_json([{"method": "lora", "total_mib": 1.0}], str(out))
+    earlier = out.read_bytes()
+
+    def cut_off(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "replace", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        breakdown.write_json([{"method": "increlora", "total_mib": 2.0}], str(out))
+    assert out.read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["breakdown.json"]  # no leftover

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ...model import suffix_match
+from ...persistence import atomic_write_bytes
 from .compared_methods import AdapterSetting, MemoryMethod, Sizes, _in_out, methods_for
 from .model_spec import ModelSpec
 from .step import estimate_step, measure_step
@@ -243,9 +244,11 @@ def format_notes(rows: List[dict]) -> str:
 
 
 def write_json(rows: List[dict], path: str) -> Path:
+    """Write ``rows`` to ``path`` so that a reader (or a run cut off while writing) sees the
+    earlier file or the whole new one, never half of it; returns the path."""
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=2) + "\n")
+    atomic_write_bytes(out, (json.dumps(rows, indent=2) + "\n").encode())
     return out
 
 
