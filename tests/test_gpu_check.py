@@ -435,6 +435,10 @@ def test_one_failing_method_loses_only_its_own_rows(monkeypatch):
             raise RuntimeError("no such variant on this GPU")
         return [dict(method=m, status="ok", note="") for m in methods]
     monkeypatch.setattr(layer_level, "run_layer_level", fake_level)
+    # the part's other measurements (a minute under the interpreter) are not this test's
+    monkeypatch.setattr(gpu_check, "_host_records", lambda device, plan, env: [])
+    monkeypatch.setattr(gpu_check, "_dy_pass_records", lambda device, plan, env, log: ([], []))
+    monkeypatch.setattr(gpu_check, "_on_first_model", lambda *args: [])
     result = gpu_check.check_layer(torch.device("cpu"), dry_run_plan(), {},
                                    lambda line: None)
     assert calls[0] == list(LAYER_METHODS_CHECKED)  # all together first, then one by one
