@@ -105,3 +105,29 @@ def test_the_reader_sees_relative_imports_inside_functions():
     assert "increlora_fast.training.step_runner" in IMPORTS[
         "increlora_fast.benchmarks.gpu_check.graphs"]
     assert _layer("increlora_fast.persistence") == "core"
+
+
+def test_the_package_and_its_tensor_free_modules_start_without_torch():
+    """``import increlora_fast`` imports its public names on first use, so the comparison
+    statistics (a shell script starts them once per table) and ``increlora-fast --help`` start
+    without torch and transformers (about 5 s each on CI's machine, 0.1 s without); every public
+    name still resolves, to the object its module defines."""
+    import subprocess
+    import sys
+    code = ("import sys, increlora_fast.training.compare_stats, increlora_fast.cli.main; "
+            "print(sorted(m for m in ('torch', 'transformers', 'matplotlib') "
+            "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=PACKAGE.parent)
+    assert done.returncode == 0 and done.stdout.split() == ["[]"], done.stderr
+    import importlib
+    for name in increlora_fast.__all__:
+        module = importlib.import_module(f"increlora_fast.{increlora_fast._EXPORTS[name]}")
+        assert getattr(increlora_fast, name) is getattr(module, name)
+    assert set(increlora_fast.__all__) == set(increlora_fast._EXPORTS) <= set(dir(increlora_fast))
+    try:
+        increlora_fast.no_such_name
+    except AttributeError as err:
+        assert "no_such_name" in str(err)
+    else:
+        raise AssertionError("an unknown name resolved")
