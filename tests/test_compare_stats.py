@@ -458,3 +458,38 @@ def test_runs_of_one_variant_with_other_settings_are_an_error(tmp_path):
     _with_settings(late, **dict(common, seed=2, max_steps=200))
     with pytest.raises(ValueError, match=f"{late}.*{tmp_path / 'trec6' / 'lora'}.*max_steps"):
         load_runs(tmp_path)
+
+
+@pytest.mark.parametrize("option", ["--out", "--json-out", "--diff-plot"])
+def test_an_output_that_cannot_be_written_is_refused_before_reading_runs(runs_root, tmp_path,
+                                                                         capsys, option,
+                                                                         monkeypatch):
+    """An output under a file, or a folder given as the file, used to end in a traceback after
+    every run was read and the other outputs written; now one line naming the option, before
+    anything is read."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    read = []
+    monkeypatch.setattr("increlora_fast.training.compare_stats.load_runs",
+                        lambda *a, **k: read.append(a) or load_runs(*a, **k))
+    for bad in (blocker / "t.out", runs_root):
+        assert main([str(runs_root), "--baseline", "default", option, str(bad)]) == 2
+        assert option in capsys.readouterr().err and not read
+
+
+def test_outputs_go_into_new_folders_and_replace_their_files_whole(runs_root, tmp_path):
+    out, js = tmp_path / "new" / "t.md", tmp_path / "new" / "deeper" / "rows.json"
+    assert main([str(runs_root), "--baseline", "default", "--out", str(out),
+                 "--json-out", str(js)]) == 0  # a missing folder used to be a traceback
+    assert "| better | 8 |" in out.read_text() and json.loads(js.read_text())
+    assert sorted(p.name for p in out.parent.iterdir()) == ["deeper", "t.md"]  # no temp left
+    assert main([str(runs_root), "--baseline", "default", "--out", "/dev/null"]) == 0
+    assert not Path("/dev/null").is_file()  # a device is written to, never replaced
+
+
+def test_two_outputs_on_one_file_are_refused(runs_root, tmp_path, capsys):
+    # the JSON rows used to replace the Markdown table without a word
+    same = tmp_path / "t.txt"
+    assert main([str(runs_root), "--baseline", "default", "--out", str(same),
+                 "--json-out", str(same)]) == 2
+    assert "--json-out" in capsys.readouterr().err and not same.exists()

@@ -24,14 +24,17 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
+import io
 import json
 import math
+import os
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from ..persistence import atomic_write_bytes
 from .allocation_stats import plot_allocation
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
 from .settings import RunSettings
@@ -471,7 +474,7 @@ def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path:
         ax.set(title=task, xlabel="steps from the growth round", ylabel="mean training loss")
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    _write_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -502,8 +505,62 @@ def plot_differences(rows: Sequence[PairedDifference], path: Path,
         ax.set(title=f"{task}: {metric} minus {task_rows[0].baseline!r}",
                xlabel="mean paired difference, 95 % interval (seeds)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _write_figure(fig, path, dpi=110)
     plt.close(fig)
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """``data`` to ``path``: a file replaced whole (`atomic_write_bytes`: a reader never sees
+    half of it), its folders made; a device or pipe (``--out /dev/null``) written to, never
+    replaced."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_file():
+        path.write_bytes(data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, data)
+
+
+def _write_figure(fig, path: Path, dpi: int) -> None:
+    """Save ``fig`` to ``path`` by `write_output`, in the format its suffix names (as
+    ``savefig(path)`` would: PNG without one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:] or None, dpi=dpi)
+    write_output(Path(path), buffer.getvalue())
+
+
+OUTPUT_OPTIONS = ("out", "json_out", "growth_profile", "growth_plot", "diff_plot",
+                  "allocation_plot")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every output option (`OUTPUT_OPTIONS`) names a file that can be written once the runs
+    are read: not empty, not a folder, no file where a folder above it must be, and no two on
+    one file (the later would replace the earlier). ValueError naming the option, before any
+    run is read; a device or pipe such as ``/dev/null`` passes."""
+    seen: Dict[str, str] = {}
+    for dest in OUTPUT_OPTIONS:
+        path = getattr(args, dest, None)
+        if path is None:
+            continue
+        option = "--" + dest.replace("_", "-")
+        target = Path(path).expanduser()
+        if not path.strip():
+            raise ValueError(f"{option} is empty: give a file path, or leave the option out")
+        if target.is_dir():
+            raise ValueError(f"{option} {path} is a folder; give a file path")
+        if target.exists() and not target.is_file():
+            continue  # a device or pipe: written to, never replaced
+        for above in target.absolute().parents:
+            if above.exists():
+                if not above.is_dir():
+                    raise ValueError(f"{option} {path} cannot be written: {above} is a file")
+                break
+        key = os.path.realpath(target)
+        if key in seen:
+            raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
+                             "output its own path")
+        seen[key] = f"{option} {path}"
 
 
 def _row_json(row: PairedDifference) -> Dict:
@@ -543,6 +600,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                              "over training here")
     args = parser.parse_args(argv)
     try:
+        check_outputs(args)
         runs = load_runs(Path(args.root), args.metric)
         rows = paired_differences(runs, args.baseline, args.only, args.exclude)
         if not rows and not (args.allocation_plot or args.growth_profile or args.growth_plot):
@@ -558,7 +616,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             variants = {args.baseline} | {r.variant for r in rows}
             profiles = growth_profiles(runs, sorted(variants))
             if args.growth_profile:
-                Path(args.growth_profile).write_text(json.dumps(profiles, indent=2) + "\n")
+                write_output(Path(args.growth_profile),
+                             (json.dumps(profiles, indent=2) + "\n").encode())
             if args.growth_plot:
                 plot_growth_profiles(profiles, Path(args.growth_plot))
         if args.diff_plot:
@@ -568,18 +627,20 @@ def main(argv: Optional[List[str]] = None) -> int:
             for run in runs:
                 if run.variant == args.baseline:
                     by_task[run.task].append(Path(run.path))
-            plot_allocation(by_task, Path(args.allocation_plot),
+            Path(args.allocation_plot).expanduser().parent.mkdir(parents=True, exist_ok=True)
+            plot_allocation(by_task, Path(args.allocation_plot).expanduser(),
                             title=f"allocation of {args.baseline!r}")
     except ValueError as err:
         print(f"compare_stats: error: {err}", file=sys.stderr)
         return 2
     text = markdown_table(rows, args.metric)
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_output(Path(args.out), (text + "\n").encode())
     else:
         print(text)
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps([_row_json(r) for r in rows], indent=2) + "\n")
+        write_output(Path(args.json_out),
+                     (json.dumps([_row_json(r) for r in rows], indent=2) + "\n").encode())
     return 0
 
 
