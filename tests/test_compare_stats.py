@@ -493,3 +493,13 @@ def test_two_outputs_on_one_file_are_refused(runs_root, tmp_path, capsys):
     assert main([str(runs_root), "--baseline", "default", "--out", str(same),
                  "--json-out", str(same)]) == 2
     assert "--json-out" in capsys.readouterr().err and not same.exists()
+
+
+@pytest.mark.parametrize("report", [b"{\"task\": \"x\", \"meth", b"[1]", b"{\"task\": \"x\"}",
+                                    b"{\"task\": \"x\", \"methods\": {\"lora\": {\"lr\": 1}}}"])
+def test_a_damaged_compare_report_is_named(tmp_path, capsys, report):
+    """A truncated compare.json used to give a bare 'Expecting ...' with no file, and one
+    without methods (or a method without its lr or seeds) a KeyError traceback."""
+    (tmp_path / "compare.json").write_bytes(report)
+    assert main([str(tmp_path), "--baseline", "lora"]) == 2
+    assert str(tmp_path / "compare.json") in capsys.readouterr().err

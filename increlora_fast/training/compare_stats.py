@@ -262,13 +262,30 @@ def variant_settings(data: Dict) -> Optional[Dict]:
     return {k: v for k, v in settings.items() if k not in PER_RUN_SETTINGS}
 
 
+def _read_compare_report(path: Path) -> Dict:
+    """The ``compare.json`` at ``path``; raises ValueError naming it for one that is damaged or
+    lacks the task, the methods or a method's lr and seeds."""
+    try:
+        report = json.loads(path.read_text())
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        raise ValueError(f"{path} is not a readable comparison report ({err})") from err
+    methods = report.get("methods") if isinstance(report, dict) else None
+    if "task" not in (report if isinstance(report, dict) else {}) or \
+            not isinstance(methods, dict) or \
+            not all(isinstance(r, dict) and isinstance(r.get("lr"), (int, float)) and
+                    isinstance(r.get("seeds"), list) for r in methods.values()):
+        raise ValueError(f"{path} is not the report of `finetune --compare` (it needs 'task' "
+                         "and 'methods', each with its 'lr' and 'seeds')")
+    return report
+
+
 def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
     variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
     other rates ran on the first seed only and are left out). Raises ValueError naming what is
     missing, and for two runs of one method, lr and seed."""
     root = Path(root)
-    report = json.loads((root / COMPARE_REPORT).read_text())
+    report = _read_compare_report(root / COMPARE_REPORT)
     runs = []
     for method, result in report["methods"].items():
         found = {}
