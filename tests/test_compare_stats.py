@@ -503,3 +503,19 @@ def test_a_damaged_compare_report_is_named(tmp_path, capsys, report):
     (tmp_path / "compare.json").write_bytes(report)
     assert main([str(tmp_path), "--baseline", "lora"]) == 2
     assert str(tmp_path / "compare.json") in capsys.readouterr().err
+
+
+def test_only_and_exclude_match_a_variant_name_with_glob_characters(tmp_path):
+    """A variant folder named like a glob (``rank[8]``) could not be selected or left out by
+    its own name: fnmatch read ``[8]`` as a character class. A name matches itself."""
+    for seed in range(3):
+        _write_run(tmp_path, "t", "default", seed, 0.8 + 0.01 * seed)
+        _write_run(tmp_path, "t", "rank[8]", seed, 0.81 + 0.012 * seed)
+        _write_run(tmp_path, "t", "rank8", seed, 0.8)
+    runs = load_runs(tmp_path)
+    assert [r.variant for r in paired_differences(runs, "default", only="rank[8]")] == \
+        ["rank[8]"]
+    assert [r.variant for r in paired_differences(runs, "default", exclude="rank[8]")] == \
+        ["rank8"]
+    assert [r.variant for r in paired_differences(runs, "default", only="rank?8*")] == \
+        ["rank[8]"]  # globs still work

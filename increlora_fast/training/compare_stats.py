@@ -345,8 +345,13 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
     return runs
 
 
-def _matches(name: str, globs: Optional[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, g.strip()) for g in globs.split(",") if g.strip())
+def _matches(name: str, globs: Optional[str], names: Iterable[str] = ()) -> bool:
+    """Whether ``name`` matches one of the comma-separated ``globs``; a glob that is one of the
+    variant ``names`` stands for that variant alone (``rank[8]`` for the variant ``rank[8]``,
+    not for ``rank8``, as fnmatch would read it)."""
+    names = set(names)
+    return any(name == g if g in names else fnmatch.fnmatchcase(name, g)
+               for g in (g.strip() for g in globs.split(",")) if g)
 
 
 def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[str] = None,
@@ -361,14 +366,15 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
     if not any(baseline in variants for variants in table.values()):
         known = sorted({v for variants in table.values() for v in variants})
         raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
+    names = {v for variants in table.values() for v in variants}
     rows = []
     for task in sorted(table):
         base = table[task].get(baseline)
         if base is None:
             continue
         for variant in sorted(table[task]):
-            if variant == baseline or (only and not _matches(variant, only)) or \
-                    (exclude and _matches(variant, exclude)):
+            if variant == baseline or (only and not _matches(variant, only, names)) or \
+                    (exclude and _matches(variant, exclude, names)):
                 continue
             mine = table[task][variant]
             seeds = sorted(set(mine) & set(base))
