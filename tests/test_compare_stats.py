@@ -519,3 +519,41 @@ def test_only_and_exclude_match_a_variant_name_with_glob_characters(tmp_path):
         ["rank8"]
     assert [r.variant for r in paired_differences(runs, "default", only="rank?8*")] == \
         ["rank[8]"]  # globs still work
+
+
+def test_a_variant_left_out_is_not_read(tmp_path, capsys):
+    """--exclude (or an --only that leaves it out) is how one sets aside a variant whose runs
+    cannot be compared (no such metric in older runs, a NaN, a damaged file), yet every run was
+    read first and such a run stopped the whole table."""
+    for seed in range(3):
+        _write_run(tmp_path, "t", "default", seed, 0.8 + 0.01 * seed)
+        _write_run(tmp_path, "t", "good", seed, 0.81 + 0.012 * seed)
+        _write_run(tmp_path, "t", "old", seed, float("nan"))
+    (tmp_path / "t" / "old" / "seed1" / "metrics.json").write_text("{\"trunc")
+    out = tmp_path / "t.md"
+    for select in (["--exclude", "old"], ["--only", "go*"]):
+        assert main([str(tmp_path), "--baseline", "default", "--out", str(out)] + select) == 0
+        assert "| good | 3 |" in out.read_text() and "old" not in out.read_text()
+    assert main([str(tmp_path), "--baseline", "default", "--out", str(out)]) == 2
+    assert str(tmp_path / "t" / "old") in capsys.readouterr().err
+    with pytest.raises(ValueError, match="old"):
+        load_runs(tmp_path)
+    for seed in range(3):
+        _write_run(tmp_path, "t", "old[8]", seed, 0.79)
+        _write_run(tmp_path, "t", "old8", seed, 0.83)
+    assert main([str(tmp_path), "--baseline", "default", "--out", str(out),
+                 "--exclude", "old,old[8]"]) == 0
+    assert [line.split(" | ")[0] for line in out.read_text().splitlines()[4:] if line] == \
+        ["| good", "| old8"]  # old[8] alone left out, as its name says
+
+
+def test_a_method_left_out_of_a_compare_folder_is_not_read(tmp_path):
+    _write_compare_folder(tmp_path, {"increlora": (0.004, [0.80, 0.82, 0.81]),
+                                     "lora": (0.001, [0.79, 0.80, 0.81]),
+                                     "adalora": (0.004, [0.78, 0.80, 0.81])})
+    (tmp_path / "adalora" / "lr0.004" / "seed1" / "metrics.json").write_text("{\"trunc")
+    out = tmp_path / "table.md"
+    assert main([str(tmp_path), "--baseline", "lora", "--exclude", "adalora",
+                 "--out", str(out)]) == 0
+    assert "| increlora | 3 |" in out.read_text() and "adalora" not in out.read_text()
+    assert main([str(tmp_path), "--baseline", "lora", "--out", str(out)]) == 2

@@ -279,15 +279,19 @@ def _read_compare_report(path: Path) -> Dict:
     return report
 
 
-def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
+def load_compare_runs(root: Path, metric: str = "eval_accuracy",
+                      selection: Optional[Selection] = None) -> List[RunResult]:
     """The runs of an ``increlora-fast finetune --compare`` output folder: every method as a
     variant, at the learning rate its sweep chose, over the comparison's seeds (the sweep's
-    other rates ran on the first seed only and are left out). Raises ValueError naming what is
-    missing, and for two runs of one method, lr and seed."""
+    other rates ran on the first seed only and are left out); with ``selection``, only the
+    methods it keeps are read. Raises ValueError naming what is missing, and for two runs of
+    one method, lr and seed."""
     root = Path(root)
     report = _read_compare_report(root / COMPARE_REPORT)
     runs = []
     for method, result in report["methods"].items():
+        if selection is not None and not selection.keeps(method, report["methods"]):
+            continue
         found = {}
         for path in sorted((root / method).glob(f"*/seed*/{METRICS_FILE}")):
             data = _read_metrics(path)
@@ -306,19 +310,29 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResu
                                   value=_metric_value(path, data, metric),
                                   path=str(path.parent), dev=dev_data(data)))
     if not runs:
-        raise ValueError(f"{root / COMPARE_REPORT}: no methods in it")
+        raise ValueError(f"{root / COMPARE_REPORT}: no methods in it"
+                         + ("" if not report["methods"] else
+                            f" but {sorted(report['methods'])}, all left out by --baseline, "
+                            "--only and --exclude"))
     return runs
 
 
-def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
+def load_runs(root: Path, metric: str = "eval_accuracy",
+              selection: Optional[Selection] = None) -> List[RunResult]:
     """Every run under ``root`` (`load_compare_runs` when it is a ``--compare`` output folder);
-    raises ValueError naming the file for a run without ``metric``, for two runs of one
-    (task, variant, seed) and for runs of one variant with other settings (`variant_settings`)."""
+    with ``selection``, only those of the variants it keeps: the others are not read, so a
+    variant left out cannot stop the table. Raises ValueError naming the file for a run without
+    ``metric``, for two runs of one (task, variant, seed) and for runs of one variant with other
+    settings (`variant_settings`)."""
     if (Path(root) / COMPARE_REPORT).is_file():
-        return load_compare_runs(Path(root), metric)
+        return load_compare_runs(Path(root), metric, selection)
     runs, seen = [], {}
     setups: Dict[Tuple[str, str], Tuple[Dict, Path]] = {}
-    for path in sorted(Path(root).rglob(METRICS_FILE)):
+    paths = sorted(Path(root).rglob(METRICS_FILE))
+    names = {path.parent.parent.name for path in paths}
+    for path in paths:
+        if selection is not None and not selection.keeps(path.parent.parent.name, names):
+            continue
         data = _read_metrics(path)
         run = RunResult(task=path.parent.parent.parent.name, variant=path.parent.parent.name,
                         seed=int(data["seed"]), value=_metric_value(path, data, metric),
@@ -341,6 +355,10 @@ def load_runs(root: Path, metric: str = "eval_accuracy") -> List[RunResult]:
                     + "): one variant name must hold one setup")
         runs.append(run)
     if not runs:
+        if paths:  # every run left out
+            raise ValueError(f"{root}: neither the baseline {selection.baseline!r} nor a "
+                             f"variant --only/--exclude leave has runs; variants: "
+                             f"{sorted(names)}")
         raise ValueError(f"{root}: no {METRICS_FILE} found below it")
     return runs
 
@@ -352,6 +370,22 @@ def _matches(name: str, globs: Optional[str], names: Iterable[str] = ()) -> bool
     names = set(names)
     return any(name == g if g in names else fnmatch.fnmatchcase(name, g)
                for g in (g.strip() for g in globs.split(",")) if g)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The variants a table reads: ``baseline`` and those the comma-separated globs ``only``
+    (None: all) keep and ``exclude`` do not leave out (`_matches`)."""
+
+    baseline: str
+    only: Optional[str] = None
+    exclude: Optional[str] = None
+
+    def keeps(self, variant: str, names: Iterable[str]) -> bool:
+        """Whether ``variant``, one of the variant ``names``, is read."""
+        return variant == self.baseline or (
+            (not self.only or _matches(variant, self.only, names))
+            and not (self.exclude and _matches(variant, self.exclude, names)))
 
 
 def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[str] = None,
@@ -367,14 +401,14 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
         known = sorted({v for variants in table.values() for v in variants})
         raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
     names = {v for variants in table.values() for v in variants}
+    selection = Selection(baseline, only, exclude)
     rows = []
     for task in sorted(table):
         base = table[task].get(baseline)
         if base is None:
             continue
         for variant in sorted(table[task]):
-            if variant == baseline or (only and not _matches(variant, only, names)) or \
-                    (exclude and _matches(variant, exclude, names)):
+            if variant == baseline or not selection.keeps(variant, names):
                 continue
             mine = table[task][variant]
             seeds = sorted(set(mine) & set(base))
@@ -624,8 +658,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_outputs(args)
-        runs = load_runs(Path(args.root), args.metric)
-        rows = paired_differences(runs, args.baseline, args.only, args.exclude)
+        runs = load_runs(Path(args.root), args.metric,
+                         Selection(args.baseline, args.only, args.exclude))
+        rows = paired_differences(runs, args.baseline)  # the runs read are those selected
         if not rows and not (args.allocation_plot or args.growth_profile or args.growth_plot):
             filters = " left by --only/--exclude" if args.only or args.exclude else ""
             raise ValueError(f"no variant{filters} shares a seed of a task with the baseline "
