@@ -557,3 +557,29 @@ def test_a_method_left_out_of_a_compare_folder_is_not_read(tmp_path):
                  "--out", str(out)]) == 0
     assert "| increlora | 3 |" in out.read_text() and "adalora" not in out.read_text()
     assert main([str(tmp_path), "--baseline", "lora", "--out", str(out)]) == 2
+
+
+def test_options_that_give_nothing_are_refused_before_any_output(runs_root, tmp_path, capsys,
+                                                                  monkeypatch):
+    """--power-for 0 used to be refused only after every run was read; --diff-plot with no
+    variant left only after the growth profile had been written (then left as if the command
+    had made its outputs)."""
+    read = []
+    monkeypatch.setattr("increlora_fast.training.compare_stats.load_runs",
+                        lambda *a, **k: read.append(a) or load_runs(*a, **k))
+    assert main([str(runs_root), "--baseline", "default", "--power-for", "0"]) == 2
+    assert "--power-for" in capsys.readouterr().err and not read
+    log = json.dumps({"step": 4, "module": "a", "new_rank": 2}) + "\n"
+    for seed in range(2):
+        run = _write_run(tmp_path / "g", "rt", "default", seed, 0.8,
+                         train_losses=[float(i) for i in range(10)])
+        (run / "allocation_log.jsonl").write_text(log)
+    profile = tmp_path / "profile.json"
+    assert main([str(tmp_path / "g"), "--baseline", "default", "--growth-profile", str(profile),
+                 "--diff-plot", str(tmp_path / "d.png")]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
+    assert not profile.exists() and not (tmp_path / "d.png").exists()
+    assert main([str(tmp_path / "g"), "--baseline", "default",
+                 "--growth-profile", str(profile)]) == 0  # the baseline's profile alone
+    assert json.loads(profile.read_text()) == {"rt": {"default": {
+        str(k): float(4 + k) for k in range(-4, 6)}}}

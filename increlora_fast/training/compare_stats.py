@@ -658,17 +658,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_outputs(args)
+        if args.power_for is not None and (args.power_for == 0 or
+                                           not math.isfinite(args.power_for)):
+            raise ValueError(f"--power-for needs a finite difference other than 0, got "
+                             f"{args.power_for:g}")
         runs = load_runs(Path(args.root), args.metric,
                          Selection(args.baseline, args.only, args.exclude))
         rows = paired_differences(runs, args.baseline)  # the runs read are those selected
-        if not rows and not (args.allocation_plot or args.growth_profile or args.growth_plot):
+        if not rows and (args.diff_plot or not (args.allocation_plot or args.growth_profile or
+                                                args.growth_plot)):
             filters = " left by --only/--exclude" if args.only or args.exclude else ""
             raise ValueError(f"no variant{filters} shares a seed of a task with the baseline "
                              f"{args.baseline!r}: there is nothing to compare")
         if args.power_for is not None:
-            if args.power_for == 0 or not math.isfinite(args.power_for):
-                raise ValueError(f"--power-for needs a finite difference other than 0, got "
-                                 f"{args.power_for:g}")
             rows = with_power(rows, args.power_for)
         if args.growth_profile or args.growth_plot:
             variants = {args.baseline} | {r.variant for r in rows}
