@@ -221,6 +221,17 @@ def test_compare_learning_rates_must_be_finite(tmp_path, capsys, no_data_loading
         _one_line(capsys, "--lrs", "is invalid", "finite")
 
 
+@pytest.mark.parametrize("text", ["1e-3,0.001", "0.001,0.0010000001"])
+def test_compare_learning_rates_must_have_their_own_run_folders(tmp_path, capsys, text,
+                                                                no_data_loading):
+    # both rates ran into lr0.001/: the second was refused as "a finished run with other
+    # settings" once the first had trained (or repeated it, reusing the first run)
+    code = _main(["finetune", "--compare", "--lrs", text, "--output-dir", str(tmp_path / "o"),
+                  "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--lrs [", "is invalid", "run folder lr0.001")
+
+
 @pytest.mark.parametrize("option", ["--task", "--train-file", "--eval-file", "--model"])
 def test_an_empty_name_is_refused(option, tmp_path, capsys, no_data_loading):
     # an empty --task silently ran the default task; an empty path named the working folder

@@ -146,6 +146,13 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Optional[Seq
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
     if lrs is not None and (not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs)):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give finite learning rates > 0")
+    folders: Dict[str, float] = {}
+    for lr in lrs or ():  # each rate's runs go to its own folder, lr<rate:g>
+        if _lr_dir(lr) in folders:
+            raise ValueError(f"--lrs {list(lrs)} is invalid: {folders[_lr_dir(lr)]!r} and "
+                             f"{lr!r} would share the run folder {_lr_dir(lr)}; give each rate "
+                             "once, rates that differ in their first 6 significant digits")
+        folders[_lr_dir(lr)] = lr
     for method in methods:  # e.g. --cuda-graphs on with a peer, before any run starts
         validate(dataclasses.replace(base, method=method))
     base = with_shared_padding(base, methods, echo)
