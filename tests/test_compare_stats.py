@@ -583,3 +583,22 @@ def test_options_that_give_nothing_are_refused_before_any_output(runs_root, tmp_
                  "--growth-profile", str(profile)]) == 0  # the baseline's profile alone
     assert json.loads(profile.read_text()) == {"rt": {"default": {
         str(k): float(4 + k) for k in range(-4, 6)}}}
+
+
+@pytest.mark.parametrize("line", ["{\"step\": 4, \"mod", "{\"module\": \"a\"}", "[4]",
+                                  "{\"step\": \"4\"}"])
+def test_a_damaged_allocation_log_is_named(tmp_path, capsys, line):
+    """A cut-off or foreign allocation_log.jsonl line gave a bare 'Expecting ...' naming no
+    file, or a KeyError / TypeError traceback."""
+    for seed in range(2):
+        run = _write_run(tmp_path, "rt", "default", seed, 0.8,
+                         train_losses=[float(i) for i in range(10)])
+        (run / "allocation_log.jsonl").write_text(
+            json.dumps({"step": 4, "module": "a", "new_rank": 2}) + "\n")
+    bad = tmp_path / "rt" / "default" / "seed1" / "allocation_log.jsonl"
+    bad.write_text(bad.read_text() + line + "\n")
+    with pytest.raises(ValueError, match=f"{bad}:2"):
+        loss_around_growth(bad.parent)
+    assert main([str(tmp_path), "--baseline", "default", "--growth-profile",
+                 str(tmp_path / "g.json")]) == 2
+    assert f"{bad}:2" in capsys.readouterr().err and not (tmp_path / "g.json").exists()
