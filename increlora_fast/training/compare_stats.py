@@ -655,8 +655,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      "output folder of `finetune --compare`")
     parser.add_argument("--baseline", required=True, help="variant the others are paired with")
     parser.add_argument("--only", help="comma-separated globs of the variants to compare "
-                                       "(default: all)")
-    parser.add_argument("--exclude", help="comma-separated globs of variants to leave out")
+                                       "(default: all; a variant's exact name stands for it "
+                                       "alone); the others' runs are not read")
+    parser.add_argument("--exclude", help="comma-separated globs of variants to leave out, "
+                                          "unread")
     parser.add_argument("--metric", default="eval_accuracy",
                         help="metrics.json field (default eval_accuracy)")
     parser.add_argument("--power-for", type=float, metavar="DIFF",
