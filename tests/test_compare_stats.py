@@ -602,3 +602,17 @@ def test_a_damaged_allocation_log_is_named(tmp_path, capsys, line):
     assert main([str(tmp_path), "--baseline", "default", "--growth-profile",
                  str(tmp_path / "g.json")]) == 2
     assert f"{bad}:2" in capsys.readouterr().err and not (tmp_path / "g.json").exists()
+
+
+@pytest.mark.parametrize("option,name", [("--json-out", "rt/default/seed0/metrics.json"),
+                                         ("--out", "compare.md"),
+                                         ("--diff-plot", "rt/better/seed1/rank_heatmap.png")])
+def test_an_output_never_replaces_a_file_of_the_runs(runs_root, capsys, option, name):
+    """An output path pointed at one of the runs' own files (a run's metrics.json, the
+    compare.md of `finetune --compare` in the folder read) replaced it without a word."""
+    (runs_root / "compare.md").write_text("the comparison's own table\n")
+    (runs_root / "rt" / "better" / "seed1" / "rank_heatmap.png").write_bytes(b"png")
+    target = runs_root / name
+    before = target.read_bytes()
+    assert main([str(runs_root), "--baseline", "default", option, str(target)]) == 2
+    assert option in capsys.readouterr().err and target.read_bytes() == before

@@ -36,7 +36,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ..persistence import atomic_write_bytes
 from .allocation_stats import plot_allocation
-from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
+from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES
 from .settings import RunSettings
 
 COMPARE_REPORT = "compare.json"  # what `--compare` writes at the top of its output folder
@@ -611,9 +611,11 @@ OUTPUT_OPTIONS = ("out", "json_out", "growth_profile", "growth_plot", "diff_plot
 
 def check_outputs(args: argparse.Namespace) -> None:
     """Every output option (`OUTPUT_OPTIONS`) names a file that can be written once the runs
-    are read: not empty, not a folder, no file where a folder above it must be, and no two on
-    one file (the later would replace the earlier). ValueError naming the option, before any
-    run is read; a device or pipe such as ``/dev/null`` passes."""
+    are read: not empty, not a folder, no file where a folder above it must be, not a file of
+    the runs below ``args.root`` (`outputs.RUN_FILES`: a run's metrics.json, the compare.md of
+    ``--compare``), and no two on one file (the later would replace the earlier). ValueError
+    naming the option, before any run is read; a device or pipe such as ``/dev/null`` passes."""
+    root = Path(args.root).expanduser().resolve()
     seen: Dict[str, str] = {}
     for dest in OUTPUT_OPTIONS:
         path = getattr(args, dest, None)
@@ -627,6 +629,9 @@ def check_outputs(args: argparse.Namespace) -> None:
             raise ValueError(f"{option} {path} is a folder; give a file path")
         if target.exists() and not target.is_file():
             continue  # a device or pipe: written to, never replaced
+        if target.is_file() and target.name in RUN_FILES and root in target.resolve().parents:
+            raise ValueError(f"{option} {path} is a file of the runs in {args.root}, which "
+                             "this command reads and never replaces; give another path")
         for above in target.absolute().parents:
             if above.exists():
                 if not above.is_dir():
