@@ -221,6 +221,16 @@ def test_compare_learning_rates_must_be_finite(tmp_path, capsys, no_data_loading
         _one_line(capsys, "--lrs", "is invalid", "finite")
 
 
+def test_compare_with_resume_is_refused_before_the_checkpoint_is_read(tmp_path, capsys,
+                                                                      no_data_loading):
+    # the checkpoint was read first: a missing one was reported ("not a checkpoint"), and only
+    # once it was fixed came the word that --compare cannot resume at all
+    code = _main(["finetune", "--compare", "--resume", str(tmp_path / "missing"),
+                  "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--compare cannot be combined with --resume")
+
+
 @pytest.mark.parametrize("text", ["1e-3,0.001", "0.001,0.0010000001"])
 def test_compare_learning_rates_must_have_their_own_run_folders(tmp_path, capsys, text,
                                                                 no_data_loading):

@@ -226,6 +226,8 @@ def settings_from_args(args: argparse.Namespace) -> RunSettings:
 def _check_compare_options(args: argparse.Namespace) -> None:
     """Options of --compare only with it, and no single-run choice it would override."""
     if args.compare:
+        if getattr(args, "resume", None):  # before the checkpoint is read
+            raise ValueError("--compare cannot be combined with --resume")
         for option, value, instead in (("--method", args.method, "--methods"),
                                        ("--lr", args.lr, "--lrs")):
             if value is not None:
@@ -390,8 +392,6 @@ def run(args: argparse.Namespace) -> int:
                                  "options differ: " + "; ".join(conflicts))
             settings = saved
         if args.compare:
-            if args.resume:
-                raise ValueError("--compare cannot be combined with --resume")
             report = compare_methods(settings,
                                      methods_from_text(args.methods or DEFAULT_COMPARE_METHODS),
                                      args.lrs,
