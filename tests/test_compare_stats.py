@@ -616,3 +616,15 @@ def test_an_output_never_replaces_a_file_of_the_runs(runs_root, capsys, option, 
     before = target.read_bytes()
     assert main([str(runs_root), "--baseline", "default", option, str(target)]) == 2
     assert option in capsys.readouterr().err and target.read_bytes() == before
+
+
+def test_a_growth_plot_without_rounds_leaves_no_growth_profile(runs_root, tmp_path, capsys):
+    # no run grew a rank: the plot was refused only after the (empty) profile had been written
+    for run in runs_root.glob("*/*/seed*"):
+        data = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps(dict(data, train_losses=[1.0] * 10)))
+    profile = tmp_path / "out" / "profile.json"
+    assert main([str(runs_root), "--baseline", "default", "--only", "better",
+                 "--growth-profile", str(profile), "--growth-plot",
+                 str(tmp_path / "out" / "g.png")]) == 2
+    assert "no growth rounds" in capsys.readouterr().err and not profile.exists()

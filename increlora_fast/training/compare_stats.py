@@ -701,6 +701,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.growth_profile or args.growth_plot:
             variants = {args.baseline} | {r.variant for r in rows}
             profiles = growth_profiles(runs, sorted(variants))
+            if args.growth_plot and not profiles:  # before the profile is written
+                raise ValueError("no growth rounds to plot: none of the runs grew a rank")
             if args.growth_profile:
                 write_output(Path(args.growth_profile),
                              (json.dumps(profiles, indent=2) + "\n").encode())
