@@ -109,6 +109,10 @@ class IncreLoRAController:
         self._warned_idle = False
         self._warned_frozen = False
         self._warned_optimizer = False
+        # Whether this run's length was checked against the budget: at the first `step` when
+        # config.total_step gives it (a manual loop); the Trainer and finetune check it with
+        # their own option names and set this (`budget_out_of_reach`).
+        self.budget_reach_checked = False
         self._note_adapter_versions()
         # Fresh reserve slots are drawn from the controller's own generator: every
         # data-parallel rank draws the same values, and state_dict() carries its state.
@@ -131,6 +135,28 @@ class IncreLoRAController:
         self._set_tracking(self.is_tracked(0))
 
     # ------------------------------------------------------------------ queries
+    def budget_out_of_reach(self, start_step: int, end_step: int, length: str) -> Optional[str]:
+        """The warning that the allocation rounds among optimizer steps ``start_step ..
+        end_step - 1`` cannot reach the rank budget whatever the scores
+        (`IncreLoRAConfig.reachable_total_rank`), or None when they can or it is reached.
+        ``length`` names the setting ``end_step`` comes from (``"max_steps"``). Marks the run's
+        length as checked (`budget_reach_checked`)."""
+        self.budget_reach_checked = True
+        if self.budget_reached:
+            return None
+        config, modules = self.config, len(self.layers)
+        reach = config.reachable_total_rank(self.current_total_rank(), modules, start_step,
+                                            end_step)
+        if reach >= self.total_budget:
+            return None
+        return (f"IncreLoRA: {config.allocation_rounds(start_step, end_step)} allocation "
+                f"round(s) in steps {start_step}-{end_step - 1} (IncreLoRAConfig.init_warmup "
+                f"{config.init_warmup}, incre_interval {config.incre_interval}), each growing "
+                f"at most top_h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
+                f"total rank of at most {reach} of the budget's {self.total_budget}: the run "
+                f"ends below it; train longer ({length}), lower init_warmup or incre_interval, "
+                "or raise top_h")
+
     def current_total_rank(self) -> int:
         return sum(layer.active_rank for layer in self.layers)
 
@@ -208,6 +234,13 @@ class IncreLoRAController:
                              f"{self._next_step}); call step() once per optimizer step")
         if self._next_step is not None and step > self._next_step:
             self._note_skipped(step)
+        if not self.budget_reach_checked:
+            self.budget_reach_checked = True
+            if self.config.total_step is not None:
+                message = self.budget_out_of_reach(step, self.config.total_step,
+                                                   "IncreLoRAConfig.total_step")
+                if message:
+                    warnings.warn(message, RuntimeWarning, stacklevel=2)
         due = self.allocation_due(step)
         self._update(step, loss_scale, due, overflow)
         if due and self.defer_round:  # `finish_replayed_round` does the rest

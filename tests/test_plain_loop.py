@@ -101,3 +101,30 @@ def test_a_plain_torch_optimizer_over_the_adapters_is_said_once():
             ((model(x) - y) ** 2).mean().backward()
             ctl.step(step)
             model.zero_grad()
+
+
+def test_a_total_step_too_short_for_the_budget_is_said_at_the_first_step():
+    """A manual loop whose schedule (IncreLoRAConfig.total_step, init_warmup, incre_interval,
+    top_h) cannot grow the modules to target_rank ended below it whatever the scores, saying
+    nothing (the Trainer and finetune warned; the plain loop did not). Now the first
+    controller.step says so, once; a schedule that can reach it says nothing."""
+    import warnings
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(4), branch_config(
+        target_rank=4, top_h=1, init_warmup=2, incre_interval=4, total_step=10))
+    with pytest.warns(RuntimeWarning) as caught:
+        train_steps(model, opt, ctl, range(10))
+    said = [str(w.message) for w in caught if "reach a total rank" in str(w.message)]
+    assert said == ["IncreLoRA: 2 allocation round(s) in steps 0-9 (IncreLoRAConfig.init_warmup "
+                    "2, incre_interval 4), each growing at most top_h 1 module(s) by 1, reach a "
+                    "total rank of at most 6 of the budget's 16: the run ends below it; train "
+                    "longer (IncreLoRAConfig.total_step), lower init_warmup or incre_interval, "
+                    "or raise top_h"]
+    assert ctl.current_total_rank() == 6  # as said
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(4), branch_config(
+        target_rank=4, top_h=4, init_warmup=2, incre_interval=2, total_step=10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps(model, opt, ctl, range(10))
+    assert ctl.budget_reached

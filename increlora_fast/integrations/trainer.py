@@ -462,23 +462,11 @@ class IncreLoRACallback(TrainerCallback):
 
     def warn_budget_out_of_reach(self, start_step: int, end_step: int) -> None:
         """Warn (RuntimeWarning) when the allocation rounds among optimizer steps ``start_step ..
-        end_step - 1`` cannot reach the rank budget (`IncreLoRAConfig.reachable_total_rank`):
+        end_step - 1`` cannot reach the rank budget (`IncreLoRAController.budget_out_of_reach`):
         the run would end below ``target_rank`` whatever the scores, saying nothing."""
-        controller = self.controller
-        if controller.budget_reached:
-            return
-        config, modules = controller.config, len(controller.layers)
-        total = controller.current_total_rank()
-        reach = config.reachable_total_rank(total, modules, start_step, end_step)
-        if reach < controller.total_budget:
-            warnings.warn(
-                f"IncreLoRA: {config.allocation_rounds(start_step, end_step)} allocation "
-                f"round(s) in steps {start_step}-{end_step - 1} (IncreLoRAConfig.init_warmup "
-                f"{config.init_warmup}, incre_interval {config.incre_interval}), each growing "
-                f"at most top_h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
-                f"total rank of at most {reach} of the budget's {controller.total_budget}: the "
-                "run ends below it; train longer (max_steps), lower init_warmup or "
-                "incre_interval, or raise top_h", RuntimeWarning, stacklevel=2)
+        message = self.controller.budget_out_of_reach(start_step, end_step, "max_steps")
+        if message:
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)

@@ -83,6 +83,7 @@ class IncreLoRARun(MethodRun):
         self.optimizer = create_optimizer(self.model, self.config, lr=settings.lr,
                                           weight_decay=settings.weight_decay)
         self.controller = IncreLoRAController(self.model, self.config)
+        self.controller.budget_reach_checked = True  # (`increlora_config` warned in --options)
 
     @classmethod
     def from_config(cls, model: nn.Module, config: IncreLoRAConfig, lr: float,
