@@ -574,6 +574,50 @@ def test_pad_to_is_recorded_and_a_resume_keeps_it(tiny, tmp_path, capsys):
     assert again["train_losses"] == metrics["train_losses"]
 
 
+def test_a_graphed_runs_checkpoint_resumes_eagerly_with_cuda_graphs_off(tiny, tmp_path, capsys,
+                                                                        monkeypatch):
+    """A checkpoint of a ``--cuda-graphs on`` run (written on a GPU; here graphs emulated) resumed
+    where there is no CUDA: the error said to use ``--cuda-graphs off``, which the resume then
+    refused as a conflict with the checkpoint, so it could not be resumed there at all. The
+    option says how the steps run, not what they compute (the padding is the checkpoint's), so
+    a resume takes it: the eager steps continue the graphed run exactly, and the outputs say
+    how this run stepped."""
+    from increlora_fast.training import finetune_run
+    made = _emulated_graphs(monkeypatch)
+    monkeypatch.setattr(finetune_run, "uses_cuda_graphs", lambda s, device=None: True)
+    out = tmp_path / "run"
+    graphed = finetune_run.run_finetune(_settings(tiny, cuda_graphs="on", max_steps=6), str(out),
+                                        save_steps=3, progress=False)
+    assert sum(g.replays for g in made) > 0 and graphed["settings"]["pad_to"] == "max_length"
+    monkeypatch.undo()
+    capsys.readouterr()
+    resume = ["--resume", str(out / "checkpoint-3"), "--no-progress", "--output-dir"]
+    assert cli(resume + [str(tmp_path / "refused")]) == 2
+    assert "use --cuda-graphs off" in capsys.readouterr().err
+    resumed = tmp_path / "resumed"
+    assert cli(resume + [str(resumed), "--cuda-graphs", "off"]) == 0, capsys.readouterr().err
+    metrics = json.loads((resumed / "metrics.json").read_text())
+    assert metrics["train_losses"] == graphed["train_losses"]
+    assert metrics["eval_loss"] == graphed["eval_loss"]
+    assert metrics["cuda_graphs"] is False and metrics["settings"]["cuda_graphs"] == "off"
+    assert metrics["settings"]["pad_to"] == "max_length"
+
+
+def test_cuda_graphs_on_is_refused_for_a_checkpoint_padded_to_the_longest_input(tiny, tmp_path,
+                                                                                capsys):
+    """The resume keeps the checkpoint's padding, so ``--cuda-graphs on`` cannot continue one
+    padded to each batch's longest input, and the error does not ask for a ``--pad-to`` the
+    resume would refuse."""
+    out = tmp_path / "run"
+    assert cli(_args(tiny, out, "--save-steps", "3")) == 0
+    capsys.readouterr()
+    assert cli(["--resume", str(out / "checkpoint-3"), "--cuda-graphs", "on", "--output-dir",
+                str(tmp_path / "again"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its run pads each batch to its longest input" in err and "--pad-to max" not in err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "again").exists()
+
+
 def test_a_checkpoint_from_before_pad_to_resumes_as_it_started(tiny, tmp_path):
     """A checkpoint written before ``--pad-to`` and ``--cuda-graphs`` existed (its settings
     have neither) trained eagerly on batches padded to their longest input; a resume on CUDA

@@ -165,7 +165,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "%(default)s, with --resume the resumed run's; 0: never; not with "
                           "--compare, which writes none)")
     run.add_argument("--resume", metavar="DIR",
-                     help="continue a checkpoint-<step> folder exactly, with its settings")
+                     help="continue a checkpoint-<step> folder exactly, with its settings "
+                          "(--cuda-graphs may be given: how the steps run, e.g. off where "
+                          "there is no GPU)")
     run.add_argument("--device", default=d.device,
                      help="auto (default: CUDA when available, else cpu) | cpu | cuda | cuda:N")
     run.add_argument("--precision", default=d.precision,
@@ -300,13 +302,20 @@ def _save_steps(args: argparse.Namespace, parser_defaults: Dict) -> Optional[int
     return None
 
 
+# Settings a resume takes from the command line in place of the checkpoint's: how the steps
+# run, not what they compute (`run_finetune`'s ``cuda_graphs``).
+RESUME_OVERRIDES = ("cuda_graphs",)
+
+
 def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: RunSettings) -> List[str]:
     """Options given on the command line that differ from the checkpoint's settings: those
     ``args._given`` names (`main.given_options`: also one given at its default value, e.g.
     ``--batch-size 32`` against a checkpoint of 16), else those that differ from the
-    parser's default."""
+    parser's default; `RESUME_OVERRIDES` are no conflict."""
     conflicts = []
     for key in SETTINGS_DESTS:
+        if key in RESUME_OVERRIDES:
+            continue
         given = getattr(args, key, None)
         if key in ("train_file", "eval_file") and given is not None:
             given = str(Path(given).expanduser().resolve())  # checkpoints store absolute paths
@@ -391,6 +400,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--resume continues the checkpoint with its own settings; these "
                                  "options differ: " + "; ".join(conflicts))
             settings = saved
+        graphs = args.cuda_graphs if args.resume and _stated(
+            args, "cuda_graphs", args.cuda_graphs, parser_defaults) else None
         if args.compare:
             report = compare_methods(settings,
                                      methods_from_text(args.methods or DEFAULT_COMPARE_METHODS),
@@ -404,7 +415,7 @@ def run(args: argparse.Namespace) -> int:
         metrics = run_finetune(settings, args.output_dir, resume=args.resume,
                                save_steps=_save_steps(args, parser_defaults), progress=not args.no_progress,
                                echo=lambda line: print(line, flush=True),
-                               overwrite=args.overwrite)
+                               overwrite=args.overwrite, cuda_graphs=graphs)
     except (ValueError, FileNotFoundError, AssetUnavailableError) as err:
         print(f"increlora-fast finetune: error: {err}", file=sys.stderr)
         return 2

@@ -477,7 +477,8 @@ def no_learning_note(m: Dict) -> Optional[str]:
 
 def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] = None,
                  save_steps: Optional[int] = 0, progress: bool = True,
-                 echo: Callable[[str], None] = print, overwrite: bool = False) -> Dict:
+                 echo: Callable[[str], None] = print, overwrite: bool = False,
+                 cuda_graphs: Optional[str] = None) -> Dict:
     """Train, evaluate on the dev split and write the outputs; returns the metrics.
 
     Args:
@@ -495,20 +496,33 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
             about the output folder (what interrupted runs left there, a partial run kept).
         overwrite: replace another run in ``output_dir`` (otherwise refused), once this one
             has succeeded.
+        cuda_graphs: with ``resume``, ``--cuda-graphs`` in place of the checkpoint's (None:
+            the checkpoint's): it says how the steps run, not what they compute (graphed and
+            eager steps are equal, and the padding stays the checkpoint's), so a run graphed
+            on a GPU can go on where there is none.
 
     Raises:
         TrainingDivergedError: non-finite parameters or evaluation loss; nothing is written.
     """
     with claim_output_dir(output_dir, overwrite=overwrite, resume=resume, echo=echo) as out:
-        return _run_into(out, settings, resume, save_steps, progress, echo)
+        return _run_into(out, settings, resume, save_steps, progress, echo, cuda_graphs)
 
 
 def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_steps: Optional[int],
-              progress: bool, echo: Callable[[str], None]) -> Dict:
+              progress: bool, echo: Callable[[str], None],
+              cuda_graphs_given: Optional[str] = None) -> Dict:
     """`run_finetune` inside the folder it claimed."""
     t_start = time.perf_counter()
     if resume:
         settings = read_checkpoint_settings(Path(resume))
+        if cuda_graphs_given is not None:
+            if cuda_graphs_given == "on" and settings.pad_to == "longest":  # (kept on resume)
+                raise ValueError(f"--cuda-graphs on cannot continue {resume}: its run pads each "
+                                 "batch to its longest input (--pad-to longest), and graphs "
+                                 "need batches of one shape; resume with --cuda-graphs off "
+                                 "or auto")
+            settings = dataclasses.replace(settings, cuda_graphs=cuda_graphs_given)
+            validate(settings)  # (e.g. on with a LoRA checkpoint) before the data is read
         check_data_identity(settings, str(Path(resume) / "settings.json"))
     else:
         validate(settings)  # before hashing the data files or loading anything
