@@ -680,6 +680,28 @@ def test_cuda_graphs_on_is_refused_in_one_line_before_any_data_is_read(
     assert expected in err and len(err.splitlines()) == 1
 
 
+def test_cuda_graphs_on_without_cuda_is_refused_before_the_data_files_are_hashed(
+        tiny, tmp_path, capsys, monkeypatch):
+    """The device checks (``--cuda-graphs on``, ``--precision fp16`` without CUDA) came after
+    the sha256 of every data file, which takes seconds a gigabyte: now before, on a fresh run
+    and on a resume (whose checkpoint's own files are still verified first)."""
+    import increlora_fast.training.finetune_run as finetune
+    out = tmp_path / "run"
+    assert cli(_args(tiny, out, "--save-steps", "3", "--pad-to", "max_length")) == 0
+    capsys.readouterr()
+
+    def no_hashing(path):
+        raise AssertionError("a data file was hashed before the device was checked")
+    monkeypatch.setattr(finetune, "file_sha256", no_hashing)
+    for argv in (_args(tiny, tmp_path / "fresh", "--cuda-graphs", "on"),
+                 _args(tiny, tmp_path / "half", "--precision", "fp16"),
+                 ["--resume", str(out / "checkpoint-3"), "--cuda-graphs", "on", "--output-dir",
+                  str(tmp_path / "again"), "--no-progress"]):
+        assert cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "needs a CUDA device" in err and len(err.splitlines()) == 1, err
+
+
 def test_compare_refuses_cuda_graphs_on_with_a_peer_before_any_run(tiny, tmp_path, capsys):
     code = cli(_args(tiny, tmp_path / "cmp", "--cuda-graphs", "on", "--compare", "--methods",
                      "increlora,lora", "--seeds", "1", "--lrs", "0.001"))

@@ -523,12 +523,16 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
                                  "or auto")
             settings = dataclasses.replace(settings, cuda_graphs=cuda_graphs_given)
             validate(settings)  # (e.g. on with a LoRA checkpoint) before the data is read
-        check_data_identity(settings, str(Path(resume) / "settings.json"))
     else:
         validate(settings)  # before hashing the data files or loading anything
-        settings = with_data_identity(settings)
+    # device, precision and graphs (e.g. --cuda-graphs on without CUDA) before the data files
+    # are hashed, which takes seconds a gigabyte
     place = Placement.from_text(settings.device, settings.precision)
     cuda_graphs = uses_cuda_graphs(settings, place.device)
+    if resume:
+        check_data_identity(settings, str(Path(resume) / "settings.json"))
+    else:
+        settings = with_data_identity(settings)
     reset_peak_memory(place.device)
     s, data, run, batches = build_run(settings, place, cuda_graphs)
     state = load_checkpoint(Path(resume), run, place.scaler) if resume else LoopState()
