@@ -680,6 +680,29 @@ def test_cuda_graphs_on_is_refused_in_one_line_before_any_data_is_read(
     assert expected in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.parametrize("steps", [WARMUP_STEPS, WARMUP_STEPS + 2])
+def test_metrics_say_how_many_steps_ran_from_graphs(tiny, tmp_path, capsys, monkeypatch, steps):
+    """A graphed run's first `WARMUP_STEPS` steps run eagerly, so a run that short took no step
+    from graphs, and metrics.json (``cuda_graphs`` true, no fallback) and the summary's "CUDA
+    graphs" said it had. ``cuda_graphs_steps`` counts the steps captured or replayed, and the
+    summary names graphs only when there were some."""
+    from increlora_fast.cli.finetune import _print_summary
+    from increlora_fast.training import finetune_run
+    made = _emulated_graphs(monkeypatch)
+    monkeypatch.setattr(finetune_run, "uses_cuda_graphs", lambda s, device=None: True)
+    metrics = finetune_run.run_finetune(_settings(tiny, max_steps=steps, pad_to="max_length"),
+                                        str(tmp_path / "run"), progress=False)
+    assert metrics["cuda_graphs"] is True and metrics["cuda_graphs_fallback"] is None
+    assert metrics["cuda_graphs_steps"] == steps - WARMUP_STEPS
+    assert bool(made) == (steps > WARMUP_STEPS)
+    capsys.readouterr()
+    _print_summary(metrics, "out")
+    speed = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("speed"))
+    assert ("CUDA graphs)" in speed) == (steps > WARMUP_STEPS), speed
+    if steps == WARMUP_STEPS:
+        assert "no step ran from CUDA graphs" in speed
+
+
 def test_cuda_graphs_on_without_cuda_is_refused_before_the_data_files_are_hashed(
         tiny, tmp_path, capsys, monkeypatch):
     """The device checks (``--cuda-graphs on``, ``--precision fp16`` without CUDA) came after

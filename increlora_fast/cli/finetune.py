@@ -360,8 +360,11 @@ def _graphs_note(m: dict) -> str:
     if not m.get("cuda_graphs"):
         return ""
     fallback = m.get("cuda_graphs_fallback")
-    return ", CUDA graphs" if fallback is None else \
-        f", eager steps: the model could not be captured in CUDA graphs ({fallback})"
+    if fallback is not None:
+        return f", eager steps: the model could not be captured in CUDA graphs ({fallback})"
+    if m.get("cuda_graphs_steps") == 0:  # (metrics of older runs have no count)
+        return ", eager steps: no step ran from CUDA graphs (the first steps run eagerly)"
+    return ", CUDA graphs"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -576,6 +576,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
                    device=str(place.device),
                    precision=place.precision, cuda_graphs=cuda_graphs,
                    cuda_graphs_fallback=state.graph_fallback,
+                   cuda_graphs_steps=state.graphed_steps,
                    train_tokens=state.session_tokens,
                    tokens_per_second=tokens_per_second(state.session_tokens,
                                                        state.session_seconds),

@@ -71,6 +71,9 @@ class LoopState:
     # --cuda-graphs: why the run stepped eagerly instead (the model's forward or backward
     # cannot be captured: `GraphedSteps.fallback`), or None (not checkpointed)
     graph_fallback: Optional[str] = field(default=None, repr=False)
+    # --cuda-graphs: this session's steps captured or replayed from graphs (the first ones run
+    # eagerly, so a short run may have none); 0 without graphs (not checkpointed)
+    graphed_steps: int = field(default=0, repr=False)
     warm_mark: Optional[Tuple[int, float]] = field(default=None, repr=False)
     # seconds of each of this session's first LOG_EVERY steps, each waited for on the device
     first_step_seconds: List[float] = field(default_factory=list, repr=False)
@@ -182,6 +185,7 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
     if runner.graphed is not None:
         state.graph_pool_bytes = runner.graphed.pool_bytes()
         state.graph_fallback = runner.graphed.fallback
+        state.graphed_steps = runner.graphed.captures + runner.graphed.replays
     return state
 
 
