@@ -385,7 +385,7 @@ FINETUNE_KEEP = ("eval_accuracy", "eval_macro_f1", "eval_loss", "eval_examples",
                  "peak_device_memory_mb",
                  "peak_device_memory_kind", "device", "precision", "total_rank",
                  "trainable_params_active", "trainable_params_padded", "cuda_graphs",
-                 "cuda_graphs_fallback", "rank_pattern", "warnings")
+                 "cuda_graphs_fallback", "cuda_graphs_steps", "rank_pattern", "warnings")
 
 
 def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
