@@ -888,3 +888,15 @@ def test_a_clipping_norm_changed_between_replays_reaches_them():
     assert runner.graphed.replays > 0 and runner.graphed.fallback is None
     assert losses == plain
     assert all(torch.equal(weights[n], plain_weights[n]) for n in plain_weights)
+
+
+def test_cuda_graphs_given_to_a_new_run_is_refused_not_ignored(tiny, tmp_path):
+    """`run_finetune(cuda_graphs=...)` replaces a checkpoint's setting on a resume; a new run
+    ignored it silently (and ran with RunSettings.cuda_graphs). Now it is refused before the
+    output folder is made."""
+    from increlora_fast.training import finetune_run
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"run_finetune\(cuda_graphs='off'\) replaces a "
+                                         r"checkpoint's setting on a resume.*RunSettings"):
+        finetune_run.run_finetune(_settings(tiny), str(out), cuda_graphs="off")
+    assert not out.exists()

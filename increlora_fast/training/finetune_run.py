@@ -503,7 +503,12 @@ def run_finetune(settings: RunSettings, output_dir: str, resume: Optional[str] =
 
     Raises:
         TrainingDivergedError: non-finite parameters or evaluation loss; nothing is written.
+        ValueError: ``cuda_graphs`` without ``resume`` (a new run takes
+            ``settings.cuda_graphs``), before anything is written.
     """
+    if cuda_graphs is not None and not resume:
+        raise ValueError(f"run_finetune(cuda_graphs={cuda_graphs!r}) replaces a checkpoint's "
+                         "setting on a resume; a new run takes RunSettings.cuda_graphs")
     with claim_output_dir(output_dir, overwrite=overwrite, resume=resume, echo=echo) as out:
         return _run_into(out, settings, resume, save_steps, progress, echo, cuda_graphs)
 
