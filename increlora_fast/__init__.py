@@ -7,6 +7,7 @@ checks and help) start without importing torch and transformers.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING, Any, List
 
 __version__ = "0.1.0"
@@ -42,6 +43,9 @@ if TYPE_CHECKING:  # what type checkers and editors read
 def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
+        # a submodule (``increlora_fast.pooling.apply_pooling``), as the eager package gave it
+        if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}"):
+            return importlib.import_module(f".{name}", __name__)
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value  # later lookups find it without this function

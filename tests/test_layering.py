@@ -131,3 +131,20 @@ def test_the_package_and_its_tensor_free_modules_start_without_torch():
         assert "no_such_name" in str(err)
     else:
         raise AssertionError("an unknown name resolved")
+
+
+def test_the_package_gives_its_submodules_as_attributes():
+    """README names functions by their module under the package (``increlora_fast.pooling.
+    apply_pooling(model, "mean")``, ``increlora_fast.device_scalar``), as export_peft's warning
+    does: after ``import increlora_fast`` those resolved (the eager ``__init__`` imported them),
+    and the lazy one must give a submodule on first use too, still without importing torch."""
+    import subprocess
+    import sys
+    code = ("import sys, increlora_fast; print('torch' in sys.modules); "
+            "print(increlora_fast.pooling.apply_pooling.__module__, "
+            "increlora_fast.device_scalar.__name__, increlora_fast.model.__name__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=PACKAGE.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["False", "increlora_fast.pooling",
+                                   "increlora_fast.device_scalar", "increlora_fast.model"]
