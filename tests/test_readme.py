@@ -38,3 +38,32 @@ def test_ci_runs_the_readme_test_command():
     block = re.search(r"<!-- test-command -->\n```bash\n(.*?)\n```\n<!-- /test-command -->",
                       README.read_text(), flags=re.S)
     assert block and "pytest" in block.group(1)
+
+
+def test_every_option_the_readme_names_exists():
+    """Each ``--option`` the README and the own-data recipe (docs/compare/own_data.md) tell a user
+    to give is one of the commands they name: ``increlora-fast finetune|bench|memory|gpu-check``,
+    ``compare_stats`` and the step_host / replay_host benchmarks (a renamed or dropped option
+    fails here, not in a user's shell)."""
+    import contextlib
+    import io
+    from increlora_fast.benchmarks.speed import replay_host, step_host
+    from increlora_fast.cli.main import SUBCOMMANDS, main
+    from increlora_fast.training import compare_stats
+
+    mains = [lambda argv, name=name: main([name] + argv) for name in SUBCOMMANDS]
+    mains += [compare_stats.main, step_host.main, replay_host.main]
+    known = set()
+    pytest_options = {"--dist"}  # the test command's, and the line after it
+    for run in mains:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                run(["--help"])
+            except SystemExit:
+                pass
+        known |= set(re.findall(r"--[a-z][a-z0-9-]+", out.getvalue()))
+    readme = README.read_text()
+    own_data = (README.parent / "docs" / "compare" / "own_data.md").read_text()
+    named = set(re.findall(r"--[a-z][a-z0-9-]+", readme + own_data))
+    assert named and not named - known - pytest_options, sorted(named - known - pytest_options)
