@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-from ..persistence import atomic_write_bytes
 from .allocation_stats import plot_allocation
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES
 from .settings import RunSettings
@@ -594,6 +593,7 @@ def write_output(path: Path, data: bytes) -> None:
         path.write_bytes(data)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    from ..persistence import atomic_write_bytes  # here: persistence imports torch
     atomic_write_bytes(path, data)
 
 
