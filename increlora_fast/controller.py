@@ -109,9 +109,10 @@ class IncreLoRAController:
         self._warned_idle = False
         self._warned_frozen = False
         self._warned_optimizer = False
-        # Whether this run's length was checked against the budget: at the first `step` when
-        # config.total_step gives it (a manual loop); the Trainer and finetune check it with
-        # their own option names and set this (`budget_out_of_reach`).
+        # Whether this run's length was checked against the budget: the Trainer and finetune
+        # check it with their own option names (`budget_out_of_reach`); otherwise (a manual
+        # loop) the first `step`, at step 0, says what config.total_step gives, worked out here
+        # so that the step reads nothing on the host.
         self.budget_reach_checked = False
         self._note_adapter_versions()
         # Fresh reserve slots are drawn from the controller's own generator: every
@@ -132,6 +133,9 @@ class IncreLoRAController:
         self._tracking = False
         if self.current_total_rank() >= self.total_budget:
             self._finish()
+        self._reach_warning = (self._reach_message(0, self.config.total_step,
+                                                   "IncreLoRAConfig.total_step")
+                               if self.config.total_step is not None else None)
         self._set_tracking(self.is_tracked(0))
 
     # ------------------------------------------------------------------ queries
@@ -142,6 +146,10 @@ class IncreLoRAController:
         ``length`` names the setting ``end_step`` comes from (``"max_steps"``). Marks the run's
         length as checked (`budget_reach_checked`)."""
         self.budget_reach_checked = True
+        return self._reach_message(start_step, end_step, length)
+
+    def _reach_message(self, start_step: int, end_step: int, length: str) -> Optional[str]:
+        """`budget_out_of_reach`'s text, without marking anything (reads the ranks)."""
         if self.budget_reached:
             return None
         config, modules = self.config, len(self.layers)
@@ -236,11 +244,8 @@ class IncreLoRAController:
             self._note_skipped(step)
         if not self.budget_reach_checked:
             self.budget_reach_checked = True
-            if self.config.total_step is not None:
-                message = self.budget_out_of_reach(step, self.config.total_step,
-                                                   "IncreLoRAConfig.total_step")
-                if message:
-                    warnings.warn(message, RuntimeWarning, stacklevel=2)
+            if self._reach_warning and step == 0:  # (a resumed run was told at its step 0)
+                warnings.warn(self._reach_warning, RuntimeWarning, stacklevel=2)
         due = self.allocation_due(step)
         self._update(step, loss_scale, due, overflow)
         if due and self.defer_round:  # `finish_replayed_round` does the rest

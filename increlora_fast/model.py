@@ -39,8 +39,8 @@ def _similar_names(key: str, names: List[str]) -> str:
 
 def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """The names of the modules to adapt: those ``target_modules`` selects, less those of
-    ``exclude_modules``; a target inside ``modules_to_save`` is skipped where the targets were
-    chosen automatically (None, ``"all-linear"``) and refused where they were named."""
+    ``exclude_modules`` and, as in peft, those inside ``modules_to_save`` (trained in full);
+    a listed name that matches only such modules is refused."""
     names = [n for n, _ in model.named_modules() if n]
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
@@ -48,21 +48,21 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
                                  names)
     targets = _without_excluded(_selected_targets(model, spec, names), config.exclude_modules,
                                 names)
-    if spec is None:
-        targets = [n for n in targets if _saved_root(n, config) is None]
-        if not targets:
-            raise ValueError("target_modules=None: every default attention/FFN linear lies inside "
-                             f"modules_to_save {config.modules_to_save}, which trains it in "
-                             "full; nothing would be adapted (set target_modules)")
-    for n in targets:
-        root = _saved_root(n, config)
-        if root is not None:
-            raise ValueError(f"target module {n!r} lies inside modules_to_save entry {root!r}, "
-                             "which trains it in full already (an adapter on it would train "
-                             "beside its full weight): leave it out of target_modules (or name "
-                             "it in exclude_modules), or that entry out of modules_to_save")
+    # as in peft: a linear inside a module to save trains in full and gets no adapter
+    kept = [n for n in targets if _saved_root(n, config) is None]
+    for key in spec if isinstance(spec, list) else []:
+        if not any(suffix_match(n, key) for n in kept) and any(suffix_match(n, key)
+                                                               for n in targets):
+            raise ValueError(f"target module {key!r} matches only modules inside "
+                             f"modules_to_save {config.modules_to_save}, which train in full "
+                             "and get no adapter (as in peft); leave it out of one of the two")
+    if not kept:
+        raise ValueError(f"target_modules={spec!r}: every target lies inside modules_to_save "
+                         f"{config.modules_to_save}, which trains it in full and gives it no "
+                         "adapter (as in peft); nothing would be adapted")
+    for n in kept:
         _refuse_weight_readers(model, n)
-    return targets
+    return kept
 
 
 def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:

@@ -375,22 +375,21 @@ def test_resuming_a_finetune_checkpoint_onto_another_base_is_refused(tmp_path, c
 
 
 @pytest.mark.parametrize("training_state", [False, True], ids=["adapter", "checkpoint"])
-def test_an_adapted_layer_inside_a_module_to_save_loads_onto_its_base(tmp_path, base,
-                                                                       other_base,
-                                                                       training_state):
-    """A module to save that holds an adapted layer (RoBERTa's ``classifier.dense`` under
-    targets ``["query", "value", "dense"]`` and ``modules_to_save=["classifier"]``) trains that
-    layer's base weight, which the adapter carries: the fingerprint taken of the trained weight
-    made the adapter refuse its own base (found by an audit). That weight is not compared; the
-    others still are."""
+def test_a_target_inside_a_module_to_save_is_saved_whole_and_loads_onto_its_base(
+        tmp_path, base, other_base, training_state):
+    """A module to save that holds linears the targets name (RoBERTa's ``classifier.dense``
+    under targets ``["query", "value", "dense"]`` and ``modules_to_save=["classifier"]``): as in
+    peft they get no adapter and train in full; the adapter carries their trained weights, and
+    loads onto its own base (the other base weights are still compared)."""
     config = IncreLoRAConfig(target_modules=["fc", "proj"], r_max=6, init_r=1, target_rank=3,
                              modules_to_save=["head", "blocks.1"])
     source = trained(base, config)
+    assert type(source.blocks[1].fc) is nn.Linear
     with torch.no_grad():  # what training the module to save does
-        source.blocks[1].fc.base_layer.weight.add_(torch.randn(20, 12) * 0.1)
+        source.blocks[1].fc.weight.add_(torch.randn(20, 12) * 0.1)
     save_adapter(source, tmp_path, training_state=training_state)
     target = load_adapter(fresh(base, config), tmp_path)
-    assert torch.equal(target.blocks[1].fc.base_layer.weight, source.blocks[1].fc.base_layer.weight)
+    assert torch.equal(target.blocks[1].fc.weight, source.blocks[1].fc.weight)
     x = torch.randn(4, 12)
     assert torch.equal(target.eval()(x), source.eval()(x))
     with pytest.raises(persistence.BaseMismatchError, match="first difference in blocks.0.fc"):

@@ -375,25 +375,32 @@ def test_exclude_modules_must_be_names_or_one_regex(bad):
         config(exclude_modules=bad)
 
 
-def test_a_named_target_inside_modules_to_save_is_refused(tiny_net):
-    """A linear that modules_to_save trains in full would also get an adapter training beside
-    its full weight (and its adapter would be merged into a weight saved whole): refused when
-    the targets are named, with the two ways out; left out when they are chosen for the user."""
-    before = snapshot(tiny_net)
-    with pytest.raises(ValueError, match=r"target module 'blocks.1.fc' lies inside "
-                                         r"modules_to_save entry '1'.*exclude_modules"):
-        inject_increlora(tiny_net, config(modules_to_save=["1"]))
-    assert snapshot(tiny_net) == before
-    model = inject_increlora(tiny_net, config(modules_to_save=["1"],
-                                              exclude_modules=r"blocks\.1\..*"))
-    assert adapted(model) == {"blocks.0.fc", "blocks.0.proj"}
+def test_a_target_inside_modules_to_save_gets_no_adapter_as_in_peft(tiny_net):
+    """A linear that modules_to_save trains in full got an adapter too, training beside its
+    full weight (RoBERTa's ``classifier.dense`` under targets ``[..., "dense"]`` and
+    ``modules_to_save=["classifier"]``); peft leaves it unadapted, and so does injection now.
+    A listed name that matches only such linears, or targets all inside modules to save, would
+    adapt nothing of what was asked: refused, the model unchanged."""
+    from peft import LoraConfig, get_peft_model
+    peft_model = get_peft_model(copy.deepcopy(tiny_net), LoraConfig(
+        target_modules=["fc", "proj"], modules_to_save=["1"], r=2))
+    peft_adapted = {n.removeprefix("base_model.model.") for n, m in peft_model.named_modules()
+                    if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)}
+    model = inject_increlora(copy.deepcopy(tiny_net), config(modules_to_save=["1"]))
+    assert adapted(model) == {"blocks.0.fc", "blocks.0.proj"} == peft_adapted
     assert all(p.requires_grad for p in model.blocks[1].parameters())
+    before = snapshot(tiny_net)
+    with pytest.raises(ValueError, match=r"target module '1.fc' matches only modules inside "
+                                         r"modules_to_save \['1'\]"):
+        inject_increlora(tiny_net, config(target_modules=["0.fc", "1.fc"], modules_to_save=["1"]))
+    with pytest.raises(ValueError, match="every target lies inside modules_to_save"):
+        inject_increlora(tiny_net, config(target_modules=r"blocks\.1\.(fc|proj)",
+                                          modules_to_save=["blocks"]))
+    assert snapshot(tiny_net) == before
     bert = _tiny_bert()
     inject_increlora(bert, config(target_modules=None, modules_to_save=["encoder.layer.1"]))
     assert adapted(bert) and not any(n.startswith("encoder.layer.1.") for n in adapted(bert))
     assert all(p.requires_grad for p in bert.encoder.layer[1].parameters())
-    with pytest.raises(ValueError, match="every default attention/FFN linear lies inside"):
-        inject_increlora(_tiny_bert(), config(target_modules=None, modules_to_save=["encoder"]))
 
 
 def _tiny_bert() -> nn.Module:
