@@ -140,9 +140,12 @@ def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str
         for key in exclude:
             if not any(suffix_match(n, key) for n in targets):
                 holder = next((n for n in names if suffix_match(n, key)), None)
+                inside = holder is not None and any(n.startswith(holder + ".")
+                                                    for n in targets)
                 where = (f"it names {holder!r}, not a target; an entry leaves out the targets "
-                         "whose own name ends in it, so leave out a whole block with a regex "
-                         f"string such as r'{re.escape(holder)}\\..*'"
+                         "whose own name ends in it, so leave out the targets inside it with "
+                         f"a regex string such as r'{re.escape(holder)}\\..*'" if inside else
+                         f"it names {holder!r}, which is not a target and holds none"
                          if holder is not None else
                          f"similar names: {_similar_names(key, names)}")
                 raise ValueError(f"exclude_modules entry {key!r} leaves out none of the "

@@ -355,6 +355,8 @@ def test_exclude_modules_with_all_linear_and_the_default_targets(tiny_net):
                    r"'blocks.0', not a target; .*regex string such as r'blocks\\.0\\.\.\*'\)"),
     (["fcc"], r"entry 'fcc' leaves out none of the 4 target modules \(similar names: "
               r".*'fc'"),
+    (["head"], r"entry 'head' leaves out none of the 4 target modules \(it names 'head', "
+               r"which is not a target and holds none\)"),
     (r"fc", r"regex 'fc' matches none of the 4 target modules \(it must match the full name"),
     (["fc", "proj"], r"leaves out every one of the 4 target modules"),
 ])
