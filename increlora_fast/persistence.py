@@ -402,10 +402,14 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     for name, layer in increlora_layers(model):
         for key, value in _layer_tensors(layer, training_state).items():
             tensors[f"{name}.{key}"] = value.detach().cpu().contiguous()
+    # own copies: a tensor registered under two names (a buffer shared by two modules to save)
+    # must not share memory in the file, which safetensors refuses; .cpu() copies only on a GPU
     for name, param in saved_module_parameters(model).items():
-        tensors[SAVED_PREFIX + name] = param.detach().cpu().contiguous()
+        tensors[SAVED_PREFIX + name] = param.detach().cpu().clone(
+            memory_format=torch.contiguous_format)
     for name, buffer in saved_module_buffers(model).items():
-        tensors[SAVED_PREFIX + name] = buffer.detach().cpu().contiguous()
+        tensors[SAVED_PREFIX + name] = buffer.detach().cpu().clone(
+            memory_format=torch.contiguous_format)
     pattern = rank_pattern(model)
     base = {"name_or_path": base_model_name(model), "fingerprint": base_fingerprint(model)}
     header = {"format": FORMAT, "format_version": FORMAT_VERSION,

@@ -368,6 +368,39 @@ def test_buffers_of_modules_to_save_round_trip(tmp_path, training_state):
     assert torch.equal(target(x), source(x))
 
 
+class SharedBufferHead(nn.Module):
+    """A head whose two linears share one persistent buffer (registered in both)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 3)
+        shift = torch.zeros(8)
+        self.a.register_buffer("shift", shift)
+        self.b.register_buffer("shift", shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(self.fc(x)) + self.a.shift)
+
+
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_a_buffer_shared_by_two_modules_to_save_round_trips(tmp_path, training_state):
+    """A persistent buffer registered under two names of the modules to save is saved under
+    both (found by an audit: on a CPU model safetensors refused the two names sharing memory,
+    a RuntimeError, while the same model on a GPU saved, as .cpu() made separate copies)."""
+    torch.manual_seed(0)
+    base = SharedBufferHead()
+    config = make_config(target_modules=["fc"], modules_to_save=["a", "b"])
+    source = fresh(base, config)
+    source.a.shift.add_(1.5)  # as training would move it
+    save_adapter(source, tmp_path, training_state=training_state)
+    target = load_adapter(fresh(base, config), tmp_path)
+    assert torch.equal(target.b.shift, source.b.shift)
+    assert target.a.shift is target.b.shift
+    x = torch.randn(4, 8)
+    assert torch.equal(target(x), source(x))
+
+
 def test_an_adapter_without_the_buffers_of_modules_to_save_loads_with_a_warning(tmp_path):
     base = NormHead()
     config = make_config(target_modules=["fc"], modules_to_save=["head"])
