@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,8 @@ from torch import nn
 
 import adapter_helpers
 from adapter_helpers import fresh
-from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
-                            load_config, rank_pattern, save_adapter)
+from increlora_fast import (IncreLoRAConfig, create_optimizer, increlora_layers, inject_increlora,
+                            load_adapter, load_config, rank_pattern, save_adapter)
 from increlora_fast import persistence
 from increlora_fast.layer import IncreLoRALinear
 
@@ -366,6 +367,26 @@ def test_buffers_of_modules_to_save_round_trip(tmp_path, training_state):
     source.eval(), target.eval()
     x = torch.randn(4, 8)
     assert torch.equal(target(x), source(x))
+
+
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
+def test_loading_into_a_grown_model_leaves_no_stale_slot_stamp(tmp_path, tiny_net, training_state):
+    """A model grown at step 10 and more, given another adapter and a fresh optimizer, trains
+    without the warning that the controller's and the optimizer's step counts differ (found by
+    an audit: load_adapter kept the model's last slot stamp, so the first optimizer step
+    warned that slots were stamped at step 30 while this is step 0; loading a state dict
+    clears it)."""
+    config = make_config(target_modules=["fc"])
+    other = fresh(tiny_net, config)
+    save_adapter(other, tmp_path, training_state=training_state)
+    model = trained(tiny_net, config)  # its layers were stamped at steps 10 to 30
+    assert any(layer.last_stamp is not None for _, layer in increlora_layers(model))
+    load_adapter(model, tmp_path)
+    optimizer = create_optimizer(model, config, lr=1e-2)
+    model(torch.randn(4, 12)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
 
 
 class SharedBufferHead(nn.Module):
