@@ -376,6 +376,7 @@ class IncreLoRALinear(nn.Module):
             for stamps in (self.slot_alloc_step, self.slot_active_step):
                 stamps.copy_(torch.where(stamps >= 0, 0, -1))
         self.mark_slots_changed()
+        self.last_stamp = None  # the earlier run's step: a new optimizer would warn about it
 
     def mark_slots_changed(self) -> None:
         """Bump ``slot_version``: call after changing ``slot_state``, ``slot_alloc_step`` or

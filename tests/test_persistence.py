@@ -389,6 +389,22 @@ def test_loading_into_a_grown_model_leaves_no_stale_slot_stamp(tmp_path, tiny_ne
         optimizer.step()
 
 
+def test_restart_schedules_leaves_no_stale_slot_stamp(tiny_net):
+    """`IncreLoRALinear.restart_schedules` (a new run over a grown model, as the Trainer starts
+    one; its sibling of the stamps load_adapter makes) clears the layer's last slot stamp too:
+    the first step of the new run's optimizer warned that slots were stamped at step 30 while
+    this is step 0 (found by the same audit)."""
+    config = make_config(target_modules=["fc"])
+    model = trained(tiny_net, config)
+    for _, layer in increlora_layers(model):
+        layer.restart_schedules()
+    optimizer = create_optimizer(model, config, lr=1e-2)
+    model(torch.randn(4, 12)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        optimizer.step()
+
+
 class SharedBufferHead(nn.Module):
     """A head whose two linears share one persistent buffer (registered in both)."""
 
