@@ -396,6 +396,29 @@ def test_a_target_inside_a_module_to_save_is_saved_whole_and_loads_onto_its_base
         load_adapter(fresh(other_base, config), tmp_path)
 
 
+@pytest.mark.parametrize("training_state", [False, True], ids=["adapter", "checkpoint"])
+def test_an_adapted_layer_whose_base_weight_trains_loads_onto_its_base(tmp_path, base, other_base,
+                                                                       training_state):
+    """An adapted layer whose base weight trains too (unfrozen by hand; before 2026-12-07 also
+    a target inside a module to save, which now gets no adapter) has that weight carried by the
+    adapter: the fingerprint taken of the trained weight made the adapter refuse its own base
+    (found by an audit). That weight is not compared; the others still are."""
+    config = IncreLoRAConfig(target_modules=["fc", "proj"], r_max=6, init_r=1, target_rank=3,
+                             modules_to_save=["head"])
+    source = trained(base, config)
+    weight = source.blocks[1].fc.base_layer.weight
+    weight.requires_grad_(True)
+    with torch.no_grad():  # what training it does
+        weight.add_(torch.randn(20, 12) * 0.1)
+    save_adapter(source, tmp_path, training_state=training_state)
+    target = load_adapter(fresh(base, config), tmp_path)
+    assert torch.equal(target.blocks[1].fc.base_layer.weight, weight)
+    x = torch.randn(4, 12)
+    assert torch.equal(target.eval()(x), source.eval()(x))
+    with pytest.raises(persistence.BaseMismatchError, match="first difference in blocks.0.fc"):
+        load_adapter(fresh(other_base, config), tmp_path)
+
+
 def test_an_adapted_lm_head_tied_to_an_embedding_to_save_loads_onto_its_base(tmp_path):
     """As above for an adapted ``lm_head`` whose base weight is the input embedding, a module
     to save: the adapter carries that weight under the embedding's name."""
