@@ -246,8 +246,8 @@ def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
     adapter in ``directory`` was saved from; a warning when the adapter records no base (saved
     before fingerprints were written).
 
-    ``carried``: adapted modules whose base weight the adapter itself holds (an adapted layer
-    inside a module to save, whose base weight trains): they are left out of the comparison,
+    ``carried``: adapted modules whose base weight the adapter itself holds (a base weight that
+    trains: tied to a module to save, or unfrozen by hand): they are left out of the comparison,
     since the recorded value is the trained weight, which the load puts in place."""
     if BASE_KEY not in meta:
         warnings.warn(f"adapter {directory} records no base model fingerprint (saved by an older "
@@ -626,9 +626,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     Args:
         check_base: refuse a model whose adapted weights differ from the base the adapter was
             saved from (`base_fingerprint`; the same base in another dtype or on another device
-            matches; a base weight the adapter carries itself, that of an adapted layer inside
-            a module to save, is not compared). False loads onto any model that fits.
-            Adapters saved before the base was recorded load with a warning.
+            matches; a base weight the adapter carries itself, one that trains (tied to a
+            module to save, or unfrozen by hand), is not compared). False loads onto any model
+            that fits. Adapters saved before the base was recorded load with a warning.
 
     A ``torch.compile`` or (Distributed)DataParallel wrapper loads into the model it holds
     (`model.unwrapped`) and is returned.
