@@ -61,6 +61,8 @@ FORMAT_VERSION = "1"
 SAVED_PREFIX = "modules_to_save."
 SLOT_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state")
 TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
+# Config fields that list module names: compared as sets (`_comparable`).
+SELECTION_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
 BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
 POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json
 PAD_KEY = "pad_token_id"  # weights-file metadata (as JSON) and adapter_config.json
@@ -491,6 +493,17 @@ def load_config(save_directory: PathLike) -> IncreLoRAConfig:
     return _saved_config(meta, path)
 
 
+def _comparable(config: IncreLoRAConfig) -> Dict[str, Any]:
+    """``config.to_dict()`` with its lists of module names (`SELECTION_FIELDS`) as sorted sets:
+    they select modules by name whatever their order or repeats (peft's LoraConfig holds them
+    as sets), so configs that adapt and save the same modules compare equal."""
+    data = config.to_dict()
+    for key in SELECTION_FIELDS:
+        if isinstance(data[key], list):
+            data[key] = sorted(set(data[key]))
+    return data
+
+
 def _check(cond: bool, path: Path, message: str) -> None:
     if not cond:
         raise ValueError(f"adapter {path} does not fit this model: {message}")
@@ -603,7 +616,8 @@ def _check_pooling(pooling: Optional[str], model: nn.Module, directory: Path) ->
 
 def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = True
                  ) -> nn.Module:
-    """Restore an adapter saved by `save_adapter` into a model injected with the same config.
+    """Restore an adapter saved by `save_adapter` into a model injected with the same config
+    (its lists of module names compared as sets, `_comparable`).
 
     The parameters saved outside the adapters load into the model's parameters of their names:
     those of the modules to save, and any other the saved model trained (one unfrozen by hand,
@@ -642,7 +656,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     if merged:
         raise ValueError(f"cannot load an adapter into merged layers {merged[:3]}: unmerge them "
                          "first, or the old adapter would stay folded into the base weights")
-    diff = sorted(k for k, v in config.to_dict().items() if saved_config.to_dict()[k] != v)
+    mine, saved = _comparable(config), _comparable(saved_config)
+    diff = sorted(k for k, v in mine.items() if saved[k] != v)
     _check(not diff, path, "config differs in " + ", ".join(
         f"{k} (file {saved_config.to_dict()[k]!r}, model {config.to_dict()[k]!r})" for k in diff))
     training = meta.get("training_state") == "1"

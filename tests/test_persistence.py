@@ -149,6 +149,23 @@ def test_other_config_is_rejected(saved):
     assert_same_state(target, before)
 
 
+def test_module_lists_in_another_order_are_the_same_config(tmp_path, tiny_net):
+    """target_modules, modules_to_save and exclude_modules select modules as sets (peft's
+    LoraConfig holds them as sets): the same names in another order (or repeated) load, as they
+    adapt the same modules (found by an audit: refused as "config differs in target_modules");
+    another name is still refused."""
+    source = trained(tiny_net, make_config(target_modules=["fc", "proj"], modules_to_save=["head"],
+                                           exclude_modules=["0.fc", "1.proj"]))
+    save_adapter(source, tmp_path)
+    same = make_config(target_modules=["proj", "fc", "proj"], modules_to_save=["head", "head"],
+                       exclude_modules=["1.proj", "0.fc"])
+    target = load_adapter(fresh(tiny_net, same), tmp_path)
+    x = torch.randn(4, 12)
+    assert torch.equal(target.eval()(x), source.eval()(x))
+    with pytest.raises(ValueError, match=r"config differs in exclude_modules"):
+        load_adapter(fresh(tiny_net, make_config(exclude_modules=["1.proj"])), tmp_path)
+
+
 @pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training"])
 def test_other_shapes_are_rejected(tmp_path, tiny_net, make_tiny_net, training_state):
     config = make_config()
