@@ -651,7 +651,11 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     path = Path(save_directory) / WEIGHTS_NAME
     meta, tensors = _read(path)
     saved_config = _saved_config(meta, path)
-    config = get_config(model)
+    try:
+        config = get_config(model)
+    except ValueError as err:
+        raise ValueError(f"adapter {path} cannot load into this model: {err} (the adapter's "
+                         f"config: load_config({str(save_directory)!r}))") from err
     merged = [n for n, layer in increlora_layers(model) if layer.merged]
     if merged:
         raise ValueError(f"cannot load an adapter into merged layers {merged[:3]}: unmerge them "

@@ -250,9 +250,14 @@ def test_missing_directory(tmp_path, tiny_net):
 
 
 def test_model_without_adapter(saved):
+    """Loading into a model never injected names the adapter and how to inject it with the
+    adapter's own config (found by an audit: the message named neither)."""
     base, _, _, directory = saved
-    with pytest.raises(ValueError, match="inject_increlora"):
+    with pytest.raises(ValueError, match="inject_increlora") as err:
         load_adapter(copy.deepcopy(base), directory)
+    assert str(directory / WEIGHTS) in str(err.value)
+    assert f"load_config({str(directory)!r})" in str(err.value)
+    assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="inject_increlora"):
         save_adapter(copy.deepcopy(base), directory)
 
