@@ -544,3 +544,34 @@ def test_export_of_a_data_parallel_model(tmp_path):
     loaded = peft.PeftModel.from_pretrained(_fresh_base("llama"), str(tmp_path)).eval()
     torch.testing.assert_close(_outputs(loaded, "llama"), _outputs(model, "llama"),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude", [["1.mlp.c_fc"], r".*\.0\.attn\.c_attn"], ids=["names", "regex"])
+def test_exclude_modules_round_trips_through_save_load_and_export(tmp_path, exclude):
+    """``exclude_modules`` (new 2026-12-07) travels with the adapter: load_config gives it back,
+    load_adapter into a base injected with it gives our outputs, and peft adapts exactly the
+    modules we adapted (the export names its targets one by one), with our outputs."""
+    from increlora_fast import load_adapter, load_config, save_adapter
+
+    config = IncreLoRAConfig(target_modules=["c_attn", "c_fc"], r_max=4, init_r=2, target_rank=2,
+                             reserve_lambda=0.1, exclude_modules=exclude)
+    model = inject_increlora(_fresh_base("gpt2"), config)
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.normal_()
+            layer.lora_B.normal_(std=0.3)
+    names = [n for n, _ in increlora_layers(model)]
+    assert len(names) == 3
+    save_adapter(model, tmp_path / "ours")
+    assert load_config(tmp_path / "ours") == config
+    loaded = load_adapter(inject_increlora(_fresh_base("gpt2"), load_config(tmp_path / "ours")),
+                          tmp_path / "ours")
+    assert [n for n, _ in increlora_layers(loaded)] == names
+    assert torch.equal(_outputs(loaded, "gpt2"), _outputs(model, "gpt2"))
+    export_peft(model, tmp_path / "peft")
+    in_peft = peft.PeftModel.from_pretrained(_fresh_base("gpt2"), str(tmp_path / "peft")).eval()
+    adapted = [n for n, m in in_peft.base_model.model.named_modules()
+               if isinstance(m, peft.tuners.lora.LoraLayer)]
+    assert adapted == names
+    torch.testing.assert_close(_outputs(in_peft, "gpt2"), _outputs(model, "gpt2"),
+                               rtol=1e-5, atol=1e-5)
