@@ -226,6 +226,9 @@ class IncreLoRALinear(nn.Module):
         self.exact_step_score = False
         self.score_grad: Optional[torch.Tensor] = None
         self.merged = False
+        # (B * lambda, A) as `merge` added them, which `unmerge` subtracts: the adapter may
+        # change while merged (weight decay, the penalty), and the base must come back exact
+        self._merged_factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
         self.adapter_enabled = True
         self.slot_version = 0
         # (step, slot_version) of the last slot stamp `add_reserve` or `activate_reserve` made
@@ -487,11 +490,17 @@ class IncreLoRALinear(nn.Module):
         computed and returned in lambda's dtype (float32 also for 16-bit A and B; callers cast,
         as `merge` does to the base weight's dtype). Slots whose effective lambda is 0 are left
         out by value, as the kernels do: NaN or inf there never reaches the sum."""
+        b, a = self._delta_factors()
+        return b @ a
+
+    def _delta_factors(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B * effective lambda, A), new tensors in lambda's dtype whose product is
+        `delta_weight`."""
         with torch.no_grad():
             lam = self.effective_lambda()
             live = lam != 0
             b = torch.where(live, self.lora_B.to(lam.dtype) * lam, 0.0)
-            return b @ torch.where(live[:, None], self.lora_A.to(lam.dtype), 0.0)
+            return b, torch.where(live[:, None], self.lora_A.to(lam.dtype), 0.0)
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         # Parameters, buffers and submodules read from their dicts: nn.Module.__getattr__
@@ -571,8 +580,10 @@ class IncreLoRALinear(nn.Module):
         self.score_grad = None
 
     # ------------------------------------------------------------------ merging
-    def _base_weight_delta(self) -> torch.Tensor:
-        delta = self.delta_weight()
+    def _base_weight_delta(self, factors: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                           ) -> torch.Tensor:
+        b, a = self._delta_factors() if factors is None else factors
+        delta = b @ a
         return delta.t() if self.is_conv1d else delta
 
     def _attach_model(self, model: nn.Module, parameters: Dict[int, List[str]],
@@ -664,7 +675,9 @@ class IncreLoRALinear(nn.Module):
     def _merge_in_place(self) -> None:
         """`merge` without its checks (`merge_and_unload` checks the whole model once)."""
         w = self.base_layer.weight
-        w.add_(self._base_weight_delta().to(w.dtype))
+        factors = self._delta_factors()
+        w.add_(self._base_weight_delta(factors).to(w.dtype))
+        self._merged_factors = factors
         self.merged = True
 
     def _refuse_quantized_merge(self) -> None:
@@ -675,7 +688,8 @@ class IncreLoRALinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the adapter from the base weight again.
+        """Subtract the adapter from the base weight again: the adapter as `merge` added it,
+        so the base weight comes back as it was also when the adapter changed in between.
 
         Raises:
             RuntimeError: the layer is not merged.
@@ -686,7 +700,9 @@ class IncreLoRALinear(nn.Module):
             raise RuntimeError("IncreLoRALinear is not merged")
         self._refuse_tied("unmerge")
         w = self.base_layer.weight
-        w.sub_(self._base_weight_delta().to(w.dtype))
+        factors = tuple(f.to(w.device) for f in self._merged_factors)  # (after a .to())
+        w.sub_(self._base_weight_delta(factors).to(w.dtype))
+        self._merged_factors = None
         self.merged = False
 
     def extra_repr(self) -> str:

@@ -58,6 +58,30 @@ def test_layer_merge_unmerge_round_trip(conv1d):
         layer.unmerge()
 
 
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_unmerge_after_the_adapter_changed_while_merged_restores_the_base(conv1d):
+    """A merged layer's A, B and lambda still change when a training loop goes on (weight
+    decay, the orthogonal penalty; found by the persistence audit): unmerge subtracted the
+    changed adapter, not the one merge had added, and left the base weight off (by 0.13 after 3
+    steps of that audit's loop). It subtracts what merge added now, so the base comes back."""
+    base = Conv1D(10, 14) if conv1d else nn.Linear(14, 10)
+    original = base.weight.detach().clone()
+    layer = IncreLoRALinear(base, r_max=6, init_r=2, reserve_rank=2, reserve_lambda=0.1)
+    with torch.no_grad():
+        layer.lora_lambda.normal_()
+        layer.lora_B.normal_(std=0.3)
+    layer.merge()
+    with torch.no_grad():  # what AdamW's weight decay and a penalty step do meanwhile
+        layer.lora_A.mul_(0.9).add_(0.05)
+        layer.lora_B.mul_(0.9)
+        layer.lora_lambda.add_(0.3)
+    layer.unmerge()
+    torch.testing.assert_close(base.weight, original, rtol=0, atol=1e-6)
+    layer.merge()  # and a merge after it adds the adapter as it is now
+    expected = original + (layer.delta_weight().t() if conv1d else layer.delta_weight())
+    torch.testing.assert_close(base.weight, expected, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("adapter_dtype", ["base", "auto"])
 def test_merge_on_a_float16_base_with_a_float32_lambda(adapter_dtype):
     """float16 (or float32) A and B with the float32 lambda: dW is computed in float32 and the
