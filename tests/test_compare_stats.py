@@ -628,3 +628,31 @@ def test_a_growth_plot_without_rounds_leaves_no_growth_profile(runs_root, tmp_pa
                  "--growth-profile", str(profile), "--growth-plot",
                  str(tmp_path / "out" / "g.png")]) == 2
     assert "no growth rounds" in capsys.readouterr().err and not profile.exists()
+
+
+def test_what_is_left_out_of_the_pairing_is_named_on_stderr(runs_root, tmp_path, capsys):
+    """A variant sharing no seed with the baseline, a task without baseline runs and the seeds
+    only one side ran used to leave the table without a word (only the seed count showed the
+    last): each is now one warning naming the task, the variant and the seeds; a table left
+    with no row at all is an error naming why, before any output."""
+    for seed in (20, 21):
+        _write_run(runs_root, "rt", "lonely", seed, 0.7)
+    for seed in range(2):
+        _write_run(runs_root, "sst", "better", seed, 0.7)
+    out = tmp_path / "t.md"
+    assert main([str(runs_root), "--baseline", "default", "--out", str(out)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert "lonely" not in out.read_text()
+    assert "compare_stats: warning: task 'rt': 'lonely' shares no seed with the baseline " \
+        "'default' (seeds 20-21 against 0-7); left out" in err
+    assert "compare_stats: warning: task 'sst' has no runs of the baseline 'default'; left " \
+        "out 'better' (seeds 0-1)" in err
+    assert "compare_stats: warning: task 'rt': 'three_seeds' paired on 3 seeds; left out " \
+        "seeds 11 run by 'three_seeds' only, 3-7 by 'default' only" in err
+    assert len(err) == 3  # better and same ran every seed of the baseline
+    assert main([str(runs_root), "--baseline", "default", "--only", "lonely",
+                 "--out", str(out), "--json-out", str(tmp_path / "t.json")]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to compare" in err and "'lonely' shares no seed" in err
+    assert "warning" not in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "t.json").exists()

@@ -7,7 +7,9 @@ them, so a run on a data file of one's own has a readable task name); its seed c
 metrics. The output folder of ``increlora-fast finetune --compare`` (it holds ``compare.json``)
 is read as well: each method is a variant, at the learning rate its sweep chose, over the seeds
 of the comparison. Two variants are paired on (task, seed): with the same seed every method sees
-the same batches, so a difference per seed removes most of the seed-to-seed noise. The interval
+the same batches, so a difference per seed removes most of the seed-to-seed noise; what that
+leaves out (a task without baseline runs, a variant sharing no seed with the baseline, a seed
+only one of the two ran) is a warning on stderr, and a table left empty an error. The interval
 is Student's t over the seeds' differences. ``--power-for D`` adds, from the standard deviation
 of those differences, the chance that the seeds run would show a true difference of D (paired
 two-sided t-test at 5 %) and the number of pairs that would give 80 %.
@@ -32,7 +34,7 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES
@@ -387,12 +389,28 @@ class Selection:
             and not (self.exclude and _matches(variant, self.exclude, names)))
 
 
+def seeds_text(seeds: Iterable[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``: sorted seeds, consecutive ones as a range."""
+    spans: List[List[int]] = []
+    for seed in sorted(set(seeds)):
+        if spans and seed == spans[-1][1] + 1:
+            spans[-1][1] = seed
+        else:
+            spans.append([seed, seed])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
 def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[str] = None,
-                       exclude: Optional[str] = None) -> List[PairedDifference]:
+                       exclude: Optional[str] = None,
+                       warn: Optional[Callable[[str], None]] = None) -> List[PairedDifference]:
     """Every variant against ``baseline``, per task, over the seeds both ran; ``only`` and
-    ``exclude`` are comma-separated globs of variant names to keep and to leave out. Raises
-    ValueError when no task has the baseline, and for a pair whose runs were scored on other
-    dev data (`dev_data`: another eval file, task or cap), which is no paired difference."""
+    ``exclude`` are comma-separated globs of variant names to keep and to leave out. What the
+    pairing leaves out of a kept variant (a task without baseline runs, a variant sharing no
+    seed with the baseline, the seeds only one of the two ran) is told to ``warn``, one line
+    each. Raises ValueError when no task has the baseline, and for a pair whose runs were
+    scored on other dev data (`dev_data`: another eval file, task or cap), which is no paired
+    difference."""
+    warn = warn or (lambda message: None)
     table: Dict[str, Dict[str, Dict[int, RunResult]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
         table[run.task][run.variant][run.seed] = run
@@ -404,15 +422,26 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
     rows = []
     for task in sorted(table):
         base = table[task].get(baseline)
+        kept = [v for v in sorted(table[task]) if v != baseline and selection.keeps(v, names)]
         if base is None:
+            if kept:
+                warn(f"task {task!r} has no runs of the baseline {baseline!r}; left out "
+                     + ", ".join(f"{v!r} (seeds {seeds_text(table[task][v])})" for v in kept))
             continue
-        for variant in sorted(table[task]):
-            if variant == baseline or not selection.keeps(variant, names):
-                continue
+        for variant in kept:
             mine = table[task][variant]
             seeds = sorted(set(mine) & set(base))
             if not seeds:
+                warn(f"task {task!r}: {variant!r} shares no seed with the baseline "
+                     f"{baseline!r} (seeds {seeds_text(mine)} against {seeds_text(base)}); "
+                     "left out")
                 continue
+            unpaired = [(seeds_text(set(a) - set(b)), who) for a, b, who in
+                        ((mine, base, variant), (base, mine, baseline)) if set(a) - set(b)]
+            if unpaired:
+                warn(f"task {task!r}: {variant!r} paired on {len(seeds)} seeds; left out seeds "
+                     + ", ".join(f"{text} {'run by' if i == 0 else 'by'} {who!r} only"
+                                 for i, (text, who) in enumerate(unpaired)))
             for s in seeds:
                 if None not in (mine[s].dev, base[s].dev) and mine[s].dev != base[s].dev:
                     raise ValueError(
@@ -690,12 +719,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                              f"{args.power_for:g}")
         runs = load_runs(Path(args.root), args.metric,
                          Selection(args.baseline, args.only, args.exclude))
-        rows = paired_differences(runs, args.baseline)  # the runs read are those selected
+        left_out: List[str] = []  # the runs read are those selected
+        rows = paired_differences(runs, args.baseline, warn=left_out.append)
         if not rows and (args.diff_plot or not (args.allocation_plot or args.growth_profile or
                                                 args.growth_plot)):
             filters = " left by --only/--exclude" if args.only or args.exclude else ""
             raise ValueError(f"no variant{filters} shares a seed of a task with the baseline "
-                             f"{args.baseline!r}: there is nothing to compare")
+                             f"{args.baseline!r}: there is nothing to compare"
+                             + "".join(f"; {line}" for line in left_out))
+        for line in left_out:
+            print(f"compare_stats: warning: {line}", file=sys.stderr)
         if args.power_for is not None:
             rows = with_power(rows, args.power_for)
         if args.growth_profile or args.growth_plot:
