@@ -112,14 +112,14 @@ def test_cli_plots_the_differences(runs_root, tmp_path):
     assert main([str(runs_root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
                  "--diff-plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main([str(runs_root), "--baseline", "default", "--only", "nothing*",
+    assert main([str(runs_root), "--baseline", "default", "--exclude", "better,same,three*",
                  "--diff-plot", str(tmp_path / "none.png")]) == 2  # nothing to plot: an error
     assert not (tmp_path / "none.png").exists()
 
 
 def test_cli_refuses_an_empty_table(runs_root, tmp_path, capsys):
     out = tmp_path / "t.md"
-    assert main([str(runs_root), "--baseline", "default", "--only", "nothing*",
+    assert main([str(runs_root), "--baseline", "default", "--exclude", "better,same,three*",
                  "--out", str(out)]) == 2  # used to write an empty table and exit 0
     assert not out.exists()
     assert "--only/--exclude" in capsys.readouterr().err
@@ -656,3 +656,27 @@ def test_what_is_left_out_of_the_pairing_is_named_on_stderr(runs_root, tmp_path,
     assert "nothing to compare" in err and "'lonely' shares no seed" in err
     assert "warning" not in err and len(err.splitlines()) == 1
     assert not (tmp_path / "t.json").exists()
+
+
+def test_an_only_glob_that_matches_no_variant_is_an_error(runs_root, tmp_path, capsys):
+    """A mistyped --only glob was ignored without a word (the table then lacked that variant,
+    or held none); now it is an error naming the glob and the variants, before any output.
+    An --exclude glob that matches nothing stays allowed: one list of variants to set aside
+    serves several tables (run_issue15.sh's summary)."""
+    out = tmp_path / "t.md"
+    assert main([str(runs_root), "--baseline", "default", "--only", "better,smae",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == ("compare_stats: error: --only glob 'smae' matches no variant; variants: "
+                   "['better', 'default', 'same', 'three_seeds']\n")
+    assert not out.exists()
+    with pytest.raises(ValueError, match="--only glob 'b\\?ter'"):
+        paired_differences(load_runs(runs_root), "default", only="same,b?ter")
+    assert main([str(runs_root), "--baseline", "default", "--only", "b*,default",
+                 "--exclude", "h1200_*,same", "--out", str(out)]) == 0
+    assert "| better | 8 |" in out.read_text() and "| same" not in out.read_text()
+    _write_compare_folder(tmp_path / "cmp", {"increlora": (0.004, [0.80, 0.82, 0.81]),
+                                             "lora": (0.001, [0.79, 0.80, 0.81])})
+    assert main([str(tmp_path / "cmp"), "--baseline", "lora", "--only", "incre_lora"]) == 2
+    assert "'incre_lora' matches no variant; variants: ['increlora', 'lora']" in \
+        capsys.readouterr().err

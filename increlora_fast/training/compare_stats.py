@@ -289,6 +289,8 @@ def load_compare_runs(root: Path, metric: str = "eval_accuracy",
     one method, lr and seed."""
     root = Path(root)
     report = _read_compare_report(root / COMPARE_REPORT)
+    if selection is not None:
+        selection.check(report["methods"])
     runs = []
     for method, result in report["methods"].items():
         if selection is not None and not selection.keeps(method, report["methods"]):
@@ -331,6 +333,8 @@ def load_runs(root: Path, metric: str = "eval_accuracy",
     setups: Dict[Tuple[str, str], Tuple[Dict, Path]] = {}
     paths = sorted(Path(root).rglob(METRICS_FILE))
     names = {path.parent.parent.name for path in paths}
+    if selection is not None and paths:
+        selection.check(names)
     for path in paths:
         if selection is not None and not selection.keeps(path.parent.parent.name, names):
             continue
@@ -382,6 +386,15 @@ class Selection:
     only: Optional[str] = None
     exclude: Optional[str] = None
 
+    def check(self, names: Iterable[str]) -> None:
+        """Raise ValueError naming an ``only`` glob that matches none of the variant ``names``
+        (a typo would leave its variant out without a word). ``exclude`` globs may match
+        nothing: one list of variants to set aside serves tables of different variants."""
+        names = sorted(set(names))
+        for glob in (g.strip() for g in (self.only or "").split(",")):
+            if glob and not any(_matches(name, glob, names) for name in names):
+                raise ValueError(f"--only glob {glob!r} matches no variant; variants: {names}")
+
     def keeps(self, variant: str, names: Iterable[str]) -> bool:
         """Whether ``variant``, one of the variant ``names``, is read."""
         return variant == self.baseline or (
@@ -419,6 +432,7 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
         raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
     names = {v for variants in table.values() for v in variants}
     selection = Selection(baseline, only, exclude)
+    selection.check(names)
     rows = []
     for task in sorted(table):
         base = table[task].get(baseline)
@@ -690,9 +704,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--baseline", required=True, help="variant the others are paired with")
     parser.add_argument("--only", help="comma-separated globs of the variants to compare "
                                        "(default: all; a variant's exact name stands for it "
-                                       "alone); the others' runs are not read")
+                                       "alone); the others' runs are not read. A glob that "
+                                       "matches no variant is an error")
     parser.add_argument("--exclude", help="comma-separated globs of variants to leave out, "
-                                          "unread")
+                                          "unread; a glob may match no variant (one list can "
+                                          "serve several tables)")
     parser.add_argument("--metric", default="eval_accuracy",
                         help="metrics.json field (default eval_accuracy)")
     parser.add_argument("--power-for", type=float, metavar="DIFF",

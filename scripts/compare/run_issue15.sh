@@ -267,8 +267,16 @@ summarize() {
   table rank4_vs_lora_lr2e-3 rank4_lora_lr2e-3 --only 'rank4_*'
   table rank8 rank8_lora --only 'rank8_*'
   table rank8_vs_lora_lr2e-3 rank8_lora_lr2e-3 --only 'rank8_*'
+  # the growth profile of default and those of its growth variants that ran (an --only glob
+  # that matches no variant is an error)
+  local growth=default glob
+  for glob in 'sp_growth*' schedule_authors; do
+    if compgen -G "$RESULTS/runs/*/$glob/seed*/metrics.json" >/dev/null; then
+      growth+=",$glob"
+    fi
+  done
   python -m increlora_fast.training.compare_stats "$RESULTS/runs" --baseline default \
-    --only 'sp_growth*,schedule_authors' --out /dev/null \
+    --only "$growth" --out /dev/null \
     --growth-profile "$RESULTS/tables/loss_around_growth.json" \
     --growth-plot "$SUMMARY/loss_around_growth.png" \
     --allocation-plot "$SUMMARY/allocation_default.png" || echo "(growth profile skipped)" >&2
