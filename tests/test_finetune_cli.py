@@ -277,6 +277,24 @@ def test_compare_sweeps_full_over_its_own_lrs(tiny, tmp_path, monkeypatch):
     assert "lr sweep 0.001, 0.004 on the first seed" in settings_line
 
 
+def test_compare_of_one_seed_shows_no_std(tiny, tmp_path):
+    """A comparison over one seed wrote a standard deviation of 0.0000, which reads as seeds
+    that agree: compare.md shows n/a and compare.json null (its readers, format_table and
+    compare_stats, take that)."""
+    out = tmp_path / "cmp"
+    assert cli(tiny_args(tiny, out, "--compare", "--methods", "lora", "--seeds", "1",
+                         "--lrs", "0.001", "--max-steps", "2")) == 0
+    run = json.loads((out / "compare.json").read_text())["methods"]["lora"]
+    assert run["std"] is None and len(run["eval_accuracy"]) == 1
+    row = next(line for line in (out / "compare.md").read_text().splitlines()
+               if line.startswith("| lora"))
+    assert row.split("|")[2].strip() == f"{run['mean']:.4f} ± n/a"
+    from increlora_fast.training.compare import format_table
+    old = json.loads((out / "compare.json").read_text())
+    old["methods"]["lora"]["std"] = 0.0  # as written before
+    assert f"{run['mean']:.4f} ± n/a" in format_table(old)
+
+
 def test_compare_table_tells_apart_accuracies_closer_than_a_thousandth():
     """compare.md showed per-seed and sweep accuracies to 3 decimals, so two runs 0.0003 apart
     (one dev example in 3,000) read as equal; they show to 4 decimals, as the mean and std

@@ -200,7 +200,8 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Optional[Sequence[f
         results[method] = {
             "lr": best, "lr_sweep": sweep, "seeds": [m["seed"] for m in per_seed],
             "eval_accuracy": accs, "mean": statistics.fmean(accs),
-            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            # None (null) for one seed: it has no spread, and 0.0 read as seeds that agree
+            "std": statistics.stdev(accs) if len(accs) > 1 else None,
             "trainable_params_active": first["trainable_params_active"],
             "trainable_params_padded": first["trainable_params_padded"],
             "total_rank": first["total_rank"], "steps": first["steps"],
@@ -248,7 +249,8 @@ def _grids_text(lrs: Dict[str, List[float]]) -> str:
 
 def format_table(report: Dict) -> str:
     """The comparison as a line of common settings and a Markdown table (mean ± sample std over
-    seeds); every accuracy to 4 decimals, so runs one dev example apart stay apart on dev sets
+    seeds; n/a for one seed, whose std the report holds as null, or as 0.0 when written
+    before); every accuracy to 4 decimals, so runs one dev example apart stay apart on dev sets
     of up to 10,000 examples."""
     n = report["seeds"]
     c = report["common"]
@@ -271,9 +273,10 @@ def format_table(report: Dict) -> str:
     for method, r in report["methods"].items():
         rank = "-" if r["total_rank"] is None else str(r["total_rank"])
         per_seed = " / ".join(f"{a:.4f}" for a in r["eval_accuracy"])
+        std = "n/a" if r["std"] is None or len(r["eval_accuracy"]) < 2 else f"{r['std']:.4f}"
         sweep = ", ".join(f"{lr}: " + ("diverged" if acc is None else f"{acc:.4f}")
                           for lr, acc in r["lr_sweep"].items())
-        lines.append(f"| {method} | {r['mean']:.4f} ± {r['std']:.4f} | {per_seed} | "
+        lines.append(f"| {method} | {r['mean']:.4f} ± {std} | {per_seed} | "
                      f"{r['trainable_params_active']:,} / {r['trainable_params_padded']:,} | "
                      f"{rank} | {r['lr']:g} | {sweep} | "
                      f"{_settings_text(method, r['method_settings'])} |")
