@@ -32,7 +32,7 @@ from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar
 from .functional import kernel_readable
 from .layer import IncreLoRALinear
-from .model import get_config, increlora_layers
+from .model import frozen_adapters_message, get_config, increlora_layers
 from .penalty import OrthogonalPenalty
 
 logger = logging.getLogger("increlora_fast")
@@ -79,6 +79,10 @@ class IncreLoRAController:
     Args:
         model: a model returned by `inject_increlora`.
         config: defaults to the config attached to the model.
+
+    Warns (RuntimeWarning) when every adapter tensor of the model is frozen
+    (`frozen_adapters_message`), e.g. by peft's ``prepare_model_for_kbit_training`` called
+    after `inject_increlora`: training would change nothing.
     """
 
     def __init__(self, model: nn.Module, config: Optional[IncreLoRAConfig] = None) -> None:
@@ -137,6 +141,10 @@ class IncreLoRAController:
                                                    "IncreLoRAConfig.total_step")
                                if self.config.total_step is not None else None)
         self._set_tracking(self.is_tracked(0))
+        frozen = frozen_adapters_message(model)
+        if frozen is not None:  # the round's warning about frozen lambdas would come too late
+            self._warned_frozen = True
+            warnings.warn(f"{frozen} (warned once)", RuntimeWarning, stacklevel=2)
 
     # ------------------------------------------------------------------ queries
     def budget_out_of_reach(self, start_step: int, end_step: int, length: str) -> Optional[str]:

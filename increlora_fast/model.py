@@ -400,6 +400,23 @@ def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
             yield name, module
 
 
+def frozen_adapters_message(model: nn.Module) -> Optional[str]:
+    """The one-line cause and fixes when every adapter tensor (``lora_A``, ``lora_B`` and
+    ``lora_lambda`` of every IncreLoRA layer) of ``model`` is frozen, else None. Training would
+    then change nothing; the usual cause is peft's ``prepare_model_for_kbit_training`` called
+    after `inject_increlora` (it freezes every parameter). Some adapters frozen on purpose are
+    no such case."""
+    layers = [layer for _, layer in increlora_layers(model)]
+    if not layers or any(getattr(layer, kind).requires_grad for layer in layers
+                         for kind in ("lora_A", "lora_B", "lora_lambda")):
+        return None
+    return (f"IncreLoRA: every adapter tensor (lora_A, lora_B, lora_lambda of the {len(layers)} "
+            "adapted modules) is frozen (requires_grad False), so training would change "
+            "nothing; peft.prepare_model_for_kbit_training(model) freezes every parameter: call "
+            "it before inject_increlora, or re-enable the adapters (requires_grad_(True) on each "
+            "IncreLoRA layer's lora_A, lora_B and lora_lambda)")
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model that ``torch.compile`` wrappers and (Distributed)DataParallel wrappers hold
     (``model`` itself when not wrapped): their module names start with ``_orig_mod.`` or

@@ -49,7 +49,7 @@ from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar, refresh_in_place
 from .functional import kernel_readable, multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
-from .model import get_config, increlora_layers
+from .model import frozen_adapters_message, get_config, increlora_layers
 from .optim_functional import along_slot_dim, masked_adamw_into
 
 ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
@@ -829,7 +829,9 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
 
     Raises:
         ValueError: ``lr``, ``eps``, ``weight_decay`` or ``betas`` are not finite numbers in
-            range, or the model holds no IncreLoRA layer.
+            range, the model holds no IncreLoRA layer, or every adapter tensor in it is frozen
+            (`frozen_adapters_message`: peft's ``prepare_model_for_kbit_training`` called after
+            `inject_increlora`), so that nothing would train.
     """
     for name, value, low in (("lr", lr, "> 0"), ("eps", eps, "> 0"),
                              ("weight_decay", weight_decay, ">= 0")):
@@ -842,6 +844,9 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     if not any(True for _ in increlora_layers(model)):
         raise ValueError("create_optimizer: the model holds no IncreLoRA layer; call "
                          "inject_increlora(model, config) first")
+    frozen = frozen_adapters_message(model)
+    if frozen is not None:
+        raise ValueError(f"create_optimizer: {frozen}")
     slots: Dict[int, Tuple[IncreLoRALinear, str]] = {}
     adapter, dense = [], []
     for _, layer in increlora_layers(model):

@@ -265,3 +265,58 @@ def test_merge_and_unload_after_transformers_dequantize_merges_exactly(tmp_path)
     assert type(model.model.layers[0].self_attn.q_proj) is nn.Linear
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, unmerged, rtol=1e-4, atol=1e-4)
+
+
+def _llama_config() -> IncreLoRAConfig:
+    return IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, init_r=1,
+                           target_rank=2, init_warmup=1, incre_interval=1, top_h=1)
+
+
+def _llama_trainer(transformers, model, tmp_path, **kwargs):
+    from increlora_fast.integrations.trainer import IncreLoRATrainer
+
+    ids = torch.randint(0, 64, (8, 8), generator=torch.Generator().manual_seed(3))
+    args = transformers.TrainingArguments(str(tmp_path / "out"), per_device_train_batch_size=4,
+                                          max_steps=3, learning_rate=1e-2, report_to=[],
+                                          save_strategy="no", use_cpu=True, **kwargs)
+    return IncreLoRATrainer(model=model, args=args,
+                            train_dataset=[{"input_ids": r, "labels": r} for r in ids])
+
+
+def test_prepare_model_for_kbit_training_after_injection_is_named_before_training(tmp_path):
+    """peft's recipe calls prepare_model_for_kbit_training before adding adapters; called after
+    inject_increlora it froze every adapter tensor (it freezes every parameter), and training
+    then changed nothing, silently (a warning came only at the first allocation round). The
+    controller now warns and create_optimizer (also the Trainer's, at train()) refuses, in one
+    line naming the cause and both fixes."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = _tiny_4bit_llama(transformers, tmp_path)
+    inject_increlora(model, _llama_config())
+    model = peft.prepare_model_for_kbit_training(model)
+    cause = r"every adapter tensor .* is frozen.*prepare_model_for_kbit_training.*before " \
+            r"inject_increlora.*re-enable"
+    with pytest.raises(ValueError, match=cause):
+        create_optimizer(model, lr=1e-2)
+    with pytest.warns(RuntimeWarning, match=cause):
+        IncreLoRAController(model)
+    with pytest.warns(RuntimeWarning, match=cause):
+        trainer = _llama_trainer(transformers, model, tmp_path)
+    with pytest.raises(ValueError, match=cause):
+        trainer.train()
+
+
+def test_a_few_frozen_adapters_are_no_error():
+    """Freezing some adapters on purpose stays legitimate: no error, no warning at setup (the
+    controller tells about frozen lambdas at its first allocation round)."""
+    import warnings
+
+    model = build()
+    cfg = config(2)
+    inject_increlora(model, cfg)
+    for name in ("lora_A", "lora_B", "lora_lambda"):
+        getattr(model.layers[0], name).requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_optimizer(model, cfg, lr=1e-2)
+        IncreLoRAController(model, cfg)
