@@ -320,3 +320,29 @@ def test_a_few_frozen_adapters_are_no_error():
         warnings.simplefilter("error")
         create_optimizer(model, cfg, lr=1e-2)
         IncreLoRAController(model, cfg)
+
+
+def test_prepare_model_for_kbit_training_before_injection_trains_with_checkpointing(tmp_path):
+    """peft's QLoRA recipe: prepare_model_for_kbit_training (it freezes every parameter, turns
+    on gradient checkpointing and makes the input embeddings' output require grad) and then
+    the adapters. The adapters alone train, and every adapter tensor gets its gradient through
+    the checkpointed layers; the Trainer trains them."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    model = peft.prepare_model_for_kbit_training(_tiny_4bit_llama(transformers, tmp_path))
+    assert model.is_gradient_checkpointing
+    inject_increlora(model, _llama_config())
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.rsplit(".", 1)[-1].startswith("lora_") for n in trainable)
+    model.train()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0)
+               for n, p in model.named_parameters() if n in trainable)
+    model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if n in trainable}
+    _llama_trainer(transformers, model, tmp_path).train()
+    assert model.is_gradient_checkpointing
+    changed = [n for n in trainable if not torch.equal(model.get_parameter(n), before[n])]
+    assert any(n.endswith("lora_A") for n in changed) and any(
+        n.endswith("lora_lambda") for n in changed)
