@@ -293,7 +293,16 @@ class IncreLoRALinear(nn.Module):
         attributes `weight` and `bias` read: transformers' ``tie_weights`` ties an adapted
         ``lm_head`` to the input embedding so (``nn.Module`` alone refuses the assignment:
         "attribute 'weight' already exists"). A tensor of another shape is refused: the
-        adapter's A and B keep theirs."""
+        adapter's A and B keep theirs.
+
+        A base layer put in place of the one wrapped at construction (transformers'
+        ``model.dequantize()`` sets a new nn.Linear, its weight requiring grad, under every
+        adapter) is frozen like that one: its weight would otherwise count as trained in full,
+        and `save_adapter` would bundle it into the adapter."""
+        if name == "base_layer" and isinstance(value, nn.Module) and \
+                self.__dict__.get("_modules", {}).get("base_layer") not in (None, value):
+            for p in value.parameters():
+                p.requires_grad_(False)
         if name in ("weight", "bias") and "base_layer" in self.__dict__.get("_modules", {}):
             old = getattr(self.base_layer, name)
             if isinstance(value, torch.Tensor) and old is not None and value.shape != old.shape:

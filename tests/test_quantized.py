@@ -346,3 +346,29 @@ def test_prepare_model_for_kbit_training_before_injection_trains_with_checkpoint
     changed = [n for n in trainable if not torch.equal(model.get_parameter(n), before[n])]
     assert any(n.endswith("lora_A") for n in changed) and any(
         n.endswith("lora_lambda") for n in changed)
+
+
+def test_a_base_put_under_an_adapter_after_injection_is_frozen(tmp_path):
+    """transformers' ``model.dequantize()`` puts a new nn.Linear, its weight requiring grad,
+    under every adapter: the adapted layers' base weights then counted as trained in full,
+    so save_adapter bundled them into the adapter ("any other trainable" parameter) and
+    create_optimizer trained them. A base put in place after construction is frozen like the
+    one wrapped at construction."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    from increlora_fast.model import saved_module_parameters
+
+    model = _tiny_4bit_llama(transformers, tmp_path)
+    inject_increlora(model, _llama_config())
+    model.dequantize()
+    for name, layer in increlora_layers(model):
+        assert type(layer.base_layer) is nn.Linear
+        assert not any(p.requires_grad for p in layer.base_layer.parameters()), name
+    assert not [n for n in saved_module_parameters(model) if ".base_layer." in n]
+    save_adapter(model, tmp_path / "adapter")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert not [k for k in keys if ".base_layer." in k]
+    optimizer = create_optimizer(model, lr=1e-2)
+    bases = {id(layer.base_layer.weight) for _, layer in increlora_layers(model)}
+    assert not [p for g in optimizer.param_groups for p in g["params"] if id(p) in bases]
