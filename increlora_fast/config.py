@@ -21,6 +21,10 @@ DEFAULT_TARGET_MODULES = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
 
+# The fields that list module names (or hold one regex): normalised alike at construction, and
+# compared as sets when an adapter is loaded (`persistence.load_adapter`).
+MODULE_NAME_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
+
 # incre_rank_num per target_rank in the authors' GLUE scripts (spec section 4).
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 
@@ -167,11 +171,8 @@ class IncreLoRAConfig:
     exclude_modules: Optional[Union[List[str], str]] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.target_modules, tuple):
-            self.target_modules = list(self.target_modules)
-        elif isinstance(self.target_modules, (set, frozenset)):  # as peft's LoraConfig holds it
-            self.target_modules = sorted(self.target_modules)
-        for name in ("modules_to_save", "exclude_modules"):  # as target_modules
+        # lists of module names given as a tuple, or as a set (as peft's LoraConfig holds them)
+        for name in MODULE_NAME_FIELDS:
             value = getattr(self, name)
             if isinstance(value, tuple):
                 setattr(self, name, list(value))

@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .config import IncreLoRAConfig
+from .config import MODULE_NAME_FIELDS, IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState
 from .model import (get_config, increlora_layers, saved_module_buffers, saved_module_parameters,
                     unwrapped)
@@ -61,8 +61,6 @@ FORMAT_VERSION = "1"
 SAVED_PREFIX = "modules_to_save."
 SLOT_KEYS = ("lora_A", "lora_B", "lora_lambda", "slot_state")
 TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
-# Config fields that list module names: compared as sets (`_comparable`).
-SELECTION_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
 BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
 POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json
 PAD_KEY = "pad_token_id"  # weights-file metadata (as JSON) and adapter_config.json
@@ -494,11 +492,12 @@ def load_config(save_directory: PathLike) -> IncreLoRAConfig:
 
 
 def _comparable(config: IncreLoRAConfig) -> Dict[str, Any]:
-    """``config.to_dict()`` with its lists of module names (`SELECTION_FIELDS`) as sorted sets:
-    they select modules by name whatever their order or repeats (peft's LoraConfig holds them
-    as sets), so configs that adapt and save the same modules compare equal."""
+    """``config.to_dict()`` with its lists of module names (`config.MODULE_NAME_FIELDS`) as
+    sorted sets: they select modules by name whatever their order or repeats (peft's
+    LoraConfig holds them as sets), so configs that adapt and save the same modules compare
+    equal."""
     data = config.to_dict()
-    for key in SELECTION_FIELDS:
+    for key in MODULE_NAME_FIELDS:
         if isinstance(data[key], list):
             data[key] = sorted(set(data[key]))
     return data
