@@ -19,6 +19,7 @@ import sys
 import traceback
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
+from ..training.outputs import check_distinct_outputs
 from .option_checks import (check_device, check_device_index, check_names, check_output_path,
                             check_replaceable_json)
 
@@ -218,20 +219,6 @@ def _check_appendable_csv(path: str) -> None:
     if not appendable_csv(path):
         raise ValueError(f"--csv {path} exists and is not a CSV of benchmark records with this "
                          "version's columns; give a new path (or move the file)")
-
-
-def _check_distinct_outputs(outputs: List[Tuple[str, Optional[str]]]) -> None:
-    """No two output options name one file (the later write would replace or append to the
-    earlier): ValueError naming both."""
-    seen = {}
-    for option, path in outputs:
-        if not path:
-            continue
-        key = os.path.realpath(os.path.expanduser(path))
-        if key in seen:
-            raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
-                             "output its own path")
-        seen[key] = f"{option} {path}"
 
 
 def _fail(message: str) -> int:
@@ -475,7 +462,7 @@ def run(args: argparse.Namespace) -> int:
                              ("--csv", None if args.report_only else args.csv),
                              ("--plot", args.plot), ("--results-md", args.results_md)):
             check_output_path(path, option)
-        _check_distinct_outputs([("--json", args.json_path),
+        check_distinct_outputs([("--json", args.json_path),
                                  ("--csv", None if args.report_only else args.csv),
                                  ("--plot", args.plot), ("--results-md", args.results_md)])
         if args.plot and not args.plot.lower().endswith(".png"):

@@ -29,7 +29,6 @@ import functools
 import io
 import json
 import math
-import os
 import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
@@ -37,7 +36,8 @@ from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
-from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES
+from .outputs import (ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES,
+                      check_distinct_outputs)
 from .settings import RunSettings
 
 COMPARE_REPORT = "compare.json"  # what `--compare` writes at the top of its output folder
@@ -659,7 +659,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     ``--compare``), and no two on one file (the later would replace the earlier). ValueError
     naming the option, before any run is read; a device or pipe such as ``/dev/null`` passes."""
     root = Path(args.root).expanduser().resolve()
-    seen: Dict[str, str] = {}
+    files = []  # (option, path) of the outputs that are files: no two may be one
     for dest in OUTPUT_OPTIONS:
         path = getattr(args, dest, None)
         if path is None:
@@ -680,11 +680,8 @@ def check_outputs(args: argparse.Namespace) -> None:
                 if not above.is_dir():
                     raise ValueError(f"{option} {path} cannot be written: {above} is a file")
                 break
-        key = os.path.realpath(target)
-        if key in seen:
-            raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
-                             "output its own path")
-        seen[key] = f"{option} {path}"
+        files.append((option, path))
+    check_distinct_outputs(files)
 
 
 def _row_json(row: PairedDifference) -> Dict:

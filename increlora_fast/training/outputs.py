@@ -10,7 +10,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterable, List, Optional, Tuple
 
 CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.json"
@@ -30,6 +30,21 @@ def run_files(directory: Path) -> List[str]:
     found = [name for name in RUN_FILES if (directory / name).exists()]
     found += [p.name for p in directory.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()]
     return sorted(found)
+
+
+def check_distinct_outputs(outputs: Iterable[Tuple[str, Optional[str]]]) -> None:
+    """No two of the (option, path) ``outputs`` name one file (the later write would replace or
+    append to the earlier; paths compared after ``~`` and links are resolved; an empty or None
+    path is no output): ValueError naming both options."""
+    seen = {}
+    for option, path in outputs:
+        if not path:
+            continue
+        key = os.path.realpath(os.path.expanduser(path))
+        if key in seen:
+            raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
+                             "output its own path")
+        seen[key] = f"{option} {path}"
 
 
 def _inside(path: Path, folder: Path) -> bool:
