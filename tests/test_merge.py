@@ -29,14 +29,21 @@ def tiny_config(**kwargs) -> IncreLoRAConfig:
                            target_rank=2, lora_dropout=0.1, reserve_lambda=0.2, **kwargs)
 
 
-@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
-def test_layer_merge_unmerge_round_trip(conv1d):
+def _adapted_14_to_10(conv1d: bool):
+    """A 14 -> 10 base (nn.Linear or Conv1D) and its IncreLoRALinear with random lambdas and B
+    (an adapter far from nothing)."""
     base = Conv1D(10, 14) if conv1d else nn.Linear(14, 10)
-    original = base.weight.detach().clone()
     layer = IncreLoRALinear(base, r_max=6, init_r=2, reserve_rank=2, reserve_lambda=0.1)
     with torch.no_grad():
         layer.lora_lambda.normal_()
         layer.lora_B.normal_(std=0.3)
+    return base, layer
+
+
+@pytest.mark.parametrize("conv1d", [False, True], ids=["linear", "conv1d"])
+def test_layer_merge_unmerge_round_trip(conv1d):
+    base, layer = _adapted_14_to_10(conv1d)
+    original = base.weight.detach().clone()
     layer.eval()
     x = torch.randn(3, 4, 14)
     y = layer(x)
@@ -64,12 +71,8 @@ def test_unmerge_after_the_adapter_changed_while_merged_restores_the_base(conv1d
     decay, the orthogonal penalty; found by the persistence audit): unmerge subtracted the
     changed adapter, not the one merge had added, and left the base weight off (by 0.13 after 3
     steps of that audit's loop). It subtracts what merge added now, so the base comes back."""
-    base = Conv1D(10, 14) if conv1d else nn.Linear(14, 10)
+    base, layer = _adapted_14_to_10(conv1d)
     original = base.weight.detach().clone()
-    layer = IncreLoRALinear(base, r_max=6, init_r=2, reserve_rank=2, reserve_lambda=0.1)
-    with torch.no_grad():
-        layer.lora_lambda.normal_()
-        layer.lora_B.normal_(std=0.3)
     layer.merge()
     with torch.no_grad():  # what AdamW's weight decay and a penalty step do meanwhile
         layer.lora_A.mul_(0.9).add_(0.05)
