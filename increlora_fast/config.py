@@ -25,6 +25,13 @@ DEFAULT_TARGET_MODULES = (
 # compared as sets when an adapter is loaded (`persistence.load_adapter`).
 MODULE_NAME_FIELDS = ("target_modules", "modules_to_save", "exclude_modules")
 
+# The fields that decide what a saved adapter computes once loaded: which modules carry it, its
+# shapes and dtypes, and its forward (the scale, and the lambda reserve slots compute with).
+# `persistence.load_adapter` refuses a model injected with other values; the other fields steer
+# training only (allocation, schedules, penalty, score, dropout) and may differ.
+ADAPTER_FIELDS = (*MODULE_NAME_FIELDS, "r_max", "lora_alpha", "adapter_dtype", "reserve_lambda",
+                  "advance_learning")
+
 # incre_rank_num per target_rank in the authors' GLUE scripts (spec section 4).
 _INCRE_RANK_NUM_BY_TARGET = {2: 1, 4: 2, 6: 3, 8: 4}
 

@@ -48,7 +48,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .config import MODULE_NAME_FIELDS, IncreLoRAConfig
+from .config import ADAPTER_FIELDS, MODULE_NAME_FIELDS, IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState
 from .model import (get_config, increlora_layers, saved_module_buffers, saved_module_parameters,
                     unwrapped)
@@ -615,8 +615,12 @@ def _check_pooling(pooling: Optional[str], model: nn.Module, directory: Path) ->
 
 def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = True
                  ) -> nn.Module:
-    """Restore an adapter saved by `save_adapter` into a model injected with the same config
-    (its lists of module names compared as sets, `_comparable`).
+    """Restore an adapter saved by `save_adapter` into a model injected with the same adapter:
+    the config fields that decide what it computes (`config.ADAPTER_FIELDS`: its modules, their
+    lists compared as sets, ``r_max``, ``lora_alpha``, ``adapter_dtype``, ``reserve_lambda``,
+    ``advance_learning``) must be equal. The training-only fields (allocation, schedules,
+    penalty, score) may differ: the model's own config steers any further training, with a
+    warning naming them when the file holds a training state (``training_state=True``).
 
     The parameters saved outside the adapters load into the model's parameters of their names:
     those of the modules to save, and any other the saved model trained (one unfrozen by hand,
@@ -661,8 +665,12 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
                          "first, or the old adapter would stay folded into the base weights")
     mine, saved = _comparable(config), _comparable(saved_config)
     diff = sorted(k for k, v in mine.items() if saved[k] != v)
-    _check(not diff, path, "config differs in " + ", ".join(
-        f"{k} (file {saved_config.to_dict()[k]!r}, model {config.to_dict()[k]!r})" for k in diff))
+
+    def described(keys: List[str]) -> str:
+        return ", ".join(f"{k} (file {saved_config.to_dict()[k]!r}, model "
+                         f"{config.to_dict()[k]!r})" for k in keys)
+    _check(not any(k in ADAPTER_FIELDS for k in diff), path,
+           "config differs in " + described([k for k in diff if k in ADAPTER_FIELDS]))
     training = meta.get("training_state") == "1"
     keys = TRAINING_KEYS if training else SLOT_KEYS
     layers = dict(increlora_layers(model))
@@ -699,6 +707,10 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         carried = [n for n, layer in layers.items()
                    if id(layer.base_layer.weight) in saved_ids]
         _check_base(meta, model, Path(save_directory), carried)
+    if training and diff:
+        warnings.warn(f"adapter {path} holds a training state saved under other training "
+                      f"settings: {described(diff)}; it loads as saved, and training goes on "
+                      "with this model's config", UserWarning, stacklevel=2)
     absent = sorted(set(model_buffers) - set(saved_buffers))
     if absent:
         warnings.warn(f"adapter {path} holds no {absent[0]} ({len(absent)} buffers of the "

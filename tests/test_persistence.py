@@ -18,6 +18,7 @@ from adapter_helpers import fresh
 from increlora_fast import (IncreLoRAConfig, create_optimizer, increlora_layers, inject_increlora,
                             load_adapter, load_config, rank_pattern, save_adapter)
 from increlora_fast import persistence
+from increlora_fast.controller import IncreLoRAController
 from increlora_fast.layer import IncreLoRALinear
 
 WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -140,13 +141,68 @@ def test_adapter_config_json(saved):
     assert load_config(directory) == config
 
 
-def test_other_config_is_rejected(saved):
+@pytest.mark.parametrize("change, message", [
+    (dict(lora_alpha=8.0), r"lora_alpha \(file 16.0, model 8.0\)"),
+    (dict(reserve_lambda=0.5), r"reserve_lambda \(file 0.05, model 0.5\)"),
+    (dict(advance_learning=False), r"advance_learning \(file True, model False\)"),
+    (dict(adapter_dtype="base"), r"adapter_dtype \(file 'auto', model 'base'\)"),
+    (dict(r_max=7), r"r_max \(file 6, model 7\)"),
+    (dict(lora_alpha=8.0, total_step=500), r"differs in lora_alpha \(file 16.0, model 8.0\)$"),
+])
+def test_another_adapter_config_is_rejected(saved, change, message):
+    """The fields that change what the adapter computes (`config.ADAPTER_FIELDS`) must be
+    equal; the error names only those."""
     base, _, _, directory = saved
-    target = fresh(base, make_config(lora_alpha=8.0))
+    target = fresh(base, make_config(**change))
     before = state(target)
-    with pytest.raises(ValueError, match=r"lora_alpha \(file 16.0, model 8.0\)"):
+    with pytest.raises(ValueError, match=message):
         load_adapter(target, directory)
     assert_same_state(target, before)
+
+
+# fields that steer training only: allocation, schedules, score, penalty, dropout
+_TRAINING_ONLY = dict(target_rank=2, init_warmup=7, incre_interval=9, top_h=1, total_step=500,
+                      warmup_steps=3, orth_reg_weight=0.3, beta1=0.5, score="triplet", seed=4,
+                      lora_dropout=0.1, score_window=5, scale_preserving_growth=True)
+
+
+def test_other_training_settings_load_an_inference_adapter_silently(saved):
+    """An adapter loads into a model injected for another training plan (found by a review: it
+    was refused unless every field was equal, so a user fine-tuning a trained adapter further
+    with a longer schedule had to copy the old one): the outputs are the saved model's."""
+    base, _, source, directory = saved
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        target = load_adapter(fresh(base, make_config(**_TRAINING_ONLY)), directory)
+    x = torch.randn(4, 12)
+    assert torch.equal(target.eval()(x), source.eval()(x))
+
+
+def test_other_training_settings_of_a_training_state_are_named_in_a_warning(tmp_path, tiny_net):
+    """A resume under other training settings loads, warned with each field that differs, and
+    keeps training and growing under the model's config."""
+    config = make_config()
+    source = trained(tiny_net, config)
+    save_adapter(source, tmp_path, training_state=True)
+    other = make_config(**_TRAINING_ONLY)
+    with pytest.warns(UserWarning, match=r"other training settings: .*init_warmup \(file 100, "
+                      r"model 7\).*total_step \(file None, model 500\)") as caught:
+        target = load_adapter(fresh(tiny_net, other), tmp_path)
+    text = str(caught[0].message)
+    assert all(f"{k} (file" in text for k in _TRAINING_ONLY) and "lora_alpha" not in text
+    x = torch.randn(4, 12)
+    assert torch.equal(target.eval()(x), source.eval()(x))
+    before = rank_pattern(target)
+    optimizer = create_optimizer(target.train(), other, lr=1e-2)
+    controller = IncreLoRAController(target, other)
+    for step in range(17):  # the model's plan: rounds after step 7, every 9 steps
+        loss = target(torch.randn(8, 12)).square().mean() + controller.regularization_loss()
+        loss.backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    after = controller.rank_pattern()
+    assert sum(after.values()) > sum(before.values()), (before, after)
 
 
 def test_module_lists_in_another_order_are_the_same_config(tmp_path, tiny_net):
