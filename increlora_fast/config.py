@@ -67,7 +67,10 @@ class IncreLoRAConfig:
             against the full module name. ``None`` targets the attention/FFN linears of common
             transformers families; ``"all-linear"`` (as in peft) every linear layer but the
             output layer, those inside ``modules_to_save`` and those whose parent reads their
-            weight without calling them.
+            weight without calling them. The output layer is the one a transformers model's
+            ``get_output_embeddings()`` returns: a model without one (a plain ``nn.Module``, a
+            sequence classifier) has its head adapted too, as in peft; name the head in
+            ``modules_to_save`` (trained in full) or ``exclude_modules`` (frozen).
         exclude_modules: modules never adapted, whatever ``target_modules`` selects (peft's
             field): module-name suffixes (a list, tuple or set, kept as a list), or one regex
             string matched against the full module name. An entry matches a target's own name,

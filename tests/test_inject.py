@@ -244,6 +244,15 @@ def test_all_linear_adapts_what_peft_adapts(family):
     assert adapted(injected) == expected
 
 
+def test_all_linear_on_a_plain_module_adapts_its_head_as_peft_does(tiny_net):
+    """A model without ``get_output_embeddings`` has no output layer to leave out: its head is
+    adapted, by peft too (the config's docstring says so, and how to keep it out)."""
+    expected = _peft_all_linear(tiny_net)
+    assert "head" in expected
+    injected = inject_increlora(tiny_net, config(target_modules="all-linear"))
+    assert adapted(injected) == expected == ALL_TARGETS | {"head"}
+
+
 def test_all_linear_leaves_out_modules_to_save_and_weight_readers(tiny_net):
     model = inject_increlora(tiny_net, config(target_modules="all-linear",
                                               modules_to_save=["head"]))
