@@ -577,6 +577,16 @@ def _refuse_peft_over_increlora(trainer_name: str, model) -> None:
                      "the model returned by inject_increlora without peft")
 
 
+def _controller_over(model: torch.nn.Module) -> IncreLoRAController:
+    """The Trainer's controller over ``model``, made without the controller's warning about a
+    model whose adapters are all frozen: ``train()`` refuses such a model in one line
+    (`create_optimizer`), and an evaluation-only Trainer over it is legitimate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IncreLoRA: every adapter tensor",
+                                category=RuntimeWarning)
+        return IncreLoRAController(model)
+
+
 class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
@@ -615,7 +625,7 @@ class IncreLoRATrainer(Trainer):
         finally:
             self._in_init = False
             _unmark(getattr(self, "model", None))  # model_init's
-        self.increlora_controller = controller or IncreLoRAController(self.model)
+        self.increlora_controller = controller or _controller_over(self.model)
         self.increlora_callback = IncreLoRACallback(self.increlora_controller,
                                                     apply_regularization=False).install(self)
 
@@ -636,7 +646,7 @@ class IncreLoRATrainer(Trainer):
         if getattr(self, "_in_init", False):  # the Trainer checks it right after, in __init__
             _mark_adapters_for_quantization_check(model)
         if hasattr(self, "increlora_callback"):  # not during __init__, which makes the first
-            self.increlora_controller = IncreLoRAController(model)
+            self.increlora_controller = _controller_over(model)
             callback = self.increlora_callback
             callback.controller = self.increlora_controller
             callback.restored, callback.logged_rounds = False, 0
