@@ -276,6 +276,35 @@ def test_power_is_the_test_level_without_a_difference_and_pairs_reach_80_percent
         paired_power(0.01, 1, 0.005)
 
 
+@pytest.mark.parametrize("sd,diff", [(0.01, 0.001), (0.02, 0.0005), (0.3, 0.001)])
+def test_pairs_for_power_of_a_tiny_difference_is_the_fewest_in_few_evaluations(
+        sd, diff, monkeypatch):
+    """A tiny difference needs thousands of pairs: the search starts from the normal
+    approximation, so it takes a few power evaluations, not a doubling and a bisection from 2
+    (found by an audit: 6-17 s per table row, most of it in t quantiles of new df)."""
+    import increlora_fast.training.compare_stats as stats
+    calls = []
+    monkeypatch.setattr(stats, "paired_power",
+                        lambda *a, **k: calls.append(a) or paired_power(*a, **k))
+    pairs = stats.pairs_for_power(sd, diff, limit=10_000_000)
+    assert paired_power(sd, pairs, diff) >= 0.8 > paired_power(sd, pairs - 1, diff)
+    assert len(calls) <= 6, [c[1] for c in calls]
+    calls.clear()
+    assert stats.pairs_for_power(sd, diff, limit=pairs - 1) is None
+    assert stats.pairs_for_power(sd, diff, limit=pairs) == pairs
+
+
+def test_t_quantile_needs_few_distribution_evaluations(monkeypatch):
+    import increlora_fast.training.compare_stats as stats
+    calls = []
+    monkeypatch.setattr(stats, "t_cdf", lambda x, df: calls.append(df) or t_cdf(x, df))
+    for df, p in [(1, 0.975), (2, 0.6), (7, 0.995), (40, 0.975), (12345, 0.9)]:
+        calls.clear()
+        q = stats.t_quantile.__wrapped__(p, df)
+        assert t_cdf(q, df) == pytest.approx(p, abs=1e-12)
+        assert len(calls) <= 12, (df, p, len(calls))
+
+
 def test_cli_adds_power_columns(runs_root, tmp_path):
     out, js = tmp_path / "table.md", tmp_path / "rows.json"
     assert main([str(runs_root), "--baseline", "default", "--only", "better",

@@ -33,6 +33,7 @@ import sys
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from statistics import NormalDist
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
@@ -108,13 +109,23 @@ def t_quantile(p: float, df: int) -> float:
     """The ``p`` quantile (0.5 < p < 1) of Student's t with ``df`` >= 1 degrees of freedom."""
     if not (0.5 < p < 1) or df < 1:
         raise ValueError(f"t_quantile needs 0.5 < p < 1 and df >= 1, got p={p}, df={df}")
-    lo, hi = 0.0, 1.0
-    while t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if t_cdf(mid, df) < p else (lo, mid)
-    return (lo + hi) / 2
+    # Newton's method on t_cdf from the Cornish-Fisher expansion around the normal quantile,
+    # kept inside a bracket [lo, hi] of the root (a step that leaves it bisects instead)
+    z = NormalDist().inv_cdf(p)
+    x = z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df * df)
+    lo, hi = 0.0, math.inf
+    for _ in range(100):
+        error = t_cdf(x, df) - p
+        if error == 0.0:
+            return x
+        lo, hi = (x, hi) if error < 0 else (lo, x)
+        step = x - error / _t_density(x, df)
+        if not lo < step < hi:
+            step = (lo + hi) / 2 if math.isfinite(hi) else 2 * x
+        if abs(step - x) <= 1e-14 * x:
+            return step
+        x = step
+    return x
 
 
 def mean_interval(values: Sequence[float], level: float = 0.95
@@ -174,18 +185,36 @@ def paired_power(std_diff: float, pairs: int, true_diff: float, level: float = 0
 def pairs_for_power(std_diff: float, true_diff: float, target: float = 0.8,
                     level: float = 0.95, limit: int = 100_000) -> Optional[int]:
     """The fewest paired seeds whose ``paired_power`` reaches ``target``, taking ``std_diff`` as
-    the true spread of the differences (a planning estimate); None beyond ``limit`` pairs."""
-    if paired_power(std_diff, 2, true_diff, level) >= target:
-        return 2
-    low, high = 2, 4
-    while paired_power(std_diff, high, true_diff, level) < target:
-        if high >= limit:
-            return None
-        low, high = high, min(2 * high, limit)
+    the true spread of the differences (a planning estimate); None beyond ``limit`` pairs.
+
+    The power grows with the pairs; the search starts at the normal approximation's count
+    (z-test), whose t-test power is just below ``target``, and brackets the answer from there."""
+    def reached(pairs: int) -> bool:
+        return paired_power(std_diff, pairs, true_diff, level) >= target
+
+    normal = NormalDist()
+    z = normal.inv_cdf(0.5 + level / 2) + normal.inv_cdf(target)
+    guess = ((z * std_diff / true_diff) ** 2 if true_diff else math.inf)
+    guess = int(min(max(guess, 2.0), float(limit)))
+    if reached(guess):  # bracket (low, high]: high reaches the target, low does not
+        high, gap = guess, 1
+        while high > 2 and reached(max(2, high - gap)):
+            high, gap = max(2, high - gap), 2 * gap
+        if high == 2:
+            return 2
+        low = max(2, high - gap)
+    else:
+        low, gap = guess, 1
+        while True:
+            if low >= limit:
+                return None
+            high = min(low + gap, limit)
+            if reached(high):
+                break
+            low, gap = high, 2 * gap
     while high - low > 1:
         mid = (low + high) // 2
-        low, high = (low, mid) if paired_power(std_diff, mid, true_diff, level) >= target \
-            else (mid, high)
+        low, high = (low, mid) if reached(mid) else (mid, high)
     return high
 
 
