@@ -183,13 +183,17 @@ def test_a_checkpoint_keeps_the_fp16_loss_scale(tiny, tmp_path):
 
 def _fake_run(calls: list, key):
     """A stand-in for `run_finetune` in a comparison: records ``key(settings)`` of each run
-    and returns the metrics a comparison reads."""
+    and returns the metrics a comparison reads (every step graphed where
+    `compare.uses_cuda_graphs` says so)."""
+    from increlora_fast.training import compare
+
     def run(s, run_dir, progress=True, overwrite=False):
         calls.append(key(s))
         return {"eval_accuracy": 0.5, "seed": s.seed, "task": "files", "total_rank": 4,
                 "trainable_params_active": 1, "trainable_params_padded": 2, "steps": 4,
                 "train_examples": 64, "eval_examples": 24, "method_settings": {},
-                "train_seconds": 1.0}
+                "train_seconds": 1.0,
+                "cuda_graphs_steps": 4 if compare.uses_cuda_graphs(s) else 0}
     return run
 
 
@@ -234,10 +238,19 @@ def test_compare_pads_every_method_as_the_graphed_one(tiny, tmp_path, monkeypatc
 
     monkeypatch.setattr(compare, "run_finetune", _fake_run(calls, lambda s: (s.method,
                                                                           s.pad_to)))
-    monkeypatch.setattr(compare, "format_table", lambda report: "table")
-    compare.compare_methods(base, ["increlora", "lora"], [1e-3], 1, str(tmp_path / "cmp"),
-                            progress=False, echo=lambda line: None)
+    monkeypatch.setattr(compare, "_settings_text", lambda method, ms: "settings")
+    report = compare.compare_methods(base, ["increlora", "lora"], [1e-3], 2,
+                                     str(tmp_path / "cmp"), progress=False,
+                                     echo=lambda line: None)
     assert calls and {pad for _, pad in calls} == {"max_length"}
+    # which runs were graphed is kept (their time is not eager time), and said in the table
+    assert report["methods"]["increlora"]["cuda_graphs_steps"] == [4, 4]
+    assert report["methods"]["lora"]["cuda_graphs_steps"] == [0, 0]
+    table = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "steps from CUDA graphs: increlora 4 / 4 of 4 per seed |" not in table
+    assert "; steps from CUDA graphs: increlora 4 / 4 of 4 per seed\n" in table
+    report["methods"]["increlora"]["cuda_graphs_steps"] = [None, 0]  # older runs: no count
+    assert "CUDA graphs" not in compare.format_table(report)
 
 
 def test_runs_without_matplotlib(tiny, tmp_path, monkeypatch):

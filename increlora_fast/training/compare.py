@@ -208,6 +208,8 @@ def _compare(base: RunSettings, methods: Sequence[str], lrs: Optional[Sequence[f
             "train_examples": first["train_examples"], "eval_examples": first["eval_examples"],
             "method_settings": first["method_settings"],
             "train_seconds": [m["train_seconds"] for m in per_seed],
+            # steps replayed from CUDA graphs per seed (None: a run written before the count)
+            "cuda_graphs_steps": [m.get("cuda_graphs_steps") for m in per_seed],
             "eval_majority_accuracy": first.get("eval_majority_accuracy"),
         }
     common = {k: v for k, v in dataclasses.asdict(base).items() if k not in ("method", "lr")}
@@ -247,6 +249,16 @@ def _grids_text(lrs: Dict[str, List[float]]) -> str:
     return first + "".join(f" ({', '.join(grids[grid])}: {grid})" for grid in others)
 
 
+def _graphs_text(methods: Dict[str, Dict]) -> str:
+    """Which methods' runs replayed steps from CUDA graphs (their training time is not eager
+    time), as ``; steps from CUDA graphs: increlora 300 of 300 per seed``; empty when none did."""
+    graphed = {m: r["cuda_graphs_steps"] for m, r in methods.items()
+               if any(n for n in r.get("cuda_graphs_steps") or ())}
+    return "" if not graphed else "; steps from CUDA graphs: " + ", ".join(
+        f"{m} {' / '.join('?' if n is None else str(n) for n in counts)} of "
+        f"{methods[m]['steps']} per seed" for m, counts in graphed.items())
+
+
 def format_table(report: Dict) -> str:
     """The comparison as a line of common settings and a Markdown table (mean ± sample std over
     seeds; n/a for one seed, whose std the report holds as null, or as 0.0 when written
@@ -264,7 +276,8 @@ def format_table(report: Dict) -> str:
              " (chosen on the dev set reported here, which flatters every method alike)"
              + ("" if any_run.get("eval_majority_accuracy") is None else
                 f"; always predicting the dev set's majority class scores "
-                f"{any_run['eval_majority_accuracy']:.4f}"),
+                f"{any_run['eval_majority_accuracy']:.4f}")
+             + _graphs_text(report["methods"]),
              "",
              f"| method | dev accuracy (mean ± std, {n} seeds) | per seed | trainable params "
              "(active / padded) | final total rank | best lr | sweep (first seed) "
