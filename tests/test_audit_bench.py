@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cli_helpers import one_error_line
+
 
 def test_adalora_step_that_finalizes_the_budget_is_a_round_not_a_final_step():
     """peft's ``update_and_allocate(total_step - tfinal)`` updates the sensitivity and masks to
@@ -46,8 +48,8 @@ def test_results_md_never_replaces_a_file_it_did_not_write(tmp_path, capsys):
     argv = ["bench", "--report-only", "--include-json", str(stored), "--plot", ""]
     assert main(argv + ["--notes", str(notes), "--results-md", str(notes)]) == 2
     assert notes.read_text() == "my notes\n"
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--results-md" in err[0]
+    err = one_error_line(capsys)
+    assert "--results-md" in err
     md = tmp_path / "RESULTS.md"
     assert main(argv + ["--notes", str(notes), "--results-md", str(md)]) == 0
     assert main(argv + ["--results-md", str(md)]) == 0  # its own earlier output is replaced
@@ -70,8 +72,8 @@ def test_csv_appends_only_to_a_csv_of_the_same_columns(tmp_path, capsys, monkeyp
         notes.write_text(text)
         assert main(["bench", "--levels", "host", "--plot", "", "--csv", str(notes)]) == 2
         assert notes.read_text() == text
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"--csv {notes}" in err[0]
+        err = one_error_line(capsys)
+        assert f"--csv {notes}" in err
 
 
 def test_layer_methods_of_one_point_are_timed_in_one_interleaved_set_on_cuda(monkeypatch):
@@ -125,8 +127,8 @@ def test_report_only_refuses_a_plot_path_it_would_ignore(tmp_path, capsys):
     stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
     assert main(["bench", "--report-only", "--include-json", str(stored), "--plot",
                  str(tmp_path / "p.png"), "--results-md", str(tmp_path / "R.md")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--plot" in err[0] and not (tmp_path / "R.md").exists()
+    err = one_error_line(capsys)
+    assert "--plot" in err and not (tmp_path / "R.md").exists()
 
 
 LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 96,
@@ -196,8 +198,8 @@ def test_model_step_counts_the_model_level_refuses_are_refused_before_measuring(
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--csv", "", "--plot", "", "--model-steps", str(steps),
                  "--model-warmup-steps", str(warmup)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--model-warmup-steps" in err[0]
+    err = one_error_line(capsys)
+    assert "--model-warmup-steps" in err
 
 
 @pytest.mark.parametrize("argv, option", [
@@ -224,8 +226,8 @@ def test_options_the_run_would_ignore_are_refused(argv, option, tmp_path, capsys
     argv = [str(stored) if a == "RECORDS" else a for a in argv]
     assert main(["bench", "--csv", "", "--plot", "", "--results-md", str(tmp_path / "R.md"),
                  *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and option in err[0]
+    err = one_error_line(capsys)
+    assert option in err
     assert not (tmp_path / "R.md").exists()
 
 
@@ -300,8 +302,8 @@ def test_plot_never_replaces_a_file_that_is_not_a_png(tmp_path, capsys, monkeypa
     notes.write_text("mine\n")
     assert main(["bench", "--quick", "--csv", "", "--plot", str(notes)]) == 2
     assert notes.read_text() == "mine\n"
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--plot {notes}" in err[0]
+    err = one_error_line(capsys)
+    assert f"--plot {notes}" in err
 
 
 def test_no_timed_run_carries_the_memory_probe():
@@ -429,8 +431,8 @@ def test_notes_without_results_md_are_refused(tmp_path, capsys, monkeypatch):
     notes.write_text("my notes\n")
     assert main(["bench", "--levels", "host", "--csv", "", "--plot", "",
                  "--notes", str(notes)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--notes {notes}" in err[0] and "--results-md" in err[0]
+    err = one_error_line(capsys)
+    assert f"--notes {notes}" in err and "--results-md" in err
     assert notes.read_text() == "my notes\n"
 
 
@@ -447,8 +449,8 @@ def test_include_json_without_results_md_is_refused(tmp_path, capsys, monkeypatc
     stored = Path(__file__).resolve().parents[1] / "bench" / "records" / "cpu_layer.json"
     assert main(["bench", "--levels", "host", "--csv", "", "--plot", "",
                  "--include-json", str(stored)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--include-json {stored}" in err[0] and "--results-md" in err[0]
+    err = one_error_line(capsys)
+    assert f"--include-json {stored}" in err and "--results-md" in err
 
 
 def test_report_only_refuses_a_json_path_it_would_fill_with_nothing(tmp_path, capsys):
@@ -463,8 +465,8 @@ def test_report_only_refuses_a_json_path_it_would_fill_with_nothing(tmp_path, ca
     out = tmp_path / "records.json"
     assert main(["bench", "--report-only", "--include-json", str(stored), "--plot", "",
                  "--results-md", str(tmp_path / "R.md"), "--json", str(out)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--json {out}" in err[0] and "--report-only" in err[0]
+    err = one_error_line(capsys)
+    assert f"--json {out}" in err and "--report-only" in err
     assert not out.exists() and not (tmp_path / "R.md").exists()
 
 
@@ -479,8 +481,8 @@ def test_plot_path_without_the_layer_level_is_refused(levels, tmp_path, capsys, 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     plot = tmp_path / "plot.png"
     assert main(["bench", "--quick", "--levels", levels, "--csv", "", "--plot", str(plot)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--plot {plot}" in err[0] and "--levels" in err[0]
+    err = one_error_line(capsys)
+    assert f"--plot {plot}" in err and "--levels" in err
 
 
 def test_interpreter_point_on_cuda_is_refused(tmp_path, capsys, monkeypatch):
@@ -493,8 +495,8 @@ def test_interpreter_point_on_cuda_is_refused(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
     assert main(["bench", "--levels", "layer", "--csv", "", "--plot", "",
                  "--interpreter-point", "8x8x8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--interpreter-point" in err[0] and "cuda" in err[0]
+    err = one_error_line(capsys)
+    assert "--interpreter-point" in err and "cuda" in err
 
 
 def test_x_peft_lora_final_is_blank_for_a_run_whose_final_phase_was_not_timed():
@@ -536,8 +538,8 @@ def test_a_bad_dtype_names_its_option_and_the_help_lists_the_dtypes(option, caps
     _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--csv", "", "--plot", "", option, "fp32,fp8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"{option} entry 'fp8' is invalid" in err[0]
+    err = one_error_line(capsys)
+    assert f"{option} entry 'fp8' is invalid" in err
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     dest = option[2:].replace("-", "_")
@@ -562,8 +564,8 @@ def test_a_name_given_twice_is_refused(option, value, capsys, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     levels = [] if option == "--levels" else ["--levels", "layer,model"]
     assert main(["bench", "--quick", "--csv", "", "--plot", "", *levels, option, value]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and option in err[0] and "twice" in err[0]
+    err = one_error_line(capsys)
+    assert option in err and "twice" in err
 
 
 def test_plot_path_with_one_token_count_is_refused(tmp_path, capsys, monkeypatch):
@@ -577,8 +579,8 @@ def test_plot_path_with_one_token_count_is_refused(tmp_path, capsys, monkeypatch
     plot = tmp_path / "plot.png"
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "128",
                  "--plot", str(plot)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--plot {plot}" in err[0] and "--tokens" in err[0]
+    err = one_error_line(capsys)
+    assert f"--plot {plot}" in err and "--tokens" in err
 
 
 def test_device_help_states_the_host_levels_default():
@@ -608,9 +610,9 @@ def test_plot_path_without_the_fwd_bwd_phase_is_refused(tmp_path, capsys, monkey
     plot = tmp_path / "plot.png"
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
                  "--phases", "fwd,bwd", "--plot", str(plot)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--plot {plot}" in err[0] and "--phases" in err[0]
-    assert "fwd+bwd" in err[0] and not plot.exists()
+    err = one_error_line(capsys)
+    assert f"--plot {plot}" in err and "--phases" in err
+    assert "fwd+bwd" in err and not plot.exists()
 
 
 def test_interpreter_point_is_measured_only_for_triton_methods(tmp_path, capsys, monkeypatch):
@@ -645,8 +647,8 @@ def test_interpreter_point_is_measured_only_for_triton_methods(tmp_path, capsys,
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--plot", "",
                  "--methods", "floor,increlora-torch", "--interpreter-point", "8x8x8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--interpreter-point" in err[0] and "--methods" in err[0]
+    err = one_error_line(capsys)
+    assert "--interpreter-point" in err and "--methods" in err
 
 
 @pytest.mark.parametrize("first, second", [("--json", "--results-md"), ("--json", "--csv"),
@@ -664,8 +666,8 @@ def test_two_outputs_to_one_file_are_refused(first, second, tmp_path, capsys, mo
     argv[second] = str(tmp_path / "." / "out.png")  # the same file, spelled differently
     assert main(["bench", "--quick", "--levels", "layer", "--tokens", "8,16",
                  *[a for kv in argv.items() for a in kv]]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and first in err[0] and second in err[0] and not out.exists()
+    err = one_error_line(capsys)
+    assert first in err and second in err and not out.exists()
 
 
 @pytest.mark.parametrize("content", ["[1]", '[{"a": 1}]', '{"a": 1}'])
@@ -679,8 +681,8 @@ def test_include_json_that_is_not_records_names_the_option(content, tmp_path, ca
     bad.write_text(content)
     assert main(["bench", "--report-only", "--include-json", str(bad), "--plot", "",
                  "--results-md", str(tmp_path / "R.md")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--include-json {bad}" in err[0]
+    err = one_error_line(capsys)
+    assert f"--include-json {bad}" in err
     assert not (tmp_path / "R.md").exists()
 
 
@@ -694,9 +696,9 @@ def test_cuda_device_without_cuda_under_quick_does_not_advise_quick(capsys, monk
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--device", "cuda", "--csv", "", "--plot", ""]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--device cuda" in err[0] and "CUDA is not available" in err[0]
-    assert "use --quick" not in err[0] and "full mode" not in err[0]
+    err = one_error_line(capsys)
+    assert "--device cuda" in err and "CUDA is not available" in err
+    assert "use --quick" not in err and "full mode" not in err
 
 
 @pytest.mark.parametrize("argv, option, value", [(["--repeats", "0"], "--repeats", "0"),
@@ -711,9 +713,9 @@ def test_a_bad_warmup_or_repeats_names_only_that_option(argv, option, value, cap
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--plot", "",
                  *argv]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
+    err = one_error_line(capsys)
     other = "--warmup" if option == "--repeats" else "--repeats"
-    assert len(err) == 1 and f"{option} {value} is invalid" in err[0] and other not in err[0]
+    assert f"{option} {value} is invalid" in err and other not in err
 
 
 @pytest.mark.parametrize("option, value", [("--dtypes", "fp32,fp32"), ("--phases", "fwd,fwd"),
@@ -727,8 +729,8 @@ def test_a_dtype_or_phase_given_twice_is_refused(option, value, capsys, monkeypa
     _refuse_measuring(monkeypatch)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert main(["bench", "--quick", "--csv", "", "--plot", "", option, value]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and option in err[0] and "twice" in err[0]
+    err = one_error_line(capsys)
+    assert option in err and "twice" in err
 
 
 def test_model_seq_len_beyond_the_position_table_is_refused(capsys, monkeypatch):
@@ -745,8 +747,8 @@ def test_model_seq_len_beyond_the_position_table_is_refused(capsys, monkeypatch)
     argv = ["bench", "--quick", "--levels", "model", "--models", "tiny-bert", "--csv", "",
             "--plot", "", "--seq-len"]
     assert main(argv + [str(limit + 1)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--seq-len {limit + 1}" in err[0] and str(limit) in err[0]
+    err = one_error_line(capsys)
+    assert f"--seq-len {limit + 1}" in err and str(limit) in err
     with pytest.raises(AssertionError, match="measured"):
         main(argv + [str(limit)])
 
@@ -762,8 +764,8 @@ def test_plot_path_that_is_not_a_png_is_refused(tmp_path, capsys, monkeypatch):
     plot = tmp_path / "plot.svg"
     assert main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
                  "--plot", str(plot)]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and f"--plot {plot}" in err[0] and ".png" in err[0]
+    err = one_error_line(capsys)
+    assert f"--plot {plot}" in err and ".png" in err
     with pytest.raises(AssertionError, match="measured"):
         main(["bench", "--quick", "--levels", "layer", "--csv", "", "--tokens", "8,16",
               "--plot", str(tmp_path / "plot.PNG")])
@@ -787,5 +789,5 @@ def test_a_cuda_index_beyond_the_gpus_is_refused(command, capsys, monkeypatch):
     argv = ["bench", "--levels", "layer", "--csv", "", "--plot", ""] if command == "bench" \
         else ["memory", "--model", "all-MiniLM-L6-v2", "--no-progress"]
     assert main(argv + ["--device", "cuda:3"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--device cuda:3" in err[0] and "1 GPU" in err[0]
+    err = one_error_line(capsys)
+    assert "--device cuda:3" in err and "1 GPU" in err

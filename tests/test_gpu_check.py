@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_helpers import one_error_line
 from finetune_helpers import sentiment_rows, write_tiny_bert
 from increlora_fast.benchmarks.gpu_check import parts as gpu_check
 from increlora_fast.benchmarks.gpu_check.parts import (FINETUNE_RUNS, LAYER_METHODS_CHECKED,
@@ -800,8 +801,8 @@ def test_pack_assets_refuses_the_options_of_the_check(extra, option, tmp_path, m
     extra = [{"OUT": str(tmp_path / "out"), "CACHE": str(cache)}.get(a, a) for a in extra]
     capsys.readouterr()  # (saving the fake model shows a progress bar)
     assert main(["gpu-check", "--pack-assets", str(tmp_path / "packed"), *extra]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and option in err[0] and "--pack-assets" in err[0]
+    err = one_error_line(capsys)
+    assert option in err and "--pack-assets" in err
     assert not (tmp_path / "packed").exists() and not (tmp_path / "out").exists()
 
 
@@ -818,8 +819,8 @@ def test_pack_assets_into_a_file_is_refused_before_packing(tmp_path, monkeypatch
     afile.write_text("mine\n")
     for dest in (afile, afile / "sub"):
         assert main(["gpu-check", "--pack-assets", str(dest)]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and f"--pack-assets {dest}" in err[0] and "is a file" in err[0]
+        err = one_error_line(capsys)
+        assert f"--pack-assets {dest}" in err and "is a file" in err
     assert afile.read_text() == "mine\n"
 
 
@@ -836,8 +837,8 @@ def test_out_holding_a_gpu_check_md_is_refused_before_any_part(tmp_path, monkeyp
     out.mkdir()
     (out / "gpu_check.md").write_text("my notes\n")
     assert main(["gpu-check", "--out", str(out), "--dry-run"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "gpu_check.md" in err[0] and "--out" in err[0]
+    err = one_error_line(capsys)
+    assert "gpu_check.md" in err and "--out" in err
     assert (out / "gpu_check.md").read_text() == "my notes\n"
 
 
@@ -856,5 +857,5 @@ def test_a_full_check_without_cuda_points_to_the_dry_run(device, tmp_path, monke
     for name in ("INCRELORA_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     assert main(["gpu-check", "--out", str(tmp_path / "c"), *device]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--dry-run" in err[0] and "use --device cpu" not in err[0]
+    err = one_error_line(capsys)
+    assert "--dry-run" in err and "use --device cpu" not in err
