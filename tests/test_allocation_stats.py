@@ -82,3 +82,57 @@ def test_runs_with_rounds_at_other_steps_average_over_every_run(tmp_path):
     assert by_layer["0"][20] == pytest.approx(((1 + 3) / 2 + 1.0) / 2)  # a still holds rank 3
     assert by_layer["1"][20] == pytest.approx((1.0 + (1 + 3) / 2) / 2)
     assert by_layer["0"][20] == by_layer["0"][100] and by_layer["1"][20] == by_layer["1"][100]
+
+
+def _broken_savefig(monkeypatch):
+    """Figure.savefig writes part of a figure to its target, then fails (a full disk, a kill)."""
+    from matplotlib.figure import Figure
+
+    def savefig(self, target, *args, **kwargs):
+        if hasattr(target, "write"):
+            target.write(b"half")
+        else:
+            with open(target, "wb") as f:
+                f.write(b"half")
+        raise OSError("No space left on device")
+    monkeypatch.setattr(Figure, "savefig", savefig)
+
+
+def test_the_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """plot_allocation wrote straight into its file: a save that failed half-way left a cut
+    PNG where the earlier one was."""
+    run = _run(tmp_path, "seed0", [(10, MODULES[0], 2)])
+    png = tmp_path / "allocation.png"
+    png.write_bytes(b"earlier figure")
+    _broken_savefig(monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        plot_allocation({"rt": [run]}, png, overwrite=True)
+    assert png.read_bytes() == b"earlier figure"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_an_existing_file_is_replaced_only_when_asked(tmp_path):
+    """plot_allocation replaced whatever was at its path; like the other savers
+    (`visualize.save_rank_heatmap`), it refuses unless ``overwrite`` says so."""
+    run = _run(tmp_path, "seed0", [(10, MODULES[0], 2)])
+    png = tmp_path / "out" / "allocation.png"
+    png.parent.mkdir()
+    png.write_bytes(b"someone's figure")
+    with pytest.raises(FileExistsError, match="overwrite"):
+        plot_allocation({"rt": [run]}, png)
+    assert png.read_bytes() == b"someone's figure"
+    plot_allocation({"rt": [run]}, png, overwrite=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    fresh = tmp_path / "new" / "folder" / "a.png"  # its folders are made
+    plot_allocation({"rt": [run]}, fresh)
+    assert fresh.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_cli_replaces_its_own_output_like_its_other_outputs(tmp_path):
+    root = tmp_path / "runs"
+    _run(root, "default/seed0", [(10, MODULES[0], 2)])
+    png = tmp_path / "allocation.png"
+    png.write_bytes(b"last time's plot")
+    assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
+                 "--allocation-plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

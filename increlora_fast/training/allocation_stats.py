@@ -14,7 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE
+from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
+
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -79,9 +80,20 @@ def allocation_by_group(run_dirs: Iterable[Path], group: Callable[[str], str] = 
             for g, steps in sorted(sums.items())}
 
 
-def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "") -> None:
+def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
+                    overwrite: bool = False) -> None:
     """A PNG: per task (rows), the mean rank per module type and per layer (columns) against
-    the training step, averaged over the given runs (matplotlib, the ``finetune`` extra)."""
+    the training step, averaged over the given runs (matplotlib, the ``finetune`` extra).
+    Written whole or not at all (`outputs.write_figure`), its folders made; a device such as
+    ``/dev/null`` is written to.
+
+    Raises:
+        FileExistsError: a file is at ``path`` and ``overwrite`` is False.
+    """
+    path = Path(path).expanduser()
+    if not overwrite and path.is_file():
+        raise FileExistsError(f"plot_allocation: {path} already exists; choose another path, "
+                              "or pass overwrite=True to replace it")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -102,5 +114,7 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        write_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import functools
-import io
 import json
 import math
 import sys
@@ -38,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation
 from .outputs import (ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES,
-                      check_distinct_outputs)
+                      check_distinct_outputs, write_figure, write_output)
 from .settings import RunSettings
 
 COMPARE_REPORT = "compare.json"  # what `--compare` writes at the top of its output folder
@@ -621,7 +620,7 @@ def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path:
         ax.set(title=task, xlabel="steps from the growth round", ylabel="mean training loss")
         ax.legend(fontsize="small")
     fig.tight_layout()
-    _write_figure(fig, path, dpi=120)
+    write_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -652,29 +651,8 @@ def plot_differences(rows: Sequence[PairedDifference], path: Path,
         ax.set(title=f"{task}: {metric} minus {task_rows[0].baseline!r}",
                xlabel="mean paired difference, 95 % interval (seeds)")
     fig.tight_layout()
-    _write_figure(fig, path, dpi=110)
+    write_figure(fig, path, dpi=110)
     plt.close(fig)
-
-
-def write_output(path: Path, data: bytes) -> None:
-    """``data`` to ``path``: a file replaced whole (`atomic_write_bytes`: a reader never sees
-    half of it), its folders made; a device or pipe (``--out /dev/null``) written to, never
-    replaced."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_file():
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ..persistence import atomic_write_bytes  # here: persistence imports torch
-    atomic_write_bytes(path, data)
-
-
-def _write_figure(fig, path: Path, dpi: int) -> None:
-    """Save ``fig`` to ``path`` by `write_output`, in the format its suffix names (as
-    ``savefig(path)`` would: PNG without one)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format=Path(path).suffix[1:] or None, dpi=dpi)
-    write_output(Path(path), buffer.getvalue())
 
 
 OUTPUT_OPTIONS = ("out", "json_out", "growth_profile", "growth_plot", "diff_plot",
@@ -790,9 +768,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             for run in runs:
                 if run.variant == args.baseline:
                     by_task[run.task].append(Path(run.path))
-            Path(args.allocation_plot).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            plot_allocation(by_task, Path(args.allocation_plot).expanduser(),
-                            title=f"allocation of {args.baseline!r}")
+            # replaced, as every output of this command is (`check_outputs` keeps the runs')
+            plot_allocation(by_task, Path(args.allocation_plot),
+                            title=f"allocation of {args.baseline!r}", overwrite=True)
     except ValueError as err:
         print(f"compare_stats: error: {err}", file=sys.stderr)
         return 2

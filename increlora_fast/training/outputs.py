@@ -7,6 +7,7 @@ checkpoints it wrote itself, and it never writes into the checkpoint it resumed 
 from __future__ import annotations
 
 import errno
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -45,6 +46,27 @@ def check_distinct_outputs(outputs: Iterable[Tuple[str, Optional[str]]]) -> None
             raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
                              "output its own path")
         seen[key] = f"{option} {path}"
+
+
+def write_output(path: Path, data: bytes) -> None:
+    """``data`` to ``path``: a file replaced whole (`atomic_write_bytes`: a reader never sees
+    half of it), its folders made; a device or pipe (``--out /dev/null``) written to, never
+    replaced."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_file():
+        path.write_bytes(data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    from ..persistence import atomic_write_bytes  # here: persistence imports torch
+    atomic_write_bytes(path, data)
+
+
+def write_figure(fig, path: Path, dpi: int) -> None:
+    """Save ``fig`` to ``path`` by `write_output`, in the format its suffix names (as
+    ``savefig(path)`` would: PNG without one)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix[1:] or None, dpi=dpi)
+    write_output(Path(path), buffer.getvalue())
 
 
 def _inside(path: Path, folder: Path) -> bool:
