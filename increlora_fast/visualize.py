@@ -169,14 +169,26 @@ def _refuse_existing(path: Union[str, Path], overwrite: bool, caller: str) -> No
 
 
 def _save(fig, path) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    """Lay out, write (creating the folder) and close a figure; returns the path. A file is
+    replaced whole (`persistence.atomic_write_bytes`: a failed save leaves the earlier one); a
+    device such as ``/dev/null`` is written to."""
+    import io
+
     import matplotlib.pyplot as plt
-    fig.tight_layout()
-    path = Path(path)
+    try:
+        fig.tight_layout()
+        path = Path(path)
+        buffer = io.BytesIO()
+        # the format the suffix names; PNG without one
+        fig.savefig(buffer, dpi=120, format=path.suffix[1:] or "png")
+    finally:
+        plt.close(fig)
+    if path.exists() and not path.is_file():
+        path.write_bytes(buffer.getvalue())
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    # a name without a suffix: PNG there (matplotlib would write to name + ".png" instead)
-    fig.savefig(path, dpi=120, format=None if path.suffix else "png")
-    plt.close(fig)
+    from .persistence import atomic_write_bytes  # here: persistence imports torch
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -52,3 +52,31 @@ def test_finetune_writes_it_next_to_the_heatmap(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     history = rank_history({n: 1 for n in metrics["rank_pattern"]}, log)
     assert {n: points[-1][1] for n, points in history.items()} == metrics["rank_pattern"]
+
+
+@pytest.mark.parametrize("save", ["heatmap", "over_time"])
+def test_a_failed_save_leaves_the_earlier_picture(tmp_path, monkeypatch, save):
+    """The savers wrote straight into their file: a save that failed half-way (a full disk, a
+    kill) left a cut PNG where the resumed or --overwrite run's earlier one was."""
+    from matplotlib.figure import Figure
+
+    from increlora_fast.visualize import save_rank_heatmap
+
+    def savefig(self, target, *args, **kwargs):  # part of the picture, then a failure
+        if hasattr(target, "write"):
+            target.write(b"half")
+        else:
+            with open(target, "wb") as f:
+                f.write(b"half")
+        raise OSError("No space left on device")
+
+    png = tmp_path / "rank.png"
+    png.write_bytes(b"earlier picture")
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(OSError, match="No space"):
+        if save == "heatmap":
+            save_rank_heatmap(INITIAL, png, overwrite=True)
+        else:
+            save_rank_over_time(INITIAL, LOG, png, overwrite=True)
+    assert png.read_bytes() == b"earlier picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.png"]
