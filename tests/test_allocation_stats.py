@@ -136,3 +136,21 @@ def test_the_cli_replaces_its_own_output_like_its_other_outputs(tmp_path):
     assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
                  "--allocation-plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("line", ['{"step": 40, "mod', '{"step": 40, "module": "enc.layer.0.attn.q"}',
+                                  '{"module": "enc.layer.0.attn.q", "new_rank": 2}', "[40]",
+                                  '{"step": 40, "module": "enc.layer.0.attn.q", "new_rank": "2"}'])
+def test_a_damaged_log_line_is_named(tmp_path, capsys, line):
+    """A cut-off or foreign allocation_log.jsonl line gave a bare 'Expecting ...' naming no
+    file, or a KeyError / TypeError traceback out of compare_stats --allocation-plot."""
+    root = tmp_path / "runs"
+    run = _run(root, "default/seed0", [(10, MODULES[0], 2)])
+    log = run / "allocation_log.jsonl"
+    log.write_text(log.read_text() + line + "\n")
+    with pytest.raises(ValueError, match=f"{log}:2"):
+        ranks_over_time(run)
+    png = tmp_path / "allocation.png"
+    assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
+                 "--allocation-plot", str(png)]) == 2
+    assert f"{log}:2" in capsys.readouterr().err and not png.exists()

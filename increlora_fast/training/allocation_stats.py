@@ -31,6 +31,32 @@ def module_layer(name: str) -> str:
     return match.group(1) if match else name
 
 
+def read_allocation_log(log: Path) -> List[dict]:
+    """The entries of the allocation log ``log``, in file order; ValueError naming the file and
+    line of one that is damaged (cut off, not JSON) or lacks an integer ``step``, a ``module``
+    name or an integer ``new_rank``."""
+    entries = []
+    for number, line in enumerate(Path(log).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as err:  # JSONDecodeError
+            raise ValueError(f"{log}:{number} is not a readable allocation entry ({err})") \
+                from err
+        if not (isinstance(entry, dict) and _is_int(entry.get("step"))
+                and isinstance(entry.get("module"), str) and _is_int(entry.get("new_rank"))):
+            raise ValueError(f"{log}:{number}: an allocation entry needs an integer 'step', a "
+                             f"'module' name and an integer 'new_rank', got "
+                             f"{line.strip()[:80]!r}")
+        entries.append(entry)
+    return entries
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
     """{step: {module: rank after that step's round}} at step 0, at every round's step and at
     the last training step."""
@@ -44,8 +70,7 @@ def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
     ranks = {name: int(init_r) for name in pattern}
     out = {0: dict(ranks)}
     log = run_dir / ALLOCATION_LOG_FILE
-    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] \
-        if log.exists() else []
+    events = read_allocation_log(log) if log.exists() else []
     for event in sorted(events, key=lambda e: e["step"]):
         if event["module"] not in ranks:
             raise ValueError(f"{log}: module {event['module']!r} is not in the run's "

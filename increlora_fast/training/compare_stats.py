@@ -35,7 +35,7 @@ from pathlib import Path
 from statistics import NormalDist
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
-from .allocation_stats import plot_allocation
+from .allocation_stats import plot_allocation, read_allocation_log
 from .outputs import (ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES,
                       check_distinct_outputs, write_figure, write_output)
 from .settings import RunSettings
@@ -535,26 +535,6 @@ def markdown_table(rows: Sequence[PairedDifference], metric: str = "eval_accurac
     return "\n".join(out)
 
 
-def _round_steps(log: Path) -> List[int]:
-    """The ``step`` of every entry of the allocation log ``log``; raises ValueError naming the
-    file and line for one that is damaged or has no integer step."""
-    steps = []
-    for number, line in enumerate(log.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            entry = json.loads(line)
-        except ValueError as err:  # JSONDecodeError
-            raise ValueError(f"{log}:{number} is not a readable allocation entry ({err})") \
-                from err
-        step = entry.get("step") if isinstance(entry, dict) else None
-        if isinstance(step, bool) or not isinstance(step, int):
-            raise ValueError(f"{log}:{number}: an allocation entry needs an integer 'step', "
-                             f"got {line.strip()[:80]!r}")
-        steps.append(step)
-    return steps
-
-
 def loss_around_growth(run_dir: Path, before: int = 5, after: int = 15) -> Dict[int, float]:
     """{offset: mean training loss at round step + offset} over a run's allocation rounds, from
     ``train_losses`` in metrics.json and the rounds of allocation_log.jsonl. The loss of step s
@@ -565,7 +545,7 @@ def loss_around_growth(run_dir: Path, before: int = 5, after: int = 15) -> Dict[
     if losses is None:
         raise ValueError(f"{run_dir / METRICS_FILE}: no 'train_losses' (written since issue 15)")
     log = run_dir / ALLOCATION_LOG_FILE
-    rounds = sorted(set(_round_steps(log))) if log.exists() else []
+    rounds = sorted({e["step"] for e in read_allocation_log(log)}) if log.exists() else []
     profile: Dict[int, List[float]] = defaultdict(list)
     for step in rounds:
         for offset in range(-before, after + 1):
