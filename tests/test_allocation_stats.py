@@ -11,12 +11,21 @@ from increlora_fast.training.compare_stats import main
 MODULES = ["enc.layer.0.attn.q", "enc.layer.0.ffn.up", "enc.layer.1.attn.q", "enc.layer.1.ffn.up"]
 
 
+def _final_ranks(events, init_r):
+    """The ranks the log ``events`` leave (the run's rank_pattern)."""
+    ranks = {m: init_r for m in MODULES}
+    for _, module, rank in sorted(events, key=lambda e: e[0]):
+        if module in ranks:
+            ranks[module] = rank
+    return ranks
+
+
 def _run(root, name, events, init_r=1, steps=100, task="rt"):
     run = root / task / name
     run.mkdir(parents=True)
     (run / "metrics.json").write_text(json.dumps({
         "task": task, "seed": int(name[-1]), "eval_accuracy": 0.8, "steps": steps,
-        "rank_pattern": {m: 0 for m in MODULES}, "method_settings": {"init_r": init_r}}))
+        "rank_pattern": _final_ranks(events, init_r), "method_settings": {"init_r": init_r}}))
     (run / "allocation_log.jsonl").write_text("".join(
         json.dumps({"step": s, "module": m, "new_rank": r}) + "\n" for s, m, r in events))
     return run
@@ -154,3 +163,23 @@ def test_a_damaged_log_line_is_named(tmp_path, capsys, line):
     assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
                  "--allocation-plot", str(png)]) == 2
     assert f"{log}:2" in capsys.readouterr().err and not png.exists()
+
+
+def test_a_run_whose_log_does_not_replay_to_its_rank_pattern_is_refused(tmp_path, capsys):
+    """An AdaLoRA run has a rank_pattern and a method_settings.init_r (12, pruned to 8) but no
+    allocation log: its 'allocation' came out as every module flat at init_r, the ranks it
+    started from and not the ones it ended with."""
+    root = tmp_path / "runs"
+    run = root / "rt" / "adalora" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "task": "rt", "seed": 0, "eval_accuracy": 0.8, "steps": 100, "method": "adalora",
+        "rank_pattern": {MODULES[0]: 5, MODULES[1]: 2, MODULES[2]: 12, MODULES[3]: 9},
+        "method_settings": {"init_r": 12, "target_r": 8}}))
+    with pytest.raises(ValueError, match=f"{run / 'metrics.json'}.*rank_pattern"):
+        ranks_over_time(run)
+    png = tmp_path / "allocation.png"
+    assert main([str(root), "--baseline", "adalora", "--out", str(tmp_path / "t.md"),
+                 "--allocation-plot", str(png)]) == 2
+    assert "rank_pattern" in capsys.readouterr().err and not png.exists()
+

@@ -59,7 +59,8 @@ def _is_int(value) -> bool:
 
 def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
     """{step: {module: rank after that step's round}} at step 0, at every round's step and at
-    the last training step."""
+    the last training step. ValueError naming the file when the log does not grow init_r into
+    the run's rank_pattern (an AdaLoRA run, a log of another run)."""
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     pattern = metrics.get("rank_pattern")
@@ -75,8 +76,14 @@ def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
         if event["module"] not in ranks:
             raise ValueError(f"{log}: module {event['module']!r} is not in the run's "
                              "rank_pattern")
-        ranks[event["module"]] = int(event["new_rank"])
-        out[int(event["step"])] = dict(ranks)
+        ranks[event["module"]] = event["new_rank"]
+        out[event["step"]] = dict(ranks)
+    differ = [name for name in ranks if ranks[name] != pattern[name]]
+    if differ:
+        raise ValueError(f"{run_dir / METRICS_FILE}: its rank_pattern is not what "
+                         f"{ALLOCATION_LOG_FILE} grows from init_r {init_r} ({differ[0]}: "
+                         f"{pattern[differ[0]]}, the log gives {ranks[differ[0]]}); not an "
+                         f"IncreLoRA run (method {metrics.get('method')!r}), or another run's log")
     steps = metrics.get("steps")
     if isinstance(steps, int) and steps > max(out):
         out[steps] = dict(ranks)  # the pattern holds to the end of training
