@@ -183,3 +183,14 @@ def test_a_run_whose_log_does_not_replay_to_its_rank_pattern_is_refused(tmp_path
                  "--allocation-plot", str(png)]) == 2
     assert "rank_pattern" in capsys.readouterr().err and not png.exists()
 
+
+def test_a_selected_step_run_ends_where_its_adapter_was_taken(tmp_path):
+    """--select-best keeps the adapter (rank_pattern) and the log up to its selected step, but
+    the run trains on to 'steps': the replay held the selected ranks flat to 'steps', as if
+    the run had grown nothing after the selected step (rank_over_time.png ends there)."""
+    run = _run(tmp_path, "seed0", [(10, MODULES[0], 2)])
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(selected_step=40, rank_pattern={m: 2 if m == MODULES[0] else 1
+                                                   for m in MODULES})
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    assert sorted(ranks_over_time(run)) == [0, 10, 40]

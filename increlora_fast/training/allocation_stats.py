@@ -59,8 +59,9 @@ def _is_int(value) -> bool:
 
 def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
     """{step: {module: rank after that step's round}} at step 0, at every round's step and at
-    the last training step. ValueError naming the file when the log does not grow init_r into
-    the run's rank_pattern (an AdaLoRA run, a log of another run)."""
+    the last training step (a ``--select-best`` run's selected step). ValueError naming the
+    file when the log does not grow init_r into the run's rank_pattern (an AdaLoRA run, a log
+    of another run)."""
     run_dir = Path(run_dir)
     metrics = json.loads((run_dir / METRICS_FILE).read_text())
     pattern = metrics.get("rank_pattern")
@@ -84,9 +85,12 @@ def ranks_over_time(run_dir: Path) -> Dict[int, Dict[str, int]]:
                          f"{ALLOCATION_LOG_FILE} grows from init_r {init_r} ({differ[0]}: "
                          f"{pattern[differ[0]]}, the log gives {ranks[differ[0]]}); not an "
                          f"IncreLoRA run (method {metrics.get('method')!r}), or another run's log")
-    steps = metrics.get("steps")
-    if isinstance(steps, int) and steps > max(out):
-        out[steps] = dict(ranks)  # the pattern holds to the end of training
+    # the pattern holds to the end of training, or to the step --select-best took the adapter
+    # at (its log ends there)
+    end = metrics.get("steps") if metrics.get("selected_step") is None \
+        else metrics["selected_step"]
+    if isinstance(end, int) and end > max(out):
+        out[end] = dict(ranks)
     return out
 
 
