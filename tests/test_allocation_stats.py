@@ -194,3 +194,23 @@ def test_a_selected_step_run_ends_where_its_adapter_was_taken(tmp_path):
                                                    for m in MODULES})
     (run / "metrics.json").write_text(json.dumps(metrics))
     assert sorted(ranks_over_time(run)) == [0, 10, 40]
+
+
+@pytest.mark.parametrize("option", ["--allocation-plot", "--growth-plot", "--diff-plot"])
+def test_a_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path, capsys, monkeypatch,
+                                                                option):
+    """Without matplotlib (a bare image, no finetune extra) a plot option ended in a
+    ModuleNotFoundError traceback, after the outputs before it had been written."""
+    root = tmp_path / "runs"
+    for variant in ("default", "other"):
+        run = _run(root, f"{variant}/seed0", [(10, MODULES[0], 2)])
+        metrics = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps(dict(metrics, train_losses=[1.0] * 100)))
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # import fails
+    out = tmp_path / "t.md"
+    assert main([str(root), "--baseline", "default", "--out", str(out),
+                 "--growth-profile", str(tmp_path / "g.json"), option, str(tmp_path / "p.png")]
+                ) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and "[finetune]" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

@@ -671,6 +671,23 @@ def check_outputs(args: argparse.Namespace) -> None:
     check_distinct_outputs(files)
 
 
+PLOT_OPTIONS = ("growth_plot", "diff_plot", "allocation_plot")
+
+
+def check_plotting(args: argparse.Namespace) -> None:
+    """ValueError naming the first plot option given (`PLOT_OPTIONS`) when matplotlib cannot
+    be imported, before any run is read or output written."""
+    asked = [dest for dest in PLOT_OPTIONS if getattr(args, dest, None)]
+    if not asked:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        option = "--" + asked[0].replace("_", "-")
+        raise ValueError(f"{option} needs matplotlib ({err}): pip install -e \".[finetune]\", "
+                         "or leave the plot options out") from err
+
+
 def _row_json(row: PairedDifference) -> Dict:
     """A row as JSON with its verdict; the power fields only when they were asked for."""
     data = dict(asdict(row), verdict=row.verdict)
@@ -713,6 +730,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         check_outputs(args)
+        check_plotting(args)
         if args.power_for is not None and (args.power_for == 0 or
                                            not math.isfinite(args.power_for)):
             raise ValueError(f"--power-for needs a finite difference other than 0, got "
