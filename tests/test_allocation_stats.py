@@ -214,3 +214,20 @@ def test_a_plot_without_matplotlib_is_one_line_naming_the_extra(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and option in err and "[finetune]" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+@pytest.mark.parametrize("option", ["--allocation-plot", "--growth-plot", "--diff-plot"])
+def test_a_plot_path_of_no_image_format_is_refused_first(tmp_path, capsys, option):
+    """A plot path such as 'plot.txt' failed only once the runs were read and the outputs
+    before it written, with matplotlib's "Format 'txt' is not supported" naming no option."""
+    root = tmp_path / "runs"
+    for variant in ("default", "other"):
+        run = _run(root, f"{variant}/seed0", [(10, MODULES[0], 2)])
+        metrics = json.loads((run / "metrics.json").read_text())
+        (run / "metrics.json").write_text(json.dumps(dict(metrics, train_losses=[1.0] * 100)))
+    assert main([str(root), "--baseline", "default", "--out", str(tmp_path / "t.md"),
+                 "--growth-profile", str(tmp_path / "g.json"), option, str(tmp_path / "p.txt")]
+                ) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{option} {tmp_path / 'p.txt'}" in err and ".png" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]

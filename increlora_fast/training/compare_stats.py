@@ -676,16 +676,25 @@ PLOT_OPTIONS = ("growth_plot", "diff_plot", "allocation_plot")
 
 def check_plotting(args: argparse.Namespace) -> None:
     """ValueError naming the first plot option given (`PLOT_OPTIONS`) when matplotlib cannot
-    be imported, before any run is read or output written."""
-    asked = [dest for dest in PLOT_OPTIONS if getattr(args, dest, None)]
+    be imported, or one whose path ends in a suffix that is no image format matplotlib writes
+    (none: PNG), before any run is read or output written."""
+    asked = {"--" + dest.replace("_", "-"): getattr(args, dest) for dest in PLOT_OPTIONS
+             if getattr(args, dest, None)}
     if not asked:
         return
     try:
         import matplotlib  # noqa: F401
     except ImportError as err:
-        option = "--" + asked[0].replace("_", "-")
-        raise ValueError(f"{option} needs matplotlib ({err}): pip install -e \".[finetune]\", "
-                         "or leave the plot options out") from err
+        raise ValueError(f"{next(iter(asked))} needs matplotlib ({err}): pip install -e "
+                         "\".[finetune]\", or leave the plot options out") from err
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = FigureCanvasBase.get_supported_filetypes()
+    for option, path in asked.items():
+        suffix = Path(path).suffix[1:].lower()
+        if suffix and suffix not in formats:
+            raise ValueError(f"{option} {path}: '.{suffix}' is no image format matplotlib "
+                             f"writes; end the path in one of "
+                             f"{', '.join('.' + f for f in sorted(formats))}")
 
 
 def _row_json(row: PairedDifference) -> Dict:
