@@ -42,7 +42,8 @@ def _layer_prefix(name: str) -> str:
     return f".{name}."[1:matches[-1].end() - 1] if matches else "-"
 
 
-def _natural(label: str) -> tuple:
+def natural_key(label: str) -> tuple:
+    """Sort key that orders the numbers in ``label`` by value: "layer.2" before "layer.10"."""
     return tuple((0, int(c), "") if c.isdigit() else (1, 0, c)
                  for c in re.split(r"(\d+)", label) if c)
 
@@ -59,7 +60,7 @@ def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tupl
     by_index = all(len(p) == 1 for p in prefixes.values())
     grid = {(index if by_index else _layer_prefix(n), kind): rank_pattern[n]
             for n, (index, kind) in split.items()}
-    layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), _natural(s)))
+    layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), natural_key(s)))
     kinds = list(dict.fromkeys(k for _, k in grid))
     return layers, kinds, grid
 

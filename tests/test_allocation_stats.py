@@ -231,3 +231,22 @@ def test_a_plot_path_of_no_image_format_is_refused_first(tmp_path, capsys, optio
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{option} {tmp_path / 'p.txt'}" in err and ".png" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+
+
+def test_twelve_layers_get_twelve_colours_in_layer_order(tmp_path, monkeypatch):
+    """With more than ten groups (a 12-layer BERT's layers) the default colour cycle repeated:
+    layers 0 and 10 drew in one colour, and the legend read 0, 1, 10, 11, 2, ..."""
+    modules = [f"enc.layer.{i}.attn.q" for i in range(12)]
+    run = tmp_path / "rt" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "steps": 10, "rank_pattern": {m: 1 for m in modules}, "method_settings": {"init_r": 1}}))
+    drawn = []
+    monkeypatch.setattr("increlora_fast.training.allocation_stats.write_figure",
+                        lambda fig, path, dpi: drawn.append(fig))
+    plot_allocation({"rt": [run]}, tmp_path / "a.png")
+    by_layer = drawn[0].axes[1]
+    labels = [line.get_label() for line in by_layer.get_lines()]
+    assert labels == [str(i) for i in range(12)]
+    assert len({line.get_color() for line in by_layer.get_lines()}) == 12
+    assert [t.get_text() for t in by_layer.get_legend().get_texts()] == labels

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
+from ..visualize import natural_key
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -99,7 +100,8 @@ def allocation_by_group(run_dirs: Iterable[Path], group: Callable[[str], str] = 
     """{group: {step: mean rank}} over the modules of each group and over the runs, at every
     step where one of the runs has a round (or ends): a run without a round there counts with
     the ranks it holds then (its last round before it), so a seed that needs one round more
-    than the others (a module at r_max takes no rank) does not stand for all of them there."""
+    than the others (a module at r_max takes no rank) does not stand for all of them there.
+    Groups in `visualize.natural_key` order (layer 2 before layer 10)."""
     replays = [ranks_over_time(run_dir) for run_dir in run_dirs]
     every_step = sorted({step for replay in replays for step in replay})
     sums: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
@@ -112,8 +114,8 @@ def allocation_by_group(run_dirs: Iterable[Path], group: Callable[[str], str] = 
                 per_group[group(name)].append(rank)
             for name, values in per_group.items():
                 sums[name][step].append(sum(values) / len(values))
-    return {g: {s: sum(v) / len(v) for s, v in sorted(steps.items())}
-            for g, steps in sorted(sums.items())}
+    return {g: {s: sum(v) / len(v) for s, v in sorted(sums[g].items())}
+            for g in sorted(sums, key=natural_key)}
 
 
 def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
@@ -141,9 +143,11 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     for row, task in zip(axes, tasks):
         for ax, (group, label) in zip(row, ((module_type, "module type"),
                                             (module_layer, "layer"))):
-            for name, curve in allocation_by_group(by_task[task], group).items():
+            curves = allocation_by_group(by_task[task], group)
+            for colour, (name, curve) in zip(_colours(len(curves)), curves.items()):
                 steps = sorted(curve)
-                ax.step(steps, [curve[s] for s in steps], where="post", label=name)
+                ax.step(steps, [curve[s] for s in steps], where="post", label=name,
+                        color=colour)
             ax.set(title=f"{task}: mean rank per {label} ({len(by_task[task])} runs)",
                    xlabel="training step", ylabel="mean rank")
             ax.legend(fontsize="x-small", ncol=2)
@@ -154,3 +158,13 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
         write_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
+
+
+def _colours(n: int) -> list:
+    """``n`` colours, no two alike: tab10's or tab20's, or ``n`` points along turbo beyond 20
+    (the default cycle repeats after 10: layers 0 and 10 of a 12-layer model drew alike)."""
+    import matplotlib
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+        return [cmap(i) for i in range(n)]
+    return [matplotlib.colormaps["turbo"](i / (n - 1)) for i in range(n)]
