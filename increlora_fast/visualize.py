@@ -75,16 +75,15 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
     if not rank_pattern:
         raise ValueError("save_rank_heatmap needs at least one module")
     _refuse_existing(path, overwrite, "save_rank_heatmap")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.figure import Figure
 
     layers, kinds, grid = _grid(rank_pattern)
     data = np.full((len(layers), len(kinds)), np.nan)
     for (layer, kind), r in grid.items():
         data[layers.index(layer), kinds.index(kind)] = r
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.45 * len(layers)))
+    fig = Figure(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.45 * len(layers)))
+    ax = fig.subplots()
     im = ax.imshow(data, cmap="viridis", aspect="auto")
     bright = np.nanmin(data) + 0.6 * (np.nanmax(data) - np.nanmin(data))
     for i in range(len(layers)):
@@ -133,16 +132,16 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     """
     _refuse_existing(path, overwrite, "save_rank_over_time")
     import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     history = rank_history(initial, allocation_log)
     if not history:
         raise ValueError("save_rank_over_time needs at least one module")
     end = max([last_step or 0] + [s for points in history.values() for s, _ in points])
     kinds = list(dict.fromkeys(split_module_name(n)[1] for n in history))
-    colors = plt.get_cmap("tab10")
-    fig, ax = plt.subplots(figsize=(7.5, 4.2))
+    colors = matplotlib.colormaps["tab10"]
+    fig = Figure(figsize=(7.5, 4.2))
+    ax = fig.subplots()
     for name, points in history.items():
         steps = [s for s, _ in points] + [end]
         ranks = [r for _, r in points] + [points[-1][1]]
@@ -170,20 +169,16 @@ def _refuse_existing(path: Union[str, Path], overwrite: bool, caller: str) -> No
 
 
 def _save(fig, path) -> Path:
-    """Lay out, write (creating the folder) and close a figure; returns the path. A file is
-    replaced whole (`persistence.atomic_write_bytes`: a failed save leaves the earlier one); a
-    device such as ``/dev/null`` is written to."""
+    """Lay out and write a figure (creating the folder); returns the path. A file is replaced
+    whole (`persistence.atomic_write_bytes`: a failed save leaves the earlier one); a device
+    such as ``/dev/null`` is written to."""
     import io
 
-    import matplotlib.pyplot as plt
-    try:
-        fig.tight_layout()
-        path = Path(path)
-        buffer = io.BytesIO()
-        # the format the suffix names; PNG without one
-        fig.savefig(buffer, dpi=120, format=path.suffix[1:] or "png")
-    finally:
-        plt.close(fig)
+    fig.tight_layout()
+    path = Path(path)
+    buffer = io.BytesIO()
+    # the format the suffix names; PNG without one
+    fig.savefig(buffer, dpi=120, format=path.suffix[1:] or "png")
     if path.exists() and not path.is_file():
         path.write_bytes(buffer.getvalue())
         return path

@@ -80,3 +80,32 @@ def test_a_failed_save_leaves_the_earlier_picture(tmp_path, monkeypatch, save):
             save_rank_over_time(INITIAL, LOG, png, overwrite=True)
     assert png.read_bytes() == b"earlier picture"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank.png"]
+
+
+def test_saving_a_picture_leaves_the_callers_matplotlib_backend(tmp_path):
+    """The savers called matplotlib.use("Agg"): in a notebook (inline backend) or a script
+    with a window, saving a rank picture switched the caller's own backend, so their later
+    plt.show() showed nothing."""
+    import matplotlib
+
+    from increlora_fast.training.allocation_stats import plot_allocation
+    from increlora_fast.visualize import save_rank_heatmap
+
+    run = tmp_path / "rt" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "steps": 8, "rank_pattern": {"layer.0.query": 2, "layer.1.query": 3, "layer.0.value": 1},
+        "method_settings": {"init_r": 1}}))
+    (run / "allocation_log.jsonl").write_text(
+        "".join(json.dumps(e) + "\n" for e in LOG if e["module"] != "layer.0.query" or
+                e["step"] == 2))
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        save_rank_heatmap(INITIAL, tmp_path / "h.png")
+        save_rank_over_time(INITIAL, LOG, tmp_path / "t.png")
+        plot_allocation({"rt": [run]}, tmp_path / "a.png")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert all((tmp_path / n).read_bytes()[:8] == PNG for n in ("h.png", "t.png", "a.png"))

@@ -132,14 +132,13 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     if not overwrite and path.is_file():
         raise FileExistsError(f"plot_allocation: {path} already exists; choose another path, "
                               "or pass overwrite=True to replace it")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     tasks = sorted(t for t, runs in by_task.items() if runs)
     if not tasks:
         raise ValueError("no runs to plot the allocation of")
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.4 * len(tasks)), squeeze=False)
+    fig = Figure(figsize=(11, 3.4 * len(tasks)))
+    axes = fig.subplots(len(tasks), 2, squeeze=False)
     for row, task in zip(axes, tasks):
         for ax, (group, label) in zip(row, ((module_type, "module type"),
                                             (module_layer, "layer"))):
@@ -154,10 +153,7 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    try:
-        write_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    write_figure(fig, path, dpi=110)
 
 
 def _colours(n: int) -> list:
