@@ -250,3 +250,29 @@ def test_twelve_layers_get_twelve_colours_in_layer_order(tmp_path, monkeypatch):
     assert labels == [str(i) for i in range(12)]
     assert len({line.get_color() for line in by_layer.get_lines()}) == 12
     assert [t.get_text() for t in by_layer.get_legend().get_texts()] == labels
+
+
+def test_an_encoders_and_a_decoders_layer_of_one_number_are_apart(tmp_path, monkeypatch):
+    """An encoder-decoder (BART, T5) has an encoder and a decoder layer 0: the per-layer panel
+    averaged the two into one line labelled '0', so a decoder that grew nothing halved the
+    encoder's growth there (the heatmap keeps them apart)."""
+    modules = ["model.encoder.layers.0.fc1", "model.encoder.layers.1.fc1",
+               "model.decoder.layers.0.fc1", "model.decoder.layers.1.fc1"]
+    run = tmp_path / "rt" / "seed0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({
+        "steps": 10, "rank_pattern": dict(zip(modules, (3, 1, 1, 1))),
+        "method_settings": {"init_r": 1}}))
+    (run / "allocation_log.jsonl").write_text(
+        json.dumps({"step": 5, "module": modules[0], "new_rank": 3}) + "\n")
+    drawn = []
+    monkeypatch.setattr("increlora_fast.training.allocation_stats.write_figure",
+                        lambda fig, path, dpi: drawn.append(fig))
+    plot_allocation({"rt": [run]}, tmp_path / "a.png")
+    lines = {line.get_label(): line.get_ydata()[-1] for line in drawn[0].axes[1].get_lines()}
+    assert lines == {"model.decoder.layers.0": 1, "model.decoder.layers.1": 1,
+                     "model.encoder.layers.0": 3, "model.encoder.layers.1": 1}
+    bert = _run(tmp_path, "seed1", [(10, MODULES[0], 2)])  # one stack: the index alone
+    drawn.clear()
+    plot_allocation({"rt": [bert]}, tmp_path / "b.png")
+    assert [line.get_label() for line in drawn[0].axes[1].get_lines()] == ["0", "1"]

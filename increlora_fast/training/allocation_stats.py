@@ -32,6 +32,22 @@ def module_layer(name: str) -> str:
     return match.group(1) if match else name
 
 
+def layer_group(names: Iterable[str]) -> Callable[[str], str]:
+    """How `allocation_by_group` groups ``names`` per layer: by `module_layer`, or, where one
+    index belongs to several stacks (an encoder's and a decoder's layer 0), by the name up to
+    its index (``model.decoder.layers.0``), so that no line averages two layers."""
+    stacks: Dict[str, set] = defaultdict(set)
+    for name in names:
+        stacks[module_layer(name)].add(_layer_prefix(name))
+    return module_layer if all(len(s) == 1 for s in stacks.values()) else _layer_prefix
+
+
+def _layer_prefix(name: str) -> str:
+    """The part of a module name up to its layer index, or the name when it has none."""
+    match = _LAYER.search(name)
+    return name[:match.end() - 1] if match else name
+
+
 def read_allocation_log(log: Path) -> List[dict]:
     """The entries of the allocation log ``log``, in file order; ValueError naming the file and
     line of one that is damaged (cut off, not JSON) or lacks an integer ``step``, a ``module``
@@ -140,8 +156,8 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     fig = Figure(figsize=(11, 3.4 * len(tasks)))
     axes = fig.subplots(len(tasks), 2, squeeze=False)
     for row, task in zip(axes, tasks):
-        for ax, (group, label) in zip(row, ((module_type, "module type"),
-                                            (module_layer, "layer"))):
+        layer = layer_group({name for run in by_task[task] for name in ranks_over_time(run)[0]})
+        for ax, (group, label) in zip(row, ((module_type, "module type"), (layer, "layer"))):
             curves = allocation_by_group(by_task[task], group)
             for colour, (name, curve) in zip(_colours(len(curves)), curves.items()):
                 steps = sorted(curve)
