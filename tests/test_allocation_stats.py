@@ -276,3 +276,20 @@ def test_an_encoders_and_a_decoders_layer_of_one_number_are_apart(tmp_path, monk
     drawn.clear()
     plot_allocation({"rt": [bert]}, tmp_path / "b.png")
     assert [line.get_label() for line in drawn[0].axes[1].get_lines()] == ["0", "1"]
+
+
+def test_the_legend_hides_no_line(tmp_path, monkeypatch):
+    """The legend sat in the panel ('best' place, upper left in practice): the group that grew
+    most ran behind it (intermediate.dense on TREC-6), the line the plot is read for."""
+    run = _run(tmp_path, "seed0", [(10, MODULES[1], 4), (10, MODULES[3], 4)])
+    drawn = []
+    monkeypatch.setattr("increlora_fast.training.allocation_stats.write_figure",
+                        lambda fig, path, dpi: drawn.append(fig))
+    plot_allocation({"rt": [run]}, tmp_path / "a.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = drawn[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    for ax in fig.axes:
+        legend = ax.get_legend().get_window_extent(renderer)
+        assert not legend.overlaps(ax.get_window_extent(renderer))

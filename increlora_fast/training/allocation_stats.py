@@ -153,7 +153,7 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     tasks = sorted(t for t, runs in by_task.items() if runs)
     if not tasks:
         raise ValueError("no runs to plot the allocation of")
-    fig = Figure(figsize=(11, 3.4 * len(tasks)))
+    fig = Figure(figsize=(13, 3.4 * len(tasks)))
     axes = fig.subplots(len(tasks), 2, squeeze=False)
     for row, task in zip(axes, tasks):
         layer = layer_group({name for run in by_task[task] for name in ranks_over_time(run)[0]})
@@ -165,7 +165,9 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
                         color=colour)
             ax.set(title=f"{task}: mean rank per {label} ({len(by_task[task])} runs)",
                    xlabel="training step", ylabel="mean rank")
-            ax.legend(fontsize="x-small", ncol=2)
+            # beside the panel: inside it, the group that grew most ran behind it
+            ax.legend(fontsize="x-small", ncol=1 + (len(curves) > 12), loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
