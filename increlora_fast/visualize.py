@@ -74,6 +74,7 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
     """
     if not rank_pattern:
         raise ValueError("save_rank_heatmap needs at least one module")
+    path = Path(path).expanduser()  # "~/figs/x.png": no shell expanded it
     _refuse_existing(path, overwrite, "save_rank_heatmap")
     import numpy as np
     from matplotlib.figure import Figure
@@ -130,6 +131,7 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     Raises:
         FileExistsError: a file is at ``path`` and ``overwrite`` is False.
     """
+    path = Path(path).expanduser()  # "~/figs/x.png": no shell expanded it
     _refuse_existing(path, overwrite, "save_rank_over_time")
     import matplotlib
     from matplotlib.figure import Figure

@@ -109,3 +109,18 @@ def test_saving_a_picture_leaves_the_callers_matplotlib_backend(tmp_path):
     finally:
         matplotlib.use(before)
     assert all((tmp_path / n).read_bytes()[:8] == PNG for n in ("h.png", "t.png", "a.png"))
+
+
+def test_a_path_under_home_is_written_there(tmp_path, monkeypatch):
+    """save_rank_heatmap("~/figs/h.png") made a folder named '~' in the working directory and
+    wrote there (the CLI's paths are expanded; the savers' were not)."""
+    from increlora_fast.visualize import save_rank_heatmap
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    assert save_rank_heatmap(INITIAL, "~/figs/h.png") == tmp_path / "home" / "figs" / "h.png"
+    assert save_rank_over_time(INITIAL, LOG, "~/t.png") == tmp_path / "home" / "t.png"
+    assert (tmp_path / "home" / "figs" / "h.png").read_bytes()[:8] == PNG
+    assert not (tmp_path / "~").exists()
+    with pytest.raises(FileExistsError):
+        save_rank_heatmap(INITIAL, "~/figs/h.png")
