@@ -88,7 +88,10 @@ def test_saving_a_picture_leaves_the_callers_matplotlib_backend(tmp_path):
     plt.show() showed nothing."""
     import matplotlib
 
+    from increlora_fast.benchmarks.report import plot_time_vs_tokens
     from increlora_fast.training.allocation_stats import plot_allocation
+    from increlora_fast.training.compare_stats import (PairedDifference, plot_differences,
+                                                       plot_growth_profiles)
     from increlora_fast.visualize import save_rank_heatmap
 
     run = tmp_path / "rt" / "seed0"
@@ -105,10 +108,19 @@ def test_saving_a_picture_leaves_the_callers_matplotlib_backend(tmp_path):
         save_rank_heatmap(INITIAL, tmp_path / "h.png")
         save_rank_over_time(INITIAL, LOG, tmp_path / "t.png")
         plot_allocation({"rt": [run]}, tmp_path / "a.png")
+        # and the comparison's and the benchmark's plots
+        plot_growth_profiles({"rt": {"default": {"0": 0.5, "1": 0.4}}}, tmp_path / "g.png")
+        plot_differences([PairedDifference("rt", "v", "default", [0, 1], 0.8, 0.7, 0.1, 0.01,
+                                           0.01, 0.19)], tmp_path / "d.png")
+        records = [dict(level="layer", status="ok", phase="fwd+bwd", shape="8x8", tokens=t,
+                        dtype="fp32", r_max=4, method="floor", median_ms=t / 100,
+                        device="cpu") for t in (64, 128)]
+        assert plot_time_vs_tokens(records, str(tmp_path / "b.png")) == str(tmp_path / "b.png")
         assert matplotlib.get_backend() == "pdf"
     finally:
         matplotlib.use(before)
-    assert all((tmp_path / n).read_bytes()[:8] == PNG for n in ("h.png", "t.png", "a.png"))
+    assert all((tmp_path / n).read_bytes()[:8] == PNG
+               for n in ("h.png", "t.png", "a.png", "g.png", "d.png", "b.png"))
 
 
 def test_a_path_under_home_is_written_there(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..training.outputs import write_figure
 from .gpu_check.markdown import results_section
 from .speed.host_overhead import COLUMNS as HOST_COLUMNS
 from .speed.host_overhead import HOST_LEGEND, host_rows
@@ -79,12 +80,10 @@ def plot_time_vs_tokens(records: Sequence[dict], path: str) -> Optional[str]:
     combos = sorted({(r["dtype"], r["r_max"]) for r in rows if r["r_max"] is not None})
     if not shapes or not combos:
         return None
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
-    fig, axes = plt.subplots(len(combos), len(shapes), squeeze=False,
-                             figsize=(4.2 * len(shapes) + 3.0, 3.4 * len(combos) + 0.6))
+    fig = Figure(figsize=(4.2 * len(shapes) + 3.0, 3.4 * len(combos) + 0.6))
+    axes = fig.subplots(len(combos), len(shapes), squeeze=False)
     for i, (dtype, r_max) in enumerate(combos):
         for j, shape in enumerate(shapes):
             ax = axes[i][j]
@@ -105,9 +104,7 @@ def plot_time_vs_tokens(records: Sequence[dict], path: str) -> Optional[str]:
     fig.legend(handles, labels, loc="center right", fontsize=8)
     fig.suptitle(f"Layer fwd+bwd time vs tokens - {rows[0]['device']}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1 - 3.0 / fig.get_figwidth(), 0.95))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    write_figure(fig, Path(path), dpi=110)  # whole or not at all, its folders made
     return path
 
 

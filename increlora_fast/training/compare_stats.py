@@ -584,14 +584,13 @@ def growth_profiles(runs: Iterable[RunResult], variants: Sequence[str], before: 
 def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path: Path) -> None:
     """A PNG of `growth_profiles`: one panel per task, one line per variant, the mean training
     loss against the step offset from the growth rounds (matplotlib, the ``finetune`` extra)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     tasks = sorted(profiles)
     if not tasks:
         raise ValueError("no growth rounds to plot: none of the runs grew a rank")
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 3.5), squeeze=False)
+    fig = Figure(figsize=(5 * len(tasks), 3.5))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for variant, profile in sorted(profiles[task].items()):
             offsets = sorted(int(k) for k in profile)
@@ -601,22 +600,20 @@ def plot_growth_profiles(profiles: Dict[str, Dict[str, Dict[str, float]]], path:
         ax.legend(fontsize="small")
     fig.tight_layout()
     write_figure(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def plot_differences(rows: Sequence[PairedDifference], path: Path,
                      metric: str = "eval_accuracy") -> None:
     """A PNG of the paired differences: one panel per task, each variant's mean difference from
     the baseline with its 95 % interval as a bar, 0 marked (matplotlib, the ``finetune`` extra)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: the caller's backend stays as it is
 
     tasks = sorted({r.task for r in rows})
     if not tasks:
         raise ValueError("no paired differences to plot")
     height = max(2.5, 0.45 * max(sum(r.task == t for r in rows) for t in tasks) + 1.2)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), height), squeeze=False)
+    fig = Figure(figsize=(5.2 * len(tasks), height))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         task_rows = [r for r in rows if r.task == task][::-1]
         y = list(range(len(task_rows)))
@@ -632,7 +629,6 @@ def plot_differences(rows: Sequence[PairedDifference], path: Path,
                xlabel="mean paired difference, 95 % interval (seeds)")
     fig.tight_layout()
     write_figure(fig, path, dpi=110)
-    plt.close(fig)
 
 
 OUTPUT_OPTIONS = ("out", "json_out", "growth_profile", "growth_plot", "diff_plot",
@@ -683,11 +679,10 @@ def check_plotting(args: argparse.Namespace) -> None:
     if not asked:
         return
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
     except ImportError as err:
         raise ValueError(f"{next(iter(asked))} needs matplotlib ({err}): pip install -e "
                          "\".[finetune]\", or leave the plot options out") from err
-    from matplotlib.backend_bases import FigureCanvasBase
     formats = FigureCanvasBase.get_supported_filetypes()
     for option, path in asked.items():
         suffix = Path(path).suffix[1:].lower()
