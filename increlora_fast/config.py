@@ -318,12 +318,13 @@ class IncreLoRAConfig:
     def reachable_total_rank(self, total_rank: int, num_modules: int, start_step: int,
                              end_step: int) -> int:
         """The most total rank the rounds among steps ``start_step .. end_step - 1`` can reach
-        from ``total_rank``: each grows at most ``top_h`` modules by ``incre_rank_num``, and
-        none goes past the budget (`total_budget`). Below the budget, a run of that length
-        ends short of it whatever the scores."""
+        from ``total_rank``: each grows at most ``top_h`` modules (and no more than
+        ``num_modules``) by ``incre_rank_num``, and none goes past the budget (`total_budget`).
+        Below the budget, a run of that length ends short of it whatever the scores."""
         rounds = self.allocation_rounds(start_step, end_step)
+        grown = min(self.top_h, num_modules)
         return min(self.total_budget(num_modules),
-                   total_rank + rounds * self.top_h * self.incre_rank_num)
+                   total_rank + rounds * grown * self.incre_rank_num)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -163,6 +163,18 @@ def test_allocation_rounds_count_the_controllers_round_steps():
         assert config.reachable_total_rank(5, 5, start, end) == min(20, grown)
 
 
+def test_reachable_total_rank_counts_no_more_modules_per_round_than_there_are():
+    """A round grows each module at most once, so top_h above the number of modules adds
+    nothing: 2 modules from rank 1 to a budget of 3 each (6) grow by at most 2 per round, and
+    one round reaches 4, not 6 (top_h 4 x 1 counted as if 4 modules grew, hiding the warning
+    that the run ends below its budget)."""
+    config = IncreLoRAConfig(target_modules=["q"], init_warmup=1, incre_interval=2, top_h=4,
+                             target_rank=3, incre_rank_num=1, r_max=8)
+    assert config.allocation_rounds(0, 3) == 1
+    assert config.reachable_total_rank(2, 2, 0, 3) == 4
+    assert config.reachable_total_rank(2, 2, 0, 5) == 6
+
+
 def test_a_total_rank_budget_needs_no_target_rank_above_init_r():
     """target_total_rank overrides target_rank, yet IncreLoRAConfig(init_r=3, r_max=8,
     target_total_rank=40) was refused for the default target_rank=2 being below init_r."""
