@@ -84,6 +84,37 @@ def test_delta_w_score_equals_dense_float64_rederivation(seed):
     torch.testing.assert_close(controller.importance(), ipt * unc, rtol=2e-4, atol=0)
 
 
+def test_smoothing_and_round_by_hand_with_distinct_betas():
+    """Spec 3 and 4 on two modules whose per-step scores are set by hand (beta1 0.5 for the
+    importance, beta2 0.9 for the uncertainty, which takes the freshly updated importance):
+    module a scores 1, 1, 1, module b 0, 0, 1.7. At the round (step 2) a has the higher
+    importance (0.875 > 0.85) but b the higher final score ipt x unc (0.85 x 0.085 = 0.07225 >
+    0.875 x 0.0755 = 0.0660625), so b alone grows (top_h 1). Swapped betas would grow a."""
+    torch.manual_seed(0)
+    model = ParallelBranches(2)
+    config = IncreLoRAConfig(target_modules=r"branches\.\d", r_max=4, target_rank=2,
+                             incre_rank_num=1, init_warmup=1, incre_interval=2, top_h=1,
+                             beta1=0.5, beta2=0.9, score_window=2)
+    inject_increlora(model, config)
+    controller = IncreLoRAController(model, config)
+    a, b = model.branches
+    expected_ipt = [(0.5, 0.0), (0.75, 0.0), (0.875, 0.85)]
+    expected_unc = [(0.05, 0.0), (0.07, 0.0), (0.0755, 0.085)]
+    for step, (sa, sb) in enumerate([(1.0, 0.0), (1.0, 0.0), (1.0, 1.7)]):
+        a.score_sum.fill_(sa)  # the step's module scores, as backward would leave them
+        b.score_sum.fill_(sb)
+        controller.step(step)
+        torch.testing.assert_close(controller.ipt.tolist(), list(expected_ipt[step]),
+                                   rtol=1e-6, atol=1e-12)
+        torch.testing.assert_close(controller.unc.tolist(), list(expected_unc[step]),
+                                   rtol=1e-6, atol=1e-12)
+        if step < 2:
+            assert controller.allocation_log == []  # no round at or before init_warmup
+    assert controller.rank_pattern() == {"branches.0": 1, "branches.1": 2}
+    assert [e["module"] for e in controller.allocation_log] == ["branches.1"]
+    assert controller.allocation_log[0]["score"] == pytest.approx(0.07225, rel=1e-6)
+
+
 def test_triplet_score_equals_float64_formula():
     gen = torch.Generator().manual_seed(5)
     torch.manual_seed(5)
