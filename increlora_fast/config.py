@@ -90,7 +90,9 @@ class IncreLoRAConfig:
             (``ceil(remaining / incre_rank_num)``; the authors' ``min(top_h, remaining)`` can
             overshoot the budget when ``incre_rank_num > 1``).
         incre_rank_num: ranks a module gains when selected (and size of its reserve); ``None``
-            derives it from ``target_rank`` as the authors' scripts do. The last module of the
+            derives it from ``target_rank`` as the authors' scripts do (2, 4, 6, 8 -> 1, 2, 3, 4;
+            for another ``target_rank``, which their table lacks, ``max(1, target_rank // 2)``:
+            an extension, their code fails there). The last module of the
             last round gains only what the budget has left, and a module whose slots cannot hold
             a full reserve (``r_max``) gains what its reserve holds; a module with no reserve
             left (all ``r_max`` slots active) is not ranked.
@@ -98,7 +100,13 @@ class IncreLoRAConfig:
         reserve_lambda: fixed lambda of reserve components.
         beta1, beta2: smoothing of the importance score and of its uncertainty.
         orth_reg_weight: weight of the orthogonal regulariser.
-        warmup_steps: learning-rate warmup of every newly added slot (restart warmup).
+        warmup_steps: learning-rate warmup of every newly added slot (restart warmup). A slot
+            added or activated by the round at step t takes no step at t and its first at
+            t + 1, as Adam's step 1 at ``1 / warmup_steps`` of the rate (for warmup_steps > 0).
+            One step earlier than the authors' code, whose scheduler (``Multi_LambdaLR``) gives
+            a group added at t a rate of 0 at t + 1 (Adam counts that step) and
+            ``1 / warmup_steps`` at t + 2; so is the first reserve, which they add at step 0
+            and we before it (on the base model's schedule, the same in both).
         total_step: step at which every learning rate reaches 0; ``None`` keeps it constant
             after warmup.
         modules_to_save: module-name suffixes trained in full and saved with the adapter
