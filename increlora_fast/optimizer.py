@@ -825,7 +825,12 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     (`GROUP_NAMES`, an empty one left out): the adapters (``"increlora"``), the other
     parameters with ``weight_decay`` (``"other"``), and their biases and normalization
     weights without it (``"other_no_decay"``, `no_decay_parameters`: the Hugging Face
-    Trainer's rule and the authors'). Adapter tensors always take ``weight_decay``.
+    Trainer's rule and the authors'). Adapter tensors always take ``weight_decay``. The
+    update is ``torch.optim.AdamW``'s (eps added to the bias-corrected ``sqrt(v)``, weight
+    decay applied before the update); the authors' trainer runs transformers' former
+    ``AdamW``, which adds eps before the bias correction (an eps larger by
+    ``1 / sqrt(1 - beta2**step)`` in effect) and decays the updated weights (a difference of
+    order lr^2 x weight_decay).
 
     Raises:
         ValueError: ``lr``, ``eps``, ``weight_decay`` or ``betas`` are not finite numbers in
