@@ -216,6 +216,31 @@ def test_first_real_update_of_a_fresh_slot_is_a_first_adam_step(advance_learning
         assert opt.state[layer.lora_A]["slot_count"][1] == 1
 
 
+@pytest.mark.parametrize("warmup_steps,expected", [(4, 1 / 4), (0, 17 / 18)])
+def test_first_step_of_slots_grown_at_a_round_takes_their_own_schedule_by_hand(warmup_steps,
+                                                                             expected):
+    """Spec 5 by hand: the round at step 2 activates slot 1 and appends reserve slot 2; at step
+    3 each takes its first Adam step (lr x multiplier x sign(grad)) on a schedule begun at step
+    2: warmup 4 gives (3 - 2) / 4; no warmup gives the decay to total_step 20 begun at 2,
+    (20 - 3) / (20 - 2), not the base schedule's (20 - 3) / 20."""
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(target_rank=3, top_h=1, init_warmup=1, incre_interval=2,
+                           warmup_steps=warmup_steps, total_step=20, orth_reg_weight=0.0)
+    lr = 1e-3
+    model, _, ctl = make_run(model, config)
+    opt = create_optimizer(model, config, lr=lr, weight_decay=0.0, eps=1e-15)
+    layer = model.branches[0]
+    train_steps(model, opt, ctl, range(3))      # step 2: slot 1 activated, slot 2 new reserve
+    assert layer.slot_state.tolist()[:3] == [SlotState.ACTIVE, SlotState.ACTIVE,
+                                            SlotState.RESERVE]
+    lam, row = layer.lora_lambda[1].item(), layer.lora_A[2].detach().clone()
+    train_steps(model, opt, ctl, range(3, 4))
+    assert abs(layer.lora_lambda[1].item() - lam) == pytest.approx(lr * expected, rel=1e-4)
+    moved = (layer.lora_A[2] - row).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, lr * expected), rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("advance_learning", [True, False])
 def test_a_slot_changed_at_this_step_takes_no_weight_decay_either(advance_learning):
     """Without warmup the slots the controller changes at step 4 have a learning rate at once,
