@@ -170,8 +170,9 @@ class IncreLoRAController:
                 f"{config.init_warmup}, incre_interval {config.incre_interval}), each growing "
                 f"at most top_h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
                 f"total rank of at most {reach} of the budget's {self.total_budget}: the run "
-                f"ends below it; train longer ({length}), lower init_warmup or incre_interval, "
-                "or raise top_h")
+                f"ends below it; train longer ({length}), "
+                + ("lower init_warmup or incre_interval, or raise top_h"
+                   if config.top_h < modules else "or lower init_warmup or incre_interval"))
 
     def current_total_rank(self) -> int:
         return sum(layer.active_rank for layer in self.layers)

@@ -103,6 +103,20 @@ def test_a_plain_torch_optimizer_over_the_adapters_is_said_once():
             model.zero_grad()
 
 
+def test_a_run_short_of_its_budget_with_top_h_over_every_module_is_said_without_top_h():
+    """top_h 4 on 2 modules: one round (step 4 of 6) grows them to 4 of the budget's 6 whatever
+    top_h, so the warning says so and does not advise raising top_h."""
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(
+        target_rank=3, top_h=4, init_warmup=2, incre_interval=4, total_step=6))
+    with pytest.warns(RuntimeWarning) as caught:
+        train_steps(model, opt, ctl, range(6))
+    said = [str(w.message) for w in caught if "reach a total rank" in str(w.message)]
+    assert len(said) == 1 and "total rank of at most 4 of the budget's 6" in said[0]
+    assert "top_h 4" in said[0] and "raise top_h" not in said[0]
+    assert ctl.current_total_rank() == 4  # as said
+
+
 def test_a_total_step_too_short_for_the_budget_is_said_at_the_first_step():
     """A manual loop whose schedule (IncreLoRAConfig.total_step, init_warmup, incre_interval,
     top_h) cannot grow the modules to target_rank ended below it whatever the scores, saying

@@ -55,7 +55,9 @@ def warn_budget_out_of_reach(s: RunSettings, config: IncreLoRAConfig, n_targets:
                   f"at most --top-h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
                   f"total rank of at most {reach} of the budget's {budget} (--target-rank "
                   f"{config.target_rank} x {n_targets} modules): the run ends below --target-rank;"
-                  " train longer, lower --init-warmup or --incre-interval, or raise --top-h",
+                  " train longer, " + ("lower --init-warmup or --incre-interval, or raise --top-h"
+                                       if config.top_h < n_targets
+                                       else "or lower --init-warmup or --incre-interval"),
                   RuntimeWarning, stacklevel=2)
 
 
