@@ -678,12 +678,12 @@ def check_plotting(args: argparse.Namespace) -> None:
              if getattr(args, dest, None)}
     if not asked:
         return
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
+    try:  # (imports the package too: a test blocks it in sys.modules)
+        import matplotlib.backend_bases
     except ImportError as err:
         raise ValueError(f"{next(iter(asked))} needs matplotlib ({err}): pip install -e "
                          "\".[finetune]\", or leave the plot options out") from err
-    formats = FigureCanvasBase.get_supported_filetypes()
+    formats = matplotlib.backend_bases.FigureCanvasBase.get_supported_filetypes()
     for option, path in asked.items():
         suffix = Path(path).suffix[1:].lower()
         if suffix and suffix not in formats:
