@@ -17,6 +17,7 @@ from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS, hub_access_off, hub_offline
 from ..data.examples import Example, fixed_split
 from ..data.files import file_sha256
+from ..layer import is_supported_base
 from ..model import suffix_match
 from ..persistence import atomic_write_bytes
 from .batches import Batches, token_lengths
@@ -32,8 +33,8 @@ from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
 from ..pooling import apply_pooling, mean_pooling_available, model_pooling, resolve_pooling
-from .settings import (AUTO_SEQ_PERCENTILE, DEFAULT_SAVE_STEPS, SELECT_HOLDOUT_SHARE,
-                       RunSettings, resolve, validate)
+from .settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, DEFAULT_SAVE_STEPS,
+                       SELECT_HOLDOUT_SHARE, RunSettings, resolve, validate)
 from .step_runner import resolve_cuda_graphs
 
 HEATMAP_FILE = "rank_heatmap.png"
@@ -204,6 +205,26 @@ def with_head_saved(s: RunSettings, model) -> RunSettings:
                                                    if key not in other] + [head])
 
 
+def check_target_modules(s: RunSettings, model) -> None:
+    """Refuse --target-modules entries that name no module of the model (an adapter method):
+    peft adapts what the others match without a word, so a LoRA run on a model whose names
+    differ from the default BERT ones (DeBERTa-v2's query_proj) trained fewer modules than
+    asked. The error names the base model's linear layers by their last name."""
+    if s.method == "full":
+        return
+    names = [name for name, _ in model.named_modules() if name]
+    missing = [key for key in s.target_modules if not any(suffix_match(n, key) for n in names)]
+    if not missing:
+        return
+    base = getattr(model, "base_model", model)  # (not the head's own linears)
+    linears = sorted({name.split(".")[-1] for name, module in base.named_modules()
+                      if is_supported_base(module)})
+    default = " (the default names BERT's linears)" if s.target_modules == BERT_TARGETS else ""
+    raise ValueError(f"--target-modules {', '.join(map(repr, missing))} name(s) no module of "
+                     f"--model {s.model}{default}; its linear layers are named {linears}: give "
+                     "those you want adapted, comma-separated")
+
+
 def _positions(model) -> Optional[int]:
     """The most tokens the model's position embeddings take: ``max_position_embeddings``, less
     the offset of models that number positions from after their padding index (RoBERTa, XLM-R,
@@ -292,6 +313,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     given_pad = set_pad_token(tokenizer, model, s.model)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
+    check_target_modules(s, model)
     if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
         warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
                       f"files, but the head of {type(model).__name__} reads the first token "
