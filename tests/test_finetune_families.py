@@ -44,3 +44,27 @@ def test_target_modules_the_model_lacks_are_refused_naming_the_option(tiny, tmp_
     assert "--target-modules" in err and "'query', 'key', 'value'" in err
     assert "query_proj" in err and "classifier" not in err.split("linear layers")[-1]
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("tokenizer_pad", [False, True])
+def test_a_config_pad_token_id_outside_the_vocabulary_is_replaced_by_the_padding_one(
+        tmp_path, tokenizer_pad):
+    """Some decoder configs name pad_token_id -1 (early Llama) or an id past the vocabulary: no
+    input holds it, so a decoder classifier read the last position of every input, on padded
+    batches a padding one, in training and evaluation (a warning only said they differ). The
+    config now gets the id the batches are padded with."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from finetune_helpers import write_tiny_gpt2
+    from increlora_fast.training.finetune_run import set_pad_token
+    tokenizer = AutoTokenizer.from_pretrained(str(write_tiny_gpt2(tmp_path / "gpt2")))
+    if tokenizer_pad:
+        tokenizer.pad_token = "[UNK]"
+    pad = tokenizer.convert_tokens_to_ids("[UNK]" if tokenizer_pad else "<eos>")
+    for named in (-1, len(tokenizer)):
+        model = SimpleNamespace(config=SimpleNamespace(pad_token_id=named))
+        with pytest.warns(UserWarning, match=f"pad_token_id {named} .*{pad}"):
+            assert set_pad_token(tokenizer, model, "m") == pad
+        assert model.config.pad_token_id == tokenizer.pad_token_id == pad

@@ -127,7 +127,11 @@ def test_a_tokenizer_and_config_that_name_different_pad_tokens_are_warned_about(
 
     from increlora_fast.training.finetune_run import set_pad_token
     pad = random.randrange(1, 50)
-    tokenizer = SimpleNamespace(pad_token="<pad>", pad_token_id=pad)
+
+    class Tokenizer(SimpleNamespace):
+        def __len__(self) -> int:  # both ids are tokens of it
+            return 100
+    tokenizer = Tokenizer(pad_token="<pad>", pad_token_id=pad)
     for config_pad, warned in ((pad + 1, True), (pad, False)):
         model = SimpleNamespace(config=SimpleNamespace(pad_token_id=config_pad))
         with warnings.catch_warnings(record=True) as caught:

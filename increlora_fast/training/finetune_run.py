@@ -143,25 +143,30 @@ def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
     batches padded with another token would make it read a padding position.
 
     A tokenizer and a config that both name a pad token, and different ones, are warned about
-    (the batches are padded with the tokenizer's, the head looks for the config's).
+    (the batches are padded with the tokenizer's, the head looks for the config's). A config
+    ``pad_token_id`` that is no token of the tokenizer (-1) is replaced, with a warning: no input
+    holds it, so a decoder's head would read the last position, on padded inputs a padding one.
 
     Returns:
-        The ``pad_token_id`` given to the model's config, None when it had one.
+        The ``pad_token_id`` given to the model's config, None when it kept its own.
 
     Raises:
         ValueError: the tokenizer has neither a pad, an EOS nor an UNK token.
     """
+    named = getattr(model.config, "pad_token_id", None)
+    token_id = isinstance(named, int) and 0 <= named < len(tokenizer)
     if tokenizer.pad_token is None:
-        named = getattr(model.config, "pad_token_id", None)
-        token = (tokenizer.convert_ids_to_tokens(named)
-                 if isinstance(named, int) and 0 <= named < len(tokenizer) else None) \
+        token = (tokenizer.convert_ids_to_tokens(named) if token_id else None) \
             or tokenizer.eos_token or tokenizer.unk_token
         if token is None:
             raise ValueError(f"--model {name}: its tokenizer has no pad, EOS or UNK token to "
                              "pad batches with; give its tokenizer a pad token")
         tokenizer.pad_token = token
-    named = getattr(model.config, "pad_token_id", None)
-    if named is not None:
+    if named is not None and not token_id:  # (-1 in early Llama configs): no input holds it
+        warnings.warn(f"--model {name}: its config's pad_token_id {named} is no token of its "
+                      f"tokenizer; set to {tokenizer.pad_token_id}, the token batches are padded "
+                      "with", UserWarning, stacklevel=2)
+    elif named is not None:
         if named != tokenizer.pad_token_id:
             warnings.warn(f"--model {name}: its tokenizer pads with token id "
                           f"{tokenizer.pad_token_id} and its config names pad_token_id {named}; "
