@@ -316,6 +316,10 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     pooling = resolve_pooling(s.pooling, _model_folder(s.model))  # before the model loads
     tokenizer, model = load_model(s, data)
     given_pad = set_pad_token(tokenizer, model, s.model)
+    if head_name(model) == "score":
+        # a decoder's head finds the last real token on either side, but left padding shifts
+        # the positions of GPT-2-like models (numbered from the first column) by the padding
+        tokenizer.padding_side = "right"
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
     check_target_modules(s, model)
