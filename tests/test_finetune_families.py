@@ -22,11 +22,25 @@ def write_tiny_deberta(directory: Path) -> Path:
     return directory
 
 
+def write_tiny_distilbert(directory: Path) -> Path:
+    """A randomly initialised DistilBERT encoder: its classifier adds a ``pre_classifier``
+    linear that the checkpoint, like distilbert-base-uncased, has no weights for."""
+    from transformers import BertTokenizer, DistilBertConfig, DistilBertModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(str(directory))
+    DistilBertModel(DistilBertConfig(vocab_size=len(VOCAB), dim=16, n_layers=1, n_heads=2,
+                                     hidden_dim=24, max_position_embeddings=64)
+                    ).save_pretrained(str(directory))
+    return directory
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("families")
     return dict(tiny_files(root, train_rows=32, dev_rows=8),
-                deberta=str(write_tiny_deberta(root / "deberta")))
+                deberta=str(write_tiny_deberta(root / "deberta")),
+                distilbert=str(write_tiny_distilbert(root / "distilbert")))
 
 
 @pytest.mark.parametrize("method", ["lora", "adalora", "increlora"])
@@ -109,3 +123,27 @@ def test_a_decoder_tokenizer_that_pads_left_scores_as_its_inputs_alone(tmp_path)
             losses.append(float(torch.nn.functional.cross_entropy(
                 model(**ids).logits, torch.tensor([example.label]))))
     assert sum(losses) / len(losses) == pytest.approx(reported, rel=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "increlora"])
+def test_new_layers_of_the_head_outside_modules_to_save_are_refused(tiny, tmp_path, capsys,
+                                                                   method):
+    """DistilBERT's classifier reads a pre_classifier linear (DeBERTa-v2's a pooler) that the
+    encoder checkpoint has no weights for: from_pretrained starts it random, and an adapter
+    method froze it there (neither trained nor saved), as --modules-to-save named only the
+    classifier. The run is refused in one line saying what to add; with it, the layer trains."""
+    from safetensors.torch import load_file
+
+    model = dict(tiny, model=tiny["distilbert"])
+    out = tmp_path / method
+    assert cli(tiny_args(model, out, "--method", method, "--target-modules", "q_lin,v_lin",
+                         steps=2)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "'pre_classifier'" in err and "--modules-to-save classifier,pre_classifier" in err
+    assert not out.exists() or not any(out.iterdir())
+
+    assert cli(tiny_args(model, out, "--method", method, "--target-modules", "q_lin,v_lin",
+                         "--modules-to-save", "classifier,pre_classifier", steps=2)) == 0
+    weights = next(out.glob("adapter_model.safetensors"))
+    assert any("pre_classifier" in key for key in load_file(str(weights)))

@@ -99,7 +99,8 @@ def model_path(name: str) -> str:
 
 
 def load_model(s: RunSettings, data: TaskData):
-    """(tokenizer, sequence-classification model) with a fresh head for the task's labels, in
+    """(tokenizer, sequence-classification model, the names of its parameters the checkpoint
+    had no weights for, which start random) with a fresh head for the task's labels, in
     float32 whatever dtype the checkpoint was saved in (the master weights of mixed precision;
     `device.Placement` autocasts the compute). The tokenizer may have no pad token yet
     (`set_pad_token`)."""
@@ -123,16 +124,17 @@ def load_model(s: RunSettings, data: TaskData):
     try:
         with hub_offline(off is not None):  # a hub id missing from the local cache fails at once
             tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model, info = AutoModelForSequenceClassification.from_pretrained(
                 path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
                 label2id={n: i for i, n in enumerate(data.label_names)},
-                ignore_mismatched_sizes=True, dtype=torch.float32)
+                ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True)
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--model {s.model} could not be loaded" + (
             f" ({off}, so only the local hub cache is searched)" if off else "")
             + f": {first}") from err
-    return tokenizer, model
+    new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
+    return tokenizer, model, sorted(new & {name for name, _ in model.named_parameters()})
 
 
 def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
@@ -208,6 +210,33 @@ def with_head_saved(s: RunSettings, model) -> RunSettings:
                                 "have" if other else ""), HeadAddedWarning, stacklevel=2)
     return dataclasses.replace(s, modules_to_save=[key for key in s.modules_to_save
                                                    if key not in other] + [head])
+
+
+def check_new_layers_trained(s: RunSettings, model, new: List[str]) -> None:
+    """Refuse a run of an adapter method that would leave parameters the checkpoint had no
+    weights for (``new``, `load_model`) frozen at their random start, neither trained nor
+    saved: a layer of the head that --modules-to-save leaves out (DistilBERT's pre_classifier,
+    DeBERTa-v2's pooler: their encoder checkpoints lack them). Names the layers (their first
+    name below the model, or below its base model) and the option that trains them."""
+    if s.method == "full":
+        return
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    untrained = []
+    for key in new:
+        parts = key.split(".")[:-1]  # the modules holding the parameter, outermost first
+        if not any(suffix_match(".".join(parts[:end]), entry) for entry in s.modules_to_save
+                   for end in range(1, len(parts) + 1)):
+            layer = (key[len(prefix):] if key.startswith(prefix) else key).split(".")[0]
+            if layer not in untrained:
+                untrained.append(layer)
+    if untrained:
+        raise ValueError(f"--model {s.model}: its checkpoint has no weights for "
+                         f"{', '.join(map(repr, untrained))}, which start random, and "
+                         f"--modules-to-save {','.join(s.modules_to_save)} leaves "
+                         f"{'them' if len(untrained) > 1 else 'it'} out, so "
+                         f"{'they' if len(untrained) > 1 else 'it'} would stay random (neither "
+                         "trained nor saved); give --modules-to-save "
+                         + ",".join(list(s.modules_to_save) + untrained))
 
 
 def check_target_modules(s: RunSettings, model) -> None:
@@ -314,7 +343,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     s = resolve(settings, len(train), graphed)
     seed_everything(s.seed)
     pooling = resolve_pooling(s.pooling, _model_folder(s.model))  # before the model loads
-    tokenizer, model = load_model(s, data)
+    tokenizer, model, new = load_model(s, data)
     given_pad = set_pad_token(tokenizer, model, s.model)
     if head_name(model) == "score":
         # a decoder's head finds the last real token on either side, but left padding shifts
@@ -323,6 +352,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
     check_target_modules(s, model)
+    check_new_layers_trained(s, model, new)
     if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
         warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
                       f"files, but the head of {type(model).__name__} reads the first token "
