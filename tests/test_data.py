@@ -663,3 +663,22 @@ def test_a_missing_asset_is_one_line_naming_it_and_the_package(fake_asset, monke
     assert message.startswith("fake_data is not available (")
     assert "`pip install --no-deps fake-pkg==1.2.3`" in message
     assert str(fake_asset[0].parent) in message
+
+
+def test_a_json_record_naming_a_read_field_twice_is_refused(tmp_path):
+    """json.loads keeps the last of two values of one key, so {"label": 1, "label": 0} trained
+    on 0 without a word (a CSV header naming a read column twice is refused); such a record is
+    refused naming its line, a repeated field the run does not read is left alone."""
+    rows = "".join(f'{{"text": "t{i}", "label": {i % 2}, "note": 1, "note": 2}}\n'
+                   for i in range(6))
+    path = tmp_path / "t.jsonl"
+    path.write_text(rows + '{"text": "x", "label": 1, "label": 0}\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl: line 7 names field\(s\) \['label'\] more "
+                                         r"than once"):
+        load_files(str(path), None)
+    path.write_text(rows)
+    assert [e.label for e in load_files(str(path), str(path)).eval] == [0, 1] * 3
+    listed = tmp_path / "t.json"
+    listed.write_text('[{"text": "x", "text": "y", "label": 1}]')
+    with pytest.raises(ValueError, match=r"t\.json: record 1 names field\(s\) \['text'\]"):
+        load_files(str(listed), None)

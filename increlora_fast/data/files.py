@@ -35,7 +35,8 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
     """(rows, the line of the file each row begins at, 1-based, or None for a ``.json`` list)
     of a CSV/TSV file (header line first) or of a JSON-lines file (one object a line; a
     ``.json`` file holding one list of objects also works). ``columns``: the columns the
-    caller reads; a CSV/TSV header naming one of them twice is refused (None: any column)."""
+    caller reads; a CSV/TSV header or a JSON record naming one of them twice is refused (None:
+    any column)."""
     if path.is_dir():
         raise ValueError(f"data file {path} is a folder; give a file ("
                          f"{', '.join(sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES))})")
@@ -56,9 +57,11 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
     if suffix in CSV_SUFFIXES:
         return _csv_rows(text, CSV_SUFFIXES[suffix], path, columns)
     lines: Optional[List[int]] = None
+    repeated: Dict[int, List[str]] = {}  # id of an object -> the read fields it names twice
+    hook = _repeated_fields_hook(columns, repeated)
     if suffix == ".json" and text.lstrip().startswith("["):
         try:
-            rows = json.loads(text)
+            rows = json.loads(text, object_pairs_hook=hook)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path} is not valid JSON: {err}") from err
     else:
@@ -68,14 +71,33 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
         for lineno, line in enumerate(io.StringIO(text, newline="").readlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    rows.append(json.loads(line, object_pairs_hook=hook))
                     lines.append(lineno)
                 except json.JSONDecodeError as err:
                     raise _json_lines_error(path, text, lineno, err) from err
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"{_place(path, lines, bad)} is not a JSON object")
+    bad = next((i for i, r in enumerate(rows) if id(r) in repeated), None)
+    if bad is not None:  # json.loads keeps the last value of a repeated key
+        raise ValueError(f"{_place(path, lines, bad)} names field(s) {repeated[id(rows[bad])]} "
+                         "more than once; give every field its own name")
     return rows, lines
+
+
+def _repeated_fields_hook(columns: Optional[List[str]], repeated: Dict[int, List[str]]):
+    """A json ``object_pairs_hook`` that builds each object as a dict and records in
+    ``repeated`` (by the dict's id) the keys of ``columns`` (None: any) it names twice."""
+    def hook(pairs: List[Tuple[str, object]]) -> Dict[str, object]:
+        record = dict(pairs)
+        if len(record) < len(pairs):
+            keys = [key for key, _ in pairs]
+            twice = sorted({key for key in keys if keys.count(key) > 1
+                            and (columns is None or key in columns)})
+            if twice:
+                repeated[id(record)] = twice
+        return record
+    return hook
 
 
 def _refuse_utf16(path: Path, raw: bytes) -> None:
