@@ -147,3 +147,23 @@ def test_new_layers_of_the_head_outside_modules_to_save_are_refused(tiny, tmp_pa
                          "--modules-to-save", "classifier,pre_classifier", steps=2)) == 0
     weights = next(out.glob("adapter_model.safetensors"))
     assert any("pre_classifier" in key for key in load_file(str(weights)))
+
+
+def test_a_checkpoint_without_pooler_weights_trains_with_mean_pooling(tiny, tmp_path, capsys):
+    """A BERT checkpoint saved without its pooler (sentence-transformers exports often are)
+    leaves BERT's pooler random: refused under cls pooling, which reads it, and trained under
+    mean pooling, which replaces it (the check for layers left random ran before the pooling
+    was applied, and refused this run too)."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    from finetune_helpers import VOCAB as words
+    folder = tmp_path / "no_pooler"
+    BertTokenizer(vocab={w: i for i, w in enumerate(words)}).save_pretrained(str(folder))
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, intermediate_size=24, max_position_embeddings=64),
+              add_pooling_layer=False).save_pretrained(str(folder))
+    files = dict(tiny, model=str(folder))
+    assert cli(tiny_args(files, tmp_path / "cls", "--pooling", "cls", steps=2)) == 2
+    assert "'pooler'" in capsys.readouterr().err
+    assert cli(tiny_args(files, tmp_path / "mean", "--pooling", "mean", steps=2)) == 0
+    assert (tmp_path / "mean" / "metrics.json").is_file()

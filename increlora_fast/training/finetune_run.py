@@ -222,7 +222,8 @@ def check_new_layers_trained(s: RunSettings, model, new: List[str]) -> None:
         return
     prefix = getattr(model, "base_model_prefix", "") + "."
     untrained = []
-    for key in new:
+    present = {name for name, _ in model.named_parameters()}
+    for key in (key for key in new if key in present):
         parts = key.split(".")[:-1]  # the modules holding the parameter, outermost first
         if not any(suffix_match(".".join(parts[:end]), entry) for entry in s.modules_to_save
                    for end in range(1, len(parts) + 1)):
@@ -352,7 +353,6 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
     check_target_modules(s, model)
-    check_new_layers_trained(s, model, new)
     if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
         warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
                       f"files, but the head of {type(model).__name__} reads the first token "
@@ -360,6 +360,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
                       UserWarning, stacklevel=2)
         pooling = "cls"
     apply_pooling(model, pooling)
+    check_new_layers_trained(s, model, new)  # after the pooling: mean pooling drops the pooler
     lengths = token_lengths(tokenizer, train)
     seq_len = auto_max_seq_len(lengths, tokenizer, model) if s.max_seq_len == "auto" \
         else s.max_seq_len
