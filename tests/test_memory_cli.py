@@ -465,3 +465,17 @@ def test_the_breakdown_json_is_replaced_whole_or_not_at_all(tmp_path, monkeypatc
         breakdown.write_json([{"method": "increlora", "total_mib": 2.0}], str(out))
     assert out.read_bytes() == earlier
     assert sorted(p.name for p in tmp_path.iterdir()) == ["breakdown.json"]  # no leftover
+
+
+def test_cli_measures_an_encoder_decoder_classifier(tmp_path, capsys):
+    """T5 (as BART) classifies from the last <eos> of each row and refuses rows holding
+    different counts of it: random ids gave each row some eos by chance and none at its end, so
+    the step failed ("same number of <eos> tokens") and the family could not be measured."""
+    t5 = {"model_type": "t5", "architectures": ["T5ForSequenceClassification"],
+          "vocab_size": 64, "d_model": 32, "d_kv": 16, "d_ff": 48, "num_layers": 1,
+          "num_heads": 2, "eos_token_id": 1, "pad_token_id": 0, "decoder_start_token_id": 0}
+    config = str(write_config(tmp_path, t5))
+    assert main(["memory", "--model", config, "--target-modules", "q,v", "--r-max", "4",
+                 "--batch-size", "3", "--seq-len", "64", "--dtype", "fp32", "--no-progress",
+                 "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert "seq-cls" in capsys.readouterr().out

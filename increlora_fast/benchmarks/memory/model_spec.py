@@ -206,9 +206,16 @@ class ModelSpec:
 
     def batch(self, batch_size: int, seq_len: int, device: torch.device,
               seed: int = 0) -> Dict[str, torch.Tensor]:
-        """Random token ids, a full attention mask and the head's labels."""
+        """Random token ids, a full attention mask and the head's labels. An encoder-decoder
+        classifier (T5, BART) reads each row's last <eos> and needs as many in every row: one,
+        at the end."""
         gen = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=gen)
+        eos = getattr(self.config, "eos_token_id", None)
+        if self.head == "seq-cls" and getattr(self.config, "is_encoder_decoder", False) and \
+                isinstance(eos, int):
+            ids[ids == eos] = (eos + 1) % self.vocab_size
+            ids[:, -1] = eos
         labels = torch.zeros(batch_size, dtype=torch.long) if self.head == "seq-cls" \
             else ids.clone()
         return {"input_ids": ids.to(device), "labels": labels.to(device),
