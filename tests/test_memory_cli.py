@@ -479,3 +479,17 @@ def test_cli_measures_an_encoder_decoder_classifier(tmp_path, capsys):
                  "--batch-size", "3", "--seq-len", "64", "--dtype", "fp32", "--no-progress",
                  "--device", "cpu"]) == 0, capsys.readouterr().err
     assert "seq-cls" in capsys.readouterr().out
+
+
+def test_exact_adalora_figures_on_a_bfloat16_base(tmp_path):
+    """peft moves AdaLoRA's ranknum to a bfloat16 base layer's dtype and back to float32 by
+    assignment into its ParameterDict, which makes it a new parameter that requires grad: on a
+    bf16/fp16 base it gets a gradient and AdamW moments (on the meta copy, which peft does not
+    move, it stays frozen, and the exact figures left them out)."""
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "bf16")
+    method = next(m for m in methods_for(SETTING) if m.kind == "adalora")
+    sizes = method.sizes(spec.build(torch.device("cpu"), meta=True), spec.dtype, SETTING)
+    real = _real_static(method, spec)
+    for key, component in (("padded", PADDED), ("grads", GRADS), ("optimizer", OPTIMIZER),
+                           ("buffers", BUFFERS)):
+        assert sizes[key][0] == real[component], key

@@ -145,9 +145,15 @@ def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) ->
     from peft import get_peft_model
 
     names = target_names(meta_model, setting)
+    # On a real model peft moves AdaLoRA's float32 ranknum to a bf16/fp16 base layer's dtype
+    # and back by assignment into its ParameterDict: a new parameter, which requires grad (on
+    # the meta device it moves nothing, so the copy here keeps it frozen).
+    ranknum_trained = any(meta_model.get_submodule(n).weight.dtype in (torch.float16,
+                                                                       torch.bfloat16)
+                          for n in names)
     with init_empty_weights():
         model = get_peft_model(meta_model, peft_config(names, setting, adalora))
-    adapter = other = count = 0
+    adapter = other = trained = count = 0
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
         if "lora_" in name:
@@ -155,12 +161,16 @@ def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) ->
             count += 1
         elif "ranknum" in name:
             other += nbytes
+            if ranknum_trained:
+                trained += nbytes
+                count += 1
     r = peft_rank(setting, adalora)
     sizes = {
         "padded": (adapter, "exact", f"peft {'AdaLoRA' if adalora else 'LoRA'} r={r}, "
                    f"{len(names)} modules"),
-        "grads": (adapter, "exact", "one gradient per adapter tensor"),
-        "optimizer": (2 * adapter + count * ADAMW_STEP_BYTES, "exact",
+        "grads": (adapter + trained, "exact", "one gradient per adapter tensor"
+                  + (" and ranknum (peft trains it on a bf16/fp16 base)" if trained else "")),
+        "optimizer": (2 * (adapter + trained) + count * ADAMW_STEP_BYTES, "exact",
                       "torch AdamW: exp_avg, exp_avg_sq, one fp32 step per tensor"),
     }
     if adalora:
