@@ -493,3 +493,37 @@ def test_exact_adalora_figures_on_a_bfloat16_base(tmp_path):
     for key, component in (("padded", PADDED), ("grads", GRADS), ("optimizer", OPTIMIZER),
                            ("buffers", BUFFERS)):
         assert sizes[key][0] == real[component], key
+
+
+HEAD_SETTING = dataclasses.replace(SETTING, target_modules=("query", "value"),
+                                   modules_to_save=("classifier",))
+
+
+@pytest.mark.parametrize("kind", ["increlora", "lora", "adalora"])
+def test_exact_figures_count_the_modules_trained_in_full(tmp_path, kind):
+    """A classifier fine-tune trains its head in full (`finetune` always adds it to
+    modules_to_save): its gradients and optimizer states (and peft's trained copy of it) are
+    part of the exact figures."""
+    spec = build_spec(str(write_config(tmp_path, BERT)), "auto", "fp32")
+    method = next(m for m in methods_for(HEAD_SETTING) if m.kind == kind)
+    sizes = method.sizes(spec.build(torch.device("cpu"), meta=True), spec.dtype, HEAD_SETTING)
+    real = _real_static(method, spec, HEAD_SETTING)
+    for key, component in (("grads", GRADS), ("optimizer", OPTIMIZER)):
+        assert sizes[key][0] == real[component], key
+    head = 32 * 2 * 4 + 2 * 4  # BERT's classifier: 32 -> 2 labels, fp32
+    assert real[GRADS] == sizes["padded"][0] + head
+
+
+def test_cli_trains_the_classification_head_as_finetune_does(tmp_path, capsys):
+    """`increlora-fast memory` on a classifier measures the run `finetune` makes, which trains
+    the head in full: its gradient is in the exact gradients of every method."""
+    write_config(tmp_path, BERT)
+    out = tmp_path / "rows.json"
+    assert main(["memory", "--model", str(tmp_path), "--target-modules", "query,value",
+                 "--r-max", "4", "--seq-len", "8", "--dtype", "fp32", "--json", str(out),
+                 "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = json.loads(out.read_text())
+    head = 32 * 2 * 4 + 2 * 4
+    for method in dict.fromkeys(r["method"] for r in rows):
+        comps = by_component(rows, method)
+        assert comps[GRADS]["bytes"] == comps[PADDED]["bytes"] + head, method

@@ -9,6 +9,7 @@ when there is one, else per tensor on CPU), or with ``--estimate`` from small ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import List, Optional
 
@@ -88,7 +89,7 @@ def _is_breakdown(rows: list) -> bool:
                               for r in rows)
 
 
-def _run_fields(args: argparse.Namespace, head: str, device) -> dict:
+def _run_fields(args: argparse.Namespace, head: str, device, modules_to_save) -> dict:
     """What every ``--json`` row records of its run: the model and step the table's header
     names, the device, date, versions and command."""
     from ..benchmarks.records import command_line, environment
@@ -99,7 +100,7 @@ def _run_fields(args: argparse.Namespace, head: str, device) -> dict:
                 gradient_checkpointing=args.gradient_checkpointing,
                 target_modules=args.target_modules, r_max=args.r_max, init_r=args.init_r,
                 target_rank=args.target_rank, adalora_init_r=args.adalora_init_r,
-                adapter_dtype=args.adapter_dtype,
+                adapter_dtype=args.adapter_dtype, modules_to_save=list(modules_to_save),
                 **{k: env[k] for k in ("date", "git_commit", "device", "device_type", "torch",
                                        "triton", "peft", "transformers")},
                 command=command_line("memory"))
@@ -131,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
                                                memory_breakdown, write_json)
     from ..benchmarks.memory.compared_methods import AdapterSetting
     from ..data.assets import AssetUnavailableError, hub_access_off, hub_offline
+    from ..training.finetune_run import head_name
 
     try:
         device = torch.device(args.device.strip().lower() if args.device else
@@ -147,6 +149,9 @@ def run(args: argparse.Namespace) -> int:
         setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
         with hub_offline(hub_access_off() is not None):  # a hub id not cached fails at once
             spec = build_spec(args.model, args.head, args.dtype)
+        head = head_name(spec.build(device, meta=True)) if spec.head == "seq-cls" else None
+        if head is not None:  # trained in full, as `finetune` trains it
+            setting = dataclasses.replace(setting, modules_to_save=(head,))
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
                                 quantized=args.quantized, estimate=args.estimate,
                                 small_seq=args.small_seq, progress=not args.no_progress)
@@ -155,11 +160,12 @@ def run(args: argparse.Namespace) -> int:
     print(f"{args.model} ({spec.head}, {args.dtype}"
           + (f", {args.quantized} base" if args.quantized != "none" else "")
           + f"), batch {args.batch_size} x seq {args.seq_len} on {device}"
-          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
+          + (", gradient checkpointing" if args.gradient_checkpointing else "")
+          + "".join(f", {name} trained in full" for name in setting.modules_to_save))
     print(format_table(rows))
     if args.notes:
         print(format_notes(rows))
     if args.json:
-        run_fields = _run_fields(args, spec.head, device)
+        run_fields = _run_fields(args, spec.head, device, setting.modules_to_save)
         print(f"rows written to {write_json([dict(r, **run_fields) for r in rows], args.json)}")
     return 0

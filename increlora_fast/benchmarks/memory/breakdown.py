@@ -36,6 +36,7 @@ BASE = "base weights"
 PADDED = "adapter tensors (padded)"
 ACTIVE = "adapter tensors (active)"
 BUFFERS = "adapter buffers"
+SAVED_COPY = "modules_to_save copy"
 GRADS = "gradients"
 OPTIMIZER = "optimizer states"
 SCORE = "score buffers (per-pass)"
@@ -45,9 +46,10 @@ ACTIVATIONS = "activations"
 OPT_TEMPS = "optimizer step temporaries"
 TOTAL = "total peak"
 TOTAL_DENSE = "total peak (exact-step mode)"
-COMPONENTS = (BASE, PADDED, ACTIVE, BUFFERS, GRADS, OPTIMIZER, SCORE, SCORE_DENSE, BATCH,
-              ACTIVATIONS, OPT_TEMPS, TOTAL, TOTAL_DENSE)
-_SIZE_KEYS = {"padded": PADDED, "active": ACTIVE, "buffers": BUFFERS, "grads": GRADS,
+COMPONENTS = (BASE, PADDED, ACTIVE, BUFFERS, SAVED_COPY, GRADS, OPTIMIZER, SCORE, SCORE_DENSE,
+              BATCH, ACTIVATIONS, OPT_TEMPS, TOTAL, TOTAL_DENSE)
+_SIZE_KEYS = {"padded": PADDED, "active": ACTIVE, "buffers": BUFFERS,
+              "saved_copy": SAVED_COPY, "grads": GRADS,
               "optimizer": OPTIMIZER, "score": SCORE, "score_dense": SCORE_DENSE}
 QUANTIZED = ("none", "4bit", "8bit")
 BNB_BLOCKSIZE = 64   # bitsandbytes 4-bit: one fp32 absmax per 64 weights
@@ -103,8 +105,8 @@ def _row(method: str, component: str, value: Tuple[int, str, str]) -> dict:
 
 
 def _static_sum(sizes: Sizes, base: int, batch: int) -> int:
-    return base + batch + sum(sizes[k][0] for k in ("padded", "buffers", "optimizer", "score")
-                              if k in sizes)
+    return base + batch + sum(sizes[k][0] for k in ("padded", "buffers", "saved_copy",
+                                                    "optimizer", "score") if k in sizes)
 
 
 def _held_exact(sizes: Sizes, base: int, setting: AdapterSetting) -> int:

@@ -35,6 +35,8 @@ class AdapterSetting:
     ``adapter_dtype``: `IncreLoRAConfig.adapter_dtype` (``"auto"``: float32 on bf16/fp16 bases,
     ``"float32"`` or ``"base"``).
     ``adalora_init_r``: AdaLoRA's starting rank (None: ``r_max``); it prunes to ``target_rank``.
+    ``modules_to_save``: module-name suffixes every method trains in full (a classifier's head,
+    as `finetune` trains it).
     """
 
     target_modules: Optional[Tuple[str, ...]] = None
@@ -46,6 +48,7 @@ class AdapterSetting:
     adapter_dtype: str = "auto"
     exact_step_score: bool = False
     gradient_checkpointing: bool = False
+    modules_to_save: Tuple[str, ...] = ()
 
     def increlora_config(self, targets: Optional[List[str]] = None, **overrides):
         """The IncreLoRA config of this setting: no allocation round within a measurement
@@ -57,7 +60,8 @@ class AdapterSetting:
         kwargs = dict(target_modules=list(targets or self.target_modules or []) or None,
                       r_max=self.r_max, init_r=self.init_r, target_rank=self.target_rank,
                       lora_alpha=self.lora_alpha, init_warmup=10 ** 6,
-                      exact_step_score=self.exact_step_score, adapter_dtype=self.adapter_dtype)
+                      exact_step_score=self.exact_step_score, adapter_dtype=self.adapter_dtype,
+                      modules_to_save=list(self.modules_to_save) or None)
         kwargs.update(overrides)
         kwargs.setdefault("score_window", kwargs.get("incre_interval",
                                                      IncreLoRAConfig.incre_interval))
@@ -83,11 +87,22 @@ def increlora_adapter_dtype(base_dtype: torch.dtype, setting: AdapterSetting) ->
 
     probe = nn.Sequential(nn.Linear(2, 2, dtype=base_dtype))  # 2 wide: r_max=2 fits, no warning
     inject_increlora(probe, setting.increlora_config(["0"], r_max=2, init_r=1, target_rank=1,
-                                                     incre_rank_num=1))
+                                                     incre_rank_num=1, modules_to_save=None))
     return probe[0].lora_A.dtype
 
 
 Sizes = Dict[str, Tuple[int, str, str]]  # component -> (bytes, how, detail)
+
+
+def _saved_parameters(meta_model: nn.Module, setting: AdapterSetting) -> List[nn.Parameter]:
+    """The parameters of the modules ``setting.modules_to_save`` names (trained in full), each
+    once (a tied weight is one tensor)."""
+    from ...model import suffix_match
+
+    found = {id(p): p for name, module in meta_model.named_modules()
+             if name and any(suffix_match(name, key) for key in setting.modules_to_save)
+             for p in module.parameters()}
+    return list(found.values())
 
 
 def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
@@ -108,6 +123,8 @@ def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
     active = sum(setting.target_rank * per_slot(d) for d in zip(dims, dtypes))
     uniform = len(set(i + o for i, o in dims)) == 1 and len(set(dtypes)) == 1
     dense = sum(i * o for i, o in dims) * FP32
+    saved = _saved_parameters(meta_model, setting)
+    saved_bytes = sum(p.numel() * p.element_size() for p in saved)
 
     def name(dtype: torch.dtype) -> str:
         return str(dtype).replace("torch.", "")
@@ -125,10 +142,13 @@ def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
                       "on where allocation puts the rank")),
         "buffers": (n * r * INCRELORA_SLOT_BUFFER_BYTES, "exact",
                     "slot_state int8, slot_alloc_step and slot_active_step int64 per slot"),
-        "grads": (padded, "exact", "one gradient per padded adapter tensor"),
-        "optimizer": (2 * padded + 3 * n * r * INCRELORA_SLOT_STATE_BYTES, "exact",
+        "grads": (padded + saved_bytes, "exact", "one gradient per padded adapter tensor"
+                  + _saved_note(saved)),
+        "optimizer": (2 * (padded + saved_bytes) + 3 * n * r * INCRELORA_SLOT_STATE_BYTES
+                      + len(saved) * ADAMW_STEP_BYTES, "exact",
                       "IncreLoRAAdamW: exp_avg, exp_avg_sq; per slot step count (fp32) and "
-                      "seen alloc/active stamps (int64)"),
+                      "seen alloc/active stamps (int64); one fp32 step per tensor trained in "
+                      "full"),
         "score": (n * INCRELORA_SCORE_BYTES, "exact",
                   "per module: score_sum (fp32) in the layer, ipt and unc (float64) in the "
                   "controller"),
@@ -136,6 +156,10 @@ def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
                         "module while allocating (plus a transient copy of one module's at "
                         "each controller step)"),
     }
+
+
+def _saved_note(saved: List[torch.Tensor]) -> str:
+    return f" and per parameter of modules_to_save ({len(saved)} tensors)" if saved else ""
 
 
 def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) -> Sizes:
@@ -154,9 +178,14 @@ def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) ->
     with init_empty_weights():
         model = get_peft_model(meta_model, peft_config(names, setting, adalora))
     adapter = other = trained = count = 0
+    saved = []  # peft's trained copies of the modules_to_save
     for name, p in model.named_parameters():
         nbytes = p.numel() * p.element_size()
-        if "lora_" in name:
+        if p.requires_grad and "lora_" not in name and "ranknum" not in name:
+            saved.append(p)
+            trained += nbytes
+            count += 1
+        elif "lora_" in name:
             adapter += nbytes
             count += 1
         elif "ranknum" in name:
@@ -169,10 +198,15 @@ def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) ->
         "padded": (adapter, "exact", f"peft {'AdaLoRA' if adalora else 'LoRA'} r={r}, "
                    f"{len(names)} modules"),
         "grads": (adapter + trained, "exact", "one gradient per adapter tensor"
-                  + (" and ranknum (peft trains it on a bf16/fp16 base)" if trained else "")),
+                  + (" and ranknum (peft trains it on a bf16/fp16 base)" if ranknum_trained
+                     and adalora else "") + _saved_note(saved)),
         "optimizer": (2 * (adapter + trained) + count * ADAMW_STEP_BYTES, "exact",
                       "torch AdamW: exp_avg, exp_avg_sq, one fp32 step per tensor"),
     }
+    if saved:
+        sizes["saved_copy"] = (sum(p.numel() * p.element_size() for p in saved), "exact",
+                               "peft's trained copy of the modules_to_save (the base keeps "
+                               "the original)")
     if adalora:
         sizes["active"] = (adapter * setting.target_rank // r, "estimated",
                            f"target_r={setting.target_rank} of init_r={r} triplets kept (the "
@@ -195,7 +229,8 @@ def peft_config(names: List[str], setting: AdapterSetting, adalora: bool,
                 lora_r: Optional[int] = None):
     from peft import AdaLoraConfig, LoraConfig
 
-    common = dict(target_modules=list(names), lora_alpha=setting.lora_alpha, lora_dropout=0.0)
+    common = dict(target_modules=list(names), lora_alpha=setting.lora_alpha, lora_dropout=0.0,
+                  modules_to_save=list(setting.modules_to_save) or None)
     if adalora:
         return AdaLoraConfig(init_r=peft_rank(setting, True), target_r=setting.target_rank,
                              total_step=10 ** 6, tinit=10, tfinal=10, deltaT=10, **common)
