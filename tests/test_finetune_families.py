@@ -167,3 +167,26 @@ def test_a_checkpoint_without_pooler_weights_trains_with_mean_pooling(tiny, tmp_
     assert "'pooler'" in capsys.readouterr().err
     assert cli(tiny_args(files, tmp_path / "mean", "--pooling", "mean", steps=2)) == 0
     assert (tmp_path / "mean" / "metrics.json").is_file()
+
+
+def test_an_encoder_decoder_classifier_trains_and_saves_its_head(tiny, tmp_path):
+    """BART's and T5's sequence classifiers call their head ``classification_head``, a name
+    finetune did not know: the head was not added to --modules-to-save (the run was then
+    refused as leaving it random). It is now trained and saved as BERT's classifier is."""
+    from safetensors import safe_open
+    from transformers import BartConfig, BartModel, BertTokenizer
+
+    folder = tmp_path / "bart"
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(str(folder))
+    BartModel(BartConfig(vocab_size=len(VOCAB), d_model=16, encoder_layers=1, decoder_layers=1,
+                         encoder_attention_heads=2, decoder_attention_heads=2,
+                         encoder_ffn_dim=24, decoder_ffn_dim=24, max_position_embeddings=64,
+                         pad_token_id=0, bos_token_id=2, eos_token_id=3,
+                         decoder_start_token_id=3, forced_eos_token_id=None)
+              ).save_pretrained(str(folder))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="classification_head"):
+        assert cli(tiny_args(dict(tiny, model=str(folder)), out, "--target-modules",
+                             "q_proj,v_proj", steps=2)) == 0
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        assert any("classification_head.out_proj.weight" in key for key in f.keys())

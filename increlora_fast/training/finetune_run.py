@@ -40,7 +40,8 @@ from .step_runner import resolve_cuda_graphs
 HEATMAP_FILE = "rank_heatmap.png"
 RANK_OVER_TIME_FILE = "rank_over_time.png"
 LABELS_FILE = "labels.json"
-HEAD_NAMES = ("classifier", "score")
+# the heads of transformers' sequence classifiers: BERT-like, decoders, encoder-decoders (BART, T5)
+HEAD_NAMES = ("classifier", "score", "classification_head")
 DATA_FILE_KEYS = (("train_file", "train_file_sha256", "--train-file"),
                   ("eval_file", "eval_file_sha256", "--eval-file"))
 
@@ -186,7 +187,8 @@ class HeadAddedWarning(UserWarning):
 
 def head_name(model) -> Optional[str]:
     """Name of the classification head of a transformers ``*ForSequenceClassification`` model
-    (``classifier`` for BERT-like models, ``score`` for decoder models), None if it has neither."""
+    (``classifier`` for BERT-like models, ``score`` for decoder models, ``classification_head``
+    for encoder-decoders such as BART and T5), None if it has none of them."""
     return next((name for name in HEAD_NAMES
                  if isinstance(getattr(model, name, None), torch.nn.Module)), None)
 
