@@ -101,7 +101,9 @@ def model_path(name: str) -> str:
 
 def load_model(s: RunSettings, data: TaskData):
     """(tokenizer, sequence-classification model, the names of its parameters the checkpoint
-    had no weights for, which start random) with a fresh head for the task's labels, in
+    had no weights for, which start random) with a head for the task's labels (a fresh one,
+    unless the checkpoint is a classifier whose head has the task's number of labels: then, as
+    transformers loads it, that head keeps its trained weights under the task's label names), in
     float32 whatever dtype the checkpoint was saved in (the master weights of mixed precision;
     `device.Placement` autocasts the compute). The tokenizer may have no pad token yet
     (`set_pad_token`)."""
