@@ -1,0 +1,74 @@
+"""docs/gpu_session.md's command lines work as written on the machines they run on.
+
+A GPU session has 15 minutes of device time and a start costs one or two: the device command
+must not fail on something this CPU can see (an interpreter the image lacks, an option that does
+not parse, a pack folder the run does not carry, a report the run does not bring back)."""
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "gpu_session.md"
+
+
+def _commands():
+    """Each shell block of the doc as one line (continuations joined)."""
+    blocks = re.findall(r"```\n(.*?)```", DOC.read_text(), flags=re.S)
+    return [" ".join(line.strip().rstrip("\\").strip() for line in block.strip().splitlines())
+            for block in blocks]
+
+
+def _device_command():
+    found = [c for c in _commands() if "$OUT" in c and "gpu-check" in c]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def _gpu_check_argv(command):
+    """The arguments after ``-m increlora_fast`` of the gpu-check call in ``command``."""
+    match = re.search(r"(\S+) -m increlora_fast (gpu-check[^|;&]*)", command)
+    assert match, command
+    return match.group(1), match.group(2).split()
+
+
+def test_the_device_command_uses_the_images_python3():
+    """The device image's interpreter with PyTorch is ``python3`` (KINDS.md of the device tool:
+    'a plain python3 there is the one that holds PyTorch'); a bare ``python`` is not promised
+    there, and a command that fails to start costs a machine start."""
+    interpreter, _ = _gpu_check_argv(_device_command())
+    assert interpreter == "python3", interpreter
+
+
+def test_the_device_command_parses_and_reads_the_carried_pack(tmp_path):
+    from increlora_fast.cli.main import build_parser
+
+    command = _device_command()
+    _, argv = _gpu_check_argv(command)
+    args = build_parser().parse_args([a.replace("$OUT", str(tmp_path)) for a in argv])
+    assert not args.dry_run and args.out and args.assets
+    # the pack step writes the folder the device run reads
+    packs = [c for c in _commands() if "--pack-assets" in c]
+    assert packs and all(f"--pack-assets {args.assets}" in c for c in packs), packs
+    # it is git-ignored (so it only travels when carried, and the doc says to carry it)
+    ignored = subprocess.run(["git", "check-ignore", "-q", args.assets + "/x"], cwd=ROOT)
+    if ignored.returncode == 128:
+        pytest.skip("not a git checkout")
+    assert ignored.returncode == 0, f"{args.assets} is not ignored: it would travel uncarried"
+    assert re.search(r'carry: \[\s*"' + re.escape(args.assets) + r'"\s*\]', DOC.read_text())
+
+
+def test_the_device_reports_come_back_from_out():
+    """The device tool brings back files at most two folders under $OUT, named in letters,
+    digits, '.', '_' and '-': gpu_check.json and gpu_check.md sit in the --out folder."""
+    from increlora_fast.benchmarks.gpu_check.parts import JSON_FILE, MD_FILE
+
+    command = _device_command()
+    _, argv = _gpu_check_argv(command)
+    out = argv[argv.index("--out") + 1]
+    assert out.startswith("$OUT/"), out
+    depth = out[len("$OUT/"):].strip("/").split("/")
+    assert len(depth) <= 1 and all(re.fullmatch(r"[A-Za-z0-9._-]+", d) for d in depth), out
+    for name in (JSON_FILE, MD_FILE):
+        assert re.fullmatch(r"[A-Za-z0-9._-]+", name)
