@@ -30,7 +30,7 @@ def _gpu_check_argv(command):
     """The arguments after ``-m increlora_fast`` of the gpu-check call in ``command``."""
     match = re.search(r"(\S+) -m increlora_fast (gpu-check[^|;&]*)", command)
     assert match, command
-    return match.group(1), match.group(2).split()
+    return match.group(1), match.group(2).split(" 2>")[0].split()
 
 
 def test_the_device_command_uses_the_images_python3():
@@ -72,3 +72,15 @@ def test_the_device_reports_come_back_from_out():
     assert len(depth) <= 1 and all(re.fullmatch(r"[A-Za-z0-9._-]+", d) for d in depth), out
     for name in (JSON_FILE, MD_FILE):
         assert re.fullmatch(r"[A-Za-z0-9._-]+", name)
+
+
+def test_the_device_command_keeps_its_whole_log_in_out():
+    """The device tool's reply keeps only the last 12,000 characters of the output, and a
+    method that fails inside the model, qlora or layer part leaves its traceback only in the log
+    (its record holds one line): the command tees the log into $OUT, where it comes back, and
+    keeps gpu-check's exit code (pipefail)."""
+    command = _device_command()
+    logs = re.findall(r"tee (\$OUT/[A-Za-z0-9._/-]+)", command)
+    assert logs and logs[0].count("/") <= 2, command
+    assert "pipefail" in command, "without pipefail the run's exit code is tee's"
+    assert "PYTHONUNBUFFERED=1" in command, "the log of a run cut by the timeout loses its tail"
