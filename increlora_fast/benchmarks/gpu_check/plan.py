@@ -40,22 +40,22 @@ class CheckPlan:
 
 
 def full_plan() -> CheckPlan:
-    """The GPU sizes: about 6.6 minutes in all on one H200, estimated from the run of
-    2026-12-04 (182 s: kernels 88 s full, layer 23 s, the default fine-tune 50 s, two model
-    presets x three methods 20 s) and its step and 4-bit probes:
+    """The GPU sizes: about 6.6 to 7 minutes in all on one H200, as the last full run took
+    (2026-12-05: 399 s, `bench/records/h200_2026-12-05_gpu_check.json`; each part below with
+    that run's seconds):
 
-    - kernels, the quick suite (every variant and dtype, small shapes): about 50 s, mostly
-      Triton compiling each variant once (later parts reuse the builds);
-    - graphs, a tiny BERT trained 16 steps twice in each of three precisions: seconds of
-      training (not timed on a GPU yet), plus compiling any Triton variant the suite did not;
-    - finetune, four runs: about 185 s (50 s each of ours eager, with each batch padded to its
-      longest input and to the fixed length, graphs on below that, LoRA 35 s);
-    - model, three presets x five measured methods, 20 steps each: about 115 s, of which
-      torch.compile's first step is about 25-40 s per preset;
-    - qlora, 2-layer Llama-7B in NF4 (2 GB of random weights written and read back): about 20 s;
-    - layer, four points x six methods, the host-time point, the optimizer's host time per
-      step and the penalty's time per call on MiniLM-L6 (its model trained to the budget
-      first, for each of the two): about 35 s (the penalty's part not timed on a GPU yet).
+    - kernels, the quick suite (every variant and dtype, small shapes): 65 s, mostly Triton
+      compiling each variant once (later parts reuse the builds);
+    - graphs, a tiny BERT trained 16 steps twice in each of three precisions: 22 s, plus
+      compiling any Triton variant the suite did not;
+    - finetune, four runs (ours eager with each batch padded to the fixed length and to its
+      longest input, graphs on, LoRA): 68 s;
+    - model, three presets x six methods, 20 steps each: 192 s, half the check, mostly
+      torch.compile's first step (about 25-40 s per preset) and each preset's Triton builds;
+    - qlora, 2-layer Llama-7B in NF4 (2 GB of random weights written and read back): 17 s;
+    - layer, four points x six methods, the host-time point, the dy pass at each `dy_pass`
+      point, the optimizer's host time per step and the penalty's time per call on MiniLM-L6
+      (its model trained to the budget first, for each of the two): 35 s.
     """
     layer = LayerPlan(shapes=[(768, 3072), (4096, 11008)], tokens=[2048, 16384], r_max=[16],
                       dtypes=["bf16"], phases=["fwd+bwd"], warmup=3, repeats=10)
