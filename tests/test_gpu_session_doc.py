@@ -84,3 +84,14 @@ def test_the_device_command_keeps_its_whole_log_in_out():
     assert logs and logs[0].count("/") <= 2, command
     assert "pipefail" in command, "without pipefail the run's exit code is tee's"
     assert "PYTHONUNBUFFERED=1" in command, "the log of a run cut by the timeout loses its tail"
+
+
+def test_the_device_call_names_the_h200_and_the_record_its_machine():
+    """The device tool starts an H100 unless the call names ``kind: "nvidia-h200"``; both
+    earlier records, the 60,000 tokens/s target and the first-steps comparison the report asks
+    for are the H200's. The doc names the kind, and the record's file name says which machine
+    ran it (an H100 run copied to ``h200_<date>`` would read as the H200's)."""
+    text = DOC.read_text()
+    assert 'kind: "nvidia-h200"' in text
+    assert "bench/records/h200_<date>_gpu_check.json" not in text, \
+        "the record's name must follow the machine the reply names"
