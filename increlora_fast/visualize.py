@@ -31,7 +31,8 @@ def rank_table(rank_pattern: Dict[str, int]) -> str:
     for layer in layers:
         cells = [str(grid.get((layer, k), "")).rjust(width) for k in kinds]
         rows.append(f"{layer:>{label}} | " + " | ".join(cells))
-    rows.append(f"total rank {sum(rank_pattern.values())} over {len(rank_pattern)} modules")
+    n = len(rank_pattern)
+    rows.append(f"total rank {sum(rank_pattern.values())} over {n} module{'' if n == 1 else 's'}")
     return "\n".join(rows)
 
 

@@ -33,6 +33,7 @@ def test_rank_table_lists_every_module_once():
     assert [row.split("|")[0].strip() for row in table[2:5]] == ["0", "1", "2"]
     assert table[4].split("|")[2].strip() == str(pattern["enc.layer.2.v"])
     assert table[-1] == f"total rank {sum(pattern.values())} over 6 modules"
+    assert rank_table({"proj": 3}).splitlines()[-1] == "total rank 3 over 1 module"
 
 
 def test_heatmap_png_is_written(tmp_path):
