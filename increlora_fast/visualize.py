@@ -116,6 +116,17 @@ def rank_history(initial: Dict[str, int], allocation_log: Iterable[dict]
     return history
 
 
+def distinct_colours(n: int) -> list:
+    """``n`` colours, no two alike: tab10's or tab20's, or ``n`` points along turbo beyond 20
+    (matplotlib's default cycle repeats after 10: layers 0 and 10 of a 12-layer model, or the
+    11th module type and the first, drew alike)."""
+    import matplotlib
+    if n <= 20:
+        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+        return [cmap(i) for i in range(n)]
+    return [matplotlib.colormaps["turbo"](i / (n - 1)) for i in range(n)]
+
+
 def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
                         path: Union[str, Path], last_step: Optional[int] = None,
                         title: str = "IncreLoRA rank over training",
@@ -134,7 +145,6 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     """
     path = Path(path).expanduser()  # "~/figs/x.png": no shell expanded it
     _refuse_existing(path, overwrite, "save_rank_over_time")
-    import matplotlib
     from matplotlib.figure import Figure
 
     history = rank_history(initial, allocation_log)
@@ -142,20 +152,20 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
         raise ValueError("save_rank_over_time needs at least one module")
     end = max([last_step or 0] + [s for points in history.values() for s, _ in points])
     kinds = list(dict.fromkeys(split_module_name(n)[1] for n in history))
-    colors = matplotlib.colormaps["tab10"]
+    colors = distinct_colours(len(kinds))
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
     for name, points in history.items():
         steps = [s for s, _ in points] + [end]
         ranks = [r for _, r in points] + [points[-1][1]]
         kind = kinds.index(split_module_name(name)[1])
-        ax.step(steps, ranks, where="post", color=colors(kind % 10), alpha=0.45, linewidth=1)
+        ax.step(steps, ranks, where="post", color=colors[kind], alpha=0.45, linewidth=1)
     change_steps = sorted({s for points in history.values() for s, _ in points} | {end})
     mean = [sum(_rank_at(points, s) for points in history.values()) / len(history)
             for s in change_steps]
     ax.step(change_steps, mean, where="post", color="k", linewidth=2, label="mean over modules")
     for i, kind in enumerate(kinds):
-        ax.plot([], [], color=colors(i % 10), label=kind)
+        ax.plot([], [], color=colors[i], label=kind)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("active rank")
     ax.set_title(title)

@@ -136,3 +136,18 @@ def test_a_path_under_home_is_written_there(tmp_path, monkeypatch):
     assert not (tmp_path / "~").exists()
     with pytest.raises(FileExistsError):
         save_rank_heatmap(INITIAL, "~/figs/h.png")
+
+
+def test_twelve_module_types_get_twelve_colours(tmp_path, monkeypatch):
+    """save_rank_over_time coloured module types from tab10 by index modulo 10: the 11th type
+    drew like the first (found by the plot audit)."""
+    from increlora_fast import visualize
+    initial = {f"layer.0.kind{k}": 1 for k in range(12)}
+    drawn = []
+    monkeypatch.setattr(visualize, "_save", lambda fig, path: drawn.append(fig) or path)
+    save_rank_over_time(initial, [], tmp_path / "t.png", last_step=4)
+    legend = drawn[0].axes[0].get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    colours = [h.get_color() for h in legend.legend_handles]
+    assert labels[1:] == [f"kind{k}" for k in range(12)]
+    assert len(set(colours[1:])) == 12

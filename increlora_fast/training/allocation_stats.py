@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-from ..visualize import natural_key
+from ..visualize import distinct_colours, natural_key
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
 
 _LAYER = re.compile(r"\.(\d+)\.")
@@ -159,7 +159,7 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
         layer = layer_group({name for run in by_task[task] for name in ranks_over_time(run)[0]})
         for ax, (group, label) in zip(row, ((module_type, "module type"), (layer, "layer"))):
             curves = allocation_by_group(by_task[task], group)
-            for colour, (name, curve) in zip(_colours(len(curves)), curves.items()):
+            for colour, (name, curve) in zip(distinct_colours(len(curves)), curves.items()):
                 steps = sorted(curve)
                 ax.step(steps, [curve[s] for s in steps], where="post", label=name,
                         color=colour)
@@ -172,13 +172,3 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
         fig.suptitle(title)
     fig.tight_layout()
     write_figure(fig, path, dpi=110)
-
-
-def _colours(n: int) -> list:
-    """``n`` colours, no two alike: tab10's or tab20's, or ``n`` points along turbo beyond 20
-    (the default cycle repeats after 10: layers 0 and 10 of a 12-layer model drew alike)."""
-    import matplotlib
-    if n <= 20:
-        cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
-        return [cmap(i) for i in range(n)]
-    return [matplotlib.colormaps["turbo"](i / (n - 1)) for i in range(n)]
