@@ -25,7 +25,7 @@ elif [ ! -e "$MARK" ]; then
   exit 2
 fi
 # whole files, or single tests (file::name) of files whose other tests need NumPy 1.26
-NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_fp16.py tests/test_trainer_logging.py
+NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_fp16.py tests/test_trainer_logging.py tests/test_trainer_rerun.py
   tests/test_trl.py tests/test_authors_reference.py tests/test_weight_decay_groups.py
   tests/test_audit_algo.py::test_a_plain_trainer_with_increlora_optimizers_decays_as_the_trainer_would
   tests/test_optimizer.py::test_a_torch_scheduler_over_the_optimizer_is_said_once
