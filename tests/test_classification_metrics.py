@@ -75,3 +75,16 @@ def test_summary_says_how_the_steps_ran(capsys):
     assert "CUDA graphs)" in speed_line(cuda_graphs=True, cuda_graphs_fallback=None)
     line = speed_line(cuda_graphs=True, cuda_graphs_fallback="RuntimeError: no capture")
     assert "eager steps: the model could not be captured" in line and "no capture" in line
+
+
+def test_summary_time_line_of_a_resumed_run_says_what_each_figure_covers(capsys):
+    """A resumed run's train_seconds includes the checkpoint's training time while
+    total_seconds is this process only: the line must not read as a total below its part."""
+    def time_line(**extra) -> str:
+        _print_summary(dict(_summary([0.75, 0.5, None], [6, 4, 0]), **extra), "out")
+        return next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("time"))
+    assert "resumed" not in time_line()
+    line = time_line(total_seconds=9.0, train_seconds=13.0, steps=20,
+                     resumed_from="own/checkpoint-10")
+    assert "this run" in line and "own/checkpoint-10" in line
+    assert "before the checkpoint included" in line

@@ -341,8 +341,13 @@ def _print_summary(m: Dict, out_dir: str) -> None:
         print(f"learned nothing?  {note}")
     print(f"trainable params  {m['trainable_params_active']:,} active / "
           f"{m['trainable_params_padded']:,} padded")
-    print(f"time              {m['total_seconds']:.0f} s (training {m['train_seconds']:.0f} s "
-          f"for {m['steps']} steps, evaluation {m['eval_seconds']:.0f} s)")
+    if m.get("resumed_from"):  # train_seconds carries the checkpoint's; total is this process
+        print(f"time              {m['total_seconds']:.0f} s this run, resumed from "
+              f"{m['resumed_from']} (training {m['train_seconds']:.0f} s for {m['steps']} steps, "
+              f"the time before the checkpoint included; evaluation {m['eval_seconds']:.0f} s)")
+    else:
+        print(f"time              {m['total_seconds']:.0f} s (training {m['train_seconds']:.0f} s "
+              f"for {m['steps']} steps, evaluation {m['eval_seconds']:.0f} s)")
     speed = m.get("tokens_per_second")
     peak = m.get("peak_device_memory_mb")
     print(f"speed             {'-' if speed is None else f'{speed:,.0f}'} training tokens/s on "
