@@ -31,6 +31,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Warnings of other libraries that a command's user cannot act on, hidden while it runs:
+# peft's PeftModel reads ``model.is_gradient_checkpointing``, which transformers 5.x deprecates,
+# so every peft LoRA/AdaLoRA model the command builds (finetune --method lora|adalora, --compare,
+# memory, bench) said "use is_activation_checkpointing instead".
+THIRD_PARTY_NOISE = (
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
+
+
 def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     """Warnings of the command as one line each (no source location)."""
     return f"increlora-fast: warning: {message}\n"
@@ -53,14 +62,17 @@ def given_options(argv: Optional[List[str]]) -> Set[str]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Run the subcommand of ``argv`` (default: the command line); returns the exit code.
-    Warnings print as one line each while it runs. The subcommand's ``args._given`` holds
-    the options ``argv`` gives (`given_options`)."""
+    Warnings print as one line each while it runs (`THIRD_PARTY_NOISE` not at all). The
+    subcommand's ``args._given`` holds the options ``argv`` gives (`given_options`)."""
     saved = warnings.formatwarning
     warnings.formatwarning = _one_line_warning
     try:
-        args = build_parser().parse_args(argv)
-        args._given = given_options(argv)
-        return int(importlib.import_module(args._module).run(args) or 0)
+        with warnings.catch_warnings():
+            for message, category in THIRD_PARTY_NOISE:
+                warnings.filterwarnings("ignore", message=message, category=category)
+            args = build_parser().parse_args(argv)
+            args._given = given_options(argv)
+            return int(importlib.import_module(args._module).run(args) or 0)
     finally:
         warnings.formatwarning = saved
 

@@ -1,0 +1,39 @@
+"""The ``increlora-fast`` command shows no third-party deprecation that the user's command
+cannot act on: peft's ``PeftModel`` reads ``model.is_gradient_checkpointing``, which
+transformers 5.x deprecates with a FutureWarning, so every ``--method lora|adalora`` run,
+``--compare`` and ``increlora-fast memory`` printed 'use is_activation_checkpointing instead'."""
+import sys
+import types
+import warnings
+
+from increlora_fast.cli import main as cli_main
+
+
+def test_peft_reading_is_gradient_checkpointing_does_not_warn_in_the_command(monkeypatch):
+    transformers = __import__("pytest").importorskip("transformers")
+    peft = __import__("pytest").importorskip("peft")
+    seen = []
+
+    def run(args):
+        model = transformers.BertModel(transformers.BertConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32))
+        with warnings.catch_warnings(record=True) as caught:  # keeps the command's filters
+            peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["query"]))
+            _ = model.is_gradient_checkpointing  # transformers' own deprecation, as peft reads it
+        seen.extend(str(w.message) for w in caught)
+        return 0
+
+    fake = types.ModuleType("fake_subcommand")
+    fake.add_arguments = lambda parser: None
+    fake.run = run
+    monkeypatch.setitem(sys.modules, "fake_subcommand", fake)
+    monkeypatch.setattr(cli_main, "SUBCOMMANDS", {"fake": ("fake_subcommand", "a test")})
+    assert cli_main.main(["fake"]) == 0
+    assert not [m for m in seen if "is_gradient_checkpointing" in m], seen
+    with warnings.catch_warnings(record=True) as caught:  # the filter ends with the command
+        warnings.simplefilter("default")
+        _ = transformers.BertModel(transformers.BertConfig(
+            vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32)).is_gradient_checkpointing
+    assert any("is_gradient_checkpointing" in str(w.message) for w in caught)
