@@ -182,7 +182,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "two captured graphs, allocation rounds included) | off. A model "
                           "whose forward cannot be captured steps eagerly "
                           "after a warning")
-    run.add_argument("--threads", type=int, help="torch CPU threads")
+    run.add_argument("--threads", type=int,
+                     help="torch CPU threads (default: torch's choice, one per core; on a CPU "
+                          "that other work shares, 1 avoids oversubscription, which can make "
+                          "steps several times slower)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--compare", action="store_true",
                      help="run --methods at the same final rank budget over --seeds seeds")
