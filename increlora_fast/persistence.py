@@ -264,13 +264,12 @@ def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
     if difference is None:
         return
 
-    def describe(name: Optional[str]) -> str:
-        return repr(name) if name else "an unnamed model"
+    recorded_name, name = recorded.get("name_or_path"), base_model_name(model)
+    theirs = f"base {recorded_name!r} (" if recorded_name else "an unnamed base ("
+    ours = f"this model {name!r} (" if name else "this model (unnamed; "
     raise BaseMismatchError(
-        f"adapter {directory} belongs to base {describe(recorded.get('name_or_path'))} "
-        f"(fingerprint {fingerprint['digest']}), not to this model "
-        f"{describe(base_model_name(model))} (fingerprint {current['digest']}): "
-        f"first difference in {difference}")
+        f"adapter {directory} belongs to {theirs}fingerprint {fingerprint['digest']}), not to "
+        f"{ours}fingerprint {current['digest']}): first difference in {difference}")
 
 
 def _write_new_file(path: Path, data: bytes) -> None:

@@ -432,3 +432,19 @@ def test_an_adapted_lm_head_tied_to_an_embedding_to_save_loads_onto_its_base(tmp
     target = load_adapter(inject_increlora(adapter_helpers.tied_tiny_llama(),
                                            copy.deepcopy(config)), tmp_path)
     assert torch.equal(target.lm_head.base_layer.weight, source.lm_head.base_layer.weight)
+
+
+def test_an_unnamed_base_reads_as_english_in_the_refusal(tmp_path, make_tiny_net):
+    """A model without ``name_or_path`` (a hand-built one) was named 'base an unnamed model'
+    and 'this model an unnamed model'."""
+    torch.manual_seed(0)
+    source = trained(make_tiny_net(), make_config())
+    save_adapter(source, tmp_path)
+    torch.manual_seed(1)
+    target = fresh(make_tiny_net(), make_config())
+    with pytest.raises(persistence.BaseMismatchError) as err:
+        load_adapter(target, tmp_path)
+    message = str(err.value)
+    assert "base an unnamed" not in message and "model an unnamed" not in message
+    assert "belongs to an unnamed base (fingerprint" in message
+    assert "not to this model (unnamed; fingerprint" in message
