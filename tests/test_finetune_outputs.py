@@ -88,3 +88,41 @@ def test_compare_reuses_the_finished_runs_of_a_decoder(tiny, tmp_path, capsys, m
     # another --modules-to-save is still another setting
     assert cli(args + ["--modules-to-save", "score,ln_f"]) == 2
     assert "modules_to_save" in capsys.readouterr().err
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    """Ctrl-C ended in a KeyboardInterrupt traceback: the run kept its checkpoint, but nothing
+    said which to --resume (found by the new-user audit). Now one line names the command, and
+    that command finishes the run."""
+    from increlora_fast.training import finetune_run
+
+    tiny = tiny_files(tmp_path / "data", train_rows=32, dev_rows=8)
+    saved = finetune_run.save_checkpoint
+    calls = []
+
+    def save_then_interrupt(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(finetune_run, "save_checkpoint", save_then_interrupt)
+    out = tmp_path / "out"
+    assert cli(tiny_args(tiny, out, steps=6, save_steps=2)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (f"increlora-fast finetune: interrupted; continue with --resume "
+                       f"{out / 'checkpoint-4'} --output-dir {out}"), err
+    assert not any("Traceback" in line for line in err)
+    monkeypatch.setattr(finetune_run, "save_checkpoint", saved)
+    assert cli(["--resume", str(out / "checkpoint-4"), "--output-dir", str(out),
+                "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(finetune_run, "build_run", interrupt)  # before any checkpoint
+    early = tmp_path / "early"
+    assert cli(tiny_args(tiny, early, steps=6)) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"increlora-fast finetune: interrupted; no checkpoint in {early} to resume from "
+        "(--save-steps sets how often)")

@@ -435,5 +435,26 @@ def run(args: argparse.Namespace) -> int:
     except (FloatingPointError, OSError) as err:  # diverged; a full or failing disk
         print(f"increlora-fast finetune: error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback
+        print(f"increlora-fast finetune: interrupted; {_how_to_go_on(args)}", file=sys.stderr)
+        return 130
     _print_summary(metrics, args.output_dir)
     return 0
+
+
+def _how_to_go_on(args: argparse.Namespace) -> str:
+    """What an interrupted run leaves to continue from: its newest checkpoint in
+    ``--output-dir`` (an --overwrite run's partial work is named by its own note)."""
+    from ..training.outputs import CHECKPOINT_PREFIX
+
+    if args.compare:
+        return (f"the finished runs of the comparison are in {args.output_dir}, each in its "
+                "own folder")
+    out = Path(args.output_dir).expanduser()
+    steps = sorted(int(p.name[len(CHECKPOINT_PREFIX):]) for p in out.glob(CHECKPOINT_PREFIX + "*")
+                   if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()) \
+        if out.is_dir() else []
+    if not steps:
+        return f"no checkpoint in {args.output_dir} to resume from (--save-steps sets how often)"
+    newest = out / f"{CHECKPOINT_PREFIX}{steps[-1]}"
+    return f"continue with --resume {newest} --output-dir {args.output_dir}"
