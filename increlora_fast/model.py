@@ -17,6 +17,8 @@ from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
                     class_name, derived_weight_message, is_quantized_base, is_supported_base)
 
 CONFIG_ATTR = "increlora_config"
+# Set by `merge_and_unload` on the model it returns: its adapters are folded into the base.
+UNLOADED_ATTR = "increlora_merged_and_unloaded"
 ALL_LINEAR = "all-linear"
 
 
@@ -443,6 +445,10 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
         if inner is not model and getattr(inner, CONFIG_ATTR, None) is not None:
             raise ValueError(f"model is a {type(model).__name__} wrapper of an IncreLoRA model: "
                              "pass the model it holds (model.module) instead")
+        if getattr(inner, UNLOADED_ATTR, False):
+            raise ValueError("model has no IncreLoRA adapter: merge_and_unload folded it into "
+                             "the base weights (save the merged model with save_pretrained; "
+                             "save_adapter / export_peft work on the model before merging)")
         raise ValueError("model has no IncreLoRA adapter: call inject_increlora(model, config)")
     return config
 
@@ -566,4 +572,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _set_submodule(model, alias, layer.base_layer)
     if hasattr(model, CONFIG_ATTR):
         delattr(model, CONFIG_ATTR)
+    setattr(model, UNLOADED_ATTR, True)  # for get_config's message
     return wrapper

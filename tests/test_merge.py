@@ -109,7 +109,7 @@ def test_merge_on_a_float16_base_with_a_float32_lambda(adapter_dtype):
     torch.testing.assert_close(base.weight, original, rtol=0, atol=2e-3)
 
 
-def test_merge_and_unload_gives_plain_layers_and_same_outputs(tiny_net):
+def test_merge_and_unload_gives_plain_layers_and_same_outputs(tiny_net, tmp_path):
     reference = copy.deepcopy(tiny_net)
     model = inject_increlora(tiny_net, tiny_config())
     perturb(model)
@@ -126,6 +126,15 @@ def test_merge_and_unload_gives_plain_layers_and_same_outputs(tiny_net):
     assert set(merged.state_dict()) == set(reference.state_dict())
     assert not hasattr(merged, "increlora_config")
     torch.testing.assert_close(merged(x), y, rtol=1e-5, atol=1e-5)
+    # saving the adapter of the merged model says where it went (it said "call
+    # inject_increlora", as for a model never adapted: found by the new-user audit)
+    from increlora_fast import save_adapter
+    from increlora_fast.integrations import export_peft
+    for write in (save_adapter, export_peft):
+        with pytest.raises(ValueError, match="merge_and_unload folded it into the base"):
+            write(merged, tmp_path / "adapter")
+    inject_increlora(merged, tiny_config())  # a new adapter over the merged model is fine
+    assert merged.increlora_config is not None
 
 
 def test_merge_and_unload_on_an_already_merged_layer(tiny_net):
