@@ -33,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        choices=("auto", "causal-lm", "masked-lm", "seq-cls"),
                        help="the head to train (auto: from the config's architectures)")
     model.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"),
-                       help="dtype of the base weights and of the step")
+                       help="dtype of the base weights and of the step (default bf16, a GPU "
+                            "run's; finetune trains fp32 weights on CPU: give fp32 for that run)")
     model.add_argument("--quantized", default="none", choices=("none", "4bit", "8bit"),
                        help="bitsandbytes base weights (their size is exact in its layout; the "
                             "step is measured on a --dtype stand-in, so the total is estimated)")
