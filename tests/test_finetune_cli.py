@@ -436,3 +436,20 @@ def test_a_resume_keeps_the_runs_checkpoint_interval(tiny, tmp_path, monkeypatch
     parser = argparse.ArgumentParser()
     add_arguments(parser)  # (the command's default is the library's)
     assert parser.get_default("save_steps") == settings.DEFAULT_SAVE_STEPS
+
+
+def test_help_states_every_default():
+    """-h showed no default for --batch-size, --r-max, --output-dir and others (found by the
+    new-user audit); a flag's help claims none."""
+    import argparse
+
+    from increlora_fast.cli import finetune as finetune_cli
+    parser = argparse.ArgumentParser(prog="increlora-fast finetune")
+    finetune_cli.add_arguments(parser)
+    helps = {a.option_strings[0]: parser._get_formatter()._expand_help(a)
+             for a in parser._actions if a.option_strings and a.help}
+    for option, default in [("--batch-size", "32"), ("--r-max", "8"), ("--lora-dropout", "0.0"),
+                            ("--output-dir", "outputs/finetune"),
+                            ("--modules-to-save", "classifier")]:
+        assert helps[option].endswith(f"(default {default})"), (option, helps[option])
+    assert "default" not in helps["--no-advance-learning"]

@@ -199,6 +199,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="learning rates swept in --compare by every method (default "
                           "1e-3,2e-3,4e-3,8e-3 for the adapters and the same grid around "
                           "full's own default rate, 1.25e-5,2.5e-5,5e-5,1e-4, for full)")
+    _say_defaults(parser)
+
+
+def _say_defaults(parser: argparse.ArgumentParser) -> None:
+    """Append ``(default X)`` to the help of every option with a default that its help does not
+    already state (-h showed none for --batch-size, --r-max, --output-dir, ...)."""
+    for action in parser._actions:
+        default = action.default
+        if default is None or default is argparse.SUPPRESS or action.nargs == 0 \
+                or not action.option_strings or "default" in (action.help or ""):
+            continue  # (nargs 0: a flag, whose default is its absence)
+        if isinstance(default, (list, tuple)):
+            default = ",".join(map(str, default))
+        said = f"(default {str(default).replace('%', '%%')})"
+        action.help = f"{action.help} {said}" if action.help else said
 
 
 def settings_from_args(args: argparse.Namespace) -> RunSettings:
