@@ -169,7 +169,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", metavar="DIR",
                      help="continue a checkpoint-<step> folder exactly, with its settings "
                           "(--cuda-graphs may be given: how the steps run, e.g. off where "
-                          "there is no GPU)")
+                          "there is no GPU), into --output-dir (give the checkpoint's folder "
+                          "to go on in place)")
     run.add_argument("--device", default=d.device,
                      help="auto (default: CUDA when available, else cpu) | cpu | cuda | cuda:N")
     run.add_argument("--precision", default=d.precision,
