@@ -126,3 +126,41 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"increlora-fast finetune: interrupted; no checkpoint in {early} to resume from "
         "(--save-steps sets how often)")
+
+
+def test_ctrl_c_of_an_overwrite_run_names_its_own_checkpoint_not_the_earlier_runs(
+        tmp_path, capsys, monkeypatch):
+    """An --overwrite run over an earlier run writes into <output-dir>.new-<pid>: interrupted,
+    its checkpoints are kept there (the note says so), while --output-dir still holds the
+    earlier run's. The interrupt line named the earlier run's newest checkpoint, so following it
+    resumed the run being replaced, not the one interrupted."""
+    from increlora_fast.training import finetune_run
+
+    tiny = tiny_files(tmp_path / "data", train_rows=32, dev_rows=8)
+    out = tmp_path / "out"
+    assert cli(tiny_args(tiny, out, steps=6, save_steps=2)) == 0  # the earlier run
+    saved = finetune_run.save_checkpoint
+    calls = []
+
+    def save_then_interrupt(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(finetune_run, "save_checkpoint", save_then_interrupt)
+    capsys.readouterr()
+    assert cli(tiny_args(tiny, out, "--overwrite", "--seed", "1", steps=6, save_steps=2)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    last = err[-1]
+    assert f"--resume {out / 'checkpoint-'}" not in last, err  # the earlier run's
+    assert ".new-" in last and "checkpoint-2" in last and "--overwrite" in last, err
+    resume = last.split("--resume ")[1].split(" --output-dir")[0]
+    monkeypatch.setattr(finetune_run, "save_checkpoint", saved)
+    import os
+    pid = os.getpid()
+    monkeypatch.setattr(os, "getpid", lambda: pid + 1)  # the command runs in a new process
+    assert cli(["--resume", resume, "--output-dir", str(out), "--overwrite",
+                "--no-progress"]) == 0  # the named command finishes the interrupted run
+    monkeypatch.undo()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 6 and metrics["seed"] == 1

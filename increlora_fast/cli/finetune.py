@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Collection, Dict, List, Optional
 
 from ..config import SCORE_KINDS
 from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHTS, CUDA_GRAPHS,
@@ -401,6 +402,9 @@ def run(args: argparse.Namespace) -> int:
     from ..training.compare import compare_methods, format_table, methods_from_text
     from ..training.finetune_run import run_finetune
 
+    # an --overwrite run over an earlier one leaves these in place when it is interrupted
+    earlier = set(_checkpoints(Path(args.output_dir).expanduser()).values()) \
+        if args.overwrite else set()
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -452,25 +456,44 @@ def run(args: argparse.Namespace) -> int:
         print(f"increlora-fast finetune: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # Ctrl-C: where to go on from, not a traceback
-        print(f"increlora-fast finetune: interrupted; {_how_to_go_on(args)}", file=sys.stderr)
+        print(f"increlora-fast finetune: interrupted; {_how_to_go_on(args, earlier)}",
+              file=sys.stderr)
         return 130
     _print_summary(metrics, args.output_dir)
     return 0
 
 
-def _how_to_go_on(args: argparse.Namespace) -> str:
-    """What an interrupted run leaves to continue from: its newest checkpoint in
-    ``--output-dir`` (an --overwrite run's partial work is named by its own note)."""
+def _checkpoints(folder: Path) -> Dict[int, Path]:
+    """The ``checkpoint-<step>`` folders in ``folder`` by step (none when it is no folder)."""
     from ..training.outputs import CHECKPOINT_PREFIX
+
+    if not folder.is_dir():
+        return {}
+    return {int(p.name[len(CHECKPOINT_PREFIX):]): p
+            for p in folder.glob(CHECKPOINT_PREFIX + "*")
+            if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()}
+
+
+def _how_to_go_on(args: argparse.Namespace, earlier: Collection[Path] = ()) -> str:
+    """What an interrupted run leaves to continue from: its newest checkpoint in
+    ``--output-dir``, or, for an --overwrite run over an earlier one, in the staging folder
+    its partial work is kept in (``<output-dir>.new-<pid>``). ``earlier``: the checkpoints
+    --output-dir held before an --overwrite run began, the run it replaces, never named."""
+    from ..training.output_folder import staging_dir
 
     if args.compare:
         return (f"the finished runs of the comparison are in {args.output_dir}, each in its "
                 "own folder")
     out = Path(args.output_dir).expanduser()
-    steps = sorted(int(p.name[len(CHECKPOINT_PREFIX):]) for p in out.glob(CHECKPOINT_PREFIX + "*")
-                   if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()) \
-        if out.is_dir() else []
-    if not steps:
-        return f"no checkpoint in {args.output_dir} to resume from (--save-steps sets how often)"
-    newest = out / f"{CHECKPOINT_PREFIX}{steps[-1]}"
-    return f"continue with --resume {newest} --output-dir {args.output_dir}"
+    found = {step: p for step, p in _checkpoints(out).items() if p not in earlier}
+    again = ""
+    if args.overwrite:  # over an earlier run, it wrote into its staging folder
+        staged = _checkpoints(staging_dir(out.resolve(), os.getpid()))
+        if staged:
+            found, again = staged, " --overwrite"
+    if not found:
+        mine = " of this run" if earlier else ""
+        return (f"no checkpoint{mine} in {args.output_dir} to resume from (--save-steps sets "
+                "how often)")
+    newest = found[max(found)]
+    return f"continue with --resume {newest} --output-dir {args.output_dir}{again}"
