@@ -590,3 +590,24 @@ def test_the_penalty_joins_a_loss_on_another_device(tmp_path, monkeypatch):
         own = model(**inputs).loss
     assert moved_to == [own.device]
     assert loss.item() == pytest.approx(own.item() + 0.25, rel=1e-6)
+
+
+def test_frozen_adapters_under_another_optimizer_are_said_at_train(tmp_path):
+    """The Trainer's construction no longer warns about a model whose adapters are all frozen
+    (an evaluation-only Trainer is legitimate), on the ground that train() refuses it; but only
+    `create_optimizer` refuses, and it is not called when the Trainer is given an optimizer
+    (``optimizers=(optimizer, None)``): such a run trained none of its adapters without a
+    word. train() now says so there (refusing would stop a run that trains other parameters)."""
+    model, _ = _model()
+    from increlora_fast.model import increlora_layers
+    for _, layer in increlora_layers(model):
+        for kind in ("lora_A", "lora_B", "lora_lambda"):
+            getattr(layer, kind).requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params  # the head still trains
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # evaluation-only: nothing to say yet
+        trainer = IncreLoRATrainer(model=model, args=_args(tmp_path),
+                                   train_dataset=TinyTask(), optimizers=(optimizer, None))
+    assert _said_while_training(trainer, "every adapter tensor")

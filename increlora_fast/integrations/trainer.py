@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback
 from ..controller import IncreLoRAController
 from ..device_scalar import grad_scaler_scale, unscale_once
 from ..layer import IncreLoRALinear
-from ..model import get_config
+from ..model import frozen_adapters_message, get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer, schedule_multiplier
 from ..persistence import atomic_write_bytes
 from ..precompile import precompile_kernels
@@ -580,7 +580,8 @@ def _refuse_peft_over_increlora(trainer_name: str, model) -> None:
 def _controller_over(model: torch.nn.Module) -> IncreLoRAController:
     """The Trainer's controller over ``model``, made without the controller's warning about a
     model whose adapters are all frozen: ``train()`` refuses such a model in one line
-    (`create_optimizer`), and an evaluation-only Trainer over it is legitimate."""
+    (`create_optimizer`), or warns when given an optimizer (`IncreLoRATrainer.train`), and an
+    evaluation-only Trainer over it is legitimate."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="IncreLoRA: every adapter tensor",
                                 category=RuntimeWarning)
@@ -651,6 +652,16 @@ class IncreLoRATrainer(Trainer):
             callback.controller = self.increlora_controller
             callback.restored, callback.logged_rounds = False, 0
         return model
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; a model whose adapter tensors are all frozen is refused by
+        `create_optimizer`, or, when the Trainer was given an optimizer (which may train other
+        parameters), warned about here: its adapters would not change."""
+        frozen = (frozen_adapters_message(self.model)
+                  if self.optimizer is not None and self.model is not None else None)
+        if frozen is not None:
+            warnings.warn(frozen, RuntimeWarning, stacklevel=2)
+        return super().train(*args, **kwargs)
 
     def create_optimizer(self, model=None) -> IncreLoRAAdamW:
         if self.optimizer is None:
