@@ -6,6 +6,8 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
+from .files import write_output
+
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
@@ -183,8 +185,8 @@ def _refuse_existing(path: Union[str, Path], overwrite: bool, caller: str) -> No
 
 def _save(fig, path) -> Path:
     """Lay out and write a figure (creating the folder); returns the path. A file is replaced
-    whole (`persistence.atomic_write_bytes`: a failed save leaves the earlier one); a device
-    such as ``/dev/null`` is written to."""
+    whole (`files.write_output`: a failed save leaves the earlier one); a device such as
+    ``/dev/null`` is written to."""
     import io
 
     fig.tight_layout()
@@ -192,12 +194,7 @@ def _save(fig, path) -> Path:
     buffer = io.BytesIO()
     # the format the suffix names; PNG without one
     fig.savefig(buffer, dpi=120, format=path.suffix[1:] or "png")
-    if path.exists() and not path.is_file():
-        path.write_bytes(buffer.getvalue())
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .persistence import atomic_write_bytes  # here: persistence imports torch
-    atomic_write_bytes(path, buffer.getvalue())
+    write_output(path, buffer.getvalue())
     return path
 
 

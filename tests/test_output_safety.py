@@ -200,7 +200,7 @@ def test_a_full_disk_during_a_checkpoint_says_so_and_leaves_no_tmp(tiny, tmp_pat
 def test_written_files_get_the_usual_mode(tmp_path):
     import os
 
-    from increlora_fast.persistence import atomic_write_bytes
+    from increlora_fast.files import atomic_write_bytes
 
     mask = os.umask(0o022)
     try:

@@ -19,7 +19,7 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 
 # The fields every record has; anything else a record holds goes to the CSV's "extra" column.
 CSV_COLUMNS = [

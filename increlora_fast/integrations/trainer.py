@@ -34,7 +34,7 @@ from ..device_scalar import grad_scaler_scale, unscale_once
 from ..layer import IncreLoRALinear
 from ..model import frozen_adapters_message, get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer, schedule_multiplier
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..precompile import precompile_kernels
 
 CONTROLLER_FILE = "increlora_controller.pt"

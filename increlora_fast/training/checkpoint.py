@@ -28,7 +28,7 @@ import torch
 
 from ..data.files import file_sha256
 from ..optimizer import IncreLoRAAdamW
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
 from .outputs import describe_os_error

@@ -27,7 +27,7 @@ import statistics
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 from ..model import suffix_match
 from .finetune_run import (DATA_FILE_KEYS, HEAD_NAMES, load_data, run_finetune, split_holdout,
                            uses_cuda_graphs, with_data_identity)

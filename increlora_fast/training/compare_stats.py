@@ -36,8 +36,9 @@ from statistics import NormalDist
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .allocation_stats import plot_allocation, read_allocation_log
-from .outputs import (ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES,
-                      check_distinct_outputs, write_figure, write_output)
+from ..files import write_output
+from .outputs import (ALLOCATION_LOG_FILE, METRICS_FILE, RUN_FILES, check_distinct_outputs,
+                      write_figure)
 from .settings import RunSettings
 
 COMPARE_REPORT = "compare.json"  # what `--compare` writes at the top of its output folder

@@ -19,7 +19,7 @@ from ..data.examples import Example, fixed_split
 from ..data.files import file_sha256
 from ..layer import is_supported_base
 from ..model import suffix_match
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .batches import Batches, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
                          save_checkpoint)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..model import suffix_match
 from ..optimizer import split_weight_decay
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .settings import RunSettings
 
 TRAINABLE_FILE = "trainable.safetensors"

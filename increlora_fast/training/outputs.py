@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterable, List, Optional, Tuple
 
+from ..files import write_output
+
 CHECKPOINT_PREFIX = "checkpoint-"
 METRICS_FILE = "metrics.json"
 ALLOCATION_LOG_FILE = "allocation_log.jsonl"
@@ -46,19 +48,6 @@ def check_distinct_outputs(outputs: Iterable[Tuple[str, Optional[str]]]) -> None
             raise ValueError(f"{option} {path} is the file {seen[key]} also writes; give each "
                              "output its own path")
         seen[key] = f"{option} {path}"
-
-
-def write_output(path: Path, data: bytes) -> None:
-    """``data`` to ``path``: a file replaced whole (`atomic_write_bytes`: a reader never sees
-    half of it), its folders made; a device or pipe (``--out /dev/null``) written to, never
-    replaced."""
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_file():
-        path.write_bytes(data)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from ..persistence import atomic_write_bytes  # here: persistence imports torch
-    atomic_write_bytes(path, data)
 
 
 def write_figure(fig, path: Path, dpi: int) -> None:

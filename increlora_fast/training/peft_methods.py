@@ -17,7 +17,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..persistence import atomic_write_bytes
+from ..files import atomic_write_bytes
 from .methods import MethodRun
 from .settings import RunSettings
 

@@ -47,7 +47,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ...persistence import atomic_write_bytes
+from ...files import atomic_write_bytes
 from ..speed.plans import LayerPlan, ModelPlan
 from .graphs import check_graphs
 from .plan import CheckPlan, dry_run_plan, full_plan

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ...model import suffix_match
-from ...persistence import atomic_write_bytes
+from ...files import atomic_write_bytes
 from .compared_methods import AdapterSetting, MemoryMethod, Sizes, _in_out, methods_for
 from .model_spec import ModelSpec
 from .step import estimate_step, measure_step
