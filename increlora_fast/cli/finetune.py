@@ -148,7 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="IncreLoRA option: activated A rows and B columns are rescaled to "
                               "unit norm (with --no-advance-learning: the norm-only control)")
     adapter.add_argument("--schedule", default=d.schedule, choices=tuple(SCHEDULES),
-                         help="IncreLoRA derived schedule: default (restart warmup from "
+                         help="IncreLoRA derived schedule: default (the default; restart warmup from "
                               "--warmup-ratio, budget by 50%% of steps) or authors (warmup = "
                               "growth interval, budget by 35%%)")
     adapter.add_argument("--adalora-init-r", type=int, default=d.adalora_init_r)
