@@ -575,3 +575,56 @@ def test_exclude_modules_round_trips_through_save_load_and_export(tmp_path, excl
     assert adapted == names
     torch.testing.assert_close(_outputs(in_peft, "gpt2"), _outputs(model, "gpt2"),
                                rtol=1e-5, atol=1e-5)
+
+
+def _tied_llama():
+    torch.manual_seed(7)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
+
+
+def _tiny_t5():
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(7)
+    return T5ForSequenceClassification(T5Config(
+        vocab_size=VOCAB, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_decoder_layers=1,
+        num_heads=2, num_labels=3, pad_token_id=0, eos_token_id=1,
+        decoder_start_token_id=0)).eval()
+
+
+def _t5_outputs(model):
+    ids = torch.randint(2, VOCAB, (3, 9), generator=torch.Generator().manual_seed(99))
+    ids[:, -1] = 1  # T5's classifier pools at the (one) eos token of each row
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "t5"])
+def test_export_of_a_module_to_save_whose_weight_other_modules_share(tmp_path, family):
+    """A module to save whose weight other modules use too: Llama's ``embed_tokens`` with the
+    tied ``lm_head``, T5's ``shared`` with the encoder's and decoder's ``embed_tokens``. peft
+    saves each module to save as a copy, so the export named only the first one, and peft's
+    model kept the untrained weight in the others: its outputs differed from ours (by about 6
+    in the logits), silently (found by an audit). Every module that shares the weight is a
+    module to save in the export."""
+    make, outputs, targets, to_save = {
+        "llama": (_tied_llama, lambda m: _outputs(m, "llama"), ["q_proj"], ["embed_tokens"]),
+        "t5": (_tiny_t5, _t5_outputs, ["q", "v"], ["shared", "classification_head"]),
+    }[family]
+    model = inject_increlora(make(), IncreLoRAConfig(target_modules=targets, r_max=4, init_r=2,
+                                                     target_rank=2, modules_to_save=to_save))
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.normal_()
+            layer.lora_B.normal_(std=0.3)
+        for name, p in model.named_parameters():
+            if p.requires_grad and "lora_" not in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    ours = outputs(model.eval())
+    assert (ours - outputs(make())).abs().max() > 1e-3
+    torch.testing.assert_close(outputs(loaded), ours, rtol=1e-5, atol=1e-5)

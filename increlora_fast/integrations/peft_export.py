@@ -125,7 +125,8 @@ def _saved_roots(model: nn.Module) -> List[str]:
     """Names of the modules whose full state peft must carry (``modules_to_save``).
 
     The configured modules to save, plus the owner of any other trainable parameter outside the
-    adapters, so nothing the run trained is lost.
+    adapters, so nothing the run trained is lost, plus every other module that uses one of
+    their parameters (tied weights).
     """
     config = get_config(model)
     names = [n for n, _ in model.named_modules() if n]
@@ -136,6 +137,18 @@ def _saved_roots(model: nn.Module) -> List[str]:
         if not any(owner == r or owner.startswith(r + ".") for r in roots):
             roots.append(owner)
     adapted = [n for n, _ in increlora_layers(model)]
+    # peft saves each module to save as its own copy: a module outside them that uses one
+    # of their parameters (a tied lm_head or encoder embed_tokens) would keep the untrained
+    # one there, so it is a module to save too (a layer we adapt is refused instead, by
+    # _refuse_trained_base_weights)
+    saved = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+             if any(n.startswith(r + ".") for r in roots if r)}
+    for param_name, param in model.named_parameters(remove_duplicate=False):
+        owner = param_name.rpartition(".")[0]
+        if id(param) in saved and owner and not any(
+                owner == r or owner.startswith(r + ".") for r in roots) and not any(
+                owner.startswith(a + ".") for a in adapted):
+            roots.append(owner)
     for root in roots:
         inside = [n for n in adapted if n == root or n.startswith(root + ".")]
         if inside or not root:
