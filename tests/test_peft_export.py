@@ -628,3 +628,35 @@ def test_export_of_a_module_to_save_whose_weight_other_modules_share(tmp_path, f
     ours = outputs(model.eval())
     assert (ours - outputs(make())).abs().max() > 1e-3
     torch.testing.assert_close(outputs(loaded), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_export_of_a_module_to_save_inside_the_head_peft_saves_for_its_task(tmp_path):
+    """RoBERTa with ``classifier.dense`` to save, exported for SEQ_CLS: peft's task model
+    also saves the whole ``classifier`` (which holds ``classifier.dense``) and wraps both, one
+    inside the other, and then cannot load the state it looks up (KeyError
+    'base_model.model.classifier.dense.weight', even for an adapter peft saved itself; found by
+    an audit). The whole ``classifier`` is exported, so ``classifier.dense`` is left out of
+    ``modules_to_save``."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    def make():
+        torch.manual_seed(7)
+        return RobertaForSequenceClassification(RobertaConfig(
+            vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+            intermediate_size=32, max_position_embeddings=32, num_labels=3,
+            pad_token_id=1)).eval()
+
+    model = inject_increlora(make(), IncreLoRAConfig(target_modules=["query", "value"],
+                                                     r_max=4, init_r=2, target_rank=2,
+                                                     modules_to_save=["classifier.dense"]))
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.normal_()
+            layer.lora_B.normal_(std=0.3)
+        model.classifier.dense.weight.normal_()
+    export_peft(model, tmp_path, task_type="SEQ_CLS")
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] is None
+    loaded = peft.PeftModel.from_pretrained(make(), str(tmp_path)).eval()
+    ours = _outputs(model.eval(), "bert")
+    assert (ours - _outputs(make(), "bert")).abs().max() > 1e-3
+    torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-5)

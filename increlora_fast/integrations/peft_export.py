@@ -285,7 +285,12 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         conv1d = conv1d or layer.is_conv1d
     roots = _saved_roots(model)
     _refuse_trained_base_weights(model)
-    for root in _peft_wrapped(model, roots, task_type):
+    wrapped = _peft_wrapped(model, roots, task_type)
+    # a module to save inside another one peft saves in full (RoBERTa's classifier.dense in the
+    # classifier that SEQ_CLS adds) is carried by that one; named too, peft would wrap it
+    # inside the other's wrapper and then fail to load it (KeyError), even from its own save
+    roots = [r for r in roots if not any(r.startswith(w + ".") for w in wrapped)]
+    for root in wrapped:
         for key, value in model.get_submodule(root).state_dict().items():
             # a contiguous copy: tied tensors must not share memory in the file, and
             # safetensors refuses non-contiguous ones (clone() alone keeps the strides)
