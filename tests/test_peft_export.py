@@ -660,3 +660,24 @@ def test_export_of_a_module_to_save_inside_the_head_peft_saves_for_its_task(tmp_
     ours = _outputs(model.eval(), "bert")
     assert (ours - _outputs(make(), "bert")).abs().max() > 1e-3
     torch.testing.assert_close(_outputs(loaded, "bert"), ours, rtol=1e-5, atol=1e-5)
+
+
+def test_refusal_of_an_adapted_layer_inside_a_head_peft_saves_names_the_layer_to_leave_out(
+        tmp_path):
+    """An adapted ``classifier.dense`` inside RoBERTa's ``classifier`` head, which peft's
+    SEQ_CLS model saves in full: the refusal advised "leave 'classifier' out of
+    target_modules", a module that is no target (found by an audit); it names the adapted
+    layer to leave out."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(7)
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32, num_labels=3, pad_token_id=1))
+    inject_increlora(model, IncreLoRAConfig(target_modules=["query", "classifier.dense"],
+                                            r_max=4, init_r=2, target_rank=2))
+    with pytest.raises(ValueError) as error:
+        export_peft(model, tmp_path, task_type="SEQ_CLS")
+    message = str(error.value)
+    assert "\n" not in message and "leave ['classifier.dense'] out of target_modules" in message
+    assert not (tmp_path / "adapter_model.safetensors").exists()

@@ -182,7 +182,7 @@ def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) 
             why = f" (peft adds it for task_type {task_type!r})" if root in added else ""
             raise ValueError(f"export_peft: peft would save module {name!r} in full, as its name "
                              f"ends with the module to save {root!r}{why}, but it holds adapted "
-                             f"layers {inside[:3]}, and peft refuses to load that; leave {name!r} "
+                             f"layers {inside[:3]}, and peft refuses to load that; leave {inside[:3]} "
                              "out of target_modules, or use save_adapter / load_adapter or "
                              "merge_and_unload for this model")
         if name not in wrapped:
