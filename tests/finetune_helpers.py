@@ -142,3 +142,32 @@ def cli(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="increlora-fast finetune")
     finetune_cli.add_arguments(parser)
     return finetune_cli.run(parser.parse_args(argv))
+
+
+def gpt2_dev_losses(tmp_path: Path, model_dir: Path, seed: int) -> Tuple[float, float]:
+    """(dev loss a 4-step IncreLoRA run of the tiny GPT-2 in ``model_dir`` reports, the mean
+    loss of its saved adapter on each dev input scored alone, without padding). Inputs of
+    uneven length (``seed`` draws the filler), so the run's batches are padded."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from increlora_fast import inject_increlora, load_adapter, load_config
+    from increlora_fast.data import load_files
+    rng = random.Random(seed)
+    rows = [dict(row, text=row["text"] + " " + " ".join(rng.sample(FILLER, rng.randrange(6))))
+            for row in sentiment_rows(40, 0)]
+    tiny = {"model": str(model_dir), "train": str(write_csv(tmp_path / "train.csv", rows[:32])),
+            "dev": str(write_csv(tmp_path / "dev.csv", rows[32:]))}
+    out = tmp_path / "run"
+    assert cli(tiny_args(tiny, out, "--target-modules", "c_attn", "--modules-to-save", "score",
+                         "--eval-batch-size", "8", "--seed", "2", steps=4)) == 0
+    reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
+    model = load_adapter(inject_increlora(model, load_config(out)), out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    losses = []
+    with torch.no_grad():  # one input at a time: no padding at all
+        for example in load_files(tiny["train"], tiny["dev"]).eval:
+            ids = tokenizer(example.text, truncation=True, max_length=16, return_tensors="pt")
+            losses.append(float(torch.nn.functional.cross_entropy(
+                model(**ids).logits, torch.tensor([example.label]))))
+    return reported, sum(losses) / len(losses)

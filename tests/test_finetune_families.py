@@ -91,38 +91,16 @@ def test_a_decoder_tokenizer_that_pads_left_scores_as_its_inputs_alone(tmp_path)
     model's outputs on the input alone. A decoder classifier finds its last real token on
     either side, so finetune pads on the right."""
     import json
-    import random
 
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from finetune_helpers import FILLER, sentiment_rows, write_csv, write_tiny_gpt2
-    from increlora_fast import inject_increlora, load_adapter, load_config
-    from increlora_fast.data import load_files
+    from finetune_helpers import gpt2_dev_losses, write_tiny_gpt2
     model_dir = write_tiny_gpt2(tmp_path / "gpt2")
     saved = model_dir / "tokenizer_config.json"
     saved.write_text(json.dumps(dict(json.loads(saved.read_text()), padding_side="left")))
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    assert tokenizer.padding_side == "left"
-    rng = random.Random(7)
-    rows = [dict(row, text=row["text"] + " " + " ".join(rng.sample(FILLER, rng.randrange(6))))
-            for row in sentiment_rows(40, 0)]
-    tiny = {"model": str(model_dir), "train": str(write_csv(tmp_path / "train.csv", rows[:32])),
-            "dev": str(write_csv(tmp_path / "dev.csv", rows[32:]))}
-    out = tmp_path / "run"
-    assert cli(tiny_args(tiny, out, "--target-modules", "c_attn", "--modules-to-save", "score",
-                         "--eval-batch-size", "8", "--seed", "2", steps=4)) == 0
-    reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
-    model = load_adapter(inject_increlora(model, load_config(out)), out).eval()
-    losses = []
-    with torch.no_grad():  # one input at a time: no padding at all
-        for example in load_files(tiny["train"], tiny["dev"]).eval:
-            ids = tokenizer(example.text, truncation=True, max_length=16, return_tensors="pt")
-            losses.append(float(torch.nn.functional.cross_entropy(
-                model(**ids).logits, torch.tensor([example.label]))))
-    assert sum(losses) / len(losses) == pytest.approx(reported, rel=1e-5)
+    assert AutoTokenizer.from_pretrained(str(model_dir)).padding_side == "left"
+    reported, alone = gpt2_dev_losses(tmp_path, model_dir, seed=7)
+    assert alone == pytest.approx(reported, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "increlora"])

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from finetune_helpers import FILLER, cli, sentiment_rows, tiny_args, write_csv, write_tiny_gpt2
+from finetune_helpers import (FILLER, cli, gpt2_dev_losses, sentiment_rows, tiny_args, write_csv,
+                              write_tiny_gpt2)
 
 
 @pytest.fixture(scope="module")
@@ -70,32 +71,9 @@ def test_a_config_pad_token_the_tokenizer_lacks_is_the_one_batches_are_padded_wi
     the tokenizer has no pad token but the config names one, batches must be padded with it
     (EOS instead would make the classifier read a padding position in training and
     evaluation, and the last real token on an input scored alone)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from increlora_fast import inject_increlora, load_adapter, load_config
-    from increlora_fast.data import load_files
     model_dir = write_tiny_gpt2(tmp_path / "gpt2", config_pad=True)
-    rng = random.Random(6)
-    rows = [dict(row, text=row["text"] + " " + " ".join(rng.sample(FILLER, rng.randrange(6))))
-            for row in sentiment_rows(40, 0)]
-    tiny = {"model": str(model_dir), "train": str(write_csv(tmp_path / "train.csv", rows[:32])),
-            "dev": str(write_csv(tmp_path / "dev.csv", rows[32:]))}
-    out = tmp_path / "run"
-    assert cli(tiny_args(tiny, out, "--target-modules", "c_attn", "--modules-to-save", "score",
-                         "--eval-batch-size", "8", "--seed", "2", steps=4)) == 0
-    reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
-    model = load_adapter(inject_increlora(model, load_config(out)), out).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    losses = []
-    with torch.no_grad():  # one input at a time: no padding at all
-        for example in load_files(tiny["train"], tiny["dev"]).eval:
-            ids = tokenizer(example.text, truncation=True, max_length=16, return_tensors="pt")
-            logits = model(**ids).logits
-            losses.append(float(torch.nn.functional.cross_entropy(
-                logits, torch.tensor([example.label]))))
-    assert sum(losses) / len(losses) == pytest.approx(reported, rel=1e-5)
+    reported, alone = gpt2_dev_losses(tmp_path, model_dir, seed=6)
+    assert alone == pytest.approx(reported, rel=1e-5)
 
 
 @pytest.mark.parametrize("method", ["lora", "increlora", "full"])
