@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from plot_helpers import break_savefig
 from increlora_fast.training.allocation_stats import (allocation_by_group, module_layer,
                                                       module_type, plot_allocation,
                                                       ranks_over_time)
@@ -93,27 +94,13 @@ def test_runs_with_rounds_at_other_steps_average_over_every_run(tmp_path):
     assert by_layer["0"][20] == by_layer["0"][100] and by_layer["1"][20] == by_layer["1"][100]
 
 
-def _broken_savefig(monkeypatch):
-    """Figure.savefig writes part of a figure to its target, then fails (a full disk, a kill)."""
-    from matplotlib.figure import Figure
-
-    def savefig(self, target, *args, **kwargs):
-        if hasattr(target, "write"):
-            target.write(b"half")
-        else:
-            with open(target, "wb") as f:
-                f.write(b"half")
-        raise OSError("No space left on device")
-    monkeypatch.setattr(Figure, "savefig", savefig)
-
-
 def test_the_plot_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     """plot_allocation wrote straight into its file: a save that failed half-way left a cut
     PNG where the earlier one was."""
     run = _run(tmp_path, "seed0", [(10, MODULES[0], 2)])
     png = tmp_path / "allocation.png"
     png.write_bytes(b"earlier figure")
-    _broken_savefig(monkeypatch)
+    break_savefig(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         plot_allocation({"rt": [run]}, png, overwrite=True)
     assert png.read_bytes() == b"earlier figure"

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
+from plot_helpers import break_savefig
 from increlora_fast.visualize import rank_history, save_rank_over_time
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -58,21 +59,11 @@ def test_finetune_writes_it_next_to_the_heatmap(tmp_path):
 def test_a_failed_save_leaves_the_earlier_picture(tmp_path, monkeypatch, save):
     """The savers wrote straight into their file: a save that failed half-way (a full disk, a
     kill) left a cut PNG where the resumed or --overwrite run's earlier one was."""
-    from matplotlib.figure import Figure
-
     from increlora_fast.visualize import save_rank_heatmap
-
-    def savefig(self, target, *args, **kwargs):  # part of the picture, then a failure
-        if hasattr(target, "write"):
-            target.write(b"half")
-        else:
-            with open(target, "wb") as f:
-                f.write(b"half")
-        raise OSError("No space left on device")
 
     png = tmp_path / "rank.png"
     png.write_bytes(b"earlier picture")
-    monkeypatch.setattr(Figure, "savefig", savefig)
+    break_savefig(monkeypatch)
     with pytest.raises(OSError, match="No space"):
         if save == "heatmap":
             save_rank_heatmap(INITIAL, png, overwrite=True)
