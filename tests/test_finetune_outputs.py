@@ -90,6 +90,23 @@ def test_compare_reuses_the_finished_runs_of_a_decoder(tiny, tmp_path, capsys, m
     assert "modules_to_save" in capsys.readouterr().err
 
 
+def _interrupt_at_save(monkeypatch, n: int):
+    """Make finetune's ``n``-th checkpoint save raise KeyboardInterrupt once it is written (a
+    Ctrl-C right after it); returns the real saver, to put back."""
+    from increlora_fast.training import finetune_run
+
+    saved = finetune_run.save_checkpoint
+    calls = []
+
+    def save_then_interrupt(*args, **kwargs):
+        saved(*args, **kwargs)
+        calls.append(args[0])
+        if len(calls) == n:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(finetune_run, "save_checkpoint", save_then_interrupt)
+    return saved
+
+
 def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
     """Ctrl-C ended in a KeyboardInterrupt traceback: the run kept its checkpoint, but nothing
     said which to --resume (found by the new-user audit). Now one line names the command, and
@@ -97,15 +114,7 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatc
     from increlora_fast.training import finetune_run
 
     tiny = tiny_files(tmp_path / "data", train_rows=32, dev_rows=8)
-    saved = finetune_run.save_checkpoint
-    calls = []
-
-    def save_then_interrupt(*args, **kwargs):
-        saved(*args, **kwargs)
-        calls.append(args[0])
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(finetune_run, "save_checkpoint", save_then_interrupt)
+    saved = _interrupt_at_save(monkeypatch, 2)
     out = tmp_path / "out"
     assert cli(tiny_args(tiny, out, steps=6, save_steps=2)) == 130
     err = capsys.readouterr().err.strip().splitlines()
@@ -116,7 +125,6 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path, capsys, monkeypatc
     assert cli(["--resume", str(out / "checkpoint-4"), "--output-dir", str(out),
                 "--no-progress"]) == 0
     assert json.loads((out / "metrics.json").read_text())["steps"] == 6
-
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -139,15 +147,7 @@ def test_ctrl_c_of_an_overwrite_run_names_its_own_checkpoint_not_the_earlier_run
     tiny = tiny_files(tmp_path / "data", train_rows=32, dev_rows=8)
     out = tmp_path / "out"
     assert cli(tiny_args(tiny, out, steps=6, save_steps=2)) == 0  # the earlier run
-    saved = finetune_run.save_checkpoint
-    calls = []
-
-    def save_then_interrupt(*args, **kwargs):
-        saved(*args, **kwargs)
-        calls.append(args[0])
-        if len(calls) == 1:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(finetune_run, "save_checkpoint", save_then_interrupt)
+    saved = _interrupt_at_save(monkeypatch, 1)
     capsys.readouterr()
     assert cli(tiny_args(tiny, out, "--overwrite", "--seed", "1", steps=6, save_steps=2)) == 130
     err = capsys.readouterr().err.strip().splitlines()
