@@ -294,14 +294,7 @@ def test_export_of_a_module_to_save_tied_to_another(tmp_path):
     """A trained lm_head tied to the input embedding (tie_word_embeddings, the default of many
     small LLMs): both names carry the trained weight, and peft loads the export with our outputs
     (found by an audit: safetensors refused the two names sharing memory, a RuntimeError)."""
-    def tied():
-        torch.manual_seed(7)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
-
-    model = tied()
+    model = _tied_llama(layers=2)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     config = IncreLoRAConfig(target_modules=["q_proj", "v_proj"], r_max=4, target_rank=2,
                              init_warmup=1, incre_interval=1, modules_to_save=["lm_head"])
@@ -315,9 +308,9 @@ def test_export_of_a_module_to_save_tied_to_another(tmp_path):
         optimizer.zero_grad()
     model.eval()
     export_peft(model, tmp_path)
-    loaded = peft.PeftModel.from_pretrained(tied(), str(tmp_path)).eval()
+    loaded = peft.PeftModel.from_pretrained(_tied_llama(layers=2), str(tmp_path)).eval()
     ours = _outputs(model, "llama")
-    assert (ours - _outputs(tied(), "llama")).abs().max() > 1e-3
+    assert (ours - _outputs(_tied_llama(layers=2), "llama")).abs().max() > 1e-3
     torch.testing.assert_close(_outputs(loaded, "llama"), ours, rtol=1e-5, atol=1e-5)
 
 
@@ -462,14 +455,7 @@ def test_export_refuses_an_adapted_layer_whose_base_weight_is_trained_in_full(tm
     embedding as a copy and leaves the adapted lm_head on the untrained shared weight, so
     peft's outputs differed from ours (by 8 in the logits here), silently (found by an
     audit). The export refuses, naming both, and writes nothing."""
-    def tied():
-        torch.manual_seed(7)
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
-            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
-
-    model = inject_increlora(tied(), IncreLoRAConfig(
+    model = inject_increlora(_tied_llama(), IncreLoRAConfig(
         target_modules=["q_proj", "lm_head"], r_max=4, target_rank=2,
         modules_to_save=["embed_tokens"]))
     assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
@@ -577,10 +563,11 @@ def test_exclude_modules_round_trips_through_save_load_and_export(tmp_path, excl
                                rtol=1e-5, atol=1e-5)
 
 
-def _tied_llama():
+def _tied_llama(layers: int = 1):
+    """A tiny Llama (seed 7, eval mode) whose lm_head shares the input embedding."""
     torch.manual_seed(7)
     return LlamaForCausalLM(LlamaConfig(
-        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
         bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=True)).eval()
 
