@@ -118,7 +118,12 @@ def allocation_by_group(run_dirs: Iterable[Path], group: Callable[[str], str] = 
     the ranks it holds then (its last round before it), so a seed that needs one round more
     than the others (a module at r_max takes no rank) does not stand for all of them there.
     Groups in `visualize.natural_key` order (layer 2 before layer 10)."""
-    replays = [ranks_over_time(run_dir) for run_dir in run_dirs]
+    return _mean_by_group([ranks_over_time(run_dir) for run_dir in run_dirs], group)
+
+
+def _mean_by_group(replays: List[Dict[int, Dict[str, int]]], group: Callable[[str], str]
+                   ) -> Dict[str, Dict[int, float]]:
+    """`allocation_by_group` of runs already replayed by `ranks_over_time`."""
     every_step = sorted({step for replay in replays for step in replay})
     sums: Dict[str, Dict[int, List[float]]] = defaultdict(lambda: defaultdict(list))
     for replay in replays:
@@ -156,9 +161,10 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     fig = Figure(figsize=(13, 3.4 * len(tasks)))
     axes = fig.subplots(len(tasks), 2, squeeze=False)
     for row, task in zip(axes, tasks):
-        layer = layer_group({name for run in by_task[task] for name in ranks_over_time(run)[0]})
+        replays = [ranks_over_time(run) for run in by_task[task]]  # each run read once
+        layer = layer_group({name for replay in replays for name in replay[0]})
         for ax, (group, label) in zip(row, ((module_type, "module type"), (layer, "layer"))):
-            curves = allocation_by_group(by_task[task], group)
+            curves = _mean_by_group(replays, group)
             for colour, (name, curve) in zip(distinct_colours(len(curves)), curves.items()):
                 steps = sorted(curve)
                 ax.step(steps, [curve[s] for s in steps], where="post", label=name,
