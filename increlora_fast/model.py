@@ -51,7 +51,7 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     targets = _without_excluded(_selected_targets(model, spec, names), config.exclude_modules,
                                 names)
     # as in peft: a linear inside a module to save trains in full and gets no adapter
-    kept = [n for n in targets if _saved_root(n, config) is None]
+    kept = [n for n in targets if saved_root(n, config.modules_to_save) is None]
     for key in spec if isinstance(spec, list) else []:
         if not any(suffix_match(n, key) for n in kept) and any(suffix_match(n, key)
                                                                for n in targets):
@@ -119,10 +119,11 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
     return targets
 
 
-def _saved_root(name: str, config: IncreLoRAConfig) -> Optional[str]:
-    """The ``modules_to_save`` entry that module ``name`` lies in (or is), or None."""
+def saved_root(name: str, modules_to_save: Optional[List[str]]) -> Optional[str]:
+    """The ``modules_to_save`` entry (a module-name suffix) that module ``name`` lies in (or
+    is), or None."""
     prefixes = [name.rsplit(".", i)[0] for i in range(name.count(".") + 1)]
-    return next((key for key in config.modules_to_save or []
+    return next((key for key in modules_to_save or []
                  if any(suffix_match(p, key) for p in prefixes)), None)
 
 
@@ -167,7 +168,7 @@ def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     targets = []
     for n, module in model.named_modules():
         if (not n or not is_supported_base(module) or module is head or n.endswith(".base_layer")
-                or _saved_root(n, config) is not None
+                or saved_root(n, config.modules_to_save) is not None
                 or direct_weight_reader(model, n) is not None):
             continue
         targets.append(n)

@@ -18,7 +18,7 @@ from ..data.assets import PACKAGED_MODELS, hub_access_off, hub_offline
 from ..data.examples import Example, fixed_split
 from ..data.files import file_sha256
 from ..layer import is_supported_base
-from ..model import suffix_match
+from ..model import saved_root, suffix_match
 from ..files import atomic_write_bytes
 from .batches import Batches, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
@@ -228,9 +228,7 @@ def check_new_layers_trained(s: RunSettings, model, new: List[str]) -> None:
     untrained = []
     present = {name for name, _ in model.named_parameters()}
     for key in (key for key in new if key in present):
-        parts = key.split(".")[:-1]  # the modules holding the parameter, outermost first
-        if not any(suffix_match(".".join(parts[:end]), entry) for entry in s.modules_to_save
-                   for end in range(1, len(parts) + 1)):
+        if saved_root(key.rpartition(".")[0], s.modules_to_save) is None:
             layer = (key[len(prefix):] if key.startswith(prefix) else key).split(".")[0]
             if layer not in untrained:
                 untrained.append(layer)
