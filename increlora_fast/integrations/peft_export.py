@@ -121,6 +121,11 @@ def _exclude_pattern(model: nn.Module, names: List[str]) -> Optional[str]:
     return "(?:" + "|".join(re.escape(n) for n in extra) + ")" if extra else None
 
 
+def _within(name: str, root: str) -> bool:
+    """Whether module ``name`` is module ``root`` or lies inside it."""
+    return name == root or name.startswith(root + ".")
+
+
 def _saved_roots(model: nn.Module) -> List[str]:
     """Names of the modules whose full state peft must carry (``modules_to_save``).
 
@@ -134,7 +139,7 @@ def _saved_roots(model: nn.Module) -> List[str]:
     roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
     for param_name in saved_module_parameters(model):
         owner = param_name.rpartition(".")[0]
-        if not any(owner == r or owner.startswith(r + ".") for r in roots):
+        if not any(_within(owner, r) for r in roots):
             roots.append(owner)
     adapted = [n for n, _ in increlora_layers(model)]
     # peft saves each module to save as its own copy: a module outside them that uses one
@@ -145,12 +150,11 @@ def _saved_roots(model: nn.Module) -> List[str]:
              if any(n.startswith(r + ".") for r in roots if r)}
     for param_name, param in model.named_parameters(remove_duplicate=False):
         owner = param_name.rpartition(".")[0]
-        if id(param) in saved and owner and not any(
-                owner == r or owner.startswith(r + ".") for r in roots) and not any(
-                owner.startswith(a + ".") for a in adapted):
+        if id(param) in saved and owner and not any(_within(owner, r) for r in roots) \
+                and not any(owner.startswith(a + ".") for a in adapted):
             roots.append(owner)
     for root in roots:
-        inside = [n for n in adapted if n == root or n.startswith(root + ".")]
+        inside = [n for n in adapted if _within(n, root)]
         if inside or not root:
             raise ValueError(f"module to save {root or '<the whole model>'!r} contains adapted "
                              f"layers {inside[:3]}: peft cannot both train a module in full and "
