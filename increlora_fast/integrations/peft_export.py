@@ -181,7 +181,7 @@ def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) 
         root = next((r for r in (*roots, *added) if name.endswith(r)), None)
         if root is None:
             continue
-        inside = [n for n in adapted if n == name or n.startswith(name + ".")]
+        inside = [n for n in adapted if _within(n, name)]
         if inside:
             why = f" (peft adds it for task_type {task_type!r})" if root in added else ""
             raise ValueError(f"export_peft: peft would save module {name!r} in full, as its name "
