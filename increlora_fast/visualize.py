@@ -14,13 +14,16 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 def split_module_name(name: str) -> Tuple[str, str]:
     """('layer index', 'module type') of a module name such as ``encoder.layer.3.attention.self.query``.
 
-    The layer is the last integer component; the module type is what follows it.
+    The layer is the first integer component and the module type what follows it, so that
+    numbers below a layer stay in its type: T5's ``encoder.block.3.layer.0.SelfAttention.q`` is
+    block 3's ``layer.0.SelfAttention.q``, an expert's ``model.layers.2.mlp.experts.5.w1`` layer
+    2's ``mlp.experts.5.w1`` (the allocation plots, `training.allocation_stats`, group alike).
+    A name without one is ``("-", name)``.
     """
-    matches = list(_LAYER_INDEX.finditer(f".{name}."))
-    if not matches:
+    match = _LAYER_INDEX.search(f".{name}.")
+    if match is None:
         return "-", name
-    last = matches[-1]
-    return last.group(1), f".{name}."[last.end():].strip(".") or name
+    return match.group(1), f".{name}."[match.end():].strip(".") or name
 
 
 def rank_table(rank_pattern: Dict[str, int]) -> str:
@@ -38,11 +41,11 @@ def rank_table(rank_pattern: Dict[str, int]) -> str:
     return "\n".join(rows)
 
 
-def _layer_prefix(name: str) -> str:
+def layer_prefix(name: str) -> str:
     """The part of ``name`` up to and including its layer index (`split_module_name`), or "-"
     when it has none: ``model.decoder.layers.0`` of ``model.decoder.layers.0.fc1``."""
-    matches = list(_LAYER_INDEX.finditer(f".{name}."))
-    return f".{name}."[1:matches[-1].end() - 1] if matches else "-"
+    match = _LAYER_INDEX.search(f".{name}.")
+    return f".{name}."[1:match.end() - 1] if match else "-"
 
 
 def natural_key(label: str) -> tuple:
@@ -53,15 +56,16 @@ def natural_key(label: str) -> tuple:
 
 def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], int]]:
     """(row labels, module types, {(row, type): rank}). A row is a layer index, or, where one
-    index belongs to several layers (an encoder's and a decoder's layer 0, T5's
-    block.N.layer.0), every row is the whole name up to its index, so that every module keeps
+    index belongs to several layers (an encoder's and a decoder's layer 0: BART's
+    model.encoder.layers.0 and model.decoder.layers.0, T5's encoder.block.0 and
+    decoder.block.0), every row is the whole name up to its index, so that every module keeps
     a cell of its own."""
     split = {n: split_module_name(n) for n in rank_pattern}
     prefixes: Dict[str, set] = {}
     for n, (index, _) in split.items():
-        prefixes.setdefault(index, set()).add(_layer_prefix(n))
+        prefixes.setdefault(index, set()).add(layer_prefix(n))
     by_index = all(len(p) == 1 for p in prefixes.values())
-    grid = {(index if by_index else _layer_prefix(n), kind): rank_pattern[n]
+    grid = {(index if by_index else layer_prefix(n), kind): rank_pattern[n]
             for n, (index, kind) in split.items()}
     layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), natural_key(s)))
     kinds = list(dict.fromkeys(k for _, k in grid))

@@ -44,24 +44,49 @@ def test_heatmap_png_is_written(tmp_path):
 
 
 def test_modules_that_share_a_layer_index_and_type_get_rows_of_their_own():
-    """An encoder-decoder (BART: model.encoder.layers.0 and model.decoder.layers.0) or T5
-    (encoder.block.N.layer.0.SelfAttention.q: the last integer is the 0 of layer.0) put several
+    """An encoder-decoder (BART: model.encoder.layers.0 and model.decoder.layers.0) put several
     modules on one (layer, type) cell, and the table showed only the last one's rank."""
     bart = {"model.encoder.layers.0.self_attn.q_proj": 2,
             "model.decoder.layers.0.self_attn.q_proj": 5,
             "model.encoder.layers.1.self_attn.q_proj": 3}
-    t5 = {f"encoder.block.{i}.layer.0.SelfAttention.q": i + 1 for i in range(3)}
-    for pattern in (bart, t5):
-        rows = rank_table(pattern).splitlines()[2:-1]
-        cells = {row.split("|")[0].strip(): row.split("|")[1].strip() for row in rows}
-        assert len(rows) == len(pattern)
-        for name, rank in pattern.items():  # each module's rank on a row naming its layer
-            assert [c for label, c in cells.items() if name.startswith(label + ".")] == \
-                [str(rank)], (name, cells)
+    rows = rank_table(bart).splitlines()[2:-1]
+    cells = {row.split("|")[0].strip(): row.split("|")[1].strip() for row in rows}
+    assert len(rows) == len(bart)
+    for name, rank in bart.items():  # each module's rank on a row naming its layer
+        assert [c for label, c in cells.items() if name.startswith(label + ".")] == \
+            [str(rank)], (name, cells)
     # where the layer index alone names the layer, the rows stay that index
     bert = {f"bert.encoder.layer.{i}.attention.self.query": i for i in range(11)}
     assert [r.split("|")[0].strip() for r in rank_table(bert).splitlines()[2:-1]] == \
         [str(i) for i in range(11)]
+
+
+def test_t5_rows_are_its_blocks_as_in_the_allocation_plots():
+    """T5 names a module encoder.block.N.layer.K.SelfAttention.q: the table and heatmap took
+    the last integer (K, the sublayer) for the layer, so every block's attention and FFN sat on
+    rows of their own (encoder.block.3.layer.0, encoder.block.3.layer.1) and the allocation
+    plots, which group by the first (the block), grouped otherwise. A row is now one block."""
+    from increlora_fast.training.allocation_stats import layer_group
+
+    torch.manual_seed(0)
+    parts = {"encoder": ["layer.0.SelfAttention.q", "layer.1.DenseReluDense.wi"],
+             "decoder": ["layer.0.SelfAttention.q", "layer.1.EncDecAttention.q",
+                         "layer.2.DenseReluDense.wi"]}
+    pattern = {f"{stack}.block.{i}.{kind}": int(torch.randint(1, 9, ()))
+               for stack, kinds in parts.items() for i in range(3) for kind in kinds}
+    assert split_module_name("decoder.block.2.layer.1.EncDecAttention.q") == \
+        ("2", "layer.1.EncDecAttention.q")
+    table = rank_table(pattern).splitlines()
+    kinds = [k.strip() for k in table[0].split("|")[1:]]
+    rows = {row.split("|")[0].strip(): [c.strip() for c in row.split("|")[1:]]
+            for row in table[2:-1]}
+    group = layer_group(pattern)
+    assert sorted(rows) == sorted({group(name) for name in pattern}) == \
+        sorted(f"{stack}.block.{i}" for stack in parts for i in range(3))
+    for name, rank in pattern.items():
+        block, kind = group(name), split_module_name(name)[1]
+        assert rows[block][kinds.index(kind)] == str(rank), name
+    assert sum(c != "" for cells in rows.values() for c in cells) == len(pattern)
 
 
 def test_a_path_without_suffix_is_written_where_asked_and_returned(tmp_path):

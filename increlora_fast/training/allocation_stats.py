@@ -9,27 +9,26 @@ type (``attention.self.query`` ...) or per layer over the seeds of a variant, an
 from __future__ import annotations
 
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-from ..visualize import distinct_colours, natural_key
+from ..visualize import distinct_colours, layer_prefix, natural_key, split_module_name
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
-
-_LAYER = re.compile(r"\.(\d+)\.")
 
 
 def module_type(name: str) -> str:
-    """The part of a module name after its layer index (``attention.self.query``)."""
-    match = _LAYER.search(name)
-    return name[match.end():] if match else name
+    """The part of a module name after its layer index (``attention.self.query``;
+    `visualize.split_module_name`), or the name when it has none."""
+    index, kind = split_module_name(name)
+    return name if index == "-" else kind
 
 
 def module_layer(name: str) -> str:
-    """The layer index in a module name (``"3"``), or the name when it has none."""
-    match = _LAYER.search(name)
-    return match.group(1) if match else name
+    """The layer index in a module name (``"3"``; its first integer component, T5's block),
+    or the name when it has none."""
+    index, _ = split_module_name(name)
+    return name if index == "-" else index
 
 
 def layer_group(names: Iterable[str]) -> Callable[[str], str]:
@@ -44,8 +43,8 @@ def layer_group(names: Iterable[str]) -> Callable[[str], str]:
 
 def _layer_prefix(name: str) -> str:
     """The part of a module name up to its layer index, or the name when it has none."""
-    match = _LAYER.search(name)
-    return name[:match.end() - 1] if match else name
+    prefix = layer_prefix(name)
+    return name if prefix == "-" else prefix
 
 
 def read_allocation_log(log: Path) -> List[dict]:
