@@ -103,28 +103,41 @@ def test_a_decoder_tokenizer_that_pads_left_scores_as_its_inputs_alone(tmp_path)
     assert alone == pytest.approx(reported, rel=1e-5)
 
 
+@pytest.mark.parametrize("family,targets,layer", [
+    ("distilbert", "q_lin,v_lin", "pre_classifier"),
+    ("deberta", "query_proj,value_proj", "pooler")])
 @pytest.mark.parametrize("method", ["lora", "increlora"])
-def test_new_layers_of_the_head_outside_modules_to_save_are_refused(tiny, tmp_path, capsys,
-                                                                   method):
+def test_new_layers_of_the_head_are_added_to_modules_to_save(tiny, tmp_path, method, family,
+                                                            targets, layer):
     """DistilBERT's classifier reads a pre_classifier linear (DeBERTa-v2's a pooler) that the
     encoder checkpoint has no weights for: from_pretrained starts it random, and an adapter
-    method froze it there (neither trained nor saved), as --modules-to-save named only the
-    classifier. The run is refused in one line saying what to add; with it, the layer trains."""
+    method froze it there (neither trained nor saved) as the default --modules-to-save names
+    only the classifier. The run then was refused, naming the option to give; the layer is now
+    added (trained and saved in the adapter) with one warning, as the head itself is, and the
+    metrics say what was added. Given by hand, it is not added again and not warned about."""
+    import json
+
     from safetensors.torch import load_file
+    from increlora_fast.training.finetune_run import HeadAddedWarning
 
-    model = dict(tiny, model=tiny["distilbert"])
+    model = dict(tiny, model=tiny[family])
     out = tmp_path / method
-    assert cli(tiny_args(model, out, "--method", method, "--target-modules", "q_lin,v_lin",
-                         steps=2)) == 2
-    err = capsys.readouterr().err
-    assert len(err.strip().splitlines()) == 1, err
-    assert "'pre_classifier'" in err and "--modules-to-save classifier,pre_classifier" in err
-    assert not out.exists() or not any(out.iterdir())
+    with pytest.warns(HeadAddedWarning, match=f"no weights for '{layer}' of the classification "
+                                              "head.*added to --modules-to-save") as caught:
+        assert cli(tiny_args(model, out, "--method", method, "--target-modules", targets,
+                             steps=2)) == 0
+    assert sum(isinstance(w.message, HeadAddedWarning) for w in caught) == 1
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["modules_to_save_added"] == [layer]
+    assert metrics["settings"]["modules_to_save"] == ["classifier", layer]
+    weights = load_file(str(out / "adapter_model.safetensors"))
+    assert any(key.split(".")[0] == layer or f".{layer}." in key for key in weights), \
+        sorted(weights)
 
-    assert cli(tiny_args(model, out, "--method", method, "--target-modules", "q_lin,v_lin",
-                         "--modules-to-save", "classifier,pre_classifier", steps=2)) == 0
-    weights = next(out.glob("adapter_model.safetensors"))
-    assert any("pre_classifier" in key for key in load_file(str(weights)))
+    given = tmp_path / f"{method}-given"
+    assert cli(tiny_args(model, given, "--method", method, "--target-modules", targets,
+                         "--modules-to-save", f"classifier,{layer}", steps=2)) == 0
+    assert json.loads((given / "metrics.json").read_text())["modules_to_save_added"] == []
 
 
 def test_a_checkpoint_without_pooler_weights_trains_with_mean_pooling(tiny, tmp_path, capsys):
@@ -168,3 +181,33 @@ def test_an_encoder_decoder_classifier_trains_and_saves_its_head(tiny, tmp_path)
                              "q_proj,v_proj", steps=2)) == 0
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         assert any("classification_head.out_proj.weight" in key for key in f.keys())
+
+
+def test_compare_reuses_the_finished_runs_of_a_model_whose_head_layer_was_added(
+        tiny, tmp_path, capsys, monkeypatch):
+    """Each DistilBERT run adds pre_classifier to modules_to_save (its checkpoint has no
+    weights for it), so its metrics.json records ['classifier', 'pre_classifier'] where the
+    comparison asked for ['classifier']: a second ``--compare`` into the folder must reuse the
+    finished runs (as must one naming the layer by hand: the same run), and another list is
+    still another setting."""
+    import json
+
+    model = dict(tiny, model=tiny["distilbert"])
+    args = tiny_args(model, tmp_path / "cmp", "--compare", "--methods", "increlora", "--lrs",
+                     "0.01", "--seeds", "1", "--target-modules", "q_lin,v_lin", steps=2)
+    with pytest.warns(UserWarning, match="pre_classifier"):
+        assert cli(args) == 0
+    first = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    capsys.readouterr()
+
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    assert cli(args) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 1
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text()) == first
+    assert cli(args + ["--modules-to-save", "classifier,pre_classifier"]) == 0
+    assert capsys.readouterr().out.count("reusing the finished run") == 1
+    assert cli(args + ["--modules-to-save", "classifier,out_lin"]) == 2
+    assert "modules_to_save" in capsys.readouterr().err

@@ -73,10 +73,13 @@ def head_saved_variants(modules: Sequence[str]) -> List[List[str]]:
     return variants
 
 
-def _same_setting(key: str, stored, wanted) -> bool:
-    """Whether a finished run's stored setting ``key`` is what this comparison asks for."""
+def _same_setting(key: str, stored, wanted, added: Sequence[str] = ()) -> bool:
+    """Whether a finished run's stored setting ``key`` is what this comparison asks for.
+    ``added``: the entries finetune added to the run's ``modules_to_save`` itself (its
+    metrics' ``modules_to_save_added``: the head, layers of it the checkpoint lacks)."""
     if key == "modules_to_save" and isinstance(stored, list):
-        return stored in head_saved_variants(wanted)
+        variants = head_saved_variants(wanted)
+        return stored in variants or [k for k in stored if k not in added] in variants
     return stored == wanted
 
 
@@ -97,7 +100,9 @@ def _run_or_reuse(s: RunSettings, run_dir: Path, train_size: int, progress: bool
         wanted = resolve(s, train_size, uses_cuda_graphs(s)).to_dict()
         # Settings added after a run finished read as their defaults, which it ran with.
         stored = RunSettings.from_dict(metrics.get("settings", {})).to_dict()
-        differing = sorted(k for k in wanted if not _same_setting(k, stored.get(k), wanted[k]))
+        added = metrics.get("modules_to_save_added") or []
+        differing = sorted(k for k in wanted
+                           if not _same_setting(k, stored.get(k), wanted[k], added))
         if any(k in DATA_KEYS for k in differing):
             if not overwrite:
                 raise ValueError(f"{run_dir} holds a finished run on other data (or on data it "

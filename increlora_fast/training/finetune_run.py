@@ -184,7 +184,8 @@ def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
 
 
 class HeadAddedWarning(UserWarning):
-    """--modules-to-save did not name the classification head, so it was added."""
+    """--modules-to-save did not name the classification head (or a layer of it that the
+    checkpoint has no weights for), so it was added."""
 
 
 def head_name(model) -> Optional[str]:
@@ -216,20 +217,56 @@ def with_head_saved(s: RunSettings, model) -> RunSettings:
                                                    if key not in other] + [head])
 
 
+def _first_layer(model, key: str) -> Tuple[bool, str]:
+    """(whether parameter ``key`` lies in the base model, the first name of its layer below
+    the model or below its base model): ``(False, "pre_classifier")`` of DistilBERT's
+    ``pre_classifier.weight``, ``(True, "pooler")`` of BERT's ``bert.pooler.dense.weight``."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    inside = prefix != "." and key.startswith(prefix)
+    return inside, (key[len(prefix):] if inside else key).split(".")[0]
+
+
+def with_new_head_layers_saved(s: RunSettings, model, new: List[str]) -> RunSettings:
+    """``s`` with the layers of the head (outside the base model) that the checkpoint had no
+    weights for (``new``, `load_model`) added to ``modules_to_save``, warning once naming
+    them (`HeadAddedWarning`): DistilBERT's ``pre_classifier``, DeBERTa-v2's ``pooler``. Their
+    encoder checkpoints lack them, so they start random, and an adapter method would leave
+    them frozen there, neither trained nor saved. Layers inside the base model are left to
+    `check_new_layers_trained`, which refuses them (a checkpoint short of encoder layers is
+    not fixed by training the encoder in full)."""
+    if s.method == "full":
+        return s
+    present = {name for name, _ in model.named_parameters()}
+    added: List[str] = []
+    for key in sorted(key for key in new if key in present):
+        inside, layer = _first_layer(model, key)
+        if not inside and layer not in added and \
+                saved_root(key.rpartition(".")[0], s.modules_to_save) is None:
+            added.append(layer)
+    if not added:
+        return s
+    warnings.warn(f"--model {s.model}: its checkpoint has no weights for "
+                  f"{', '.join(map(repr, added))} of the classification head, which "
+                  f"{'start' if len(added) > 1 else 'starts'} random; added to "
+                  "--modules-to-save (trained and saved in the adapter)", HeadAddedWarning,
+                  stacklevel=2)
+    return dataclasses.replace(s, modules_to_save=list(s.modules_to_save) + added)
+
+
 def check_new_layers_trained(s: RunSettings, model, new: List[str]) -> None:
     """Refuse a run of an adapter method that would leave parameters the checkpoint had no
     weights for (``new``, `load_model`) frozen at their random start, neither trained nor
-    saved: a layer of the head that --modules-to-save leaves out (DistilBERT's pre_classifier,
-    DeBERTa-v2's pooler: their encoder checkpoints lack them). Names the layers (their first
-    name below the model, or below its base model) and the option that trains them."""
+    saved: a layer of the base model that --modules-to-save leaves out (BERT's pooler in a
+    checkpoint saved without it, under cls pooling, which reads it; the head's own layers are
+    added by `with_new_head_layers_saved` first). Names the layers (their first name below
+    the model, or below its base model) and the option that trains them."""
     if s.method == "full":
         return
-    prefix = getattr(model, "base_model_prefix", "") + "."
     untrained = []
     present = {name for name, _ in model.named_parameters()}
     for key in (key for key in new if key in present):
         if saved_root(key.rpartition(".")[0], s.modules_to_save) is None:
-            layer = (key[len(prefix):] if key.startswith(prefix) else key).split(".")[0]
+            layer = _first_layer(model, key)[1]
             if layer not in untrained:
                 untrained.append(layer)
     if untrained:
@@ -362,7 +399,9 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
                       UserWarning, stacklevel=2)
         pooling = "cls"
     apply_pooling(model, pooling)
-    check_new_layers_trained(s, model, new)  # after the pooling: mean pooling drops the pooler
+    # after the pooling: mean pooling drops the pooler
+    s = with_new_head_layers_saved(s, model, new)
+    check_new_layers_trained(s, model, new)
     lengths = token_lengths(tokenizer, train)
     seq_len = auto_max_seq_len(lengths, tokenizer, model) if s.max_seq_len == "auto" \
         else s.max_seq_len
@@ -671,6 +710,9 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
         "total_rank": run.total_rank(), "rank_pattern": run.rank_pattern(),
         "delta_w_norm": run.update_norm(),
         "method_settings": run.describe(), "settings": s.to_dict(),
+        # what finetune added to the modules_to_save asked for (the head, new layers of it)
+        "modules_to_save_added": [k for k in s.modules_to_save
+                                  if k not in settings.modules_to_save],
         "resumed_from": str(resume) if resume else None,
     })
     metrics["total_seconds"] = round(time.perf_counter() - t_start, 1)
