@@ -33,6 +33,7 @@ then as a whole: see `write_adapter_files`.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -294,12 +295,27 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     renames, or a failure to put the old files back, can leave a mix; the old files then remain
     in the staging folder, which the error names.)
 
+    Writers into one folder take turns: each holds an exclusive ``flock`` on the folder itself
+    from its check for an adapter there to its last rename, so two saves at once (two processes,
+    or two threads) never leave the weights of one beside the summary of the other, and of two
+    saves without ``overwrite`` the second is refused as if the first had finished before it.
+
     Raises:
         FileExistsError: ``directory`` holds adapter files (`ADAPTER_FILES`) and ``overwrite``
             is False.
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    folder = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)  # released when closed
+        _write_locked(out, files, overwrite)
+    finally:
+        os.close(folder)
+
+
+def _write_locked(out: Path, files: Dict[str, bytes], overwrite: bool) -> None:
+    """`write_adapter_files` once its caller holds the folder's lock."""
     present = [name for name in ADAPTER_FILES if (out / name).exists()]
     if present and not overwrite:
         raise FileExistsError(f"{out} already holds an adapter ({', '.join(present)}); pass "

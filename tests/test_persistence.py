@@ -376,6 +376,82 @@ def test_crash_between_the_two_files_keeps_the_old_adapter_whole(saved, monkeypa
     assert rank_pattern(target) != rank_pattern(model)
 
 
+def _save_during_the_first(monkeypatch, directory: Path, second: nn.Module, overwrite: bool,
+                           after: str) -> tuple:
+    """Run save_adapter(second, directory) in a thread right after the first save's first call
+    of ``after`` (``"write"``: a staging file written, before any rename; ``"replace"``: the
+    weights file renamed into place, before the summary), giving it up to 5 s before the first
+    save goes on. Returns ([the second save's exception, or None once it has ended], its
+    thread)."""
+    import threading
+
+    outcome: list = []
+
+    def run() -> None:
+        try:
+            save_adapter(second, directory, overwrite=overwrite)
+            outcome.append(None)
+        except Exception as err:  # noqa: BLE001 (kept for the assertions)
+            outcome.append(err)
+
+    thread = threading.Thread(target=run)
+    module = persistence if after == "write" else persistence.os
+    name = "_write_new_file" if after == "write" else "replace"
+    real = getattr(module, name)
+
+    def hooked(*args):
+        real(*args)
+        if not thread.is_alive() and not outcome:
+            thread.start()
+            thread.join(timeout=5)  # (with the folder locked, the second save waits instead)
+
+    monkeypatch.setattr(module, name, hooked)
+    return outcome, thread
+
+
+def _two_models(tiny_net) -> tuple:
+    config = make_config()
+    first, second = trained(tiny_net, config), trained(copy.deepcopy(tiny_net), config)
+    first.name_or_path, second.name_or_path = "first", "second"
+    return first, second
+
+
+def _saved_by(directory: Path) -> tuple:
+    """(the base name in the weights file, the base name in the JSON summary)."""
+    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
+        weights = json.loads(f.metadata()["base"])["name_or_path"]
+    summary = json.loads((directory / CONFIG).read_text())["base_model_name_or_path"]
+    return weights, summary
+
+
+def test_a_save_started_during_another_without_overwrite_is_refused(tmp_path, tiny_net,
+                                                                     monkeypatch):
+    """Two saves without ``overwrite`` into one empty folder at once: each checked the folder
+    before either had written, so the second to finish replaced the other's adapter, which
+    then was lost without a word despite ``overwrite=False``. Saves into one folder now take
+    turns (a lock on the folder): the later one is refused, the earlier one's adapter stays."""
+    first, second = _two_models(tiny_net)
+    outcome, thread = _save_during_the_first(monkeypatch, tmp_path, second, False, "write")
+    save_adapter(first, tmp_path)
+    thread.join()
+    monkeypatch.undo()
+    assert isinstance(outcome[0], FileExistsError), outcome
+    assert _saved_by(tmp_path) == ("first", "first")
+
+
+def test_two_saves_at_once_leave_one_adapter_whole(tmp_path, tiny_net, monkeypatch):
+    """With ``overwrite=True``, a save that ran between the other's two renames left the
+    weights file of one adapter beside the JSON summary of the other."""
+    first, second = _two_models(tiny_net)
+    outcome, thread = _save_during_the_first(monkeypatch, tmp_path, second, True, "replace")
+    save_adapter(first, tmp_path, overwrite=True)
+    thread.join()
+    monkeypatch.undo()
+    assert outcome == [None]
+    weights, summary = _saved_by(tmp_path)
+    assert weights == summary
+
+
 def _rewrite_slot_state(path: Path, module: str, states: list) -> None:
     """Re-save the adapter with another slot_state for ``module`` and a matching checksum."""
     with safe_open(str(path), framework="pt") as f:
