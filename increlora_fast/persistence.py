@@ -617,7 +617,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
 
     The parameters saved outside the adapters load into the model's parameters of their names:
     those of the modules to save, and any other the saved model trained (one unfrozen by hand,
-    frozen again in a fresh model). Every check runs before anything is copied: a file that does
+    frozen again in a fresh model), which is made trainable again as it was saved, so that a
+    later `save_adapter` of this model keeps it. Every check runs before anything is copied: a file that does
     not fit (other config, unknown or missing module names, other shapes, a damaged file,
     another base model: then `BaseMismatchError`) raises ValueError and leaves the model
     unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16 lambda
@@ -670,8 +671,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     saved_params = saved_module_parameters(model)
     # a parameter trained outside the modules to save (unfrozen by hand) was saved as trainable;
     # it is frozen again in a fresh model, but it still names that model's parameter
-    saved_params.update({n: p for n, p in model.named_parameters() if SAVED_PREFIX + n in tensors
-                         and not n.split(".")[-1].startswith("lora_")})
+    unfrozen = {n: p for n, p in model.named_parameters() if SAVED_PREFIX + n in tensors
+                and n not in saved_params and not n.split(".")[-1].startswith("lora_")}
+    saved_params.update(unfrozen)
     # buffers of the modules to save: adapters saved before they were written lack them
     model_buffers = saved_module_buffers(model)
     saved_buffers = {n: b for n, b in model_buffers.items() if SAVED_PREFIX + n in tensors}
@@ -713,6 +715,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     with torch.no_grad():
         for target, value in updates:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+    for param in unfrozen.values():  # trainable as saved, so a later save_adapter keeps it
+        param.requires_grad_(True)
     for layer in layers.values():
         layer.mark_slots_changed()
         layer.last_stamp = None  # the model's own stamps are gone, as after load_state_dict

@@ -644,6 +644,27 @@ def test_a_parameter_unfrozen_by_hand_loads_into_a_fresh_model(tmp_path, tiny_ne
     assert torch.equal(target.eval()(x), model.eval()(x))
 
 
+def test_a_parameter_unfrozen_by_hand_is_kept_by_a_save_after_loading(tmp_path, tiny_net):
+    """A parameter saved as trained outside ``modules_to_save`` (a norm unfrozen by hand) loaded
+    into a fresh model, where it is frozen, so saving that model again (to go on training, or in
+    the other layout) left it out of the new file without a word, and the adapter loaded from
+    that file ran with the base's norm. It loads as trainable, as it was saved."""
+    config = make_config()
+    model = trained(tiny_net, config)
+    norm = model.blocks[1].norm.weight.requires_grad_(True)
+    with torch.no_grad():
+        norm.add_(0.5)
+    save_adapter(model, tmp_path / "first", training_state=True)
+    loaded = load_adapter(fresh(tiny_net, config), tmp_path / "first")
+    assert loaded.blocks[1].norm.weight.requires_grad
+    assert not loaded.blocks[0].norm.weight.requires_grad  # only what the file holds
+    save_adapter(loaded, tmp_path / "second")
+    target = load_adapter(fresh(tiny_net, config), tmp_path / "second")
+    assert torch.equal(target.blocks[1].norm.weight, norm)
+    x = torch.randn(3, 12)
+    assert torch.equal(target.eval()(x), model.eval()(x))
+
+
 def test_a_tied_module_to_save_of_a_frozen_model_is_saved(tmp_path):
     """As above for an lm_head to save tied to the input embedding, whose one parameter is
     named after the embedding."""
