@@ -7,10 +7,11 @@ and renamed over them only then; a failure puts the old ones back (`write_adapte
 Two layouts:
 - inference (default): per module only the used slots (active, then reserve) with their lambda
   and states; what a forward pass needs.
-Both layouts hold the parameters and persistent buffers (e.g. BatchNorm running statistics) of
-the modules to save.
 - training state (``training_state=True``): all r_max slots, slot states and activation steps, so
   training resumes exactly.
+Both layouts hold the parameters and persistent buffers (e.g. BatchNorm running statistics) of
+the modules to save, and any other parameter outside the adapters that requires grad when saved
+(see `save_adapter`).
 
 Every adapter records its base (`base_model_name` and `base_fingerprint`, in the weights file's
 metadata and in ``adapter_config.json``); `load_adapter` refuses a model whose adapted weights
@@ -377,6 +378,16 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     `load_adapter` checks; and its pooling (`pooling.model_pooling`: ``mean`` or
     ``cls``), which `load_adapter` gives the model it loads into again.
 
+    Saved beside the adapters (`model.saved_module_parameters`, `model.saved_module_buffers`):
+    the parameters and persistent buffers of ``modules_to_save``, whatever their
+    ``requires_grad``, and any other parameter that requires grad now (one unfrozen by hand:
+    what the run trains). A parameter unfrozen by hand and frozen again before this call is
+    not saved: list its module in ``modules_to_save`` to save it whatever its
+    ``requires_grad``. transformers' ``model.dequantize()`` puts full-precision layers
+    requiring grad in place of the quantized ones outside the adapters (as under peft; those
+    under an adapter are frozen, `IncreLoRALinear`), so they are saved in full unless frozen
+    first (``requires_grad_(False)``).
+
     Args:
         training_state: store all slots, slot states and activation steps for resuming training;
             the default stores what inference needs.
@@ -638,7 +649,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         check_base: refuse a model whose adapted weights differ from the base the adapter was
             saved from (`base_fingerprint`; the same base in another dtype or on another device
             matches; a base weight the adapter carries itself, one that trains (tied to a
-            module to save, or unfrozen by hand), is not compared). False loads onto any model
+            module to save, or unfrozen by hand), is not compared). A bitsandbytes 4-bit or
+            8-bit base weight, on either side, is compared by its shape only (its packed data
+            holds no values to sample), so another base of the same shapes is not told apart. False loads onto any model
             that fits. Adapters saved before the base was recorded load with a warning.
 
     A ``torch.compile`` or (Distributed)DataParallel wrapper loads into the model it holds
