@@ -32,6 +32,13 @@ peft has no pooling setting, so an adapter trained on a mean-pooled model
 (`pooling.apply_pooling`) loads into peft's model as it is (CLS pooling) and predicts
 otherwise: `export_peft` warns so, and records ``increlora_pooling: mean`` in the weights file's
 metadata (not in ``adapter_config.json``, for the reason above).
+
+peft records no pad token either (neither does `export_peft`; `persistence.save_adapter`
+does): a decoder classifier reads each input's last token before the first pad, so the base
+model peft loads the adapter into needs the ``config.pad_token_id`` the adapter was trained with
+(``finetune`` gives a decoder without one its EOS token). Without one, transformers refuses
+batches of more than one input, and reads a single input ending in that token at another
+position than training did.
 """
 from __future__ import annotations
 
