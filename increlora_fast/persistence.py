@@ -34,6 +34,7 @@ then as a whole: see `write_adapter_files`.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -268,6 +269,8 @@ def _backup(source: Path, target: Path) -> None:
 
 
 STAGING_PREFIX = ".adapter-staging-"
+# flock's errors on a file system that has no locks
+UNLOCKABLE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 
 
 def is_adapter_staging(path: Path) -> bool:
@@ -300,6 +303,7 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     from its check for an adapter there to its last rename, so two saves at once (two processes,
     or two threads) never leave the weights of one beside the summary of the other, and of two
     saves without ``overwrite`` the second is refused as if the first had finished before it.
+    (On a file system without locks, e.g. some FUSE mounts, they are written unordered.)
 
     Raises:
         FileExistsError: ``directory`` holds adapter files (`ADAPTER_FILES`) and ``overwrite``
@@ -309,7 +313,11 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     out.mkdir(parents=True, exist_ok=True)
     folder = os.open(out, os.O_RDONLY)
     try:
-        fcntl.flock(folder, fcntl.LOCK_EX)  # released when closed
+        try:
+            fcntl.flock(folder, fcntl.LOCK_EX)  # released when closed
+        except OSError as err:
+            if err.errno not in UNLOCKABLE:
+                raise  # (on a file system without locks the writers go unordered, as documented)
         _write_locked(out, files, overwrite)
     finally:
         os.close(folder)

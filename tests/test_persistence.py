@@ -380,7 +380,7 @@ def _save_during_the_first(monkeypatch, directory: Path, second: nn.Module, over
                            after: str) -> tuple:
     """Run save_adapter(second, directory) in a thread right after the first save's first call
     of ``after`` (``"write"``: a staging file written, before any rename; ``"replace"``: the
-    weights file renamed into place, before the summary), giving it up to 5 s before the first
+    weights file renamed into place, before the summary), giving it up to 3 s before the first
     save goes on. Returns ([the second save's exception, or None once it has ended], its
     thread)."""
     import threading
@@ -403,7 +403,7 @@ def _save_during_the_first(monkeypatch, directory: Path, second: nn.Module, over
         real(*args)
         if not thread.is_alive() and not outcome:
             thread.start()
-            thread.join(timeout=5)  # (with the folder locked, the second save waits instead)
+            thread.join(timeout=3)  # (with the folder locked, the second save waits instead)
 
     monkeypatch.setattr(module, name, hooked)
     return outcome, thread
@@ -450,6 +450,23 @@ def test_two_saves_at_once_leave_one_adapter_whole(tmp_path, tiny_net, monkeypat
     assert outcome == [None]
     weights, summary = _saved_by(tmp_path)
     assert weights == summary
+
+
+def test_a_folder_on_a_file_system_without_locks_is_written(tmp_path, tiny_net, monkeypatch):
+    """Some file systems (FUSE mounts) answer flock with ENOLCK or EOPNOTSUPP: the adapter is
+    written there all the same, only without taking turns with other writers."""
+    import errno
+
+    def no_locks(fd, operation):
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(persistence.fcntl, "flock", no_locks)
+    model = trained(tiny_net, make_config())
+    save_adapter(model, tmp_path)
+    monkeypatch.undo()
+    target = load_adapter(fresh(tiny_net, make_config()), tmp_path)
+    x = torch.randn(3, 12)
+    assert torch.equal(target(x), model(x))
 
 
 def _rewrite_slot_state(path: Path, module: str, states: list) -> None:
