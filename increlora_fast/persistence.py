@@ -637,12 +637,12 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     The parameters saved outside the adapters load into the model's parameters of their names:
     those of the modules to save, and any other the saved model trained (one unfrozen by hand,
     frozen again in a fresh model), which is made trainable again as it was saved, so that a
-    later `save_adapter` of this model keeps it. Every check runs before anything is copied: a file that does
-    not fit (other config, unknown or missing module names, other shapes, a damaged file,
-    another base model: then `BaseMismatchError`) raises ValueError and leaves the model
-    unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16 lambda
-    (``adapter_dtype="base"`` on a float16 base, before lambda was float32 always) loads into
-    the float32 lambda.
+    later `save_adapter` of this model keeps it. Every check runs before anything is copied: a
+    file that does not fit (other config, unknown or missing module names, other shapes, a
+    damaged file, another base model: then `BaseMismatchError`) raises ValueError and leaves the
+    model unchanged. Values are cast to the model's dtypes, so an adapter saved with a float16
+    lambda (``adapter_dtype="base"`` on a float16 base, before lambda was float32 always) loads
+    into the float32 lambda.
 
     An adapter that records a ``pad_token_id`` gives it to a ``model.config`` without one, so
     padded inputs are read as in training (e.g. a decoder that ``finetune`` padded with its EOS
@@ -659,8 +659,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             matches; a base weight the adapter carries itself, one that trains (tied to a
             module to save, or unfrozen by hand), is not compared). A bitsandbytes 4-bit or
             8-bit base weight, on either side, is compared by its shape only (its packed data
-            holds no values to sample), so another base of the same shapes is not told apart. False loads onto any model
-            that fits. Adapters saved before the base was recorded load with a warning.
+            holds no values to sample), so another base of the same shapes is not told apart.
+            False loads onto any model that fits. Adapters saved before the base was recorded
+            load with a warning.
 
     A ``torch.compile`` or (Distributed)DataParallel wrapper loads into the model it holds
     (`model.unwrapped`) and is returned.
