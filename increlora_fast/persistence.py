@@ -52,7 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from .config import ADAPTER_FIELDS, MODULE_NAME_FIELDS, IncreLoRAConfig
-from .layer import IncreLoRALinear, SlotState
+from .layer import IncreLoRALinear, SlotState, is_quantized_base
 from .model import (get_config, increlora_layers, saved_module_buffers, saved_module_parameters,
                     unwrapped)
 from .pooling import apply_pooling, mean_pooling_available, model_pooling
@@ -709,10 +709,18 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
         found = {k: tensors[f"{name}.{k}"] for k in keys}
         for key, value in _full_slots(layer, found, training, path, name).items():
             updates.append((getattr(layer, key), value))
+    packed = {id(m.weight): m for m in model.modules() if is_quantized_base(m)}
     for name, param in {**saved_params, **saved_buffers}.items():
         value = tensors[SAVED_PREFIX + name]
         _check(value.shape == param.shape, path, f"{name} has shape {tuple(value.shape)}, "
                f"the model needs {tuple(param.shape)}")
+        # an 8-bit weight has the float weight's shape: the copy would cast into packed data
+        _check(id(param) not in packed
+               and (param.is_floating_point() or param.dtype == value.dtype), path,
+               f"{name} is quantized data ({param.dtype}, "
+               f"{type(packed.get(id(param), param)).__name__}) in this model, and the adapter "
+               f"holds it as {value.dtype} values (trained in full precision, or dequantized): "
+               "load it into the full-precision base")
         updates.append((param, value))
     pooling = meta.get(POOLING_KEY)
     _check_pooling(pooling, model, Path(save_directory))

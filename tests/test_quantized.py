@@ -381,3 +381,27 @@ def test_a_base_put_under_an_adapter_after_injection_is_frozen(tmp_path):
     optimizer = create_optimizer(model, lr=1e-2)
     bases = {id(layer.base_layer.weight) for _, layer in increlora_layers(model)}
     assert not [p for g in optimizer.param_groups for p in g["params"] if id(p) in bases]
+
+
+def test_a_full_precision_parameter_is_not_loaded_into_quantized_data(tmp_path):
+    """An adapter that carries a parameter trained outside the adapters (unfrozen by hand, or a
+    layer transformers' dequantize() made trainable), loaded into a model where that layer is
+    8-bit: the int8 weight has the float weight's shape, so the float values were cast into
+    the quantized data without a word (garbage outputs). It is refused before anything
+    changes."""
+    cfg = IncreLoRAConfig(target_modules=["layers.0"], r_max=4, init_r=1, target_rank=2)
+    torch.manual_seed(0)
+    floats = QNet(())
+    floats.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(2))
+    inject_increlora(floats, cfg)
+    floats.layers[1].weight.requires_grad_(True)
+    save_adapter(floats, tmp_path)
+    model = build()
+    inject_increlora(model, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.layers[1].weight.shape == floats.layers[1].weight.shape
+    with pytest.raises(ValueError, match=r"layers\.1\.weight.*quantized.*Linear8bitLt"):
+        load_adapter(model, tmp_path)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert not model.layers[1].weight.requires_grad
