@@ -35,7 +35,6 @@ then as a whole: see `write_adapter_files`.
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import os
@@ -268,6 +267,11 @@ def _backup(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; saves into one folder then go unordered
+    fcntl = None
+
 STAGING_PREFIX = ".adapter-staging-"
 # flock's errors on a file system that has no locks
 UNLOCKABLE = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
@@ -303,7 +307,8 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     from its check for an adapter there to its last rename, so two saves at once (two processes,
     or two threads) never leave the weights of one beside the summary of the other, and of two
     saves without ``overwrite`` the second is refused as if the first had finished before it.
-    (On a file system without locks, e.g. some FUSE mounts, they are written unordered.)
+    (On a file system without locks, e.g. some FUSE mounts, and on Windows, which has no
+    ``flock``, they are written unordered.)
 
     Raises:
         FileExistsError: ``directory`` holds adapter files (`ADAPTER_FILES`) and ``overwrite``
@@ -311,6 +316,9 @@ def write_adapter_files(directory: PathLike, files: Dict[str, bytes], overwrite:
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        _write_locked(out, files, overwrite)
+        return
     folder = os.open(out, os.O_RDONLY)
     try:
         try:
