@@ -144,10 +144,15 @@ def cli(argv: List[str]) -> int:
     return finetune_cli.run(parser.parse_args(argv))
 
 
-def gpt2_dev_losses(tmp_path: Path, model_dir: Path, seed: int) -> Tuple[float, float]:
-    """(dev loss a 4-step IncreLoRA run of the tiny GPT-2 in ``model_dir`` reports, the mean
-    loss of its saved adapter on each dev input scored alone, without padding). Inputs of
-    uneven length (``seed`` draws the filler), so the run's batches are padded."""
+GPT2_ARGS = ("--target-modules", "c_attn", "--modules-to-save", "score")
+
+
+def padded_dev_losses(tmp_path: Path, model_dir: Path, seed: int,
+                    extra: Sequence[str] = GPT2_ARGS) -> Tuple[float, float]:
+    """(dev loss a 4-step IncreLoRA run of the tiny model in ``model_dir`` (GPT-2 unless
+    ``extra``, the run's further arguments, say otherwise) reports, the mean loss of its saved
+    adapter on each dev input scored alone, without padding). Inputs of uneven length (``seed``
+    draws the filler), so the run's batches are padded."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from increlora_fast import inject_increlora, load_adapter, load_config
@@ -158,8 +163,8 @@ def gpt2_dev_losses(tmp_path: Path, model_dir: Path, seed: int) -> Tuple[float, 
     tiny = {"model": str(model_dir), "train": str(write_csv(tmp_path / "train.csv", rows[:32])),
             "dev": str(write_csv(tmp_path / "dev.csv", rows[32:]))}
     out = tmp_path / "run"
-    assert cli(tiny_args(tiny, out, "--target-modules", "c_attn", "--modules-to-save", "score",
-                         "--eval-batch-size", "8", "--seed", "2", steps=4)) == 0
+    assert cli(tiny_args(tiny, out, *extra, "--eval-batch-size", "8", "--seed", "2",
+                         steps=4)) == 0
     reported = json.loads((out / "metrics.json").read_text())["eval_loss"]
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=2)
     model = load_adapter(inject_increlora(model, load_config(out)), out).eval()

@@ -94,12 +94,52 @@ def test_a_decoder_tokenizer_that_pads_left_scores_as_its_inputs_alone(tmp_path)
 
     from transformers import AutoTokenizer
 
-    from finetune_helpers import gpt2_dev_losses, write_tiny_gpt2
+    from finetune_helpers import padded_dev_losses, write_tiny_gpt2
     model_dir = write_tiny_gpt2(tmp_path / "gpt2")
     saved = model_dir / "tokenizer_config.json"
     saved.write_text(json.dumps(dict(json.loads(saved.read_text()), padding_side="left")))
     assert AutoTokenizer.from_pretrained(str(model_dir)).padding_side == "left"
-    reported, alone = gpt2_dev_losses(tmp_path, model_dir, seed=7)
+    reported, alone = padded_dev_losses(tmp_path, model_dir, seed=7)
+    assert alone == pytest.approx(reported, rel=1e-5)
+
+
+def write_tiny_roberta(directory: Path) -> Path:
+    """A randomly initialised RoBERTa encoder (positions numbered from the padding index on, its
+    head reading the first token itself) with the word tokenizer of `finetune_helpers`."""
+    from transformers import BertTokenizer, RobertaConfig, RobertaModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    BertTokenizer(vocab={w: i for i, w in enumerate(VOCAB)}).save_pretrained(str(directory))
+    RobertaModel(RobertaConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=24, pad_token_id=0,
+                               max_position_embeddings=64)).save_pretrained(str(directory))
+    return directory
+
+
+def pads_on(directory: Path, side: str) -> Path:
+    """Save the tokenizer in ``directory`` to pad on ``side``."""
+    import json
+
+    saved = directory / "tokenizer_config.json"
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), padding_side=side)))
+    return directory
+
+
+@pytest.mark.parametrize("family, pooling", [("bert", "cls"), ("bert", "mean"),
+                                             ("roberta", "cls")])
+def test_an_encoder_tokenizer_that_pads_left_scores_as_its_inputs_alone(tmp_path, family,
+                                                                       pooling):
+    """An encoder's head reads the first token (BERT's pooler, RoBERTa's classifier), and BERT
+    numbers positions from the first column: a tokenizer saved to pad on the left made every
+    shorter input's head read a padding token, and shifted BERT's positions (under mean pooling
+    too), so the training batches and the dev metrics depended on what each input was batched
+    with. finetune pads an encoder's batches on the right."""
+    from finetune_helpers import padded_dev_losses, write_tiny_bert
+
+    write = write_tiny_bert if family == "bert" else write_tiny_roberta
+    model_dir = pads_on(write(tmp_path / family), "left")
+    reported, alone = padded_dev_losses(tmp_path, model_dir, seed=7, extra=(
+        "--target-modules", "query,value", "--pooling", pooling))
     assert alone == pytest.approx(reported, rel=1e-5)
 
 

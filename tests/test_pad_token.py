@@ -8,8 +8,8 @@ import random
 import pytest
 import torch
 
-from finetune_helpers import (FILLER, cli, gpt2_dev_losses, sentiment_rows, tiny_args, write_csv,
-                              write_tiny_gpt2)
+from finetune_helpers import (FILLER, cli, padded_dev_losses, sentiment_rows, tiny_args,
+                              write_csv, write_tiny_gpt2)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_a_config_pad_token_the_tokenizer_lacks_is_the_one_batches_are_padded_wi
     (EOS instead would make the classifier read a padding position in training and
     evaluation, and the last real token on an input scored alone)."""
     model_dir = write_tiny_gpt2(tmp_path / "gpt2", config_pad=True)
-    reported, alone = gpt2_dev_losses(tmp_path, model_dir, seed=6)
+    reported, alone = padded_dev_losses(tmp_path, model_dir, seed=6)
     assert alone == pytest.approx(reported, rel=1e-5)
 
 

@@ -26,6 +26,20 @@ def token_lengths(tokenizer, examples: Sequence[Example]) -> List[int]:
     return [len(ids) for ids in enc["input_ids"]]
 
 
+def padding_side(model) -> str:
+    """The side a sequence classifier's batches are padded on, whatever side its tokenizer was
+    saved with: ``left`` for a head that reads the last position (XLNet's sequence summary,
+    ``summary_type`` ``last``, after which its tokenizer puts the CLS token), ``right`` for every
+    other. Those read the first token (BERT's pooler, RoBERTa's, DeBERTa-v2's, ELECTRA's and
+    DistilBERT's heads), or a decoder's last real token or an encoder-decoder's last EOS (found
+    on either side). Left padding put a padding token first, shifted the positions of models
+    that number them from the first column (BERT, GPT-2, BART), and fed padding before the EOS
+    to an encoder-decoder's decoder (BART, T5: their input shifted right, unmasked), so an
+    input's logits depended on what it was batched with."""
+    return "left" if getattr(getattr(model, "config", None), "summary_type", None) == "last" \
+        else "right"
+
+
 class Batches:
     """Training and evaluation batches of ``train`` and ``dev`` examples.
 

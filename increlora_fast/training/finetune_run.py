@@ -20,7 +20,7 @@ from ..data.files import file_sha256
 from ..layer import is_supported_base
 from ..model import saved_root, suffix_match
 from ..files import atomic_write_bytes
-from .batches import Batches, token_lengths
+from .batches import Batches, padding_side, token_lengths
 from .checkpoint import (load_checkpoint, read_checkpoint_settings, remove_checkpoint,
                          save_checkpoint)
 from .device import (Placement, peak_memory, reset_peak_memory, resolve_device,
@@ -385,10 +385,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     pooling = resolve_pooling(s.pooling, _model_folder(s.model))  # before the model loads
     tokenizer, model, new = load_model(s, data)
     given_pad = set_pad_token(tokenizer, model, s.model)
-    if head_name(model) == "score":
-        # a decoder's head finds the last real token on either side, but left padding shifts
-        # the positions of GPT-2-like models (numbered from the first column) by the padding
-        tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side(model)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
     check_target_modules(s, model)
