@@ -143,6 +143,42 @@ def test_an_encoder_tokenizer_that_pads_left_scores_as_its_inputs_alone(tmp_path
     assert alone == pytest.approx(reported, rel=1e-5)
 
 
+def write_tiny_xlnet(directory: Path, side: str) -> Path:
+    """A randomly initialised XLNet (relative positions, no limit: its config's
+    ``max_position_embeddings`` is -1) whose word tokenizer, as XLNet's, ends every input with
+    ``<sep> <cls>`` (the token its head reads), saved to pad on ``side``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast, XLNetConfig, XLNetModel
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = VOCAB + ["<sep>", "<cls>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A <sep> <cls>", special_tokens=[("<sep>", len(VOCAB)), ("<cls>", len(VOCAB) + 1)])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                            sep_token="<sep>", cls_token="<cls>", padding_side=side
+                            ).save_pretrained(str(directory))
+    XLNetModel(XLNetConfig(vocab_size=len(words), d_model=16, n_layer=1, n_head=2, d_inner=24,
+                           pad_token_id=0)).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_xlnet_trains_with_its_last_token_read_whatever_side_its_tokenizer_pads(tmp_path, side):
+    """XLNet's config gives -1 as its number of positions (it has no limit): any --max-seq-len
+    was refused as more than -1 positions. And its head reads the last token (the CLS its
+    tokenizer appends), so its batches are padded on the left, also where its tokenizer was
+    saved to pad on the right (the head read padding on every shorter input)."""
+    from finetune_helpers import padded_dev_losses
+
+    model_dir = write_tiny_xlnet(tmp_path / "xlnet", side)
+    reported, alone = padded_dev_losses(tmp_path, model_dir, seed=7, extra=(
+        "--target-modules", "layer_1,layer_2", "--modules-to-save",
+        "sequence_summary,logits_proj"))
+    assert alone == pytest.approx(reported, rel=1e-5)
+
+
 @pytest.mark.parametrize("family,targets,layer", [
     ("distilbert", "q_lin,v_lin", "pre_classifier"),
     ("deberta", "query_proj,value_proj", "pooler")])

@@ -302,9 +302,10 @@ def check_target_modules(s: RunSettings, model) -> None:
 def _positions(model) -> Optional[int]:
     """The most tokens the model's position embeddings take: ``max_position_embeddings``, less
     the offset of models that number positions from after their padding index (RoBERTa, XLM-R,
-    CamemBERT: 514 embeddings, 512 tokens); None when the config names no limit."""
+    CamemBERT: 514 embeddings, 512 tokens); None when the config names no limit (none, or
+    XLNet's -1: relative positions)."""
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not isinstance(positions, int):
+    if not isinstance(positions, int) or positions <= 0:
         return None
     embeddings = getattr(getattr(model, "base_model", None), "embeddings", None)
     table = getattr(embeddings, "position_embeddings", None)
