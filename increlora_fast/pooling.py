@@ -76,20 +76,32 @@ def model_pooling(model: nn.Module) -> str:
     return "mean" if any(isinstance(m, MeanPooler) for m in model.modules()) else "cls"
 
 
+def _encoder(model: nn.Module) -> nn.Module:
+    """The transformers encoder of ``model``: ``base_model`` followed through wrappers (a peft
+    model's is peft's own module, whose ``base_model`` is the encoder) until it is the model
+    itself, as a transformers base model's is."""
+    while isinstance(getattr(model, "base_model", None), nn.Module) and \
+            model.base_model is not model:
+        model = model.base_model
+    return model
+
+
 def mean_pooling_available(model: nn.Module) -> bool:
-    """Whether `apply_pooling` can give ``model`` mean pooling: a transformers model whose
-    encoder (``base_model``) has a BERT-style ``pooler`` to replace, a module that takes the
-    token states (``hidden_states``) and whose output the head reads. Not RoBERTa's or MPNet's
+    """Whether `apply_pooling` can give ``model`` mean pooling: a transformers model (or a model
+    wrapping one, e.g. a peft model) whose encoder (``base_model``) has a BERT-style ``pooler``
+    to replace, a module that takes the token states (``hidden_states``) and whose output the
+    head reads. Not RoBERTa's or MPNet's
     classifier (built without a pooler, ``None``: the head reads the first token itself) nor
     ALBERT's (its pooler is a Linear on the first token's state)."""
-    pooler = getattr(getattr(model, "base_model", None), "pooler", None)
+    pooler = getattr(_encoder(model), "pooler", None)
     return isinstance(pooler, nn.Module) and \
         "hidden_states" in inspect.signature(pooler.forward).parameters
 
 
 def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
-    """Make ``model`` (a transformers sequence classifier) pool as ``pooling`` says (``cls``:
-    unchanged; ``mean``: `MeanPooler` in place of its encoder's pooler); returns it.
+    """Make ``model`` (a transformers sequence classifier, or a peft model wrapping one) pool as
+    ``pooling`` says (``cls``: unchanged; ``mean``: `MeanPooler` in place of its encoder's
+    pooler); returns it.
 
     Raises:
         ValueError: ``mean`` on a model whose encoder has no ``pooler`` to replace.
@@ -99,7 +111,7 @@ def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     if pooling != "mean" or not mean_pooling_available(model):
         raise ValueError(f"--pooling {pooling} is not available for {type(model).__name__} "
                          "(only mean, for encoders with a BERT-style pooler); use --pooling cls")
-    encoder = model.base_model
+    encoder = _encoder(model)
     pooler = MeanPooler()
     encoder.pooler = pooler
 

@@ -202,6 +202,23 @@ def test_export_peft_warns_that_peft_needs_the_pooling_applied(tmp_path):
         export_peft(trained("cls"), tmp_path / "cls")
 
 
+def test_the_pooling_applied_after_peft_loads_gives_the_trained_predictions(tmp_path):
+    """apply_pooling looked for the pooler on the model's ``base_model`` only: on a peft model
+    (whose ``base_model`` is peft's LoraModel) it found none and refused mean pooling ("use
+    --pooling cls"), although the model it wraps takes it. It finds the encoder under the
+    wrapper, so the pooling applied after peft loads gives the trained predictions too."""
+    peft = pytest.importorskip("peft")
+    from increlora_fast.integrations.peft_export import export_peft
+
+    model = trained("mean")
+    with pytest.warns(UserWarning, match="mean pooling"):
+        export_peft(model, tmp_path / "mean")
+    served = apply_pooling(peft.PeftModel.from_pretrained(bert_base(), str(tmp_path / "mean")),
+                           "mean").eval()
+    assert model_pooling(served) == "mean"
+    torch.testing.assert_close(logits(served), logits(model), rtol=1e-4, atol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
