@@ -114,9 +114,12 @@ def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     encoder = _encoder(model)
     pooler = MeanPooler()
     encoder.pooler = pooler
+    signature = inspect.signature(encoder.forward)
 
     def keep_mask(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        pooler.mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        # by name: the second positional parameter is not the mask everywhere (FNet, LayoutLM)
+        pooler.mask = kwargs.get("attention_mask", signature.bind_partial(
+            *args, **kwargs).arguments.get("attention_mask"))
 
     encoder.register_forward_pre_hook(keep_mask, with_kwargs=True)
     return model

@@ -219,6 +219,23 @@ def test_the_pooling_applied_after_peft_loads_gives_the_trained_predictions(tmp_
     torch.testing.assert_close(logits(served), logits(model), rtol=1e-4, atol=1e-5)
 
 
+def test_the_mask_is_read_by_name_from_an_encoder_called_positionally():
+    """The hook took an encoder's second positional argument as its attention mask: FNet's is
+    ``token_type_ids`` (LayoutLM's ``bbox``), so ``model.fnet(ids, token_type_ids)`` averaged
+    only the second segment's tokens, silently. The mask is found by its parameter name."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = apply_pooling(transformers.FNetForSequenceClassification(transformers.FNetConfig(
+        vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, intermediate_size=24)), "mean")
+    ids = batch()["input_ids"]
+    segments = torch.zeros_like(ids)
+    segments[:, 4:] = 1
+    with torch.no_grad():
+        out = model.eval().fnet(ids, segments)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state.mean(dim=1))
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
     return tiny_files(tmp_path_factory.mktemp("tiny"), train_rows=96, dev_rows=40)
