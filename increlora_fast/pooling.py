@@ -90,9 +90,9 @@ def mean_pooling_available(model: nn.Module) -> bool:
     """Whether `apply_pooling` can give ``model`` mean pooling: a transformers model (or a model
     wrapping one, e.g. a peft model) whose encoder (``base_model``) has a BERT-style ``pooler``
     to replace, a module that takes the token states (``hidden_states``) and whose output the
-    head reads. Not RoBERTa's or MPNet's
-    classifier (built without a pooler, ``None``: the head reads the first token itself) nor
-    ALBERT's (its pooler is a Linear on the first token's state)."""
+    head reads. Not RoBERTa's or MPNet's classifier (built without a pooler, ``None``: the head
+    reads the first token itself) nor ALBERT's (its pooler is a Linear on the first token's
+    state)."""
     pooler = getattr(_encoder(model), "pooler", None)
     return isinstance(pooler, nn.Module) and \
         "hidden_states" in inspect.signature(pooler.forward).parameters

@@ -26,7 +26,7 @@ def token_lengths(tokenizer, examples: Sequence[Example]) -> List[int]:
     return [len(ids) for ids in enc["input_ids"]]
 
 
-def padding_side(model) -> str:
+def padding_side(model: torch.nn.Module) -> str:
     """The side a sequence classifier's batches are padded on, whatever side its tokenizer was
     saved with: ``left`` for a head that reads the last position (XLNet's sequence summary,
     ``summary_type`` ``last``, after which its tokenizer puts the CLS token), ``right`` for every
