@@ -149,12 +149,13 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     """The first-use check of a kernel family: ``check()`` (a record with ``ok`` and
     ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
     warning saying what happens instead (``fallback``). True unchecked when
-    ``INCRELORA_KERNEL_CHECK=0``; ``while_capturing``, unchecked and not remembered, while
-    compiling or capturing a CUDA graph (a check allocates, reads results and warns). True,
-    not remembered, while launches only build their kernels (`kernels.utils.building_only`,
-    where nothing runs: the check then runs once to build its own kernels, its result, made of
-    outputs no kernel wrote, is dropped, and the caller goes on to build the family's kernels;
-    the first real use checks).
+    ``INCRELORA_KERNEL_CHECK=0``, a remembered failure included (turned on again, it holds);
+    ``while_capturing``, unchecked and not remembered, while compiling or capturing a CUDA
+    graph (a check allocates, reads results and warns). True, not remembered, while launches
+    only build their kernels (`kernels.utils.building_only`, where nothing runs: the check
+    then runs once to build its own kernels, its result, made of outputs no kernel wrote, is
+    dropped, and the caller goes on to build the family's kernels; the first real use
+    checks).
 
     The check runs on an autograd of its own wherever the first call comes: outside
     ``torch.inference_mode()`` (a validation pass before training; its tensors would be
@@ -162,10 +163,10 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     backward kept as they are, not through the caller's saved-tensor hooks (non-reentrant
     activation checkpointing would count them in the forward and miss them in its
     recomputation, where the check is remembered and does not run)."""
+    if not _SETTINGS[2]:  # before a remembered failure: the warning says this skips the check
+        return True
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
-    if not _SETTINGS[2]:
-        return True
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return while_capturing

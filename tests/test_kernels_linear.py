@@ -382,6 +382,37 @@ def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch):
     functional.reset_kernel_checks()
 
 
+def test_turning_the_check_off_after_a_failed_check_takes_the_kernels(kernel_device,
+                                                                     monkeypatch):
+    """The failed check's warning says INCRELORA_KERNEL_CHECK=0 skips the check: set (and read
+    again by `refresh_settings`) after a variant failed, that variant runs on the kernels, as
+    the optimizer's and the penalty's kernels are then trusted; turned on again, the remembered
+    failure holds."""
+    from increlora_fast.kernels import checks, launch_counts, reset_launch_counts
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    functional.reset_kernel_checks()
+    monkeypatch.setattr(checks, "check_variant", lambda *a: (False, "dy: relative error 1e+00"))
+    monkeypatch.setattr(checks, "check_adamw", lambda *a, **k: dict(ok=False, error="param 0"))
+    try:
+        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+        x = torch.randn(9, 24, device=kernel_device)
+        device = torch.device(kernel_device)
+        with pytest.warns(RuntimeWarning, match="first-use check"):
+            layer(x)
+            assert not functional.multi_adamw_ok(device, torch.float32)
+        for check_on in ("0", "1"):
+            monkeypatch.setenv("INCRELORA_KERNEL_CHECK", check_on)
+            reset_launch_counts()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                layer(x)
+                assert functional.multi_adamw_ok(device, torch.float32) == (check_on == "0")
+            assert bool(launch_counts()) == (check_on == "0"), check_on
+    finally:
+        functional.reset_kernel_checks()
+
+
 def test_safety_net_check_passes_on_a_first_call_under_inference_mode(kernel_device,
                                                                       monkeypatch):
     """A layer's first call under ``torch.inference_mode()`` (a validation pass before
