@@ -525,6 +525,25 @@ def test_safety_net_catches_a_broken_kernel(kernel_device, monkeypatch):
     assert not ok and "illegal memory access" in detail
 
 
+def test_the_checks_draw_their_problems_on_the_cpu_whatever_the_default_device(
+        kernel_device):
+    """The checks draw their problems from a CPU generator: under another default device
+    (``torch.set_default_device("cuda")`` in a user's script; "meta" here, which any machine
+    has) each one still builds its problem and passes. Before, a draw on the default device
+    raised out of the check (a CUDA default refuses the CPU generator), so a layer's first
+    call, or the optimizer's and the penalty's, raised."""
+    from increlora_fast.kernels import checks
+    device = torch.device(kernel_device)
+    with torch.device("meta"):
+        ok, detail = checks.check_variant(device, torch.float32, torch.float32, torch.float32,
+                                          False, True, False, True, 16)
+        adamw = checks.check_adamw(device, torch.float32, multi=True)
+        penalty = checks.check_orth_penalty(device, torch.float32)
+    assert ok, detail
+    assert adamw["ok"], adamw["error"]
+    assert penalty["ok"], penalty["error"]
+
+
 def test_safety_net_check_can_be_turned_off(kernel_device, monkeypatch):
     from increlora_fast.kernels import checks
     monkeypatch.setenv("INCRELORA_BACKEND", "triton")

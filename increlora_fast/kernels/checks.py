@@ -4,6 +4,9 @@ variant is trusted), the optimizer's kernels (`check_adamw`) and the whole suite
 (`run_kernel_checks`, run by ``increlora-fast gpu-check``). Needs nothing beyond torch and
 triton.
 
+Every problem is drawn from a CPU generator of its own, on the CPU named in each draw (the
+default device may be another, ``torch.set_default_device``), then moved to the device checked.
+
 Tolerances are relative to the largest magnitude of the float64 reference: float64 1e-10,
 float32 1e-4 (TF32 may be on), float16 5e-3, bfloat16 3e-2 (operands rounded to 8 bits; the
 interpreter truncates where GPUs round); the exact score has its own (`SCORE_TOL`).
@@ -60,16 +63,16 @@ def _problem(device: torch.device, m: int, k: int, n: int, r_max: int, dtype: to
              adapter_dtype: torch.dtype, weight_dtype: Optional[torch.dtype],
              weight_in_out: bool, has_bias: bool, gen: torch.Generator) -> dict:
     def rand(*shape, dt=torch.float32, scale=1.0):
-        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dt)
+        return (torch.randn(*shape, generator=gen, device="cpu") * scale).to(device, dt)
 
     used = max(1, (3 * r_max) // 4 - 1)
-    state = torch.zeros(r_max, dtype=torch.int8)
+    state = torch.zeros(r_max, dtype=torch.int8, device="cpu")
     state[:used - 1] = 2
     state[used - 1] = 1
-    lam = torch.randn(r_max, generator=gen)
+    lam = torch.randn(r_max, generator=gen, device="cpu")
     lam[0] = 0.0  # an active slot at lambda 0 (every slot starts so)
-    a = torch.randn(r_max, k, generator=gen) * 0.5
-    b = torch.randn(n, r_max, generator=gen) * 0.5
+    a = torch.randn(r_max, k, generator=gen, device="cpu") * 0.5
+    b = torch.randn(n, r_max, generator=gen, device="cpu") * 0.5
     a[used:] = float("nan")  # dead slots must not poison anything
     b[:, used:] = float("inf")
     # dy as the backward of a loss averaged over the M tokens gives it: about 1/M per row. Unit
@@ -166,7 +169,7 @@ def check_problem(device: torch.device, m: int, k: int, n: int, r_max: int, dtyp
                  has_bias, gen)
     mask = None
     if dropout:
-        mask = (torch.rand(m, k, generator=gen) > 0.25).to(device) / 0.75
+        mask = (torch.rand(m, k, generator=gen, device="cpu") > 0.25).to(device) / 0.75
     record: Dict[str, object] = dict(op="adapted_linear" + ("_fused" if fused else ""),
                                      dtype=str(dtype).replace("torch.", ""), M=m, K=k, N=n,
                                      r_max=r_max, tol=TOL[tol_dtype], ok=False, error="")
@@ -228,15 +231,16 @@ def _adamw_state(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
     state = []
     for shape, slot_dim in ADAMW_TENSORS:
         r = shape[slot_dim]
-        mask = torch.rand(r, generator=gen) > 0.3
+        mask = torch.rand(r, generator=gen, device="cpu") > 0.3
         mask[0], mask[-1] = True, r == 1
-        count = torch.randint(1, 60, (r,), generator=gen).float()
+        count = torch.randint(1, 60, (r,), generator=gen, device="cpu").float()
         for slot, start in ((1, -2.0), (2, -1.0)):
             if r > slot + 1:
                 mask[slot], count[slot] = True, start
-        values = [torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 0.1,
-                  torch.rand(shape, generator=gen) * 0.01, mask,
-                  0.01 + torch.rand(r, generator=gen) * 0.01, count]
+        values = [torch.randn(shape, generator=gen, device="cpu"),
+                  torch.randn(shape, generator=gen, device="cpu") * 0.1,
+                  torch.rand(shape, generator=gen, device="cpu") * 0.01, mask,
+                  0.01 + torch.rand(r, generator=gen, device="cpu") * 0.01, count]
         dtypes = (dtype, moment_dtype, moment_dtype, None, None, None)
         state.append([t.to(device, d) for t, d in zip(values, dtypes)] + [slot_dim])
     return state
@@ -282,7 +286,7 @@ def _adamw_error(device: torch.device, dtype: torch.dtype, moment_dtype: torch.d
         for _ in range(2):
             held += [p.grad for p in params]  # kept: the new gradients get new memory
             for k, (p, s) in enumerate(zip(params, state)):
-                p.grad = torch.randn(p.shape, generator=gen).to(device, dtype)
+                p.grad = torch.randn(p.shape, generator=gen, device="cpu").to(device, dtype)
                 s[5] += s[3].float()  # the step counts of the slots that train
                 ref[k] = masked_adamw_float64(ref[k][0], p.grad, ref[k][1], ref[k][2], s[3],
                                               s[4], s[5], s[6], *ADAMW_HYPER)
@@ -352,12 +356,14 @@ def _orth_penalty_error(device: torch.device, dtype: torch.dtype, seed: int,
     from .orth_penalty import orth_penalty_triton
 
     gen = torch.Generator().manual_seed(seed)
-    a = [(torch.randn(r, k, generator=gen) / k ** 0.5).to(device, dtype) for r, k, _ in shapes]
-    b = [(torch.randn(n, r, generator=gen) / n ** 0.5).to(device, dtype) for r, _, n in shapes]
-    used = [torch.rand(r, generator=gen) > 0.25 for r, _, _ in shapes]
+    a = [(torch.randn(r, k, generator=gen, device="cpu") / k ** 0.5).to(device, dtype)
+         for r, k, _ in shapes]
+    b = [(torch.randn(n, r, generator=gen, device="cpu") / n ** 0.5).to(device, dtype)
+         for r, _, n in shapes]
+    used = [torch.rand(r, generator=gen, device="cpu") > 0.25 for r, _, _ in shapes]
     used[0][0] = True
     used[-1][:] = False
-    trains = [u & (torch.rand(u.numel(), generator=gen) > 0.3) for u in used]
+    trains = [u & (torch.rand(u.numel(), generator=gen, device="cpu") > 0.3) for u in used]
     used, trains = ([m.to(device) for m in ms] for ms in (used, trains))
     results = []
     for kernel in (True, False):
