@@ -151,7 +151,8 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     warning saying what happens instead (``fallback``). True unchecked when
     ``INCRELORA_KERNEL_CHECK=0``, a remembered failure included (turned on again, it holds);
     ``while_capturing``, unchecked and not remembered, while compiling or capturing a CUDA
-    graph (a check allocates, reads results and warns). True, not remembered, while launches
+    graph (a check allocates, reads results and warns). False, unchecked and not remembered,
+    under a fake tensor mode (`_faking`). True, not remembered, while launches
     only build their kernels (`kernels.utils.building_only`, where nothing runs: the check
     then runs once to build its own kernels, its result, made of outputs no kernel wrote, is
     dropped, and the caller goes on to build the family's kernels; the first real use
@@ -170,6 +171,8 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
     if torch.compiler.is_compiling() or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return while_capturing
+    if _faking():
+        return False
     if building_only_active():  # `precompile_kernels`: build the check's kernels, trust for now
         if key not in _CHECKS_BUILT:
             _CHECKS_BUILT.add(key)
@@ -187,6 +190,13 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
         warnings.warn(_report(device, key, str(record["error"]), fallback), RuntimeWarning,
                       stacklevel=4)
     return ok
+
+
+def _faking() -> bool:
+    """Whether a ``FakeTensorMode`` is active (shape inference, memory estimation): tensors
+    hold no data, so no kernel runs and a check would fail for that alone; the torch paths run
+    on fake tensors."""
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
 
 
 def _kept(t: torch.Tensor) -> torch.Tensor:
@@ -273,8 +283,8 @@ def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
         path = _decide_path(x, weight, lora_A, weight_in_out, bias_dtype is not None, dropout,
                             exact_step)
         # A variant checked while capturing, compiling or only building kernels is trusted
-        # unchecked: decide again.
-        if not (torch.compiler.is_compiling() or building_only_active()
+        # unchecked, and one under fake tensors refused unchecked: decide again.
+        if not (torch.compiler.is_compiling() or building_only_active() or _faking()
                 or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
             _PATHS[key] = path
     return path, autocast or x.dtype

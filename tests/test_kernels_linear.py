@@ -469,6 +469,33 @@ def test_safety_net_check_inside_activation_checkpointing(kernel_device, monkeyp
         torch.testing.assert_close(got, ref)
 
 
+def test_a_first_call_under_fake_tensors_neither_runs_nor_remembers_a_check(kernel_device,
+                                                                           monkeypatch):
+    """A layer's first call under a ``FakeTensorMode`` (shape inference, memory estimation:
+    tensors without data) takes the torch path, which runs on fake tensors, without a check
+    (one on fake tensors failed for that alone: a "please report" warning, and the torch path
+    for the real run after it). The first real call then checks, passes and launches."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from increlora_fast.kernels import launch_counts, reset_launch_counts
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    functional.reset_kernel_checks()
+    try:
+        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+        x = torch.randn(9, 24, device=kernel_device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                assert layer(mode.from_tensor(x)).shape == (9, 40)
+            assert functional.kernel_check_results() == {}
+            reset_launch_counts()
+            layer(x)
+        assert list(functional.kernel_check_results().values()) == [True]
+        assert launch_counts()
+    finally:
+        functional.reset_kernel_checks()
+
+
 def test_safety_net_check_where_saved_tensor_hooks_are_disabled(kernel_device, monkeypatch):
     """Where saved-tensor hooks may not be registered (torch disables them in its compiled
     regions), the check runs without its own and passes."""
