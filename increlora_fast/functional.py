@@ -95,11 +95,15 @@ def select_backend(x: torch.Tensor) -> str:
 def _variant(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.Tensor,
              weight_in_out: bool, has_bias: bool, fused: bool, dropout: bool) -> tuple:
     from .kernels.utils import compute_dtype
-    r = lora_A.shape[0]
-    bucket = next(b for b in (16, 32, 64, 128) if r <= b)
     return (str(x.device), compute_dtype(x.device, x), lora_A.dtype,
             None if weight is None else weight.dtype, weight_in_out, has_bias, fused, dropout,
-            bucket)
+            _slot_tile(lora_A.shape[0]))
+
+
+def _slot_tile(r_max: int) -> int:
+    """The slot tile the kernels are built for at ``r_max`` <= `TRITON_MAX_R` slots: 16, 32,
+    64 or 128 (`kernels.utils.block`), one first-use check each."""
+    return next(b for b in (16, 32, 64, 128) if r_max <= b)
 
 
 def _variant_ok(key: tuple) -> bool:
@@ -223,20 +227,22 @@ def penalty_on_triton(lora_A: torch.Tensor) -> bool:
     return select_backend(lora_A) == "triton" and not torch.compiler.is_compiling()
 
 
-def orth_penalty_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the orthogonal penalty's kernels may run on ``dtype`` slot buffers on
-    ``device``: a dtype they take, checked once per device and dtype against float64
-    (`kernels.checks.check_orth_penalty`, loss and every gradient); on a wrong result one
-    warning, and the penalty takes its torch path there. True without checking when
-    ``INCRELORA_KERNEL_CHECK=0``; False, unchecked and not remembered, while compiling or
+def orth_penalty_ok(device: torch.device, dtype: torch.dtype, r_max: int) -> bool:
+    """Whether the orthogonal penalty's kernels may run on ``dtype`` slot buffers of up to
+    ``r_max`` slots on ``device``: a dtype and ``r_max`` they take, checked once per device,
+    dtype and slot tile (`_slot_tile`: the kernels are built per tile) against float64
+    (`kernels.checks.check_orth_penalty` at that tile, loss and every gradient); on a wrong
+    result one warning, and the penalty takes its torch path there. True without checking
+    when ``INCRELORA_KERNEL_CHECK=0``; False, unchecked and not remembered, while compiling or
     capturing a CUDA graph."""
-    if dtype not in PENALTY_DTYPES:
+    if dtype not in PENALTY_DTYPES or r_max > TRITON_MAX_R:
         return False
+    tile = _slot_tile(r_max)
 
     def check() -> Dict[str, object]:
-        from .kernels.checks import check_orth_penalty
-        return check_orth_penalty(device, dtype)
-    return _checked_once(device, (str(device), "orth_penalty", dtype), check,
+        from .kernels.checks import check_orth_penalty, orth_shapes_at
+        return check_orth_penalty(device, dtype, shapes=orth_shapes_at(tile))
+    return _checked_once(device, (str(device), "orth_penalty", dtype, tile), check,
                          "The orthogonal penalty now takes its torch path there")
 
 

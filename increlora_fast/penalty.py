@@ -11,7 +11,8 @@ none). Two paths compute it:
 - **Triton** (where the layers take their Triton kernels, `functional.penalty_on_triton`): one
   launch forward and one backward over every module (`kernels.orth_penalty.OrthPenalty`), which
   read each A and B where it lives, through a table of addresses on the device. Each dtype of
-  slot buffers is checked once per device against float64 first (`functional.orth_penalty_ok`).
+  slot buffers is checked once per device and slot tile against float64 first
+  (`functional.orth_penalty_ok`).
 - **torch** (CPU, float64 buffers, torch.compile, a failed check, a model split over devices,
   whose buffers one table of addresses cannot hold): batched over the modules of one shape,
   device and dtype, stacking their A and B at each call; each batch's term is added on the
@@ -106,7 +107,7 @@ class OrthogonalPenalty:
         if not all(functional.kernel_readable(t) and t.is_contiguous() and t.device == device
                    for t in buffers):
             return None
-        if not all(functional.orth_penalty_ok(device, dtype)
+        if not all(functional.orth_penalty_ok(device, dtype, self._r_max)
                    for dtype in {t.dtype for t in buffers}):
             return None
         return OrthPenalty(self._r_max)

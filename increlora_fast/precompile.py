@@ -243,8 +243,9 @@ def precompile_kernels(model: nn.Module, autocast_dtype: Optional[torch.dtype] =
         # the first-use checks of the optimizer's and the penalty's kernels, for the adapter
         # dtypes (built here even when neither is given; their own kernels only when given)
         buffers = {(t.device, t.dtype) for layer in layers for t in (layer.lora_A, layer.lora_B)}
+        r_max = max(layer.r_max for layer in layers)  # the penalty's tile: of the most slots
         for device, dtype in buffers:  # the penalty reads A and B
-            functional.orth_penalty_ok(device, dtype)
+            functional.orth_penalty_ok(device, dtype, r_max)
         for device, dtype in buffers | {(layer.lora_lambda.device, layer.lora_lambda.dtype)
                                         for layer in layers}:  # moments of the param's dtype
             functional.multi_adamw_ok(device, dtype)

@@ -341,6 +341,42 @@ def test_the_first_use_check_runs_once_per_dtype_and_a_failure_means_the_torch_p
         reset_kernel_checks()
 
 
+def test_the_first_use_check_runs_the_kernels_at_the_penalty_s_slot_tile(monkeypatch):
+    """The kernels are built per r tile (`OrthPenalty.r`: 16, 32, 64 or 128 slots, with
+    their own column blocks and warps): the first-use check runs them at the tile of the
+    penalty that asks, so a tile whose kernels are wrong is caught (one warning, the torch
+    path's result) whatever tile passed. Here the 64-slot tile's gradients are 1 % off; before,
+    the check ran 16 slots only, and r_max 40 trained on those gradients."""
+    from increlora_fast.kernels import orth_penalty
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    real = orth_penalty.OrthPenalty.backward_grads
+
+    def off_at_64(self, *args):
+        grads = real(self, *args)
+        return [g * 1.01 for g in grads] if self.r == 64 else grads
+    monkeypatch.setattr(orth_penalty.OrthPenalty, "backward_grads", off_at_64)
+    results = {}
+    reset_kernel_checks()
+    try:
+        for backend in ("triton", "torch"):
+            monkeypatch.setenv("INCRELORA_BACKEND", backend)
+            _, small = _model_and_controller()  # r_max 6: the 16-slot tile, whose check passes
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                _penalty_and_grads(small)
+            _, controller = _model_and_controller(r_max=40)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                results[backend] = _penalty_and_grads(controller)
+            results[backend + " warnings"] = [str(w.message) for w in caught
+                                              if "first-use check" in str(w.message)]
+    finally:
+        reset_kernel_checks()
+    _assert_close(results["triton"], [r.double() for r in results["torch"]],
+                  TOL[torch.float32])
+    assert len(results["triton warnings"]) == 1 and not results["torch warnings"]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_device_check_of_the_penalty_kernels_passes(dtype):
     from increlora_fast.kernels.checks import check_orth_penalty

@@ -165,7 +165,7 @@ def test_it_calls_every_layer_configuration_and_changes_nothing(triton_backend):
     assert functional.kernel_check_results() == checked
     # the optimizer's and the penalty's checks ran to build their kernels, and were not kept
     assert {("cpu", "masked_adamw_multi", torch.float32, torch.float32),
-            ("cpu", "orth_penalty", torch.float32)} <= functional._CHECKS_BUILT
+            ("cpu", "orth_penalty", torch.float32, 16)} <= functional._CHECKS_BUILT
     counts = launch_counts()
     assert counts["_score_tiles_kernel"] == 2 * 3  # tracked calls: with and without dx
     assert counts["_project_kernel"] == 4 * 3  # every call

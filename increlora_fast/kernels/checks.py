@@ -332,6 +332,12 @@ ORTH_SHAPES = ((5, 7, 9), (16, 33, 40), (1, 70, 19), (13, 130, 3))
 ORTH_SHAPES_LARGE = ((16, 768, 3072), (37, 1000, 769), (128, 4096, 11008))
 
 
+def orth_shapes_at(r_tile: int) -> Tuple[Tuple[int, int, int], ...]:
+    """`ORTH_SHAPES` on the kernels' ``r_tile``-slot tile (16, 32, 64 or 128; `OrthPenalty.r`
+    is the tile of the most slots): with a module of ``r_tile`` slots where 16 fall short."""
+    return ORTH_SHAPES if r_tile <= 16 else ORTH_SHAPES + ((r_tile, 33, 40),)
+
+
 def check_orth_penalty(device: torch.device, dtype: torch.dtype, seed: int = 0,
                        shapes: Sequence[Tuple[int, int, int]] = ORTH_SHAPES
                        ) -> Dict[str, object]:
