@@ -119,6 +119,24 @@ def test_sft_trainer_refuses_a_peft_config(tmp_path):
         IncreLoRASFTTrainer(model=model, args=sft_config(tmp_path), peft_config=LoraConfig())
 
 
+@pytest.mark.parametrize("model_id", ["org/some-llm", Path("some/local-llm")])
+def test_sft_trainer_refuses_a_model_id_in_one_line(tmp_path, model_id):
+    """SFTTrainer loads a model given by id or path, which then has no IncreLoRA adapter: the
+    trainer failed with "'str' object has no attribute '__dict__'" (after SFTTrainer had loaded
+    the model, or tried to download it). It is refused before anything is loaded (found by an
+    audit of the TRL integration on more model families)."""
+    pytest.importorskip("trl")
+    from increlora_fast.integrations.sft import IncreLoRASFTTrainer
+
+    for make in (lambda: IncreLoRASFTTrainer(model=model_id, args=sft_config(tmp_path)),
+                 lambda: IncreLoRASFTTrainer(model_id, sft_config(tmp_path))):
+        with pytest.raises(ValueError) as err:
+            make()
+        message = str(err.value)
+        assert "\n" not in message and message.startswith("IncreLoRASFTTrainer: model=")
+        assert str(model_id) in message and "inject_increlora" in message
+
+
 @pytest.mark.parametrize("trainer_cls", ["IncreLoRASFTTrainer", "IncreLoRATrainer"])
 def test_trainers_refuse_a_peft_model_over_increlora_adapters(tmp_path, trainer_cls):
     """get_peft_model over an injected model (peft's LoRA beside IncreLoRA's, whose adapters

@@ -20,6 +20,7 @@ under a stock `SFTTrainer` the controller names it at its first allocation round
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from trl import SFTTrainer
@@ -51,8 +52,9 @@ def loss_takes_fused_lm_head(args, compute_loss_func) -> bool:
 
 
 class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
-    """`SFTTrainer` for a model returned by `inject_increlora`; takes `SFTTrainer`'s arguments
-    and ``controller`` (default: a new one over the model)."""
+    """`SFTTrainer` for a model returned by `inject_increlora` (not a model id or path, which
+    SFTTrainer would load without adapters); takes `SFTTrainer`'s arguments and ``controller``
+    (default: a new one over the model)."""
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None,
                  **kwargs) -> None:
@@ -60,6 +62,11 @@ class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
             raise ValueError("IncreLoRASFTTrainer: pass the model returned by inject_increlora "
                              "and no peft_config (the adapters are IncreLoRA's, not peft's)")
         model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, (str, os.PathLike)):
+            raise ValueError(f"IncreLoRASFTTrainer: model={str(model)!r} is a model id or path, "
+                             "which SFTTrainer would load without adapters; load it "
+                             "(AutoModelForCausalLM.from_pretrained), call "
+                             "inject_increlora(model, config) and pass the model it returns")
         head = getattr(model, "get_output_embeddings", lambda: None)()
         if isinstance(head, IncreLoRALinear) and loss_takes_fused_lm_head(
                 kwargs.get("args", args[1] if len(args) > 1 else None),
