@@ -313,8 +313,13 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
                          "merge_and_unload()) or inject into the model without them")
     targets = _find_targets(model, config)
     if not targets:
-        raise ValueError(f"target_modules={config.target_modules!r} matched only modules that "
-                         "are not nn.Linear or Conv1D")
+        own = sorted({class_name(type(m)) for m in model.modules()
+                      if isinstance(m, nn.Linear) and not is_supported_base(m)})
+        hint = (f"; nn.Linear subclasses with a forward of their own are not wrapped, such as "
+                f"this model's {', '.join(own)}" if own else "")
+        raise ValueError(f"target_modules={config.target_modules!r} selected no module to adapt: "
+                         "IncreLoRA adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) "
+                         f"and transformers Conv1D layers{hint}")
     config.total_budget(len(targets))
     names = [n for n, _ in model.named_modules() if n]
     save_roots = []

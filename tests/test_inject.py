@@ -244,6 +244,22 @@ def test_all_linear_adapts_what_peft_adapts(family):
     assert adapted(injected) == expected
 
 
+def test_all_linear_over_linears_with_their_own_forward_names_them():
+    """Falcon's linears are FalconLinear, an nn.Linear subclass with its own forward, which
+    IncreLoRA does not wrap: "all-linear" found nothing to adapt and said the modules "are not
+    nn.Linear or Conv1D", though they are nn.Linear (found by an audit of the TRL integration
+    on more model families)."""
+    import transformers
+    model = transformers.FalconForCausalLM(transformers.FalconConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32))
+    with pytest.raises(ValueError) as err:
+        inject_increlora(model, config(target_modules="all-linear", r_max=4, target_rank=2))
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("target_modules='all-linear'")
+    assert "FalconLinear" in message and "forward" in message
+    assert "are not nn.Linear" not in message
+
+
 def test_all_linear_on_a_plain_module_adapts_its_head_as_peft_does(tiny_net):
     """A model without ``get_output_embeddings`` has no output layer to leave out: its head is
     adapted, by peft too (the config's docstring says so, and how to keep it out)."""
