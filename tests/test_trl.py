@@ -208,6 +208,29 @@ def test_sft_trainer_refuses_an_adapter_its_fused_lm_head_would_skip(tmp_path):
                         compute_loss_func=lambda outputs, labels, num_items_in_batch=None: 0)
 
 
+def test_sft_trainer_reads_its_arguments_given_by_position(tmp_path):
+    """SFTTrainer's arguments may all be given by position: a compute_loss_func so given (the
+    7th) made the trainer refuse an output-layer adapter that it runs, and a peft_config (the
+    14th) was not named at once (found by an audit of the TRL integration)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from increlora_fast.integrations.sft import IncreLoRASFTTrainer, trl_fuses_lm_head
+
+    if not trl_fuses_lm_head():
+        pytest.skip("this TRL has no fused LM head")
+    model, _ = increlora_model(TARGETS + ["lm_head"])
+    data = Dataset.from_dict({"text": texts()})
+    loss = lambda outputs, labels, num_items_in_batch=None: 0  # noqa: E731
+    IncreLoRASFTTrainer(model, sft_config(tmp_path), None, data, None, tokenizer(), loss)
+    with pytest.raises(ValueError, match="output layer"):
+        IncreLoRASFTTrainer(model, sft_config(tmp_path), None, data, None, tokenizer(), None)
+    positional = [increlora_model()[0], sft_config(tmp_path), None, data, None, tokenizer()]
+    positional += [None] * 7 + [LoraConfig(target_modules=["k_proj"])]
+    with pytest.raises(ValueError, match="^IncreLoRASFTTrainer: .*no peft_config"):
+        IncreLoRASFTTrainer(*positional)
+
+
 def test_stock_sft_trainer_names_an_adapter_its_fused_lm_head_skips(tmp_path):
     """A stock SFTTrainer cannot be refused in advance: the first allocation round names the
     output layer's adapter, which got no gradient."""

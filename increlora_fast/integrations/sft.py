@@ -20,6 +20,7 @@ under a stock `SFTTrainer` the controller names it at its first allocation round
 """
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Optional
 
@@ -58,10 +59,13 @@ class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
 
     def __init__(self, *args, controller: Optional[IncreLoRAController] = None,
                  **kwargs) -> None:
-        if kwargs.get("peft_config") is not None:
+        # SFTTrainer's arguments by name, wherever they were given (by position or keyword)
+        given = inspect.signature(SFTTrainer.__init__).bind_partial(None, *args, **kwargs)
+        given = given.arguments
+        if given.get("peft_config") is not None:
             raise ValueError("IncreLoRASFTTrainer: pass the model returned by inject_increlora "
                              "and no peft_config (the adapters are IncreLoRA's, not peft's)")
-        model = kwargs.get("model", args[0] if args else None)
+        model = given.get("model")
         if isinstance(model, (str, os.PathLike)):
             raise ValueError(f"IncreLoRASFTTrainer: model={str(model)!r} is a model id or path, "
                              "which SFTTrainer would load without adapters; load it "
@@ -69,8 +73,7 @@ class IncreLoRASFTTrainer(IncreLoRATrainer, SFTTrainer):
                              "inject_increlora(model, config) and pass the model it returns")
         head = getattr(model, "get_output_embeddings", lambda: None)()
         if isinstance(head, IncreLoRALinear) and loss_takes_fused_lm_head(
-                kwargs.get("args", args[1] if len(args) > 1 else None),
-                kwargs.get("compute_loss_func")):
+                given.get("args"), given.get("compute_loss_func")):
             import trl
             raise ValueError("IncreLoRASFTTrainer: the model has an IncreLoRA adapter on its "
                              f"output layer, which TRL {trl.__version__}'s fused LM head would "
