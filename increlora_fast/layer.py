@@ -545,8 +545,21 @@ class IncreLoRALinear(nn.Module):
                 weight_in_out=self.is_conv1d, base_forward=base_forward, dropout=dropout,
                 score_out=score_out, grad_out=grad_out)
         except (RuntimeError, ValueError) as error:
+            if x.is_nested:  # refused before anything was computed: no test on the hot path
+                return self._forward_nested(x, args, kwargs)
             self._refuse_resized_base(error)
             raise
+
+    def _forward_nested(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        """`forward` of a nested tensor (nn.TransformerEncoder's eval path packs a batch with a
+        ``src_key_padding_mask`` so): its tensors padded with zero rows, computed at once and
+        nested again in ``x``'s layout. Zero rows add nothing to the adapter's gradients or its
+        exact score, and their outputs are dropped."""
+        parts = x.unbind()
+        out = self.forward(x.to_padded_tensor(0.0), *args, **kwargs)
+        return torch.nested.as_nested_tensor(
+            [y[tuple(slice(0, n) for n in t.shape[:-1])] for y, t in zip(out, parts)],
+            layout=x.layout)
 
     def _refuse_resized_base(self, error: Exception) -> None:
         """ValueError naming the layer, raised from ``error``, when the base weight no longer

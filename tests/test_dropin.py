@@ -327,3 +327,65 @@ def test_a_checkpoint_of_the_base_model_loads_into_the_adapted_model():
     assert torch.allclose(model(x), pretrained(x), atol=1e-4)
     with pytest.raises(RuntimeError, match="Missing key"):  # strict: the adapter is missing
         model.load_state_dict(pretrained.state_dict())
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "inference"])
+def test_encoder_nested_tensor_path_with_a_padding_mask(grad):
+    """nn.TransformerEncoder (enable_nested_tensor=True, its default) in eval mode packs a batch
+    with a src_key_padding_mask into a nested tensor before its layers (also with grad enabled:
+    it checks only the frozen base weights): the adapted linear1/linear2 failed on it ("Internal
+    error: NestedTensorImpl doesn't support sizes"). They compute on it, with the adapter.
+    With grad, one layer: a second one's attention refuses a nested input that requires grad
+    (torch's own limit, also under peft's adapters)."""
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(_encoder_layer(), 1 if grad else 2).eval()
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    keep = ~mask
+
+    def call(m):
+        with torch.set_grad_enabled(grad):
+            out = m(x, src_key_padding_mask=mask)
+        return out[keep]  # the padded positions are zeros or left as computed, by path
+
+    with torch.no_grad():
+        base = call(model).clone()
+    inject_increlora(model, IncreLoRAConfig(target_modules=["linear1", "linear2"], r_max=4,
+                                            lora_alpha=8.0))
+    torch.testing.assert_close(call(model), base, rtol=1e-3, atol=1e-4)
+    if grad:
+        call(model).pow(2).mean().backward()
+        assert all(bool(layer.lora_lambda.grad.any()) for _, layer in increlora_layers(model))
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_lambda.fill_(1.0)
+        adapted = call(model).clone()
+        assert float((adapted - base).abs().max()) > 1e-3
+        merge_and_unload(model)
+        torch.testing.assert_close(call(model), adapted, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.jagged], ids=["strided", "jagged"])
+def test_nested_tensor_input_equals_its_tensors_one_by_one(layout):
+    """A nested input gives, per tensor, the adapted output of that tensor, with the same
+    gradients and the same exact score as the tensors padded with zero rows."""
+    torch.manual_seed(0)
+    parts = [torch.randn(3, 16), torch.randn(5, 16)]
+    layers = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        layer = IncreLoRALinear(nn.Linear(16, 8), r_max=4, init_r=2)
+        layer.score_enabled = True
+        layers.append(layer)
+    nested = torch.nested.nested_tensor(parts, layout=layout)
+    out = layers[0](nested)
+    assert out.is_nested and out.layout == layout
+    padded = torch.nn.utils.rnn.pad_sequence(parts, batch_first=True)
+    expected = layers[1](padded)
+    for got, want, n in zip(out.unbind(), expected, (3, 5)):
+        torch.testing.assert_close(got, want[:n])
+    sum(t.pow(2).sum() for t in out.unbind()).backward()
+    sum(t[:n].pow(2).sum() for t, n in zip(expected, (3, 5))).backward()
+    for name in ("lora_A", "lora_B", "lora_lambda"):
+        torch.testing.assert_close(getattr(layers[0], name).grad, getattr(layers[1], name).grad)
+    torch.testing.assert_close(layers[0].take_score(), layers[1].take_score())
