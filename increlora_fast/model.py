@@ -442,8 +442,9 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
     """The config ``inject_increlora`` attached to ``model``.
 
     Raises:
-        ValueError: ``model`` has none: it was never injected, or it is a (Distributed)
-            DataParallel wrapper of an injected model, which must be passed itself.
+        ValueError: ``model`` has none: it was never injected (its IncreLoRA layers, if any,
+            were built by hand), or it is a (Distributed)DataParallel wrapper of an injected
+            model, which must be passed itself.
     """
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
@@ -455,6 +456,13 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
             raise ValueError("model has no IncreLoRA adapter: merge_and_unload folded it into "
                              "the base weights (save the merged model with save_pretrained; "
                              "save_adapter / export_peft work on the model before merging)")
+        by_hand = next((n for n, _ in increlora_layers(inner)), None)
+        if by_hand is not None:
+            raise ValueError(f"model holds IncreLoRA layers built by hand (e.g. {by_hand!r}) "
+                             "and no IncreLoRAConfig, which inject_increlora attaches and "
+                             "saving, loading and exporting read; build the model with plain "
+                             "nn.Linear layers and call inject_increlora(model, config) on it "
+                             "instead")
         raise ValueError("model has no IncreLoRA adapter: call inject_increlora(model, config)")
     return config
 

@@ -389,3 +389,19 @@ def test_nested_tensor_input_equals_its_tensors_one_by_one(layout):
     for name in ("lora_A", "lora_B", "lora_lambda"):
         torch.testing.assert_close(getattr(layers[0], name).grad, getattr(layers[1], name).grad)
     torch.testing.assert_close(layers[0].take_score(), layers[1].take_score())
+
+
+def test_saving_a_model_with_layers_built_by_hand_says_why_it_cannot(tmp_path):
+    """A model holding IncreLoRALinear layers built by hand (no inject_increlora) trains with
+    create_optimizer and the controller given a config, but save_adapter said "call
+    inject_increlora(model, config)", which then refused the model ("already holds IncreLoRA
+    layers"): the message names the hand-built layer and the way that works."""
+    from increlora_fast import save_adapter
+
+    model = nn.Sequential(IncreLoRALinear(nn.Linear(8, 8), r_max=4), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match=r"IncreLoRA layers built by hand \(e\.g\. '0'\).*"
+                                         r"plain nn\.Linear.*inject_increlora") as info:
+        save_adapter(model, tmp_path / "adapter")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="already holds IncreLoRA layers"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["2"], r_max=4))
