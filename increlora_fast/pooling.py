@@ -101,12 +101,13 @@ def mean_pooling_available(model: nn.Module) -> bool:
 def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     """Make ``model`` (a transformers sequence classifier, or a peft model wrapping one) pool as
     ``pooling`` says (``cls``: unchanged; ``mean``: `MeanPooler` in place of its encoder's
-    pooler); returns it.
+    pooler, and the hook that gives it the mask; a model that has one already is left as it is,
+    so a second call leaves no stale hook behind); returns it.
 
     Raises:
         ValueError: ``mean`` on a model whose encoder has no ``pooler`` to replace.
     """
-    if pooling == "cls":
+    if pooling == "cls" or (pooling == "mean" and model_pooling(model) == "mean"):
         return model
     if pooling != "mean" or not mean_pooling_available(model):
         raise ValueError(f"--pooling {pooling} is not available for {type(model).__name__} "

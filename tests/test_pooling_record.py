@@ -345,3 +345,16 @@ def test_pooling_auto_on_a_head_that_reads_the_first_token_trains_cls_with_a_war
         assert cli(tiny_args(dict(tiny, model=str(folder)), out, "--pooling", "auto",
                              steps=2)) == 0
     assert json.loads((out / "metrics.json").read_text())["pooling"] == "cls"
+
+
+def test_apply_pooling_twice_leaves_one_pooler_and_one_hook():
+    """A second ``apply_pooling(model, "mean")`` put a new MeanPooler in place and registered a
+    second hook, leaving the first one behind to feed the mask to a pooler no longer read. The
+    second call leaves the model as the first made it."""
+    model = apply_pooling(bert_base(), "mean")
+    pooler, hooks = model.bert.pooler, dict(model.bert._forward_pre_hooks)
+    expected = logits(model)
+    assert apply_pooling(model, "mean") is model
+    assert model.bert.pooler is pooler and dict(model.bert._forward_pre_hooks) == hooks
+    assert len(hooks) == 1
+    torch.testing.assert_close(logits(model), expected)
