@@ -358,3 +358,36 @@ def test_apply_pooling_twice_leaves_one_pooler_and_one_hook():
     assert model.bert.pooler is pooler and dict(model.bert._forward_pre_hooks) == hooks
     assert len(hooks) == 1
     torch.testing.assert_close(logits(model), expected)
+
+
+def test_pooling_auto_fallback_names_what_a_decoder_head_reads(tmp_path):
+    """The fallback warning said every such head "reads the first token itself": a decoder's
+    ``score`` head reads each input's last token (T5's and BART's their last EOS token). It
+    names what the head reads."""
+    from finetune_helpers import GPT2_ARGS, write_tiny_gpt2
+
+    tiny = tiny_files(tmp_path / "tiny", train_rows=32, dev_rows=8)
+    folder = sentence_transformers_folder(str(write_tiny_gpt2(tmp_path / "gpt2")), tmp_path,
+                                          mean=True)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"--pooling auto: .* pools by mean .* the head of "
+                                         r"GPT2ForSequenceClassification reads each input's "
+                                         r"last token itself; trained with cls pooling"):
+        assert cli(tiny_args(dict(tiny, model=str(folder)), out, "--pooling", "auto",
+                             *GPT2_ARGS, steps=2)) == 0
+    assert json.loads((out / "metrics.json").read_text())["pooling"] == "cls"
+
+
+@pytest.mark.parametrize("family, reads", [
+    ("roberta", "the first token"), ("gpt2", "each input's last token"),
+    ("bart", "the last end-of-sequence token"), ("t5", "the last end-of-sequence token"),
+    ("xlnet", "the last token")])
+def test_head_reads_names_each_family_s_token(family, reads):
+    import transformers
+
+    from increlora_fast.training.finetune_run import head_reads
+
+    config = transformers.AutoConfig.for_model(family, vocab_size=VOCAB, num_labels=2)
+    with torch.device("meta"):
+        model = transformers.AutoModelForSequenceClassification.from_config(config)
+    assert head_reads(model) == reads

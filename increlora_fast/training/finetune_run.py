@@ -183,6 +183,21 @@ def set_pad_token(tokenizer, model, name: str) -> Optional[int]:
     return model.config.pad_token_id
 
 
+# what a head that is not BERT's pooler reads from the token states, by its name (`head_name`)
+HEAD_READS = {"score": "each input's last token",  # decoders: the last before the padding
+              "classification_head": "the last end-of-sequence token"}  # BART, T5
+
+
+def head_reads(model) -> str:
+    """What the head of a sequence classifier reads from the encoder's token states, in words:
+    the last token for a head that is padded on the left (`batches.padding_side`: XLNet), each
+    input's last token for a decoder's ``score``, the last EOS token for an encoder-decoder's
+    ``classification_head`` (BART, T5), else the first token (BERT-like heads)."""
+    if padding_side(model) == "left":
+        return "the last token"
+    return HEAD_READS.get(head_name(model), "the first token")
+
+
 class HeadAddedWarning(UserWarning):
     """--modules-to-save did not name the classification head (or a layer of it that the
     checkpoint has no weights for), so it was added."""
@@ -392,7 +407,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     check_target_modules(s, model)
     if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
         warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
-                      f"files, but the head of {type(model).__name__} reads the first token "
+                      f"files, but the head of {type(model).__name__} reads {head_reads(model)} "
                       "itself; trained with cls pooling (give --pooling cls to say so)",
                       UserWarning, stacklevel=2)
         pooling = "cls"
