@@ -98,6 +98,19 @@ def mean_pooling_available(model: nn.Module) -> bool:
         "hidden_states" in inspect.signature(pooler.forward).parameters
 
 
+def check_pooling(model: nn.Module, pooling: str) -> None:
+    """Whether `apply_pooling` can give ``model`` ``pooling``; it can be asked of a model built
+    without weights (on the meta device) before the weights load.
+
+    Raises:
+        ValueError: ``pooling`` is neither ``cls`` nor ``mean``, or ``mean`` on a model whose
+            encoder has no pooler to replace (`mean_pooling_available`).
+    """
+    if pooling != "cls" and (pooling != "mean" or not mean_pooling_available(model)):
+        raise ValueError(f"--pooling {pooling} is not available for {type(model).__name__} "
+                         "(only mean, for encoders with a BERT-style pooler); use --pooling cls")
+
+
 def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     """Make ``model`` (a transformers sequence classifier, or a peft model wrapping one) pool as
     ``pooling`` says (``cls``: unchanged; ``mean``: `MeanPooler` in place of its encoder's
@@ -105,13 +118,11 @@ def apply_pooling(model: nn.Module, pooling: str) -> nn.Module:
     so a second call leaves no stale hook behind); returns it.
 
     Raises:
-        ValueError: ``mean`` on a model whose encoder has no ``pooler`` to replace.
+        ValueError: as `check_pooling`.
     """
-    if pooling == "cls" or (pooling == "mean" and model_pooling(model) == "mean"):
+    check_pooling(model, pooling)
+    if pooling == "cls" or model_pooling(model) == "mean":
         return model
-    if pooling != "mean" or not mean_pooling_available(model):
-        raise ValueError(f"--pooling {pooling} is not available for {type(model).__name__} "
-                         "(only mean, for encoders with a BERT-style pooler); use --pooling cls")
     encoder = _encoder(model)
     pooler = MeanPooler()
     encoder.pooler = pooler

@@ -391,3 +391,27 @@ def test_head_reads_names_each_family_s_token(family, reads):
     with torch.device("meta"):
         model = transformers.AutoModelForSequenceClassification.from_config(config)
     assert head_reads(model) == reads
+
+
+def test_pooling_mean_on_a_head_without_a_pooler_is_refused_before_the_model_loads(
+        tiny, tmp_path, monkeypatch, capsys):
+    """``--pooling mean`` on RoBERTa was refused after the weights had loaded (minutes for a
+    big model): the config says enough, so it is refused before, in one line."""
+    import transformers
+
+    from increlora_fast.training import finetune_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --pooling mean was refused")
+
+    monkeypatch.setattr(finetune_run, "load_model", refuse)
+    folder = tmp_path / "roberta"
+    transformers.RobertaConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32
+                               ).save_pretrained(folder)
+    assert cli(tiny_args(dict(tiny, model=str(folder)), tmp_path / "run", "--pooling",
+                         "mean")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["increlora-fast finetune: error: --pooling mean is not available for "
+                   "RobertaForSequenceClassification (only mean, for encoders with a BERT-style "
+                   "pooler); use --pooling cls"]

@@ -1,6 +1,7 @@
 """One fine-tuning run end to end: data, model, method, loop, evaluation and output files."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -8,7 +9,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +33,8 @@ from .registry import build_method
 from .output_folder import claim_output_dir
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
-from ..pooling import apply_pooling, mean_pooling_available, model_pooling, resolve_pooling
+from ..pooling import (apply_pooling, check_pooling, mean_pooling_available, model_pooling,
+                       resolve_pooling)
 from .settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, DEFAULT_SAVE_STEPS,
                        SELECT_HOLDOUT_SHARE, RunSettings, resolve, validate)
 from .step_runner import resolve_cuda_graphs
@@ -99,15 +101,11 @@ def model_path(name: str) -> str:
     return str(locate_asset(name)) if name in PACKAGED_MODELS and not Path(name).exists() else name
 
 
-def load_model(s: RunSettings, data: TaskData):
-    """(tokenizer, sequence-classification model, the names of its parameters the checkpoint
-    had no weights for, which start random) with a head for the task's labels (a fresh one,
-    unless the checkpoint is a classifier whose head has the task's number of labels: then, as
-    transformers loads it, that head keeps its trained weights under the task's label names), in
-    float32 whatever dtype the checkpoint was saved in (the master weights of mixed precision;
-    `device.Placement` autocasts the compute). The tokenizer may have no pad token yet
-    (`set_pad_token`)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+def _model_source(s: RunSettings) -> Tuple[str, Optional[str]]:
+    """(what transformers is given for ``--model``: a local folder's path or a hub id, why the
+    hub clients use their local caches only (`hub_access_off`), None for a local folder or a
+    usable hub). Refuses a local path that holds no transformers model; turns transformers'
+    logging down to errors."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -122,20 +120,55 @@ def load_model(s: RunSettings, data: TaskData):
         raise ValueError(f"--model {s.model} holds no transformers model (no config.json in "
                          f"{local})")
     if looks_local:
-        path = str(local)  # transformers reads a "~/..." it is given as a hub id
-    off = None if looks_local else hub_access_off()
+        return str(local), None  # transformers reads a "~/..." it is given as a hub id
+    return path, hub_access_off()
+
+
+@contextlib.contextmanager
+def _loading(s: RunSettings, off: Optional[str]) -> Iterator[None]:
+    """Runs transformers' loading of ``--model`` (with ``off``, `_model_source`'s reason, from
+    the local hub cache only: a missing hub id fails at once) and turns its OSError or
+    ValueError into a one-line ValueError naming the option."""
     try:
-        with hub_offline(off is not None):  # a hub id missing from the local cache fails at once
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
-                label2id={n: i for i, n in enumerate(data.label_names)},
-                ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True)
+        with hub_offline(off is not None):
+            yield
     except (OSError, ValueError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"--model {s.model} could not be loaded" + (
             f" ({off}, so only the local hub cache is searched)" if off else "")
             + f": {first}") from err
+
+
+def model_skeleton(s: RunSettings) -> torch.nn.Module:
+    """The sequence classifier ``--model`` names, built from its config on the meta device (no
+    weights read, no memory): what the checks of its architecture read before `load_model`,
+    which takes seconds to minutes for a big model."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path, off = _model_source(s)
+    with _loading(s, off):
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config)
+
+
+def load_model(s: RunSettings, data: TaskData):
+    """(tokenizer, sequence-classification model, the names of its parameters the checkpoint
+    had no weights for, which start random) with a head for the task's labels (a fresh one,
+    unless the checkpoint is a classifier whose head has the task's number of labels: then, as
+    transformers loads it, that head keeps its trained weights under the task's label names), in
+    float32 whatever dtype the checkpoint was saved in (the master weights of mixed precision;
+    `device.Placement` autocasts the compute). The tokenizer may have no pad token yet
+    (`set_pad_token`)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    path, off = _model_source(s)
+    with _loading(s, off):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=data.num_labels, id2label=dict(enumerate(data.label_names)),
+            label2id={n: i for i, n in enumerate(data.label_names)},
+            ignore_mismatched_sizes=True, dtype=torch.float32, output_loading_info=True)
     new = set(info.get("missing_keys", ())) | {key for key, *_ in info.get("mismatched_keys", ())}
     return tokenizer, model, sorted(new & {name for name, _ in model.named_parameters()})
 
@@ -388,6 +421,25 @@ def uses_cuda_graphs(settings: RunSettings, device: Optional[torch.device] = Non
                                settings.method, settings.pad_to)
 
 
+def usable_pooling(s: RunSettings, pooling: str, model: torch.nn.Module) -> str:
+    """The pooling a run of ``s`` gives ``model`` (or its `model_skeleton`): ``pooling``, as
+    `resolve_pooling` read it, except that ``auto`` reading ``mean`` for a head that cannot take
+    it (`mean_pooling_available`) gives ``cls``, with a warning naming what the head reads.
+
+    Raises:
+        ValueError: ``pooling`` that `apply_pooling` refuses for ``model`` (``--pooling mean``
+            on RoBERTa), in its words.
+    """
+    if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
+        warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
+                      f"files, but the head of {type(model).__name__} reads {head_reads(model)} "
+                      "itself; trained with cls pooling (give --pooling cls to say so)",
+                      UserWarning, stacklevel=3)
+        return "cls"
+    check_pooling(model, pooling)
+    return pooling
+
+
 def build_run(settings: RunSettings, placement: Optional[Placement] = None,
               graphed: Optional[bool] = None
               ) -> Tuple[RunSettings, TaskData, MethodRun, Batches]:
@@ -398,19 +450,15 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     train, holdout = split_holdout(settings, data.train, data.label_names)
     s = resolve(settings, len(train), graphed)
     seed_everything(s.seed)
-    pooling = resolve_pooling(s.pooling, _model_folder(s.model))  # before the model loads
+    pooling = resolve_pooling(s.pooling, _model_folder(s.model))
+    if pooling != "cls":  # refused, or auto's fallback said, before the weights load
+        pooling = usable_pooling(s, pooling, model_skeleton(s))
     tokenizer, model, new = load_model(s, data)
     given_pad = set_pad_token(tokenizer, model, s.model)
     tokenizer.padding_side = padding_side(model)
     check_max_seq_len(s, model)
     s = with_head_saved(s, model)
     check_target_modules(s, model)
-    if s.pooling == "auto" and pooling == "mean" and not mean_pooling_available(model):
-        warnings.warn(f"--pooling auto: {s.model} pools by mean in its sentence-transformers "
-                      f"files, but the head of {type(model).__name__} reads {head_reads(model)} "
-                      "itself; trained with cls pooling (give --pooling cls to say so)",
-                      UserWarning, stacklevel=2)
-        pooling = "cls"
     apply_pooling(model, pooling)
     # after the pooling: mean pooling drops the pooler
     s = with_new_head_layers_saved(s, model, new)
