@@ -5,7 +5,8 @@ pretrained pooler's dense layer and tanh). ``mean`` replaces the encoder's poole
 of the token states under the attention mask, the way sentence-transformers models such as
 all-MiniLM-L6-v2 were trained to be read. ``auto`` takes the mode from a sentence-transformers
 folder (``modules.json`` naming a Pooling module whose ``config.json`` sets
-``pooling_mode_mean_tokens`` or ``pooling_mode_cls_token``); any other model gets ``cls``.
+``pooling_mode_mean_tokens`` or ``pooling_mode_cls_token``; for a hub id, its snapshot in the
+local hub cache); any other model gets ``cls``.
 
 The replaced pooler has no weights, so the pooling is a property of the model, not of its
 weights: `model_pooling` reads it off a model, `persistence.save_adapter` records it in the adapter
@@ -39,7 +40,7 @@ class MeanPooler(nn.Module):
 
 def pooling_of_folder(folder: Optional[Path]) -> str:
     """``mean`` or ``cls`` as a sentence-transformers folder's Pooling module says; ``cls`` for a
-    folder without one (or None, e.g. a hub id).
+    folder without one (or None: no folder to read, e.g. a hub id missing from the hub cache).
 
     Raises:
         ValueError: the Pooling module pools otherwise (max, mean/sqrt(len), last token, or

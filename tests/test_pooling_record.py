@@ -8,6 +8,7 @@ import json
 import shutil
 import warnings
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -415,3 +416,48 @@ def test_pooling_mean_on_a_head_without_a_pooler_is_refused_before_the_model_loa
     assert err == ["increlora-fast finetune: error: --pooling mean is not available for "
                    "RobertaForSequenceClassification (only mean, for encoders with a BERT-style "
                    "pooler); use --pooling cls"]
+
+
+def hub_cache(monkeypatch, root: Path, repo_id: str, model: str, mean: Optional[bool]) -> Path:
+    """A local hub cache under ``root`` (the layout huggingface_hub writes) holding ``repo_id``:
+    a copy of the tiny BERT in ``model``, with a sentence-transformers Pooling module that pools
+    by mean (or CLS) unless ``mean`` is None; the hub clients read only it, offline."""
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(model, snapshot)
+    if mean is not None:
+        sentence_transformers_folder(model, root, mean)
+        shutil.copy(root / "st-bert" / "modules.json", snapshot)
+        shutil.copytree(root / "st-bert" / "1_Pooling", snapshot / "1_Pooling")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    return snapshot
+
+
+def test_pooling_auto_reads_a_hub_id_s_pooling_from_the_local_hub_cache(tiny, tmp_path,
+                                                                       monkeypatch):
+    """``--pooling auto`` with a hub id resolved to cls, silently, even when the model's
+    sentence-transformers pooling config was in the local hub cache: it is read from there."""
+    hub_cache(monkeypatch, tmp_path / "hub", "org/st-bert", tiny["model"], mean=True)
+    out = tmp_path / "run"
+    assert cli(tiny_args(dict(tiny, model="org/st-bert"), out, "--pooling", "auto",
+                         steps=2)) == 0
+    assert json.loads((out / "metrics.json").read_text())["pooling"] == "mean"
+    assert json.loads((out / CONFIG).read_text())["pooling"] == "mean"
+
+
+def test_pooling_auto_says_when_the_hub_cache_cannot_tell(tiny, tmp_path, monkeypatch):
+    hub_cache(monkeypatch, tmp_path / "hub", "org/bert", tiny["model"], mean=None)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match=r"--pooling auto: the local hub cache holds no "
+                                         r"sentence-transformers modules\.json of org/bert, so "
+                                         r"its pooling is unknown; cls is used"):
+        assert cli(tiny_args(dict(tiny, model="org/bert"), out, "--pooling", "auto",
+                             steps=2)) == 0
+    assert json.loads((out / "metrics.json").read_text())["pooling"] == "cls"

@@ -106,7 +106,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     train.add_argument("--pooling", choices=POOLINGS, default=d.pooling,
                        help="what the classifier reads: cls (default; the model class's own "
                             "head, BERT's CLS pooler), mean (mean of the token states), auto "
-                            "(a sentence-transformers model's 1_Pooling/config.json, else cls)")
+                            "(a sentence-transformers model's 1_Pooling/config.json, for a "
+                            "hub id read from the local hub cache, else cls)")
 
     adapter = parser.add_argument_group("adapters")
     adapter.add_argument("--target-modules", type=_csv_list, default=list(BERT_TARGETS),

@@ -450,7 +450,7 @@ def build_run(settings: RunSettings, placement: Optional[Placement] = None,
     train, holdout = split_holdout(settings, data.train, data.label_names)
     s = resolve(settings, len(train), graphed)
     seed_everything(s.seed)
-    pooling = resolve_pooling(s.pooling, _model_folder(s.model))
+    pooling = resolve_pooling(s.pooling, _pooling_folder(s) if s.pooling == "auto" else None)
     if pooling != "cls":  # refused, or auto's fallback said, before the weights load
         pooling = usable_pooling(s, pooling, model_skeleton(s))
     tokenizer, model, new = load_model(s, data)
@@ -524,10 +524,28 @@ class _Checkpointer:
             written.append(name)
 
 
-def _model_folder(name: str) -> Optional[Path]:
-    """The local folder of ``--model`` (None for a hub id)."""
-    folder = Path(model_path(name)).expanduser()
-    return folder if folder.is_dir() else None
+def _pooling_folder(s: RunSettings) -> Optional[Path]:
+    """The folder ``--pooling auto`` reads ``--model``'s sentence-transformers files from
+    (`pooling.pooling_of_folder`): a local folder, or for a hub id its snapshot in the local
+    hub cache when that holds its ``modules.json``; the network is never asked. None for a hub
+    id whose cache records that the hub has no ``modules.json`` (not a sentence-transformers
+    model), and None with a one-line warning for one whose cache does not say (auto cannot
+    know its pooling, and cls is used)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    path, off = _model_source(s)
+    if Path(path).is_dir():
+        return Path(path)
+    with _loading(s, off):  # (an invalid hub id: as loading it says)
+        found = try_to_load_from_cache(path, "modules.json")
+    if isinstance(found, str):
+        return Path(found).parent
+    if found is None:  # (else the cache's record that the hub has none)
+        warnings.warn(f"--pooling auto: the local hub cache holds no sentence-transformers "
+                      f"modules.json of {s.model}, so its pooling is unknown; cls is used "
+                      "(give --pooling mean or --pooling cls to choose)", UserWarning,
+                      stacklevel=3)
+    return None
 
 
 def _matplotlib_available(missing: str) -> bool:
