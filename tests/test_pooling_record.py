@@ -461,3 +461,19 @@ def test_pooling_auto_says_when_the_hub_cache_cannot_tell(tiny, tmp_path, monkey
         assert cli(tiny_args(dict(tiny, model="org/bert"), out, "--pooling", "auto",
                              steps=2)) == 0
     assert json.loads((out / "metrics.json").read_text())["pooling"] == "cls"
+
+
+def test_metrics_record_the_side_the_batches_were_padded_on(tiny, tmp_path):
+    """finetune pads on the side the head reads whatever side the tokenizer was saved with,
+    and recorded it nowhere: a user padding with the saved tokenizer's side could not
+    reproduce the predictions. metrics.json records the side the run padded on."""
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "left"
+    shutil.copytree(tiny["model"], folder)
+    saved = folder / "tokenizer_config.json"
+    saved.write_text(json.dumps(dict(json.loads(saved.read_text()), padding_side="left")))
+    assert AutoTokenizer.from_pretrained(folder).padding_side == "left"
+    out = tmp_path / "run"
+    assert cli(tiny_args(dict(tiny, model=str(folder)), out, steps=2)) == 0
+    assert json.loads((out / "metrics.json").read_text())["padding_side"] == "right"

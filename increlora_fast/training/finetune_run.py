@@ -777,6 +777,8 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
         "method": s.method, "task": data.name, "model": s.model, "seed": s.seed,
         "train_examples": len(batches.train), "label_names": data.label_names,
         "max_seq_len": batches.max_seq_len, "pooling": pooling,
+        # the side the head reads (`batches.padding_side`), whatever the tokenizer was saved with
+        "padding_side": batches.tokenizer.padding_side,
         "holdout_examples": len(batches.holdout),
         "selected_step": state.best["step"] if state.best else None,
         "holdout_accuracy": state.best["accuracy"] if state.best else None,
