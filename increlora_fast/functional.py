@@ -117,16 +117,31 @@ def _variant_ok(key: tuple) -> bool:
         return {"ok": ok, "error": detail}
     return _checked_once(device, key, check,
                          "This variant now runs on the torch path (slower, correct)",
-                         while_capturing=True)
+                         while_capturing=True, label=_variant_label(key))
 
 
-def _report(device: torch.device, key: tuple, detail: str, fallback: str) -> str:
+def _variant_label(key: tuple) -> str:
+    """A `_variant` key in words, for the warning of a failed check."""
+    compute, adapter, weight, in_out, bias, fused, dropout, tile = key[1:]
+    name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
+    base = "no base weight" if weight is None else \
+        f"{name(weight)} base weight ({'in x out, Conv1D' if in_out else 'out x in'})"
+    flags = [flag for flag, on in (("bias", bias), ("fused forward", fused),
+                                   ("adapter dropout", dropout)) if on]
+    return ", ".join([f"compute {name(compute)}", f"{name(adapter)} adapters", base]
+                     + flags + [f"slot tile {tile}"])
+
+
+def _report(device: torch.device, key: tuple, detail: str, fallback: str,
+            label: Optional[str] = None) -> str:
     import triton
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     return (f"increlora_fast: the Triton kernels failed their first-use check on {name} "
-            f"(torch {torch.__version__}, triton {triton.__version__}, variant {key[1:]}): "
-            f"{detail}. {fallback}. Please report it with this message at the project's issue "
-            f"tracker; set {KERNEL_CHECK_ENV}=0 to skip the check.")
+            f"(torch {torch.__version__}, triton {triton.__version__}, variant "
+            f"{label or key[1:]}): {detail}. {fallback}. Please report it with this message at "
+            f"the project's issue tracker; set {KERNEL_CHECK_ENV}=0 to skip the check (in "
+            "the environment before the import, or call "
+            "increlora_fast.functional.refresh_settings() after setting it).")
 
 
 def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
@@ -149,10 +164,12 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
 
 
 def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str, object]],
-                  fallback: str, while_capturing: bool = False) -> bool:
+                  fallback: str, while_capturing: bool = False,
+                  label: Optional[str] = None) -> bool:
     """The first-use check of a kernel family: ``check()`` (a record with ``ok`` and
     ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
-    warning saying what happens instead (``fallback``). True unchecked when
+    warning naming the variant (``label``, else ``key``) and saying what happens instead
+    (``fallback``). True unchecked when
     ``INCRELORA_KERNEL_CHECK=0``, a remembered failure included (turned on again, it holds);
     ``while_capturing``, unchecked and not remembered, while compiling or capturing a CUDA
     graph (a check allocates, reads results and warns). False, unchecked and not remembered,
@@ -191,8 +208,8 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
         record = check()
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:
-        warnings.warn(_report(device, key, str(record["error"]), fallback), RuntimeWarning,
-                      stacklevel=4)
+        warnings.warn(_report(device, key, str(record["error"]), fallback, label),
+                      RuntimeWarning, stacklevel=4)
     return ok
 
 

@@ -369,8 +369,12 @@ def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch):
     monkeypatch.setattr(checks, "check_variant", lambda *a: (False, "dy: relative error 1e+00"))
     layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
     x = torch.randn(9, 24, device=kernel_device)
-    with pytest.warns(RuntimeWarning, match="first-use check.*torch .*triton .*report"):
+    with pytest.warns(RuntimeWarning, match="first-use check.*torch .*triton .*report") as got:
         y = layer(x)
+    # the variant in words (it was a bare tuple of dtypes and flags), and how to turn it off
+    message = str(next(w.message for w in got if "first-use check" in str(w.message)))
+    assert "variant compute float32, float32 adapters, float32 base weight (out x in), bias, " \
+        "slot tile 16)" in message and "refresh_settings()" in message, message
     reset_launch_counts()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
