@@ -67,7 +67,9 @@ class IncreLoRAConfig:
             against the full module name. ``None`` targets the attention/FFN linears of common
             transformers families; ``"all-linear"`` (as in peft) every linear layer but the
             output layer, those inside ``modules_to_save`` and those whose parent reads their
-            weight without calling them. The output layer is the one a transformers model's
+            weight without calling them (one warning names them; a read on a branch this
+            model's config rules out, e.g. Bloom's ``pretraining_tp > 1 and slow_but_exact``,
+            does not count). The output layer is the one a transformers model's
             ``get_output_embeddings()`` returns: a model without one (a plain ``nn.Module``, a
             sequence classifier) has its head adapted too, as in peft; name the head in
             ``modules_to_save`` (trained in full) or ``exclude_modules`` (frozen).

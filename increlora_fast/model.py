@@ -1,11 +1,14 @@
 """Finding targets in any `nn.Module`, replacing them with `IncreLoRALinear`, and merging back."""
 from __future__ import annotations
 
+import ast
 import difflib
 import functools
 import inspect
+import operator
 import re
 import sys
+import textwrap
 import warnings
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -163,15 +166,23 @@ def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str
 def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """peft's ``"all-linear"``: every linear but the output layer (``get_output_embeddings``),
     those inside ``modules_to_save`` (trained in full) and those whose parent computes with their
-    weight without calling them (their adapter would never run)."""
+    weight without calling them (their adapter would never run; one warning names them)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
-    targets = []
+    targets, skipped = [], []
     for n, module in model.named_modules():
         if (not n or not is_supported_base(module) or module is head or n.endswith(".base_layer")
-                or saved_root(n, config.modules_to_save) is not None
-                or direct_weight_reader(model, n) is not None):
+                or saved_root(n, config.modules_to_save) is not None):
             continue
-        targets.append(n)
+        reason = direct_weight_reader(model, n)
+        if reason is None:
+            targets.append(n)
+        else:
+            skipped.append(f"{n!r} ({reason})")
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        warnings.warn(f"inject_increlora: target_modules='all-linear' leaves out {len(skipped)} "
+                      "linear(s) whose parent computes with their weight without calling them, "
+                      f"so an adapter there would never run: {', '.join(skipped[:3])}{more}")
     return targets
 
 
@@ -183,14 +194,53 @@ def _parent(model: nn.Module, name: str) -> nn.Module:
 # Methods that set weights up rather than compute with them.
 _SETUP_METHODS = re.compile(r"(^__init__$|init|reset_parameters|extra_repr|__repr__|tie)")
 # Reading these from a weight only describes it (dtype casts, device checks): harmless.
-_METADATA = r"\.(dtype|device|shape|size|ndim|numel|requires_grad|is_\w+|element_size)\b"
+_METADATA_NAMES = r"(dtype|device|shape|size|ndim|numel|requires_grad|is_\w+|element_size)"
+_METADATA = rf"\.{_METADATA_NAMES}\b"
+
+
+# The guard of one direct read: an ``if`` (or ``x if c else y``) test and whether the read lies
+# in its true branch.
+_Guard = Tuple[ast.expr, bool]
+
+
+def _reads_and_guards(fn: object, child: str) -> Optional[List[Tuple[_Guard, ...]]]:
+    """The guards (enclosing ``if`` tests) of each ``self.<child>.weight`` that ``fn`` computes
+    with, or None where its source does not parse (every read then counts as unguarded)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    reads: List[Tuple[_Guard, ...]] = []
+
+    def visit(node: ast.AST, parent: Optional[ast.AST], guards: Tuple[_Guard, ...]) -> None:
+        if (isinstance(node, ast.Attribute) and node.attr == "weight"
+                and isinstance(node.value, ast.Attribute) and node.value.attr == child
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
+                and not (isinstance(parent, ast.Attribute)
+                         and re.fullmatch(_METADATA_NAMES, parent.attr))
+                and not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name)
+                         and parent.func.id == "isinstance" and parent.args[:1] == [node])):
+            reads.append(guards)
+        for field, value in ast.iter_fields(node):
+            inner = guards
+            if isinstance(node, (ast.If, ast.IfExp)) and field in ("body", "orelse"):
+                inner = guards + ((node.test, field == "body"),)
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, ast.AST):
+                    visit(item, node, inner)
+
+    visit(tree, None, ())
+    return reads
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_reading_method(cls: type, child: str) -> Optional[str]:
-    """Name of a method of ``cls`` (torch's own classes included) whose source computes with
-    ``self.<child>.weight`` directly instead of calling ``self.<child>``, or None."""
+def _weight_reading_methods(cls: type, child: str
+                            ) -> Tuple[Tuple[str, Optional[Tuple[Tuple[_Guard, ...], ...]]], ...]:
+    """Each method of ``cls`` (torch's own classes included) whose source computes with
+    ``self.<child>.weight`` directly instead of calling ``self.<child>``, by name, with the
+    guards of each such read (None: not known, every read counts as unguarded)."""
     pattern = re.compile(rf"(?<!isinstance\()self\.{re.escape(child)}\.weight\b(?!{_METADATA})")
+    found = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break
@@ -203,8 +253,76 @@ def _weight_reading_method(cls: type, child: str) -> Optional[str]:
                 continue
             code = "\n".join(line.split("#")[0] for line in source.splitlines())
             if pattern.search(code):
-                return f"{klass.__name__}.{attr}"
-    return None
+                reads = _reads_and_guards(fn, child)
+                found.append((f"{klass.__name__}.{attr}",
+                              tuple(reads) if reads else None))  # none found: not known
+    return tuple(found)
+
+
+_UNKNOWN = object()
+_COMPARE = {ast.Gt: operator.gt, ast.GtE: operator.ge, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Is: operator.is_,
+            ast.IsNot: operator.is_not}
+
+
+def _config_value(expr: ast.expr, owner: nn.Module, configs: List[object]) -> object:
+    """The value of ``expr`` in a method of ``owner`` where it is fixed by the model's config:
+    a constant, ``self.config.<name>`` or ``self.<name>`` equal to a config's ``<name>`` (set
+    from the config when the module was built), compared or combined with and/or/not;
+    `_UNKNOWN` for anything else (an argument, ``self.training``, a global, a tensor)."""
+    if isinstance(expr, ast.Constant):
+        return expr.value
+    if isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Name) \
+            and expr.value.id == "self" and expr.attr != "training":
+        value = getattr(owner, expr.attr, _UNKNOWN)
+        if not _plain(value) or not any(_plain(getattr(c, expr.attr, _UNKNOWN))
+                                        and getattr(c, expr.attr) == value for c in configs):
+            return _UNKNOWN
+    elif isinstance(expr, ast.Attribute) and isinstance(expr.value, ast.Attribute) \
+            and isinstance(expr.value.value, ast.Name) and expr.value.value.id == "self" \
+            and expr.value.attr == "config" \
+            and any(c is getattr(owner, "config", None) for c in configs):
+        value = getattr(owner.config, expr.attr, _UNKNOWN)
+    elif isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not):
+        value = _config_value(expr.operand, owner, configs)
+        return _UNKNOWN if value is _UNKNOWN else not value
+    elif isinstance(expr, ast.BoolOp):  # its truth, which is all an if test needs
+        truths = [_config_value(v, owner, configs) for v in expr.values]
+        decisive = isinstance(expr.op, ast.Or)  # the truth that settles it
+        if any(t is not _UNKNOWN and bool(t) is decisive for t in truths):
+            return decisive
+        return not decisive if all(t is not _UNKNOWN for t in truths) else _UNKNOWN
+    elif isinstance(expr, ast.Compare) and all(type(op) in _COMPARE for op in expr.ops):
+        values = [_config_value(v, owner, configs) for v in [expr.left] + expr.comparators]
+        if any(v is _UNKNOWN for v in values):
+            return _UNKNOWN
+        try:
+            return all(_COMPARE[type(op)](a, b)
+                       for op, a, b in zip(expr.ops, values, values[1:]))
+        except TypeError:
+            return _UNKNOWN
+    else:
+        return _UNKNOWN
+    return value if _plain(value) else _UNKNOWN
+
+
+def _plain(value: object) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
+def _skipped(test: ast.expr, taken: bool, owner: nn.Module, configs: List[object]) -> bool:
+    """Whether the config decides the ``if`` test ``test`` against the branch ``taken``."""
+    value = _config_value(test, owner, configs)
+    return value is not _UNKNOWN and bool(value) is not taken
+
+
+def _configs(model: nn.Module, name: str) -> List[object]:
+    """The ``config`` attributes (transformers configs) of ``model`` and of the modules on the
+    way down to module ``name``."""
+    parts = name.split(".")
+    holders = [model] + [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+    configs = [getattr(m, "config", None) for m in holders]
+    return [c for c in configs if c is not None and not isinstance(c, (nn.Module, torch.Tensor))]
 
 
 def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
@@ -214,7 +332,9 @@ def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
     with out_proj, Mamba mixers with their projections) would bypass the adapter. Found by
     reading the parent's source for ``self.<child>.weight`` used other than for its dtype,
     device or shape; torch's TransformerEncoderLayer is adapted instead (its fast path is kept
-    off, see `_keep_module_path`).
+    off, see `_keep_module_path`). A read under an ``if`` that the model's config decides and
+    that is false for this model (Bloom's ``pretraining_tp > 1 and slow_but_exact``) cannot
+    happen and does not count: decided here, once, from the values the model holds now.
     """
     parent, child = _parent(model, name), name.rpartition(".")[2]
     if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
@@ -222,9 +342,12 @@ def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
     if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
         return ("nn.MultiheadAttention reads out_proj.weight and out_proj.bias directly and "
                 "never calls out_proj")
-    method = _weight_reading_method(type(parent), child)
-    if method is not None:
-        return f"{method} computes with self.{child}.weight directly instead of calling it"
+    methods = _weight_reading_methods(type(parent), child)
+    configs = _configs(model, name) if methods else []
+    for method, reads in methods:
+        if reads is None or any(not any(_skipped(test, taken, parent, configs)
+                                        for test, taken in guards) for guards in reads):
+            return f"{method} computes with self.{child}.weight directly instead of calling it"
     return None
 
 

@@ -248,6 +248,34 @@ def test_a_parent_that_computes_with_a_childs_weight_is_refused():
     assert isinstance(model.mixer.inner, IncreLoRALinear)
 
 
+def test_a_direct_read_counts_unless_the_models_config_rules_its_branch_out():
+    """A read under an ``if`` that the config decides and that is false cannot happen (the
+    layer is adapted); one under a test of anything else (the mode, an attribute the config
+    does not hold) still counts."""
+    from types import SimpleNamespace
+
+    class Mixer(nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.split, self.fast = config.split, False
+            self.proj = nn.Linear(8, 8)
+            self.head = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if self.split > 1 and not self.fast:
+                x = x @ self.proj.weight.t()
+            else:
+                x = self.proj(x)
+            return x @ self.head.weight.t() if self.training or self.fast else self.head(x)
+
+    for split, refused in ((1, []), (2, ["proj"])):
+        model = nn.Module()
+        model.config = SimpleNamespace(split=split)
+        model.mixer = Mixer(model.config)
+        found = [n for n in ("proj", "head") if direct_weight_reader(model, f"mixer.{n}")]
+        assert found == refused + ["head"]
+
+
 def test_a_linear_subclass_with_its_own_forward_is_not_a_target():
     class Router(nn.Linear):
         def forward(self, x):

@@ -260,6 +260,59 @@ def test_all_linear_over_linears_with_their_own_forward_names_them():
     assert "are not nn.Linear" not in message
 
 
+BLOOM_DIRECT = {"transformer.h.0.self_attention.dense", "transformer.h.0.mlp.dense_4h_to_h"}
+
+
+def _tiny_bloom(**kwargs) -> nn.Module:
+    import transformers
+    torch.manual_seed(0)
+    return transformers.BloomForCausalLM(transformers.BloomConfig(
+        hidden_size=16, n_layer=1, n_head=2, vocab_size=32, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("settings", [{}, {"pretraining_tp": 2}],
+                         ids=["default", "tp2-not-slow-but-exact"])
+def test_bloom_linears_read_directly_only_on_a_branch_this_config_skips_are_adapted(settings):
+    """Bloom's attention and MLP read ``dense.weight`` / ``dense_4h_to_h.weight`` directly only
+    when ``pretraining_tp > 1 and slow_but_exact``; otherwise they call the layers. The source
+    scan saw the read and left both out of "all-linear" (silently) and refused them by name,
+    though peft adapts them and their adapters run (found by an audit)."""
+    model = _tiny_bloom(**settings)
+    expected = _peft_all_linear(model)
+    assert BLOOM_DIRECT <= expected
+    inject_increlora(model, config(target_modules="all-linear", r_max=4, target_rank=2))
+    assert adapted(model) == expected
+    named = _tiny_bloom(**settings)
+    inject_increlora(named, config(target_modules=["dense", "dense_4h_to_h"], r_max=4,
+                                   target_rank=2))
+    assert adapted(named) == BLOOM_DIRECT
+    ran = set()
+    for name in BLOOM_DIRECT:
+        named.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: ran.add(name))
+    named(torch.tensor([[1, 2, 3]]))
+    assert ran == BLOOM_DIRECT
+
+
+def test_bloom_linears_read_directly_under_slow_but_exact_are_refused_and_named():
+    """With ``pretraining_tp > 1 and slow_but_exact`` Bloom computes with the weights and never
+    calls the layers: a named target is refused, and "all-linear" leaves them out in one
+    warning naming them and why (it left them out silently)."""
+    settings = dict(pretraining_tp=2, slow_but_exact=True)
+    with pytest.raises(ValueError, match=r"'transformer.h.0.self_attention.dense' cannot be "
+                                         r"adapted: BloomAttention.forward computes with "
+                                         r"self.dense.weight directly"):
+        inject_increlora(_tiny_bloom(**settings), config(target_modules=["dense"], r_max=4))
+    model = _tiny_bloom(**settings)
+    with pytest.warns(UserWarning) as record:
+        inject_increlora(model, config(target_modules="all-linear", r_max=4, target_rank=2))
+    messages = [str(w.message) for w in record if "leaves out" in str(w.message)]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert all(f"{name!r}" in messages[0] for name in BLOOM_DIRECT)
+    assert "computes with self.dense.weight directly" in messages[0]
+    assert not adapted(model) & BLOOM_DIRECT and adapted(model)
+
+
 def test_all_linear_on_a_plain_module_adapts_its_head_as_peft_does(tiny_net):
     """A model without ``get_output_embeddings`` has no output layer to leave out: its head is
     adapted, by peft too (the config's docstring says so, and how to keep it out)."""
