@@ -17,9 +17,10 @@ masks) notice news without reading a tensor on the host.
 from __future__ import annotations
 
 import enum
+import inspect
 import math
 import weakref
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,13 +51,103 @@ def is_quantized_base(module: nn.Module) -> bool:
 
 
 def is_supported_base(module: nn.Module) -> bool:
-    """nn.Linear (bitsandbytes 4-bit and 8-bit linears included) or transformers Conv1D.
-
-    A subclass with its own ``forward`` (e.g. a router returning a tuple) is not a plain linear
-    map, so the adapter could not be added to its output: it is not supported."""
+    """nn.Linear (bitsandbytes 4-bit and 8-bit linears included), an nn.Linear subclass whose
+    own forward is the linear map (`own_forward_problem`: Falcon's FalconLinear), or
+    transformers Conv1D. A subclass whose forward is something else (a router returning a
+    tuple, a scaled output) could not take an adapter added onto its output: not supported."""
     if isinstance(module, nn.Linear):
-        return type(module).forward is nn.Linear.forward or is_quantized_base(module)
+        return (type(module).forward is nn.Linear.forward or is_quantized_base(module)
+                or own_forward_problem(module) is None)
     return Conv1D is not None and isinstance(module, Conv1D)
+
+
+# The verdicts of `own_forward_problem`, by module: (weight dtype and device probed, verdict).
+_PROBED: "weakref.WeakKeyDictionary[nn.Module, Tuple[tuple, Optional[str]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def own_forward_problem(module: nn.Linear) -> Optional[str]:
+    """Why no adapter can be added onto the output of ``module``, an nn.Linear subclass with a
+    forward of its own, or None when that forward is the linear map: it takes the input alone
+    and returns one tensor equal to ``F.linear(x, weight, bias)``, computed from the weight
+    and bias the module holds when called (so an adapter merged into the weight counts).
+
+    Decided by calling the class's forward (hooks not run) without gradients on a small random
+    input, with the module's own weight and then with a random weight and bias swapped in for
+    the call (transient memory: one more weight), from a generator of its own (the global
+    random state is untouched); once per module and weight dtype and device, at injection.
+    """
+    forward = type(module).forward
+    inputs = list(inspect.signature(forward).parameters.values())[1:]
+    if len(inputs) != 1 or inputs[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                  inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return ("its forward takes arguments besides the input "
+                f"({', '.join(str(p) for p in inputs)})")
+    weight, bias = module.weight, module.bias
+    if weight.is_meta or not weight.is_floating_point():
+        return (f"its weight ({'on the meta device' if weight.is_meta else weight.dtype}) "
+                "leaves its forward unchecked")
+    key = (weight.dtype, weight.device)
+    known = _PROBED.get(module)
+    if known is None or known[0] != key:
+        known = _PROBED[module] = (key, _probe_own_forward(module, forward, weight, bias))
+    return known[1]
+
+
+@torch.no_grad()
+def _probe_own_forward(module: nn.Linear, forward: Callable, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> Optional[str]:
+    """`own_forward_problem`'s probe calls."""
+    # on the weight's device where torch has a generator there, else drawn on the CPU and moved
+    where = weight.device if weight.device.type in ("cpu", "cuda") else torch.device("cpu")
+    generator = torch.Generator(where).manual_seed(0)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator, device=where,
+                           dtype=weight.dtype).to(weight.device)
+
+    x = draw(2, 3, weight.shape[1])
+    try:
+        out = forward(module, x)
+    except Exception as error:  # any failure: not the linear map
+        return f"its forward raised {type(error).__name__} on a (2, 3, in_features) input"
+    if not isinstance(out, torch.Tensor):
+        return f"its forward returns a {type(out).__name__}, not one tensor"
+    differs = _differs(out, torch.nn.functional.linear(x, weight, bias))
+    if differs:
+        return f"its forward is not F.linear(x, weight, bias): {differs}"
+    own = module._parameters
+    if "weight" not in own or (bias is not None and "bias" not in own):
+        return None  # parametrized: never merged (`IncreLoRALinear.has_derived_weight`)
+    swapped = {"weight": nn.Parameter(draw(*weight.shape).mul_(weight.shape[1] ** -0.5),
+                                      requires_grad=False)}
+    if bias is not None:
+        swapped["bias"] = nn.Parameter(draw(*bias.shape).to(bias.dtype), requires_grad=False)
+    held = {name: own[name] for name in swapped}
+    try:
+        own.update(swapped)
+        out = forward(module, x)
+    except Exception:  # as above
+        out = None
+    finally:
+        own.update(held)
+    if not isinstance(out, torch.Tensor) or _differs(out, torch.nn.functional.linear(
+            x, swapped["weight"], swapped.get("bias"))):
+        return ("its forward does not compute with the weight and bias it holds when called "
+                "(e.g. with a copy made before), so a merged adapter would be lost")
+    return None
+
+
+def _differs(out: torch.Tensor, expected: torch.Tensor) -> Optional[str]:
+    """How ``out`` differs from ``expected`` beyond rounding (a few units of the dtype's
+    epsilon, at least 1e-3, of the largest expected value), or None."""
+    if out.shape != expected.shape or out.dtype != expected.dtype:
+        return (f"it returns {tuple(out.shape)} {out.dtype} where F.linear returns "
+                f"{tuple(expected.shape)} {expected.dtype}")
+    error = float((out.float() - expected.float()).abs().max())
+    scale = float(expected.float().abs().max())
+    tolerance = max(4 * torch.finfo(expected.dtype).eps, 1e-3) * scale
+    return None if error <= tolerance else f"off by up to {error:.3g} of {scale:.3g}"
 
 
 # The forwards that compute exactly ``x W^T + b`` (nn.Linear) or ``x W + b`` (Conv1D) from the
@@ -179,8 +270,11 @@ class IncreLoRALinear(nn.Module):
                  adapter_dtype: str = "auto") -> None:
         super().__init__()
         if not is_supported_base(base_layer):
-            raise TypeError(f"IncreLoRALinear wraps nn.Linear or transformers Conv1D, "
-                            f"got {class_name(type(base_layer))}")
+            why = (f": {own_forward_problem(base_layer)}" if isinstance(base_layer, nn.Linear)
+                   else "")
+            raise TypeError(f"IncreLoRALinear wraps nn.Linear (a subclass whose forward is "
+                            "F.linear(x, weight, bias) included) or transformers Conv1D, got "
+                            f"{class_name(type(base_layer))}{why}")
         _check_arguments(r_max=r_max, init_r=init_r, reserve_rank=reserve_rank,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          reserve_lambda=reserve_lambda)

@@ -17,7 +17,8 @@ from torch import nn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
-                    class_name, derived_weight_message, is_quantized_base, is_supported_base)
+                    class_name, derived_weight_message, is_quantized_base, is_supported_base,
+                    own_forward_problem)
 
 CONFIG_ATTR = "increlora_config"
 # Set by `merge_and_unload` on the model it returns: its adapters are folded into the base.
@@ -107,6 +108,12 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
             continue
         if is_supported_base(module):
             targets.append(n)
+        elif spec is not None and isinstance(module, nn.Linear):
+            raise TypeError(f"target module {n!r} is a {class_name(type(module))}, an nn.Linear "
+                            f"subclass that cannot take an adapter added onto its output: "
+                            f"{own_forward_problem(module)}; IncreLoRA adapts nn.Linear and "
+                            "subclasses whose forward is F.linear(x, weight, bias) (bitsandbytes "
+                            "4-bit and 8-bit included) and transformers Conv1D layers")
         elif spec is not None and not any(is_supported_base(m) for m in module.modules()):
             raise TypeError(f"target module {n!r} is a {class_name(type(module))}; IncreLoRA "
                             "adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) and "
@@ -436,10 +443,10 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
                          "merge_and_unload()) or inject into the model without them")
     targets = _find_targets(model, config)
     if not targets:
-        own = sorted({class_name(type(m)) for m in model.modules()
-                      if isinstance(m, nn.Linear) and not is_supported_base(m)})
-        hint = (f"; nn.Linear subclasses with a forward of their own are not wrapped, such as "
-                f"this model's {', '.join(own)}" if own else "")
+        own = {type(m): f"{class_name(type(m))}: {own_forward_problem(m)}"
+               for m in model.modules() if isinstance(m, nn.Linear) and not is_supported_base(m)}
+        hint = (f"; nn.Linear subclasses whose forward is not F.linear(x, weight, bias) are not "
+                f"wrapped, such as this model's {'; '.join(sorted(own.values()))}" if own else "")
         raise ValueError(f"target_modules={config.target_modules!r} selected no module to adapt: "
                          "IncreLoRA adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) "
                          f"and transformers Conv1D layers{hint}")

@@ -276,16 +276,65 @@ def test_a_direct_read_counts_unless_the_models_config_rules_its_branch_out():
         assert found == refused + ["head"]
 
 
-def test_a_linear_subclass_with_its_own_forward_is_not_a_target():
-    class Router(nn.Linear):
-        def forward(self, x):
-            logits = super().forward(x)
-            return logits.softmax(-1), logits
+class _Router(nn.Linear):
+    def forward(self, x):
+        logits = super().forward(x)
+        return logits.softmax(-1), logits
 
+
+class _Scaled(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class _Lookup(nn.Linear):
+    def forward(self, x, *, lookup: bool = False):
+        return nn.functional.embedding(x, self.weight.T) if lookup else super().forward(x)
+
+
+class _Cached(nn.Linear):
+    """Computes with a copy of its weight made when built: merging into weight would be lost."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("frozen", self.weight.detach().clone())
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.frozen, self.bias)
+
+
+class _Plain(nn.Linear):
+    """Falcon's FalconLinear: the linear map, by a forward of its own."""
+
+    def forward(self, x):
+        out = x @ self.weight.T
+        return out if self.bias is None else out + self.bias
+
+
+@pytest.mark.parametrize("kind,why", [
+    (_Router, "its forward returns a tuple"),
+    (_Scaled, "its forward is not F.linear"),
+    (_Lookup, "its forward takes arguments besides the input"),
+    (_Cached, "its forward does not compute with the weight and bias it holds"),
+])
+def test_a_linear_subclass_whose_forward_is_not_the_linear_map_is_refused(kind, why):
     model = nn.Module()
-    model.router = Router(8, 4)
-    with pytest.raises(TypeError, match="'router' is a Router"):
+    model.router = kind(8, 4)
+    with pytest.raises(TypeError, match=f"'router' is a {kind.__name__} .*{why}"):
         inject_increlora(model, IncreLoRAConfig(target_modules=["router"], r_max=4))
+    assert type(model.router) is kind
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_linear_subclass_whose_forward_is_the_linear_map_is_adapted(bias):
+    """Probed once at injection: its adapter runs on top of its own forward, trains, and
+    merges into its weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(_Plain(8, 6, bias=bias), nn.Tanh(), _Plain(6, 4, bias=bias))
+    x = torch.randn(3, 8)
+    assert _targets(model) == ["0", "2"]
+    _check_drop_in(model, lambda m: m(x))  # equal at init, gradients, merge = unmerged
+    assert all(type(m) is _Plain for m in (model[0], model[2]))
 
 
 def test_a_module_registered_twice_is_adapted_under_both_names():

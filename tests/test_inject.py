@@ -244,19 +244,41 @@ def test_all_linear_adapts_what_peft_adapts(family):
     assert adapted(injected) == expected
 
 
-def test_all_linear_over_linears_with_their_own_forward_names_them():
-    """Falcon's linears are FalconLinear, an nn.Linear subclass with its own forward, which
-    IncreLoRA does not wrap: "all-linear" found nothing to adapt and said the modules "are not
-    nn.Linear or Conv1D", though they are nn.Linear (found by an audit of the TRL integration
-    on more model families)."""
+def _tiny_falcon() -> nn.Module:
     import transformers
-    model = transformers.FalconForCausalLM(transformers.FalconConfig(
-        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32))
+    torch.manual_seed(0)
+    return transformers.FalconForCausalLM(transformers.FalconConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)).eval()
+
+
+def test_all_linear_adapts_falcons_own_forward_linears_as_peft_does():
+    """Falcon's linears are FalconLinear, an nn.Linear subclass whose own forward computes
+    ``x @ W.T + b``: peft adapts them, but "all-linear" found nothing to adapt and a named one
+    was refused as "not a plain linear map" (found by an audit)."""
+    model = _tiny_falcon()
+    expected = _peft_all_linear(model)
+    assert expected and "lm_head" not in expected
+    inject_increlora(model, config(target_modules="all-linear", r_max=4, target_rank=2))
+    assert adapted(model) == expected
+    assert all(type(layer.base_layer).__name__ == "FalconLinear"
+               for _, layer in increlora_layers(model))
+
+
+def test_all_linear_over_only_linears_that_are_not_linear_maps_names_them_and_why():
+    """A model whose only linears have a forward that is not the linear map (a router
+    returning a tuple): "all-linear" finds nothing, and says which classes and why, not that
+    the modules "are not nn.Linear or Conv1D", which they are."""
+    class Router(nn.Linear):
+        def forward(self, x):
+            logits = super().forward(x)
+            return logits.softmax(-1), logits
+
+    model = nn.Sequential(Router(8, 4))
     with pytest.raises(ValueError) as err:
         inject_increlora(model, config(target_modules="all-linear", r_max=4, target_rank=2))
     message = str(err.value)
     assert "\n" not in message and message.startswith("target_modules='all-linear'")
-    assert "FalconLinear" in message and "forward" in message
+    assert "Router" in message and "returns a tuple" in message
     assert "are not nn.Linear" not in message
 
 

@@ -668,3 +668,47 @@ def test_refusal_of_an_adapted_layer_inside_a_head_peft_saves_names_the_layer_to
     message = str(error.value)
     assert "\n" not in message and "leave ['classifier.dense'] out of target_modules" in message
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_falcons_own_forward_linears_merge_save_load_and_export_to_peft(tmp_path):
+    """Falcon's FalconLinear (an nn.Linear subclass whose own forward is ``x @ W.T + b``) is
+    adapted: its adapter merges into the weight, saves and loads, and peft loads its export
+    with equal outputs (it was refused at injection)."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from increlora_fast import load_adapter, merge_and_unload, save_adapter
+
+    def fresh():
+        torch.manual_seed(3)
+        return FalconForCausalLM(FalconConfig(hidden_size=16, num_hidden_layers=2,
+                                              num_attention_heads=2, vocab_size=VOCAB)).eval()
+
+    def inject(model):
+        return inject_increlora(model, IncreLoRAConfig(
+            target_modules=["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+            r_max=4, init_r=1, target_rank=2, lora_alpha=8.0))
+
+    model = inject(fresh())
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(increlora_layers(model)):
+            layer.activate_reserve(i % 2, step=1)
+            layer.lora_A.normal_(std=0.3)
+            layer.lora_B.normal_(std=0.3)
+            layer.lora_lambda.normal_()
+    assert all(type(layer.base_layer).__name__ == "FalconLinear"
+               for _, layer in increlora_layers(model))
+    ours = _outputs(model, "falcon")
+    assert (ours - _outputs(fresh(), "falcon")).abs().max() > 1e-3
+
+    save_adapter(model, tmp_path / "ours")
+    loaded = load_adapter(inject(fresh()), tmp_path / "ours")
+    torch.testing.assert_close(_outputs(loaded, "falcon"), ours, rtol=1e-5, atol=1e-5)
+
+    export_peft(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(_outputs(theirs, "falcon"), ours, rtol=1e-5, atol=1e-5)
+
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, IncreLoRALinear) for m in merged.modules())
+    assert type(merged.transformer.h[0].mlp.dense_4h_to_h).__name__ == "FalconLinear"
+    torch.testing.assert_close(_outputs(merged, "falcon"), ours, rtol=1e-5, atol=1e-5)
