@@ -293,12 +293,12 @@ def _config_value(expr: ast.expr, owner: nn.Module, configs: List[object]) -> ob
     elif isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not):
         value = _config_value(expr.operand, owner, configs)
         return _UNKNOWN if value is _UNKNOWN else not value
-    elif isinstance(expr, ast.BoolOp):  # its truth, which is all an if test needs
-        truths = [_config_value(v, owner, configs) for v in expr.values]
-        decisive = isinstance(expr.op, ast.Or)  # the truth that settles it
-        if any(t is not _UNKNOWN and bool(t) is decisive for t in truths):
-            return decisive
-        return not decisive if all(t is not _UNKNOWN for t in truths) else _UNKNOWN
+    elif isinstance(expr, ast.BoolOp):  # its value, as Python gives it (compared: `tp or 1`)
+        for operand in expr.values:
+            value = _config_value(operand, owner, configs)
+            if value is _UNKNOWN or bool(value) is isinstance(expr.op, ast.Or):
+                return value  # unknown, or the operand that settles it
+        return value
     elif isinstance(expr, ast.Compare) and all(type(op) in _COMPARE for op in expr.ops):
         values = [_config_value(v, owner, configs) for v in [expr.left] + expr.comparators]
         if any(v is _UNKNOWN for v in values):
@@ -317,10 +317,27 @@ def _plain(value: object) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
 
 
+def _config_truth(expr: ast.expr, owner: nn.Module, configs: List[object]) -> object:
+    """The truth of ``expr`` as an ``if`` test (`_config_value`), or `_UNKNOWN`: an ``and``
+    or ``or`` is settled by one operand the config decides (``self.training and
+    self.config.x`` with ``x`` false) even where its value is not known."""
+    if isinstance(expr, ast.UnaryOp) and isinstance(expr.op, ast.Not):
+        truth = _config_truth(expr.operand, owner, configs)
+        return _UNKNOWN if truth is _UNKNOWN else not truth
+    if isinstance(expr, ast.BoolOp):
+        truths = [_config_truth(v, owner, configs) for v in expr.values]
+        decisive = isinstance(expr.op, ast.Or)  # the truth that settles it
+        if any(t is not _UNKNOWN and t is decisive for t in truths):
+            return decisive
+        return not decisive if all(t is not _UNKNOWN for t in truths) else _UNKNOWN
+    value = _config_value(expr, owner, configs)
+    return _UNKNOWN if value is _UNKNOWN else bool(value)
+
+
 def _skipped(test: ast.expr, taken: bool, owner: nn.Module, configs: List[object]) -> bool:
     """Whether the config decides the ``if`` test ``test`` against the branch ``taken``."""
-    value = _config_value(test, owner, configs)
-    return value is not _UNKNOWN and bool(value) is not taken
+    truth = _config_truth(test, owner, configs)
+    return truth is not _UNKNOWN and truth is not taken
 
 
 def _configs(model: nn.Module, name: str) -> List[object]:

@@ -276,6 +276,30 @@ def test_a_direct_read_counts_unless_the_models_config_rules_its_branch_out():
         assert found == refused + ["head"]
 
 
+def test_an_and_or_or_inside_a_comparison_is_compared_by_its_value_not_its_truth():
+    """``(self.config.tp or 1) > 1`` with tp 2 is ``2 > 1``: the read under it happens. The
+    truth of the ``or`` (True, i.e. 1) compared instead ruled the read out, so the layer was
+    adapted and its adapter never ran."""
+    from types import SimpleNamespace
+
+    class Mixer(nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.config = config
+            self.proj = nn.Linear(8, 8)
+
+        def forward(self, x):
+            if (self.config.tp or 1) > 1:
+                return x @ self.proj.weight.t()
+            return self.proj(x)
+
+    for tp, refused in ((None, False), (1, False), (2, True)):
+        model = nn.Module()
+        model.config = SimpleNamespace(tp=tp)
+        model.mixer = Mixer(model.config)
+        assert (direct_weight_reader(model, "mixer.proj") is not None) is refused, tp
+
+
 class _Router(nn.Linear):
     def forward(self, x):
         logits = super().forward(x)
