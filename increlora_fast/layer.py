@@ -16,11 +16,12 @@ masks) notice news without reading a tensor on the host.
 """
 from __future__ import annotations
 
+import contextlib
 import enum
 import inspect
 import math
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -74,8 +75,10 @@ def own_forward_problem(module: nn.Linear) -> Optional[str]:
 
     Decided by calling the class's forward (hooks not run) without gradients on a small random
     input, with the module's own weight and then with a random weight and bias swapped in for
-    the call (transient memory: one more weight), from a generator of its own (the global
-    random state is untouched); once per module and weight dtype and device, at injection.
+    the call (transient memory: one more weight and a copy of its buffers), from a generator
+    of its own; the buffers the calls update (a QAT linear's fake-quant observer) and the
+    global random state they draw from (CPU, and CUDA for a CUDA weight) are put back after
+    them (`_state_kept`). Once per module and weight dtype and device, at injection.
     """
     forward = type(module).forward
     inputs = list(inspect.signature(forward).parameters.values())[1:]
@@ -107,6 +110,32 @@ def _probe_own_forward(module: nn.Linear, forward: Callable, weight: torch.Tenso
                            dtype=weight.dtype).to(weight.device)
 
     x = draw(2, 3, weight.shape[1])
+    with _state_kept(module, weight.device):
+        return _probe_calls(module, forward, weight, bias, x, draw)
+
+
+@contextlib.contextmanager
+def _state_kept(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Runs the probe's calls of ``module``'s forward and puts back after them the buffers of
+    ``module`` and its submodules (the same tensors, holding their values again) and the global
+    random state of the CPU and of ``device`` when it is a CUDA device."""
+    held = [(m, dict(m._buffers), {n: b.detach().clone() for n, b in m._buffers.items()
+                                   if b is not None}) for m in module.modules()]
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            yield
+    finally:
+        for m, buffers, values in held:
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for name, value in values.items():
+                buffers[name].data = value
+
+
+def _probe_calls(module: nn.Linear, forward: Callable, weight: torch.Tensor,
+                 bias: Optional[torch.Tensor], x: torch.Tensor,
+                 draw: Callable[..., torch.Tensor]) -> Optional[str]:
+    """`_probe_own_forward`'s two calls of ``forward``, on ``x``."""
     try:
         out = forward(module, x)
     except Exception as error:  # any failure: not the linear map

@@ -492,6 +492,52 @@ def test_nested_tensor_input_equals_its_tensors_one_by_one(layout):
     torch.testing.assert_close(layers[0].take_score(), layers[1].take_score())
 
 
+class _Counting(nn.Linear):
+    """The linear map that counts its calls in a buffer (as an observer records statistics)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls += 1
+        return nn.functional.linear(x, self.weight, self.bias)
+
+
+class _Noisy(nn.Linear):
+    """Dropout on its input while training: draws from the global generator."""
+
+    def forward(self, x):
+        return nn.functional.linear(nn.functional.dropout(x, 0.5, self.training), self.weight,
+                                    self.bias)
+
+
+def test_the_probe_at_injection_leaves_the_modules_state_and_the_global_rng_as_they_were():
+    """The probe of a subclass's own forward calls it on a random input and weight: a buffer
+    it updates (a call count; a QAT linear's fake-quant observer, whose range the random
+    weight overwrote) and the global random numbers it draws (dropout) are put back."""
+    from torch.ao.nn.qat import Linear as QATLinear
+    from torch.ao.quantization import get_default_qat_qconfig
+
+    from increlora_fast.layer import own_forward_problem
+
+    counting = _Counting(8, 4)
+    assert own_forward_problem(counting) is None
+    assert int(counting.calls) == 0
+    qat = QATLinear(16, 8, qconfig=get_default_qat_qconfig("fbgemm"))
+    before = {n: b.clone() for n, b in qat.named_buffers()}
+    assert own_forward_problem(qat) is not None  # fake-quantized: not F.linear
+    after = dict(qat.named_buffers())
+    assert before.keys() == after.keys()
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    noisy = _Noisy(8, 4).train()
+    torch.manual_seed(int(torch.randint(1 << 30, ())))
+    state = torch.get_rng_state()
+    assert own_forward_problem(noisy) is not None
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_saving_a_model_with_layers_built_by_hand_says_why_it_cannot(tmp_path):
     """A model holding IncreLoRALinear layers built by hand (no inject_increlora) trains with
     create_optimizer and the controller given a config, but save_adapter said "call
