@@ -461,10 +461,16 @@ def test_a_folder_on_a_file_system_without_locks_is_written(tmp_path, tiny_net, 
         raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
     monkeypatch.setattr(persistence.fcntl, "flock", no_locks)
+    _check_saved_and_loaded(tmp_path, tiny_net, monkeypatch)
+
+
+def _check_saved_and_loaded(directory: Path, tiny_net, monkeypatch) -> None:
+    """A trained model saved into ``directory`` under the patches of ``monkeypatch``, which
+    are then undone, loads into a fresh model that computes as it does."""
     model = trained(tiny_net, make_config())
-    save_adapter(model, tmp_path)
+    save_adapter(model, directory)
     monkeypatch.undo()
-    target = load_adapter(fresh(tiny_net, make_config()), tmp_path)
+    target = load_adapter(fresh(tiny_net, make_config()), directory)
     x = torch.randn(3, 12)
     assert torch.equal(target(x), model(x))
 
@@ -473,12 +479,7 @@ def test_a_platform_without_flock_still_saves(tmp_path, tiny_net, monkeypatch):
     """Windows has no fcntl: persistence imported it unguarded, so the whole library failed to
     import there; without it the adapter is written, only unordered with other writers."""
     monkeypatch.setattr(persistence, "fcntl", None)
-    model = trained(tiny_net, make_config())
-    save_adapter(model, tmp_path)
-    monkeypatch.undo()
-    target = load_adapter(fresh(tiny_net, make_config()), tmp_path)
-    x = torch.randn(3, 12)
-    assert torch.equal(target(x), model(x))
+    _check_saved_and_loaded(tmp_path, tiny_net, monkeypatch)
 
 
 def _rewrite_slot_state(path: Path, module: str, states: list) -> None:
