@@ -4,26 +4,59 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from .files import write_output
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def split_module_name(name: str) -> Tuple[str, str]:
-    """('layer index', 'module type') of a module name such as ``encoder.layer.3.attention.self.query``.
+class ModuleLayer(NamedTuple):
+    """Where a module name's layer index is: the index (``"3"``, or ``"-"`` when the name has
+    none), the name up to and including it (``encoder.block.3``; ``"-"`` without one) and the
+    module type, what follows it (``layer.0.SelfAttention.q``; the whole name without one)."""
 
-    The layer is the first integer component and the module type what follows it, so that
-    numbers below a layer stay in its type: T5's ``encoder.block.3.layer.0.SelfAttention.q`` is
-    block 3's ``layer.0.SelfAttention.q``, an expert's ``model.layers.2.mlp.experts.5.w1`` layer
-    2's ``mlp.experts.5.w1`` (the allocation plots, `training.allocation_stats`, group alike).
-    A name without one is ``("-", name)``.
+    index: str
+    prefix: str
+    kind: str
+
+
+def module_layers(names: Iterable[str]) -> Dict[str, ModuleLayer]:
+    """Each of ``names`` split at its layer index (`ModuleLayer`), read against all of them.
+
+    The layer index is a name's first integer component whose place holds more than one number
+    among ``names`` (a place: the text before the number), else its first integer component.
+    So numbers below a layer stay in the module type (T5's
+    ``encoder.block.3.layer.0.SelfAttention.q`` is block 3's ``layer.0.SelfAttention.q``, an
+    expert's ``model.layers.2.mlp.experts.5.w1`` layer 2's ``mlp.experts.5.w1``), and a number
+    every name shares is passed over (the ``0`` of a wrapped model's
+    ``0.auto_model.encoder.layer.3.attention.self.query``). The rank table, the heatmap and the
+    allocation plots (`training.allocation_stats`) all read names so.
     """
-    match = _LAYER_INDEX.search(f".{name}.")
-    if match is None:
-        return "-", name
-    return match.group(1), f".{name}."[match.end():].strip(".") or name
+    names = list(dict.fromkeys(names))
+    found = {n: list(_LAYER_INDEX.finditer(f".{n}.")) for n in names}
+    numbers: Dict[str, set] = {}
+    for n, matches in found.items():
+        for m in matches:
+            numbers.setdefault(f".{n}."[:m.start()], set()).add(m.group(1))
+    split = {}
+    for n, matches in found.items():
+        if not matches:
+            split[n] = ModuleLayer("-", "-", n)
+            continue
+        wrapped = f".{n}."
+        m = next((m for m in matches if len(numbers[wrapped[:m.start()]]) > 1), matches[0])
+        split[n] = ModuleLayer(m.group(1), wrapped[1:m.end() - 1],
+                               wrapped[m.end():].strip(".") or n)
+    return split
+
+
+def split_module_name(name: str) -> Tuple[str, str]:
+    """('layer index', 'module type') of a module name alone, such as
+    ``encoder.layer.3.attention.self.query``: its first integer component and what follows it
+    (`module_layers` of the name alone); ``("-", name)`` for a name without one."""
+    index, _, kind = module_layers([name])[name]
+    return index, kind
 
 
 def rank_table(rank_pattern: Dict[str, int]) -> str:
@@ -41,13 +74,6 @@ def rank_table(rank_pattern: Dict[str, int]) -> str:
     return "\n".join(rows)
 
 
-def layer_prefix(name: str) -> str:
-    """The part of ``name`` up to and including its layer index (`split_module_name`), or "-"
-    when it has none: ``model.decoder.layers.0`` of ``model.decoder.layers.0.fc1``."""
-    match = _LAYER_INDEX.search(f".{name}.")
-    return f".{name}."[1:match.end() - 1] if match else "-"
-
-
 def natural_key(label: str) -> tuple:
     """Sort key that orders the numbers in ``label`` by value: "layer.2" before "layer.10"."""
     return tuple((0, int(c), "") if c.isdigit() else (1, 0, c)
@@ -60,13 +86,13 @@ def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tupl
     model.encoder.layers.0 and model.decoder.layers.0, T5's encoder.block.0 and
     decoder.block.0), every row is the whole name up to its index, so that every module keeps
     a cell of its own."""
-    split = {n: split_module_name(n) for n in rank_pattern}
+    split = module_layers(rank_pattern)
     prefixes: Dict[str, set] = {}
-    for n, (index, _) in split.items():
-        prefixes.setdefault(index, set()).add(layer_prefix(n))
+    for index, prefix, _ in split.values():
+        prefixes.setdefault(index, set()).add(prefix)
     by_index = all(len(p) == 1 for p in prefixes.values())
-    grid = {(index if by_index else layer_prefix(n), kind): rank_pattern[n]
-            for n, (index, kind) in split.items()}
+    grid = {(index if by_index else prefix, kind): rank_pattern[n]
+            for n, (index, prefix, kind) in split.items()}
     layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), natural_key(s)))
     kinds = list(dict.fromkeys(k for _, k in grid))
     return layers, kinds, grid
@@ -157,14 +183,15 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     if not history:
         raise ValueError("save_rank_over_time needs at least one module")
     end = max([last_step or 0] + [s for points in history.values() for s, _ in points])
-    kinds = list(dict.fromkeys(split_module_name(n)[1] for n in history))
+    split = module_layers(history)
+    kinds = list(dict.fromkeys(split[n].kind for n in history))
     colors = distinct_colours(len(kinds))
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
     for name, points in history.items():
         steps = [s for s, _ in points] + [end]
         ranks = [r for _, r in points] + [points[-1][1]]
-        kind = kinds.index(split_module_name(name)[1])
+        kind = kinds.index(split[name].kind)
         ax.step(steps, ranks, where="post", color=colors[kind], alpha=0.45, linewidth=1)
     change_steps = sorted({s for points in history.values() for s, _ in points} | {end})
     mean = [sum(_rank_at(points, s) for points in history.values()) / len(history)

@@ -130,3 +130,30 @@ def test_the_pngs_never_replace_a_file_unless_asked(tmp_path):
         assert path.read_bytes() == b"the user's own figure"
         assert save(path, overwrite=True) == path
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_number_every_name_shares_is_not_the_layer():
+    """A model wrapped in a Sequential (a SentenceTransformer's ``0.auto_model.encoder.layer.3``)
+    starts every name with the same ``0``: reading the first integer as the layer put every
+    module on one row and the allocation plots averaged all layers into one line. The layer
+    is the first number whose place holds more than one value among the names."""
+    from increlora_fast.training.allocation_stats import layer_group, type_group
+    from increlora_fast.visualize import module_layers
+
+    torch.manual_seed(0)
+    kinds = ["attention.self.query", "intermediate.dense"]
+    pattern = {f"0.auto_model.encoder.layer.{i}.{kind}": int(torch.randint(1, 9, ()))
+               for i in range(4) for kind in kinds}
+    rows = rank_table(pattern).splitlines()
+    assert [k.strip() for k in rows[0].split("|")[1:]] == kinds
+    assert [r.split("|")[0].strip() for r in rows[2:-1]] == ["0", "1", "2", "3"]
+    for i in range(4):
+        cells = [c.strip() for c in rows[2 + i].split("|")[1:]]
+        assert cells == [str(pattern[f"0.auto_model.encoder.layer.{i}.{k}"]) for k in kinds]
+    by_layer, by_type = layer_group(pattern), type_group(pattern)
+    assert {by_layer(n) for n in pattern} == {"0", "1", "2", "3"}
+    assert {by_type(n) for n in pattern} == set(kinds)
+    # a name alone has nothing to be read against: its first integer is the layer
+    one = module_layers(["0.auto_model.encoder.layer.0.intermediate.dense"])
+    assert one["0.auto_model.encoder.layer.0.intermediate.dense"].kind == \
+        "auto_model.encoder.layer.0.intermediate.dense"

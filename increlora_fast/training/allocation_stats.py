@@ -13,15 +13,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-from ..visualize import distinct_colours, layer_prefix, natural_key, split_module_name
+from ..visualize import distinct_colours, module_layers, natural_key, split_module_name
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
 
 
 def module_type(name: str) -> str:
     """The part of a module name after its layer index (``attention.self.query``;
-    `visualize.split_module_name`), or the name when it has none."""
-    index, kind = split_module_name(name)
-    return name if index == "-" else kind
+    `visualize.split_module_name`: its first integer), or the name when it has none."""
+    return split_module_name(name)[1]
 
 
 def module_layer(name: str) -> str:
@@ -31,20 +30,29 @@ def module_layer(name: str) -> str:
     return name if index == "-" else index
 
 
+def type_group(names: Iterable[str]) -> Callable[[str], str]:
+    """How `allocation_by_group` groups ``names`` per module type: what follows each name's
+    layer index read against all of them (`visualize.module_layers`: a number every name
+    shares, a wrapper's ``0.``, is not the layer), or the name when it has none."""
+    split = module_layers(names)
+    return lambda name: (split.get(name) or module_layers([name])[name]).kind
+
+
 def layer_group(names: Iterable[str]) -> Callable[[str], str]:
-    """How `allocation_by_group` groups ``names`` per layer: by `module_layer`, or, where one
-    index belongs to several stacks (an encoder's and a decoder's layer 0), by the name up to
-    its index (``model.decoder.layers.0``), so that no line averages two layers."""
+    """How `allocation_by_group` groups ``names`` per layer: by layer index
+    (`visualize.module_layers`), or, where one index belongs to several stacks (an encoder's
+    and a decoder's layer 0), by the name up to its index (``model.decoder.layers.0``), so
+    that no line averages two layers; a name without an index is a group of its own."""
+    split = module_layers(names)
     stacks: Dict[str, set] = defaultdict(set)
-    for name in names:
-        stacks[module_layer(name)].add(_layer_prefix(name))
-    return module_layer if all(len(s) == 1 for s in stacks.values()) else _layer_prefix
+    for index, prefix, _ in split.values():
+        stacks[index].add(prefix)
+    by_index = all(len(s) == 1 for s in stacks.values())
 
-
-def _layer_prefix(name: str) -> str:
-    """The part of a module name up to its layer index, or the name when it has none."""
-    prefix = layer_prefix(name)
-    return name if prefix == "-" else prefix
+    def group(name: str) -> str:
+        index, prefix, _ = split.get(name) or module_layers([name])[name]
+        return name if index == "-" else index if by_index else prefix
+    return group
 
 
 def read_allocation_log(log: Path) -> List[dict]:
@@ -161,8 +169,9 @@ def plot_allocation(by_task: Dict[str, List[Path]], path: Path, title: str = "",
     axes = fig.subplots(len(tasks), 2, squeeze=False)
     for row, task in zip(axes, tasks):
         replays = [ranks_over_time(run) for run in by_task[task]]  # each run read once
-        layer = layer_group({name for replay in replays for name in replay[0]})
-        for ax, (group, label) in zip(row, ((module_type, "module type"), (layer, "layer"))):
+        names = {name for replay in replays for name in replay[0]}
+        for ax, (group, label) in zip(row, ((type_group(names), "module type"),
+                                            (layer_group(names), "layer"))):
             curves = _mean_by_group(replays, group)
             for colour, (name, curve) in zip(distinct_colours(len(curves)), curves.items()):
                 steps = sorted(curve)
