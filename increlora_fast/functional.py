@@ -120,10 +120,15 @@ def _variant_ok(key: tuple) -> bool:
                          while_capturing=True, label=_variant_label(key))
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` of torch.bfloat16."""
+    return str(dtype).replace("torch.", "")
+
+
 def _variant_label(key: tuple) -> str:
     """A `_variant` key in words, for the warning of a failed check."""
     compute, adapter, weight, in_out, bias, fused, dropout, tile = key[1:]
-    name = lambda dtype: str(dtype).replace("torch.", "")  # noqa: E731
+    name = _dtype_name
     base = "no base weight" if weight is None else \
         f"{name(weight)} base weight ({'in x out, Conv1D' if in_out else 'out x in'})"
     flags = [flag for flag, on in (("bias", bias), ("fused forward", fused),
@@ -160,7 +165,9 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
         from .kernels.checks import check_adamw
         return check_adamw(device, dtype, multi=True, moment_dtype=moment_dtype)
     return _checked_once(device, (str(device), "masked_adamw_multi", dtype, moment_dtype), check,
-                         "The optimizer now launches its kernel once per tensor there")
+                         "The optimizer now launches its kernel once per tensor there",
+                         label=f"masked AdamW over many tensors, {_dtype_name(dtype)} parameters, "
+                               f"{_dtype_name(moment_dtype)} moments")
 
 
 def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str, object]],
@@ -260,7 +267,9 @@ def orth_penalty_ok(device: torch.device, dtype: torch.dtype, r_max: int) -> boo
         from .kernels.checks import check_orth_penalty, orth_shapes_at
         return check_orth_penalty(device, dtype, shapes=orth_shapes_at(tile))
     return _checked_once(device, (str(device), "orth_penalty", dtype, tile), check,
-                         "The orthogonal penalty now takes its torch path there")
+                         "The orthogonal penalty now takes its torch path there",
+                         label=f"orthogonal penalty, {_dtype_name(dtype)} slot buffers, "
+                               f"slot tile {tile}")
 
 
 def reset_kernel_checks() -> None:

@@ -318,7 +318,8 @@ def test_the_first_use_check_runs_once_per_dtype_and_a_failure_means_the_torch_p
         monkeypatch.setattr(checks, "check_orth_penalty", failing)
         _, controller = _model_and_controller()
         reset_launch_counts()
-        with pytest.warns(RuntimeWarning, match="first-use check.*triton .*relative error "
+        with pytest.warns(RuntimeWarning, match="first-use check.*triton .*variant orthogonal "
+                          r"penalty, float32 slot buffers, slot tile \d+\): .*relative error "
                           "3.0e-01.*orthogonal penalty now takes its torch path"):
             got = _penalty_and_grads(controller)
         with warnings.catch_warnings():
