@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +42,9 @@ class MeanPooler(nn.Module):
 def pooling_of_folder(folder: Optional[Path]) -> str:
     """``mean`` or ``cls`` as a sentence-transformers folder's Pooling module says; ``cls`` for a
     folder without one (or None: no folder to read, e.g. a hub id missing from the hub cache).
+    A ``modules.json`` that names a Pooling module whose config cannot be read (missing, as in
+    a hub cache holding part of a snapshot, or damaged) gives ``cls`` with a one-line warning:
+    the folder says the model pools, but not how.
 
     Raises:
         ValueError: the Pooling module pools otherwise (max, mean/sqrt(len), last token, or
@@ -48,14 +52,21 @@ def pooling_of_folder(folder: Optional[Path]) -> str:
     """
     if folder is None or not (folder / "modules.json").is_file():
         return "cls"
+    path = folder / "modules.json"
     try:
-        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
-        pooling = next(m for m in modules if str(m.get("type", "")).endswith(".Pooling"))
+        modules = json.loads(path.read_text(encoding="utf-8"))
+        pooling = next((m for m in modules if str(m.get("type", "")).endswith(".Pooling")),
+                       None)
+        if pooling is None:
+            return "cls"
         path = folder / pooling.get("path", "") / "config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
         modes = sorted(key for key, on in config.items() if key.startswith("pooling_mode_")
                        and on)
-    except (OSError, ValueError, StopIteration, AttributeError):
+    except (OSError, ValueError, AttributeError, TypeError) as err:
+        warnings.warn(f"--pooling auto: {path} could not be read ({type(err).__name__}), so the "
+                      "sentence-transformers pooling is unknown; cls is used (give --pooling "
+                      "mean or --pooling cls to choose)", UserWarning, stacklevel=3)
         return "cls"
     if modes == ["pooling_mode_mean_tokens"]:
         return "mean"

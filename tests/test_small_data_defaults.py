@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -440,3 +441,27 @@ def test_select_best_with_too_few_training_rows_names_select_best(tiny, tmp_path
         assert cli(argv) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "--select-best" in err[0] and "has only 1" in err[0], err
+
+
+@pytest.mark.parametrize("damage", ["missing", "damaged", "not a list"])
+def test_pooling_auto_warns_when_the_named_pooling_config_cannot_be_read(tmp_path, damage):
+    """A modules.json naming a Pooling module whose config is missing (a hub cache holding part
+    of a snapshot) or damaged gave cls without a word: the folder says the model pools, and auto
+    could not read how. It still gives cls, and says so in one line naming the file."""
+    from increlora_fast.pooling import pooling_of_folder
+    modules = [{"idx": 0, "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (tmp_path / "modules.json").write_text(
+        json.dumps({"modules": modules}) if damage == "not a list" else json.dumps(modules))
+    if damage == "damaged":
+        (tmp_path / "1_Pooling").mkdir()
+        (tmp_path / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": tr')
+    with pytest.warns(UserWarning, match="--pooling auto: .*could not be read.*cls is used") \
+            as caught:
+        assert pooling_of_folder(tmp_path) == "cls"
+    assert len(caught) == 1 and "\n" not in str(caught[0].message)
+    # a sentence-transformers folder without a Pooling module: cls, nothing to warn about
+    (tmp_path / "modules.json").write_text(json.dumps(modules[:1]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pooling_of_folder(tmp_path) == "cls"
