@@ -172,8 +172,9 @@ def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str
 
 def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """peft's ``"all-linear"``: every linear but the output layer (``get_output_embeddings``),
-    those inside ``modules_to_save`` (trained in full) and those whose parent computes with their
-    weight without calling them (their adapter would never run; one warning names them)."""
+    those inside ``modules_to_save`` (trained in full) and those whose parent or another ancestor
+    computes with their weight without calling them (their adapter would never run; one warning
+    names them)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     targets, skipped = [], []
     for n, module in model.named_modules():
@@ -188,8 +189,9 @@ def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     if skipped:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(f"inject_increlora: target_modules='all-linear' leaves out {len(skipped)} "
-                      "linear(s) whose parent computes with their weight without calling them, "
-                      f"so an adapter there would never run: {', '.join(skipped[:3])}{more}")
+                      "linear(s) whose parent or another ancestor computes with their weight "
+                      "without calling them, so an adapter there would never run: "
+                      f"{', '.join(skipped[:3])}{more}")
     return targets
 
 
@@ -210,8 +212,55 @@ _METADATA = rf"\.{_METADATA_NAMES}\b"
 _Guard = Tuple[ast.expr, bool]
 
 
-def _reads_and_guards(fn: object, child: str) -> Optional[List[Tuple[_Guard, ...]]]:
-    """The guards (enclosing ``if`` tests) of each ``self.<child>.weight`` that ``fn`` computes
+# A module's path below an ancestor: its names (an attribute, or a container's key: "0").
+_Path = Tuple[str, ...]
+# A path as a method's source spells it from ``self``: each attribute name or constant key, or
+# None for an index that is not a constant (``self.blocks[i]``: any entry).
+_Steps = Tuple[Optional[str], ...]
+# Each ``self.<steps>.weight`` in a method's source that is not only its dtype, device or shape.
+_READ = re.compile(rf"(?<!isinstance\()\bself((?:\.\w+|\[[^][]*\])+)\.weight\b(?!{_METADATA})")
+_STEP = re.compile(r"\.(\w+)|\[\s*([^]]*?)\s*\]")
+_CONSTANT_KEY = re.compile(r"(\d+)|'([^']*)'|\"([^\"]*)\"")
+
+
+def _source_path(path: _Path) -> str:
+    """``path`` as source reads it from ``self``: ``self.blocks[0].fc``."""
+    return "self" + "".join(f".{p}" if p.isidentifier() else f"[{p}]" for p in path)
+
+
+def _text_steps(text: str) -> _Steps:
+    """The steps of a path's source text (``.blocks[0].fc``)."""
+    steps: List[Optional[str]] = []
+    for name, index in _STEP.findall(text):
+        key = _CONSTANT_KEY.fullmatch(index) if not name else None
+        steps.append(name or (next(g for g in key.groups() if g is not None) if key else None))
+    return tuple(steps)
+
+
+def _ast_steps(node: ast.AST) -> Optional[_Steps]:
+    """The steps of ``node`` when it is ``self`` followed by attributes and subscripts."""
+    steps: List[Optional[str]] = []
+    while not (isinstance(node, ast.Name) and node.id == "self"):
+        if isinstance(node, ast.Attribute):
+            steps.append(node.attr)
+        elif isinstance(node, ast.Subscript):
+            steps.append(str(node.slice.value) if isinstance(node.slice, ast.Constant) else None)
+        else:
+            return None
+        node = node.value
+    return tuple(reversed(steps))
+
+
+def _reaches(steps: Optional[_Steps], path: _Path) -> bool:
+    """Whether source ``steps`` may name the module at ``path``: each step is its name (an
+    attribute, or a ModuleDict's key), or a non-constant index into a list of modules."""
+    return steps is not None and len(steps) == len(path) and all(
+        step == part if step is not None else not part.isidentifier()
+        for step, part in zip(steps, path))
+
+
+def _reads_and_guards(fn: object, path: _Path) -> Optional[List[Tuple[_Guard, ...]]]:
+    """The guards (enclosing ``if`` tests) of each ``self.<path>.weight`` that ``fn`` computes
     with, or None where its source does not parse (every read then counts as unguarded)."""
     try:
         tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
@@ -221,8 +270,7 @@ def _reads_and_guards(fn: object, child: str) -> Optional[List[Tuple[_Guard, ...
 
     def visit(node: ast.AST, parent: Optional[ast.AST], guards: Tuple[_Guard, ...]) -> None:
         if (isinstance(node, ast.Attribute) and node.attr == "weight"
-                and isinstance(node.value, ast.Attribute) and node.value.attr == child
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
+                and _reaches(_ast_steps(node.value), path)
                 and not (isinstance(parent, ast.Attribute)
                          and re.fullmatch(_METADATA_NAMES, parent.attr))
                 and not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name)
@@ -241,28 +289,40 @@ def _reads_and_guards(fn: object, child: str) -> Optional[List[Tuple[_Guard, ...
 
 
 @functools.lru_cache(maxsize=None)
-def _weight_reading_methods(cls: type, child: str
+def _own_method_sources(klass: type) -> Tuple[Tuple[str, object, Tuple[_Steps, ...]], ...]:
+    """Each method that ``klass`` itself defines and whose source computes with the weight of a
+    module below it (`_READ`): its qualified name, the function and the steps of each such
+    path. Read once per class (a base class such as transformers' PreTrainedModel is shared by
+    every model and every target)."""
+    found = []
+    for attr, fn in vars(klass).items():
+        if _SETUP_METHODS.search(attr) or not inspect.isfunction(fn):
+            continue
+        try:
+            source = inspect.getsource(fn)
+        except (OSError, TypeError):
+            continue
+        code = "\n".join(line.split("#")[0] for line in source.splitlines())
+        paths = tuple({_text_steps(read[1]) for read in _READ.finditer(code)})
+        if paths:
+            found.append((f"{klass.__name__}.{attr}", fn, paths))
+    return tuple(found)
+
+
+@functools.lru_cache(maxsize=None)
+def _weight_reading_methods(cls: type, path: _Path
                             ) -> Tuple[Tuple[str, Optional[Tuple[Tuple[_Guard, ...], ...]]], ...]:
     """Each method of ``cls`` (torch's own classes included) whose source computes with
-    ``self.<child>.weight`` directly instead of calling ``self.<child>``, by name, with the
-    guards of each such read (None: not known, every read counts as unguarded)."""
-    pattern = re.compile(rf"(?<!isinstance\()self\.{re.escape(child)}\.weight\b(?!{_METADATA})")
+    ``self.<path>.weight`` directly instead of calling that module, by name, with the guards of
+    each such read (None: not known, every read counts as unguarded)."""
     found = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break
-        for attr, fn in vars(klass).items():
-            if _SETUP_METHODS.search(attr) or not inspect.isfunction(fn):
-                continue
-            try:
-                source = inspect.getsource(fn)
-            except (OSError, TypeError):
-                continue
-            code = "\n".join(line.split("#")[0] for line in source.splitlines())
-            if pattern.search(code):
-                reads = _reads_and_guards(fn, child)
-                found.append((f"{klass.__name__}.{attr}",
-                              tuple(reads) if reads else None))  # none found: not known
+        for method, fn, paths in _own_method_sources(klass):
+            if any(_reaches(steps, path) for steps in paths):
+                reads = _reads_and_guards(fn, path)
+                found.append((method, tuple(reads) if reads else None))  # none found: not known
     return tuple(found)
 
 
@@ -353,31 +413,43 @@ def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
     """Why an adapter on module ``name`` would be skipped, or None when it is always called.
 
     A parent that computes with its child's weight without calling the child (nn.MultiheadAttention
-    with out_proj, Mamba mixers with their projections) would bypass the adapter. Found by
-    reading the parent's source for ``self.<child>.weight`` used other than for its dtype,
-    device or shape; torch's TransformerEncoderLayer is adapted instead (its fast path is kept
-    off, see `_keep_module_path`). A read under an ``if`` that the model's config decides and
-    that is false for this model (Bloom's ``pretraining_tp > 1 and slow_but_exact``) cannot
-    happen and does not count: decided here, once, from the values the model holds now.
+    with out_proj, Mamba mixers with their projections) would bypass the adapter, and so would a
+    module further up reading it through a path (``F.linear(h, self.attn.proj.weight)``,
+    ``self.blocks[0].fc.weight @ x``). Found by reading the source of the parent and of every
+    other ancestor for ``self.<path>.weight`` used other than for its dtype, device or shape;
+    torch's TransformerEncoderLayer is adapted instead (its fast path is kept off, see
+    `_keep_module_path`). A read under an ``if`` that the model's config decides and that is
+    false for this model (Bloom's ``pretraining_tp > 1 and slow_but_exact``) cannot happen and
+    does not count: decided here, once, from the values the model holds now.
     """
-    parent, child = _parent(model, name), name.rpartition(".")[2]
-    if isinstance(parent, nn.TransformerEncoderLayer) and child in ("linear1", "linear2"):
-        return None
+    parts = tuple(name.split("."))
+    parent, child = _parent(model, name), parts[-1]
     if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
         return ("nn.MultiheadAttention reads out_proj.weight and out_proj.bias directly and "
                 "never calls out_proj")
-    methods = _weight_reading_methods(type(parent), child)
-    configs = _configs(model, name) if methods else []
-    for method, reads in methods:
-        if reads is None or any(not any(_skipped(test, taken, parent, configs)
-                                        for test, taken in guards) for guards in reads):
-            return f"{method} computes with self.{child}.weight directly instead of calling it"
+    configs: Optional[List[object]] = None
+    for depth in range(len(parts) - 1, -1, -1):  # the parent first, then up to the model
+        owner, path = model.get_submodule(".".join(parts[:depth])), parts[depth:]
+        if depth == len(parts) - 1 and isinstance(owner, nn.TransformerEncoderLayer) \
+                and child in ("linear1", "linear2"):
+            continue
+        methods = _weight_reading_methods(type(owner), path)
+        if methods and configs is None:
+            configs = _configs(model, name)
+        for method, reads in methods:
+            if reads is None or any(not any(_skipped(test, taken, owner, configs)
+                                            for test, taken in guards) for guards in reads):
+                where = "" if depth == len(parts) - 1 else \
+                    f" (module {'.'.join(parts[:depth])!r})" if depth else " (the model)"
+                return (f"{method}{where} computes with {_source_path(path)}.weight directly "
+                        "instead of calling it")
     return None
 
 
 def _refuse_weight_readers(model: nn.Module, name: str) -> None:
-    """Refuse a target whose parent computes with the target's weight without calling it, so
-    an adapter there would be skipped (silently, now that the wrapper exposes ``weight``)."""
+    """Refuse a target whose parent or another ancestor computes with the target's weight
+    without calling it, so an adapter there would be skipped (silently, now that the wrapper
+    exposes ``weight``)."""
     reason = direct_weight_reader(model, name)
     if reason is not None:
         raise ValueError(f"target module {name!r} cannot be adapted: {reason}, so its adapter "

@@ -17,6 +17,7 @@ from typing import Dict, List
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from increlora_fast import IncreLoRAConfig, IncreLoRALinear, increlora_layers, inject_increlora
 from increlora_fast import merge_and_unload
@@ -205,6 +206,7 @@ def test_torch_transformer_layers_drop_in(name, grad):
         torch.testing.assert_close(call(model, x), adapted, rtol=1e-4, atol=1e-5)
 
 
+
 def test_multihead_attention_out_proj_is_refused_with_the_reason():
     model = nn.Module()
     model.attn = nn.MultiheadAttention(16, 2, batch_first=True)
@@ -298,6 +300,62 @@ def test_an_and_or_or_inside_a_comparison_is_compared_by_its_value_not_its_truth
         model.config = SimpleNamespace(tp=tp)
         model.mixer = Mixer(model.config)
         assert (direct_weight_reader(model, "mixer.proj") is not None) is refused, tp
+
+
+
+def test_an_ancestor_that_computes_with_a_descendants_weight_is_refused():
+    """A grandparent or any module further up that computes with ``self.attn.proj.weight`` (or
+    ``self.blocks[0].fc.weight``) skips an adapter on that linear just as a parent reading
+    ``self.proj.weight`` does. Only the parent was read, so such an adapter was skipped without
+    a word. The parent's rules hold: a read for the dtype, or on a branch the config rules out,
+    does not count."""
+    from types import SimpleNamespace
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.proj(self.qkv(x))
+
+    class Block(nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.split = config.split
+            self.attn, self.fc, self.gate = Attn(), nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = x.to(self.attn.qkv.weight.dtype)
+            h = self.attn.qkv(x)
+            h = self.gate.weight @ h.t() if self.split > 1 else self.gate(h).t()
+            return F.linear(h.t(), self.attn.proj.weight) + self.fc(x)
+
+    class Top(nn.Module):
+        def __init__(self, config) -> None:
+            super().__init__()
+            self.config = config
+            self.blocks = nn.ModuleList([Block(config), Block(config)])
+
+        def forward(self, x):
+            return self.blocks[1](x) @ self.blocks[0].fc.weight.t()
+
+    for split, gate in ((1, []), (2, ["blocks.0.gate", "blocks.1.gate"])):
+        model = Top(SimpleNamespace(split=split))
+        names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        found = [n for n in names if direct_weight_reader(model, n)]
+        assert found == sorted(["blocks.0.attn.proj", "blocks.1.attn.proj", "blocks.0.fc"]
+                               + gate, key=names.index), split
+    assert "Block.forward (module 'blocks.1') computes with self.attn.proj.weight" in \
+        direct_weight_reader(model, "blocks.1.attn.proj")
+    with pytest.raises(ValueError, match=r"'blocks\.0\.fc' cannot be adapted: Top\.forward "
+                                         r"\(the model\) computes with "
+                                         r"self\.blocks\[0\]\.fc\.weight"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["blocks.0.fc"], r_max=4))
+    with pytest.warns(UserWarning, match="leaves out 5 linear"):
+        inject_increlora(model, IncreLoRAConfig(target_modules="all-linear", r_max=4))
+    assert sorted(n for n, _ in increlora_layers(model)) == [
+        "blocks.0.attn.qkv", "blocks.1.attn.qkv", "blocks.1.fc"]
 
 
 class _Router(nn.Linear):
