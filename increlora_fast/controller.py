@@ -32,7 +32,8 @@ from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar
 from .functional import kernel_readable
 from .layer import IncreLoRALinear
-from .model import frozen_adapters_message, get_config, increlora_layers
+from .model import (frozen_adapters_message, get_config, increlora_layers,
+                    keep_adapters_in_fast_paths)
 from .penalty import OrthogonalPenalty
 
 logger = logging.getLogger("increlora_fast")
@@ -77,7 +78,9 @@ class IncreLoRAController:
     """Tracks module importance and grows ranks until the total budget is met.
 
     Args:
-        model: a model returned by `inject_increlora`.
+        model: a model returned by `inject_increlora` (or holding layers built by hand, with
+            ``config`` given: an nn.TransformerEncoderLayer holding one gets its inference fast
+            path kept off, `keep_adapters_in_fast_paths`).
         config: defaults to the config attached to the model.
 
     Warns (RuntimeWarning) when every adapter tensor of the model is frozen
@@ -91,6 +94,7 @@ class IncreLoRAController:
         named = list(increlora_layers(model))
         if not named:
             raise ValueError("model has no IncreLoRA layers: call inject_increlora first")
+        keep_adapters_in_fast_paths(model)  # layers built by hand, not injected
         self.names: List[str] = [n for n, _ in named]
         self.layers: List[IncreLoRALinear] = [m for _, m in named]
         self.total_budget = self.config.total_budget(len(self.layers))

@@ -463,12 +463,17 @@ def _keep_module_path(module: nn.Module, args: tuple) -> None:
     return None
 
 
-def _keep_adapters_in_fast_paths(model: nn.Module, targets: List[str]) -> None:
-    for name in targets:
-        parent = _parent(model, name)
-        if isinstance(parent, nn.TransformerEncoderLayer) and not any(
-                hook is _keep_module_path for hook in parent._forward_pre_hooks.values()):
-            parent.register_forward_pre_hook(_keep_module_path)
+def keep_adapters_in_fast_paths(model: nn.Module) -> None:
+    """Keep the fused inference fast path off (`_keep_module_path`) in every
+    nn.TransformerEncoderLayer of ``model`` that holds an IncreLoRA layer as a child, so that
+    its adapters run in eval under no_grad too. `inject_increlora` does it for the layers it
+    adds; `IncreLoRAController` and `create_optimizer` do it again for layers built by hand
+    (the layer cannot: it does not know its parent). Adds each hook once."""
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer) and any(
+                isinstance(child, IncreLoRALinear) for child in module.children()) and not any(
+                hook is _keep_module_path for hook in module._forward_pre_hooks.values()):
+            module.register_forward_pre_hook(_keep_module_path)
 
 
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -587,7 +592,7 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         modules = _names_by_id(model.named_modules(remove_duplicate=False))
         for layer in wrapped.values():
             layer._attach_model(model, parameters, modules)
-        _keep_adapters_in_fast_paths(model, targets)
+        keep_adapters_in_fast_paths(model)
         for root in save_roots:
             for p in model.get_submodule(root).parameters():
                 p.requires_grad_(True)

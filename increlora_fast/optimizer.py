@@ -49,7 +49,8 @@ from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar, refresh_in_place
 from .functional import kernel_readable, multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
-from .model import frozen_adapters_message, get_config, increlora_layers
+from .model import (frozen_adapters_message, get_config, increlora_layers,
+                    keep_adapters_in_fast_paths)
 from .optim_functional import along_slot_dim, masked_adamw_into
 
 ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
@@ -830,7 +831,8 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     decay applied before the update); the authors' trainer runs transformers' former
     ``AdamW``, which adds eps before the bias correction (an eps larger by
     ``1 / sqrt(1 - beta2**step)`` in effect) and decays the updated weights (a difference of
-    order lr^2 x weight_decay).
+    order lr^2 x weight_decay). An nn.TransformerEncoderLayer holding an IncreLoRA layer built by
+    hand gets its inference fast path kept off (`keep_adapters_in_fast_paths`), as injection does.
 
     Raises:
         ValueError: ``lr``, ``eps``, ``weight_decay`` or ``betas`` are not finite numbers in
@@ -852,6 +854,7 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     frozen = frozen_adapters_message(model)
     if frozen is not None:
         raise ValueError(f"create_optimizer: {frozen}")
+    keep_adapters_in_fast_paths(model)  # layers built by hand, not injected
     slots: Dict[int, Tuple[IncreLoRALinear, str]] = {}
     adapter, dense = [], []
     for _, layer in increlora_layers(model):

@@ -207,6 +207,30 @@ def test_torch_transformer_layers_drop_in(name, grad):
 
 
 
+@pytest.mark.parametrize("entry", ["controller", "create_optimizer"])
+def test_a_hand_built_layer_in_an_encoder_layer_runs_on_the_inference_fast_path(entry):
+    """An IncreLoRALinear built by hand as an nn.TransformerEncoderLayer's linear1 (no
+    inject_increlora, which keeps the layer's fused fast path off) was skipped in eval under
+    no_grad: the fast path reads linear1.weight and never calls linear1. The controller and
+    create_optimizer, which see the model, keep that fast path off as injection does."""
+    from increlora_fast import IncreLoRAController, create_optimizer
+
+    torch.manual_seed(0)
+    model = _encoder_layer().eval()
+    model.linear1 = IncreLoRALinear(model.linear1, r_max=4, init_r=1, lora_alpha=8.0)
+    config = IncreLoRAConfig(target_modules=["linear1"], r_max=4, init_r=1, lora_alpha=8.0)
+    IncreLoRAController(model, config) if entry == "controller" else \
+        create_optimizer(model, config)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        model.linear1.lora_lambda.fill_(1.0)
+        model.linear1.lora_B.normal_()
+        base = F.linear(x, model.linear1.weight, model.linear1.bias)
+        assert float((model.linear1(x) - base).abs().max()) > 1e-3  # the adapter acts
+        out = model(x)
+    torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-5)  # grad on: module path
+
+
 def test_multihead_attention_out_proj_is_refused_with_the_reason():
     model = nn.Module()
     model.attn = nn.MultiheadAttention(16, 2, batch_first=True)
