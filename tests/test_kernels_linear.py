@@ -359,13 +359,20 @@ def test_launch_runs_under_the_tensors_device(monkeypatch):
     assert entered == [torch.device("cuda", 1), "launched"]
 
 
-def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch):
-    """A variant that fails its first-use check: one warning naming the versions, then the torch
-    path for that variant (no kernel launches), with correct results."""
-    from increlora_fast.kernels import checks, launch_counts, reset_launch_counts
+@pytest.fixture
+def first_use_checks(monkeypatch):
+    """The Triton path with its first-use checks on, none remembered before or after the test."""
     monkeypatch.setenv("INCRELORA_BACKEND", "triton")
     monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
     functional.reset_kernel_checks()
+    yield
+    functional.reset_kernel_checks()
+
+
+def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch, first_use_checks):
+    """A variant that fails its first-use check: one warning naming the versions, then the torch
+    path for that variant (no kernel launches), with correct results."""
+    from increlora_fast.kernels import checks, launch_counts, reset_launch_counts
     monkeypatch.setattr(checks, "check_variant", lambda *a: (False, "dy: relative error 1e+00"))
     layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
     x = torch.randn(9, 24, device=kernel_device)
@@ -383,75 +390,61 @@ def test_safety_net_falls_back_and_warns_once(kernel_device, monkeypatch):
     monkeypatch.setenv("INCRELORA_BACKEND", "torch")
     torch.testing.assert_close(y, layer(x))
     torch.testing.assert_close(y2, y)
-    functional.reset_kernel_checks()
 
 
 def test_turning_the_check_off_after_a_failed_check_takes_the_kernels(kernel_device,
+                                                                     first_use_checks,
                                                                      monkeypatch):
     """The failed check's warning says INCRELORA_KERNEL_CHECK=0 skips the check: set (and read
     again by `refresh_settings`) after a variant failed, that variant runs on the kernels, as
     the optimizer's and the penalty's kernels are then trusted; turned on again, the remembered
     failure holds."""
     from increlora_fast.kernels import checks, launch_counts, reset_launch_counts
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
-    functional.reset_kernel_checks()
     monkeypatch.setattr(checks, "check_variant", lambda *a: (False, "dy: relative error 1e+00"))
     monkeypatch.setattr(checks, "check_adamw", lambda *a, **k: dict(ok=False, error="param 0"))
-    try:
-        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
-        x = torch.randn(9, 24, device=kernel_device)
-        device = torch.device(kernel_device)
-        with pytest.warns(RuntimeWarning, match="first-use check"):
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    x = torch.randn(9, 24, device=kernel_device)
+    device = torch.device(kernel_device)
+    with pytest.warns(RuntimeWarning, match="first-use check"):
+        layer(x)
+        assert not functional.multi_adamw_ok(device, torch.float32)
+    for check_on in ("0", "1"):
+        monkeypatch.setenv("INCRELORA_KERNEL_CHECK", check_on)
+        reset_launch_counts()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
             layer(x)
-            assert not functional.multi_adamw_ok(device, torch.float32)
-        for check_on in ("0", "1"):
-            monkeypatch.setenv("INCRELORA_KERNEL_CHECK", check_on)
-            reset_launch_counts()
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", RuntimeWarning)
-                layer(x)
-                assert functional.multi_adamw_ok(device, torch.float32) == (check_on == "0")
-            assert bool(launch_counts()) == (check_on == "0"), check_on
-    finally:
-        functional.reset_kernel_checks()
+            assert functional.multi_adamw_ok(device, torch.float32) == (check_on == "0")
+        assert bool(launch_counts()) == (check_on == "0"), check_on
 
 
 def test_safety_net_check_passes_on_a_first_call_under_inference_mode(kernel_device,
-                                                                      monkeypatch):
+                                                                      first_use_checks):
     """A layer's first call under ``torch.inference_mode()`` (a validation pass before
     training): its first-use check builds its problem on an autograd of its own and passes,
     with no warning, and training then runs on the Triton kernels."""
     from increlora_fast.kernels import launch_counts, reset_launch_counts
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
-    functional.reset_kernel_checks()
-    try:
-        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
-        x = torch.randn(9, 24, device=kernel_device)
-        with warnings.catch_warnings():
-            # no warning of ours (Triton 3.6's interpreter warns of NumPy deprecations itself)
-            warnings.simplefilter("error", RuntimeWarning)
-            with torch.inference_mode():
-                layer(x)
-        assert list(functional.kernel_check_results().values()) == [True]
-        reset_launch_counts()
-        layer(x).sum().backward()
-        assert launch_counts() and layer.lora_A.grad is not None
-    finally:
-        functional.reset_kernel_checks()
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    x = torch.randn(9, 24, device=kernel_device)
+    with warnings.catch_warnings():
+        # no warning of ours (Triton 3.6's interpreter warns of NumPy deprecations itself)
+        warnings.simplefilter("error", RuntimeWarning)
+        with torch.inference_mode():
+            layer(x)
+    assert list(functional.kernel_check_results().values()) == [True]
+    reset_launch_counts()
+    layer(x).sum().backward()
+    assert launch_counts() and layer.lora_A.grad is not None
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_safety_net_check_inside_activation_checkpointing(kernel_device, monkeypatch,
-                                                          use_reentrant):
+def test_safety_net_check_inside_activation_checkpointing(kernel_device, use_reentrant,
+                                                          first_use_checks):
     """A layer's first call inside activation checkpointing (transformers' default is
     non-reentrant): the first-use check runs in the forward and not in the recomputation, so
     the tensors it saves must not pass through checkpoint's hooks. Backward then runs, with the
     gradients of the same layer without checkpointing."""
     from torch.utils.checkpoint import checkpoint
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
     torch.manual_seed(0)
     layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
     with torch.no_grad():
@@ -468,51 +461,38 @@ def test_safety_net_check_inside_activation_checkpointing(kernel_device, monkeyp
             y.square().sum().backward()
         assert list(functional.kernel_check_results().values()) == [True]
         grads.append([x.grad, layer.lora_A.grad, layer.lora_B.grad, layer.lora_lambda.grad])
-    functional.reset_kernel_checks()
     for got, ref in zip(*grads):
         torch.testing.assert_close(got, ref)
 
 
 def test_a_first_call_under_fake_tensors_neither_runs_nor_remembers_a_check(kernel_device,
-                                                                           monkeypatch):
+                                                                           first_use_checks):
     """A layer's first call under a ``FakeTensorMode`` (shape inference, memory estimation:
     tensors without data) takes the torch path, which runs on fake tensors, without a check
     (one on fake tensors failed for that alone: a "please report" warning, and the torch path
     for the real run after it). The first real call then checks, passes and launches."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from increlora_fast.kernels import launch_counts, reset_launch_counts
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
-    functional.reset_kernel_checks()
-    try:
-        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
-        x = torch.randn(9, 24, device=kernel_device)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", RuntimeWarning)
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                assert layer(mode.from_tensor(x)).shape == (9, 40)
-            assert functional.kernel_check_results() == {}
-            reset_launch_counts()
-            layer(x)
-        assert list(functional.kernel_check_results().values()) == [True]
-        assert launch_counts()
-    finally:
-        functional.reset_kernel_checks()
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    x = torch.randn(9, 24, device=kernel_device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            assert layer(mode.from_tensor(x)).shape == (9, 40)
+        assert functional.kernel_check_results() == {}
+        reset_launch_counts()
+        layer(x)
+    assert list(functional.kernel_check_results().values()) == [True]
+    assert launch_counts()
 
 
-def test_safety_net_check_where_saved_tensor_hooks_are_disabled(kernel_device, monkeypatch):
+def test_safety_net_check_where_saved_tensor_hooks_are_disabled(kernel_device, first_use_checks):
     """Where saved-tensor hooks may not be registered (torch disables them in its compiled
     regions), the check runs without its own and passes."""
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
-    functional.reset_kernel_checks()
-    try:
-        layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
-        with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
-            layer(torch.randn(9, 24, device=kernel_device))
-        assert list(functional.kernel_check_results().values()) == [True]
-    finally:
-        functional.reset_kernel_checks()
+    layer = IncreLoRALinear(nn.Linear(24, 40), r_max=16, init_r=3).to(kernel_device)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks here"):
+        layer(torch.randn(9, 24, device=kernel_device))
+    assert list(functional.kernel_check_results().values()) == [True]
 
 
 def test_the_worst_error_of_a_check_keeps_a_non_finite_result():
