@@ -144,6 +144,14 @@ def cli(argv: List[str]) -> int:
     return finetune_cli.run(parser.parse_args(argv))
 
 
+def forbid_training(monkeypatch) -> None:
+    """Make ``--compare`` fail should it train a run again instead of reusing a finished one."""
+    def no_training(*_args, **_kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+
+
 GPT2_ARGS = ("--target-modules", "c_attn", "--modules-to-save", "score")
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from finetune_helpers import (cli, dev_logits, load_saved_adapter, sentiment_rows, tiny_args,
-                              tiny_files, write_jsonl)
+from finetune_helpers import (cli, dev_logits, forbid_training, load_saved_adapter, sentiment_rows,
+                              tiny_args, tiny_files, write_jsonl)
 from increlora_fast.data.assets import locate_asset
 
 BERT_TARGETS = "query,key,value,attention.output.dense,intermediate.dense,output.dense"
@@ -193,10 +193,7 @@ def test_compare_reuses_finished_runs_and_keeps_other_ones(tiny, tmp_path, capsy
     first = json.loads((out / "compare.json").read_text())
     capsys.readouterr()
 
-    def no_training(*_args, **_kwargs):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    forbid_training(monkeypatch)
     # a run from before a setting existed ran with its default, so it is still reused
     (older,) = (out / "lora").glob("lr*/seed1/metrics.json")
     stored = json.loads(older.read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_helpers import VOCAB, cli, tiny_args, tiny_files
+from finetune_helpers import VOCAB, cli, forbid_training, tiny_args, tiny_files
 
 
 def write_tiny_deberta(directory: Path) -> Path:
@@ -276,10 +276,7 @@ def test_compare_reuses_the_finished_runs_of_a_model_whose_head_layer_was_added(
     first = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     capsys.readouterr()
 
-    def no_training(*_args, **_kwargs):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    forbid_training(monkeypatch)
     assert cli(args) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 1
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text()) == first

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from finetune_helpers import cli, tiny_args, tiny_files
+from finetune_helpers import cli, forbid_training, tiny_args, tiny_files
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +78,7 @@ def test_compare_reuses_the_finished_runs_of_a_decoder(tiny, tmp_path, capsys, m
     first = _json.loads((tmp_path / "cmp" / "compare.json").read_text())
     capsys.readouterr()
 
-    def no_training(*_args, **_kwargs):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr("increlora_fast.training.compare.run_finetune", no_training)
+    forbid_training(monkeypatch)
     assert cli(args) == 0
     assert capsys.readouterr().out.count("reusing the finished run") == 1
     assert _json.loads((tmp_path / "cmp" / "compare.json").read_text()) == first
