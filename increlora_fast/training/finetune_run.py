@@ -274,6 +274,19 @@ def _first_layer(model, key: str) -> Tuple[bool, str]:
     return inside, (key[len(prefix):] if inside else key).split(".")[0]
 
 
+def _unsaved_new_layers(s: RunSettings, model, new: List[str]) -> List[Tuple[bool, str]]:
+    """The layers (`_first_layer`: inside the base model or not, first name) of the model's
+    parameters among ``new`` that ``s.modules_to_save`` leaves out, each name once, in order."""
+    present = {name for name, _ in model.named_parameters()}
+    layers: List[Tuple[bool, str]] = []
+    for key in (key for key in new if key in present):
+        if saved_root(key.rpartition(".")[0], s.modules_to_save) is None:
+            inside, layer = _first_layer(model, key)
+            if all(layer != known for _, known in layers):
+                layers.append((inside, layer))
+    return layers
+
+
 def with_new_head_layers_saved(s: RunSettings, model, new: List[str]) -> RunSettings:
     """``s`` with the layers of the head (outside the base model) that the checkpoint had no
     weights for (``new``, `load_model`) added to ``modules_to_save``, warning once naming
@@ -284,13 +297,7 @@ def with_new_head_layers_saved(s: RunSettings, model, new: List[str]) -> RunSett
     not fixed by training the encoder in full)."""
     if s.method == "full":
         return s
-    present = {name for name, _ in model.named_parameters()}
-    added: List[str] = []
-    for key in sorted(key for key in new if key in present):
-        inside, layer = _first_layer(model, key)
-        if not inside and layer not in added and \
-                saved_root(key.rpartition(".")[0], s.modules_to_save) is None:
-            added.append(layer)
+    added = [layer for inside, layer in _unsaved_new_layers(s, model, new) if not inside]
     if not added:
         return s
     warnings.warn(f"--model {s.model}: its checkpoint has no weights for "
@@ -310,13 +317,7 @@ def check_new_layers_trained(s: RunSettings, model, new: List[str]) -> None:
     the model, or below its base model) and the option that trains them."""
     if s.method == "full":
         return
-    untrained = []
-    present = {name for name, _ in model.named_parameters()}
-    for key in (key for key in new if key in present):
-        if saved_root(key.rpartition(".")[0], s.modules_to_save) is None:
-            layer = _first_layer(model, key)[1]
-            if layer not in untrained:
-                untrained.append(layer)
+    untrained = [layer for _, layer in _unsaved_new_layers(s, model, new)]
     if untrained:
         raise ValueError(f"--model {s.model}: its checkpoint has no weights for "
                          f"{', '.join(map(repr, untrained))}, which start random, and "
