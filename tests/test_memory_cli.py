@@ -527,3 +527,34 @@ def test_cli_trains_the_classification_head_as_finetune_does(tmp_path, capsys):
     for method in dict.fromkeys(r["method"] for r in rows):
         comps = by_component(rows, method)
         assert comps[GRADS]["bytes"] == comps[PADDED]["bytes"] + head, method
+
+
+DISTILBERT = {"model_type": "distilbert", "vocab_size": 64, "dim": 32, "hidden_dim": 48,
+              "n_layers": 2, "n_heads": 2, "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("architecture, trained", [
+    ("DistilBertForMaskedLM", ["pre_classifier", "classifier"]),
+    ("DistilBertForSequenceClassification", ["classifier"])])
+def test_cli_trains_the_head_layers_an_encoder_checkpoint_lacks(tmp_path, capsys, architecture,
+                                                                trained):
+    """`finetune` adds the head's layers that the checkpoint has no weights for to
+    --modules-to-save (DistilBERT's dim x dim ``pre_classifier`` beside its ``classifier``);
+    the memory figures of an encoder checkpoint count them trained in full too, while a
+    classifier checkpoint, which has them, trains only its head."""
+    write_config(tmp_path, dict(DISTILBERT, architectures=[architecture]))
+    out = tmp_path / "rows.json"
+    assert main(["memory", "--model", str(tmp_path), "--head", "seq-cls",
+                 "--target-modules", "q_lin,v_lin", "--r-max", "4", "--seq-len", "8", "--dtype", "fp32", "--json", str(out),
+                 "--no-progress", "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert "".join(f", {name} trained in full" for name in trained) in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    assert all(r["modules_to_save"] == trained for r in rows)
+    pre_classifier, classifier = 32 * 32 + 32, 32 * 2 + 2
+    for method in dict.fromkeys(r["method"] for r in rows):
+        comps = by_component(rows, method)
+        # peft matches modules_to_save by a bare name suffix: "classifier" takes
+        # "pre_classifier" too, so its runs train both either way
+        both = "pre_classifier" in trained or not method.startswith("increlora")
+        full = classifier + (pre_classifier if both else 0)
+        assert comps[GRADS]["bytes"] == comps[PADDED]["bytes"] + 4 * full, method

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ..config import ADAPTER_DTYPES
 from .option_checks import (check_device, check_device_index, check_output_path,
@@ -90,6 +90,21 @@ def _is_breakdown(rows: list) -> bool:
                               for r in rows)
 
 
+def _trained_head(spec, device) -> Tuple[str, ...]:
+    """The layers of a classifier that `finetune` trains in full: the head, and with a
+    checkpoint that is no sequence classifier (its config's ``architectures``), every layer
+    outside the base model, which such a checkpoint has no weights for (DistilBERT's
+    ``pre_classifier``, DeBERTa-v2's ``pooler``)."""
+    from ..training.finetune_run import head_layers, head_name
+
+    model = spec.build(device, meta=True)
+    if any(arch.endswith("ForSequenceClassification")
+           for arch in getattr(spec.config, "architectures", None) or []):
+        head = head_name(model)
+        return (head,) if head is not None else ()
+    return tuple(head_layers(model))
+
+
 def _run_fields(args: argparse.Namespace, head: str, device, modules_to_save) -> dict:
     """What every ``--json`` row records of its run: the model and step the table's header
     names, the device, date, versions and command."""
@@ -133,7 +148,6 @@ def run(args: argparse.Namespace) -> int:
                                                memory_breakdown, write_json)
     from ..benchmarks.memory.compared_methods import AdapterSetting
     from ..data.assets import AssetUnavailableError, hub_access_off, hub_offline
-    from ..training.finetune_run import head_name
 
     try:
         device = torch.device(args.device.strip().lower() if args.device else
@@ -150,9 +164,8 @@ def run(args: argparse.Namespace) -> int:
         setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
         with hub_offline(hub_access_off() is not None):  # a hub id not cached fails at once
             spec = build_spec(args.model, args.head, args.dtype)
-        head = head_name(spec.build(device, meta=True)) if spec.head == "seq-cls" else None
-        if head is not None:  # trained in full, as `finetune` trains it
-            setting = dataclasses.replace(setting, modules_to_save=(head,))
+        if spec.head == "seq-cls":  # trained in full, as `finetune` trains them
+            setting = dataclasses.replace(setting, modules_to_save=_trained_head(spec, device))
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
                                 quantized=args.quantized, estimate=args.estimate,
                                 small_seq=args.small_seq, progress=not args.no_progress)

@@ -244,6 +244,17 @@ def head_name(model) -> Optional[str]:
                  if isinstance(getattr(model, name, None), torch.nn.Module)), None)
 
 
+def head_layers(model) -> List[str]:
+    """The names of a sequence classifier's layers outside its base model that hold parameters,
+    in order: ``["classifier"]`` of BERT, ``["pre_classifier", "classifier"]`` of DistilBERT,
+    ``["pooler", "classifier"]`` of DeBERTa-v2. An encoder checkpoint has weights for none of
+    them, so `finetune` trains and saves them all (`with_head_saved`,
+    `with_new_head_layers_saved`)."""
+    base = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != base and next(child.parameters(), None) is not None]
+
+
 def with_head_saved(s: RunSettings, model) -> RunSettings:
     """``s`` with the model's head in ``modules_to_save`` (warning once when it was missing):
     a head left out would stay frozen at its random start and be missing from the adapter.
