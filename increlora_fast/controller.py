@@ -608,6 +608,20 @@ class IncreLoRAController:
         layers' ``score_enabled`` to this, so they launch what the state's steps launch."""
         return tracked and self.config.score == "delta_w"
 
+    def stop_tracking(self) -> None:
+        """Switch score tracking off in every layer and free its buffers (exact-step mode's
+        dense float32 copy of each target weight among them) until `step` or `track_step`
+        sets it again. For when training ends: the end of ``step(s)`` sets the layers up for
+        step ``s + 1``, which a finished run never takes, so later passes (a second fine-tuning
+        stage, gradients taken for analysis) would pay for scores nobody reads.
+        `integrations.IncreLoRACallback` calls it when ``train()`` ends."""
+        self._set_tracking(False)
+
+    def track_step(self, step: int) -> None:
+        """Set the layers' score tracking to what the passes of optimizer step ``step`` need
+        (`is_tracked`), as the end of ``step(step - 1)`` does: to go on after `stop_tracking`."""
+        self._set_tracking(self.is_tracked(step))
+
     def _set_tracking(self, on: bool) -> None:
         """Switch the layers' score tracking (`passes_track`); buffers are released (the dense
         G of exact-step mode freed) whenever tracking turns on or off."""

@@ -18,9 +18,10 @@ def _model():
 
 
 def _args(out, **kw):
-    return TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=8,
-                             learning_rate=1e-2, save_steps=6, logging_steps=100, report_to=[],
-                             use_cpu=True, seed=0, disable_tqdm=True, **kw)
+    settings = dict(max_steps=STEPS, per_device_train_batch_size=8, learning_rate=1e-2,
+                    save_steps=6, logging_steps=100, report_to=[], use_cpu=True, seed=0,
+                    disable_tqdm=True)
+    return TrainingArguments(output_dir=str(out), **dict(settings, **kw))
 
 
 def _said_while_training(trainer, phrase: str):
@@ -611,3 +612,21 @@ def test_frozen_adapters_under_another_optimizer_are_said_at_train(tmp_path):
         trainer = IncreLoRATrainer(model=model, args=_args(tmp_path),
                                    train_dataset=TinyTask(), optimizers=(optimizer, None))
     assert _said_while_training(trainer, "every adapter tensor")
+
+
+def test_train_ending_in_a_score_window_leaves_no_score_tracking(tmp_path):
+    """A run whose last step sets the layers to track the next one (a round was due at step 6)
+    switches tracking off when ``train()`` ends: later passes (a second fine-tuning stage,
+    gradients taken for analysis) pay no score, and exact-step mode's dense fp32 copy of every
+    target weight is freed instead of held for the rest of the process."""
+    model, _ = tiny_increlora_bert(warmup_steps=2, exact_step_score=True)
+    trainer = IncreLoRATrainer(model=model, args=_args(tmp_path, max_steps=5, save_steps=100),
+                               train_dataset=TinyTask())
+    trainer.train()
+    layers = trainer.increlora_controller.layers
+    assert trainer.increlora_controller.is_tracked(5)  # the step that never came was tracked
+    assert not any(layer.score_enabled or layer.score_grad is not None for layer in layers)
+    batch = TinyTask()[0]
+    out = model(input_ids=batch["input_ids"][None], labels=torch.tensor([batch["labels"]]))
+    out.loss.backward()
+    assert all(layer.score_grad is None and not layer.score_sum.any() for layer in layers)

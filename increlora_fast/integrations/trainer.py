@@ -398,6 +398,7 @@ class IncreLoRACallback(TrainerCallback):
         if state.global_step > 0 and not self.restored:
             self.load_from_output_dir(args, state, model)
         self.refuse_a_spent_controller(state.global_step)
+        self.controller.track_step(state.global_step)  # off since a train() before this one
         if state.global_step == 0 and not self.restored:
             self.restart_grown_slots()
         if state.global_step > 0:  # (each round of a checkpoint was logged before its save)
@@ -467,6 +468,9 @@ class IncreLoRACallback(TrainerCallback):
         message = self.controller.budget_out_of_reach(start_step, end_step, "max_steps")
         if message:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.controller.stop_tracking()  # no score or score buffer in passes after training
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         inner = getattr(optimizer, "optimizer", optimizer)
