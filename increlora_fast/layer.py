@@ -357,6 +357,10 @@ class IncreLoRALinear(nn.Module):
         # (step, slot_version) of the last slot stamp `add_reserve` or `activate_reserve` made
         # (None after loading a state dict): the optimizer checks its step count against it.
         self.last_stamp: Optional[Tuple[int, int]] = None
+        # The latest step any slot is stamped at (`slot_alloc_step`, `slot_active_step`), known
+        # on the host; also after loading a state dict (`note_loaded_stamps`). The optimizer
+        # names stamps beyond its own step count: an earlier run's, whose schedules begin later.
+        self.latest_stamp: Optional[int] = 0
         # Set by `inject_increlora` (`_attach_model`): a weak reference to the model, and the
         # layer's name and the parameters tied to its base weight there at injection.
         self._model_ref: Optional[weakref.ReferenceType] = None
@@ -512,11 +516,29 @@ class IncreLoRALinear(nn.Module):
                 stamps.copy_(torch.where(stamps >= 0, 0, -1))
         self.mark_slots_changed()
         self.last_stamp = None  # the earlier run's step: a new optimizer would warn about it
+        self.latest_stamp = 0
 
     def mark_slots_changed(self) -> None:
         """Bump ``slot_version``: call after changing ``slot_state``, ``slot_alloc_step`` or
         ``slot_active_step`` in place (this layer's own methods and loading a state dict do)."""
         self.slot_version += 1
+
+    def note_loaded_stamps(self) -> None:
+        """After the slot buffers were loaded (a state dict, an adapter): `mark_slots_changed`,
+        no stamp of this run (`last_stamp`), and `latest_stamp` read from the loaded stamps (one
+        host read; unknown, None, on the meta device)."""
+        self.mark_slots_changed()
+        self.last_stamp = None
+        stamps = (self.slot_alloc_step, self.slot_active_step)
+        self.latest_stamp = None if any(t.is_meta for t in stamps) else \
+            max(int(t.max()) for t in stamps)
+
+    def _note_stamp(self, step: int) -> None:
+        """After `add_reserve` or `activate_reserve` stamped slots at ``step``."""
+        self.mark_slots_changed()
+        self.last_stamp = (int(step), self.slot_version)
+        latest = self.__dict__.get("latest_stamp")  # (None: unknown, or an older pickle)
+        self.latest_stamp = int(step) if latest is None else max(latest, int(step))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         # A checkpoint of the model before injection names the base's entries as the replaced
@@ -530,8 +552,7 @@ class IncreLoRALinear(nn.Module):
             if name.split(".", 1)[0] in names and inner + name not in state_dict:
                 state_dict[inner + name] = state_dict.pop(key)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self.mark_slots_changed()
-        self.last_stamp = None
+        self.note_loaded_stamps()
 
     @torch.no_grad()
     def activate_reserve(self, n: int, step: int) -> int:
@@ -541,8 +562,7 @@ class IncreLoRALinear(nn.Module):
         self.lora_lambda[idx] = self.reserve_value()
         self.slot_state[idx] = SlotState.ACTIVE
         self.slot_active_step[idx] = step
-        self.mark_slots_changed()
-        self.last_stamp = (int(step), self.slot_version)
+        self._note_stamp(step)
         return int(idx.numel())
 
     @torch.no_grad()
@@ -585,8 +605,7 @@ class IncreLoRALinear(nn.Module):
         self.slot_state[idx] = SlotState.RESERVE
         self.slot_alloc_step[idx] = step
         self.slot_active_step[idx] = -1
-        self.mark_slots_changed()
-        self.last_stamp = (int(step), self.slot_version)
+        self._note_stamp(step)
         return int(idx.numel())
 
     @torch.no_grad()

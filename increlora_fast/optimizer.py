@@ -795,25 +795,36 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         last known step (`_stepped_before`), up to this one: the index given to
         ``controller.step`` is not this optimizer's step count (`global_step`), so new slots
         would take their warmup, decay and first Adam step at other steps than the controller
-        meant. Host values only."""
+        meant. Also when a slot holds a stamp beyond this step (`IncreLoRALinear.latest_stamp`):
+        the stamps of an earlier run (a grown model's state dict loaded, or a copy of it) under
+        a new optimizer, whose per-slot schedules would begin only at those steps (with
+        warmup_steps > 0 a learning rate of 0 until then). Host values only."""
+        if self._clock_warned:
+            return
         stamp = getattr(layer, "last_stamp", None)  # (a layer pickled by an older release)
-        seen = self._seen_version.get(id(p))
-        if stamp is None or self._clock_warned or (seen is not None and seen >= stamp[1]):
-            return
-        ids, at = self._stepped_before.get(where, ([], -1))
-        step, last = stamp[0], at if id(p) in ids else -1
-        if last < step <= self.global_step:
-            return
+        latest = getattr(layer, "latest_stamp", None)
+        if latest is not None and latest > self.global_step:
+            step, stepped = latest, ""
+        else:
+            seen = self._seen_version.get(id(p))
+            if stamp is None or (seen is not None and seen >= stamp[1]):
+                return
+            ids, at = self._stepped_before.get(where, ([], -1))
+            step, last = stamp[0], at if id(p) in ids else -1
+            if last < step <= self.global_step:
+                return
+            stepped = f" (it stepped them last at step {last})" if step <= last else ""
         self._clock_warned = True
-        stepped = f" (it stepped them last at step {last})" if step <= last else ""
         warnings.warn(f"IncreLoRAAdamW: slots were stamped at step {step} by controller.step, "
                       f"but this is the optimizer's step {self.global_step}{stepped}: the two "
                       "step counts differ, so new slots take their warmup, decay and first "
                       "Adam step at other steps than meant. Pass controller.step the "
                       "optimizer's step index (optimizer.global_step, 0, 1, 2, ...), call "
                       "both once per step, and resume both from one checkpoint (the "
-                      "optimizer's load_state_dict too); warned once", RuntimeWarning,
-                      stacklevel=4)
+                      "optimizer's load_state_dict too); for a new run over a model an "
+                      "earlier run grew (its state_dict loaded, or a copy), call "
+                      "restart_schedules() on each IncreLoRA layer first; warned once",
+                      RuntimeWarning, stacklevel=4)
 
 
 def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None, lr: float = 1e-3,

@@ -755,9 +755,8 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             target.copy_(value.to(device=target.device, dtype=target.dtype))
     for param in unfrozen.values():  # trainable as saved, so a later save_adapter keeps it
         param.requires_grad_(True)
-    for layer in layers.values():
-        layer.mark_slots_changed()
-        layer.last_stamp = None  # the model's own stamps are gone, as after load_state_dict
+    for layer in layers.values():  # the model's own stamps are gone, as after load_state_dict
+        layer.note_loaded_stamps()
     if pooling is not None and model_pooling(model) != pooling:
         apply_pooling(model, pooling)
     if pad is not None and hasattr(model, "config") and model_pad_token_id(model) is None:
