@@ -89,3 +89,125 @@ def test_a_resume_with_the_optimizer_state_says_nothing():
         warnings.simplefilter("error", RuntimeWarning)
         train_steps(target, opt2, ctl2, range(9, 12))
 
+
+def params(model):
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+def test_a_copy_of_model_optimizer_and_controller_trains_on_as_the_original(how):
+    """`copy.deepcopy((model, optimizer, controller))` (or a pickle of the three) taken between
+    allocation rounds trains on through the next rounds exactly as the uninterrupted run; the
+    copy has slot buffers, scores and state of its own, so its steps leave the original
+    untouched, and the original then also ends as the uninterrupted run."""
+    reference = grown_run(steps=12)[0]
+    model, opt, ctl, _ = grown_run(steps=5)
+    if how == "deepcopy":
+        model2, opt2, ctl2 = copy.deepcopy((model, opt, ctl))
+    else:
+        buffer = io.BytesIO()
+        torch.save((model, opt, ctl), buffer)
+        buffer.seek(0)
+        model2, opt2, ctl2 = torch.load(buffer, weights_only=False)
+    kept = params(model)
+    train_steps(model2, opt2, ctl2, range(5, 12))
+    assert_same(params(model), kept)
+    assert_same(params(model2), params(reference))
+    train_steps(model, opt, ctl, range(5, 12))
+    assert_same(params(model), params(reference))
+    assert ctl.allocation_log == ctl2.allocation_log and len(ctl.allocation_log) == 4
+
+
+def test_a_grown_state_dict_loads_strictly_into_a_fresh_model_with_its_ranks_and_outputs():
+    """`model.state_dict()` of a grown model carries the slot states and stamps (persistent
+    buffers): a freshly injected model of the same config takes it with strict=True and then
+    has the same ranks and outputs. One injected with another r_max is refused by torch's size
+    check, naming the adapter tensor."""
+    model, _, ctl, config = grown_run()
+    torch.manual_seed(1)
+    target = inject_increlora(ParallelBranches(3), config)
+    target.load_state_dict(model.state_dict(), strict=True)
+    assert IncreLoRAController(target, config).rank_pattern() == ctl.rank_pattern()
+    assert sum(ctl.rank_pattern().values()) > 3
+    x = batch(0)[0]
+    assert torch.equal(target(x), model(x))
+    other = inject_increlora(ParallelBranches(3), branch_config(target_rank=4, r_max=4))
+    with pytest.raises(RuntimeError, match=r"size mismatch for branches\.0\.lora_A"):
+        other.load_state_dict(model.state_dict())
+
+
+def test_two_models_trained_alternately_train_as_each_alone():
+    """Two injected models of different configs (r_max, alpha, init_r, schedule, seed) trained
+    step by step in turn in one process, each with its own optimizer and controller, end
+    bitwise as each trained alone: no state is shared between them (module-level caches,
+    class attributes)."""
+    first = dict(target_rank=4, r_max=5, top_h=1)
+    second = dict(target_rank=3, r_max=4, init_r=2, lora_alpha=8.0, incre_interval=3, top_h=2,
+                  seed=7, orth_reg_weight=0.5)
+
+    def build(overrides, seed):
+        torch.manual_seed(seed)
+        return make_run(ParallelBranches(3), branch_config(**overrides))
+
+    alone = []
+    for overrides, seed in ((first, 0), (second, 1)):
+        run = build(overrides, seed)
+        train_steps(*run, range(10))
+        alone.append((params(run[0]), run[2].allocation_log))
+    runs = [build(first, 0), build(second, 1)]
+    for step in range(10):
+        for run in runs:
+            train_steps(*run, [step])
+    for run, (state, log) in zip(runs, alone):
+        assert_same(params(run[0]), state)
+        assert run[2].allocation_log == log and log
+
+
+def test_evaluation_passes_between_steps_change_nothing():
+    """Evaluation between steps (eval mode under no_grad, and a forward with gradients on and
+    no backward in train mode) leaves scores, rounds and parameters as a run without them."""
+    def run(evaluate):
+        torch.manual_seed(0)
+        model, opt, ctl = make_run(ParallelBranches(3), branch_config(
+            target_rank=4, r_max=5, top_h=1, lora_dropout=0.0))
+
+        def evaluation(step):
+            if evaluate:
+                model.eval()
+                with torch.no_grad():
+                    model(batch(100 + step)[0])
+                model.train()
+                model(batch(200 + step)[0]).sum()
+        train_steps(model, opt, ctl, range(10), on_step=evaluation)
+        return params(model), ctl.ipt.clone(), ctl.allocation_log
+
+    (state, ipt, log), (state2, ipt2, log2) = run(False), run(True)
+    assert_same(state, state2)
+    assert torch.equal(ipt, ipt2) and log == log2 and log
+
+
+def test_merged_then_injected_again_trains_from_a_fresh_adapter():
+    """inject, train, merge_and_unload, inject again (another config): the new adapter starts at
+    init_r with its own schedule and the merged model's outputs; a second injection without
+    merging is refused in one line."""
+    from increlora_fast import merge_and_unload
+    model, _, _, _ = grown_run()
+    x = batch(0)[0]
+    merged_out = model(x).detach()
+    merge_and_unload(model)
+    config = branch_config(target_rank=3, r_max=4, top_h=1, target_modules=r"branches\.[01]")
+    opt, ctl = new_run(inject_increlora(model, config), config)
+    assert ctl.rank_pattern() == {"branches.0": 1, "branches.1": 1}
+    assert torch.allclose(model(x), merged_out, atol=1e-4)  # (reserves compute at 1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps(model, opt, ctl, range(12))
+    assert sum(ctl.rank_pattern().values()) == 6
+    with pytest.raises(ValueError, match="already holds IncreLoRA layers"):
+        inject_increlora(model, config)
