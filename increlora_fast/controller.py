@@ -541,6 +541,11 @@ class IncreLoRAController:
     def _allocate(self, step: int) -> None:
         cfg = self.config
         remaining = self.total_budget - self.current_total_rank()
+        if remaining <= 0:  # reached outside the rounds: a grown state dict loaded since
+            self._finish()
+            self._set_tracking(False)
+            logger.info("step %d: rank budget %d reached", step, self.total_budget)
+            return
         if cfg.score == "random":
             score = self._random_scores(step)
         else:

@@ -16,7 +16,8 @@ from method_helpers import ParallelBranches, batch, branch_config, make_run, tra
 def grown_run(steps: int = 9, **overrides):
     """A run of ParallelBranches(3) whose rounds grew slots at steps 4, 6 and 8."""
     torch.manual_seed(0)
-    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2, **overrides)
+    config = branch_config(**{**dict(target_rank=4, r_max=5, top_h=1, warmup_steps=2),
+                              **overrides})
     model, opt, ctl = make_run(ParallelBranches(3), config)
     train_steps(model, opt, ctl, range(steps))
     return model, opt, ctl, config
@@ -211,3 +212,22 @@ def test_merged_then_injected_again_trains_from_a_fresh_adapter():
     assert sum(ctl.rank_pattern().values()) == 6
     with pytest.raises(ValueError, match="already holds IncreLoRA layers"):
         inject_increlora(model, config)
+
+
+def test_a_state_dict_at_the_budget_loaded_under_a_built_controller_ends_allocation_quietly():
+    """A state dict whose ranks reached the budget, loaded after the controller was built (a
+    loop that builds everything, then restores the model): the next round found no reserve
+    and warned that every module was full or had a frozen lora_lambda, neither of which was
+    so. It ends allocation as reached, saying nothing."""
+    model, _, ctl, config = grown_run(steps=10, target_rank=2)
+    assert ctl.budget_reached
+    torch.manual_seed(1)
+    target = inject_increlora(ParallelBranches(3), config)
+    opt, ctl2 = new_run(target, config)
+    target.load_state_dict(model.state_dict())
+    for _, layer in increlora_layers(target):
+        layer.restart_schedules()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps(target, opt, ctl2, range(6))
+    assert ctl2.budget_reached and ctl2.rank_pattern() == ctl.rank_pattern()
