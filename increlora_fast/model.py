@@ -649,6 +649,22 @@ def frozen_adapters_message(model: nn.Module) -> Optional[str]:
             "IncreLoRA layer's lora_A, lora_B and lora_lambda)")
 
 
+def unfrozen_bases_message(model: nn.Module) -> Optional[str]:
+    """The one-line warning when base weights under IncreLoRA adapters of ``model`` require
+    grad, else None: ``model.requires_grad_(True)`` after `inject_increlora` unfreezes them,
+    and an optimizer over the trainable parameters then trains each in full beside its
+    adapter (and `save_adapter` saves it). Names how many and the first."""
+    names = [name for name, layer in increlora_layers(model)
+             if isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad]
+    if not names:
+        return None
+    return (f"IncreLoRA: the base weights of {len(names)} adapted modules ({names[0]}"
+            f"{', ...' if len(names) > 1 else ''}) require grad (model.requires_grad_(True) "
+            "after inject_increlora?), so they train in full beside their adapters and "
+            "save_adapter saves them; freeze them again with "
+            "layer.weight.requires_grad_(False) on each IncreLoRA layer if that is not meant")
+
+
 def unwrapped(model: nn.Module) -> nn.Module:
     """The model that ``torch.compile`` wrappers and (Distributed)DataParallel wrappers hold
     (``model`` itself when not wrapped): their module names start with ``_orig_mod.`` or

@@ -50,7 +50,7 @@ from .device_scalar import DeviceScalar, refresh_in_place
 from .functional import kernel_readable, multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
 from .model import (frozen_adapters_message, get_config, increlora_layers,
-                    keep_adapters_in_fast_paths)
+                    keep_adapters_in_fast_paths, unfrozen_bases_message)
 from .optim_functional import along_slot_dim, masked_adamw_into
 
 ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
@@ -865,6 +865,9 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     frozen = frozen_adapters_message(model)
     if frozen is not None:
         raise ValueError(f"create_optimizer: {frozen}")
+    unfrozen = unfrozen_bases_message(model)
+    if unfrozen is not None:
+        warnings.warn(f"create_optimizer: {unfrozen}", UserWarning, stacklevel=2)
     keep_adapters_in_fast_paths(model)  # layers built by hand, not injected
     slots: Dict[int, Tuple[IncreLoRALinear, str]] = {}
     adapter, dense = [], []

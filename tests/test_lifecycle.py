@@ -231,3 +231,22 @@ def test_a_state_dict_at_the_budget_loaded_under_a_built_controller_ends_allocat
         warnings.simplefilter("error", RuntimeWarning)
         train_steps(target, opt, ctl2, range(6))
     assert ctl2.budget_reached and ctl2.rank_pattern() == ctl.rank_pattern()
+
+
+def test_an_optimizer_over_unfrozen_base_weights_says_so():
+    """``model.requires_grad_(True)`` after injection unfreezes the frozen base weights under
+    the adapters: an optimizer made then would train every one of them in full, beside the
+    adapters, and `save_adapter` would save them, all without a word. `create_optimizer` warns,
+    naming how many and the first."""
+    torch.manual_seed(0)
+    config = branch_config()
+    model, _, _ = make_run(ParallelBranches(3), config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_optimizer(model, config)  # frozen, as injected: no warning
+    model.requires_grad_(True)
+    with pytest.warns(UserWarning, match=r"base weights of 3 adapted modules \(branches\.0\b.*"
+                                         r"requires_grad_\(False\)"):
+        optimizer = create_optimizer(model, config)
+    bases = {id(layer.weight) for _, layer in increlora_layers(model)}
+    assert bases <= {id(p) for g in optimizer.param_groups for p in g["params"]}
