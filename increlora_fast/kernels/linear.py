@@ -397,7 +397,9 @@ def _(dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda, slot
     def like(t, needed):
         return torch.empty_like(t, memory_format=torch.contiguous_format) if needed \
             else x.new_empty(0)
-    return (like(x, need_x), like(x_adapter, need_xa and x_adapter is not None),
+    # y reads x through the base weight or as the adapter's input: no dx without either.
+    has_dx = need_x and (weight is not None or x_adapter is None)
+    return (like(x, has_dx), like(x_adapter, need_xa and x_adapter is not None),
             like(lora_A, need_a),
             like(lora_B, need_b), like(lora_lambda, need_lam))
 
@@ -440,6 +442,8 @@ def _backward(ctx, dy: torch.Tensor) -> tuple:
     x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h = ctx.saved_tensors
     weight_in_out, alpha, reserve, score_out, grad_out, _, _, plan = ctx.meta
     need = ctx.needs_input_grad[:5]
+    if weight is None and x_adapter is not None:  # y reads x only through x_adapter: no dx
+        need = (False,) + need[1:]
     args = (dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda,
             slot_state, alpha, reserve, h, score_out, grad_out, *need)
     if plan is None or torch.compiler.is_compiling():

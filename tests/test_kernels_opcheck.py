@@ -1,0 +1,91 @@
+"""``torch.library.opcheck`` of the custom ops ``increlora::adapted_linear_fwd`` / ``_bwd``
+that torch.compile sees (`kernels.linear`): schema (declared mutations, no aliasing), fake
+implementations against the real outputs (shapes, dtypes, strides) and their use by
+AOTAutograd. A fake output that differs from the real one makes compiled graphs fail or
+compute on wrong strides.
+
+On CPU the kernels run under the Triton interpreter (conftest), on CUDA compiled.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.usefixtures("kernel_device")
+
+ALPHA, RESERVE = 2.0, 0.5
+# Runs the op on real and fake tensors and under AOTAutograd; the autograd registration test
+# does not apply: the ops run inside `AdaptedLinearFunction`, which is their autograd.
+OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _operands(m: int, k: int, n: int, r: int, dtype: torch.dtype, *, bias: bool = True,
+              slots: bool = True, dropout: bool = False, weight_in_out: bool = False,
+              weight: bool = True, adapter_dtype: Optional[torch.dtype] = None) -> dict:
+    dev, adapter_dtype = _device(), adapter_dtype or dtype
+    return dict(
+        x=torch.randn(m, k, dtype=dtype, device=dev),
+        x_adapter=torch.randn(m, k, dtype=dtype, device=dev) if dropout else None,
+        weight=None if not weight else torch.randn(*((k, n) if weight_in_out else (n, k)),
+                                                   dtype=dtype, device=dev),
+        bias=torch.randn(n, dtype=dtype, device=dev) if bias and weight else None,
+        weight_in_out=weight_in_out,
+        lora_A=torch.randn(r, k, dtype=adapter_dtype, device=dev),
+        lora_B=torch.randn(n, r, dtype=adapter_dtype, device=dev),
+        lora_lambda=torch.randn(r, dtype=adapter_dtype, device=dev),
+        slot_state=torch.tensor([2, 1, 0, 2] * (r // 4), dtype=torch.int8, device=dev)
+        if slots else None)
+
+
+def _opcheck(ops: dict, dtype: torch.dtype, *, need=(True,) * 5, score: bool = False,
+             grad: bool = False, fused: bool = False) -> None:
+    """opcheck of the forward op on ``ops``, then of the backward op on its outputs."""
+    from increlora_fast.kernels.linear import _bwd_op, _fwd_op
+    o = ops
+    fwd = (o["x"], o["x_adapter"], o["weight"], o["bias"], o["weight_in_out"], o["lora_A"],
+           o["lora_B"], o["lora_lambda"], o["slot_state"], ALPHA, RESERVE, dtype, need[4], fused)
+    torch.library.opcheck(_fwd_op, fwd, test_utils=OPCHECK_TESTS)
+    _, h = _fwd_op(*fwd)
+    m, n, k = o["x"].shape[0], o["lora_B"].shape[0], o["x"].shape[1]
+    dev = o["x"].device
+    bwd = (torch.randn(m, n, dtype=dtype, device=dev), o["x"], o["x_adapter"], o["weight"],
+           o["weight_in_out"], o["lora_A"], o["lora_B"], o["lora_lambda"], o["slot_state"],
+           ALPHA, RESERVE, h, torch.zeros((), device=dev) if score else None,
+           torch.zeros(n, k, device=dev) if grad else None, *need)
+    torch.library.opcheck(_bwd_op, bwd, test_utils=OPCHECK_TESTS)
+
+
+def test_adapter_input_without_base_weight():
+    """Without a base weight, y reads x only through the adapter input (dropout(x)): the
+    backward has no dx of x itself, and its fake says so too. Compiled, the gradient of x
+    (through the dropout) equals eager's; it failed with a size mismatch when the fake promised
+    an (M, in) dx the kernels never write."""
+    from increlora_fast.kernels.linear import adapted_linear_triton
+    _opcheck(_operands(5, 24, 40, 4, torch.float32, dropout=True, weight=False), torch.float32)
+
+    dev = _device()
+    lora_A = torch.randn(4, 24, device=dev, requires_grad=True)
+    lora_B = torch.randn(40, 4, device=dev, requires_grad=True)
+    lam = torch.randn(4, device=dev, requires_grad=True)
+    state = torch.tensor([2, 1, 0, 2], dtype=torch.int8, device=dev)
+
+    def adapter(x):
+        return adapted_linear_triton(x, None, None, lora_A, lora_B, lam, state, ALPHA, RESERVE,
+                                     x_adapter=x * 2.0)
+    x = torch.randn(5, 24, device=dev, requires_grad=True)
+    adapter(x).square().sum().backward()
+    eager = [t.grad.clone() for t in (x, lora_A, lora_B, lam)]
+    for t in (x, lora_A, lora_B, lam):
+        t.grad = None
+    torch._dynamo.reset()
+    torch.compile(adapter, backend="aot_eager", fullgraph=True)(x).square().sum().backward()
+    torch._dynamo.reset()
+    for got, want in zip((x.grad, lora_A.grad, lora_B.grad, lam.grad), eager):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
