@@ -89,3 +89,13 @@ def test_adapter_input_without_base_weight():
     for got, want in zip((x.grad, lora_A.grad, lora_B.grad, lam.grad), eager):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
+
+def test_strided_slot_buffers_get_contiguous_gradients():
+    """Slot buffers that are views with other strides (a transposed A or B, as a caller of
+    `lowrank_adapter` may pass) get row-major gradients, as the fake says and the GEMM backward
+    gives: the kernels allocated them like the buffer (transposed), and inductor's graph,
+    built on the fake's strides, refused the op's output."""
+    ops = _operands(5, 24, 40, 4, torch.float32)
+    ops["lora_A"] = ops["lora_A"].t().contiguous().t()
+    ops["lora_B"] = ops["lora_B"].t().contiguous().t()
+    _opcheck(ops, torch.float32)

@@ -305,16 +305,17 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
         m_blocks = -(-M // bm)
         per_prog = -(-m_blocks // max(1, min(m_blocks, plan.row_programs)))
         progs = -(-m_blocks // per_prog) if M else 0
-        # Sizes as separate ints: torch parses them faster than a shape tuple.
+        # Sizes as separate ints: torch parses them faster than a shape tuple. The gradients
+        # are row-major whatever the buffers' strides (a transposed view), as the fake says.
         if need_b:
             gb = torch.empty(progs, N, R, dtype=acc, device=device)
-            db = torch.empty_like(lora_B)
+            db = torch.empty(N, R, dtype=lora_B.dtype, device=device)
         if need_a:
             da = torch.empty(progs, R, K, dtype=acc, device=device)
-            d_a = torch.empty_like(lora_A)
+            d_a = torch.empty(R, K, dtype=lora_A.dtype, device=device)
         if need_lam:
             dl = torch.empty(progs, R, dtype=acc, device=device)
-            dlam = torch.empty_like(lora_lambda)
+            dlam = torch.empty(R, dtype=lora_lambda.dtype, device=device)
         dx_arg = target if target is not None else h
         _utils.launch(_backward_rows_kernel, (progs,),
                 dy, lora_B, h, lora_A, xa, lam, state, dx_arg, gb, da, dl,
