@@ -99,3 +99,48 @@ def test_strided_slot_buffers_get_contiguous_gradients():
     ops["lora_A"] = ops["lora_A"].t().contiguous().t()
     ops["lora_B"] = ops["lora_B"].t().contiguous().t()
     _opcheck(ops, torch.float32)
+
+
+# (id, operands, opcheck options): odd row counts (1, 5, 37), in/out 24 and 40, r_max 4 and 16,
+# every dtype, bias or none, slot and direct mode, dropout, Conv1D weights, the fused forward,
+# float32 adapters on bfloat16 activations, score and dense-gradient accumulators, need flags.
+CASES = [
+    ("f32-slots-bias", dict(m=5, k=24, n=40, r=4, dtype=torch.float32), dict(score=True)),
+    ("f32-direct-dropout-conv1d-m1", dict(m=1, k=40, n=24, r=16, dtype=torch.float32,
+                                         bias=False, slots=False, dropout=True,
+                                         weight_in_out=True), dict(grad=True)),
+    ("bf16-dropout-m37", dict(m=37, k=24, n=40, r=16, dtype=torch.bfloat16, dropout=True),
+     dict(score=True, grad=True)),
+    ("bf16-f32-adapters", dict(m=5, k=24, n=40, r=4, dtype=torch.bfloat16,
+                               adapter_dtype=torch.float32), dict(score=True)),
+    ("f16-conv1d-fused", dict(m=5, k=40, n=24, r=4, dtype=torch.float16, bias=False,
+                              weight_in_out=True), dict(fused=True, score=True)),
+    ("f64-direct", dict(m=5, k=24, n=40, r=4, dtype=torch.float64, slots=False),
+     dict(score=True, grad=True)),
+    ("f32-no-base", dict(m=5, k=24, n=40, r=4, dtype=torch.float32, weight=False),
+     dict(score=True)),
+    ("f32-dropout-dx-dlam-only", dict(m=5, k=24, n=40, r=4, dtype=torch.float32, dropout=True),
+     dict(need=(False, True, False, False, True))),
+    ("f32-dx-db-only", dict(m=5, k=24, n=40, r=4, dtype=torch.float32),
+     dict(need=(True, False, False, True, False), score=True)),
+    ("f32-nothing-needed", dict(m=5, k=24, n=40, r=4, dtype=torch.float32),
+     dict(need=(False,) * 5)),
+]
+
+
+@pytest.mark.parametrize("operands, options", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_opcheck(operands, options):
+    dtype = operands["dtype"]
+    _opcheck(_operands(**operands), dtype, **options)
+
+
+def test_gemm_backward_opcheck(monkeypatch):
+    """The adapter's backward as cuBLAS GEMMs and aten ops (`linear.GEMM_BACKWARD_ROWS`)."""
+    from increlora_fast.kernels import linear
+    monkeypatch.setattr(linear, "GEMM_BACKWARD_ROWS", 0)
+    linear.clear_plan_cache()
+    try:
+        _opcheck(_operands(5, 24, 40, 4, torch.float32, dropout=True), torch.float32,
+                 score=True, grad=True)
+    finally:
+        linear.clear_plan_cache()
