@@ -24,7 +24,6 @@ checks off.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 from typing import Callable, Dict, Optional, Set, Tuple
@@ -53,13 +52,22 @@ _PATHS: Dict[tuple, str] = {}
 _CHECKS_BUILT: Set[tuple] = set()
 
 
-@functools.lru_cache(maxsize=None)
+# `triton_available`'s answer, once asked.
+_TRITON_AVAILABLE: Optional[bool] = None
+
+
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton imports; asked once and kept in a module global (not an ``lru_cache``,
+    which dynamo traces through with a warning when a compiled CUDA model picks its path)."""
+    global _TRITON_AVAILABLE
+    if _TRITON_AVAILABLE is None:
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_AVAILABLE = False
+        else:
+            _TRITON_AVAILABLE = True
+    return _TRITON_AVAILABLE
 
 
 def _read_settings() -> Tuple[str, bool, bool]:
@@ -409,13 +417,20 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     return out.reshape(*lead, out.shape[-1]) if flat else out
 
 
-@functools.lru_cache(maxsize=None)
+# `_triton_op`'s import, kept after the first Triton call.
+_TRITON_OP: Optional[Callable] = None
+
+
 def _triton_op() -> Callable:
     """`kernels.linear.apply_adapted_linear` (`adapted_linear_triton` with its arguments
     resolved here), imported on the first Triton call only (the package works without
-    triton)."""
-    from .kernels.linear import apply_adapted_linear
-    return apply_adapted_linear
+    triton). Kept in a module global, not an ``lru_cache``: dynamo traces through that cache
+    and warns that it ignores it."""
+    global _TRITON_OP
+    if _TRITON_OP is None:
+        from .kernels.linear import apply_adapted_linear
+        _TRITON_OP = apply_adapted_linear
+    return _TRITON_OP
 
 
 def kernel_check_results() -> Dict[tuple, bool]:
