@@ -321,3 +321,37 @@ def test_eager_target_names_every_preset_of_the_issue():
     later = json.loads((RECORDS / "h200_2026-12-05_gpu_check.json").read_text())
     assert [x.status for x in v.issue27_verdicts(later) if x.target == v.NAMES["eager"]] == \
         ["missed"] * 4
+
+
+def _dy(shape, tokens, ours, aten, device_type="cuda"):
+    return dict(ENV, device_type=device_type, level="dy_pass", method="increlora-triton",
+                shape=shape, tokens=tokens, r_max=16, dtype="bf16", status="ok",
+                ours_ms=ours, aten_ms=aten, cublas_ms=0.1)
+
+
+def _dy_report(records):
+    return {"parts": {"layer": {"records": [], "dy_pass_records": records}}}
+
+
+@pytest.mark.parametrize("times, rows", [
+    # the GEMMs win at 16,384 rows on both large shapes and lose at the main job's 2,048
+    ([("768x3072", 16384, 0.36, 0.17), ("4096x11008", 16384, 1.08, 0.44),
+      ("384x1536", 2048, 0.02, 0.05)], 16384),
+    # they win everywhere: from the fewest rows measured
+    ([("768x3072", 16384, 0.36, 0.17), ("384x1536", 2048, 0.05, 0.03)], 2048),
+    # they lose at one shape of the most rows: never
+    ([("768x3072", 16384, 0.36, 0.17), ("4096x11008", 16384, 0.40, 0.44),
+      ("384x1536", 2048, 0.05, 0.03)], None),
+])
+def test_gemm_backward_rows_from_the_dy_pass_records(times, rows):
+    """The backward design the run supports (`linear.GEMM_BACKWARD_ROWS`): the fewest rows
+    from which the cuBLAS-GEMM design took less GPU time than the kernels at every measured
+    point with at least as many rows; None where it lost at the most rows measured."""
+    records = [_dy(*t) for t in times]
+    records.append(_dy("768x3072", 999, 0.01, 9.0, device_type="cpu"))  # not a GPU's
+    decided, why = v.gemm_backward_rows(_dy_report(records))
+    assert decided == rows
+    assert ("GEMM_BACKWARD_ROWS = " + (f"{rows}" if rows else "None")) in why
+    assert " 999 tokens" not in why
+    assert v.gemm_backward_rows(_dy_report([]))[0] is None
+    assert "no dy-pass records" in v.gemm_backward_rows(_dy_report([]))[1]

@@ -9,7 +9,7 @@ from ..speed.host_overhead import COLUMNS as HOST_COLUMNS
 from ..speed.host_overhead import host_rows
 from ..speed.tables import LAYER_COLUMNS, alone_lines, layer_rows, markdown_table, model_rows
 from ..speed.targets import issue13_verdicts
-from .verdicts import cuda_graphs_auto, issue27_verdicts
+from .verdicts import cuda_graphs_auto, gemm_backward_rows, issue27_verdicts
 
 OPTIMIZER_COLUMNS = ("method", "launches_per_step", "median_us", "min_us", "us_per_launch_saved",
                      "repeats")
@@ -240,7 +240,9 @@ def targets_section(report: Dict) -> List[str]:
 def issue27_section(report: Dict) -> List[str]:
     """Issue 27's targets and what the run says ``--cuda-graphs auto`` should do."""
     decision, why = cuda_graphs_auto(report)
-    return _verdict_table(issue27_verdicts(report)) + ["", f"`--cuda-graphs auto` on CUDA: {why}"]
+    return _verdict_table(issue27_verdicts(report)) + [
+        "", f"`--cuda-graphs auto` on CUDA: {why}", "",
+        f"The adapter's backward design (`kernels/linear.py`): {gemm_backward_rows(report)[1]}"]
 
 
 SECTIONS = {"kernels": kernel_section, "graphs": graphs_section, "layer": layer_section,

@@ -360,3 +360,29 @@ def cuda_graphs_auto(report: Dict) -> Tuple[Optional[bool], str]:
     why = [] if faster else [f"not {AUTO_MARGIN:.0%} faster"]
     why += [] if same else ["not the same run"]
     return False, f"off ({' and '.join(why)}): {speed}; {detail}"
+
+
+def gemm_backward_rows(report: Dict) -> Tuple[Optional[int], str]:
+    """What this run says `kernels.linear.GEMM_BACKWARD_ROWS` should be: the fewest rows from
+    which the adapter's backward as cuBLAS GEMMs and aten ops (``aten_ms``) took less GPU time
+    than the row and finish kernels (``ours_ms``) at every dy-pass point measured on CUDA with
+    at least as many rows; None (the kernels always) where the GEMMs lost at the most rows
+    measured or nothing was measured; with the reason. GPU time of graph replays: an eager
+    step's host, which the GEMMs' more ops cost more of, is not in it."""
+    points = [r for r in _ok(gpu_check_records(report), level="dy_pass", device_type="cuda")
+              if r.get("ours_ms") is not None and r.get("aten_ms") is not None]
+    if not points:
+        return None, "GEMM_BACKWARD_ROWS = None (undecided: no dy-pass records on CUDA)"
+    points.sort(key=lambda r: (r["tokens"], r["shape"]))
+    listed = "; ".join(f"{r['shape']} {r['tokens']} tokens: GEMMs {r['aten_ms']:.3f} vs kernels "
+                       f"{r['ours_ms']:.3f} ms" for r in points)
+    rows = None
+    for tokens in sorted({r["tokens"] for r in points}, reverse=True):
+        if all(r["aten_ms"] < r["ours_ms"] for r in points if r["tokens"] >= tokens):
+            rows = tokens
+    if rows is None:
+        return None, ("GEMM_BACKWARD_ROWS = None (the kernels: the GEMMs lose at the most rows "
+                      f"measured): {listed}")
+    return rows, (f"GEMM_BACKWARD_ROWS = {rows} (the GEMMs take less GPU time at every point "
+                  f"from {rows} rows on): {listed}")
+
