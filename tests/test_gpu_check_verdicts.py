@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 
 from increlora_fast.benchmarks.gpu_check import verdicts as v
 from increlora_fast.benchmarks.gpu_check.markdown import gpu_check_markdown
@@ -355,3 +356,37 @@ def test_gemm_backward_rows_from_the_dy_pass_records(times, rows):
     assert " 999 tokens" not in why
     assert v.gemm_backward_rows(_dy_report([]))[0] is None
     assert "no dy-pass records" in v.gemm_backward_rows(_dy_report([]))[1]
+
+
+def test_dy_pass_verdict_reads_the_design_the_library_takes():
+    """Once `GEMM_BACKWARD_ROWS` sends a point's backward to the GEMMs (``design`` of the
+    record), the target compares that design's time; records without the field are the
+    kernels'."""
+    report, *_ = _report(random.Random(1))
+    record = dict(ENV, level="dy_pass", shape="768x3072", tokens=16384, r_max=16, dtype="bf16",
+                  status="ok", ours_ms=0.030, cublas_ms=0.017, aten_ms=0.021, design="gemm")
+    report["parts"]["layer"]["records"].append(record)
+    (dy,) = [x for x in v.issue27_verdicts(report) if x.target == v.NAMES["dy_pass"]]
+    assert dy.status == "met" and "(1.24x)" in dy.detail and "GEMM design" in dy.detail
+
+
+def test_dy_pass_measures_each_design_whatever_the_default(kernel_device, monkeypatch):
+    """The record's kernel columns (``ours``, ``ours_4x``, the score) time the row and finish
+    kernels and the ``aten`` column the GEMMs, even when `GEMM_BACKWARD_ROWS` makes the GEMMs
+    the library's own path at that many rows (``design``)."""
+    if kernel_device != "cpu":
+        pytest.skip("counts calls under the Triton interpreter")
+    from increlora_fast.benchmarks.speed import dy_pass
+    from increlora_fast.kernels import linear
+
+    calls = []
+    real = linear.gemm_adapter_backward
+    monkeypatch.setattr(linear, "gemm_adapter_backward",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
+    for rows, design in ((None, "kernels"), (0, "gemm")):
+        monkeypatch.setattr(linear, "GEMM_BACKWARD_ROWS", rows)
+        linear.clear_plan_cache()
+        calls.clear()
+        record = dy_pass.measure_dy_pass(24, 40, 16, 4, "fp32", torch.device("cpu"), {})
+        assert record["design"] == design and len(calls) == 1, (rows, len(calls))
+    linear.clear_plan_cache()

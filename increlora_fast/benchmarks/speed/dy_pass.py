@@ -71,10 +71,12 @@ def _host_ms(fn: Callable[[], object]) -> float:
 def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int, dtype: str,
                     device: torch.device, env: Dict, repeats: int = 50,
                     warmup: int = 3) -> dict:
-    """One record: GPU ms per call of the layer's backward (``backward_ms``), of cuBLAS ``dy W``
-    alone (``cublas_ms``) and of the adapter's pass over dy (``ours_ms``, their difference),
-    with ``x_cublas`` = ours_ms / cublas_ms; the same for the aten design
-    (``aten_backward_ms``, ``aten_ms``, ``x_cublas_aten``); and the exact score's share of a
+    """One record: GPU ms per call of the layer's backward on the row and finish kernels
+    (``backward_ms``), of cuBLAS ``dy W`` alone (``cublas_ms``) and of the adapter's pass over
+    dy (``ours_ms``, their difference), with ``x_cublas`` = ours_ms / cublas_ms; the same for
+    the GEMM design (``aten_backward_ms``, ``aten_ms``, ``x_cublas_aten``), each forced; which
+    of the two the library takes at this many rows (``design``: "kernels" or "gemm",
+    `linear.GEMM_BACKWARD_ROWS`); and the exact score's share of a
     tracked backward (``score_ms``) and the chunked cuBLAS score (``score_chunked_ms``), each
     over cuBLAS ``dy^T x`` (``gemm_dw_ms``: ``x_gemm_score``, ``x_gemm_chunked``)."""
     import copy
@@ -103,16 +105,19 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     score = torch.zeros((), dtype=torch.float32, device=device)
     lam_eff = effective_lambda(lam, state, alpha, reserve)
 
-    def backward(score_out=None, plan=None):
+    plan = _plan(x, None, weight, None, False, lora_A, lora_B, lam, state, None, dt)
+    # each design forced, whichever `linear.GEMM_BACKWARD_ROWS` makes the library's at M rows
+    design = "gemm" if plan.gemm_rows is not None and tokens >= plan.gemm_rows else "kernels"
+    kernels, four_per_sm, gemms = copy.copy(plan), copy.copy(plan), copy.copy(plan)
+    kernels.gemm_rows = four_per_sm.gemm_rows = None
+    four_per_sm.row_programs *= 4  # `linear.ROW_PROGRAMS_PER_SM` at 4 (for the default 1)
+    gemms.gemm_rows = 0
+
+    def backward(score_out=None, plan=kernels):
         return adapted_linear_backward(dy, x, None, weight, False, lora_A, lora_B, lam, state,
                                        alpha, reserve, h, score_out, None, need_x=True,
                                        need_xa=False, need_a=True, need_b=True, need_lam=True,
                                        plan=plan)
-
-    plan = _plan(x, None, weight, None, False, lora_A, lora_B, lam, state, None, dt)
-    four_per_sm, gemms = copy.copy(plan), copy.copy(plan)
-    four_per_sm.row_programs *= 4  # `linear.ROW_PROGRAMS_PER_SM` at 4 (for the default 1)
-    gemms.gemm_rows = 0
 
     def backward_4x():
         return backward(plan=four_per_sm)
@@ -143,7 +148,7 @@ def measure_dy_pass(in_features: int, out_features: int, tokens: int, r_max: int
     ours_4x_ms = timed["backward_4x"] - cublas_ms
     score_ms, gemm_dw_ms = timed["backward_score"] - backward_ms, timed["gemm_dw"]
     return dict(env, level=LEVEL, method="increlora-triton", shape=f"{in_features}x{out_features}",
-                tokens=tokens, r_max=r_max, dtype=dtype, phase="bwd", status="ok",
+                tokens=tokens, r_max=r_max, dtype=dtype, phase="bwd", status="ok", design=design,
                 median_ms=ours_ms, ours_ms=ours_ms, cublas_ms=cublas_ms, backward_ms=backward_ms,
                 x_cublas=ours_ms / cublas_ms if cublas_ms else None,
                 aten_backward_ms=aten_backward_ms, aten_ms=aten_ms,
