@@ -90,7 +90,10 @@ def test_slot_growth_does_not_recompile(monkeypatch):
             compiled(x).square().sum().backward()
             model[0].activate_reserve(1, step)
             model[0].add_reserve(1, step)
-    assert [str(w.message) for w in caught] == []
+    # (the Triton interpreter's own NumPy deprecations, under Triton 3.6 with NumPy 1.26, are
+    # not the trace's)
+    assert [str(w.message) for w in caught
+            if "site-packages/triton/" not in w.filename.replace("\\", "/")] == []
     assert model[0].active_rank == 5
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
