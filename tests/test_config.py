@@ -48,6 +48,7 @@ BAD_VALUES = [
     ("orth_reg_weight", -0.1, "finite number >= 0"),
     ("orth_reg_weight", "0.1", "finite number >= 0"),
     ("advance_learning", "yes", "True or False"),
+    ("exact_step_score", 1, "None, True or False"),
     ("score", "fisher", "delta_w"),
 ]
 
