@@ -241,10 +241,12 @@ def test_without_advance_learning_reserve_is_frozen_and_silent():
     assert torch.equal(layer.lora_A[1], before[0]) and torch.equal(layer.lora_B[:, 1], before[1])
 
 
-def test_step_without_gradients_warns_and_keeps_the_round():
+@pytest.mark.parametrize("score", ["delta_w", "triplet"])
+def test_step_without_gradients_warns_and_keeps_the_round(score):
     torch.manual_seed(0)
     model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=2, top_h=1,
-                                                                 init_warmup=2, incre_interval=2))
+                                                                 init_warmup=2, incre_interval=2,
+                                                                 score=score))
     train_steps(model, opt, ctl, range(4))
     assert ctl.current_total_rank() == 2          # the round at step 4 has not come yet
     with pytest.warns(RuntimeWarning, match="no gradients"):
@@ -284,3 +286,20 @@ def test_penalty_sends_no_gradient_to_frozen_reserve_slots():
         assert torch.all(layer.lora_A.grad[reserve] == 0)
         assert torch.all(layer.lora_B.grad[:, reserve] == 0)
         assert layer.lora_A.grad[layer.active_mask].abs().sum() > 0
+
+
+def test_a_replayed_round_after_the_budget_is_reached_changes_nothing():
+    """`finish_replayed_round` (the host side of a round replayed from a CUDA graph) once the
+    budget is reached: no round, no change to scores, ranks, log or the step count."""
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=2, top_h=1))
+    train_steps(model, opt, ctl, range(12))
+    assert ctl.budget_reached
+    before = (ctl.ipt.clone(), ctl.unc.clone(), list(ctl.allocation_log), ctl.rank_pattern(),
+              ctl._next_step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ctl.finish_replayed_round(12)
+    after = (ctl.ipt, ctl.unc, ctl.allocation_log, ctl.rank_pattern(), ctl._next_step)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert after[2:] == before[2:]

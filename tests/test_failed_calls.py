@@ -126,6 +126,35 @@ def _args(out):
                              use_cpu=True, seed=0, disable_tqdm=True)
 
 
+@pytest.mark.parametrize("damage,message", [
+    ("not_a_dict", "controller state must be a dict, got list"),
+    ("allocation_log", "controller state allocation_log must be a list"),
+    ("nonfinite_step", "controller state nonfinite_step must be an int >= -1"),
+    ("nonfinite_bool", "controller state nonfinite_step must be an int >= -1"),
+])
+def test_controller_state_of_the_wrong_form_is_named(damage, message):
+    _, source = _trained()
+    state = source.state_dict()
+    if damage == "not_a_dict":
+        state = list(state.items())
+    elif damage == "allocation_log":
+        state["allocation_log"] = tuple(state["allocation_log"])
+    elif damage == "nonfinite_step":
+        state["nonfinite_step"] = -2
+    else:
+        state["nonfinite_step"] = True
+    _, target = _trained()
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        target.load_state_dict(state)
+    target.load_state_dict(source.state_dict())  # the intact state loads
+
+
+def test_controller_on_a_model_without_adapters_says_to_inject():
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="model has no IncreLoRA layers: call inject_increlora"):
+        IncreLoRAController(model, IncreLoRAConfig(target_modules=["0"], r_max=4))
+
+
 def test_trainer_resume_into_other_targets_changes_nothing(tmp_path):
     IncreLoRATrainer(model=_bert(["query", "key", "value"]), args=_args(tmp_path),
                      train_dataset=TinyTask(32)).train()
