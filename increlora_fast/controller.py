@@ -573,8 +573,6 @@ class IncreLoRAController:
         ranked = sorted(eligible, key=lambda i: -float(score[i]))
         n_modules = min(cfg.top_h, math.ceil(remaining / cfg.incre_rank_num))
         for i in ranked[:n_modules]:
-            if remaining <= 0:
-                break
             layer = self.layers[i]
             old_rank = layer.active_rank
             added = layer.activate_reserve(min(cfg.incre_rank_num, remaining), step)
