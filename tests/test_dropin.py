@@ -417,11 +417,38 @@ class _Plain(nn.Linear):
         return out if self.bias is None else out + self.bias
 
 
+class _Raises(nn.Linear):
+    def forward(self, x):
+        raise RuntimeError("needs a routing table")
+
+
+class _Flattens(nn.Linear):
+    def forward(self, x):
+        return super().forward(x).flatten(0, -2)
+
+
+class _Pinned(nn.Linear):
+    """Fails on any weight but the one it was built with (a check against a stored copy)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.register_buffer("built", self.weight.detach().clone())
+
+    def forward(self, x):
+        if not torch.equal(self.weight, self.built):
+            raise RuntimeError("weight changed")
+        return super().forward(x)
+
+
 @pytest.mark.parametrize("kind,why", [
     (_Router, "its forward returns a tuple"),
     (_Scaled, "its forward is not F.linear"),
     (_Lookup, "its forward takes arguments besides the input"),
     (_Cached, "its forward does not compute with the weight and bias it holds"),
+    (_Raises, r"its forward raised RuntimeError on a \(2, 3, in_features\) input"),
+    (_Flattens, r"its forward is not F\.linear\(x, weight, bias\): it returns \(6, 4\) "
+                r"torch\.float32 where F\.linear returns \(2, 3, 4\) torch\.float32"),
+    (_Pinned, "its forward does not compute with the weight and bias it holds"),
 ])
 def test_a_linear_subclass_whose_forward_is_not_the_linear_map_is_refused(kind, why):
     model = nn.Module()
@@ -441,6 +468,40 @@ def test_a_linear_subclass_whose_forward_is_the_linear_map_is_adapted(bias):
     assert _targets(model) == ["0", "2"]
     _check_drop_in(model, lambda m: m(x))  # equal at init, gradients, merge = unmerged
     assert all(type(m) is _Plain for m in (model[0], model[2]))
+
+
+def test_a_linear_subclass_on_the_meta_device_is_not_probed():
+    """Its forward cannot be called on a meta weight: refused, saying why, not adapted."""
+    model = nn.Module()
+    model.proj = _Plain(8, 4, device="meta")
+    with pytest.raises(TypeError, match=r"'proj' is a _Plain .*its weight \(on the meta "
+                                        r"device\) leaves its forward unchecked"):
+        inject_increlora(model, IncreLoRAConfig(target_modules=["proj"], r_max=4))
+    assert type(model.proj) is _Plain
+
+
+def test_a_parametrized_linear_subclass_is_adapted_and_never_merged():
+    """Its weight is computed on each call (not in ``_parameters``): the probe's second call,
+    with a swapped weight, is skipped; the adapter runs on its forward and merging is
+    refused, as for a parametrized nn.Linear."""
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.proj = _Plain(8, 4)
+    nn.utils.parametrize.register_parametrization(model.proj, "weight", _Double())
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        expected = model(x)
+    inject_increlora(model, IncreLoRAConfig(target_modules=["proj"], r_max=4))
+    assert isinstance(model.proj, IncreLoRALinear) and model.proj.has_derived_weight()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected)
+    with pytest.raises(ValueError, match=r"merge_and_unload: .*proj"):
+        merge_and_unload(model)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
 
 
 def test_a_module_registered_twice_is_adapted_under_both_names():

@@ -372,6 +372,7 @@ def test_constructor_rejects_bad_arguments():
     ("lora_alpha", float("nan"), "a finite number > 0"),
     ("lora_dropout", -0.1, "a probability in [0, 1)"), ("lora_dropout", 1.5, "[0, 1)"),
     ("reserve_lambda", -1e-5, "a finite number >= 0"),
+    ("adapter_dtype", "fp8", "is invalid: one of ('auto', "),
 ])
 def test_constructor_names_a_bad_argument_and_what_is_allowed(field, value, allowed):
     """A layer built by hand (not through the validated IncreLoRAConfig) accepted lora_alpha
@@ -381,6 +382,22 @@ def test_constructor_names_a_bad_argument_and_what_is_allowed(field, value, allo
         IncreLoRALinear(nn.Linear(IN, OUT), **{field: value})
     message = str(err.value)
     assert f"{field}={value!r}" in message and allowed in message and "\n" not in message
+
+
+def test_a_layer_built_by_hand_reports_itself_and_its_empty_accumulators():
+    """Its repr names its sizes, a hand-built layer knows no ties, the dense score gradient
+    taken before any tracked backward is zeros of the weight's shape, and `scale` is the
+    ``alpha / active_rank`` of `effective_lambda`."""
+    layer = IncreLoRALinear(nn.Linear(IN, OUT), r_max=6, init_r=2, reserve_rank=1,
+                            lora_alpha=12.0)
+    assert f"in_features={IN}, out_features={OUT}, r_max=6, lora_alpha=12.0" in repr(layer)
+    assert layer.tied_parameters() == []
+    grad = layer.take_score_grad()
+    assert grad.shape == (OUT, IN) and not grad.any()
+    assert float(layer.scale()) == 6.0
+    with torch.no_grad():
+        layer.lora_lambda.fill_(0.5)
+    torch.testing.assert_close(layer.effective_lambda()[:2], 0.5 * layer.scale().expand(2))
 
 
 def test_base_layer_is_frozen():
