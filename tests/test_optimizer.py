@@ -368,3 +368,72 @@ def test_a_parameter_frozen_mid_run_stays_put_under_zero_grad_set_to_none_false(
             step_once(step)
     assert torch.equal(frozen.lora_lambda, lam)
     assert not torch.equal(trained.lora_lambda, other)   # the others still train
+
+
+def test_schedule_multiplier_takes_a_step_tensor_of_another_dtype():
+    """A step on the device as an int64 tensor (the optimizer's device step count) gives the
+    multiplier a Python step gives, in float64."""
+    got = schedule_multiplier(torch.tensor(65), 20, warmup_steps=10, total_step=100)
+    assert got.dtype == torch.float64 and float(got) == pytest.approx(0.5, abs=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [dict(lr=0.0), dict(lr=1e-3, eps=0.0),
+                                    dict(lr=1e-3, weight_decay=-0.1),
+                                    dict(lr=1e-3, betas=(0.9, 1.0))])
+def test_increlora_adamw_refuses_bad_hyperparameters(kwargs):
+    from increlora_fast.optimizer import IncreLoRAAdamW
+    param = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"IncreLoRAAdamW got lr=.*need lr > 0, eps > 0, "
+                                         r"weight_decay >= 0 and betas in \[0, 1\)"):
+        IncreLoRAAdamW([{"params": [param]}], {}, **kwargs)
+
+
+def test_step_runs_a_closure_with_gradients_and_returns_its_loss():
+    """``optimizer.step(closure)``, as torch optimizers take it: the closure runs with grad
+    enabled inside the no-grad step, its loss is returned, and the step uses its gradients;
+    current_lr_multiplier is the schedule the next step applies."""
+    torch.manual_seed(0)
+    model, opt, _ = make_run(ParallelBranches(2), branch_config(warmup_steps=4, total_step=40))
+    assert opt.current_lr_multiplier() == 0.0
+    x, y = batch(0)
+    before = model.branches[0].lora_A.detach().clone()
+
+    def closure():
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.requires_grad
+    assert model.branches[0].lora_A.grad is not None
+    assert opt.current_lr_multiplier() == pytest.approx(0.25)
+    assert opt.current_lr_multiplier(start=1) == 0.0
+    opt.step(closure)  # the first step's multiplier was 0: the second one moves A
+    assert not torch.equal(model.branches[0].lora_A, before)
+
+
+def test_prepare_replay_refuses_parameters_other_than_the_captured_steps():
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config())
+    train_steps(model, opt, ctl, range(1))
+    x, y = batch(1)
+    ((model(x) - y) ** 2).mean().backward()
+    opt.prepare_replay()  # the same parameters have gradients: fine
+    model.branches[0].lora_A.grad = None
+    with pytest.raises(RuntimeError, match="prepare_replay: the parameters with a gradient are "
+                                           "not those the captured step updated"):
+        opt.prepare_replay()
+
+
+def test_build_kernels_without_a_kernel_stepped_parameter_does_nothing():
+    """On the CPU no parameter takes the fused kernel: within building_only nothing is built,
+    stepped or changed."""
+    from increlora_fast.kernels.utils import building_only
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with building_only(1):
+        opt.build_kernels(scaled=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert opt.global_step == 0 and not opt.state
