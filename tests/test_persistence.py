@@ -865,3 +865,92 @@ def test_a_wrapped_model_saves_and_loads_the_model_it_wraps(tmp_path, tiny_net, 
     assert rank_pattern(again) == rank_pattern(source)
     x = torch.randn(3, 4, 12)
     assert torch.equal(again(x), source(x))
+
+
+def test_a_saved_config_that_is_json_but_not_an_object_names_the_file(saved):
+    base, config, _, directory = saved
+    _rewrite_metadata(directory / WEIGHTS, config="[1, 2]")
+    with pytest.raises(ValueError, match="a JSON object is needed, not list") as err:
+        load_config(directory)
+    assert str(directory / WEIGHTS) in str(err.value)
+
+
+def _adapter_files(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_an_overwrite_removes_old_adapter_files_the_new_adapter_lacks(tmp_path):
+    """A .bin adapter overwritten by a safetensors one: the .bin goes, the other files stay."""
+    (tmp_path / "notes.txt").write_bytes(b"mine")
+    persistence.write_adapter_files(tmp_path, {"adapter_model.bin": b"old", CONFIG: b"{}"},
+                                    overwrite=False)
+    persistence.write_adapter_files(tmp_path, {WEIGHTS: b"new", CONFIG: b"{1}"}, overwrite=True)
+    assert _adapter_files(tmp_path) == {WEIGHTS: b"new", CONFIG: b"{1}", "notes.txt": b"mine"}
+
+
+def test_where_hard_links_fail_the_old_adapter_is_kept_by_a_copy(tmp_path, monkeypatch):
+    """On a file system without hard links the old files are copied aside: a failure while
+    renaming the new ones in still puts the old adapter back whole."""
+    persistence.write_adapter_files(tmp_path, {WEIGHTS: b"old", CONFIG: b"{}"}, overwrite=False)
+
+    def no_links(source, target):
+        raise OSError(1, "Operation not permitted")
+
+    renames = []
+
+    def replace_then_fail(source, target):
+        renames.append(Path(target).name)
+        if len(renames) == 2:
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    real_replace = os.replace
+    monkeypatch.setattr(persistence.os, "link", no_links)
+    monkeypatch.setattr(persistence.os, "replace", replace_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        persistence.write_adapter_files(tmp_path, {WEIGHTS: b"new", CONFIG: b"{1}"},
+                                        overwrite=True)
+    assert _adapter_files(tmp_path) == {WEIGHTS: b"old", CONFIG: b"{}"}
+    monkeypatch.setattr(persistence.os, "replace", real_replace)
+    persistence.write_adapter_files(tmp_path, {WEIGHTS: b"new", CONFIG: b"{1}"}, overwrite=True)
+    assert _adapter_files(tmp_path) == {WEIGHTS: b"new", CONFIG: b"{1}"}
+
+
+def test_a_lock_that_fails_for_another_reason_is_raised(tmp_path, monkeypatch):
+    """Only the errors of a file system without locks let the save go on unordered; another
+    failure of flock (here EIO) is raised, and nothing is written."""
+    import errno
+
+    def broken(fd, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(persistence.fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        persistence.write_adapter_files(tmp_path, {WEIGHTS: b"new"}, overwrite=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra", ["other_folder", "other_file", "foreign_in_new"])
+def test_a_staging_named_folder_holding_anything_else_is_not_ours(tmp_path, extra):
+    staging = tmp_path / (persistence.STAGING_PREFIX + "x")
+    (staging / "new").mkdir(parents=True)
+    (staging / "old").mkdir()
+    (staging / "new" / WEIGHTS).write_bytes(b"w")
+    assert persistence.is_adapter_staging(staging)
+    if extra == "other_folder":
+        (staging / "data").mkdir()
+    elif extra == "other_file":
+        (staging / "new.txt").write_bytes(b"")
+    else:
+        (staging / "new" / "results.json").write_bytes(b"{}")
+    assert not persistence.is_adapter_staging(staging)
+
+
+def test_a_module_missing_from_the_recorded_base_is_named(tiny_net):
+    model = fresh(tiny_net, make_config())
+    current = persistence.base_fingerprint(model)
+    recorded = copy.deepcopy(current)
+    first = next(iter(recorded["modules"]))
+    del recorded["modules"][first]
+    assert persistence.base_difference(current, current) is None
+    assert persistence.base_difference(recorded, current) == f"{first}: not in the adapter's base"
