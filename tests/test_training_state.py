@@ -241,3 +241,38 @@ def test_a_checkpoint_keeps_the_gpus_rng_states(run, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.extend)
     load_checkpoint(target, fresh)
     assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, gpu_states))
+
+
+def test_a_trainer_state_that_is_not_an_envelope_is_named(run, tmp_path, capsys):
+    """A readable torch file of another form (a trainer state of an increlora-fast without
+    checksums, or another program's) is named as such, not read further."""
+    import torch
+
+    ckpt = _copy(run, tmp_path)
+    torch.save({"step": 2}, ckpt / "trainer_state.pt")
+    code, err = _resume(ckpt, tmp_path, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "trainer_state.pt is not an increlora-fast trainer state with checksums" in err[0]
+
+
+@pytest.mark.parametrize("text,why", [("{not json", "Expecting property name"),
+                                      ("[1, 2]", "a JSON object is needed, not list")],
+                         ids=["not-json", "not-an-object"])
+def test_a_settings_file_that_matches_its_checksum_but_does_not_parse_is_named(run, tmp_path,
+                                                                              text, why):
+    """A settings file written otherwise (by hand, with the checksum in trainer_state.pt
+    brought up to date) that is not a JSON object: one ValueError naming the file, not an
+    AttributeError from inside RunSettings.from_dict."""
+    import torch
+
+    from increlora_fast.data.files import file_sha256
+    from increlora_fast.training import checkpoint as ckpt_mod
+
+    ckpt = _copy(run, tmp_path)
+    path = ckpt / "settings.json"
+    path.write_text(text)
+    envelope = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    envelope["files"]["settings.json"] = file_sha256(path)
+    torch.save(envelope, ckpt / "trainer_state.pt")
+    with pytest.raises(ValueError, match=rf"settings\.json is not a valid settings file: {why}"):
+        ckpt_mod.read_checkpoint_settings(ckpt)
