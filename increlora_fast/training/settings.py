@@ -123,6 +123,8 @@ class RunSettings:
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "RunSettings":
+        if not isinstance(data, dict):  # (ValueError: callers name the file it came from)
+            raise ValueError(f"a JSON object is needed, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
