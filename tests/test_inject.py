@@ -510,3 +510,26 @@ def _tiny_bert() -> nn.Module:
     return transformers.BertModel(transformers.BertConfig(
         hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
         vocab_size=32, max_position_embeddings=16))
+
+
+class _Wrapper(nn.Module):
+    """A user's module whose linear happens to be named ``base_layer`` (the attribute name
+    IncreLoRALinear gives the layer it wraps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base_layer, self.fc = nn.Linear(4, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(self.base_layer(x))
+
+
+@pytest.mark.parametrize("targets", [["base_layer", "fc"], "all-linear", r"block\..*"])
+def test_a_linear_named_base_layer_is_a_target_like_any_other(targets):
+    """Only the base layer inside an IncreLoRALinear is not a target; a user's linear named
+    ``base_layer`` was skipped by name: listed, it was refused as 'not nn.Linear', and
+    'all-linear' or a regex left it out."""
+    model = nn.Module()
+    model.block = _Wrapper()
+    inject_increlora(model, IncreLoRAConfig(target_modules=targets, r_max=4))
+    assert sorted(n for n, _ in increlora_layers(model)) == ["block.base_layer", "block.fc"]
