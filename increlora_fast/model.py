@@ -104,7 +104,7 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
     targets = []
     for n in matched:
         module = modules[n]
-        if isinstance(module, IncreLoRALinear) or n.endswith(".base_layer"):
+        if isinstance(module, IncreLoRALinear) or _wrapped_by_adapter(n, modules):
             continue
         if is_supported_base(module):
             targets.append(n)
@@ -170,15 +170,24 @@ def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str
     return kept
 
 
+def _wrapped_by_adapter(name: str, modules: Dict[str, nn.Module]) -> bool:
+    """Whether the module ``name`` is the layer an IncreLoRALinear wraps (its ``base_layer``);
+    a user's own module of that name is not."""
+    parent, _, child = name.rpartition(".")
+    return child == "base_layer" and isinstance(modules.get(parent), IncreLoRALinear)
+
+
 def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """peft's ``"all-linear"``: every linear but the output layer (``get_output_embeddings``),
     those inside ``modules_to_save`` (trained in full) and those whose parent or another ancestor
     computes with their weight without calling them (their adapter would never run; one warning
     names them)."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
+    modules = dict(model.named_modules())
     targets, skipped = [], []
-    for n, module in model.named_modules():
-        if (not n or not is_supported_base(module) or module is head or n.endswith(".base_layer")
+    for n, module in modules.items():
+        if (not n or not is_supported_base(module) or module is head
+                or _wrapped_by_adapter(n, modules)
                 or saved_root(n, config.modules_to_save) is not None):
             continue
         reason = direct_weight_reader(model, n)
