@@ -327,6 +327,41 @@ def test_an_and_or_or_inside_a_comparison_is_compared_by_its_value_not_its_truth
 
 
 
+@pytest.mark.parametrize("test,config,refused", [
+    ("(self.config.on and self.config.tp) > 1", dict(on=True, tp=2), True),
+    ("(self.config.on and self.config.tp) > 1", dict(on=True, tp=1), False),
+    ("(self.config.on and self.config.tp) > 1", dict(on=False, tp=2), False),
+    ("(not self.config.off) == True", dict(off=True), False),
+    ("(not self.config.off) == True", dict(off=False), True),
+    ("self.config.tp > 1", dict(tp=None), True),  # None > 1: TypeError, so not decided
+], ids=["and-last-2", "and-last-1", "and-first", "not-true", "not-false", "uncomparable"])
+def test_and_or_not_inside_a_comparison_take_their_values(test, config, refused, tmp_path):
+    """Inside a comparison an ``and`` that no operand settles is its last operand's value and
+    a ``not`` is the negated value; a comparison Python refuses (None > 1) decides nothing, so
+    the read under it counts."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    source = tmp_path / "mixer_module.py"
+    source.write_text("from torch import nn\n\n\n"
+                      "class Mixer(nn.Module):\n"
+                      "    def __init__(self, config):\n"
+                      "        super().__init__()\n"
+                      "        self.config = config\n"
+                      "        self.proj = nn.Linear(8, 8)\n\n"
+                      "    def forward(self, x):\n"
+                      f"        if {test}:\n"
+                      "            return x @ self.proj.weight.t()\n"
+                      "        return self.proj(x)\n")
+    spec = importlib.util.spec_from_file_location("mixer_module", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = nn.Module()
+    model.config = SimpleNamespace(**config)
+    model.mixer = module.Mixer(model.config)
+    assert (direct_weight_reader(model, "mixer.proj") is not None) is refused
+
+
 def test_an_ancestor_that_computes_with_a_descendants_weight_is_refused():
     """A grandparent or any module further up that computes with ``self.attn.proj.weight`` (or
     ``self.blocks[0].fc.weight``) skips an adapter on that linear just as a parent reading

@@ -493,3 +493,14 @@ def test_the_weight_and_reserve_choice_are_read_at_each_call(monkeypatch):
         assert not torch.allclose(results[backend][0], doubled[0])
     for g, r in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(g, r, rtol=2e-5, atol=2e-6)
+
+
+def test_the_penalty_kernels_refuse_other_dtypes_and_more_slots_unchecked(kernel_device):
+    """float64 slot buffers, or more slots than the kernels take: refused at once, with no
+    first-use check run or remembered."""
+    from increlora_fast import functional
+    reset_kernel_checks()
+    device = torch.device(kernel_device)
+    assert not functional.orth_penalty_ok(device, torch.float64, 8)
+    assert not functional.orth_penalty_ok(device, torch.float32, functional.TRITON_MAX_R + 1)
+    assert functional.kernel_check_results() == {}

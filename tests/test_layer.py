@@ -400,6 +400,16 @@ def test_a_layer_built_by_hand_reports_itself_and_its_empty_accumulators():
     torch.testing.assert_close(layer.effective_lambda()[:2], 0.5 * layer.scale().expand(2))
 
 
+def test_an_unknown_backend_in_the_environment_is_named(monkeypatch):
+    layer = IncreLoRALinear(nn.Linear(IN, OUT))
+    monkeypatch.setenv("INCRELORA_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"INCRELORA_BACKEND='cuda' is invalid: use one of "
+                                         r"\('torch', 'triton'\)"):
+        layer(torch.randn(2, IN))
+    monkeypatch.setenv("INCRELORA_BACKEND", " Torch ")  # case and spaces do not matter
+    assert layer(torch.randn(2, IN)).shape == (2, OUT)
+
+
 def test_base_layer_is_frozen():
     layer = IncreLoRALinear(nn.Linear(IN, OUT))
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
