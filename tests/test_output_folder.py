@@ -386,3 +386,66 @@ def test_a_failed_run_removes_the_empty_folders_it_made_and_nothing_else(tmp_pat
     with claim_output_dir(str(tmp_path / "ok"), echo=lambda line: None):
         pass
     assert (tmp_path / "ok").is_dir()
+
+
+def test_a_lock_held_by_a_process_that_wrote_nothing_names_another_process(tmp_path):
+    import fcntl as fcntl_module
+
+    folder = tmp_path / "out"
+    path = lock_path(folder)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl_module.flock(fd, fcntl_module.LOCK_EX)
+        with pytest.raises(ValueError, match=r"--output-dir .*out is in use by another run "
+                                             r"\(another process\); wait for it"):
+            OutputLock(folder).acquire()
+    finally:
+        os.close(fd)
+    with OutputLock(folder):
+        pass
+
+
+def test_a_folder_whose_lock_file_cannot_be_created_is_named(tmp_path):
+    (tmp_path / "file").write_text("")
+    folder = tmp_path / "file" / "out"
+    with pytest.raises(ValueError, match=r"--output-dir .*out is not writable: cannot create "
+                                         r"its lock file"):
+        OutputLock(folder).acquire()
+
+
+def test_a_lock_that_fails_otherwise_is_named(tmp_path, monkeypatch):
+    from increlora_fast.training import output_lock
+
+    def broken(fd, operation):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(output_lock.fcntl, "flock", broken)
+    with pytest.raises(ValueError, match=r"out cannot be locked \(.*\.out\.increlora-fast\.lock\)"):
+        OutputLock(tmp_path / "out").acquire()
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_opened_anew(tmp_path, monkeypatch):
+    """Its last holder removed the lock file after this run opened it: the lock taken on the
+    removed file guards nothing, so the run opens the file again and locks that one."""
+    from increlora_fast.training import output_lock
+
+    folder = tmp_path / "out"
+    real_flock, calls = output_lock.fcntl.flock, []
+
+    def flock_after_removal(fd, operation):
+        calls.append(operation)
+        if len(calls) == 1:
+            os.unlink(lock_path(folder))
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(output_lock.fcntl, "flock", flock_after_removal)
+    lock = OutputLock(folder)
+    lock.acquire()
+    assert len(calls) == 2
+    assert json.loads(lock_path(folder).read_text())["pid"] == os.getpid()
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="in use by another run"):
+        OutputLock(folder).acquire()
+    lock.release()
+    lock.release()  # a second release does nothing
+    assert not lock_path(folder).exists()
