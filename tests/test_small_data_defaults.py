@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -48,6 +49,20 @@ def test_majority_baseline_is_the_constant_prediction():
     assert base["eval_majority_accuracy"] == pytest.approx(4 / 6)
     # F1 of class 1 = 2*4 / (6 + 4); classes 0 and 2 are present, never predicted: F1 0
     assert base["eval_majority_macro_f1"] == pytest.approx((8 / 10) / 3)
+
+
+@pytest.mark.parametrize("gold", [torch.tensor([], dtype=torch.long),
+                                  torch.tensor([[0, 1], [1, 1]])], ids=["empty", "2-D"])
+def test_majority_baseline_refuses_gold_that_is_not_one_non_empty_row(gold):
+    shape = re.escape(str(tuple(gold.shape)))
+    with pytest.raises(ValueError, match=rf"majority_baseline: gold {shape} must be 1-D and "
+                                         r"non-empty"):
+        majority_baseline(gold, n_classes=2)
+
+
+def test_a_loop_state_without_a_log_point_has_no_warm_rate():
+    from increlora_fast.training.loop import LoopState
+    assert LoopState().warm_tokens_per_second() is None
 
 
 def test_a_run_at_the_majority_level_says_so_with_what_to_try():
