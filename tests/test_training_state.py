@@ -276,3 +276,38 @@ def test_a_settings_file_that_matches_its_checksum_but_does_not_parse_is_named(r
     torch.save(envelope, ckpt / "trainer_state.pt")
     with pytest.raises(ValueError, match=rf"settings\.json is not a valid settings file: {why}"):
         ckpt_mod.read_checkpoint_settings(ckpt)
+
+
+def test_a_resume_whose_data_file_is_gone_names_it(run, tmp_path, capsys):
+    ckpt = _copy(run, tmp_path)
+    train = Path(run["train"])
+    moved = train.with_name(train.name + ".moved")
+    train.rename(moved)
+    try:
+        code, err = _resume(ckpt, tmp_path, capsys)
+    finally:
+        moved.rename(train)
+    assert code == 2 and len(err) == 1, err
+    assert f"data file {train} (the --train-file stored in" in err[0] and "does not exist" in err[0]
+    assert not (tmp_path / "resumed").exists() or not any((tmp_path / "resumed").iterdir())
+
+
+def test_a_resume_whose_settings_hold_no_data_checksum_is_refused(run, tmp_path, capsys):
+    """Settings without the training file's checksum (written before they were kept) cannot
+    prove the data is the same: the resume is refused, saying so."""
+    import torch
+
+    from increlora_fast.data.files import file_sha256
+
+    ckpt = _copy(run, tmp_path)
+    path = ckpt / "settings.json"
+    settings = json.loads(path.read_text())
+    settings["train_file_sha256"] = None
+    path.write_text(json.dumps(settings))
+    envelope = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    envelope["files"]["settings.json"] = file_sha256(path)
+    torch.save(envelope, ckpt / "trainer_state.pt")
+    code, err = _resume(ckpt, tmp_path, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert f"stores no checksum of the data file {run['train']}" in err[0]
+    assert "start a new run" in err[0]
