@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 import zipfile
 from pathlib import Path
@@ -328,6 +329,20 @@ def test_tsv_quote_left_open_on_its_line_is_refused_naming_the_line(tmp_path, ne
         load_files(str(path), None)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"{path}: line 4 opens a quote")
+
+
+@pytest.mark.parametrize("row,how", [
+    ('"bad,0', "never closes"),
+    ('"bad" x,0', "closes on that line before other text than a comma"),
+], ids=["never_closed", "closed_early"])
+def test_a_csv_quote_error_after_blank_lines_names_the_quotes_line(tmp_path, row, how):
+    """The csv reader counts a row from the blank lines before it: the error skips them and
+    names the line the quote is on."""
+    path = tmp_path / "t.csv"
+    path.write_text(f"text,label\ngood,1\n\n\n{row}\nok,1\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: line 5 opens a quote "
+                                         rf'\(\"\) that {how}'):
+        load_files(str(path), None)
 
 
 def test_missing_column_and_unknown_eval_label(tmp_path):
