@@ -2,6 +2,8 @@
 (issue 14 items 7 and 8)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -192,6 +194,66 @@ def test_controller_file_flip_is_caught_by_its_checksum(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="increlora_controller.pt (is corrupted|is not readable)"):
         read_controller_state(str(tmp_path))
+
+
+def test_a_controller_file_without_a_checksum_loads_and_another_object_is_named(tmp_path):
+    """A controller file written before the checksum (the state dict itself) still resumes;
+    a torch file holding anything else is named as not a controller state."""
+    from increlora_fast.integrations.trainer import read_controller_state
+
+    _, ctl = _trained()
+    path = tmp_path / "increlora_controller.pt"
+    torch.save(ctl.state_dict(), path)
+    assert read_controller_state(str(tmp_path))["names"] == ctl.names
+    torch.save({"step": 3}, path)
+    with pytest.raises(ValueError, match=r"increlora_controller\.pt is not an IncreLoRA "
+                                         r"controller state$"):
+        read_controller_state(str(tmp_path))
+
+
+def _save_weights(model: nn.Module, directory, shards: int = 1) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        name = ("model.safetensors" if shards == 1
+                else f"model-{i + 1:05d}-of-{shards:05d}.safetensors")
+        part = keys[i::shards]
+        save_file({k: tensors[k] for k in part}, str(directory / name))
+        weight_map.update({k: name for k in part})
+    if shards > 1:
+        (directory / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_check_model_checkpoint_reads_whole_and_sharded_weights(tmp_path, shards):
+    """The adapter shapes of the checkpoint's safetensors weights, sharded or not, are checked
+    against the model's; a checkpoint without them is not checked."""
+    from increlora_fast.integrations.trainer import check_model_checkpoint
+
+    model, _ = _trained()
+    check_model_checkpoint(model, str(tmp_path))  # no safetensors weights: nothing to check
+    _save_weights(model, tmp_path, shards)
+    check_model_checkpoint(model, str(tmp_path))
+    other, _ = _trained()
+    layer = other.branches[1]
+    layer.lora_A = nn.Parameter(torch.zeros(layer.r_max + 1, layer.in_features))
+    with pytest.raises(ValueError, match=r"branches\.1\.lora_A has shape \(6, 6\), the model "
+                                         r"needs \(7, 6\); nothing was loaded"):
+        check_model_checkpoint(other, str(tmp_path))
+
+
+def test_check_model_checkpoint_names_an_unreadable_weights_file(tmp_path):
+    from increlora_fast.integrations.trainer import check_model_checkpoint
+
+    model, _ = _trained()
+    (tmp_path / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors "
+                                         r"file"):
+        check_model_checkpoint(model, str(tmp_path))
 
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, -1.0])
