@@ -362,6 +362,25 @@ def test_and_or_not_inside_a_comparison_take_their_values(test, config, refused,
     assert (direct_weight_reader(model, "mixer.proj") is not None) is refused
 
 
+def test_a_model_whose_classes_have_no_source_is_adapted():
+    """Classes made by exec (``python -c``, generated code) have no source for the direct-read
+    check to parse: their methods are passed over, and injection adapts their linears."""
+    namespace = {"nn": nn}
+    exec("class Block(nn.Module):\n"
+         "    def __init__(self):\n"
+         "        super().__init__()\n"
+         "        self.proj = nn.Linear(8, 8)\n"
+         "    def forward(self, x):\n"
+         "        return self.proj(x).relu()\n", namespace)
+    torch.manual_seed(0)
+    model = nn.Sequential(namespace["Block"](), namespace["Block"]())
+    x = torch.randn(3, 8)
+    expected = model(x)
+    inject_increlora(model, IncreLoRAConfig(target_modules=["proj"], r_max=4))
+    assert sorted(n for n, _ in increlora_layers(model)) == ["0.proj", "1.proj"]
+    torch.testing.assert_close(model(x), expected)
+
+
 def test_an_ancestor_that_computes_with_a_descendants_weight_is_refused():
     """A grandparent or any module further up that computes with ``self.attn.proj.weight`` (or
     ``self.blocks[0].fc.weight``) skips an adapter on that linear just as a parent reading
