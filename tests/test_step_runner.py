@@ -509,6 +509,13 @@ def test_cuda_graphs_without_cuda_is_refused(tiny):
         StepRunner(run, cuda_graphs=True)
 
 
+def test_cuda_graphs_of_a_run_without_a_controller_are_refused(tiny):
+    _, _, run, _ = build_run(_settings(tiny, method="lora"))
+    with pytest.raises(ValueError, match="cuda_graphs: only IncreLoRA runs can be captured, "
+                                         "got lora"):
+        StepRunner(run, cuda_graphs=True, graph_factory=EmulatedGraph)
+
+
 # ---------------------------------------------------------------- allocation rounds
 
 def test_allocation_due_names_exactly_the_rounds_of_an_increlora_run(tiny):
