@@ -311,3 +311,25 @@ def test_a_resume_whose_settings_hold_no_data_checksum_is_refused(run, tmp_path,
     assert code == 2 and len(err) == 1, err
     assert f"stores no checksum of the data file {run['train']}" in err[0]
     assert "start a new run" in err[0]
+
+
+def test_a_checkpoint_written_over_the_leftovers_of_a_killed_save(run, tmp_path):
+    """A save killed earlier left ``checkpoint-2.tmp`` (half written) and the set-aside copy of
+    an older checkpoint-2 beside a complete one: the next save of that step removes both and
+    leaves one checkpoint that resumes."""
+    from increlora_fast.training.checkpoint import (REPLACED_SUFFIX, load_checkpoint,
+                                                    read_checkpoint_settings, save_checkpoint)
+    from increlora_fast.training.finetune_run import build_run
+
+    s, _, method_run, _ = build_run(read_checkpoint_settings(run["ckpt"]))
+    state = load_checkpoint(run["ckpt"], method_run)
+    target = tmp_path / "checkpoint-2"
+    save_checkpoint(target, method_run, s, state)
+    half = tmp_path / "checkpoint-2.tmp"
+    half.mkdir()
+    (half / "settings.json").write_text("{")
+    aside = tmp_path / f".checkpoint-2{REPLACED_SUFFIX}"
+    shutil.copytree(target, aside)
+    save_checkpoint(target, method_run, s, state)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert read_checkpoint_settings(target).max_steps == s.max_steps
