@@ -251,7 +251,8 @@ def derived_weight_message(names: List[str]) -> str:
 
 
 def _check_arguments(r_max: object, init_r: object, reserve_rank: object, lora_alpha: object,
-                     lora_dropout: object, reserve_lambda: object) -> None:
+                     lora_dropout: object, reserve_lambda: object,
+                     advance_learning: object) -> None:
     """One-line ValueError naming the first argument of `IncreLoRALinear` out of its range (the
     checks `IncreLoRAConfig` makes, for a layer built by hand)."""
     def fail(name: str, value: object, allowed: str) -> None:
@@ -267,6 +268,8 @@ def _check_arguments(r_max: object, init_r: object, reserve_rank: object, lora_a
         fail("lora_dropout", lora_dropout, "a probability in [0, 1)")
     if not (_is_real(reserve_lambda) and math.isfinite(reserve_lambda) and reserve_lambda >= 0):
         fail("reserve_lambda", reserve_lambda, "a finite number >= 0")
+    if not isinstance(advance_learning, bool):  # bool("no") is True
+        fail("advance_learning", advance_learning, "True or False")
 
 
 class IncreLoRALinear(nn.Module):
@@ -306,7 +309,7 @@ class IncreLoRALinear(nn.Module):
                             f"{class_name(type(base_layer))}{why}")
         _check_arguments(r_max=r_max, init_r=init_r, reserve_rank=reserve_rank,
                          lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                         reserve_lambda=reserve_lambda)
+                         reserve_lambda=reserve_lambda, advance_learning=advance_learning)
         if init_r + reserve_rank > r_max:  # (`_check_arguments`: init_r >= 1, reserve_rank >= 0)
             raise ValueError(f"need 1 <= init_r and init_r + reserve_rank <= r_max, got "
                              f"init_r={init_r}, reserve_rank={reserve_rank}, r_max={r_max}")
@@ -322,7 +325,7 @@ class IncreLoRALinear(nn.Module):
         self.r_max = r_max
         self.lora_alpha = float(lora_alpha)
         self.reserve_lambda = float(reserve_lambda)
-        self.advance_learning = bool(advance_learning)
+        self.advance_learning = advance_learning
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         factory = dict(device=weight.device, dtype=adapter_dtype_for(weight, adapter_dtype))
         self.lora_A = nn.Parameter(torch.empty(r_max, self.in_features, **factory))

@@ -373,6 +373,7 @@ def test_constructor_rejects_bad_arguments():
     ("lora_dropout", -0.1, "a probability in [0, 1)"), ("lora_dropout", 1.5, "[0, 1)"),
     ("reserve_lambda", -1e-5, "a finite number >= 0"),
     ("adapter_dtype", "fp8", "is invalid: one of ('auto', "),
+    ("advance_learning", "no", "True or False"), ("advance_learning", 0, "True or False"),
 ])
 def test_constructor_names_a_bad_argument_and_what_is_allowed(field, value, allowed):
     """A layer built by hand (not through the validated IncreLoRAConfig) accepted lora_alpha
