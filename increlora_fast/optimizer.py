@@ -515,6 +515,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
               "params": list(group["params"])} for group in self.param_groups],
             self._slots, **self.defaults)
         twin.global_step = self.global_step  # the layers' slot stamps count on this clock
+        twin._clock_warned = True  # its steps build kernels: no step count to check stamps on
         if scaled:  # as torch.amp.GradScaler.step sets them (gradients already unscaled)
             twin.grad_scale = None
             twin.found_inf = torch.zeros((), dtype=torch.float32, device=fused[0].device)

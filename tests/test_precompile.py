@@ -491,3 +491,26 @@ def test_a_quantized_base_is_called_with_the_models_activation_dtype(triton_back
     result = precompile_kernels(model, workers=1)
     assert result.configs == 1 and not result.errors, result.errors
     assert seen and set(seen) == {activations}
+
+
+def test_build_kernels_names_no_slot_stamp(triton_backend, monkeypatch):
+    """The build's two steps are no training steps: slots stamped beyond the optimizer's count
+    (a grown model at the start of a new run, as the Trainer callback precompiles before it
+    restarts their schedules, or before a resume's optimizer state is loaded) draw no warning
+    from them (the optimizer's own steps check the stamps)."""
+    import warnings
+
+    from increlora_fast import create_optimizer
+    from increlora_fast import optimizer as optimizer_module
+    from increlora_fast.kernels.utils import building_only
+
+    model = tiny_bert(dropout=0.0)
+    for _, layer in increlora_layers(model):
+        layer.activate_reserve(1, 40)  # an earlier run's growth
+    optimizer = create_optimizer(model, lr=1e-3)
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", functional.kernel_readable)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with building_only(1):
+            optimizer.build_kernels()
+    assert not [w for w in caught if "stamped at step" in str(w.message)]
