@@ -613,11 +613,13 @@ class IncreLoRAController:
 
     def stop_tracking(self) -> None:
         """Switch score tracking off in every layer and free its buffers (exact-step mode's
-        dense float32 copy of each target weight among them) until `step` or `track_step`
-        sets it again. For when training ends: the end of ``step(s)`` sets the layers up for
-        step ``s + 1``, which a finished run never takes, so later passes (a second fine-tuning
-        stage, gradients taken for analysis) would pay for scores nobody reads.
-        `integrations.IncreLoRACallback` calls it when ``train()`` ends."""
+        dense float32 copy of each target weight among them) until `track_step` sets it again,
+        which training that goes on calls before its next step's passes (a `step` in the score
+        window whose passes ran untracked only warns, and a round due at it waits). For when
+        training ends: the end of ``step(s)`` sets the layers up for step ``s + 1``, which a
+        finished run never takes, so later passes (a second fine-tuning stage, gradients taken
+        for analysis) would pay for scores nobody reads. `integrations.IncreLoRACallback` calls
+        it when ``train()`` ends (and `track_step` when it begins)."""
         self._set_tracking(False)
 
     def track_step(self, step: int) -> None:
