@@ -10,7 +10,7 @@ import re
 import sys
 import textwrap
 import warnings
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -662,9 +662,13 @@ def unfrozen_bases_message(model: nn.Module) -> Optional[str]:
     """The one-line warning when base weights under IncreLoRA adapters of ``model`` require
     grad, else None: ``model.requires_grad_(True)`` after `inject_increlora` unfreezes them,
     and an optimizer over the trainable parameters then trains each in full beside its
-    adapter (and `save_adapter` saves it). Names how many and the first."""
+    adapter (and `save_adapter` saves it). Names how many and the first. A base weight tied
+    to a parameter of a module in ``modules_to_save`` (an adapted output layer sharing an
+    embedding to save) trains in full as the config asks: not named."""
+    to_save = _saved_module_parameter_ids(model)  # tied to a module to save: trained by it
     names = [name for name, layer in increlora_layers(model)
-             if isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad]
+             if isinstance(layer.weight, nn.Parameter) and layer.weight.requires_grad
+             and id(layer.weight) not in to_save]
     if not names:
         return None
     return (f"IncreLoRA: the base weights of {len(names)} adapted modules ({names[0]}"
@@ -716,19 +720,25 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
     return config
 
 
+def _saved_module_parameter_ids(model: nn.Module) -> Set[int]:
+    """The ids of the parameters of the modules_to_save of ``model``'s config. By identity: a
+    tied parameter (an lm_head to save sharing the input embedding, or an adapted layer's base
+    weight shared with an embedding to save) is named after the module that registered it
+    first."""
+    config = getattr(model, CONFIG_ATTR, None)
+    keys = (config.modules_to_save or []) if config is not None else []
+    names = [n for n, _ in model.named_modules() if n]
+    roots = tuple(n + "." for n in names if any(suffix_match(n, key) for key in keys))
+    return {id(p) for n, p in model.named_parameters(remove_duplicate=False)
+            if n.startswith(roots)}
+
+
 def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
     """Parameters outside the adapters that are saved with them, by full name: those of the
     modules_to_save, trainable or not (a model frozen after training, e.g. by
     ``requires_grad_(False)`` for inference, still holds its trained head), and any other
     trainable one."""
-    config = getattr(model, CONFIG_ATTR, None)
-    keys = (config.modules_to_save or []) if config is not None else []
-    names = [n for n, _ in model.named_modules() if n]
-    roots = tuple(n + "." for n in names if any(suffix_match(n, key) for key in keys))
-    # by identity: a tied parameter (an lm_head to save sharing the input embedding) is
-    # named after the module that registered it first
-    to_save = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
-               if n.startswith(roots)}
+    to_save = _saved_module_parameter_ids(model)
     return {n: p for n, p in model.named_parameters()
             if (p.requires_grad or id(p) in to_save)
             and not n.split(".")[-1].startswith("lora_")}

@@ -250,3 +250,32 @@ def test_an_optimizer_over_unfrozen_base_weights_says_so():
         optimizer = create_optimizer(model, config)
     bases = {id(layer.weight) for _, layer in increlora_layers(model)}
     assert bases <= {id(p) for g in optimizer.param_groups for p in g["params"]}
+
+
+def test_a_base_weight_tied_to_a_module_to_save_is_not_called_unfrozen():
+    """An adapted output layer whose weight is tied to an embedding in ``modules_to_save`` (as
+    an LM's head shares its input embedding): the shared parameter trains in full because the
+    config says so. `create_optimizer` does not call it unfrozen by mistake, whose advice
+    (``layer.weight.requires_grad_(False)``) would freeze the embedding the config trains."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 8)
+            self.mid = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.mid(self.emb(ids)))
+
+    torch.manual_seed(0)
+    config = branch_config(target_modules=["mid", "head"], modules_to_save=["emb"])
+    model = inject_increlora(Tied(), config)
+    assert model.head.weight is model.emb.weight and model.emb.weight.requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_optimizer(model, config)
+    model.mid.weight.requires_grad_(True)  # an adapted weight tied to nothing still is named
+    with pytest.warns(UserWarning, match=r"base weights of 1 adapted modules \(mid\)"):
+        create_optimizer(model, config)
