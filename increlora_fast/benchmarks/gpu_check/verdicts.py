@@ -393,4 +393,3 @@ def gemm_backward_rows(report: Dict) -> Tuple[Optional[int], str]:
                       f"measured): {listed}")
     return rows, (f"GEMM_BACKWARD_ROWS = {rows} (the GEMMs take less GPU time at every point "
                   f"from {rows} rows on): {listed}")
-
