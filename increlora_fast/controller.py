@@ -542,9 +542,7 @@ class IncreLoRAController:
         cfg = self.config
         remaining = self.total_budget - self.current_total_rank()
         if remaining <= 0:  # reached outside the rounds: a grown state dict loaded since
-            self._finish()
-            self._set_tracking(False)
-            logger.info("step %d: rank budget %d reached", step, self.total_budget)
+            self._budget_reached(step)
             return
         if cfg.score == "random":
             score = self._random_scores(step)
@@ -588,9 +586,13 @@ class IncreLoRAController:
             logger.info("step %d: %s -> rank %d (score %.4g)", step, entry["module"],
                         entry["new_rank"], entry["score"])
         if remaining <= 0:
-            self._finish()
-            self._set_tracking(False)
-            logger.info("step %d: rank budget %d reached", step, self.total_budget)
+            self._budget_reached(step)
+
+    def _budget_reached(self, step: int) -> None:
+        """End allocation at ``step``, the budget met: reserves retired, tracking off."""
+        self._finish()
+        self._set_tracking(False)
+        logger.info("step %d: rank budget %d reached", step, self.total_budget)
 
     def _random_scores(self, step: int) -> torch.Tensor:
         """``score="random"``: one uniform draw per module from (config.seed, step) alone, so

@@ -802,10 +802,13 @@ def test_a_saved_config_that_does_not_parse_names_the_file_and_field(saved, chan
     assert_same_state(target, before)
 
 
-def test_a_saved_config_that_is_not_json_names_the_file(saved):
+@pytest.mark.parametrize("text, match", [("{not json", "config"),
+                                         ("[1, 2]", "a JSON object is needed, not list")],
+                         ids=["not-json", "not-an-object"])
+def test_a_saved_config_that_is_not_a_json_object_names_the_file(saved, text, match):
     base, config, _, directory = saved
-    _rewrite_metadata(directory / WEIGHTS, config="{not json")
-    with pytest.raises(ValueError, match="config") as err:
+    _rewrite_metadata(directory / WEIGHTS, config=text)
+    with pytest.raises(ValueError, match=match) as err:
         load_config(directory)
     assert str(directory / WEIGHTS) in str(err.value)
 
@@ -865,14 +868,6 @@ def test_a_wrapped_model_saves_and_loads_the_model_it_wraps(tmp_path, tiny_net, 
     assert rank_pattern(again) == rank_pattern(source)
     x = torch.randn(3, 4, 12)
     assert torch.equal(again(x), source(x))
-
-
-def test_a_saved_config_that_is_json_but_not_an_object_names_the_file(saved):
-    base, config, _, directory = saved
-    _rewrite_metadata(directory / WEIGHTS, config="[1, 2]")
-    with pytest.raises(ValueError, match="a JSON object is needed, not list") as err:
-        load_config(directory)
-    assert str(directory / WEIGHTS) in str(err.value)
 
 
 def _adapter_files(directory: Path) -> dict:
