@@ -51,6 +51,17 @@ def module_layers(names: Iterable[str]) -> Dict[str, ModuleLayer]:
     return split
 
 
+def one_stack_per_index(layers: Iterable[ModuleLayer]) -> bool:
+    """Whether each layer index among ``layers`` belongs to one stack (one name up to it), so
+    that the index alone names a layer; False where one index is in several (an encoder's and
+    a decoder's layer 0: ``model.encoder.layers.0``, ``model.decoder.layers.0``), which the
+    name up to the index then tells apart."""
+    prefixes: Dict[str, set] = {}
+    for index, prefix, _ in layers:
+        prefixes.setdefault(index, set()).add(prefix)
+    return all(len(p) == 1 for p in prefixes.values())
+
+
 def split_module_name(name: str) -> Tuple[str, str]:
     """('layer index', 'module type') of a module name alone, such as
     ``encoder.layer.3.attention.self.query``: its first integer component and what follows it
@@ -87,10 +98,7 @@ def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tupl
     decoder.block.0), every row is the whole name up to its index, so that every module keeps
     a cell of its own."""
     split = module_layers(rank_pattern)
-    prefixes: Dict[str, set] = {}
-    for index, prefix, _ in split.values():
-        prefixes.setdefault(index, set()).add(prefix)
-    by_index = all(len(p) == 1 for p in prefixes.values())
+    by_index = one_stack_per_index(split.values())
     grid = {(index if by_index else prefix, kind): rank_pattern[n]
             for n, (index, prefix, kind) in split.items()}
     layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), natural_key(s)))

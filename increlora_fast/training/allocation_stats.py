@@ -13,7 +13,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-from ..visualize import distinct_colours, module_layers, natural_key, split_module_name
+from ..visualize import (distinct_colours, module_layers, natural_key, one_stack_per_index,
+                         split_module_name)
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
 
 
@@ -44,10 +45,7 @@ def layer_group(names: Iterable[str]) -> Callable[[str], str]:
     and a decoder's layer 0), by the name up to its index (``model.decoder.layers.0``), so
     that no line averages two layers; a name without an index is a group of its own."""
     split = module_layers(names)
-    stacks: Dict[str, set] = defaultdict(set)
-    for index, prefix, _ in split.values():
-        stacks[index].add(prefix)
-    by_index = all(len(s) == 1 for s in stacks.values())
+    by_index = one_stack_per_index(split.values())
 
     def group(name: str) -> str:
         index, prefix, _ = split.get(name) or module_layers([name])[name]
