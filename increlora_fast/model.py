@@ -213,7 +213,6 @@ def _parent(model: nn.Module, name: str) -> nn.Module:
 _SETUP_METHODS = re.compile(r"(^__init__$|init|reset_parameters|extra_repr|__repr__|tie)")
 # Reading these from a weight only describes it (dtype casts, device checks): harmless.
 _METADATA_NAMES = r"(dtype|device|shape|size|ndim|numel|requires_grad|is_\w+|element_size)"
-_METADATA = rf"\.{_METADATA_NAMES}\b"
 
 
 # The guard of one direct read: an ``if`` (or ``x if c else y``) test and whether the read lies
@@ -226,24 +225,13 @@ _Path = Tuple[str, ...]
 # A path as a method's source spells it from ``self``: each attribute name or constant key, or
 # None for an index that is not a constant (``self.blocks[i]``: any entry).
 _Steps = Tuple[Optional[str], ...]
-# Each ``self.<steps>.weight`` in a method's source that is not only its dtype, device or shape.
-_READ = re.compile(rf"(?<!isinstance\()\bself((?:\.\w+|\[[^][]*\])+)\.weight\b(?!{_METADATA})")
-_STEP = re.compile(r"\.(\w+)|\[\s*([^]]*?)\s*\]")
-_CONSTANT_KEY = re.compile(r"(\d+)|'([^']*)'|\"([^\"]*)\"")
+# One ``self.<steps>.weight`` a method computes with, and its guards (enclosing ``if`` tests).
+_Read = Tuple[_Steps, Tuple[_Guard, ...]]
 
 
 def _source_path(path: _Path) -> str:
     """``path`` as source reads it from ``self``: ``self.blocks[0].fc``."""
     return "self" + "".join(f".{p}" if p.isidentifier() else f"[{p}]" for p in path)
-
-
-def _text_steps(text: str) -> _Steps:
-    """The steps of a path's source text (``.blocks[0].fc``)."""
-    steps: List[Optional[str]] = []
-    for name, index in _STEP.findall(text):
-        key = _CONSTANT_KEY.fullmatch(index) if not name else None
-        steps.append(name or (next(g for g in key.groups() if g is not None) if key else None))
-    return tuple(steps)
 
 
 def _ast_steps(node: ast.AST) -> Optional[_Steps]:
@@ -260,31 +248,40 @@ def _ast_steps(node: ast.AST) -> Optional[_Steps]:
     return tuple(reversed(steps))
 
 
-def _reaches(steps: Optional[_Steps], path: _Path) -> bool:
+def _reaches(steps: _Steps, path: _Path) -> bool:
     """Whether source ``steps`` may name the module at ``path``: each step is its name (an
     attribute, or a ModuleDict's key), or a non-constant index into a list of modules."""
-    return steps is not None and len(steps) == len(path) and all(
+    return len(steps) == len(path) and all(
         step == part if step is not None else not part.isidentifier()
         for step, part in zip(steps, path))
 
 
-def _reads_and_guards(fn: object, path: _Path) -> Optional[List[Tuple[_Guard, ...]]]:
-    """The guards (enclosing ``if`` tests) of each ``self.<path>.weight`` that ``fn`` computes
-    with, or None where its source does not parse (every read then counts as unguarded)."""
+def _weight_reads(fn: object) -> List[_Read]:
+    """Each ``self.<steps>.weight`` (below ``self``: at least one step) that the code of ``fn``
+    computes with, not only reading its dtype, device or shape nor asking ``isinstance`` of it,
+    with its guards. Read from the syntax tree, so that words in a docstring or comment are no
+    read; none for a function without source to read (a class made by ``exec``)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError):
-        return None
-    reads: List[Tuple[_Guard, ...]] = []
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return []
+    if ".weight" not in source:  # most methods: no tree to build
+        return []
+    try:
+        tree = ast.parse(textwrap.dedent(source))
+    except SyntaxError:  # (a source inspect cuts from a larger statement: none to read)
+        return []
+    reads: List[_Read] = []
 
     def visit(node: ast.AST, parent: Optional[ast.AST], guards: Tuple[_Guard, ...]) -> None:
         if (isinstance(node, ast.Attribute) and node.attr == "weight"
-                and _reaches(_ast_steps(node.value), path)
                 and not (isinstance(parent, ast.Attribute)
                          and re.fullmatch(_METADATA_NAMES, parent.attr))
                 and not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name)
                          and parent.func.id == "isinstance" and parent.args[:1] == [node])):
-            reads.append(guards)
+            steps = _ast_steps(node.value)
+            if steps:  # (``self.weight``: the module's own)
+                reads.append((steps, guards))
         for field, value in ast.iter_fields(node):
             inner = guards
             if isinstance(node, (ast.If, ast.IfExp)) and field in ("body", "orelse"):
@@ -298,40 +295,34 @@ def _reads_and_guards(fn: object, path: _Path) -> Optional[List[Tuple[_Guard, ..
 
 
 @functools.lru_cache(maxsize=None)
-def _own_method_sources(klass: type) -> Tuple[Tuple[str, object, Tuple[_Steps, ...]], ...]:
-    """Each method that ``klass`` itself defines and whose source computes with the weight of a
-    module below it (`_READ`): its qualified name, the function and the steps of each such
-    path. Read once per class (a base class such as transformers' PreTrainedModel is shared by
-    every model and every target)."""
+def _own_weight_reads(klass: type) -> Tuple[Tuple[str, Tuple[_Read, ...]], ...]:
+    """Each method that ``klass`` itself defines and that computes with the weight of a module
+    below it (`_weight_reads`): its qualified name and those reads. Read once per class (a
+    base class such as transformers' PreTrainedModel is shared by every model and target)."""
     found = []
     for attr, fn in vars(klass).items():
         if _SETUP_METHODS.search(attr) or not inspect.isfunction(fn):
             continue
-        try:
-            source = inspect.getsource(fn)
-        except (OSError, TypeError):
-            continue
-        code = "\n".join(line.split("#")[0] for line in source.splitlines())
-        paths = tuple({_text_steps(read[1]) for read in _READ.finditer(code)})
-        if paths:
-            found.append((f"{klass.__name__}.{attr}", fn, paths))
+        reads = _weight_reads(fn)
+        if reads:
+            found.append((f"{klass.__name__}.{attr}", tuple(reads)))
     return tuple(found)
 
 
 @functools.lru_cache(maxsize=None)
 def _weight_reading_methods(cls: type, path: _Path
-                            ) -> Tuple[Tuple[str, Optional[Tuple[Tuple[_Guard, ...], ...]]], ...]:
-    """Each method of ``cls`` (torch's own classes included) whose source computes with
+                            ) -> Tuple[Tuple[str, Tuple[Tuple[_Guard, ...], ...]], ...]:
+    """Each method of ``cls`` (torch's own classes included) whose code computes with
     ``self.<path>.weight`` directly instead of calling that module, by name, with the guards of
-    each such read (None: not known, every read counts as unguarded)."""
+    each such read."""
     found = []
     for klass in cls.__mro__:
         if klass in (nn.Module, object):
             break
-        for method, fn, paths in _own_method_sources(klass):
-            if any(_reaches(steps, path) for steps in paths):
-                reads = _reads_and_guards(fn, path)
-                found.append((method, tuple(reads) if reads else None))  # none found: not known
+        for method, reads in _own_weight_reads(klass):
+            guards = tuple(g for steps, g in reads if _reaches(steps, path))
+            if guards:
+                found.append((method, guards))
     return tuple(found)
 
 
@@ -446,8 +437,8 @@ def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
         if methods and configs is None:
             configs = _configs(model, name)
         for method, reads in methods:
-            if reads is None or any(not any(_skipped(test, taken, owner, configs)
-                                            for test, taken in guards) for guards in reads):
+            if any(not any(_skipped(test, taken, owner, configs) for test, taken in guards)
+                   for guards in reads):
                 where = "" if depth == len(parts) - 1 else \
                     f" (module {'.'.join(parts[:depth])!r})" if depth else " (the model)"
                 return (f"{method}{where} computes with {_source_path(path)}.weight directly "

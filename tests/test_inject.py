@@ -533,3 +533,25 @@ def test_a_linear_named_base_layer_is_a_target_like_any_other(targets):
     model.block = _Wrapper()
     inject_increlora(model, IncreLoRAConfig(target_modules=targets, r_max=4))
     assert sorted(n for n, _ in increlora_layers(model)) == ["block.base_layer", "block.fc"]
+
+
+class _ReadsInWordsOnly(nn.Module):
+    """Calls its linear; only its docstring and a comment name the weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        """Calls self.fc, never F.linear(x, self.fc.weight) by hand."""
+        return self.fc(x)  # not self.fc.weight @ x
+
+
+def test_a_weight_named_only_in_a_docstring_is_no_direct_read():
+    """The parent's source was searched for ``self.<path>.weight`` as text first, and a match
+    the code does not hold (a docstring's words) counted as a read of unknown guards: the
+    linear was refused, 'computes with self.fc.weight directly'. Only the code's reads count."""
+    model = nn.Sequential(_ReadsInWordsOnly())
+    inject_increlora(model, IncreLoRAConfig(target_modules=["fc"], r_max=4, init_r=1,
+                                            target_rank=2, total_step=10))
+    assert isinstance(model[0].fc, IncreLoRALinear)
