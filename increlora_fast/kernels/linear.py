@@ -95,12 +95,6 @@ class _Plan:
         if not interpreted:
             self.score, self.score_warps = score_tiles(out_features, in_features, br, wide, sms)
 
-    def takes_gemms(self, rows: int) -> bool:
-        """Whether a backward of ``rows`` rows runs the adapter's part as cuBLAS GEMMs and aten
-        ops (`gemm_backward`, from ``gemm_rows`` rows on) rather than the row and finish
-        kernels."""
-        return self.gemm_rows is not None and rows >= self.gemm_rows
-
 
 # From how many rows (tokens) a layer's backward runs the adapter's part as cuBLAS GEMMs
 # (`gemm_backward`) instead of the row and finish kernels; None: never. Read when a plan is made
@@ -301,7 +295,7 @@ def adapted_linear_backward(dy: torch.Tensor, x: torch.Tensor, x_adapter: Option
     d_a = db = dlam = None
     progs = 0
     gb = da = dl = h
-    if plan.takes_gemms(M):  # cuBLAS GEMMs and aten ops
+    if plan.gemm_rows is not None and M >= plan.gemm_rows:  # cuBLAS GEMMs and aten ops
         d_a, db, dlam = gemm_adapter_backward(
             dy, xa, lora_A, lora_B, lora_lambda, slot_state, alpha, reserve, h, target,
             accumulate_dx, need_a, need_b, need_lam, acc)
