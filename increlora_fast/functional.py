@@ -32,7 +32,7 @@ import torch
 
 from .kernels.launches import building_only_active
 from .kernels.reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_score_dense,
-                        effective_lambda)
+                                dtype_name, effective_lambda)
 
 __all__ = ["adapted_linear", "adapted_linear_torch", "effective_lambda", "delta_w_score_dense",
            "accumulate_dense_grad_", "select_backend", "triton_available", "choose_path",
@@ -128,15 +128,10 @@ def _variant_ok(key: tuple) -> bool:
                          while_capturing=True, label=_variant_label(key))
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
-    """``bfloat16`` of torch.bfloat16."""
-    return str(dtype).replace("torch.", "")
-
-
 def _variant_label(key: tuple) -> str:
     """A `_variant` key in words, for the warning of a failed check."""
     compute, adapter, weight, in_out, bias, fused, dropout, tile = key[1:]
-    name = _dtype_name
+    name = dtype_name
     base = "no base weight" if weight is None else \
         f"{name(weight)} base weight ({'in x out, Conv1D' if in_out else 'out x in'})"
     flags = [flag for flag, on in (("bias", bias), ("fused forward", fused),
@@ -174,8 +169,8 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
         return check_adamw(device, dtype, multi=True, moment_dtype=moment_dtype)
     return _checked_once(device, (str(device), "masked_adamw_multi", dtype, moment_dtype), check,
                          "The optimizer now launches its kernel once per tensor there",
-                         label=f"masked AdamW over many tensors, {_dtype_name(dtype)} parameters, "
-                               f"{_dtype_name(moment_dtype)} moments")
+                         label=f"masked AdamW over many tensors, {dtype_name(dtype)} parameters, "
+                               f"{dtype_name(moment_dtype)} moments")
 
 
 def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str, object]],
@@ -276,7 +271,7 @@ def orth_penalty_ok(device: torch.device, dtype: torch.dtype, r_max: int) -> boo
         return check_orth_penalty(device, dtype, shapes=orth_shapes_at(tile))
     return _checked_once(device, (str(device), "orth_penalty", dtype, tile), check,
                          "The orthogonal penalty now takes its torch path there",
-                         label=f"orthogonal penalty, {_dtype_name(dtype)} slot buffers, "
+                         label=f"orthogonal penalty, {dtype_name(dtype)} slot buffers, "
                                f"slot tile {tile}")
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .reference import (adapted_linear_torch, lambda_dtype, masked_adamw_float64,
+from .reference import (adapted_linear_torch, dtype_name, lambda_dtype, masked_adamw_float64,
                         orth_penalty_float64)
 from . import launches
 
@@ -171,7 +171,7 @@ def check_problem(device: torch.device, m: int, k: int, n: int, r_max: int, dtyp
     if dropout:
         mask = (torch.rand(m, k, generator=gen, device="cpu") > 0.25).to(device) / 0.75
     record: Dict[str, object] = dict(op="adapted_linear" + ("_fused" if fused else ""),
-                                     dtype=str(dtype).replace("torch.", ""), M=m, K=k, N=n,
+                                     dtype=dtype_name(dtype), M=m, K=k, N=n,
                                      r_max=r_max, tol=TOL[tol_dtype], ok=False, error="")
     record["in"], record["out"] = record.pop("K"), record.pop("N")
 
@@ -259,12 +259,12 @@ def check_adamw(device: torch.device, dtype: torch.dtype, multi: bool, seed: int
     tol_dtype = torch.float32 if dtype == torch.float64 else dtype
     # M: the elements stepped; in, out and r_max belong to the linear's records
     record: Dict[str, object] = dict(
-        op="masked_adamw" + ("_multi" if multi else ""), dtype=str(dtype).replace("torch.", ""),
+        op="masked_adamw" + ("_multi" if multi else ""), dtype=dtype_name(dtype),
         M=sum(math.prod(shape) for shape, _ in ADAMW_TENSORS), r_max=None, tol=TOL[tol_dtype],
         ok=False, error="")
     record["in"] = record["out"] = None
     if moment_dtype is not None and moment_dtype != dtype:
-        record["dtype"] += f"/{str(moment_dtype).replace('torch.', '')} moments"
+        record["dtype"] += f"/{dtype_name(moment_dtype)} moments"
     return _measured(record, tol_dtype, lambda: _adamw_error(device, dtype,
                                                              moment_dtype or dtype, multi, seed))
 
@@ -350,7 +350,7 @@ def check_orth_penalty(device: torch.device, dtype: torch.dtype, seed: int = 0,
     all do not count (its term and gradients are 0). Error relative to the largest magnitude of
     each float64 result."""
     record: Dict[str, object] = dict(
-        op="orth_penalty", dtype=str(dtype).replace("torch.", ""),
+        op="orth_penalty", dtype=dtype_name(dtype),
         M=sum(r * (k + n) for r, k, n in shapes), r_max=max(r for r, _, _ in shapes),
         tol=TOL[dtype], ok=False, error="")
     record["in"] = record["out"] = None

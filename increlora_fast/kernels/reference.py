@@ -27,6 +27,11 @@ def lambda_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(adapter_dtype, torch.float32)
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``bfloat16`` of torch.bfloat16: a dtype as reports and messages write it."""
+    return str(dtype).replace("torch.", "")
+
+
 def effective_lambda(lora_lambda: torch.Tensor, slot_state: Optional[torch.Tensor],
                      lora_alpha: float, reserve_value: float) -> torch.Tensor:
     """lambda with the slot mask, the reserve value and the ``alpha / active_rank`` scale
