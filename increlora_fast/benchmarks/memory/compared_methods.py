@@ -4,13 +4,14 @@ of each on a real model, split into forward/backward and optimizer step."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Collection, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ...kernels.reference import lambda_dtype
+from ...kernels.reference import dtype_name, lambda_dtype
 
 if TYPE_CHECKING:
     from ...training.step_runner import StepRunner
@@ -125,9 +126,7 @@ def increlora_sizes(meta_model: nn.Module, base_dtype: torch.dtype,
     dense = sum(i * o for i, o in dims) * FP32
     saved = _saved_parameters(meta_model, setting)
     saved_bytes = sum(p.numel() * p.element_size() for p in saved)
-
-    def name(dtype: torch.dtype) -> str:
-        return str(dtype).replace("torch.", "")
+    name = dtype_name
     kinds = sorted(set(dtypes), key=str)
     where = (f"{n} modules, r_max={r}, A and B "
              + (name(kinds[0]) if len(kinds) == 1 else " or ".join(
@@ -162,6 +161,22 @@ def _saved_note(saved: List[torch.Tensor]) -> str:
     return f" and per parameter of modules_to_save ({len(saved)} tensors)" if saved else ""
 
 
+@functools.lru_cache(maxsize=None)
+def peft_trains_ranknum(base_dtype: torch.dtype) -> bool:
+    """Whether this peft's AdaLoRA trains ``ranknum`` on a real base layer of ``base_dtype``.
+    peft 0.21 and older move the float32 ranknum to a bf16/fp16 layer's dtype and back by
+    assignment into its ParameterDict: a new parameter, which requires grad; peft 0.22 keeps it
+    frozen. The meta copy the sizes are read from moves nothing, so this asks a tiny real one."""
+    from peft import AdaLoraConfig, get_peft_model
+
+    if base_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    model = nn.Sequential(nn.Linear(2, 2)).to(base_dtype)
+    model = get_peft_model(model, AdaLoraConfig(target_modules=["0"], init_r=1, target_r=1,
+                                                total_step=10))
+    return any(p.requires_grad for name, p in model.named_parameters() if "ranknum" in name)
+
+
 def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) -> Sizes:
     """Sizes of a peft adapter built on ``meta_model`` (wrapped in place) on the meta device,
     with peft's own choice of dtypes."""
@@ -169,12 +184,8 @@ def peft_sizes(meta_model: nn.Module, setting: AdapterSetting, adalora: bool) ->
     from peft import get_peft_model
 
     names = target_names(meta_model, setting)
-    # On a real model peft moves AdaLoRA's float32 ranknum to a bf16/fp16 base layer's dtype
-    # and back by assignment into its ParameterDict: a new parameter, which requires grad (on
-    # the meta device it moves nothing, so the copy here keeps it frozen).
-    ranknum_trained = any(meta_model.get_submodule(n).weight.dtype in (torch.float16,
-                                                                       torch.bfloat16)
-                          for n in names)
+    ranknum_trained = adalora and any(
+        peft_trains_ranknum(meta_model.get_submodule(n).weight.dtype) for n in names)
     with init_empty_weights():
         model = get_peft_model(meta_model, peft_config(names, setting, adalora))
     adapter = other = trained = count = 0
