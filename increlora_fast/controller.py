@@ -34,6 +34,7 @@ from .functional import kernel_readable
 from .layer import IncreLoRALinear
 from .model import (frozen_adapters_message, get_config, increlora_layers,
                     keep_adapters_in_fast_paths)
+from .optimizer import in_increlora_optimizer
 from .penalty import OrthogonalPenalty
 
 logger = logging.getLogger("increlora_fast")
@@ -411,13 +412,14 @@ class IncreLoRAController:
         `create_optimizer`, e.g. a plain ``torch.optim.AdamW``) were updated since the last
         round: it trains them, but new slots get no restart warmup and no fresh moments or
         Adam step count, and slots not in use take its weight decay. Host values only (the
-        version counters of ``lora_A`` and a flag `IncreLoRAAdamW` sets on its layers)."""
+        version counters of ``lora_A`` and the record of the live `IncreLoRAAdamW`s holding each
+        layer, `optimizer.in_increlora_optimizer`)."""
         if self._warned_optimizer:
             return
         moved = [name for name, layer, version in zip(self.names, self.layers,
                                                       self._adapter_versions)
                  if layer.lora_A._version != version
-                 and not getattr(layer, "in_increlora_optimizer", False)]
+                 and not in_increlora_optimizer(layer)]
         if moved:
             self._warned_optimizer = True
             warnings.warn(f"IncreLoRA: the adapters of {len(moved)} module(s) ({_first_names(moved)}) "

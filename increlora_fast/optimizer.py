@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import weakref
 from collections import defaultdict
 from itertools import chain
 from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
@@ -234,6 +235,19 @@ class _FusedPlan:
             launch_masked_adamw_(launch, p, grad, m, v, mask_u8, slot_lr, count, *hyper)
 
 
+# Each IncreLoRA layer -> the live IncreLoRAAdamWs holding its adapters: a record the layer does
+# not carry, so a deep copy or an unpickled layer is held only by an optimizer copied with it,
+# and a layer whose optimizer is gone by none.
+_HOLDERS: "weakref.WeakKeyDictionary[IncreLoRALinear, weakref.WeakSet]" = \
+    weakref.WeakKeyDictionary()
+
+
+def in_increlora_optimizer(layer: IncreLoRALinear) -> bool:
+    """Whether a live `IncreLoRAAdamW` holds the adapters of ``layer`` (read by the controller:
+    `IncreLoRAController._warn_other_optimizer`)."""
+    return bool(_HOLDERS.get(layer))
+
+
 class IncreLoRAAdamW(torch.optim.Optimizer):
     """AdamW with per-slot schedules and masks for IncreLoRA adapters; build it with
     `create_optimizer`. ``lr`` in each group is the base learning rate; the schedule is applied
@@ -251,14 +265,18 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
                         warmup_steps=warmup_steps, total_step=total_step)
         super().__init__(params, defaults)
         self._slots = slots
-        for layer, _ in slots.values():  # (read by the controller: `_warn_other_optimizer`)
-            layer.in_increlora_optimizer = True
+        self._hold_layers()
         self.global_step = 0
         # Counts the cached masks and starts made as new tensors rather than refreshed in place
         # (`device_scalar.refresh_in_place`): a CUDA graph captured at another count reads
         # tensors the step no longer uses.
         self.cache_epoch = 0
         self._reset_caches()
+
+    def _hold_layers(self) -> None:
+        """Record this optimizer as a holder of its layers (`in_increlora_optimizer`)."""
+        for layer, _ in self._slots.values():
+            _HOLDERS.setdefault(layer, weakref.WeakSet()).add(self)
 
     def _reset_caches(self) -> None:
         """The caches a step builds from the parameters, their state and their layers (every
@@ -328,6 +346,7 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
         super().__setstate__(state)
         self._slots = {id(p): role for group, group_roles in zip(self.param_groups, roles)
                        for p, role in zip(group["params"], group_roles) if role is not None}
+        self._hold_layers()
         self._reset_caches()
 
     def state_dict(self) -> dict:

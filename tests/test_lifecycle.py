@@ -2,6 +2,7 @@
 objects: deep copies, pickles, state dicts, a new run over a grown model, several models in one
 process, evaluation passes between steps."""
 import copy
+import gc
 import io
 import warnings
 
@@ -279,3 +280,30 @@ def test_a_base_weight_tied_to_a_module_to_save_is_not_called_unfrozen():
     model.mid.weight.requires_grad_(True)  # an adapted weight tied to nothing still is named
     with pytest.warns(UserWarning, match=r"base weights of 1 adapted modules \(mid\)"):
         create_optimizer(model, config)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "deepcopy with its optimizer", "replaced"])
+def test_adapters_trained_by_another_optimizer_are_named_also_in_a_copy(how):
+    """A deep copy of a model whose layers an IncreLoRAAdamW holds, trained by a plain
+    torch.optim.AdamW under a new controller: the copy's adapters are in no IncreLoRAAdamW, and
+    the controller says so as it does for the original. The copies carried the original's
+    "held by IncreLoRAAdamW" flag, so nothing was said; so did the original once its
+    IncreLoRAAdamW was dropped for another optimizer. A copy taken together with its optimizer
+    (``copy.deepcopy((model, optimizer))``) is held by the copied optimizer: nothing to say."""
+    model, opt, ctl, config = grown_run(steps=3)
+    if how == "deepcopy with its optimizer":
+        model, opt = copy.deepcopy((model, opt))
+    else:
+        if how == "deepcopy":
+            model = copy.deepcopy(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        gc.collect()  # (the IncreLoRAAdamW of a replaced one is gone)
+    state = ctl.state_dict()
+    ctl = IncreLoRAController(model, config)
+    ctl.load_state_dict(state)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_steps(model, opt, ctl, range(3, 9))
+    named = [w for w in caught if "not IncreLoRAAdamW" in str(w.message)]
+    assert len(named) == (0 if how == "deepcopy with its optimizer" else 1), \
+        [str(w.message) for w in caught]
