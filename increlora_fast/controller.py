@@ -706,6 +706,13 @@ class IncreLoRAController:
         nonfinite = state.get("nonfinite_step", -1)
         if isinstance(nonfinite, bool) or not isinstance(nonfinite, int) or nonfinite < -1:
             raise ValueError("controller state nonfinite_step must be an int >= -1")
+        for key in ("budget_reached", "warned_nonfinite", "round_pending"):  # bool("no") is True
+            if not isinstance(state.get(key, False), bool):
+                raise ValueError(f"controller state {key} must be True or False")
+        next_step = state.get("next_step")
+        if next_step is not None and (isinstance(next_step, bool) or not isinstance(next_step, int)
+                                      or next_step < 0):
+            raise ValueError("controller state next_step must be an int >= 0 or None")
 
     def load_state_dict(self, state: dict) -> None:
         """Restore `state_dict` output; everything is checked first (`check_state_dict`), so a

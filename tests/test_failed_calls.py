@@ -133,6 +133,10 @@ def _args(out):
     ("allocation_log", "controller state allocation_log must be a list"),
     ("nonfinite_step", "controller state nonfinite_step must be an int >= -1"),
     ("nonfinite_bool", "controller state nonfinite_step must be an int >= -1"),
+    ("budget_reached", "controller state budget_reached must be True or False"),
+    ("warned_nonfinite", "controller state warned_nonfinite must be True or False"),
+    ("round_pending", "controller state round_pending must be True or False"),
+    ("next_step", "controller state next_step must be an int >= 0 or None"),
 ])
 def test_controller_state_of_the_wrong_form_is_named(damage, message):
     _, source = _trained()
@@ -143,8 +147,12 @@ def test_controller_state_of_the_wrong_form_is_named(damage, message):
         state["allocation_log"] = tuple(state["allocation_log"])
     elif damage == "nonfinite_step":
         state["nonfinite_step"] = -2
-    else:
+    elif damage == "nonfinite_bool":
         state["nonfinite_step"] = True
+    elif damage == "next_step":
+        state["next_step"] = "4"  # a later step() would fail comparing it
+    else:  # bool("False") is True: allocation would end at once
+        state[damage] = "False"
     _, target = _trained()
     with pytest.raises(ValueError, match=f"^{message}$"):
         target.load_state_dict(state)
