@@ -307,3 +307,27 @@ def test_adapters_trained_by_another_optimizer_are_named_also_in_a_copy(how):
     named = [w for w in caught if "not IncreLoRAAdamW" in str(w.message)]
     assert len(named) == (0 if how == "deepcopy with its optimizer" else 1), \
         [str(w.message) for w in caught]
+
+
+def test_a_new_run_over_a_model_restored_to_an_earlier_best_state_says_nothing():
+    """`BestState.restore` (``--select-best``) puts back the slots of a step before any
+    growth, all stamped at step 0; a new run over that model has nothing to be told. The
+    layers kept the host record of the stamps they had before the restore (up to step 8), so
+    the new optimizer warned about slots stamped at step 8 that no slot holds any more."""
+    from types import SimpleNamespace
+
+    from increlora_fast.training.loop import BestState, LoopState
+    model, opt, ctl, config = grown_run(steps=3)
+    assert max(latest_stamps(model)) == 0
+    kept = {**{n: p for n, p in model.named_parameters() if p.requires_grad},
+            **dict(model.named_buffers())}
+    state = LoopState(step=9, best={"step": 3, "accuracy": 1.0, "loss": 0.0, "tensors": {
+        n: t.detach().clone() for n, t in kept.items()}})
+    train_steps(model, opt, ctl, range(3, 9))
+    assert max(latest_stamps(model)) == 8
+    BestState(SimpleNamespace(model=model), None, every=3, max_steps=9).restore(state)
+    assert max(latest_stamps(model)) == 0
+    opt, ctl = new_run(model, config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        train_steps(model, opt, ctl, range(2))

@@ -255,9 +255,9 @@ class BestState:
         with torch.no_grad():
             for name, t in self._tensors().items():
                 t.copy_(state.best["tensors"][name])
-        for module in self.run.model.modules():  # IncreLoRA layers: slot states changed
-            if hasattr(module, "mark_slots_changed"):
-                module.mark_slots_changed()
+        for module in self.run.model.modules():  # IncreLoRA layers: slot states and stamps
+            if hasattr(module, "note_loaded_stamps"):  # loaded, their host record with them
+                module.note_loaded_stamps()
 
 
 @torch.no_grad()
