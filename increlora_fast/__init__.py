@@ -17,7 +17,8 @@ _EXPORTS = {
     "IncreLoRAConfig": "config",
     "IncreLoRAController": "controller",
     "IncreLoRALinear": "layer", "SlotState": "layer",
-    "count_trainable_parameters": "model", "increlora_layers": "model",
+    "IncreLoRAAveragedModel": "model", "count_trainable_parameters": "model",
+    "increlora_layers": "model",
     "inject_increlora": "model", "merge_and_unload": "model",
     "IncreLoRAAdamW": "optimizer", "create_optimizer": "optimizer",
     "load_adapter": "persistence", "load_config": "persistence", "rank_pattern": "persistence",
@@ -28,14 +29,15 @@ __all__ = [
     "IncreLoRAConfig", "IncreLoRALinear", "SlotState", "inject_increlora", "merge_and_unload",
     "increlora_layers", "count_trainable_parameters", "save_adapter", "load_adapter",
     "load_config", "rank_pattern", "IncreLoRAController", "IncreLoRAAdamW", "create_optimizer",
+    "IncreLoRAAveragedModel",
 ]
 
 if TYPE_CHECKING:  # what type checkers and editors read
     from .config import IncreLoRAConfig
     from .controller import IncreLoRAController
     from .layer import IncreLoRALinear, SlotState
-    from .model import (count_trainable_parameters, increlora_layers, inject_increlora,
-                        merge_and_unload)
+    from .model import (IncreLoRAAveragedModel, count_trainable_parameters, increlora_layers,
+                        inject_increlora, merge_and_unload)
     from .optimizer import IncreLoRAAdamW, create_optimizer
     from .persistence import load_adapter, load_config, rank_pattern, save_adapter
 

@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
@@ -630,6 +631,29 @@ def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
     for name, module in model.named_modules():
         if isinstance(module, IncreLoRALinear):
             yield name, module
+
+
+class IncreLoRAAveragedModel(AveragedModel):
+    """``torch.optim.swa_utils.AveragedModel`` (SWA, EMA) for a model with IncreLoRA layers:
+    the same arguments, and the layers' slot states and stamps (``slot_state``,
+    ``slot_alloc_step``, ``slot_active_step``) copied from the source model at every
+    `update_parameters`, with their host record (`IncreLoRALinear.latest_stamp`). Torch's class
+    with ``use_buffers=True`` averages those integer buffers like the others, which rounds
+    every growth away (a slot's state 0 + (1 - 0) / n is 0): the averaged model would go on
+    computing with the slots it was made with, or with averaged stamps."""
+
+    def update_parameters(self, model: nn.Module) -> None:
+        """Average ``model``'s parameters (and float buffers with ``use_buffers=True``) into
+        this copy; take its IncreLoRA layers' slot states and stamps as they are."""
+        super().update_parameters(model)
+        with torch.no_grad():
+            for (_, mine), (_, theirs) in zip(increlora_layers(self.module),
+                                              increlora_layers(model), strict=True):
+                for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
+                    getattr(mine, key).copy_(getattr(theirs, key))
+                mine.mark_slots_changed()
+                mine.last_stamp = None  # (a stamp of the source's run)
+                mine.latest_stamp = getattr(theirs, "latest_stamp", None)  # (an older pickle)
 
 
 def frozen_adapters_message(model: nn.Module) -> Optional[str]:

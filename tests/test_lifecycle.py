@@ -331,3 +331,28 @@ def test_a_new_run_over_a_model_restored_to_an_earlier_best_state_says_nothing()
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         train_steps(model, opt, ctl, range(2))
+
+
+@pytest.mark.parametrize("average", ["ema", "swa"])
+def test_an_averaged_model_with_buffers_follows_the_slots_of_its_source(average):
+    """EMA / SWA of a growing model with ``use_buffers=True``: torch's AveragedModel averages
+    every buffer, the layers' integer slot states and stamps too, which rounds each growth
+    away (0 + (1 - 0) / n is 0 in int8): the averaged model kept computing with the slots it
+    was made with, silently. `IncreLoRAAveragedModel` copies them from the source instead,
+    with the host record of the stamps."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2)
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    extra = dict(multi_avg_fn=get_ema_multi_avg_fn(0.5)) if average == "ema" else {}
+    averaged = IncreLoRAAveragedModel(model, use_buffers=True, **extra)
+    train_steps(model, opt, ctl, range(9), on_step=lambda _: averaged.update_parameters(model))
+    assert max(latest_stamps(model)) == 8  # grown at steps 4, 6 and 8
+    assert latest_stamps(averaged.module) == latest_stamps(model)
+    for (name, layer), (_, copy_) in zip(increlora_layers(model),
+                                         increlora_layers(averaged.module)):
+        for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
+            assert torch.equal(getattr(copy_, key), getattr(layer, key)), (name, key)
+        assert copy_.latest_stamp == layer.latest_stamp, name
