@@ -32,8 +32,8 @@ from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar
 from .functional import kernel_readable
 from .layer import IncreLoRALinear
-from .model import (frozen_adapters_message, get_config, increlora_layers,
-                    keep_adapters_in_fast_paths)
+from .model import (frozen_adapters_message, fsdp1_sharded_adapter_message, get_config,
+                    increlora_layers, keep_adapters_in_fast_paths)
 from .optimizer import in_increlora_optimizer
 from .penalty import OrthogonalPenalty
 
@@ -87,6 +87,10 @@ class IncreLoRAController:
     Warns (RuntimeWarning) when every adapter tensor of the model is frozen
     (`frozen_adapters_message`), e.g. by peft's ``prepare_model_for_kbit_training`` called
     after `inject_increlora`: training would change nothing.
+
+    Raises:
+        ValueError: the model holds no IncreLoRA layer, or FSDP1 shards its adapter tensors
+            (`fsdp1_sharded_adapter_message`).
     """
 
     def __init__(self, model: nn.Module, config: Optional[IncreLoRAConfig] = None) -> None:
@@ -95,6 +99,9 @@ class IncreLoRAController:
         named = list(increlora_layers(model))
         if not named:
             raise ValueError("model has no IncreLoRA layers: call inject_increlora first")
+        sharded = fsdp1_sharded_adapter_message(model)
+        if sharded is not None:
+            raise ValueError(f"IncreLoRAController: {sharded}")
         keep_adapters_in_fast_paths(model)  # layers built by hand, not injected
         self.names: List[str] = [n for n, _ in named]
         self.layers: List[IncreLoRALinear] = [m for _, m in named]

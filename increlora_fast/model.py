@@ -656,6 +656,29 @@ class IncreLoRAAveragedModel(AveragedModel):
                 mine.latest_stamp = getattr(theirs, "latest_stamp", None)  # (an older pickle)
 
 
+# The mark FSDP1 sets on every parameter it flattens into a FlatParameter
+# (torch.distributed.fsdp._common_utils.FSDP_FLATTENED).
+_FSDP1_FLATTENED = "_fsdp_flattened"
+
+
+def fsdp1_sharded_adapter_message(model: nn.Module) -> Optional[str]:
+    """The one-line cause and fixes when FSDP1 (``FullyShardedDataParallel``) manages an
+    adapter tensor of ``model``, else None. Outside the forward pass such a tensor is this
+    rank's piece of a flat shard (1-D, empty on some ranks), while the penalty, the scores,
+    allocation and the optimizer work on whole slot tensors."""
+    for name, layer in increlora_layers(model):
+        kinds = [kind for kind in ("lora_A", "lora_B", "lora_lambda")
+                 if getattr(getattr(layer, kind), _FSDP1_FLATTENED, False)]
+        if kinds:
+            return (f"FSDP1 (FullyShardedDataParallel) shards the adapter tensors of {name!r} "
+                    f"({', '.join(kinds)}), which IncreLoRA needs whole on every rank: wrap "
+                    "with use_orig_params=True and ignored_states=[the parameters that require "
+                    "grad], averaging their gradients yourself, or shard the base with FSDP2 "
+                    "fully_shard(..., ignored_params=set(those parameters)) (see "
+                    "docs/distributed.md)")
+    return None
+
+
 def frozen_adapters_message(model: nn.Module) -> Optional[str]:
     """The one-line cause and fixes when every adapter tensor (``lora_A``, ``lora_B`` and
     ``lora_lambda`` of every IncreLoRA layer) of ``model`` is frozen, else None. Training would

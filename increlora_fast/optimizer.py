@@ -50,8 +50,8 @@ from .config import IncreLoRAConfig
 from .device_scalar import DeviceScalar, refresh_in_place
 from .functional import kernel_readable, multi_adamw_ok, select_backend
 from .layer import IncreLoRALinear
-from .model import (frozen_adapters_message, get_config, increlora_layers,
-                    keep_adapters_in_fast_paths, unfrozen_bases_message)
+from .model import (frozen_adapters_message, fsdp1_sharded_adapter_message, get_config,
+                    increlora_layers, keep_adapters_in_fast_paths, unfrozen_bases_message)
 from .optim_functional import along_slot_dim, masked_adamw_into
 
 ADAPTER_SLOT_DIM = {"lora_A": 0, "lora_B": 1, "lora_lambda": 0}
@@ -869,7 +869,8 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
         ValueError: ``lr``, ``eps``, ``weight_decay`` or ``betas`` are not finite numbers in
             range, the model holds no IncreLoRA layer, or every adapter tensor in it is frozen
             (`frozen_adapters_message`: peft's ``prepare_model_for_kbit_training`` called after
-            `inject_increlora`), so that nothing would train.
+            `inject_increlora`), so that nothing would train, or FSDP1 shards the adapter
+            tensors (`fsdp1_sharded_adapter_message`).
     """
     for name, value, low in (("lr", lr, "> 0"), ("eps", eps, "> 0"),
                              ("weight_decay", weight_decay, ">= 0")):
@@ -885,6 +886,9 @@ def create_optimizer(model: nn.Module, config: Optional[IncreLoRAConfig] = None,
     frozen = frozen_adapters_message(model)
     if frozen is not None:
         raise ValueError(f"create_optimizer: {frozen}")
+    sharded = fsdp1_sharded_adapter_message(model)
+    if sharded is not None:
+        raise ValueError(f"create_optimizer: {sharded}")
     unfrozen = unfrozen_bases_message(model)
     if unfrozen is not None:
         warnings.warn(f"create_optimizer: {unfrozen}", UserWarning, stacklevel=2)

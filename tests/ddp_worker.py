@@ -154,6 +154,35 @@ def _fsdp2(rank: int, world: int) -> Dict[str, object]:
     return out
 
 
+def _fsdp1_wrap(model: Net, **kwargs: object) -> nn.Module:
+    """FSDP1 on CPU, one unit per adapted module (``base_layer`` and adapter together) and the
+    root."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from increlora_fast.layer import IncreLoRALinear
+
+    return FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True,
+                                    auto_wrap_policy=ModuleWrapPolicy({IncreLoRALinear}),
+                                    **kwargs)
+
+
+def _fsdp1_sharded_adapter() -> Dict[str, object]:
+    """FSDP1 left to shard the adapter tensors too: the one-line errors of
+    `IncreLoRAController` and `create_optimizer` (empty when one was not raised)."""
+    model, config = build()
+    _fsdp1_wrap(model)
+    errors = {}
+    for name, make in (("controller", lambda: IncreLoRAController(model, config)),
+                       ("optimizer", lambda: create_optimizer(model, config, lr=2e-2))):
+        try:
+            make()
+            errors[name] = ""
+        except ValueError as error:
+            errors[name] = str(error)
+    return {"errors": errors}
+
+
 def run_torchrun() -> Dict[str, Dict[str, object]]:
     """DDP (exact-step score, and the default), FSDP2 (when this torch has ``fully_shard``) and
     DDP with per-rank seeds."""
@@ -169,6 +198,7 @@ def run_torchrun() -> Dict[str, Dict[str, object]]:
         pass
     else:
         runs["fsdp2"] = _fsdp2(rank, world)
+    runs["fsdp1_sharded_adapter"] = _fsdp1_sharded_adapter()
     return runs
 
 

@@ -115,6 +115,19 @@ def test_torchrun_fsdp2_sharded_base_equals_one_process(torchrun_runs, reference
     _equal_to_single_process(r0, reference)
 
 
+def test_torchrun_fsdp1_sharding_the_adapter_is_refused_in_one_line(torchrun_runs):
+    """FSDP1 left to shard lora_A/lora_B/lora_lambda turns them into flat 1-D shards outside
+    the forward pass (empty on rank 1): building the controller or the optimizer on them is
+    refused, naming FSDP1 and what to do instead, not left to fail later inside the penalty or
+    the optimizer with a shape error."""
+    for rank in torchrun_runs:
+        errors = rank["fsdp1_sharded_adapter"]["errors"]
+        for name, message in errors.items():
+            assert "FSDP1" in message and "body.branches.0" in message, (name, message)
+            assert "ignored_states" in message and "fully_shard" in message, (name, message)
+            assert "\n" not in message
+
+
 def test_ranks_with_different_seeds_keep_identical_parameters(torchrun_runs):
     r0, r1 = (r["ddp_rank_seeds"] for r in torchrun_runs)
     _same_on_both_ranks(r0, r1)
