@@ -627,10 +627,12 @@ def _warn_narrow(layers: Dict[str, IncreLoRALinear], r_max: int) -> None:
 
 
 def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
-    """(name, layer) for every IncreLoRA layer, in module order."""
+    """(name, layer) for every IncreLoRA layer, in module order. Named as in the model's state
+    dict: without the ``_fsdp_wrapped_module`` of the FSDP1 units wrapping a layer or the
+    model."""
     for name, module in model.named_modules():
         if isinstance(module, IncreLoRALinear):
-            yield name, module
+            yield ".".join(part for part in name.split(".") if part != _FSDP1_WRAPPED), module
 
 
 class IncreLoRAAveragedModel(AveragedModel):
@@ -657,8 +659,16 @@ class IncreLoRAAveragedModel(AveragedModel):
 
 
 # The mark FSDP1 sets on every parameter it flattens into a FlatParameter
-# (torch.distributed.fsdp._common_utils.FSDP_FLATTENED).
+# (torch.distributed.fsdp._common_utils.FSDP_FLATTENED), and the name of the attribute under
+# which its wrappers hold the module they wrap (FSDP_WRAPPED_MODULE).
 _FSDP1_FLATTENED = "_fsdp_flattened"
+_FSDP1_WRAPPED = "_fsdp_wrapped_module"
+
+
+def is_fsdp1_flattened(tensor: torch.Tensor) -> bool:
+    """Whether FSDP1 (``FullyShardedDataParallel``) flattened ``tensor`` into one of its flat
+    parameters: outside the forward pass it is then this rank's 1-D piece of a shard."""
+    return getattr(tensor, _FSDP1_FLATTENED, False)
 
 
 def fsdp1_sharded_adapter_message(model: nn.Module) -> Optional[str]:
@@ -668,7 +678,7 @@ def fsdp1_sharded_adapter_message(model: nn.Module) -> Optional[str]:
     allocation and the optimizer work on whole slot tensors."""
     for name, layer in increlora_layers(model):
         kinds = [kind for kind in ("lora_A", "lora_B", "lora_lambda")
-                 if getattr(getattr(layer, kind), _FSDP1_FLATTENED, False)]
+                 if is_fsdp1_flattened(getattr(layer, kind))]
         if kinds:
             return (f"FSDP1 (FullyShardedDataParallel) shards the adapter tensors of {name!r} "
                     f"({', '.join(kinds)}), which IncreLoRA needs whole on every rank: wrap "

@@ -52,8 +52,8 @@ from torch import nn
 
 from .config import ADAPTER_FIELDS, MODULE_NAME_FIELDS, IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState, is_quantized_base
-from .model import (get_config, increlora_layers, saved_module_buffers, saved_module_parameters,
-                    unwrapped)
+from .model import (get_config, increlora_layers, is_fsdp1_flattened, saved_module_buffers,
+                    saved_module_parameters, unwrapped)
 from .pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -104,7 +104,10 @@ def _spread(n: int, k: int) -> List[int]:
 
 def _is_sharded(weight: torch.Tensor) -> bool:
     """A DTensor (FSDP2 shards the frozen base into them): reading its rows would take a
-    collective, which a save on one rank would wait for forever."""
+    collective, which a save on one rank would wait for forever; or a weight FSDP1 flattened,
+    which outside the forward pass holds only this rank's piece of a flat shard."""
+    if is_fsdp1_flattened(weight):
+        return True
     if not torch.distributed.is_available():
         return False
     from torch.distributed.tensor import DTensor
@@ -115,7 +118,7 @@ def _module_fingerprint(layer: IncreLoRALinear) -> str:
     """``"<out>x<in>:<values>"``: the frozen weight's shape and, from rows 0, middle and last,
     `SAMPLE_COLUMNS` evenly spread values, each cast to float32, rounded to bfloat16 and written
     as 4 hex digits; in place of the values a marker from `UNREAD` for a quantized, merged,
-    offloaded (meta) or sharded (DTensor) weight."""
+    offloaded (meta) or sharded (DTensor, FSDP1) weight."""
     n_out, n_in = layer.out_features, layer.in_features
     shape = f"{n_out}x{n_in}"
     weight = layer.base_layer.weight
@@ -144,7 +147,7 @@ def base_fingerprint(model: nn.Module) -> Dict[str, Any]:
     `base_difference` accepts. bitsandbytes 4-bit/8-bit bases hold packed data: only their shape
     is recorded and compared (so a QLoRA adapter still loads onto its full-precision base); the
     same for a merged layer (its weight includes the adapter), an offloaded (meta) weight and a
-    weight sharded by FSDP2 (a DTensor).
+    weight sharded by FSDP2 (a DTensor) or FSDP1.
 
     Returns:
         ``{"version": 1, "digest": <16 hex digits over all modules>, "modules": {name: entry}}``.

@@ -3,7 +3,8 @@
 Launched as one of 2 CPU processes (gloo), either by
 ``python -m torch.distributed.run --nproc_per_node 2 --standalone tests/ddp_worker.py torchrun OUT``
 (DDP with ``no_sync`` micro-batches, with the exact-step score and with the default fused
-per-pass score; FSDP2 sharding the frozen base; DDP with per-rank seeds) or by
+per-pass score; FSDP2 and FSDP1 sharding the frozen base; DDP with per-rank seeds; FSDP1
+left to shard the adapter) or by
 ``accelerate launch --multi_gpu --num_processes 2 tests/ddp_worker.py accelerate OUT``
 (`Accelerator.prepare` + ``accumulate``), or by torchrun with ``trainer OUT`` (`IncreLoRATrainer`,
 which sets up the process group and shards the data itself; `run_trainer_torchrun`). In every
@@ -167,6 +168,39 @@ def _fsdp1_wrap(model: Net, **kwargs: object) -> nn.Module:
                                     **kwargs)
 
 
+def _fsdp1(rank: int, world: int, out_dir: str) -> Dict[str, object]:
+    """FSDP1 shards the frozen base weights; the trainable tensors are left out of sharding
+    (``ignored_states``), kept whole on every rank and averaged by hand, as for FSDP2. Rank 0
+    then saves the adapter with its training state into ``out_dir/fsdp1_adapter``."""
+    import torch.distributed as dist
+
+    from increlora_fast import save_adapter
+
+    model, config = build()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = _fsdp1_wrap(model, ignored_states=trainable)
+    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
+    controller = IncreLoRAController(model, config)
+    for step, micro in _steps(rank, world):
+        for x, y in micro:
+            (loss_fn(wrapped, controller, x, y) / len(micro)).backward()
+        for p in trainable:  # in model order, so every rank issues the same collectives
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    # FSDP1 flattened these into its FlatParameters; outside the forward pass each is this
+    # rank's 1-D piece of a shard
+    sharded = sorted(n for n, p in model.named_parameters(remove_duplicate=False)
+                     if getattr(p, "_fsdp_flattened", False))
+    if rank == 0:
+        save_adapter(model, os.path.join(out_dir, "fsdp1_adapter"), training_state=True)
+    out = result(model, controller)  # FSDP1's full state dict: gathered, under the model's names
+    out["sharded"] = sharded
+    return out
+
+
 def _fsdp1_sharded_adapter() -> Dict[str, object]:
     """FSDP1 left to shard the adapter tensors too: the one-line errors of
     `IncreLoRAController` and `create_optimizer` (empty when one was not raised)."""
@@ -183,9 +217,11 @@ def _fsdp1_sharded_adapter() -> Dict[str, object]:
     return {"errors": errors}
 
 
-def run_torchrun() -> Dict[str, Dict[str, object]]:
-    """DDP (exact-step score, and the default), FSDP2 (when this torch has ``fully_shard``) and
-    DDP with per-rank seeds."""
+def run_torchrun(out_dir: str) -> Dict[str, Dict[str, object]]:
+    """DDP (exact-step score, and the default), FSDP2 (when this torch has ``fully_shard``),
+    DDP with per-rank seeds, and (when this torch has ``FullyShardedDataParallel``) FSDP1
+    sharding the base (its adapter saved into ``out_dir``) and FSDP1 left to shard the
+    adapter."""
     import torch.distributed as dist
 
     dist.init_process_group("gloo")
@@ -198,7 +234,13 @@ def run_torchrun() -> Dict[str, Dict[str, object]]:
         pass
     else:
         runs["fsdp2"] = _fsdp2(rank, world)
-    runs["fsdp1_sharded_adapter"] = _fsdp1_sharded_adapter()
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        runs["fsdp1"] = _fsdp1(rank, world, out_dir)
+        runs["fsdp1_sharded_adapter"] = _fsdp1_sharded_adapter()
     return runs
 
 
@@ -299,7 +341,7 @@ def run_trainer_torchrun(out_dir: str) -> Dict[str, Dict[str, object]]:
 
 
 def main(argv: List[str]) -> None:
-    modes = {"torchrun": run_torchrun, "accelerate": run_accelerate,
+    modes = {"torchrun": lambda: run_torchrun(argv[1]), "accelerate": run_accelerate,
              "trainer": lambda: run_trainer_torchrun(argv[1])}
     if len(argv) != 2 or argv[0] not in modes:
         raise SystemExit("usage: ddp_worker.py {torchrun|accelerate|trainer} OUT_DIR")

@@ -1,11 +1,11 @@
 """Issue 7 (1): 2-process data parallel training (gloo, CPU) allocates exactly as one process does.
 
-torchrun (DDP, and FSDP2 sharding the frozen base) and accelerate launch run tests/ddp_worker.py:
-each rank takes half of the same global batch in two micro-batches. With the opt-in exact-step
-score the reference is one process on the whole global batch in one pass; with the default fused
-per-pass score (issue 13) it is one process on the global batch in 2 x 2 micro-batches.
-torchrun also runs `IncreLoRATrainer` (``ddp_worker.py trainer``), compared in the same way with
-the Trainer in this process.
+torchrun (DDP, and FSDP2 and FSDP1 sharding the frozen base) and accelerate launch run
+tests/ddp_worker.py: each rank takes half of the same global batch in two micro-batches. With the
+opt-in exact-step score the reference is one process on the whole global batch in one pass; with
+the default fused per-pass score (issue 13) it is one process on the global batch in 2 x 2
+micro-batches. torchrun also runs `IncreLoRATrainer` (``ddp_worker.py trainer``), compared in the
+same way with the Trainer in this process.
 """
 import os
 import socket
@@ -57,11 +57,20 @@ def reference_micro():
 
 @pytest.fixture(scope="module")
 def torchrun_runs(tmp_path_factory):
-    """One torchrun launch of 2 processes: runs "ddp", "ddp_rank_seeds" and "fsdp2"."""
+    """One torchrun launch of 2 processes: runs "ddp", "ddp_default", "ddp_rank_seeds", "fsdp2",
+    "fsdp1" and "fsdp1_sharded_adapter"; ``.out``: the folder they wrote into."""
     out = tmp_path_factory.mktemp("torchrun")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(TESTS / "ddp_worker.py"), "torchrun", str(out)]
-    return _launch(cmd, out)
+    return _Runs(_launch(cmd, out), out)
+
+
+class _Runs(list):
+    """The ranks' results and, as ``out``, the folder the launch wrote into."""
+
+    def __init__(self, ranks, out):
+        super().__init__(ranks)
+        self.out = out
 
 
 def _same_on_both_ranks(r0, r1, exact=True):
@@ -115,11 +124,33 @@ def test_torchrun_fsdp2_sharded_base_equals_one_process(torchrun_runs, reference
     _equal_to_single_process(r0, reference)
 
 
+def test_torchrun_fsdp1_sharded_base_equals_one_process(torchrun_runs, reference):
+    """FSDP1 (use_orig_params=True, one unit per adapted module) shards the frozen base, the
+    adapter and head are kept whole (``ignored_states``): both ranks decide alike and train as
+    one process, under the model's own module names, and rank 0's saved adapter (training state)
+    loads into a plain model with its trained values."""
+    from increlora_fast import load_adapter
+
+    if "fsdp1" not in torchrun_runs[0]:
+        pytest.skip("this torch has no torch.distributed.fsdp.FullyShardedDataParallel")
+    r0, r1 = (r["fsdp1"] for r in torchrun_runs)
+    assert r0["sharded"] and all(".base_layer." in k for k in r0["sharded"])
+    _same_on_both_ranks(r0, r1)
+    _equal_to_single_process(r0, reference)
+    model, _ = ddp_worker.build()
+    load_adapter(model, torchrun_runs.out / "fsdp1_adapter")
+    for key, value in model.state_dict().items():
+        if ".base_layer." not in key:  # adapter slots, their states and stamps, head
+            assert torch.equal(value, r0["state"][key]), key
+
+
 def test_torchrun_fsdp1_sharding_the_adapter_is_refused_in_one_line(torchrun_runs):
     """FSDP1 left to shard lora_A/lora_B/lora_lambda turns them into flat 1-D shards outside
     the forward pass (empty on rank 1): building the controller or the optimizer on them is
     refused, naming FSDP1 and what to do instead, not left to fail later inside the penalty or
     the optimizer with a shape error."""
+    if "fsdp1_sharded_adapter" not in torchrun_runs[0]:
+        pytest.skip("this torch has no torch.distributed.fsdp.FullyShardedDataParallel")
     for rank in torchrun_runs:
         errors = rank["fsdp1_sharded_adapter"]["errors"]
         for name, message in errors.items():
