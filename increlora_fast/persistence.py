@@ -43,7 +43,7 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -69,7 +69,8 @@ PAD_KEY = "pad_token_id"  # weights-file metadata (as JSON) and adapter_config.j
 # Files that make a folder an adapter folder (ours, or peft's in either of its formats).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
 SAMPLE_COLUMNS = 8
-# Markers in place of sampled values: modules whose float weights cannot be read here.
+# Markers in place of sampled values: modules whose float weights cannot be read here
+# ("quantized": what adapters saved before quantized weights were sampled record).
 UNREAD = ("quantized", "merged", "offloaded", "sharded")
 
 PathLike = Union[str, os.PathLike]
@@ -114,16 +115,55 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     return isinstance(weight, DTensor)
 
 
+def _quantized_sample(base: nn.Module, rows: torch.Tensor, cols: torch.Tensor
+                      ) -> Tuple[str, torch.Tensor]:
+    """The quantization's marker (``"quantized-<nf4|fp4>-<blocksize>[-nested]"`` for 4 bits,
+    ``"quantized-int8"`` for 8) and the dequantized values of a bitsandbytes layer's weight at
+    ``rows`` x ``cols`` of its (out, in) matrix, read from the packed data and its scales alone
+    (no whole weight is dequantized)."""
+    weight, n_in = base.weight, base.in_features
+    state = getattr(weight, "quant_state", None)
+    flat = (rows[:, None] * n_in + cols[None, :]).reshape(-1)
+    if state is None:  # 8 bits: int8 rows, each scaled by its absmax / 127; the row scales
+        # move from the weight to the layer's state at its first forward
+        row_scales = weight.SCB if weight.SCB is not None else base.state.SCB
+        scale = row_scales.float()[flat // n_in] / 127
+        return "quantized-int8", weight.data.reshape(-1)[flat].float() * scale
+    nested = getattr(state, "original_nested", state.nested)
+    kind = f"quantized-{state.quant_type}-{state.blocksize}" + ("-nested" if nested else "")
+    if getattr(state, "packing_format_for_cpu", False):
+        # repacked by the layer's first CPU forward in inference (AVX512-bf16 kernels): bytes
+        # of 32 rows x 2 columns, 32 low halves then 32 high ones, each over (out, in/2); the
+        # absmax (nested ones dequantized) transposed to (in/blocksize, out), in bfloat16
+        out_row, col = rows[:, None], cols[None, :]
+        pos = (out_row % 32) * 2 + col % 2
+        byte = ((out_row // 32 * (n_in // 2) + col // 2) * 32 + pos % 32).reshape(-1)
+        packed = weight.data.reshape(-1)[byte].long()
+        codes = torch.where((pos >= 32).reshape(-1), packed >> 4, packed & 0xF)
+        scales = state.absmax[col // state.blocksize, out_row].reshape(-1)
+    else:
+        # two codes a byte (the first in the high half) over the flat (out, in) matrix, each
+        # block of `blocksize` codes scaled by its absmax (itself 8-bit data when nested)
+        packed = weight.data.view(torch.uint8).reshape(-1)[flat // 2].long()
+        codes = torch.where(flat % 2 == 0, packed >> 4, packed & 0xF)
+        absmax = state.absmax
+        if state.nested:
+            import bitsandbytes
+            absmax = (bitsandbytes.functional.dequantize_blockwise(absmax, state.state2)
+                      + state.offset)
+        scales = absmax[flat // state.blocksize]
+    return kind, state.code.to(weight.device)[codes] * scales.float()
+
+
 def _module_fingerprint(layer: IncreLoRALinear) -> str:
     """``"<out>x<in>:<values>"``: the frozen weight's shape and, from rows 0, middle and last,
     `SAMPLE_COLUMNS` evenly spread values, each cast to float32, rounded to bfloat16 and written
-    as 4 hex digits; in place of the values a marker from `UNREAD` for a quantized, merged,
-    offloaded (meta) or sharded (DTensor, FSDP1) weight."""
+    as 4 hex digits; in place of the values a marker from `UNREAD` for a merged, offloaded
+    (meta) or sharded (DTensor, FSDP1) weight. A bitsandbytes 4-bit/8-bit weight gives
+    ``"<out>x<in>:<quantization>:<values>"``, the values dequantized (`_quantized_sample`)."""
     n_out, n_in = layer.out_features, layer.in_features
     shape = f"{n_out}x{n_in}"
     weight = layer.base_layer.weight
-    if layer.is_quantized:
-        return f"{shape}:quantized"
     if layer.merged:
         return f"{shape}:merged"
     if weight.is_meta:
@@ -133,8 +173,19 @@ def _module_fingerprint(layer: IncreLoRALinear) -> str:
     rows = torch.tensor(_spread(n_out, 3), device=weight.device)
     cols = torch.tensor(_spread(n_in, SAMPLE_COLUMNS), device=weight.device)
     w = weight.detach()
-    sample = (w.index_select(0, cols).index_select(1, rows).t() if layer.is_conv1d
-              else w.index_select(0, rows).index_select(1, cols))
+    if layer.is_quantized and (getattr(weight, "quant_state", None) is not None
+                               or weight.dtype == torch.int8):
+        try:
+            kind, sample = _quantized_sample(layer.base_layer, rows, cols)
+        except Exception as error:  # a layout of another bitsandbytes: never fail a save here
+            warnings.warn(f"increlora_fast: the quantized base weight's layout is not known "
+                          f"({type(error).__name__}: {error}); its shape alone is recorded "
+                          "for the base check", RuntimeWarning, stacklevel=2)
+            return f"{shape}:quantized"
+        shape = f"{shape}:{kind}"
+    else:  # (an 8-bit layer with float16 weights holds them as they are)
+        sample = (w.index_select(0, cols).index_select(1, rows).t() if layer.is_conv1d
+                  else w.index_select(0, rows).index_select(1, cols))
     bits = sample.to(torch.float32).cpu().to(torch.bfloat16).view(torch.int16).reshape(-1)
     return f"{shape}:" + "".join(f"{b & 0xFFFF:04x}" for b in bits.tolist())
 
@@ -144,10 +195,13 @@ def base_fingerprint(model: nn.Module) -> Dict[str, Any]:
 
     Per module (see `_module_fingerprint`) the weight's shape and 24 sampled values rounded to
     bfloat16, so the same base in float32, bfloat16 or float16, on any device, gives values that
-    `base_difference` accepts. bitsandbytes 4-bit/8-bit bases hold packed data: only their shape
-    is recorded and compared (so a QLoRA adapter still loads onto its full-precision base); the
-    same for a merged layer (its weight includes the adapter), an offloaded (meta) weight and a
-    weight sharded by FSDP2 (a DTensor) or FSDP1.
+    `base_difference` accepts. bitsandbytes 4-bit/8-bit bases hold packed data: their values
+    are sampled dequantized, under a marker naming the quantization, and compared only with
+    the same quantization's (an adapter saved on another model quantized alike is refused);
+    against another quantization or full precision only the shape is compared (so a QLoRA
+    adapter still loads onto its full-precision base). Only the shape is recorded for a merged
+    layer (its weight includes the adapter), an offloaded (meta) weight and a weight sharded by
+    FSDP2 (a DTensor) or FSDP1.
 
     Returns:
         ``{"version": 1, "digest": <16 hex digits over all modules>, "modules": {name: entry}}``.
@@ -172,6 +226,12 @@ def _entry_difference(saved: str, current: str) -> Optional[str]:
     if saved_shape != shape:
         return f"weight shape {saved_shape} in the adapter, {shape} in the model"
     if saved_values in UNREAD or values in UNREAD:
+        return None
+    # values of one quantization compare with the same quantization's alone (of the same
+    # weights they agree); against other ones or full precision the shape is what counts
+    saved_kind, _, saved_values = saved_values.rpartition(":")
+    kind, _, values = values.rpartition(":")
+    if saved_kind != kind:
         return None
     a, b = _sampled_values(saved_values), _sampled_values(values)
     if len(a) != len(b) or any(abs(x - y) > 2 ** -7 * max(abs(x), abs(y)) + 2 ** -24
@@ -669,8 +729,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             saved from (`base_fingerprint`; the same base in another dtype or on another device
             matches; a base weight the adapter carries itself, one that trains (tied to a
             module to save, or unfrozen by hand), is not compared). A bitsandbytes 4-bit or
-            8-bit base weight, on either side, is compared by its shape only (its packed data
-            holds no values to sample), so another base of the same shapes is not told apart.
+            8-bit base weight is compared by its dequantized values with one quantized the
+            same way, by its shape only with another quantization or full precision (so a
+            QLoRA adapter loads onto its full-precision base).
             False loads onto any model that fits. Adapters saved before the base was recorded
             load with a warning.
 

@@ -16,6 +16,8 @@ bnb = pytest.importorskip("bitsandbytes")
 from increlora_fast import (IncreLoRAConfig, IncreLoRAController, create_optimizer,  # noqa: E402
                             increlora_layers, inject_increlora, load_adapter, merge_and_unload,
                             save_adapter)
+from increlora_fast.persistence import (BaseMismatchError, base_difference,  # noqa: E402
+                                        base_fingerprint)
 
 WIDTH = 64  # bitsandbytes' CPU 4-bit kernels want feature sizes that are multiples of 64
 
@@ -39,8 +41,8 @@ def _quantized(kind: str) -> nn.Module:
     return bnb.nn.Linear8bitLt(WIDTH, WIDTH, has_fp16_weights=False)
 
 
-def build(kinds=("4bit", "8bit")) -> QNet:
-    torch.manual_seed(0)
+def build(kinds=("4bit", "8bit"), seed: int = 0) -> QNet:
+    torch.manual_seed(seed)
     floats = nn.ModuleDict({"layers": nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in kinds)})
     model = QNet(kinds)
     model.load_state_dict(floats.state_dict())
@@ -405,3 +407,62 @@ def test_a_full_precision_parameter_is_not_loaded_into_quantized_data(tmp_path):
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
     assert not model.layers[1].weight.requires_grad
+
+
+def test_an_adapter_is_refused_on_another_quantized_base_of_the_same_shapes(tmp_path):
+    """The fingerprint of a quantized base recorded its shape alone, so an adapter trained on
+    one 4-bit/8-bit model loaded onto another of the same architecture (another checkpoint,
+    quantized alike) without a word. It samples the dequantized values now: another base is
+    refused, the same base loads."""
+    save_adapter(trained(), tmp_path / "adapter")
+    other = inject_increlora(build(seed=1), config(2))
+    with pytest.raises(BaseMismatchError, match=r"layers\.0: its weight values differ"):
+        load_adapter(other, tmp_path / "adapter")
+    load_adapter(inject_increlora(build(), config(2)), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("quant", ["nf4", "fp4", "nf4 nested", "nf4 bfloat16 storage", "8bit",
+                                   "nf4 nested repacked"])
+def test_a_quantized_fingerprint_samples_the_dequantized_weight(quant):
+    """A quantized base's entry holds the values a full-precision layer holding its dequantized
+    weight records, after a marker naming the quantization (compared only with the same one:
+    a QLoRA adapter still loads onto its full-precision base, shape alone compared). A 4-bit
+    weight that a CPU forward in inference repacked for its AVX512-bf16 kernels (another byte
+    order, a bfloat16 absmax) gives the same marker and values within the comparison's
+    tolerance."""
+    torch.manual_seed(0)
+    float_layer = nn.Linear(WIDTH, 2 * WIDTH)
+    if quant == "8bit":
+        layer = bnb.nn.Linear8bitLt(WIDTH, 2 * WIDTH, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(WIDTH, 2 * WIDTH, compute_dtype=torch.float32,
+                                  quant_type=quant[:3], compress_statistics="nested" in quant,
+                                  quant_storage=torch.bfloat16 if "storage" in quant
+                                  else torch.uint8)
+    layer.load_state_dict(float_layer.state_dict())
+    quantized = nn.Sequential(layer.to("cpu"))
+    weight, scales = quantized[0].weight, getattr(quantized[0].weight, "SCB", None)
+    quantized(torch.zeros(1, WIDTH))  # 8 bits: moves the row scales to the layer's state
+    dequantized = (bnb.functional.int8_vectorwise_dequant(weight.data, scales)
+                   if quant == "8bit" else
+                   bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
+    if "repacked" in quant:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+        weight.data, _ = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    assert not torch.equal(dequantized, float_layer.weight)
+    with torch.no_grad():
+        float_layer.weight.copy_(dequantized)
+    cfg = IncreLoRAConfig(target_modules=["0"], r_max=4, init_r=1, target_rank=2)
+    plain = base_fingerprint(inject_increlora(nn.Sequential(float_layer), cfg))["modules"]["0"]
+    entry = base_fingerprint(inject_increlora(quantized, cfg))["modules"]["0"]
+    shape, kind, values = entry.split(":")
+    assert kind == {"8bit": "quantized-int8", "fp4": "quantized-fp4-64"}.get(
+        quant, "quantized-nf4-64" + ("-nested" if "nested" in quant else ""))
+    if "repacked" in quant:
+        assert base_difference({"modules": {"0": f"{shape}:{values}"}},
+                               {"modules": {"0": plain}}) is None
+    else:
+        assert f"{shape}:{values}" == plain
+    assert base_difference({"modules": {"0": entry}}, {"modules": {"0": plain}}) is None
+    older = {"modules": {"0": f"{shape}:quantized"}}  # saved before the values were sampled
+    assert base_difference(older, {"modules": {"0": entry}}) is None
