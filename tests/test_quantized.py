@@ -466,3 +466,23 @@ def test_a_quantized_fingerprint_samples_the_dequantized_weight(quant):
     assert base_difference({"modules": {"0": entry}}, {"modules": {"0": plain}}) is None
     older = {"modules": {"0": f"{shape}:quantized"}}  # saved before the values were sampled
     assert base_difference(older, {"modules": {"0": entry}}) is None
+
+
+def test_a_quantized_layout_the_fingerprint_cannot_read_records_the_shape_and_saves(
+        tmp_path, monkeypatch):
+    """The dequantized sample reads bitsandbytes' packed layouts; a layout it does not know
+    (another bitsandbytes) must not fail `save_adapter` at the end of a training run: the entry
+    falls back to the shape with the ``quantized`` marker, with a warning, and still loads."""
+    import increlora_fast.persistence as persistence
+
+    def unknown_layout(*args):
+        raise IndexError("a layout of another bitsandbytes")
+    monkeypatch.setattr(persistence, "_quantized_sample", unknown_layout)
+    model = trained()
+    with pytest.warns(RuntimeWarning, match="layout is not known .*IndexError"):
+        save_adapter(model, tmp_path / "adapter")
+        entries = base_fingerprint(model)["modules"]
+    assert entries and all(entry.endswith(":quantized") for entry in entries.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        load_adapter(inject_increlora(build(seed=1), config(2)), tmp_path / "adapter")
