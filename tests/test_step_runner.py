@@ -122,6 +122,36 @@ def test_warm_tokens_per_second_leaves_out_the_steps_before_the_first_log_point(
     assert short.warm_mark is not None and short.warm_tokens_per_second() is None
 
 
+@pytest.mark.parametrize("exact", [False, True])
+def test_the_loop_stops_score_tracking_when_it_ends_and_goes_on_where_it_stopped(tiny, exact):
+    """A loop that ends inside a score window leaves no layer scoring (nor, in exact-step
+    mode, holding its dense score gradient), as `IncreLoRACallback` does at train end; a loop
+    that goes on from its state tracks again and trains as one loop to the end."""
+    def build():
+        s, _, run, batches = build_run(_settings(tiny, top_h=1))  # one module a round
+        _without_dropout(run)
+        run.controller.exact_step_score = exact
+        run.controller.track_step(0)
+        return s, run, batches
+
+    s, run, batches = build()
+    stop = 4
+    state = train_loop(run, batches, stop, s.grad_clip, LoopState(), progress=False)
+    # the loop ended inside a window: its next step would be scored
+    assert run.controller.is_tracked(stop) and not run.controller.budget_reached
+    layers = run.controller.layers
+    assert [layer.score_enabled for layer in layers] == [False] * len(layers)
+    assert [layer.score_grad is None for layer in layers] == [True] * len(layers)
+    train_loop(run, batches, STEPS, s.grad_clip, state, progress=False)
+
+    s, whole, batches = build()
+    train_loop(whole, batches, STEPS, s.grad_clip, LoopState(), progress=False)
+    assert run.rank_pattern() == whole.rank_pattern()
+    assert run.allocation_log() == whole.allocation_log()
+    for name, value in _trainable(whole).items():
+        assert torch.equal(_trainable(run)[name], value), name
+
+
 # ---------------------------------------------------------------- static inputs
 
 def test_static_inputs_train_bit_for_bit_like_the_plain_path(tiny):

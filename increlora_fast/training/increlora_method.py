@@ -107,6 +107,16 @@ class IncreLoRARun(MethodRun):
         loss the step took: it is never inside the model's own loss."""
         return self.controller.regularization_loss()
 
+    def begin_training(self, step: int) -> None:
+        """Score tracking as step ``step``'s passes need it (`IncreLoRAController.track_step`):
+        off since the loop before this one ended."""
+        self.controller.track_step(step)
+
+    def end_training(self) -> None:
+        """No score tracking (nor exact-step mode's dense buffers) in passes after the loop,
+        such as the final evaluation or a caller's own (`IncreLoRAController.stop_tracking`)."""
+        self.controller.stop_tracking()
+
     def before_optimizer_step(self, step: int,
                               loss_scale: Union[float, torch.Tensor] = 1.0,
                               overflow: Optional[torch.Tensor] = None) -> None:

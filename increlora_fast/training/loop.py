@@ -137,6 +137,7 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
 
     runner = StepRunner(run, placement, grad_clip=grad_clip, static_inputs=static_inputs,
                         cuda_graphs=cuda_graphs)
+    run.begin_training(state.step)  # (tracking off since a loop before this one ended)
     built = runner.precompile() if state.step < max_steps else None
     if built is not None:  # kernels built before the first step, timed as training
         state.precompile_seconds = built.seconds
@@ -182,6 +183,7 @@ def train_loop(run: MethodRun, batches: Batches, max_steps: int, grad_clip: floa
                 on_step_end(state)
     finally:
         bar.close()
+        run.end_training()  # no score tracking in passes after the loop (the evaluation's)
     if runner.graphed is not None:
         state.graph_pool_bytes = runner.graphed.pool_bytes()
         state.graph_fallback = runner.graphed.fallback

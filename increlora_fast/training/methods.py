@@ -72,6 +72,12 @@ class MethodRun:
         the logits."""
         return None
 
+    def begin_training(self, step: int) -> None:
+        """Called when a training loop starts (or goes on) at optimizer step ``step``."""
+
+    def end_training(self) -> None:
+        """Called when a training loop ends, finished, failed or interrupted."""
+
     def before_optimizer_step(self, step: int,
                               loss_scale: Union[float, torch.Tensor] = 1.0,
                               overflow: Optional[torch.Tensor] = None) -> None:
