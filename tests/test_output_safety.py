@@ -105,6 +105,23 @@ def test_a_resume_never_writes_into_its_own_checkpoint(tiny, tmp_path, capsys):
     assert digests(ckpt) == before
 
 
+def test_a_resume_does_not_replace_another_run_in_a_folder_above_its_own(tiny, tmp_path,
+                                                                        capsys):
+    """--output-dir an ancestor of the checkpoint's run folder, holding another run's outputs,
+    is refused as any folder holding another run's files (only the checkpoint's own run folder
+    is continued in place)."""
+    outer = tmp_path / "outer"
+    assert cli(args(tiny, outer)) == 0
+    inner = outer / "inner"
+    assert cli(args(tiny, inner, "--save-steps", "2")) == 0
+    before = digests(outer)
+    capsys.readouterr()
+    assert cli(["--resume", str(inner / "checkpoint-2"), "--output-dir", str(outer),
+                "--no-progress"]) == 2
+    assert "holds another run's files" in capsys.readouterr().err
+    assert digests(outer) == before
+
+
 @pytest.mark.parametrize("kind", ["file", "under_a_file"])
 def test_bad_output_dir_is_refused_before_data_or_model_load(tiny, tmp_path, capsys, kind):
     afile = tmp_path / "afile"

@@ -101,8 +101,9 @@ def prepare_output_dir(output_dir: str, overwrite: bool = False,
 
     Raises:
         ValueError: it is a file or not writable; it holds another run's files and neither
-            ``overwrite`` is set nor ``resume`` lies inside it; or it is (inside) the checkpoint
-            being resumed, which the run would overwrite.
+            ``overwrite`` is set nor is it the run folder of the checkpoint ``resume`` (a folder
+            above that one may hold another run); or it is (inside) the checkpoint being
+            resumed, which the run would overwrite.
     """
     out = check_output_path(output_dir)
     if resume is not None and _inside(out, Path(resume)):
@@ -110,7 +111,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool = False,
                          " its files would be replaced by the final outputs; write into its run "
                          f"folder ({Path(resume).resolve().parent}) or another folder")
     present = run_files(out)
-    resuming_here = resume is not None and _inside(Path(resume), out)
+    resuming_here = resume is not None and Path(resume).resolve().parent == out.resolve()
     if present and not overwrite and not resuming_here:
         shown = ", ".join(present[:6]) + (f" and {len(present) - 6} more" if len(present) > 6
                                           else "")
