@@ -105,6 +105,34 @@ def test_a_resume_never_writes_into_its_own_checkpoint(tiny, tmp_path, capsys):
     assert digests(ckpt) == before
 
 
+def test_a_resume_without_output_dir_goes_on_in_its_runs_folder(tiny, tmp_path, monkeypatch):
+    """``--resume RUN/checkpoint-N`` alone continues in RUN, never in the default
+    outputs/finetune of the working folder (which may hold another run)."""
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2")) == 0
+    (out / "metrics.json").unlink()  # as if interrupted after checkpoint-2
+    monkeypatch.chdir(tmp_path)
+    assert cli(["--resume", str(out / "checkpoint-2"), "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == \
+        str(out / "checkpoint-2")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_a_resume_of_an_overwrite_runs_partial_work_needs_its_output_dir(tiny, tmp_path,
+                                                                       capsys):
+    """A checkpoint kept in ``RUN.new-<pid>`` (an interrupted --overwrite run) is not resumed
+    into that staging folder by default: the run is refused, naming the --output-dir to give."""
+    out = tmp_path / "run"
+    stage = tmp_path / "run.new-12345"
+    assert cli(args(tiny, stage, "--save-steps", "2")) == 0
+    before = digests(stage)
+    capsys.readouterr()
+    assert cli(["--resume", str(stage / "checkpoint-2"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir " + str(out) in err and len(err.strip().splitlines()) == 1
+    assert digests(stage) == before
+
+
 def test_a_resume_does_not_replace_another_run_in_a_folder_above_its_own(tiny, tmp_path,
                                                                         capsys):
     """--output-dir an ancestor of the checkpoint's run folder, holding another run's outputs,

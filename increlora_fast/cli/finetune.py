@@ -11,7 +11,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Collection, Dict, List, Optional
+from typing import Collection, Dict, List, Optional, Set
 
 from ..config import SCORE_KINDS
 from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHTS, CUDA_GRAPHS,
@@ -160,7 +160,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
                      help="locked for the run; refused when another run is using it, or when "
-                          "it holds another run's files, unless --overwrite")
+                          "it holds another run's files, unless --overwrite; not given with "
+                          "--resume: the checkpoint's run folder")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the run in --output-dir (outputs and checkpoints) once this "
                           "one has succeeded; until then it writes into <output-dir>.new-<pid>")
@@ -171,8 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", metavar="DIR",
                      help="continue a checkpoint-<step> folder exactly, with its settings "
                           "(--cuda-graphs may be given: how the steps run, e.g. off where "
-                          "there is no GPU), into --output-dir (give the checkpoint's folder "
-                          "to go on in place)")
+                          "there is no GPU), into --output-dir (without it: the folder that "
+                          "holds the checkpoint, its run's)")
     run.add_argument("--device", default=d.device,
                      help="auto (default: CUDA when available, else cpu) | cpu | cuda | cuda:N")
     run.add_argument("--precision", default=d.precision,
@@ -403,10 +404,14 @@ def run(args: argparse.Namespace) -> int:
     from ..training.compare import compare_methods, format_table, methods_from_text
     from ..training.finetune_run import run_finetune
 
-    # an --overwrite run over an earlier one leaves these in place when it is interrupted
-    earlier = set(_checkpoints(Path(args.output_dir).expanduser()).values()) \
-        if args.overwrite else set()
+    earlier: Set[Path] = set()
     try:
+        if args.resume and not _stated(args, "output_dir", args.output_dir,
+                                       {"output_dir": DEFAULT_OUTPUT_DIR}):
+            args.output_dir = _resumed_run_folder(args.resume)
+        # an --overwrite run over an earlier one leaves these in place when it is interrupted
+        if args.overwrite:
+            earlier = set(_checkpoints(Path(args.output_dir).expanduser()).values())
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
@@ -462,6 +467,23 @@ def run(args: argparse.Namespace) -> int:
         return 130
     _print_summary(metrics, args.output_dir)
     return 0
+
+
+def _resumed_run_folder(resume: str) -> str:
+    """Where ``--resume`` goes on without ``--output-dir``: the run folder holding the
+    checkpoint. Refused (ValueError) where that is the staging folder of an interrupted
+    ``--overwrite`` run (`output_folder.staging_dir`), which only a run into its own
+    ``--output-dir`` with ``--overwrite`` swaps in."""
+    from ..training.output_folder import STAGING_TAG
+
+    folder = Path(resume).expanduser().resolve().parent
+    name, tag, pid = folder.name.rpartition(STAGING_TAG)
+    if name and tag and pid.isdigit():
+        out = folder.with_name(name)
+        raise ValueError(f"--resume {resume} is the partial work of an interrupted --overwrite "
+                         f"run into {out}: give --output-dir {out} --overwrite to finish it "
+                         "there, or another --output-dir")
+    return str(folder)
 
 
 def _checkpoints(folder: Path) -> Dict[int, Path]:
