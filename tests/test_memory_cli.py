@@ -87,6 +87,16 @@ def test_cli_bert_config_folder_and_quantized_base(tmp_path, capsys):
     assert "seq-cls" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model", "~/no-such-model"])
+def test_a_missing_model_path_is_named_as_one_not_as_a_hub_id(tmp_path, capsys, name):
+    """A --model path that does not exist says so, as finetune's does, without transformers'
+    repo-id rules (it was tried as a hub id and refused with those)."""
+    assert main(["memory", "--model", name, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no such folder or config file" in err
+    assert "could not be resolved" not in err and "Repo id" not in err
+
+
 def test_cli_rejects_bad_input_with_one_line(tmp_path, capsys):
     assert main(["memory", "--model", str(tmp_path / "missing.json"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()

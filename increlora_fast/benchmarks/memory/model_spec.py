@@ -30,10 +30,14 @@ def load_config(model: str):
 
     from ...data.assets import PACKAGED_MODELS, locate_asset
 
-    path = Path(model)
+    path = Path(model).expanduser()
     if model in PACKAGED_MODELS and not path.exists():
         path = Path(locate_asset(model))
         model = str(path)
+    if not path.exists() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise ValueError(f"--model {model}: no such folder or config file (give a model "
+                         "folder, its config.json, all-MiniLM-L6-v2, or a hub id such as "
+                         "org/name)")  # a path, not a hub id (as finetune's `_model_source`)
     if path.is_file():
         try:
             data = json.loads(path.read_text())
