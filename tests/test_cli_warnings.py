@@ -1,10 +1,13 @@
 """The ``increlora-fast`` command shows no third-party deprecation that the user's command
 cannot act on: peft's ``PeftModel`` reads ``model.is_gradient_checkpointing``, which
 transformers 5.x deprecates with a FutureWarning, so every ``--method lora|adalora`` run,
-``--compare`` and ``increlora-fast memory`` printed 'use is_activation_checkpointing instead'."""
+``--compare`` and ``increlora-fast memory`` printed 'use is_activation_checkpointing instead'.
+Its own parse errors are one line too."""
 import sys
 import types
 import warnings
+
+import pytest
 
 from increlora_fast.cli import main as cli_main
 
@@ -46,3 +49,19 @@ def test_peft_reading_is_gradient_checkpointing_does_not_warn_in_the_command(mon
     assert cli_main.main(["fake"]) == 0
     assert not [m for m in seen if "is_gradient_checkpointing" in m], seen
     assert _deprecation_shown(transformers)  # the filter ends with the command
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["finetune", "--max-steps", "abc"], "--max-steps"),
+    (["finetune", "--method", "foo"], "--method"),
+    (["memory", "--quantized", "3bit"], "--quantized"),
+    (["bench", "--no-such-option"], "--no-such-option"),
+])
+def test_a_value_the_parser_refuses_is_one_error_line(argv, option, capsys):
+    """argparse printed the subcommand's whole usage (45 lines for finetune) above its error
+    line; the command prints the one line, naming the option and where to read the rest."""
+    with pytest.raises(SystemExit) as info:
+        cli_main.main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and option in err[0] and err[0].endswith(" -h)"), err

@@ -9,7 +9,7 @@ import argparse
 import importlib
 import sys
 import warnings
-from typing import List, Optional, Set
+from typing import List, NoReturn, Optional, Set
 
 SUBCOMMANDS = {
     "finetune": ("increlora_fast.cli.finetune", "fine-tune a model with IncreLoRA (or a peer)"),
@@ -21,8 +21,16 @@ SUBCOMMANDS = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (argparse prints the whole usage above
+    them: 45 lines for ``finetune``); its subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="increlora-fast", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="increlora-fast", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
