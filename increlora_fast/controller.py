@@ -708,8 +708,10 @@ class IncreLoRAController:
                                           and generator.dtype == torch.uint8):
             raise ValueError("controller state generator must be a torch.Generator state "
                              "(a uint8 tensor)")
-        if not isinstance(state["allocation_log"], list):
-            raise ValueError("controller state allocation_log must be a list")
+        log = state["allocation_log"]
+        if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
+            raise ValueError("controller state allocation_log must be a list of dicts (one per "
+                             "round)")
         nonfinite = state.get("nonfinite_step", -1)
         if isinstance(nonfinite, bool) or not isinstance(nonfinite, int) or nonfinite < -1:
             raise ValueError("controller state nonfinite_step must be an int >= -1")
