@@ -647,10 +647,15 @@ class IncreLoRAAveragedModel(AveragedModel):
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s parameters (and float buffers with ``use_buffers=True``) into
         this copy; take its IncreLoRA layers' slot states and stamps as they are."""
+        mine_named = list(increlora_layers(self.module))
+        theirs_named = list(increlora_layers(model))
+        if [n for n, _ in mine_named] != [n for n, _ in theirs_named]:
+            raise ValueError(f"IncreLoRAAveragedModel.update_parameters: the model's IncreLoRA "
+                             f"layers ({len(theirs_named)}) are not the averaged copy's "
+                             f"({len(mine_named)}): pass the model it was made from")
         super().update_parameters(model)
         with torch.no_grad():
-            for (_, mine), (_, theirs) in zip(increlora_layers(self.module),
-                                              increlora_layers(model), strict=True):
+            for (_, mine), (_, theirs) in zip(mine_named, theirs_named):
                 for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
                     getattr(mine, key).copy_(getattr(theirs, key))
                 mine.mark_slots_changed()

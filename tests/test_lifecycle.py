@@ -356,3 +356,21 @@ def test_an_averaged_model_with_buffers_follows_the_slots_of_its_source(average)
         for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
             assert torch.equal(getattr(copy_, key), getattr(layer, key)), (name, key)
         assert copy_.latest_stamp == layer.latest_stamp, name
+
+
+def test_an_averaged_model_refuses_a_model_with_other_layers_in_one_line():
+    """`IncreLoRAAveragedModel.update_parameters` given another model than its source names
+    the mismatch before averaging anything (zip's own error said nothing of what was wrong)."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2)
+    model, _, _ = make_run(ParallelBranches(3), config)
+    other, _, _ = make_run(ParallelBranches(2), config)
+    averaged = IncreLoRAAveragedModel(model)
+    before = [p.clone() for p in averaged.parameters()]
+    with pytest.raises(ValueError, match=r"^IncreLoRAAveragedModel\.update_parameters: the "
+                                         r"model's IncreLoRA layers \(2\) are not the averaged "
+                                         r"copy's \(3\): pass the model it was made from$"):
+        averaged.update_parameters(other)
+    assert all(torch.equal(a, b) for a, b in zip(before, averaged.parameters()))
+    averaged.update_parameters(model)  # its source is averaged
