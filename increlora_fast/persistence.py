@@ -72,6 +72,8 @@ SAMPLE_COLUMNS = 8
 # Markers in place of sampled values: modules whose float weights cannot be read here
 # ("quantized": what adapters saved before quantized weights were sampled record).
 UNREAD = ("quantized", "merged", "offloaded", "sharded")
+# `base_fingerprint`'s format: 2 added the error bound of quantized values to their entries
+FINGERPRINT_VERSION = 2
 
 PathLike = Union[str, os.PathLike]
 
@@ -115,20 +117,33 @@ def _is_sharded(weight: torch.Tensor) -> bool:
     return isinstance(weight, DTensor)
 
 
+def _half_gap(code: torch.Tensor) -> float:
+    """Half the largest gap between neighbouring values of a quantization's code: the most a
+    value rounded to its nearest code value moves, in units of its block's scale."""
+    return float(code.float().sort().values.diff().max()) / 2
+
+
 def _quantized_sample(base: nn.Module, rows: torch.Tensor, cols: torch.Tensor
-                      ) -> Tuple[str, torch.Tensor]:
+                      ) -> Tuple[str, torch.Tensor, Optional[torch.Tensor]]:
     """The quantization's marker (``"quantized-<nf4|fp4>-<blocksize>[-nested]"`` for 4 bits,
-    ``"quantized-int8"`` for 8) and the dequantized values of a bitsandbytes layer's weight at
+    ``"quantized-int8"`` for 8), the dequantized values of a bitsandbytes layer's weight at
     ``rows`` x ``cols`` of its (out, in) matrix, read from the packed data and its scales alone
-    (no whole weight is dequantized)."""
+    (no whole weight is dequantized), and how far each may lie from the float weight it was
+    quantized from (None where that cannot be told: a nested 4-bit weight repacked for CPU
+    has dropped its scales' own quantization state).
+
+    The bound: 8 bits, half a step of the row's scale (``absmax / 254``); 4 bits, half the
+    largest gap of the code times the block's absmax, plus twice the absmax's own error (its
+    8-bit quantization when nested, bfloat16 rounding when repacked), since the dequantized
+    absmax scales a code of magnitude at most 1 chosen with the exact one."""
     weight, n_in = base.weight, base.in_features
     state = getattr(weight, "quant_state", None)
     flat = (rows[:, None] * n_in + cols[None, :]).reshape(-1)
     if state is None:  # 8 bits: int8 rows, each scaled by its absmax / 127; the row scales
         # move from the weight to the layer's state at its first forward
         row_scales = weight.SCB if weight.SCB is not None else base.state.SCB
-        scale = row_scales.float()[flat // n_in] / 127
-        return "quantized-int8", weight.data.reshape(-1)[flat].float() * scale
+        scale = row_scales.float()[flat // n_in]
+        return "quantized-int8", weight.data.reshape(-1)[flat].float() * scale / 127, scale / 254
     nested = getattr(state, "original_nested", state.nested)
     kind = f"quantized-{state.quant_type}-{state.blocksize}" + ("-nested" if nested else "")
     if getattr(state, "packing_format_for_cpu", False):
@@ -140,19 +155,32 @@ def _quantized_sample(base: nn.Module, rows: torch.Tensor, cols: torch.Tensor
         byte = ((out_row // 32 * (n_in // 2) + col // 2) * 32 + pos % 32).reshape(-1)
         packed = weight.data.reshape(-1)[byte].long()
         codes = torch.where((pos >= 32).reshape(-1), packed >> 4, packed & 0xF)
-        scales = state.absmax[col // state.blocksize, out_row].reshape(-1)
+        scales = state.absmax[col // state.blocksize, out_row].reshape(-1).float()
+        scale_error = None if nested else scales * 2 ** -8
     else:
         # two codes a byte (the first in the high half) over the flat (out, in) matrix, each
         # block of `blocksize` codes scaled by its absmax (itself 8-bit data when nested)
         packed = weight.data.view(torch.uint8).reshape(-1)[flat // 2].long()
         codes = torch.where(flat % 2 == 0, packed >> 4, packed & 0xF)
-        absmax = state.absmax
+        absmax, block = state.absmax, flat // state.blocksize
+        scale_error = torch.zeros(len(flat), device=weight.device)
         if state.nested:
             import bitsandbytes
             absmax = (bitsandbytes.functional.dequantize_blockwise(absmax, state.state2)
                       + state.offset)
-        scales = absmax[flat // state.blocksize]
-    return kind, state.code.to(weight.device)[codes] * scales.float()
+            outer = state.state2
+            scale_error = _half_gap(outer.code) * outer.absmax.float()[block // outer.blocksize]
+        scales = absmax[block].float()
+    values = state.code.to(weight.device)[codes] * scales
+    bound = (None if scale_error is None
+             else _half_gap(state.code) * scales + 2 * scale_error)
+    return kind, values, bound
+
+
+def _hex_bfloat16(values: torch.Tensor) -> str:
+    """``values`` rounded to bfloat16, 4 hex digits each."""
+    bits = values.to(torch.float32).cpu().to(torch.bfloat16).view(torch.int16).reshape(-1)
+    return "".join(f"{b & 0xFFFF:04x}" for b in bits.tolist())
 
 
 def _module_fingerprint(layer: IncreLoRALinear) -> str:
@@ -160,7 +188,9 @@ def _module_fingerprint(layer: IncreLoRALinear) -> str:
     `SAMPLE_COLUMNS` evenly spread values, each cast to float32, rounded to bfloat16 and written
     as 4 hex digits; in place of the values a marker from `UNREAD` for a merged, offloaded
     (meta) or sharded (DTensor, FSDP1) weight. A bitsandbytes 4-bit/8-bit weight gives
-    ``"<out>x<in>:<quantization>:<values>"``, the values dequantized (`_quantized_sample`)."""
+    ``"<out>x<in>:<quantization>:<values>:<bounds>"``, the values dequantized and the bounds
+    how far each may lie from the float weight (`_quantized_sample`; rounded up to bfloat16
+    like the values; left out, with their colon, where not known)."""
     n_out, n_in = layer.out_features, layer.in_features
     shape = f"{n_out}x{n_in}"
     weight = layer.base_layer.weight
@@ -172,22 +202,23 @@ def _module_fingerprint(layer: IncreLoRALinear) -> str:
         return f"{shape}:sharded"
     rows = torch.tensor(_spread(n_out, 3), device=weight.device)
     cols = torch.tensor(_spread(n_in, SAMPLE_COLUMNS), device=weight.device)
-    w = weight.detach()
     if layer.is_quantized and (getattr(weight, "quant_state", None) is not None
                                or weight.dtype == torch.int8):
         try:
-            kind, sample = _quantized_sample(layer.base_layer, rows, cols)
+            kind, sample, bound = _quantized_sample(layer.base_layer, rows, cols)
         except Exception as error:  # a layout of another bitsandbytes: never fail a save here
             warnings.warn(f"increlora_fast: the quantized base weight's layout is not known "
                           f"({type(error).__name__}: {error}); its shape alone is recorded "
                           "for the base check", RuntimeWarning, stacklevel=2)
             return f"{shape}:quantized"
-        shape = f"{shape}:{kind}"
-    else:  # (an 8-bit layer with float16 weights holds them as they are)
-        sample = (w.index_select(0, cols).index_select(1, rows).t() if layer.is_conv1d
-                  else w.index_select(0, rows).index_select(1, cols))
-    bits = sample.to(torch.float32).cpu().to(torch.bfloat16).view(torch.int16).reshape(-1)
-    return f"{shape}:" + "".join(f"{b & 0xFFFF:04x}" for b in bits.tolist())
+        # 1 + 2**-7 before rounding to nearest: the recorded bound is never below the bound
+        bounds = "" if bound is None else ":" + _hex_bfloat16(bound * (1 + 2 ** -7))
+        return f"{shape}:{kind}:{_hex_bfloat16(sample)}{bounds}"
+    # (an 8-bit layer with float16 weights holds them as they are)
+    w = weight.detach()
+    sample = (w.index_select(0, cols).index_select(1, rows).t() if layer.is_conv1d
+              else w.index_select(0, rows).index_select(1, cols))
+    return f"{shape}:{_hex_bfloat16(sample)}"
 
 
 def base_fingerprint(model: nn.Module) -> Dict[str, Any]:
@@ -196,19 +227,20 @@ def base_fingerprint(model: nn.Module) -> Dict[str, Any]:
     Per module (see `_module_fingerprint`) the weight's shape and 24 sampled values rounded to
     bfloat16, so the same base in float32, bfloat16 or float16, on any device, gives values that
     `base_difference` accepts. bitsandbytes 4-bit/8-bit bases hold packed data: their values
-    are sampled dequantized, under a marker naming the quantization, and compared only with
-    the same quantization's (an adapter saved on another model quantized alike is refused);
-    against another quantization or full precision only the shape is compared (so a QLoRA
-    adapter still loads onto its full-precision base). Only the shape is recorded for a merged
-    layer (its weight includes the adapter), an offloaded (meta) weight and a weight sharded by
-    FSDP2 (a DTensor) or FSDP1.
+    are sampled dequantized, under a marker naming the quantization, with how far each may lie
+    from the float weight it was quantized from: the same quantization's values compare as
+    full precision's do, another quantization's or full precision's within that bound (so a
+    QLoRA adapter loads onto its full-precision base, and not onto another model of the same
+    shapes). Only the shape is recorded for a merged layer (its weight includes the adapter),
+    an offloaded (meta) weight and a weight sharded by FSDP2 (a DTensor) or FSDP1.
 
     Returns:
-        ``{"version": 1, "digest": <16 hex digits over all modules>, "modules": {name: entry}}``.
+        ``{"version": FINGERPRINT_VERSION, "digest": <16 hex digits over all modules>,
+        "modules": {name: entry}}``; version 1 entries recorded no bound for quantized values.
     """
     modules = {name: _module_fingerprint(layer) for name, layer in increlora_layers(model)}
     digest = hashlib.sha256(json.dumps(modules, sort_keys=True).encode()).hexdigest()[:16]
-    return {"version": 1, "digest": digest, "modules": modules}
+    return {"version": FINGERPRINT_VERSION, "digest": digest, "modules": modules}
 
 
 def _sampled_values(text: str) -> List[float]:
@@ -216,26 +248,42 @@ def _sampled_values(text: str) -> List[float]:
             for i in range(0, len(text), 4)]
 
 
+def _entry_parts(entry: str) -> Tuple[str, str, str, Optional[List[float]]]:
+    """A module entry of `base_fingerprint` as (shape, quantization marker or "", values or an
+    `UNREAD` marker, bounds: zeros for full precision, None for quantized values saved
+    without them)."""
+    shape, _, rest = entry.partition(":")
+    parts = rest.split(":")
+    if len(parts) == 1:
+        return shape, "", rest, [0.0] * (len(rest) // 4)
+    bounds = _sampled_values(parts[2]) if len(parts) > 2 else None
+    return shape, parts[0], parts[1], bounds
+
+
 def _entry_difference(saved: str, current: str) -> Optional[str]:
     """Why two module entries of `base_fingerprint` belong to different weights, or None.
 
     Values match within one bfloat16 step (2**-7 relative) plus float16's smallest step
-    (2**-24): loading a float32 base as float16 rounds twice and may land one step away."""
-    saved_shape, _, saved_values = saved.partition(":")
-    shape, _, values = current.partition(":")
+    (2**-24): loading a float32 base as float16 rounds twice and may land one step away.
+    Values of one quantization compare so too (of the same weights they agree); against
+    another quantization or full precision within both sides' bounds added, and by the shape
+    alone where a quantized side recorded none (saved before bounds were)."""
+    saved_shape, saved_kind, saved_values, saved_bounds = _entry_parts(saved)
+    shape, kind, values, bounds = _entry_parts(current)
     if saved_shape != shape:
         return f"weight shape {saved_shape} in the adapter, {shape} in the model"
     if saved_values in UNREAD or values in UNREAD:
         return None
-    # values of one quantization compare with the same quantization's alone (of the same
-    # weights they agree); against other ones or full precision the shape is what counts
-    saved_kind, _, saved_values = saved_values.rpartition(":")
-    kind, _, values = values.rpartition(":")
-    if saved_kind != kind:
-        return None
     a, b = _sampled_values(saved_values), _sampled_values(values)
-    if len(a) != len(b) or any(abs(x - y) > 2 ** -7 * max(abs(x), abs(y)) + 2 ** -24
-                               for x, y in zip(a, b)):
+    if saved_kind == kind:
+        allowed = [0.0] * len(a)
+    elif saved_bounds is None or bounds is None:
+        return None
+    else:
+        allowed = [x + y for x, y in zip(saved_bounds, bounds)]
+    if len(a) != len(b) or len(allowed) != len(a) or any(
+            abs(x - y) > bound + 2 ** -7 * max(abs(x), abs(y)) + 2 ** -24
+            for x, y, bound in zip(a, b, allowed)):
         return "its weight values differ"
     return None
 

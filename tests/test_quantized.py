@@ -425,8 +425,7 @@ def test_an_adapter_is_refused_on_another_quantized_base_of_the_same_shapes(tmp_
                                    "nf4 nested repacked"])
 def test_a_quantized_fingerprint_samples_the_dequantized_weight(quant):
     """A quantized base's entry holds the values a full-precision layer holding its dequantized
-    weight records, after a marker naming the quantization (compared only with the same one:
-    a QLoRA adapter still loads onto its full-precision base, shape alone compared). A 4-bit
+    weight records, after a marker naming the quantization and before their error bounds. A 4-bit
     weight that a CPU forward in inference repacked for its AVX512-bf16 kernels (another byte
     order, a bfloat16 absmax) gives the same marker and values within the comparison's
     tolerance."""
@@ -455,7 +454,9 @@ def test_a_quantized_fingerprint_samples_the_dequantized_weight(quant):
     cfg = IncreLoRAConfig(target_modules=["0"], r_max=4, init_r=1, target_rank=2)
     plain = base_fingerprint(inject_increlora(nn.Sequential(float_layer), cfg))["modules"]["0"]
     entry = base_fingerprint(inject_increlora(quantized, cfg))["modules"]["0"]
-    shape, kind, values = entry.split(":")
+    shape, kind, values, *bounds = entry.split(":")
+    # a nested weight repacked for CPU dropped its absmax's own quantization state
+    assert len(bounds) == (0 if quant == "nf4 nested repacked" else 1)
     assert kind == {"8bit": "quantized-int8", "fp4": "quantized-fp4-64"}.get(
         quant, "quantized-nf4-64" + ("-nested" if "nested" in quant else ""))
     if "repacked" in quant:
@@ -486,3 +487,48 @@ def test_a_quantized_layout_the_fingerprint_cannot_read_records_the_shape_and_sa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         load_adapter(inject_increlora(build(seed=1), config(2)), tmp_path / "adapter")
+
+
+def _float_or_quantized(quant: str, seed: int) -> nn.Module:
+    """One linear of seed ``seed``'s float weights, full precision (``quant`` "full") or
+    quantized by bitsandbytes as ``quant`` names it, under an adapter."""
+    torch.manual_seed(seed)
+    layer = nn.Linear(WIDTH, 2 * WIDTH)
+    if quant == "8bit":
+        quantized = bnb.nn.Linear8bitLt(WIDTH, 2 * WIDTH, has_fp16_weights=False)
+    elif quant != "full":
+        quantized = bnb.nn.Linear4bit(WIDTH, 2 * WIDTH, compute_dtype=torch.float32,
+                                      quant_type=quant[:3], compress_statistics="nested" in quant)
+    if quant != "full":
+        quantized.load_state_dict(layer.state_dict())
+        layer = quantized.to("cpu")
+    cfg = IncreLoRAConfig(target_modules=["0"], r_max=4, init_r=1, target_rank=2)
+    return inject_increlora(nn.Sequential(layer), cfg)
+
+
+@pytest.mark.parametrize("saved, loaded", [
+    ("nf4", "full"), ("full", "nf4"), ("fp4", "full"), ("full", "fp4"), ("nf4 nested", "full"),
+    ("full", "nf4 nested"), ("8bit", "full"), ("full", "8bit"), ("nf4", "8bit")])
+def test_a_quantized_base_is_compared_with_full_precision_within_its_error(tmp_path, saved,
+                                                                           loaded):
+    """A quantized side against full precision (or another quantization) compared the shape
+    alone, so an NF4 adapter loaded silently onto another full-precision model of the same
+    shapes, and a full-precision adapter onto another quantized one. The values compare within
+    the quantization's error bound now: the same weights load, other ones (several seeds) are
+    refused."""
+    save_adapter(_float_or_quantized(saved, seed=0), tmp_path / "adapter")
+    load_adapter(_float_or_quantized(loaded, seed=0), tmp_path / "adapter")
+    for seed in (1, 2, 3):
+        with pytest.raises(BaseMismatchError, match=r"0: its weight values differ"):
+            load_adapter(_float_or_quantized(loaded, seed=seed), tmp_path / "adapter")
+
+
+def test_a_quantized_entry_without_its_error_bound_compares_the_shape_alone():
+    """Entries saved before the error bound was recorded (``<shape>:<quantization>:<values>``)
+    still load onto full precision of any values, as they did."""
+    entry = base_fingerprint(_float_or_quantized("nf4", seed=0))["modules"]["0"]
+    older = {"modules": {"0": entry.rsplit(":", 1)[0]}}
+    other = base_fingerprint(_float_or_quantized("full", seed=1))
+    assert base_difference({"modules": {"0": entry}}, other) == "0: its weight values differ"
+    assert base_difference(older, other) is None
+    assert base_difference(other, older) is None
