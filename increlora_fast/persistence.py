@@ -203,7 +203,7 @@ def _module_fingerprint(layer: IncreLoRALinear) -> str:
     rows = torch.tensor(_spread(n_out, 3), device=weight.device)
     cols = torch.tensor(_spread(n_in, SAMPLE_COLUMNS), device=weight.device)
     if layer.is_quantized and (getattr(weight, "quant_state", None) is not None
-                               or weight.dtype == torch.int8):
+                               or not weight.is_floating_point()):
         try:
             kind, sample, bound = _quantized_sample(layer.base_layer, rows, cols)
         except Exception as error:  # a layout of another bitsandbytes: never fail a save here

@@ -191,15 +191,18 @@ FakeLinear4bit.__module__ = "bitsandbytes.nn.modules"
 
 
 def test_a_quantized_base_is_compared_by_shape_only(tmp_path, base):
-    """A QLoRA adapter (saved on a 4-bit base) still loads onto its full-precision base."""
+    """A QLoRA adapter (saved on a 4-bit base) still loads onto its full-precision base. A
+    packed weight of a layout the fingerprint cannot read (no quant_state) failed the save
+    with an IndexError (sampled as a float matrix); it records the shape, with a warning."""
     config = make_config()
     quantized = copy.deepcopy(base)
     quantized.blocks[0].fc = FakeLinear4bit(12, 20)
     model = trained(quantized, config)
     assert dict(increlora_layers(model))["blocks.0.fc"].is_quantized
-    fingerprint = base_fingerprint(model)
+    with pytest.warns(RuntimeWarning, match="layout is not known"):
+        fingerprint = base_fingerprint(model)
+        save_adapter(model, tmp_path)
     assert fingerprint["modules"]["blocks.0.fc"] == "20x12:quantized"
-    save_adapter(model, tmp_path)
     target = load_adapter(fresh(base, config), tmp_path)
     assert rank_pattern(target) == rank_pattern(model)
 
