@@ -316,7 +316,9 @@ class BaseMismatchError(ValueError):
 def _recorded_base(meta: Dict[str, str], directory: Path) -> Dict[str, Any]:
     """The base recorded in the weights file's metadata, ``{"name_or_path": ..., "fingerprint":
     `base_fingerprint`}``; ValueError naming the file when it is not that (damaged or edited
-    metadata, which the tensor checksum does not cover)."""
+    metadata, which the tensor checksum does not cover) or its fingerprint's version is newer
+    than `FINGERPRINT_VERSION` (saved by a newer increlora_fast, whose entries this one could
+    misread)."""
     try:
         recorded = json.loads(meta[BASE_KEY])
         fingerprint = recorded["fingerprint"]
@@ -328,6 +330,12 @@ def _recorded_base(meta: Dict[str, str], directory: Path) -> Dict[str, Any]:
         raise ValueError(f"adapter {directory / WEIGHTS_NAME}: its recorded base (metadata "
                          f"{BASE_KEY!r}) is damaged or edited ({type(err).__name__}: {err}); "
                          "pass check_base=False to load it without checking the base") from err
+    version = fingerprint.get("version", 1)
+    if not isinstance(version, int) or version > FINGERPRINT_VERSION:
+        raise ValueError(f"adapter {directory / WEIGHTS_NAME} records its base in fingerprint "
+                         f"version {version!r}, and this increlora_fast reads versions 1 to "
+                         f"{FINGERPRINT_VERSION}: upgrade increlora_fast, or pass "
+                         "check_base=False to load it without checking the base")
     return recorded
 
 

@@ -177,6 +177,31 @@ def test_an_adapter_saved_without_a_fingerprint_loads_with_a_warning(tmp_path, b
     assert rank_pattern(target) == rank_pattern(source)
 
 
+def _rewrite_fingerprint_version(path: Path, version) -> None:
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    recorded = json.loads(meta["base"])
+    recorded["fingerprint"]["version"] = version
+    save_file(tensors, str(path), metadata=dict(meta, base=json.dumps(recorded)))
+
+
+def test_a_fingerprint_of_a_newer_version_is_named_and_version_1_still_loads(tmp_path, base):
+    """The fingerprint's version was written and never read: a newer increlora_fast's entries
+    would be misread (refused, or compared by the shape alone). A version this library does
+    not know is refused in one line naming the file and both ways out; version 1 loads."""
+    config = make_config()
+    save_adapter(trained(base, config), tmp_path)
+    _rewrite_fingerprint_version(tmp_path / WEIGHTS, persistence.FINGERPRINT_VERSION + 1)
+    with pytest.raises(ValueError, match=rf"{WEIGHTS}.*fingerprint version "
+                       rf"{persistence.FINGERPRINT_VERSION + 1}.*upgrade increlora_fast.*"
+                       "check_base=False"):
+        load_adapter(fresh(base, config), tmp_path)
+    load_adapter(fresh(base, config), tmp_path, check_base=False)
+    _rewrite_fingerprint_version(tmp_path / WEIGHTS, 1)
+    load_adapter(fresh(base, config), tmp_path)
+
+
 class FakeLinear4bit(nn.Linear):
     """Stands in for bitsandbytes' Linear4bit (not installed here): a weight of packed bytes
     whose shape says nothing of the layer's."""
