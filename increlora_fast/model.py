@@ -561,7 +561,9 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             raise ValueError(f"modules_to_save entry {root!r} holds {packed!r}, quantized data "
                              f"({model.get_parameter(packed).dtype}) that cannot be trained in "
                              "full; leave it out of modules_to_save (adapt its linears with "
-                             "target_modules instead) or load that module unquantized")
+                             "target_modules instead) or load that module unquantized "
+                             "(transformers: BitsAndBytesConfig(llm_int8_skip_modules="
+                             f"[{root!r}]))")
     for name in targets:
         for pname, p in model.get_submodule(name).named_parameters():
             if p.is_meta:

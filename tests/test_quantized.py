@@ -532,3 +532,28 @@ def test_a_quantized_entry_without_its_error_bound_compares_the_shape_alone():
     assert base_difference({"modules": {"0": entry}}, other) == "0: its weight values differ"
     assert base_difference(older, other) is None
     assert base_difference(other, older) is None
+
+
+def test_a_quantized_classifier_to_save_names_the_skip_modules_fix(tmp_path):
+    """transformers quantizes a BERT classifier too; listed in modules_to_save it is refused
+    (it cannot train in full), and the message names the fix, which works: loading with
+    BitsAndBytesConfig(llm_int8_skip_modules=['classifier']) keeps it full precision."""
+    transformers = pytest.importorskip("transformers")
+    bert = transformers.BertConfig(vocab_size=64, hidden_size=WIDTH, num_hidden_layers=1,
+                                   num_attention_heads=2, intermediate_size=WIDTH,
+                                   max_position_embeddings=32, num_labels=2)
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(bert).save_pretrained(tmp_path / "base")
+    cfg = IncreLoRAConfig(target_modules=["query", "value"], r_max=4, init_r=1, target_rank=2,
+                          modules_to_save=["classifier"])
+
+    def loaded(**skip):
+        quantization = transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, **skip)
+        return transformers.AutoModelForSequenceClassification.from_pretrained(
+            tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    with pytest.raises(ValueError, match=r"'classifier'.*BitsAndBytesConfig\("
+                       r"llm_int8_skip_modules=\['classifier'\]\)"):
+        inject_increlora(loaded(), cfg)
+    model = inject_increlora(loaded(llm_int8_skip_modules=["classifier"]), cfg)
+    assert model.classifier.weight.requires_grad
