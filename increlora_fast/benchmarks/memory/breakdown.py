@@ -88,8 +88,8 @@ def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
     if quantized == "4bit":
         size += sum(math.ceil(m.weight.numel() / BNB_BLOCKSIZE) * 4 + BNB_CODE_BYTES
                     for m in linears.values())
-        layout = (f"NF4: 4-bit weights, one fp32 absmax per {BNB_BLOCKSIZE} (no double "
-                  "quantization)")
+        layout = (f"4-bit weights, NF4 or FP4 (the same size), one fp32 absmax per "
+                  f"{BNB_BLOCKSIZE} (no double quantization)")
     else:
         size += sum(_in_out(m)[1] * 4 for m in linears.values())
         layout = "LLM.int8: int8 weights and one fp32 scale per output row"
