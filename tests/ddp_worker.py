@@ -125,10 +125,31 @@ def _ddp(rank: int, world: int, rank_seeds: bool = False,
     return result(model, controller)
 
 
+def _train_averaging_by_hand(forward: nn.Module, model: Net, config: IncreLoRAConfig,
+                             trainable: List[torch.Tensor], rank: int,
+                             world: int) -> IncreLoRAController:
+    """Train ``model`` through ``forward`` (it or its FSDP wrapper) over this rank's share of
+    the steps, the gradients of the unsharded ``trainable`` tensors averaged over the ranks by
+    hand; the controller, for `result`."""
+    import torch.distributed as dist
+
+    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
+    controller = IncreLoRAController(model, config)
+    for step, micro in _steps(rank, world):
+        for x, y in micro:
+            (loss_fn(forward, controller, x, y) / len(micro)).backward()
+        for p in trainable:  # in model order, so every rank issues the same collectives
+            dist.all_reduce(p.grad)
+            p.grad /= world
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    return controller
+
+
 def _fsdp2(rank: int, world: int) -> Dict[str, object]:
     """FSDP2 shards the frozen base weights; the trainable tensors (adapter slots, head) are left
     out of sharding (``ignored_params``), kept whole on every rank and averaged by hand."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
@@ -137,17 +158,7 @@ def _fsdp2(rank: int, world: int) -> Dict[str, object]:
     for branch in model.body.branches:
         fully_shard(branch, ignored_params=set(trainable))
     fully_shard(model, ignored_params=set(trainable))
-    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
-    controller = IncreLoRAController(model, config)
-    for step, micro in _steps(rank, world):
-        for x, y in micro:
-            (loss_fn(model, controller, x, y) / len(micro)).backward()
-        for p in trainable:  # in model order, so every rank issues the same collectives
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        controller.step(step)
-        optimizer.step()
-        optimizer.zero_grad()
+    controller = _train_averaging_by_hand(model, model, config, trainable, rank, world)
     out = result(model, controller)
     out["sharded"] = sorted(k for k, v in model.state_dict().items() if isinstance(v, DTensor))
     out["state"] = {k: v.full_tensor() if isinstance(v, DTensor) else v
@@ -172,24 +183,12 @@ def _fsdp1(rank: int, world: int, out_dir: str) -> Dict[str, object]:
     """FSDP1 shards the frozen base weights; the trainable tensors are left out of sharding
     (``ignored_states``), kept whole on every rank and averaged by hand, as for FSDP2. Rank 0
     then saves the adapter with its training state into ``out_dir/fsdp1_adapter``."""
-    import torch.distributed as dist
-
     from increlora_fast import save_adapter
 
     model, config = build()
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped = _fsdp1_wrap(model, ignored_states=trainable)
-    optimizer = create_optimizer(model, config, lr=2e-2, weight_decay=0.01)
-    controller = IncreLoRAController(model, config)
-    for step, micro in _steps(rank, world):
-        for x, y in micro:
-            (loss_fn(wrapped, controller, x, y) / len(micro)).backward()
-        for p in trainable:  # in model order, so every rank issues the same collectives
-            dist.all_reduce(p.grad)
-            p.grad /= world
-        controller.step(step)
-        optimizer.step()
-        optimizer.zero_grad()
+    controller = _train_averaging_by_hand(wrapped, model, config, trainable, rank, world)
     # FSDP1 flattened these into its FlatParameters; outside the forward pass each is this
     # rank's 1-D piece of a shard
     sharded = sorted(n for n, p in model.named_parameters(remove_duplicate=False)
