@@ -631,8 +631,9 @@ def _warn_narrow(layers: Dict[str, IncreLoRALinear], r_max: int) -> None:
 def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
     """(name, layer) for every IncreLoRA layer, in module order. Named as in the model's state
     dict: without the ``_fsdp_wrapped_module`` of the FSDP1 units wrapping a layer or the
-    model."""
-    for name, module in model.named_modules():
+    model, and under the model a ``torch.compile`` or (Distributed)DataParallel wrapper holds
+    (`unwrapped`: no ``_orig_mod.`` or ``module.``)."""
+    for name, module in unwrapped(model).named_modules():
         if isinstance(module, IncreLoRALinear):
             yield ".".join(part for part in name.split(".") if part != _FSDP1_WRAPPED), module
 
