@@ -632,10 +632,10 @@ def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
     """(name, layer) for every IncreLoRA layer, in module order. Named as in the model's state
     dict: without the ``_fsdp_wrapped_module`` of the FSDP1 units wrapping a layer or the
     model, and under the model a ``torch.compile`` or (Distributed)DataParallel wrapper holds
-    (`unwrapped`: no ``_orig_mod.`` or ``module.``)."""
+    (`unwrapped`: no ``_orig_mod.`` or ``module.``): the plain model's names (`plain_name`)."""
     for name, module in unwrapped(model).named_modules():
         if isinstance(module, IncreLoRALinear):
-            yield ".".join(part for part in name.split(".") if part != _FSDP1_WRAPPED), module
+            yield plain_name(name), module
 
 
 class IncreLoRAAveragedModel(AveragedModel):
@@ -667,10 +667,22 @@ class IncreLoRAAveragedModel(AveragedModel):
 
 
 # The mark FSDP1 sets on every parameter it flattens into a FlatParameter
-# (torch.distributed.fsdp._common_utils.FSDP_FLATTENED), and the name of the attribute under
-# which its wrappers hold the module they wrap (FSDP_WRAPPED_MODULE).
+# (torch.distributed.fsdp._common_utils.FSDP_FLATTENED).
 _FSDP1_FLATTENED = "_fsdp_flattened"
-_FSDP1_WRAPPED = "_fsdp_wrapped_module"
+# The attributes under which wrappers of a model or of its blocks hold the module they wrap,
+# a part of every name below them that the plain model's names lack: FSDP1's units
+# (torch.distributed.fsdp._common_utils.FSDP_WRAPPED_MODULE), torch's activation checkpointing
+# (checkpoint_wrapper's _CHECKPOINT_WRAPPED_MODULE) and torch.compile (OptimizedModule).
+_WRAPPER_PARTS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def plain_name(name: str) -> str:
+    """The module, parameter or buffer ``name`` as the plain model names it: without the parts
+    of the FSDP1, activation checkpointing and ``torch.compile`` wrappers around the model or
+    its blocks (as torch's ``clean_tensor_name`` drops FSDP's and checkpointing's). The state
+    dict of a model under FSDP1 or checkpointing has these names; a block compiled in place of
+    itself keeps ``_orig_mod`` there, while ``module.compile()`` renames nothing."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
 def is_fsdp1_flattened(tensor: torch.Tensor) -> bool:
@@ -783,32 +795,33 @@ def _saved_module_parameter_ids(model: nn.Module) -> Set[int]:
     first."""
     config = getattr(model, CONFIG_ATTR, None)
     keys = (config.modules_to_save or []) if config is not None else []
-    names = [n for n, _ in model.named_modules() if n]
+    names = [plain_name(n) for n, _ in model.named_modules() if n]
     roots = tuple(n + "." for n in names if any(suffix_match(n, key) for key in keys))
     return {id(p) for n, p in model.named_parameters(remove_duplicate=False)
-            if n.startswith(roots)}
+            if plain_name(n).startswith(roots)}
 
 
 def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
-    """Parameters outside the adapters that are saved with them, by full name: those of the
-    modules_to_save, trainable or not (a model frozen after training, e.g. by
-    ``requires_grad_(False)`` for inference, still holds its trained head), and any other
-    trainable one."""
+    """Parameters outside the adapters that are saved with them, by full name (the plain
+    model's, `plain_name`): those of the modules_to_save, trainable or not (a model frozen
+    after training, e.g. by ``requires_grad_(False)`` for inference, still holds its trained
+    head), and any other trainable one."""
     to_save = _saved_module_parameter_ids(model)
-    return {n: p for n, p in model.named_parameters()
+    return {plain_name(n): p for n, p in model.named_parameters()
             if (p.requires_grad or id(p) in to_save)
             and not n.split(".")[-1].startswith("lora_")}
 
 
 def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Persistent buffers of the modules_to_save (e.g. BatchNorm running statistics), by full
-    name: training changes them like the parameters, so they are saved with them. Buffers of
+    name (the plain model's, `plain_name`): training changes them like the parameters, so they
+    are saved with them. Buffers of
     IncreLoRA layers inside such a module are left out (the adapter's own)."""
     config = get_config(model)
     names = [n for n, _ in model.named_modules() if n]
     buffers: Dict[str, torch.Tensor] = {}
     for key in config.modules_to_save or []:
-        for root in (n for n in names if suffix_match(n, key)):
+        for root in (n for n in names if suffix_match(plain_name(n), key)):
             adapted: List[str] = []
             for name, module in model.get_submodule(root).named_modules(prefix=root):
                 if isinstance(module, IncreLoRALinear):
@@ -818,7 +831,7 @@ def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
                 for buffer_name, buffer in module._buffers.items():
                     if buffer is not None and buffer_name not in \
                             module._non_persistent_buffers_set:
-                        buffers[f"{name}.{buffer_name}"] = buffer
+                        buffers[plain_name(f"{name}.{buffer_name}")] = buffer
     return buffers
 
 

@@ -52,8 +52,8 @@ from torch import nn
 
 from .config import ADAPTER_FIELDS, MODULE_NAME_FIELDS, IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState, is_quantized_base
-from .model import (get_config, increlora_layers, is_fsdp1_flattened, saved_module_buffers,
-                    saved_module_parameters, unwrapped)
+from .model import (get_config, increlora_layers, is_fsdp1_flattened, plain_name,
+                    saved_module_buffers, saved_module_parameters, unwrapped)
 from .pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -821,8 +821,9 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     saved_params = saved_module_parameters(model)
     # a parameter trained outside the modules to save (unfrozen by hand) was saved as trainable;
     # it is frozen again in a fresh model, but it still names that model's parameter
-    unfrozen = {n: p for n, p in model.named_parameters() if SAVED_PREFIX + n in tensors
-                and n not in saved_params and not n.split(".")[-1].startswith("lora_")}
+    unfrozen = {n: p for n, p in ((plain_name(n), p) for n, p in model.named_parameters())
+                if SAVED_PREFIX + n in tensors and n not in saved_params
+                and not n.split(".")[-1].startswith("lora_")}
     saved_params.update(unfrozen)
     # buffers of the modules to save: adapters saved before they were written lack them
     model_buffers = saved_module_buffers(model)

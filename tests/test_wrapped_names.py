@@ -7,10 +7,11 @@ import contextlib
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
-from adapter_helpers import fresh
-from increlora_fast import IncreLoRAConfig, increlora_layers
+from adapter_helpers import fresh, trained
+from increlora_fast import IncreLoRAConfig, increlora_layers, load_adapter, save_adapter
 from increlora_fast.controller import IncreLoRAController
 
 PLAIN = ["blocks.0.fc", "blocks.0.proj", "blocks.1.fc", "blocks.1.proj"]
@@ -54,3 +55,81 @@ def test_a_controller_over_a_wrapped_model_names_the_models_layers(tiny_net, tmp
     plain.load_state_dict(wrapped.state_dict())
     wrapped.load_state_dict(plain.state_dict())
 
+
+def checkpointed_blocks(model: nn.Module) -> None:
+    """torch's activation checkpointing around each block (``_checkpoint_wrapped_module``)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import \
+        apply_activation_checkpointing
+    apply_activation_checkpointing(model, check_fn=lambda m: type(m).__name__ == "TinyBlock")
+
+
+def checkpointed_head(model: nn.Module) -> None:
+    """torch's ``checkpoint_wrapper`` around the module to save."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+    model.head = checkpoint_wrapper(model.head)
+
+
+def compiled_block(model: nn.Module) -> None:
+    """One block ``torch.compile``d in place of itself (``_orig_mod``)."""
+    model.blocks[0] = torch.compile(model.blocks[0])
+
+
+def adapter_tensors(model: nn.Module) -> dict:
+    """Every layer's slot tensors and the modules to save's state, by the plain model's
+    names."""
+    out = {f"head.{k}": v for k, v in model.head.state_dict().items()}
+    out.update({f"blocks.0.norm.{k}": v for k, v in model.blocks[0].norm.state_dict().items()})
+    for name, layer in increlora_layers(model):
+        for key in ("lora_A", "lora_B", "lora_lambda", "slot_state", "slot_alloc_step",
+                    "slot_active_step"):
+            out[f"{name}.{key}"] = getattr(layer, key)
+    return out
+
+
+def saved(directory) -> tuple:
+    """(metadata, tensors) of the adapter file in ``directory``."""
+    with safe_open(str(directory / "adapter_model.safetensors"), framework="pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("wrap", [checkpointed_blocks, checkpointed_head, compiled_block])
+def test_an_adapter_saved_under_wrapped_blocks_is_the_plain_models(tiny_net, tmp_path, wrap):
+    """Blocks wrapped by torch's activation checkpointing (``checkpoint_wrapper``,
+    ``apply_activation_checkpointing``) or compiled one by one put their wrapper's part
+    (``_checkpoint_wrapped_module``, ``_orig_mod``) in the names of the layers and of the
+    modules to save: save_adapter wrote them into the file, which the plain model then refused
+    ("unknown tensors"), and the plain model's adapter did not load into the wrapped one. The
+    names are the plain model's, those of the wrapped model's state dict under checkpointing,
+    and a module to save is found by them (a frozen ``blocks.0.norm`` was left out); either
+    adapter loads into the other model with identical tensors."""
+    config = make_config(modules_to_save=["head", "blocks.0.norm"])
+    source = trained(tiny_net, config, lambda i, layer: [
+        (layer.activate_reserve(1, step=i + 1), layer.add_reserve(1, step=i + 1))
+        for _ in range(i % 3)])
+    with torch.no_grad():
+        source.blocks[0].norm.weight.normal_()
+    wrapped = fresh(tiny_net, config)
+    wrapped.load_state_dict(source.state_dict())
+    wrap(wrapped)
+    for model in (source, wrapped):  # frozen for inference: the modules to save are still saved
+        model.requires_grad_(False)
+    assert [n for n, _ in increlora_layers(wrapped)] == PLAIN
+    if wrap is not compiled_block:  # (compiled blocks keep _orig_mod in their state dict)
+        assert {f"{n}.lora_A" for n in PLAIN} <= set(wrapped.state_dict())
+    save_adapter(source, tmp_path / "plain", training_state=True)
+    save_adapter(wrapped, tmp_path / "wrapped", training_state=True)
+    (meta, tensors), (plain_meta, plain_tensors) = saved(tmp_path / "wrapped"), \
+        saved(tmp_path / "plain")
+    assert meta == plain_meta and set(tensors) == set(plain_tensors)
+    assert all(torch.equal(tensors[k], v) for k, v in plain_tensors.items())
+    assert (tmp_path / "wrapped" / "adapter_config.json").read_bytes() == \
+        (tmp_path / "plain" / "adapter_config.json").read_bytes()
+    expected = adapter_tensors(source)
+    plain_target, wrapped_target = fresh(tiny_net, config), fresh(tiny_net, config)
+    wrap(wrapped_target)
+    load_adapter(plain_target, tmp_path / "wrapped")
+    load_adapter(wrapped_target, tmp_path / "plain")
+    for target in (plain_target, wrapped_target):
+        got = adapter_tensors(target)
+        assert set(got) == set(expected)
+        assert all(torch.equal(got[k], v) for k, v in expected.items())
