@@ -133,3 +133,27 @@ def test_an_adapter_saved_under_wrapped_blocks_is_the_plain_models(tiny_net, tmp
         got = adapter_tensors(target)
         assert set(got) == set(expected)
         assert all(torch.equal(got[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("wrap", [checkpointed_blocks, checkpointed_head, compiled_block])
+def test_export_peft_under_wrapped_blocks_is_the_plain_models(tiny_net, tmp_path, wrap):
+    """export_peft found the modules to save (and those peft wraps) by the raw module names: a
+    module to save inside a checkpointed or compiled block (``blocks.0.norm``) was exported
+    without its tensors, which peft then looks for. The export of the wrapped model is the
+    plain model's."""
+    from increlora_fast.integrations.peft_export import export_peft
+    config = make_config(modules_to_save=["head", "blocks.0.norm"])
+    source = trained(tiny_net, config, lambda i, layer: None)
+    with torch.no_grad():
+        source.blocks[0].norm.weight.normal_()
+    wrapped = fresh(tiny_net, config)
+    wrapped.load_state_dict(source.state_dict())
+    wrap(wrapped)
+    export_peft(source, tmp_path / "plain")
+    export_peft(wrapped, tmp_path / "wrapped")
+    (_, tensors), (_, plain_tensors) = saved(tmp_path / "wrapped"), saved(tmp_path / "plain")
+    assert "base_model.model.blocks.0.norm.weight" in plain_tensors
+    assert set(tensors) == set(plain_tensors)
+    assert all(torch.equal(tensors[k], v) for k, v in plain_tensors.items())
+    assert (tmp_path / "wrapped" / "adapter_config.json").read_bytes() == \
+        (tmp_path / "plain" / "adapter_config.json").read_bytes()

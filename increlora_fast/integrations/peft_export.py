@@ -53,8 +53,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..layer import IncreLoRALinear, SlotState
-from ..model import (get_config, increlora_layers, saved_module_parameters, suffix_match,
-                     unwrapped)
+from ..model import (get_config, increlora_layers, plain_name, saved_module_parameters,
+                     suffix_match, unwrapped)
 from ..persistence import base_fingerprint, base_model_name, write_adapter_files
 from ..pooling import model_pooling
 
@@ -141,7 +141,8 @@ def _saved_roots(model: nn.Module) -> List[str]:
     their parameters (tied weights).
     """
     config = get_config(model)
-    names = [n for n, _ in model.named_modules() if n]
+    # (a wrapper and the module it holds have one plain name)
+    names = list(dict.fromkeys(plain_name(n) for n, _ in model.named_modules() if n))
     roots = [n for n in names if any(suffix_match(n, key) for key in config.modules_to_save or [])]
     roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
     for param_name in saved_module_parameters(model):
@@ -153,9 +154,9 @@ def _saved_roots(model: nn.Module) -> List[str]:
     # of their parameters (a tied lm_head or encoder embed_tokens) would keep the untrained
     # one there, so it is a module to save too (a layer we adapt is refused instead, by
     # _refuse_trained_base_weights)
-    saved = {id(p) for n, p in model.named_parameters(remove_duplicate=False)
-             if any(n.startswith(r + ".") for r in roots if r)}
-    for param_name, param in model.named_parameters(remove_duplicate=False):
+    parameters = [(plain_name(n), p) for n, p in model.named_parameters(remove_duplicate=False)]
+    saved = {id(p) for n, p in parameters if any(n.startswith(r + ".") for r in roots if r)}
+    for param_name, param in parameters:
         owner = param_name.rpartition(".")[0]
         if id(param) in saved and owner and not any(_within(owner, r) for r in roots) \
                 and not any(owner.startswith(a + ".") for a in adapted):
@@ -182,7 +183,7 @@ def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) 
     added = [r for r in PEFT_TASK_MODULES.get(task_type or "", ()) if r not in roots]
     adapted = [n for n, _ in increlora_layers(model)]
     wrapped: List[str] = []
-    for name, _ in model.named_modules(remove_duplicate=False):
+    for name in (plain_name(n) for n, _ in model.named_modules(remove_duplicate=False)):
         if not name or any(name.startswith(w + ".") for w in wrapped):
             continue
         root = next((r for r in (*roots, *added) if name.endswith(r)), None)
@@ -301,11 +302,14 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     # classifier that SEQ_CLS adds) is carried by that one; named too, peft would wrap it
     # inside the other's wrapper and then fail to load it (KeyError), even from its own save
     roots = [r for r in roots if not any(r.startswith(w + ".") for w in wrapped)]
+    modules: Dict[str, nn.Module] = {}  # by plain name: a wrapper rather than what it holds
+    for name, module in model.named_modules(remove_duplicate=False):
+        modules.setdefault(plain_name(name), module)
     for root in wrapped:
-        for key, value in model.get_submodule(root).state_dict().items():
+        for key, value in modules[root].state_dict().items():
             # a contiguous copy: tied tensors must not share memory in the file, and
             # safetensors refuses non-contiguous ones (clone() alone keeps the strides)
-            tensors[f"{PEFT_PREFIX}{root}.{key}"] = value.detach().cpu().clone(
+            tensors[f"{PEFT_PREFIX}{root}.{plain_name(key)}"] = value.detach().cpu().clone(
                 memory_format=torch.contiguous_format)
     r = max(ranks.values())
     pattern = {_pattern_key(n, names): ranks[n] for n in names}
