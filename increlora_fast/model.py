@@ -29,13 +29,17 @@ ALL_LINEAR = "all-linear"
 
 def suffix_match(name: str, suffix: str) -> bool:
     """Whether the module name ``name`` is ``suffix`` or ends with ``"." + suffix`` (how
-    ``target_modules`` and ``modules_to_save`` entries select modules, as in peft)."""
+    ``target_modules`` and ``modules_to_save`` entries select modules, as in peft), read as the
+    plain model's name (`plain_name`): the same entries select the same modules whatever wraps
+    the model's blocks."""
+    name = plain_name(name)
     return name == suffix or name.endswith("." + suffix)
 
 
 def _similar_names(key: str, names: List[str]) -> str:
     """The module names closest to ``key`` (for an error message), or, with none close, some of
-    the linear-looking leaf names the model has."""
+    the linear-looking leaf names the model has (as the plain model names them)."""
+    names = [plain_name(n) for n in names]
     leaves = sorted({n.split(".")[-1] for n in names} | set(names))
     close = difflib.get_close_matches(key, leaves, n=5, cutoff=0.5)
     if close:
@@ -76,10 +80,11 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
     """The linears the ``target_modules`` value ``spec`` (None, a regex string or a list of
     suffixes) selects; raises where it selects nothing or names what is not a linear."""
     if isinstance(spec, str):
-        matched = [n for n in names if re.fullmatch(spec, n)]
+        matched = [n for n in names if re.fullmatch(spec, plain_name(n))]
         if not matched:
-            as_suffix = next((n for n in names if suffix_match(n, spec)), None)
-            partial = next((n for n in names if re.search(spec, n)), None)
+            plain = [plain_name(n) for n in names]
+            as_suffix = next((n for n in plain if suffix_match(n, spec)), None)
+            partial = next((n for n in plain if re.search(spec, n)), None)
             if as_suffix is not None:
                 hint = (f"a regex must match the full name, such as {as_suffix!r}; to match "
                         f"name suffixes pass a list: target_modules=[{spec!r}]")
@@ -145,11 +150,11 @@ def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str
     if exclude is None or exclude == []:
         return targets
     if isinstance(exclude, str):
-        kept = [n for n in targets if not re.fullmatch(exclude, n)]
+        kept = [n for n in targets if not re.fullmatch(exclude, plain_name(n))]
         if len(kept) == len(targets):
             raise ValueError(f"exclude_modules regex {exclude!r} matches none of the "
                              f"{len(targets)} target modules (it must match the full name, "
-                             f"such as {targets[0]!r})")
+                             f"such as {plain_name(targets[0])!r})")
     else:
         for key in exclude:
             if not any(suffix_match(n, key) for n in targets):
@@ -821,7 +826,7 @@ def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     names = [n for n, _ in model.named_modules() if n]
     buffers: Dict[str, torch.Tensor] = {}
     for key in config.modules_to_save or []:
-        for root in (n for n in names if suffix_match(plain_name(n), key)):
+        for root in (n for n in names if suffix_match(n, key)):
             adapted: List[str] = []
             for name, module in model.get_submodule(root).named_modules(prefix=root):
                 if isinstance(module, IncreLoRALinear):

@@ -4,6 +4,7 @@ model (``torch.compile``, (Distributed)DataParallel) or its blocks."""
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ from safetensors import safe_open
 from torch import nn
 
 from adapter_helpers import fresh, trained
-from increlora_fast import IncreLoRAConfig, increlora_layers, load_adapter, save_adapter
+from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
+                            save_adapter)
 from increlora_fast.controller import IncreLoRAController
 
 PLAIN = ["blocks.0.fc", "blocks.0.proj", "blocks.1.fc", "blocks.1.proj"]
@@ -157,3 +159,28 @@ def test_export_peft_under_wrapped_blocks_is_the_plain_models(tiny_net, tmp_path
     assert all(torch.equal(tensors[k], v) for k, v in plain_tensors.items())
     assert (tmp_path / "wrapped" / "adapter_config.json").read_bytes() == \
         (tmp_path / "plain" / "adapter_config.json").read_bytes()
+
+
+@pytest.mark.parametrize("wrap", [checkpointed_blocks, compiled_block])
+@pytest.mark.parametrize("fields", [
+    dict(target_modules=["0.fc", "1.proj"]),
+    dict(target_modules=r"blocks\.[01]\.(fc|proj)", exclude_modules=r"blocks\.1\.fc"),
+    dict(target_modules=["fc", "proj"], exclude_modules=["0.proj"]),
+    dict(target_modules="all-linear", modules_to_save=["head", "blocks.1.norm"]),
+], ids=["suffixes", "regexes", "excluded", "to_save"])
+def test_a_config_selects_the_plain_models_modules_under_wrapped_blocks(tiny_net, wrap, fields):
+    """inject_increlora into a model whose blocks were already checkpointed or compiled matched
+    ``target_modules``, ``exclude_modules`` and ``modules_to_save`` against names holding the
+    wrapper's part (``blocks.0._checkpoint_wrapped_module.fc``): a dotted suffix or a regex
+    across it matched nothing (or something else), so the config saved with the adapter
+    selected other modules in the plain model, or injection refused it. It selects the same
+    modules as in the plain model, and trains the same parameters."""
+    from increlora_fast.model import plain_name
+    config = make_config(**fields)
+    plain = fresh(tiny_net, config)
+    wrapped = copy.deepcopy(tiny_net)
+    wrap(wrapped)
+    inject_increlora(wrapped, config)
+    assert [n for n, _ in increlora_layers(wrapped)] == [n for n, _ in increlora_layers(plain)]
+    assert {plain_name(n) for n, p in wrapped.named_parameters() if p.requires_grad} == \
+        {n for n, p in plain.named_parameters() if p.requires_grad}
