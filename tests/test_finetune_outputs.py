@@ -161,3 +161,36 @@ def test_ctrl_c_of_an_overwrite_run_names_its_own_checkpoint_not_the_earlier_run
     monkeypatch.undo()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["seed"] == 1
+
+
+def test_ctrl_c_during_the_final_save_leaves_no_half_output_set(tmp_path, capsys, monkeypatch):
+    """A Ctrl-C (or a crash) while the final outputs were written left the adapter files and
+    labels.json without metrics.json: a user or script seeing the adapter took the run as
+    finished. The final outputs now appear all together or not at all; the checkpoint stays,
+    and the resume the interrupt line names writes the whole set."""
+    import increlora_fast.visualize as visualize
+    from increlora_fast.training.outputs import run_files
+
+    tiny = tiny_files(tmp_path / "data", train_rows=32, dev_rows=8)
+    real_heatmap = visualize.save_rank_heatmap
+
+    def interrupt(*args, **kwargs):  # after the adapter and labels.json were written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(visualize, "save_rank_heatmap", interrupt)
+    out = tmp_path / "out"
+    assert cli(tiny_args(tiny, out, steps=6, save_steps=2)) == 130
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-4"]
+    assert run_files(out) == ["checkpoint-4"]
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(f"--resume {out / 'checkpoint-4'} --output-dir {out}"), last
+
+    monkeypatch.setattr(visualize, "save_rank_heatmap", real_heatmap)
+    from increlora_fast.training.output_folder import FINAL_STAGING
+    # what a run killed while it wrote the final outputs leaves is removed by the next run
+    (out / FINAL_STAGING).mkdir()
+    (out / FINAL_STAGING / "adapter_config.json").write_text("{}")
+    assert cli(["--resume", str(out / "checkpoint-4"), "--no-progress"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
+    assert {"adapter_model.safetensors", "adapter_config.json", "labels.json",
+            "rank_heatmap.png", "allocation_log.jsonl"} <= set(run_files(out))
+    assert not (out / FINAL_STAGING).exists()

@@ -30,7 +30,7 @@ from .loop import (BestState, LoopState, StepEnds, balanced_class_weights, evalu
                    train_loop)
 from .methods import MethodRun
 from .registry import build_method
-from .output_folder import claim_output_dir
+from .output_folder import claim_output_dir, final_outputs
 from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, OutputWriteError,
                       describe_os_error)
 from ..pooling import (apply_pooling, check_pooling, mean_pooling_available, model_pooling,
@@ -575,21 +575,24 @@ def _matplotlib_available(missing: str) -> bool:
 def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, labels.json (label id -> name), and for
     rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
-    rank against the step. A method whose files cannot record the model's pooling
+    rank against the step. They appear in ``out`` all together, once all are written
+    (`output_folder.final_outputs`): a run stopped while it writes them leaves none. A method whose files cannot record the model's pooling
     (`MethodRun.records_pooling`) warns, when it is not CLS, that loading them needs it applied.
 
     Raises:
         OutputWriteError: a file could not be written (e.g. the disk is full), naming ``out``.
     """
     try:
-        _write_outputs(out, run, metrics)
+        with final_outputs(out) as stage:
+            _write_outputs(out, stage, run, metrics)
     except OSError as err:
         raise OutputWriteError(err.errno, f"cannot write the outputs into {out}: "
                                           f"{describe_os_error(err)}") from err
 
 
-def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
-    run.save_artifacts(out)
+def _write_outputs(out: Path, stage: Path, run: MethodRun, metrics: Dict) -> None:
+    """`write_outputs` into ``stage``, the folder they are moved into ``out`` from."""
+    run.save_artifacts(stage)
     pooling = model_pooling(run.model)
     if pooling != "cls" and not run.records_pooling:
         what = "model" if run.name == "full" else "peft adapter"
@@ -606,7 +609,7 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
                       "adapter and pad inputs with that token, or its predictions on padded "
                       "inputs differ", stacklevel=3)
     names = metrics.get("label_names") or []
-    (out / LABELS_FILE).write_text(json.dumps(
+    (stage / LABELS_FILE).write_text(json.dumps(
         {"id2label": {str(i): n for i, n in enumerate(names)},
          "label2id": {n: i for i, n in enumerate(names)}}, indent=2))
     pattern = run.rank_pattern()
@@ -615,10 +618,7 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
                              else " is"))
     if plots:
         from ..visualize import save_rank_heatmap
-        # a PNG already here is the resumed run's, or --overwrite let the run replace it
-        # (`outputs.prepare_output_dir` refuses a folder holding one otherwise)
-        save_rank_heatmap(pattern, out / HEATMAP_FILE, title=f"{run.name} rank pattern",
-                          overwrite=True)
+        save_rank_heatmap(pattern, stage / HEATMAP_FILE, title=f"{run.name} rank pattern")
     if run.name == "increlora":
         # --select-best saved the selected step's adapter: the log and the plot end there (an
         # allocation at optimizer step k is in the state after k + 1 steps), so that their last
@@ -627,14 +627,14 @@ def _write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
         log = [entry for entry in run.allocation_log()
                if selected is None or entry["step"] < selected]
         lines = [json.dumps(entry, sort_keys=True) for entry in log]
-        (out / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
+        (stage / ALLOCATION_LOG_FILE).write_text("".join(line + "\n" for line in lines))
         if plots:
             from .. import visualize
             visualize.save_rank_over_time(
-                {name: run.config.init_r for name in pattern}, log, out / RANK_OVER_TIME_FILE,
-                last_step=metrics.get("steps") if selected is None else selected, overwrite=True)
-    # atomic: `--compare` reads a run's metrics.json to reuse it, maybe while it is written
-    atomic_write_bytes(out / METRICS_FILE, json.dumps(metrics, indent=2, sort_keys=True).encode())
+                {name: run.config.init_r for name in pattern}, log, stage / RANK_OVER_TIME_FILE,
+                last_step=metrics.get("steps") if selected is None else selected)
+    atomic_write_bytes(stage / METRICS_FILE,
+                       json.dumps(metrics, indent=2, sort_keys=True).encode())
 
 
 # A share of training texts cut at --max-seq-len from which the no-learning note suggests a

@@ -155,9 +155,7 @@ class IncreLoRARun(MethodRun):
         return {"active": counts["active"], "padded": counts["padded"]}
 
     def save_artifacts(self, out_dir: Path) -> None:
-        # the output folder was checked before the run (prepare_output_dir): an adapter there
-        # is an earlier run's that --overwrite or --resume allowed this run to replace
-        save_adapter(self.model, out_dir, overwrite=True)
+        save_adapter(self.model, out_dir)
 
     def save_state(self, ckpt_dir: Path) -> dict:
         save_adapter(self.model, ckpt_dir, training_state=True)

@@ -25,17 +25,22 @@ from ..persistence import is_adapter_staging
 from .checkpoint import DELETING_SUFFIX, REPLACED_SUFFIX
 from .output_lock import OutputLock
 from .peft_methods import MODEL_CARD, is_peft_model_card
-from .outputs import (CHECKPOINT_PREFIX, RUN_FILES, OutputWriteError, check_output_path,
-                      check_writable, describe_os_error, prepare_output_dir, run_files)
+from .outputs import (CHECKPOINT_PREFIX, METRICS_FILE, RUN_FILES, OutputWriteError,
+                      check_output_path, check_writable, describe_os_error, prepare_output_dir,
+                      run_files)
 
 STAGING_TAG = ".new-"
 TRASH_TAG = ".increlora-fast-old-"
+# Where a run writes its final outputs before `final_outputs` moves them into its folder.
+FINAL_STAGING = ".final-outputs.tmp"
 # Left in a folder by an interrupted write of this package: a checkpoint being deleted
 # (`checkpoint.remove_checkpoint`) or written (``checkpoint-<step>.tmp``; one it replaces is
 # restored or deleted before, see `recover_leftovers`), an atomic write of
-# a run file (``.<name>.<random>.tmp``), the writability probe of `outputs.check_writable`.
+# a run file (``.<name>.<random>.tmp``), the writability probe of `outputs.check_writable`,
+# the final outputs being written (`final_outputs`).
 LEFTOVER = re.compile(
     rf"^(?:\.{CHECKPOINT_PREFIX}\d+{re.escape(DELETING_SUFFIX)}|{CHECKPOINT_PREFIX}\d+\.tmp"
+    rf"|{re.escape(FINAL_STAGING)}"
     rf"|\.(?:{'|'.join(re.escape(n) for n in RUN_FILES)})\.\w+\.tmp|\.write-test\.\w+)$")
 # A checkpoint set aside while the same step was saved again (`checkpoint.save_checkpoint`):
 # put back when the new one never took its name, else deleted (`recover_leftovers`).
@@ -120,6 +125,29 @@ def _set_aside(stage: Path, out: Path, echo: Callable[[str], None]) -> None:
         echo(f"note: {out} still holds the earlier run; the new run's partial work is kept "
              f"apart in {stage} ({', '.join(kept)}; --resume to continue it)")
     else:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+@contextmanager
+def final_outputs(out: Path) -> Iterator[Path]:
+    """Yield an empty folder inside ``out`` to write a run's final outputs into; when the body
+    returns they are moved into ``out`` by renames, metrics.json last, so that ``out`` never
+    holds a part of them that looks like a finished run. A Ctrl-C or an error while they are
+    written leaves ``out`` as it was (its checkpoints to resume from) and the folder is removed;
+    one a killed run left is removed by the next run (`recover_leftovers`). A metrics.json in
+    ``out`` (the resumed run's) is removed before the first rename; a README.md there (one's
+    own, or the resumed run's model card) is kept, and the new model card peft wrote dropped."""
+    stage = out / FINAL_STAGING
+    stage.mkdir()
+    try:
+        yield stage
+        names = [p.name for p in sorted(stage.iterdir()) if p.name != METRICS_FILE
+                 and not (p.name == MODEL_CARD and (out / MODEL_CARD).exists())]
+        if (out / METRICS_FILE).exists():
+            (out / METRICS_FILE).unlink()
+        for name in names + [METRICS_FILE]:
+            os.replace(stage / name, out / name)
+    finally:
         shutil.rmtree(stage, ignore_errors=True)
 
 

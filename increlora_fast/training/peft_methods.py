@@ -17,7 +17,6 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from ..files import atomic_write_bytes
 from .methods import MethodRun
 from .settings import RunSettings
 
@@ -79,18 +78,6 @@ class LoRARun(MethodRun):
 
     def rank_pattern(self) -> Dict[str, int]:
         return {name: self.settings.target_rank for name in self._lora_modules()}
-
-    def save_artifacts(self, out_dir: Path) -> None:
-        """peft's adapter files, and its model card ``README.md`` unless the folder holds a
-        README.md already: peft rewrites one (a YAML header added, its versions appended), and
-        the folder's own is not this run's to change."""
-        readme = Path(out_dir) / MODEL_CARD
-        kept = readme.read_bytes() if readme.is_file() else None
-        try:
-            super().save_artifacts(out_dir)
-        finally:
-            if kept is not None and (not readme.is_file() or readme.read_bytes() != kept):
-                atomic_write_bytes(readme, kept)
 
 
 class AdaLoRARun(LoRARun):
