@@ -150,6 +150,24 @@ def test_a_resume_does_not_replace_another_run_in_a_folder_above_its_own(tiny, t
     assert digests(outer) == before
 
 
+def test_a_resume_of_the_run_folder_names_its_newest_checkpoint(tiny, tmp_path, capsys):
+    """``--resume RUN`` (the run folder, not a checkpoint in it) said only "not a checkpoint";
+    the error now names the newest ``checkpoint-<step>`` inside it to pass instead (by step:
+    checkpoint-10 is newer than checkpoint-4)."""
+    out = tmp_path / "run"
+    assert cli(args(tiny, out, "--save-steps", "2", steps=6)) == 0
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-10")
+    capsys.readouterr()
+    assert cli(["--resume", str(out), "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert f"--resume {out / 'checkpoint-10'}" in line, line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli(["--resume", str(empty), "--no-progress"]) == 2
+    line = _one_error_line(capsys)
+    assert "is not a checkpoint" in line and "pass the newest" not in line
+
+
 @pytest.mark.parametrize("kind", ["file", "under_a_file"])
 def test_bad_output_dir_is_refused_before_data_or_model_load(tiny, tmp_path, capsys, kind):
     afile = tmp_path / "afile"

@@ -31,7 +31,7 @@ from ..optimizer import IncreLoRAAdamW
 from ..files import atomic_write_bytes
 from .loop import LoopState
 from .methods import MethodRun
-from .outputs import describe_os_error
+from .outputs import CHECKPOINT_PREFIX, describe_os_error
 from ..pooling import model_pooling
 from .settings import RunSettings
 
@@ -174,6 +174,17 @@ def _verified_envelope(directory: Path) -> Dict:
     return envelope
 
 
+def newest_checkpoint(folder: Path) -> Optional[Path]:
+    """The ``checkpoint-<step>`` folder in ``folder`` with the highest step that holds a
+    checkpoint's files, None when there is none (or ``folder`` is no folder)."""
+    if not folder.is_dir():
+        return None
+    found = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in folder.glob(CHECKPOINT_PREFIX + "*")
+             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / SETTINGS_FILE).is_file()
+             and (p / STATE_FILE).is_file()}
+    return found[max(found)] if found else None
+
+
 def read_checkpoint_settings(directory: Path) -> RunSettings:
     """The resolved settings a checkpoint was written with (the checkpoint is verified).
 
@@ -184,8 +195,11 @@ def read_checkpoint_settings(directory: Path) -> RunSettings:
     directory = Path(directory)
     path = directory / SETTINGS_FILE
     if not path.is_file() or not (directory / STATE_FILE).is_file():
+        newest = newest_checkpoint(directory)
         raise FileNotFoundError(f"--resume {directory} is not a checkpoint written by "
-                                f"`increlora-fast finetune` (no {SETTINGS_FILE} / {STATE_FILE})")
+                                f"`increlora-fast finetune` (no {SETTINGS_FILE} / {STATE_FILE})"
+                                + (f"; it holds checkpoints: pass the newest, --resume {newest}"
+                                   if newest else ""))
     _verified_envelope(directory)
     try:
         settings = RunSettings.from_dict(json.loads(path.read_text(encoding="utf-8")))
