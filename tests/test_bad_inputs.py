@@ -312,11 +312,17 @@ def test_swapped_columns_on_the_command_line(tmp_path, capsys, monkeypatch, no_m
     _one_line(capsys, str(train), "'text'", "--label-column", "swapped")
 
 
-def test_folder_as_train_file(tmp_path, capsys, monkeypatch, no_model_loading):
-    code = _main(["finetune", "--train-file", str(tmp_path), "--output-dir",
-                               str(tmp_path / "o"), "--no-progress"])
+@pytest.mark.parametrize("option", ["--train-file", "--eval-file"])
+def test_folder_as_data_file_names_the_option(tmp_path, capsys, monkeypatch, no_model_loading,
+                                              option):
+    """A folder given as a data file was "data file … is a folder", naming no option: which of
+    --train-file and --eval-file was wrong had to be guessed."""
+    train = write_csv(tmp_path / "reviews.csv", sentiment_rows(120, seed=0))
+    files = {"--train-file": str(train), option: str(tmp_path)}
+    code = _main(["finetune", *[a for item in files.items() for a in item], "--output-dir",
+                  str(tmp_path / "o"), "--no-progress"])
     assert code == 2
-    _one_line(capsys, str(tmp_path), "is a folder")
+    _one_line(capsys, f"{option} {tmp_path} is a folder", "give a file")
 
 
 def test_offline_glue_task_fails_at_once_in_one_line(capsys, monkeypatch, tmp_path,

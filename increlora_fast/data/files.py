@@ -403,6 +403,9 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     for option, given in (("--train-file", train_file), ("--eval-file", eval_file)):
         if given is not None and not Path(given).exists():
             raise FileNotFoundError(f"{option} {given}: the data file does not exist")
+        if given is not None and Path(given).is_dir():
+            raise ValueError(f"{option} {given} is a folder; give a file ("
+                             f"{', '.join(sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES))})")
     if eval_file is not None:
         _warn_if_same_data(train_file, eval_file)
     train_path = Path(train_file)
