@@ -576,8 +576,9 @@ def write_outputs(out: Path, run: MethodRun, metrics: Dict) -> None:
     """Adapter (or model), metrics.json, labels.json (label id -> name), and for
     rank-allocating methods the heatmap; for IncreLoRA also the allocation log and each module's
     rank against the step. They appear in ``out`` all together, once all are written
-    (`output_folder.final_outputs`): a run stopped while it writes them leaves none. A method whose files cannot record the model's pooling
-    (`MethodRun.records_pooling`) warns, when it is not CLS, that loading them needs it applied.
+    (`output_folder.final_outputs`): a run stopped while it writes them leaves none. A method
+    whose files cannot record the model's pooling (`MethodRun.records_pooling`) warns, when it
+    is not CLS, that loading them needs it applied.
 
     Raises:
         OutputWriteError: a file could not be written (e.g. the disk is full), naming ``out``.
