@@ -77,8 +77,9 @@ def two_runs(tiny, tmp_path_factory) -> dict:
 
 def test_a_second_run_is_refused_at_once_and_a_killed_runs_lock_is_taken_over(
         tiny, tmp_path, capsys, monkeypatch):
-    from increlora_fast.training import finetune_run
-
+    # compare imports load_data from finetune_run: imported under the patch below, it would
+    # keep the refusing stand-in for every later test of the process
+    from increlora_fast.training import compare, finetune_run  # noqa: F401
 
     out = tmp_path / "run"
     log = tmp_path / "first.log"
