@@ -522,7 +522,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     Raises:
         ValueError: a target or a module to save matches nothing (the message lists similar
             names), the model is already injected, wrapped in DistributedDataParallel or holds
-            peft adapter layers, the rank budget does not fit the modules, or a target's
+            peft adapter layers or uninitialized lazy parameters (``nn.LazyLinear`` before
+            its first forward), the rank budget does not fit the modules, or a target's
             weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
@@ -541,6 +542,12 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         raise ValueError(f"model holds peft adapter layers (e.g. {peft_layer!r}), which injection "
                          "would freeze and skip; merge them into the base first (peft's "
                          "merge_and_unload()) or inject into the model without them")
+    lazy = next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)
+    if lazy is not None:  # (freezing the model would fail on it, in torch's words)
+        holder = lazy.rpartition(".")[0]
+        raise ValueError(f"inject_increlora: module {holder!r} holds an uninitialized lazy "
+                         f"parameter ({lazy!r}, of a Lazy* module such as nn.LazyLinear): run "
+                         "one forward with a dummy batch first to initialize it, then inject")
     targets = _find_targets(model, config)
     if not targets:
         own = {type(m): f"{class_name(type(m))}: {own_forward_problem(m)}"
