@@ -71,8 +71,9 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
         raise ValueError(f"target_modules={spec!r}: every target lies inside modules_to_save "
                          f"{config.modules_to_save}, which trains it in full and gives it no "
                          "adapter (as in peft); nothing would be adapted")
+    holders = _unregistered_holders(model)
     for n in kept:
-        _refuse_weight_readers(model, n)
+        _refuse_weight_readers(model, n, holders)
     return kept
 
 
@@ -186,17 +187,18 @@ def _wrapped_by_adapter(name: str, modules: Dict[str, nn.Module]) -> bool:
 def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """peft's ``"all-linear"``: every linear but the output layer (``get_output_embeddings``),
     those inside ``modules_to_save`` (trained in full) and those whose parent or another ancestor
-    computes with their weight without calling them (their adapter would never run; one warning
-    names them)."""
+    computes with their weight without calling them or that a plain container holds too
+    (`_unregistered_holders`): their adapter would never run; one warning names them."""
     head = getattr(model, "get_output_embeddings", lambda: None)()
     modules = dict(model.named_modules())
+    holders = _unregistered_holders(model)
     targets, skipped = [], []
     for n, module in modules.items():
         if (not n or not is_supported_base(module) or module is head
                 or _wrapped_by_adapter(n, modules)
                 or saved_root(n, config.modules_to_save) is not None):
             continue
-        reason = direct_weight_reader(model, n)
+        reason = direct_weight_reader(model, n) or holders.get(id(module))
         if reason is None:
             targets.append(n)
         else:
@@ -205,7 +207,8 @@ def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         warnings.warn(f"inject_increlora: target_modules='all-linear' leaves out {len(skipped)} "
                       "linear(s) whose parent or another ancestor computes with their weight "
-                      "without calling them, so an adapter there would never run: "
+                      "without calling them, or that a plain container holds too, so an "
+                      "adapter there would never run: "
                       f"{', '.join(skipped[:3])}{more}")
     return targets
 
@@ -452,11 +455,37 @@ def direct_weight_reader(model: nn.Module, name: str) -> Optional[str]:
     return None
 
 
-def _refuse_weight_readers(model: nn.Module, name: str) -> None:
+# The attributes every nn.Module has in its ``__dict__`` (its registries and hook tables).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _unregistered_holders(model: nn.Module) -> Dict[int, str]:
+    """{id(module): where} for each module of ``model`` that a module also holds in a plain
+    Python list, tuple or dict attribute (``self.steps = [self.cell]``), not registered: the
+    container keeps the layer `inject_increlora` replaces, so calls through it would skip the
+    adapter. ``where`` says so, for a refusal or warning."""
+    mine = {id(m) for m in model.modules()}
+    found: Dict[int, str] = {}
+    for owner_name, owner in model.named_modules():
+        for attr, value in vars(owner).items():
+            if attr in _MODULE_INTERNALS or not isinstance(value, (list, tuple, dict)):
+                continue
+            for item in value.values() if isinstance(value, dict) else value:
+                if isinstance(item, nn.Module) and id(item) in mine:
+                    found.setdefault(id(item), (
+                        f"module {owner_name!r} also holds it in the plain "
+                        f"{type(value).__name__} {attr!r}, not registered, which would keep "
+                        "the unadapted layer (hold it in an nn.ModuleList or nn.ModuleDict "
+                        "instead)"))
+    return found
+
+
+def _refuse_weight_readers(model: nn.Module, name: str, holders: Dict[int, str]) -> None:
     """Refuse a target whose parent or another ancestor computes with the target's weight
     without calling it, so an adapter there would be skipped (silently, now that the wrapper
-    exposes ``weight``)."""
-    reason = direct_weight_reader(model, name)
+    exposes ``weight``); or that a plain container holds too (``holders``,
+    `_unregistered_holders`), whose calls would skip it."""
+    reason = direct_weight_reader(model, name) or holders.get(id(model.get_submodule(name)))
     if reason is not None:
         raise ValueError(f"target module {name!r} cannot be adapted: {reason}, so its adapter "
                          "would be skipped; target other modules")

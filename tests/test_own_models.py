@@ -30,3 +30,39 @@ def test_uninitialized_lazy_module_is_refused_naming_it(targets):
     model(torch.randn(3, 5))  # the dry run: afterwards the model injects and computes
     inject_increlora(model, config(targets))
     assert model(torch.randn(3, 5)).shape == (3, 4)
+
+
+class CalledThroughAList(nn.Module):
+    """A cell registered as ``self.cell`` and also held in a plain Python container (not
+    registered) that the forward calls it through."""
+
+    def __init__(self, container: str) -> None:
+        super().__init__()
+        self.cell = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+        self.container = container
+        self.steps = [self.cell, self.cell] if container == "list" else {"a": self.cell}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cells = self.steps if self.container == "list" else list(self.steps.values())
+        for cell in cells:
+            x = torch.tanh(cell(x))
+        return self.out(x)
+
+
+@pytest.mark.parametrize("container", ["list", "dict"])
+def test_target_also_held_in_a_plain_container_is_refused(container):
+    """Injection replaced ``self.cell`` but the list (or dict) kept the plain nn.Linear, which
+    the forward called: the adapter never ran, and the run trained ``out`` alone with nothing
+    said until the first allocation round (and nothing at all where the layer was also called
+    once through its attribute)."""
+    model = CalledThroughAList(container)
+    with pytest.raises(ValueError) as error:
+        inject_increlora(model, config(["cell", "out"]))
+    message = str(error.value)
+    assert "\n" not in message and "'cell'" in message and "'steps'" in message
+    assert "ModuleList" in message or "ModuleDict" in message
+    assert type(model.cell) is nn.Linear and not hasattr(model, "increlora_config")
+    with pytest.warns(UserWarning, match="'cell'"):  # all-linear leaves it out, saying so
+        inject_increlora(model, config("all-linear"))
+    assert type(model.cell) is nn.Linear and type(model.out).__name__ == "IncreLoRALinear"
