@@ -10,8 +10,8 @@ Paths:
   (``INCRELORA_FUSED_LINEAR=1``; opt-in until a GPU benchmark shows it beats cuBLAS).
 
 ``INCRELORA_BACKEND=torch|triton`` overrides the default choice (triton on CUDA, torch
-elsewhere). The environment variables are read when this module is imported and again by
-`refresh_settings()`: a layer call reads no environment, imports nothing and builds no key
+elsewhere); under ``torch.func`` transforms every call takes the torch path. The environment
+variables are read when this module is imported and again by `refresh_settings()`: a layer call reads no environment, imports nothing and builds no key
 beyond one cached lookup. The first time a Triton variant runs on a device it is checked once
 against the torch path on a small problem (`kernels.checks.check_variant`); on an exception or a
 mismatch one warning names the GPU and the versions, and that variant takes the torch path from
@@ -29,6 +29,7 @@ import warnings
 from typing import Callable, Dict, Optional, Set, Tuple
 
 import torch
+from torch._C import _are_functorch_transforms_active as _functorch_active
 
 from .kernels.launches import building_only_active
 from .kernels.reference import (accumulate_dense_grad_, adapted_linear_torch, delta_w_score_dense,
@@ -382,9 +383,15 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     """
     x_adapter = dropout(x) if dropout is not None else None
     weight = None if base_forward is not None else base_weight
-    path, out_dtype = _path_and_dtype(x, weight, None if base_bias is None else base_bias.dtype,
-                                      lora_A, weight_in_out, x_adapter is not None,
-                                      grad_out is not None)
+    if _functorch_active() and not torch.compiler.is_compiling():
+        # torch.func transforms (grad, vmap) run only the torch path's autograd; nor may the
+        # Triton path's first-use check run there
+        path = "torch"
+    else:
+        path, out_dtype = _path_and_dtype(x, weight,
+                                          None if base_bias is None else base_bias.dtype,
+                                          lora_A, weight_in_out, x_adapter is not None,
+                                          grad_out is not None)
     if path == "torch":
         return adapted_linear_torch(x, base_weight, base_bias, lora_A, lora_B, lora_lambda,
                                     slot_state, lora_alpha, reserve_value,

@@ -1,17 +1,19 @@
 """inject_increlora on users' own PyTorch models built in unusual but real ways: lazy modules,
-linears reached through plain Python containers."""
+linears reached through plain Python containers, training through ``torch.func``."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from increlora_fast import IncreLoRAConfig, inject_increlora
+from increlora_fast import IncreLoRAConfig, IncreLoRAController, inject_increlora
 
 
-def config(targets) -> IncreLoRAConfig:
+def config(targets, **kwargs) -> IncreLoRAConfig:
     return IncreLoRAConfig(target_modules=targets, r_max=4, init_r=1, target_rank=2,
-                           init_warmup=2, incre_interval=2, top_h=1, total_step=10)
+                           init_warmup=2, incre_interval=2, top_h=1, total_step=10, **kwargs)
 
 
 @pytest.mark.parametrize("targets", [["0", "2"], ["2"], "all-linear"])
@@ -66,3 +68,40 @@ def test_target_also_held_in_a_plain_container_is_refused(container):
     with pytest.warns(UserWarning, match="'cell'"):  # all-linear leaves it out, saying so
         inject_increlora(model, config("all-linear"))
     assert type(model.cell) is nn.Linear and type(model.out).__name__ == "IncreLoRALinear"
+
+
+def small_model(**kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    model = inject_increlora(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4)),
+                             config(["0", "2"], **kwargs))
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.lora_lambda.normal_()
+    return model
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_func_grad_over_an_injected_model(kernel_device, monkeypatch, backend):
+    """``torch.func.grad`` of a loss through ``functional_call`` gives the gradients autograd
+    gives (passes that track no score: the triplet score reads ``.grad`` afterwards). The
+    Triton path failed in every forward under the transform with torch's "In order to use an
+    autograd.Function with functorch transforms ... it must override the setup_context
+    staticmethod" (or, when the first call came under the transform, the kernels' first-use
+    check failed there, warned to report a kernel bug, and kept Triton off for the process);
+    under a transform the layer takes the torch path."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    model = small_model(score="triplet").to(kernel_device)
+    IncreLoRAController(model, model.increlora_config)
+    x = torch.randn(6, 5, 8, device=kernel_device)
+    y = torch.randn(6, 5, 4, device=kernel_device)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p):
+        return (torch.func.functional_call(model, p, (x,)) - y).square().mean()
+    (model(x) - y).square().mean().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        grads = torch.func.grad(loss)(params)
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
