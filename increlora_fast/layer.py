@@ -693,6 +693,15 @@ class IncreLoRALinear(nn.Module):
             if x.is_nested:  # refused before anything was computed: no test on the hot path
                 return self._forward_nested(x, args, kwargs)
             self._refuse_resized_base(error)
+            if track and torch._C._are_functorch_transforms_active():
+                name = self._tie_record()[0] or type(self).__name__
+                raise RuntimeError(
+                    f"IncreLoRA layer {name!r}: its importance score is tracked in this pass "
+                    "(a step in the score window), which autograd's backward accumulates as a "
+                    "side effect that torch.func transforms (grad, vjp, vmap) cannot run; take "
+                    "those steps' gradients with loss.backward() (controller.is_tracked(step) "
+                    "says which), or use score='triplet', which reads the .grad you assign"
+                ) from error
             raise
 
     def _forward_nested(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:

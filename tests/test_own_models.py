@@ -105,3 +105,18 @@ def test_torch_func_grad_over_an_injected_model(kernel_device, monkeypatch, back
     for name, p in params.items():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
+
+def test_score_tracking_under_torch_func_is_refused_in_one_line():
+    """The exact score is accumulated in autograd's backward as a side effect, which torch.func
+    transforms cannot run: a tracked pass failed with torch's message on an internal
+    autograd.Function, naming neither the layer nor a way out."""
+    model = small_model()
+    IncreLoRAController(model, model.increlora_config).track_step(4)  # a round's window
+    assert model[0].score_enabled
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(6, 8)
+    with pytest.raises(RuntimeError) as error:
+        torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+    message = str(error.value)
+    assert "\n" not in message and "'0'" in message and "torch.func" in message
+    assert "score='triplet'" in message and "backward()" in message
