@@ -655,7 +655,21 @@ class IncreLoRAController:
         over active and reserve slots, and after the budget the retired reserves (active only
         with ``reserve_in_penalty=False``): one launch forward and one backward on the Triton
         path, batched over modules of the same shape on the torch path
-        (`penalty.OrthogonalPenalty`). Nothing is read on the host."""
+        (`penalty.OrthogonalPenalty`). Nothing is read on the host.
+
+        Raises:
+            RuntimeError: called inside a ``torch.func`` transform while the layers hold their
+                own parameters (not those of a ``functional_call``), which the transform
+                would take as constants: the penalty would add no gradient.
+        """
+        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling() \
+                and not torch._C._functorch.is_functorch_wrapped_tensor(self.layers[0].lora_A):
+            raise RuntimeError(
+                "controller.regularization_loss() inside a torch.func transform reads the "
+                "layers' own parameters, not the ones the transform differentiates, so it "
+                "would add no gradient; call it outside the transform "
+                "(controller.regularization_loss().backward() adds its gradient to .grad), or "
+                "inside the functional_call of a module whose forward calls it")
         return self.penalty.loss()
 
     def refresh_cached_masks(self) -> None:

@@ -120,3 +120,34 @@ def test_score_tracking_under_torch_func_is_refused_in_one_line():
     message = str(error.value)
     assert "\n" not in message and "'0'" in message and "torch.func" in message
     assert "score='triplet'" in message and "backward()" in message
+
+
+def test_penalty_under_torch_func_on_the_models_own_parameters_is_refused():
+    """``controller.regularization_loss()`` reads the layers' own parameters: inside a
+    ``torch.func.grad`` over ``functional_call``'s parameters it is a constant to the
+    transform, and the penalty's gradient was silently zero. Called there it is refused in one
+    line; its gradient taken by autograd outside the transform matches the one computed inside
+    a ``functional_call`` of a module whose forward calls it (the supported ways)."""
+    model = small_model(score="triplet")
+    controller = IncreLoRAController(model, model.increlora_config)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(RuntimeError) as error:
+        torch.func.grad(lambda p: controller.regularization_loss())(params)
+    message = str(error.value)
+    assert "\n" not in message and "regularization_loss" in message and "torch.func" in message
+
+    class WithPenalty(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self) -> torch.Tensor:
+            return controller.regularization_loss()
+    wrapper = WithPenalty()
+    inside = torch.func.grad(lambda p: torch.func.functional_call(wrapper, p, ()))(
+        {f"model.{n}": p for n, p in params.items()})
+    controller.regularization_loss().backward()
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad for n, p in params.items()}
+    assert any(float(g.abs().max()) > 0 for g in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(inside[f"model.{name}"], grad, msg=name)
