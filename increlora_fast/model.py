@@ -14,6 +14,7 @@ from typing import Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
@@ -52,7 +53,9 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     """The names of the modules to adapt: those ``target_modules`` selects, less those of
     ``exclude_modules`` and, as in peft, those inside ``modules_to_save`` (trained in full);
     a listed name that matches only such modules is refused."""
-    names = [n for n, _ in model.named_modules() if n]
+    # (not the parametrizations' own modules under a parametrized layer: ``0.parametrizations.
+    # weight.0`` is no layer a ``target_modules`` entry "0" means)
+    names = [n for n, m in model.named_modules() if n and not _in_parametrizations(n, model)]
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         return _without_excluded(_all_linear_targets(model, config), config.exclude_modules,
@@ -75,6 +78,16 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     for n in kept:
         _refuse_weight_readers(model, n, holders)
     return kept
+
+
+def _in_parametrizations(name: str, model: nn.Module) -> bool:
+    """Whether module ``name`` lies in the ``parametrizations`` a ``torch.nn.utils.parametrize``
+    registration adds to a layer (the parametrization modules, such as weight_norm's)."""
+    parts = name.split(".")
+    if "parametrizations" not in parts:
+        return False
+    owner = ".".join(parts[:parts.index("parametrizations")])
+    return parametrize.is_parametrized(model.get_submodule(owner) if owner else model)
 
 
 def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:

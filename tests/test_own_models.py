@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from increlora_fast import IncreLoRAConfig, IncreLoRAController, inject_increlora
+from increlora_fast import IncreLoRAConfig, IncreLoRAController, increlora_layers, inject_increlora
 
 
 def config(targets, **kwargs) -> IncreLoRAConfig:
@@ -151,3 +151,20 @@ def test_penalty_under_torch_func_on_the_models_own_parameters_is_refused():
     assert any(float(g.abs().max()) > 0 for g in grads.values())
     for name, grad in grads.items():
         torch.testing.assert_close(inside[f"model.{name}"], grad, msg=name)
+
+
+def test_a_listed_name_means_the_parametrized_layer_not_its_parametrization():
+    """In an nn.Sequential, ``target_modules=["0"]`` also matched the weight_norm
+    parametrization's own module ``0.parametrizations.weight.0`` (a suffix "0"), and the whole
+    injection was refused as "a _WeightNorm". It adapts the parametrized linear "0" now, and the
+    output with zero-initialized B is the parametrized layer's own."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Linear(4, 8)), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(3, 4)
+    want = model(x)
+    model = inject_increlora(model, IncreLoRAConfig(target_modules=["0"], r_max=4, init_r=1,
+                                                    target_rank=2))
+    assert [n for n, _ in increlora_layers(model)] == ["0"]
+    torch.testing.assert_close(model(x), want)
