@@ -603,6 +603,13 @@ def test_pad_to_is_recorded_and_a_resume_keeps_it(tiny, tmp_path, capsys):
                 str(tmp_path / "other"), "--no-progress"])
     err = capsys.readouterr().err
     assert code == 2 and "--pad-to 'longest' (checkpoint: 'max_length')" in err
+    assert "another length" not in err
+    code = cli(["--resume", str(out / "checkpoint-3"), "--max-steps", "12", "--output-dir",
+                str(tmp_path / "other"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--max-steps 12 (checkpoint: 6); a run of another length is another " \
+        "run (its learning-rate warmup and decay and its rank allocation follow the length): " \
+        "start it anew" in err and len(err.strip().splitlines()) == 1
     resumed = tmp_path / "resumed"
     assert cli(["--resume", str(out / "checkpoint-3"), "--output-dir", str(resumed),
                 "--no-progress"]) == 0

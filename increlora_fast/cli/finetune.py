@@ -436,8 +436,12 @@ def run(args: argparse.Namespace) -> int:
             saved = read_checkpoint_settings(args.resume)
             conflicts = _resume_conflicts(args, parser_defaults, saved)
             if conflicts:
+                longer = any(c.startswith(("--max-steps ", "--epochs ")) for c in conflicts)
                 raise ValueError("--resume continues the checkpoint with its own settings; these "
-                                 "options differ: " + "; ".join(conflicts))
+                                 "options differ: " + "; ".join(conflicts)
+                                 + ("; a run of another length is another run (its learning-"
+                                    "rate warmup and decay and its rank allocation follow the "
+                                    "length): start it anew" if longer else ""))
             settings = saved
         graphs = args.cuda_graphs if args.resume and _stated(
             args, "cuda_graphs", args.cuda_graphs, parser_defaults) else None
