@@ -695,7 +695,8 @@ class IncreLoRAController:
                 "names": list(self.names),
                 "allocation_log": [dict(e) for e in self.allocation_log],
                 "warned_nonfinite": self._warned_nonfinite,
-                "nonfinite_step": int(self._nonfinite_step), "next_step": self._next_step,
+                "nonfinite_step": int(self._nonfinite_step),
+                "next_step": None if self._next_step is None else int(self._next_step),
                 "generator": self.generator.get_state()}
 
     def check_state_dict(self, state: dict) -> None:

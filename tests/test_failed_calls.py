@@ -13,7 +13,7 @@ from increlora_fast import IncreLoRAConfig, IncreLoRAController, create_optimize
 from increlora_fast.integrations import export_peft
 from increlora_fast.integrations.trainer import IncreLoRATrainer, save_controller
 
-from method_helpers import ParallelBranches, branch_config, train_steps
+from method_helpers import ParallelBranches, batch, branch_config, train_steps
 from trainer_helpers import TinyTask, tiny_increlora_bert
 
 
@@ -160,6 +160,30 @@ def test_controller_state_of_the_wrong_form_is_named(damage, message):
     with pytest.raises(ValueError, match=f"^{message}$"):
         target.load_state_dict(state)
     target.load_state_dict(source.state_dict())  # the intact state loads
+
+
+def test_controller_state_after_numpy_step_indices_loads():
+    """A loop counting its steps with numpy (``for step in np.arange(n)``) left a numpy integer
+    as the state's next_step, which check_state_dict refuses: the controller's own state_dict
+    could not be loaded back."""
+    import numpy as np
+
+    torch.manual_seed(0)
+    model = ParallelBranches(3)
+    config = branch_config(modules_to_save=None)
+    inject_increlora(model, config)
+    opt = create_optimizer(model, config, lr=1e-2)
+    ctl = IncreLoRAController(model, config)
+    for step in np.arange(3):
+        x, y = batch(int(step))
+        ((model(x) - y) ** 2).mean().backward()
+        ctl.step(step)
+        opt.step()
+        opt.zero_grad()
+    state = ctl.state_dict()
+    _, target = _trained()
+    target.load_state_dict(state)
+    assert target.state_dict()["next_step"] == 3
 
 
 def test_controller_on_a_model_without_adapters_says_to_inject():
