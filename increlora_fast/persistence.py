@@ -785,9 +785,12 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             saved from (`base_fingerprint`; the same base in another dtype or on another device
             matches; a base weight the adapter carries itself, one that trains (tied to a
             module to save, or unfrozen by hand), is not compared). A bitsandbytes 4-bit or
-            8-bit base weight is compared by its dequantized values with one quantized the
-            same way, by its shape only with another quantization or full precision (so a
-            QLoRA adapter loads onto its full-precision base).
+            8-bit base weight is compared by its dequantized values: with one quantized the
+            same way as full precision's are, with another quantization or full precision
+            within the quantization's error bound (so a QLoRA adapter loads onto its
+            full-precision base, not onto another model of the same shapes); by its shape only
+            where no bound is known (an adapter saved before bounds were recorded, a nested
+            4-bit weight repacked for CPU).
             False loads onto any model that fits. Adapters saved before the base was recorded
             load with a warning.
 
