@@ -706,10 +706,13 @@ class IncreLoRAAveragedModel(AveragedModel):
         this copy; take its IncreLoRA layers' slot states and stamps as they are."""
         mine_named = list(increlora_layers(self.module))
         theirs_named = list(increlora_layers(model))
-        if [n for n, _ in mine_named] != [n for n, _ in theirs_named]:
+        mine_names, theirs_names = [n for n, _ in mine_named], [n for n, _ in theirs_named]
+        if mine_names != theirs_names:
+            first = next(((t, m) for t, m in zip(theirs_names, mine_names) if t != m), None)
+            where = "" if first is None else f"; first {first[0]!r} where it has {first[1]!r}"
             raise ValueError(f"IncreLoRAAveragedModel.update_parameters: the model's IncreLoRA "
-                             f"layers ({len(theirs_named)}) are not the averaged copy's "
-                             f"({len(mine_named)}): pass the model it was made from")
+                             f"layers ({len(theirs_names)}) are not the averaged copy's "
+                             f"({len(mine_names)}){where}: pass the model it was made from")
         super().update_parameters(model)
         with torch.no_grad():
             for (_, mine), (_, theirs) in zip(mine_named, theirs_named):

@@ -374,3 +374,22 @@ def test_an_averaged_model_refuses_a_model_with_other_layers_in_one_line():
         averaged.update_parameters(other)
     assert all(torch.equal(a, b) for a, b in zip(before, averaged.parameters()))
     averaged.update_parameters(model)  # its source is averaged
+
+
+def test_an_averaged_model_names_the_first_other_layer_of_as_many():
+    """A model with as many IncreLoRA layers as the averaged copy, under other names, was
+    refused with "the model's IncreLoRA layers (3) are not the averaged copy's (3)": the same
+    count twice, naming nothing that differs. The message names the first layer that differs."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    model, _, _ = make_run(ParallelBranches(3), branch_config(target_rank=4, r_max=5))
+    renamed = ParallelBranches(3)
+    renamed.heads = renamed.branches
+    del renamed.branches
+    other, _, _ = make_run(renamed, branch_config(target_rank=4, r_max=5,
+                                                  target_modules=r"heads\.\d+"))
+    averaged = IncreLoRAAveragedModel(model)
+    with pytest.raises(ValueError) as error:
+        averaged.update_parameters(other)
+    assert "(3)" in str(error.value) and "'heads.0'" in str(error.value) \
+        and "'branches.0'" in str(error.value), str(error.value)
