@@ -744,8 +744,11 @@ def plain_name(name: str) -> str:
 
 def is_fsdp1_flattened(tensor: torch.Tensor) -> bool:
     """Whether FSDP1 (``FullyShardedDataParallel``) flattened ``tensor`` into one of its flat
-    parameters: outside the forward pass it is then this rank's 1-D piece of a shard."""
-    return getattr(tensor, _FSDP1_FLATTENED, False)
+    parameters: outside the forward pass it is then this rank's 1-D piece of a shard. With
+    FSDP1's default ``use_orig_params=False`` the module holds, in place of its parameter, a
+    view of the (flagged) flat parameter, whose storage is freed outside the forward pass."""
+    return getattr(tensor, _FSDP1_FLATTENED, False) \
+        or getattr(getattr(tensor, "_base", None), _FSDP1_FLATTENED, False)
 
 
 def fsdp1_sharded_adapter_message(model: nn.Module) -> Optional[str]:

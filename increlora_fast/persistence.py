@@ -108,7 +108,8 @@ def _spread(n: int, k: int) -> List[int]:
 def _is_sharded(weight: torch.Tensor) -> bool:
     """A DTensor (FSDP2 shards the frozen base into them): reading its rows would take a
     collective, which a save on one rank would wait for forever; or a weight FSDP1 flattened,
-    which outside the forward pass holds only this rank's piece of a flat shard."""
+    which outside the forward pass holds only this rank's piece of a flat shard (or, a view
+    of the flat parameter with ``use_orig_params=False``, no storage: `is_fsdp1_flattened`)."""
     if is_fsdp1_flattened(weight):
         return True
     if not torch.distributed.is_available():

@@ -216,6 +216,32 @@ def _fsdp1_sharded_adapter() -> Dict[str, object]:
     return {"errors": errors}
 
 
+def _fsdp1_default_save(rank: int, out_dir: str) -> Dict[str, object]:
+    """FSDP1's default ``use_orig_params=False`` sharding the base linears (units of their own),
+    the trainable tensors left whole (``ignored_states``); after a pass rank 0 saves the adapter
+    into ``out_dir/fsdp1_default_adapter``: its error ("" when none) and the base fingerprint."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from increlora_fast import save_adapter
+    from increlora_fast.persistence import base_fingerprint
+
+    model, config = build()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    wrapped = FullyShardedDataParallel(model, device_id=torch.device("cpu"),
+                                       auto_wrap_policy=ModuleWrapPolicy({nn.Linear}),
+                                       ignored_states=trainable)
+    wrapped(global_batch(0)[0]).sum().backward()  # the base's unsharded storage freed after
+    error, modules = "", {}
+    if rank == 0:
+        try:
+            modules = base_fingerprint(model)["modules"]
+            save_adapter(model, os.path.join(out_dir, "fsdp1_default_adapter"))
+        except RuntimeError as err:
+            error = str(err)
+    return {"error": error, "modules": modules}
+
+
 def run_torchrun(out_dir: str) -> Dict[str, Dict[str, object]]:
     """DDP (exact-step score, and the default), FSDP2 (when this torch has ``fully_shard``),
     DDP with per-rank seeds, and (when this torch has ``FullyShardedDataParallel``) FSDP1
@@ -240,6 +266,7 @@ def run_torchrun(out_dir: str) -> Dict[str, Dict[str, object]]:
     else:
         runs["fsdp1"] = _fsdp1(rank, world, out_dir)
         runs["fsdp1_sharded_adapter"] = _fsdp1_sharded_adapter()
+        runs["fsdp1_default_save"] = _fsdp1_default_save(rank, out_dir)
     return runs
 
 

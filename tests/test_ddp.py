@@ -159,6 +159,23 @@ def test_torchrun_fsdp1_sharding_the_adapter_is_refused_in_one_line(torchrun_run
             assert "\n" not in message
 
 
+def test_torchrun_fsdp1_default_sharded_base_saves_on_one_rank(torchrun_runs):
+    """FSDP1's default ``use_orig_params=False`` leaves plain tensor views of its flat parameters
+    in the base linears, without the ``_fsdp_flattened`` mark, whose storage is freed after a
+    pass: the fingerprint read them and save_adapter on rank 0 failed ("setStorage: ... out of
+    bounds for storage of size 0"). They are recorded as sharded (their shape), as FSDP2's."""
+    from increlora_fast import load_adapter
+
+    if "fsdp1_default_save" not in torchrun_runs[0]:
+        pytest.skip("this torch has no torch.distributed.fsdp.FullyShardedDataParallel")
+    run = torchrun_runs[0]["fsdp1_default_save"]
+    assert run["error"] == ""
+    assert run["modules"] and all(e.endswith(":sharded") for e in run["modules"].values()), \
+        run["modules"]
+    model, _ = ddp_worker.build()
+    load_adapter(model, torchrun_runs.out / "fsdp1_default_adapter")
+
+
 def test_ranks_with_different_seeds_keep_identical_parameters(torchrun_runs):
     r0, r1 = (r["ddp_rank_seeds"] for r in torchrun_runs)
     _same_on_both_ranks(r0, r1)

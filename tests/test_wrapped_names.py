@@ -184,3 +184,29 @@ def test_a_config_selects_the_plain_models_modules_under_wrapped_blocks(tiny_net
     assert [n for n, _ in increlora_layers(wrapped)] == [n for n, _ in increlora_layers(plain)]
     assert {plain_name(n) for n, p in wrapped.named_parameters() if p.requires_grad} == \
         {n for n, p in plain.named_parameters() if p.requires_grad}
+
+
+def test_fsdp1_without_orig_params_flattening_the_adapters_is_refused(tiny_net, tmp_path):
+    """FSDP1's default ``use_orig_params=False``, its base linears in units of their own (FSDP
+    refuses a unit of frozen and trainable parameters there), flattens the adapter tensors into
+    the root's FlatParameter and leaves plain tensor views in their place, which carry no
+    ``_fsdp_flattened`` mark: the controller was built on them without a word (whole only on one
+    rank, stale after every pass) and create_optimizer failed with torch's "can't optimize a
+    non-leaf Tensor". Both are refused in one line naming FSDP1."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from increlora_fast import create_optimizer
+
+    config = make_config()
+    model = inject_increlora(tiny_net, config)
+    with one_process_group(tmp_path):
+        FullyShardedDataParallel(model, device_id=torch.device("cpu"),
+                                 auto_wrap_policy=ModuleWrapPolicy({nn.Linear, nn.LayerNorm}))
+        for make in (lambda: IncreLoRAController(model, config),
+                     lambda: create_optimizer(model, config)):
+            with pytest.raises(ValueError) as error:
+                make()
+            message = str(error.value)
+            assert "FSDP1" in message and "'blocks.0.fc'" in message and "\n" not in message, \
+                message
