@@ -739,6 +739,8 @@ def plain_name(name: str) -> str:
     its blocks (as torch's ``clean_tensor_name`` drops FSDP's and checkpointing's). The state
     dict of a model under FSDP1 or checkpointing has these names; a block compiled in place of
     itself keeps ``_orig_mod`` there, while ``module.compile()`` renames nothing."""
+    if not name.startswith("_") and "._" not in name:  # (every wrapper part starts with "_",
+        return name                                       # no part of most names does)
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
