@@ -450,3 +450,30 @@ def test_a_lock_file_removed_between_open_and_lock_is_opened_anew(tmp_path, monk
     lock.release()
     lock.release()  # a second release does nothing
     assert not lock_path(folder).exists()
+
+
+def test_a_folder_in_the_way_of_a_final_output_leaves_the_run_folder_as_it_was(tmp_path):
+    """The final outputs were moved in one by one after the old metrics.json was deleted: a
+    folder named like one of them (here labels.json, in a resumed run's folder) failed its
+    rename half-way and left some new files, some old ones and no metrics.json. Every target
+    is checked before anything is moved, and the error names the one in the way."""
+    from increlora_fast.training.output_folder import final_outputs
+    from increlora_fast.training.outputs import OutputWriteError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors"):
+        (out / name).write_text(f"old {name}")
+    (out / "labels.json").mkdir()
+    (out / "labels.json" / "mine.txt").write_text("one's own")
+    before = digests(out)
+    with pytest.raises(OutputWriteError) as caught:
+        with final_outputs(out) as stage:
+            for name in ("metrics.json", "adapter_config.json", "adapter_model.safetensors",
+                         "labels.json"):
+                (stage / name).write_text(f"new {name}")
+    message = str(caught.value)
+    assert str(out / "labels.json") in message and "\n" not in message
+    assert digests(out) == before
+    assert sorted(p.name for p in out.iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json"]

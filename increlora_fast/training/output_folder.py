@@ -14,6 +14,7 @@ symbolic link to the folder is not what gets swapped.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -136,13 +137,24 @@ def final_outputs(out: Path) -> Iterator[Path]:
     written leaves ``out`` as it was (its checkpoints to resume from) and the folder is removed;
     one a killed run left is removed by the next run (`recover_leftovers`). A metrics.json in
     ``out`` (the resumed run's) is removed before the first rename; a README.md there (one's
-    own, or the resumed run's model card) is kept, and the new model card peft wrote dropped."""
+    own, or the resumed run's model card) is kept, and the new model card peft wrote dropped.
+
+    Raises:
+        OutputWriteError: an entry of ``out`` is in the way of one of them (a folder where a
+            file goes, say), checked before anything is moved: ``out`` is left as it was.
+    """
     stage = out / FINAL_STAGING
     stage.mkdir()
     try:
         yield stage
         names = [p.name for p in sorted(stage.iterdir()) if p.name != METRICS_FILE
                  and not (p.name == MODEL_CARD and (out / MODEL_CARD).exists())]
+        for name in names + [METRICS_FILE]:
+            target = out / name
+            if os.path.lexists(target) and (
+                    (target.is_dir() and not target.is_symlink()) or (stage / name).is_dir()):
+                raise OutputWriteError(errno.EEXIST, f"{target} is in the way of the run's "
+                                                     f"{name}: move it away")
         if (out / METRICS_FILE).exists():
             (out / METRICS_FILE).unlink()
         for name in names + [METRICS_FILE]:
