@@ -194,3 +194,22 @@ def test_ctrl_c_during_the_final_save_leaves_no_half_output_set(tmp_path, capsys
     assert {"adapter_model.safetensors", "adapter_config.json", "labels.json",
             "rank_heatmap.png", "allocation_log.jsonl"} <= set(run_files(out))
     assert not (out / FINAL_STAGING).exists()
+
+
+def test_the_interrupt_line_names_only_a_folder_that_holds_a_checkpoint(tmp_path):
+    """The CLI listed checkpoint-<step> folders by name alone, while `newest_checkpoint` (what
+    a --resume of the run folder names) asks for a checkpoint's files: after Ctrl-C it named a
+    checkpoint-9 folder holding none, which --resume then refuses. Both use one helper now."""
+    import argparse
+
+    from increlora_fast.cli.finetune import _how_to_go_on
+    from increlora_fast.training.checkpoint import SETTINGS_FILE, STATE_FILE
+
+    out = tmp_path / "out"
+    (out / "checkpoint-2").mkdir(parents=True)
+    for name in (SETTINGS_FILE, STATE_FILE):
+        (out / "checkpoint-2" / name).write_text("{}")
+    (out / "checkpoint-9").mkdir()
+    args = argparse.Namespace(compare=False, output_dir=str(out), overwrite=False)
+    assert _how_to_go_on(args) == (f"continue with --resume {out / 'checkpoint-2'} "
+                                   f"--output-dir {out}")

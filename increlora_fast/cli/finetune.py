@@ -400,7 +400,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import AssetUnavailableError
-    from ..training.checkpoint import read_checkpoint_settings
+    from ..training.checkpoint import checkpoints_by_step, read_checkpoint_settings
     from ..training.compare import compare_methods, format_table, methods_from_text
     from ..training.finetune_run import run_finetune
 
@@ -411,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
             args.output_dir = _resumed_run_folder(args.resume)
         # an --overwrite run over an earlier one leaves these in place when it is interrupted
         if args.overwrite:
-            earlier = set(_checkpoints(Path(args.output_dir).expanduser()).values())
+            earlier = set(checkpoints_by_step(Path(args.output_dir).expanduser()).values())
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads {args.threads} is invalid: use an integer >= 1")
@@ -490,32 +490,22 @@ def _resumed_run_folder(resume: str) -> str:
     return str(folder)
 
 
-def _checkpoints(folder: Path) -> Dict[int, Path]:
-    """The ``checkpoint-<step>`` folders in ``folder`` by step (none when it is no folder)."""
-    from ..training.outputs import CHECKPOINT_PREFIX
-
-    if not folder.is_dir():
-        return {}
-    return {int(p.name[len(CHECKPOINT_PREFIX):]): p
-            for p in folder.glob(CHECKPOINT_PREFIX + "*")
-            if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()}
-
-
 def _how_to_go_on(args: argparse.Namespace, earlier: Collection[Path] = ()) -> str:
     """What an interrupted run leaves to continue from: its newest checkpoint in
     ``--output-dir``, or, for an --overwrite run over an earlier one, in the staging folder
     its partial work is kept in (``<output-dir>.new-<pid>``). ``earlier``: the checkpoints
     --output-dir held before an --overwrite run began, the run it replaces, never named."""
+    from ..training.checkpoint import checkpoints_by_step
     from ..training.output_folder import staging_dir
 
     if args.compare:
         return (f"the finished runs of the comparison are in {args.output_dir}, each in its "
                 "own folder")
     out = Path(args.output_dir).expanduser()
-    found = {step: p for step, p in _checkpoints(out).items() if p not in earlier}
+    found = {step: p for step, p in checkpoints_by_step(out).items() if p not in earlier}
     again = ""
     if args.overwrite:  # over an earlier run, it wrote into its staging folder
-        staged = _checkpoints(staging_dir(out.resolve(), os.getpid()))
+        staged = checkpoints_by_step(staging_dir(out.resolve(), os.getpid()))
         if staged:
             found, again = staged, " --overwrite"
     if not found:

@@ -174,14 +174,20 @@ def _verified_envelope(directory: Path) -> Dict:
     return envelope
 
 
+def checkpoints_by_step(folder: Path) -> Dict[int, Path]:
+    """The ``checkpoint-<step>`` folders in ``folder`` that hold a checkpoint's files, by step
+    (none when ``folder`` is no folder)."""
+    if not folder.is_dir():
+        return {}
+    return {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in folder.glob(CHECKPOINT_PREFIX + "*")
+            if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / SETTINGS_FILE).is_file()
+            and (p / STATE_FILE).is_file()}
+
+
 def newest_checkpoint(folder: Path) -> Optional[Path]:
     """The ``checkpoint-<step>`` folder in ``folder`` with the highest step that holds a
     checkpoint's files, None when there is none (or ``folder`` is no folder)."""
-    if not folder.is_dir():
-        return None
-    found = {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in folder.glob(CHECKPOINT_PREFIX + "*")
-             if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / SETTINGS_FILE).is_file()
-             and (p / STATE_FILE).is_file()}
+    found = checkpoints_by_step(folder)
     return found[max(found)] if found else None
 
 
