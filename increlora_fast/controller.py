@@ -33,7 +33,7 @@ from .device_scalar import DeviceScalar
 from .functional import kernel_readable
 from .layer import IncreLoRALinear
 from .model import (frozen_adapters_message, fsdp1_sharded_adapter_message, get_config,
-                    increlora_layers, keep_adapters_in_fast_paths)
+                    increlora_layers, keep_adapters_in_fast_paths, plain_name)
 from .optimizer import in_increlora_optimizer
 from .penalty import OrthogonalPenalty
 
@@ -48,6 +48,14 @@ def _first_names(names: List[str], shown: int = 5) -> str:
     """The first ``shown`` of ``names`` and how many more, for a warning."""
     more = len(names) - shown
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
+
+
+def _saved_name(name: str) -> str:
+    """A layer name of a saved controller state as `increlora_layers` names it now: states
+    saved before the names were the plain model's carry the parts of the wrappers around the
+    model or its blocks (`model.plain_name`) and a DDP wrapper's leading ``module.``."""
+    name = plain_name(name)
+    return name[len("module."):] if name.startswith("module.") else name
 
 
 def default_score_window(beta1: float, beta2: float) -> int:
@@ -707,7 +715,9 @@ class IncreLoRAController:
         missing = [k for k in required if k not in state]
         if missing:
             raise ValueError(f"controller state lacks {missing}")
-        if list(state["names"]) != self.names:
+        names = list(state["names"])
+        if names != self.names and not (all(isinstance(n, str) for n in names)
+                                        and [_saved_name(n) for n in names] == self.names):
             extra = sorted(set(state["names"]) - set(self.names))[:3]
             absent = sorted(set(self.names) - set(state["names"]))[:3]
             raise ValueError("controller state is for other modules: "
@@ -754,7 +764,10 @@ class IncreLoRAController:
         self._finite = torch.ones((), dtype=torch.bool, device=device)
         self.budget_reached = bool(state["budget_reached"])
         self.round_pending = bool(state.get("round_pending", False))
-        self.allocation_log = [dict(e) for e in state["allocation_log"]]
+        current = dict(zip(state["names"], self.names))  # (the same unless saved by older code)
+        self.allocation_log = [dict(e, module=current[e["module"]])
+                               if e.get("module") in current else dict(e)
+                               for e in state["allocation_log"]]
         self._warned_nonfinite = bool(state["warned_nonfinite"])
         self.generator = generator
         # Older states do not say which step comes next: track it; it is dropped if untracked.

@@ -210,3 +210,37 @@ def test_fsdp1_without_orig_params_flattening_the_adapters_is_refused(tiny_net, 
             message = str(error.value)
             assert "FSDP1" in message and "'blocks.0.fc'" in message and "\n" not in message, \
                 message
+
+
+OLD_STYLE = {  # how yesterday's code named the layers of PLAIN under wrappers
+    "DistributedDataParallel": lambda n: "module." + n,
+    "compile": lambda n: "_orig_mod." + n,
+    "DDP over compile": lambda n: "module._orig_mod." + n,
+    "compile over DDP": lambda n: "_orig_mod.module." + n,
+    "checkpointed blocks": lambda n: n.replace(".fc", "._checkpoint_wrapped_module.fc")
+    .replace(".proj", "._checkpoint_wrapped_module.proj"),
+    "FSDP1 units": lambda n: "_fsdp_wrapped_module." + n.replace(
+        "blocks.0.", "blocks.0._fsdp_wrapped_module."),
+}
+
+
+@pytest.mark.parametrize("old", list(OLD_STYLE))
+def test_a_controller_state_saved_under_the_old_wrapped_names_loads(tiny_net, old):
+    """A controller state (in every finetune and Trainer checkpoint) saved before the layers
+    were named by the plain model's names holds the wrapped names (``module.blocks.0.fc``,
+    ``blocks.0._checkpoint_wrapped_module.fc``): it was refused as "for other modules". It
+    loads where its names are the model's once the wrapper parts are dropped, its allocation
+    log under the model's names; other names are still refused."""
+    config = make_config()
+    controller = IncreLoRAController(fresh(tiny_net, config), config)
+    rename = OLD_STYLE[old]
+    state = controller.state_dict()
+    state["names"] = [rename(n) for n in PLAIN]
+    state["allocation_log"] = [{"step": 3, "module": rename("blocks.1.fc"), "new_rank": 2}]
+    controller.load_state_dict(state)
+    assert controller.names == PLAIN
+    assert [e["module"] for e in controller.allocation_log] == ["blocks.1.fc"]
+    for names in ([rename(n) for n in reversed(PLAIN)], ["model." + n for n in PLAIN],
+                  [rename(n) for n in PLAIN[:3]] + ["module.blocks.1.other"], list(range(4))):
+        with pytest.raises(ValueError, match="controller state is for other modules"):
+            controller.load_state_dict(dict(state, names=names))
