@@ -231,6 +231,16 @@ def test_compare_with_resume_is_refused_before_the_checkpoint_is_read(tmp_path, 
     _one_line(capsys, "--compare cannot be combined with --resume")
 
 
+def test_compare_with_resume_of_a_staging_folder_names_the_option_conflict(tmp_path, capsys,
+                                                                           no_data_loading):
+    # without --output-dir the resumed run's folder was worked out first: a checkpoint in the
+    # staging folder of an --overwrite run was refused as such, not for --compare with --resume
+    code = _main(["finetune", "--compare", "--resume",
+                  str(tmp_path / "run.new-123" / "checkpoint-4"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, "--compare cannot be combined with --resume")
+
+
 @pytest.mark.parametrize("text", ["1e-3,0.001", "0.001,0.0010000001"])
 def test_compare_learning_rates_must_have_their_own_run_folders(tmp_path, capsys, text,
                                                                 no_data_loading):

@@ -406,6 +406,7 @@ def run(args: argparse.Namespace) -> int:
 
     earlier: Set[Path] = set()
     try:
+        _check_compare_options(args)  # before --resume's run folder is worked out
         if args.resume and not _stated(args, "output_dir", args.output_dir,
                                        {"output_dir": DEFAULT_OUTPUT_DIR}):
             args.output_dir = _resumed_run_folder(args.resume)
@@ -419,7 +420,6 @@ def run(args: argparse.Namespace) -> int:
         if args.save_steps < 0:
             raise ValueError(f"--save-steps {args.save_steps} is invalid: use 0 (no checkpoints) "
                              "or a positive number of steps")
-        _check_compare_options(args)
         settings = settings_from_args(args)
         parser = argparse.ArgumentParser()
         add_arguments(parser)
