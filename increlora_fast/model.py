@@ -699,11 +699,15 @@ class IncreLoRAAveragedModel(AveragedModel):
     `update_parameters`, with their host record (`IncreLoRALinear.latest_stamp`). Torch's class
     with ``use_buffers=True`` averages those integer buffers like the others, which rounds
     every growth away (a slot's state 0 + (1 - 0) / n is 0): the averaged model would go on
-    computing with the slots it was made with, or with averaged stamps."""
+    computing with the slots it was made with, or with averaged stamps. Parameters that are
+    no floats (the frozen uint8 / int8 weights of a bitsandbytes 4-bit or 8-bit base) are
+    copied from the source too: torch's EMA computes them in float and truncates, lowering
+    their bytes at every update."""
 
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s parameters (and float buffers with ``use_buffers=True``) into
-        this copy; take its IncreLoRA layers' slot states and stamps as they are."""
+        this copy; take its IncreLoRA layers' slot states and stamps, and its parameters that
+        are no floats (quantized base weights), as they are."""
         mine_named = list(increlora_layers(self.module))
         theirs_named = list(increlora_layers(model))
         mine_names, theirs_names = [n for n, _ in mine_named], [n for n, _ in theirs_named]
@@ -715,6 +719,9 @@ class IncreLoRAAveragedModel(AveragedModel):
                              f"({len(mine_names)}){where}: pass the model it was made from")
         super().update_parameters(model)
         with torch.no_grad():
+            for mine, theirs in zip(self.module.parameters(), model.parameters()):
+                if not (mine.is_floating_point() or mine.is_complex()):
+                    mine.detach().copy_(theirs.detach())
             for (_, mine), (_, theirs) in zip(mine_named, theirs_named):
                 for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
                     getattr(mine, key).copy_(getattr(theirs, key))

@@ -557,3 +557,36 @@ def test_a_quantized_classifier_to_save_names_the_skip_modules_fix(tmp_path):
         inject_increlora(loaded(), cfg)
     model = inject_increlora(loaded(llm_int8_skip_modules=["classifier"]), cfg)
     assert model.classifier.weight.requires_grad
+
+
+@pytest.mark.parametrize("average", ["ema", "ema per tensor", "swa"])
+def test_an_averaged_copy_keeps_the_quantized_base_weights_as_they_are(average):
+    """torch's AveragedModel averages every parameter, the frozen 4-bit and 8-bit base weights
+    (uint8 / int8) too: EMA computes them in float and truncates, so every update lowered some
+    of their bytes and the averaged model computed with a corrupted base. The averaged copy
+    takes them from the model as they are."""
+    from torch.optim.swa_utils import get_ema_avg_fn, get_ema_multi_avg_fn
+
+    from increlora_fast import IncreLoRAAveragedModel
+
+    model = build()
+    cfg = config(2)
+    inject_increlora(model, cfg)
+    kwargs = {"ema": dict(multi_avg_fn=get_ema_multi_avg_fn(0.9)),
+              "ema per tensor": dict(avg_fn=get_ema_avg_fn(0.9)), "swa": {}}[average]
+    averaged = IncreLoRAAveragedModel(model, **kwargs)
+    opt = create_optimizer(model, cfg, lr=1e-2)
+    x = x_batch()
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        averaged.update_parameters(model)
+    quantized = [(name, p) for name, p in model.named_parameters() if not p.is_floating_point()]
+    assert [name for name, _ in quantized] == ["layers.0.base_layer.weight",
+                                               "layers.1.base_layer.weight"]
+    mine = dict(averaged.module.named_parameters())
+    for name, p in quantized:
+        assert type(mine[name]) is type(p) and torch.equal(mine[name], p), name
+    lora_A = mine["layers.0.lora_A"]
+    assert not torch.equal(lora_A, model.layers[0].lora_A)  # the adapters are averaged
