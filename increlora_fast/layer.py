@@ -693,7 +693,8 @@ class IncreLoRALinear(nn.Module):
             if x.is_nested:  # refused before anything was computed: no test on the hot path
                 return self._forward_nested(x, args, kwargs)
             self._refuse_resized_base(error)
-            if track and torch._C._are_functorch_transforms_active():
+            if track and torch._C._are_functorch_transforms_active() and self._runs_untracked(
+                    x, weight, bias, reserve, base_forward, dropout):
                 name = self._tie_record()[0] or type(self).__name__
                 raise RuntimeError(
                     f"IncreLoRA layer {name!r}: its importance score is tracked in this pass "
@@ -703,6 +704,23 @@ class IncreLoRALinear(nn.Module):
                     "says which), or use score='triplet', which reads the .grad you assign"
                 ) from error
             raise
+
+    def _runs_untracked(self, x: torch.Tensor, weight: Optional[torch.Tensor],
+                        bias: Optional[torch.Tensor], reserve: float,
+                        base_forward: Optional[Callable[[torch.Tensor], torch.Tensor]],
+                        dropout: Optional[nn.Module]) -> bool:
+        """Whether `forward`'s pass runs with no score tracked, so that tracking is what
+        failed it under a torch.func transform, not the input (a wrong width, say). Runs only
+        after a forward failed, so a forward pays nothing for it."""
+        params = self._parameters
+        try:
+            adapted_linear(x, weight, bias, params["lora_A"], params["lora_B"],
+                           params["lora_lambda"], self._buffers["slot_state"], self.lora_alpha,
+                           reserve, weight_in_out=self.is_conv1d, base_forward=base_forward,
+                           dropout=dropout)
+        except (RuntimeError, ValueError):
+            return False
+        return True
 
     def _forward_nested(self, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """`forward` of a nested tensor (nn.TransformerEncoder's eval path packs a batch with a

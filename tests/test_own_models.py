@@ -168,3 +168,19 @@ def test_a_listed_name_means_the_parametrized_layer_not_its_parametrization():
                                                     target_rank=2))
     assert [n for n, _ in increlora_layers(model)] == ["0"]
     torch.testing.assert_close(model(x), want)
+
+
+def test_an_unrelated_error_under_torch_func_in_a_tracked_pass_is_not_blamed_on_the_score():
+    """A tracked pass under a torch.func transform that fails for a reason of its own (an
+    input of the wrong width here) was reported as score tracking that torch.func cannot run,
+    sending the user to loss.backward() or score='triplet' for a wrong input: the error is
+    torch's own, as outside the transform."""
+    model = small_model()
+    IncreLoRAController(model, model.increlora_config).track_step(4)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    x = torch.randn(6, 7)  # the layers take 8 features
+    with pytest.raises(RuntimeError) as outside:
+        model(x)
+    with pytest.raises(RuntimeError) as inside:
+        torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
+    assert "score" not in str(inside.value) and str(inside.value) == str(outside.value)
