@@ -666,12 +666,14 @@ class IncreLoRAController:
         (`penalty.OrthogonalPenalty`). Nothing is read on the host.
 
         Raises:
-            RuntimeError: called inside a ``torch.func`` transform while the layers hold their
+            RuntimeError: called inside a ``torch.func`` transform while every layer holds its
                 own parameters (not those of a ``functional_call``), which the transform
                 would take as constants: the penalty would add no gradient.
         """
+        # (any layer's: those of adapters frozen on purpose are no functional_call's to pass)
         if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling() \
-                and not torch._C._functorch.is_functorch_wrapped_tensor(self.layers[0].lora_A):
+                and not any(torch._C._functorch.is_functorch_wrapped_tensor(t)
+                            for layer in self.layers for t in (layer.lora_A, layer.lora_B)):
             raise RuntimeError(
                 "controller.regularization_loss() inside a torch.func transform reads the "
                 "layers' own parameters, not the ones the transform differentiates, so it "

@@ -122,6 +122,17 @@ def test_score_tracking_under_torch_func_is_refused_in_one_line():
     assert "score='triplet'" in message and "backward()" in message
 
 
+class WithPenalty(nn.Module):
+    """A module whose forward returns the controller's penalty, for ``functional_call``."""
+
+    def __init__(self, model: nn.Module, controller: IncreLoRAController) -> None:
+        super().__init__()
+        self.model, self.controller = model, controller
+
+    def forward(self) -> torch.Tensor:
+        return self.controller.regularization_loss()
+
+
 def test_penalty_under_torch_func_on_the_models_own_parameters_is_refused():
     """``controller.regularization_loss()`` reads the layers' own parameters: inside a
     ``torch.func.grad`` over ``functional_call``'s parameters it is a constant to the
@@ -136,14 +147,7 @@ def test_penalty_under_torch_func_on_the_models_own_parameters_is_refused():
     message = str(error.value)
     assert "\n" not in message and "regularization_loss" in message and "torch.func" in message
 
-    class WithPenalty(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self) -> torch.Tensor:
-            return controller.regularization_loss()
-    wrapper = WithPenalty()
+    wrapper = WithPenalty(model, controller)
     inside = torch.func.grad(lambda p: torch.func.functional_call(wrapper, p, ()))(
         {f"model.{n}": p for n, p in params.items()})
     controller.regularization_loss().backward()
@@ -184,3 +188,25 @@ def test_an_unrelated_error_under_torch_func_in_a_tracked_pass_is_not_blamed_on_
     with pytest.raises(RuntimeError) as inside:
         torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).sum())(params)
     assert "score" not in str(inside.value) and str(inside.value) == str(outside.value)
+
+
+def test_penalty_in_a_functional_call_with_the_first_layer_frozen_is_taken():
+    """An adapter frozen on purpose (the first layer's here) is not among the parameters a
+    ``functional_call`` over those that require grad passes: the penalty was refused there as
+    reading the layers' own parameters, though the other layers' were the transform's. Its
+    gradient matches autograd's outside the transform."""
+    model = small_model(score="triplet")
+    controller = IncreLoRAController(model, model.increlora_config)
+    for name in ("lora_A", "lora_B", "lora_lambda"):
+        getattr(model[0], name).requires_grad_(False)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert params and not any(n.startswith("0.") for n in params)
+
+    wrapper = WithPenalty(model, controller)
+    inside = torch.func.grad(lambda p: torch.func.functional_call(wrapper, p, ()))(
+        {f"model.{n}": p for n, p in params.items()})
+    controller.regularization_loss().backward()
+    assert any(float(p.grad.abs().max()) > 0 for p in params.values() if p.grad is not None)
+    for name, p in params.items():
+        want = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(inside[f"model.{name}"], want, msg=name)
