@@ -10,12 +10,12 @@ import re
 import sys
 import textwrap
 import warnings
-from typing import Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
@@ -692,6 +692,25 @@ def increlora_layers(model: nn.Module) -> Iterator[Tuple[str, IncreLoRALinear]]:
             yield plain_name(name), module
 
 
+def _float_average(avg_fn: Callable, averaged: torch.Tensor, current: torch.Tensor,
+                   n_averaged: torch.Tensor) -> torch.Tensor:
+    """``avg_fn`` of torch's ``AveragedModel`` for a float or complex tensor; another tensor's
+    average is the source's tensor as it is."""
+    if averaged.is_floating_point() or averaged.is_complex():
+        return avg_fn(averaged, current, n_averaged)
+    return current
+
+
+def _float_averages(multi_avg_fn: Optional[Callable], averaged: List[torch.Tensor],
+                    current: List[torch.Tensor], n_averaged: torch.Tensor) -> None:
+    """``multi_avg_fn`` (None: torch's SWA) of torch's ``AveragedModel``, which calls it per
+    device and dtype, for float and complex tensors; others are copied from the source."""
+    if averaged[0].is_floating_point() or averaged[0].is_complex():
+        (multi_avg_fn or get_swa_multi_avg_fn())(averaged, current, n_averaged)
+    else:
+        torch._foreach_copy_(averaged, current)
+
+
 class IncreLoRAAveragedModel(AveragedModel):
     """``torch.optim.swa_utils.AveragedModel`` (SWA, EMA) for a model with IncreLoRA layers:
     the same arguments, and the layers' slot states and stamps (``slot_state``,
@@ -699,15 +718,27 @@ class IncreLoRAAveragedModel(AveragedModel):
     `update_parameters`, with their host record (`IncreLoRALinear.latest_stamp`). Torch's class
     with ``use_buffers=True`` averages those integer buffers like the others, which rounds
     every growth away (a slot's state 0 + (1 - 0) / n is 0): the averaged model would go on
-    computing with the slots it was made with, or with averaged stamps. Parameters that are
-    no floats (the frozen uint8 / int8 weights of a bitsandbytes 4-bit or 8-bit base) are
-    copied from the source too: torch's EMA computes them in float and truncates, lowering
-    their bytes at every update."""
+    computing with the slots it was made with, or with averaged stamps. Tensors that are no
+    floats (the frozen uint8 / int8 weights of a bitsandbytes 4-bit or 8-bit base; integer
+    buffers with ``use_buffers=True``) are copied from the source too: torch's EMA computes
+    them in float and truncates, lowering their bytes at every update, and its SWA on CUDA
+    fails on them (integer ``addcdiv``)."""
+
+    def __init__(self, model: nn.Module, device: Optional[torch.device] = None,
+                 avg_fn: Optional[Callable] = None, multi_avg_fn: Optional[Callable] = None,
+                 use_buffers: bool = False) -> None:
+        """torch's ``AveragedModel`` (the same arguments), its ``avg_fn`` or ``multi_avg_fn``
+        (torch's SWA where neither is given) applied to float and complex tensors only."""
+        # (partials of module functions: the averaged model pickles as torch's does)
+        multi = None if avg_fn is not None and multi_avg_fn is None else functools.partial(
+            _float_averages, multi_avg_fn)  # (where neither is given, torch's SWA)
+        average = None if avg_fn is None else functools.partial(_float_average, avg_fn)
+        super().__init__(model, device, average, multi, use_buffers)
 
     def update_parameters(self, model: nn.Module) -> None:
-        """Average ``model``'s parameters (and float buffers with ``use_buffers=True``) into
-        this copy; take its IncreLoRA layers' slot states and stamps, and its parameters that
-        are no floats (quantized base weights), as they are."""
+        """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into
+        this copy; take its IncreLoRA layers' slot states and stamps, and its tensors that are
+        no floats (quantized base weights), as they are."""
         mine_named = list(increlora_layers(self.module))
         theirs_named = list(increlora_layers(model))
         mine_names, theirs_names = [n for n, _ in mine_named], [n for n, _ in theirs_named]
@@ -719,9 +750,6 @@ class IncreLoRAAveragedModel(AveragedModel):
                              f"({len(mine_names)}){where}: pass the model it was made from")
         super().update_parameters(model)
         with torch.no_grad():
-            for mine, theirs in zip(self.module.parameters(), model.parameters()):
-                if not (mine.is_floating_point() or mine.is_complex()):
-                    mine.detach().copy_(theirs.detach())
             for (_, mine), (_, theirs) in zip(mine_named, theirs_named):
                 for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
                     getattr(mine, key).copy_(getattr(theirs, key))
