@@ -477,3 +477,20 @@ def test_a_folder_in_the_way_of_a_final_output_leaves_the_run_folder_as_it_was(t
     assert digests(out) == before
     assert sorted(p.name for p in out.iterdir()) == [
         "adapter_config.json", "adapter_model.safetensors", "labels.json", "metrics.json"]
+
+
+def test_ones_own_readme_kept_also_as_a_link_to_nothing(tmp_path):
+    """A README.md of one's own in the run folder is kept and peft's new model card dropped;
+    one that is a symbolic link whose target is gone (a card kept elsewhere, not mounted now)
+    was taken for none (``exists`` follows the link) and replaced by peft's card."""
+    from increlora_fast.training.output_folder import final_outputs
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").symlink_to(tmp_path / "cards" / "mine.md")
+    with final_outputs(out) as stage:
+        for name in ("metrics.json", "adapter_config.json", "README.md"):
+            (stage / name).write_text(f"new {name}")
+    assert (out / "README.md").is_symlink()
+    assert os.readlink(out / "README.md") == str(tmp_path / "cards" / "mine.md")
+    assert (out / "metrics.json").read_text() == "new metrics.json"

@@ -148,7 +148,7 @@ def final_outputs(out: Path) -> Iterator[Path]:
     try:
         yield stage
         names = [p.name for p in sorted(stage.iterdir()) if p.name != METRICS_FILE
-                 and not (p.name == MODEL_CARD and (out / MODEL_CARD).exists())]
+                 and not (p.name == MODEL_CARD and os.path.lexists(out / MODEL_CARD))]
         for name in names + [METRICS_FILE]:
             target = out / name
             if os.path.lexists(target) and (
