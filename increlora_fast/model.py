@@ -486,7 +486,8 @@ def _unregistered_holders(model: nn.Module) -> Dict[int, str]:
             for item in value.values() if isinstance(value, dict) else value:
                 if isinstance(item, nn.Module) and id(item) in mine:
                     found.setdefault(id(item), (
-                        f"module {owner_name!r} also holds it in the plain "
+                        f"{f'module {owner_name!r}' if owner_name else 'the model'} also "
+                        f"holds it in the plain "
                         f"{type(value).__name__} {attr!r}, not registered, which would keep "
                         "the unadapted layer (hold it in an nn.ModuleList or nn.ModuleDict "
                         "instead)"))
@@ -587,7 +588,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     lazy = next((n for n, p in model.named_parameters() if nn.parameter.is_lazy(p)), None)
     if lazy is not None:  # (freezing the model would fail on it, in torch's words)
         holder = lazy.rpartition(".")[0]
-        raise ValueError(f"inject_increlora: module {holder!r} holds an uninitialized lazy "
+        holder = f"module {holder!r}" if holder else "the model"
+        raise ValueError(f"inject_increlora: {holder} holds an uninitialized lazy "
                          f"parameter ({lazy!r}, of a Lazy* module such as nn.LazyLinear): run "
                          "one forward with a dummy batch first to initialize it, then inject")
     targets = _find_targets(model, config)

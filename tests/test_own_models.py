@@ -210,3 +210,14 @@ def test_penalty_in_a_functional_call_with_the_first_layer_frozen_is_taken():
     for name, p in params.items():
         want = torch.zeros_like(p) if p.grad is None else p.grad
         torch.testing.assert_close(inside[f"model.{name}"], want, msg=name)
+
+
+def test_the_model_itself_is_named_as_such_in_the_refusals():
+    """Where the model itself (name '') held the plain container or the lazy parameter, the
+    refusals named "module ''"; they say "the model"."""
+    with pytest.raises(ValueError) as held:
+        inject_increlora(CalledThroughAList("list"), config(["cell"]))
+    with pytest.raises(ValueError) as lazy:
+        inject_increlora(nn.LazyLinear(4), config(["weight"]))
+    for message in (str(held.value), str(lazy.value)):
+        assert "''" not in message and "the model" in message, message
