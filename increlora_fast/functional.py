@@ -15,11 +15,11 @@ variables are read when this module is imported and again by `refresh_settings()
 reads no environment, imports nothing and builds no key beyond one cached lookup. The first
 time a Triton variant runs on a device it is checked once against the torch path on a small
 problem (`kernels.checks.check_variant`); on an exception or a mismatch one warning names the
-GPU and the versions, and that variant takes the torch path from then on. The optimizer's launch over many tensors (`kernels.adamw.MultiTensorAdamW`) is checked
-the same way once per device and parameter dtype (`multi_adamw_ok`); where it fails, the
-optimizer launches its kernel per tensor; so are the orthogonal penalty's kernels
-(`orth_penalty_ok`), which give way to its torch path. ``INCRELORA_KERNEL_CHECK=0`` turns the
-checks off.
+GPU and the versions, and that variant takes the torch path from then on. The optimizer's
+launch over many tensors (`kernels.adamw.MultiTensorAdamW`) is checked the same way once per
+device and parameter dtype (`multi_adamw_ok`); where it fails, the optimizer launches its
+kernel per tensor; so are the orthogonal penalty's kernels (`orth_penalty_ok`), which give way
+to its torch path. ``INCRELORA_KERNEL_CHECK=0`` turns the checks off.
 """
 from __future__ import annotations
 
