@@ -736,7 +736,9 @@ class IncreLoRAController:
             raise ValueError("controller state generator must be a torch.Generator state "
                              "(a uint8 tensor)")
         log = state["allocation_log"]
-        if not isinstance(log, list) or not all(isinstance(entry, dict) for entry in log):
+        if not isinstance(log, list) or not all(isinstance(entry, dict)
+                                                and isinstance(entry.get("module", ""), str)
+                                                for entry in log):
             raise ValueError("controller state allocation_log must be a list of dicts (one per "
                              "round)")
         nonfinite = state.get("nonfinite_step", -1)

@@ -132,6 +132,7 @@ def _args(out):
     ("not_a_dict", "controller state must be a dict, got list"),
     ("allocation_log", r"controller state allocation_log must be a list of dicts \(one per round\)"),
     ("log_entry", r"controller state allocation_log must be a list of dicts \(one per round\)"),
+    ("log_module", r"controller state allocation_log must be a list of dicts \(one per round\)"),
     ("nonfinite_step", "controller state nonfinite_step must be an int >= -1"),
     ("nonfinite_bool", "controller state nonfinite_step must be an int >= -1"),
     ("budget_reached", "controller state budget_reached must be True or False"),
@@ -148,6 +149,8 @@ def test_controller_state_of_the_wrong_form_is_named(damage, message):
         state["allocation_log"] = tuple(state["allocation_log"])
     elif damage == "log_entry":  # dict() of it raised a TypeError after the checks passed
         state["allocation_log"] = state["allocation_log"] + [["step", 4]]
+    elif damage == "log_module":  # an unhashable module name failed after ipt/unc were set
+        state["allocation_log"] = state["allocation_log"] + [{"step": 4, "module": ["fc"]}]
     elif damage == "nonfinite_step":
         state["nonfinite_step"] = -2
     elif damage == "nonfinite_bool":
