@@ -312,3 +312,16 @@ def test_paths_spelled_from_the_home_folder(tiny, tmp_path, monkeypatch, capsys)
     resumed = json.loads((Path(tiny["root"]) / "home-runs" / "b" / "metrics.json").read_text())
     assert resumed["steps"] == 3 and resumed["resumed_from"] == str(out / "checkpoint-2")
     assert not (tmp_path / "~").exists()
+
+
+def test_checkpoint_folders_are_listed_by_decimal_steps_only(tmp_path):
+    """``checkpoint-²`` passed ``str.isdigit`` and then made ``int()`` raise, so listing a run
+    folder that held one (the Ctrl-C line, a --resume of the run folder) failed; it is no
+    checkpoint of a step."""
+    from increlora_fast.training.checkpoint import (SETTINGS_FILE, STATE_FILE,
+                                                    checkpoints_by_step)
+    for name in ("checkpoint-2", "checkpoint-\u00b2", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SETTINGS_FILE).write_text("{}")
+        (tmp_path / name / STATE_FILE).write_bytes(b"")
+    assert checkpoints_by_step(tmp_path) == {2: tmp_path / "checkpoint-2"}

@@ -180,7 +180,7 @@ def checkpoints_by_step(folder: Path) -> Dict[int, Path]:
     if not folder.is_dir():
         return {}
     return {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in folder.glob(CHECKPOINT_PREFIX + "*")
-            if p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / SETTINGS_FILE).is_file()
+            if p.name[len(CHECKPOINT_PREFIX):].isdecimal() and (p / SETTINGS_FILE).is_file()
             and (p / STATE_FILE).is_file()}
 
 
