@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Dict
 
 import pytest
 import torch
@@ -115,13 +116,21 @@ def test_torchrun_ddp_default_fused_score_summed_over_ranks(torchrun_runs, refer
     assert not torch.allclose(r0["ipt"], reference["ipt"], rtol=1e-3)
 
 
-def test_torchrun_fsdp2_sharded_base_equals_one_process(torchrun_runs, reference):
-    if "fsdp2" not in torchrun_runs[0]:
-        pytest.skip("this torch has no torch.distributed.fsdp.fully_shard")
-    r0, r1 = (r["fsdp2"] for r in torchrun_runs)
+def _sharded_base_run(torchrun_runs, reference, key: str, missing: str) -> Dict:
+    """Rank 0's record of the run ``key`` (skipped with ``missing`` where this torch has none),
+    checked to have sharded the frozen base weights alone and to equal one process."""
+    if key not in torchrun_runs[0]:
+        pytest.skip(missing)
+    r0, r1 = (r[key] for r in torchrun_runs)
     assert r0["sharded"] and all(".base_layer." in k for k in r0["sharded"])
     _same_on_both_ranks(r0, r1)
     _equal_to_single_process(r0, reference)
+    return r0
+
+
+def test_torchrun_fsdp2_sharded_base_equals_one_process(torchrun_runs, reference):
+    _sharded_base_run(torchrun_runs, reference, "fsdp2",
+                      "this torch has no torch.distributed.fsdp.fully_shard")
 
 
 def test_torchrun_fsdp1_sharded_base_equals_one_process(torchrun_runs, reference):
@@ -131,12 +140,8 @@ def test_torchrun_fsdp1_sharded_base_equals_one_process(torchrun_runs, reference
     loads into a plain model with its trained values."""
     from increlora_fast import load_adapter
 
-    if "fsdp1" not in torchrun_runs[0]:
-        pytest.skip("this torch has no torch.distributed.fsdp.FullyShardedDataParallel")
-    r0, r1 = (r["fsdp1"] for r in torchrun_runs)
-    assert r0["sharded"] and all(".base_layer." in k for k in r0["sharded"])
-    _same_on_both_ranks(r0, r1)
-    _equal_to_single_process(r0, reference)
+    r0 = _sharded_base_run(torchrun_runs, reference, "fsdp1",
+                           "this torch has no torch.distributed.fsdp.FullyShardedDataParallel")
     model, _ = ddp_worker.build()
     load_adapter(model, torchrun_runs.out / "fsdp1_adapter")
     for key, value in model.state_dict().items():
