@@ -478,12 +478,11 @@ def _resumed_run_folder(resume: str) -> str:
     checkpoint. Refused (ValueError) where that is the staging folder of an interrupted
     ``--overwrite`` run (`output_folder.staging_dir`), which only a run into its own
     ``--output-dir`` with ``--overwrite`` swaps in."""
-    from ..training.output_folder import STAGING_TAG
+    from ..training.output_folder import staged_for
 
     folder = Path(resume).expanduser().resolve().parent
-    name, tag, pid = folder.name.rpartition(STAGING_TAG)
-    if name and tag and pid.isdigit():
-        out = folder.with_name(name)
+    out = staged_for(folder)
+    if out is not None:
         raise ValueError(f"--resume {resume} is the partial work of an interrupted --overwrite "
                          f"run into {out}: give --output-dir {out} --overwrite to finish it "
                          "there, or another --output-dir")

@@ -56,6 +56,13 @@ def staging_dir(out: Path, pid: int) -> Path:
     return out.with_name(f"{out.name}{STAGING_TAG}{pid}")
 
 
+def staged_for(folder: Path) -> Optional[Path]:
+    """The run folder whose ``--overwrite`` run ``folder`` is the staging folder of
+    (`staging_dir`), None when ``folder`` is none."""
+    name, tag, pid = folder.name.rpartition(STAGING_TAG)
+    return folder.with_name(name) if name and tag and pid.isdigit() else None
+
+
 def trash_dir(out: Path, pid: int) -> Path:
     """Where the earlier run goes during the swap, deleted right after."""
     return out.with_name(f".{out.name}{TRASH_TAG}{pid}")
