@@ -55,7 +55,7 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     a listed name that matches only such modules is refused."""
     # (not the parametrizations' own modules under a parametrized layer: ``0.parametrizations.
     # weight.0`` is no layer a ``target_modules`` entry "0" means)
-    names = [n for n, m in model.named_modules() if n and not _in_parametrizations(n, model)]
+    names = [n for n, _ in model.named_modules() if n and not _in_parametrizations(n, model)]
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         return _without_excluded(_all_linear_targets(model, config), config.exclude_modules,
@@ -914,8 +914,8 @@ def saved_module_parameters(model: nn.Module) -> Dict[str, nn.Parameter]:
 def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     """Persistent buffers of the modules_to_save (e.g. BatchNorm running statistics), by full
     name (the plain model's, `plain_name`): training changes them like the parameters, so they
-    are saved with them. Buffers of
-    IncreLoRA layers inside such a module are left out (the adapter's own)."""
+    are saved with them. Buffers of IncreLoRA layers inside such a module are left out (the
+    adapter's own)."""
     config = get_config(model)
     names = [n for n, _ in model.named_modules() if n]
     buffers: Dict[str, torch.Tensor] = {}
