@@ -713,6 +713,15 @@ def _float_averages(multi_avg_fn: Optional[Callable], averaged: List[torch.Tenso
         torch._foreach_copy_(averaged, current)
 
 
+def _moved_slots(mine: IncreLoRALinear, theirs: IncreLoRALinear) -> torch.Tensor:
+    """The slots (a bool mask on ``mine``'s device) that ``theirs`` allocated or activated
+    after ``mine``'s stamps: a stamp later than the one ``mine`` holds. `restart_schedules`
+    and an earlier state loaded into the source only lower stamps: no slot moved."""
+    later = [getattr(theirs, key).to(getattr(mine, key).device) > getattr(mine, key)
+             for key in ("slot_alloc_step", "slot_active_step")]
+    return later[0] | later[1]
+
+
 class IncreLoRAAveragedModel(AveragedModel):
     """``torch.optim.swa_utils.AveragedModel`` (SWA, EMA) for a model with IncreLoRA layers:
     the same arguments, and the layers' slot states and stamps (``slot_state``,
@@ -724,7 +733,12 @@ class IncreLoRAAveragedModel(AveragedModel):
     floats (the frozen uint8 / int8 weights of a bitsandbytes 4-bit or 8-bit base; integer
     buffers with ``use_buffers=True``) are copied from the source too: torch's EMA computes
     them in float and truncates, lowering their bytes at every update, and its SWA on CUDA
-    fails on them (integer ``addcdiv``)."""
+    fails on them (integer ``addcdiv``). A slot the source allocated (a fresh A row and B
+    column) or activated (``normalize_on_activation`` rescales its A and B) since the last
+    update restarts its average from the source's A row, B column and lambda entry: averaged
+    with its earlier values, content the source no longer has, the new slot would for many
+    EMA updates be mostly the old one. The restart sets the slot's average, while SWA's
+    ``n_averaged`` stays the model's count."""
 
     def __init__(self, model: nn.Module, device: Optional[torch.device] = None,
                  avg_fn: Optional[Callable] = None, multi_avg_fn: Optional[Callable] = None,
@@ -739,8 +753,9 @@ class IncreLoRAAveragedModel(AveragedModel):
 
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into
-        this copy; take its IncreLoRA layers' slot states and stamps, and its tensors that are
-        no floats (quantized base weights), as they are."""
+        this copy; take its IncreLoRA layers' slot states and stamps, the A rows, B columns
+        and lambdas of the slots it allocated or activated since the last update, and its
+        tensors that are no floats (quantized base weights), as they are."""
         mine_named = list(increlora_layers(self.module))
         theirs_named = list(increlora_layers(model))
         mine_names, theirs_names = [n for n, _ in mine_named], [n for n, _ in theirs_named]
@@ -750,9 +765,16 @@ class IncreLoRAAveragedModel(AveragedModel):
             raise ValueError(f"IncreLoRAAveragedModel.update_parameters: the model's IncreLoRA "
                              f"layers ({len(theirs_names)}) are not the averaged copy's "
                              f"({len(mine_names)}){where}: pass the model it was made from")
+        with torch.no_grad():  # (before torch's update, which takes the source's buffers)
+            moved = [_moved_slots(mine, theirs) for (_, mine), (_, theirs)
+                     in zip(mine_named, theirs_named)]
         super().update_parameters(model)
         with torch.no_grad():
-            for (_, mine), (_, theirs) in zip(mine_named, theirs_named):
+            for (_, mine), (_, theirs), slots in zip(mine_named, theirs_named, moved):
+                for key, where in (("lora_A", slots[:, None]), ("lora_B", slots),
+                                   ("lora_lambda", slots)):
+                    average, current = getattr(mine, key), getattr(theirs, key)
+                    average.copy_(torch.where(where, current.to(average), average))
                 for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
                     getattr(mine, key).copy_(getattr(theirs, key))
                 mine.mark_slots_changed()

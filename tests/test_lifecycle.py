@@ -393,3 +393,58 @@ def test_an_averaged_model_names_the_first_other_layer_of_as_many():
         averaged.update_parameters(other)
     assert "(3)" in str(error.value) and "'heads.0'" in str(error.value) \
         and "'branches.0'" in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("average", ["ema multi_avg_fn", "ema avg_fn", "swa"])
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_an_averaged_model_restarts_the_average_of_a_slot_allocated_or_activated(
+        average, normalize, use_buffers):
+    """A slot the controller allocates (`add_reserve`: a fresh A row and B column, lambda at
+    the reserve value) holds other values than before, and one it activates with
+    ``normalize_on_activation`` gets A and B of unit norm. The averaged copy mixed the slot's
+    earlier values (the never-trained draw of an unused slot, the reserve's small rows) into
+    the new ones, so for many EMA updates its grown slot was mostly content the source never
+    had there. A slot whose stamp moved since the last update now restarts from the source's
+    values (A row, B column, lambda); every other value is averaged as torch averages it."""
+    from torch.optim.swa_utils import get_ema_avg_fn, get_ema_multi_avg_fn
+
+    from increlora_fast import IncreLoRAAveragedModel
+    decay = 0.9
+    if average == "swa":
+        kwargs, rule = {}, lambda e, c, n: e + (c - e) / (n + 1)
+    else:
+        kwargs = dict(multi_avg_fn=get_ema_multi_avg_fn(decay)) if "multi" in average else \
+            dict(avg_fn=get_ema_avg_fn(decay))
+        rule = lambda e, c, n: decay * e + (1 - decay) * c  # noqa: E731
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2,
+                           normalize_on_activation=normalize)
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    averaged = IncreLoRAAveragedModel(model, use_buffers=use_buffers, **kwargs)
+    keys = ("lora_A", "lora_B", "lora_lambda")
+    expected = {(n, k): getattr(layer, k).detach().clone()
+                for n, layer in increlora_layers(model) for k in keys}
+    restarted = []
+
+    def update(step):
+        n = int(averaged.n_averaged)
+        for name, layer in increlora_layers(model):
+            mine = dict(increlora_layers(averaged.module))[name]
+            moved = (layer.slot_alloc_step > mine.slot_alloc_step) | \
+                (layer.slot_active_step > mine.slot_active_step)
+            restarted.extend((step, name, int(i)) for i in torch.nonzero(moved).flatten())
+            for key in keys:
+                current = getattr(layer, key).detach()
+                new = current.clone() if n == 0 else rule(expected[name, key], current, n)
+                slots = moved[:, None] if key == "lora_A" else moved
+                expected[name, key] = torch.where(slots, current, new)
+        averaged.update_parameters(model)
+        for name, mine in increlora_layers(averaged.module):
+            for key in keys:
+                torch.testing.assert_close(getattr(mine, key).detach(), expected[name, key],
+                                           msg=f"{name}.{key} after step {step}")
+
+    train_steps(model, opt, ctl, range(12), on_step=update)
+    grown = [(entry["step"], entry["module"]) for entry in ctl.allocation_log]
+    assert len(grown) >= 3 and sorted({(s, n) for s, n, _ in restarted}) == grown, restarted
