@@ -885,15 +885,18 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
 
     Raises:
         ValueError: ``model`` has none: it was never injected (its IncreLoRA layers, if any,
-            were built by hand), or it is a (Distributed)DataParallel wrapper of an injected
-            model, which must be passed itself.
+            were built by hand), or it is a (Distributed)DataParallel or an EMA / SWA
+            (`IncreLoRAAveragedModel`) wrapper of an injected model, which must be passed
+            itself.
     """
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
-        inner = unwrapped(model)
+        inner = model.module if isinstance(model, AveragedModel) else unwrapped(model)
         if inner is not model and getattr(inner, CONFIG_ATTR, None) is not None:
-            raise ValueError(f"model is a {type(model).__name__} wrapper of an IncreLoRA model: "
-                             "pass the model it holds (model.module) instead")
+            kind = type(model).__name__
+            raise ValueError(f"model is {'an' if kind[0] in 'AEIOU' else 'a'} {kind} wrapper "
+                             "of an IncreLoRA model: pass the model it holds (model.module) "
+                             "instead")
         if getattr(inner, UNLOADED_ATTR, False):
             raise ValueError("model has no IncreLoRA adapter: merge_and_unload folded it into "
                              "the base weights (save the merged model with save_pretrained; "

@@ -448,3 +448,32 @@ def test_an_averaged_model_restarts_the_average_of_a_slot_allocated_or_activated
     train_steps(model, opt, ctl, range(12), on_step=update)
     grown = [(entry["step"], entry["module"]) for entry in ctl.allocation_log]
     assert len(grown) >= 3 and sorted({(s, n) for s, n, _ in restarted}) == grown, restarted
+
+
+def test_saving_an_averaged_model_names_the_model_it_holds(tmp_path):
+    """`save_adapter` (and everything reading the model's config) given the
+    `IncreLoRAAveragedModel` itself said its layers were "built by hand" and told the user to
+    call inject_increlora: wrong for a wrapper of an injected model. It names ``.module``, whose
+    adapter saves and loads back as the averaged model computes."""
+    from increlora_fast import IncreLoRAAveragedModel, load_adapter, save_adapter
+    from increlora_fast.model import get_config
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2)
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    averaged = IncreLoRAAveragedModel(model)
+    train_steps(model, opt, ctl, range(7), on_step=lambda _: averaged.update_parameters(model))
+    with pytest.raises(ValueError, match=r"^model is an IncreLoRAAveragedModel wrapper of an "
+                                         r"IncreLoRA model: pass the model it holds "
+                                         r"\(model\.module\) instead$"):
+        save_adapter(averaged, tmp_path / "ema")
+    assert not (tmp_path / "ema").exists()
+    assert get_config(averaged.module) == config  # (a deep copy)
+    save_adapter(averaged.module, tmp_path / "ema")
+    torch.manual_seed(1)
+    fresh = ParallelBranches(3)
+    fresh.load_state_dict({k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
+                           if "base_layer" in k or k == "weights"})
+    fresh = inject_increlora(fresh, config)
+    load_adapter(fresh, tmp_path / "ema")
+    x, _ = batch(0)
+    torch.testing.assert_close(fresh.eval()(x), averaged.eval()(x))
