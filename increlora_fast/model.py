@@ -755,7 +755,12 @@ class IncreLoRAAveragedModel(AveragedModel):
         """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into
         this copy; take its IncreLoRA layers' slot states and stamps, the A rows, B columns
         and lambdas of the slots it allocated or activated since the last update, and its
-        tensors that are no floats (quantized base weights), as they are."""
+        tensors that are no floats (quantized base weights), as they are.
+
+        Raises:
+            ValueError: ``model``'s IncreLoRA layers are not this copy's (another model), or a
+                layer of either is merged (`IncreLoRALinear.merge`). Nothing is changed.
+        """
         mine_named = list(increlora_layers(self.module))
         theirs_named = list(increlora_layers(model))
         mine_names, theirs_names = [n for n, _ in mine_named], [n for n, _ in theirs_named]
@@ -765,6 +770,13 @@ class IncreLoRAAveragedModel(AveragedModel):
             raise ValueError(f"IncreLoRAAveragedModel.update_parameters: the model's IncreLoRA "
                              f"layers ({len(theirs_names)}) are not the averaged copy's "
                              f"({len(mine_names)}){where}: pass the model it was made from")
+        merged = next(((name, whose) for whose, named in (("the model", theirs_named),
+                                                          ("the averaged copy", mine_named))
+                       for name, layer in named if layer.merged), None)
+        if merged is not None:  # (its base weight holds the adapter, which it skips)
+            raise ValueError(f"IncreLoRAAveragedModel.update_parameters: layer {merged[0]!r} of "
+                             f"{merged[1]} is merged (its adapter is in its base weight): "
+                             "unmerge() it first")
         with torch.no_grad():  # (before torch's update, which takes the source's buffers)
             moved = [_moved_slots(mine, theirs) for (_, mine), (_, theirs)
                      in zip(mine_named, theirs_named)]

@@ -477,3 +477,33 @@ def test_saving_an_averaged_model_names_the_model_it_holds(tmp_path):
     load_adapter(fresh, tmp_path / "ema")
     x, _ = batch(0)
     torch.testing.assert_close(fresh.eval()(x), averaged.eval()(x))
+
+
+@pytest.mark.parametrize("merged", ["the model", "the averaged copy"])
+def test_an_averaged_model_refuses_a_merged_layer_in_one_line(merged):
+    """A merged layer (`IncreLoRALinear.merge`, e.g. for a fast evaluation) holds its adapter
+    in its base weight and skips the adapter. Averaging a merged source's base weights into
+    the copy, whose adapters still compute, counted the adapter twice; averaging into a merged
+    copy mixed the source's plain base into the merged one, and its `unmerge` then subtracted
+    an adapter that was never all there. Both were silent; both are refused, changing
+    nothing, and after `unmerge` the update goes on."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(3), branch_config(target_rank=4, r_max=5))
+    averaged = IncreLoRAAveragedModel(model)
+    train_steps(model, opt, ctl, range(2), on_step=lambda _: averaged.update_parameters(model))
+    layer = dict(increlora_layers(model if merged == "the model" else averaged.module))[
+        "branches.1"]
+    reference = copy.deepcopy(averaged)
+    layer.merge()
+    before = [t.clone() for t in averaged.state_dict().values()]
+    with pytest.raises(ValueError, match=rf"^IncreLoRAAveragedModel\.update_parameters: layer "
+                                         rf"'branches\.1' of {merged} is merged \(its adapter "
+                                         r"is in its base weight\): unmerge\(\) it first$"):
+        averaged.update_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, averaged.state_dict().values()))
+    layer.unmerge()
+    averaged.update_parameters(model)
+    reference.update_parameters(model)
+    x, _ = batch(0)
+    torch.testing.assert_close(averaged.eval()(x), reference.eval()(x))
