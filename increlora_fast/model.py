@@ -738,7 +738,9 @@ class IncreLoRAAveragedModel(AveragedModel):
     update restarts its average from the source's A row, B column and lambda entry: averaged
     with its earlier values, content the source no longer has, the new slot would for many
     EMA updates be mostly the old one. The restart sets the slot's average, while SWA's
-    ``n_averaged`` stays the model's count."""
+    ``n_averaged`` stays the model's count. With ``scale_preserving_growth`` the averaged
+    lambdas of a grown module's earlier active slots are scaled as the source's were, so that
+    their part of dW stays what it was there too."""
 
     def __init__(self, model: nn.Module, device: Optional[torch.device] = None,
                  avg_fn: Optional[Callable] = None, multi_avg_fn: Optional[Callable] = None,
@@ -754,8 +756,9 @@ class IncreLoRAAveragedModel(AveragedModel):
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into
         this copy; take its IncreLoRA layers' slot states and stamps, the A rows, B columns
-        and lambdas of the slots it allocated or activated since the last update, and its
-        tensors that are no floats (quantized base weights), as they are.
+        and lambdas of the slots it allocated or activated since the last update (with
+        ``scale_preserving_growth``, the earlier lambdas of a grown module scaled as its
+        are), and its tensors that are no floats (quantized base weights), as they are.
 
         Raises:
             ValueError: ``model``'s IncreLoRA layers are not this copy's (another model), or a
@@ -777,9 +780,16 @@ class IncreLoRAAveragedModel(AveragedModel):
             raise ValueError(f"IncreLoRAAveragedModel.update_parameters: layer {merged[0]!r} of "
                              f"{merged[1]} is merged (its adapter is in its base weight): "
                              "unmerge() it first")
+        preserve = getattr(getattr(self.module, CONFIG_ATTR, None), "scale_preserving_growth",
+                           False)
         with torch.no_grad():  # (before torch's update, which takes the source's buffers)
             moved = [_moved_slots(mine, theirs) for (_, mine), (_, theirs)
                      in zip(mine_named, theirs_named)]
+            if preserve:  # (condition_growth's preserve_scale, on the averages)
+                for (_, mine), (_, theirs) in zip(mine_named, theirs_named):
+                    old, new = mine.active_rank, theirs.active_rank
+                    if new > old > 0:
+                        mine.lora_lambda[mine.active_mask] *= new / old
         super().update_parameters(model)
         with torch.no_grad():
             for (_, mine), (_, theirs), slots in zip(mine_named, theirs_named, moved):

@@ -396,17 +396,24 @@ def test_an_averaged_model_names_the_first_other_layer_of_as_many():
 
 
 @pytest.mark.parametrize("average", ["ema multi_avg_fn", "ema avg_fn", "swa"])
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("growth", ["plain", "normalize_on_activation",
+                                    "scale_preserving_growth"])
 @pytest.mark.parametrize("use_buffers", [False, True])
 def test_an_averaged_model_restarts_the_average_of_a_slot_allocated_or_activated(
-        average, normalize, use_buffers):
+        average, growth, use_buffers):
     """A slot the controller allocates (`add_reserve`: a fresh A row and B column, lambda at
     the reserve value) holds other values than before, and one it activates with
     ``normalize_on_activation`` gets A and B of unit norm. The averaged copy mixed the slot's
     earlier values (the never-trained draw of an unused slot, the reserve's small rows) into
     the new ones, so for many EMA updates its grown slot was mostly content the source never
     had there. A slot whose stamp moved since the last update now restarts from the source's
-    values (A row, B column, lambda); every other value is averaged as torch averages it."""
+    values (A row, B column, lambda); every other value is averaged as torch averages it.
+
+    ``scale_preserving_growth`` multiplies the lambdas of a growing module's earlier active
+    slots by new rank / old rank, keeping their part of dW; the copy averaged the new lambdas
+    with the unscaled earlier ones under the new rank's scale, so right after each growth its
+    earlier slots computed about old / new of what they had (half, growing from rank 1). Their
+    averages are now scaled as the source's lambdas were."""
     from torch.optim.swa_utils import get_ema_avg_fn, get_ema_multi_avg_fn
 
     from increlora_fast import IncreLoRAAveragedModel
@@ -419,7 +426,7 @@ def test_an_averaged_model_restarts_the_average_of_a_slot_allocated_or_activated
         rule = lambda e, c, n: decay * e + (1 - decay) * c  # noqa: E731
     torch.manual_seed(0)
     config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2,
-                           normalize_on_activation=normalize)
+                           **({} if growth == "plain" else {growth: True}))
     model, opt, ctl = make_run(ParallelBranches(3), config)
     averaged = IncreLoRAAveragedModel(model, use_buffers=use_buffers, **kwargs)
     keys = ("lora_A", "lora_B", "lora_lambda")
@@ -434,6 +441,9 @@ def test_an_averaged_model_restarts_the_average_of_a_slot_allocated_or_activated
             moved = (layer.slot_alloc_step > mine.slot_alloc_step) | \
                 (layer.slot_active_step > mine.slot_active_step)
             restarted.extend((step, name, int(i)) for i in torch.nonzero(moved).flatten())
+            if growth == "scale_preserving_growth" and layer.active_rank > mine.active_rank:
+                earlier = mine.active_mask
+                expected[name, "lora_lambda"][earlier] *= layer.active_rank / earlier.sum()
             for key in keys:
                 current = getattr(layer, key).detach()
                 new = current.clone() if n == 0 else rule(expected[name, key], current, n)
