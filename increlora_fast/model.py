@@ -746,12 +746,17 @@ class IncreLoRAAveragedModel(AveragedModel):
                  avg_fn: Optional[Callable] = None, multi_avg_fn: Optional[Callable] = None,
                  use_buffers: bool = False) -> None:
         """torch's ``AveragedModel`` (the same arguments), its ``avg_fn`` or ``multi_avg_fn``
-        (torch's SWA where neither is given) applied to float and complex tensors only."""
+        (torch's SWA where neither is given) applied to float and complex tensors only. The
+        copy's layers track no score (a copy made in a score window would, for good) and hold
+        no score buffers (the dense gradient of ``exact_step_score`` among them)."""
         # (partials of module functions: the averaged model pickles as torch's does)
         multi = None if avg_fn is not None and multi_avg_fn is None else functools.partial(
             _float_averages, multi_avg_fn)  # (where neither is given, torch's SWA)
         average = None if avg_fn is None else functools.partial(_float_average, avg_fn)
         super().__init__(model, device, average, multi, use_buffers)
+        for _, layer in increlora_layers(self.module):  # (no controller ever reads its scores)
+            layer.score_enabled = False
+            layer.release_score_buffers()
 
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into

@@ -517,3 +517,27 @@ def test_an_averaged_model_refuses_a_merged_layer_in_one_line(merged):
     reference.update_parameters(model)
     x, _ = batch(0)
     torch.testing.assert_close(averaged.eval()(x), reference.eval()(x))
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_an_averaged_model_made_in_a_score_window_tracks_no_score(exact):
+    """The averaged copy is a deep copy of the model, taken with the layers' score tracking as
+    it is: made inside a score window it tracked scores in every backward pass through it for
+    good (no controller switches the copy's layers), and with ``exact_step_score`` it held a
+    dense float32 (out, in) gradient per layer, as large as the base weights in float32. The
+    copy tracks nothing and holds no score buffers."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2,
+                           exact_step_score=exact)
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    train_steps(model, opt, ctl, range(3))
+    assert all(layer.score_enabled and (layer.score_grad is not None) == exact
+               for _, layer in increlora_layers(model))
+    averaged = IncreLoRAAveragedModel(model)
+    x, y = batch(0)
+    ((averaged(x) - y) ** 2).mean().backward()
+    for name, layer in increlora_layers(averaged.module):
+        assert not layer.score_enabled and layer.score_grad is None, name
+        assert float(layer.score_sum) == 0.0, name  # (the score of the passes through it)
+    assert all(layer.score_enabled for _, layer in increlora_layers(model))  # (untouched)
