@@ -697,3 +697,15 @@ def test_a_json_record_naming_a_read_field_twice_is_refused(tmp_path):
     listed.write_text('[{"text": "x", "text": "y", "label": 1}]')
     with pytest.raises(ValueError, match=r"t\.json: record 1 names field\(s\) \['text'\]"):
         load_files(str(listed), None)
+
+
+def test_too_few_distinct_texts_for_the_automatic_dev_split_names_the_file(tmp_path):
+    """A training file whose texts repeat down to one distinct text (its labels differing, so
+    the label checks pass) failed in `fixed_split`, naming neither the file nor what to do."""
+    path = write_csv(tmp_path / "t.csv", [{"text": "same film", "label": y}
+                                          for y in ("pos", "neg", "pos", "neg")])
+    with pytest.warns(UserWarning, match="3 rows repeat"), pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    assert str(err.value) == (f"{path}: 1 row left after dropping rows that repeat an earlier "
+                              "row's text, too few to hold out an automatic dev split; give "
+                              "more rows with distinct texts, or --eval-file")

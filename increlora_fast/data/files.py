@@ -425,6 +425,10 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
              for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
     if eval_file is None:
         train = _drop_repeated_texts(train_path, train)
+        if len(train) < 2:  # (fixed_split's own error names no file)
+            raise ValueError(f"{train_path}: 1 row left after dropping rows that repeat an "
+                             "earlier row's text, too few to hold out an automatic dev split; "
+                             "give more rows with distinct texts, or --eval-file")
         train, dev = fixed_split(train, min(MAX_AUTO_DEV, max(1, len(train) // 10)))
         unseen = sorted({e.label for e in dev} - {e.label for e in train})
         if unseen:
