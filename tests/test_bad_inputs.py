@@ -2,6 +2,7 @@
 (issue 28, items 4 and 5)."""
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -333,6 +334,28 @@ def test_folder_as_data_file_names_the_option(tmp_path, capsys, monkeypatch, no_
                   str(tmp_path / "o"), "--no-progress"])
     assert code == 2
     _one_line(capsys, f"{option} {tmp_path} is a folder", "give a file")
+
+
+@pytest.mark.parametrize("kind", ["fifo", "process_substitution"])
+def test_a_pipe_as_data_file_is_named_as_one(tmp_path, capsys, no_model_loading, kind):
+    """A named pipe was refused as "does not exist", and ``--train-file <(zcat t.csv.gz)`` (a
+    /dev/fd/N link to a pipe) as a made-up path ``/proc/…/fd/pipe:[N]`` that "does not exist":
+    the given path is named as a pipe, and what to do."""
+    if kind == "fifo":
+        given = str(tmp_path / "train.csv")
+        os.mkfifo(given)
+    else:
+        read_end, write_end = os.pipe()
+        given = f"/dev/fd/{read_end}"
+    try:
+        code = _main(["finetune", "--train-file", given, "--output-dir", str(tmp_path / "o"),
+                      "--no-progress"])
+    finally:
+        if kind != "fifo":
+            os.close(read_end)
+            os.close(write_end)
+    assert code == 2
+    _one_line(capsys, f"--train-file {given} is not a regular file", "save the data as a file")
 
 
 def test_offline_glue_task_fails_at_once_in_one_line(capsys, monkeypatch, tmp_path,

@@ -387,6 +387,21 @@ def _swap_hint(path: Path, label_column: str) -> str:
             "--label-column swapped?")
 
 
+def check_data_file(option: str, given: str) -> None:
+    """Refuse ``given``, the data file of ``option``, in one line unless it is a regular file:
+    a missing path, a folder, or a pipe or device (``<(zcat t.csv.gz)``: read once, it could be
+    neither hashed nor read again) are named as such."""
+    path = Path(given)
+    suffixes = ", ".join(sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES))
+    if not path.exists():
+        raise FileNotFoundError(f"{option} {given}: the data file does not exist")
+    if path.is_dir():
+        raise ValueError(f"{option} {given} is a folder; give a file ({suffixes})")
+    if not path.is_file():
+        raise ValueError(f"{option} {given} is not a regular file (a pipe or a device); save "
+                         f"the data as a file ({suffixes})")
+
+
 def load_files(train_file: str, eval_file: Optional[str], text_column: str = "text",
                text_pair_column: Optional[str] = None, label_column: str = "label") -> TaskData:
     """Examples from the user's files. Labels are read as `examples.label_names_for` says
@@ -401,11 +416,8 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
             mean that the text and label columns are swapped).
     """
     for option, given in (("--train-file", train_file), ("--eval-file", eval_file)):
-        if given is not None and not Path(given).exists():
-            raise FileNotFoundError(f"{option} {given}: the data file does not exist")
-        if given is not None and Path(given).is_dir():
-            raise ValueError(f"{option} {given} is a folder; give a file ("
-                             f"{', '.join(sorted(CSV_SUFFIXES) + list(JSON_SUFFIXES))})")
+        if given is not None:
+            check_data_file(option, given)
     if eval_file is not None:
         _warn_if_same_data(train_file, eval_file)
     train_path = Path(train_file)

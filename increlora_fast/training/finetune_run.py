@@ -17,7 +17,7 @@ import torch
 from ..data import TaskData, load_files, load_task, locate_asset
 from ..data.assets import PACKAGED_MODELS, hub_access_off, hub_offline
 from ..data.examples import Example, fixed_split
-from ..data.files import file_sha256
+from ..data.files import check_data_file, file_sha256
 from ..layer import is_supported_base
 from ..model import saved_root, suffix_match
 from ..files import atomic_write_bytes
@@ -53,17 +53,19 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def with_data_identity(s: RunSettings) -> RunSettings:
-    """A copy with absolute data paths and the sha256 of each data file (a missing file is left
-    to `load_data`, which names it)."""
+    """A copy with absolute data paths and the sha256 of each data file; a path that is no
+    regular file is refused first (`files.check_data_file`), as resolving a pipe's /dev/fd/N
+    gives a made-up path."""
     values = {}
-    for path_key, hash_key, _ in DATA_FILE_KEYS:
+    for path_key, hash_key, option in DATA_FILE_KEYS:
         path = getattr(s, path_key)
         if path is None:
             values[hash_key] = None
             continue
+        check_data_file(option, str(Path(path).expanduser()))
         absolute = Path(path).expanduser().resolve()
         values[path_key] = str(absolute)
-        values[hash_key] = file_sha256(absolute) if absolute.is_file() else None
+        values[hash_key] = file_sha256(absolute)
     return dataclasses.replace(s, **values)
 
 
