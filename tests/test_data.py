@@ -709,3 +709,17 @@ def test_too_few_distinct_texts_for_the_automatic_dev_split_names_the_file(tmp_p
     assert str(err.value) == (f"{path}: 1 row left after dropping rows that repeat an earlier "
                               "row's text, too few to hold out an automatic dev split; give "
                               "more rows with distinct texts, or --eval-file")
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_a_non_utf8_byte_is_named_by_the_line_the_readers_count(tmp_path, newline):
+    """A line ends at "\\n", "\\r\\n" or "\\r" for the readers (and for every other message
+    naming a line), but a byte that is not UTF-8 was placed by counting "\\n" only: in a file
+    with "\\r" line ends (Excel's 'CSV (Macintosh)', Mac Roman text) it was always 'line 1'."""
+    lines = ["text,label", "good film,pos", "bad film,neg", "caf\xe9 film,neg", "fine,pos"]
+    path = tmp_path / "t.csv"
+    path.write_bytes(newline.join(lines).encode("latin-1") + newline.encode())
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), None)
+    assert str(err.value) == (f"data file {path} is not UTF-8 text: line 4 holds byte 0xe9; "
+                              "save it as UTF-8")

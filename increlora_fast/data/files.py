@@ -51,7 +51,8 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = raw[:err.start].count(b"\n") + 1
+        before = raw[:err.start]  # lines end at "\n", "\r" or both, as the readers count them
+        line = before.count(b"\n") + before.count(b"\r") - before.count(b"\r\n") + 1
         raise ValueError(f"data file {path} is not UTF-8 text: line {line} holds byte "
                          f"0x{raw[err.start]:02x}; save it as UTF-8") from err
     if suffix in CSV_SUFFIXES:
