@@ -723,3 +723,23 @@ def test_a_non_utf8_byte_is_named_by_the_line_the_readers_count(tmp_path, newlin
         load_files(str(path), None)
     assert str(err.value) == (f"data file {path} is not UTF-8 text: line 4 holds byte 0xe9; "
                               "save it as UTF-8")
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+@pytest.mark.parametrize("bom", ["", "\ufeff"])
+def test_a_header_repeated_inside_the_data_is_refused_naming_its_line(tmp_path, suffix, bom):
+    """Files joined with their headers (``cat part-*.csv``) hold the header again as a row: it
+    was read as an example of a class named like the label column (``label``): silently, a
+    third class here, or where it fell in an automatic dev split, refused as a swap of the
+    columns."""
+    delimiter = "\t" if suffix == ".tsv" else ","
+    parts = [f"{bom}text{delimiter}label\n" + "".join(
+        f"{r['text']}{delimiter}{r['label']}\n" for r in sentiment_rows(20, seed=seed))
+        for seed in (1, 2)]
+    path = tmp_path / f"t{suffix}"
+    path.write_text("".join(parts), encoding="utf-8")
+    dev = write_csv(tmp_path / "dev.csv", sentiment_rows(10, seed=3))
+    with pytest.raises(ValueError) as err:
+        load_files(str(path), str(dev))
+    assert str(err.value) == (f"{path}: line 22 repeats the header; remove it (were files "
+                              "joined with their headers?)")

@@ -145,7 +145,9 @@ def _csv_rows(text: str, delimiter: str, path: Path,
             the header: an unquoted delimiter in a text would otherwise shift the rest of its
             row into the label silently (the surplus cells are kept apart), or a
             TSV line opens a quote it does not close (`_check_tsv_quotes`), or a CSV quote never
-            closes or closes before other text than the delimiter (`_quote_error`).
+            closes or closes before other text than the delimiter (`_quote_error`), or a row
+            repeats the header (files joined with their headers; read as a row, it was an
+            example of a class named like the label column).
     """
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))
@@ -163,6 +165,9 @@ def _csv_rows(text: str, delimiter: str, path: Path,
             if not any(cell.strip() for cell in cells):
                 empty.append(lineno)
                 continue
+            if cells[-1:] == header[-1:] and [cell.lstrip("\ufeff") for cell in cells] == header:
+                raise ValueError(f"{path}: line {lineno} repeats the header; remove it (were "
+                                 "files joined with their headers?)")
             surplus = cells[len(header):]
             if any(cell.strip() for cell in surplus):
                 raise ValueError(f"{path}: line {lineno} has {len(cells)} cells, the header "
