@@ -743,3 +743,27 @@ def test_a_header_repeated_inside_the_data_is_refused_naming_its_line(tmp_path, 
         load_files(str(path), str(dev))
     assert str(err.value) == (f"{path}: line 22 repeats the header; remove it (were files "
                               "joined with their headers?)")
+
+
+def test_labels_left_without_rows_by_dropping_repeated_texts_are_named(tmp_path):
+    """Dropping repeated texts before the automatic dev split can take every row of a label
+    (each repeats the text of an earlier row of another label): training then ran on one
+    class, past the single-label refusal, and a label losing its rows beside others went
+    unsaid."""
+    rows = [{"text": f"film {i}", "label": "pos"} for i in range(20)]
+    one_left = write_csv(tmp_path / "one.csv", rows + [dict(r, label="neg") for r in rows[:3]])
+    with pytest.warns(UserWarning, match="3 rows repeat"), pytest.raises(ValueError) as err:
+        load_files(str(one_left), None)
+    assert str(err.value) == (f"{one_left}: every row of label(s) ['neg'] repeats the text of "
+                              "an earlier row of another label and was dropped, leaving a "
+                              "single label ['pos']; classification needs at least two")
+    neutral = [{"text": f"dull {i}", "label": "neg"} for i in range(20)]
+    two_left = write_csv(tmp_path / "two.csv",
+                         rows + neutral + [dict(r, label="neutral") for r in rows[:3]])
+    with pytest.warns(UserWarning) as record:
+        data = load_files(str(two_left), None)
+    assert data.label_names == ["neg", "neutral", "pos"]
+    assert [str(w.message) for w in record][-1] == (
+        f"{two_left}: every row of label(s) ['neutral'] repeats the text of an earlier row of "
+        "another label and was dropped: the model cannot learn them; give rows of distinct "
+        "texts for them")

@@ -370,6 +370,23 @@ def _drop_repeated_texts(path: Path, examples: List[Example]) -> List[Example]:
     return kept
 
 
+def _check_labels_kept(path: Path, examples: List[Example], label_names: List[str]) -> None:
+    """Refuse ``examples`` of ``path`` left with a single label by `_drop_repeated_texts` (every
+    row of the others repeated the text of an earlier row of another label), and warn about
+    labels it left without rows beside two or more others: the model cannot learn them."""
+    kept = sorted({e.label for e in examples})
+    gone = [name for i, name in enumerate(label_names) if i not in kept]
+    if not gone:
+        return
+    what = (f"every row of label(s) {gone} repeats the text of an earlier row of another label "
+            "and was dropped")
+    if len(kept) < 2:
+        raise ValueError(f"{path}: {what}, leaving a single label {[label_names[kept[0]]]}; "
+                         "classification needs at least two")
+    warnings.warn(f"{path}: {what}: the model cannot learn them; give rows of distinct texts for "
+                  "them", UserWarning, stacklevel=3)
+
+
 def _warn_if_same_data(train_file: str, eval_file: str) -> None:
     """Warn when ``eval_file`` is ``train_file`` (the same file, or a copy of its bytes): the
     dev accuracy then measures the training data."""
@@ -447,6 +464,7 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
             raise ValueError(f"{train_path}: 1 row left after dropping rows that repeat an "
                              "earlier row's text, too few to hold out an automatic dev split; "
                              "give more rows with distinct texts, or --eval-file")
+        _check_labels_kept(train_path, train, label_names)
         train, dev = fixed_split(train, min(MAX_AUTO_DEV, max(1, len(train) // 10)))
         unseen = sorted({e.label for e in dev} - {e.label for e in train})
         if unseen:
