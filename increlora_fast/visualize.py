@@ -112,13 +112,14 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
 
     Raises:
         FileExistsError: a file is at ``path`` and ``overwrite`` is False.
+        ImportError: matplotlib (the ``finetune`` extra) is not installed.
     """
     if not rank_pattern:
         raise ValueError("save_rank_heatmap needs at least one module")
     path = Path(path).expanduser()  # "~/figs/x.png": no shell expanded it
     _refuse_existing(path, overwrite, "save_rank_heatmap")
     import numpy as np
-    from matplotlib.figure import Figure
+    Figure = _figure_class("save_rank_heatmap")
 
     layers, kinds, grid = _grid(rank_pattern)
     data = np.full((len(layers), len(kinds)), np.nan)
@@ -182,10 +183,11 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
 
     Raises:
         FileExistsError: a file is at ``path`` and ``overwrite`` is False.
+        ImportError: matplotlib (the ``finetune`` extra) is not installed.
     """
     path = Path(path).expanduser()  # "~/figs/x.png": no shell expanded it
     _refuse_existing(path, overwrite, "save_rank_over_time")
-    from matplotlib.figure import Figure
+    Figure = _figure_class("save_rank_over_time")
 
     history = rank_history(initial, allocation_log)
     if not history:
@@ -220,6 +222,18 @@ def _refuse_existing(path: Union[str, Path], overwrite: bool, caller: str) -> No
     if not overwrite and Path(path).exists():
         raise FileExistsError(f"{caller}: {path} already exists; choose another path, or pass "
                               "overwrite=True to replace it")
+
+
+def _figure_class(caller: str) -> type:
+    """matplotlib's ``Figure`` (no pyplot: the caller's backend stays as it is); without
+    matplotlib, an ImportError naming ``caller`` and the extra that installs it."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError(f"{caller} needs matplotlib ({err}): pip install matplotlib, or "
+                          "increlora_fast's \"finetune\" extra (pip install -e \".[finetune]\")"
+                          ) from err
+    return Figure
 
 
 def _save(fig, path) -> Path:

@@ -142,3 +142,22 @@ def test_twelve_module_types_get_twelve_colours(tmp_path, monkeypatch):
     colours = [h.get_color() for h in legend.legend_handles]
     assert labels[1:] == [f"kind{k}" for k in range(12)]
     assert len(set(colours[1:])) == 12
+
+
+@pytest.mark.parametrize("save", ["heatmap", "over_time"])
+def test_without_matplotlib_the_savers_name_the_extra_to_install(tmp_path, monkeypatch, save):
+    """Without matplotlib the savers raised a bare "No module named 'matplotlib'", naming
+    neither the function that needs it nor the extra that installs it."""
+    import sys
+
+    from increlora_fast.visualize import save_rank_heatmap
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    png = tmp_path / "rank.png"
+    with pytest.raises(ImportError, match=r"save_rank_.*matplotlib.*\[finetune\]"):
+        if save == "heatmap":
+            save_rank_heatmap(INITIAL, png)
+        else:
+            save_rank_over_time(INITIAL, LOG, png)
+    assert not png.exists()
