@@ -630,3 +630,26 @@ def test_train_ending_in_a_score_window_leaves_no_score_tracking(tmp_path):
     out = model(input_ids=batch["input_ids"][None], labels=torch.tensor([batch["labels"]]))
     out.loss.backward()
     assert all(layer.score_grad is None and not layer.score_sum.any() for layer in layers)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+@pytest.mark.parametrize("total_step", [6, STEPS])
+def test_a_total_step_before_max_steps_is_said(tmp_path, plain, total_step):
+    """IncreLoRAConfig.total_step below the Trainer's max_steps: every rate of the per-slot
+    AdamW reached 0 at total_step, so the later steps trained nothing and the slots grown in
+    them never trained, without a word (a None total_step follows max_steps)."""
+    from increlora_fast.integrations.trainer import increlora_optimizers
+
+    model, _ = tiny_increlora_bert(warmup_steps=2, total_step=total_step)
+    args = _args(tmp_path, save_strategy="no")
+    if plain:
+        trainer = Trainer(model=model, train_dataset=TinyTask(), args=args,
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(IncreLoRAController(model)).install(trainer)
+    else:
+        trainer = IncreLoRATrainer(model=model, train_dataset=TinyTask(), args=args)
+    said = _said_while_training(trainer, "total_step")
+    if total_step == STEPS:
+        assert said == []
+    else:
+        assert len(said) == 1 and "total_step=6" in said[0] and f"max_steps={STEPS}" in said[0]

@@ -411,6 +411,8 @@ class IncreLoRACallback(TrainerCallback):
             # the Trainer's linear decay to its last step, as IncreLoRATrainer sets it; again
             # after a resume, whose optimizer state holds the last run's max_steps
             follow_max_steps(inner, state.max_steps)
+        if isinstance(inner, IncreLoRAAdamW):
+            self.warn_total_step_before_max_steps(state.max_steps)
         if optimizer is not None and not isinstance(inner, IncreLoRAAdamW):
             warnings.warn("IncreLoRACallback: the Trainer's optimizer is not IncreLoRAAdamW, so "
                           "new slots get no restart warmup; use IncreLoRATrainer or "
@@ -468,6 +470,18 @@ class IncreLoRACallback(TrainerCallback):
         message = self.controller.budget_out_of_reach(start_step, end_step, "max_steps")
         if message:
             warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def warn_total_step_before_max_steps(self, max_steps: int) -> None:
+        """Warn (RuntimeWarning) when ``IncreLoRAConfig.total_step`` ends the per-slot AdamW's
+        schedules before the Trainer's ``max_steps``: from it on every learning rate is 0, so
+        the last steps train nothing and slots grown in them never train."""
+        total_step = self.controller.config.total_step
+        if total_step is not None and total_step < max_steps:
+            warnings.warn(f"IncreLoRA: IncreLoRAConfig.total_step={total_step} is before the "
+                          f"Trainer's max_steps={max_steps}: every learning rate is 0 from step "
+                          f"{total_step} on, so the last {max_steps - total_step} steps train "
+                          "nothing; set total_step=None (it then follows max_steps) or to "
+                          "max_steps", RuntimeWarning, stacklevel=2)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.controller.stop_tracking()  # no score or score buffer in passes after training
@@ -595,7 +609,8 @@ def _controller_over(model: torch.nn.Module) -> IncreLoRAController:
 class IncreLoRATrainer(Trainer):
     """`Trainer` for a model returned by `inject_increlora`; needs no manual IncreLoRA calls.
 
-    ``config.total_step`` defaults to the Trainer's number of training steps when left as None.
+    ``config.total_step`` defaults to the Trainer's number of training steps when left as None
+    (one before them is warned about at train begin: every rate is 0 from it on).
     The optimizer is `IncreLoRAAdamW` with ``learning_rate``, ``weight_decay``, ``adam_beta1``,
     ``adam_beta2`` and ``adam_epsilon`` of the ``TrainingArguments``; as in the Trainer's own
     AdamW its weight decay spares biases and normalization weights (`create_optimizer`'s group
