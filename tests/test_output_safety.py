@@ -325,3 +325,19 @@ def test_checkpoint_folders_are_listed_by_decimal_steps_only(tmp_path):
         (tmp_path / name / SETTINGS_FILE).write_text("{}")
         (tmp_path / name / STATE_FILE).write_bytes(b"")
     assert checkpoints_by_step(tmp_path) == {2: tmp_path / "checkpoint-2"}
+
+
+def test_checkpoint_folders_count_only_under_the_name_a_run_writes(tmp_path):
+    """``checkpoint-07`` and ``checkpoint-7`` both mapped to step 7, one silently replacing the
+    other in the listing (which one: the file system's order), so `newest_checkpoint` and the
+    Ctrl-C line could name a folder the run never wrote. Only ``checkpoint-<step>`` as a run
+    names it (`str(step)`) counts."""
+    from increlora_fast.training.checkpoint import (SETTINGS_FILE, STATE_FILE,
+                                                    checkpoints_by_step, newest_checkpoint)
+    for name in ("checkpoint-7", "checkpoint-07", "checkpoint-007", "checkpoint-09",
+                 "checkpoint-\u0663"):  # ARABIC-INDIC DIGIT THREE: decimal, and int() reads 3
+        (tmp_path / name).mkdir()
+        (tmp_path / name / SETTINGS_FILE).write_text("{}")
+        (tmp_path / name / STATE_FILE).write_bytes(b"")
+    assert checkpoints_by_step(tmp_path) == {7: tmp_path / "checkpoint-7"}
+    assert newest_checkpoint(tmp_path) == tmp_path / "checkpoint-7"

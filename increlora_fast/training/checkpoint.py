@@ -19,6 +19,7 @@ import io
 import json
 import os
 import random
+import re
 import shutil
 from pathlib import Path
 from typing import Dict, Optional
@@ -44,6 +45,9 @@ DELETING_SUFFIX = ".deleting"
 # ``.checkpoint-<step>.replaced`` until the new one is in place; the next run into the folder
 # puts it back if a kill came in between (`output_folder.recover_leftovers`).
 REPLACED_SUFFIX = ".replaced"
+# The name a run gives the checkpoint of a step (`finetune_run._Checkpointer`): its decimal
+# digits without leading zeros.
+CANONICAL_CHECKPOINT = re.compile(re.escape(CHECKPOINT_PREFIX) + r"(0|[1-9][0-9]*)")
 
 
 class CheckpointWriteError(OSError):
@@ -176,11 +180,13 @@ def _verified_envelope(directory: Path) -> Dict:
 
 def checkpoints_by_step(folder: Path) -> Dict[int, Path]:
     """The ``checkpoint-<step>`` folders in ``folder`` that hold a checkpoint's files, by step
-    (none when ``folder`` is no folder)."""
+    (none when ``folder`` is no folder). Only the name a run writes counts (``str(step)``):
+    ``checkpoint-07`` would be step 7 too, beside ``checkpoint-7``."""
     if not folder.is_dir():
         return {}
-    return {int(p.name[len(CHECKPOINT_PREFIX):]): p for p in folder.glob(CHECKPOINT_PREFIX + "*")
-            if p.name[len(CHECKPOINT_PREFIX):].isdecimal() and (p / SETTINGS_FILE).is_file()
+    found = ((CANONICAL_CHECKPOINT.fullmatch(p.name), p)
+             for p in folder.glob(CHECKPOINT_PREFIX + "*"))
+    return {int(m.group(1)): p for m, p in found if m and (p / SETTINGS_FILE).is_file()
             and (p / STATE_FILE).is_file()}
 
 
