@@ -402,6 +402,32 @@ def test_resuming_a_finetune_checkpoint_onto_another_base_is_refused(tmp_path, c
     assert not (tmp_path / "again" / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("method", ["lora", "adalora"])
+def test_resuming_a_peft_checkpoint_onto_another_base_is_refused(tmp_path, capsys, method):
+    """A LoRA or AdaLoRA checkpoint held only the trainable tensors: resumed after the model
+    folder was replaced by another initialisation of the same config, it went on silently on
+    the other base weights (IncreLoRA's checkpoints were checked by their base fingerprint)."""
+    from finetune_helpers import cli, tiny_files, write_tiny_bert
+
+    tiny = tiny_files(tmp_path / "tiny", train_rows=32, dev_rows=8)
+    run = tmp_path / "run"
+    assert cli(["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file",
+                tiny["dev"], "--batch-size", "8", "--max-seq-len", "16", "--no-progress",
+                "--max-steps", "4", "--save-steps", "2", "--output-dir", str(run),
+                "--method", method]) == 0
+    capsys.readouterr()
+    again = ["--resume", str(run / "checkpoint-2"), "--no-progress", "--output-dir"]
+    assert cli(again + [str(tmp_path / "same")]) == 0  # the same files resume
+    torch.manual_seed(99)
+    write_tiny_bert(Path(tiny["model"]))
+    capsys.readouterr()
+    assert cli(again + [str(tmp_path / "again")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and str(run / "checkpoint-2") in err and tiny["model"] in err
+    assert "bert.embeddings." in err and "the model files changed" in err
+    assert not (tmp_path / "again" / "metrics.json").exists()
+
+
 @pytest.mark.parametrize("training_state", [False, True], ids=["adapter", "checkpoint"])
 def test_a_target_inside_a_module_to_save_is_saved_whole_and_loads_onto_its_base(
         tmp_path, base, other_base, training_state):

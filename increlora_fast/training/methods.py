@@ -19,6 +19,8 @@ from ..files import atomic_write_bytes
 from .settings import RunSettings
 
 TRAINABLE_FILE = "trainable.safetensors"
+# Values `frozen_fingerprint` samples from each frozen parameter.
+FROZEN_SAMPLES = 8
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
@@ -33,6 +35,21 @@ def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_s
 def matches_suffix(name: str, suffixes: List[str]) -> bool:
     """Whether ``name`` matches one of ``suffixes`` (`model.suffix_match`)."""
     return any(suffix_match(name, s) for s in suffixes)
+
+
+def frozen_fingerprint(model: nn.Module) -> Dict[str, str]:
+    """Per frozen parameter of ``model``: its shape and `FROZEN_SAMPLES` values spread over it,
+    exact (float32 bytes, in hex), so that a checkpoint holding only the trainable tensors
+    knows the base weights it was trained on, at a cost that does not grow with the model."""
+    found = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        flat = p.detach().reshape(-1)
+        at = torch.linspace(0, flat.numel() - 1, min(FROZEN_SAMPLES, flat.numel()),
+                            device=flat.device).long()
+        found[name] = f"{tuple(p.shape)}:{flat[at].float().cpu().numpy().tobytes().hex()}"
+    return found
 
 
 class MethodRun:
@@ -148,10 +165,20 @@ class MethodRun:
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters()
                    if p.requires_grad}
         atomic_write_bytes(ckpt_dir / TRAINABLE_FILE, safetensors_bytes(tensors))
-        return {"scheduler": self.scheduler.state_dict()}
+        return {"scheduler": self.scheduler.state_dict(), "frozen": frozen_fingerprint(self.model)}
 
     def load_state(self, ckpt_dir: Path, state: dict) -> None:
-        """Inverse of `save_state`, on a run built from the same settings."""
+        """Inverse of `save_state`, on a run built from the same settings; ValueError when the
+        model's frozen weights are not those the checkpoint was trained on (checkpoints written
+        before they were recorded are not checked)."""
+        saved, current = state.get("frozen"), frozen_fingerprint(self.model)
+        if saved is not None and saved != current:
+            first = next(n for n in sorted(set(saved) | set(current))
+                         if saved.get(n) != current.get(n))
+            raise ValueError(f"checkpoint {ckpt_dir} was trained on other base weights than "
+                             f"--model {self.settings.model} holds now (first difference in "
+                             f"{first}): the model files changed since the checkpoint was "
+                             "written; resume with the ones it was trained on")
         tensors = load_file(str(ckpt_dir / TRAINABLE_FILE))
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
         if set(tensors) != set(params):
