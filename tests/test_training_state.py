@@ -136,6 +136,28 @@ def test_resume_from_another_working_directory(run, tmp_path, capsys, monkeypatc
     assert code == 0 and not err
 
 
+def test_resume_of_a_run_given_a_relative_model_folder_from_another_working_directory(
+        run, tmp_path, capsys, monkeypatch):
+    """The data paths were stored absolute, ``--model`` as given: a run started with
+    ``--model bert`` in its folder could not be resumed from anywhere else (``bert`` was looked
+    up as a hub id, or another folder of that name was loaded)."""
+    work = tmp_path / "work"
+    shutil.copytree(run["model"], work / "bert")
+    monkeypatch.chdir(work)
+    assert cli(["--model", "bert", "--train-file", run["train"], "--batch-size", "8",
+                "--max-seq-len", "16", "--output-dir", "out", "--no-progress", "--max-steps",
+                "4", "--save-steps", "2"]) == 0
+    monkeypatch.chdir(tmp_path)
+    code, err = _resume(work / "out" / "checkpoint-2", tmp_path, capsys)
+    assert code == 0 and not err
+    assert json.loads((tmp_path / "resumed" / "metrics.json").read_text())["model"] == \
+        str(work / "bert")
+    monkeypatch.chdir(work)  # giving --model as the run did is no conflict
+    capsys.readouterr()
+    assert cli(["--resume", "out/checkpoint-2", "--model", "bert", "--output-dir",
+                str(tmp_path / "again"), "--no-progress"]) == 0, capsys.readouterr().err
+
+
 def test_compare_reruns_instead_of_reusing_results_from_other_data(run, tmp_path, capsys):
     """A finished run of an earlier comparison on other data is never reused; it is trained
     again in its place only with --overwrite, and refused otherwise (it was replaced unasked:

@@ -341,7 +341,8 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
         if key in RESUME_OVERRIDES:
             continue
         given = getattr(args, key, None)
-        if key in ("train_file", "eval_file") and given is not None:
+        if given is not None and (key in ("train_file", "eval_file") or (
+                key == "model" and Path(given).expanduser().is_dir())):
             given = str(Path(given).expanduser().resolve())  # checkpoints store absolute paths
         if _stated(args, key, given, parser_defaults) and given != getattr(saved, key):
             conflicts.append(f"--{key.replace('_', '-')} {given!r} (checkpoint: "

@@ -53,10 +53,14 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def with_data_identity(s: RunSettings) -> RunSettings:
-    """A copy with absolute data paths and the sha256 of each data file; a path that is no
-    regular file is refused first (`files.check_data_file`), as resolving a pipe's /dev/fd/N
-    gives a made-up path."""
+    """A copy with absolute data paths and the sha256 of each data file, and a ``--model`` that
+    names a local folder as its absolute path (a resume from another working folder loads it
+    again); a data path that is no regular file is refused first (`files.check_data_file`), as
+    resolving a pipe's /dev/fd/N gives a made-up path."""
     values = {}
+    model = Path(s.model).expanduser()
+    if model.is_dir():
+        values["model"] = str(model.resolve())
     for path_key, hash_key, option in DATA_FILE_KEYS:
         path = getattr(s, path_key)
         if path is None:
