@@ -582,9 +582,28 @@ def _peft_hint(directory: Path) -> str:
             "peft_type), which peft.PeftModel.from_pretrained loads")
 
 
+# Files of a whole model saved by transformers (`save_pretrained`, the Trainer's `save_model`
+# and checkpoints), whichever of them a folder holds.
+WHOLE_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                     "pytorch_model.bin.index.json")
+
+
+def _whole_model_hint(directory: Path) -> str:
+    """``": <directory> holds a whole model ..."`` when ``directory`` holds a transformers
+    model's weights (a Trainer's ``save_model`` or checkpoint folder) and no adapter, else
+    ``""``."""
+    found = next((name for name in WHOLE_MODEL_FILES if (directory / name).is_file()), None)
+    if found is None:
+        return ""
+    return (f": {directory} holds a whole model ({found}: save_pretrained, or a Trainer's "
+            "save_model or checkpoint, which resume_from_checkpoint reads), not an adapter; "
+            "save_adapter(model, folder) writes the adapter load_adapter reads")
+
+
 def _read(path: Path):
     if not path.is_file():
-        raise FileNotFoundError(f"no adapter file at {path}{_peft_hint(path.parent)}")
+        hint = _peft_hint(path.parent) or _whole_model_hint(path.parent)
+        raise FileNotFoundError(f"no adapter file at {path}{hint}")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -305,6 +305,21 @@ def test_missing_directory(tmp_path, tiny_net):
         load_adapter(target, tmp_path / "nowhere")
 
 
+def test_a_whole_model_folder_is_named_as_one(tmp_path):
+    """A folder of a whole transformers model (save_pretrained; a Trainer's save_model or
+    checkpoint) is named as one, with save_adapter (the message named only the missing file)."""
+    from transformers import BertConfig, BertModel
+    model = BertModel(BertConfig(vocab_size=32, hidden_size=8, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=16))
+    model.save_pretrained(str(tmp_path / "saved"))
+    injected = inject_increlora(model, make_config(target_modules=["query", "value"],
+                                                   modules_to_save=None))
+    with pytest.raises(FileNotFoundError, match="no adapter file") as err:
+        load_adapter(injected, tmp_path / "saved")
+    assert "holds a whole model (model.safetensors" in str(err.value)
+    assert "save_adapter(model, folder)" in str(err.value)
+
+
 def test_model_without_adapter(saved):
     """Loading into a model never injected names the adapter and how to inject it with the
     adapter's own config (found by an audit: the message named neither)."""
