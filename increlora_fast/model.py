@@ -1025,7 +1025,8 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain base layers back in place.
 
     Returns ``model``; a ``torch.compile`` or (Distributed)DataParallel wrapper is seen through
-    (`unwrapped`), so the model it holds loses its config too.
+    (`unwrapped`), so the model it holds loses its config too, as does an injected model held
+    by ``model`` (a user's own wrapper module, `IncreLoRAAveragedModel`).
 
     Raises:
         ValueError: a base is quantized (bitsandbytes 4-bit / 8-bit): its weight cannot take the
@@ -1063,7 +1064,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             layer._merge_in_place()
         for alias in aliases[id(layer)]:  # a layer registered under several names
             _set_submodule(model, alias, layer.base_layer)
-    if hasattr(model, CONFIG_ATTR):
-        delattr(model, CONFIG_ATTR)
+    for module in model.modules():  # the model, or the injected model a module holds
+        if hasattr(module, CONFIG_ATTR):
+            delattr(module, CONFIG_ATTR)
+            setattr(module, UNLOADED_ATTR, True)
     setattr(model, UNLOADED_ATTR, True)  # for get_config's message
     return wrapper

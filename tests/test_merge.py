@@ -439,3 +439,31 @@ def test_inject_and_merge_through_a_wrapper_keep_the_config_on_the_model(tiny_ne
     assert not any(isinstance(m, IncreLoRALinear) for m in tiny_net.modules())
     torch.testing.assert_close(tiny_net(x), y, rtol=1e-5, atol=1e-5)
     inject_increlora(tiny_net, tiny_config())  # a plain model again
+
+
+def test_merge_and_unload_of_a_module_holding_the_model_drops_the_models_config(tiny_net,
+                                                                               tmp_path):
+    """merge_and_unload of a module that holds the injected model (a user's own wrapper, or
+    ``IncreLoRAAveragedModel``) merged every layer but left ``increlora_config`` on the model
+    inside, so save_adapter on that model wrote an adapter with no layers (which load_adapter
+    then refused as missing every tensor), export_peft failed with "max() arg is an empty
+    sequence", and a new inject_increlora was refused as "already" adapted."""
+    from increlora_fast import IncreLoRAAveragedModel, save_adapter
+    from increlora_fast.integrations.peft_export import export_peft
+
+    class Holder(nn.Module):
+        def __init__(self, model: nn.Module) -> None:
+            super().__init__()
+            self.model = model
+
+    for make_holder in (Holder, IncreLoRAAveragedModel):
+        model = inject_increlora(copy.deepcopy(tiny_net), tiny_config())
+        holder = make_holder(model)
+        inner = holder.module if isinstance(holder, IncreLoRAAveragedModel) else model
+        merge_and_unload(holder)
+        assert not any(isinstance(m, IncreLoRALinear) for m in inner.modules())
+        for write in (save_adapter, export_peft):
+            with pytest.raises(ValueError, match="merge_and_unload folded it"):
+                write(inner, tmp_path / write.__name__)
+            assert not (tmp_path / write.__name__).exists()
+        inject_increlora(inner, tiny_config())  # a plain model again
