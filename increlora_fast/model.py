@@ -913,8 +913,8 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
     Raises:
         ValueError: ``model`` has none: it was never injected (its IncreLoRA layers, if any,
             were built by hand), or it is a (Distributed)DataParallel or an EMA / SWA
-            (`IncreLoRAAveragedModel`) wrapper of an injected model, which must be passed
-            itself.
+            (`IncreLoRAAveragedModel`) wrapper of an injected model or another module holding
+            one, which must be passed itself.
     """
     config = getattr(model, CONFIG_ATTR, None)
     if config is None:
@@ -928,6 +928,11 @@ def get_config(model: nn.Module) -> IncreLoRAConfig:
             raise ValueError("model has no IncreLoRA adapter: merge_and_unload folded it into "
                              "the base weights (save the merged model with save_pretrained; "
                              "save_adapter / export_peft work on the model before merging)")
+        held = next((n for n, m in inner.named_modules()
+                     if n and getattr(m, CONFIG_ATTR, None) is not None), None)
+        if held is not None:
+            raise ValueError(f"model holds the IncreLoRA model {held!r}: pass it "
+                             f"(model.{held}) instead")
         by_hand = next((n for n, _ in increlora_layers(inner)), None)
         if by_hand is not None:
             raise ValueError(f"model holds IncreLoRA layers built by hand (e.g. {by_hand!r}) "

@@ -749,3 +749,21 @@ def test_saving_a_model_with_layers_built_by_hand_says_why_it_cannot(tmp_path):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="already holds IncreLoRA layers"):
         inject_increlora(model, IncreLoRAConfig(target_modules=["2"], r_max=4))
+
+
+def test_saving_a_module_that_holds_an_injected_model_names_the_model_to_pass(tmp_path):
+    """save_adapter or export_peft given a module that holds the injected model (an
+    ``IncreLoRAAveragedModel`` of it, the README's EMA, or a user's own wrapper) said its layers
+    were "built by hand" and advised building the model anew with plain nn.Linear layers; the
+    message names the injected model inside, to pass instead."""
+    from increlora_fast import IncreLoRAAveragedModel, save_adapter
+    from increlora_fast.integrations.peft_export import export_peft
+
+    model = inject_increlora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
+                             IncreLoRAConfig(target_modules=["0"], r_max=4))
+    for write in (save_adapter, export_peft):
+        with pytest.raises(ValueError, match=r"holds the IncreLoRA model 'module'.*"
+                                             r"pass it \(model\.module\)") as info:
+            write(IncreLoRAAveragedModel(model), tmp_path / write.__name__)
+        assert "\n" not in str(info.value)
+        assert not (tmp_path / write.__name__).exists()
