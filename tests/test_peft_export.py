@@ -712,3 +712,92 @@ def test_falcons_own_forward_linears_merge_save_load_and_export_to_peft(tmp_path
     assert not any(isinstance(m, IncreLoRALinear) for m in merged.modules())
     assert type(merged.transformer.h[0].mlp.dense_4h_to_h).__name__ == "FalconLinear"
     torch.testing.assert_close(_outputs(merged, "falcon"), ours, rtol=1e-5, atol=1e-5)
+
+
+def _more_families():
+    """Tiny bases (seed 7, eval mode) of families the tests above leave out, with a batch
+    maker and the peft task type: a decoder with tied embeddings, an encoder-decoder, a
+    DistilBERT classifier with its two heads to save, and a vision transformer."""
+    import transformers as tf
+
+    def ids(seed):
+        x = torch.randint(2, VOCAB, (3, 9), generator=torch.Generator().manual_seed(seed))
+        x[:, -1] = 1
+        return {"input_ids": x, "attention_mask": torch.ones_like(x)}
+
+    def seq2seq(seed):
+        return {**ids(seed), "decoder_input_ids": ids(seed + 1)["input_ids"][:, :5]}
+
+    def pixels(seed):
+        return {"pixel_values": torch.randn(3, 3, 16, 16,
+                                            generator=torch.Generator().manual_seed(seed))}
+
+    return {
+        "qwen2-tied": (lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+            vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+            tie_word_embeddings=True)), ids, None, "CAUSAL_LM"),
+        "bart": (lambda: tf.BartForConditionalGeneration(tf.BartConfig(
+            vocab_size=VOCAB, d_model=16, encoder_layers=1, decoder_layers=1,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+            decoder_ffn_dim=32, max_position_embeddings=16, dropout=0.0)), seq2seq, None,
+            "SEQ_2_SEQ_LM"),
+        "distilbert": (lambda: tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+            vocab_size=VOCAB, dim=16, n_layers=2, n_heads=2, hidden_dim=32,
+            max_position_embeddings=16, num_labels=3)), ids, ["classifier", "pre_classifier"],
+            "SEQ_CLS"),
+        "vit": (lambda: tf.ViTForImageClassification(tf.ViTConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            image_size=16, patch_size=8, num_labels=3)), pixels, ["classifier"], None),
+    }
+
+
+@pytest.mark.parametrize("family", ["qwen2-tied", "bart", "distilbert", "vit"])
+def test_all_linear_merge_save_load_and_export_round_trips_on_more_families(tmp_path, family):
+    """``target_modules="all-linear"`` trained by the controller until ranks differ: merged,
+    reloaded (save_adapter / load_adapter) and peft-loaded (export_peft) models give the
+    adapted model's logits."""
+    from increlora_fast import load_adapter, load_config, merge_and_unload, save_adapter
+
+    build, batch, to_save, task_type = _more_families()[family]
+
+    def fresh():
+        torch.manual_seed(7)
+        return build().eval()
+
+    def logits(model, seed=99):
+        with torch.no_grad():
+            return model(**batch(seed)).logits
+
+    model = fresh()
+    config = IncreLoRAConfig(target_modules="all-linear", r_max=5, init_r=1, target_rank=3,
+                             incre_rank_num=1, init_warmup=1, incre_interval=1, top_h=2,
+                             lora_alpha=8.0, modules_to_save=to_save)
+    inject_increlora(model, config)
+    optimizer = create_optimizer(model, config, lr=2e-2)
+    controller = IncreLoRAController(model, config)
+    model.train()
+    for step in range(6):
+        out = model(**batch(500 + step)).logits
+        (out.pow(2).mean() + controller.regularization_loss()).backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    assert len(set(controller.rank_pattern().values())) > 1
+    ours = logits(model)
+    assert (ours - logits(fresh())).abs().max() > 1e-4  # 10x the tolerances below
+
+    save_adapter(model, tmp_path / "ours")
+    loaded = load_adapter(inject_increlora(fresh(), load_config(tmp_path / "ours")),
+                          tmp_path / "ours")
+    torch.testing.assert_close(logits(loaded), ours, rtol=0, atol=0)
+
+    export_peft(model, tmp_path / "peft", task_type=task_type)
+    theirs = peft.PeftModel.from_pretrained(fresh(), str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(logits(theirs), ours, rtol=1e-5, atol=1e-5)
+
+    merged = merge_and_unload(model)
+    assert not any(isinstance(m, IncreLoRALinear) for m in merged.modules())
+    assert set(merged.state_dict()) == set(fresh().state_dict())
+    torch.testing.assert_close(logits(merged), ours, rtol=1e-5, atol=1e-5)
