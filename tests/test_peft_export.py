@@ -423,15 +423,22 @@ class Shadowed(nn.Module):
         return self.block.other.fc(self.block.fc(self.fc(x)))
 
 
-def test_export_adapts_in_peft_exactly_the_adapted_modules(tmp_path):
+@pytest.mark.parametrize("checkpointed", [False, True], ids=["plain", "checkpointed"])
+def test_export_adapts_in_peft_exactly_the_adapted_modules(tmp_path, checkpointed):
     """peft matches a listed target by name suffix, so ``target_modules=["fc"]`` also targets
     ``block.fc`` and ``block.other.fc``, which we did not adapt: peft refused the container
     (ValueError 'Target module Sequential(...) is not supported') and put an untrained LoRA on
-    the linear (found by an audit). The export now excludes them (``exclude_modules``)."""
+    the linear (found by an audit). The export now excludes them (``exclude_modules``), by the
+    plain model's names also where ``block`` is wrapped by activation checkpointing (the
+    pattern named ``block._checkpoint_wrapped_module.fc``, which peft's plain model lacks)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
     torch.manual_seed(2)
     base_state = Shadowed().state_dict()
     model = Shadowed()
     model.load_state_dict(base_state)
+    if checkpointed:
+        model.block = checkpoint_wrapper(model.block)
     inject_increlora(model, IncreLoRAConfig(target_modules=r"fc", r_max=4, init_r=2,
                                             target_rank=2))
     assert [n for n, _ in increlora_layers(model)] == ["fc"]

@@ -119,10 +119,12 @@ def _exclude_pattern(model: nn.Module, names: List[str]) -> Optional[str]:
     peft adapts every module whose name is a listed target or ends with ``"." + target``, so
     a module of the base whose name merely ends with an adapted one's (``block.fc`` for an
     adapted ``fc``) would get an untrained LoRA, or be refused when it is not a linear. The
-    pattern (peft matches a string with ``re.fullmatch``) names exactly those modules.
+    pattern (peft matches a string with ``re.fullmatch``) names exactly those modules, by
+    the plain model's names (`plain_name`: peft loads into a model without our wrappers).
     """
     adapted = set(names)
-    extra = [n for n, _ in model.named_modules()
+    plain = dict.fromkeys(plain_name(n) for n, _ in model.named_modules())
+    extra = [n for n in plain
              if n and n not in adapted and not any(n.startswith(a + ".") for a in adapted)
              and any(n.endswith("." + a) for a in adapted)]
     return "(?:" + "|".join(re.escape(n) for n in extra) + ")" if extra else None
