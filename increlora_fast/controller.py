@@ -33,7 +33,7 @@ from .device_scalar import DeviceScalar
 from .functional import kernel_readable
 from .layer import IncreLoRALinear
 from .model import (frozen_adapters_message, fsdp1_sharded_adapter_message, get_config,
-                    increlora_layers, keep_adapters_in_fast_paths, plain_name)
+                    increlora_layers, keep_adapters_in_fast_paths, older_saved_name)
 from .optimizer import in_increlora_optimizer
 from .penalty import OrthogonalPenalty
 
@@ -48,14 +48,6 @@ def _first_names(names: List[str], shown: int = 5) -> str:
     """The first ``shown`` of ``names`` and how many more, for a warning."""
     more = len(names) - shown
     return ", ".join(names[:shown]) + (f" and {more} more" if more > 0 else "")
-
-
-def _saved_name(name: str) -> str:
-    """A layer name of a saved controller state as `increlora_layers` names it now: states
-    saved before the names were the plain model's carry the parts of the wrappers around the
-    model or its blocks (`model.plain_name`) and a DDP wrapper's leading ``module.``."""
-    name = plain_name(name)
-    return name[len("module."):] if name.startswith("module.") else name
 
 
 def default_score_window(beta1: float, beta2: float) -> int:
@@ -719,7 +711,7 @@ class IncreLoRAController:
             raise ValueError(f"controller state lacks {missing}")
         names = list(state["names"])
         if names != self.names and not (all(isinstance(n, str) for n in names)
-                                        and [_saved_name(n) for n in names] == self.names):
+                                        and [older_saved_name(n) for n in names] == self.names):
             extra = sorted(set(state["names"]) - set(self.names))[:3]
             absent = sorted(set(self.names) - set(state["names"]))[:3]
             raise ValueError("controller state is for other modules: "

@@ -830,6 +830,15 @@ def plain_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in _WRAPPER_PARTS)
 
 
+def older_saved_name(name: str) -> str:
+    """A module name saved by increlora_fast before the layers were named by the plain model's
+    names (2026-12-07: controller states, adapter files), as `increlora_layers` names it now:
+    such names carry the parts of the wrappers around the model or its blocks (`plain_name`)
+    and a DDP wrapper's leading ``module.``."""
+    name = plain_name(name)
+    return name[len("module."):] if name.startswith("module.") else name
+
+
 def is_fsdp1_flattened(tensor: torch.Tensor) -> bool:
     """Whether FSDP1 (``FullyShardedDataParallel``) flattened ``tensor`` into one of its flat
     parameters: outside the forward pass it is then this rank's 1-D piece of a shard. With

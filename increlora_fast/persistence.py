@@ -43,7 +43,7 @@ import struct
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -52,8 +52,8 @@ from torch import nn
 
 from .config import ADAPTER_FIELDS, MODULE_NAME_FIELDS, IncreLoRAConfig
 from .layer import IncreLoRALinear, SlotState, is_quantized_base
-from .model import (get_config, increlora_layers, is_fsdp1_flattened, plain_name,
-                    saved_module_buffers, saved_module_parameters, unwrapped)
+from .model import (get_config, increlora_layers, is_fsdp1_flattened, older_saved_name,
+                    plain_name, saved_module_buffers, saved_module_parameters, unwrapped)
 from .pooling import apply_pooling, mean_pooling_available, model_pooling
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -340,6 +340,23 @@ def _recorded_base(meta: Dict[str, str], directory: Path) -> Dict[str, Any]:
     return recorded
 
 
+def _older_names(names: Sequence[str], known: Set[str]) -> Dict[str, str]:
+    """{name: the model's name} for each of an adapter file's ``names`` (tensor keys or module
+    names) that is not in ``known``, the model's, and is once the wrapper parts older code
+    saved are dropped (`model.older_saved_name`; a module to save's key after its
+    ``modules_to_save.``): an adapter saved before the layers were named by the plain model's
+    names, from a wrapped model or one with checkpointed or compiled blocks. Empty where two
+    names would become one."""
+    renames = {}
+    for name in names:
+        if name not in known:
+            prefix = SAVED_PREFIX if name.startswith(SAVED_PREFIX) else ""
+            current = prefix + older_saved_name(name[len(prefix):])
+            if current in known:
+                renames[name] = current
+    return renames if len({renames.get(n, n) for n in names}) == len(names) else {}
+
+
 def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
                 carried: Sequence[str] = ()) -> None:
     """`BaseMismatchError`, one line naming both bases, when ``model`` is not the base the
@@ -356,6 +373,9 @@ def _check_base(meta: Dict[str, str], model: nn.Module, directory: Path,
         return
     recorded = _recorded_base(meta, directory)
     fingerprint, current = recorded["fingerprint"], base_fingerprint(model)
+    renames = _older_names(list(fingerprint["modules"]), set(current["modules"]))
+    fingerprint = dict(fingerprint, modules={renames.get(n, n): e
+                                             for n, e in fingerprint["modules"].items()})
 
     def compared(entries: Dict[str, Any]) -> Dict[str, Any]:
         return dict(entries, modules={n: e for n, e in entries["modules"].items()
@@ -815,7 +835,11 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
             load with a warning.
 
     A ``torch.compile`` or (Distributed)DataParallel wrapper loads into the model it holds
-    (`model.unwrapped`) and is returned.
+    (`model.unwrapped`) and is returned. An adapter saved before 2026-12-07 from such a
+    wrapper or from a model with checkpointed or compiled blocks holds their parts in its names
+    (``_orig_mod.``, ``module.``, ``_checkpoint_wrapped_module``, in its tensor keys and base
+    fingerprint): its names load as the model's where they are those once the parts are
+    dropped (`model.older_saved_name`).
     """
     wrapper, model = model, unwrapped(model)
     path = Path(save_directory) / WEIGHTS_NAME
@@ -842,14 +866,19 @@ def load_adapter(model: nn.Module, save_directory: PathLike, check_base: bool = 
     keys = TRAINING_KEYS if training else SLOT_KEYS
     layers = dict(increlora_layers(model))
     saved_params = saved_module_parameters(model)
+    params = {plain_name(n): p for n, p in model.named_parameters()}
+    # buffers of the modules to save: adapters saved before they were written lack them
+    model_buffers = saved_module_buffers(model)
+    # an adapter saved by older code under wrapped names loads under the model's
+    renames = _older_names(list(tensors), {f"{n}.{k}" for n in layers for k in keys} | {
+        SAVED_PREFIX + n for n in (*params, *model_buffers)})
+    tensors = {renames.get(k, k): v for k, v in tensors.items()}
     # a parameter trained outside the modules to save (unfrozen by hand) was saved as trainable;
     # it is frozen again in a fresh model, but it still names that model's parameter
-    unfrozen = {n: p for n, p in ((plain_name(n), p) for n, p in model.named_parameters())
+    unfrozen = {n: p for n, p in params.items()
                 if SAVED_PREFIX + n in tensors and n not in saved_params
                 and not n.split(".")[-1].startswith("lora_")}
     saved_params.update(unfrozen)
-    # buffers of the modules to save: adapters saved before they were written lack them
-    model_buffers = saved_module_buffers(model)
     saved_buffers = {n: b for n, b in model_buffers.items() if SAVED_PREFIX + n in tensors}
     expected = {f"{n}.{k}" for n in layers for k in keys} | {
         SAVED_PREFIX + n for n in (*saved_params, *saved_buffers)}

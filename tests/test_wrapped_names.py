@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import re
+import shutil
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from adapter_helpers import fresh, trained
+from adapter_helpers import fresh, old_style_adapter, trained
 from increlora_fast import (IncreLoRAConfig, increlora_layers, inject_increlora, load_adapter,
                             save_adapter)
 from increlora_fast.controller import IncreLoRAController
+from increlora_fast.persistence import tensors_digest
 
 PLAIN = ["blocks.0.fc", "blocks.0.proj", "blocks.1.fc", "blocks.1.proj"]
 
@@ -244,3 +248,66 @@ def test_a_controller_state_saved_under_the_old_wrapped_names_loads(tiny_net, ol
                   [rename(n) for n in PLAIN[:3]] + ["module.blocks.1.other"], list(range(4))):
         with pytest.raises(ValueError, match="controller state is for other modules"):
             controller.load_state_dict(dict(state, names=names))
+
+
+ADAPTER_OLD_STYLE = {  # how older code named the modules of a saved adapter (`old_style_adapter`)
+    "compile": lambda n: "_orig_mod." + n,
+    "DataParallel": lambda n: "module." + n,
+    "checkpointed blocks": lambda n: re.sub(r"^(blocks\.\d+)\.",
+                                            r"\1._checkpoint_wrapped_module.", n),
+    "checkpointed head": lambda n: re.sub(r"^head\.", "head._checkpoint_wrapped_module.", n),
+    "compiled block": lambda n: re.sub(r"^blocks\.0\.", "blocks.0._orig_mod.", n),
+    "FSDP1 units": lambda n: "_fsdp_wrapped_module." + re.sub(
+        r"^(blocks\.\d+|head)\.", r"\1._fsdp_wrapped_module.", n),
+}
+
+
+@pytest.mark.parametrize("training_state", [False, True], ids=["inference", "training_state"])
+@pytest.mark.parametrize("old", list(ADAPTER_OLD_STYLE))
+def test_an_adapter_saved_under_the_old_wrapped_names_loads(tiny_net, tmp_path, old,
+                                                           training_state):
+    """An adapter saved before the layers were named by the plain model's names, from a
+    compiled model, a DataParallel wrapper given to inject_increlora, or a model with
+    checkpointed or compiled blocks, holds the wrapped names (``_orig_mod.blocks.0.fc.lora_A``,
+    ``modules_to_save.head._checkpoint_wrapped_module.weight``) in its tensor keys and base
+    fingerprint: load_adapter refused it ("unknown tensors"), though the controller state saved
+    beside it in a checkpoint now loads. It loads where its names are the model's once the
+    wrapper parts are dropped (as a controller state's do), into the plain model and into a
+    wrapped one, as the plain file does; other names are still refused."""
+    config = make_config(modules_to_save=["head", "blocks.0.norm"])
+    source = trained(tiny_net, config, lambda i, layer: [
+        (layer.activate_reserve(1, step=i + 1), layer.add_reserve(1, step=i + 1))
+        for _ in range(i % 3)])
+    with torch.no_grad():
+        source.blocks[0].norm.weight.normal_()
+    save_adapter(source, tmp_path / "plain", training_state=training_state)
+    shutil.copytree(tmp_path / "plain", tmp_path / "old")
+    old_style_adapter(tmp_path / "old", ADAPTER_OLD_STYLE[old])
+    assert set(saved(tmp_path / "old")[1]) != set(saved(tmp_path / "plain")[1])
+    expected = fresh(tiny_net, config)  # (the slots an inference file lacks keep its values)
+    plain_target, wrapped_target = copy.deepcopy(expected), copy.deepcopy(expected)
+    load_adapter(expected, tmp_path / "plain")
+    checkpointed_blocks(wrapped_target)
+    load_adapter(plain_target, tmp_path / "old")
+    load_adapter(nn.DataParallel(wrapped_target), tmp_path / "old")
+    want = adapter_tensors(expected)
+    assert torch.equal(want["blocks.0.norm.weight"], source.blocks[0].norm.weight)
+    for target in (plain_target, wrapped_target):
+        got = adapter_tensors(target)
+        assert set(got) == set(want)
+        assert [k for k, v in want.items() if not torch.equal(got[k], v)] == []
+    for foreign in (lambda n: "model." + n, lambda n: ADAPTER_OLD_STYLE[old](n).replace(
+            "blocks.1.", "blocks.1.other.")):
+        shutil.rmtree(tmp_path / "foreign", ignore_errors=True)
+        shutil.copytree(tmp_path / "plain", tmp_path / "foreign")
+        old_style_adapter(tmp_path / "foreign", foreign)
+        with pytest.raises(ValueError, match="unknown tensors"):
+            load_adapter(fresh(tiny_net, config), tmp_path / "foreign")
+    # a tensor under its old and its plain name: which one to load is not known
+    (meta, tensors), (_, plain) = saved(tmp_path / "old"), saved(tmp_path / "plain")
+    twice = next(k for k in plain if k not in tensors)
+    tensors[twice] = plain[twice]
+    (tmp_path / "old" / "adapter_model.safetensors").write_bytes(safetensors_bytes(
+        tensors, metadata=dict(meta, sha256=tensors_digest(tensors))))
+    with pytest.raises(ValueError, match="unknown tensors"):
+        load_adapter(fresh(tiny_net, config), tmp_path / "old")
