@@ -3,12 +3,14 @@ values are refused with one clear line (issue 14 item 5)."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 from safetensors.torch import load_file
 
-from finetune_helpers import cli, sentiment_rows, write_csv, write_tiny_bert
+from finetune_helpers import cli, sentiment_rows, write_csv, write_jsonl, write_tiny_bert
 from increlora_fast.data import load_files
+from increlora_fast.data.examples import LabelSpellingWarning, label_names_for
 
 
 def _relabel(rows, mapping):
@@ -61,3 +63,22 @@ def test_discrete_labels_still_work(tmp_path, labels):
     train = write_csv(tmp_path / "t.csv", _relabel(sentiment_rows(40, 0),
                                                    dict(zip(("neg", "pos"), labels))))
     assert load_files(str(train), None).label_names == sorted(labels)
+
+
+def test_spellings_of_a_boolean_are_one_label(tmp_path):
+    """A JSON label true was the class 'True' (Python's spelling), so a CSV eval file's 'true'
+    (or Excel's 'TRUE') was refused as a label no training row has."""
+    rows = _relabel(sentiment_rows(40, 0), {"neg": False, "pos": True})
+    train = write_jsonl(tmp_path / "t.jsonl", rows)
+    dev = write_csv(tmp_path / "d.csv", _relabel(sentiment_rows(10, 1),
+                                                 {"neg": "false", "pos": "TRUE"}))
+    data = load_files(str(train), str(dev))
+    assert data.label_names == ["False", "True"]
+    by_text = {r["text"]: int(r["label"]) for r in sentiment_rows(10, 1, labels=(0, 1))}
+    assert [e.label for e in data.eval] == [by_text[e.text] for e in data.eval]
+    with pytest.warns(LabelSpellingWarning, match="spells 1 label.*'TRUE' and 'True' and 'true' "
+                                                  "as 'true'"):
+        assert label_names_for([True, "true", "TRUE", "False"]) == ["False", "true"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 'yes' is no spelling of true
+        assert label_names_for(["yes", "true", "no"]) == ["no", "true", "yes"]

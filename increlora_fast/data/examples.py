@@ -10,6 +10,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 SPLIT_SEED = 0  # dev splits never depend on --seed, so every run scores the same rows
 _INT_LABEL = re.compile(r"[-+]?\d+")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_BOOLEANS = ("true", "false")
 
 
 @dataclass(frozen=True)
@@ -82,15 +83,19 @@ def fixed_split(examples: Sequence[Example], n_dev: int) -> Tuple[List[Example],
 
 
 class LabelSpellingWarning(UserWarning):
-    """A label column spells one label several ways (``1`` and ``1.0``, ``pos`` and `` pos``);
-    the spellings are read as one label. Also: labels that differ only in case (``Pos`` and
-    ``pos``), read as different labels."""
+    """A label column spells one label several ways (``1`` and ``1.0``, ``pos`` and `` pos``,
+    ``true`` and ``True``); the spellings are read as one label. Also: labels that differ only
+    in case (``Pos`` and ``pos``), read as different labels."""
 
 
 def label_key(raw: object) -> str:
-    """The label ``raw`` denotes: surrounding whitespace dropped, and a number equal to an
-    integer (``1``, ``1.0``, ``01``, ``+1``, ``1e0``) written as that integer (``1``)."""
+    """The label ``raw`` denotes: surrounding whitespace dropped, a number equal to an
+    integer (``1``, ``1.0``, ``01``, ``+1``, ``1e0``) written as that integer (``1``), and a
+    boolean (JSON's ``true``, Python's ``True``, a spreadsheet's ``TRUE``) written as JSON
+    does (``true``, ``false``)."""
     text = str(raw).strip()
+    if text.lower() in _BOOLEANS:
+        return text.lower()
     if _INT_LABEL.fullmatch(text):
         return str(int(text))
     if _NUMBER.fullmatch(text) and float(text).is_integer():
@@ -102,11 +107,12 @@ def label_names_for(raw_labels: Sequence[object], where: str = "the labels") -> 
     """Names of the label ids, id ``i`` being ``names[i]``.
 
     Spellings of one label are one class (see `label_key`: ``1`` and ``1.0``, ``pos`` and
-    `` pos``); when a column mixes them a `LabelSpellingWarning` names them, and the class is
-    named by its `label_key`, otherwise by its one spelling. Labels that differ only in case
-    are different labels, with a `LabelSpellingWarning`. Integer labels are ordered by value
-    and numbered 0..K-1 (labels 0..K-1 keep their value as id; others such as {0, 1000000} or
-    {-1, 1} get a compact index, the names keep the values). Other labels are ordered as strings.
+    `` pos``, ``true`` and ``TRUE``); when a column mixes them a `LabelSpellingWarning` names
+    them, and the class is named by its `label_key`, otherwise by its one spelling. Labels that
+    differ only in case are different labels, with a `LabelSpellingWarning`. Integer labels are
+    ordered by value and numbered 0..K-1 (labels 0..K-1 keep their value as id; others such as
+    {0, 1000000} or {-1, 1} get a compact index, the names keep the values). Other labels are
+    ordered as strings.
     Continuous numbers (0.1, 1.3, ...) are refused: classification needs discrete labels.
     """
     texts = [str(v).strip() for v in raw_labels]
