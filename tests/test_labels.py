@@ -82,3 +82,19 @@ def test_spellings_of_a_boolean_are_one_label(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # 'yes' is no spelling of true
         assert label_names_for(["yes", "true", "no"]) == ["no", "true", "yes"]
+
+
+def test_labels_in_two_unicode_forms_are_one_label_and_texts_are_kept(tmp_path):
+    """'nég' composed (é) and decomposed (e + U+0301) look the same but were two classes, and an
+    eval file saved in the other form was refused as unseen; texts are left as written."""
+    composed, decomposed = "n\u00e9g", "ne\u0301g"
+    rows = sentiment_rows(40, 0, labels=(composed, "pos"))
+    rows[0]["text"] = "caf" + "e\u0301 " + rows[0]["text"]
+    train = write_csv(tmp_path / "t.csv", rows)
+    dev = write_csv(tmp_path / "d.csv", sentiment_rows(10, 1, labels=(decomposed, "pos")))
+    data = load_files(str(train), str(dev))
+    assert data.label_names == [composed, "pos"]
+    assert [e.label for e in data.eval] == [r["label"] == "pos" for r in sentiment_rows(10, 1)]
+    assert rows[0]["text"] in [e.text for e in data.train + data.eval]
+    with pytest.warns(LabelSpellingWarning, match=f"spells 1 label.* as {composed!r}"):
+        assert label_names_for([composed, decomposed, "pos"]) == [composed, "pos"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import re
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -89,11 +90,12 @@ class LabelSpellingWarning(UserWarning):
 
 
 def label_key(raw: object) -> str:
-    """The label ``raw`` denotes: surrounding whitespace dropped, a number equal to an
-    integer (``1``, ``1.0``, ``01``, ``+1``, ``1e0``) written as that integer (``1``), and a
-    boolean (JSON's ``true``, Python's ``True``, a spreadsheet's ``TRUE``) written as JSON
-    does (``true``, ``false``)."""
-    text = str(raw).strip()
+    """The label ``raw`` denotes: surrounding whitespace dropped, in Unicode's composed form
+    (NFC: ``é`` written as one character or as ``e`` and an accent is one label), a number
+    equal to an integer (``1``, ``1.0``, ``01``, ``+1``, ``1e0``) written as that integer
+    (``1``), and a boolean (JSON's ``true``, Python's ``True``, a spreadsheet's ``TRUE``)
+    written as JSON does (``true``, ``false``)."""
+    text = unicodedata.normalize("NFC", str(raw).strip())
     if text.lower() in _BOOLEANS:
         return text.lower()
     if _INT_LABEL.fullmatch(text):
@@ -107,12 +109,12 @@ def label_names_for(raw_labels: Sequence[object], where: str = "the labels") -> 
     """Names of the label ids, id ``i`` being ``names[i]``.
 
     Spellings of one label are one class (see `label_key`: ``1`` and ``1.0``, ``pos`` and
-    `` pos``, ``true`` and ``TRUE``); when a column mixes them a `LabelSpellingWarning` names
-    them, and the class is named by its `label_key`, otherwise by its one spelling. Labels that
-    differ only in case are different labels, with a `LabelSpellingWarning`. Integer labels are
-    ordered by value and numbered 0..K-1 (labels 0..K-1 keep their value as id; others such as
-    {0, 1000000} or {-1, 1} get a compact index, the names keep the values). Other labels are
-    ordered as strings.
+    `` pos``, ``true`` and ``TRUE``, ``é`` composed and decomposed); when a column mixes them a
+    `LabelSpellingWarning` names them, and the class is named by its `label_key`, otherwise by
+    its one spelling. Labels that differ only in case are different labels, with a
+    `LabelSpellingWarning`. Integer labels are ordered by value and numbered 0..K-1 (labels
+    0..K-1 keep their value as id; others such as {0, 1000000} or {-1, 1} get a compact index,
+    the names keep the values). Other labels are ordered as strings.
     Continuous numbers (0.1, 1.3, ...) are refused: classification needs discrete labels.
     """
     texts = [str(v).strip() for v in raw_labels]
