@@ -767,3 +767,21 @@ def test_labels_left_without_rows_by_dropping_repeated_texts_are_named(tmp_path)
         f"{two_left}: every row of label(s) ['neutral'] repeats the text of an earlier row of "
         "another label and was dropped: the model cannot learn them; give rows of distinct "
         "texts for them")
+
+
+@pytest.mark.parametrize("value, shown", [("Infinity", "Infinity"), ("-Infinity", "-Infinity"),
+                                          ("1e999", "Infinity")])
+@pytest.mark.parametrize("column", ["label", "text"])
+def test_an_infinite_json_number_is_refused_naming_its_line(tmp_path, value, shown, column):
+    """A JSON label Infinity (or 1e999) was read as a class 'inf' of its own, as a text the word
+    'inf'; it is refused as JSON NaN is, naming the line."""
+    rows = [json.dumps({"text": f"row {i}", "label": i % 2}) for i in range(6)]
+    rows[3] = rows[3].replace('"row 3"' if column == "text" else '"label": 1',
+                              value if column == "text" else f'"label": {value}')
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    option = "--label-column" if column == "label" else "--text-column"
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: line 4 holds {shown} in "
+                                         rf"'{column}' \({option}\), a JSON number that is not "
+                                         "finite; fill in or drop the row$"):
+        load_files(str(path), None)

@@ -301,7 +301,8 @@ def _numeric_labels(values: List[object]) -> bool:
 def _column(rows: List[Dict[str, object]], lines: Optional[List[int]], path: Path, name: str,
             option: str) -> List[object]:
     """The values of column ``name`` (set by ``option``), refused in one line naming the row's
-    line (`_place`) where one is absent, empty, marks a missing value or is no single value."""
+    line (`_place`) where one is absent, empty, marks a missing value, is an infinite JSON
+    number or is no single value."""
     if not any(name in r for r in rows):
         columns = list(dict.fromkeys(key for r in rows for key in r))
         raise ValueError(f"{path} has no column {name!r} (set by {option}); its columns are "
@@ -323,6 +324,12 @@ def _column(rows: List[Dict[str, object]], lines: Optional[List[int]], path: Pat
         raise ValueError(f"{_place(path, lines, missing)} has no {name!r} ({option}): "
                          f"{str(values[missing]).strip()!r} marks a missing value; fill in or "
                          "drop the row")
+    infinite = next((i for i, v in enumerate(values) if isinstance(v, float) and math.isinf(v)),
+                    None)
+    if infinite is not None:  # JSON's Infinity (or 1e999) would be a class or a text 'inf'
+        raise ValueError(f"{_place(path, lines, infinite)} holds "
+                         f"{'-' if values[infinite] < 0 else ''}Infinity in {name!r} ({option}), "
+                         "a JSON number that is not finite; fill in or drop the row")
     nested = next((i for i, v in enumerate(values) if isinstance(v, (list, dict))), None)
     if nested is not None:
         raise ValueError(f"{_place(path, lines, nested)} holds a JSON "
