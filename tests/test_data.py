@@ -785,3 +785,22 @@ def test_an_infinite_json_number_is_refused_naming_its_line(tmp_path, value, sho
                                          rf"'{column}' \({option}\), a JSON number that is not "
                                          "finite; fill in or drop the row$"):
         load_files(str(path), None)
+
+
+@pytest.mark.parametrize("lines, hint", [
+    (["text;label", "good;1", "bad;0"],
+     "its one column 'text;label' holds ';': save the file separated by commas"),
+    (["sep=,", "text,label", "good,1", "bad,0"],
+     "its first line 'sep=,' is a spreadsheet's separator line: remove it"),
+    (["sep=;", "text;label", "good;1", "bad;0"],
+     "its first line 'sep=;' is a spreadsheet's separator line: remove it"),
+], ids=["semicolons", "excel_sep_comma", "excel_sep_semicolon"])
+def test_a_missing_column_names_a_semicolon_or_sep_line(tmp_path, lines, hint):
+    """A CSV saved with semicolons (Excel in many locales) or with Excel's 'sep=' first line was
+    'no column 'text'; its columns are ['text;label']' with no word of why."""
+    path = tmp_path / "t.csv"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} has no column 'text' \(set by "
+                                         rf"--text-column\); its columns are .*; "
+                                         rf"{re.escape(hint)}"):
+        load_files(str(path), None)

@@ -306,7 +306,7 @@ def _column(rows: List[Dict[str, object]], lines: Optional[List[int]], path: Pat
     if not any(name in r for r in rows):
         columns = list(dict.fromkeys(key for r in rows for key in r))
         raise ValueError(f"{path} has no column {name!r} (set by {option}); its columns are "
-                         f"{columns}")
+                         f"{columns}{_separator_hint(path, columns)}")
     absent = next((i for i, r in enumerate(rows) if name not in r), None)
     if absent is not None:  # a JSON record without the field the others have
         raise ValueError(f"{_place(path, lines, absent)} has no {name!r} ({option})")
@@ -336,6 +336,23 @@ def _column(rows: List[Dict[str, object]], lines: Optional[List[int]], path: Pat
                          f"{type(values[nested]).__name__} in {name!r} ({option}), not a single "
                          "value")
     return values
+
+
+def _separator_hint(path: Path, columns: List[str]) -> str:
+    """Why the CSV/TSV ``path`` with header ``columns`` may lack a column, for an error message:
+    a spreadsheet's ``sep=`` first line, or one column whose name holds another separator (a
+    file saved with semicolons); "" when neither."""
+    delimiter = CSV_SUFFIXES.get(path.suffix.lower())
+    if delimiter is None or not columns:
+        return ""
+    first = delimiter.join(columns)
+    if first.lower().startswith("sep="):
+        return f"; its first line {first!r} is a spreadsheet's separator line: remove it"
+    found = next((sep for sep in ";\t,|" if len(columns) == 1 and sep in columns[0]), None)
+    if found is None:
+        return ""
+    how = {",": "commas", "\t": "tabs"}[delimiter]
+    return f"; its one column {columns[0]!r} holds {found!r}: save the file separated by {how}"
 
 
 def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
