@@ -804,3 +804,20 @@ def test_a_missing_column_names_a_semicolon_or_sep_line(tmp_path, lines, hint):
                                          rf"--text-column\); its columns are .*; "
                                          rf"{re.escape(hint)}"):
         load_files(str(path), None)
+
+
+@pytest.mark.parametrize("indent", [None, 2])
+@pytest.mark.parametrize("suffix", [".json", ".jsonl"])
+def test_pandas_default_to_json_layout_is_named_with_the_orient_to_use(tmp_path, indent, suffix):
+    """pandas' DataFrame.to_json() writes one object of columns ({"text": {"0": ...}}); it was
+    'holds a JSON dict in 'text'' or 'one JSON object over several lines', naming no fix."""
+    rows = sentiment_rows(6, seed=0)
+    columns = {key: {str(i): r[key] for i, r in enumerate(rows)} for key in rows[0]}
+    path = tmp_path / f"t{suffix}"
+    path.write_text(json.dumps(columns, indent=indent) + "\n")
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))} holds one JSON object of "
+                                         r"columns \(keys \['text', 'label'\]\), pandas' "
+                                         r"to_json\(\) layout, not one record a row; write it "
+                                         r'with to_json\(orient="records", lines=True\) \(or '
+                                         r'orient="records" for a \.json list\)$'):
+        load_files(str(path), None)

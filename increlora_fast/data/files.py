@@ -76,6 +76,8 @@ def read_rows(path: Path, columns: Optional[List[str]] = None) -> Tuple[List[Dic
                     lines.append(lineno)
                 except json.JSONDecodeError as err:
                     raise _json_lines_error(path, text, lineno, err) from err
+        if len(rows) == 1 and _is_columns_layout(rows[0]):
+            raise _columns_layout_error(path, rows[0])
     bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
     if bad is not None:
         raise ValueError(f"{_place(path, lines, bad)} is not a JSON object")
@@ -125,10 +127,28 @@ def _json_lines_error(path: Path, text: str, lineno: int, err: json.JSONDecodeEr
         whole = json.loads(text)
     except json.JSONDecodeError:
         return ValueError(f"{path}:{lineno} is not valid JSON: {err}")
+    if _is_columns_layout(whole):
+        return _columns_layout_error(path, whole)
     what = f"object (keys {list(whole)[:5]})" if isinstance(whole, dict) else \
         type(whole).__name__
     return ValueError(f"{path} holds one JSON {what} over several lines, not one record a "
                       "line; give a .json file holding a list of objects, or one object a line")
+
+
+def _is_columns_layout(value: object) -> bool:
+    """Whether the JSON ``value`` is one object of columns, each an object of row index ->
+    cell: pandas' ``DataFrame.to_json()`` default layout."""
+    return isinstance(value, dict) and bool(value) and all(
+        isinstance(column, dict) for column in value.values())
+
+
+def _columns_layout_error(path: Path, value: Dict[str, object]) -> ValueError:
+    """The one-line error for a JSON file ``path`` that is one object of columns (see
+    `_is_columns_layout`), naming the pandas call that writes records."""
+    return ValueError(f"{path} holds one JSON object of columns (keys {list(value)[:5]}), "
+                      "pandas' to_json() layout, not one record a row; write it with "
+                      'to_json(orient="records", lines=True) (or orient="records" for a .json '
+                      "list)")
 
 
 def _csv_rows(text: str, delimiter: str, path: Path,
