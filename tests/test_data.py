@@ -821,3 +821,23 @@ def test_pandas_default_to_json_layout_is_named_with_the_orient_to_use(tmp_path,
                                          r'with to_json\(orient="records", lines=True\) \(or '
                                          r'orient="records" for a \.json list\)$'):
         load_files(str(path), None)
+
+
+def test_spaces_around_a_header_name_are_dropped_with_a_warning(tmp_path):
+    """A header written 'text, label' was 'no column 'label'; its columns are ['text',
+    ' label']'; the name is read as 'label' (spaces around a label are dropped too), said once."""
+    rows = sentiment_rows(20, seed=0)
+    path = tmp_path / "t.csv"
+    path.write_text("text, label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    with pytest.warns(UserWarning) as caught:
+        data = load_files(str(path), None)
+    assert [str(w.message) for w in caught] == [
+        f"{path}: the header writes column(s) [' label'] with spaces around the name, read as "
+        "['label']"]
+    assert sorted(e.text for e in data.train + data.eval) == sorted(r["text"] for r in rows)
+    with warnings.catch_warnings():  # a name given as written is read as written
+        warnings.simplefilter("error")
+        assert load_files(str(path), None, label_column=" label").num_labels == 2
+    path.write_text(path.read_text() + "text, label\n")
+    with pytest.raises(ValueError, match=r"line 22 repeats the header"):
+        load_files(str(path), None)

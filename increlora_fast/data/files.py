@@ -180,6 +180,7 @@ def _csv_rows(text: str, delimiter: str, path: Path,
         if twice:
             raise ValueError(f"{path}: the header names column(s) {twice} more than once; "
                              "give every column its own name")
+        names = _strip_header(path, header, columns)
         rows, lines, empty = [], [], []
         for lineno, cells in records:
             if not any(cell.strip() for cell in cells):
@@ -192,13 +193,31 @@ def _csv_rows(text: str, delimiter: str, path: Path,
             if any(cell.strip() for cell in surplus):
                 raise ValueError(f"{path}: line {lineno} has {len(cells)} cells, the header "
                                  f'{len(header)}: a text holding a {what} must be quoted ("...")')
-            rows.append(dict(zip(header, cells + [None] * (len(header) - len(cells)))))
+            rows.append(dict(zip(names, cells + [None] * (len(header) - len(cells)))))
             lines.append(lineno)
         if empty:
             _warn_empty_rows(path, empty)
         return rows, lines
     finally:
         csv.field_size_limit(limit)
+
+
+def _strip_header(path: Path, header: List[str], columns: Optional[List[str]]) -> List[str]:
+    """The column names of ``header``, each of ``columns`` that it lacks but writes once with
+    spaces around (``text, label``) read as that column, with one warning (spaces around a
+    label are dropped too); ``columns`` None (any column): the names as written."""
+    names = list(header)
+    stripped = [name.strip() for name in header]
+    padded = [i for i, name in enumerate(header) if name != stripped[i]
+              and columns is not None and stripped[i] in columns
+              and stripped[i] not in header and stripped.count(stripped[i]) == 1]
+    for i in padded:
+        names[i] = stripped[i]
+    if padded:
+        warnings.warn(f"{path}: the header writes column(s) {[header[i] for i in padded]} with "
+                      f"spaces around the name, read as {[names[i] for i in padded]}",
+                      UserWarning, stacklevel=4)
+    return names
 
 
 def _warn_empty_rows(path: Path, lines: List[int]) -> None:
