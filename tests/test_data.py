@@ -841,3 +841,21 @@ def test_spaces_around_a_header_name_are_dropped_with_a_warning(tmp_path):
     path.write_text(path.read_text() + "text, label\n")
     with pytest.raises(ValueError, match=r"line 22 repeats the header"):
         load_files(str(path), None)
+
+
+def test_eval_rows_repeating_a_training_text_are_counted_in_a_warning(tmp_path):
+    """An --eval-file sharing rows with --train-file (not the same file) went unnoticed, though
+    the dev accuracy then partly measures the training data."""
+    rows = sentiment_rows(30, seed=7)
+    train = write_csv(tmp_path / "t.csv", rows)
+    dev_rows = sentiment_rows(10, seed=8)
+    train_texts = {r["text"] for r in rows}
+    assert not any(r["text"] in train_texts for r in dev_rows)
+    dev_rows[2:5] = [dict(rows[0]), dict(rows[5], text=f" {rows[5]['text']} "), dict(rows[9])]
+    dev = write_csv(tmp_path / "d.csv", dev_rows)
+    with pytest.warns(UserWarning) as caught:
+        data = load_files(str(train), str(dev))
+    assert [str(w.message) for w in caught] == [
+        f"--eval-file {dev}: 3 of its 10 rows repeat the text of a row of --train-file {train}: "
+        "the dev accuracy then partly measures the training data; drop them from one file"]
+    assert len(data.eval) == 10

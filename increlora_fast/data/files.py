@@ -408,6 +408,13 @@ def _raw_examples(path: Path, text_column: str, text_pair_column: Optional[str],
     return texts, pairs, labels, lines
 
 
+def _text_key(example: Example) -> tuple:
+    """The text (and text pair) of ``example``, surrounding whitespace aside: rows with one key
+    repeat one text."""
+    pair = example.text_pair
+    return example.text.strip(), None if pair is None else pair.strip()
+
+
 def _drop_repeated_texts(path: Path, examples: List[Example]) -> List[Example]:
     """``examples`` without those whose text (and text pair) an earlier one has, surrounding
     whitespace aside, so that no text is in both the training rows and the automatic dev split;
@@ -416,7 +423,7 @@ def _drop_repeated_texts(path: Path, examples: List[Example]) -> List[Example]:
     first: Dict[tuple, int] = {}
     kept, conflicting = [], 0
     for e in examples:
-        key = (e.text.strip(), None if e.text_pair is None else e.text_pair.strip())
+        key = _text_key(e)
         if key in first:
             conflicting += first[key] != e.label
             continue
@@ -450,22 +457,37 @@ def _check_labels_kept(path: Path, examples: List[Example], label_names: List[st
                   "them", UserWarning, stacklevel=3)
 
 
-def _warn_if_same_data(train_file: str, eval_file: str) -> None:
+def _warn_if_same_data(train_file: str, eval_file: str) -> bool:
     """Warn when ``eval_file`` is ``train_file`` (the same file, or a copy of its bytes): the
-    dev accuracy then measures the training data."""
+    dev accuracy then measures the training data. Whether it warned."""
     train_path, eval_path = Path(train_file), Path(eval_file)
     if not (train_path.is_file() and eval_path.is_file()):
-        return  # (`read_rows` names a folder)
+        return False  # (`read_rows` names a folder)
     if train_path.samefile(eval_path):
         how = "are the same file"
     elif train_path.stat().st_size == eval_path.stat().st_size and \
             file_sha256(train_path) == file_sha256(eval_path):
         how = "hold the same content"
     else:
-        return
+        return False
     warnings.warn(f"--train-file {train_file} and --eval-file {eval_file} {how}: the dev accuracy "
                   "then measures the training data; give held-out rows as --eval-file, or leave "
                   "it out for an automatic dev split", UserWarning, stacklevel=3)
+    return True
+
+
+def _warn_if_shared_texts(train_file: str, eval_file: str, train: List[Example],
+                          dev: List[Example]) -> None:
+    """Warn counting the rows of ``dev`` (of ``eval_file``) that repeat the text (and text
+    pair) of a row of ``train`` (of ``train_file``), surrounding whitespace aside: the dev
+    accuracy then partly measures the training data."""
+    seen = {_text_key(e) for e in train}
+    shared = sum(_text_key(e) in seen for e in dev)
+    if shared:
+        warnings.warn(f"--eval-file {eval_file}: {shared:,} of its {len(dev):,} rows repeat the "
+                      f"text of a row of --train-file {train_file}: the dev accuracy then partly "
+                      "measures the training data; drop them from one file", UserWarning,
+                      stacklevel=3)
 
 
 def _swap_hint(path: Path, label_column: str) -> str:
@@ -494,7 +516,8 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     (spellings of one label are one class; integer labels keep their value, strings are mapped
     to ids in sorted order); without ``eval_file`` a fixed tenth of the training file (at most
     1,000 rows) becomes the dev split, after rows repeating an earlier row's text are dropped
-    (`_drop_repeated_texts`). An ``eval_file`` that is ``train_file`` is warned about.
+    (`_drop_repeated_texts`). An ``eval_file`` that is ``train_file``, or that repeats texts of
+    it, is warned about.
 
     Raises:
         ValueError: besides malformed files and missing columns, a label column with more
@@ -504,8 +527,7 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
     for option, given in (("--train-file", train_file), ("--eval-file", eval_file)):
         if given is not None:
             check_data_file(option, given)
-    if eval_file is not None:
-        _warn_if_same_data(train_file, eval_file)
+    same_data = eval_file is not None and _warn_if_same_data(train_file, eval_file)
     train_path = Path(train_file)
     texts, pairs, labels, _ = _raw_examples(train_path, text_column, text_pair_column,
                                             label_column)
@@ -548,4 +570,6 @@ def load_files(train_file: str, eval_file: Optional[str], text_column: str = "te
         dev = [Example(str(t), index[label_key(y)],
                        None if p is None else str(p))
                for i, (t, p, y) in enumerate(zip(texts, pairs, labels))]
+        if not same_data:
+            _warn_if_shared_texts(train_file, eval_file, train, dev)
     return TaskData(f"file:{train_path.name}", train, dev, label_names)
