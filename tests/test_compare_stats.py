@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from increlora_fast.training.compare_stats import (growth_profiles, loss_around_growth,
-                                                   load_runs, main, mean_interval,
-                                                   paired_differences, paired_power,
-                                                   pairs_for_power, t_cdf, t_quantile,
-                                                   with_power)
+from increlora_fast.training.compare_stats import (RunResult, growth_profiles,
+                                                   loss_around_growth, load_runs, main,
+                                                   mean_interval, paired_differences,
+                                                   paired_power, pairs_for_power, t_cdf,
+                                                   t_quantile, with_power)
 
 BASE = [0.80, 0.82, 0.81, 0.79, 0.83, 0.80, 0.81, 0.82]
 GAIN = [0.012, 0.008, 0.010, 0.015, 0.005, 0.011, 0.009, 0.010]
@@ -709,3 +709,18 @@ def test_an_only_glob_that_matches_no_variant_is_an_error(runs_root, tmp_path, c
     assert main([str(tmp_path / "cmp"), "--baseline", "lora", "--only", "incre_lora"]) == 2
     assert "'incre_lora' matches no variant; variants: ['increlora', 'lora']" in \
         capsys.readouterr().err
+
+
+def test_paired_differences_refuses_two_runs_of_one_seed():
+    """`paired_differences` also takes runs read by other code (scripts/measure_defaults.py
+    reads its own result files): a second run of one task, variant and seed (a copy kept as
+    seed1_old.json) silently replaced the first in the pairing; now it is an error naming both,
+    as in `load_runs`."""
+    runs = [RunResult("t", v, seed, value, f"/r/{v}/seed{seed}") for v, values in
+            (("base", [0.80, 0.81, 0.79]), ("tweak", [0.82, 0.83, 0.80])) for seed, value in
+            enumerate(values)]
+    assert paired_differences(runs, "base")[0].baseline_mean == pytest.approx(0.80)
+    copy = RunResult("t", "base", 1, 0.5, "/r/base/seed1_old")
+    with pytest.raises(ValueError, match="/r/base/seed1_old: task 't', variant 'base', seed 1 "
+                                         "already comes from /r/base/seed1"):
+        paired_differences(runs + [copy], "base")

@@ -449,13 +449,16 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
     ``exclude`` are comma-separated globs of variant names to keep and to leave out. What the
     pairing leaves out of a kept variant (a task without baseline runs, a variant sharing no
     seed with the baseline, the seeds only one of the two ran) is told to ``warn``, one line
-    each. Raises ValueError when no task has the baseline, and for a pair whose runs were
-    scored on other dev data (`dev_data`: another eval file, task or cap), which is no paired
-    difference."""
+    each. Raises ValueError when no task has the baseline, for two runs of one (task, variant,
+    seed), and for a pair whose runs were scored on other dev data (`dev_data`: another eval
+    file, task or cap), which is no paired difference."""
     warn = warn or (lambda message: None)
     table: Dict[str, Dict[str, Dict[int, RunResult]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
-        table[run.task][run.variant][run.seed] = run
+        first = table[run.task][run.variant].setdefault(run.seed, run)
+        if first is not run:  # which of the two is meant cannot be told
+            raise ValueError(f"{run.path}: task {run.task!r}, variant {run.variant!r}, seed "
+                             f"{run.seed} already comes from {first.path}")
     if not any(baseline in variants for variants in table.values()):
         known = sorted({v for variants in table.values() for v in variants})
         raise ValueError(f"baseline variant {baseline!r} has no runs; variants: {known}")
