@@ -5,6 +5,7 @@ import math
 import os
 import shlex
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -724,3 +725,16 @@ def test_paired_differences_refuses_two_runs_of_one_seed():
     with pytest.raises(ValueError, match="/r/base/seed1_old: task 't', variant 'base', seed 1 "
                                          "already comes from /r/base/seed1"):
         paired_differences(runs + [copy], "base")
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_paired_differences_refuses_a_value_that_is_not_finite(value):
+    """A NaN from runs read by other code than `load_runs` (float() of a result file's "NaN")
+    gave a NaN interval, read as a "tie" (NaN > 0 and NaN < 0 are both false); now it is an
+    error naming the run, as in `load_runs`."""
+    runs = [RunResult("t", v, seed, 0.8 + 0.01 * seed + (v == "tweak") * 0.02,
+                      f"/r/{v}/seed{seed}") for v in ("base", "tweak") for seed in range(3)]
+    runs[4] = replace(runs[4], value=value)
+    with pytest.raises(ValueError, match=f"/r/tweak/seed1: 'tweak' seed 1 scored {value}, not "
+                                         "a finite number"):
+        paired_differences(runs, "base")

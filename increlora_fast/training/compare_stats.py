@@ -449,12 +449,15 @@ def paired_differences(runs: Iterable[RunResult], baseline: str, only: Optional[
     ``exclude`` are comma-separated globs of variant names to keep and to leave out. What the
     pairing leaves out of a kept variant (a task without baseline runs, a variant sharing no
     seed with the baseline, the seeds only one of the two ran) is told to ``warn``, one line
-    each. Raises ValueError when no task has the baseline, for two runs of one (task, variant,
-    seed), and for a pair whose runs were scored on other dev data (`dev_data`: another eval
-    file, task or cap), which is no paired difference."""
+    each. Raises ValueError when no task has the baseline, for a run whose value is not finite,
+    for two runs of one (task, variant, seed), and for a pair whose runs were scored on other
+    dev data (`dev_data`: another eval file, task or cap), which is no paired difference."""
     warn = warn or (lambda message: None)
     table: Dict[str, Dict[str, Dict[int, RunResult]]] = defaultdict(lambda: defaultdict(dict))
     for run in runs:
+        if not math.isfinite(run.value):  # a NaN interval would read as a "tie"
+            raise ValueError(f"{run.path}: {run.variant!r} seed {run.seed} scored {run.value}, "
+                             "not a finite number; that run cannot be compared")
         first = table[run.task][run.variant].setdefault(run.seed, run)
         if first is not run:  # which of the two is meant cannot be told
             raise ValueError(f"{run.path}: task {run.task!r}, variant {run.variant!r}, seed "
