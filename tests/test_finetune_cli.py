@@ -217,7 +217,7 @@ def test_compare_sweep_survives_a_diverging_lr_and_never_chooses_it(tiny, tmp_pa
                          "--lrs", "0.001,10000", "--max-steps", "6")) == 0
     r = json.loads((out / "compare.json").read_text())["methods"]["lora"]
     assert r["lr_sweep"]["10000"] is None and r["lr"] == 0.001 and r["seeds"] == [0, 1]
-    assert "| 0.001 | 0.001: " in (out / "compare.md").read_text()
+    assert "| 0.001 (edge) | 0.001: " in (out / "compare.md").read_text()
     assert "10000: diverged" in (out / "compare.md").read_text()
     assert "lr=10000 seed=0: diverged" in capsys.readouterr().out
     # every lr diverging is still an error
@@ -450,3 +450,40 @@ def test_help_states_every_default():
                             ("--modules-to-save", "classifier")]:
         assert helps[option].endswith(f"(default {default})"), (option, helps[option])
     assert "default" not in helps["--no-advance-learning"]
+
+
+def test_compare_table_gives_paired_differences_and_marks_an_lr_at_the_sweeps_edge():
+    """compare.md gave each method's mean ± std only, though comparisons are read as
+    differences with their intervals, and a best lr at the end of its sweep (LoRA's 1e-3,
+    IncreLoRA's 8e-3 on Rotten Tomatoes) was not marked as possibly outside it."""
+    from increlora_fast.training.compare import format_table
+    from increlora_fast.training.compare_stats import t_quantile
+    from increlora_fast.training.settings import RunSettings
+
+    def run(lr, accs, sweep):
+        return {"lr": lr, "lr_sweep": sweep, "seeds": [0, 1, 2], "eval_accuracy": accs,
+                "mean": sum(accs) / 3, "std": 0.01, "trainable_params_active": 10,
+                "trainable_params_padded": 10, "total_rank": 24, "steps": 6,
+                "train_examples": 96, "eval_examples": 1000, "train_seconds": [1.0] * 3,
+                "method_settings": {"r": 2, "lora_alpha": 16.0, "weight_decay": 0.0}}
+
+    grid = [1e-3, 2e-3, 4e-3]
+    base = [0.80, 0.82, 0.81]
+    other = [0.79, 0.83, 0.79]
+    report = {"task": "file:train.csv", "seeds": 3, "lrs": {"lora": grid, "full": grid},
+              "common": RunSettings().to_dict(),
+              "methods": {"lora": run(2e-3, base, {"0.002": 0.80}),
+                          "full": run(4e-3, other, {"0.004": 0.79})}}
+    text = format_table(report)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")]
+            for line in text.splitlines() if line.startswith("| lora") or line.startswith("| full")}
+    assert rows["lora"][6] == "0.002" and rows["full"][6] == "0.004 (edge)"
+    assert "(edge): the best lr is the lowest or the highest rate of its sweep" in text
+    diffs = [o - b for o, b in zip(other, base)]
+    mean = sum(diffs) / 3
+    std = (sum((d - mean) ** 2 for d in diffs) / 2) ** 0.5
+    half = t_quantile(0.975, 2) * std / 3 ** 0.5
+    assert (f"Dev accuracy minus lora's, paired by seed: mean with its 95 % t-interval (pairs): "
+            f"full {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] (3).") in text
+    one = dict(report, methods={"lora": report["methods"]["lora"]})
+    assert "paired by seed" not in format_table(one) and "(edge)" not in format_table(one)

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 from ..files import atomic_write_bytes
 from ..model import suffix_match
+from .compare_stats import mean_interval
 from .finetune_run import (DATA_FILE_KEYS, HEAD_NAMES, load_data, run_finetune, split_holdout,
                            uses_cuda_graphs, with_data_identity)
 from .output_lock import OutputLock
@@ -294,11 +295,49 @@ def format_table(report: Dict) -> str:
         std = "n/a" if r["std"] is None or len(r["eval_accuracy"]) < 2 else f"{r['std']:.4f}"
         sweep = ", ".join(f"{lr}: " + ("diverged" if acc is None else f"{acc:.4f}")
                           for lr, acc in r["lr_sweep"].items())
+        edge = " (edge)" if _at_edge(r["lr"], report["lrs"].get(method, ())) else ""
         lines.append(f"| {method} | {r['mean']:.4f} ± {std} | {per_seed} | "
                      f"{r['trainable_params_active']:,} / {r['trainable_params_padded']:,} | "
-                     f"{rank} | {r['lr']:g} | {sweep} | "
+                     f"{rank} | {r['lr']:g}{edge} | {sweep} | "
                      f"{_settings_text(method, r['method_settings'])} |")
+    if any(_at_edge(r["lr"], report["lrs"].get(m, ())) for m, r in report["methods"].items()):
+        lines += ["", "(edge): the best lr is the lowest or the highest rate of its sweep, so a "
+                  "better one may lie outside it; sweep further out with --lrs."]
+    differences = _differences_text(report["methods"])
+    if differences:
+        lines += ["", differences]
     return "\n".join(lines)
+
+
+def _at_edge(lr: float, grid: Sequence[float]) -> bool:
+    """Whether ``lr`` is the lowest or the highest rate of a sweep of several rates."""
+    return len(grid) > 1 and any(math.isclose(lr, end, rel_tol=1e-9)
+                                 for end in (min(grid), max(grid)))
+
+
+def _differences_text(methods: Dict[str, Dict]) -> str:
+    """Each method's dev accuracy minus the first method's, paired by seed (every method ran
+    the same seeds, which give the same batches): the mean difference with its 95 %
+    t-interval and the number of pairs; empty for one method. One pair, or pairs that all
+    differ alike, give no interval (their spread estimates nothing) and say so."""
+    (first, base), *others = methods.items()
+    if not others:
+        return ""
+    by_seed = dict(zip(base["seeds"], base["eval_accuracy"]))
+    parts = []
+    for method, r in others:
+        diffs = [a - by_seed[seed] for seed, a in zip(r["seeds"], r["eval_accuracy"])
+                 if seed in by_seed]
+        if not diffs:
+            parts.append(f"{method} no seed in common")
+            continue
+        mean, _, low, high = mean_interval(diffs)
+        n = len(diffs)
+        interval = (f"[{low:+.4f}, {high:+.4f}]" if low is not None else
+                    "no interval (one pair)" if n == 1 else "no interval (every pair alike)")
+        parts.append(f"{method} {mean:+.4f} {interval} ({n})")
+    return (f"Dev accuracy minus {first}'s, paired by seed: mean with its 95 % t-interval "
+            f"(pairs): " + "; ".join(parts) + ".")
 
 
 def methods_from_text(text: str) -> List[str]:
