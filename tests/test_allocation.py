@@ -303,3 +303,28 @@ def test_a_replayed_round_after_the_budget_is_reached_changes_nothing():
     after = (ctl.ipt, ctl.unc, ctl.allocation_log, ctl.rank_pattern(), ctl._next_step)
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
     assert after[2:] == before[2:]
+
+
+def test_a_module_at_capacity_gains_what_fits_and_then_yields_its_place():
+    """Spec section 4 on fixed shapes: each round grows the top_h highest-scoring modules that
+    can still grow. Module 0 scores highest at every round (scores set by hand, as backward
+    would leave them); with r_max 4 and incre_rank_num 2 it grows 1 -> 3, then by the one slot
+    left (3 -> 4), and from then on the rounds go to the next-ranked modules, 2 before 1, up
+    to the budget of 10."""
+    torch.manual_seed(0)
+    model = ParallelBranches(3)
+    config = branch_config(r_max=4, target_total_rank=10, incre_rank_num=2, top_h=1,
+                           init_warmup=0, incre_interval=1, score_window=1)
+    model, _, ctl = make_run(model, config)
+    patterns, reserves = [], []
+    for step in range(6):  # step 0 is no round (init_warmup 0)
+        for layer, score in zip(model.branches, (5.0, 1.0, 2.0)):
+            layer.score_sum.fill_(score)
+        ctl.step(step)
+        patterns.append([layer.active_rank for layer in model.branches])
+        reserves.append([layer.reserve_rank for layer in model.branches])
+    assert patterns == [[1, 1, 1], [3, 1, 1], [4, 1, 1], [4, 1, 3], [4, 1, 4], [4, 2, 4]]
+    assert reserves[:5] == [[2, 2, 2], [1, 2, 2], [0, 2, 2], [0, 2, 1], [0, 2, 0]]
+    assert [e["module"] for e in ctl.allocation_log] == ["branches.0", "branches.0",
+                                                         "branches.2", "branches.2", "branches.1"]
+    assert ctl.budget_reached and reserves[5] == [0, 0, 0]

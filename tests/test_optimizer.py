@@ -437,3 +437,44 @@ def test_build_kernels_without_a_kernel_stepped_parameter_does_nothing():
         opt.build_kernels(scaled=True)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert opt.global_step == 0 and not opt.state
+
+
+def test_whole_learning_rate_curves_of_an_old_and_a_new_slot_follow_spec_section_5():
+    """With Adam's betas at 0 (and eps tiny) every update is lr x multiplier x sign(grad), so
+    the size of each step of a slot is its learning rate at that step. Slot 0 (active from
+    step 0) must follow the base schedule, slot 1 (activated at the round at step 4) and the
+    reserve slot 2 appended there a schedule begun at step 4: linear warmup over 3 steps,
+    then linear decay to 0 at total_step 14 (spec 5), re-derived here. A slot changed at step
+    4 takes no step there (the optimizer's module docstring; departure 2 of
+    tests/authors_reference.py)."""
+    warmup, total, lr, round_step = 3, 14, 1e-3, 4
+
+    def spec(t: int, start: int) -> float:
+        if t < start:
+            return 0.0
+        since = t - start
+        return since / warmup if since < warmup else (total - t) / (total - start - warmup)
+
+    torch.manual_seed(0)
+    model = ParallelBranches(1)
+    config = branch_config(target_rank=3, top_h=1, init_warmup=3, incre_interval=round_step,
+                           warmup_steps=warmup, total_step=total, orth_reg_weight=0.0)
+    model, _, ctl = make_run(model, config)
+    opt = create_optimizer(model, config, lr=lr, weight_decay=0.0, betas=(0.0, 0.0), eps=1e-30)
+    layer = model.branches[0]
+    sizes = []
+    for t in range(total + 1):
+        before = (layer.lora_lambda.detach().clone(), layer.lora_A.detach().clone())
+        train_steps(model, opt, ctl, [t])
+        after = (layer.lora_lambda.detach(), layer.lora_A.detach())
+        sizes.append([abs(float(after[0][0] - before[0][0])),
+                      abs(float(after[0][1] - before[0][1])),
+                      float((after[1][2] - before[1][2]).abs().max())])
+    assert int(layer.slot_active_step[1]) == round_step == int(layer.slot_alloc_step[2])
+    for t, (old, new, fresh) in enumerate(sizes):
+        assert old == pytest.approx(lr * spec(t, 0), rel=1e-5, abs=1e-12), t
+        expected = 0.0 if t == round_step else lr * spec(t, round_step)
+        assert new == pytest.approx(expected, rel=1e-5, abs=1e-12), t
+        if t != round_step:  # (at the round its A row is drawn anew)
+            assert fresh == pytest.approx(expected, rel=1e-5, abs=1e-12), t
+    assert max(s[1] for s in sizes) == pytest.approx(lr, rel=1e-5)  # the new slot's peak

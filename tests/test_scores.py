@@ -18,7 +18,7 @@ if DEVICE == "cpu":
 from increlora_fast import IncreLoRAConfig, inject_increlora  # noqa: E402
 from increlora_fast.controller import IncreLoRAController, triplet_score  # noqa: E402
 from increlora_fast.kernels.reference import delta_w_score_chunked  # noqa: E402
-from increlora_fast.layer import SlotState  # noqa: E402
+from increlora_fast.layer import IncreLoRALinear, SlotState  # noqa: E402
 
 from method_helpers import ParallelBranches  # noqa: E402
 
@@ -82,6 +82,42 @@ def test_delta_w_score_equals_dense_float64_rederivation(seed):
         torch.testing.assert_close(controller.ipt, ipt, rtol=1e-5, atol=0)
         torch.testing.assert_close(controller.unc, unc, rtol=1e-4, atol=1e-12)
     torch.testing.assert_close(controller.importance(), ipt * unc, rtol=2e-4, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_delta_w_score_with_adapter_dropout_uses_the_dropped_input(backend, monkeypatch,
+                                                                  kernel_device):
+    """Spec sections 1 and 3 with lora_dropout in train mode: the adapter reads dropout(x), so
+    G = dL/d(dW) = dy^T dropout(x), and the score is sum|dW * G| / sqrt(out * in) with dW over
+    active and reserve slots and the alpha / ranknum scale. Re-derived by autograd on a
+    materialised dW, with the dropout mask redrawn from the same seed."""
+    monkeypatch.setenv("INCRELORA_BACKEND", backend)
+    torch.manual_seed(0)
+    base = nn.Linear(7, 5).double().to(kernel_device)
+    layer = IncreLoRALinear(base, r_max=6, init_r=2, reserve_rank=2, lora_dropout=0.5,
+                            lora_alpha=8.0).double().to(kernel_device).train()
+    with torch.no_grad():
+        layer.lora_lambda[:2] = torch.tensor([0.7, -1.3], dtype=torch.float64)
+    layer.score_enabled = True
+    x = torch.randn(11, 7, dtype=torch.float64, device=kernel_device)
+    target = torch.randn(11, 5, dtype=torch.float64, device=kernel_device)
+    torch.manual_seed(123)
+    ((layer(x) - target) ** 2).sum().backward()
+    got = float(layer.take_score())
+
+    torch.manual_seed(123)
+    dropped = nn.functional.dropout(x, 0.5, training=True)
+    assert 0 < int((dropped == 0).sum()) < dropped.numel()  # some inputs dropped, not all
+    lam = torch.tensor([0.7, -1.3, 1e-5, 1e-5, 0.0, 0.0], dtype=torch.float64,
+                       device=kernel_device)
+    dw = ((layer.lora_B.detach() * lam) @ layer.lora_A.detach() * (8.0 / 2)).requires_grad_()
+    loss = ((base(x) + dropped @ dw.t() - target) ** 2).sum()
+    grad, = torch.autograd.grad(loss, dw)
+    expected = float((dw.detach() * grad).abs().sum() / math.sqrt(dw.numel()))
+    grad_undropped, = torch.autograd.grad(((base(x) + x @ dw.t() - target) ** 2).sum(), dw)
+    undropped = float((dw.detach() * grad_undropped).abs().sum() / math.sqrt(dw.numel()))
+    assert abs(undropped - expected) > 1e-3 * expected  # the mask matters to the score
+    assert got == pytest.approx(expected, rel=1e-9)
 
 
 def test_smoothing_and_round_by_hand_with_distinct_betas():
