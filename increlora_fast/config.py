@@ -10,7 +10,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 # Name suffixes of the attention and FFN linears of the common transformers families
 # (BERT/RoBERTa, DeBERTa-v2, GPT-2, Llama); used when `target_modules` is left as None.
@@ -325,16 +325,25 @@ class IncreLoRAConfig:
             return 0
         return (end_step - 1) // self.incre_interval - (first - 1) // self.incre_interval
 
-    def reachable_total_rank(self, total_rank: int, num_modules: int, start_step: int,
-                             end_step: int) -> int:
+    def reachable_total_rank(self, ranks: Sequence[int], start_step: int, end_step: int) -> int:
         """The most total rank the rounds among steps ``start_step .. end_step - 1`` can reach
-        from ``total_rank``: each grows at most ``top_h`` modules (and no more than
-        ``num_modules``) by ``incre_rank_num``, and none goes past the budget (`total_budget`).
-        Below the budget, a run of that length ends short of it whatever the scores."""
+        from the modules' active ``ranks``: each round grows at most ``top_h`` modules (and no
+        more than there are), each once, by ``incre_rank_num`` or what is left of its capacity
+        ``r_max``, and none goes past the budget (`total_budget`). Below the budget, a run of
+        that length ends short of it whatever the scores.
+
+        The bound takes the largest growths the rounds allow: per module its full growths of
+        ``incre_rank_num`` then the last, partial one (a module at capacity has none), at most
+        one per round; of all of them the ``rounds x min(top_h, modules)`` largest."""
         rounds = self.allocation_rounds(start_step, end_step)
-        grown = min(self.top_h, num_modules)
-        return min(self.total_budget(num_modules),
-                   total_rank + rounds * grown * self.incre_rank_num)
+        growths: List[int] = []
+        for rank in ranks:
+            left = max(0, self.r_max - rank)
+            full, last = divmod(left, self.incre_rank_num)
+            growths += ([self.incre_rank_num] * full + ([last] if last else []))[:rounds]
+        growths.sort(reverse=True)
+        grown = sum(growths[:rounds * min(self.top_h, len(ranks))])
+        return min(self.total_budget(len(ranks)), sum(ranks) + grown)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

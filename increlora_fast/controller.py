@@ -173,14 +173,15 @@ class IncreLoRAController:
         if self.budget_reached:
             return None
         config, modules = self.config, len(self.layers)
-        reach = config.reachable_total_rank(self.current_total_rank(), modules, start_step,
-                                            end_step)
+        reach = config.reachable_total_rank([layer.active_rank for layer in self.layers],
+                                            start_step, end_step)
         if reach >= self.total_budget:
             return None
         return (f"IncreLoRA: {config.allocation_rounds(start_step, end_step)} allocation "
                 f"round(s) in steps {start_step}-{end_step - 1} (IncreLoRAConfig.init_warmup "
                 f"{config.init_warmup}, incre_interval {config.incre_interval}), each growing "
-                f"at most top_h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
+                f"at most top_h {config.top_h} module(s) by {config.incre_rank_num} (or what "
+                f"is left of r_max {config.r_max}), reach a "
                 f"total rank of at most {reach} of the budget's {self.total_budget}: the run "
                 f"ends below it; train longer ({length}), "
                 + ("lower init_warmup or incre_interval, or raise top_h"

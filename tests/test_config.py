@@ -161,7 +161,7 @@ def test_allocation_rounds_count_the_controllers_round_steps():
                if t > config.init_warmup and t % config.incre_interval == 0]
         assert config.allocation_rounds(start, end) == len(due), (config, start, end)
         grown = 5 + len(due) * config.top_h * config.incre_rank_num
-        assert config.reachable_total_rank(5, 5, start, end) == min(20, grown)
+        assert config.reachable_total_rank([1] * 5, start, end) == min(20, grown)
 
 
 def test_reachable_total_rank_counts_no_more_modules_per_round_than_there_are():
@@ -172,8 +172,23 @@ def test_reachable_total_rank_counts_no_more_modules_per_round_than_there_are():
     config = IncreLoRAConfig(target_modules=["q"], init_warmup=1, incre_interval=2, top_h=4,
                              target_rank=3, incre_rank_num=1, r_max=8)
     assert config.allocation_rounds(0, 3) == 1
-    assert config.reachable_total_rank(2, 2, 0, 3) == 4
-    assert config.reachable_total_rank(2, 2, 0, 5) == 6
+    assert config.reachable_total_rank([1, 1], 0, 3) == 4
+    assert config.reachable_total_rank([1, 1], 0, 5) == 6
+
+
+def test_reachable_total_rank_counts_what_each_modules_capacity_leaves():
+    """A module grows by incre_rank_num or what is left of r_max: 4 modules from rank 1 to a
+    budget of 8 each (32, their whole capacity) with incre_rank_num 4 need two growths each,
+    +4 and +3, so 7 rounds of one module reach 4 + 4 x 4 + 3 x 3 = 29, not 4 + 7 x 4 = 32
+    (counted so, the run ended below its budget with no warning)."""
+    config = IncreLoRAConfig(target_modules=["q"], init_warmup=0, incre_interval=1, top_h=1,
+                             target_rank=8, incre_rank_num=4, r_max=8)
+    assert config.allocation_rounds(0, 8) == 7
+    assert config.reachable_total_rank([1] * 4, 0, 8) == 29
+    assert config.reachable_total_rank([1] * 4, 0, 9) == 32
+    # a module at capacity grows no more; one round grows each module once at most
+    assert config.reachable_total_rank([8, 1], 0, 2) == 8 + 1 + 4
+    assert config.reachable_total_rank([8, 1], 0, 3) == 8 + 1 + 4 + 3
 
 
 def test_a_total_rank_budget_needs_no_target_rank_above_init_r():

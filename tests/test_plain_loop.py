@@ -130,8 +130,9 @@ def test_a_total_step_too_short_for_the_budget_is_said_at_the_first_step():
         train_steps(model, opt, ctl, range(10))
     said = [str(w.message) for w in caught if "reach a total rank" in str(w.message)]
     assert said == ["IncreLoRA: 2 allocation round(s) in steps 0-9 (IncreLoRAConfig.init_warmup "
-                    "2, incre_interval 4), each growing at most top_h 1 module(s) by 1, reach a "
-                    "total rank of at most 6 of the budget's 16: the run ends below it; train "
+                    "2, incre_interval 4), each growing at most top_h 1 module(s) by 1 (or what "
+                    "is left of r_max 6), reach a total rank of at most 6 of the budget's 16: "
+                    "the run ends below it; train "
                     "longer (IncreLoRAConfig.total_step), lower init_warmup or incre_interval, "
                     "or raise top_h"]
     assert ctl.current_total_rank() == 6  # as said

@@ -47,12 +47,13 @@ def warn_budget_out_of_reach(s: RunSettings, config: IncreLoRAConfig, n_targets:
         return
     rounds = config.allocation_rounds(0, s.max_steps)
     budget = config.total_budget(n_targets)
-    reach = config.reachable_total_rank(config.init_r * n_targets, n_targets, 0, s.max_steps)
+    reach = config.reachable_total_rank([config.init_r] * n_targets, 0, s.max_steps)
     if reach >= budget:
         return
     warnings.warn(f"IncreLoRA: {rounds} allocation round(s) in {s.max_steps} steps (--init-warmup "
                   f"{config.init_warmup}, --incre-interval {config.incre_interval}), each growing "
-                  f"at most --top-h {config.top_h} module(s) by {config.incre_rank_num}, reach a "
+                  f"at most --top-h {config.top_h} module(s) by {config.incre_rank_num} (or what "
+                  f"is left of --r-max {config.r_max}), reach a "
                   f"total rank of at most {reach} of the budget's {budget} (--target-rank "
                   f"{config.target_rank} x {n_targets} modules): the run ends below --target-rank;"
                   " train longer, " + ("lower --init-warmup or --incre-interval, or raise --top-h"
