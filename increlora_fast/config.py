@@ -108,7 +108,9 @@ class IncreLoRAConfig:
             One step earlier than the authors' code, whose scheduler (``Multi_LambdaLR``) gives
             a group added at t a rate of 0 at t + 1 (Adam counts that step) and
             ``1 / warmup_steps`` at t + 2; so is the first reserve, which they add at step 0
-            and we before it (on the base model's schedule, the same in both).
+            and we before it (on the base model's schedule, the same in both). A slot added
+            fewer than ``warmup_steps`` steps before ``total_step`` takes the lower of its
+            warmup and its decay to 0 at ``total_step``, so it trains little.
         total_step: step at which every learning rate reaches 0; ``None`` keeps it constant
             after warmup.
         modules_to_save: module-name suffixes trained in full and saved with the adapter
