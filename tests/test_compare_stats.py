@@ -738,3 +738,14 @@ def test_paired_differences_refuses_a_value_that_is_not_finite(value):
     with pytest.raises(ValueError, match=f"/r/tweak/seed1: 'tweak' seed 1 scored {value}, not "
                                          "a finite number"):
         paired_differences(runs, "base")
+
+
+def test_a_hidden_folder_below_the_runs_is_not_read_as_a_run(runs_root):
+    """A killed run leaves its final outputs in a hidden staging folder (`.final-outputs.tmp`)
+    for the next run to clear; read as a run it became a variant named 'seed0' of a task named
+    like the variant, with a confusing warning."""
+    before = {(r.task, r.variant, r.seed) for r in load_runs(runs_root)}
+    staged = runs_root / "rt" / "default" / "seed0" / ".final-outputs.tmp"
+    staged.mkdir()
+    (staged / "metrics.json").write_text(json.dumps(dict(task="rt", seed=0, eval_accuracy=0.1)))
+    assert {(r.task, r.variant, r.seed) for r in load_runs(runs_root)} == before

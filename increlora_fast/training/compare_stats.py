@@ -360,7 +360,10 @@ def load_runs(root: Path, metric: str = "eval_accuracy",
         return load_compare_runs(Path(root), metric, selection)
     runs, seen = [], {}
     setups: Dict[Tuple[str, str], Tuple[Dict, Path]] = {}
-    paths = sorted(Path(root).rglob(METRICS_FILE))
+    # not below a hidden folder: a killed run's staged final outputs (`.final-outputs.tmp`) or
+    # a replaced checkpoint, which the next run into that folder clears
+    paths = sorted(p for p in Path(root).rglob(METRICS_FILE)
+                   if not any(part.startswith(".") for part in p.relative_to(root).parts[:-1]))
     names = {path.parent.parent.name for path in paths}
     if selection is not None and paths:
         selection.check(names)
