@@ -9,6 +9,8 @@ from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 from .files import write_output
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# an expert's number: the path part after one ending in "experts" (`expert_kind`)
+_EXPERT_NUMBER = re.compile(r"(?<![^.])([^.]*experts)\.(?:expert_)?\d+(?![^.])")
 
 
 class ModuleLayer(NamedTuple):
@@ -71,15 +73,20 @@ def split_module_name(name: str) -> Tuple[str, str]:
 
 
 def rank_table(rank_pattern: Dict[str, int]) -> str:
-    """The rank pattern as a text table: one row per layer, one column per module type."""
-    layers, kinds, grid = _grid(rank_pattern)
+    """The rank pattern as a text table: one row per layer, one column per module type (a
+    layer's experts share one, `expert_kind`, holding their mean rank, as a line under the
+    table says)."""
+    layers, kinds, grid, note = _grid(rank_pattern)
     width = max([len(k) for k in kinds] + [4])
     label = max([len(layer) for layer in layers] + [5])
     head = "layer".rjust(label) + " | " + " | ".join(k.rjust(width) for k in kinds)
     rows = [head, "-" * len(head)]
     for layer in layers:
-        cells = [str(grid.get((layer, k), "")).rjust(width) for k in kinds]
+        cells = [(_cell_text(grid[layer, k]) if (layer, k) in grid else "").rjust(width)
+                 for k in kinds]
         rows.append(f"{layer:>{label}} | " + " | ".join(cells))
+    if note:
+        rows.append(note)
     n = len(rank_pattern)
     rows.append(f"total rank {sum(rank_pattern.values())} over {n} module{'' if n == 1 else 's'}")
     return "\n".join(rows)
@@ -91,24 +98,49 @@ def natural_key(label: str) -> tuple:
                  for c in re.split(r"(\d+)", label) if c)
 
 
-def _grid(rank_pattern: Dict[str, int]) -> Tuple[List[str], List[str], Dict[Tuple[str, str], int]]:
-    """(row labels, module types, {(row, type): rank}). A row is a layer index, or, where one
-    index belongs to several layers (an encoder's and a decoder's layer 0: BART's
+def expert_kind(kind: str) -> str:
+    """A module type with its expert number as ``*``: ``block_sparse_moe.experts.*.w1`` for
+    ``block_sparse_moe.experts.5.w1`` (Mixtral's naming in transformers 4; Qwen2-MoE's, OLMoE's
+    and DeepSeek's ``mlp.experts.5.gate_proj``; SwitchTransformers' and NLLB-MoE's
+    ``mlp.experts.expert_5.wi``), so that the experts of a layer make one module type; other
+    types are returned as they are."""
+    return _EXPERT_NUMBER.sub(r"\1.*", kind)
+
+
+def _grid(rank_pattern: Dict[str, int]
+          ) -> Tuple[List[str], List[str], Dict[Tuple[str, str], Union[int, float]], str]:
+    """(row labels, module types, {(row, type): rank}, note). A row is a layer index, or, where
+    one index belongs to several layers (an encoder's and a decoder's layer 0: BART's
     model.encoder.layers.0 and model.decoder.layers.0, T5's encoder.block.0 and
     decoder.block.0), every row is the whole name up to its index, so that every module keeps
-    a cell of its own."""
+    a cell of its own; but the experts of a layer share one cell per weight (`expert_kind`),
+    holding their mean rank, which the note ("" without experts) says."""
     split = module_layers(rank_pattern)
     by_index = one_stack_per_index(split.values())
-    grid = {(index if by_index else prefix, kind): rank_pattern[n]
-            for n, (index, prefix, kind) in split.items()}
+    cells: Dict[Tuple[str, str], List[int]] = {}
+    for n, (index, prefix, kind) in split.items():
+        cells.setdefault((index if by_index else prefix, expert_kind(kind)), []).append(
+            rank_pattern[n])
+    grid = {cell: ranks[0] if len(ranks) == 1 else sum(ranks) / len(ranks)
+            for cell, ranks in cells.items()}
     layers = sorted({l for l, _ in grid}, key=lambda s: (not s.isdigit(), natural_key(s)))
     kinds = list(dict.fromkeys(k for _, k in grid))
-    return layers, kinds, grid
+    experts = sorted({len(ranks) for (_, kind), ranks in cells.items() if "*" in kind})
+    note = "" if not experts else (
+        f"experts.*: mean rank over a layer's {experts[0]}"
+        + ("" if len(experts) == 1 else f"-{experts[-1]}") + " experts")
+    return layers, kinds, grid, note
+
+
+def _cell_text(rank: Union[int, float]) -> str:
+    """A cell's rank as written: a module's rank, or experts' mean to one decimal."""
+    return str(rank) if isinstance(rank, int) else f"{round(rank, 1):g}"
 
 
 def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
                       title: str = "IncreLoRA rank pattern", overwrite: bool = False) -> Path:
-    """Write a PNG heatmap of active ranks (rows: layers, columns: module types); returns the path.
+    """Write a PNG heatmap of active ranks (rows: layers, columns: module types, a layer's
+    experts one cell per weight holding their mean rank, `expert_kind`); returns the path.
 
     Raises:
         FileExistsError: a file is at ``path`` and ``overwrite`` is False.
@@ -121,7 +153,7 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
     import numpy as np
     Figure = _figure_class("save_rank_heatmap")
 
-    layers, kinds, grid = _grid(rank_pattern)
+    layers, kinds, grid, note = _grid(rank_pattern)
     data = np.full((len(layers), len(kinds)), np.nan)
     for (layer, kind), r in grid.items():
         data[layers.index(layer), kinds.index(kind)] = r
@@ -132,13 +164,13 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
     for i in range(len(layers)):
         for j in range(len(kinds)):
             if not np.isnan(data[i, j]):
-                ax.text(j, i, int(data[i, j]), ha="center", va="center", fontsize=8,
-                        color="k" if data[i, j] > bright else "w")
+                ax.text(j, i, _cell_text(grid[layers[i], kinds[j]]), ha="center",
+                        va="center", fontsize=8, color="k" if data[i, j] > bright else "w")
     ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
     ax.set_yticks(range(len(layers)), layers, fontsize=8)
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
-    ax.set_title(title)
+    ax.set_title(f"{title}\n{note}" if note else title)
     fig.colorbar(im, ax=ax, label="active rank")
     return _save(fig, path)
 
@@ -173,7 +205,8 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
                         title: str = "IncreLoRA rank over training",
                         overwrite: bool = False) -> Path:
     """Write a PNG of each module's active rank against the optimizer step (one step line per
-    module, coloured by module type, and the mean over modules in black); returns the path.
+    module, coloured by module type (a layer's experts are one, `expert_kind`), and the mean
+    over modules in black); returns the path.
 
     Args:
         initial: {module: rank at step 0} (``init_r`` everywhere for IncreLoRA).
@@ -194,14 +227,14 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
         raise ValueError("save_rank_over_time needs at least one module")
     end = max([last_step or 0] + [s for points in history.values() for s, _ in points])
     split = module_layers(history)
-    kinds = list(dict.fromkeys(split[n].kind for n in history))
+    kinds = list(dict.fromkeys(expert_kind(split[n].kind) for n in history))
     colors = distinct_colours(len(kinds))
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
     for name, points in history.items():
         steps = [s for s, _ in points] + [end]
         ranks = [r for _, r in points] + [points[-1][1]]
-        kind = kinds.index(split[name].kind)
+        kind = kinds.index(expert_kind(split[name].kind))
         ax.step(steps, ranks, where="post", color=colors[kind], alpha=0.45, linewidth=1)
     change_steps = sorted({s for points in history.values() for s, _ in points} | {end})
     mean = [sum(_rank_at(points, s) for points in history.values()) / len(history)

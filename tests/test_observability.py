@@ -1,6 +1,8 @@
 """Issue 3 item 7: allocation log through logging, rank-pattern table, rank heatmap PNG."""
 import logging
+import re
 
+import pytest
 import torch
 
 from increlora_fast.visualize import rank_table, save_rank_heatmap, split_module_name
@@ -157,3 +159,68 @@ def test_a_number_every_name_shares_is_not_the_layer():
     one = module_layers(["0.auto_model.encoder.layer.0.intermediate.dense"])
     assert one["0.auto_model.encoder.layer.0.intermediate.dense"].kind == \
         "auto_model.encoder.layer.0.intermediate.dense"
+
+
+def _switch_expert_names():
+    """The linear layers of a tiny SwitchTransformers built offline: transformers 5 names its
+    experts ``...mlp.experts.expert_N.wi`` (Mixtral, Qwen2-MoE, OLMoE and DeepSeek hold theirs
+    in fused 3-D parameters there; transformers 4 named them ``...experts.N.w1``)."""
+    from transformers import SwitchTransformersConfig, SwitchTransformersForConditionalGeneration
+    config = SwitchTransformersConfig(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=2,
+                                      num_decoder_layers=2, num_heads=2, num_experts=4,
+                                      encoder_sparse_step=1, decoder_sparse_step=1)
+    model = SwitchTransformersForConditionalGeneration(config)
+    return [n for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+MOE_NAMINGS = {  # {naming: (names, the expert columns they make)}
+    "mixtral": ([f"model.layers.{i}.{k}" for i in range(3) for k in
+                 ["self_attn.q_proj", "self_attn.v_proj"]
+                 + [f"block_sparse_moe.experts.{e}.w{w}" for e in range(5) for w in (1, 2, 3)]],
+                [f"block_sparse_moe.experts.*.w{w}" for w in (1, 2, 3)]),
+    "qwen2_moe": ([f"model.layers.{i}.{k}" for i in range(3) for k in
+                   ["self_attn.q_proj", "mlp.shared_expert.gate_proj"]
+                   + [f"mlp.experts.{e}.{w}" for e in range(12) for w in ("gate_proj", "down_proj")]],
+                  ["mlp.experts.*.gate_proj", "mlp.experts.*.down_proj"]),
+    "switch": (None, ["layer.1.mlp.experts.*.wi", "layer.1.mlp.experts.*.wo"]),
+}
+
+
+@pytest.mark.parametrize("naming", sorted(MOE_NAMINGS))
+def test_the_experts_of_a_layer_share_one_column_holding_their_mean(tmp_path, monkeypatch,
+                                                                     naming):
+    """An expert's number stayed in its module type: a mixture-of-experts model with 32 experts
+    x 3 weights per layer made 96 columns in the table and the heatmap (520 experts: a PNG
+    206,064 px wide). The experts of a layer now share one column per weight, whose cell is
+    their mean rank, as the table's note and the heatmap's title say."""
+    from increlora_fast import visualize
+
+    names, expert_kinds = MOE_NAMINGS[naming]
+    names = names or _switch_expert_names()
+    torch.manual_seed(0)
+    pattern = {n: int(torch.randint(1, 9, ())) for n in names}
+    split = visualize.module_layers(pattern)
+    dense_kinds = list(dict.fromkeys(k for _, _, k in split.values() if "experts." not in k))
+    table = rank_table(pattern).splitlines()
+    kinds = [k.strip() for k in table[0].split("|")[1:]]
+    assert sorted(kinds) == sorted(dense_kinds + expert_kinds)
+    assert "mean rank over" in table[-2] and table[-1].startswith("total rank")
+    rows = {r.split("|")[0].strip(): [c.strip() for c in r.split("|")[1:]] for r in table[2:-2]}
+    assert sorted(rows) == sorted({index for index, _, _ in split.values()})
+    for layer, cells in rows.items():
+        for kind, cell in zip(kinds, cells):
+            ranks = [pattern[n] for n, (index, _, k) in split.items() if index == layer and
+                     re.sub(r"experts\.(expert_)?\d+", "experts.*", k) == kind]
+            assert cell == (f"{round(sum(ranks) / len(ranks), 1):g}" if ranks else ""), \
+                (layer, kind)
+            assert len(ranks) <= 1 or kind in expert_kinds
+
+    drawn = []
+    monkeypatch.setattr(visualize, "_save", lambda fig, path: drawn.append(fig) or path)
+    save_rank_heatmap(pattern, tmp_path / "h.png")
+    ax = drawn[0].axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == kinds
+    assert "mean rank over" in ax.get_title()
+    visualize.save_rank_over_time(pattern, [], tmp_path / "t.png")
+    legend = [t.get_text() for t in drawn[1].axes[0].get_legend().get_texts()]
+    assert sorted(legend[1:]) == sorted(kinds)
