@@ -2,11 +2,17 @@
 module's rank against the training step (PNG)."""
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple, Union
 
 from .files import write_output
+
+# The rank heatmap's largest width and height (3,840 px at 120 dpi): at its usual cell size 28
+# module types and 68 layers; beyond, its cells shrink, lose their numbers (the rank table has
+# them) and share labels.
+HEATMAP_MAX_INCHES = 32.0
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 # an expert's number: the path part after one ending in "experts" (`expert_kind`)
@@ -140,7 +146,8 @@ def _cell_text(rank: Union[int, float]) -> str:
 def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
                       title: str = "IncreLoRA rank pattern", overwrite: bool = False) -> Path:
     """Write a PNG heatmap of active ranks (rows: layers, columns: module types, a layer's
-    experts one cell per weight holding their mean rank, `expert_kind`); returns the path.
+    experts one cell per weight holding their mean rank, `expert_kind`), at most
+    `HEATMAP_MAX_INCHES` wide and high; returns the path.
 
     Raises:
         FileExistsError: a file is at ``path`` and ``overwrite`` is False.
@@ -155,19 +162,27 @@ def save_rank_heatmap(rank_pattern: Dict[str, int], path: Union[str, Path],
 
     layers, kinds, grid, note = _grid(rank_pattern)
     data = np.full((len(layers), len(kinds)), np.nan)
+    row, column = {l: i for i, l in enumerate(layers)}, {k: j for j, k in enumerate(kinds)}
     for (layer, kind), r in grid.items():
-        data[layers.index(layer), kinds.index(kind)] = r
-    fig = Figure(figsize=(1.2 + 1.1 * len(kinds), 1.0 + 0.45 * len(layers)))
+        data[row[layer], column[kind]] = r
+    full = (1.2 + 1.1 * len(kinds), 1.0 + 0.45 * len(layers))
+    width, height = (min(inches, HEATMAP_MAX_INCHES) for inches in full)
+    cell_width, cell_height = (width - 1.2) / len(kinds), (height - 1.0) / len(layers)
+    fig = Figure(figsize=(width, height))
     ax = fig.subplots()
     im = ax.imshow(data, cmap="viridis", aspect="auto")
     bright = np.nanmin(data) + 0.6 * (np.nanmax(data) - np.nanmin(data))
-    for i in range(len(layers)):
-        for j in range(len(kinds)):
-            if not np.isnan(data[i, j]):
-                ax.text(j, i, _cell_text(grid[layers[i], kinds[j]]), ha="center",
-                        va="center", fontsize=8, color="k" if data[i, j] > bright else "w")
-    ax.set_xticks(range(len(kinds)), kinds, rotation=35, ha="right", fontsize=8)
-    ax.set_yticks(range(len(layers)), layers, fontsize=8)
+    if (width, height) == full:  # numbers in the cells at their usual size only
+        for i in range(len(layers)):
+            for j in range(len(kinds)):
+                if not np.isnan(data[i, j]):
+                    ax.text(j, i, _cell_text(grid[layers[i], kinds[j]]), ha="center",
+                            va="center", fontsize=8, color="k" if data[i, j] > bright else "w")
+    # every k-th label where a label per cell would overlap the next
+    every_x, every_y = math.ceil(0.2 / cell_width), math.ceil(0.15 / cell_height)
+    ax.set_xticks(range(0, len(kinds), every_x), kinds[::every_x], rotation=35, ha="right",
+                  fontsize=8)
+    ax.set_yticks(range(0, len(layers), every_y), layers[::every_y], fontsize=8)
     ax.set_xlabel("module type")
     ax.set_ylabel("layer")
     ax.set_title(f"{title}\n{note}" if note else title)
