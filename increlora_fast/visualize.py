@@ -215,13 +215,19 @@ def distinct_colours(n: int) -> list:
     return [matplotlib.colormaps["turbo"](i / (n - 1)) for i in range(n)]
 
 
+# The most module types that `save_rank_over_time`'s legend names: beyond, the first
+# LEGEND_TYPES - 1 keep theirs, and the others share one entry and a dotted grey.
+LEGEND_TYPES = 20
+_OTHER_TYPES = {"color": "0.6", "linestyle": ":"}
+
+
 def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
                         path: Union[str, Path], last_step: Optional[int] = None,
                         title: str = "IncreLoRA rank over training",
                         overwrite: bool = False) -> Path:
     """Write a PNG of each module's active rank against the optimizer step (one step line per
-    module, coloured by module type (a layer's experts are one, `expert_kind`), and the mean
-    over modules in black); returns the path.
+    module, coloured by module type (a layer's experts are one, `expert_kind`; at most
+    `LEGEND_TYPES` entries), and the mean over modules in black); returns the path.
 
     Args:
         initial: {module: rank at step 0} (``init_r`` everywhere for IncreLoRA).
@@ -243,20 +249,24 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     end = max([last_step or 0] + [s for points in history.values() for s, _ in points])
     split = module_layers(history)
     kinds = list(dict.fromkeys(expert_kind(split[n].kind) for n in history))
-    colors = distinct_colours(len(kinds))
+    named = kinds if len(kinds) <= LEGEND_TYPES else kinds[:LEGEND_TYPES - 1]
+    colour = dict(zip(named, distinct_colours(len(named))))
     fig = Figure(figsize=(7.5, 4.2))
     ax = fig.subplots()
     for name, points in history.items():
         steps = [s for s, _ in points] + [end]
         ranks = [r for _, r in points] + [points[-1][1]]
-        kind = kinds.index(expert_kind(split[name].kind))
-        ax.step(steps, ranks, where="post", color=colors[kind], alpha=0.45, linewidth=1)
+        kind = expert_kind(split[name].kind)
+        style = {"color": colour[kind]} if kind in colour else _OTHER_TYPES
+        ax.step(steps, ranks, where="post", alpha=0.45, linewidth=1, **style)
     change_steps = sorted({s for points in history.values() for s, _ in points} | {end})
     mean = [sum(_rank_at(points, s) for points in history.values()) / len(history)
             for s in change_steps]
     ax.step(change_steps, mean, where="post", color="k", linewidth=2, label="mean over modules")
-    for i, kind in enumerate(kinds):
-        ax.plot([], [], color=colors[i], label=kind)
+    for kind, c in colour.items():
+        ax.plot([], [], color=c, label=kind)
+    if len(kinds) > len(named):
+        ax.plot([], [], label=f"{len(kinds) - len(named)} other module types", **_OTHER_TYPES)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("active rank")
     ax.set_title(title)

@@ -161,3 +161,35 @@ def test_without_matplotlib_the_savers_name_the_extra_to_install(tmp_path, monke
         else:
             save_rank_over_time(INITIAL, LOG, png)
     assert not png.exists()
+
+
+def test_the_legend_names_at_most_twenty_module_types_and_stays_in_the_picture(tmp_path,
+                                                                                monkeypatch):
+    """The legend had an entry per module type in a fixed 7.5 x 4.2 inch figure: 60 types ran
+    it off the picture. The first 19 types keep their colour and entry; the rest are drawn in
+    grey, under one entry naming how many they are."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from increlora_fast import visualize
+    initial = {f"layer.{i}.kind{k}": 1 for i in range(2) for k in range(60)}
+    log = [{"step": 3, "module": "layer.1.kind45", "new_rank": 4}]
+    drawn, save = [], visualize._save
+    monkeypatch.setattr(visualize, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    save_rank_over_time(initial, log, tmp_path / "t.png", last_step=6)
+    ax = drawn[0].axes[0]
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["mean over modules"] + [f"kind{k}" for k in range(19)] + \
+        ["41 other module types"]
+    colours = [h.get_color() for h in legend.legend_handles]
+    assert len(set(colours)) == len(colours)
+    # every module keeps its line (the grown one in "other"'s colour), and the mean its own
+    drawn_lines = [line for line in ax.lines if len(line.get_ydata())]
+    assert len(drawn_lines) == len(initial) + 1
+    assert [line.get_color() for line in drawn_lines
+            if tuple(line.get_ydata()) == (1, 4, 4)] == [colours[-1]]
+    canvas = FigureCanvasAgg(drawn[0])
+    canvas.draw()
+    box, figure = legend.get_window_extent(canvas.get_renderer()), drawn[0].bbox
+    assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and \
+        box.y1 <= figure.y1, (box, figure)
