@@ -38,6 +38,25 @@ def test_names_split_into_type_and_layer():
     assert module_type("classifier") == module_layer("classifier") == "classifier"
 
 
+def test_a_layers_experts_are_one_module_type_as_in_the_rank_table():
+    """The allocation plots kept an expert's number in its module type: a mixture-of-experts
+    model with 32 experts x 3 weights drew 96 curves (and legend entries) per panel, where the
+    rank table and heatmap show one column per weight (`visualize.expert_kind`)."""
+    from increlora_fast.training.allocation_stats import type_group
+
+    names = [f"model.layers.{i}.{kind}" for i in range(2) for kind in
+             ["self_attn.q_proj"] + [f"mlp.experts.{e}.{w}" for e in range(32)
+                                     for w in ("gate_proj", "up_proj", "down_proj")]]
+    group = type_group(names)
+    assert list(dict.fromkeys(group(n) for n in names)) == \
+        ["self_attn.q_proj"] + [f"mlp.experts.*.{w}" for w in ("gate_proj", "up_proj",
+                                                                 "down_proj")]
+    assert module_type("model.layers.3.block_sparse_moe.experts.7.w2") == \
+        "block_sparse_moe.experts.*.w2"
+    assert module_type("encoder.block.1.layer.1.mlp.experts.expert_3.wi") == \
+        "layer.1.mlp.experts.*.wi"
+
+
 def test_ranks_replay_the_log_from_the_initial_rank(tmp_path):
     run = _run(tmp_path, "seed0", [(30, MODULES[1], 2), (10, MODULES[0], 2), (30, MODULES[1], 3)])
     ranks = ranks_over_time(run)

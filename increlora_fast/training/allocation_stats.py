@@ -13,15 +13,16 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List
 
-from ..visualize import (distinct_colours, module_layers, natural_key, one_stack_per_index,
-                         split_module_name)
+from ..visualize import (distinct_colours, expert_kind, module_layers, natural_key,
+                         one_stack_per_index, split_module_name)
 from .outputs import ALLOCATION_LOG_FILE, METRICS_FILE, write_figure
 
 
 def module_type(name: str) -> str:
     """The part of a module name after its layer index (``attention.self.query``;
-    `visualize.split_module_name`: its first integer), or the name when it has none."""
-    return split_module_name(name)[1]
+    `visualize.split_module_name`: its first integer), or the name when it has none; an
+    expert's number as ``*`` (`visualize.expert_kind`: a layer's experts are one type)."""
+    return expert_kind(split_module_name(name)[1])
 
 
 def module_layer(name: str) -> str:
@@ -34,9 +35,10 @@ def module_layer(name: str) -> str:
 def type_group(names: Iterable[str]) -> Callable[[str], str]:
     """How `allocation_by_group` groups ``names`` per module type: what follows each name's
     layer index read against all of them (`visualize.module_layers`: a number every name
-    shares, a wrapper's ``0.``, is not the layer), or the name when it has none."""
+    shares, a wrapper's ``0.``, is not the layer), or the name when it has none; the experts
+    of a layer are one type (`visualize.expert_kind`), as in the rank table."""
     split = module_layers(names)
-    return lambda name: (split.get(name) or module_layers([name])[name]).kind
+    return lambda name: expert_kind((split.get(name) or module_layers([name])[name]).kind)
 
 
 def layer_group(names: Iterable[str]) -> Callable[[str], str]:
