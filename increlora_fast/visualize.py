@@ -38,11 +38,14 @@ def module_layers(names: Iterable[str]) -> Dict[str, ModuleLayer]:
     ``encoder.block.3.layer.0.SelfAttention.q`` is block 3's ``layer.0.SelfAttention.q``, an
     expert's ``model.layers.2.mlp.experts.5.w1`` layer 2's ``mlp.experts.5.w1``), and a number
     every name shares is passed over (the ``0`` of a wrapped model's
-    ``0.auto_model.encoder.layer.3.attention.self.query``). The rank table, the heatmap and the
-    allocation plots (`training.allocation_stats`) all read names so.
+    ``0.auto_model.encoder.layer.3.attention.self.query``), and so is an expert's number (one
+    after a part ending in ``experts``), also where one layer's experts are all the names
+    hold. The rank table, the heatmap and the allocation plots (`training.allocation_stats`)
+    all read names so.
     """
     names = list(dict.fromkeys(names))
-    found = {n: list(_LAYER_INDEX.finditer(f".{n}.")) for n in names}
+    found = {n: [m for m in _LAYER_INDEX.finditer(f".{n}.")
+                 if not f".{n}."[:m.start()].endswith("experts")] for n in names}
     numbers: Dict[str, set] = {}
     for n, matches in found.items():
         for m in matches:

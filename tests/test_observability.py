@@ -236,3 +236,20 @@ def test_the_heatmap_stays_a_bounded_picture_for_any_model(tmp_path, layers, kin
     pattern = {f"stack.{i}.proj_{k}": 1 + (i + k) % 7 for i in range(layers) for k in range(kinds)}
     height, width = mpimg.imread(str(save_rank_heatmap(pattern, tmp_path / "h.png"))).shape[:2]
     assert width <= 4000 and height <= 4000, (width, height)
+
+
+def test_the_experts_of_one_adapted_layer_are_not_read_as_layers():
+    """With one layer adapted (target_modules naming layer 3 only), the experts' numbers were
+    the only place holding several numbers, so they were read as the layer index: 64 experts
+    made 64 rows, one per expert, and no expert column. An expert's number is never the
+    layer index."""
+    from increlora_fast.training.allocation_stats import layer_group
+
+    pattern = {f"model.layers.3.{kind}": 1 + len(kind) % 5 for kind in
+               ["self_attn.q_proj"] + [f"mlp.experts.{e}.{w}" for e in range(64)
+                                       for w in ("gate_proj", "down_proj")]}
+    table = rank_table(pattern).splitlines()
+    assert [k.strip() for k in table[0].split("|")[1:]] == \
+        ["self_attn.q_proj", "mlp.experts.*.gate_proj", "mlp.experts.*.down_proj"]
+    assert [r.split("|")[0].strip() for r in table[2:-2]] == ["3"]
+    assert {layer_group(pattern)(n) for n in pattern} == {"3"}
