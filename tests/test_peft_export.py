@@ -808,3 +808,40 @@ def test_all_linear_merge_save_load_and_export_round_trips_on_more_families(tmp_
     assert not any(isinstance(m, IncreLoRALinear) for m in merged.modules())
     assert set(merged.state_dict()) == set(fresh().state_dict())
     torch.testing.assert_close(logits(merged), ours, rtol=1e-5, atol=1e-5)
+
+
+class GainedBlock(nn.Module):
+    """A block whose own parameter ``gain`` (not a submodule's) scales its adapted ``fc``;
+    ``temp`` sits on the model itself, as CLIP's ``logit_scale`` does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(6, 6)
+        self.block.gain = nn.Parameter(torch.ones(6))
+        self.temp = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.fc(x) * self.block.gain * self.temp
+
+
+@pytest.mark.parametrize("trained, holder", [("block.gain", "block"),
+                                             ("temp", "<the whole model>")])
+def test_export_refusal_of_a_trained_parameter_beside_adapted_layers_names_it(
+        tmp_path, trained, holder):
+    """A parameter unfrozen by hand that sits directly on a module holding adapted layers
+    cannot go out as peft's module to save (peft cannot train that module in full and put LoRA
+    in it). The refusal blamed a 'module to save' the user never listed, named neither the
+    parameter nor a way out, and for a parameter on the model itself listed no layers
+    (``contains adapted layers []``). It names the parameter, the adapted layer and the
+    alternatives, in one line, and writes nothing."""
+    model = inject_increlora(GainedBlock(), IncreLoRAConfig(
+        target_modules=["fc"], r_max=2, init_r=1, target_rank=2))
+    model.get_parameter(trained).requires_grad_(True)
+    with pytest.raises(ValueError) as error:
+        export_peft(model, tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith("export_peft")
+    assert f"{trained!r}" in message and f"{holder!r}" in message and "'block.fc'" in message
+    assert "save_adapter" in message and "merge_and_unload" in message
+    assert not (tmp_path / "adapter_model.safetensors").exists()

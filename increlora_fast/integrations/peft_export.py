@@ -140,17 +140,21 @@ def _saved_roots(model: nn.Module) -> List[str]:
 
     The configured modules to save, plus the owner of any other trainable parameter outside the
     adapters, so nothing the run trained is lost, plus every other module that uses one of
-    their parameters (tied weights).
+    their parameters (tied weights). Raises ValueError, naming why the module is saved, when
+    one of them holds adapted layers.
     """
     config = get_config(model)
     # (a wrapper and the module it holds have one plain name)
     names = list(dict.fromkeys(plain_name(n) for n, _ in model.named_modules() if n))
     roots = [n for n in names if any(suffix_match(n, key) for key in config.modules_to_save or [])]
     roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
+    why = {r: f"module to save {r!r}" for r in roots}
     for param_name in saved_module_parameters(model):
         owner = param_name.rpartition(".")[0]
         if not any(_within(owner, r) for r in roots):
             roots.append(owner)
+            why[owner] = (f"parameter {param_name!r} is trained outside the adapters, so peft "
+                          f"would save its module {owner or '<the whole model>'!r} in full")
     adapted = [n for n, _ in increlora_layers(model)]
     # peft saves each module to save as its own copy: a module outside them that uses one
     # of their parameters (a tied lm_head or encoder embed_tokens) would keep the untrained
@@ -163,12 +167,15 @@ def _saved_roots(model: nn.Module) -> List[str]:
         if id(param) in saved and owner and not any(_within(owner, r) for r in roots) \
                 and not any(owner.startswith(a + ".") for a in adapted):
             roots.append(owner)
+            why[owner] = (f"module {owner!r} uses the trained parameter {param_name!r}, so "
+                          "peft would save it in full")
     for root in roots:
-        inside = [n for n in adapted if _within(n, root)]
+        inside = [n for n in adapted if not root or _within(n, root)]
         if inside or not root:
-            raise ValueError(f"module to save {root or '<the whole model>'!r} contains adapted "
-                             f"layers {inside[:3]}: peft cannot both train a module in full and "
-                             "put LoRA inside it")
+            raise ValueError(f"export_peft: {why[root]}, but it holds adapted layers "
+                             f"{inside[:3]}, and peft cannot both train a module in full and put "
+                             "LoRA inside it; use save_adapter / load_adapter or merge_and_unload "
+                             "for this model")
     return roots
 
 
@@ -268,8 +275,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         ValueError: ``task_type`` is not one of peft's task types, ``base_model_name_or_path``
             is neither a string nor a path, a layer is merged or is
             registered under several names (peft would adapt only the first), or a module
-            to save (or a module peft would save with it, `_peft_wrapped`) contains adapted
-            layers, or an adapted layer's base weight is trained in full (tied to a module to
+            to save (or a module peft would save with it, `_peft_wrapped`, or the module of a
+            parameter trained by hand) contains adapted layers, or an adapted layer's base weight is trained in full (tied to a module to
             save).
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
     """
