@@ -845,3 +845,55 @@ def test_export_refusal_of_a_trained_parameter_beside_adapted_layers_names_it(
     assert f"{trained!r}" in message and f"{holder!r}" in message and "'block.fc'" in message
     assert "save_adapter" in message and "merge_and_unload" in message
     assert not (tmp_path / "adapter_model.safetensors").exists()
+
+
+UNFROZEN = {  # which non-adapter tensors a user trains by hand (or lists to save), by case
+    "adapted-biases": lambda name: name.endswith("base_layer.bias"),
+    "all-linear-biases": lambda name: name.endswith(".bias") and "LayerNorm" not in name
+    and "embeddings" not in name,
+    "layernorms": lambda name: "LayerNorm" in name or "ln_" in name,
+    "head-to-save": lambda name: False,
+}
+
+
+@pytest.mark.parametrize("family, case", [("bert", c) for c in UNFROZEN]
+                         + [("gpt2", "adapted-biases"), ("gpt2", "layernorms")])
+def test_peft_loads_the_export_of_trained_biases_norms_and_heads(tmp_path, family, case):
+    """Biases of adapted layers unfrozen by hand go out as modules to save under peft's own
+    ``<layer>.base_layer`` name (``bias`` stays "none"); other trained biases, LayerNorms and a
+    head to save as their modules. The installed peft (0.22 here, 0.21 on the GPU machine: run
+    this file there too) loads each into a fresh base with the trained model's logits, and
+    those tensors matter: reset to the base's values, the logits move."""
+    _, targets, _ = FAMILIES[family]
+    model = _fresh_base(family)
+    to_save = ["classifier"] if case == "head-to-save" else None
+    config = IncreLoRAConfig(target_modules=targets, r_max=4, init_r=1, target_rank=3,
+                             incre_rank_num=1, init_warmup=1, incre_interval=1, lora_alpha=8.0,
+                             modules_to_save=to_save)
+    inject_increlora(model, config)
+    for name, param in model.named_parameters():
+        if UNFROZEN[case](name):
+            param.requires_grad_(True)
+    model.train()
+    optimizer = create_optimizer(model, config, lr=5e-2)
+    controller = IncreLoRAController(model, config)
+    for step in range(4):
+        loss = model(**_batch(step, family)).loss + controller.regularization_loss()
+        loss.backward()
+        controller.step(step)
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    base = dict(_fresh_base(family).named_parameters())
+    trained = {n: p for n, p in model.named_parameters()
+               if p.requires_grad and not n.rpartition(".")[2].startswith("lora_")}
+    assert trained and all(not torch.equal(p, base[n.replace(".base_layer", "")])
+                           for n, p in trained.items())
+    ours = _outputs(model, family)
+    export_peft(model, tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_fresh_base(family), str(tmp_path)).eval()
+    torch.testing.assert_close(_outputs(loaded, family), ours, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        for name, param in trained.items():
+            param.copy_(base[name.replace(".base_layer", "")])
+    assert (_outputs(model, family) - ours).abs().max() > 1e-4
