@@ -1,7 +1,7 @@
 """Export an IncreLoRA adapter as a standard peft LoRA adapter directory.
 
 The written directory is what ``peft.PeftModel.from_pretrained(base_model, directory)`` loads
-(checked against peft 0.21.2), so any tool that serves peft LoRA adapters serves ours:
+(checked against peft 0.21 and 0.22), so any tool that serves peft LoRA adapters serves ours:
 
 - ``adapter_model.safetensors``: per adapted module ``base_model.model.<module>.lora_A.weight``
   (r_i, in) and ``.lora_B.weight`` (out, r_i); per module to save its state under
