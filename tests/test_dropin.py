@@ -761,9 +761,18 @@ def test_saving_a_module_that_holds_an_injected_model_names_the_model_to_pass(tm
 
     model = inject_increlora(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)),
                              IncreLoRAConfig(target_modules=["0"], r_max=4))
+
+    class Holder(nn.Module):  # a user's own wrapper
+        def __init__(self, net: nn.Module) -> None:
+            super().__init__()
+            self.net = net
+
     for write in (save_adapter, export_peft):
-        with pytest.raises(ValueError, match=r"holds the IncreLoRA model 'module'.*"
-                                             r"pass it \(model\.module\)") as info:
-            write(IncreLoRAAveragedModel(model), tmp_path / write.__name__)
-        assert "\n" not in str(info.value)
-        assert not (tmp_path / write.__name__).exists()
+        for holder, said in ((Holder(model), r"holds the IncreLoRA model 'net'.*pass it "
+                                             r"\(model\.net\)"),
+                             (IncreLoRAAveragedModel(model), r"IncreLoRAAveragedModel wrapper.*"
+                                                             r"\(model\.module\)")):
+            with pytest.raises(ValueError, match=said) as info:
+                write(holder, tmp_path / write.__name__)
+            assert "\n" not in str(info.value)
+            assert not (tmp_path / write.__name__).exists()
