@@ -223,7 +223,25 @@ def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
                       "without calling them, or that a plain container holds too, so an "
                       "adapter there would never run: "
                       f"{', '.join(skipped[:3])}{more}")
+    fused = _fused_expert_modules(modules)
+    if fused:
+        more = f" and {len(fused) - 3} more" if len(fused) > 3 else ""
+        warnings.warn(f"inject_increlora: target_modules='all-linear' adapts no mixture-of-"
+                      f"experts weights in {len(fused)} module(s) that hold them as one 3-D "
+                      "parameter per weight (transformers 5's fused experts), which IncreLoRA "
+                      "does not adapt; their experts stay frozen: "
+                      f"{', '.join(repr(n) for n in fused[:3])}{more}")
     return targets
+
+
+def _fused_expert_modules(modules: Dict[str, nn.Module]) -> List[str]:
+    """Names of the modules holding a mixture of experts' weights fused into parameters of 3 or
+    more dimensions (one slice per expert; transformers 5's ``MixtralExperts``,
+    ``Qwen2MoeExperts``, ...): class names with ``Experts`` and such a parameter of their own.
+    No linear layer holds them, so ``"all-linear"`` leaves them out."""
+    return [n for n, m in modules.items()
+            if "Experts" in type(m).__name__
+            and any(p.dim() >= 3 for p in m.parameters(recurse=False))]
 
 
 def _parent(model: nn.Module, name: str) -> nn.Module:

@@ -555,3 +555,28 @@ def test_a_weight_named_only_in_a_docstring_is_no_direct_read():
     inject_increlora(model, IncreLoRAConfig(target_modules=["fc"], r_max=4, init_r=1,
                                             target_rank=2, total_step=10))
     assert isinstance(model[0].fc, IncreLoRALinear)
+
+
+def test_all_linear_names_fused_mixture_of_experts_weights_it_leaves_frozen():
+    """transformers 5 holds a Mixtral layer's experts as 3-D parameters (``MixtralExperts``),
+    no linear layers: 'all-linear' adapted only the attention, and the experts, most of the
+    model, stayed frozen without a word."""
+    import warnings
+    from transformers import MixtralConfig, MixtralForCausalLM
+    model = MixtralForCausalLM(MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2))
+    fused = [n for n, m in model.named_modules() if type(m).__name__ == "MixtralExperts"]
+    if not fused:
+        pytest.skip("this transformers holds Mixtral's experts as linear layers")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject_increlora(model, IncreLoRAConfig(target_modules="all-linear", r_max=4))
+    said = [str(w.message) for w in caught if "mixture-of-experts" in str(w.message)]
+    assert len(said) == 1 and "2 module(s)" in said[0]
+    assert all(repr(n) in said[0] for n in fused)
+    dense = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(4, 4, 3))  # a 3-D weight, no experts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject_increlora(dense, IncreLoRAConfig(target_modules="all-linear", r_max=4))
+    assert not [w for w in caught if "mixture-of-experts" in str(w.message)]
