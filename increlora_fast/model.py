@@ -10,7 +10,7 @@ import re
 import sys
 import textwrap
 import warnings
-from typing import Callable, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -740,6 +740,13 @@ def _moved_slots(mine: IncreLoRALinear, theirs: IncreLoRALinear) -> torch.Tensor
     return later[0] | later[1]
 
 
+def _slot_versions(theirs: Iterable[Tuple[str, IncreLoRALinear]],
+                   mine: Iterable[Tuple[str, IncreLoRALinear]]) -> List[Tuple[int, int]]:
+    """(``slot_version`` of the source's layer, of the copy's) per layer: a pair that changed
+    marks slots that may have moved (`_moved_slots`)."""
+    return [(t.slot_version, m.slot_version) for (_, t), (_, m) in zip(theirs, mine)]
+
+
 class IncreLoRAAveragedModel(AveragedModel):
     """``torch.optim.swa_utils.AveragedModel`` (SWA, EMA) for a model with IncreLoRA layers:
     the same arguments, and the layers' slot states and stamps (``slot_state``,
@@ -775,6 +782,7 @@ class IncreLoRAAveragedModel(AveragedModel):
         for _, layer in increlora_layers(self.module):  # (no controller ever reads its scores)
             layer.score_enabled = False
             layer.release_score_buffers()
+        self._slot_versions = _slot_versions(increlora_layers(model), increlora_layers(self.module))
 
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into
@@ -805,19 +813,25 @@ class IncreLoRAAveragedModel(AveragedModel):
                              "unmerge() it first")
         preserve = getattr(getattr(self.module, CONFIG_ATTR, None), "scale_preserving_growth",
                            False)
+        # only where the slots changed since the last update (allocation rounds, a state loaded
+        # into either): no device work or host read per layer at the other steps
+        seen = self.__dict__.get("_slot_versions") or [None] * len(mine_named)  # (older pickle)
+        changed = [now != last for now, last in
+                   zip(_slot_versions(theirs_named, mine_named), seen)]
         with torch.no_grad():  # (before torch's update, which takes the source's buffers)
-            moved = [_moved_slots(mine, theirs) for (_, mine), (_, theirs)
-                     in zip(mine_named, theirs_named)]
-            if preserve:  # (condition_growth's preserve_scale, on the averages)
-                for (_, mine), (_, theirs) in zip(mine_named, theirs_named):
-                    old, new = mine.active_rank, theirs.active_rank
-                    if new > old > 0:
-                        mine.lora_lambda[mine.active_mask] *= new / old
+            moved = [_moved_slots(mine, theirs) if moves else None for (_, mine), (_, theirs),
+                     moves in zip(mine_named, theirs_named, changed)]
+            for (_, mine), (_, theirs), moves in zip(mine_named, theirs_named, changed):
+                if not (preserve and moves):  # (condition_growth's preserve_scale, on averages)
+                    continue
+                old, new = mine.active_rank, theirs.active_rank
+                if new > old > 0:
+                    mine.lora_lambda[mine.active_mask] *= new / old
         super().update_parameters(model)
         with torch.no_grad():
             for (_, mine), (_, theirs), slots in zip(mine_named, theirs_named, moved):
-                for key, where in (("lora_A", slots[:, None]), ("lora_B", slots),
-                                   ("lora_lambda", slots)):
+                for key, where in (() if slots is None else (
+                        ("lora_A", slots[:, None]), ("lora_B", slots), ("lora_lambda", slots))):
                     average, current = getattr(mine, key), getattr(theirs, key)
                     average.copy_(torch.where(where, current.to(average), average))
                 for key in ("slot_state", "slot_alloc_step", "slot_active_step"):
@@ -825,6 +839,7 @@ class IncreLoRAAveragedModel(AveragedModel):
                 mine.mark_slots_changed()
                 mine.last_stamp = None  # (a stamp of the source's run)
                 mine.latest_stamp = getattr(theirs, "latest_stamp", None)  # (an older pickle)
+        self._slot_versions = _slot_versions(theirs_named, mine_named)
 
 
 # The mark FSDP1 sets on every parameter it flattens into a FlatParameter

@@ -541,3 +541,49 @@ def test_an_averaged_model_made_in_a_score_window_tracks_no_score(exact):
         assert not layer.score_enabled and layer.score_grad is None, name
         assert float(layer.score_sum) == 0.0, name  # (the score of the passes through it)
     assert all(layer.score_enabled for _, layer in increlora_layers(model))  # (untouched)
+
+
+@pytest.mark.parametrize("growth", ["plain", "scale_preserving_growth"])
+def test_an_averaged_model_reads_nothing_on_the_host_while_no_slot_changed(growth):
+    """The restart of moved slots and the scaling of grown lambdas compared every layer's
+    stamps and read its active rank (``int(mask.sum())``) on the host at every update: one
+    device sync per layer per EMA step, which the training step must not make outside
+    allocation rounds. An update after which no slot of the source changed (its
+    ``slot_version`` the same) reads nothing beyond torch's own `AveragedModel` (its
+    ``n_averaged`` checks); one after a growth still restarts its slots (tested above), as
+    does one after an earlier state was loaded into the copy."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from host_reads import HostReads
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2,
+                           **({} if growth == "plain" else {growth: True}))
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    averaged = IncreLoRAAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    quiet, changed = [], []
+
+    def update(step):
+        versions = [layer.slot_version for _, layer in increlora_layers(model)]
+        with HostReads(allow=("torch.optim.swa_utils",)) as counter:
+            averaged.update_parameters(model)
+        (changed if versions != update.versions else quiet).append((step, counter.reads))
+        update.versions = versions
+
+    update.versions = [layer.slot_version for _, layer in increlora_layers(model)]
+    train_steps(model, opt, ctl, range(12), on_step=update)
+    assert len(changed) >= 3 and len(quiet) >= 6, (changed, quiet)
+    assert all(reads == [] for _, reads in quiet), quiet
+    # an earlier state loaded into the copy: its slots grown since then restart all the same
+    earlier = IncreLoRAAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    earlier.update_parameters(model)  # (n_averaged 0 would copy every value anew)
+    state = copy.deepcopy(earlier.state_dict())
+    train_steps(model, opt, ctl, range(12, 18), on_step=lambda _: earlier.update_parameters(model))
+    earlier.load_state_dict(state)
+    moved = {name: (layer.slot_alloc_step > mine.slot_alloc_step)
+             | (layer.slot_active_step > mine.slot_active_step) for (name, layer), (_, mine)
+             in zip(increlora_layers(model), increlora_layers(earlier.module))}
+    assert any(bool(m.any()) for m in moved.values())
+    earlier.update_parameters(model)
+    for (name, layer), (_, mine) in zip(increlora_layers(model), increlora_layers(earlier.module)):
+        torch.testing.assert_close(mine.lora_lambda[moved[name]], layer.lora_lambda[moved[name]])
