@@ -487,3 +487,32 @@ def test_compare_table_gives_paired_differences_and_marks_an_lr_at_the_sweeps_ed
             f"full {mean:+.4f} [{mean - half:+.4f}, {mean + half:+.4f}] (3).") in text
     one = dict(report, methods={"lora": report["methods"]["lora"]})
     assert "paired by seed" not in format_table(one) and "(edge)" not in format_table(one)
+
+
+def test_a_checkpoint_written_with_a_relative_model_folder_resumes_given_that_folder(
+        tmp_path, monkeypatch):
+    """Checkpoints written before a ``--model`` folder was stored as its absolute path hold it
+    as the run gave it (``bert``). Since then a ``--model`` given with ``--resume`` is resolved
+    before it is compared, so the very command that wrote such a checkpoint, with ``--resume``
+    added, was refused: ``--model '/.../bert' (checkpoint: 'bert')``. The same folder is no
+    conflict; another folder still is."""
+    from increlora_fast.cli.finetune import _resume_conflicts, add_arguments
+    from increlora_fast.cli.main import given_options
+    from increlora_fast.training.settings import RunSettings
+
+    (tmp_path / "bert").mkdir()
+    (tmp_path / "other").mkdir()
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = vars(parser.parse_args([]))
+
+    def conflicts(saved_model, *argv):
+        args = parser.parse_args(["--resume", "ckpt", *argv])
+        args._given = given_options(["finetune", "--resume", "ckpt", *argv])
+        return _resume_conflicts(args, defaults, RunSettings(model=saved_model))
+
+    assert conflicts("bert", "--model", "bert") == []  # an older checkpoint
+    assert conflicts(str(tmp_path / "bert"), "--model", "bert") == []  # a newer one
+    assert conflicts("bert", "--model", "./bert/") == []
+    assert [c.split(" ")[0] for c in conflicts("bert", "--model", "other")] == ["--model"]

@@ -17,7 +17,7 @@ from ..config import SCORE_KINDS
 from ..training.settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, CLASS_WEIGHTS, CUDA_GRAPHS,
                                  DEFAULT_LR, DEFAULT_MAX_STEPS, DEFAULT_SAVE_STEPS, METHODS,
                                  PAD_TO, POOLINGS,
-                                 SCHEDULES, SELECT_HOLDOUT_SHARE, RunSettings)
+                                 SCHEDULES, SELECT_HOLDOUT_SHARE, RunSettings, stored_model)
 
 DEFAULT_OUTPUT_DIR = "outputs/finetune"
 DEFAULT_COMPARE_METHODS = "increlora,lora,adalora"
@@ -340,11 +340,12 @@ def _resume_conflicts(args: argparse.Namespace, parser_defaults: Dict, saved: Ru
     for key in SETTINGS_DESTS:
         if key in RESUME_OVERRIDES:
             continue
-        given = getattr(args, key, None)
-        if given is not None and (key in ("train_file", "eval_file") or (
-                key == "model" and Path(given).expanduser().is_dir())):
+        given, stored = getattr(args, key, None), getattr(saved, key)
+        if given is not None and key in ("train_file", "eval_file"):
             given = str(Path(given).expanduser().resolve())  # checkpoints store absolute paths
-        if _stated(args, key, given, parser_defaults) and given != getattr(saved, key):
+        if given is not None and key == "model":  # (checkpoints before 2026-12-07: as given)
+            given, stored = stored_model(given), stored_model(stored)
+        if _stated(args, key, given, parser_defaults) and given != stored:
             conflicts.append(f"--{key.replace('_', '-')} {given!r} (checkpoint: "
                              f"{getattr(saved, key)!r})")
     return conflicts

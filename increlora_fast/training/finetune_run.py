@@ -36,7 +36,8 @@ from .outputs import (ALLOCATION_LOG_FILE, CHECKPOINT_PREFIX, METRICS_FILE, Outp
 from ..pooling import (apply_pooling, check_pooling, mean_pooling_available, model_pooling,
                        resolve_pooling)
 from .settings import (AUTO_SEQ_PERCENTILE, BERT_TARGETS, DEFAULT_SAVE_STEPS,
-                       SELECT_HOLDOUT_SHARE, RunSettings, resolve, validate)
+                       SELECT_HOLDOUT_SHARE, RunSettings, resolve, stored_model,
+                       validate)
 from .step_runner import resolve_cuda_graphs
 
 HEATMAP_FILE = "rank_heatmap.png"
@@ -57,10 +58,7 @@ def with_data_identity(s: RunSettings) -> RunSettings:
     names a local folder as its absolute path (a resume from another working folder loads it
     again); a data path that is no regular file is refused first (`files.check_data_file`), as
     resolving a pipe's /dev/fd/N gives a made-up path."""
-    values = {}
-    model = Path(s.model).expanduser()
-    if model.is_dir():
-        values["model"] = str(model.resolve())
+    values = {"model": stored_model(s.model)}
     for path_key, hash_key, option in DATA_FILE_KEYS:
         path = getattr(s, path_key)
         if path is None:

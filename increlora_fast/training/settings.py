@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from ..config import SCORE_KINDS, default_incre_rank_num
@@ -131,6 +132,13 @@ class RunSettings:
     @property
     def warmup_steps(self) -> int:
         return int(round(self.warmup_ratio * self.max_steps))
+
+
+def stored_model(model: str) -> str:
+    """``--model`` as a run stores it: a local folder as its absolute path (a resume from
+    another working folder loads it again), a hub id or packaged name as given."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else model
 
 
 def _check(cond: bool, option: str, value: Any, allowed: str) -> None:
