@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -326,6 +327,32 @@ def test_compare_names_a_damaged_metrics_file(tmp_path):
     with pytest.raises(ValueError, match=f"{run_dir / 'metrics.json'} is not a readable "
                                          f"metrics file .*; remove {run_dir} to train"):
         _run_or_reuse(RunSettings(method="lora", lr=1e-3), run_dir, 10, False, print)
+
+
+def test_compare_reuses_a_finished_run_that_stored_its_model_folder_as_given(
+        tmp_path, monkeypatch):
+    """A comparison run finished before ``--model`` folders were stored as absolute paths holds
+    ``bert`` as given; the same ``--compare`` command again (e.g. for more seeds) now asks for
+    the absolute folder, and refused every finished run: "holds a finished run with other
+    settings (model: 'bert' there, '/.../bert' now)". The same folder is the same setting."""
+    from increlora_fast.training.compare import _run_or_reuse
+    from increlora_fast.training.settings import RunSettings, resolve, stored_model
+
+    forbid_training(monkeypatch)
+    (tmp_path / "bert").mkdir()
+    monkeypatch.chdir(tmp_path)
+    older = RunSettings(method="lora", lr=1e-3, model="bert")
+    run_dir = tmp_path / "out" / "lora" / "lr0.001" / "seed0"
+    run_dir.mkdir(parents=True)
+    metrics = {"eval_accuracy": 0.75, "settings": resolve(older, 10, False).to_dict()}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    now = RunSettings(method="lora", lr=1e-3, model=stored_model("bert"))
+    assert now.model == str(tmp_path / "bert")
+    assert _run_or_reuse(now, run_dir, 10, False, print)["eval_accuracy"] == 0.75
+    (tmp_path / "other").mkdir()
+    with pytest.raises(ValueError, match="holds a finished run with other settings"):
+        _run_or_reuse(dataclasses.replace(now, model=str(tmp_path / "other")), run_dir, 10,
+                      False, print)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -34,7 +34,7 @@ from .finetune_run import (DATA_FILE_KEYS, HEAD_NAMES, load_data, run_finetune, 
                            uses_cuda_graphs, with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
-from .settings import DEFAULT_LR, METHODS, RunSettings, resolve, validate
+from .settings import DEFAULT_LR, METHODS, RunSettings, resolve, stored_model, validate
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
 DEFAULT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
@@ -77,10 +77,13 @@ def head_saved_variants(modules: Sequence[str]) -> List[List[str]]:
 def _same_setting(key: str, stored, wanted, added: Sequence[str] = ()) -> bool:
     """Whether a finished run's stored setting ``key`` is what this comparison asks for.
     ``added``: the entries finetune added to the run's ``modules_to_save`` itself (its
-    metrics' ``modules_to_save_added``: the head, layers of it the checkpoint lacks)."""
+    metrics' ``modules_to_save_added``: the head, layers of it the checkpoint lacks). A
+    ``--model`` folder is compared as runs store it now (`settings.stored_model`)."""
     if key == "modules_to_save" and isinstance(stored, list):
         variants = head_saved_variants(wanted)
         return stored in variants or [k for k in stored if k not in added] in variants
+    if key == "model" and isinstance(stored, str):  # (runs before 2026-12-07: as given)
+        return stored_model(stored) == wanted
     return stored == wanted
 
 
