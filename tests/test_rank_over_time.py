@@ -152,7 +152,8 @@ def test_without_matplotlib_the_savers_name_the_extra_to_install(tmp_path, monke
 
     from increlora_fast.visualize import save_rank_heatmap
 
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+    # (also where no earlier test imported matplotlib: run alone, the test imported it)
+    for name in {"matplotlib", *(m for m in sys.modules if m.startswith("matplotlib."))}:
         monkeypatch.setitem(sys.modules, name, None)
     png = tmp_path / "rank.png"
     with pytest.raises(ImportError, match=r"save_rank_.*matplotlib.*\[finetune\]"):
