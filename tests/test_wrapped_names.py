@@ -98,6 +98,18 @@ def saved(directory) -> tuple:
         return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
 
 
+def _grown_source(tiny_net):
+    """A config with the head and a norm to save, and a model under it whose layers grew
+    different ranks and whose norm holds other values than a fresh one's."""
+    config = make_config(modules_to_save=["head", "blocks.0.norm"])
+    source = trained(tiny_net, config, lambda i, layer: [
+        (layer.activate_reserve(1, step=i + 1), layer.add_reserve(1, step=i + 1))
+        for _ in range(i % 3)])
+    with torch.no_grad():
+        source.blocks[0].norm.weight.normal_()
+    return config, source
+
+
 @pytest.mark.parametrize("wrap", [checkpointed_blocks, checkpointed_head, compiled_block])
 def test_an_adapter_saved_under_wrapped_blocks_is_the_plain_models(tiny_net, tmp_path, wrap):
     """Blocks wrapped by torch's activation checkpointing (``checkpoint_wrapper``,
@@ -108,12 +120,7 @@ def test_an_adapter_saved_under_wrapped_blocks_is_the_plain_models(tiny_net, tmp
     names are the plain model's, those of the wrapped model's state dict under checkpointing,
     and a module to save is found by them (a frozen ``blocks.0.norm`` was left out); either
     adapter loads into the other model with identical tensors."""
-    config = make_config(modules_to_save=["head", "blocks.0.norm"])
-    source = trained(tiny_net, config, lambda i, layer: [
-        (layer.activate_reserve(1, step=i + 1), layer.add_reserve(1, step=i + 1))
-        for _ in range(i % 3)])
-    with torch.no_grad():
-        source.blocks[0].norm.weight.normal_()
+    config, source = _grown_source(tiny_net)
     wrapped = fresh(tiny_net, config)
     wrapped.load_state_dict(source.state_dict())
     wrap(wrapped)
@@ -274,12 +281,7 @@ def test_an_adapter_saved_under_the_old_wrapped_names_loads(tiny_net, tmp_path, 
     beside it in a checkpoint now loads. It loads where its names are the model's once the
     wrapper parts are dropped (as a controller state's do), into the plain model and into a
     wrapped one, as the plain file does; other names are still refused."""
-    config = make_config(modules_to_save=["head", "blocks.0.norm"])
-    source = trained(tiny_net, config, lambda i, layer: [
-        (layer.activate_reserve(1, step=i + 1), layer.add_reserve(1, step=i + 1))
-        for _ in range(i % 3)])
-    with torch.no_grad():
-        source.blocks[0].norm.weight.normal_()
+    config, source = _grown_source(tiny_net)
     save_adapter(source, tmp_path / "plain", training_state=training_state)
     shutil.copytree(tmp_path / "plain", tmp_path / "old")
     old_style_adapter(tmp_path / "old", ADAPTER_OLD_STYLE[old])
