@@ -355,3 +355,24 @@ def test_a_checkpoint_written_over_the_leftovers_of_a_killed_save(run, tmp_path)
     save_checkpoint(target, method_run, s, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
     assert read_checkpoint_settings(target).max_steps == s.max_steps
+
+
+def test_a_checkpoint_trained_on_labels_read_otherwise_is_named_on_resume(tmp_path, capsys,
+                                                                           monkeypatch):
+    """Label spellings became one label (true / True, composed and decomposed accents): a
+    checkpoint of a file that mixes them was trained on more classes than the data now reads
+    as, and its resume failed on the head's shape without saying why. The checkpoint records
+    its class names, and a resume onto others is refused naming both."""
+    from increlora_fast.training import checkpoint
+    tiny = tiny_files(tmp_path)
+    out = tmp_path / "run"
+    real = checkpoint._label_names
+    monkeypatch.setattr(checkpoint, "_label_names",  # as the checkpoint's release read them
+                        lambda model: real(model) + ["True"])
+    assert cli(["--model", tiny["model"], "--train-file", tiny["train"], "--eval-file",
+                tiny["dev"], "--batch-size", "8", "--max-seq-len", "16", "--output-dir",
+                str(out), "--no-progress", "--max-steps", "4", "--save-steps", "2"]) == 0
+    monkeypatch.setattr(checkpoint, "_label_names", real)
+    code, err = _resume(out / "checkpoint-2", tmp_path, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert "was trained on the labels" in err[0] and "'True'" in err[0], err

@@ -108,6 +108,7 @@ def save_checkpoint(directory: Path, run: MethodRun, settings: RunSettings,
                                 "optimizer": run.optimizer.state_dict(),
                                 "method_state": method_state, "rng": _rng_state(),
                                 "best": state.best, "pooling": model_pooling(run.model),
+                                "label_names": _label_names(run.model),
                                 "save_steps": state.save_steps,
                                 "grad_scaler": scaler.state_dict() if scaler is not None
                                 else None})
@@ -222,6 +223,15 @@ def read_checkpoint_settings(directory: Path) -> RunSettings:
     return settings
 
 
+def _label_names(model: torch.nn.Module) -> Optional[list]:
+    """The class names of ``model``'s head by label id (its config's ``id2label``), None for a
+    model without them."""
+    id2label = getattr(getattr(model, "config", None), "id2label", None)
+    if not isinstance(id2label, dict):
+        return None
+    return [id2label[i] for i in sorted(id2label)]
+
+
 def load_checkpoint(directory: Path, run: MethodRun,
                     scaler: Optional[torch.amp.GradScaler] = None) -> LoopState:
     """Restore ``run`` (built from the checkpoint's settings), the RNG states and, for an fp16
@@ -241,6 +251,12 @@ def load_checkpoint(directory: Path, run: MethodRun,
                          f"but --pooling {run.settings.pooling} now gives {pooling} (the model "
                          "folder's 1_Pooling/config.json changed?); resume with the model files "
                          "it was trained on")
+    saved_labels, labels = blob.get("label_names"), _label_names(run.model)
+    if saved_labels is not None and saved_labels != labels:  # before the field: not checked
+        raise ValueError(f"checkpoint {directory} was trained on the labels {saved_labels}, but "
+                         f"the data now reads as the labels {labels} (label spellings read as "
+                         "one label since 2026-12-07: true / True, composed / decomposed "
+                         "accents); resume with the release that wrote it, or start a new run")
     saved_groups = len(blob["optimizer"]["param_groups"])
     if saved_groups != len(run.optimizer.param_groups) and \
             not isinstance(run.optimizer, IncreLoRAAdamW):  # which splits the old group itself
