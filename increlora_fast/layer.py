@@ -239,6 +239,22 @@ def _other_names_of_base_weight(layer: "IncreLoRALinear", parameters: Dict[int, 
 
 _IN_PLACE = {"merge": "merging", "unmerge": "unmerging"}
 
+# The frozen parameters each live `IncreLoRAAveragedModel` (made with ``share_frozen=True``)
+# shares with its source: (a weak reference to the source, the ids of those parameters).
+SHARED_FROZEN: "weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ReferenceType, frozenset]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _shared_with_an_averaged_copy(weight: torch.Tensor) -> bool:
+    """Whether ``weight`` is a parameter that a live averaged copy (`SHARED_FROZEN`) and its
+    live source both hold now, so writing into it changes both."""
+    for averaged, (source_ref, ids) in list(SHARED_FROZEN.items()):
+        source = source_ref()
+        if id(weight) in ids and source is not None and all(
+                any(p is weight for p in holder.parameters()) for holder in (averaged, source)):
+            return True
+    return False
+
 
 def derived_weight_message(names: List[str]) -> str:
     """The one-line refusal to merge the layers ``names``, whose base weights are computed from
@@ -868,11 +884,21 @@ class IncreLoRALinear(nn.Module):
     @torch.no_grad()
     def _merge_in_place(self) -> None:
         """`merge` without its checks (`merge_and_unload` checks the whole model once)."""
+        self._unshare_base_weight()
         w = self.base_layer.weight
         factors = self._delta_factors()
         w.add_(self._base_weight_delta(factors).to(w.dtype))
         self._merged_factors = factors
         self.merged = True
+
+    def _unshare_base_weight(self) -> None:
+        """Give the base its own copy of a weight shared between an averaged copy and its
+        source (`SHARED_FROZEN`) before writing into it: merging one of them leaves the
+        other's base as it was."""
+        w = self.base_layer.weight
+        if SHARED_FROZEN and _shared_with_an_averaged_copy(w):
+            self.base_layer.weight = nn.Parameter(w.detach().clone(),
+                                                  requires_grad=w.requires_grad)
 
     def _refuse_quantized_merge(self) -> None:
         if self.is_quantized:
@@ -893,6 +919,7 @@ class IncreLoRALinear(nn.Module):
         if not self.merged:
             raise RuntimeError("IncreLoRALinear is not merged")
         self._refuse_tied("unmerge")
+        self._unshare_base_weight()
         w = self.base_layer.weight
         factors = tuple(f.to(w.device) for f in self._merged_factors)  # (after a .to())
         w.sub_(self._base_weight_delta(factors).to(w.dtype))

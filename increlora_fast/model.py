@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import difflib
 import functools
 import inspect
@@ -10,6 +11,7 @@ import re
 import sys
 import textwrap
 import warnings
+import weakref
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import torch
@@ -18,7 +20,7 @@ from torch.nn.utils import parametrize
 from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
-from .layer import (IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
+from .layer import (SHARED_FROZEN, IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
                     class_name, derived_weight_message, is_quantized_base, is_supported_base,
                     own_forward_problem)
 
@@ -716,19 +718,57 @@ def _float_average(avg_fn: Callable, averaged: torch.Tensor, current: torch.Tens
                    n_averaged: torch.Tensor) -> torch.Tensor:
     """``avg_fn`` of torch's ``AveragedModel`` for a float or complex tensor; another tensor's
     average is the source's tensor as it is."""
-    if averaged.is_floating_point() or averaged.is_complex():
+    if averaged.data_ptr() != current.data_ptr() and (averaged.is_floating_point()
+                                                      or averaged.is_complex()):
         return avg_fn(averaged, current, n_averaged)
-    return current
+    return current  # (a frozen parameter shared with the source: torch's copy_ skips itself)
 
 
 def _float_averages(multi_avg_fn: Optional[Callable], averaged: List[torch.Tensor],
                     current: List[torch.Tensor], n_averaged: torch.Tensor) -> None:
     """``multi_avg_fn`` (None: torch's SWA) of torch's ``AveragedModel``, which calls it per
-    device and dtype, for float and complex tensors; others are copied from the source."""
+    device and dtype, for float and complex tensors; others are copied from the source. The
+    frozen parameters that the copy shares with the source are left out."""
+    pairs = [(a, c) for a, c in zip(averaged, current) if a.data_ptr() != c.data_ptr()]
+    if not pairs:
+        return
+    averaged, current = [a for a, _ in pairs], [c for _, c in pairs]
     if averaged[0].is_floating_point() or averaged[0].is_complex():
         (multi_avg_fn or get_swa_multi_avg_fn())(averaged, current, n_averaged)
     else:
         torch._foreach_copy_(averaged, current)
+
+
+# Where bitsandbytes keeps the quantization state of a frozen weight beside it: on the weight
+# (Params4bit.quant_state, Int8Params.CB / SCB), on its module (Linear4bit.quant_state) and in
+# the state of an 8-bit linear after its first forward (Linear8bitLt.state.CB / SCB).
+_QUANT_STATE_ATTRS = ("quant_state", "CB", "SCB")
+
+
+def _frozen_memo(model: nn.Module, device: Optional[torch.device]) -> Dict[int, object]:
+    """A ``copy.deepcopy`` memo mapping every parameter of ``model`` that requires no grad (on
+    ``device``, where given) and its quantization state, if any, to itself: a copy made with it
+    shares them with ``model``. Sets up the state of bitsandbytes 8-bit linears not called yet
+    as their first forward does."""
+    memo: Dict[int, object] = {}
+    for module in model.modules():
+        frozen = [p for p in module.parameters(recurse=False)
+                  if not p.requires_grad and (device is None or p.device == device)]
+        if not frozen:
+            continue
+        weight = getattr(module, "weight", None)
+        if any(p is weight for p in frozen) and getattr(weight, "CB", None) is not None \
+                and hasattr(module, "init_8bit_state"):
+            # the 8-bit linear's first forward moves CB / SCB from its weight into its state,
+            # and a second module sharing that weight would find them gone: moved once for both
+            module.init_8bit_state()
+        for holder in (*frozen, module, getattr(module, "state", None)):
+            for key in _QUANT_STATE_ATTRS:
+                value = getattr(holder, key, None)
+                if value is not None:
+                    memo[id(value)] = value
+        memo.update((id(p), p) for p in frozen)
+    return memo
 
 
 def _moved_slots(mine: IncreLoRALinear, theirs: IncreLoRALinear) -> torch.Tensor:
@@ -765,20 +805,40 @@ class IncreLoRAAveragedModel(AveragedModel):
     EMA updates be mostly the old one. The restart sets the slot's average, while SWA's
     ``n_averaged`` stays the model's count. With ``scale_preserving_growth`` the averaged
     lambdas of a grown module's earlier active slots are scaled as the source's were, so that
-    their part of dW stays what it was there too."""
+    their part of dW stays what it was there too.
+
+    The copy shares the parameters that require no grad when it is made (the frozen base
+    weights, bitsandbytes' quantized ones with their quantization state) with the source
+    instead of copying them, and updates skip them: the copy costs about the trainable
+    parameters. The shared weights are the source's own, so what changes them in place changes
+    both: ``.to()``, ``.half()`` or ``load_state_dict`` on either, or a new base loaded into
+    the source (a merge gives the merged side its own copy first). ``share_frozen=False``
+    copies everything, as torch's class does."""
 
     def __init__(self, model: nn.Module, device: Optional[torch.device] = None,
                  avg_fn: Optional[Callable] = None, multi_avg_fn: Optional[Callable] = None,
-                 use_buffers: bool = False) -> None:
+                 use_buffers: bool = False, share_frozen: bool = True) -> None:
         """torch's ``AveragedModel`` (the same arguments), its ``avg_fn`` or ``multi_avg_fn``
         (torch's SWA where neither is given) applied to float and complex tensors only. The
         copy's layers track no score (a copy made in a score window would, for good) and hold
-        no score buffers (the dense gradient of ``exact_step_score`` among them)."""
+        no score buffers (the dense gradient of ``exact_step_score`` among them).
+        ``share_frozen``: share the parameters of ``model`` that require no grad (on
+        ``device``, where given) with it rather than copy them."""
         # (partials of module functions: the averaged model pickles as torch's does)
         multi = None if avg_fn is not None and multi_avg_fn is None else functools.partial(
             _float_averages, multi_avg_fn)  # (where neither is given, torch's SWA)
         average = None if avg_fn is None else functools.partial(_float_average, avg_fn)
-        super().__init__(model, device, average, multi, use_buffers)
+        memo = _frozen_memo(model, None if device is None else torch.device(device)) \
+            if share_frozen else {}
+        # (torch's __init__ deep-copies what it is given: a placeholder where the copy shares)
+        super().__init__(nn.Module() if memo else model, device, average, multi, use_buffers)
+        if memo:
+            shared = frozenset(key for key, value in memo.items()
+                               if isinstance(value, nn.Parameter))
+            self.module = copy.deepcopy(model, memo)
+            if device is not None:  # (the shared parameters are on it already: left as they are)
+                self.module = self.module.to(device)
+            SHARED_FROZEN[self] = (weakref.ref(model), shared)
         for _, layer in increlora_layers(self.module):  # (no controller ever reads its scores)
             layer.score_enabled = False
             layer.release_score_buffers()
@@ -793,7 +853,9 @@ class IncreLoRAAveragedModel(AveragedModel):
 
         Raises:
             ValueError: ``model``'s IncreLoRA layers are not this copy's (another model), or a
-                layer of either is merged (`IncreLoRALinear.merge`). Nothing is changed.
+                layer of either is merged (`IncreLoRALinear.merge`), or a parameter the copy
+                shares with ``model`` (frozen when it was made) now requires grad: its average
+                would be ``model``'s current value. Nothing is changed.
         """
         mine_named = list(increlora_layers(self.module))
         theirs_named = list(increlora_layers(model))
@@ -811,6 +873,15 @@ class IncreLoRAAveragedModel(AveragedModel):
             raise ValueError(f"IncreLoRAAveragedModel.update_parameters: layer {merged[0]!r} of "
                              f"{merged[1]} is merged (its adapter is in its base weight): "
                              "unmerge() it first")
+        theirs = {id(p) for p in model.parameters()}
+        unfrozen = next((name for name, p in self.module.named_parameters()
+                         if p.requires_grad and id(p) in theirs), None)
+        if unfrozen is not None:
+            raise ValueError(f"IncreLoRAAveragedModel.update_parameters: {unfrozen!r} requires "
+                             "grad now but was frozen when the averaged copy was made, which "
+                             "shares it with the model, so its average would be the model's "
+                             "current value: make the averaged model after unfreezing, or with "
+                             "share_frozen=False")
         preserve = getattr(getattr(self.module, CONFIG_ATTR, None), "scale_preserving_growth",
                            False)
         # only where the slots changed since the last update (allocation rounds, a state loaded

@@ -587,3 +587,119 @@ def test_an_averaged_model_reads_nothing_on_the_host_while_no_slot_changed(growt
     earlier.update_parameters(model)
     for (name, layer), (_, mine) in zip(increlora_layers(model), increlora_layers(earlier.module)):
         torch.testing.assert_close(mine.lora_lambda[moved[name]], layer.lora_lambda[moved[name]])
+
+
+def _bytes_not_shared(copy_: torch.nn.Module, source: torch.nn.Module) -> int:
+    """Bytes of ``copy_``'s parameters whose storage is none of ``source``'s parameters'."""
+    theirs = {p.data_ptr() for p in source.parameters()}
+    return sum(p.numel() * p.element_size() for p in copy_.parameters()
+               if p.data_ptr() not in theirs)
+
+
+@pytest.mark.parametrize("use_buffers", [False, True])
+def test_an_averaged_model_shares_the_frozen_base_with_its_source(use_buffers):
+    """torch's AveragedModel deep-copies the whole model: for adapters over a large frozen base
+    the copy held a second base, and every update averaged (or copied) each frozen weight,
+    whose average never changes. The copy shares the parameters that were frozen when it was
+    made; it holds only the trainable ones (adapters, modules to save) of its own, and averages
+    them as before (`share_frozen=False`: the full copy, the same averages)."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2)
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert frozen and trainable
+    kwargs = dict(use_buffers=use_buffers, multi_avg_fn=get_ema_multi_avg_fn(0.8))
+    shared = IncreLoRAAveragedModel(model, **kwargs)
+    full = IncreLoRAAveragedModel(model, share_frozen=False, **kwargs)
+    assert _bytes_not_shared(shared.module, model) == trainable
+    assert _bytes_not_shared(full.module, model) == trainable + sum(
+        p.numel() * p.element_size() for p in frozen)
+
+    def update(_):
+        shared.update_parameters(model)
+        full.update_parameters(model)
+
+    train_steps(model, opt, ctl, range(9), on_step=update)
+    for (name, mine), theirs in zip(shared.module.named_parameters(), full.module.parameters()):
+        assert torch.equal(mine, theirs), name
+    x, _ = batch(0)
+    torch.testing.assert_close(shared.eval()(x), full.eval()(x), rtol=0, atol=0)
+
+
+def test_an_averaged_model_refuses_a_shared_parameter_unfrozen_later():
+    """A base weight the copy shares (frozen when it was made) and the user unfreezes later
+    trains in the source, and the copy's "average" of it is the source's current value: named
+    in one line before anything changes; ``share_frozen=False`` averages it."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    model, _, _ = make_run(ParallelBranches(3), branch_config(target_rank=4, r_max=5))
+    averaged = IncreLoRAAveragedModel(model)
+    full = IncreLoRAAveragedModel(model, share_frozen=False)
+    averaged.update_parameters(model)
+    before = [t.clone() for t in averaged.state_dict().values()]
+    model.branches[1].base_layer.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"^IncreLoRAAveragedModel\.update_parameters: "
+                                         r"'branches\.1\.base_layer\.weight' requires grad now "
+                                         r"but was frozen .*share_frozen=False$"):
+        averaged.update_parameters(model)
+    assert all(torch.equal(a, b) for a, b in zip(before, averaged.state_dict().values()))
+    full.update_parameters(model)
+
+
+@pytest.mark.parametrize("merge", ["the copy", "the source"])
+def test_merging_an_averaged_model_that_shares_the_base_leaves_the_other_as_it_was(merge):
+    """The averaged copy and its source share their frozen base weights, and a merge writes the
+    adapter into the base weight: merging one of them would add its adapter to the other's
+    base, which then counts an adapter of another model. The merged side gets its own base
+    weight first; the other computes as before, and the merged one as it did unmerged."""
+    from increlora_fast import IncreLoRAAveragedModel, merge_and_unload
+    from increlora_fast.model import increlora_layers as layers
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(3), branch_config(target_rank=4, r_max=5))
+    averaged = IncreLoRAAveragedModel(model)
+    train_steps(model, opt, ctl, range(3), on_step=lambda _: averaged.update_parameters(model))
+    x, _ = batch(0)
+    expected = {"the copy": averaged.eval()(x).detach(), "the source": model.eval()(x).detach()}
+    merged, other = (averaged, model) if merge == "the copy" else (model, averaged)
+    # a layer merged alone, then the whole model
+    dict(layers(getattr(merged, "module", merged)))["branches.0"].merge()
+    torch.testing.assert_close(other(x), expected["the source" if merge == "the copy"
+                                                  else "the copy"], rtol=0, atol=0)
+    merge_and_unload(merged)
+    assert not list(layers(merged))
+    for which, out in (("merged", merged(x)), ("other", other(x))):
+        want = expected[merge] if which == "merged" else \
+            expected["the source" if merge == "the copy" else "the copy"]
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6, msg=which)
+
+
+def test_an_averaged_model_sharing_the_base_round_trips_and_keeps_the_source_on_its_device():
+    """A deep copy, a pickle or a state dict of the averaged copy averages on as it does (a
+    deep copy holds a base of its own, shared with nothing); ``device`` other than the
+    source's copies the frozen parameters there and leaves the source's where they are."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(3), branch_config(target_rank=4, r_max=5))
+    elsewhere = IncreLoRAAveragedModel(model, device="meta")
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    assert {p.device.type for p in elsewhere.parameters()} == {"meta"}
+    averaged = IncreLoRAAveragedModel(model)
+    train_steps(model, opt, ctl, range(4), on_step=lambda _: averaged.update_parameters(model))
+    deep = copy.deepcopy(averaged)
+    assert not {id(p) for p in deep.parameters()} & {id(p) for p in model.parameters()}
+    buffer = io.BytesIO()
+    torch.save(averaged, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    reloaded = IncreLoRAAveragedModel(model)
+    reloaded.load_state_dict(averaged.state_dict())
+    others = (deep, loaded, reloaded)
+    train_steps(model, opt, ctl, range(4, 7),
+                on_step=lambda _: [a.update_parameters(model) for a in (averaged, *others)])
+    x, _ = batch(0)
+    for other in others:
+        torch.testing.assert_close(other.eval()(x), averaged.eval()(x), rtol=0, atol=0)

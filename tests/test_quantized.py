@@ -597,3 +597,41 @@ def test_an_averaged_copy_keeps_the_quantized_base_weights_as_they_are(average, 
         assert type(mine[name]) is type(p) and torch.equal(mine[name], p), name
     lora_A = mine["layers.0.lora_A"]
     assert not torch.equal(lora_A, model.layers[0].lora_A)  # the adapters are averaged
+
+
+def test_an_averaged_copy_shares_the_quantized_base_and_its_state():
+    """torch's AveragedModel deep-copied the 4-bit and 8-bit base weights with their
+    quantization state (Params4bit.quant_state, the 8-bit linear's CB / SCB): a second
+    quantized base per EMA. The copy shares them with the source, through forwards of both
+    (an 8-bit linear's forward puts its state's CB into its weight), and averages the adapters
+    as a full copy does."""
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+    from increlora_fast import IncreLoRAAveragedModel
+
+    model = build()
+    cfg = config(2)
+    inject_increlora(model, cfg)
+    shared = IncreLoRAAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    full = IncreLoRAAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9),
+                                  share_frozen=False)
+    opt = create_optimizer(model, cfg, lr=1e-2)
+    x = x_batch()
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        shared.update_parameters(model)
+        full.update_parameters(model)
+    out = shared(x)
+    torch.testing.assert_close(out, full(x), rtol=0, atol=0)
+    theirs = {p.data_ptr() for p in model.parameters()}
+    own = [name for name, p in shared.module.named_parameters() if p.data_ptr() not in theirs]
+    assert own == [name for name, p in model.named_parameters() if p.requires_grad]
+    four, eight = (layer.base_layer for layer in shared.module.layers)
+    assert four.weight.quant_state is model.layers[0].base_layer.weight.quant_state
+    source_state = model.layers[1].base_layer.state
+    assert eight.state is not source_state  # (its flags are per module)
+    for key in ("CB", "SCB"):
+        assert getattr(eight.state, key) is getattr(source_state, key), key
+    assert eight.weight.data_ptr() == model.layers[1].base_layer.weight.data_ptr()
