@@ -811,9 +811,10 @@ class IncreLoRAAveragedModel(AveragedModel):
     weights, bitsandbytes' quantized ones with their quantization state) with the source
     instead of copying them, and updates skip them: the copy costs about the trainable
     parameters. The shared weights are the source's own, so what changes them in place changes
-    both: ``.to()``, ``.half()`` or ``load_state_dict`` on either, or a new base loaded into
-    the source (a merge gives the merged side its own copy first). ``share_frozen=False``
-    copies everything, as torch's class does."""
+    both: ``load_state_dict`` on either, or a new base loaded into the source (a merge gives
+    the merged side its own copy first); moving or converting the copy where that would change
+    them (``.to()`` another device or dtype, ``.half()``) is refused (`_apply`).
+    ``share_frozen=False`` copies everything, as torch's class does."""
 
     def __init__(self, model: nn.Module, device: Optional[torch.device] = None,
                  avg_fn: Optional[Callable] = None, multi_avg_fn: Optional[Callable] = None,
@@ -843,6 +844,29 @@ class IncreLoRAAveragedModel(AveragedModel):
             layer.score_enabled = False
             layer.release_score_buffers()
         self._slot_versions = _slot_versions(increlora_layers(model), increlora_layers(self.module))
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> "IncreLoRAAveragedModel":
+        """torch's (``.to()``, ``.half()``, ``.cuda()``, ...), refused in one line, with nothing
+        changed, where it would move or convert a frozen parameter that the copy shares with its
+        live model (``share_frozen``): that would change the model's own base weights too."""
+        entry = SHARED_FROZEN.get(self)
+        source = entry[0]() if entry is not None else None
+        if source is not None:
+            held = {id(p) for p in source.parameters()}
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    if id(p) not in entry[1] or id(p) not in held:
+                        continue
+                    out = fn(p)
+                    if out is not p and (out.device != p.device or out.dtype != p.dtype
+                                         or out.data_ptr() != p.data_ptr()):
+                        raise ValueError(
+                            f"IncreLoRAAveragedModel: {name!r} is a frozen parameter the "
+                            "averaged copy shares with its model, so moving or converting the "
+                            "copy would change the model's base too; make the copy with "
+                            "device=... (it copies what is elsewhere), or with "
+                            "share_frozen=False")
+        return super()._apply(fn, recurse)
 
     def update_parameters(self, model: nn.Module) -> None:
         """Average ``model``'s float parameters (and buffers with ``use_buffers=True``) into

@@ -703,3 +703,25 @@ def test_an_averaged_model_sharing_the_base_round_trips_and_keeps_the_source_on_
     x, _ = batch(0)
     for other in others:
         torch.testing.assert_close(other.eval()(x), averaged.eval()(x), rtol=0, atol=0)
+
+
+def test_moving_or_converting_an_averaged_copy_that_shares_the_base_is_refused():
+    """The copy shares its model's frozen parameters: ``ema.double()`` (or ``.half()``, or
+    ``.to()`` another device) converted the model's own base weights too, silently. It is
+    refused in one line with both models left as they were; a ``.to()`` that changes nothing
+    still works, and a copy made with share_frozen=False converts alone."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    model, _, _ = make_run(ParallelBranches(2), branch_config())
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    ema = IncreLoRAAveragedModel(model)
+    with pytest.raises(ValueError, match="shares with its model.*share_frozen=False") as err:
+        ema.double()
+    assert "\n" not in str(err.value)
+    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+    assert all(p.dtype == torch.float32 for p in ema.parameters())
+    assert ema.to(torch.float32) is ema and ema.to("cpu") is ema
+    full = IncreLoRAAveragedModel(model, share_frozen=False).double()
+    assert all(p.dtype == torch.float64 for p in full.module.parameters())
+    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+
