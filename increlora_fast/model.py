@@ -829,8 +829,9 @@ class IncreLoRAAveragedModel(AveragedModel):
         multi = None if avg_fn is not None and multi_avg_fn is None else functools.partial(
             _float_averages, multi_avg_fn)  # (where neither is given, torch's SWA)
         average = None if avg_fn is None else functools.partial(_float_average, avg_fn)
-        memo = _frozen_memo(model, None if device is None else torch.device(device)) \
-            if share_frozen else {}
+        # (where ``.to(device)`` puts a tensor: "cuda" is the current cuda:N, "cpu:0" is cpu)
+        memo = _frozen_memo(model, None if device is None else torch.empty(0, device=device)
+                            .device) if share_frozen else {}
         # (torch's __init__ deep-copies what it is given: a placeholder where the copy shares)
         super().__init__(nn.Module() if memo else model, device, average, multi, use_buffers)
         if memo:

@@ -725,3 +725,16 @@ def test_moving_or_converting_an_averaged_copy_that_shares_the_base_is_refused()
     assert all(p.dtype == torch.float64 for p in full.module.parameters())
     assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
 
+
+
+def test_an_averaged_model_made_with_the_sources_device_by_another_name_shares_the_base():
+    """``device`` names where the copy lives, and the frozen parameters already there are
+    shared: ``device="cuda"`` for a model on cuda:0 (here ``"cpu:0"`` for one on ``cpu``) is
+    that device, but compared as written it matched none of them, and the copy silently held a
+    second base."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    model, _, _ = make_run(ParallelBranches(2), branch_config())
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    averaged = IncreLoRAAveragedModel(model, device="cpu:0")
+    assert _bytes_not_shared(averaged.module, model) == trainable
