@@ -246,14 +246,15 @@ SHARED_FROZEN: "weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ReferenceType
 
 
 def _shared_with_an_averaged_copy(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is a parameter that a live averaged copy (`SHARED_FROZEN`) and its
-    live source both hold now, so writing into it changes both."""
+    """Whether ``weight`` is a parameter shared through `SHARED_FROZEN` that two or more of
+    the live averaged copies and their live sources hold now (two copies of one model share it
+    with each other too, with their source merged or gone), so writing into it changes
+    another's."""
+    holders: Dict[int, nn.Module] = {}
     for averaged, (source_ref, ids) in list(SHARED_FROZEN.items()):
-        source = source_ref()
-        if id(weight) in ids and source is not None and all(
-                any(p is weight for p in holder.parameters()) for holder in (averaged, source)):
-            return True
-    return False
+        if id(weight) in ids:
+            holders.update((id(m), m) for m in (averaged, source_ref()) if m is not None)
+    return sum(any(p is weight for p in m.parameters()) for m in holders.values()) > 1
 
 
 def derived_weight_message(names: List[str]) -> str:
@@ -892,9 +893,9 @@ class IncreLoRALinear(nn.Module):
         self.merged = True
 
     def _unshare_base_weight(self) -> None:
-        """Give the base its own copy of a weight shared between an averaged copy and its
-        source (`SHARED_FROZEN`) before writing into it: merging one of them leaves the
-        other's base as it was."""
+        """Give the base its own copy of a weight that averaged copies and their source share
+        (`SHARED_FROZEN`) before writing into it: merging one of them leaves the others' bases
+        as they were."""
         w = self.base_layer.weight
         if SHARED_FROZEN and _shared_with_an_averaged_copy(w):
             self.base_layer.weight = nn.Parameter(w.detach().clone(),

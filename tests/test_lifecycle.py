@@ -738,3 +738,24 @@ def test_an_averaged_model_made_with_the_sources_device_by_another_name_shares_t
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     averaged = IncreLoRAAveragedModel(model, device="cpu:0")
     assert _bytes_not_shared(averaged.module, model) == trainable
+
+
+@pytest.mark.parametrize("source", ["merged", "deleted"])
+def test_merging_one_of_two_averaged_models_leaves_the_others_base_as_it_was(source):
+    """Two averaged copies of one model (two EMA decays) share its frozen base with it and with
+    each other. Once the source no longer held a weight (merged into its own copy, or deleted),
+    merging one copy wrote its adapter into the base weight the other still computed with."""
+    from increlora_fast import IncreLoRAAveragedModel, merge_and_unload
+    torch.manual_seed(0)
+    model, opt, ctl = make_run(ParallelBranches(3), branch_config(target_rank=4, r_max=5))
+    fast, slow = IncreLoRAAveragedModel(model), IncreLoRAAveragedModel(model)
+    train_steps(model, opt, ctl, range(3), on_step=lambda _: fast.update_parameters(model))
+    x, _ = batch(0)
+    expected = slow.eval()(x).detach()
+    if source == "merged":
+        merge_and_unload(model)
+    else:
+        del model, opt, ctl
+        gc.collect()
+    merge_and_unload(fast)
+    torch.testing.assert_close(slow(x), expected, rtol=0, atol=0)
