@@ -849,11 +849,14 @@ class IncreLoRAAveragedModel(AveragedModel):
     def _apply(self, fn: Callable, recurse: bool = True) -> "IncreLoRAAveragedModel":
         """torch's (``.to()``, ``.half()``, ``.cuda()``, ...), refused in one line, with nothing
         changed, where it would move or convert a frozen parameter that the copy shares with its
-        live model (``share_frozen``): that would change the model's own base weights too."""
+        live model or another live copy of it (``share_frozen``): that would change their base
+        weights too."""
         entry = SHARED_FROZEN.get(self)
-        source = entry[0]() if entry is not None else None
-        if source is not None:
-            held = {id(p) for p in source.parameters()}
+        others = [] if entry is None else [  # (two copies of a model share with each other too)
+            m for averaged, (source_ref, _) in list(SHARED_FROZEN.items())
+            for m in (averaged, source_ref()) if m is not None and m is not self]
+        if others:
+            held = {id(p) for m in others for p in m.parameters()}
             with torch.no_grad():
                 for name, p in self.module.named_parameters():
                     if id(p) not in entry[1] or id(p) not in held:
@@ -863,8 +866,9 @@ class IncreLoRAAveragedModel(AveragedModel):
                                          or out.data_ptr() != p.data_ptr()):
                         raise ValueError(
                             f"IncreLoRAAveragedModel: {name!r} is a frozen parameter the "
-                            "averaged copy shares with its model, so moving or converting the "
-                            "copy would change the model's base too; make the copy with "
+                            "averaged copy shares with its model or another copy of it, so "
+                            "moving or converting the copy would change their base too; make "
+                            "the copy with "
                             "device=... (it copies what is elsewhere), or with "
                             "share_frozen=False")
         return super()._apply(fn, recurse)

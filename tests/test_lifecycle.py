@@ -759,3 +759,23 @@ def test_merging_one_of_two_averaged_models_leaves_the_others_base_as_it_was(sou
         gc.collect()
     merge_and_unload(fast)
     torch.testing.assert_close(slow(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("source", ["merged", "deleted"])
+def test_converting_one_of_two_averaged_models_is_refused_where_the_other_shares_the_base(
+        source):
+    """Two averaged copies of one model share its frozen base with each other too: once the
+    source no longer held a weight (merged, or deleted), ``fast.double()`` was let through and
+    converted the base weights the other copy computes with, silently."""
+    from increlora_fast import IncreLoRAAveragedModel, merge_and_unload
+    torch.manual_seed(0)
+    model, _, _ = make_run(ParallelBranches(2), branch_config())
+    fast, slow = IncreLoRAAveragedModel(model), IncreLoRAAveragedModel(model)
+    if source == "merged":
+        merge_and_unload(model)
+    else:
+        del model
+        gc.collect()
+    with pytest.raises(ValueError, match="shares with its model.*share_frozen=False"):
+        fast.double()
+    assert {p.dtype for p in slow.parameters()} == {torch.float32}
