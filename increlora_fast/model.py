@@ -748,8 +748,8 @@ _QUANT_STATE_ATTRS = ("quant_state", "CB", "SCB")
 def _frozen_memo(model: nn.Module, device: Optional[torch.device]) -> Dict[int, object]:
     """A ``copy.deepcopy`` memo mapping every parameter of ``model`` that requires no grad (on
     ``device``, where given) and its quantization state, if any, to itself: a copy made with it
-    shares them with ``model``. Sets up the state of bitsandbytes 8-bit linears not called yet
-    as their first forward does."""
+    shares them with ``model``. Gives the state of bitsandbytes 8-bit linears not called yet
+    the CB / SCB their first forward takes from the weight, leaving them on the weight too."""
     memo: Dict[int, object] = {}
     for module in model.modules():
         frozen = [p for p in module.parameters(recurse=False)
@@ -760,8 +760,10 @@ def _frozen_memo(model: nn.Module, device: Optional[torch.device]) -> Dict[int, 
         if any(p is weight for p in frozen) and getattr(weight, "CB", None) is not None \
                 and hasattr(module, "init_8bit_state"):
             # the 8-bit linear's first forward moves CB / SCB from its weight into its state,
-            # and a second module sharing that weight would find them gone: moved once for both
-            module.init_8bit_state()
+            # and a second module sharing that weight would find them gone: both states hold
+            # them, and the weight keeps them (bitsandbytes loads a state dict into it until a
+            # forward takes them)
+            module.state.CB, module.state.SCB = weight.CB, weight.SCB
         for holder in (*frozen, module, getattr(module, "state", None)):
             for key in _QUANT_STATE_ATTRS:
                 value = getattr(holder, key, None)

@@ -635,3 +635,28 @@ def test_an_averaged_copy_shares_the_quantized_base_and_its_state():
     for key in ("CB", "SCB"):
         assert getattr(eight.state, key) is getattr(source_state, key), key
     assert eight.weight.data_ptr() == model.layers[1].base_layer.weight.data_ptr()
+
+
+def test_an_averaged_copy_leaves_its_8bit_source_as_a_forward_would_find_it():
+    """Making the averaged copy ran the source's first-forward set-up of its 8-bit linears
+    (their CB / SCB moved from the weight into the module's state), after which bitsandbytes
+    refuses to load a state dict into it ("Loading a quantized checkpoint into non-quantized
+    Linear8bitLt"): a model that loaded a checkpoint before the EMA was made no longer did
+    after. Both still compute as a model with no copy, whichever runs first."""
+    from increlora_fast import IncreLoRAAveragedModel
+
+    def model_8bit() -> QNet:
+        model = build(("8bit",))
+        inject_increlora(model, config(1))
+        return model
+
+    plain, x = model_8bit(), x_batch()
+    state = {key: value.clone() for key, value in plain.state_dict().items()}
+    expected = plain(x)
+    for first in ("copy", "source"):
+        model = model_8bit()
+        copy_ = IncreLoRAAveragedModel(model)
+        model.load_state_dict(state)
+        order = (copy_, model) if first == "copy" else (model, copy_)
+        for which in order:
+            torch.testing.assert_close(which(x), expected, rtol=0, atol=0, msg=first)
