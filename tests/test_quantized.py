@@ -559,6 +559,20 @@ def test_a_quantized_classifier_to_save_names_the_skip_modules_fix(tmp_path):
     assert model.classifier.weight.requires_grad
 
 
+def _train_updating(model, cfg, *averaged) -> torch.Tensor:
+    """Three optimizer steps of ``model`` on `x_batch`, each followed by an update of every
+    averaged copy; returns the batch."""
+    opt = create_optimizer(model, cfg, lr=1e-2)
+    x = x_batch()
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        for each in averaged:
+            each.update_parameters(model)
+    return x
+
+
 @pytest.mark.parametrize("average", ["ema", "ema per tensor", "swa", "swa with foreach"])
 def test_an_averaged_copy_keeps_the_quantized_base_weights_as_they_are(average, monkeypatch):
     """torch's AveragedModel averages every parameter, the frozen 4-bit and 8-bit base weights
@@ -582,13 +596,7 @@ def test_an_averaged_copy_keeps_the_quantized_base_weights_as_they_are(average, 
     kwargs = {"ema": dict(multi_avg_fn=get_ema_multi_avg_fn(0.9)),
               "ema per tensor": dict(avg_fn=get_ema_avg_fn(0.9))}.get(average, {})
     averaged = IncreLoRAAveragedModel(model, **kwargs)
-    opt = create_optimizer(model, cfg, lr=1e-2)
-    x = x_batch()
-    for _ in range(3):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        averaged.update_parameters(model)
+    _train_updating(model, cfg, averaged)
     quantized = [(name, p) for name, p in model.named_parameters() if not p.is_floating_point()]
     assert [name for name, _ in quantized] == ["layers.0.base_layer.weight",
                                                "layers.1.base_layer.weight"]
@@ -615,14 +623,7 @@ def test_an_averaged_copy_shares_the_quantized_base_and_its_state():
     shared = IncreLoRAAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
     full = IncreLoRAAveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9),
                                   share_frozen=False)
-    opt = create_optimizer(model, cfg, lr=1e-2)
-    x = x_batch()
-    for _ in range(3):
-        model(x).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-        shared.update_parameters(model)
-        full.update_parameters(model)
+    x = _train_updating(model, cfg, shared, full)
     out = shared(x)
     torch.testing.assert_close(out, full(x), rtol=0, atol=0)
     theirs = {p.data_ptr() for p in model.parameters()}
