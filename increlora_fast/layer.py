@@ -245,16 +245,15 @@ SHARED_FROZEN: "weakref.WeakKeyDictionary[nn.Module, Tuple[weakref.ReferenceType
     weakref.WeakKeyDictionary()
 
 
-def _shared_with_an_averaged_copy(weight: torch.Tensor) -> bool:
-    """Whether ``weight`` is a parameter shared through `SHARED_FROZEN` that two or more of
-    the live averaged copies and their live sources hold now (two copies of one model share it
-    with each other too, with their source merged or gone), so writing into it changes
-    another's."""
+def shared_holders(weight: torch.Tensor) -> List[nn.Module]:
+    """The live averaged copies and live sources registered in `SHARED_FROZEN` as sharing
+    ``weight`` that hold it now (two copies of one model share it with each other too, with
+    their source merged or gone): writing into it changes each of them."""
     holders: Dict[int, nn.Module] = {}
     for averaged, (source_ref, ids) in list(SHARED_FROZEN.items()):
         if id(weight) in ids:
             holders.update((id(m), m) for m in (averaged, source_ref()) if m is not None)
-    return sum(any(p is weight for p in m.parameters()) for m in holders.values()) > 1
+    return [m for m in holders.values() if any(p is weight for p in m.parameters())]
 
 
 def derived_weight_message(names: List[str]) -> str:
@@ -897,7 +896,7 @@ class IncreLoRALinear(nn.Module):
         (`SHARED_FROZEN`) before writing into it: merging one of them leaves the others' bases
         as they were."""
         w = self.base_layer.weight
-        if SHARED_FROZEN and _shared_with_an_averaged_copy(w):
+        if SHARED_FROZEN and len(shared_holders(w)) > 1:
             self.base_layer.weight = nn.Parameter(w.detach().clone(),
                                                   requires_grad=w.requires_grad)
 

@@ -22,7 +22,7 @@ from torch.optim.swa_utils import AveragedModel, get_swa_multi_avg_fn
 from .config import DEFAULT_TARGET_MODULES, IncreLoRAConfig
 from .layer import (SHARED_FROZEN, IncreLoRALinear, _names_by_id, _other_names_of_base_weight,
                     class_name, derived_weight_message, is_quantized_base, is_supported_base,
-                    own_forward_problem)
+                    own_forward_problem, shared_holders)
 
 CONFIG_ATTR = "increlora_config"
 # Set by `merge_and_unload` on the model it returns: its adapters are folded into the base.
@@ -854,14 +854,10 @@ class IncreLoRAAveragedModel(AveragedModel):
         live model or another live copy of it (``share_frozen``): that would change their base
         weights too."""
         entry = SHARED_FROZEN.get(self)
-        others = [] if entry is None else [  # (two copies of a model share with each other too)
-            m for averaged, (source_ref, _) in list(SHARED_FROZEN.items())
-            for m in (averaged, source_ref()) if m is not None and m is not self]
-        if others:
-            held = {id(p) for m in others for p in m.parameters()}
+        if entry is not None:
             with torch.no_grad():
                 for name, p in self.module.named_parameters():
-                    if id(p) not in entry[1] or id(p) not in held:
+                    if id(p) not in entry[1] or all(m is self for m in shared_holders(p)):
                         continue
                     out = fn(p)
                     if out is not p and (out.device != p.device or out.dtype != p.dtype
