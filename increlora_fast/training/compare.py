@@ -292,18 +292,20 @@ def format_table(report: Dict) -> str:
              "(active / padded) | final total rank | best lr | sweep (first seed) "
              "| method settings |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    edges = {m for m, r in report["methods"].items()
+             if _at_edge(r["lr"], report["lrs"].get(m, ()))}
     for method, r in report["methods"].items():
         rank = "-" if r["total_rank"] is None else str(r["total_rank"])
         per_seed = " / ".join(f"{a:.4f}" for a in r["eval_accuracy"])
         std = "n/a" if r["std"] is None or len(r["eval_accuracy"]) < 2 else f"{r['std']:.4f}"
         sweep = ", ".join(f"{lr}: " + ("diverged" if acc is None else f"{acc:.4f}")
                           for lr, acc in r["lr_sweep"].items())
-        edge = " (edge)" if _at_edge(r["lr"], report["lrs"].get(method, ())) else ""
+        edge = " (edge)" if method in edges else ""
         lines.append(f"| {method} | {r['mean']:.4f} ± {std} | {per_seed} | "
                      f"{r['trainable_params_active']:,} / {r['trainable_params_padded']:,} | "
                      f"{rank} | {r['lr']:g}{edge} | {sweep} | "
                      f"{_settings_text(method, r['method_settings'])} |")
-    if any(_at_edge(r["lr"], report["lrs"].get(m, ())) for m, r in report["methods"].items()):
+    if edges:
         lines += ["", "(edge): the best lr is the lowest or the highest rate of its sweep, so a "
                   "better one may lie outside it; sweep further out with --lrs."]
     differences = _differences_text(report["methods"])
