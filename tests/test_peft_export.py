@@ -2,6 +2,7 @@
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -859,11 +860,13 @@ UNFROZEN = {  # which non-adapter tensors a user trains by hand (or lists to sav
 @pytest.mark.parametrize("family, case", [("bert", c) for c in UNFROZEN]
                          + [("gpt2", "adapted-biases"), ("gpt2", "layernorms")])
 def test_peft_loads_the_export_of_trained_biases_norms_and_heads(tmp_path, family, case):
-    """Biases of adapted layers unfrozen by hand go out as modules to save under peft's own
-    ``<layer>.base_layer`` name (``bias`` stays "none"); other trained biases, LayerNorms and a
-    head to save as their modules. The installed peft (0.22 here, 0.21 on the GPU machine: run
-    this file there too) loads each into a fresh base with the trained model's logits, and
-    those tensors matter: reset to the base's values, the logits move."""
+    """Biases of adapted layers unfrozen by hand go out in peft's ``bias: "lora_only"`` form,
+    only those bias tensors under peft's ``<layer>.base_layer.bias`` names (not the whole base
+    linear as a module to save), with one warning naming them and that vLLM refuses adapter
+    biases; other trained biases, LayerNorms and a head to save as their modules. The installed
+    peft (0.22 here, 0.21 on the GPU machine: run this file there too) loads each into a fresh
+    base with the trained model's logits, and those tensors matter: reset to the base's
+    values, the logits move."""
     _, targets, _ = FAMILIES[family]
     model = _fresh_base(family)
     to_save = ["classifier"] if case == "head-to-save" else None
@@ -890,7 +893,22 @@ def test_peft_loads_the_export_of_trained_biases_norms_and_heads(tmp_path, famil
     assert trained and all(not torch.equal(p, base[n.replace(".base_layer", "")])
                            for n, p in trained.items())
     ours = _outputs(model, family)
-    export_peft(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_peft(model, tmp_path)
+    vllm = [str(w.message) for w in caught if "vLLM" in str(w.message)]
+    peft_config = json.loads((tmp_path / "adapter_config.json").read_text())
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    biases = sorted(n for n in trained if n.endswith("base_layer.bias"))
+    assert peft_config["bias"] == ("lora_only" if biases else "none")
+    assert {k for k in keys if ".base_layer." in k} == {f"base_model.model.{n}" for n in biases}
+    assert not any(".base_layer" in m for m in peft_config["modules_to_save"] or [])
+    if biases:
+        assert len(vllm) == 1 and "\n" not in vllm[0] and "merge_and_unload" in vllm[0]
+        assert all(repr(n.rpartition(".base_layer")[0]) in vllm[0] for n in biases[:3])
+    else:
+        assert vllm == []
     loaded = peft.PeftModel.from_pretrained(_fresh_base(family), str(tmp_path)).eval()
     torch.testing.assert_close(_outputs(loaded, family), ours, rtol=1e-5, atol=1e-5)
     with torch.no_grad():

@@ -6,7 +6,12 @@ The written directory is what ``peft.PeftModel.from_pretrained(base_model, direc
 - ``adapter_model.safetensors``: per adapted module ``base_model.model.<module>.lora_A.weight``
   (r_i, in) and ``.lora_B.weight`` (out, r_i); per module to save its state under
   ``base_model.model.<module>.<param>`` (peft strips its ``modules_to_save.default`` wrapper
-  from saved keys).
+  from saved keys); per trained bias of an adapted layer (unfrozen by hand) that tensor alone,
+  ``base_model.model.<module>.base_layer.bias``, in peft's ``bias: "lora_only"`` form (as a
+  module to save it would carry the whole base linear). vLLM refuses adapters with biases
+  (``bias`` other than "none") and with modules to save other than a classification head
+  (``classifier`` / ``score``, only in its newest versions): `export_peft` warns, naming
+  the layers, where the adapter has such biases.
 - ``adapter_config.json``: ``peft_type`` LORA, ``r`` = the largest exported rank,
   ``rank_pattern`` with every module's own rank, and alphas chosen so that peft's scaling
   ``lora_alpha / r`` is exactly 1 for every module (``lora_alpha = r`` and
@@ -139,7 +144,8 @@ def _saved_roots(model: nn.Module) -> List[str]:
     """Names of the modules whose full state peft must carry (``modules_to_save``).
 
     The configured modules to save, plus the owner of any other trainable parameter outside the
-    adapters, so nothing the run trained is lost, plus every other module that uses one of
+    adapters but a bias of an adapted layer (`_trained_adapted_biases`), so nothing the run
+    trained is lost, plus every other module that uses one of
     their parameters (tied weights). Raises ValueError, naming why the module is saved, when
     one of them holds adapted layers.
     """
@@ -149,9 +155,10 @@ def _saved_roots(model: nn.Module) -> List[str]:
     roots = [n for n in names if any(suffix_match(n, key) for key in config.modules_to_save or [])]
     roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
     why = {r: f"module to save {r!r}" for r in roots}
+    biases = _trained_adapted_biases(model)
     for param_name in saved_module_parameters(model):
         owner = param_name.rpartition(".")[0]
-        if not any(_within(owner, r) for r in roots):
+        if param_name not in biases and not any(_within(owner, r) for r in roots):
             roots.append(owner)
             why[owner] = (f"parameter {param_name!r} is trained outside the adapters, so peft "
                           f"would save its module {owner or '<the whole model>'!r} in full")
@@ -177,6 +184,15 @@ def _saved_roots(model: nn.Module) -> List[str]:
                              "LoRA inside it; use save_adapter / load_adapter or merge_and_unload "
                              "for this model")
     return roots
+
+
+def _trained_adapted_biases(model: nn.Module) -> Dict[str, nn.Parameter]:
+    """The trained biases of adapted layers by name (``<layer>.base_layer.bias``, the plain
+    model's), which go out in peft's ``bias: "lora_only"`` form: peft 0.21 and 0.22 load these
+    keys alone into the LoRA layers' base linears (a module to save would carry each whole
+    base linear, a weight-sized copy)."""
+    adapted = {f"{n}.base_layer.bias" for n, _ in increlora_layers(model)}
+    return {n: p for n, p in saved_module_parameters(model).items() if n in adapted}
 
 
 def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) -> List[str]:
@@ -267,6 +283,8 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
 
     A mean-pooled ``model`` (`pooling.apply_pooling`) is exported with a warning: the
     base model peft loads the adapter into needs ``apply_pooling(base, "mean")`` first.
+    Trained biases of adapted layers go out as ``bias: "lora_only"``, with a warning naming
+    the layers: vLLM refuses such an adapter.
 
     Returns:
         The rank of every exported module, ``{module name: r_i}``.
@@ -311,6 +329,10 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     # classifier that SEQ_CLS adds) is carried by that one; named too, peft would wrap it
     # inside the other's wrapper and then fail to load it (KeyError), even from its own save
     roots = [r for r in roots if not any(r.startswith(w + ".") for w in wrapped)]
+    biases = _trained_adapted_biases(model)
+    for name, bias in biases.items():
+        tensors[f"{PEFT_PREFIX}{name}"] = bias.detach().cpu().clone(
+            memory_format=torch.contiguous_format)
     modules: Dict[str, nn.Module] = {}  # by plain name: a wrapper rather than what it holds
     for name, module in model.named_modules(remove_duplicate=False):
         modules.setdefault(plain_name(name), module)
@@ -336,7 +358,7 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
         "modules_to_save": roots or None,
         "lora_dropout": config.lora_dropout,
         "fan_in_fan_out": conv1d,
-        "bias": "none",
+        "bias": "lora_only" if biases else "none",
         "use_rslora": False,
         "use_dora": False,
         "init_lora_weights": True,
@@ -353,6 +375,14 @@ def export_peft(model: nn.Module, save_directory: PathLike, task_type: Optional[
     write_adapter_files(save_directory, {
         PEFT_WEIGHTS_NAME: safetensors_bytes(tensors, metadata=metadata),
         PEFT_CONFIG_NAME: json.dumps(peft_config, indent=2, sort_keys=True).encode()}, overwrite)
+    if biases:
+        layers_with_bias = [n.rpartition(".base_layer")[0] for n in biases]
+        warnings.warn(f"export_peft: the adapter in {save_directory} carries the trained biases "
+                      f"of adapted layers {layers_with_bias[:3]}"
+                      f"{f' and {len(biases) - 3} more' if len(biases) > 3 else ''} (peft's "
+                      'bias: "lora_only"), which peft loads but vLLM refuses (it supports no '
+                      "adapter bias): to serve it there, merge_and_unload the model and serve "
+                      "the merged model, or train with those biases frozen", stacklevel=2)
     if pooling != "cls":
         warnings.warn(f"export_peft: the adapter in {save_directory} was trained with {pooling} "
                       "pooling, which peft does not record: apply "
