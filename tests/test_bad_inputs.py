@@ -139,6 +139,21 @@ def test_negative_seed_names_seed(tmp_path, capsys, monkeypatch, no_model_loadin
     _one_line(capsys, "--seed -1", ">= 0")
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["--seed", "4294967296"], ["--seed 4294967296", "4294967295"]),
+    (["--compare", "--methods", "lora", "--seed", "4294967295", "--seeds", "2"],
+     ["--seeds 2", "--seed 4294967295", "4294967296"]),
+])
+def test_a_seed_past_numpys_range_is_refused_before_the_data_is_read(tmp_path, capsys, argv,
+                                                                     needles, no_data_loading):
+    """NumPy takes seeds below 2**32 only: a larger --seed (or a --compare whose last seed is)
+    failed in seed_everything, after the data was read, with NumPy's words naming no option
+    (in --compare, after the earlier seeds' runs)."""
+    code = _main(["finetune", *argv, "--output-dir", str(tmp_path / "o"), "--no-progress"])
+    assert code == 2
+    _one_line(capsys, *needles)
+
+
 def test_sample_limits_are_checked_before_the_data_is_read(tmp_path, capsys, no_data_loading):
     code = _main(["finetune", "--max-train-samples", "0", "--output-dir", str(tmp_path / "o"),
                   "--no-progress"])

@@ -34,7 +34,7 @@ from .finetune_run import (DATA_FILE_KEYS, HEAD_NAMES, load_data, run_finetune, 
                            uses_cuda_graphs, with_data_identity)
 from .output_lock import OutputLock
 from .outputs import METRICS_FILE, check_output_path, check_writable
-from .settings import DEFAULT_LR, METHODS, RunSettings, resolve, stored_model, validate
+from .settings import DEFAULT_LR, MAX_SEED, METHODS, RunSettings, resolve, stored_model, validate
 
 COMPARE_METHODS = ("increlora", "lora", "adalora")
 DEFAULT_LRS = (1e-3, 2e-3, 4e-3, 8e-3)
@@ -153,6 +153,9 @@ def compare_methods(base: RunSettings, methods: Sequence[str], lrs: Optional[Seq
     out = check_output_path(output_dir)
     if seeds < 1:
         raise ValueError(f"--seeds {seeds} is invalid: use an integer >= 1")
+    if base.seed + seeds - 1 > MAX_SEED:  # (the later seeds' runs would be refused)
+        raise ValueError(f"--seeds {seeds} is invalid with --seed {base.seed}: the seeds run to "
+                         f"{base.seed + seeds - 1}, past {MAX_SEED}; use fewer or a lower --seed")
     if lrs is not None and (not lrs or not all(math.isfinite(lr) and lr > 0 for lr in lrs)):
         raise ValueError(f"--lrs {list(lrs)} is invalid: give finite learning rates > 0")
     folders: Dict[str, float] = {}

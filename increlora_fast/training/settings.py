@@ -28,6 +28,8 @@ POOLINGS = ("cls", "mean", "auto")
 CLASS_WEIGHTS = ("none", "balanced")
 # --max-seq-len auto: this percentile of the training texts' token lengths
 AUTO_SEQ_PERCENTILE = 95
+# the largest --seed: NumPy's generator, which `seed_everything` seeds, takes seeds below 2**32
+MAX_SEED = 2**32 - 1
 # --select-best: share of the training rows held out to choose the step
 SELECT_HOLDOUT_SHARE = 0.1
 CUDA_GRAPHS = ("auto", "on", "off")
@@ -152,7 +154,8 @@ def validate(s: RunSettings) -> None:
     for option, value in (("--batch-size", s.batch_size), ("--eval-batch-size", s.eval_batch_size),
                           ("--target-rank", s.target_rank)):
         _check(isinstance(value, int) and value >= 1, option, value, "use an integer >= 1")
-    _check(isinstance(s.seed, int) and s.seed >= 0, "--seed", s.seed, "use an integer >= 0")
+    _check(isinstance(s.seed, int) and 0 <= s.seed <= MAX_SEED, "--seed", s.seed,
+           f"use an integer >= 0 and <= {MAX_SEED}")
     _check(s.max_seq_len == "auto" or (isinstance(s.max_seq_len, int) and s.max_seq_len >= 8),
            "--max-seq-len", s.max_seq_len, "use an integer >= 8 (tokens) or auto")
     _check(s.pooling in POOLINGS, "--pooling", s.pooling, f"use one of {POOLINGS}")
