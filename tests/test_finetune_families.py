@@ -284,3 +284,73 @@ def test_compare_reuses_the_finished_runs_of_a_model_whose_head_layer_was_added(
     assert capsys.readouterr().out.count("reusing the finished run") == 1
     assert cli(args + ["--modules-to-save", "classifier,out_lin"]) == 2
     assert "modules_to_save" in capsys.readouterr().err
+
+
+def write_tiny_llama(directory: Path) -> Path:
+    """A randomly initialised Llama (rotary positions numbered from the first column; its
+    classifier reads the last token that is not padding) with a word tokenizer over `VOCAB`
+    that ends every input with ``<eos>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
+
+    directory.mkdir(parents=True, exist_ok=True)
+    words = VOCAB + ["<eos>"]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="$A <eos>", special_tokens=[("<eos>", len(VOCAB))])
+    PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]",
+                            eos_token="<eos>").save_pretrained(str(directory))
+    LlamaModel(LlamaConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+                           max_position_embeddings=64, pad_token_id=0)
+               ).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_padding_to_max_length_changes_no_real_rows_logits_loss_or_gradients(tmp_path, family):
+    """CUDA graphs pad every training batch to --max-seq-len (``--pad-to max_length``): the
+    extra padding must leave what the real tokens compute as eager batches padded to their
+    longest input do, for an encoder with absolute positions and token type ids (BERT) and a
+    decoder with positions from the first column whose head reads the last real token (Llama),
+    in float32: the same logits, task loss (the mean over the real rows) and gradients."""
+    import random
+
+    import torch
+
+    from finetune_helpers import FILLER, sentiment_rows, write_csv, write_tiny_bert
+    from increlora_fast.training.finetune_run import build_run
+    from increlora_fast.training.settings import RunSettings
+    from increlora_fast.training.step_runner import forward_with_loss
+    model = str(write_tiny_bert(tmp_path / "bert") if family == "bert"
+                else write_tiny_llama(tmp_path / "llama"))
+    rng = random.Random(0)
+    rows = [dict(row, text=row["text"] + " " + " ".join(rng.sample(FILLER, rng.randrange(8))))
+            for row in sentiment_rows(24, 0)]
+    extra = {} if family == "bert" else dict(target_modules=["q_proj", "v_proj"],
+                                             modules_to_save=["score"])
+    results = {}
+    for pad_to in ("longest", "max_length"):
+        s = RunSettings(model=model, task=None, train_file=str(write_csv(tmp_path / "t.csv",
+                                                                         rows[:16])),
+                        eval_file=str(write_csv(tmp_path / "d.csv", rows[16:])), batch_size=8,
+                        max_seq_len=32, max_steps=100, pad_to=pad_to, **extra)
+        _, _, run, batches = build_run(s)
+        for module in run.model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0  # (its masks are drawn over the padded shape)
+        batch = batches.train_batch(1)
+        out, loss = forward_with_loss(run.model, batch)
+        loss.backward()
+        results[pad_to] = (batch["input_ids"].shape[1], out.logits.detach(), loss.detach(),
+                           {n: p.grad for n, p in run.model.named_parameters()
+                            if p.grad is not None})
+    (short, logits, loss, grads), (fixed, fixed_logits, fixed_loss, fixed_grads) = \
+        results["longest"], results["max_length"]
+    assert short < fixed == 32  # the extra padding is there
+    torch.testing.assert_close(fixed_logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fixed_loss, loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == fixed_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(fixed_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
