@@ -14,7 +14,7 @@ import torch
 
 import finetune_helpers
 from finetune_helpers import cli, sentiment_rows, tiny_files, write_csv
-from increlora_fast.training.finetune_run import no_learning_note
+from increlora_fast.training.finetune_run import MANY_TRUNCATED, no_learning_note
 from increlora_fast.training.loop import majority_baseline
 
 
@@ -169,6 +169,26 @@ def test_max_seq_len_auto_is_chosen_printed_and_kept_for_resume(tiny, tmp_path, 
                 "--output-dir", str(resumed), "--no-progress"]) == 0
     assert read_metrics(resumed)["max_seq_len"] == m["max_seq_len"]
     assert read_metrics(resumed)["eval_accuracy"] == m["eval_accuracy"]
+
+
+def test_a_run_cutting_many_texts_says_so_at_its_start(tiny, tmp_path, capsys):
+    """The share of training texts cut at --max-seq-len was printed only with auto length,
+    pooling, class weights or select-best; a run cutting most texts said nothing until the
+    no-learning note, if any."""
+    rows = sentiment_rows(96, seed=0)
+    long = write_csv(tmp_path / "long.csv", [dict(r, text=" ".join([r["text"]] * 3))
+                                             for r in rows[:48]] + rows[48:])
+    args = tiny_args(tiny, tmp_path / "cut", "--max-seq-len", "8", steps=1)
+    args[args.index("--train-file") + 1] = str(long)
+    assert cli(args) == 0
+    share = read_metrics(tmp_path / "cut")["train_truncated_share"]
+    assert share >= MANY_TRUNCATED
+    assert f"max_seq_len 8, {share:.0%} of training texts cut" in capsys.readouterr().out
+    args = tiny_args(tiny, tmp_path / "whole", "--max-seq-len", "64", steps=1)
+    args[args.index("--train-file") + 1] = str(long)
+    assert cli(args) == 0
+    assert read_metrics(tmp_path / "whole")["train_truncated_share"] < MANY_TRUNCATED
+    assert "of training texts cut" not in capsys.readouterr().out
 
 
 def test_balanced_class_weights():

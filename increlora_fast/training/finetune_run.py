@@ -751,7 +751,7 @@ def _run_into(out: Path, settings: RunSettings, resume: Optional[str], save_step
          + (f", resuming at step {state.step}" if resume else ""))
     pooling = model_pooling(run.model)  # what build_run applied
     if s.max_seq_len == "auto" or s.pooling != "cls" or s.class_weights != "none" or \
-            s.select_best:
+            s.select_best or batches.truncated_share >= MANY_TRUNCATED:
         echo(f"max_seq_len {batches.max_seq_len}"
              + (f" (auto: {AUTO_SEQ_PERCENTILE}th percentile of the training texts' token "
                 "lengths, within the model's limit)" if s.max_seq_len == "auto" else "")
