@@ -73,3 +73,23 @@ def test_every_option_the_readme_names_exists():
     own_data = (README.parent / "docs" / "compare" / "own_data.md").read_text()
     named = set(re.findall(r"--[a-z][a-z0-9-]+", readme + own_data))
     assert named and not named - known - pytest_options, sorted(named - known - pytest_options)
+
+
+def test_the_readme_benchmark_commands_describe_themselves_in_whole_sentences():
+    """``--help`` of the step_host / replay_host / compare_stats commands the README names opens
+    with its module docstring's first paragraph, whole: step_host's read "Host work of a whole
+    eager training step, measured without a GPU: the Triton launches are" (its first line)."""
+    import contextlib
+    import io
+    from increlora_fast.benchmarks.speed import replay_host, step_host
+    from increlora_fast.training import compare_stats
+
+    for module in (step_host, replay_host, compare_stats):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                module.main(["--help"])
+            except SystemExit:
+                pass
+        first = "".join(module.__doc__.split("\n\n")[0].split())  # argparse rewraps it
+        assert first in "".join(out.getvalue().split()), (module.__name__, out.getvalue())

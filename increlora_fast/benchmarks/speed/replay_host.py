@@ -122,7 +122,7 @@ def measure(preset_name: str = "minilm-l6", batch_size: int = 32, seq_len: int =
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m increlora_fast.benchmarks.speed.replay_host --json PATH``."""
     args = parse_point_args(argv, "python -m increlora_fast.benchmarks.speed.replay_host",
-                            __doc__.splitlines()[0], "minilm-l6", 32, 64, 200)
+                            __doc__.split("\n\n")[0], "minilm-l6", 32, 64, 200)
     if args is None:
         return 2
     records = write_records(args.json, lambda: [measure(args.model, args.batch, args.seq_len,

@@ -148,7 +148,7 @@ def _measure(preset_name: str, plan, cpu: torch.device, env: dict, warmup: int,
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """``python -m increlora_fast.benchmarks.speed.step_host --json PATH``."""
     args = parse_point_args(argv, "python -m increlora_fast.benchmarks.speed.step_host",
-                            __doc__.splitlines()[0], "minilm-l6-narrow", 2, 8, 50)
+                            __doc__.split("\n\n")[0], "minilm-l6-narrow", 2, 8, 50)
     if args is None:
         return 2
     if any(os.environ.get(k) != v for k, v in SUBPROCESS_ENV.items()):
