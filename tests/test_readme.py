@@ -47,8 +47,9 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_every_option_the_readme_names_exists():
-    """Each ``--option`` the README and the own-data recipe (docs/compare/own_data.md) tell a user
-    to give is one of the commands they name: ``increlora-fast finetune|bench|memory|gpu-check``,
+    """Each ``--option`` the README, the own-data recipe (docs/compare/own_data.md), the GPU
+    session (docs/gpu_session.md) and docs/kernels.md tell a user to give is one of the commands
+    they name: ``increlora-fast finetune|bench|memory|gpu-check``,
     ``compare_stats`` and the step_host / replay_host benchmarks (a renamed or dropped option
     fails here, not in a user's shell)."""
     import contextlib
@@ -69,9 +70,10 @@ def test_every_option_the_readme_names_exists():
             except SystemExit:
                 pass
         known |= set(re.findall(r"--[a-z][a-z0-9-]+", out.getvalue()))
-    readme = README.read_text()
-    own_data = (README.parent / "docs" / "compare" / "own_data.md").read_text()
-    named = set(re.findall(r"--[a-z][a-z0-9-]+", readme + own_data))
+    docs = README.parent / "docs"
+    text = "".join(path.read_text() for path in (
+        README, docs / "compare" / "own_data.md", docs / "gpu_session.md", docs / "kernels.md"))
+    named = set(re.findall(r"--[a-z][a-z0-9-]+", text))
     assert named and not named - known - pytest_options, sorted(named - known - pytest_options)
 
 
