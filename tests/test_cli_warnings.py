@@ -65,3 +65,14 @@ def test_a_value_the_parser_refuses_is_one_error_line(argv, option, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and option in err[0] and err[0].endswith(" -h)"), err
+
+
+def test_the_top_level_help_describes_the_tool_to_a_user(capsys):
+    """`increlora-fast -h` described itself with its module docstring's first line, written for
+    developers ("Entry point of the ``increlora-fast`` console command.")."""
+    with pytest.raises(SystemExit) as info:
+        cli_main.main(["-h"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "Entry point" not in out and "``" not in out and "IncreLoRA" in out
+    assert all(name in out for name in cli_main.SUBCOMMANDS)

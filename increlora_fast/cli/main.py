@@ -11,6 +11,9 @@ import sys
 import warnings
 from typing import List, NoReturn, Optional, Set
 
+DESCRIPTION = ("IncreLoRA fine-tuning with fused Triton kernels: fine-tune a model, benchmark its "
+               "speed and memory, check the GPU path. `increlora-fast COMMAND -h` for a "
+               "command's options.")
 SUBCOMMANDS = {
     "finetune": ("increlora_fast.cli.finetune", "fine-tune a model with IncreLoRA (or a peer)"),
     "bench": ("increlora_fast.cli.bench", "layer- and model-level speed and memory benchmarks"),
@@ -30,7 +33,7 @@ class OneLineErrorParser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="increlora-fast", description=__doc__.splitlines()[0])
+    parser = OneLineErrorParser(prog="increlora-fast", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
