@@ -84,9 +84,10 @@ def _fresh_grads(model, layers, gen, hostile=False):
         p.grad = torch.randn(p.shape, generator=gen).to(p)
 
 
-def _expected(opt, layers, head, step):
-    """Per tensor: parameter and moments after one step, computed tensor by tensor from copies,
-    the elements of slots that do not train, and the moments before the update."""
+def _expected(opt, layers, head, step, adamw=masked_adamw_torch_):
+    """Per tensor: parameter and moments after one step, computed tensor by tensor from copies
+    by ``adamw`` (`masked_adamw_torch_`'s arguments), the elements of slots that do not train,
+    and the moments before the update."""
     group = opt.param_groups[0]
     beta1, beta2 = group["betas"]
     out = {}
@@ -119,7 +120,7 @@ def _expected(opt, layers, head, step):
             lr = (group["lr"] * schedule_multiplier(step, start, group["warmup_steps"],
                                                     group["total_step"])).float()
             new = p.detach().clone()
-            masked_adamw_torch_(new, p.grad, m, v, mask, lr, count, dim, beta1, beta2,
+            adamw(new, p.grad, m, v, mask, lr, count, dim, beta1, beta2,
                                 group["eps"], group["weight_decay"])
             out[p] = (new, m, v, off, moments)
     # the head's bias is in the group without weight decay (`no_decay_parameters`)
@@ -132,7 +133,7 @@ def _expected(opt, layers, head, step):
                                                      group["total_step"]))
         new = p.detach().clone()
         one = torch.ones(1, dtype=torch.bool)
-        masked_adamw_torch_(new.view(1, -1), p.grad.view(1, -1), m.view(1, -1), v.view(1, -1),
+        adamw(new.view(1, -1), p.grad.view(1, -1), m.view(1, -1), v.view(1, -1),
                             one, torch.full((1,), lr), count.view(1), 0, beta1, beta2,
                             group["eps"], decay[id(p)])
         out[p] = (new, m, v, torch.zeros_like(p, dtype=torch.bool), (m, v))
@@ -604,3 +605,72 @@ def test_a_launch_over_many_tensors_that_fails_its_first_use_check_is_not_used(m
         assert _assert_fused_matches_stacked(*runs) == 14
     finally:
         reset_kernel_checks()
+
+
+# The kernel and the torch path against the float64 reference (as in test_kernels_adamw.py): one
+# ulp of the parameter's dtype, and float32's 1 - beta**n, up to 3e-5 of the step.
+REF_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}
+BIAS_CORRECTION_RTOL = 3e-5
+
+
+def _float64_adamw(p, g, m, v, mask, lr, count, dim, beta1, beta2, eps, weight_decay):
+    """`masked_adamw_torch_`'s interface on `masked_adamw_float64`: the float64 step written
+    into ``p``, ``m`` and ``v`` (rounded once, to their dtypes)."""
+    from increlora_fast.kernels.reference import masked_adamw_float64
+    new = masked_adamw_float64(p, g, m, v, mask, lr, count, dim, beta1, beta2, eps,
+                               weight_decay)
+    for t, value in zip((p, m, v), new):
+        t.copy_(value)
+
+
+@pytest.mark.parametrize("path", ["multi", "per-tensor", "stacked"])
+def test_fused_launches_of_mixed_dtypes_match_the_float64_reference(monkeypatch, path):
+    """Adapters in float32 and bfloat16 in one group (two dtype combinations of one launch over
+    many tensors) and a float16 head, over steps that change slots and steps between rounds:
+    the launch over many tensors, the per-tensor launches it falls back to where it may not be
+    used (``multi_adamw_ok`` false; the first step of a plan launches per tensor too) and the
+    stacked torch path all step every tensor as the float64 reference does, masked-out slots
+    unchanged."""
+    from increlora_fast.kernels import launch_counts, reset_launch_counts
+    _fused_available()
+    monkeypatch.setattr(optimizer_module, "_fused_kernel_applies", lambda p: path != "stacked")
+    if path == "per-tensor":
+        monkeypatch.setattr(optimizer_module, "multi_adamw_ok", lambda *args: False)
+    model, config, layers = _model(torch.float32, DEVICE)
+    model[2].to(torch.bfloat16)
+    model[3].to(torch.bfloat16)
+    model[4].to(torch.float16)
+    opt = create_optimizer(model, config, **HYPER)
+    gen = torch.Generator().manual_seed(11)
+    reset_launch_counts()
+    moved = set()
+    for step in range(6):
+        (_scramble if step in (0, 3) else _fresh_grads)(
+            *((model, layers, step, gen) if step in (0, 3) else (model, layers, gen)))
+        expected = _expected(opt, layers, model[4], step, _float64_adamw)
+        before = {p: p.detach().clone() for p in expected}
+        opt.step()
+        for p, (new, m, v, off, _) in expected.items():
+            assert torch.equal(_bits(p.detach()[off]), _bits(before[p][off]))
+            # hostile values (`_scramble`) a slot kept until it trains again stay what they are
+            on = ~off & before[p].isfinite()
+            torch.testing.assert_close(p.detach()[~on], new[~on], rtol=0, atol=0,
+                                       equal_nan=True)
+            if not on.any():
+                continue
+            moved.add(p)
+            err = (p.detach().double() - new.double())[on].abs()
+            step_size = (new.double() - before[p].double())[on].abs().max()
+            assert (err <= REF_RTOL[p.dtype] * new.double()[on].abs()
+                    + BIAS_CORRECTION_RTOL * step_size).all(), step
+            for key, want in (("exp_avg", m), ("exp_avg_sq", v)):
+                got = opt.state[p][key]
+                err = (got.double() - want.double())[on].abs().max()
+                assert err <= REF_RTOL[got.dtype] * want.double()[on].abs().max(), (key, step)
+    assert len(moved) == 14  # not vacuous: every tensor took steps
+    # the adapters' plans are new at steps 0 and 3 (14 and 12 launches per tensor); the launch
+    # over many tensors: 4 a step between rounds (float32 and bfloat16 adapters, the head's
+    # weight and its bias without weight decay), the head's 2 at step 3
+    assert launch_counts() == {
+        "multi": {"_masked_adamw_kernel": 14 + 12, "_masked_adamw_multi_kernel": 4 * 4 + 2},
+        "per-tensor": {"_masked_adamw_kernel": 14 * 6}, "stacked": {}}[path]
