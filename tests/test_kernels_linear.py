@@ -324,6 +324,39 @@ def test_tf32_read_through_the_new_api():
         matmul.fp32_precision = before
 
 
+def test_a_cached_plan_follows_tf32_set_after_its_first_call(monkeypatch):
+    """The launch plan cached per operand key (`linear._plan`) holds the dots' input precision:
+    a float32 layer planned under IEEE takes TF32 once torch allows it, and IEEE again after
+    (the setting is part of the key); other dtypes have one plan whatever it is. Planned as
+    for a GPU (under the interpreter the kernels never take TF32)."""
+    pytest.importorskip("triton")
+    from increlora_fast.kernels import linear
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    monkeypatch.setattr(linear, "_INTERPRETED", False)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def precision(dtype):
+        x, a, b = (torch.randn(*shape, dtype=dtype, device=dev)
+                   for shape in ((3, 24), (4, 24), (40, 4)))
+        lam = torch.randn(4, dtype=dtype, device=dev)
+        return linear._plan(x, None, None, None, False, a, b, lam, None, None,
+                            dtype).dot["PRECISION"]
+    before = matmul.fp32_precision
+    linear.clear_plan_cache()
+    try:
+        seen = []
+        for mode in ("ieee", "tf32", "ieee"):
+            matmul.fp32_precision = mode
+            seen.append((precision(torch.float32), precision(torch.bfloat16)))
+        assert seen == [("ieee", "ieee"), ("tf32", "ieee"), ("ieee", "ieee")]
+        assert len(linear._PLANS) == 3
+    finally:
+        matmul.fp32_precision = before
+        linear.clear_plan_cache()
+
+
 def test_launch_runs_under_the_tensors_device(monkeypatch):
     """A tensor on cuda:1 while cuda:0 is current: the launch happens inside
     torch.cuda.device(cuda:1)."""
