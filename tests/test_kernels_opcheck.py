@@ -1,7 +1,7 @@
 """``torch.library.opcheck`` of the custom ops ``increlora::adapted_linear_fwd`` / ``_bwd``
 that torch.compile sees (`kernels.linear`): schema (declared mutations, no aliasing), fake
-implementations against the real outputs (shapes, dtypes, strides) and their use by
-AOTAutograd. A fake output that differs from the real one makes compiled graphs fail or
+implementations against the real outputs (shapes, dtypes, strides), autograd registration and
+their use by AOTAutograd. A fake output that differs from the real one makes compiled graphs fail or
 compute on wrong strides.
 
 On CPU the kernels run under the Triton interpreter (conftest), on CUDA compiled.
@@ -16,9 +16,10 @@ import torch
 pytestmark = pytest.mark.usefixtures("kernel_device")
 
 ALPHA, RESERVE = 2.0, 0.5
-# Runs the op on real and fake tensors and under AOTAutograd; the autograd registration test
-# does not apply: the ops run inside `AdaptedLinearFunction`, which is their autograd.
-OPCHECK_TESTS = ("test_schema", "test_faketensor", "test_aot_dispatch_dynamic")
+# Runs the op on real and fake tensors, checks its autograd registration, and runs it under
+# AOTAutograd (through its backward where an input requires grad).
+OPCHECK_TESTS = ("test_schema", "test_autograd_registration", "test_faketensor",
+                 "test_aot_dispatch_dynamic")
 
 
 def _device() -> str:
@@ -144,3 +145,40 @@ def test_gemm_backward_opcheck(monkeypatch):
                  score=True, grad=True)
     finally:
         linear.clear_plan_cache()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [False, True], ids=["x", "dropout"])
+def test_forward_op_called_on_its_own_is_differentiable(dtype, dropout):
+    """``torch.ops.increlora.adapted_linear_fwd`` called directly on tensors that require grad
+    (not through `AdaptedLinearFunction`): opcheck runs it under AOTAutograd through its
+    backward, and the gradients are those of `adapted_linear_triton`. Without an autograd
+    registration the backward raised "no autograd formula was registered"."""
+    from increlora_fast.kernels.linear import adapted_linear_triton
+    o = _operands(37, 24, 40, 16, dtype, dropout=dropout)
+    leaves = [o[k] for k in ("x", "x_adapter", "lora_A", "lora_B", "lora_lambda")
+              if o[k] is not None]
+    for t in leaves:
+        t.requires_grad_(True)
+    fwd = (o["x"], o["x_adapter"], o["weight"], o["bias"], o["weight_in_out"], o["lora_A"],
+           o["lora_B"], o["lora_lambda"], o["slot_state"], ALPHA, RESERVE, dtype, True, False)
+    torch.library.opcheck(torch.ops.increlora.adapted_linear_fwd, fwd, test_utils=OPCHECK_TESTS)
+    dy = torch.randn(37, 40, dtype=dtype, device=o["x"].device)
+    y, _ = torch.ops.increlora.adapted_linear_fwd(*fwd)
+    got = torch.autograd.grad(y, leaves, dy)
+    y = adapted_linear_triton(o["x"], o["weight"], o["bias"], o["lora_A"], o["lora_B"],
+                              o["lora_lambda"], o["slot_state"], ALPHA, RESERVE,
+                              x_adapter=o["x_adapter"])
+    for g, want in zip(got, torch.autograd.grad(y, leaves, dy)):
+        torch.testing.assert_close(g, want, rtol=0, atol=0)
+
+
+def test_forward_op_refuses_a_lambda_gradient_it_did_not_prepare():
+    """With ``need_all=False`` the forward keeps H only for slots of nonzero effective lambda,
+    which leaves the lambda gradient of the others wrong: refused when lambda requires grad."""
+    o = _operands(5, 24, 40, 4, torch.float32)
+    o["lora_lambda"].requires_grad_(True)
+    with pytest.raises(ValueError, match="need_all=False.*lora_lambda requires grad"):
+        torch.ops.increlora.adapted_linear_fwd(
+            o["x"], None, o["weight"], o["bias"], False, o["lora_A"], o["lora_B"],
+            o["lora_lambda"], o["slot_state"], ALPHA, RESERVE, torch.float32, False, False)

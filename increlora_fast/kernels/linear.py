@@ -21,7 +21,8 @@ dtype once per weight version (`_cast_cached`), not twice per step. The slot mas
 value and the ``alpha / active_rank`` scale are applied inside the kernels from ``slot_state``,
 so a forward+backward issues the same launches however many slots are in use. Under
 ``torch.compile`` the same code runs inside the custom ops ``increlora::adapted_linear_fwd`` /
-``_bwd`` so dynamo sees opaque ops with fake implementations.
+``_bwd`` so dynamo sees opaque ops with fake implementations; called directly on tensors that
+require grad, ``_fwd`` is differentiable on its own (its registered autograd runs ``_bwd``).
 """
 from __future__ import annotations
 
@@ -377,6 +378,35 @@ def _(x, x_adapter, weight, bias, weight_in_out, lora_A, lora_B, lora_lambda, sl
             x.new_empty((M, lora_A.shape[0]), dtype=acc_dtype(out_dtype)))
 
 
+def _fwd_setup_context(ctx, inputs: tuple, output: tuple) -> None:
+    """What `_fwd_backward` needs of a direct call of ``_fwd_op`` on tensors that require grad
+    (`AdaptedLinearFunction` calls it with grad mode off: no autograd node)."""
+    (x, x_adapter, weight, _, weight_in_out, lora_A, lora_B, lora_lambda, slot_state, alpha,
+     reserve, _, need_all, _) = inputs
+    if ctx.needs_input_grad[7] and not need_all:
+        raise ValueError("increlora::adapted_linear_fwd: need_all=False while lora_lambda "
+                         "requires grad; pass need_all=True (H of every slot, for dlambda)")
+    ctx.save_for_backward(x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state,
+                          output[1])
+    ctx.meta = (weight_in_out, alpha, reserve)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _fwd_backward(ctx, dy: torch.Tensor, _: Optional[torch.Tensor]) -> tuple:
+    """Gradients of x, x_adapter and the slot buffers (the base weight and bias are frozen):
+    ``_bwd_op`` without score or dense-gradient accumulators."""
+    x, x_adapter, weight, lora_A, lora_B, lora_lambda, slot_state, h = ctx.saved_tensors
+    weight_in_out, alpha, reserve = ctx.meta
+    wanted = ctx.needs_input_grad
+    # y reads x through the base weight or as the adapter's input: no dx without either
+    need = (wanted[0] and (weight is not None or x_adapter is None), wanted[1], wanted[5],
+            wanted[6], wanted[7])
+    dx, dxa, da, db, dlam = (g if n else None for g, n in zip(
+        _bwd_op(dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda,
+                slot_state, alpha, reserve, h, None, None, *need), need))
+    return dx, dxa, None, None, None, da, db, dlam, None, None, None, None, None, None
+
+
 @torch.library.custom_op("increlora::adapted_linear_bwd", mutates_args=("score_out", "grad_out"))
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, x_adapter: Optional[torch.Tensor],
             weight: Optional[torch.Tensor], weight_in_out: bool, lora_A: torch.Tensor,
@@ -403,6 +433,9 @@ def _(dy, x, x_adapter, weight, weight_in_out, lora_A, lora_B, lora_lambda, slot
     return (like(x, has_dx), like(x_adapter, need_xa and x_adapter is not None),
             like(lora_A, need_a),
             like(lora_B, need_b), like(lora_lambda, need_lam))
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
 
 
 class AdaptedLinearFunction(torch.autograd.Function):
