@@ -66,6 +66,7 @@ TRAINING_KEYS = SLOT_KEYS + ("slot_alloc_step", "slot_active_step")
 BASE_KEY = "base"  # weights-file metadata: {"name_or_path": ..., "fingerprint": ...} as JSON
 POOLING_KEY = "pooling"  # weights-file metadata and adapter_config.json
 PAD_KEY = "pad_token_id"  # weights-file metadata (as JSON) and adapter_config.json
+SAVED_BY_KEY = "saved_by"  # adapter_config.json: what wrote the adapter, when not save_adapter
 # Files that make a folder an adapter folder (ours, or peft's in either of its formats).
 ADAPTER_FILES = (WEIGHTS_NAME, CONFIG_NAME, "adapter_model.bin")
 SAMPLE_COLUMNS = 8
@@ -527,7 +528,7 @@ def _layer_tensors(layer: IncreLoRALinear, training_state: bool) -> Dict[str, to
 
 
 def save_adapter(model: nn.Module, save_directory: PathLike, training_state: bool = False,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, saved_by: Optional[str] = None) -> None:
     """Write the adapter of ``model`` into ``save_directory`` (created if missing).
 
     The adapter records its base: `base_model_name` and `base_fingerprint`, which
@@ -549,6 +550,9 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
             the default stores what inference needs.
         overwrite: replace an adapter already in ``save_directory`` (as a whole, see
             `write_adapter_files`); without it such a folder is refused.
+        saved_by: what writes the adapter, recorded in ``adapter_config.json`` (the Trainer
+            integration's saves record theirs, so that they replace only adapters they wrote:
+            `integrations.trainer.save_trainer_adapter`); None records nothing.
 
     Raises:
         FileExistsError: ``save_directory`` already holds an adapter and ``overwrite`` is False.
@@ -583,6 +587,8 @@ def save_adapter(model: nn.Module, save_directory: PathLike, training_state: boo
     header[POOLING_KEY] = summary[POOLING_KEY] = model_pooling(model)
     summary[PAD_KEY] = model_pad_token_id(model)
     header[PAD_KEY] = json.dumps(summary[PAD_KEY])
+    if saved_by is not None:
+        summary[SAVED_BY_KEY] = saved_by
     write_adapter_files(save_directory, {
         WEIGHTS_NAME: safetensors_bytes(tensors, metadata=header),
         CONFIG_NAME: json.dumps(summary, indent=2, sort_keys=True).encode()}, overwrite)

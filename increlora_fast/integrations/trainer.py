@@ -10,6 +10,10 @@
   ``optimizers=increlora_optimizers(...)``; the orthogonal penalty's gradient is then added after
   clipping (the callback has no access to the loss). The callback warns about both.
 
+Both write the adapter `load_adapter` reads beside the whole model the Trainer saves: into
+every checkpoint, and (`IncreLoRATrainer` only: a callback sees no ``save_model`` call) into
+the folder of ``trainer.save_model(folder)``; see `save_trainer_adapter`.
+
 Both log through the Trainer's own ``log`` (so whatever ``report_to`` names receives it): the
 total rank at every log, and at the first log after each allocation round (forced at that step)
 every module's rank and importance score; see `IncreLoRACallback.install`.
@@ -35,6 +39,7 @@ from ..layer import IncreLoRALinear
 from ..model import frozen_adapters_message, get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer, schedule_multiplier
 from ..files import atomic_write_bytes
+from ..persistence import ADAPTER_FILES, CONFIG_NAME, SAVED_BY_KEY, save_adapter
 from ..precompile import precompile_kernels
 
 CONTROLLER_FILE = "increlora_controller.pt"
@@ -85,6 +90,37 @@ def load_controller(controller: IncreLoRAController, directory: str) -> None:
     """Restore the controller state from ``directory``; a missing or damaged file is an error
     and leaves the controller unchanged."""
     controller.load_state_dict(read_controller_state(directory))
+
+
+# `save_adapter`'s ``saved_by`` in the adapters written beside a whole model the Trainer saves
+SAVED_BY_TRAINER = "transformers.Trainer"
+
+
+def check_adapter_replaceable(directory: str) -> None:
+    """FileExistsError, one line, when ``directory`` holds an adapter that no Trainer save of
+    this integration wrote (the user's `save_adapter`, a peft adapter): a Trainer's save never
+    replaces it. One that such a save wrote (a second ``save_model`` into the folder, a rerun's
+    checkpoint of the same step) is replaced, as the whole model beside it is."""
+    folder = Path(directory)
+    present = [name for name in ADAPTER_FILES if (folder / name).exists()]
+    if not present:
+        return
+    try:
+        summary = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict) or summary.get(SAVED_BY_KEY) != SAVED_BY_TRAINER:
+        raise FileExistsError(f"{folder} holds an adapter the Trainer did not write "
+                              f"({', '.join(present)}: save_adapter's or peft's), which saving "
+                              "the model there would replace; save into another folder")
+
+
+def save_trainer_adapter(model: torch.nn.Module, directory: str) -> None:
+    """The adapter of ``model`` (`save_adapter`, what inference needs) into ``directory``, where
+    the Trainer saves the whole model, so that `load_adapter` reads the folder; an adapter there
+    is replaced only when a Trainer save wrote it (`check_adapter_replaceable`)."""
+    check_adapter_replaceable(directory)
+    save_adapter(model, directory, overwrite=True, saved_by=SAVED_BY_TRAINER)
 
 
 def check_model_checkpoint(model: torch.nn.Module, directory: str) -> None:
@@ -268,6 +304,11 @@ class IncreLoRACallback(TrainerCallback):
     Under fp16 with a torch GradScaler, each step's gradients are unscaled before the penalty
     and the scores (unless clipping did it already; the scaler's step then does not do it
     again), and a step the scaler skips for an overflow is skipped by the controller too.
+
+    Under a plain Trainer each checkpoint also gets the adapter `load_adapter` reads
+    (`on_save`); ``trainer.save_model(folder)`` calls no callback, so after training use
+    ``save_adapter(trainer.model, folder)`` (or `IncreLoRATrainer`, whose ``save_model`` writes
+    it).
     """
 
     def __init__(self, controller: IncreLoRAController, apply_regularization: bool = True,
@@ -505,14 +546,26 @@ class IncreLoRACallback(TrainerCallback):
             # One clock for slot stamps and schedules, also across skipped fp16 steps.
             inner.global_step = state.global_step
 
-    def on_save(self, args, state, control, **kwargs):
+    def on_save(self, args, state, control, model=None, **kwargs):
         """The controller into the checkpoint the Trainer just saved, by the processes that
         save it (``args.should_save``: the main process, or each node's with
         ``save_on_each_node``); the others would make a stray checkpoint folder on a node
-        without a shared file system. Its state is the same on every process."""
+        without a shared file system. Its state is the same on every process.
+
+        Under a plain Trainer also the adapter `load_adapter` reads (`save_trainer_adapter`),
+        except under FSDP or DeepSpeed, where the model holds only this process's shards.
+        A callback sees no ``trainer.save_model(folder)`` call: after training, use
+        ``save_adapter(model, folder)`` for an adapter (`IncreLoRATrainer` writes one there)."""
         if not getattr(args, "should_save", True):
             return
-        save_controller(self.controller, self.checkpoint_folder(args, state))
+        folder = self.checkpoint_folder(args, state)
+        save_controller(self.controller, folder)
+        trainer = self._trainer() if self._trainer is not None else None
+        sharded = (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)
+                   or getattr(trainer, "is_fsdp_enabled", False)  # (FSDP from accelerate's
+                   or getattr(trainer, "is_deepspeed_enabled", False))  # config, not args)
+        if model is not None and not isinstance(trainer, IncreLoRATrainer) and not sharded:
+            save_trainer_adapter(model, folder)
 
     def on_push_begin(self, args, state, control, **kwargs):
         """With ``push_to_hub``, the Trainer pushes each checkpoint it saves before it calls
@@ -766,6 +819,21 @@ class IncreLoRATrainer(Trainer):
         return bool((getattr(self, "model_accepts_loss_kwargs", False)
                      and num_items_in_batch is not None)
                     or getattr(self, "compute_loss_func", None) is not None)
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """`Trainer._save` (what ``save_model()`` and every checkpoint write: the whole model,
+        which ``resume_from_checkpoint`` reads) and beside it the adapter `load_adapter` reads
+        (`save_trainer_adapter`), by the processes that save. A folder holding an adapter no
+        Trainer save wrote is refused before anything is written. Not under FSDP, DeepSpeed or
+        SageMaker model parallelism, whose ``save_model`` hands a gathered ``state_dict``: the
+        model's own tensors are this process's shards (`save_adapter` the gathered model)."""
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        adapter = state_dict is None and self.args.should_save
+        if adapter:
+            check_adapter_replaceable(output_dir)
+        super()._save(output_dir, state_dict=state_dict)
+        if adapter:
+            save_trainer_adapter(self.model, output_dir)
 
     def _load_best_model(self) -> None:
         load_best_model_with_controller(self, self.increlora_controller, super()._load_best_model)
