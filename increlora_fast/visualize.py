@@ -235,7 +235,8 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     Args:
         initial: {module: rank at step 0} (``init_r`` everywhere for IncreLoRA).
         allocation_log: the controller's ``allocation_log``.
-        last_step: where the lines end (default: the last allocation step).
+        last_step: where the lines end (default: the last allocation step; without either,
+            the figure marks the ranks at step 0 and says so in its title).
         overwrite: replace a file already at ``path``.
 
     Raises:
@@ -265,13 +266,19 @@ def save_rank_over_time(initial: Dict[str, int], allocation_log: Iterable[dict],
     change_steps = sorted({s for points in history.values() for s, _ in points} | {end})
     mean = [sum(_rank_at(points, s) for points in history.values()) / len(history)
             for s in change_steps]
-    ax.step(change_steps, mean, where="post", color="k", linewidth=2, label="mean over modules")
+    # no step past 0 (no allocation round, no last_step): each line is a point, so mark them
+    marker = {"marker": "o", "clip_on": False} if end == 0 else {}
+    ax.step(change_steps, mean, where="post", color="k", linewidth=2, label="mean over modules",
+            **marker)
     for kind, c in colour.items():
         ax.plot([], [], color=c, label=kind)
     if len(kinds) > len(named):
         ax.plot([], [], label=f"{len(kinds) - len(named)} other module types", **_OTHER_TYPES)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("active rank")
+    if end == 0:
+        ax.set_xlim(0, 1)
+        title += "\nno allocation round and no last_step: the ranks at step 0 only"
     ax.set_title(title)
     ax.legend(fontsize=7, ncol=2, loc="upper left")
     return _save(fig, path)

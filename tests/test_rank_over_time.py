@@ -194,3 +194,20 @@ def test_the_legend_names_at_most_twenty_module_types_and_stays_in_the_picture(t
     box, figure = legend.get_window_extent(canvas.get_renderer()), drawn[0].bbox
     assert figure.x0 <= box.x0 and box.x1 <= figure.x1 and figure.y0 <= box.y0 and \
         box.y1 <= figure.y1, (box, figure)
+
+
+def test_a_log_without_rounds_or_last_step_says_so_and_shows_the_ranks(tmp_path, monkeypatch):
+    """An empty allocation log without ``last_step`` drew every line from step 0 to step 0:
+    a blank plot over steps -0.04 to 0.04 (found by an audit). The figure says there is
+    nothing over time to draw and marks the ranks at step 0."""
+    from increlora_fast import visualize
+    drawn, save = [], visualize._save
+    monkeypatch.setattr(visualize, "_save", lambda fig, path: drawn.append(fig) or save(fig, path))
+    save_rank_over_time(INITIAL, [], tmp_path / "t.png")
+    ax = drawn[0].axes[0]
+    assert "no allocation round" in ax.get_title() and "last_step" in ax.get_title()
+    assert ax.get_xlim()[0] >= 0
+    mean = [line for line in ax.lines if line.get_label() == "mean over modules"]
+    assert mean[0].get_marker() not in ("None", "", None)
+    save_rank_over_time(INITIAL, LOG, tmp_path / "grown.png")  # a log of rounds: as before
+    assert "no allocation round" not in drawn[1].axes[0].get_title()
