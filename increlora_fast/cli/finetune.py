@@ -64,8 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="second text of sentence-pair tasks")
     data.add_argument("--label-column", default=d.label_column,
                       help="labels: integers, or strings mapped to ids in sorted order")
-    data.add_argument("--max-train-samples", type=int, help="use only the first N training rows")
-    data.add_argument("--max-eval-samples", type=int, help="use only the first N dev rows")
+    data.add_argument("--max-train-samples", type=int,
+                      help="use only the first N training rows, in the file's order (not a "
+                      "sample: Rotten Tomatoes' rows are sorted by movie)")
+    data.add_argument("--max-eval-samples", type=int,
+                      help="use only the first N dev rows, in the file's order (not a sample)")
     data.add_argument("--max-seq-len", type=_seq_len, default=d.max_seq_len,
                       help=f"tokens per input (default %(default)s); auto: the "
                            f"{AUTO_SEQ_PERCENTILE}th percentile of the training texts' token "
