@@ -397,7 +397,9 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
                                     slot_state, lora_alpha, reserve_value,
                                     weight_in_out=weight_in_out, base_forward=base_forward,
                                     x_adapter=x_adapter, score_out=score_out, grad_out=grad_out)
-    apply_adapted_linear = _triton_op()
+    # (the op is not read from its module global while dynamo traces: see `_triton_op`)
+    apply_adapted_linear = _triton_op() if torch.compiler.is_dynamo_compiling() else \
+        _TRITON_OP or _triton_op()
     alpha, reserve = float(lora_alpha), float(reserve_value)
     flat = x.dim() != 2  # the op takes (M, in): other shapes go through a reshape
     if flat:
@@ -426,13 +428,14 @@ _TRITON_OP: Optional[Callable] = None
 def _triton_op() -> Callable:
     """`kernels.linear.apply_adapted_linear` (`adapted_linear_triton` with its arguments
     resolved here), imported on the first Triton call only (the package works without
-    triton). Kept in a module global, not an ``lru_cache``: dynamo traces through that cache
-    and warns that it ignores it."""
+    triton). Kept in a module global, which `adapted_linear` reads outside dynamo's trace
+    only: a traced read guards on it, and a graph traced before the first import recompiled
+    once the global was set. Not an ``lru_cache``: dynamo traces through that cache and warns
+    that it ignores it."""
     global _TRITON_OP
-    if _TRITON_OP is None:
-        from .kernels.linear import apply_adapted_linear
-        _TRITON_OP = apply_adapted_linear
-    return _TRITON_OP
+    from .kernels.linear import apply_adapted_linear
+    _TRITON_OP = apply_adapted_linear
+    return apply_adapted_linear
 
 
 def kernel_check_results() -> Dict[tuple, bool]:

@@ -97,3 +97,28 @@ def test_slot_growth_does_not_recompile(monkeypatch):
     assert model[0].active_rank == 5
     assert counters["stats"]["unique_graphs"] == 1
     torch._dynamo.reset()
+
+
+def test_the_first_triton_call_traced_does_not_recompile(monkeypatch):
+    """The Triton op's lazy import (`functional._triton_op`) is not read from its module
+    global while dynamo traces: a model whose first Triton call was compiled found the global
+    None, then set, and recompiled once."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    monkeypatch.setattr(functional, "_TRITON_OP", None)
+    model = make_model()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                compiled(x).square().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 1
+        assert functional._TRITON_OP is not None
+    finally:
+        torch._dynamo.reset()
