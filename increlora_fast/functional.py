@@ -296,23 +296,25 @@ def choose_path(x: torch.Tensor, weight: Optional[torch.Tensor], lora_A: torch.T
     """
     bias_dtype = (x.dtype if weight is None else weight.dtype) if has_bias else None
     return _path_and_dtype(x, weight, bias_dtype, lora_A, weight_in_out, dropout,
-                           exact_step)[0]
+                           exact_step, torch.compiler.is_dynamo_compiling())[0]
 
 
 def _path_and_dtype(x: torch.Tensor, weight: Optional[torch.Tensor],
                     bias_dtype: Optional[torch.dtype], lora_A: torch.Tensor,
-                    weight_in_out: bool, dropout: bool,
-                    exact_step: bool) -> Tuple[str, torch.dtype]:
+                    weight_in_out: bool, dropout: bool, exact_step: bool,
+                    tracing: bool) -> Tuple[str, torch.dtype]:
     """(`choose_path`, the compute dtype: the autocast dtype under autocast, else x's, as
     `kernels.utils.compute_dtype`), from one read of the autocast state; a new key is first
-    checked by `refuse_mixed_base_dtypes` (raising, it is not remembered)."""
+    checked by `refuse_mixed_base_dtypes` (raising, it is not remembered). ``tracing``
+    (dynamo's): decided without the cache, whose read dynamo would guard on (an eager call
+    remembering the key later recompiled every graph traced before it)."""
     device = x.device
     autocast = torch.is_autocast_enabled(device.type) and x.dtype != torch.float64 and \
         torch.get_autocast_dtype(device.type)
     key = (device, x.dtype, autocast, lora_A.dtype, lora_A.shape[0],
            None if weight is None else weight.dtype, weight_in_out, bias_dtype, dropout,
            exact_step)
-    path = _PATHS.get(key)
+    path = None if tracing else _PATHS.get(key)
     if path is None:
         if weight is not None:
             refuse_mixed_base_dtypes(x.dtype, weight.dtype, bias_dtype, device.type)
@@ -383,6 +385,7 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     """
     x_adapter = dropout(x) if dropout is not None else None
     weight = None if base_forward is not None else base_weight
+    tracing = torch.compiler.is_dynamo_compiling()
     if _functorch_active() and not torch.compiler.is_compiling():
         # torch.func transforms (grad, vmap) run only the torch path's autograd; nor may the
         # Triton path's first-use check run there
@@ -391,15 +394,14 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
         path, out_dtype = _path_and_dtype(x, weight,
                                           None if base_bias is None else base_bias.dtype,
                                           lora_A, weight_in_out, x_adapter is not None,
-                                          grad_out is not None)
+                                          grad_out is not None, tracing)
     if path == "torch":
         return adapted_linear_torch(x, base_weight, base_bias, lora_A, lora_B, lora_lambda,
                                     slot_state, lora_alpha, reserve_value,
                                     weight_in_out=weight_in_out, base_forward=base_forward,
                                     x_adapter=x_adapter, score_out=score_out, grad_out=grad_out)
     # (the op is not read from its module global while dynamo traces: see `_triton_op`)
-    apply_adapted_linear = _triton_op() if torch.compiler.is_dynamo_compiling() else \
-        _TRITON_OP or _triton_op()
+    apply_adapted_linear = _triton_op() if tracing else _TRITON_OP or _triton_op()
     alpha, reserve = float(lora_alpha), float(reserve_value)
     flat = x.dim() != 2  # the op takes (M, in): other shapes go through a reshape
     if flat:

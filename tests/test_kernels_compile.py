@@ -99,6 +99,35 @@ def test_slot_growth_does_not_recompile(monkeypatch):
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_an_eager_call_between_compiled_steps_does_not_recompile(path, monkeypatch):
+    """The path cache (`functional._PATHS`) is not read while dynamo traces: an eager call of
+    the model between compiled steps (an evaluation on the plain model) fills it, and every
+    graph guarded on the key's absence recompiled, once per score state. (On the Triton path
+    the variant's first-use check, run by the first eager call, still recompiles: here it ran
+    before, and only the path cache is emptied.)"""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", path)
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    model = make_model()
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    model(x)
+    functional._PATHS.clear()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                compiled(x).square().sum().backward()
+                model(x).square().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+
+
 def test_the_first_triton_call_traced_does_not_recompile(monkeypatch):
     """The Triton op's lazy import (`functional._triton_op`) is not read from its module
     global while dynamo traces: a model whose first Triton call was compiled found the global
