@@ -386,9 +386,10 @@ def adapted_linear(x: torch.Tensor, base_weight: Optional[torch.Tensor],
     x_adapter = dropout(x) if dropout is not None else None
     weight = None if base_forward is not None else base_weight
     tracing = torch.compiler.is_dynamo_compiling()
-    if _functorch_active() and not torch.compiler.is_compiling():
-        # torch.func transforms (grad, vmap) run only the torch path's autograd; nor may the
-        # Triton path's first-use check run there
+    if _functorch_active():
+        # torch.func transforms (grad, vmap) run only the torch path's autograd, compiled too
+        # (dynamo answers this test as it traces); nor may the Triton path's first-use check
+        # run there
         path = "torch"
     else:
         path, out_dtype = _path_and_dtype(x, weight,

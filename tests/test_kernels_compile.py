@@ -151,3 +151,33 @@ def test_the_first_triton_call_traced_does_not_recompile(monkeypatch):
         assert functional._TRITON_OP is not None
     finally:
         torch._dynamo.reset()
+
+
+def test_compiled_torch_func_grad_takes_the_torch_path(monkeypatch):
+    """``torch.compile(torch.func.grad(loss))`` over Triton-path layers (the CUDA default)
+    gives autograd's gradients: under the transform the layer takes the torch path when
+    compiled too. The Triton op, traced with functorch's gradient-tracking tensors, failed
+    ("RuntimeError when making fake tensor call")."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    model = make_model()
+    for i in (0, 2):
+        model[i].score_enabled = False  # (torch.func cannot run the score's side effect)
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+    def loss(p):
+        return torch.func.functional_call(model, p, (x,)).square().sum()
+    model(x).square().sum().backward()
+    torch._dynamo.reset()
+    counters.clear()
+    reset_launch_counts()
+    try:
+        grads = torch.compile(torch.func.grad(loss), backend=BACKEND, fullgraph=True)(params)
+    finally:
+        torch._dynamo.reset()
+    assert launch_counts() == {}
+    for name, p in params.items():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
