@@ -664,7 +664,7 @@ class IncreLoRAController:
                 would take as constants: the penalty would add no gradient.
         """
         # (any layer's: those of adapters frozen on purpose are no functional_call's to pass)
-        if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling() \
+        if torch._C._are_functorch_transforms_active() \
                 and not any(torch._C._functorch.is_functorch_wrapped_tensor(t)
                             for layer in self.layers for t in (layer.lora_A, layer.lora_B)):
             raise RuntimeError(

@@ -157,6 +157,32 @@ def test_penalty_under_torch_func_on_the_models_own_parameters_is_refused():
         torch.testing.assert_close(inside[f"model.{name}"], grad, msg=name)
 
 
+def test_penalty_under_a_compiled_torch_func_is_refused_and_its_supported_way_compiles():
+    """Compiled, ``torch.func.grad`` over the layers' own parameters' penalty failed inside
+    the compiler ("Cannot access storage of TensorWrapper", a BackendCompilerFailed) instead of
+    refusing in one line; the supported way (inside a ``functional_call``) compiles and gives
+    autograd's gradient."""
+    model = small_model(score="triplet")
+    controller = IncreLoRAController(model, model.increlora_config)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(RuntimeError) as error:
+            torch.compile(torch.func.grad(lambda p: controller.regularization_loss()),
+                          backend="aot_eager")(params)
+        wrapper = WithPenalty(model, controller)
+        inside = torch.compile(torch.func.grad(
+            lambda p: torch.func.functional_call(wrapper, p, ())), backend="aot_eager")(
+            {f"model.{n}": p for n, p in params.items()})
+    finally:
+        torch._dynamo.reset()
+    assert "regularization_loss" in str(error.value) and "\n" not in str(error.value)
+    controller.regularization_loss().backward()
+    for name, p in params.items():
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(inside[f"model.{name}"], grad, msg=name)
+
+
 def test_a_listed_name_means_the_parametrized_layer_not_its_parametrization():
     """In an nn.Sequential, ``target_modules=["0"]`` also matched the weight_norm
     parametrization's own module ``0.parametrizations.weight.0`` (a suffix "0"), and the whole
