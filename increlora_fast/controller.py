@@ -514,7 +514,8 @@ class IncreLoRAController:
         if any(layer.lora_lambda.grad is not None for layer in self.layers):
             return True
         if self.config.score == "delta_w":
-            return any(bool(layer.score_sum != 0) or layer.score_grad is not None
+            return any(bool(layer.score_sum != 0) or (layer.score_grad is not None
+                                                       and bool(layer.score_grad.any()))
                        for layer in self.layers)
         return False
 

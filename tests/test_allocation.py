@@ -241,12 +241,13 @@ def test_without_advance_learning_reserve_is_frozen_and_silent():
     assert torch.equal(layer.lora_A[1], before[0]) and torch.equal(layer.lora_B[:, 1], before[1])
 
 
-@pytest.mark.parametrize("score", ["delta_w", "triplet"])
+@pytest.mark.parametrize("score", ["delta_w", "triplet", "exact_step"])
 def test_step_without_gradients_warns_and_keeps_the_round(score):
+    """(exact_step: ``score_grad`` allocated when tracking turns on is no sign of a backward)"""
     torch.manual_seed(0)
-    model, opt, ctl = make_run(ParallelBranches(2), branch_config(target_rank=2, top_h=1,
-                                                                 init_warmup=2, incre_interval=2,
-                                                                 score=score))
+    exact = {"score": "delta_w", "exact_step_score": True} if score == "exact_step" else {}
+    model, opt, ctl = make_run(ParallelBranches(2), branch_config(
+        target_rank=2, top_h=1, init_warmup=2, incre_interval=2, **{"score": score, **exact}))
     train_steps(model, opt, ctl, range(4))
     assert ctl.current_total_rank() == 2          # the round at step 4 has not come yet
     with pytest.warns(RuntimeWarning, match="no gradients"):
