@@ -642,13 +642,18 @@ class IncreLoRAController:
 
     def _set_tracking(self, on: bool) -> None:
         """Switch the layers' score tracking (`passes_track`); buffers are released (the dense
-        G of exact-step mode freed) whenever tracking turns on or off."""
+        G of exact-step mode freed) whenever tracking turns on or off, and exact-step mode's
+        G is allocated here when it turns on: allocated in a forward that torch.compile
+        traces, it failed in AOT autograd."""
         on = self.passes_track(on)
         for layer in self.layers:
             if layer.score_enabled != on or layer.exact_step_score != self.exact_step_score:
                 layer.release_score_buffers()
             layer.score_enabled = on
             layer.exact_step_score = self.exact_step_score
+            if on and self.exact_step_score and layer.score_grad is None:
+                layer.score_grad = torch.zeros(layer.out_features, layer.in_features,
+                                               dtype=torch.float32, device=layer.lora_A.device)
         self._tracking = on
 
     # ------------------------------------------------------------------ regularisation

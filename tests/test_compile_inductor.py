@@ -24,14 +24,14 @@ def _batch(data: TinyTask, step: int) -> dict:
     return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0]}
 
 
-def _train(compiled: bool):
-    model, config = tiny_increlora_bert(warmup_steps=2)
+def _train(compiled: bool, backend: str = "inductor", **config):
+    model, config = tiny_increlora_bert(warmup_steps=2, **config)
     # set now: BERT sets it on its first loss, a guard dynamo would recompile on
     model.config.problem_type = "single_label_classification"
     model.train()
     optimizer = create_optimizer(model, config, lr=1e-2, weight_decay=0.1)
     controller = IncreLoRAController(model, config)
-    forward = torch.compile(model, fullgraph=True) if compiled else model
+    forward = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
     data, losses = TinyTask(), []
     for step in range(STEPS):
         loss = forward(**_batch(data, step)).loss + controller.regularization_loss()
@@ -69,3 +69,29 @@ def test_inductor_trains_the_torch_path_as_eager(monkeypatch):
             torch.testing.assert_close(state[key], value, rtol=TOL, atol=TOL, msg=key)
         else:
             assert torch.equal(state[key], value), key
+
+
+def test_exact_step_score_compiles_across_score_windows():
+    """With ``exact_step_score`` the dense gradient accumulator (``score_grad``) is allocated
+    by the controller when tracking turns on, not in the traced forward: a compiled model
+    failed in AOT autograd ("Node ... was invalid, but is output"). Score windows switch
+    tracking on and off (two graphs, dynamo keeps both) and the run is eager's (``aot_eager``:
+    the failure was before any backend)."""
+    from torch._dynamo.utils import counters
+
+    settings = dict(exact_step_score=True, incre_interval=4, score_window=2)
+    torch._dynamo.reset()
+    eager = _train(compiled=False, **settings)
+    counters.clear()
+    try:
+        compiled = _train(compiled=True, backend="aot_eager", **settings)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 2
+    (losses, state, ipt, log), (e_losses, e_state, e_ipt, e_log) = compiled, eager
+    assert len(log) == 1 and log == e_log
+    torch.testing.assert_close(losses, e_losses, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(ipt, e_ipt, rtol=1e-4, atol=0)
+    for key, value in e_state.items():
+        torch.testing.assert_close(state[key], value, rtol=TOL, atol=TOL, msg=key)
