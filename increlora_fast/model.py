@@ -57,13 +57,16 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     a listed name that matches only such modules is refused."""
     # (not the parametrizations' own modules under a parametrized layer: ``0.parametrizations.
     # weight.0`` is no layer a ``target_modules`` entry "0" means)
-    names = [n for n, _ in model.named_modules() if n and not _in_parametrizations(n, model)]
+    # every name of a module registered under several names (a linear shared by two parents)
+    names = [n for n, _ in model.named_modules(remove_duplicate=False)
+             if n and not _in_parametrizations(n, model)]
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
         return _without_excluded(_all_linear_targets(model, config), config.exclude_modules,
                                  names)
-    targets = _without_excluded(_selected_targets(model, spec, names), config.exclude_modules,
-                                names)
+    selected = _selected_targets(model, spec, names)
+    targets = _one_name_each(model, _without_excluded(selected, config.exclude_modules, names),
+                             selected)
     # as in peft: a linear inside a module to save trains in full and gets no adapter
     kept = [n for n in targets if saved_root(n, config.modules_to_save) is None]
     for key in spec if isinstance(spec, list) else []:
@@ -80,6 +83,16 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     for n in kept:
         _refuse_weight_readers(model, n, holders)
     return kept
+
+
+def _one_name_each(model: nn.Module, kept: List[str], selected: List[str]) -> List[str]:
+    """The modules of ``kept`` (of the names ``selected``, less the excluded) under their first
+    names, in module order, less those excluded under another name: a module registered under
+    several names is adapted once, and left out when any of its names is excluded."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    left_out = set(selected) - set(kept)
+    chosen = {id(modules[n]) for n in kept} - {id(modules[n]) for n in left_out}
+    return [n for n, m in model.named_modules() if n and id(m) in chosen]
 
 
 def _in_parametrizations(name: str, model: nn.Module) -> bool:
@@ -122,7 +135,7 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
                 if not any(suffix_match(n, s) for n in names):
                     raise ValueError(f"target module {s!r} matches no module name; "
                                      f"similar names: {_similar_names(s, names)}")
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     targets = []
     for n in matched:
         module = modules[n]
