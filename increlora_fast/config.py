@@ -120,7 +120,9 @@ class IncreLoRAConfig:
             the modules in an order drawn from ``seed`` and the step, with no score computed).
         exact_step_score: for ``score="delta_w"``, compute the score from the gradient of the
             whole optimizer step (all accumulated micro-batches, averaged over data-parallel
-            ranks) instead of summing per-pass scores. Opt-in, and costly: on every tracked step
+            ranks, every call of a layer called several times per forward: a shared block,
+            ALBERT's layers) instead of summing per-pass and per-call scores, which is at
+            least the step's and can rank shared layers otherwise. Opt-in, and costly: on every tracked step
             each target module holds a dense (out, in) float32 buffer (a float32 copy of every
             target weight) and, under torch.distributed, all-reduces it. ``None`` means False,
             with or without torch.distributed (there the per-module scores are averaged over
