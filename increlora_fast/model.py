@@ -586,7 +586,9 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     """Replace the targeted linears of ``model`` in place with `IncreLoRALinear`.
 
     Every other parameter is frozen except those of ``config.modules_to_save``. The config is
-    attached to the model as ``model.increlora_config``. Returns the model.
+    attached to the model as ``model.increlora_config``. Returns the model. bitsandbytes 4-bit
+    layers no longer repack their weights for CPU inference (`_keep_4bit_weights_trainable`):
+    gradients through a repacked weight are wrong.
 
     Everything is checked before the model is changed, and a failure while wrapping undoes
     what was done: a call that raises leaves the model exactly as it was.
@@ -695,9 +697,27 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         for p, flag in requires_grad.items():
             p.requires_grad_(flag)
         raise
+    _keep_4bit_weights_trainable(model)
     setattr(model, CONFIG_ATTR, config)
     _warn_narrow(wrapped, config.r_max)
     return wrapper
+
+
+def _keep_4bit_weights_trainable(model: nn.Module) -> None:
+    """Turn off bitsandbytes' CPU repacking of the model's 4-bit linears and unpack a weight
+    it already repacked. bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-bf16 kernels
+    at a CPU forward in inference (eval mode, input without grad: a Trainer's evaluate,
+    generate) and computes a repacked weight with a kernel that has no autograd: gradients
+    through it, to every adapter before it, would be silently wrong."""
+    for module in model.modules():
+        if not (is_quantized_base(module) and hasattr(module, "support_avx512bf16_for_cpu")):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        weight = module.weight
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                weight.data, weight.quant_state)
 
 
 def _warn_narrow(layers: Dict[str, IncreLoRALinear], r_max: int) -> None:

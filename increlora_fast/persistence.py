@@ -149,7 +149,8 @@ def _quantized_sample(base: nn.Module, rows: torch.Tensor, cols: torch.Tensor
     nested = getattr(state, "original_nested", state.nested)
     kind = f"quantized-{state.quant_type}-{state.blocksize}" + ("-nested" if nested else "")
     if getattr(state, "packing_format_for_cpu", False):
-        # repacked by the layer's first CPU forward in inference (AVX512-bf16 kernels): bytes
+        # repacked by a CPU forward in inference (AVX512-bf16 kernels; inject_increlora turns
+        # that off for the 4-bit layers the model holds then, a layer put in later may): bytes
         # of 32 rows x 2 columns, 32 low halves then 32 high ones, each over (out, in/2); the
         # absmax (nested ones dequantized) transposed to (in/blocksize, out), in bfloat16
         out_row, col = rows[:, None], cols[None, :]

@@ -445,15 +445,16 @@ def test_a_quantized_fingerprint_samples_the_dequantized_weight(quant):
     dequantized = (bnb.functional.int8_vectorwise_dequant(weight.data, scales)
                    if quant == "8bit" else
                    bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
-    if "repacked" in quant:
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu
-        weight.data, _ = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
     assert not torch.equal(dequantized, float_layer.weight)
     with torch.no_grad():
         float_layer.weight.copy_(dequantized)
     cfg = IncreLoRAConfig(target_modules=["0"], r_max=4, init_r=1, target_rank=2)
     plain = base_fingerprint(inject_increlora(nn.Sequential(float_layer), cfg))["modules"]["0"]
-    entry = base_fingerprint(inject_increlora(quantized, cfg))["modules"]["0"]
+    inject_increlora(quantized, cfg)
+    if "repacked" in quant:  # by hand: injection turns bitsandbytes' own repacking off
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu
+        weight.data, _ = _convert_weight_packed_for_cpu(weight.data, weight.quant_state)
+    entry = base_fingerprint(quantized)["modules"]["0"]
     shape, kind, values, *bounds = entry.split(":")
     # a nested weight repacked for CPU dropped its absmax's own quantization state
     assert len(bounds) == (0 if quant == "nf4 nested repacked" else 1)
@@ -661,3 +662,68 @@ def test_an_averaged_copy_leaves_its_8bit_source_as_a_forward_would_find_it():
         order = (copy_, model) if first == "copy" else (model, copy_)
         for which in order:
             torch.testing.assert_close(which(x), expected, rtol=0, atol=0, msg=first)
+
+
+def _two_4bit(bias: bool) -> nn.Module:
+    """Two 4-bit linears (nf4, float32 compute) quantized from float weights of seed 0, with
+    IncreLoRA on both and a trained adapter (seed 1)."""
+    torch.manual_seed(0)
+    floats = nn.Sequential(nn.Linear(WIDTH, WIDTH, bias=bias), nn.ReLU(),
+                           nn.Linear(WIDTH, WIDTH, bias=bias))
+    model = nn.Sequential(*(bnb.nn.Linear4bit(WIDTH, WIDTH, bias=bias, compute_dtype=torch.float32)
+                            if isinstance(m, nn.Linear) else m for m in floats))
+    model.load_state_dict(floats.state_dict())
+    return model.to("cpu")
+
+
+def _adapted(model: nn.Module) -> nn.Module:
+    torch.manual_seed(1)
+    inject_increlora(model, IncreLoRAConfig(target_modules=["0", "2"], r_max=4, init_r=2,
+                                            target_rank=4))
+    with torch.no_grad():
+        for _, layer in increlora_layers(model):
+            layer.lora_B.normal_()
+            layer.lora_lambda.normal_()
+    return model
+
+
+def _adapter_grads(model: nn.Module) -> list:
+    model.train()
+    model(x_batch()).pow(2).sum().backward()
+    return [layer.lora_A.grad for _, layer in increlora_layers(model)]
+
+
+def _inference_forward(model: nn.Module) -> None:
+    model.eval()
+    with torch.no_grad():
+        model(x_batch())
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("when", ["after injection", "before injection"])
+def test_an_inference_forward_on_cpu_leaves_the_4bit_base_trainable(bias, when):
+    """bitsandbytes (0.50) repacks a 4-bit weight for its AVX512-bf16 CPU kernels at its first
+    forward in inference (eval mode, input without grad: a Trainer's evaluate, generate), and
+    computes a repacked weight with a kernel that has no autograd: the backward of a later
+    training forward through a bias-free layer was silently wrong (a 4-bit Llama's adapters
+    got no gradient at all, so training changed nothing), one with a bias failed inside
+    bitsandbytes ('a view of a leaf Variable that requires grad'). Injection turns the
+    repacking off for the model's 4-bit layers and unpacks a weight repacked before it."""
+    if not bnb.nn.Linear4bit(WIDTH, WIDTH).support_avx512bf16_for_cpu:
+        pytest.skip("this CPU has no AVX512-bf16: bitsandbytes repacks nothing")
+    expected = _adapter_grads(_adapted(_two_4bit(bias)))
+    if when == "after injection":
+        model = _adapted(_two_4bit(bias))
+        _inference_forward(model)
+    else:
+        model = _two_4bit(bias)
+        _inference_forward(model)
+        assert model[0].weight.quant_state.packing_format_for_cpu
+        _adapted(model)
+    grads = _adapter_grads(model)
+    assert all(g is not None for g in grads)
+    for got, want in zip(grads, expected):
+        if when == "after injection":
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        else:  # unpacked by bitsandbytes' own inverse, which keeps the absmax in bfloat16
+            assert float((got - want).norm() / want.norm()) < 1e-2
