@@ -727,3 +727,19 @@ def test_an_inference_forward_on_cpu_leaves_the_4bit_base_trainable(bias, when):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
         else:  # unpacked by bitsandbytes' own inverse, which keeps the absmax in bfloat16
             assert float((got - want).norm() / want.norm()) < 1e-2
+
+
+def test_transformers_dequantize_after_an_inference_forward_keeps_the_outputs(tmp_path):
+    """The way to a merged model (``model.dequantize()``, then merge_and_unload) after an
+    evaluation: bitsandbytes had repacked the 4-bit weights at the CPU forward in inference,
+    and transformers' dequantize read the repacked bytes as the plain layout, so the merged
+    model computed garbage (logits off by more than their size)."""
+    transformers = pytest.importorskip("transformers")
+    model = _tiny_4bit_llama(transformers, tmp_path)
+    inject_increlora(model, _llama_config())
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    model.eval()
+    with torch.no_grad():
+        before = model(ids).logits
+        model.dequantize()
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-4, atol=1e-4)
