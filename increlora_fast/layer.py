@@ -904,7 +904,9 @@ class IncreLoRALinear(nn.Module):
         if self.is_quantized:
             raise RuntimeError(f"cannot merge into a quantized {type(self.base_layer).__name__} "
                                "base: its weight holds quantized data; keep the adapter "
-                               "unmerged, or load the base in full precision to merge")
+                               "unmerged, export it with export_peft, or dequantize the base "
+                               "first (transformers' model.dequantize()) or load it in full "
+                               "precision to merge")
 
     @torch.no_grad()
     def unmerge(self) -> None:
