@@ -289,10 +289,11 @@ def _source_path(path: _Path) -> str:
     return "self" + "".join(f".{p}" if p.isidentifier() else f"[{p}]" for p in path)
 
 
-def _ast_steps(node: ast.AST) -> Optional[_Steps]:
-    """The steps of ``node`` when it is ``self`` followed by attributes and subscripts."""
+def _ast_steps(node: ast.AST, owner: str) -> Optional[_Steps]:
+    """The steps of ``node`` when it is ``owner`` (the method's first argument, ``self``)
+    followed by attributes and subscripts."""
     steps: List[Optional[str]] = []
-    while not (isinstance(node, ast.Name) and node.id == "self"):
+    while not (isinstance(node, ast.Name) and node.id == owner):
         if isinstance(node, ast.Attribute):
             steps.append(node.attr)
         elif isinstance(node, ast.Subscript):
@@ -326,6 +327,11 @@ def _weight_reads(fn: object) -> List[_Read]:
         tree = ast.parse(textwrap.dedent(source))
     except SyntaxError:  # (a source inspect cuts from a larger statement: none to read)
         return []
+    # the module is the method's first argument, whatever its name (``def forward(s, x)``)
+    function = tree.body[0] if tree.body else None
+    args = (function.args.posonlyargs + function.args.args
+            if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) else [])
+    owner = args[0].arg if args else "self"
     reads: List[_Read] = []
 
     def visit(node: ast.AST, parent: Optional[ast.AST], guards: Tuple[_Guard, ...]) -> None:
@@ -334,7 +340,7 @@ def _weight_reads(fn: object) -> List[_Read]:
                          and re.fullmatch(_METADATA_NAMES, parent.attr))
                 and not (isinstance(parent, ast.Call) and isinstance(parent.func, ast.Name)
                          and parent.func.id == "isinstance" and parent.args[:1] == [node])):
-            steps = _ast_steps(node.value)
+            steps = _ast_steps(node.value, owner)
             if steps:  # (``self.weight``: the module's own)
                 reads.append((steps, guards))
         for field, value in ast.iter_fields(node):

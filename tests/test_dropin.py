@@ -274,6 +274,28 @@ def test_a_parent_that_computes_with_a_childs_weight_is_refused():
     assert isinstance(model.mixer.inner, IncreLoRALinear)
 
 
+def test_a_direct_read_through_a_first_argument_not_named_self_is_refused():
+    """The source was searched for ``self.<path>.weight`` only: a forward whose first argument
+    has another name (``def forward(s, x): F.linear(x, s.fc.weight)``) was adapted, its adapter
+    never ran, and training the target alone failed at backward with torch's "element 0 of
+    tensors does not require grad"; ``"all-linear"`` adapted it without a word."""
+    class Direct(nn.Module):
+        def __init__(s) -> None:
+            super().__init__()
+            s.fc, s.out = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(s, x):
+            return s.out(F.linear(x, s.fc.weight, s.fc.bias))
+
+    with pytest.raises(ValueError, match="'fc' cannot be adapted: Direct.forward computes with "
+                                         r"self.fc.weight directly"):
+        inject_increlora(Direct(), IncreLoRAConfig(target_modules=["fc"], r_max=4))
+    model = Direct()
+    with pytest.warns(UserWarning, match="leaves out 1 linear"):
+        inject_increlora(model, IncreLoRAConfig(target_modules="all-linear", r_max=4))
+    assert sorted(n for n, _ in increlora_layers(model)) == ["out"]
+
+
 def test_a_direct_read_counts_unless_the_models_config_rules_its_branch_out():
     """A read under an ``if`` that the config decides and that is false cannot happen (the
     layer is adapted); one under a test of anything else (the mode, an attribute the config
