@@ -607,7 +607,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         ValueError: a target or a module to save matches nothing (the message lists similar
             names), the model is already injected, wrapped in DistributedDataParallel or holds
             peft adapter layers or uninitialized lazy parameters (``nn.LazyLinear`` before
-            its first forward), the rank budget does not fit the modules, or a target's
+            its first forward), the model is one linear layer (none inside it to replace),
+            the rank budget does not fit the modules, or a target's
             weights are still on the meta device.
         TypeError: a target is neither a linear layer nor contains one.
     """
@@ -633,6 +634,10 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
         raise ValueError(f"inject_increlora: {holder} holds an uninitialized lazy "
                          f"parameter ({lazy!r}, of a Lazy* module such as nn.LazyLinear): run "
                          "one forward with a dummy batch first to initialize it, then inject")
+    if is_supported_base(model) and next(model.children(), None) is None:
+        raise ValueError(f"inject_increlora: the model itself is a {class_name(type(model))} "
+                         "with no submodules, and injection replaces layers inside a model in "
+                         "place; wrap it (model = nn.Sequential(layer)) and target its name '0'")
     targets = _find_targets(model, config)
     if not targets:
         own = {type(m): f"{class_name(type(m))}: {own_forward_problem(m)}"

@@ -247,3 +247,19 @@ def test_the_model_itself_is_named_as_such_in_the_refusals():
         inject_increlora(nn.LazyLinear(4), config(["weight"]))
     for message in (str(held.value), str(lazy.value)):
         assert "''" not in message and "the model" in message, message
+
+
+@pytest.mark.parametrize("targets", ["all-linear", ".*", ["fc"]])
+def test_a_model_that_is_one_linear_is_refused_saying_to_wrap_it(targets):
+    """A model that is one nn.Linear has no submodule to replace in place: injection said that
+    ``'all-linear'`` "selected no module to adapt" (IncreLoRA "adapts nn.Linear", which the
+    model is), or that a name matches nothing among names ending in ``[]``."""
+    model = nn.Linear(8, 4)
+    with pytest.raises(ValueError) as error:
+        inject_increlora(model, config(targets))
+    message = str(error.value)
+    assert "\n" not in message and "the model itself" in message and "nn.Sequential" in message
+    assert type(model) is nn.Linear and not hasattr(model, "increlora_config")
+    wrapped = nn.Sequential(model)
+    inject_increlora(wrapped, config(["0"]))
+    assert [name for name, _ in increlora_layers(wrapped)] == ["0"]
