@@ -150,9 +150,9 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
                             "subclasses whose forward is F.linear(x, weight, bias) (bitsandbytes "
                             "4-bit and 8-bit included) and transformers Conv1D layers")
         elif spec is not None and not any(is_supported_base(m) for m in module.modules()):
-            raise TypeError(f"target module {n!r} is a {class_name(type(module))}; IncreLoRA "
-                            "adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) and "
-                            "transformers Conv1D layers")
+            raise TypeError(f"target_modules selects {n!r}, a {class_name(type(module))}; "
+                            "IncreLoRA adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) "
+                            f"and transformers Conv1D layers: {_linear_names(modules)}")
     if isinstance(spec, list):  # as in peft, a listed name must name linears, not their parents
         for s in spec:
             if not any(suffix_match(n, s) for n in targets):
@@ -162,6 +162,16 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
                                 f"or Conv1D, e.g. {n!r}, a {kind.__module__}.{kind.__qualname__}; "
                                 "name the linear layers inside it instead")
     return targets
+
+
+def _linear_names(modules: Dict[str, nn.Module]) -> str:
+    """A few of the names of the layers IncreLoRA can adapt among ``modules`` (for an error
+    message), as the plain model names them."""
+    names = [plain_name(n) for n, m in modules.items() if n and is_supported_base(m)]
+    if not names:
+        return "this model has none"
+    more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+    return f"this model's linears are {', '.join(repr(n) for n in names[:4])}{more}"
 
 
 def saved_root(name: str, modules_to_save: Optional[List[str]]) -> Optional[str]:

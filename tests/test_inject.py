@@ -90,6 +90,23 @@ def test_target_that_is_not_a_linear(tiny_net):
         inject_increlora(tiny_net, config(target_modules=["norm"]))
 
 
+@pytest.mark.parametrize("targets", [["emb"], ["conv"], "emb", r"conv|emb", ["fc", "emb"]])
+def test_a_target_that_is_no_linear_names_target_modules_and_the_models_linears(targets):
+    """A target naming an Embedding or Conv2d (peft adapts them; IncreLoRA does not) was refused
+    as "target module 'emb' is a Embedding ...; IncreLoRA adapts nn.Linear ...": it named neither
+    the option nor a module the user could target instead."""
+    model = nn.Module()
+    model.emb, model.conv = nn.Embedding(10, 8), nn.Conv2d(1, 1, 1)
+    model.block = nn.Module()
+    model.block.fc, model.block.proj = nn.Linear(8, 8), nn.Linear(8, 8)
+    with pytest.raises(TypeError) as err:
+        inject_increlora(model, config(target_modules=targets))
+    message = str(err.value)
+    assert "\n" not in message and "target_modules" in message
+    assert "'block.fc'" in message and "'block.proj'" in message
+    assert type(model.block.fc) is nn.Linear
+
+
 def test_a_linear_of_another_library_is_named_by_its_module():
     """torch.ao's dynamic-quantized Linear is not an nn.Linear: the refusal said "'0' is a
     Linear; IncreLoRA adapts nn.Linear" (found by an audit); it names where the class is from."""
