@@ -75,7 +75,7 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
             raise ValueError(f"target module {key!r} matches only modules inside "
                              f"modules_to_save {config.modules_to_save}, which train in full "
                              "and get no adapter (as in peft); leave it out of one of the two")
-    if not kept:
+    if targets and not kept:  # (none at all: `inject_increlora` says why)
         raise ValueError(f"target_modules={spec!r}: every target lies inside modules_to_save "
                          f"{config.modules_to_save}, which trains it in full and gives it no "
                          "adapter (as in peft); nothing would be adapted")
@@ -161,6 +161,11 @@ def _selected_targets(model: nn.Module, spec, names: List[str]) -> List[str]:
                 raise TypeError(f"target module {s!r} matches only modules that are not nn.Linear "
                                 f"or Conv1D, e.g. {n!r}, a {kind.__module__}.{kind.__qualname__}; "
                                 "name the linear layers inside it instead")
+    elif not targets and not any(isinstance(modules[n], nn.Linear) for n in matched):
+        n = matched[0]  # (a regex, or the default names, matching only parents of linears)
+        raise TypeError(f"target_modules={spec!r} matches only modules that are not nn.Linear "
+                        f"or Conv1D, e.g. {n!r}, a {class_name(type(modules[n]))}; match the "
+                        f"linear layers inside them instead: {_linear_names(modules)}")
     return targets
 
 
@@ -620,7 +625,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
             its first forward), the model is one linear layer (none inside it to replace),
             the rank budget does not fit the modules, or a target's
             weights are still on the meta device.
-        TypeError: a target is neither a linear layer nor contains one.
+        TypeError: a target is neither a linear layer nor contains one, or a listed name or
+            the regex matches only parents of linear layers.
     """
     config.validate()  # a field may have changed since the config was made
     if any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules()):

@@ -107,6 +107,41 @@ def test_a_target_that_is_no_linear_names_target_modules_and_the_models_linears(
     assert type(model.block.fc) is nn.Linear
 
 
+@pytest.mark.parametrize("targets", ["attn", r".*attn", "attn|mlp"])
+def test_a_regex_matching_only_parents_of_linears_says_so(targets):
+    """A regex matches full names, and one naming only blocks that hold linears (``"attn"``)
+    selects no linear: the refusal said that "every target lies inside modules_to_save None",
+    with no modules_to_save given."""
+    model = nn.Module()
+    model.attn = nn.Module()
+    model.attn.q = nn.Linear(8, 8)
+    model.mlp = nn.Sequential(nn.Linear(8, 8))
+    with pytest.raises(TypeError) as err:
+        inject_increlora(model, config(target_modules=targets))
+    message = str(err.value)
+    assert "\n" not in message and "modules_to_save" not in message
+    assert f"target_modules={targets!r}" in message and "'attn'" in message
+    assert "not nn.Linear" in message and "'attn.q'" in message
+    assert type(model.attn.q) is nn.Linear
+
+
+def test_default_names_matching_only_linears_that_take_no_adapter_say_why():
+    """``target_modules=None`` whose default names match only an nn.Linear subclass that is no
+    linear map (a router returning a tuple) selects nothing: the refusal said that "every
+    target lies inside modules_to_save None"; it names the subclass and why."""
+    class Router(nn.Linear):
+        def forward(self, x):
+            return super().forward(x), None
+
+    model = nn.Module()
+    model.q_proj = Router(8, 8)
+    with pytest.raises(ValueError) as err:
+        inject_increlora(model, config(target_modules=None))
+    message = str(err.value)
+    assert "\n" not in message and "modules_to_save" not in message
+    assert "selected no module to adapt" in message and "Router" in message
+
+
 def test_a_linear_of_another_library_is_named_by_its_module():
     """torch.ao's dynamic-quantized Linear is not an nn.Linear: the refusal said "'0' is a
     Linear; IncreLoRA adapts nn.Linear" (found by an audit); it names where the class is from."""
