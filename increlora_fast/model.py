@@ -191,7 +191,7 @@ def _without_excluded(targets: List[str], exclude, names: List[str]) -> List[str
     """``targets`` less those ``exclude`` (``exclude_modules``) names, as in peft: a regex string
     matched against the full name, or suffixes; an entry that leaves no target out, or an
     exclusion that leaves none in, raises ValueError."""
-    if exclude is None or exclude == []:
+    if exclude is None or exclude == [] or not targets:  # (none: `inject_increlora` says so)
         return targets
     if isinstance(exclude, str):
         kept = [n for n in targets if not re.fullmatch(exclude, plain_name(n))]

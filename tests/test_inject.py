@@ -142,6 +142,20 @@ def test_default_names_matching_only_linears_that_take_no_adapter_say_why():
     assert "selected no module to adapt" in message and "Router" in message
 
 
+@pytest.mark.parametrize("exclude", ["head", ["head"]])
+def test_all_linear_on_a_model_without_linears_says_so_whatever_exclude_modules_is(exclude):
+    """``"all-linear"`` on a model with no linear layer, with ``exclude_modules`` set, failed
+    with an IndexError (a regex) or said that the entry "leaves out none of the 0 target
+    modules" and that the model's names end in ``[]``; the refusal is the one given without
+    ``exclude_modules``: nothing selected."""
+    model = nn.Sequential(nn.Embedding(10, 8), nn.ReLU())
+    with pytest.raises(ValueError) as err:
+        inject_increlora(model, config(target_modules="all-linear", exclude_modules=exclude))
+    message = str(err.value)
+    assert "\n" not in message
+    assert "target_modules='all-linear' selected no module to adapt" in message
+
+
 def test_a_linear_of_another_library_is_named_by_its_module():
     """torch.ao's dynamic-quantized Linear is not an nn.Linear: the refusal said "'0' is a
     Linear; IncreLoRA adapts nn.Linear" (found by an audit); it names where the class is from."""
