@@ -156,6 +156,20 @@ def test_all_linear_on_a_model_without_linears_says_so_whatever_exclude_modules_
     assert "target_modules='all-linear' selected no module to adapt" in message
 
 
+@pytest.mark.parametrize("kwargs", [dict(target_modules=["fc"]),
+                                    dict(target_modules=["0"], exclude_modules=["fc"])])
+def test_a_name_matching_nothing_in_a_sequential_lists_its_names(kwargs):
+    """The names offered when nothing is close were the last parts of the model's names that
+    are no index: in an nn.Sequential every name is an index, and the message said that the
+    model's names "end in []"."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Sequential(nn.Linear(8, 8)))
+    with pytest.raises(ValueError) as err:
+        inject_increlora(model, config(**kwargs))
+    message = str(err.value)
+    assert "\n" not in message and "[]" not in message
+    assert "'0'" in message and "'2.0'" in message
+
+
 def test_a_linear_of_another_library_is_named_by_its_module():
     """torch.ao's dynamic-quantized Linear is not an nn.Linear: the refusal said "'0' is a
     Linear; IncreLoRA adapts nn.Linear" (found by an audit); it names where the class is from."""
