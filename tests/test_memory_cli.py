@@ -584,3 +584,15 @@ def test_cli_trains_the_head_layers_an_encoder_checkpoint_lacks(tmp_path, capsys
                                                and _peft_saves_by_bare_suffix())
         full = classifier + (pre_classifier if both else 0)
         assert comps[GRADS]["bytes"] == comps[PADDED]["bytes"] + 4 * full, method
+
+
+def test_total_check_runs_the_loop_with_gradient_checkpointing_when_the_setting_has_it(tmp_path):
+    """check_total of a gradient-checkpointing setting: the breakdown measures its step with
+    checkpointing on, so the loop it is checked against must checkpoint too (it ran without,
+    and a right prediction was reported 39% off)."""
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "fp32")
+    setting = dataclasses.replace(SETTING, gradient_checkpointing=True)
+    check = check_total(spec, setting, 2, 64, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
+    assert check["ok"], check
+    plain = check_total(spec, SETTING, 2, 64, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
+    assert check["measured"] < plain["measured"]  # the loop did checkpoint

@@ -8,7 +8,7 @@ import torch
 
 from ..memory_probe import TensorPeak, release_memory
 from .breakdown import TOTAL, method_rows
-from .compared_methods import AdapterSetting, increlora_runner, methods_for
+from .compared_methods import AdapterSetting, methods_for
 from .model_spec import ModelSpec
 
 DEFAULT_TOLERANCE = 0.03
@@ -17,21 +17,19 @@ DEFAULT_TOLERANCE = 0.03
 def loop_peak(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len: int,
               device: torch.device, steps: int = 3) -> int:
     """Peak tensor bytes of ``steps`` steps of the README's IncreLoRA loop (the one
-    `StepRunner`, as `compared_methods.increlora_runner` sets it up), everything (model, batch,
+    `StepRunner`, as `compared_methods.increlora_runner` sets it up, with gradient checkpointing
+    when ``setting`` asks for it, as the breakdown measures its step), everything (model, batch,
     optimizer, controller) created inside the measurement."""
     device = torch.device(device)
     release_memory(device)
     torch.manual_seed(0)
     with TensorPeak(device) as peak:
-        model = spec.build(device)
-        if getattr(model.config, "use_cache", None):
-            model.config.use_cache = False
-        runner = increlora_runner(model, setting.increlora_config(), lr=1e-3)
+        runner = methods_for(setting)[0].build(spec.build(device), setting)
         batch = spec.batch(batch_size, seq_len, device, seed=1)
         for step in range(steps):
-            runner.forward_backward(step, batch)
+            runner.forward_backward(batch, step)
             runner.update(step)
-        del runner, model, batch
+        del runner, batch
     release_memory(device)
     return peak.peak_bytes
 
