@@ -596,3 +596,14 @@ def test_total_check_runs_the_loop_with_gradient_checkpointing_when_the_setting_
     assert check["ok"], check
     plain = check_total(spec, SETTING, 2, 64, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
     assert check["measured"] < plain["measured"]  # the loop did checkpoint
+
+
+def test_total_check_of_an_exact_step_setting_counts_the_dense_score_buffers(tmp_path):
+    """check_total of an exact_step_score setting: its loop holds the dense score buffers, so
+    the prediction is the exact-step total (it was the per-pass one, short by those buffers)."""
+    spec = build_spec(str(write_config(tmp_path, LLAMA)), "auto", "fp32")
+    setting = dataclasses.replace(SETTING, exact_step_score=True)
+    check = check_total(spec, setting, 2, 24, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
+    assert check["ok"], check
+    plain = check_total(spec, SETTING, 2, 24, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
+    assert check["predicted"] > plain["predicted"]

@@ -7,7 +7,7 @@ from typing import Dict
 import torch
 
 from ..memory_probe import TensorPeak, release_memory
-from .breakdown import TOTAL, method_rows
+from .breakdown import TOTAL, TOTAL_DENSE, method_rows
 from .compared_methods import AdapterSetting, methods_for
 from .model_spec import ModelSpec
 
@@ -38,11 +38,13 @@ def check_total(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_l
                 device: torch.device, tolerance: float = DEFAULT_TOLERANCE,
                 estimate: bool = False) -> Dict[str, object]:
     """{"predicted", "measured", "rel_err", "tol", "ok", "kind"}: the breakdown's IncreLoRA
-    ``total peak`` against `loop_peak` at the same size on ``device``."""
+    ``total peak`` (with ``setting.exact_step_score``, its exact-step total) against `loop_peak`
+    at the same size on ``device``."""
     device = torch.device(device)
     rows = method_rows(methods_for(setting)[0], spec, setting, batch_size, seq_len, device,
                        estimate=estimate)
-    predicted = next(r["bytes"] for r in rows if r["component"] == TOTAL)
+    total = TOTAL_DENSE if setting.exact_step_score else TOTAL
+    predicted = next(r["bytes"] for r in rows if r["component"] == total)
     measured = loop_peak(spec, setting, batch_size, seq_len, device)
     rel = abs(predicted - measured) / max(1, measured)
     return {"predicted": predicted, "measured": measured, "rel_err": rel, "tol": tolerance,
