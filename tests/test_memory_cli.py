@@ -607,3 +607,15 @@ def test_total_check_of_an_exact_step_setting_counts_the_dense_score_buffers(tmp
     assert check["ok"], check
     plain = check_total(spec, SETTING, 2, 24, torch.device("cpu"), tolerance=TOTAL_TOLERANCE)
     assert check["predicted"] > plain["predicted"]
+
+
+def test_the_table_says_the_total_leaves_out_the_cuda_context_and_allocator_slack(tmp_path,
+                                                                                capsys):
+    """'Will it fit': the total counts tensors only (the CUDA allocator's live blocks, or live
+    storages on CPU); the table says so and what to add before comparing it with a GPU's
+    memory, rather than leaving the CUDA context and the caching allocator's slack unsaid."""
+    config = write_config(tmp_path, LLAMA)
+    assert main(["memory", "--model", str(config), "--r-max", "4", "--seq-len", "8",
+                 "--dtype", "fp32", "--no-progress", "--device", "cpu"]) == 0
+    footer = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "tensors only" in footer and "CUDA context" in footer and "allocator" in footer

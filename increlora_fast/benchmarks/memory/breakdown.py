@@ -236,7 +236,9 @@ def format_table(rows: List[dict]) -> str:
                                                     for m, w in zip(methods, width)]))
     lines.append("ex: exact from shapes and dtypes; ms: measured; es: estimated. "
                  f"'{ACTIVE}' is part of '{PADDED}'; '{TOTAL}' counts the larger of "
-                 f"'{ACTIVATIONS}' and '{OPT_TEMPS}'.")
+                 f"'{ACTIVATIONS}' and '{OPT_TEMPS}'. Totals are tensors only: before "
+                 "comparing one with a GPU's memory, add the CUDA context (several hundred MiB) "
+                 "and the caching allocator's unused reserve (fragmentation).")
     return "\n".join(lines)
 
 
