@@ -47,6 +47,8 @@ KERNEL_CHECK_ENV = "INCRELORA_KERNEL_CHECK"
 TRITON_MAX_R = 128
 
 _VARIANT_OK: Dict[tuple, bool] = {}
+# The keys of `_VARIANT_OK` whose check failed: all of the checks a graph dynamo traces reads.
+_FAILED: Set[tuple] = set()
 # Path decisions of the call keys seen so far (`choose_path`).
 _PATHS: Dict[tuple, str] = {}
 # Check keys whose check ran while launches only built kernels (its kernels are built).
@@ -117,7 +119,12 @@ def _slot_tile(r_max: int) -> int:
 
 def _variant_ok(key: tuple) -> bool:
     """Whether the Triton variant ``key`` passed its first-use check on its device (trusted
-    unchecked, and not remembered, while compiling or capturing)."""
+    unchecked, and not remembered, while compiling or capturing). While dynamo traces, only
+    a failed check is read (`_FAILED`): a graph guards on what can change its path, and a
+    passing check run later (an eager call) leaves it valid, where a read of `_VARIANT_OK`
+    recompiled it."""
+    if torch.compiler.is_dynamo_compiling():
+        return not _SETTINGS[2] or key not in _FAILED
     device = torch.device(key[0])
 
     def check() -> Dict[str, object]:
@@ -219,6 +226,7 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
         record = check()
     ok = _VARIANT_OK[key] = bool(record["ok"])
     if not ok:
+        _FAILED.add(key)
         warnings.warn(_report(device, key, str(record["error"]), fallback, label),
                       RuntimeWarning, stacklevel=4)
     return ok
@@ -279,6 +287,7 @@ def orth_penalty_ok(device: torch.device, dtype: torch.dtype, r_max: int) -> boo
 def reset_kernel_checks() -> None:
     """Forget the first-use check results (tests; after changing GPUs or versions)."""
     _VARIANT_OK.clear()
+    _FAILED.clear()
     _PATHS.clear()
     _CHECKS_BUILT.clear()
 

@@ -103,9 +103,8 @@ def test_slot_growth_does_not_recompile(monkeypatch):
 def test_an_eager_call_between_compiled_steps_does_not_recompile(path, monkeypatch):
     """The path cache (`functional._PATHS`) is not read while dynamo traces: an eager call of
     the model between compiled steps (an evaluation on the plain model) fills it, and every
-    graph guarded on the key's absence recompiled, once per score state. (On the Triton path
-    the variant's first-use check, run by the first eager call, still recompiles: here it ran
-    before, and only the path cache is emptied.)"""
+    graph guarded on the key's absence recompiled, once per score state. (The variant's
+    first-use check: `test_an_eager_check_after_compiling_does_not_recompile`.)"""
     from torch._dynamo.utils import counters
     from increlora_fast import functional
 
@@ -181,3 +180,76 @@ def test_compiled_torch_func_grad_takes_the_torch_path(monkeypatch):
     assert launch_counts() == {}
     for name, p in params.items():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _counting_checks(monkeypatch, result=None):
+    """The variants `kernels.checks.check_variant` is asked to check, in order; with
+    ``result`` it returns that instead of checking (a forced failure)."""
+    from increlora_fast.kernels import checks
+    asked, real = [], checks.check_variant
+
+    def check_variant(device, *variant):
+        asked.append(variant)
+        return result if result is not None else real(device, *variant)
+    monkeypatch.setattr(checks, "check_variant", check_variant)
+    return asked
+
+
+def test_an_eager_check_after_compiling_does_not_recompile(monkeypatch):
+    """While tracing, only failed checks are consulted: an eager call (an evaluation pass)
+    whose variant check passes, here after the results were forgotten, leaves the compiled
+    graph valid (it guarded on the check's result being absent, and recompiled once)."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    functional.reset_kernel_checks()
+    asked = _counting_checks(monkeypatch)
+    model = make_model()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(x).square().sum().backward()
+            model(x).square().sum().backward()
+            compiled(x).square().sum().backward()
+            functional.reset_kernel_checks()
+            model(x).square().sum().backward()
+            compiled(x).square().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    assert len(asked) == 4  # each of the two variants checked, then checked again
+    assert list(functional.kernel_check_results().values()) == [True, True]
+
+
+def test_a_failed_eager_check_after_compiling_recompiles_to_the_torch_path(monkeypatch):
+    """A variant failing its check after a graph was traced on it (here checked again after
+    the results were forgotten) changes the path: the graph recompiles once and takes the
+    torch path."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    functional.reset_kernel_checks()
+    model = make_model()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    try:
+        compiled(x).square().sum().backward()
+        functional.reset_kernel_checks()
+        _counting_checks(monkeypatch, (False, "forced failure"))
+        with pytest.warns(RuntimeWarning, match="forced failure"):
+            model(x)
+        reset_launch_counts()
+        compiled(x).square().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 2
+    finally:
+        torch._dynamo.reset()
+    assert launch_counts() == {}
