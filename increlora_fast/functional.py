@@ -119,12 +119,18 @@ def _slot_tile(r_max: int) -> int:
 
 def _variant_ok(key: tuple) -> bool:
     """Whether the Triton variant ``key`` passed its first-use check on its device (trusted
-    unchecked, and not remembered, while compiling or capturing). While dynamo traces, only
-    a failed check is read (`_FAILED`): a graph guards on what can change its path, and a
-    passing check run later (an eager call) leaves it valid, where a read of `_VARIANT_OK`
-    recompiled it."""
+    unchecked, and not remembered, while capturing or compiling other than by dynamo). While
+    dynamo traces, the check runs then, outside the graph (`_variant_checked_in_trace`), and
+    the graph reads only the failed checks (`_FAILED`): it guards on what can change its path,
+    and a passing check run later (an eager call) leaves it valid, where a read of
+    `_VARIANT_OK` recompiled it."""
     if torch.compiler.is_dynamo_compiling():
-        return not _SETTINGS[2] or key not in _FAILED
+        return _variant_checked_in_trace(key) and (not _SETTINGS[2] or key not in _FAILED)
+    return _variant_checked(key, False)
+
+
+def _variant_checked(key: tuple, in_trace: bool) -> bool:
+    """`_checked_once` of `kernels.checks.check_variant` for the variant ``key``."""
     device = torch.device(key[0])
 
     def check() -> Dict[str, object]:
@@ -133,7 +139,18 @@ def _variant_ok(key: tuple) -> bool:
         return {"ok": ok, "error": detail}
     return _checked_once(device, key, check,
                          "This variant now runs on the torch path (slower, correct)",
-                         while_capturing=True, label=_variant_label(key))
+                         while_capturing=True, label=_variant_label(key), in_trace=in_trace)
+
+
+def _variant_checked_in_trace(key: tuple) -> bool:
+    """`_variant_checked` of ``key`` while dynamo traces: dynamo calls it as Python, not
+    traced, and takes its result as a constant (no graph break and no guard), so a run that
+    only ever calls its model compiled checks each variant once, as it is traced."""
+    return _variant_checked(key, True)
+
+
+# What `torch.compiler.assume_constant_result` sets (it imports dynamo: 1 s at import here).
+_variant_checked_in_trace._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _variant_label(key: tuple) -> str:
@@ -183,14 +200,16 @@ def multi_adamw_ok(device: torch.device, dtype: torch.dtype,
 
 def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str, object]],
                   fallback: str, while_capturing: bool = False,
-                  label: Optional[str] = None) -> bool:
+                  label: Optional[str] = None, in_trace: bool = False) -> bool:
     """The first-use check of a kernel family: ``check()`` (a record with ``ok`` and
     ``error``, as `kernels.checks` makes) run once per ``key`` and remembered; on a failure one
     warning naming the variant (``label``, else ``key``) and saying what happens instead
     (``fallback``). True unchecked when
     ``INCRELORA_KERNEL_CHECK=0``, a remembered failure included (turned on again, it holds);
     ``while_capturing``, unchecked and not remembered, while compiling or capturing a CUDA
-    graph (a check allocates, reads results and warns). False, unchecked and not remembered,
+    graph (a check allocates, reads results and warns), unless ``in_trace``: called by
+    dynamo outside the graph it traces (`_variant_checked_in_trace`), where the check runs
+    (torch 2.13 says it is compiling there too). False, unchecked and not remembered,
     under a fake tensor mode (`_faking`). True, not remembered, while launches
     only build their kernels (`kernels.utils.building_only`, where nothing runs: the check
     then runs once to build its own kernels, its result, made of outputs no kernel wrote, is
@@ -207,7 +226,7 @@ def _checked_once(device: torch.device, key: tuple, check: Callable[[], Dict[str
         return True
     if key in _VARIANT_OK:
         return _VARIANT_OK[key]
-    if torch.compiler.is_compiling() or \
+    if (torch.compiler.is_compiling() and not in_trace) or \
             (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
         return while_capturing
     if _faking():

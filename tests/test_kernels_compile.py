@@ -195,6 +195,69 @@ def _counting_checks(monkeypatch, result=None):
     return asked
 
 
+def test_a_compiled_only_run_checks_each_variant_once(monkeypatch):
+    """A run that only calls the model compiled checks each Triton variant once, while the
+    graph is traced, then compiles one graph that never recompiles (while dynamo traced, the
+    check was skipped and nothing remembered: such a run never checked its kernels)."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    functional.reset_kernel_checks()
+    asked = _counting_checks(monkeypatch)
+    model = make_model()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for _ in range(2):
+                compiled(x).square().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    # two variants: the first layer's base has a bias, the second's has none
+    assert len(asked) == 2 and asked[0] != asked[1]
+    assert list(functional.kernel_check_results().values()) == [True, True]
+
+
+def test_a_check_failed_while_tracing_sends_the_graph_to_the_torch_path(monkeypatch):
+    """A variant failing its check while dynamo traces: one warning per variant, and the graph
+    traced takes the torch path (no Triton launch), eager's results, with no recompile."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    functional.reset_kernel_checks()
+    asked = _counting_checks(monkeypatch, (False, "forced failure"))
+    model = make_model()
+    reference = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
+    x = torch.randn(3, 7, 19, device=DEVICE)
+    reset_launch_counts()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                y = compiled(x)
+                y.square().sum().backward()
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+    failures = [str(w.message) for w in caught if "forced failure" in str(w.message)]
+    assert len(failures) == len(asked) == 2
+    assert list(functional.kernel_check_results().values()) == [False, False]
+    assert launch_counts() == {}
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    torch.testing.assert_close(y, reference(x), rtol=TOL, atol=TOL)
+
+
 def test_an_eager_check_after_compiling_does_not_recompile(monkeypatch):
     """While tracing, only failed checks are consulted: an eager call (an evaluation pass)
     whose variant check passes, here after the results were forgotten, leaves the compiled
