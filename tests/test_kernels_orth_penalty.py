@@ -504,3 +504,38 @@ def test_the_penalty_kernels_refuse_other_dtypes_and_more_slots_unchecked(kernel
     assert not functional.orth_penalty_ok(device, torch.float64, 8)
     assert not functional.orth_penalty_ok(device, torch.float32, functional.TRITON_MAX_R + 1)
     assert functional.kernel_check_results() == {}
+
+
+def test_a_compiled_penalty_takes_its_torch_path_and_reads_no_check(monkeypatch):
+    """Compiled, the penalty takes its torch path (`functional.penalty_on_triton`): no launch,
+    and its first-use check neither runs nor is read in the trace, so an eager penalty
+    afterwards, on the kernels once its check passed, leaves the compiled graph valid; both
+    give the same loss."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.delenv("INCRELORA_KERNEL_CHECK", raising=False)
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    reset_kernel_checks()
+    _, controller = _model_and_controller()
+    controller.regularization_loss()  # the penalty's own caches (its layout), filled eagerly
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(controller.regularization_loss, backend="aot_eager",
+                             fullgraph=True)
+    reset_launch_counts()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            got = compiled()
+            assert launch_counts() == {} and functional.kernel_check_results() == {}
+            eager = controller.regularization_loss()
+            assert launch_counts() == {FWD: 1}
+            assert list(functional.kernel_check_results().values()) == [True]
+            again = compiled()
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
+        reset_kernel_checks()
+    _assert_close([got], [eager.detach()], TOL[torch.float32])
+    assert torch.equal(again, got)
