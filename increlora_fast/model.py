@@ -730,7 +730,36 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
     _keep_4bit_weights_trainable(model)
     setattr(model, CONFIG_ATTR, config)
     _warn_narrow(wrapped, config.r_max)
+    _warn_frozen_head(model)
     return wrapper
+
+
+# The heads of transformers' task models by the class name's ending, as peft's task types name
+# them (`integrations.peft_export.PEFT_TASK_MODULES`): trained in full by peft's task_type.
+TASK_HEADS = {"ForSequenceClassification": ("classifier", "score"),
+              "ForTokenClassification": ("classifier", "score"),
+              "ForQuestionAnswering": ("qa_outputs",)}
+
+
+def _warn_frozen_head(model: nn.Module) -> None:
+    """One warning when ``model`` is a transformers task model (sequence or token
+    classification, question answering) whose head is neither adapted nor in
+    ``modules_to_save``, so frozen: a head ``from_pretrained`` initialised at random would
+    never train (peft's ``task_type`` trains it in full; IncreLoRAConfig has no task type)."""
+    heads = next((h for end, h in TASK_HEADS.items() if type(model).__name__.endswith(end)), ())
+    for name in heads:
+        head = getattr(model, name, None)
+        if not isinstance(head, nn.Module):
+            continue
+        if any(isinstance(m, IncreLoRALinear) for m in head.modules()) or \
+                any(p.requires_grad for p in head.parameters()):
+            return
+        warnings.warn(f"inject_increlora: the head {name!r} of {type(model).__name__} is "
+                      "frozen (neither a target nor in modules_to_save); a head that "
+                      "from_pretrained initialised at random would never train: add "
+                      f"modules_to_save=[{name!r}] (what peft's task_type does), or ignore "
+                      "this if the head is trained already", UserWarning, stacklevel=3)
+        return
 
 
 def _keep_4bit_weights_trainable(model: nn.Module) -> None:

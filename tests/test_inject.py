@@ -660,3 +660,27 @@ def test_all_linear_names_fused_mixture_of_experts_weights_it_leaves_frozen():
         warnings.simplefilter("always")
         inject_increlora(dense, IncreLoRAConfig(target_modules="all-linear", r_max=4))
     assert not [w for w in caught if "mixture-of-experts" in str(w.message)]
+
+
+@pytest.mark.parametrize("saved", [None, ["classifier"]])
+def test_a_task_models_frozen_head_is_warned_of(saved):
+    """inject_increlora on a transformers sequence classifier without modules_to_save left its
+    head (random from from_pretrained) frozen without a word; peft's task_type trains it."""
+    import warnings
+
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, num_labels=3))
+    config = IncreLoRAConfig(target_modules=["query", "value"], target_rank=2, r_max=4,
+                             modules_to_save=saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject_increlora(model, config)
+    said = [str(w.message) for w in caught if "head 'classifier'" in str(w.message)]
+    assert model.classifier.weight.requires_grad == (saved is not None)
+    if saved is None:
+        assert len(said) == 1 and "modules_to_save=['classifier']" in said[0], said
+    else:
+        assert said == []
