@@ -101,3 +101,33 @@ def test_the_callback_writes_no_adapter_from_a_sharded_model(tmp_path, sharding)
     callback.on_save(args, types.SimpleNamespace(global_step=3), None, model=model)
     assert (tmp_path / "checkpoint-3" / "increlora_controller.pt").is_file()
     assert (tmp_path / "checkpoint-3" / "adapter_model.safetensors").is_file() == (not sharding)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_load_best_model_at_end_reads_a_sharded_checkpoint_holding_the_adapter(tmp_path, plain):
+    """A checkpoint whose whole model ``save_pretrained`` shards (above its max_shard_size,
+    50GB in transformers 5, 5GB in 4.x) and which now holds the adapter too: the Trainer's
+    ``_load_best_model`` took the adapter file for a single-file model and failed to open
+    ``pytorch_model.bin`` instead of reading the shards."""
+    model, config = tiny_increlora_bert()
+    save_pretrained = model.save_pretrained
+    model.save_pretrained = lambda *a, **kw: save_pretrained(*a, max_shard_size="20KB", **kw)
+    if plain:
+        trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyTask(),
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
+    else:
+        trainer = IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+    trainer.train()
+    best = tmp_path / "checkpoint-6"
+    assert (best / "model.safetensors.index.json").is_file()
+    assert (best / "adapter_model.safetensors").is_file()
+    saved = _logits(trainer.model)
+    with torch.no_grad():
+        trainer.model.classifier.bias.add_(1.0)
+        for p in trainer.model.parameters():
+            if p.requires_grad:
+                p.add_(0.5)
+    trainer.state.best_model_checkpoint = str(best)
+    trainer._load_best_model()
+    assert torch.equal(_logits(trainer.model), saved)

@@ -31,7 +31,9 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
+import transformers.trainer
 from transformers import Trainer, TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME as MODEL_WEIGHTS_NAME
 
 from ..controller import IncreLoRAController
 from ..device_scalar import grad_scaler_scale, unscale_once
@@ -39,7 +41,8 @@ from ..layer import IncreLoRALinear
 from ..model import frozen_adapters_message, get_config
 from ..optimizer import IncreLoRAAdamW, create_optimizer, schedule_multiplier
 from ..files import atomic_write_bytes
-from ..persistence import ADAPTER_FILES, CONFIG_NAME, SAVED_BY_KEY, save_adapter
+from ..persistence import (ADAPTER_FILES, CONFIG_NAME, SAVED_BY_KEY, WEIGHTS_NAME as ADAPTER_WEIGHTS,
+                           save_adapter)
 from ..precompile import precompile_kernels
 
 CONTROLLER_FILE = "increlora_controller.pt"
@@ -266,10 +269,22 @@ def scheduled_learning_rate(optimizer: IncreLoRAAdamW) -> float:
                                                    group["total_step"]))
 
 
+def _sharded_beside_adapter(trainer: Trainer, directory: str) -> bool:
+    """Whether ``directory`` holds a sharded whole model (no single weights file) beside the
+    adapter a Trainer save wrote (`save_trainer_adapter`), outside DeepSpeed and FSDP, whose
+    own loaders the Trainer uses."""
+    folder = Path(directory)
+    return ((folder / ADAPTER_WEIGHTS).is_file()
+            and not any((folder / n).is_file() for n in (SAFE_WEIGHTS_NAME, MODEL_WEIGHTS_NAME))
+            and not getattr(trainer, "is_deepspeed_enabled", False)
+            and not getattr(trainer, "is_fsdp_enabled", False))
+
+
 def load_best_model_with_controller(trainer: Trainer, controller: IncreLoRAController,
                                     load_best: Callable[[], None]) -> None:
     """``load_best_model_at_end``: ``load_best()`` (the Trainer's own loading of the best
-    checkpoint's weights, slot states included) and the controller state saved with them, so
+    checkpoint's weights, slot states included; a sharded one beside the adapter is read here,
+    `_sharded_beside_adapter`) and the controller state saved with them, so
     that the controller describes the model it now holds (its rounds, budget and scores). A
     checkpoint without a readable controller state leaves the controller as it is, with a
     warning."""
@@ -281,7 +296,13 @@ def load_best_model_with_controller(trainer: Trainer, controller: IncreLoRAContr
         warnings.warn(f"IncreLoRA: the best checkpoint's controller state was not loaded ({err}); "
                       "the controller keeps the last step's state", UserWarning)
         state = None
-    load_best()
+    if _sharded_beside_adapter(trainer, best):
+        # the Trainer's loader takes the adapter file for a single-file model and then fails
+        # to open pytorch_model.bin: the shards are read as its sharded branch reads them
+        trainer._issue_warnings_after_load(
+            transformers.trainer.load_sharded_checkpoint(trainer.model, best, strict=False))
+    else:
+        load_best()
     if state is not None:
         controller.load_state_dict(state)
 
