@@ -65,8 +65,11 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
              if n and not _in_parametrizations(n, model)]
     spec = config.target_modules
     if isinstance(spec, str) and spec.lower() == ALL_LINEAR:
-        return _without_excluded(_all_linear_targets(model, config), config.exclude_modules,
-                                 names)
+        modules = dict(model.named_modules(remove_duplicate=False))
+        chosen = {id(modules[n]) for n in _all_linear_targets(model, config)}
+        selected = [n for n in names if id(modules[n]) in chosen]  # under all their names
+        return _one_name_each(model, _without_excluded(selected, config.exclude_modules, names),
+                              selected)
     selected = _selected_targets(model, spec, names)
     targets = _one_name_each(model, _without_excluded(selected, config.exclude_modules, names),
                              selected)

@@ -51,6 +51,17 @@ def test_excluding_one_name_of_a_shared_linear_leaves_it_out(exclude):
     assert type(model.left) is nn.Linear and model.left is model.right
 
 
+@pytest.mark.parametrize("exclude", [["right"], ["left"], r"right"])
+def test_all_linear_excluding_one_name_of_a_shared_linear_leaves_it_out(exclude):
+    """Under ``target_modules='all-linear'`` too: the second name was refused as naming 'not a
+    target' (all-linear knew each module by its first name only)."""
+    model = inject_increlora(Siamese(), IncreLoRAConfig(
+        target_modules="all-linear", exclude_modules=exclude, r_max=2, init_r=1,
+        target_rank=2))
+    assert [n for n, _ in increlora_layers(model)] == ["head"]
+    assert type(model.left) is nn.Linear and model.left is model.right
+
+
 def test_a_shared_linear_selected_by_its_second_name_keeps_its_first():
     model = inject_increlora(Siamese(), IncreLoRAConfig(target_modules=["right"], r_max=4,
                                                         init_r=2, target_rank=3))
