@@ -131,3 +131,18 @@ def test_load_best_model_at_end_reads_a_sharded_checkpoint_holding_the_adapter(t
     trainer.state.best_model_checkpoint = str(best)
     trainer._load_best_model()
     assert torch.equal(_logits(trainer.model), saved)
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_checkpoint_push_never_replaces_an_adapter_it_did_not_write(tmp_path, plain):
+    """With ``push_to_hub`` the Trainer copies each checkpoint's model files, peft's adapter
+    names included, into ``output_dir`` before pushing: since checkpoints hold the adapter, a
+    user's own adapter there (``save_adapter`` into the output folder of an earlier run) was
+    replaced. The push is refused before the copy."""
+    trainer = _trained(tmp_path, plain=plain)
+    save_adapter(tiny_increlora_bert()[0], tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    trainer.push_in_progress = None  # (what push_to_hub=True's repo set-up leaves, offline here)
+    with pytest.raises(FileExistsError, match="save_adapter"):
+        trainer._push_from_checkpoint(str(tmp_path / "checkpoint-6"))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before

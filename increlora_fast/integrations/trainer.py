@@ -592,7 +592,13 @@ class IncreLoRACallback(TrainerCallback):
         """With ``push_to_hub``, the Trainer pushes each checkpoint it saves before it calls
         `on_save`: the controller is written into that checkpoint first, so the pushed one
         (``last-checkpoint`` or ``checkpoint-<step>`` on the hub) can be resumed. Only during a
-        checkpoint save (``control.should_save``), not for a final ``push_to_hub()``."""
+        checkpoint save (``control.should_save``), not for a final ``push_to_hub()``.
+
+        The Trainer then copies the checkpoint's model files, the adapter's included, into
+        ``output_dir``: one there that no Trainer save wrote is refused first
+        (`check_adapter_replaceable`)."""
+        if getattr(args, "should_save", True):
+            check_adapter_replaceable(args.output_dir)
         if control.should_save:
             self.on_save(args, state, control, **kwargs)
 
