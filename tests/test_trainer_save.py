@@ -146,3 +146,32 @@ def test_a_checkpoint_push_never_replaces_an_adapter_it_did_not_write(tmp_path, 
     with pytest.raises(FileExistsError, match="save_adapter"):
         trainer._push_from_checkpoint(str(tmp_path / "checkpoint-6"))
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_an_adapter_in_the_output_folder_is_said_before_training(tmp_path, plain):
+    """An adapter the Trainer did not write in ``output_dir`` was found only after training
+    (``save_model()`` refused then, a checkpoint push at its first checkpoint): it is warned
+    of at train begin, and refused there with ``push_to_hub``."""
+    import types
+    import warnings
+
+    save_adapter(tiny_increlora_bert()[0], tmp_path)
+    args = types.SimpleNamespace(should_save=True, output_dir=str(tmp_path), push_to_hub=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        IncreLoRACallback.check_output_dir_adapter(args)
+    assert [w for w in caught if "save_adapter" in str(w.message)]
+    args.push_to_hub = True
+    with pytest.raises(FileExistsError, match="output_dir"):
+        IncreLoRACallback.check_output_dir_adapter(args)
+    # and a run reaches the check before its first step
+    model, config = tiny_increlora_bert()
+    if plain:
+        trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyTask(),
+                          optimizers=increlora_optimizers(model, lr=1e-2))
+        IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
+    else:
+        trainer = IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+    with pytest.warns(UserWarning, match="holds an adapter the Trainer did not write"):
+        trainer.train()

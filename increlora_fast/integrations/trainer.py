@@ -114,8 +114,9 @@ def check_adapter_replaceable(directory: str) -> None:
         summary = None
     if not isinstance(summary, dict) or summary.get(SAVED_BY_KEY) != SAVED_BY_TRAINER:
         raise FileExistsError(f"{folder} holds an adapter the Trainer did not write "
-                              f"({', '.join(present)}: save_adapter's or peft's), which saving "
-                              "the model there would replace; save into another folder")
+                              f"({', '.join(present)}: save_adapter's or peft's), which a "
+                              "Trainer save or checkpoint push into it would replace; save "
+                              "into another folder (or train with another output_dir)")
 
 
 def save_trainer_adapter(model: torch.nn.Module, directory: str) -> None:
@@ -453,6 +454,7 @@ class IncreLoRACallback(TrainerCallback):
                              "train()); build the controller over trainer.model, or use "
                              "IncreLoRATrainer, which makes one over each model model_init makes")
         _refuse_peft_over_increlora("IncreLoRACallback", model)  # (SFTTrainer's peft_config)
+        self.check_output_dir_adapter(args)
         if model is not None:  # the Triton kernels, built several at a time (on CUDA)
             precompile_kernels(model, torch.bfloat16 if args.bf16 else
                                torch.float16 if args.fp16 else None, optimizer=optimizer,
@@ -587,6 +589,22 @@ class IncreLoRACallback(TrainerCallback):
                    or getattr(trainer, "is_deepspeed_enabled", False))  # config, not args)
         if model is not None and not isinstance(trainer, IncreLoRATrainer) and not sharded:
             save_trainer_adapter(model, folder)
+
+    @staticmethod
+    def check_output_dir_adapter(args) -> None:
+        """Before training: an adapter in ``output_dir`` that no Trainer save wrote is refused
+        with ``push_to_hub`` (each checkpoint push copies the checkpoint's adapter there), and
+        warned of otherwise (``save_model()`` into that folder would be refused after
+        training)."""
+        if not (getattr(args, "should_save", True) and getattr(args, "output_dir", None)):
+            return
+        try:
+            check_adapter_replaceable(args.output_dir)
+        except FileExistsError as refused:
+            if getattr(args, "push_to_hub", False):
+                raise
+            warnings.warn(f"{refused} (save_model() without a folder saves there)",
+                          UserWarning, stacklevel=2)
 
     def on_push_begin(self, args, state, control, **kwargs):
         """With ``push_to_hub``, the Trainer pushes each checkpoint it saves before it calls
