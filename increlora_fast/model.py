@@ -929,14 +929,18 @@ class IncreLoRAAveragedModel(AveragedModel):
         # (where ``.to(device)`` puts a tensor: "cuda" is the current cuda:N, "cpu:0" is cpu)
         memo = _frozen_memo(model, None if device is None else torch.empty(0, device=device)
                             .device) if share_frozen else {}
-        # (torch's __init__ deep-copies what it is given: a placeholder where the copy shares)
+        shared = frozenset(key for key, value in memo.items() if isinstance(value, nn.Parameter))
+        # exact_step_score's dense buffers (an fp32 copy of every target weight while tracking)
+        # are not copied only to be released below
+        memo.update((id(layer.score_grad), None) for _, layer in increlora_layers(model)
+                    if layer.score_grad is not None)
+        # (torch's __init__ deep-copies what it is given: a placeholder where the memo applies)
         super().__init__(nn.Module() if memo else model, device, average, multi, use_buffers)
         if memo:
-            shared = frozenset(key for key, value in memo.items()
-                               if isinstance(value, nn.Parameter))
             self.module = copy.deepcopy(model, memo)
             if device is not None:  # (the shared parameters are on it already: left as they are)
                 self.module = self.module.to(device)
+        if shared:
             SHARED_FROZEN[self] = (weakref.ref(model), shared)
         for _, layer in increlora_layers(self.module):  # (no controller ever reads its scores)
             layer.score_enabled = False

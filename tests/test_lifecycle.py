@@ -543,6 +543,30 @@ def test_an_averaged_model_made_in_a_score_window_tracks_no_score(exact):
     assert all(layer.score_enabled for _, layer in increlora_layers(model))  # (untouched)
 
 
+class _NoCopy(torch.Tensor):
+    """A tensor that must not be deep-copied."""
+
+    def __deepcopy__(self, memo):
+        raise AssertionError("deep-copied")
+
+
+@pytest.mark.parametrize("share_frozen", [True, False])
+def test_an_averaged_model_does_not_copy_the_dense_score_buffers(share_frozen):
+    """The copy deep-copied exact_step_score's dense (out, in) float32 buffers only to release
+    them: a passing spike of an fp32 copy of every target weight, on the device."""
+    from increlora_fast import IncreLoRAAveragedModel
+    torch.manual_seed(0)
+    config = branch_config(target_rank=4, r_max=5, top_h=1, warmup_steps=2,
+                           exact_step_score=True)
+    model, opt, ctl = make_run(ParallelBranches(3), config)
+    train_steps(model, opt, ctl, range(3))
+    for _, layer in increlora_layers(model):
+        layer.score_grad = layer.score_grad.as_subclass(_NoCopy)
+    averaged = IncreLoRAAveragedModel(model, share_frozen=share_frozen)
+    assert all(layer.score_grad is None for _, layer in increlora_layers(averaged.module))
+    assert all(type(layer.score_grad) is _NoCopy for _, layer in increlora_layers(model))
+
+
 @pytest.mark.parametrize("growth", ["plain", "scale_preserving_growth"])
 def test_an_averaged_model_reads_nothing_on_the_host_while_no_slot_changed(growth):
     """The restart of moved slots and the scaling of grown lambdas compared every layer's
