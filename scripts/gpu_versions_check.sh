@@ -25,7 +25,7 @@ elif [ ! -e "$MARK" ]; then
   exit 2
 fi
 # whole files, or single tests (file::name) of files whose other tests need NumPy 1.26
-NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_fp16.py tests/test_trainer_logging.py tests/test_trainer_rerun.py
+NEEDS_NUMPY2="tests/test_failed_calls.py tests/test_trainer.py tests/test_trainer_save.py tests/test_trainer_fp16.py tests/test_trainer_logging.py tests/test_trainer_rerun.py
   tests/test_trl.py tests/test_authors_reference.py tests/test_weight_decay_groups.py
   tests/test_readme.py tests/test_data.py
   tests/test_bad_inputs.py::test_offline_glue_task_fails_at_once_in_one_line
