@@ -74,7 +74,9 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     targets = _one_name_each(model, _without_excluded(selected, config.exclude_modules, names),
                              selected)
     # as in peft: a linear inside a module to save trains in full and gets no adapter
-    kept = [n for n in targets if saved_root(n, config.modules_to_save) is None]
+    inside = _inside_saved_modules(model, config.modules_to_save)
+    modules = dict(model.named_modules())
+    kept = [n for n in targets if id(modules[n]) not in inside]
     for key in spec if isinstance(spec, list) else []:
         if not any(suffix_match(n, key) for n in kept) and any(suffix_match(n, key)
                                                                for n in targets):
@@ -185,6 +187,22 @@ def _linear_names(modules: Dict[str, nn.Module]) -> str:
     return f"this model's linears are {', '.join(repr(n) for n in names[:4])}{more}"
 
 
+def saved_module_names(model: nn.Module, modules_to_save: Optional[List[str]]) -> List[str]:
+    """The names (each module's first, `named_modules`) of the modules ``modules_to_save``
+    entries select: those any of whose names ends in an entry (a module registered under
+    several names is selected by each, as by ``target_modules``)."""
+    keys = modules_to_save or []
+    chosen = {id(m) for n, m in model.named_modules(remove_duplicate=False)
+              if n and any(suffix_match(n, key) for key in keys)}
+    return [n for n, m in model.named_modules() if n and id(m) in chosen]
+
+
+def _inside_saved_modules(model: nn.Module, modules_to_save: Optional[List[str]]) -> Set[int]:
+    """The ids of the modules to save (`saved_module_names`) and of every module inside them."""
+    return {id(m) for root in saved_module_names(model, modules_to_save)
+            for m in model.get_submodule(root).modules()}
+
+
 def saved_root(name: str, modules_to_save: Optional[List[str]]) -> Optional[str]:
     """The ``modules_to_save`` entry (a module-name suffix) that module ``name`` lies in (or
     is), or None."""
@@ -241,11 +259,11 @@ def _all_linear_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
     head = getattr(model, "get_output_embeddings", lambda: None)()
     modules = dict(model.named_modules())
     holders = _unregistered_holders(model)
+    inside = _inside_saved_modules(model, config.modules_to_save)
     targets, skipped = [], []
     for n, module in modules.items():
         if (not n or not is_supported_base(module) or module is head
-                or _wrapped_by_adapter(n, modules)
-                or saved_root(n, config.modules_to_save) is not None):
+                or _wrapped_by_adapter(n, modules) or id(module) in inside):
             continue
         reason = direct_weight_reader(model, n) or holders.get(id(module))
         if reason is None:
@@ -670,14 +688,12 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
                          "IncreLoRA adapts nn.Linear (bitsandbytes 4-bit and 8-bit included) "
                          f"and transformers Conv1D layers{hint}")
     config.total_budget(len(targets))
-    names = [n for n, _ in model.named_modules() if n]
-    save_roots = []
+    names = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
     for key in config.modules_to_save or []:
-        found = [n for n in names if suffix_match(n, key)]
-        if not found:
+        if not any(suffix_match(n, key) for n in names):
             raise ValueError(f"modules_to_save entry {key!r} matches no module name; "
                              f"similar names: {_similar_names(key, names)}")
-        save_roots.extend(found)
+    save_roots = saved_module_names(model, config.modules_to_save)
     for root in save_roots:  # trained in full: a 4/8-bit weight cannot take a gradient
         inner = _packed_parameter(model.get_submodule(root))
         if inner is not None:
@@ -1190,8 +1206,7 @@ def _saved_module_parameter_ids(model: nn.Module) -> Set[int]:
     first."""
     config = getattr(model, CONFIG_ATTR, None)
     keys = (config.modules_to_save or []) if config is not None else []
-    names = [plain_name(n) for n, _ in model.named_modules() if n]
-    roots = tuple(n + "." for n in names if any(suffix_match(n, key) for key in keys))
+    roots = tuple(plain_name(n) + "." for n in saved_module_names(model, keys))
     return {id(p) for n, p in model.named_parameters(remove_duplicate=False)
             if plain_name(n).startswith(roots)}
 
@@ -1213,20 +1228,18 @@ def saved_module_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
     are saved with them. Buffers of IncreLoRA layers inside such a module are left out (the
     adapter's own)."""
     config = get_config(model)
-    names = [n for n, _ in model.named_modules() if n]
     buffers: Dict[str, torch.Tensor] = {}
-    for key in config.modules_to_save or []:
-        for root in (n for n in names if suffix_match(n, key)):
-            adapted: List[str] = []
-            for name, module in model.get_submodule(root).named_modules(prefix=root):
-                if isinstance(module, IncreLoRALinear):
-                    adapted.append(name + ".")
-                if isinstance(module, IncreLoRALinear) or name.startswith(tuple(adapted)):
-                    continue
-                for buffer_name, buffer in module._buffers.items():
-                    if buffer is not None and buffer_name not in \
-                            module._non_persistent_buffers_set:
-                        buffers[plain_name(f"{name}.{buffer_name}")] = buffer
+    for root in saved_module_names(model, config.modules_to_save):
+        adapted: List[str] = []
+        for name, module in model.get_submodule(root).named_modules(prefix=root):
+            if isinstance(module, IncreLoRALinear):
+                adapted.append(name + ".")
+            if isinstance(module, IncreLoRALinear) or name.startswith(tuple(adapted)):
+                continue
+            for buffer_name, buffer in module._buffers.items():
+                if buffer is not None and buffer_name not in \
+                        module._non_persistent_buffers_set:
+                    buffers[plain_name(f"{name}.{buffer_name}")] = buffer
     return buffers
 
 

@@ -13,6 +13,7 @@ from torch import nn
 
 from increlora_fast import (IncreLoRAConfig, IncreLoRAController, increlora_layers,
                             inject_increlora, load_adapter, save_adapter)
+from increlora_fast.integrations.peft_export import export_peft
 from increlora_fast.kernels.reference import effective_lambda, read_slots
 from increlora_fast.layer import IncreLoRALinear
 
@@ -60,6 +61,41 @@ def test_all_linear_excluding_one_name_of_a_shared_linear_leaves_it_out(exclude)
         target_rank=2))
     assert [n for n, _ in increlora_layers(model)] == ["head"]
     assert type(model.left) is nn.Linear and model.left is model.right
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r"left|head"])
+@pytest.mark.parametrize("saved", [["right"], ["left"]])
+def test_either_name_of_a_shared_linear_saves_it_in_full(saved, targets, tmp_path):
+    """``modules_to_save`` sees every name of a shared linear, as ``target_modules`` and
+    ``exclude_modules`` do: ``["right"]`` was refused as 'matches no module name'. The module
+    trains in full and gets no adapter, under either name; save_adapter / load_adapter carry
+    it, and peft loads the export with our outputs."""
+    torch.manual_seed(0)
+    base = Siamese()
+    state = copy.deepcopy(base.state_dict())
+    config = IncreLoRAConfig(target_modules=targets, modules_to_save=saved, r_max=2, init_r=1,
+                             target_rank=2)
+    model = inject_increlora(base, config)
+    assert [n for n, _ in increlora_layers(model)] == ["head"]
+    assert type(model.left) is nn.Linear and model.left is model.right
+    assert model.left.weight.requires_grad and model.left.bias.requires_grad
+    with torch.no_grad():  # what training does
+        model.left.weight.add_(0.5)
+        model.head.lora_B.normal_()
+        model.head.lora_lambda.normal_()
+    a, b = torch.randn(3, 8), torch.randn(3, 8)
+    expected = model.eval()(a, b)
+    save_adapter(model, tmp_path / "ours")
+    fresh = Siamese()
+    fresh.load_state_dict(state)
+    loaded = load_adapter(inject_increlora(fresh, copy.deepcopy(config)), tmp_path / "ours")
+    torch.testing.assert_close(loaded.eval()(a, b), expected, rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    export_peft(model, tmp_path / "peft")
+    fresh = Siamese()
+    fresh.load_state_dict(state)
+    theirs = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "peft")).eval()
+    torch.testing.assert_close(theirs(a, b), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_a_shared_linear_selected_by_its_second_name_keeps_its_first():

@@ -58,8 +58,8 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from ..layer import IncreLoRALinear, SlotState
-from ..model import (get_config, increlora_layers, plain_name, saved_module_parameters,
-                     suffix_match, unwrapped)
+from ..model import (get_config, increlora_layers, plain_name, saved_module_names,
+                     saved_module_parameters, unwrapped)
 from ..persistence import base_fingerprint, base_model_name, write_adapter_files
 from ..pooling import model_pooling
 
@@ -151,8 +151,8 @@ def _saved_roots(model: nn.Module) -> List[str]:
     """
     config = get_config(model)
     # (a wrapper and the module it holds have one plain name)
-    names = list(dict.fromkeys(plain_name(n) for n, _ in model.named_modules() if n))
-    roots = [n for n in names if any(suffix_match(n, key) for key in config.modules_to_save or [])]
+    roots = list(dict.fromkeys(plain_name(n)
+                               for n in saved_module_names(model, config.modules_to_save)))
     roots = [n for n in roots if not any(n.startswith(r + ".") for r in roots)]
     why = {r: f"module to save {r!r}" for r in roots}
     biases = _trained_adapted_biases(model)
