@@ -44,6 +44,35 @@ SCORE_KINDS = ("delta_w", "triplet", "random")
 ADAPTER_DTYPES = ("auto", "float32", "base")
 
 
+# What IncreLoRAConfig offers for peft LoraConfig options it lacks (`_refuse_peft_options`).
+_LAYER_SELECTION = ("select layers with a target_modules regex matched against the full module "
+                    "name (e.g. r'.*[.]layers[.](0|1)[.].*(q_proj|v_proj)') or leave them out "
+                    "with exclude_modules")
+_PEFT_OPTION_ADVICE = {
+    "layers_to_transform": _LAYER_SELECTION,
+    "layers_pattern": _LAYER_SELECTION,
+    "r": "the rank here is set by r_max (slots per module), init_r and target_rank",
+    "task_type": "name the task head in modules_to_save to train it in full",
+}
+
+
+def _refuse_peft_options(unknown: Sequence[str]) -> None:
+    """TypeError, one line, when a keyword of ``unknown`` (those IncreLoRAConfig lacks) is a
+    peft ``LoraConfig`` option, naming it and what to use instead; other keywords (or any,
+    without peft installed) are left to the dataclass's own TypeError."""
+    if not unknown:
+        return
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return
+    options = {f.name for f in dataclasses.fields(LoraConfig)}
+    name = next((n for n in unknown if n in options), None)
+    if name is not None:
+        advice = _PEFT_OPTION_ADVICE.get(name, "IncreLoRA has no equivalent")
+        raise TypeError(f"IncreLoRAConfig has no {name} (a peft LoraConfig option): {advice}")
+
+
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ValueError(f"IncreLoRAConfig.{name}={value!r} is invalid: {allowed}")
 
@@ -163,6 +192,9 @@ class IncreLoRAConfig:
             EMAs' weight outside the window is under 1 %:
             ``ceil(log(0.01) / log(max(beta1, beta2)))`` (29 at 0.85). A window of
             ``incre_interval`` or more tracks every step of the allocation phase.
+
+    A peft ``LoraConfig`` option this config lacks (``layers_to_transform``, ``use_dora``, ...)
+    raises a TypeError naming it as one, and what to use instead where there is something.
     """
 
     target_modules: Optional[Union[List[str], str]] = None
@@ -193,6 +225,11 @@ class IncreLoRAConfig:
     normalize_on_activation: bool = False
     score_window: Optional[int] = None
     exclude_modules: Optional[Union[List[str], str]] = None
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "IncreLoRAConfig":
+        # (construction only: copies and pickles call __new__ without the keywords)
+        _refuse_peft_options(sorted(set(kwargs) - {f.name for f in dataclasses.fields(cls)}))
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         # lists of module names given as a tuple, or as a set (as peft's LoraConfig holds them)

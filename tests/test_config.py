@@ -112,6 +112,37 @@ def test_from_dict_rejects_unknown_keys():
     assert "rank" in str(err.value) and "lora_alhpa" in str(err.value)
 
 
+@pytest.mark.parametrize("option,value,advice", [
+    ("layers_to_transform", [0, 1], "target_modules regex"),
+    ("layers_pattern", "layers", "exclude_modules"),
+    ("use_dora", True, "a peft LoraConfig option"),
+])
+def test_a_peft_option_is_named_as_one(option, value, advice):
+    """peft's LoraConfig options IncreLoRAConfig lacks failed with Python's bare "unexpected
+    keyword argument"; the TypeError says it is a peft option and, for the layer selection,
+    what selects layers here."""
+    pytest.importorskip("peft")
+    with pytest.raises(TypeError) as err:
+        IncreLoRAConfig(target_modules=["q_proj"], **{option: value})
+    message = str(err.value)
+    assert "\n" not in message and f"IncreLoRAConfig has no {option}" in message
+    assert "a peft LoraConfig option" in message and advice in message
+
+
+def test_construction_still_round_trips_through_copies_and_pickles():
+    """The keyword check runs at construction only: dataclasses.replace, copies and pickles
+    rebuild an equal config."""
+    import copy
+    import dataclasses
+    import pickle
+    config = IncreLoRAConfig(target_modules=["q_proj"], r_max=6, target_rank=3)
+    assert dataclasses.replace(config, r_max=7) == IncreLoRAConfig(
+        target_modules=["q_proj"], r_max=7, target_rank=3)
+    assert pickle.loads(pickle.dumps(config)) == copy.deepcopy(config) == config
+    with pytest.raises(TypeError, match="IncreLoRAConfig has no layers_pattern"):
+        dataclasses.replace(config, layers_pattern="layers")
+
+
 def test_from_dict_validates_values():
     with pytest.raises(ValueError, match="lora_dropout"):
         IncreLoRAConfig.from_dict({"lora_dropout": 2.0})
