@@ -120,3 +120,17 @@ def test_the_readme_quotes_the_cpu_host_time_records():
     assert f"with {ours['launches_per_step']} Triton launches" in readme
     assert (f"{ours['aten_ops_per_step']} other device ops against peft LoRA's "
             f"{peft['aten_ops_per_step']:,}") in readme
+
+
+def test_the_readme_lists_what_target_modules_none_selects():
+    """``target_modules=None`` is a union of common attention/FFN names, not peft's
+    per-architecture default (BERT's query and value): the README said neither, so a user
+    moving from peft adapted more modules than expected. It lists every default name, in one
+    sentence beside the ``target_modules`` description."""
+    from increlora_fast.config import DEFAULT_TARGET_MODULES
+    readme = " ".join(README.read_text().split())
+    start = readme.index("`target_modules=None` (the default)")
+    sentence = readme[start:readme.index("DEFAULT_TARGET_MODULES", start)]
+    assert "not peft's per-architecture default" in sentence
+    assert set(re.findall(r"`([\w.]+)`", sentence)) - {"query", "value", "q_proj", "v_proj"} \
+        <= set(DEFAULT_TARGET_MODULES) <= set(re.findall(r"`([\w.]+)`", sentence))
