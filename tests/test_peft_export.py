@@ -915,3 +915,43 @@ def test_peft_loads_the_export_of_trained_biases_norms_and_heads(tmp_path, famil
         for name, param in trained.items():
             param.copy_(base[name.replace(".base_layer", "")])
     assert (_outputs(model, family) - ours).abs().max() > 1e-4
+
+
+class BiasShared(nn.Module):
+    """``fc``'s bias shared by hand (after construction) with ``other``, when ``tie``."""
+
+    def __init__(self, tie: str = "") -> None:
+        super().__init__()
+        self.fc, self.mid, self.other = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6)
+        if tie:
+            getattr(self, tie).bias = self.fc.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.other(torch.tanh(self.mid(torch.tanh(self.fc(x)))))
+
+
+@pytest.mark.parametrize("tie", ["other", "mid"])
+def test_export_of_a_trained_adapted_bias_shared_with_another_module(tmp_path, tie):
+    """A trained bias of an adapted layer that another module shares by a hand-made tie (a
+    plain module, or another adapted layer) went out under the adapted layer's name alone, so
+    peft's fresh base, which lacks the tie, kept the untrained bias in the other module and
+    gave other outputs, silently. The other module gets it too: a plain one as a module to
+    save, an adapted one in the same ``bias: "lora_only"`` form."""
+    torch.manual_seed(0)
+    state = BiasShared().state_dict()
+    model = BiasShared(tie)
+    model.load_state_dict(state)
+    inject_increlora(model, IncreLoRAConfig(target_modules=["fc", "mid"], r_max=2, init_r=1,
+                                            target_rank=2))
+    assert model.fc.base_layer.bias is getattr(model, tie).bias
+    with torch.no_grad():  # what training the bias, unfrozen by hand, does
+        model.fc.base_layer.bias.requires_grad_(True).add_(1.0)
+    x = torch.randn(4, 6)
+    ours = model.eval()(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (vLLM refuses adapter biases: said, not tested here)
+        export_peft(model, tmp_path)
+    base = BiasShared()
+    base.load_state_dict(state)
+    loaded = peft.PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    torch.testing.assert_close(loaded(x), ours, rtol=1e-5, atol=1e-5)

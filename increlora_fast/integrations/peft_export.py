@@ -166,9 +166,11 @@ def _saved_roots(model: nn.Module) -> List[str]:
     # peft saves each module to save as its own copy: a module outside them that uses one
     # of their parameters (a tied lm_head or encoder embed_tokens) would keep the untrained
     # one there, so it is a module to save too (a layer we adapt is refused instead, by
-    # _refuse_trained_base_weights)
+    # _refuse_trained_base_weights); so is one sharing a trained bias of an adapted layer,
+    # which goes out under the adapted layers' names only
     parameters = [(plain_name(n), p) for n, p in model.named_parameters(remove_duplicate=False)]
     saved = {id(p) for n, p in parameters if any(n.startswith(r + ".") for r in roots if r)}
+    saved |= {id(p) for p in biases.values()}
     for param_name, param in parameters:
         owner = param_name.rpartition(".")[0]
         if id(param) in saved and owner and not any(_within(owner, r) for r in roots) \
@@ -190,9 +192,12 @@ def _trained_adapted_biases(model: nn.Module) -> Dict[str, nn.Parameter]:
     """The trained biases of adapted layers by name (``<layer>.base_layer.bias``, the plain
     model's), which go out in peft's ``bias: "lora_only"`` form: peft 0.21 and 0.22 load these
     keys alone into the LoRA layers' base linears (a module to save would carry each whole
-    base linear, a weight-sized copy)."""
+    base linear, a weight-sized copy). A bias several adapted layers share (a tie made by
+    hand, which peft's fresh base may lack) is named under each of them."""
     adapted = {f"{n}.base_layer.bias" for n, _ in increlora_layers(model)}
-    return {n: p for n, p in saved_module_parameters(model).items() if n in adapted}
+    trained = {id(p) for p in saved_module_parameters(model).values()}
+    return {plain_name(n): p for n, p in model.named_parameters(remove_duplicate=False)
+            if plain_name(n) in adapted and id(p) in trained}
 
 
 def _peft_wrapped(model: nn.Module, roots: List[str], task_type: Optional[str]) -> List[str]:
