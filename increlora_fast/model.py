@@ -75,11 +75,12 @@ def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:
                              selected)
     # as in peft: a linear inside a module to save trains in full and gets no adapter
     inside = _inside_saved_modules(model, config.modules_to_save)
-    modules = dict(model.named_modules())
+    modules = dict(model.named_modules(remove_duplicate=False))
     kept = [n for n in targets if id(modules[n]) not in inside]
-    for key in spec if isinstance(spec, list) else []:
-        if not any(suffix_match(n, key) for n in kept) and any(suffix_match(n, key)
-                                                               for n in targets):
+    target_ids, kept_ids = {id(modules[n]) for n in targets}, {id(modules[n]) for n in kept}
+    for key in spec if isinstance(spec, list) else []:  # (by any name of a shared module)
+        named = {id(modules[n]) for n in selected if suffix_match(n, key)}
+        if named & target_ids and not named & kept_ids:
             raise ValueError(f"target module {key!r} matches only modules inside "
                              f"modules_to_save {config.modules_to_save}, which train in full "
                              "and get no adapter (as in peft); leave it out of one of the two")

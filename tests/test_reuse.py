@@ -98,6 +98,21 @@ def test_either_name_of_a_shared_linear_saves_it_in_full(saved, targets, tmp_pat
     torch.testing.assert_close(theirs(a, b), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("target,saved", [("right", "left"), ("left", "right"),
+                                          ("right", "right")])
+def test_a_target_named_only_inside_modules_to_save_is_refused_by_either_name(target, saved):
+    """A listed target whose module lies in modules_to_save gets no adapter and is refused,
+    whichever names of a shared linear the two fields use: naming its second name as the
+    target, it was left unadapted silently."""
+    with pytest.raises(ValueError) as error:
+        inject_increlora(Siamese(), IncreLoRAConfig(
+            target_modules=[target, "head"], modules_to_save=[saved], r_max=2, init_r=1,
+            target_rank=2))
+    message = str(error.value)
+    assert "\n" not in message and f"target module {target!r} matches only modules inside " \
+        "modules_to_save" in message
+
+
 def test_a_shared_linear_selected_by_its_second_name_keeps_its_first():
     model = inject_increlora(Siamese(), IncreLoRAConfig(target_modules=["right"], r_max=4,
                                                         init_r=2, target_rank=3))
