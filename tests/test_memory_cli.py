@@ -619,3 +619,24 @@ def test_the_table_says_the_total_leaves_out_the_cuda_context_and_allocator_slac
                  "--dtype", "fp32", "--no-progress", "--device", "cpu"]) == 0
     footer = capsys.readouterr().out.strip().splitlines()[-1]
     assert "tensors only" in footer and "CUDA context" in footer and "allocator" in footer
+
+
+@pytest.mark.parametrize("ranks, named, not_named", [
+    (["--init-r", "7", "--r-max", "6"], ["--init-r 7", "--r-max (6)"], ["--target-rank"]),
+    (["--init-r", "7", "--r-max", "6", "--target-rank", "6"], ["--init-r 7", "--r-max (6)"],
+     ["--target-rank"]),
+    (["--r-max", "4", "--target-rank", "5"], ["--target-rank 5", "--r-max (4)"], ["--init-r"]),
+    (["--init-r", "3", "--r-max", "6"], ["--target-rank 2", "--init-r (3)"], ["--r-max"]),
+    (["--init-r", "2", "--r-max", "2", "--target-rank", "2"],
+     ["--r-max 2", "--init-r", "--target-rank 2"], ["IncreLoRAConfig"]),
+])
+def test_cli_rank_errors_name_the_options_in_conflict(tmp_path, capsys, ranks, named,
+                                                      not_named):
+    """Every rank conflict is one line naming the options that conflict: --init-r 7 --r-max 6
+    blamed --target-rank (checked against --init-r first), and an --r-max without room for the
+    slots IncreLoRA adds each round was named as the config field IncreLoRAConfig.r_max."""
+    config = str(write_config(tmp_path, LLAMA))
+    assert main(["memory", "--model", config, "--no-progress", "--device", "cpu"] + ranks) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert all(name in err for name in named) and not any(n in err for n in not_named), err

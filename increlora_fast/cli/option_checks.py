@@ -46,7 +46,15 @@ def check_names(option: str, given: Optional[Iterable[str]], known: Sequence[str
 
 
 def check_rank_budget(target_rank: int, r_max: int, init_r: int) -> None:
-    """IncreLoRA's ``--target-rank`` must lie between ``--init-r`` and ``--r-max``."""
+    """IncreLoRA's ``--init-r`` must be at most ``--r-max``, ``--target-rank`` between them, and
+    ``--r-max`` must leave room for the slots added each round (`IncreLoRAConfig`'s
+    ``incre_rank_num``, derived from ``--target-rank``); the message names the options in
+    conflict."""
+    from ..config import default_incre_rank_num
+
+    if init_r > r_max:
+        raise ValueError(f"--init-r {init_r} is invalid: use at most --r-max ({r_max}), the slot "
+                         "capacity of every module")
     if target_rank > r_max:
         raise ValueError(f"--target-rank {target_rank} is invalid: use at most --r-max ({r_max}), "
                          f"the slot capacity of every module (or raise --r-max to at least "
@@ -54,6 +62,11 @@ def check_rank_budget(target_rank: int, r_max: int, init_r: int) -> None:
     if target_rank < init_r:
         raise ValueError(f"--target-rank {target_rank} is invalid: use at least --init-r "
                          f"({init_r}), the rank every module starts at")
+    added = default_incre_rank_num(target_rank)
+    if r_max < init_r + added:
+        raise ValueError(f"--r-max {r_max} is invalid: use at least --init-r + {added} = "
+                         f"{init_r + added}, room for the {added} slot(s) IncreLoRA adds to a "
+                         f"module per round at --target-rank {target_rank}")
 
 
 def check_output_path(path: Optional[str], option: str, folder: bool = False) -> None:
