@@ -640,3 +640,19 @@ def test_cli_rank_errors_name_the_options_in_conflict(tmp_path, capsys, ranks, n
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert all(name in err for name in named) and not any(n in err for n in not_named), err
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--adalora-init-r", "1", "--target-rank", "2"], "--adalora-init-r 1"),
+    (["--estimate", "--seq-len", "64"], "drop --estimate"),
+])
+def test_cli_checks_that_need_no_model_come_before_the_model_loads(tmp_path, capsys,
+                                                                   monkeypatch, extra, named):
+    """An --adalora-init-r below --target-rank, or an --estimate measuring the full size or
+    more, was checked only after the model's config loaded: a hub id that cannot be resolved
+    failed on the hub first, hiding the option's error until the hub answered."""
+    monkeypatch.setenv("INCRELORA_OFFLINE", "1")
+    assert main(["memory", "--model", "no-such-org/no-such-model", "--no-progress",
+                 "--device", "cpu"] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err and "--model" not in err, err

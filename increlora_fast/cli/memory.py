@@ -144,9 +144,9 @@ def run(args: argparse.Namespace) -> int:
         return _fail(str(err))
     import torch
 
-    from ..benchmarks.memory.breakdown import (build_spec, format_notes, format_table,
-                                               memory_breakdown, write_json)
-    from ..benchmarks.memory.compared_methods import AdapterSetting
+    from ..benchmarks.memory.breakdown import (build_spec, check_estimate_sizes, format_notes,
+                                               format_table, memory_breakdown, write_json)
+    from ..benchmarks.memory.compared_methods import AdapterSetting, methods_for
     from ..data.assets import AssetUnavailableError, hub_access_off, hub_offline
 
     try:
@@ -162,6 +162,9 @@ def run(args: argparse.Namespace) -> int:
             adapter_dtype=args.adapter_dtype,
             gradient_checkpointing=args.gradient_checkpointing)
         setting.increlora_config()  # validates r_max, init_r and target_rank with clear messages
+        methods_for(setting)  # and --adalora-init-r, all before the model loads
+        if args.estimate:
+            check_estimate_sizes(args.seq_len, args.small_seq)
         with hub_offline(hub_access_off() is not None):  # a hub id not cached fails at once
             spec = build_spec(args.model, args.head, args.dtype)
         if spec.head == "seq-cls":  # trained in full, as `finetune` trains them

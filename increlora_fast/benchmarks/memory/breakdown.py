@@ -124,6 +124,19 @@ def default_small_seq(seq_len: int) -> int:
     return max(32, min(128, seq_len // 8))
 
 
+def check_estimate_sizes(seq_len: int, small_seq: Optional[int]) -> None:
+    """``--estimate`` measures ``small_seq`` (None: `default_small_seq`) x (1, 2, 4) tokens:
+    ValueError naming the options unless all are shorter than ``seq_len`` (so it never measures
+    more than the full size, nor runs past the positions)."""
+    small = small_seq or default_small_seq(seq_len)
+    if 4 * small >= seq_len:
+        raise ValueError(
+            f"--estimate at --seq-len {seq_len} would measure sequences of {small}, {2 * small} "
+            f"and {4 * small} tokens, not shorter than the full size: drop --estimate (the full "
+            "size is the cheaper run)"
+            + (f" or give --small-seq {(seq_len - 1) // 4} or less" if seq_len > 4 else ""))
+
+
 def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
                 batch_size: int, seq_len: int, device: torch.device, quantized: str = "none",
                 estimate: bool = False, small_seq: Optional[int] = None) -> List[dict]:
@@ -196,13 +209,8 @@ def memory_breakdown(spec: ModelSpec, setting: AdapterSetting, batch_size: int, 
     limit = spec.max_positions()
     if limit is not None and seq_len > limit:
         raise ValueError(f"--seq-len {seq_len}: the model embeds at most {limit} positions")
-    small = small_seq or default_small_seq(seq_len)
-    if estimate and 4 * small >= seq_len:  # (so --estimate never runs past the positions)
-        raise ValueError(
-            f"--estimate at --seq-len {seq_len} would measure sequences of {small}, {2 * small} "
-            f"and {4 * small} tokens, not shorter than the full size: drop --estimate (the full "
-            "size is the cheaper run)"
-            + (f" or give --small-seq {(seq_len - 1) // 4} or less" if seq_len > 4 else ""))
+    if estimate:
+        check_estimate_sizes(seq_len, small_seq)
     rows = []
     for method in tqdm(methods, desc="memory", disable=not progress):
         rows += method_rows(method, spec, setting, batch_size, seq_len, torch.device(device),
