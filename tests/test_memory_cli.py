@@ -673,3 +673,65 @@ def test_estimate_states_its_error_in_the_table_and_the_notes(tmp_path, capsys):
     assert len(notes) == 1 and "within about ±5 %" in notes[0], notes
     assert main(common) == 0
     assert "±5 %" not in capsys.readouterr().out
+
+
+def test_double_quantized_layout_matches_bitsandbytes():
+    """QLoRA's recipe quantizes the 4-bit absmax again (bnb_4bit_use_double_quant:
+    compress_statistics): one uint8 per 64 weights, plus per layer an fp32 absmax per 256 of
+    those, a 256-entry fp32 code and an fp32 offset. --quantized 4bit assumed one fp32 absmax per
+    64 weights, overstating such a base by ~5.6 %; --double-quant counts bitsandbytes' layout,
+    checked on a real Linear4bit (an odd size: the partial blocks count)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from torch import nn
+
+    from increlora_fast.benchmarks.memory.breakdown import base_weights
+
+    class Tiny(nn.Module):
+        def __init__(self, linear=nn.Linear):
+            super().__init__()
+            self.proj = linear(1000, 300)
+            self.lm_head = nn.Linear(300, 64)  # the last module stays unquantized
+
+    def nbytes(t):
+        return t.numel() * t.element_size()
+    try:
+        proj = bnb.nn.Linear4bit(1000, 300, compress_statistics=True, quant_type="nf4")
+        proj.load_state_dict(nn.Linear(1000, 300).state_dict())
+        proj = proj.to("cpu")
+        state = proj.weight.quant_state
+        quantized = sum(nbytes(t) for t in (proj.weight, state.absmax, state.code, state.offset,
+                                            state.state2.absmax, state.state2.code))
+    except (RuntimeError, AttributeError, NotImplementedError) as err:
+        pytest.skip(f"bitsandbytes cannot quantize on this CPU: {err}")
+    from accelerate import init_empty_weights
+    with init_empty_weights():
+        meta = Tiny()
+    meta.all_tied_weights_keys = {}
+    meta.get_output_embeddings = lambda: meta.lm_head
+    expected = base_weights(meta, "none")[0] - 1000 * 300 * 4 + quantized
+    size, _, detail = base_weights(meta, "4bit", double_quant=True)
+    assert size == expected and "double quantization" in detail
+    assert base_weights(meta, "4bit")[0] > size
+
+
+def test_cli_double_quant_goes_with_4bit_and_the_notes_name_what_is_left_out(tmp_path, capsys):
+    """--double-quant is one line without --quantized 4bit; with it the base shrinks, and the
+    notes say that a 4/8-bit step's temporary dequantized weight per layer is not counted."""
+    config = str(write_config(tmp_path, LLAMA))
+    common = ["memory", "--model", config, "--target-modules", "q_proj", "--r-max", "4",
+              "--seq-len", "8", "--dtype", "fp32", "--no-progress", "--device", "cpu"]
+    assert main(common + ["--double-quant", "--quantized", "8bit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--double-quant" in err and "4bit" in err, err
+    bases = {}
+    for extra in ([], ["--double-quant"]):
+        out = tmp_path / f"rows{len(extra)}.json"
+        assert main(common + ["--quantized", "4bit", "--notes", "--json", str(out)] + extra) == 0
+        notes = capsys.readouterr().out
+        total_note = next(line for line in notes.splitlines()
+                          if line.startswith(f"increlora / {TOTAL}:"))
+        assert "dequantized weight" in total_note and "not counted" in total_note, total_note
+        rows = json.loads(out.read_text())
+        bases[bool(extra)] = by_component(rows, "increlora")[BASE]["bytes"]
+        assert all(r["double_quant"] == bool(extra) for r in rows)
+    assert bases[True] != bases[False]

@@ -38,6 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--quantized", default="none", choices=("none", "4bit", "8bit"),
                        help="bitsandbytes base weights (their size is exact in its layout; the "
                             "step is measured on a --dtype stand-in, so the total is estimated)")
+    model.add_argument("--double-quant", action="store_true",
+                       help="with --quantized 4bit: double quantization, the QLoRA recipe's "
+                            "bnb_4bit_use_double_quant (the absmax quantized to 8 bits)")
     adapter = parser.add_argument_group("adapter")
     adapter.add_argument("--target-modules", type=_csv_list, default=None,
                          help="comma-separated module-name suffixes (default: the attention and "
@@ -112,6 +115,7 @@ def _run_fields(args: argparse.Namespace, head: str, device, modules_to_save) ->
 
     env = environment(device, "estimate" if args.estimate else "measured")
     return dict(model=args.model, head=head, dtype=args.dtype, quantized=args.quantized,
+                double_quant=args.double_quant,
                 batch_size=args.batch_size, seq_len=args.seq_len, estimate=args.estimate,
                 gradient_checkpointing=args.gradient_checkpointing,
                 target_modules=args.target_modules, r_max=args.r_max, init_r=args.init_r,
@@ -133,6 +137,9 @@ def run(args: argparse.Namespace) -> int:
                                    "batch_size", "seq_len", "small_seq"])
         if problem:
             raise ValueError(problem)
+        if args.double_quant and args.quantized != "4bit":
+            raise ValueError(f"--double-quant goes with --quantized 4bit (it quantizes a 4-bit "
+                             f"base's absmax), not --quantized {args.quantized}")
         if args.small_seq is not None and not args.estimate:
             raise ValueError(f"--small-seq {args.small_seq} goes with --estimate (it sets the "
                              "shortest sequence --estimate measures); add --estimate or drop it")
@@ -171,11 +178,13 @@ def run(args: argparse.Namespace) -> int:
             setting = dataclasses.replace(setting, modules_to_save=_trained_head(spec, device))
         rows = memory_breakdown(spec, setting, args.batch_size, args.seq_len, device,
                                 quantized=args.quantized, estimate=args.estimate,
-                                small_seq=args.small_seq, progress=not args.no_progress)
+                                small_seq=args.small_seq, progress=not args.no_progress,
+                                double_quant=args.double_quant)
     except (ValueError, TypeError, AssetUnavailableError) as err:
         return _fail(str(err))
     print(f"{args.model} ({spec.head}, {args.dtype}"
           + (f", {args.quantized} base" if args.quantized != "none" else "")
+          + (" (double quantization)" if args.double_quant else "")
           + f"), batch {args.batch_size} x seq {args.seq_len} on {device}"
           + (", gradient checkpointing" if args.gradient_checkpointing else "")
           + "".join(f", {name} trained in full" for name in setting.modules_to_save))

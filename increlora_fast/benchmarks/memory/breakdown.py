@@ -54,6 +54,11 @@ _SIZE_KEYS = {"padded": PADDED, "active": ACTIVE, "buffers": BUFFERS,
 QUANTIZED = ("none", "4bit", "8bit")
 BNB_BLOCKSIZE = 64   # bitsandbytes 4-bit: one fp32 absmax per 64 weights
 BNB_CODE_BYTES = 64  # and a 16-entry fp32 code per layer
+# Double quantization (compress_statistics): the absmax as uint8, in blocks of 256 with one fp32
+# absmax each, a 256-entry fp32 code and an fp32 offset per layer.
+BNB_NESTED_BLOCKSIZE = 256
+BNB_NESTED_CODE_BYTES = 256 * 4
+BNB_OFFSET_BYTES = 4
 # How far `estimate_step` was from a measured step where it was checked (it came out low there
 # on BERT, the unsafe direction): said wherever its figures are read.
 ESTIMATE_ERROR = ("within about ±5 % of a measured step on the models tried (tiny BERT, tiny "
@@ -73,9 +78,21 @@ def _quantized_linears(meta_model: nn.Module) -> Tuple[set, Dict[str, nn.Module]
     return keep, linears
 
 
-def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
+def _absmax_bytes(numel: int, double_quant: bool) -> int:
+    """Bytes of a 4-bit weight's quantization state in bitsandbytes: its absmax per block (fp32,
+    or with ``double_quant`` uint8 and a nested state) and its code."""
+    blocks = math.ceil(numel / BNB_BLOCKSIZE)
+    if not double_quant:
+        return blocks * 4 + BNB_CODE_BYTES
+    return (blocks + math.ceil(blocks / BNB_NESTED_BLOCKSIZE) * 4 + BNB_NESTED_CODE_BYTES
+            + BNB_OFFSET_BYTES + BNB_CODE_BYTES)
+
+
+def base_weights(meta_model: nn.Module, quantized: str,
+                 double_quant: bool = False) -> Tuple[int, str, str]:
     """Bytes of every parameter and buffer of the base model (accelerate's
-    ``compute_module_sizes``); with a 4/8-bit base, its linears in bitsandbytes' layout."""
+    ``compute_module_sizes``); with a 4/8-bit base, its linears in bitsandbytes' layout
+    (``double_quant``: a 4-bit base's absmax quantized again, ``bnb_4bit_use_double_quant``)."""
     from accelerate.utils import compute_module_sizes
 
     if quantized not in QUANTIZED:
@@ -90,10 +107,11 @@ def base_weights(meta_model: nn.Module, quantized: str) -> Tuple[int, str, str]:
     size = compute_module_sizes(meta_model,
                                 special_dtypes={f"{n}.weight": packed for n in linears})[""]
     if quantized == "4bit":
-        size += sum(math.ceil(m.weight.numel() / BNB_BLOCKSIZE) * 4 + BNB_CODE_BYTES
-                    for m in linears.values())
-        layout = (f"4-bit weights, NF4 or FP4 (the same size), one fp32 absmax per "
-                  f"{BNB_BLOCKSIZE} (no double quantization)")
+        size += sum(_absmax_bytes(m.weight.numel(), double_quant) for m in linears.values())
+        layout = ("4-bit weights, NF4 or FP4 (the same size), " + (
+            f"double quantization: one uint8 absmax per {BNB_BLOCKSIZE}, one fp32 per "
+            f"{BNB_NESTED_BLOCKSIZE} of those" if double_quant else
+            f"one fp32 absmax per {BNB_BLOCKSIZE} (no double quantization)"))
     else:
         size += sum(_in_out(m)[1] * 4 for m in linears.values())
         layout = "LLM.int8: int8 weights and one fp32 scale per output row"
@@ -143,10 +161,11 @@ def check_estimate_sizes(seq_len: int, small_seq: Optional[int]) -> None:
 
 def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
                 batch_size: int, seq_len: int, device: torch.device, quantized: str = "none",
-                estimate: bool = False, small_seq: Optional[int] = None) -> List[dict]:
+                estimate: bool = False, small_seq: Optional[int] = None,
+                double_quant: bool = False) -> List[dict]:
     """The rows of one method (see the module docstring)."""
     meta = spec.build(device, meta=True)
-    base = base_weights(meta, quantized)
+    base = base_weights(meta, quantized, double_quant)
     base_unquantized = base_weights(meta, "none")[0]
     # A bitsandbytes weight is not a float: every adapter_dtype gives float32 A and B on it
     # (`layer.adapter_dtype_for`). The step runs on the unquantized stand-in, whose exact
@@ -195,6 +214,11 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
     total = _static_sum(sizes, base[0], batch_bytes) + grads + max(acts, opt)
     # A quantized base's step is measured on a full-precision stand-in: its total is estimated.
     how_total = "estimated" if estimate or quantized != "none" else "measured"
+    if packed:
+        largest = max(m.weight.numel() for m in _quantized_linears(meta)[1].values())
+        total_note += (f"; not counted: the temporary {spec.dtype} dequantized weight a "
+                       f"{quantized} step makes per layer (the largest "
+                       f"{largest * spec.dtype.itemsize} B)")
     rows.append(_row(method.key, TOTAL, (total, how_total, total_note)))
     if "score_dense" in sizes:
         rows.append(_row(method.key, TOTAL_DENSE, (total + sizes["score_dense"][0], how_total,
@@ -204,7 +228,8 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
 
 def memory_breakdown(spec: ModelSpec, setting: AdapterSetting, batch_size: int, seq_len: int,
                      device: torch.device, quantized: str = "none", estimate: bool = False,
-                     small_seq: Optional[int] = None, progress: bool = True) -> List[dict]:
+                     small_seq: Optional[int] = None, progress: bool = True,
+                     double_quant: bool = False) -> List[dict]:
     """Rows of every method of `methods_for` (see the module docstring)."""
     from tqdm.auto import tqdm
 
@@ -219,7 +244,7 @@ def memory_breakdown(spec: ModelSpec, setting: AdapterSetting, batch_size: int, 
     rows = []
     for method in tqdm(methods, desc="memory", disable=not progress):
         rows += method_rows(method, spec, setting, batch_size, seq_len, torch.device(device),
-                            quantized, estimate, small_seq)
+                            quantized, estimate, small_seq, double_quant)
     return rows
 
 
