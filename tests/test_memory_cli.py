@@ -735,3 +735,18 @@ def test_cli_double_quant_goes_with_4bit_and_the_notes_name_what_is_left_out(tmp
         bases[bool(extra)] = by_component(rows, "increlora")[BASE]["bytes"]
         assert all(r["double_quant"] == bool(extra) for r in rows)
     assert bases[True] != bases[False]
+
+
+def test_notes_say_cpu_attention_can_hold_what_a_gpu_does_not(tmp_path, capsys):
+    """On CPU, attention with dropout in training (BERT's) takes SDPA's math path, which holds
+    the S x S attention weights per head that flash / memory-efficient attention on a GPU does
+    not: activations measured (or estimated) on CPU overstate a GPU's at long sequences. The
+    notes said only "measured"."""
+    config = str(write_config(tmp_path, BERT))
+    for extra in ([], ["--estimate", "--small-seq", "8"]):
+        assert main(["memory", "--model", config, "--target-modules", "query,value", "--r-max",
+                     "4", "--seq-len", "48", "--dtype", "fp32", "--no-progress", "--device",
+                     "cpu", "--notes"] + extra) == 0
+        notes = [line for line in capsys.readouterr().out.splitlines()
+                 if line.startswith(f"increlora / {ACTIVATIONS}:")]
+        assert len(notes) == 1 and "math path" in notes[0] and "S x S" in notes[0], notes

@@ -207,8 +207,12 @@ def method_rows(method: MemoryMethod, spec: ModelSpec, setting: AdapterSetting,
                                  "step's loss still held included")
         total_note = (f"exact static part + measured step; live at the step's start "
                       f"{step.static} B vs {exact_static} B exact")
+    cpu_attention = "" if device.type != "cpu" else (
+        "; on CPU, attention that takes SDPA's math path (with attention dropout in training, "
+        "as BERT's) holds S x S attention weights per head, which flash or memory-efficient "
+        "attention on a GPU does not: at long sequences this overstates a GPU's activations")
     rows.append(_row(method.key, ACTIVATIONS, (acts, how, "peak of forward and backward: "
-                                               + note)))
+                                               + note + cpu_attention)))
     rows.append(_row(method.key, OPT_TEMPS, (opt, how, "peak of the update (controller, "
                                              "optimizer step, AdaLoRA allocator): " + note)))
     total = _static_sum(sizes, base[0], batch_bytes) + grads + max(acts, opt)
