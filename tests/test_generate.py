@@ -1,24 +1,30 @@
 """Causal LMs after IncreLoRA training, used for generation: `model.generate` with the adapters
 on gives the tokens and logits of the same model with the adapter merged (`merge_and_unload`),
-added to the base weights by hand from the slot tensors, and loaded by peft from `export_peft`;
-with and without the KV cache, on left-padded prompts of different lengths; and generation
-changes nothing in the adapters, the controller or a training run it interrupts.
+added to the base weights by hand from the slot tensors, saved and loaded into a fresh model,
+and loaded by peft from `export_peft`; with and without the KV cache, on left-padded prompts of
+different lengths; decode steps follow one forward over the whole sequence and make no more host
+reads and keep no more tensors than the base model's; and generation changes nothing in the
+adapters, the controller or a training run it interrupts.
 
-No bug was found here (the generation audit); these tests keep what it checked. The Triton
+No bug was found here (two generation audits); these tests keep what they checked. The Triton
 path's one-token decode steps are in `test_generate_triton.py`.
 """
 from __future__ import annotations
 
 import copy
 import functools
+import gc
 
 import pytest
 import torch
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, OPTConfig,
-                          OPTForCausalLM)
+from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+                          MistralConfig, MistralForCausalLM, OPTConfig, OPTForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
 
 from increlora_fast import (IncreLoRAConfig, IncreLoRAController, SlotState, create_optimizer,
-                            increlora_layers, inject_increlora, merge_and_unload)
+                            increlora_layers, inject_increlora, load_adapter, merge_and_unload,
+                            save_adapter)
+from host_reads import HostReads
 
 VOCAB = 64
 PAD = 0
@@ -53,7 +59,21 @@ def _opt():
         eos_token_id=2))
 
 
-FAMILIES = {"llama": _llama, "gpt2": _gpt2, "opt": _opt}
+def _qwen2():  # the lm_head tied to the embedding
+    return Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True, pad_token_id=PAD, bos_token_id=1, eos_token_id=2))
+
+
+def _mistral():
+    return MistralForCausalLM(MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=PAD, bos_token_id=1, eos_token_id=2))
+
+
+FAMILIES = {"llama": _llama, "gpt2": _gpt2, "opt": _opt, "qwen2": _qwen2, "mistral": _mistral}
 
 
 def fresh_base(family: str):
@@ -172,6 +192,95 @@ def test_generate_matches_merged_by_hand_and_peft(family, tmp_path):
     export_peft(model, tmp_path)
     loaded = peft.PeftModel.from_pretrained(fresh_base(family), str(tmp_path)).eval()
     assert_same_generation(generate(loaded), ours)
+
+
+def full_forward_logits(model, sequences):
+    """Each position's next-token logits of one forward over the whole left-padded
+    ``sequences`` (prompt and generated tokens), with the positions `generate` gives them."""
+    ids, mask = prompts()
+    mask = torch.cat([mask, torch.ones(len(ids), sequences.shape[1] - ids.shape[1],
+                                       dtype=mask.dtype)], 1)
+    with torch.no_grad():
+        return model(input_ids=sequences, attention_mask=mask,
+                     position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2", "mistral"])
+def test_generate_after_save_and_load_matches_and_decode_follows_the_full_forward(family,
+                                                                                   tmp_path):
+    """The adapter saved and loaded into a fresh model generates the same tokens and logits,
+    with and without the KV cache; each decode step's logits equal those of one forward over
+    the whole sequence."""
+    model, _ = trained_for_generation(family)
+    ours = generate(model)
+    full = full_forward_logits(model, ours[0])
+    torch.testing.assert_close(full[:, prompts()[0].shape[1] - 1:-1], ours[1], **TOL32)
+    save_adapter(model, tmp_path)
+    fresh = fresh_base(family)
+    inject_increlora(fresh, model.increlora_config)
+    load_adapter(fresh, tmp_path)
+    fresh.eval()
+    assert_same_generation(generate(fresh), ours)
+    assert_same_generation(generate(fresh, use_cache=False), ours)
+
+
+def test_generate_with_a_tied_lm_head_adapted_matches_save_load_and_peft(tmp_path):
+    """Qwen2's lm_head, tied to the embedding, adapted: the adapter changes greedy tokens, the
+    KV cache, a saved and loaded adapter and peft's model from `export_peft` agree; merging is
+    refused (it would change the embedding too)."""
+    peft = pytest.importorskip("peft")
+    from increlora_fast.integrations import export_peft
+    model, _, _ = trained("qwen2", targets=["q_proj", "v_proj", "down_proj", "lm_head"])
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
+    ours = generate(model)
+    assert not torch.equal(ours[0], generate(fresh_base("qwen2"))[0])
+    assert_same_generation(generate(model, use_cache=False), ours)
+    with pytest.raises(ValueError, match="tied"):
+        merge_and_unload(copy.deepcopy(model))
+    save_adapter(model, tmp_path / "ours")
+    fresh = fresh_base("qwen2")
+    inject_increlora(fresh, model.increlora_config)
+    load_adapter(fresh, tmp_path / "ours")
+    assert_same_generation(generate(fresh.eval()), ours)
+    export_peft(model, tmp_path / "peft")
+    with pytest.warns(UserWarning, match="tie"):  # peft's note on tied layers
+        loaded = peft.PeftModel.from_pretrained(fresh_base("qwen2"), str(tmp_path / "peft"))
+    assert_same_generation(generate(loaded.eval()), ours)
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_decode_steps_read_and_keep_no_more_than_the_base_model(mode):
+    """50 one-token decode steps under no_grad or inference_mode: no autograd graph, no score
+    buffer touched, as many host reads per step as the base model makes, and as many live
+    tensors after the 50th step as after the 5th (nothing kept per call)."""
+    HostReads.self_check()
+    model, _ = trained_for_generation("llama")
+
+    def decode(net):
+        ids, mask = prompts()
+        reads, live = [], []
+        with mode():
+            out = net(input_ids=ids, attention_mask=mask, use_cache=True)
+            for step in range(50):
+                mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=mask.dtype)], 1)
+                with HostReads() as counter:
+                    out = net(input_ids=out.logits[:, -1:].argmax(-1), attention_mask=mask,
+                              past_key_values=out.past_key_values, use_cache=True)
+                reads.append(len(counter))
+                assert out.logits.grad_fn is None and not out.logits.requires_grad
+                if step in (4, 49):
+                    gc.collect()
+                    live.append(sum(1 for o in gc.get_objects() if torch.is_tensor(o)))
+        return reads, live
+
+    layers = [layer for _, layer in increlora_layers(model)]
+    scores = [layer.score_sum.clone() for layer in layers]
+    base_reads, _ = decode(fresh_base("llama"))
+    reads, live = decode(model)
+    assert reads == base_reads, (reads, base_reads)
+    assert live[0] == live[1], live
+    assert all(torch.equal(s, layer.score_sum) and layer.score_grad is None
+               for s, layer in zip(scores, layers))
 
 
 def test_generate_changes_nothing_and_leaves_the_training_trajectory_alone():

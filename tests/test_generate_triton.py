@@ -68,3 +68,43 @@ def test_decode_steps_on_the_kernels_match_the_torch_path(family, rows, fused, m
     # relative), the interpreter never does (measured 9e-8 here)
     tol = 1e-3 if kernel_device == "cuda" else 1e-5
     torch.testing.assert_close(got[1], expected[1], rtol=0, atol=tol)
+
+
+@pytest.mark.usefixtures("whole_loop_tiles")
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_steps_at_odd_widths_and_sixteen_slots_match_the_torch_path(fused, monkeypatch,
+                                                                           kernel_device):
+    """One-token decode steps of a Llama with odd widths (36 hidden, 18 per k/v projection,
+    51 in the MLP) through every linear, r_max 16 with half the slots inactive: the kernels'
+    tokens and logits, also under inference_mode, equal the torch path's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(7)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=36, intermediate_size=51, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        pad_token_id=PAD))
+    inject_increlora(model, IncreLoRAConfig(target_modules="all-linear", r_max=16, init_r=2,
+                                            target_rank=8, lora_alpha=8.0, reserve_lambda=0.5))
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(increlora_layers(model)):
+            layer.activate_reserve(i % 2 + 1, step=1)
+            layer.add_reserve(2, step=1)
+            layer.lora_A.normal_(std=0.3)
+            layer.lora_B.normal_(std=0.3)
+            layer.lora_lambda.normal_()
+    model = model.to(kernel_device).eval()
+    assert all(int((layer.slot_state == 0).sum()) >= 8 for _, layer in increlora_layers(model))
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    expected = _generate(model, 3, kernel_device)
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "1" if fused else "0")
+    monkeypatch.setenv("INCRELORA_KERNEL_CHECK", "0")
+    reset_launch_counts()
+    got = _generate(model, 3, kernel_device)
+    assert launch_counts().get("_project_kernel") == NEW * len(list(increlora_layers(model)))
+    with torch.inference_mode():
+        got_inference = _generate(model, 3, kernel_device)
+    tol = 1e-3 if kernel_device == "cuda" else 1e-5
+    for tokens, logits in (got, got_inference):
+        assert torch.equal(tokens, expected[0])
+        torch.testing.assert_close(logits, expected[1], rtol=0, atol=tol)
