@@ -189,7 +189,8 @@ class OrthogonalPenalty:
         return cached[1]
 
     def _counted_and_trained(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(slots that count in the penalty, slots whose A row and B column train), bool."""
-        counted = (layer.slot_state != SlotState.INACTIVE) | layer.retired_mask \
+        """(slots that count in the penalty, slots whose A row and B column train), bool. (int():
+        torch.compile folds ``tensor != IntEnum`` to a Python bool, torch 2.13.)"""
+        counted = (layer.slot_state != int(SlotState.INACTIVE)) | layer.retired_mask \
             if self.config.reserve_in_penalty else layer.active_mask
         return counted, layer.trainable_slot_masks()[0]

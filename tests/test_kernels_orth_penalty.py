@@ -539,3 +539,23 @@ def test_a_compiled_penalty_takes_its_torch_path_and_reads_no_check(monkeypatch)
         reset_kernel_checks()
     _assert_close([got], [eager.detach()], TOL[torch.float32])
     assert torch.equal(again, got)
+
+
+def test_a_penalty_compiled_before_any_eager_call_counts_the_slots_eager_does(monkeypatch):
+    """Traced with its mask cache empty, the penalty makes its masks in the trace, where dynamo
+    folded ``slot_state != SlotState.INACTIVE`` (an IntEnum) to True: every slot, unused ones
+    included, counted in the compiled loss and in the masks it cached for the eager calls
+    after it."""
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    _, reference = _model_and_controller()
+    _, controller = _model_and_controller()
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(controller.regularization_loss, backend="aot_eager",
+                            fullgraph=True)()
+        after = controller.regularization_loss()
+    finally:
+        torch._dynamo.reset()
+    expected = reference.regularization_loss()
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
