@@ -22,6 +22,8 @@ Nothing is read on the host. The masks of which slots count and train are cached
 only when a layer's ``slot_version`` or ``advance_learning`` changes, in place where they can be
 (`refresh_cached_masks`, called by each allocation round), so a step replayed from a CUDA graph
 reads the current masks; ``cache_epoch`` counts the times they had to be new tensors instead.
+While dynamo traces, no cache is read: the compiled graph makes the masks from the slot states
+at each call, so slot changes recompile nothing.
 """
 from __future__ import annotations
 
@@ -132,26 +134,41 @@ class OrthogonalPenalty:
 
     # ------------------------------------------------------------------ torch path
     def _groups_now(self) -> List[List[IncreLoRALinear]]:
-        """The layers in groups that stack: one shape, and A and B on one device in one dtype
-        each (a model split over devices, device_map's, or with layers of other adapter
-        dtypes, has several groups of one shape). Regrouped, and the groups' masks made anew,
-        when a layer's A or B moved or changed dtype since the last call."""
-        layout = tuple((m._parameters["lora_A"].device, m._parameters["lora_A"].dtype,
-                        m._parameters["lora_B"].device, m._parameters["lora_B"].dtype)
-                       for m in self.layers)
+        """The layers in groups that stack (`_grouped`), cached: regrouped, and the groups'
+        masks made anew, when a layer's A or B moved or changed dtype since the last call."""
+        layout = self._layout_now()
         if layout != self._layout:
-            groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
-            for layer, where in zip(self.layers, layout):
-                groups[(where, layer.in_features, layer.out_features, layer.r_max)].append(layer)
-            self._groups, self._layout = list(groups.values()), layout
+            self._groups, self._layout = self._grouped(layout), layout
             self._group_masks.clear()
         return self._groups
+
+    def _layout_now(self) -> tuple:
+        """Per layer (A's device, A's dtype, B's device, B's dtype)."""
+        return tuple((m._parameters["lora_A"].device, m._parameters["lora_A"].dtype,
+                      m._parameters["lora_B"].device, m._parameters["lora_B"].dtype)
+                     for m in self.layers)
+
+    def _grouped(self, layout: tuple) -> List[List[IncreLoRALinear]]:
+        """The layers in groups that stack: one shape, and A and B on one device in one dtype
+        each (a model split over devices, device_map's, or with layers of other adapter
+        dtypes, has several groups of one shape)."""
+        groups: Dict[tuple, List[IncreLoRALinear]] = defaultdict(list)
+        for layer, where in zip(self.layers, layout):
+            groups[(where, layer.in_features, layer.out_features, layer.r_max)].append(layer)
+        return list(groups.values())
 
     def _stacked_loss(self, weight: float) -> torch.Tensor:
         device = self.layers[0].lora_A.device
         total = torch.zeros((), device=device)
-        for index, members in enumerate(self._groups_now()):
-            trains, w, eye = self._masks_of_group(index, members)
+        # While dynamo traces, no cache is read (it guarded on each cached key, the layers'
+        # slot_version included: the graph recompiled at every allocation round, and once when
+        # traced before an eager call filled the cache): the graph makes the masks at each
+        # call, from the slot states then.
+        tracing = torch.compiler.is_dynamo_compiling()
+        groups = self._grouped(self._layout_now()) if tracing else self._groups_now()
+        for index, members in enumerate(groups):
+            trains, w, eye = self._new_group_masks(members) if tracing else \
+                self._masks_of_group(index, members)
             # Frozen reserve slots (no advance learning) count in the penalty but get no gradient.
             # In float32 at least, as the kernels accumulate: near orthonormality the entries of
             # A A^T - I are small differences of numbers near 1, lost in a 16-bit Gram matrix.
@@ -178,15 +195,20 @@ class OrthogonalPenalty:
         cached = self._group_masks.get(index)
         if cached is None or cached[0] != key:
             with torch.inference_mode(False), torch.no_grad():  # masks for training steps too
-                used, trains = (torch.stack(ms) for ms in
-                                zip(*(self._counted_and_trained(m) for m in members)))
-                w = used.to(torch.promote_types(lora_a.dtype, torch.float32))
                 masks, replaced = refresh_in_place(None if cached is None else cached[1],
-                                                   (trains, w, torch.diag_embed(w)))
+                                                   self._new_group_masks(members))
             self.cache_epoch += replaced
             cached = (key, masks)
             self._group_masks[index] = cached
         return cached[1]
+
+    def _new_group_masks(self, members: List[IncreLoRALinear]
+                         ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`_masks_of_group`'s masks of one group, made now."""
+        used, trains = (torch.stack(ms) for ms in
+                        zip(*(self._counted_and_trained(m) for m in members)))
+        w = used.to(torch.promote_types(members[0].lora_A.dtype, torch.float32))
+        return trains, w, torch.diag_embed(w)
 
     def _counted_and_trained(self, layer: IncreLoRALinear) -> Tuple[torch.Tensor, torch.Tensor]:
         """(slots that count in the penalty, slots whose A row and B column train), bool. (int():

@@ -559,3 +559,44 @@ def test_a_penalty_compiled_before_any_eager_call_counts_the_slots_eager_does(mo
     expected = reference.regularization_loss()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(after, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_a_compiled_penalty_recompiles_neither_at_its_first_trace_nor_when_slots_change(
+        monkeypatch):
+    """The compiled penalty (torch path) reads none of its caches while dynamo traces: traced
+    before any eager call it recompiled once (dynamo guarded on the empty layout cache), and it
+    recompiled at every allocation round (guarded on each layer's ``slot_version`` in its mask
+    cache), falling back to eager after dynamo's cache limit. Loss and gradients stay eager's
+    as the slots grow and retire."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "torch")
+    _, controller = _model_and_controller()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(controller.regularization_loss, backend="aot_eager",
+                             fullgraph=True)
+
+    def loss_and_grads(fn):
+        for layer in controller.layers:
+            layer.lora_A.grad = layer.lora_B.grad = None
+        loss = fn()
+        loss.backward()
+        return [loss.detach()] + [layer.lora_A.grad for layer in controller.layers]
+
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for step in range(1, 5):
+                got, eager = loss_and_grads(compiled), loss_and_grads(
+                    controller.regularization_loss)
+                for g, e in zip(got, eager):
+                    torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-7)
+                if step < 4:
+                    controller.layers[0].add_reserve(1, step=step)
+                    controller.layers[0].activate_reserve(1, step=step)
+                else:
+                    for layer in controller.layers:
+                        layer.retire_reserve()
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
