@@ -41,7 +41,8 @@ import warnings
 import weakref
 from collections import defaultdict
 from itertools import chain
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Set, Tuple, Union
+from typing import (Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Set,
+                    Tuple, Union)
 
 import torch
 from torch import nn
@@ -414,10 +415,17 @@ class IncreLoRAAdamW(torch.optim.Optimizer):
     # whether to call it: an fp16 step then reads nothing on the host.
     _step_supports_amp_scaling = True
 
+    # Never traced by dynamo (`torch.compile(optimizer.step)`, or a compiled training step that
+    # calls it): it runs eagerly there. Its host-side caches, counters and first-use checks
+    # traced into many graphs and graph breaks, and the run silently fell behind eager's (a
+    # step lost). (torch's lazy form of torch.compiler.disable, as Optimizer.zero_grad's: no
+    # import of dynamo before the first step.)
+    @torch._disable_dynamo
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure: Optional[Callable[[], torch.Tensor]] = None
+             ) -> Optional[torch.Tensor]:
         """One step of every parameter with a gradient that requires grad; the schedules move
-        on by one step.
+        on by one step. Run eagerly under torch.compile (not traced).
 
         Under ``torch.amp.GradScaler.step`` the gradients are unscaled here if the scaler has
         not done it, and a step whose scaled gradients overflowed changes no parameter, moment
