@@ -24,7 +24,8 @@ def _batch(data: TinyTask, step: int) -> dict:
     return {key: torch.stack([torch.as_tensor(row[key]) for row in rows]) for key in rows[0]}
 
 
-def _train(compiled: bool, backend: str = "inductor", **config):
+def _train(compiled: bool, backend: str = "inductor", penalty_in_graph: bool = False,
+           **config):
     model, config = tiny_increlora_bert(warmup_steps=2, **config)
     # set now: BERT sets it on its first loss, a guard dynamo would recompile on
     model.config.problem_type = "single_label_classification"
@@ -32,9 +33,15 @@ def _train(compiled: bool, backend: str = "inductor", **config):
     optimizer = create_optimizer(model, config, lr=1e-2, weight_decay=0.1)
     controller = IncreLoRAController(model, config)
     forward = torch.compile(model, backend=backend, fullgraph=True) if compiled else model
+
+    def model_loss(batch: dict) -> torch.Tensor:
+        return forward(**batch).loss + controller.regularization_loss()
+    if penalty_in_graph:  # the penalty traced with the model: one graph of both
+        forward = model
+        model_loss = torch.compile(model_loss, backend=backend, fullgraph=True)
     data, losses = TinyTask(), []
     for step in range(STEPS):
-        loss = forward(**_batch(data, step)).loss + controller.regularization_loss()
+        loss = model_loss(_batch(data, step))
         loss.backward()
         controller.step(step)
         optimizer.step()
@@ -93,5 +100,31 @@ def test_exact_step_score_compiles_across_score_windows():
     assert len(log) == 1 and log == e_log
     torch.testing.assert_close(losses, e_losses, rtol=TOL, atol=TOL)
     torch.testing.assert_close(ipt, e_ipt, rtol=1e-4, atol=0)
+    for key, value in e_state.items():
+        torch.testing.assert_close(state[key], value, rtol=TOL, atol=TOL, msg=key)
+
+
+def test_the_penalty_compiled_with_the_model_stays_one_graph_across_rounds():
+    """The forward and the orthogonal penalty in one compiled function (``aot_eager``): one
+    graph over both allocation rounds, and eager's run. The penalty's mask cache guarded on
+    each layer's slot_version (a recompile at each round) and the masks made in the trace
+    counted every slot, unused ones too."""
+    from torch._dynamo.utils import counters
+
+    settings = dict(orth_reg_weight=0.1)
+    torch._dynamo.reset()
+    eager = _train(compiled=False, **settings)
+    counters.clear()
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = _train(compiled=True, backend="aot_eager", penalty_in_graph=True,
+                              **settings)
+        graphs = counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    assert graphs == 1
+    (losses, state, _, log), (e_losses, e_state, _, e_log) = compiled, eager
+    assert len(log) == 2 and log == e_log
+    torch.testing.assert_close(losses, e_losses, rtol=TOL, atol=TOL)
     for key, value in e_state.items():
         torch.testing.assert_close(state[key], value, rtol=TOL, atol=TOL, msg=key)
