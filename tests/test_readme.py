@@ -122,6 +122,26 @@ def test_the_readme_quotes_the_cpu_host_time_records():
             f"{peft['aten_ops_per_step']:,}") in readme
 
 
+def test_the_readme_main_job_block_is_its_stored_metrics():
+    """The main job's result block in the README quotes the metrics.json it names under
+    results/main_job (it had shown a run of 2026-11-30 whose file was nowhere, with later
+    runs' other figures only in prose)."""
+    import json
+
+    text = README.read_text()
+    path = re.search(r"its `metrics.json` is `(results/main_job/[^`]+/metrics.json)`", text)
+    assert path, "the README names no stored metrics.json of the main job"
+    m = json.loads((README.parent / path.group(1)).read_text())
+    block = text[path.end():].split("```text\n", 1)[1].split("```", 1)[0]
+    assert f"eval_accuracy {m['eval_accuracy']:.3f}   eval_macro_f1 {m['eval_macro_f1']:.3f}" \
+        in block
+    assert f"steps {m['steps']}   train_seconds {m['train_seconds']}   " \
+        f"total_seconds {m['total_seconds']}   total_rank {m['total_rank']}" in block
+    assert f"trainable_params_active {m['trainable_params_active']:,}   " \
+        f"trainable_params_padded {m['trainable_params_padded']:,}" in block
+    assert m["settings"]["method"] == "increlora" and m["seed"] == 0
+
+
 def test_the_readme_lists_what_target_modules_none_selects():
     """``target_modules=None`` is a union of common attention/FFN names, not peft's
     per-architecture default (BERT's query and value): the README said neither, so a user
