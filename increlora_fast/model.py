@@ -763,20 +763,26 @@ TASK_HEADS = {"ForSequenceClassification": ("classifier", "score"),
 
 def _warn_frozen_head(model: nn.Module) -> None:
     """One warning when ``model`` is a transformers task model (sequence or token
-    classification, question answering) whose head is neither adapted nor in
+    classification, question answering) with a linear in its head neither adapted nor in
     ``modules_to_save``, so frozen: a head ``from_pretrained`` initialised at random would
-    never train (peft's ``task_type`` trains it in full; IncreLoRAConfig has no task type)."""
+    never train (peft's ``task_type`` trains it in full; IncreLoRAConfig has no task type). A
+    head of several linears (RoBERTa's ``dense`` and ``out_proj``) counts each."""
     heads = next((h for end, h in TASK_HEADS.items() if type(model).__name__.endswith(end)), ())
     for name in heads:
         head = getattr(model, name, None)
         if not isinstance(head, nn.Module):
             continue
-        if any(isinstance(m, IncreLoRALinear) for m in head.modules()) or \
-                any(p.requires_grad for p in head.parameters()):
+        adapted = {id(inner) for m in head.modules() if isinstance(m, IncreLoRALinear)
+                   for inner in m.modules()}
+        frozen = [f"{name}.{n}" if n else name for n, m in head.named_modules()
+                  if id(m) not in adapted and is_supported_base(m)
+                  and not any(p.requires_grad for p in m.parameters())]
+        if not frozen:
             return
-        warnings.warn(f"inject_increlora: the head {name!r} of {type(model).__name__} is "
-                      "frozen (neither a target nor in modules_to_save); a head that "
-                      "from_pretrained initialised at random would never train: add "
+        warnings.warn(f"inject_increlora: the head {name!r} of {type(model).__name__} leaves "
+                      f"{', '.join(repr(n) for n in frozen)} frozen (neither a target nor in "
+                      "modules_to_save); a head that from_pretrained initialised at random "
+                      "would never train: add "
                       f"modules_to_save=[{name!r}] (what peft's task_type does), or ignore "
                       "this if the head is trained already", UserWarning, stacklevel=3)
         return

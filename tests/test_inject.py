@@ -684,3 +684,28 @@ def test_a_task_models_frozen_head_is_warned_of(saved):
         assert len(said) == 1 and "modules_to_save=['classifier']" in said[0], said
     else:
         assert said == []
+
+
+@pytest.mark.parametrize("saved", [None, ["classifier"]])
+def test_a_head_adapted_only_in_part_is_warned_of(saved):
+    """RoBERTa's head is a module holding two linears (``classifier.dense``,
+    ``classifier.out_proj``): target_modules=['dense'] adapts the first, and the warning took
+    that for a trained head, so the random ``out_proj`` stayed frozen without a word."""
+    import warnings
+
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+    torch.manual_seed(0)
+    model = RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=48, num_labels=3, max_position_embeddings=40))
+    config = IncreLoRAConfig(target_modules=["query", "value", "dense"], target_rank=2,
+                             r_max=4, modules_to_save=saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject_increlora(model, config)
+    said = [str(w.message) for w in caught if "head 'classifier'" in str(w.message)]
+    assert model.classifier.out_proj.weight.requires_grad == (saved is not None)
+    if saved is None:
+        assert len(said) == 1 and "'classifier.out_proj'" in said[0], said
+    else:
+        assert said == []
