@@ -6,6 +6,7 @@ Field names follow peft where peft has the name (`target_modules`, `lora_alpha`,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import re
@@ -399,3 +400,7 @@ class IncreLoRAConfig:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# inspect.signature(IncreLoRAConfig) reads the class's own __new__ before its __init__: the fields
+IncreLoRAConfig.__new__.__signature__ = inspect.signature(IncreLoRAConfig.__init__)

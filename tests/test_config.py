@@ -143,6 +143,16 @@ def test_construction_still_round_trips_through_copies_and_pickles():
         dataclasses.replace(config, layers_pattern="layers")
 
 
+def test_the_signature_still_lists_the_fields():
+    """inspect.signature (help(), IDE hints, tools that build options from it) reads a class's
+    own __new__ before its __init__: since the peft-option check's __new__ it showed
+    IncreLoRAConfig(*args, **kwargs) instead of the fields."""
+    import dataclasses
+    import inspect
+    fields = [f.name for f in dataclasses.fields(IncreLoRAConfig) if f.init]
+    assert list(inspect.signature(IncreLoRAConfig).parameters) == fields
+
+
 def test_from_dict_validates_values():
     with pytest.raises(ValueError, match="lora_dropout"):
         IncreLoRAConfig.from_dict({"lora_dropout": 2.0})
