@@ -54,6 +54,10 @@ _PEFT_OPTION_ADVICE = {
     "layers_pattern": _LAYER_SELECTION,
     "r": "the rank here is set by r_max (slots per module), init_r and target_rank",
     "task_type": "name the task head in modules_to_save to train it in full",
+    "bias": ("make an adapted layer's bias trainable after inject_increlora "
+             "(layer.base_layer.bias.requires_grad_(True)); export_peft writes it in peft's "
+             "bias='lora_only' form"),
+    "fan_in_fan_out": "not needed: transformers' Conv1D layers are recognised as they are",
 }
 
 

@@ -129,6 +129,21 @@ def test_a_peft_option_is_named_as_one(option, value, advice):
     assert "a peft LoraConfig option" in message and advice in message
 
 
+@pytest.mark.parametrize("option,value,advice", [
+    ("bias", "lora_only", "requires_grad_(True)"),
+    ("fan_in_fan_out", True, "Conv1D"),
+])
+def test_a_peft_option_with_a_counterpart_is_not_said_to_have_none(option, value, advice):
+    """bias and fan_in_fan_out were answered "IncreLoRA has no equivalent", yet a bias of an
+    adapted layer trains when made trainable by hand (export_peft writes it as bias="lora_only")
+    and transformers' Conv1D layers are recognised without a flag."""
+    pytest.importorskip("peft")
+    with pytest.raises(TypeError) as err:
+        IncreLoRAConfig(target_modules=["c_attn"], **{option: value})
+    message = str(err.value)
+    assert "\n" not in message and advice in message and "no equivalent" not in message
+
+
 def test_construction_still_round_trips_through_copies_and_pickles():
     """The keyword check runs at construction only: dataclasses.replace, copies and pickles
     rebuild an equal config."""
