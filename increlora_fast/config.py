@@ -69,7 +69,7 @@ def _refuse_peft_options(unknown: Sequence[str]) -> None:
         return
     try:
         from peft import LoraConfig
-    except ImportError:
+    except Exception:  # (not installed, or broken: the dataclass's own TypeError then)
         return
     options = {f.name for f in dataclasses.fields(LoraConfig)}
     name = next((n for n in unknown if n in options), None)

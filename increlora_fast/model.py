@@ -756,7 +756,8 @@ def inject_increlora(model: nn.Module, config: IncreLoRAConfig) -> nn.Module:
 
 # The heads of transformers' task models by the class name's ending, as peft's task types name
 # them (`integrations.peft_export.PEFT_TASK_MODULES`): trained in full by peft's task_type.
-TASK_HEADS = {"ForSequenceClassification": ("classifier", "score"),
+TASK_HEADS = {"ForSequenceClassification": ("pre_classifier", "classifier", "score",
+                                             "classification_head"),
               "ForTokenClassification": ("classifier", "score"),
               "ForQuestionAnswering": ("qa_outputs",)}
 
@@ -766,26 +767,28 @@ def _warn_frozen_head(model: nn.Module) -> None:
     classification, question answering) with a linear in its head neither adapted nor in
     ``modules_to_save``, so frozen: a head ``from_pretrained`` initialised at random would
     never train (peft's ``task_type`` trains it in full; IncreLoRAConfig has no task type). A
-    head of several linears (RoBERTa's ``dense`` and ``out_proj``) counts each."""
-    heads = next((h for end, h in TASK_HEADS.items() if type(model).__name__.endswith(end)), ())
-    for name in heads:
+    head of several linears (RoBERTa's ``dense`` and ``out_proj``) counts each, and a head of
+    several modules (DistilBERT's ``pre_classifier`` and ``classifier``) each module."""
+    names = next((h for end, h in TASK_HEADS.items() if type(model).__name__.endswith(end)), ())
+    frozen: Dict[str, List[str]] = {}
+    for name in names:
         head = getattr(model, name, None)
         if not isinstance(head, nn.Module):
             continue
         adapted = {id(inner) for m in head.modules() if isinstance(m, IncreLoRALinear)
                    for inner in m.modules()}
-        frozen = [f"{name}.{n}" if n else name for n, m in head.named_modules()
-                  if id(m) not in adapted and is_supported_base(m)
-                  and not any(p.requires_grad for p in m.parameters())]
-        if not frozen:
-            return
-        warnings.warn(f"inject_increlora: the head {name!r} of {type(model).__name__} leaves "
-                      f"{', '.join(repr(n) for n in frozen)} frozen (neither a target nor in "
-                      "modules_to_save); a head that from_pretrained initialised at random "
-                      "would never train: add "
-                      f"modules_to_save=[{name!r}] (what peft's task_type does), or ignore "
+        parts = [f"{name}.{n}" if n else name for n, m in head.named_modules()
+                 if id(m) not in adapted and is_supported_base(m)
+                 and not any(p.requires_grad for p in m.parameters())]
+        if parts:
+            frozen[name] = parts
+    if frozen:
+        shown = ", ".join(repr(n) for parts in frozen.values() for n in parts)
+        warnings.warn(f"inject_increlora: the head of {type(model).__name__} leaves {shown} "
+                      "frozen (neither a target nor in modules_to_save); a head that "
+                      "from_pretrained initialised at random would never train: add "
+                      f"modules_to_save={list(frozen)} (what peft's task_type does), or ignore "
                       "this if the head is trained already", UserWarning, stacklevel=3)
-        return
 
 
 def _keep_4bit_weights_trainable(model: nn.Module) -> None:

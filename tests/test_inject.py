@@ -678,7 +678,7 @@ def test_a_task_models_frozen_head_is_warned_of(saved):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         inject_increlora(model, config)
-    said = [str(w.message) for w in caught if "head 'classifier'" in str(w.message)]
+    said = [str(w.message) for w in caught if "the head of" in str(w.message)]
     assert model.classifier.weight.requires_grad == (saved is not None)
     if saved is None:
         assert len(said) == 1 and "modules_to_save=['classifier']" in said[0], said
@@ -703,9 +703,33 @@ def test_a_head_adapted_only_in_part_is_warned_of(saved):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         inject_increlora(model, config)
-    said = [str(w.message) for w in caught if "head 'classifier'" in str(w.message)]
+    said = [str(w.message) for w in caught if "the head of" in str(w.message)]
     assert model.classifier.out_proj.weight.requires_grad == (saved is not None)
     if saved is None:
         assert len(said) == 1 and "'classifier.out_proj'" in said[0], said
+    else:
+        assert said == []
+
+
+@pytest.mark.parametrize("saved", [["classifier"], ["pre_classifier", "classifier"]])
+def test_a_head_of_several_modules_is_warned_of_by_each(saved):
+    """DistilBERT's head is two modules, ``pre_classifier`` and ``classifier``, both random
+    from from_pretrained: with only ``classifier`` saved, ``pre_classifier`` stayed frozen
+    without a word (the warning stopped at the first head module it found trained)."""
+    import warnings
+
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+    torch.manual_seed(0)
+    model = DistilBertForSequenceClassification(DistilBertConfig(
+        vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48, num_labels=3))
+    config = IncreLoRAConfig(target_modules=["q_lin", "v_lin"], target_rank=2, r_max=4,
+                             modules_to_save=saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject_increlora(model, config)
+    said = [str(w.message) for w in caught if "the head of" in str(w.message)]
+    if len(saved) == 1:
+        assert len(said) == 1 and "'pre_classifier'" in said[0], said
+        assert "modules_to_save=['pre_classifier']" in said[0] and "'classifier'" not in said[0]
     else:
         assert said == []

@@ -603,7 +603,7 @@ class IncreLoRACallback(TrainerCallback):
         except FileExistsError as refused:
             if getattr(args, "push_to_hub", False):
                 raise
-            warnings.warn(f"{refused} (save_model() without a folder saves there)",
+            warnings.warn(f"{refused}; save_model() without a folder saves there",
                           UserWarning, stacklevel=2)
 
     def on_push_begin(self, args, state, control, **kwargs):
