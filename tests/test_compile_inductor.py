@@ -7,7 +7,6 @@ One compile (about 30 s on 2 cores). Inductor draws dropout masks with its own R
 """
 from __future__ import annotations
 
-import pytest
 import torch
 
 from increlora_fast import IncreLoRAController, create_optimizer

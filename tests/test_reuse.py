@@ -15,7 +15,6 @@ from increlora_fast import (IncreLoRAConfig, IncreLoRAController, increlora_laye
                             inject_increlora, load_adapter, save_adapter)
 from increlora_fast.integrations.peft_export import export_peft
 from increlora_fast.kernels.reference import effective_lambda, read_slots
-from increlora_fast.layer import IncreLoRALinear
 
 # Relative to the largest float64 reference gradient: float64 everywhere [1e-16 measured].
 TOL64 = 1e-12

@@ -30,14 +30,20 @@ def _reloaded_logits(folder) -> torch.Tensor:
     return _logits(load_adapter(fresh, folder))
 
 
-def _trained(tmp_path, plain: bool):
+def _trainer(tmp_path, plain: bool):
+    """An `IncreLoRATrainer`, or with ``plain`` a Trainer with the installed callback, of a
+    tiny BERT writing into ``tmp_path``."""
     model, config = tiny_increlora_bert()
     if plain:
         trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyTask(),
                           optimizers=increlora_optimizers(model, lr=1e-2))
         IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
-    else:
-        trainer = IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+        return trainer
+    return IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+
+
+def _trained(tmp_path, plain: bool):
+    trainer = _trainer(tmp_path, plain)
     trainer.train()
     return trainer
 
@@ -166,12 +172,6 @@ def test_an_adapter_in_the_output_folder_is_said_before_training(tmp_path, plain
     with pytest.raises(FileExistsError, match="output_dir"):
         IncreLoRACallback.check_output_dir_adapter(args)
     # and a run reaches the check before its first step
-    model, config = tiny_increlora_bert()
-    if plain:
-        trainer = Trainer(model=model, args=_args(tmp_path), train_dataset=TinyTask(),
-                          optimizers=increlora_optimizers(model, lr=1e-2))
-        IncreLoRACallback(IncreLoRAController(model, config)).install(trainer)
-    else:
-        trainer = IncreLoRATrainer(model=model, args=_args(tmp_path), train_dataset=TinyTask())
+    trainer = _trainer(tmp_path, plain)
     with pytest.warns(UserWarning, match="holds an adapter the Trainer did not write"):
         trainer.train()
