@@ -276,6 +276,23 @@ def test_tracked_is_not_measurable_where_every_tracked_step_ran_a_round():
     assert set(_status(v.issue27_verdicts(report), "tracked")) == {"not measurable"}
 
 
+def test_main_job_off_cuda_is_not_measurable():
+    """A dry run's main job on CPU (4 steps, Triton under the interpreter) says nothing of the
+    GPU targets: its runs are "not measurable", never "missed" or "met"; CUDA runs are read."""
+    ranks = {"l0": 2, "l1": 3}
+    runs = {name: dict(_job(0.9, 90_000, ranks, method=method), device=device)
+            for name, method, device in (("on", "increlora", "cpu"), ("off", "increlora", "cpu"),
+                                         ("twin", "increlora", "cpu"), ("lora", "lora", "cpu"))}
+    report = _report(random.Random(3), **runs)[0]
+    got = [x for x in v.issue27_verdicts(report) if x.target.startswith(("main job",
+                                                                           "graphed and eager"))]
+    assert len(got) == 4 and {x.status for x in got} == {"not measurable"}, got
+    assert all("cpu" in x.detail for x in got), got
+    for run in runs.values():
+        run["device"] = "cuda:0"
+    assert _status(v.issue27_verdicts(report), "job_speed") == ["met"]
+
+
 def test_graphed_main_job_that_stepped_eagerly_is_not_judged_equal_to_eager():
     """A graphs-on run whose model could not be captured trained eagerly: that it matches the
     eager run says nothing about graphed steps ("not measurable", as ``auto`` is undecided)."""

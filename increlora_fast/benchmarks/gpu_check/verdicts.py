@@ -247,13 +247,19 @@ def graphs_match_eager(on: dict, off: dict) -> Tuple[bool, str]:
 def main_job_verdicts(report: Dict) -> List[Verdict]:
     """The main job's speed, accuracy and graphed-vs-eager agreement."""
     runs = _finetune_runs(report)
+    keys = ("job_speed", "job_accuracy", "job_x_lora", "job_graphs_same")
+    # a dry run's main job on CPU (a few steps, Triton under the interpreter) is no measurement
+    elsewhere = sorted({str(m["device"]) for m in runs.values()
+                        if not str(m.get("device", "cuda")).startswith("cuda")})
+    if elsewhere:
+        return [_unmeasurable(k, f"the main job ran on {', '.join(elsewhere)}, not on CUDA")
+                for k in keys]
     on, off, lora = runs.get("graphs-on"), runs.get("graphs-off"), runs.get("lora")
     ours = [(name, m) for name, m in (("graphs-on", on), ("graphs-off", off),
                                       ("graphs-off-padded", runs.get("graphs-off-padded")),
                                       ("default", runs.get("default"))) if m]
     if not ours:
-        return [_unmeasurable(k, "no IncreLoRA main-job run finished")
-                for k in ("job_speed", "job_accuracy", "job_x_lora", "job_graphs_same")]
+        return [_unmeasurable(k, "no IncreLoRA main-job run finished") for k in keys]
     best_name, best = max(ours, key=lambda nm: nm[1]["tokens_per_second"] or 0)
     speeds = ", ".join(f"{n} {m['tokens_per_second']:,.0f}" for n, m in ours)
     out = [_verdict("job_speed", best["tokens_per_second"] >= MAIN_JOB_TOKENS_PER_S,
