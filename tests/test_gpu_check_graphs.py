@@ -173,3 +173,14 @@ def test_a_model_that_cannot_be_captured_falls_back_and_equals_the_eager_run():
     assert any("cannot be captured" in line and "**ok**" in line for line in lines)
     skipped = graphs.fallback_agreement(CPU)
     assert skipped["status"] == "skipped" and "needs CUDA" in skipped["note"]
+
+
+def test_a_skipped_fallback_check_says_why_without_numbers():
+    """On CPU the fallback check is skipped: its line says so and why, with no replay count or
+    differences (it printed "None replays")."""
+    skipped = graphs.fallback_agreement(CPU)
+    lines = graphs_section({"records": [graphs.skipped(CPU, "fp32", 16, "skipped: x")],
+                            "fallback": skipped})
+    (line,) = [line for line in lines if "cannot be captured" in line]
+    assert "**skipped**" in line and "needs CUDA" in line, line
+    assert "None" not in line and "replays" not in line, line

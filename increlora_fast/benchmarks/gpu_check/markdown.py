@@ -122,11 +122,13 @@ def graphs_section(part: Dict) -> List[str]:
     lines += _table(records, GRAPHS_COLUMNS)
     fallback = part.get("fallback")
     if fallback:
+        numbers = "" if fallback.get("status") == "skipped" else (
+            f"; {fallback.get('replays')} replays, differences: parameters "
+            f"{_cell(fallback.get('max_param_diff'))}, losses "
+            f"{_cell(fallback.get('max_loss_diff'))}")
         lines += ["", "A model whose forward cannot be captured (dropout, a host read in its "
                   f"head; fp32) against its eager run: **{fallback.get('status')}** "
-                  f"({fallback.get('note') or 'no note'}; {fallback.get('replays')} replays, "
-                  f"differences: parameters {_cell(fallback.get('max_param_diff'))}, losses "
-                  f"{_cell(fallback.get('max_loss_diff'))})."]
+                  f"({fallback.get('note') or 'no note'}{numbers})."]
     return lines
 
 
