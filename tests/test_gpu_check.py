@@ -244,7 +244,7 @@ def test_a_failing_part_is_recorded_and_the_rest_still_runs(tmp_path, monkeypatc
 
     monkeypatch.setitem(sys.modules, "increlora_fast.kernels.checks", type(sys)("fake"))
     sys.modules["increlora_fast.kernels.checks"].run_kernel_checks = \
-        lambda device, quick: _fake_kernel_records(2)
+        lambda device, quick, log: _fake_kernel_records(2)
 
     def boom(*args, **kwargs):
         raise RuntimeError("layer part exploded")
@@ -859,3 +859,27 @@ def test_a_full_check_without_cuda_points_to_the_dry_run(device, tmp_path, monke
     assert main(["gpu-check", "--out", str(tmp_path / "c"), *device]) == 2
     err = one_error_line(capsys)
     assert "--dry-run" in err and "use --device cpu" not in err
+
+
+def test_the_kernel_suite_reports_progress_after_each_dtype(monkeypatch):
+    """The kernels part was silent until its end (30 s on CPU under the interpreter, 65 s on
+    the H200): the suite logs a line per dtype as it goes, failures counted."""
+    import torch
+
+    from increlora_fast.kernels import checks
+
+    calls = []
+
+    def fake(*args, **kwargs):
+        calls.append(1)
+        return {"ok": len(calls) != 2}
+    for name in ("check_problem", "check_adamw", "check_orth_penalty"):
+        monkeypatch.setattr(checks, name, fake)
+    lines = []
+    records = checks.run_kernel_checks(torch.device("cpu"), quick=True,
+                                       log=lambda line: lines.append((line, len(calls))))
+    assert [line.split(":")[1].split()[0] for line, _ in lines] == \
+        ["float32", "bfloat16", "float16"], lines
+    assert all("1 failed" in line for line, _ in lines), lines
+    # each line comes when its dtype's checks are done, before the later ones run
+    assert [n for _, n in lines] == sorted(n for _, n in lines) and lines[-1][1] < len(records)

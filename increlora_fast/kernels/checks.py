@@ -388,12 +388,14 @@ def _orth_penalty_error(device: torch.device, dtype: torch.dtype, seed: int,
     return _worst_relative_error(list(zip(names, *results)))
 
 
-def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, object]]:
+def run_kernel_checks(device: torch.device, quick: bool,
+                      log: Optional[Callable[[str], None]] = None) -> List[Dict[str, object]]:
     """The kernel correctness suite: every variant family, fp32/bf16/fp16, odd shapes, r_max 16
     and 128, M up to 32k unless ``quick``, the optimizer's kernels (`check_adamw`), the
     orthogonal penalty's (`check_orth_penalty`, at the benchmark layers' sizes too on CUDA or
     unless ``quick``), and a tensor on a non-current device when there are two GPUs. One record per
-    problem (see `check_problem`)."""
+    problem (see `check_problem`). ``log`` gets a line after each dtype (the suite takes a
+    minute on a GPU, half of one on CPU under the interpreter)."""
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     shapes = [(37, 24, 40)] if quick else \
         [(37, 24, 40), (1000, 769, 3071), (32768, 768, 3072), (4099, 4096, 1100)]
@@ -415,6 +417,10 @@ def run_kernel_checks(device: torch.device, quick: bool) -> List[Dict[str, objec
         records.append(check_orth_penalty(device, dtype))
         if not quick or device.type == "cuda":  # the benchmark layers' sizes, 16 to 128 slots
             records.append(check_orth_penalty(device, dtype, shapes=ORTH_SHAPES_LARGE))
+        if log is not None:
+            failed = sum(1 for r in records if not r.get("ok"))
+            log(f"kernels: {dtype_name(dtype)} checked, {len(records)} checks so far, "
+                f"{failed} failed")
     with _deterministic():
         records.append(dict(check_problem(device, 301, 40, 72, 16, torch.bfloat16,
                                           torch.float32, torch.bfloat16),

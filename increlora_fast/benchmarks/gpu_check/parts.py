@@ -116,7 +116,8 @@ def check_kernels(device: torch.device, plan: CheckPlan, env: Dict, log: Callabl
     """The kernel suite; failed when any record is not ok."""
     from ...kernels.checks import run_kernel_checks
 
-    records = [dict(r) for r in run_kernel_checks(device, quick=plan.kernel_quick)]
+    records = [dict(r) for r in run_kernel_checks(device, quick=plan.kernel_quick,
+                                                  log=log)]
     bad = [r for r in records if not r.get("ok")]
     log(f"kernels: {len(records)} checks, {len(bad)} failed")
     if not records:
