@@ -40,8 +40,8 @@ def suffix_match(name: str, suffix: str) -> bool:
 
 
 def _similar_names(key: str, names: List[str]) -> str:
-    """The module names closest to ``key`` (for an error message), or, with none close, some of
-    the linear-looking leaf names the model has (as the plain model names them; its names
+    """The module names closest to ``key`` (for an error message), or, with none close, every
+    distinct leaf name the model has (as the plain model names them; the first 12 of its names
     themselves where each ends in an index, as in an nn.Sequential)."""
     names = [plain_name(n) for n in names]
     leaves = sorted({n.split(".")[-1] for n in names} | set(names))
@@ -51,7 +51,7 @@ def _similar_names(key: str, names: List[str]) -> str:
     short = sorted({n.split(".")[-1] for n in names if not n.split(".")[-1].isdigit()})
     if not short:  # (every name ends in an index: an nn.Sequential's)
         return f"none close; the model's module names are {names[:12]}"
-    return f"none close; the model's module names end in {short[:12]}"
+    return f"none close; the model's module names end in {short}"
 
 
 def _find_targets(model: nn.Module, config: IncreLoRAConfig) -> List[str]:

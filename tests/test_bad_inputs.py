@@ -317,6 +317,22 @@ def test_a_target_name_with_nothing_close_lists_the_models_names():
                                                 target_rank=2))
 
 
+def test_a_target_name_with_nothing_close_lists_every_leaf_name_of_a_bert():
+    """README's memory example (`--target-modules q_proj,v_proj`) on a BERT: the names listed
+    were the first 12 alphabetically (LayerNorm ... key), cutting off query and value, the
+    names the user needed."""
+    from transformers import BertConfig, BertForSequenceClassification
+    from increlora_fast import IncreLoRAConfig, inject_increlora
+    model = BertForSequenceClassification(BertConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        vocab_size=50))
+    with pytest.raises(ValueError, match="none close") as err:
+        inject_increlora(model, IncreLoRAConfig(target_modules=["q_proj"], r_max=4, init_r=1,
+                                                target_rank=2))
+    for name in ("'query'", "'key'", "'value'", "'dense'"):
+        assert name in str(err.value), str(err.value)
+
+
 def test_max_train_samples_that_drops_a_dev_label_warns_naming_it():
     from increlora_fast.data.examples import TaskData
     data = TaskData("t", [Example("a", 0), Example("b", 0), Example("c", 1)],
