@@ -737,9 +737,13 @@ def test_a_step_that_captures_a_graph_stays_out_of_the_phase_medians(monkeypatch
     monkeypatch.setattr(model_level, "prepare_run", lambda *a: (Run(), [{}]))
     plan = ModelPlan(models=["tiny-bert"], batch_size=1, seq_len=4, steps=8, warmup_steps=2,
                      dtypes=["fp32"])
+    lines = []
     got = model_level.measure_models(["increlora-triton"], "tiny-bert", plan, "fp32",
-                                     torch.device("cpu"))["increlora-triton"]
+                                     torch.device("cpu"), lines.append)["increlora-triton"]
     assert got["alloc_steps"] == 3 and got["final_steps"] == 2
+    # progress while the preset runs (a GPU preset was about a minute of silence)
+    assert lines == ["model tiny-bert fp32 increlora-triton: built and warmed up (2 untimed "
+                     "steps)", "model tiny-bert fp32: 6 timed steps of 1 method, round-robin"]
     assert got["final_median_ms"] < 25 and got["mean_ms"] > 50 / 6
 
 

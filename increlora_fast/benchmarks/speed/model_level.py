@@ -306,8 +306,11 @@ def _step(run: Run, i: int, batches: List[dict],
 
 
 def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype: str,
-                   device: torch.device) -> Dict[str, dict]:
+                   device: torch.device,
+                   log: Optional[Callable[[str], None]] = None) -> Dict[str, dict]:
     """Train ``plan.steps`` steps of every method on the preset; the timing fields per method.
+    ``log`` (if given) receives a line as each method is built and warmed up, and when the
+    timed steps start (a preset on a GPU took about a minute, silent before).
 
     Each method is built and runs its ``warmup_steps`` alone (its peak memory is taken there,
     above what was allocated before its model was built, the other methods' models included;
@@ -336,6 +339,12 @@ def measure_models(methods: List[str], preset_name: str, plan: ModelPlan, dtype:
                 _step(run, i, batches, device, dtype)
             peaks[method] = (peak.peak_mb(), peak.kind)
         runs[method] = (run, batches)
+        if log is not None:
+            log(f"model {preset_name} {dtype} {method}: built and warmed up "
+                f"({plan.warmup_steps} untimed steps)")
+    if log is not None:
+        log(f"model {preset_name} {dtype}: {plan.steps - plan.warmup_steps} timed steps of "
+            f"{len(methods)} method{'s' if len(methods) != 1 else ''}, round-robin")
     times = {m: {"alloc": [], "round": [], "final": [], "run": []} for m in methods}
     launched = {m: 0 for m in methods}  # Triton launches in the method's timed steps
     for n, i in enumerate(range(plan.warmup_steps, plan.steps)):
@@ -411,7 +420,7 @@ def run_model_level(plan: ModelPlan, methods: List[str], device: torch.device, e
     for name in plan.models:
         for dtype in plan.dtypes:
             measured = measure_models([m for m in methods if m not in skipped], name, plan,
-                                      dtype, device)
+                                      dtype, device, log)
             for method in methods:
                 rec = dict(env, level="model", method=method,
                            shape=f"{name}{base} b{plan.batch_size}x{plan.seq_len}",
