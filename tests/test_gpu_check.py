@@ -20,6 +20,7 @@ import pytest
 from cli_helpers import one_error_line
 from finetune_helpers import sentiment_rows, write_tiny_bert
 from increlora_fast.benchmarks.gpu_check import parts as gpu_check
+from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES
 from increlora_fast.benchmarks.gpu_check.parts import (FINETUNE_RUNS, LAYER_METHODS_CHECKED,
                                                        MODEL_METHODS_CHECKED,
                                                        OPTIONAL_MODEL_METHODS, PARTS,
@@ -75,6 +76,12 @@ def dry_run(tmp_path_factory):
     return proc, report, (out / "gpu_check.md").read_text(), out
 
 
+def _skipped_on_cpu():
+    """The parts a CPU dry run runs nothing of: the graphed steps (CUDA graphs), and the 4-bit
+    base where bitsandbytes is missing."""
+    return ["graphs"] + (["qlora"] if importlib.util.find_spec("bitsandbytes") is None else [])
+
+
 @pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
 def test_dry_run_passes_every_part(dry_run):
     proc, report, _, out = dry_run
@@ -82,13 +89,15 @@ def test_dry_run_passes_every_part(dry_run):
     assert "gpu-check OK" in proc.stdout
     assert report["kind"] == "gpu_check" and report["dry_run"] is True
     assert report["status"] == "ok" and report["failed_parts"] == []
+    assert report["skipped_parts"] == _skipped_on_cpu()
     assert list(report["parts"]) == list(PARTS)
     # the gates (kernels, graphed steps equal eager ones), then the job
     assert PARTS == ("kernels", "graphs", "finetune", "model", "qlora", "layer")
     assert [line.split()[1] for line in proc.stdout.splitlines()
             if line.startswith("[gpu-check]") and line.endswith("...")] == list(PARTS)
     for name, part in report["parts"].items():
-        assert part["status"] == "ok" and part["error"] is None, (name, part.get("error"))
+        status = "skipped" if name in _skipped_on_cpu() else "ok"
+        assert part["status"] == status and part["error"] is None, (name, part.get("error"))
         assert part["seconds"] >= 0
     env = report["environment"]
     assert env["device_type"] == "cpu" and env["triton_interpret"] is True
@@ -203,9 +212,11 @@ def _check_finetune_runs(part, out):
 @pytest.mark.slow  # one shared dry run: a few minutes under the interpreter
 def test_dry_run_markdown_reports_every_part(dry_run):
     _, report, md, _ = dry_run
-    assert md.startswith(f"# GPU check: {report['environment']['device']}: PASSED")
-    for title in gpu_check_titles():
-        assert f"{title}: ok" in md
+    assert md.startswith(f"# GPU check: {report['environment']['device']}: PASSED (skipped: "
+                         f"{', '.join(_skipped_on_cpu())})")
+    for name, title in PART_TITLES.items():
+        assert f"{title}: {'skipped' if name in _skipped_on_cpu() else 'ok'}" in md
+    assert "Skipped: needs CUDA (the steps replay CUDA graphs)" in md
     for method in LAYER_METHODS_CHECKED:
         assert f"| {method} (interp.) |" in md or f"| {method} |" in md
     accuracy = report["parts"]["finetune"]["metrics"]["eval_accuracy"]
@@ -220,11 +231,6 @@ def test_dry_run_markdown_reports_every_part(dry_run):
                  "0 of 3 precisions ran", "| fp16 | skipped | 16 |",
                  "graphs part did not run on CUDA"):
         assert text in md, text
-
-
-def gpu_check_titles():
-    from increlora_fast.benchmarks.gpu_check.markdown import PART_TITLES
-    return list(PART_TITLES.values())
 
 
 def _fake_kernel_records(n_bad: int):

@@ -184,3 +184,33 @@ def test_a_skipped_fallback_check_says_why_without_numbers():
     (line,) = [line for line in lines if "cannot be captured" in line]
     assert "**skipped**" in line and "needs CUDA" in line, line
     assert "None" not in line and "replays" not in line, line
+
+
+def test_a_part_that_ran_nothing_is_skipped_and_does_not_fail_the_check(tmp_path, monkeypatch):
+    """On CPU the graphs part runs none of its checks: its status says so (with why) instead of
+    "ok", and the check still passes, naming the skipped part; a part that ran stays "ok"."""
+    import sys
+
+    from increlora_fast.benchmarks.gpu_check.markdown import gpu_check_markdown, results_section
+    from increlora_fast.benchmarks.gpu_check.parts import run_gpu_check
+
+    fake = type(sys)("fake_checks")
+    fake.run_kernel_checks = lambda device, quick, log: [dict(op="fwd", dtype="fp32", ok=True)]
+    monkeypatch.setitem(sys.modules, "increlora_fast.kernels.checks", fake)
+    report = run_gpu_check(tmp_path, CPU, True, parts=("kernels", "graphs"), log=lambda s: None)
+    part = report["parts"]["graphs"]
+    assert part["status"] == "skipped" and part["error"] is None, part
+    assert "needs CUDA (the steps replay CUDA graphs)" in part["note"]
+    assert "a capture that fails there" in part["note"]
+    assert report["parts"]["kernels"]["status"] == "ok"
+    assert report["status"] == "ok" and report["failed_parts"] == []
+    assert report["skipped_parts"] == ["graphs"]
+    md = (tmp_path / "gpu_check.md").read_text()
+    assert md.splitlines()[0].endswith(": PASSED (skipped: graphs)"), md.splitlines()[0]
+    assert f"{PART_TITLES['graphs']}: skipped" in md and f"{PART_TITLES['kernels']}: ok" in md
+    assert f"Skipped: {part['note']}" in md
+    # a report written before parts could be skipped still renders, in gpu_check.md and RESULTS.md
+    old = dict(report, parts={"kernels": report["parts"]["kernels"]})
+    del old["skipped_parts"]
+    assert gpu_check_markdown(old).splitlines()[0].endswith(": PASSED")
+    assert any("**ok**" in line for line in results_section(old))

@@ -192,5 +192,7 @@ def run(args: argparse.Namespace) -> int:
                            log=lambda line: print(line, flush=True), notes=notes)
     print(f"\ngpu-check {report['status'].upper()}"
           + (f" (failed: {', '.join(report['failed_parts'])})" if report["failed_parts"] else "")
+          + (f" (skipped: {', '.join(report['skipped_parts'])})" if report["skipped_parts"]
+             else "")
           + f" in {report['seconds']} s; {out / JSON_FILE}, {out / MD_FILE}")
     return 0 if report["status"] == "ok" else 1

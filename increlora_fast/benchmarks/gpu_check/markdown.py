@@ -270,6 +270,8 @@ def part_sections(report: Dict, level: str = "##", tables: Sequence[str] = tuple
             lines += ["Its table is in the run section of the same device and date.", ""]
         if part.get("error"):
             lines += [f"Error: {part['error']}", ""]
+        if part.get("status") == "skipped":
+            lines += [f"Skipped: {part.get('note')}", ""]
         if part.get("traceback"):
             lines += ["```text", part["traceback"].rstrip(), "```", ""]
     lines += [f"{level} Issue 13 targets (bf16, 16,384 tokens, 768x3072, r_max 16; model steps "
@@ -283,8 +285,10 @@ def gpu_check_markdown(report: Dict) -> str:
     """The whole ``gpu_check.md``."""
     env = report.get("environment", {})
     status = report.get("status", "running")
+    skipped = report.get("skipped_parts")  # (reports before 2026-12-08 have none)
     verdict = {"ok": "PASSED", "failed": "FAILED (" + ", ".join(report.get("failed_parts", []))
-               + ")"}.get(status, "INCOMPLETE (still running, or stopped from outside)")
+               + ")"}.get(status, "INCOMPLETE (still running, or stopped from outside)") \
+        + (f" (skipped: {', '.join(skipped)})" if skipped else "")
     out = [f"# GPU check: {env.get('device')}: {verdict}", ""] + _environment(report) + [""]
     return "\n".join(out + part_sections(report)) + "\n"
 

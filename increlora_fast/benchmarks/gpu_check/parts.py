@@ -332,7 +332,8 @@ def check_model(device: torch.device, plan: CheckPlan, env: Dict, log: Callable,
 
 def check_qlora(device: torch.device, plan: CheckPlan, env: Dict, log: Callable) -> Dict:
     """Ours against peft LoRA on a 4-bit NF4 base; when bitsandbytes is not importable, one
-    skipped record per method saying so (the part passes: it is an optional extra)."""
+    skipped record per method saying so (the part is then skipped, which does not fail the
+    check: it is an optional extra)."""
     from ..speed.quantized_base import bnb_skip_note
 
     note = bnb_skip_note()
@@ -449,15 +450,32 @@ def check_finetune(device: torch.device, plan: CheckPlan, env: Dict, log: Callab
 
 
 # ---------------------------------------------------------------------------------- the runner
+def _skip_reason(result: Dict) -> Optional[str]:
+    """Why a part ran nothing: its records' reasons when every record it holds (its record
+    lists, the main job's ``runs``, the graphs part's ``fallback``) was skipped; None when
+    one of them ran or it holds none."""
+    rows = [r for key, value in result.items() if key.endswith("records") or key == "runs"
+            for r in value] + ([result["fallback"]] if result.get("fallback") else [])
+    if not rows or any(r.get("status") != "skipped" for r in rows):
+        return None
+    notes = (str(r.get("note") or "no reason recorded") for r in rows)
+    return "; ".join(dict.fromkeys(n[len("skipped: "):] if n.startswith("skipped: ") else n
+                                   for n in notes))
+
+
 def _run_part(name: str, fn: Callable[[], Dict], log: Callable, device: torch.device) -> Dict:
     """Run part ``name`` and hand its memory back; its result, failed with the error where it
-    raised (CUDA reports a kernel's fault at the next synchronizing call: the release)."""
+    raised (CUDA reports a kernel's fault at the next synchronizing call: the release),
+    skipped with why in ``note`` where every record it holds was skipped."""
     t0 = time.perf_counter()
     log(f"[gpu-check] {name} ...")
     try:
         result = fn()
         _release(device)
-        status = "failed" if result.get("error") else "ok"
+        note = None if result.get("error") else _skip_reason(result)
+        status = "failed" if result.get("error") else "skipped" if note else "ok"
+        if note:
+            result["note"] = note
     except Exception as err:  # every failure is recorded, the next part still runs
         tb = traceback.format_exc()
         log(tb)
@@ -468,7 +486,8 @@ def _run_part(name: str, fn: Callable[[], Dict], log: Callable, device: torch.de
     result.setdefault("error", None)
     result.update(status=status, seconds=round(time.perf_counter() - t0, 1))
     log(f"[gpu-check] {name}: {status} in {result['seconds']} s"
-        + (f" ({result['error']})" if result["error"] else ""))
+        + (f" ({result['error'] or result.get('note')})"
+           if result["error"] or status == "skipped" else ""))
     return result
 
 
@@ -492,7 +511,8 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
                   parts: Tuple[str, ...] = PARTS, log: Callable[[str], None] = print,
                   notes: Optional[List[str]] = None) -> Dict:
     """Run ``parts`` on ``device`` and write the reports into ``out_dir``; returns the report
-    (``status`` "ok" only when every part that ran passed)."""
+    (``status`` "ok" only when every part that ran passed; ``failed_parts``, and
+    ``skipped_parts``: those that ran nothing)."""
     plan = dry_run_plan() if dry_run else full_plan()
     started = time.perf_counter()
     env = environment_info(device, dry_run)
@@ -521,9 +541,10 @@ def run_gpu_check(out_dir: Path, device: torch.device, dry_run: bool,
         report["parts"][name] = _run_part(name, runners[name], log, device)
         report["seconds"] = round(time.perf_counter() - started, 1)
         write_report(report, out_dir)
-    failed = [n for n, p in report["parts"].items() if p["status"] != "ok"]
+    failed = [n for n, p in report["parts"].items() if p["status"] not in ("ok", "skipped")]
     report["status"] = "failed" if failed else "ok"
     report["failed_parts"] = failed
+    report["skipped_parts"] = [n for n, p in report["parts"].items() if p["status"] == "skipped"]
     report["seconds"] = round(time.perf_counter() - started, 1)
     write_report(report, out_dir)
     return report
