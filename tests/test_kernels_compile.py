@@ -195,6 +195,23 @@ def _counting_checks(monkeypatch, result=None):
     return asked
 
 
+def _compiled_on_triton(monkeypatch):
+    """(model, its compilation with `BACKEND` and fullgraph, an input) on the Triton path
+    (not the fused GEMM), with the first-use check results and dynamo's caches and counters
+    forgotten; `torch._dynamo.reset()` again after the test."""
+    from torch._dynamo.utils import counters
+    from increlora_fast import functional
+
+    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
+    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
+    functional.reset_kernel_checks()
+    model = make_model()
+    torch._dynamo.reset()
+    counters.clear()
+    return (model, torch.compile(model, backend=BACKEND, fullgraph=True),
+            torch.randn(3, 7, 19, device=DEVICE))
+
+
 def test_a_compiled_only_run_checks_each_variant_once(monkeypatch):
     """A run that only calls the model compiled checks each Triton variant once, while the
     graph is traced, then compiles one graph that never recompiles (while dynamo traced, the
@@ -202,15 +219,8 @@ def test_a_compiled_only_run_checks_each_variant_once(monkeypatch):
     from torch._dynamo.utils import counters
     from increlora_fast import functional
 
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
-    functional.reset_kernel_checks()
+    model, compiled, x = _compiled_on_triton(monkeypatch)
     asked = _counting_checks(monkeypatch)
-    model = make_model()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
-    x = torch.randn(3, 7, 19, device=DEVICE)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             for _ in range(2):
@@ -229,16 +239,9 @@ def test_a_check_failed_while_tracing_sends_the_graph_to_the_torch_path(monkeypa
     from torch._dynamo.utils import counters
     from increlora_fast import functional
 
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
-    functional.reset_kernel_checks()
-    asked = _counting_checks(monkeypatch, (False, "forced failure"))
-    model = make_model()
+    model, compiled, x = _compiled_on_triton(monkeypatch)
     reference = copy.deepcopy(model)
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
-    x = torch.randn(3, 7, 19, device=DEVICE)
+    asked = _counting_checks(monkeypatch, (False, "forced failure"))
     reset_launch_counts()
     try:
         with torch._dynamo.config.patch(error_on_recompile=True), \
@@ -265,15 +268,8 @@ def test_an_eager_check_after_compiling_does_not_recompile(monkeypatch):
     from torch._dynamo.utils import counters
     from increlora_fast import functional
 
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
-    functional.reset_kernel_checks()
+    model, compiled, x = _compiled_on_triton(monkeypatch)
     asked = _counting_checks(monkeypatch)
-    model = make_model()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
-    x = torch.randn(3, 7, 19, device=DEVICE)
     try:
         with torch._dynamo.config.patch(error_on_recompile=True):
             compiled(x).square().sum().backward()
@@ -296,14 +292,7 @@ def test_a_failed_eager_check_after_compiling_recompiles_to_the_torch_path(monke
     from torch._dynamo.utils import counters
     from increlora_fast import functional
 
-    monkeypatch.setenv("INCRELORA_BACKEND", "triton")
-    monkeypatch.setenv("INCRELORA_FUSED_LINEAR", "0")
-    functional.reset_kernel_checks()
-    model = make_model()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend=BACKEND, fullgraph=True)
-    x = torch.randn(3, 7, 19, device=DEVICE)
+    model, compiled, x = _compiled_on_triton(monkeypatch)
     try:
         compiled(x).square().sum().backward()
         functional.reset_kernel_checks()
