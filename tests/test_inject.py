@@ -662,23 +662,29 @@ def test_all_linear_names_fused_mixture_of_experts_weights_it_leaves_frozen():
     assert not [w for w in caught if "mixture-of-experts" in str(w.message)]
 
 
+def _head_warnings(model, target_modules, saved):
+    """The frozen-head warnings of injecting ``model`` (target_rank 2, r_max 4) with these
+    ``target_modules`` and ``modules_to_save=saved``."""
+    import warnings
+
+    config = IncreLoRAConfig(target_modules=target_modules, target_rank=2, r_max=4,
+                             modules_to_save=saved)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        inject_increlora(model, config)
+    return [str(w.message) for w in caught if "the head of" in str(w.message)]
+
+
 @pytest.mark.parametrize("saved", [None, ["classifier"]])
 def test_a_task_models_frozen_head_is_warned_of(saved):
     """inject_increlora on a transformers sequence classifier without modules_to_save left its
     head (random from from_pretrained) frozen without a word; peft's task_type trains it."""
-    import warnings
-
     from transformers import BertConfig, BertForSequenceClassification
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=48, num_labels=3))
-    config = IncreLoRAConfig(target_modules=["query", "value"], target_rank=2, r_max=4,
-                             modules_to_save=saved)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        inject_increlora(model, config)
-    said = [str(w.message) for w in caught if "the head of" in str(w.message)]
+    said = _head_warnings(model, ["query", "value"], saved)
     assert model.classifier.weight.requires_grad == (saved is not None)
     if saved is None:
         assert len(said) == 1 and "modules_to_save=['classifier']" in said[0], said
@@ -691,19 +697,12 @@ def test_a_head_adapted_only_in_part_is_warned_of(saved):
     """RoBERTa's head is a module holding two linears (``classifier.dense``,
     ``classifier.out_proj``): target_modules=['dense'] adapts the first, and the warning took
     that for a trained head, so the random ``out_proj`` stayed frozen without a word."""
-    import warnings
-
     from transformers import RobertaConfig, RobertaForSequenceClassification
     torch.manual_seed(0)
     model = RobertaForSequenceClassification(RobertaConfig(
         vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=48, num_labels=3, max_position_embeddings=40))
-    config = IncreLoRAConfig(target_modules=["query", "value", "dense"], target_rank=2,
-                             r_max=4, modules_to_save=saved)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        inject_increlora(model, config)
-    said = [str(w.message) for w in caught if "the head of" in str(w.message)]
+    said = _head_warnings(model, ["query", "value", "dense"], saved)
     assert model.classifier.out_proj.weight.requires_grad == (saved is not None)
     if saved is None:
         assert len(said) == 1 and "'classifier.out_proj'" in said[0], said
@@ -716,18 +715,11 @@ def test_a_head_of_several_modules_is_warned_of_by_each(saved):
     """DistilBERT's head is two modules, ``pre_classifier`` and ``classifier``, both random
     from from_pretrained: with only ``classifier`` saved, ``pre_classifier`` stayed frozen
     without a word (the warning stopped at the first head module it found trained)."""
-    import warnings
-
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
     torch.manual_seed(0)
     model = DistilBertForSequenceClassification(DistilBertConfig(
         vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=48, num_labels=3))
-    config = IncreLoRAConfig(target_modules=["q_lin", "v_lin"], target_rank=2, r_max=4,
-                             modules_to_save=saved)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        inject_increlora(model, config)
-    said = [str(w.message) for w in caught if "the head of" in str(w.message)]
+    said = _head_warnings(model, ["q_lin", "v_lin"], saved)
     if len(saved) == 1:
         assert len(said) == 1 and "'pre_classifier'" in said[0], said
         assert "modules_to_save=['pre_classifier']" in said[0] and "'classifier'" not in said[0]
