@@ -119,16 +119,16 @@ def _real_static(method: MemoryMethod, spec, setting: AdapterSetting = SETTING):
                 if p.grad is not None)
     runner.update(0)
 
-    def nbytes(tensors):
+    def _nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
     params = {n: p for n, p in runner.model.named_parameters()}
-    adapter = nbytes(p for n, p in params.items() if "lora_" in n)
-    states = nbytes(t for s in runner.optimizer.state.values() for t in s.values()
+    adapter = _nbytes(p for n, p in params.items() if "lora_" in n)
+    states = _nbytes(t for s in runner.optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t))
-    buffers = nbytes(b for n, b in runner.model.named_buffers()
+    buffers = _nbytes(b for n, b in runner.model.named_buffers()
                      if n.rsplit(".", 1)[-1] in ("slot_state", "slot_alloc_step",
                                                  "slot_active_step"))
-    buffers += nbytes(p for n, p in params.items() if "ranknum" in n)
+    buffers += _nbytes(p for n, p in params.items() if "ranknum" in n)
     return {PADDED: adapter, GRADS: grads, OPTIMIZER: states, BUFFERS: buffers}
 
 
@@ -208,6 +208,29 @@ def test_benchmark_cpu_memory_is_counted_per_tensor():
     assert m["alloc"].peak_mem_mb == 4.0
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _meta_holder(in_features: int, out_features: int):
+    """A meta-device model of one linear ``proj`` (in -> out) before an lm_head, which stays
+    unquantized, as `base_weights` reads a transformers model."""
+    from accelerate import init_empty_weights
+    from torch import nn
+
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(in_features, out_features)
+            self.lm_head = nn.Linear(out_features, 64)
+
+    with init_empty_weights():
+        meta = Tiny()
+    meta.all_tied_weights_keys = {}
+    meta.get_output_embeddings = lambda: meta.lm_head
+    return meta
+
+
 @pytest.mark.parametrize("bits", ["4bit nf4", "4bit fp4", "8bit"])
 def test_quantized_layout_matches_bitsandbytes(bits):
     """The 4/8-bit base figure uses bitsandbytes' own layout (transformers' defaults: 4-bit
@@ -219,14 +242,6 @@ def test_quantized_layout_matches_bitsandbytes(bits):
 
     from increlora_fast.benchmarks.memory.breakdown import base_weights
 
-    class Tiny(nn.Module):
-        def __init__(self, linear=nn.Linear):
-            super().__init__()
-            self.proj = linear(256, 128)
-            self.lm_head = nn.Linear(128, 64)  # the last module stays unquantized
-
-    def nbytes(t):
-        return t.numel() * t.element_size()
     try:
         if bits != "8bit":
             proj = bnb.nn.Linear4bit(256, 128, compress_statistics=False,
@@ -234,19 +249,15 @@ def test_quantized_layout_matches_bitsandbytes(bits):
             proj.load_state_dict(nn.Linear(256, 128).state_dict())
             proj = proj.to("cpu")
             state = proj.weight.quant_state
-            quantized = nbytes(proj.weight) + nbytes(state.absmax) + nbytes(state.code)
+            quantized = _nbytes(proj.weight) + _nbytes(state.absmax) + _nbytes(state.code)
         else:
             proj = bnb.nn.Linear8bitLt(256, 128, has_fp16_weights=False)
             proj.load_state_dict(nn.Linear(256, 128).state_dict())
             proj = proj.to("cpu")
-            quantized = nbytes(proj.weight) + nbytes(proj.weight.SCB)
+            quantized = _nbytes(proj.weight) + _nbytes(proj.weight.SCB)
     except (RuntimeError, AttributeError, NotImplementedError) as err:
         pytest.skip(f"bitsandbytes cannot quantize on this CPU: {err}")
-    from accelerate import init_empty_weights
-    with init_empty_weights():
-        meta = Tiny()
-    meta.all_tied_weights_keys = {}
-    meta.get_output_embeddings = lambda: meta.lm_head
+    meta = _meta_holder(256, 128)
     plain = base_weights(meta, "none")[0]
     expected = plain - 256 * 128 * 4 + quantized
     size, _, detail = base_weights(meta, bits.split()[0])
@@ -263,7 +274,7 @@ def test_base_weights_count_tied_embeddings_once(tmp_path):
                       "fp32")
     real = spec.build(torch.device("cpu"))
     assert real.lm_head.weight is real.model.embed_tokens.weight
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage()._nbytes()
                 for t in [*real.parameters(), *real.buffers()]}
     assert base_weights(spec.build(torch.device("cpu"), meta=True), "none")[0] == \
         sum(storages.values())
@@ -686,28 +697,16 @@ def test_double_quantized_layout_matches_bitsandbytes():
 
     from increlora_fast.benchmarks.memory.breakdown import base_weights
 
-    class Tiny(nn.Module):
-        def __init__(self, linear=nn.Linear):
-            super().__init__()
-            self.proj = linear(1000, 300)
-            self.lm_head = nn.Linear(300, 64)  # the last module stays unquantized
-
-    def nbytes(t):
-        return t.numel() * t.element_size()
     try:
         proj = bnb.nn.Linear4bit(1000, 300, compress_statistics=True, quant_type="nf4")
         proj.load_state_dict(nn.Linear(1000, 300).state_dict())
         proj = proj.to("cpu")
         state = proj.weight.quant_state
-        quantized = sum(nbytes(t) for t in (proj.weight, state.absmax, state.code, state.offset,
+        quantized = sum(_nbytes(t) for t in (proj.weight, state.absmax, state.code, state.offset,
                                             state.state2.absmax, state.state2.code))
     except (RuntimeError, AttributeError, NotImplementedError) as err:
         pytest.skip(f"bitsandbytes cannot quantize on this CPU: {err}")
-    from accelerate import init_empty_weights
-    with init_empty_weights():
-        meta = Tiny()
-    meta.all_tied_weights_keys = {}
-    meta.get_output_embeddings = lambda: meta.lm_head
+    meta = _meta_holder(1000, 300)
     expected = base_weights(meta, "none")[0] - 1000 * 300 * 4 + quantized
     size, _, detail = base_weights(meta, "4bit", double_quant=True)
     assert size == expected and "double quantization" in detail
