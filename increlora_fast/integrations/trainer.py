@@ -270,6 +270,15 @@ def scheduled_learning_rate(optimizer: IncreLoRAAdamW) -> float:
                                                    group["total_step"]))
 
 
+def _shards_the_model(trainer: Optional[Trainer], args=None) -> bool:
+    """Whether FSDP or DeepSpeed trains the model, named in ``args`` or set up from
+    accelerate's config (as ``trainer`` says): the model's tensors are this process's shards,
+    and the Trainer saves and loads through their own code."""
+    return bool(getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)
+                or getattr(trainer, "is_fsdp_enabled", False)
+                or getattr(trainer, "is_deepspeed_enabled", False))
+
+
 def _sharded_beside_adapter(trainer: Trainer, directory: str) -> bool:
     """Whether ``directory`` holds a sharded whole model (no single weights file) beside the
     adapter a Trainer save wrote (`save_trainer_adapter`), outside DeepSpeed and FSDP, whose
@@ -277,8 +286,7 @@ def _sharded_beside_adapter(trainer: Trainer, directory: str) -> bool:
     folder = Path(directory)
     return ((folder / ADAPTER_WEIGHTS).is_file()
             and not any((folder / n).is_file() for n in (SAFE_WEIGHTS_NAME, MODEL_WEIGHTS_NAME))
-            and not getattr(trainer, "is_deepspeed_enabled", False)
-            and not getattr(trainer, "is_fsdp_enabled", False))
+            and not _shards_the_model(trainer))
 
 
 def load_best_model_with_controller(trainer: Trainer, controller: IncreLoRAController,
@@ -584,10 +592,8 @@ class IncreLoRACallback(TrainerCallback):
         folder = self.checkpoint_folder(args, state)
         save_controller(self.controller, folder)
         trainer = self._trainer() if self._trainer is not None else None
-        sharded = (getattr(args, "fsdp", None) or getattr(args, "deepspeed", None)
-                   or getattr(trainer, "is_fsdp_enabled", False)  # (FSDP from accelerate's
-                   or getattr(trainer, "is_deepspeed_enabled", False))  # config, not args)
-        if model is not None and not isinstance(trainer, IncreLoRATrainer) and not sharded:
+        if model is not None and not isinstance(trainer, IncreLoRATrainer) \
+                and not _shards_the_model(trainer, args):
             save_trainer_adapter(model, folder)
 
     @staticmethod
