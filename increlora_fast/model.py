@@ -100,7 +100,12 @@ def _one_name_each(model: nn.Module, kept: List[str], selected: List[str]) -> Li
     several names is adapted once, and left out when any of its names is excluded."""
     modules = dict(model.named_modules(remove_duplicate=False))
     left_out = set(selected) - set(kept)
-    chosen = {id(modules[n]) for n in kept} - {id(modules[n]) for n in left_out}
+    return _first_names(model, {id(modules[n]) for n in kept} - {id(modules[n]) for n in left_out})
+
+
+def _first_names(model: nn.Module, chosen: Set[int]) -> List[str]:
+    """The first names (`named_modules`'), in module order, of the submodules whose ids are in
+    ``chosen``."""
     return [n for n, m in model.named_modules() if n and id(m) in chosen]
 
 
@@ -193,9 +198,8 @@ def saved_module_names(model: nn.Module, modules_to_save: Optional[List[str]]) -
     entries select: those any of whose names ends in an entry (a module registered under
     several names is selected by each, as by ``target_modules``)."""
     keys = modules_to_save or []
-    chosen = {id(m) for n, m in model.named_modules(remove_duplicate=False)
-              if n and any(suffix_match(n, key) for key in keys)}
-    return [n for n, m in model.named_modules() if n and id(m) in chosen]
+    return _first_names(model, {id(m) for n, m in model.named_modules(remove_duplicate=False)
+                                if n and any(suffix_match(n, key) for key in keys)})
 
 
 def _inside_saved_modules(model: nn.Module, modules_to_save: Optional[List[str]]) -> Set[int]:
