@@ -119,16 +119,16 @@ def _real_static(method: MemoryMethod, spec, setting: AdapterSetting = SETTING):
                 if p.grad is not None)
     runner.update(0)
 
-    def _nbytes(tensors):
+    def nbytes(tensors):
         return sum(t.numel() * t.element_size() for t in tensors)
     params = {n: p for n, p in runner.model.named_parameters()}
-    adapter = _nbytes(p for n, p in params.items() if "lora_" in n)
-    states = _nbytes(t for s in runner.optimizer.state.values() for t in s.values()
+    adapter = nbytes(p for n, p in params.items() if "lora_" in n)
+    states = nbytes(t for s in runner.optimizer.state.values() for t in s.values()
                     if torch.is_tensor(t))
-    buffers = _nbytes(b for n, b in runner.model.named_buffers()
+    buffers = nbytes(b for n, b in runner.model.named_buffers()
                      if n.rsplit(".", 1)[-1] in ("slot_state", "slot_alloc_step",
                                                  "slot_active_step"))
-    buffers += _nbytes(p for n, p in params.items() if "ranknum" in n)
+    buffers += nbytes(p for n, p in params.items() if "ranknum" in n)
     return {PADDED: adapter, GRADS: grads, OPTIMIZER: states, BUFFERS: buffers}
 
 
@@ -274,7 +274,7 @@ def test_base_weights_count_tied_embeddings_once(tmp_path):
                       "fp32")
     real = spec.build(torch.device("cpu"))
     assert real.lm_head.weight is real.model.embed_tokens.weight
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage()._nbytes()
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                 for t in [*real.parameters(), *real.buffers()]}
     assert base_weights(spec.build(torch.device("cpu"), meta=True), "none")[0] == \
         sum(storages.values())
